@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what pykata needs on a Debian 12 machine (run as root). Idempotent and cached:
+# a second run with nothing changed takes seconds.
+#   apt packages -> .venv (pykata editable, pinned deps) -> guest kernel and image (cached)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+APT_PACKAGES=(
+    python3 python3-venv python3-dev build-essential git ca-certificates
+    qemu-system-x86 qemu-utils containerd runc crun busybox-static cpio zstd
+    golang-github-containerd-containerd-dev iproute2 kmod procps psmisc
+)
+
+log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "apt: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Some machines have TUN in the kernel but no device node.
+if [ ! -e /dev/net/tun ]; then
+    mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun
+fi
+
+# Debian's python3.11, not whatever python3 a shell's PATH finds first.
+PY=/usr/bin/python3.11
+stamp=.venv/.pykata-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "venv: creating .venv and installing pykata (editable) with pinned dependencies"
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi
+
+# Guest kernel and image (built once, cached by a hash of their inputs).
+if .venv/bin/pykata image --help >/dev/null 2>&1; then
+    .venv/bin/pykata image build
+fi
+log "ready: $ROOT/.venv/bin/pykata"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command 2: install what the tests need, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+.venv/bin/ruff check src tests bench scripts
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""The `pykata` command line."""

@@ -1,0 +1,17 @@
+"""Entry point of the `pykata` command: a thin click group over library code."""
+
+from __future__ import annotations
+
+import click
+
+from pykata import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pykata")
+def cli() -> None:
+    """Run containers inside lightweight virtual machines."""
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,63 @@
+"""Session-wide fixtures. The leak check fails the run if anything a test made outlives it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+LEAK_PATTERNS = ("qemu-system", "virtiofsd", "containerd-shim-pykata", "pykata-agent")
+RUNTIME_DIRS = ("/run/pykata", "/var/run/pykata")
+
+
+def _processes() -> set[tuple[int, str]]:
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(p in cmdline for p in LEAK_PATTERNS):
+            found.add((proc.info["pid"], cmdline[:160]))
+    return found
+
+
+def _mounts() -> set[str]:
+    lines = Path("/proc/mounts").read_text().splitlines()
+    return {ln for ln in lines if any(f" {d}" in ln for d in RUNTIME_DIRS)}
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    return {ln.split()[0] for ln in out.splitlines() if ln.strip()}
+
+
+def _taps() -> set[str]:
+    out = subprocess.run(
+        ["ip", "-o", "link", "show", "type", "tun"], capture_output=True, text=True, check=False
+    ).stdout
+    return {ln.split(":")[1].strip() for ln in out.splitlines() if ln.strip()}
+
+
+def snapshot_resources() -> dict[str, set[object]]:
+    return {"processes": set(_processes()), "mounts": set(_mounts()), "netns": set(_netns()),
+            "taps": set(_taps())}
+
+
+_BEFORE: dict[str, set[object]] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _BEFORE.update(snapshot_resources())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    after = snapshot_resources()
+    leaks = {kind: sorted(map(str, after[kind] - _BEFORE.get(kind, set()))) for kind in after}
+    leaks = {k: v for k, v in leaks.items() if v}
+    if leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"LEAK CHECK FAILED: {kind}: {items}" for kind, items in leaks.items()]
+        if reporter is not None:
+            for line in lines:
+                reporter.write_line(line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
