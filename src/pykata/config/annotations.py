@@ -1,0 +1,129 @@
+"""Per-pod overrides through Kata's annotations `io.katacontainers.config.*`.
+
+Hypervisor keys are honoured only when the configuration allows them (`enable_annotations`), and a
+binary path only when it matches the allowed globs: a pod spec is less trusted than the host's file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pykata.config.parse import convert, field_types, validate
+from pykata.config.schema import ANNOTATABLE_HYPERVISOR_KEYS, Config, PykataAgentConfig, QemuConfig
+from pykata.errors import ConfigError
+
+PREFIX = "io.katacontainers.config."
+HYPERVISOR_PREFIX = PREFIX + "hypervisor."
+AGENT_PREFIX = PREFIX + "agent."
+# Agent settings only affect the pod's own guest, so like Kata they need no allow-list.
+ANNOTATABLE_AGENT_KEYS = ("debug", "dial_timeout", "kernel_modules")
+# Longer values are not a configuration, they are a mistake or an attack.
+MAX_VALUE_LEN = 4096
+
+
+def apply_annotations(config: Config, annotations: Mapping[str, str]) -> Config:
+    """Return `config` with the pod's `io.katacontainers.config.*` annotations applied.
+
+    Annotations outside `io.katacontainers.config.` are ignored (pods carry many). `kernel_params` are
+    appended to the configured ones; other values replace them.
+
+    Raises:
+        ConfigError: naming the annotation, when it is unknown, not allowed by
+            `hypervisor.qemu.enable_annotations`, a path outside `valid_*_paths`, or a bad value.
+    """
+    qemu_changes: dict[str, Any] = {}
+    agent_changes: dict[str, Any] = {}
+    for name in sorted(annotations):
+        if not name.startswith(PREFIX):
+            continue
+        raw = annotations[name]
+        if not isinstance(raw, str) or len(raw) > MAX_VALUE_LEN:
+            raise ConfigError(name, f"value must be a string of at most {MAX_VALUE_LEN} characters")
+        if name.startswith(HYPERVISOR_PREFIX):
+            key = name[len(HYPERVISOR_PREFIX):]
+            qemu_changes[key] = _hypervisor_value(config.qemu, name, key, raw)
+        elif name.startswith(AGENT_PREFIX):
+            key = name[len(AGENT_PREFIX):]
+            if key not in ANNOTATABLE_AGENT_KEYS:
+                known = ", ".join(ANNOTATABLE_AGENT_KEYS)
+                raise ConfigError(name, f"unknown agent annotation (known: {known})")
+            agent_changes[key] = _decode(field_types(PykataAgentConfig)[key], raw, name)
+        else:
+            raise ConfigError(name, "unknown or unsupported annotation")
+    if not qemu_changes and not agent_changes:
+        return config
+    qemu = dataclasses.replace(config.qemu, **qemu_changes)
+    agent = dataclasses.replace(config.agent.pykata, **agent_changes)
+    new = dataclasses.replace(
+        config,
+        hypervisor=dataclasses.replace(config.hypervisor, qemu=qemu),
+        agent=dataclasses.replace(config.agent, pykata=agent),
+    )
+    try:
+        validate(new)
+    except ConfigError as exc:
+        # Report the annotation that made the configuration invalid, not the file's key.
+        raise ConfigError(_annotation_for(exc.field), str(exc).split(": ", 1)[-1]) from None
+    return new
+
+
+def _hypervisor_value(q: QemuConfig, name: str, key: str, raw: str) -> Any:
+    if key not in ANNOTATABLE_HYPERVISOR_KEYS:
+        raise ConfigError(name, "unknown hypervisor annotation or one that cannot be overridden")
+    if key not in q.enable_annotations:
+        raise ConfigError(name, f"not allowed: add {key!r} to hypervisor.qemu.enable_annotations")
+    value = _decode(field_types(QemuConfig)[key], raw, name)
+    if key == "path":
+        _check_path(name, value, q.valid_hypervisor_paths, "hypervisor.qemu.valid_hypervisor_paths")
+    elif key == "virtio_fs_daemon":
+        _check_path(name, value, q.valid_virtio_fs_daemon_paths,
+                    "hypervisor.qemu.valid_virtio_fs_daemon_paths")
+    elif key == "kernel_params":
+        value = f"{q.kernel_params} {value}".strip()
+    return value
+
+
+def _decode(hint: Any, raw: str, name: str) -> Any:
+    """Annotation values are strings; turn them into the schema's type."""
+    if hint is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ConfigError(name, f"must be true or false, got {raw!r}")
+        return lowered in ("true", "1")
+    if hint is int:
+        try:
+            return int(raw.strip(), 10)
+        except ValueError:
+            raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if hint is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    value: object = raw
+    if getattr(hint, "__origin__", None) is tuple:
+        # Kata passes lists as JSON arrays: ["--thread-pool-size=1"].
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be a JSON list of strings, got {raw!r}") from None
+    return convert(hint, value, name)
+
+
+def _check_path(name: str, path: str, globs: tuple[str, ...], setting: str) -> None:
+    # Globs match "/" too, so a path with ".." could climb out of an allowed directory.
+    normal = path.startswith("/") and os.path.normpath(path) == path
+    if not normal or not any(fnmatch.fnmatchcase(path, g) for g in globs):
+        raise ConfigError(name, f"{path!r} does not match {setting} ({', '.join(globs) or 'empty'})")
+
+
+def _annotation_for(field: str) -> str:
+    for section, prefix in (("hypervisor.qemu.", HYPERVISOR_PREFIX), ("agent.pykata.", AGENT_PREFIX)):
+        if field.startswith(section):
+            return prefix + field[len(section):]
+    return field

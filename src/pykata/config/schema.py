@@ -1,0 +1,162 @@
+"""Typed, frozen configuration sections.
+
+Each dataclass is one TOML table. Field defaults are the defaults of a missing key; the types (with
+`Literal` for enumerations) drive parsing in `pykata.config.parse`, so adding a key is adding a field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+MachineType = Literal["microvm", "q35"]
+SharedFs = Literal["virtio-fs", "virtio-9p", "none"]
+Accelerator = Literal["auto", "kvm", "tcg"]
+AgentChannel = Literal["auto", "vsock", "virtio-serial"]
+VirtioFsCache = Literal["auto", "always", "none"]
+InternetworkingModel = Literal["tcfilter", "macvtap", "none"]
+
+DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
+DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """`[hypervisor.qemu]`: how to build and run the VM."""
+
+    path: str = DEFAULT_QEMU
+    # Empty kernel/initrd/image mean "the cached build" (resolved through pykata.guest).
+    kernel: str = ""
+    initrd: str = ""
+    image: str = ""
+    machine_type: MachineType = "microvm"
+    accelerator: Accelerator = "auto"
+    # Empty: `host` under KVM, `max` under TCG (max gives the guest RDRAND, so early entropy).
+    cpu_model: str = ""
+    default_vcpus: int = 1
+    # 0: the number of host CPUs.
+    default_maxvcpus: int = 0
+    default_memory: int = 2048
+    # 0: the host's memory. Only q35 can hot-add memory, up to this.
+    default_maxmemory: int = 0
+    memory_slots: int = 10
+    shared_fs: SharedFs = "virtio-fs"
+    virtio_fs_daemon: str = DEFAULT_VIRTIOFSD
+    virtio_fs_extra_args: tuple[str, ...] = ()
+    virtio_fs_cache: VirtioFsCache = "auto"
+    virtio_fs_queue_size: int = 1024
+    kernel_params: str = ""
+    agent_channel: AgentChannel = "auto"
+    entropy_source: str = "/dev/urandom"
+    enable_annotations: tuple[str, ...] = ()
+    valid_hypervisor_paths: tuple[str, ...] = (DEFAULT_QEMU,)
+    valid_virtio_fs_daemon_paths: tuple[str, ...] = (DEFAULT_VIRTIOFSD,)
+    # Seconds a trial boot under KVM may take before pykata decides KVM cannot run guests here.
+    kvm_probe_timeout: float = 5.0
+    # Seconds from QEMU start until the guest must be ready.
+    boot_timeout: float = 30.0
+    enable_debug: bool = False
+
+    def resolved_maxvcpus(self) -> int:
+        """`default_maxvcpus`, with 0 meaning the number of host CPUs (never below default_vcpus)."""
+        if self.default_maxvcpus:
+            return self.default_maxvcpus
+        return max(os.cpu_count() or 1, self.default_vcpus)
+
+    def resolved_maxmemory(self) -> int:
+        """`default_maxmemory` in MiB, with 0 meaning the host's memory (never below default_memory)."""
+        if self.default_maxmemory:
+            return self.default_maxmemory
+        host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+        return max(host_mib, self.default_memory)
+
+
+@dataclass(frozen=True)
+class HypervisorSection:
+    """`[hypervisor]`: one table per hypervisor; only QEMU exists."""
+
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+
+
+@dataclass(frozen=True)
+class PykataAgentConfig:
+    """`[agent.pykata]`: the guest agent."""
+
+    debug: bool = False
+    # Seconds the runtime waits for the agent to answer after the VM started.
+    dial_timeout: float = 30.0
+    kernel_modules: tuple[str, ...] = ()
+    debug_console_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """`[agent]`: one table per agent; only pykata's exists."""
+
+    pykata: PykataAgentConfig = field(default_factory=PykataAgentConfig)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """`[runtime]`: host-side behaviour of the runtime."""
+
+    internetworking_model: InternetworkingModel = "tcfilter"
+    sandbox_cgroup_only: bool = False
+    runtime_dir: str = "/run/pykata"
+    cache_dir: str = "/var/cache/pykata"
+    enable_debug: bool = False
+
+    @property
+    def runtime_path(self) -> Path:
+        return Path(self.runtime_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
+
+
+@dataclass(frozen=True)
+class FactoryConfig:
+    """`[factory]`: VM templating."""
+
+    enable_template: bool = False
+    template_path: str = "/run/pykata/template"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration.toml. `source` is the file it was read from (None: built-in defaults)."""
+
+    hypervisor: HypervisorSection = field(default_factory=HypervisorSection)
+    agent: AgentSection = field(default_factory=AgentSection)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
+    source: str | None = None
+
+    @property
+    def qemu(self) -> QemuConfig:
+        return self.hypervisor.qemu
+
+
+# `[hypervisor.qemu]` keys an annotation `io.katacontainers.config.hypervisor.<key>` may override when the
+# key is listed in `enable_annotations`.
+ANNOTATABLE_HYPERVISOR_KEYS = (
+    "path",
+    "machine_type",
+    "accelerator",
+    "cpu_model",
+    "default_vcpus",
+    "default_maxvcpus",
+    "default_memory",
+    "default_maxmemory",
+    "memory_slots",
+    "shared_fs",
+    "virtio_fs_daemon",
+    "virtio_fs_extra_args",
+    "virtio_fs_cache",
+    "virtio_fs_queue_size",
+    "kernel_params",
+    "enable_debug",
+)

@@ -1,0 +1,112 @@
+"""Annotation overrides: allowed only through enable_annotations and the valid path globs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pykata.config import Config, apply_annotations, parse_toml
+from pykata.errors import ConfigError
+
+H = "io.katacontainers.config.hypervisor."
+
+
+def _config(enable: list[str], **extra: str) -> Config:
+    lines = [f"enable_annotations = {enable!r}".replace("'", '"')]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return parse_toml("[hypervisor.qemu]\n" + "\n".join(lines) + "\n")
+
+
+def test_unrelated_annotations_are_ignored() -> None:
+    config = Config()
+    assert apply_annotations(config, {"io.kubernetes.cri.sandbox-id": "x", "foo": "bar"}) is config
+
+
+def test_allowed_overrides_apply() -> None:
+    config = _config(["default_vcpus", "default_memory", "kernel_params", "virtio_fs_extra_args"],
+                     kernel_params='"quiet"', default_maxvcpus="4")
+    new = apply_annotations(config, {
+        H + "default_vcpus": "2",
+        H + "default_memory": "512",
+        H + "kernel_params": "debug",
+        H + "virtio_fs_extra_args": '["--thread-pool-size=1"]',
+    })
+    assert new.qemu.default_vcpus == 2
+    assert new.qemu.default_memory == 512
+    assert new.qemu.kernel_params == "quiet debug"
+    assert new.qemu.virtio_fs_extra_args == ("--thread-pool-size=1",)
+    assert config.qemu.default_vcpus == 1  # the original is untouched
+
+
+def test_not_allow_listed_is_rejected_naming_the_annotation() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(_config(["default_memory"]), {H + "default_vcpus": "2"})
+    assert info.value.field == H + "default_vcpus"
+    assert "enable_annotations" in str(info.value)
+
+
+def test_unknown_annotation_rejected() -> None:
+    for name in (H + "entropy_source", H + "nonsense", "io.katacontainers.config.runtime.x",
+                 "io.katacontainers.config.agent.nope"):
+        with pytest.raises(ConfigError) as info:
+            apply_annotations(_config(["default_memory"]), {name: "1"})
+        assert info.value.field == name
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("default_vcpus", "two"), ("default_vcpus", "0"), ("default_memory", "-1"), ("default_memory", "1.5"),
+    ("machine_type", "pc"), ("shared_fs", "nfs"), ("enable_debug", "maybe"),
+    ("virtio_fs_extra_args", "--x"), ("virtio_fs_extra_args", "[1]"), ("kernel_params", "a\nb"),
+])
+def test_bad_annotation_values_name_the_annotation(key: str, value: str) -> None:
+    config = _config([key])
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(config, {H + key: value})
+    assert info.value.field == H + key
+
+
+def test_vcpus_above_max_names_annotation() -> None:
+    config = _config(["default_vcpus"], default_maxvcpus="2")
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(config, {H + "default_vcpus": "3"})
+    assert info.value.field == H + "default_vcpus"
+
+
+def test_path_must_match_valid_hypervisor_paths() -> None:
+    config = _config(["path"], valid_hypervisor_paths='["/usr/bin/qemu-system-*", "/opt/qemu/bin/*"]')
+    assert apply_annotations(config, {H + "path": "/opt/qemu/bin/qemu"}).qemu.path == "/opt/qemu/bin/qemu"
+    for bad in ("/tmp/evil", "relative/qemu", "/usr/bin/../../tmp/qemu", "/opt/qemu/bin/../../../tmp/qemu"):
+        with pytest.raises(ConfigError) as info:
+            apply_annotations(config, {H + "path": bad})
+        assert info.value.field == H + "path"
+
+
+def test_path_needs_allow_list_even_when_valid() -> None:
+    with pytest.raises(ConfigError, match="enable_annotations"):
+        apply_annotations(_config([]), {H + "path": "/usr/bin/qemu-system-x86_64"})
+
+
+def test_virtiofsd_path_checked() -> None:
+    config = _config(["virtio_fs_daemon"])
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(config, {H + "virtio_fs_daemon": "/tmp/virtiofsd"})
+    assert info.value.field == H + "virtio_fs_daemon"
+    ok = apply_annotations(config, {H + "virtio_fs_daemon": "/usr/lib/qemu/virtiofsd"})
+    assert ok.qemu.virtio_fs_daemon == "/usr/lib/qemu/virtiofsd"
+
+
+def test_agent_annotations() -> None:
+    new = apply_annotations(Config(), {
+        "io.katacontainers.config.agent.debug": "true",
+        "io.katacontainers.config.agent.kernel_modules": '["virtio_net"]',
+    })
+    assert new.agent.pykata.debug is True
+    assert new.agent.pykata.kernel_modules == ("virtio_net",)
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(Config(), {"io.katacontainers.config.agent.dial_timeout": "0"})
+    assert info.value.field == "io.katacontainers.config.agent.dial_timeout"
+
+
+def test_oversized_value_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(_config(["kernel_params"]), {H + "kernel_params": "x" * 5000})
+    assert info.value.field == H + "kernel_params"
