@@ -1,0 +1,17 @@
+"""The pykata agent API (protos/agent/agent.proto): host <-> pykata-agent in the guest."""
+
+from __future__ import annotations
+
+from pykata.protocols.gen.agent import agent_pb2
+from pykata.protocols.spec import ServiceSpec, spec_from_descriptor
+
+__all__ = ["AGENT_SERVICE", "HEALTH_SERVICE", "PROTOCOL_VERSION", "agent_pb2"]
+
+# "pykata.agent.v1.AgentService"
+AGENT_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+# "pykata.agent.v1.Health"
+HEALTH_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services_by_name["Health"])
+
+# What the agent answers in Health.Version().protocol_version. Bump it whenever agent.proto gains an
+# RPC or a field a host may rely on, so a newer host can tell an older guest image apart.
+PROTOCOL_VERSION = 1
