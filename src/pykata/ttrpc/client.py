@@ -1,0 +1,318 @@
+"""asyncio ttrpc client: many concurrent calls multiplexed on one connection.
+
+    client = await connect_unix("/run/x.sock")
+    async with client:
+        resp = await client.call(TASK, "State", StateRequest(id="c1"), timeout=5)
+        task = client.stub(TASK)            # same, attribute style
+        resp = await task.State(StateRequest(id="c1"))
+
+Each answer is routed to its caller by stream id. A deadline is sent to the server as timeout_nano
+and enforced here too. When the connection drops, every pending call fails at once with a
+ConnectionClosedError naming its method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from pykata.ttrpc.codes import Code
+from pykata.ttrpc.connection import DataReceived, Event, ResponseReceived, Role
+from pykata.ttrpc.errors import ConnectionClosedError, LocalProtocolError, RpcError
+from pykata.ttrpc.service import ServiceLike
+from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
+
+Metadata = Mapping[str, str | Iterable[str]]
+
+_END = object()
+
+
+def _flatten(metadata: Metadata | None) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for k, v in (metadata or {}).items():
+        out.extend([(k, v)] if isinstance(v, str) else [(k, x) for x in v])
+    return out
+
+
+class _Pending:
+    __slots__ = ("method", "queue", "response")
+
+    def __init__(self, method: str, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
+        self.method = method
+        self.response: asyncio.Future[ResponseReceived] = loop.create_future()
+        # server-sent Data payloads for streaming calls
+        self.queue: asyncio.Queue[object] | None = asyncio.Queue() if streaming else None
+
+
+class _ClientProtocol(ConnectionProtocol):
+    def __init__(self) -> None:
+        super().__init__(Role.CLIENT)
+        self.pending: dict[int, _Pending] = {}
+
+    def handle_event(self, event: Event) -> None:
+        p = self.pending.get(event.stream_id)
+        if p is None:
+            return
+        if isinstance(event, ResponseReceived):
+            del self.pending[event.stream_id]
+            if not p.response.done():
+                p.response.set_result(event)
+            if p.queue is not None:
+                p.queue.put_nowait(_END)
+        elif isinstance(event, DataReceived):
+            if p.queue is None:
+                return
+            if event.payload or not event.end_stream:
+                p.queue.put_nowait(event.payload)
+            if event.end_stream:
+                p.queue.put_nowait(_END)
+
+    def on_closed(self, exc: BaseException | None) -> None:
+        why = f"connection closed: {exc}" if exc else "connection closed by peer"
+        for p in self.pending.values():
+            if not p.response.done():
+                p.response.set_exception(ConnectionClosedError(why, p.method))
+                p.response.exception()  # mark retrieved: a caller may already be gone
+            if p.queue is not None:
+                p.queue.put_nowait(ConnectionClosedError(why, p.method))
+        self.pending.clear()
+
+
+class Client:
+    """A ttrpc client over one connection. Use `connect_unix` / `connect_fd` to make one."""
+
+    def __init__(self, protocol: _ClientProtocol, *, default_timeout: float | None = None) -> None:
+        self._p = protocol
+        self.default_timeout = default_timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._p.is_closing()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._p.closed)
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail with ConnectionClosedError. Idempotent."""
+        self._p.abort(None)
+        await self.wait_closed()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def stub(self, service: ServiceLike) -> Stub:
+        return Stub(self, service)
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    def _open(
+        self, service: str, method: str, payload: bytes, timeout: float | None, metadata: Metadata | None,
+        *, client_streaming: bool = False, server_streaming: bool = False,
+    ) -> tuple[int, _Pending]:
+        full = f"/{service}/{method}"
+        if self._p.is_closing():
+            raise ConnectionClosedError("connection is closed", full)
+        timeout_nano = 0 if timeout is None else max(1, math.ceil(timeout * 1e9))
+        try:
+            sid, wire = self._p.conn.send_request(
+                service, method, payload, timeout_nano=timeout_nano, metadata=_flatten(metadata),
+                client_streaming=client_streaming, server_streaming=server_streaming,
+            )
+        except LocalProtocolError as e:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, str(e), full) from None
+        p = _Pending(full, asyncio.get_running_loop(), client_streaming or server_streaming)
+        self._p.pending[sid] = p
+        try:
+            self._p.write(wire)
+        except ConnectionResetError:
+            self._forget(sid)
+            raise ConnectionClosedError("connection is closed", full) from None
+        return sid, p
+
+    def _forget(self, sid: int) -> None:
+        self._p.pending.pop(sid, None)
+        self._p.conn.forget(sid)
+
+    async def call_raw(
+        self, service: str, method: str, payload: bytes, *,
+        timeout: float | None = None, metadata: Metadata | None = None,
+    ) -> bytes:
+        """One unary call with serialized payloads. Raises RpcError (ConnectionClosedError when the
+        connection drops; code DEADLINE_EXCEEDED when `timeout` seconds pass)."""
+        timeout = self.default_timeout if timeout is None else timeout
+        sid, p = self._open(service, method, payload, timeout, metadata)
+        try:
+            await self._p.drain()
+            async with asyncio.timeout(timeout):
+                resp = await p.response
+        except TimeoutError:
+            raise RpcError(Code.DEADLINE_EXCEEDED, f"no answer within {timeout}s", p.method) from None
+        finally:
+            if self._p.pending.get(sid) is p:  # timed out or cancelled: drop its late answer
+                self._forget(sid)
+        if resp.code != Code.OK:
+            raise RpcError(resp.code, resp.message, p.method, resp.details)
+        return resp.payload
+
+    async def call(
+        self, service: ServiceLike, method: str, request: Any, *,
+        timeout: float | None = None, metadata: Metadata | None = None,
+    ) -> Any:
+        """One unary call with protobuf messages; returns the decoded response.
+
+        Raises RpcError (see call_raw); UNIMPLEMENTED locally if `service` has no such method.
+        """
+        spec = service.methods.get(method)
+        if spec is None:
+            raise RpcError(Code.UNIMPLEMENTED, "no such method in the service", f"/{service.name}/{method}")
+        payload = await self.call_raw(
+            service.name, method, request.SerializeToString(), timeout=timeout, metadata=metadata
+        )
+        resp = spec.response_type()
+        try:
+            resp.ParseFromString(payload)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise RpcError(Code.DATA_LOSS, f"undecodable response: {e}", f"/{service.name}/{method}") from None
+        return resp
+
+    def stream(
+        self, service: ServiceLike, method: str, request: Any = None, *,
+        timeout: float | None = None, metadata: Metadata | None = None,
+    ) -> ClientStream:
+        """Open a streaming call (client, server or bidirectional, as the method declares).
+
+        For server streaming pass `request`; for client streaming send with `send()` and finish
+        with `close_send()`; iterate the stream for the server's messages and await `response()`.
+        """
+        spec = service.methods[method]
+        payload = b"" if request is None or spec.client_streaming else request.SerializeToString()
+        timeout = self.default_timeout if timeout is None else timeout
+        sid, p = self._open(
+            service.name, method, payload, timeout, metadata,
+            client_streaming=spec.client_streaming, server_streaming=spec.server_streaming,
+        )
+        if spec.client_streaming and request is not None:
+            self._p.write(self._p.conn.send_data(sid, request.SerializeToString()))
+        return ClientStream(self, sid, p, spec, timeout)
+
+
+class ClientStream:
+    """One streaming call. Iterate it for the server's messages."""
+
+    def __init__(self, client: Client, sid: int, pending: _Pending, spec: Any, timeout: float | None) -> None:
+        self._client = client
+        self._sid = sid
+        self._p = pending
+        self._spec = spec
+        loop = asyncio.get_running_loop()
+        self._deadline = None if timeout is None else loop.time() + timeout
+
+    async def _within_deadline(self, aw: Any) -> Any:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await aw
+        except TimeoutError:
+            self.cancel()
+            raise RpcError(Code.DEADLINE_EXCEEDED, "stream deadline passed", self._p.method) from None
+
+    async def send(self, message: Any) -> None:
+        """Send one message to the server. Raises RpcError if the call has already ended."""
+        try:
+            wire = self._client._p.conn.send_data(self._sid, message.SerializeToString())
+        except LocalProtocolError as e:
+            raise RpcError(Code.FAILED_PRECONDITION, str(e), self._p.method) from None
+        self._client._p.write(wire)
+        await self._within_deadline(self._client._p.drain())
+
+    async def close_send(self) -> None:
+        """Tell the server no more messages follow."""
+        with contextlib.suppress(LocalProtocolError):
+            self._client._p.write(self._client._p.conn.send_data(self._sid, b"", end_stream=True))
+
+    async def recv(self) -> Any:
+        """The next message from the server, or None when the server finished its side.
+        Raises RpcError when the call failed."""
+        assert self._p.queue is not None
+        item = await self._within_deadline(self._p.queue.get())
+        if isinstance(item, RpcError):
+            raise item
+        if item is _END:
+            self._p.queue.put_nowait(_END)  # stay at the end for later recv() calls
+            if self._p.response.done():
+                self._check(self._p.response.result())
+            return None
+        msg = self._spec.response_type()
+        msg.ParseFromString(item)
+        return msg
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Any]:
+        while (msg := await self.recv()) is not None:
+            yield msg
+
+    async def response(self) -> Any:
+        """Wait for the final response; returns the decoded message (client streaming) or None."""
+        resp = await self._within_deadline(asyncio.shield(self._p.response))
+        self._check(resp)
+        if not resp.payload:
+            return None
+        msg = self._spec.response_type()
+        msg.ParseFromString(resp.payload)
+        return msg
+
+    def _check(self, resp: ResponseReceived) -> None:
+        if resp.code != Code.OK:
+            raise RpcError(resp.code, resp.message, self._p.method, resp.details)
+
+    def cancel(self) -> None:
+        """Stop waiting for this call; anything the server still sends is dropped."""
+        self._client._forget(self._sid)
+
+
+class Stub:
+    """Attribute-style calls: `await stub.State(req, timeout=5)`."""
+
+    def __init__(self, client: Client, service: ServiceLike) -> None:
+        self._client = client
+        self._service = service
+
+    def __getattr__(self, method: str) -> Any:
+        if method not in self._service.methods:
+            raise AttributeError(f"{self._service.name} has no method {method}")
+        spec = self._service.methods[method]
+        if spec.client_streaming or spec.server_streaming:
+            def open_stream(request: Any = None, **kw: Any) -> ClientStream:
+                return self._client.stream(self._service, method, request, **kw)
+            return open_stream
+
+        async def unary(request: Any, **kw: Any) -> Any:
+            return await self._client.call(self._service, method, request, **kw)
+        return unary
+
+
+async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeout: float | None = None) -> Client:
+    """Connect to a ttrpc server on a unix socket. Raises OSError (e.g. FileNotFoundError,
+    ConnectionRefusedError) or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    path = path.removeprefix("unix://")
+    async with asyncio.timeout(timeout):
+        _, proto = await loop.create_unix_connection(_ClientProtocol, path)
+    return Client(proto, default_timeout=default_timeout)
+
+
+async def connect_fd(fd: int, *, default_timeout: float | None = None) -> Client:
+    """A client over an already connected descriptor (socket or character device); it is dup'ed."""
+    proto = _ClientProtocol()
+    await attach_fd(fd, proto)
+    return Client(proto, default_timeout=default_timeout)

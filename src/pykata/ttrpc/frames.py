@@ -1,0 +1,116 @@
+"""ttrpc framing, sans-IO: a 10-byte header (length u32 BE, stream id u32 BE, type u8, flags u8)
+followed by at most 4 MiB of data. No sockets here: feed bytes in, take frames out.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
+
+HEADER = struct.Struct(">IIBB")
+HEADER_SIZE = HEADER.size  # 10
+MAX_MESSAGE_SIZE = 4 << 20
+
+
+class FrameType(enum.IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    DATA = 3
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    REMOTE_CLOSED = 0x1  # no more data from the sender of this frame
+    REMOTE_OPEN = 0x2  # request: the sender will stream data after it
+    NO_DATA = 0x4  # data frame carries no payload (only closes)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    stream_id: int
+    type: FrameType
+    flags: Flags
+    data: bytes
+
+
+def encode_frame(stream_id: int, type_: FrameType, flags: Flags, data: bytes) -> bytes:
+    """Render one frame. Raises LocalProtocolError if the data is over the 4 MiB limit."""
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise LocalProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_SIZE}-byte limit")
+    if not 0 < stream_id < 1 << 32:
+        raise LocalProtocolError(f"stream id {stream_id} out of range")
+    return HEADER.pack(len(data), stream_id, type_, flags) + data
+
+
+def _header_problem(length: int, stream_id: int, type_: int) -> str | None:
+    if length > MAX_MESSAGE_SIZE:
+        return f"frame length {length} exceeds the {MAX_MESSAGE_SIZE}-byte limit"
+    if type_ not in (1, 2, 3):
+        return f"unknown frame type {type_}"
+    if stream_id == 0:
+        return "stream id 0 is reserved"
+    return None
+
+
+class FrameDecoder:
+    """Accumulates bytes and yields complete frames.
+
+    A header that cannot be valid raises RemoteProtocolError and leaves the buffer as it was, so the
+    owner may either give up on the connection or call `resync()` (used on byte streams such as a
+    virtio-serial port, where a new host connection can start in the middle of an old half-frame).
+    """
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or None if more bytes are needed.
+
+        Raises RemoteProtocolError for a header that no valid frame can have.
+        """
+        avail = len(self._buf) - self._pos
+        if avail < HEADER_SIZE:
+            return None
+        length, stream_id, type_, flags = HEADER.unpack_from(self._buf, self._pos)
+        problem = _header_problem(length, stream_id, type_)
+        if problem:
+            raise RemoteProtocolError(problem)
+        if avail < HEADER_SIZE + length:
+            return None
+        start = self._pos + HEADER_SIZE
+        data = bytes(self._buf[start : start + length])
+        self._pos = start + length
+        return Frame(stream_id, FrameType(type_), Flags(flags), data)
+
+    def resync(self) -> int:
+        """Drop bytes up to the next position that could start a valid header; return how many."""
+        dropped = 0
+        while True:
+            self._pos += 1
+            dropped += 1
+            if len(self._buf) - self._pos < HEADER_SIZE:
+                # keep the tail: it may be the start of the next header
+                return dropped
+            length, stream_id, type_, _ = HEADER.unpack_from(self._buf, self._pos)
+            if _header_problem(length, stream_id, type_) is None:
+                return dropped
+
+    def clear(self) -> None:
+        self._buf.clear()
+        self._pos = 0

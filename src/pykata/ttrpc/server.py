@@ -1,0 +1,261 @@
+"""asyncio ttrpc server: services registered from their specs, requests dispatched concurrently.
+
+Handlers are objects with one async method per RPC, named as in the .proto:
+
+    class Task:
+        async def State(self, request, ctx): return StateResponse(...)            # unary
+        async def Logs(self, request, ctx): yield LogLine(...)                     # server streaming
+        async def Upload(self, requests, ctx): async for r in requests: ...        # client streaming
+
+Errors become google.rpc statuses: RpcError keeps its code, NotImplementedError is UNIMPLEMENTED,
+an exception with an `rpc_code` attribute uses it, anything else is UNKNOWN (and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pykata.errors import PykataError
+from pykata.ttrpc.codes import Code
+from pykata.ttrpc.connection import DataReceived, Event, RequestReceived, Role
+from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError, RpcError
+from pykata.ttrpc.service import ServiceLike
+from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
+
+log = logging.getLogger("pykata.ttrpc.server")
+
+MAX_INFLIGHT_PER_CONNECTION = 4096
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about its call."""
+
+    service: str
+    method: str
+    metadata: dict[str, list[str]]
+    # seconds the client allows, or None
+    timeout: float | None
+    peer: ConnectionProtocol = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Route:
+    request_type: Any
+    response_type: Any
+    client_streaming: bool
+    server_streaming: bool
+    fn: Callable[..., Any]
+
+
+class _ServerProtocol(ConnectionProtocol):
+    def __init__(self, server: Server, *, resync: bool = False) -> None:
+        super().__init__(Role.SERVER)
+        self.server = server
+        self.resync = resync
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.inbound: dict[int, asyncio.Queue[object]] = {}
+
+    def handle_protocol_error(self, error: RemoteProtocolError) -> bool:
+        return self.resync
+
+    def handle_event(self, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            if len(self.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
+                self._reply_error(event.stream_id, Code.RESOURCE_EXHAUSTED, "too many concurrent requests")
+                return
+            if event.remote_open:
+                self.inbound[event.stream_id] = asyncio.Queue()
+            task = asyncio.get_running_loop().create_task(self.server._dispatch(self, event))
+            self.tasks[event.stream_id] = task
+            task.add_done_callback(functools.partial(self._done, event.stream_id))
+        elif isinstance(event, DataReceived):
+            q = self.inbound.get(event.stream_id)
+            if q is None:
+                return
+            if event.payload or not event.end_stream:
+                q.put_nowait(event.payload)
+            if event.end_stream:
+                q.put_nowait(None)
+
+    def _done(self, sid: int, _task: object = None) -> None:
+        self.tasks.pop(sid, None)
+        self.inbound.pop(sid, None)
+
+    def _reply_error(self, sid: int, code: Code, message: str) -> None:
+        with contextlib.suppress(ConnectionResetError):
+            self.write(self.conn.send_response(sid, code=code, message=message))
+
+    def on_closed(self, exc: BaseException | None) -> None:
+        for t in list(self.tasks.values()):
+            t.cancel()
+        for q in self.inbound.values():
+            q.put_nowait(None)
+        self.server._connections.discard(self)
+
+
+def _status_of(exc: BaseException) -> tuple[Code, str]:
+    if isinstance(exc, RpcError):
+        return exc.code, exc.message
+    if isinstance(exc, NotImplementedError):
+        return Code.UNIMPLEMENTED, str(exc) or "not implemented"
+    code = getattr(exc, "rpc_code", None)
+    if isinstance(code, int):
+        return Code.from_wire(int(code)), str(exc)
+    return Code.UNKNOWN, str(exc) or type(exc).__name__
+
+
+class Server:
+    """A ttrpc server. Register services, then serve on unix sockets or descriptors."""
+
+    def __init__(self) -> None:
+        self._routes: dict[tuple[str, str], _Route] = {}
+        self._connections: set[_ServerProtocol] = set()
+        self._listeners: list[asyncio.AbstractServer] = []
+
+    def register(self, service: ServiceLike, handler: object) -> None:
+        """Route every method of `service` to the same-named attribute of `handler`.
+
+        Raises TypeError if the handler lacks a method (fail at start-up, not at the first call).
+        """
+        missing = [m for m in service.methods if not callable(getattr(handler, m, None))]
+        if missing:
+            raise TypeError(f"{type(handler).__name__} lacks {service.name} methods: {', '.join(missing)}")
+        for name, spec in service.methods.items():
+            self._routes[(service.name, name)] = _Route(
+                spec.request_type, spec.response_type, spec.client_streaming, spec.server_streaming,
+                getattr(handler, name),
+            )
+
+    # -- serving -----------------------------------------------------------------------------------
+
+    async def serve_unix(self, path: str, *, mode: int = 0o600) -> asyncio.AbstractServer:
+        """Listen on a unix socket (an old socket file at `path` is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        srv = await asyncio.get_running_loop().create_unix_server(self._new_protocol, path)
+        os.chmod(path, mode)
+        self._listeners.append(srv)
+        return srv
+
+    async def serve_socket(self, sock: socket.socket) -> asyncio.AbstractServer:
+        """Listen on an already bound and listening socket (e.g. vsock)."""
+        srv = await asyncio.get_running_loop().create_server(self._new_protocol, sock=sock)
+        self._listeners.append(srv)
+        return srv
+
+    def _new_protocol(self) -> _ServerProtocol:
+        p = _ServerProtocol(self)
+        self._connections.add(p)
+        return p
+
+    async def serve_fd(self, fd: int, *, resync: bool = True) -> None:
+        """Serve one peer on a connected descriptor until end of stream (returns) or until the
+        server is closed. With `resync`, garbage from the peer is skipped instead of ending the
+        connection (byte streams with no reconnect signal, such as a virtio-serial port)."""
+        proto = _ServerProtocol(self, resync=resync)
+        self._connections.add(proto)
+        await attach_fd(fd, proto)
+        try:
+            await asyncio.shield(proto.closed)
+        finally:
+            proto.abort(None)
+
+    async def close(self) -> None:
+        """Stop listening and end every connection; in-flight handlers are cancelled. Idempotent."""
+        for srv in self._listeners:
+            srv.close()
+        for p in list(self._connections):
+            p.abort(None)
+        for srv in self._listeners:
+            await srv.wait_closed()
+        self._listeners.clear()
+
+    # -- dispatch ----------------------------------------------------------------------------------
+
+    async def _dispatch(self, proto: _ServerProtocol, ev: RequestReceived) -> None:
+        full = f"/{ev.service}/{ev.method}"
+        route = self._routes.get((ev.service, ev.method))
+        if route is None:
+            known = any(s == ev.service for s, _ in self._routes)
+            what = "method" if known else "service"
+            proto._reply_error(ev.stream_id, Code.UNIMPLEMENTED, f"{full}: {what} not implemented")
+            return
+        timeout = ev.timeout_nano / 1e9 if ev.timeout_nano > 0 else None
+        ctx = CallContext(ev.service, ev.method, ev.metadata, timeout, proto)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._run(proto, ev, route, ctx)
+        except TimeoutError:
+            proto._reply_error(ev.stream_id, Code.DEADLINE_EXCEEDED, f"{full}: deadline exceeded")
+        except asyncio.CancelledError:
+            raise
+        except _BadPayload as e:
+            proto._reply_error(ev.stream_id, Code.INVALID_ARGUMENT, f"{full}: {e}")
+        except LocalProtocolError as e:
+            proto._reply_error(ev.stream_id, Code.RESOURCE_EXHAUSTED, f"{full}: {e}")
+        except Exception as e:
+            code, message = _status_of(e)
+            if code == Code.UNKNOWN and not isinstance(e, PykataError):
+                log.exception("handler %s failed", full)
+            proto._reply_error(ev.stream_id, code, message)
+
+    async def _run(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route, ctx: CallContext) -> None:
+        sid = ev.stream_id
+        if route.client_streaming:
+            arg: Any = self._inbound_messages(proto, ev, route)
+        else:
+            arg = _decode(route.request_type, ev.payload)
+        result = route.fn(arg, ctx)
+        if route.server_streaming:
+            if not inspect.isasyncgen(result):
+                raise TypeError(f"{ctx.method} must be an async generator (server streaming)")
+            async for msg in result:
+                proto.write(proto.conn.send_data(sid, _encode(msg)))
+                await proto.drain()
+            payload = b""
+        else:
+            payload = _encode(await result) if inspect.isawaitable(result) else _encode(result)
+        with contextlib.suppress(ConnectionResetError):
+            proto.write(proto.conn.send_response(sid, payload))
+            await proto.drain()
+
+    async def _inbound_messages(
+        self, proto: _ServerProtocol, ev: RequestReceived, route: _Route
+    ) -> AsyncIterator[Any]:
+        if ev.payload:
+            yield _decode(route.request_type, ev.payload)
+        q = proto.inbound.get(ev.stream_id)
+        if q is None:
+            return
+        while (item := await q.get()) is not None:
+            assert isinstance(item, bytes)
+            yield _decode(route.request_type, item)
+
+
+class _BadPayload(Exception):
+    pass
+
+
+def _decode(cls: Any, payload: bytes) -> Any:
+    msg = cls()
+    try:
+        msg.ParseFromString(payload)
+    except Exception as e:  # protobuf's DecodeError (and RuntimeWarning-free subclasses)
+        raise _BadPayload(f"cannot decode {cls.DESCRIPTOR.full_name}: {e}") from None
+    return msg
+
+
+def _encode(msg: Any) -> bytes:
+    data: bytes = msg.SerializeToString()
+    return data
+

@@ -1,0 +1,171 @@
+"""asyncio adapters: move bytes between a transport and a sans-IO `Connection`.
+
+`ConnectionProtocol` is an asyncio.Protocol; client and server subclass it and implement only
+`handle_event` (and optionally `handle_protocol_error`). It works over a stream socket (unix, vsock)
+or over a pair of pipe transports for one character device (virtio-serial port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from pykata.ttrpc.connection import Connection, Event, Role
+from pykata.ttrpc.errors import RemoteProtocolError
+
+log = logging.getLogger("pykata.ttrpc")
+
+
+class ConnectionProtocol(asyncio.Protocol):
+    """Feeds received bytes to a Connection and dispatches its events; handles write flow control."""
+
+    def __init__(self, role: Role) -> None:
+        self.conn = Connection(role)
+        self._transport: asyncio.BaseTransport | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.close_reason: BaseException | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._transport is None:
+            self._transport = transport
+        if self._writer is None and isinstance(transport, asyncio.WriteTransport):
+            self._writer = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._drain_events()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        self._drain_events()
+        self._finish(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._can_write.set()
+        self._finish(exc)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- for subclasses ----------------------------------------------------------------------------
+
+    def handle_event(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def handle_protocol_error(self, error: RemoteProtocolError) -> bool:
+        """Called when the peer broke the protocol. Return True to resynchronise and go on,
+        False (the default) to close the connection."""
+        return False
+
+    def on_closed(self, exc: BaseException | None) -> None:
+        """Called once when the connection is finished, for whatever reason."""
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _drain_events(self) -> None:
+        while not self.closed.done():
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as e:
+                if self.handle_protocol_error(e):
+                    dropped = self.conn.resync()
+                    log.warning("ttrpc: %s; dropped %d bytes to resynchronise", e, dropped)
+                    continue
+                log.warning("ttrpc: protocol error from peer, closing the connection: %s", e)
+                self.abort(e)
+                return
+            if event is None:
+                return
+            self.handle_event(event)
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes; frames are written whole, so concurrent callers never interleave."""
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionResetError("connection is closed")
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+
+    def is_closing(self) -> bool:
+        return self.closed.done()
+
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Close the connection now; pending work learns `reason`."""
+        self._finish(reason)
+        for t in {self._transport, self._writer}:
+            if t is not None:
+                t.close()
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self.closed.done():
+            return
+        self.close_reason = exc
+        self.closed.set_result(None)
+        self._can_write.set()
+        self.on_closed(exc)
+
+
+class _WriteSide(asyncio.BaseProtocol):
+    """Protocol of the write half of a pipe pair: forwards flow control to the main protocol."""
+
+    def __init__(self, main: ConnectionProtocol) -> None:
+        self.main = main
+
+    def pause_writing(self) -> None:
+        self.main.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.main.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.main.connection_lost(exc)
+
+
+async def attach_fd(fd: int, protocol: ConnectionProtocol) -> None:
+    """Attach `protocol` to an open read/write file descriptor (socket, character device or pipe).
+
+    The descriptor is duplicated; the caller keeps ownership of `fd`.
+    Raises OSError if the descriptor cannot be used.
+    """
+    import socket
+    import stat
+
+    loop = asyncio.get_running_loop()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode):
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        await loop.connect_accepted_socket(lambda: protocol, sock)
+        return
+    rfd, wfd = os.dup(fd), os.dup(fd)
+    os.set_blocking(rfd, False)
+    os.set_blocking(wfd, False)
+    rfile = os.fdopen(rfd, "rb", buffering=0)
+    wfile = os.fdopen(wfd, "wb", buffering=0)
+    try:
+        wtransport, _ = await loop.connect_write_pipe(lambda: _WriteSide(protocol), wfile)
+    except BaseException:
+        rfile.close()
+        wfile.close()
+        raise
+    protocol._writer = wtransport
+    try:
+        await loop.connect_read_pipe(lambda: protocol, rfile)
+    except BaseException:
+        wtransport.close()
+        rfile.close()
+        raise
+
+
