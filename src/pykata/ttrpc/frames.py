@@ -71,7 +71,10 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos:
-            del self._buf[: self._pos]
+            if self._pos == len(self._buf):
+                self._buf.clear()
+            else:
+                del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
 
@@ -94,7 +97,8 @@ class FrameDecoder:
         if avail < HEADER_SIZE + length:
             return None
         start = self._pos + HEADER_SIZE
-        data = bytes(self._buf[start : start + length])
+        with memoryview(self._buf) as view:  # one copy, not two
+            data = bytes(view[start : start + length])
         self._pos = start + length
         return Frame(stream_id, FrameType(type_), Flags(flags), data)
 
