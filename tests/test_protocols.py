@@ -314,3 +314,16 @@ def test_agent_wire_contract_unchanged() -> None:
     assert not released - current, "agent.proto broke its wire contract (renumbered/retyped/removed)"
     # New fields must be recorded, so that they are protected from then on.
     assert not current - released, f"append to {golden.name}: {sorted(current - released)}"
+
+
+def test_generated_agent_module_is_in_sync_with_agent_proto(tmp_path: Path) -> None:
+    """Someone edited agent.proto but did not rerun scripts/gen_protos.py (or the reverse)."""
+    protoc = shutil.which("protoc")
+    assert protoc is not None, "protoc missing: scripts/install.sh installs protobuf-compiler"
+    out = tmp_path / "agent.pb"
+    subprocess.run([protoc, f"-I{REPO / 'protos'}", "-I/usr/include", f"--descriptor_set_out={out}",
+                    "agent/agent.proto"], check=True, capture_output=True)
+    (source,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    generated = descriptor_pb2.FileDescriptorProto()
+    agent_pb2.DESCRIPTOR.CopyToProto(generated)
+    assert _wire_shape(generated) == _wire_shape(source), "run scripts/gen_protos.py"
