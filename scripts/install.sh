@@ -10,6 +10,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev build-essential git ca-certificates
     qemu-system-x86 qemu-utils containerd runc crun busybox-static cpio zstd
     golang-github-containerd-containerd-dev iproute2 kmod procps psmisc
+    golang-github-containerd-cgroups-dev protobuf-compiler libprotobuf-dev
 )
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
