@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from pykata.ttrpc import ServiceSpec
+from pykata.ttrpc import spec_from_descriptor
 
 _fd = descriptor_pb2.FileDescriptorProto(name="pykata_test_echo.proto", package="pykata.test", syntax="proto3")
 _msg = _fd.message_type.add(name="Echo")
@@ -23,6 +23,4 @@ for name, cs, ss in [("Echo", False, False), ("Fail", False, False), ("Sleep", F
 _pool = descriptor_pool.DescriptorPool()
 _file = _pool.Add(_fd)
 Echo = message_factory.GetMessageClass(_pool.FindMessageTypeByName("pykata.test.Echo"))
-ECHO_SERVICE = ServiceSpec.from_descriptor(
-    _pool.FindServiceByName("pykata.test.EchoService"), {"pykata.test.Echo": Echo}
-)
+ECHO_SERVICE = spec_from_descriptor(_pool.FindServiceByName("pykata.test.EchoService"))

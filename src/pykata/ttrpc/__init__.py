@@ -16,7 +16,7 @@ from pykata.ttrpc.errors import (
 )
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameType, encode_frame
 from pykata.ttrpc.server import CallContext, Server
-from pykata.ttrpc.service import MethodSpec, ServiceSpec
+from pykata.ttrpc.service import MethodSpec, ServiceSpec, UnknownMethodError, spec_from_descriptor
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -42,7 +42,9 @@ __all__ = [
     "ServiceSpec",
     "Stub",
     "TtrpcError",
+    "UnknownMethodError",
     "connect_fd",
     "connect_unix",
     "encode_frame",
+    "spec_from_descriptor",
 ]

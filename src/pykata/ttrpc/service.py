@@ -1,14 +1,21 @@
 """What the client and server need to know about a service: names, message types, streaming.
 
-`pykata.protocols` builds these from the generated protobuf descriptors; any object with the same
-attributes works (structural typing), so this layer never imports the generated code.
+`spec_from_descriptor` builds them from protobuf service descriptors (`pykata.protocols` does this for
+the generated modules); the client and server accept any object with the same attributes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+
+from pykata.errors import PykataError
 
 
 class MethodLike(Protocol):
@@ -31,33 +38,74 @@ class ServiceLike(Protocol):
     def methods(self) -> Mapping[str, Any]: ...
 
 
-@dataclass(frozen=True)
+class UnknownMethodError(PykataError):
+    """A method name that the service does not have."""
+
+    def __init__(self, service: str, method: str) -> None:
+        super().__init__(f"{service}: no method {method!r}")
+        self.service = service
+        self.method = method
+
+
+@dataclass(frozen=True, slots=True)
 class MethodSpec:
+    """One RPC: its short name ("Create"), message classes and streaming flags."""
+
     name: str
-    request_type: Any
-    response_type: Any
+    request_type: type[Message]
+    response_type: type[Message]
     client_streaming: bool = False
     server_streaming: bool = False
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A service's full name ("containerd.task.v2.Task") and its methods by name."""
+    """A service's full wire name and its methods by short name (read-only)."""
 
     name: str
-    methods: Mapping[str, MethodSpec]
+    methods: Mapping[str, MethodSpec] = field(default_factory=dict)
 
-    @classmethod
-    def from_descriptor(cls, service_descriptor: Any, message_classes: Mapping[str, Any]) -> ServiceSpec:
-        """Build from a protobuf ServiceDescriptor; `message_classes` maps full message names
-        to generated classes (protobuf's symbol database gives them)."""
-        methods = {}
-        for m in service_descriptor.methods:
-            methods[m.name] = MethodSpec(
-                m.name,
-                message_classes[m.input_type.full_name],
-                message_classes[m.output_type.full_name],
-                bool(getattr(m, "client_streaming", False)),
-                bool(getattr(m, "server_streaming", False)),
-            )
-        return cls(service_descriptor.full_name, methods)
+    def __post_init__(self) -> None:
+        # Frozen means frozen: callers must not be able to add methods to a shared spec.
+        object.__setattr__(self, "methods", MappingProxyType(dict(self.methods)))
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def method(self, name: str) -> MethodSpec:
+        """The method called `name`.
+
+        Raises:
+            UnknownMethodError: the service has no such method.
+        """
+        try:
+            return self.methods[name]
+        except KeyError:
+            raise UnknownMethodError(self.name, name) from None
+
+    def path(self, method: str) -> str:
+        """gRPC-style path "/<service>/<method>" (ttrpc itself sends service and method apart).
+
+        Raises:
+            UnknownMethodError: the service has no such method.
+        """
+        return f"/{self.name}/{self.method(method).name}"
+
+
+def spec_from_descriptor(service: ServiceDescriptor) -> ServiceSpec:
+    """Build the `ServiceSpec` of a service descriptor of a generated module.
+
+    The message classes are the ones the generated modules define (protobuf keeps one class per
+    descriptor), so `isinstance` checks against e.g. `shim_pb2.CreateTaskRequest` hold.
+    """
+    methods = {
+        m.name: MethodSpec(
+            name=m.name,
+            request_type=GetMessageClass(m.input_type),
+            response_type=GetMessageClass(m.output_type),
+            client_streaming=bool(getattr(m, "client_streaming", False)),
+            server_streaming=bool(getattr(m, "server_streaming", False)),
+        )
+        for m in service.methods
+    }
+    return ServiceSpec(service.full_name, methods)
