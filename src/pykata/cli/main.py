@@ -5,12 +5,16 @@ from __future__ import annotations
 import click
 
 from pykata import __version__
+from pykata.cli.image import image
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pykata")
 def cli() -> None:
     """Run containers inside lightweight virtual machines."""
+
+
+cli.add_command(image)
 
 
 def main() -> None:

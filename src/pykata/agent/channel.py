@@ -1,0 +1,115 @@
+"""The agent's end of the host channel: a virtio-serial port or a vsock listener.
+
+A channel is named on the command line as a device path (`/dev/vport1p1`), `serial:<port name>`
+(looked up under /sys/class/virtio-ports) or `vsock:<port>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.errors import PykataError
+from pykata.ttrpc import Server
+
+log = logging.getLogger("pykata.agent.channel")
+
+DEFAULT_PORT_NAME = "agent.channel.0"
+DEFAULT_VSOCK_PORT = 1024
+VIRTIO_PORTS = Path("/sys/class/virtio-ports")
+# A virtio-serial port reads as end-of-file while no host is connected; wait this long (growing to
+# the maximum) before opening it again, so an idle agent does not spin.
+_REOPEN_DELAY = 0.01
+_REOPEN_DELAY_MAX = 0.2
+
+
+class ChannelError(PykataError):
+    """The channel argument is malformed or the device/socket cannot be opened."""
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where the agent serves: `kind` is "serial" (a device path) or "vsock" (a port)."""
+
+    kind: str
+    device: str = ""
+    port: int = 0
+
+
+def find_serial_port(name: str = DEFAULT_PORT_NAME, sysfs: Path = VIRTIO_PORTS) -> str | None:
+    """The /dev path of the virtio-serial port called `name`, or None."""
+    if not sysfs.is_dir():
+        return None
+    for entry in sorted(sysfs.iterdir()):
+        try:
+            if (entry / "name").read_text().strip() == name:
+                return f"/dev/{entry.name}"
+        except OSError:
+            continue
+    return None
+
+
+def parse_channel(spec: str) -> Channel:
+    """Parse the --channel argument.
+
+    Raises ChannelError naming the bad value.
+    """
+    if spec.startswith("vsock:"):
+        raw = spec.removeprefix("vsock:") or str(DEFAULT_VSOCK_PORT)
+        if not raw.isdigit() or not 0 < int(raw) < 2**32:
+            raise ChannelError(f"--channel: bad vsock port {raw!r}")
+        return Channel("vsock", port=int(raw))
+    if spec.startswith("serial:"):
+        name = spec.removeprefix("serial:") or DEFAULT_PORT_NAME
+        device = find_serial_port(name)
+        if device is None:
+            raise ChannelError(f"--channel: no virtio-serial port named {name!r}")
+        return Channel("serial", device=device)
+    if spec.startswith("/"):
+        return Channel("serial", device=spec)
+    raise ChannelError(f"--channel: expected a device path, serial:<name> or vsock:<port>, got {spec!r}")
+
+
+async def serve_serial(server: Server, device: str, ready: asyncio.Event) -> None:
+    """Serve ttrpc on a virtio-serial port for ever, reopening it after each host disconnect.
+
+    Raises ChannelError when the device cannot be opened.
+    """
+    delay = _REOPEN_DELAY
+    while True:
+        try:
+            fd = os.open(device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ChannelError(f"cannot open agent channel {device}: {exc.strerror}") from exc
+        try:
+            serving = asyncio.ensure_future(server.serve_fd(fd, resync=True))
+            ready.set()
+            started = asyncio.get_running_loop().time()
+            await serving
+        finally:
+            os.close(fd)
+        # A session that lasted means a host was there: reopen at once for the next one.
+        lasted = asyncio.get_running_loop().time() - started > 1.0
+        delay = _REOPEN_DELAY if lasted else min(delay * 2, _REOPEN_DELAY_MAX)
+        await asyncio.sleep(delay)
+
+
+async def serve_vsock(server: Server, port: int, ready: asyncio.Event) -> None:
+    """Listen on vsock `port` (any CID) and serve connections until cancelled.
+
+    Raises ChannelError when the socket cannot be bound.
+    """
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(16)
+    except OSError as exc:
+        raise ChannelError(f"cannot listen on vsock port {port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    listener = await server.serve_socket(sock)
+    ready.set()
+    await listener.serve_forever()

@@ -1,0 +1,143 @@
+"""`pykata image`: build and inspect the cached guest kernel and root filesystem."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pykata.errors import PykataError
+
+
+def _cache_dir(option: Path | None) -> Path:
+    if option is not None:
+        return option
+    from pykata.config.load import load_config
+
+    try:
+        return load_config().runtime.cache_path
+    except PykataError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Progress:
+    """One line per step on stderr, with the seconds since the command started."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        click.echo(f"[pykata image {elapsed:6.1f}s] {self.what}: {message}", err=True)
+
+
+def _kernel_info(art: Any) -> dict[str, Any] | None:
+    if art is None:
+        return None
+    return {"key": art.key, "version": art.version, "vmlinux": str(art.vmlinux),
+            "bzimage": str(art.bzimage) if art.bzimage else None}
+
+
+def _rootfs_info(art: Any) -> dict[str, Any] | None:
+    if art is None:
+        return None
+    m = art.manifest
+    return {
+        "key": art.key,
+        "initrd": str(art.initrd),
+        "initrd_size": m.get("initrd", {}).get("size"),
+        "image": str(art.image) if art.image else None,
+        "image_size": (m.get("image") or {}).get("size"),
+        "preferred": art.preferred,
+        "kernel_params": {"initrd": art.kernel_params("initrd"),
+                          "image": art.kernel_params("image") if art.image else None},
+        "packages": {p["name"]: p["version"] for p in m.get("inputs", {}).get("packages", [])},
+    }
+
+
+def _print_human(data: dict[str, Any]) -> None:
+    kernel, rootfs = data["kernel"], data["rootfs"]
+    click.echo(f"cache:   {data['cache_dir']}")
+    if kernel:
+        click.echo(f"kernel:  {kernel['vmlinux']}  ({kernel['version']}, key {kernel['key']})")
+    else:
+        click.echo("kernel:  not built (pykata image build)")
+    if rootfs:
+        click.echo(f"initrd:  {rootfs['initrd']}  ({rootfs['initrd_size'] / 1e6:.1f} MB)")
+        if rootfs["image"]:
+            click.echo(f"image:   {rootfs['image']}  ({rootfs['image_size'] / 1e6:.1f} MB, "
+                       f"kernel params: {rootfs['kernel_params']['image']})")
+        click.echo(f"rootfs:  key {rootfs['key']}, preferred boot form: {rootfs['preferred']}")
+    else:
+        click.echo("rootfs:  not built (pykata image build)")
+    for name in ("other_kernels", "other_rootfs"):
+        if data.get(name):
+            click.echo(f"{name.replace('_', ' ')} in the cache: {', '.join(data[name])}")
+
+
+@click.group("image")
+def image() -> None:
+    """Build and inspect the guest kernel and root filesystem (cached by a hash of their inputs)."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if the cache has a build for these inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Cache directory (default: runtime.cache_dir of configuration.toml).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel kernel compile jobs.")
+def build(force: bool, as_json: bool, cache_dir: Path | None, jobs: int | None) -> None:
+    """Build the guest kernel and root filesystem into the cache and print their paths.
+
+    The first build takes a few minutes (the kernel) and shows progress on stderr; later runs
+    return the cached artifacts at once.
+    """
+    from pykata.guest.kernel import build_kernel
+    from pykata.guest.rootfs import build_rootfs
+
+    cache = _cache_dir(cache_dir)
+    try:
+        kernel = build_kernel(cache, jobs=jobs, progress=_Progress("kernel"), force=force)
+        rootfs = build_rootfs(cache, progress=_Progress("rootfs"), force=force)
+    except PykataError as exc:
+        raise click.ClickException(str(exc)) from None
+    data = {"cache_dir": str(cache), "kernel": _kernel_info(kernel), "rootfs": _rootfs_info(rootfs)}
+    if as_json:
+        json.dump(data, sys.stdout, indent=2)
+        click.echo()
+    else:
+        _print_human(data)
+
+
+@image.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Cache directory (default: runtime.cache_dir of configuration.toml).")
+def info(as_json: bool, cache_dir: Path | None) -> None:
+    """Show the cached kernel and root filesystem for the current inputs (never builds)."""
+    from pykata.guest.kernel import find_kernel
+    from pykata.guest.rootfs import find_rootfs, list_rootfs
+
+    cache = _cache_dir(cache_dir)
+    kernel = find_kernel(cache)
+    rootfs = find_rootfs(cache)
+    kernel_dir = cache / "kernel"
+    kernels = sorted(p.name for p in kernel_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if kernel_dir.is_dir() else []
+    data = {
+        "cache_dir": str(cache),
+        "kernel": _kernel_info(kernel),
+        "rootfs": _rootfs_info(rootfs),
+        "other_kernels": [k for k in kernels if kernel is None or k != kernel.key],
+        "other_rootfs": [a.key for a in list_rootfs(cache) if rootfs is None or a.key != rootfs.key],
+    }
+    if as_json:
+        json.dump(data, sys.stdout, indent=2)
+        click.echo()
+    else:
+        _print_human(data)

@@ -1,0 +1,348 @@
+"""Assemble the guest root tree in a staging directory, without a chroot and without root's help.
+
+Steps, each a function so tests and the builder can call them one by one: unpack .debs, trim what a
+VM that only runs the agent and crun never reads (docs, locales, most of the standard library's
+tooling), add busybox applet links, pykata's guest code and its wheels, the init script and a few
+/etc files, drop shared libraries nothing links, prove every ELF file finds its libraries, compile
+Python to bytecode, and finally give every file the same mtime and sane permissions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable, Iterator
+from importlib.resources import files
+from pathlib import Path
+
+from pykata.errors import PykataError
+from pykata.guest import elf
+
+PY = "python3.11"
+STDLIB = f"usr/lib/{PY}"
+AGENT_LIB = "usr/lib/pykata"  # pykata's guest packages and the protobuf wheels (the agent's PYTHONPATH)
+LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
+
+# Whole trees nobody in the guest reads.
+DROP_TREES = (
+    "usr/share", "usr/include", "usr/lib/x86_64-linux-gnu/gconv", "etc/ld.so.conf.d", "etc/python3.11",
+    f"{STDLIB}/sitecustomize.py", "usr/lib/python3",
+)
+# Standard library parts the agent never imports: tests, GUIs, packaging and developer tooling,
+# modules whose C extension or shared library the image leaves out.
+STDLIB_DROP = (
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils",
+    "unittest", "venv", "sqlite3", "curses", "dbm", "wsgiref", "xmlrpc", "__phello__", "msilib",
+    "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages",
+    "__hello__.py", "antigravity.py", "this.py", "turtle.py", "pydoc.py", "doctest.py", "pdb.py",
+    "idle.py", "_pydecimal.py", "_pyio.py", "_osx_support.py", "_aix_support.py", "imaplib.py",
+    "nntplib.py", "poplib.py", "smtpd.py", "smtplib.py", "ftplib.py", "telnetlib.py", "mailbox.py",
+    "cgi.py", "cgitb.py", "webbrowser.py", "tabnanny.py", "pyclbr.py", "sndhdr.py", "imghdr.py",
+    "aifc.py", "sunau.py", "wave.py", "chunk.py", "audioop.py", "xdrlib.py", "nturl2path.py",
+    "crypt.py", "asynchat.py", "asyncore.py", "_bootsubprocess.py", "_distutils_system_mod.py",
+    "EXTERNALLY-MANAGED", "LICENSE.txt",
+)
+# Codecs that need the CJK extension modules, which are not shipped.
+CJK_CODECS = (
+    "big5", "big5hkscs", "cp932", "cp949", "cp950", "euc_jis_2004", "euc_jisx0213", "euc_jp",
+    "euc_kr", "gb18030", "gb2312", "gbk", "hz", "iso2022_jp", "iso2022_jp_1", "iso2022_jp_2",
+    "iso2022_jp_2004", "iso2022_jp_3", "iso2022_jp_ext", "iso2022_kr", "johab", "shift_jis",
+    "shift_jis_2004", "shift_jisx0213",
+)
+# Extension modules the guest keeps (the rest need libraries the image leaves out, or are tests).
+DYNLOAD_KEEP = (
+    "_asyncio", "_contextvars", "_ctypes", "_decimal", "_json", "_lzma", "_multiprocessing",
+    "_posixshmem", "_queue", "_typing", "_zoneinfo", "mmap", "resource", "termios",
+)
+# Libraries loaded with dlopen (no DT_NEEDED points at them) that glibc or Python need at run time.
+DLOPEN_KEEP = ("libnss_files.so.2", "libnss_dns.so.2", "libresolv.so.2", "libgcc_s.so.1")
+# Busybox applets that must not be links: /sbin/init is pykata's init.
+APPLET_SKIP = frozenset({"sbin/init", "linuxrc", "init"})
+
+
+class AssembleError(PykataError):
+    """The staged tree is incomplete (a missing library, interpreter or a failed compile step)."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def trim(root: Path) -> None:
+    """Remove docs, man pages, locales, static libraries and the unused parts of the stdlib."""
+    for rel in DROP_TREES:
+        _remove(root / rel)
+    for lib in ("lib", "usr/lib"):
+        for static in (root / lib).glob("x86_64-linux-gnu/*.a"):
+            static.unlink()
+    stdlib = root / STDLIB
+    if not stdlib.is_dir():
+        return
+    for name in STDLIB_DROP:
+        _remove(stdlib / name)
+    for codec in CJK_CODECS:
+        _remove(stdlib / "encodings" / f"{codec}.py")
+    for tests in sorted(stdlib.glob("**/test*")):
+        # Package-internal test suites (ctypes/test, ...) — but not modules like `textwrap`.
+        if tests.is_dir() and tests.name in ("test", "tests"):
+            _remove(tests)
+    for so in (stdlib / "lib-dynload").glob("*.so"):
+        if so.name.split(".", 1)[0] not in DYNLOAD_KEEP:
+            so.unlink()
+
+
+def busybox_links(root: Path) -> int:
+    """Link every busybox applet to /bin/busybox where no real file exists; return how many.
+
+    Raises AssembleError when the staged busybox cannot list its applets.
+    """
+    busybox = root / "bin/busybox"
+    proc = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise AssembleError(f"{busybox} --list-full failed: {proc.stderr.strip()}")
+    count = 0
+    for applet in sorted(set(proc.stdout.split())):
+        if applet in APPLET_SKIP or applet.startswith("/") or ".." in applet:
+            continue
+        link = root / applet
+        if link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(busybox, link.parent))
+        count += 1
+    return count
+
+
+def install_agent_packages(root: Path, source: Path, version: str) -> None:
+    """Copy pykata's guest packages from `source` (the installed `pykata` package directory).
+
+    Only what the agent imports: `__init__`, `errors`, `ttrpc`, `protocols`, `agent`. A tiny
+    dist-info makes `importlib.metadata.version("pykata")` give the host's version in the guest.
+    """
+    dest = root / AGENT_LIB / "pykata"
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in guest_source_files(source):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, target)
+        target.chmod(0o644)
+    info = root / AGENT_LIB / f"pykata-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: pykata\nVersion: {version}\n")
+    (info / "METADATA").chmod(0o644)
+
+
+GUEST_MODULES = ("__init__.py", "errors.py")
+GUEST_PACKAGES = ("ttrpc", "protocols", "agent")
+
+
+def guest_source_files(source: Path) -> list[str]:
+    """The relative paths of pykata's files that go into the guest, sorted.
+
+    Python sources only (no stubs, caches or tests); `source` is the `pykata` package directory.
+    """
+    out = [m for m in GUEST_MODULES if (source / m).is_file()]
+    for pkg in GUEST_PACKAGES:
+        base = source / pkg
+        if base.is_dir():
+            out.extend(p.relative_to(source).as_posix() for p in base.rglob("*.py")
+                       if "__pycache__" not in p.parts)
+    return sorted(out)
+
+
+def init_script() -> bytes:
+    """The guest init script shipped with pykata (`pykata/guest/init`)."""
+    return files("pykata.guest").joinpath("init").read_bytes()
+
+
+ETC_FILES = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    "etc/group": "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",
+    "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",
+    "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+}
+# Mount points and directories init expects; /etc/resolv.conf points into /run so a read-only root
+# can still get one.
+EMPTY_DIRS = ("proc", "sys", "dev", "run", "tmp", "mnt", "root", "var", "etc", "sbin")
+
+
+def install_base(root: Path) -> None:
+    """Write /init (and /sbin/init pointing at it), /etc files and the empty mount points."""
+    for d in EMPTY_DIRS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/tmp").mkdir(exist_ok=True)
+    init = root / "init"
+    init.write_bytes(init_script())
+    init.chmod(0o755)
+    sbin_init = root / "sbin/init"
+    _remove(sbin_init)
+    sbin_init.symlink_to("../init")
+    for rel, text in ETC_FILES.items():
+        (root / rel).write_text(text)
+        (root / rel).chmod(0o644)
+    resolv = root / "etc/resolv.conf"
+    _remove(resolv)
+    resolv.symlink_to("../run/resolv.conf")
+
+
+def _in_root(root: Path, path: str) -> Path | None:
+    """Resolve `path` (absolute, as the guest sees it) inside `root`, following symlinks there."""
+    current = path
+    for _ in range(40):
+        candidate = root / current.lstrip("/")
+        if candidate.is_symlink():
+            target = os.readlink(candidate)
+            current = target if target.startswith("/") else os.path.join(os.path.dirname(current), target)
+            current = os.path.normpath(current)
+            continue
+        return candidate if candidate.exists() else None
+    return None
+
+
+def _real(root: Path, p: Path) -> Path | None:
+    """`p` (inside `root`) with every symlink followed the way the guest would follow it."""
+    return _in_root(root, "/" + p.relative_to(root).as_posix())
+
+
+def _elf_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath) / name
+            if not p.is_symlink() and p.is_file() and elf.is_elf(p):
+                yield p
+
+
+def _lib_dirs(root: Path) -> list[Path]:
+    return [root / d for d in LIB_DIRS if (root / d).is_dir()]
+
+
+def _find_lib(root: Path, name: str) -> Path | None:
+    for d in LIB_DIRS:
+        found = _in_root(root, f"/{d}/{name}")
+        if found is not None:
+            return found
+    return None
+
+
+def prune_libraries(root: Path) -> list[str]:
+    """Delete shared libraries that no executable or extension module needs; return their names.
+
+    Raises AssembleError listing every file whose interpreter or DT_NEEDED library is missing.
+    """
+    lib_dirs = _lib_dirs(root)
+
+    def in_lib_dir(p: Path) -> bool:
+        return any(p.parent == d for d in lib_dirs)
+
+    problems: list[str] = []
+    queue: list[Path] = []
+    for p in _elf_files(root):
+        if not in_lib_dir(p):
+            queue.append(p)
+    for name in DLOPEN_KEEP:
+        found = _find_lib(root, name)
+        if found is not None:
+            queue.append(found)
+    keep: set[Path] = set()
+    while queue:
+        p = queue.pop()
+        real = _real(root, p)
+        if real is None or real in keep:
+            continue
+        keep.add(real)
+        needed, interp = elf.dynamic_info(real.read_bytes())
+        if interp is not None:
+            found = _in_root(root, interp)
+            if found is None:
+                problems.append(f"/{p.relative_to(root)}: interpreter {interp} missing")
+            else:
+                queue.append(found)
+        for lib in needed:
+            found = _find_lib(root, lib)
+            if found is None:
+                problems.append(f"/{p.relative_to(root)}: needs {lib}, not in the image")
+            else:
+                queue.append(found)
+    if problems:
+        raise AssembleError("shared libraries missing (add their packages to the recipe): "
+                            + "; ".join(sorted(set(problems))))
+    removed = []
+    for d in lib_dirs:
+        for p in sorted(d.iterdir()):
+            if ".so" not in p.name or p.is_dir():
+                continue
+            if _real(root, p) not in keep:
+                removed.append(p.name)
+                p.unlink()
+    return removed
+
+
+_COMPILE_DRIVER = r"""
+import compileall, json, py_compile, sys
+spec = json.loads(sys.stdin.read())
+ok = True
+for directory, legacy in spec["dirs"]:
+    ok = compileall.compile_dir(
+        directory, quiet=1, legacy=legacy, stripdir=spec["root"], prependdir="/", workers=1,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH) and ok
+sys.exit(0 if ok else 1)
+"""
+
+
+def compile_python(root: Path, *, sourceless: Iterable[str], with_source: Iterable[str]) -> None:
+    """Compile Python files to bytecode with the image's own interpreter.
+
+    `sourceless` directories get `foo.pyc` next to `foo.py` and lose the .py (smaller, and the
+    guest never needs the source); `with_source` ones get `__pycache__` files and keep the .py
+    (tracebacks of pykata's own code show source lines). Unchecked-hash pycs carry no mtime, so the
+    bytes depend only on the sources; PYTHONHASHSEED=0 fixes the order of set constants.
+    Raises AssembleError when compiling fails.
+    """
+    python = root / "usr/bin" / PY
+    dirs = [(str(root / d), True) for d in sourceless] + [(str(root / d), False) for d in with_source]
+    dirs = [(d, legacy) for d, legacy in dirs if Path(d).is_dir()]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "LC_ALL": "C"}
+    proc = subprocess.run([str(python), "-I", "-S", "-c", _COMPILE_DRIVER],
+                          input=json.dumps({"root": str(root), "dirs": dirs}), capture_output=True,
+                          text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise AssembleError(f"compiling Python in the image failed: {(proc.stdout + proc.stderr)[-2000:]}")
+    for d in sourceless:
+        for py in (root / d).rglob("*.py"):
+            if py.with_suffix(".pyc").is_file():
+                py.unlink()
+        for cache in sorted((root / d).rglob("__pycache__"), reverse=True):
+            shutil.rmtree(cache)
+
+
+def normalize(root: Path, epoch: int) -> None:
+    """Give every entry the mtime `epoch` and permissions independent of the builder's umask."""
+    for dirpath, dirs, names in os.walk(root, topdown=False):
+        for name in names + dirs:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                p.chmod(0o1777 if p.relative_to(root).as_posix() in ("tmp", "var/tmp") else 0o755)
+            elif stat.S_ISREG(st.st_mode):
+                p.chmod(stat.S_IMODE(st.st_mode) & ~0o022)
+            os.utime(p, (epoch, epoch), follow_symlinks=False)
+    root.chmod(0o755)
+    os.utime(root, (epoch, epoch))
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    """(bytes in regular files, number of entries) of the tree under `root`."""
+    total, count = 0, 0
+    for dirpath, dirs, names in os.walk(root):
+        for name in names + dirs:
+            count += 1
+            st = (Path(dirpath) / name).lstat()
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total, count
