@@ -1,0 +1,1 @@
+"""The guest image: the kernel and root filesystem that pykata boots inside each VM."""

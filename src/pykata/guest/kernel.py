@@ -1,0 +1,409 @@
+"""The guest kernel: built from Debian's linux-source-6.1 with pykata's config fragment, cached.
+
+Public API (stable; `pykata image build` and the hypervisor layer call it):
+
+- `build_kernel(cache_dir, jobs=, progress=, force=)` returns the cached `KernelArtifact` for the current
+  inputs, building it first when there is none (about 3.5 minutes on 2 cores).
+- `find_kernel(cache_dir)` returns the cached `KernelArtifact` or None; it never builds.
+- `KernelArtifact.vmlinux` is the uncompressed ELF kernel with the PVH note: give it to QEMU as
+  `-kernel` (microvm or q35, TCG or KVM). `bzimage` is the same kernel in bzImage format.
+
+The cache entry `<cache_dir>/kernel/<key>/` holds `vmlinux`, `bzImage`, `config` (the full .config
+used) and `manifest.json`. The key hashes the linux-source package version, the tarball's size and
+mtime, the fragment's bytes and `RECIPE_VERSION`, so a rebuild happens only when one of them changes.
+An entry appears by one rename of a finished directory: an interrupted build leaves no partial entry.
+
+The pure helpers (`cache_key`, `merge_fragment`, `dropped_options`, `CompileProgress`) do no I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import hashlib
+import importlib.resources
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pykata.errors import PykataError
+
+# Bump when the way the kernel is built changes (make targets, merge steps, flags): it is part of the key.
+RECIPE_VERSION = 1
+DEFAULT_CACHE_DIR = Path("/var/cache/pykata")
+SOURCE_PACKAGE = "linux-source-6.1"
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+FRAGMENT_NAME = "kernel.config"
+# Compile steps (CC/AS lines) of one build with the fragment; only used to estimate a percentage.
+EXPECTED_COMPILE_STEPS = 1050
+_BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
+_MAKE_ARGS = ("ARCH=x86_64",)
+# A fixed identity keeps the build reproducible (no user, host or time in the image).
+_BUILD_ENV = {
+    "KBUILD_BUILD_USER": "pykata",
+    "KBUILD_BUILD_HOST": "pykata",
+    "KBUILD_BUILD_TIMESTAMP": "1970-01-01",
+    "LC_ALL": "C",
+}
+
+
+class KernelBuildError(PykataError):
+    """The guest kernel could not be built or its cache could not be written."""
+
+
+@dataclass(frozen=True)
+class KernelArtifact:
+    """A built guest kernel in the cache."""
+
+    vmlinux: Path
+    bzimage: Path | None
+    key: str
+    version: str
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    """Everything the cache key depends on."""
+
+    package: str
+    package_version: str
+    tarball_size: int
+    tarball_mtime_ns: int
+    fragment_sha256: str
+    recipe: int = RECIPE_VERSION
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def cache_key(inputs: KernelInputs) -> str:
+    """Return the cache key (16 hex digits) of a set of build inputs."""
+    canonical = json.dumps(asdict(inputs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """Parse a Kconfig file or fragment into {"CONFIG_X": value}; `# CONFIG_X is not set` gives "n"."""
+    options: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            options[line[2:-len(" is not set")]] = "n"
+        elif line.startswith("CONFIG_") and "=" in line:
+            name, value = line.split("=", 1)
+            options[name] = value
+    return options
+
+
+def merge_fragment(base: str, fragment: str) -> str:
+    """Return `base` (a full .config) with every option the fragment sets replaced by the fragment's line."""
+    overridden = set(parse_config(fragment))
+    kept = [ln for ln in base.splitlines() if not set(parse_config(ln)) & overridden]
+    return "\n".join([*kept, "", "# pykata fragment", fragment.rstrip("\n"), ""])
+
+
+def dropped_options(fragment: str, final_config: str) -> list[str]:
+    """Return the fragment lines that `make olddefconfig` did not keep, as `CONFIG_X=want (got)`.
+
+    An option Kconfig drops has a dependency the fragment does not satisfy.
+    """
+    final = parse_config(final_config)
+    dropped = []
+    for name, want in parse_config(fragment).items():
+        got = final.get(name, "n")
+        if got != want:
+            dropped.append(f"{name}={want} (got {got if name in final else 'absent'})")
+    return dropped
+
+
+class CompileProgress:
+    """Turns kbuild's output lines into throttled progress messages (sans-IO)."""
+
+    _COMPILE = ("CC", "AS")
+    _LINK = ("LD", "KSYMS", "SORTTAB", "SYSMAP", "OBJCOPY", "BUILD", "ZSTD22", "MKPIGGY")
+
+    def __init__(self, expected: int = EXPECTED_COMPILE_STEPS, min_interval: float = 15.0) -> None:
+        self.expected = expected
+        self.min_interval = min_interval
+        self.compiled = 0
+        self._linking = False
+        self._last_percent = -1
+        self._last_time = float("-inf")
+
+    def feed(self, line: str, now: float) -> str | None:
+        """Account one output line at time `now`; return a message to show, or None."""
+        words = line.split()
+        if not words:
+            return None
+        if words[0] in self._COMPILE and len(words) > 1:
+            self.compiled += 1
+            percent = min(99, self.compiled * 100 // self.expected)
+            if percent >= self._last_percent + 10 or now - self._last_time >= self.min_interval:
+                self._last_percent, self._last_time = percent, now
+                return f"compiling: {self.compiled}/~{self.expected} objects ({percent}%)"
+            return None
+        if words[0] == "LD" and words[-1] in ("vmlinux", "vmlinux.o") and not self._linking:
+            self._linking = True
+            self._last_time = now
+            return f"linking vmlinux ({self.compiled} objects compiled)"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and cache
+
+
+def fragment_bytes() -> bytes:
+    """Return the packaged kernel config fragment."""
+    return importlib.resources.files("pykata.guest").joinpath(FRAGMENT_NAME).read_bytes()
+
+
+def kernel_inputs(tarball: Path = SOURCE_TARBALL, fragment: bytes | None = None) -> KernelInputs:
+    """Collect the cache key inputs from the installed linux-source package.
+
+    Raises KernelBuildError when the package or its tarball is not installed.
+    """
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelBuildError(
+            f"{SOURCE_PACKAGE} is not installed (run scripts/install.sh or apt-get install {SOURCE_PACKAGE})"
+        ) from exc
+    try:
+        st = tarball.stat()
+    except OSError as exc:
+        raise KernelBuildError(f"kernel source tarball {tarball}: {exc.strerror}") from exc
+    frag = fragment_bytes() if fragment is None else fragment
+    return KernelInputs(
+        package=SOURCE_PACKAGE,
+        package_version=out,
+        tarball_size=st.st_size,
+        tarball_mtime_ns=st.st_mtime_ns,
+        fragment_sha256=hashlib.sha256(frag).hexdigest(),
+    )
+
+
+def _kernel_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "kernel"
+
+
+def _load_entry(entry: Path) -> KernelArtifact | None:
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    vmlinux = entry / "vmlinux"
+    if not vmlinux.is_file() or not isinstance(manifest, dict):
+        return None
+    bzimage = entry / "bzImage"
+    return KernelArtifact(
+        vmlinux=vmlinux,
+        bzimage=bzimage if bzimage.is_file() else None,
+        key=str(manifest.get("key", entry.name)),
+        version=str(manifest.get("version", "")),
+    )
+
+
+def find_kernel(cache_dir: Path = DEFAULT_CACHE_DIR) -> KernelArtifact | None:
+    """Return the cached kernel for the current inputs, or None if it has not been built.
+
+    When the linux-source package is not installed (a host that only runs VMs), return the most
+    recently built kernel instead. Never builds; raises nothing for a missing or damaged cache.
+    """
+    kdir = _kernel_dir(cache_dir)
+    try:
+        key = cache_key(kernel_inputs())
+    except KernelBuildError:
+        try:
+            key = (kdir / "current").read_text().strip()
+        except OSError:
+            return None
+    return _load_entry(kdir / key) if key else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Build
+
+
+def _stderr_progress(message: str) -> None:
+    print(f"[pykata kernel] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(kdir: Path, progress: Callable[[str], None]) -> Iterator[None]:
+    # One builder at a time per cache: a second caller waits, then finds the first one's result.
+    with open(kdir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("waiting for another kernel build to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], on_line: Callable[[str], None] | None = None) -> None:
+    """Run a build command, feeding its output lines to `on_line`; raise KernelBuildError on failure."""
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if on_line is not None:
+                on_line(line)
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            # Interrupted (KeyboardInterrupt, progress callback raising): stop make and its compilers.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if rc != 0:
+        output = "\n".join(tail)
+        raise KernelBuildError(f"`{' '.join(cmd)}` failed with exit status {rc}:\n{output}")
+
+
+def _build_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(_BUILD_ENV)
+    return env
+
+
+def _compile(
+    src: Path, out: Path, fragment: bytes, jobs: int, progress: Callable[[str], None]
+) -> tuple[str, int]:
+    """Configure and build in `src`, copy the results into `out`; return (kernel release, steps)."""
+    env = _build_env()
+    make = ["make", *_MAKE_ARGS]
+    progress("configuring: tinyconfig + pykata fragment")
+    _run([*make, "tinyconfig"], src, env)
+    config = src / ".config"
+    frag_text = fragment.decode()
+    config.write_text(merge_fragment(config.read_text(), frag_text))
+    _run([*make, "olddefconfig"], src, env)
+    dropped = dropped_options(frag_text, config.read_text())
+    if dropped:
+        raise KernelBuildError(
+            "kernel config: options of the fragment dropped by Kconfig (missing dependencies): "
+            + ", ".join(dropped)
+        )
+    progress(f"compiling with {jobs} jobs")
+    tracker = CompileProgress()
+
+    def on_line(line: str) -> None:
+        message = tracker.feed(line, time.monotonic())
+        if message is not None:
+            progress(message)
+
+    _run([*make, f"-j{jobs}", "vmlinux", "bzImage"], src, env, on_line)
+    # Written by the build from the Makefile version and CONFIG_LOCALVERSION, e.g. 6.1.192-pykata.
+    release = (src / "include/config/kernel.release").read_text().strip()
+    out.mkdir()
+    shutil.copy2(src / "vmlinux", out / "vmlinux")
+    shutil.copy2(src / "arch/x86/boot/bzImage", out / "bzImage")
+    shutil.copy2(config, out / "config")
+    return release, tracker.compiled
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def build_kernel(
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    *,
+    jobs: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+) -> KernelArtifact:
+    """Return the cached guest kernel, building it first if the inputs changed or `force` is set.
+
+    `jobs` defaults to the number of usable CPUs. `progress` receives one-line stage messages
+    (extracting, configuring, compiling N/~M objects, linking, done); the default writes them to
+    stderr. Raises KernelBuildError when the source package or a build tool is missing, a fragment
+    option does not survive `make olddefconfig`, the build fails, or the cache is not writable.
+    """
+    report = progress or _stderr_progress
+    inputs = kernel_inputs()
+    key = cache_key(inputs)
+    kdir = _kernel_dir(cache_dir)
+    try:
+        kdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelBuildError(f"cache_dir {cache_dir}: cannot create {kdir}: {exc.strerror}") from exc
+    entry = kdir / key
+    with _locked(kdir, report):
+        if not force and (cached := _load_entry(entry)) is not None:
+            report(f"cached: {cached.version} ({key})")
+            _write_current(kdir, key)
+            return cached
+        missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
+        if missing:
+            raise KernelBuildError(f"kernel build tools missing: {', '.join(missing)} (run scripts/install.sh)")
+        # Leftovers of interrupted builds: we hold the lock, so nobody else is using them.
+        for stale in kdir.glob(".build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=kdir))
+        try:
+            started = time.monotonic()
+            report(f"extracting {SOURCE_TARBALL.name}")
+            src = work / "src"
+            src.mkdir()
+            _run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", str(src), "--strip-components=1"], work, _build_env())
+            out = work / "out"
+            release, steps = _compile(src, out, fragment_bytes(), jobs or _cpu_count(), report)
+            seconds = round(time.monotonic() - started, 1)
+            manifest = {"key": key, "version": release, "inputs": asdict(inputs), "compile_steps": steps,
+                        "build_seconds": seconds}
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            _install(out, entry)
+            _write_current(kdir, key)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        artifact = _load_entry(entry)
+    if artifact is None:
+        raise KernelBuildError(f"kernel cache entry {entry} is incomplete after the build")
+    report(f"done: {artifact.version} in {seconds:.0f} s -> {artifact.vmlinux}")
+    return artifact
+
+
+def _install(out: Path, entry: Path) -> None:
+    """Move a finished build directory into place; an existing entry (force) is replaced."""
+    try:
+        if entry.exists():
+            trash = entry.with_name(f".build-old-{entry.name}")
+            shutil.rmtree(trash, ignore_errors=True)
+            entry.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        out.rename(entry)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot install kernel cache entry {entry}: {exc}") from exc
+
+
+def _write_current(kdir: Path, key: str) -> None:
+    # `current` lets find_kernel work on hosts without linux-source; written atomically.
+    tmp = kdir / f".current-{os.getpid()}"
+    try:
+        tmp.write_text(key + "\n")
+        tmp.replace(kdir / "current")
+    except OSError as exc:
+        raise KernelBuildError(f"cannot write {kdir / 'current'}: {exc.strerror}") from exc

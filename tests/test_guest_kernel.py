@@ -1,0 +1,310 @@
+"""The guest kernel: cache key and config checks (fast), and real boots of the cached kernel (vm)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pykata.guest import kernel
+from pykata.guest.kernel import (
+    CompileProgress,
+    KernelArtifact,
+    KernelInputs,
+    cache_key,
+    dropped_options,
+    find_kernel,
+    fragment_bytes,
+    kernel_inputs,
+    merge_fragment,
+    parse_config,
+)
+
+INPUTS = KernelInputs(
+    package="linux-source-6.1",
+    package_version="6.1.192-3",
+    tarball_size=138008000,
+    tarball_mtime_ns=1_700_000_000_000_000_000,
+    fragment_sha256="0" * 64,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Fast unit tests
+
+
+def test_cache_key_is_stable_for_equal_inputs() -> None:
+    again = dataclasses.replace(INPUTS)
+    assert cache_key(INPUTS) == cache_key(again)
+    assert len(cache_key(INPUTS)) == 16
+    int(cache_key(INPUTS), 16)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fragment_sha256": "1" * 64},
+        {"package_version": "6.1.193-1"},
+        {"tarball_size": 138008001},
+        {"tarball_mtime_ns": 1_700_000_000_000_000_001},
+        {"recipe": kernel.RECIPE_VERSION + 1},
+    ],
+)
+def test_cache_key_changes_with_each_input(change: dict[str, object]) -> None:
+    assert cache_key(dataclasses.replace(INPUTS, **change)) != cache_key(INPUTS)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not kernel.SOURCE_TARBALL.exists(), reason="linux-source-6.1 is not installed")
+def test_cache_key_of_installed_source_follows_the_fragment() -> None:
+    current = cache_key(kernel_inputs())
+    assert cache_key(kernel_inputs()) == current
+    assert cache_key(kernel_inputs(fragment=fragment_bytes())) == current
+    edited = fragment_bytes() + b"CONFIG_IKCONFIG=y\n"
+    assert cache_key(kernel_inputs(fragment=edited)) != current
+
+
+def test_parse_config_reads_values_and_unset_lines() -> None:
+    text = 'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="-x"\n# a comment\nCONFIG_D=64\n'
+    assert parse_config(text) == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"-x"', "CONFIG_D": "64"}
+
+
+def test_merge_fragment_replaces_base_lines() -> None:
+    base = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\n"
+    merged = merge_fragment(base, "CONFIG_B=y\n# CONFIG_C is not set\n")
+    assert parse_config(merged) == {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "n"}
+    assert merged.count("CONFIG_B") == 1 and merged.count("CONFIG_C") == 1
+
+
+def test_dropped_options_names_each_lost_line() -> None:
+    fragment = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_D=4\n# CONFIG_E is not set\n"
+    final = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_D=4\n"
+    assert dropped_options(fragment, final) == ["CONFIG_B=y (got n)", "CONFIG_C=n (got y)"]
+    assert dropped_options(fragment, final + "CONFIG_B=y\n# CONFIG_C is not set\n") == []
+
+
+def test_compile_progress_counts_and_throttles() -> None:
+    tracker = CompileProgress(expected=100, min_interval=5.0)
+    messages = [tracker.feed(f"  CC      kernel/f{i}.o", now=0.0) for i in range(100)]
+    shown = [m for m in messages if m is not None]
+    # One message per 10 % step when lines come fast; 100 % is never claimed before linking.
+    assert 9 <= len(shown) <= 11
+    assert shown[0] == "compiling: 1/~100 objects (1%)"
+    assert shown[-1] == "compiling: 91/~100 objects (91%)"
+    assert not any("100%" in m for m in shown)
+    assert tracker.compiled == 100
+    assert tracker.feed("  CC      kernel/late.o", now=10.0) is not None  # time-based update
+    assert tracker.feed("  LD      vmlinux.o", now=11.0) == "linking vmlinux (101 objects compiled)"
+    assert tracker.feed("  LD      vmlinux", now=12.0) is None
+    assert tracker.feed("", now=13.0) is None
+
+
+# What the agent, crun and the hypervisor layer rely on; a change that loses one of these is a bug.
+REQUIRED = (
+    "64BIT", "SMP", "PVH", "PARAVIRT", "KVM_GUEST", "HIGH_RES_TIMERS", "NO_HZ_IDLE", "PRINTK", "TTY",
+    "UNIX98_PTYS", "SERIAL_8250", "SERIAL_8250_CONSOLE", "VIRTIO_CONSOLE", "VIRTIO_MMIO",
+    "VIRTIO_MMIO_CMDLINE_DEVICES", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET", "HW_RANDOM_VIRTIO",
+    "VIRTIO_BALLOON", "FUSE_FS", "VIRTIO_FS", "NET_9P", "NET_9P_VIRTIO", "9P_FS", "9P_FS_POSIX_ACL",
+    "VSOCKETS", "VIRTIO_VSOCKETS", "OVERLAY_FS", "EXT4_FS", "TMPFS", "DEVTMPFS", "DEVTMPFS_MOUNT",
+    "BLK_DEV_INITRD", "RD_GZIP", "RD_ZSTD", "PROC_FS", "SYSFS", "NAMESPACES", "UTS_NS", "IPC_NS", "PID_NS",
+    "NET_NS", "USER_NS", "CGROUPS", "MEMCG", "CGROUP_SCHED", "CFS_BANDWIDTH", "CGROUP_PIDS", "CPUSETS",
+    "CGROUP_FREEZER", "BLK_CGROUP", "CGROUP_BPF", "BPF_SYSCALL", "SECCOMP", "SECCOMP_FILTER",
+    "MEMORY_HOTPLUG", "HOTPLUG_CPU", "ACPI_HOTPLUG_CPU", "ACPI_HOTPLUG_MEMORY", "INET", "IPV6", "UNIX",
+    "PACKET", "NETFILTER", "NF_CONNTRACK", "NF_NAT", "IP_NF_IPTABLES", "NF_TABLES", "POSIX_MQUEUE", "FUTEX",
+    "EPOLL", "SIGNALFD", "TIMERFD", "EVENTFD", "SHMEM", "AIO", "FILE_LOCKING", "MULTIUSER", "BINFMT_ELF",
+    "BINFMT_SCRIPT", "RANDOM_TRUST_CPU",
+)
+
+
+def test_fragment_enables_every_required_option() -> None:
+    options = parse_config(fragment_bytes().decode())
+    missing = [name for name in REQUIRED if options.get(f"CONFIG_{name}") != "y"]
+    assert missing == []
+
+
+def test_find_kernel_in_an_empty_cache_is_none(tmp_path: Path) -> None:
+    assert find_kernel(tmp_path) is None
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel" / "current").write_text("0123456789abcdef\n")
+    assert find_kernel(tmp_path) is None
+
+
+def test_find_kernel_ignores_an_entry_without_manifest(tmp_path: Path) -> None:
+    if not kernel.SOURCE_TARBALL.exists():
+        pytest.skip("linux-source-6.1 is not installed")
+    entry = tmp_path / "kernel" / cache_key(kernel_inputs())
+    entry.mkdir(parents=True)
+    (entry / "vmlinux").write_bytes(b"\x7fELF")
+    assert find_kernel(tmp_path) is None
+    (entry / "manifest.json").write_text('{"key": "k", "version": "6.1.0-test"}')
+    found = find_kernel(tmp_path)
+    assert found == KernelArtifact(vmlinux=entry / "vmlinux", bzimage=None, key="k", version="6.1.0-test")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real boots of the cached kernel
+
+
+@pytest.fixture(scope="session")
+def guest_kernel() -> KernelArtifact:
+    """The cached kernel; built here if `pykata image build` has not run (minutes)."""
+    found = find_kernel(kernel.DEFAULT_CACHE_DIR)
+    return found if found is not None else kernel.build_kernel(kernel.DEFAULT_CACHE_DIR)
+
+
+INIT_SCRIPT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo BOOTED
+echo "RELEASE $(uname -r)"
+for f in /sys/class/virtio-ports/*/name; do
+    port=$(cat "$f")
+    echo "PORT $port"
+    [ "$port" = agent.channel.0 ] && echo "hello from the guest" > "/dev/$(basename "$(dirname "$f")")"
+done
+mkdir -p /mnt/9p /mnt/fs
+if mount -t 9p -o trans=virtio,version=9p2000.L hostshare /mnt/9p; then
+    echo "NINEP $(cat /mnt/9p/hello.txt)"
+fi
+if grep -q virtiofs /proc/cmdline && mount -t virtiofs hostfs /mnt/fs; then
+    echo "VIRTIOFS $(cat /mnt/fs/hello.txt)"
+fi
+poweroff -f
+"""
+
+
+def make_initrd(directory: Path) -> Path:
+    """A newc cpio whose /init is busybox-static running INIT_SCRIPT."""
+    root = directory / "initrd"
+    for sub in ("bin", "proc", "sys", "dev", "mnt"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+    init = root / "init"
+    init.write_text(INIT_SCRIPT)
+    init.chmod(0o755)
+    names = "\n".join(str(p.relative_to(root)) for p in sorted(root.rglob("*"))) + "\n"
+    image = directory / "init.cpio"
+    with image.open("wb") as out:
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=names.encode(), cwd=root,
+                       stdout=out, check=True, timeout=60)
+    return image
+
+
+def microvm_argv(vmlinux: Path, initrd: Path, append: str = "", memory: str = "") -> list[str]:
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+    if memory:
+        machine += ",memory-backend=mem"
+    return [
+        "qemu-system-x86_64", "-M", machine, "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+        "-kernel", str(vmlinux), "-initrd", str(initrd), "-no-reboot",
+        "-append", f"console=ttyS0 panic=-1 quiet {append}".strip(),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running(argv: list[str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start a process; kill and reap it on every exit path."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+
+
+async def wait_for_path(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+async def test_kernel_boots_with_agent_port_and_9p(guest_kernel: KernelArtifact, tmp_path: Path) -> None:
+    assert dropped_options(fragment_bytes().decode(), (guest_kernel.vmlinux.parent / "config").read_text()) == []
+    initrd = make_initrd(tmp_path)
+    share = tmp_path / "share"
+    share.mkdir()
+    token = secrets.token_hex(8)
+    (share / "hello.txt").write_text(f"{token}\n")
+    agent_sock = tmp_path / "agent.sock"
+    argv = [
+        *microvm_argv(guest_kernel.vmlinux, initrd),
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={agent_sock},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+        "-fsdev", f"local,id=fs0,path={share},security_model=none",
+        "-device", "virtio-9p-device,fsdev=fs0,mount_tag=hostshare",
+    ]
+    started = time.monotonic()
+    async with running(argv) as vm:
+        await wait_for_path(agent_sock, 10)
+        reader, writer = await asyncio.open_unix_connection(str(agent_sock))
+        try:
+            from_guest = await asyncio.wait_for(reader.readline(), 60)
+        finally:
+            writer.close()
+        assert vm.stdout is not None
+        console = (await asyncio.wait_for(vm.stdout.read(), 60)).decode(errors="replace")
+        rc = await asyncio.wait_for(vm.wait(), 30)
+    elapsed = time.monotonic() - started
+    print(f"boot to power-off: {elapsed:.2f} s")
+    assert rc == 0, console
+    lines = console.splitlines()
+    assert "BOOTED" in lines, console
+    assert f"RELEASE {guest_kernel.version}" in lines
+    assert "PORT agent.channel.0" in lines, console
+    assert from_guest == b"hello from the guest\n"
+    assert f"NINEP {token}" in lines, console
+    assert elapsed < 60
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+async def test_kernel_mounts_virtiofs(guest_kernel: KernelArtifact, tmp_path: Path) -> None:
+    virtiofsd = Path("/usr/lib/qemu/virtiofsd")
+    if not virtiofsd.exists() or os.geteuid() != 0:
+        pytest.skip("needs root and QEMU's virtiofsd")
+    initrd = make_initrd(tmp_path)
+    share = tmp_path / "share"
+    share.mkdir()
+    token = secrets.token_hex(8)
+    (share / "hello.txt").write_text(f"{token}\n")
+    fs_sock = tmp_path / "fs.sock"
+    daemon = [str(virtiofsd), f"--socket-path={fs_sock}", "-o", f"source={share}", "-o", "cache=none"]
+    argv = [
+        *microvm_argv(guest_kernel.vmlinux, initrd, append="virtiofs", memory="mem"),
+        # QEMU 7.2's vhost-user-fs needs a modern virtio-mmio transport and shared guest RAM.
+        "-global", "virtio-mmio.force-legacy=false",
+        "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-chardev", f"socket,id=fs,path={fs_sock}",
+        "-device", "vhost-user-fs-device,chardev=fs,tag=hostfs",
+    ]
+    async with running(daemon) as fsd:
+        await wait_for_path(fs_sock, 10)
+        async with running(argv) as vm:
+            assert vm.stdout is not None
+            console = (await asyncio.wait_for(vm.stdout.read(), 60)).decode(errors="replace")
+            rc = await asyncio.wait_for(vm.wait(), 30)
+        assert fsd.returncode is None or fsd.returncode == 0
+    assert rc == 0, console
+    assert "BOOTED" in console.splitlines(), console
+    assert f"VIRTIOFS {token}" in console.splitlines(), console
