@@ -1,0 +1,163 @@
+"""Build and rewrite OCI runtime specs (config.json) for containers pykata runs itself."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pykata.errors import PykataError
+
+# Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
+GUEST_SHARED_DIR = "/run/pykata/shared"
+
+DEFAULT_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+
+
+class SpecError(PykataError):
+    """A run option is invalid; `field` names it (e.g. "--volume", "--memory")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Volume:
+    host: Path
+    guest: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Volume:
+        """HOST:GUEST[:ro|rw]. Raises SpecError naming --volume."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise SpecError("--volume", f"{text!r} is not HOST:GUEST[:ro]")
+        mode = parts[2] if len(parts) == 3 else "rw"
+        if mode not in ("ro", "rw"):
+            raise SpecError("--volume", f"{text!r}: mode must be ro or rw, not {mode!r}")
+        host = Path(parts[0]).absolute()
+        if not host.exists():
+            raise SpecError("--volume", f"host path {host} does not exist")
+        if not parts[1].startswith("/"):
+            raise SpecError("--volume", f"container path {parts[1]!r} must be absolute")
+        return cls(host, parts[1], mode == "ro")
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)i?b?$", re.I)
+
+
+def parse_size(text: str, field: str = "--memory") -> int:
+    """'512m', '1g', '1048576' -> bytes. Raises SpecError."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise SpecError(field, f"{text!r} is not a size like 512m or 1g")
+    mult = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    value = int(float(m.group(1)) * mult)
+    if value < 4 << 20:
+        raise SpecError(field, f"{text!r} is below the 4 MiB minimum")
+    return value
+
+
+def parse_user(text: str) -> tuple[int, int]:
+    """UID[:GID] -> (uid, gid). Raises SpecError naming --user."""
+    uid, _, gid = text.partition(":")
+    try:
+        u = int(uid)
+        g = int(gid) if gid else u
+    except ValueError:
+        raise SpecError("--user", f"{text!r} is not UID[:GID] (numbers)") from None
+    if not (0 <= u < 2**32 and 0 <= g < 2**32):
+        raise SpecError("--user", f"{text!r} is out of range")
+    return u, g
+
+
+def parse_env(items: list[str]) -> list[str]:
+    out = []
+    for item in items:
+        key = item.partition("=")[0]
+        if not key or "\0" in item:
+            raise SpecError("--env", f"{item!r} is not KEY=VALUE")
+        out.append(item if "=" in item else f"{item}=")
+    return out
+
+
+def build_spec(
+    args: list[str], *, env: list[str], cwd: str = "/", user: tuple[int, int] = (0, 0), terminal: bool = False,
+    hostname: str = "pykata", readonly_rootfs: bool = False, memory_bytes: int | None = None,
+    cpus: float | None = None,
+) -> dict[str, Any]:
+    """A runtime-spec 1.0 config for a container with its own namespaces (as runc's `spec`)."""
+    if not args:
+        raise SpecError("COMMAND", "no command given and the image has no default command")
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if memory_bytes is not None:
+        resources["memory"] = {"limit": memory_bytes}
+    if cpus is not None:
+        if cpus <= 0:
+            raise SpecError("--cpus", f"{cpus} must be positive")
+        resources["cpu"] = {"quota": int(cpus * 100_000), "period": 100_000}
+    caps = list(DEFAULT_CAPS)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": user[0], "gid": user[1]},
+            "args": list(args),
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": readonly_rootfs},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+        ],
+        "linux": {
+            "resources": resources,
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                            "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def for_guest(spec: dict[str, Any], container_id: str, volumes: list[tuple[int, Volume]]) -> dict[str, Any]:
+    """The spec as the agent must see it: root and bind sources at their guest paths in the shared dir,
+    host-only parts (hooks, host namespace paths) removed."""
+    out = copy.deepcopy(spec)
+    base = f"{GUEST_SHARED_DIR}/{container_id}"
+    out.setdefault("root", {})["path"] = f"{base}/rootfs"
+    out.pop("hooks", None)
+    linux = out.setdefault("linux", {})
+    for ns in linux.get("namespaces") or []:
+        ns.pop("path", None)
+    mounts = out.setdefault("mounts", [])
+    for index, vol in volumes:
+        opts = ["rbind", "ro" if vol.readonly else "rw"]
+        mounts.append({"destination": vol.guest, "type": "bind", "source": f"{base}/volumes/{index}",
+                       "options": opts})
+    return out

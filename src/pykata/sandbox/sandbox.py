@@ -1,0 +1,277 @@
+"""Sandbox: one VM, its agent, its shared directory and the containers in it.
+
+    sandbox = await Sandbox.create(config=load_config())
+    try:
+        c = await sandbox.create_container("c1", spec, image.rootfs)
+        await c.start()
+        status = await c.init.wait()
+    finally:
+        await sandbox.stop()          # idempotent, concurrent-safe, bounded
+
+Every step has a timeout, and a failure at any step unwinds what was done before it: a half-made
+sandbox never stays behind. State is persisted (pykata.sandbox.state) for other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pykata.config import Config, load_config
+from pykata.errors import PykataError, SandboxError
+from pykata.hypervisor.base import Hypervisor
+from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.protocols.agent import agent_pb2
+from pykata.sandbox import mounts, state
+from pykata.sandbox.agent_client import AgentClient
+from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, for_guest
+from pykata.sandbox.process import Process
+
+log = logging.getLogger("pykata.sandbox")
+
+SHARED_FS_TAG = "kataShared"
+AGENT_PROXY_SOCKET = "agent.sock"
+STOP_TIMEOUT = 20.0
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def sandboxes_dir(config: Config) -> Path:
+    return Path(config.runtime.runtime_dir) / "sandboxes"
+
+
+class Container:
+    """A container in a sandbox. Its init process is `init`."""
+
+    def __init__(self, sandbox: Sandbox, container_id: str, init: Process) -> None:
+        self.sandbox = sandbox
+        self.id = container_id
+        self.init = init
+        self._exec_seq = 0
+
+    async def start(self) -> None:
+        """Start the init process. Raises AgentError."""
+        await self.sandbox.agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=self.id))
+        self.sandbox._update_container(self.id, status="running")
+
+    async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
+                   gid: int = 0, terminal: bool = False, exec_id: str | None = None) -> Process:
+        """Start another process in the container. Raises AgentError."""
+        if exec_id is None:
+            self._exec_seq += 1
+            exec_id = f"exec-{self._exec_seq}-{secrets.token_hex(3)}"
+        proc = agent_pb2.Process(args=list(args), env=list(env), cwd=cwd, terminal=terminal,
+                                 user=agent_pb2.User(uid=uid, gid=gid))
+        resp = await self.sandbox.agent.call("ExecProcess", agent_pb2.ExecProcessRequest(
+            container_id=self.id, exec_id=exec_id, process=proc))
+        return Process(self.sandbox.agent, self.id, exec_id, resp.pid, terminal)
+
+    async def wait(self) -> int:
+        status = await self.init.wait()
+        self.sandbox._update_container(self.id, status="exited", exit_code=status, finished_at=time.time())
+        return status
+
+    async def delete(self, timeout: int = 10) -> None:
+        """Remove the container in the guest and its host mounts. Idempotent."""
+        with contextlib.suppress(PykataError):
+            await self.sandbox.agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(
+                container_id=self.id, timeout_seconds=timeout), timeout=timeout + 5)
+        self.sandbox._release_container(self.id)
+
+
+class Sandbox:
+    """One VM with its agent. Make it with `await Sandbox.create(...)`; end it with `await stop()`."""
+
+    def __init__(self, sandbox_id: str, config: Config, directory: Path) -> None:
+        self.id = sandbox_id
+        self.config = config
+        self.dir = directory
+        self.shared_dir = directory / "shared"
+        self.vm: Hypervisor | None = None
+        self._agent: AgentClient | None = None
+        self.containers: dict[str, Container] = {}
+        self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
+        self._stop_task: asyncio.Task[None] | None = None
+        self._proxy: Any = None
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None:
+            raise SandboxError(self.id, "the agent is not connected")
+        return self._agent
+
+    # -- creation ----------------------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls, sandbox_id: str | None = None, *, config: Config | None = None, vcpus: int | None = None,
+        memory_mib: int | None = None, hostname: str = "", name: str = "", serve_proxy: bool = True,
+        boot_timeout: float | None = None,
+    ) -> Sandbox:
+        """Boot a VM, connect to its agent and set the sandbox up.
+
+        Raises SandboxError / HypervisorError / AgentError; nothing is left behind on failure.
+        """
+        config = config or load_config()
+        q = config.qemu
+        if vcpus or memory_mib:
+            q = dataclasses.replace(q, default_vcpus=max(q.default_vcpus, vcpus or 0),
+                                    default_memory=max(q.default_memory, memory_mib or 0))
+            config = dataclasses.replace(config, hypervisor=dataclasses.replace(config.hypervisor, qemu=q))
+        sid = sandbox_id or new_id()
+        directory = sandboxes_dir(config) / sid
+        if directory.exists():
+            raise SandboxError(sid, f"{directory} already exists (a sandbox with this id exists)")
+        sb = cls(sid, config, directory)
+        sb.record.name = name
+        try:
+            await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
+        except BaseException:
+            await asyncio.shield(sb.stop(remove=True))
+            raise
+        return sb
+
+    async def _boot(self, hostname: str, boot_timeout: float, serve_proxy: bool) -> None:
+        self.shared_dir.mkdir(parents=True)
+        state.save(self.dir, self.record)
+        mounts.make_shared(self.shared_dir)
+        agent_box: dict[str, AgentClient] = {}
+
+        async def probe(vm: Hypervisor) -> None:
+            endpoint = vm.agent_endpoint
+            assert endpoint.socket is not None, "vsock agent channel is not supported by the sandbox yet"
+            agent_box["agent"] = await AgentClient.connect(endpoint.socket, self.id, timeout=boot_timeout)
+
+        self.vm = QemuHypervisor(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
+                                 vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown)
+        await self.vm.prepare()
+        await self.vm.start()
+        self.record.vmm_pid = self.vm.pid
+        state.save(self.dir, self.record)
+        await self.vm.wait_ready(timeout=boot_timeout)
+        self._agent = agent_box["agent"]
+        storage = agent_pb2.Storage(driver=self.config.qemu.shared_fs, source=SHARED_FS_TAG,
+                                    fstype="virtiofs" if self.config.qemu.shared_fs == "virtio-fs" else "9p",
+                                    mount_point=GUEST_SHARED_DIR)
+        if storage.fstype == "9p":
+            storage.options.extend(["trans=virtio", "version=9p2000.L", "msize=512000"])
+        await self.agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
+            sandbox_id=self.id, hostname=hostname, storages=[storage]))
+        if serve_proxy:
+            from pykata.sandbox.proxy import serve_agent_proxy
+            self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
+        self.record.status = "running"
+        state.save(self.dir, self.record)
+
+    async def _guest_shutdown(self) -> None:
+        if self._agent is not None and not self._agent.closed:
+            await self._agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(timeout_seconds=2),
+                                   timeout=3)
+
+    # -- containers --------------------------------------------------------------------------------
+
+    async def create_container(
+        self, container_id: str, spec: dict[str, Any], rootfs: Path, *, volumes: Sequence[Volume] = (),
+        image: str = "", terminal: bool | None = None,
+    ) -> Container:
+        """Mount the container's root (a writable overlay on `rootfs`) and volumes into the shared
+        directory and create the container in the guest (not started).
+
+        Raises SandboxError (bad id, duplicate), MountError, AgentError; undoes its mounts on failure.
+        """
+        if not container_id or "/" in container_id or container_id.startswith("."):
+            raise SandboxError(self.id, f"bad container id {container_id!r}")
+        if container_id in self.containers:
+            raise SandboxError(self.id, f"container {container_id} already exists")
+        cdir = self.shared_dir / container_id
+        work = self.dir / "overlay" / container_id
+        try:
+            cdir.mkdir(parents=True)
+            mounts.overlay(rootfs, work / "upper", work / "work", cdir / "rootfs")
+            indexed = list(enumerate(volumes))
+            for i, vol in indexed:
+                mounts.bind(vol.host, cdir / "volumes" / str(i), readonly=vol.readonly)
+            guest_spec = for_guest(spec, container_id, indexed)
+            tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
+            resp = await self.agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
+                container_id=container_id, oci_spec_json=json.dumps(guest_spec), terminal=tty))
+        except BaseException:
+            self._release_container(container_id)
+            raise
+        c = Container(self, container_id, Process(self.agent, container_id, "", resp.pid, tty))
+        self.containers[container_id] = c
+        self.record.containers[container_id] = state.ContainerRecord(
+            id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time())
+        state.save(self.dir, self.record)
+        return c
+
+    def _release_container(self, container_id: str) -> None:
+        self.containers.pop(container_id, None)
+        mounts.unmount_all(self.shared_dir / container_id)
+        shutil.rmtree(self.shared_dir / container_id, ignore_errors=True)
+        shutil.rmtree(self.dir / "overlay" / container_id, ignore_errors=True)
+
+    def _update_container(self, container_id: str, **changes: Any) -> None:
+        rec = self.record.containers.get(container_id)
+        if rec is None:
+            return
+        for k, v in changes.items():
+            setattr(rec, k, v)
+        with contextlib.suppress(OSError):
+            state.save(self.dir, self.record)
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    async def stop(self, *, remove: bool = True) -> None:
+        """Stop the VM and undo every mount; remove the sandbox directory unless `remove` is False
+        (the state and logs then stay for `pykata ps -a` / `logs` until `pykata rm`).
+
+        Idempotent: concurrent and repeated calls share one teardown and all return when it is done.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._teardown(remove))
+        await asyncio.shield(self._stop_task)
+
+    async def _teardown(self, remove: bool) -> None:
+        if self._proxy is not None:
+            with contextlib.suppress(Exception):
+                await self._proxy.close()
+        if self.vm is not None:
+            try:
+                await asyncio.wait_for(self.vm.stop(), STOP_TIMEOUT)
+            except Exception as e:  # the VM driver kills what is left; we still clean our part
+                log.warning("sandbox %s: VM stop: %s", self.id, e)
+        if self._agent is not None:
+            await self._agent.close()
+        try:
+            mounts.unmount_all(self.dir)
+        except PykataError as e:
+            log.warning("sandbox %s: %s", self.id, e)
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            self.record.status = "stopped"
+            self.record.vmm_pid = None
+            for sub in ("shared", "overlay", "vm"):
+                shutil.rmtree(self.dir / sub, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                state.save(self.dir, self.record)
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
