@@ -6,6 +6,7 @@ import click
 
 from pykata import __version__
 from pykata.cli.image import image
+from pykata.cli.run import COMMANDS as RUN_COMMANDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,8 @@ def cli() -> None:
 
 
 cli.add_command(image)
+for _command in RUN_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -1,0 +1,329 @@
+"""`pykata run` and the commands that act on what it runs: ps, exec, kill, rm, logs, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pykata.config import Config, load_config
+from pykata.errors import PykataError
+from pykata.images import ImageStore
+from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
+from pykata.sandbox.agent_client import AgentClient
+from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
+from pykata.sandbox.ocispec import parse_env, parse_size, parse_user
+from pykata.sandbox.state import list_sandboxes
+from pykata.sandbox.stdio import feed_stdin, file_sink, pump_output
+
+VM_MEMORY_OVERHEAD_MIB = 256
+
+
+def _fail(message: str, code: int = 125) -> None:
+    click.echo(f"pykata: {message}", err=True)
+    sys.exit(code)
+
+
+def parse_signal(text: str) -> int:
+    """'KILL', 'SIGKILL', '9' -> 9. Raises click.BadParameter naming SIGNAL."""
+    t = text.upper()
+    if t.isdigit() and 0 < int(t) < 65:
+        return int(t)
+    name = t if t.startswith("SIG") else f"SIG{t}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise click.BadParameter(f"unknown signal {text!r}", param_hint="SIGNAL") from None
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = None) -> int:
+    """Connect the local terminal/stdio to `proc`, forward signals and window size; return its status."""
+    loop = asyncio.get_running_loop()
+    logs = []
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logs = [open(log_dir / "stdout.log", "ab"), open(log_dir / "stderr.log", "ab")]  # noqa: SIM115
+    out = file_sink(sys.stdout.buffer, *logs[:1])
+    err = file_sink(sys.stderr.buffer, *logs[1:])
+    pumps = [asyncio.ensure_future(pump_output(proc, "stdout", out))]
+    if not proc.terminal:
+        pumps.append(asyncio.ensure_future(pump_output(proc, "stderr", err)))
+    feeder = asyncio.ensure_future(feed_stdin(proc, 0)) if interactive else None
+    if feeder is None:
+        with contextlib.suppress(PykataError):
+            await proc.close_stdin()
+
+    background: set[asyncio.Future[None]] = set()
+
+    def spawn(aw: Any) -> None:
+        task = asyncio.ensure_future(_quiet(aw))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def forward(sig: int) -> None:
+        spawn(proc.signal(sig))
+
+    handled = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
+    for s in handled:
+        loop.add_signal_handler(s, forward, s)
+    if proc.terminal and os.isatty(1):
+        def resize() -> None:
+            cols, rows = os.get_terminal_size(1)
+            spawn(proc.resize(rows, cols))
+        loop.add_signal_handler(signal.SIGWINCH, resize)
+        handled.append(signal.SIGWINCH)
+        resize()
+    try:
+        with _raw_terminal(proc.terminal and interactive):
+            status = await proc.wait()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    finally:
+        for s in handled:
+            loop.remove_signal_handler(s)
+        if feeder is not None:
+            feeder.cancel()
+        for f in logs:
+            f.close()
+    return status
+
+
+async def _quiet(aw: Any) -> None:
+    with contextlib.suppress(PykataError):
+        await aw
+
+
+async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *, name: str, rm: bool,
+                    interactive: bool, tty_: bool, env: list[str], workdir: str | None, user: str | None,
+                    volumes: list[str], cpus: float | None, memory: str | None) -> int:
+    # everything that can be wrong with the input is checked before a VM boots
+    vols = [Volume.parse(v) for v in volumes]
+    mem = parse_size(memory) if memory else None
+    uid_gid = parse_user(user) if user else (0, 0)
+    envs = parse_env(env)
+    if cpus is not None and cpus <= 0:
+        raise SpecError("--cpus", f"{cpus} must be positive")
+    if name:
+        for _, rec in list_sandboxes(Path(config.runtime.runtime_dir) / "sandboxes"):
+            if rec is not None and rec.name == name:
+                raise SpecError("--name", f"the name {name!r} is in use by {rec.id[:12]}")
+    image = ImageStore(Path(config.runtime.cache_dir)).resolve(image_ref)
+    args = list(command) if command else [*image.config.entrypoint, *image.config.cmd]
+    if command and image.config.entrypoint:
+        args = [*image.config.entrypoint, *command]
+    spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
+                      user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
+    vcpus = math.ceil(cpus) if cpus else None
+    memory_mib = (mem >> 20) + VM_MEMORY_OVERHEAD_MIB if mem else None
+    sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
+    status = 255
+    try:
+        container = await sandbox.create_container(sandbox.id, spec, image.rootfs, volumes=vols, image=image_ref)
+        await container.start()
+        status = await attach(container.init, interactive=interactive, log_dir=sandbox.dir / "logs")
+        sandbox._update_container(sandbox.id, status="exited", exit_code=status, finished_at=time.time())
+    finally:
+        await sandbox.stop(remove=rm)
+    return status
+
+
+@click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
+@click.option("--rm", is_flag=True, help="Remove the container and its state when it exits.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and feed it to the container.")
+@click.option("-t", "--tty", "tty_", is_flag=True, help="Give the process a terminal.")
+@click.option("--name", default="", help="A name to refer to the container by.")
+@click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE).")
+@click.option("-w", "--workdir", default=None, help="Working directory inside the container.")
+@click.option("-u", "--user", default=None, help="UID[:GID] to run as.")
+@click.option("-v", "--volume", multiple=True, help="Bind mount HOST:GUEST[:ro].")
+@click.option("--cpus", type=float, default=None, help="CPU limit (also sizes the VM).")
+@click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512m (also sizes the VM).")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(rm: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...], workdir: str | None,
+        user: str | None, volume: tuple[str, ...], cpus: float | None, memory: str | None, image: str,
+        command: tuple[str, ...]) -> None:
+    """Run COMMAND in a new container from IMAGE, inside its own VM; exit with its status."""
+    try:
+        status = asyncio.run(run_async(
+            load_config(), image, command, name=name, rm=rm, interactive=interactive, tty_=tty_, env=list(env),
+            workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory))
+    except PykataError as e:
+        _fail(str(e))
+    sys.exit(status)
+
+
+async def _exec_async(found: Found, command: tuple[str, ...], interactive: bool, tty_: bool,
+                      env: list[str], workdir: str, user: tuple[int, int]) -> int:
+    from pykata.sandbox.sandbox import Container
+
+    agent = await AgentClient.attach(found.proxy_socket, found.record.id)
+    try:
+        box: Any = type("Box", (), {"agent": agent, "_update_container": lambda *a, **k: None})()
+        container = Container(box, found.record.id, None)  # type: ignore[arg-type]
+        proc = await container.exec(list(command), env=env, cwd=workdir, uid=user[0], gid=user[1], terminal=tty_)
+        return await attach(proc, interactive=interactive)
+    finally:
+        await agent.close()
+
+
+@click.command(name="exec", context_settings={"allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True)
+@click.option("-t", "--tty", "tty_", is_flag=True)
+@click.option("-e", "--env", multiple=True)
+@click.option("-w", "--workdir", default="/")
+@click.option("-u", "--user", default=None)
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, user: str | None, container: str,
+          command: tuple[str, ...]) -> None:
+    """Run COMMAND in a running CONTAINER; exit with its status."""
+    config = load_config()
+    try:
+        found = find(config, container)
+        if not found.running:
+            _fail(f"container {container} is not running")
+        status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env)), workdir,
+                                         parse_user(user) if user else (0, 0)))
+    except PykataError as e:
+        _fail(str(e), 126)
+    sys.exit(status)
+
+
+def _rows(config: Config, all_: bool) -> list[dict[str, Any]]:
+    rows = []
+    for _, rec in list_sandboxes(Path(config.runtime.runtime_dir) / "sandboxes"):
+        if rec is None:
+            continue
+        alive = rec.owner_alive() and rec.status != "stopped"
+        for c in rec.containers.values() or []:
+            status = c.status if alive else ("exited" if c.exit_code is not None else "dead")
+            if not all_ and status != "running":
+                continue
+            rows.append({"id": rec.id, "name": rec.name, "image": c.image, "command": c.command,
+                         "status": status, "exit_code": c.exit_code, "created": c.created_at,
+                         "vmm_pid": rec.vmm_pid if alive else None})
+    return rows
+
+
+@click.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="Show exited containers too.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ps(all_: bool, as_json: bool) -> None:
+    """List containers."""
+    rows = _rows(load_config(), all_)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'CONTAINER ID':<14}{'IMAGE':<16}{'COMMAND':<24}{'STATUS':<14}NAME")
+    for r in rows:
+        st = r["status"] if r["status"] != "exited" else f"exited ({r['exit_code']})"
+        cmd = " ".join(r["command"])[:22]
+        click.echo(f"{r['id'][:12]:<14}{r['image'][:15]:<16}{cmd:<24}{st:<14}{r['name']}")
+
+
+@click.command()
+@click.argument("container")
+@click.argument("sig", metavar="[SIGNAL]", default="KILL")
+def kill(container: str, sig: str) -> None:
+    """Send SIGNAL (default KILL) to a running CONTAINER's main process."""
+    signum = parse_signal(sig)
+    config = load_config()
+    try:
+        found = find(config, container)
+        if not found.running:
+            _fail(f"container {container} is not running", 1)
+        asyncio.run(_signal(found, signum))
+    except PykataError as e:
+        _fail(str(e), 1)
+    click.echo(found.record.id)
+
+
+async def _signal(found: Found, signum: int) -> None:
+    from pykata.protocols.agent import agent_pb2
+
+    agent = await AgentClient.attach(found.proxy_socket, found.record.id)
+    try:
+        await agent.call("SignalProcess", agent_pb2.SignalProcessRequest(container_id=found.record.id,
+                                                                         signal=signum))
+    finally:
+        await agent.close()
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Kill the container first if it is running.")
+@click.argument("containers", nargs=-1, required=True)
+def rm(force: bool, containers: tuple[str, ...]) -> None:
+    """Remove containers (and their VMs and state)."""
+    config = load_config()
+    failed = False
+    for ref in containers:
+        try:
+            found = find(config, ref)
+            if found.running:
+                if not force:
+                    raise PykataError(f"container {ref} is running: stop it first or use rm -f")
+                with contextlib.suppress(PykataError):
+                    asyncio.run(_signal(found, signal.SIGKILL))
+                _wait_owner(found, 10.0)
+            remove_sandbox_dir(found.dir, found.record)
+            click.echo(found.record.id)
+        except PykataError as e:
+            click.echo(f"pykata: {e}", err=True)
+            failed = True
+    sys.exit(1 if failed else 0)
+
+
+def _wait_owner(found: Found, timeout: float) -> None:
+    """Give the owning `pykata run` a moment to see the exit and stop its VM itself."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and found.record.owner_alive() and found.dir.exists():
+        time.sleep(0.05)
+
+
+@click.command()
+@click.argument("container")
+def logs(container: str) -> None:
+    """Print a container's output (stdout to stdout, stderr to stderr)."""
+    try:
+        found = find(load_config(), container)
+    except PykataError as e:
+        _fail(str(e), 1)
+    for stream, out in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
+        with contextlib.suppress(FileNotFoundError):
+            out.write((found.dir / "logs" / f"{stream}.log").read_bytes())
+            out.flush()
+
+
+@click.command()
+def cleanup() -> None:
+    """Remove sandboxes whose owner died (VMs, mounts, directories)."""
+    for sid in cleanup_orphans(load_config()):
+        click.echo(f"removed {sid}")
+
+
+COMMANDS = [run, exec_, ps, kill, rm, logs, cleanup]

@@ -1,0 +1,103 @@
+"""Find sandboxes by id, id prefix or name; clean up the ones whose owner died."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from pykata.config import Config
+from pykata.errors import PykataError
+from pykata.sandbox import mounts, state
+from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
+
+
+class NotFoundError(PykataError):
+    """No sandbox or container matches; `ref` names what was asked for."""
+
+    def __init__(self, ref: str, message: str = "no such container") -> None:
+        super().__init__(f"{message}: {ref}")
+        self.ref = ref
+
+
+@dataclass
+class Found:
+    dir: Path
+    record: state.SandboxRecord
+
+    @property
+    def running(self) -> bool:
+        return self.record.status in ("running", "creating") and self.record.owner_alive()
+
+    @property
+    def proxy_socket(self) -> Path:
+        return self.dir / AGENT_PROXY_SOCKET
+
+
+def find(config: Config, ref: str) -> Found:
+    """The sandbox whose id, id prefix or name is `ref`. Raises NotFoundError (also when ambiguous)."""
+    if not ref:
+        raise NotFoundError(ref)
+    matches = []
+    for d, rec in state.list_sandboxes(sandboxes_dir(config)):
+        if rec is None:
+            continue
+        if rec.id == ref or rec.name == ref:
+            return Found(d, rec)
+        if rec.id.startswith(ref):
+            matches.append(Found(d, rec))
+    if len(matches) == 1:
+        return matches[0]
+    raise NotFoundError(ref, "ambiguous id" if matches else "no such container")
+
+
+def _kill_vmm(pid: int | None, sandbox_id: str) -> None:
+    if not pid:
+        return
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        # only a QEMU that is really this sandbox's (pids get reused)
+        if sandbox_id in " ".join(proc.cmdline()):
+            proc.kill()
+            proc.wait(5)
+
+
+def _pykata_children(sandbox_dir: Path) -> list[psutil.Process]:
+    """Processes (QEMU, virtiofsd) whose command line points into the sandbox directory."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(sandbox_dir) in " ".join(proc.info["cmdline"] or []):
+                out.append(proc)
+    return out
+
+
+def remove_sandbox_dir(directory: Path, record: state.SandboxRecord | None) -> None:
+    """Kill what the sandbox left running, undo its mounts and delete its directory."""
+    if record is not None:
+        _kill_vmm(record.vmm_pid, record.id)
+    for proc in _pykata_children(directory):
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+    mounts.unmount_all(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def cleanup_orphans(config: Config) -> list[str]:
+    """Remove sandboxes whose owner process is gone while they were not stopped (a crashed `pykata
+    run`, a killed shim). Returns the ids removed. Exited containers kept for `ps -a` stay."""
+    removed = []
+    for d, rec in state.list_sandboxes(sandboxes_dir(config)):
+        if rec is not None and (rec.status == "stopped" or rec.owner_alive()):
+            continue
+        if rec is None and time.time() - d.stat().st_mtime < 10:  # being created right now
+            continue
+        remove_sandbox_dir(d, rec)
+        removed.append(rec.id if rec else d.name)
+    return removed
