@@ -1,0 +1,148 @@
+"""The hypervisor interface the sandbox layer drives. QEMU is the one implementation today."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pykata.hypervisor.devices import Device
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """How a VM's process ended. `code` is the exit status (negative: killed by that signal); `reason`
+    says why in words (guest shutdown, guest panic, killed by SIGKILL, stopped by pykata)."""
+
+    code: int
+    reason: str
+    # True when pykata's stop() ended it; False when it died on its own or was killed from outside.
+    requested: bool
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """Where the host reaches the guest agent: a unix socket backed by a virtio-serial port, or vsock."""
+
+    kind: Literal["virtio-serial", "vsock"]
+    socket: Path | None = None
+    vsock_cid: int | None = None
+    vsock_port: int = 1024
+
+
+# Returns once the guest is ready; wait_ready() cancels it on timeout or when the VM exits first.
+ReadinessProbe = Callable[["Hypervisor"], Awaitable[None]]
+
+
+class Hypervisor(abc.ABC):
+    """One VM. Lifecycle: prepare() -> start() -> wait_ready() -> ... -> stop().
+
+    stop() may be called any number of times, concurrently, in any state; it always returns once
+    everything the VM owned is gone. `exited` resolves when the VM process ends for any reason.
+    """
+
+    @abc.abstractmethod
+    async def prepare(self) -> None:
+        """Resolve assets and the accelerator, create the VM directory, build the command line.
+
+        Raises:
+            HypervisorError: a kernel/initrd is missing, the accelerator cannot be used, ...
+        """
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the VM (and its helper daemons) and connect its control channel.
+
+        Raises:
+            HypervisorError: the VMM failed to start; everything started so far is stopped again.
+        """
+
+    @abc.abstractmethod
+    async def wait_ready(self, timeout: float | None = None, probe: ReadinessProbe | None = None) -> None:
+        """Return once the guest is ready (per `probe`, else the one given at construction).
+
+        Raises:
+            HypervisorError: the VM exited first or `timeout` passed; the message has the console tail.
+        """
+
+    @abc.abstractmethod
+    async def stop(self) -> VmExit | None:
+        """Stop the VM and remove everything it owned. Idempotent; bounded in time.
+
+        Returns how the VM ended (None if it never started).
+        """
+
+    @abc.abstractmethod
+    async def add_device(self, device: Device) -> None:
+        """Attach a device: on the command line before start(), hot-plugged after.
+
+        Raises:
+            HypervisorError: the device is invalid, its id is taken, or hotplug is not possible.
+        """
+
+    @abc.abstractmethod
+    async def remove_device(self, device_id: str) -> None:
+        """Detach a device added with add_device().
+
+        Raises:
+            HypervisorError: no such device, or the guest did not release it in time.
+        """
+
+    @abc.abstractmethod
+    async def resize_memory(self, memory_mib: int) -> int:
+        """Grow guest memory to `memory_mib`; return the memory now plugged (MiB).
+
+        Raises:
+            HypervisorError: not possible for this machine, or beyond the maximum.
+        """
+
+    @abc.abstractmethod
+    async def resize_vcpus(self, vcpus: int) -> int:
+        """Set the number of online vCPUs; return the number now present.
+
+        Raises:
+            HypervisorError: not possible for this machine, or beyond the maximum.
+        """
+
+    @abc.abstractmethod
+    async def save(self, path: Path) -> None:
+        """Save the VM state to `path` (for templating / checkpoints).
+
+        Raises:
+            HypervisorError: not supported yet (NotSupportedError) or failed.
+        """
+
+    @abc.abstractmethod
+    async def restore(self, path: Path) -> None:
+        """Restore state saved with save().
+
+        Raises:
+            HypervisorError: not supported yet (NotSupportedError) or failed.
+        """
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """The VMM process id while it runs, else None."""
+
+    @property
+    @abc.abstractmethod
+    def exited(self) -> asyncio.Future[VmExit]:
+        """Resolves with a VmExit when the VM process ends, whoever ended it."""
+
+    @property
+    @abc.abstractmethod
+    def agent_endpoint(self) -> AgentEndpoint:
+        """How to reach the agent (after prepare()).
+
+        Raises:
+            HypervisorError: not prepared yet.
+        """
+
+    @property
+    @abc.abstractmethod
+    def console_log(self) -> Path:
+        """The file the guest console is written to."""

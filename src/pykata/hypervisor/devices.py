@@ -1,0 +1,54 @@
+"""Devices the sandbox layer asks a hypervisor to attach (cold-plugged before start, hot-plugged after)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.errors import HypervisorError
+
+_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def check_device_id(device_id: str) -> None:
+    """QEMU ids must start with a letter; keep them short and free of option syntax.
+
+    Raises:
+        HypervisorError: the id is unusable.
+    """
+    if not _ID.match(device_id):
+        raise HypervisorError(f"bad device id {device_id!r}: letters, digits, '_', '.', '-', at most 31")
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A host file or block device as a virtio-blk disk."""
+
+    id: str
+    path: Path
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        check_device_id(self.id)
+
+
+@dataclass(frozen=True)
+class NetDevice:
+    """A virtio-net NIC on a host tap: an open tap `fd` (preferred: QEMU needs no rights) or its name."""
+
+    id: str
+    mac: str
+    tap_fd: int | None = None
+    tap_name: str | None = None
+
+    def __post_init__(self) -> None:
+        check_device_id(self.id)
+        if not _MAC.match(self.mac):
+            raise HypervisorError(f"device {self.id}: bad MAC address {self.mac!r} (want aa:bb:cc:dd:ee:ff)")
+        if (self.tap_fd is None) == (self.tap_name is None):
+            raise HypervisorError(f"device {self.id}: give exactly one of tap_fd and tap_name")
+
+
+Device = BlockDevice | NetDevice

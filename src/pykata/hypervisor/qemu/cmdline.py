@@ -1,0 +1,359 @@
+"""QEMU's command line as small typed objects that render to argv.
+
+Every object is a frozen dataclass with `argv() -> list[str]`. Devices take a `bus`: "mmio" renders the
+`virtio-*-device` variants microvm needs, "pci" the `virtio-*-pci` ones of q35. Option values are
+escaped the way QEMU's option parser wants (a comma in a value is doubled), so a path can hold any
+character but NUL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Bus = Literal["mmio", "pci"]
+
+
+class Arg(Protocol):
+    def argv(self) -> list[str]: ...
+
+
+def escape(value: str) -> str:
+    """Escape one option value for QEMU's `key=value,...` parser.
+
+    Raises:
+        ValueError: the value holds a NUL byte (no way to pass it).
+    """
+    if "\0" in value:
+        raise ValueError(f"QEMU option value contains NUL: {value!r}")
+    return value.replace(",", ",,")
+
+
+def opts(head: str, *pairs: tuple[str, object]) -> str:
+    """Render `head,k=v,...`; None values are left out, booleans become on/off."""
+    parts = [head] if head else []
+    for key, value in pairs:
+        if value is None:
+            continue
+        text = ("on" if value else "off") if isinstance(value, bool) else escape(str(value))
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def virtio_driver(kind: str, bus: Bus) -> str:
+    """`virtio-net` -> `virtio-net-device` (mmio) or `virtio-net-pci` (pci)."""
+    return f"{kind}-device" if bus == "mmio" else f"{kind}-pci"
+
+
+@dataclass(frozen=True)
+class Name:
+    """`-name`: shows in `ps` and QMP; the guest name is the VM id."""
+
+    name: str
+
+    def argv(self) -> list[str]:
+        return ["-name", opts(escape(self.name), ("debug-threads", True))]
+
+
+@dataclass(frozen=True)
+class Machine:
+    """`-machine`. For microvm the legacy devices are switches; None leaves QEMU's default."""
+
+    type: Literal["microvm", "q35"]
+    memory_backend: str | None = None
+    # microvm only:
+    option_roms: bool | None = None
+    isa_serial: bool | None = None
+    rtc: bool | None = None
+    pit: bool | None = None
+    pic: bool | None = None
+    acpi: bool | None = None
+    # q35 only: no VGA, no default NIC happen through -nodefaults.
+    nvdimm: bool | None = None
+
+    def argv(self) -> list[str]:
+        pairs: list[tuple[str, object]] = []
+        if self.type == "microvm":
+            pairs += [("x-option-roms", self.option_roms), ("isa-serial", self.isa_serial),
+                      ("rtc", self.rtc), ("pit", self.pit), ("pic", self.pic), ("acpi", self.acpi)]
+        else:
+            pairs += [("nvdimm", self.nvdimm)]
+        pairs.append(("memory-backend", self.memory_backend))
+        return ["-machine", opts(self.type, *pairs)]
+
+
+@dataclass(frozen=True)
+class Accel:
+    """`-accel kvm` or `-accel tcg,thread=multi` (one host thread per vCPU)."""
+
+    kind: Literal["kvm", "tcg"]
+
+    def argv(self) -> list[str]:
+        if self.kind == "tcg":
+            return ["-accel", "tcg,thread=multi"]
+        return ["-accel", "kvm"]
+
+
+@dataclass(frozen=True)
+class Cpu:
+    model: str
+
+    def argv(self) -> list[str]:
+        return ["-cpu", self.model]
+
+
+@dataclass(frozen=True)
+class Smp:
+    cpus: int
+    maxcpus: int | None = None
+
+    def argv(self) -> list[str]:
+        return ["-smp", opts(str(self.cpus), ("maxcpus", self.maxcpus))]
+
+
+@dataclass(frozen=True)
+class Memory:
+    """`-m`: boot memory; `slots`/`maxmem` reserve room for hot-added DIMMs (q35)."""
+
+    size_mib: int
+    slots: int | None = None
+    maxmem_mib: int | None = None
+
+    def argv(self) -> list[str]:
+        maxmem = f"{self.maxmem_mib}M" if self.maxmem_mib else None
+        return ["-m", opts(f"{self.size_mib}M", ("slots", self.slots), ("maxmem", maxmem))]
+
+
+@dataclass(frozen=True)
+class MemoryBackend:
+    """`-object memory-backend-{memfd,file}`: guest RAM a vhost-user daemon can map (share=on), or a
+    file a VM template is saved to and cloned from."""
+
+    id: str
+    size_mib: int
+    kind: Literal["memfd", "file", "ram"] = "memfd"
+    share: bool = True
+    mem_path: str | None = None
+
+    def argv(self) -> list[str]:
+        return ["-object", opts(f"memory-backend-{self.kind}", ("id", self.id), ("size", f"{self.size_mib}M"),
+                                ("mem-path", self.mem_path), ("share", self.share))]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    kernel: str
+    initrd: str | None = None
+    append: str = ""
+
+    def argv(self) -> list[str]:
+        out = ["-kernel", self.kernel]
+        if self.initrd:
+            out += ["-initrd", self.initrd]
+        if self.append:
+            out += ["-append", self.append]
+        return out
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """No default devices, no user config file, no display, exit instead of rebooting."""
+
+    def argv(self) -> list[str]:
+        return ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+
+
+@dataclass(frozen=True)
+class SerialConsole:
+    """The guest's ttyS0, appended to a log file on the host."""
+
+    path: str
+    id: str = "console"
+
+    def argv(self) -> list[str]:
+        return ["-chardev", opts("file", ("id", self.id), ("path", self.path), ("append", True)),
+                "-serial", f"chardev:{self.id}"]
+
+
+@dataclass(frozen=True)
+class VirtioSerial:
+    bus: Bus
+    id: str = "serial0"
+
+    def argv(self) -> list[str]:
+        return ["-device", opts(virtio_driver("virtio-serial", self.bus), ("id", self.id))]
+
+
+@dataclass(frozen=True)
+class VirtSerialPort:
+    """A virtio-serial port backed by a listening unix socket on the host (the agent channel)."""
+
+    socket: str
+    name: str = "agent.channel.0"
+    id: str = "agent"
+    serial_id: str = "serial0"
+
+    def argv(self) -> list[str]:
+        return [
+            "-chardev", opts("socket", ("id", self.id), ("path", self.socket), ("server", True), ("wait", False)),
+            "-device", opts("virtserialport", ("bus", f"{self.serial_id}.0"), ("chardev", self.id),
+                            ("name", self.name)),
+        ]
+
+
+@dataclass(frozen=True)
+class VhostVsock:
+    bus: Bus
+    guest_cid: int
+    id: str = "vsock0"
+
+    def argv(self) -> list[str]:
+        return ["-device", opts(virtio_driver("vhost-vsock", self.bus), ("id", self.id),
+                                ("guest-cid", self.guest_cid))]
+
+
+@dataclass(frozen=True)
+class VhostUserFs:
+    """virtio-fs through a virtiofsd listening on `socket`; the guest mounts it by `tag`."""
+
+    bus: Bus
+    socket: str
+    tag: str
+    queue_size: int = 1024
+    id: str = "fs0"
+
+    def argv(self) -> list[str]:
+        chardev = f"char-{self.id}"
+        return [
+            "-chardev", opts("socket", ("id", chardev), ("path", self.socket)),
+            "-device", opts(virtio_driver("vhost-user-fs", self.bus), ("id", self.id), ("chardev", chardev),
+                            ("tag", self.tag), ("queue-size", self.queue_size)),
+        ]
+
+
+@dataclass(frozen=True)
+class Virtio9p:
+    """A host directory over 9p; QEMU serves it itself, no daemon."""
+
+    bus: Bus
+    path: str
+    tag: str
+    id: str = "fs0"
+    security_model: Literal["none", "passthrough", "mapped-xattr"] = "none"
+    multidevs: Literal["remap", "forbid", "warn"] | None = "remap"
+
+    def argv(self) -> list[str]:
+        fsdev = f"fsdev-{self.id}"
+        return [
+            "-fsdev", opts("local", ("id", fsdev), ("path", self.path), ("security_model", self.security_model),
+                           ("multidevs", self.multidevs)),
+            "-device", opts(virtio_driver("virtio-9p", self.bus), ("id", self.id), ("fsdev", fsdev),
+                            ("mount_tag", self.tag)),
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioRng:
+    bus: Bus
+    filename: str = "/dev/urandom"
+    id: str = "rng0"
+
+    def argv(self) -> list[str]:
+        backend = f"{self.id}-backend"
+        return ["-object", opts("rng-random", ("id", backend), ("filename", self.filename)),
+                "-device", opts(virtio_driver("virtio-rng", self.bus), ("id", self.id), ("rng", backend))]
+
+
+@dataclass(frozen=True)
+class VirtioNetTap:
+    """A virtio-net NIC on a tap: an already-open `fd` (inherited by QEMU) or an interface name."""
+
+    bus: Bus
+    id: str
+    mac: str
+    fd: int | None = None
+    ifname: str | None = None
+    vhost: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.fd is None) == (self.ifname is None):
+            raise ValueError("VirtioNetTap needs exactly one of fd and ifname")
+
+    def argv(self) -> list[str]:
+        netdev = f"netdev-{self.id}"
+        tap: list[tuple[str, object]] = [("id", netdev)]
+        if self.fd is not None:
+            tap.append(("fd", self.fd))
+        else:
+            tap += [("ifname", self.ifname), ("script", "no"), ("downscript", "no")]
+        tap.append(("vhost", self.vhost))
+        return ["-netdev", opts("tap", *tap),
+                "-device", opts(virtio_driver("virtio-net", self.bus), ("id", self.id), ("netdev", netdev),
+                                ("mac", self.mac))]
+
+
+@dataclass(frozen=True)
+class VirtioBlk:
+    bus: Bus
+    id: str
+    path: str
+    readonly: bool = False
+    format: Literal["raw", "qcow2"] = "raw"
+
+    def argv(self) -> list[str]:
+        drive = f"drive-{self.id}"
+        return ["-drive", opts("", ("id", drive), ("file", self.path), ("if", "none"), ("format", self.format),
+                               ("readonly", self.readonly)),
+                "-device", opts(virtio_driver("virtio-blk", self.bus), ("id", self.id), ("drive", drive))]
+
+
+@dataclass(frozen=True)
+class PcieRootPort:
+    """An empty PCIe root port on q35, for hot-plugging one device later."""
+
+    id: str
+    chassis: int
+    bus: str = "pcie.0"
+
+    def argv(self) -> list[str]:
+        return ["-device", opts("pcie-root-port", ("id", self.id), ("bus", self.bus), ("chassis", self.chassis))]
+
+
+@dataclass(frozen=True)
+class QmpSocket:
+    path: str
+
+    def argv(self) -> list[str]:
+        return ["-chardev", opts("socket", ("id", "qmp"), ("path", self.path), ("server", True), ("wait", False)),
+                "-mon", "chardev=qmp,mode=control"]
+
+
+@dataclass(frozen=True)
+class Global:
+    driver: str
+    prop: str
+    value: str
+
+    def argv(self) -> list[str]:
+        return ["-global", f"{self.driver}.{self.prop}={escape(self.value)}"]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Start paused, waiting for `migrate-incoming` (VM templating)."""
+
+    def argv(self) -> list[str]:
+        return ["-S", "-incoming", "defer"]
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    binary: str
+    args: Sequence[Arg] = field(default_factory=tuple)
+
+    def argv(self) -> list[str]:
+        out = [self.binary]
+        for arg in self.args:
+            out += arg.argv()
+        return out

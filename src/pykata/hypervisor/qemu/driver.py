@@ -1,0 +1,498 @@
+"""QemuHypervisor: one QEMU VM, its virtiofsd, its QMP channel and its directory, owned end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pykata.config.schema import Config
+from pykata.errors import HypervisorError
+from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
+from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, VmExit
+from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
+from pykata.hypervisor.errors import NotSupportedError, QmpError, VmExitedError
+from pykata.hypervisor.hostinfo import host_tsc_khz
+from pykata.hypervisor.process import ChildProcess, describe_exit
+from pykata.hypervisor.qemu import hotplug
+from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
+from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
+from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+from pykata.hypervisor.readiness import console_readiness, log_tail
+
+log = logging.getLogger("pykata.hypervisor")
+
+VHOST_VSOCK = Path("/dev/vhost-vsock")
+_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# sun_path is 108 bytes including the NUL.
+_MAX_SOCKET_PATH = 107
+State = Literal["new", "prepared", "starting", "running", "stopping", "stopped"]
+
+QMP_CONNECT_TIMEOUT = 10.0
+GRACEFUL_TIMEOUT = 2.0
+QUIT_TIMEOUT = 2.0
+
+
+class QemuHypervisor(Hypervisor):
+    """A QEMU VM.
+
+    `config` is the whole pykata configuration (its [hypervisor.qemu] and [runtime] sections are used).
+    `kernel`/`initrd`/`image` override the configured assets; when neither names a kernel, the cached
+    build from pykata.guest is used. `shared_dir` is served to the guest (tag "kataShared") over
+    virtio-fs or 9p, per `hypervisor.qemu.shared_fs`. `readiness` decides when wait_ready() returns
+    (default: the console line PYKATA_AGENT_READY). `guest_shutdown`, if given, is tried first by stop()
+    to let the guest power off cleanly. `on_event` receives QMP events (SHUTDOWN, STOP, RESET, ...).
+    """
+
+    def __init__(
+        self,
+        vm_id: str,
+        config: Config,
+        *,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        image: Path | None = None,
+        shared_dir: Path | None = None,
+        extra_kernel_params: Sequence[str] = (),
+        readiness: ReadinessProbe | None = None,
+        guest_shutdown: Callable[[], Awaitable[None]] | None = None,
+        on_event: EventCallback | None = None,
+        vm_dir: Path | None = None,
+    ) -> None:
+        if not _VM_ID.match(vm_id):
+            raise HypervisorError(f"bad VM id {vm_id!r}: 1-64 of letters, digits, '_', '.', '-'")
+        self.vm_id = vm_id
+        self.config = config
+        self._kernel = kernel
+        self._initrd = initrd
+        self._image = image
+        self.shared_dir = shared_dir
+        self._extra_params = tuple(extra_kernel_params)
+        self._readiness = readiness
+        self._guest_shutdown = guest_shutdown
+        self._on_event = on_event
+        self.paths = VmPaths(vm_dir or config.runtime.runtime_path / "vm" / vm_id)
+        self.state: State = "new"
+        self.accel: AccelVerdict | None = None
+        self.spec: LaunchSpec | None = None
+        self.timestamps: dict[str, float] = {}
+        self._devices: dict[str, Device] = {}
+        self._hotplugged: set[str] = set()
+        self._ports: dict[str, int] = {}
+        self._qemu: ChildProcess | None = None
+        self._virtiofsd: Virtiofsd | None = None
+        self._qmp: QmpChannel | None = None
+        self._exited: asyncio.Future[VmExit] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._start_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[VmExit | None] | None = None
+        self._stop_requested = False
+        self._shutdown_event: QmpEvent | None = None
+        self._panicked = False
+        self._event_waiters: list[tuple[Callable[[QmpEvent], bool], asyncio.Future[QmpEvent]]] = []
+        self._memory_mib = config.qemu.default_memory
+        self._dimms = 0
+        self._vcpus = config.qemu.default_vcpus
+        self._cpu_ids: list[str] = []
+
+    # ---------------------------------------------------------------------------------------------
+    # Properties
+
+    @property
+    def pid(self) -> int | None:
+        if self._qemu is not None and self._qemu.running:
+            return self._qemu.pid
+        return None
+
+    @property
+    def exited(self) -> asyncio.Future[VmExit]:
+        if self._exited is None:
+            self._exited = asyncio.get_running_loop().create_future()
+        return self._exited
+
+    @property
+    def agent_endpoint(self) -> AgentEndpoint:
+        if self.spec is None:
+            raise HypervisorError(f"VM {self.vm_id}: not prepared")
+        if self.spec.agent_channel == "vsock":
+            assert self.spec.vsock_cid is not None
+            return AgentEndpoint("vsock", vsock_cid=self.spec.vsock_cid)
+        return AgentEndpoint("virtio-serial", socket=self.paths.agent_socket)
+
+    @property
+    def console_log(self) -> Path:
+        return self.paths.console_log
+
+    @property
+    def qmp(self) -> QmpChannel:
+        """The VM's one serialized QMP channel (for callers that need a command not wrapped here).
+
+        Raises:
+            HypervisorError: the VM is not running.
+        """
+        if self._qmp is None or self._qmp.closed:
+            raise VmExitedError(f"VM {self.vm_id}: no QMP channel (not running)")
+        return self._qmp
+
+    @property
+    def argv(self) -> list[str]:
+        if self.spec is None:
+            raise HypervisorError(f"VM {self.vm_id}: not prepared")
+        return build_command_line(self.spec).argv()
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    async def prepare(self) -> None:
+        if self.state != "new":
+            raise HypervisorError(f"VM {self.vm_id}: prepare() in state {self.state}")
+        q = self.config.qemu
+        kernel, initrd, image = resolve_assets(self.config, self._kernel, self._initrd, self._image)
+        if not Path(q.path).is_file():
+            raise HypervisorError(f"hypervisor.qemu.path: {q.path} does not exist")
+        if self.shared_dir is not None and q.shared_fs != "none" and not self.shared_dir.is_dir():
+            raise HypervisorError(f"VM {self.vm_id}: shared directory {self.shared_dir} does not exist")
+        for sock in (self.paths.qmp_socket, self.paths.agent_socket, self.paths.virtiofsd_socket):
+            if len(os.fsencode(sock)) > _MAX_SOCKET_PATH:
+                raise HypervisorError(f"VM {self.vm_id}: socket path too long for a unix socket: {sock}")
+        self.accel = await resolve_accelerator(q, kernel, self.config.runtime.cache_path)
+        channel: Literal["vsock", "virtio-serial"]
+        if q.agent_channel == "auto":
+            channel = "vsock" if VHOST_VSOCK.exists() else "virtio-serial"
+        else:
+            channel = q.agent_channel
+        self.spec = LaunchSpec(
+            vm_id=self.vm_id, config=q, accel=self.accel.accel, kernel=kernel, initrd=initrd, image=image,
+            paths=self.paths, shared_dir=self.shared_dir if q.shared_fs != "none" else None,
+            agent_channel=channel,
+            # CIDs are host-global; a random one in 32 bits practically never collides.
+            vsock_cid=3 + secrets.randbelow(0xFFFF_0000) if channel == "vsock" else None,
+            extra_kernel_params=self._extra_params,
+            tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else None,
+        )
+        try:
+            self.paths.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        except FileExistsError:
+            raise HypervisorError(f"VM {self.vm_id}: {self.paths.dir} already exists (VM id in use?)") from None
+        except OSError as exc:
+            raise HypervisorError(f"VM {self.vm_id}: cannot create {self.paths.dir}: {exc.strerror}") from None
+        self.state = "prepared"
+
+    async def start(self) -> None:
+        if self.state != "prepared":
+            raise HypervisorError(f"VM {self.vm_id}: start() in state {self.state}")
+        self.state = "starting"
+        self._start_task = asyncio.ensure_future(self._do_start())
+        try:
+            await self._start_task
+        except BaseException as exc:
+            await self.stop()
+            if isinstance(exc, HypervisorError | asyncio.CancelledError):
+                raise
+            raise HypervisorError(f"VM {self.vm_id}: start failed: {exc!r}") from exc
+
+    async def _do_start(self) -> None:
+        assert self.spec is not None
+        q = self.config.qemu
+        self.timestamps["start"] = time.monotonic()
+        if self.spec.shared_dir is not None and q.shared_fs == "virtio-fs":
+            self._virtiofsd = Virtiofsd(q.virtio_fs_daemon, self.paths.virtiofsd_socket, self.spec.shared_dir,
+                                        self.paths.virtiofsd_log, cache=q.virtio_fs_cache,
+                                        extra_args=q.virtio_fs_extra_args)
+            await self._virtiofsd.start()
+        self.timestamps["virtiofsd"] = time.monotonic()
+        fds = [d.tap_fd for d in self._devices.values() if isinstance(d, NetDevice) and d.tap_fd is not None]
+        self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()))
+        argv = build_command_line(self.spec).argv()
+        log.debug("VM %s: %s", self.vm_id, " ".join(argv))
+        try:
+            self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
+                                                  pass_fds=fds)
+        except OSError as exc:
+            raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
+        self.timestamps["qemu_spawned"] = time.monotonic()
+        self._qmp = QmpChannel(self.paths.qmp_socket, name=f"qmp-{self.vm_id}", on_event=self._handle_event)
+        self._watcher = asyncio.create_task(self._watch(self._qemu, self._qmp), name=f"vm-watch-{self.vm_id}")
+        try:
+            await self._qmp.connect(QMP_CONNECT_TIMEOUT)
+        except QmpError:
+            code = await self._qemu.wait(0.5)
+            if code is not None:
+                raise HypervisorError(
+                    f"VM {self.vm_id}: QEMU {describe_exit(code)} at start: {log_tail(self.paths.qemu_log, 1500)}"
+                ) from None
+            raise
+        self.timestamps["qmp_connected"] = time.monotonic()
+        self.state = "running"
+
+    async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
+        code = await qemu.exit_code()
+        reason = self._exit_reason(code)
+        if not self._stop_requested:
+            log.warning("VM %s: QEMU %s", self.vm_id, reason)
+        qmp.abort(f"VM {self.vm_id} is gone: QEMU {reason}")
+        for _, fut in self._event_waiters:
+            if not fut.done():
+                fut.set_exception(VmExitedError(f"VM {self.vm_id}: QEMU {reason}"))
+        if not self.exited.done():
+            self.exited.set_result(VmExit(code, reason, requested=self._stop_requested))
+
+    def _exit_reason(self, code: int) -> str:
+        if self._panicked:
+            return f"{describe_exit(code)} after a guest panic"
+        if self._shutdown_event is not None:
+            why = self._shutdown_event.data.get("reason", "unknown")
+            return f"{describe_exit(code)} (shutdown: {why})"
+        return describe_exit(code)
+
+    def _handle_event(self, event: QmpEvent) -> None:
+        if event.name == "SHUTDOWN":
+            self._shutdown_event = event
+        elif event.name == "GUEST_PANICKED":
+            self._panicked = True
+        for pred, fut in list(self._event_waiters):
+            if not fut.done() and pred(event):
+                fut.set_result(event)
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def wait_for_event(self, predicate: Callable[[QmpEvent], bool], timeout: float) -> QmpEvent:
+        """Wait for a QMP event matching `predicate`.
+
+        Raises:
+            HypervisorError: not within `timeout`, or the VM exited.
+        """
+        fut: asyncio.Future[QmpEvent] = asyncio.get_running_loop().create_future()
+        entry = (predicate, fut)
+        self._event_waiters.append(entry)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise HypervisorError(f"VM {self.vm_id}: expected QMP event did not come in {timeout:.1f}s") from None
+        finally:
+            self._event_waiters.remove(entry)
+
+    async def wait_ready(self, timeout: float | None = None, probe: ReadinessProbe | None = None) -> None:
+        if self.state != "running" or self._qemu is None:
+            raise HypervisorError(f"VM {self.vm_id}: wait_ready() in state {self.state}")
+        limit = self.config.qemu.boot_timeout if timeout is None else timeout
+        chosen = probe or self._readiness or console_readiness(self.paths.console_log)
+        ready: asyncio.Future[None] = asyncio.ensure_future(chosen(self))
+        exited: asyncio.Future[Any] = self.exited
+        try:
+            done, _ = await asyncio.wait({ready, exited}, timeout=limit,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not ready.done():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await ready
+        if ready in done:
+            exc = ready.exception()
+            if exc is not None:
+                raise HypervisorError(f"VM {self.vm_id}: readiness check failed: {exc}") from exc
+            self.timestamps["ready"] = time.monotonic()
+            return
+        tail = log_tail(self.paths.console_log)
+        if self.exited.done():
+            raise VmExitedError(f"VM {self.vm_id}: QEMU {self.exited.result().reason} before the guest was "
+                                f"ready; console:\n{tail}\nqemu: {log_tail(self.paths.qemu_log, 800)}")
+        raise HypervisorError(f"VM {self.vm_id}: guest not ready after {limit:.1f}s; console:\n{tail}")
+
+    async def stop(self) -> VmExit | None:
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._do_stop())
+        # Shielded: a cancelled caller must not leave a half-stopped VM behind.
+        return await asyncio.shield(self._stop_task)
+
+    async def _do_stop(self) -> VmExit | None:
+        self._stop_requested = True
+        previous = self.state
+        self.state = "stopping"
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._start_task
+        result: VmExit | None = None
+        try:
+            if self._qemu is not None:
+                await self._end_qemu(self._qemu)
+                if self._watcher is not None:
+                    await self._watcher
+                result = self.exited.result() if self.exited.done() else None
+        finally:
+            if self._qmp is not None:
+                await self._qmp.close(f"VM {self.vm_id} stopped")
+            if self._virtiofsd is not None:
+                await self._virtiofsd.stop()
+            if previous != "new":
+                shutil.rmtree(self.paths.dir, ignore_errors=True)
+            self.state = "stopped"
+        return result
+
+    async def _end_qemu(self, qemu: ChildProcess) -> None:
+        """Graceful, then QMP quit, then SIGKILL; each step bounded; returns with QEMU reaped."""
+        if qemu.running and self._guest_shutdown is not None:
+            try:
+                await asyncio.wait_for(self._guest_shutdown(), GRACEFUL_TIMEOUT)
+            except Exception as exc:
+                log.debug("VM %s: guest shutdown hook failed: %r", self.vm_id, exc)
+            await qemu.wait(GRACEFUL_TIMEOUT)
+        if qemu.running and self._qmp is not None and not self._qmp.closed:
+            with contextlib.suppress(QmpError):
+                await self._qmp.execute("quit", timeout=QUIT_TIMEOUT)
+            await qemu.wait(QUIT_TIMEOUT)
+        if qemu.running:
+            log.warning("VM %s: QEMU did not quit, killing it", self.vm_id)
+        await qemu.kill()
+
+    # ---------------------------------------------------------------------------------------------
+    # Devices and resizing
+
+    async def add_device(self, device: Device) -> None:
+        if device.id in self._devices:
+            raise HypervisorError(f"VM {self.vm_id}: device id {device.id!r} already in use")
+        if isinstance(device, BlockDevice) and not device.path.exists():
+            raise HypervisorError(f"VM {self.vm_id}: device {device.id}: {device.path} does not exist")
+        if self.state in ("new", "prepared"):
+            self._devices[device.id] = device
+            return
+        self._require_running("add_device")
+        self._require_q35("hot-plugging devices")
+        port = hotplug.free_port(set(self._ports.values()))
+        if isinstance(device, BlockDevice):
+            await hotplug.add_block(self.qmp, device, port, shared=self._shares_memory)
+        else:
+            await hotplug.add_net(self.qmp, device, port)
+        self._devices[device.id] = device
+        self._hotplugged.add(device.id)
+        self._ports[device.id] = port
+
+    async def remove_device(self, device_id: str) -> None:
+        device = self._devices.get(device_id)
+        if device is None:
+            raise HypervisorError(f"VM {self.vm_id}: no device {device_id!r}")
+        if self.state in ("new", "prepared"):
+            del self._devices[device_id]
+            return
+        self._require_running("remove_device")
+        if device_id not in self._hotplugged:
+            raise NotSupportedError(f"VM {self.vm_id}: device {device_id} was cold-plugged and cannot be removed")
+        await hotplug.remove(self, device)
+        del self._devices[device_id]
+        self._hotplugged.discard(device_id)
+        self._ports.pop(device_id, None)
+
+    async def resize_memory(self, memory_mib: int) -> int:
+        self._require_running("resize_memory")
+        self._require_q35("memory hotplug")
+        if memory_mib < self._memory_mib:
+            raise NotSupportedError(f"VM {self.vm_id}: shrinking memory ({self._memory_mib} -> {memory_mib} MiB)")
+        limit = self.config.qemu.resolved_maxmemory()
+        if memory_mib > limit:
+            raise HypervisorError(f"VM {self.vm_id}: {memory_mib} MiB is above the maximum {limit} MiB")
+        if memory_mib == self._memory_mib:
+            return self._memory_mib
+        if self._dimms >= self.config.qemu.memory_slots:
+            raise HypervisorError(f"VM {self.vm_id}: all {self.config.qemu.memory_slots} memory slots are used")
+        await hotplug.add_memory(self.qmp, f"dimm{self._dimms}", memory_mib - self._memory_mib,
+                                 shared=self._shares_memory)
+        self._dimms += 1
+        self._memory_mib = memory_mib
+        return memory_mib
+
+    async def resize_vcpus(self, vcpus: int) -> int:
+        self._require_running("resize_vcpus")
+        self._require_q35("CPU hotplug")
+        limit = self.config.qemu.resolved_maxvcpus()
+        if not 1 <= vcpus <= limit:
+            raise HypervisorError(f"VM {self.vm_id}: {vcpus} vCPUs is outside 1..{limit}")
+        while self._vcpus < vcpus:
+            cpu_id = f"cpu{len(self._cpu_ids)}"
+            await hotplug.add_cpu(self.qmp, cpu_id)
+            self._cpu_ids.append(cpu_id)
+            self._vcpus += 1
+        while self._vcpus > vcpus:
+            if not self._cpu_ids:
+                raise NotSupportedError(f"VM {self.vm_id}: only hot-added vCPUs can be removed")
+            cpu_id = self._cpu_ids[-1]
+            await hotplug.remove_cpu(self, cpu_id)
+            self._cpu_ids.pop()
+            self._vcpus -= 1
+        return self._vcpus
+
+    async def save(self, path: Path) -> None:
+        raise NotSupportedError(f"VM {self.vm_id}: save is not implemented yet")
+
+    async def restore(self, path: Path) -> None:
+        raise NotSupportedError(f"VM {self.vm_id}: restore is not implemented yet")
+
+    # ---------------------------------------------------------------------------------------------
+
+    @property
+    def _shares_memory(self) -> bool:
+        return self.spec is not None and self.spec.shares_memory
+
+    def _require_running(self, what: str) -> None:
+        if self.state != "running" or self._qemu is None or not self._qemu.running:
+            raise VmExitedError(f"VM {self.vm_id}: {what}() needs a running VM (state {self.state})")
+
+    def _require_q35(self, what: str) -> None:
+        if self.config.qemu.machine_type != "q35":
+            raise NotSupportedError(f"VM {self.vm_id}: {what} needs machine_type = \"q35\" (microvm has no hotplug)")
+
+
+def resolve_assets(config: Config, kernel: Path | None, initrd: Path | None,
+                   image: Path | None) -> tuple[Path, Path | None, Path | None]:
+    """The kernel, initrd and image a VM boots: explicit ones, else configured, else pykata.guest's cache.
+
+    Raises:
+        HypervisorError: no kernel is configured or built, or a named file does not exist.
+    """
+    q = config.qemu
+    cache = config.runtime.cache_path
+    kernel = kernel or (Path(q.kernel) if q.kernel else None)
+    if kernel is None:
+        kernel = _cached_kernel(cache)
+    if initrd is None and image is None:
+        initrd = Path(q.initrd) if q.initrd else None
+        image = Path(q.image) if q.image else None
+        if initrd is None and image is None:
+            initrd, image = _cached_rootfs(cache)
+    for what, path in (("kernel", kernel), ("initrd", initrd), ("image", image)):
+        if path is not None and not path.is_file():
+            raise HypervisorError(f"hypervisor.qemu.{what}: {path} does not exist")
+    return kernel, initrd, image
+
+
+def _cached_kernel(cache: Path) -> Path:
+    try:
+        from pykata.guest.kernel import find_kernel
+    except ImportError:
+        raise HypervisorError("no guest kernel configured (hypervisor.qemu.kernel) and no builder") from None
+    found = find_kernel(cache)
+    if found is None:
+        raise HypervisorError("no guest kernel: run `pykata image build` or set hypervisor.qemu.kernel")
+    return Path(found.vmlinux)
+
+
+def _cached_rootfs(cache: Path) -> tuple[Path | None, Path | None]:
+    try:
+        from pykata.guest.rootfs import find_rootfs
+    except ImportError:
+        raise HypervisorError("no guest initrd configured (hypervisor.qemu.initrd) and no builder") from None
+    found = find_rootfs(cache)
+    if found is None:
+        raise HypervisorError("no guest root filesystem: run `pykata image build` or set hypervisor.qemu.initrd")
+    if found.preferred == "image" and found.image is not None:
+        return None, found.image
+    return found.initrd, None

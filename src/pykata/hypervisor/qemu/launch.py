@@ -1,0 +1,197 @@
+"""From configuration to a QEMU command line: the pure part of starting a VM (no I/O here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pykata.config.schema import QemuConfig
+from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
+from pykata.hypervisor.qemu import cmdline as c
+
+AgentChannelKind = Literal["vsock", "virtio-serial"]
+SHARED_FS_TAG = "kataShared"
+AGENT_PORT_NAME = "agent.channel.0"
+# q35 root ports kept free for hot-plugged PCI devices.
+HOTPLUG_PORTS = 4
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Where one VM keeps its sockets and logs: one directory, removed when the VM stops."""
+
+    dir: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def virtiofsd_socket(self) -> Path:
+        return self.dir / "virtiofsd.sock"
+
+    @property
+    def virtiofsd_log(self) -> Path:
+        return self.dir / "virtiofsd.log"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything that decides a VM's command line, resolved (no "auto", no empty kernel path)."""
+
+    vm_id: str
+    config: QemuConfig
+    accel: Literal["kvm", "tcg"]
+    kernel: Path
+    paths: VmPaths
+    initrd: Path | None = None
+    image: Path | None = None
+    shared_dir: Path | None = None
+    agent_channel: AgentChannelKind = "virtio-serial"
+    vsock_cid: int | None = None
+    extra_kernel_params: tuple[str, ...] = ()
+    # Cold-plugged devices; a NetDevice's tap_fd is inherited by QEMU (the driver passes it).
+    devices: tuple[Device, ...] = ()
+    # VM templating: RAM in a shared file, and a clone that waits for `migrate-incoming`.
+    memory_file: Path | None = None
+    incoming: bool = False
+    # Host TSC frequency, told to a TCG guest so it need not calibrate (see hostinfo.host_tsc_khz).
+    tsc_khz: int | None = None
+
+    @property
+    def bus(self) -> c.Bus:
+        return "mmio" if self.config.machine_type == "microvm" else "pci"
+
+    @property
+    def shares_memory(self) -> bool:
+        """vhost-user daemons (virtiofsd) map guest RAM, so it must be a shared memfd."""
+        return self.config.shared_fs == "virtio-fs" and self.shared_dir is not None
+
+
+def kernel_params(spec: LaunchSpec) -> str:
+    """The guest kernel command line: pykata's base, then the configured, then the caller's extra."""
+    q = spec.config
+    params = [
+        "console=ttyS0",
+        # Panic -> reboot after 1 s -> QEMU exits (-no-reboot): a dead guest never lingers.
+        "panic=1", "reboot=k",
+        "no_timer_check", "noreplace-smp", "rcupdate.rcu_expedited=1", "cryptomgr.notests",
+        "nr_cpus=" + str(_maxvcpus(spec)),
+    ]
+    if q.machine_type == "microvm":
+        # No PCI bus on microvm: skip probing one.
+        params.append("pci=off")
+    if spec.accel == "tcg" and spec.tsc_khz:
+        # TCG guests read the host TSC; calibrating it against emulated timers fails on a busy host
+        # (the guest then hangs), and the clocksource watchdog would wrongly call it unstable.
+        params += [f"tsc_early_khz={spec.tsc_khz}", "tsc=reliable"]
+    if not q.enable_debug:
+        params.append("quiet")
+    if spec.image is not None:
+        params += ["root=/dev/vda", "ro", "rootfstype=ext4"]
+    if q.kernel_params:
+        params += q.kernel_params.split()
+    params += spec.extra_kernel_params
+    return " ".join(params)
+
+
+def _maxvcpus(spec: LaunchSpec) -> int:
+    q = spec.config
+    # microvm has no CPU hotplug: the boot vCPUs are all there will be.
+    return q.default_vcpus if q.machine_type == "microvm" else q.resolved_maxvcpus()
+
+
+def cpu_model(spec: LaunchSpec) -> str:
+    if spec.config.cpu_model:
+        return spec.config.cpu_model
+    # TCG's "max" has RDRAND, so the guest has entropy early (Python's startup needs it).
+    return "host" if spec.accel == "kvm" else "max"
+
+
+def build_command_line(spec: LaunchSpec) -> c.CommandLine:
+    """Render the whole QEMU command line for `spec`.
+
+    Raises:
+        ValueError: a path holds a NUL byte (QEMU cannot be told about it).
+    """
+    q = spec.config
+    p = spec.paths
+    bus = spec.bus
+    args: list[c.Arg] = [c.Name(f"pykata-{spec.vm_id}")]
+
+    backend_id = "mem" if spec.memory_file is not None or spec.shares_memory else None
+    if q.machine_type == "microvm":
+        # Under TCG the guest has no kvmclock and calibrates its TSC against the PIT: without one
+        # it hangs at "Unable to calibrate against PIT". Under KVM the legacy timers are dead weight.
+        legacy = None if spec.accel == "tcg" else False
+        args.append(c.Machine("microvm", memory_backend=backend_id, option_roms=False, isa_serial=True,
+                              rtc=True, pit=legacy, pic=legacy))
+    else:
+        args.append(c.Machine("q35", memory_backend=backend_id))
+    args += [c.Accel(spec.accel), c.Cpu(cpu_model(spec))]
+
+    maxcpus = _maxvcpus(spec)
+    args.append(c.Smp(q.default_vcpus, maxcpus if maxcpus != q.default_vcpus else None))
+    if q.machine_type == "q35" and q.memory_slots:
+        args.append(c.Memory(q.default_memory, q.memory_slots, q.resolved_maxmemory()))
+    else:
+        args.append(c.Memory(q.default_memory))
+    if spec.memory_file is not None:
+        args.append(c.MemoryBackend("mem", q.default_memory, kind="file", share=True,
+                                    mem_path=str(spec.memory_file)))
+    elif backend_id:
+        args.append(c.MemoryBackend("mem", q.default_memory, kind="memfd", share=True))
+
+    initrd = str(spec.initrd) if spec.initrd else None
+    args += [c.Kernel(str(spec.kernel), initrd, kernel_params(spec)), c.Defaults()]
+    args += [c.QmpSocket(str(p.qmp_socket)), c.SerialConsole(str(p.console_log))]
+    args.append(c.VirtioRng(bus, q.entropy_source))
+
+    if spec.agent_channel == "vsock":
+        if spec.vsock_cid is None:
+            raise ValueError("vsock agent channel needs a guest CID")
+        args.append(c.VhostVsock(bus, spec.vsock_cid))
+    else:
+        args += [c.VirtioSerial(bus), c.VirtSerialPort(str(p.agent_socket), AGENT_PORT_NAME)]
+
+    if spec.shared_dir is not None:
+        if q.shared_fs == "virtio-fs":
+            args.append(c.VhostUserFs(bus, str(p.virtiofsd_socket), SHARED_FS_TAG, q.virtio_fs_queue_size))
+            if q.machine_type == "microvm":
+                # QEMU 7.2's virtio-mmio defaults to legacy (0.9) devices, and vhost-user-fs needs a
+                # virtio 1.0 transport: without this the guest never sees the device.
+                args.append(c.Global("virtio-mmio", "force-legacy", "false"))
+        elif q.shared_fs == "virtio-9p":
+            args.append(c.Virtio9p(bus, str(spec.shared_dir), SHARED_FS_TAG))
+
+    if spec.image is not None:
+        args.append(c.VirtioBlk(bus, "rootfs", str(spec.image), readonly=True))
+    for dev in spec.devices:
+        args.append(device_arg(dev, bus))
+    if q.machine_type == "q35":
+        # Devices on the root complex cannot be hot-plugged; these empty ports can take them.
+        args += [c.PcieRootPort(f"rp{i}", chassis=i + 1) for i in range(HOTPLUG_PORTS)]
+    if spec.incoming:
+        args.append(c.Incoming())
+    return c.CommandLine(q.path, tuple(args))
+
+
+def device_arg(dev: Device, bus: c.Bus) -> c.Arg:
+    """The command-line form of a cold-plugged device."""
+    if isinstance(dev, BlockDevice):
+        return c.VirtioBlk(bus, dev.id, str(dev.path), readonly=dev.readonly)
+    assert isinstance(dev, NetDevice)
+    return c.VirtioNetTap(bus, dev.id, dev.mac, fd=dev.tap_fd, ifname=dev.tap_name)

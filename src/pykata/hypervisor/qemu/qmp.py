@@ -1,0 +1,176 @@
+"""One serialized QMP client per VM.
+
+Every call into a VM's QMP socket goes through `QmpChannel.execute`: one at a time (an asyncio.Lock),
+each with a deadline, and all of them fail at once when the channel is closed (the VM died or is being
+stopped) instead of hanging. Kata's Cloud Hypervisor driver leaked pods when two concurrent shutdowns
+interleaved their replies on one unguarded control socket; this class exists so that cannot happen here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from pykata.hypervisor.errors import QmpError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0
+WATCHED_EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "DEVICE_DELETED",
+                  "POWERDOWN", "MIGRATION", "ACPI_DEVICE_OST")
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    name: str
+    data: Mapping[str, Any]
+    timestamp: float
+
+
+EventCallback = Callable[[QmpEvent], None]
+
+
+class QmpChannel:
+    """A QMP connection to one VM, serialized and bounded.
+
+    `on_event` is called (in the event loop, must not block) for every event in `WATCHED_EVENTS`.
+    """
+
+    def __init__(self, socket_path: Path, *, name: str, on_event: EventCallback | None = None,
+                 default_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._path = socket_path
+        self._client = QMPClient(name)
+        self._lock = asyncio.Lock()
+        self._on_event = on_event
+        self._default_timeout = default_timeout
+        self._closed: asyncio.Future[QmpError] = asyncio.get_running_loop().create_future()
+        self._event_task: asyncio.Task[None] | None = None
+        self._connected = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.done()
+
+    async def connect(self, timeout: float) -> None:
+        """Connect, retrying while QEMU has not created the socket yet.
+
+        Raises:
+            QmpError: not connected within `timeout`, or the channel was closed meanwhile.
+        """
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while True:
+            self._raise_if_closed("connect")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QmpError("connect", f"no QMP server at {self._path} after {timeout:.1f}s: {last}")
+            if not self._path.exists():
+                # QEMU creates the socket a few milliseconds after it starts; don't let qemu.qmp log
+                # a failed connection for every early try.
+                last = FileNotFoundError(str(self._path))
+                await asyncio.sleep(0.005)
+                continue
+            try:
+                await self._race(self._client.connect(str(self._path)), remaining, "connect")
+                break
+            except QmpError as exc:
+                if self.closed:
+                    raise
+                last = exc
+            except (QMPError, OSError) as exc:
+                last = exc
+            # The socket appears a few milliseconds after QEMU starts.
+            await asyncio.sleep(0.01)
+        self._connected = True
+        listener = EventListener(WATCHED_EVENTS)
+        self._client.register_listener(listener)
+        self._event_task = asyncio.create_task(self._pump_events(listener), name=f"qmp-events-{self._path}")
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None, *,
+                      timeout: float | None = None, fd: int | None = None) -> Any:
+        """Run one QMP command after every earlier one finished; return its "return" value.
+
+        `fd` is sent with SCM_RIGHTS just before the command, under the same lock (for `getfd`/`add-fd`).
+
+        Raises:
+            QmpError: QEMU answered with an error (`error_class` set), the call took longer than `timeout`
+                (default 5 s, waiting for the lock included), or the channel is or gets closed.
+        """
+        self._raise_if_closed(command)
+        limit = self._default_timeout if timeout is None else timeout
+        return await self._race(self._locked(command, arguments, fd), limit, command)
+
+    async def _locked(self, command: str, arguments: Mapping[str, object] | None, fd: int | None) -> Any:
+        async with self._lock:
+            self._raise_if_closed(command)
+            if not self._connected:
+                raise QmpError(command, "not connected")
+            try:
+                if fd is not None:
+                    self._client.send_fd_scm(fd)
+                return await self._client.execute(command, arguments)
+            except ExecuteError as exc:
+                raise QmpError(command, exc.error.error.desc, exc.error.error.class_) from None
+            except (QMPError, OSError, EOFError) as exc:
+                raise QmpError(command, f"connection failed: {exc!r}") from None
+
+    async def _race(self, coro: Any, timeout: float, command: str) -> Any:
+        """Await `coro`, but give up at `timeout` or as soon as the channel closes."""
+        task = asyncio.ensure_future(coro)
+        try:
+            done, _ = await asyncio.wait({task, self._closed}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if self._closed.done():
+            raise QmpError(command, str(self._closed.result()).split(": ", 1)[-1])
+        raise QmpError(command, f"no answer within {timeout:.1f}s")
+
+    def _raise_if_closed(self, command: str) -> None:
+        if self._closed.done():
+            raise QmpError(command, str(self._closed.result()).split(": ", 1)[-1])
+
+    def abort(self, reason: str) -> None:
+        """Fail every pending and future call with `reason` (e.g. "VM exited with code -9"). Idempotent."""
+        if not self._closed.done():
+            self._closed.set_result(QmpError("abort", reason))
+
+    async def close(self, reason: str = "channel closed") -> None:
+        """Abort pending calls and disconnect (bounded). Idempotent."""
+        self.abort(reason)
+        if self._event_task is not None:
+            self._event_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._event_task
+            self._event_task = None
+        with contextlib.suppress(Exception):
+            # disconnect() waits for the reader/writer tasks; with QEMU gone that is immediate.
+            await asyncio.wait_for(self._client.disconnect(), 2.0)
+
+    async def _pump_events(self, listener: EventListener) -> None:
+        async for event in listener:
+            name = str(event.get("event", ""))
+            data = event.get("data") or {}
+            ts = event.get("timestamp")
+            stamp = 0.0
+            if isinstance(ts, dict):
+                stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+            if self._on_event is not None:
+                try:
+                    self._on_event(QmpEvent(name, data if isinstance(data, dict) else {}, stamp))
+                except Exception:
+                    log.exception("QMP event callback failed for %s", name)

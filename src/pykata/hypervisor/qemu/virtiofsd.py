@@ -1,0 +1,79 @@
+"""virtiofsd: the vhost-user daemon that serves a host directory to the guest over virtio-fs.
+
+pykata binds the listening socket itself and hands it over with `--fd`, so QEMU can connect the moment
+the daemon runs (no polling for a socket file), and the socket's path and mode are pykata's choice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from pykata.errors import HypervisorError
+from pykata.hypervisor.process import ChildProcess, describe_exit
+
+
+def virtiofsd_argv(binary: str, fd: int, shared_dir: Path, cache: str, extra: Sequence[str] = ()) -> list[str]:
+    """Command line of QEMU 7.2's C virtiofsd serving `shared_dir` on the inherited socket `fd`."""
+    return [
+        binary, f"--fd={fd}", "-f",
+        "-o", f"source={shared_dir}", "-o", f"cache={cache}",
+        *extra,
+    ]
+
+
+class Virtiofsd:
+    """One virtiofsd for one VM."""
+
+    def __init__(self, binary: str, socket_path: Path, shared_dir: Path, log_path: Path, *,
+                 cache: str = "auto", extra_args: Sequence[str] = ()) -> None:
+        self.binary = binary
+        self.socket_path = socket_path
+        self.shared_dir = shared_dir
+        self.log_path = log_path
+        self.cache = cache
+        self.extra_args = tuple(extra_args)
+        self.child: ChildProcess | None = None
+
+    async def start(self) -> None:
+        """Bind the socket and start the daemon.
+
+        Raises:
+            HypervisorError: the shared dir is missing, the binary cannot run, or it exits at once.
+        """
+        if not self.shared_dir.is_dir():
+            raise HypervisorError(f"virtiofsd: shared directory {self.shared_dir} does not exist")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.socket_path.unlink(missing_ok=True)
+            sock.bind(str(self.socket_path))
+            os.chmod(self.socket_path, 0o600)
+            sock.listen(1)
+            fd = sock.fileno()
+            argv = virtiofsd_argv(self.binary, fd, self.shared_dir, self.cache, self.extra_args)
+            try:
+                self.child = await ChildProcess.spawn(argv, name="virtiofsd", log_path=self.log_path,
+                                                      pass_fds=(fd,))
+            except OSError as exc:
+                raise HypervisorError(f"virtiofsd: cannot run {self.binary}: {exc.strerror}") from None
+        finally:
+            # The daemon holds its own copy of the listening socket now.
+            sock.close()
+        code = await self.child.wait(0.02)
+        if code is not None:
+            raise HypervisorError(f"virtiofsd {describe_exit(code)} at start: {self.log_tail()}")
+
+    async def stop(self) -> None:
+        """Stop the daemon (SIGTERM, then SIGKILL after 1 s) and remove its socket. Idempotent."""
+        if self.child is not None:
+            await self.child.terminate(1.0)
+        self.socket_path.unlink(missing_ok=True)
+
+    def log_tail(self, limit: int = 2000) -> str:
+        try:
+            data = self.log_path.read_bytes()[-limit:]
+        except OSError:
+            return "(no log)"
+        return data.decode(errors="replace").strip() or "(empty log)"
