@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,8 +174,10 @@ class Sandbox:
         self._thread = threading.Thread(target=self._loop.run_forever, name="pykata-sdk", daemon=True)
         self._thread.start()
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+    def _run(self, aw: Awaitable[T]) -> T:
+        async def wrap() -> T:
+            return await aw
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(wrap(), self._loop)
         return fut.result()
 
     @property

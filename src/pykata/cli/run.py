@@ -24,7 +24,7 @@ from pykata.images import ImageStore
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
 from pykata.sandbox.agent_client import AgentClient
 from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
-from pykata.sandbox.ocispec import parse_env, parse_size, parse_user
+from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.stdio import feed_stdin, file_sink, pump_output
 
@@ -135,8 +135,12 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     args = list(command) if command else [*image.config.entrypoint, *image.config.cmd]
     if command and image.config.entrypoint:
         args = [*image.config.entrypoint, *command]
-    spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
-                      user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
+    if image.bundle_spec is not None:
+        spec = bundle_spec_with(image.bundle_spec, list(command), envs, workdir, uid_gid if user else None, tty_,
+                                mem, cpus)
+    else:
+        spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
+                          user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
     vcpus = math.ceil(cpus) if cpus else None
     memory_mib = (mem >> 20) + VM_MEMORY_OVERHEAD_MIB if mem else None
     sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)

@@ -145,9 +145,28 @@ def build_spec(
     }
 
 
-def for_guest(spec: dict[str, Any], container_id: str, volumes: list[tuple[int, Volume]]) -> dict[str, Any]:
-    """The spec as the agent must see it: root and bind sources at their guest paths in the shared dir,
-    host-only parts (hooks, host namespace paths) removed."""
+def is_host_bind(mount: dict[str, Any]) -> bool:
+    opts = mount.get("options") or []
+    return (mount.get("type") == "bind" or "bind" in opts or "rbind" in opts) and str(
+        mount.get("source", "")).startswith("/")
+
+
+def add_volumes(spec: dict[str, Any], volumes: list[Volume]) -> dict[str, Any]:
+    """The spec with `volumes` as bind mounts (host sources), like runc would take them."""
+    out = copy.deepcopy(spec)
+    for vol in volumes:
+        out.setdefault("mounts", []).append({"destination": vol.guest, "type": "bind", "source": str(vol.host),
+                                             "options": ["rbind", "ro" if vol.readonly else "rw"]})
+    return out
+
+
+def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], list[Volume]]:
+    """The spec as the agent must see it, and the host paths to share for it.
+
+    The root and every host bind mount move to their guest paths in the shared directory
+    (<shared>/<container>/rootfs, <shared>/<container>/volumes/<n>); host-only parts (hooks, host
+    namespace paths) are removed.
+    """
     out = copy.deepcopy(spec)
     base = f"{GUEST_SHARED_DIR}/{container_id}"
     out.setdefault("root", {})["path"] = f"{base}/rootfs"
@@ -155,9 +174,37 @@ def for_guest(spec: dict[str, Any], container_id: str, volumes: list[tuple[int, 
     linux = out.setdefault("linux", {})
     for ns in linux.get("namespaces") or []:
         ns.pop("path", None)
-    mounts = out.setdefault("mounts", [])
-    for index, vol in volumes:
-        opts = ["rbind", "ro" if vol.readonly else "rw"]
-        mounts.append({"destination": vol.guest, "type": "bind", "source": f"{base}/volumes/{index}",
-                       "options": opts})
+    shares: list[Volume] = []
+    for m in out.get("mounts") or []:
+        if not is_host_bind(m):
+            continue
+        opts = m.get("options") or []
+        shares.append(Volume(Path(m["source"]), m["destination"], "ro" in opts))
+        m["source"] = f"{base}/volumes/{len(shares) - 1}"
+    return out, shares
+
+
+def bundle_spec_with(spec: dict[str, Any], args: list[str], env: list[str], cwd: str | None,
+                     user: tuple[int, int] | None, terminal: bool, memory_bytes: int | None,
+                     cpus: float | None) -> dict[str, Any]:
+    """A bundle's own config.json with the run options that were given applied on top."""
+    out = copy.deepcopy(spec)
+    proc = out.setdefault("process", {})
+    if args:
+        proc["args"] = args
+    if env:
+        proc["env"] = [*(proc.get("env") or []), *env]
+    if cwd:
+        proc["cwd"] = cwd
+    if user is not None:
+        proc["user"] = {"uid": user[0], "gid": user[1]}
+    if terminal:
+        proc["terminal"] = True
+    res = out.setdefault("linux", {}).setdefault("resources", {})
+    if memory_bytes is not None:
+        res["memory"] = {"limit": memory_bytes}
+    if cpus is not None:
+        res["cpu"] = {"quota": int(cpus * 100_000), "period": 100_000}
+    if not proc.get("args"):
+        raise SpecError("COMMAND", "no command given and the bundle has no process.args")
     return out

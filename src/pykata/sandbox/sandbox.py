@@ -34,7 +34,7 @@ from pykata.hypervisor.qemu.driver import QemuHypervisor
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import mounts, state
 from pykata.sandbox.agent_client import AgentClient
-from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, for_guest
+from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.process import Process
 
 log = logging.getLogger("pykata.sandbox")
@@ -201,10 +201,9 @@ class Sandbox:
         try:
             cdir.mkdir(parents=True)
             mounts.overlay(rootfs, work / "upper", work / "work", cdir / "rootfs")
-            indexed = list(enumerate(volumes))
-            for i, vol in indexed:
+            guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
+            for i, vol in enumerate(shares):
                 mounts.bind(vol.host, cdir / "volumes" / str(i), readonly=vol.readonly)
-            guest_spec = for_guest(spec, container_id, indexed)
             tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
             resp = await self.agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
                 container_id=container_id, oci_spec_json=json.dumps(guest_spec), terminal=tty))
