@@ -1,0 +1,97 @@
+"""The placeholder agent on the host: Health over a raw pty, which behaves like a virtio-serial port
+(a character device the agent opens by path; the host end is a byte stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tty
+from pathlib import Path
+
+import pytest
+
+import pykata
+from pykata.agent.channel import Channel, ChannelError, find_serial_port, parse_channel
+from pykata.agent.main import READY_LINE, run
+from pykata.protocols.agent import HEALTH_SERVICE, PROTOCOL_VERSION, agent_pb2
+from pykata.ttrpc import connect_fd
+
+
+@pytest.fixture
+def raw_pty() -> tuple[int, str]:
+    master, slave = os.openpty()
+    tty.setraw(slave)  # no echo, no CR/LF translation: a clean byte pipe like a virtio port
+    yield master, os.ttyname(slave)
+    os.close(master)
+    os.close(slave)
+
+
+async def test_health_check_and_version_over_a_character_device(raw_pty: tuple[int, str]) -> None:
+    master, device = raw_pty
+    agent = asyncio.ensure_future(run(device))
+    try:
+        client = await connect_fd(master, default_timeout=5)
+        health = client.stub(HEALTH_SERVICE)
+        check = await health.Check(agent_pb2.CheckRequest())
+        assert check.status == agent_pb2.HealthCheckResponse.SERVING
+        version = await health.Version(agent_pb2.CheckRequest())
+        assert version.agent_version == pykata.__version__
+        assert version.protocol_version == PROTOCOL_VERSION
+        await client.close()
+    finally:
+        agent.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await agent
+
+
+async def test_agent_prints_ready_line(raw_pty: tuple[int, str], capsys: pytest.CaptureFixture[str]) -> None:
+    _master, device = raw_pty
+    agent = asyncio.ensure_future(run(device))
+    try:
+        for _ in range(100):
+            if READY_LINE in capsys.readouterr().out:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("agent never printed its ready line")
+    finally:
+        agent.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await agent
+
+
+async def test_missing_device_is_a_channel_error(tmp_path: Path) -> None:
+    with pytest.raises(ChannelError, match="cannot open agent channel"):
+        await run(str(tmp_path / "no-such-port"))
+
+
+def test_parse_channel() -> None:
+    assert parse_channel("vsock:1024") == Channel("vsock", port=1024)
+    assert parse_channel("vsock:") == Channel("vsock", port=1024)
+    assert parse_channel("/dev/vport1p1") == Channel("serial", device="/dev/vport1p1")
+    for bad in ("vsock:x", "vsock:0", "tcp:1", "relative/path"):
+        with pytest.raises(ChannelError, match="--channel"):
+            parse_channel(bad)
+
+
+def test_find_serial_port_by_name(tmp_path: Path) -> None:
+    for port, name in (("vport0p1", "other"), ("vport0p2", "agent.channel.0")):
+        (tmp_path / port).mkdir()
+        (tmp_path / port / "name").write_text(name + "\n")
+    assert find_serial_port("agent.channel.0", tmp_path) == "/dev/vport0p2"
+    assert find_serial_port("missing", tmp_path) is None
+
+
+def test_agent_imports_only_what_the_guest_has() -> None:
+    """The guest carries the stdlib, protobuf and pykata's ttrpc/protocols/agent: nothing else."""
+    code = (
+        "import sys; before = set(sys.modules); import pykata.agent.main; "
+        "mods = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(' '.join(sorted(mods - set(sys.stdlib_module_names))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    found = set(proc.stdout.split())
+    assert "pykata" in found
+    assert found <= {"pykata", "google"}, found

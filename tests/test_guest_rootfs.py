@@ -1,0 +1,362 @@
+"""The guest root filesystem: cache keys, reproducible archives and images, and real boots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pykata.guest import assemble, cpio, debs, elf, fsimage, wheels
+from pykata.guest.rootfs import (
+    DEFAULT_RECIPE,
+    Recipe,
+    RootfsArtifact,
+    RootfsInputs,
+    build_rootfs,
+    find_rootfs,
+    rootfs_key,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path("/var/cache/pykata")
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+# -- unit: cache key ------------------------------------------------------------------------------
+
+
+def _inputs(**changes: object) -> RootfsInputs:
+    base = RootfsInputs(
+        recipe=DEFAULT_RECIPE,
+        packages=(debs.DebPackage("libc6", "2.36-9", "amd64", "a" * 64, 100),
+                  debs.DebPackage("crun", "1.8.1-1", "amd64", "b" * 64, 200)),
+        wheel_hashes=(("protobuf-7.36.2-py3-none-any.whl", "c" * 64),),
+        sources="d" * 64, version="0.1.0", epoch=1704067200,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_cache_key_is_stable_for_the_same_inputs() -> None:
+    key = rootfs_key(_inputs())
+    assert key == rootfs_key(_inputs())
+    assert len(key) == 20 and int(key, 16) >= 0
+    # Package order does not matter, only the set of packages.
+    swapped = _inputs(packages=tuple(reversed(_inputs().packages)))
+    assert rootfs_key(swapped) == key
+
+
+@pytest.mark.parametrize("change", [
+    {"packages": (debs.DebPackage("libc6", "2.36-9", "amd64", "e" * 64, 100),)},
+    {"wheel_hashes": (("protobuf-7.36.2-py3-none-any.whl", "f" * 64),)},
+    {"sources": "0" * 64},
+    {"version": "0.2.0"},
+    {"epoch": 1},
+    {"recipe_version": 999},
+    {"recipe": Recipe(initrd_compression="gzip")},
+    {"recipe": Recipe(packages=("busybox-static",))},
+])
+def test_cache_key_changes_with_any_input(change: dict[str, object]) -> None:
+    assert rootfs_key(_inputs(**change)) != rootfs_key(_inputs())
+
+
+def test_sources_hash_follows_guest_code(tmp_path: Path) -> None:
+    from pykata.guest.rootfs import source_dir, sources_hash
+
+    copy = tmp_path / "pykata"
+    shutil.copytree(source_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sources_hash(copy)
+    assert before == sources_hash(source_dir())
+    (copy / "agent" / "health.py").write_text((copy / "agent" / "health.py").read_text() + "\n# changed\n")
+    after = sources_hash(copy)
+    assert after != before
+    # Host-only code does not go into the guest and does not change the key.
+    (copy / "cli" / "image.py").write_text("# changed\n")
+    assert sources_hash(copy) == after
+
+
+# -- unit: pieces ---------------------------------------------------------------------------------
+
+
+def test_parse_apt_show() -> None:
+    text = (
+        "Package: crun\nVersion: 1.8.1-1+deb12u1\nArchitecture: amd64\nSize: 289288\n"
+        "Description: OCI runtime\n continued line: with colon\nSHA256: " + "ab" * 32 + "\n\n"
+        "Package: zlib1g\nVersion: 1:1.2.13.dfsg-1\nArchitecture: amd64\nSize: 1\nSHA256: " + "cd" * 32 + "\n"
+    )
+    found = debs.parse_apt_show(text)
+    assert found["crun"].version == "1.8.1-1+deb12u1"
+    assert found["zlib1g"].filename == "zlib1g_1%3a1.2.13.dfsg-1_amd64.deb"
+
+
+def test_parse_apt_show_names_a_broken_stanza() -> None:
+    with pytest.raises(debs.PackageError, match="package crun"):
+        debs.parse_apt_show("Package: crun\nVersion: 1\nArchitecture: amd64\n")
+
+
+def test_wheel_pins_come_from_pyproject() -> None:
+    pins = wheels.host_pins(["protobuf", "googleapis_common_protos"], ROOT / "pyproject.toml")
+    text = (ROOT / "pyproject.toml").read_text()
+    for project, version in pins.items():
+        assert f'"{project.replace("_", "-")}=={version}"' in text
+    with pytest.raises(wheels.WheelError, match="wheel not-a-dependency"):
+        wheels.host_pins(["not-a-dependency"], ROOT / "pyproject.toml")
+
+
+def test_elf_needed_of_a_real_binary() -> None:
+    needed, interp = elf.dynamic_info(Path("/usr/bin/python3.11").read_bytes())
+    assert "libc.so.6" in needed
+    assert interp == "/lib64/ld-linux-x86-64.so.2"
+    static_needed, static_interp = elf.dynamic_info(Path("/bin/busybox").read_bytes())
+    assert (static_needed, static_interp) == ([], None)
+
+
+def test_missing_shared_library_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    shutil.copy("/usr/bin/crun", tmp_path / "usr/bin/crun")
+    with pytest.raises(assemble.AssembleError, match=r"/usr/bin/crun: needs libyajl\.so\.2"):
+        assemble.prune_libraries(tmp_path)
+
+
+def _parse_newc(data: bytes) -> list[tuple[str, int, int, int, int]]:
+    """(name, mode, uid, gid, mtime) of each member of a newc archive."""
+    out, pos = [], 0
+    while True:
+        assert data[pos:pos + 6] == cpio.MAGIC
+        f = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name = data[pos + 110: pos + 110 + namesize - 1].decode()
+        pos += 110 + namesize
+        pos += -pos % 4
+        pos += filesize + (-filesize % 4)
+        if name == cpio.TRAILER:
+            return out
+        out.append((name, f[1], f[2], f[3], f[5]))
+
+
+def test_cpio_is_sorted_root_owned_and_independent_of_host_metadata(tmp_path: Path) -> None:
+    for n, tree in enumerate(("a", "b")):
+        root = tmp_path / tree
+        (root / "usr/bin").mkdir(parents=True)
+        (root / "usr/bin/tool").write_bytes(b"#!/bin/sh\n")
+        (root / "usr/bin/tool").chmod(0o755)
+        (root / "etc").mkdir()
+        (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+        (root / "bin").symlink_to("usr/bin")
+        os.utime(root / "etc/hosts", (n * 1000, n * 1000))
+    archives = []
+    for tree in ("a", "b"):
+        out = tmp_path / f"{tree}.cpio"
+        fsimage.write_initrd(tmp_path / tree, out, epoch=42, compression="none")
+        archives.append(out.read_bytes())
+    assert archives[0] == archives[1]
+    members = _parse_newc(archives[0])
+    names = [m[0] for m in members]
+    assert names == sorted(names)
+    assert "dev/console" in names
+    assert all(uid == 0 and gid == 0 and mtime == 42 for _n, _m, uid, gid, mtime in members)
+    console = next(m for m in members if m[0] == "dev/console")
+    assert stat.S_ISCHR(console[1])
+
+
+def test_gzip_initrd_is_reproducible(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/file").write_text("x" * 1000)
+    first = fsimage.write_initrd(tmp_path / "root", tmp_path / "1.gz", epoch=0, compression="gzip")
+    time.sleep(1.1)  # gzip headers carry a time unless told otherwise
+    fsimage.write_initrd(tmp_path / "root", tmp_path / "2.gz", epoch=0, compression="gzip")
+    assert first > 0
+    assert (tmp_path / "1.gz").read_bytes() == (tmp_path / "2.gz").read_bytes()
+
+
+def test_bad_source_date_epoch_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pykata.guest.rootfs import RootfsError, source_epoch
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(RootfsError, match="SOURCE_DATE_EPOCH"):
+        source_epoch()
+
+
+# -- reproducibility: real builds -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def deb_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache seeded with the .debs and wheels already downloaded (default cache), to save time."""
+    cache = tmp_path_factory.mktemp("rootfs-cache")
+    for sub in ("debs", "wheels"):
+        if (DEFAULT_CACHE / sub).is_dir():
+            shutil.copytree(DEFAULT_CACHE / sub, cache / sub)
+    return cache
+
+
+def _seeded(deb_cache: Path, target: Path) -> Path:
+    for sub in ("debs", "wheels"):
+        if (deb_cache / sub).is_dir():
+            shutil.copytree(deb_cache / sub, target / sub, dirs_exist_ok=True)
+    return target
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build_twice(deb_cache: Path, tmp_path: Path, recipe: Recipe) -> tuple[RootfsArtifact, RootfsArtifact]:
+    # A snapshot of the sources: others may be editing the working tree while the test runs.
+    from pykata.guest.rootfs import source_dir
+
+    source = tmp_path / "src" / "pykata"
+    shutil.copytree(source_dir(), source, ignore=shutil.ignore_patterns("__pycache__"))
+    first = build_rootfs(_seeded(deb_cache, tmp_path / "one"), recipe=recipe, source=source)
+    # Seed the shared cache with what the first build downloaded, for later tests.
+    _seeded(tmp_path / "one", deb_cache)
+    second = build_rootfs(_seeded(deb_cache, tmp_path / "two"), recipe=recipe, source=source)
+    return first, second
+
+
+@pytest.mark.slow
+def test_reduced_rootfs_is_reproducible(deb_cache: Path, tmp_path: Path) -> None:
+    recipe = Recipe(packages=("busybox-static",), wheels=())
+    first, second = _build_twice(deb_cache, tmp_path, recipe)
+    assert first.key == second.key
+    assert _digest(first.initrd) == _digest(second.initrd)
+    assert first.image is not None and second.image is not None
+    assert _digest(first.image) == _digest(second.image)
+    # A second call finds the cached build at once.
+    started = time.monotonic()
+    again = build_rootfs(tmp_path / "one", recipe=recipe, source=tmp_path / "src" / "pykata")
+    assert again.directory == first.directory
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.slow
+def test_full_rootfs_is_reproducible_and_complete(deb_cache: Path, tmp_path: Path) -> None:
+    first, second = _build_twice(deb_cache, tmp_path, DEFAULT_RECIPE)
+    assert first.key == second.key
+    assert _digest(first.initrd) == _digest(second.initrd)
+    assert first.image is not None and second.image is not None
+    assert _digest(first.image) == _digest(second.image)
+    names = {m[0] for m in _parse_newc(first.initrd.read_bytes())}
+    for needed in ("init", "sbin/init", "bin/sh", "bin/busybox", "usr/bin/python3.11", "usr/bin/crun",
+                   "usr/lib/python3.11/os.pyc", "usr/lib/python3.11/asyncio/__init__.pyc",
+                   "usr/lib/pykata/pykata/agent/__main__.py", "usr/lib/pykata/google/protobuf/__init__.pyc",
+                   "lib64/ld-linux-x86-64.so.2", "dev/console"):
+        assert needed in names, needed
+    for dropped in ("usr/share/doc", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
+                    "usr/lib/python3.11/os.py", "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/ensurepip",
+                    "usr/lib/x86_64-linux-gnu/gconv"):
+        assert dropped not in names, dropped
+
+
+# -- VM: boot the image and talk to the agent -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kernel() -> Path:
+    from pykata.guest.kernel import find_kernel
+
+    art = find_kernel(DEFAULT_CACHE)
+    if art is None:
+        pytest.skip("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
+    return art.vmlinux
+
+
+@pytest.fixture(scope="session")
+def guest(deb_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RootfsArtifact:
+    """The root filesystem of the current sources (the default cache's if it is up to date)."""
+    cached = find_rootfs(DEFAULT_CACHE)
+    if cached is not None:
+        return cached
+    return build_rootfs(_seeded(deb_cache, tmp_path_factory.mktemp("guest-cache")))
+
+
+@contextlib.contextmanager
+def booted(kernel: Path, rootfs: RootfsArtifact, form: str, tmp_path: Path,
+           cmdline: str = "") -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """Start QEMU (microvm, TCG) on the image; yield (process, agent socket, console log); kill it."""
+    sock, log = tmp_path / "agent.sock", tmp_path / "console.log"
+    append = f"console=ttyS0 panic=-1 {rootfs.kernel_params(form)} {cmdline}".strip()  # type: ignore[arg-type]
+    args = [
+        QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
+        "-cpu", "max", "-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+        "-serial", f"file:{log}", "-kernel", str(kernel), "-no-reboot",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+    ]
+    if form == "image":
+        assert rootfs.image is not None
+        args += ["-drive", f"file={rootfs.image},format=raw,if=none,id=root,readonly=on",
+                 "-device", "virtio-blk-device,drive=root"]
+    else:
+        args += ["-initrd", str(rootfs.initrd)]
+    args += ["-append", append]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    try:
+        yield proc, sock, log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def _health(sock: Path, timeout: float) -> tuple[int, str]:
+    from pykata.protocols.agent import HEALTH_SERVICE, agent_pb2
+    from pykata.ttrpc import connect_unix
+
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        assert time.monotonic() < deadline, "QEMU never created the agent socket"
+        await asyncio.sleep(0.01)
+    client = await connect_unix(str(sock))
+    try:
+        stub = client.stub(HEALTH_SERVICE)
+        check = await stub.Check(agent_pb2.CheckRequest(), timeout=deadline - time.monotonic())
+        version = await stub.Version(agent_pb2.CheckRequest(), timeout=10)
+        return check.status, version.agent_version
+    finally:
+        await client.close()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("form", ["initrd", "image"])
+async def test_agent_answers_health_check(kernel: Path, guest: RootfsArtifact, form: str,
+                                          tmp_path: Path) -> None:
+    import pykata
+    from pykata.protocols.agent import agent_pb2
+
+    if form == "image" and guest.image is None:
+        pytest.skip("this rootfs has no ext4 image (built without root)")
+    with booted(kernel, guest, form, tmp_path) as (proc, sock, log):
+        started = time.monotonic()
+        status, version = await _health(sock, timeout=60)
+        elapsed = time.monotonic() - started
+        assert status == agent_pb2.HealthCheckResponse.SERVING
+        assert version == pykata.__version__
+        assert "PYKATA_AGENT_READY" in log.read_text(errors="replace")
+        assert proc.poll() is None
+    print(f"{form}: QEMU start -> Health.Check answered in {elapsed:.2f} s")
+
+
+@pytest.mark.vm
+async def test_debug_boot_runs_python_and_crun_then_powers_off(kernel: Path, guest: RootfsArtifact,
+                                                               tmp_path: Path) -> None:
+    with booted(kernel, guest, "initrd", tmp_path, "pykata.agent=0 pykata.hostname=probe") as (proc, _s, log):
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        text = log.read_text(errors="replace")
+        assert proc.poll() is not None, f"guest did not power off:\n{text[-3000:]}"
+    assert "pykata-init: python: 3.11." in text
+    assert "pykata-init: crun: crun version 1.8.1" in text
+    controllers = next(ln for ln in text.splitlines() if "cgroup controllers:" in ln).split()
+    assert {"cpu", "memory", "pids"} <= set(controllers)
+    assert "cgroup2 /sys/fs/cgroup cgroup2" in text
+    assert "FATAL" not in text
