@@ -48,8 +48,9 @@ class AccelVerdict:
     cached: bool = False
 
 
-def kvm_device_usable(device: Path = KVM_DEVICE) -> str | None:
-    """None if `device` can be opened read-write, else why not."""
+def kvm_device_usable(device: Path | None = None) -> str | None:
+    """None if `device` (default /dev/kvm) can be opened read-write, else why not."""
+    device = device or KVM_DEVICE
     if not device.exists():
         return f"{device} does not exist (no hardware virtualization, or the kvm module is not loaded)"
     try:
