@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pykata import __version__
+from pykata.cli.check import check
 from pykata.cli.image import image
 from pykata.cli.run import COMMANDS as RUN_COMMANDS
 
@@ -16,6 +17,7 @@ def cli() -> None:
 
 
 cli.add_command(image)
+cli.add_command(check)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 

@@ -456,41 +456,55 @@ def resolve_assets(config: Config, kernel: Path | None, initrd: Path | None,
     """The kernel, initrd and image a VM boots: explicit ones, else configured, else pykata.guest's cache.
 
     Raises:
-        HypervisorError: no kernel is configured or built, or a named file does not exist.
+        HypervisorError: no kernel or root filesystem is configured or built, or a file does not exist.
     """
-    q = config.qemu
-    cache = config.runtime.cache_path
-    kernel = kernel or (Path(q.kernel) if q.kernel else None)
-    if kernel is None:
-        kernel = _cached_kernel(cache)
+    kernel = kernel or resolve_kernel(config)
     if initrd is None and image is None:
-        initrd = Path(q.initrd) if q.initrd else None
-        image = Path(q.image) if q.image else None
-        if initrd is None and image is None:
-            initrd, image = _cached_rootfs(cache)
+        initrd, image = resolve_rootfs(config)
     for what, path in (("kernel", kernel), ("initrd", initrd), ("image", image)):
         if path is not None and not path.is_file():
             raise HypervisorError(f"hypervisor.qemu.{what}: {path} does not exist")
     return kernel, initrd, image
 
 
-def _cached_kernel(cache: Path) -> Path:
+def resolve_kernel(config: Config) -> Path:
+    """The configured kernel, else the one `pykata image build` cached.
+
+    Raises:
+        HypervisorError: neither exists.
+    """
+    q = config.qemu
+    if q.kernel:
+        if not Path(q.kernel).is_file():
+            raise HypervisorError(f"hypervisor.qemu.kernel: {q.kernel} does not exist")
+        return Path(q.kernel)
     try:
         from pykata.guest.kernel import find_kernel
     except ImportError:
         raise HypervisorError("no guest kernel configured (hypervisor.qemu.kernel) and no builder") from None
-    found = find_kernel(cache)
+    found = find_kernel(config.runtime.cache_path)
     if found is None:
         raise HypervisorError("no guest kernel: run `pykata image build` or set hypervisor.qemu.kernel")
     return Path(found.vmlinux)
 
 
-def _cached_rootfs(cache: Path) -> tuple[Path | None, Path | None]:
+def resolve_rootfs(config: Config) -> tuple[Path | None, Path | None]:
+    """(initrd, image): the configured one, else the root filesystem `pykata image build` cached.
+
+    Raises:
+        HypervisorError: neither exists.
+    """
+    q = config.qemu
+    for what, value in (("initrd", q.initrd), ("image", q.image)):
+        if value and not Path(value).is_file():
+            raise HypervisorError(f"hypervisor.qemu.{what}: {value} does not exist")
+    if q.initrd or q.image:
+        return (Path(q.initrd) if q.initrd else None), (Path(q.image) if q.image else None)
     try:
         from pykata.guest.rootfs import find_rootfs
     except ImportError:
         raise HypervisorError("no guest initrd configured (hypervisor.qemu.initrd) and no builder") from None
-    found = find_rootfs(cache)
+    found = find_rootfs(config.runtime.cache_path)
     if found is None:
         raise HypervisorError("no guest root filesystem: run `pykata image build` or set hypervisor.qemu.initrd")
     if found.preferred == "image" and found.image is not None:

@@ -1,0 +1,205 @@
+"""`pykata check`: can this host run pykata VMs? Each check passes, warns or fails, with a fix hint.
+
+pykata can run when nothing fails; TCG instead of KVM is a warning (slow, but it works).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pykata.config import Config, load_config
+from pykata.errors import PykataError
+from pykata.hypervisor import accel
+from pykata.hypervisor.qemu.driver import VHOST_VSOCK, resolve_kernel, resolve_rootfs
+
+Status = Literal["pass", "warn", "fail"]
+MIN_QEMU = (7, 2)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+TUN = Path("/dev/net/tun")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Status
+    detail: str
+    hint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_virtualization(cpuinfo: str | None = None) -> CheckResult:
+    """vmx (Intel) / svm (AMD) in the CPU flags."""
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError as exc:
+        return CheckResult("cpu-virtualization", "warn", f"cannot read /proc/cpuinfo: {exc.strerror}")
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    found = sorted(flags & {"vmx", "svm"})
+    if found:
+        return CheckResult("cpu-virtualization", "pass", f"CPU flags: {', '.join(found)}")
+    return CheckResult("cpu-virtualization", "warn", "no vmx/svm CPU flag: no hardware virtualization visible",
+                       "VMs will run under TCG emulation; enable VT-x/AMD-V (or nested virtualization)")
+
+
+def parse_qemu_version(text: str) -> tuple[int, int, int] | None:
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def qemu_binary(config: Config) -> CheckResult:
+    path = config.qemu.path
+    if not os.access(path, os.X_OK):
+        return CheckResult("qemu", "fail", f"{path} not found or not executable",
+                           "apt-get install qemu-system-x86 (or set hypervisor.qemu.path)")
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CheckResult("qemu", "fail", f"{path} --version failed: {exc}")
+    version = parse_qemu_version(out)
+    if version is None:
+        return CheckResult("qemu", "fail", f"cannot read the version of {path}: {out.strip()[:80]!r}")
+    shown = ".".join(map(str, version))
+    if version[:2] < MIN_QEMU:
+        return CheckResult("qemu", "fail", f"QEMU {shown} at {path} is older than 7.2",
+                           "install QEMU 7.2 or newer (Debian 12: qemu-system-x86)")
+    return CheckResult("qemu", "pass", f"QEMU {shown} at {path}")
+
+
+def virtiofsd(config: Config) -> CheckResult:
+    path = config.qemu.virtio_fs_daemon
+    needed = config.qemu.shared_fs == "virtio-fs"
+    if path and os.access(path, os.X_OK):
+        return CheckResult("virtiofsd", "pass", f"{path}")
+    return CheckResult("virtiofsd", "fail" if needed else "warn", f"{path or '(none)'} not found",
+                       "apt-get install qemu-system-x86 (ships /usr/lib/qemu/virtiofsd), "
+                       "or set hypervisor.qemu.shared_fs = \"virtio-9p\"")
+
+
+def vhost_vsock() -> CheckResult:
+    if VHOST_VSOCK.exists():
+        return CheckResult("vhost-vsock", "pass", f"{VHOST_VSOCK} present: the agent channel uses vsock")
+    return CheckResult("vhost-vsock", "warn", f"no {VHOST_VSOCK}: the agent channel uses virtio-serial",
+                       "modprobe vhost_vsock for vsock (optional)")
+
+
+def net_tun(config: Config) -> CheckResult:
+    if TUN.exists():
+        return CheckResult("tun", "pass", f"{TUN} present")
+    needed = config.runtime.internetworking_model != "none"
+    return CheckResult("tun", "fail" if needed else "warn", f"no {TUN}: containers get no network",
+                       "mkdir -p /dev/net && mknod /dev/net/tun c 10 200 (or modprobe tun)")
+
+
+def cgroups_v2(config: Config, root: Path = CGROUP_ROOT) -> CheckResult:
+    """The host's cgroup v2 hierarchy, which host-side sandbox limits use. Containers get cgroup v2 inside
+    the guest whatever the host has, so without it only `sandbox_cgroup_only` cannot work."""
+    controllers = root / "cgroup.controllers"
+    if controllers.exists():
+        names = controllers.read_text().split()
+        return CheckResult("cgroups-v2", "pass", f"unified hierarchy at {root}; controllers: {' '.join(names)}")
+    hybrid = " (hybrid: v2 only at unified/)" if (root / "unified" / "cgroup.controllers").exists() else ""
+    status: Status = "fail" if config.runtime.sandbox_cgroup_only else "warn"
+    return CheckResult("cgroups-v2", status,
+                       f"{root} is not a cgroup v2 hierarchy{hybrid}: no host-side cgroup limits for sandboxes "
+                       "(containers still get cgroup v2 inside the guest)",
+                       "boot the host with systemd.unified_cgroup_hierarchy=1")
+
+
+def guest_assets(config: Config) -> tuple[CheckResult, CheckResult, Path | None]:
+    """Kernel and root filesystem (configured or built by `pykata image build`)."""
+    kernel_path: Path | None = None
+    try:
+        kernel_path = resolve_kernel(config)
+        kernel = CheckResult("guest-kernel", "pass", str(kernel_path))
+    except PykataError as exc:
+        kernel = CheckResult("guest-kernel", "fail", str(exc), "pykata image build")
+    try:
+        initrd, image = resolve_rootfs(config)
+        rootfs = CheckResult("guest-image", "pass", str(initrd or image))
+    except PykataError as exc:
+        rootfs = CheckResult("guest-image", "fail", str(exc), "pykata image build")
+    return kernel, rootfs, kernel_path
+
+
+async def kvm_boot(config: Config, kernel: Path | None, *, use_cache: bool = True) -> CheckResult:
+    """Whether KVM can really boot the guest: the same trial boot the driver relies on."""
+    q = config.qemu
+    if q.accelerator == "tcg":
+        return CheckResult("kvm", "warn", "hypervisor.qemu.accelerator = \"tcg\": KVM is not used",
+                           "set accelerator = \"auto\" to use KVM where it works")
+    unusable = accel.kvm_device_usable()
+    if unusable:
+        status: Status = "fail" if q.accelerator == "kvm" else "warn"
+        return CheckResult("kvm", status, f"{unusable}; VMs use TCG emulation (slow)",
+                           "enable virtualization in firmware and load kvm_intel/kvm_amd")
+    if kernel is None:
+        return CheckResult("kvm", "warn", "/dev/kvm is usable, but there is no guest kernel to trial-boot",
+                           "pykata image build, then pykata check again")
+    try:
+        verdict = await accel.resolve_accelerator(dataclasses.replace(q, accelerator="auto"), kernel,
+                                                  config.runtime.cache_path, use_cache=use_cache)
+    except PykataError as exc:
+        return CheckResult("kvm", "fail", str(exc))
+    cached = " (cached verdict)" if verdict.cached else ""
+    if verdict.accel == "kvm":
+        return CheckResult("kvm", "pass", f"{verdict.reason}{cached}")
+    status = "fail" if q.accelerator == "kvm" else "warn"
+    return CheckResult("kvm", status, f"KVM cannot boot the guest: {verdict.reason}{cached}; VMs use TCG (slow)",
+                       "expected on nested/paravirtual (PVM) hosts; on bare metal check the kvm module")
+
+
+def containerd() -> CheckResult:
+    found = shutil.which("containerd")
+    if found:
+        return CheckResult("containerd", "pass", found)
+    return CheckResult("containerd", "warn", "containerd not found: only the pykata CLI can run containers",
+                       "apt-get install containerd")
+
+
+async def run_checks(config_loader: Callable[[], Config] = load_config, *,
+                     use_cache: bool = True) -> list[CheckResult]:
+    """Run every check; never raises for a failing host (a failure is a result)."""
+    results: list[CheckResult] = []
+    try:
+        config = config_loader()
+        results.append(CheckResult("config", "pass", config.source or "(built-in defaults)"))
+    except PykataError as exc:
+        results.append(CheckResult("config", "fail", str(exc), "fix the configuration file named above"))
+        config = Config()
+    results.append(cpu_virtualization())
+    results.append(qemu_binary(config))
+    qemu_ok = results[-1].status == "pass"
+    kernel, rootfs, kernel_path = guest_assets(config)
+    results.append(await kvm_boot(config, kernel_path if qemu_ok else None, use_cache=use_cache))
+    results.append(virtiofsd(config))
+    results.append(vhost_vsock())
+    results.append(net_tun(config))
+    results.append(cgroups_v2(config))
+    results += [kernel, rootfs]
+    results.append(containerd())
+    return results
+
+
+def can_run(results: list[CheckResult]) -> bool:
+    return all(r.status != "fail" for r in results)
+
+
+def run_checks_sync(config_loader: Callable[[], Config] = load_config, *,
+                    use_cache: bool = True) -> list[CheckResult]:
+    return asyncio.run(run_checks(config_loader, use_cache=use_cache))

@@ -1,0 +1,127 @@
+"""`pykata check`: each check, the exit code and the JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pykata.cli.main import cli
+from pykata.config import Config, parse_toml
+from pykata.hypervisor import check
+from pykata.hypervisor.busybox_initrd import write_busybox_initrd
+
+NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
+         "guest-kernel", "guest-image", "containerd"]
+
+
+def test_cpu_flags() -> None:
+    assert check.cpu_virtualization("flags\t: fpu vmx sse\n").status == "pass"
+    assert check.cpu_virtualization("flags\t: fpu svm\n").detail.endswith("svm")
+    result = check.cpu_virtualization("flags\t: fpu sse\n")
+    assert result.status == "warn" and "TCG" in result.hint
+
+
+def test_qemu_version_parse() -> None:
+    assert check.parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)") == (7, 2, 22)
+    assert check.parse_qemu_version("QEMU emulator version 8.0") == (8, 0, 0)
+    assert check.parse_qemu_version("garbage") is None
+
+
+def test_qemu_missing_fails() -> None:
+    config = parse_toml("[hypervisor.qemu]\npath = '/nonexistent/qemu'\n")
+    result = check.qemu_binary(config)
+    assert result.status == "fail" and "apt-get install" in result.hint
+
+
+def test_real_qemu_passes() -> None:
+    result = check.qemu_binary(Config())
+    assert result.status == "pass", result
+    assert result.detail.startswith("QEMU 7.") or result.detail.startswith("QEMU ")
+
+
+def test_virtiofsd_needed_only_for_virtio_fs() -> None:
+    missing = "virtio_fs_daemon = '/nonexistent/virtiofsd'\n"
+    assert check.virtiofsd(parse_toml("[hypervisor.qemu]\n" + missing)).status == "fail"
+    nine_p = parse_toml("[hypervisor.qemu]\nshared_fs = 'virtio-9p'\n" + missing)
+    assert check.virtiofsd(nine_p).status == "warn"
+
+
+def test_cgroups_check_reads_the_hierarchy(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    assert check.cgroups_v2(Config(), tmp_path).status == "pass"
+    v1 = tmp_path / "v1"
+    (v1 / "unified").mkdir(parents=True)
+    (v1 / "unified" / "cgroup.controllers").write_text("")
+    result = check.cgroups_v2(Config(), v1)
+    assert result.status == "warn" and "hybrid" in result.detail
+    strict = parse_toml("[runtime]\nsandbox_cgroup_only = true\n")
+    assert check.cgroups_v2(strict, v1).status == "fail"
+
+
+def test_missing_guest_assets_fail(tmp_path: Path) -> None:
+    config = parse_toml(f"[runtime]\ncache_dir = '{tmp_path}'\n")
+    kernel, rootfs, path = check.guest_assets(config)
+    assert kernel.status == "fail" and rootfs.status == "fail" and path is None
+    assert "pykata image build" in kernel.hint
+
+
+@pytest.fixture(scope="module")
+def runnable_config() -> Iterator[tuple[Path, Path]]:
+    """A configuration naming a real kernel and a busybox initrd, with a private cache dir."""
+    from pykata.guest.kernel import find_kernel
+
+    kernel_env = os.environ.get("PYKATA_TEST_KERNEL")
+    kernel = Path(kernel_env) if kernel_env else getattr(find_kernel(), "vmlinux", None)
+    assert kernel is not None, "no guest kernel: run `pykata image build`"
+    d = Path(tempfile.mkdtemp(prefix="pkchk"))
+    initrd = write_busybox_initrd(d / "initrd.cpio", "#!/bin/sh\necho PYKATA_KVM_PROBE_OK\npoweroff -f\n")
+    path = d / "configuration.toml"
+    path.write_text(f'[hypervisor.qemu]\nkernel = "{kernel}"\ninitrd = "{initrd}"\n'
+                    f'[runtime]\ncache_dir = "{d}/cache"\nruntime_dir = "{d}/run"\n'
+                    'internetworking_model = "none"\n')
+    yield path, d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.vm
+def test_cli_json_and_exit_code(runnable_config: tuple[Path, Path]) -> None:
+    path, _ = runnable_config
+    result = CliRunner().invoke(cli, ["check", "--json", "--config", str(path)])
+    data = json.loads(result.output)
+    assert [c["name"] for c in data["checks"]] == NAMES
+    by_name = {c["name"]: c for c in data["checks"]}
+    assert by_name["config"]["detail"] == str(path)
+    assert by_name["guest-kernel"]["status"] == "pass"
+    # KVM that cannot boot the guest is a warning, never a failure, with accelerator = "auto".
+    assert by_name["kvm"]["status"] in ("pass", "warn")
+    assert by_name["kvm"]["detail"]
+    assert all(c["status"] in ("pass", "warn", "fail") for c in data["checks"])
+    assert data["ok"] == all(c["status"] != "fail" for c in data["checks"])
+    assert result.exit_code == (0 if data["ok"] else 1)
+
+
+@pytest.mark.vm
+def test_cli_human_output(runnable_config: tuple[Path, Path]) -> None:
+    path, _ = runnable_config
+    result = CliRunner().invoke(cli, ["check", "--config", str(path)])
+    for name in NAMES:
+        assert name in result.output
+    assert ("pykata can run" in result.output) == (result.exit_code == 0)
+
+
+def test_cli_bad_config_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[hypervisor.qemu]\ndefault_memory = -4\n")
+    result = CliRunner().invoke(cli, ["check", "--json", "--config", str(bad)])
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    assert not data["ok"]
+    assert data["checks"][0]["status"] == "fail"
+    assert "hypervisor.qemu.default_memory" in data["checks"][0]["detail"]
