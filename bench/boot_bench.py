@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Boot benchmark: QEMU start -> kernel -> init -> agent channel ready, per phase, median of N.
+
+Two guests:
+  tiny   the cached kernel + a busybox initrd whose init writes to the agent virtio-serial port; the
+         host measures the first byte on the channel socket. The floor of what the VM layer costs.
+  image  the cached kernel + the root filesystem of `pykata image build`; ready when the agent prints
+         PYKATA_AGENT_READY (it is then serving ttrpc on the channel).
+
+Phases (host wall clock unless noted):
+  spawn        QEMU fork+exec returned
+  qmp          QMP connected (QEMU has set the machine up)
+  pre-kernel   QEMU start until the guest clock starts: total - guest uptime at ready (tiny only)
+  kernel       guest uptime when init starts (guest clock; tiny only)
+  init         init start until the channel is written (guest clock; tiny only)
+  ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
+  stop         stop(): QMP quit, reap, clean up
+
+    .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pykata.config import Config, parse_toml
+from pykata.hypervisor import Hypervisor, QemuHypervisor
+from pykata.hypervisor.busybox_initrd import write_busybox_initrd
+
+TINY_INIT = """#!/bin/sh
+mount -t proc proc /proc
+read up rest < /proc/uptime; echo "PYKATA_T init $up"
+mount -t devtmpfs dev /dev
+mount -t sysfs sys /sys
+port=
+while [ -z "$port" ]; do
+    for d in /sys/class/virtio-ports/*; do
+        read n < $d/name 2>/dev/null
+        [ "$n" = agent.channel.0 ] && [ -c /dev/${d##*/} ] && port=/dev/${d##*/}
+    done
+done
+read up rest < /proc/uptime; echo "PYKATA_T ready $up"
+until echo PYKATA_CHANNEL_READY > $port; do sleep 0.01; done 2>/dev/null
+while true; do sleep 1000; done
+"""
+_T = re.compile(r"PYKATA_T (\w+) ([\d.]+)")
+
+
+def make_config(workdir: Path, memory: int) -> Config:
+    return parse_toml(
+        f"""
+        [hypervisor.qemu]
+        default_memory = {memory}
+        shared_fs = "none"
+        [runtime]
+        runtime_dir = "{workdir}/run"
+        cache_dir = "{workdir}/cache"
+        """
+    )
+
+
+async def channel_first_byte(vm: Hypervisor) -> None:
+    """Ready when the guest has written to the agent virtio-serial port."""
+    path = vm.agent_endpoint.socket
+    assert path is not None
+    while True:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            break
+        except OSError:
+            await asyncio.sleep(0.002)
+    try:
+        data = await reader.read(64)
+        if not data:
+            raise RuntimeError("agent channel closed before the guest wrote")
+    finally:
+        writer.close()
+
+
+async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path) -> dict[str, float]:
+    readiness = channel_first_byte if guest == "tiny" else None
+    vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
+    try:
+        await vm.prepare()
+        await vm.start()
+        await vm.wait_ready(60)
+        ts = vm.timestamps
+        t0 = ts["start"]
+        out = {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0, "ready": ts["ready"] - t0}
+        if guest == "tiny":
+            marks = dict(_T.findall(vm.console_log.read_text(errors="replace")))
+            if "init" in marks and "ready" in marks:
+                up_init, up_ready = float(marks["init"]), float(marks["ready"])
+                out["kernel"] = up_init
+                out["init"] = up_ready - up_init
+                out["pre-kernel"] = out["ready"] - up_ready
+    finally:
+        stop_at = time.monotonic()
+        await vm.stop()
+    out["stop"] = time.monotonic() - stop_at
+    return out
+
+
+ORDER = ["spawn", "qmp", "pre-kernel", "kernel", "init", "ready", "stop"]
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    summary: dict[str, dict[str, float]] = {}
+    for phase in ORDER:
+        values = [r[phase] for r in runs if phase in r]
+        if values:
+            summary[phase] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | None) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="pkbench"))
+    try:
+        config = make_config(workdir, memory)
+        if guest == "tiny":
+            initrd = write_busybox_initrd(workdir / "tiny.cpio", TINY_INIT)
+        assert initrd is not None
+        # The accelerator verdict (a KVM trial boot where /dev/kvm exists) is taken once, outside the runs.
+        warm = QemuHypervisor("bench-warmup", config, kernel=kernel, initrd=initrd)
+        await warm.prepare()
+        await warm.stop()
+        runs = []
+        for i in range(n):
+            runs.append(await one_boot(i, guest, config, kernel, initrd))
+            print(f"[boot_bench] {guest} run {i + 1}/{n}: ready {runs[-1]['ready']:.3f}s", file=sys.stderr)
+        return {"guest": guest, "runs": n, "memory_mib": memory, "accel": warm.accel.accel if warm.accel else "?",
+                "kernel": str(kernel), "initrd": str(initrd), "phases": summarize(runs)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def find_assets(kernel: str | None, image_initrd: str | None, want_image: bool) -> tuple[Path, Path | None]:
+    from pykata.guest.kernel import find_kernel
+
+    k = Path(kernel) if kernel else getattr(find_kernel(), "vmlinux", None)
+    if k is None:
+        sys.exit("boot_bench: no guest kernel; run `pykata image build` or pass --kernel")
+    initrd: Path | None = Path(image_initrd) if image_initrd else None
+    if want_image and initrd is None:
+        from pykata.config import load_config
+        from pykata.guest.rootfs import find_rootfs
+
+        found = find_rootfs(load_config().runtime.cache_path)
+        initrd = found.initrd if found else None
+    return k, initrd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=5, help="boots per guest (default 5)")
+    ap.add_argument("--guest", choices=["tiny", "image", "both"], default="both")
+    ap.add_argument("--memory", type=int, default=512, help="guest MiB (default 512)")
+    ap.add_argument("--kernel", help="vmlinux (default: the cached build)")
+    ap.add_argument("--initrd", help="initrd for --guest image (default: the cached build)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    guests = ["tiny", "image"] if args.guest == "both" else [args.guest]
+    kernel, image_initrd = find_assets(args.kernel, args.initrd, "image" in guests)
+    results = []
+    for guest in guests:
+        if guest == "image" and image_initrd is None:
+            print("[boot_bench] no guest image (pykata image build): skipping --guest image", file=sys.stderr)
+            continue
+        results.append(asyncio.run(bench(guest, args.n, args.memory, kernel, image_initrd)))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(f"{r['guest']}: {r['runs']} boots, {r['memory_mib']} MiB, accel {r['accel']}, initrd {r['initrd']}")
+        for phase, s in r["phases"].items():
+            print(f"  {phase:<11} median {s['median']:.3f}s  (min {s['min']:.3f}, max {s['max']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
