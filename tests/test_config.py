@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 
@@ -181,3 +182,23 @@ def test_resolved_limits() -> None:
     fixed = parse_toml("[hypervisor.qemu]\ndefault_maxvcpus = 3\ndefault_maxmemory = 4096\n")
     assert fixed.qemu.resolved_maxvcpus() == 3
     assert fixed.qemu.resolved_maxmemory() == 4096
+
+
+def test_pykata_env_output_round_trips(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pykata.cli.main import cli
+
+    path = tmp_path / "c.toml"
+    path.write_text("[hypervisor.qemu]\ndefault_memory = 300\nvirtio_fs_extra_args = ['-o', 'x=\"y\"']\n")
+    result = CliRunner().invoke(cli, ["env", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"# source: {path}")
+    reparsed = parse_toml(result.output)
+    assert dataclasses.replace(reparsed, source=str(path)) == load_config_file(path)
+    as_json = CliRunner().invoke(cli, ["env", "--json", "--config", str(path)])
+    assert json.loads(as_json.output)["config"]["hypervisor"]["qemu"]["default_memory"] == 300
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[runtime]\nnope = 1\n")
+    failed = CliRunner().invoke(cli, ["env", "--config", str(bad)])
+    assert failed.exit_code != 0 and "runtime.nope" in failed.output

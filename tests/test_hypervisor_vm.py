@@ -300,18 +300,48 @@ async def test_shared_directory(make_vm, workdir: Path, shared_fs: str) -> None:
     assert not vm.paths.dir.exists()
 
 
-async def test_q35_hotplug(make_vm, workdir: Path, idle_initrd: Path) -> None:  # type: ignore[no-untyped-def]
+HOTPLUG_INIT = """#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+echo PYKATA_AGENT_READY
+while true; do
+    set -- /sys/devices/system/cpu/cpu[0-9]*
+    read -r _ kb _ < /proc/meminfo
+    echo "HOTPLUG cpus=$# memkb=$kb"
+    sleep 0.3
+done
+"""
+
+
+async def wait_console(vm: QemuHypervisor, pattern: str, timeout: float = 30) -> str:
+    import re
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.findall(pattern, vm.console_log.read_text(errors="replace"))
+        if found:
+            return str(found[-1])
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{pattern!r} not on the console: {vm.console_log.read_text()[-500:]}")
+
+
+async def test_q35_hotplug(make_vm, workdir: Path) -> None:  # type: ignore[no-untyped-def]
     from pykata.hypervisor import BlockDevice, NotSupportedError
 
+    initrd = write_busybox_initrd(workdir / "hotplug.cpio", HOTPLUG_INIT)
     config = make_config(workdir, machine_type="q35", default_maxvcpus=2, default_maxmemory=1024,
                          memory_slots=2)
-    vm = await boot(make_vm(idle_initrd, config), timeout=90)
+    vm = await boot(make_vm(initrd, config), timeout=90)
+    before = int(await wait_console(vm, r"HOTPLUG cpus=1 memkb=(\d+)"))
     assert await vm.resize_vcpus(2) == 2
     cpus = await vm.qmp.execute("query-hotpluggable-cpus")
     assert all("qom-path" in c for c in cpus)
     assert await vm.resize_memory(384) == 384
     dimms = await vm.qmp.execute("query-memory-devices")
     assert [d["data"]["size"] for d in dimms] == [128 * 1024 * 1024]
+    # The guest sees the new vCPU (onlining it is the agent's job) and onlines the DIMM itself.
+    after = int(await wait_console(vm, r"HOTPLUG cpus=2 memkb=(\d+)"))
+    assert after - before >= 120 * 1024
     disk = workdir / "disk.img"
     disk.write_bytes(b"\0" * 1024 * 1024)
     await vm.add_device(BlockDevice("disk1", disk, readonly=True))

@@ -6,6 +6,7 @@ import click
 
 from pykata import __version__
 from pykata.cli.check import check
+from pykata.cli.config_cmd import env
 from pykata.cli.image import image
 from pykata.cli.run import COMMANDS as RUN_COMMANDS
 
@@ -18,6 +19,7 @@ def cli() -> None:
 
 cli.add_command(image)
 cli.add_command(check)
+cli.add_command(env)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 
