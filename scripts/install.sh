@@ -12,6 +12,7 @@ APT_PACKAGES=(
     golang-github-containerd-containerd-dev iproute2 kmod procps psmisc
     golang-github-containerd-cgroups-dev protobuf-compiler libprotobuf-dev
     linux-source-6.1 flex bison bc libelf-dev libssl-dev
+    e2fsprogs
 )
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
