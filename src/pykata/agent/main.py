@@ -7,10 +7,13 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pykata.agent.channel import DEFAULT_PORT_NAME, ChannelError, parse_channel, serve_serial, serve_vsock
 from pykata.agent.health import HealthService
-from pykata.protocols.agent import HEALTH_SERVICE
+from pykata.agent.service import AgentService
+from pykata.agent.settings import DEFAULT_STATE_DIR, AgentSettings
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.ttrpc import Server
 
 log = logging.getLogger("pykata.agent")
@@ -19,17 +22,45 @@ log = logging.getLogger("pykata.agent")
 READY_LINE = "PYKATA_AGENT_READY"
 
 
-def build_server() -> Server:
-    """A ttrpc server with every service the agent offers."""
+def build_server(agent: AgentService | None = None) -> Server:
+    """A ttrpc server with every service the agent offers (AgentService when `agent` is given)."""
     server = Server()
     server.register(HEALTH_SERVICE, HealthService())
+    if agent is not None:
+        server.register(AGENT_SERVICE, agent)
     return server
 
 
-async def run(channel_spec: str) -> None:
-    """Serve until cancelled. Raises ChannelError when the channel is unusable."""
+async def run(channel_spec: str, settings: AgentSettings | None = None, listen: str | None = None) -> None:
+    """Serve until cancelled. Raises ChannelError when the channel is unusable.
+
+    `listen` ("unix:PATH") serves a unix socket instead of the channel (tests run the agent on
+    the host this way).
+    """
+    agent = AgentService(settings)
+    await agent.start()
+    try:
+        await _serve(channel_spec, build_server(agent), listen)
+    finally:
+        await agent.close()
+
+
+async def _serve(channel_spec: str, server: Server, listen: str | None) -> None:
+    if listen is not None:
+        if not listen.startswith("unix:") or len(listen) == len("unix:"):
+            raise ChannelError(f"--listen: expected unix:PATH, got {listen!r}")
+        try:
+            listener = await server.serve_unix(listen.removeprefix("unix:"))
+        except OSError as exc:
+            raise ChannelError(f"--listen: cannot listen on {listen}: {exc.strerror}") from exc
+        log.info("serving on %s", listen)
+        print(READY_LINE, flush=True)
+        try:
+            await listener.serve_forever()
+        finally:
+            await server.close()
+        return
     channel = parse_channel(channel_spec)
-    server = build_server()
     ready = asyncio.Event()
     if channel.kind == "vsock":
         serving = asyncio.ensure_future(serve_vsock(server, channel.port, ready))
@@ -52,6 +83,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pykata-agent", description="pykata guest agent")
     parser.add_argument("--channel", default=f"serial:{DEFAULT_PORT_NAME}",
                         help="device path, serial:<virtio port name> or vsock:<port>")
+    parser.add_argument("--listen", metavar="unix:PATH",
+                        help="serve on a unix socket instead of the channel (tests on a host)")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="crun state, bundles, sockets (default %(default)s)")
+    parser.add_argument("--shared-dir", type=Path, default=None,
+                        help="where the host's shared file system is mounted (default STATE_DIR/shared)")
+    parser.add_argument("--cgroup-parent", default="pykata",
+                        help="containers get cgroup /CGROUP_PARENT/<container id> (default %(default)s)")
+    parser.add_argument("--crun", default="crun", help="crun executable (default: found in PATH)")
     parser.add_argument("--debug", action="store_true", help="log at debug level")
     return parser.parse_args(argv)
 
@@ -62,8 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="pykata-agent: %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run(args.channel))
-    except ChannelError as exc:
+        settings = AgentSettings(state_dir=args.state_dir, shared_dir=args.shared_dir,
+                                 cgroup_parent=args.cgroup_parent, crun=args.crun)
+    except ValueError as exc:
+        log.error("--cgroup-parent: %s", exc)
+        return 2
+    try:
+        asyncio.run(run(args.channel, settings, args.listen))
+    except (ChannelError, OSError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

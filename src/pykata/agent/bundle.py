@@ -1,0 +1,302 @@
+"""From the OCI spec the host sends to the config.json crun runs: checked and rewritten for the guest.
+
+What changes on the way (Kata does the same):
+  * root.path must already be a guest path inside the agent's allowed directories (the shared
+    directory or a storage the agent mounted); it is replaced by its resolved form.
+  * bind mounts must come from inside those directories too; other mount types are kept only if
+    they are kernel file systems crun knows how to make (proc, sysfs, tmpfs, devpts, ...).
+  * the network namespace entry is removed: the VM's network namespace is the pod's, and a
+    container that made its own would have no network at all. Other namespaces keep their type
+    but lose any `path` (host namespace paths mean nothing in the guest); the pid namespace may
+    join the sandbox's instead.
+  * hooks are dropped (they are host programs), so are AppArmor/SELinux labels (the guest kernel
+    has neither); seccomp stays.
+  * linux.cgroupsPath becomes the agent's per-sandbox cgroup for the container.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pykata.agent.validation import (
+    MAX_RESOURCES_BYTES,
+    MAX_SPEC_BYTES,
+    check_abs_path,
+    check_args,
+    check_count,
+    check_env,
+    check_string,
+    check_within,
+    invalid,
+    open_dir_below,
+)
+from pykata.protocols.agent import agent_pb2
+
+Spec = dict[str, Any]
+
+KERNEL_MOUNT_TYPES = frozenset({"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "shm"})
+BIND_TYPES = frozenset({"bind", "rbind", "none", ""})
+NAMESPACE_TYPES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+_U32 = 2**32
+
+
+def load_json_object(field: str, text: str, limit: int) -> dict[str, Any]:
+    """Parse bounded JSON text that must be an object. Raises RpcError(INVALID_ARGUMENT)."""
+    if len(text.encode()) > limit:
+        raise invalid(field, f"larger than {limit} bytes")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise invalid(field, f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise invalid(field, "must be a JSON object")
+    return doc
+
+
+def load_spec(text: str) -> Spec:
+    spec = load_json_object("oci_spec_json", text, MAX_SPEC_BYTES)
+    for key in ("process", "root"):
+        if not isinstance(spec.get(key), dict):
+            raise invalid(f"oci_spec_json.{key}", "missing or not an object")
+    return spec
+
+
+def load_resources(text: str) -> dict[str, Any]:
+    return load_json_object("linux_resources_json", text, MAX_RESOURCES_BYTES)
+
+
+def _uint(field: str, value: object, limit: int = _U32) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        raise invalid(field, f"{value!r} is not an integer in [0, {limit})")
+    return value
+
+
+def check_process(proc: dict[str, Any], field: str) -> dict[str, Any]:
+    """Check an OCI `process` object in place; returns it without the labels the guest lacks."""
+    proc["args"] = check_args(f"{field}.args", proc.get("args"))
+    proc["env"] = check_env(f"{field}.env", proc.get("env"))
+    proc["cwd"] = check_abs_path(f"{field}.cwd", proc.get("cwd") or "/")
+    user = proc.get("user", {})
+    if not isinstance(user, dict):
+        raise invalid(f"{field}.user", "must be an object")
+    user["uid"] = _uint(f"{field}.user.uid", user.get("uid", 0))
+    user["gid"] = _uint(f"{field}.user.gid", user.get("gid", 0))
+    gids = user.get("additionalGids") or []
+    if not isinstance(gids, list):
+        raise invalid(f"{field}.user.additionalGids", "must be a list")
+    check_count(f"{field}.user.additionalGids", gids, 256)
+    user["additionalGids"] = [_uint(f"{field}.user.additionalGids[{i}]", g) for i, g in enumerate(gids)]
+    if not user["additionalGids"]:
+        del user["additionalGids"]
+    if "umask" in user and user["umask"] is not None:
+        user["umask"] = _uint(f"{field}.user.umask", user["umask"], 0o1000)
+    proc["user"] = user
+    if not isinstance(proc.get("terminal", False), bool):
+        raise invalid(f"{field}.terminal", "must be true or false")
+    size = proc.get("consoleSize")
+    if size is not None:
+        if not isinstance(size, dict):
+            raise invalid(f"{field}.consoleSize", "must be an object")
+        for k in ("height", "width"):
+            _uint(f"{field}.consoleSize.{k}", size.get(k, 0), 65536)
+    for key in ("capabilities", "rlimits"):
+        if key in proc and not isinstance(proc[key], dict | list):
+            raise invalid(f"{field}.{key}", "has the wrong type")
+    proc.pop("apparmorProfile", None)
+    proc.pop("selinuxLabel", None)
+    return proc
+
+
+def _is_bind(mount: Mapping[str, Any]) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") in ("bind", "rbind") or "bind" in options or "rbind" in options
+
+
+def check_mounts(mounts: object, roots: Sequence[Path]) -> list[dict[str, Any]]:
+    """Check the spec's mounts; bind sources are resolved and must lie inside `roots`."""
+    if mounts is None:
+        return []
+    if not isinstance(mounts, list):
+        raise invalid("oci_spec_json.mounts", "must be a list")
+    check_count("oci_spec_json.mounts", mounts)
+    out = []
+    for i, m in enumerate(mounts):
+        field = f"oci_spec_json.mounts[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(field, "must be an object")
+        m = dict(m)
+        m["destination"] = check_abs_path(f"{field}.destination", m.get("destination"))
+        options = m.get("options") or []
+        if not isinstance(options, list):
+            raise invalid(f"{field}.options", "must be a list of strings")
+        check_count(f"{field}.options", options, 64)
+        m["options"] = [check_string(f"{field}.options[{j}]", o, max_len=4096) for j, o in enumerate(options)]
+        mtype = m.get("type", "")
+        if not isinstance(mtype, str):
+            raise invalid(f"{field}.type", "must be a string")
+        if _is_bind(m):
+            if mtype not in BIND_TYPES:
+                raise invalid(f"{field}.type", f"{mtype!r} with a bind option")
+            m["source"] = str(check_within(f"{field}.source", m.get("source"), roots))
+        elif mtype not in KERNEL_MOUNT_TYPES:
+            raise invalid(f"{field}.type", f"{mtype!r} is not allowed (bind mounts and {sorted(KERNEL_MOUNT_TYPES)})")
+        else:
+            check_string(f"{field}.source", m.get("source", mtype), max_len=256)
+        out.append(m)
+    return out
+
+
+def _namespaces(linux: dict[str, Any], pid_ns_path: str | None) -> list[dict[str, str]]:
+    entries = linux.get("namespaces") or []
+    if not isinstance(entries, list):
+        raise invalid("oci_spec_json.linux.namespaces", "must be a list")
+    out = []
+    seen = set()
+    for i, ns in enumerate(entries):
+        if not isinstance(ns, dict) or ns.get("type") not in NAMESPACE_TYPES:
+            raise invalid(f"oci_spec_json.linux.namespaces[{i}]", f"unknown namespace {ns!r}")
+        kind = ns["type"]
+        if kind == "network" or kind in seen:
+            continue
+        seen.add(kind)
+        entry = {"type": kind}
+        if kind == "pid" and pid_ns_path:
+            entry["path"] = pid_ns_path
+        out.append(entry)
+    if pid_ns_path and "pid" not in seen:
+        out.append({"type": "pid", "path": pid_ns_path})
+    return out
+
+
+def device_entries(devices: Iterable[agent_pb2.Device]) -> list[dict[str, Any]]:
+    """linux.devices entries for the devices the host hot-plugged (found under the guest's /dev)."""
+    out = []
+    for i, dev in enumerate(devices):
+        field = f"devices[{i}]"
+        if not dev.vm_path or not dev.container_path:
+            continue
+        real = check_within(f"{field}.vm_path", dev.vm_path, [Path("/dev")])
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            raise invalid(f"{field}.vm_path", f"{dev.vm_path}: {exc.strerror}") from None
+        if stat.S_ISBLK(st.st_mode):
+            kind = "b"
+        elif stat.S_ISCHR(st.st_mode):
+            kind = "c"
+        else:
+            raise invalid(f"{field}.vm_path", f"{dev.vm_path} is not a device")
+        out.append({"path": check_abs_path(f"{field}.container_path", dev.container_path), "type": kind,
+                    "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                    "fileMode": stat.S_IMODE(st.st_mode), "uid": 0, "gid": 0})
+    return out
+
+
+def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, terminal: bool = False,
+                 pid_ns_path: str | None = None, extra_mounts: Sequence[dict[str, Any]] = (),
+                 devices: Sequence[dict[str, Any]] = ()) -> Spec:
+    """The config.json for crun (a new dict). Raises RpcError(INVALID_ARGUMENT) naming the field."""
+    out = copy.deepcopy(spec)
+    out.pop("hooks", None)
+    root = out["root"]
+    real_root = check_within("oci_spec_json.root.path", root.get("path"), roots)
+    if not real_root.is_dir():
+        raise invalid("oci_spec_json.root.path", f"{root.get('path')!r} is not a directory")
+    root["path"] = str(real_root)
+    if not isinstance(root.get("readonly", False), bool):
+        raise invalid("oci_spec_json.root.readonly", "must be true or false")
+    process = check_process(out["process"], "oci_spec_json.process")
+    if terminal:
+        process["terminal"] = True
+    if "hostname" in out:
+        check_string("oci_spec_json.hostname", out["hostname"], max_len=64)
+    mounts = check_mounts(out.get("mounts"), roots)
+    have = {m["destination"] for m in mounts}
+    mounts.extend(m for m in extra_mounts if m["destination"] not in have)
+    out["mounts"] = mounts
+    linux = out.setdefault("linux", {})
+    if not isinstance(linux, dict):
+        raise invalid("oci_spec_json.linux", "must be an object")
+    linux["namespaces"] = _namespaces(linux, pid_ns_path)
+    linux["cgroupsPath"] = cgroups_path
+    linux.pop("mountLabel", None)
+    if not isinstance(linux.get("resources", {}), dict):
+        raise invalid("oci_spec_json.linux.resources", "must be an object")
+    if devices:
+        listed = linux.get("devices") or []
+        if not isinstance(listed, list):
+            raise invalid("oci_spec_json.linux.devices", "must be a list")
+        paths = {d["path"] for d in devices}
+        linux["devices"] = [d for d in listed if isinstance(d, dict) and d.get("path") not in paths] + list(devices)
+        rules = linux.setdefault("resources", {}).setdefault("devices", [])
+        rules.extend({"allow": True, "type": d["type"], "major": d["major"], "minor": d["minor"],
+                      "access": "rwm"} for d in devices)
+    return out
+
+
+# -- exec processes ----------------------------------------------------------------------------
+
+def process_from_proto(proc: agent_pb2.Process, base: Mapping[str, Any], rootfs: Path) -> dict[str, Any]:
+    """The OCI process.json for `crun exec`: the request's fields, with the container's init
+    process supplying capabilities, rlimits and no_new_privileges when the request leaves them out.
+
+    Raises RpcError(INVALID_ARGUMENT) naming the bad field of `process`.
+    """
+    out: dict[str, Any] = {
+        "args": list(proc.args), "env": list(proc.env), "cwd": proc.cwd or "/",
+        "terminal": proc.terminal,
+        "user": {"uid": proc.user.uid, "gid": proc.user.gid},
+    }
+    if proc.user.additional_gids:
+        out["user"]["additionalGids"] = list(proc.user.additional_gids)
+    if proc.user.HasField("umask"):
+        out["user"]["umask"] = proc.user.umask
+    if proc.user.username:
+        name = check_string("process.user.username", proc.user.username, max_len=256, allow_empty=False)
+        out["user"]["uid"], out["user"]["gid"] = lookup_user(rootfs, name)
+    if proc.terminal and (proc.console_height or proc.console_width):
+        out["consoleSize"] = {"height": proc.console_height, "width": proc.console_width}
+    if proc.HasField("capabilities"):
+        caps = proc.capabilities
+        out["capabilities"] = {k: list(getattr(caps, k)) for k in
+                               ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    elif "capabilities" in base:
+        out["capabilities"] = copy.deepcopy(base["capabilities"])
+    if proc.rlimits:
+        out["rlimits"] = [{"type": r.type, "hard": r.hard, "soft": r.soft} for r in proc.rlimits]
+    elif "rlimits" in base:
+        out["rlimits"] = copy.deepcopy(base["rlimits"])
+    out["noNewPrivileges"] = proc.no_new_privileges or bool(base.get("noNewPrivileges", False))
+    if proc.HasField("oom_score_adj"):
+        out["oomScoreAdj"] = proc.oom_score_adj
+    return check_process(out, "process")
+
+
+def lookup_user(rootfs: Path, name: str) -> tuple[int, int]:
+    """uid and gid of `name` in the container's /etc/passwd (never following a symlink out).
+
+    Raises RpcError(INVALID_ARGUMENT) when there is no such user.
+    """
+    try:
+        etc = open_dir_below(rootfs, ["etc"], field="process.user.username")
+    except OSError:
+        raise invalid("process.user.username", "the container has no /etc/passwd") from None
+    try:
+        fd = os.open("passwd", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=etc)
+        with os.fdopen(fd, "r", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        raise invalid("process.user.username", "the container has no readable /etc/passwd") from None
+    finally:
+        os.close(etc)
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 4 and parts[0] == name and parts[2].isdigit() and parts[3].isdigit():
+            return int(parts[2]), int(parts[3])
+    raise invalid("process.user.username", f"no user {name!r} in the container's /etc/passwd")

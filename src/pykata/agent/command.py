@@ -1,0 +1,144 @@
+"""Spawning helper programs (crun, modprobe) with os.posix_spawn and waiting through the reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pykata.agent.reaper import ExitStatus, Reaper
+
+DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+CAPTURE_LIMIT = 64 << 10
+
+
+class CommandTimeout(TimeoutError):
+    """A helper program did not finish in time (it has been killed)."""
+
+
+@dataclass(frozen=True)
+class Child:
+    pid: int
+    exited: asyncio.Future[ExitStatus]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    status: ExitStatus
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return os.WIFEXITED(self.status.raw) and os.WEXITSTATUS(self.status.raw) == 0
+
+
+def _above_stdio(fd: int) -> int:
+    # dup2 onto 0/1/2 in the child must not clobber a source that itself is 0/1/2.
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd < 3 else fd
+
+
+def spawn(reaper: Reaper, argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None,
+          stderr: int | None = None, env: Mapping[str, str] | None = None, setsid: bool = True) -> Child:
+    """Start `argv` (argv[0] an absolute path) with the given descriptors as its stdio (/dev/null
+    for None). The caller keeps ownership of the descriptors. Raises OSError when it cannot start.
+    """
+    opened: list[int] = []
+    try:
+        fds = []
+        for fd in (stdin, stdout, stderr):
+            if fd is None:
+                fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                opened.append(fd)
+            dup = _above_stdio(fd)
+            if dup != fd:
+                opened.append(dup)
+            fds.append(dup)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+        generation = reaper.generation
+        pid = os.posix_spawn(
+            argv[0], list(argv), dict(env if env is not None else DEFAULT_ENV), file_actions=actions,
+            setsid=setsid,
+            # Python ignores SIGPIPE and SIGXFSZ; exec keeps "ignored", so restore the defaults
+            # or every container process would inherit them.
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(),
+        )
+        return Child(pid, reaper.watch(pid, since=generation))
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+class _Collector:
+    """Reads a pipe into a bounded buffer (the rest is drained and dropped) until end of file."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.data = bytearray()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            room = self.limit - len(self.data)
+            if room > 0:
+                self.data += chunk[:room]
+            return
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def run(reaper: Reaper, argv: Sequence[str], *, timeout: float, stdin: int | None = None,
+              env: Mapping[str, str] | None = None, capture_limit: int = CAPTURE_LIMIT) -> CommandResult:
+    """Run `argv` to completion, capturing (bounded) stdout and stderr.
+
+    Raises OSError when it cannot start and CommandTimeout (after SIGKILL) when it runs longer
+    than `timeout` seconds.
+    """
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        child = spawn(reaper, argv, stdin=stdin, stdout=out_w, stderr=err_w, env=env)
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    out, err = _Collector(out_r, capture_limit), _Collector(err_r, capture_limit)
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                status = await asyncio.shield(child.exited)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+            raise CommandTimeout(f"{argv[0]} did not finish within {timeout}s") from None
+        # A grandchild may hold the pipes open (e.g. a daemon); do not wait for it for long.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(out.done, err.done)
+        return CommandResult(status, bytes(out.data), bytes(err.data))
+    finally:
+        out.close()
+        err.close()

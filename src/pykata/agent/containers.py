@@ -1,0 +1,350 @@
+"""Containers in the guest: bundle, crun lifecycle, init and exec processes, storages, cgroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pykata.agent import bundle
+from pykata.agent.crun import Crun, CrunError, Stdio
+from pykata.agent.processes import Process
+from pykata.agent.reaper import Reaper
+from pykata.agent.settings import AgentSettings
+from pykata.agent.stats import Cgroup, OOMWatcher
+from pykata.agent.stdio import console_listener, receive_console
+from pykata.agent.storage import Mounted, Storages
+from pykata.agent.validation import (
+    already_exists,
+    check_count,
+    check_exec_id,
+    check_id,
+    failed_precondition,
+    invalid,
+    not_found,
+)
+from pykata.protocols.agent import agent_pb2
+from pykata.ttrpc import Code, RpcError
+
+log = logging.getLogger("pykata.agent.containers")
+
+CONSOLE_TIMEOUT = 10.0
+MAX_EXECS = 1024  # per container, including exited ones not yet forgotten
+
+
+class Container:
+    """One container: status is "created", "running", "paused" or "stopped"."""
+
+    def __init__(self, cid: str, bundle_dir: Path, spec: dict[str, Any], cgroup: Cgroup,
+                 init: Process, mounts: list[Mounted]) -> None:
+        self.id = cid
+        self.bundle = bundle_dir
+        self.spec = spec
+        self.cgroup = cgroup
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.mounts = mounts
+        self.status = "created"
+        self.lock = asyncio.Lock()
+
+    @property
+    def rootfs(self) -> Path:
+        return Path(self.spec["root"]["path"])
+
+    def process(self, exec_id: str) -> Process:
+        """Raises RpcError(NOT_FOUND) for an unknown exec id."""
+        if not exec_id:
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise not_found(f"container {self.id} has no process {exec_id!r}")
+        return proc
+
+    def processes(self) -> list[Process]:
+        return [self.init, *self.execs.values()]
+
+
+class Containers:
+    """All containers of the agent, by id."""
+
+    def __init__(self, settings: AgentSettings, reaper: Reaper, crun: Crun, storages: Storages,
+                 oom: OOMWatcher) -> None:
+        self.settings = settings
+        self.reaper = reaper
+        self.crun = crun
+        self.storages = storages
+        self.oom = oom
+        self._items: dict[str, Container] = {}
+        self._busy: set[str] = set()
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def ids(self) -> list[str]:
+        return list(self._items)
+
+    def get(self, cid: str, field: str = "container_id") -> Container:
+        """Raises RpcError: INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one."""
+        check_id(field, cid)
+        c = self._items.get(cid)
+        if c is None:
+            raise not_found(f"no container {cid!r}")
+        return c
+
+    # -- create / start ------------------------------------------------------------------------
+
+    async def create(self, req: agent_pb2.CreateContainerRequest, *, pid_ns_path: str | None = None,
+                     extra_mounts: Sequence[dict[str, Any]] = ()) -> Container:
+        """Mount the storages, write the bundle and `crun create` (the init process waits for
+        StartContainer). Everything done is undone when a step fails.
+
+        Raises RpcError (INVALID_ARGUMENT, ALREADY_EXISTS) or CrunError.
+        """
+        cid = check_id("container_id", req.container_id)
+        if cid in self._items or cid in self._busy or self.crun.exists(cid):
+            raise already_exists(f"container {cid!r} already exists")
+        spec = bundle.load_spec(req.oci_spec_json)
+        check_count("storages", req.storages)
+        check_count("devices", req.devices)
+        self._busy.add(cid)
+        try:
+            async with contextlib.AsyncExitStack() as undo:
+                mounts: list[Mounted] = []
+                undo.callback(self._unmount, mounts)
+                for i, storage in enumerate(req.storages):
+                    mounts.append(await asyncio.to_thread(self.storages.mount, storage, f"storages[{i}]"))
+                config = bundle.rewrite_spec(
+                    spec, roots=self.settings.source_roots, cgroups_path=self.settings.cgroups_path(cid),
+                    terminal=req.terminal, pid_ns_path=pid_ns_path, extra_mounts=extra_mounts,
+                    devices=bundle.device_entries(req.devices))
+                bundle_dir = self.settings.bundles / cid
+                shutil.rmtree(bundle_dir, ignore_errors=True)
+                bundle_dir.mkdir(mode=0o700)
+                undo.callback(shutil.rmtree, bundle_dir, True)
+                (bundle_dir / "config.json").write_text(json.dumps(config))
+                init = Process(cid, "", tty=bool(config["process"].get("terminal")),
+                               buffer_limit=self.settings.buffer_limit)
+                undo.callback(init.close)
+                undo.push_async_callback(self._crun_delete, cid)
+                pid = await self._launch(init, cid, bundle_dir / "init.pid", lambda stdio, sock: self.crun.create(
+                    cid, bundle_dir, bundle_dir / "init.pid", stdio, sock))
+                container = Container(cid, bundle_dir, config, Cgroup.at(
+                    self.settings.cgroups_path(cid), self.settings.cgroup_root), init, mounts)
+                undo.pop_all()
+        finally:
+            self._busy.discard(cid)
+        self._items[cid] = container
+        self.oom.watch(cid, container.cgroup)
+        assert init._exit is not None
+        init._exit.add_done_callback(lambda _f: self._init_exited(container))
+        log.info("created container %s (pid %d)", cid, pid)
+        return container
+
+    async def _launch(self, proc: Process, cid: str, pid_file: Path, run: Any) -> int:
+        """Run crun create/exec for `proc`: wire its stdio (pipes, or a console socket for a
+        tty), wait for crun, read the pid file and start watching the pid."""
+        generation = self.reaper.generation
+        sock = None
+        sock_path = ""
+        try:
+            if proc.tty:
+                sock_path = str(self.settings.socket_dir / f"{next(self._seq)}.sock")
+                sock = console_listener(sock_path)
+                stdio = Stdio()
+            else:
+                stdin, stdout, stderr = proc.child_stdio()
+                stdio = Stdio(stdin, stdout, stderr)
+            try:
+                await run(stdio, sock_path or None)
+            finally:
+                proc.close_child_stdio()
+            if sock is not None:
+                try:
+                    async with asyncio.timeout(CONSOLE_TIMEOUT):
+                        master = await receive_console(sock)
+                except (TimeoutError, OSError) as exc:
+                    raise RpcError(Code.INTERNAL, f"no terminal from crun for {proc.name}: {exc}") from None
+                proc.attach_console(master)
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError) as exc:
+                raise RpcError(Code.INTERNAL, f"crun left no usable pid file for {proc.name}: {exc}") from None
+            proc.started(pid, self.reaper.watch(pid, since=generation))
+            return pid
+        finally:
+            if sock is not None:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(sock_path)
+
+    def _init_exited(self, container: Container) -> None:
+        container.status = "stopped"
+        status = container.init.exit_status
+        log.info("container %s: init exited with %s", container.id, status.code if status else "?")
+        with contextlib.suppress(Exception):
+            self.oom.check(container.id)
+
+    async def start(self, cid: str) -> int:
+        """Raises RpcError(FAILED_PRECONDITION) unless the container is created and not yet started."""
+        c = self.get(cid)
+        async with c.lock:
+            if c.status != "created" or not c.init.running:
+                raise failed_precondition(f"container {cid} is {c.status}, not created")
+            await self.crun.start(cid)
+            c.status = "running"
+            return c.init.pid
+
+    # -- exec and signals ----------------------------------------------------------------------
+
+    async def exec(self, cid: str, exec_id: str, process: agent_pb2.Process) -> int:
+        """Start an extra process in a running container. Raises RpcError or CrunError."""
+        c = self.get(cid)
+        eid = check_exec_id("exec_id", exec_id, allow_empty=False)
+        async with c.lock:
+            if eid in c.execs:
+                raise already_exists(f"container {cid} already has a process {eid!r}")
+            if c.status != "running":
+                raise failed_precondition(f"container {cid} is {c.status}, not running")
+            if len(c.execs) >= MAX_EXECS:
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"container {cid} has {MAX_EXECS} processes; "
+                                                        "remove some")
+            doc = bundle.process_from_proto(process, c.spec["process"], c.rootfs)
+            proc = Process(cid, eid, tty=process.terminal, buffer_limit=self.settings.buffer_limit)
+            spec_file = c.bundle / f"exec-{eid}.json"
+            pid_file = c.bundle / f"exec-{eid}.pid"
+            spec_file.write_text(json.dumps(doc))
+            try:
+                pid = await self._launch(proc, cid, pid_file, lambda stdio, sock: self.crun.exec(
+                    cid, spec_file, pid_file, stdio, sock))
+            except BaseException:
+                proc.close()
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    spec_file.unlink()
+            c.execs[eid] = proc
+            return pid
+
+    async def signal(self, cid: str, exec_id: str, signum: int, all_processes: bool) -> None:
+        c = self.get(cid)
+        check_exec_id("exec_id", exec_id)
+        if not 0 < signum < signal.NSIG:
+            raise invalid("signal", f"{signum} is not a signal number")
+        if all_processes and not exec_id:
+            if not any(p.running for p in c.processes()):
+                raise not_found(f"container {cid} has no running process")
+            if c.status == "created":
+                c.init.signal(signum)
+                return
+            await self.crun.kill(cid, signum, all_processes=True)
+            return
+        c.process(exec_id).signal(signum)
+
+    # -- resources -----------------------------------------------------------------------------
+
+    async def update(self, cid: str, resources_json: str) -> None:
+        c = self.get(cid)
+        resources = bundle.load_resources(resources_json)
+        async with c.lock:
+            if c.status == "stopped":
+                raise failed_precondition(f"container {cid} is stopped")
+            path = c.bundle / f"resources-{next(self._seq)}.json"
+            path.write_text(json.dumps(resources))
+            try:
+                await self.crun.update(cid, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    async def pause(self, cid: str) -> None:
+        c = self.get(cid)
+        async with c.lock:
+            if c.status != "running":
+                raise failed_precondition(f"container {cid} is {c.status}, not running")
+            await self.crun.pause(cid)
+            c.status = "paused"
+
+    async def resume(self, cid: str) -> None:
+        c = self.get(cid)
+        async with c.lock:
+            if c.status != "paused":
+                raise failed_precondition(f"container {cid} is {c.status}, not paused")
+            await self.crun.resume(cid)
+            c.status = "stopped" if not c.init.running else "running"
+
+    # -- removal -------------------------------------------------------------------------------
+
+    async def remove(self, cid: str, timeout: float | None) -> None:
+        """Kill every process of the container, wait for them (up to `timeout` seconds, None =
+        for ever), `crun delete`, and release stdio, bundle, storages and cgroup.
+
+        Raises RpcError(DEADLINE_EXCEEDED) when processes outlive the timeout (the container
+        stays, so the call can be repeated).
+        """
+        c = self.get(cid)
+        async with c.lock:
+            if c.status == "paused":
+                with contextlib.suppress(CrunError):
+                    await self.crun.resume(cid)
+                c.status = "running" if c.init.running else "stopped"
+            if any(p.running for p in c.processes()):
+                with contextlib.suppress(CrunError):
+                    await self.crun.kill(cid, signal.SIGKILL, all_processes=True)
+                for p in c.processes():
+                    if p.running:
+                        with contextlib.suppress(ProcessLookupError, RpcError):
+                            p.signal(signal.SIGKILL)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(p.wait() for p in c.processes() if p.has_started))
+            except TimeoutError:
+                raise RpcError(Code.DEADLINE_EXCEEDED,
+                               f"processes of container {cid} still run after {timeout}s") from None
+            self.oom.unwatch(cid)
+            await self._crun_delete(cid)
+            for p in c.processes():
+                p.close()
+            if c.cgroup.exists():
+                for pid in c.cgroup.pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    c.cgroup.remove()
+            shutil.rmtree(c.bundle, ignore_errors=True)
+            self._unmount(c.mounts)
+            del self._items[cid]
+            c.status = "deleted"
+            log.info("removed container %s", cid)
+
+    async def remove_all(self, timeout: float | None) -> list[str]:
+        """Remove every container; returns the errors (teardown continues past them)."""
+        errors = []
+        for cid in list(self._items):
+            try:
+                await self.remove(cid, timeout)
+            except Exception as exc:
+                errors.append(f"{cid}: {exc}")
+        return errors
+
+    async def _crun_delete(self, cid: str) -> None:
+        if not self.crun.exists(cid):
+            return
+        try:
+            await self.crun.delete(cid, force=True)
+        except CrunError as exc:
+            if self.crun.exists(cid):
+                raise
+            log.debug("crun delete %s: %s", cid, exc)
+
+    def _unmount(self, mounts: list[Mounted]) -> None:
+        for err in self.storages.unmount(mounts):
+            log.warning("%s", err)

@@ -1,0 +1,188 @@
+"""Driving crun: create/start/exec/kill/delete/update/pause/resume/state, errors from its log.
+
+Every call runs `crun --root <state>/crun --log=file:<one-off log> --log-format=json ...`, so
+crun's own complaints never mix with a container's stderr (crun create and exec hand their
+stdio to the container) and can be quoted in the RPC error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pykata.agent import command
+from pykata.agent.reaper import ExitStatus, Reaper
+from pykata.errors import PykataError
+from pykata.ttrpc import Code
+
+CREATE_TIMEOUT = 60.0   # crun create sets up mounts and cgroups; slow under TCG
+DEFAULT_TIMEOUT = 30.0
+_MAX_ERROR = 2048
+
+
+class CrunError(PykataError):
+    """crun failed; `rpc_code` is what the RPC answers (the ttrpc server reads it)."""
+
+    def __init__(self, action: str, container_id: str, message: str, rpc_code: Code = Code.INTERNAL) -> None:
+        super().__init__(f"crun {action} {container_id}: {message}")
+        self.action = action
+        self.container_id = container_id
+        self.rpc_code = rpc_code
+
+
+@dataclass(frozen=True)
+class Stdio:
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+
+def find_crun(name: str = "crun") -> str:
+    """Absolute path of crun. Raises FileNotFoundError when it is not installed."""
+    found = name if os.path.isabs(name) else shutil.which(name, path=command.DEFAULT_ENV["PATH"])
+    if not found or not os.access(found, os.X_OK):
+        raise FileNotFoundError(f"crun not found ({name})")
+    return found
+
+
+class Crun:
+    """crun with the agent's state root."""
+
+    def __init__(self, reaper: Reaper, binary: str, root: Path, log_dir: Path) -> None:
+        self.reaper = reaper
+        self.binary = binary
+        self.root = root
+        self.log_dir = log_dir
+        self._seq = itertools.count()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _argv(self, log: Path, *args: str) -> list[str]:
+        return [self.binary, f"--root={self.root}", f"--log=file:{log}", "--log-format=json", *args]
+
+    async def _call(self, action: str, cid: str, args: list[str], *, stdio: Stdio | None = None,
+                    timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Run one crun command; returns its stdout. Raises CrunError."""
+        log = self.log_dir / f"{action}-{next(self._seq)}.log"
+        argv = self._argv(log, *args)
+        try:
+            if stdio is None:
+                result = await command.run(self.reaper, argv, timeout=timeout)
+                ok, stdout, stderr = result.ok, result.stdout, result.stderr
+                raw = result.status
+            else:
+                child = command.spawn(self.reaper, argv, stdin=stdio.stdin, stdout=stdio.stdout,
+                                      stderr=stdio.stderr)
+                raw = await _wait(child, timeout)
+                ok, stdout, stderr = os.WIFEXITED(raw.raw) and os.WEXITSTATUS(raw.raw) == 0, b"", b""
+            if not ok:
+                message = _log_message(log) or stderr.decode(errors="replace").strip()
+                raise CrunError(action, cid, (message or f"exit status {raw.code}")[:_MAX_ERROR],
+                                _code_for(message))
+            return stdout
+        except command.CommandTimeout as exc:
+            raise CrunError(action, cid, str(exc), Code.DEADLINE_EXCEEDED) from None
+        except OSError as exc:
+            raise CrunError(action, cid, f"cannot run {self.binary}: {exc}", Code.INTERNAL) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                log.unlink()
+
+    async def create(self, cid: str, bundle: Path, pid_file: Path, stdio: Stdio,
+                     console_socket: str | None = None) -> None:
+        args = ["create", f"--bundle={bundle}", f"--pid-file={pid_file}"]
+        if console_socket:
+            args.append(f"--console-socket={console_socket}")
+        await self._call("create", cid, [*args, cid], stdio=stdio, timeout=CREATE_TIMEOUT)
+
+    async def start(self, cid: str) -> None:
+        await self._call("start", cid, ["start", cid])
+
+    async def exec(self, cid: str, process_file: Path, pid_file: Path, stdio: Stdio,
+                   console_socket: str | None = None) -> None:
+        # --detach: crun exits once the process runs; the process re-parents to the agent (a
+        # subreaper), whose reaper then sees its real wait status.
+        args = ["exec", "--detach", f"--process={process_file}", f"--pid-file={pid_file}"]
+        if console_socket:
+            args.append(f"--console-socket={console_socket}")
+        await self._call("exec", cid, [*args, cid], stdio=stdio, timeout=CREATE_TIMEOUT)
+
+    async def kill(self, cid: str, signum: int, *, all_processes: bool = False) -> None:
+        await self._call("kill", cid, ["kill", *(["--all"] if all_processes else []), cid, str(signum)])
+
+    async def delete(self, cid: str, *, force: bool = True) -> None:
+        await self._call("delete", cid, ["delete", *(["--force"] if force else []), cid])
+
+    async def update(self, cid: str, resources_file: Path) -> None:
+        await self._call("update", cid, ["update", f"--resources={resources_file}", cid])
+
+    async def pause(self, cid: str) -> None:
+        await self._call("pause", cid, ["pause", cid])
+
+    async def resume(self, cid: str) -> None:
+        await self._call("resume", cid, ["resume", cid])
+
+    async def state(self, cid: str) -> dict[str, Any]:
+        """crun's state document ({"status": "running", "pid": ..., ...})."""
+        out = await self._call("state", cid, ["state", cid])
+        try:
+            doc = json.loads(out)
+        except ValueError:
+            raise CrunError("state", cid, "unparsable state output") from None
+        if not isinstance(doc, dict):
+            raise CrunError("state", cid, "unexpected state output")
+        return doc
+
+    def exists(self, cid: str) -> bool:
+        return (self.root / cid).is_dir()
+
+    def list_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+
+async def _wait(child: command.Child, timeout: float) -> ExitStatus:
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(child.exited)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        raise command.CommandTimeout(f"crun did not finish within {timeout}s") from None
+
+
+def _log_message(log: Path) -> str:
+    """The error lines of a crun JSON log, joined."""
+    try:
+        text = log.read_text(errors="replace")[-16384:]
+    except OSError:
+        return ""
+    messages = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if line.strip():
+                messages.append(line.strip())
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", None):
+            messages.append(str(entry.get("msg", "")).strip())
+    return "; ".join(m for m in messages if m)
+
+
+def _code_for(message: str) -> Code:
+    low = message.lower()
+    if "does not exist" in low or ("no such file" in low and "container" in low):
+        return Code.NOT_FOUND
+    if "not running" in low or "is paused" in low or "not paused" in low or "already" in low:
+        return Code.FAILED_PRECONDITION
+    return Code.INTERNAL

@@ -1,0 +1,185 @@
+"""Guest-wide RPCs: details, onlining hot-plugged CPUs and memory, setting the clock, copying files."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pykata
+from pykata.agent import stats
+from pykata.agent.storage import DRIVERS
+from pykata.agent.validation import check_relative, invalid, is_within, open_dir_below
+from pykata.protocols.agent import agent_pb2
+from pykata.ttrpc import Code, RpcError
+
+log = logging.getLogger("pykata.agent.guest")
+
+SYSFS = Path("/sys")
+MAX_COPY_FILE_SIZE = 256 << 20   # one file
+MAX_COPY_CHUNK = 1 << 20         # one CopyFile call
+DEVICE_TYPES = ("virtio-blk", "char")
+CLOCK_REALTIME = 0
+
+
+def details(want_block_size: bool, *, sysfs: Path = SYSFS, cgroup_root: Path = stats.CGROUP_ROOT,
+            version: str | None = None) -> agent_pb2.GuestDetailsResponse:
+    resp = agent_pb2.GuestDetailsResponse(
+        kernel_release=os.uname().release,
+        online_cpus=int(os.sysconf("SC_NPROCESSORS_ONLN")),
+        mem_total_bytes=_mem_total(),
+        agent_details=agent_pb2.AgentDetails(
+            version=version or pykata.__version__, init_daemon=os.getpid() == 1,
+            storage_drivers=list(DRIVERS), device_types=list(DEVICE_TYPES),
+            supports_seccomp=_has_seccomp(), cgroup_version=stats.cgroup_version(cgroup_root)),
+    )
+    if want_block_size:
+        with contextlib.suppress(OSError, ValueError):
+            resp.mem_block_size_bytes = int((sysfs / "devices/system/memory/block_size_bytes").read_text(), 16)
+    return resp
+
+
+def _mem_total() -> int:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _has_seccomp() -> bool:
+    with contextlib.suppress(OSError):
+        return "Seccomp:" in Path("/proc/self/status").read_text()
+    return False
+
+
+def online_cpu_mem(nb_cpus: int, cpu_only: bool, *, sysfs: Path = SYSFS) -> tuple[int, int]:
+    """Bring offline CPUs (up to `nb_cpus` online in total, 0 = all) and memory blocks online.
+
+    Returns (CPUs onlined, memory blocks onlined). Raises RpcError(INTERNAL) when the kernel
+    refuses every CPU it was asked for.
+    """
+    cpu_dir = sysfs / "devices/system/cpu"
+    cpus = sorted((p for p in cpu_dir.glob("cpu[0-9]*") if re.fullmatch(r"cpu\d+", p.name)),
+                  key=lambda p: int(p.name[3:]))
+    online = [p for p in cpus if _is_online(p)]
+    want = len(cpus) if nb_cpus == 0 else nb_cpus
+    onlined_cpus, failures = 0, []
+    for p in cpus:
+        if len(online) + onlined_cpus >= want:
+            break
+        if p in online:
+            continue
+        try:
+            (p / "online").write_text("1")
+            onlined_cpus += 1
+        except OSError as exc:
+            failures.append(f"{p.name}: {exc.strerror}")
+    if failures and onlined_cpus == 0:
+        raise RpcError(Code.INTERNAL, f"cannot online CPUs: {'; '.join(failures)}")
+    onlined_mem = 0
+    if not cpu_only:
+        for block in sorted((sysfs / "devices/system/memory").glob("memory[0-9]*")):
+            state = block / "state"
+            try:
+                if state.read_text().strip() == "offline":
+                    state.write_text("online")
+                    onlined_mem += 1
+            except OSError as exc:
+                log.warning("cannot online %s: %s", block.name, exc.strerror)
+    return onlined_cpus, onlined_mem
+
+
+def _is_online(cpu: Path) -> bool:
+    f = cpu / "online"
+    if not f.exists():  # cpu0 usually cannot go offline and has no such file
+        return True
+    try:
+        return f.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def set_time(sec: int, usec: int) -> None:
+    """clock_settime(CLOCK_REALTIME). Raises RpcError: INVALID_ARGUMENT for a bad time,
+    PERMISSION_DENIED / INTERNAL when the kernel refuses."""
+    check_time(sec, usec)
+    libc = ctypes.CDLL(None, use_errno=True)
+    ts = _Timespec(sec, usec * 1000)
+    if libc.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)) != 0:
+        err = ctypes.get_errno()
+        code = Code.PERMISSION_DENIED if err == errno.EPERM else Code.INTERNAL
+        raise RpcError(code, f"clock_settime: {os.strerror(err)}")
+
+
+def check_time(sec: int, usec: int) -> None:
+    if not 0 <= usec < 1_000_000:
+        raise invalid("usec", f"{usec} is not in [0, 1000000)")
+    if not 0 < sec < 2**40:
+        raise invalid("sec", f"{sec} is not a plausible time")
+
+
+def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
+    """Write one chunk of a file below one of `roots` (no '..', no symlink followed on the way).
+
+    Chunks go to a hidden part file; the one that ends at file_size renames it into place, so a
+    reader never sees half a file. Raises RpcError(INVALID_ARGUMENT) naming the bad field.
+    """
+    if req.file_size > MAX_COPY_FILE_SIZE:
+        raise invalid("file_size", f"{req.file_size} is larger than {MAX_COPY_FILE_SIZE}")
+    if len(req.data) > MAX_COPY_CHUNK:
+        raise invalid("data", f"{len(req.data)} bytes in one call, at most {MAX_COPY_CHUNK}")
+    if req.offset + len(req.data) > req.file_size:
+        raise invalid("offset", f"offset {req.offset} + {len(req.data)} bytes is past file_size {req.file_size}")
+    if req.file_mode & ~0o777 or req.dir_mode & ~0o777:
+        raise invalid("file_mode", "only permission bits (0o777) are allowed")
+    parts = check_relative("path", req.path) if req.path.startswith("/") else None
+    if parts is None:
+        raise invalid("path", f"{req.path!r} is not absolute")
+    norm = "/" + "/".join(parts)
+    for root in roots:
+        root_s = str(root).rstrip("/")
+        if is_within(norm, root_s) and norm != root_s:
+            rel = [p for p in norm[len(root_s):].split("/") if p]
+            break
+    else:
+        raise invalid("path", f"{req.path!r} is outside {', '.join(map(str, roots))}")
+    name = rel[-1]
+    dir_fd = open_dir_below(Path(root_s), rel[:-1], create_mode=req.dir_mode or 0o755, field="path")
+    part = f".{name}.pykata-part"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        if req.offset == 0:
+            flags |= os.O_TRUNC
+        try:
+            fd = os.open(part, flags, req.file_mode or 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise invalid("path", f"{req.path!r}: a symlink is in the way") from None
+            raise
+        try:
+            if os.fstat(fd).st_size < req.offset:
+                raise RpcError(Code.FAILED_PRECONDITION,
+                               f"path: chunk at offset {req.offset} but only {os.fstat(fd).st_size} bytes written")
+            written = 0
+            while written < len(req.data):
+                written += os.pwrite(fd, req.data[written:], req.offset + written)
+            if req.offset + len(req.data) == req.file_size:
+                os.ftruncate(fd, req.file_size)
+                os.fchmod(fd, req.file_mode or 0o644)
+                os.fchown(fd, req.uid, req.gid)
+        finally:
+            os.close(fd)
+        if req.offset + len(req.data) == req.file_size:
+            os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,250 @@
+"""The AgentService handlers: check each request, then hand it to containers/sandbox/guest code.
+
+    agent = AgentService(AgentSettings(state_dir=...))
+    await agent.start()                      # reaper, crun lookup, state directories
+    server.register(AGENT_SERVICE, agent)
+    ...
+    await agent.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pykata.agent import guest
+from pykata.agent.containers import Containers
+from pykata.agent.crun import Crun, find_crun
+from pykata.agent.reaper import Reaper
+from pykata.agent.sandbox import Sandbox
+from pykata.agent.settings import AgentSettings
+from pykata.agent.stats import OOMWatcher, read_stats
+from pykata.agent.stdio import OutputStream
+from pykata.agent.storage import Storages
+from pykata.agent.validation import MAX_IO_CHUNK, check_exec_id, failed_precondition, invalid
+from pykata.protocols.agent import agent_pb2
+from pykata.ttrpc import Code, RpcError
+
+log = logging.getLogger("pykata.agent.service")
+
+DEFAULT_READ = 64 << 10
+DESTROY_TIMEOUT = 30.0
+
+
+def ensure_std_fds() -> None:
+    """Open /dev/null on any of 0/1/2 that is closed, so pipes never get those numbers."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background onlining of CPUs/memory failed: %s", task.exception())
+
+
+class AgentService:
+    """Handlers for `pykata.agent.v1.AgentService`."""
+
+    def __init__(self, settings: AgentSettings | None = None) -> None:
+        self.settings = settings or AgentSettings()
+        self.reaper = Reaper()
+        self.oom: OOMWatcher | None = None
+        self._containers: Containers | None = None
+        self._sandbox: Sandbox | None = None
+
+    async def start(self) -> None:
+        """Start reaping and make the state directories. Raises OSError when they cannot be made."""
+        ensure_std_fds()
+        s = self.settings
+        s.make_dirs()
+        self.reaper.start()
+        storages = Storages(s.mount_roots, s.source_roots)
+        try:
+            binary = find_crun(s.crun)
+        except FileNotFoundError as exc:
+            # Keep serving (Health, guest RPCs); container RPCs will report it.
+            log.error("%s", exc)
+            binary = s.crun
+        crun = Crun(self.reaper, binary, s.crun_root, s.log_dir)
+        self.oom = OOMWatcher()
+        self._containers = Containers(s, self.reaper, crun, storages, self.oom)
+        self._sandbox = Sandbox(s, self.reaper, storages)
+
+    async def close(self) -> None:
+        """Stop background work (containers keep running; DestroySandbox removes them)."""
+        if self.oom is not None:
+            await self.oom.close()
+        self.reaper.close()
+
+    @property
+    def containers(self) -> Containers:
+        if self._containers is None:
+            raise RpcError(Code.UNAVAILABLE, "agent is not started")
+        return self._containers
+
+    @property
+    def sandbox(self) -> Sandbox:
+        if self._sandbox is None:
+            raise RpcError(Code.UNAVAILABLE, "agent is not started")
+        return self._sandbox
+
+    # -- sandbox -------------------------------------------------------------------------------
+
+    async def CreateSandbox(self, req: agent_pb2.CreateSandboxRequest, ctx: Any) -> Empty:
+        await self.sandbox.create(req)
+        return Empty()
+
+    async def DestroySandbox(self, req: agent_pb2.DestroySandboxRequest, ctx: Any) -> Empty:
+        timeout = float(req.timeout_seconds or DESTROY_TIMEOUT)
+        errors = await self.containers.remove_all(timeout)
+        errors += await self.sandbox.destroy()
+        if errors:
+            raise RpcError(Code.INTERNAL, "; ".join(errors)[:4000])
+        return Empty()
+
+    # -- containers ----------------------------------------------------------------------------
+
+    async def CreateContainer(self, req: agent_pb2.CreateContainerRequest,
+                              ctx: Any) -> agent_pb2.CreateContainerResponse:
+        pid_ns = None
+        if req.sandbox_pidns:
+            pid_ns = self.sandbox.pid_ns_path()
+            if pid_ns is None:
+                raise failed_precondition("sandbox_pidns: the sandbox has no shared pid namespace")
+        c = await self.containers.create(req, pid_ns_path=pid_ns, extra_mounts=self.sandbox.extra_mounts())
+        return agent_pb2.CreateContainerResponse(pid=c.init.pid)
+
+    async def StartContainer(self, req: agent_pb2.StartContainerRequest,
+                             ctx: Any) -> agent_pb2.StartContainerResponse:
+        return agent_pb2.StartContainerResponse(pid=await self.containers.start(req.container_id))
+
+    async def RemoveContainer(self, req: agent_pb2.RemoveContainerRequest, ctx: Any) -> Empty:
+        await self.containers.remove(req.container_id, float(req.timeout_seconds) or None)
+        return Empty()
+
+    async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: Any) -> agent_pb2.ExecProcessResponse:
+        if not req.HasField("process"):
+            raise invalid("process", "missing")
+        pid = await self.containers.exec(req.container_id, req.exec_id, req.process)
+        return agent_pb2.ExecProcessResponse(pid=pid)
+
+    async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: Any) -> Empty:
+        await self.containers.signal(req.container_id, req.exec_id, req.signal, req.all)
+        return Empty()
+
+    async def WaitProcess(self, req: agent_pb2.WaitProcessRequest, ctx: Any) -> agent_pb2.WaitProcessResponse:
+        proc = self._process(req.container_id, req.exec_id)
+        status = await proc.wait()
+        at = Timestamp()
+        at.FromNanoseconds(int(status.at * 1e9))
+        return agent_pb2.WaitProcessResponse(exit_status=status.code, exited_at=at)
+
+    async def UpdateContainer(self, req: agent_pb2.UpdateContainerRequest, ctx: Any) -> Empty:
+        await self.containers.update(req.container_id, req.linux_resources_json)
+        return Empty()
+
+    async def StatsContainer(self, req: agent_pb2.StatsContainerRequest,
+                             ctx: Any) -> agent_pb2.StatsContainerResponse:
+        c = self.containers.get(req.container_id)
+        stats = await asyncio.to_thread(read_stats, c.cgroup)
+        return agent_pb2.StatsContainerResponse(cgroup_stats=stats)
+
+    async def PauseContainer(self, req: agent_pb2.PauseContainerRequest, ctx: Any) -> Empty:
+        await self.containers.pause(req.container_id)
+        return Empty()
+
+    async def ResumeContainer(self, req: agent_pb2.ResumeContainerRequest, ctx: Any) -> Empty:
+        await self.containers.resume(req.container_id)
+        return Empty()
+
+    # -- stdio ---------------------------------------------------------------------------------
+
+    def _process(self, container_id: str, exec_id: str) -> Any:
+        c = self.containers.get(container_id)
+        return c.process(check_exec_id("exec_id", exec_id))
+
+    async def WriteStdin(self, req: agent_pb2.WriteStreamRequest, ctx: Any) -> agent_pb2.WriteStreamResponse:
+        proc = self._process(req.container_id, req.exec_id)
+        if len(req.data) > MAX_IO_CHUNK:
+            raise invalid("data", f"{len(req.data)} bytes, at most {MAX_IO_CHUNK} per call")
+        if proc.stdin is None:
+            raise failed_precondition(f"process {proc.name} has no stdin")
+        return agent_pb2.WriteStreamResponse(length=await proc.stdin.write(req.data))
+
+    async def _read(self, stream: OutputStream | None, max_length: int) -> agent_pb2.ReadStreamResponse:
+        if stream is None:
+            return agent_pb2.ReadStreamResponse(eof=True)
+        data, eof = await stream.read(min(max_length or DEFAULT_READ, MAX_IO_CHUNK))
+        return agent_pb2.ReadStreamResponse(data=data, eof=eof)
+
+    async def ReadStdout(self, req: agent_pb2.ReadStreamRequest, ctx: Any) -> agent_pb2.ReadStreamResponse:
+        return await self._read(self._process(req.container_id, req.exec_id).stdout, req.max_length)
+
+    async def ReadStderr(self, req: agent_pb2.ReadStreamRequest, ctx: Any) -> agent_pb2.ReadStreamResponse:
+        return await self._read(self._process(req.container_id, req.exec_id).stderr, req.max_length)
+
+    async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx: Any) -> Empty:
+        proc = self._process(req.container_id, req.exec_id)
+        if proc.stdin is not None:
+            proc.stdin.close()
+        return Empty()
+
+    async def TtyWinResize(self, req: agent_pb2.TtyWinResizeRequest, ctx: Any) -> Empty:
+        proc = self._process(req.container_id, req.exec_id)
+        for name, value in (("rows", req.rows), ("columns", req.columns)):
+            if value > 0xFFFF:
+                raise invalid(name, f"{value} is larger than 65535")
+        proc.resize(req.rows, req.columns)
+        return Empty()
+
+    # -- events and guest ----------------------------------------------------------------------
+
+    async def GetOOMEvent(self, req: agent_pb2.GetOOMEventRequest, ctx: Any) -> agent_pb2.OOMEvent:
+        if self.oom is None:
+            raise RpcError(Code.UNAVAILABLE, "agent is not started")
+        return agent_pb2.OOMEvent(container_id=await self.oom.next_event())
+
+    async def GetGuestDetails(self, req: agent_pb2.GuestDetailsRequest,
+                              ctx: Any) -> agent_pb2.GuestDetailsResponse:
+        return guest.details(req.mem_block_size, cgroup_root=self.settings.cgroup_root)
+
+    async def OnlineCPUMem(self, req: agent_pb2.OnlineCPUMemRequest, ctx: Any) -> Empty:
+        work = asyncio.to_thread(guest.online_cpu_mem, req.nb_cpus, req.cpu_only)
+        if req.wait:
+            await work
+        else:
+            asyncio.ensure_future(work).add_done_callback(_log_failure)
+        return Empty()
+
+    async def SetGuestDateTime(self, req: agent_pb2.SetGuestDateTimeRequest, ctx: Any) -> Empty:
+        guest.set_time(req.sec, req.usec)
+        return Empty()
+
+    async def CopyFile(self, req: agent_pb2.CopyFileRequest, ctx: Any) -> Empty:
+        await asyncio.to_thread(guest.copy_file, req, [self.settings.shared])
+        return Empty()
+
+    # -- networking (not yet: needs rtnetlink, which the guest's stdlib-only Python lacks) ----
+
+    async def UpdateInterface(self, req: agent_pb2.UpdateInterfaceRequest, ctx: Any) -> agent_pb2.Interface:
+        raise RpcError(Code.UNIMPLEMENTED, "UpdateInterface: guest networking is not implemented yet")
+
+    async def UpdateRoutes(self, req: agent_pb2.UpdateRoutesRequest, ctx: Any) -> agent_pb2.Routes:
+        raise RpcError(Code.UNIMPLEMENTED, "UpdateRoutes: guest networking is not implemented yet")
+
+    async def ListInterfaces(self, req: agent_pb2.ListInterfacesRequest, ctx: Any) -> agent_pb2.Interfaces:
+        raise RpcError(Code.UNIMPLEMENTED, "ListInterfaces: guest networking is not implemented yet")
+
+    async def ListRoutes(self, req: agent_pb2.ListRoutesRequest, ctx: Any) -> agent_pb2.Routes:
+        raise RpcError(Code.UNIMPLEMENTED, "ListRoutes: guest networking is not implemented yet")

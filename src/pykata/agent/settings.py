@@ -1,0 +1,84 @@
+"""Where the agent keeps things and what it may touch (set from the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.agent.stdio import DEFAULT_BUFFER_LIMIT
+from pykata.agent.validation import ID_RE
+
+DEFAULT_STATE_DIR = Path("/run/pykata-agent")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Layout of the agent's state directory:
+
+        <state>/crun/       crun --root
+        <state>/bundles/ID  config.json, process files and pid files of container ID
+        <state>/storage/    default place for storages the host asks the agent to mount
+        <state>/sandbox/    files the agent writes for the sandbox (resolv.conf)
+        <state>/sock/       console sockets for crun (short names: sun_path is 108 bytes)
+        <state>/logs/       crun's one-off error logs
+        <shared>            where the host's shared file system appears (default <state>/shared)
+
+    Container roots and bind-mount sources must lie in <shared>, <state>/storage or
+    <state>/sandbox; storages may be mounted only in <shared> or <state>/storage.
+    """
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    shared_dir: Path | None = None
+    # Containers go to cgroup /<cgroup_parent>/<container id> (one agent serves one sandbox).
+    cgroup_parent: str = "pykata"
+    crun: str = "crun"
+    buffer_limit: int = DEFAULT_BUFFER_LIMIT
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+
+    def __post_init__(self) -> None:
+        if not all(ID_RE.match(p) for p in self.cgroup_parent.split("/")):
+            raise ValueError(f"cgroup parent {self.cgroup_parent!r}: use ids separated by '/'")
+
+    @property
+    def shared(self) -> Path:
+        return self.shared_dir if self.shared_dir is not None else self.state_dir / "shared"
+
+    @property
+    def crun_root(self) -> Path:
+        return self.state_dir / "crun"
+
+    @property
+    def bundles(self) -> Path:
+        return self.state_dir / "bundles"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.state_dir / "storage"
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.state_dir / "sandbox"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.state_dir / "sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def source_roots(self) -> list[Path]:
+        return [self.shared, self.storage_dir, self.sandbox_dir]
+
+    @property
+    def mount_roots(self) -> list[Path]:
+        return [self.shared, self.storage_dir]
+
+    def cgroups_path(self, container_id: str) -> str:
+        return f"/{self.cgroup_parent}/{container_id}"
+
+    def make_dirs(self) -> None:
+        for d in (self.state_dir, self.crun_root, self.bundles, self.storage_dir, self.sandbox_dir,
+                  self.socket_dir, self.log_dir, self.shared):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700 if d != self.shared else 0o755)

@@ -1,0 +1,230 @@
+"""Storages: file systems the agent mounts in the guest for the sandbox or a container.
+
+Mount points must lie in the agent's mount roots (the shared directory and <state>/storage); they
+are made and opened component by component without following symlinks, and the mount goes onto
+the opened directory (/proc/self/fd/N), so a symlink planted in a shared directory cannot redirect
+a mount elsewhere in the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.agent.validation import (
+    check_abs_path,
+    check_count,
+    check_string,
+    check_within,
+    invalid,
+    is_within,
+    open_dir_below,
+)
+from pykata.protocols.agent import agent_pb2
+from pykata.ttrpc import Code, RpcError
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+MNT_DETACH = 0x2
+
+# option -> (flags to set, flags to clear)
+FLAG_OPTIONS: dict[str, tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0),
+    "bind": (MS_BIND, 0), "rbind": (MS_BIND | MS_REC, 0),
+    "defaults": (0, 0),
+}
+PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
+               "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC}
+
+TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+DATA_OPTION_RE = re.compile(r"^[A-Za-z0-9_.-]+(=[A-Za-z0-9_.,:/=+-]*)?$")
+BLOCK_FSTYPES = frozenset({"ext4", "ext3", "ext2", "xfs", "btrfs", "vfat", "squashfs", "erofs"})
+DRIVERS = ("virtio-fs", "9p", "virtio-blk", "local", "tmpfs", "bind", "overlay")
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2). Raises OSError."""
+    libc = _libc()
+    if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                  ctypes.c_ulong(flags), data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target} ({fstype or 'bind'}): {os.strerror(err)}")
+
+
+def umount(target: str) -> None:
+    """Lazy unmount; a target that is not mounted is fine."""
+    libc = _libc()
+    if libc.umount2(target.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def parse_options(field: str, options: Sequence[str]) -> tuple[int, int, list[str]]:
+    """fstab options -> (mount flags, propagation flags, file system data options)."""
+    check_count(field, options, 64)
+    flags, propagation, data = 0, 0, []
+    for i, opt in enumerate(options):
+        check_string(f"{field}[{i}]", opt, max_len=4096)
+        if opt in FLAG_OPTIONS:
+            on, off = FLAG_OPTIONS[opt]
+            flags = (flags | on) & ~off
+        elif opt in PROPAGATION:
+            propagation = PROPAGATION[opt]
+        else:
+            data.append(opt)
+    return flags, propagation, data
+
+
+@dataclass
+class Mounted:
+    """A storage the agent set up; `mounted` is False for plain directories ("local")."""
+
+    mount_point: str
+    mounted: bool
+
+
+class Storages:
+    """Mounts storages inside the allowed roots and unmounts them again."""
+
+    def __init__(self, mount_roots: Sequence[Path], source_roots: Sequence[Path]) -> None:
+        self.mount_roots = list(mount_roots)
+        self.source_roots = list(source_roots)
+
+    def _mount_point(self, field: str, path: str) -> tuple[Path, list[str]]:
+        norm = check_abs_path(field, path)
+        for root in self.mount_roots:
+            if is_within(norm, root) and norm != "/":
+                rel = norm[len(str(root).rstrip("/")):].strip("/")
+                return root, [p for p in rel.split("/") if p]
+        raise invalid(field, f"{norm!r} is outside the agent's mount roots "
+                             f"({', '.join(map(str, self.mount_roots))})")
+
+    def mount(self, storage: agent_pb2.Storage, field: str) -> Mounted:
+        """Mount one storage. Raises RpcError: INVALID_ARGUMENT naming a bad field, INTERNAL when
+        the kernel refuses."""
+        try:
+            return self._mount(storage, field)
+        except OSError as exc:
+            raise RpcError(Code.INTERNAL, f"{field}: {exc.strerror or exc}") from None
+
+    def _mount(self, storage: agent_pb2.Storage, field: str) -> Mounted:
+        driver = storage.driver
+        root, parts = self._mount_point(f"{field}.mount_point", storage.mount_point)
+        mode = 0o755
+        for i, opt in enumerate(storage.driver_options):
+            check_string(f"{field}.driver_options[{i}]", opt, max_len=256)
+            if opt.startswith("mode="):
+                try:
+                    mode = int(opt[5:], 8) & 0o7777
+                except ValueError:
+                    raise invalid(f"{field}.driver_options[{i}]", f"bad mode {opt!r}") from None
+        flags, propagation, data = parse_options(f"{field}.options", storage.options)
+        fstype = storage.fstype
+        source = storage.source
+        if driver == "virtio-fs":
+            fstype = "virtiofs"
+            self._tag(f"{field}.source", source)
+        elif driver == "9p":
+            fstype = "9p"
+            self._tag(f"{field}.source", source)
+            if not any(d.startswith("trans=") for d in data):
+                data = ["trans=virtio", "version=9p2000.L", *data]
+        elif driver == "virtio-blk":
+            source = str(check_within(f"{field}.source", source, [Path("/dev")]))
+            if fstype not in BLOCK_FSTYPES:
+                raise invalid(f"{field}.fstype", f"{fstype!r} is not one of {sorted(BLOCK_FSTYPES)}")
+        elif driver == "tmpfs":
+            fstype, source = "tmpfs", source or "tmpfs"
+            self._tag(f"{field}.source", source)
+        elif driver == "bind":
+            source = str(check_within(f"{field}.source", source, self.source_roots))
+            fstype, flags = "", flags | MS_BIND | MS_REC
+        elif driver == "overlay":
+            fstype, source = "overlay", "overlay"
+            data = [self._overlay_option(f"{field}.options", d) for d in data]
+        elif driver == "local":
+            fd = open_dir_below(root, parts, create_mode=mode, field=f"{field}.mount_point")
+            os.close(fd)
+            return Mounted(str(root.joinpath(*parts)), mounted=False)
+        else:
+            raise invalid(f"{field}.driver", f"{driver!r} is not one of {', '.join(DRIVERS)}")
+        for i, d in enumerate(data):
+            if not DATA_OPTION_RE.match(d):
+                raise invalid(f"{field}.options", f"option {i} {d!r} has unexpected characters")
+        fd = open_dir_below(root, parts, create_mode=0o755, field=f"{field}.mount_point")
+        try:
+            target = f"/proc/self/fd/{fd}"
+            mount(source, target, fstype, flags & ~MS_RDONLY if flags & MS_BIND else flags, ",".join(data))
+            where = str(root.joinpath(*parts))
+            try:
+                if flags & MS_BIND and flags & MS_RDONLY:
+                    # A bind mount ignores MS_RDONLY until it is remounted.
+                    keep = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                    mount("", where, "", MS_REMOUNT | MS_BIND | MS_RDONLY | keep, "")
+                if propagation:
+                    mount("", where, "", propagation, "")
+            except OSError:
+                umount(where)
+                raise
+        finally:
+            os.close(fd)
+        return Mounted(where, mounted=True)
+
+    def _tag(self, field: str, tag: str) -> None:
+        if not TAG_RE.match(tag):
+            raise invalid(field, f"{tag!r} is not a valid tag")
+
+    def _overlay_option(self, field: str, option: str) -> str:
+        key, sep, value = option.partition("=")
+        if key in ("lowerdir", "upperdir", "workdir") and sep:
+            paths = value.split(":")
+            resolved = [str(check_within(f"{field}.{key}", p, self.source_roots)) for p in paths]
+            return f"{key}={':'.join(resolved)}"
+        return option
+
+    def unmount(self, mounts: Sequence[Mounted]) -> list[str]:
+        """Unmount in reverse order; returns error messages (teardown goes on regardless)."""
+        errors = []
+        for m in reversed(mounts):
+            if m.mounted:
+                try:
+                    umount(m.mount_point)
+                except OSError as exc:
+                    errors.append(str(exc))
+                with contextlib.suppress(OSError):
+                    os.rmdir(m.mount_point)
+        return errors
