@@ -379,3 +379,21 @@ async def test_cold_plugged_disk_is_seen_by_guest(make_vm, workdir: Path) -> Non
     await vm.add_device(BlockDevice("disk3", disk, readonly=True))
     await boot(vm)
     assert "BLOCK:vda" in vm.console_log.read_text(errors="replace")
+
+
+async def test_guest_shutdown_hook_runs_once_and_is_bounded(make_vm, idle_initrd: Path) -> None:  # type: ignore[no-untyped-def]
+    calls = 0
+
+    async def hangs() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3600)
+
+    vm = await boot(make_vm(idle_initrd, guest_shutdown=hangs))
+    pid = vm.pid
+    started = time.monotonic()
+    await asyncio.gather(*(vm.stop() for _ in range(5)))
+    # The hook's 2 s deadline plus quit; never the hook's hour.
+    assert time.monotonic() - started < 2.0 + STOP_BOUND / 2
+    assert calls == 1
+    assert pid is not None and not psutil.pid_exists(pid)

@@ -49,8 +49,10 @@ class QemuHypervisor(Hypervisor):
     `kernel`/`initrd`/`image` override the configured assets; when neither names a kernel, the cached
     build from pykata.guest is used. `shared_dir` is served to the guest (tag "kataShared") over
     virtio-fs or 9p, per `hypervisor.qemu.shared_fs`. `readiness` decides when wait_ready() returns
-    (default: the console line PYKATA_AGENT_READY). `guest_shutdown`, if given, is tried first by stop()
-    to let the guest power off cleanly. `on_event` receives QMP events (SHUTDOWN, STOP, RESET, ...).
+    (default: the console line PYKATA_AGENT_READY). `guest_shutdown`, if given, is awaited first by
+    stop() (at most 2 s) so the guest can finish cleanly; QEMU is quit after it either way.
+    `on_event` receives QMP events (SHUTDOWN, STOP, RESET, ...). `vm_dir` defaults to
+    <runtime_dir>/vm/<vm_id>; it must not exist yet and is removed by stop().
     """
 
     def __init__(
@@ -340,13 +342,16 @@ class QemuHypervisor(Hypervisor):
         return result
 
     async def _end_qemu(self, qemu: ChildProcess) -> None:
-        """Graceful, then QMP quit, then SIGKILL; each step bounded; returns with QEMU reaped."""
+        """Guest hook, then QMP quit, then SIGKILL; each step bounded; returns with QEMU reaped.
+
+        The hook (e.g. the agent's DestroySandbox) lets the guest finish its work; it need not power the
+        guest off: QEMU is quit right after it returns.
+        """
         if qemu.running and self._guest_shutdown is not None:
             try:
                 await asyncio.wait_for(self._guest_shutdown(), GRACEFUL_TIMEOUT)
             except Exception as exc:
                 log.debug("VM %s: guest shutdown hook failed: %r", self.vm_id, exc)
-            await qemu.wait(GRACEFUL_TIMEOUT)
         if qemu.running and self._qmp is not None and not self._qmp.closed:
             with contextlib.suppress(QmpError):
                 await self._qmp.execute("quit", timeout=QUIT_TIMEOUT)
