@@ -37,6 +37,7 @@ from pykata.ttrpc import Code, RpcError
 log = logging.getLogger("pykata.agent.containers")
 
 CONSOLE_TIMEOUT = 10.0
+FREEZE_TIMEOUT = 5.0
 MAX_EXECS = 1024  # per container, including exited ones not yet forgotten
 
 
@@ -272,6 +273,16 @@ class Containers:
                 raise failed_precondition(f"container {cid} is {c.status}, not running")
             await self.crun.pause(cid)
             c.status = "paused"
+            # crun may return while a v1 freezer still says FREEZING (a task was mid-fork); the
+            # RPC promises a stopped container, so wait for FROZEN.
+            for _ in range(int(FREEZE_TIMEOUT / 0.02)):
+                state = c.cgroup.freezer_state()
+                if state in ("frozen", ""):
+                    break
+                c.cgroup.refreeze()
+                await asyncio.sleep(0.02)
+            else:
+                raise RpcError(Code.DEADLINE_EXCEEDED, f"container {cid} did not freeze within {FREEZE_TIMEOUT}s")
 
     async def resume(self, cid: str) -> None:
         c = self.get(cid)

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,6 +158,10 @@ def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
     dir_fd = open_dir_below(Path(root_s), rel[:-1], create_mode=req.dir_mode or 0o755, field="path")
     part = f".{name}.pykata-part"
     try:
+        with contextlib.suppress(FileNotFoundError):
+            existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(existing.st_mode) or stat.S_ISDIR(existing.st_mode):
+                raise invalid("path", f"{req.path!r} is a symlink or a directory")
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         if req.offset == 0:
             flags |= os.O_TRUNC

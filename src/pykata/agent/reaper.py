@@ -66,11 +66,12 @@ class Reaper:
         self._listeners: list[Callable[[ExitStatus], None]] = []
         self.subreaper = False
 
-    def start(self) -> None:
-        """Install the SIGCHLD handler on the running loop and reap what already exited."""
+    def start(self, *, subreaper: bool = True) -> None:
+        """Install the SIGCHLD handler on the running loop and reap what already exited; with
+        `subreaper`, also adopt orphaned descendants (what the agent needs)."""
         self._loop = asyncio.get_running_loop()
-        self.subreaper = set_child_subreaper()
-        if not self.subreaper:
+        self.subreaper = set_child_subreaper() if subreaper else False
+        if subreaper and not self.subreaper:
             log.warning("cannot become a child subreaper: container exit statuses may be lost")
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
         self.reap()

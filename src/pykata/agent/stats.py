@@ -70,6 +70,25 @@ class Cgroup:
         name = "memory.events" if self.version == 2 else "memory.oom_control"
         return _keyed(self.read("memory", name)).get("oom_kill", 0)
 
+    def freezer_state(self) -> str:
+        """"frozen", "freezing" or "thawed" ("" when the cgroup is gone)."""
+        if self.version == 2:
+            events = _keyed(self.read("", "cgroup.events"))
+            if events.get("frozen") == 1:
+                return "frozen"
+            wanted = self.read("", "cgroup.freeze")
+            if wanted is None:
+                return ""
+            return "freezing" if wanted.strip() == "1" else "thawed"
+        return (self.read("freezer", "freezer.state") or "").strip().lower()
+
+    def refreeze(self) -> None:
+        """Ask a v1 freezer stuck in FREEZING to try again (the kernel retries on each write)."""
+        d = self.dir("freezer")
+        if self.version == 1 and d is not None:
+            with contextlib.suppress(OSError):
+                (d / "freezer.state").write_text("FROZEN")
+
     def remove(self) -> None:
         """rmdir the cgroup directories (crun delete normally does); missing ones are fine."""
         for d in self.dirs.values():

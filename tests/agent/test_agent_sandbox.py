@@ -1,0 +1,131 @@
+"""Sandbox setup, storages and the guest-wide RPCs, through the agent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.ttrpc import Code, RpcError
+from tests.agent.conftest import AgentHelper
+
+
+async def test_health_and_agent_service_are_served_together(agent: AgentHelper) -> None:
+    health = agent.client.stub(HEALTH_SERVICE)
+    resp = await health.Check(agent_pb2.CheckRequest())
+    assert resp.status == agent_pb2.HealthCheckResponse.SERVING
+    details = await agent.stub.GetGuestDetails(agent_pb2.GuestDetailsRequest(mem_block_size=True))
+    assert details.agent_details.version and details.kernel_release == os.uname().release
+    assert details.online_cpus == os.cpu_count()
+    assert details.mem_total_bytes > 0
+    assert details.agent_details.cgroup_version in (1, 2)
+    assert "virtio-fs" in details.agent_details.storage_drivers
+    assert not details.agent_details.init_daemon  # on the host it is not PID 1
+
+
+async def test_online_cpu_mem_with_everything_online_is_a_no_op(agent: AgentHelper) -> None:
+    await agent.stub.OnlineCPUMem(agent_pb2.OnlineCPUMemRequest(wait=True))
+    await agent.stub.OnlineCPUMem(agent_pb2.OnlineCPUMemRequest(wait=True, nb_cpus=1, cpu_only=True))
+
+
+async def test_set_time_checks_its_arguments(agent: AgentHelper) -> None:
+    # Setting the clock for real would change this host's time; guest.set_time is covered with
+    # its argument checks here and by the VM tests in the guest.
+    for req, field in ((agent_pb2.SetGuestDateTimeRequest(sec=1, usec=2_000_000), "usec"),
+                       (agent_pb2.SetGuestDateTimeRequest(sec=-5, usec=0), "sec")):
+        with pytest.raises(RpcError) as ei:
+            await agent.stub.SetGuestDateTime(req)
+        assert ei.value.code == Code.INVALID_ARGUMENT and field in ei.value.message
+
+
+async def test_networking_rpcs_say_unimplemented(agent: AgentHelper) -> None:
+    with pytest.raises(RpcError) as ei:
+        await agent.stub.ListInterfaces(agent_pb2.ListInterfacesRequest())
+    assert ei.value.code == Code.UNIMPLEMENTED
+
+
+async def test_container_storages_are_mounted_and_unmounted(agent: AgentHelper, tmp_path: Path) -> None:
+    volume = agent.env.shared_dir / "vol-src"
+    volume.mkdir()
+    (volume / "hello.txt").write_text("from the volume\n")
+    try:
+        storage_dir = agent.env.state_dir / "storage"
+        storages = [
+            agent_pb2.Storage(driver="bind", source=str(volume), mount_point=f"{storage_dir}/st/vol",
+                              options=["ro"]),
+            agent_pb2.Storage(driver="tmpfs", source="tmpfs", mount_point=f"{storage_dir}/st/scratch",
+                              options=["size=1m", "mode=0777"]),
+        ]
+        mounts = [
+            {"destination": "/vol", "type": "bind", "source": f"{storage_dir}/st/vol", "options": ["rbind", "ro"]},
+            {"destination": "/scratch", "type": "bind", "source": f"{storage_dir}/st/scratch",
+             "options": ["rbind"]},
+        ]
+        spec = agent.spec(["sh", "-c", "cat /vol/hello.txt; echo x > /scratch/f && cat /scratch/f; "
+                                       "echo y > /vol/new 2>/dev/null || echo read-only"], mounts=mounts)
+        await agent.create("vols", spec, storages=storages)
+        await agent.start("vols")
+        code, out, _ = await agent.collect("vols")
+        assert (code, out) == (0, b"from the volume\nx\nread-only\n")
+        await agent.remove("vols")
+        # unmounted: the mount points are gone (the agent mounts in its own mount namespace, so
+        # look at its view of the mounts)
+        mounts_of_agent = Path(f"/proc/{agent.env.pid}/mounts").read_text()
+        assert f"{storage_dir}/st/" not in mounts_of_agent
+        assert not (volume / "new").exists()
+    finally:
+        shutil.rmtree(volume)
+
+
+async def test_sandbox_hostname_dns_and_shared_pid_namespace(agent: AgentHelper) -> None:
+    await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(
+        sandbox_id="sb1", hostname="pykata-sb", dns=["nameserver 10.9.8.7", "search example.test"],
+        sandbox_pidns=True), timeout=60)
+    try:
+        with pytest.raises(RpcError) as ei:
+            await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb1"))
+        assert ei.value.code == Code.ALREADY_EXISTS
+        await agent.create("first", args=["sleep", "1000"], sandbox_pidns=True)
+        await agent.start("first")
+        await agent.close_stdin("first")
+        spec = agent.spec(["sh", "-c", "cat /etc/resolv.conf; ps -o comm | grep -c sleep"])
+        await agent.create("second", spec, sandbox_pidns=True)
+        await agent.start("second")
+        code, out, err = await agent.collect("second")
+        assert code == 0, err
+        # the resolv.conf of the sandbox, and the sleep of the other container in the shared pid ns
+        assert out == b"nameserver 10.9.8.7\nsearch example.test\n1\n"
+    finally:
+        await agent.stub.DestroySandbox(agent_pb2.DestroySandboxRequest(timeout_seconds=20), timeout=60)
+    # DestroySandbox removed the containers; a new sandbox can be made afterwards
+    assert not os.listdir(agent.env.state_dir / "crun")
+    await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2"))
+    await agent.stub.DestroySandbox(agent_pb2.DestroySandboxRequest())
+
+
+@pytest.mark.parametrize(("req", "field"), [
+    (agent_pb2.CreateSandboxRequest(sandbox_id="bad/id"), "sandbox_id"),
+    (agent_pb2.CreateSandboxRequest(sandbox_id="s", hostname="-bad-"), "hostname"),
+    (agent_pb2.CreateSandboxRequest(sandbox_id="s", dns=["nameserver 1.1.1.1\nnameserver 6.6.6.6"]), "dns[0]"),
+    (agent_pb2.CreateSandboxRequest(sandbox_id="s", kernel_modules=[agent_pb2.KernelModule(name="../x")]),
+     "kernel_modules[0].name"),
+])
+async def test_bad_sandbox_requests(agent: AgentHelper, req: agent_pb2.CreateSandboxRequest, field: str) -> None:
+    with pytest.raises(RpcError) as ei:
+        await agent.stub.CreateSandbox(req)
+    assert ei.value.code == Code.INVALID_ARGUMENT and ei.value.message.startswith(field)
+
+
+async def test_a_new_connection_sees_the_same_containers(agent: AgentHelper) -> None:
+    from pykata.ttrpc import connect_unix
+
+    await agent.create("shared-view", args=["sh", "-c", "echo still here"])
+    await agent.start("shared-view")
+    await agent.client.close()
+    agent.client = await connect_unix(agent.env.socket)
+    agent.stub = agent.client.stub(AGENT_SERVICE)
+    code, out, _ = await agent.collect("shared-view")
+    assert (code, out) == (0, b"still here\n")

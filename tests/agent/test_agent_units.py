@@ -1,0 +1,145 @@
+"""Unit tests of the agent's pure parts: spec rewriting, cgroup v2 parsing, sysfs onlining, reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pykata.agent import bundle, command, guest, stats
+from pykata.agent.reaper import ExitStatus, Reaper
+from pykata.ttrpc import Code, RpcError
+
+
+def _spec(root: Path) -> dict[str, Any]:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sh"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "apparmorProfile": "docker-default", "selinuxLabel": "x"},
+        "root": {"path": str(root)},
+        "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-123"},
+                                 {"type": "ipc", "path": "/proc/42/ns/ipc"}, {"type": "uts"}, {"type": "mount"}],
+                  "cgroupsPath": "/kubepods/besteffort/pod123/abc", "mountLabel": "y",
+                  "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}},
+    }
+
+
+def test_rewrite_spec_drops_host_only_parts(tmp_path: Path) -> None:
+    root = tmp_path / "shared/c1/rootfs"
+    root.mkdir(parents=True)
+    spec = _spec(root)
+    out = bundle.rewrite_spec(spec, roots=[tmp_path / "shared"], cgroups_path="/pykata/c1", terminal=True)
+    assert "hooks" not in out
+    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+    assert out["linux"]["cgroupsPath"] == "/pykata/c1"
+    assert out["linux"]["seccomp"] == {"defaultAction": "SCMP_ACT_ERRNO"}
+    assert "mountLabel" not in out["linux"]
+    assert "apparmorProfile" not in out["process"] and "selinuxLabel" not in out["process"]
+    assert out["process"]["terminal"] is True
+    assert out["root"]["path"] == str(root)
+    assert spec["hooks"], "the input is not modified"
+
+
+def test_rewrite_spec_joins_the_sandbox_pid_namespace_and_adds_mounts(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    extra = [{"destination": "/etc/resolv.conf", "type": "bind", "source": "/x", "options": ["rbind"]},
+             {"destination": "/proc", "type": "bind", "source": "/y", "options": ["rbind"]}]
+    out = bundle.rewrite_spec(_spec(tmp_path / "r"), roots=[tmp_path], cgroups_path="/p/c",
+                              pid_ns_path="/proc/7/ns/pid", extra_mounts=extra)
+    assert {"type": "pid", "path": "/proc/7/ns/pid"} in out["linux"]["namespaces"]
+    # an extra mount never replaces one the spec has
+    assert [m["destination"] for m in out["mounts"]] == ["/proc", "/etc/resolv.conf"]
+
+
+def test_load_spec_rejects_what_is_not_a_spec() -> None:
+    for text, field in (("{}", "oci_spec_json.process"), ('{"process": {}, "root": 1}', "oci_spec_json.root"),
+                        ("1" * (2 << 20), "oci_spec_json")):
+        with pytest.raises(RpcError) as ei:
+            bundle.load_spec(text)
+        assert ei.value.code == Code.INVALID_ARGUMENT and ei.value.message.startswith(field)
+
+
+def test_cgroup_v2_stats_from_a_fake_cgroup_tree(tmp_path: Path) -> None:
+    """A fake cgroup2 directory (files as the kernel writes them): the guest's layout, which this
+    host (cgroup v1) cannot show for real."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids io\n")
+    cg_dir = tmp_path / "pykata/c1"
+    cg_dir.mkdir(parents=True)
+    files = {
+        "cpu.stat": "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 4\nnr_throttled 1\n"
+                    "throttled_usec 20\n",
+        "memory.current": "4096000\n", "memory.max": "max\n", "memory.peak": "5000000\n",
+        "memory.stat": "anon 1000\nfile 2000\nkernel 300\n",
+        "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        "memory.swap.current": "0\n", "memory.swap.max": "max\n",
+        "pids.current": "3\n", "pids.max": "100\n",
+        "io.stat": "8:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n",
+    }
+    for name, text in files.items():
+        (cg_dir / name).write_text(text)
+    cg = stats.Cgroup.at("/pykata/c1", tmp_path)
+    assert cg.version == 2 and cg.oom_kills() == 1
+    s = stats.read_stats(cg)
+    assert (s.cpu.usage_total_ns, s.cpu.usage_user_ns, s.cpu.usage_kernel_ns) == (1_500_000, 1_000_000, 500_000)
+    assert (s.cpu.throttling_periods, s.cpu.throttled_periods, s.cpu.throttled_time_ns) == (4, 1, 20_000)
+    assert (s.memory.usage, s.memory.limit, s.memory.max_usage, s.memory.failcnt) == (4096000, 0, 5000000, 3)
+    assert (s.memory.rss, s.memory.cache, s.memory.oom_kill, s.memory.stat["kernel"]) == (1000, 2000, 1, 300)
+    assert (s.pids.current, s.pids.limit) == (3, 100)
+    assert {(e.op, e.value) for e in s.io.service_bytes} == {("rbytes", 4096), ("wbytes", 8192), ("dbytes", 0)}
+    (cg_dir / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    (cg_dir / "cgroup.freeze").write_text("1\n")
+    assert cg.freezer_state() == "frozen"
+
+
+def test_online_cpu_mem_on_a_fake_sysfs(tmp_path: Path) -> None:
+    """A fake sysfs with two offline CPUs and one offline memory block."""
+    cpus = tmp_path / "devices/system/cpu"
+    for n, state in ((0, None), (1, "1"), (2, "0"), (3, "0")):
+        (cpus / f"cpu{n}").mkdir(parents=True)
+        if state is not None:
+            (cpus / f"cpu{n}/online").write_text(state)
+    mem = tmp_path / "devices/system/memory"
+    for n, state in ((0, "online"), (1, "offline")):
+        (mem / f"memory{n}").mkdir(parents=True)
+        (mem / f"memory{n}/state").write_text(state)
+    assert guest.online_cpu_mem(3, cpu_only=True, sysfs=tmp_path) == (1, 0)
+    assert (cpus / "cpu2/online").read_text() == "1" and (cpus / "cpu3/online").read_text() == "0"
+    assert guest.online_cpu_mem(0, cpu_only=False, sysfs=tmp_path) == (1, 1)
+    assert (mem / "memory1/state").read_text() == "online"
+
+
+def test_exit_status_codes() -> None:
+    assert ExitStatus(1, 7 << 8, 0).code == 7
+    assert ExitStatus(1, signal.SIGKILL, 0).code == 137
+
+
+async def test_reaper_keeps_a_status_until_the_pid_is_watched() -> None:
+    reaper = Reaper()
+    reaper.start(subreaper=False)
+    try:
+        generation = reaper.generation
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 5"], {})
+        for _ in range(200):  # let the reaper collect it before anyone watches
+            await asyncio.sleep(0.01)
+            if reaper.generation > generation:
+                break
+        assert (await asyncio.wait_for(reaper.watch(pid, since=generation), 5)).code == 5
+        # a status reaped before `since` is someone else's (a reused pid): not handed out
+        pid2 = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 6"], {})
+        await asyncio.sleep(0.2)
+        stale = reaper.watch(pid2, since=reaper.generation)
+        await asyncio.sleep(0.1)
+        assert not stale.done()
+        stale.cancel()
+        result = await command.run(reaper, ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
+        assert (result.status.code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+        with pytest.raises(command.CommandTimeout):
+            await command.run(reaper, ["/bin/sleep", "10"], timeout=0.2)
+    finally:
+        reaper.close()
