@@ -66,10 +66,15 @@ async def test_exec_into_a_running_container(agent: AgentHelper) -> None:
     assert pid > 0 and pid != init_pid
     code, out, _ = await agent.collect("execs", "one")
     assert (code, out) == (0, b"3\n/tmp\ny\n1000\n")
-    # exec ids are unique per container
+    # exec ids are unique per container while the host may still ask about the process
+    await agent.exec("execs", "long", ["sleep", "1000"])
     with pytest.raises(RpcError) as ei:
-        await agent.exec("execs", "one", ["true"])
+        await agent.exec("execs", "long", ["true"])
     assert ei.value.code == Code.ALREADY_EXISTS
+    # an exec that exited, was waited for and whose output was read is forgotten at the next exec
+    with pytest.raises(RpcError) as ei:
+        await agent.wait("execs", "one")
+    assert ei.value.code == Code.NOT_FOUND
     # the exec'd process sees the same pid namespace as init (sleep is pid 1 there)
     await agent.exec("execs", "ps", ["sh", "-c", "cat /proc/1/cmdline"])
     assert (await agent.collect("execs", "ps"))[1] == b"sleep\x001000\x00"

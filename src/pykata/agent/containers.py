@@ -38,7 +38,7 @@ log = logging.getLogger("pykata.agent.containers")
 
 CONSOLE_TIMEOUT = 10.0
 FREEZE_TIMEOUT = 5.0
-MAX_EXECS = 1024  # per container, including exited ones not yet forgotten
+MAX_EXECS = 1024  # per container: running ones plus exited ones the host may still ask about
 
 
 class Container:
@@ -71,6 +71,21 @@ class Container:
 
     def processes(self) -> list[Process]:
         return [self.init, *self.execs.values()]
+
+    def prune(self, *, keep: int) -> None:
+        """Forget exec processes the host is done with (containerd has no "delete exec" call
+        here, so without this a long-lived container with periodic execs grows without end).
+        When more than `keep` remain, exited and waited ones go even with unread output."""
+        for eid, proc in list(self.execs.items()):
+            if proc.finished:
+                proc.close()
+                del self.execs[eid]
+        for eid, proc in list(self.execs.items()):
+            if len(self.execs) < keep:
+                break
+            if proc.exit_status is not None and proc.waited:
+                proc.close()
+                del self.execs[eid]
 
 
 class Containers:
@@ -211,6 +226,7 @@ class Containers:
         c = self.get(cid)
         eid = check_exec_id("exec_id", exec_id, allow_empty=False)
         async with c.lock:
+            c.prune(keep=MAX_EXECS)
             if eid in c.execs:
                 raise already_exists(f"container {cid} already has a process {eid!r}")
             if c.status != "running":

@@ -62,8 +62,6 @@ class Crun:
         self.root = root
         self.log_dir = log_dir
         self._seq = itertools.count()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _argv(self, log: Path, *args: str) -> list[str]:
         return [self.binary, f"--root={self.root}", f"--log=file:{log}", "--log-format=json", *args]
@@ -181,7 +179,7 @@ def _log_message(log: Path) -> str:
 
 def _code_for(message: str) -> Code:
     low = message.lower()
-    if "does not exist" in low or ("no such file" in low and "container" in low):
+    if "does not exist" in low or "not found in $path" in low or ("no such file" in low and "container" in low):
         return Code.NOT_FOUND
     if "not running" in low or "is paused" in low or "not paused" in low or "already" in low:
         return Code.FAILED_PRECONDITION

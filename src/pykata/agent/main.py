@@ -37,6 +37,8 @@ async def run(channel_spec: str, settings: AgentSettings | None = None, listen: 
     `listen` ("unix:PATH") serves a unix socket instead of the channel (tests run the agent on
     the host this way).
     """
+    if listen is None:
+        parse_channel(channel_spec)  # a bad channel fails before anything starts
     agent = AgentService(settings)
     await agent.start()
     try:

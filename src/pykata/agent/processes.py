@@ -31,6 +31,7 @@ class Process:
         self._console: int = -1
         self._child_fds: list[int] = []
         self._exit: asyncio.Future[ExitStatus] | None = None
+        self.waited = False  # some WaitProcess got the exit status
 
     @property
     def name(self) -> str:
@@ -89,7 +90,15 @@ class Process:
         """
         if self._exit is None:
             raise failed_precondition(f"process {self.name} has not been started")
-        return await asyncio.shield(self._exit)
+        status = await asyncio.shield(self._exit)
+        self.waited = True
+        return status
+
+    @property
+    def finished(self) -> bool:
+        """Exited, waited for, and all output handed over: nothing is left to ask about it."""
+        return (self.exit_status is not None and self.waited
+                and all(s is None or s.drained for s in (self.stdout, self.stderr)))
 
     def signal(self, signum: int) -> None:
         """Raises RpcError(NOT_FOUND) when the process has already exited."""

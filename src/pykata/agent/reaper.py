@@ -28,12 +28,12 @@ log = logging.getLogger("pykata.agent.reaper")
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def set_child_subreaper() -> bool:
-    """Make orphaned descendants re-parent to this process; False when the kernel refuses."""
+def set_child_subreaper(on: bool = True) -> bool:
+    """Make orphaned descendants re-parent to this process (or stop); False when the kernel refuses."""
     if os.getpid() == 1:
         return True
     libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    return int(libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)) == 0
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,14 @@ class Reaper:
         self.reap()
 
     def close(self) -> None:
+        """Remove the SIGCHLD handler and stop being a subreaper (an agent run in-process by a
+        test must not leave its host process adopting orphans)."""
         if self._loop is not None:
             self._loop.remove_signal_handler(signal.SIGCHLD)
             self._loop = None
+        if self.subreaper:
+            set_child_subreaper(False)
+            self.subreaper = False
 
     @property
     def generation(self) -> int:

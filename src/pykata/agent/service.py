@@ -62,12 +62,23 @@ class AgentService:
         self.oom: OOMWatcher | None = None
         self._containers: Containers | None = None
         self._sandbox: Sandbox | None = None
+        self._dirs_made = False
+
+    def _make_dirs(self) -> None:
+        """Raises RpcError(INTERNAL) when the state directories cannot be made."""
+        if not self._dirs_made:
+            try:
+                self.settings.make_dirs()
+            except OSError as exc:
+                raise RpcError(Code.INTERNAL, f"cannot make the agent's directories: {exc}") from None
+            self._dirs_made = True
 
     async def start(self) -> None:
-        """Start reaping and make the state directories. Raises OSError when they cannot be made."""
+        """Start reaping. A missing crun is logged and reported by the container RPCs; the state
+        directories are made by the first call that needs them, so an agent that only answers
+        Health leaves nothing behind."""
         ensure_std_fds()
         s = self.settings
-        s.make_dirs()
         self.reaper.start()
         storages = Storages(s.mount_roots, s.source_roots)
         try:
@@ -102,6 +113,7 @@ class AgentService:
     # -- sandbox -------------------------------------------------------------------------------
 
     async def CreateSandbox(self, req: agent_pb2.CreateSandboxRequest, ctx: Any) -> Empty:
+        self._make_dirs()
         await self.sandbox.create(req)
         return Empty()
 
@@ -117,6 +129,7 @@ class AgentService:
 
     async def CreateContainer(self, req: agent_pb2.CreateContainerRequest,
                               ctx: Any) -> agent_pb2.CreateContainerResponse:
+        self._make_dirs()
         pid_ns = None
         if req.sandbox_pidns:
             pid_ns = self.sandbox.pid_ns_path()
@@ -232,6 +245,7 @@ class AgentService:
         return Empty()
 
     async def CopyFile(self, req: agent_pb2.CopyFileRequest, ctx: Any) -> Empty:
+        self._make_dirs()
         await asyncio.to_thread(guest.copy_file, req, [self.settings.shared])
         return Empty()
 

@@ -35,6 +35,7 @@ class OutputStream:
         self._reading = False
         self._waiters: set[asyncio.Future[None]] = set()
         self.total = 0  # bytes received from the process so far
+        self.drained = False  # end of file was handed to a reader
         os.set_blocking(fd, False)
         self._resume()
 
@@ -109,6 +110,7 @@ class OutputStream:
             del self._buf[:n]
             self._resume()
             return data, False
+        self.drained = True
         return b"", True
 
     async def wait_eof(self) -> None:
@@ -125,6 +127,7 @@ class OutputStream:
         """Stop reading and drop the buffer; readers get end of file. Idempotent."""
         self._buf.clear()
         self._finish()
+        self.drained = True
 
 
 class InputStream:
