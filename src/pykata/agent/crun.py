@@ -62,6 +62,9 @@ class Crun:
         self.root = root
         self.log_dir = log_dir
         self._seq = itertools.count()
+        # pivot_root(2) fails (EINVAL) when the guest's / is the initramfs: crun must then move
+        # the container root over / and chroot instead.
+        self.no_pivot = root_is_initramfs()
 
     def _argv(self, log: Path, *args: str) -> list[str]:
         return [self.binary, f"--root={self.root}", f"--log=file:{log}", "--log-format=json", *args]
@@ -97,6 +100,8 @@ class Crun:
     async def create(self, cid: str, bundle: Path, pid_file: Path, stdio: Stdio,
                      console_socket: str | None = None) -> None:
         args = ["create", f"--bundle={bundle}", f"--pid-file={pid_file}"]
+        if self.no_pivot:
+            args.append("--no-pivot")
         if console_socket:
             args.append(f"--console-socket={console_socket}")
         await self._call("create", cid, [*args, cid], stdio=stdio, timeout=CREATE_TIMEOUT)
@@ -156,6 +161,16 @@ async def _wait(child: command.Child, timeout: float) -> ExitStatus:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
         raise command.CommandTimeout(f"crun did not finish within {timeout}s") from None
+
+
+def root_is_initramfs(mounts: Path = Path("/proc/self/mounts")) -> bool:
+    """True when / is the kernel's initramfs (file system type "rootfs")."""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return False
+    types = [ln.split()[2] for ln in lines if len(ln.split()) > 2 and ln.split()[1] == "/"]
+    return bool(types) and types[-1] == "rootfs"
 
 
 def _log_message(log: Path) -> str:

@@ -1,0 +1,199 @@
+"""The agent inside a real guest (QEMU microvm, TCG): pure cgroup v2, the agent as PID 1, virtio-serial.
+
+No shared file system is needed: the test copies busybox into the guest with CopyFile and runs
+containers from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.ttrpc import Client, RpcError, connect_unix
+
+pytestmark = pytest.mark.vm
+
+DEFAULT_CACHE = Path("/var/cache/pykata")
+QEMU = "/usr/bin/qemu-system-x86_64"
+SHARED = "/run/pykata-agent/shared"
+ROOTFS = f"{SHARED}/bb"
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(vmlinux, initrd) of the current sources; the rootfs is built into a temp cache (a few
+    seconds) so it always carries the agent as it is now."""
+    from pykata.guest.kernel import find_kernel
+    from pykata.guest.rootfs import build_rootfs
+
+    kernel = find_kernel(DEFAULT_CACHE)
+    if kernel is None:
+        pytest.skip("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
+    cache = tmp_path_factory.mktemp("agent-rootfs")
+    for sub in ("debs", "wheels"):
+        if (DEFAULT_CACHE / sub).is_dir():
+            shutil.copytree(DEFAULT_CACHE / sub, cache / sub)
+    rootfs = build_rootfs(cache)
+    assert rootfs.initrd is not None
+    return kernel.vmlinux, rootfs.initrd
+
+
+def _tsc_param() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return f"tsc_early_khz={int(float(line.split(':')[1]) * 1000)}"
+    return ""
+
+
+@contextlib.contextmanager
+def _vm(vmlinux: Path, initrd: Path, tmp: Path) -> Iterator[tuple[Path, Path]]:
+    sock, log = tmp / "agent.sock", tmp / "console.log"
+    args = [
+        QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
+        "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
+        "-serial", f"file:{log}", "-kernel", str(vmlinux), "-initrd", str(initrd), "-no-reboot",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+        "-append", f"console=ttyS0 panic=-1 {_tsc_param()}",
+    ]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    try:
+        yield sock, log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def _connect(sock: Path, timeout: float = 90) -> Client:
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        assert time.monotonic() < deadline, "QEMU never made the agent socket"
+        await asyncio.sleep(0.02)
+    client = await connect_unix(str(sock))
+    await client.stub(HEALTH_SERVICE).Check(agent_pb2.CheckRequest(), timeout=deadline - time.monotonic())
+    return client
+
+
+@pytest.fixture(scope="module")
+def vm(guest_assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    with _vm(*guest_assets, tmp_path_factory.mktemp("vm")) as booted:
+        yield booted
+
+
+@pytest.fixture
+async def guest(vm: tuple[Path, Path]) -> AsyncIterator[Any]:
+    sock, log = vm
+    try:
+        client = await _connect(sock)
+    except (AssertionError, RpcError, OSError) as exc:
+        raise AssertionError(f"{exc}\n{log.read_text(errors='replace')[-3000:]}") from None
+    try:
+        yield client.stub(AGENT_SERVICE)
+    finally:
+        await client.close()
+
+
+def _spec(args: list[str], **process: Any) -> dict[str, Any]:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}, **process},
+        "root": {"path": ROOTFS, "readonly": True},
+        "hostname": "in-guest",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+        ],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+                  "resources": {"memory": {"limit": 32 * MiB}}},
+    }
+
+
+async def _copy_busybox(agent: Any) -> None:
+    data = Path("/bin/busybox").read_bytes()
+    for off in range(0, len(data), MiB):
+        await agent.CopyFile(agent_pb2.CopyFileRequest(path=f"{ROOTFS}/bin/busybox", file_size=len(data),
+                                                       file_mode=0o755, offset=off, data=data[off:off + MiB]))
+    for d in ("proc", "dev", "sys", "tmp"):  # CopyFile makes parent directories
+        await agent.CopyFile(agent_pb2.CopyFileRequest(path=f"{ROOTFS}/{d}/.keep", file_size=0))
+
+
+async def _run(agent: Any, cid: str, spec: dict[str, Any]) -> tuple[int, bytes]:
+    await agent.CreateContainer(agent_pb2.CreateContainerRequest(container_id=cid, oci_spec_json=json.dumps(spec)),
+                                timeout=120)
+    await agent.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=60)
+    await agent.CloseStdin(agent_pb2.CloseStdinRequest(container_id=cid))
+    out = bytearray()
+    while not (r := await agent.ReadStdout(agent_pb2.ReadStreamRequest(container_id=cid), timeout=60)).eof:
+        out += r.data
+    status = (await agent.WaitProcess(agent_pb2.WaitProcessRequest(container_id=cid), timeout=60)).exit_status
+    return status, bytes(out)
+
+
+async def test_containers_in_a_real_guest(guest: Any) -> None:
+    details = await guest.GetGuestDetails(agent_pb2.GuestDetailsRequest(mem_block_size=True))
+    assert details.agent_details.init_daemon and details.agent_details.cgroup_version == 2
+    assert details.online_cpus == 2
+    await _copy_busybox(guest)
+
+    bb = ["/bin/busybox"]
+    status, out = await _run(guest, "hello", _spec([*bb, "sh", "-c", "echo hi from $(/bin/busybox hostname); "
+                                                   "/bin/busybox cat /sys/fs/cgroup/memory.max; exit 7"]))
+    assert (status, out) == (7, f"hi from in-guest\n{32 * MiB}\n".encode())
+    stats = await guest.StatsContainer(agent_pb2.StatsContainerRequest(container_id="hello"))
+    assert stats.cgroup_stats.cgroup_version == 2 and stats.cgroup_stats.memory.limit == 32 * MiB
+    assert stats.cgroup_stats.cpu.usage_total_ns > 0
+    await guest.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="hello", timeout_seconds=30),
+                                timeout=60)
+
+    # cgroup v2 OOM kill -> exit 137 and an OOM event
+    oom = asyncio.ensure_future(guest.GetOOMEvent(agent_pb2.GetOOMEventRequest(), timeout=60))
+    status, _ = await _run(guest, "oom", _spec([*bb, "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]))
+    assert status == 137
+    assert (await oom).container_id == "oom"
+    await guest.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="oom", timeout_seconds=30), timeout=60)
+
+
+async def test_exec_tty_and_signals_in_a_real_guest(guest: Any) -> None:
+    # a new host connection on the same virtio-serial port (the previous test closed its own)
+    await _copy_busybox(guest)
+    spec = _spec(["/bin/busybox", "sleep", "1000"])
+    await guest.CreateContainer(agent_pb2.CreateContainerRequest(container_id="long", oci_spec_json=json.dumps(spec)),
+                                timeout=120)
+    try:
+        await guest.StartContainer(agent_pb2.StartContainerRequest(container_id="long"), timeout=60)
+        process = agent_pb2.Process(
+            args=["/bin/busybox", "sh", "-c", "/bin/busybox tty; /bin/busybox stty size"], env=["PATH=/bin"], cwd="/",
+            terminal=True, console_height=33, console_width=99)
+        await guest.ExecProcess(agent_pb2.ExecProcessRequest(container_id="long", exec_id="t", process=process),
+                                timeout=60)
+        out = bytearray()
+        while not (r := await guest.ReadStdout(agent_pb2.ReadStreamRequest(container_id="long", exec_id="t"),
+                                               timeout=60)).eof:
+            out += r.data
+        waited = await guest.WaitProcess(agent_pb2.WaitProcessRequest(container_id="long", exec_id="t"))
+        assert waited.exit_status == 0
+        assert out.replace(b"\r", b"").split(b"\n")[:2] == [b"/dev/pts/0", b"33 99"]
+        await guest.PauseContainer(agent_pb2.PauseContainerRequest(container_id="long"), timeout=30)
+        await guest.ResumeContainer(agent_pb2.ResumeContainerRequest(container_id="long"), timeout=30)
+        await guest.SignalProcess(agent_pb2.SignalProcessRequest(container_id="long", signal=9))
+        assert (await guest.WaitProcess(agent_pb2.WaitProcessRequest(container_id="long"))).exit_status == 137
+    finally:
+        await guest.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="long", timeout_seconds=30),
+                                    timeout=60)
