@@ -89,14 +89,17 @@ def apt_fingerprint() -> str:
     return h.hexdigest()
 
 
-def resolve(names: Sequence[str], cache_dir: Path) -> list[DebPackage]:
+def resolve(names: Sequence[str], cache_dir: Path, progress: Progress | None = None, *,
+            refresh: bool = False) -> list[DebPackage]:
     """Resolve each name to apt's candidate version, in the order given.
 
-    Raises PackageError when apt does not know a package.
+    With `refresh`, when apt does not know a package and we are root, the lists are refreshed
+    once (`apt-get update`: a machine whose lists were cleaned still builds).
+    Raises PackageError when apt still does not know a package.
     """
     memo = cache_dir / "debs" / "resolved.json"
-    fingerprint = apt_fingerprint()
     want = sorted(set(names))
+    fingerprint = apt_fingerprint()
     try:
         saved = json.loads(memo.read_text())
         if saved["fingerprint"] == fingerprint and saved["names"] == want:
@@ -104,19 +107,28 @@ def resolve(names: Sequence[str], cache_dir: Path) -> list[DebPackage]:
             return [by_name[n] for n in names]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    proc = subprocess.run(
-        ["apt-cache", "show", "--no-all-versions", *want], capture_output=True, text=True, check=False,
-        env={**os.environ, "LC_ALL": "C"},
-    )
-    by_name = parse_apt_show(proc.stdout)
+    by_name, stderr = _apt_show(want)
+    if refresh and any(n not in by_name for n in want) and os.geteuid() == 0:
+        if progress:
+            progress("apt does not know every guest package: running apt-get update")
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
+        fingerprint = apt_fingerprint()
+        by_name, stderr = _apt_show(want)
     for n in want:
         if n not in by_name:
-            detail = proc.stderr.strip().splitlines()[-1:] or ["not in the apt lists (apt-get update?)"]
+            detail = stderr.strip().splitlines()[-1:] or ["not in the apt lists (apt-get update?)"]
             raise PackageError(n, detail[0])
-    packages = [by_name[n] for n in names]
     record = {"fingerprint": fingerprint, "names": want, "packages": [asdict(by_name[n]) for n in want]}
     atomic_write(memo, json.dumps(record, indent=1).encode())
-    return packages
+    return [by_name[n] for n in names]
+
+
+def _apt_show(names: Sequence[str]) -> tuple[dict[str, DebPackage], str]:
+    proc = subprocess.run(
+        ["apt-cache", "show", "--no-all-versions", *names], capture_output=True, text=True, check=False,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    return parse_apt_show(proc.stdout), proc.stderr
 
 
 def sha256_file(path: Path) -> str:

@@ -167,7 +167,7 @@ def resolve_inputs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE, *, download
     RootfsError.
     """
     source = source or source_dir()
-    packages = tuple(debs.resolve(recipe.packages, cache_dir))
+    packages = tuple(debs.resolve(recipe.packages, cache_dir, progress, refresh=download))
     pins = wheels.host_pins(recipe.wheels)
     if download:
         got = wheels.fetch(pins, cache_dir, progress)
