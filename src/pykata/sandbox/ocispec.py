@@ -11,7 +11,7 @@ from typing import Any
 from pykata.errors import PykataError
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
-GUEST_SHARED_DIR = "/run/pykata/shared"
+GUEST_SHARED_DIR = "/run/pykata-agent/shared"
 
 DEFAULT_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
