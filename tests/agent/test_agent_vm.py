@@ -20,6 +20,7 @@ import pytest
 
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
 from pykata.ttrpc import Client, RpcError, connect_unix
+from tests.agent.conftest import make_busybox_rootfs
 
 pytestmark = pytest.mark.vm
 
@@ -57,7 +58,7 @@ def _tsc_param() -> str:
 
 
 @contextlib.contextmanager
-def _vm(vmlinux: Path, initrd: Path, tmp: Path) -> Iterator[tuple[Path, Path]]:
+def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path) -> Iterator[tuple[Path, Path]]:
     sock, log = tmp / "agent.sock", tmp / "console.log"
     args = [
         QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
@@ -66,6 +67,8 @@ def _vm(vmlinux: Path, initrd: Path, tmp: Path) -> Iterator[tuple[Path, Path]]:
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+        "-fsdev", f"local,id=share,path={share},security_model=none",
+        "-device", "virtio-9p-device,fsdev=share,mount_tag=hostshare",
         "-append", f"console=ttyS0 panic=-1 {_tsc_param()}",
     ]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
@@ -87,8 +90,18 @@ async def _connect(sock: Path, timeout: float = 90) -> Client:
 
 
 @pytest.fixture(scope="module")
-def vm(guest_assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    with _vm(*guest_assets, tmp_path_factory.mktemp("vm")) as booted:
+def host_share(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared with the guest over 9p: a busybox rootfs and a volume directory."""
+    share = tmp_path_factory.mktemp("share")
+    make_busybox_rootfs(share / "rootfs")
+    (share / "vol").mkdir()
+    return share
+
+
+@pytest.fixture(scope="module")
+def vm(guest_assets: tuple[Path, Path], host_share: Path,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    with _vm(*guest_assets, tmp_path_factory.mktemp("vm"), host_share) as booted:
         yield booted
 
 
@@ -197,3 +210,27 @@ async def test_exec_tty_and_signals_in_a_real_guest(guest: Any) -> None:
     finally:
         await guest.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="long", timeout_seconds=30),
                                     timeout=60)
+
+
+async def test_sandbox_with_a_9p_share_time_and_shared_pid_namespace(guest: Any, host_share: Path) -> None:
+    mount_point = f"{SHARED}/host"
+    await guest.CreateSandbox(agent_pb2.CreateSandboxRequest(
+        sandbox_id="vmsb", hostname="vm-sandbox", dns=["nameserver 10.0.2.3"], sandbox_pidns=True,
+        storages=[agent_pb2.Storage(driver="9p", source="hostshare", fstype="9p", mount_point=mount_point,
+                                    options=["trans=virtio", "version=9p2000.L", "msize=262144"])]), timeout=120)
+    try:
+        await guest.SetGuestDateTime(agent_pb2.SetGuestDateTimeRequest(sec=1924992000, usec=0))  # 2031-01-01
+        spec = _spec(["sh", "-c", "cat /etc/resolv.conf; date -u +%Y; echo written > /vol/from-guest; id -u"])
+        spec["root"]["path"] = f"{mount_point}/rootfs"
+        spec["mounts"].append({"destination": "/vol", "type": "bind", "source": f"{mount_point}/vol",
+                               "options": ["rbind", "rw"]})
+        status, out = await _run(guest, "on9p", spec)
+        assert (status, out) == (0, b"nameserver 10.0.2.3\n2031\n0\n")
+        assert (host_share / "vol/from-guest").read_text() == "written\n"
+    finally:
+        await guest.DestroySandbox(agent_pb2.DestroySandboxRequest(timeout_seconds=30), timeout=120)
+    # the share is unmounted again: a container rooted there can no longer be made
+    with pytest.raises(RpcError) as ei:
+        await guest.CreateContainer(agent_pb2.CreateContainerRequest(
+            container_id="after", oci_spec_json=json.dumps(spec)), timeout=60)
+    assert "root.path" in ei.value.message
