@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import click
 
 from pykata import __version__
@@ -13,8 +16,11 @@ from pykata.cli.run import COMMANDS as RUN_COMMANDS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pykata")
-def cli() -> None:
+@click.option("--debug", is_flag=True, envvar="PYKATA_DEBUG", help="Log what pykata does to stderr.")
+def cli(debug: bool) -> None:
     """Run containers inside lightweight virtual machines."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="pykata: %(message)s" if not debug else "pykata: %(name)s: %(message)s")
 
 
 cli.add_command(image)

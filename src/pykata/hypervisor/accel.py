@@ -127,7 +127,9 @@ async def resolve_accelerator(config: QemuConfig, kernel: Path, cache_dir: Path,
         verdict = await _probe_cached(config, kernel, cache_dir, use_cache)
     if verdict.accel == "tcg" and verdict.reason not in _logged:
         _logged.add(verdict.reason)
-        log.warning("pykata: KVM is not usable, running VMs with TCG emulation (slower): %s", verdict.reason)
+        # said loudly once, when the trial boot decided it; later runs reuse the verdict quietly
+        log.log(logging.INFO if verdict.cached else logging.WARNING,
+                "KVM is not usable, running VMs with TCG emulation (slower): %s", verdict.reason)
     return verdict
 
 
