@@ -7,6 +7,8 @@ Public API (stable; `pykata image build` and the hypervisor layer call it):
 - `find_kernel(cache_dir)` returns the cached `KernelArtifact` or None; it never builds.
 - `KernelArtifact.vmlinux` is the uncompressed ELF kernel with the PVH note: give it to QEMU as
   `-kernel` (microvm or q35, TCG or KVM). `bzimage` is the same kernel in bzImage format.
+- Under TCG, boot it with `tsc_early_khz=<host TSC kHz>` (pykata.hypervisor.hostinfo.host_tsc_khz):
+  its PIT-based TSC calibration fails on a busy host and the boot then hangs.
 
 The cache entry `<cache_dir>/kernel/<key>/` holds `vmlinux`, `bzImage`, `config` (the full .config
 used) and `manifest.json`. The key hashes the linux-source package version, the tarball's size and
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 from pykata.errors import PykataError
 
@@ -46,6 +49,8 @@ FRAGMENT_NAME = "kernel.config"
 # Compile steps (CC/AS lines) of one build with the fragment; only used to estimate a percentage.
 EXPECTED_COMPILE_STEPS = 1050
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
+# Source tree plus objects: 1.6 GB measured.
+_BUILD_SPACE = 2_500_000_000
 _MAKE_ARGS = ("ARCH=x86_64",)
 # A fixed identity keeps the build reproducible (no user, host or time in the image).
 _BUILD_ENV = {
@@ -254,9 +259,16 @@ def _locked(kdir: Path, progress: Callable[[str], None]) -> Iterator[None]:
         yield
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], on_line: Callable[[str], None] | None = None) -> None:
-    """Run a build command, feeding its output lines to `on_line`; raise KernelBuildError on failure."""
+def _run(
+    cmd: list[str], cwd: Path, env: dict[str, str], log: TextIO, on_line: Callable[[str], None] | None = None
+) -> None:
+    """Run a build command, logging its output and feeding its lines to `on_line`.
+
+    Raises KernelBuildError with the last lines of output when the command fails.
+    """
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True,
@@ -264,6 +276,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], on_line: Callable[[str]
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
+            log.write(line)
             tail.append(line.rstrip("\n"))
             if on_line is not None:
                 on_line(line)
@@ -286,17 +299,17 @@ def _build_env() -> dict[str, str]:
 
 
 def _compile(
-    src: Path, out: Path, fragment: bytes, jobs: int, progress: Callable[[str], None]
+    src: Path, out: Path, fragment: bytes, jobs: int, progress: Callable[[str], None], log: TextIO
 ) -> tuple[str, int]:
     """Configure and build in `src`, copy the results into `out`; return (kernel release, steps)."""
     env = _build_env()
     make = ["make", *_MAKE_ARGS]
     progress("configuring: tinyconfig + pykata fragment")
-    _run([*make, "tinyconfig"], src, env)
+    _run([*make, "tinyconfig"], src, env, log)
     config = src / ".config"
     frag_text = fragment.decode()
     config.write_text(merge_fragment(config.read_text(), frag_text))
-    _run([*make, "olddefconfig"], src, env)
+    _run([*make, "olddefconfig"], src, env, log)
     dropped = dropped_options(frag_text, config.read_text())
     if dropped:
         raise KernelBuildError(
@@ -311,7 +324,7 @@ def _compile(
         if message is not None:
             progress(message)
 
-    _run([*make, f"-j{jobs}", "vmlinux", "bzImage"], src, env, on_line)
+    _run([*make, f"-j{jobs}", "vmlinux", "bzImage"], src, env, log, on_line)
     # Written by the build from the Makefile version and CONFIG_LOCALVERSION, e.g. 6.1.192-pykata.
     release = (src / "include/config/kernel.release").read_text().strip()
     out.mkdir()
@@ -342,6 +355,8 @@ def build_kernel(
     stderr. Raises KernelBuildError when the source package or a build tool is missing, a fragment
     option does not survive `make olddefconfig`, the build fails, or the cache is not writable.
     """
+    if jobs is not None and jobs < 1:
+        raise KernelBuildError(f"jobs: must be at least 1, got {jobs}")
     report = progress or _stderr_progress
     inputs = kernel_inputs()
     key = cache_key(inputs)
@@ -356,34 +371,64 @@ def build_kernel(
             report(f"cached: {cached.version} ({key})")
             _write_current(kdir, key)
             return cached
-        missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
-        if missing:
-            raise KernelBuildError(f"kernel build tools missing: {', '.join(missing)} (run scripts/install.sh)")
+        _check_build_host(kdir)
         # Leftovers of interrupted builds: we hold the lock, so nobody else is using them.
         for stale in kdir.glob(".build-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=kdir))
-        try:
-            started = time.monotonic()
-            report(f"extracting {SOURCE_TARBALL.name}")
-            src = work / "src"
-            src.mkdir()
-            _run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", str(src), "--strip-components=1"], work, _build_env())
-            out = work / "out"
-            release, steps = _compile(src, out, fragment_bytes(), jobs or _cpu_count(), report)
-            seconds = round(time.monotonic() - started, 1)
-            manifest = {"key": key, "version": release, "inputs": asdict(inputs), "compile_steps": steps,
-                        "build_seconds": seconds}
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            _install(out, entry)
-            _write_current(kdir, key)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        started = time.monotonic()
+        _build_into(kdir, entry, inputs, jobs or _cpu_count(), report)
         artifact = _load_entry(entry)
     if artifact is None:
         raise KernelBuildError(f"kernel cache entry {entry} is incomplete after the build")
-    report(f"done: {artifact.version} in {seconds:.0f} s -> {artifact.vmlinux}")
+    report(f"done: {artifact.version} in {time.monotonic() - started:.0f} s -> {artifact.vmlinux}")
     return artifact
+
+
+def _check_build_host(kdir: Path) -> None:
+    missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise KernelBuildError(f"kernel build tools missing: {', '.join(missing)} (run scripts/install.sh)")
+    free = shutil.disk_usage(kdir).free
+    if free < _BUILD_SPACE:
+        raise KernelBuildError(
+            f"cache_dir {kdir.parent}: {free / 1e9:.1f} GB free, the kernel build needs {_BUILD_SPACE / 1e9:.0f} GB"
+        )
+
+
+def _build_into(
+    kdir: Path, entry: Path, inputs: KernelInputs, jobs: int, report: Callable[[str], None]
+) -> None:
+    """Build in a temporary directory under `kdir` and move the result to `entry`.
+
+    The full build log is kept as `build.log` in the entry, or as `last-failed-build.log` in `kdir`.
+    """
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f".build-{entry.name}-", dir=kdir))
+    log_path = work / "build.log"
+    try:
+        with log_path.open("w") as log:
+            report(f"extracting {SOURCE_TARBALL.name}")
+            src = work / "src"
+            src.mkdir()
+            tar = ["tar", "-xJf", str(SOURCE_TARBALL), "-C", str(src), "--strip-components=1"]
+            _run(tar, work, _build_env(), log)
+            out = work / "out"
+            release, steps = _compile(src, out, fragment_bytes(), jobs, report, log)
+        shutil.copy2(log_path, out / "build.log")
+        manifest = {"key": entry.name, "version": release, "inputs": asdict(inputs), "compile_steps": steps,
+                    "build_seconds": round(time.monotonic() - started, 1)}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _install(out, entry)
+        _write_current(kdir, entry.name)
+    except KernelBuildError as exc:
+        failed = kdir / "last-failed-build.log"
+        with contextlib.suppress(OSError):
+            shutil.copy2(log_path, failed)
+        raise KernelBuildError(f"{exc}\n(full log: {failed})") from exc
+    except OSError as exc:
+        raise KernelBuildError(f"kernel build in {work}: {exc}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _install(out: Path, entry: Path) -> None:
