@@ -1,0 +1,96 @@
+"""Differential tests: the same bundle run by `runc run` on the host and by `pykata run` in a VM must
+give the same stdout, stderr and exit status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pykata.images import ImageStore
+from pykata.sandbox import Volume, build_spec
+from pykata.sandbox.ocispec import add_volumes
+
+PYKATA = str(Path(__file__).resolve().parent.parent / ".venv/bin/pykata")
+pytestmark = [pytest.mark.vm]
+
+BIG = 50 * 1024 * 1024
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    env: tuple[str, ...] = ()
+    cwd: str = "/"
+    user: tuple[int, int] = (0, 0)
+    stdin: bytes | None = None
+    volume_ro: bool = False
+    digest_stdout: bool = False
+
+
+CASES = [
+    Case("echo", ["echo", "hello world"]),
+    Case("exit0", ["true"]),
+    Case("exit1", ["false"]),
+    Case("exit7", ["sh", "-c", "echo out; echo err >&2; exit 7"]),
+    Case("exit137", ["sh", "-c", "kill -9 $$"]),
+    Case("sigterm", ["sh", "-c", "kill -TERM $$"]),
+    Case("env", ["sh", "-c", "echo $FOO-$BAR"], env=("FOO=foo", "BAR=bar baz")),
+    Case("cwd", ["pwd"], cwd="/tmp"),
+    Case("user", ["id"], user=(1000, 1000)),
+    Case("hostname", ["hostname"]),
+    Case("stdin", ["sh", "-c", "cat; echo done"], stdin=b"line one\nline two\n"),
+    Case("big-output", ["sh", "-c", f"head -c {BIG} /dev/zero | tr '\\0' 'x'"], digest_stdout=True),
+    Case("ro-volume", ["sh", "-c", "cat /data/file; echo new > /data/file"], volume_ro=True),
+]
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ImageStore(tmp_path_factory.mktemp("cache")).resolve("busybox").rootfs
+
+
+def _bundle(tmp: Path, rootfs: Path, case: Case, volume: Path) -> Path:
+    bundle = tmp / "bundle"
+    shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
+    spec = build_spec(case.args, env=["PATH=/bin:/sbin:/usr/bin", *case.env], cwd=case.cwd, user=case.user,
+                      hostname="differential")
+    spec["linux"]["resources"] = {}
+    if case.volume_ro:
+        spec = add_volumes(spec, [Volume(volume, "/data", readonly=True)])
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def _run(argv: list[str], stdin: bytes | None, cwd: Path) -> tuple[int, bytes, bytes]:
+    p = subprocess.run(argv, input=stdin or b"", capture_output=True, cwd=cwd, timeout=180)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_same_as_runc(case: Case, rootfs: Path, tmp_path: Path) -> None:
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "file").write_text("original\n")
+    bundle = _bundle(tmp_path, rootfs, case, volume)
+    cid = f"diff-{uuid.uuid4().hex[:8]}"
+    try:
+        runc = _run(["runc", "run", "--bundle", str(bundle), cid], case.stdin, tmp_path)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    pyk = _run([PYKATA, "run", "--rm", *(["-i"] if case.stdin else []), str(bundle)], case.stdin, tmp_path)
+    if case.digest_stdout:
+        assert len(runc[1]) == BIG
+        runc = (runc[0], hashlib.sha256(runc[1]).digest(), runc[2])
+        pyk = (pyk[0], hashlib.sha256(pyk[1]).digest(), pyk[2])
+    assert pyk == runc
+    if case.volume_ro:
+        assert runc[0] != 0 and b"Read-only file system" in runc[2]
+        assert (volume / "file").read_text() == "original\n"
