@@ -397,3 +397,17 @@ async def test_guest_shutdown_hook_runs_once_and_is_bounded(make_vm, idle_initrd
     assert time.monotonic() - started < 2.0 + STOP_BOUND / 2
     assert calls == 1
     assert pid is not None and not psutil.pid_exists(pid)
+
+
+async def test_stop_of_a_frozen_qemu_is_bounded(make_vm, idle_initrd: Path) -> None:  # type: ignore[no-untyped-def]
+    vm = await boot(make_vm(idle_initrd))
+    pid = vm.pid
+    assert pid is not None
+    # QEMU stopped by a signal never answers `quit`: stop() must fall through to SIGKILL.
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    results = await asyncio.gather(*(vm.stop() for _ in range(3)))
+    assert time.monotonic() - started < STOP_BOUND
+    assert results[0] is not None and results[0].code == -signal.SIGKILL
+    assert not psutil.pid_exists(pid)
+    assert not vm.paths.dir.exists()
