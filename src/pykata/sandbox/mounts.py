@@ -8,6 +8,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.errors import PykataError
@@ -67,6 +69,49 @@ def overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
     for d in (upper, work, target):
         d.mkdir(parents=True, exist_ok=True)
     _mount("overlay", str(target), "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+
+
+@dataclass(frozen=True)
+class RootfsMount:
+    """One mount of a container's root filesystem, as containerd's Mount message has it."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+
+_FLAG_OPTIONS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "bind": MS_BIND,
+                 "rbind": MS_BIND | MS_REC}
+_IGNORED_OPTIONS = {"rw", "defaults", "suid", "dev"}
+
+
+def mount_all(rootfs_mounts: Sequence[RootfsMount], target: Path) -> None:
+    """Mount containerd-style root mounts on `target`, in order; undoes them all on failure.
+
+    Raises MountError naming the mount that failed (unsupported type or option, bad source).
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        for m in rootfs_mounts:
+            flags = 0
+            data = []
+            for opt in m.options:
+                if opt in _FLAG_OPTIONS:
+                    flags |= _FLAG_OPTIONS[opt]
+                elif opt not in _IGNORED_OPTIONS:
+                    data.append(opt)
+            if m.type == "bind" or flags & MS_BIND:
+                bind(Path(m.source), target, readonly=bool(flags & MS_RDONLY))
+            elif m.type == "overlay":
+                for opt in data:
+                    if "," in opt:
+                        raise MountError(str(target), f"overlay option {opt!r} has a comma")
+                _mount("overlay", str(target), "overlay", flags, ",".join(data))
+            else:
+                raise MountError(str(target), f"unsupported root mount type {m.type!r}")
+    except BaseException:
+        unmount(target)
+        raise
 
 
 def make_shared(path: Path) -> None:

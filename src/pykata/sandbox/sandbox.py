@@ -34,6 +34,7 @@ from pykata.hypervisor.qemu.driver import QemuHypervisor
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import mounts, state
 from pykata.sandbox.agent_client import AgentClient
+from pykata.sandbox.mounts import RootfsMount
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.process import Process
 
@@ -184,12 +185,14 @@ class Sandbox:
     # -- containers --------------------------------------------------------------------------------
 
     async def create_container(
-        self, container_id: str, spec: dict[str, Any], rootfs: Path, *, volumes: Sequence[Volume] = (),
-        image: str = "", terminal: bool | None = None,
+        self, container_id: str, spec: dict[str, Any], rootfs: Path | Sequence[RootfsMount], *,
+        volumes: Sequence[Volume] = (), image: str = "", terminal: bool | None = None,
     ) -> Container:
-        """Mount the container's root (a writable overlay on `rootfs`) and volumes into the shared
-        directory and create the container in the guest (not started).
+        """Mount the container's root and volumes into the shared directory and create the container
+        in the guest (not started).
 
+        `rootfs` is either a read-only directory (an image; a writable overlay goes on top) or the
+        mounts that make the root, as containerd passes them (an overlay of snapshots, a bind).
         Raises SandboxError (bad id, duplicate), MountError, AgentError; undoes its mounts on failure.
         """
         if not container_id or "/" in container_id or container_id.startswith("."):
@@ -200,7 +203,10 @@ class Sandbox:
         work = self.dir / "overlay" / container_id
         try:
             cdir.mkdir(parents=True)
-            mounts.overlay(rootfs, work / "upper", work / "work", cdir / "rootfs")
+            if isinstance(rootfs, Path):
+                mounts.overlay(rootfs, work / "upper", work / "work", cdir / "rootfs")
+            else:
+                mounts.mount_all(rootfs, cdir / "rootfs")
             guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
             for i, vol in enumerate(shares):
                 mounts.bind(vol.host, cdir / "volumes" / str(i), readonly=vol.readonly)
