@@ -373,3 +373,35 @@ async def test_debug_boot_runs_python_and_crun_then_powers_off(kernel: Path, gue
     assert {"cpu", "memory", "pids"} <= set(controllers)
     assert "cgroup2 /sys/fs/cgroup cgroup2" in text
     assert "FATAL" not in text
+
+
+# -- the `pykata image` command -------------------------------------------------------------------
+
+
+def test_image_info_on_an_empty_cache(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from pykata.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["image", "info", "--json", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data == {"cache_dir": str(tmp_path), "kernel": None, "rootfs": None, "other_kernels": [],
+                    "other_rootfs": []}
+    human = CliRunner().invoke(cli, ["image", "info", "--cache-dir", str(tmp_path)])
+    assert "kernel:  not built (pykata image build)" in human.output
+
+
+def test_image_build_rejects_a_file_as_cache_dir(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pykata.cli.main import cli
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = CliRunner().invoke(cli, ["image", "build", "--cache-dir", str(not_a_dir)])
+    assert result.exit_code == 2
+    assert "--cache-dir" in result.output
+    assert "Traceback" not in result.output
