@@ -405,3 +405,20 @@ def test_image_build_rejects_a_file_as_cache_dir(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--cache-dir" in result.output
     assert "Traceback" not in result.output
+
+
+def test_old_builds_are_pruned_newest_and_current_kept(tmp_path: Path) -> None:
+    import json
+
+    from pykata.guest.rootfs import list_rootfs, prune_rootfs
+
+    for age, key in enumerate(["k0", "k1", "k2", "k3", "k4"]):
+        d = tmp_path / "rootfs" / key
+        d.mkdir(parents=True)
+        (d / "rootfs.cpio").write_bytes(b"x")
+        manifest = {"key": key, "initrd": {"file": "rootfs.cpio"}, "image": None, "preferred": "initrd"}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        os.utime(d / "manifest.json", (1000 - age, 1000 - age))  # k0 newest, k4 oldest
+    removed = prune_rootfs(tmp_path, keep=3, current="k4")
+    assert sorted(removed) == ["k2", "k3"]
+    assert [a.key for a in list_rootfs(tmp_path)] == ["k0", "k1", "k4"]

@@ -39,6 +39,8 @@ RECIPE_VERSION = 1
 # mtime of every file when SOURCE_DATE_EPOCH is not set (2024-01-01T00:00:00Z).
 DEFAULT_EPOCH = 1704067200
 MANIFEST = "manifest.json"
+# Builds kept in the cache (the current one included); older ones are removed after a build.
+KEEP_BUILDS = 3
 IMAGE_FSTYPE = "ext4"
 
 GUEST_PACKAGES = (
@@ -180,7 +182,7 @@ def resolve_inputs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE, *, download
             got.append(wheels.Wheel(project, version, path, wheels.sha256_file(path)))
     return RootfsInputs(
         recipe=recipe, packages=packages, wheel_hashes=tuple((w.path.name, w.sha256) for w in got),
-        sources=sources_hash(source), version=pykata.__version__, epoch=source_epoch(),
+        sources=sources_hash(source), version=str(pykata.__version__), epoch=source_epoch(),
     )
 
 
@@ -259,7 +261,28 @@ def build_rootfs(cache_dir: Path, *, progress: Progress | None = None, force: bo
             shutil.rmtree(stale, ignore_errors=True)
         art = _build(cache_dir, inputs, key, say, source or source_dir())
         _write_current(cache_dir / "rootfs", key)
+        for old in prune_rootfs(cache_dir, keep=KEEP_BUILDS, current=key):
+            say(f"removed old build {old}")
         return art
+
+
+def prune_rootfs(cache_dir: Path, *, keep: int, current: str) -> list[str]:
+    """Delete all but the `keep` newest builds (always keeping `current`); return the removed keys.
+
+    Every edit of the agent makes a new build of about 70 MB; a VM that already runs keeps its
+    open files, so removing an old build does not disturb it.
+    """
+    removed = []
+    others = [a for a in list_rootfs(cache_dir) if a.key != current]
+    for art in others[max(keep - 1, 0):]:
+        trash = art.directory.with_name(f".build-old-{art.key}")
+        try:
+            os.rename(art.directory, trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(art.key)
+    return removed
 
 
 def _write_current(base: Path, key: str) -> None:
