@@ -307,18 +307,19 @@ echo PYKATA_AGENT_READY
 while true; do
     set -- /sys/devices/system/cpu/cpu[0-9]*
     read -r _ kb _ < /proc/meminfo
-    echo "HOTPLUG cpus=$# memkb=$kb"
+    echo "HOTPLUG cpus=$# memkb=$kb disks=$(ls /sys/block | grep vd)."
     sleep 0.3
 done
 """
 
 
-async def wait_console(vm: QemuHypervisor, pattern: str, timeout: float = 30) -> str:
+async def wait_console(vm: QemuHypervisor, pattern: str, timeout: float = 30, after: int = 0) -> str:
+    """The last match of `pattern` in the console output past byte `after`."""
     import re
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = re.findall(pattern, vm.console_log.read_text(errors="replace"))
+        found = re.findall(pattern, vm.console_log.read_bytes()[after:].decode(errors="replace"))
         if found:
             return str(found[-1])
         await asyncio.sleep(0.1)
@@ -347,6 +348,11 @@ async def test_q35_hotplug(make_vm, workdir: Path) -> None:  # type: ignore[no-u
     await vm.add_device(BlockDevice("disk1", disk, readonly=True))
     blocks = await vm.qmp.execute("query-block")
     assert any("disk1" in str(b.get("qdev", "")) for b in blocks), blocks
+    await wait_console(vm, r"disks=vda\.")
+    # Unplug waits for the guest to release the device (PCIe hotplug in the guest kernel).
+    await vm.remove_device("disk1")
+    assert not any("disk1" in str(b.get("qdev", "")) for b in await vm.qmp.execute("query-block"))
+    await wait_console(vm, r"disks=\.", after=vm.console_log.stat().st_size)
     with pytest.raises(NotSupportedError):
         await vm.resize_memory(256)
     with pytest.raises(HypervisorError):
