@@ -1,0 +1,140 @@
+"""`pykata run` and friends as a person uses them: errors, tty, signals, ps/exec/kill/rm/logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+PYKATA = str(Path(__file__).resolve().parent.parent / ".venv/bin/pykata")
+
+
+def pykata(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([PYKATA, *args], input=input, capture_output=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--rm", "no-such-image", "true"], b"unknown image"),
+    (["run", "--rm", "-v", "/nonexistent-dir:/x", "busybox", "true"], b"--volume"),
+    (["run", "--rm", "-v", "justone", "busybox", "true"], b"--volume"),
+    (["run", "--rm", "-m", "lots", "busybox", "true"], b"--memory"),
+    (["run", "--rm", "-u", "root", "busybox", "true"], b"--user"),
+    (["run", "--rm", "--cpus", "-1", "busybox", "true"], b"--cpus"),
+    (["kill", "no-such-container", "TERM"], b"no such container"),
+    (["kill", "whatever", "NOTASIGNAL"], b"unknown signal"),
+    (["exec", "no-such-container", "true"], b"no such container"),
+    (["logs", "no-such-container"], b"no such container"),
+])
+def test_bad_input_is_one_clear_line_and_no_vm(args: list[str], needle: bytes) -> None:
+    before = set(Path("/run/pykata/sandboxes").glob("*")) if Path("/run/pykata/sandboxes").exists() else set()
+    p = pykata(*args)
+    assert p.returncode != 0
+    assert needle in p.stderr
+    assert b"Traceback" not in p.stderr
+    after = set(Path("/run/pykata/sandboxes").glob("*")) if Path("/run/pykata/sandboxes").exists() else set()
+    assert after == before
+
+
+@pytest.mark.vm
+def test_missing_command_in_an_image_without_one(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps({"process": {"args": []}, "root": {"path": "rootfs"}}))
+    p = pykata("run", "--rm", str(bundle))
+    assert p.returncode != 0 and b"COMMAND" in p.stderr and b"Traceback" not in p.stderr
+
+
+@pytest.mark.vm
+def test_tty_gives_a_real_terminal() -> None:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(PYKATA, [PYKATA, "run", "--rm", "-t", "busybox", "sh", "-c", "tty; stty size"])
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 1)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"/dev/pts/" in out
+
+
+@pytest.mark.vm
+def test_sigterm_is_forwarded_to_the_container() -> None:
+    p = subprocess.Popen([PYKATA, "run", "--rm", "busybox", "sh", "-c",
+                          "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 3
+    assert b"got-term" in out
+
+
+@pytest.mark.vm
+def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    runner = subprocess.Popen([PYKATA, "run", "--name", name, "busybox", "sh", "-c",
+                               "echo started; echo to-stderr >&2; while :; do sleep 0.1; done"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert runner.stdout is not None and runner.stdout.readline() == b"started\n"
+        rows = json.loads(pykata("ps", "--json").stdout)
+        mine = [r for r in rows if r["name"] == name]
+        assert len(mine) == 1 and mine[0]["status"] == "running"
+        cid = mine[0]["id"]
+        ex = pykata("exec", name, "sh", "-c", "echo from-exec; exit 4")
+        assert (ex.returncode, ex.stdout) == (4, b"from-exec\n")
+        piped = pykata("exec", "-i", cid[:8], "cat", input=b"piped stdin\n")
+        assert piped.stdout == b"piped stdin\n"
+        assert pykata("kill", name, "KILL").returncode == 0
+        runner.wait(60)
+        assert runner.returncode == 137
+        rows = json.loads(pykata("ps", "-a", "--json").stdout)
+        mine = [r for r in rows if r["name"] == name]
+        assert mine and mine[0]["status"] == "exited" and mine[0]["exit_code"] == 137
+        logs = pykata("logs", name)
+        assert logs.stdout == b"started\n" and logs.stderr == b"to-stderr\n"
+        assert pykata("rm", name).returncode == 0
+        assert pykata("logs", name).returncode != 0
+    finally:
+        if runner.poll() is None:
+            pykata("rm", "-f", name)
+            runner.wait(60)
+        pykata("rm", "-f", name)
+
+
+@pytest.mark.vm
+def test_rm_force_of_a_running_container() -> None:
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    runner = subprocess.Popen([PYKATA, "run", "--name", name, "busybox", "sh", "-c", "echo up; sleep 1000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert runner.stdout is not None and runner.stdout.readline() == b"up\n"
+        refused = pykata("rm", name)
+        assert refused.returncode != 0 and b"running" in refused.stderr
+        assert pykata("rm", "-f", name).returncode == 0
+        runner.wait(60)
+        assert pykata("ps", "-a", "--json").stdout.count(name.encode()) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        pykata("cleanup")
