@@ -150,6 +150,84 @@ def test_find_kernel_ignores_an_entry_without_manifest(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The build and cache machinery, run for real (tar, make) on a fake kernel source tree
+
+FAKE_MAKEFILE = """\
+# Fake kernel Makefile: the targets build_kernel runs, in a few milliseconds.
+tinyconfig:
+\techo 'CONFIG_FAKE_BASE=y' > .config
+olddefconfig:
+\t$(FAKE_DROP)
+vmlinux:
+\tmkdir -p include/config arch/x86/boot
+\techo '  CC      kernel/fake.o'
+\t$(FAKE_FAIL)
+\techo 6.1.0-fake > include/config/kernel.release
+\techo fake-vmlinux > vmlinux
+\techo '  LD      vmlinux'
+bzImage: vmlinux
+\techo fake-bzimage > arch/x86/boot/bzImage
+"""
+
+
+def fake_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, drop: str = "", fail: str = "") -> Path:
+    """Point build_kernel at a fake source tarball; returns the cache directory to use."""
+    tree = tmp_path / "fake-src" / "linux-source-6.1"
+    tree.mkdir(parents=True)
+    (tree / "Makefile").write_text(FAKE_MAKEFILE.replace("$(FAKE_DROP)", drop or "true")
+                                   .replace("$(FAKE_FAIL)", fail or "true"))
+    tarball = tmp_path / "linux-source-6.1.tar.xz"
+    subprocess.run(["tar", "-cJf", str(tarball), "-C", str(tree.parent), tree.name], check=True, timeout=60)
+    monkeypatch.setattr(kernel, "SOURCE_TARBALL", tarball)
+    monkeypatch.setattr(kernel, "kernel_inputs", lambda: INPUTS)
+    return tmp_path / "cache"
+
+
+def test_build_installs_an_entry_once_and_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = fake_source(tmp_path, monkeypatch)
+    messages: list[str] = []
+    built = kernel.build_kernel(cache, progress=messages.append)
+    entry = cache / "kernel" / cache_key(INPUTS)
+    assert built == KernelArtifact(entry / "vmlinux", entry / "bzImage", cache_key(INPUTS), "6.1.0-fake")
+    assert (entry / "vmlinux").read_text() == "fake-vmlinux\n"
+    assert dropped_options(fragment_bytes().decode(), (entry / "config").read_text()) == []
+    assert "CC      kernel/fake.o" in (entry / "build.log").read_text()
+    assert messages[0].startswith("extracting") and messages[-1].startswith("done: 6.1.0-fake")
+    assert any(m.startswith("linking vmlinux") for m in messages)
+    assert find_kernel(cache) == built
+    assert sorted(p.name for p in (cache / "kernel").iterdir()) == [".lock", cache_key(INPUTS), "current"]
+
+    (tmp_path / "fake-src").rename(tmp_path / "gone")  # a rebuild would now fail
+    again: list[str] = []
+    assert kernel.build_kernel(cache, progress=again.append) == built
+    assert again == [f"cached: 6.1.0-fake ({cache_key(INPUTS)})"]
+    rebuilt = kernel.build_kernel(cache, progress=again.append, force=True)
+    assert rebuilt == built and again[-1].startswith("done:")
+
+
+def test_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = fake_source(tmp_path, monkeypatch, fail="echo 'fake.c:1: error: fake compiler failure'; false")
+    with pytest.raises(kernel.KernelBuildError, match="fake compiler failure") as caught:
+        kernel.build_kernel(cache, progress=lambda _: None)
+    assert "last-failed-build.log" in str(caught.value)
+    assert find_kernel(cache) is None
+    left = sorted(p.name for p in (cache / "kernel").iterdir())
+    assert left == [".lock", "last-failed-build.log"]
+
+
+def test_dropped_fragment_option_fails_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = fake_source(tmp_path, monkeypatch, drop="sed -i /^CONFIG_PVH=y/d .config")
+    with pytest.raises(kernel.KernelBuildError, match=r"CONFIG_PVH=y \(got absent\)"):
+        kernel.build_kernel(cache, progress=lambda _: None)
+    assert find_kernel(cache) is None
+
+
+def test_bad_jobs_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(kernel.KernelBuildError, match=r"^jobs: must be at least 1, got 0$"):
+        kernel.build_kernel(tmp_path, jobs=0)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Real boots of the cached kernel
 
 

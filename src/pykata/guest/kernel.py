@@ -47,7 +47,7 @@ SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT_NAME = "kernel.config"
 # Compile steps (CC/AS lines) of one build with the fragment; only used to estimate a percentage.
-EXPECTED_COMPILE_STEPS = 1050
+EXPECTED_COMPILE_STEPS = 1480
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.
 _BUILD_SPACE = 2_500_000_000
@@ -173,7 +173,7 @@ def fragment_bytes() -> bytes:
     return importlib.resources.files("pykata.guest").joinpath(FRAGMENT_NAME).read_bytes()
 
 
-def kernel_inputs(tarball: Path = SOURCE_TARBALL, fragment: bytes | None = None) -> KernelInputs:
+def kernel_inputs(tarball: Path | None = None, fragment: bytes | None = None) -> KernelInputs:
     """Collect the cache key inputs from the installed linux-source package.
 
     Raises KernelBuildError when the package or its tarball is not installed.
@@ -187,6 +187,7 @@ def kernel_inputs(tarball: Path = SOURCE_TARBALL, fragment: bytes | None = None)
         raise KernelBuildError(
             f"{SOURCE_PACKAGE} is not installed (run scripts/install.sh or apt-get install {SOURCE_PACKAGE})"
         ) from exc
+    tarball = SOURCE_TARBALL if tarball is None else tarball
     try:
         st = tarball.stat()
     except OSError as exc:
