@@ -21,6 +21,9 @@ def cli(debug: bool) -> None:
     """Run containers inside lightweight virtual machines."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="pykata: %(message)s" if not debug else "pykata: %(name)s: %(message)s")
+    if not debug:
+        # qemu.qmp logs its connect retries as errors; pykata reports a QMP failure itself
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 cli.add_command(image)
