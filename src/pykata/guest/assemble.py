@@ -15,7 +15,6 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Iterable, Iterator
-from importlib.resources import files
 from pathlib import Path
 
 from pykata.errors import PykataError
@@ -167,11 +166,6 @@ def guest_source_files(source: Path) -> list[str]:
     return sorted(out)
 
 
-def init_script() -> bytes:
-    """The guest init script shipped with pykata (`pykata/guest/init`)."""
-    return files("pykata.guest").joinpath("init").read_bytes()
-
-
 ETC_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     "etc/group": "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",
@@ -183,13 +177,13 @@ ETC_FILES = {
 EMPTY_DIRS = ("proc", "sys", "dev", "run", "tmp", "mnt", "root", "var", "etc", "sbin")
 
 
-def install_base(root: Path) -> None:
+def install_base(root: Path, init_script: bytes) -> None:
     """Write /init (and /sbin/init pointing at it), /etc files and the empty mount points."""
     for d in EMPTY_DIRS:
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "var/tmp").mkdir(exist_ok=True)
     init = root / "init"
-    init.write_bytes(init_script())
+    init.write_bytes(init_script)
     init.chmod(0o755)
     sbin_init = root / "sbin/init"
     _remove(sbin_init)

@@ -312,7 +312,7 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
         for stub in agent_lib.rglob("*.pyi"):
             stub.unlink()
         assemble.install_agent_packages(root, source, inputs.version)
-        assemble.install_base(root)
+        assemble.install_base(root, (source / "guest" / "init").read_bytes())
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (root / "usr/bin" / assemble.PY).is_file():
