@@ -8,6 +8,7 @@ signed index gives, so a .deb in the cache is exactly the one the version names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -119,7 +120,8 @@ def resolve(names: Sequence[str], cache_dir: Path, progress: Progress | None = N
             detail = stderr.strip().splitlines()[-1:] or ["not in the apt lists (apt-get update?)"]
             raise PackageError(n, detail[0])
     record = {"fingerprint": fingerprint, "names": want, "packages": [asdict(by_name[n]) for n in want]}
-    atomic_write(memo, json.dumps(record, indent=1).encode())
+    with contextlib.suppress(OSError):  # only a shortcut: a read-only cache still resolves
+        atomic_write(memo, json.dumps(record, indent=1).encode())
     return [by_name[n] for n in names]
 
 
