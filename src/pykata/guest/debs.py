@@ -81,7 +81,9 @@ def apt_fingerprint() -> str:
     paths: list[Path] = []
     for p in (APT_LISTS, *APT_SOURCES):
         if p.is_dir():
-            paths.extend(sorted(c for c in p.iterdir() if c.is_file()))
+            # In the lists only the indexes matter (not the lock file apt touches on every run).
+            paths.extend(sorted(c for c in p.iterdir() if c.is_file() and (
+                p != APT_LISTS or "_Packages" in c.name or c.name.endswith("Release"))))
         elif p.is_file():
             paths.append(p)
     for p in paths:
