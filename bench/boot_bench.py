@@ -13,7 +13,12 @@ Phases (host wall clock unless noted):
   pre-kernel   QEMU start until the guest clock starts: total - guest uptime at ready (tiny only)
   kernel       guest uptime when init starts (guest clock; tiny only)
   init         init start until the channel is written (guest clock; tiny only)
+  to-init      QEMU start until the kernel prints "Run /init" (host clock; image only, which therefore
+               boots without "quiet")
+  userspace    from "Run /init" until the agent is ready (image only: init script + Python agent)
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
+  qemu-cpu     CPU seconds QEMU used until ready (all threads): what `ready` would be on an idle host
+               with a spare core, useful when the machine is busy
   stop         stop(): QMP quit, reap, clean up
 
     .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--json]
@@ -32,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from pykata.config import Config, parse_toml
 from pykata.hypervisor import Hypervisor, QemuHypervisor
@@ -56,12 +63,13 @@ while true; do sleep 1000; done
 _T = re.compile(r"PYKATA_T (\w+) ([\d.]+)")
 
 
-def make_config(workdir: Path, memory: int) -> Config:
+def make_config(workdir: Path, memory: int, verbose_kernel: bool = False) -> Config:
     return parse_toml(
         f"""
         [hypervisor.qemu]
         default_memory = {memory}
         shared_fs = "none"
+        enable_debug = {"true" if verbose_kernel else "false"}
         [runtime]
         runtime_dir = "{workdir}/run"
         cache_dir = "{workdir}/cache"
@@ -87,16 +95,39 @@ async def channel_first_byte(vm: Hypervisor) -> None:
         writer.close()
 
 
+async def seen_at(console: Path, marker: bytes) -> float:
+    """Host time at which `marker` appears on the console (QEMU writes the file as the guest prints)."""
+    while True:
+        try:
+            if marker in console.read_bytes():
+                return time.monotonic()
+        except FileNotFoundError:
+            pass
+        await asyncio.sleep(0.002)
+
+
 async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path) -> dict[str, float]:
     readiness = channel_first_byte if guest == "tiny" else None
     vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
+    init_seen: asyncio.Task[float] | None = None
     try:
         await vm.prepare()
         await vm.start()
+        if guest == "image":
+            # Needs the kernel's info messages: the image guest boots without "quiet".
+            init_seen = asyncio.ensure_future(seen_at(vm.console_log, b"Run /init as init process"))
         await vm.wait_ready(60)
         ts = vm.timestamps
         t0 = ts["start"]
         out = {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0, "ready": ts["ready"] - t0}
+        if init_seen is not None and init_seen.done():
+            out["to-init"] = init_seen.result() - t0
+            out["userspace"] = ts["ready"] - init_seen.result()
+        if vm.pid is not None:
+            # CPU seconds QEMU used until ready: close to the wall time an idle host would see, so
+            # runs on a busy machine can still be compared.
+            cpu = psutil.Process(vm.pid).cpu_times()
+            out["qemu-cpu"] = cpu.user + cpu.system
         if guest == "tiny":
             marks = dict(_T.findall(vm.console_log.read_text(errors="replace")))
             if "init" in marks and "ready" in marks:
@@ -105,13 +136,15 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
                 out["init"] = up_ready - up_init
                 out["pre-kernel"] = out["ready"] - up_ready
     finally:
+        if init_seen is not None:
+            init_seen.cancel()
         stop_at = time.monotonic()
         await vm.stop()
     out["stop"] = time.monotonic() - stop_at
     return out
 
 
-ORDER = ["spawn", "qmp", "pre-kernel", "kernel", "init", "ready", "stop"]
+ORDER = ["spawn", "qmp", "pre-kernel", "kernel", "init", "to-init", "userspace", "ready", "qemu-cpu", "stop"]
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -126,7 +159,7 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pkbench"))
     try:
-        config = make_config(workdir, memory)
+        config = make_config(workdir, memory, verbose_kernel=guest == "image")
         if guest == "tiny":
             initrd = write_busybox_initrd(workdir / "tiny.cpio", TINY_INIT)
         assert initrd is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -75,11 +74,9 @@ def test_missing_guest_assets_fail(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def runnable_config() -> Iterator[tuple[Path, Path]]:
     """A configuration naming a real kernel and a busybox initrd, with a private cache dir."""
-    from pykata.guest.kernel import find_kernel
+    from tests.test_hypervisor_vm import guest_kernel_path
 
-    kernel_env = os.environ.get("PYKATA_TEST_KERNEL")
-    kernel = Path(kernel_env) if kernel_env else getattr(find_kernel(), "vmlinux", None)
-    assert kernel is not None, "no guest kernel: run `pykata image build`"
+    kernel = guest_kernel_path()
     d = Path(tempfile.mkdtemp(prefix="pkchk"))
     initrd = write_busybox_initrd(d / "initrd.cpio", "#!/bin/sh\necho PYKATA_KVM_PROBE_OK\npoweroff -f\n")
     path = d / "configuration.toml"

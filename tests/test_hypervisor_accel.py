@@ -51,11 +51,9 @@ def test_kvm_device_usable_reports_reason(tmp: Path) -> None:
 
 @pytest.mark.vm
 def test_auto_probe_is_cached_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    from pykata.guest.kernel import find_kernel
+    from tests.test_hypervisor_vm import guest_kernel_path
 
-    kernel_env = os.environ.get("PYKATA_TEST_KERNEL")
-    found = Path(kernel_env) if kernel_env else getattr(find_kernel(), "vmlinux", None)
-    assert found is not None, "no guest kernel: run `pykata image build`"
+    found = guest_kernel_path()
     with tempfile.TemporaryDirectory(prefix="pkacc") as d:
         cache = Path(d)
         accel._memo.clear()

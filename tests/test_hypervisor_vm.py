@@ -29,18 +29,33 @@ IDLE_INIT = "#!/bin/sh\nmount -t proc proc /proc\n" + READY + "while true; do sl
 STOP_BOUND = 10.0
 
 
-@pytest.fixture(scope="session")
-def kernel() -> Path:
-    """The guest kernel pykata builds (cached); built here if the cache is empty (takes minutes)."""
+def guest_kernel_path() -> Path:
+    """The guest kernel pykata builds (cached); built here if the cache is empty (takes minutes).
+
+    $PYKATA_TEST_KERNEL overrides it.
+    """
     override = os.environ.get("PYKATA_TEST_KERNEL")
     if override:
         return Path(override)
-    from pykata.guest.kernel import build_kernel, find_kernel
+    from pykata.guest.kernel import DEFAULT_CACHE_DIR, build_kernel, find_kernel
 
     found = find_kernel()
-    if found is None:
-        found = build_kernel()
-    return found.vmlinux
+    if found is not None:
+        return found.vmlinux
+    # The driver boots any kernel: while a rebuild for changed inputs runs, the last build will do.
+    last = DEFAULT_CACHE_DIR / "kernel"
+    try:
+        previous = last / (last / "current").read_text().strip() / "vmlinux"
+    except OSError:
+        previous = None
+    if previous is not None and previous.is_file():
+        return previous
+    return build_kernel().vmlinux
+
+
+@pytest.fixture(scope="session")
+def kernel() -> Path:
+    return guest_kernel_path()
 
 
 @pytest.fixture(scope="session")
@@ -416,4 +431,16 @@ async def test_stop_of_a_frozen_qemu_is_bounded(make_vm, idle_initrd: Path) -> N
     assert time.monotonic() - started < STOP_BOUND
     assert results[0] is not None and results[0].code == -signal.SIGKILL
     assert not psutil.pid_exists(pid)
+    assert not vm.paths.dir.exists()
+
+
+async def test_guest_panic_ends_the_vm(make_vm, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    # PID 1 exiting panics the kernel; panic=-1 reboots at once and -no-reboot turns that into an exit.
+    initrd = write_busybox_initrd(workdir / "panic.cpio", "#!/bin/sh\n" + READY + "exit 3\n")
+    vm = await boot(make_vm(initrd))
+    exit_info = await asyncio.wait_for(vm.exited, 30)
+    assert not exit_info.requested
+    assert "guest-reset" in exit_info.reason or "panic" in exit_info.reason
+    assert "Attempted to kill init" in vm.console_log.read_text(errors="replace")
+    await vm.stop()
     assert not vm.paths.dir.exists()

@@ -86,8 +86,8 @@ def kernel_params(spec: LaunchSpec) -> str:
     q = spec.config
     params = [
         "console=ttyS0",
-        # Panic -> reboot after 1 s -> QEMU exits (-no-reboot): a dead guest never lingers.
-        "panic=1", "reboot=k",
+        # Panic -> immediate reboot -> QEMU exits (-no-reboot): a dead guest never lingers.
+        "panic=-1", "reboot=k",
         "no_timer_check", "noreplace-smp", "rcupdate.rcu_expedited=1", "cryptomgr.notests",
         "nr_cpus=" + str(_maxvcpus(spec)),
     ]
