@@ -38,7 +38,9 @@ class SandboxRecord:
 
     def owner_alive(self) -> bool:
         try:
-            return psutil.Process(self.owner_pid).is_running()
+            proc = psutil.Process(self.owner_pid)
+            # a zombie owner has finished: only its parent has not reaped it yet
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
