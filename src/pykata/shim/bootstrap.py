@@ -1,0 +1,311 @@
+"""The short-lived commands containerd runs: `start` (spawn or reuse the long-lived shim) and
+`delete` (clean up after a shim that is gone).
+
+`start` (cwd = the bundle, stdin = runtime options, output = the shim's address, nothing else):
+- A container of an existing pod (CRI annotation io.kubernetes.cri.container-type=container with
+  io.kubernetes.cri.sandbox-id, or CRI-O's ContainerType/SandboxID) goes to its sandbox's shim.
+- The socket name is a hash of containerd's address, the namespace and the sandbox id, so a second
+  `start` for the same sandbox finds the same socket. The listening socket is made here and handed
+  to the daemon (a forked child in a new session), so containerd's first connection waits in the
+  backlog instead of failing.
+
+`delete` (containerd runs it after every shim disconnect, with a 5 s limit): asks a live shim to
+shut down if it has nothing left, and when the shim is dead removes what it left: the VM (QEMU,
+virtiofsd), mounts, sandbox directory, socket. It prints a DeleteResponse (status 137, as runc's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.errors import PykataError
+
+SHIM_NAME = "containerd-shim-pykata-v2"
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CRIO_CONTAINER_TYPE = "io.kubernetes.cri-o.ContainerType"
+CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"
+MAX_OPTIONS_BYTES = 1 << 20
+MAX_SOCKET_PATH = 107
+DELETED_STATUS = 128 + 9
+
+
+class ShimStartError(PykataError):
+    """`start` or `delete` cannot do its job; the message says why."""
+
+
+@dataclass
+class Flags:
+    """containerd's command line for a shim (Go flag syntax)."""
+
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    debug: bool = False
+    version: bool = False
+    action: str = ""
+
+
+_VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+_BOOL_FLAGS = {"debug", "v", "version"}
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    """`-namespace ns -id x start` (also --flag and -flag=value). Raises ShimStartError naming a bad flag."""
+    f = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg in ("-", "--"):
+            if arg == "--":
+                i += 1
+            f.action = argv[i] if i < len(argv) else ""
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            on = value.lower() not in ("false", "0") if eq else True
+            if name == "debug":
+                f.debug = on
+            else:
+                f.version = on
+        elif name in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise ShimStartError(f"flag -{name} needs a value")
+                value = argv[i]
+            if name != "socket":
+                setattr(f, name.replace("-", "_"), value)
+        else:
+            raise ShimStartError(f"unknown flag {arg!r}")
+        i += 1
+    return f
+
+
+def read_annotations(bundle: Path) -> dict[str, str]:
+    """The annotations of <bundle>/config.json ({} when there is none or it is unreadable)."""
+    try:
+        spec = json.loads((bundle / "config.json").read_bytes()[: 16 << 20])
+    except (OSError, ValueError):
+        return {}
+    ann = spec.get("annotations") if isinstance(spec, dict) else None
+    return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
+
+
+def sandbox_id_of(container_id: str, annotations: dict[str, str]) -> str:
+    """The sandbox (shim) a container belongs to: its pod's for a CRI container, else its own id."""
+    if annotations.get(CRI_CONTAINER_TYPE) == "container" and annotations.get(CRI_SANDBOX_ID):
+        return annotations[CRI_SANDBOX_ID]
+    if annotations.get(CRIO_CONTAINER_TYPE) == "container" and annotations.get(CRIO_SANDBOX_ID):
+        return annotations[CRIO_SANDBOX_ID]
+    return container_id
+
+
+def socket_path(runtime_dir: str, address: str, namespace: str, sandbox_id: str) -> Path:
+    digest = hashlib.sha256(f"{address}/{namespace}/{sandbox_id}".encode()).hexdigest()
+    base = Path(runtime_dir) / "s"
+    path = base / digest
+    if len(str(path)) > MAX_SOCKET_PATH:
+        path = base / digest[: max(16, MAX_SOCKET_PATH - len(str(base)) - 1)]
+    if len(str(path)) > MAX_SOCKET_PATH:
+        raise ShimStartError(f"runtime_dir {runtime_dir!r} is too long for a unix socket path")
+    return path
+
+
+def _connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _runtime_options(data: bytes) -> str | None:
+    """config_path from containerd's runtime options (runtimeoptions.v1.Options in an Any), if any."""
+    if not data:
+        return None
+    from google.protobuf import any_pb2
+
+    from pykata.protocols import runtimeoptions_pb2
+
+    try:
+        opts = any_pb2.Any.FromString(data)
+        if opts.type_url.rsplit("/", 1)[-1] != runtimeoptions_pb2.Options.DESCRIPTOR.full_name:
+            return None
+        return runtimeoptions_pb2.Options.FromString(opts.value).config_path or None
+    except Exception:  # options for another runtime type: not ours to interpret
+        return None
+
+
+def start(flags: Flags) -> str:
+    """Spawn the long-lived shim (or find the sandbox's) and return its address. Raises ShimStartError."""
+    if not flags.id or not flags.namespace:
+        raise ShimStartError("start needs -id and -namespace")
+    options = sys.stdin.buffer.read(MAX_OPTIONS_BYTES) if not sys.stdin.isatty() else b""
+    config_path = _runtime_options(options)
+    if config_path:
+        os.environ["PYKATA_CONFIG"] = config_path
+    from pykata.config import load_config
+
+    config = load_config()
+    bundle = Path.cwd()
+    sandbox_id = sandbox_id_of(flags.id, read_annotations(bundle))
+    path = socket_path(config.runtime.runtime_dir, flags.address, flags.namespace, sandbox_id)
+    address = f"unix://{path}"
+    if path.exists():
+        if _connectable(path):
+            _write_bundle_file(bundle, "address", address)
+            return address
+        path.unlink(missing_ok=True)  # a dead shim's socket
+    if sandbox_id != flags.id:
+        raise ShimStartError(f"container {flags.id}: its sandbox {sandbox_id} has no running shim")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(128)
+    except OSError as e:
+        listener.close()
+        raise ShimStartError(f"cannot listen on {path}: {e}") from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _become_daemon(flags, listener, bundle, sandbox_id, path)  # never returns
+    listener.close()
+    _write_bundle_file(bundle, "shim.pid", str(pid))
+    _write_bundle_file(bundle, "address", address)
+    return address
+
+
+def _become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, path: Path) -> None:
+    code = 1
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        # containerd waits for end of file on start's output: the daemon must not keep it open
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        from pykata.shim.logs import open_log_fifo
+
+        log_fd = open_log_fifo(bundle)
+        os.dup2(log_fd if log_fd is not None else devnull, 2)
+        os.close(devnull)
+        os.chdir("/")
+        from pykata.shim.daemon import run
+
+        code = run(flags, listener, bundle, sandbox_id, path, log_fd)
+    except BaseException:  # the daemon's last word goes to the log FIFO (stderr)
+        import traceback
+
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _write_bundle_file(bundle: Path, name: str, value: str) -> None:
+    tmp = bundle / f".{name}.tmp"
+    tmp.write_text(value)
+    os.replace(tmp, bundle / name)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_shim(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return SHIM_NAME.encode() in cmdline and st.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _shutdown(path: Path, container_id: str) -> None:
+    """Ask a live shim to end if it has no containers left (Shutdown is a no-op otherwise)."""
+    import asyncio
+
+    from pykata.protocols import TASK_SERVICE, shim_pb2
+    from pykata.ttrpc import RpcError, connect_unix
+
+    async def call() -> None:
+        client = await connect_unix(str(path), timeout=1.0)
+        async with client:
+            await client.call(TASK_SERVICE, "Shutdown", shim_pb2.ShutdownRequest(id=container_id), timeout=2.0)
+
+    with contextlib.suppress(RpcError, OSError, TimeoutError):
+        asyncio.run(call())
+
+
+def delete(flags: Flags) -> bytes:
+    """Clean up after the shim of `flags.id`; returns the serialized DeleteResponse to print."""
+    if not flags.id:
+        raise ShimStartError("delete needs -id")
+    from pykata.config import load_config
+
+    bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
+    sandbox_id = sandbox_id_of(flags.id, read_annotations(bundle))
+    shim_pid = _read_int(bundle / "shim.pid")
+    init_pid = _read_int(bundle / "init.pid") or 0
+    config = load_config()
+    try:
+        sock = Path((bundle / "address").read_text().strip().removeprefix("unix://"))
+    except OSError:
+        sock = socket_path(config.runtime.runtime_dir, flags.address, flags.namespace, sandbox_id)
+    alive = _is_shim(shim_pid)
+    if alive and sock.exists():
+        _shutdown(sock, flags.id)
+    elif not alive:
+        _remove_leftovers(config.runtime.runtime_dir, sandbox_id, shim_pid)
+        if sock.exists() and not _connectable(sock):
+            sock.unlink(missing_ok=True)
+    return _delete_response(init_pid)
+
+
+def _remove_leftovers(runtime_dir: str, sandbox_id: str, shim_pid: int | None) -> None:
+    directory = Path(runtime_dir) / "sandboxes" / sandbox_id
+    if not directory.exists():
+        return
+    from pykata.sandbox import state
+    from pykata.sandbox.lookup import remove_sandbox_dir
+
+    record = state.load(directory)
+    # only the dead shim's own sandbox: the same id may be another namespace's, with a live owner
+    if record is not None and record.owner_pid != shim_pid and record.owner_alive():
+        return
+    remove_sandbox_dir(directory, record)
+
+
+def _delete_response(pid: int) -> bytes:
+    import time
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from pykata.protocols import shim_pb2
+
+    at = Timestamp()
+    at.FromNanoseconds(time.time_ns())
+    data: bytes = shim_pb2.DeleteResponse(pid=pid, exit_status=DELETED_STATUS, exited_at=at).SerializeToString()
+    return data
+

@@ -1,0 +1,568 @@
+"""containerd's Task service (containerd.task.v2.Task) over one pykata sandbox.
+
+The first Create boots the sandbox (the VM); every container of the shim lives in it. Deleting the
+sandbox's own container (or the last container) stops the VM, and Shutdown with no containers left
+ends the shim. Requests may repeat and race (containerd and CRI retry; kubelet deletes twice):
+
+- Kill of a stopped process and Delete of a deleted task answer NOT_FOUND, which containerd takes as
+  "already done"; Delete of a running process answers FAILED_PRECONDITION.
+- A container's lock orders Delete/Pause/Resume; a process's lock orders its start and its exit, so
+  TaskExit never overtakes TaskStart. No lock is held across an unbounded wait (agent calls carry
+  timeouts; Wait only waits on an event).
+- When the VM dies, every process not yet stopped is stopped with status 137, TaskExit is published
+  for it and every Wait returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pykata.config import Config, load_for_annotations
+from pykata.errors import PykataError
+from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
+from pykata.protocols.agent import agent_pb2
+from pykata.sandbox import Process, Sandbox, sandboxes_dir
+from pykata.sandbox.agent_client import AgentCallError
+from pykata.sandbox.mounts import RootfsMount
+from pykata.shim.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ShimError,
+    agent_errors,
+)
+from pykata.shim.events import EventPublisher
+from pykata.shim.logs import current_container
+from pykata.shim.stats import metrics_any
+from pykata.shim.stdio import ProcessIO, Stdio
+from pykata.shim.task import VM_GONE_STATUS, ShimContainer, ShimProcess, exec_process, load_spec
+from pykata.ttrpc import Code
+
+log = logging.getLogger("pykata.shim")
+
+# containerd's identifiers.Validate
+_ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+MAX_ID = 76
+IO_DRAIN_TIMEOUT = 2.0  # how long Delete lets output finish (runc's shim waits 2 s too)
+VM_MEMORY_OVERHEAD_MIB = 256
+RESIZE_RPC = "TtyWinResize"
+
+
+def check_id(field: str, value: str) -> str:
+    """Raises InvalidArgumentError unless `value` is a containerd identifier."""
+    if not value or len(value) > MAX_ID or not _ID.match(value):
+        raise InvalidArgumentError(field, f"{value!r} is not a valid identifier")
+    return value
+
+
+def _ts(ts: Timestamp | None) -> Timestamp:
+    return ts if ts is not None else Timestamp()
+
+
+class TaskService:
+    """The handler object for TASK_SERVICE (one async method per RPC)."""
+
+    def __init__(self, sandbox_id: str, namespace: str, events: EventPublisher, *,
+                 config: Callable[[dict[str, str]], Config] = load_for_annotations,
+                 on_exit: Callable[[], None] | None = None) -> None:
+        self.sandbox_id = sandbox_id
+        self.namespace = namespace
+        self.events = events
+        self._load_config = config
+        self._on_exit = on_exit
+        self.containers: dict[str, ShimContainer] = {}
+        self._creating: set[str] = set()
+        self.sandbox: Sandbox | None = None
+        self._sandbox_lock = asyncio.Lock()
+        self._sandbox_stopping = False
+        self.vm_dead = False
+        self.shutting_down = False
+        self.exit_requested = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _container(self, container_id: str) -> ShimContainer:
+        current_container.set(container_id)
+        sc = self.containers.get(container_id)
+        if sc is None or sc.deleted:
+            raise NotFoundError(f"container {container_id}: container not created")
+        return sc
+
+    def _publish(self, event: Message) -> None:
+        self.events.publish(event)
+
+    def _agent_sandbox(self) -> Sandbox:
+        if self.sandbox is None or self.vm_dead or self._sandbox_stopping:
+            raise FailedPreconditionError(f"sandbox {self.sandbox_id} is not running")
+        return self.sandbox
+
+    # -- sandbox -----------------------------------------------------------------------------------
+
+    async def _ensure_sandbox(self, spec: dict[str, Any]) -> Sandbox:
+        async with self._sandbox_lock:
+            if self.sandbox is not None:
+                return self._agent_sandbox()
+            annotations = spec.get("annotations") or {}
+            if not isinstance(annotations, dict):
+                raise InvalidArgumentError("config.json annotations", "must be an object")
+            with agent_errors(f"sandbox {self.sandbox_id}"):
+                config = self._load_config({str(k): str(v) for k, v in annotations.items()})
+                _remove_dead_leftover(config, self.sandbox_id)
+                vcpus, memory_mib = _vm_size(spec)
+                log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
+                         memory_mib or "default")
+                self.sandbox = await Sandbox.create(
+                    self.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
+                    hostname=str(spec.get("hostname") or ""), serve_proxy=True)
+            self._sandbox_stopping = False
+            self.vm_dead = False
+            self._spawn(self._watch_vm(self.sandbox), "watch-vm")
+            self._spawn(self._watch_oom(self.sandbox), "watch-oom")
+            log.info("sandbox VM running (qemu pid %s)", self.sandbox.vm.pid if self.sandbox.vm else None)
+            return self.sandbox
+
+    async def stop_sandbox(self) -> None:
+        """Stop the VM (idempotent, shared by concurrent callers, bounded by the sandbox's own timeout)."""
+        sb = self.sandbox
+        if sb is None:
+            return
+        self._sandbox_stopping = True
+        await sb.stop(remove=True)
+
+    async def _stop_if_unused(self) -> None:
+        """After a failed Create: a sandbox with no container is stopped, and the next Create boots anew."""
+        if self.sandbox is not None and not self.containers and not self._creating:
+            async with self._sandbox_lock:
+                if self.containers or self._creating:
+                    return
+                sb, self.sandbox = self.sandbox, None
+                if sb is not None:
+                    self._sandbox_stopping = True
+                    await sb.stop(remove=True)
+
+    async def _watch_vm(self, sb: Sandbox) -> None:
+        assert sb.vm is not None
+        with contextlib.suppress(Exception):
+            await asyncio.shield(sb.vm.exited)
+        if sb is not self.sandbox:
+            return
+        self.vm_dead = True
+        if not self._sandbox_stopping:
+            log.error("the sandbox VM exited unexpectedly; stopping every process with status %d",
+                      VM_GONE_STATUS)
+        for sc in list(self.containers.values()):
+            for p in sc.processes():
+                await self._record_exit(sc, p, VM_GONE_STATUS)
+
+    async def _watch_oom(self, sb: Sandbox) -> None:
+        failures = 0
+        while not self._sandbox_stopping and not self.vm_dead:
+            try:
+                ev = await sb.agent.call("GetOOMEvent", agent_pb2.GetOOMEventRequest(), timeout=None)
+            except AgentCallError as e:
+                if e.code in (Code.UNAVAILABLE, Code.UNIMPLEMENTED, Code.CANCELLED):
+                    return
+                failures += 1
+                log.warning("GetOOMEvent: %s", e)
+                await asyncio.sleep(min(5.0, float(failures)))
+                continue
+            except PykataError:
+                return
+            failures = 0
+            if ev.container_id:
+                log.warning("container %s: OOM kill", ev.container_id)
+                self._publish(events_pb2.TaskOOM(container_id=ev.container_id))
+
+    # -- process exits -----------------------------------------------------------------------------
+
+    async def _record_exit(self, sc: ShimContainer, p: ShimProcess, status: int) -> None:
+        async with p.lock:
+            if not p.set_exited(status):
+                return
+            log.info("process %s exited with status %d", p.id, status)
+            if not sc.deleted and not p.deleted:
+                self._publish(events_pb2.TaskExit(container_id=sc.id, id=p.id, pid=p.pid, exit_status=status,
+                                                  exited_at=p.exited_at))
+
+    async def _wait_process(self, sc: ShimContainer, p: ShimProcess) -> None:
+        assert p.proc is not None
+        try:
+            status = await p.proc.wait()
+        except AgentCallError as e:
+            status = VM_GONE_STATUS if e.code == Code.UNAVAILABLE else 255
+            log.warning("waiting for %s: %s (status %d)", p.id, e, status)
+        except PykataError as e:
+            status = 255
+            log.warning("waiting for %s: %s", p.id, e)
+        await self._record_exit(sc, p, status)
+
+    # -- Task RPCs ---------------------------------------------------------------------------------
+
+    async def Create(self, req: shim_pb2.CreateTaskRequest, ctx: Any) -> shim_pb2.CreateTaskResponse:
+        cid = check_id("id", req.id)
+        current_container.set(cid)
+        if self.shutting_down:
+            raise FailedPreconditionError("the shim is shutting down")
+        if cid in self.containers or cid in self._creating:
+            raise AlreadyExistsError(f"container {cid}: already exists")
+        if req.checkpoint or req.parent_checkpoint:
+            raise ShimError("restoring from a checkpoint is not supported", Code.UNIMPLEMENTED)
+        self._creating.add(cid)
+        try:
+            return await self._create(req, cid)
+        finally:
+            self._creating.discard(cid)
+
+    async def _create(self, req: shim_pb2.CreateTaskRequest, cid: str) -> shim_pb2.CreateTaskResponse:
+        bundle = Path(req.bundle)
+        if not bundle.is_absolute():
+            raise InvalidArgumentError("bundle", f"{req.bundle!r} is not an absolute path")
+        spec = load_spec(bundle)
+        stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        log.info("create: bundle %s, %d rootfs mounts, terminal=%s", bundle, len(req.rootfs), req.terminal)
+        try:
+            sandbox = await self._ensure_sandbox(spec)
+            pio = await ProcessIO.open(stdio, container_id=cid, namespace=self.namespace)
+            try:
+                rootfs = [RootfsMount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+                if not rootfs:
+                    root = (spec.get("root") or {}).get("path") or "rootfs"
+                    rootfs = [RootfsMount("bind", str(bundle / root), ("rbind", "rw"))]
+                with agent_errors(f"create {cid}"):
+                    container = await sandbox.create_container(cid, spec, rootfs, terminal=req.terminal)
+            except BaseException:
+                await pio.close()
+                raise
+        except BaseException:
+            await asyncio.shield(self._stop_if_unused_after(cid))
+            raise
+        sc = ShimContainer(cid, bundle, spec, stdio, list(req.rootfs))
+        sc.sandbox_container = container
+        sc.init.proc, sc.init.pid, sc.init.io = container.init, container.init.pid, pio
+        self.containers[cid] = sc
+        pio.attach(container.init)
+        sc.init.waiter = self._spawn(self._wait_process(sc, sc.init), f"wait-{cid}")
+        for name, value in (("init.pid", sc.init.pid), ("shim.pid", os.getpid())):
+            with contextlib.suppress(OSError):
+                (bundle / name).write_text(str(value))
+        self._publish(events_pb2.TaskCreate(
+            container_id=cid, bundle=req.bundle, rootfs=req.rootfs, pid=sc.init.pid, checkpoint=req.checkpoint,
+            io=events_pb2.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)))
+        log.info("created, pid %d", sc.init.pid)
+        return shim_pb2.CreateTaskResponse(pid=sc.init.pid)
+
+    async def _stop_if_unused_after(self, cid: str) -> None:
+        self._creating.discard(cid)
+        with contextlib.suppress(PykataError):
+            await self._stop_if_unused()
+
+    async def Start(self, req: shim_pb2.StartRequest, ctx: Any) -> shim_pb2.StartResponse:
+        sc = self._container(req.id)
+        p = sc.process(req.exec_id)
+        async with p.lock:
+            if p.deleted or sc.deleted:
+                raise NotFoundError(f"process {p.id} was deleted")
+            if p.state != "created":
+                raise FailedPreconditionError(f"cannot start a {p.state} process")
+            if p is sc.init:
+                assert sc.sandbox_container is not None
+                self._agent_sandbox()
+                with agent_errors(f"start {sc.id}"):
+                    await sc.sandbox_container.start()
+                p.state = "running"
+                self._publish(events_pb2.TaskStart(container_id=sc.id, pid=p.pid))
+            else:
+                await self._start_exec(sc, p)
+                self._publish(events_pb2.TaskExecStarted(container_id=sc.id, exec_id=p.exec_id, pid=p.pid))
+        log.info("started %s, pid %d", p.id, p.pid)
+        return shim_pb2.StartResponse(pid=p.pid)
+
+    async def _start_exec(self, sc: ShimContainer, p: ShimProcess) -> None:
+        if sc.init.state != "running":
+            raise FailedPreconditionError(f"cannot exec in a {sc.init.state} container")
+        if sc.paused:
+            raise FailedPreconditionError("cannot exec in a paused container")
+        sandbox = self._agent_sandbox()
+        proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)
+        with agent_errors(f"exec {p.exec_id} in {sc.id}"):
+            resp = await sandbox.agent.call("ExecProcess", agent_pb2.ExecProcessRequest(
+                container_id=sc.id, exec_id=p.exec_id, process=proc))
+        p.proc = Process(sandbox.agent, sc.id, p.exec_id, resp.pid, p.stdio.terminal)
+        p.pid, p.state = resp.pid, "running"
+        if p.io is not None:
+            p.io.attach(p.proc)
+        p.waiter = self._spawn(self._wait_process(sc, p), f"wait-{sc.id}-{p.exec_id}")
+
+    async def Exec(self, req: shim_pb2.ExecProcessRequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        exec_id = check_id("exec_id", req.exec_id)
+        if exec_id in sc.execs:
+            raise AlreadyExistsError(f"exec {exec_id} in container {sc.id}: already exists")
+        if sc.init.state == "stopped":
+            raise FailedPreconditionError(f"container {sc.id} is stopped")
+        try:
+            spec = typeurl.unpack_json(req.spec, typeurl.OCI_PROCESS_URL)
+        except typeurl.TypeURLError as e:
+            raise InvalidArgumentError("spec", str(e)) from None
+        exec_process(spec, terminal=req.terminal, console_size=None)  # reject a bad spec now, not at Start
+        stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        p = ShimProcess(sc.id, exec_id, stdio, spec)
+        sc.execs[exec_id] = p  # reserved before the first await: a duplicate racing us sees it
+        try:
+            p.io = await ProcessIO.open(stdio, container_id=sc.id, namespace=self.namespace)
+        except BaseException:
+            sc.execs.pop(exec_id, None)
+            raise
+        self._publish(events_pb2.TaskExecAdded(container_id=sc.id, exec_id=exec_id))
+        return Empty()
+
+    async def Delete(self, req: shim_pb2.DeleteRequest, ctx: Any) -> shim_pb2.DeleteResponse:
+        sc = self._container(req.id)
+        if req.exec_id:
+            return await self._delete_exec(sc, sc.process(req.exec_id))
+        async with sc.lock:
+            if sc.deleted:
+                raise NotFoundError(f"container {sc.id}: cannot delete a deleted process")
+            init = sc.init
+            if init.state == "running":
+                raise FailedPreconditionError(f"container {sc.id}: cannot delete a running process")
+            sc.deleted = True
+            log.info("delete (status %s, exit %d)", init.state, init.exit_status)
+            if init.io is not None:
+                await init.io.wait_output(IO_DRAIN_TIMEOUT)
+            for p in sc.processes():
+                if p.io is not None:
+                    await p.io.close()
+            if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
+                await sc.sandbox_container.delete()
+            for p in sc.processes():
+                # a process never started (or the rest of a dead VM) ends here; Wait callers return
+                p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)
+                if p.waiter is not None:
+                    p.waiter.cancel()
+            self.containers.pop(sc.id, None)
+            self._publish(events_pb2.TaskDelete(container_id=sc.id, id=sc.id, pid=init.pid,
+                                                exit_status=init.exit_status, exited_at=_ts(init.exited_at)))
+        if sc.id == self.sandbox_id or not self.containers:
+            await self.stop_sandbox()
+        return shim_pb2.DeleteResponse(pid=init.pid, exit_status=init.exit_status, exited_at=_ts(init.exited_at))
+
+    async def _delete_exec(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.DeleteResponse:
+        async with p.lock:
+            if p.deleted:
+                raise NotFoundError(f"exec {p.exec_id}: cannot delete a deleted process")
+            if p.state == "running":
+                raise FailedPreconditionError(f"exec {p.exec_id}: cannot delete a running process")
+            p.deleted = True
+        sc.execs.pop(p.exec_id, None)
+        if p.io is not None:
+            await p.io.wait_output(IO_DRAIN_TIMEOUT)
+            await p.io.close()
+        return shim_pb2.DeleteResponse(pid=p.pid, exit_status=p.exit_status, exited_at=_ts(p.exited_at))
+
+    async def State(self, req: shim_pb2.StateRequest, ctx: Any) -> shim_pb2.StateResponse:
+        sc = self._container(req.id)
+        p = sc.process(req.exec_id)
+        s = p.stdio
+        return shim_pb2.StateResponse(
+            id=p.id, bundle=str(sc.bundle), pid=p.pid, status=sc.status(p), stdin=s.stdin, stdout=s.stdout,
+            stderr=s.stderr, terminal=s.terminal, exit_status=p.exit_status, exited_at=_ts(p.exited_at),
+            exec_id=p.exec_id)
+
+    async def Pids(self, req: shim_pb2.PidsRequest, ctx: Any) -> shim_pb2.PidsResponse:
+        sc = self._container(req.id)
+        out = shim_pb2.PidsResponse()
+        for p in sc.processes():
+            if p.state != "running":
+                continue
+            info = out.processes.add(pid=p.pid)
+            if p.exec_id:
+                info.info.CopyFrom(typeurl.pack(runc_options_pb2.ProcessDetails(exec_id=p.exec_id)))
+        return out
+
+    async def Pause(self, req: shim_pb2.PauseRequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        async with sc.lock:
+            if sc.init.state != "running" or sc.deleted:
+                raise FailedPreconditionError(f"cannot pause a {sc.init.state} container")
+            if sc.paused:
+                raise FailedPreconditionError("cannot pause a paused container")
+            sandbox = self._agent_sandbox()
+            with agent_errors(f"pause {sc.id}"):
+                await sandbox.agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=sc.id))
+            sc.paused = True
+            self._publish(events_pb2.TaskPaused(container_id=sc.id))
+        return Empty()
+
+    async def Resume(self, req: shim_pb2.ResumeRequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        async with sc.lock:
+            if not sc.paused or sc.deleted:
+                raise FailedPreconditionError(f"cannot resume a container that is not paused ({sc.init.state})")
+            sandbox = self._agent_sandbox()
+            with agent_errors(f"resume {sc.id}"):
+                await sandbox.agent.call("ResumeContainer", agent_pb2.ResumeContainerRequest(container_id=sc.id))
+            sc.paused = False
+            self._publish(events_pb2.TaskResumed(container_id=sc.id))
+        return Empty()
+
+    async def Kill(self, req: shim_pb2.KillRequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        p = sc.process(req.exec_id)
+        if p.exec_id and p.state == "created":
+            raise FailedPreconditionError(f"exec {p.exec_id}: process not created")
+        if p.state == "stopped" or self.vm_dead:
+            raise NotFoundError(f"{p.id}: process already finished")
+        if not 0 < req.signal < 65:
+            raise InvalidArgumentError("signal", f"{req.signal} is not a signal number")
+        sandbox = self._agent_sandbox()
+        log.info("kill %s with signal %d (all=%s)", p.id, req.signal, req.all)
+        try:
+            with agent_errors(f"kill {p.id}"):
+                await sandbox.agent.call("SignalProcess", agent_pb2.SignalProcessRequest(
+                    container_id=sc.id, exec_id=p.exec_id, signal=req.signal, all=req.all))
+        except ShimError as e:
+            if p.state == "stopped" or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
+                raise NotFoundError(f"{p.id}: process already finished") from None
+            raise
+        return Empty()
+
+    async def ResizePty(self, req: shim_pb2.ResizePtyRequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        p = sc.process(req.exec_id)
+        if not p.stdio.terminal:
+            return Empty()
+        if p.proc is None:  # an exec not started yet gets its size at start
+            p.console_size = (req.height, req.width)
+            return Empty()
+        if p.state == "stopped":
+            raise FailedPreconditionError(f"cannot resize a stopped process {p.id}")
+        try:
+            with agent_errors(f"resize {p.id}"):
+                await p.proc.resize(req.height, req.width)
+        except ShimError:
+            if p.state != "stopped":
+                raise
+        return Empty()
+
+    async def CloseIO(self, req: shim_pb2.CloseIORequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        p = sc.process(req.exec_id)
+        if req.stdin and p.io is not None:
+            await p.io.close_stdin()
+        return Empty()
+
+    async def Checkpoint(self, req: shim_pb2.CheckpointTaskRequest, ctx: Any) -> Empty:
+        raise ShimError("checkpoint is not supported by pykata", Code.UNIMPLEMENTED)
+
+    async def Update(self, req: shim_pb2.UpdateTaskRequest, ctx: Any) -> Empty:
+        sc = self._container(req.id)
+        try:
+            resources = typeurl.unpack_json(req.resources, typeurl.OCI_LINUX_RESOURCES_URL)
+        except typeurl.TypeURLError as e:
+            raise InvalidArgumentError("resources", str(e)) from None
+        if not isinstance(resources, dict):
+            raise InvalidArgumentError("resources", "must be an OCI LinuxResources object")
+        sandbox = self._agent_sandbox()
+        with agent_errors(f"update {sc.id}"):
+            await sandbox.agent.call("UpdateContainer", agent_pb2.UpdateContainerRequest(
+                container_id=sc.id, linux_resources_json=json.dumps(resources)))
+        return Empty()
+
+    async def Wait(self, req: shim_pb2.WaitRequest, ctx: Any) -> shim_pb2.WaitResponse:
+        sc = self._container(req.id)
+        p = sc.process(req.exec_id)
+        await p.exited.wait()
+        return shim_pb2.WaitResponse(exit_status=p.exit_status, exited_at=_ts(p.exited_at))
+
+    async def Stats(self, req: shim_pb2.StatsRequest, ctx: Any) -> shim_pb2.StatsResponse:
+        sc = self._container(req.id)
+        sandbox = self._agent_sandbox()
+        with agent_errors(f"stats {sc.id}"):
+            resp = await sandbox.agent.call("StatsContainer", agent_pb2.StatsContainerRequest(container_id=sc.id))
+        return shim_pb2.StatsResponse(stats=metrics_any(resp.cgroup_stats))
+
+    async def Connect(self, req: shim_pb2.ConnectRequest, ctx: Any) -> shim_pb2.ConnectResponse:
+        sc = self.containers.get(req.id)
+        return shim_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=sc.init.pid if sc is not None else 0)
+
+    async def Shutdown(self, req: shim_pb2.ShutdownRequest, ctx: Any) -> Empty:
+        current_container.set(req.id)
+        if (self.containers or self._creating) and not req.now:
+            return Empty()
+        if not self.shutting_down:
+            log.info("shutdown: no containers left, the shim exits")
+            self.shutting_down = True
+            if self._on_exit is not None:
+                self._on_exit()
+            # after this reply is written (it is written as soon as this handler returns)
+            asyncio.get_running_loop().call_soon(self.exit_requested.set)
+        return Empty()
+
+    # -- end of the shim ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the sandbox and every copy of stdio; called once the shim is to exit."""
+        self.shutting_down = True
+        for sc in list(self.containers.values()):
+            for p in sc.processes():
+                if p.io is not None:
+                    with contextlib.suppress(PykataError, OSError):
+                        await p.io.close()
+        await self.stop_sandbox()
+        for t in list(self._background):
+            t.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2.0)
+
+
+def _vm_size(spec: dict[str, Any]) -> tuple[int | None, int | None]:
+    """vCPUs and MiB for the VM from the container's limits (like `pykata run`); None = default."""
+    res = ((spec.get("linux") or {}).get("resources") or {})
+    vcpus = memory_mib = None
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        limit = int((res.get("memory") or {}).get("limit") or 0)
+        if limit > 0:
+            memory_mib = (limit >> 20) + VM_MEMORY_OVERHEAD_MIB
+    with contextlib.suppress(TypeError, ValueError, AttributeError, ZeroDivisionError):
+        cpu = res.get("cpu") or {}
+        quota, period = int(cpu.get("quota") or 0), int(cpu.get("period") or 100_000)
+        if quota > 0:
+            vcpus = math.ceil(quota / period)
+    return vcpus, memory_mib
+
+
+def _remove_dead_leftover(config: Config, sandbox_id: str) -> None:
+    """A sandbox directory of the same id whose shim died (and whose `delete` never ran) is removed, so
+    that the id can be used again; one whose owner lives is left alone (Sandbox.create then refuses)."""
+    from pykata.sandbox import state
+    from pykata.sandbox.lookup import remove_sandbox_dir
+
+    directory = sandboxes_dir(config) / sandbox_id
+    if not directory.exists():
+        return
+    record = state.load(directory)
+    if record is None or not record.owner_alive():
+        log.warning("removing sandbox %s left by a dead shim", sandbox_id)
+        remove_sandbox_dir(directory, record)
