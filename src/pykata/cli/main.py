@@ -11,6 +11,7 @@ from pykata import __version__
 from pykata.cli.check import check
 from pykata.cli.config_cmd import env
 from pykata.cli.image import image
+from pykata.cli.install import install
 from pykata.cli.run import COMMANDS as RUN_COMMANDS
 
 
@@ -29,6 +30,7 @@ def cli(debug: bool) -> None:
 cli.add_command(image)
 cli.add_command(check)
 cli.add_command(env)
+cli.add_command(install)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 

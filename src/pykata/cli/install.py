@@ -1,0 +1,150 @@
+"""`pykata install containerd`: register pykata's runtime with containerd.
+
+Shows (and with --write applies) two things: the containerd configuration that names the runtime
+`io.containerd.pykata.v2` for CRI (ctr needs none: containerd turns the runtime name into the
+binary name `containerd-shim-pykata-v2` and looks it up on its PATH), and a link to the shim
+executable in a directory on containerd's PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pykata.errors import PykataError
+
+RUNTIME_TYPE = "io.containerd.pykata.v2"
+SHIM_BINARY = "containerd-shim-pykata-v2"
+DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
+DEFAULT_BIN_DIR = Path("/usr/local/bin")
+
+
+class InstallError(PykataError):
+    """The containerd configuration or the shim link cannot be written; the message names the file."""
+
+
+def snippet(version: int, handler: str = "pykata") -> str:
+    """The runtime's TOML for a containerd configuration of `version` (2: containerd 1.5+, 1: older)."""
+    table = ('plugins."io.containerd.grpc.v1.cri".containerd' if version >= 2 else "plugins.cri.containerd")
+    return (f"[{table}.runtimes.{handler}]\n"
+            f'  runtime_type = "{RUNTIME_TYPE}"\n'
+            f'  pod_annotations = ["io.katacontainers.*"]\n'
+            f"  privileged_without_host_devices = true\n")
+
+
+def _read_config(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return "", {}
+    except OSError as e:
+        raise InstallError(f"{path}: {e.strerror}") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InstallError(f"{path}: not valid TOML ({e}); fix it first") from None
+
+
+def _configured(data: dict[str, Any]) -> bool:
+    plugins = data.get("plugins") or {}
+    cri = plugins.get("io.containerd.grpc.v1.cri") or plugins.get("cri") or {}
+    runtimes = (cri.get("containerd") or {}).get("runtimes") or {}
+    return any(isinstance(r, dict) and r.get("runtime_type") == RUNTIME_TYPE for r in runtimes.values())
+
+
+def plan_config(path: Path) -> tuple[str | None, str]:
+    """(new file text or None when nothing is to change, the snippet). Raises InstallError."""
+    text, data = _read_config(path)
+    version = int(data.get("version", 2 if not text else 1))
+    block = snippet(version)
+    if _configured(data):
+        return None, block
+    runtimes = (((data.get("plugins") or {}).get("io.containerd.grpc.v1.cri" if version >= 2 else "cri") or {})
+                .get("containerd") or {}).get("runtimes") or {}
+    if "pykata" in runtimes:
+        raise InstallError(f"{path}: a runtime named pykata exists with another runtime_type; edit it by hand")
+    new = text if text else "version = 2\n"
+    if not new.endswith("\n"):
+        new += "\n"
+    new += "\n" + block
+    try:
+        tomllib.loads(new)
+    except tomllib.TOMLDecodeError as e:  # appending must never leave containerd an unreadable file
+        raise InstallError(f"{path}: adding the runtime would make it invalid ({e})") from None
+    return new, block
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def shim_executable() -> Path:
+    """The shim script installed next to this Python (the venv's bin). Raises InstallError."""
+    candidate = Path(sys.executable).parent / SHIM_BINARY
+    if not candidate.exists():
+        raise InstallError(f"{candidate} does not exist: install pykata (pip install -e .) first")
+    return candidate
+
+
+def link_shim(bin_dir: Path, target: Path) -> str:
+    """Make bin_dir/containerd-shim-pykata-v2 point at `target`; says what it did. Raises InstallError."""
+    link = bin_dir / SHIM_BINARY
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return f"{link} -> {target} (already)"
+        link.unlink()
+    elif link.exists():
+        raise InstallError(f"{link} exists and is not a link; remove it or pass --bin-dir")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return f"{link} -> {target}"
+
+
+@click.group()
+def install() -> None:
+    """Register pykata with a container manager."""
+
+
+@install.command()
+@click.option("--write", is_flag=True, help="Change the configuration and make the link (else only show them).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_CONFIG,
+              show_default=True, help="containerd's configuration file.")
+@click.option("--bin-dir", type=click.Path(path_type=Path), default=DEFAULT_BIN_DIR, show_default=True,
+              help="A directory on containerd's PATH for the shim link.")
+def containerd(write: bool, config_path: Path, bin_dir: Path) -> None:
+    """Register the runtime io.containerd.pykata.v2 with containerd."""
+    try:
+        new_text, block = plan_config(config_path)
+        target = shim_executable()
+        if not write:
+            click.echo(f"# add to {config_path} (for CRI; `ctr --runtime {RUNTIME_TYPE}` needs only the link):")
+            click.echo(block if new_text is not None else f"# already present:\n{block}")
+            click.echo(f"# link: {bin_dir / SHIM_BINARY} -> {target}")
+            click.echo("# run again with --write to apply, then restart containerd")
+            return
+        if new_text is not None:
+            _write_atomic(config_path, new_text)
+            click.echo(f"added the pykata runtime to {config_path}")
+        else:
+            click.echo(f"{config_path} already registers {RUNTIME_TYPE}")
+        click.echo(link_shim(bin_dir, target))
+        click.echo("restart containerd to load the configuration (systemctl restart containerd)")
+    except (InstallError, OSError) as e:
+        click.echo(f"pykata: {e}", err=True)
+        sys.exit(1)
