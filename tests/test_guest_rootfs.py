@@ -373,6 +373,11 @@ async def test_debug_boot_runs_python_and_crun_then_powers_off(kernel: Path, gue
     assert {"cpu", "memory", "pids"} <= set(controllers)
     assert "cgroup2 /sys/fs/cgroup cgroup2" in text
     assert "FATAL" not in text
+    # / is a bind mount of the initramfs (mount ID != parent ID), so crun can pivot_root.
+    root_line = next(ln for ln in text.splitlines() if "pykata-init: root mount:" in ln).split()
+    mount_id, parent_id = root_line[3], root_line[4]
+    assert mount_id != parent_id, root_line
+    assert "could not make / a movable mount" not in text
 
 
 # -- the `pykata image` command -------------------------------------------------------------------
