@@ -120,7 +120,7 @@ REQUIRED = (
     "MEMORY_HOTPLUG", "HOTPLUG_CPU", "ACPI_HOTPLUG_CPU", "ACPI_HOTPLUG_MEMORY", "INET", "IPV6", "UNIX",
     "PACKET", "NETFILTER", "NF_CONNTRACK", "NF_NAT", "IP_NF_IPTABLES", "NF_TABLES", "POSIX_MQUEUE", "FUTEX",
     "EPOLL", "SIGNALFD", "TIMERFD", "EVENTFD", "SHMEM", "AIO", "FILE_LOCKING", "MULTIUSER", "BINFMT_ELF",
-    "BINFMT_SCRIPT", "RANDOM_TRUST_CPU",
+    "BINFMT_SCRIPT", "RANDOM_TRUST_CPU", "BLK_CGROUP_IOCOST", "CGROUP_HUGETLB", "HOTPLUG_PCI_PCIE",
 )
 
 
@@ -222,6 +222,14 @@ def test_dropped_fragment_option_fails_the_build(tmp_path: Path, monkeypatch: py
     assert find_kernel(cache) is None
 
 
+def test_unwritable_cache_dir_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "kernel_inputs", lambda: INPUTS)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(kernel.KernelBuildError, match=f"^cache_dir {blocker}: cannot create"):
+        kernel.build_kernel(blocker, progress=lambda _: None)
+
+
 def test_bad_jobs_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(kernel.KernelBuildError, match=r"^jobs: must be at least 1, got 0$"):
         kernel.build_kernel(tmp_path, jobs=0)
@@ -246,6 +254,10 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo BOOTED
 echo "RELEASE $(uname -r)"
+mkdir -p /sys/fs/cgroup
+mount -t cgroup2 cgroup2 /sys/fs/cgroup && echo "CGROUPS $(cat /sys/fs/cgroup/cgroup.controllers)"
+echo "NAMESPACES $(ls /proc/self/ns | sort | tr '\n' ' ')"
+grep -q '^Seccomp:' /proc/self/status && echo SECCOMP
 for f in /sys/class/virtio-ports/*/name; do
     port=$(cat "$f")
     echo "PORT $port"
@@ -358,6 +370,11 @@ async def test_kernel_boots_with_agent_port_and_9p(guest_kernel: KernelArtifact,
     assert "BOOTED" in lines, console
     assert f"RELEASE {guest_kernel.version}" in lines
     assert "PORT agent.channel.0" in lines, console
+    controllers = next(ln for ln in lines if ln.startswith("CGROUPS ")).split()[1:]
+    assert {"cpuset", "cpu", "io", "memory", "hugetlb", "pids"} <= set(controllers)
+    namespaces = next(ln for ln in lines if ln.startswith("NAMESPACES ")).split()[1:]
+    assert {"cgroup", "ipc", "mnt", "net", "pid", "user", "uts"} <= set(namespaces)
+    assert "SECCOMP" in lines
     assert from_guest == b"hello from the guest\n"
     assert f"NINEP {token}" in lines, console
     assert elapsed < 60

@@ -3,15 +3,17 @@
 Public API (stable; `pykata image build` and the hypervisor layer call it):
 
 - `build_kernel(cache_dir, jobs=, progress=, force=)` returns the cached `KernelArtifact` for the current
-  inputs, building it first when there is none (about 3.5 minutes on 2 cores).
-- `find_kernel(cache_dir)` returns the cached `KernelArtifact` or None; it never builds.
+  inputs, building it first when there is none (about 13 CPU-minutes: 6.5 to 10 minutes on 2 cores).
+- `find_kernel(cache_dir)` returns the cached `KernelArtifact` or None; it never builds. Without the
+  linux-source package (a host that only runs VMs) it returns the most recent build (`current`).
 - `KernelArtifact.vmlinux` is the uncompressed ELF kernel with the PVH note: give it to QEMU as
   `-kernel` (microvm or q35, TCG or KVM). `bzimage` is the same kernel in bzImage format.
 - Under TCG, boot it with `tsc_early_khz=<host TSC kHz>` (pykata.hypervisor.hostinfo.host_tsc_khz):
   its PIT-based TSC calibration fails on a busy host and the boot then hangs.
 
 The cache entry `<cache_dir>/kernel/<key>/` holds `vmlinux`, `bzImage`, `config` (the full .config
-used) and `manifest.json`. The key hashes the linux-source package version, the tarball's size and
+used), `build.log` and `manifest.json`; `<cache_dir>/kernel/current` names the latest key.
+The key hashes the linux-source package version, the tarball's size and
 mtime, the fragment's bytes and `RECIPE_VERSION`, so a rebuild happens only when one of them changes.
 An entry appears by one rename of a finished directory: an interrupted build leaves no partial entry.
 
@@ -251,7 +253,11 @@ def _stderr_progress(message: str) -> None:
 @contextlib.contextmanager
 def _locked(kdir: Path, progress: Callable[[str], None]) -> Iterator[None]:
     # One builder at a time per cache: a second caller waits, then finds the first one's result.
-    with open(kdir / ".lock", "w") as lock:
+    try:
+        lock = open(kdir / ".lock", "w")  # noqa: SIM115 - the with below closes it
+    except OSError as exc:
+        raise KernelBuildError(f"cache_dir {kdir.parent}: cannot lock {kdir / '.lock'}: {exc.strerror}") from exc
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
