@@ -10,6 +10,15 @@ same inputs give the same key and byte-identical artifacts.
 
 Boot forms: `initrd` is an uncompressed newc cpio (`-initrd`); `image` is a read-only ext4 file
 system for virtio-blk (`root=/dev/vda ro rootfstype=ext4`). `preferred` says which boots faster.
+The kernel has no erofs or squashfs, hence ext4.
+
+Measured (QEMU 7.2 microvm, TCG, 1 vCPU, 512 MiB, on a busy 2-core host, 10 interleaved boots,
+medians; QEMU start -> first Health.Check answered):
+    initrd, uncompressed   4.35 s  (kernel -> /init 1.30 s, init 0.23 s, agent start 2.57 s)
+    ext4 image             4.38 s  (kernel -> /init 1.13 s, init 0.17 s, agent start 3.09 s)
+    initrd gzip / zstd     +0.7 s / +1.1 s over uncompressed (8 boots each)
+The image saves unpacking 28 MB, but Python then reads ~700 small files through virtio-blk; the
+initrd has them in RAM. As the agent grows the initrd gains, so it is the default.
 """
 
 from __future__ import annotations
