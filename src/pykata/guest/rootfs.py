@@ -57,6 +57,8 @@ GUEST_PACKAGES = (
     # Debian's Python: interpreter, core and full standard library, and what they link.
     "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
     "libc6", "libgcc-s1", "zlib1g", "libexpat1", "libffi8", "liblzma5",
+    # protobuf's C implementation (the guest wheel) is C++
+    "libstdc++6",
     # crun and its libraries (libsystemd0 pulls in the compression and crypto ones).
     "crun", "libcap2", "libseccomp2", "libyajl2", "libsystemd0", "libzstd1", "liblz4-1",
     "libgcrypt20", "libgpg-error0",
