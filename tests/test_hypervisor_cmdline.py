@@ -52,6 +52,11 @@ CASES: dict[str, LaunchSpec] = {
         kernel=KERNEL, initrd=INITRD, paths=VM_DIR, memory_file=Path("/run/pykata/template/memory"),
         incoming=True,
     ),
+    "microvm-template-clone-9p": LaunchSpec(
+        vm_id="golden", config=_qemu(shared_fs="virtio-9p", cpu_model="Skylake-Client"), accel="tcg",
+        kernel=KERNEL, initrd=INITRD, paths=VM_DIR, shared_dir=Path("/run/pykata/shared/golden"),
+        memory_file=Path("/run/pykata/template/0123/memory"), memory_file_shared=False, incoming=True,
+    ),
 }
 
 

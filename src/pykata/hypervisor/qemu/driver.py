@@ -9,11 +9,12 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pykata.config.schema import Config
 from pykata.errors import HypervisorError
@@ -29,6 +30,9 @@ from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 from pykata.hypervisor.readiness import console_readiness, log_tail
 
+if TYPE_CHECKING:
+    from pykata.hypervisor.template import Template
+
 log = logging.getLogger("pykata.hypervisor")
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
@@ -40,6 +44,8 @@ State = Literal["new", "prepared", "starting", "running", "stopping", "stopped"]
 QMP_CONNECT_TIMEOUT = 10.0
 GRACEFUL_TIMEOUT = 2.0
 QUIT_TIMEOUT = 2.0
+# Saving/restoring a template moves only device state (RAM stays in the template's file): milliseconds.
+MIGRATE_TIMEOUT = 30.0
 
 
 class QemuHypervisor(Hypervisor):
@@ -53,6 +59,14 @@ class QemuHypervisor(Hypervisor):
     stop() (at most 2 s) so the guest can finish cleanly; QEMU is quit after it either way.
     `on_event` receives QMP events (SHUTDOWN, STOP, RESET, ...). `vm_dir` defaults to
     <runtime_dir>/vm/<vm_id>; it must not exist yet and is removed by stop().
+
+    VM templating (pykata.hypervisor.template): `template` None follows `factory.enable_template`,
+    False never uses one, a Template starts from that one. A VM started from a template is restored
+    from its saved state instead of booting (start() returns with the guest running where the template
+    was saved: its agent waiting for a connection) and shares the template's memory file copy-on-write.
+    Templated VMs serve `shared_dir` over 9p (virtio-fs cannot be migrated by QEMU 7.2): the
+    `shared_fs` property says which one a VM uses. `memory_file` puts guest RAM in that file, shared
+    (what a template is made of; save() then writes only the device state).
     """
 
     def __init__(
@@ -69,6 +83,8 @@ class QemuHypervisor(Hypervisor):
         guest_shutdown: Callable[[], Awaitable[None]] | None = None,
         on_event: EventCallback | None = None,
         vm_dir: Path | None = None,
+        template: Template | bool | None = None,
+        memory_file: Path | None = None,
     ) -> None:
         if not _VM_ID.match(vm_id):
             raise HypervisorError(f"bad VM id {vm_id!r}: 1-64 of letters, digits, '_', '.', '-'")
@@ -105,6 +121,10 @@ class QemuHypervisor(Hypervisor):
         self._dimms = 0
         self._vcpus = config.qemu.default_vcpus
         self._cpu_ids: list[str] = []
+        self._template_arg = template
+        self._memory_file = memory_file
+        self.template: Template | None = None
+        self._awaiting_incoming = False
 
     # ---------------------------------------------------------------------------------------------
     # Properties
@@ -135,6 +155,17 @@ class QemuHypervisor(Hypervisor):
         return self.paths.console_log
 
     @property
+    def shared_fs(self) -> str:
+        """The shared-fs transport this VM uses (after prepare(): 9p when templated)."""
+        return self.config.qemu.shared_fs
+
+    @property
+    def from_template(self) -> bool:
+        """True when this VM was (or will be) restored from a template: its guest clock is the
+        template's until the host sets it (agent SetGuestDateTime)."""
+        return self.template is not None
+
+    @property
     def qmp(self) -> QmpChannel:
         """The VM's one serialized QMP channel (for callers that need a command not wrapped here).
 
@@ -157,8 +188,12 @@ class QemuHypervisor(Hypervisor):
     async def prepare(self) -> None:
         if self.state != "new":
             raise HypervisorError(f"VM {self.vm_id}: prepare() in state {self.state}")
+        await self._choose_template()
         q = self.config.qemu
-        kernel, initrd, image = resolve_assets(self.config, self._kernel, self._initrd, self._image)
+        if self.template is not None:
+            kernel, initrd, image = self.template.kernel, self.template.initrd, self.template.image
+        else:
+            kernel, initrd, image = resolve_assets(self.config, self._kernel, self._initrd, self._image)
         if not Path(q.path).is_file():
             raise HypervisorError(f"hypervisor.qemu.path: {q.path} does not exist")
         if self.shared_dir is not None and q.shared_fs != "none" and not self.shared_dir.is_dir():
@@ -181,6 +216,12 @@ class QemuHypervisor(Hypervisor):
             extra_kernel_params=self._extra_params,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else None,
         )
+        if self.template is not None:
+            self.spec = dataclasses.replace(self.spec, memory_file=self.template.memory,
+                                            memory_file_shared=False, incoming=True)
+            self._awaiting_incoming = True
+        elif self._memory_file is not None:
+            self.spec = dataclasses.replace(self.spec, memory_file=self._memory_file, memory_file_shared=True)
         try:
             self.paths.dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         except FileExistsError:
@@ -188,6 +229,26 @@ class QemuHypervisor(Hypervisor):
         except OSError as exc:
             raise HypervisorError(f"VM {self.vm_id}: cannot create {self.paths.dir}: {exc.strerror}") from None
         self.state = "prepared"
+
+    async def _choose_template(self) -> None:
+        """Decide whether this VM starts from a template (making it if needed) and switch templated
+        VMs to 9p. Raises HypervisorError when the template cannot be made or does not fit."""
+        arg = self._template_arg
+        wanted = self.config.factory.enable_template if arg is None else arg is not False
+        explicit_assets = any(x is not None for x in (self._kernel, self._initrd, self._image))
+        if arg is None and (explicit_assets or self._extra_params or self._memory_file is not None):
+            # A template is made from the configured guest; a VM given other assets boots cold.
+            wanted = False
+        if not wanted and self._memory_file is None:
+            return
+        from pykata.hypervisor.template import Template, ensure_template, templated_config
+
+        self.config = templated_config(self.config)
+        if not wanted:
+            return
+        template = arg if isinstance(arg, Template) else await ensure_template(self.config)
+        template.check_fits(self.config)
+        self.template = template
 
     async def start(self) -> None:
         if self.state != "prepared":
@@ -235,6 +296,16 @@ class QemuHypervisor(Hypervisor):
             raise
         self.timestamps["qmp_connected"] = time.monotonic()
         self.state = "running"
+        if self.template is not None:
+            try:
+                await self.restore(self.template.state)
+            except HypervisorError as exc:
+                # A template QEMU cannot load is useless for every later VM too: drop it so the next
+                # VM makes a fresh one.
+                from pykata.hypervisor.template import discard_template
+
+                discard_template(self.template, f"restore failed: {exc}")
+                raise
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
         code = await qemu.exit_code()
@@ -287,7 +358,13 @@ class QemuHypervisor(Hypervisor):
         if self.state != "running" or self._qemu is None:
             raise HypervisorError(f"VM {self.vm_id}: wait_ready() in state {self.state}")
         limit = self.config.qemu.boot_timeout if timeout is None else timeout
-        chosen = probe or self._readiness or console_readiness(self.paths.console_log)
+        if probe is None and self._readiness is None and self.template is not None:
+            # The console line was printed once, in the template: ask the agent instead.
+            from pykata.hypervisor.template import agent_readiness
+
+            chosen: ReadinessProbe = agent_readiness
+        else:
+            chosen = probe or self._readiness or console_readiness(self.paths.console_log)
         ready: asyncio.Future[None] = asyncio.ensure_future(chosen(self))
         exited: asyncio.Future[Any] = self.exited
         try:
@@ -436,10 +513,63 @@ class QemuHypervisor(Hypervisor):
         return self._vcpus
 
     async def save(self, path: Path) -> None:
-        raise NotSupportedError(f"VM {self.vm_id}: save is not implemented yet")
+        """Pause the guest and write its device state (and RAM, unless it lives in a shared
+        `memory_file`) to `path`. The VM stays paused; a template's VM is stopped right after.
+
+        Raises:
+            HypervisorError: the VM is not running, or the migration failed or took too long.
+        """
+        self._require_running("save")
+        qmp = self.qmp
+        await qmp.execute("stop")
+        if self._memory_file is not None:
+            # RAM is already in the shared file: leave it out of the stream.
+            await qmp.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        await qmp.execute("migrate", {"uri": "exec:cat>" + shlex.quote(str(path))})
+        await self._wait_migration("save")
+        self.timestamps["saved"] = time.monotonic()
 
     async def restore(self, path: Path) -> None:
-        raise NotSupportedError(f"VM {self.vm_id}: restore is not implemented yet")
+        """Load state written by save() into this VM and run it. Only a VM started from a template
+        (QEMU waiting for an incoming migration) can be restored, once; start() does it.
+
+        Raises:
+            NotSupportedError: this VM was not started to receive a state.
+            HypervisorError: QEMU could not load the state.
+        """
+        self._require_running("restore")
+        if not self._awaiting_incoming:
+            raise NotSupportedError(f"VM {self.vm_id}: restore() needs a VM started from a template")
+        self._awaiting_incoming = False
+        qmp = self.qmp
+        if self.spec is not None and self.spec.memory_file is not None:
+            # The stream was written with x-ignore-shared; its layout must be read the same way.
+            await qmp.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        await qmp.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(path))})
+        await self._wait_migration("restore")
+        self.timestamps["restored"] = time.monotonic()
+        await qmp.execute("cont")
+        self.timestamps["resumed"] = time.monotonic()
+
+    async def _wait_migration(self, what: str) -> None:
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        delay = 0.001
+        while True:
+            info = await self.qmp.execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                desc = info.get("error-desc", "no reason given")
+                raise HypervisorError(f"VM {self.vm_id}: {what} failed: {desc}; "
+                                      f"qemu: {log_tail(self.paths.qemu_log, 800)}")
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"VM {self.vm_id}: {what} not done after {MIGRATE_TIMEOUT:.0f}s "
+                                      f"(status {status})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     # ---------------------------------------------------------------------------------------------
 

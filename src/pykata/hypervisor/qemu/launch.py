@@ -67,6 +67,9 @@ class LaunchSpec:
     devices: tuple[Device, ...] = ()
     # VM templating: RAM in a shared file, and a clone that waits for `migrate-incoming`.
     memory_file: Path | None = None
+    # share=on while a template is made (guest RAM lands in the file); share=off for a clone, which
+    # maps the template's file privately (copy-on-write), so clones never write into the template.
+    memory_file_shared: bool = True
     incoming: bool = False
     # Host TSC frequency, told to a TCG guest so it need not calibrate (see hostinfo.host_tsc_khz).
     tsc_khz: int | None = None
@@ -152,7 +155,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
     else:
         args.append(c.Memory(q.default_memory))
     if spec.memory_file is not None:
-        args.append(c.MemoryBackend("mem", q.default_memory, kind="file", share=True,
+        args.append(c.MemoryBackend("mem", q.default_memory, kind="file", share=spec.memory_file_shared,
                                     mem_path=str(spec.memory_file)))
     elif backend_id:
         args.append(c.MemoryBackend("mem", q.default_memory, kind="memfd", share=True))

@@ -1,0 +1,399 @@
+"""VM templates (Kata's "factory"): boot a guest once, save it, and start later VMs from the save.
+
+    template = await ensure_template(config)          # made once, then found in the cache
+    vm = QemuHypervisor("sb1", config, shared_dir=d, template=template)   # or factory.enable_template
+    await vm.prepare(); await vm.start(); await vm.wait_ready()           # restored, not booted
+
+A template is a directory <factory.template_path>/<key>/ holding `memory` (guest RAM: the template
+VM ran with it as a shared file-backed memory), `state` (QEMU's device state, written by a migration
+with x-ignore-shared, so without RAM) and `template.json`. The key hashes everything the saved guest
+depends on: QEMU binary, kernel, initrd/image (path, size, mtime), machine type, vCPUs, memory, CPU
+model, accelerator, kernel parameters. A clone runs QEMU with the same command line except
+`share=off` (a private copy-on-write mapping of `memory`), its own sockets, logs and 9p directory, and
+`-incoming defer`; it loads `state` and continues where the template stopped: its agent waiting for
+a host connection.
+
+What a clone inherits and the host must fix:
+  * the guest wall clock is the template's: set it through the agent (`sync_guest_clock`).
+  * the kernel's random state is the template's. The template is saved only once the guest has been
+    idle longer than the kernel's early-boot reseed interval (max(1 s, uptime/2)), so the first
+    random request in every clone reseeds the CRNG from RDRAND and virtio-rng, which differ per
+    clone. Processes that were already running in the template (the agent's Python) keep their
+    user-space PRNG state (Python's `random`, hash seed); the agent does not use them for secrets.
+
+Templates use 9p for the shared directory (QEMU 7.2 cannot migrate vhost-user-fs) and a
+virtio-serial agent channel; the guest must not have mounted the 9p share when it is saved (QEMU
+refuses to migrate a mounted 9p export), which holds because the agent mounts it at CreateSandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pykata.config.schema import Config
+from pykata.errors import HypervisorError
+from pykata.hypervisor.accel import resolve_accelerator
+
+if TYPE_CHECKING:
+    from pykata.hypervisor.base import Hypervisor
+
+log = logging.getLogger("pykata.hypervisor.template")
+
+FORMAT = 1
+META = "template.json"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+# After the agent is ready the template guest idles this much longer than the kernel's early-boot
+# CRNG reseed interval needs (see the module docstring), so clones reseed on first use.
+RESEED_MARGIN = 0.5
+LOCK_POLL = 0.05
+
+_switch_logged = False
+
+
+@dataclass(frozen=True)
+class Template:
+    """One saved template on disk."""
+
+    dir: Path
+    key: str
+    inputs: dict[str, Any]
+    kernel: Path
+    initrd: Path | None
+    image: Path | None
+    created_at: float
+    build_seconds: float
+
+    @property
+    def memory(self) -> Path:
+        return self.dir / "memory"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    def check_fits(self, config: Config) -> None:
+        """Check that a VM of `config` can be cloned from this template.
+
+        Raises:
+            HypervisorError: memory, vCPUs, machine or CPU model differ, or an asset changed on disk.
+        """
+        q = templated_config(config, quiet=True).qemu
+        want = {"machine_type": q.machine_type, "default_memory": q.default_memory,
+                "default_vcpus": q.default_vcpus, "cpu_model": q.cpu_model, "path": q.path}
+        for key, value in want.items():
+            if self.inputs.get(key) != value:
+                raise HypervisorError(f"template {self.key}: hypervisor.qemu.{key} is {value!r}, the template "
+                                      f"was made with {self.inputs.get(key)!r}")
+        for name, path in (("kernel", self.kernel), ("initrd", self.initrd), ("image", self.image)):
+            if path is not None and _file_id(path) != self.inputs.get(name):
+                raise HypervisorError(f"template {self.key}: the {name} {path} changed since the template "
+                                      "was made (run `pykata factory destroy`)")
+
+    def to_json(self) -> dict[str, Any]:
+        size = self.memory.stat().st_blocks * 512 if self.memory.exists() else 0
+        return {"key": self.key, "dir": str(self.dir), "created_at": self.created_at,
+                "build_seconds": round(self.build_seconds, 3), "kernel": str(self.kernel),
+                "initrd": str(self.initrd) if self.initrd else None,
+                "image": str(self.image) if self.image else None,
+                "memory_mib": self.inputs.get("default_memory"), "vcpus": self.inputs.get("default_vcpus"),
+                "memory_on_disk_bytes": size,
+                "state_bytes": self.state.stat().st_size if self.state.exists() else 0}
+
+
+def templated_config(config: Config, *, quiet: bool = False) -> Config:
+    """`config` as a templated VM runs it: 9p instead of virtio-fs, a virtio-serial agent channel.
+
+    virtio-fs (vhost-user-fs) cannot be migrated by QEMU 7.2 and a vsock CID is per VM, so a
+    template cannot carry either. Logged once per process.
+    """
+    global _switch_logged
+    q = config.qemu
+    changes: dict[str, Any] = {}
+    if q.shared_fs == "virtio-fs":
+        changes["shared_fs"] = "virtio-9p"
+    if q.agent_channel != "virtio-serial":
+        changes["agent_channel"] = "virtio-serial"
+    if not changes:
+        return config
+    if not quiet and not _switch_logged:
+        _switch_logged = True
+        log.info("factory.enable_template: templated VMs use %s (QEMU cannot migrate virtio-fs; "
+                 "a vsock CID is per VM)", ", ".join(f"{k} = {v}" for k, v in changes.items()))
+    return dataclasses.replace(config, hypervisor=dataclasses.replace(
+        config.hypervisor, qemu=dataclasses.replace(q, **changes)))
+
+
+def _file_id(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+async def template_inputs(config: Config) -> tuple[dict[str, Any], Path, Path | None, Path | None]:
+    """What a template for `config` depends on, and the kernel/initrd/image it boots.
+
+    Raises:
+        HypervisorError: no kernel/root filesystem, or the accelerator cannot be decided.
+    """
+    from pykata.hypervisor.qemu.driver import resolve_assets
+
+    config = templated_config(config, quiet=True)
+    q = config.qemu
+    kernel, initrd, image = resolve_assets(config, None, None, None)
+    verdict = await resolve_accelerator(q, kernel, config.runtime.cache_path)
+    inputs: dict[str, Any] = {
+        "format": FORMAT, "path": q.path, "qemu": _file_id(Path(q.path)),
+        "kernel": _file_id(kernel), "initrd": _file_id(initrd) if initrd else None,
+        "image": _file_id(image) if image else None, "machine_type": q.machine_type,
+        "default_memory": q.default_memory, "default_vcpus": q.default_vcpus,
+        "maxvcpus": q.resolved_maxvcpus(), "memory_slots": q.memory_slots, "cpu_model": q.cpu_model,
+        "accel": verdict.accel, "kernel_params": q.kernel_params, "enable_debug": q.enable_debug,
+        "entropy_source": q.entropy_source, "shared_fs": q.shared_fs, "agent_channel": q.agent_channel,
+    }
+    if q.machine_type == "q35":
+        inputs["maxmemory"] = q.resolved_maxmemory()
+    return inputs, kernel, initrd, image
+
+
+def key_of(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def template_root(config: Config) -> Path:
+    return Path(config.factory.template_path)
+
+
+def load_template(directory: Path) -> Template | None:
+    """The template saved in `directory`, or None when it is missing or incomplete (never raises)."""
+    try:
+        meta = json.loads((directory / META).read_text())
+        if meta.get("format") != FORMAT:
+            return None
+        t = Template(dir=directory, key=meta["key"], inputs=meta["inputs"], kernel=Path(meta["kernel"]),
+                     initrd=Path(meta["initrd"]) if meta.get("initrd") else None,
+                     image=Path(meta["image"]) if meta.get("image") else None,
+                     created_at=float(meta["created_at"]), build_seconds=float(meta["build_seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (t.memory.is_file() and t.state.is_file()):
+        return None
+    return t
+
+
+def list_templates(config: Config) -> list[Template]:
+    """Every complete template under factory.template_path (never raises)."""
+    root = template_root(config)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            t = load_template(entry)
+            if t is not None:
+                found.append(t)
+    return found
+
+
+async def find_template(config: Config) -> Template | None:
+    """The template `config` would use, if it is made already.
+
+    Raises:
+        HypervisorError: the guest assets cannot be resolved.
+    """
+    inputs, *_ = await template_inputs(config)
+    t = load_template(template_root(config) / key_of(inputs))
+    return t if t is not None and t.inputs == inputs else None
+
+
+@contextlib.asynccontextmanager
+async def _locked(root: Path, timeout: float) -> Any:
+    """Hold an exclusive flock on <root>/.lock (other processes making templates wait)."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"factory: {root / LOCK} is held by another process for "
+                                          f"over {timeout:.0f}s") from None
+                await asyncio.sleep(LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+async def ensure_template(config: Config, *, progress: Callable[[str], None] | None = None,
+                          force: bool = False) -> Template:
+    """The template for `config`: found in the cache, else made now (once, whoever asks at the same
+    time; atomically: a template directory is complete or absent). `force` remakes it.
+
+    Raises:
+        HypervisorError: the template VM failed to boot or to save; nothing is left behind.
+    """
+    config = templated_config(config)
+    inputs, kernel, initrd, image = await template_inputs(config)
+    key = key_of(inputs)
+    root = template_root(config)
+    final = root / key
+    if not force:
+        found = load_template(final)
+        if found is not None and found.inputs == inputs:
+            return found
+    say = progress or (lambda _msg: None)
+    async with _locked(root, timeout=2 * config.qemu.boot_timeout + 60):
+        found = load_template(final)
+        if found is not None and found.inputs == inputs and not force:
+            return found  # made by another process while this one waited for the lock
+        _prune(root, keep=key, everything=force)
+        tmp = root / f"{TMP_PREFIX}{key}-{secrets.token_hex(3)}"
+        tmp.mkdir(mode=0o700)
+        try:
+            say(f"factory: making template {key} (boots a VM once, a few seconds)")
+            started = time.monotonic()
+            await _make(config, tmp, key)
+            meta = {"format": FORMAT, "key": key, "inputs": inputs, "kernel": str(kernel),
+                    "initrd": str(initrd) if initrd else None, "image": str(image) if image else None,
+                    "created_at": time.time(), "build_seconds": time.monotonic() - started}
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        made = load_template(final)
+        if made is None:
+            raise HypervisorError(f"factory: template {final} is incomplete right after it was made")
+        say(f"factory: template {key} ready in {made.build_seconds:.1f}s")
+        return made
+
+
+async def _make(config: Config, directory: Path, key: str) -> None:
+    """Boot the template VM with RAM in <directory>/memory, wait for its agent, save, kill it."""
+    from pykata.hypervisor.qemu.driver import QemuHypervisor
+
+    shared = directory / "shared"
+    shared.mkdir()
+    vm = QemuHypervisor(f"template-{key[:8]}-{secrets.token_hex(3)}", config, shared_dir=shared,
+                        readiness=agent_readiness, template=False, memory_file=directory / "memory")
+    try:
+        await vm.prepare()
+        await vm.start()
+        await vm.wait_ready()
+        # The host side of the agent channel is closed again (agent_readiness disconnects), so the
+        # saved agent is waiting for the next host. Idle past the CRNG reseed interval: uptime U at
+        # save, agent ready at A (guest clock <= host clock since QEMU start); the kernel reseeds on
+        # the first request once U - A > max(1, U / 2).
+        ready = vm.timestamps["ready"] - vm.timestamps["start"]
+        until = vm.timestamps["start"] + max(2 * ready, ready + 1.0) + RESEED_MARGIN
+        await asyncio.sleep(max(0.0, until - time.monotonic()))
+        await vm.save(directory / "state")
+    finally:
+        await vm.stop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _prune(root: Path, keep: str | None, everything: bool = False) -> list[str]:
+    """Remove unfinished template directories and templates whose assets changed (all of them but
+    `keep` when `everything`); return the removed templates' names. The caller holds the lock.
+
+    A clone maps the memory file privately; removing the file does not disturb running clones.
+    """
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or entry.name == keep:
+            continue
+        if entry.name.startswith(TMP_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        t = load_template(entry)
+        stale = t is None or any(
+            _file_id(path) != t.inputs.get(name)
+            for name, path in (("kernel", t.kernel), ("initrd", t.initrd), ("image", t.image)) if path)
+        if stale or everything:
+            log.info("factory: removing %s template %s", "stale" if stale else "old", entry.name)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def prune_templates(config: Config) -> list[str]:
+    """Remove templates whose kernel/initrd/image changed on disk and unfinished ones; return the
+    removed keys. Waits for a template being made right now (flock). Raises nothing for a missing
+    template directory."""
+    root = template_root(config)
+    if not root.is_dir():
+        return []
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _prune(root, keep=None)
+    finally:
+        os.close(fd)
+
+
+def discard_template(template: Template, reason: str) -> None:
+    """Remove a template that proved unusable (the next VM makes a new one). Never raises."""
+    log.warning("factory: discarding template %s: %s", template.key, reason)
+    shutil.rmtree(template.dir, ignore_errors=True)
+
+
+async def destroy_templates(config: Config) -> list[str]:
+    """Remove every template under factory.template_path; return their keys.
+
+    Raises:
+        HypervisorError: another process holds the lock (making a template) for too long.
+    """
+    root = template_root(config)
+    if not root.is_dir():
+        return []
+    async with _locked(root, timeout=2 * config.qemu.boot_timeout + 60):
+        keys = [t.key for t in list_templates(config)]
+        for entry in root.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+    return keys
+
+
+async def agent_readiness(vm: Hypervisor) -> None:
+    """Readiness probe: the agent answers a health check on its channel; the connection is closed
+    again (the channel is free for the VM's owner)."""
+    from pykata.sandbox.agent_client import AgentClient
+
+    endpoint = vm.agent_endpoint
+    if endpoint.socket is None:
+        raise HypervisorError("template VMs need a virtio-serial agent channel")
+    client = await AgentClient.connect(endpoint.socket, "template", timeout=3600)
+    await client.close()
+
+
+async def sync_guest_clock(agent: Any) -> None:
+    """Set a restored guest's wall clock to the host's (agent SetGuestDateTime).
+
+    `agent` is a pykata.sandbox.agent_client.AgentClient. Raises AgentError.
+    """
+    from pykata.protocols.agent import agent_pb2
+
+    now = time.time_ns() // 1000
+    await agent.call("SetGuestDateTime", agent_pb2.SetGuestDateTimeRequest(sec=now // 1_000_000,
+                                                                            usec=now % 1_000_000), timeout=5)

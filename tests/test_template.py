@@ -1,0 +1,239 @@
+"""VM templates: made once, cloned concurrently, each clone with its own 9p files, clock, randomness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from pykata.config import Config, load_config
+from pykata.config.schema import FactoryConfig
+from pykata.errors import HypervisorError
+from pykata.hypervisor.base import Hypervisor
+from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.hypervisor.template import (
+    Template,
+    ensure_template,
+    find_template,
+    list_templates,
+    load_template,
+    prune_templates,
+    sync_guest_clock,
+    template_inputs,
+)
+from pykata.protocols.agent import agent_pb2
+from pykata.sandbox.agent_client import AgentClient
+from tests.agent.conftest import make_busybox_rootfs
+from tests.test_hypervisor_vm import guest_kernel_path
+
+pytestmark = [pytest.mark.vm]
+
+
+def guest_initrd_path() -> Path:
+    """The cached guest root filesystem; while a rebuild for changed agent sources is pending, the
+    newest build in the cache will do (templating does not depend on the agent's version)."""
+    from pykata.guest.rootfs import find_rootfs
+
+    found = find_rootfs(Path("/var/cache/pykata"))
+    if found is not None and found.initrd is not None:
+        return Path(found.initrd)
+    builds = sorted(Path("/var/cache/pykata/rootfs").glob("*/rootfs.cpio"), key=lambda p: p.stat().st_mtime)
+    if not builds:
+        pytest.fail("no guest root filesystem: run `pykata image build`")
+    return builds[-1]
+
+
+@pytest.fixture(scope="module")
+def tdir() -> Iterator[Path]:
+    # Short: unix socket paths must stay under 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="pktp", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _config(tdir: Path, initrd: Path, **qemu: object) -> Config:
+    base = load_config()
+    q = dataclasses.replace(base.qemu, kernel=str(guest_kernel_path()), initrd=str(initrd), image="", **qemu)
+    return dataclasses.replace(
+        base, hypervisor=dataclasses.replace(base.hypervisor, qemu=q),
+        runtime=dataclasses.replace(base.runtime, runtime_dir=str(tdir / "run")),
+        factory=FactoryConfig(enable_template=True, template_path=str(tdir / "tpl")))
+
+
+@pytest.fixture(scope="module")
+def initrd_copy(tdir: Path) -> Path:
+    # A private copy: the invalidation test changes it.
+    copy = tdir / "rootfs.cpio"
+    shutil.copyfile(guest_initrd_path(), copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def config(tdir: Path, initrd_copy: Path) -> Config:
+    return _config(tdir, initrd_copy, shared_fs="virtio-9p")
+
+
+@pytest.fixture(scope="module")
+def template(config: Config) -> Template:
+    return asyncio.run(ensure_template(config))
+
+
+def _qemu_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("qemu-system")}
+
+
+async def test_template_made_once_and_found(template: Template, config: Config) -> None:
+    assert template.memory.is_file() and template.state.is_file()
+    # Device state only: RAM stays in the memory file.
+    assert template.state.stat().st_size < 4 << 20
+    assert template.memory.stat().st_size == config.qemu.default_memory << 20
+    assert load_template(template.dir) == template
+    assert await find_template(config) == template
+    again = await ensure_template(config)
+    assert again.created_at == template.created_at
+    assert [t.key for t in list_templates(config)] == [template.key]
+    assert not [p for p in template.dir.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+GUEST_SHARE = "/run/pykata-agent/shared"
+
+
+def _spec(args: list[str]) -> dict[str, Any]:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "root": {"path": f"{GUEST_SHARE}/rootfs", "readonly": True},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                   {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]},
+    }
+
+
+async def _run(agent: AgentClient, cid: str, args: list[str]) -> bytes:
+    await agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
+        container_id=cid, oci_spec_json=json.dumps(_spec(args))), timeout=60)
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    await agent.call("CloseStdin", agent_pb2.CloseStdinRequest(container_id=cid))
+    out = bytearray()
+    while not (r := await agent.call("ReadStdout", agent_pb2.ReadStreamRequest(container_id=cid))).eof:
+        out += r.data
+    status = (await agent.call("WaitProcess", agent_pb2.WaitProcessRequest(container_id=cid))).exit_status
+    assert status == 0, out
+    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id=cid, timeout_seconds=10))
+    return bytes(out)
+
+
+@contextlib.asynccontextmanager
+async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple[QemuHypervisor, AgentClient]]:
+    """A VM from the template with its own 9p share, its agent connected and the share mounted."""
+    box: dict[str, AgentClient] = {}
+
+    async def probe(vm: Hypervisor) -> None:
+        assert vm.agent_endpoint.socket is not None
+        box["agent"] = await AgentClient.connect(vm.agent_endpoint.socket, name, timeout=30)
+
+    vm = QemuHypervisor(name, config, shared_dir=shared, readiness=probe)
+    try:
+        await vm.prepare()
+        await vm.start()
+        await vm.wait_ready(timeout=30)
+        agent = box["agent"]
+        await agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(sandbox_id=name, storages=[
+            agent_pb2.Storage(driver="9p", source="kataShared", fstype="9p", mount_point=GUEST_SHARE,
+                              options=["trans=virtio", "version=9p2000.L", "msize=512000"])]))
+        yield vm, agent
+    finally:
+        await vm.stop()
+        if "agent" in box:
+            await box["agent"].close()
+
+
+async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
+        template: Template, config: Config, tdir: Path) -> None:
+    shares = []
+    for name in ("a", "b"):
+        share = tdir / f"share-{name}"
+        make_busybox_rootfs(share / "rootfs")
+        (share / "rootfs" / "who").write_text(f"clone {name}\n")
+        shares.append(share)
+    async with contextlib.AsyncExitStack() as stack:
+        clones = await asyncio.gather(*(stack.enter_async_context(_clone(config, f"clone-{n}", s))
+                                        for n, s in zip("ab", shares, strict=True)))
+        for (vm, agent), name in zip(clones, "ab", strict=True):
+            assert vm.from_template and vm.template == template and "restored" in vm.timestamps
+            assert await agent.health()
+            out = await _run(agent, "who", ["/bin/cat", "/who"])
+            assert out == f"clone {name}\n".encode()
+        # Clock: a clone's wall clock is the template's until the host sets it.
+        for _, agent in clones:
+            await sync_guest_clock(agent)
+            out = await _run(agent, "date", ["/bin/date", "+%s"])
+            assert abs(int(out) - time.time()) <= 2, out
+        # Randomness: every clone reseeds its CRNG, so no two produce the same bytes.
+        # (/proc/sys/kernel/random/boot_id, fixed at boot, is the template's in every clone.)
+        outs = [await _run(agent, "rnd", ["/bin/sh", "-c", "cat /proc/sys/kernel/random/uuid "
+                                          "/proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1"])
+                for _, agent in clones]
+        first, second = (out.split(b"\n") for out in outs)
+        assert len({*first[:2], *second[:2]}) == 4 and first[2] != second[2], outs
+
+
+async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
+        template: Template, tdir: Path, initrd_copy: Path) -> None:
+    cfg = _config(tdir, initrd_copy)  # shared_fs = virtio-fs (the default)
+    assert cfg.qemu.shared_fs == "virtio-fs"
+    shared = tdir / "shared-c"
+    shared.mkdir()
+    vm = QemuHypervisor("clone-c", cfg, shared_dir=shared)
+    before = _qemu_pids()
+    try:
+        await vm.prepare()
+        assert vm.shared_fs == "virtio-9p" and vm.template == template
+        argv = " ".join(vm.argv)
+        assert f"mem-path={template.memory},share=off" in argv and "virtio-9p-device" in argv
+        assert "vhost-user-fs" not in argv
+        await vm.start()
+        pid = vm.pid
+        assert pid is not None
+        # No readiness probe given: a clone is ready when its agent answers (no console line).
+        await vm.wait_ready(timeout=20)
+        assert vm.timestamps["ready"] - vm.timestamps["start"] < 5
+    finally:
+        result = await vm.stop()
+    assert result is not None and result.requested
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not vm.paths.dir.exists()
+    assert _qemu_pids() <= before
+    assert not list((tdir / "run" / "vm").iterdir())
+    # The template outlives its clones.
+    assert load_template(template.dir) == template
+
+
+async def test_template_invalidated_when_the_initrd_changes(
+        template: Template, config: Config, initrd_copy: Path) -> None:
+    old_inputs, *_ = await template_inputs(config)
+    with initrd_copy.open("ab") as f:
+        f.write(b"\0" * 512)  # an appended zero block: still a valid cpio, another file
+    os.utime(initrd_copy)
+    new_inputs, *_ = await template_inputs(config)
+    assert new_inputs != old_inputs
+    assert await find_template(config) is None
+    with pytest.raises(HypervisorError, match=r"initrd .* changed"):
+        template.check_fits(config)
+    vm = QemuHypervisor("clone-stale", config, template=template)
+    with pytest.raises(HypervisorError, match="changed"):
+        await vm.prepare()
+    await vm.stop()
+    assert prune_templates(config) == [template.key]
+    assert not template.dir.exists()
