@@ -10,6 +10,7 @@ import click
 from pykata import __version__
 from pykata.cli.check import check
 from pykata.cli.config_cmd import env
+from pykata.cli.factory import factory
 from pykata.cli.image import image
 from pykata.cli.install import install
 from pykata.cli.run import COMMANDS as RUN_COMMANDS
@@ -31,6 +32,7 @@ cli.add_command(image)
 cli.add_command(check)
 cli.add_command(env)
 cli.add_command(install)
+cli.add_command(factory)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 

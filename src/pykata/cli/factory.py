@@ -1,0 +1,102 @@
+"""`pykata factory`: make, inspect and remove the VM template (like `kata-runtime factory`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import click
+
+from pykata.errors import PykataError
+
+
+def _config() -> Any:
+    from pykata.config.load import load_config
+
+    try:
+        return load_config()
+    except PykataError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except PykataError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def factory() -> None:
+    """VM templates: start sandbox VMs from a saved, booted guest ([factory] in the configuration)."""
+
+
+@factory.command()
+@click.option("--force", is_flag=True, help="Remake the template even if a current one exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the template as JSON.")
+def init(force: bool, as_json: bool) -> None:
+    """Make the template for the current configuration (boots a VM once), unless it exists."""
+    from pykata.hypervisor.template import ensure_template
+
+    config = _config()
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        click.echo(f"[pykata factory {time.monotonic() - started:5.1f}s] {message}", err=True)
+
+    t = _run(ensure_template(config, progress=progress, force=force))
+    if as_json:
+        click.echo(json.dumps(t.to_json(), indent=1))
+    else:
+        click.echo(f"template {t.key} at {t.dir}")
+    if not config.factory.enable_template:
+        click.echo("note: factory.enable_template is false, so sandboxes do not use it yet", err=True)
+
+
+@factory.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(as_json: bool) -> None:
+    """Show whether templating is on and which templates exist (the current one is marked)."""
+    from pykata.hypervisor.template import find_template, list_templates
+
+    config = _config()
+    current, problem = None, None
+    try:
+        current = _run(find_template(config))
+    except click.ClickException as exc:
+        problem = exc.message
+    templates = list_templates(config)
+    if as_json:
+        click.echo(json.dumps({
+            "enable_template": config.factory.enable_template, "template_path": config.factory.template_path,
+            "current": current.key if current else None, "problem": problem,
+            "templates": [t.to_json() for t in templates]}, indent=1))
+        return
+    click.echo(f"enable_template: {str(config.factory.enable_template).lower()}")
+    click.echo(f"template_path:   {config.factory.template_path}")
+    if problem:
+        click.echo(f"current:         unknown ({problem})")
+    else:
+        click.echo(f"current:         {current.key if current else 'not made (pykata factory init)'}")
+    for t in templates:
+        info = t.to_json()
+        mark = "*" if current is not None and t.key == current.key else " "
+        click.echo(f"{mark} {t.key}  {info['memory_mib']} MiB x {info['vcpus']} vCPU, "
+                   f"{info['memory_on_disk_bytes'] / 2**20:.0f} MiB of RAM saved, state "
+                   f"{info['state_bytes'] / 1024:.0f} KiB, made in {t.build_seconds:.1f}s, "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.created_at))}")
+
+
+@factory.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the removed templates as JSON.")
+def destroy(as_json: bool) -> None:
+    """Remove every template (running VMs started from one are not affected)."""
+    from pykata.hypervisor.template import destroy_templates
+
+    keys = _run(destroy_templates(_config()))
+    if as_json:
+        click.echo(json.dumps({"removed": keys}))
+    else:
+        click.echo(f"removed {len(keys)} template(s)" + (f": {', '.join(keys)}" if keys else ""))
