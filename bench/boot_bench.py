@@ -6,6 +6,9 @@ Two guests:
          host measures the first byte on the channel socket. The floor of what the VM layer costs.
   image  the cached kernel + the root filesystem of `pykata image build`; ready when the agent prints
          PYKATA_AGENT_READY (it is then serving ttrpc on the channel).
+  clone  (--template) the image guest started from a VM template (pykata.hypervisor.template) with a
+         9p share like a sandbox's; ready when the agent answers a health check over the channel.
+         The template is made once before the runs (its time is reported as template-make).
 
 Phases (host wall clock unless noted):
   spawn        QEMU fork+exec returned
@@ -19,9 +22,10 @@ Phases (host wall clock unless noted):
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
   qemu-cpu     CPU seconds QEMU used until ready (all threads): what `ready` would be on an idle host
                with a spare core, useful when the machine is busy
+  restore      QEMU start until the saved state is loaded and the guest continues (clone only)
   stop         stop(): QMP quit, reap, clean up
 
-    .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--json]
+    .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--template] [--json]
 """
 
 from __future__ import annotations
@@ -77,6 +81,24 @@ def make_config(workdir: Path, memory: int, verbose_kernel: bool = False) -> Con
     )
 
 
+def make_clone_config(workdir: Path, memory: int, kernel: Path, initrd: Path) -> Config:
+    return parse_toml(
+        f"""
+        [hypervisor.qemu]
+        kernel = "{kernel}"
+        initrd = "{initrd}"
+        default_memory = {memory}
+        shared_fs = "virtio-9p"
+        [runtime]
+        runtime_dir = "{workdir}/run"
+        cache_dir = "{workdir}/cache"
+        [factory]
+        enable_template = true
+        template_path = "{workdir}/template"
+        """
+    )
+
+
 async def channel_first_byte(vm: Hypervisor) -> None:
     """Ready when the guest has written to the agent virtio-serial port."""
     path = vm.agent_endpoint.socket
@@ -108,7 +130,13 @@ async def seen_at(console: Path, marker: bytes) -> float:
 
 async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path) -> dict[str, float]:
     readiness = channel_first_byte if guest == "tiny" else None
-    vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
+    if guest == "clone":
+        # Assets from the configuration (explicit ones would boot cold); a share like a sandbox's.
+        shared = Path(config.runtime.runtime_dir) / f"shared-{i}"
+        shared.mkdir(parents=True)
+        vm = QemuHypervisor(f"bench-{guest}-{i}", config, shared_dir=shared)
+    else:
+        vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
     init_seen: asyncio.Task[float] | None = None
     try:
         await vm.prepare()
@@ -120,6 +148,8 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
         ts = vm.timestamps
         t0 = ts["start"]
         out = {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0, "ready": ts["ready"] - t0}
+        if "resumed" in ts:
+            out["restore"] = ts["resumed"] - t0
         if init_seen is not None and init_seen.done():
             out["to-init"] = init_seen.result() - t0
             out["userspace"] = ts["ready"] - init_seen.result()
@@ -144,7 +174,8 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
     return out
 
 
-ORDER = ["spawn", "qmp", "pre-kernel", "kernel", "init", "to-init", "userspace", "ready", "qemu-cpu", "stop"]
+ORDER = ["template-make", "spawn", "qmp", "restore", "pre-kernel", "kernel", "init", "to-init", "userspace", "ready",
+         "qemu-cpu", "stop"]
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -163,6 +194,14 @@ async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | No
         if guest == "tiny":
             initrd = write_busybox_initrd(workdir / "tiny.cpio", TINY_INIT)
         assert initrd is not None
+        made: float | None = None
+        if guest == "clone":
+            from pykata.hypervisor.template import ensure_template
+
+            config = make_clone_config(workdir, memory, kernel, initrd)
+            started = time.monotonic()
+            await ensure_template(config)
+            made = time.monotonic() - started
         # The accelerator verdict (a KVM trial boot where /dev/kvm exists) is taken once, outside the runs.
         warm = QemuHypervisor("bench-warmup", config, kernel=kernel, initrd=initrd)
         await warm.prepare()
@@ -171,8 +210,11 @@ async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | No
         for i in range(n):
             runs.append(await one_boot(i, guest, config, kernel, initrd))
             print(f"[boot_bench] {guest} run {i + 1}/{n}: ready {runs[-1]['ready']:.3f}s", file=sys.stderr)
+        phases = summarize(runs)
+        if made is not None:
+            phases = {"template-make": {"median": made, "min": made, "max": made}, **phases}
         return {"guest": guest, "runs": n, "memory_mib": memory, "accel": warm.accel.accel if warm.accel else "?",
-                "kernel": str(kernel), "initrd": str(initrd), "phases": summarize(runs)}
+                "kernel": str(kernel), "initrd": str(initrd), "phases": phases}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -200,13 +242,17 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=512, help="guest MiB (default 512)")
     ap.add_argument("--kernel", help="vmlinux (default: the cached build)")
     ap.add_argument("--initrd", help="initrd for --guest image (default: the cached build)")
+    ap.add_argument("--template", action="store_true",
+                    help="also boot the image guest from a VM template (guest 'clone')")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     guests = ["tiny", "image"] if args.guest == "both" else [args.guest]
-    kernel, image_initrd = find_assets(args.kernel, args.initrd, "image" in guests)
+    if args.template:
+        guests.append("clone")
+    kernel, image_initrd = find_assets(args.kernel, args.initrd, "image" in guests or "clone" in guests)
     results = []
     for guest in guests:
-        if guest == "image" and image_initrd is None:
+        if guest in ("image", "clone") and image_initrd is None:
             print("[boot_bench] no guest image (pykata image build): skipping --guest image", file=sys.stderr)
             continue
         results.append(asyncio.run(bench(guest, args.n, args.memory, kernel, image_initrd)))
