@@ -33,6 +33,9 @@ class EchoHandler:
             raise
         return Echo(tag=int((ctx.timeout or 0) * 1000))
 
+    async def Fill(self, req: Any, ctx: CallContext) -> Any:
+        return Echo(data=bytes(req.tag), tag=req.tag)
+
     async def Count(self, req: Any, ctx: CallContext) -> AsyncIterator[Any]:
         for i in range(req.tag):
             yield Echo(tag=i)

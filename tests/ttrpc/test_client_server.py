@@ -166,6 +166,32 @@ async def test_bidi_streaming(echo_client: Any) -> None:
     assert await stream.recv() is None
 
 
+async def test_a_client_that_does_not_read_gets_back_pressure(echo_server: Any) -> None:
+    """Requests for big answers from a peer that does not read them: the server stops reading
+    requests instead of queueing handlers and answers without bound, and loses nothing."""
+    path, _, server = echo_server
+    reader, writer = await asyncio.open_unix_connection(path, limit=1 << 24)
+    req = Echo(tag=65536).SerializeToString()
+    n = 2000
+    for i in range(n):
+        env = ttrpc_pb2.Request(service="pykata.test.EchoService", method="Fill", payload=req)
+        writer.write(encode_frame(2 * i + 1, FrameType.REQUEST, Flags.NONE, env.SerializeToString()))
+    sender = asyncio.ensure_future(writer.drain())
+    await asyncio.sleep(1.0)
+    (conn,) = list(server._connections)
+    assert not conn._transport.is_reading()  # paused: its answers are not being read
+    assert len(conn.tasks) < 200
+    # now read everything: every answer arrives
+    got = 0
+    while got < n:
+        header = await asyncio.wait_for(reader.readexactly(10), 10)
+        length = int.from_bytes(header[:4], "big")
+        await reader.readexactly(length)
+        got += 1
+    await sender
+    writer.close()
+
+
 async def _raw_exchange(path: str, wire: bytes) -> bytes:
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(wire)

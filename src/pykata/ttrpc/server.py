@@ -68,6 +68,19 @@ class _ServerProtocol(ConnectionProtocol):
     def handle_protocol_error(self, error: RemoteProtocolError) -> bool:
         return self.resync
 
+    # While our answers cannot be written, stop reading new requests: the client then feels the
+    # back-pressure instead of the server queueing handlers (and answers) without bound. Only the
+    # server does this; the client always reads, so the two sides can never wait on each other.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if isinstance(self._transport, asyncio.ReadTransport) and self._transport.is_reading():
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if isinstance(self._transport, asyncio.ReadTransport) and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def handle_event(self, event: Event) -> None:
         if isinstance(event, RequestReceived):
             if len(self.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
@@ -226,8 +239,8 @@ class Server:
         else:
             payload = _encode(await result) if inspect.isawaitable(result) else _encode(result)
         with contextlib.suppress(ConnectionResetError):
+            # no drain here: reading pauses while writing is paused, which bounds the answers queued
             proto.write(proto.conn.send_response(sid, payload))
-            await proto.drain()
 
     async def _inbound_messages(
         self, proto: _ServerProtocol, ev: RequestReceived, route: _Route
