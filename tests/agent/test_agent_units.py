@@ -143,3 +143,20 @@ async def test_reaper_keeps_a_status_until_the_pid_is_watched() -> None:
             await command.run(reaper, ["/bin/sleep", "10"], timeout=0.2)
     finally:
         reaper.close()
+
+
+def test_virtio_disk_found_by_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake /sys/block: the serial lookup maps to the /dev node of the same name (here /dev/null,
+    which exists on every host)."""
+    from pykata.agent import storage
+
+    (tmp_path / "vda").mkdir()
+    (tmp_path / "vda/serial").write_text("other\n")
+    (tmp_path / "null").mkdir()
+    (tmp_path / "null/serial").write_text("rootfs-c1\n")
+    store = storage.Storages([tmp_path], [tmp_path], sys_block=tmp_path)
+    assert store._device_by_serial("storages[0].source", "rootfs-c1") == "/dev/null"
+    monkeypatch.setattr(storage, "DEVICE_WAIT", 0.1)
+    with pytest.raises(RpcError) as ei:
+        store._device_by_serial("storages[0].source", "missing")
+    assert ei.value.code == Code.INVALID_ARGUMENT and ei.value.message.startswith("storages[0].source")

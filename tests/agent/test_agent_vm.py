@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -38,16 +39,22 @@ def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from pykata.guest.kernel import find_kernel
     from pykata.guest.rootfs import build_rootfs
 
-    kernel = find_kernel(DEFAULT_CACHE)
-    if kernel is None:
-        pytest.skip("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
+    found = find_kernel(DEFAULT_CACHE)
+    if found is not None:
+        vmlinux = found.vmlinux
+    else:
+        # The kernel's inputs changed and it is being rebuilt: the last build serves the agent as well.
+        current = DEFAULT_CACHE / "kernel/current"
+        vmlinux = DEFAULT_CACHE / "kernel" / (current.read_text().strip() if current.exists() else "-") / "vmlinux"
+        if not vmlinux.exists():
+            pytest.skip("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
     cache = tmp_path_factory.mktemp("agent-rootfs")
     for sub in ("debs", "wheels"):
         if (DEFAULT_CACHE / sub).is_dir():
             shutil.copytree(DEFAULT_CACHE / sub, cache / sub)
     rootfs = build_rootfs(cache)
     assert rootfs.initrd is not None
-    return kernel.vmlinux, rootfs.initrd
+    return vmlinux, rootfs.initrd
 
 
 def _tsc_param() -> str:
@@ -69,7 +76,7 @@ def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path) -> Iterator[tuple[P
         "-device", "virtserialport,chardev=agent,name=agent.channel.0",
         "-fsdev", f"local,id=share,path={share},security_model=none",
         "-device", "virtio-9p-device,fsdev=share,mount_tag=hostshare",
-        "-append", f"console=ttyS0 panic=-1 {_tsc_param()}",
+        "-append", f"console=ttyS0 panic=-1 {_tsc_param()} {os.environ.get('PYKATA_TEST_GUEST_CMDLINE', '')}".strip(),
     ]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
     try:
@@ -81,10 +88,13 @@ def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path) -> Iterator[tuple[P
 
 async def _connect(sock: Path, timeout: float = 90) -> Client:
     deadline = time.monotonic() + timeout
-    while not sock.exists():
-        assert time.monotonic() < deadline, "QEMU never made the agent socket"
-        await asyncio.sleep(0.02)
-    client = await connect_unix(str(sock))
+    while True:  # QEMU binds the socket a moment before it listens on it
+        try:
+            client = await connect_unix(str(sock))
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline, "QEMU never listened on the agent socket"
+            await asyncio.sleep(0.02)
     await client.stub(HEALTH_SERVICE).Check(agent_pb2.CheckRequest(), timeout=deadline - time.monotonic())
     return client
 
@@ -116,6 +126,10 @@ async def guest(vm: tuple[Path, Path]) -> AsyncIterator[Any]:
         yield client.stub(AGENT_SERVICE)
     finally:
         await client.close()
+        # Client.close() returns before the transport has closed the socket (that runs from a
+        # loop callback); if this test's loop ends first, QEMU's chardev keeps the old connection
+        # and never accepts the next test's (QEMU serves one connection at a time).
+        await asyncio.sleep(0.05)
 
 
 def _spec(args: list[str], **process: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ log = logging.getLogger("pykata.agent.containers")
 
 CONSOLE_TIMEOUT = 10.0
 FREEZE_TIMEOUT = 5.0
+MAX_CONTAINERS = 1024
 MAX_EXECS = 1024  # per container: running ones plus exited ones the host may still ask about
 
 
@@ -128,6 +129,8 @@ class Containers:
         cid = check_id("container_id", req.container_id)
         if cid in self._items or cid in self._busy or self.crun.exists(cid):
             raise already_exists(f"container {cid!r} already exists")
+        if len(self._items) + len(self._busy) >= MAX_CONTAINERS:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, f"the sandbox already has {MAX_CONTAINERS} containers")
         spec = bundle.load_spec(req.oci_spec_json)
         check_count("storages", req.storages)
         check_count("devices", req.devices)
@@ -165,7 +168,8 @@ class Containers:
         log.info("created container %s (pid %d)", cid, pid)
         return container
 
-    async def _launch(self, proc: Process, cid: str, pid_file: Path, run: Any) -> int:
+    async def _launch(self, proc: Process, cid: str, pid_file: Path,
+                      run: Callable[[Stdio, str | None], Awaitable[None]]) -> int:
         """Run crun create/exec for `proc`: wire its stdio (pipes, or a console socket for a
         tty), wait for crun, read the pid file and start watching the pid."""
         generation = self.reaper.generation

@@ -165,6 +165,11 @@ def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         if req.offset == 0:
             flags |= os.O_TRUNC
+            # The guest's directories are often tmpfs, i.e. guest RAM: refuse what cannot fit.
+            fs = os.statvfs(f"/proc/self/fd/{dir_fd}")
+            if req.file_size > fs.f_bavail * fs.f_frsize:
+                raise RpcError(Code.RESOURCE_EXHAUSTED,
+                               f"file_size: {req.file_size} bytes do not fit ({fs.f_bavail * fs.f_frsize} free)")
         try:
             fd = os.open(part, flags, req.file_mode or 0o644, dir_fd=dir_fd)
         except OSError as exc:

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pykata.agent import guest
 from pykata.agent.containers import Containers
 from pykata.agent.crun import Crun, find_crun
+from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
 from pykata.agent.sandbox import Sandbox
 from pykata.agent.settings import AgentSettings
@@ -183,7 +184,7 @@ class AgentService:
 
     # -- stdio ---------------------------------------------------------------------------------
 
-    def _process(self, container_id: str, exec_id: str) -> Any:
+    def _process(self, container_id: str, exec_id: str) -> Process:
         c = self.containers.get(container_id)
         return c.process(check_exec_id("exec_id", exec_id))
 
@@ -246,7 +247,10 @@ class AgentService:
 
     async def CopyFile(self, req: agent_pb2.CopyFileRequest, ctx: Any) -> Empty:
         self._make_dirs()
-        await asyncio.to_thread(guest.copy_file, req, [self.settings.shared])
+        try:
+            await asyncio.to_thread(guest.copy_file, req, [self.settings.shared])
+        except OSError as exc:
+            raise RpcError(Code.INTERNAL, f"path: {req.path!r}: {exc.strerror or exc}") from None
         return Empty()
 
     # -- networking (not yet: needs rtnetlink, which the guest's stdlib-only Python lacks) ----

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": 
 TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 DATA_OPTION_RE = re.compile(r"^[A-Za-z0-9_.-]+(=[A-Za-z0-9_.,:/=+-]*)?$")
 BLOCK_FSTYPES = frozenset({"ext4", "ext3", "ext2", "xfs", "btrfs", "vfat", "squashfs", "erofs"})
+DEVICE_WAIT = 10.0
 DRIVERS = ("virtio-fs", "9p", "virtio-blk", "local", "tmpfs", "bind", "overlay")
 
 
@@ -120,9 +122,11 @@ class Mounted:
 class Storages:
     """Mounts storages inside the allowed roots and unmounts them again."""
 
-    def __init__(self, mount_roots: Sequence[Path], source_roots: Sequence[Path]) -> None:
+    def __init__(self, mount_roots: Sequence[Path], source_roots: Sequence[Path],
+                 sys_block: Path = Path("/sys/block")) -> None:
         self.mount_roots = list(mount_roots)
         self.source_roots = list(source_roots)
+        self.sys_block = sys_block
 
     def _mount_point(self, field: str, path: str) -> tuple[Path, list[str]]:
         norm = check_abs_path(field, path)
@@ -164,6 +168,8 @@ class Storages:
             if not any(d.startswith("trans=") for d in data):
                 data = ["trans=virtio", "version=9p2000.L", *data]
         elif driver == "virtio-blk":
+            if source.startswith("serial:"):
+                source = self._device_by_serial(f"{field}.source", source.removeprefix("serial:"))
             source = str(check_within(f"{field}.source", source, [Path("/dev")]))
             if fstype not in BLOCK_FSTYPES:
                 raise invalid(f"{field}.fstype", f"{fstype!r} is not one of {sorted(BLOCK_FSTYPES)}")
@@ -203,6 +209,18 @@ class Storages:
         finally:
             os.close(fd)
         return Mounted(where, mounted=True)
+
+    def _device_by_serial(self, field: str, serial: str) -> str:
+        """/dev/vdX of the virtio disk whose serial (QEMU `serial=`) is `serial`; waits a little,
+        since a hot-plugged disk appears asynchronously."""
+        self._tag(field, serial)
+        for _ in range(int(DEVICE_WAIT / 0.05)):
+            for entry in sorted(self.sys_block.glob("*/serial")):
+                with contextlib.suppress(OSError):
+                    if entry.read_text().strip() == serial and Path(f"/dev/{entry.parent.name}").exists():
+                        return f"/dev/{entry.parent.name}"
+            time.sleep(0.05)
+        raise invalid(field, f"no virtio disk with serial {serial!r} appeared within {DEVICE_WAIT}s")
 
     def _tag(self, field: str, tag: str) -> None:
         if not TAG_RE.match(tag):
