@@ -35,7 +35,7 @@ def details(want_block_size: bool, *, sysfs: Path = SYSFS, cgroup_root: Path = s
         online_cpus=int(os.sysconf("SC_NPROCESSORS_ONLN")),
         mem_total_bytes=_mem_total(),
         agent_details=agent_pb2.AgentDetails(
-            version=version or pykata.__version__, init_daemon=os.getpid() == 1,
+            version=version or str(pykata.__version__), init_daemon=os.getpid() == 1,
             storage_drivers=list(DRIVERS), device_types=list(DEVICE_TYPES),
             supports_seccomp=_has_seccomp(), cgroup_version=stats.cgroup_version(cgroup_root)),
     )
