@@ -1,0 +1,168 @@
+"""A private containerd 1.6 (Debian's) for the shim tests.
+
+containerd gets its own root, state, sockets and config in a temp dir, the CRI plugin disabled, and a
+PATH that starts with the venv's bin, so `--runtime io.containerd.pykata.v2` finds
+containerd-shim-pykata-v2 there. PYKATA_CONFIG passes through (a dev run can pin a guest image).
+Teardown removes every task and container, stops containerd, waits for the shims to end, and then
+removes by force whatever is left (shims, VMs, mounts), so a failing test leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+SHIM = VENV_BIN / "containerd-shim-pykata-v2"
+CONTAINERD = shutil.which("containerd")
+CTR = shutil.which("ctr")
+IMAGE = "pykata.local/busybox:latest"
+PYKATA_RUNTIME = "io.containerd.pykata.v2"
+RUNC_RUNTIME = "io.containerd.runc.v2"
+RUNC_ROOT = Path("/run/containerd/runc")
+
+needs_containerd = pytest.mark.skipif(
+    CONTAINERD is None or CTR is None or shutil.which("runc") is None or os.geteuid() != 0 or not SHIM.exists(),
+    reason="needs root, containerd + ctr + runc (scripts/install.sh) and `pip install -e .` (the shim script)")
+
+CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "debug"
+[plugins."io.containerd.runtime.v1.linux"]
+  shim_debug = true
+"""
+
+
+@dataclass
+class Containerd:
+    """One private containerd daemon driven with `ctr`."""
+
+    dir: Path
+    namespace: str = field(default_factory=lambda: f"pykata-test-{uuid.uuid4().hex[:8]}")
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "containerd.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "containerd.log"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    def bundle(self, container_id: str) -> Path:
+        return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+
+    def start(self) -> None:
+        assert CONTAINERD is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "config.toml"
+        config.write_text(CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([CONTAINERD, "--config", str(config)], stdout=log, stderr=log,
+                                         env=self.env(), start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.socket.exists() and self.ctr("version", check=False, timeout=5).returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"containerd exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("containerd did not come up within 20 s")
+
+    def ctr(self, *args: str, input: bytes | None = None, check: bool = True, timeout: float = 120,
+            namespace: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        assert CTR is not None
+        argv = [CTR, "-a", str(self.socket), "-n", namespace or self.namespace, *args]
+        p = subprocess.run(argv, input=input if input is not None else b"", capture_output=True, timeout=timeout,
+                           env=self.env(), check=False)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} -> {p.returncode}: {p.stderr.decode(errors='replace')}")
+        return p
+
+    def tasks(self) -> dict[str, str]:
+        """task id -> STATUS as `ctr task ls` shows it."""
+        out = self.ctr("task", "ls", check=False).stdout.decode().splitlines()[1:]
+        return {line.split()[0]: line.split()[2] for line in out if len(line.split()) >= 3}
+
+    def remove(self, container_id: str) -> None:
+        """Kill, delete the task and the container; never raises."""
+        with contextlib.suppress(Exception):
+            self.ctr("task", "kill", "-a", "-s", "KILL", container_id, check=False, timeout=30)
+        with contextlib.suppress(Exception):
+            self.ctr("task", "rm", "-f", container_id, check=False, timeout=60)
+        with contextlib.suppress(Exception):
+            self.ctr("container", "rm", container_id, check=False, timeout=30)
+
+    def shims(self) -> list[psutil.Process]:
+        """Shim processes (runc's and ours) started by this containerd."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if cmd and "containerd-shim" in " ".join(cmd[:2]) and str(self.socket) in cmd:
+                found.append(p)
+        return found
+
+    def stop(self) -> None:
+        """Remove everything, stop containerd, and make sure no shim, VM or mount of ours is left."""
+        if self.proc is not None and self.proc.poll() is None:
+            for cid in self.ctr("container", "ls", "-q", check=False, timeout=30).stdout.decode().split():
+                self.remove(cid)
+            # shims exit after their last task is deleted
+            deadline = time.monotonic() + 15
+            while self.shims() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.force_cleanup()
+
+    def force_cleanup(self) -> None:
+        for p in self.shims():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+                p.wait(5)
+        tasks_dir = self.state / "io.containerd.runtime.v2.task" / self.namespace
+        for bundle in sorted(tasks_dir.iterdir()) if tasks_dir.is_dir() else []:
+            if (bundle / "shim.pid").exists():  # ours: the dead-shim cleanup, as containerd would run it
+                subprocess.run([str(SHIM), "-namespace", self.namespace, "-address", str(self.socket),
+                                "-id", bundle.name, "-bundle", str(bundle), "delete"], cwd=bundle,
+                               capture_output=True, timeout=30, check=False, env=self.env())
+        runc_root = RUNC_ROOT / self.namespace
+        if runc_root.is_dir():
+            for c in os.listdir(runc_root):
+                subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", c], capture_output=True,
+                               check=False)
+            shutil.rmtree(runc_root, ignore_errors=True)
+        with open("/proc/self/mountinfo") as f:
+            mine = [line.split()[4] for line in f if line.split()[4].startswith(str(self.dir))]
+        for mp in sorted(mine, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], capture_output=True, check=False)

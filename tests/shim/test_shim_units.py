@@ -1,0 +1,395 @@
+"""Unit tests of the shim's parts that need no VM: flags, sandbox grouping, socket names, metrics,
+exec specs, the event publisher (against a real ttrpc server), stdio plumbing (real FIFOs, files
+and a logging binary, with a fake process standing in for the agent), Task RPCs with no sandbox,
+and `pykata install containerd`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import empty_pb2
+
+from pykata.cli.install import InstallError, link_shim, plan_config
+from pykata.errors import PykataError
+from pykata.protocols import (
+    EVENTS_SERVICE,
+    cgroups_v1_pb2,
+    cgroups_v2_pb2,
+    events_pb2,
+    shim_pb2,
+    typeurl,
+)
+from pykata.protocols.agent import agent_pb2
+from pykata.shim.bootstrap import ShimStartError, parse_flags, sandbox_id_of, socket_path
+from pykata.shim.errors import InvalidArgumentError, ShimError
+from pykata.shim.events import EventPublisher
+from pykata.shim.service import TaskService, check_id
+from pykata.shim.stats import metrics_any, to_v1, to_v2
+from pykata.shim.stdio import ProcessIO, Stdio
+from pykata.shim.task import exec_process
+from pykata.ttrpc import CallContext, Code, RpcError, Server
+
+# -- bootstrap ------------------------------------------------------------------------------------
+
+
+def test_flags_as_containerd_passes_them() -> None:
+    f = parse_flags(["-namespace", "k8s.io", "-address", "/run/containerd/containerd.sock", "-publish-binary",
+                     "/usr/bin/containerd", "-id", "abc", "-debug", "start"])
+    assert (f.namespace, f.address, f.id, f.debug, f.action) == ("k8s.io", "/run/containerd/containerd.sock",
+                                                                 "abc", True, "start")
+    f = parse_flags(["--id=x", "-bundle", "/b", "delete"])
+    assert (f.id, f.bundle, f.action, f.debug) == ("x", "/b", "delete", False)
+
+
+@pytest.mark.parametrize("argv", [["-bogus", "x", "start"], ["-id"]])
+def test_bad_flags_are_named(argv: list[str]) -> None:
+    with pytest.raises(ShimStartError, match=argv[0]):
+        parse_flags(argv)
+
+
+def test_cri_containers_join_their_sandbox_shim() -> None:
+    cri = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod1"}
+    assert sandbox_id_of("c1", cri) == "pod1"
+    assert sandbox_id_of("pod1", {"io.kubernetes.cri.container-type": "sandbox",
+                                  "io.kubernetes.cri.sandbox-id": "pod1"}) == "pod1"
+    crio = {"io.kubernetes.cri-o.ContainerType": "container", "io.kubernetes.cri-o.SandboxID": "pod2"}
+    assert sandbox_id_of("c2", crio) == "pod2"
+    assert sandbox_id_of("solo", {}) == "solo"
+
+
+def test_socket_names_are_stable_per_sandbox_and_fit() -> None:
+    a = socket_path("/run/pykata", "/run/containerd/containerd.sock", "default", "c1")
+    assert a == socket_path("/run/pykata", "/run/containerd/containerd.sock", "default", "c1")
+    assert a != socket_path("/run/pykata", "/run/containerd/containerd.sock", "other", "c1")
+    long = socket_path("/run/" + "d" * 60, "/a", "ns", "c1")
+    assert len(str(long)) <= 107
+    with pytest.raises(ShimStartError, match="runtime_dir"):
+        socket_path("/" + "x" * 100, "/a", "ns", "c1")
+
+
+def test_ids_follow_containerd_identifiers() -> None:
+    assert check_id("id", "abc-1.x_y") == "abc-1.x_y"
+    for bad in ("", "a/b", "-a", "a" * 77, "a..b"):
+        with pytest.raises(InvalidArgumentError, match="id"):
+            check_id("id", bad)
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def _stats(version: int) -> agent_pb2.CgroupStats:
+    s = agent_pb2.CgroupStats(cgroup_version=version)
+    s.cpu.usage_total_ns, s.cpu.usage_user_ns, s.cpu.usage_kernel_ns = 3_000_000, 2_000_000, 1_000_000
+    s.cpu.per_cpu_ns.extend([1_000_000, 2_000_000])
+    s.memory.usage, s.memory.limit, s.memory.oom_kill = 4096, 1 << 20, 2
+    s.memory.stat["anon"] = 100
+    s.memory.stat["total_cache"] = 7
+    s.memory.stat["pgfault"] = 9
+    s.pids.current, s.pids.limit = 3, 10
+    s.io.service_bytes.add(major=8, minor=0, op="rbytes", value=512)
+    s.io.serviced.add(major=8, minor=0, op="rios", value=1)
+    return s
+
+
+def test_v2_metrics() -> None:
+    m = to_v2(_stats(2))
+    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (3000, 2000, 1000)
+    assert (m.memory.usage, m.memory.usage_limit, m.memory.anon, m.memory.pgfault) == (4096, 1 << 20, 100, 9)
+    assert m.memory_events.oom_kill == 2 and (m.pids.current, m.pids.limit) == (3, 10)
+    assert [(e.major, e.rbytes, e.rios) for e in m.io.usage] == [(8, 512, 1)]
+    packed = metrics_any(_stats(2))
+    assert packed.type_url == "io.containerd.cgroups.v2.Metrics"
+    assert typeurl.unpack(packed, cgroups_v2_pb2.Metrics) == m
+
+
+def test_v1_metrics_have_what_ctr_dereferences() -> None:
+    m = to_v1(_stats(1))
+    assert m.memory.usage.usage == 4096 and m.memory.usage.limit == 1 << 20
+    assert m.memory.total_cache == 7 and m.memory.pg_fault == 9
+    assert m.cpu.usage.total == 3_000_000 and list(m.cpu.usage.per_cpu) == [1_000_000, 2_000_000]
+    assert metrics_any(_stats(1)).type_url == "io.containerd.cgroups.v1.Metrics"
+    assert typeurl.unpack(metrics_any(_stats(1)), cgroups_v1_pb2.Metrics).pids.current == 3
+
+
+# -- exec specs ----------------------------------------------------------------------------------
+
+
+def test_exec_spec_to_agent_process() -> None:
+    spec = {"args": ["sh", "-c", "id"], "env": ["A=1"], "cwd": "/tmp",
+            "user": {"uid": 1000, "gid": 100, "additionalGids": [5], "umask": 18},
+            "capabilities": {"bounding": ["CAP_KILL"]}, "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 9, "soft": 8}],
+            "noNewPrivileges": True, "consoleSize": {"height": 24, "width": 80}}
+    p = exec_process(spec, terminal=True, console_size=None)
+    assert (list(p.args), list(p.env), p.cwd, p.terminal) == (["sh", "-c", "id"], ["A=1"], "/tmp", True)
+    assert (p.user.uid, p.user.gid, list(p.user.additional_gids), p.user.umask) == (1000, 100, [5], 18)
+    assert list(p.capabilities.bounding) == ["CAP_KILL"] and p.rlimits[0].soft == 8 and p.no_new_privileges
+    assert (p.console_height, p.console_width) == (24, 80)
+    assert exec_process(spec, terminal=True, console_size=(50, 132)).console_width == 132
+
+
+@pytest.mark.parametrize(("spec", "field"), [({"args": []}, "spec.args"), ({"args": ["a"], "env": "x"}, "spec.env"),
+                                             ({"args": ["a"], "user": {"uid": "x"}}, "spec"), ("nope", "spec")])
+def test_bad_exec_specs_name_the_field(spec: Any, field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        exec_process(spec, terminal=False, console_size=None)
+    assert info.value.field == field
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+class FlakyEventSink:
+    """A fake of containerd's ttrpc Events service that refuses the first `failures` Forwards."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.envelopes: list[Any] = []
+
+    async def Forward(self, request: Any, ctx: CallContext) -> empty_pb2.Empty:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RpcError(Code.UNAVAILABLE, "busy")
+        self.envelopes.append(request.envelope)
+        return empty_pb2.Empty()
+
+
+@pytest.fixture
+async def flaky_sink(tmp_path: Path) -> AsyncIterator[tuple[FlakyEventSink, str]]:
+    sink = FlakyEventSink(failures=2)
+    server = Server()
+    server.register(EVENTS_SERVICE, sink)
+    path = str(tmp_path / "events.sock")
+    await server.serve_unix(path)
+    try:
+        yield sink, path
+    finally:
+        await server.close()
+
+
+async def test_events_arrive_in_order_despite_failures(flaky_sink: tuple[FlakyEventSink, str]) -> None:
+    sink, path = flaky_sink
+    pub = EventPublisher(path, "ns1", retry_delay=0.01)
+    pub.start()
+    pub.publish(events_pb2.TaskCreate(container_id="c", pid=1))
+    pub.publish(events_pb2.TaskStart(container_id="c", pid=1))
+    pub.publish(events_pb2.TaskExit(container_id="c", id="c", pid=1, exit_status=3))
+    await pub.close(timeout=5)
+    assert [e.topic for e in sink.envelopes] == ["/tasks/create", "/tasks/start", "/tasks/exit"]
+    assert {e.namespace for e in sink.envelopes} == {"ns1"}
+    assert sink.envelopes[2].event.type_url == "containerd.events.TaskExit"
+    assert typeurl.unpack(sink.envelopes[2].event, events_pb2.TaskExit).exit_status == 3
+    assert sink.envelopes[0].timestamp.seconds > 0 and pub.dropped == 0
+
+
+async def test_publishing_never_blocks_without_containerd(tmp_path: Path) -> None:
+    pub = EventPublisher(str(tmp_path / "nobody.sock"), "ns", retry_delay=0.01)
+    pub.start()
+    for _ in range(100):
+        pub.publish(events_pb2.TaskOOM(container_id="c"))
+    async with asyncio.timeout(3):
+        await pub.close(timeout=0.5)
+
+
+# -- stdio ----------------------------------------------------------------------------------------
+
+
+class FakeProcess:
+    """Stands in for pykata.sandbox.Process: scripted output, recorded stdin."""
+
+    def __init__(self, stdout: list[bytes], stderr: list[bytes], terminal: bool = False) -> None:
+        self.container_id, self.exec_id, self.terminal = "c", "", terminal
+        self.out = {"stdout": list(stdout), "stderr": list(stderr)}
+        self.stdin = bytearray()
+        self.stdin_closed = asyncio.Event()
+
+    async def read(self, stream: str = "stdout", max_length: int = 0) -> bytes | None:
+        await asyncio.sleep(0)
+        return self.out[stream].pop(0) if self.out[stream] else None
+
+    async def write_stdin(self, data: bytes) -> None:
+        self.stdin += data
+
+    async def close_stdin(self) -> None:
+        self.stdin_closed.set()
+
+
+async def _read_fifo_to_eof(path: Path) -> bytes:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return await asyncio.to_thread(read)
+
+
+async def test_fifo_stdio(tmp_path: Path) -> None:
+    paths = {n: tmp_path / n for n in ("in", "out", "err")}
+    for p in paths.values():
+        os.mkfifo(p)
+    pio = await ProcessIO.open(Stdio(str(paths["in"]), str(paths["out"]), str(paths["err"])),
+                               container_id="c", namespace="ns")
+    proc = FakeProcess([b"hello ", b"world\n"], [b"oops\n"])
+    readers = [asyncio.ensure_future(_read_fifo_to_eof(paths["out"])),
+               asyncio.ensure_future(_read_fifo_to_eof(paths["err"]))]
+    pio.attach(proc)  # type: ignore[arg-type]
+
+    def write_stdin() -> None:
+        with open(paths["in"], "wb") as f:
+            f.write(b"typed\n")
+    await asyncio.to_thread(write_stdin)
+    async with asyncio.timeout(5):
+        assert await readers[0] == b"hello world\n"
+        assert await readers[1] == b"oops\n"
+        await proc.stdin_closed.wait()
+    assert bytes(proc.stdin) == b"typed\n"
+    await pio.wait_output(1)
+    await pio.close()
+    await pio.close()
+
+
+async def test_close_io_ends_stdin_while_the_writer_stays(tmp_path: Path) -> None:
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    pio = await ProcessIO.open(Stdio(stdin=str(fifo)), container_id="c", namespace="ns")
+    proc = FakeProcess([], [])
+    pio.attach(proc)  # type: ignore[arg-type]
+    writer = os.open(fifo, os.O_WRONLY)
+    try:
+        os.write(writer, b"abc")
+        async with asyncio.timeout(5):
+            while bytes(proc.stdin) != b"abc":
+                await asyncio.sleep(0.01)
+            await pio.close_stdin()
+            await proc.stdin_closed.wait()
+    finally:
+        os.close(writer)
+        await pio.close()
+
+
+async def test_file_uri_appends_both_streams(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "c.log"
+    pio = await ProcessIO.open(Stdio(stdout=f"file://{log}", stderr=f"file://{log}"), container_id="c",
+                               namespace="ns")
+    pio.attach(FakeProcess([b"out\n"], [b"err\n"]))  # type: ignore[arg-type]
+    await pio.wait_output(5)
+    await pio.close()
+    assert sorted(log.read_text().splitlines()) == ["err", "out"]
+
+
+async def test_binary_uri_runs_the_logger_as_containerd_does(tmp_path: Path) -> None:
+    logger = tmp_path / "logger.sh"
+    logger.write_text("#!/bin/sh\n"
+                      'echo "$CONTAINER_ID $CONTAINER_NAMESPACE $*" > "$2.env"\n'
+                      'cat <&3 5>&- > "$2.out" & cat <&4 5>&- > "$2.err" &\n'
+                      "exec 5>&-  # ready\n"
+                      "trap 'wait; exit 0' TERM  # flush what is in the pipes, as a real logger does\n"
+                      "wait\n")
+    logger.chmod(logger.stat().st_mode | stat.S_IXUSR)
+    base = tmp_path / "captured"
+    pio = await ProcessIO.open(Stdio(stdout=f"binary://{logger}?dest={base}"), container_id="c1", namespace="ns1")
+    pio.attach(FakeProcess([b"to stdout\n"], [b"to stderr\n"]))  # type: ignore[arg-type]
+    await pio.wait_output(5)
+    await pio.close()
+    assert Path(f"{base}.env").read_text() == f"c1 ns1 dest {base}\n"
+    assert Path(f"{base}.out").read_text() == "to stdout\n"
+    assert Path(f"{base}.err").read_text() == "to stderr\n"
+
+
+@pytest.mark.parametrize(("stdio", "field"), [(Stdio(stdout="/nonexistent/fifo"), "stdout"),
+                                              (Stdio(stdout="ftp://x/y"), "stdout"),
+                                              (Stdio(stdout="binary:///no/such/logger"), "stdout"),
+                                              (Stdio(stdin="/nonexistent/in"), "stdin")])
+async def test_unusable_stdio_is_named(stdio: Stdio, field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        await ProcessIO.open(stdio, container_id="c", namespace="ns")
+    assert info.value.field == field
+
+
+# -- Task RPCs before any sandbox ------------------------------------------------------------------
+
+
+async def test_rpcs_on_unknown_tasks() -> None:
+    svc = TaskService("sb", "ns", EventPublisher(None, "ns"))
+    for rpc, req in (("State", shim_pb2.StateRequest(id="x")), ("Kill", shim_pb2.KillRequest(id="x", signal=9)),
+                     ("Delete", shim_pb2.DeleteRequest(id="x")), ("Wait", shim_pb2.WaitRequest(id="x")),
+                     ("Pids", shim_pb2.PidsRequest(id="x")), ("Stats", shim_pb2.StatsRequest(id="x"))):
+        with pytest.raises(ShimError) as info:
+            await getattr(svc, rpc)(req, None)
+        assert info.value.rpc_code == Code.NOT_FOUND, rpc
+    with pytest.raises(ShimError) as info:
+        await svc.Checkpoint(shim_pb2.CheckpointTaskRequest(id="x"), None)
+    assert info.value.rpc_code == Code.UNIMPLEMENTED
+    connected = await svc.Connect(shim_pb2.ConnectRequest(id="x"), None)
+    assert (connected.shim_pid, connected.task_pid) == (os.getpid(), 0)
+    with pytest.raises(InvalidArgumentError):
+        await svc.Create(shim_pb2.CreateTaskRequest(id="bad/id", bundle="/x"), None)
+
+
+async def test_create_with_a_bad_bundle_names_config_json(tmp_path: Path) -> None:
+    svc = TaskService("sb", "ns", EventPublisher(None, "ns"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InvalidArgumentError) as info:
+        await svc.Create(shim_pb2.CreateTaskRequest(id="c1", bundle=str(tmp_path)), None)
+    assert info.value.field == "config.json" and svc.sandbox is None and not svc.containers
+
+
+async def test_repeated_and_racing_shutdowns_end_the_shim_once() -> None:
+    exits: list[int] = []
+    svc = TaskService("sb", "ns", EventPublisher(None, "ns"), on_exit=lambda: exits.append(1))
+    await asyncio.gather(*(svc.Shutdown(shim_pb2.ShutdownRequest(id="sb"), None) for _ in range(10)))
+    async with asyncio.timeout(1):
+        await svc.exit_requested.wait()
+    assert exits == [1]
+    with pytest.raises(ShimError) as info:
+        await svc.Create(shim_pb2.CreateTaskRequest(id="late", bundle="/x"), None)
+    assert info.value.rpc_code == Code.FAILED_PRECONDITION
+    await svc.close()
+    await svc.close()
+
+
+# -- install --------------------------------------------------------------------------------------
+
+
+def test_install_plans(tmp_path: Path) -> None:
+    new, block = plan_config(tmp_path / "missing.toml")
+    assert new is not None and new.startswith("version = 2\n")
+    assert 'runtime_type = "io.containerd.pykata.v2"' in block and "io.katacontainers.*" in block
+    v2 = tmp_path / "v2.toml"
+    v2.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "overlayfs"\n')
+    new, block = plan_config(v2)
+    assert new is not None and new.startswith(v2.read_text())
+    v2.write_text(new)
+    assert plan_config(v2)[0] is None  # already there: nothing to change
+    v1 = tmp_path / "v1.toml"
+    v1.write_text('[plugins.cri]\n  sandbox_image = "pause"\n')
+    new, block = plan_config(v1)
+    assert block.startswith("[plugins.cri.containerd.runtimes.pykata]") and new is not None
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[[")
+    with pytest.raises(InstallError, match=r"bad\.toml"):
+        plan_config(bad)
+    clash = tmp_path / "clash.toml"
+    clash.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata]\n'
+                     'runtime_type = "io.containerd.runc.v2"\n')
+    with pytest.raises(InstallError, match="another runtime_type"):
+        plan_config(clash)
+
+
+def test_install_link(tmp_path: Path) -> None:
+    target = tmp_path / "venv-shim"
+    target.write_text("#!/bin/sh\n")
+    assert "->" in link_shim(tmp_path / "bin", target)
+    assert (tmp_path / "bin/containerd-shim-pykata-v2").resolve() == target
+    assert "(already)" in link_shim(tmp_path / "bin", target)
+    (tmp_path / "bin2").mkdir()
+    (tmp_path / "bin2/containerd-shim-pykata-v2").write_text("someone else's")
+    with pytest.raises(InstallError, match="not a link"):
+        link_shim(tmp_path / "bin2", target)
+
+
+def test_errors_are_pykata_errors() -> None:
+    assert issubclass(ShimError, PykataError) and issubclass(InstallError, PykataError)
