@@ -513,19 +513,22 @@ class QemuHypervisor(Hypervisor):
         return self._vcpus
 
     async def save(self, path: Path) -> None:
-        """Pause the guest and write its device state (and RAM, unless it lives in a shared
-        `memory_file`) to `path`. The VM stays paused; a template's VM is stopped right after.
+        """Pause the guest and write its device state to `path` (its RAM stays in the shared
+        `memory_file`). The VM stays paused; a template's VM is stopped right after.
 
         Raises:
+            NotSupportedError: the VM's RAM is not in a `memory_file` (only templates are saved: a
+                state without its RAM can be restored only by a clone of that file).
             HypervisorError: the VM is not running, or the migration failed or took too long.
         """
         self._require_running("save")
+        if self._memory_file is None:
+            raise NotSupportedError(f"VM {self.vm_id}: save() needs a VM started with memory_file (a template)")
         qmp = self.qmp
         await qmp.execute("stop")
-        if self._memory_file is not None:
-            # RAM is already in the shared file: leave it out of the stream.
-            await qmp.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        # RAM is already in the shared file: leave it out of the stream.
+        await qmp.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
         await qmp.execute("migrate", {"uri": "exec:cat>" + shlex.quote(str(path))})
         await self._wait_migration("save")
         self.timestamps["saved"] = time.monotonic()
