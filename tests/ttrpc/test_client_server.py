@@ -266,3 +266,11 @@ async def test_fd_transport_over_a_pipe_pair() -> None:
     await client.close()
     sp.abort()
     await server.close()
+
+
+async def test_close_returns_after_the_socket_is_closed(echo_server: Any) -> None:
+    """A one-connection-at-a-time peer (QEMU's chardev) must see the close before close() returns."""
+    client = await connect_unix(echo_server[0])
+    sock = client._p._transport.get_extra_info("socket")
+    await client.close()
+    assert sock.fileno() == -1

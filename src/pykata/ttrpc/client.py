@@ -97,9 +97,16 @@ class Client:
         await asyncio.shield(self._p.closed)
 
     async def close(self) -> None:
-        """Close the connection; pending calls fail with ConnectionClosedError. Idempotent."""
+        """Close the connection; pending calls fail with ConnectionClosedError. Idempotent.
+
+        Returns once the socket itself is closed: a peer that takes one connection at a time (QEMU's
+        chardev behind a virtio-serial port) can accept the next one as soon as this returns.
+        """
         self._p.abort(None)
         await self.wait_closed()
+        if self._p._transport is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._p.lost), 5)
 
     async def __aenter__(self) -> Client:
         return self

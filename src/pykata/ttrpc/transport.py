@@ -27,6 +27,8 @@ class ConnectionProtocol(asyncio.Protocol):
         self._can_write = asyncio.Event()
         self._can_write.set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # set when the transport has really let go of the socket (connection_lost), after `closed`
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason: BaseException | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
@@ -50,6 +52,8 @@ class ConnectionProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._can_write.set()
         self._finish(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     def pause_writing(self) -> None:
         self._can_write.clear()
