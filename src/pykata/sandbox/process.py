@@ -12,7 +12,7 @@ from pykata.protocols.agent import agent_pb2
 if TYPE_CHECKING:
     from pykata.sandbox.agent_client import AgentClient
 
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1 << 20  # the agent's cap per read
 Stream = Literal["stdout", "stderr"]
 
 

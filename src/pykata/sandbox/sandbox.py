@@ -164,11 +164,19 @@ class Sandbox:
         state.save(self.dir, self.record)
         await self.vm.wait_ready(timeout=boot_timeout)
         self._agent = agent_box["agent"]
-        storage = agent_pb2.Storage(driver=self.config.qemu.shared_fs, source=SHARED_FS_TAG,
-                                    fstype="virtiofs" if self.config.qemu.shared_fs == "virtio-fs" else "9p",
-                                    mount_point=GUEST_SHARED_DIR)
-        if storage.fstype == "9p":
-            storage.options.extend(["trans=virtio", "version=9p2000.L", "msize=512000"])
+        vm = self.vm
+        assert isinstance(vm, QemuHypervisor)
+        if vm.from_template:
+            # a clone wakes up with the template's clock
+            from pykata.hypervisor.template import sync_guest_clock
+            await sync_guest_clock(self.agent)
+        # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated)
+        if vm.shared_fs == "virtio-fs":
+            storage = agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
+                                        mount_point=GUEST_SHARED_DIR)
+        else:
+            storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
+                                        options=["trans=virtio", "version=9p2000.L", "msize=512000"])
         await self.agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
             sandbox_id=self.id, hostname=hostname, storages=[storage]))
         if serve_proxy:
