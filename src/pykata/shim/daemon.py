@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from pykata.protocols import TASK_SERVICE
 from pykata.shim.bootstrap import Flags
@@ -21,6 +24,42 @@ from pykata.ttrpc import Server
 log = logging.getLogger("pykata.shim")
 
 EVENTS_FLUSH_TIMEOUT = 3.0
+REPLY_TIMEOUT = 2.0
+
+
+class InflightRpcs:
+    """The service's RPC methods, counted while they run (Wait RPCs excepted: they end with their
+    process, and a shim exits only when none is left)."""
+
+    def __init__(self, handler: object, methods: Iterable[str]) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        for name in methods:
+            fn = getattr(handler, name)
+            setattr(self, name, fn if name == "Wait" else self._counted(fn))
+
+    def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(fn)
+        async def call(request: Any, ctx: Any) -> Any:
+            self.count += 1
+            self._idle.clear()
+            try:
+                return await fn(request, ctx)
+            finally:
+                self.count -= 1
+                if self.count == 0:
+                    # the server writes the reply right after the handler returns, in the same step
+                    asyncio.get_running_loop().call_soon(self._set_if_idle)
+        return call
+
+    def _set_if_idle(self) -> None:
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
 
 def run(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, socket_path: Path,
@@ -42,8 +81,9 @@ async def _serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_
             socket_path.unlink()
 
     service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket)
+    tracked = InflightRpcs(service, TASK_SERVICE.methods)
     server = Server()
-    server.register(TASK_SERVICE, service)
+    server.register(TASK_SERVICE, tracked)
     await server.serve_socket(listener)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.exit_requested.set)
@@ -54,6 +94,8 @@ async def _serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_
         forget_socket()
         await service.close()
         await events.close(EVENTS_FLUSH_TIMEOUT)
+        # the answer to the RPC that ended the shim (Shutdown, or a Delete) goes out before we hang up
+        await tracked.wait_idle(REPLY_TIMEOUT)
     finally:
         await server.close()
         forget_socket()

@@ -24,7 +24,7 @@ import os
 import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -53,6 +53,7 @@ from pykata.shim.task import VM_GONE_STATUS, ShimContainer, ShimProcess, exec_pr
 from pykata.ttrpc import Code
 
 log = logging.getLogger("pykata.shim")
+_T = TypeVar("_T")
 
 # containerd's identifiers.Validate
 _ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
@@ -91,6 +92,7 @@ class TaskService:
         self._sandbox_stopping = False
         self.vm_dead = False
         self.shutting_down = False
+        self._exit_when_empty = False
         self.exit_requested = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -99,8 +101,20 @@ class TaskService:
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        e = task.exception()  # retrieved here too: its RPC may have been cancelled and never see it
+        if e is not None and not isinstance(e, PykataError):
+            log.error("%s failed: %r", task.get_name(), e, exc_info=e)
+
+    async def _to_completion(self, coro: Coroutine[Any, Any, _T], name: str) -> _T:
+        """Await `coro` in a task of its own that runs to its end even if this RPC is cancelled."""
+        return await asyncio.shield(self._spawn(coro, name))
 
     def _container(self, container_id: str) -> ShimContainer:
         current_container.set(container_id)
@@ -280,6 +294,10 @@ class TaskService:
     async def Start(self, req: shim_pb2.StartRequest, ctx: Any) -> shim_pb2.StartResponse:
         sc = self._container(req.id)
         p = sc.process(req.exec_id)
+        # to completion even if containerd hangs up: a process started in the guest is known as such
+        return await self._to_completion(self._start(sc, p), f"start-{p.id}")
+
+    async def _start(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.StartResponse:
         async with p.lock:
             if p.deleted or sc.deleted:
                 raise NotFoundError(f"process {p.id} was deleted")
@@ -338,34 +356,50 @@ class TaskService:
         return Empty()
 
     async def Delete(self, req: shim_pb2.DeleteRequest, ctx: Any) -> shim_pb2.DeleteResponse:
-        sc = self._container(req.id)
+        current_container.set(req.id)
+        sc = self.containers.get(req.id)  # also while its deletion runs: a second Delete waits for it
+        if sc is None:
+            raise NotFoundError(f"container {req.id}: container not created")
         if req.exec_id:
             return await self._delete_exec(sc, sc.process(req.exec_id))
-        async with sc.lock:
-            if sc.deleted:
-                raise NotFoundError(f"container {sc.id}: cannot delete a deleted process")
-            init = sc.init
-            if init.state == "running":
-                raise FailedPreconditionError(f"container {sc.id}: cannot delete a running process")
-            sc.deleted = True
-            log.info("delete (status %s, exit %d)", init.state, init.exit_status)
-            if init.io is not None:
-                await init.io.wait_output(IO_DRAIN_TIMEOUT)
-            for p in sc.processes():
-                if p.io is not None:
-                    await p.io.close()
-            if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
-                await sc.sandbox_container.delete()
-            for p in sc.processes():
-                # a process never started (or the rest of a dead VM) ends here; Wait callers return
-                p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)
-                if p.waiter is not None:
-                    p.waiter.cancel()
-            self.containers.pop(sc.id, None)
-            self._publish(events_pb2.TaskDelete(container_id=sc.id, id=sc.id, pid=init.pid,
-                                                exit_status=init.exit_status, exited_at=_ts(init.exited_at)))
+        mine = False
+        if sc.deleting is None:
+            async with sc.init.lock:  # not in the middle of a Start
+                if sc.deleting is None:
+                    if sc.init.state == "running":
+                        raise FailedPreconditionError(f"container {sc.id}: cannot delete a running process")
+                    sc.deleted = True
+                    # a task of its own: containerd closing the connection cancels this RPC, and a
+                    # deletion cut in half would leave the container, and with it the VM, behind
+                    sc.deleting = self._spawn(self._delete_container(sc), f"delete-{sc.id}")
+                    mine = True
+        resp: shim_pb2.DeleteResponse = await asyncio.shield(sc.deleting)
+        if not mine:  # containerd takes NOT_FOUND as "already deleted"
+            raise NotFoundError(f"container {sc.id}: cannot delete a deleted process")
+        return resp
+
+    async def _delete_container(self, sc: ShimContainer) -> shim_pb2.DeleteResponse:
+        init = sc.init
+        log.info("delete (status %s, exit %d)", init.state, init.exit_status)
+        if init.io is not None:
+            await init.io.wait_output(IO_DRAIN_TIMEOUT)
+        for p in sc.processes():
+            if p.io is not None:
+                await p.io.close()
+        if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
+            await sc.sandbox_container.delete()
+        for p in sc.processes():
+            # a process never started (or the rest of a dead VM) ends here; Wait callers return
+            p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)
+            if p.waiter is not None:
+                p.waiter.cancel()
+        self.containers.pop(sc.id, None)
+        self._publish(events_pb2.TaskDelete(container_id=sc.id, id=sc.id, pid=init.pid,
+                                            exit_status=init.exit_status, exited_at=_ts(init.exited_at)))
         if sc.id == self.sandbox_id or not self.containers:
             await self.stop_sandbox()
+        if self._exit_when_empty and not self.containers and not self._creating:
+            self._begin_exit()
         return shim_pb2.DeleteResponse(pid=init.pid, exit_status=init.exit_status, exited_at=_ts(init.exited_at))
 
     async def _delete_exec(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.DeleteResponse:
@@ -403,6 +437,9 @@ class TaskService:
 
     async def Pause(self, req: shim_pb2.PauseRequest, ctx: Any) -> Empty:
         sc = self._container(req.id)
+        return await self._to_completion(self._pause(sc), f"pause-{sc.id}")
+
+    async def _pause(self, sc: ShimContainer) -> Empty:
         async with sc.lock:
             if sc.init.state != "running" or sc.deleted:
                 raise FailedPreconditionError(f"cannot pause a {sc.init.state} container")
@@ -417,6 +454,9 @@ class TaskService:
 
     async def Resume(self, req: shim_pb2.ResumeRequest, ctx: Any) -> Empty:
         sc = self._container(req.id)
+        return await self._to_completion(self._resume(sc), f"resume-{sc.id}")
+
+    async def _resume(self, sc: ShimContainer) -> Empty:
         async with sc.lock:
             if not sc.paused or sc.deleted:
                 raise FailedPreconditionError(f"cannot resume a container that is not paused ({sc.init.state})")
@@ -509,16 +549,27 @@ class TaskService:
 
     async def Shutdown(self, req: shim_pb2.ShutdownRequest, ctx: Any) -> Empty:
         current_container.set(req.id)
-        if (self.containers or self._creating) and not req.now:
+        if req.now:
+            self._begin_exit()
             return Empty()
-        if not self.shutting_down:
-            log.info("shutdown: no containers left, the shim exits")
-            self.shutting_down = True
-            if self._on_exit is not None:
-                self._on_exit()
-            # after this reply is written (it is written as soon as this handler returns)
-            asyncio.get_running_loop().call_soon(self.exit_requested.set)
+        if self._creating or any(sc.deleting is None for sc in self.containers.values()):
+            return Empty()  # the shim still serves containers
+        if self.containers:
+            # only containers being deleted are left (a Delete racing this Shutdown): end after them
+            self._exit_when_empty = True
+            return Empty()
+        self._begin_exit()
         return Empty()
+
+    def _begin_exit(self) -> None:
+        if self.shutting_down:
+            return
+        log.info("shutdown: no containers left, the shim exits")
+        self.shutting_down = True
+        if self._on_exit is not None:
+            self._on_exit()
+        # after the reply to the RPC that ended the shim is written (the daemon also waits for it)
+        asyncio.get_running_loop().call_soon(self.exit_requested.set)
 
     # -- end of the shim ---------------------------------------------------------------------------
 

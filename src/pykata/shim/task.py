@@ -85,6 +85,7 @@ class ShimContainer:
         self.sandbox_container: Container | None = None
         self.paused = False
         self.deleted = False
+        self.deleting: asyncio.Task[Any] | None = None  # the one deletion; repeated Deletes wait for it
         self.lock = asyncio.Lock()
 
     def process(self, exec_id: str) -> ShimProcess:

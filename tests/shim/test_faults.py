@@ -1,0 +1,126 @@
+"""Faults under real containerd: the VM killed under a running task, the shim killed, and duplicate
+and racing kill/delete requests. Whatever happens, the task ends STOPPED or gone, the calls return,
+and no shim, QEMU, virtiofsd, mount or sandbox directory is left."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pykata.config import load_config
+from pykata.sandbox import sandboxes_dir
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, needs_containerd
+
+pytestmark = [pytest.mark.vm, needs_containerd]
+
+
+def _sandbox_dir(cid: str) -> Path:
+    return sandboxes_dir(load_config()) / cid
+
+
+def _vm_processes(cid: str) -> list[psutil.Process]:
+    """QEMU and virtiofsd of the sandbox (their command lines name its directory or VM name)."""
+    marks = (str(_sandbox_dir(cid)) + "/", f"pykata-{cid},")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if ("qemu-system" in cmd or "virtiofsd" in cmd) and any(m in cmd for m in marks):
+            found.append(p)
+    return found
+
+
+def _mounts(cid: str) -> list[str]:
+    d = str(_sandbox_dir(cid))
+    return [ln for ln in Path("/proc/mounts").read_text().splitlines() if f" {d}" in ln]
+
+
+def _wait_for(cond: object, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _assert_nothing_left(ctd: Containerd, cid: str, shim_pid: int | None) -> None:
+    assert _wait_for(lambda: not _vm_processes(cid)), [p.cmdline() for p in _vm_processes(cid)]
+    assert _wait_for(lambda: shim_pid is None or not psutil.pid_exists(shim_pid)
+                     or psutil.Process(shim_pid).status() == psutil.STATUS_ZOMBIE), "the shim is still running"
+    # containerd's `delete` of a dead shim may still be unmounting when its task is already gone
+    assert _wait_for(lambda: not _mounts(cid)), _mounts(cid)
+    assert _wait_for(lambda: not _sandbox_dir(cid).exists())
+    assert cid not in ctd.tasks()
+
+
+def _start(ctd: Containerd, prefix: str) -> tuple[str, int]:
+    cid = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    ctd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, IMAGE, cid, "sleep", "1000")
+    shim_pid = int((ctd.bundle(cid) / "shim.pid").read_text())
+    assert ctd.tasks()[cid] == "RUNNING"
+    return cid, shim_pid
+
+
+def test_vm_killed_under_a_running_task(containerd: Containerd) -> None:
+    cid, shim_pid = _start(containerd, "vmkill")
+    events = subprocess.Popen(["ctr", "-a", str(containerd.socket), "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, env=containerd.env())
+    try:
+        time.sleep(0.3)
+        record = json.loads((_sandbox_dir(cid) / "state.json").read_text())
+        qemu = psutil.Process(record["vmm_pid"])
+        assert "qemu-system" in " ".join(qemu.cmdline())
+        qemu.send_signal(signal.SIGKILL)
+        assert _wait_for(lambda: containerd.tasks().get(cid) == "STOPPED"), containerd.tasks()
+        wait = containerd.ctr("task", "ls")  # still listed, STOPPED, until removed
+        assert cid in wait.stdout.decode()
+        assert containerd.ctr("task", "rm", cid, check=False).returncode == 0
+    finally:
+        time.sleep(0.5)
+        events.terminate()
+        out = events.communicate(timeout=10)[0].decode()
+        containerd.remove(cid)
+    exits = [json.loads(ln.split(" ", 6)[6]) for ln in out.splitlines() if " /tasks/exit " in ln and cid in ln]
+    assert [(e["id"], e["exit_status"]) for e in exits] == [(cid, 137)]
+    assert any(" /tasks/delete " in ln and cid in ln for ln in out.splitlines())
+    _assert_nothing_left(containerd, cid, shim_pid)
+
+
+def test_shim_killed_leaves_nothing(containerd: Containerd) -> None:
+    cid, shim_pid = _start(containerd, "shimkill")
+    assert _vm_processes(cid)
+    os.kill(shim_pid, signal.SIGKILL)
+    # containerd sees the connection drop and runs `containerd-shim-pykata-v2 delete`
+    assert _wait_for(lambda: not _vm_processes(cid)), "the VM outlived its shim"
+    assert _wait_for(lambda: cid not in containerd.tasks())
+    containerd.remove(cid)
+    assert cid not in containerd.ctr("container", "ls", "-q").stdout.decode().split()
+    _assert_nothing_left(containerd, cid, shim_pid)
+
+
+def test_duplicate_and_racing_kill_and_delete(containerd: Containerd) -> None:
+    cid, shim_pid = _start(containerd, "race")
+    calls = [("task", "kill", "-s", "KILL", cid)] * 4 + [("task", "kill", "-a", "-s", "KILL", cid)] * 2 + \
+            [("task", "rm", "-f", cid)] * 3
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        started = time.monotonic()
+        results = list(pool.map(lambda a: containerd.ctr(*a, check=False, timeout=90), calls))
+    assert time.monotonic() - started < 90
+    rm_codes = [r.returncode for r, a in zip(results, calls, strict=True) if a[1] == "rm"]
+    assert 0 in rm_codes, [r.stderr for r in results]
+    for r, a in zip(results, calls, strict=True):  # the losers are told "not found", nothing worse
+        if r.returncode != 0:
+            assert b"not found" in r.stderr or b"no running task" in r.stderr, (a, r.stderr)
+    again = containerd.ctr("task", "rm", "-f", cid, check=False)
+    assert again.returncode != 0 and b"not found" in again.stderr
+    containerd.remove(cid)
+    _assert_nothing_left(containerd, cid, shim_pid)

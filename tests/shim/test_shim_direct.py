@@ -1,0 +1,298 @@
+"""The shim driven directly over ttrpc, the way containerd drives it, with no containerd: so that
+requests can race on purpose and every event can be checked. A real ttrpc events server stands in
+for containerd's (it only records), the rest is real: `start`, the VM, the agent, `delete`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from google.protobuf import empty_pb2
+
+from pykata.config import load_config
+from pykata.images import ImageStore
+from pykata.protocols import EVENTS_SERVICE, TASK_SERVICE, events_pb2, shim_pb2, task_types_pb2, typeurl
+from pykata.sandbox import build_spec, sandboxes_dir
+from pykata.ttrpc import CallContext, Client, Code, ConnectionClosedError, RpcError, Server, connect_unix
+from tests.shim.harness import SHIM, needs_containerd
+
+pytestmark = [pytest.mark.vm, needs_containerd]
+
+
+class EventSink:
+    """containerd's side of Events.Forward: records every envelope."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+        self.arrived = asyncio.Event()
+
+    async def Forward(self, request: Any, ctx: CallContext) -> empty_pb2.Empty:
+        self.envelopes.append(request.envelope)
+        self.arrived.set()
+        return empty_pb2.Empty()
+
+    def of(self, cid: str) -> list[tuple[str, Any]]:
+        out = []
+        for env in self.envelopes:
+            cls = {"/tasks/create": events_pb2.TaskCreate, "/tasks/start": events_pb2.TaskStart,
+                   "/tasks/exit": events_pb2.TaskExit, "/tasks/delete": events_pb2.TaskDelete,
+                   "/tasks/exec-added": events_pb2.TaskExecAdded, "/tasks/exec-started": events_pb2.TaskExecStarted,
+                   "/tasks/paused": events_pb2.TaskPaused, "/tasks/resumed": events_pb2.TaskResumed,
+                   "/tasks/oom": events_pb2.TaskOOM}[env.topic]
+            ev = typeurl.unpack(env.event, cls)
+            if ev.container_id == cid:
+                out.append((env.topic, ev))
+        return out
+
+    async def wait_for(self, cid: str, topic: str, count: int = 1, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while sum(t == topic for t, _ in self.of(cid)) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+class DirectShim:
+    """One containerd-shim-pykata-v2 started with `start` in a bundle of ours."""
+
+    def __init__(self, workdir: Path, rootfs: Path, events_address: str) -> None:
+        self.namespace = f"direct-{uuid.uuid4().hex[:6]}"
+        self.id = f"d-{uuid.uuid4().hex[:10]}"
+        self.bundle = workdir / self.id
+        self.address = str(workdir / "containerd.sock")  # nobody listens: only names the shim's socket
+        self.events_address = events_address
+        self.rootfs = rootfs
+        self.pid: int | None = None
+        self.socket = ""
+        self._log_fd: int | None = None
+
+    def write_bundle(self, args: list[str]) -> None:
+        (self.bundle / "rootfs").mkdir(parents=True)
+        spec = build_spec(args, env=["PATH=/bin:/usr/bin:/sbin"], hostname="direct")
+        spec["linux"]["resources"] = {}
+        (self.bundle / "config.json").write_text(json.dumps(spec))
+        os.mkfifo(self.bundle / "log")
+        self._log_fd = os.open(self.bundle / "log", os.O_RDWR | os.O_NONBLOCK)  # as containerd holds it
+
+    def _argv(self, *extra: str) -> list[str]:
+        return [str(SHIM), "-namespace", self.namespace, "-address", self.address, "-publish-binary",
+                "/usr/bin/containerd", "-id", self.id, *extra]
+
+    async def start(self) -> Client:
+        proc = await asyncio.create_subprocess_exec(
+            *self._argv("start"), cwd=self.bundle, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env={**os.environ, "TTRPC_ADDRESS": self.events_address})
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        self.pid = int((self.bundle / "shim.pid").read_text())
+        assert proc.returncode == 0, out
+        self.socket = out.decode()
+        assert self.socket.startswith("unix://") and (self.bundle / "address").read_text() == self.socket
+        return await connect_unix(self.socket)
+
+    def create_request(self, work: Path) -> shim_pb2.CreateTaskRequest:
+        upper, wd = work / "upper", work / "work"
+        upper.mkdir(parents=True)
+        wd.mkdir()
+        req = shim_pb2.CreateTaskRequest(id=self.id, bundle=str(self.bundle))
+        req.rootfs.add(type="overlay", source="overlay",
+                       options=[f"lowerdir={self.rootfs}", f"upperdir={upper}", f"workdir={wd}"])
+        return req
+
+    def alive(self) -> bool:
+        try:
+            return self.pid is not None and psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    async def wait_gone(self, timeout: float = 30) -> bool:
+        async with asyncio.timeout(timeout):
+            while self.alive():
+                await asyncio.sleep(0.05)
+        return True
+
+    async def cleanup(self) -> None:
+        """Kill what is left and run `delete` as containerd would. Never raises."""
+        if self.alive():
+            assert self.pid is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await self.wait_gone(10)
+        if self.bundle.exists():
+            proc = await asyncio.create_subprocess_exec(*self._argv("-bundle", str(self.bundle), "delete"),
+                                                        cwd=self.bundle, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE)
+            await asyncio.wait_for(proc.communicate(), 30)
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+
+def _leftovers(sandbox_id: str) -> list[str]:
+    d = sandboxes_dir(load_config()) / sandbox_id
+    procs = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
+             if f"pykata-{sandbox_id}," in " ".join(p.info["cmdline"] or [])
+             or f"{d}/" in " ".join(p.info["cmdline"] or [])]
+    mounts = [ln for ln in Path("/proc/mounts").read_text().splitlines() if f" {d}" in ln]
+    return procs + mounts + ([str(d)] if d.exists() else [])
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ImageStore(tmp_path_factory.mktemp("cache")).resolve("busybox").rootfs
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[tuple[EventSink, str]]:
+    s = EventSink()
+    server = Server()
+    server.register(EVENTS_SERVICE, s)
+    path = str(tmp_path / "containerd.sock.ttrpc")
+    await server.serve_unix(path)
+    try:
+        yield s, path
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def shim(tmp_path: Path, rootfs: Path, sink: tuple[EventSink, str]) -> AsyncIterator[DirectShim]:
+    s = DirectShim(tmp_path, rootfs, sink[1])
+    try:
+        yield s
+    finally:
+        await s.cleanup()
+        assert not s.alive()
+        assert not _leftovers(s.id), _leftovers(s.id)
+
+
+async def _call(client: Client, rpc: str, req: Any, timeout: float = 60) -> Any:
+    return await client.call(TASK_SERVICE, rpc, req, timeout=timeout)
+
+
+async def _outcome(aw: Any) -> str:
+    try:
+        await aw
+        return "ok"
+    except ConnectionClosedError:
+        return "closed"
+    except RpcError as e:
+        return e.code.name
+
+
+async def test_racing_kill_delete_shutdown(shim: DirectShim, sink: tuple[EventSink, str], tmp_path: Path) -> None:
+    events, _ = sink
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    async with client:
+        created = await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+        waits = [asyncio.ensure_future(_call(client, "Wait", shim_pb2.WaitRequest(id=shim.id), timeout=None))
+                 for _ in range(3)]
+        burst = [*(_call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9, all=i % 2 == 0))
+                   for i in range(6)),
+                 *(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)) for _ in range(3))]
+        outcomes = await asyncio.gather(*(_outcome(c) for c in burst))
+        # a Kill that comes after the exit is NOT_FOUND ("already finished"); nothing else fails
+        assert set(outcomes[:6]) <= {"ok", "NOT_FOUND"} and outcomes[:6].count("ok") >= 1, outcomes
+        assert outcomes[6:] == ["ok"] * 3  # Shutdown with a container left: the shim stays
+        for w in waits:
+            resp = await asyncio.wait_for(w, 30)
+            assert resp.exit_status == 137 and resp.exited_at.seconds > 0
+        state = await _call(client, "State", shim_pb2.StateRequest(id=shim.id))
+        assert (state.status, state.exit_status, state.pid) == (task_types_pb2.STOPPED, 137, created.pid)
+
+        deletes = await asyncio.gather(
+            *(_outcome(_call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))) for _ in range(4)),
+            *(_outcome(_call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))) for _ in range(2)))
+        assert sorted(deletes[:4]) == ["NOT_FOUND"] * 3 + ["ok"], deletes
+        assert deletes[4:] == ["NOT_FOUND"] * 2
+        # the shim is still there (nobody said Shutdown since), its VM is not
+        assert shim.alive()
+        shutdowns = await asyncio.gather(
+            *(_outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id))) for _ in range(3)))
+        assert set(shutdowns) <= {"ok", "closed"}, shutdowns
+    assert await shim.wait_gone()
+    assert not _leftovers(shim.id)
+    topics = [t for t, _ in events.of(shim.id)]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
+    assert events.of(shim.id)[2][1].exit_status == 137
+
+
+async def test_vm_death_answers_every_wait(shim: DirectShim, sink: tuple[EventSink, str], tmp_path: Path) -> None:
+    events, _ = sink
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    async with client:
+        await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+        spec = typeurl.pack_json(typeurl.OCI_PROCESS_URL, {"args": ["sleep", "1000"], "cwd": "/"})
+        await _call(client, "Exec", shim_pb2.ExecProcessRequest(id=shim.id, exec_id="e1", spec=spec))
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id, exec_id="e1"))
+        waits = [asyncio.ensure_future(_call(client, "Wait", shim_pb2.WaitRequest(id=shim.id, exec_id=e),
+                                             timeout=None)) for e in ("", "e1", "")]
+        record = json.loads((sandboxes_dir(load_config()) / shim.id / "state.json").read_text())
+        os.kill(record["vmm_pid"], signal.SIGKILL)
+        for w in waits:
+            assert (await asyncio.wait_for(w, 30)).exit_status == 137
+        await events.wait_for(shim.id, "/tasks/exit", count=2)
+        exits = {ev.id: ev.exit_status for t, ev in events.of(shim.id) if t == "/tasks/exit"}
+        assert exits == {shim.id: 137, "e1": 137}
+        with pytest.raises(RpcError) as info:
+            await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
+        assert info.value.code == Code.NOT_FOUND
+        assert (await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id="e1"))).exit_status == 137
+        assert (await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))).exit_status == 137
+        await _outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+    assert await shim.wait_gone()
+    assert not _leftovers(shim.id)
+
+
+async def test_hang_up_mid_delete_still_ends_the_shim(shim: DirectShim, tmp_path: Path) -> None:
+    """containerd closing its connection while a Delete runs (it does when a racing Delete got
+    NOT_FOUND) must not cut the deletion in half; the `delete` command then ends the shim."""
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+    await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+    await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
+    await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
+    pending = asyncio.ensure_future(_outcome(_call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))))
+    await asyncio.sleep(0.05)
+    await client.close()
+    assert await pending == "closed"
+    again = await connect_unix(shim.socket)
+    async with again:
+        assert await _outcome(_call(again, "Delete", shim_pb2.DeleteRequest(id=shim.id))) == "NOT_FOUND"
+        await _outcome(_call(again, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+    assert await shim.wait_gone()
+    assert not _leftovers(shim.id)
+
+
+async def test_delete_command_after_a_killed_shim(shim: DirectShim, tmp_path: Path) -> None:
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    async with client:
+        created = await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+    assert _leftovers(shim.id)
+    assert shim.pid is not None
+    os.kill(shim.pid, signal.SIGKILL)
+    await shim.wait_gone()
+    proc = await asyncio.create_subprocess_exec(*shim._argv("-bundle", str(shim.bundle), "delete"),
+                                                cwd=shim.bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    resp = shim_pb2.DeleteResponse.FromString(out)
+    assert (resp.exit_status, resp.pid) == (137, created.pid) and resp.exited_at.seconds > 0
+    assert not _leftovers(shim.id)
+    assert not Path(shim.socket.removeprefix("unix://")).exists()
