@@ -45,8 +45,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     echo "$want" > "$stamp"
 fi
 
-# Guest kernel and image (built once, cached by a hash of their inputs).
-if .venv/bin/pykata image --help >/dev/null 2>&1; then
-    .venv/bin/pykata image build
-fi
+# Guest kernel and image (built once, cached by a hash of their inputs), and the VM template that
+# sandboxes start from (made once per kernel/image/QEMU; see [factory] in the configuration).
+.venv/bin/pykata image build
+.venv/bin/pykata factory init
 log "ready: $ROOT/.venv/bin/pykata"

@@ -121,7 +121,7 @@ class RuntimeConfig:
 class FactoryConfig:
     """`[factory]`: VM templating."""
 
-    enable_template: bool = False
+    enable_template: bool = True
     template_path: str = "/run/pykata/template"
 
 
