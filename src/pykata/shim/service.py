@@ -397,7 +397,10 @@ class TaskService:
         self._publish(events_pb2.TaskDelete(container_id=sc.id, id=sc.id, pid=init.pid,
                                             exit_status=init.exit_status, exited_at=_ts(init.exited_at)))
         if sc.id == self.sandbox_id or not self.containers:
-            await self.stop_sandbox()
+            # containerd gets its answer while the VM goes down: it overlaps with containerd's own
+            # cleanup; the shim exits only once the VM is gone (close() waits for the same stop)
+            self._sandbox_stopping = True
+            self._spawn(self.stop_sandbox(), "stop-sandbox")
         if self._exit_when_empty and not self.containers and not self._creating:
             self._begin_exit()
         return shim_pb2.DeleteResponse(pid=init.pid, exit_status=init.exit_status, exited_at=_ts(init.exited_at))
