@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,6 +112,18 @@ def test_stdin(containerd: Containerd) -> None:
 
     runc, pykata = both(scenario, containerd)
     assert runc == (0, b"got:first line:second\n")
+    assert pykata == runc
+
+
+def test_log_uri_file(containerd: Containerd, tmp_path: Path) -> None:
+    def scenario(ctd: Containerd, runtime: str) -> tuple[int, bytes, list[str]]:
+        log = tmp_path / runtime / "c.log"
+        p = ctd.ctr("run", "--rm", "--runtime", runtime, "--log-uri", f"file://{log}", IMAGE, _cid("log"),
+                    "sh", "-c", "echo to-out; echo to-err >&2; exit 3", check=False)
+        return p.returncode, p.stdout, sorted(log.read_text().splitlines())
+
+    runc, pykata = both(scenario, containerd)
+    assert runc == (3, b"", ["to-err", "to-out"])
     assert pykata == runc
 
 

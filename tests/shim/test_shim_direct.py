@@ -296,3 +296,150 @@ async def test_delete_command_after_a_killed_shim(shim: DirectShim, tmp_path: Pa
     assert (resp.exit_status, resp.pid) == (137, created.pid) and resp.exited_at.seconds > 0
     assert not _leftovers(shim.id)
     assert not Path(shim.socket.removeprefix("unix://")).exists()
+
+
+def _fifos(tmp: Path, *names: str) -> dict[str, Path]:
+    out = {}
+    for n in names:
+        out[n] = tmp / n
+        os.mkfifo(out[n])
+    return out
+
+
+async def _read_to_eof(path: Path) -> bytes:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return await asyncio.to_thread(read)
+
+
+async def test_exec_tty_resize_close_io_update_stats_pids(shim: DirectShim, sink: tuple[EventSink, str],
+                                                          tmp_path: Path) -> None:
+    events, _ = sink
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    async with client:
+        await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+
+        # a terminal exec gets the size asked for before it started
+        f = _fifos(tmp_path, "tty-out")
+        out = asyncio.ensure_future(_read_to_eof(f["tty-out"]))
+        spec = typeurl.pack_json(typeurl.OCI_PROCESS_URL, {"args": ["sh", "-c", "stty size; tty"], "cwd": "/",
+                                                           "terminal": True})
+        await _call(client, "Exec", shim_pb2.ExecProcessRequest(id=shim.id, exec_id="t1", spec=spec, terminal=True,
+                                                                stdout=str(f["tty-out"])))
+        await _call(client, "ResizePty", shim_pb2.ResizePtyRequest(id=shim.id, exec_id="t1", width=132, height=50))
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id, exec_id="t1"))
+        assert (await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id, exec_id="t1"))).exit_status == 0
+        assert (await asyncio.wait_for(out, 20)).replace(b"\r", b"").split(b"\n")[:2] == [b"50 132", b"/dev/pts/0"]
+        await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id="t1"))
+
+        # CloseIO ends stdin although containerd's writer stays open
+        f = _fifos(tmp_path, "cat-in", "cat-out")
+        out = asyncio.ensure_future(_read_to_eof(f["cat-out"]))
+        spec = typeurl.pack_json(typeurl.OCI_PROCESS_URL, {"args": ["cat"], "cwd": "/"})
+        await _call(client, "Exec", shim_pb2.ExecProcessRequest(id=shim.id, exec_id="c1", spec=spec,
+                                                                stdin=str(f["cat-in"]), stdout=str(f["cat-out"])))
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id, exec_id="c1"))
+        writer = await asyncio.to_thread(os.open, f["cat-in"], os.O_WRONLY)
+        try:
+            os.write(writer, b"through stdin\n")
+            pids = await _call(client, "Pids", shim_pb2.PidsRequest(id=shim.id))
+            details = [p for p in pids.processes if p.info.type_url]
+            assert len(pids.processes) == 2 and len(details) == 1
+            await asyncio.sleep(0.5)
+            await _call(client, "CloseIO", shim_pb2.CloseIORequest(id=shim.id, exec_id="c1", stdin=True))
+            assert (await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id, exec_id="c1"))).exit_status == 0
+        finally:
+            os.close(writer)
+        assert await asyncio.wait_for(out, 20) == b"through stdin\n"
+        await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id="c1"))
+
+        limit = 96 << 20
+        await _call(client, "Update", shim_pb2.UpdateTaskRequest(id=shim.id, resources=typeurl.pack_json(
+            typeurl.OCI_LINUX_RESOURCES_URL, {"memory": {"limit": limit}})))
+        stats = (await _call(client, "Stats", shim_pb2.StatsRequest(id=shim.id))).stats
+        from pykata.protocols import cgroups_v2_pb2
+
+        metrics = typeurl.unpack(stats, cgroups_v2_pb2.Metrics)
+        assert metrics.memory.usage_limit == limit and metrics.memory.usage > 0 and metrics.pids.current >= 1
+        with pytest.raises(RpcError) as info:
+            await _call(client, "Update", shim_pb2.UpdateTaskRequest(id=shim.id))
+        assert info.value.code == Code.INVALID_ARGUMENT and "resources" in info.value.message
+
+        await _call(client, "Pause", shim_pb2.PauseRequest(id=shim.id))
+        assert (await _call(client, "State", shim_pb2.StateRequest(id=shim.id))).status == task_types_pb2.PAUSED
+        with pytest.raises(RpcError) as info:
+            await _call(client, "Pause", shim_pb2.PauseRequest(id=shim.id))
+        assert info.value.code == Code.FAILED_PRECONDITION
+        await _call(client, "Resume", shim_pb2.ResumeRequest(id=shim.id))
+        await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
+        await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
+        await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))
+        await _outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+    assert await shim.wait_gone()
+    topics = [t for t, _ in events.of(shim.id)]
+    assert topics == ["/tasks/create", "/tasks/start",
+                      "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], topics
+
+
+async def test_oom_kill_is_published(shim: DirectShim, sink: tuple[EventSink, str], tmp_path: Path) -> None:
+    events, _ = sink
+    shim.write_bundle(["sh", "-c", "dd if=/dev/zero of=/dev/null bs=128M count=1"])
+    spec = json.loads((shim.bundle / "config.json").read_text())
+    spec["linux"]["resources"] = {"memory": {"limit": 32 << 20}}
+    (shim.bundle / "config.json").write_text(json.dumps(spec))
+    client = await shim.start()
+    async with client:
+        await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+        assert (await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))).exit_status == 137
+        await events.wait_for(shim.id, "/tasks/oom")
+        await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))
+        await _outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+    assert await shim.wait_gone()
+
+
+async def test_two_containers_of_a_pod_share_the_shim_and_vm(shim: DirectShim, sink: tuple[EventSink, str],
+                                                             tmp_path: Path) -> None:
+    events, _ = sink
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    # a CRI container of the same pod: its own bundle, the sandbox's id in its annotations
+    second = DirectShim(tmp_path, shim.rootfs, shim.events_address)
+    second.namespace, second.address = shim.namespace, shim.address
+    second.write_bundle(["sh", "-c", "echo second > /shared-check; sleep 1000"])
+    spec = json.loads((second.bundle / "config.json").read_text())
+    spec["annotations"] = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": shim.id}
+    (second.bundle / "config.json").write_text(json.dumps(spec))
+    try:
+        async with client:
+            await _call(client, "Create", shim.create_request(tmp_path / "ovl1"), timeout=120)
+            await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+            proc = await asyncio.create_subprocess_exec(
+                *second._argv("start"), cwd=second.bundle, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                env={**os.environ, "TTRPC_ADDRESS": shim.events_address})
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0 and out.decode() == shim.socket  # the pod's shim, not a new one
+            vm = json.loads((sandboxes_dir(load_config()) / shim.id / "state.json").read_text())["vmm_pid"]
+            await _call(client, "Create", second.create_request(tmp_path / "ovl2"), timeout=120)
+            await _call(client, "Start", shim_pb2.StartRequest(id=second.id))
+            for cid in (shim.id, second.id):
+                assert (await _call(client, "State", shim_pb2.StateRequest(id=cid))).status == task_types_pb2.RUNNING
+            await _call(client, "Kill", shim_pb2.KillRequest(id=second.id, signal=9))
+            await _call(client, "Wait", shim_pb2.WaitRequest(id=second.id))
+            await _call(client, "Delete", shim_pb2.DeleteRequest(id=second.id))
+            await _call(client, "Shutdown", shim_pb2.ShutdownRequest(id=second.id))
+            assert shim.alive() and psutil.pid_exists(vm)  # the pod goes on
+            assert (await _call(client, "State", shim_pb2.StateRequest(id=shim.id))).status == task_types_pb2.RUNNING
+            await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
+            await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
+            await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))
+            await _outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+        assert await shim.wait_gone()
+    finally:
+        await second.cleanup()
+    assert [t for t, _ in events.of(second.id)] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]

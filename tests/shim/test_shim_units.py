@@ -391,5 +391,20 @@ def test_install_link(tmp_path: Path) -> None:
         link_shim(tmp_path / "bin2", target)
 
 
+def test_log_lines_name_sandbox_and_container() -> None:
+    import logging
+
+    from pykata.shim.logs import LogfmtFormatter, current_container
+
+    record = logging.LogRecord("pykata.shim", logging.WARNING, __file__, 1, 'said "%s"', ("hi",), None)
+    token = current_container.set("c-1")
+    try:
+        line = LogfmtFormatter("sb-1").format(record)
+    finally:
+        current_container.reset(token)
+    assert 'level=warning msg="said \\"hi\\""' in line
+    assert "sandbox=sb-1 container=c-1" in line and line.startswith('time="')
+
+
 def test_errors_are_pykata_errors() -> None:
     assert issubclass(ShimError, PykataError) and issubclass(InstallError, PykataError)
