@@ -486,7 +486,7 @@ class TaskService:
                 await sandbox.agent.call("SignalProcess", agent_pb2.SignalProcessRequest(
                     container_id=sc.id, exec_id=p.exec_id, signal=req.signal, all=req.all))
         except ShimError as e:
-            if p.state == "stopped" or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
+            if p.stopped or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
                 raise NotFoundError(f"{p.id}: process already finished") from None
             raise
         return Empty()
@@ -505,7 +505,7 @@ class TaskService:
             with agent_errors(f"resize {p.id}"):
                 await p.proc.resize(req.height, req.width)
         except ShimError:
-            if p.state != "stopped":
+            if not p.stopped:  # it ended while we resized: nothing to resize any more
                 raise
         return Empty()
 

@@ -25,6 +25,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from pykata.errors import PykataError
@@ -197,7 +198,8 @@ class ProcessIO:
         # copies above 5, so that placing them at 3, 4, 5 cannot overwrite one not yet placed
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (out_r, err_r, ready_w)]
         try:
-            actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2)]
+            actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0)
+                                              for n in (0, 1, 2)]
             actions += [(os.POSIX_SPAWN_DUP2, fd, n) for fd, n in zip(high, (3, 4, 5), strict=True)]
             pid = os.posix_spawn(path, args, {"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace},
                                  file_actions=actions, setsid=True)

@@ -60,6 +60,11 @@ class ShimProcess:
     def id(self) -> str:
         return self.exec_id or self.container_id
 
+    @property
+    def stopped(self) -> bool:
+        """Read anew after every await (an exit may have come meanwhile)."""
+        return self.state == "stopped"
+
     def set_exited(self, status: int) -> bool:
         """Record the exit; True only for the call that made the process stopped."""
         if self.state == "stopped":
@@ -100,7 +105,7 @@ class ShimContainer:
     def processes(self) -> list[ShimProcess]:
         return [self.init, *self.execs.values()]
 
-    def status(self, p: ShimProcess) -> int:
+    def status(self, p: ShimProcess) -> task_types_pb2.Status:
         """containerd's Status of `p` (a running process of a paused container is PAUSED)."""
         if p.state == "created":
             return task_types_pb2.CREATED
