@@ -63,8 +63,8 @@ def test_cache_key_changes_with_each_input(change: dict[str, object]) -> None:
     assert cache_key(dataclasses.replace(INPUTS, **change)) != cache_key(INPUTS)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(not kernel.SOURCE_TARBALL.exists(), reason="linux-source-6.1 is not installed")
 def test_cache_key_of_installed_source_follows_the_fragment() -> None:
+    assert kernel.SOURCE_TARBALL.exists(), "linux-source-6.1 is not installed (scripts/install.sh)"
     current = cache_key(kernel_inputs())
     assert cache_key(kernel_inputs()) == current
     assert cache_key(kernel_inputs(fragment=fragment_bytes())) == current
@@ -138,8 +138,7 @@ def test_find_kernel_in_an_empty_cache_is_none(tmp_path: Path) -> None:
 
 
 def test_find_kernel_ignores_an_entry_without_manifest(tmp_path: Path) -> None:
-    if not kernel.SOURCE_TARBALL.exists():
-        pytest.skip("linux-source-6.1 is not installed")
+    assert kernel.SOURCE_TARBALL.exists(), "linux-source-6.1 is not installed (scripts/install.sh)"
     entry = tmp_path / "kernel" / cache_key(kernel_inputs())
     entry.mkdir(parents=True)
     (entry / "vmlinux").write_bytes(b"\x7fELF")
@@ -384,8 +383,7 @@ async def test_kernel_boots_with_agent_port_and_9p(guest_kernel: KernelArtifact,
 @pytest.mark.slow
 async def test_kernel_mounts_virtiofs(guest_kernel: KernelArtifact, tmp_path: Path) -> None:
     virtiofsd = Path("/usr/lib/qemu/virtiofsd")
-    if not virtiofsd.exists() or os.geteuid() != 0:
-        pytest.skip("needs root and QEMU's virtiofsd")
+    assert virtiofsd.exists() and os.geteuid() == 0, "needs root and QEMU's virtiofsd (scripts/install.sh)"
     initrd = make_initrd(tmp_path)
     share = tmp_path / "share"
     share.mkdir()

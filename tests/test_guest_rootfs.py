@@ -265,7 +265,7 @@ def kernel() -> Path:
 
     art = find_kernel(DEFAULT_CACHE)
     if art is None:
-        pytest.skip("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
+        pytest.fail("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
     return art.vmlinux
 
 
@@ -346,7 +346,7 @@ async def test_agent_answers_health_check(kernel: Path, guest: RootfsArtifact, f
     from pykata.protocols.agent import agent_pb2
 
     if form == "image" and guest.image is None:
-        pytest.skip("this rootfs has no ext4 image (built without root)")
+        pytest.fail("this rootfs has no ext4 image (built without root)")
     with booted(kernel, guest, form, tmp_path) as (proc, sock, log):
         started = time.monotonic()
         status, version = await _health(sock, timeout=60)

@@ -47,7 +47,7 @@ def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         current = DEFAULT_CACHE / "kernel/current"
         vmlinux = DEFAULT_CACHE / "kernel" / (current.read_text().strip() if current.exists() else "-") / "vmlinux"
         if not vmlinux.exists():
-            pytest.skip("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
+            pytest.fail("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
     cache = tmp_path_factory.mktemp("agent-rootfs")
     for sub in ("debs", "wheels"):
         if (DEFAULT_CACHE / sub).is_dir():
