@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo  # noqa: E402
+from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo
 
 METHOD = "/pykata.test.EchoService/Echo"
 
