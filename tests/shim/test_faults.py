@@ -117,9 +117,11 @@ def test_duplicate_and_racing_kill_and_delete(containerd: Containerd) -> None:
     assert time.monotonic() - started < 90
     rm_codes = [r.returncode for r, a in zip(results, calls, strict=True) if a[1] == "rm"]
     assert 0 in rm_codes, [r.stderr for r in results]
-    for r, a in zip(results, calls, strict=True):  # the losers are told "not found", nothing worse
+    for r, a in zip(results, calls, strict=True):
+        # the losers are told "not found"; or, when the winning delete made containerd close its
+        # client to the shim while their request was on it, containerd's own "ttrpc: closed"
         if r.returncode != 0:
-            assert b"not found" in r.stderr or b"no running task" in r.stderr, (a, r.stderr)
+            assert any(m in r.stderr for m in (b"not found", b"no running task", b"ttrpc: closed")), (a, r.stderr)
     again = containerd.ctr("task", "rm", "-f", cid, check=False)
     assert again.returncode != 0 and b"not found" in again.stderr
     containerd.remove(cid)

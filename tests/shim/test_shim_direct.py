@@ -260,14 +260,19 @@ async def test_vm_death_answers_every_wait(shim: DirectShim, sink: tuple[EventSi
 async def test_hang_up_mid_delete_still_ends_the_shim(shim: DirectShim, tmp_path: Path) -> None:
     """containerd closing its connection while a Delete runs (it does when a racing Delete got
     NOT_FOUND) must not cut the deletion in half; the `delete` command then ends the shim."""
-    shim.write_bundle(["sleep", "1000"])
+    # output nobody reads keeps Delete waiting for it (up to 2 s): long enough to hang up meanwhile
+    shim.write_bundle(["sh", "-c", "head -c 1000000 /dev/zero; sleep 1000"])
+    f = _fifos(tmp_path, "unread-out")
     client = await shim.start()
-    await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+    req = shim.create_request(tmp_path / "ovl")
+    req.stdout = str(f["unread-out"])
+    await _call(client, "Create", req, timeout=120)
     await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+    await asyncio.sleep(0.5)
     await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
     await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
     pending = asyncio.ensure_future(_outcome(_call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
     await client.close()
     assert await pending == "closed"
     again = await connect_unix(shim.socket)

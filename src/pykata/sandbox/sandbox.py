@@ -85,11 +85,16 @@ class Container:
         self.sandbox._update_container(self.id, status="exited", exit_code=status, finished_at=time.time())
         return status
 
-    async def delete(self, timeout: int = 10) -> None:
-        """Remove the container in the guest and its host mounts. Idempotent."""
-        with contextlib.suppress(PykataError):
-            await self.sandbox.agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(
-                container_id=self.id, timeout_seconds=timeout), timeout=timeout + 5)
+    async def delete(self, timeout: int = 10, *, in_guest: bool = True) -> None:
+        """Remove the container in the guest and its host mounts. Idempotent.
+
+        `in_guest=False` only undoes the host mounts: for a container whose VM is about to be stopped
+        anyway (its processes have ended), where removing it in the guest first is wasted time.
+        """
+        if in_guest:
+            with contextlib.suppress(PykataError):
+                await self.sandbox.agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(
+                    container_id=self.id, timeout_seconds=timeout), timeout=timeout + 5)
         self.sandbox._release_container(self.id)
 
 

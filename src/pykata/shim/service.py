@@ -386,8 +386,11 @@ class TaskService:
         for p in sc.processes():
             if p.io is not None:
                 await p.io.close()
+        # the VM goes down after the sandbox's own (or the last) container: removing it in the guest
+        # first would only cost time (its processes have all ended: Delete needs the init stopped)
+        stop_vm = sc.id == self.sandbox_id or all(c is sc for c in self.containers.values())
         if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
-            await sc.sandbox_container.delete()
+            await sc.sandbox_container.delete(in_guest=not stop_vm and not self.vm_dead)
         for p in sc.processes():
             # a process never started (or the rest of a dead VM) ends here; Wait callers return
             p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)
@@ -396,7 +399,7 @@ class TaskService:
         self.containers.pop(sc.id, None)
         self._publish(events_pb2.TaskDelete(container_id=sc.id, id=sc.id, pid=init.pid,
                                             exit_status=init.exit_status, exited_at=_ts(init.exited_at)))
-        if sc.id == self.sandbox_id or not self.containers:
+        if stop_vm:
             # containerd gets its answer while the VM goes down: it overlaps with containerd's own
             # cleanup; the shim exits only once the VM is gone (close() waits for the same stop)
             self._sandbox_stopping = True
