@@ -8,13 +8,22 @@ import pytest
 
 from pykata.images import ImageStore
 from pykata.images.builtin import export_oci_archive
-from tests.shim.harness import CONTAINERD, CTR, IMAGE, Containerd
+from tests.shim.harness import IMAGE, Containerd, missing_prerequisites
+
+
+@pytest.fixture
+def prerequisites() -> None:
+    # scripts/install.sh installs all of these: their absence is a broken setup, not a reason to skip
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail(f"the shim tests need {missing}")
 
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    if CONTAINERD is None or CTR is None:
-        pytest.skip("containerd is not installed")
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail(f"the shim tests need {missing}")
     ctd = Containerd(tmp_path_factory.mktemp("ctd"))
     try:
         ctd.start()

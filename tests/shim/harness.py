@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pytest
 
 VENV_BIN = Path(sys.executable).parent
 SHIM = VENV_BIN / "containerd-shim-pykata-v2"
@@ -32,9 +31,16 @@ PYKATA_RUNTIME = "io.containerd.pykata.v2"
 RUNC_RUNTIME = "io.containerd.runc.v2"
 RUNC_ROOT = Path("/run/containerd/runc")
 
-needs_containerd = pytest.mark.skipif(
-    CONTAINERD is None or CTR is None or shutil.which("runc") is None or os.geteuid() != 0 or not SHIM.exists(),
-    reason="needs root, containerd + ctr + runc (scripts/install.sh) and `pip install -e .` (the shim script)")
+def missing_prerequisites() -> str | None:
+    """What scripts/install.sh should have provided and did not (None when all is there)."""
+    if CONTAINERD is None or CTR is None or shutil.which("runc") is None or shutil.which("script") is None:
+        return "containerd, ctr, runc and script (scripts/install.sh)"
+    if os.geteuid() != 0:
+        return "root"
+    if not SHIM.exists():
+        return f"{SHIM} (pip install -e .)"
+    return None
+
 
 CONFIG = """version = 2
 root = "{root}"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.shim.harness import IMAGE, PYKATA_RUNTIME, RUNC_RUNTIME, Containerd, needs_containerd
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, RUNC_RUNTIME, Containerd
 
-pytestmark = [pytest.mark.vm, needs_containerd]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
 
 RUNTIMES = (RUNC_RUNTIME, PYKATA_RUNTIME)
 

@@ -18,9 +18,9 @@ import pytest
 
 from pykata.config import load_config
 from pykata.sandbox import sandboxes_dir
-from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, needs_containerd
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd
 
-pytestmark = [pytest.mark.vm, needs_containerd]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
 
 
 def _sandbox_dir(cid: str) -> Path:

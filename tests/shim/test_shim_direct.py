@@ -24,9 +24,9 @@ from pykata.images import ImageStore
 from pykata.protocols import EVENTS_SERVICE, TASK_SERVICE, events_pb2, shim_pb2, task_types_pb2, typeurl
 from pykata.sandbox import build_spec, sandboxes_dir
 from pykata.ttrpc import CallContext, Client, Code, ConnectionClosedError, RpcError, Server, connect_unix
-from tests.shim.harness import SHIM, needs_containerd
+from tests.shim.harness import SHIM
 
-pytestmark = [pytest.mark.vm, needs_containerd]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
 
 
 class EventSink:
