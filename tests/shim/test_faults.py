@@ -126,3 +126,13 @@ def test_duplicate_and_racing_kill_and_delete(containerd: Containerd) -> None:
     assert again.returncode != 0 and b"not found" in again.stderr
     containerd.remove(cid)
     _assert_nothing_left(containerd, cid, shim_pid)
+
+
+def test_same_id_again_right_away(containerd: Containerd) -> None:
+    """`ctr run --rm` returns only once the shim and its VM are gone, so the same id can follow at once."""
+    cid = f"again-{uuid.uuid4().hex[:8]}"
+    for i in range(3):
+        p = containerd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, cid, "echo", str(i), check=False)
+        assert (p.returncode, p.stdout) == (0, f"{i}\n".encode()), p.stderr
+        assert not _vm_processes(cid) and not _sandbox_dir(cid).exists()
+    _assert_nothing_left(containerd, cid, None)

@@ -35,6 +35,7 @@ CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"
 MAX_OPTIONS_BYTES = 1 << 20
 MAX_SOCKET_PATH = 107
 DELETED_STATUS = 128 + 9
+EXIT_WAIT = 4.0  # containerd gives `delete` 5 s
 
 
 class ShimStartError(PykataError):
@@ -275,12 +276,28 @@ def delete(flags: Flags) -> bytes:
         sock = socket_path(config.runtime.runtime_dir, flags.address, flags.namespace, sandbox_id)
     alive = _is_shim(shim_pid)
     if alive and sock.exists():
-        _shutdown(sock, flags.id)
-    elif not alive:
+        _shutdown(sock, flags.id)  # a no-op while the shim still serves containers (a pod's)
+    if alive and not sock.exists():
+        # the shim is on its way out (it removes its socket first): containerd's task delete
+        # returns once this command has, so a caller that sees the task gone sees the VM gone
+        alive = not _wait_exit(shim_pid, EXIT_WAIT)
+    if not alive:
         _remove_leftovers(config.runtime.runtime_dir, sandbox_id, shim_pid)
         if sock.exists() and not _connectable(sock):
             sock.unlink(missing_ok=True)
     return _delete_response(init_pid)
+
+
+def _wait_exit(pid: int | None, timeout: float) -> bool:
+    """Whether the shim `pid` is gone within `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _is_shim(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _remove_leftovers(runtime_dir: str, sandbox_id: str, shim_pid: int | None) -> None:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,7 +61,7 @@ _ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 MAX_ID = 76
 IO_DRAIN_TIMEOUT = 2.0  # how long Delete lets output finish (runc's shim waits 2 s too)
 VM_MEMORY_OVERHEAD_MIB = 256
-RESIZE_RPC = "TtyWinResize"
+LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
 
 
 def check_id(field: str, value: str) -> str:
@@ -142,7 +143,7 @@ class TaskService:
                 raise InvalidArgumentError("config.json annotations", "must be an object")
             with agent_errors(f"sandbox {self.sandbox_id}"):
                 config = self._load_config({str(k): str(v) for k, v in annotations.items()})
-                _remove_dead_leftover(config, self.sandbox_id)
+                await _remove_dead_leftover(config, self.sandbox_id)
                 vcpus, memory_mib = _vm_size(spec)
                 log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
                          memory_mib or "default")
@@ -610,16 +611,19 @@ def _vm_size(spec: dict[str, Any]) -> tuple[int | None, int | None]:
     return vcpus, memory_mib
 
 
-def _remove_dead_leftover(config: Config, sandbox_id: str) -> None:
-    """A sandbox directory of the same id whose shim died (and whose `delete` never ran) is removed, so
-    that the id can be used again; one whose owner lives is left alone (Sandbox.create then refuses)."""
+async def _remove_dead_leftover(config: Config, sandbox_id: str) -> None:
+    """Make room for the sandbox: a directory of the same id whose shim is still on its way out (the
+    same container id run again right away) is waited for, one whose shim died is removed; one whose
+    owner lives on is left alone (Sandbox.create then refuses the id)."""
     from pykata.sandbox import state
     from pykata.sandbox.lookup import remove_sandbox_dir
 
     directory = sandboxes_dir(config) / sandbox_id
-    if not directory.exists():
-        return
-    record = state.load(directory)
-    if record is None or not record.owner_alive():
-        log.warning("removing sandbox %s left by a dead shim", sandbox_id)
-        remove_sandbox_dir(directory, record)
+    deadline = time.monotonic() + LEFTOVER_WAIT
+    while directory.exists() and time.monotonic() < deadline:
+        record = state.load(directory)
+        if record is None or not record.owner_alive():
+            log.warning("removing sandbox %s left by a dead shim", sandbox_id)
+            remove_sandbox_dir(directory, record)
+            return
+        await asyncio.sleep(0.05)
