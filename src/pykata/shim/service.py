@@ -158,11 +158,19 @@ class TaskService:
             return self.sandbox
 
     async def stop_sandbox(self) -> None:
-        """Stop the VM (idempotent, shared by concurrent callers, bounded by the sandbox's own timeout)."""
+        """Stop the VM (idempotent, shared by concurrent callers, bounded by the sandbox's own timeout).
+
+        With no container left, nothing in the guest needs an orderly end (every process has ended,
+        its files are written through to the host, the host mounts are undone): the agent is not
+        asked to tear the guest down first, which under TCG costs a third of a second.
+        """
         sb = self.sandbox
         if sb is None:
             return
         self._sandbox_stopping = True
+        if not self.containers:
+            with contextlib.suppress(PykataError):
+                await sb.agent.close()
         await sb.stop(remove=True)
 
     async def _stop_if_unused(self) -> None:
