@@ -1,14 +1,18 @@
 """containerd's Task service (containerd.task.v2.Task) over one pykata sandbox.
 
 The first Create boots the sandbox (the VM); every container of the shim lives in it. Deleting the
-sandbox's own container (or the last container) stops the VM, and Shutdown with no containers left
-ends the shim. Requests may repeat and race (containerd and CRI retry; kubelet deletes twice):
+sandbox's own container (or the last container) stops the VM (the answer does not wait for that),
+and Shutdown with no containers left ends the shim once the VM is gone. Requests may repeat and
+race (containerd and CRI retry; kubelet deletes twice; containerd closes its connection to the
+shim as soon as one Delete of a task has been answered, cancelling whatever else was in flight):
 
 - Kill of a stopped process and Delete of a deleted task answer NOT_FOUND, which containerd takes as
   "already done"; Delete of a running process answers FAILED_PRECONDITION.
-- A container's lock orders Delete/Pause/Resume; a process's lock orders its start and its exit, so
-  TaskExit never overtakes TaskStart. No lock is held across an unbounded wait (agent calls carry
-  timeouts; Wait only waits on an event).
+- A Delete (and Start, Pause, Resume) runs in a task of its own that a cancelled RPC does not stop:
+  a state change is never left half done. A second Delete waits for the first, then NOT_FOUND.
+- A Shutdown that comes while the last containers are being deleted ends the shim after them.
+- A process's lock orders its start and its exit, so TaskExit never overtakes TaskStart. No lock is
+  held across an unbounded wait (agent calls carry timeouts; Wait only waits on an event).
 - When the VM dies, every process not yet stopped is stopped with status 137, TaskExit is published
   for it and every Wait returns.
 """
