@@ -379,6 +379,25 @@ def test_install_plans(tmp_path: Path) -> None:
         plan_config(clash)
 
 
+def test_containerd_reads_the_written_config(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    containerd = shutil.which("containerd")
+    if containerd is None:
+        pytest.fail("containerd is missing (scripts/install.sh)")
+    config = tmp_path / "config.toml"
+    config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n  sandbox_image = "pause"\n')
+    new, _ = plan_config(config)
+    assert new is not None
+    config.write_text(new)
+    dump = subprocess.run([containerd, "--config", str(config), "config", "dump"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+    section = dump.split('.containerd.runtimes.pykata]', 1)[1]
+    assert 'runtime_type = "io.containerd.pykata.v2"' in section.split("[", 1)[0]
+    assert 'sandbox_image = "pause"' in dump
+
+
 def test_install_link(tmp_path: Path) -> None:
     target = tmp_path / "venv-shim"
     target.write_text("#!/bin/sh\n")
