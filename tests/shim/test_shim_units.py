@@ -394,7 +394,7 @@ def test_containerd_reads_the_written_config(tmp_path: Path) -> None:
     dump = subprocess.run([containerd, "--config", str(config), "config", "dump"], capture_output=True, text=True,
                           timeout=30, check=True).stdout
     section = dump.split('.containerd.runtimes.pykata]', 1)[1]
-    assert 'runtime_type = "io.containerd.pykata.v2"' in section.split("[", 1)[0]
+    assert 'runtime_type = "io.containerd.pykata.v2"' in section.split("[plugins", 1)[0]
     assert 'sandbox_image = "pause"' in dump
 
 
