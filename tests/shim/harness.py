@@ -89,7 +89,7 @@ class Containerd:
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.toml"
         config.write_text(CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket))
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([CONTAINERD, "--config", str(config)], stdout=log, stderr=log,
                                          env=self.env(), start_new_session=True)
         deadline = time.monotonic() + 20
@@ -100,6 +100,14 @@ class Containerd:
                 raise RuntimeError(f"containerd exited: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
         raise RuntimeError("containerd did not come up within 20 s")
+
+    def restart(self) -> None:
+        """Stop containerd alone (its shims and their tasks live on, as with systemctl restart) and
+        start it again."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(15)
+        self.start()
 
     def ctr(self, *args: str, input: bytes | None = None, check: bool = True, timeout: float = 120,
             namespace: str | None = None) -> subprocess.CompletedProcess[bytes]:

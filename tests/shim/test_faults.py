@@ -136,3 +136,18 @@ def test_same_id_again_right_away(containerd: Containerd) -> None:
         assert (p.returncode, p.stdout) == (0, f"{i}\n".encode()), p.stderr
         assert not _vm_processes(cid) and not _sandbox_dir(cid).exists()
     _assert_nothing_left(containerd, cid, None)
+
+
+def test_containerd_restart_keeps_the_task(containerd: Containerd) -> None:
+    cid, shim_pid = _start(containerd, "restart")
+    try:
+        containerd.restart()  # containerd reconnects to the shim through the bundle's address file
+        assert containerd.tasks()[cid] == "RUNNING"
+        ex = containerd.ctr("task", "exec", "--exec-id", "after", cid, "echo", "still here")
+        assert ex.stdout == b"still here\n"
+        containerd.ctr("task", "kill", "-s", "KILL", cid)
+        assert _wait_for(lambda: containerd.tasks().get(cid) == "STOPPED")
+        containerd.ctr("task", "rm", cid)
+    finally:
+        containerd.remove(cid)
+    _assert_nothing_left(containerd, cid, shim_pid)
