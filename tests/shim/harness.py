@@ -160,16 +160,21 @@ class Containerd:
         self.force_cleanup()
 
     def force_cleanup(self) -> None:
+        ours: set[str] = set()  # sandbox ids of pykata shims, to run their dead-shim cleanup
         for p in self.shims():
             with contextlib.suppress(psutil.Error):
+                cmd = p.cmdline()
+                if SHIM.name in " ".join(cmd[:2]) and "-id" in cmd[:-1]:
+                    ours.add(cmd[cmd.index("-id") + 1])
                 p.kill()
                 p.wait(5)
         tasks_dir = self.state / "io.containerd.runtime.v2.task" / self.namespace
-        for bundle in sorted(tasks_dir.iterdir()) if tasks_dir.is_dir() else []:
-            if (bundle / "shim.pid").exists():  # ours: the dead-shim cleanup, as containerd would run it
-                subprocess.run([str(SHIM), "-namespace", self.namespace, "-address", str(self.socket),
-                                "-id", bundle.name, "-bundle", str(bundle), "delete"], cwd=bundle,
-                               capture_output=True, timeout=30, check=False, env=self.env())
+        if tasks_dir.is_dir():
+            ours |= {b.name for b in tasks_dir.iterdir() if (b / "shim.pid").exists()}
+        for cid in sorted(ours):  # as containerd would run it (the bundle may be gone already)
+            subprocess.run([str(SHIM), "-namespace", self.namespace, "-address", str(self.socket),
+                            "-id", cid, "-bundle", str(tasks_dir / cid), "delete"], cwd=self.dir,
+                           capture_output=True, timeout=30, check=False, env=self.env())
         runc_root = RUNC_ROOT / self.namespace
         if runc_root.is_dir():
             for c in os.listdir(runc_root):

@@ -17,8 +17,9 @@ import psutil
 import pytest
 
 from pykata.config import load_config
+from pykata.images import ImageStore
 from pykata.sandbox import sandboxes_dir
-from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, RUNC_RUNTIME, Containerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
 
@@ -151,3 +152,27 @@ def test_containerd_restart_keeps_the_task(containerd: Containerd) -> None:
     finally:
         containerd.remove(cid)
     _assert_nothing_left(containerd, cid, shim_pid)
+
+
+def test_teardown_after_containerd_died_leaves_nothing(tmp_path: Path) -> None:
+    """The fixture's last resort: containerd killed with tasks running (runc's and ours) and nobody
+    left to delete them; its teardown must still remove every shim, VM, mount and socket."""
+    from pykata.images.builtin import export_oci_archive
+
+    ctd = Containerd(tmp_path / "ctd")
+    try:
+        ctd.start()
+        archive = export_oci_archive(ImageStore(tmp_path / "cache").resolve("busybox"), tmp_path / "b.tar", IMAGE)
+        ctd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
+        cid, shim_pid = _start(ctd, "orphan")
+        ctd.ctr("run", "-d", "--runtime", RUNC_RUNTIME, IMAGE, "orphan-runc", "sleep", "1000")
+        sock = Path((ctd.bundle(cid) / "address").read_text().removeprefix("unix://"))
+        assert ctd.proc is not None
+        ctd.proc.kill()
+        ctd.proc.wait(10)
+    finally:
+        ctd.stop()
+    assert not ctd.shims()
+    assert not _vm_processes(cid) and not _mounts(cid) and not _sandbox_dir(cid).exists()
+    assert not sock.exists() and not psutil.pid_exists(shim_pid)
+    assert not [ln for ln in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in ln]
