@@ -3,7 +3,12 @@
 The Python API: `pykata.Sandbox` (blocking) and `pykata.AsyncSandbox` (asyncio), see pykata.sdk.
 """
 
+from typing import TYPE_CHECKING
+
 from pykata.errors import PykataError
+
+if TYPE_CHECKING:
+    __version__: str
 
 __all__ = ["AsyncSandbox", "ExecResult", "PykataError", "Sandbox", "__version__"]
 
