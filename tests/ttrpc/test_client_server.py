@@ -274,3 +274,29 @@ async def test_close_returns_after_the_socket_is_closed(echo_server: Any) -> Non
     sock = client._p._transport.get_extra_info("socket")
     await client.close()
     assert sock.fileno() == -1
+
+
+async def test_server_stream_ended_by_data_without_a_response(tmp_path: Path) -> None:
+    """ttrpc 1.2 lets a server end a stream with Data[remote closed] and no Response message."""
+    path = str(tmp_path / "raw.sock")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header = await reader.readexactly(10)
+        sid = int.from_bytes(header[4:8], "big")
+        await reader.readexactly(int.from_bytes(header[:4], "big"))
+        writer.write(encode_frame(sid, FrameType.DATA, Flags.NONE, Echo(tag=1).SerializeToString()))
+        writer.write(encode_frame(sid, FrameType.DATA, Flags.REMOTE_CLOSED, Echo(tag=2).SerializeToString()))
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    srv = await asyncio.start_unix_server(serve, path)
+    client = await connect_unix(path)
+    try:
+        stream = client.stream(ECHO_SERVICE, "Count", Echo(tag=2), timeout=5)
+        assert [m.tag async for m in stream] == [1, 2]
+        assert await stream.response() is None
+    finally:
+        await client.close()
+        srv.close()
+        await srv.wait_closed()

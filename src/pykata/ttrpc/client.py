@@ -69,6 +69,10 @@ class _ClientProtocol(ConnectionProtocol):
             if event.payload or not event.end_stream:
                 p.queue.put_nowait(event.payload)
             if event.end_stream:
+                # ttrpc 1.2: a server may finish a stream with Data[remote closed] and no Response
+                del self.pending[event.stream_id]
+                if not p.response.done():
+                    p.response.set_result(ResponseReceived(event.stream_id, Code.OK, "", (), b""))
                 p.queue.put_nowait(_END)
 
     def on_closed(self, exc: BaseException | None) -> None:

@@ -163,14 +163,7 @@ class Connection:
                 remote_open=remote_open, streaming=frame.flags != Flags.NONE,
             )
         if frame.type is FrameType.DATA:
-            state = self._streams.get(sid)
-            if state is None or state.remote_closed:
-                self.dropped_frames += 1
-                return None
-            end = bool(frame.flags & Flags.REMOTE_CLOSED)
-            state.remote_closed = end
-            self._maybe_finish(sid, state)
-            return DataReceived(sid, b"" if frame.flags & Flags.NO_DATA else frame.data, end)
+            return self._handle_data(frame)
         raise RemoteProtocolError(f"client sent a {frame.type.name} frame on stream {sid}")
 
     def _handle_as_client(self, frame: Frame) -> Event | None:
@@ -189,15 +182,20 @@ class Connection:
                 sid, Code.from_wire(status.code), status.message, tuple(status.details), resp.payload
             )
         if frame.type is FrameType.DATA:
-            state = self._streams.get(sid)
-            if state is None:
-                self.dropped_frames += 1
-                return None
-            end = bool(frame.flags & Flags.REMOTE_CLOSED)
-            state.remote_closed = end
-            self._maybe_finish(sid, state)
-            return DataReceived(sid, b"" if frame.flags & Flags.NO_DATA else frame.data, end)
+            return self._handle_data(frame)
         raise RemoteProtocolError(f"server sent a {frame.type.name} frame on stream {sid}")
+
+    def _handle_data(self, frame: Frame) -> DataReceived | None:
+        """Data on an open stream; data for a stream we do not track, or after the peer closed its
+        side, is dropped (a cancelled call, an answered stream), not a protocol error."""
+        state = self._streams.get(frame.stream_id)
+        if state is None or state.remote_closed:
+            self.dropped_frames += 1
+            return None
+        end = bool(frame.flags & Flags.REMOTE_CLOSED)
+        state.remote_closed = end
+        self._maybe_finish(frame.stream_id, state)
+        return DataReceived(frame.stream_id, b"" if frame.flags & Flags.NO_DATA else frame.data, end)
 
     def _maybe_finish(self, sid: int, state: _StreamState) -> None:
         if state.local_closed and state.remote_closed:
