@@ -13,6 +13,7 @@ APT_PACKAGES=(
     golang-github-containerd-cgroups-dev protobuf-compiler libprotobuf-dev
     linux-source-6.1 flex bison bc libelf-dev libssl-dev
     e2fsprogs
+    containernetworking-plugins
 )
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
@@ -44,6 +45,10 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     .venv/bin/pip install -q -e ".[test]"
     echo "$want" > "$stamp"
 fi
+# The CRI client of tests/cri: its metadata asks for protobuf~=6.31, which conflicts with our pinned
+# protobuf 7 although its generated stubs work with it, so pip installs it without its dependencies
+# (grpcio and protobuf are pinned in pyproject.toml).
+.venv/bin/pip install -q --no-deps container-runtime-interface-api==2.0.1
 
 # Guest kernel and image (built once, cached by a hash of their inputs), and the VM template that
 # sandboxes start from (made once per kernel/image/QEMU; see [factory] in the configuration).

@@ -1,0 +1,219 @@
+"""A private containerd 1.6 (Debian's) with the CRI plugin enabled, and a small CRI client.
+
+Like tests/shim/harness.py (whose Containerd it extends), containerd gets its own root, state, sockets
+and config in a temp dir. The CRI plugin is configured as ARCHITECTURE.md says works on these machines:
+restrict_oom_score_adj, a local pause image (pykata's built-in `pause`, whose entrypoint sleeps
+forever) as sandbox_image, CNI plugins from /usr/lib/cni with a loopback-only network (the shim ignores
+the pod netns for now), and two runtime handlers: `runc` and `pykata` (io.containerd.pykata.v2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from cri_api.v1 import api_pb2, api_pb2_grpc
+
+from pykata.images import ImageStore
+from pykata.images.builtin import export_oci_archive
+from tests.shim.harness import CONTAINERD, SHIM, Containerd
+
+NAMESPACE = "k8s.io"  # where the CRI plugin keeps its images, containers and tasks
+PAUSE_IMAGE = "pykata.local/pause:latest"
+BUSYBOX_IMAGE = "pykata.local/busybox:latest"
+CNI_BIN_DIR = Path("/usr/lib/cni")
+CALL_TIMEOUT = 60.0  # every CRI call: a hang is a failure, never a wait
+
+CRI_CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "debug"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{cni_conf}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata]
+      runtime_type = "io.containerd.pykata.v2"
+      pod_annotations = ["io.katacontainers.*"]
+"""
+
+# CRI wants an address on the pod's eth0: a bridge with host-local addresses, all inside containerd's own
+# network namespace (see CriContainerd), so the host's network is never touched
+CNI_CONF = """{{"cniVersion": "0.4.0", "name": "pykata-test", "plugins": [
+  {{"type": "bridge", "bridge": "pkcri0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "dataDir": "{data}", "ranges": [[{{"subnet": "10.254.0.0/24"}}]]}}}}]}}
+"""
+
+
+def missing_cri_prerequisites() -> str | None:
+    """What scripts/install.sh should have provided for the CRI tests and did not (None when all is there)."""
+    from tests.shim.harness import missing_prerequisites
+
+    missing = missing_prerequisites()
+    if missing:
+        return missing
+    if not (CNI_BIN_DIR / "loopback").exists():
+        return f"{CNI_BIN_DIR}/loopback (Debian containernetworking-plugins)"
+    return None
+
+
+@dataclass
+class CriContainerd(Containerd):
+    """A private containerd with its CRI plugin on, its images imported into k8s.io."""
+
+    namespace: str = NAMESPACE
+    netns: str = field(default_factory=lambda: f"pykata-cri-{uuid.uuid4().hex[:8]}")
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cni_conf = self.dir / "cni"
+        cni_conf.mkdir(exist_ok=True)
+        (cni_conf / "10-pykata-test.conflist").write_text(CNI_CONF.format(data=self.dir / "cni-ipam"))
+        config = self.dir / "config.toml"
+        config.write_text(CRI_CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket,
+                                            pause=PAUSE_IMAGE, cni_bin=CNI_BIN_DIR, cni_conf=cni_conf))
+        assert CONTAINERD is not None
+        with open(self.log, "ab") as log:
+            # containerd (and so its shims and the CNI plugins) in a network namespace of its own, and
+            # nothing else of its own: a mount namespace would hide the shims' mounts from the host
+            if not Path(f"/var/run/netns/{self.netns}").exists():
+                subprocess.run(["ip", "netns", "add", self.netns], check=True)
+                subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+            argv = ["nsenter", f"--net=/var/run/netns/{self.netns}", CONTAINERD, "--config", str(config)]
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
+                                         env=self.env(), start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.socket.exists() and self.ctr("version", check=False, timeout=5).returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"containerd exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("containerd did not come up within 20 s")
+
+    def import_images(self, cache: Path) -> None:
+        store = ImageStore(cache)
+        for name, ref in (("pause", PAUSE_IMAGE), ("busybox", BUSYBOX_IMAGE)):
+            archive = export_oci_archive(store.resolve(name), self.dir / f"{name}.tar", ref)
+            self.ctr("images", "import", "--base-name", ref.rsplit(":", 1)[0], str(archive))
+
+    def stop(self) -> None:
+        """Remove every pod through CRI, then everything else as the shim harness does."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception), Cri(self.socket) as cri:
+                for pod in cri.list_pods():
+                    with contextlib.suppress(Exception):
+                        cri.stop_pod(pod.id)
+                    with contextlib.suppress(Exception):
+                        cri.remove_pod(pod.id)
+        try:
+            super().stop()
+        finally:
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+
+    def pod_leftovers(self, pod_id: str) -> list[str]:
+        """What of pod `pod_id` is still there: shim, QEMU, virtiofsd processes, /run/pykata mounts
+        and directories, CRI sandbox dirs. Empty when the pod is fully gone."""
+        left: list[str] = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if pod_id in cmd and any(k in cmd for k in (SHIM.name, "qemu-system", "virtiofsd", "containerd-shim")):
+                left.append(f"process {p.pid}: {cmd[:120]}")
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mp = line.split()[4]
+                if pod_id in mp:
+                    left.append(f"mount {mp}")
+        for base in ("/run/pykata", "/var/run/pykata", str(self.state / "io.containerd.grpc.v1.cri" / "sandboxes"),
+                     str(self.dir / "root" / "io.containerd.grpc.v1.cri" / "sandboxes")):
+            with contextlib.suppress(OSError):
+                for dirpath, dirnames, _ in os.walk(base):
+                    left += [f"dir {dirpath}/{d}" for d in dirnames if pod_id in d]
+        return left
+
+
+@dataclass
+class Cri:
+    """CRI v1 RuntimeService over containerd's unix socket; every call times out after CALL_TIMEOUT."""
+
+    socket: Path
+    timeout: float = CALL_TIMEOUT
+    channel: grpc.Channel | None = field(default=None, init=False)
+
+    def __enter__(self) -> Cri:
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        self.rt = api_pb2_grpc.RuntimeServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.channel is not None:
+            self.channel.close()
+
+    def run_pod(self, name: str, handler: str) -> tuple[str, Any]:
+        config = api_pb2.PodSandboxConfig(
+            metadata=api_pb2.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="pykata-test", attempt=0),
+            hostname=name[:63], linux=api_pb2.LinuxPodSandboxConfig())
+        reply = self.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler),
+                                      timeout=self.timeout)
+        return reply.pod_sandbox_id, config
+
+    def create_container(self, pod_id: str, pod_config: Any, name: str, image: str, command: list[str]) -> str:
+        config = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name=name),
+                                         image=api_pb2.ImageSpec(image=image), command=command,
+                                         linux=api_pb2.LinuxContainerConfig())
+        reply = self.rt.CreateContainer(api_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config), timeout=self.timeout)
+        return str(reply.container_id)
+
+    def start_container(self, cid: str) -> None:
+        self.rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=self.timeout)
+
+    def exec_sync(self, cid: str, cmd: list[str], timeout: int = 30) -> Any:
+        return self.rt.ExecSync(api_pb2.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout),
+                                timeout=self.timeout)
+
+    def container_state(self, cid: str) -> str:
+        reply = self.rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid), timeout=self.timeout)
+        return api_pb2.ContainerState.Name(reply.status.state)
+
+    def stop_pod(self, pod_id: str) -> None:
+        self.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=self.timeout)
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=self.timeout)
+
+    def list_pods(self) -> list[Any]:
+        return list(self.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=self.timeout).items)
+
+
+def wait_gone(ctd: CriContainerd, pod_id: str, within: float = 20) -> list[str]:
+    """The pod's leftovers once they stop shrinking (shims exit shortly after RemovePodSandbox)."""
+    deadline = time.monotonic() + within
+    left = ctd.pod_leftovers(pod_id)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = ctd.pod_leftovers(pod_id)
+    return left

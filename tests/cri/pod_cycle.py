@@ -1,0 +1,74 @@
+"""One pod life cycle through CRI, as kubelet drives it, shared by tests/cri and bench/churn.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, wait_gone
+
+
+class CycleError(AssertionError):
+    """A step of the pod cycle gave a wrong answer."""
+
+
+@dataclass
+class CycleResult:
+    pod_id: str
+    seconds: float
+    hang: bool = False  # some call hit its deadline
+    leftovers: list[str] = field(default_factory=list)
+    stop_errors: list[str] = field(default_factory=list)  # racing StopPodSandbox replies that were errors
+
+
+def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str) -> CycleResult:
+    """RunPodSandbox, two busybox containers created and started, ExecSync `echo foo`, ContainerStatus,
+    then 3 concurrent StopPodSandbox, 1 more, RemovePodSandbox; check the pod is gone and left nothing.
+
+    Raises CycleError when an answer is wrong, grpc.RpcError when a call fails (a DEADLINE_EXCEEDED one
+    is a hang). One error reply among the racing StopPodSandbox calls is tolerated (the issue allows it)
+    when the StopPodSandbox after them succeeds.
+    """
+    start = time.monotonic()
+    pod_id, pod_config = cri.run_pod(f"churn-{handler}-{uuid.uuid4().hex[:6]}", handler)
+    result = CycleResult(pod_id, 0.0)
+    try:
+        ids = [cri.create_container(pod_id, pod_config, f"c{i}", BUSYBOX_IMAGE, ["sleep", "3600"])
+               for i in range(2)]
+        for cid in ids:
+            cri.start_container(cid)
+        reply = cri.exec_sync(ids[0], ["echo", "foo"])
+        if reply.stdout != b"foo\n" or reply.exit_code != 0:
+            raise CycleError(f"ExecSync echo foo -> {reply.stdout!r} exit {reply.exit_code}: {reply.stderr!r}")
+        for cid in ids:
+            if (state := cri.container_state(cid)) != "CONTAINER_RUNNING":
+                raise CycleError(f"container {cid} is {state}, not running")
+        if not ctd.pod_leftovers(pod_id):  # the leak check below must see a live pod's parts
+            raise CycleError(f"no shim process or directory of the running pod {pod_id} found")
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(cri.stop_pod, pod_id) for _ in range(3)]
+            for f in futures:
+                try:
+                    f.result()
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    result.stop_errors.append(f"{e.code().name}: {e.details()}")
+        if len(result.stop_errors) > 1:
+            raise CycleError(f"more than one racing StopPodSandbox failed: {result.stop_errors}")
+        cri.stop_pod(pod_id)
+        cri.remove_pod(pod_id)
+    except grpc.RpcError as e:
+        result.hang = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        raise
+    finally:
+        result.seconds = time.monotonic() - start
+    if any(p.id == pod_id for p in cri.list_pods()):
+        raise CycleError(f"pod {pod_id} still listed after RemovePodSandbox")
+    result.leftovers = wait_gone(ctd, pod_id)
+    result.seconds = time.monotonic() - start
+    return result
