@@ -120,11 +120,16 @@ def test_log_uri_file(containerd: Containerd, tmp_path: Path) -> None:
         log = tmp_path / runtime / "c.log"
         p = ctd.ctr("run", "--rm", "--runtime", runtime, "--log-uri", f"file://{log}", IMAGE, _cid("log"),
                     "sh", "-c", "echo to-out; echo to-err >&2; exit 3", check=False)
+        deadline = time.monotonic() + 3  # the log copy may finish just after the task's exit
+        while len(log.read_text().splitlines()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         return p.returncode, p.stdout, sorted(log.read_text().splitlines())
 
     runc, pykata = both(scenario, containerd)
-    assert runc == (3, b"", ["to-err", "to-out"])
-    assert pykata == runc
+    assert pykata == (3, b"", ["to-err", "to-out"])
+    # runc's shim sometimes loses the last stderr line of a --rm task under load (its copy races the
+    # delete); what it does write must be what pykata writes
+    assert runc[:2] == pykata[:2] and set(runc[2]) <= set(pykata[2])
 
 
 def _metrics(raw: str) -> dict[str, str]:
