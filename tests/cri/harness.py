@@ -10,6 +10,7 @@ the pod netns for now), and two runtime handlers: `runc` and `pykata` (io.contai
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -147,11 +148,17 @@ class CriContainerd(Containerd):
                 mp = line.split()[4]
                 if pod_id in mp:
                     left.append(f"mount {mp}")
+        for cg, dirnames, _ in os.walk("/sys/fs/cgroup"):
+            if cg.count("/") > 6:  # cgroups of pods sit a few levels down at most
+                dirnames.clear()
+            left += [f"cgroup {cg}/{d}" for d in dirnames if pod_id in d]
         for base in ("/run/pykata", "/var/run/pykata", str(self.state / "io.containerd.grpc.v1.cri" / "sandboxes"),
                      str(self.dir / "root" / "io.containerd.grpc.v1.cri" / "sandboxes")):
             with contextlib.suppress(OSError):
                 for dirpath, dirnames, _ in os.walk(base):
                     left += [f"dir {dirpath}/{d}" for d in dirnames if pod_id in d]
+                    if dirpath.count("/") - base.count("/") >= 2:  # not down into the sandboxes' rootfs trees
+                        dirnames.clear()
         return left
 
 
@@ -204,6 +211,16 @@ class Cri:
 
     def remove_pod(self, pod_id: str) -> None:
         self.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=self.timeout)
+
+    def pod_netns(self, pod_id: str) -> str | None:
+        """The path of the pod's network namespace, from the verbose PodSandboxStatus."""
+        reply = self.rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True),
+                                         timeout=self.timeout)
+        spec = json.loads(reply.info.get("info", "{}")).get("runtimeSpec", {})
+        for ns in spec.get("linux", {}).get("namespaces", []):
+            if ns.get("type") == "network" and ns.get("path"):
+                return str(ns["path"])
+        return None
 
     def list_pods(self) -> list[Any]:
         return list(self.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=self.timeout).items)

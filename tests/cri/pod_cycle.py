@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,9 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str) -> CycleResult:
         for cid in ids:
             if (state := cri.container_state(cid)) != "CONTAINER_RUNNING":
                 raise CycleError(f"container {cid} is {state}, not running")
+        netns = cri.pod_netns(pod_id)
+        if netns is None or not os.path.exists(netns):
+            raise CycleError(f"pod {pod_id} has no network namespace: {netns}")
         if not ctd.pod_leftovers(pod_id):  # the leak check below must see a live pod's parts
             raise CycleError(f"no shim process or directory of the running pod {pod_id} found")
         with ThreadPoolExecutor(3) as pool:
@@ -70,5 +74,7 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str) -> CycleResult:
     if any(p.id == pod_id for p in cri.list_pods()):
         raise CycleError(f"pod {pod_id} still listed after RemovePodSandbox")
     result.leftovers = wait_gone(ctd, pod_id)
+    if os.path.exists(netns):
+        result.leftovers.append(f"netns {netns}")
     result.seconds = time.monotonic() - start
     return result
