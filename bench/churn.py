@@ -52,6 +52,8 @@ def churn(ctd: CriContainerd, handler: str, n: int) -> dict[str, Any]:
                 continue
             times.append(r.seconds)
             stats["stop_errors_tolerated"] += len(r.stop_errors)
+            for err in r.stop_errors:
+                print(f"{handler} #{i}: a racing StopPodSandbox failed (tolerated, retried): {err}", file=sys.stderr)
             if r.leftovers:
                 stats["leaks"] += 1
                 print(f"{handler} #{i}: pod {r.pod_id} left {r.leftovers}", file=sys.stderr)

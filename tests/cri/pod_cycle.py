@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,13 +27,15 @@ class CycleResult:
     stop_errors: list[str] = field(default_factory=list)  # racing StopPodSandbox replies that were errors
 
 
-def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str) -> CycleResult:
+def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
+              fault: Callable[[str], None] | None = None) -> CycleResult:
     """RunPodSandbox, two busybox containers created and started, ExecSync `echo foo`, ContainerStatus,
     then 3 concurrent StopPodSandbox, 1 more, RemovePodSandbox; check the pod is gone and left nothing.
 
     Raises CycleError when an answer is wrong, grpc.RpcError when a call fails (a DEADLINE_EXCEEDED one
     is a hang). One error reply among the racing StopPodSandbox calls is tolerated (the issue allows it)
-    when the StopPodSandbox after them succeeds.
+    when the StopPodSandbox after them succeeds. `fault`, when given, is called with the pod id between
+    the exec and the stops (to kill a process of the pod, say).
     """
     start = time.monotonic()
     pod_id, pod_config = cri.run_pod(f"churn-{handler}-{uuid.uuid4().hex[:6]}", handler)
@@ -53,6 +56,8 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str) -> CycleResult:
             raise CycleError(f"pod {pod_id} has no network namespace: {netns}")
         if not ctd.pod_leftovers(pod_id):  # the leak check below must see a live pod's parts
             raise CycleError(f"no shim process or directory of the running pod {pod_id} found")
+        if fault is not None:
+            fault(pod_id)
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(cri.stop_pod, pod_id) for _ in range(3)]
             for f in futures:
