@@ -33,8 +33,8 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
     then 3 concurrent StopPodSandbox, 1 more, RemovePodSandbox; check the pod is gone and left nothing.
 
     Raises CycleError when an answer is wrong, grpc.RpcError when a call fails (a DEADLINE_EXCEEDED one
-    is a hang). One error reply among the racing StopPodSandbox calls is tolerated (the issue allows it)
-    when the StopPodSandbox after them succeeds. `fault`, when given, is called with the pod id between
+    is a hang). containerd's CNI teardown error on racing StopPodSandbox calls is tolerated (the issue allows
+    it) when the StopPodSandbox after them succeeds. `fault`, when given, is called with the pod id between
     the exec and the stops (to kill a process of the pod, say).
     """
     start = time.monotonic()
@@ -67,8 +67,11 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
                     if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise
                     result.stop_errors.append(f"{e.code().name}: {e.details()}")
-        if len(result.stop_errors) > 1:
-            raise CycleError(f"more than one racing StopPodSandbox failed: {result.stop_errors}")
+        # containerd 1.6's own CNI teardown race may fail any of the racing duplicates (kubelet
+        # retries them); any other error is ours, and the retry below must succeed either way
+        other = [e for e in result.stop_errors if "failed to destroy network" not in e]
+        if other:
+            raise CycleError(f"racing StopPodSandbox failed: {other}")
         cri.stop_pod(pod_id)
         cri.remove_pod(pod_id)
     except grpc.RpcError as e:
