@@ -253,16 +253,24 @@ class AgentService:
             raise RpcError(Code.INTERNAL, f"path: {req.path!r}: {exc.strerror or exc}") from None
         return Empty()
 
-    # -- networking (not yet: needs rtnetlink, which the guest's stdlib-only Python lacks) ----
+    # -- networking (pykata.agent.network: rtnetlink through pyroute2) ---------------------------
 
     async def UpdateInterface(self, req: agent_pb2.UpdateInterfaceRequest, ctx: Any) -> agent_pb2.Interface:
-        raise RpcError(Code.UNIMPLEMENTED, "UpdateInterface: guest networking is not implemented yet")
+        from pykata.agent import network
+
+        return await network.update_interface(req.interface)
 
     async def UpdateRoutes(self, req: agent_pb2.UpdateRoutesRequest, ctx: Any) -> agent_pb2.Routes:
-        raise RpcError(Code.UNIMPLEMENTED, "UpdateRoutes: guest networking is not implemented yet")
+        from pykata.agent import network
+
+        return await network.update_routes(req.routes.routes)
 
     async def ListInterfaces(self, req: agent_pb2.ListInterfacesRequest, ctx: Any) -> agent_pb2.Interfaces:
-        raise RpcError(Code.UNIMPLEMENTED, "ListInterfaces: guest networking is not implemented yet")
+        from pykata.agent import network
+
+        return await network.list_interfaces()
 
     async def ListRoutes(self, req: agent_pb2.ListRoutesRequest, ctx: Any) -> agent_pb2.Routes:
-        raise RpcError(Code.UNIMPLEMENTED, "ListRoutes: guest networking is not implemented yet")
+        from pykata.agent import network
+
+        return await network.list_routes()

@@ -544,7 +544,7 @@ class IPAddress(_message.Message):
     def __init__(self, family: _Optional[_Union[IPFamily, str]] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ...) -> None: ...
 
 class Interface(_message.Message):
-    __slots__ = ("device", "name", "addresses", "mtu", "hw_addr", "type", "raw_flags")
+    __slots__ = ("device", "name", "addresses", "mtu", "hw_addr", "type", "raw_flags", "current_hw_addr")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
@@ -552,6 +552,7 @@ class Interface(_message.Message):
     HW_ADDR_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     RAW_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_HW_ADDR_FIELD_NUMBER: _ClassVar[int]
     device: str
     name: str
     addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
@@ -559,7 +560,8 @@ class Interface(_message.Message):
     hw_addr: str
     type: str
     raw_flags: int
-    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., mtu: _Optional[int] = ..., hw_addr: _Optional[str] = ..., type: _Optional[str] = ..., raw_flags: _Optional[int] = ...) -> None: ...
+    current_hw_addr: str
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., mtu: _Optional[int] = ..., hw_addr: _Optional[str] = ..., type: _Optional[str] = ..., raw_flags: _Optional[int] = ..., current_hw_addr: _Optional[str] = ...) -> None: ...
 
 class Interfaces(_message.Message):
     __slots__ = ("interfaces",)
