@@ -1,15 +1,18 @@
 """Find and load configuration.toml.
 
 Lookup order: `$PYKATA_CONFIG`, then /etc/pykata/configuration.toml, then the default packaged with
-pykata. A pod can name another file with the annotation `io.katacontainers.config_path`.
+pykata. A pod can name another file with the annotation `io.katacontainers.config_path`, and override
+allowed keys with `io.katacontainers.config.*` (pykata.config.annotations).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from importlib import resources
 from pathlib import Path
 
+from pykata.config.annotations import apply_annotations
 from pykata.config.parse import parse_toml
 from pykata.config.schema import Config
 from pykata.errors import ConfigError
@@ -75,12 +78,22 @@ def load_config_file(path: str | os.PathLike[str], *, field: str | None = None) 
 
 
 def load_for_annotations(annotations: dict[str, str], environ: dict[str, str] | None = None) -> Config:
-    """The configuration a pod asks for: the file named by `io.katacontainers.config_path`, else the default.
+    """The configuration a pod asks for: the file named by `io.katacontainers.config_path` (else the
+    default), with the pod's `io.katacontainers.config.*` overrides applied.
+
+    A pod whose overrides change the hypervisor section boots its VM cold instead of from a VM
+    template: a template is made only from the host's own configuration. Otherwise every value a pod
+    picks (a memory size, a kernel parameter) would make, and keep, another template: ~10 s of boot
+    for the first such pod and the template's saved guest RAM (~140 MiB, in factory.template_path,
+    a tmpfs by default) for each value, which a pod spec must not be able to make the host pile up.
 
     Raises:
-        ConfigError: as `load_config_file`, with the annotation named as the field.
+        ConfigError: as `load_config_file`, with the annotation named as the field; or naming the
+            `io.katacontainers.config.*` annotation that is unknown, not allowed or has a bad value.
     """
     path = annotations.get(CONFIG_PATH_ANNOTATION)
-    if path:
-        return load_config_file(path, field=CONFIG_PATH_ANNOTATION)
-    return load_config(environ)
+    base = load_config_file(path, field=CONFIG_PATH_ANNOTATION) if path else load_config(environ)
+    config = apply_annotations(base, annotations)
+    if config.qemu != base.qemu and config.factory.enable_template:
+        config = dataclasses.replace(config, factory=dataclasses.replace(config.factory, enable_template=False))
+    return config

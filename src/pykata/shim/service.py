@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -36,12 +35,13 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pykata.config import Config, load_for_annotations
-from pykata.errors import PykataError
+from pykata.errors import ConfigError, PykataError
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import Process, Sandbox, sandboxes_dir
 from pykata.sandbox.agent_client import AgentCallError
 from pykata.sandbox.mounts import RootfsMount
+from pykata.shim import sizing
 from pykata.shim.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -64,7 +64,6 @@ _T = TypeVar("_T")
 _ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 MAX_ID = 76
 IO_DRAIN_TIMEOUT = 2.0  # how long Delete lets output finish (runc's shim waits 2 s too)
-VM_MEMORY_OVERHEAD_MIB = 256
 LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
 
 
@@ -83,12 +82,12 @@ class TaskService:
     """The handler object for TASK_SERVICE (one async method per RPC)."""
 
     def __init__(self, sandbox_id: str, namespace: str, events: EventPublisher, *,
-                 config: Callable[[dict[str, str]], Config] = load_for_annotations,
+                 config: Callable[[dict[str, str]], Config] | None = None,
                  on_exit: Callable[[], None] | None = None) -> None:
         self.sandbox_id = sandbox_id
         self.namespace = namespace
         self.events = events
-        self._load_config = config
+        self._load_config = config or _pod_config
         self._on_exit = on_exit
         self.containers: dict[str, ShimContainer] = {}
         self._creating: set[str] = set()
@@ -148,7 +147,7 @@ class TaskService:
             with agent_errors(f"sandbox {self.sandbox_id}"):
                 config = self._load_config({str(k): str(v) for k, v in annotations.items()})
                 await _remove_dead_leftover(config, self.sandbox_id)
-                vcpus, memory_mib = _vm_size(spec)
+                config, vcpus, memory_mib = _vm_size(spec, config)
                 log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
                          memory_mib or "default")
                 self.sandbox = await Sandbox.create(
@@ -607,20 +606,28 @@ class TaskService:
             await asyncio.wait(list(self._background), timeout=2.0)
 
 
-def _vm_size(spec: dict[str, Any]) -> tuple[int | None, int | None]:
-    """vCPUs and MiB for the VM from the container's limits (like `pykata run`); None = default."""
-    res = ((spec.get("linux") or {}).get("resources") or {})
-    vcpus = memory_mib = None
-    with contextlib.suppress(TypeError, ValueError, AttributeError):
-        limit = int((res.get("memory") or {}).get("limit") or 0)
-        if limit > 0:
-            memory_mib = (limit >> 20) + VM_MEMORY_OVERHEAD_MIB
-    with contextlib.suppress(TypeError, ValueError, AttributeError, ZeroDivisionError):
-        cpu = res.get("cpu") or {}
-        quota, period = int(cpu.get("quota") or 0), int(cpu.get("period") or 100_000)
-        if quota > 0:
-            vcpus = math.ceil(quota / period)
-    return vcpus, memory_mib
+def _pod_config(annotations: dict[str, str]) -> Config:
+    """The pod's configuration (load_for_annotations).
+
+    Raises InvalidArgumentError naming the `io.katacontainers.*` annotation that is bad or not
+    allowed (the pod's mistake); ConfigError for the host's own configuration file.
+    """
+    try:
+        return load_for_annotations(annotations)
+    except ConfigError as e:
+        if not e.field.startswith("io.katacontainers."):
+            raise
+        raise InvalidArgumentError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+
+
+def _vm_size(spec: dict[str, Any], config: Config) -> tuple[Config, int | None, int | None]:
+    """The configuration, vCPUs and MiB (None: the default) for the sandbox VM, from the pod's sandbox
+    annotations and the container's limits (pykata.shim.sizing: a VM larger than the configured one
+    boots cold, without a template).
+
+    Raises InvalidArgumentError naming the annotation or spec field with a bad value.
+    """
+    return sizing.fit(config, sizing.pod_size(spec))
 
 
 async def _remove_dead_leftover(config: Config, sandbox_id: str) -> None:

@@ -1,0 +1,182 @@
+"""How big the sandbox VM of a shim is: from the pod's sandbox annotations and the container's limits.
+
+containerd's CRI plugin (1.6.20 checked: pkg/cri/server/sandbox_run_linux.go) puts the pod's
+resources on the sandbox (pause) container's spec when kubelet sends them in
+`PodSandboxConfig.linux.resources` (kubelet >= 1.23 does: the sum of the containers' limits):
+
+    io.kubernetes.cri.sandbox-cpu-period   CpuPeriod (µs, 0 when unset)
+    io.kubernetes.cri.sandbox-cpu-quota    CpuQuota  (µs per period, 0 or -1 when unlimited)
+    io.kubernetes.cri.sandbox-cpu-shares   CpuShares (a relative weight)
+    io.kubernetes.cri.sandbox-memory       MemoryLimitInBytes (0 when unset)
+
+The pause container itself has no limits. A container started by itself (`ctr run`, one container
+per VM) has its limits in `linux.resources`. The VM gets what the larger of the two asks for:
+ceil(quota / period) vCPUs and the memory limit plus VM_MEMORY_OVERHEAD_MIB for the guest kernel,
+agent and page cache (as `pykata run`), never less than the configuration's default_vcpus and
+default_memory (Sandbox.create takes the maximum). CPU shares are a weight between cgroups, not an
+amount of CPU: they are checked but do not size the VM (Kata does the same).
+
+The size is fixed when the VM starts: containers that join the pod later do not grow it (the
+microvm machine has no CPU or memory hotplug); their own limits are still enforced inside the guest
+by crun's cgroups. This is the sandbox-annotation ("static") sizing Kata uses where it cannot hotplug.
+
+VM templates: a template is one saved VM of the configured size, and QEMU can only restore a VM of
+the same size from it. A VM bigger than the configured default therefore boots cold (~3 s under TCG
+instead of a ~0.2 s clone) rather than making a template for every size a pod asks for: each such
+template costs a ~10 s boot to make and keeps ~140 MiB of saved guest RAM (factory.template_path,
+a tmpfs by default) for as long as it exists, and pod specs would decide how many there are.
+Kata's factory falls back to a direct boot when the template does not match, too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pykata.config import Config
+from pykata.shim.errors import InvalidArgumentError
+
+log = logging.getLogger("pykata.shim")
+
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+
+VM_MEMORY_OVERHEAD_MIB = 256
+DEFAULT_CPU_PERIOD = 100_000  # µs, the kernel's and kubelet's default
+# cgroup limits: cpu.cfs_period_us is 1 ms .. 1 s; cpu.shares 2 .. 262144 (0: unset)
+MIN_CPU_PERIOD, MAX_CPU_PERIOD = 1_000, 1_000_000
+MAX_CPU_SHARES = 262_144
+MAX_VALUE_LEN = 20  # an int64 in decimal; anything longer is not a number containerd wrote
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class PodSize:
+    """What a sandbox asks for; None means "the configuration's default". `*_source` name the
+    annotation or spec field each value came from (for error messages)."""
+
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    vcpus_source: str = ""
+    memory_source: str = ""
+
+
+def _int(field: str, value: object) -> int:
+    """An integer from a spec value or an annotation string. Raises InvalidArgumentError naming `field`."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(field, f"must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= MAX_VALUE_LEN:
+        text = value.strip()
+        digits = text[1:] if text.startswith("-") else text
+        if digits.isascii() and digits.isdigit():
+            return int(text)
+    shown = value[:40] if isinstance(value, str) else value
+    raise InvalidArgumentError(field, f"must be an integer, got {shown!r}")
+
+
+def _vcpus(quota: int, period: int, quota_field: str, period_field: str) -> int | None:
+    """ceil(quota / period), None when the quota means "unlimited" (0 or -1)."""
+    if quota < -1:
+        raise InvalidArgumentError(quota_field, f"{quota} is negative (-1 or 0 mean no limit)")
+    if period == 0:
+        period = DEFAULT_CPU_PERIOD
+    elif not MIN_CPU_PERIOD <= period <= MAX_CPU_PERIOD:
+        raise InvalidArgumentError(period_field, f"{period} µs is outside {MIN_CPU_PERIOD}..{MAX_CPU_PERIOD}")
+    if quota <= 0:
+        return None
+    return math.ceil(quota / period)
+
+
+def _memory_mib(limit: int, field: str) -> int | None:
+    """The VM memory for a memory limit in bytes: None when unlimited (0 or -1)."""
+    if limit < -1:
+        raise InvalidArgumentError(field, f"{limit} is negative (-1 or 0 mean no limit)")
+    if limit <= 0:
+        return None
+    return math.ceil(limit / MIB) + VM_MEMORY_OVERHEAD_MIB
+
+
+def _from_annotations(annotations: Mapping[str, Any]) -> PodSize:
+    values = {name: _int(name, annotations[name]) for name in
+              (SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_CPU_SHARES, SANDBOX_MEMORY) if name in annotations}
+    shares = values.get(SANDBOX_CPU_SHARES, 0)
+    if not 0 <= shares <= MAX_CPU_SHARES:
+        raise InvalidArgumentError(SANDBOX_CPU_SHARES, f"{shares} is outside 0..{MAX_CPU_SHARES}")
+    vcpus = _vcpus(values.get(SANDBOX_CPU_QUOTA, 0), values.get(SANDBOX_CPU_PERIOD, 0),
+                   SANDBOX_CPU_QUOTA, SANDBOX_CPU_PERIOD)
+    memory = _memory_mib(values.get(SANDBOX_MEMORY, 0), SANDBOX_MEMORY)
+    return PodSize(vcpus, memory, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY)
+
+
+def _object(field: str, value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(field, "must be an object")
+    return value
+
+
+def _from_limits(spec: Mapping[str, Any]) -> PodSize:
+    linux = _object("linux", spec.get("linux"))
+    res = _object("linux.resources", linux.get("resources"))
+    memory = _object("linux.resources.memory", res.get("memory"))
+    cpu = _object("linux.resources.cpu", res.get("cpu"))
+    limit_field, quota_field, period_field = ("linux.resources.memory.limit", "linux.resources.cpu.quota",
+                                              "linux.resources.cpu.period")
+    mem = _memory_mib(_int(limit_field, memory.get("limit") or 0), limit_field)
+    vcpus = _vcpus(_int(quota_field, cpu.get("quota") or 0), _int(period_field, cpu.get("period") or 0),
+                   quota_field, period_field)
+    return PodSize(vcpus, mem, quota_field, limit_field)
+
+
+def pod_size(spec: Mapping[str, Any]) -> PodSize:
+    """The size the first container's spec asks for (see the module docstring): the larger of the
+    sandbox annotations and the spec's own limits, per resource.
+
+    Raises:
+        InvalidArgumentError: naming the annotation or spec field whose value is not an integer or
+            is out of range.
+    """
+    annotations = _object("annotations", spec.get("annotations"))
+    pod, own = _from_annotations(annotations), _from_limits(spec)
+    vcpus, vcpus_source = max(((pod.vcpus or 0, pod.vcpus_source), (own.vcpus or 0, own.vcpus_source)),
+                              key=lambda x: x[0])
+    memory, memory_source = max(((pod.memory_mib or 0, pod.memory_source),
+                                 (own.memory_mib or 0, own.memory_source)), key=lambda x: x[0])
+    return PodSize(vcpus or None, memory or None, vcpus_source, memory_source)
+
+
+def fit(config: Config, size: PodSize) -> tuple[Config, int | None, int | None]:
+    """The configuration to boot the VM with, and its vCPUs and memory (None: the default).
+
+    More vCPUs than hypervisor.qemu.default_maxvcpus allows are cut to that (a quota beyond the
+    host's CPUs cannot be used anyway). A VM larger than the configured default boots cold (no
+    template; see the module docstring).
+
+    Raises:
+        InvalidArgumentError: the memory asked for is above hypervisor.qemu.default_maxmemory (the
+            host's memory by default), naming the annotation or field that asked.
+    """
+    q = config.qemu
+    vcpus, memory = size.vcpus, size.memory_mib
+    if vcpus is not None and vcpus > (most := q.resolved_maxvcpus()):
+        log.warning("%s asks for %d vCPUs; the VM gets hypervisor.qemu.default_maxvcpus = %d",
+                    size.vcpus_source, vcpus, most)
+        vcpus = most
+    if memory is not None and memory > (limit := q.resolved_maxmemory()):
+        raise InvalidArgumentError(size.memory_source, f"asks for {memory - VM_MEMORY_OVERHEAD_MIB} MiB, "
+                                   f"more than the VM may have (hypervisor.qemu.default_maxmemory {limit} MiB)")
+    bigger = (vcpus or 0) > q.default_vcpus or (memory or 0) > q.default_memory
+    if bigger and config.factory.enable_template:
+        log.info("the VM (%s vCPUs, %s MiB) is larger than the template's (%d, %d MiB): it boots cold",
+                 vcpus or q.default_vcpus, memory or q.default_memory, q.default_vcpus, q.default_memory)
+        config = dataclasses.replace(config, factory=dataclasses.replace(config.factory, enable_template=False))
+    return config, vcpus, memory
