@@ -1,12 +1,12 @@
-"""Guest networking over rtnetlink (pyroute2): the host's UpdateInterface/UpdateRoutes, and listings.
+"""Guest networking over rtnetlink (pykata.agent.rtnl): the host's UpdateInterface/UpdateRoutes, and listings.
 
 The host (pykata.network) gives the guest NIC the pod's identity, as the container would have had on
-the host: the veth's MAC, MTU, addresses and the pod's routes. pyroute2 is imported on first use, so
-an agent that never configures a network pays nothing for it.
+the host: the veth's MAC, MTU, addresses and the pod's routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import re
@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from pykata.agent.rtnl import Rtnl
 from pykata.agent.validation import invalid
 from pykata.protocols.agent import agent_pb2
 from pykata.ttrpc import Code, RpcError
@@ -26,20 +27,15 @@ MAX_ROUTES = 256
 MAIN_TABLE = 254
 # Routes the kernel makes for an address (proto kernel) and local/broadcast ones are its own.
 RTPROT_KERNEL = 2
+RTN_UNICAST = 1
+IFF_LOOPBACK = 0x8
 RT_SCOPES = (0, 200, 253, 254)  # universe, site, link, host
 _FAMILIES = {agent_pb2.IP_FAMILY_V4: socket.AF_INET, agent_pb2.IP_FAMILY_V6: socket.AF_INET6}
 
 
-def _ipr() -> Any:
-    from pyroute2 import AsyncIPRoute
-
-    return AsyncIPRoute()
-
-
-def _netlink_error(what: str, exc: Exception) -> RpcError:
-    code = getattr(exc, "code", 0)
-    text = errno.errorcode.get(code, "") if isinstance(code, int) else ""
-    return RpcError(Code.INTERNAL, f"{what}: {exc} {text}".strip())
+def _netlink_error(what: str, exc: OSError) -> RpcError:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return RpcError(Code.INTERNAL, f"{what}: {exc.strerror or exc} {name}".strip())
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -88,7 +84,7 @@ def check_interface(iface: agent_pb2.Interface) -> None:
 
 def _check_route(i: int, r: agent_pb2.Route) -> dict[str, Any]:
     field = f"routes[{i}]"
-    spec: dict[str, Any] = {"table": MAIN_TABLE}
+    spec: dict[str, Any] = {"dst": None, "dst_len": 0}
     family = 0
     if r.dest and r.dest != "default":
         try:
@@ -130,33 +126,34 @@ async def update_interface(iface: agent_pb2.Interface) -> agent_pb2.Interface:
     """Give a guest link the wanted MAC, MTU, name and addresses (replacing its global ones), and
     bring it up. Raises RpcError: INVALID_ARGUMENT, NOT_FOUND (no such link) or INTERNAL."""
     check_interface(iface)
-    async with _ipr() as ipr:
-        index = await _find_link(ipr, iface)
+    return await asyncio.to_thread(_update_interface, iface)
+
+
+def _update_interface(iface: agent_pb2.Interface) -> agent_pb2.Interface:
+    with Rtnl() as nl:
+        index = _find_link(nl, iface)
         try:
             changes: dict[str, Any] = {}
             if iface.hw_addr:
-                changes["address"] = iface.hw_addr.lower()
+                changes["mac"] = iface.hw_addr.lower()
             if iface.mtu:
                 changes["mtu"] = iface.mtu
             if iface.name:
-                changes["ifname"] = iface.name
+                changes["name"] = iface.name
             if changes:
                 # MAC and name change only while the link is down
-                await ipr.link("set", index=index, state="down")
-                await ipr.link("set", index=index, **changes)
-            for a in await _addresses(ipr, index):
-                if a.get_attr("IFA_ADDRESS") and a["scope"] == 0:
-                    await ipr.addr("del", index=index, address=a.get_attr("IFA_ADDRESS"),
-                                   prefixlen=a["prefixlen"])
+                nl.set_link(index, up=False)
+                nl.set_link(index, **changes)
+            for a in nl.addresses():
+                if a.index == index and a.scope == 0:
+                    nl.address("del", index, a.address, a.prefixlen)
             for i, a in enumerate(iface.addresses):
                 address, prefix = _check_address(f"interface.addresses[{i}]", a)
-                await ipr.addr("add", index=index, address=address, prefixlen=prefix)
-            await ipr.link("set", index=index, state="up")
-        except RpcError:
-            raise
-        except Exception as exc:  # pyroute2 raises NetlinkError (an OSError) and others
+                nl.address("add", index, address, prefix)
+            nl.set_link(index, up=True)
+            return _describe(nl, index)[0]
+        except OSError as exc:
             raise _netlink_error(f"interface {iface.name or iface.device or iface.hw_addr}", exc) from None
-        return (await _describe(ipr, [index]))[0]
 
 
 async def update_routes(routes: Iterable[agent_pb2.Route]) -> agent_pb2.Routes:
@@ -168,109 +165,93 @@ async def update_routes(routes: Iterable[agent_pb2.Route]) -> agent_pb2.Routes:
     if len(wanted) > MAX_ROUTES:
         raise invalid("routes", f"more than {MAX_ROUTES}")
     specs = [_check_route(i, r) for i, r in enumerate(wanted)]
-    async with _ipr() as ipr:
+    return await asyncio.to_thread(_update_routes, wanted, specs)
+
+
+def _update_routes(wanted: list[agent_pb2.Route], specs: list[dict[str, Any]]) -> agent_pb2.Routes:
+    with Rtnl() as nl:
         try:
-            names = {name: idx for idx, name in await _link_names(ipr)}
+            names = {link.name: link.index for link in nl.links()}
             for i, (r, spec) in enumerate(zip(wanted, specs, strict=True)):
                 if r.device:
                     if r.device not in names:
                         raise RpcError(Code.NOT_FOUND, f"routes[{i}].device: no link {r.device!r} in the guest")
                     spec["oif"] = names[r.device]
-            for old in await _routes(ipr):
-                if old["proto"] != RTPROT_KERNEL:
-                    await ipr.route("del", **_route_key(old))
+            for old in _routes(nl):
+                if old.protocol != RTPROT_KERNEL:
+                    nl.route("del", family=old.family, dst=old.dst, dst_len=old.dst_len, gateway=old.gateway,
+                              oif=old.oif, priority=old.priority, scope=old.scope, protocol=old.protocol,
+                              rtype=old.type)
             for spec in sorted(specs, key=lambda s: "gateway" in s):
-                await ipr.route("replace", **spec)
-        except RpcError:
-            raise
-        except Exception as exc:
+                nl.route("replace", **spec)
+            return agent_pb2.Routes(routes=_describe_routes(nl))
+        except OSError as exc:
             raise _netlink_error("routes", exc) from None
-        return agent_pb2.Routes(routes=await _describe_routes(ipr))
 
 
 async def list_interfaces() -> agent_pb2.Interfaces:
-    async with _ipr() as ipr:
-        try:
-            return agent_pb2.Interfaces(interfaces=await _describe(ipr, None))
-        except Exception as exc:
-            raise _netlink_error("links", exc) from None
+    def run() -> agent_pb2.Interfaces:
+        with Rtnl() as nl:
+            return agent_pb2.Interfaces(interfaces=_describe(nl, None))
+
+    try:
+        return await asyncio.to_thread(run)
+    except OSError as exc:
+        raise _netlink_error("links", exc) from None
 
 
 async def list_routes() -> agent_pb2.Routes:
-    async with _ipr() as ipr:
-        try:
-            return agent_pb2.Routes(routes=await _describe_routes(ipr))
-        except Exception as exc:
-            raise _netlink_error("routes", exc) from None
+    def run() -> agent_pb2.Routes:
+        with Rtnl() as nl:
+            return agent_pb2.Routes(routes=_describe_routes(nl))
+
+    try:
+        return await asyncio.to_thread(run)
+    except OSError as exc:
+        raise _netlink_error("routes", exc) from None
 
 
-# -- netlink helpers --------------------------------------------------------------------------------
+# -- helpers ----------------------------------------------------------------------------------------
 
-async def _find_link(ipr: Any, iface: agent_pb2.Interface) -> int:
+def _find_link(nl: Rtnl, iface: agent_pb2.Interface) -> int:
+    links = nl.links()
     if iface.device:
-        found = await ipr.link_lookup(ifname=iface.device)
+        found = [link.index for link in links if link.name == iface.device]
         what = f"interface.device: no link {iface.device!r}"
     else:
         mac = (iface.current_hw_addr or iface.hw_addr).lower()
-        found = await ipr.link_lookup(address=mac)
+        found = [link.index for link in links if link.mac == mac]
         what = f"interface.current_hw_addr: no link with MAC {mac}"
     if not found:
         raise RpcError(Code.NOT_FOUND, f"{what} in the guest")
-    return int(found[0])
+    return found[0]
 
 
-async def _link_names(ipr: Any) -> list[tuple[int, str]]:
-    return [(link["index"], link.get_attr("IFLA_IFNAME")) async for link in await ipr.link("dump")]
+def _routes(nl: Rtnl) -> list[Any]:
+    return [r for r in nl.routes() if r.table == MAIN_TABLE and r.type == RTN_UNICAST]
 
 
-async def _addresses(ipr: Any, index: int | None) -> list[Any]:
-    return [a async for a in await ipr.addr("dump") if index is None or a["index"] == index]
+def _family(family: int) -> int:
+    return agent_pb2.IP_FAMILY_V4 if family == socket.AF_INET else agent_pb2.IP_FAMILY_V6
 
 
-async def _routes(ipr: Any) -> list[Any]:
-    return [r async for r in await ipr.route("dump")
-            if r.get_attr("RTA_TABLE", r["table"]) == MAIN_TABLE and r["family"] in _FAMILIES.values()]
-
-
-def _route_key(r: Any) -> dict[str, Any]:
-    key: dict[str, Any] = {"family": r["family"], "table": MAIN_TABLE, "dst_len": r["dst_len"],
-                           "scope": r["scope"], "proto": r["proto"], "type": r["type"]}
-    for attr, name in (("RTA_DST", "dst"), ("RTA_GATEWAY", "gateway"), ("RTA_OIF", "oif"),
-                       ("RTA_PRIORITY", "priority")):
-        value = r.get_attr(attr)
-        if value is not None:
-            key[name] = value
-    return key
-
-
-async def _describe(ipr: Any, indexes: list[int] | None) -> list[agent_pb2.Interface]:
-    addrs = await _addresses(ipr, None)
+def _describe(nl: Rtnl, index: int | None) -> list[agent_pb2.Interface]:
+    addrs = nl.addresses()
     out = []
-    async for link in await ipr.link("dump"):
-        if indexes is not None and link["index"] not in indexes:
+    for link in nl.links():
+        if index is not None and link.index != index:
             continue
-        kind = "loopback" if link["flags"] & 0x8 else ""
-        mine = [a for a in addrs if a["index"] == link["index"]]
         out.append(agent_pb2.Interface(
-            device=link.get_attr("IFLA_IFNAME") or "", name=link.get_attr("IFLA_IFNAME") or "",
-            hw_addr=link.get_attr("IFLA_ADDRESS") or "", mtu=link.get_attr("IFLA_MTU") or 0,
-            type=kind, raw_flags=link["flags"],
-            addresses=[agent_pb2.IPAddress(
-                family=agent_pb2.IP_FAMILY_V4 if a["family"] == socket.AF_INET else agent_pb2.IP_FAMILY_V6,
-                address=a.get_attr("IFA_ADDRESS"), prefix_length=a["prefixlen"]) for a in mine]))
+            device=link.name, name=link.name, hw_addr=link.mac, mtu=link.mtu,
+            type="loopback" if link.flags & IFF_LOOPBACK else "", raw_flags=link.flags,
+            addresses=[agent_pb2.IPAddress(family=_family(a.family), address=a.address, prefix_length=a.prefixlen)
+                       for a in addrs if a.index == link.index]))
     return out
 
 
-async def _describe_routes(ipr: Any) -> list[agent_pb2.Route]:
-    names = dict(await _link_names(ipr))
-    out = []
-    for r in await _routes(ipr):
-        if r["type"] != 1:  # unicast only: local/broadcast routes are the kernel's
-            continue
-        dst = r.get_attr("RTA_DST")
-        out.append(agent_pb2.Route(
-            dest=f"{dst}/{r['dst_len']}" if dst else "default", gateway=r.get_attr("RTA_GATEWAY") or "",
-            device=names.get(r.get_attr("RTA_OIF"), ""), source=r.get_attr("RTA_PREFSRC") or "",
-            scope=r["scope"], metric=r.get_attr("RTA_PRIORITY") or 0,
-            family=agent_pb2.IP_FAMILY_V4 if r["family"] == socket.AF_INET else agent_pb2.IP_FAMILY_V6))
-    return out
+def _describe_routes(nl: Rtnl) -> list[agent_pb2.Route]:
+    names = {link.index: link.name for link in nl.links()}
+    return [agent_pb2.Route(
+        dest=f"{r.dst}/{r.dst_len}" if r.dst else "default", gateway=r.gateway or "",
+        device=names.get(r.oif, "") if r.oif is not None else "", source=r.prefsrc or "", scope=r.scope,
+        metric=r.priority or 0, family=_family(r.family)) for r in _routes(nl)]

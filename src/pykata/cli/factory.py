@@ -37,7 +37,8 @@ def factory() -> None:
 @click.option("--force", is_flag=True, help="Remake the template even if a current one exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the template as JSON.")
 def init(force: bool, as_json: bool) -> None:
-    """Make the template for the current configuration (boots a VM once), unless it exists."""
+    """Make the templates for the current configuration (without and with a NIC; boots a VM for each
+    that does not exist yet)."""
     from pykata.hypervisor.template import ensure_template
 
     config = _config()
@@ -46,11 +47,15 @@ def init(force: bool, as_json: bool) -> None:
     def progress(message: str) -> None:
         click.echo(f"[pykata factory {time.monotonic() - started:5.1f}s] {message}", err=True)
 
-    t = _run(ensure_template(config, progress=progress, force=force))
+    # one for VMs without a network (pykata run, ctr run), one for pods with a CNI interface
+    # (force removes every template, the second one included, so only the first call forces)
+    made = [_run(ensure_template(config, nics=nics, progress=progress, force=force and not nics))
+            for nics in (0, 1)]
     if as_json:
-        click.echo(json.dumps(t.to_json(), indent=1))
+        click.echo(json.dumps([t.to_json() for t in made], indent=1))
     else:
-        click.echo(f"template {t.key} at {t.dir}")
+        for t in made:
+            click.echo(f"template {t.key} at {t.dir} ({t.inputs.get('nics', 0)} NICs)")
     if not config.factory.enable_template:
         click.echo("note: factory.enable_template is false, so sandboxes do not use it yet", err=True)
 

@@ -63,7 +63,7 @@ GUEST_PACKAGES = (
     "crun", "libcap2", "libseccomp2", "libyajl2", "libsystemd0", "libzstd1", "liblz4-1",
     "libgcrypt20", "libgpg-error0",
 )
-GUEST_WHEELS = ("protobuf", "googleapis-common-protos", "pyroute2")
+GUEST_WHEELS = ("protobuf", "googleapis-common-protos")
 _BUILDER_MODULES = ("assemble.py", "cpio.py", "debs.py", "elf.py", "fsimage.py", "rootfs.py", "wheels.py",
                     "init")
 

@@ -86,15 +86,16 @@ class Template:
     def state(self) -> Path:
         return self.dir / "state"
 
-    def check_fits(self, config: Config) -> None:
-        """Check that a VM of `config` can be cloned from this template.
+    def check_fits(self, config: Config, nics: int = 0) -> None:
+        """Check that a VM of `config` with `nics` NICs can be cloned from this template.
 
         Raises:
-            HypervisorError: memory, vCPUs, machine or CPU model differ, or an asset changed on disk.
+            HypervisorError: memory, vCPUs, NICs, machine or CPU model differ, or an asset changed on disk.
         """
         q = templated_config(config, quiet=True).qemu
         want = {"machine_type": q.machine_type, "default_memory": q.default_memory,
-                "default_vcpus": q.default_vcpus, "cpu_model": q.cpu_model, "path": q.path}
+                "default_vcpus": q.default_vcpus, "cpu_model": q.cpu_model, "path": q.path,
+                "nics": nics or None}
         for key, value in want.items():
             if self.inputs.get(key) != value:
                 raise HypervisorError(f"template {self.key}: hypervisor.qemu.{key} is {value!r}, the template "
@@ -111,6 +112,7 @@ class Template:
                 "initrd": str(self.initrd) if self.initrd else None,
                 "image": str(self.image) if self.image else None,
                 "memory_mib": self.inputs.get("default_memory"), "vcpus": self.inputs.get("default_vcpus"),
+                "nics": self.inputs.get("nics", 0),
                 "memory_on_disk_bytes": size,
                 "state_bytes": self.state.stat().st_size if self.state.exists() else 0}
 
@@ -146,8 +148,8 @@ def _file_id(path: Path) -> str | None:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-async def template_inputs(config: Config) -> tuple[dict[str, Any], Path, Path | None, Path | None]:
-    """What a template for `config` depends on, and the kernel/initrd/image it boots.
+async def template_inputs(config: Config, nics: int = 0) -> tuple[dict[str, Any], Path, Path | None, Path | None]:
+    """What a template for `config` with `nics` NICs depends on, and the kernel/initrd/image it boots.
 
     Raises:
         HypervisorError: no kernel/root filesystem, or the accelerator cannot be decided.
@@ -169,6 +171,9 @@ async def template_inputs(config: Config) -> tuple[dict[str, Any], Path, Path | 
     }
     if q.machine_type == "q35":
         inputs["maxmemory"] = q.resolved_maxmemory()
+    if nics:
+        # only when there are NICs, so templates without any keep their keys
+        inputs["nics"] = nics
     return inputs, kernel, initrd, image
 
 
@@ -211,13 +216,13 @@ def list_templates(config: Config) -> list[Template]:
     return found
 
 
-async def find_template(config: Config) -> Template | None:
-    """The template `config` would use, if it is made already.
+async def find_template(config: Config, nics: int = 0) -> Template | None:
+    """The template `config` (with `nics` NICs) would use, if it is made already.
 
     Raises:
         HypervisorError: the guest assets cannot be resolved.
     """
-    inputs, *_ = await template_inputs(config)
+    inputs, *_ = await template_inputs(config, nics)
     t = load_template(template_root(config) / key_of(inputs))
     return t if t is not None and t.inputs == inputs else None
 
@@ -243,16 +248,17 @@ async def _locked(root: Path, timeout: float) -> Any:
         os.close(fd)  # releases the lock
 
 
-async def ensure_template(config: Config, *, progress: Callable[[str], None] | None = None,
+async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[str], None] | None = None,
                           force: bool = False) -> Template:
-    """The template for `config`: found in the cache, else made now (once, whoever asks at the same
-    time; atomically: a template directory is complete or absent). `force` remakes it.
+    """The template for `config` with `nics` NICs (pykata.network.nic_id/guest_mac): found in the
+    cache, else made now (once, whoever asks at the same time; atomically: a template directory is
+    complete or absent). `force` remakes it.
 
     Raises:
         HypervisorError: the template VM failed to boot or to save; nothing is left behind.
     """
     config = templated_config(config)
-    inputs, kernel, initrd, image = await template_inputs(config)
+    inputs, kernel, initrd, image = await template_inputs(config, nics)
     key = key_of(inputs)
     root = template_root(config)
     final = root / key
@@ -271,7 +277,7 @@ async def ensure_template(config: Config, *, progress: Callable[[str], None] | N
         try:
             say(f"factory: making template {key} (boots a VM once, a few seconds)")
             started = time.monotonic()
-            await _make(config, tmp, key)
+            await _make(config, tmp, key, nics)
             meta = {"format": FORMAT, "key": key, "inputs": inputs, "kernel": str(kernel),
                     "initrd": str(initrd) if initrd else None, "image": str(image) if image else None,
                     "created_at": time.time(), "build_seconds": time.monotonic() - started}
@@ -288,17 +294,30 @@ async def ensure_template(config: Config, *, progress: Callable[[str], None] | N
         return made
 
 
-async def _make(config: Config, directory: Path, key: str) -> None:
-    """Boot the template VM with RAM in <directory>/memory, wait for its agent, save, kill it."""
+async def _make(config: Config, directory: Path, key: str, nics: int = 0) -> None:
+    """Boot the template VM with RAM in <directory>/memory, wait for its agent, save, kill it.
+
+    Its NICs sit on throwaway taps in the host's namespace, down and unconnected (a clone gets the
+    same NICs on its own taps): they vanish with their fds when QEMU ends.
+    """
+    from pykata.hypervisor.devices import NetDevice
     from pykata.hypervisor.qemu.driver import QemuHypervisor
+    from pykata.network.tap import guest_mac, nic_id, open_tap
 
     shared = directory / "shared"
     shared.mkdir()
     vm = QemuHypervisor(f"template-{key[:8]}-{secrets.token_hex(3)}", config, shared_dir=shared,
                         readiness=agent_readiness, template=False, memory_file=directory / "memory")
+    taps: list[int] = []
     try:
+        for i in range(nics):
+            taps.append(open_tap(f"pktpl{secrets.token_hex(4)}"))
+            await vm.add_device(NetDevice(nic_id(i), guest_mac(i), tap_fd=taps[-1]))
         await vm.prepare()
         await vm.start()
+        for fd in taps:
+            os.close(fd)
+        taps.clear()
         await vm.wait_ready()
         # The host side of the agent channel is closed again (agent_readiness disconnects), so the
         # saved agent is waiting for the next host. Idle past the CRNG reseed interval: uptime U at
@@ -309,6 +328,8 @@ async def _make(config: Config, directory: Path, key: str) -> None:
         await asyncio.sleep(max(0.0, until - time.monotonic()))
         await vm.save(directory / "state")
     finally:
+        for fd in taps:
+            os.close(fd)
         await vm.stop()
         shutil.rmtree(shared, ignore_errors=True)
 

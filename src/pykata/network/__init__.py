@@ -1,6 +1,7 @@
 """Pod networking on the host: taps and tc filters in a pod's network namespace (Kata's tcfilter model)."""
 
 from pykata.network.tap import NetworkError, guest_mac, nic_id, open_tap
-from pykata.network.tcfilter import Endpoint, PodNetwork, attach, detach
+from pykata.network.tcfilter import Endpoint, PodNetwork, attach, detach, spec_netns
 
-__all__ = ["Endpoint", "NetworkError", "PodNetwork", "attach", "detach", "guest_mac", "nic_id", "open_tap"]
+__all__ = ["Endpoint", "NetworkError", "PodNetwork", "attach", "detach", "guest_mac", "nic_id", "open_tap",
+           "spec_netns"]

@@ -182,3 +182,16 @@ async def detach(net: PodNetwork) -> None:
                         await ipr.link("del", index=tap)
     except Exception as exc:  # the namespace went away under us, or netlink refused: log, go on
         log.warning("pod network %s: cleanup: %s", net.netns, exc)
+
+
+def spec_netns(spec: dict[str, Any]) -> str | None:
+    """The network namespace path an OCI spec joins (linux.namespaces[type=network].path): the pod's,
+    made by the CRI for CNI. None when the container would get a new, empty one (plain `ctr run`)."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    if not isinstance(namespaces, list):
+        return None
+    for ns in namespaces:
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            path = ns.get("path")
+            return path if isinstance(path, str) and path.startswith("/") else None
+    return None

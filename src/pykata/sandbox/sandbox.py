@@ -31,6 +31,9 @@ from pykata.config import Config, load_config
 from pykata.errors import PykataError, SandboxError
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.network import PodNetwork
+from pykata.network import attach as attach_network
+from pykata.network import detach as detach_network
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import mounts, state
 from pykata.sandbox.agent_client import AgentClient
@@ -112,6 +115,8 @@ class Sandbox:
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
         self._proxy: Any = None
+        self.netns: str | None = None
+        self.network: PodNetwork | None = None
 
     @property
     def agent(self) -> AgentClient:
@@ -125,9 +130,12 @@ class Sandbox:
     async def create(
         cls, sandbox_id: str | None = None, *, config: Config | None = None, vcpus: int | None = None,
         memory_mib: int | None = None, hostname: str = "", name: str = "", serve_proxy: bool = True,
-        boot_timeout: float | None = None,
+        boot_timeout: float | None = None, netns: str | None = None,
     ) -> Sandbox:
         """Boot a VM, connect to its agent and set the sandbox up.
+
+        `netns`: a network namespace (path) whose interfaces the VM takes over (pykata.network): a
+        CNI-made pod namespace. Without it the VM has no NIC.
 
         Raises SandboxError / HypervisorError / AgentError; nothing is left behind on failure.
         """
@@ -143,6 +151,7 @@ class Sandbox:
             raise SandboxError(sid, f"{directory} already exists (a sandbox with this id exists)")
         sb = cls(sid, config, directory)
         sb.record.name = name
+        sb.netns = netns
         try:
             await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
         except BaseException:
@@ -163,8 +172,14 @@ class Sandbox:
 
         self.vm = QemuHypervisor(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
                                  vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown)
+        if self.netns is not None and self.config.runtime.internetworking_model != "none":
+            self.network = await attach_network(self.netns)
+            for dev in self.network.devices():
+                await self.vm.add_device(dev)
         await self.vm.prepare()
         await self.vm.start()
+        if self.network is not None:
+            self.network.close_fds()  # QEMU holds the taps now: they end with it
         self.record.vmm_pid = self.vm.pid
         state.save(self.dir, self.record)
         await self.vm.wait_ready(timeout=boot_timeout)
@@ -184,6 +199,11 @@ class Sandbox:
                                         options=["trans=virtio", "version=9p2000.L", "msize=512000"])
         await self.agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
             sandbox_id=self.id, hostname=hostname, storages=[storage]))
+        if self.network is not None and self.network.endpoints:
+            for iface in self.network.interfaces():
+                await self.agent.call("UpdateInterface", agent_pb2.UpdateInterfaceRequest(interface=iface))
+            await self.agent.call("UpdateRoutes", agent_pb2.UpdateRoutesRequest(
+                routes=agent_pb2.Routes(routes=self.network.guest_routes())))
         if serve_proxy:
             from pykata.sandbox.proxy import serve_agent_proxy
             self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
@@ -278,6 +298,8 @@ class Sandbox:
                 log.warning("sandbox %s: VM stop: %s", self.id, e)
         if self._agent is not None:
             await self._agent.close()
+        if self.network is not None:
+            await detach_network(self.network)
         try:
             mounts.unmount_all(self.dir)
         except PykataError as e:

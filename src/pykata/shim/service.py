@@ -36,6 +36,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pykata.config import Config, load_for_annotations
 from pykata.errors import ConfigError, PykataError
+from pykata.network import spec_netns
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import Process, Sandbox, sandboxes_dir
@@ -152,7 +153,7 @@ class TaskService:
                          memory_mib or "default")
                 self.sandbox = await Sandbox.create(
                     self.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
-                    hostname=str(spec.get("hostname") or ""), serve_proxy=True)
+                    hostname=str(spec.get("hostname") or ""), serve_proxy=True, netns=spec_netns(spec))
             self._sandbox_stopping = False
             self.vm_dead = False
             self._spawn(self._watch_vm(self.sandbox), "watch-vm")

@@ -239,6 +239,12 @@ class QemuHypervisor(Hypervisor):
         if arg is None and (explicit_assets or self._extra_params or self._memory_file is not None):
             # A template is made from the configured guest; a VM given other assets boots cold.
             wanted = False
+        nics = self._template_nics()
+        if wanted and nics is None:
+            if arg is not None:
+                raise HypervisorError(f"VM {self.vm_id}: a template cannot carry its cold-plugged devices")
+            log.info("VM %s: booting cold: its devices are not ones a template can carry", self.vm_id)
+            wanted = False
         if not wanted and self._memory_file is None:
             return
         from pykata.hypervisor.template import Template, ensure_template, templated_config
@@ -246,9 +252,21 @@ class QemuHypervisor(Hypervisor):
         self.config = templated_config(self.config)
         if not wanted:
             return
-        template = arg if isinstance(arg, Template) else await ensure_template(self.config)
-        template.check_fits(self.config)
+        assert nics is not None
+        template = arg if isinstance(arg, Template) else await ensure_template(self.config, nics=nics)
+        template.check_fits(self.config, nics)
         self.template = template
+
+    def _template_nics(self) -> int | None:
+        """How many NICs a template for this VM has, or None when its cold-plugged devices do not
+        match a template's: NICs must be pykata.network's net0, net1, ... with its guest MACs."""
+        from pykata.network.tap import guest_mac, nic_id
+
+        devices = list(self._devices.values())
+        for i, dev in enumerate(devices):
+            if not isinstance(dev, NetDevice) or dev.id != nic_id(i) or dev.mac != guest_mac(i):
+                return None
+        return len(devices)
 
     async def start(self) -> None:
         if self.state != "prepared":
