@@ -3,8 +3,8 @@
 Like tests/shim/harness.py (whose Containerd it extends), containerd gets its own root, state, sockets
 and config in a temp dir. The CRI plugin is configured as ARCHITECTURE.md says works on these machines:
 restrict_oom_score_adj, a local pause image (pykata's built-in `pause`, whose entrypoint sleeps
-forever) as sandbox_image, CNI plugins from /usr/lib/cni with a loopback-only network (the shim ignores
-the pod netns for now), and two runtime handlers: `runc` and `pykata` (io.containerd.pykata.v2).
+forever) as sandbox_image, CNI plugins from /usr/lib/cni (a bridge with host-local addresses, inside
+containerd's own network namespace), and two runtime handlers: `runc` and `pykata` (io.containerd.pykata.v2).
 """
 
 from __future__ import annotations
@@ -221,6 +221,12 @@ class Cri:
             if ns.get("type") == "network" and ns.get("path"):
                 return str(ns["path"])
         return None
+
+    def pod_ip(self, pod_id: str) -> str:
+        """The pod's IP address as CNI gave it (PodSandboxStatus.network.ip)."""
+        reply = self.rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id),
+                                         timeout=self.timeout)
+        return str(reply.status.network.ip)
 
     def list_pods(self) -> list[Any]:
         return list(self.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=self.timeout).items)
