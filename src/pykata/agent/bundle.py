@@ -12,6 +12,9 @@ What changes on the way (Kata does the same):
   * hooks are dropped (they are host programs), so are AppArmor/SELinux labels (the guest kernel
     has neither); seccomp stays.
   * linux.cgroupsPath becomes the agent's per-sandbox cgroup for the container.
+  * a tmpfs mount whose source is POD_SHM_SOURCE (the host's stand-in for the pod's /dev/shm, see
+    pykata.sandbox.ocispec.for_guest) becomes a bind of the VM's own /dev/shm, a tmpfs the guest
+    init mounts: every container of the pod (the VM) shares it, as they share it under runc.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ KERNEL_MOUNT_TYPES = frozenset({"proc", "sysfs", "tmpfs", "devpts", "mqueue", "c
 BIND_TYPES = frozenset({"bind", "rbind", "none", ""})
 NAMESPACE_TYPES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
 _U32 = 2**32
+POD_SHM_SOURCE = "pykata-pod-shm"
+POD_SHM = Path("/dev/shm")
 
 
 def load_json_object(field: str, text: str, limit: int) -> dict[str, Any]:
@@ -118,8 +123,9 @@ def _is_bind(mount: Mapping[str, Any]) -> bool:
     return mount.get("type") in ("bind", "rbind") or "bind" in options or "rbind" in options
 
 
-def check_mounts(mounts: object, roots: Sequence[Path]) -> list[dict[str, Any]]:
-    """Check the spec's mounts; bind sources are resolved and must lie inside `roots`."""
+def check_mounts(mounts: object, roots: Sequence[Path], pod_shm: Path = POD_SHM) -> list[dict[str, Any]]:
+    """Check the spec's mounts; bind sources are resolved and must lie inside `roots`; the pod's shm
+    (a tmpfs of source POD_SHM_SOURCE) becomes a bind of `pod_shm`."""
     if mounts is None:
         return []
     if not isinstance(mounts, list):
@@ -144,6 +150,11 @@ def check_mounts(mounts: object, roots: Sequence[Path]) -> list[dict[str, Any]]:
             if mtype not in BIND_TYPES:
                 raise invalid(f"{field}.type", f"{mtype!r} with a bind option")
             m["source"] = str(check_within(f"{field}.source", m.get("source"), roots))
+        elif mtype == "tmpfs" and m.get("source") == POD_SHM_SOURCE:
+            # only the flags of the container's mount stay: the pod's tmpfs has its size and mode
+            keep = [o for o in m["options"] if o in ("ro", "rw", "nosuid", "nodev", "noexec")]
+            m = {"destination": m["destination"], "type": "bind", "source": str(pod_shm),
+                 "options": ["rbind", *keep]}
         elif mtype not in KERNEL_MOUNT_TYPES:
             raise invalid(f"{field}.type", f"{mtype!r} is not allowed (bind mounts and {sorted(KERNEL_MOUNT_TYPES)})")
         else:
@@ -200,7 +211,7 @@ def device_entries(devices: Iterable[agent_pb2.Device]) -> list[dict[str, Any]]:
 
 def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, terminal: bool = False,
                  pid_ns_path: str | None = None, extra_mounts: Sequence[dict[str, Any]] = (),
-                 devices: Sequence[dict[str, Any]] = ()) -> Spec:
+                 devices: Sequence[dict[str, Any]] = (), pod_shm: Path = POD_SHM) -> Spec:
     """The config.json for crun (a new dict). Raises RpcError(INVALID_ARGUMENT) naming the field."""
     out = copy.deepcopy(spec)
     out.pop("hooks", None)
@@ -216,7 +227,7 @@ def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, termin
         process["terminal"] = True
     if "hostname" in out:
         check_string("oci_spec_json.hostname", out["hostname"], max_len=64)
-    mounts = check_mounts(out.get("mounts"), roots)
+    mounts = check_mounts(out.get("mounts"), roots, pod_shm)
     have = {m["destination"] for m in mounts}
     mounts.extend(m for m in extra_mounts if m["destination"] not in have)
     out["mounts"] = mounts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,10 @@ from pykata.errors import PykataError
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
 GUEST_SHARED_DIR = "/run/pykata-agent/shared"
+# The source of the mount that stands for the pod's /dev/shm in a guest spec: the agent binds the
+# VM's own /dev/shm tmpfs there (pykata.agent.bundle.POD_SHM_SOURCE names the same).
+POD_SHM_SOURCE = "pykata-pod-shm"
+POD_SHM_OPTIONS = ("nosuid", "nodev", "noexec", "mode=1777", "size=65536k")
 
 DEFAULT_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
@@ -165,7 +170,11 @@ def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], 
 
     The root and every host bind mount move to their guest paths in the shared directory
     (<shared>/<container>/rootfs, <shared>/<container>/volumes/<n>); host-only parts (hooks, host
-    namespace paths) are removed.
+    namespace paths) are removed. A host bind on /dev/shm (containerd's CRI binds the pod's shm
+    tmpfs there in every container of the pod) becomes the pod's shm in the guest: the VM is the
+    pod, and the shared file system would make it a network file system, where shared writable
+    mmap (POSIX shared memory) does not work. An agent that does not know the marker mounts a tmpfs
+    of the container's own.
     """
     out = copy.deepcopy(spec)
     base = f"{GUEST_SHARED_DIR}/{container_id}"
@@ -175,10 +184,16 @@ def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], 
     for ns in linux.get("namespaces") or []:
         ns.pop("path", None)
     shares: list[Volume] = []
-    for m in out.get("mounts") or []:
+    mounts = out.get("mounts") or []
+    for i, m in enumerate(mounts):
         if not is_host_bind(m):
             continue
         opts = m.get("options") or []
+        if posixpath.normpath(str(m.get("destination", ""))) == "/dev/shm":
+            readonly = ("ro",) if "ro" in opts else ()
+            mounts[i] = {"destination": "/dev/shm", "type": "tmpfs", "source": POD_SHM_SOURCE,
+                         "options": [*POD_SHM_OPTIONS, *readonly]}
+            continue
         shares.append(Volume(Path(m["source"]), m["destination"], "ro" in opts))
         m["source"] = f"{base}/volumes/{len(shares) - 1}"
     return out, shares
