@@ -10,8 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+import psutil
 
 from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, wait_gone
+from tests.shim.harness import SHIM
+
+# What a fault in the loop kills with SIGKILL (matched on the first words of a pod's process's command line)
+FAULT_MARKERS = ("qemu-system", SHIM.name)
 
 
 class CycleError(AssertionError):
@@ -25,6 +30,7 @@ class CycleResult:
     hang: bool = False  # some call hit its deadline
     leftovers: list[str] = field(default_factory=list)
     stop_errors: list[str] = field(default_factory=list)  # racing StopPodSandbox replies that were errors
+    remove_retries: int = 0  # RemovePodSandbox retried after a fault (STILL_RUNNING)
 
 
 def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
@@ -73,7 +79,7 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
         if other:
             raise CycleError(f"racing StopPodSandbox failed: {other}")
         cri.stop_pod(pod_id)
-        cri.remove_pod(pod_id)
+        _remove(cri, pod_id, result, retry=fault is not None)
     except grpc.RpcError as e:
         result.hang = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         raise
@@ -86,3 +92,42 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
         result.leftovers.append(f"netns {netns}")
     result.seconds = time.monotonic() - start
     return result
+
+
+# After a fault, containerd's CRI plugin may still be handling the killed tasks' exits (its exit handler
+# waits for containerd's own dead-shim cleanup, which runs the shim binary's `delete` for each task) when
+# RemovePodSandbox comes: it answers "container is still running" and kubelet simply retries.
+STILL_RUNNING = "container is still running"
+REMOVE_RETRY_FOR = 10.0
+
+
+def _remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
+    deadline = time.monotonic() + REMOVE_RETRY_FOR
+    while True:
+        try:
+            cri.remove_pod(pod_id)
+            return
+        except grpc.RpcError as e:
+            if not retry or STILL_RUNNING not in (e.details() or "") or time.monotonic() > deadline:
+                raise
+            result.remove_retries += 1
+            time.sleep(0.2)
+
+
+def kill_pod_process(pod_id: str, marker: str) -> None:
+    """SIGKILL the one process of pod `pod_id` whose command starts with `marker` (QEMU, the shim) and
+    wait for it to be gone. Raises CycleError when there is not exactly one."""
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if marker in " ".join((p.info["cmdline"] or [])[:2]) and pod_id in " ".join(p.info["cmdline"] or [])]
+    if len(victims) != 1:
+        raise CycleError(f"expected one {marker} process of pod {pod_id}, found {len(victims)}")
+    victims[0].kill()
+    victims[0].wait(10)
+
+
+def fault_for(iteration: int, every: int) -> str | None:
+    """The loop's fault schedule: every `every`-th iteration kills QEMU or the shim, alternately
+    (None: no fault; `every` 0 turns faults off)."""
+    if every <= 0 or iteration % every != every - 1:
+        return None
+    return FAULT_MARKERS[(iteration // every) % len(FAULT_MARKERS)]

@@ -3,26 +3,17 @@ StopPodSandbox calls; the pod must still stop and be removed with nothing left."
 
 from __future__ import annotations
 
-import psutil
 import pytest
 
 from tests.cri.harness import Cri, CriContainerd
-from tests.cri.pod_cycle import pod_cycle
+from tests.cri.pod_cycle import kill_pod_process, pod_cycle
 from tests.shim.harness import SHIM
-
-
-def _kill(pod_id: str, marker: str) -> None:
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if marker in " ".join((p.info["cmdline"] or [])[:2]) and pod_id in " ".join(p.info["cmdline"] or [])]
-    assert len(victims) == 1, f"expected one {marker} process of pod {pod_id}, found {len(victims)}"
-    victims[0].kill()
-    victims[0].wait(10)
 
 
 @pytest.mark.vm
 @pytest.mark.parametrize("marker", ["qemu-system", SHIM.name])
 def test_pod_removed_after_kill9(cri_containerd: CriContainerd, marker: str) -> None:
     with Cri(cri_containerd.socket) as cri:
-        result = pod_cycle(cri_containerd, cri, "pykata", fault=lambda pod_id: _kill(pod_id, marker))
+        result = pod_cycle(cri_containerd, cri, "pykata", fault=lambda pod_id: kill_pod_process(pod_id, marker))
         assert not result.leftovers, f"pod {result.pod_id} left {result.leftovers}"
         assert cri.list_pods() == []
