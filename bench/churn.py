@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,16 @@ sys.path.insert(0, str(ROOT))
 
 from tests.cri.harness import Cri, CriContainerd  # noqa: E402
 from tests.cri.pod_cycle import CycleError, fault_for, kill_pod_process, pod_cycle  # noqa: E402
+
+
+def _keep_log(ctd: CriContainerd, handler: str, i: int) -> None:
+    """Copy containerd's log (with the shims' lines) of a failed iteration out of the temporary directory."""
+    dest = Path.cwd() / f"churn-failure-{handler}-{i}.log"
+    try:
+        shutil.copyfile(ctd.log, dest)
+        print(f"{handler} #{i}: containerd's log kept in {dest}", file=sys.stderr)
+    except OSError as e:
+        print(f"{handler} #{i}: cannot keep containerd's log: {e}", file=sys.stderr)
 
 
 def churn(ctd: CriContainerd, handler: str, n: int, fault_every: int = 0) -> dict[str, Any]:
@@ -49,10 +60,12 @@ def churn(ctd: CriContainerd, handler: str, n: int, fault_every: int = 0) -> dic
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     stats["hangs"] += 1
                 print(f"{handler} #{i}: {e.code().name}: {e.details()}", file=sys.stderr)
+                _keep_log(ctd, handler, i)
                 continue
             except CycleError as e:
                 stats["failures"] += 1
                 print(f"{handler} #{i}: {e}", file=sys.stderr)
+                _keep_log(ctd, handler, i)
                 continue
             if marker is None:
                 times.append(r.seconds)
