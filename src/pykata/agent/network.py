@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from pykata.agent.rtnl import Rtnl
+from pykata.agent.rtnl import MAIN_TABLE, RTN_UNICAST, Rtnl
 from pykata.agent.validation import invalid
 from pykata.protocols.agent import agent_pb2
 from pykata.ttrpc import Code, RpcError
@@ -24,13 +24,10 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 MIN_MTU, MAX_MTU = 68, 65535
 MAX_ADDRESSES = 64
 MAX_ROUTES = 256
-MAIN_TABLE = 254
-# Routes the kernel makes for an address (proto kernel) and local/broadcast ones are its own.
+# Routes the kernel makes for an address (proto kernel) are its own.
 RTPROT_KERNEL = 2
-RTN_UNICAST = 1
 IFF_LOOPBACK = 0x8
 RT_SCOPES = (0, 200, 253, 254)  # universe, site, link, host
-_FAMILIES = {agent_pb2.IP_FAMILY_V4: socket.AF_INET, agent_pb2.IP_FAMILY_V6: socket.AF_INET6}
 
 
 def _netlink_error(what: str, exc: OSError) -> RpcError:

@@ -36,7 +36,6 @@ RTPROT_KERNEL = 2
 IFF_LOOPBACK = 0x8
 # u32 needs a class id; on an ingress qdisc it is never used
 U32_CLASSID = 0x10001
-ENOENT, ENODEV, EINVAL = 2, 19, 22
 
 
 @dataclass
