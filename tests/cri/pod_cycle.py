@@ -94,9 +94,12 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
     return result
 
 
-# After a fault, containerd's CRI plugin may still be handling the killed tasks' exits (its exit handler
-# waits for containerd's own dead-shim cleanup, which runs the shim binary's `delete` for each task) when
-# RemovePodSandbox comes: it answers "container is still running" and kubelet simply retries.
+# After a fault, containerd 1.6's CRI plugin may still be handling the killed tasks' exits when
+# RemovePodSandbox comes: StopPodSandbox returns at once for a container whose task is already gone
+# (cri stopContainer: task NotFound -> nil) without waiting for that container's exit handler, and the
+# handler's task.Delete waits in runtime/v2 shimTask.delete -> shim.delete -> UserOnCloseWait for
+# cleanupAfterDeadShim, which runs the shim binary's `delete` once per task. RemovePodSandbox then
+# answers "container is still running" and kubelet simply retries; so does the loop.
 STILL_RUNNING = "container is still running"
 REMOVE_RETRY_FOR = 10.0
 
