@@ -98,3 +98,25 @@ def test_agent_messages_are_valid() -> None:
     from pykata.agent.network import check_interface
 
     check_interface(agent_pb2.Interface(current_hw_addr=guest_mac(0), hw_addr="0a:58:0a:fe:00:09", mtu=1500))
+
+
+async def test_no_fork_no_stray_signal_no_fd_leak(cni_like_netns: str) -> None:
+    """Regression: pyroute2's netns= forked a child that inherited the loop's signal wake-up socket
+    and was ended with SIGTERM, which the shim's loop then took as its own SIGTERM and exited. The
+    netlink socket is now made in a setns thread: no child, no signal, no fd left open."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    got: list[int] = []
+    loop.add_signal_handler(signal.SIGTERM, got.append, signal.SIGTERM)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(10):
+            net = await attach(cni_like_netns)
+            await detach(net)
+        await asyncio.sleep(0.1)  # a stray signal would be dispatched by now
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    assert got == []
+    assert len(os.listdir("/proc/self/fd")) == fds_before

@@ -11,8 +11,11 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import socket
 import struct
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pykata.errors import PykataError
 
@@ -22,8 +25,10 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 CLONE_NEWNET = 0x40000000
+NETLINK_ROUTE = 0
 IFNAMSIZ = 16
 MAX_NICS = 8
+_T = TypeVar("_T")
 
 
 class NetworkError(PykataError):
@@ -49,12 +54,40 @@ def open_tap(name: str, netns: str | None = None) -> int:
     """
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name in (".", ".."):
         raise NetworkError(f"tap name {name!r}: at most {IFNAMSIZ - 1} bytes, no '/'")
-    if netns is None:
-        return _open(name)
-    result: dict[str, int | BaseException] = {}
+    return _open(name) if netns is None else in_netns(netns, lambda: _open(name))
 
-    def in_netns() -> None:
-        # setns() changes only this thread's namespace; the thread ends right after.
+
+def netlink_socket(netns: str) -> int:
+    """A NETLINK_ROUTE socket fd bound to the network namespace at path `netns` (a socket keeps the
+    namespace it was made in), for pyroute2's `fileno=`.
+
+    pyroute2's own `netns=` forks a child to make it; a fork of an asyncio process inherits the
+    loop's signal wake-up socket, and pyroute2 ends that child with SIGTERM: the parent's loop then
+    reads the child's SIGTERM as its own (the shim exited in the middle of a pod's creation).
+
+    Raises:
+        NetworkError: the namespace cannot be entered or the socket made.
+    """
+    def make() -> int:
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                                 NETLINK_ROUTE).detach()
+        except OSError as exc:
+            raise NetworkError(f"cannot make a netlink socket in {netns}: {exc.strerror}") from None
+
+    return in_netns(netns, make)
+
+
+def in_netns(netns: str, fn: Callable[[], _T]) -> _T:
+    """Run `fn` in a new thread that has entered the network namespace at path `netns` (setns()
+    changes only the calling thread, which ends right after) and return its result.
+
+    Raises:
+        NetworkError: the namespace cannot be entered; whatever `fn` raises.
+    """
+    result: dict[str, Any] = {}
+
+    def run() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             ns = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
@@ -64,21 +97,20 @@ def open_tap(name: str, netns: str | None = None) -> int:
                     raise NetworkError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
             finally:
                 os.close(ns)
-            result["fd"] = _open(name)
+            result["value"] = fn()
         except BaseException as exc:  # handed to the caller's thread
             result["error"] = exc
 
-    t = threading.Thread(target=in_netns, name=f"tap-{name}")
+    t = threading.Thread(target=run, name="in-netns")
     t.start()
     t.join()
     error = result.get("error")
     if isinstance(error, OSError):
         raise NetworkError(f"network namespace {netns}: {error.strerror or error}") from None
-    if isinstance(error, BaseException):
+    if error is not None:
         raise error
-    fd = result["fd"]
-    assert isinstance(fd, int)
-    return fd
+    value: _T = result["value"]
+    return value
 
 
 def _open(name: str) -> int:

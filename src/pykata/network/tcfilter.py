@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pykata.hypervisor.devices import NetDevice
-from pykata.network.tap import MAX_NICS, NetworkError, guest_mac, nic_id, open_tap
+from pykata.network.tap import MAX_NICS, NetworkError, guest_mac, netlink_socket, nic_id, open_tap
 from pykata.protocols.agent import agent_pb2
 
 log = logging.getLogger("pykata.network")
@@ -101,8 +101,8 @@ async def attach(netns: str) -> PodNetwork:
         raise NetworkError(f"network namespace {netns} does not exist")
     net = PodNetwork(netns)
     try:
-        # flags=0: never create the namespace (pyroute2's default would)
-        async with AsyncIPRoute(netns=netns, flags=0) as ipr:
+        # not pyroute2's netns= (it forks: see tap.netlink_socket)
+        async with AsyncIPRoute(fileno=netlink_socket(netns)) as ipr:
             await _read(ipr, net)
             for e in net.endpoints:
                 e.tap_fd = open_tap(e.tap_name, netns)
@@ -172,7 +172,7 @@ async def detach(net: PodNetwork) -> None:
     if not net.endpoints or not os.path.exists(net.netns):
         return
     try:
-        async with AsyncIPRoute(netns=net.netns, flags=0) as ipr:
+        async with AsyncIPRoute(fileno=netlink_socket(net.netns)) as ipr:
             for e in net.endpoints:
                 with contextlib.suppress(Exception):
                     await ipr.tc("del", "ingress", index=e.link_index, handle=INGRESS)
