@@ -220,7 +220,7 @@ async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | No
 
 
 def find_assets(kernel: str | None, image_initrd: str | None, want_image: bool) -> tuple[Path, Path | None]:
-    from pykata.guest.kernel import find_kernel
+    from pykata.guestimage.kernel import find_kernel
 
     k = Path(kernel) if kernel else getattr(find_kernel(), "vmlinux", None)
     if k is None:
@@ -228,7 +228,7 @@ def find_assets(kernel: str | None, image_initrd: str | None, want_image: bool) 
     initrd: Path | None = Path(image_initrd) if image_initrd else None
     if want_image and initrd is None:
         from pykata.config import load_config
-        from pykata.guest.rootfs import find_rootfs
+        from pykata.guestimage.rootfs import find_rootfs
 
         found = find_rootfs(load_config().runtime.cache_path)
         initrd = found.initrd if found else None

@@ -48,7 +48,7 @@ PATH_PREFIXES = {
 
 # Options that only steer Go code generation (gogoproto) or containerd's Go field-path plugin. Dropping
 # them leaves every message, field number, type and service as upstream has it; the golden test in
-# tests/test_protocols.py compiles the unmodified upstream files and compares.
+# tests/protocols/test_protocols.py compiles the unmodified upstream files and compares.
 _GO_ONLY = r"\(\s*(?:gogoproto|containerd\.plugin)\.[\w.]+\s*\)"
 _GO_IMPORT_RE = re.compile(
     r'^\s*import\s+(?:weak\s+|public\s+)?"(?:github\.com/gogo/protobuf/)?gogoproto/gogo\.proto"\s*;\s*\n'

@@ -36,8 +36,8 @@ MiB = 1 << 20
 def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(vmlinux, initrd) of the current sources; the rootfs is built into a temp cache (a few
     seconds) so it always carries the agent as it is now."""
-    from pykata.guest.kernel import find_kernel
-    from pykata.guest.rootfs import build_rootfs
+    from pykata.guestimage.kernel import find_kernel
+    from pykata.guestimage.rootfs import build_rootfs
 
     found = find_kernel(DEFAULT_CACHE)
     if found is not None:

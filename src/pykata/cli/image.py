@@ -97,8 +97,8 @@ def build(force: bool, as_json: bool, cache_dir: Path | None, jobs: int | None) 
     The first build takes a few minutes (the kernel) and shows progress on stderr; later runs
     return the cached artifacts at once.
     """
-    from pykata.guest.kernel import build_kernel
-    from pykata.guest.rootfs import build_rootfs
+    from pykata.guestimage.kernel import build_kernel
+    from pykata.guestimage.rootfs import build_rootfs
 
     cache = _cache_dir(cache_dir)
     try:
@@ -120,8 +120,8 @@ def build(force: bool, as_json: bool, cache_dir: Path | None, jobs: int | None) 
               help="Cache directory (default: runtime.cache_dir of configuration.toml).")
 def info(as_json: bool, cache_dir: Path | None) -> None:
     """Show the cached kernel and root filesystem for the current inputs (never builds)."""
-    from pykata.guest.kernel import find_kernel
-    from pykata.guest.rootfs import find_rootfs, list_rootfs
+    from pykata.guestimage.kernel import find_kernel
+    from pykata.guestimage.rootfs import find_rootfs, list_rootfs
 
     cache = _cache_dir(cache_dir)
     kernel = find_kernel(cache)

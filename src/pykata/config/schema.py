@@ -27,7 +27,7 @@ class QemuConfig:
     """`[hypervisor.qemu]`: how to build and run the VM."""
 
     path: str = DEFAULT_QEMU
-    # Empty kernel/initrd/image mean "the cached build" (resolved through pykata.guest).
+    # Empty kernel/initrd/image mean "the cached build" (resolved through pykata.guestimage).
     kernel: str = ""
     initrd: str = ""
     image: str = ""

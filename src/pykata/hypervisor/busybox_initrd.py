@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 
 from pykata.errors import HypervisorError
-from pykata.guest.cpio import CpioEntry, write_archive
+from pykata.guestimage.cpio import CpioEntry, write_archive
 
 BUSYBOX_PATHS = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 APPLETS = ("sh", "echo", "cat", "mount", "umount", "mkdir", "ls", "sleep", "poweroff", "reboot", "sync",

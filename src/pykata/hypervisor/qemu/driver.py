@@ -53,7 +53,7 @@ class QemuHypervisor(Hypervisor):
 
     `config` is the whole pykata configuration (its [hypervisor.qemu] and [runtime] sections are used).
     `kernel`/`initrd`/`image` override the configured assets; when neither names a kernel, the cached
-    build from pykata.guest is used. `shared_dir` is served to the guest (tag "kataShared") over
+    build from pykata.guestimage is used. `shared_dir` is served to the guest (tag "kataShared") over
     virtio-fs or 9p, per `hypervisor.qemu.shared_fs`. `readiness` decides when wait_ready() returns
     (default: the console line PYKATA_AGENT_READY). `guest_shutdown`, if given, is awaited first by
     stop() (at most 2 s) so the guest can finish cleanly; QEMU is quit after it either way.
@@ -609,7 +609,7 @@ class QemuHypervisor(Hypervisor):
 
 def resolve_assets(config: Config, kernel: Path | None, initrd: Path | None,
                    image: Path | None) -> tuple[Path, Path | None, Path | None]:
-    """The kernel, initrd and image a VM boots: explicit ones, else configured, else pykata.guest's cache.
+    """The kernel, initrd and image a VM boots: explicit ones, else configured, else pykata.guestimage's cache.
 
     Raises:
         HypervisorError: no kernel or root filesystem is configured or built, or a file does not exist.
@@ -635,7 +635,7 @@ def resolve_kernel(config: Config) -> Path:
             raise HypervisorError(f"hypervisor.qemu.kernel: {q.kernel} does not exist")
         return Path(q.kernel)
     try:
-        from pykata.guest.kernel import find_kernel
+        from pykata.guestimage.kernel import find_kernel
     except ImportError:
         raise HypervisorError("no guest kernel configured (hypervisor.qemu.kernel) and no builder") from None
     found = find_kernel(config.runtime.cache_path)
@@ -657,7 +657,7 @@ def resolve_rootfs(config: Config) -> tuple[Path | None, Path | None]:
     if q.initrd or q.image:
         return (Path(q.initrd) if q.initrd else None), (Path(q.image) if q.image else None)
     try:
-        from pykata.guest.rootfs import find_rootfs
+        from pykata.guestimage.rootfs import find_rootfs
     except ImportError:
         raise HypervisorError("no guest initrd configured (hypervisor.qemu.initrd) and no builder") from None
     found = find_rootfs(config.runtime.cache_path)

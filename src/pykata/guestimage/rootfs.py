@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import pykata
 from pykata.errors import PykataError
-from pykata.guest import assemble, debs, fsimage, wheels
+from pykata.guestimage import assemble, debs, fsimage, wheels
 
 Progress = Callable[[str], None]
 BootForm = Literal["initrd", "image"]
@@ -149,9 +149,9 @@ def source_dir() -> Path:
 def sources_hash(source: Path) -> str:
     """SHA256 over pykata's guest files and the builder's own modules (path and content)."""
     h = hashlib.sha256()
-    guest = source / "guest"
+    guest = source / "guestimage"
     items = [(rel, source / rel) for rel in assemble.guest_source_files(source)]
-    items += [(f"guest/{m}", guest / m) for m in _BUILDER_MODULES]
+    items += [(f"guestimage/{m}", guest / m) for m in _BUILDER_MODULES]
     for rel, path in items:
         data = path.read_bytes()
         h.update(f"{rel}\0{len(data)}\0".encode())
@@ -323,7 +323,7 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
         for stub in agent_lib.rglob("*.pyi"):
             stub.unlink()
         assemble.install_agent_packages(root, source, inputs.version)
-        assemble.install_base(root, (source / "guest" / "init").read_bytes())
+        assemble.install_base(root, (source / "guestimage" / "init").read_bytes())
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (root / "usr/bin" / assemble.PY).is_file():

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pykata.guest import assemble, cpio, debs, elf, fsimage, wheels
-from pykata.guest.rootfs import (
+from pykata.guestimage import assemble, cpio, debs, elf, fsimage, wheels
+from pykata.guestimage.rootfs import (
     DEFAULT_RECIPE,
     Recipe,
     RootfsArtifact,
@@ -27,7 +27,7 @@ from pykata.guest.rootfs import (
     rootfs_key,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = Path("/var/cache/pykata")
 QEMU = "/usr/bin/qemu-system-x86_64"
 
@@ -69,7 +69,7 @@ def test_cache_key_changes_with_any_input(change: dict[str, object]) -> None:
 
 
 def test_sources_hash_follows_guest_code(tmp_path: Path) -> None:
-    from pykata.guest.rootfs import source_dir, sources_hash
+    from pykata.guestimage.rootfs import source_dir, sources_hash
 
     copy = tmp_path / "pykata"
     shutil.copytree(source_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
@@ -178,7 +178,7 @@ def test_gzip_initrd_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_bad_source_date_epoch_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pykata.guest.rootfs import RootfsError, source_epoch
+    from pykata.guestimage.rootfs import RootfsError, source_epoch
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
     with pytest.raises(RootfsError, match="SOURCE_DATE_EPOCH"):
@@ -211,7 +211,7 @@ def _digest(path: Path) -> str:
 
 def _build_twice(deb_cache: Path, tmp_path: Path, recipe: Recipe) -> tuple[RootfsArtifact, RootfsArtifact]:
     # A snapshot of the sources: others may be editing the working tree while the test runs.
-    from pykata.guest.rootfs import source_dir
+    from pykata.guestimage.rootfs import source_dir
 
     source = tmp_path / "src" / "pykata"
     shutil.copytree(source_dir(), source, ignore=shutil.ignore_patterns("__pycache__"))
@@ -261,7 +261,7 @@ def test_full_rootfs_is_reproducible_and_complete(deb_cache: Path, tmp_path: Pat
 
 @pytest.fixture(scope="session")
 def kernel() -> Path:
-    from pykata.guest.kernel import find_kernel
+    from pykata.guestimage.kernel import find_kernel
 
     art = find_kernel(DEFAULT_CACHE)
     if art is None:
@@ -415,7 +415,7 @@ def test_image_build_rejects_a_file_as_cache_dir(tmp_path: Path) -> None:
 def test_old_builds_are_pruned_newest_and_current_kept(tmp_path: Path) -> None:
     import json
 
-    from pykata.guest.rootfs import list_rootfs, prune_rootfs
+    from pykata.guestimage.rootfs import list_rootfs, prune_rootfs
 
     for age, key in enumerate(["k0", "k1", "k2", "k3", "k4"]):
         d = tmp_path / "rootfs" / key

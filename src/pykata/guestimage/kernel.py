@@ -172,7 +172,7 @@ class CompileProgress:
 
 def fragment_bytes() -> bytes:
     """Return the packaged kernel config fragment."""
-    return importlib.resources.files("pykata.guest").joinpath(FRAGMENT_NAME).read_bytes()
+    return importlib.resources.files("pykata.guestimage").joinpath(FRAGMENT_NAME).read_bytes()
 
 
 def kernel_inputs(tarball: Path | None = None, fragment: bytes | None = None) -> KernelInputs:

@@ -17,7 +17,7 @@ from pykata.images import ImageStore
 from pykata.sandbox import Volume, build_spec
 from pykata.sandbox.ocispec import add_volumes
 
-PYKATA = str(Path(__file__).resolve().parent.parent / ".venv/bin/pykata")
+PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 pytestmark = [pytest.mark.vm]
 
 BIG = 50 * 1024 * 1024

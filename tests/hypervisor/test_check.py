@@ -15,6 +15,7 @@ from pykata.cli.main import cli
 from pykata.config import Config, parse_toml
 from pykata.hypervisor import check
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
+from tests.guest_assets import guest_kernel_path
 
 NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
          "guest-kernel", "guest-image", "containerd"]
@@ -74,8 +75,6 @@ def test_missing_guest_assets_fail(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def runnable_config() -> Iterator[tuple[Path, Path]]:
     """A configuration naming a real kernel and a busybox initrd, with a private cache dir."""
-    from tests.test_hypervisor_vm import guest_kernel_path
-
     kernel = guest_kernel_path()
     d = Path(tempfile.mkdtemp(prefix="pkchk"))
     initrd = write_busybox_initrd(d / "initrd.cpio", "#!/bin/sh\necho PYKATA_KVM_PROBE_OK\npoweroff -f\n")

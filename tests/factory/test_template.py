@@ -35,23 +35,9 @@ from pykata.hypervisor.template import (
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox.agent_client import AgentClient
 from tests.agent.conftest import make_busybox_rootfs
-from tests.test_hypervisor_vm import guest_kernel_path
+from tests.guest_assets import guest_initrd_path, guest_kernel_path
 
 pytestmark = [pytest.mark.vm]
-
-
-def guest_initrd_path() -> Path:
-    """The cached guest root filesystem; while a rebuild for changed agent sources is pending, the
-    newest build in the cache will do (templating does not depend on the agent's version)."""
-    from pykata.guest.rootfs import find_rootfs
-
-    found = find_rootfs(Path("/var/cache/pykata"))
-    if found is not None and found.initrd is not None:
-        return Path(found.initrd)
-    builds = sorted(Path("/var/cache/pykata/rootfs").glob("*/rootfs.cpio"), key=lambda p: p.stat().st_mtime)
-    if not builds:
-        pytest.fail("no guest root filesystem: run `pykata image build`")
-    return builds[-1]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pykata.errors import HypervisorError
 from pykata.hypervisor import QemuHypervisor, QmpError, VmExitedError
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from pykata.hypervisor.readiness import wait_for_console_line
+from tests.guest_assets import guest_kernel_path
 
 pytestmark = pytest.mark.vm
 
@@ -27,30 +28,6 @@ READY = "echo PYKATA_AGENT_READY\n"
 IDLE_INIT = "#!/bin/sh\nmount -t proc proc /proc\n" + READY + "while true; do sleep 1000; done\n"
 # A bound generous for a loaded 2-core CI machine, far below anything that would mean "hung".
 STOP_BOUND = 10.0
-
-
-def guest_kernel_path() -> Path:
-    """The guest kernel pykata builds (cached); built here if the cache is empty (takes minutes).
-
-    $PYKATA_TEST_KERNEL overrides it.
-    """
-    override = os.environ.get("PYKATA_TEST_KERNEL")
-    if override:
-        return Path(override)
-    from pykata.guest.kernel import DEFAULT_CACHE_DIR, build_kernel, find_kernel
-
-    found = find_kernel()
-    if found is not None:
-        return found.vmlinux
-    # The driver boots any kernel: while a rebuild for changed inputs runs, the last build will do.
-    last = DEFAULT_CACHE_DIR / "kernel"
-    try:
-        previous = last / (last / "current").read_text().strip() / "vmlinux"
-    except OSError:
-        previous = None
-    if previous is not None and previous.is_file():
-        return previous
-    return build_kernel().vmlinux
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from pykata.errors import PykataError
-from pykata.guest import cpio
+from pykata.guestimage import cpio
 
 Compression = Literal["none", "gzip", "zstd"]
 INITRD_SUFFIX: dict[str, str] = {"none": "", "gzip": ".gz", "zstd": ".zst"}

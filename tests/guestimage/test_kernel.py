@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pykata.guest import kernel
-from pykata.guest.kernel import (
+from pykata.guestimage import kernel
+from pykata.guestimage.kernel import (
     CompileProgress,
     KernelArtifact,
     KernelInputs,

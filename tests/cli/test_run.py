@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PYKATA = str(Path(__file__).resolve().parent.parent / ".venv/bin/pykata")
+PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 
 
 def pykata(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:

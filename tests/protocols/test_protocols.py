@@ -36,7 +36,7 @@ from pykata.protocols import (
 )
 from pykata.protocols.gen import UPSTREAM
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GOCODE = Path("/usr/share/gocode/src")
 
 # containerd 1.6's runtime v2 shim API (runtime/v2/task/shim.proto).
