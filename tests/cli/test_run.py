@@ -94,6 +94,27 @@ def test_sigterm_is_forwarded_to_the_container() -> None:
 
 
 @pytest.mark.vm
+def test_run_interactive_exits_when_the_container_exits_while_stdin_stays_open() -> None:
+    # stdin is a pipe we keep open (no EOF ever): the run must end with the container, not with stdin
+    p = subprocess.Popen([PYKATA, "run", "--rm", "-i", "busybox", "sh", "-c", "read line; echo got $line"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    try:
+        p.stdin.write(b"hello\n")
+        p.stdin.flush()
+        p.wait(timeout=120)
+        assert p.stdout is not None and p.stderr is not None
+        out, err = p.stdout.read(), p.stderr.read()
+        assert p.returncode == 0, err
+        assert out == b"got hello\n"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdin.close()
+
+
+@pytest.mark.vm
 def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
     name = f"t-{uuid.uuid4().hex[:6]}"
     runner = subprocess.Popen([PYKATA, "run", "--name", name, "busybox", "sh", "-c",

@@ -107,6 +107,7 @@ async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = Non
             loop.remove_signal_handler(s)
         if feeder is not None:
             feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
         for f in logs:
             f.close()
     return status

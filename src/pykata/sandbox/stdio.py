@@ -12,6 +12,7 @@ from pykata.errors import PykataError
 from pykata.sandbox.process import Process, Stream
 
 Sink = Callable[[bytes], None]
+STDIN_CHUNK = 1 << 16
 
 
 def file_sink(*files: BinaryIO) -> Sink:
@@ -29,30 +30,48 @@ async def pump_output(proc: Process, stream: Stream, sink: Sink) -> None:
 
 
 async def feed_stdin(proc: Process, fd: int) -> None:
-    """Copy host file descriptor `fd` to the process's stdin until EOF, then close its stdin."""
+    """Copy host file descriptor `fd` to the process's stdin until EOF, then close its stdin.
+
+    A tty, pipe or socket is read only when the loop says it is readable (`loop.add_reader`), so
+    cancelling this task ends it at once: no thread stays blocked in read(2) (which would keep
+    `asyncio.run` from returning until stdin reaches EOF). Regular files and /dev/null cannot be
+    polled, and a read of them never waits, so they are read directly. `fd`'s flags are not touched:
+    it is often the terminal shared with the parent shell.
+    """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-    reader_done = asyncio.Event()
-
-    def read_blocking() -> None:
+    pollable = True
+    while True:
+        if pollable:
+            try:
+                await _readable(loop, fd)
+            except PermissionError:  # epoll refuses regular files and /dev/null: they never block
+                pollable = False
         try:
-            while True:
-                data = os.read(fd, 65536)
-                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
-                if not data:
-                    return
-        except (OSError, RuntimeError):
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, b"")
-        finally:
-            loop.call_soon_threadsafe(reader_done.set)
-
-    # a thread: stdin may be a tty, a pipe or a file, and only a thread reads all three alike
-    loop.run_in_executor(None, read_blocking)
-    while data := await queue.get():
+            data = os.read(fd, STDIN_CHUNK)
+        except BlockingIOError:
+            continue  # another reader of a shared fd took the data first
+        except OSError:
+            data = b""
+        if not data:
+            break
         try:
             await proc.write_stdin(data)
         except PykataError:
             return  # the process is gone; nothing more to feed
     with contextlib.suppress(PykataError):
         await proc.close_stdin()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until `fd` has data or EOF. Raises PermissionError for fds epoll cannot watch."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)

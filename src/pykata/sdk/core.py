@@ -1,34 +1,22 @@
-"""Disposable VM sandboxes from Python code.
-
-    import pykata
-    with pykata.Sandbox(image="busybox") as sb:
-        result = sb.exec(["sh", "-c", "echo hi"])
-        print(result.exit_code, result.stdout)          # 0 b'hi\\n'
-
-    async with pykata.AsyncSandbox(image="busybox") as sb:
-        result = await sb.exec(["echo", "hi"], timeout=10)
-        async for stream, chunk in sb.stream(["sh", "-c", "for i in 1 2 3; do echo $i; done"]):
-            ...
+"""AsyncSandbox: one disposable VM sandbox for asyncio code (the blocking `Sandbox` wraps it).
 
 Each sandbox is one VM running the image's container with a long-lived idle process; `exec` runs
-commands in it. Leaving the `with` block destroys the VM and everything it used.
+commands in it. Leaving the `async with` block destroys the VM and everything it used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
-from concurrent.futures import Future
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pykata.config import Config, load_config
 from pykata.errors import PykataError
 from pykata.images import ImageStore
-
-T = TypeVar("T")
+from pykata.sandbox import Sandbox, Volume, build_spec
 
 IDLE_COMMAND = ("sleep", "2147483647")
 
@@ -70,8 +58,6 @@ class AsyncSandbox:
 
     async def start(self) -> AsyncSandbox:
         """Boot the VM and start the container. Raises PykataError (ImageError, SandboxError, ...)."""
-        from pykata.sandbox import Sandbox, Volume, build_spec
-
         config = self.config or load_config()
         image = ImageStore(Path(config.runtime.cache_dir)).resolve(self.image_ref)
         vols = [Volume.parse(v) for v in self.volumes]
@@ -133,6 +119,7 @@ class AsyncSandbox:
             await queue.put(None)
 
         tasks = [asyncio.ensure_future(drain("stdout")), asyncio.ensure_future(drain("stderr"))]
+        finished = False
         try:
             ended = 0
             while ended < 2:
@@ -141,10 +128,16 @@ class AsyncSandbox:
                     ended += 1
                     continue
                 yield item
-            yield ("exit", str(await proc.wait()).encode())
+            status = await proc.wait()
+            finished = True
+            yield ("exit", str(status).encode())
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not finished:  # abandoned (break, close, cancel): nobody reads it any more
+                with contextlib.suppress(PykataError):
+                    await proc.signal(9)
 
     async def _spawn(self, cmd: Sequence[str], env: Sequence[str], cwd: str | None) -> Any:
         if self._container is None:
@@ -163,63 +156,3 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-class Sandbox:
-    """The same as AsyncSandbox for code without an event loop (a private loop runs in a thread)."""
-
-    def __init__(self, image: str = "busybox", **kwargs: Any) -> None:
-        self._async = AsyncSandbox(image, **kwargs)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="pykata-sdk", daemon=True)
-        self._thread.start()
-
-    def _run(self, aw: Awaitable[T]) -> T:
-        async def wrap() -> T:
-            return await aw
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(wrap(), self._loop)
-        return fut.result()
-
-    @property
-    def id(self) -> str:
-        return self._async.id
-
-    def start(self) -> Sandbox:
-        try:
-            self._run(self._async.start())
-        except BaseException:
-            self._shutdown_loop()
-            raise
-        return self
-
-    def exec(self, cmd: Sequence[str], **kwargs: Any) -> ExecResult:
-        """See AsyncSandbox.exec."""
-        return self._run(self._async.exec(cmd, **kwargs))
-
-    def stream(self, cmd: Sequence[str], **kwargs: Any) -> Iterator[tuple[str, bytes]]:
-        """See AsyncSandbox.stream."""
-        agen = self._async.stream(cmd, **kwargs)
-        while True:
-            try:
-                yield self._run(agen.__anext__())
-            except StopAsyncIteration:
-                return
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self._async.close())
-        finally:
-            self._shutdown_loop()
-
-    def _shutdown_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def __enter__(self) -> Sandbox:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
