@@ -8,7 +8,7 @@ cleanup: a boot interrupted by KeyboardInterrupt leaves no VM, no directory and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from pykata.errors import PykataError
@@ -25,8 +25,8 @@ class Sandbox:
         self._async = AsyncSandbox(image, **kwargs)
         self._token: int | None = None
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return SHARED.run(coro)
+    def _run(self, aw: Awaitable[T]) -> T:
+        return SHARED.run(aw)
 
     @property
     def id(self) -> str:

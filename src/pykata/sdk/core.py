@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ class AsyncSandbox:
         return ExecResult(code, b"".join(out), b"".join(err))
 
     async def stream(self, cmd: Sequence[str], *, env: Sequence[str] = (),
-                     cwd: str | None = None) -> AsyncIterator[tuple[str, bytes]]:
+                     cwd: str | None = None) -> AsyncGenerator[tuple[str, bytes], None]:
         """Run `cmd` and yield ("stdout"|"stderr", chunk) as output arrives; the exit status is
         yielded last as ("exit", b"<code>")."""
         proc = await self._spawn(cmd, env, cwd)

@@ -19,7 +19,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from pykata.errors import PykataError
@@ -80,8 +80,9 @@ class SharedLoop:
             if thread.is_alive():  # never close a loop that still runs: the thread closes it when it can
                 log.warning("pykata SDK loop thread did not end within %.0fs", STOP_TIMEOUT)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the loop and return its result (or raise its exception).
+    def run(self, aw: Awaitable[T]) -> T:
+        """Run `aw` (a coroutine, or the next step of an async generator) on the loop and return its
+        result (or raise its exception).
 
         KeyboardInterrupt (or any exception raised in the caller's thread while waiting) cancels the
         coroutine and waits up to CLEANUP_TIMEOUT for it to unwind before it is re-raised.
@@ -90,13 +91,14 @@ class SharedLoop:
         with self._lock:
             loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
-            coro.close()
+            if isinstance(aw, Coroutine):
+                aw.close()
             raise LoopThreadGone("the sandbox is closed (no event loop is running for it)")
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
         tasks: list[asyncio.Task[T]] = []
 
         def start() -> None:
-            task = loop.create_task(coro)
+            task = loop.create_task(_awaited(aw))
             tasks.append(task)
             task.add_done_callback(lambda t: _copy_outcome(t, done))
 
@@ -123,6 +125,10 @@ class SharedLoop:
                 close()
             except Exception as e:  # exit must go on for the others
                 log.warning("pykata SDK: closing a sandbox at exit: %s", e)
+
+
+async def _awaited(aw: Awaitable[T]) -> T:
+    return await aw
 
 
 def _copy_outcome(task: asyncio.Task[T], done: concurrent.futures.Future[T]) -> None:
