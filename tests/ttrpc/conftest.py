@@ -15,6 +15,7 @@ class EchoHandler:
     def __init__(self) -> None:
         self.seen_metadata: list[dict[str, list[str]]] = []
         self.cancelled = 0
+        self.release = asyncio.Event()
 
     async def Echo(self, req: Any, ctx: CallContext) -> Any:
         self.seen_metadata.append(ctx.metadata)
@@ -45,6 +46,14 @@ class EchoHandler:
         async for r in reqs:
             total += r.tag
         return Echo(tag=total)
+
+    async def Hold(self, reqs: AsyncIterator[Any], ctx: CallContext) -> Any:
+        """Client streaming that does not read its stream until told (`release` set)."""
+        await self.release.wait()
+        n = 0
+        async for _ in reqs:
+            n += 1
+        return Echo(tag=n)
 
     async def Chat(self, reqs: AsyncIterator[Any], ctx: CallContext) -> AsyncIterator[Any]:
         async for r in reqs:

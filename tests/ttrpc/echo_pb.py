@@ -16,7 +16,8 @@ _msg.field.add(name="tag", number=3, type=descriptor_pb2.FieldDescriptorProto.TY
                label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
 _svc = _fd.service.add(name="EchoService")
 for name, cs, ss in [("Echo", False, False), ("Fail", False, False), ("Sleep", False, False), ("Fill", False, False),
-                     ("Count", False, True), ("Sum", True, False), ("Chat", True, True)]:
+                     ("Count", False, True), ("Sum", True, False), ("Chat", True, True),
+                     ("Hold", True, False)]:
     _svc.method.add(name=name, input_type=".pykata.test.Echo", output_type=".pykata.test.Echo",
                     client_streaming=cs, server_streaming=ss)
 

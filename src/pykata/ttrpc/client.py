@@ -9,6 +9,11 @@
 Each answer is routed to its caller by stream id. A deadline is sent to the server as timeout_nano
 and enforced here too. When the connection drops, every pending call fails at once with a
 ConnectionClosedError naming its method.
+
+The server is not trusted: each frame is at most `max_message_size`, a frame the protocol does not
+allow (data on a unary call, an answer on a stream never opened) closes the connection, and a
+streaming call whose unread messages pass `max_stream_buffer` bytes fails with RESOURCE_EXHAUSTED
+(the client keeps reading the connection for the other calls; that stream's later frames are dropped).
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ from typing import Any
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.connection import DataReceived, Event, ResponseReceived, Role
 from pykata.ttrpc.errors import ConnectionClosedError, LocalProtocolError, RpcError
+from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
 from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
 
 Metadata = Mapping[str, str | Iterable[str]]
 
 _END = object()
+# Unread server messages of one streaming call before the call is failed.
+MAX_STREAM_BUFFER = 16 << 20
 
 
 def _flatten(metadata: Metadata | None) -> list[tuple[str, str]]:
@@ -39,18 +47,21 @@ def _flatten(metadata: Metadata | None) -> list[tuple[str, str]]:
 
 
 class _Pending:
-    __slots__ = ("method", "queue", "response")
+    __slots__ = ("buffered", "method", "queue", "response")
 
     def __init__(self, method: str, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.method = method
+        self.buffered = 0
         self.response: asyncio.Future[ResponseReceived] = loop.create_future()
         # server-sent Data payloads for streaming calls
         self.queue: asyncio.Queue[object] | None = asyncio.Queue() if streaming else None
 
 
 class _ClientProtocol(ConnectionProtocol):
-    def __init__(self) -> None:
-        super().__init__(Role.CLIENT)
+    def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE,
+                 max_stream_buffer: int = MAX_STREAM_BUFFER) -> None:
+        super().__init__(Role.CLIENT, max_message_size=max_message_size)
+        self.max_stream_buffer = max_stream_buffer
         self.pending: dict[int, _Pending] = {}
 
     def handle_event(self, event: Event) -> None:
@@ -67,6 +78,10 @@ class _ClientProtocol(ConnectionProtocol):
             if p.queue is None:
                 return
             if event.payload or not event.end_stream:
+                p.buffered += len(event.payload)
+                if p.buffered > self.max_stream_buffer:
+                    self._overflow(event.stream_id, p)
+                    return
                 p.queue.put_nowait(event.payload)
             if event.end_stream:
                 # ttrpc 1.2: a server may finish a stream with Data[remote closed] and no Response
@@ -74,6 +89,20 @@ class _ClientProtocol(ConnectionProtocol):
                 if not p.response.done():
                     p.response.set_result(ResponseReceived(event.stream_id, Code.OK, "", (), b""))
                 p.queue.put_nowait(_END)
+
+    def _overflow(self, sid: int, p: _Pending) -> None:
+        del self.pending[sid]
+        self.conn.forget(sid)
+        err = RpcError(Code.RESOURCE_EXHAUSTED,
+                       f"server sent over {self.max_stream_buffer} bytes the caller has not read", p.method)
+        if not p.response.done():
+            p.response.set_exception(err)
+            p.response.exception()
+        assert p.queue is not None
+        # what was queued is of no use any more: free it now
+        while not p.queue.empty():
+            p.queue.get_nowait()
+        p.queue.put_nowait(err)
 
     def on_closed(self, exc: BaseException | None) -> None:
         why = f"connection closed: {exc}" if exc else "connection closed by peer"
@@ -255,14 +284,20 @@ class ClientStream:
         assert self._p.queue is not None
         item = await self._within_deadline(self._p.queue.get())
         if isinstance(item, RpcError):
+            self._p.queue.put_nowait(item)  # every later recv() fails the same way
             raise item
+        if isinstance(item, bytes):
+            self._p.buffered -= len(item)
         if item is _END:
             self._p.queue.put_nowait(_END)  # stay at the end for later recv() calls
             if self._p.response.done():
                 self._check(self._p.response.result())
             return None
         msg = self._spec.response_type()
-        msg.ParseFromString(item)
+        try:
+            msg.ParseFromString(item)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise RpcError(Code.DATA_LOSS, f"undecodable stream message: {e}", self._p.method) from None
         return msg
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -279,7 +314,10 @@ class ClientStream:
         if not resp.payload:
             return None
         msg = self._spec.response_type()
-        msg.ParseFromString(resp.payload)
+        try:
+            msg.ParseFromString(resp.payload)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise RpcError(Code.DATA_LOSS, f"undecodable response: {e}", self._p.method) from None
         return msg
 
     def _check(self, resp: ResponseReceived) -> None:
@@ -312,18 +350,22 @@ class Stub:
         return unary
 
 
-async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeout: float | None = None) -> Client:
+async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeout: float | None = None,
+                       max_message_size: int = MAX_MESSAGE_SIZE, max_stream_buffer: int = MAX_STREAM_BUFFER,
+                       ) -> Client:
     """Connect to a ttrpc server on a unix socket. Raises OSError (e.g. FileNotFoundError,
     ConnectionRefusedError) or TimeoutError."""
     loop = asyncio.get_running_loop()
     path = path.removeprefix("unix://")
     async with asyncio.timeout(timeout):
-        _, proto = await loop.create_unix_connection(_ClientProtocol, path)
+        _, proto = await loop.create_unix_connection(
+            lambda: _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer), path)
     return Client(proto, default_timeout=default_timeout)
 
 
-async def connect_fd(fd: int, *, default_timeout: float | None = None) -> Client:
+async def connect_fd(fd: int, *, default_timeout: float | None = None, max_message_size: int = MAX_MESSAGE_SIZE,
+                     max_stream_buffer: int = MAX_STREAM_BUFFER) -> Client:
     """A client over an already connected descriptor (socket or character device); it is dup'ed."""
-    proto = _ClientProtocol()
+    proto = _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer)
     await attach_fd(fd, proto)
     return Client(proto, default_timeout=default_timeout)

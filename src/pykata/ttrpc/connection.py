@@ -8,7 +8,9 @@
     wire = conn.send_request(...)        # bytes to write
 
 A RemoteProtocolError from next_event() moves the connection to a terminal state: every later call
-raises the same error, so a peer that sent garbage cannot get anything more processed.
+raises the same error, so a peer that sent garbage cannot get anything more processed. Besides
+malformed frames, these are protocol errors: a frame over `max_message_size`, data on a unary call or
+after the peer closed its side of the stream, and a frame for a stream id the peer could not know.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from google.protobuf.message import DecodeError
 from pykata.ttrpc._pb import ttrpc_pb2
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
-from pykata.ttrpc.frames import Flags, Frame, FrameDecoder, FrameType, encode_frame
+from pykata.ttrpc.frames import MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameType, encode_frame
 
 MAX_STREAM_ID = (1 << 32) - 1
 
@@ -70,16 +72,23 @@ Event = RequestReceived | ResponseReceived | DataReceived
 class _StreamState:
     local_closed: bool = False
     remote_closed: bool = False
+    # client side: the server may send Data frames (a streaming method); False for a unary call
+    expects_data: bool = True
     extra: dict[str, object] = field(default_factory=dict)
 
 
 class Connection:
     """One ttrpc connection's protocol state for the client or the server role."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+        """`max_message_size` caps every frame both ways (at most ttrpc's 4 MiB): a bigger frame from
+        the peer is a RemoteProtocolError, a bigger message of ours a LocalProtocolError."""
         self.role = role
-        self._decoder = FrameDecoder()
+        self.max_message_size = max_message_size
+        self._decoder = FrameDecoder(max_message_size)
         self._next_stream_id = 1
+        # server side: the highest stream id a request arrived on (later ids were never opened)
+        self._highest_request_id = 0
         self._streams: dict[int, _StreamState] = {}
         self._error: RemoteProtocolError | None = None
         self._eof = False
@@ -135,6 +144,7 @@ class Connection:
         self._streams.clear()
         self._error = None
         self._eof = False
+        self._highest_request_id = 0
 
     def _handle(self, frame: Frame) -> Event | None:
         if self.role is Role.SERVER:
@@ -155,6 +165,7 @@ class Connection:
                 raise RemoteProtocolError(f"undecodable request on stream {sid}: {e}") from None
             remote_open = bool(frame.flags & Flags.REMOTE_OPEN)
             self._streams[sid] = _StreamState(remote_closed=not remote_open)
+            self._highest_request_id = max(self._highest_request_id, sid)
             metadata: dict[str, list[str]] = {}
             for kv in req.metadata:
                 metadata.setdefault(kv.key, []).append(kv.value)
@@ -163,11 +174,15 @@ class Connection:
                 remote_open=remote_open, streaming=frame.flags != Flags.NONE,
             )
         if frame.type is FrameType.DATA:
+            if sid not in self._streams and (sid % 2 == 0 or sid > self._highest_request_id):
+                raise RemoteProtocolError(f"client sent data on stream {sid}, which it never opened")
             return self._handle_data(frame)
         raise RemoteProtocolError(f"client sent a {frame.type.name} frame on stream {sid}")
 
     def _handle_as_client(self, frame: Frame) -> Event | None:
         sid = frame.stream_id
+        if sid % 2 == 0 or sid >= self._next_stream_id:
+            raise RemoteProtocolError(f"server sent a {frame.type.name} frame on stream {sid}, which we never opened")
         if frame.type is FrameType.RESPONSE:
             if self._streams.pop(sid, None) is None:
                 self.dropped_frames += 1
@@ -186,12 +201,19 @@ class Connection:
         raise RemoteProtocolError(f"server sent a {frame.type.name} frame on stream {sid}")
 
     def _handle_data(self, frame: Frame) -> DataReceived | None:
-        """Data on an open stream; data for a stream we do not track, or after the peer closed its
-        side, is dropped (a cancelled call, an answered stream), not a protocol error."""
+        """Data on an open stream. Data for a stream we no longer track is dropped (a cancelled
+        call, an answered stream); data on a unary call, or after the peer closed its side of a
+        stream we still track, is a protocol error: no well-behaved peer sends it, and a peer
+        that does must not make us queue it."""
         state = self._streams.get(frame.stream_id)
-        if state is None or state.remote_closed:
+        if state is None:
             self.dropped_frames += 1
             return None
+        who = "client" if self.role is Role.SERVER else "server"
+        if not state.expects_data:
+            raise RemoteProtocolError(f"{who} sent data on stream {frame.stream_id}, a unary call")
+        if state.remote_closed:
+            raise RemoteProtocolError(f"{who} sent data on stream {frame.stream_id} after closing its side")
         end = bool(frame.flags & Flags.REMOTE_CLOSED)
         state.remote_closed = end
         self._maybe_finish(frame.stream_id, state)
@@ -227,15 +249,16 @@ class Connection:
         req = ttrpc_pb2.Request(service=service, method=method, payload=payload, timeout_nano=timeout_nano)
         for k, v in metadata:
             req.metadata.add(key=k, value=v)
+        expects_data = server_streaming
         if client_streaming:
             flags = Flags.REMOTE_OPEN
         elif server_streaming:
             flags = Flags.REMOTE_CLOSED
         else:
             flags = Flags.NONE
-        wire = encode_frame(sid, FrameType.REQUEST, flags, req.SerializeToString())
+        wire = encode_frame(sid, FrameType.REQUEST, flags, req.SerializeToString(), max_size=self.max_message_size)
         self._next_stream_id = sid + 2
-        self._streams[sid] = _StreamState(local_closed=not client_streaming)
+        self._streams[sid] = _StreamState(local_closed=not client_streaming, expects_data=expects_data)
         return sid, wire
 
     def send_data(self, stream_id: int, payload: bytes, *, end_stream: bool = False) -> bytes:
@@ -249,7 +272,7 @@ class Connection:
             state.local_closed = True
             if not payload:
                 flags |= Flags.NO_DATA
-        wire = encode_frame(stream_id, FrameType.DATA, flags, payload)
+        wire = encode_frame(stream_id, FrameType.DATA, flags, payload, max_size=self.max_message_size)
         self._maybe_finish(stream_id, state)
         return wire
 
@@ -266,7 +289,8 @@ class Connection:
         resp.status.message = message
         for d in details:
             resp.status.details.add().CopyFrom(d)
-        return encode_frame(stream_id, FrameType.RESPONSE, Flags.NONE, resp.SerializeToString())
+        return encode_frame(stream_id, FrameType.RESPONSE, Flags.NONE, resp.SerializeToString(),
+                            max_size=self.max_message_size)
 
     def forget(self, stream_id: int) -> None:
         """Stop tracking a stream (a cancelled call); frames that still arrive for it are dropped."""

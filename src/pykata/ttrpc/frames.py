@@ -36,18 +36,20 @@ class Frame:
     data: bytes
 
 
-def encode_frame(stream_id: int, type_: FrameType, flags: Flags, data: bytes) -> bytes:
-    """Render one frame. Raises LocalProtocolError if the data is over the 4 MiB limit."""
-    if len(data) > MAX_MESSAGE_SIZE:
-        raise LocalProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_SIZE}-byte limit")
+def encode_frame(stream_id: int, type_: FrameType, flags: Flags, data: bytes,
+                 *, max_size: int = MAX_MESSAGE_SIZE) -> bytes:
+    """Render one frame. Raises LocalProtocolError if the data is over `max_size` (at most 4 MiB)."""
+    limit = min(max_size, MAX_MESSAGE_SIZE)
+    if len(data) > limit:
+        raise LocalProtocolError(f"message of {len(data)} bytes exceeds the {limit}-byte limit")
     if not 0 < stream_id < 1 << 32:
         raise LocalProtocolError(f"stream id {stream_id} out of range")
     return HEADER.pack(len(data), stream_id, type_, flags) + data
 
 
-def _header_problem(length: int, stream_id: int, type_: int) -> str | None:
-    if length > MAX_MESSAGE_SIZE:
-        return f"frame length {length} exceeds the {MAX_MESSAGE_SIZE}-byte limit"
+def _header_problem(length: int, stream_id: int, type_: int, max_size: int = MAX_MESSAGE_SIZE) -> str | None:
+    if length > max_size:
+        return f"frame length {length} exceeds the {max_size}-byte limit"
     if type_ not in (1, 2, 3):
         return f"unknown frame type {type_}"
     if stream_id == 0:
@@ -61,13 +63,18 @@ class FrameDecoder:
     A header that cannot be valid raises RemoteProtocolError and leaves the buffer as it was, so the
     owner may either give up on the connection or call `resync()` (used on byte streams such as a
     virtio-serial port, where a new host connection can start in the middle of an old half-frame).
+    `max_size` (at most the protocol's 4 MiB) caps one frame's data, so at most one frame of that
+    size (plus what the last read brought) is ever buffered.
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_pos", "max_size")
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        if not 0 < max_size <= MAX_MESSAGE_SIZE:
+            raise ValueError(f"max_size must be in 1..{MAX_MESSAGE_SIZE}, not {max_size}")
         self._buf = bytearray()
         self._pos = 0
+        self.max_size = max_size
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos:
@@ -91,7 +98,7 @@ class FrameDecoder:
         if avail < HEADER_SIZE:
             return None
         length, stream_id, type_, flags = HEADER.unpack_from(self._buf, self._pos)
-        problem = _header_problem(length, stream_id, type_)
+        problem = _header_problem(length, stream_id, type_, self.max_size)
         if problem:
             raise RemoteProtocolError(problem)
         if avail < HEADER_SIZE + length:
@@ -112,7 +119,7 @@ class FrameDecoder:
                 # keep the tail: it may be the start of the next header
                 return dropped
             length, stream_id, type_, _ = HEADER.unpack_from(self._buf, self._pos)
-            if _header_problem(length, stream_id, type_) is None:
+            if _header_problem(length, stream_id, type_, self.max_size) is None:
                 return dropped
 
     def clear(self) -> None:

@@ -7,6 +7,12 @@ Handlers are objects with one async method per RPC, named as in the .proto:
         async def Logs(self, request, ctx): yield LogLine(...)                     # server streaming
         async def Upload(self, requests, ctx): async for r in requests: ...        # client streaming
 
+Bounds (a peer may be hostile): each frame is at most `max_message_size` both ways; a request that
+announces data frames for a method that takes none is refused (INVALID_ARGUMENT), and data on a
+unary call closes the connection (a protocol error); a stream's unread inbound messages are capped
+at `max_inbound_bytes` (past it the server stops reading the connection until the handler catches
+up); requests in flight per connection are capped in number and in bytes (RESOURCE_EXHAUSTED).
+
 Errors become google.rpc statuses: RpcError keeps its code, NotImplementedError is UNIMPLEMENTED,
 an exception with an `rpc_code` attribute uses it, anything else is UNKNOWN (and logged).
 """
@@ -28,12 +34,17 @@ from pykata.errors import PykataError
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.connection import DataReceived, Event, RequestReceived, Role
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError, RpcError
+from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
 from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
 
 log = logging.getLogger("pykata.ttrpc.server")
 
 MAX_INFLIGHT_PER_CONNECTION = 4096
+# Request payloads held by handlers still running, per connection.
+MAX_INFLIGHT_BYTES = 64 << 20
+# Unread data of one client-streaming call before the server stops reading the connection.
+MAX_INBOUND_BYTES = 8 << 20
 
 
 @dataclass
@@ -57,52 +68,113 @@ class _Route:
     fn: Callable[..., Any]
 
 
+class _Inbound:
+    """The unread messages of one client-streaming call, with their size."""
+
+    __slots__ = ("bytes", "queue")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.bytes = 0
+
+
 class _ServerProtocol(ConnectionProtocol):
     def __init__(self, server: Server, *, resync: bool = False) -> None:
-        super().__init__(Role.SERVER)
+        super().__init__(Role.SERVER, max_message_size=server.max_message_size)
         self.server = server
         self.resync = resync
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.inbound: dict[int, asyncio.Queue[object]] = {}
+        self.inbound: dict[int, _Inbound] = {}
+        self.inflight_bytes: dict[int, int] = {}
+        self._write_paused = False
+        self._full_streams: set[int] = set()
 
     def handle_protocol_error(self, error: RemoteProtocolError) -> bool:
         return self.resync
 
     # While our answers cannot be written, stop reading new requests: the client then feels the
-    # back-pressure instead of the server queueing handlers (and answers) without bound. Only the
-    # server does this; the client always reads, so the two sides can never wait on each other.
+    # back-pressure instead of the server queueing handlers (and answers) without bound. Same while
+    # a handler has not read a stream's inbound data. Only the server does this; the client always
+    # reads, so the two sides can never wait on each other.
     def pause_writing(self) -> None:
         super().pause_writing()
-        if isinstance(self._transport, asyncio.ReadTransport) and self._transport.is_reading():
-            self._transport.pause_reading()
+        self._write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if isinstance(self._transport, asyncio.ReadTransport) and not self._transport.is_closing():
-            self._transport.resume_reading()
+        self._write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        t = self._transport
+        if not isinstance(t, asyncio.ReadTransport) or t.is_closing():
+            return
+        stop = self._write_paused or bool(self._full_streams)
+        if stop and t.is_reading():
+            t.pause_reading()
+        elif not stop and not t.is_reading():
+            t.resume_reading()
 
     def handle_event(self, event: Event) -> None:
         if isinstance(event, RequestReceived):
-            if len(self.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
-                self._reply_error(event.stream_id, Code.RESOURCE_EXHAUSTED, "too many concurrent requests")
-                return
-            if event.remote_open:
-                self.inbound[event.stream_id] = asyncio.Queue()
-            task = asyncio.get_running_loop().create_task(self.server._dispatch(self, event))
-            self.tasks[event.stream_id] = task
-            task.add_done_callback(functools.partial(self._done, event.stream_id))
+            self._request(event)
         elif isinstance(event, DataReceived):
-            q = self.inbound.get(event.stream_id)
-            if q is None:
+            box = self.inbound.get(event.stream_id)
+            if box is None:
                 return
             if event.payload or not event.end_stream:
-                q.put_nowait(event.payload)
+                box.queue.put_nowait(event.payload)
+                box.bytes += len(event.payload)
+                if box.bytes > self.server.max_inbound_bytes:
+                    self._full_streams.add(event.stream_id)
+                    self._update_reading()
             if event.end_stream:
-                q.put_nowait(None)
+                box.queue.put_nowait(None)
+
+    def _request(self, ev: RequestReceived) -> None:
+        sid = ev.stream_id
+        full = f"/{ev.service}/{ev.method}"
+        route = self.server._routes.get((ev.service, ev.method))
+        if route is None:
+            known = any(s == ev.service for s, _ in self.server._routes)
+            self._reply_error(sid, Code.UNIMPLEMENTED, f"{full}: {'method' if known else 'service'} not implemented")
+            return
+        if ev.remote_open and not route.client_streaming:
+            # Answered now, so the stream is closed before any of its data could be queued.
+            self._reply_error(sid, Code.INVALID_ARGUMENT, f"{full}: not a client-streaming method: no data frames")
+            return
+        if len(self.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
+            self._reply_error(sid, Code.RESOURCE_EXHAUSTED, "too many concurrent requests")
+            return
+        held = sum(self.inflight_bytes.values())
+        if held + len(ev.payload) > self.server.max_inflight_bytes:
+            self._reply_error(sid, Code.RESOURCE_EXHAUSTED,
+                              f"{full}: requests in flight already hold {held} bytes")
+            return
+        self.inflight_bytes[sid] = len(ev.payload)
+        if ev.remote_open:
+            self.inbound[sid] = _Inbound()
+        task = asyncio.get_running_loop().create_task(self.server._dispatch(self, ev, route))
+        self.tasks[sid] = task
+        task.add_done_callback(functools.partial(self._done, sid))
+
+    def consumed(self, sid: int, n: int) -> None:
+        """A handler took `n` bytes off stream `sid`'s inbound queue."""
+        box = self.inbound.get(sid)
+        if box is not None:
+            box.bytes -= n
+            if box.bytes <= self.server.max_inbound_bytes and sid in self._full_streams:
+                self._full_streams.discard(sid)
+                self._update_reading()
 
     def _done(self, sid: int, _task: object = None) -> None:
         self.tasks.pop(sid, None)
         self.inbound.pop(sid, None)
+        self.inflight_bytes.pop(sid, None)
+        if sid in self._full_streams:
+            self._full_streams.discard(sid)
+            self._update_reading()
 
     def _reply_error(self, sid: int, code: Code, message: str) -> None:
         with contextlib.suppress(ConnectionResetError):
@@ -111,8 +183,8 @@ class _ServerProtocol(ConnectionProtocol):
     def on_closed(self, exc: BaseException | None) -> None:
         for t in list(self.tasks.values()):
             t.cancel()
-        for q in self.inbound.values():
-            q.put_nowait(None)
+        for box in self.inbound.values():
+            box.queue.put_nowait(None)
         self.server._connections.discard(self)
 
 
@@ -128,9 +200,17 @@ def _status_of(exc: BaseException) -> tuple[Code, str]:
 
 
 class Server:
-    """A ttrpc server. Register services, then serve on unix sockets or descriptors."""
+    """A ttrpc server. Register services, then serve on unix sockets or descriptors.
 
-    def __init__(self) -> None:
+    `max_message_size` caps each frame both ways; `max_inbound_bytes` the unread data of one
+    client-streaming call; `max_inflight_bytes` the request payloads held by running handlers of one
+    connection (see the module docstring)."""
+
+    def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE, max_inbound_bytes: int = MAX_INBOUND_BYTES,
+                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
+        self.max_message_size = max_message_size
+        self.max_inbound_bytes = max_inbound_bytes
+        self.max_inflight_bytes = max_inflight_bytes
         self._routes: dict[tuple[str, str], _Route] = {}
         self._connections: set[_ServerProtocol] = set()
         self._listeners: list[asyncio.AbstractServer] = []
@@ -195,14 +275,8 @@ class Server:
 
     # -- dispatch ----------------------------------------------------------------------------------
 
-    async def _dispatch(self, proto: _ServerProtocol, ev: RequestReceived) -> None:
+    async def _dispatch(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route) -> None:
         full = f"/{ev.service}/{ev.method}"
-        route = self._routes.get((ev.service, ev.method))
-        if route is None:
-            known = any(s == ev.service for s, _ in self._routes)
-            what = "method" if known else "service"
-            proto._reply_error(ev.stream_id, Code.UNIMPLEMENTED, f"{full}: {what} not implemented")
-            return
         timeout = ev.timeout_nano / 1e9 if ev.timeout_nano > 0 else None
         ctx = CallContext(ev.service, ev.method, ev.metadata, timeout, proto)
         try:
@@ -247,11 +321,11 @@ class Server:
     ) -> AsyncIterator[Any]:
         if ev.payload:
             yield _decode(route.request_type, ev.payload)
-        q = proto.inbound.get(ev.stream_id)
-        if q is None:
+        box = proto.inbound.get(ev.stream_id)
+        if box is None:
             return
-        while (item := await q.get()) is not None:
-            assert isinstance(item, bytes)
+        while (item := await box.queue.get()) is not None:
+            proto.consumed(ev.stream_id, len(item))
             yield _decode(route.request_type, item)
 
 

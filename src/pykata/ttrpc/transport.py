@@ -13,6 +13,7 @@ import os
 
 from pykata.ttrpc.connection import Connection, Event, Role
 from pykata.ttrpc.errors import RemoteProtocolError
+from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 
 log = logging.getLogger("pykata.ttrpc")
 
@@ -20,8 +21,8 @@ log = logging.getLogger("pykata.ttrpc")
 class ConnectionProtocol(asyncio.Protocol):
     """Feeds received bytes to a Connection and dispatches its events; handles write flow control."""
 
-    def __init__(self, role: Role) -> None:
-        self.conn = Connection(role)
+    def __init__(self, role: Role, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+        self.conn = Connection(role, max_message_size=max_message_size)
         self._transport: asyncio.BaseTransport | None = None
         self._writer: asyncio.WriteTransport | None = None
         self._can_write = asyncio.Event()
