@@ -194,6 +194,8 @@ def validate_qemu(q: QemuConfig, prefix: str) -> None:
         raise ConfigError(prefix + "kvm_probe_timeout", "must be > 0 seconds")
     if q.boot_timeout <= 0:
         raise ConfigError(prefix + "boot_timeout", "must be > 0 seconds")
+    if not 4 <= q.console_log_max_kib <= 1 << 20:
+        raise ConfigError(prefix + "console_log_max_kib", f"must be 4..1048576 (KiB), got {q.console_log_max_kib}")
     for i, name in enumerate(q.enable_annotations):
         if name not in ANNOTATABLE_HYPERVISOR_KEYS:
             raise ConfigError(f"{prefix}enable_annotations[{i}]",

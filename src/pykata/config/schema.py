@@ -57,6 +57,9 @@ class QemuConfig:
     kvm_probe_timeout: float = 5.0
     # Seconds from QEMU start until the guest must be ready.
     boot_timeout: float = 30.0
+    # KiB of the guest's serial console kept on the host (console.log + console.log.1 in the VM's
+    # directory on /run); older output is dropped.
+    console_log_max_kib: int = 1024
     enable_debug: bool = False
 
     def resolved_maxvcpus(self) -> int:

@@ -4,6 +4,7 @@ over ttrpc); the default watches the console log for the line the guest init pri
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,12 +16,17 @@ READY_MARKER = b"PYKATA_AGENT_READY"
 
 async def wait_for_console_line(console_log: Path, marker: bytes = READY_MARKER,
                                 poll_interval: float = 0.005) -> None:
-    """Return when `marker` appears in the console log. Reads only what was appended since last time."""
+    """Return when `marker` appears in the console log. Reads only what was appended since last time;
+    a log that was rotated (hypervisor.console.BoundedLog: a new file) is read from its start."""
     offset = 0
+    inode = None
     tail = b""
     while True:
         try:
             with console_log.open("rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != inode:
+                    inode, offset = st.st_ino, 0
                 f.seek(offset)
                 chunk = f.read(1 << 20)
         except FileNotFoundError:

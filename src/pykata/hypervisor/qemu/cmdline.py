@@ -166,14 +166,19 @@ class Defaults:
 
 @dataclass(frozen=True)
 class SerialConsole:
-    """The guest's ttyS0, appended to a log file on the host."""
+    """The guest's ttyS0: into a connected socket QEMU inherits as `fd` (the host drains it into a
+    bounded log, see hypervisor.console), or else appended to the file `path` (short trial boots)."""
 
     path: str
     id: str = "console"
+    fd: int | None = None
 
     def argv(self) -> list[str]:
-        return ["-chardev", opts("file", ("id", self.id), ("path", self.path), ("append", True)),
-                "-serial", f"chardev:{self.id}"]
+        if self.fd is not None:
+            chardev = opts("socket", ("id", self.id), ("fd", self.fd))
+        else:
+            chardev = opts("file", ("id", self.id), ("path", self.path), ("append", True))
+        return ["-chardev", chardev, "-serial", f"chardev:{self.id}"]
 
 
 @dataclass(frozen=True)

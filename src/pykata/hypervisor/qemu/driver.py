@@ -20,6 +20,7 @@ from pykata.config.schema import Config
 from pykata.errors import HypervisorError
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
 from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, VmExit
+from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
 from pykata.hypervisor.errors import NotSupportedError, QmpError, VmExitedError
 from pykata.hypervisor.hostinfo import host_tsc_khz
@@ -107,6 +108,7 @@ class QemuHypervisor(Hypervisor):
         self._hotplugged: set[str] = set()
         self._ports: dict[str, int] = {}
         self._qemu: ChildProcess | None = None
+        self._console: ConsoleDrain | None = None
         self._virtiofsd: Virtiofsd | None = None
         self._qmp: QmpChannel | None = None
         self._exited: asyncio.Future[VmExit] | None = None
@@ -292,7 +294,12 @@ class QemuHypervisor(Hypervisor):
             await self._virtiofsd.start()
         self.timestamps["virtiofsd"] = time.monotonic()
         fds = [d.tap_fd for d in self._devices.values() if isinstance(d, NetDevice) and d.tap_fd is not None]
-        self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()))
+        # The guest may print forever into a log on host RAM (/run): the console goes through a
+        # socket this process drains into a file of bounded size.
+        self._console = ConsoleDrain(self.paths.console_log, max_bytes=q.console_log_max_kib * 1024)
+        fds.append(self._console.guest_fd)
+        self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()),
+                                        console_fd=self._console.guest_fd)
         argv = build_command_line(self.spec).argv()
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
@@ -300,6 +307,9 @@ class QemuHypervisor(Hypervisor):
                                                   pass_fds=fds)
         except OSError as exc:
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
+        finally:
+            self._console.release_guest_end()
+        self._console.start()
         self.timestamps["qemu_spawned"] = time.monotonic()
         self._qmp = QmpChannel(self.paths.qmp_socket, name=f"qmp-{self.vm_id}", on_event=self._handle_event)
         self._watcher = asyncio.create_task(self._watch(self._qemu, self._qmp), name=f"vm-watch-{self.vm_id}")
@@ -327,6 +337,8 @@ class QemuHypervisor(Hypervisor):
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
         code = await qemu.exit_code()
+        if self._console is not None:
+            self._console.flush()  # its last words are in the log before anyone learns of the exit
         reason = self._exit_reason(code)
         if not self._stop_requested:
             log.warning("VM %s: QEMU %s", self.vm_id, reason)
@@ -431,6 +443,8 @@ class QemuHypervisor(Hypervisor):
                 await self._qmp.close(f"VM {self.vm_id} stopped")
             if self._virtiofsd is not None:
                 await self._virtiofsd.stop()
+            if self._console is not None:
+                self._console.close()
             if previous != "new":
                 shutil.rmtree(self.paths.dir, ignore_errors=True)
             self.state = "stopped"

@@ -71,6 +71,9 @@ class LaunchSpec:
     # maps the template's file privately (copy-on-write), so clones never write into the template.
     memory_file_shared: bool = True
     incoming: bool = False
+    # A connected socket QEMU inherits for the serial console (hypervisor.console drains it); None:
+    # QEMU appends to paths.console_log itself, unbounded (only for short trial boots of our own guests).
+    console_fd: int | None = None
     # Host TSC frequency, told to a TCG guest so it need not calibrate (see hostinfo.host_tsc_khz).
     tsc_khz: int | None = None
 
@@ -162,7 +165,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
 
     initrd = str(spec.initrd) if spec.initrd else None
     args += [c.Kernel(str(spec.kernel), initrd, kernel_params(spec)), c.Defaults()]
-    args += [c.QmpSocket(str(p.qmp_socket)), c.SerialConsole(str(p.console_log))]
+    args += [c.QmpSocket(str(p.qmp_socket)), c.SerialConsole(str(p.console_log), fd=spec.console_fd)]
     args.append(c.VirtioRng(bus, q.entropy_source))
 
     if spec.agent_channel == "vsock":
