@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
-from tests.test_hypervisor_vm import READY, STOP_BOUND, boot, kernel, make_config, make_vm, workdir  # noqa: F401
+from tests.hypervisor.test_vm import READY, STOP_BOUND, boot, kernel, make_config, make_vm, workdir  # noqa: F401
 
 pytestmark = pytest.mark.vm
 
