@@ -18,7 +18,7 @@ from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.guest_assets import guest_kernel_path
 
 NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
-         "guest-kernel", "guest-image", "containerd"]
+         "vmm-jail", "guest-kernel", "guest-image", "containerd"]
 
 
 def test_cpu_flags() -> None:
@@ -101,6 +101,11 @@ def test_cli_json_and_exit_code(runnable_config: tuple[Path, Path]) -> None:
     assert all(c["status"] in ("pass", "warn", "fail") for c in data["checks"])
     assert data["ok"] == all(c["status"] != "fail" for c in data["checks"])
     assert result.exit_code == (0 if data["ok"] else 1)
+    # Every confinement layer is on by default and reported by name.
+    assert by_name["vmm-jail"]["status"] == "pass"
+    assert by_name["vmm-jail"]["facts"]["layers"] == {
+        "seccomp": True, "unprivileged-uid": True, "no-capabilities": True, "no-new-privs": True,
+        "chroot": True, "mount-namespace": True}
 
 
 @pytest.mark.vm
@@ -121,3 +126,12 @@ def test_cli_bad_config_fails(tmp_path: Path) -> None:
     assert not data["ok"]
     assert data["checks"][0]["status"] == "fail"
     assert "hypervisor.qemu.default_memory" in data["checks"][0]["detail"]
+
+
+def test_jail_check_names_the_layers_turned_off() -> None:
+    config = parse_toml("[hypervisor.qemu]\njail_chroot = false\njail_seccomp = false\n")
+    result = check.vmm_jail(config)
+    assert result.status == "warn"
+    assert "off: seccomp, no-new-privs, chroot" in result.detail
+    assert result.facts is not None and result.facts["layers"]["chroot"] is False
+    assert check.vmm_jail(Config()).status == "pass"

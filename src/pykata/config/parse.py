@@ -196,6 +196,11 @@ def validate_qemu(q: QemuConfig, prefix: str) -> None:
         raise ConfigError(prefix + "boot_timeout", "must be > 0 seconds")
     if not 4 <= q.console_log_max_kib <= 1 << 20:
         raise ConfigError(prefix + "console_log_max_kib", f"must be 4..1048576 (KiB), got {q.console_log_max_kib}")
+    if not 1 <= q.jail_uid_base <= 0xFFFF_FFFE:
+        raise ConfigError(prefix + "jail_uid_base", f"must be 1..4294967294, got {q.jail_uid_base}")
+    if q.jail_uid_count < 1 or q.jail_uid_base + q.jail_uid_count > 0xFFFF_FFFF:
+        raise ConfigError(prefix + "jail_uid_count",
+                          f"must be >= 1 with jail_uid_base + jail_uid_count <= 4294967295, got {q.jail_uid_count}")
     for i, name in enumerate(q.enable_annotations):
         if name not in ANNOTATABLE_HYPERVISOR_KEYS:
             raise ConfigError(f"{prefix}enable_annotations[{i}]",

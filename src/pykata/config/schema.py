@@ -61,6 +61,16 @@ class QemuConfig:
     # directory on /run); older output is dropped.
     console_log_max_kib: int = 1024
     enable_debug: bool = False
+    # The VMM's jail (each layer on by default; turn one off only to debug): QEMU's seccomp filter
+    # (-sandbox), an unprivileged uid/gid of its own per VM taken from
+    # [jail_uid_base, jail_uid_base + jail_uid_count) with no capabilities left (-runas), an empty
+    # root directory (-chroot) and a private mount namespace.
+    jail_seccomp: bool = True
+    jail_user: bool = True
+    jail_uid_base: int = 1_500_000_000
+    jail_uid_count: int = 65536
+    jail_chroot: bool = True
+    jail_mount_namespace: bool = True
 
     def resolved_maxvcpus(self) -> int:
         """`default_maxvcpus`, with 0 meaning the number of host CPUs (never below default_vcpus)."""

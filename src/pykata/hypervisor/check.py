@@ -33,9 +33,14 @@ class CheckResult:
     status: Status
     detail: str
     hint: str = ""
+    # Structured facts for --json (e.g. the jail's layers); left out when None.
+    facts: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.facts is None:
+            del out["facts"]
+        return out
 
 
 def cpu_virtualization(cpuinfo: str | None = None) -> CheckResult:
@@ -164,6 +169,34 @@ async def kvm_boot(config: Config, kernel: Path | None, *, use_cache: bool = Tru
                        "expected on nested/paravirtual (PVM) hosts; on bare metal check the kvm module")
 
 
+def vmm_jail(config: Config) -> CheckResult:
+    """Which confinement layers QEMU runs under (pykata.hypervisor.jail), and whether the tools exist."""
+    from pykata.hypervisor.jail import configured_layers, namespace_prefix
+    from pykata.hypervisor.qemu.proxy9p import PROXY_HELPER
+
+    q = config.qemu
+    layers = configured_layers(q)
+    facts: dict[str, Any] = {"layers": layers}
+    if q.jail_user:
+        facts["uid_range"] = [q.jail_uid_base, q.jail_uid_base + q.jail_uid_count - 1]
+    try:
+        namespace_prefix(q.jail_mount_namespace, no_new_privs=q.jail_user)
+    except PykataError as exc:
+        return CheckResult("vmm-jail", "fail", str(exc), "apt-get install util-linux", facts)
+    # Templated VMs share files over 9p, which a QEMU without privileges serves through the proxy helper.
+    nine_p = q.shared_fs == "virtio-9p" or config.factory.enable_template
+    if q.jail_user and nine_p and not os.access(PROXY_HELPER, os.X_OK):
+        return CheckResult("vmm-jail", "fail", f"{PROXY_HELPER} not found: a jailed QEMU cannot serve 9p",
+                           "apt-get install qemu-system-x86 (7.2 ships it), or set jail_user = false", facts)
+    on = [name for name, active in layers.items() if active]
+    off = [name for name, active in layers.items() if not active]
+    detail = "QEMU confined by " + (", ".join(on) if on else "nothing")
+    if off:
+        return CheckResult("vmm-jail", "warn", f"{detail}; off: {', '.join(off)}",
+                           "set the hypervisor.qemu.jail_* keys back to true (off only to debug)", facts)
+    return CheckResult("vmm-jail", "pass", detail, "", facts)
+
+
 def containerd() -> CheckResult:
     found = shutil.which("containerd")
     if found:
@@ -191,6 +224,7 @@ async def run_checks(config_loader: Callable[[], Config] = load_config, *,
     results.append(vhost_vsock())
     results.append(net_tun(config))
     results.append(cgroups_v2(config))
+    results.append(vmm_jail(config))
     results += [kernel, rootfs]
     results.append(containerd())
     return results

@@ -259,6 +259,67 @@ class Virtio9p:
 
 
 @dataclass(frozen=True)
+class Virtio9pProxy:
+    """A host directory over 9p served by virtfs-proxy-helper on the inherited socket `sock_fd`: QEMU
+    itself then touches no host file (the jail: QEMU runs unprivileged, the helper keeps the file
+    capabilities, as virtiofsd does for virtio-fs)."""
+
+    bus: Bus
+    sock_fd: int
+    tag: str
+    id: str = "fs0"
+
+    def argv(self) -> list[str]:
+        fsdev = f"fsdev-{self.id}"
+        return [
+            "-fsdev", opts("proxy", ("id", fsdev), ("sock_fd", self.sock_fd)),
+            "-device", opts(virtio_driver("virtio-9p", self.bus), ("id", self.id), ("fsdev", fsdev),
+                            ("mount_tag", self.tag)),
+        ]
+
+
+@dataclass(frozen=True)
+class SeccompSandbox:
+    """`-sandbox`: QEMU's own seccomp filter, installed before the guest runs.
+
+    `elevateprivileges` stays "allow" when QEMU drops to an unprivileged uid itself (`RunAs`): QEMU 7.2
+    installs the filter while parsing options, before -runas calls setgid/setuid, so "deny" kills it
+    with SIGSYS. Once the uid is not 0 and no capability is left, set*id cannot regain anything.
+    """
+
+    obsolete: Literal["allow", "deny"] = "deny"
+    elevateprivileges: Literal["allow", "deny", "children"] = "deny"
+    spawn: Literal["allow", "deny"] = "deny"
+    resourcecontrol: Literal["allow", "deny"] = "deny"
+
+    def argv(self) -> list[str]:
+        return ["-sandbox", opts("on", ("obsolete", self.obsolete), ("elevateprivileges", self.elevateprivileges),
+                                 ("spawn", self.spawn), ("resourcecontrol", self.resourcecontrol))]
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """`-runas uid:gid`: QEMU opens everything it needs as root, then drops to this uid/gid (no
+    supplementary groups, no capabilities left) just before the guest runs."""
+
+    uid: int
+    gid: int
+
+    def argv(self) -> list[str]:
+        return ["-runas", f"{self.uid}:{self.gid}"]
+
+
+@dataclass(frozen=True)
+class Chroot:
+    """`-chroot dir`: QEMU changes its root to `dir` (an empty directory) just before the guest runs."""
+
+    path: str
+
+    def argv(self) -> list[str]:
+        return ["-chroot", self.path]
+
+
+@dataclass(frozen=True)
 class VirtioRng:
     bus: Bus
     filename: str = "/dev/urandom"

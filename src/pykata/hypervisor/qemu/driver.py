@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import secrets
-import shlex
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,9 +23,11 @@ from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
 from pykata.hypervisor.errors import NotSupportedError, QmpError, VmExitedError
 from pykata.hypervisor.hostinfo import host_tsc_khz
+from pykata.hypervisor.jail import UidLease, jail_spec, make_chroot, namespace_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
 from pykata.hypervisor.qemu import hotplug
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
+from pykata.hypervisor.qemu.proxy9p import Proxy9p
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 from pykata.hypervisor.readiness import console_readiness, log_tail
@@ -110,6 +111,8 @@ class QemuHypervisor(Hypervisor):
         self._qemu: ChildProcess | None = None
         self._console: ConsoleDrain | None = None
         self._virtiofsd: Virtiofsd | None = None
+        self._proxy9p: Proxy9p | None = None
+        self._uid_lease: UidLease | None = None
         self._qmp: QmpChannel | None = None
         self._exited: asyncio.Future[VmExit] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -230,7 +233,28 @@ class QemuHypervisor(Hypervisor):
             raise HypervisorError(f"VM {self.vm_id}: {self.paths.dir} already exists (VM id in use?)") from None
         except OSError as exc:
             raise HypervisorError(f"VM {self.vm_id}: cannot create {self.paths.dir}: {exc.strerror}") from None
+        try:
+            self._prepare_jail()
+        except BaseException:
+            self._release_jail()
+            shutil.rmtree(self.paths.dir, ignore_errors=True)
+            raise
         self.state = "prepared"
+
+    def _prepare_jail(self) -> None:
+        """Take this VM's uid and make its empty root (pykata.hypervisor.jail). Raises HypervisorError."""
+        assert self.spec is not None
+        q = self.config.qemu
+        if q.jail_user:
+            self._uid_lease = UidLease.acquire(q, self.config.runtime.runtime_path)
+        chroot = make_chroot(self.paths.chroot) if q.jail_chroot else None
+        self.spec = dataclasses.replace(self.spec, jail=jail_spec(
+            q, uid=self._uid_lease.uid if self._uid_lease else None, chroot=chroot))
+
+    def _release_jail(self) -> None:
+        if self._uid_lease is not None:
+            self._uid_lease.release()
+            self._uid_lease = None
 
     async def _choose_template(self) -> None:
         """Decide whether this VM starts from a template (making it if needed) and switch templated
@@ -294,6 +318,14 @@ class QemuHypervisor(Hypervisor):
             await self._virtiofsd.start()
         self.timestamps["virtiofsd"] = time.monotonic()
         fds = [d.tap_fd for d in self._devices.values() if isinstance(d, NetDevice) and d.tap_fd is not None]
+        jail = self.spec.jail
+        if self.spec.shared_dir is not None and q.shared_fs == "virtio-9p" and jail is not None and jail.unprivileged:
+            self._proxy9p = Proxy9p(self.spec.shared_dir, self.paths.proxy9p_log,
+                                    mount_namespace=jail.mount_namespace)
+            await self._proxy9p.start()
+            assert self._proxy9p.qemu_fd is not None
+            fds.append(self._proxy9p.qemu_fd)
+            self.spec = dataclasses.replace(self.spec, proxy_9p_fd=self._proxy9p.qemu_fd)
         # The guest may print forever into a log on host RAM (/run): the console goes through a
         # socket this process drains into a file of bounded size.
         self._console = ConsoleDrain(self.paths.console_log, max_bytes=q.console_log_max_kib * 1024)
@@ -301,6 +333,8 @@ class QemuHypervisor(Hypervisor):
         self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()),
                                         console_fd=self._console.guest_fd)
         argv = build_command_line(self.spec).argv()
+        if jail is not None:
+            argv = namespace_prefix(jail.mount_namespace) + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
@@ -309,6 +343,8 @@ class QemuHypervisor(Hypervisor):
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
         finally:
             self._console.release_guest_end()
+            if self._proxy9p is not None:
+                self._proxy9p.close_qemu_end()
         self._console.start()
         self.timestamps["qemu_spawned"] = time.monotonic()
         self._qmp = QmpChannel(self.paths.qmp_socket, name=f"qmp-{self.vm_id}", on_event=self._handle_event)
@@ -445,6 +481,9 @@ class QemuHypervisor(Hypervisor):
                 await self._virtiofsd.stop()
             if self._console is not None:
                 self._console.close()
+            if self._proxy9p is not None:
+                await self._proxy9p.stop()
+            self._release_jail()
             if previous != "new":
                 shutil.rmtree(self.paths.dir, ignore_errors=True)
             self.state = "stopped"
@@ -561,7 +600,14 @@ class QemuHypervisor(Hypervisor):
         # RAM is already in the shared file: leave it out of the stream.
         await qmp.execute("migrate-set-capabilities",
                           {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-        await qmp.execute("migrate", {"uri": "exec:cat>" + shlex.quote(str(path))})
+        # The state file is opened here and passed in: a jailed QEMU can neither open host paths nor
+        # spawn `cat` (seccomp spawn=deny).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.execute("getfd", {"fdname": "migrate-save"}, fd=fd)
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate", {"uri": "fd:migrate-save"})
         await self._wait_migration("save")
         self.timestamps["saved"] = time.monotonic()
 
@@ -582,7 +628,15 @@ class QemuHypervisor(Hypervisor):
             # The stream was written with x-ignore-shared; its layout must be read the same way.
             await qmp.execute("migrate-set-capabilities",
                               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-        await qmp.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(path))})
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HypervisorError(f"VM {self.vm_id}: cannot open the saved state {path}: {exc.strerror}") from None
+        try:
+            await qmp.execute("getfd", {"fdname": "migrate-restore"}, fd=fd)
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate-incoming", {"uri": "fd:migrate-restore"})
         await self._wait_migration("restore")
         self.timestamps["restored"] = time.monotonic()
         await qmp.execute("cont")

@@ -7,6 +7,7 @@ let go, and we wait for it with a deadline.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Any
 
 from pykata.errors import HypervisorError
@@ -39,10 +40,27 @@ async def add_block(qmp: QmpChannel, dev: BlockDevice, port: int, *, shared: boo
         QmpError: QEMU refused.
     """
     node = f"drive-{dev.id}"
-    await qmp.execute("blockdev-add", {
-        "driver": "raw", "node-name": node, "read-only": dev.readonly,
-        "file": {"driver": "file", "filename": str(dev.path), "read-only": dev.readonly},
-    })
+    # A jailed QEMU cannot open host paths (chroot, unprivileged uid): pykata opens the file and
+    # passes it in an fd set, which QEMU's file driver opens as /dev/fdset/N.
+    try:
+        fd = os.open(dev.path, (os.O_RDONLY if dev.readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HypervisorError(f"device {dev.id}: cannot open {dev.path}: {exc.strerror}") from None
+    try:
+        added = await qmp.execute("add-fd", {}, fd=fd)
+    finally:
+        os.close(fd)
+    fdset = added["fdset-id"] if isinstance(added, dict) else None
+    if not isinstance(fdset, int):
+        raise HypervisorError(f"device {dev.id}: add-fd answered {added!r}")
+    try:
+        await qmp.execute("blockdev-add", {
+            "driver": "raw", "node-name": node, "read-only": dev.readonly,
+            "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}", "read-only": dev.readonly},
+        })
+    except HypervisorError:
+        await qmp.execute("remove-fd", {"fdset-id": fdset})
+        raise
     try:
         await qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": dev.id, "drive": node,
                                          "bus": f"rp{port}"})

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pykata.config.schema import QemuConfig
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
+from pykata.hypervisor.jail import JailSpec
 from pykata.hypervisor.qemu import cmdline as c
 
 AgentChannelKind = Literal["vsock", "virtio-serial"]
@@ -47,6 +48,14 @@ class VmPaths:
     def virtiofsd_log(self) -> Path:
         return self.dir / "virtiofsd.log"
 
+    @property
+    def proxy9p_log(self) -> Path:
+        return self.dir / "proxy9p.log"
+
+    @property
+    def chroot(self) -> Path:
+        return self.dir / "root"
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -76,6 +85,10 @@ class LaunchSpec:
     console_fd: int | None = None
     # Host TSC frequency, told to a TCG guest so it need not calibrate (see hostinfo.host_tsc_khz).
     tsc_khz: int | None = None
+    # How QEMU is confined (None: not at all); a jailed QEMU's 9p goes through virtfs-proxy-helper on
+    # the inherited socket `proxy_9p_fd`.
+    jail: JailSpec | None = None
+    proxy_9p_fd: int | None = None
 
     @property
     def bus(self) -> c.Bus:
@@ -182,6 +195,8 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
                 # QEMU 7.2's virtio-mmio defaults to legacy (0.9) devices, and vhost-user-fs needs a
                 # virtio 1.0 transport: without this the guest never sees the device.
                 args.append(c.Global("virtio-mmio", "force-legacy", "false"))
+        elif q.shared_fs == "virtio-9p" and spec.proxy_9p_fd is not None:
+            args.append(c.Virtio9pProxy(bus, spec.proxy_9p_fd, SHARED_FS_TAG))
         elif q.shared_fs == "virtio-9p":
             args.append(c.Virtio9p(bus, str(spec.shared_dir), SHARED_FS_TAG))
 
@@ -194,7 +209,22 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
         args += [c.PcieRootPort(f"rp{i}", chassis=i + 1) for i in range(HOTPLUG_PORTS)]
     if spec.incoming:
         args.append(c.Incoming())
+    if spec.jail is not None:
+        args += jail_args(spec.jail)
     return c.CommandLine(q.path, tuple(args))
+
+
+def jail_args(jail: JailSpec) -> list[c.Arg]:
+    """QEMU's own confinement options (the mount namespace is the caller's: see jail.namespace_prefix)."""
+    args: list[c.Arg] = []
+    if jail.seccomp:
+        # -runas needs setgid/setuid after the filter is in place (see cmdline.SeccompSandbox).
+        args.append(c.SeccompSandbox(elevateprivileges="allow" if jail.unprivileged else "deny"))
+    if jail.chroot is not None:
+        args.append(c.Chroot(str(jail.chroot)))
+    if jail.uid is not None and jail.gid is not None:
+        args.append(c.RunAs(jail.uid, jail.gid))
+    return args
 
 
 def device_arg(dev: Device, bus: c.Bus) -> c.Arg:

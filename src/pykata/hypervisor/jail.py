@@ -1,0 +1,201 @@
+"""The VMM's jail: what confines QEMU (and the file servers next to it) on the host.
+
+Layers, each switched by a `hypervisor.qemu.jail_*` key and on by default:
+  * seccomp: QEMU's own filter (`-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny`);
+  * user: a uid/gid of its own per VM, taken from a configured range and held (flock) while the VM
+    runs, so two VMs never share one; QEMU opens its files as root and then drops to it (`-runas`),
+    which leaves it no capabilities (and libseccomp's filter sets PR_SET_NO_NEW_PRIVS);
+  * chroot: an empty, root-owned directory (`-chroot`);
+  * mount namespace: QEMU starts under `unshare --mount --propagation slave`, so mounts it could make or
+    see are its own, while the pod's shared directory still receives the host's later mounts.
+The tap, the template's saved state and the 9p proxy socket are opened by pykata and passed in.
+
+virtiofsd confines itself (seccomp, mount/pid/net namespaces with pivot_root into the shared dir, a
+reduced capability set); virtfs-proxy-helper (9p for a jailed QEMU) chroots into the shared dir and
+keeps only its file capabilities; pykata adds a mount namespace and NO_NEW_PRIVS to both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.config.schema import QemuConfig
+from pykata.errors import HypervisorError
+
+UNSHARE = "unshare"
+SETPRIV = "setpriv"
+# Tries at random uids before scanning the range in order.
+_RANDOM_TRIES = 16
+
+
+@dataclass(frozen=True)
+class JailSpec:
+    """How one QEMU is confined (resolved: a uid, not a range)."""
+
+    seccomp: bool
+    uid: int | None
+    gid: int | None
+    chroot: Path | None
+    mount_namespace: bool
+
+    @property
+    def unprivileged(self) -> bool:
+        return self.uid is not None
+
+
+class UidLease:
+    """One uid from the configured range, held by an flock on <runtime>/jail/uids/<uid> for as long as
+    this object is open (a crashed holder frees it: the kernel drops the lock)."""
+
+    def __init__(self, uid: int, fd: int, path: Path) -> None:
+        self.uid = uid
+        self._fd: int | None = fd
+        self._path = path
+
+    @classmethod
+    def acquire(cls, q: QemuConfig, runtime_dir: Path) -> UidLease:
+        """Take a free uid from [jail_uid_base, jail_uid_base + jail_uid_count).
+
+        Raises:
+            HypervisorError: every uid of the range is in use, or the lease directory cannot be made.
+        """
+        directory = runtime_dir / "jail" / "uids"
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise HypervisorError(f"jail: cannot create {directory}: {exc.strerror}") from None
+        count = q.jail_uid_count
+        candidates = [q.jail_uid_base + secrets.randbelow(count) for _ in range(min(_RANDOM_TRIES, count))]
+        if count > _RANDOM_TRIES:
+            candidates += range(q.jail_uid_base, q.jail_uid_base + count)
+        for uid in candidates:
+            lease = cls._try(uid, directory / str(uid))
+            if lease is not None:
+                return lease
+        raise HypervisorError(f"jail: all {count} uids from hypervisor.qemu.jail_uid_base = {q.jail_uid_base} "
+                              "are in use (raise jail_uid_count)")
+
+    @classmethod
+    def _try(cls, uid: int, path: Path) -> UidLease | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(uid, fd, path)
+
+    def release(self) -> None:
+        """Give the uid back. Idempotent."""
+        if self._fd is None:
+            return
+        # Unlink while still holding the lock: nobody can hold a lock on a file name we then remove.
+        with contextlib.suppress(OSError):
+            self._path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def make_chroot(path: Path) -> Path:
+    """An empty directory for QEMU's -chroot: root-owned, not writable by the jailed uid.
+
+    Raises:
+        HypervisorError: it cannot be created.
+    """
+    try:
+        path.mkdir(mode=0o555)
+    except OSError as exc:
+        raise HypervisorError(f"jail: cannot create {path}: {exc.strerror}") from None
+    return path
+
+
+def jail_spec(q: QemuConfig, *, uid: int | None, chroot: Path | None) -> JailSpec:
+    return JailSpec(seccomp=q.jail_seccomp, uid=uid if q.jail_user else None,
+                    gid=uid if q.jail_user else None, chroot=chroot if q.jail_chroot else None,
+                    mount_namespace=q.jail_mount_namespace)
+
+
+def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False) -> list[str]:
+    """The argv prefix that starts a program in a private (slave) mount namespace and/or with
+    NO_NEW_PRIVS. `unshare` execs the program: its pid is the program's.
+
+    Raises:
+        HypervisorError: util-linux's unshare/setpriv is not installed.
+    """
+    prefix: list[str] = []
+    if mount_namespace:
+        prefix += [_tool(UNSHARE), "--mount", "--propagation", "slave", "--"]
+    if no_new_privs:
+        prefix += [_tool(SETPRIV), "--no-new-privs", "--"]
+    return prefix
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if found is None:
+        raise HypervisorError(f"jail: {name} (util-linux) not found")
+    return found
+
+
+@dataclass(frozen=True)
+class ProcessConfinement:
+    """What confines a running process, read from /proc (tests, `pykata check`)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    cap_effective: int
+    cap_permitted: int
+    cap_bounding: int
+    no_new_privs: bool
+    seccomp_mode: int
+    own_mount_namespace: bool
+    root: str
+
+    @property
+    def seccomp(self) -> bool:
+        return self.seccomp_mode == 2
+
+    def layers(self) -> dict[str, bool]:
+        return {"seccomp": self.seccomp, "unprivileged": self.uid != 0 and self.gid != 0,
+                "no-capabilities": self.cap_effective == 0 and self.cap_permitted == 0,
+                "no-new-privs": self.no_new_privs, "mount-namespace": self.own_mount_namespace,
+                "chroot": self.root != "/"}
+
+
+def inspect_process(pid: int) -> ProcessConfinement:
+    """Read the confinement of `pid` from /proc.
+
+    Raises:
+        HypervisorError: the process is gone or /proc cannot be read.
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        mnt = os.readlink(f"/proc/{pid}/ns/mnt")
+        root = os.readlink(f"/proc/{pid}/root")
+    except OSError as exc:
+        raise HypervisorError(f"jail: cannot inspect pid {pid}: {exc.strerror}") from None
+    fields: dict[str, str] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return ProcessConfinement(
+        pid=pid, uid=int(fields["Uid"].split()[1]), gid=int(fields["Gid"].split()[1]),
+        groups=tuple(int(g) for g in fields.get("Groups", "").split()),
+        cap_effective=int(fields["CapEff"], 16), cap_permitted=int(fields["CapPrm"], 16),
+        cap_bounding=int(fields["CapBnd"], 16), no_new_privs=fields.get("NoNewPrivs") == "1",
+        seccomp_mode=int(fields.get("Seccomp", "0")), own_mount_namespace=mnt != os.readlink("/proc/self/ns/mnt"),
+        root=root)
+
+
+def configured_layers(q: QemuConfig) -> dict[str, bool]:
+    """The jail layers `q` asks for (what `pykata check` reports)."""
+    return {"seccomp": q.jail_seccomp, "unprivileged-uid": q.jail_user, "no-capabilities": q.jail_user,
+            "no-new-privs": q.jail_seccomp, "chroot": q.jail_chroot, "mount-namespace": q.jail_mount_namespace}

@@ -1,0 +1,79 @@
+"""virtfs-proxy-helper: serves a 9p share for a jailed QEMU.
+
+A QEMU that runs as an unprivileged uid cannot open the pod's files (owned by root and the images'
+users) through its own 9p server. QEMU 7.2's `-fsdev proxy` hands every file operation over a socket
+to this helper, which runs as root with only its file capabilities, chrooted into the shared
+directory, in a mount namespace of its own: the same split as QEMU + virtiofsd for virtio-fs.
+pykata makes the socket pair: QEMU inherits one end, the helper the other.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pykata.errors import HypervisorError
+from pykata.hypervisor.jail import namespace_prefix
+from pykata.hypervisor.process import ChildProcess, close_fd, describe_exit
+from pykata.hypervisor.readiness import log_tail
+
+PROXY_HELPER = "/usr/lib/qemu/virtfs-proxy-helper"
+
+
+def proxy_helper_argv(binary: str, fd: int, shared_dir: Path) -> list[str]:
+    # -u/-g: the owner of the helper's socket when it makes one; ours is inherited, so they only
+    # have to be valid. -n: stay in the foreground (pykata owns and reaps it).
+    return [binary, "-n", "-f", str(fd), "-p", str(shared_dir), "-u", "0", "-g", "0"]
+
+
+class Proxy9p:
+    """One virtfs-proxy-helper for one VM. `qemu_fd` is QEMU's end of the socket after start()."""
+
+    def __init__(self, shared_dir: Path, log_path: Path, *, binary: str = PROXY_HELPER,
+                 mount_namespace: bool = True) -> None:
+        self.binary = binary
+        self.shared_dir = shared_dir
+        self.log_path = log_path
+        self.mount_namespace = mount_namespace
+        self.qemu_fd: int | None = None
+        self.child: ChildProcess | None = None
+
+    async def start(self) -> None:
+        """Make the socket pair and start the helper.
+
+        Raises:
+            HypervisorError: the shared dir or the helper is missing, or the helper exits at once.
+        """
+        if not self.shared_dir.is_dir():
+            raise HypervisorError(f"9p proxy: shared directory {self.shared_dir} does not exist")
+        if not Path(self.binary).is_file():
+            raise HypervisorError(f"9p proxy: {self.binary} not found (it ships with qemu-system-x86 7.2; "
+                                  "or set hypervisor.qemu.jail_user = false)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = namespace_prefix(self.mount_namespace, no_new_privs=True)
+            argv += proxy_helper_argv(self.binary, theirs.fileno(), self.shared_dir)
+            try:
+                self.child = await ChildProcess.spawn(argv, name="virtfs-proxy-helper", log_path=self.log_path,
+                                                      pass_fds=(theirs.fileno(),))
+            except OSError as exc:
+                raise HypervisorError(f"9p proxy: cannot run {self.binary}: {exc.strerror}") from None
+            self.qemu_fd = ours.detach()
+        finally:
+            ours.close()
+            theirs.close()
+        code = await self.child.wait(0.01)
+        if code is not None:
+            raise HypervisorError(f"9p proxy helper {describe_exit(code)} at start: "
+                                  f"{log_tail(self.log_path, 800)}")
+
+    def close_qemu_end(self) -> None:
+        """Close pykata's copy of QEMU's end (once QEMU inherited it)."""
+        close_fd(self.qemu_fd)
+        self.qemu_fd = None
+
+    async def stop(self) -> None:
+        """Stop the helper (it also ends when QEMU closes its end). Idempotent."""
+        self.close_qemu_end()
+        if self.child is not None:
+            await self.child.terminate(1.0)
