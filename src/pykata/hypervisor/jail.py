@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
@@ -71,10 +72,8 @@ class UidLease:
         except OSError as exc:
             raise HypervisorError(f"jail: cannot create {directory}: {exc.strerror}") from None
         count = q.jail_uid_count
-        candidates = [q.jail_uid_base + secrets.randbelow(count) for _ in range(min(_RANDOM_TRIES, count))]
-        if count > _RANDOM_TRIES:
-            candidates += range(q.jail_uid_base, q.jail_uid_base + count)
-        for uid in candidates:
+        randoms = [q.jail_uid_base + secrets.randbelow(count) for _ in range(min(_RANDOM_TRIES, count))]
+        for uid in itertools.chain(randoms, range(q.jail_uid_base, q.jail_uid_base + count)):
             lease = cls._try(uid, directory / str(uid))
             if lease is not None:
                 return lease

@@ -1,0 +1,160 @@
+"""The VMM's jail: each confinement layer is active on a running VM, and what a compromised QEMU (or a
+QMP caller) would try next fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+import pykata
+from pykata.config import Config, load_config, parse_toml
+from pykata.errors import ConfigError, HypervisorError
+from pykata.hypervisor.errors import QmpError
+from pykata.hypervisor.jail import JailSpec, UidLease, inspect_process
+from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
+
+# Capabilities virtfs-proxy-helper keeps to serve files, and nothing else: chown, dac_override,
+# fowner, fsetid, setgid, setuid, mknod.
+PROXY_HELPER_CAPS = 0x80000DB
+CAP_SYS_ADMIN = 1 << 21
+
+
+def _spec(jail: JailSpec, *, proxy_fd: int | None = None) -> LaunchSpec:
+    q = dataclasses.replace(Config().qemu, shared_fs="virtio-9p")
+    return LaunchSpec(vm_id="j1", config=q, accel="tcg", kernel=Path("/k"), paths=VmPaths(Path("/run/vm")),
+                      shared_dir=Path("/run/shared"), jail=jail, proxy_9p_fd=proxy_fd)
+
+
+def test_jailed_command_line() -> None:
+    jail = JailSpec(seccomp=True, uid=1500000007, gid=1500000007, chroot=Path("/run/vm/root"),
+                    mount_namespace=True)
+    argv = build_command_line(_spec(jail, proxy_fd=9)).argv()
+    tail = argv[argv.index("-sandbox"):]
+    # -runas needs set*id after the filter is installed: elevateprivileges stays allowed for it.
+    assert tail == ["-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+                    "-chroot", "/run/vm/root", "-runas", "1500000007:1500000007"]
+    assert "proxy,id=fsdev-fs0,sock_fd=9" in argv
+    assert not any(a.startswith("local,") for a in argv)
+
+
+def test_seccomp_alone_denies_privilege_elevation_too() -> None:
+    jail = JailSpec(seccomp=True, uid=None, gid=None, chroot=None, mount_namespace=False)
+    argv = build_command_line(_spec(jail)).argv()
+    assert argv[argv.index("-sandbox") + 1] == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    assert "-runas" not in argv and "-chroot" not in argv
+    assert any(a.startswith("local,") for a in argv)  # root QEMU serves 9p itself
+
+
+def test_uid_leases_are_exclusive_and_given_back(tmp_path: Path) -> None:
+    q = parse_toml("[hypervisor.qemu]\njail_uid_base = 3000000000\njail_uid_count = 2\n").qemu
+    a = UidLease.acquire(q, tmp_path)
+    b = UidLease.acquire(q, tmp_path)
+    assert {a.uid, b.uid} == {3000000000, 3000000001}
+    with pytest.raises(HypervisorError, match="jail_uid_count"):
+        UidLease.acquire(q, tmp_path)
+    a.release()
+    a.release()  # idempotent
+    c = UidLease.acquire(q, tmp_path)
+    assert c.uid not in (b.uid,)
+    b.release()
+    c.release()
+    assert list((tmp_path / "jail" / "uids").iterdir()) == []
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("jail_uid_base = 0", "hypervisor.qemu.jail_uid_base"),
+    ("jail_uid_count = 0", "hypervisor.qemu.jail_uid_count"),
+    ("jail_uid_base = 4294967000\njail_uid_count = 65536", "hypervisor.qemu.jail_uid_count"),
+    ("jail_seccomp = 'on'", "hypervisor.qemu.jail_seccomp"),
+])
+def test_bad_jail_keys_are_named(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_toml("[hypervisor.qemu]\n" + text + "\n")
+    assert key in str(info.value)
+
+
+def _processes_of(vm_dir: Path, shared_dir: Path) -> dict[str, int]:
+    """The pids of the QEMU and the file server of one VM, found by their command lines."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        joined = " ".join(text)
+        if text[0].endswith("qemu-system-x86_64") and str(vm_dir) in joined:
+            found["qemu"] = int(entry.name)
+        elif text[0].endswith(("virtfs-proxy-helper", "virtiofsd")) and str(shared_dir) in joined:
+            found[Path(text[0]).name] = int(entry.name)
+    return found
+
+
+@pytest.mark.vm
+async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
+    config = load_config()
+    q = config.qemu
+    async with pykata.AsyncSandbox(image="busybox") as sb:
+        sandbox = sb._sandbox
+        vm = sandbox.vm
+        assert vm.from_template
+        # The guest works through the jail: 9p served by the proxy helper, writes included.
+        r = await sb.exec(["sh", "-c", "echo jailed > /probe && cat /probe"])
+        assert (r.exit_code, r.stdout) == (0, b"jailed\n")
+
+        pids = _processes_of(vm.paths.dir, sandbox.shared_dir)
+        assert set(pids) == {"qemu", "virtfs-proxy-helper"}, pids
+        assert pids["qemu"] == vm.pid
+        c = inspect_process(vm.pid)
+        assert c.seccomp_mode == 2
+        assert c.uid != 0 and c.gid != 0
+        assert q.jail_uid_base <= c.uid < q.jail_uid_base + q.jail_uid_count
+        assert c.groups in ((), (c.gid,))
+        assert c.cap_effective == 0 and c.cap_permitted == 0
+        assert c.no_new_privs
+        assert c.own_mount_namespace
+        assert c.root == str(vm.paths.chroot) and os.listdir(vm.paths.chroot) == []
+        assert all(c.layers().values()), c.layers()
+
+        helper = inspect_process(pids["virtfs-proxy-helper"])
+        assert helper.cap_effective & ~PROXY_HELPER_CAPS == 0 and not helper.cap_effective & CAP_SYS_ADMIN
+        assert helper.cap_bounding == 0  # it can never get any other capability back
+        assert helper.no_new_privs and helper.own_mount_namespace
+        assert helper.root == str(sandbox.shared_dir)
+
+        # What a compromised QEMU would do next, asked over QMP: open a host file, run a program.
+        with pytest.raises(QmpError, match="No such file|Could not open"):
+            await vm.qmp.execute("blockdev-add", {"driver": "file", "node-name": "steal",
+                                                  "filename": "/etc/shadow", "read-only": True})
+        marker = vm.paths.dir / "spawned"
+        try:
+            await vm.qmp.execute("migrate", {"uri": f"exec:touch {marker}"})
+        except QmpError:
+            pass  # refused outright: fine too
+        assert not marker.exists()
+        # The VM survived both attempts.
+        assert (await sb.exec(["true"])).ok
+
+
+@pytest.mark.vm
+async def test_cold_vm_virtiofsd_is_confined_too() -> None:
+    base = load_config()
+    config = dataclasses.replace(base, factory=dataclasses.replace(base.factory, enable_template=False))
+    async with pykata.AsyncSandbox(image="busybox", config=config) as sb:
+        sandbox = sb._sandbox
+        vm = sandbox.vm
+        assert not vm.from_template and vm.shared_fs == "virtio-fs"
+        assert (await sb.exec(["sh", "-c", "echo ok > /f && cat /f"])).stdout == b"ok\n"
+        pids = _processes_of(vm.paths.dir, sandbox.shared_dir)
+        assert set(pids) == {"qemu", "virtiofsd"}, pids
+        assert all(inspect_process(pids["qemu"]).layers().values())
+        fsd = inspect_process(pids["virtiofsd"])
+        # virtiofsd's own sandbox: seccomp, its namespaces with pivot_root into the shared dir, and a
+        # reduced capability set (it must stay root to serve files of every owner).
+        assert fsd.seccomp_mode == 2 and fsd.no_new_privs and fsd.own_mount_namespace
+        assert not fsd.cap_effective & CAP_SYS_ADMIN
