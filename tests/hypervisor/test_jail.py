@@ -3,6 +3,7 @@ QMP caller) would try next fails."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -128,14 +129,12 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert helper.root == str(sandbox.shared_dir)
 
         # What a compromised QEMU would do next, asked over QMP: open a host file, run a program.
-        with pytest.raises(QmpError, match="No such file|Could not open"):
+        with pytest.raises(QmpError, match=r"No such file|Could not open"):
             await vm.qmp.execute("blockdev-add", {"driver": "file", "node-name": "steal",
                                                   "filename": "/etc/shadow", "read-only": True})
         marker = vm.paths.dir / "spawned"
-        try:
+        with contextlib.suppress(QmpError):  # refused outright: fine too
             await vm.qmp.execute("migrate", {"uri": f"exec:touch {marker}"})
-        except QmpError:
-            pass  # refused outright: fine too
         assert not marker.exists()
         # The VM survived both attempts.
         assert (await sb.exec(["true"])).ok
