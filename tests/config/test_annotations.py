@@ -1,4 +1,4 @@
-"""Annotation overrides: allowed only through enable_annotations and the valid path globs."""
+"""Annotation overrides: allowed only through enable_annotations, never for host binaries/paths/args."""
 
 from __future__ import annotations
 
@@ -22,18 +22,16 @@ def test_unrelated_annotations_are_ignored() -> None:
 
 
 def test_allowed_overrides_apply() -> None:
-    config = _config(["default_vcpus", "default_memory", "kernel_params", "virtio_fs_extra_args"],
+    config = _config(["default_vcpus", "default_memory", "kernel_params"],
                      kernel_params='"quiet"', default_maxvcpus="4")
     new = apply_annotations(config, {
         H + "default_vcpus": "2",
         H + "default_memory": "512",
         H + "kernel_params": "debug",
-        H + "virtio_fs_extra_args": '["--thread-pool-size=1"]',
     })
     assert new.qemu.default_vcpus == 2
     assert new.qemu.default_memory == 512
     assert new.qemu.kernel_params == "quiet debug"
-    assert new.qemu.virtio_fs_extra_args == ("--thread-pool-size=1",)
     assert config.qemu.default_vcpus == 1  # the original is untouched
 
 
@@ -55,7 +53,7 @@ def test_unknown_annotation_rejected() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("default_vcpus", "two"), ("default_vcpus", "0"), ("default_memory", "-1"), ("default_memory", "1.5"),
     ("machine_type", "pc"), ("shared_fs", "nfs"), ("enable_debug", "maybe"),
-    ("virtio_fs_extra_args", "--x"), ("virtio_fs_extra_args", "[1]"), ("kernel_params", "a\nb"),
+    ("kernel_params", "a\nb"), ("default_memory", str(1 << 40)), ("default_vcpus", "256"),
 ])
 def test_bad_annotation_values_name_the_annotation(key: str, value: str) -> None:
     config = _config([key])
@@ -71,27 +69,16 @@ def test_vcpus_above_max_names_annotation() -> None:
     assert info.value.field == H + "default_vcpus"
 
 
-def test_path_must_match_valid_hypervisor_paths() -> None:
-    config = _config(["path"], valid_hypervisor_paths='["/usr/bin/qemu-system-*", "/opt/qemu/bin/*"]')
-    assert apply_annotations(config, {H + "path": "/opt/qemu/bin/qemu"}).qemu.path == "/opt/qemu/bin/qemu"
-    for bad in ("/tmp/evil", "relative/qemu", "/usr/bin/../../tmp/qemu", "/opt/qemu/bin/../../../tmp/qemu"):
-        with pytest.raises(ConfigError) as info:
-            apply_annotations(config, {H + "path": bad})
-        assert info.value.field == H + "path"
-
-
-def test_path_needs_allow_list_even_when_valid() -> None:
-    with pytest.raises(ConfigError, match="enable_annotations"):
-        apply_annotations(_config([]), {H + "path": "/usr/bin/qemu-system-x86_64"})
-
-
-def test_virtiofsd_path_checked() -> None:
-    config = _config(["virtio_fs_daemon"])
+@pytest.mark.parametrize("key", ["path", "virtio_fs_daemon", "virtio_fs_extra_args", "kernel", "initrd",
+                                 "image", "entropy_source"])
+def test_host_choosing_keys_are_never_annotatable(key: str) -> None:
+    # not even when the admin lists them: the configuration itself is refused
     with pytest.raises(ConfigError) as info:
-        apply_annotations(config, {H + "virtio_fs_daemon": "/tmp/virtiofsd"})
-    assert info.value.field == H + "virtio_fs_daemon"
-    ok = apply_annotations(config, {H + "virtio_fs_daemon": "/usr/lib/qemu/virtiofsd"})
-    assert ok.qemu.virtio_fs_daemon == "/usr/lib/qemu/virtiofsd"
+        _config([key])
+    assert info.value.field == "hypervisor.qemu.enable_annotations[0]" and "never" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(_config(["default_memory"]), {H + key: "/bin/sh"})
+    assert info.value.field == H + key and "never" in str(info.value)
 
 
 def test_agent_annotations() -> None:

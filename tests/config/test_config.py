@@ -156,16 +156,20 @@ def test_missing_env_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_config_path_annotation(tmp_path: Path) -> None:
-    path = tmp_path / "pod.toml"
-    path.write_text("[hypervisor.qemu]\ndefault_vcpus = 2\n")
-    config = load_for_annotations({"io.katacontainers.config_path": str(path)}, environ={})
+    # the refusals (no allow-list, symlinks, FIFOs, owners, modes, content leaks) are in tests/security
+    allowed = tmp_path / "pods"
+    allowed.mkdir()
+    (allowed / "pod.toml").write_text("[hypervisor.qemu]\ndefault_vcpus = 2\n")
+    admin = tmp_path / "admin.toml"
+    admin.write_text(f'[runtime]\nvalid_config_paths = ["{allowed}"]\n')
+    environ = {"PYKATA_CONFIG": str(admin)}
+    config = load_for_annotations({"io.katacontainers.config_path": str(allowed / "pod.toml")}, environ=environ)
     assert config.qemu.default_vcpus == 2
-    with pytest.raises(ConfigError) as info:
-        load_for_annotations({"io.katacontainers.config_path": "relative.toml"}, environ={})
-    assert info.value.field == "io.katacontainers.config_path"
-    with pytest.raises(ConfigError) as info:
-        load_for_annotations({"io.katacontainers.config_path": str(tmp_path / "none")}, environ={})
-    assert info.value.field == "io.katacontainers.config_path"
+    assert config.source == str(allowed / "pod.toml")
+    for bad in ("relative.toml", str(allowed / "none"), str(tmp_path / "admin.toml")):
+        with pytest.raises(ConfigError) as info:
+            load_for_annotations({"io.katacontainers.config_path": bad}, environ=environ)
+        assert info.value.field == "io.katacontainers.config_path"
 
 
 def test_oversized_file_rejected(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pykata.config.load import (
     load_config,
     load_config_file,
     load_for_annotations,
+    load_pod_config_file,
     packaged_default_text,
 )
 from pykata.config.parse import parse_mapping, parse_toml
@@ -43,6 +44,7 @@ __all__ = [
     "load_config",
     "load_config_file",
     "load_for_annotations",
+    "load_pod_config_file",
     "packaged_default_text",
     "parse_mapping",
     "parse_toml",

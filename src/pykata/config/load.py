@@ -1,14 +1,18 @@
 """Find and load configuration.toml.
 
 Lookup order: `$PYKATA_CONFIG`, then /etc/pykata/configuration.toml, then the default packaged with
-pykata. A pod can name another file with the annotation `io.katacontainers.config_path`, and override
-allowed keys with `io.katacontainers.config.*` (pykata.config.annotations).
+pykata. A pod can name another file with the annotation `io.katacontainers.config_path` from a directory
+the admin listed in `runtime.valid_config_paths` (`load_pod_config_file`), and override allowed keys
+with `io.katacontainers.config.*` (pykata.config.annotations).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import os
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from pykata.errors import ConfigError
 ENV_VAR = "PYKATA_CONFIG"
 SYSTEM_PATH = Path("/etc/pykata/configuration.toml")
 CONFIG_PATH_ANNOTATION = "io.katacontainers.config_path"
+log = logging.getLogger(__name__)
 # A configuration file is small; a bigger one is a mistake (or an attack through the annotation).
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -77,9 +82,93 @@ def load_config_file(path: str | os.PathLike[str], *, field: str | None = None) 
     return parse_toml(text, source=str(p))
 
 
+def load_pod_config_file(path: str, allowed_dirs: tuple[str, ...]) -> Config:
+    """Load the file a pod names with `io.katacontainers.config_path`, as the admin allowed it.
+
+    A pod author can make files appear on the node (an image layer unpacked by containerd, an
+    emptyDir), so the file is accepted only when: the admin lists directories in
+    `runtime.valid_config_paths`; the path, with its directories' symlinks resolved, lies in one of
+    them; the file itself is not a symlink (O_NOFOLLOW), is a regular file (O_NONBLOCK: a FIFO cannot
+    block the shim's event loop on open), owned by root and not writable by group or others, in a
+    directory that is as well; and it is at most MAX_CONFIG_BYTES. An error never quotes the file:
+    a TOML error in /etc/shadow would otherwise show its text (the details go to the log, which only
+    the admin reads).
+
+    Raises:
+        ConfigError: field `io.katacontainers.config_path`, for any of the above.
+    """
+    field = CONFIG_PATH_ANNOTATION
+    if not allowed_dirs:
+        raise ConfigError(field, "not allowed: the configuration lists no directory in "
+                                 "runtime.valid_config_paths")
+    if not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise ConfigError(field, "must be an absolute path")
+    directory, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        raise ConfigError(field, "must name a file")
+    real_dir = os.path.realpath(directory or "/")
+    if not any(_inside(real_dir, os.path.realpath(d)) for d in allowed_dirs):
+        raise ConfigError(field, f"{path[:256]!r} is not in a directory listed in runtime.valid_config_paths "
+                                 f"({', '.join(allowed_dirs)})")
+    data = _read_trusted_file(real_dir, name, field)
+    try:
+        text = data.decode("utf-8")
+        return parse_toml(text, source=os.path.join(real_dir, name))
+    except (UnicodeDecodeError, ConfigError) as exc:
+        # The detail may quote the file (a key, a value, a line and column): only the admin's log sees it.
+        log.warning("%s=%s: %s", field, os.path.join(real_dir, name), exc)
+        raise ConfigError(field, f"{path[:256]!r} is not a valid pykata configuration (details in the "
+                                 "runtime's log)") from None
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _read_trusted_file(directory: str, name: str, field: str) -> bytes:
+    """The bytes of `directory`/`name` if both are root's and only root can write them."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        dir_fd = os.open(directory, flags | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(field, f"cannot open {directory}: {exc.strerror}") from None
+    try:
+        # a directory on the way swapped for a symlink after realpath() would land elsewhere
+        if os.readlink(f"/proc/self/fd/{dir_fd}") != directory:
+            raise ConfigError(field, f"{directory} changed while it was opened")
+        _check_owner(os.fstat(dir_fd), directory, field)
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
+        except OSError as exc:
+            why = "is a symlink" if exc.errno == errno.ELOOP else f"cannot be opened: {exc.strerror}"
+            raise ConfigError(field, f"{os.path.join(directory, name)} {why}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(field, f"{os.path.join(directory, name)} is not a regular file")
+            _check_owner(st, os.path.join(directory, name), field)
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(field, f"{os.path.join(directory, name)} is larger than "
+                                         f"{MAX_CONFIG_BYTES} bytes")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(dir_fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(field, f"{os.path.join(directory, name)} is larger than {MAX_CONFIG_BYTES} bytes")
+    return data
+
+
+def _check_owner(st: os.stat_result, path: str, field: str) -> None:
+    if st.st_uid != 0:
+        raise ConfigError(field, f"{path} is not owned by root (uid {st.st_uid})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(field, f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
 def load_for_annotations(annotations: dict[str, str], environ: dict[str, str] | None = None) -> Config:
-    """The configuration a pod asks for: the file named by `io.katacontainers.config_path` (else the
-    default), with the pod's `io.katacontainers.config.*` overrides applied.
+    """The configuration a pod asks for: the admin's configuration (`load_config`), or the file named by
+    `io.katacontainers.config_path` where the admin's `runtime.valid_config_paths` allows it
+    (`load_pod_config_file`), with the pod's `io.katacontainers.config.*` overrides applied.
 
     A pod whose overrides change the hypervisor section boots its VM cold instead of from a VM
     template: a template is made only from the host's own configuration. Otherwise every value a pod
@@ -88,11 +177,14 @@ def load_for_annotations(annotations: dict[str, str], environ: dict[str, str] | 
     a tmpfs by default) for each value, which a pod spec must not be able to make the host pile up.
 
     Raises:
-        ConfigError: as `load_config_file`, with the annotation named as the field; or naming the
-            `io.katacontainers.config.*` annotation that is unknown, not allowed or has a bad value.
+        ConfigError: as `load_config` (the admin's file); as `load_pod_config_file`, with the annotation
+            named as the field; or naming the `io.katacontainers.config.*` annotation that is unknown,
+            not allowed or has a bad value.
     """
+    base = load_config(environ)
     path = annotations.get(CONFIG_PATH_ANNOTATION)
-    base = load_config_file(path, field=CONFIG_PATH_ANNOTATION) if path else load_config(environ)
+    if path:
+        base = load_pod_config_file(path, base.runtime.valid_config_paths)
     config = apply_annotations(base, annotations)
     if config.qemu != base.qemu and config.factory.enable_template:
         config = dataclasses.replace(config, factory=dataclasses.replace(config.factory, enable_template=False))

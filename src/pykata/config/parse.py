@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pykata.config.schema import ANNOTATABLE_HYPERVISOR_KEYS, Config, QemuConfig
+from pykata.config.schema import (
+    ANNOTATABLE_HYPERVISOR_KEYS,
+    NEVER_ANNOTATABLE_HYPERVISOR_KEYS,
+    Config,
+    QemuConfig,
+)
 from pykata.errors import ConfigError
 
 T = TypeVar("T")
@@ -89,7 +95,7 @@ def convert(hint: Any, value: object, key: str) -> Any:
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {_kind(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -127,9 +133,19 @@ def _short(value: object) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Cross-field and range checks, shared by the file parser and the annotation overrides.
+# Cross-field and range checks, shared by the file parser and the annotation overrides. Every number has
+# an upper bound too: an annotation is a pod author's input, and a VM of 2**60 MiB or a timeout of 1e308
+# seconds (or nan, which no comparison refuses) is an attack or a typo, never a configuration.
 
 _Q = "hypervisor.qemu."
+MAX_VCPUS = 255
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB
+MAX_TIMEOUT = 3600.0
+MAX_PATH = 4096
+MAX_KERNEL_PARAMS = 1024  # x86's whole command line is 2048 bytes, pykata's own part included
+MAX_LIST = 64
+MAX_LOG_SIZE_MIB = 1024
+MAX_LOG_BACKUPS = 100
 
 
 def validate(config: Config) -> None:
@@ -140,14 +156,24 @@ def validate(config: Config) -> None:
     """
     validate_qemu(config.qemu, _Q)
     agent = config.agent.pykata
-    if agent.dial_timeout <= 0:
-        raise ConfigError("agent.pykata.dial_timeout", "must be > 0 seconds")
+    _seconds("agent.pykata.dial_timeout", agent.dial_timeout)
+    _list("agent.pykata.kernel_modules", agent.kernel_modules)
     for i, module in enumerate(agent.kernel_modules):
-        if not module or any(c.isspace() for c in module.split(" ", 1)[0]):
-            raise ConfigError(f"agent.pykata.kernel_modules[{i}]", f"bad module spec {module!r}")
+        if not module or len(module) > 256 or any(c.isspace() for c in module.split(" ", 1)[0]) \
+                or any(ord(c) < 32 for c in module):
+            raise ConfigError(f"agent.pykata.kernel_modules[{i}]", f"bad module spec {module[:64]!r}")
     runtime = config.runtime
     _absolute("runtime.runtime_dir", runtime.runtime_dir, allow_empty=False)
     _absolute("runtime.cache_dir", runtime.cache_dir, allow_empty=False)
+    _absolute("runtime.cgroup_root", runtime.cgroup_root, allow_empty=False)
+    _list("runtime.valid_config_paths", runtime.valid_config_paths)
+    for i, directory in enumerate(runtime.valid_config_paths):
+        _absolute(f"runtime.valid_config_paths[{i}]", directory, allow_empty=False)
+        if directory.rstrip("/") == "":
+            raise ConfigError(f"runtime.valid_config_paths[{i}]", "must not be / (list the directories "
+                              "that hold only configuration files)")
+    _range("runtime.run_log_max_size", runtime.run_log_max_size, 1, MAX_LOG_SIZE_MIB, " (MiB)")
+    _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("factory.template_path", config.factory.template_path, allow_empty=False)
 
 
@@ -161,39 +187,32 @@ def validate_qemu(q: QemuConfig, prefix: str) -> None:
     for name in ("kernel", "initrd", "image"):
         _absolute(prefix + name, getattr(q, name), allow_empty=True)
     _absolute(prefix + "virtio_fs_daemon", q.virtio_fs_daemon, allow_empty=q.shared_fs != "virtio-fs")
+    _absolute(prefix + "entropy_source", q.entropy_source, allow_empty=False)
     if q.initrd and q.image:
         raise ConfigError(prefix + "image", "set either initrd or image, not both")
-    if q.default_vcpus < 1:
-        raise ConfigError(prefix + "default_vcpus", f"must be >= 1, got {q.default_vcpus}")
-    if q.default_maxvcpus < 0:
-        raise ConfigError(prefix + "default_maxvcpus",
-                          f"must be >= 0 (0: host CPUs), got {q.default_maxvcpus}")
-    if q.default_maxvcpus > 255:
-        raise ConfigError(prefix + "default_maxvcpus", f"must be <= 255, got {q.default_maxvcpus}")
+    _range(prefix + "default_vcpus", q.default_vcpus, 1, MAX_VCPUS, "")
+    _range(prefix + "default_maxvcpus", q.default_maxvcpus, 0, MAX_VCPUS, " (0: host CPUs)")
     if q.default_maxvcpus and q.default_vcpus > q.default_maxvcpus:
         raise ConfigError(prefix + "default_vcpus",
                           f"{q.default_vcpus} is more than default_maxvcpus ({q.default_maxvcpus})")
-    if q.default_memory < 64:
-        raise ConfigError(prefix + "default_memory", f"must be >= 64 (MiB), got {q.default_memory}")
-    if q.default_maxmemory < 0:
-        raise ConfigError(prefix + "default_maxmemory",
-                          f"must be >= 0 (MiB; 0: host memory), got {q.default_maxmemory}")
+    _range(prefix + "default_memory", q.default_memory, 64, MAX_MEMORY_MIB, " (MiB)")
+    _range(prefix + "default_maxmemory", q.default_maxmemory, 0, MAX_MEMORY_MIB, " (MiB; 0: host memory)")
     if q.default_maxmemory and q.default_maxmemory < q.default_memory:
         raise ConfigError(prefix + "default_maxmemory",
                           f"{q.default_maxmemory} is less than default_memory ({q.default_memory})")
-    if not 0 <= q.memory_slots <= 256:
-        raise ConfigError(prefix + "memory_slots", f"must be 0..256, got {q.memory_slots}")
+    _range(prefix + "memory_slots", q.memory_slots, 0, 256, "")
     size = q.virtio_fs_queue_size
     if size < 64 or size > 1024 or size & (size - 1):
         raise ConfigError(prefix + "virtio_fs_queue_size", f"must be a power of two in 64..1024, got {size}")
-    if any(ord(c) < 32 for c in q.kernel_params):
+    if len(q.kernel_params) > MAX_KERNEL_PARAMS:
+        raise ConfigError(prefix + "kernel_params", f"must be at most {MAX_KERNEL_PARAMS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in q.kernel_params):
         raise ConfigError(prefix + "kernel_params", "must not contain control characters")
-    if q.cpu_model and not all(c.isalnum() or c in "-_.,=+" for c in q.cpu_model):
-        raise ConfigError(prefix + "cpu_model", f"bad CPU model {q.cpu_model!r}")
-    if q.kvm_probe_timeout <= 0:
-        raise ConfigError(prefix + "kvm_probe_timeout", "must be > 0 seconds")
-    if q.boot_timeout <= 0:
-        raise ConfigError(prefix + "boot_timeout", "must be > 0 seconds")
+    if len(q.cpu_model) > 128 or (q.cpu_model and not all(c.isascii() and (c.isalnum() or c in "-_.,=+")
+                                                          for c in q.cpu_model)):
+        raise ConfigError(prefix + "cpu_model", f"bad CPU model {q.cpu_model[:64]!r}")
+    _seconds(prefix + "kvm_probe_timeout", q.kvm_probe_timeout)
+    _seconds(prefix + "boot_timeout", q.boot_timeout)
     if not 4 <= q.console_log_max_kib <= 1 << 20:
         raise ConfigError(prefix + "console_log_max_kib", f"must be 4..1048576 (KiB), got {q.console_log_max_kib}")
     if not 1 <= q.jail_uid_base <= 0xFFFF_FFFE:
@@ -201,14 +220,35 @@ def validate_qemu(q: QemuConfig, prefix: str) -> None:
     if q.jail_uid_count < 1 or q.jail_uid_base + q.jail_uid_count > 0xFFFF_FFFF:
         raise ConfigError(prefix + "jail_uid_count",
                           f"must be >= 1 with jail_uid_base + jail_uid_count <= 4294967295, got {q.jail_uid_count}")
+    _list(prefix + "enable_annotations", q.enable_annotations)
     for i, name in enumerate(q.enable_annotations):
+        if name in NEVER_ANNOTATABLE_HYPERVISOR_KEYS:
+            raise ConfigError(f"{prefix}enable_annotations[{i}]",
+                              f"{name!r} chooses host binaries, files or their arguments: it is never "
+                              "settable by annotation (set it in this file instead)")
         if name not in ANNOTATABLE_HYPERVISOR_KEYS:
             raise ConfigError(f"{prefix}enable_annotations[{i}]",
-                              f"{name!r} cannot be set by annotation (allowed: "
+                              f"{name[:64]!r} cannot be set by annotation (allowed: "
                               f"{', '.join(ANNOTATABLE_HYPERVISOR_KEYS)})")
+    _list(prefix + "virtio_fs_extra_args", q.virtio_fs_extra_args)
     for i, arg in enumerate(q.virtio_fs_extra_args):
-        if not arg or "\0" in arg:
-            raise ConfigError(f"{prefix}virtio_fs_extra_args[{i}]", f"bad argument {arg!r}")
+        if not arg or "\0" in arg or len(arg) > MAX_PATH:
+            raise ConfigError(f"{prefix}virtio_fs_extra_args[{i}]", f"bad argument {arg[:64]!r}")
+
+
+def _range(key: str, value: int, low: int, high: int, unit: str) -> None:
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be {low}..{high}{unit}, got {value}")
+
+
+def _seconds(key: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise ConfigError(key, f"must be > 0 and <= {MAX_TIMEOUT:g} seconds, got {value}")
+
+
+def _list(key: str, value: tuple[str, ...]) -> None:
+    if len(value) > MAX_LIST:
+        raise ConfigError(key, f"must have at most {MAX_LIST} items, got {len(value)}")
 
 
 def _absolute(key: str, value: str, *, allow_empty: bool) -> None:
@@ -217,6 +257,8 @@ def _absolute(key: str, value: str, *, allow_empty: bool) -> None:
             return
         raise ConfigError(key, "must not be empty")
     if not value.startswith("/"):
-        raise ConfigError(key, f"must be an absolute path, got {value!r}")
+        raise ConfigError(key, f"must be an absolute path, got {value[:64]!r}")
     if "\0" in value or "\n" in value:
         raise ConfigError(key, "must not contain NUL or newline")
+    if len(value) > MAX_PATH:
+        raise ConfigError(key, f"must be at most {MAX_PATH} characters")

@@ -51,8 +51,6 @@ class QemuConfig:
     agent_channel: AgentChannel = "auto"
     entropy_source: str = "/dev/urandom"
     enable_annotations: tuple[str, ...] = ()
-    valid_hypervisor_paths: tuple[str, ...] = (DEFAULT_QEMU,)
-    valid_virtio_fs_daemon_paths: tuple[str, ...] = (DEFAULT_VIRTIOFSD,)
     # Seconds a trial boot under KVM may take before pykata decides KVM cannot run guests here.
     kvm_probe_timeout: float = 5.0
     # Seconds from QEMU start until the guest must be ready.
@@ -116,10 +114,20 @@ class RuntimeConfig:
     """`[runtime]`: host-side behaviour of the runtime."""
 
     internetworking_model: InternetworkingModel = "tcfilter"
+    # True: QEMU, virtiofsd and the shim run in the pod's cgroup (the sandbox spec's linux.cgroupsPath);
+    # False: in a per-sandbox cgroup under pykata_overhead/ (pykata.resources.cgroups).
     sandbox_cgroup_only: bool = False
+    # Where the host's cgroup hierarchies are mounted (cgroup v2, or v1 controllers as subdirectories).
+    cgroup_root: str = "/sys/fs/cgroup"
     runtime_dir: str = "/run/pykata"
     cache_dir: str = "/var/cache/pykata"
     enable_debug: bool = False
+    # Directories from which a pod may pick its configuration file with io.katacontainers.config_path;
+    # empty: the annotation is refused.
+    valid_config_paths: tuple[str, ...] = ()
+    # `pykata run`'s stdout.log/stderr.log: rotated at this size (MiB), keeping this many old files.
+    run_log_max_size: int = 10
+    run_log_backups: int = 2
 
     @property
     def runtime_path(self) -> Path:
@@ -154,9 +162,9 @@ class Config:
 
 
 # `[hypervisor.qemu]` keys an annotation `io.katacontainers.config.hypervisor.<key>` may override when the
-# key is listed in `enable_annotations`.
+# key is listed in `enable_annotations`. Each changes only the pod's own VM, within the bounds that
+# `pykata.config.parse.validate_qemu` checks.
 ANNOTATABLE_HYPERVISOR_KEYS = (
-    "path",
     "machine_type",
     "accelerator",
     "cpu_model",
@@ -166,10 +174,23 @@ ANNOTATABLE_HYPERVISOR_KEYS = (
     "default_maxmemory",
     "memory_slots",
     "shared_fs",
-    "virtio_fs_daemon",
-    "virtio_fs_extra_args",
     "virtio_fs_cache",
     "virtio_fs_queue_size",
     "kernel_params",
     "enable_debug",
+)
+
+# Keys that choose host binaries, host files or the arguments of host processes: a pod that could set
+# one would run its own program on the host (`path`), or hand its guest the host's root
+# (`virtio_fs_extra_args = ["-o", "source=/"]`). Never settable by annotation, whatever
+# `enable_annotations` says: listing one there is a configuration error.
+NEVER_ANNOTATABLE_HYPERVISOR_KEYS = (
+    "path",
+    "kernel",
+    "initrd",
+    "image",
+    "virtio_fs_daemon",
+    "virtio_fs_extra_args",
+    "entropy_source",
+    "enable_annotations",
 )
