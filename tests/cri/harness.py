@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -23,6 +24,7 @@ import grpc
 import psutil
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from pykata.config import find_config_path, packaged_default_text, parse_toml
 from pykata.images import ImageStore
 from pykata.images.builtin import export_oci_archive
 from tests.shim.harness import CONTAINERD, SHIM, Containerd
@@ -59,6 +61,8 @@ state = "{state}"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata]
       runtime_type = "io.containerd.pykata.v2"
       pod_annotations = ["io.katacontainers.*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata.options]
+        ConfigPath = "{pykata_config}"
 """
 
 # CRI wants an address on the pod's eth0: a bridge with host-local addresses, all inside containerd's own
@@ -67,6 +71,20 @@ CNI_CONF = """{{"cniVersion": "0.4.0", "name": "pykata-test", "plugins": [
   {{"type": "bridge", "bridge": "pkcri0", "isGateway": true, "ipMasq": false,
     "ipam": {{"type": "host-local", "dataDir": "{data}", "ranges": [[{{"subnet": "10.254.0.0/24"}}]]}}}}]}}
 """
+
+
+def admin_config(path: Path, **runtime: str) -> Path:
+    """Write to `path` the configuration the tests run with ($PYKATA_CONFIG, /etc/pykata or the packaged
+    default) with `[runtime]` keys replaced by `runtime` (TOML values), as an admin would edit it."""
+    found = find_config_path()
+    text = found.read_text() if found is not None else packaged_default_text()
+    for key, value in runtime.items():
+        text, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
+        if n == 0:
+            text = text.replace("[runtime]\n", f"[runtime]\n{key} = {value}\n", 1)
+    assert parse_toml(text), text
+    path.write_text(text)
+    return path
 
 
 def missing_cri_prerequisites() -> str | None:
@@ -87,15 +105,27 @@ class CriContainerd(Containerd):
 
     namespace: str = NAMESPACE
     netns: str = field(default_factory=lambda: f"pykata-cri-{uuid.uuid4().hex[:8]}")
+    # keys of [runtime] in the admin configuration the pykata runtime handler gets (options.ConfigPath)
+    runtime_config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pod_configs(self) -> Path:
+        """The directory the admin configuration lists in runtime.valid_config_paths: pods may name the
+        configuration files a test puts there with io.katacontainers.config_path."""
+        return self.dir / "pod-configs"
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         cni_conf = self.dir / "cni"
         cni_conf.mkdir(exist_ok=True)
         (cni_conf / "10-pykata-test.conflist").write_text(CNI_CONF.format(data=self.dir / "cni-ipam"))
+        self.pod_configs.mkdir(mode=0o755, exist_ok=True)
+        pykata_config = admin_config(self.dir / "pykata.toml", **{
+            "valid_config_paths": f'["{self.pod_configs}"]', **self.runtime_config})
         config = self.dir / "config.toml"
         config.write_text(CRI_CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket,
-                                            pause=PAUSE_IMAGE, cni_bin=CNI_BIN_DIR, cni_conf=cni_conf))
+                                            pause=PAUSE_IMAGE, cni_bin=CNI_BIN_DIR, cni_conf=cni_conf,
+                                            pykata_config=pykata_config))
         assert CONTAINERD is not None
         with open(self.log, "ab") as log:
             # containerd (and so its shims and the CNI plugins) in a network namespace of its own, and

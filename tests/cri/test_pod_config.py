@@ -27,7 +27,7 @@ from pykata.errors import ConfigError
 from pykata.sandbox.ocispec import POD_SHM_SOURCE, for_guest
 from pykata.shim import sizing
 from pykata.shim.errors import InvalidArgumentError
-from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, wait_gone
+from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, admin_config, wait_gone
 
 H = "io.katacontainers.config.hypervisor."
 MIB = 1 << 20
@@ -91,7 +91,8 @@ def test_a_bigger_vm_boots_cold_and_vcpus_are_capped() -> None:
 
 
 def _config_file(tmp: Path, enable: list[str]) -> Path:
-    """The configuration the tests run with ($PYKATA_CONFIG, /etc/pykata or packaged), allowing `enable`."""
+    """The configuration the tests run with ($PYKATA_CONFIG, /etc/pykata or packaged), allowing `enable`,
+    in `tmp` (a directory the admin configuration lists in runtime.valid_config_paths)."""
     found = find_config_path()
     text = found.read_text() if found is not None else packaged_default_text()
     line = "enable_annotations = [" + ", ".join(f'"{k}"' for k in enable) + "]"
@@ -106,15 +107,17 @@ def _config_file(tmp: Path, enable: list[str]) -> Path:
 
 def test_load_for_annotations_applies_overrides_and_skips_the_template(tmp_path: Path) -> None:
     path = str(_config_file(tmp_path, ["kernel_params", "default_memory"]))
-    base = load_for_annotations({"io.katacontainers.config_path": path})
+    environ = {"PYKATA_CONFIG": str(admin_config(tmp_path / "admin.toml", valid_config_paths=f'["{tmp_path}"]'))}
+    base = load_for_annotations({"io.katacontainers.config_path": path}, environ)
     assert base.factory.enable_template  # no override: the template is used
     config = load_for_annotations({"io.katacontainers.config_path": path, H + "default_memory": "1536",
-                                   H + "kernel_params": "pykata.x=1", "io.kubernetes.cri.sandbox-id": "x"})
+                                   H + "kernel_params": "pykata.x=1", "io.kubernetes.cri.sandbox-id": "x"},
+                                  environ)
     assert config.qemu.default_memory == 1536
     assert config.qemu.kernel_params.endswith("pykata.x=1")
     assert not config.factory.enable_template
     with pytest.raises(ConfigError) as info:
-        load_for_annotations({"io.katacontainers.config_path": path, H + "default_vcpus": "2"})
+        load_for_annotations({"io.katacontainers.config_path": path, H + "default_vcpus": "2"}, environ)
     assert info.value.field == H + "default_vcpus"
 
 
@@ -205,8 +208,8 @@ def _run_pod_fails(ctd: CriContainerd, cri: Cri, config: Any) -> str:
 
 
 @pytest.mark.vm
-def test_allowed_overrides_take_effect(cri_containerd: CriContainerd, tmp_path: Path) -> None:
-    path = _config_file(tmp_path, ["kernel_params", "default_memory"])
+def test_allowed_overrides_take_effect(cri_containerd: CriContainerd) -> None:
+    path = _config_file(cri_containerd.pod_configs, ["kernel_params", "default_memory"])
     marker = f"pykata.annotation_test={uuid.uuid4().hex[:8]}"
     annotations = {"io.katacontainers.config_path": str(path), H + "kernel_params": marker,
                    H + "default_memory": "1536"}
@@ -219,12 +222,12 @@ def test_allowed_overrides_take_effect(cri_containerd: CriContainerd, tmp_path: 
 
 
 @pytest.mark.vm
-def test_disallowed_or_unknown_annotations_fail_the_pod(cri_containerd: CriContainerd, tmp_path: Path) -> None:
-    path = str(_config_file(tmp_path, ["path", "kernel_params"]))
+def test_disallowed_or_unknown_annotations_fail_the_pod(cri_containerd: CriContainerd) -> None:
+    path = str(_config_file(cri_containerd.pod_configs, ["default_memory", "kernel_params"]))
     cases = [
         ({H + "default_vcpus": "2"}, H + "default_vcpus", "enable_annotations"),
         ({H + "nonsense": "1"}, H + "nonsense", "unknown"),
-        ({"io.katacontainers.config_path": path, H + "path": "/bin/sh"}, H + "path", "valid_hypervisor_paths"),
+        ({"io.katacontainers.config_path": path, H + "path": "/bin/sh"}, H + "path", "never"),
         ({"io.katacontainers.config_path": path, H + "kernel_params": "a\nb"}, H + "kernel_params", ""),
     ]
     with Cri(cri_containerd.socket) as cri:

@@ -12,12 +12,13 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import stat
 from importlib import resources
 from pathlib import Path
 
 from pykata.config.annotations import apply_annotations
-from pykata.config.parse import parse_toml
+from pykata.config.parse import field_types, parse_toml
 from pykata.config.schema import Config
 from pykata.errors import ConfigError
 
@@ -115,10 +116,23 @@ def load_pod_config_file(path: str, allowed_dirs: tuple[str, ...]) -> Config:
         text = data.decode("utf-8")
         return parse_toml(text, source=os.path.join(real_dir, name))
     except (UnicodeDecodeError, ConfigError) as exc:
-        # The detail may quote the file (a key, a value, a line and column): only the admin's log sees it.
+        # The detail may quote the file (a key, a value, a line and column): only the admin's log sees it;
+        # the pod learns which key, when it is one of pykata's (not one the file made up).
         log.warning("%s=%s: %s", field, os.path.join(real_dir, name), exc)
-        raise ConfigError(field, f"{path[:256]!r} is not a valid pykata configuration (details in the "
-                                 "runtime's log)") from None
+        key = exc.field if isinstance(exc, ConfigError) and _is_schema_key(exc.field) else None
+        raise ConfigError(field, f"{path[:256]!r} is not a valid pykata configuration"
+                                 f"{f' (bad {key})' if key else ''}; details in the runtime's log") from None
+
+
+def _is_schema_key(key: str) -> bool:
+    """Whether `key` ("hypervisor.qemu.default_memory", "…enable_annotations[0]") names a key of Config."""
+    cls: object = Config
+    for part in re.sub(r"\[\d{1,3}\]$", "", key).split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields or part == "source":
+            return False
+        cls = field_types(cls)[part]  # type: ignore[arg-type]
+    return True
 
 
 def _inside(path: str, directory: str) -> bool:
