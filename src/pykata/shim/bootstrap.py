@@ -24,8 +24,12 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pykata.errors import PykataError
+
+if TYPE_CHECKING:
+    from pykata.config import Config
 
 SHIM_NAME = "containerd-shim-pykata-v2"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
@@ -282,7 +286,7 @@ def delete(flags: Flags) -> bytes:
         # returns once this command has, so a caller that sees the task gone sees the VM gone
         alive = not _wait_exit(shim_pid, EXIT_WAIT)
     if not alive:
-        _remove_leftovers(config.runtime.runtime_dir, sandbox_id, shim_pid)
+        _remove_leftovers(config, sandbox_id, shim_pid)
         if sock.exists() and not _connectable(sock):
             sock.unlink(missing_ok=True)
     return _delete_response(init_pid)
@@ -300,18 +304,20 @@ def _wait_exit(pid: int | None, timeout: float) -> bool:
     return True
 
 
-def _remove_leftovers(runtime_dir: str, sandbox_id: str, shim_pid: int | None) -> None:
-    directory = Path(runtime_dir) / "sandboxes" / sandbox_id
-    if not directory.exists():
-        return
+def _remove_leftovers(config: Config, sandbox_id: str, shim_pid: int | None) -> None:
+    """What a dead shim left: its sandbox directory (and the VM it names), then its cgroups."""
+    from pykata.resources import cgroups
     from pykata.sandbox import state
     from pykata.sandbox.lookup import remove_sandbox_dir
 
-    record = state.load(directory)
-    # only the dead shim's own sandbox: the same id may be another namespace's, with a live owner
-    if record is not None and record.owner_pid != shim_pid and record.owner_alive():
-        return
-    remove_sandbox_dir(directory, record)
+    directory = Path(config.runtime.runtime_dir) / "sandboxes" / sandbox_id
+    if directory.exists():
+        record = state.load(directory)
+        # only the dead shim's own sandbox: the same id may be another namespace's, with a live owner
+        if record is not None and record.owner_pid != shim_pid and record.owner_alive():
+            return
+        remove_sandbox_dir(directory, record)
+    cgroups.remove_leftover(config.runtime, sandbox_id)
 
 
 def _delete_response(pid: int) -> bytes:

@@ -39,6 +39,7 @@ from pykata.errors import ConfigError, PykataError
 from pykata.network import spec_netns
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
 from pykata.protocols.agent import agent_pb2
+from pykata.resources import cgroups
 from pykata.sandbox import Process, Sandbox, sandboxes_dir
 from pykata.sandbox.agent_client import AgentCallError
 from pykata.sandbox.mounts import RootfsMount
@@ -93,6 +94,7 @@ class TaskService:
         self.containers: dict[str, ShimContainer] = {}
         self._creating: set[str] = set()
         self.sandbox: Sandbox | None = None
+        self._cgroup: tuple[cgroups.SandboxCgroup, Config] | None = None
         self._sandbox_lock = asyncio.Lock()
         self._sandbox_stopping = False
         self.vm_dead = False
@@ -149,17 +151,44 @@ class TaskService:
                 config = self._load_config({str(k): str(v) for k, v in annotations.items()})
                 await _remove_dead_leftover(config, self.sandbox_id)
                 config, vcpus, memory_mib = _vm_size(spec, config)
+                self._join_cgroup(config, spec)
                 log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
                          memory_mib or "default")
-                self.sandbox = await Sandbox.create(
-                    self.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
-                    hostname=str(spec.get("hostname") or ""), serve_proxy=True, netns=spec_netns(spec))
+                try:
+                    self.sandbox = await Sandbox.create(
+                        self.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
+                        hostname=str(spec.get("hostname") or ""), serve_proxy=True, netns=spec_netns(spec))
+                except BaseException:
+                    self._leave_cgroup()
+                    raise
             self._sandbox_stopping = False
             self.vm_dead = False
             self._spawn(self._watch_vm(self.sandbox), "watch-vm")
             self._spawn(self._watch_oom(self.sandbox), "watch-oom")
             log.info("sandbox VM running (qemu pid %s)", self.sandbox.vm.pid if self.sandbox.vm else None)
             return self.sandbox
+
+    def _join_cgroup(self, config: Config, spec: dict[str, Any]) -> None:
+        """Move the shim, and so the QEMU and virtiofsd it starts, into the sandbox's host cgroup
+        (pykata.resources.cgroups): the pod's `linux.cgroupsPath` with runtime.sandbox_cgroup_only.
+
+        Raises InvalidArgumentError naming linux.cgroupsPath when the pod's path is refused."""
+        linux = spec.get("linux")
+        spec_path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+        try:
+            cg = cgroups.join(config.runtime, spec_path, self.sandbox_id)
+        except cgroups.CgroupError as e:
+            if e.field == cgroups.FIELD:
+                raise InvalidArgumentError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+            raise
+        self._cgroup = (cg, config)
+
+    def _leave_cgroup(self) -> None:
+        """Once the VM is gone: the shim moves back out and the sandbox's cgroups are removed."""
+        if self._cgroup is not None:
+            cg, config = self._cgroup
+            self._cgroup = None
+            cgroups.leave(cg, config.runtime, self.sandbox_id)
 
     async def stop_sandbox(self) -> None:
         """Stop the VM (idempotent, shared by concurrent callers, bounded by the sandbox's own timeout).
@@ -187,6 +216,7 @@ class TaskService:
                 if sb is not None:
                     self._sandbox_stopping = True
                     await sb.stop(remove=True)
+                self._leave_cgroup()
 
     async def _watch_vm(self, sb: Sandbox) -> None:
         assert sb.vm is not None
@@ -601,6 +631,7 @@ class TaskService:
                     with contextlib.suppress(PykataError, OSError):
                         await p.io.close()
         await self.stop_sandbox()
+        self._leave_cgroup()
         for t in list(self._background):
             t.cancel()
         if self._background:

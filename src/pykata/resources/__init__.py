@@ -1,0 +1,1 @@
+"""What a pod gets on the host: sizing, mounts, network wiring, cgroups."""

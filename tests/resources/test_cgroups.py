@@ -1,0 +1,96 @@
+"""Sandbox cgroups on this host's layout (cgroup v1 controllers plus a v2 `unified/`, or whatever
+/sys/fs/cgroup is) and on pure cgroup v2 (a private cgroup2 mount): made in every hierarchy, a
+process moved in, everything made removed again."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from pykata.resources import cgroups
+from pykata.resources.cgroups import SandboxCgroup, cgroup_path, hierarchies
+
+HOST_ROOT = Path("/sys/fs/cgroup")
+
+
+@pytest.fixture
+def cgroup2(tmp_path: Path) -> Iterator[Path]:
+    """A private cgroup2 mount: pure v2 whatever the host boots with."""
+    mnt = tmp_path / "cgroup2"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "cgroup2", "none", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _cgroups_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+
+
+def _exercise(root: Path) -> list[cgroups.Hierarchy]:
+    top = f"pykata-test-{uuid.uuid4().hex[:8]}"
+    path = PurePosixPath(top, "pod", "sandbox")
+    cg = SandboxCgroup.create(root, path)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert cg.hierarchies and all(cg.directory(h).is_dir() for h in cg.hierarchies)
+        cg.add_process(child.pid)
+        for h in cg.hierarchies:
+            assert str(child.pid) in (cg.directory(h) / "cgroup.procs").read_text().split()
+        if root == HOST_ROOT:
+            assert sum(line.endswith(f"/{path}") for line in _cgroups_of(child.pid)) == len(cg.hierarchies)
+    finally:
+        child.kill()
+        child.wait()
+    cg.remove()
+    assert not any((h.mountpoint / top).exists() for h in cg.hierarchies)
+    cg.remove()  # idempotent
+    return cg.hierarchies
+
+
+def test_host_layout() -> None:
+    found = _exercise(HOST_ROOT)
+    if not (HOST_ROOT / "cgroup.controllers").exists():  # this host: v1 controllers (+ v2 unified/)
+        assert any(h.version == 1 and "memory" in h.options for h in found)
+        assert any(h.version == 1 and "cpuset" in h.options for h in found)  # needs cpus/mems set
+
+
+def test_pure_v2(cgroup2: Path) -> None:
+    assert hierarchies(cgroup2) == [cgroups.Hierarchy(cgroup2, 2)]
+    _exercise(cgroup2)
+
+
+def test_existing_levels_are_kept(cgroup2: Path) -> None:
+    (cgroup2 / "kubepods" / "pod1").mkdir(parents=True)  # kubelet's
+    cg = SandboxCgroup.create(cgroup2, PurePosixPath("kubepods/pod1/sb"))
+    assert cg.created == [cgroup2 / "kubepods/pod1/sb"]
+    cg.remove()
+    assert (cgroup2 / "kubepods/pod1").is_dir() and not (cgroup2 / "kubepods/pod1/sb").exists()
+    (cgroup2 / "kubepods/pod1").rmdir()
+    (cgroup2 / "kubepods").rmdir()
+
+
+def test_paths() -> None:
+    assert cgroup_path("/kubepods/burstable/pod1/abc", "abc", pod_only=True) == \
+        PurePosixPath("kubepods/burstable/pod1/abc")
+    assert cgroup_path("/kubepods/pod1/abc", "abc", pod_only=False) == PurePosixPath("pykata_overhead/abc")
+    assert cgroup_path("", "abc", pod_only=True) == PurePosixPath("pykata_overhead/abc")
+    assert cgroup_path("kubepods-burstable-pod1.slice:cri-containerd:abc", "abc", pod_only=True) == \
+        PurePosixPath("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/"
+                      "cri-containerd-abc.scope")
+
+
+def test_recorded_leftovers_are_removed_only_below_the_root(cgroup2: Path, tmp_path: Path) -> None:
+    cg = SandboxCgroup.create(cgroup2, PurePosixPath("pykata_overhead/dead"))
+    outside = tmp_path / "not-a-cgroup"
+    outside.mkdir()
+    record = cg.record()[:-1] + f', "{outside}", "{cgroup2}/../not-a-cgroup"]'
+    cgroups.remove_recorded(record, cgroup2)
+    assert not (cgroup2 / "pykata_overhead").exists()
+    assert outside.is_dir()
