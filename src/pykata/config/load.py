@@ -131,7 +131,7 @@ def _is_schema_key(key: str) -> bool:
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if part not in fields or part == "source":
             return False
-        cls = field_types(cls)[part]  # type: ignore[arg-type]
+        cls = field_types(cls)[part]
     return True
 
 

@@ -169,7 +169,16 @@ class SandboxCgroup:
         return h.mountpoint / self.path
 
     def _make(self, h: Hierarchy) -> None:
-        target = self.directory(h)
+        for attempt in range(3):
+            try:
+                self._make_levels(h)
+                return
+            except FileNotFoundError:
+                # another sandbox's remove() took a shared level (pykata_overhead) away in between
+                if attempt == 2:
+                    raise CgroupError(f"cgroup {self.path}", f"cannot make it in {h.mountpoint}") from None
+
+    def _make_levels(self, h: Hierarchy) -> None:
         real_top = os.path.realpath(h.mountpoint)
         level = h.mountpoint
         for part in self.path.parts:
@@ -178,6 +187,8 @@ class SandboxCgroup:
                 os.mkdir(level, 0o755)
             except FileExistsError:
                 pass
+            except FileNotFoundError:
+                raise
             except OSError as e:
                 raise CgroupError(f"cgroup {self.path}", f"cannot make {level}: {e.strerror}") from None
             else:
@@ -186,7 +197,7 @@ class SandboxCgroup:
                     _init_cpuset(level)
             # cgroupfs has no symlinks, but the root is configuration: never follow one out of it
             if not os.path.realpath(level).startswith(real_top + "/"):
-                raise CgroupError(FIELD, f"{target} resolves outside {h.mountpoint}")
+                raise CgroupError(FIELD, f"{level} resolves outside {h.mountpoint}")
 
     def add_process(self, pid: int) -> None:
         """Move process `pid` (all its threads) into the cgroup in every hierarchy.
@@ -219,6 +230,7 @@ class SandboxCgroup:
                     break
         self.origin.clear()
         deadline = time.monotonic() + REMOVE_TIMEOUT
+        leaf_depth = max((len(p.parts) for p in self.created), default=0)
         for directory in sorted(self.created, key=lambda p: len(p.parts), reverse=True):
             while True:
                 try:
@@ -226,11 +238,15 @@ class SandboxCgroup:
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    if e.errno == errno.EBUSY and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                    if e.errno == errno.EBUSY and len(directory.parts) == leaf_depth \
+                            and time.monotonic() < deadline:
+                        time.sleep(0.02)  # the last processes (QEMU just killed) are ending
                         continue
-                    log.warning("cannot remove cgroup %s: %s", directory, e.strerror)
-                    break
+                    if len(directory.parts) < leaf_depth and e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                        pass  # a level another sandbox uses now (pykata_overhead): its last one removes it
+                    else:
+                        log.warning("cannot remove cgroup %s: %s", directory, e.strerror)
+                        break
                 self.created.remove(directory)
                 break
 
