@@ -193,4 +193,11 @@ NEVER_ANNOTATABLE_HYPERVISOR_KEYS = (
     "virtio_fs_extra_args",
     "entropy_source",
     "enable_annotations",
+    # the host-side confinement of QEMU and virtiofsd
+    "jail_seccomp",
+    "jail_user",
+    "jail_uid_base",
+    "jail_uid_count",
+    "jail_chroot",
+    "jail_mount_namespace",
 )
