@@ -10,7 +10,10 @@ from pykata.errors import PykataError
 if TYPE_CHECKING:
     __version__: str
 
-__all__ = ["AsyncSandbox", "ExecResult", "PykataError", "Sandbox", "__version__"]
+_SDK_NAMES = ("Sandbox", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "SandboxTimeoutError", "NotFoundError",
+              "PolicyDeniedError", "SandboxGoneError", "SdkError", "Pool", "AsyncPool")
+__all__ = ["AsyncPool", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "NotFoundError", "PolicyDeniedError",
+           "Pool", "PykataError", "Sandbox", "SandboxGoneError", "SandboxTimeoutError", "SdkError", "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -23,7 +26,7 @@ def __getattr__(name: str) -> object:
             return version("pykata")
         except PackageNotFoundError:  # a source tree that was never installed (e.g. the guest)
             return "0.0.0"
-    if name in ("Sandbox", "AsyncSandbox", "ExecResult", "ExecTimeoutError"):
+    if name in _SDK_NAMES:
         from pykata import sdk
 
         return getattr(sdk, name)

@@ -153,31 +153,41 @@ class InputStream:
         self._tty = tty
         self._lock = asyncio.Lock()
         os.set_blocking(fd, False)
+        if not tty:
+            _widen_pipe(fd)
 
     @property
     def closed(self) -> bool:
         return self._fd < 0
 
     async def write(self, data: bytes) -> int:
-        """Write some of `data` (blocking until the process can take at least one byte);
-        returns how many bytes were accepted.
+        """Write all of `data`, waiting while the process does not read; returns how many bytes were
+        accepted: all of them, or fewer when stdin was closed or the process went away midway.
+        (A caller whose chunk was only partly taken sends the rest again: with a 64 KiB pipe and
+        1 MiB chunks that resending cost most of the stdin bandwidth.)
 
-        Raises RpcError(FAILED_PRECONDITION) when stdin was closed or the process is gone.
+        Raises RpcError(FAILED_PRECONDITION) when stdin was closed or the process is gone before any
+        byte was taken.
         """
         async with self._lock:
-            if not data:
-                return 0
-            while True:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
                 if self._fd < 0:
+                    if done:
+                        return done
                     raise failed_precondition("stdin is closed")
                 try:
-                    return os.write(self._fd, data)
+                    done += os.write(self._fd, view[done:])
                 except (BlockingIOError, InterruptedError):
                     await self._writable()
                 except (BrokenPipeError, OSError) as exc:
                     if isinstance(exc, BrokenPipeError) or exc.errno in (errno.EIO, errno.EPIPE):
+                        if done:
+                            return done
                         raise failed_precondition("the process closed its stdin") from None
                     raise
+            return done
 
     async def _writable(self) -> None:
         await _ready(self._fd, write=True)

@@ -108,6 +108,22 @@ class Hypervisor(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop the vCPUs (the VM uses no CPU; memory and devices are kept). Idempotent.
+
+        Raises:
+            HypervisorError: the VM is not running.
+        """
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Run the vCPUs of a paused VM again. Idempotent.
+
+        Raises:
+            HypervisorError: the VM is not running.
+        """
+
+    @abc.abstractmethod
     async def save(self, path: Path) -> None:
         """Save the VM state to `path` (for templating / checkpoints).
 

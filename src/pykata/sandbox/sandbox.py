@@ -275,6 +275,21 @@ class Sandbox:
         with contextlib.suppress(OSError):
             state.save(self.dir, self.record)
 
+    # -- the VM ------------------------------------------------------------------------------------
+
+    async def pause_vm(self) -> None:
+        """Stop the VM's vCPUs (no CPU used; memory, processes and connections kept). Raises
+        SandboxError when there is no VM, HypervisorError."""
+        if self.vm is None:
+            raise SandboxError(self.id, "no VM to pause")
+        await self.vm.pause()
+
+    async def resume_vm(self) -> None:
+        """Run a paused VM again. Raises SandboxError, HypervisorError."""
+        if self.vm is None:
+            raise SandboxError(self.id, "no VM to resume")
+        await self.vm.resume()
+
     # -- teardown ----------------------------------------------------------------------------------
 
     async def stop(self, *, remove: bool = True) -> None:

@@ -1,20 +1,35 @@
-"""Disposable VM sandboxes from Python code.
+"""Disposable VM sandboxes from Python code: run untrusted code with a VM's isolation.
 
     import pykata
-    with pykata.Sandbox(image="busybox") as sb:
-        result = sb.exec(["sh", "-c", "echo hi"])
-        print(result.exit_code, result.stdout)          # 0 b'hi\\n'
+    with pykata.Sandbox(image="busybox", timeout=300) as sb:
+        r = sb.run("echo hi; exit 3")                   # str: /bin/sh -c; a list: argv
+        print(r.exit_code, r.stdout)                    # 3 b'hi\\n'
+        sb.files.write("/work/in.txt", "data")
+        proc = sb.spawn(["sh", "-c", "while :; do date; sleep 1; done"])
+        for stream, chunk in proc: ...                  # output as it comes
+        proc.kill()
 
-    async with pykata.AsyncSandbox(image="busybox") as sb:
-        result = await sb.exec(["echo", "hi"], timeout=10)
-        async for stream, chunk in sb.stream(["sh", "-c", "for i in 1 2 3; do echo $i; done"]):
-            ...
+    async with pykata.AsyncSandbox(image="busybox") as sb:   # the same surface for asyncio
+        r = await sb.run(["echo", "hi"], timeout=10)
 
-Each sandbox is one VM running the image's container with a long-lived idle process; `exec` runs
-commands in it. Leaving the `with` block destroys the VM and everything it used.
+Each sandbox is one VM running the image's container with a long-lived idle process; commands and
+file operations run in that container. Leaving the `with` block destroys the VM and everything it used.
+Errors: pykata.sdk.errors (all are pykata.PykataError).
 """
 
-from pykata.sdk.blocking import Sandbox
-from pykata.sdk.core import IDLE_COMMAND, AsyncSandbox, ExecResult, ExecTimeoutError
+from pykata.sdk.blocking import Files, Proc, Pty, Sandbox, Stdin
+from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, SandboxInfo
+from pykata.sdk.errors import (
+    ExecTimeoutError,
+    NotFoundError,
+    PolicyDeniedError,
+    SandboxGoneError,
+    SandboxTimeoutError,
+    SdkError,
+)
+from pykata.sdk.files import AsyncFiles, FileInfo
+from pykata.sdk.process import AsyncProcess, AsyncStdin, ExecResult
 
-__all__ = ["IDLE_COMMAND", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "Sandbox"]
+__all__ = ["IDLE_COMMAND", "AsyncFiles", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AsyncStdin", "ExecResult",
+           "ExecTimeoutError", "FileInfo", "Files", "NotFoundError", "PolicyDeniedError", "Proc", "Pty", "Sandbox",
+           "SandboxGoneError", "SandboxInfo", "SandboxTimeoutError", "SdkError", "Stdin"]

@@ -3,34 +3,195 @@
 Every blocking sandbox of a process runs on one shared event loop thread (pykata.sdk.loop), so twenty
 sandboxes cost twenty VMs, not twenty threads. Ctrl-C during any call cancels it and waits for its
 cleanup: a boot interrupted by KeyboardInterrupt leaves no VM, no directory and no thread behind.
+The methods mirror AsyncSandbox's; their docstrings say what they raise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal as _signal
 from collections.abc import Awaitable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
+from pykata.config import Config
 from pykata.errors import PykataError
-from pykata.sdk.core import AsyncSandbox, ExecResult
+from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, SandboxInfo, User
+from pykata.sdk.files import MAX_DOWNLOAD, MAX_READ, AsyncFiles, FileInfo, Progress
 from pykata.sdk.loop import SHARED
+from pykata.sdk.process import AsyncProcess, AsyncStdin, ExecResult, StreamName
 
 T = TypeVar("T")
+
+
+def _run(aw: Awaitable[T]) -> T:
+    return SHARED.run(aw)
+
+
+class Stdin:
+    """The standard input of a spawned process (opened with `stdin=True`)."""
+
+    def __init__(self, inner: AsyncStdin) -> None:
+        self._inner = inner
+
+    def write(self, data: bytes | str) -> None:
+        _run(self._inner.write(data))
+
+    def close(self) -> None:
+        _run(self._inner.close())
+
+
+class Proc:
+    """A background process (from `Sandbox.spawn`): `for stream, chunk in proc` yields its output."""
+
+    def __init__(self, inner: AsyncProcess) -> None:
+        self._inner = inner
+        self.stdin = Stdin(inner.stdin)
+
+    @property
+    def pid(self) -> int:
+        return self._inner.pid
+
+    @property
+    def cmd(self) -> list[str]:
+        return self._inner.cmd
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._inner.exit_code
+
+    @property
+    def running(self) -> bool:
+        return self._inner.running
+
+    def wait(self, timeout: float | None = None) -> int:
+        return _run(self._inner.wait(timeout))
+
+    def kill(self, signal: int = _signal.SIGKILL) -> None:
+        _run(self._inner.kill(signal))
+
+    def result(self, timeout: float | None = None, *, max_output: int | None = None) -> ExecResult:
+        return _run(self._inner.result(timeout, max_output=max_output))
+
+    def output(self) -> Iterator[tuple[StreamName, bytes]]:
+        """As AsyncProcess.output: leaving early keeps what was not read."""
+        agen = self._inner.output()
+        try:
+            while True:
+                try:
+                    yield _run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(PykataError):
+                _run(agen.aclose())
+
+    def __iter__(self) -> Iterator[tuple[StreamName, bytes]]:
+        return self.output()
+
+
+class Pty:
+    """A terminal session (from `Sandbox.pty`)."""
+
+    def __init__(self, inner: AsyncPty) -> None:
+        self._inner = inner
+        self.process = Proc(inner.process)
+
+    def write(self, data: bytes | str) -> None:
+        _run(self._inner.write(data))
+
+    def read(self) -> bytes | None:
+        return _run(self._inner.read())
+
+    def resize(self, cols: int, rows: int) -> None:
+        _run(self._inner.resize(cols, rows))
+
+    def wait(self, timeout: float | None = None) -> int:
+        return _run(self._inner.wait(timeout))
+
+    def kill(self) -> None:
+        _run(self._inner.kill())
+
+    def close(self) -> None:
+        _run(self._inner.close())
+
+
+class Files:
+    """The files API of a blocking sandbox (see AsyncFiles)."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        self._inner = inner
+
+    def read(self, path: str | os.PathLike[str], *, encoding: str = "utf-8", max_bytes: int = MAX_READ) -> str:
+        return _run(self._inner.read(path, encoding=encoding, max_bytes=max_bytes))
+
+    def read_bytes(self, path: str | os.PathLike[str], *, max_bytes: int = MAX_READ) -> bytes:
+        return _run(self._inner.read_bytes(path, max_bytes=max_bytes))
+
+    def write(self, path: str | os.PathLike[str], data: bytes | str | IO[bytes], *, mode: int | None = None,
+              progress: Progress | None = None) -> None:
+        _run(self._inner.write(path, data, mode=mode, progress=progress))
+
+    def list(self, path: str | os.PathLike[str] = ".") -> list[FileInfo]:
+        return _run(self._inner.list(path))
+
+    def stat(self, path: str | os.PathLike[str]) -> FileInfo:
+        return _run(self._inner.stat(path))
+
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        return _run(self._inner.exists(path))
+
+    def remove(self, path: str | os.PathLike[str], *, recursive: bool = False) -> None:
+        _run(self._inner.remove(path, recursive=recursive))
+
+    def mkdir(self, path: str | os.PathLike[str], *, parents: bool = True, mode: int | None = None) -> None:
+        _run(self._inner.mkdir(path, parents=parents, mode=mode))
+
+    def upload(self, local: str | os.PathLike[str], remote: str | os.PathLike[str], *,
+               progress: Progress | None = None, preserve_owner: bool = False) -> None:
+        _run(self._inner.upload(local, remote, progress=progress, preserve_owner=preserve_owner))
+
+    def download(self, remote: str | os.PathLike[str], local: str | os.PathLike[str], *,
+                 progress: Progress | None = None, preserve_owner: bool = False,
+                 max_bytes: int = MAX_DOWNLOAD) -> None:
+        _run(self._inner.download(remote, local, progress=progress, preserve_owner=preserve_owner,
+                                  max_bytes=max_bytes))
 
 
 class Sandbox:
     """The same as AsyncSandbox for code without an event loop. Use `with`, or `start()` / `close()`."""
 
-    def __init__(self, image: str = "busybox", **kwargs: Any) -> None:
-        self._async = AsyncSandbox(image, **kwargs)
+    def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
+                 env: Env | None = None, volumes: Sequence[str] = (), config: Config | None = None,
+                 timeout: float | None = None, cwd: str | None = None, user: User | None = None,
+                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND) -> None:
+        self._async = AsyncSandbox(image, cpus=cpus, memory_mib=memory_mib, env=env, volumes=volumes,
+                                   config=config, timeout=timeout, cwd=cwd, user=user, name=name,
+                                   idle_command=idle_command)
+        self.files = Files(self._async.files)
         self._token: int | None = None
 
-    def _run(self, aw: Awaitable[T]) -> T:
-        return SHARED.run(aw)
+    @classmethod
+    def _wrap(cls, inner: AsyncSandbox, token: int) -> Sandbox:
+        sb = cls.__new__(cls)
+        sb._async, sb.files, sb._token = inner, Files(inner.files), token
+        return sb
 
     @property
     def id(self) -> str:
         return self._async.id
+
+    @property
+    def cwd(self) -> str:
+        return self._async.cwd
+
+    @property
+    def paused(self) -> bool:
+        return self._async.paused
+
+    @property
+    def deadline(self) -> float | None:
+        return self._async.deadline
 
     def start(self) -> Sandbox:
         """Boot the VM. Raises PykataError; KeyboardInterrupt cancels the boot and cleans up first."""
@@ -38,36 +199,70 @@ class Sandbox:
             return self
         self._token = SHARED.acquire(closer=self.close)
         try:
-            self._run(self._async.start())
+            _run(self._async.start())
         except BaseException:
             self._release()
             raise
         return self
 
-    def exec(self, cmd: Sequence[str], **kwargs: Any) -> ExecResult:
-        """See AsyncSandbox.exec."""
-        return self._run(self._async.exec(cmd, **kwargs))
+    def run(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None, user: User | None = None,
+            timeout: float | None = None, stdin: bytes | str | None = None,
+            max_output: int | None = None) -> ExecResult:
+        """See AsyncSandbox.run."""
+        kw: dict[str, Any] = {} if max_output is None else {"max_output": max_output}
+        return _run(self._async.run(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, **kw))
 
-    def stream(self, cmd: Sequence[str], **kwargs: Any) -> Iterator[tuple[str, bytes]]:
+    def exec(self, cmd: Command, *, stdin: bytes | None = None, env: Env | None = None, cwd: str | None = None,
+             timeout: float | None = None) -> ExecResult:
+        """See AsyncSandbox.exec (= run)."""
+        return _run(self._async.exec(cmd, stdin=stdin, env=env, cwd=cwd, timeout=timeout))
+
+    def spawn(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None, user: User | None = None,
+              stdin: bytes | str | bool = False) -> Proc:
+        """See AsyncSandbox.spawn."""
+        return Proc(_run(self._async.spawn(cmd, env=env, cwd=cwd, user=user, stdin=stdin)))
+
+    def processes(self) -> list[Proc]:
+        return [Proc(p) for p in self._async.processes()]
+
+    def pty(self, cmd: Command = "sh", *, cols: int = 80, rows: int = 24, env: Env | None = None,
+            cwd: str | None = None, user: User | None = None) -> Pty:
+        """See AsyncSandbox.pty."""
+        return Pty(_run(self._async.pty(cmd, cols=cols, rows=rows, env=env, cwd=cwd, user=user)))
+
+    def stream(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None) -> Iterator[tuple[str, bytes]]:
         """See AsyncSandbox.stream. Leaving the loop early (or dropping the iterator) kills the command."""
-        agen = self._async.stream(cmd, **kwargs)
+        agen = self._async.stream(cmd, env=env, cwd=cwd)
         try:
             while True:
                 try:
-                    yield self._run(agen.__anext__())
+                    yield _run(agen.__anext__())
                 except StopAsyncIteration:
                     return
         finally:
             if self._token is not None:
                 with contextlib.suppress(PykataError):
-                    self._run(agen.aclose())
+                    _run(agen.aclose())
+
+    def set_timeout(self, seconds: float | None) -> None:
+        _run(self._async.set_timeout(seconds))
+
+    def pause(self) -> None:
+        _run(self._async.pause())
+
+    def resume(self) -> None:
+        _run(self._async.resume())
+
+    @staticmethod
+    def list(config: Config | None = None) -> list[SandboxInfo]:
+        return AsyncSandbox.list(config)
 
     def close(self) -> None:
         """Destroy the VM and everything it used. Idempotent."""
         if self._token is None:
             return
         try:
-            self._run(self._async.close())
+            _run(self._async.close())
         finally:
             self._release()
 

@@ -1,158 +1,386 @@
 """AsyncSandbox: one disposable VM sandbox for asyncio code (the blocking `Sandbox` wraps it).
 
-Each sandbox is one VM running the image's container with a long-lived idle process; `exec` runs
-commands in it. Leaving the `async with` block destroys the VM and everything it used.
+Each sandbox is one VM running the image's container with a long-lived idle process; commands run in
+that container (`run`, `spawn`, `pty`), files are read and written in it (`files`). Leaving the
+`async with` block, `close()`, or the sandbox's `timeout` destroys the VM and everything it used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pykata.config import Config, load_config
-from pykata.errors import PykataError
+from pykata.errors import AgentError, PykataError
 from pykata.images import ImageStore
-from pykata.sandbox import Sandbox, Volume, build_spec
+from pykata.sandbox import Process, Sandbox, Volume, build_spec
+from pykata.sandbox.ocispec import SpecError, parse_user
+from pykata.sandbox.state import list_sandboxes
+from pykata.sdk.errors import PolicyDeniedError, SandboxGoneError, SdkError
+from pykata.sdk.files import AsyncFiles
+from pykata.sdk.process import AsyncProcess, ExecResult
 
 IDLE_COMMAND = ("sleep", "2147483647")
+MAX_OUTPUT = 256 << 20  # what run() collects at most (the guest decides how much it prints)
+SDK_STATE = "sdk.json"  # what connect() needs to run commands as the creator did
 
-
-class ExecTimeoutError(PykataError):
-    """A command did not finish within its timeout (it was killed)."""
+Command = str | Sequence[str]
+Env = Mapping[str, str] | Sequence[str]
+User = int | str | tuple[int, int]
 
 
 @dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
+class SandboxInfo:
+    """A running sandbox on this host, as `AsyncSandbox.list()` reports it."""
 
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
+    id: str
+    name: str
+    image: str
+    created_at: float
+    owner_pid: int
+
+
+def _argv(cmd: Command) -> list[str]:
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise SpecError("cmd", "empty command")
+        return ["/bin/sh", "-c", cmd]
+    argv = [str(a) for a in cmd]
+    if not argv:
+        raise SpecError("cmd", "empty command")
+    return argv
+
+
+def _env_list(env: Env | None) -> list[str]:
+    if env is None:
+        return []
+    items = [f"{k}={v}" for k, v in env.items()] if isinstance(env, Mapping) else list(env)
+    for item in items:
+        if "=" not in item or item.startswith("=") or "\0" in item:
+            raise SpecError("env", f"{item!r} is not KEY=VALUE")
+    return items
+
+
+def _user(user: User | None) -> tuple[int, int] | None:
+    if user is None:
+        return None
+    if isinstance(user, tuple):
+        return parse_user(f"{user[0]}:{user[1]}")
+    return parse_user(str(user))
 
 
 class AsyncSandbox:
-    """One VM sandbox for asyncio code. Use `async with`, or `await start()` / `await close()`."""
+    """One VM sandbox for asyncio code. Use `async with`, or `await start()` / `await close()`.
+
+    `timeout`: seconds after start when the sandbox is destroyed (None: until closed); `set_timeout`
+    moves the deadline. `env`, `cwd`, `user` are the defaults of every command.
+    """
 
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
-                 env: Sequence[str] = (), volumes: Sequence[str] = (), config: Config | None = None,
-                 idle_command: Sequence[str] = IDLE_COMMAND) -> None:
+                 env: Env | None = None, volumes: Sequence[str] = (), config: Config | None = None,
+                 timeout: float | None = None, cwd: str | None = None, user: User | None = None,
+                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND) -> None:
         self.image_ref = image
         self.cpus = cpus
         self.memory_mib = memory_mib
-        self.env = list(env)
         self.volumes = list(volumes)
         self.config = config
+        self.name = name
         self.idle_command = list(idle_command)
-        self._sandbox: Any = None
+        self.files = AsyncFiles(self)
+        self._extra_env = _env_list(env)
+        self._user = _user(user)
+        self._cwd_arg = cwd
+        self._timeout = timeout
+        self._env: list[str] = []
+        self._cwd = "/"
+        self._sandbox: Sandbox | None = None
         self._container: Any = None
+        self._processes: list[AsyncProcess] = []
+        self._gone: str | None = None  # why nothing can run any more
+        self._paused = False
+        self._owned = True  # False for a sandbox reached with connect(): close() only disconnects
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.deadline: float | None = None  # time.time() when the sandbox is destroyed
 
     @property
     def id(self) -> str:
-        return str(self._sandbox.id) if self._sandbox else ""
+        return self._sandbox.id if self._sandbox else ""
+
+    @property
+    def cwd(self) -> str:
+        """The working directory of commands and of relative file paths."""
+        return self._cwd
+
+    @property
+    def env(self) -> list[str]:
+        return list(self._env)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> AsyncSandbox:
-        """Boot the VM and start the container. Raises PykataError (ImageError, SandboxError, ...)."""
+        """Boot the VM and start the container. Raises PykataError (ImageError, SandboxError, ...); a
+        cancelled start (KeyboardInterrupt in the blocking API) leaves nothing behind."""
+        if self._sandbox is not None:
+            return self
+        if self._timeout is not None and self._timeout <= 0:
+            raise SpecError("timeout", f"{self._timeout} must be positive")
         config = self.config or load_config()
         image = ImageStore(Path(config.runtime.cache_dir)).resolve(self.image_ref)
         vols = [Volume.parse(v) for v in self.volumes]
-        env = [*image.config.env, *self.env]
-        spec = build_spec(self.idle_command, env=env, cwd=image.config.working_dir)
-        self._env = env
-        self._cwd = image.config.working_dir
-        self._sandbox = await Sandbox.create(config=config, vcpus=self.cpus, memory_mib=self.memory_mib)
+        self._env = [*image.config.env, *self._extra_env]
+        self._cwd = self._cwd_arg or image.config.working_dir or "/"
+        spec = build_spec(self.idle_command, env=self._env, cwd=self._cwd)
+        self._sandbox = await Sandbox.create(config=config, vcpus=self.cpus, memory_mib=self.memory_mib,
+                                             name=self.name)
         try:
             self._container = await self._sandbox.create_container(
                 self._sandbox.id, spec, image.rootfs, volumes=vols, image=self.image_ref)
             await self._container.start()
             await self._container.init.close_stdin()
+            (self._sandbox.dir / SDK_STATE).write_text(json.dumps(
+                {"env": self._env, "cwd": self._cwd, "user": list(self._user) if self._user else None}))
         except BaseException:
-            await self.close()
+            await self._destroy("start failed")
             raise
+        if self._timeout is not None:
+            await self.set_timeout(self._timeout)
         return self
 
-    async def exec(self, cmd: Sequence[str], *, stdin: bytes | None = None, env: Sequence[str] = (),
-                   cwd: str | None = None, timeout: float | None = None) -> ExecResult:
-        """Run `cmd` to completion and collect its output.
+    async def set_timeout(self, seconds: float | None) -> None:
+        """Destroy the sandbox `seconds` from now (None: never). Raises SandboxGoneError."""
+        self._check()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.deadline = None
+        if seconds is None:
+            return
+        if seconds <= 0:
+            raise SpecError("timeout", f"{seconds} must be positive")
+        loop = asyncio.get_running_loop()
+        self.deadline = time.time() + seconds
+        self._timer = loop.call_later(seconds, self._expire, seconds)
 
-        Raises ExecTimeoutError after `timeout` seconds (the process is killed first), PykataError.
-        """
-        out: list[bytes] = []
-        err: list[bytes] = []
-        proc = await self._spawn(cmd, env, cwd)
+    def _expire(self, seconds: float) -> None:
+        self._timer = None
+        if self._gone is None:
+            self._gone = f"reached its timeout ({seconds:g}s) and was destroyed"
+            self._closing = asyncio.ensure_future(self._destroy(self._gone))
 
-        async def drain(stream: Any, sink: list[bytes]) -> None:
-            async for chunk in proc.chunks(stream):
-                sink.append(chunk)
+    async def pause(self) -> None:
+        """Stop the VM's vCPUs: it uses no CPU; memory and processes are kept. Commands raise
+        PolicyDeniedError until `resume()`. Raises SandboxGoneError, SdkError."""
+        self._check()
+        sb = self._own("pause")
+        await sb.pause_vm()
+        self._paused = True
 
-        async def run() -> int:
-            feeders = [drain("stdout", out), drain("stderr", err)]
-            if stdin:
-                await proc.write_stdin(stdin)
-            await proc.close_stdin()
-            await asyncio.gather(*feeders)
-            return int(await proc.wait())
+    async def resume(self) -> None:
+        """Run a paused VM again. Raises SandboxGoneError, SdkError."""
+        sb = self._own("resume")
+        if self._gone is not None:
+            raise SandboxGoneError(self._gone, sandbox_id=self.id)
+        await sb.resume_vm()
+        self._paused = False
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def close(self) -> None:
+        """Destroy the VM and everything it used (a connected sandbox is only disconnected). Idempotent."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._destroy("was closed"))
+        await asyncio.shield(self._closing)
+
+    async def _destroy(self, why: str) -> None:
+        if self._gone is None:
+            self._gone = why
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for p in self._processes:
+            await p.detach()
+        self._processes.clear()
+        if self._sandbox is not None and self._owned:
+            await self._sandbox.stop()
+
+    def _own(self, what: str) -> Sandbox:
+        if self._sandbox is None:
+            raise SdkError("the sandbox is not started")
+        if not self._owned:
+            raise PolicyDeniedError(f"{what}: only the process that made the sandbox can do it", sandbox_id=self.id)
+        return self._sandbox
+
+    def _check(self) -> None:
+        if self._gone is not None:
+            raise SandboxGoneError(self._gone, sandbox_id=self.id)
+        if self._container is None:
+            raise SdkError("the sandbox is not started (use `async with` or `await start()`)")
+        if self._paused:
+            raise PolicyDeniedError("the sandbox is paused: resume() it first", sandbox_id=self.id)
+
+    def _vm_ended(self) -> bool:
+        vm = self._sandbox.vm if self._sandbox is not None else None
+        return vm is not None and vm.exited.done()
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Refuse calls on a closed or paused sandbox; an agent failure of a sandbox that is gone
+        becomes SandboxGoneError."""
+        self._check()
         try:
-            code = await asyncio.wait_for(run(), timeout)
-        except TimeoutError:
-            await proc.signal(9)
-            raise ExecTimeoutError(f"{list(cmd)} did not finish within {timeout}s") from None
-        return ExecResult(code, b"".join(out), b"".join(err))
+            yield
+        except AgentError as e:
+            if self._gone is None and self._vm_ended():
+                self._gone = "its VM ended"
+            if self._gone is not None:
+                raise SandboxGoneError(self._gone, sandbox_id=self.id) from e
+            raise
 
-    async def stream(self, cmd: Sequence[str], *, env: Sequence[str] = (),
+    # -- commands ----------------------------------------------------------------------------------
+
+    async def spawn(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None,
+                    user: User | None = None, stdin: bytes | str | bool = False,
+                    terminal: bool = False) -> AsyncProcess:
+        """Start `cmd` (a str runs with /bin/sh -c, a list as argv) in the background. `stdin`: False
+        closes it at once, True keeps it open for `proc.stdin.write`, bytes/str are written then closed.
+        Raises SpecError (bad argument, naming it), SandboxGoneError, AgentError."""
+        argv = _argv(cmd)
+        envs = [*self._env, *_env_list(env)]
+        uid, gid = _user(user) or self._user or (0, 0)
+        async with self._guard():
+            raw: Process = await self._container.exec(argv, env=envs, cwd=cwd or self._cwd, uid=uid, gid=gid,
+                                                      terminal=terminal)
+        proc = AsyncProcess(raw, argv, self.id, self._guard)
+        self._processes = [p for p in self._processes if p.running]
+        self._processes.append(proc)
+        try:
+            if isinstance(stdin, (bytes, str)):
+                await proc.stdin.write(stdin)
+            if stdin is not True:
+                await proc.stdin.close()
+        except BaseException:
+            with contextlib.suppress(PykataError):
+                await proc.kill()
+            raise
+        return proc
+
+    async def run(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None,
+                  user: User | None = None, timeout: float | None = None, stdin: bytes | str | None = None,
+                  max_output: int = MAX_OUTPUT) -> ExecResult:
+        """Run `cmd` to completion and collect its output (a non-zero exit is a result, not an error).
+
+        Raises SandboxTimeoutError after `timeout` seconds (the command is killed first; the error
+        carries its output so far), SdkError when it prints more than `max_output` bytes (killed),
+        SpecError, SandboxGoneError.
+        """
+        proc = await self.spawn(cmd, env=env, cwd=cwd, user=user, stdin=b"" if stdin is None else stdin)
+        return await proc.result(timeout, max_output=max_output)
+
+    async def exec(self, cmd: Command, *, stdin: bytes | None = None, env: Env | None = None,
+                   cwd: str | None = None, timeout: float | None = None) -> ExecResult:
+        """The first SDK's name of `run`."""
+        return await self.run(cmd, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+
+    def processes(self) -> list[AsyncProcess]:
+        """The processes started through this handle that have not been seen to end."""
+        self._processes = [p for p in self._processes if p.running]
+        return list(self._processes)
+
+    async def stream(self, cmd: Command, *, env: Env | None = None,
                      cwd: str | None = None) -> AsyncGenerator[tuple[str, bytes], None]:
         """Run `cmd` and yield ("stdout"|"stderr", chunk) as output arrives; the exit status is
-        yielded last as ("exit", b"<code>")."""
-        proc = await self._spawn(cmd, env, cwd)
-        await proc.close_stdin()
-        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
-
-        async def drain(stream: Any) -> None:
-            async for chunk in proc.chunks(stream):
-                await queue.put((stream, chunk))
-            await queue.put(None)
-
-        tasks = [asyncio.ensure_future(drain("stdout")), asyncio.ensure_future(drain("stderr"))]
+        yielded last as ("exit", b"<code>"). Leaving early kills the command."""
+        proc = await self.spawn(cmd, env=env, cwd=cwd)
         finished = False
         try:
-            ended = 0
-            while ended < 2:
-                item = await queue.get()
-                if item is None:
-                    ended += 1
-                    continue
+            async for item in proc:
                 yield item
             status = await proc.wait()
             finished = True
             yield ("exit", str(status).encode())
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if not finished:  # abandoned (break, close, cancel): nobody reads it any more
+            if not finished:
                 with contextlib.suppress(PykataError):
-                    await proc.signal(9)
+                    await proc.kill()
+                await proc.detach()
 
-    async def _spawn(self, cmd: Sequence[str], env: Sequence[str], cwd: str | None) -> Any:
-        if self._container is None:
-            raise PykataError("the sandbox is not started")
-        if not cmd:
-            raise PykataError("exec: empty command")
-        return await self._container.exec(list(cmd), env=[*self._env, *env], cwd=cwd or self._cwd)
+    async def pty(self, cmd: Command = "sh", *, cols: int = 80, rows: int = 24, env: Env | None = None,
+                  cwd: str | None = None, user: User | None = None) -> AsyncPty:
+        """An interactive terminal running `cmd`: `write` keystrokes, `read` the screen output,
+        `resize`. Raises SpecError, SandboxGoneError."""
+        if not (0 < cols < 65536 and 0 < rows < 65536):
+            raise SpecError("cols/rows", f"{cols}x{rows} is not a terminal size")
+        proc = await self.spawn(cmd, env={"TERM": "xterm", **dict(e.split("=", 1) for e in _env_list(env))},
+                                cwd=cwd, user=user, stdin=True, terminal=True)
+        term = AsyncPty(proc, self._guard)
+        await term.resize(cols, rows)
+        return term
 
-    async def close(self) -> None:
-        """Destroy the VM and everything it used. Idempotent."""
-        if self._sandbox is not None:
-            await self._sandbox.stop()
+    # -- other processes ---------------------------------------------------------------------------
+
+    @staticmethod
+    def list(config: Config | None = None) -> list[SandboxInfo]:
+        """The running sandboxes on this host (made by any process: SDK, `pykata run`)."""
+        config = config or load_config()
+        out = []
+        for _, rec in list_sandboxes(Path(config.runtime.runtime_dir) / "sandboxes"):
+            if rec is None or rec.status != "running" or not rec.owner_alive():
+                continue
+            image = next(iter(rec.containers.values())).image if rec.containers else ""
+            out.append(SandboxInfo(rec.id, rec.name, image, rec.created_at, rec.owner_pid))
+        return out
 
     async def __aenter__(self) -> AsyncSandbox:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncPty:
+    """A terminal session in a sandbox (from `AsyncSandbox.pty`)."""
+
+    def __init__(self, proc: AsyncProcess, guard: Any) -> None:
+        self.process = proc
+        self._raw: Process = proc._proc
+        self._guard = guard
+
+    async def write(self, data: bytes | str) -> None:
+        """Type `data` (str is UTF-8 encoded)."""
+        await self.process.stdin.write(data)
+
+    async def read(self) -> bytes | None:
+        """The next output of the terminal (waits for some); None once the session ended."""
+        async with self._guard():
+            return await self._raw.read("stdout")
+
+    async def resize(self, cols: int, rows: int) -> None:
+        if not (0 < cols < 65536 and 0 < rows < 65536):
+            raise SpecError("cols/rows", f"{cols}x{rows} is not a terminal size")
+        async with self._guard():
+            await self._raw.resize(rows, cols)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        return await self.process.wait(timeout)
+
+    async def kill(self) -> None:
+        await self.process.kill()
+
+    async def close(self) -> None:
+        """End the session (hang up). Idempotent."""
+        with contextlib.suppress(PykataError):
+            await self.process.kill()
+        await self.process.detach()
+
+
+__all__ = ["AsyncPty", "AsyncSandbox", "ExecResult", "SandboxInfo"]

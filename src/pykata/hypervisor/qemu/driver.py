@@ -583,6 +583,14 @@ class QemuHypervisor(Hypervisor):
             self._vcpus -= 1
         return self._vcpus
 
+    async def pause(self) -> None:
+        self._require_running("pause")
+        await self.qmp.execute("stop")
+
+    async def resume(self) -> None:
+        self._require_running("resume")
+        await self.qmp.execute("cont")
+
     async def save(self, path: Path) -> None:
         """Pause the guest and write its device state to `path` (its RAM stays in the shared
         `memory_file`). The VM stays paused; a template's VM is stopped right after.

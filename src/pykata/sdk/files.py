@@ -1,0 +1,262 @@
+"""Files inside a sandbox's container: `sandbox.files.read(...)`, `.write(...)`, `.upload(...)`.
+
+Every operation runs a small command *in the container* (cat, stat, mkdir, rm from its userland), so a
+path is resolved by the guest kernel in the container's own view (its root, its mounts, its symlinks)
+with the container user's permissions: the host never resolves a guest path. Paths are passed as
+arguments, never pasted into shell text. The host checks only the form of a path (a str without NUL;
+relative paths are taken from the sandbox's working directory) and bounds what it accepts back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import stat as _stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Literal
+
+from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SdkError
+from pykata.sdk.process import ExecResult
+
+if TYPE_CHECKING:
+    from pykata.sdk.core import AsyncSandbox
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all; -1 when unknown)
+FileType = Literal["file", "dir", "symlink", "other"]
+CHUNK = 1 << 20
+MAX_READ = 256 << 20  # read()/read_bytes() default cap: the guest decides how much it sends
+MAX_DOWNLOAD = 4 << 30
+MAX_LIST = 100_000
+
+_STAT_FORMAT = "%f %s %u %g %Y"
+_LIST_SCRIPT = f"""cd "$1" || exit 1
+for f in .* *; do
+  case "$f" in .|..) continue;; esac
+  [ -e "$f" ] || [ -L "$f" ] || continue
+  stat -c '{_STAT_FORMAT}' -- "$f" || exit 1
+  printf '%s\\0' "$f"
+done"""
+_WRITE_SCRIPT = ('mkdir -p "$1" && cat > "$2" && { [ -z "$3" ] || chmod "$3" "$2"; } '
+                 '&& { [ -z "$4" ] || chown "$4" "$2"; }')
+_EXISTS_SCRIPT = '[ -e "$1" ] || [ -L "$1" ]'
+_REMOVE_SCRIPT = '[ -e "$2" ] || [ -L "$2" ] || { echo "$2: No such file or directory" >&2; exit 1; }; rm $1 -- "$2"'
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One entry of `list` or the answer of `stat` (a symlink is described, not followed)."""
+
+    path: str
+    type: FileType
+    size: int
+    mode: int  # permission bits (0o7777)
+    uid: int
+    gid: int
+    mtime: int
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+
+class AsyncFiles:
+    """The files API of one sandbox (its `files` attribute)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    def _path(self, path: str | os.PathLike[str], field: str = "path") -> str:
+        p = os.fspath(path)
+        if not isinstance(p, str) or not p or "\0" in p:
+            raise PolicyDeniedError(f"{field}: {p!r} is not a path (a non-empty str without NUL)",
+                                    sandbox_id=self._sb.id)
+        return posixpath.normpath(posixpath.join(self._sb.cwd, p))
+
+    async def _run(self, argv: list[str], *, stdin: bytes | None = None, max_output: int = MAX_READ,
+                   what: str, path: str) -> ExecResult:
+        r = await self._sb.run(argv, stdin=stdin, max_output=max_output)
+        if r.exit_code != 0:
+            raise _error(what, path, r, self._sb.id)
+        return r
+
+    async def read_bytes(self, path: str | os.PathLike[str], *, max_bytes: int = MAX_READ) -> bytes:
+        """The whole file. Raises NotFoundError, PolicyDeniedError (permission), SdkError (a directory,
+        more than `max_bytes`)."""
+        p = self._path(path)
+        return (await self._run(["cat", "--", p], max_output=max_bytes, what="read", path=p)).stdout
+
+    async def read(self, path: str | os.PathLike[str], *, encoding: str = "utf-8", max_bytes: int = MAX_READ) -> str:
+        """The whole file as text. Raises as read_bytes."""
+        return (await self.read_bytes(path, max_bytes=max_bytes)).decode(encoding)
+
+    async def write(self, path: str | os.PathLike[str], data: bytes | str | IO[bytes], *,
+                    mode: int | None = None, progress: Progress | None = None) -> None:
+        """Create or replace a file (parent directories are made) with `data`: bytes, str (UTF-8) or a
+        binary file object read in 1 MiB chunks. `mode` sets its permission bits. Raises
+        PolicyDeniedError, SdkError."""
+        p = self._path(path)
+        source: IO[bytes] | bytes = data.encode() if isinstance(data, str) else data
+        total = len(source) if isinstance(source, bytes) else _size_of(source)
+        await self._write(p, source, total, mode, None, progress)
+
+    async def _write(self, p: str, source: IO[bytes] | bytes, total: int, mode: int | None,
+                     owner: str | None, progress: Progress | None) -> None:
+        if mode is not None and not 0 <= mode <= 0o7777:
+            raise PolicyDeniedError(f"mode: {mode:#o} is not a permission mode", sandbox_id=self._sb.id)
+        argv = ["sh", "-c", _WRITE_SCRIPT, "sh", posixpath.dirname(p) or "/", p,
+                "" if mode is None else f"{mode:o}", owner or ""]
+        proc = await self._sb.spawn(argv, stdin=True)
+        done = 0
+        try:
+            while True:
+                chunk = source[done:done + CHUNK] if isinstance(source, bytes) else source.read(CHUNK)
+                if not chunk:
+                    break
+                await proc.stdin.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            await proc.stdin.close()
+            r = await proc.result()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await proc.kill()
+            raise
+        if r.exit_code != 0:
+            raise _error("write", p, r, self._sb.id)
+
+    async def list(self, path: str | os.PathLike[str] = ".") -> list[FileInfo]:
+        """The entries of a directory (not recursive), sorted by name. Raises NotFoundError, SdkError."""
+        p = self._path(path)
+        r = await self._run(["sh", "-c", _LIST_SCRIPT, "sh", p], what="list", path=p)
+        records = r.stdout.split(b"\0")
+        if len(records) > MAX_LIST + 1:
+            raise SdkError(f"list {p}: more than {MAX_LIST} entries", sandbox_id=self._sb.id)
+        out = []
+        for rec in records[:-1]:
+            header, _, name = rec.partition(b"\n")
+            out.append(_parse_stat(header, posixpath.join(p, name.decode(errors="surrogateescape")), self._sb.id))
+        return sorted(out, key=lambda f: f.path)
+
+    async def stat(self, path: str | os.PathLike[str]) -> FileInfo:
+        """Type, size, permission bits, owner and mtime. Raises NotFoundError, SdkError."""
+        p = self._path(path)
+        r = await self._run(["stat", "-c", _STAT_FORMAT, "--", p], max_output=4096, what="stat", path=p)
+        return _parse_stat(r.stdout.strip(), p, self._sb.id)
+
+    async def exists(self, path: str | os.PathLike[str]) -> bool:
+        """True if anything (a dangling symlink too) is at `path`."""
+        p = self._path(path)
+        return (await self._sb.run(["sh", "-c", _EXISTS_SCRIPT, "sh", p], max_output=4096)).exit_code == 0
+
+    async def remove(self, path: str | os.PathLike[str], *, recursive: bool = False) -> None:
+        """Remove a file, a symlink, or (with `recursive`) a directory and all in it. Raises NotFoundError."""
+        p = self._path(path)
+        if p == "/":
+            raise PolicyDeniedError("remove: refusing to remove /", sandbox_id=self._sb.id)
+        await self._run(["sh", "-c", _REMOVE_SCRIPT, "sh", "-rf" if recursive else "-f", p],
+                        max_output=65536, what="remove", path=p)
+
+    async def mkdir(self, path: str | os.PathLike[str], *, parents: bool = True, mode: int | None = None) -> None:
+        """Make a directory (and its parents unless `parents=False`). Raises SdkError (exists, ...)."""
+        p = self._path(path)
+        argv = ["mkdir", *(["-p"] if parents else []), *(["-m", f"{mode:o}"] if mode is not None else []), "--", p]
+        await self._run(argv, max_output=65536, what="mkdir", path=p)
+
+    async def upload(self, local: str | os.PathLike[str], remote: str | os.PathLike[str], *,
+                     progress: Progress | None = None, preserve_owner: bool = False) -> None:
+        """Copy a host file into the sandbox, streaming it in 1 MiB chunks; its permission bits (and
+        with `preserve_owner` its uid:gid) are kept. Raises OSError for the local file, SdkError."""
+        p = self._path(remote, "remote")
+        with open(local, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not _stat.S_ISREG(st.st_mode):
+                raise PolicyDeniedError(f"local: {local} is not a regular file", sandbox_id=self._sb.id)
+            owner = f"{st.st_uid}:{st.st_gid}" if preserve_owner else None
+            await self._write(p, f, st.st_size, _stat.S_IMODE(st.st_mode), owner, progress)
+
+    async def download(self, remote: str | os.PathLike[str], local: str | os.PathLike[str], *,
+                       progress: Progress | None = None, preserve_owner: bool = False,
+                       max_bytes: int = MAX_DOWNLOAD) -> None:
+        """Copy a sandbox file to the host, streaming; the local file appears whole or not at all, with
+        the remote permission bits (and with `preserve_owner` its uid:gid). Raises NotFoundError,
+        SdkError (more than `max_bytes`: the guest decides what it sends)."""
+        p = self._path(remote, "remote")
+        info = await self.stat(p)
+        if info.type != "file":
+            raise SdkError(f"download {p}: a {info.type}, not a file", sandbox_id=self._sb.id)
+        target = Path(local)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        proc = await self._sb.spawn(["cat", "--", p])
+        done = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for stream, chunk in proc:
+                    if stream != "stdout":
+                        continue
+                    done += len(chunk)
+                    if done > max_bytes:
+                        raise SdkError(f"download {p}: more than {max_bytes} bytes", sandbox_id=self._sb.id)
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(done, info.size)
+            code = await proc.wait()
+            if code != 0:
+                raise SdkError(f"download {p}: cat exited with {code}", sandbox_id=self._sb.id)
+            os.chmod(tmp, info.mode & 0o777)
+            if preserve_owner:
+                os.chown(tmp, info.uid, info.gid)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await proc.kill()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _size_of(f: IO[bytes]) -> int:
+    try:
+        st = os.fstat(f.fileno())
+        return st.st_size - f.tell() if _stat.S_ISREG(st.st_mode) else -1
+    except (OSError, AttributeError, ValueError):
+        return -1
+
+
+def _parse_stat(header: bytes, path: str, sandbox_id: str) -> FileInfo:
+    try:
+        raw, size, uid, gid, mtime = header.split()
+        mode = int(raw, 16)
+        return FileInfo(path=path, type=_kind(mode), size=int(size), mode=_stat.S_IMODE(mode), uid=int(uid),
+                        gid=int(gid), mtime=int(mtime))
+    except ValueError:
+        raise SdkError(f"stat {path}: unexpected answer {header[:80]!r}", sandbox_id=sandbox_id) from None
+
+
+def _kind(mode: int) -> FileType:
+    if _stat.S_ISREG(mode):
+        return "file"
+    if _stat.S_ISDIR(mode):
+        return "dir"
+    if _stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _error(what: str, path: str, r: ExecResult, sandbox_id: str) -> SdkError:
+    why = r.stderr.decode(errors="replace").strip().splitlines()
+    message = f"{what} {path}: {why[-1][:300] if why else f'exit status {r.exit_code}'}"
+    text = message.lower()
+    if "no such file" in text:
+        return NotFoundError(message, sandbox_id=sandbox_id)
+    if "permission denied" in text or "read-only file system" in text or "operation not permitted" in text:
+        return PolicyDeniedError(message, sandbox_id=sandbox_id)
+    return SdkError(message, sandbox_id=sandbox_id)
