@@ -3,38 +3,144 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import pykata
-from pykata.sdk import ExecTimeoutError
+from pykata.sandbox import SpecError
 
 pytestmark = [pytest.mark.vm]
 
 
-def test_sync_sandbox_exec_stream_and_timeout() -> None:
-    with pykata.Sandbox(image="busybox") as sb:
-        r = sb.exec(["sh", "-c", "echo hi; echo err >&2; exit 3"])
-        assert (r.exit_code, r.stdout, r.stderr) == (3, b"hi\n", b"err\n")
-        assert sb.exec(["cat"], stdin=b"data in").stdout == b"data in"
-        # state persists between execs: it is one VM and one container
-        sb.exec(["sh", "-c", "echo kept > /tmp/f"])
-        assert sb.exec(["cat", "/tmp/f"]).stdout == b"kept\n"
+def test_commands_processes_pty_and_lifecycle_of_one_sandbox() -> None:
+    with pykata.Sandbox(image="busybox", env={"GREETING": "hello"}) as sb:
+        # run: str through /bin/sh -c, a list as argv; a non-zero exit is a result
+        r = sb.run("echo $GREETING; echo err >&2; exit 3")
+        assert (r.exit_code, r.stdout, r.stderr) == (3, b"hello\n", b"err\n")
+        assert sb.exec(["cat"], stdin=b"data in").stdout == b"data in"  # the first SDK's name
+        assert sb.run("id -u; id -g; pwd; echo $X", user="1000:2000", cwd="/tmp", env={"X": "y"}).stdout == \
+            b"1000\n2000\n/tmp\ny\n"
+        with pytest.raises(pykata.SandboxTimeoutError) as timed_out:
+            sb.run("echo started; sleep 30", timeout=1)
+        assert timed_out.value.stdout == b"started\n"
+        # a command printing without end is cut at max_output and killed
+        with pytest.raises(pykata.SdkError, match="more than 65536 bytes"):
+            sb.run("yes", max_output=65536)
+        with pytest.raises(SpecError, match="env"):
+            sb.run("true", env=["NOEQUALS"])
+
+        # spawn: a background process; its output waits until someone reads it
+        proc = sb.spawn("for i in 1 2 3; do echo $i; done; read x; echo got $x", stdin=True)
+        assert proc.pid > 0 and proc.pid in [p.pid for p in sb.processes()]
+        first = next(iter(proc))
+        assert first == ("stdout", b"1\n")
+        proc.stdin.write("line\n")
+        proc.stdin.close()
+        rest = b"".join(chunk for _, chunk in proc)  # reading again continues where the first left off
+        assert rest == b"2\n3\ngot line\n" and proc.wait() == 0
+        sleeper = sb.spawn(["sleep", "1000"])
+        sleeper.kill()
+        assert sleeper.wait() == 128 + 9
+        assert sleeper.pid not in [p.pid for p in sb.processes()]
         items = list(sb.stream(["sh", "-c", "echo a; echo b >&2"]))
         assert ("stdout", b"a\n") in items and ("stderr", b"b\n") in items and items[-1] == ("exit", b"0")
-        with pytest.raises(ExecTimeoutError):
-            sb.exec(["sleep", "30"], timeout=1)
-        sb_id = sb.id
-    assert sb_id
+
+        # pty: a real terminal, resizable
+        term = sb.pty("sh", cols=100, rows=30)
+        term.write("stty size; tty; exit 7\n")
+        screen = b""
+        while (chunk := term.read()) is not None:
+            screen += chunk
+        assert b"30 100" in screen and b"/dev/pts/" in screen and term.wait() == 7
+
+        # pause: the VM stops; calls are refused until resume
+        sb.pause()
+        with pytest.raises(pykata.PolicyDeniedError, match="paused"):
+            sb.run("true")
+        sb.resume()
+        assert sb.run("echo back").stdout == b"back\n"
+
+        # the sandbox's lifetime: destroyed when its timeout passes
+        sb.set_timeout(1)
+        sandbox_dir = Path(f"/run/pykata/sandboxes/{sb.id}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sandbox_dir.exists():
+            time.sleep(0.2)
+        assert not sandbox_dir.exists()  # the VM and its directory are gone without close()
+        with pytest.raises(pykata.SandboxGoneError, match="timeout"):
+            sb.run("true")
 
 
-async def test_async_sandbox() -> None:
-    async with pykata.AsyncSandbox(image="busybox", env=["GREETING=hello"]) as sb:
-        r = await sb.exec(["sh", "-c", "echo $GREETING"])
-        assert r.ok and r.stdout == b"hello\n"
+def test_files_in_the_container(tmp_path: Path) -> None:
+    with pykata.Sandbox(image="busybox", cwd="/tmp") as sb:
+        sb.files.write("/work/dir/a.txt", "hello")  # parents are made
+        assert sb.files.read("/work/dir/a.txt") == "hello"
+        sb.files.write("rel.bin", b"\x00\x01", mode=0o600)  # relative to the sandbox's cwd
+        info = sb.files.stat("/tmp/rel.bin")
+        assert (info.type, info.size, info.mode, info.name) == ("file", 2, 0o600, "rel.bin")
+        sb.files.mkdir("/work/dir/sub")
+        sb.run("ln -s a.txt /work/dir/link; touch '/work/dir/odd name\nwith newline'")
+        listing = {f.name: f.type for f in sb.files.list("/work/dir")}
+        assert listing == {"a.txt": "file", "sub": "dir", "link": "symlink", "odd name\nwith newline": "file"}
+        assert sb.files.exists("/work/dir/link") and not sb.files.exists("/work/nothing")
+        sb.files.remove("/work/dir/a.txt")
+        assert not sb.files.exists("/work/dir/a.txt")
+        sb.files.remove("/work/dir", recursive=True)
+        with pytest.raises(pykata.NotFoundError):
+            sb.files.read("/work/dir/a.txt")
+        with pytest.raises(pykata.NotFoundError):
+            sb.files.remove("/work/dir")
+        with pytest.raises(pykata.PolicyDeniedError, match="path"):
+            sb.files.read("/etc/passwd\0x")
+        with pytest.raises(pykata.SdkError, match="more than 10 bytes"):
+            sb.files.read_bytes("/etc/passwd", max_bytes=10)
+
+        # paths are resolved by the guest in the container: a link to a host path reaches nothing of
+        # the host's, and a write to a host path lands in the container
+        sb.run("ln -s /run/pykata /tmp/host-runtime")
+        with pytest.raises(pykata.NotFoundError):
+            sb.files.list("/tmp/host-runtime")
+        sb.files.write("/run/pykata/escape-test", "inside")
+        assert not Path("/run/pykata/escape-test").exists()
+        assert sb.files.read("/run/pykata/escape-test") == "inside"
+
+        # upload / download stream with progress; permission bits are kept both ways
+        local = tmp_path / "big.bin"
+        local.write_bytes(os.urandom(3 << 20) + b"tail")
+        local.chmod(0o640)
+        seen: list[tuple[int, int]] = []
+        sb.files.upload(local, "/data/big.bin", progress=lambda done, total: seen.append((done, total)))
+        size = (3 << 20) + 4
+        assert seen[-1] == (size, size) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+        assert sb.files.stat("/data/big.bin").mode == 0o640
+        back = tmp_path / "back.bin"
+        got: list[int] = []
+        sb.files.download("/data/big.bin", back, progress=lambda done, total: got.append(done))
+        assert back.read_bytes() == local.read_bytes() and got[-1] == size
+        assert back.stat().st_mode & 0o777 == 0o640
+        with pytest.raises(pykata.NotFoundError):
+            sb.files.download("/data/none", tmp_path / "none")
+        assert not (tmp_path / "none").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+            "back.bin", "big.bin"]
+
+
+async def test_async_sandbox_same_surface() -> None:
+    async with pykata.AsyncSandbox(image="busybox") as sb:
+        r = await sb.run(["sh", "-c", "echo hi"], timeout=30)
+        assert r.ok and r.text == "hi\n"
+        await sb.files.write("/x", "y")
+        assert await sb.files.read("/x") == "y"
+        proc = await sb.spawn("echo out; echo err >&2")
+        assert sorted([item async for item in proc]) == [("stderr", b"err\n"), ("stdout", b"out\n")]
+        assert await proc.wait() == 0
+        assert sb.id in [info.id for info in pykata.AsyncSandbox.list()]
+    with pytest.raises(pykata.SandboxGoneError, match="closed"):
+        await sb.run("true")
 
 
 def test_unknown_image_raises_before_any_vm() -> None:
