@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pykata.agent.channel import DEFAULT_PORT_NAME, ChannelError, parse_channel, serve_serial, serve_vsock
 from pykata.agent.health import HealthService
+from pykata.agent.policy import PolicyGate
 from pykata.agent.service import AgentService
 from pykata.agent.settings import DEFAULT_STATE_DIR, AgentSettings
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
@@ -27,7 +28,8 @@ def build_server(agent: AgentService | None = None) -> Server:
     server = Server()
     server.register(HEALTH_SERVICE, HealthService())
     if agent is not None:
-        server.register(AGENT_SERVICE, agent)
+        # Every AgentService RPC passes the agent policy first (pykata.agent.policy).
+        server.register(AGENT_SERVICE, PolicyGate(agent))
     return server
 
 

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pykata.agent import guest
 from pykata.agent.containers import Containers
 from pykata.agent.crun import Crun, find_crun
+from pykata.agent.entropy import Entropy
 from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
 from pykata.agent.sandbox import Sandbox
@@ -64,6 +65,7 @@ class AgentService:
         self._containers: Containers | None = None
         self._sandbox: Sandbox | None = None
         self._dirs_made = False
+        self.entropy = Entropy(self.settings.state_dir)
 
     def _make_dirs(self) -> None:
         """Raises RpcError(INTERNAL) when the state directories cannot be made."""
@@ -136,7 +138,8 @@ class AgentService:
             pid_ns = self.sandbox.pid_ns_path()
             if pid_ns is None:
                 raise failed_precondition("sandbox_pidns: the sandbox has no shared pid namespace")
-        c = await self.containers.create(req, pid_ns_path=pid_ns, extra_mounts=self.sandbox.extra_mounts())
+        extra = self.sandbox.extra_mounts() + self.entropy.container_mounts()
+        c = await self.containers.create(req, pid_ns_path=pid_ns, extra_mounts=extra)
         return agent_pb2.CreateContainerResponse(pid=c.init.pid)
 
     async def StartContainer(self, req: agent_pb2.StartContainerRequest,
@@ -252,6 +255,11 @@ class AgentService:
         except OSError as exc:
             raise RpcError(Code.INTERNAL, f"path: {req.path!r}: {exc.strerror or exc}") from None
         return Empty()
+
+    async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest,
+                              ctx: Any) -> agent_pb2.ReseedRandomDevResponse:
+        self._make_dirs()
+        return await asyncio.to_thread(self.entropy.reseed, req, containers_exist=len(self.containers) > 0)
 
     # -- networking (pykata.agent.network: rtnetlink through pyroute2) ---------------------------
 

@@ -642,3 +642,25 @@ class VersionCheckResponse(_message.Message):
     agent_version: str
     protocol_version: int
     def __init__(self, agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class ReseedRandomDevRequest(_message.Message):
+    __slots__ = ("data", "boot_id")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    boot_id: str
+    def __init__(self, data: _Optional[bytes] = ..., boot_id: _Optional[str] = ...) -> None: ...
+
+class ReseedRandomDevResponse(_message.Message):
+    __slots__ = ("rng_sample", "boot_id")
+    RNG_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    rng_sample: int
+    boot_id: str
+    def __init__(self, rng_sample: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("policy_json",)
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    policy_json: str
+    def __init__(self, policy_json: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,122 @@
+"""ReseedRandomDev: make a VM cloned from a template its own, random-wise.
+
+Every clone of one template resumes the same guest: the same kernel RNG state, the same boot_id, the
+same KASLR layout and the same Python `random` state in this agent. The host therefore sends each
+clone, before anything else runs in it, fresh randomness and a boot id of its own:
+  * the bytes are written into the kernel's input pool, credited (RNDADDENTROPY) and the CRNG is
+    forced to reseed (RNDRESEEDCRNG), so /dev/urandom and getrandom() diverge at once;
+  * the agent's `random` module is reseeded from them and fresh kernel randomness;
+  * the kernel's boot_id is read-only and fixed at its first read (in the template), so the agent
+    writes the new one to a file and bind-mounts it over /proc/sys/kernel/random/boot_id in its own
+    mount namespace (guest tools) and in every container it creates (an OCI bind mount after /proc).
+What cannot be changed in a running guest: the kernel's address layout (KASLR) and Python's hash seed
+(fixed at interpreter start). Hence Kata's advice, repeated in configuration.toml: templates for
+trusted workloads only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import random
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from pykata.agent.validation import failed_precondition, invalid
+from pykata.protocols.agent import agent_pb2
+from pykata.ttrpc import Code, RpcError
+
+KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+MIN_SEED = 32
+MAX_SEED = 512
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# <linux/random.h>
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+MS_BIND = 0x1000
+MS_REMOUNT = 0x20
+MS_RDONLY = 0x1
+
+
+class Entropy:
+    """The agent's side of ReseedRandomDev; `boot_id_file` is what containers get bind-mounted."""
+
+    def __init__(self, state_dir: Path, *, kernel_boot_id: Path = KERNEL_BOOT_ID) -> None:
+        self.boot_id_file = state_dir / "boot_id"
+        self.kernel_boot_id = kernel_boot_id
+        self.boot_id: str | None = None
+
+    def reseed(self, req: agent_pb2.ReseedRandomDevRequest, *,
+               containers_exist: bool) -> agent_pb2.ReseedRandomDevResponse:
+        """Raises RpcError: INVALID_ARGUMENT naming the field, FAILED_PRECONDITION for a boot_id
+        after containers exist or a second one, INTERNAL when the kernel refuses."""
+        if not MIN_SEED <= len(req.data) <= MAX_SEED:
+            raise invalid("data", f"{len(req.data)} bytes: give {MIN_SEED}..{MAX_SEED}")
+        if req.boot_id:
+            if not UUID_RE.match(req.boot_id):
+                raise invalid("boot_id", f"{req.boot_id[:64]!r} is not a lower-case UUID")
+            if self.boot_id is not None and req.boot_id != self.boot_id:
+                raise failed_precondition("boot_id: already set for this VM")
+            if containers_exist and self.boot_id is None:
+                raise failed_precondition("boot_id: containers already run with the old one")
+        feed_kernel(req.data)
+        random.seed(req.data + os.urandom(32))
+        if req.boot_id and self.boot_id is None:
+            self._set_boot_id(req.boot_id)
+        return agent_pb2.ReseedRandomDevResponse(rng_sample=random.getrandbits(64),
+                                                 boot_id=self.boot_id or read_boot_id(self.kernel_boot_id))
+
+    def _set_boot_id(self, boot_id: str) -> None:
+        self.boot_id_file.parent.mkdir(parents=True, exist_ok=True)
+        self.boot_id_file.write_text(boot_id + "\n")
+        os.chmod(self.boot_id_file, 0o444)
+        try:
+            bind_readonly(self.boot_id_file, self.kernel_boot_id)
+        except OSError as exc:
+            raise RpcError(Code.INTERNAL, f"boot_id: cannot bind over {self.kernel_boot_id}: {exc}") from None
+        self.boot_id = boot_id
+
+    def container_mounts(self) -> list[dict[str, Any]]:
+        """The OCI mount that gives a container this VM's boot id (none before ReseedRandomDev)."""
+        if self.boot_id is None:
+            return []
+        return [{"destination": str(KERNEL_BOOT_ID), "type": "bind", "source": str(self.boot_id_file),
+                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}]
+
+
+def feed_kernel(data: bytes) -> None:
+    """Mix `data` into the kernel's pool, credit it, and force the CRNG to reseed.
+
+    Raises RpcError(INTERNAL) when /dev/urandom cannot be opened or the kernel refuses."""
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RpcError(Code.INTERNAL, f"/dev/urandom: {exc.strerror}") from None
+    try:
+        # struct rand_pool_info { int entropy_count (bits); int buf_size (bytes); __u32 buf[]; }
+        info = struct.pack("ii", len(data) * 8, len(data)) + data
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError as exc:
+        raise RpcError(Code.INTERNAL, f"reseeding the kernel RNG: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_boot_id(path: Path = KERNEL_BOOT_ID) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def bind_readonly(source: Path, target: Path) -> None:
+    """Bind `source` over `target`, then make the bind read-only. Raises OSError."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for src, flags in ((str(source), MS_BIND), ("none", MS_BIND | MS_REMOUNT | MS_RDONLY)):
+        if libc.mount(src.encode(), str(target).encode(), None, flags, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
