@@ -164,3 +164,31 @@ def test_rm_force_of_a_running_container() -> None:
             runner.kill()
             runner.wait()
         pykata("cleanup")
+
+
+@pytest.mark.vm
+def test_run_logs_are_capped_rotated_and_streamed(tmp_path: Path) -> None:
+    from tests.cri.harness import admin_config
+
+    config = admin_config(tmp_path / "config.toml", run_log_max_size="1", run_log_backups="1")
+    env = {**os.environ, "PYKATA_CONFIG": str(config)}
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    # 3.5 MiB of output against 1 MiB files with one backup: 2 MiB at most stay on disk
+    script = "head -c 3670016 /dev/zero | tr '\\0' x; echo; echo END"
+    run = subprocess.run([PYKATA, "run", "--name", name, "busybox", "sh", "-c", script], env=env,
+                         capture_output=True, timeout=300)
+    try:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert len(run.stdout) == 3670016 + 5  # the terminal gets everything
+        rows = json.loads(subprocess.run([PYKATA, "ps", "-a", "--json"], env=env, capture_output=True).stdout)
+        sandbox_id = next(r for r in rows if r["name"] == name)["id"]
+        logs = Path("/run/pykata/sandboxes") / sandbox_id / "logs"
+        sizes = {p.name: p.stat().st_size for p in logs.iterdir()}
+        assert set(sizes) <= {"stdout.log", "stdout.log.1", "stderr.log"}, sizes
+        assert sizes["stdout.log.1"] == 1 << 20 and sizes["stdout.log"] <= 1 << 20
+        out = subprocess.run([PYKATA, "logs", name], env=env, capture_output=True, timeout=60)
+        # the newest output, oldest part first
+        assert out.returncode == 0 and out.stdout == run.stdout[-len(out.stdout):]
+        assert out.stdout.endswith(b"\nEND\n") and len(out.stdout) == sizes["stdout.log.1"] + sizes["stdout.log"]
+    finally:
+        subprocess.run([PYKATA, "rm", "-f", name], env=env, capture_output=True, timeout=60)

@@ -54,3 +54,18 @@ async def test_drain_caps_the_file_and_the_rate(tmp_path: Path) -> None:
     writer.close()
     drain.close()
     drain.close()  # idempotent
+
+
+def test_bounded_log_with_more_backups(tmp_path: Path) -> None:
+    log = BoundedLog(tmp_path / "out.log", max_bytes=300, backups=2)  # three parts of 100 bytes
+    for i in range(10):
+        log.write(bytes([65 + i]) * 50)
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["out.log", "out.log.1", "out.log.2"]
+    text = b"".join((tmp_path / n).read_bytes() for n in ("out.log.2", "out.log.1", "out.log"))
+    assert text == b"".join(bytes([65 + i]) * 50 for i in range(4, 10))
+    none = BoundedLog(tmp_path / "solo.log", max_bytes=100, backups=0)
+    none.write(b"a" * 150)
+    none.close()
+    assert (tmp_path / "solo.log").read_bytes() == b"a" * 50 and not (tmp_path / "solo.log.1").exists()

@@ -12,21 +12,23 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
 from pykata.config import Config, load_config
+from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.errors import PykataError
+from pykata.hypervisor.console import BoundedLog
 from pykata.images import ImageStore
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
 from pykata.sandbox.agent_client import AgentClient
 from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
 from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
 from pykata.sandbox.state import list_sandboxes
-from pykata.sandbox.stdio import feed_stdin, file_sink, pump_output
+from pykata.sandbox.stdio import feed_stdin, pump_output
 
 VM_MEMORY_OVERHEAD_MIB = 256
 
@@ -61,15 +63,20 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
-async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = None) -> int:
-    """Connect the local terminal/stdio to `proc`, forward signals and window size; return its status."""
+async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = None,
+                 log_max_bytes: int = 10 << 20, log_backups: int = 2) -> int:
+    """Connect the local terminal/stdio to `proc`, forward signals and window size; return its status.
+
+    With `log_dir`, the output is also kept in stdout.log and stderr.log there, each rotated at
+    `log_max_bytes` keeping `log_backups` older files (a container printing forever fills nothing)."""
     loop = asyncio.get_running_loop()
-    logs = []
+    logs: list[BoundedLog] = []
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        logs = [open(log_dir / "stdout.log", "ab"), open(log_dir / "stderr.log", "ab")]  # noqa: SIM115
-    out = file_sink(sys.stdout.buffer, *logs[:1])
-    err = file_sink(sys.stderr.buffer, *logs[1:])
+        logs = [BoundedLog(log_dir / f"{stream}.log", log_max_bytes * (log_backups + 1), log_backups)
+                for stream in ("stdout", "stderr")]
+    out = _sink(sys.stdout.buffer, logs[0] if logs else None)
+    err = _sink(sys.stderr.buffer, logs[1] if logs else None)
     pumps = [asyncio.ensure_future(pump_output(proc, "stdout", out))]
     if not proc.terminal:
         pumps.append(asyncio.ensure_future(pump_output(proc, "stderr", err)))
@@ -113,6 +120,15 @@ async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = Non
     return status
 
 
+def _sink(terminal: BinaryIO, log: BoundedLog | None) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        terminal.write(data)
+        terminal.flush()
+        if log is not None:
+            log.write(data)
+    return write
+
+
 async def _quiet(aw: Any) -> None:
     with contextlib.suppress(PykataError):
         await aw
@@ -149,7 +165,9 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     try:
         container = await sandbox.create_container(sandbox.id, spec, image.rootfs, volumes=vols, image=image_ref)
         await container.start()
-        status = await attach(container.init, interactive=interactive, log_dir=sandbox.dir / "logs")
+        status = await attach(container.init, interactive=interactive, log_dir=sandbox.dir / "logs",
+                              log_max_bytes=config.runtime.run_log_max_size << 20,
+                              log_backups=config.runtime.run_log_backups)
         sandbox._update_container(sandbox.id, status="exited", exit_code=status, finished_at=time.time())
     finally:
         await sandbox.stop(remove=rm)
@@ -313,15 +331,30 @@ def _wait_owner(found: Found, timeout: float) -> None:
 @click.command()
 @click.argument("container")
 def logs(container: str) -> None:
-    """Print a container's output (stdout to stdout, stderr to stderr)."""
+    """Print a container's output (stdout to stdout, stderr to stderr), oldest kept first."""
     try:
-        found = find(load_config(), container)
+        config = load_config()
+        found = find(config, container)
     except PykataError as e:
         _fail(str(e), 1)
     for stream, out in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
-        with contextlib.suppress(FileNotFoundError):
-            out.write((found.dir / "logs" / f"{stream}.log").read_bytes())
-            out.flush()
+        log = found.dir / "logs" / f"{stream}.log"
+        older = [log.with_name(f"{log.name}.{n}") for n in range(MAX_LOG_BACKUPS, 0, -1)]
+        for path in [*older, log]:
+            stream_file(path, out)
+
+
+def stream_file(path: Path, out: BinaryIO, chunk: int = 64 << 10) -> None:
+    """Copy `path` to `out` a chunk at a time (a log may be large; memory stays at one chunk). A missing
+    file is nothing to copy."""
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with f:
+        while data := f.read(chunk):
+            out.write(data)
+        out.flush()
 
 
 @click.command()

@@ -25,21 +25,29 @@ _READ_SIZE = 64 << 10
 
 
 class BoundedLog:
-    """Appends to `path`, never holding more than `max_bytes` on disk: when `path` reaches half of
-    it, it becomes `path.1` (replacing the older half) and a new `path` starts."""
+    """Appends to `path`, never holding more than `max_bytes` on disk: the newest output in `path` and
+    `backups` older parts of equal size in `path.1` (newer) .. `path.<backups>`. When `path` reaches
+    its part it becomes `path.1` (each older one moving up, the oldest dropped) and a new `path` starts;
+    with no backups it starts over empty. Default: two halves, `path` and `path.1`. Also the log of
+    `pykata run` (runtime.run_log_max_size, run_log_backups)."""
 
-    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if max_bytes < 2:
-            raise ValueError(f"max_bytes must be >= 2, not {max_bytes}")
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = 1) -> None:
+        if backups < 0 or max_bytes < backups + 1 or max_bytes < 2:
+            raise ValueError(f"max_bytes must be >= 2 and > backups, not {max_bytes} ({backups} backups)")
         self.path = path
-        self.half = max_bytes // 2
+        self.backups = backups
+        self.half = max_bytes // (backups + 1)  # the size of each part (half with one backup)
         self.written = 0  # everything, including what was rotated away
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
 
     @property
     def rotated(self) -> Path:
-        return self.path.with_name(self.path.name + ".1")
+        return self.backup(1)
+
+    def backup(self, n: int) -> Path:
+        """The `n`th older part (1: the newest)."""
+        return self.path.with_name(f"{self.path.name}.{n}")
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -53,7 +61,11 @@ class BoundedLog:
             view = view[n:]
 
     def _rotate(self) -> None:
-        os.replace(self.path, self.rotated)
+        for n in range(self.backups, 1, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.backup(n - 1), self.backup(n))
+        if self.backups:
+            os.replace(self.path, self.rotated)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._size = 0
