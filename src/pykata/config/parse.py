@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -27,6 +29,7 @@ T = TypeVar("T")
 
 # Keys of `Config` that are not TOML tables the user writes.
 _INTERNAL_FIELDS = frozenset({"source"})
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def parse_toml(text: str, source: str | None = None) -> Config:
@@ -76,11 +79,20 @@ def build_section(cls: type[T], table: object, prefix: str) -> T:
         if key not in fields:
             known = ", ".join(sorted(fields))
             if all(dataclasses.is_dataclass(hints[f]) for f in fields):
-                raise ConfigError(f"{prefix}{key}", f"unknown section (known: {known})")
-            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {known})")
+                raise ConfigError(prefix + _toml_key(key), f"unknown section (known: {known})")
+            raise ConfigError(prefix + _toml_key(key), f"unknown key (known: {known})")
     values = {name: convert(hints[name], table[name], f"{prefix}{name}")
               for name in fields if name in table}
     return cls(**values)
+
+
+def _toml_key(key: object) -> str:
+    """`key` as TOML writes it: bare when it can be, else quoted (an empty or odd key still shows), and
+    never longer than a line."""
+    text = str(key)
+    if not _BARE_KEY.fullmatch(text):
+        text = json.dumps(text[:64], ensure_ascii=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def convert(hint: Any, value: object, key: str) -> Any:
