@@ -43,7 +43,8 @@ async def test_drain_caps_the_file_and_the_rate(tmp_path: Path) -> None:
             sent += writer.send(chunk)
         except BlockingIOError:
             await asyncio.sleep(0.01)
-    writer.send(b"PYKATA_AGENT_READY\n")
+    # the socket is full: a plain send() would fail with EAGAIN under load; wait for room like a UART
+    await loop.sock_sendall(writer, b"PYKATA_AGENT_READY\n")
     await asyncio.wait_for(wait_for_console_line(tmp_path / "console.log"), 5)
     sizes = sum(p.stat().st_size for p in tmp_path.iterdir())
     assert sizes <= 64 << 10
