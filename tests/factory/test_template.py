@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
+from pykata.agentapi import Agent
 from pykata.config import Config, load_config
 from pykata.config.schema import FactoryConfig
 from pykata.errors import HypervisorError
@@ -33,7 +34,6 @@ from pykata.hypervisor.template import (
     template_inputs,
 )
 from pykata.protocols.agent import agent_pb2
-from pykata.sandbox.agent_client import AgentClient
 from tests.agent.conftest import make_busybox_rootfs
 from tests.guest_assets import guest_initrd_path, guest_kernel_path
 
@@ -106,28 +106,27 @@ def _spec(args: list[str]) -> dict[str, Any]:
     }
 
 
-async def _run(agent: AgentClient, cid: str, args: list[str]) -> bytes:
-    await agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
-        container_id=cid, oci_spec_json=json.dumps(_spec(args))), timeout=60)
-    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
-    await agent.call("CloseStdin", agent_pb2.CloseStdinRequest(container_id=cid))
+async def _run(agent: Agent, cid: str, args: list[str]) -> bytes:
+    await agent.create_container(cid, json.dumps(_spec(args)), timeout=60)
+    await agent.start_container(cid)
+    await agent.close_stdin(cid, "")
     out = bytearray()
-    while not (r := await agent.call("ReadStdout", agent_pb2.ReadStreamRequest(container_id=cid))).eof:
-        out += r.data
-    status = (await agent.call("WaitProcess", agent_pb2.WaitProcessRequest(container_id=cid))).exit_status
+    while (data := await agent.read_stdout(cid, "", 0)) is not None:
+        out += data
+    status = await agent.wait_process(cid)
     assert status == 0, out
-    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id=cid, timeout_seconds=10))
+    await agent.remove_container(cid, 10)
     return bytes(out)
 
 
 @contextlib.asynccontextmanager
-async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple[QemuHypervisor, AgentClient]]:
+async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple[QemuHypervisor, Agent]]:
     """A VM from the template with its own 9p share, its agent connected and the share mounted."""
-    box: dict[str, AgentClient] = {}
+    box: dict[str, Agent] = {}
 
     async def probe(vm: Hypervisor) -> None:
         assert vm.agent_endpoint.socket is not None
-        box["agent"] = await AgentClient.connect(vm.agent_endpoint.socket, name, timeout=30)
+        box["agent"] = await Agent.connect(vm.agent_endpoint.socket, name, timeout=30)
 
     vm = QemuHypervisor(name, config, shared_dir=shared, readiness=probe)
     try:
@@ -135,9 +134,9 @@ async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple
         await vm.start()
         await vm.wait_ready(timeout=30)
         agent = box["agent"]
-        await agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(sandbox_id=name, storages=[
+        await agent.create_sandbox(name, storages=[
             agent_pb2.Storage(driver="9p", source="kataShared", fstype="9p", mount_point=GUEST_SHARE,
-                              options=["trans=virtio", "version=9p2000.L", "msize=512000"])]))
+                              options=["trans=virtio", "version=9p2000.L", "msize=512000"])])
         yield vm, agent
     finally:
         await vm.stop()

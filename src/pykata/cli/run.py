@@ -24,9 +24,9 @@ from pykata.errors import PykataError
 from pykata.hypervisor.console import BoundedLog
 from pykata.images import ImageStore
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
-from pykata.sandbox.agent_client import AgentClient
 from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
 from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
+from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.stdio import feed_stdin, pump_output
 
@@ -202,16 +202,10 @@ def run(rm: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...]
 
 async def _exec_async(found: Found, command: tuple[str, ...], interactive: bool, tty_: bool,
                       env: list[str], workdir: str, user: tuple[int, int]) -> int:
-    from pykata.sandbox.sandbox import Container
-
-    agent = await AgentClient.attach(found.proxy_socket, found.record.id)
-    try:
-        box: Any = type("Box", (), {"agent": agent, "_update_container": lambda *a, **k: None})()
-        container = Container(box, found.record.id, None)  # type: ignore[arg-type]
-        proc = await container.exec(list(command), env=env, cwd=workdir, uid=user[0], gid=user[1], terminal=tty_)
+    async with await AttachedSandbox.attach(found) as sandbox:
+        proc = await sandbox.exec(found.record.id, list(command), env=env, cwd=workdir, uid=user[0], gid=user[1],
+                                  terminal=tty_)
         return await attach(proc, interactive=interactive)
-    finally:
-        await agent.close()
 
 
 @click.command(name="exec", context_settings={"allow_interspersed_args": False})
@@ -287,14 +281,8 @@ def kill(container: str, sig: str) -> None:
 
 
 async def _signal(found: Found, signum: int) -> None:
-    from pykata.protocols.agent import agent_pb2
-
-    agent = await AgentClient.attach(found.proxy_socket, found.record.id)
-    try:
-        await agent.call("SignalProcess", agent_pb2.SignalProcessRequest(container_id=found.record.id,
-                                                                         signal=signum))
-    finally:
-        await agent.close()
+    async with await AttachedSandbox.attach(found) as sandbox:
+        await sandbox.signal(found.record.id, signum)
 
 
 @click.command()

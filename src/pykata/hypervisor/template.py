@@ -399,22 +399,19 @@ async def destroy_templates(config: Config) -> list[str]:
 async def agent_readiness(vm: Hypervisor) -> None:
     """Readiness probe: the agent answers a health check on its channel; the connection is closed
     again (the channel is free for the VM's owner)."""
-    from pykata.sandbox.agent_client import AgentClient
+    from pykata.agentapi import Agent
 
     endpoint = vm.agent_endpoint
     if endpoint.socket is None:
         raise HypervisorError("template VMs need a virtio-serial agent channel")
-    client = await AgentClient.connect(endpoint.socket, "template", timeout=3600)
+    client = await Agent.connect(endpoint.socket, "template", timeout=3600)
     await client.close()
 
 
 async def sync_guest_clock(agent: Any) -> None:
-    """Set a restored guest's wall clock to the host's (agent SetGuestDateTime).
+    """Set a restored guest's wall clock to the host's.
 
-    `agent` is a pykata.sandbox.agent_client.AgentClient. Raises AgentError.
+    `agent` is a pykata.agentapi.Agent. Raises AgentError.
     """
-    from pykata.protocols.agent import agent_pb2
-
     now = time.time_ns() // 1000
-    await agent.call("SetGuestDateTime", agent_pb2.SetGuestDateTimeRequest(sec=now // 1_000_000,
-                                                                            usec=now % 1_000_000), timeout=5)
+    await agent.set_guest_date_time(now // 1_000_000, now % 1_000_000, timeout=5)

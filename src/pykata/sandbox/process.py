@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal as _signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pykata.protocols.agent import agent_pb2
 
 if TYPE_CHECKING:
-    from pykata.sandbox.agent_client import AgentClient
+    from pykata.agentapi import Agent
 
 READ_CHUNK = 1 << 20  # the agent's cap per read
 Stream = Literal["stdout", "stderr"]
 
 
+def new_exec_id(seq: int) -> str:
+    """An exec id unique in its container: a sequence number and a random tail."""
+    return f"exec-{seq}-{secrets.token_hex(3)}"
+
+
+def exec_spec(args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0, gid: int = 0,
+              terminal: bool = False) -> agent_pb2.Process:
+    """The process to exec for a command line (what `pykata exec` and the SDK ask for)."""
+    return agent_pb2.Process(args=list(args), env=list(env), cwd=cwd, terminal=terminal,
+                             user=agent_pb2.User(uid=uid, gid=gid))
+
+
 class Process:
     """stdio, signals and exit status of one process; `exec_id` is "" for a container's init."""
 
-    def __init__(self, agent: AgentClient, container_id: str, exec_id: str, pid: int, terminal: bool) -> None:
+    def __init__(self, agent: Agent, container_id: str, exec_id: str, pid: int, terminal: bool) -> None:
         self._agent = agent
         self.container_id = container_id
         self.exec_id = exec_id
@@ -31,13 +44,8 @@ class Process:
         """The next bytes of `stream` (waits until there are some); None at end of stream."""
         if stream == "stderr" and self.terminal:
             return None  # a terminal merges stderr into stdout
-        rpc = "ReadStdout" if stream == "stdout" else "ReadStderr"
-        req = agent_pb2.ReadStreamRequest(container_id=self.container_id, exec_id=self.exec_id,
-                                          max_length=max_length)
-        resp = await self._agent.call(rpc, req, timeout=None)
-        if resp.eof and not resp.data:
-            return None
-        return bytes(resp.data)
+        read = self._agent.read_stdout if stream == "stdout" else self._agent.read_stderr
+        return await read(self.container_id, self.exec_id, max_length)
 
     async def chunks(self, stream: Stream = "stdout") -> AsyncIterator[bytes]:
         while (data := await self.read(stream)) is not None:
@@ -47,22 +55,17 @@ class Process:
         """Write all of `data` to the process's stdin (the agent may take it in parts)."""
         view = memoryview(data)
         while view:
-            req = agent_pb2.WriteStreamRequest(container_id=self.container_id, exec_id=self.exec_id,
-                                               data=bytes(view[:READ_CHUNK]))
-            resp = await self._agent.call("WriteStdin", req)
-            view = view[resp.length:]
+            taken = await self._agent.write_stdin(self.container_id, self.exec_id, bytes(view[:READ_CHUNK]))
+            view = view[taken:]
 
     async def close_stdin(self) -> None:
-        await self._agent.call("CloseStdin", agent_pb2.CloseStdinRequest(
-            container_id=self.container_id, exec_id=self.exec_id))
+        await self._agent.close_stdin(self.container_id, self.exec_id)
 
     async def signal(self, sig: int = _signal.SIGTERM, *, all_processes: bool = False) -> None:
-        await self._agent.call("SignalProcess", agent_pb2.SignalProcessRequest(
-            container_id=self.container_id, exec_id=self.exec_id, signal=int(sig), all=all_processes))
+        await self._agent.signal_process(self.container_id, self.exec_id, int(sig), all_processes=all_processes)
 
     async def resize(self, rows: int, columns: int) -> None:
-        await self._agent.call("TtyWinResize", agent_pb2.TtyWinResizeRequest(
-            container_id=self.container_id, exec_id=self.exec_id, rows=rows, columns=columns))
+        await self._agent.tty_win_resize(self.container_id, self.exec_id, rows, columns)
 
     async def wait(self) -> int:
         """The exit status (128 + signal number when killed by a signal). Safe to call many times."""
@@ -71,6 +74,4 @@ class Process:
         return await asyncio.shield(self._exit)
 
     async def _wait(self) -> int:
-        resp = await self._agent.call("WaitProcess", agent_pb2.WaitProcessRequest(
-            container_id=self.container_id, exec_id=self.exec_id), timeout=None)
-        return int(resp.exit_status)
+        return await self._agent.wait_process(self.container_id, self.exec_id)

@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pykata.agentapi import Agent
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
-from pykata.sandbox.agent_client import AgentClient
 from pykata.ttrpc import CallContext, RpcError, Server
 
 
 class _Forward:
     """Forwards each call of one service to the agent, keeping the caller's deadline."""
 
-    def __init__(self, agent: AgentClient, service: Any) -> None:
+    def __init__(self, agent: Agent, service: Any) -> None:
         self._agent = agent
         self._service = service
 
@@ -31,7 +31,7 @@ class _Forward:
         return forward
 
 
-async def serve_agent_proxy(agent: AgentClient, path: Path) -> Server:
+async def serve_agent_proxy(agent: Agent, path: Path) -> Server:
     server = Server()
     server.register(AGENT_SERVICE, _Forward(agent, AGENT_SERVICE))
     server.register(HEALTH_SERVICE, _Forward(agent, HEALTH_SERVICE))

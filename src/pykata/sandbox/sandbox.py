@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pykata.agentapi import Agent
 from pykata.config import Config, load_config
 from pykata.errors import PykataError, SandboxError
 from pykata.hypervisor.base import Hypervisor
@@ -36,10 +37,9 @@ from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import mounts, state
-from pykata.sandbox.agent_client import AgentClient
 from pykata.sandbox.mounts import RootfsMount
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
-from pykata.sandbox.process import Process
+from pykata.sandbox.process import Process, exec_spec, new_exec_id
 
 log = logging.getLogger("pykata.sandbox")
 
@@ -68,7 +68,7 @@ class Container:
 
     async def start(self) -> None:
         """Start the init process. Raises AgentError."""
-        await self.sandbox.agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=self.id))
+        await self.sandbox.agent.start_container(self.id)
         self.sandbox._update_container(self.id, status="running")
 
     async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
@@ -76,12 +76,14 @@ class Container:
         """Start another process in the container. Raises AgentError."""
         if exec_id is None:
             self._exec_seq += 1
-            exec_id = f"exec-{self._exec_seq}-{secrets.token_hex(3)}"
-        proc = agent_pb2.Process(args=list(args), env=list(env), cwd=cwd, terminal=terminal,
-                                 user=agent_pb2.User(uid=uid, gid=gid))
-        resp = await self.sandbox.agent.call("ExecProcess", agent_pb2.ExecProcessRequest(
-            container_id=self.id, exec_id=exec_id, process=proc))
-        return Process(self.sandbox.agent, self.id, exec_id, resp.pid, terminal)
+            exec_id = new_exec_id(self._exec_seq)
+        return await self.exec_process(exec_id, exec_spec(args, env=env, cwd=cwd, uid=uid, gid=gid,
+                                                          terminal=terminal))
+
+    async def exec_process(self, exec_id: str, process: agent_pb2.Process) -> Process:
+        """Start `process` (a whole OCI process, as the shim gets it) as `exec_id`. Raises AgentError."""
+        pid = await self.sandbox.agent.exec_process(self.id, exec_id, process)
+        return Process(self.sandbox.agent, self.id, exec_id, pid, process.terminal)
 
     async def wait(self) -> int:
         status = await self.init.wait()
@@ -96,8 +98,7 @@ class Container:
         """
         if in_guest:
             with contextlib.suppress(PykataError):
-                await self.sandbox.agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(
-                    container_id=self.id, timeout_seconds=timeout), timeout=timeout + 5)
+                await self.sandbox.agent.remove_container(self.id, timeout, timeout=timeout + 5)
         self.sandbox._release_container(self.id)
 
 
@@ -110,7 +111,7 @@ class Sandbox:
         self.dir = directory
         self.shared_dir = directory / "shared"
         self.vm: Hypervisor | None = None
-        self._agent: AgentClient | None = None
+        self._agent: Agent | None = None
         self.containers: dict[str, Container] = {}
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
@@ -119,7 +120,7 @@ class Sandbox:
         self.network: PodNetwork | None = None
 
     @property
-    def agent(self) -> AgentClient:
+    def agent(self) -> Agent:
         if self._agent is None:
             raise SandboxError(self.id, "the agent is not connected")
         return self._agent
@@ -163,12 +164,12 @@ class Sandbox:
         self.shared_dir.mkdir(parents=True)
         state.save(self.dir, self.record)
         mounts.make_shared(self.shared_dir)
-        agent_box: dict[str, AgentClient] = {}
+        agent_box: dict[str, Agent] = {}
 
         async def probe(vm: Hypervisor) -> None:
             endpoint = vm.agent_endpoint
             assert endpoint.socket is not None, "vsock agent channel is not supported by the sandbox yet"
-            agent_box["agent"] = await AgentClient.connect(endpoint.socket, self.id, timeout=boot_timeout)
+            agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout)
 
         self.vm = QemuHypervisor(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
                                  vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown)
@@ -197,13 +198,11 @@ class Sandbox:
         else:
             storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
                                         options=["trans=virtio", "version=9p2000.L", "msize=512000"])
-        await self.agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
-            sandbox_id=self.id, hostname=hostname, storages=[storage]))
+        await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage])
         if self.network is not None and self.network.endpoints:
             for iface in self.network.interfaces():
-                await self.agent.call("UpdateInterface", agent_pb2.UpdateInterfaceRequest(interface=iface))
-            await self.agent.call("UpdateRoutes", agent_pb2.UpdateRoutesRequest(
-                routes=agent_pb2.Routes(routes=self.network.guest_routes())))
+                await self.agent.update_interface(iface)
+            await self.agent.update_routes(self.network.guest_routes())
         if serve_proxy:
             from pykata.sandbox.proxy import serve_agent_proxy
             self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
@@ -216,8 +215,7 @@ class Sandbox:
         if all(c.status == "exited" for c in self.record.containers.values()):
             return
         if self._agent is not None and not self._agent.closed:
-            await self._agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(timeout_seconds=2),
-                                   timeout=3)
+            await self._agent.destroy_sandbox(2, timeout=3)
 
     # -- containers --------------------------------------------------------------------------------
 
@@ -248,12 +246,11 @@ class Sandbox:
             for i, vol in enumerate(shares):
                 mounts.bind(vol.host, cdir / "volumes" / str(i), readonly=vol.readonly)
             tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
-            resp = await self.agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
-                container_id=container_id, oci_spec_json=json.dumps(guest_spec), terminal=tty))
+            pid = await self.agent.create_container(container_id, json.dumps(guest_spec), terminal=tty)
         except BaseException:
             self._release_container(container_id)
             raise
-        c = Container(self, container_id, Process(self.agent, container_id, "", resp.pid, tty))
+        c = Container(self, container_id, Process(self.agent, container_id, "", pid, tty))
         self.containers[container_id] = c
         self.record.containers[container_id] = state.ContainerRecord(
             id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time())
@@ -289,6 +286,39 @@ class Sandbox:
         if self.vm is None:
             raise SandboxError(self.id, "no VM to resume")
         await self.vm.resume()
+
+    # -- what the shim asks of a container (one layer down: the agent) -----------------------------
+
+    async def pause_container(self, container_id: str) -> None:
+        """Freeze every process of the container. Raises AgentError."""
+        await self.agent.pause_container(container_id)
+
+    async def resume_container(self, container_id: str) -> None:
+        """Thaw a paused container. Raises AgentError."""
+        await self.agent.resume_container(container_id)
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int, *,
+                             all_processes: bool = False) -> None:
+        """Signal a container's init (exec_id "") or exec, or every process of it. Raises AgentError."""
+        await self.agent.signal_process(container_id, exec_id, signal, all_processes=all_processes)
+
+    async def update_container(self, container_id: str, linux_resources: dict[str, Any]) -> None:
+        """Apply an OCI `linux.resources` object to the container. Raises AgentError."""
+        await self.agent.update_container(container_id, linux_resources)
+
+    async def stats_container(self, container_id: str) -> agent_pb2.CgroupStats:
+        """The container's cgroup statistics, read in the guest (bounded). Raises AgentError."""
+        return (await self.agent.stats_container(container_id)).cgroup_stats
+
+    async def next_oom_event(self) -> str:
+        """Wait for the next OOM kill in the guest; the id of its container ("" for none).
+        Raises AgentError (AgentCallError with code UNAVAILABLE once the agent is gone)."""
+        return await self.agent.get_oom_event()
+
+    async def disconnect_agent(self) -> None:
+        """Close the agent connection (the VM keeps running until stop())."""
+        if self._agent is not None:
+            await self._agent.close()
 
     # -- teardown ----------------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from pykata.agentapi import AgentCallError
 from pykata.errors import PykataError
-from pykata.sandbox.agent_client import AgentCallError
 from pykata.ttrpc import Code
 
 

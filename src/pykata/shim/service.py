@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -34,14 +33,13 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from pykata.agentapi import AgentCallError
 from pykata.config import Config, load_for_annotations
 from pykata.errors import ConfigError, PykataError
 from pykata.network import spec_netns
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
-from pykata.protocols.agent import agent_pb2
 from pykata.resources import cgroups
-from pykata.sandbox import Process, Sandbox, sandboxes_dir
-from pykata.sandbox.agent_client import AgentCallError
+from pykata.sandbox import Sandbox, sandboxes_dir
 from pykata.sandbox.mounts import RootfsMount
 from pykata.shim import sizing
 from pykata.shim.errors import (
@@ -203,7 +201,7 @@ class TaskService:
         self._sandbox_stopping = True
         if not self.containers:
             with contextlib.suppress(PykataError):
-                await sb.agent.close()
+                await sb.disconnect_agent()
         await sb.stop(remove=True)
 
     async def _stop_if_unused(self) -> None:
@@ -236,7 +234,7 @@ class TaskService:
         failures = 0
         while not self._sandbox_stopping and not self.vm_dead:
             try:
-                ev = await sb.agent.call("GetOOMEvent", agent_pb2.GetOOMEventRequest(), timeout=None)
+                oom_cid = await sb.next_oom_event()
             except AgentCallError as e:
                 if e.code in (Code.UNAVAILABLE, Code.UNIMPLEMENTED, Code.CANCELLED):
                     return
@@ -247,9 +245,9 @@ class TaskService:
             except PykataError:
                 return
             failures = 0
-            if ev.container_id:
-                log.warning("container %s: OOM kill", ev.container_id)
-                self._publish(events_pb2.TaskOOM(container_id=ev.container_id))
+            if oom_cid:
+                log.warning("container %s: OOM kill", oom_cid)
+                self._publish(events_pb2.TaskOOM(container_id=oom_cid))
 
     # -- process exits -----------------------------------------------------------------------------
 
@@ -364,13 +362,12 @@ class TaskService:
             raise FailedPreconditionError(f"cannot exec in a {sc.init.state} container")
         if sc.paused:
             raise FailedPreconditionError("cannot exec in a paused container")
-        sandbox = self._agent_sandbox()
+        self._agent_sandbox()
+        assert sc.sandbox_container is not None
         proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)
         with agent_errors(f"exec {p.exec_id} in {sc.id}"):
-            resp = await sandbox.agent.call("ExecProcess", agent_pb2.ExecProcessRequest(
-                container_id=sc.id, exec_id=p.exec_id, process=proc))
-        p.proc = Process(sandbox.agent, sc.id, p.exec_id, resp.pid, p.stdio.terminal)
-        p.pid, p.state = resp.pid, "running"
+            p.proc = await sc.sandbox_container.exec_process(p.exec_id, proc)
+        p.pid, p.state = p.proc.pid, "running"
         if p.io is not None:
             p.io.attach(p.proc)
         p.waiter = self._spawn(self._wait_process(sc, p), f"wait-{sc.id}-{p.exec_id}")
@@ -496,7 +493,7 @@ class TaskService:
                 raise FailedPreconditionError("cannot pause a paused container")
             sandbox = self._agent_sandbox()
             with agent_errors(f"pause {sc.id}"):
-                await sandbox.agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=sc.id))
+                await sandbox.pause_container(sc.id)
             sc.paused = True
             self._publish(events_pb2.TaskPaused(container_id=sc.id))
         return Empty()
@@ -511,7 +508,7 @@ class TaskService:
                 raise FailedPreconditionError(f"cannot resume a container that is not paused ({sc.init.state})")
             sandbox = self._agent_sandbox()
             with agent_errors(f"resume {sc.id}"):
-                await sandbox.agent.call("ResumeContainer", agent_pb2.ResumeContainerRequest(container_id=sc.id))
+                await sandbox.resume_container(sc.id)
             sc.paused = False
             self._publish(events_pb2.TaskResumed(container_id=sc.id))
         return Empty()
@@ -529,8 +526,7 @@ class TaskService:
         log.info("kill %s with signal %d (all=%s)", p.id, req.signal, req.all)
         try:
             with agent_errors(f"kill {p.id}"):
-                await sandbox.agent.call("SignalProcess", agent_pb2.SignalProcessRequest(
-                    container_id=sc.id, exec_id=p.exec_id, signal=req.signal, all=req.all))
+                await sandbox.signal_process(sc.id, p.exec_id, req.signal, all_processes=req.all)
         except ShimError as e:
             if p.stopped or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
                 raise NotFoundError(f"{p.id}: process already finished") from None
@@ -575,8 +571,7 @@ class TaskService:
             raise InvalidArgumentError("resources", "must be an OCI LinuxResources object")
         sandbox = self._agent_sandbox()
         with agent_errors(f"update {sc.id}"):
-            await sandbox.agent.call("UpdateContainer", agent_pb2.UpdateContainerRequest(
-                container_id=sc.id, linux_resources_json=json.dumps(resources)))
+            await sandbox.update_container(sc.id, resources)
         return Empty()
 
     async def Wait(self, req: shim_pb2.WaitRequest, ctx: Any) -> shim_pb2.WaitResponse:
@@ -589,8 +584,8 @@ class TaskService:
         sc = self._container(req.id)
         sandbox = self._agent_sandbox()
         with agent_errors(f"stats {sc.id}"):
-            resp = await sandbox.agent.call("StatsContainer", agent_pb2.StatsContainerRequest(container_id=sc.id))
-        return shim_pb2.StatsResponse(stats=metrics_any(resp.cgroup_stats))
+            stats = await sandbox.stats_container(sc.id)
+        return shim_pb2.StatsResponse(stats=metrics_any(stats))
 
     async def Connect(self, req: shim_pb2.ConnectRequest, ctx: Any) -> shim_pb2.ConnectResponse:
         sc = self.containers.get(req.id)

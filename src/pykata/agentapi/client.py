@@ -1,0 +1,295 @@
+"""`Agent`: one async method per RPC of the pykata agent (protos/agent/agent.proto).
+
+This is the only module that names agent RPCs. Each method builds its request, calls, and hands the
+answer to its function in `pykata.agentapi.replies`, which checks it (the guest is untrusted) and
+returns what the caller needs: a pid, an exit status, bytes. One ttrpc connection carries every call
+of a sandbox (ttrpc multiplexes them); the channel is a virtio-serial port behind a QEMU unix socket,
+or the sandbox owner's proxy socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from pykata.agentapi import replies
+from pykata.agentapi.errors import AgentCallError, AgentReplyError
+from pykata.errors import AgentError
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.ttrpc import Client, Code, RpcError, connect_unix
+
+DEFAULT_TIMEOUT = 30.0
+_M = TypeVar("_M", bound=Message)
+_R = TypeVar("_R")
+
+
+class Agent:
+    """The agent of one sandbox. Raises AgentCallError (with the status code) when an RPC fails and
+    AgentReplyError (code DATA_LOSS) when its answer is out of contract."""
+
+    def __init__(self, client: Client, sandbox_id: str) -> None:
+        self._client = client
+        self.sandbox_id = sandbox_id
+
+    # -- connection --------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, socket: Path, sandbox_id: str, *, timeout: float = 30.0) -> Agent:
+        """Connect and wait until the agent answers a health check.
+
+        The request stays queued in the channel while the guest boots, so one connection is kept and
+        the check is repeated on it rather than reconnecting (which could cut a frame in half).
+        Raises AgentError when the agent does not answer within `timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        client: Client | None = None
+        last: BaseException | None = None
+        try:
+            while time.monotonic() < deadline:
+                if client is None or client.closed:
+                    try:
+                        client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()))
+                    except (OSError, TimeoutError) as e:
+                        last = e
+                        await asyncio.sleep(0.02)
+                        continue
+                agent = cls(client, sandbox_id)
+                try:
+                    serving = await agent.check(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                except AgentCallError as e:
+                    last = e
+                    if e.code != Code.DEADLINE_EXCEEDED:
+                        await asyncio.sleep(0.05)
+                    continue
+                if serving:
+                    client = None  # ownership passes to the Agent
+                    return agent
+                await asyncio.sleep(0.02)
+        finally:
+            if client is not None:
+                await client.close()
+        raise AgentError(f"sandbox {sandbox_id}: agent did not answer within {timeout:.0f}s ({last})")
+
+    @classmethod
+    async def attach(cls, socket: Path, sandbox_id: str) -> Agent:
+        """Connect to a running sandbox's agent proxy (no health wait). Raises AgentError."""
+        try:
+            return cls(await connect_unix(str(socket), timeout=5.0), sandbox_id)
+        except (OSError, TimeoutError) as e:
+            raise AgentError(f"sandbox {sandbox_id}: cannot reach its agent at {socket}: {e}") from None
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    @property
+    def ttrpc(self) -> Client:
+        """The connection, for the agent proxy (which forwards calls it does not read)."""
+        return self._client
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, rpc: str, request: Message, reply: type[_M], *,
+                    timeout: float | None = DEFAULT_TIMEOUT, service: Any = AGENT_SERVICE) -> _M:
+        try:
+            resp = await self._client.call(service, rpc, request, timeout=timeout)
+        except RpcError as e:
+            raise AgentCallError(self.sandbox_id, rpc, e.code, e.message) from None
+        if not isinstance(resp, reply):  # the service spec decodes to its declared type
+            raise AgentReplyError(self.sandbox_id, rpc, "(message)", f"{type(resp).__name__}, not {reply.__name__}")
+        return resp
+
+    def _checked(self, rpc: str, check: Callable[..., _R], *args: Any) -> _R:
+        """`check(*args)` (a function of pykata.agentapi.replies), its BadReply named with our RPC."""
+        try:
+            return check(*args)
+        except replies.BadReply as e:
+            raise AgentReplyError(self.sandbox_id, rpc, e.field, str(e)) from None
+
+    # -- health ------------------------------------------------------------------------------------
+
+    async def check(self, *, timeout: float | None = 2.0) -> bool:
+        """True when the agent answers that it serves. Raises AgentCallError."""
+        resp = await self._call("Check", agent_pb2.CheckRequest(), agent_pb2.HealthCheckResponse,
+                                timeout=timeout, service=HEALTH_SERVICE)
+        return replies.health(resp)
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        """Like check(), but False instead of an error."""
+        try:
+            return await self.check(timeout=timeout)
+        except AgentCallError:
+            return False
+
+    async def version(self) -> replies.AgentVersion:
+        resp = await self._call("Version", agent_pb2.CheckRequest(), agent_pb2.VersionCheckResponse,
+                                service=HEALTH_SERVICE)
+        return self._checked("Version", replies.version, resp)
+
+    # -- sandbox -----------------------------------------------------------------------------------
+
+    async def create_sandbox(self, sandbox_id: str, *, hostname: str = "",
+                             storages: Sequence[agent_pb2.Storage] = (), dns: Sequence[str] = (),
+                             sandbox_pidns: bool = False,
+                             kernel_modules: Sequence[agent_pb2.KernelModule] = ()) -> None:
+        await self._call("CreateSandbox", agent_pb2.CreateSandboxRequest(
+            sandbox_id=sandbox_id, hostname=hostname, storages=list(storages), dns=list(dns),
+            sandbox_pidns=sandbox_pidns, kernel_modules=list(kernel_modules)), Message)
+
+    async def destroy_sandbox(self, timeout_seconds: int = 0, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        await self._call("DestroySandbox", agent_pb2.DestroySandboxRequest(timeout_seconds=timeout_seconds),
+                         Message, timeout=timeout)
+
+    # -- containers and processes ------------------------------------------------------------------
+
+    async def create_container(self, container_id: str, oci_spec_json: str, *, terminal: bool = False,
+                               storages: Sequence[agent_pb2.Storage] = (),
+                               devices: Sequence[agent_pb2.Device] = (), sandbox_pidns: bool = False,
+                               timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """Create (not start) the container; returns its init's pid."""
+        resp = await self._call("CreateContainer", agent_pb2.CreateContainerRequest(
+            container_id=container_id, oci_spec_json=oci_spec_json, terminal=terminal, storages=list(storages),
+            devices=list(devices), sandbox_pidns=sandbox_pidns), agent_pb2.CreateContainerResponse, timeout=timeout)
+        return self._checked("CreateContainer", replies.create_container, resp)
+
+    async def start_container(self, container_id: str) -> int:
+        """Start the container's init; returns its pid."""
+        resp = await self._call("StartContainer", agent_pb2.StartContainerRequest(container_id=container_id),
+                                agent_pb2.StartContainerResponse)
+        return self._checked("StartContainer", replies.start_container, resp)
+
+    async def remove_container(self, container_id: str, timeout_seconds: int = 0, *,
+                               timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        await self._call("RemoveContainer", agent_pb2.RemoveContainerRequest(
+            container_id=container_id, timeout_seconds=timeout_seconds), Message, timeout=timeout)
+
+    async def exec_process(self, container_id: str, exec_id: str, process: agent_pb2.Process) -> int:
+        """Start another process in a running container; returns its pid."""
+        resp = await self._call("ExecProcess", agent_pb2.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process=process), agent_pb2.ExecProcessResponse)
+        return self._checked("ExecProcess", replies.exec_process, resp)
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int, *,
+                             all_processes: bool = False) -> None:
+        await self._call("SignalProcess", agent_pb2.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes), Message)
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> int:
+        """Wait (without a timeout) until the process ends; its exit status, 0..255."""
+        resp = await self._call("WaitProcess", agent_pb2.WaitProcessRequest(
+            container_id=container_id, exec_id=exec_id), agent_pb2.WaitProcessResponse, timeout=None)
+        return self._checked("WaitProcess", replies.wait_process, resp)
+
+    async def update_container(self, container_id: str, linux_resources: Mapping[str, Any]) -> None:
+        """Apply an OCI `linux.resources` object."""
+        await self._call("UpdateContainer", agent_pb2.UpdateContainerRequest(
+            container_id=container_id, linux_resources_json=json.dumps(linux_resources)), Message)
+
+    async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse:
+        resp = await self._call("StatsContainer", agent_pb2.StatsContainerRequest(container_id=container_id),
+                                agent_pb2.StatsContainerResponse)
+        return self._checked("StatsContainer", replies.stats_container, resp)
+
+    async def pause_container(self, container_id: str) -> None:
+        await self._call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=container_id), Message)
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._call("ResumeContainer", agent_pb2.ResumeContainerRequest(container_id=container_id), Message)
+
+    # -- stdio -------------------------------------------------------------------------------------
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        """Write some of `data` (at least one byte unless empty); returns how many were taken."""
+        resp = await self._call("WriteStdin", agent_pb2.WriteStreamRequest(
+            container_id=container_id, exec_id=exec_id, data=data), agent_pb2.WriteStreamResponse)
+        return self._checked("WriteStdin", replies.write_stdin, resp, len(data))
+
+    async def read_stdout(self, container_id: str, exec_id: str, max_length: int) -> bytes | None:
+        """The next bytes of stdout (waits, without a timeout, until there are some); None at its end."""
+        return await self._read("ReadStdout", container_id, exec_id, max_length)
+
+    async def read_stderr(self, container_id: str, exec_id: str, max_length: int) -> bytes | None:
+        """The next bytes of stderr (waits, without a timeout, until there are some); None at its end."""
+        return await self._read("ReadStderr", container_id, exec_id, max_length)
+
+    async def _read(self, rpc: str, container_id: str, exec_id: str, max_length: int) -> bytes | None:
+        resp = await self._call(rpc, agent_pb2.ReadStreamRequest(
+            container_id=container_id, exec_id=exec_id, max_length=max_length), agent_pb2.ReadStreamResponse,
+            timeout=None)
+        return self._checked(rpc, replies.read_stream, resp, max_length)
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        await self._call("CloseStdin", agent_pb2.CloseStdinRequest(container_id=container_id, exec_id=exec_id),
+                         Message)
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
+        await self._call("TtyWinResize", agent_pb2.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, rows=rows, columns=columns), Message)
+
+    # -- events and guest --------------------------------------------------------------------------
+
+    async def get_oom_event(self) -> str:
+        """Wait (without a timeout) for the next OOM kill; the id of its container ("" for none)."""
+        resp = await self._call("GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent, timeout=None)
+        return self._checked("GetOOMEvent", replies.get_oom_event, resp)
+
+    async def get_guest_details(self, *, mem_block_size: bool = False) -> agent_pb2.GuestDetailsResponse:
+        resp = await self._call("GetGuestDetails", agent_pb2.GuestDetailsRequest(mem_block_size=mem_block_size),
+                                agent_pb2.GuestDetailsResponse)
+        return self._checked("GetGuestDetails", replies.get_guest_details, resp)
+
+    async def online_cpu_mem(self, *, wait: bool = True, nb_cpus: int = 0, cpu_only: bool = False) -> None:
+        await self._call("OnlineCPUMem", agent_pb2.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus,
+                                                                        cpu_only=cpu_only), Message)
+
+    async def set_guest_date_time(self, sec: int, usec: int, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        await self._call("SetGuestDateTime", agent_pb2.SetGuestDateTimeRequest(sec=sec, usec=usec), Message,
+                         timeout=timeout)
+
+    async def copy_file(self, path: str, data: bytes, *, offset: int = 0, file_size: int | None = None,
+                        file_mode: int = 0o644, dir_mode: int = 0o755, uid: int = 0, gid: int = 0) -> None:
+        """Write (part of) a guest file; `file_size` defaults to offset + len(data) (the last part)."""
+        await self._call("CopyFile", agent_pb2.CopyFileRequest(
+            path=path, data=data, offset=offset,
+            file_size=offset + len(data) if file_size is None else file_size,
+            file_mode=file_mode, dir_mode=dir_mode, uid=uid, gid=gid), Message)
+
+    # -- templates and policy (protocol version 2) ---------------------------------------------------
+
+    async def reseed_random_dev(self, data: bytes, boot_id: str = "") -> replies.Reseeded:
+        """Mix host randomness into a cloned guest's RNGs and give it a boot id of its own."""
+        resp = await self._call("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=data, boot_id=boot_id),
+                                agent_pb2.ReseedRandomDevResponse)
+        return self._checked("ReseedRandomDev", replies.reseed_random_dev, resp)
+
+    async def set_policy(self, policy_json: str) -> None:
+        """Set the agent policy (docs/policy.md); RPCs it does not allow are refused from then on."""
+        await self._call("SetPolicy", agent_pb2.SetPolicyRequest(policy_json=policy_json), Message)
+
+    # -- networking --------------------------------------------------------------------------------
+
+    async def update_interface(self, interface: agent_pb2.Interface) -> agent_pb2.Interface:
+        resp = await self._call("UpdateInterface", agent_pb2.UpdateInterfaceRequest(interface=interface),
+                                agent_pb2.Interface)
+        return self._checked("UpdateInterface", replies.interface, resp)
+
+    async def update_routes(self, routes: Sequence[agent_pb2.Route]) -> list[agent_pb2.Route]:
+        """Make `routes` the guest's whole route table; returns the table as the guest has it."""
+        resp = await self._call("UpdateRoutes", agent_pb2.UpdateRoutesRequest(
+            routes=agent_pb2.Routes(routes=list(routes))), agent_pb2.Routes)
+        return self._checked("UpdateRoutes", replies.routes, resp)
+
+    async def list_interfaces(self) -> list[agent_pb2.Interface]:
+        resp = await self._call("ListInterfaces", agent_pb2.ListInterfacesRequest(), agent_pb2.Interfaces)
+        return self._checked("ListInterfaces", replies.interfaces, resp)
+
+    async def list_routes(self) -> list[agent_pb2.Route]:
+        resp = await self._call("ListRoutes", agent_pb2.ListRoutesRequest(), agent_pb2.Routes)
+        return self._checked("ListRoutes", replies.routes, resp)

@@ -1,0 +1,23 @@
+"""Errors of the agent client: a call that failed, and an answer that broke the contract."""
+
+from __future__ import annotations
+
+from pykata.errors import AgentError
+from pykata.ttrpc import Code
+
+
+class AgentCallError(AgentError):
+    """An agent RPC failed; carries the status code, the RPC and the sandbox."""
+
+    def __init__(self, sandbox_id: str, rpc: str, code: Code, message: str) -> None:
+        super().__init__(f"sandbox {sandbox_id}: agent {rpc}: {code.name}: {message}")
+        self.sandbox_id, self.rpc, self.code, self.message = sandbox_id, rpc, code, message
+
+
+class AgentReplyError(AgentCallError):
+    """The agent answered with something out of its contract (a pid of 0, an exit status of 300, more
+    bytes than asked for): the guest is broken or hostile. Code DATA_LOSS; `field` names the field."""
+
+    def __init__(self, sandbox_id: str, rpc: str, field: str, message: str) -> None:
+        super().__init__(sandbox_id, rpc, Code.DATA_LOSS, f"bad reply: {field}: {message}")
+        self.field = field

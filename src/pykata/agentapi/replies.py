@@ -1,0 +1,174 @@
+"""Checks of what the agent answers: one function per RPC reply, turning it into what the caller uses.
+
+The guest is untrusted (the workload may own it, agent included), so a reply is input: each function
+here is the one place its RPC's answer is bounded and checked, and raises `BadReply` naming the
+field that broke the contract (the client adds the sandbox and RPC). The ttrpc layer already bounds a
+whole message (`pykata.ttrpc.MAX_MESSAGE_SIZE`); the limits here are what the agent's own contract
+allows (pids, exit statuses, how many bytes were asked for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sized
+
+from pykata.protocols.agent import agent_pb2
+
+PID_MAX = 1 << 22            # Linux's PID_MAX_LIMIT: no pid is larger
+EXIT_STATUS_MAX = 255        # an exit code, or 128 + signal number
+READ_MAX = 1 << 20           # the agent's own cap on one read (agent.validation.MAX_IO_CHUNK)
+MAX_TEXT = 4096              # a name, a version, a kernel release
+MAX_ITEMS = 4096             # entries of a repeated field (CPUs, io entries, interfaces, routes)
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class BadReply(Exception):
+    """A reply field is out of contract; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentVersion:
+    agent_version: str
+    protocol_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Reseeded:
+    rng_sample: int  # one draw of the agent's reseeded PRNG (clones must differ)
+    boot_id: str     # the guest's boot id now
+
+
+def _pid(field: str, pid: int) -> int:
+    if not 0 < pid <= PID_MAX:
+        raise BadReply(field, f"{pid} is not a pid (1..{PID_MAX})")
+    return int(pid)
+
+
+def _text(field: str, value: str, limit: int = MAX_TEXT) -> str:
+    if len(value) > limit:
+        raise BadReply(field, f"{len(value)} characters, at most {limit}")
+    return value
+
+
+def _count(field: str, items: Sized, limit: int = MAX_ITEMS) -> None:
+    if len(items) > limit:
+        raise BadReply(field, f"{len(items)} entries, at most {limit}")
+
+
+# -- one function per RPC with an answer worth checking --------------------------------------------
+
+def create_container(resp: agent_pb2.CreateContainerResponse) -> int:
+    return _pid("pid", resp.pid)
+
+
+def start_container(resp: agent_pb2.StartContainerResponse) -> int:
+    return _pid("pid", resp.pid)
+
+
+def exec_process(resp: agent_pb2.ExecProcessResponse) -> int:
+    return _pid("pid", resp.pid)
+
+
+def wait_process(resp: agent_pb2.WaitProcessResponse) -> int:
+    if resp.exit_status > EXIT_STATUS_MAX:
+        raise BadReply("exit_status", f"{resp.exit_status} is not an exit status (0..{EXIT_STATUS_MAX})")
+    return int(resp.exit_status)
+
+
+def read_stream(resp: agent_pb2.ReadStreamResponse, max_length: int) -> bytes | None:
+    """The bytes read, or None at the end of the stream."""
+    limit = min(max_length or READ_MAX, READ_MAX)
+    if len(resp.data) > limit:
+        raise BadReply("data", f"{len(resp.data)} bytes, at most {limit} were asked for")
+    if resp.eof and not resp.data:
+        return None
+    return bytes(resp.data)
+
+
+def write_stdin(resp: agent_pb2.WriteStreamResponse, sent: int) -> int:
+    """Bytes accepted: at least one of a non-empty write (the agent blocks until it can take one), at
+    most what was sent; a reply of 0 would make the writer loop forever."""
+    if sent and not 0 < resp.length <= sent:
+        raise BadReply("length", f"{resp.length} bytes accepted of {sent} sent")
+    return int(resp.length)
+
+
+def stats_container(resp: agent_pb2.StatsContainerResponse) -> agent_pb2.StatsContainerResponse:
+    s = resp.cgroup_stats
+    if s.cgroup_version not in (0, 1, 2):
+        raise BadReply("cgroup_stats.cgroup_version", f"{s.cgroup_version} is not 1 or 2")
+    _count("cgroup_stats.cpu.per_cpu_ns", s.cpu.per_cpu_ns)
+    _count("cgroup_stats.memory.stat", s.memory.stat)
+    for key in s.memory.stat:
+        _text("cgroup_stats.memory.stat key", key, 256)
+    _count("cgroup_stats.io.service_bytes", s.io.service_bytes)
+    _count("cgroup_stats.io.serviced", s.io.serviced)
+    for e in (*s.io.service_bytes, *s.io.serviced):
+        _text("cgroup_stats.io op", e.op, 64)
+    _count("cgroup_stats.hugetlb", s.hugetlb, 64)
+    for h in s.hugetlb:
+        _text("cgroup_stats.hugetlb.pagesize", h.pagesize, 64)
+    _count("network_stats", resp.network_stats, 256)
+    for n in resp.network_stats:
+        _text("network_stats.name", n.name, 64)
+    return resp
+
+
+def get_oom_event(resp: agent_pb2.OOMEvent) -> str:
+    """The container that had an OOM kill ("" for none)."""
+    if resp.container_id and not _CONTAINER_ID.match(resp.container_id):
+        raise BadReply("container_id", f"{resp.container_id[:80]!r} is not a container id")
+    return resp.container_id
+
+
+def get_guest_details(resp: agent_pb2.GuestDetailsResponse) -> agent_pb2.GuestDetailsResponse:
+    _text("kernel_release", resp.kernel_release, 256)
+    d = resp.agent_details
+    _text("agent_details.version", d.version, 256)
+    for name, items in (("storage_drivers", d.storage_drivers), ("device_types", d.device_types)):
+        _count(f"agent_details.{name}", items, 64)
+        for item in items:
+            _text(f"agent_details.{name}", item, 64)
+    return resp
+
+
+def interface(resp: agent_pb2.Interface) -> agent_pb2.Interface:
+    _count("addresses", resp.addresses, 256)
+    for name in ("device", "name", "hw_addr", "type", "current_hw_addr"):
+        _text(name, getattr(resp, name), 64)
+    return resp
+
+
+def interfaces(resp: agent_pb2.Interfaces) -> list[agent_pb2.Interface]:
+    _count("interfaces", resp.interfaces, 1024)
+    return [interface(i) for i in resp.interfaces]
+
+
+def routes(resp: agent_pb2.Routes) -> list[agent_pb2.Route]:
+    _count("routes", resp.routes)
+    for r in resp.routes:
+        for name in ("dest", "gateway", "device", "source"):
+            _text(f"routes.{name}", getattr(r, name), 64)
+    return list(resp.routes)
+
+
+_BOOT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def reseed_random_dev(resp: agent_pb2.ReseedRandomDevResponse) -> Reseeded:
+    if resp.boot_id and not _BOOT_ID.match(resp.boot_id):
+        raise BadReply("boot_id", f"{resp.boot_id[:80]!r} is not a lower-case UUID")
+    return Reseeded(int(resp.rng_sample), resp.boot_id)
+
+
+def health(resp: agent_pb2.HealthCheckResponse) -> bool:
+    return bool(resp.status == agent_pb2.HealthCheckResponse.SERVING)
+
+
+def version(resp: agent_pb2.VersionCheckResponse) -> AgentVersion:
+    return AgentVersion(_text("agent_version", resp.agent_version, 64), int(resp.protocol_version))

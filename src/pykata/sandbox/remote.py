@@ -1,0 +1,51 @@
+"""A sandbox another process owns (a `pykata run`), reached through its agent proxy.
+
+`pykata exec` and `pykata kill` act on a container whose VM they did not start: they attach to the
+owner's `<sandbox>/agent.sock` and go through this object, never to the agent by hand.
+
+    async with await AttachedSandbox.attach(found) as sb:
+        proc = await sb.exec(cid, ["sh"], terminal=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pykata.agentapi import Agent
+from pykata.sandbox.lookup import Found
+from pykata.sandbox.process import Process, exec_spec, new_exec_id
+
+
+class AttachedSandbox:
+    """Containers of a running sandbox owned elsewhere; `close()` leaves the sandbox running."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._exec_seq = 0
+
+    @classmethod
+    async def attach(cls, found: Found) -> AttachedSandbox:
+        """Connect to the owner's agent proxy. Raises AgentError when it cannot be reached."""
+        return cls(await Agent.attach(found.proxy_socket, found.record.id))
+
+    async def exec(self, container_id: str, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/",
+                   uid: int = 0, gid: int = 0, terminal: bool = False) -> Process:
+        """Start another process in the container. Raises AgentError."""
+        self._exec_seq += 1
+        exec_id = new_exec_id(self._exec_seq)
+        process = exec_spec(args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal)
+        pid = await self._agent.exec_process(container_id, exec_id, process)
+        return Process(self._agent, container_id, exec_id, pid, terminal)
+
+    async def signal(self, container_id: str, signal: int) -> None:
+        """Signal the container's init process. Raises AgentError."""
+        await self._agent.signal_process(container_id, "", signal)
+
+    async def close(self) -> None:
+        await self._agent.close()
+
+    async def __aenter__(self) -> AttachedSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
