@@ -144,8 +144,8 @@ def _update_interface(iface: agent_pb2.Interface) -> agent_pb2.Interface:
             for a in nl.addresses():
                 if a.index == index and a.scope == 0:
                     nl.address("del", index, a.address, a.prefixlen)
-            for i, a in enumerate(iface.addresses):
-                address, prefix = _check_address(f"interface.addresses[{i}]", a)
+            for i, ip in enumerate(iface.addresses):
+                address, prefix = _check_address(f"interface.addresses[{i}]", ip)
                 nl.address("add", index, address, prefix)
             nl.set_link(index, up=True)
             return _describe(nl, index)[0]
@@ -228,7 +228,7 @@ def _routes(nl: Rtnl) -> list[Any]:
     return [r for r in nl.routes() if r.table == MAIN_TABLE and r.type == RTN_UNICAST]
 
 
-def _family(family: int) -> int:
+def _family(family: int) -> agent_pb2.IPFamily:
     return agent_pb2.IP_FAMILY_V4 if family == socket.AF_INET else agent_pb2.IP_FAMILY_V6
 
 

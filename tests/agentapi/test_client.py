@@ -1,0 +1,134 @@
+"""The typed agent client against a fake agent (a ttrpc server in this process) whose answers break the
+contract: each bad answer is refused with AgentReplyError naming the RPC and the field, never passed on.
+
+The fake stands in for a hostile guest in these error-path unit tests; the real agent is exercised by
+tests/agent, tests/sandbox and tests/shim.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pykata.agentapi import Agent, AgentCallError, AgentReplyError
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.ttrpc import CallContext, Code, RpcError, Server
+
+
+class FakeHostileAgent:
+    """Answers each RPC with whatever `replies` holds for it (a message, or an exception to raise)."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, Any] = {}
+        self.requests: dict[str, Any] = {}
+
+    def __getattr__(self, rpc: str) -> Any:
+        if rpc not in AGENT_SERVICE.methods and rpc not in HEALTH_SERVICE.methods:
+            raise AttributeError(rpc)
+
+        async def answer(req: Any, ctx: CallContext) -> Any:
+            self.requests[rpc] = req
+            reply = self.replies[rpc]
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply
+        return answer
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[tuple[FakeHostileAgent, Agent]]:
+    handler = FakeHostileAgent()
+    handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=agent_pb2.HealthCheckResponse.SERVING)
+    server = Server()
+    server.register(AGENT_SERVICE, handler)
+    server.register(HEALTH_SERVICE, handler)
+    await server.serve_unix(str(tmp_path / "agent.sock"))
+    agent = await Agent.connect(tmp_path / "agent.sock", "sb1", timeout=5)
+    try:
+        yield handler, agent
+    finally:
+        await agent.close()
+        await server.close()
+
+
+def test_every_agent_rpc_has_a_method() -> None:
+    # GetOOMEvent -> get_oom_event, OnlineCPUMem -> online_cpu_mem
+    for rpc in (*AGENT_SERVICE.methods, *HEALTH_SERVICE.methods):
+        method = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", rpc).lower()
+        assert callable(getattr(Agent, method, None)), f"{rpc}: no Agent.{method}"
+
+
+async def test_good_answers_come_back_typed(fake: tuple[FakeHostileAgent, Agent]) -> None:
+    handler, agent = fake
+    handler.replies.update(
+        ExecProcess=agent_pb2.ExecProcessResponse(pid=42),
+        WaitProcess=agent_pb2.WaitProcessResponse(exit_status=137),
+        ReadStdout=agent_pb2.ReadStreamResponse(data=b"hi"),
+        ReadStderr=agent_pb2.ReadStreamResponse(eof=True),
+        WriteStdin=agent_pb2.WriteStreamResponse(length=2),
+        GetOOMEvent=agent_pb2.OOMEvent(container_id="c1"),
+    )
+    assert await agent.exec_process("c1", "e1", agent_pb2.Process(args=["true"])) == 42
+    assert handler.requests["ExecProcess"].exec_id == "e1"
+    assert await agent.wait_process("c1") == 137
+    assert await agent.read_stdout("c1", "", 16) == b"hi"
+    assert await agent.read_stderr("c1", "", 16) is None
+    assert await agent.write_stdin("c1", "", b"abc") == 2
+    assert await agent.get_oom_event() == "c1"
+
+
+@pytest.mark.parametrize(("rpc", "reply", "field"), [
+    ("ExecProcess", agent_pb2.ExecProcessResponse(pid=0), "pid"),
+    ("ExecProcess", agent_pb2.ExecProcessResponse(pid=(1 << 22) + 1), "pid"),
+    ("CreateContainer", agent_pb2.CreateContainerResponse(pid=0), "pid"),
+    ("StartContainer", agent_pb2.StartContainerResponse(pid=0), "pid"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(exit_status=256), "exit_status"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(exit_status=(1 << 32) - 1), "exit_status"),
+    ("ReadStdout", agent_pb2.ReadStreamResponse(data=b"x" * 17), "data"),
+    ("WriteStdin", agent_pb2.WriteStreamResponse(length=0), "length"),
+    ("WriteStdin", agent_pb2.WriteStreamResponse(length=4), "length"),
+    ("GetOOMEvent", agent_pb2.OOMEvent(container_id="../../etc"), "container_id"),
+    ("GetOOMEvent", agent_pb2.OOMEvent(container_id="c" * 129), "container_id"),
+    ("StatsContainer", agent_pb2.StatsContainerResponse(cgroup_stats=agent_pb2.CgroupStats(cgroup_version=7)),
+     "cgroup_stats.cgroup_version"),
+    ("StatsContainer", agent_pb2.StatsContainerResponse(
+        cgroup_stats=agent_pb2.CgroupStats(cpu=agent_pb2.CpuStats(per_cpu_ns=[1] * 5000))),
+     "cgroup_stats.cpu.per_cpu_ns"),
+    ("ListRoutes", agent_pb2.Routes(routes=[agent_pb2.Route(dest="d" * 100)]), "routes.dest"),
+    ("Version", agent_pb2.VersionCheckResponse(agent_version="v" * 100), "agent_version"),
+])
+async def test_out_of_contract_answers_are_refused(fake: tuple[FakeHostileAgent, Agent], rpc: str, reply: Any,
+                                                   field: str) -> None:
+    handler, agent = fake
+    handler.replies[rpc] = reply
+    calls = {
+        "ExecProcess": lambda: agent.exec_process("c1", "e1", agent_pb2.Process(args=["true"])),
+        "CreateContainer": lambda: agent.create_container("c1", "{}"),
+        "StartContainer": lambda: agent.start_container("c1"),
+        "WaitProcess": lambda: agent.wait_process("c1"),
+        "ReadStdout": lambda: agent.read_stdout("c1", "", 16),
+        "WriteStdin": lambda: agent.write_stdin("c1", "", b"abc"),
+        "GetOOMEvent": agent.get_oom_event,
+        "StatsContainer": lambda: agent.stats_container("c1"),
+        "ListRoutes": agent.list_routes,
+        "Version": agent.version,
+    }
+    with pytest.raises(AgentReplyError) as info:
+        await calls[rpc]()
+    e = info.value
+    assert (e.rpc, e.field, e.code, e.sandbox_id) == (rpc, field, Code.DATA_LOSS, "sb1")
+    assert f"agent {rpc}" in str(e) and field in str(e)
+
+
+async def test_a_failed_call_keeps_its_code_and_names_the_rpc(fake: tuple[FakeHostileAgent, Agent]) -> None:
+    handler, agent = fake
+    handler.replies["PauseContainer"] = RpcError(Code.NOT_FOUND, "no container c9")
+    with pytest.raises(AgentCallError) as info:
+        await agent.pause_container("c9")
+    assert not isinstance(info.value, AgentReplyError)
+    assert (info.value.rpc, info.value.code) == ("PauseContainer", Code.NOT_FOUND)
+    assert "no container c9" in str(info.value)
