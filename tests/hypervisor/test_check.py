@@ -60,9 +60,13 @@ def test_cgroups_check_reads_the_hierarchy(tmp_path: Path) -> None:
     (v1 / "unified").mkdir(parents=True)
     (v1 / "unified" / "cgroup.controllers").write_text("")
     result = check.cgroups_v2(Config(), v1)
-    assert result.status == "warn" and "hybrid" in result.detail
+    assert result.status == "warn" and "hybrid" in result.detail  # only an empty v2: nothing to charge
     strict = parse_toml("[runtime]\nsandbox_cgroup_only = true\n")
     assert check.cgroups_v2(strict, v1).status == "fail"
+    (v1 / "memory").mkdir()
+    (v1 / "memory" / "cgroup.procs").write_text("")
+    result = check.cgroups_v2(strict, v1)  # v1 controllers (this host): charged there
+    assert result.status == "pass" and "memory" in result.detail and "pod's cgroup" in result.detail
 
 
 def test_missing_guest_assets_fail(tmp_path: Path) -> None:
