@@ -23,7 +23,6 @@ from pykata.hypervisor.qemu.driver import VHOST_VSOCK, resolve_kernel, resolve_r
 
 Status = Literal["pass", "warn", "fail"]
 MIN_QEMU = (7, 2)
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 TUN = Path("/dev/net/tun")
 
 
