@@ -53,6 +53,12 @@ def _wait_for(cond: object, timeout: float = 20.0) -> bool:
     return False
 
 
+def _cgroups(cid: str) -> list[Path]:
+    """The sandbox's host cgroups (pykata.resources.cgroups: pykata_overhead/<id> in each hierarchy)."""
+    root = Path("/sys/fs/cgroup")
+    return [d for d in [root / "pykata_overhead" / cid, *root.glob(f"*/pykata_overhead/{cid}")] if d.exists()]
+
+
 def _assert_nothing_left(ctd: Containerd, cid: str, shim_pid: int | None) -> None:
     assert _wait_for(lambda: not _vm_processes(cid)), [p.cmdline() for p in _vm_processes(cid)]
     assert _wait_for(lambda: shim_pid is None or not psutil.pid_exists(shim_pid)
@@ -60,6 +66,7 @@ def _assert_nothing_left(ctd: Containerd, cid: str, shim_pid: int | None) -> Non
     # containerd's `delete` of a dead shim may still be unmounting when its task is already gone
     assert _wait_for(lambda: not _mounts(cid)), _mounts(cid)
     assert _wait_for(lambda: not _sandbox_dir(cid).exists())
+    assert _wait_for(lambda: not _cgroups(cid)), _cgroups(cid)
     assert cid not in ctd.tasks()
 
 
@@ -99,6 +106,7 @@ def test_vm_killed_under_a_running_task(containerd: Containerd) -> None:
 def test_shim_killed_leaves_nothing(containerd: Containerd) -> None:
     cid, shim_pid = _start(containerd, "shimkill")
     assert _vm_processes(cid)
+    assert _cgroups(cid)  # the dead shim cannot remove them: its `delete` does, from their record
     os.kill(shim_pid, signal.SIGKILL)
     # containerd sees the connection drop and runs `containerd-shim-pykata-v2 delete`
     assert _wait_for(lambda: not _vm_processes(cid)), "the VM outlived its shim"
