@@ -67,13 +67,15 @@ def test_pure_v2(cgroup2: Path) -> None:
 
 
 def test_existing_levels_are_kept(cgroup2: Path) -> None:
-    (cgroup2 / "kubepods" / "pod1").mkdir(parents=True)  # kubelet's
-    cg = SandboxCgroup.create(cgroup2, PurePosixPath("kubepods/pod1/sb"))
-    assert cg.created == [cgroup2 / "kubepods/pod1/sb"]
+    # (a cgroup2 mount shows the host's one v2 hierarchy: names are unique so as not to meet others')
+    pod = cgroup2 / f"pykata-test-{uuid.uuid4().hex[:8]}" / "pod1"
+    pod.mkdir(parents=True)  # kubelet's
+    cg = SandboxCgroup.create(cgroup2, PurePosixPath(pod.relative_to(cgroup2), "sb"))
+    assert cg.created == [pod / "sb"]
     cg.remove()
-    assert (cgroup2 / "kubepods/pod1").is_dir() and not (cgroup2 / "kubepods/pod1/sb").exists()
-    (cgroup2 / "kubepods/pod1").rmdir()
-    (cgroup2 / "kubepods").rmdir()
+    assert pod.is_dir() and not (pod / "sb").exists()
+    pod.rmdir()
+    pod.parent.rmdir()
 
 
 def test_paths() -> None:
@@ -87,10 +89,11 @@ def test_paths() -> None:
 
 
 def test_recorded_leftovers_are_removed_only_below_the_root(cgroup2: Path, tmp_path: Path) -> None:
-    cg = SandboxCgroup.create(cgroup2, PurePosixPath("pykata_overhead/dead"))
+    top = f"pykata-test-{uuid.uuid4().hex[:8]}"
+    cg = SandboxCgroup.create(cgroup2, PurePosixPath(top, "dead"))
     outside = tmp_path / "not-a-cgroup"
     outside.mkdir()
     record = cg.record()[:-1] + f', "{outside}", "{cgroup2}/../not-a-cgroup"]'
     cgroups.remove_recorded(record, cgroup2)
-    assert not (cgroup2 / "pykata_overhead").exists()
+    assert not (cgroup2 / top).exists()
     assert outside.is_dir()
