@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ from pykata.images import ImageError, ImageStore, LayerError, apply_layer
 from pykata.images.builtin import export_oci_archive
 
 
-def _tar(entries: list[tuple[str, str, bytes | str]]) -> tarfile.TarFile:
+def _tar(entries: list[tuple[str, str, bytes | str]]) -> io.BytesIO:
     """entries: (name, kind in f/d/l/h, content or link target)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
@@ -32,7 +33,7 @@ def _tar(entries: list[tuple[str, str, bytes | str]]) -> tarfile.TarFile:
                 info.linkname = data
             t.addfile(info)
     buf.seek(0)
-    return tarfile.open(fileobj=buf)
+    return buf
 
 
 def test_layers_stack_with_whiteouts(tmp_path: Path) -> None:
@@ -94,7 +95,9 @@ def test_docker_save_tarball(tmp_path: Path) -> None:
         info = tarfile.TarInfo("hello.sh")
         info.size, info.mode = len(data), 0o755
         lt.addfile(info, io.BytesIO(data))
-    config = json.dumps({"config": {"Cmd": ["/hello.sh"], "Env": ["A=1"], "WorkingDir": "/w"}}).encode()
+    diff_id = "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()
+    config = json.dumps({"config": {"Cmd": ["/hello.sh"], "Env": ["A=1"], "WorkingDir": "/w"},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
     archive = tmp_path / "saved.tar"
     manifest = json.dumps([{"Config": "cfg.json", "Layers": ["abc/layer.tar"]}]).encode()
     with tarfile.open(archive, "w") as t:

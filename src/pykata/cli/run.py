@@ -148,7 +148,7 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
         for _, rec in list_sandboxes(Path(config.runtime.runtime_dir) / "sandboxes"):
             if rec is not None and rec.name == name:
                 raise SpecError("--name", f"the name {name!r} is in use by {rec.id[:12]}")
-    image = ImageStore(Path(config.runtime.cache_dir)).resolve(image_ref)
+    image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(image_ref)
     args = list(command) if command else [*image.config.entrypoint, *image.config.cmd]
     if command and image.config.entrypoint:
         args = [*image.config.entrypoint, *command]

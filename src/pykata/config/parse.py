@@ -21,6 +21,7 @@ from pykata.config.schema import (
     ANNOTATABLE_HYPERVISOR_KEYS,
     NEVER_ANNOTATABLE_HYPERVISOR_KEYS,
     Config,
+    ImageSection,
     QemuConfig,
 )
 from pykata.errors import ConfigError
@@ -187,6 +188,28 @@ def validate(config: Config) -> None:
     _range("runtime.run_log_max_size", runtime.run_log_max_size, 1, MAX_LOG_SIZE_MIB, " (MiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("factory.template_path", config.factory.template_path, allow_empty=False)
+    validate_image(config.image)
+
+
+# Upper bounds keep a typo (or a unit mix-up) from turning a cap off.
+_IMAGE_RANGES = {
+    "max_layers": (1, 1000),
+    "max_unpacked_mib": (1, 1 << 20),
+    "max_entries": (1, 10_000_000),
+    "max_pax_header_bytes": (512, 64 << 20),
+    "max_path_length": (256, 65536),
+    "min_free_mib": (0, 1 << 20),
+}
+
+
+def validate_image(image: ImageSection) -> None:
+    """Range checks of `[image]`.
+
+    Raises:
+        ConfigError: naming the first offending key.
+    """
+    for name, (low, high) in _IMAGE_RANGES.items():
+        _range(f"image.{name}", getattr(image, name), low, high, "")
 
 
 def validate_qemu(q: QemuConfig, prefix: str) -> None:

@@ -147,6 +147,27 @@ class FactoryConfig:
 
 
 @dataclass(frozen=True)
+class ImageSection:
+    """`[image]`: caps on unpacking untrusted images (OCI layouts, OCI and docker-save tarballs).
+
+    Exceeding one stops the unpack with an `ImageLimitError` naming the key; nothing is kept.
+    """
+
+    # Layers in one image (Docker refuses more than 125).
+    max_layers: int = 128
+    # Uncompressed bytes of all layers of one image (tar headers included), MiB: what a gzip bomb hits.
+    max_unpacked_mib: int = 4096
+    # Tar entries (files, directories, links, whiteouts) in all layers of one image.
+    max_entries: int = 100_000
+    # Bytes of one pax extended header or GNU long name/link record (Go's archive/tar allows 1 MiB).
+    max_pax_header_bytes: int = 1 << 20
+    # Bytes of an entry's path or link target (Linux's PATH_MAX).
+    max_path_length: int = 4096
+    # Unpacking stops when the cache file system's free space would drop below this, MiB.
+    min_free_mib: int = 512
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.toml. `source` is the file it was read from (None: built-in defaults)."""
 
@@ -154,6 +175,7 @@ class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     factory: FactoryConfig = field(default_factory=FactoryConfig)
+    image: ImageSection = field(default_factory=ImageSection)
     source: str | None = None
 
     @property

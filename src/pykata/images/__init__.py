@@ -1,6 +1,8 @@
 """Container images: the embedded busybox, OCI layouts and archives, `docker save` tarballs, bundles."""
 
-from pykata.images.layers import LayerError, apply_layer
-from pykata.images.store import Image, ImageConfig, ImageError, ImageStore
+from pykata.images.errors import BlobError, ImageError, ImageLimitError, LayerError
+from pykata.images.layers import LayerStats, apply_layer
+from pykata.images.store import Image, ImageConfig, ImageStore
 
-__all__ = ["Image", "ImageConfig", "ImageError", "ImageStore", "LayerError", "apply_layer"]
+__all__ = ["BlobError", "Image", "ImageConfig", "ImageError", "ImageLimitError", "ImageStore", "LayerError",
+           "LayerStats", "apply_layer"]

@@ -15,7 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pykata.images.store import Image, ImageConfig, ImageError
+from pykata.images.errors import ImageError
+from pykata.images.store import Image, ImageConfig
 
 BUSYBOX = Path("/bin/busybox")
 RECIPE_VERSION = "1"

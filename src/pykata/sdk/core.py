@@ -133,7 +133,7 @@ class AsyncSandbox:
         if self._timeout is not None and self._timeout <= 0:
             raise SpecError("timeout", f"{self._timeout} must be positive")
         config = self.config or load_config()
-        image = ImageStore(Path(config.runtime.cache_dir)).resolve(self.image_ref)
+        image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(self.image_ref)
         vols = [Volume.parse(v) for v in self.volumes]
         self._env = [*image.config.env, *self._extra_env]
         self._cwd = self._cwd_arg or image.config.working_dir or "/"
