@@ -264,10 +264,16 @@ class _Applier:
                     os.mkdir(part, 0o755, dir_fd=fd)
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as e:
+                try:
+                    is_link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+                except OSError:
+                    is_link = False
                 os.close(fd)
-                where = "/".join(parts[:i + 1])
-                raise LayerError(member, f"{where[:200]!r} is a symlink or not a directory ({e.strerror}): "
-                                         "entries are never written through symlinks") from None
+                where = "/".join(parts[:i + 1])[:200]
+                if is_link:
+                    raise LayerError(member, f"{where!r} is a symlink: entries are never written through "
+                                             "symlinks") from None
+                raise LayerError(member, f"{where!r} is not a directory ({e.strerror})") from None
             os.close(fd)
             fd = nfd
         return fd

@@ -1,0 +1,33 @@
+"""Hypothesis over the layer extractor: 10,000 generated (often malicious, often malformed) layers, each
+either applied or refused with an ImageError, and never anything outside the root. See image_fuzz.py;
+bench/fuzz_images.py runs many more cases."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+
+from pykata.config.schema import ImageSection
+from tests.security.image_fuzz import LayerSpec, cases, check_case, make_host
+from tests.security.imagekit import fast_dir
+
+EXAMPLES = 10_000
+
+
+def test_extractor_fuzz() -> None:
+    outcomes: Counter[str] = Counter()
+    with fast_dir("pykata-imagefuzz-") as base:
+        host_tree = make_host(base)
+
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(cases)
+        def run(case: tuple[list[LayerSpec], ImageSection]) -> None:
+            outcomes[check_case(case, Path(base), host_tree)] += 1
+
+        run()
+    # the generator must really exercise both sides, not just fail to build archives
+    assert outcomes["ok"] >= EXAMPLES // 10 and outcomes["refused"] >= EXAMPLES // 10, outcomes
+    assert sum(outcomes.values()) >= EXAMPLES, outcomes
