@@ -131,3 +131,27 @@ def test_garbage_archive_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ImageError, match="not an image archive"):
         ImageStore(tmp_path).resolve(str(bad))
+
+
+def test_docker_save_with_linked_layers(tmp_path: Path) -> None:
+    # docker save (before 25) links identical layers: b/layer.tar -> ../a/layer.tar
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as lt:
+        info = tarfile.TarInfo("same")
+        info.size = 1
+        lt.addfile(info, io.BytesIO(b"1"))
+    diff_id = "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]}}).encode()
+    manifest = json.dumps([{"Config": "c.json", "Layers": ["a/layer.tar", "b/layer.tar"]}]).encode()
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as t:
+        for name, blob in [("a/layer.tar", layer.getvalue()), ("c.json", config), ("manifest.json", manifest)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+        link = tarfile.TarInfo("b/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../a/layer.tar"
+        t.addfile(link)
+    img = ImageStore(tmp_path / "cache").resolve(str(archive))
+    assert (img.rootfs / "same").read_bytes() == b"1"
+    assert img.rootfs.parent.name.startswith("docker-sha256-")
