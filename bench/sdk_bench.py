@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""The Python SDK's goals (issue 17), each next to runc doing the same thing in the same run.
+
+    .venv/bin/python bench/sdk_bench.py [-n 20] [--starts 3] [--file-mib 100] [--concurrent 20] [--json]
+
+- cold start: `Sandbox()` until its first command can run, vs `runc run -d` of the same bundle
+- run("true"): one command round trip in a running sandbox, vs `runc exec` in a running container
+- files: write then read --file-mib MiB with `files.write`/`files.read_bytes`, vs `runc exec cat` with
+  the data on stdin / stdout (the same path `docker cp` would take)
+- concurrency: --concurrent AsyncSandboxes started and used from one Python process (one event loop):
+  wall time, and the number of threads the process had at most (the goal: not one per sandbox)
+- pool: `Pool.acquire()` to the first command's result, when the SDK has a Pool
+
+Figures are medians (p50). On a shared machine they move with the load: compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import pykata  # noqa: E402
+from pykata.config import load_config  # noqa: E402
+from pykata.images import ImageStore  # noqa: E402
+from pykata.sandbox import build_spec  # noqa: E402
+
+GOALS = {"cold_start_s": 1.0, "run_true_p50_s": 0.100, "files_write_mib_s": 50, "files_read_mib_s": 50,
+         "pool_acquire_first_command_s": 0.050}
+
+
+def p50(xs: list[float]) -> float:
+    return round(statistics.median(xs), 4)
+
+
+class RuncContainer:
+    """A runc container idling in a bundle of the busybox image: the baseline."""
+
+    def __init__(self, tmp: Path) -> None:
+        rootfs = ImageStore(Path(load_config().runtime.cache_dir)).resolve("busybox").rootfs
+        self.bundle = tmp / f"bundle-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(rootfs, self.bundle / "rootfs", symlinks=True)
+        spec = build_spec(["sleep", "1000000"], env=["PATH=/bin:/usr/bin"])
+        spec["linux"]["resources"] = {}
+        (self.bundle / "config.json").write_text(json.dumps(spec))
+        self.id = f"sdkbench-{uuid.uuid4().hex[:8]}"
+
+    def start(self) -> float:
+        t = time.perf_counter()
+        subprocess.run(["runc", "run", "-d", "--bundle", str(self.bundle), self.id], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.exec(["true"])
+        return time.perf_counter() - t
+
+    def exec(self, argv: list[str], stdin: bytes | None = None) -> bytes:
+        p = subprocess.run(["runc", "exec", self.id, *argv], input=stdin, capture_output=True, check=True)
+        return p.stdout
+
+    def delete(self) -> None:
+        subprocess.run(["runc", "delete", "-f", self.id], capture_output=True, check=False)
+
+
+def measure_runc(tmp: Path, n: int, starts: int, data: bytes) -> dict[str, float]:
+    start_s = []
+    for _ in range(starts):
+        c = RuncContainer(tmp)
+        try:
+            start_s.append(c.start())
+        finally:
+            c.delete()
+    c = RuncContainer(tmp)
+    try:
+        c.start()
+        runs = []
+        for _ in range(n):
+            t = time.perf_counter()
+            c.exec(["true"])
+            runs.append(time.perf_counter() - t)
+        mib = len(data) / (1 << 20)
+        t = time.perf_counter()
+        c.exec(["sh", "-c", "cat > /tmp/f"], stdin=data)
+        write = time.perf_counter() - t
+        t = time.perf_counter()
+        back = c.exec(["cat", "/tmp/f"])
+        read = time.perf_counter() - t
+        assert back == data
+    finally:
+        c.delete()
+    return {"cold_start_s": p50(start_s), "run_true_p50_s": p50(runs), "files_write_mib_s": round(mib / write, 1),
+            "files_read_mib_s": round(mib / read, 1)}
+
+
+def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
+    start_s = []
+    for _ in range(starts):
+        t = time.perf_counter()
+        with pykata.Sandbox(image="busybox") as sb:
+            sb.run("true")
+            start_s.append(time.perf_counter() - t)
+    with pykata.Sandbox(image="busybox") as sb:
+        sb.run("true")
+        runs = []
+        for _ in range(n):
+            t = time.perf_counter()
+            sb.run("true")
+            runs.append(time.perf_counter() - t)
+        mib = len(data) / (1 << 20)
+        t = time.perf_counter()
+        sb.files.write("/tmp/f", data)
+        write = time.perf_counter() - t
+        t = time.perf_counter()
+        back = sb.files.read_bytes("/tmp/f", max_bytes=len(data))
+        read = time.perf_counter() - t
+        assert back == data
+    return {"cold_start_s": p50(start_s), "run_true_p50_s": p50(runs), "files_write_mib_s": round(mib / write, 1),
+            "files_read_mib_s": round(mib / read, 1)}
+
+
+def measure_concurrent(count: int) -> dict[str, float]:
+    most_threads = threading.active_count()
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal most_threads
+        while not done.wait(0.05):
+            most_threads = max(most_threads, threading.active_count() - 1)  # not counting this watcher
+
+    async def one() -> float:
+        async with pykata.AsyncSandbox(image="busybox") as sb:
+            t = time.perf_counter()
+            r = await sb.run("true")
+            assert r.ok
+            return time.perf_counter() - t
+
+    async def all_of_them() -> list[float]:
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t = time.perf_counter()
+    try:
+        runs = asyncio.run(all_of_them())
+    finally:
+        done.set()
+        watcher.join()
+    return {"sandboxes": count, "wall_s": round(time.perf_counter() - t, 2), "most_threads": most_threads,
+            "run_true_p50_s": p50(runs)}
+
+
+def measure_pool(n: int) -> dict[str, float] | None:
+    pool_cls = getattr(pykata, "Pool", None)
+    if pool_cls is None:
+        return None
+    with pool_cls(size=2, image="busybox") as pool:
+        pool.wait_ready()
+        firsts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            with pool.acquire() as sb:
+                sb.run("true")
+                firsts.append(time.perf_counter() - t)
+            pool.wait_ready()
+    return {"pool_acquire_first_command_s": p50(firsts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=20, help="run('true') round trips")
+    ap.add_argument("--starts", type=int, default=3, help="cold starts")
+    ap.add_argument("--file-mib", type=int, default=100)
+    ap.add_argument("--concurrent", type=int, default=20)
+    ap.add_argument("--pool-n", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    data = os.urandom(a.file_mib << 20)
+    with tempfile.TemporaryDirectory() as t:
+        runc = measure_runc(Path(t), a.n, a.starts, data)
+    sdk = measure_sdk(a.n, a.starts, data)
+    res: dict[str, object] = {"sdk": sdk, "runc": runc, "goals": GOALS,
+                              "ratio_to_runc": {k: round(sdk[k] / runc[k], 1) if runc[k] else None for k in sdk},
+                              "loadavg": os.getloadavg()}
+    if a.concurrent:
+        res["concurrent"] = measure_concurrent(a.concurrent)
+    pool = measure_pool(a.pool_n)
+    if pool is not None:
+        res["pool"] = pool
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"{'':24}{'sdk':>10}{'runc':>10}{'ratio':>8}{'goal':>10}")
+    for k, v in sdk.items():
+        print(f"{k:24}{v:>10}{runc[k]:>10}{res['ratio_to_runc'][k]:>8}{GOALS[k]:>10}")  # type: ignore[index]
+    if "concurrent" in res:
+        print(f"concurrent: {res['concurrent']}")
+    if pool is not None:
+        print(f"pool: {pool} (goal {GOALS['pool_acquire_first_command_s']}s)")
+    print(f"load average during the run: {res['loadavg']} (the machine is shared)")
+
+
+if __name__ == "__main__":
+    main()
