@@ -143,6 +143,35 @@ async def test_async_sandbox_same_surface() -> None:
         await sb.run("true")
 
 
+def test_pool_hands_each_sandbox_out_once_and_refills() -> None:
+    with pykata.Pool(size=1, image="busybox", timeout=300) as pool:
+        pool.wait_ready(timeout=120)
+        with pool.acquire(timeout=120) as first:
+            first.files.write("/mine", "secret of user 1")
+            assert first.deadline is not None  # the lifetime starts at acquire
+            first_id = first.id
+        pool.wait_ready(timeout=120)  # refilled in the background
+        with pool.acquire(timeout=120) as second:
+            assert second.id != first_id and not second.files.exists("/mine")  # never reused
+        pool.wait_ready(timeout=120)
+        assert pool.ready == 1 and len(_mine()) == 1  # the idle one
+    assert _mine() == []  # closing the pool destroyed the idle sandbox; the acquired ones were closed
+    with pytest.raises(pykata.SandboxGoneError):
+        pool.acquire()
+
+
+def _mine() -> list[str]:
+    """Sandboxes this test process owns."""
+    out = []
+    for d in Path("/run/pykata/sandboxes").iterdir():
+        try:
+            if json.loads((d / "state.json").read_text())["owner_pid"] == os.getpid():
+                out.append(d.name)
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
 def test_unknown_image_raises_before_any_vm() -> None:
     with pytest.raises(pykata.PykataError, match="unknown image"), pykata.Sandbox(image="nope"):
         pass

@@ -11,9 +11,11 @@ if TYPE_CHECKING:
     __version__: str
 
 _SDK_NAMES = ("Sandbox", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "SandboxTimeoutError", "NotFoundError",
-              "PolicyDeniedError", "SandboxGoneError", "SdkError", "Pool", "AsyncPool")
-__all__ = ["AsyncPool", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "NotFoundError", "PolicyDeniedError",
-           "Pool", "PykataError", "Sandbox", "SandboxGoneError", "SandboxTimeoutError", "SdkError", "__version__"]
+              "PolicyDeniedError", "SandboxGoneError", "SdkError", "Pool", "AsyncPool", "Pty", "AsyncPty",
+              "Proc", "AsyncProcess", "FileInfo", "SandboxInfo")
+__all__ = ["AsyncPool", "AsyncProcess", "AsyncPty", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "FileInfo",
+           "NotFoundError", "PolicyDeniedError", "Pool", "Proc", "Pty", "PykataError", "Sandbox", "SandboxGoneError",
+           "SandboxInfo", "SandboxTimeoutError", "SdkError", "__version__"]
 
 
 def __getattr__(name: str) -> object:

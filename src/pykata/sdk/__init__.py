@@ -17,7 +17,7 @@ file operations run in that container. Leaving the `with` block destroys the VM 
 Errors: pykata.sdk.errors (all are pykata.PykataError).
 """
 
-from pykata.sdk.blocking import Files, Proc, Pty, Sandbox, Stdin
+from pykata.sdk.blocking import Files, Pool, Proc, Pty, Sandbox, Stdin
 from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, SandboxInfo
 from pykata.sdk.errors import (
     ExecTimeoutError,
@@ -28,8 +28,9 @@ from pykata.sdk.errors import (
     SdkError,
 )
 from pykata.sdk.files import AsyncFiles, FileInfo
+from pykata.sdk.pool import AsyncPool
 from pykata.sdk.process import AsyncProcess, AsyncStdin, ExecResult
 
-__all__ = ["IDLE_COMMAND", "AsyncFiles", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AsyncStdin", "ExecResult",
-           "ExecTimeoutError", "FileInfo", "Files", "NotFoundError", "PolicyDeniedError", "Proc", "Pty", "Sandbox",
-           "SandboxGoneError", "SandboxInfo", "SandboxTimeoutError", "SdkError", "Stdin"]
+__all__ = ["IDLE_COMMAND", "AsyncFiles", "AsyncPool", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AsyncStdin",
+           "ExecResult", "ExecTimeoutError", "FileInfo", "Files", "NotFoundError", "PolicyDeniedError", "Pool",
+           "Proc", "Pty", "Sandbox", "SandboxGoneError", "SandboxInfo", "SandboxTimeoutError", "SdkError", "Stdin"]

@@ -19,6 +19,7 @@ from pykata.errors import PykataError
 from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, SandboxInfo, User
 from pykata.sdk.files import MAX_DOWNLOAD, MAX_READ, AsyncFiles, FileInfo, Progress
 from pykata.sdk.loop import SHARED
+from pykata.sdk.pool import AsyncPool
 from pykata.sdk.process import AsyncProcess, AsyncStdin, ExecResult, StreamName
 
 T = TypeVar("T")
@@ -272,6 +273,65 @@ class Sandbox:
             SHARED.release(token)
 
     def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Pool:
+    """The blocking face of AsyncPool: `with Pool(size=4) as pool: with pool.acquire() as sb: ...`."""
+
+    def __init__(self, size: int = 2, image: str = "busybox", *, max_starting: int = 2,
+                 **sandbox_options: Any) -> None:
+        self._async = AsyncPool(size, image, max_starting=max_starting, **sandbox_options)
+        self._token: int | None = None
+
+    @property
+    def ready(self) -> int:
+        return self._async.ready
+
+    def start(self) -> Pool:
+        if self._token is None:
+            self._token = SHARED.acquire(closer=self.close)
+            try:
+                _run(self._async.start())
+            except BaseException:
+                self._release()
+                raise
+        return self
+
+    def wait_ready(self, count: int | None = None, timeout: float | None = None) -> None:
+        self.start()
+        _run(self._async.wait_ready(count, timeout))
+
+    def acquire(self, timeout: float | None = None) -> Sandbox:
+        """A started sandbox that is now yours (see AsyncPool.acquire); `with` it to close it."""
+        self.start()
+        token = SHARED.acquire()
+        try:
+            inner = _run(self._async.acquire(timeout))
+        except BaseException:
+            SHARED.release(token)
+            raise
+        sb = Sandbox._wrap(inner, token)
+        SHARED.set_closer(token, sb.close)
+        return sb
+
+    def close(self) -> None:
+        if self._token is None:
+            return
+        try:
+            _run(self._async.close())
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            SHARED.release(token)
+
+    def __enter__(self) -> Pool:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

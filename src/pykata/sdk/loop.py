@@ -65,6 +65,11 @@ class SharedLoop:
                 self._closers[token] = closer
             return token
 
+    def set_closer(self, token: int, closer: Callable[[], None]) -> None:
+        """What closes the user of `token` at interpreter exit."""
+        with self._lock:
+            self._closers[token] = closer
+
     def release(self, token: int) -> None:
         """Drop one user; the last one ends the thread (and waits for it, except from the thread itself)."""
         with self._lock:
