@@ -149,3 +149,41 @@ def check_cgroup_path(value: object) -> str | None:
     assert isinstance(path, PurePosixPath) and not path.is_absolute()
     assert path.parts and not {".", ".."} & set(path.parts) and len(path.parts) <= cgroups.MAX_DEPTH
     return None
+
+
+SECRET = "Zq9sEcReT"
+
+
+@st.composite
+def secret_files(draw: st.DrawFn) -> str:
+    """A would-be configuration file holding SECRET somewhere: as a key, a value, a table, garbage."""
+    text = draw(toml_texts)
+    where = draw(st.sampled_from(["key", "value", "table", "garbage", "enum", "list"]))
+    line = {"key": f"{SECRET} = 1", "value": f'kernel = "{SECRET}"', "table": f"[{SECRET}]",
+            "garbage": f"{SECRET}: {SECRET}:::", "enum": f'machine_type = "{SECRET}"',
+            "list": f'kernel_modules = ["{SECRET}", 1]'}[where]
+    lines = text.splitlines()
+    lines.insert(draw(st.integers(0, len(lines))), line)
+    if where in ("value", "enum") and draw(st.booleans()):
+        lines.insert(0, "[hypervisor.qemu]")
+    if where == "list":
+        lines.insert(0, "[agent.pykata]")
+    return "\n".join(lines)
+
+
+def check_secret_file(directory: str, text: str) -> str | None:
+    """load_pod_config_file of a file holding SECRET: accepted, or refused without a trace of SECRET."""
+    import os
+
+    from pykata.config import load_pod_config_file
+
+    path = os.path.join(directory, "pod.toml")
+    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(text)
+    try:
+        load_pod_config_file(path, (directory,))
+    except ConfigError as e:
+        assert e.field == "io.katacontainers.config_path", e
+        assert SECRET.lower() not in str(e).lower(), e
+        return e.field
+    return None

@@ -4,6 +4,7 @@ documented error naming a field; bench/fuzz_config.py runs the same properties l
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -35,3 +36,11 @@ def test_annotations(annotations: dict[str, str]) -> None:
 @given(fz.cgroup_paths)
 def test_cgroup_paths(value: object) -> None:
     fz.check_cgroup_path(value)
+
+
+@settings(max_examples=500, **FAST)
+@given(fz.secret_files())
+def test_pod_config_file_errors_never_quote_it(text: str) -> None:
+    # a file a pod names (in an allowed directory): whatever it holds, the refusal shows none of it
+    with tempfile.TemporaryDirectory() as directory:
+        fz.check_secret_file(directory, text)
