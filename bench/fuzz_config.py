@@ -6,7 +6,7 @@ Prints, per property: cases run, how many were accepted and refused, how many di
 refusals named, cases a second, and failures (any exception other than the documented ConfigError /
 CgroupError, or a refusal without a field: must be 0; the first failure is shown and the run exits 1).
 
-    .venv/bin/python bench/fuzz_config.py [-n 50000] [--only mappings,texts,annotations,cgroups] [--json]
+    .venv/bin/python bench/fuzz_config.py [-n 50000] [--only mappings,texts,annotations,cgroups,files] [--json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,10 @@ PROPERTIES: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], str | None]]
     "texts": (fz.toml_texts, fz.check_text),
     "annotations": (fz.annotation_maps, fz.check_annotations),
     "cgroups": (fz.cgroup_paths, fz.check_cgroup_path),
+    # a pod-named file holding a secret: refused without a trace of it (writes one small file a case)
+    "files": (fz.secret_files(), lambda text: fz.check_secret_file(_FILES_DIR, text)),
 }
+_FILES_DIR = tempfile.mkdtemp(prefix="pykata-fuzz-")
 
 
 def run(name: str, n: int) -> dict[str, Any]:
@@ -70,7 +76,11 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(PROPERTIES), help="comma-separated properties")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    results = [run(name, args.n) for name in args.only.split(",")]
+    logging.disable(logging.WARNING)  # the refused pod files' details, which go to the runtime's log
+    try:
+        results = [run(name, args.n) for name in args.only.split(",")]
+    finally:
+        shutil.rmtree(_FILES_DIR, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
