@@ -308,7 +308,9 @@ def join(runtime: RuntimeConfig, spec_path: object, sandbox_id: str) -> SandboxC
     try:
         record = _record_path(runtime, sandbox_id)
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        record.write_text(cg.record())
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(cg.record())
         cg.add_process(os.getpid())
     except BaseException:
         leave(cg, runtime, sandbox_id)
