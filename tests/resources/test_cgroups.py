@@ -4,6 +4,7 @@ process moved in, everything made removed again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -97,3 +98,21 @@ def test_recorded_leftovers_are_removed_only_below_the_root(cgroup2: Path, tmp_p
     cgroups.remove_recorded(record, cgroup2)
     assert not (cgroup2 / top).exists()
     assert outside.is_dir()
+
+
+def test_join_and_leave_move_this_process(cgroup2: Path, tmp_path: Path) -> None:
+    # in the v2 hierarchy only (no controllers on this host): this process goes in and comes back
+    from pykata.config import RuntimeConfig
+
+    runtime = RuntimeConfig(cgroup_root=str(cgroup2), runtime_dir=str(tmp_path / "run"))
+    before = [ln for ln in _cgroups_of(os.getpid()) if ln.startswith("0::")]
+    sandbox_id = f"sb-{uuid.uuid4().hex[:8]}"
+    cg = cgroups.join(runtime, "/ignored/without/sandbox_cgroup_only", sandbox_id)
+    record = tmp_path / "run" / "cgroups" / f"{sandbox_id}.json"
+    try:
+        assert f"0::/pykata_overhead/{sandbox_id}" in _cgroups_of(os.getpid())
+        assert record.stat().st_mode & 0o777 == 0o600
+    finally:
+        cgroups.leave(cg, runtime, sandbox_id)
+    assert [ln for ln in _cgroups_of(os.getpid()) if ln.startswith("0::")] == before
+    assert not (cgroup2 / "pykata_overhead" / sandbox_id).exists() and not record.exists()
