@@ -9,11 +9,12 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.cri.harness import Cri, CriContainerd, missing_cri_prerequisites, wait_gone
+from tests.cri.harness import Cri, CriContainerd, admin_config, missing_cri_prerequisites, wait_gone
 
 
 def _containerd(directory: Path, cache: Path, **runtime: str) -> CriContainerd:
@@ -100,3 +101,31 @@ def test_pure_v2_overhead_cgroup(tmp_path_factory: pytest.TempPathFactory) -> No
         if ctd is not None:
             ctd.stop()
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.vm
+def test_unwritable_cgroup_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No cgroup hierarchy at runtime.cgroup_root: the overhead cgroup is bookkeeping, so the pod runs
+    (in the shim's cgroup); with sandbox_cgroup_only the pod fails naming the setting, and no VM starts."""
+    not_cgroups = tmp_path_factory.mktemp("not-cgroups")
+    ctd = _containerd(tmp_path_factory.mktemp("cri-nocg"), tmp_path_factory.mktemp("cache"),
+                      cgroup_root=f'"{not_cgroups}"')
+    try:
+        strict = admin_config(ctd.pod_configs / "strict.toml", cgroup_root=f'"{not_cgroups}"',
+                              sandbox_cgroup_only="true")
+        with Cri(ctd.socket) as cri:
+            pod_id = _run_pod(cri, "")
+            _end_pod(ctd, cri, pod_id)
+            name = f"cg-{uuid.uuid4().hex[:8]}"
+            config = api_pb2.PodSandboxConfig(
+                metadata=api_pb2.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="pykata-test"),
+                hostname=name, annotations={"io.katacontainers.config_path": str(strict)})
+            with pytest.raises(grpc.RpcError) as info:
+                cri.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler="pykata"),
+                                     timeout=cri.timeout)
+            assert "runtime.cgroup_root: " in str(info.value.details()), info.value.details()
+            assert not [p for p in cri.list_pods() if p.metadata.name == name]
+        assert not list(not_cgroups.iterdir())
+    finally:
+        ctd.stop()
+        assert not ctd.shims()

@@ -178,7 +178,11 @@ class TaskService:
         except cgroups.CgroupError as e:
             if e.field == cgroups.FIELD:
                 raise InvalidArgumentError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
-            raise
+            if config.runtime.sandbox_cgroup_only:
+                raise  # the admin asked for the pod's accounting: no VM outside it
+            # the overhead cgroup is bookkeeping: a host whose cgroups pykata cannot write still runs pods
+            log.warning("sandbox processes stay in the shim's cgroup: %s", e)
+            return
         self._cgroup = (cg, config)
 
     def _leave_cgroup(self) -> None:
