@@ -66,8 +66,13 @@ def test_commands_processes_pty_and_lifecycle_of_one_sandbox() -> None:
         sb.pause()
         with pytest.raises(pykata.PolicyDeniedError, match="paused"):
             sb.run("true")
+        time.sleep(3)
         sb.resume()
         assert sb.run("echo back").stdout == b"back\n"
+        # the guest's clock, stopped with its vCPUs, was set again on resume
+        assert abs(int(sb.run("date +%s").stdout) - time.time()) < 2.5
+        m = sb.metrics()
+        assert m.cpu_seconds > 0 and m.memory_bytes > 0 and m.pids >= 1
 
         # the sandbox's lifetime: destroyed when its timeout passes
         sb.set_timeout(1)
@@ -143,6 +148,16 @@ async def test_async_sandbox_same_surface() -> None:
         assert sorted([item async for item in proc]) == [("stderr", b"err\n"), ("stdout", b"out\n")]
         assert await proc.wait() == 0
         assert sb.id in [info.id for info in pykata.AsyncSandbox.list()]
+        # another handle (as another process would make) reaches it through the owner's agent proxy
+        other = await pykata.AsyncSandbox.connect(sb.id[:8])
+        assert await other.files.read("/x") == "y"
+        assert (await other.run("echo $0 from $(pwd)", cwd="/tmp")).stdout == b"/bin/sh from /tmp\n"
+        with pytest.raises(pykata.PolicyDeniedError, match="owner"):
+            await other.pause()
+        await other.close()  # disconnects; the sandbox stays
+        assert (await sb.run("true")).ok
+    with pytest.raises(pykata.NotFoundError):
+        await pykata.AsyncSandbox.connect("no-such-sandbox")
     with pytest.raises(pykata.SandboxGoneError, match="closed"):
         await sb.run("true")
 

@@ -286,6 +286,10 @@ class Sandbox:
         if self.vm is None:
             raise SandboxError(self.id, "no VM to resume")
         await self.vm.resume()
+        if self._agent is not None:
+            # the guest's clock stood still while its vCPUs did
+            now = time.time_ns() // 1000
+            await self.agent.set_guest_date_time(now // 1_000_000, now % 1_000_000, timeout=5)
 
     # -- what the shim asks of a container (one layer down: the agent) -----------------------------
 

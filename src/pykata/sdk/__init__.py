@@ -18,7 +18,7 @@ Errors: pykata.sdk.errors (all are pykata.PykataError).
 """
 
 from pykata.sdk.blocking import Files, Pool, Proc, Pty, Sandbox, Stdin
-from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, SandboxInfo
+from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Metrics, SandboxInfo
 from pykata.sdk.errors import (
     ExecTimeoutError,
     NotFoundError,
@@ -32,5 +32,6 @@ from pykata.sdk.pool import AsyncPool
 from pykata.sdk.process import AsyncProcess, AsyncStdin, ExecResult
 
 __all__ = ["IDLE_COMMAND", "AsyncFiles", "AsyncPool", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AsyncStdin",
-           "ExecResult", "ExecTimeoutError", "FileInfo", "Files", "NotFoundError", "PolicyDeniedError", "Pool",
-           "Proc", "Pty", "Sandbox", "SandboxGoneError", "SandboxInfo", "SandboxTimeoutError", "SdkError", "Stdin"]
+           "ExecResult", "ExecTimeoutError", "FileInfo", "Files", "Metrics", "NotFoundError", "PolicyDeniedError",
+           "Pool", "Proc", "Pty", "Sandbox", "SandboxGoneError", "SandboxInfo", "SandboxTimeoutError", "SdkError",
+           "Stdin"]

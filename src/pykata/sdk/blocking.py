@@ -16,7 +16,7 @@ from typing import IO, Any, TypeVar
 
 from pykata.config import Config
 from pykata.errors import PykataError
-from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, SandboxInfo, User
+from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, Metrics, SandboxInfo, User
 from pykata.sdk.files import MAX_DOWNLOAD, MAX_READ, AsyncFiles, FileInfo, Progress
 from pykata.sdk.loop import SHARED
 from pykata.sdk.pool import AsyncPool
@@ -254,9 +254,25 @@ class Sandbox:
     def resume(self) -> None:
         _run(self._async.resume())
 
+    def metrics(self) -> Metrics:
+        return _run(self._async.metrics())
+
     @staticmethod
     def list(config: Config | None = None) -> list[SandboxInfo]:
         return AsyncSandbox.list(config)
+
+    @classmethod
+    def connect(cls, sandbox: str, *, config: Config | None = None) -> Sandbox:
+        """See AsyncSandbox.connect: `close()` disconnects, the owner keeps the sandbox."""
+        token = SHARED.acquire()
+        try:
+            inner = _run(AsyncSandbox.connect(sandbox, config=config))
+        except BaseException:
+            SHARED.release(token)
+            raise
+        sb = cls._wrap(inner, token)
+        SHARED.set_closer(token, sb.close)
+        return sb
 
     def close(self) -> None:
         """Destroy the VM and everything it used. Idempotent."""

@@ -19,10 +19,12 @@ from typing import Any
 from pykata.config import Config, load_config
 from pykata.errors import AgentError, PykataError
 from pykata.images import ImageStore
-from pykata.sandbox import Process, Sandbox, Volume, build_spec
+from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
 from pykata.sandbox.ocispec import SpecError, parse_user
+from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.state import list_sandboxes
-from pykata.sdk.errors import PolicyDeniedError, SandboxGoneError, SdkError
+from pykata.sandbox.state import load as load_state
+from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SandboxGoneError, SdkError
 from pykata.sdk.files import AsyncFiles
 from pykata.sdk.process import AsyncProcess, ExecResult
 
@@ -33,6 +35,17 @@ SDK_STATE = "sdk.json"  # what connect() needs to run commands as the creator di
 Command = str | Sequence[str]
 Env = Mapping[str, str] | Sequence[str]
 User = int | str | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What the sandbox's container used, read from its cgroup in the guest."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    memory_limit_bytes: int  # 0: no limit but the VM's size
+    pids: int
 
 
 @dataclass(frozen=True)
@@ -106,13 +119,16 @@ class AsyncSandbox:
         self._gone: str | None = None  # why nothing can run any more
         self._paused = False
         self._owned = True  # False for a sandbox reached with connect(): close() only disconnects
+        self._attached: AttachedSandbox | None = None
+        self._found: lookup.Found | None = None
+        self._id = ""
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # time.time() when the sandbox is destroyed
 
     @property
     def id(self) -> str:
-        return self._sandbox.id if self._sandbox else ""
+        return self._sandbox.id if self._sandbox else self._id
 
     @property
     def cwd(self) -> str:
@@ -212,12 +228,14 @@ class AsyncSandbox:
         self._processes.clear()
         if self._sandbox is not None and self._owned:
             await self._sandbox.stop()
+        if self._attached is not None:
+            await self._attached.close()
 
     def _own(self, what: str) -> Sandbox:
+        if not self._owned:
+            raise PolicyDeniedError(f"{what}: only its owner (the process that made it) can", sandbox_id=self.id)
         if self._sandbox is None:
             raise SdkError("the sandbox is not started")
-        if not self._owned:
-            raise PolicyDeniedError(f"{what}: only the process that made the sandbox can do it", sandbox_id=self.id)
         return self._sandbox
 
     def _check(self) -> None:
@@ -230,7 +248,21 @@ class AsyncSandbox:
 
     def _vm_ended(self) -> bool:
         vm = self._sandbox.vm if self._sandbox is not None else None
-        return vm is not None and vm.exited.done()
+        if vm is not None:
+            return vm.exited.done()
+        if self._found is None:
+            return False
+        record = load_state(self._found.dir)  # the owner's view now: stopped, or the owner died
+        return record is None or not lookup.Found(self._found.dir, record).running
+
+    async def metrics(self) -> Metrics:
+        """CPU time, memory and processes of the sandbox's container. Raises SandboxGoneError, AgentError."""
+        sb = self._own("metrics")
+        async with self._guard():
+            s = await sb.stats_container(sb.id)
+        return Metrics(cpu_seconds=s.cpu.usage_total_ns / 1e9, memory_bytes=s.memory.usage,
+                       memory_peak_bytes=s.memory.max_usage, memory_limit_bytes=s.memory.limit,
+                       pids=s.pids.current)
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -328,6 +360,31 @@ class AsyncSandbox:
 
     # -- other processes ---------------------------------------------------------------------------
 
+    @classmethod
+    async def connect(cls, sandbox: str, *, config: Config | None = None) -> AsyncSandbox:
+        """Reach a running sandbox another process made (by id, id prefix or name): commands and
+        files work as for its owner; `close()` only disconnects, and pause/resume/metrics stay the
+        owner's. Raises NotFoundError, SandboxGoneError (its owner or VM ended), AgentError."""
+        config = config or load_config()
+        try:
+            found = lookup.find(config, sandbox)
+        except lookup.NotFoundError as e:
+            raise NotFoundError(str(e)) from None
+        if not found.running:
+            raise SandboxGoneError(f"sandbox {sandbox} is not running (status {found.record.status})")
+        saved = _load_sdk_state(found.dir / SDK_STATE)
+        sb = cls(image=next(iter(found.record.containers.values())).image if found.record.containers else "",
+                 config=config, name=found.record.name)
+        sb._owned = False
+        sb._id = found.record.id
+        sb._found = found
+        sb._env = saved.get("env", [])
+        sb._cwd = saved.get("cwd", "/")
+        sb._user = saved.get("user")
+        sb._attached = await AttachedSandbox.attach(found)
+        sb._container = _AttachedContainer(sb._attached, found.record.id)
+        return sb
+
     @staticmethod
     def list(config: Config | None = None) -> list[SandboxInfo]:
         """The running sandboxes on this host (made by any process: SDK, `pykata run`)."""
@@ -345,6 +402,37 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _AttachedContainer:
+    """The container of a connected sandbox, with the `exec` of an owned one."""
+
+    def __init__(self, attached: AttachedSandbox, container_id: str) -> None:
+        self._attached = attached
+        self._id = container_id
+
+    async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
+                   gid: int = 0, terminal: bool = False) -> Process:
+        return await self._attached.exec(self._id, args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal)
+
+
+def _load_sdk_state(path: Path) -> dict[str, Any]:
+    """What the owner saved for connect(); written by an SDK on this host (a runtime dir only root
+    writes), still checked for shape. Defaults for a sandbox `pykata run` made."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        env, cwd, user = data.get("env"), data.get("cwd"), data.get("user")
+        if isinstance(env, list) and all(isinstance(e, str) for e in env):
+            out["env"] = env
+        if isinstance(cwd, str) and cwd.startswith("/"):
+            out["cwd"] = cwd
+        if isinstance(user, list) and len(user) == 2 and all(isinstance(u, int) for u in user):
+            out["user"] = (user[0], user[1])
+    return out
 
 
 class AsyncPty:
@@ -383,4 +471,4 @@ class AsyncPty:
         await self.process.detach()
 
 
-__all__ = ["AsyncPty", "AsyncSandbox", "ExecResult", "SandboxInfo"]
+__all__ = ["AsyncPty", "AsyncSandbox", "ExecResult", "Metrics", "SandboxInfo"]
