@@ -1,4 +1,5 @@
-"""Host mounts of the sandbox layer (real mount(2), in a temp dir)."""
+"""Host mounts of the sandbox layer (real mount(2), in a temp dir). The attacks on them are in
+tests/security/test_host_mounts.py."""
 
 from __future__ import annotations
 
@@ -10,30 +11,43 @@ from pykata.sandbox import mounts
 from pykata.sandbox.mounts import MountError, RootfsMount
 
 
-def test_containerd_style_overlay_and_unmount_all(tmp_path: Path) -> None:
-    lower, upper, work, target = (tmp_path / n for n in ("lower", "upper", "work", "target"))
+def test_containerd_style_overlay_and_records(tmp_path: Path) -> None:
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
     for d in (lower, upper, work):
         d.mkdir()
     (lower / "f").write_text("from lower")
-    mounts.mount_all([RootfsMount("overlay", "overlay", (f"workdir={work}", f"upperdir={upper}",
-                                                          f"lowerdir={lower}"))], target)
+    recs = mounts.mount_all([RootfsMount("overlay", "overlay", (f"workdir={work}", f"upperdir={upper}",
+                                                                f"lowerdir={lower}"))], tmp_path, "target")
+    target = tmp_path / "target"
     try:
         assert (target / "f").read_text() == "from lower"
         (target / "g").write_text("new")
         assert (upper / "g").read_text() == "new"
-        ro = tmp_path / "ro"
-        mounts.bind(lower, target / "sub", readonly=True)
+        recs.append(mounts.bind(lower, tmp_path, "target/sub", readonly=True))
         with pytest.raises(OSError):
             (target / "sub" / "x").write_text("no")
-        _ = ro
+        assert [r.path for r in recs] == [target, target / "sub"]
     finally:
-        assert mounts.unmount_all(target) == 2
+        for rec in reversed(recs):
+            rec.unmount()
+            rec.unmount()  # idempotent
     assert mounts.mounts_under(target) == []
 
 
 def test_bad_root_mounts_are_named_and_undone(tmp_path: Path) -> None:
     with pytest.raises(MountError, match="unsupported root mount type"):
-        mounts.mount_all([RootfsMount("nfs", "host:/x")], tmp_path / "t")
-    with pytest.raises(MountError, match="does not exist"):
-        mounts.mount_all([RootfsMount("bind", str(tmp_path / "missing"), ("rbind",))], tmp_path / "t")
+        mounts.mount_all([RootfsMount("nfs", "host:/x")], tmp_path, "t")
+    with pytest.raises(MountError, match="No such file"):
+        mounts.mount_all([RootfsMount("bind", str(tmp_path / "missing"), ("rbind",))], tmp_path, "t")
+    with pytest.raises(MountError, match="not allowed"):
+        mounts.bind(tmp_path, tmp_path, "t/../x")
     assert mounts.mounts_under(tmp_path) == []
+
+
+def test_unmount_all_cleans_up_what_a_dead_owner_left(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    rec = mounts.bind(tmp_path / "src", tmp_path, "a/b")
+    mounts.bind(tmp_path / "src", tmp_path, "a/b/c")
+    assert mounts.unmount_all(tmp_path / "a") == 2
+    assert mounts.mounts_under(tmp_path) == []
+    rec.unmount()  # already gone: fine

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -74,6 +76,8 @@ def _watch_children_with_pidfds() -> None:
             return
         asyncio.set_child_watcher(_PidfdWatcher())
 
+from pykata.hypervisor import fileguard
+
 
 class ChildProcess:
     """A child process this object owns: `wait()` reaps it, `kill()` ends it within a deadline."""
@@ -84,22 +88,27 @@ class ChildProcess:
         self._waiter = asyncio.ensure_future(proc.wait())
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path,
-                    pass_fds: Sequence[int] = ()) -> ChildProcess:
+    async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
+                    serves_guest_files: bool = False) -> ChildProcess:
         """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path`.
 
         The child gets its own session so a terminal's Ctrl-C reaches the runtime, which then stops it
-        in order, instead of killing QEMU under a running guest.
+        in order, instead of killing QEMU under a running guest. `serves_guest_files`: the child
+        writes files for the guest (virtiofsd, QEMU's 9p) and starts under pykata.hypervisor.fileguard.
 
         Raises:
-            OSError: the binary cannot be executed.
+            OSError: the binary cannot be executed, or the guard cannot be set up.
         """
         _watch_children_with_pidfds()
         with open(log_path, "ab") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
-            )
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
+                    preexec_fn=fileguard.guard_child if serves_guest_files else None,
+                )
+            except subprocess.SubprocessError as exc:  # what a failing preexec_fn becomes
+                raise OSError(errno.EPERM, f"{name}: file guard: {exc}") from None
         return cls(proc, name)
 
     @property

@@ -38,6 +38,7 @@ class Volume:
     host: Path
     guest: str
     readonly: bool = False
+    propagation: str = "rprivate"  # of the host-side bind: (r)private, (r)slave or (r)shared
 
     @classmethod
     def parse(cls, text: str) -> Volume:
@@ -56,6 +57,7 @@ class Volume:
         return cls(host, parts[1], mode == "ro")
 
 
+_PROPAGATION = ("private", "rprivate", "slave", "rslave", "shared", "rshared")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)i?b?$", re.I)
 
 
@@ -194,7 +196,8 @@ def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], 
             mounts[i] = {"destination": "/dev/shm", "type": "tmpfs", "source": POD_SHM_SOURCE,
                          "options": [*POD_SHM_OPTIONS, *readonly]}
             continue
-        shares.append(Volume(Path(m["source"]), m["destination"], "ro" in opts))
+        propagation = next((o for o in opts if o in _PROPAGATION), "rprivate")
+        shares.append(Volume(Path(m["source"]), m["destination"], "ro" in opts, propagation))
         m["source"] = f"{base}/volumes/{len(shares) - 1}"
     return out, shares
 

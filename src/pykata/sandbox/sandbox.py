@@ -57,6 +57,21 @@ def sandboxes_dir(config: Config) -> Path:
     return Path(config.runtime.runtime_dir) / "sandboxes"
 
 
+def make_sandbox_dir(directory: Path) -> None:
+    """Make a sandbox's directory, 0700 (its containers' roots and volumes are below it), with the
+    runtime and sandboxes directories above it 0711: traversable, not listable.
+
+    Raises SandboxError when it exists already."""
+    for parent in (directory.parent.parent, directory.parent):
+        parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(parent, 0o711)  # mkdir's mode is filtered by the umask; older versions made 0755
+    try:
+        directory.mkdir(mode=mounts.SANDBOX_DIR_MODE)
+    except FileExistsError:
+        raise SandboxError(directory.name, f"{directory} already exists (a sandbox with this id exists)") from None
+    os.chmod(directory, mounts.SANDBOX_DIR_MODE)
+
+
 class Container:
     """A container in a sandbox. Its init process is `init`."""
 
@@ -109,7 +124,8 @@ class Sandbox:
         self.id = sandbox_id
         self.config = config
         self.dir = directory
-        self.shared_dir = directory / "shared"
+        self.mounts = mounts.SandboxMounts(directory)
+        self.shared_dir = self.mounts.shared_dir
         self.vm: Hypervisor | None = None
         self._agent: Agent | None = None
         self.containers: dict[str, Container] = {}
@@ -161,9 +177,9 @@ class Sandbox:
         return sb
 
     async def _boot(self, hostname: str, boot_timeout: float, serve_proxy: bool) -> None:
-        self.shared_dir.mkdir(parents=True)
+        make_sandbox_dir(self.dir)
         state.save(self.dir, self.record)
-        mounts.make_shared(self.shared_dir)
+        self.mounts.setup()
         agent_box: dict[str, Agent] = {}
 
         async def probe(vm: Hypervisor) -> None:
@@ -234,17 +250,16 @@ class Sandbox:
             raise SandboxError(self.id, f"bad container id {container_id!r}")
         if container_id in self.containers:
             raise SandboxError(self.id, f"container {container_id} already exists")
-        cdir = self.shared_dir / container_id
-        work = self.dir / "overlay" / container_id
         try:
-            cdir.mkdir(parents=True)
-            if isinstance(rootfs, Path):
-                mounts.overlay(rootfs, work / "upper", work / "work", cdir / "rootfs")
-            else:
-                mounts.mount_all(rootfs, cdir / "rootfs")
+            os.mkdir(self.mounts.mounts_dir / container_id, 0o755)
+        except FileExistsError:
+            raise SandboxError(self.id, f"container {container_id} already exists") from None
+        try:
+            self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id)
             guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
             for i, vol in enumerate(shares):
-                mounts.bind(vol.host, cdir / "volumes" / str(i), readonly=vol.readonly)
+                self.mounts.add_volume(container_id, i, vol.host, readonly=vol.readonly,
+                                       propagation=vol.propagation)
             tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
             pid = await self.agent.create_container(container_id, json.dumps(guest_spec), terminal=tty)
         except BaseException:
@@ -259,8 +274,11 @@ class Sandbox:
 
     def _release_container(self, container_id: str) -> None:
         self.containers.pop(container_id, None)
-        mounts.unmount_all(self.shared_dir / container_id)
-        shutil.rmtree(self.shared_dir / container_id, ignore_errors=True)
+        try:
+            self.mounts.release(container_id)
+        except PykataError as e:
+            log.warning("sandbox %s: container %s: %s", self.id, container_id, e)
+        mounts.remove_unmounted(self.mounts.mounts_dir / container_id)
         shutil.rmtree(self.dir / "overlay" / container_id, ignore_errors=True)
 
     def _update_container(self, container_id: str, **changes: Any) -> None:
@@ -350,15 +368,18 @@ class Sandbox:
         if self.network is not None:
             await detach_network(self.network)
         try:
-            mounts.unmount_all(self.dir)
+            self.mounts.teardown()
+            mounts.unmount_all(self.dir)  # what a failed unmount above left, by the mount table
         except PykataError as e:
             log.warning("sandbox %s: %s", self.id, e)
+            if mounts.mounts_under(self.dir):
+                return  # never delete below a mount that is still there (a volume's host data)
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
             self.record.status = "stopped"
             self.record.vmm_pid = None
-            for sub in ("shared", "overlay", "vm"):
+            for sub in ("shared", "mounts", "overlay", "vm"):
                 shutil.rmtree(self.dir / sub, ignore_errors=True)
             with contextlib.suppress(OSError):
                 state.save(self.dir, self.record)

@@ -337,8 +337,9 @@ class QemuHypervisor(Hypervisor):
             argv = namespace_prefix(jail.mount_namespace) + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
+            # QEMU serves 9p itself: the guest's file writes are its writes
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
-                                                  pass_fds=fds)
+                                                  pass_fds=fds, serves_guest_files=True)
         except OSError as exc:
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
         finally:

@@ -14,12 +14,18 @@ from pathlib import Path
 from pykata.errors import HypervisorError
 from pykata.hypervisor.process import ChildProcess, describe_exit
 
+# Capabilities virtiofsd gives up (it keeps chown, dac_override, fowner, fsetid, setgid, setuid, mknod
+# and setfcap by default): pykata.hypervisor.fileguard takes them out of its bounding set, and
+# virtiofsd fails to start if it then still asks for them.
+DROPPED_CAPS = ("mknod", "fsetid", "setfcap")
+
 
 def virtiofsd_argv(binary: str, fd: int, shared_dir: Path, cache: str, extra: Sequence[str] = ()) -> list[str]:
     """Command line of QEMU 7.2's C virtiofsd serving `shared_dir` on the inherited socket `fd`."""
     return [
         binary, f"--fd={fd}", "-f",
         "-o", f"source={shared_dir}", "-o", f"cache={cache}",
+        "-o", "modcaps=" + ":".join(f"-{c}" for c in DROPPED_CAPS),
         *extra,
     ]
 
@@ -55,7 +61,7 @@ class Virtiofsd:
             argv = virtiofsd_argv(self.binary, fd, self.shared_dir, self.cache, self.extra_args)
             try:
                 self.child = await ChildProcess.spawn(argv, name="virtiofsd", log_path=self.log_path,
-                                                      pass_fds=(fd,))
+                                                      pass_fds=(fd,), serves_guest_files=True)
             except OSError as exc:
                 raise HypervisorError(f"virtiofsd: cannot run {self.binary}: {exc.strerror}") from None
         finally:

@@ -1,0 +1,121 @@
+"""A compromised guest attacks the host through the shared directory, in a real VM, over 9p (a
+templated VM) and virtio-fs (a cold-booted one): it tries to plant mount targets, to leave a setuid
+binary and a device node in a volume and in its root. Each attempt fails; nothing is left."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pykata.sandbox.sandbox as sandbox_module
+from pykata.config import load_config
+from pykata.hypervisor import fileguard
+from pykata.images.store import ImageStore
+from pykata.sandbox import mounts
+from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, build_spec
+from pykata.sandbox.sandbox import Sandbox
+from tests.security.mountns import is_mount_point
+
+pytestmark = [pytest.mark.vm]
+
+ATTACKER = "attacker"
+# What the guest runs (as root, with the default capabilities, CAP_MKNOD and CAP_FSETID among them).
+ATTACK = f"""
+for t in "ln -s /etc/cron.d /guestshared/{ATTACKER}/volumes/1" "ln -s /usr/local/bin /guestshared/next" \
+         "mkdir /guestshared/next" "mv /guestshared/{ATTACKER}/volumes /guestshared/{ATTACKER}/v" \
+         "rm -rf /guestshared/{ATTACKER}/volumes/0"; do
+  if $t 2>/dev/null; then echo "PLANTED: $t"; else echo "refused: $t"; fi
+done
+for d in /vol /tmp; do
+  cp /bin/busybox $d/id; chmod 4755 $d/id && echo "SUID: $d/id"
+  mknod $d/null c 1 3 && chmod 666 $d/null && echo "DEVICE: $d/null"
+  install -m 4755 /bin/busybox $d/id2 && echo "SUID: $d/id2"
+done
+echo done
+"""
+
+
+def _caps(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v.split()[0], 16 if k.startswith("Cap") else 10)
+            for k, v in (line.split(":", 1) for line in status) if k in ("CapBnd", "CapEff", "Seccomp")}
+
+
+@pytest.mark.parametrize("shared_fs", ["virtio-9p", "virtio-fs"])
+async def test_compromised_guest_cannot_reach_the_host_through_the_shared_dir(
+        shared_fs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config()
+    if shared_fs == "virtio-fs":  # templated VMs use 9p; a cold boot keeps the configured virtio-fs
+        config = dataclasses.replace(config, factory=dataclasses.replace(config.factory, enable_template=False))
+    image = ImageStore(Path(config.runtime.cache_path)).resolve("busybox")
+    vol = Path(tempfile.mkdtemp(prefix="pykata-guestvol-"))
+    os.chmod(vol, 0o755)  # so a host user can reach what the guest leaves there
+    cron_before = is_mount_point("/etc/cron.d")
+
+    # The guest owns its agent: here that agent hands the attacking container the whole shared
+    # directory (a hostile agent needs no help to mount it).
+    real_for_guest = sandbox_module.for_guest
+
+    def exposing(spec: dict[str, Any], cid: str) -> tuple[dict[str, Any], list[Volume]]:
+        out, shares = real_for_guest(spec, cid)
+        if cid == ATTACKER:
+            out["mounts"].append({"destination": "/guestshared", "type": "bind", "source": GUEST_SHARED_DIR,
+                                  "options": ["rbind", "rw"]})
+        return out, shares
+
+    monkeypatch.setattr(sandbox_module, "for_guest", exposing)
+    sb = await Sandbox.create(config=config, serve_proxy=False)
+    try:
+        assert stat.S_IMODE(sb.dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE((sb.dir / "state.json").stat().st_mode) == 0o600
+        vm = sb.vm
+        assert vm is not None and vm.shared_fs == shared_fs  # type: ignore[attr-defined]
+        servers = [vm.pid]  # type: ignore[attr-defined]
+        if shared_fs == "virtio-fs":
+            servers.append(vm._virtiofsd.child.pid)  # type: ignore[attr-defined]
+        for pid in servers:
+            caps = _caps(pid)
+            for cap in fileguard.DROPPED_CAPS:
+                assert not caps["CapBnd"] & (1 << cap) and not caps["CapEff"] & (1 << cap), (pid, caps)
+            assert caps["Seccomp"] == 2, (pid, caps)
+
+        spec = build_spec(["sleep", "600"], env=["PATH=/bin:/sbin:/usr/bin"])
+        c = await sb.create_container(ATTACKER, spec, image.rootfs, volumes=[Volume(vol, "/vol")])
+        await c.start()
+        p = await c.exec(["sh", "-c", ATTACK], env=["PATH=/bin:/sbin:/usr/bin"])
+        out = b"".join([chunk async for chunk in p.chunks()]).decode()
+        assert await p.wait() == 0
+        assert out.rstrip().endswith("done"), out
+        assert "PLANTED" not in out and "SUID" not in out and "DEVICE" not in out, out
+        assert out.count("refused") == 5, out
+
+        # on the host: no setuid bit and no device node anywhere the guest wrote
+        upper = sb.dir / "overlay" / ATTACKER / "upper" / "tmp"
+        for d in (vol, upper):
+            for name in ("id", "id2", "null"):
+                if (d / name).exists():
+                    mode = (d / name).lstat().st_mode
+                    assert not mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISCHR(mode), (d / name, oct(mode))
+        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(vol / "id"), "-u"],
+                             capture_output=True, text=True, check=False)
+        assert res.stdout.strip() == "65534", res
+
+        # the host still mounts a new container's volume where it should, and nowhere else
+        other = await sb.create_container("second", spec, image.rootfs, volumes=[Volume(vol, "/vol", readonly=True)])
+        assert is_mount_point(sb.dir / "mounts" / "second" / "volumes" / "0")
+        assert is_mount_point("/etc/cron.d") == cron_before
+        await other.delete()
+        assert not (sb.dir / "mounts" / "second").exists()
+    finally:
+        await sb.stop()
+        for f in vol.iterdir():
+            f.unlink()
+        vol.rmdir()
+    assert mounts.mounts_under(sb.dir) == [] and not sb.dir.exists()
