@@ -7,8 +7,12 @@ image unpacked on the host). So the server is started with:
   * CAP_MKNOD, CAP_FSETID and CAP_SETFCAP out of its bounding set: no device nodes, a write clears
     setuid/setgid bits, no security.capability xattrs;
   * a seccomp filter that fails with EPERM every chmod/creat/open/mknod/mkdir whose mode carries
-    S_ISUID or S_ISGID (S_ISUID only for mkdir: setgid directories are harmless and common), and
-    openat2 with ENOSYS (its mode is behind a pointer the filter cannot read).
+    S_ISUID or S_ISGID (S_ISUID only for mkdir: setgid directories are harmless and common) and every
+    mknod of a character or block device, and openat2 with ENOSYS (its mode is behind a pointer the
+    filter cannot read).
+virtfs-proxy-helper (9p for a jailed QEMU) sets its own capabilities and refuses to start without
+CAP_MKNOD and CAP_FSETID: it gets the filter only, so a write by the guest does not clear the setuid
+bit of a file that already had it.
 A file owner may set S_ISUID on its own file without any capability, hence the filter. The filter
 stacks with the server's own (virtiofsd's, QEMU's -sandbox) and is inherited across execve.
 """
@@ -51,40 +55,59 @@ _OPENAT2 = 437
 
 # classic BPF
 _LD_W_ABS = 0x20
+_ALU_AND_K = 0x54
 _JEQ_K = 0x15
 _JSET_K = 0x45
 _RET_K = 0x06
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
+S_IFMT = 0o170000
+S_IFCHR = 0o020000
+S_IFBLK = 0o060000
+_MKNOD = (133, 259)
+
+# An instruction whose jumps name labels: ("ALLOW", "EPERM", "ENOSYS" or "next" for the next block).
+_Insn = tuple[int, str | int, str | int, int]
 
 
-def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
-    return struct.pack("=HBBI", code, jt, jf, k)
+def _blocks() -> list[list[_Insn]]:
+    blocks: list[list[_Insn]] = []
+    for nr, (arg, bits) in _MODE_ARGS.items():
+        block: list[_Insn] = [(_JEQ_K, 0, "next", nr), (_LD_W_ABS, 0, 0, 16 + 8 * arg)]
+        if nr in _MKNOD:  # no device nodes, whatever the capabilities
+            block += [(_JSET_K, "EPERM", 0, bits), (_ALU_AND_K, 0, 0, S_IFMT),
+                      (_JEQ_K, "EPERM", 0, S_IFCHR), (_JEQ_K, "EPERM", "ALLOW", S_IFBLK)]
+        else:
+            block.append((_JSET_K, "EPERM", "ALLOW", bits))
+        blocks.append(block)
+    blocks.append([(_JEQ_K, "ENOSYS", "ALLOW", _OPENAT2)])
+    return blocks
 
 
 def filter_program() -> bytes:
     """The BPF program (struct sock_filter[]) described in the module docstring."""
-    allow, deny_perm, deny_nosys = _insn(_RET_K, 0, 0, _RET_ALLOW), _insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM), \
-        _insn(_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS)
-    # layout: [arch check][nr load][per syscall: jeq, ld arg, jset][openat2 jeq][allow][eperm][enosys]
-    total_blocks = 3 * len(_MODE_ARGS)
-    prog: list[bytes] = []
-    prog.append(_insn(_LD_W_ABS, 0, 0, 4))                      # A = arch
-    # not x86_64: allow (this filter is about this host's own syscalls); jump to ALLOW
-    allow_at = 2 + 1 + total_blocks + 1                          # index of ALLOW
-    prog.append(_insn(_JEQ_K, 0, allow_at - 2, AUDIT_ARCH_X86_64))
-    prog.append(_insn(_LD_W_ABS, 0, 0, 0))                      # A = nr
-    for i, (nr, (arg, bits)) in enumerate(_MODE_ARGS.items()):
-        here = 3 + 3 * i
-        # jeq nr: fall into the arg check, else skip the 2 instructions of the check
-        prog.append(_insn(_JEQ_K, 0, 2, nr))
-        prog.append(_insn(_LD_W_ABS, 0, 0, 16 + 8 * arg))       # A = low 32 bits of the mode argument
-        eperm_at = allow_at + 1
-        prog.append(_insn(_JSET_K, eperm_at - (here + 2) - 1, allow_at - (here + 2) - 1, bits))
-    prog.append(_insn(_JEQ_K, 2, 0, _OPENAT2))                   # openat2 -> ENOSYS (ALLOW+2)
-    prog += [allow, deny_perm, deny_nosys]
-    assert len(prog) == allow_at + 3
-    return b"".join(prog)
+    head: list[_Insn] = [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, "ALLOW", AUDIT_ARCH_X86_64), (_LD_W_ABS, 0, 0, 0)]
+    blocks = _blocks()
+    insns = head + [i for b in blocks for i in b]
+    labels = {"ALLOW": len(insns), "EPERM": len(insns) + 1, "ENOSYS": len(insns) + 2}
+    starts, at = [], len(head)
+    for b in blocks:
+        starts.append(at)
+        at += len(b)
+    starts.append(labels["ALLOW"])
+    out = []
+    for pc, (code, jt, jf, k) in enumerate(insns):
+        block = next((i for i in range(len(blocks)) if starts[i] <= pc < starts[i + 1]), -1)
+
+        def off(target: str | int, pc: int = pc, block: int = block) -> int:
+            if isinstance(target, int):
+                return target
+            dest = starts[block + 1] if target == "next" else labels[target]
+            return dest - pc - 1
+        out.append(struct.pack("=HBBI", code, off(jt), off(jf), k))
+    out += [struct.pack("=HBBI", _RET_K, 0, 0, r)
+            for r in (_RET_ALLOW, _RET_ERRNO | errno.EPERM, _RET_ERRNO | errno.ENOSYS)]
+    return b"".join(out)
 
 
 _PROGRAM = filter_program()
@@ -98,10 +121,24 @@ def guard_child() -> None:
     """For subprocess's preexec_fn, between fork and exec: drop the capabilities and install the
     filter. Raises OSError (the child then fails to start, which spawn reports)."""
     libc = ctypes.CDLL(None, use_errno=True)
+    _drop_caps(libc)
+    _install_filter(libc)
+
+
+def filter_child() -> None:
+    """The filter only, for a server that sets its own capabilities and fails without the ones it
+    asks for (virtfs-proxy-helper asks for CAP_MKNOD and CAP_FSETID)."""
+    _install_filter(ctypes.CDLL(None, use_errno=True))
+
+
+def _drop_caps(libc: ctypes.CDLL) -> None:
     for cap in DROPPED_CAPS:
         if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"PR_CAPBSET_DROP {cap}: {os.strerror(err)}")
+
+
+def _install_filter(libc: ctypes.CDLL) -> None:
     buf = ctypes.create_string_buffer(_PROGRAM, len(_PROGRAM))
     prog = _SockFprog(len(_PROGRAM) // 8, ctypes.cast(buf, ctypes.c_void_p))
     if libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog), 0, 0) != 0:

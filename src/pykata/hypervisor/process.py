@@ -12,7 +12,9 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVarTuple, Unpack
+from typing import Any, Literal, TypeVarTuple, Unpack
+
+from pykata.hypervisor import fileguard
 
 _Ts = TypeVarTuple("_Ts")
 
@@ -76,7 +78,9 @@ def _watch_children_with_pidfds() -> None:
             return
         asyncio.set_child_watcher(_PidfdWatcher())
 
-from pykata.hypervisor import fileguard
+
+_GUARDS: dict[object, Callable[[], None] | None] = {
+    False: None, True: fileguard.guard_child, "filter": fileguard.filter_child}
 
 
 class ChildProcess:
@@ -89,12 +93,13 @@ class ChildProcess:
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
-                    serves_guest_files: bool = False) -> ChildProcess:
+                    serves_guest_files: Literal[False, "filter", True] = False) -> ChildProcess:
         """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path`.
 
         The child gets its own session so a terminal's Ctrl-C reaches the runtime, which then stops it
         in order, instead of killing QEMU under a running guest. `serves_guest_files`: the child
-        writes files for the guest (virtiofsd, QEMU's 9p) and starts under pykata.hypervisor.fileguard.
+        writes files for the guest (virtiofsd, QEMU's 9p) and starts under pykata.hypervisor.fileguard
+        ("filter": its seccomp filter only).
 
         Raises:
             OSError: the binary cannot be executed, or the guard cannot be set up.
@@ -105,7 +110,7 @@ class ChildProcess:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                     pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
-                    preexec_fn=fileguard.guard_child if serves_guest_files else None,
+                    preexec_fn=_GUARDS[serves_guest_files],
                 )
             except subprocess.SubprocessError as exc:  # what a failing preexec_fn becomes
                 raise OSError(errno.EPERM, f"{name}: file guard: {exc}") from None

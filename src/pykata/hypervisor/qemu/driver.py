@@ -337,7 +337,7 @@ class QemuHypervisor(Hypervisor):
             argv = namespace_prefix(jail.mount_namespace) + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
-            # QEMU serves 9p itself: the guest's file writes are its writes
+            # unjailed, QEMU serves 9p itself: the guest's file writes are its writes
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
                                                   pass_fds=fds, serves_guest_files=True)
         except OSError as exc:

@@ -54,8 +54,9 @@ class Proxy9p:
             argv = namespace_prefix(self.mount_namespace, no_new_privs=True)
             argv += proxy_helper_argv(self.binary, theirs.fileno(), self.shared_dir)
             try:
+                # the guest's writes are the helper's: no setuid files, no device nodes
                 self.child = await ChildProcess.spawn(argv, name="virtfs-proxy-helper", log_path=self.log_path,
-                                                      pass_fds=(theirs.fileno(),))
+                                                      pass_fds=(theirs.fileno(),), serves_guest_files="filter")
             except OSError as exc:
                 raise HypervisorError(f"9p proxy: cannot run {self.binary}: {exc.strerror}") from None
             self.qemu_fd = ours.detach()
