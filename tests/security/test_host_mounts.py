@@ -253,6 +253,12 @@ def test_volume_propagation_is_private_unless_asked(tmp_path: Path, new_api: boo
             # rslave asked for: host mounts below the source do reach the volume
             mount("tmpfs", str(host / "data2" / "later"), "tmpfs")
             assert is_mount_point(sm.mounts_dir / "c1" / "volumes" / "1" / "later")
+            # rshared asked for (Kubernetes' Bidirectional): a mount below the volume reaches the source
+            (host / "data3" / "inner").mkdir(parents=True)
+            sm.add_volume("c1", 2, host / "data3", readonly=False, propagation="rshared")
+            mount("tmpfs", str(sm.mounts_dir / "c1" / "volumes" / "2" / "inner"), "tmpfs")
+            assert is_mount_point(host / "data3" / "inner")
+            mounts.unmount(host / "data3" / "inner")
             with pytest.raises(MountError, match="propagation"):
                 sm.add_volume("c1", 2, host / "data", readonly=False, propagation="unbindable")
         finally:
