@@ -155,3 +155,13 @@ def test_docker_save_with_linked_layers(tmp_path: Path) -> None:
     img = ImageStore(tmp_path / "cache").resolve(str(archive))
     assert (img.rootfs / "same").read_bytes() == b"1"
     assert img.rootfs.parent.name.startswith("docker-sha256-")
+
+
+def test_a_killed_unpacks_staging_is_removed_later(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "cache")
+    old, fresh = store.images_dir / ".staging-old", store.images_dir / ".staging-fresh"
+    for d in (old, fresh):
+        (d / "rootfs/deep/er").mkdir(parents=True)
+    os.utime(old, (0, 0))
+    store.resolve("busybox")
+    assert not old.exists() and fresh.exists()  # a fresh one may belong to an unpack running now

@@ -25,6 +25,7 @@ import os
 import posixpath
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from pykata.images.errors import BlobError, ImageError, ImageLimitError
 from pykata.images.layers import apply_layer, checked_tarinfo, remove_tree
 
 MAX_JSON = 4 << 20  # manifests and configs are small; anything bigger is refused
+STALE_STAGING_SECONDS = 6 * 3600
 # An archive's own symlinks (`docker save` links identical layers) are followed this many times at most.
 MAX_ARCHIVE_LINKS = 8
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -338,6 +340,12 @@ class ImageStore:
         # 0700: unpacked images keep their setuid files and owners, which host users must not reach
         self.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.images_dir, 0o700)
+        # what a killed unpack left (no unpack takes hours; a live one may be running in parallel)
+        now = time.time()
+        for stale in self.images_dir.glob(".staging-*"):
+            with contextlib.suppress(OSError):
+                if now - stale.lstat().st_mtime > STALE_STAGING_SECONDS:
+                    remove_tree(stale)
 
     def _unpack(self, ref: str, blobs: _Blobs) -> Image:
         plan = _plan(blobs)
