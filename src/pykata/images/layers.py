@@ -263,6 +263,7 @@ class _Applier:
                         return None
                     os.mkdir(part, 0o755, dir_fd=fd)
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, 0o755)  # whatever the umask: containers' users must traverse it
             except OSError as e:
                 try:
                     is_link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
