@@ -322,6 +322,13 @@ def test_100k_entries(scene: Scene) -> None:
     assert isinstance(err, ImageLimitError) and err.limit == "image.max_entries"
 
 
+def test_implied_directories_count_as_entries(scene: Scene) -> None:
+    # one entry 'a/a/.../f' makes every directory above it: inodes an entry cap must see
+    scene.limits = dataclasses.replace(scene.limits, max_entries=100)
+    scene.refused(scene.image([layer([file("a/" * 150 + "f")])]), ImageLimitError,
+                  "more than 100 entries: exceeds image.max_entries")
+
+
 def test_too_many_layers(scene: Scene) -> None:
     scene.limits = dataclasses.replace(scene.limits, max_layers=3)
     path = scene.image([layer([file(f"f{i}")]) for i in range(4)])

@@ -157,7 +157,7 @@ class ImageSection:
     max_layers: int = 128
     # Uncompressed bytes of all layers of one image (tar headers included), MiB: what a gzip bomb hits.
     max_unpacked_mib: int = 4096
-    # Tar entries (files, directories, links, whiteouts) in all layers of one image.
+    # Tar entries (files, directories, links, whiteouts, implied directories) in all layers of one image.
     max_entries: int = 100_000
     # Bytes of one pax extended header or GNU long name/link record (Go's archive/tar allows 1 MiB).
     max_pax_header_bytes: int = 1 << 20
