@@ -7,6 +7,8 @@ less trusted than the host's file. Every value is bounded by the same checks as 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -29,6 +31,9 @@ AGENT_PREFIX = PREFIX + "agent."
 ANNOTATABLE_AGENT_KEYS = ("debug", "dial_timeout", "kernel_modules")
 # Longer values are not a configuration, they are a mistake or an attack.
 MAX_VALUE_LEN = 4096
+# Kata's annotation for the agent policy; a document is at most 64 KiB, base64 makes it 4/3 longer.
+POLICY_ANNOTATION = AGENT_PREFIX + "policy"
+MAX_POLICY_ANNOTATION_LEN = (64 << 10) * 4 // 3 + 4
 
 
 def apply_annotations(config: Config, annotations: Mapping[str, str]) -> Config:
@@ -49,6 +54,9 @@ def apply_annotations(config: Config, annotations: Mapping[str, str]) -> Config:
         raw = annotations[name]
         if len(name) > 256:
             raise ConfigError(name[:256] + "...", "annotation name too long")
+        if name == POLICY_ANNOTATION:
+            agent_changes["policy"] = _policy_value(config, name, raw)
+            continue
         if not isinstance(raw, str) or len(raw) > MAX_VALUE_LEN:
             raise ConfigError(name, f"value must be a string of at most {MAX_VALUE_LEN} characters")
         if name.startswith(HYPERVISOR_PREFIX):
@@ -77,6 +85,18 @@ def apply_annotations(config: Config, annotations: Mapping[str, str]) -> Config:
         # Report the annotation that made the configuration invalid, not the file's key.
         raise ConfigError(_annotation_for(exc.field), str(exc).split(": ", 1)[-1]) from None
     return new
+
+
+def _policy_value(config: Config, name: str, raw: object) -> str:
+    """The agent policy a pod gives (base64 of the document), when the configuration allows it."""
+    if not config.agent.pykata.enable_policy_annotation:
+        raise ConfigError(name, "not allowed: set agent.pykata.enable_policy_annotation = true")
+    if not isinstance(raw, str) or len(raw) > MAX_POLICY_ANNOTATION_LEN:
+        raise ConfigError(name, f"value must be base64 text of at most {MAX_POLICY_ANNOTATION_LEN} characters")
+    try:
+        return base64.b64decode(raw.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ConfigError(name, "must be the policy document, base64-encoded") from None
 
 
 def _hypervisor_value(q: QemuConfig, name: str, key: str, raw: str) -> Any:

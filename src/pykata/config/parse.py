@@ -171,6 +171,7 @@ def validate(config: Config) -> None:
     agent = config.agent.pykata
     _seconds("agent.pykata.dial_timeout", agent.dial_timeout)
     _list("agent.pykata.kernel_modules", agent.kernel_modules)
+    _absolute("agent.pykata.policy_file", agent.policy_file, allow_empty=True)
     for i, module in enumerate(agent.kernel_modules):
         if not module or len(module) > 256 or any(c.isspace() for c in module.split(" ", 1)[0]) \
                 or any(ord(c) < 32 for c in module):

@@ -100,6 +100,13 @@ class PykataAgentConfig:
     dial_timeout: float = 30.0
     kernel_modules: tuple[str, ...] = ()
     debug_console_enabled: bool = False
+    # The agent policy (docs/policy.md): a TOML or JSON file, or the document itself in `policy`
+    # (which wins). Empty: no policy, the agent serves every RPC.
+    policy_file: str = ""
+    policy: str = ""
+    # Let a pod give its own policy with the annotation io.katacontainers.config.agent.policy
+    # (base64 of the document), replacing the configured one.
+    enable_policy_annotation: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,14 @@ import os
 import secrets
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pykata.agent.policy import IMAGE_ANNOTATION
 from pykata.agentapi import Agent
+from pykata.agentapi.replies import Reseeded
 from pykata.config import Config, load_config
 from pykata.errors import PykataError, SandboxError
 from pykata.hypervisor.base import Hypervisor
@@ -39,6 +42,7 @@ from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import mounts, state
 from pykata.sandbox.mounts import RootfsMount
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
+from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
 
 log = logging.getLogger("pykata.sandbox")
@@ -128,6 +132,10 @@ class Sandbox:
         self.shared_dir = self.mounts.shared_dir
         self.vm: Hypervisor | None = None
         self._agent: Agent | None = None
+        # The agent policy to set before CreateSandbox (canonical JSON), and what a templated VM's
+        # reseed answered (pykata.factory: clones must not share RNG state or boot_id).
+        self.policy_json: str | None = None
+        self.reseed: Reseeded | None = None
         self.containers: dict[str, Container] = {}
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
@@ -167,6 +175,8 @@ class Sandbox:
         if directory.exists():
             raise SandboxError(sid, f"{directory} already exists (a sandbox with this id exists)")
         sb = cls(sid, config, directory)
+        # A bad policy fails here, naming its key, before any VM starts.
+        sb.policy_json = load_policy(config.agent.pykata)
         sb.record.name = name
         sb.netns = netns
         try:
@@ -207,6 +217,10 @@ class Sandbox:
             # a clone wakes up with the template's clock
             from pykata.hypervisor.template import sync_guest_clock
             await sync_guest_clock(self.agent)
+            await self._reseed_clone()
+        if self.policy_json is not None:
+            # Before CreateSandbox: nothing in the guest runs before the policy is in force.
+            await self.agent.set_policy(self.policy_json)
         # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated)
         if vm.shared_fs == "virtio-fs":
             storage = agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
@@ -224,6 +238,15 @@ class Sandbox:
             self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
         self.record.status = "running"
         state.save(self.dir, self.record)
+
+    async def _reseed_clone(self) -> None:
+        """Give a VM cloned from a template its own randomness and boot id (agent ReseedRandomDev),
+        before anything runs in it. Raises AgentError."""
+        boot_id = str(uuid.uuid4())
+        reseeded = await self.agent.reseed_random_dev(secrets.token_bytes(64), boot_id)
+        if reseeded.boot_id != boot_id:
+            raise SandboxError(self.id, "the agent did not take the clone's new boot id")
+        self.reseed = reseeded
 
     async def _guest_shutdown(self) -> None:
         # Nothing to wind down when every container has exited: the VM is simply ended (the guest
@@ -257,6 +280,12 @@ class Sandbox:
         try:
             self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id)
             guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
+            if image:
+                # The image name the agent policy's containers.images matches (CRI sets it itself).
+                notes = guest_spec.get("annotations")
+                guest_spec["annotations"] = {**(notes if isinstance(notes, dict) else {}),
+                                             IMAGE_ANNOTATION: notes.get(IMAGE_ANNOTATION, image)
+                                             if isinstance(notes, dict) else image}
             for i, vol in enumerate(shares):
                 self.mounts.add_volume(container_id, i, vol.host, readonly=vol.readonly,
                                        propagation=vol.propagation)

@@ -27,6 +27,7 @@ from pykata.sandbox.state import load as load_state
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SandboxGoneError, SdkError
 from pykata.sdk.files import AsyncFiles
 from pykata.sdk.process import AsyncProcess, ExecResult
+from pykata.ttrpc import Code
 
 IDLE_COMMAND = ("sleep", "2147483647")
 MAX_OUTPUT = 256 << 20  # what run() collects at most (the guest decides how much it prints)
@@ -157,9 +158,10 @@ class AsyncSandbox:
         self._sandbox = await Sandbox.create(config=config, vcpus=self.cpus, memory_mib=self.memory_mib,
                                              name=self.name)
         try:
-            self._container = await self._sandbox.create_container(
-                self._sandbox.id, spec, image.rootfs, volumes=vols, image=self.image_ref)
-            await self._container.start()
+            async with self._denials():
+                self._container = await self._sandbox.create_container(
+                    self._sandbox.id, spec, image.rootfs, volumes=vols, image=self.image_ref)
+                await self._container.start()
             await self._container.init.close_stdin()
             (self._sandbox.dir / SDK_STATE).write_text(json.dumps(
                 {"env": self._env, "cwd": self._cwd, "user": list(self._user) if self._user else None}))
@@ -265,6 +267,16 @@ class AsyncSandbox:
                        pids=s.pids.current)
 
     @contextlib.asynccontextmanager
+    async def _denials(self) -> AsyncIterator[None]:
+        """An agent-policy refusal (PERMISSION_DENIED naming the rule) becomes PolicyDeniedError."""
+        try:
+            yield
+        except AgentError as e:
+            if getattr(e, "code", None) == Code.PERMISSION_DENIED:
+                raise PolicyDeniedError(str(e), sandbox_id=self.id) from e
+            raise
+
+    @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
         """Refuse calls on a closed or paused sandbox; an agent failure of a sandbox that is gone
         becomes SandboxGoneError."""
@@ -272,6 +284,9 @@ class AsyncSandbox:
         try:
             yield
         except AgentError as e:
+            if getattr(e, "code", None) == Code.PERMISSION_DENIED:
+                # the agent policy (docs/policy.md) refused it; the message names the rule
+                raise PolicyDeniedError(str(e), sandbox_id=self.id) from e
             if self._gone is None and self._vm_ended():
                 self._gone = "its VM ended"
             if self._gone is not None:
