@@ -63,6 +63,8 @@ _T = TypeVar("_T")
 # containerd's identifiers.Validate
 _ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 MAX_ID = 76
+# The exit status of an exec whose start failed (as a shell reports a command it could not run).
+EXEC_FAILED_STATUS = 126
 IO_DRAIN_TIMEOUT = 2.0  # how long Delete lets output finish (runc's shim waits 2 s too)
 LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
 
@@ -356,7 +358,16 @@ class TaskService:
                 p.state = "running"
                 self._publish(events_pb2.TaskStart(container_id=sc.id, pid=p.pid))
             else:
-                await self._start_exec(sc, p)
+                try:
+                    await self._start_exec(sc, p)
+                except BaseException:
+                    # Never started (e.g. the agent policy refused it): nothing will exit, so end it
+                    # here; a Wait returns and containerd's readers of its stdio see EOF.
+                    if p.state == "created":
+                        p.set_exited(EXEC_FAILED_STATUS)
+                        if p.io is not None:
+                            await p.io.close()
+                    raise
                 self._publish(events_pb2.TaskExecStarted(container_id=sc.id, exec_id=p.exec_id, pid=p.pid))
         log.info("started %s, pid %d", p.id, p.pid)
         return shim_pb2.StartResponse(pid=p.pid)
