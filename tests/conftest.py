@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-LEAK_PATTERNS = ("qemu-system", "virtiofsd", "containerd-shim-pykata", "pykata-agent")
+LEAK_PATTERNS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper", "containerd-shim-pykata", "pykata-agent")
 RUNTIME_DIRS = ("/run/pykata", "/var/run/pykata")
 
 

@@ -176,9 +176,10 @@ async def kvm_boot(config: Config, kernel: Path | None, *, use_cache: bool = Tru
                        "expected on nested/paravirtual (PVM) hosts; on bare metal check the kvm module")
 
 
-def vmm_jail(config: Config) -> CheckResult:
-    """Which confinement layers QEMU runs under (pykata.hypervisor.jail), and whether the tools exist."""
-    from pykata.hypervisor.jail import configured_layers, namespace_prefix
+def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
+    """Which confinement layers QEMU runs under (pykata.hypervisor.jail): a QEMU started jailed (no
+    guest) is inspected in /proc, so the layers reported are those in force (`probe_qemu`)."""
+    from pykata.hypervisor.jail import configured_layers, namespace_prefix, probe
     from pykata.hypervisor.qemu.proxy9p import PROXY_HELPER
 
     q = config.qemu
@@ -195,6 +196,22 @@ def vmm_jail(config: Config) -> CheckResult:
     if q.jail_user and nine_p and not os.access(PROXY_HELPER, os.X_OK):
         return CheckResult("vmm-jail", "fail", f"{PROXY_HELPER} not found: a jailed QEMU cannot serve 9p",
                            "apt-get install qemu-system-x86 (7.2 ships it), or set jail_user = false", facts)
+    if probe_qemu and os.access(q.path, os.X_OK):
+        # Not what is configured but what a QEMU started this way really runs under.
+        try:
+            found = probe(q, config.runtime.runtime_path).layers()
+        except PykataError as exc:
+            return CheckResult("vmm-jail", "fail", f"a jailed QEMU does not start: {exc}",
+                               "set the hypervisor.qemu.jail_* key named above to false to find the layer", facts)
+        active = {"seccomp": found["seccomp"], "unprivileged-uid": found["unprivileged"],
+                  "no-capabilities": found["no-capabilities"], "no-new-privs": found["no-new-privs"],
+                  "chroot": found["chroot"], "mount-namespace": found["mount-namespace"]}
+        facts["active"] = active
+        missing = [name for name, wanted in layers.items() if wanted and not active[name]]
+        if missing:
+            return CheckResult("vmm-jail", "fail", f"configured but not in force: {', '.join(missing)}",
+                               "check QEMU's seccomp support and util-linux's unshare", facts)
+        layers = active
     on = [name for name, active in layers.items() if active]
     off = [name for name, active in layers.items() if not active]
     detail = "QEMU confined by " + (", ".join(on) if on else "nothing")
