@@ -17,7 +17,6 @@ from pykata.config import Config, load_config
 from pykata.config.annotations import apply_annotations
 from pykata.errors import AgentError, ConfigError
 from pykata.images import ImageStore
-from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import Sandbox, build_spec
 from pykata.sandbox.ocispec import Volume
 from pykata.sandbox.policy import load_policy
@@ -83,12 +82,11 @@ async def test_sdk_exec_rules(tmp_path: Path) -> None:
             await sb.run(["cat", "/data/f"])
         # CopyFile outside the allowed paths (none given)
         with pytest.raises(AgentError, match=r"PERMISSION_DENIED: policy: copy_file\.paths"):
-            await sb._sandbox.agent.call("CopyFile", agent_pb2.CopyFileRequest(
-                path="/run/pykata-agent/shared/x", file_size=1, data=b"x"))
+            await sb._sandbox.agent.copy_file("/run/pykata-agent/shared/x", b"x")
         # the policy cannot be lifted from the host side afterwards: SetPolicy is allowed here ("*"),
         # but a document is checked like the first one
         with pytest.raises(AgentError, match="INVALID_ARGUMENT: policy: version"):
-            await sb._sandbox.agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy_json='{"version": 9}'))
+            await sb._sandbox.agent.set_policy('{"version": 9}')
     async with pykata.AsyncSandbox(image="busybox", config=with_policy(policy(exec__stdio=False))) as sb:
         with pytest.raises(PolicyDeniedError, match=r"policy: exec\.stdio: \w+ on exec process"):
             await sb.run(["echo", "hi"])
@@ -117,11 +115,12 @@ async def test_container_rules_in_one_sandbox(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     sandbox = await Sandbox.create(config=config)
+    env = list(image.config.env)
     try:
         cases = [
-            ("c-cmd", build_spec(["sh", "-c", "true"], env=list(image.config.env), readonly_rootfs=True), (), "containers.commands"),
-            ("c-rw", build_spec(["sleep", "1"], env=list(image.config.env)), (), "containers.readonly_rootfs"),
-            ("c-mnt", build_spec(["sleep", "1"], env=list(image.config.env), readonly_rootfs=True),
+            ("c-cmd", build_spec(["sh", "-c", "true"], env=env, readonly_rootfs=True), (), "containers.commands"),
+            ("c-rw", build_spec(["sleep", "1"], env=env), (), "containers.readonly_rootfs"),
+            ("c-mnt", build_spec(["sleep", "1"], env=env, readonly_rootfs=True),
              (Volume(data, "/etc/cron.d", True),), "containers.mounts"),
         ]
         for cid, spec, volumes, rule in cases:
@@ -129,7 +128,7 @@ async def test_container_rules_in_one_sandbox(tmp_path: Path) -> None:
                 await sandbox.create_container(cid, spec, image.rootfs, volumes=volumes, image="busybox")
             assert cid not in sandbox.containers
             assert not (sandbox.shared_dir / cid).exists()  # its mounts were undone
-        ok = build_spec(["sleep", "30"], env=list(image.config.env), readonly_rootfs=True)
+        ok = build_spec(["sleep", "30"], env=env, readonly_rootfs=True)
         c = await sandbox.create_container("c-ok", ok, image.rootfs, volumes=(Volume(data, "/data", True),),
                                            image="busybox")
         await c.start()
