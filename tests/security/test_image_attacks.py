@@ -417,6 +417,17 @@ def test_layout_blob_symlink_is_not_followed(scene: Scene) -> None:
     scene.refused(path, ImageError, "symlinks are not followed")
 
 
+@pytest.mark.parametrize("compress", [gz, lambda data: data], ids=["tar.gz", "tar"])
+@pytest.mark.parametrize("keep", [0.25, 0.6])
+def test_truncated_archive(scene: Scene, compress: Callable[[bytes], bytes], keep: float) -> None:
+    layout = scene.image([gz(layer([file("etc/x", os.urandom(20000))]))])
+    data = compress(archive_of(layout, scene.images / "whole.tar").read_bytes())
+    cut = scene.images / "cut.tar"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    scene.refused(cut, ImageError, "not an image archive|cannot be read from the archive|missing from the "
+                                   "archive|unexpected end of data")
+
+
 def test_oci_archive_attacks_fail_the_same_way(scene: Scene) -> None:
     layout = scene.image([layer([symlink("etc", str(scene.host)), file("etc/passwd")])])
     scene.refused(archive_of(layout, scene.images / "evil.tar"), LayerError, THROUGH_SYMLINK)

@@ -1,9 +1,11 @@
 """Hypothesis over the image store's JSON: index.json, the manifest, the config and docker's manifest.json
 with a random value in place of any node, digests made right again (so the parser, not only the digest
-check, sees it). Resolving must either work or raise an ImageError, and leave no staging directory."""
+check, sees it), and gzipped OCI archives cut short anywhere. Resolving must either work or raise an
+ImageError, and leave no staging directory."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from pykata.images import ImageError, ImageStore
 from pykata.images.layers import remove_tree
-from tests.security.imagekit import digest, fast_dir, file, layer
+from tests.security.imagekit import archive_of, digest, fast_dir, file, layer
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2, 2**64) | st.floats(allow_nan=False)
@@ -96,11 +98,18 @@ def test_store_json_fuzz() -> None:
 
         @settings(max_examples=600, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @given(st.integers(0, 3), st.integers(0, 50), json_values)
+        @given(st.integers(0, 4), st.integers(0, 50), json_values)
         def run(which: int, path: int, value: Any) -> None:
             image = base / "image"
             try:
-                if which == 3:
+                if which == 4:  # an OCI archive, gzipped, cut short anywhere
+                    _write_oci(base / "layout", 0, 0, {"rootfs": {"diff_ids": [digest(LAYER)]}})
+                    data = gzip.compress(archive_of(base / "layout", base / "whole.tar").read_bytes(), 1)
+                    remove_tree(base / "layout")
+                    (base / "whole.tar").unlink()
+                    image = base / "image.tar.gz"
+                    image.write_bytes(data[:path * len(data) // 51])
+                elif which == 3:
                     image = base / "image.tar"
                     _write_docker(image, path, value)
                 else:

@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import lzma
 import os
 import posixpath
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +168,7 @@ class _Blobs:
         member = self._member(name)
         f = self.tar.extractfile(member)
         assert f is not None
-        return f
+        return _ArchiveMember(f, name)
 
     def _member(self, name: str) -> tarfile.TarInfo:
         for _ in range(MAX_ARCHIVE_LINKS + 1):
@@ -200,6 +202,27 @@ class _Blobs:
             data = read_small(reader, MAX_JSON, what)
             reader.finish()
         return data, digest
+
+
+# What reading a (compressed, maybe truncated) archive raises besides tarfile.TarError.
+_ARCHIVE_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+class _ArchiveMember:
+    """A file inside an image archive; read errors (a truncated .tar.gz) become ImageErrors."""
+
+    def __init__(self, f: Any, name: str) -> None:
+        self._f, self._name = f, name
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            data: bytes = self._f.read(n)
+        except _ARCHIVE_READ_ERRORS as e:
+            raise ImageError("", f"{self._name}: cannot be read from the archive: {e}") from None
+        return data
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def _plan(blobs: _Blobs) -> _Plan:
@@ -313,12 +336,12 @@ class ImageStore:
     def _archive(self, ref: str, path: Path) -> Image:
         try:
             tar = tarfile.open(path, tarinfo=checked_tarinfo(self.limits))  # noqa: SIM115 - closed by the with below
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except _ARCHIVE_READ_ERRORS as e:
             raise ImageError(ref, f"not an image archive: {e}") from None
         with tar:
             try:
                 blobs = _Blobs(tar=tar, max_entries=self.limits.max_entries)
-            except tarfile.TarError as e:
+            except _ARCHIVE_READ_ERRORS as e:
                 raise ImageError(ref, f"not an image archive: {e}") from None
             return self._unpack(ref, blobs)
 
