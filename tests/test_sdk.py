@@ -240,3 +240,48 @@ def test_ctrl_c_during_boot_cancels_it_and_leaves_no_vm_dir_or_thread() -> None:
     assert got["threads"] == ["MainThread"]  # the shared loop thread ended with its last sandbox
     assert got["vm_alive"] is False and got["dir_exists"] is False
     assert not Path(got["dir"]).exists()
+
+
+INTERRUPT_AND_VM_DEATH = r"""
+import json, os, signal, threading, time
+import pykata
+
+out = {}
+with pykata.Sandbox(image="busybox") as sb:
+    def interrupt_once_started():
+        while not sb.files.exists("/tmp/started"):  # a second thread may call into the same sandbox
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_once_started)
+    watcher.start()
+    try:
+        sb.run("touch /tmp/started; exec sleep 1000")
+        out["interrupted"] = False
+    except KeyboardInterrupt:
+        out["interrupted"] = True
+    watcher.join()
+    out["sleepers"] = sb.run("ps -o args | grep -c '^sleep 1000' || true").text.strip()
+    # the VM dies under the sandbox (killed from outside): calls say so, close() still cleans up
+    vmm = sb._async._sandbox.vm.pid
+    os.kill(vmm, signal.SIGKILL)
+    try:
+        sb.run("true")
+        out["after_vm_death"] = "ran"
+    except pykata.SandboxGoneError as e:
+        out["after_vm_death"] = str(e)
+    out["dir"] = str(sb._async._sandbox.dir)
+out["dir_exists"] = os.path.exists(out["dir"])
+out["threads"] = [t.name for t in threading.enumerate()]
+print(json.dumps(out))
+"""
+
+
+def test_ctrl_c_during_run_kills_the_command_and_a_dead_vm_is_reported() -> None:
+    p = subprocess.run([sys.executable, "-c", INTERRUPT_AND_VM_DEATH], capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()
+    got = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert got["interrupted"] is True
+    assert got["sleepers"] == "0"  # the interrupted command does not run on in the sandbox
+    assert "VM ended" in got["after_vm_death"]
+    assert got["dir_exists"] is False and got["threads"] == ["MainThread"]

@@ -71,6 +71,9 @@ class Process:
         """The exit status (128 + signal number when killed by a signal). Safe to call many times."""
         if self._exit is None:
             self._exit = asyncio.ensure_future(self._wait())
+            # every waiter may have been cancelled (a caller's timeout) when the agent goes away:
+            # the failure is theirs to see, not "exception never retrieved" at exit
+            self._exit.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await asyncio.shield(self._exit)
 
     async def _wait(self) -> int:

@@ -248,6 +248,15 @@ class AsyncSandbox:
         if self._paused:
             raise PolicyDeniedError("the sandbox is paused: resume() it first", sandbox_id=self.id)
 
+    async def _vm_ended_soon(self, grace: float = 2.0) -> bool:
+        """Whether the VM ended, waiting a little for it: the agent's connection may drop a moment
+        before the driver has seen QEMU exit."""
+        vm = self._sandbox.vm if self._sandbox is not None else None
+        if vm is not None and not vm.exited.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(vm.exited), grace)
+        return self._vm_ended()
+
     def _vm_ended(self) -> bool:
         vm = self._sandbox.vm if self._sandbox is not None else None
         if vm is not None:
@@ -287,7 +296,8 @@ class AsyncSandbox:
             if getattr(e, "code", None) == Code.PERMISSION_DENIED:
                 # the agent policy (docs/policy.md) refused it; the message names the rule
                 raise PolicyDeniedError(str(e), sandbox_id=self.id) from e
-            if self._gone is None and self._vm_ended():
+            connection_lost = getattr(e, "code", None) == Code.UNAVAILABLE
+            if self._gone is None and (await self._vm_ended_soon() if connection_lost else self._vm_ended()):
                 self._gone = "its VM ended"
             if self._gone is not None:
                 raise SandboxGoneError(self._gone, sandbox_id=self.id) from e
@@ -331,7 +341,12 @@ class AsyncSandbox:
         SpecError, SandboxGoneError.
         """
         proc = await self.spawn(cmd, env=env, cwd=cwd, user=user, stdin=b"" if stdin is None else stdin)
-        return await proc.result(timeout, max_output=max_output)
+        try:
+            return await proc.result(timeout, max_output=max_output)
+        except asyncio.CancelledError:  # Ctrl-C in the blocking API: the command must not run on
+            with contextlib.suppress(PykataError):
+                await proc.kill()
+            raise
 
     async def exec(self, cmd: Command, *, stdin: bytes | None = None, env: Env | None = None,
                    cwd: str | None = None, timeout: float | None = None) -> ExecResult:

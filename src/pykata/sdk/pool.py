@@ -30,9 +30,10 @@ RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 class AsyncPool:
     """`size` sandboxes made with `AsyncSandbox(image, **sandbox_options)`, ready to hand out.
 
-    `timeout` in the options starts counting when a sandbox is acquired, not while it waits."""
+    `timeout` in the options starts counting when a sandbox is acquired, not while it waits. Waiting
+    sandboxes are paused (`pause_idle`): they use memory but no CPU until acquired."""
 
-    def __init__(self, size: int = 2, image: str = "busybox", *, max_starting: int = 2,
+    def __init__(self, size: int = 2, image: str = "busybox", *, max_starting: int = 2, pause_idle: bool = True,
                  **sandbox_options: Any) -> None:
         if not 0 < size <= MAX_SIZE:
             raise SdkError(f"size: {size} is not between 1 and {MAX_SIZE}")
@@ -41,6 +42,7 @@ class AsyncPool:
         self.size = size
         self.image = image
         self.max_starting = max_starting
+        self.pause_idle = pause_idle
         self._lifetime: float | None = sandbox_options.pop("timeout", None)
         self._options = sandbox_options
         self._make: Callable[[], AsyncSandbox] = lambda: AsyncSandbox(image, **self._options)
@@ -101,12 +103,14 @@ class AsyncPool:
             sb = await asyncio.wait_for(take(), timeout)
         except TimeoutError:
             raise SandboxTimeoutError(f"pool: no sandbox ready within {timeout}s") from None
-        if self._lifetime is not None:
-            try:
+        try:
+            if sb.paused:
+                await sb.resume()
+            if self._lifetime is not None:
                 await sb.set_timeout(self._lifetime)
-            except BaseException:
-                await sb.close()
-                raise
+        except BaseException:
+            await sb.close()
+            raise
         return sb
 
     def _notify(self) -> None:
@@ -143,20 +147,27 @@ class AsyncPool:
     async def _boot(self) -> None:
         sb = self._make()
         try:
-            await sb.start()
-        except PykataError as e:
-            log.warning("pool: starting a sandbox failed: %s", e)
-            self.last_error = e
-            return
+            try:
+                await sb.start()
+                if self.pause_idle:
+                    await sb.pause()  # a waiting VM uses no CPU (under TCG an idle guest still ticks)
+            except PykataError as e:
+                log.warning("pool: starting a sandbox failed: %s", e)
+                self.last_error = e
+                await sb.close()
+                return
+            except BaseException:
+                await sb.close()
+                raise
+            if self._closed:
+                await sb.close()
+                return
+            self.last_error = None
+            self._ready.put_nowait(sb)
         finally:
+            # counted as starting until it is ready: else the filler would start one too many
             self._starting -= 1
             self._notify()
-        if self._closed:
-            await sb.close()
-            return
-        self.last_error = None
-        self._ready.put_nowait(sb)
-        self._notify()
 
     async def close(self) -> None:
         """Stop filling and destroy the sandboxes still waiting (acquired ones are their owners')."""
