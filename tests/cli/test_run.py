@@ -192,3 +192,20 @@ def test_run_logs_are_capped_rotated_and_streamed(tmp_path: Path) -> None:
         assert out.stdout.endswith(b"\nEND\n") and len(out.stdout) == sizes["stdout.log.1"] + sizes["stdout.log"]
     finally:
         subprocess.run([PYKATA, "rm", "-f", name], env=env, capture_output=True, timeout=60)
+
+
+@pytest.mark.vm
+def test_run_detached_then_attach() -> None:
+    name = f"d-{uuid.uuid4().hex[:6]}"
+    started = pykata("run", "-d", "--name", name, "busybox", "sh", "-c", "echo one; sleep 2; echo two >&2; exit 3")
+    try:
+        assert started.returncode == 0, started.stderr
+        sid = started.stdout.decode().strip()
+        assert len(sid) == 16 and name in pykata("ps").stdout.decode()  # returned while it runs
+        attached = pykata("attach", name)
+        assert (attached.returncode, attached.stdout, attached.stderr) == (3, b"one\n", b"two\n")
+    finally:
+        pykata("rm", "-f", name)
+    assert b"no such container" in pykata("attach", name).stderr
+    refused = pykata("run", "-d", "-i", "busybox", "true")
+    assert refused.returncode != 0 and b"--interactive" in refused.stderr and b"Traceback" not in refused.stderr

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import click
 
+from pykata.cli import detach
 from pykata.config import Config, load_config
 from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.errors import PykataError
@@ -136,7 +137,8 @@ async def _quiet(aw: Any) -> None:
 
 async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *, name: str, rm: bool,
                     interactive: bool, tty_: bool, env: list[str], workdir: str | None, user: str | None,
-                    volumes: list[str], cpus: float | None, memory: str | None) -> int:
+                    volumes: list[str], cpus: float | None, memory: str | None,
+                    sandbox_id: str | None = None) -> int:
     # everything that can be wrong with the input is checked before a VM boots
     vols = [Volume.parse(v) for v in volumes]
     mem = parse_size(memory) if memory else None
@@ -160,11 +162,13 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
                           user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
     vcpus = math.ceil(cpus) if cpus else None
     memory_mib = (mem >> 20) + VM_MEMORY_OVERHEAD_MIB if mem else None
-    sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
+    sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
     status = 255
     try:
         container = await sandbox.create_container(sandbox.id, spec, image.rootfs, volumes=vols, image=image_ref)
         await container.start()
+        if sandbox_id is not None:
+            detach.silence_terminal()  # the background half of `run -d`: its output goes to the logs
         status = await attach(container.init, interactive=interactive, log_dir=sandbox.dir / "logs",
                               log_max_bytes=config.runtime.run_log_max_size << 20,
                               log_backups=config.runtime.run_log_backups)
@@ -176,6 +180,7 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
 
 @click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
 @click.option("--rm", is_flag=True, help="Remove the container and its state when it exits.")
+@click.option("-d", "--detach", "detach_", is_flag=True, help="Run in the background; print its id (`pykata attach`).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and feed it to the container.")
 @click.option("-t", "--tty", "tty_", is_flag=True, help="Give the process a terminal.")
 @click.option("--name", default="", help="A name to refer to the container by.")
@@ -187,14 +192,19 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
 @click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512m (also sizes the VM).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(rm: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...], workdir: str | None,
-        user: str | None, volume: tuple[str, ...], cpus: float | None, memory: str | None, image: str,
-        command: tuple[str, ...]) -> None:
+def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...],
+        workdir: str | None, user: str | None, volume: tuple[str, ...], cpus: float | None, memory: str | None,
+        image: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE, inside its own VM; exit with its status."""
+    sandbox_id = detach.detached_id() if detach_ else None
+    if detach_ and interactive:
+        raise click.BadParameter("a detached container has no stdin to keep open", param_hint="--interactive")
     try:
+        if detach_ and sandbox_id is None:
+            detach.start_detached(load_config())
         status = asyncio.run(run_async(
             load_config(), image, command, name=name, rm=rm, interactive=interactive, tty_=tty_, env=list(env),
-            workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory))
+            workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id))
     except PykataError as e:
         _fail(str(e))
     sys.exit(status)
@@ -352,4 +362,4 @@ def cleanup() -> None:
         click.echo(f"removed {sid}")
 
 
-COMMANDS = [run, exec_, ps, kill, rm, logs, cleanup]
+COMMANDS = [run, exec_, ps, kill, rm, logs, cleanup, detach.attach_cmd]
