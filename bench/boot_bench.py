@@ -6,7 +6,7 @@ Two guests:
          host measures the first byte on the channel socket. The floor of what the VM layer costs.
   image  the cached kernel + the root filesystem of `pykata image build`; ready when the agent prints
          PYKATA_AGENT_READY (it is then serving ttrpc on the channel).
-  clone  (--template) the image guest started from a VM template (pykata.hypervisor.template) with a
+  clone  (--template) the image guest started from a VM template (pykata.factory) with a
          9p share like a sandbox's; ready when the agent answers a health check over the channel.
          The template is made once before the runs (its time is reported as template-make).
 
@@ -45,6 +45,7 @@ from typing import Any
 import psutil
 
 from pykata.config import Config, parse_toml
+from pykata.factory import ensure_template, start_vm
 from pykata.hypervisor import Hypervisor, QemuHypervisor
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 
@@ -130,17 +131,19 @@ async def seen_at(console: Path, marker: bytes) -> float:
 
 async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path) -> dict[str, float]:
     readiness = channel_first_byte if guest == "tiny" else None
-    if guest == "clone":
-        # Assets from the configuration (explicit ones would boot cold); a share like a sandbox's.
-        shared = Path(config.runtime.runtime_dir) / f"shared-{i}"
-        shared.mkdir(parents=True)
-        vm = QemuHypervisor(f"bench-{guest}-{i}", config, shared_dir=shared)
-    else:
-        vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
+    vm: Hypervisor | None = None
     init_seen: asyncio.Task[float] | None = None
     try:
-        await vm.prepare()
-        await vm.start()
+        if guest == "clone":
+            # As a sandbox gets it: the factory picks the template; a share like a sandbox's.
+            shared = Path(config.runtime.runtime_dir) / f"shared-{i}"
+            shared.mkdir(parents=True)
+            vm = await start_vm(f"bench-{guest}-{i}", config, shared_dir=shared)
+        else:
+            vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
+            await vm.prepare()
+            await vm.start()
+        assert isinstance(vm, QemuHypervisor)
         if guest == "image":
             # Needs the kernel's info messages: the image guest boots without "quiet".
             init_seen = asyncio.ensure_future(seen_at(vm.console_log, b"Run /init as init process"))
@@ -169,7 +172,8 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
         if init_seen is not None:
             init_seen.cancel()
         stop_at = time.monotonic()
-        await vm.stop()
+        if vm is not None:
+            await vm.stop()
     out["stop"] = time.monotonic() - stop_at
     return out
 
@@ -196,8 +200,6 @@ async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | No
         assert initrd is not None
         made: float | None = None
         if guest == "clone":
-            from pykata.hypervisor.template import ensure_template
-
             config = make_clone_config(workdir, memory, kernel, initrd)
             started = time.monotonic()
             await ensure_template(config)

@@ -21,9 +21,8 @@ from pykata.agentapi import Agent
 from pykata.config import Config, load_config
 from pykata.config.schema import FactoryConfig
 from pykata.errors import HypervisorError
-from pykata.hypervisor.base import Hypervisor
-from pykata.hypervisor.qemu.driver import QemuHypervisor
-from pykata.hypervisor.template import (
+from pykata.factory import start_vm
+from pykata.factory.template import (
     Template,
     ensure_template,
     find_template,
@@ -33,6 +32,8 @@ from pykata.hypervisor.template import (
     sync_guest_clock,
     template_inputs,
 )
+from pykata.hypervisor.base import Hypervisor
+from pykata.hypervisor.qemu.driver import QemuHypervisor
 from pykata.protocols.agent import agent_pb2
 from tests.agent.conftest import make_busybox_rootfs
 from tests.guest_assets import guest_initrd_path, guest_kernel_path
@@ -128,10 +129,9 @@ async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple
         assert vm.agent_endpoint.socket is not None
         box["agent"] = await Agent.connect(vm.agent_endpoint.socket, name, timeout=30)
 
-    vm = QemuHypervisor(name, config, shared_dir=shared, readiness=probe)
+    vm = await start_vm(name, config, shared_dir=shared, readiness=probe)
+    assert isinstance(vm, QemuHypervisor)
     try:
-        await vm.prepare()
-        await vm.start()
         await vm.wait_ready(timeout=30)
         agent = box["agent"]
         await agent.create_sandbox(name, storages=[
@@ -156,7 +156,7 @@ async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
         clones = await asyncio.gather(*(stack.enter_async_context(_clone(config, f"clone-{n}", s))
                                         for n, s in zip("ab", shares, strict=True)))
         for (vm, agent), name in zip(clones, "ab", strict=True):
-            assert vm.from_template and vm.template == template and "restored" in vm.timestamps
+            assert vm.restore_source == template.restore_source and "restored" in vm.timestamps
             assert await agent.health()
             out = await _run(agent, "who", ["/bin/cat", "/who"])
             assert out == f"clone {name}\n".encode()
@@ -180,15 +180,14 @@ async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
     assert cfg.qemu.shared_fs == "virtio-fs"
     shared = tdir / "shared-c"
     shared.mkdir()
-    vm = QemuHypervisor("clone-c", cfg, shared_dir=shared)
     before = _qemu_pids()
+    vm = await start_vm("clone-c", cfg, shared_dir=shared)
+    assert isinstance(vm, QemuHypervisor)
     try:
-        await vm.prepare()
-        assert vm.shared_fs == "virtio-9p" and vm.template == template
+        assert vm.shared_fs == "virtio-9p" and vm.restore_source == template.restore_source
         argv = " ".join(vm.argv)
         assert f"mem-path={template.memory},share=off" in argv and "virtio-9p-device" in argv
         assert "vhost-user-fs" not in argv
-        await vm.start()
         pid = vm.pid
         assert pid is not None
         # No readiness probe given: a clone is ready when its agent answers (no console line).
@@ -214,11 +213,8 @@ async def test_template_invalidated_when_the_initrd_changes(
     new_inputs, *_ = await template_inputs(config)
     assert new_inputs != old_inputs
     assert await find_template(config) is None
+    # (the factory calls check_fits before handing a template to a VM)
     with pytest.raises(HypervisorError, match=r"initrd .* changed"):
         template.check_fits(config)
-    vm = QemuHypervisor("clone-stale", config, template=template)
-    with pytest.raises(HypervisorError, match="changed"):
-        await vm.prepare()
-    await vm.stop()
     assert prune_templates(config) == [template.key]
     assert not template.dir.exists()

@@ -11,6 +11,7 @@ import pytest
 
 from pykata.network import NetworkError, attach, detach, guest_mac, open_tap
 from pykata.protocols.agent import agent_pb2
+from pykata.resources.network import nic_devices
 
 
 def sh(cmd: str) -> str:
@@ -51,7 +52,7 @@ async def test_attach_makes_tap_and_filters_and_detach_removes_them(cni_like_net
         assert [(a.address, a.prefix_length) for a in iface.addresses] == [("10.253.0.9", 24)]
         routes = {(r.dest, r.gateway, r.device) for r in net.guest_routes()}
         assert routes == {("default", "10.253.0.1", "eth0"), ("10.77.0.0/16", "10.253.0.1", "eth0")}
-        [dev] = net.devices()
+        [dev] = nic_devices(net)
         assert dev.mac == guest_mac(0) and dev.tap_fd is not None
     finally:
         await detach(net)
@@ -88,7 +89,7 @@ async def test_loopback_only_netns_has_no_endpoints() -> None:
     sh(f"ip netns add {name}")
     try:
         net = await attach(f"/var/run/netns/{name}")
-        assert net.endpoints == [] and net.devices() == [] and net.guest_routes() == []
+        assert net.endpoints == [] and nic_devices(net) == [] and net.guest_routes() == []
         await detach(net)
     finally:
         sh(f"ip netns del {name}")

@@ -26,9 +26,10 @@ from pykata.protocols import (
     typeurl,
 )
 from pykata.protocols.agent import agent_pb2
-from pykata.shim.bootstrap import ShimStartError, parse_flags, sandbox_id_of, socket_path
+from pykata.shim.bootstrap import sandbox_id_of, socket_path
 from pykata.shim.errors import InvalidArgumentError, ShimError
 from pykata.shim.events import EventPublisher
+from pykata.shim.flags import ShimStartError, parse_flags
 from pykata.shim.service import TaskService, check_id
 from pykata.shim.stats import metrics_any, to_v1, to_v2
 from pykata.shim.stdio import ProcessIO, Stdio

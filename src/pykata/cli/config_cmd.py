@@ -14,7 +14,7 @@ from pykata.errors import PykataError
 
 
 def _resolved(config: Config) -> dict[str, Any]:
-    from pykata.hypervisor.qemu.driver import resolve_kernel, resolve_rootfs
+    from pykata.hypervisor.qemu.assets import resolve_kernel, resolve_rootfs
 
     out: dict[str, Any] = {}
     try:

@@ -39,7 +39,7 @@ def factory() -> None:
 def init(force: bool, as_json: bool) -> None:
     """Make the templates for the current configuration (without and with a NIC; boots a VM for each
     that does not exist yet)."""
-    from pykata.hypervisor.template import ensure_template
+    from pykata.factory import ensure_template
 
     config = _config()
     started = time.monotonic()
@@ -64,7 +64,7 @@ def init(force: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(as_json: bool) -> None:
     """Show whether templating is on and which templates exist (the current one is marked)."""
-    from pykata.hypervisor.template import find_template, list_templates
+    from pykata.factory import find_template, list_templates
 
     config = _config()
     current, problem = None, None
@@ -98,7 +98,7 @@ def status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the removed templates as JSON.")
 def destroy(as_json: bool) -> None:
     """Remove every template (running VMs started from one are not affected)."""
-    from pykata.hypervisor.template import destroy_templates
+    from pykata.factory import destroy_templates
 
     keys = _run(destroy_templates(_config()))
     if as_json:

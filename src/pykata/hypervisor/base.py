@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pykata.config.schema import SharedFs
 from pykata.hypervisor.devices import Device
 
 
@@ -31,6 +32,19 @@ class AgentEndpoint:
     socket: Path | None = None
     vsock_cid: int | None = None
     vsock_port: int = 1024
+
+
+@dataclass(frozen=True)
+class RestoreSource:
+    """A saved VM to start from instead of booting (a template, made by pykata.factory): guest RAM in
+    `memory` (mapped privately, copy-on-write), device state in `state`, and the kernel, initrd and
+    image the saved guest booted, which the new VM must name the same way."""
+
+    memory: Path
+    state: Path
+    kernel: Path
+    initrd: Path | None = None
+    image: Path | None = None
 
 
 # Returns once the guest is ready; wait_ready() cancels it on timeout or when the VM exits first.
@@ -162,3 +176,14 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def console_log(self) -> Path:
         """The file the guest console is written to."""
+
+    @property
+    @abc.abstractmethod
+    def shared_fs(self) -> SharedFs:
+        """How the shared directory reaches the guest (what the agent must mount)."""
+
+    @property
+    @abc.abstractmethod
+    def restore_source(self) -> RestoreSource | None:
+        """The saved VM this one was started from, else None (it booted). A restored guest wakes up
+        with the saved guest's wall clock, which its owner must set."""

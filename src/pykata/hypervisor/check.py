@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pykata.config import Config, load_config
 from pykata.errors import PykataError
 from pykata.hypervisor import accel
-from pykata.hypervisor.qemu.driver import VHOST_VSOCK, resolve_kernel, resolve_rootfs
+from pykata.hypervisor.qemu.assets import resolve_kernel, resolve_rootfs
+from pykata.hypervisor.qemu.driver import VHOST_VSOCK
 
 Status = Literal["pass", "warn", "fail"]
 MIN_QEMU = (7, 2)

@@ -20,3 +20,7 @@ class VmExitedError(HypervisorError):
 
 class NotSupportedError(HypervisorError):
     """The operation is not available for this machine type or not implemented yet."""
+
+
+class RestoreError(HypervisorError):
+    """A VM could not load the saved state it was started from (the saved VM is unusable)."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pykata.images.errors import ImageError
-from pykata.images.store import Image, ImageConfig
+from pykata.images.store import Image, ImageConfig, register_builtin
 
 BUSYBOX = Path("/bin/busybox")
 RECIPE_VERSION = "1"
@@ -69,10 +69,8 @@ def _builtin(name: str, config: ImageConfig) -> Callable[[Path], Image]:
     return resolve
 
 
-BUILTIN_IMAGES: dict[str, Callable[[Path], Image]] = {
-    "busybox": _builtin("busybox", ImageConfig(cmd=("sh",))),
-    "pause": _builtin("pause", ImageConfig(cmd=("sleep", "2147483647"))),
-}
+register_builtin("busybox", _builtin("busybox", ImageConfig(cmd=("sh",))))
+register_builtin("pause", _builtin("pause", ImageConfig(cmd=("sleep", "2147483647"))))
 
 
 def export_oci_archive(image: Image, out: Path, name: str = "busybox:latest") -> Path:

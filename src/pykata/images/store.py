@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +292,16 @@ def _diff_ids(config: Any, count: int, what: str) -> list[str]:
     return diff_ids
 
 
+# Images made on the host rather than read from a file (name -> maker of it under images_dir): the
+# embedded ones register themselves (pykata.images.builtin, imported by the package).
+BUILTIN_IMAGES: dict[str, Callable[[Path], Image]] = {}
+
+
+def register_builtin(name: str, make: Callable[[Path], Image]) -> None:
+    """Make `name` (and `name:latest`) resolve to the image `make(images_dir)` returns."""
+    BUILTIN_IMAGES[name] = make
+
+
 class ImageStore:
     """Finds and unpacks images into the cache."""
 
@@ -308,8 +318,6 @@ class ImageStore:
                 its digests (BlobError), over a cap (ImageLimitError), or with an unsafe entry
                 (LayerError).
         """
-        from pykata.images.builtin import BUILTIN_IMAGES
-
         name = ref.removesuffix(":latest")
         if name in BUILTIN_IMAGES:
             self._make_images_dir()

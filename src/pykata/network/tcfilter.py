@@ -1,7 +1,7 @@
 """Kata's tc-filter network model: a pod's veth (made by CNI) wired to the VM's NIC through a tap.
 
     net = await attach("/var/run/netns/cni-1234")   # taps + tc filters in the pod's netns
-    for dev in net.devices(): await vm.add_device(dev)
+    devices = pykata.resources.network.nic_devices(net)   # plain NetDevice values for the VM
     ... start the VM; net.close_fds() once QEMU holds the taps ...
     for iface in net.interfaces(): agent UpdateInterface(iface)
     agent UpdateRoutes(net.routes())
@@ -23,8 +23,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from pykata.hypervisor.devices import NetDevice
-from pykata.network.tap import MAX_NICS, NetworkError, guest_mac, netlink_socket, nic_id, open_tap
+from pykata.network.tap import MAX_NICS, NetworkError, guest_mac, netlink_socket, open_tap
 from pykata.protocols.agent import agent_pb2
 
 log = logging.getLogger("pykata.network")
@@ -57,11 +56,6 @@ class PodNetwork:
     netns: str
     endpoints: list[Endpoint] = field(default_factory=list)
     routes: list[dict[str, Any]] = field(default_factory=list)
-
-    def devices(self) -> list[NetDevice]:
-        """The VM's NICs (cold-plugged before start)."""
-        return [NetDevice(nic_id(e.index), guest_mac(e.index), tap_fd=e.tap_fd) for e in self.endpoints
-                if e.tap_fd is not None]
 
     def close_fds(self) -> None:
         """Drop pykata's copies of the tap fds: once QEMU holds them, the taps live as long as QEMU."""

@@ -33,12 +33,13 @@ from pykata.agentapi import Agent
 from pykata.agentapi.replies import Reseeded
 from pykata.config import Config, load_config
 from pykata.errors import PykataError, SandboxError
+from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
-from pykata.hypervisor.qemu.driver import QemuHypervisor
 from pykata.network import PodNetwork
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.protocols.agent import agent_pb2
+from pykata.resources.network import nic_devices
 from pykata.sandbox import mounts, state
 from pykata.sandbox.mounts import RootfsMount
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
@@ -197,32 +198,27 @@ class Sandbox:
             assert endpoint.socket is not None, "vsock agent channel is not supported by the sandbox yet"
             agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout)
 
-        self.vm = QemuHypervisor(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
-                                 vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown)
         if self.netns is not None and self.config.runtime.internetworking_model != "none":
             self.network = await attach_network(self.netns)
-            for dev in self.network.devices():
-                await self.vm.add_device(dev)
-        await self.vm.prepare()
-        await self.vm.start()
+        # The factory decides between a template clone and a cold boot; it stops the VM if starting fails.
+        self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
+                                 vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
+                                 devices=nic_devices(self.network) if self.network is not None else ())
         if self.network is not None:
             self.network.close_fds()  # QEMU holds the taps now: they end with it
         self.record.vmm_pid = self.vm.pid
         state.save(self.dir, self.record)
         await self.vm.wait_ready(timeout=boot_timeout)
         self._agent = agent_box["agent"]
-        vm = self.vm
-        assert isinstance(vm, QemuHypervisor)
-        if vm.from_template:
+        if self.vm.restore_source is not None:
             # a clone wakes up with the template's clock
-            from pykata.hypervisor.template import sync_guest_clock
             await sync_guest_clock(self.agent)
             await self._reseed_clone()
         if self.policy_json is not None:
             # Before CreateSandbox: nothing in the guest runs before the policy is in force.
             await self.agent.set_policy(self.policy_json)
         # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated)
-        if vm.shared_fs == "virtio-fs":
+        if self.vm.shared_fs == "virtio-fs":
             storage = agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
                                         mount_point=GUEST_SHARED_DIR)
         else:

@@ -22,11 +22,10 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pykata.errors import PykataError
+from pykata.shim.flags import Flags, ShimStartError
 
 if TYPE_CHECKING:
     from pykata.config import Config
@@ -40,60 +39,6 @@ MAX_OPTIONS_BYTES = 1 << 20
 MAX_SOCKET_PATH = 107
 DELETED_STATUS = 128 + 9
 EXIT_WAIT = 4.0  # containerd gives `delete` 5 s
-
-
-class ShimStartError(PykataError):
-    """`start` or `delete` cannot do its job; the message says why."""
-
-
-@dataclass
-class Flags:
-    """containerd's command line for a shim (Go flag syntax)."""
-
-    namespace: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    id: str = ""
-    bundle: str = ""
-    debug: bool = False
-    version: bool = False
-    action: str = ""
-
-
-_VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
-_BOOL_FLAGS = {"debug", "v", "version"}
-
-
-def parse_flags(argv: list[str]) -> Flags:
-    """`-namespace ns -id x start` (also --flag and -flag=value). Raises ShimStartError naming a bad flag."""
-    f = Flags()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("-") or arg in ("-", "--"):
-            if arg == "--":
-                i += 1
-            f.action = argv[i] if i < len(argv) else ""
-            break
-        name, eq, value = arg.lstrip("-").partition("=")
-        if name in _BOOL_FLAGS:
-            on = value.lower() not in ("false", "0") if eq else True
-            if name == "debug":
-                f.debug = on
-            else:
-                f.version = on
-        elif name in _VALUE_FLAGS:
-            if not eq:
-                i += 1
-                if i >= len(argv):
-                    raise ShimStartError(f"flag -{name} needs a value")
-                value = argv[i]
-            if name != "socket":
-                setattr(f, name.replace("-", "_"), value)
-        else:
-            raise ShimStartError(f"unknown flag {arg!r}")
-        i += 1
-    return f
 
 
 def read_annotations(bundle: Path) -> dict[str, str]:
@@ -209,6 +154,8 @@ def _become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_
         os.dup2(log_fd if log_fd is not None else devnull, 2)
         os.close(devnull)
         os.chdir("/")
+        # Lazy: the daemon's imports (Task service, sandbox, hypervisor) cost the short-lived `start`
+        # and `delete` processes time they do not need; only the forked daemon pays it.
         from pykata.shim.daemon import run
 
         code = run(flags, listener, bundle, sandbox_id, path, log_fd)

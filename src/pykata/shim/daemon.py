@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pykata.protocols import TASK_SERVICE
-from pykata.shim.bootstrap import Flags
 from pykata.shim.events import EventPublisher
+from pykata.shim.flags import Flags
 from pykata.shim.logs import setup_logging
 from pykata.shim.service import TaskService
 from pykata.ttrpc import Server

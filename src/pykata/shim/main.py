@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from pykata.errors import PykataError
-from pykata.shim.bootstrap import SHIM_NAME, delete, parse_flags, start
+from pykata.shim.bootstrap import SHIM_NAME, delete, start
+from pykata.shim.flags import parse_flags
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,27 +13,25 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pykata.config.schema import Config
+from pykata.config.schema import Config, SharedFs
 from pykata.errors import HypervisorError
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
-from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, VmExit
+from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, RestoreSource, VmExit
 from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
-from pykata.hypervisor.errors import NotSupportedError, QmpError, VmExitedError
+from pykata.hypervisor.errors import NotSupportedError, QmpError, RestoreError, VmExitedError
 from pykata.hypervisor.hostinfo import host_tsc_khz
 from pykata.hypervisor.jail import UidLease, jail_spec, make_chroot, namespace_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
-from pykata.hypervisor.qemu import hotplug
+from pykata.hypervisor.qemu import hotplug, migrate
+from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
 from pykata.hypervisor.qemu.proxy9p import Proxy9p
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 from pykata.hypervisor.readiness import console_readiness, log_tail
-
-if TYPE_CHECKING:
-    from pykata.hypervisor.template import Template
 
 log = logging.getLogger("pykata.hypervisor")
 
@@ -46,8 +44,6 @@ State = Literal["new", "prepared", "starting", "running", "stopping", "stopped"]
 QMP_CONNECT_TIMEOUT = 10.0
 GRACEFUL_TIMEOUT = 2.0
 QUIT_TIMEOUT = 2.0
-# Saving/restoring a template moves only device state (RAM stays in the template's file): milliseconds.
-MIGRATE_TIMEOUT = 30.0
 
 
 class QemuHypervisor(Hypervisor):
@@ -62,13 +58,12 @@ class QemuHypervisor(Hypervisor):
     `on_event` receives QMP events (SHUTDOWN, STOP, RESET, ...). `vm_dir` defaults to
     <runtime_dir>/vm/<vm_id>; it must not exist yet and is removed by stop().
 
-    VM templating (pykata.hypervisor.template): `template` None follows `factory.enable_template`,
-    False never uses one, a Template starts from that one. A VM started from a template is restored
-    from its saved state instead of booting (start() returns with the guest running where the template
-    was saved: its agent waiting for a connection) and shares the template's memory file copy-on-write.
-    Templated VMs serve `shared_dir` over 9p (virtio-fs cannot be migrated by QEMU 7.2): the
-    `shared_fs` property says which one a VM uses. `memory_file` puts guest RAM in that file, shared
-    (what a template is made of; save() then writes only the device state).
+    `restore` starts the VM from a saved one (a template that pykata.factory made and chose; the
+    driver decides nothing about templates): start() loads its state instead of booting and returns
+    with the guest running where it was saved, its RAM the saved memory file mapped copy-on-write; its
+    kernel, initrd and image are the saved VM's. Such a VM needs a `readiness` probe (the console line
+    was printed before the save). `memory_file` puts guest RAM in that file, shared (what a template is
+    made of; save() then writes only the device state).
     """
 
     def __init__(
@@ -85,7 +80,7 @@ class QemuHypervisor(Hypervisor):
         guest_shutdown: Callable[[], Awaitable[None]] | None = None,
         on_event: EventCallback | None = None,
         vm_dir: Path | None = None,
-        template: Template | bool | None = None,
+        restore: RestoreSource | None = None,
         memory_file: Path | None = None,
     ) -> None:
         if not _VM_ID.match(vm_id):
@@ -121,14 +116,14 @@ class QemuHypervisor(Hypervisor):
         self._stop_requested = False
         self._shutdown_event: QmpEvent | None = None
         self._panicked = False
-        self._event_waiters: list[tuple[Callable[[QmpEvent], bool], asyncio.Future[QmpEvent]]] = []
         self._memory_mib = config.qemu.default_memory
         self._dimms = 0
         self._vcpus = config.qemu.default_vcpus
         self._cpu_ids: list[str] = []
-        self._template_arg = template
+        if restore is not None and (memory_file is not None or kernel or initrd or image):
+            raise HypervisorError(f"VM {vm_id}: a restored VM takes its memory and assets from the saved VM")
+        self._restore = restore
         self._memory_file = memory_file
-        self.template: Template | None = None
         self._awaiting_incoming = False
 
     # ---------------------------------------------------------------------------------------------
@@ -160,15 +155,12 @@ class QemuHypervisor(Hypervisor):
         return self.paths.console_log
 
     @property
-    def shared_fs(self) -> str:
-        """The shared-fs transport this VM uses (after prepare(): 9p when templated)."""
+    def shared_fs(self) -> SharedFs:
         return self.config.qemu.shared_fs
 
     @property
-    def from_template(self) -> bool:
-        """True when this VM was (or will be) restored from a template: its guest clock is the
-        template's until the host sets it (agent SetGuestDateTime)."""
-        return self.template is not None
+    def restore_source(self) -> RestoreSource | None:
+        return self._restore
 
     @property
     def qmp(self) -> QmpChannel:
@@ -193,10 +185,9 @@ class QemuHypervisor(Hypervisor):
     async def prepare(self) -> None:
         if self.state != "new":
             raise HypervisorError(f"VM {self.vm_id}: prepare() in state {self.state}")
-        await self._choose_template()
         q = self.config.qemu
-        if self.template is not None:
-            kernel, initrd, image = self.template.kernel, self.template.initrd, self.template.image
+        if self._restore is not None:
+            kernel, initrd, image = self._restore.kernel, self._restore.initrd, self._restore.image
         else:
             kernel, initrd, image = resolve_assets(self.config, self._kernel, self._initrd, self._image)
         if not Path(q.path).is_file():
@@ -221,8 +212,8 @@ class QemuHypervisor(Hypervisor):
             extra_kernel_params=self._extra_params,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else None,
         )
-        if self.template is not None:
-            self.spec = dataclasses.replace(self.spec, memory_file=self.template.memory,
+        if self._restore is not None:
+            self.spec = dataclasses.replace(self.spec, memory_file=self._restore.memory,
                                             memory_file_shared=False, incoming=True)
             self._awaiting_incoming = True
         elif self._memory_file is not None:
@@ -255,44 +246,6 @@ class QemuHypervisor(Hypervisor):
         if self._uid_lease is not None:
             self._uid_lease.release()
             self._uid_lease = None
-
-    async def _choose_template(self) -> None:
-        """Decide whether this VM starts from a template (making it if needed) and switch templated
-        VMs to 9p. Raises HypervisorError when the template cannot be made or does not fit."""
-        arg = self._template_arg
-        wanted = self.config.factory.enable_template if arg is None else arg is not False
-        explicit_assets = any(x is not None for x in (self._kernel, self._initrd, self._image))
-        if arg is None and (explicit_assets or self._extra_params or self._memory_file is not None):
-            # A template is made from the configured guest; a VM given other assets boots cold.
-            wanted = False
-        nics = self._template_nics()
-        if wanted and nics is None:
-            if arg is not None:
-                raise HypervisorError(f"VM {self.vm_id}: a template cannot carry its cold-plugged devices")
-            log.info("VM %s: booting cold: its devices are not ones a template can carry", self.vm_id)
-            wanted = False
-        if not wanted and self._memory_file is None:
-            return
-        from pykata.hypervisor.template import Template, ensure_template, templated_config
-
-        self.config = templated_config(self.config)
-        if not wanted:
-            return
-        assert nics is not None
-        template = arg if isinstance(arg, Template) else await ensure_template(self.config, nics=nics)
-        template.check_fits(self.config, nics)
-        self.template = template
-
-    def _template_nics(self) -> int | None:
-        """How many NICs a template for this VM has, or None when its cold-plugged devices do not
-        match a template's: NICs must be pykata.network's net0, net1, ... with its guest MACs."""
-        from pykata.network.tap import guest_mac, nic_id
-
-        devices = list(self._devices.values())
-        for i, dev in enumerate(devices):
-            if not isinstance(dev, NetDevice) or dev.id != nic_id(i) or dev.mac != guest_mac(i):
-                return None
-        return len(devices)
 
     async def start(self) -> None:
         if self.state != "prepared":
@@ -361,16 +314,12 @@ class QemuHypervisor(Hypervisor):
             raise
         self.timestamps["qmp_connected"] = time.monotonic()
         self.state = "running"
-        if self.template is not None:
+        if self._restore is not None:
             try:
-                await self.restore(self.template.state)
+                await self.restore(self._restore.state)
             except HypervisorError as exc:
-                # A template QEMU cannot load is useless for every later VM too: drop it so the next
-                # VM makes a fresh one.
-                from pykata.hypervisor.template import discard_template
-
-                discard_template(self.template, f"restore failed: {exc}")
-                raise
+                # RestoreError tells the factory that the saved VM itself is unusable.
+                raise RestoreError(f"VM {self.vm_id}: restore failed: {exc}") from exc
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
         code = await qemu.exit_code()
@@ -380,9 +329,6 @@ class QemuHypervisor(Hypervisor):
         if not self._stop_requested:
             log.warning("VM %s: QEMU %s", self.vm_id, reason)
         qmp.abort(f"VM {self.vm_id} is gone: QEMU {reason}")
-        for _, fut in self._event_waiters:
-            if not fut.done():
-                fut.set_exception(VmExitedError(f"VM {self.vm_id}: QEMU {reason}"))
         if not self.exited.done():
             self.exited.set_result(VmExit(code, reason, requested=self._stop_requested))
 
@@ -399,39 +345,17 @@ class QemuHypervisor(Hypervisor):
             self._shutdown_event = event
         elif event.name == "GUEST_PANICKED":
             self._panicked = True
-        for pred, fut in list(self._event_waiters):
-            if not fut.done() and pred(event):
-                fut.set_result(event)
         if self._on_event is not None:
             self._on_event(event)
-
-    async def wait_for_event(self, predicate: Callable[[QmpEvent], bool], timeout: float) -> QmpEvent:
-        """Wait for a QMP event matching `predicate`.
-
-        Raises:
-            HypervisorError: not within `timeout`, or the VM exited.
-        """
-        fut: asyncio.Future[QmpEvent] = asyncio.get_running_loop().create_future()
-        entry = (predicate, fut)
-        self._event_waiters.append(entry)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise HypervisorError(f"VM {self.vm_id}: expected QMP event did not come in {timeout:.1f}s") from None
-        finally:
-            self._event_waiters.remove(entry)
 
     async def wait_ready(self, timeout: float | None = None, probe: ReadinessProbe | None = None) -> None:
         if self.state != "running" or self._qemu is None:
             raise HypervisorError(f"VM {self.vm_id}: wait_ready() in state {self.state}")
         limit = self.config.qemu.boot_timeout if timeout is None else timeout
-        if probe is None and self._readiness is None and self.template is not None:
-            # The console line was printed once, in the template: ask the agent instead.
-            from pykata.hypervisor.template import agent_readiness
-
-            chosen: ReadinessProbe = agent_readiness
-        else:
-            chosen = probe or self._readiness or console_readiness(self.paths.console_log)
+        if probe is None and self._readiness is None and self._restore is not None:
+            raise HypervisorError(f"VM {self.vm_id}: a restored VM needs a readiness probe (its console "
+                                  "line was printed before it was saved)")
+        chosen = probe or self._readiness or console_readiness(self.paths.console_log)
         ready: asyncio.Future[None] = asyncio.ensure_future(chosen(self))
         exited: asyncio.Future[Any] = self.exited
         try:
@@ -541,7 +465,7 @@ class QemuHypervisor(Hypervisor):
         self._require_running("remove_device")
         if device_id not in self._hotplugged:
             raise NotSupportedError(f"VM {self.vm_id}: device {device_id} was cold-plugged and cannot be removed")
-        await hotplug.remove(self, device)
+        await hotplug.remove(self.qmp, device)
         del self._devices[device_id]
         self._hotplugged.discard(device_id)
         self._ports.pop(device_id, None)
@@ -579,7 +503,7 @@ class QemuHypervisor(Hypervisor):
             if not self._cpu_ids:
                 raise NotSupportedError(f"VM {self.vm_id}: only hot-added vCPUs can be removed")
             cpu_id = self._cpu_ids[-1]
-            await hotplug.remove_cpu(self, cpu_id)
+            await hotplug.remove_cpu(self.qmp, cpu_id)
             self._cpu_ids.pop()
             self._vcpus -= 1
         return self._vcpus
@@ -604,20 +528,7 @@ class QemuHypervisor(Hypervisor):
         self._require_running("save")
         if self._memory_file is None:
             raise NotSupportedError(f"VM {self.vm_id}: save() needs a VM started with memory_file (a template)")
-        qmp = self.qmp
-        await qmp.execute("stop")
-        # RAM is already in the shared file: leave it out of the stream.
-        await qmp.execute("migrate-set-capabilities",
-                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-        # The state file is opened here and passed in: a jailed QEMU can neither open host paths nor
-        # spawn `cat` (seccomp spawn=deny).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            await qmp.execute("getfd", {"fdname": "migrate-save"}, fd=fd)
-        finally:
-            os.close(fd)
-        await qmp.execute("migrate", {"uri": "fd:migrate-save"})
-        await self._wait_migration("save")
+        await migrate.save_state(self.qmp, path, label=f"VM {self.vm_id}", qemu_log=self.paths.qemu_log)
         self.timestamps["saved"] = time.monotonic()
 
     async def restore(self, path: Path) -> None:
@@ -632,42 +543,13 @@ class QemuHypervisor(Hypervisor):
         if not self._awaiting_incoming:
             raise NotSupportedError(f"VM {self.vm_id}: restore() needs a VM started from a template")
         self._awaiting_incoming = False
-        qmp = self.qmp
-        if self.spec is not None and self.spec.memory_file is not None:
-            # The stream was written with x-ignore-shared; its layout must be read the same way.
-            await qmp.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise HypervisorError(f"VM {self.vm_id}: cannot open the saved state {path}: {exc.strerror}") from None
-        try:
-            await qmp.execute("getfd", {"fdname": "migrate-restore"}, fd=fd)
-        finally:
-            os.close(fd)
-        await qmp.execute("migrate-incoming", {"uri": "fd:migrate-restore"})
-        await self._wait_migration("restore")
+        # The stream was written with x-ignore-shared when RAM is in a file; it must be read the same way.
+        ignore_shared = self.spec is not None and self.spec.memory_file is not None
+        await migrate.load_state(self.qmp, path, ignore_shared=ignore_shared, label=f"VM {self.vm_id}",
+                                 qemu_log=self.paths.qemu_log)
         self.timestamps["restored"] = time.monotonic()
-        await qmp.execute("cont")
+        await self.qmp.execute("cont")
         self.timestamps["resumed"] = time.monotonic()
-
-    async def _wait_migration(self, what: str) -> None:
-        deadline = time.monotonic() + MIGRATE_TIMEOUT
-        delay = 0.001
-        while True:
-            info = await self.qmp.execute("query-migrate")
-            status = info.get("status") if isinstance(info, dict) else None
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled"):
-                desc = info.get("error-desc", "no reason given")
-                raise HypervisorError(f"VM {self.vm_id}: {what} failed: {desc}; "
-                                      f"qemu: {log_tail(self.paths.qemu_log, 800)}")
-            if time.monotonic() > deadline:
-                raise HypervisorError(f"VM {self.vm_id}: {what} not done after {MIGRATE_TIMEOUT:.0f}s "
-                                      f"(status {status})")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -682,64 +564,3 @@ class QemuHypervisor(Hypervisor):
     def _require_q35(self, what: str) -> None:
         if self.config.qemu.machine_type != "q35":
             raise NotSupportedError(f"VM {self.vm_id}: {what} needs machine_type = \"q35\" (microvm has no hotplug)")
-
-
-def resolve_assets(config: Config, kernel: Path | None, initrd: Path | None,
-                   image: Path | None) -> tuple[Path, Path | None, Path | None]:
-    """The kernel, initrd and image a VM boots: explicit ones, else configured, else pykata.guestimage's cache.
-
-    Raises:
-        HypervisorError: no kernel or root filesystem is configured or built, or a file does not exist.
-    """
-    kernel = kernel or resolve_kernel(config)
-    if initrd is None and image is None:
-        initrd, image = resolve_rootfs(config)
-    for what, path in (("kernel", kernel), ("initrd", initrd), ("image", image)):
-        if path is not None and not path.is_file():
-            raise HypervisorError(f"hypervisor.qemu.{what}: {path} does not exist")
-    return kernel, initrd, image
-
-
-def resolve_kernel(config: Config) -> Path:
-    """The configured kernel, else the one `pykata image build` cached.
-
-    Raises:
-        HypervisorError: neither exists.
-    """
-    q = config.qemu
-    if q.kernel:
-        if not Path(q.kernel).is_file():
-            raise HypervisorError(f"hypervisor.qemu.kernel: {q.kernel} does not exist")
-        return Path(q.kernel)
-    try:
-        from pykata.guestimage.kernel import find_kernel
-    except ImportError:
-        raise HypervisorError("no guest kernel configured (hypervisor.qemu.kernel) and no builder") from None
-    found = find_kernel(config.runtime.cache_path)
-    if found is None:
-        raise HypervisorError("no guest kernel: run `pykata image build` or set hypervisor.qemu.kernel")
-    return Path(found.vmlinux)
-
-
-def resolve_rootfs(config: Config) -> tuple[Path | None, Path | None]:
-    """(initrd, image): the configured one, else the root filesystem `pykata image build` cached.
-
-    Raises:
-        HypervisorError: neither exists.
-    """
-    q = config.qemu
-    for what, value in (("initrd", q.initrd), ("image", q.image)):
-        if value and not Path(value).is_file():
-            raise HypervisorError(f"hypervisor.qemu.{what}: {value} does not exist")
-    if q.initrd or q.image:
-        return (Path(q.initrd) if q.initrd else None), (Path(q.image) if q.image else None)
-    try:
-        from pykata.guestimage.rootfs import find_rootfs
-    except ImportError:
-        raise HypervisorError("no guest initrd configured (hypervisor.qemu.initrd) and no builder") from None
-    found = find_rootfs(config.runtime.cache_path)
-    if found is None:
-        raise HypervisorError("no guest root filesystem: run `pykata image build` or set hypervisor.qemu.initrd")
-    if found.preferred == "image" and found.image is not None:
-        return None, found.image
-    return found.initrd, None

@@ -1,22 +1,19 @@
 """Hot-plugging on q35 through QMP: block and net devices into free PCIe root ports, DIMMs, vCPUs.
 
 Unplugging needs the guest's consent (ACPI / PCIe hotplug): QEMU reports DEVICE_DELETED once the guest
-let go, and we wait for it with a deadline.
+let go, and we wait for it with a deadline. Every function takes the VM's QMP channel, nothing more.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pykata.errors import HypervisorError
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
+from pykata.hypervisor.errors import QmpError
 from pykata.hypervisor.qemu.launch import HOTPLUG_PORTS
-from pykata.hypervisor.qemu.qmp import QmpChannel, QmpEvent
-
-if TYPE_CHECKING:
-    from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.hypervisor.qemu.qmp import QmpChannel
 
 UNPLUG_TIMEOUT = 5.0
 
@@ -92,17 +89,17 @@ async def add_net(qmp: QmpChannel, dev: NetDevice, port: int) -> None:
         raise
 
 
-async def remove(vm: QemuHypervisor, dev: Device) -> None:
+async def remove(qmp: QmpChannel, dev: Device) -> None:
     """device_del, wait for the guest to release it, then drop the backend.
 
     Raises:
         HypervisorError: QEMU refused, or the guest did not release the device in time.
     """
-    await _device_del(vm, dev.id)
+    await _device_del(qmp, dev.id)
     if isinstance(dev, BlockDevice):
-        await vm.qmp.execute("blockdev-del", {"node-name": f"drive-{dev.id}"})
+        await qmp.execute("blockdev-del", {"node-name": f"drive-{dev.id}"})
     elif isinstance(dev, NetDevice):
-        await vm.qmp.execute("netdev_del", {"id": f"netdev-{dev.id}"})
+        await qmp.execute("netdev_del", {"id": f"netdev-{dev.id}"})
 
 
 async def add_memory(qmp: QmpChannel, dimm_id: str, size_mib: int, *, shared: bool) -> None:
@@ -139,25 +136,21 @@ async def add_cpu(qmp: QmpChannel, cpu_id: str) -> None:
     await qmp.execute("device_add", {"driver": slot["type"], "id": cpu_id, **slot["props"]})
 
 
-async def remove_cpu(vm: QemuHypervisor, cpu_id: str) -> None:
+async def remove_cpu(qmp: QmpChannel, cpu_id: str) -> None:
     """Unplug a hot-added vCPU (the guest must release it).
 
     Raises:
         HypervisorError: QEMU refused or the guest did not release it in time.
     """
-    await _device_del(vm, cpu_id)
+    await _device_del(qmp, cpu_id)
 
 
-async def _device_del(vm: QemuHypervisor, device_id: str) -> None:
-    def deleted(event: QmpEvent) -> bool:
-        return event.name == "DEVICE_DELETED" and event.data.get("device") == device_id
-
-
-
-    waiter = asyncio.ensure_future(vm.wait_for_event(deleted, UNPLUG_TIMEOUT))
-    try:
-        await vm.qmp.execute("device_del", {"id": device_id})
-        await waiter
-    finally:
-        if not waiter.done():
-            waiter.cancel()
+async def _device_del(qmp: QmpChannel, device_id: str) -> None:
+    with qmp.listener("DEVICE_DELETED", where=lambda e: e.data.get("device") == device_id) as deleted:
+        await qmp.execute("device_del", {"id": device_id})
+        try:
+            await deleted.get(UNPLUG_TIMEOUT)
+        except QmpError as exc:
+            if qmp.closed:
+                raise  # the VM is gone
+            raise HypervisorError(f"device {device_id}: the guest did not release it: {exc}") from None

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,31 @@ class QmpEvent:
 EventCallback = Callable[[QmpEvent], None]
 
 
+class QmpListener:
+    """Events of one channel that match a predicate, queued from the moment it is registered (so an
+    event that follows a command cannot be missed). Made by `QmpChannel.listener`."""
+
+    def __init__(self, channel: QmpChannel, predicate: Callable[[QmpEvent], bool]) -> None:
+        self._channel = channel
+        self._predicate = predicate
+        self._queue: asyncio.Queue[QmpEvent] = asyncio.Queue()
+
+    def _offer(self, event: QmpEvent) -> None:
+        if self._predicate(event):
+            self._queue.put_nowait(event)
+
+    async def get(self, timeout: float) -> QmpEvent:
+        """The next matching event.
+
+        Raises:
+            QmpError: none within `timeout`, or the channel is or gets closed first (the VM is gone).
+        """
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        event: QmpEvent = await self._channel._race(self._queue.get(), timeout, "event")
+        return event
+
+
 class QmpChannel:
     """A QMP connection to one VM, serialized and bounded.
 
@@ -54,6 +79,7 @@ class QmpChannel:
         self._closed: asyncio.Future[QmpError] = asyncio.get_running_loop().create_future()
         self._event_task: asyncio.Task[None] | None = None
         self._connected = False
+        self._listeners: list[QmpListener] = []
 
     @property
     def closed(self) -> bool:
@@ -93,6 +119,25 @@ class QmpChannel:
         listener = EventListener(WATCHED_EVENTS)
         self._client.register_listener(listener)
         self._event_task = asyncio.create_task(self._pump_events(listener), name=f"qmp-events-{self._path}")
+
+    @contextlib.contextmanager
+    def listener(self, *names: str, where: Callable[[QmpEvent], bool] | None = None) -> Iterator[QmpListener]:
+        """Queue the events named `names` (those in WATCHED_EVENTS) that satisfy `where` while the block
+        runs, qemu.qmp's `listener` shape:
+
+            with qmp.listener("DEVICE_DELETED", where=lambda e: e.data.get("device") == "blk1") as ev:
+                await qmp.execute("device_del", {"id": "blk1"})
+                await ev.get(timeout=5)
+        """
+        def matches(event: QmpEvent) -> bool:
+            return (not names or event.name in names) and (where is None or where(event))
+
+        listener = QmpListener(self, matches)
+        self._listeners.append(listener)
+        try:
+            yield listener
+        finally:
+            self._listeners.remove(listener)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None, *,
                       timeout: float | None = None, fd: int | None = None) -> Any:
@@ -169,8 +214,11 @@ class QmpChannel:
             stamp = 0.0
             if isinstance(ts, dict):
                 stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+            qmp_event = QmpEvent(name, data if isinstance(data, dict) else {}, stamp)
+            for subscriber in list(self._listeners):
+                subscriber._offer(qmp_event)
             if self._on_event is not None:
                 try:
-                    self._on_event(QmpEvent(name, data if isinstance(data, dict) else {}, stamp))
+                    self._on_event(qmp_event)
                 except Exception:
                     log.exception("QMP event callback failed for %s", name)

@@ -1,8 +1,11 @@
 """VM templates (Kata's "factory"): boot a guest once, save it, and start later VMs from the save.
 
     template = await ensure_template(config)          # made once, then found in the cache
-    vm = QemuHypervisor("sb1", config, shared_dir=d, template=template)   # or factory.enable_template
+    vm = QemuHypervisor("sb1", templated_config(config), shared_dir=d, readiness=probe,
+                        restore=template.restore_source)
     await vm.prepare(); await vm.start(); await vm.wait_ready()           # restored, not booted
+
+(pykata.factory.start_vm decides whether a VM starts from a template and does the above.)
 
 A template is a directory <factory.template_path>/<key>/ holding `memory` (guest RAM: the template
 VM ran with it as a shared file-backed memory), `state` (QEMU's device state, written by a migration
@@ -42,16 +45,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pykata.config.schema import Config
 from pykata.errors import HypervisorError
 from pykata.hypervisor.accel import resolve_accelerator
+from pykata.hypervisor.base import Hypervisor, RestoreSource
+from pykata.hypervisor.devices import NetDevice
+from pykata.hypervisor.qemu.assets import resolve_assets
+from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.network.tap import guest_mac, nic_id, open_tap
 
-if TYPE_CHECKING:
-    from pykata.hypervisor.base import Hypervisor
-
-log = logging.getLogger("pykata.hypervisor.template")
+log = logging.getLogger("pykata.factory")
 
 FORMAT = 1
 META = "template.json"
@@ -85,6 +90,12 @@ class Template:
     @property
     def state(self) -> Path:
         return self.dir / "state"
+
+    @property
+    def restore_source(self) -> RestoreSource:
+        """What a VM started from this template is handed (the driver needs nothing else of it)."""
+        return RestoreSource(memory=self.memory, state=self.state, kernel=self.kernel, initrd=self.initrd,
+                             image=self.image)
 
     def check_fits(self, config: Config, nics: int = 0) -> None:
         """Check that a VM of `config` with `nics` NICs can be cloned from this template.
@@ -154,8 +165,6 @@ async def template_inputs(config: Config, nics: int = 0) -> tuple[dict[str, Any]
     Raises:
         HypervisorError: no kernel/root filesystem, or the accelerator cannot be decided.
     """
-    from pykata.hypervisor.qemu.driver import resolve_assets
-
     config = templated_config(config, quiet=True)
     q = config.qemu
     kernel, initrd, image = resolve_assets(config, None, None, None)
@@ -300,14 +309,10 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0) -> Non
     Its NICs sit on throwaway taps in the host's namespace, down and unconnected (a clone gets the
     same NICs on its own taps): they vanish with their fds when QEMU ends.
     """
-    from pykata.hypervisor.devices import NetDevice
-    from pykata.hypervisor.qemu.driver import QemuHypervisor
-    from pykata.network.tap import guest_mac, nic_id, open_tap
-
     shared = directory / "shared"
     shared.mkdir()
     vm = QemuHypervisor(f"template-{key[:8]}-{secrets.token_hex(3)}", config, shared_dir=shared,
-                        readiness=agent_readiness, template=False, memory_file=directory / "memory")
+                        readiness=agent_readiness, memory_file=directory / "memory")
     taps: list[int] = []
     try:
         for i in range(nics):

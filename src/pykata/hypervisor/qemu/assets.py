@@ -1,0 +1,67 @@
+"""The kernel, initrd and image a VM boots: explicit ones, else configured, else `pykata image build`'s cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pykata.config.schema import Config
+from pykata.errors import HypervisorError
+
+
+def resolve_assets(config: Config, kernel: Path | None, initrd: Path | None,
+                   image: Path | None) -> tuple[Path, Path | None, Path | None]:
+    """The kernel, initrd and image a VM boots: explicit ones, else configured, else pykata.guestimage's cache.
+
+    Raises:
+        HypervisorError: no kernel or root filesystem is configured or built, or a file does not exist.
+    """
+    kernel = kernel or resolve_kernel(config)
+    if initrd is None and image is None:
+        initrd, image = resolve_rootfs(config)
+    for what, path in (("kernel", kernel), ("initrd", initrd), ("image", image)):
+        if path is not None and not path.is_file():
+            raise HypervisorError(f"hypervisor.qemu.{what}: {path} does not exist")
+    return kernel, initrd, image
+
+
+def resolve_kernel(config: Config) -> Path:
+    """The configured kernel, else the one `pykata image build` cached.
+
+    Raises:
+        HypervisorError: neither exists.
+    """
+    q = config.qemu
+    if q.kernel:
+        if not Path(q.kernel).is_file():
+            raise HypervisorError(f"hypervisor.qemu.kernel: {q.kernel} does not exist")
+        return Path(q.kernel)
+    # Lazy: the builder modules cost tens of milliseconds to import, which every shim start would pay;
+    # they are needed only when no kernel is configured.
+    from pykata.guestimage.kernel import find_kernel
+
+    found = find_kernel(config.runtime.cache_path)
+    if found is None:
+        raise HypervisorError("no guest kernel: run `pykata image build` or set hypervisor.qemu.kernel")
+    return Path(found.vmlinux)
+
+
+def resolve_rootfs(config: Config) -> tuple[Path | None, Path | None]:
+    """(initrd, image): the configured one, else the root filesystem `pykata image build` cached.
+
+    Raises:
+        HypervisorError: neither exists.
+    """
+    q = config.qemu
+    for what, value in (("initrd", q.initrd), ("image", q.image)):
+        if value and not Path(value).is_file():
+            raise HypervisorError(f"hypervisor.qemu.{what}: {value} does not exist")
+    if q.initrd or q.image:
+        return (Path(q.initrd) if q.initrd else None), (Path(q.image) if q.image else None)
+    from pykata.guestimage.rootfs import find_rootfs  # lazy, as in resolve_kernel
+
+    found = find_rootfs(config.runtime.cache_path)
+    if found is None:
+        raise HypervisorError("no guest root filesystem: run `pykata image build` or set hypervisor.qemu.initrd")
+    if found.preferred == "image" and found.image is not None:
+        return None, found.image
+    return found.initrd, None

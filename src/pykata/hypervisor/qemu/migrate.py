@@ -1,0 +1,85 @@
+"""Saving and loading a VM's device state over QMP (QEMU migration to and from a file).
+
+Only templates are saved: their RAM already lives in a shared memory file, so the stream is written
+with the `x-ignore-shared` capability and carries device state only (tens of milliseconds). A clone
+loads it into a QEMU started with `-incoming defer` whose RAM maps the same file privately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from pykata.errors import HypervisorError
+from pykata.hypervisor.qemu.qmp import QmpChannel
+from pykata.hypervisor.readiness import log_tail
+
+# Moving only device state (RAM stays in the template's file) takes milliseconds.
+MIGRATE_TIMEOUT = 30.0
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+
+async def save_state(qmp: QmpChannel, path: Path, *, label: str, qemu_log: Path) -> None:
+    """Pause the guest and write its device state (not its shared RAM) to `path`; the VM stays paused.
+
+    Raises:
+        HypervisorError: QEMU refused, the migration failed or took longer than MIGRATE_TIMEOUT.
+    """
+    await qmp.execute("stop")
+    # RAM is already in the shared file: leave it out of the stream.
+    await qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+    # The state file is opened here and passed in: a jailed QEMU can neither open host paths nor
+    # spawn `cat` (seccomp spawn=deny).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        await qmp.execute("getfd", {"fdname": "migrate-save"}, fd=fd)
+    finally:
+        os.close(fd)
+    await qmp.execute("migrate", {"uri": "fd:migrate-save"})
+    await wait_completed(qmp, "save", label=label, qemu_log=qemu_log)
+
+
+async def load_state(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label: str, qemu_log: Path) -> None:
+    """Load state written by save_state() into a QEMU waiting for an incoming migration (not resumed).
+
+    `ignore_shared` must match how the stream was written (x-ignore-shared changes its layout).
+
+    Raises:
+        HypervisorError: the file cannot be opened, or QEMU could not load the state in time.
+    """
+    if ignore_shared:
+        await qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HypervisorError(f"{label}: cannot open the saved state {path}: {exc.strerror}") from None
+    try:
+        await qmp.execute("getfd", {"fdname": "migrate-restore"}, fd=fd)
+    finally:
+        os.close(fd)
+    await qmp.execute("migrate-incoming", {"uri": "fd:migrate-restore"})
+    await wait_completed(qmp, "restore", label=label, qemu_log=qemu_log)
+
+
+async def wait_completed(qmp: QmpChannel, what: str, *, label: str, qemu_log: Path) -> None:
+    """Poll query-migrate until the migration completed.
+
+    Raises:
+        HypervisorError: it failed, was cancelled, or is not done after MIGRATE_TIMEOUT.
+    """
+    deadline = time.monotonic() + MIGRATE_TIMEOUT
+    delay = 0.001
+    while True:
+        info = await qmp.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            desc = info.get("error-desc", "no reason given")
+            raise HypervisorError(f"{label}: {what} failed: {desc}; qemu: {log_tail(qemu_log, 800)}")
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"{label}: {what} not done after {MIGRATE_TIMEOUT:.0f}s (status {status})")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)

@@ -1,0 +1,61 @@
+"""containerd's command line for a shim: `-namespace ns -address a -id x start` (Go flag syntax)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pykata.errors import PykataError
+
+
+class ShimStartError(PykataError):
+    """`start` or `delete` cannot do its job; the message says why."""
+
+
+@dataclass
+class Flags:
+    """containerd's command line for a shim (Go flag syntax)."""
+
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    debug: bool = False
+    version: bool = False
+    action: str = ""
+
+
+_VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+_BOOL_FLAGS = {"debug", "v", "version"}
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    """`-namespace ns -id x start` (also --flag and -flag=value). Raises ShimStartError naming a bad flag."""
+    f = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg in ("-", "--"):
+            if arg == "--":
+                i += 1
+            f.action = argv[i] if i < len(argv) else ""
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            on = value.lower() not in ("false", "0") if eq else True
+            if name == "debug":
+                f.debug = on
+            else:
+                f.version = on
+        elif name in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise ShimStartError(f"flag -{name} needs a value")
+                value = argv[i]
+            if name != "socket":
+                setattr(f, name.replace("-", "_"), value)
+        else:
+            raise ShimStartError(f"unknown flag {arg!r}")
+        i += 1
+    return f
