@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pykata.agentapi import Agent
 from pykata.config.schema import Config
 from pykata.errors import HypervisorError
 from pykata.hypervisor.accel import resolve_accelerator
@@ -404,8 +405,6 @@ async def destroy_templates(config: Config) -> list[str]:
 async def agent_readiness(vm: Hypervisor) -> None:
     """Readiness probe: the agent answers a health check on its channel; the connection is closed
     again (the channel is free for the VM's owner)."""
-    from pykata.agentapi import Agent
-
     endpoint = vm.agent_endpoint
     if endpoint.socket is None:
         raise HypervisorError("template VMs need a virtio-serial agent channel")
@@ -413,10 +412,7 @@ async def agent_readiness(vm: Hypervisor) -> None:
     await client.close()
 
 
-async def sync_guest_clock(agent: Any) -> None:
-    """Set a restored guest's wall clock to the host's.
-
-    `agent` is a pykata.agentapi.Agent. Raises AgentError.
-    """
+async def sync_guest_clock(agent: Agent) -> None:
+    """Set a restored guest's wall clock to the host's. Raises AgentError."""
     now = time.time_ns() // 1000
     await agent.set_guest_date_time(now // 1_000_000, now % 1_000_000, timeout=5)

@@ -101,8 +101,7 @@ class QemuHypervisor(Hypervisor):
         self.spec: LaunchSpec | None = None
         self.timestamps: dict[str, float] = {}
         self._devices: dict[str, Device] = {}
-        self._hotplugged: set[str] = set()
-        self._ports: dict[str, int] = {}
+        self._hotplug = hotplug.Hotplugged(f"VM {vm_id}", config.qemu)
         self._qemu: ChildProcess | None = None
         self._console: ConsoleDrain | None = None
         self._virtiofsd: Virtiofsd | None = None
@@ -116,10 +115,6 @@ class QemuHypervisor(Hypervisor):
         self._stop_requested = False
         self._shutdown_event: QmpEvent | None = None
         self._panicked = False
-        self._memory_mib = config.qemu.default_memory
-        self._dimms = 0
-        self._vcpus = config.qemu.default_vcpus
-        self._cpu_ids: list[str] = []
         if restore is not None and (memory_file is not None or kernel or initrd or image):
             raise HypervisorError(f"VM {vm_id}: a restored VM takes its memory and assets from the saved VM")
         self._restore = restore
@@ -446,14 +441,8 @@ class QemuHypervisor(Hypervisor):
             return
         self._require_running("add_device")
         self._require_q35("hot-plugging devices")
-        port = hotplug.free_port(set(self._ports.values()))
-        if isinstance(device, BlockDevice):
-            await hotplug.add_block(self.qmp, device, port, shared=self._shares_memory)
-        else:
-            await hotplug.add_net(self.qmp, device, port)
+        await self._hotplug.add_device(self.qmp, device, shared=self._shares_memory)
         self._devices[device.id] = device
-        self._hotplugged.add(device.id)
-        self._ports[device.id] = port
 
     async def remove_device(self, device_id: str) -> None:
         device = self._devices.get(device_id)
@@ -463,50 +452,18 @@ class QemuHypervisor(Hypervisor):
             del self._devices[device_id]
             return
         self._require_running("remove_device")
-        if device_id not in self._hotplugged:
-            raise NotSupportedError(f"VM {self.vm_id}: device {device_id} was cold-plugged and cannot be removed")
-        await hotplug.remove(self.qmp, device)
+        await self._hotplug.remove_device(self.qmp, device)
         del self._devices[device_id]
-        self._hotplugged.discard(device_id)
-        self._ports.pop(device_id, None)
 
     async def resize_memory(self, memory_mib: int) -> int:
         self._require_running("resize_memory")
         self._require_q35("memory hotplug")
-        if memory_mib < self._memory_mib:
-            raise NotSupportedError(f"VM {self.vm_id}: shrinking memory ({self._memory_mib} -> {memory_mib} MiB)")
-        limit = self.config.qemu.resolved_maxmemory()
-        if memory_mib > limit:
-            raise HypervisorError(f"VM {self.vm_id}: {memory_mib} MiB is above the maximum {limit} MiB")
-        if memory_mib == self._memory_mib:
-            return self._memory_mib
-        if self._dimms >= self.config.qemu.memory_slots:
-            raise HypervisorError(f"VM {self.vm_id}: all {self.config.qemu.memory_slots} memory slots are used")
-        await hotplug.add_memory(self.qmp, f"dimm{self._dimms}", memory_mib - self._memory_mib,
-                                 shared=self._shares_memory)
-        self._dimms += 1
-        self._memory_mib = memory_mib
-        return memory_mib
+        return await self._hotplug.resize_memory(self.qmp, memory_mib, shared=self._shares_memory)
 
     async def resize_vcpus(self, vcpus: int) -> int:
         self._require_running("resize_vcpus")
         self._require_q35("CPU hotplug")
-        limit = self.config.qemu.resolved_maxvcpus()
-        if not 1 <= vcpus <= limit:
-            raise HypervisorError(f"VM {self.vm_id}: {vcpus} vCPUs is outside 1..{limit}")
-        while self._vcpus < vcpus:
-            cpu_id = f"cpu{len(self._cpu_ids)}"
-            await hotplug.add_cpu(self.qmp, cpu_id)
-            self._cpu_ids.append(cpu_id)
-            self._vcpus += 1
-        while self._vcpus > vcpus:
-            if not self._cpu_ids:
-                raise NotSupportedError(f"VM {self.vm_id}: only hot-added vCPUs can be removed")
-            cpu_id = self._cpu_ids[-1]
-            await hotplug.remove_cpu(self.qmp, cpu_id)
-            self._cpu_ids.pop()
-            self._vcpus -= 1
-        return self._vcpus
+        return await self._hotplug.resize_vcpus(self.qmp, vcpus)
 
     async def pause(self) -> None:
         self._require_running("pause")

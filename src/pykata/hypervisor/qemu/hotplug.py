@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
-from pykata.hypervisor.errors import QmpError
+from pykata.hypervisor.errors import NotSupportedError, QmpError
 from pykata.hypervisor.qemu.launch import HOTPLUG_PORTS
 from pykata.hypervisor.qemu.qmp import QmpChannel
 
@@ -154,3 +155,83 @@ async def _device_del(qmp: QmpChannel, device_id: str) -> None:
             if qmp.closed:
                 raise  # the VM is gone
             raise HypervisorError(f"device {device_id}: the guest did not release it: {exc}") from None
+
+
+class Hotplugged:
+    """What was hot-plugged into one running q35 VM (root ports taken, DIMMs, vCPUs), so a later
+    unplug or resize knows what it may undo. `label` names the VM in errors ("VM <id>")."""
+
+    def __init__(self, label: str, config: QemuConfig) -> None:
+        self._label = label
+        self._config = config
+        self._ports: dict[str, int] = {}
+        self._memory_mib = config.default_memory
+        self._dimms = 0
+        self._vcpus = config.default_vcpus
+        self._cpu_ids: list[str] = []
+
+    async def add_device(self, qmp: QmpChannel, device: Device, *, shared: bool) -> None:
+        """Plug `device` into the first free root port. Raises HypervisorError (QmpError)."""
+        port = free_port(set(self._ports.values()))
+        if isinstance(device, BlockDevice):
+            await add_block(qmp, device, port, shared=shared)
+        else:
+            await add_net(qmp, device, port)
+        self._ports[device.id] = port
+
+    async def remove_device(self, qmp: QmpChannel, device: Device) -> None:
+        """Unplug a device add_device() plugged.
+
+        Raises:
+            NotSupportedError: it was cold-plugged (on the command line).
+            HypervisorError: QEMU refused, or the guest did not release it in time.
+        """
+        if device.id not in self._ports:
+            raise NotSupportedError(f"{self._label}: device {device.id} was cold-plugged and cannot be removed")
+        await remove(qmp, device)
+        del self._ports[device.id]
+
+    async def resize_memory(self, qmp: QmpChannel, memory_mib: int, *, shared: bool) -> int:
+        """Grow guest memory to `memory_mib` with one more DIMM; return the memory now plugged.
+
+        Raises:
+            NotSupportedError: shrinking.
+            HypervisorError: above the maximum, no free slot, or QEMU refused.
+        """
+        if memory_mib < self._memory_mib:
+            raise NotSupportedError(f"{self._label}: shrinking memory ({self._memory_mib} -> {memory_mib} MiB)")
+        limit = self._config.resolved_maxmemory()
+        if memory_mib > limit:
+            raise HypervisorError(f"{self._label}: {memory_mib} MiB is above the maximum {limit} MiB")
+        if memory_mib == self._memory_mib:
+            return self._memory_mib
+        if self._dimms >= self._config.memory_slots:
+            raise HypervisorError(f"{self._label}: all {self._config.memory_slots} memory slots are used")
+        await add_memory(qmp, f"dimm{self._dimms}", memory_mib - self._memory_mib, shared=shared)
+        self._dimms += 1
+        self._memory_mib = memory_mib
+        return memory_mib
+
+    async def resize_vcpus(self, qmp: QmpChannel, vcpus: int) -> int:
+        """Plug or unplug vCPUs until `vcpus` are present; return the number now present.
+
+        Raises:
+            NotSupportedError: going below the boot vCPUs (only hot-added ones can be removed).
+            HypervisorError: outside 1..maxvcpus, or QEMU/the guest refused.
+        """
+        limit = self._config.resolved_maxvcpus()
+        if not 1 <= vcpus <= limit:
+            raise HypervisorError(f"{self._label}: {vcpus} vCPUs is outside 1..{limit}")
+        while self._vcpus < vcpus:
+            cpu_id = f"cpu{len(self._cpu_ids)}"
+            await add_cpu(qmp, cpu_id)
+            self._cpu_ids.append(cpu_id)
+            self._vcpus += 1
+        while self._vcpus > vcpus:
+            if not self._cpu_ids:
+                raise NotSupportedError(f"{self._label}: only hot-added vCPUs can be removed")
+            cpu_id = self._cpu_ids[-1]
+            await remove_cpu(qmp, cpu_id)
+            self._cpu_ids.pop()
+            self._vcpus -= 1
+        return self._vcpus
