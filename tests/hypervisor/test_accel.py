@@ -18,6 +18,7 @@ from pykata.hypervisor import BlockDevice, NetDevice, accel
 from pykata.hypervisor.busybox_initrd import busybox_initrd_bytes
 from pykata.hypervisor.hostinfo import _cpuinfo_khz, parse_tsc_khz
 from pykata.hypervisor.readiness import log_tail, wait_for_console_line
+from tests.guest_assets import guest_kernel_path
 
 
 @pytest.fixture
@@ -51,7 +52,6 @@ def test_kvm_device_usable_reports_reason(tmp: Path) -> None:
 
 @pytest.mark.vm
 def test_auto_probe_is_cached_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    from tests.test_hypervisor_vm import guest_kernel_path
 
     found = guest_kernel_path()
     with tempfile.TemporaryDirectory(prefix="pkacc") as d:
