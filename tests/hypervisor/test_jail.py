@@ -103,7 +103,7 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
     async with pykata.AsyncSandbox(image="busybox") as sb:
         sandbox = sb._sandbox
         vm = sandbox.vm
-        assert vm.from_template
+        assert vm.restore_source is not None
         # The guest works through the jail: 9p served by the proxy helper, writes included.
         r = await sb.exec(["sh", "-c", "echo jailed > /probe && cat /probe"])
         assert (r.exit_code, r.stdout) == (0, b"jailed\n")
@@ -147,7 +147,7 @@ async def test_cold_vm_virtiofsd_is_confined_too() -> None:
     async with pykata.AsyncSandbox(image="busybox", config=config) as sb:
         sandbox = sb._sandbox
         vm = sandbox.vm
-        assert not vm.from_template and vm.shared_fs == "virtio-fs"
+        assert vm.restore_source is None and vm.shared_fs == "virtio-fs"
         assert (await sb.exec(["sh", "-c", "echo ok > /f && cat /f"])).stdout == b"ok\n"
         pids = _processes_of(vm.paths.dir, sandbox.shared_dir)
         assert set(pids) == {"qemu", "virtiofsd"}, pids
