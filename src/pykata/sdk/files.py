@@ -14,16 +14,28 @@ import os
 import posixpath
 import stat as _stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, Literal, Protocol
 
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SdkError
-from pykata.sdk.process import ExecResult
+from pykata.sdk.process import AsyncProcess, ExecResult
 
-if TYPE_CHECKING:
-    from pykata.sdk.core import AsyncSandbox
+
+class CommandRunner(Protocol):
+    """What the files API needs of its sandbox (pykata.sdk.core.AsyncSandbox, which imports this
+    module: naming the class here would make an import cycle)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def cwd(self) -> str: ...
+
+    async def run(self, cmd: Sequence[str], *, stdin: bytes | None = None, max_output: int = ...) -> ExecResult: ...
+
+    async def spawn(self, cmd: Sequence[str], *, stdin: bool = False) -> AsyncProcess: ...
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all; -1 when unknown)
 FileType = Literal["file", "dir", "symlink", "other"]
@@ -70,7 +82,7 @@ class FileInfo:
 class AsyncFiles:
     """The files API of one sandbox (its `files` attribute)."""
 
-    def __init__(self, sandbox: AsyncSandbox) -> None:
+    def __init__(self, sandbox: CommandRunner) -> None:
         self._sb = sandbox
 
     def _path(self, path: str | os.PathLike[str], field: str = "path") -> str:
