@@ -33,6 +33,7 @@ GUEST = "pykata.agent"  # runs inside the VM: its own rule (GUEST_MAY_IMPORT)
 SAME_TIER: dict[tuple[str, str], str] = {
     ("pykata", "pykata.errors"): "the root package re-exports PykataError",
     ("pykata.protocols", "pykata.ttrpc"): "protocols are ttrpc service specs over the generated messages",
+    ("pykata.images", "pykata.config"): "image size caps are a configuration section ([image])",
     ("pykata.factory", "pykata.resources"): "(not used today) a factory may size VMs with the pod policy",
     ("pykata.cli", "pykata.sdk"): "(not used today) the CLI may drive the SDK",
 }
@@ -42,6 +43,10 @@ EXEMPT_EDGES: dict[tuple[str, str], str] = {
     ("pykata", "pykata.sdk"): (
         "PEP 562 lazy attribute in pykata/__init__.py: `pykata.Sandbox` loads the SDK on first access, "
         "never on `import pykata`, which every `import pykata.x` (the guest agent's included) runs"),
+    ("pykata.sandbox.policy", "pykata.agent.policy"): (
+        "the host checks an agent policy document with the very parser the agent enforces it with, "
+        "before any VM starts (pure code: stdlib + protobuf)"),
+    ("pykata.sandbox.sandbox", "pykata.agent.policy"): "as sandbox.policy -> agent.policy",
 }
 
 # What code in the guest may import: no host layer ever loads there (the guest image carries only

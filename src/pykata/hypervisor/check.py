@@ -180,7 +180,8 @@ async def kvm_boot(config: Config, kernel: Path | None, *, use_cache: bool = Tru
 def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
     """Which confinement layers QEMU runs under (pykata.hypervisor.jail): a QEMU started jailed (no
     guest) is inspected in /proc, so the layers reported are those in force (`probe_qemu`)."""
-    from pykata.hypervisor.jail import configured_layers, namespace_prefix, probe
+    from pykata.hypervisor.jail import configured_layers, namespace_prefix
+    from pykata.hypervisor.qemu.jailprobe import probe
     from pykata.hypervisor.qemu.proxy9p import PROXY_HELPER
 
     q = config.qemu
