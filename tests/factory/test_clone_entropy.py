@@ -17,7 +17,7 @@ async def test_two_clones_differ_in_boot_id_urandom_and_agent_rng() -> None:
         seen = []
         for sb in (a, b):
             sandbox = sb._sandbox
-            assert sandbox.vm.from_template
+            assert sandbox.vm.restore_source is not None
             reseed = sandbox.reseed
             assert reseed is not None
             boot_id = (await sb.run(["cat", BOOT_ID])).stdout.decode().strip()
