@@ -23,6 +23,7 @@ def test_commands_processes_pty_and_lifecycle_of_one_sandbox() -> None:
         r = sb.run("echo $GREETING; echo err >&2; exit 3")
         assert (r.exit_code, r.stdout, r.stderr) == (3, b"hello\n", b"err\n")
         assert sb.exec(["cat"], stdin=b"data in").stdout == b"data in"  # the first SDK's name
+        assert sb.run("ls /sys/class/net").stdout == b"lo\n"  # no network unless asked for: no NIC at all
         assert sb.run("id -u; id -g; pwd; echo $X", user="1000:2000", cwd="/tmp", env={"X": "y"}).stdout == \
             b"1000\n2000\n/tmp\ny\n"
         with pytest.raises(pykata.SandboxTimeoutError) as timed_out:
