@@ -223,6 +223,22 @@ def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
     return CheckResult("vmm-jail", "pass", detail, "", facts)
 
 
+def file_guard() -> CheckResult:
+    """Whether the processes that write the guest's files can start under pykata.hypervisor.fileguard
+    (a probe process is started under it)."""
+    from pykata.hypervisor import fileguard
+
+    facts = {"dropped_capabilities": ["CAP_MKNOD", "CAP_FSETID", "CAP_SETFCAP"],
+             "seccomp_refuses": ["setuid/setgid modes", "device nodes", "openat2"]}
+    try:
+        subprocess.run(["true"], preexec_fn=fileguard.guard_child, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return CheckResult("file-guard", "fail", f"cannot start a process under the file guard: {exc}",
+                           "run pykata as root on a kernel with seccomp filters", facts)
+    return CheckResult("file-guard", "pass", "virtiofsd and 9p servers: no setuid files or device nodes "
+                       "for the guest", "", facts)
+
+
 def containerd() -> CheckResult:
     found = shutil.which("containerd")
     if found:
@@ -251,6 +267,7 @@ async def run_checks(config_loader: Callable[[], Config] = load_config, *,
     results.append(net_tun(config))
     results.append(cgroups_v2(config))
     results.append(vmm_jail(config))
+    results.append(file_guard())
     results += [kernel, rootfs]
     results.append(containerd())
     return results
