@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.vmfactory import VmFactory
 
 LEAK_PATTERNS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper", "containerd-shim-pykata", "pykata-agent")
 RUNTIME_DIRS = ("/run/pykata", "/var/run/pykata")
@@ -61,3 +64,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for line in lines:
                 reporter.write_line(line, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+async def vm_factory(request: pytest.FixtureRequest) -> AsyncIterator[VmFactory]:
+    """VMs for one test (tests/vmfactory.py): each is stopped at the test's end and checked to have left
+    no process and no directory; a leak fails this test's teardown, naming the test and the VM."""
+    factory = VmFactory(request.node.nodeid)
+    yield factory
+    problems = await factory.stop_and_check()
+    if problems:
+        pytest.fail(f"{request.node.nodeid} left VM resources behind:\n" + "\n".join(problems), pytrace=False)

@@ -6,17 +6,19 @@ from __future__ import annotations
 import pytest
 
 import pykata
+from tests.vmfactory import VmFactory
 
 pytestmark = [pytest.mark.vm]
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-async def test_two_clones_differ_in_boot_id_urandom_and_agent_rng() -> None:
+async def test_two_clones_differ_in_boot_id_urandom_and_agent_rng(vm_factory: VmFactory) -> None:
     async with pykata.AsyncSandbox(image="busybox") as a, pykata.AsyncSandbox(image="busybox") as b:
         seen = []
         for sb in (a, b):
             sandbox = sb._sandbox
+            vm_factory.track(sandbox.vm)  # checked for leftovers after the test
             assert sandbox.vm.restore_source is not None
             reseed = sandbox.reseed
             assert reseed is not None

@@ -37,6 +37,7 @@ from pykata.hypervisor.qemu.driver import QemuHypervisor
 from pykata.protocols.agent import agent_pb2
 from tests.agent.conftest import make_busybox_rootfs
 from tests.guest_assets import guest_initrd_path, guest_kernel_path
+from tests.vmfactory import VmFactory
 
 pytestmark = [pytest.mark.vm]
 
@@ -121,7 +122,8 @@ async def _run(agent: Agent, cid: str, args: list[str]) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple[QemuHypervisor, Agent]]:
+async def _clone(vm_factory: VmFactory, config: Config, name: str,
+                 shared: Path) -> AsyncIterator[tuple[QemuHypervisor, Agent]]:
     """A VM from the template with its own 9p share, its agent connected and the share mounted."""
     box: dict[str, Agent] = {}
 
@@ -129,7 +131,7 @@ async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple
         assert vm.agent_endpoint.socket is not None
         box["agent"] = await Agent.connect(vm.agent_endpoint.socket, name, timeout=30)
 
-    vm = await start_vm(name, config, shared_dir=shared, readiness=probe)
+    vm = vm_factory.track(await start_vm(name, config, shared_dir=shared, readiness=probe))
     assert isinstance(vm, QemuHypervisor)
     try:
         await vm.wait_ready(timeout=30)
@@ -145,7 +147,7 @@ async def _clone(config: Config, name: str, shared: Path) -> AsyncIterator[tuple
 
 
 async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
-        template: Template, config: Config, tdir: Path) -> None:
+        template: Template, config: Config, tdir: Path, vm_factory: VmFactory) -> None:
     shares = []
     for name in ("a", "b"):
         share = tdir / f"share-{name}"
@@ -153,7 +155,7 @@ async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
         (share / "rootfs" / "who").write_text(f"clone {name}\n")
         shares.append(share)
     async with contextlib.AsyncExitStack() as stack:
-        clones = await asyncio.gather(*(stack.enter_async_context(_clone(config, f"clone-{n}", s))
+        clones = await asyncio.gather(*(stack.enter_async_context(_clone(vm_factory, config, f"clone-{n}", s))
                                         for n, s in zip("ab", shares, strict=True)))
         for (vm, agent), name in zip(clones, "ab", strict=True):
             assert vm.restore_source == template.restore_source and "restored" in vm.timestamps
@@ -175,13 +177,13 @@ async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
 
 
 async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
-        template: Template, tdir: Path, initrd_copy: Path) -> None:
+        template: Template, tdir: Path, initrd_copy: Path, vm_factory: VmFactory) -> None:
     cfg = _config(tdir, initrd_copy)  # shared_fs = virtio-fs (the default)
     assert cfg.qemu.shared_fs == "virtio-fs"
     shared = tdir / "shared-c"
     shared.mkdir()
     before = _qemu_pids()
-    vm = await start_vm("clone-c", cfg, shared_dir=shared)
+    vm = vm_factory.track(await start_vm("clone-c", cfg, shared_dir=shared))
     assert isinstance(vm, QemuHypervisor)
     try:
         assert vm.shared_fs == "virtio-9p" and vm.restore_source == template.restore_source

@@ -9,7 +9,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -21,6 +21,7 @@ from pykata.hypervisor import QemuHypervisor, QmpError, VmExitedError
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from pykata.hypervisor.readiness import wait_for_console_line
 from tests.guest_assets import guest_kernel_path
+from tests.vmfactory import VmFactory
 
 pytestmark = pytest.mark.vm
 
@@ -68,19 +69,15 @@ _counter = iter(range(1_000_000))
 
 
 @pytest.fixture
-async def make_vm(workdir: Path, kernel: Path) -> AsyncIterator[object]:
-    """Factory of VMs that are always stopped at the end of the test."""
-    made: list[QemuHypervisor] = []
+def make_vm(vm_factory: VmFactory, workdir: Path, kernel: Path) -> object:
+    """VMs from the per-test factory (tests/vmfactory.py): stopped and checked for leftovers at the end."""
 
-    def factory(initrd: Path, config: Config | None = None, **kwargs: object) -> QemuHypervisor:
-        vm = QemuHypervisor(f"t{os.getpid()}-{next(_counter)}", config or make_config(workdir), kernel=kernel,
-                            initrd=initrd, **kwargs)  # type: ignore[arg-type]
-        made.append(vm)
-        return vm
+    def build(initrd: Path, config: Config | None = None, **kwargs: object) -> QemuHypervisor:
+        kwargs.setdefault("kernel", kernel)
+        return vm_factory.build(f"t{os.getpid()}-{next(_counter)}", config or make_config(workdir), initrd=initrd,
+                                **kwargs)
 
-    yield factory
-    for vm in made:
-        await vm.stop()
+    return build
 
 
 async def boot(vm: QemuHypervisor, timeout: float = 60.0) -> QemuHypervisor:
@@ -230,7 +227,7 @@ async def test_not_ready_times_out_with_console_tail(make_vm, workdir: Path) -> 
 async def test_qemu_failing_at_start_leaves_nothing(make_vm, workdir: Path, idle_initrd: Path) -> None:  # type: ignore[no-untyped-def]
     bogus = workdir / "not-a-kernel"
     bogus.write_bytes(b"\0" * 4096)
-    vm = QemuHypervisor("bogus-kernel", make_config(workdir), kernel=bogus, initrd=idle_initrd)
+    vm = make_vm(idle_initrd, kernel=bogus)
     await vm.prepare()
     with pytest.raises(HypervisorError, match="QEMU") as info:
         await vm.start()
