@@ -19,7 +19,6 @@ from pykata.config.schema import Config, SharedFs
 from pykata.errors import HypervisorError
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
 from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, RestoreSource, VmExit
-from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
 from pykata.hypervisor.errors import NotSupportedError, QmpError, RestoreError, VmExitedError
 from pykata.hypervisor.hostinfo import host_tsc_khz
@@ -28,9 +27,8 @@ from pykata.hypervisor.process import ChildProcess, describe_exit
 from pykata.hypervisor.qemu import hotplug, migrate
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
-from pykata.hypervisor.qemu.proxy9p import Proxy9p
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
-from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+from pykata.hypervisor.qemu.sidecars import Sidecars
 from pykata.hypervisor.readiness import console_readiness, log_tail
 
 log = logging.getLogger("pykata.hypervisor")
@@ -103,9 +101,7 @@ class QemuHypervisor(Hypervisor):
         self._devices: dict[str, Device] = {}
         self._hotplug = hotplug.Hotplugged(f"VM {vm_id}", config.qemu)
         self._qemu: ChildProcess | None = None
-        self._console: ConsoleDrain | None = None
-        self._virtiofsd: Virtiofsd | None = None
-        self._proxy9p: Proxy9p | None = None
+        self._sidecars = Sidecars(config.qemu, self.paths)
         self._uid_lease: UidLease | None = None
         self._qmp: QmpChannel | None = None
         self._exited: asyncio.Future[VmExit] | None = None
@@ -259,42 +255,25 @@ class QemuHypervisor(Hypervisor):
         assert self.spec is not None
         q = self.config.qemu
         self.timestamps["start"] = time.monotonic()
-        if self.spec.shared_dir is not None and q.shared_fs == "virtio-fs":
-            self._virtiofsd = Virtiofsd(q.virtio_fs_daemon, self.paths.virtiofsd_socket, self.spec.shared_dir,
-                                        self.paths.virtiofsd_log, cache=q.virtio_fs_cache,
-                                        extra_args=q.virtio_fs_extra_args)
-            await self._virtiofsd.start()
+        await self._sidecars.start_virtiofsd(self.spec)
         self.timestamps["virtiofsd"] = time.monotonic()
         fds = [d.tap_fd for d in self._devices.values() if isinstance(d, NetDevice) and d.tap_fd is not None]
-        jail = self.spec.jail
-        if self.spec.shared_dir is not None and q.shared_fs == "virtio-9p" and jail is not None and jail.unprivileged:
-            self._proxy9p = Proxy9p(self.spec.shared_dir, self.paths.proxy9p_log,
-                                    mount_namespace=jail.mount_namespace)
-            await self._proxy9p.start()
-            assert self._proxy9p.qemu_fd is not None
-            fds.append(self._proxy9p.qemu_fd)
-            self.spec = dataclasses.replace(self.spec, proxy_9p_fd=self._proxy9p.qemu_fd)
-        # The guest may print forever into a log on host RAM (/run): the console goes through a
-        # socket this process drains into a file of bounded size.
-        self._console = ConsoleDrain(self.paths.console_log, max_bytes=q.console_log_max_kib * 1024)
-        fds.append(self._console.guest_fd)
-        self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()),
-                                        console_fd=self._console.guest_fd)
+        self.spec = await self._sidecars.start_fd_helpers(self.spec, fds)
+        self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()))
         argv = build_command_line(self.spec).argv()
-        if jail is not None:
-            argv = namespace_prefix(jail.mount_namespace) + argv
+        if self.spec.jail is not None:
+            argv = namespace_prefix(self.spec.jail.mount_namespace) + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
-            # unjailed, QEMU serves 9p itself: the guest's file writes are its writes
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
-                                                  pass_fds=fds, serves_guest_files=True)
+                                                  pass_fds=fds)
         except OSError as exc:
+            self._sidecars.spawned(ok=False)
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
-        finally:
-            self._console.release_guest_end()
-            if self._proxy9p is not None:
-                self._proxy9p.close_qemu_end()
-        self._console.start()
+        except BaseException:
+            self._sidecars.spawned(ok=False)
+            raise
+        self._sidecars.spawned(ok=True)
         self.timestamps["qemu_spawned"] = time.monotonic()
         self._qmp = QmpChannel(self.paths.qmp_socket, name=f"qmp-{self.vm_id}", on_event=self._handle_event)
         self._watcher = asyncio.create_task(self._watch(self._qemu, self._qmp), name=f"vm-watch-{self.vm_id}")
@@ -318,8 +297,7 @@ class QemuHypervisor(Hypervisor):
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
         code = await qemu.exit_code()
-        if self._console is not None:
-            self._console.flush()  # its last words are in the log before anyone learns of the exit
+        self._sidecars.flush()  # QEMU's last words are in the log before anyone learns of the exit
         reason = self._exit_reason(code)
         if not self._stop_requested:
             log.warning("VM %s: QEMU %s", self.vm_id, reason)
@@ -397,12 +375,7 @@ class QemuHypervisor(Hypervisor):
         finally:
             if self._qmp is not None:
                 await self._qmp.close(f"VM {self.vm_id} stopped")
-            if self._virtiofsd is not None:
-                await self._virtiofsd.stop()
-            if self._console is not None:
-                self._console.close()
-            if self._proxy9p is not None:
-                await self._proxy9p.stop()
+            await self._sidecars.stop()
             self._release_jail()
             if previous != "new":
                 shutil.rmtree(self.paths.dir, ignore_errors=True)

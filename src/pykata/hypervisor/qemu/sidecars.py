@@ -1,0 +1,71 @@
+"""What runs beside one QEMU and is owned with it: virtiofsd (virtio-fs), virtfs-proxy-helper (9p for a
+jailed QEMU), and the console drain (the guest console through a socket, into a bounded log)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pykata.config.schema import QemuConfig
+from pykata.hypervisor.console import ConsoleDrain
+from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths
+from pykata.hypervisor.qemu.proxy9p import Proxy9p
+from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+
+
+class Sidecars:
+    """Started before QEMU (start()), their QEMU ends handed over at spawn (spawned()), stopped after
+    QEMU (stop(), idempotent, also after a failed start)."""
+
+    def __init__(self, config: QemuConfig, paths: VmPaths) -> None:
+        self._q = config
+        self._paths = paths
+        self.virtiofsd: Virtiofsd | None = None
+        self.proxy9p: Proxy9p | None = None
+        self.console: ConsoleDrain | None = None
+
+    async def start_virtiofsd(self, spec: LaunchSpec) -> None:
+        """virtiofsd for the shared directory, when the VM uses virtio-fs. Raises HypervisorError."""
+        if spec.shared_dir is not None and self._q.shared_fs == "virtio-fs":
+            self.virtiofsd = Virtiofsd(self._q.virtio_fs_daemon, self._paths.virtiofsd_socket, spec.shared_dir,
+                                       self._paths.virtiofsd_log, cache=self._q.virtio_fs_cache,
+                                       extra_args=self._q.virtio_fs_extra_args)
+            await self.virtiofsd.start()
+
+    async def start_fd_helpers(self, spec: LaunchSpec, fds: list[int]) -> LaunchSpec:
+        """The 9p proxy (jailed 9p) and the console drain; returns `spec` with their fds, which are
+        appended to `fds` (QEMU inherits them). Raises HypervisorError."""
+        jail = spec.jail
+        if spec.shared_dir is not None and self._q.shared_fs == "virtio-9p" and jail is not None \
+                and jail.unprivileged:
+            self.proxy9p = Proxy9p(spec.shared_dir, self._paths.proxy9p_log, mount_namespace=jail.mount_namespace)
+            await self.proxy9p.start()
+            assert self.proxy9p.qemu_fd is not None
+            fds.append(self.proxy9p.qemu_fd)
+            spec = dataclasses.replace(spec, proxy_9p_fd=self.proxy9p.qemu_fd)
+        # The guest may print forever into a log on host RAM (/run): the console goes through a
+        # socket this process drains into a file of bounded size.
+        self.console = ConsoleDrain(self._paths.console_log, max_bytes=self._q.console_log_max_kib * 1024)
+        fds.append(self.console.guest_fd)
+        return dataclasses.replace(spec, console_fd=self.console.guest_fd)
+
+    def spawned(self, ok: bool) -> None:
+        """QEMU was spawned (`ok`) or failed to: close this process's copies of QEMU's ends."""
+        if self.console is not None:
+            self.console.release_guest_end()
+            if ok:
+                self.console.start()
+        if self.proxy9p is not None:
+            self.proxy9p.close_qemu_end()
+
+    def flush(self) -> None:
+        """QEMU ended: get its last console output into the log."""
+        if self.console is not None:
+            self.console.flush()
+
+    async def stop(self) -> None:
+        if self.virtiofsd is not None:
+            await self.virtiofsd.stop()
+        if self.console is not None:
+            self.console.close()
+        if self.proxy9p is not None:
+            await self.proxy9p.stop()
