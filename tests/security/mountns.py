@@ -29,7 +29,7 @@ def mount(source: str, target: str, fstype: str | None = None, flags: int = 0, d
 def is_mount_point(path: str | os.PathLike[str]) -> bool:
     """Whether something is mounted on `path`, from the mount table (os.path.ismount misses a bind
     from the same file system)."""
-    from pykata.sandbox.mounts import mounts_under
+    from pykata.resources.mounts import mounts_under
 
     return Path(path) in mounts_under(Path(path))
 

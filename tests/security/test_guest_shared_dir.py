@@ -18,7 +18,7 @@ import pykata.sandbox.sandbox as sandbox_module
 from pykata.config import load_config
 from pykata.hypervisor import fileguard
 from pykata.images.store import ImageStore
-from pykata.sandbox import mounts
+from pykata.resources import mounts
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, build_spec
 from pykata.sandbox.sandbox import Sandbox
 from tests.security.mountns import is_mount_point

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pykata.sandbox import mounts, state
-from pykata.sandbox.mounts import MountError, RootfsMount, SandboxMounts
+from pykata.resources import mounts
+from pykata.resources.mounts import MountError, RootfsMount, SandboxMounts
+from pykata.sandbox import state
 from pykata.sandbox.sandbox import make_sandbox_dir
 from tests.security.mountns import in_private_mount_ns, is_mount_point, make_shared_host_root, mount
 

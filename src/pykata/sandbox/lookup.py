@@ -13,7 +13,8 @@ import psutil
 
 from pykata.config import Config
 from pykata.errors import PykataError
-from pykata.sandbox import mounts, state
+from pykata.resources import mounts
+from pykata.sandbox import state
 from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
 
 

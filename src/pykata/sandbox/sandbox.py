@@ -39,9 +39,10 @@ from pykata.network import PodNetwork
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.protocols.agent import agent_pb2
+from pykata.resources import mounts
+from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
-from pykata.sandbox import mounts, state
-from pykata.sandbox.mounts import RootfsMount
+from pykata.sandbox import state
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id

@@ -39,8 +39,8 @@ from pykata.errors import ConfigError, PykataError
 from pykata.network import spec_netns
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
 from pykata.resources import cgroups
+from pykata.resources.mounts import RootfsMount
 from pykata.sandbox import Sandbox, sandboxes_dir
-from pykata.sandbox.mounts import RootfsMount
 from pykata.shim import sizing
 from pykata.shim.errors import (
     AlreadyExistsError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pykata.sandbox import mounts
-from pykata.sandbox.mounts import MountError, RootfsMount
+from pykata.resources import mounts
+from pykata.resources.mounts import MountError, RootfsMount
 
 
 def test_containerd_style_overlay_and_records(tmp_path: Path) -> None:
