@@ -46,6 +46,7 @@ from pykata.sandbox import state
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
+from pykata.sandbox.proxy import serve_agent_proxy
 
 log = logging.getLogger("pykata.sandbox")
 
@@ -231,7 +232,6 @@ class Sandbox:
                 await self.agent.update_interface(iface)
             await self.agent.update_routes(self.network.guest_routes())
         if serve_proxy:
-            from pykata.sandbox.proxy import serve_agent_proxy
             self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
         self.record.status = "running"
         state.save(self.dir, self.record)
