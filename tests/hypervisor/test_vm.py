@@ -279,7 +279,8 @@ async def test_shared_directory(make_vm, workdir: Path, shared_fs: str) -> None:
     console = vm.console_log.read_text(errors="replace")
     assert "CONTENT:hello from the host" in console, console[-2000:]
     assert (shared / "from-guest.txt").read_text().strip() == "written-by-guest"
-    daemon = vm._virtiofsd.child.pid if vm._virtiofsd and vm._virtiofsd.child else None
+    virtiofsd = vm._sidecars.virtiofsd
+    daemon = virtiofsd.child.pid if virtiofsd and virtiofsd.child else None
     assert (daemon is not None) == (shared_fs == "virtio-fs")
     if daemon is not None:
         assert psutil.pid_exists(daemon)

@@ -24,8 +24,8 @@ async def test_console_log_stays_under_its_cap_while_the_guest_prints_forever(ma
     for _ in range(20):
         await asyncio.sleep(0.25)
         peak = max(peak, sum(p.stat().st_size for p in logs if p.exists()))
-    assert vm._console is not None
-    printed = vm._console.log.written
+    assert vm._sidecars.console is not None
+    printed = vm._sidecars.console.log.written
     assert printed > 2 * 64 * 1024, f"the guest printed only {printed} bytes"
     assert peak <= 64 * 1024
     assert (await vm.qmp.execute("query-status"))["status"] == "running"

@@ -78,7 +78,7 @@ async def test_compromised_guest_cannot_reach_the_host_through_the_shared_dir(
         vm = sb.vm
         assert vm is not None and vm.shared_fs == shared_fs  # type: ignore[attr-defined]
         # who writes the guest's files: virtiofsd, the 9p proxy helper of a jailed QEMU, or QEMU
-        server = vm._virtiofsd or vm._proxy9p  # type: ignore[attr-defined]
+        server = vm._sidecars.virtiofsd or vm._sidecars.proxy9p  # type: ignore[attr-defined]
         pid = server.child.pid if server is not None else vm.pid
         caps = _caps(pid)
         assert caps["Seccomp"] == 2, caps
