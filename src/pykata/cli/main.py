@@ -13,7 +13,9 @@ from pykata.cli.config_cmd import env
 from pykata.cli.factory import factory
 from pykata.cli.image import image
 from pykata.cli.install import install
+from pykata.cli.monitor_cmd import monitor
 from pykata.cli.run import COMMANDS as RUN_COMMANDS
+from pykata.cli.sandbox_cmd import sandbox
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +35,8 @@ cli.add_command(check)
 cli.add_command(env)
 cli.add_command(install)
 cli.add_command(factory)
+cli.add_command(sandbox)
+cli.add_command(monitor)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 

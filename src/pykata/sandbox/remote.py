@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pykata.agentapi import Agent
+from pykata.protocols.agent import agent_pb2
 from pykata.sandbox.lookup import Found
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
 
@@ -40,6 +41,14 @@ class AttachedSandbox:
     async def signal(self, container_id: str, signal: int) -> None:
         """Signal the container's init process. Raises AgentError."""
         await self._agent.signal_process(container_id, "", signal)
+
+    async def guest_details(self) -> agent_pb2.GuestDetailsResponse:
+        """The guest's kernel, agent, online CPUs and memory (checked by agentapi). Raises AgentError."""
+        return await self._agent.get_guest_details()
+
+    async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse:
+        """A container's cgroup and the guest's network counters (checked by agentapi). Raises AgentError."""
+        return await self._agent.stats_container(container_id)
 
     async def close(self) -> None:
         await self._agent.close()

@@ -1,0 +1,36 @@
+"""`pykata monitor`: Prometheus metrics of every running sandbox (Kata's kata-monitor)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import click
+
+from pykata.config import load_config
+from pykata.errors import PykataError
+from pykata.monitor.scrape import DEFAULT_TIMEOUT, Scraper
+from pykata.monitor.server import DEFAULT_LISTEN, serve
+
+
+@click.command("monitor")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve /metrics on.")
+@click.option("--timeout", type=click.FloatRange(0.1, 60), default=DEFAULT_TIMEOUT, show_default=True,
+              help="Seconds one sandbox's agent has to answer a scrape.")
+def monitor(listen: str, timeout: float) -> None:
+    """Serve Prometheus metrics of every running sandbox on http://LISTEN/metrics until SIGINT/SIGTERM."""
+    try:
+        server, thread = serve(Scraper(load_config(), timeout=timeout), listen)
+    except (PykataError, OSError) as e:
+        click.echo(f"pykata: monitor: {e}", err=True)
+        sys.exit(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    host, port = server.server_address[:2]
+    click.echo(f"pykata monitor: serving http://{host}:{port}/metrics", err=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)

@@ -1,0 +1,1 @@
+"""kata-monitor for pykata: discovers running sandboxes, scrapes each, serves Prometheus metrics."""
