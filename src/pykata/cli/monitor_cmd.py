@@ -28,8 +28,7 @@ def monitor(listen: str, timeout: float) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    host, port = server.server_address[:2]
-    click.echo(f"pykata monitor: serving http://{host}:{port}/metrics", err=True)
+    click.echo(f"pykata monitor: serving http://{listen}/metrics", err=True)
     stop.wait()
     server.shutdown()
     server.server_close()

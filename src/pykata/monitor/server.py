@@ -47,7 +47,7 @@ def parse_listen(address: str) -> tuple[str, int]:
     """HOST:PORT -> (host, port). Raises ConfigError naming --listen."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen: {address!r} is not HOST:PORT")
+        raise ConfigError("--listen", f"{address!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
