@@ -47,6 +47,7 @@ from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_gu
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
 from pykata.sandbox.proxy import serve_agent_proxy
+from pykata.timing import mark
 
 log = logging.getLogger("pykata.sandbox")
 
@@ -203,14 +204,17 @@ class Sandbox:
         if self.netns is not None and self.config.runtime.internetworking_model != "none":
             self.network = await attach_network(self.netns)
         # The factory decides between a template clone and a cold boot; it stops the VM if starting fails.
+        mark("vm.start")
         self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
                                  vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
                                  devices=nic_devices(self.network) if self.network is not None else ())
         if self.network is not None:
             self.network.close_fds()  # QEMU holds the taps now: they end with it
+        mark("vm.started")
         self.record.vmm_pid = self.vm.pid
         state.save(self.dir, self.record)
         await self.vm.wait_ready(timeout=boot_timeout)
+        mark("agent.ready")
         self._agent = agent_box["agent"]
         if self.vm.restore_source is not None:
             # a clone wakes up with the template's clock
@@ -226,7 +230,9 @@ class Sandbox:
         else:
             storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
                                         options=["trans=virtio", "version=9p2000.L", "msize=512000"])
+        mark("guest.prepared")
         await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage])
+        mark("guest.sandbox")
         if self.network is not None and self.network.endpoints:
             for iface in self.network.interfaces():
                 await self.agent.update_interface(iface)
@@ -235,6 +241,7 @@ class Sandbox:
             self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
         self.record.status = "running"
         state.save(self.dir, self.record)
+        mark("sandbox.ready")
 
     async def _reseed_clone(self) -> None:
         """Give a VM cloned from a template its own randomness and boot id (agent ReseedRandomDev),
@@ -287,7 +294,9 @@ class Sandbox:
                 self.mounts.add_volume(container_id, i, vol.host, readonly=vol.readonly,
                                        propagation=vol.propagation)
             tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
+            mark("rootfs.mounted")
             pid = await self.agent.create_container(container_id, json.dumps(guest_spec), terminal=tty)
+            mark("guest.created")
         except BaseException:
             self._release_container(container_id)
             raise

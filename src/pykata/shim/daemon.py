@@ -19,6 +19,7 @@ from pykata.shim.events import EventPublisher
 from pykata.shim.flags import Flags
 from pykata.shim.logs import setup_logging
 from pykata.shim.service import TaskService
+from pykata.timing import mark
 from pykata.ttrpc import Server
 
 log = logging.getLogger("pykata.shim")
@@ -85,6 +86,7 @@ async def _serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_
     server = Server()
     server.register(TASK_SERVICE, tracked)
     await server.serve_socket(listener)
+    mark("daemon.serving")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.exit_requested.set)
     log.info("shim serving on %s (namespace %s, events to %s)", socket_path, flags.namespace,
@@ -100,4 +102,5 @@ async def _serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_
         await server.close()
         forget_socket()
     log.info("shim exits")
+    mark("daemon.exit")
     return 0

@@ -55,6 +55,7 @@ from pykata.shim.logs import current_container
 from pykata.shim.stats import metrics_any
 from pykata.shim.stdio import ProcessIO, Stdio
 from pykata.shim.task import VM_GONE_STATUS, ShimContainer, ShimProcess, exec_process, load_spec
+from pykata.timing import mark
 from pykata.ttrpc import Code
 
 log = logging.getLogger("pykata.shim")
@@ -205,10 +206,12 @@ class TaskService:
         if sb is None:
             return
         self._sandbox_stopping = True
+        mark("vm.stop")
         if not self.containers:
             with contextlib.suppress(PykataError):
                 await sb.disconnect_agent()
         await sb.stop(remove=True)
+        mark("vm.stopped")
 
     async def _stop_if_unused(self) -> None:
         """After a failed Create: a sandbox with no container is stopped, and the next Create boots anew."""
@@ -262,6 +265,7 @@ class TaskService:
             if not p.set_exited(status):
                 return
             log.info("process %s exited with status %d", p.id, status)
+            mark("exit.seen")
             if not sc.deleted and not p.deleted:
                 self._publish(events_pb2.TaskExit(container_id=sc.id, id=p.id, pid=p.pid, exit_status=status,
                                                   exited_at=p.exited_at))
@@ -290,10 +294,12 @@ class TaskService:
         if req.checkpoint or req.parent_checkpoint:
             raise ShimError("restoring from a checkpoint is not supported", Code.UNIMPLEMENTED)
         self._creating.add(cid)
+        mark("rpc.create")
         try:
             return await self._create(req, cid)
         finally:
             self._creating.discard(cid)
+            mark("rpc.create.done")
 
     async def _create(self, req: shim_pb2.CreateTaskRequest, cid: str) -> shim_pb2.CreateTaskResponse:
         bundle = Path(req.bundle)
@@ -341,8 +347,12 @@ class TaskService:
     async def Start(self, req: shim_pb2.StartRequest, ctx: Any) -> shim_pb2.StartResponse:
         sc = self._container(req.id)
         p = sc.process(req.exec_id)
+        phase = "rpc.exec" if req.exec_id else "rpc.start"
+        mark(phase)
         # to completion even if containerd hangs up: a process started in the guest is known as such
-        return await self._to_completion(self._start(sc, p), f"start-{p.id}")
+        resp = await self._to_completion(self._start(sc, p), f"start-{p.id}")
+        mark(f"{phase}.done")
+        return resp
 
     async def _start(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.StartResponse:
         async with p.lock:
@@ -412,6 +422,7 @@ class TaskService:
 
     async def Delete(self, req: shim_pb2.DeleteRequest, ctx: Any) -> shim_pb2.DeleteResponse:
         current_container.set(req.id)
+        mark("rpc.delete")
         sc = self.containers.get(req.id)  # also while its deletion runs: a second Delete waits for it
         if sc is None:
             raise NotFoundError(f"container {req.id}: container not created")
@@ -461,6 +472,7 @@ class TaskService:
             self._spawn(self.stop_sandbox(), "stop-sandbox")
         if self._exit_when_empty and not self.containers and not self._creating:
             self._begin_exit()
+        mark("rpc.delete.done")
         return shim_pb2.DeleteResponse(pid=init.pid, exit_status=init.exit_status, exited_at=_ts(init.exited_at))
 
     async def _delete_exec(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.DeleteResponse:
@@ -608,6 +620,7 @@ class TaskService:
 
     async def Shutdown(self, req: shim_pb2.ShutdownRequest, ctx: Any) -> Empty:
         current_container.set(req.id)
+        mark("rpc.shutdown")
         if req.now:
             self._begin_exit()
             return Empty()
