@@ -6,7 +6,7 @@ applied or refused with an ImageError, nothing appears outside the root, the hos
 untouched and no device node is made. Prints cases/s, the totals and the share applied vs refused;
 exits 1 on the first broken property (Hypothesis prints the shrunk case).
 
-    .venv/bin/python bench/fuzz_images.py [--cases 200000] [--seconds 0] [--seed N] [--json]
+    .venv/bin/python bench/fuzz_images.py [--cases 200000] [--seconds 0] [--chunk 5000] [--seed N] [--json]
 """
 
 from __future__ import annotations
@@ -27,50 +27,51 @@ from tests.security.image_fuzz import LayerSpec, cases, check_case, make_host
 from tests.security.imagekit import fast_dir
 
 
-class _Enough(Exception):
-    """Raised to end the run when --seconds is up."""
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=200_000)
-    ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: run all cases)")
+    ap.add_argument("--seconds", type=float, default=0, help="stop after the chunk running then (0: no limit)")
+    ap.add_argument("--chunk", type=int, default=5000, help="cases per Hypothesis run (each with its own seed)")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     outcomes: Counter[str] = Counter()
     started = time.monotonic()
     cpu = time.process_time()
+    chunks = 0
     with fast_dir("pykata-fuzz-images-") as base:
         host_tree = make_host(base)
-
-        @seed(args.seed)
-        @settings(max_examples=args.cases, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        @given(cases)
-        def run(case: tuple[list[LayerSpec], ImageSection]) -> None:
+        while sum(outcomes.values()) < args.cases:
             if args.seconds and time.monotonic() - started > args.seconds:
-                raise _Enough
-            outcomes[check_case(case, Path(base), host_tree)] += 1
+                break
+            chunk_seed = args.seed + chunks
+            chunks += 1
 
-        try:
-            run()
-        except _Enough:
-            pass
-        except Exception as e:  # a broken property: Hypothesis has printed the falsifying case
-            print(f"FAILED after {sum(outcomes.values())} cases (seed {args.seed}): {type(e).__name__}: {e}",
-                  file=sys.stderr)
-            return 1
+            @seed(chunk_seed)
+            @settings(max_examples=min(args.chunk, args.cases - sum(outcomes.values())), deadline=None,
+                      database=None, suppress_health_check=list(HealthCheck))
+            @given(cases)
+            def run(case: tuple[list[LayerSpec], ImageSection]) -> None:
+                outcomes[check_case(case, Path(base), host_tree)] += 1
+
+            try:
+                run()
+            except Exception as e:  # a broken property: Hypothesis has printed the falsifying case
+                print(f"FAILED after {sum(outcomes.values())} cases (seed {chunk_seed}): "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
+                return 1
     wall, cpu = time.monotonic() - started, time.process_time() - cpu
     total = sum(outcomes.values())
     result = {"cases": total, "applied": outcomes["ok"], "refused": outcomes["refused"],
               "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "cases_per_s": round(total / wall, 1),
-              "cases_per_cpu_s": round(total / cpu, 1), "seed": args.seed, "failures": 0}
+              "cases_per_cpu_s": round(total / cpu, 1), "seeds": f"{args.seed}..{args.seed + chunks - 1}",
+              "failures": 0}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{total} cases in {wall:.1f} s ({cpu:.1f} s CPU): {total / wall:.0f} cases/s "
               f"({total / cpu:.0f} per CPU second), {outcomes['ok']} applied, {outcomes['refused']} refused, "
-              f"0 failures (seed {args.seed})")
+              f"0 failures (seeds {result['seeds']})")
     return 0
 
 
