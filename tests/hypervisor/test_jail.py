@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,11 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert c.own_mount_namespace
         assert c.root == str(vm.paths.chroot) and os.listdir(vm.paths.chroot) == []
         assert all(c.layers().values()), c.layers()
+        # QEMU made no file on the host: its sockets were bound by pykata (0600) and passed in
+        for sock in (vm.paths.qmp_socket, vm.paths.agent_socket):
+            st = os.stat(sock)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), sock
+        assert not [p for p in vm.paths.dir.rglob("*") if p.lstat().st_uid == c.uid]
 
         helper = inspect_process(pids["virtfs-proxy-helper"])
         assert helper.cap_effective & ~PROXY_HELPER_CAPS == 0 and not helper.cap_effective & CAP_SYS_ADMIN

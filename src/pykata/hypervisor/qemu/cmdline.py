@@ -198,10 +198,13 @@ class VirtSerialPort:
     name: str = "agent.channel.0"
     id: str = "agent"
     serial_id: str = "serial0"
+    # the listening socket pykata bound at `socket` and passed in (else QEMU makes it)
+    fd: int | None = None
 
     def argv(self) -> list[str]:
+        where = ("fd", self.fd) if self.fd is not None else ("path", self.socket)
         return [
-            "-chardev", opts("socket", ("id", self.id), ("path", self.socket), ("server", True), ("wait", False)),
+            "-chardev", opts("socket", ("id", self.id), where, ("server", True), ("wait", False)),
             "-device", opts("virtserialport", ("bus", f"{self.serial_id}.0"), ("chardev", self.id),
                             ("name", self.name)),
         ]
@@ -388,10 +391,14 @@ class PcieRootPort:
 
 @dataclass(frozen=True)
 class QmpSocket:
+    """The QMP server socket: at `path`, or the listening socket `fd` pykata bound there and passed in."""
+
     path: str
+    fd: int | None = None
 
     def argv(self) -> list[str]:
-        return ["-chardev", opts("socket", ("id", "qmp"), ("path", self.path), ("server", True), ("wait", False)),
+        where = ("fd", self.fd) if self.fd is not None else ("path", self.path)
+        return ["-chardev", opts("socket", ("id", "qmp"), where, ("server", True), ("wait", False)),
                 "-mon", "chardev=qmp,mode=control"]
 
 

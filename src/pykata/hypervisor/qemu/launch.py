@@ -83,6 +83,10 @@ class LaunchSpec:
     # A connected socket QEMU inherits for the serial console (hypervisor.console drains it); None:
     # QEMU appends to paths.console_log itself, unbounded (only for short trial boots of our own guests).
     console_fd: int | None = None
+    # Listening sockets pykata bound at paths.qmp_socket / paths.agent_socket and passes in: QEMU then
+    # makes no file on the host, and the sockets are 0600 from the start.
+    qmp_fd: int | None = None
+    agent_fd: int | None = None
     # Host TSC frequency, told to a TCG guest so it need not calibrate (see hostinfo.host_tsc_khz).
     tsc_khz: int | None = None
     # How QEMU is confined (None: not at all); a jailed QEMU's 9p goes through virtfs-proxy-helper on
@@ -178,7 +182,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
 
     initrd = str(spec.initrd) if spec.initrd else None
     args += [c.Kernel(str(spec.kernel), initrd, kernel_params(spec)), c.Defaults()]
-    args += [c.QmpSocket(str(p.qmp_socket)), c.SerialConsole(str(p.console_log), fd=spec.console_fd)]
+    args += [c.QmpSocket(str(p.qmp_socket), fd=spec.qmp_fd), c.SerialConsole(str(p.console_log), fd=spec.console_fd)]
     args.append(c.VirtioRng(bus, q.entropy_source))
 
     if spec.agent_channel == "vsock":
@@ -186,7 +190,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
             raise ValueError("vsock agent channel needs a guest CID")
         args.append(c.VhostVsock(bus, spec.vsock_cid))
     else:
-        args += [c.VirtioSerial(bus), c.VirtSerialPort(str(p.agent_socket), AGENT_PORT_NAME)]
+        args += [c.VirtioSerial(bus), c.VirtSerialPort(str(p.agent_socket), AGENT_PORT_NAME, fd=spec.agent_fd)]
 
     if spec.shared_dir is not None:
         if q.shared_fs == "virtio-fs":

@@ -4,8 +4,12 @@ jailed QEMU), and the console drain (the guest console through a socket, into a 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+from pathlib import Path
 
 from pykata.config.schema import QemuConfig
+from pykata.errors import HypervisorError
 from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths
 from pykata.hypervisor.qemu.proxy9p import Proxy9p
@@ -22,6 +26,7 @@ class Sidecars:
         self.virtiofsd: Virtiofsd | None = None
         self.proxy9p: Proxy9p | None = None
         self.console: ConsoleDrain | None = None
+        self.listeners: list[socket.socket] = []
 
     async def start_virtiofsd(self, spec: LaunchSpec) -> None:
         """virtiofsd for the shared directory, when the VM uses virtio-fs. Raises HypervisorError."""
@@ -46,7 +51,16 @@ class Sidecars:
         # socket this process drains into a file of bounded size.
         self.console = ConsoleDrain(self._paths.console_log, max_bytes=self._q.console_log_max_kib * 1024)
         fds.append(self.console.guest_fd)
-        return dataclasses.replace(spec, console_fd=self.console.guest_fd)
+        # QEMU's QMP and agent sockets are bound here (0600) and passed in: a jailed QEMU makes no
+        # file on the host.
+        self.listeners.append(listen_unix(self._paths.qmp_socket))
+        qmp_fd = self.listeners[-1].fileno()
+        agent_fd = None
+        if spec.agent_channel == "virtio-serial":
+            self.listeners.append(listen_unix(self._paths.agent_socket))
+            agent_fd = self.listeners[-1].fileno()
+        fds += [s.fileno() for s in self.listeners]
+        return dataclasses.replace(spec, console_fd=self.console.guest_fd, qmp_fd=qmp_fd, agent_fd=agent_fd)
 
     def spawned(self, ok: bool) -> None:
         """QEMU was spawned (`ok`) or failed to: close this process's copies of QEMU's ends."""
@@ -56,6 +70,12 @@ class Sidecars:
                 self.console.start()
         if self.proxy9p is not None:
             self.proxy9p.close_qemu_end()
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()  # QEMU holds its own copies
+        self.listeners.clear()
 
     def flush(self) -> None:
         """QEMU ended: get its last console output into the log."""
@@ -63,9 +83,28 @@ class Sidecars:
             self.console.flush()
 
     async def stop(self) -> None:
+        self._close_listeners()
         if self.virtiofsd is not None:
             await self.virtiofsd.stop()
         if self.console is not None:
             self.console.close()
         if self.proxy9p is not None:
             await self.proxy9p.stop()
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """A listening unix socket at `path` (a stale one replaced), mode 0600, to pass to QEMU.
+
+    Raises:
+        HypervisorError: it cannot be made.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(8)
+    except OSError as exc:
+        sock.close()
+        raise HypervisorError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
