@@ -91,6 +91,14 @@ def sandbox_ids(m: dict[str, list[tuple[dict[str, str], float]]]) -> set[str]:
             if "sandbox_id" in lab and "stage" not in lab}
 
 
+def test_agent_ctl_lists_every_rpc_with_its_fields() -> None:
+    p = subprocess.run([PYKATA, "agent-ctl", "--list", "--json"], capture_output=True, timeout=60)
+    rpcs = {r["rpc"]: r for r in json.loads(p.stdout)}
+    assert rpcs["ExecProcess"]["fields"]["containerId"] == "string" and "Check" in rpcs
+    p = subprocess.run([PYKATA, "agent-ctl", "no-such-sandbox", "Check"], capture_output=True, timeout=60)
+    assert p.returncode == 1 and b"no such" in p.stderr and b"Traceback" not in p.stderr
+
+
 def pykata_json(env: dict[str, str], *args: str) -> object:
     p = subprocess.run([PYKATA, *args], capture_output=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -134,6 +142,19 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
         inspected = await asyncio.to_thread(pykata_json, env, "sandbox", "inspect", first[:10], "--json")
         assert isinstance(inspected, dict) and inspected["id"] == first and inspected["running"] is True
         assert inspected["runtime_dir"].startswith(str(conf.parent))
+
+        # agent-ctl: any RPC with a JSON body, the reply as JSON; bad names and fields are one clear line
+        details = await asyncio.to_thread(pykata_json, env, "agent-ctl", first[:10], "GetGuestDetails",
+                                          '{"memBlockSize": true}')
+        assert isinstance(details, dict) and details["onlineCpus"] == info["vcpus"]
+        assert details["kernelRelease"] and details["agentDetails"]["version"]
+        assert await asyncio.to_thread(pykata_json, env, "agent-ctl", first, "Health.Check") == {
+            "status": "SERVING"}
+        for args, needle in ((("NoSuchRpc",), b"no agent RPC"), (("GetGuestDetails", '{"bogus": 1}'), b"bogus"),
+                             (("GetGuestDetails", "not json"), b"GetGuestDetails request")):
+            p = await asyncio.to_thread(subprocess.run, [PYKATA, "agent-ctl", first, *args], capture_output=True,
+                                        env=env, timeout=60)
+            assert p.returncode == 1 and needle in p.stderr and b"Traceback" not in p.stderr, p.stderr
 
         for _ in range(2):
             boxes.append(await pykata.AsyncSandbox(image="busybox", config=config).__aenter__())

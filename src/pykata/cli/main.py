@@ -8,6 +8,7 @@ import sys
 import click
 
 from pykata import __version__
+from pykata.cli.agent_ctl import agent_ctl
 from pykata.cli.check import check
 from pykata.cli.config_cmd import env
 from pykata.cli.factory import factory
@@ -37,6 +38,7 @@ cli.add_command(install)
 cli.add_command(factory)
 cli.add_command(sandbox)
 cli.add_command(monitor)
+cli.add_command(agent_ctl)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pykata.agentapi import Agent
+from pykata.agentapi import Agent, generic
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox.lookup import Found
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
+
+
+def agent_rpcs() -> list[generic.RpcInfo]:
+    """Every agent RPC and its request fields (`pykata agent-ctl --list`)."""
+    return generic.catalog()
 
 
 class AttachedSandbox:
@@ -49,6 +54,11 @@ class AttachedSandbox:
     async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse:
         """A container's cgroup and the guest's network counters (checked by agentapi). Raises AgentError."""
         return await self._agent.stats_container(container_id)
+
+    async def call_json(self, rpc: str, body: str = "{}", *, timeout: float | None = 30.0) -> str:
+        """Any agent RPC with a JSON body, its reply as JSON (`pykata agent-ctl`, admins only).
+        Raises agentapi.generic.RequestError (bad name or body), AgentError."""
+        return await generic.call_json(self._agent, rpc, body, timeout=timeout)
 
     async def close(self) -> None:
         await self._agent.close()
