@@ -170,6 +170,7 @@ def validate(config: Config) -> None:
     validate_qemu(config.qemu, _Q)
     agent = config.agent.pykata
     _seconds("agent.pykata.dial_timeout", agent.dial_timeout)
+    _seconds("agent.pykata.request_timeout", agent.request_timeout)
     _list("agent.pykata.kernel_modules", agent.kernel_modules)
     _absolute("agent.pykata.policy_file", agent.policy_file, allow_empty=True)
     for i, module in enumerate(agent.kernel_modules):

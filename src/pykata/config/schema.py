@@ -98,6 +98,10 @@ class PykataAgentConfig:
     debug: bool = False
     # Seconds the runtime waits for the agent to answer after the VM started.
     dial_timeout: float = 30.0
+    # Seconds the runtime waits for the answer to an agent request that has an end (not the ones
+    # that wait for a process, its output or an OOM kill): a guest that never answers cannot hang
+    # the runtime longer than this.
+    request_timeout: float = 30.0
     kernel_modules: tuple[str, ...] = ()
     debug_console_enabled: bool = False
     # The agent policy (docs/policy.md): a TOML or JSON file, or the document itself in `policy`
