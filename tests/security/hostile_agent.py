@@ -230,19 +230,9 @@ def _out_of_range(method: str, req: Any, server: HostileServer) -> bytes:
 
 
 def main() -> int:
-    agent_main.build_server = _build_hostile_server  # type: ignore[assignment]
+    # The real agent's build_server, with this server class in place of pykata.ttrpc's.
+    agent_main.Server = HostileServer  # type: ignore[misc]
     return agent_main.main(sys.argv[1:])
-
-
-def _build_hostile_server(agent: Any = None) -> Server:
-    from pykata.agent.health import HealthService
-    from pykata.protocols.agent import HEALTH_SERVICE
-
-    server = HostileServer()
-    server.register(HEALTH_SERVICE, HealthService())
-    if agent is not None:
-        server.register(AGENT_SERVICE, agent)
-    return server
 
 
 if __name__ == "__main__":
