@@ -73,7 +73,7 @@ def hostile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = Path(f"/tmp/pkh{uuid.uuid4().hex[:6]}")  # short: socket paths live under it
     d.mkdir()
     build_hostile_initrd(d / "hostile.cpio")
-    hostile_config(d, d / "hostile.cpio")
+    hostile_config(d, d / "hostile.cpio", request_timeout=REQUEST_TIMEOUT)
     yield d
     import shutil
 

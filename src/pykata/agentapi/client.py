@@ -25,6 +25,8 @@ from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
 from pykata.ttrpc import Client, Code, RpcError, connect_unix
 
 DEFAULT_TIMEOUT = 30.0
+# A `timeout` argument meaning "the Agent's request_timeout".
+REQUEST_TIMEOUT: float = -1.0
 _M = TypeVar("_M", bound=Message)
 _R = TypeVar("_R")
 
@@ -33,14 +35,18 @@ class Agent:
     """The agent of one sandbox. Raises AgentCallError (with the status code) when an RPC fails and
     AgentReplyError (code DATA_LOSS) when its answer is out of contract."""
 
-    def __init__(self, client: Client, sandbox_id: str) -> None:
+    def __init__(self, client: Client, sandbox_id: str, *, request_timeout: float = DEFAULT_TIMEOUT) -> None:
+        """`request_timeout`: seconds an RPC that has an end may take (every RPC but those that wait
+        for a process, its output or an OOM kill); a guest that never answers costs at most that."""
         self._client = client
         self.sandbox_id = sandbox_id
+        self.request_timeout = request_timeout
 
     # -- connection --------------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, socket: Path, sandbox_id: str, *, timeout: float = 30.0) -> Agent:
+    async def connect(cls, socket: Path, sandbox_id: str, *, timeout: float = 30.0,
+                      request_timeout: float = DEFAULT_TIMEOUT) -> Agent:
         """Connect and wait until the agent answers a health check.
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
@@ -59,7 +65,7 @@ class Agent:
                         last = e
                         await asyncio.sleep(0.02)
                         continue
-                agent = cls(client, sandbox_id)
+                agent = cls(client, sandbox_id, request_timeout=request_timeout)
                 try:
                     serving = await agent.check(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
                 except AgentCallError as e:
@@ -97,7 +103,9 @@ class Agent:
         await self._client.close()
 
     async def _call(self, rpc: str, request: Message, reply: type[_M], *,
-                    timeout: float | None = DEFAULT_TIMEOUT, service: Any = AGENT_SERVICE) -> _M:
+                    timeout: float | None = REQUEST_TIMEOUT, service: Any = AGENT_SERVICE) -> _M:
+        if timeout == REQUEST_TIMEOUT:
+            timeout = self.request_timeout
         try:
             resp = await self._client.call(service, rpc, request, timeout=timeout)
         except RpcError as e:
@@ -143,7 +151,7 @@ class Agent:
             sandbox_id=sandbox_id, hostname=hostname, storages=list(storages), dns=list(dns),
             sandbox_pidns=sandbox_pidns, kernel_modules=list(kernel_modules)), Message)
 
-    async def destroy_sandbox(self, timeout_seconds: int = 0, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    async def destroy_sandbox(self, timeout_seconds: int = 0, *, timeout: float | None = REQUEST_TIMEOUT) -> None:
         await self._call("DestroySandbox", agent_pb2.DestroySandboxRequest(timeout_seconds=timeout_seconds),
                          Message, timeout=timeout)
 
@@ -152,7 +160,7 @@ class Agent:
     async def create_container(self, container_id: str, oci_spec_json: str, *, terminal: bool = False,
                                storages: Sequence[agent_pb2.Storage] = (),
                                devices: Sequence[agent_pb2.Device] = (), sandbox_pidns: bool = False,
-                               timeout: float | None = DEFAULT_TIMEOUT) -> int:
+                               timeout: float | None = REQUEST_TIMEOUT) -> int:
         """Create (not start) the container; returns its init's pid."""
         resp = await self._call("CreateContainer", agent_pb2.CreateContainerRequest(
             container_id=container_id, oci_spec_json=oci_spec_json, terminal=terminal, storages=list(storages),
@@ -166,7 +174,7 @@ class Agent:
         return self._checked("StartContainer", replies.start_container, resp)
 
     async def remove_container(self, container_id: str, timeout_seconds: int = 0, *,
-                               timeout: float | None = DEFAULT_TIMEOUT) -> None:
+                               timeout: float | None = REQUEST_TIMEOUT) -> None:
         await self._call("RemoveContainer", agent_pb2.RemoveContainerRequest(
             container_id=container_id, timeout_seconds=timeout_seconds), Message, timeout=timeout)
 
@@ -249,7 +257,7 @@ class Agent:
         await self._call("OnlineCPUMem", agent_pb2.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus,
                                                                         cpu_only=cpu_only), Message)
 
-    async def set_guest_date_time(self, sec: int, usec: int, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    async def set_guest_date_time(self, sec: int, usec: int, *, timeout: float | None = REQUEST_TIMEOUT) -> None:
         await self._call("SetGuestDateTime", agent_pb2.SetGuestDateTimeRequest(sec=sec, usec=usec), Message,
                          timeout=timeout)
 

@@ -81,12 +81,15 @@ def wait_process(resp: agent_pb2.WaitProcessResponse) -> int:
 
 
 def read_stream(resp: agent_pb2.ReadStreamResponse, max_length: int) -> bytes | None:
-    """The bytes read, or None at the end of the stream."""
+    """The bytes read, or None at the end of the stream. Neither data nor the end is out of contract
+    (the agent waits until it has one or the other): accepted, it would make the reader loop forever."""
     limit = min(max_length or READ_MAX, READ_MAX)
     if len(resp.data) > limit:
         raise BadReply("data", f"{len(resp.data)} bytes, at most {limit} were asked for")
     if resp.eof and not resp.data:
         return None
+    if not resp.data:
+        raise BadReply("data", "no data and no end of stream: a reader would never progress")
     return bytes(resp.data)
 
 

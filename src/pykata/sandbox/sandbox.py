@@ -199,7 +199,8 @@ class Sandbox:
         async def probe(vm: Hypervisor) -> None:
             endpoint = vm.agent_endpoint
             assert endpoint.socket is not None, "vsock agent channel is not supported by the sandbox yet"
-            agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout)
+            agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout,
+                                                     request_timeout=self.config.agent.pykata.request_timeout)
 
         if self.netns is not None and self.config.runtime.internetworking_model != "none":
             self.network = await attach_network(self.netns)

@@ -68,6 +68,8 @@ MAX_ID = 76
 EXEC_FAILED_STATUS = 126
 IO_DRAIN_TIMEOUT = 2.0  # how long Delete lets output finish (runc's shim waits 2 s too)
 LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
+# Seconds between two GetOOMEvent calls, at least: the guest chooses when each returns.
+OOM_POLL_INTERVAL = 0.1
 
 
 def check_id(field: str, value: str) -> str:
@@ -133,6 +135,12 @@ class TaskService:
 
     def _publish(self, event: Message) -> None:
         self.events.publish(event)
+
+    def _host_pid(self) -> int:
+        """The pid containerd is told for every process of the pod: the VMM's, as Kata does (pids in
+        the guest are the guest's choice, and mean nothing, or some other process, on the host)."""
+        vm = self.sandbox.vm if self.sandbox is not None else None
+        return (vm.pid if vm is not None else None) or 0
 
     def _agent_sandbox(self) -> Sandbox:
         if self.sandbox is None or self.vm_dead or self._sandbox_stopping:
@@ -254,9 +262,16 @@ class TaskService:
             except PykataError:
                 return
             failures = 0
-            if oom_cid:
+            if oom_cid in self.containers:
                 log.warning("container %s: OOM kill", oom_cid)
                 self._publish(events_pb2.TaskOOM(container_id=oom_cid))
+            elif oom_cid:
+                # containerd would mark that container, of some other pod maybe, OOM-killed
+                log.warning("the agent reported an OOM kill in %r, not a container of this pod: ignored",
+                            oom_cid[:80])
+            # The guest decides when GetOOMEvent returns: one answering at once, every time, must not
+            # spin this loop (and the shim's CPU).
+            await asyncio.sleep(OOM_POLL_INTERVAL)
 
     # -- process exits -----------------------------------------------------------------------------
 
@@ -326,7 +341,8 @@ class TaskService:
             raise
         sc = ShimContainer(cid, bundle, spec, stdio, list(req.rootfs))
         sc.sandbox_container = container
-        sc.init.proc, sc.init.pid, sc.init.io = container.init, container.init.pid, pio
+        sc.init.proc, sc.init.io = container.init, pio
+        sc.init.pid, sc.init.guest_pid = self._host_pid(), container.init.pid
         self.containers[cid] = sc
         pio.attach(container.init)
         sc.init.waiter = self._spawn(self._wait_process(sc, sc.init), f"wait-{cid}")
@@ -336,7 +352,7 @@ class TaskService:
         self._publish(events_pb2.TaskCreate(
             container_id=cid, bundle=req.bundle, rootfs=req.rootfs, pid=sc.init.pid, checkpoint=req.checkpoint,
             io=events_pb2.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)))
-        log.info("created, pid %d", sc.init.pid)
+        log.info("created, pid %d in the guest", sc.init.guest_pid)
         return shim_pb2.CreateTaskResponse(pid=sc.init.pid)
 
     async def _stop_if_unused_after(self, cid: str) -> None:
@@ -379,7 +395,7 @@ class TaskService:
                             await p.io.close()
                     raise
                 self._publish(events_pb2.TaskExecStarted(container_id=sc.id, exec_id=p.exec_id, pid=p.pid))
-        log.info("started %s, pid %d", p.id, p.pid)
+        log.info("started %s, pid %d in the guest", p.id, p.guest_pid)
         return shim_pb2.StartResponse(pid=p.pid)
 
     async def _start_exec(self, sc: ShimContainer, p: ShimProcess) -> None:
@@ -392,7 +408,7 @@ class TaskService:
         proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)
         with agent_errors(f"exec {p.exec_id} in {sc.id}"):
             p.proc = await sc.sandbox_container.exec_process(p.exec_id, proc)
-        p.pid, p.state = p.proc.pid, "running"
+        p.pid, p.guest_pid, p.state = self._host_pid(), p.proc.pid, "running"
         if p.io is not None:
             p.io.attach(p.proc)
         p.waiter = self._spawn(self._wait_process(sc, p), f"wait-{sc.id}-{p.exec_id}")

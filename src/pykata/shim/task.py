@@ -42,7 +42,11 @@ class ShimProcess:
         self.exec_id = exec_id
         self.stdio = stdio
         self.spec = spec  # an exec's OCI process
+        # What containerd sees as the process's pid: the VMM's (as Kata reports), never a pid the
+        # guest chose (a monitoring agent that kills or nsenters it would act on a host process).
         self.pid = 0
+        # The pid in the guest, as the agent says: for logs only.
+        self.guest_pid = 0
         self.state: State = "created"
         self.exit_status = 0
         self.exited_at: Timestamp | None = None
