@@ -86,8 +86,8 @@ class RssSampler:
     def _rss(self) -> int:
         total = 0
         for p in psutil.process_iter(["cmdline", "memory_info"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if self.match in cmd and p.info["memory_info"] is not None and "pytest" not in cmd:
+            cmd = " ".join((p.info["cmdline"] or [])[:2])
+            if self.match in cmd and p.info["memory_info"] is not None:
                 total += p.info["memory_info"].rss
         return total
 

@@ -248,7 +248,7 @@ class TaskService:
                 await self._record_exit(sc, p, VM_GONE_STATUS)
 
     async def _watch_oom(self, sb: Sandbox) -> None:
-        failures = 0
+        failures = ignored = 0
         while not self._sandbox_stopping and not self.vm_dead:
             try:
                 oom_cid = await sb.next_oom_event()
@@ -267,8 +267,10 @@ class TaskService:
                 self._publish(events_pb2.TaskOOM(container_id=oom_cid))
             elif oom_cid:
                 # containerd would mark that container, of some other pod maybe, OOM-killed
-                log.warning("the agent reported an OOM kill in %r, not a container of this pod: ignored",
-                            oom_cid[:80])
+                ignored += 1
+                if ignored in (1, 10, 100) or ignored % 1000 == 0:  # the log is the host's too
+                    log.warning("the agent reported an OOM kill in %r, not a container of this pod: "
+                                "ignored (%d so far)", oom_cid[:80], ignored)
             # The guest decides when GetOOMEvent returns: one answering at once, every time, must not
             # spin this loop (and the shim's CPU).
             await asyncio.sleep(OOM_POLL_INTERVAL)

@@ -287,9 +287,9 @@ class ProcessIO:
         if self._feeder is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._feeder), 5.0)
-        elif self._proc is None and self._stdin_fd is not None:
-            os.close(self._stdin_fd)
-            self._stdin_fd = None
+        # Not attached yet (containerd may close stdin before Start): the feeder, once attached,
+        # sends what is in the FIFO and then closes the process's stdin, since `_stdin_closing` is
+        # set. Closing the FIFO here instead lost both, and the process waited for stdin forever.
 
     async def wait_output(self, timeout: float) -> None:
         """Wait (at most `timeout` seconds) until stdout and stderr have reached their end."""
