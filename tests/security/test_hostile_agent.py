@@ -195,6 +195,7 @@ def test_bad_replies_are_refused_and_the_pod_is_still_removed(ctd: HostileContai
     with RssSampler(SHIM.name) as rss, hostile_pod(
             ctd, hostile_dir / "run", attack, StatsContainer=attack, GetOOMEvent=oom, PauseContainer=final) as cid:
         assert cid, "the pod did not start"
+        FIGURES[f"shim RSS MiB after start ({attack} pod)"] = round(rss._rss() / (1 << 20), 1)
         for rpc in ("ExecProcess", "WaitProcess", "ReadStdout", "WriteStdin"):
             rc, text = _exec(ctd, cid, rpc, attack, stdin=b"some input\n" * 100)
             if rpc in ("ExecProcess", "WaitProcess") and attack != "oversize":

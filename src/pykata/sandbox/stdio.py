@@ -57,7 +57,7 @@ async def feed_stdin(proc: Process, fd: int) -> None:
         try:
             await proc.write_stdin(data)
         except PykataError:
-            return  # the process is gone; nothing more to feed
+            break  # the process is gone, or its agent refused the data: end its stdin (best effort)
     with contextlib.suppress(PykataError):
         await proc.close_stdin()
 

@@ -277,6 +277,11 @@ class ProcessIO:
             await proc.close_stdin()
         except PykataError as e:
             log.debug("stdin of %s/%s: %s", proc.container_id, proc.exec_id, e)
+            # What cannot be delivered ends the stream: the process sees the end of its stdin
+            # instead of waiting for input that will never come (e.g. an agent's WriteStdin answer
+            # was refused).
+            with contextlib.suppress(PykataError):
+                await proc.close_stdin()
         finally:
             closing.cancel()
             os.close(fd)
