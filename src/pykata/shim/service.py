@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -575,8 +576,22 @@ class TaskService:
         except ShimError as e:
             if p.stopped or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
                 raise NotFoundError(f"{p.id}: process already finished") from None
+            if req.signal == signal.SIGKILL and p is sc.init:
+                # SIGKILL must not depend on the guest's good will: an agent that does not carry it
+                # out (no answer, a refused answer) loses the VM, and so every process in it.
+                await self._kill_vm(f"the agent did not kill {p.id}: {e}")
+                return Empty()
             raise
         return Empty()
+
+    async def _kill_vm(self, why: str) -> None:
+        """Stop the sandbox's VM (its processes are then recorded as killed, as when the VM dies)."""
+        sb = self.sandbox
+        if sb is None or sb.vm is None or self.vm_dead:
+            return
+        log.error("%s; stopping the sandbox VM", why)
+        await sb.vm.stop()
+        await asyncio.shield(sb.vm.exited)
 
     async def ResizePty(self, req: shim_pb2.ResizePtyRequest, ctx: Any) -> Empty:
         sc = self._container(req.id)
