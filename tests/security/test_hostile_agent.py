@@ -36,7 +36,8 @@ from tests.shim.harness import IMAGE, PYKATA_RUNTIME, SHIM, Containerd, missing_
 
 pytestmark = pytest.mark.vm
 
-REQUEST_TIMEOUT = 10.0
+# Generous: CreateContainer takes seconds under TCG on a loaded 2-core host.
+REQUEST_TIMEOUT = 20.0
 # Every ctr step must end within this, whatever the agent does (boot and teardown included).
 STEP_BOUND = 60.0
 # What the shim may hold, at most, while its agent floods it.
@@ -159,9 +160,9 @@ def hostile_pod(ctd: Containerd, run_dir: Path, attack: str, **container_attacks
         yield cid if p.returncode == 0 else ""
     finally:
         if p.returncode != 0:
-            for rpc in ("CreateContainer", "StartContainer"):
-                if container_attacks.get(rpc) == attack:
-                    record(rpc, attack, "ctr run", _outcome(p.returncode, (p.stdout + p.stderr).decode()), created)
+            armed = [rpc for rpc in ("CreateContainer", "StartContainer") if container_attacks.get(rpc) == attack]
+            record(armed[0] if armed else "(create)", attack, "ctr run",
+                   _outcome(p.returncode, (p.stdout + p.stderr).decode()), created)
         started = time.monotonic()
         ctd.remove(cid)
         removed = time.monotonic() - started
@@ -219,8 +220,7 @@ def test_never_ending_replies_end_at_their_timeouts(ctd: HostileContainerd, host
     with hostile_pod(ctd, hostile_dir / "run", "hang", StatsContainer="hang", RemoveContainer="hang",
                      DestroySandbox="hang", SignalProcess="hang") as cid:
         assert cid
-        rc, text = _exec(ctd, cid, "ExecProcess", "hang")
-        assert rc != 0
+        # (ExecProcess answering never: through the SDK below, which has the same request timeout)
         rc, text, secs = _step(ctd, "task", "metrics", cid)
         record("StatsContainer", "hang", "ctr task metrics", _outcome(rc, text), secs)
         assert rc != 0 and secs < REQUEST_TIMEOUT + 10
