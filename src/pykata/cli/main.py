@@ -10,6 +10,7 @@ import click
 from pykata import __version__
 from pykata.cli.agent_ctl import agent_ctl
 from pykata.cli.check import check
+from pykata.cli.collect import collect
 from pykata.cli.config_cmd import env
 from pykata.cli.factory import factory
 from pykata.cli.image import image
@@ -39,6 +40,7 @@ cli.add_command(factory)
 cli.add_command(sandbox)
 cli.add_command(monitor)
 cli.add_command(agent_ctl)
+cli.add_command(collect)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 
