@@ -148,3 +148,35 @@ def containerd(write: bool, config_path: Path, bin_dir: Path) -> None:
     except (InstallError, OSError) as e:
         click.echo(f"pykata: {e}", err=True)
         sys.exit(1)
+
+
+DEFAULT_CRIO_DROPIN = Path("/etc/crio/crio.conf.d/50-pykata.conf")
+
+
+def crio_snippet(shim: Path, handler: str = "pykata") -> str:
+    """CRI-O's runtime table for pykata: a shim-v2 runtime is CRI-O's `runtime_type = "vm"` (as Kata's)."""
+    return (f"[crio.runtime.runtimes.{handler}]\n"
+            f'runtime_path = "{shim}"\n'
+            f'runtime_type = "vm"\n'
+            f'runtime_root = "/run/vc"\n'
+            f"privileged_without_host_devices = true\n"
+            f'allowed_annotations = ["io.katacontainers.*"]\n')
+
+
+@install.command()
+@click.option("--write", is_flag=True, help="Write the drop-in file (else only show it).")
+@click.option("--dropin", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_CRIO_DROPIN,
+              show_default=True, help="CRI-O drop-in configuration file to write.")
+def crio(write: bool, dropin: Path) -> None:
+    """Register pykata with CRI-O as the runtime handler `pykata` (runtime_type "vm")."""
+    try:
+        text = crio_snippet(shim_executable())
+        if not write:
+            click.echo(f"# {dropin} (then restart CRI-O):")
+            click.echo(text, nl=False)
+            return
+        _write_atomic(dropin, text)
+        click.echo(f"wrote {dropin}; restart CRI-O to load it (systemctl restart crio)")
+    except (InstallError, OSError) as e:
+        click.echo(f"pykata: {e}", err=True)
+        sys.exit(1)
