@@ -4,7 +4,8 @@ running sandboxes (pykata.AsyncSandbox, busybox, in a private runtime dir), medi
 
 The scrape reads /proc for each sandbox's owner and VMM, and asks each agent (through the owner's agent
 proxy) for guest details and per-container stats, concurrently. Reported split: host-only (the /proc
-part, agents skipped) and full, so the guest round trip (TCG-slow here) is visible on its own.
+part with a fresh PSS, agents skipped), full with the PSS cache (the default, `--pss-max-age 30`), and full
+reading PSS every scrape, so the guest round trip (TCG-slow here) and the PSS walk are visible on their own.
 
     .venv/bin/python bench/monitor_bench.py [--counts 0,1,3] [--repeat 7]
 """
@@ -53,16 +54,18 @@ async def main() -> None:
             while len(boxes) < n:
                 boxes.append(await pykata.AsyncSandbox(image="busybox", config=config).__aenter__())
             full, series = await measure(Scraper(config), args.repeat)
+            uncached, _ = await measure(Scraper(config, pss_max_age=0), args.repeat)
             real = scrape_mod._guest_figures
 
             async def skip(*_: object) -> None:
                 return None
             scrape_mod._guest_figures = skip  # type: ignore[assignment]
             try:
-                host, _ = await measure(Scraper(config), args.repeat)
+                host, _ = await measure(Scraper(config, pss_max_age=0), args.repeat)
             finally:
                 scrape_mod._guest_figures = real
-            print(f"sandboxes={n:<3} scrape_full={full * 1000:7.1f} ms  host_only={host * 1000:6.1f} ms  "
+            print(f"sandboxes={n:<3} scrape={full * 1000:7.1f} ms  with_fresh_pss={uncached * 1000:7.1f} ms  "
+                  f"host_only(fresh pss)={host * 1000:6.1f} ms  "
                   f"series={series}")
     finally:
         for b in boxes:

@@ -10,7 +10,7 @@ import click
 
 from pykata.config import load_config
 from pykata.errors import PykataError
-from pykata.monitor.scrape import DEFAULT_TIMEOUT, Scraper
+from pykata.monitor.scrape import DEFAULT_TIMEOUT, PSS_MAX_AGE, Scraper
 from pykata.monitor.server import DEFAULT_LISTEN, serve
 
 
@@ -18,10 +18,12 @@ from pykata.monitor.server import DEFAULT_LISTEN, serve
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve /metrics on.")
 @click.option("--timeout", type=click.FloatRange(0.1, 60), default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds one sandbox's agent has to answer a scrape.")
-def monitor(listen: str, timeout: float) -> None:
+@click.option("--pss-max-age", type=click.FloatRange(0, 3600), default=PSS_MAX_AGE, show_default=True,
+              help="Seconds a VM's PSS is reused before it is read again (reading it walks the VM's page tables).")
+def monitor(listen: str, timeout: float, pss_max_age: float) -> None:
     """Serve Prometheus metrics of every running sandbox on http://LISTEN/metrics until SIGINT/SIGTERM."""
     try:
-        server, thread = serve(Scraper(load_config(), timeout=timeout), listen)
+        server, thread = serve(Scraper(load_config(), timeout=timeout, pss_max_age=pss_max_age), listen)
     except (PykataError, OSError) as e:
         click.echo(f"pykata: monitor: {e}", err=True)
         sys.exit(1)
