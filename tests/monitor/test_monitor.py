@@ -156,12 +156,26 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
                                         env=env, timeout=60)
             assert p.returncode == 1 and needle in p.stderr and b"Traceback" not in p.stderr, p.stderr
 
-        for _ in range(2):
-            boxes.append(await pykata.AsyncSandbox(image="busybox", config=config).__aenter__())
-        ids = {b.id for b in boxes}
-        m = await asyncio.to_thread(scrape, monitor)
-        assert m["pykata_monitor_sandboxes"] == [({}, 3.0)] and sandbox_ids(m) == ids
-        assert all(value(m, "pykata_agent_up", sid) == 1 for sid in ids)
+        boxes.append(await pykata.AsyncSandbox(image="busybox", config=config).__aenter__())
+        # the third is owned by a detached `pykata run`, another process
+        name = f"mon{os.getpid()}"
+        p = await asyncio.to_thread(subprocess.run, [PYKATA, "run", "-d", "--rm", "--name", name, "busybox",
+                                                     "sleep", "1000"], capture_output=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stderr
+        try:
+            cli_id = p.stdout.decode().strip()
+            ids = {b.id for b in boxes} | {cli_id}
+            m = await asyncio.to_thread(scrape, monitor)
+            assert m["pykata_monitor_sandboxes"] == [({}, 3.0)] and sandbox_ids(m) == ids
+            assert all(value(m, "pykata_agent_up", sid) == 1 for sid in ids)
+            listed = await asyncio.to_thread(pykata_json, env, "sandbox", "ls", "--json")
+            assert isinstance(listed, list)
+            owners = {i["id"]: i["owner"] for i in listed}
+            assert owners[cli_id] == "pykata" and owners[first] == "sdk"
+            assert next(i for i in listed if i["id"] == cli_id)["name"] == name
+        finally:
+            await asyncio.to_thread(subprocess.run, [PYKATA, "rm", "-f", name], env=env, timeout=120)
+        ids -= {cli_id}
 
         # a hung guest cannot stall the scrape: its host figures stay, its agent is reported down
         listed = await asyncio.to_thread(pykata_json, env, "sandbox", "ls", "--json")
@@ -181,7 +195,7 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
         hung.kill()
         m = await asyncio.to_thread(scrape, monitor)
         assert sandbox_ids(m) == ids - {boxes[1].id}
-        assert m["pykata_monitor_sandboxes"] == [({}, 2.0)]
+        assert m["pykata_monitor_sandboxes"] == [({}, 1.0)]
     finally:
         for b in boxes:
             await b.close()

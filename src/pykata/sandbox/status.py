@@ -42,7 +42,7 @@ class SandboxInfo:
     name: str
     status: str
     owner_pid: int
-    owner: str              # "shim" (containerd), "pykata" (the CLI) or the owner's process name
+    owner: str              # "shim" (containerd), "pykata" (the CLI), "sdk" or the owner's process name
     created_at: float
     uptime_seconds: float
     runtime_dir: str
@@ -107,7 +107,12 @@ def _vmm_argv(record: state.SandboxRecord) -> list[str] | None:
     return None
 
 
-def _owner_kind(pid: int) -> str:
+SDK_MARK = "sdk.json"  # the SDK leaves this next to state.json (pykata.sdk.core.SDK_STATE)
+
+
+def _owner_kind(pid: int, directory: Path) -> str:
+    if (directory / SDK_MARK).exists():
+        return "sdk"
     try:
         argv = psutil.Process(pid).cmdline()
     except psutil.Error:
@@ -132,7 +137,7 @@ def describe(directory: Path, record: state.SandboxRecord, *, pss: bool = True) 
                    "exit_code": c.exit_code, "created_at": c.created_at} for c in record.containers.values()]
     return SandboxInfo(
         id=record.id, name=record.name, status=record.status, owner_pid=record.owner_pid,
-        owner=_owner_kind(record.owner_pid), created_at=record.created_at,
+        owner=_owner_kind(record.owner_pid, directory), created_at=record.created_at,
         uptime_seconds=max(0.0, time.time() - record.created_at), runtime_dir=str(directory),
         agent_socket=str(directory / AGENT_PROXY_SOCKET), vmm_pid=record.vmm_pid if argv else None,
         vcpus=vcpus, memory_mib=memory, boot=boot, pss_bytes=pss_bytes, containers=containers)
