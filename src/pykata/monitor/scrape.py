@@ -74,13 +74,13 @@ FAMILIES: dict[str, tuple[str, str]] = {
 
 
 class BadGuestValue(PykataError):
-    def __init__(self, name: str, value: float) -> None:
-        super().__init__(f"guest value {name}={value} is out of bounds [0, {GUEST_VALUE_MAX}]")
+    def __init__(self, name: str, value: float, limit: float = GUEST_VALUE_MAX) -> None:
+        super().__init__(f"guest value {name}={value} is out of bounds [0, {limit:.0f}]")
 
 
-def _guest(name: str, value: float) -> float:
-    if not 0 <= value <= GUEST_VALUE_MAX:
-        raise BadGuestValue(name, value)
+def _guest(name: str, value: float, limit: float = GUEST_VALUE_MAX) -> float:
+    if not 0 <= value <= limit:
+        raise BadGuestValue(name, value, limit)
     return float(value)
 
 
@@ -96,8 +96,8 @@ class Sample:
             self.rows.append((name, (("sandbox_id", self.sandbox_id), *labels.items()), float(value)))
 
 
-def _host(sample: Sample, record: state.SandboxRecord) -> None:
-    """Owner and VMM figures. Raises psutil.Error when a process is gone."""
+def _host(sample: Sample, record: state.SandboxRecord) -> tuple[int | None, int | None]:
+    """Owner and VMM figures; the VM's vCPUs and memory (bytes). Raises psutil.Error when a process is gone."""
     owner = status.process_info(record.owner_pid)
     sample.add("pykata_shim_cpu_seconds", owner.cpu_seconds)
     sample.add("pykata_shim_resident_memory_bytes", owner.rss_bytes)
@@ -105,7 +105,7 @@ def _host(sample: Sample, record: state.SandboxRecord) -> None:
     sample.add("pykata_shim_threads", owner.threads)
     sample.add("pykata_hypervisor_uptime_seconds", max(0.0, time.time() - record.created_at))
     if not record.vmm_pid:
-        return
+        return None, None
     argv = psutil.Process(record.vmm_pid).cmdline()
     if record.id not in " ".join(argv):  # the pid was reused: not our VMM any more
         raise psutil.NoSuchProcess(record.vmm_pid)
@@ -118,11 +118,21 @@ def _host(sample: Sample, record: state.SandboxRecord) -> None:
     sample.add("pykata_hypervisor_io_read_bytes", vmm.read_bytes)
     sample.add("pykata_hypervisor_io_write_bytes", vmm.write_bytes)
     sample.add("pykata_hypervisor_vcpus", vcpus)
-    sample.add("pykata_hypervisor_memory_bytes", None if memory_mib is None else memory_mib << 20)
+    memory = None if memory_mib is None else memory_mib << 20
+    sample.add("pykata_hypervisor_memory_bytes", memory)
+    return vcpus, memory
 
 
-async def _guest_figures(sample: Sample, found: Found) -> None:
-    """What the agent tells of the guest. Raises PykataError (AgentError, BadGuestValue)."""
+PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT
+CPUS_MAX = 8192    # Linux's largest NR_CPUS
+
+
+async def _guest_figures(sample: Sample, found: Found, vcpus: int | None = None,
+                         memory_bytes: int | None = None) -> None:
+    """What the agent tells of the guest, within what the host knows of the VM (its vCPUs and memory
+    from QEMU's command line; hot-plug may add up to 4x). Raises PykataError (AgentError, BadGuestValue)."""
+    max_cpus = 4 * vcpus if vcpus else CPUS_MAX
+    max_mem = 4 * memory_bytes if memory_bytes else GUEST_VALUE_MAX
     rows: list[tuple[str, float, dict[str, str]]] = []
     async with await AttachedSandbox.attach(found) as sb:
         running = [c.id for c in found.record.containers.values() if c.status == "running"]
@@ -130,15 +140,16 @@ async def _guest_figures(sample: Sample, found: Found) -> None:
         # one connection multiplexes the calls: the guest answers them concurrently
         details, all_stats = await asyncio.gather(
             sb.guest_details(), asyncio.gather(*(sb.stats_container(c) for c in running)))
-    rows.append(("pykata_guest_online_cpus", _guest("online_cpus", details.online_cpus), {}))
-    rows.append(("pykata_guest_memory_total_bytes", _guest("mem_total_bytes", details.mem_total_bytes), {}))
+    rows.append(("pykata_guest_online_cpus", _guest("online_cpus", details.online_cpus, max_cpus), {}))
+    rows.append(("pykata_guest_memory_total_bytes", _guest("mem_total_bytes", details.mem_total_bytes, max_mem), {}))
     for i, (cid, stats) in enumerate(zip(running, all_stats, strict=True)):
         cg = stats.cgroup_stats
         labels = {"container_id": cid}
         rows.append(("pykata_guest_container_cpu_seconds",
                      _guest("cpu.usage_total_ns", cg.cpu.usage_total_ns) / 1e9, labels))
-        rows.append(("pykata_guest_container_memory_usage_bytes", _guest("memory.usage", cg.memory.usage), labels))
-        rows.append(("pykata_guest_container_pids", _guest("pids.current", cg.pids.current), labels))
+        rows.append(("pykata_guest_container_memory_usage_bytes",
+                     _guest("memory.usage", cg.memory.usage, max_mem), labels))
+        rows.append(("pykata_guest_container_pids", _guest("pids.current", cg.pids.current, PID_MAX), labels))
         if i == 0:  # the interfaces are the guest's, the same in every container's answer
             for n in stats.network_stats:
                 iface = {"interface": n.name}
@@ -188,14 +199,14 @@ class Scraper:
         start = time.perf_counter()
         sample = Sample(record.id)
         try:
-            _host(sample, record)
+            vcpus, memory = _host(sample, record)
         except psutil.Error:
             self._error(record.id, "host")
             return None  # its owner or VMM is gone: it drops out
         up = 0
         pss = asyncio.ensure_future(self._vmm_pss(record))
         try:
-            await asyncio.wait_for(_guest_figures(sample, Found(directory, record)), self.timeout)
+            await asyncio.wait_for(_guest_figures(sample, Found(directory, record), vcpus, memory), self.timeout)
             up = 1
         except (PykataError, TimeoutError, OSError) as e:
             log.debug("sandbox %s: guest scrape failed: %s", record.id, e)
