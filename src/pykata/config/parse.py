@@ -188,6 +188,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"runtime.valid_config_paths[{i}]", "must not be / (list the directories "
                               "that hold only configuration files)")
     _range("runtime.run_log_max_size", runtime.run_log_max_size, 1, MAX_LOG_SIZE_MIB, " (MiB)")
+    _range("runtime.rootfs_upper_size", runtime.rootfs_upper_size, 0, 1 << 20, " (MiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("factory.template_path", config.factory.template_path, allow_empty=False)
     validate_image(config.image)

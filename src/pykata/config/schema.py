@@ -17,6 +17,7 @@ Accelerator = Literal["auto", "kvm", "tcg"]
 AgentChannel = Literal["auto", "vsock", "virtio-serial"]
 VirtioFsCache = Literal["auto", "always", "none"]
 InternetworkingModel = Literal["tcfilter", "macvtap", "none"]
+RootfsUpper = Literal["guest", "host"]
 
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
 DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -139,6 +140,13 @@ class RuntimeConfig:
     # `pykata run`'s stdout.log/stderr.log: rotated at this size (MiB), keeping this many old files.
     run_log_max_size: int = 10
     run_log_backups: int = 2
+    # Where a container's writable root layer lives: "guest" (an overlay made in the guest over the
+    # image's layers, exposed read-only; its upper layer on a guest tmpfs) or "host" (an overlay on
+    # the host, written through the shared file system).
+    rootfs_upper: RootfsUpper = "guest"
+    # The guest tmpfs of one container's upper layer (MiB of VM memory at most, used as written);
+    # 0: the kernel's default, half the guest's memory.
+    rootfs_upper_size: int = 0
 
     @property
     def runtime_path(self) -> Path:

@@ -428,6 +428,46 @@ def mount_all(rootfs_mounts: Sequence[RootfsMount], base: Path, rel: str) -> lis
     return done
 
 
+def lower_all(rootfs_mounts: Sequence[RootfsMount], base: Path, rel: str) -> list[MountRecord]:
+    """Mount the read-only part of containerd-style root mounts on `base`/`rel`: an overlay's
+    upper directory and lower directories as one read-only overlay (or a read-only bind of the
+    only one), a bind read-only. The guest stacks its own writable layer on it. Raises MountError."""
+    if len(rootfs_mounts) != 1:
+        return _readonly(mount_all(rootfs_mounts, base, rel), base / rel)
+    m = rootfs_mounts[0]
+    if m.type != "overlay":
+        return _readonly(mount_all(rootfs_mounts, base, rel), base / rel)
+    layers: list[str] = []
+    upper = ""
+    data = []
+    for opt in m.options:
+        key, _, value = opt.partition("=")
+        if key == "lowerdir":
+            layers += value.split(":")
+        elif key == "upperdir":
+            upper = value
+        elif key == "workdir" or opt in _FLAG_OPTIONS or opt in _IGNORED_OPTIONS:
+            continue
+        else:
+            data.append(opt)
+    layers = [upper, *layers] if upper else layers
+    if not layers:
+        raise MountError(str(base / rel), "overlay root mount without lowerdir")
+    if len(layers) == 1:
+        return [bind(Path(layers[0]), base, rel, readonly=True)]
+    return mount_all([RootfsMount("overlay", "overlay", ("ro", f"lowerdir={':'.join(layers)}", *data))], base, rel)
+
+
+def _readonly(recs: list[MountRecord], path: Path) -> list[MountRecord]:
+    try:
+        for rec in recs:
+            set_attributes(rec.fd, MS_RDONLY, name=str(path))
+    except BaseException:
+        _unmount_records(recs)
+        raise
+    return recs
+
+
 # -- one sandbox's tree --------------------------------------------------------------------------
 
 SANDBOX_DIR_MODE = 0o700
@@ -489,11 +529,16 @@ class SandboxMounts:
         self.base.append(rec)
         return rec
 
-    def add_rootfs(self, cid: str, rootfs: Path | Sequence[RootfsMount], overlay_dir: Path) -> None:
+    def add_rootfs(self, cid: str, rootfs: Path | Sequence[RootfsMount], overlay_dir: Path, *,
+                   lower_only: bool = False) -> None:
         """Mount a container's root on mounts/<cid>/rootfs: an overlay on a read-only image
-        directory, or containerd's root mounts. Raises MountError."""
+        directory, or containerd's root mounts. `lower_only`: only the read-only layers (the guest
+        makes the writable one). Raises MountError."""
         rel = f"{cid}/rootfs"
-        if isinstance(rootfs, Path):
+        if lower_only:
+            recs = ([bind(rootfs, self.mounts_dir, rel, readonly=True)] if isinstance(rootfs, Path)
+                    else lower_all(rootfs, self.mounts_dir, rel))
+        elif isinstance(rootfs, Path):
             recs = [overlay(rootfs, overlay_dir / "upper", overlay_dir / "work", self.mounts_dir, rel)]
         else:
             recs = mount_all(rootfs, self.mounts_dir, rel)

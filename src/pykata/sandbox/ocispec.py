@@ -13,6 +13,8 @@ from pykata.errors import PykataError
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
 GUEST_SHARED_DIR = "/run/pykata-agent/shared"
+# Guest directory where the agent mounts per-container storages (pykata.agent.settings' storage_dir).
+GUEST_STORAGE_DIR = "/run/pykata-agent/storage"
 # The source of the mount that stands for the pod's /dev/shm in a guest spec: the agent binds the
 # VM's own /dev/shm tmpfs there (pykata.agent.bundle.POD_SHM_SOURCE names the same).
 POD_SHM_SOURCE = "pykata-pod-shm"

@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from pykata.resources import mounts
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
 from pykata.sandbox import state
-from pykata.sandbox.ocispec import GUEST_SHARED_DIR, Volume, add_volumes, for_guest
+from pykata.sandbox.ocispec import GUEST_SHARED_DIR, GUEST_STORAGE_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
 from pykata.sandbox.proxy import serve_agent_proxy
@@ -283,8 +284,13 @@ class Sandbox:
         except FileExistsError:
             raise SandboxError(self.id, f"container {container_id} already exists") from None
         try:
-            self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id)
+            in_guest = self.config.runtime.rootfs_upper == "guest"
+            self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id, lower_only=in_guest)
             guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
+            storages = []
+            if in_guest:
+                storages = self._guest_overlay(container_id)
+                guest_spec["root"]["path"] = storages[-1].mount_point
             if image:
                 # The image name the agent policy's containers.images matches (CRI sets it itself).
                 notes = guest_spec.get("annotations")
@@ -296,7 +302,8 @@ class Sandbox:
                                        propagation=vol.propagation)
             tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
             mark("rootfs.mounted")
-            pid = await self.agent.create_container(container_id, json.dumps(guest_spec), terminal=tty)
+            pid = await self.agent.create_container(container_id, json.dumps(guest_spec), terminal=tty,
+                                                    storages=storages)
             mark("guest.created")
         except BaseException:
             self._release_container(container_id)
@@ -307,6 +314,26 @@ class Sandbox:
             id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time())
         state.save(self.dir, self.record)
         return c
+
+    def _guest_overlay(self, container_id: str) -> list[agent_pb2.Storage]:
+        """The storages that make a container's root in the guest: a tmpfs for its upper layer and an
+        overlay of it on the read-only layers the host shares (mounts/<cid>/rootfs); the last one's
+        mount point is the root."""
+        base = f"{GUEST_STORAGE_DIR}/{container_id}"
+        lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
+        # the overlay's root takes the upper directory's mode: the image root's, as under runc
+        root_mode = stat.S_IMODE(os.stat(self.mounts.mounts_dir / container_id / "rootfs").st_mode)
+        size = self.config.runtime.rootfs_upper_size
+        return [
+            agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
+                              options=["mode=0700", *([f"size={size}m"] if size else [])]),
+            agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/upper",
+                              driver_options=[f"mode={root_mode:o}"]),
+            agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/work", driver_options=["mode=700"]),
+            agent_pb2.Storage(driver="overlay", source="overlay", fstype="overlay", mount_point=f"{base}/rootfs",
+                              options=[f"lowerdir={lower}", f"upperdir={base}/scratch/upper",
+                                       f"workdir={base}/scratch/work"]),
+        ]
 
     def _release_container(self, container_id: str) -> None:
         self.containers.pop(container_id, None)

@@ -1,0 +1,164 @@
+/* Filesystem semantics a program sees on a container's writable root (run in /tmp).
+ * One line per check, "name: ok" or "name: <what differed>": the differential test compares the
+ * output under runc and under pykata. Built static by tests/cli/test_fs_differential.py. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/un.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+static void report(const char *name, int ok, const char *what) {
+    if (ok) printf("%s: ok\n", name);
+    else printf("%s: %s (%s)\n", name, what, strerror(errno));
+}
+
+static void unix_socket(void) {
+    unlink("sock");
+    int s = socket(AF_UNIX, SOCK_STREAM, 0), c = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strcpy(a.sun_path, "/tmp/sock");
+    if (bind(s, (void *)&a, sizeof a)) return report("unix-bind", 0, "bind");
+    if (listen(s, 1)) return report("unix-bind", 0, "listen");
+    if (connect(c, (void *)&a, sizeof a)) return report("unix-bind", 0, "connect");
+    int p = accept(s, 0, 0);
+    char buf[8] = {0};
+    if (p < 0 || write(c, "ping", 4) != 4 || read(p, buf, 4) != 4) return report("unix-bind", 0, "transfer");
+    report("unix-bind", strcmp(buf, "ping") == 0, "data differs");
+}
+
+static void fifo(void) {
+    unlink("fifo");
+    if (mkfifo("fifo", 0644)) return report("mkfifo", 0, "mkfifo");
+    int fd = open("fifo", O_RDWR);
+    char buf[8] = {0};
+    if (fd < 0 || write(fd, "abc", 3) != 3 || read(fd, buf, 3) != 3) return report("mkfifo", 0, "io");
+    report("mkfifo", strcmp(buf, "abc") == 0, "data differs");
+    unlink("mknod-fifo");
+    report("mknod-fifo", mknod("mknod-fifo", S_IFIFO | 0600, 0) == 0, "mknod");
+}
+
+static void mmap_shared(const char *name, off_t size, off_t at) {
+    int fd = open(name, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ftruncate(fd, size)) return report(name, 0, "create");
+    long pg = sysconf(_SC_PAGESIZE);
+    char *m = mmap(0, pg, PROT_READ | PROT_WRITE, MAP_SHARED, fd, at);
+    if (m == MAP_FAILED) return report(name, 0, "mmap");
+    memcpy(m, "mapped", 6);
+    if (msync(m, pg, MS_SYNC)) return report(name, 0, "msync");
+    char buf[8] = {0};
+    if (pread(fd, buf, 6, at) != 6) return report(name, 0, "pread");
+    if (strcmp(buf, "mapped")) return report(name, 0, "pread after msync differs");
+    if (pwrite(fd, "WRITTEN", 7, at) != 7) return report(name, 0, "pwrite");
+    report(name, memcmp(m, "WRITTEN", 7) == 0, "mapping does not see the write");
+    munmap(m, pg);
+    close(fd);
+    unlink(name);
+}
+
+static void print_times(const char *name, const struct stat *st) {
+    printf("%s: atime %ld.%09ld mtime %ld.%09ld\n", name, (long)st->st_atim.tv_sec, st->st_atim.tv_nsec,
+           (long)st->st_mtim.tv_sec, st->st_mtim.tv_nsec);
+}
+
+static void utimes_(void) {
+    struct timespec ts[2] = {{1000000001, 123456789}, {2000000002, 987654321}};
+    struct stat st;
+    close(open("timed", O_WRONLY | O_CREAT, 0644));
+    if (utimensat(AT_FDCWD, "timed", ts, 0) || stat("timed", &st)) report("utime-path", 0, "utimensat");
+    else print_times("utime-path", &st);
+    int fd = open("timed", O_RDONLY);
+    ts[0].tv_nsec = 1; ts[1].tv_nsec = 999999999;
+    if (futimens(fd, ts) || fstat(fd, &st)) report("utime-fd", 0, "futimens");
+    else print_times("utime-fd", &st);
+    close(fd);
+    unlink("link"); symlink("timed", "link");
+    ts[1].tv_sec = 3;
+    if (utimensat(AT_FDCWD, "link", ts, AT_SYMLINK_NOFOLLOW) || lstat("link", &st))
+        report("utime-nofollow", 0, "utimensat");
+    else print_times("utime-nofollow", &st);
+    mkdir("tdir", 0755);
+    ts[1].tv_sec = 4;
+    if (utimensat(AT_FDCWD, "tdir", ts, 0) || stat("tdir", &st)) report("utime-dir", 0, "utimensat");
+    else print_times("utime-dir", &st);
+}
+
+static void xattrs(void) {
+    close(open("xa", O_WRONLY | O_CREAT, 0644));
+    char buf[64] = {0};
+    if (setxattr("xa", "user.test", "value", 5, 0)) return report("xattr-user", 0, "setxattr");
+    if (getxattr("xa", "user.test", buf, sizeof buf) != 5) return report("xattr-user", 0, "getxattr");
+    ssize_t n = listxattr("xa", buf, sizeof buf);
+    report("xattr-user", n > 0 && strstr(buf, "user.test") != 0, "listxattr");
+}
+
+static void locks(void) {
+    int a = open("locked", O_RDWR | O_CREAT, 0644), b = open("locked", O_RDWR);
+    struct flock l = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 1LL << 33, .l_len = 10};
+    if (fcntl(a, F_OFD_SETLK, &l)) return report("lock-ofd-64", 0, "F_OFD_SETLK");
+    struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = (1LL << 33) + 5, .l_len = 1};
+    if (fcntl(b, F_OFD_GETLK, &q)) return report("lock-ofd-64", 0, "F_OFD_GETLK");
+    printf("lock-ofd-64: type %s start %lld len %lld\n", q.l_type == F_WRLCK ? "wr" : "other",
+           (long long)q.l_start, (long long)q.l_len);
+    struct flock p = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = (1LL << 40), .l_len = 0};
+    report("lock-posix-64", fcntl(b, F_SETLK, &p) == 0, "F_SETLK");
+    close(a); close(b);
+}
+
+static void truncation(void) {
+    int fd = open("trunc", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    struct stat st;
+    if (write(fd, "0123456789", 10) != 10 || ftruncate(fd, 4096) || fstat(fd, &st)) return report("ftruncate", 0, "");
+    printf("ftruncate: size %lld\n", (long long)st.st_size);
+    if (truncate("trunc", 3) || fstat(fd, &st)) return report("truncate-open", 0, "truncate");
+    printf("truncate-open: size %lld\n", (long long)st.st_size);
+    close(fd);
+}
+
+static void misc(void) {
+    int fd = open(".", O_TMPFILE | O_RDWR, 0600);
+    report("o-tmpfile", fd >= 0, "open");
+    if (fd >= 0) close(fd);
+    fd = open("alloc", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    struct stat st;
+    report("fallocate", fallocate(fd, 0, 0, 1 << 20) == 0 && fstat(fd, &st) == 0 && st.st_size == 1 << 20,
+           "fallocate");
+    close(fd);
+    fd = open("sparse", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    report("sparse", pwrite(fd, "x", 1, 3LL << 30) == 1 && fstat(fd, &st) == 0 && st.st_blocks < 1024, "pwrite");
+    close(fd);
+    fd = open("open-unlinked", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char buf[4] = {0};
+    report("unlink-open", write(fd, "abc", 3) == 3 && unlink("open-unlinked") == 0 && pread(fd, buf, 3, 0) == 3 &&
+           strcmp(buf, "abc") == 0, "io");
+    close(fd);
+    fd = open("renamed", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    report("rename-link-open", rename("renamed", "renamed2") == 0 && link("renamed2", "hard") == 0 &&
+           fstat(fd, &st) == 0 && st.st_nlink == 2, "rename/link");
+    close(fd);
+    struct statfs sf;
+    report("statfs", statfs("/tmp", &sf) == 0 && sf.f_bsize > 0 && sf.f_blocks > 0 && sf.f_bfree <= sf.f_blocks &&
+           sf.f_bavail <= sf.f_bfree && sf.f_namelen >= 255, "figures");
+}
+
+int main(void) {
+    setvbuf(stdout, 0, _IONBF, 0);
+    if (chdir("/tmp")) return 2;
+    unix_socket();
+    fifo();
+    mmap_shared("mmap-shared", 8192, 0);
+    mmap_shared("mmap-sparse-4g", (5LL << 30), (4LL << 30));
+    utimes_();
+    xattrs();
+    locks();
+    truncation();
+    misc();
+    return 0;
+}

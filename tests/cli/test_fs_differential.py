@@ -1,0 +1,54 @@
+"""Filesystem semantics on a container's root, runc vs pykata on the same bundle: a static probe
+(data/fsprobe.c: Unix socket bind, mkfifo/mknod, MAP_SHARED mmap incl. a sparse file past 4 GiB,
+utimensat with explicit nanoseconds by path/fd/nofollow/dir, user.* xattrs, OFD and POSIX locks at
+64-bit offsets, truncate of an open file, O_TMPFILE, fallocate, sparse files, rename/link/unlink of
+open files, statfs) prints one line per check; both runtimes must print the same lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pykata.images import ImageStore
+from pykata.sandbox import build_spec
+
+PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
+PROBE = Path(__file__).with_name("data") / "fsprobe.c"
+pytestmark = [pytest.mark.vm]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("fsdiff")
+    rootfs = ImageStore(tmp / "cache").resolve("busybox").rootfs
+    bundle = tmp / "bundle"
+    shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(bundle / "rootfs/bin/fsprobe"), str(PROBE)], check=True)
+    spec = build_spec(["/bin/fsprobe"], env=["PATH=/bin"], cwd="/", user=(0, 0), hostname="fsdiff")
+    spec["linux"]["resources"] = {}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:
+    cid = f"fsdiff-{uuid.uuid4().hex[:8]}"
+    try:
+        runc = subprocess.run(["runc", "run", "--bundle", str(bundle), cid], capture_output=True, timeout=120,
+                              cwd=tmp_path, text=True)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    # runc wrote into the bundle's rootfs/tmp; pykata starts from the same, cleaned, image
+    for p in (bundle / "rootfs/tmp").iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    pyk = subprocess.run([PYKATA, "run", "--rm", str(bundle)], capture_output=True, timeout=180, cwd=tmp_path,
+                         text=True)
+    assert runc.returncode == 0, runc.stderr
+    assert len(runc.stdout.splitlines()) >= 20, runc.stdout
+    assert all(": ok" in line or "time" in line or "size" in line or "lock-ofd" in line
+               for line in runc.stdout.splitlines()), runc.stdout
+    assert (pyk.returncode, pyk.stdout.splitlines()) == (runc.returncode, runc.stdout.splitlines()), pyk.stderr
