@@ -73,10 +73,12 @@ enable_template = false
 
 @dataclass
 class RssSampler:
-    """Samples the resident memory of processes matching `match` every `interval` seconds in a
-    thread; `peak` is the largest sum seen."""
+    """Samples the resident memory of processes whose program (first two arguments) contains
+    `match` and whose command line contains `scope` (e.g. our containerd's socket: other shims on the
+    machine are not ours) every `interval` seconds in a thread; `peak` is the largest sum seen."""
 
     match: str
+    scope: str = ""
     interval: float = 0.05
     peak: int = 0
     samples: int = 0
@@ -86,8 +88,9 @@ class RssSampler:
     def _rss(self) -> int:
         total = 0
         for p in psutil.process_iter(["cmdline", "memory_info"]):
-            cmd = " ".join((p.info["cmdline"] or [])[:2])
-            if self.match in cmd and p.info["memory_info"] is not None:
+            argv = p.info["cmdline"] or []
+            if (self.match in " ".join(argv[:2]) and self.scope in " ".join(argv)
+                    and p.info["memory_info"] is not None):
                 total += p.info["memory_info"].rss
         return total
 

@@ -193,7 +193,7 @@ def test_bad_replies_are_refused_and_the_pod_is_still_removed(ctd: HostileContai
     stdio, the exec still completes), the shim lives on, and the pod is removed without a trace."""
     final = {"oversize": "bigframe", "outofrange": "wrongid", "malformed": "flood"}[attack]
     oom = {"oversize": "oversize", "outofrange": "outofrange", "malformed": "flood"}[attack]
-    with RssSampler(SHIM.name) as rss, hostile_pod(
+    with RssSampler(SHIM.name, str(ctd.socket)) as rss, hostile_pod(
             ctd, hostile_dir / "run", attack, StatsContainer=attack, GetOOMEvent=oom, PauseContainer=final) as cid:
         assert cid, "the pod did not start"
         FIGURES[f"shim RSS MiB after start ({attack} pod)"] = round(rss._rss() / (1 << 20), 1)
@@ -217,13 +217,11 @@ def test_bad_replies_are_refused_and_the_pod_is_still_removed(ctd: HostileContai
 def test_never_ending_replies_end_at_their_timeouts(ctd: HostileContainerd, hostile_dir: Path) -> None:
     """An agent that never answers: calls with a deadline fail after it; the pod is still removed
     within the bounded teardown although RemoveContainer and DestroySandbox never answer either."""
-    with hostile_pod(ctd, hostile_dir / "run", "hang", StatsContainer="hang", RemoveContainer="hang",
-                     DestroySandbox="hang", SignalProcess="hang") as cid:
+    with hostile_pod(ctd, hostile_dir / "run", "hang", RemoveContainer="hang", DestroySandbox="hang",
+                     SignalProcess="hang") as cid:
         assert cid
-        # (ExecProcess answering never: through the SDK below, which has the same request timeout)
-        rc, text, secs = _step(ctd, "task", "metrics", cid)
-        record("StatsContainer", "hang", "ctr task metrics", _outcome(rc, text), secs)
-        assert rc != 0 and secs < REQUEST_TIMEOUT + 10
+        # (one never-answered call per pod is enough to show the request timeout: ExecProcess goes
+        # through the SDK below; every RPC with an end shares the same bound)
         rc, text, secs = _step(ctd, "task", "kill", "-s", "KILL", cid)
         record("SignalProcess", "hang", "ctr task kill -s KILL",
                _outcome(rc, text) + " (the VM is stopped: SIGKILL cannot depend on the guest)", secs)
@@ -232,10 +230,8 @@ def test_never_ending_replies_end_at_their_timeouts(ctd: HostileContainerd, host
         assert _alive(ctd)
 
 
-@pytest.mark.parametrize("attack", ["outofrange", "oversize"])
-def test_bad_create_replies_fail_the_create_and_leave_nothing(ctd: HostileContainerd, hostile_dir: Path,
-                                                              attack: str) -> None:
-    rpc = "StartContainer" if attack == "outofrange" else "CreateContainer"
+def test_a_bad_start_reply_fails_the_create_and_leaves_nothing(ctd: HostileContainerd, hostile_dir: Path) -> None:
+    attack, rpc = "outofrange", "StartContainer"
     with hostile_pod(ctd, hostile_dir / "run", attack, **{rpc: attack}) as cid:
         assert not cid, "the pod started although its agent's answer was out of contract"
 
