@@ -51,3 +51,34 @@ def test_unmount_all_cleans_up_what_a_dead_owner_left(tmp_path: Path) -> None:
     assert mounts.unmount_all(tmp_path / "a") == 2
     assert mounts.mounts_under(tmp_path) == []
     rec.unmount()  # already gone: fine
+
+
+def test_lower_layers_only_are_read_only(tmp_path: Path) -> None:
+    # runtime.rootfs_upper = "guest": the host mounts only the read-only layers, the snapshot's
+    # upper directory on top of its lowers, and the guest adds the writable layer itself
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "f").write_text("from lower")
+    (upper / "f").write_text("from upper")
+    (lower / "g").write_text("only lower")
+    cases = {
+        "overlay": [RootfsMount("overlay", "overlay", (f"workdir={work}", f"upperdir={upper}", f"lowerdir={lower}",
+                                                       "index=off"))],
+        "bind": [RootfsMount("bind", str(upper), ("rbind", "rw"))],
+        "single-layer": [RootfsMount("overlay", "overlay", (f"lowerdir={lower}",))],
+    }
+    for name, root in cases.items():
+        recs = mounts.lower_all(root, tmp_path, name)
+        target = tmp_path / name
+        try:
+            assert (target / "f").read_text() == ("from lower" if name == "single-layer" else "from upper")
+            if name == "overlay":
+                assert (target / "g").read_text() == "only lower"
+            with pytest.raises(OSError, match="Read-only"):
+                (target / "new").write_text("no")
+        finally:
+            for rec in reversed(recs):
+                rec.unmount()
+        assert mounts.mounts_under(target) == []
+    assert sorted(p.name for p in upper.iterdir()) == ["f"] and not list(work.iterdir())
