@@ -33,11 +33,12 @@ for t in "ln -s /etc/cron.d /guestshared/{ATTACKER}/volumes/1" "ln -s /usr/local
          "rm -rf /guestshared/{ATTACKER}/volumes/0"; do
   if $t 2>/dev/null; then echo "PLANTED: $t"; else echo "refused: $t"; fi
 done
-for d in /vol /tmp; do
-  cp /bin/busybox $d/id; chmod 4755 $d/id && echo "SUID: $d/id"
-  mknod $d/null c 1 3 && chmod 666 $d/null && echo "DEVICE: $d/null"
-  install -m 4755 /bin/busybox $d/id2 && echo "SUID: $d/id2"
+for d in /vol /guestshared/{ATTACKER}/rootfs/tmp; do
+  cp /bin/busybox $d/id 2>/dev/null; chmod 4755 $d/id 2>/dev/null && echo "SUID: $d/id"
+  mknod $d/null c 1 3 2>/dev/null && chmod 666 $d/null && echo "DEVICE: $d/null"
+  install -m 4755 /bin/busybox $d/id2 2>/dev/null && echo "SUID: $d/id2"
 done
+touch /guestshared/{ATTACKER}/rootfs/tmp/x 2>/dev/null && echo "ROOT WRITABLE" || echo "root read-only"
 echo done
 """
 
@@ -95,6 +96,11 @@ async def test_compromised_guest_cannot_reach_the_host_through_the_shared_dir(
         assert out.rstrip().endswith("done"), out
         assert "PLANTED" not in out and "SUID" not in out and "DEVICE" not in out, out
         assert out.count("refused") == 5, out
+        # runtime.rootfs_upper = "guest" (the default): the host shares the root read-only and the
+        # container writes to a guest tmpfs; "host": the guest writes the host's overlay
+        in_guest = config.runtime.rootfs_upper == "guest"
+        assert ("root read-only" if in_guest else "ROOT WRITABLE") in out, out
+        assert (sb.dir / "overlay" / ATTACKER).exists() != in_guest
 
         # on the host: no setuid bit and no device node anywhere the guest wrote
         upper = sb.dir / "overlay" / ATTACKER / "upper" / "tmp"
