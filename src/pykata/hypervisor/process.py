@@ -93,8 +93,10 @@ class ChildProcess:
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
-                    serves_guest_files: Literal[False, "filter", True] = False) -> ChildProcess:
-        """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path`.
+                    serves_guest_files: Literal[False, "filter", True] = False,
+                    log_fd: int | None = None) -> ChildProcess:
+        """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path` (or written
+        to `log_fd`, e.g. a socket drained into a bounded log, when given).
 
         The child gets its own session so a terminal's Ctrl-C reaches the runtime, which then stops it
         in order, instead of killing QEMU under a running guest. `serves_guest_files`: the child
@@ -105,7 +107,7 @@ class ChildProcess:
             OSError: the binary cannot be executed, or the guard cannot be set up.
         """
         _watch_children_with_pidfds()
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab") if log_fd is None else contextlib.nullcontext(log_fd) as log:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,

@@ -265,8 +265,9 @@ class QemuHypervisor(Hypervisor):
             argv = namespace_prefix(self.spec.jail.mount_namespace) + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
+            assert self._sidecars.qemu_log is not None
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
-                                                  pass_fds=fds)
+                                                  pass_fds=fds, log_fd=self._sidecars.qemu_log.guest_fd)
         except OSError as exc:
             self._sidecars.spawned(ok=False)
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
@@ -282,6 +283,7 @@ class QemuHypervisor(Hypervisor):
         except QmpError:
             code = await self._qemu.wait(0.5)
             if code is not None:
+                self._sidecars.flush()
                 raise HypervisorError(
                     f"VM {self.vm_id}: QEMU {describe_exit(code)} at start: {log_tail(self.paths.qemu_log, 1500)}"
                 ) from None

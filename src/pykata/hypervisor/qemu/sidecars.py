@@ -1,5 +1,7 @@
 """What runs beside one QEMU and is owned with it: virtiofsd (virtio-fs), virtfs-proxy-helper (9p for a
-jailed QEMU), and the console drain (the guest console through a socket, into a bounded log)."""
+jailed QEMU), and the log drains (the guest console, and QEMU's own output, through sockets into
+bounded logs: the guest can make QEMU print too, e.g. an error line per bad virtio-serial control
+message)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths
 from pykata.hypervisor.qemu.proxy9p import Proxy9p
 from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 
+# QEMU's own output kept on the host (qemu.log + qemu.log.1).
+QEMU_LOG_MAX_BYTES = 256 << 10
+
 
 class Sidecars:
     """Started before QEMU (start()), their QEMU ends handed over at spawn (spawned()), stopped after
@@ -26,6 +31,7 @@ class Sidecars:
         self.virtiofsd: Virtiofsd | None = None
         self.proxy9p: Proxy9p | None = None
         self.console: ConsoleDrain | None = None
+        self.qemu_log: ConsoleDrain | None = None
         self.listeners: list[socket.socket] = []
 
     async def start_virtiofsd(self, spec: LaunchSpec) -> None:
@@ -51,6 +57,7 @@ class Sidecars:
         # socket this process drains into a file of bounded size.
         self.console = ConsoleDrain(self._paths.console_log, max_bytes=self._q.console_log_max_kib * 1024)
         fds.append(self.console.guest_fd)
+        self.qemu_log = ConsoleDrain(self._paths.qemu_log, max_bytes=QEMU_LOG_MAX_BYTES)
         # QEMU's QMP and agent sockets are bound here (0600) and passed in: a jailed QEMU makes no
         # file on the host.
         self.listeners.append(listen_unix(self._paths.qmp_socket))
@@ -64,10 +71,11 @@ class Sidecars:
 
     def spawned(self, ok: bool) -> None:
         """QEMU was spawned (`ok`) or failed to: close this process's copies of QEMU's ends."""
-        if self.console is not None:
-            self.console.release_guest_end()
-            if ok:
-                self.console.start()
+        for drain in (self.console, self.qemu_log):
+            if drain is not None:
+                drain.release_guest_end()
+                if ok:
+                    drain.start()
         if self.proxy9p is not None:
             self.proxy9p.close_qemu_end()
         self._close_listeners()
@@ -78,16 +86,18 @@ class Sidecars:
         self.listeners.clear()
 
     def flush(self) -> None:
-        """QEMU ended: get its last console output into the log."""
-        if self.console is not None:
-            self.console.flush()
+        """QEMU ended (or failed): get its last output into the logs."""
+        for drain in (self.console, self.qemu_log):
+            if drain is not None:
+                drain.flush()
 
     async def stop(self) -> None:
         self._close_listeners()
         if self.virtiofsd is not None:
             await self.virtiofsd.stop()
-        if self.console is not None:
-            self.console.close()
+        for drain in (self.console, self.qemu_log):
+            if drain is not None:
+                drain.close()
         if self.proxy9p is not None:
             await self.proxy9p.stop()
 
