@@ -26,7 +26,7 @@ from pykata.protocols import (
     typeurl,
 )
 from pykata.protocols.agent import agent_pb2
-from pykata.shim.bootstrap import sandbox_id_of, socket_path
+from pykata.shim.bootstrap import delete_response, sandbox_id_of, socket_path
 from pykata.shim.errors import InvalidArgumentError, ShimError
 from pykata.shim.events import EventPublisher
 from pykata.shim.flags import ShimStartError, parse_flags
@@ -72,6 +72,17 @@ def test_socket_names_are_stable_per_sandbox_and_fit() -> None:
     assert len(str(long)) <= 107
     with pytest.raises(ShimStartError, match="runtime_dir"):
         socket_path("/" + "x" * 100, "/a", "ns", "c1")
+
+
+@pytest.mark.parametrize("pid,status,at_ns", [
+    (0, 137, 1_700_000_000_123_456_789), (4242, 0, 5), (0xFFFFFFFF, 255, 0), (1, 137, 2_000_000_000)])
+def test_hand_made_delete_response_is_protobufs(pid: int, status: int, at_ns: int) -> None:
+    # the `delete` subcommand serializes its answer by hand to skip compiling containerd's descriptors
+    want = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+    want.exited_at.FromNanoseconds(at_ns)
+    got = delete_response(pid, status, at_ns)
+    assert got == want.SerializeToString()
+    assert shim_pb2.DeleteResponse.FromString(got) == want
 
 
 def test_ids_follow_containerd_identifiers() -> None:
