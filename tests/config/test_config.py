@@ -70,6 +70,8 @@ def test_values_are_typed() -> None:
 
 
 BAD = [
+    ("[hypervisor.qemu]\ntcg_tb_size = -1", "hypervisor.qemu.tcg_tb_size"),
+    ("[hypervisor.qemu]\ntcg_tb_size = 5000", "hypervisor.qemu.tcg_tb_size"),
     ("[hypervisor.qemu]\ndefault_memory = -1", "hypervisor.qemu.default_memory"),
     ("[hypervisor.qemu]\ndefault_memory = 10", "hypervisor.qemu.default_memory"),
     ("[hypervisor.qemu]\ndefault_memory = '2G'", "hypervisor.qemu.default_memory"),

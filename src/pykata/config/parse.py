@@ -251,6 +251,8 @@ def validate_qemu(q: QemuConfig, prefix: str) -> None:
         raise ConfigError(prefix + "cpu_model", f"bad CPU model {q.cpu_model[:64]!r}")
     _seconds(prefix + "kvm_probe_timeout", q.kvm_probe_timeout)
     _seconds(prefix + "boot_timeout", q.boot_timeout)
+    if q.tcg_tb_size and not 1 <= q.tcg_tb_size <= 4096:
+        raise ConfigError(prefix + "tcg_tb_size", f"must be 0 (QEMU's default) or 1..4096 (MiB), got {q.tcg_tb_size}")
     if not 4 <= q.console_log_max_kib <= 1 << 20:
         raise ConfigError(prefix + "console_log_max_kib", f"must be 4..1048576 (KiB), got {q.console_log_max_kib}")
     if not 1 <= q.jail_uid_base <= 0xFFFF_FFFE:

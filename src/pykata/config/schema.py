@@ -60,6 +60,9 @@ class QemuConfig:
     # directory on /run); older output is dropped.
     console_log_max_kib: int = 1024
     enable_debug: bool = False
+    # MiB of QEMU's TCG translation cache (`-accel tcg,tb-size=`); 0: QEMU's default (up to 1 GiB,
+    # filled as the guest runs new code). Ignored under KVM. bench/ctr_bench.py --tb-size measures it.
+    tcg_tb_size: int = 0
     # The VMM's jail (each layer on by default; turn one off only to debug): QEMU's seccomp filter
     # (-sandbox), an unprivileged uid/gid of its own per VM taken from
     # [jail_uid_base, jail_uid_base + jail_uid_count) with no capabilities left (-runas), an empty

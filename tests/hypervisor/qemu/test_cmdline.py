@@ -96,6 +96,12 @@ def test_accel_and_cpu() -> None:
     assert tcg[tcg.index("-cpu") + 1] == "max"
     assert kvm[kvm.index("-accel") + 1] == "kvm"
     assert kvm[kvm.index("-cpu") + 1] == "host"
+    small = dataclasses.replace(CASES["microvm-virtiofs-serial-tcg"], config=_qemu(tcg_tb_size=32))
+    argv = build_command_line(small).argv()
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi,tb-size=32"
+    kvm_small = dataclasses.replace(CASES["microvm-9p-vsock-kvm"], config=_qemu(tcg_tb_size=32))
+    argv = build_command_line(kvm_small).argv()
+    assert argv[argv.index("-accel") + 1] == "kvm"  # TCG's cache means nothing to KVM
 
 
 def test_commas_in_values_are_doubled() -> None:

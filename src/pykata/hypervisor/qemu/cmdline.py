@@ -85,13 +85,15 @@ class Machine:
 
 @dataclass(frozen=True)
 class Accel:
-    """`-accel kvm` or `-accel tcg,thread=multi` (one host thread per vCPU)."""
+    """`-accel kvm` or `-accel tcg,thread=multi` (one host thread per vCPU), with TCG's translation
+    cache capped at `tb_size_mib` when given."""
 
     kind: Literal["kvm", "tcg"]
+    tb_size_mib: int | None = None
 
     def argv(self) -> list[str]:
         if self.kind == "tcg":
-            return ["-accel", "tcg,thread=multi"]
+            return ["-accel", "tcg,thread=multi" + (f",tb-size={self.tb_size_mib}" if self.tb_size_mib else "")]
         return ["-accel", "kvm"]
 
 

@@ -166,7 +166,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
                               rtc=True, pit=legacy, pic=legacy))
     else:
         args.append(c.Machine("q35", memory_backend=backend_id))
-    args += [c.Accel(spec.accel), c.Cpu(cpu_model(spec))]
+    args += [c.Accel(spec.accel, q.tcg_tb_size or None), c.Cpu(cpu_model(spec))]
 
     maxcpus = _maxvcpus(spec)
     args.append(c.Smp(q.default_vcpus, maxcpus if maxcpus != q.default_vcpus else None))
