@@ -10,8 +10,11 @@ Each runtime runs the bundle --runs times (a fresh container each time); the med
   runc         `runc run` on the host (the baseline)
   pykata       `pykata run` with runtime.rootfs_upper = "guest" (overlay in the guest, upper on tmpfs)
   pykata-host  `pykata run` with runtime.rootfs_upper = "host" (overlay on the host, through 9p/virtio-fs)
+  pykata-vfs   as pykata, but a cold-booted VM (factory.enable_template = false): virtio-fs, not 9p
+The pykata columns use the configuration in force ($PYKATA_CONFIG or the packaged one: templated VMs,
+so 9p); pykata-host and pykata-vfs change one key of the packaged configuration.
 
-    .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host]
+    .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs]
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-host", action="store_true", help="skip rootfs_upper = \"host\" (slow)")
+    ap.add_argument("--no-vfs", action="store_true", help="skip the cold-booted virtio-fs VM")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fsbench-") as d:
         tmp = Path(d)
@@ -103,6 +107,10 @@ def main() -> int:
             text = packaged_default_text()
             host.write_text(text.replace('rootfs_upper = "guest"', 'rootfs_upper = "host"'))
             configs["pykata-host"] = host
+        if not args.no_vfs:
+            vfs = tmp / "vfs.toml"
+            vfs.write_text(packaged_default_text().replace("enable_template = true", "enable_template = false"))
+            configs["pykata-vfs"] = vfs
         results: dict[str, list[dict[str, float]]] = {"runc": [], **{k: [] for k in configs}}
         for _ in range(args.runs):
             results["runc"].append(run_runc(bundle))
