@@ -221,6 +221,7 @@ class Sandbox:
         if self.vm.restore_source is not None:
             # a clone wakes up with the template's clock
             await sync_guest_clock(self.agent)
+            mark("guest.clock")
             await self._reseed_clone()
         if self.policy_json is not None:
             # Before CreateSandbox: nothing in the guest runs before the policy is in force.
