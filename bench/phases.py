@@ -61,7 +61,8 @@ SEQUENTIAL = [
     ("containerd after Delete (Shutdown, `delete`) -> ctr returns", "rpc.delete.done", "bench.end"),
 ]
 PARALLEL = [
-    ("|| daemon: imports until serving", "start.done", "daemon.serving"),
+    ("|| daemon: fork + imports", "start.done", "daemon.imported"),
+    ("|| daemon: logging, events, service, listen", "daemon.imported", "daemon.serving"),
     ("|| VM stop (after Delete's answer)", "vm.stop", "vm.stopped"),
     ("|| Shutdown RPC -> shim exit", "rpc.shutdown", "daemon.exit"),
     ("|| `delete` subcommand: python start-up + imports", "delete.exec", "delete.main"),

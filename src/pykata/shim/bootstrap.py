@@ -157,7 +157,9 @@ def _become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_
         # Lazy: the daemon's imports (Task service, sandbox, hypervisor) cost the short-lived `start`
         # and `delete` processes time they do not need; only the forked daemon pays it.
         from pykata.shim.daemon import run
+        from pykata.timing import mark
 
+        mark("daemon.imported")
         code = run(flags, listener, bundle, sandbox_id, path, log_fd)
     except BaseException:  # the daemon's last word goes to the log FIFO (stderr)
         import traceback
