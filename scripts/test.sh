@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff check src tests bench scripts
+.venv/bin/mypy --strict src
 exec .venv/bin/python -m pytest "$@"
