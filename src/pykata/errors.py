@@ -1,15 +1,132 @@
-"""The one exception hierarchy of pykata.
+"""The one exception hierarchy of pykata, and the wire code each error answers an RPC with.
 
 Every error that crosses a layer boundary is a `PykataError`; subclasses carry the context
-(sandbox id, container id, RPC method) a person needs to act on it.
+(sandbox id, container id, RPC method) a person needs to act on it, and `rpc_code`: the google.rpc
+status a ttrpc server answers when a handler raises it (pykata.ttrpc.server maps it, in one place).
+Agent and shim raise the same domain errors: `raise NotFound(f"container {cid}")` answers NOT_FOUND
+whoever raises it. `pykata.ttrpc.RpcError` is different: it means only "a call I made failed".
+
+Stdlib only: the guest agent imports this module too.
 """
 
 from __future__ import annotations
 
+import enum
+
+
+class Code(enum.IntEnum):
+    """google.rpc status codes (the numbers are the wire contract, shared with gRPC)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+    @classmethod
+    def from_wire(cls, value: int) -> Code:
+        """Map a received number to a Code; numbers we do not know become UNKNOWN."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNKNOWN
+
 
 class PykataError(Exception):
-    """Root of all pykata errors."""
+    """Root of all pykata errors. `rpc_code` is the status an RPC that fails with it answers."""
 
+    rpc_code: Code = Code.UNKNOWN
+
+
+# -- domain errors named by what went wrong (each carries its wire code) ------------------------------
+
+class InvalidArgument(PykataError):
+    """A request field is invalid; `field` names it (and starts the message)."""
+
+    rpc_code = Code.INVALID_ARGUMENT
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(PykataError):
+    rpc_code = Code.NOT_FOUND
+
+
+class AlreadyExists(PykataError):
+    rpc_code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(PykataError):
+    """The request is valid but the state does not allow it (start a started process)."""
+
+    rpc_code = Code.FAILED_PRECONDITION
+
+
+class ResourceExhausted(PykataError):
+    """A bound was reached (too many containers, a file too large)."""
+
+    rpc_code = Code.RESOURCE_EXHAUSTED
+
+
+class PermissionDenied(PykataError):
+    """A rule (the agent policy, an allow-list) refuses the request; the message names the rule."""
+
+    rpc_code = Code.PERMISSION_DENIED
+
+
+class DeadlineExceeded(PykataError):
+    rpc_code = Code.DEADLINE_EXCEEDED
+
+
+class Unavailable(PykataError):
+    """The service cannot answer now (not started, shutting down, its peer gone)."""
+
+    rpc_code = Code.UNAVAILABLE
+
+
+class Unimplemented(PykataError):
+    rpc_code = Code.UNIMPLEMENTED
+
+
+class Internal(PykataError):
+    """Something below us failed (a syscall, a helper program) although the request was fine."""
+
+    rpc_code = Code.INTERNAL
+
+
+_BY_CODE: dict[Code, type[PykataError]] = {
+    cls.rpc_code: cls
+    for cls in (NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted, PermissionDenied, DeadlineExceeded,
+                Unavailable, Unimplemented, Internal)
+}
+
+
+def error_for(code: Code, message: str) -> PykataError:
+    """The domain error for `code` (NotFound for NOT_FOUND, ...): to pass on, with our own words, a status
+    some call answered. A code with no class of its own gives a PykataError whose `rpc_code` is `code`."""
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    err = PykataError(message)
+    err.rpc_code = code
+    return err
+
+
+# -- errors of a layer ---------------------------------------------------------------------------------
 
 class ConfigError(PykataError):
     """A configuration value is missing or invalid; `field` names it."""

@@ -12,7 +12,8 @@ import pytest
 
 from pykata.agent import bundle, command, guest, stats
 from pykata.agent.reaper import ExitStatus, Reaper
-from pykata.ttrpc import Code, RpcError
+from pykata.errors import InvalidArgument
+from pykata.ttrpc import Code
 
 
 def _spec(root: Path) -> dict[str, Any]:
@@ -60,9 +61,9 @@ def test_rewrite_spec_joins_the_sandbox_pid_namespace_and_adds_mounts(tmp_path: 
 def test_load_spec_rejects_what_is_not_a_spec() -> None:
     for text, field in (("{}", "oci_spec_json.process"), ('{"process": {}, "root": 1}', "oci_spec_json.root"),
                         ("1" * (2 << 20), "oci_spec_json")):
-        with pytest.raises(RpcError) as ei:
+        with pytest.raises(InvalidArgument) as ei:
             bundle.load_spec(text)
-        assert ei.value.code == Code.INVALID_ARGUMENT and ei.value.message.startswith(field)
+        assert ei.value.rpc_code == Code.INVALID_ARGUMENT and str(ei.value).startswith(field)
 
 
 def test_cgroup_v2_stats_from_a_fake_cgroup_tree(tmp_path: Path) -> None:
@@ -157,6 +158,6 @@ def test_virtio_disk_found_by_serial(tmp_path: Path, monkeypatch: pytest.MonkeyP
     store = storage.Storages([tmp_path], [tmp_path], sys_block=tmp_path)
     assert store._device_by_serial("storages[0].source", "rootfs-c1") == "/dev/null"
     monkeypatch.setattr(storage, "DEVICE_WAIT", 0.1)
-    with pytest.raises(RpcError) as ei:
+    with pytest.raises(InvalidArgument) as ei:
         store._device_by_serial("storages[0].source", "missing")
-    assert ei.value.code == Code.INVALID_ARGUMENT and ei.value.message.startswith("storages[0].source")
+    assert ei.value.field == "storages[0].source" and str(ei.value).startswith("storages[0].source")

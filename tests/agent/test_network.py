@@ -11,8 +11,9 @@ import textwrap
 import pytest
 
 from pykata.agent import network
+from pykata.errors import InvalidArgument
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
+from pykata.ttrpc import Code
 
 V4 = agent_pb2.IP_FAMILY_V4
 
@@ -93,9 +94,9 @@ def test_update_interface_and_routes_in_a_private_netns() -> None:
      "interface.addresses[0].family"),
 ])
 def test_bad_interface_names_the_field(iface: agent_pb2.Interface, field: str) -> None:
-    with pytest.raises(RpcError) as info:
+    with pytest.raises(InvalidArgument) as info:
         network.check_interface(iface)
-    assert info.value.code == Code.INVALID_ARGUMENT
+    assert info.value.rpc_code == Code.INVALID_ARGUMENT
     assert str(info.value).startswith(f"{field}:") or f" {field}:" in str(info.value)
 
 
@@ -107,7 +108,7 @@ def test_bad_interface_names_the_field(iface: agent_pb2.Interface, field: str) -
     (agent_pb2.Route(dest="default", device="a b"), "routes[0].device"),
 ])
 async def test_bad_route_names_the_field(route: agent_pb2.Route, field: str) -> None:
-    with pytest.raises(RpcError) as info:
+    with pytest.raises(InvalidArgument) as info:
         await network.update_routes([route])
-    assert info.value.code == Code.INVALID_ARGUMENT
+    assert info.value.rpc_code == Code.INVALID_ARGUMENT
     assert field in str(info.value)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pykata.agent.policy import IMAGE_ANNOTATION, PolicyError, PolicyGate, parse_policy, policy_from_mapping
+from pykata.errors import Code, InvalidArgument, PermissionDenied
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "policy"
 
@@ -37,11 +37,11 @@ def spec(args: list[str], *, image: str | None = "docker.io/library/busybox:1.36
 
 def denied(rpc: str, req: object, rule: str) -> str:
     policy = policy_from_mapping(STRICT)
-    with pytest.raises(RpcError) as info:
+    with pytest.raises(PermissionDenied) as info:
         policy.check(rpc, req)
-    assert info.value.code == Code.PERMISSION_DENIED
-    assert info.value.message.startswith(f"policy: {rule}: "), info.value.message
-    return info.value.message
+    assert info.value.rpc_code == Code.PERMISSION_DENIED
+    assert str(info.value).startswith(f"policy: {rule}: "), info.value
+    return str(info.value)
 
 
 def test_allowed_requests_pass() -> None:
@@ -88,7 +88,7 @@ def test_wildcards_and_an_empty_prefix_allow_everything() -> None:
 def test_an_empty_policy_denies_everything() -> None:
     policy = parse_policy('{"version": 1}')
     for rpc in ("CreateSandbox", "ExecProcess", "ReadStdout", "SetPolicy"):
-        with pytest.raises(RpcError, match="policy: allow_rpcs"):
+        with pytest.raises(PermissionDenied, match="policy: allow_rpcs"):
             policy.check(rpc, agent_pb2.ReadStreamRequest())
 
 
@@ -140,13 +140,13 @@ async def test_gate_checks_before_the_service_and_policy_is_set_once() -> None:
     assert await gate.ExecProcess(req, None) == "ran"  # no policy: everything runs
     await gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["CreateSandbox"]}'),
                          None)
-    with pytest.raises(RpcError, match="policy: allow_rpcs: ExecProcess is not allowed"):
+    with pytest.raises(PermissionDenied, match="policy: allow_rpcs: ExecProcess is not allowed"):
         await gate.ExecProcess(req, None)
     assert service.calls == ["ExecProcess"]
     # The policy did not allow SetPolicy: it cannot be replaced or lifted.
-    with pytest.raises(RpcError, match="policy: allow_rpcs: SetPolicy"):
+    with pytest.raises(PermissionDenied, match="policy: allow_rpcs: SetPolicy"):
         await gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["*"]}'), None)
     fresh = PolicyGate(service)
-    with pytest.raises(RpcError) as info:
+    with pytest.raises(InvalidArgument) as info:
         await fresh.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "x": 1}'), None)
-    assert info.value.code == Code.INVALID_ARGUMENT and "policy: x: unknown key" in info.value.message
+    assert info.value.field == "policy_json" and "policy: x: unknown key" in str(info.value)

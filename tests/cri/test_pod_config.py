@@ -23,10 +23,9 @@ from cri_api.v1 import api_pb2
 
 from pykata.agent import bundle
 from pykata.config import find_config_path, load_for_annotations, packaged_default_text, parse_toml
-from pykata.errors import ConfigError
+from pykata.errors import ConfigError, InvalidArgument
 from pykata.sandbox.ocispec import POD_SHM_SOURCE, for_guest
 from pykata.shim import sizing
-from pykata.shim.errors import InvalidArgumentError
 from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, admin_config, wait_gone
 
 H = "io.katacontainers.config.hypervisor."
@@ -72,7 +71,7 @@ def test_size_takes_the_larger_of_annotations_and_limits() -> None:
 ])
 def test_bad_size_values_name_the_field(annotations: dict[str, str] | None, resources: dict[str, Any] | None,
                                         field: str) -> None:
-    with pytest.raises(InvalidArgumentError) as info:
+    with pytest.raises(InvalidArgument) as info:
         sizing.pod_size(_spec(annotations, resources))
     assert info.value.field == field
     assert str(info.value).startswith(field + ": ")
@@ -85,7 +84,7 @@ def test_a_bigger_vm_boots_cold_and_vcpus_are_capped() -> None:
     bigger, vcpus, memory = sizing.fit(config, sizing.PodSize(8, 768, "q", "m"))
     assert (vcpus, memory) == (2, 768)
     assert not bigger.factory.enable_template and config.factory.enable_template
-    with pytest.raises(InvalidArgumentError) as info:
+    with pytest.raises(InvalidArgument) as info:
         sizing.fit(config, sizing.PodSize(None, 1 << 40, "", sizing.SANDBOX_MEMORY))
     assert info.value.field == sizing.SANDBOX_MEMORY and "default_maxmemory" in str(info.value)
 

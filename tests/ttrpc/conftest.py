@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from pykata.ttrpc import CallContext, Code, RpcError, Server, connect_unix
+from pykata.errors import NotFound
+from pykata.ttrpc import CallContext, Server, connect_unix
 from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo
 
 
@@ -24,7 +25,7 @@ class EchoHandler:
         return Echo(data=req.data, tag=req.tag)
 
     async def Fail(self, req: Any, ctx: CallContext) -> Any:
-        raise RpcError(Code.NOT_FOUND, f"no {req.data.decode()}")
+        raise NotFound(f"no {req.data.decode()}")
 
     async def Sleep(self, req: Any, ctx: CallContext) -> Any:
         try:

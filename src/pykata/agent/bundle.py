@@ -36,9 +36,9 @@ from pykata.agent.validation import (
     check_env,
     check_string,
     check_within,
-    invalid,
     open_dir_below,
 )
+from pykata.errors import InvalidArgument
 from pykata.protocols.agent import agent_pb2
 
 Spec = dict[str, Any]
@@ -52,15 +52,15 @@ POD_SHM = Path("/dev/shm")
 
 
 def load_json_object(field: str, text: str, limit: int) -> dict[str, Any]:
-    """Parse bounded JSON text that must be an object. Raises RpcError(INVALID_ARGUMENT)."""
+    """Parse bounded JSON text that must be an object. Raises InvalidArgument."""
     if len(text.encode()) > limit:
-        raise invalid(field, f"larger than {limit} bytes")
+        raise InvalidArgument(field, f"larger than {limit} bytes")
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise invalid(field, f"not valid JSON: {exc}") from None
+        raise InvalidArgument(field, f"not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise invalid(field, "must be a JSON object")
+        raise InvalidArgument(field, "must be a JSON object")
     return doc
 
 
@@ -68,7 +68,7 @@ def load_spec(text: str) -> Spec:
     spec = load_json_object("oci_spec_json", text, MAX_SPEC_BYTES)
     for key in ("process", "root"):
         if not isinstance(spec.get(key), dict):
-            raise invalid(f"oci_spec_json.{key}", "missing or not an object")
+            raise InvalidArgument(f"oci_spec_json.{key}", "missing or not an object")
     return spec
 
 
@@ -78,7 +78,7 @@ def load_resources(text: str) -> dict[str, Any]:
 
 def _uint(field: str, value: object, limit: int = _U32) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-        raise invalid(field, f"{value!r} is not an integer in [0, {limit})")
+        raise InvalidArgument(field, f"{value!r} is not an integer in [0, {limit})")
     return value
 
 
@@ -89,12 +89,12 @@ def check_process(proc: dict[str, Any], field: str) -> dict[str, Any]:
     proc["cwd"] = check_abs_path(f"{field}.cwd", proc.get("cwd") or "/")
     user = proc.get("user", {})
     if not isinstance(user, dict):
-        raise invalid(f"{field}.user", "must be an object")
+        raise InvalidArgument(f"{field}.user", "must be an object")
     user["uid"] = _uint(f"{field}.user.uid", user.get("uid", 0))
     user["gid"] = _uint(f"{field}.user.gid", user.get("gid", 0))
     gids = user.get("additionalGids") or []
     if not isinstance(gids, list):
-        raise invalid(f"{field}.user.additionalGids", "must be a list")
+        raise InvalidArgument(f"{field}.user.additionalGids", "must be a list")
     check_count(f"{field}.user.additionalGids", gids, 256)
     user["additionalGids"] = [_uint(f"{field}.user.additionalGids[{i}]", g) for i, g in enumerate(gids)]
     if not user["additionalGids"]:
@@ -103,16 +103,16 @@ def check_process(proc: dict[str, Any], field: str) -> dict[str, Any]:
         user["umask"] = _uint(f"{field}.user.umask", user["umask"], 0o1000)
     proc["user"] = user
     if not isinstance(proc.get("terminal", False), bool):
-        raise invalid(f"{field}.terminal", "must be true or false")
+        raise InvalidArgument(f"{field}.terminal", "must be true or false")
     size = proc.get("consoleSize")
     if size is not None:
         if not isinstance(size, dict):
-            raise invalid(f"{field}.consoleSize", "must be an object")
+            raise InvalidArgument(f"{field}.consoleSize", "must be an object")
         for k in ("height", "width"):
             _uint(f"{field}.consoleSize.{k}", size.get(k, 0), 65536)
     for key in ("capabilities", "rlimits"):
         if key in proc and not isinstance(proc[key], dict | list):
-            raise invalid(f"{field}.{key}", "has the wrong type")
+            raise InvalidArgument(f"{field}.{key}", "has the wrong type")
     proc.pop("apparmorProfile", None)
     proc.pop("selinuxLabel", None)
     return proc
@@ -129,26 +129,26 @@ def check_mounts(mounts: object, roots: Sequence[Path], pod_shm: Path = POD_SHM)
     if mounts is None:
         return []
     if not isinstance(mounts, list):
-        raise invalid("oci_spec_json.mounts", "must be a list")
+        raise InvalidArgument("oci_spec_json.mounts", "must be a list")
     check_count("oci_spec_json.mounts", mounts)
     out = []
     for i, m in enumerate(mounts):
         field = f"oci_spec_json.mounts[{i}]"
         if not isinstance(m, dict):
-            raise invalid(field, "must be an object")
+            raise InvalidArgument(field, "must be an object")
         m = dict(m)
         m["destination"] = check_abs_path(f"{field}.destination", m.get("destination"))
         options = m.get("options") or []
         if not isinstance(options, list):
-            raise invalid(f"{field}.options", "must be a list of strings")
+            raise InvalidArgument(f"{field}.options", "must be a list of strings")
         check_count(f"{field}.options", options, 64)
         m["options"] = [check_string(f"{field}.options[{j}]", o, max_len=4096) for j, o in enumerate(options)]
         mtype = m.get("type", "")
         if not isinstance(mtype, str):
-            raise invalid(f"{field}.type", "must be a string")
+            raise InvalidArgument(f"{field}.type", "must be a string")
         if _is_bind(m):
             if mtype not in BIND_TYPES:
-                raise invalid(f"{field}.type", f"{mtype!r} with a bind option")
+                raise InvalidArgument(f"{field}.type", f"{mtype!r} with a bind option")
             m["source"] = str(check_within(f"{field}.source", m.get("source"), roots))
         elif mtype == "tmpfs" and m.get("source") == POD_SHM_SOURCE:
             # only the flags of the container's mount stay: the pod's tmpfs has its size and mode
@@ -156,7 +156,8 @@ def check_mounts(mounts: object, roots: Sequence[Path], pod_shm: Path = POD_SHM)
             m = {"destination": m["destination"], "type": "bind", "source": str(pod_shm),
                  "options": ["rbind", *keep]}
         elif mtype not in KERNEL_MOUNT_TYPES:
-            raise invalid(f"{field}.type", f"{mtype!r} is not allowed (bind mounts and {sorted(KERNEL_MOUNT_TYPES)})")
+            raise InvalidArgument(f"{field}.type",
+                                  f"{mtype!r} is not allowed (bind mounts and {sorted(KERNEL_MOUNT_TYPES)})")
         else:
             check_string(f"{field}.source", m.get("source", mtype), max_len=256)
         out.append(m)
@@ -166,12 +167,12 @@ def check_mounts(mounts: object, roots: Sequence[Path], pod_shm: Path = POD_SHM)
 def _namespaces(linux: dict[str, Any], pid_ns_path: str | None) -> list[dict[str, str]]:
     entries = linux.get("namespaces") or []
     if not isinstance(entries, list):
-        raise invalid("oci_spec_json.linux.namespaces", "must be a list")
+        raise InvalidArgument("oci_spec_json.linux.namespaces", "must be a list")
     out = []
     seen = set()
     for i, ns in enumerate(entries):
         if not isinstance(ns, dict) or ns.get("type") not in NAMESPACE_TYPES:
-            raise invalid(f"oci_spec_json.linux.namespaces[{i}]", f"unknown namespace {ns!r}")
+            raise InvalidArgument(f"oci_spec_json.linux.namespaces[{i}]", f"unknown namespace {ns!r}")
         kind = ns["type"]
         if kind == "network" or kind in seen:
             continue
@@ -196,13 +197,13 @@ def device_entries(devices: Iterable[agent_pb2.Device]) -> list[dict[str, Any]]:
         try:
             st = os.stat(real)
         except OSError as exc:
-            raise invalid(f"{field}.vm_path", f"{dev.vm_path}: {exc.strerror}") from None
+            raise InvalidArgument(f"{field}.vm_path", f"{dev.vm_path}: {exc.strerror}") from None
         if stat.S_ISBLK(st.st_mode):
             kind = "b"
         elif stat.S_ISCHR(st.st_mode):
             kind = "c"
         else:
-            raise invalid(f"{field}.vm_path", f"{dev.vm_path} is not a device")
+            raise InvalidArgument(f"{field}.vm_path", f"{dev.vm_path} is not a device")
         out.append({"path": check_abs_path(f"{field}.container_path", dev.container_path), "type": kind,
                     "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
                     "fileMode": stat.S_IMODE(st.st_mode), "uid": 0, "gid": 0})
@@ -212,16 +213,16 @@ def device_entries(devices: Iterable[agent_pb2.Device]) -> list[dict[str, Any]]:
 def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, terminal: bool = False,
                  pid_ns_path: str | None = None, extra_mounts: Sequence[dict[str, Any]] = (),
                  devices: Sequence[dict[str, Any]] = (), pod_shm: Path = POD_SHM) -> Spec:
-    """The config.json for crun (a new dict). Raises RpcError(INVALID_ARGUMENT) naming the field."""
+    """The config.json for crun (a new dict). Raises InvalidArgument naming the field."""
     out = copy.deepcopy(spec)
     out.pop("hooks", None)
     root = out["root"]
     real_root = check_within("oci_spec_json.root.path", root.get("path"), roots)
     if not real_root.is_dir():
-        raise invalid("oci_spec_json.root.path", f"{root.get('path')!r} is not a directory")
+        raise InvalidArgument("oci_spec_json.root.path", f"{root.get('path')!r} is not a directory")
     root["path"] = str(real_root)
     if not isinstance(root.get("readonly", False), bool):
-        raise invalid("oci_spec_json.root.readonly", "must be true or false")
+        raise InvalidArgument("oci_spec_json.root.readonly", "must be true or false")
     process = check_process(out["process"], "oci_spec_json.process")
     if terminal:
         process["terminal"] = True
@@ -233,16 +234,16 @@ def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, termin
     out["mounts"] = mounts
     linux = out.setdefault("linux", {})
     if not isinstance(linux, dict):
-        raise invalid("oci_spec_json.linux", "must be an object")
+        raise InvalidArgument("oci_spec_json.linux", "must be an object")
     linux["namespaces"] = _namespaces(linux, pid_ns_path)
     linux["cgroupsPath"] = cgroups_path
     linux.pop("mountLabel", None)
     if not isinstance(linux.get("resources", {}), dict):
-        raise invalid("oci_spec_json.linux.resources", "must be an object")
+        raise InvalidArgument("oci_spec_json.linux.resources", "must be an object")
     if devices:
         listed = linux.get("devices") or []
         if not isinstance(listed, list):
-            raise invalid("oci_spec_json.linux.devices", "must be a list")
+            raise InvalidArgument("oci_spec_json.linux.devices", "must be a list")
         paths = {d["path"] for d in devices}
         linux["devices"] = [d for d in listed if isinstance(d, dict) and d.get("path") not in paths] + list(devices)
         rules = linux.setdefault("resources", {}).setdefault("devices", [])
@@ -257,7 +258,7 @@ def process_from_proto(proc: agent_pb2.Process, base: Mapping[str, Any], rootfs:
     """The OCI process.json for `crun exec`: the request's fields, with the container's init
     process supplying capabilities, rlimits and no_new_privileges when the request leaves them out.
 
-    Raises RpcError(INVALID_ARGUMENT) naming the bad field of `process`.
+    Raises InvalidArgument naming the bad field of `process`.
     """
     out: dict[str, Any] = {
         "args": list(proc.args), "env": list(proc.env), "cwd": proc.cwd or "/",
@@ -292,22 +293,22 @@ def process_from_proto(proc: agent_pb2.Process, base: Mapping[str, Any], rootfs:
 def lookup_user(rootfs: Path, name: str) -> tuple[int, int]:
     """uid and gid of `name` in the container's /etc/passwd (never following a symlink out).
 
-    Raises RpcError(INVALID_ARGUMENT) when there is no such user.
+    Raises InvalidArgument when there is no such user.
     """
     try:
         etc = open_dir_below(rootfs, ["etc"], field="process.user.username")
     except OSError:
-        raise invalid("process.user.username", "the container has no /etc/passwd") from None
+        raise InvalidArgument("process.user.username", "the container has no /etc/passwd") from None
     try:
         fd = os.open("passwd", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=etc)
         with os.fdopen(fd, "r", errors="replace") as f:
             text = f.read(1 << 20)
     except OSError:
-        raise invalid("process.user.username", "the container has no readable /etc/passwd") from None
+        raise InvalidArgument("process.user.username", "the container has no readable /etc/passwd") from None
     finally:
         os.close(etc)
     for line in text.splitlines():
         parts = line.split(":")
         if len(parts) >= 4 and parts[0] == name and parts[2].isdigit() and parts[3].isdigit():
             return int(parts[2]), int(parts[3])
-    raise invalid("process.user.username", f"no user {name!r} in the container's /etc/passwd")
+    raise InvalidArgument("process.user.username", f"no user {name!r} in the container's /etc/passwd")

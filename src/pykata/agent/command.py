@@ -11,13 +11,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pykata.agent.reaper import ExitStatus, Reaper
+from pykata.errors import Code, PykataError
 
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 CAPTURE_LIMIT = 64 << 10
 
 
-class CommandTimeout(TimeoutError):
+class CommandTimeout(PykataError, TimeoutError):
     """A helper program did not finish in time (it has been killed)."""
+
+    rpc_code = Code.DEADLINE_EXCEEDED
 
 
 @dataclass(frozen=True)

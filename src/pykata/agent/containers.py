@@ -22,17 +22,18 @@ from pykata.agent.settings import AgentSettings
 from pykata.agent.stats import Cgroup, OOMWatcher
 from pykata.agent.stdio import console_listener, receive_console
 from pykata.agent.storage import Mounted, Storages
-from pykata.agent.validation import (
-    already_exists,
-    check_count,
-    check_exec_id,
-    check_id,
-    failed_precondition,
-    invalid,
-    not_found,
+from pykata.agent.validation import check_count, check_exec_id, check_id
+from pykata.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PykataError,
+    ResourceExhausted,
 )
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 log = logging.getLogger("pykata.agent.containers")
 
@@ -62,12 +63,12 @@ class Container:
         return Path(self.spec["root"]["path"])
 
     def process(self, exec_id: str) -> Process:
-        """Raises RpcError(NOT_FOUND) for an unknown exec id."""
+        """Raises NotFound for an unknown exec id."""
         if not exec_id:
             return self.init
         proc = self.execs.get(exec_id)
         if proc is None:
-            raise not_found(f"container {self.id} has no process {exec_id!r}")
+            raise NotFound(f"container {self.id} has no process {exec_id!r}")
         return proc
 
     def processes(self) -> list[Process]:
@@ -110,11 +111,11 @@ class Containers:
         return list(self._items)
 
     def get(self, cid: str, field: str = "container_id") -> Container:
-        """Raises RpcError: INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one."""
+        """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""
         check_id(field, cid)
         c = self._items.get(cid)
         if c is None:
-            raise not_found(f"no container {cid!r}")
+            raise NotFound(f"no container {cid!r}")
         return c
 
     # -- create / start ------------------------------------------------------------------------
@@ -124,13 +125,13 @@ class Containers:
         """Mount the storages, write the bundle and `crun create` (the init process waits for
         StartContainer). Everything done is undone when a step fails.
 
-        Raises RpcError (INVALID_ARGUMENT, ALREADY_EXISTS) or CrunError.
+        Raises InvalidArgument, AlreadyExists, ResourceExhausted or CrunError.
         """
         cid = check_id("container_id", req.container_id)
         if cid in self._items or cid in self._busy or self.crun.exists(cid):
-            raise already_exists(f"container {cid!r} already exists")
+            raise AlreadyExists(f"container {cid!r} already exists")
         if len(self._items) + len(self._busy) >= MAX_CONTAINERS:
-            raise RpcError(Code.RESOURCE_EXHAUSTED, f"the sandbox already has {MAX_CONTAINERS} containers")
+            raise ResourceExhausted(f"the sandbox already has {MAX_CONTAINERS} containers")
         spec = bundle.load_spec(req.oci_spec_json)
         check_count("storages", req.storages)
         check_count("devices", req.devices)
@@ -192,12 +193,12 @@ class Containers:
                     async with asyncio.timeout(CONSOLE_TIMEOUT):
                         master = await receive_console(sock)
                 except (TimeoutError, OSError) as exc:
-                    raise RpcError(Code.INTERNAL, f"no terminal from crun for {proc.name}: {exc}") from None
+                    raise Internal(f"no terminal from crun for {proc.name}: {exc}") from None
                 proc.attach_console(master)
             try:
                 pid = int(pid_file.read_text().strip())
             except (OSError, ValueError) as exc:
-                raise RpcError(Code.INTERNAL, f"crun left no usable pid file for {proc.name}: {exc}") from None
+                raise Internal(f"crun left no usable pid file for {proc.name}: {exc}") from None
             proc.started(pid, self.reaper.watch(pid, since=generation))
             return pid
         finally:
@@ -214,11 +215,11 @@ class Containers:
             self.oom.check(container.id)
 
     async def start(self, cid: str) -> int:
-        """Raises RpcError(FAILED_PRECONDITION) unless the container is created and not yet started."""
+        """Raises FailedPrecondition unless the container is created and not yet started."""
         c = self.get(cid)
         async with c.lock:
             if c.status != "created" or not c.init.running:
-                raise failed_precondition(f"container {cid} is {c.status}, not created")
+                raise FailedPrecondition(f"container {cid} is {c.status}, not created")
             await self.crun.start(cid)
             c.status = "running"
             return c.init.pid
@@ -226,17 +227,17 @@ class Containers:
     # -- exec and signals ----------------------------------------------------------------------
 
     async def exec(self, cid: str, exec_id: str, process: agent_pb2.Process) -> int:
-        """Start an extra process in a running container. Raises RpcError or CrunError."""
+        """Start an extra process in a running container. Raises PykataError (CrunError among them)."""
         c = self.get(cid)
         eid = check_exec_id("exec_id", exec_id, allow_empty=False)
         async with c.lock:
             c.prune(keep=MAX_EXECS)
             if eid in c.execs:
-                raise already_exists(f"container {cid} already has a process {eid!r}")
+                raise AlreadyExists(f"container {cid} already has a process {eid!r}")
             if c.status != "running":
-                raise failed_precondition(f"container {cid} is {c.status}, not running")
+                raise FailedPrecondition(f"container {cid} is {c.status}, not running")
             if len(c.execs) >= MAX_EXECS:
-                raise RpcError(Code.RESOURCE_EXHAUSTED, f"container {cid} has {MAX_EXECS} processes; "
+                raise ResourceExhausted(f"container {cid} has {MAX_EXECS} processes; "
                                                         "remove some")
             doc = bundle.process_from_proto(process, c.spec["process"], c.rootfs)
             proc = Process(cid, eid, tty=process.terminal, buffer_limit=self.settings.buffer_limit)
@@ -259,10 +260,10 @@ class Containers:
         c = self.get(cid)
         check_exec_id("exec_id", exec_id)
         if not 0 < signum < signal.NSIG:
-            raise invalid("signal", f"{signum} is not a signal number")
+            raise InvalidArgument("signal", f"{signum} is not a signal number")
         if all_processes and not exec_id:
             if not any(p.running for p in c.processes()):
-                raise not_found(f"container {cid} has no running process")
+                raise NotFound(f"container {cid} has no running process")
             if c.status == "created":
                 c.init.signal(signum)
                 return
@@ -277,7 +278,7 @@ class Containers:
         resources = bundle.load_resources(resources_json)
         async with c.lock:
             if c.status == "stopped":
-                raise failed_precondition(f"container {cid} is stopped")
+                raise FailedPrecondition(f"container {cid} is stopped")
             path = c.bundle / f"resources-{next(self._seq)}.json"
             path.write_text(json.dumps(resources))
             try:
@@ -290,7 +291,7 @@ class Containers:
         c = self.get(cid)
         async with c.lock:
             if c.status != "running":
-                raise failed_precondition(f"container {cid} is {c.status}, not running")
+                raise FailedPrecondition(f"container {cid} is {c.status}, not running")
             await self.crun.pause(cid)
             c.status = "paused"
             # crun may return while a v1 freezer still says FREEZING (a task was mid-fork); the
@@ -302,13 +303,13 @@ class Containers:
                 c.cgroup.refreeze()
                 await asyncio.sleep(0.02)
             else:
-                raise RpcError(Code.DEADLINE_EXCEEDED, f"container {cid} did not freeze within {FREEZE_TIMEOUT}s")
+                raise DeadlineExceeded(f"container {cid} did not freeze within {FREEZE_TIMEOUT}s")
 
     async def resume(self, cid: str) -> None:
         c = self.get(cid)
         async with c.lock:
             if c.status != "paused":
-                raise failed_precondition(f"container {cid} is {c.status}, not paused")
+                raise FailedPrecondition(f"container {cid} is {c.status}, not paused")
             await self.crun.resume(cid)
             c.status = "stopped" if not c.init.running else "running"
 
@@ -318,7 +319,7 @@ class Containers:
         """Kill every process of the container, wait for them (up to `timeout` seconds, None =
         for ever), `crun delete`, and release stdio, bundle, storages and cgroup.
 
-        Raises RpcError(DEADLINE_EXCEEDED) when processes outlive the timeout (the container
+        Raises DeadlineExceeded when processes outlive the timeout (the container
         stays, so the call can be repeated).
         """
         c = self.get(cid)
@@ -332,14 +333,13 @@ class Containers:
                     await self.crun.kill(cid, signal.SIGKILL, all_processes=True)
                 for p in c.processes():
                     if p.running:
-                        with contextlib.suppress(ProcessLookupError, RpcError):
+                        with contextlib.suppress(ProcessLookupError, PykataError):
                             p.signal(signal.SIGKILL)
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.gather(*(p.wait() for p in c.processes() if p.has_started))
             except TimeoutError:
-                raise RpcError(Code.DEADLINE_EXCEEDED,
-                               f"processes of container {cid} still run after {timeout}s") from None
+                raise DeadlineExceeded(f"processes of container {cid} still run after {timeout}s") from None
             self.oom.unwatch(cid)
             await self._crun_delete(cid)
             for p in c.processes():

@@ -20,8 +20,7 @@ from typing import Any
 
 from pykata.agent import command
 from pykata.agent.reaper import ExitStatus, Reaper
-from pykata.errors import PykataError
-from pykata.ttrpc import Code
+from pykata.errors import Code, PykataError
 
 CREATE_TIMEOUT = 60.0   # crun create sets up mounts and cgroups; slow under TCG
 DEFAULT_TIMEOUT = 30.0
@@ -29,7 +28,7 @@ _MAX_ERROR = 2048
 
 
 class CrunError(PykataError):
-    """crun failed; `rpc_code` is what the RPC answers (the ttrpc server reads it)."""
+    """crun failed; `rpc_code` (chosen from crun's message) is what the RPC answers."""
 
     def __init__(self, action: str, container_id: str, message: str, rpc_code: Code = Code.INTERNAL) -> None:
         super().__init__(f"crun {action} {container_id}: {message}")

@@ -25,9 +25,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from pykata.agent.validation import failed_precondition, invalid
+from pykata.errors import FailedPrecondition, Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 MIN_SEED = 32
@@ -51,17 +50,17 @@ class Entropy:
 
     def reseed(self, req: agent_pb2.ReseedRandomDevRequest, *,
                containers_exist: bool) -> agent_pb2.ReseedRandomDevResponse:
-        """Raises RpcError: INVALID_ARGUMENT naming the field, FAILED_PRECONDITION for a boot_id
+        """Raises InvalidArgument naming the field, FailedPrecondition for a boot_id
         after containers exist or a second one, INTERNAL when the kernel refuses."""
         if not MIN_SEED <= len(req.data) <= MAX_SEED:
-            raise invalid("data", f"{len(req.data)} bytes: give {MIN_SEED}..{MAX_SEED}")
+            raise InvalidArgument("data", f"{len(req.data)} bytes: give {MIN_SEED}..{MAX_SEED}")
         if req.boot_id:
             if not UUID_RE.match(req.boot_id):
-                raise invalid("boot_id", f"{req.boot_id[:64]!r} is not a lower-case UUID")
+                raise InvalidArgument("boot_id", f"{req.boot_id[:64]!r} is not a lower-case UUID")
             if self.boot_id is not None and req.boot_id != self.boot_id:
-                raise failed_precondition("boot_id: already set for this VM")
+                raise FailedPrecondition("boot_id: already set for this VM")
             if containers_exist and self.boot_id is None:
-                raise failed_precondition("boot_id: containers already run with the old one")
+                raise FailedPrecondition("boot_id: containers already run with the old one")
         feed_kernel(req.data)
         random.seed(req.data + os.urandom(32))
         if req.boot_id and self.boot_id is None:
@@ -76,7 +75,7 @@ class Entropy:
         try:
             bind_readonly(self.boot_id_file, self.kernel_boot_id)
         except OSError as exc:
-            raise RpcError(Code.INTERNAL, f"boot_id: cannot bind over {self.kernel_boot_id}: {exc}") from None
+            raise Internal(f"boot_id: cannot bind over {self.kernel_boot_id}: {exc}") from None
         self.boot_id = boot_id
 
     def container_mounts(self) -> list[dict[str, Any]]:
@@ -90,18 +89,18 @@ class Entropy:
 def feed_kernel(data: bytes) -> None:
     """Mix `data` into the kernel's pool, credit it, and force the CRNG to reseed.
 
-    Raises RpcError(INTERNAL) when /dev/urandom cannot be opened or the kernel refuses."""
+    Raises Internal when /dev/urandom cannot be opened or the kernel refuses."""
     try:
         fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise RpcError(Code.INTERNAL, f"/dev/urandom: {exc.strerror}") from None
+        raise Internal(f"/dev/urandom: {exc.strerror}") from None
     try:
         # struct rand_pool_info { int entropy_count (bits); int buf_size (bytes); __u32 buf[]; }
         info = struct.pack("ii", len(data) * 8, len(data)) + data
         fcntl.ioctl(fd, RNDADDENTROPY, info)
         fcntl.ioctl(fd, RNDRESEEDCRNG)
     except OSError as exc:
-        raise RpcError(Code.INTERNAL, f"reseeding the kernel RNG: {exc.strerror}") from None
+        raise Internal(f"reseeding the kernel RNG: {exc.strerror}") from None
     finally:
         os.close(fd)
 

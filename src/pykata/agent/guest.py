@@ -15,9 +15,9 @@ from pathlib import Path
 import pykata
 from pykata.agent import stats
 from pykata.agent.storage import DRIVERS
-from pykata.agent.validation import check_relative, invalid, is_within, open_dir_below
+from pykata.agent.validation import check_relative, is_within, open_dir_below
+from pykata.errors import Code, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, error_for
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 log = logging.getLogger("pykata.agent.guest")
 
@@ -62,7 +62,7 @@ def _has_seccomp() -> bool:
 def online_cpu_mem(nb_cpus: int, cpu_only: bool, *, sysfs: Path = SYSFS) -> tuple[int, int]:
     """Bring offline CPUs (up to `nb_cpus` online in total, 0 = all) and memory blocks online.
 
-    Returns (CPUs onlined, memory blocks onlined). Raises RpcError(INTERNAL) when the kernel
+    Returns (CPUs onlined, memory blocks onlined). Raises Internal when the kernel
     refuses every CPU it was asked for.
     """
     cpu_dir = sysfs / "devices/system/cpu"
@@ -82,7 +82,7 @@ def online_cpu_mem(nb_cpus: int, cpu_only: bool, *, sysfs: Path = SYSFS) -> tupl
         except OSError as exc:
             failures.append(f"{p.name}: {exc.strerror}")
     if failures and onlined_cpus == 0:
-        raise RpcError(Code.INTERNAL, f"cannot online CPUs: {'; '.join(failures)}")
+        raise Internal(f"cannot online CPUs: {'; '.join(failures)}")
     onlined_mem = 0
     if not cpu_only:
         for block in sorted((sysfs / "devices/system/memory").glob("memory[0-9]*")):
@@ -111,7 +111,7 @@ class _Timespec(ctypes.Structure):
 
 
 def set_time(sec: int, usec: int) -> None:
-    """clock_settime(CLOCK_REALTIME). Raises RpcError: INVALID_ARGUMENT for a bad time,
+    """clock_settime(CLOCK_REALTIME). Raises InvalidArgument for a bad time,
     PERMISSION_DENIED / INTERNAL when the kernel refuses."""
     check_time(sec, usec)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -119,33 +119,34 @@ def set_time(sec: int, usec: int) -> None:
     if libc.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)) != 0:
         err = ctypes.get_errno()
         code = Code.PERMISSION_DENIED if err == errno.EPERM else Code.INTERNAL
-        raise RpcError(code, f"clock_settime: {os.strerror(err)}")
+        raise error_for(code, f"clock_settime: {os.strerror(err)}")
 
 
 def check_time(sec: int, usec: int) -> None:
     if not 0 <= usec < 1_000_000:
-        raise invalid("usec", f"{usec} is not in [0, 1000000)")
+        raise InvalidArgument("usec", f"{usec} is not in [0, 1000000)")
     if not 0 < sec < 2**40:
-        raise invalid("sec", f"{sec} is not a plausible time")
+        raise InvalidArgument("sec", f"{sec} is not a plausible time")
 
 
 def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
     """Write one chunk of a file below one of `roots` (no '..', no symlink followed on the way).
 
     Chunks go to a hidden part file; the one that ends at file_size renames it into place, so a
-    reader never sees half a file. Raises RpcError(INVALID_ARGUMENT) naming the bad field.
+    reader never sees half a file. Raises InvalidArgument naming the bad field.
     """
     if req.file_size > MAX_COPY_FILE_SIZE:
-        raise invalid("file_size", f"{req.file_size} is larger than {MAX_COPY_FILE_SIZE}")
+        raise InvalidArgument("file_size", f"{req.file_size} is larger than {MAX_COPY_FILE_SIZE}")
     if len(req.data) > MAX_COPY_CHUNK:
-        raise invalid("data", f"{len(req.data)} bytes in one call, at most {MAX_COPY_CHUNK}")
+        raise InvalidArgument("data", f"{len(req.data)} bytes in one call, at most {MAX_COPY_CHUNK}")
     if req.offset + len(req.data) > req.file_size:
-        raise invalid("offset", f"offset {req.offset} + {len(req.data)} bytes is past file_size {req.file_size}")
+        raise InvalidArgument("offset",
+                              f"offset {req.offset} + {len(req.data)} bytes is past file_size {req.file_size}")
     if req.file_mode & ~0o777 or req.dir_mode & ~0o777:
-        raise invalid("file_mode", "only permission bits (0o777) are allowed")
+        raise InvalidArgument("file_mode", "only permission bits (0o777) are allowed")
     parts = check_relative("path", req.path) if req.path.startswith("/") else None
     if parts is None:
-        raise invalid("path", f"{req.path!r} is not absolute")
+        raise InvalidArgument("path", f"{req.path!r} is not absolute")
     norm = "/" + "/".join(parts)
     for root in roots:
         root_s = str(root).rstrip("/")
@@ -153,7 +154,7 @@ def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
             rel = [p for p in norm[len(root_s):].split("/") if p]
             break
     else:
-        raise invalid("path", f"{req.path!r} is outside {', '.join(map(str, roots))}")
+        raise InvalidArgument("path", f"{req.path!r} is outside {', '.join(map(str, roots))}")
     name = rel[-1]
     dir_fd = open_dir_below(Path(root_s), rel[:-1], create_mode=req.dir_mode or 0o755, field="path")
     part = f".{name}.pykata-part"
@@ -161,25 +162,25 @@ def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
         with contextlib.suppress(FileNotFoundError):
             existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISLNK(existing.st_mode) or stat.S_ISDIR(existing.st_mode):
-                raise invalid("path", f"{req.path!r} is a symlink or a directory")
+                raise InvalidArgument("path", f"{req.path!r} is a symlink or a directory")
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         if req.offset == 0:
             flags |= os.O_TRUNC
             # The guest's directories are often tmpfs, i.e. guest RAM: refuse what cannot fit.
             fs = os.statvfs(f"/proc/self/fd/{dir_fd}")
             if req.file_size > fs.f_bavail * fs.f_frsize:
-                raise RpcError(Code.RESOURCE_EXHAUSTED,
-                               f"file_size: {req.file_size} bytes do not fit ({fs.f_bavail * fs.f_frsize} free)")
+                raise ResourceExhausted(
+                    f"file_size: {req.file_size} bytes do not fit ({fs.f_bavail * fs.f_frsize} free)")
         try:
             fd = os.open(part, flags, req.file_mode or 0o644, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise invalid("path", f"{req.path!r}: a symlink is in the way") from None
+                raise InvalidArgument("path", f"{req.path!r}: a symlink is in the way") from None
             raise
         try:
             if os.fstat(fd).st_size < req.offset:
-                raise RpcError(Code.FAILED_PRECONDITION,
-                               f"path: chunk at offset {req.offset} but only {os.fstat(fd).st_size} bytes written")
+                raise FailedPrecondition(
+                    f"path: chunk at offset {req.offset} but only {os.fstat(fd).st_size} bytes written")
             written = 0
             while written < len(req.data):
                 written += os.pwrite(fd, req.data[written:], req.offset + written)

@@ -15,9 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from pykata.agent.rtnl import MAIN_TABLE, RTN_UNICAST, Rtnl
-from pykata.agent.validation import invalid
+from pykata.errors import Internal, InvalidArgument, NotFound
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -30,9 +29,9 @@ IFF_LOOPBACK = 0x8
 RT_SCOPES = (0, 200, 253, 254)  # universe, site, link, host
 
 
-def _netlink_error(what: str, exc: OSError) -> RpcError:
+def _netlink_error(what: str, exc: OSError) -> Internal:
     name = errno.errorcode.get(exc.errno or 0, "")
-    return RpcError(Code.INTERNAL, f"{what}: {exc.strerror or exc} {name}".strip())
+    return Internal(f"{what}: {exc.strerror or exc} {name}".strip())
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -40,9 +39,9 @@ def _netlink_error(what: str, exc: OSError) -> RpcError:
 def _check_mac(field: str, mac: str) -> str:
     mac = mac.lower()
     if not _MAC.match(mac):
-        raise invalid(field, f"bad MAC address {mac!r} (want aa:bb:cc:dd:ee:ff)")
+        raise InvalidArgument(field, f"bad MAC address {mac!r} (want aa:bb:cc:dd:ee:ff)")
     if int(mac[:2], 16) & 1:
-        raise invalid(field, f"{mac} is a multicast address")
+        raise InvalidArgument(field, f"{mac} is a multicast address")
     return mac
 
 
@@ -50,31 +49,31 @@ def _check_address(field: str, a: agent_pb2.IPAddress) -> tuple[str, int]:
     try:
         addr = ipaddress.ip_address(a.address)
     except ValueError:
-        raise invalid(f"{field}.address", f"not an IP address: {a.address[:64]!r}") from None
+        raise InvalidArgument(f"{field}.address", f"not an IP address: {a.address[:64]!r}") from None
     want = 4 if a.family == agent_pb2.IP_FAMILY_V4 else 6 if a.family == agent_pb2.IP_FAMILY_V6 else addr.version
     if addr.version != want:
-        raise invalid(f"{field}.family", f"{a.address} is not an IPv{want} address")
+        raise InvalidArgument(f"{field}.family", f"{a.address} is not an IPv{want} address")
     if not 0 < a.prefix_length <= addr.max_prefixlen:
-        raise invalid(f"{field}.prefix_length", f"{a.prefix_length} is not in 1..{addr.max_prefixlen}")
+        raise InvalidArgument(f"{field}.prefix_length", f"{a.prefix_length} is not in 1..{addr.max_prefixlen}")
     return str(addr), a.prefix_length
 
 
 def check_interface(iface: agent_pb2.Interface) -> None:
-    """Raises RpcError(INVALID_ARGUMENT) naming the bad field."""
+    """Raises InvalidArgument naming the bad field."""
     if iface.name and not _IFNAME.match(iface.name):
-        raise invalid("interface.name", f"bad link name {iface.name[:32]!r}")
+        raise InvalidArgument("interface.name", f"bad link name {iface.name[:32]!r}")
     if iface.device and not _IFNAME.match(iface.device):
-        raise invalid("interface.device", f"bad link name {iface.device[:32]!r}")
+        raise InvalidArgument("interface.device", f"bad link name {iface.device[:32]!r}")
     if not (iface.device or iface.hw_addr or iface.current_hw_addr):
-        raise invalid("interface", "give device, hw_addr or current_hw_addr to find the link")
+        raise InvalidArgument("interface", "give device, hw_addr or current_hw_addr to find the link")
     if iface.hw_addr:
         _check_mac("interface.hw_addr", iface.hw_addr)
     if iface.current_hw_addr:
         _check_mac("interface.current_hw_addr", iface.current_hw_addr)
     if iface.mtu and not MIN_MTU <= iface.mtu <= MAX_MTU:
-        raise invalid("interface.mtu", f"{iface.mtu} is not in {MIN_MTU}..{MAX_MTU}")
+        raise InvalidArgument("interface.mtu", f"{iface.mtu} is not in {MIN_MTU}..{MAX_MTU}")
     if len(iface.addresses) > MAX_ADDRESSES:
-        raise invalid("interface.addresses", f"more than {MAX_ADDRESSES}")
+        raise InvalidArgument("interface.addresses", f"more than {MAX_ADDRESSES}")
     for i, a in enumerate(iface.addresses):
         _check_address(f"interface.addresses[{i}]", a)
 
@@ -87,27 +86,27 @@ def _check_route(i: int, r: agent_pb2.Route) -> dict[str, Any]:
         try:
             net = ipaddress.ip_network(r.dest, strict=False)
         except ValueError:
-            raise invalid(f"{field}.dest", f"not 'default' or a CIDR: {r.dest[:64]!r}") from None
+            raise InvalidArgument(f"{field}.dest", f"not 'default' or a CIDR: {r.dest[:64]!r}") from None
         spec.update(dst=str(net.network_address), dst_len=net.prefixlen)
         family = net.version
     if r.gateway:
         try:
             gw = ipaddress.ip_address(r.gateway)
         except ValueError:
-            raise invalid(f"{field}.gateway", f"not an IP address: {r.gateway[:64]!r}") from None
+            raise InvalidArgument(f"{field}.gateway", f"not an IP address: {r.gateway[:64]!r}") from None
         if family and gw.version != family:
-            raise invalid(f"{field}.gateway", f"{r.gateway} is not of the family of {r.dest}")
+            raise InvalidArgument(f"{field}.gateway", f"{r.gateway} is not of the family of {r.dest}")
         spec["gateway"] = str(gw)
         family = gw.version
     if r.source:
         try:
             spec["prefsrc"] = str(ipaddress.ip_address(r.source))
         except ValueError:
-            raise invalid(f"{field}.source", f"not an IP address: {r.source[:64]!r}") from None
+            raise InvalidArgument(f"{field}.source", f"not an IP address: {r.source[:64]!r}") from None
     if r.device and not _IFNAME.match(r.device):
-        raise invalid(f"{field}.device", f"bad link name {r.device[:32]!r}")
+        raise InvalidArgument(f"{field}.device", f"bad link name {r.device[:32]!r}")
     if r.scope not in RT_SCOPES:
-        raise invalid(f"{field}.scope", f"{r.scope} is not one of {RT_SCOPES}")
+        raise InvalidArgument(f"{field}.scope", f"{r.scope} is not one of {RT_SCOPES}")
     if not family:
         family = 6 if r.family == agent_pb2.IP_FAMILY_V6 else 4
     spec["family"] = socket.AF_INET if family == 4 else socket.AF_INET6
@@ -121,7 +120,7 @@ def _check_route(i: int, r: agent_pb2.Route) -> dict[str, Any]:
 
 async def update_interface(iface: agent_pb2.Interface) -> agent_pb2.Interface:
     """Give a guest link the wanted MAC, MTU, name and addresses (replacing its global ones), and
-    bring it up. Raises RpcError: INVALID_ARGUMENT, NOT_FOUND (no such link) or INTERNAL."""
+    bring it up. Raises InvalidArgument, NotFound (no such link) or Internal."""
     check_interface(iface)
     return await asyncio.to_thread(_update_interface, iface)
 
@@ -156,11 +155,11 @@ def _update_interface(iface: agent_pb2.Interface) -> agent_pb2.Interface:
 async def update_routes(routes: Iterable[agent_pb2.Route]) -> agent_pb2.Routes:
     """Make the main table's routes (other than the kernel's own) exactly `routes`.
 
-    Link-scope routes are added before the gateway routes that need them. Raises RpcError.
+    Link-scope routes are added before the gateway routes that need them. Raises PykataError.
     """
     wanted = list(routes)
     if len(wanted) > MAX_ROUTES:
-        raise invalid("routes", f"more than {MAX_ROUTES}")
+        raise InvalidArgument("routes", f"more than {MAX_ROUTES}")
     specs = [_check_route(i, r) for i, r in enumerate(wanted)]
     return await asyncio.to_thread(_update_routes, wanted, specs)
 
@@ -172,7 +171,7 @@ def _update_routes(wanted: list[agent_pb2.Route], specs: list[dict[str, Any]]) -
             for i, (r, spec) in enumerate(zip(wanted, specs, strict=True)):
                 if r.device:
                     if r.device not in names:
-                        raise RpcError(Code.NOT_FOUND, f"routes[{i}].device: no link {r.device!r} in the guest")
+                        raise NotFound(f"routes[{i}].device: no link {r.device!r} in the guest")
                     spec["oif"] = names[r.device]
             for old in _routes(nl):
                 if old.protocol != RTPROT_KERNEL:
@@ -220,7 +219,7 @@ def _find_link(nl: Rtnl, iface: agent_pb2.Interface) -> int:
         found = [link.index for link in links if link.mac == mac]
         what = f"interface.current_hw_addr: no link with MAC {mac}"
     if not found:
-        raise RpcError(Code.NOT_FOUND, f"{what} in the guest")
+        raise NotFound(f"{what} in the guest")
     return found[0]
 
 

@@ -31,8 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pykata.errors import InvalidArgument, PermissionDenied
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 VERSION = 1
 MAX_POLICY_BYTES = 64 << 10
@@ -69,7 +69,7 @@ class Policy:
     # -- checks ------------------------------------------------------------------------------------
 
     def check(self, rpc: str, req: Any) -> None:
-        """Raises RpcError(PERMISSION_DENIED) naming the rule that refuses `rpc` with `req`."""
+        """Raises PermissionDenied naming the rule that refuses `rpc` with `req`."""
         if rpc not in self.allow_rpcs and "*" not in self.allow_rpcs:
             raise denied("allow_rpcs", f"{rpc} is not allowed")
         if rpc == "CreateContainer":
@@ -122,8 +122,8 @@ class Policy:
                 raise denied("containers.mounts", f"mounts[{i}]: bind mount on {dest[:256]!r} is not allowed")
 
 
-def denied(rule: str, message: str) -> RpcError:
-    return RpcError(Code.PERMISSION_DENIED, f"policy: {rule}: {message}")
+def denied(rule: str, message: str) -> PermissionDenied:
+    return PermissionDenied(f"policy: {rule}: {message}")
 
 
 def _show(args: Sequence[str]) -> str:
@@ -240,7 +240,7 @@ class PolicyGate:
         try:
             self.policy = parse_policy(req.policy_json)
         except PolicyError as exc:
-            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+            raise InvalidArgument("policy_json", str(exc)) from None
         return Empty()
 
     def __getattr__(self, name: str) -> Any:

@@ -8,7 +8,7 @@ import os
 
 from pykata.agent.reaper import ExitStatus
 from pykata.agent.stdio import DEFAULT_BUFFER_LIMIT, InputStream, OutputStream, set_window_size
-from pykata.agent.validation import failed_precondition, not_found
+from pykata.errors import FailedPrecondition, NotFound
 
 
 class Process:
@@ -86,10 +86,10 @@ class Process:
     async def wait(self) -> ExitStatus:
         """The exit status, once the process has exited.
 
-        Raises RpcError(FAILED_PRECONDITION) when the process never started.
+        Raises FailedPrecondition when the process never started.
         """
         if self._exit is None:
-            raise failed_precondition(f"process {self.name} has not been started")
+            raise FailedPrecondition(f"process {self.name} has not been started")
         status = await asyncio.shield(self._exit)
         self.waited = True
         return status
@@ -101,20 +101,20 @@ class Process:
                 and all(s is None or s.drained for s in (self.stdout, self.stderr)))
 
     def signal(self, signum: int) -> None:
-        """Raises RpcError(NOT_FOUND) when the process has already exited."""
+        """Raises NotFound when the process has already exited."""
         # The agent reaps its children itself, so until it has reaped this pid it cannot have
         # been reused by another process.
         if not self.running:
-            raise not_found(f"process {self.name} is not running")
+            raise NotFound(f"process {self.name} is not running")
         try:
             os.kill(self.pid, signum)
         except ProcessLookupError:
-            raise not_found(f"process {self.name} is not running") from None
+            raise NotFound(f"process {self.name} is not running") from None
 
     def resize(self, rows: int, columns: int) -> None:
-        """Raises RpcError(FAILED_PRECONDITION) when the process has no terminal."""
+        """Raises FailedPrecondition when the process has no terminal."""
         if self._console < 0:
-            raise failed_precondition(f"process {self.name} has no terminal")
+            raise FailedPrecondition(f"process {self.name} has no terminal")
         set_window_size(self._console, rows, columns)
 
     def close(self) -> None:

@@ -19,15 +19,12 @@ from pykata.agent.settings import AgentSettings
 from pykata.agent.storage import Mounted, Storages
 from pykata.agent.validation import (
     HOSTNAME_RE,
-    already_exists,
     check_count,
     check_id,
     check_string,
-    failed_precondition,
-    invalid,
 )
+from pykata.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 log = logging.getLogger("pykata.agent.sandbox")
 
@@ -60,7 +57,7 @@ def set_hostname(name: str) -> None:
     raw = name.encode()
     if libc.sethostname(raw, len(raw)) != 0:
         err = ctypes.get_errno()
-        raise RpcError(Code.INTERNAL, f"sethostname: {os.strerror(err)}")
+        raise Internal(f"sethostname: {os.strerror(err)}")
 
 
 class Sandbox:
@@ -90,12 +87,12 @@ class Sandbox:
                  "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}]
 
     async def create(self, req: agent_pb2.CreateSandboxRequest) -> None:
-        """Raises RpcError: ALREADY_EXISTS, INVALID_ARGUMENT naming the field, INTERNAL."""
+        """Raises AlreadyExists, InvalidArgument naming the field, Internal."""
         if self.created:
-            raise already_exists(f"sandbox {self.id} already exists")
+            raise AlreadyExists(f"sandbox {self.id} already exists")
         sid = check_id("sandbox_id", req.sandbox_id)
         if req.hostname and not HOSTNAME_RE.match(req.hostname):
-            raise invalid("hostname", f"{req.hostname!r} is not a host name")
+            raise InvalidArgument("hostname", f"{req.hostname!r} is not a host name")
         check_count("dns", req.dns, 32)
         for i, line in enumerate(req.dns):
             check_dns_line(f"dns[{i}]", line)
@@ -103,11 +100,11 @@ class Sandbox:
         check_count("kernel_modules", req.kernel_modules, 64)
         for i, mod in enumerate(req.kernel_modules):
             if not MODULE_RE.match(mod.name):
-                raise invalid(f"kernel_modules[{i}].name", f"{mod.name!r} is not a module name")
+                raise InvalidArgument(f"kernel_modules[{i}].name", f"{mod.name!r} is not a module name")
             check_count(f"kernel_modules[{i}].parameters", mod.parameters, 64)
             for j, p in enumerate(mod.parameters):
                 if not MODULE_PARAM_RE.match(p):
-                    raise invalid(f"kernel_modules[{i}].parameters[{j}]", f"{p[:80]!r} is not key=value")
+                    raise InvalidArgument(f"kernel_modules[{i}].parameters[{j}]", f"{p[:80]!r} is not key=value")
         async with contextlib.AsyncExitStack() as undo:
             for mod in req.kernel_modules:
                 await self._modprobe(mod)
@@ -135,18 +132,18 @@ class Sandbox:
     async def _modprobe(self, mod: agent_pb2.KernelModule) -> None:
         binary = next((m for m in MODPROBE if os.access(m, os.X_OK)), None)
         if binary is None:
-            raise failed_precondition("kernel_modules: the guest has no modprobe")
+            raise FailedPrecondition("kernel_modules: the guest has no modprobe")
         result = await command.run(self.reaper, [binary, mod.name, *mod.parameters], timeout=30)
         if not result.ok:
             msg = result.stderr.decode(errors="replace").strip()[:500]
-            raise RpcError(Code.INTERNAL, f"modprobe {mod.name}: {msg or result.status.code}")
+            raise Internal(f"modprobe {mod.name}: {msg or result.status.code}")
 
     async def _start_pidns_holder(self) -> int:
         result = await command.run(self.reaper, [sys.executable, "-S", "-c", _PIDNS_HOLDER], timeout=60,
                                    env={**command.DEFAULT_ENV, "PYTHONDONTWRITEBYTECODE": "1"})
         out = result.stdout.decode(errors="replace").strip()
         if not result.ok or not out.isdigit():
-            raise RpcError(Code.INTERNAL, "cannot create the sandbox pid namespace: "
+            raise Internal("cannot create the sandbox pid namespace: "
                                           f"{result.stderr.decode(errors='replace').strip()[:500]}")
         return int(out)
 
@@ -176,5 +173,5 @@ class Sandbox:
 def check_dns_line(field: str, line: str) -> str:
     check_string(field, line, max_len=256)
     if not DNS_RE.match(line):
-        raise invalid(field, f"{line[:80]!r} is not a resolv.conf line")
+        raise InvalidArgument(field, f"{line[:80]!r} is not a resolv.conf line")
     return line

@@ -28,9 +28,9 @@ from pykata.agent.settings import AgentSettings
 from pykata.agent.stats import OOMWatcher, read_stats
 from pykata.agent.stdio import OutputStream
 from pykata.agent.storage import Storages
-from pykata.agent.validation import MAX_IO_CHUNK, check_exec_id, failed_precondition, invalid
+from pykata.agent.validation import MAX_IO_CHUNK, check_exec_id
+from pykata.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 log = logging.getLogger("pykata.agent.service")
 
@@ -68,12 +68,12 @@ class AgentService:
         self.entropy = Entropy(self.settings.state_dir)
 
     def _make_dirs(self) -> None:
-        """Raises RpcError(INTERNAL) when the state directories cannot be made."""
+        """Raises Internal when the state directories cannot be made."""
         if not self._dirs_made:
             try:
                 self.settings.make_dirs()
             except OSError as exc:
-                raise RpcError(Code.INTERNAL, f"cannot make the agent's directories: {exc}") from None
+                raise Internal(f"cannot make the agent's directories: {exc}") from None
             self._dirs_made = True
 
     async def start(self) -> None:
@@ -104,13 +104,13 @@ class AgentService:
     @property
     def containers(self) -> Containers:
         if self._containers is None:
-            raise RpcError(Code.UNAVAILABLE, "agent is not started")
+            raise Unavailable("agent is not started")
         return self._containers
 
     @property
     def sandbox(self) -> Sandbox:
         if self._sandbox is None:
-            raise RpcError(Code.UNAVAILABLE, "agent is not started")
+            raise Unavailable("agent is not started")
         return self._sandbox
 
     # -- sandbox -------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class AgentService:
         errors = await self.containers.remove_all(timeout)
         errors += await self.sandbox.destroy()
         if errors:
-            raise RpcError(Code.INTERNAL, "; ".join(errors)[:4000])
+            raise Internal("; ".join(errors)[:4000])
         return Empty()
 
     # -- containers ----------------------------------------------------------------------------
@@ -137,7 +137,7 @@ class AgentService:
         if req.sandbox_pidns:
             pid_ns = self.sandbox.pid_ns_path()
             if pid_ns is None:
-                raise failed_precondition("sandbox_pidns: the sandbox has no shared pid namespace")
+                raise FailedPrecondition("sandbox_pidns: the sandbox has no shared pid namespace")
         extra = self.sandbox.extra_mounts() + self.entropy.container_mounts()
         c = await self.containers.create(req, pid_ns_path=pid_ns, extra_mounts=extra)
         return agent_pb2.CreateContainerResponse(pid=c.init.pid)
@@ -152,7 +152,7 @@ class AgentService:
 
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: Any) -> agent_pb2.ExecProcessResponse:
         if not req.HasField("process"):
-            raise invalid("process", "missing")
+            raise InvalidArgument("process", "missing")
         pid = await self.containers.exec(req.container_id, req.exec_id, req.process)
         return agent_pb2.ExecProcessResponse(pid=pid)
 
@@ -194,9 +194,9 @@ class AgentService:
     async def WriteStdin(self, req: agent_pb2.WriteStreamRequest, ctx: Any) -> agent_pb2.WriteStreamResponse:
         proc = self._process(req.container_id, req.exec_id)
         if len(req.data) > MAX_IO_CHUNK:
-            raise invalid("data", f"{len(req.data)} bytes, at most {MAX_IO_CHUNK} per call")
+            raise InvalidArgument("data", f"{len(req.data)} bytes, at most {MAX_IO_CHUNK} per call")
         if proc.stdin is None:
-            raise failed_precondition(f"process {proc.name} has no stdin")
+            raise FailedPrecondition(f"process {proc.name} has no stdin")
         return agent_pb2.WriteStreamResponse(length=await proc.stdin.write(req.data))
 
     async def _read(self, stream: OutputStream | None, max_length: int) -> agent_pb2.ReadStreamResponse:
@@ -221,7 +221,7 @@ class AgentService:
         proc = self._process(req.container_id, req.exec_id)
         for name, value in (("rows", req.rows), ("columns", req.columns)):
             if value > 0xFFFF:
-                raise invalid(name, f"{value} is larger than 65535")
+                raise InvalidArgument(name, f"{value} is larger than 65535")
         proc.resize(req.rows, req.columns)
         return Empty()
 
@@ -229,7 +229,7 @@ class AgentService:
 
     async def GetOOMEvent(self, req: agent_pb2.GetOOMEventRequest, ctx: Any) -> agent_pb2.OOMEvent:
         if self.oom is None:
-            raise RpcError(Code.UNAVAILABLE, "agent is not started")
+            raise Unavailable("agent is not started")
         return agent_pb2.OOMEvent(container_id=await self.oom.next_event())
 
     async def GetGuestDetails(self, req: agent_pb2.GuestDetailsRequest,
@@ -253,7 +253,7 @@ class AgentService:
         try:
             await asyncio.to_thread(guest.copy_file, req, [self.settings.shared])
         except OSError as exc:
-            raise RpcError(Code.INTERNAL, f"path: {req.path!r}: {exc.strerror or exc}") from None
+            raise Internal(f"path: {req.path!r}: {exc.strerror or exc}") from None
         return Empty()
 
     async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest,

@@ -18,7 +18,7 @@ import stat
 import struct
 import termios
 
-from pykata.agent.validation import failed_precondition
+from pykata.errors import FailedPrecondition
 
 DEFAULT_BUFFER_LIMIT = 1 << 20
 _READ_CHUNK = 1 << 20
@@ -166,7 +166,7 @@ class InputStream:
         (A caller whose chunk was only partly taken sends the rest again: with a 64 KiB pipe and
         1 MiB chunks that resending cost most of the stdin bandwidth.)
 
-        Raises RpcError(FAILED_PRECONDITION) when stdin was closed or the process is gone before any
+        Raises FailedPrecondition when stdin was closed or the process is gone before any
         byte was taken.
         """
         async with self._lock:
@@ -176,7 +176,7 @@ class InputStream:
                 if self._fd < 0:
                     if done:
                         return done
-                    raise failed_precondition("stdin is closed")
+                    raise FailedPrecondition("stdin is closed")
                 try:
                     done += os.write(self._fd, view[done:])
                 except (BlockingIOError, InterruptedError):
@@ -185,7 +185,7 @@ class InputStream:
                     if isinstance(exc, BrokenPipeError) or exc.errno in (errno.EIO, errno.EPIPE):
                         if done:
                             return done
-                        raise failed_precondition("the process closed its stdin") from None
+                        raise FailedPrecondition("the process closed its stdin") from None
                     raise
             return done
 

@@ -23,12 +23,11 @@ from pykata.agent.validation import (
     check_count,
     check_string,
     check_within,
-    invalid,
     is_within,
     open_dir_below,
 )
+from pykata.errors import Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
-from pykata.ttrpc import Code, RpcError
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -134,16 +133,16 @@ class Storages:
             if is_within(norm, root) and norm != "/":
                 rel = norm[len(str(root).rstrip("/")):].strip("/")
                 return root, [p for p in rel.split("/") if p]
-        raise invalid(field, f"{norm!r} is outside the agent's mount roots "
+        raise InvalidArgument(field, f"{norm!r} is outside the agent's mount roots "
                              f"({', '.join(map(str, self.mount_roots))})")
 
     def mount(self, storage: agent_pb2.Storage, field: str) -> Mounted:
-        """Mount one storage. Raises RpcError: INVALID_ARGUMENT naming a bad field, INTERNAL when
+        """Mount one storage. Raises InvalidArgument naming a bad field, Internal when
         the kernel refuses."""
         try:
             return self._mount(storage, field)
         except OSError as exc:
-            raise RpcError(Code.INTERNAL, f"{field}: {exc.strerror or exc}") from None
+            raise Internal(f"{field}: {exc.strerror or exc}") from None
 
     def _mount(self, storage: agent_pb2.Storage, field: str) -> Mounted:
         driver = storage.driver
@@ -155,7 +154,7 @@ class Storages:
                 try:
                     mode = int(opt[5:], 8) & 0o7777
                 except ValueError:
-                    raise invalid(f"{field}.driver_options[{i}]", f"bad mode {opt!r}") from None
+                    raise InvalidArgument(f"{field}.driver_options[{i}]", f"bad mode {opt!r}") from None
         flags, propagation, data = parse_options(f"{field}.options", storage.options)
         fstype = storage.fstype
         source = storage.source
@@ -172,7 +171,7 @@ class Storages:
                 source = self._device_by_serial(f"{field}.source", source.removeprefix("serial:"))
             source = str(check_within(f"{field}.source", source, [Path("/dev")]))
             if fstype not in BLOCK_FSTYPES:
-                raise invalid(f"{field}.fstype", f"{fstype!r} is not one of {sorted(BLOCK_FSTYPES)}")
+                raise InvalidArgument(f"{field}.fstype", f"{fstype!r} is not one of {sorted(BLOCK_FSTYPES)}")
         elif driver == "tmpfs":
             fstype, source = "tmpfs", source or "tmpfs"
             self._tag(f"{field}.source", source)
@@ -187,10 +186,10 @@ class Storages:
             os.close(fd)
             return Mounted(str(root.joinpath(*parts)), mounted=False)
         else:
-            raise invalid(f"{field}.driver", f"{driver!r} is not one of {', '.join(DRIVERS)}")
+            raise InvalidArgument(f"{field}.driver", f"{driver!r} is not one of {', '.join(DRIVERS)}")
         for i, d in enumerate(data):
             if not DATA_OPTION_RE.match(d):
-                raise invalid(f"{field}.options", f"option {i} {d!r} has unexpected characters")
+                raise InvalidArgument(f"{field}.options", f"option {i} {d!r} has unexpected characters")
         fd = open_dir_below(root, parts, create_mode=0o755, field=f"{field}.mount_point")
         try:
             target = f"/proc/self/fd/{fd}"
@@ -220,11 +219,11 @@ class Storages:
                     if entry.read_text().strip() == serial and Path(f"/dev/{entry.parent.name}").exists():
                         return f"/dev/{entry.parent.name}"
             time.sleep(0.05)
-        raise invalid(field, f"no virtio disk with serial {serial!r} appeared within {DEVICE_WAIT}s")
+        raise InvalidArgument(field, f"no virtio disk with serial {serial!r} appeared within {DEVICE_WAIT}s")
 
     def _tag(self, field: str, tag: str) -> None:
         if not TAG_RE.match(tag):
-            raise invalid(field, f"{tag!r} is not a valid tag")
+            raise InvalidArgument(field, f"{tag!r} is not a valid tag")
 
     def _overlay_option(self, field: str, option: str) -> str:
         key, sep, value = option.partition("=")

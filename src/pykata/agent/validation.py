@@ -2,7 +2,8 @@
 
 The host is more trusted than a container, but a confused or compromised host must not make the
 agent write outside its directories, mount over the guest, or grow without bound. Every check raises
-`RpcError` with `INVALID_ARGUMENT` and a message that starts with the name of the bad field.
+`InvalidArgument` (pykata.errors: it answers INVALID_ARGUMENT) whose message starts with the name of
+the bad field.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from pykata.ttrpc import Code, RpcError
+from pykata.errors import InvalidArgument
 
 # Container, exec and sandbox ids: what runc/containerd accept, minus the characters that would
 # need quoting in a path or a cgroup name.
@@ -33,26 +34,10 @@ MAX_PATH = 4096
 MAX_LIST = 1024                   # storages, devices, mounts, dns lines, ...
 
 
-def invalid(field: str, message: str) -> RpcError:
-    return RpcError(Code.INVALID_ARGUMENT, f"{field}: {message}")
-
-
-def not_found(message: str) -> RpcError:
-    return RpcError(Code.NOT_FOUND, message)
-
-
-def already_exists(message: str) -> RpcError:
-    return RpcError(Code.ALREADY_EXISTS, message)
-
-
-def failed_precondition(message: str) -> RpcError:
-    return RpcError(Code.FAILED_PRECONDITION, message)
-
-
 def check_id(field: str, value: str) -> str:
-    """Raises RpcError(INVALID_ARGUMENT) unless `value` matches ID_RE."""
+    """Raises InvalidArgument unless `value` matches ID_RE."""
     if not isinstance(value, str) or not ID_RE.match(value):
-        raise invalid(field, f"{_show(value)} is not a valid id (letters, digits, '_', '.', '-'; at most 128)")
+        raise InvalidArgument(field, f"{_show(value)} is not a valid id (letters, digits, '_', '.', '-'; at most 128)")
     return value
 
 
@@ -65,25 +50,25 @@ def check_exec_id(field: str, value: str, *, allow_empty: bool = True) -> str:
 
 def check_string(field: str, value: str, *, max_len: int = MAX_STRING, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
-        raise invalid(field, "must be a string")
+        raise InvalidArgument(field, "must be a string")
     if "\x00" in value:
-        raise invalid(field, "contains a NUL byte")
+        raise InvalidArgument(field, "contains a NUL byte")
     if len(value) > max_len:
-        raise invalid(field, f"longer than {max_len} characters")
+        raise InvalidArgument(field, f"longer than {max_len} characters")
     if not value and not allow_empty:
-        raise invalid(field, "must not be empty")
+        raise InvalidArgument(field, "must not be empty")
     return value
 
 
 def check_count(field: str, items: Sequence[object], limit: int = MAX_LIST) -> None:
     if len(items) > limit:
-        raise invalid(field, f"{len(items)} entries, at most {limit} allowed")
+        raise InvalidArgument(field, f"{len(items)} entries, at most {limit} allowed")
 
 
 def check_args(field: str, args: object) -> list[str]:
     """A non-empty argv of strings without NUL bytes."""
     if not isinstance(args, list) or not args:
-        raise invalid(field, "must be a non-empty list of strings")
+        raise InvalidArgument(field, "must be a non-empty list of strings")
     check_count(field, args, MAX_ARGS)
     return [check_string(f"{field}[{i}]", a) for i, a in enumerate(args)]
 
@@ -93,14 +78,14 @@ def check_env(field: str, env: object) -> list[str]:
     if env is None:
         return []
     if not isinstance(env, list):
-        raise invalid(field, "must be a list of KEY=value strings")
+        raise InvalidArgument(field, "must be a list of KEY=value strings")
     check_count(field, env, MAX_ENV)
     out = []
     for i, entry in enumerate(env):
         check_string(f"{field}[{i}]", entry)
         key, sep, _ = entry.partition("=")
         if not sep or not ENV_KEY_RE.match(key):
-            raise invalid(f"{field}[{i}]", f"{_show(entry)} is not KEY=value")
+            raise InvalidArgument(f"{field}[{i}]", f"{_show(entry)} is not KEY=value")
         out.append(entry)
     return out
 
@@ -108,12 +93,12 @@ def check_env(field: str, env: object) -> list[str]:
 def check_abs_path(field: str, path: object) -> str:
     """An absolute path with no '..' component; returned normalized ('//', '.', trailing '/')."""
     if not isinstance(path, str) or not path:
-        raise invalid(field, "must be an absolute path")
+        raise InvalidArgument(field, "must be an absolute path")
     check_string(field, path, max_len=MAX_PATH)
     if not path.startswith("/"):
-        raise invalid(field, f"{_show(path)} is not absolute")
+        raise InvalidArgument(field, f"{_show(path)} is not absolute")
     if ".." in path.split("/"):
-        raise invalid(field, f"{_show(path)} contains '..'")
+        raise InvalidArgument(field, f"{_show(path)} contains '..'")
     norm = posixpath.normpath(path)
     return "/" + norm.lstrip("/")
 
@@ -126,15 +111,15 @@ def is_within(path: str | Path, root: str | Path) -> bool:
 def check_within(field: str, path: object, roots: Iterable[Path], *, must_exist: bool = True) -> Path:
     """`path` (absolute, no '..'), with every symlink resolved, lies inside one of `roots`.
 
-    Raises RpcError(INVALID_ARGUMENT) naming `field` otherwise, or when it does not exist and
+    Raises InvalidArgument naming `field` otherwise, or when it does not exist and
     `must_exist`.
     """
     norm = check_abs_path(field, path)
     real = os.path.realpath(norm)
     if not any(is_within(real, os.path.realpath(r)) for r in roots):
-        raise invalid(field, f"{_show(norm)} is outside the agent's allowed directories")
+        raise InvalidArgument(field, f"{_show(norm)} is outside the agent's allowed directories")
     if must_exist and not os.path.lexists(real):
-        raise invalid(field, f"{_show(norm)} does not exist")
+        raise InvalidArgument(field, f"{_show(norm)} does not exist")
     return Path(real)
 
 
@@ -143,7 +128,7 @@ def check_relative(field: str, path: str) -> list[str]:
     norm = check_abs_path(field, "/" + path.lstrip("/"))
     parts = [p for p in norm.split("/") if p]
     if not parts:
-        raise invalid(field, "names the root itself")
+        raise InvalidArgument(field, "names the root itself")
     return parts
 
 
@@ -152,7 +137,7 @@ def open_dir_below(root: Path, parts: Sequence[str], *, create_mode: int | None 
     """Open (O_PATH) the directory root/parts..., never following a symlink below `root`.
 
     Missing directories are made with `create_mode` when given. Returns a descriptor the caller
-    closes. Raises RpcError(INVALID_ARGUMENT) when a component is a symlink or not a directory.
+    closes. Raises InvalidArgument when a component is a symlink or not a directory.
     """
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -164,9 +149,9 @@ def open_dir_below(root: Path, parts: Sequence[str], *, create_mode: int | None 
                 nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise invalid(field, f"{part!r} is a symlink or not a directory") from None
+                    raise InvalidArgument(field, f"{part!r} is a symlink or not a directory") from None
                 if exc.errno == errno.ENOENT:
-                    raise invalid(field, f"{part!r} does not exist") from None
+                    raise InvalidArgument(field, f"{part!r} does not exist") from None
                 raise
             os.close(fd)
             fd = nxt

@@ -12,13 +12,13 @@ from pathlib import Path
 import psutil
 
 from pykata.config import Config
-from pykata.errors import PykataError
+from pykata.errors import NotFound
 from pykata.resources import mounts
 from pykata.sandbox import state
 from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
 
 
-class NotFoundError(PykataError):
+class NotFoundError(NotFound):
     """No sandbox or container matches; `ref` names what was asked for."""
 
     def __init__(self, ref: str, message: str = "no such container") -> None:

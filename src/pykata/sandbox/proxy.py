@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.agentapi import Agent
+from pykata.errors import error_for
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.ttrpc import CallContext, RpcError, Server
 
@@ -27,7 +28,7 @@ class _Forward:
             try:
                 return await self._agent.ttrpc.call(self._service, method, request, timeout=ctx.timeout)
             except RpcError as e:
-                raise RpcError(e.code, e.message) from None
+                raise error_for(e.code, e.message) from None  # the agent's status, passed on
         return forward
 
 

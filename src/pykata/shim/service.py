@@ -36,21 +36,22 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pykata.agentapi import AgentCallError
 from pykata.config import Config, load_for_annotations
-from pykata.errors import ConfigError, PykataError
+from pykata.errors import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PykataError,
+    Unimplemented,
+)
 from pykata.network import spec_netns
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
 from pykata.resources import cgroups
 from pykata.resources.mounts import RootfsMount
 from pykata.sandbox import Sandbox, sandboxes_dir
 from pykata.shim import sizing
-from pykata.shim.errors import (
-    AlreadyExistsError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    ShimError,
-    agent_errors,
-)
+from pykata.shim.errors import agent_errors
 from pykata.shim.events import EventPublisher
 from pykata.shim.logs import current_container
 from pykata.shim.stats import metrics_any
@@ -74,9 +75,9 @@ OOM_POLL_INTERVAL = 0.1
 
 
 def check_id(field: str, value: str) -> str:
-    """Raises InvalidArgumentError unless `value` is a containerd identifier."""
+    """Raises InvalidArgument unless `value` is a containerd identifier."""
     if not value or len(value) > MAX_ID or not _ID.match(value):
-        raise InvalidArgumentError(field, f"{value!r} is not a valid identifier")
+        raise InvalidArgument(field, f"{value!r} is not a valid identifier")
     return value
 
 
@@ -131,7 +132,7 @@ class TaskService:
         current_container.set(container_id)
         sc = self.containers.get(container_id)
         if sc is None or sc.deleted:
-            raise NotFoundError(f"container {container_id}: container not created")
+            raise NotFound(f"container {container_id}: container not created")
         return sc
 
     def _publish(self, event: Message) -> None:
@@ -145,7 +146,7 @@ class TaskService:
 
     def _agent_sandbox(self) -> Sandbox:
         if self.sandbox is None or self.vm_dead or self._sandbox_stopping:
-            raise FailedPreconditionError(f"sandbox {self.sandbox_id} is not running")
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
         return self.sandbox
 
     # -- sandbox -----------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class TaskService:
                 return self._agent_sandbox()
             annotations = spec.get("annotations") or {}
             if not isinstance(annotations, dict):
-                raise InvalidArgumentError("config.json annotations", "must be an object")
+                raise InvalidArgument("config.json annotations", "must be an object")
             with agent_errors(f"sandbox {self.sandbox_id}"):
                 config = self._load_config({str(k): str(v) for k, v in annotations.items()})
                 await _remove_dead_leftover(config, self.sandbox_id)
@@ -182,14 +183,14 @@ class TaskService:
         """Move the shim, and so the QEMU and virtiofsd it starts, into the sandbox's host cgroup
         (pykata.resources.cgroups): the pod's `linux.cgroupsPath` with runtime.sandbox_cgroup_only.
 
-        Raises InvalidArgumentError naming linux.cgroupsPath when the pod's path is refused."""
+        Raises InvalidArgument naming linux.cgroupsPath when the pod's path is refused."""
         linux = spec.get("linux")
         spec_path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
         try:
             cg = cgroups.join(config.runtime, spec_path, self.sandbox_id)
         except cgroups.CgroupError as e:
             if e.field == cgroups.FIELD:
-                raise InvalidArgumentError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+                raise InvalidArgument(e.field, str(e).removeprefix(f"{e.field}: ")) from None
             if config.runtime.sandbox_cgroup_only:
                 raise  # the admin asked for the pod's accounting: no VM outside it
             # the overhead cgroup is bookkeeping: a host whose cgroups pykata cannot write still runs pods
@@ -306,11 +307,11 @@ class TaskService:
         cid = check_id("id", req.id)
         current_container.set(cid)
         if self.shutting_down:
-            raise FailedPreconditionError("the shim is shutting down")
+            raise FailedPrecondition("the shim is shutting down")
         if cid in self.containers or cid in self._creating:
-            raise AlreadyExistsError(f"container {cid}: already exists")
+            raise AlreadyExists(f"container {cid}: already exists")
         if req.checkpoint or req.parent_checkpoint:
-            raise ShimError("restoring from a checkpoint is not supported", Code.UNIMPLEMENTED)
+            raise Unimplemented("restoring from a checkpoint is not supported")
         self._creating.add(cid)
         mark("rpc.create")
         try:
@@ -322,7 +323,7 @@ class TaskService:
     async def _create(self, req: shim_pb2.CreateTaskRequest, cid: str) -> shim_pb2.CreateTaskResponse:
         bundle = Path(req.bundle)
         if not bundle.is_absolute():
-            raise InvalidArgumentError("bundle", f"{req.bundle!r} is not an absolute path")
+            raise InvalidArgument("bundle", f"{req.bundle!r} is not an absolute path")
         spec = load_spec(bundle)
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         log.info("create: bundle %s, %d rootfs mounts, terminal=%s", bundle, len(req.rootfs), req.terminal)
@@ -376,9 +377,9 @@ class TaskService:
     async def _start(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.StartResponse:
         async with p.lock:
             if p.deleted or sc.deleted:
-                raise NotFoundError(f"process {p.id} was deleted")
+                raise NotFound(f"process {p.id} was deleted")
             if p.state != "created":
-                raise FailedPreconditionError(f"cannot start a {p.state} process")
+                raise FailedPrecondition(f"cannot start a {p.state} process")
             if p is sc.init:
                 assert sc.sandbox_container is not None
                 self._agent_sandbox()
@@ -403,9 +404,9 @@ class TaskService:
 
     async def _start_exec(self, sc: ShimContainer, p: ShimProcess) -> None:
         if sc.init.state != "running":
-            raise FailedPreconditionError(f"cannot exec in a {sc.init.state} container")
+            raise FailedPrecondition(f"cannot exec in a {sc.init.state} container")
         if sc.paused:
-            raise FailedPreconditionError("cannot exec in a paused container")
+            raise FailedPrecondition("cannot exec in a paused container")
         self._agent_sandbox()
         assert sc.sandbox_container is not None
         proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)
@@ -420,13 +421,13 @@ class TaskService:
         sc = self._container(req.id)
         exec_id = check_id("exec_id", req.exec_id)
         if exec_id in sc.execs:
-            raise AlreadyExistsError(f"exec {exec_id} in container {sc.id}: already exists")
+            raise AlreadyExists(f"exec {exec_id} in container {sc.id}: already exists")
         if sc.init.state == "stopped":
-            raise FailedPreconditionError(f"container {sc.id} is stopped")
+            raise FailedPrecondition(f"container {sc.id} is stopped")
         try:
             spec = typeurl.unpack_json(req.spec, typeurl.OCI_PROCESS_URL)
         except typeurl.TypeURLError as e:
-            raise InvalidArgumentError("spec", str(e)) from None
+            raise InvalidArgument("spec", str(e)) from None
         exec_process(spec, terminal=req.terminal, console_size=None)  # reject a bad spec now, not at Start
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         p = ShimProcess(sc.id, exec_id, stdio, spec)
@@ -444,7 +445,7 @@ class TaskService:
         mark("rpc.delete")
         sc = self.containers.get(req.id)  # also while its deletion runs: a second Delete waits for it
         if sc is None:
-            raise NotFoundError(f"container {req.id}: container not created")
+            raise NotFound(f"container {req.id}: container not created")
         if req.exec_id:
             return await self._delete_exec(sc, sc.process(req.exec_id))
         mine = False
@@ -452,7 +453,7 @@ class TaskService:
             async with sc.init.lock:  # not in the middle of a Start
                 if sc.deleting is None:
                     if sc.init.state == "running":
-                        raise FailedPreconditionError(f"container {sc.id}: cannot delete a running process")
+                        raise FailedPrecondition(f"container {sc.id}: cannot delete a running process")
                     sc.deleted = True
                     # a task of its own: containerd closing the connection cancels this RPC, and a
                     # deletion cut in half would leave the container, and with it the VM, behind
@@ -460,7 +461,7 @@ class TaskService:
                     mine = True
         resp: shim_pb2.DeleteResponse = await asyncio.shield(sc.deleting)
         if not mine:  # containerd takes NOT_FOUND as "already deleted"
-            raise NotFoundError(f"container {sc.id}: cannot delete a deleted process")
+            raise NotFound(f"container {sc.id}: cannot delete a deleted process")
         return resp
 
     async def _delete_container(self, sc: ShimContainer) -> shim_pb2.DeleteResponse:
@@ -497,9 +498,9 @@ class TaskService:
     async def _delete_exec(self, sc: ShimContainer, p: ShimProcess) -> shim_pb2.DeleteResponse:
         async with p.lock:
             if p.deleted:
-                raise NotFoundError(f"exec {p.exec_id}: cannot delete a deleted process")
+                raise NotFound(f"exec {p.exec_id}: cannot delete a deleted process")
             if p.state == "running":
-                raise FailedPreconditionError(f"exec {p.exec_id}: cannot delete a running process")
+                raise FailedPrecondition(f"exec {p.exec_id}: cannot delete a running process")
             p.deleted = True
         sc.execs.pop(p.exec_id, None)
         if p.io is not None:
@@ -534,9 +535,9 @@ class TaskService:
     async def _pause(self, sc: ShimContainer) -> Empty:
         async with sc.lock:
             if sc.init.state != "running" or sc.deleted:
-                raise FailedPreconditionError(f"cannot pause a {sc.init.state} container")
+                raise FailedPrecondition(f"cannot pause a {sc.init.state} container")
             if sc.paused:
-                raise FailedPreconditionError("cannot pause a paused container")
+                raise FailedPrecondition("cannot pause a paused container")
             sandbox = self._agent_sandbox()
             with agent_errors(f"pause {sc.id}"):
                 await sandbox.pause_container(sc.id)
@@ -551,7 +552,7 @@ class TaskService:
     async def _resume(self, sc: ShimContainer) -> Empty:
         async with sc.lock:
             if not sc.paused or sc.deleted:
-                raise FailedPreconditionError(f"cannot resume a container that is not paused ({sc.init.state})")
+                raise FailedPrecondition(f"cannot resume a container that is not paused ({sc.init.state})")
             sandbox = self._agent_sandbox()
             with agent_errors(f"resume {sc.id}"):
                 await sandbox.resume_container(sc.id)
@@ -563,19 +564,19 @@ class TaskService:
         sc = self._container(req.id)
         p = sc.process(req.exec_id)
         if p.exec_id and p.state == "created":
-            raise FailedPreconditionError(f"exec {p.exec_id}: process not created")
+            raise FailedPrecondition(f"exec {p.exec_id}: process not created")
         if p.state == "stopped" or self.vm_dead:
-            raise NotFoundError(f"{p.id}: process already finished")
+            raise NotFound(f"{p.id}: process already finished")
         if not 0 < req.signal < 65:
-            raise InvalidArgumentError("signal", f"{req.signal} is not a signal number")
+            raise InvalidArgument("signal", f"{req.signal} is not a signal number")
         sandbox = self._agent_sandbox()
         log.info("kill %s with signal %d (all=%s)", p.id, req.signal, req.all)
         try:
             with agent_errors(f"kill {p.id}"):
                 await sandbox.signal_process(sc.id, p.exec_id, req.signal, all_processes=req.all)
-        except ShimError as e:
+        except PykataError as e:
             if p.stopped or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
-                raise NotFoundError(f"{p.id}: process already finished") from None
+                raise NotFound(f"{p.id}: process already finished") from None
             if req.signal == signal.SIGKILL and p is sc.init:
                 # SIGKILL must not depend on the guest's good will: an agent that does not carry it
                 # out (no answer, a refused answer) loses the VM, and so every process in it.
@@ -602,11 +603,11 @@ class TaskService:
             p.console_size = (req.height, req.width)
             return Empty()
         if p.state == "stopped":
-            raise FailedPreconditionError(f"cannot resize a stopped process {p.id}")
+            raise FailedPrecondition(f"cannot resize a stopped process {p.id}")
         try:
             with agent_errors(f"resize {p.id}"):
                 await p.proc.resize(req.height, req.width)
-        except ShimError:
+        except PykataError:
             if not p.stopped:  # it ended while we resized: nothing to resize any more
                 raise
         return Empty()
@@ -619,16 +620,16 @@ class TaskService:
         return Empty()
 
     async def Checkpoint(self, req: shim_pb2.CheckpointTaskRequest, ctx: Any) -> Empty:
-        raise ShimError("checkpoint is not supported by pykata", Code.UNIMPLEMENTED)
+        raise Unimplemented("checkpoint is not supported by pykata")
 
     async def Update(self, req: shim_pb2.UpdateTaskRequest, ctx: Any) -> Empty:
         sc = self._container(req.id)
         try:
             resources = typeurl.unpack_json(req.resources, typeurl.OCI_LINUX_RESOURCES_URL)
         except typeurl.TypeURLError as e:
-            raise InvalidArgumentError("resources", str(e)) from None
+            raise InvalidArgument("resources", str(e)) from None
         if not isinstance(resources, dict):
-            raise InvalidArgumentError("resources", "must be an OCI LinuxResources object")
+            raise InvalidArgument("resources", "must be an OCI LinuxResources object")
         sandbox = self._agent_sandbox()
         with agent_errors(f"update {sc.id}"):
             await sandbox.update_container(sc.id, resources)
@@ -697,7 +698,7 @@ class TaskService:
 def _pod_config(annotations: dict[str, str]) -> Config:
     """The pod's configuration (load_for_annotations).
 
-    Raises InvalidArgumentError naming the `io.katacontainers.*` annotation that is bad or not
+    Raises InvalidArgument naming the `io.katacontainers.*` annotation that is bad or not
     allowed (the pod's mistake); ConfigError for the host's own configuration file.
     """
     try:
@@ -705,7 +706,7 @@ def _pod_config(annotations: dict[str, str]) -> Config:
     except ConfigError as e:
         if not e.field.startswith("io.katacontainers."):
             raise
-        raise InvalidArgumentError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+        raise InvalidArgument(e.field, str(e).removeprefix(f"{e.field}: ")) from None
 
 
 def _vm_size(spec: dict[str, Any], config: Config) -> tuple[Config, int | None, int | None]:
@@ -713,7 +714,7 @@ def _vm_size(spec: dict[str, Any], config: Config) -> tuple[Config, int | None, 
     annotations and the container's limits (pykata.shim.sizing: a VM larger than the configured one
     boots cold, without a template).
 
-    Raises InvalidArgumentError naming the annotation or spec field with a bad value.
+    Raises InvalidArgument naming the annotation or spec field with a bad value.
     """
     return sizing.fit(config, sizing.pod_size(spec))
 

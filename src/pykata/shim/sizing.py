@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pykata.config import Config
-from pykata.shim.errors import InvalidArgumentError
+from pykata.errors import InvalidArgument
 
 log = logging.getLogger("pykata.shim")
 
@@ -68,9 +68,9 @@ class PodSize:
 
 
 def _int(field: str, value: object) -> int:
-    """An integer from a spec value or an annotation string. Raises InvalidArgumentError naming `field`."""
+    """An integer from a spec value or an annotation string. Raises InvalidArgument naming `field`."""
     if isinstance(value, bool):
-        raise InvalidArgumentError(field, f"must be an integer, got {value!r}")
+        raise InvalidArgument(field, f"must be an integer, got {value!r}")
     if isinstance(value, int):
         return value
     if isinstance(value, str) and 0 < len(value) <= MAX_VALUE_LEN:
@@ -79,17 +79,17 @@ def _int(field: str, value: object) -> int:
         if digits.isascii() and digits.isdigit():
             return int(text)
     shown = value[:40] if isinstance(value, str) else value
-    raise InvalidArgumentError(field, f"must be an integer, got {shown!r}")
+    raise InvalidArgument(field, f"must be an integer, got {shown!r}")
 
 
 def _vcpus(quota: int, period: int, quota_field: str, period_field: str) -> int | None:
     """ceil(quota / period), None when the quota means "unlimited" (0 or -1)."""
     if quota < -1:
-        raise InvalidArgumentError(quota_field, f"{quota} is negative (-1 or 0 mean no limit)")
+        raise InvalidArgument(quota_field, f"{quota} is negative (-1 or 0 mean no limit)")
     if period == 0:
         period = DEFAULT_CPU_PERIOD
     elif not MIN_CPU_PERIOD <= period <= MAX_CPU_PERIOD:
-        raise InvalidArgumentError(period_field, f"{period} µs is outside {MIN_CPU_PERIOD}..{MAX_CPU_PERIOD}")
+        raise InvalidArgument(period_field, f"{period} µs is outside {MIN_CPU_PERIOD}..{MAX_CPU_PERIOD}")
     if quota <= 0:
         return None
     return math.ceil(quota / period)
@@ -98,7 +98,7 @@ def _vcpus(quota: int, period: int, quota_field: str, period_field: str) -> int 
 def _memory_mib(limit: int, field: str) -> int | None:
     """The VM memory for a memory limit in bytes: None when unlimited (0 or -1)."""
     if limit < -1:
-        raise InvalidArgumentError(field, f"{limit} is negative (-1 or 0 mean no limit)")
+        raise InvalidArgument(field, f"{limit} is negative (-1 or 0 mean no limit)")
     if limit <= 0:
         return None
     return math.ceil(limit / MIB) + VM_MEMORY_OVERHEAD_MIB
@@ -109,7 +109,7 @@ def _from_annotations(annotations: Mapping[str, Any]) -> PodSize:
               (SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_CPU_SHARES, SANDBOX_MEMORY) if name in annotations}
     shares = values.get(SANDBOX_CPU_SHARES, 0)
     if not 0 <= shares <= MAX_CPU_SHARES:
-        raise InvalidArgumentError(SANDBOX_CPU_SHARES, f"{shares} is outside 0..{MAX_CPU_SHARES}")
+        raise InvalidArgument(SANDBOX_CPU_SHARES, f"{shares} is outside 0..{MAX_CPU_SHARES}")
     vcpus = _vcpus(values.get(SANDBOX_CPU_QUOTA, 0), values.get(SANDBOX_CPU_PERIOD, 0),
                    SANDBOX_CPU_QUOTA, SANDBOX_CPU_PERIOD)
     memory = _memory_mib(values.get(SANDBOX_MEMORY, 0), SANDBOX_MEMORY)
@@ -120,7 +120,7 @@ def _object(field: str, value: object) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidArgumentError(field, "must be an object")
+        raise InvalidArgument(field, "must be an object")
     return value
 
 
@@ -142,7 +142,7 @@ def pod_size(spec: Mapping[str, Any]) -> PodSize:
     sandbox annotations and the spec's own limits, per resource.
 
     Raises:
-        InvalidArgumentError: naming the annotation or spec field whose value is not an integer or
+        InvalidArgument: naming the annotation or spec field whose value is not an integer or
             is out of range.
     """
     annotations = _object("annotations", spec.get("annotations"))
@@ -162,7 +162,7 @@ def fit(config: Config, size: PodSize) -> tuple[Config, int | None, int | None]:
     template; see the module docstring).
 
     Raises:
-        InvalidArgumentError: the memory asked for is above hypervisor.qemu.default_maxmemory (the
+        InvalidArgument: the memory asked for is above hypervisor.qemu.default_maxmemory (the
             host's memory by default), naming the annotation or field that asked.
     """
     q = config.qemu
@@ -172,7 +172,7 @@ def fit(config: Config, size: PodSize) -> tuple[Config, int | None, int | None]:
                     size.vcpus_source, vcpus, most)
         vcpus = most
     if memory is not None and memory > (limit := q.resolved_maxmemory()):
-        raise InvalidArgumentError(size.memory_source, f"asks for {memory - VM_MEMORY_OVERHEAD_MIB} MiB, "
+        raise InvalidArgument(size.memory_source, f"asks for {memory - VM_MEMORY_OVERHEAD_MIB} MiB, "
                                    f"more than the VM may have (hypervisor.qemu.default_maxmemory {limit} MiB)")
     bigger = (vcpus or 0) > q.default_vcpus or (memory or 0) > q.default_memory
     if bigger and config.factory.enable_template:

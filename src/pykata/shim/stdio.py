@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from pykata.errors import PykataError
+from pykata.errors import InvalidArgument, PykataError
 from pykata.sandbox.process import Process, Stream
-from pykata.shim.errors import InvalidArgumentError
 
 log = logging.getLogger("pykata.shim.stdio")
 
@@ -106,14 +105,14 @@ def _scheme(uri: str) -> tuple[str, str, str]:
 
 
 def _open_output(path: str, field: str) -> int:
-    """Open a FIFO (O_RDWR: never blocks) or append to a file. Raises InvalidArgumentError."""
+    """Open a FIFO (O_RDWR: never blocks) or append to a file. Raises InvalidArgument."""
     try:
         st = os.stat(path)
         if stat.S_ISFIFO(st.st_mode):
             return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     except OSError as e:
-        raise InvalidArgumentError(field, f"cannot open {path}: {e.strerror}") from None
+        raise InvalidArgument(field, f"cannot open {path}: {e.strerror}") from None
 
 
 class ProcessIO:
@@ -136,7 +135,7 @@ class ProcessIO:
     async def open(cls, stdio: Stdio, *, container_id: str, namespace: str) -> ProcessIO:
         """Open the FIFOs/files or start the logging binary.
 
-        Raises InvalidArgumentError naming the stdio field that cannot be used.
+        Raises InvalidArgument naming the stdio field that cannot be used.
         """
         pio = cls(stdio)
         try:
@@ -155,18 +154,18 @@ class ProcessIO:
             self._out = Writer(_open_output(path, "stdout"))
         elif scheme == "file":
             if not path.startswith("/"):
-                raise InvalidArgumentError("stdout", f"file URI {s.stdout!r} needs an absolute path")
+                raise InvalidArgument("stdout", f"file URI {s.stdout!r} needs an absolute path")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as e:
-                raise InvalidArgumentError("stdout", f"cannot open {path}: {e.strerror}") from None
+                raise InvalidArgument("stdout", f"cannot open {path}: {e.strerror}") from None
             self._out = Writer(fd, users=2)
             self._err = self._out
         elif scheme == "binary":
             await self._start_logger(path, query, container_id, namespace)
         else:
-            raise InvalidArgumentError("stdout", f"unknown stdio scheme {scheme!r} in {s.stdout!r}")
+            raise InvalidArgument("stdout", f"unknown stdio scheme {scheme!r} in {s.stdout!r}")
         if self._err is None:
             if s.terminal or not s.stderr:
                 self._err = _Discard()
@@ -176,17 +175,17 @@ class ProcessIO:
             else:
                 escheme, epath, _ = _scheme(s.stderr)
                 if escheme != "fifo":
-                    raise InvalidArgumentError("stderr", f"{s.stderr!r}: only a FIFO or the stdout URI")
+                    raise InvalidArgument("stderr", f"{s.stderr!r}: only a FIFO or the stdout URI")
                 self._err = Writer(_open_output(epath, "stderr"))
         if s.stdin:
             try:
                 self._stdin_fd = os.open(s.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as e:
-                raise InvalidArgumentError("stdin", f"cannot open {s.stdin}: {e.strerror}") from None
+                raise InvalidArgument("stdin", f"cannot open {s.stdin}: {e.strerror}") from None
 
     async def _start_logger(self, path: str, query: str, container_id: str, namespace: str) -> None:
         if not path.startswith("/") or not os.access(path, os.X_OK):
-            raise InvalidArgumentError("stdout", f"logging binary {path!r} is not an executable absolute path")
+            raise InvalidArgument("stdout", f"logging binary {path!r} is not an executable absolute path")
         args: list[str] = [path]
         for k, v in parse_qsl(query, keep_blank_values=True):
             args.append(k)
@@ -206,7 +205,7 @@ class ProcessIO:
         except OSError as e:
             for fd in (out_w, err_w, ready_r):
                 os.close(fd)
-            raise InvalidArgumentError("stdout", f"cannot start logging binary {path}: {e.strerror}") from None
+            raise InvalidArgument("stdout", f"cannot start logging binary {path}: {e.strerror}") from None
         finally:
             for fd in (*high, out_r, err_r, ready_w):
                 os.close(fd)
@@ -216,7 +215,7 @@ class ProcessIO:
         try:
             await asyncio.wait_for(_readable(ready_r), LOGGER_READY_TIMEOUT)
         except TimeoutError:
-            raise InvalidArgumentError("stdout", f"logging binary {path} not ready within "
+            raise InvalidArgument("stdout", f"logging binary {path} not ready within "
                                                  f"{LOGGER_READY_TIMEOUT:.0f}s") from None
         finally:
             os.close(ready_r)

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from pykata.errors import InvalidArgument, NotFound
 from pykata.protocols import mount_pb2, task_types_pb2
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox import Container, Process
-from pykata.shim.errors import InvalidArgumentError, NotFoundError
 from pykata.shim.stdio import ProcessIO, Stdio
 
 MAX_SPEC_BYTES = 16 << 20
@@ -98,12 +98,12 @@ class ShimContainer:
         self.lock = asyncio.Lock()
 
     def process(self, exec_id: str) -> ShimProcess:
-        """The init ("") or the named exec. Raises NotFoundError."""
+        """The init ("") or the named exec. Raises NotFound."""
         if not exec_id:
             return self.init
         p = self.execs.get(exec_id)
         if p is None:
-            raise NotFoundError(f"process {exec_id} does not exist in container {self.id}")
+            raise NotFound(f"process {exec_id} does not exist in container {self.id}")
         return p
 
     def processes(self) -> list[ShimProcess]:
@@ -119,40 +119,40 @@ class ShimContainer:
 
 
 def load_spec(bundle: Path) -> dict[str, Any]:
-    """The bundle's config.json. Raises InvalidArgumentError naming config.json."""
+    """The bundle's config.json. Raises InvalidArgument naming config.json."""
     path = bundle / "config.json"
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
-        raise InvalidArgumentError("config.json", f"cannot read {path}: {e.strerror}") from None
+        raise InvalidArgument("config.json", f"cannot read {path}: {e.strerror}") from None
     if len(data) > MAX_SPEC_BYTES:
-        raise InvalidArgumentError("config.json", f"{path} is larger than {MAX_SPEC_BYTES} bytes")
+        raise InvalidArgument("config.json", f"{path} is larger than {MAX_SPEC_BYTES} bytes")
     try:
         spec = json.loads(data)
     except ValueError as e:
-        raise InvalidArgumentError("config.json", f"{path}: invalid JSON: {e}") from None
+        raise InvalidArgument("config.json", f"{path}: invalid JSON: {e}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
-        raise InvalidArgumentError("config.json", f"{path} has no process object")
+        raise InvalidArgument("config.json", f"{path} has no process object")
     return spec
 
 
 def exec_process(spec: Any, *, terminal: bool, console_size: tuple[int, int] | None) -> agent_pb2.Process:
     """The agent's Process for an exec's OCI process (as containerd sends it in ExecProcessRequest.spec).
 
-    Raises InvalidArgumentError naming the spec field that is wrong.
+    Raises InvalidArgument naming the spec field that is wrong.
     """
     if not isinstance(spec, dict):
-        raise InvalidArgumentError("spec", "not an OCI process object")
+        raise InvalidArgument("spec", "not an OCI process object")
     args = spec.get("args")
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
-        raise InvalidArgumentError("spec.args", "must be a non-empty list of strings")
+        raise InvalidArgument("spec.args", "must be a non-empty list of strings")
     env = spec.get("env") or []
     if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
-        raise InvalidArgumentError("spec.env", "must be a list of strings")
+        raise InvalidArgument("spec.env", "must be a list of strings")
     user = spec.get("user") or {}
     if not isinstance(user, dict):
-        raise InvalidArgumentError("spec.user", "must be an object")
+        raise InvalidArgument("spec.user", "must be an object")
     try:
         proc = agent_pb2.Process(
             args=args, env=env, cwd=str(spec.get("cwd") or "/"), terminal=terminal,
@@ -173,7 +173,7 @@ def exec_process(spec: Any, *, terminal: bool, console_size: tuple[int, int] | N
         for r in spec.get("rlimits") or []:
             proc.rlimits.add(type=str(r["type"]), hard=int(r["hard"]), soft=int(r["soft"]))
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise InvalidArgumentError("spec", f"invalid OCI process: {e}") from None
+        raise InvalidArgument("spec", f"invalid OCI process: {e}") from None
     size = spec.get("consoleSize")
     if console_size is not None:
         proc.console_height, proc.console_width = console_size

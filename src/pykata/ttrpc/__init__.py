@@ -13,10 +13,11 @@ from pykata.ttrpc.errors import (
     RemoteProtocolError,
     RpcError,
     TtrpcError,
+    UnknownMethodError,
 )
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameType, encode_frame
 from pykata.ttrpc.server import CallContext, Server
-from pykata.ttrpc.service import MethodSpec, ServiceSpec, UnknownMethodError, spec_from_descriptor
+from pykata.ttrpc.service import MethodSpec, ServiceSpec, spec_from_descriptor
 
 __all__ = [
     "MAX_MESSAGE_SIZE",

@@ -23,8 +23,20 @@ class RemoteProtocolError(TtrpcError):
     """The peer sent bytes that are not valid ttrpc; the connection cannot continue."""
 
 
+class UnknownMethodError(TtrpcError):
+    """A method name that the service does not have."""
+
+    rpc_code = Code.UNIMPLEMENTED
+
+    def __init__(self, service: str, method: str) -> None:
+        super().__init__(f"{service}: no method {method!r}")
+        self.service = service
+        self.method = method
+
+
 class RpcError(TtrpcError):
-    """A call failed with a google.rpc status.
+    """A call I made failed with a google.rpc status (never raised for a failure of our own: those are
+    the domain errors of pykata.errors, which carry their code).
 
     `method` is the full method name ("/containerd.task.v2.Task/State") when known.
     """

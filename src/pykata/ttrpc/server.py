@@ -13,8 +13,9 @@ unary call closes the connection (a protocol error); a stream's unread inbound m
 at `max_inbound_bytes` (past it the server stops reading the connection until the handler catches
 up); requests in flight per connection are capped in number and in bytes (RESOURCE_EXHAUSTED).
 
-Errors become google.rpc statuses: RpcError keeps its code, NotImplementedError is UNIMPLEMENTED,
-an exception with an `rpc_code` attribute uses it, anything else is UNKNOWN (and logged).
+Errors become google.rpc statuses: a PykataError answers its `rpc_code` (pykata.errors: `NotFound`
+is NOT_FOUND, ...; a handler that passes on a status it got uses `pykata.errors.error_for`),
+NotImplementedError is UNIMPLEMENTED, anything else is UNKNOWN (and logged).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 from pykata.errors import PykataError
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.connection import DataReceived, Event, RequestReceived, Role
-from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError, RpcError
+from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
 from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
@@ -189,13 +190,11 @@ class _ServerProtocol(ConnectionProtocol):
 
 
 def _status_of(exc: BaseException) -> tuple[Code, str]:
-    if isinstance(exc, RpcError):
-        return exc.code, exc.message
+    """The one place an exception becomes a status: a PykataError answers its `rpc_code`."""
+    if isinstance(exc, PykataError):  # an RpcError (a call the handler made failed) is UNKNOWN here
+        return Code.from_wire(int(exc.rpc_code)), str(exc)
     if isinstance(exc, NotImplementedError):
         return Code.UNIMPLEMENTED, str(exc) or "not implemented"
-    code = getattr(exc, "rpc_code", None)
-    if isinstance(code, int):
-        return Code.from_wire(int(code)), str(exc)
     return Code.UNKNOWN, str(exc) or type(exc).__name__
 
 

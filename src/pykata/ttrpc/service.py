@@ -15,7 +15,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from pykata.errors import PykataError
+from pykata.ttrpc.errors import UnknownMethodError
 
 
 class MethodLike(Protocol):
@@ -36,15 +36,6 @@ class ServiceLike(Protocol):
     def name(self) -> str: ...
     @property
     def methods(self) -> Mapping[str, Any]: ...
-
-
-class UnknownMethodError(PykataError):
-    """A method name that the service does not have."""
-
-    def __init__(self, service: str, method: str) -> None:
-        super().__init__(f"{service}: no method {method!r}")
-        self.service = service
-        self.method = method
 
 
 @dataclass(frozen=True, slots=True)
