@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
         try:
             await network.update_interface(agent_pb2.Interface(current_hw_addr="02:00:00:00:00:99"))
         except Exception as e:
-            out["missing"] = [str(e.code), str(e)]
+            out["missing"] = [str(e.rpc_code), str(e)]
         print(json.dumps(out))
 
     asyncio.run(main())

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from pykata.agentapi import Agent, AgentCallError, AgentReplyError
+from pykata.errors import NotFound
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
-from pykata.ttrpc import CallContext, Code, RpcError, Server
+from pykata.ttrpc import CallContext, Code, Server
 
 
 class FakeHostileAgent:
@@ -126,7 +127,7 @@ async def test_out_of_contract_answers_are_refused(fake: tuple[FakeHostileAgent,
 
 async def test_a_failed_call_keeps_its_code_and_names_the_rpc(fake: tuple[FakeHostileAgent, Agent]) -> None:
     handler, agent = fake
-    handler.replies["PauseContainer"] = RpcError(Code.NOT_FOUND, "no container c9")
+    handler.replies["PauseContainer"] = NotFound("no container c9")
     with pytest.raises(AgentCallError) as info:
         await agent.pause_container("c9")
     assert not isinstance(info.value, AgentReplyError)
