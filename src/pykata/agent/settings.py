@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.agent.stdio import DEFAULT_BUFFER_LIMIT
-from pykata.agent.validation import ID_RE
+from pykata.agent.validation import CGROUP_NAME_RE
 
 DEFAULT_STATE_DIR = Path("/run/pykata-agent")
 
@@ -36,8 +36,8 @@ class AgentSettings:
     cgroup_root: Path = Path("/sys/fs/cgroup")
 
     def __post_init__(self) -> None:
-        if not all(ID_RE.match(p) for p in self.cgroup_parent.split("/")):
-            raise ValueError(f"cgroup parent {self.cgroup_parent!r}: use ids separated by '/'")
+        if not all(CGROUP_NAME_RE.match(p) for p in self.cgroup_parent.split("/")):
+            raise ValueError(f"cgroup parent {self.cgroup_parent!r}: use names separated by '/'")
 
     @property
     def shared(self) -> Path:

@@ -16,11 +16,11 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pykata import ids
 from pykata.errors import InvalidArgument
 
-# Container, exec and sandbox ids: what runc/containerd accept, minus the characters that would
-# need quoting in a path or a cgroup name.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A cgroup name below the agent's cgroup parent (letters, digits, '_', '.', '-').
+CGROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 
@@ -35,17 +35,14 @@ MAX_LIST = 1024                   # storages, devices, mounts, dns lines, ...
 
 
 def check_id(field: str, value: str) -> str:
-    """Raises InvalidArgument unless `value` matches ID_RE."""
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise InvalidArgument(field, f"{_show(value)} is not a valid id (letters, digits, '_', '.', '-'; at most 128)")
-    return value
+    """A container or sandbox id by the one rule of pykata.ids (the host checks the same). Raises
+    InvalidArgument naming `field`."""
+    return ids.check_id(field, value)
 
 
 def check_exec_id(field: str, value: str, *, allow_empty: bool = True) -> str:
-    """An exec id; "" names the container's init process when `allow_empty`."""
-    if value == "" and allow_empty:
-        return value
-    return check_id(field, value)
+    """An exec id; "" names the container's init process when `allow_empty`. Raises InvalidArgument."""
+    return ids.check_exec_id(value, field, allow_empty=allow_empty)
 
 
 def check_string(field: str, value: str, *, max_len: int = MAX_STRING, allow_empty: bool = True) -> str:

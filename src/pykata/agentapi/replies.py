@@ -13,6 +13,7 @@ import dataclasses
 import re
 from collections.abc import Sized
 
+from pykata import ids
 from pykata.protocols.agent import agent_pb2
 
 PID_MAX = 1 << 22            # Linux's PID_MAX_LIMIT: no pid is larger
@@ -20,7 +21,6 @@ EXIT_STATUS_MAX = 255        # an exit code, or 128 + signal number
 READ_MAX = 1 << 20           # the agent's own cap on one read (agent.validation.MAX_IO_CHUNK)
 MAX_TEXT = 4096              # a name, a version, a kernel release
 MAX_ITEMS = 4096             # entries of a repeated field (CPUs, io entries, interfaces, routes)
-_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class BadReply(Exception):
@@ -124,7 +124,7 @@ def stats_container(resp: agent_pb2.StatsContainerResponse) -> agent_pb2.StatsCo
 
 def get_oom_event(resp: agent_pb2.OOMEvent) -> str:
     """The container that had an OOM kill ("" for none)."""
-    if resp.container_id and not _CONTAINER_ID.match(resp.container_id):
+    if resp.container_id and not ids.is_valid_id(resp.container_id):
         raise BadReply("container_id", f"{resp.container_id[:80]!r} is not a container id")
     return resp.container_id
 

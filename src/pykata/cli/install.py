@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import click
 
 from pykata.errors import PykataError
+from pykata.fsutil import KEEP_MODE, atomic_write
 
 RUNTIME_TYPE = "io.containerd.pykata.v2"
 SHIM_BINARY = "containerd-shim-pykata-v2"
@@ -80,19 +80,6 @@ def plan_config(path: Path) -> tuple[str | None, str]:
     return new, block
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def shim_executable() -> Path:
     """The shim script installed next to this Python (the venv's bin). Raises InstallError."""
@@ -139,7 +126,7 @@ def containerd(write: bool, config_path: Path, bin_dir: Path) -> None:
             click.echo("# run again with --write to apply, then restart containerd")
             return
         if new_text is not None:
-            _write_atomic(config_path, new_text)
+            atomic_write(config_path, new_text, mode=KEEP_MODE)
             click.echo(f"added the pykata runtime to {config_path}")
         else:
             click.echo(f"{config_path} already registers {RUNTIME_TYPE}")

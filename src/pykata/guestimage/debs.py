@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pykata.errors import PykataError
+from pykata.fsutil import atomic_copy, atomic_write
 
 APT_LISTS = Path("/var/lib/apt/lists")
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"), Path("/etc/apt/preferences.d"))
@@ -143,20 +143,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fetch(packages: Sequence[DebPackage], cache_dir: Path, progress: Progress | None = None) -> list[Path]:
     """Make sure each package's .deb is in `<cache_dir>/debs`, verified; return their paths.
 
@@ -172,7 +158,7 @@ def fetch(packages: Sequence[DebPackage], cache_dir: Path, progress: Progress | 
             continue
         local = APT_ARCHIVES / pkg.filename
         if local.is_file() and sha256_file(local) == pkg.sha256:
-            _copy_atomic(local, target)
+            atomic_copy(local, target)
         else:
             missing.append(pkg)
     if missing:
@@ -204,10 +190,6 @@ def fetch(packages: Sequence[DebPackage], cache_dir: Path, progress: Progress | 
     return paths
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def extract(deb: Path, dest: Path) -> None:

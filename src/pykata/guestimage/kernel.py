@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import importlib.resources
 import json
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pykata.errors import PykataError
+from pykata.fsutil import atomic_write, file_lock
 
 # Bump when the way the kernel is built changes (make targets, merge steps, flags): it is part of the key.
 RECIPE_VERSION = 1
@@ -253,16 +253,12 @@ def _stderr_progress(message: str) -> None:
 @contextlib.contextmanager
 def _locked(kdir: Path, progress: Callable[[str], None]) -> Iterator[None]:
     # One builder at a time per cache: a second caller waits, then finds the first one's result.
-    try:
-        lock = open(kdir / ".lock", "w")  # noqa: SIM115 - the with below closes it
-    except OSError as exc:
-        raise KernelBuildError(f"cache_dir {kdir.parent}: cannot lock {kdir / '.lock'}: {exc.strerror}") from exc
-    with lock:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress("waiting for another kernel build to finish")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            stack.enter_context(file_lock(kdir / ".lock",
+                                          on_wait=lambda: progress("waiting for another kernel build to finish")))
+        except OSError as exc:
+            raise KernelBuildError(f"cache_dir {kdir.parent}: cannot lock {kdir / '.lock'}: {exc.strerror}") from exc
         yield
 
 
@@ -453,9 +449,7 @@ def _install(out: Path, entry: Path) -> None:
 
 def _write_current(kdir: Path, key: str) -> None:
     # `current` lets find_kernel work on hosts without linux-source; written atomically.
-    tmp = kdir / f".current-{os.getpid()}"
     try:
-        tmp.write_text(key + "\n")
-        tmp.replace(kdir / "current")
+        atomic_write(kdir / "current", key + "\n")
     except OSError as exc:
         raise KernelBuildError(f"cannot write {kdir / 'current'}: {exc.strerror}") from exc

@@ -23,21 +23,20 @@ initrd has them in RAM. As the agent grows the initrd gains, so it is the defaul
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pykata
 from pykata.errors import PykataError
+from pykata.fsutil import atomic_write, file_lock
 from pykata.guestimage import assemble, debs, fsimage, wheels
 
 Progress = Callable[[str], None]
@@ -241,17 +240,6 @@ def find_rootfs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE) -> RootfsArtif
     return load_artifact(cache_dir / "rootfs" / key) if key else None
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def build_rootfs(cache_dir: Path, *, progress: Progress | None = None, force: bool = False,
                  recipe: Recipe = DEFAULT_RECIPE, source: Path | None = None) -> RootfsArtifact:
     """Build (or find in the cache) the root filesystem for the current inputs.
@@ -263,7 +251,7 @@ def build_rootfs(cache_dir: Path, *, progress: Progress | None = None, force: bo
     inputs = resolve_inputs(cache_dir, recipe, download=True, progress=progress, source=source)
     key = inputs.key()
     final = cache_dir / "rootfs" / key
-    with _locked(cache_dir / "rootfs" / ".lock"):
+    with file_lock(cache_dir / "rootfs" / ".lock"):
         if not force and (art := load_artifact(final)) is not None:
             _write_current(cache_dir / "rootfs", key)
             return art
@@ -298,7 +286,7 @@ def prune_rootfs(cache_dir: Path, *, keep: int, current: str) -> list[str]:
 
 def _write_current(base: Path, key: str) -> None:
     # `current` lets find_rootfs answer on hosts that cannot resolve the inputs (no apt lists).
-    debs.atomic_write(base / "current", (key + "\n").encode())
+    atomic_write(base / "current", key + "\n")
 
 
 def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, source: Path) -> RootfsArtifact:

@@ -23,6 +23,7 @@ from typing import Literal
 
 from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError
+from pykata.fsutil import atomic_write
 from pykata.hypervisor.busybox_initrd import find_busybox, write_busybox_initrd
 from pykata.hypervisor.process import ChildProcess
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
@@ -95,10 +96,7 @@ def _load_verdict(cache_dir: Path, key: str) -> AccelVerdict | None:
 def _store_verdict(cache_dir: Path, key: str, verdict: AccelVerdict) -> None:
     path = _verdict_path(cache_dir, key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(dataclasses.asdict(verdict)))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(dataclasses.asdict(verdict)))
     except OSError as exc:
         log.debug("cannot cache the accelerator verdict in %s: %s", path, exc)
 

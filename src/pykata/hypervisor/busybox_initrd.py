@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.fsutil import atomic_write
 from pykata.guestimage.cpio import CpioEntry, write_archive
 
 BUSYBOX_PATHS = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -61,7 +62,5 @@ def write_busybox_initrd(path: Path, init_script: str, busybox: Path | None = No
         OSError: `path` cannot be written.
     """
     data = busybox_initrd_bytes(init_script, busybox)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, data, make_parents=False)
     return path

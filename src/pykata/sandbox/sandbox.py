@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pykata import ids
 from pykata.agent.policy import IMAGE_ANNOTATION
 from pykata.agentapi import Agent
 from pykata.agentapi.replies import Reseeded
@@ -167,7 +168,8 @@ class Sandbox:
         `netns`: a network namespace (path) whose interfaces the VM takes over (pykata.network): a
         CNI-made pod namespace. Without it the VM has no NIC.
 
-        Raises SandboxError / HypervisorError / AgentError; nothing is left behind on failure.
+        Raises InvalidArgument (bad sandbox id), SandboxError / HypervisorError / AgentError; nothing is
+        left behind on failure.
         """
         config = config or load_config()
         q = config.qemu
@@ -175,7 +177,7 @@ class Sandbox:
             q = dataclasses.replace(q, default_vcpus=max(q.default_vcpus, vcpus or 0),
                                     default_memory=max(q.default_memory, memory_mib or 0))
             config = dataclasses.replace(config, hypervisor=dataclasses.replace(config.hypervisor, qemu=q))
-        sid = sandbox_id or new_id()
+        sid = ids.check_sandbox_id(sandbox_id or new_id())
         directory = sandboxes_dir(config) / sid
         if directory.exists():
             raise SandboxError(sid, f"{directory} already exists (a sandbox with this id exists)")
@@ -274,10 +276,10 @@ class Sandbox:
 
         `rootfs` is either a read-only directory (an image; a writable overlay goes on top) or the
         mounts that make the root, as containerd passes them (an overlay of snapshots, a bind).
-        Raises SandboxError (bad id, duplicate), MountError, AgentError; undoes its mounts on failure.
+        Raises InvalidArgument (bad id), SandboxError (duplicate), MountError, AgentError; undoes its
+        mounts on failure.
         """
-        if not container_id or "/" in container_id or container_id.startswith("."):
-            raise SandboxError(self.id, f"bad container id {container_id!r}")
+        ids.check_container_id(container_id)
         if container_id in self.containers:
             raise SandboxError(self.id, f"container {container_id} already exists")
         try:

@@ -4,13 +4,13 @@ a restarted shim, `pykata cleanup`) can find a sandbox, reach it and clean it up
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from pykata.fsutil import atomic_write
 
 STATE_FILE = "state.json"
 
@@ -52,11 +52,7 @@ class SandboxRecord:
 
 def save(directory: Path, record: SandboxRecord) -> None:
     """Write atomically: a reader never sees half a file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f, indent=1)
-    os.replace(tmp, directory / STATE_FILE)
+    atomic_write(directory / STATE_FILE, json.dumps(asdict(record), indent=1), mode=0o600)
 
 
 def load(directory: Path) -> SandboxRecord | None:

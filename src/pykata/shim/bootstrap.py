@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pykata.fsutil import atomic_write
 from pykata.shim.flags import Flags, ShimStartError
 
 if TYPE_CHECKING:
@@ -173,9 +174,7 @@ def _become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_
 
 
 def _write_bundle_file(bundle: Path, name: str, value: str) -> None:
-    tmp = bundle / f".{name}.tmp"
-    tmp.write_text(value)
-    os.replace(tmp, bundle / name)
+    atomic_write(bundle / name, value, make_parents=False)
 
 
 def _read_int(path: Path) -> int | None:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -34,6 +33,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from pykata import ids
 from pykata.agentapi import AgentCallError
 from pykata.config import Config, load_for_annotations
 from pykata.errors import (
@@ -63,22 +63,12 @@ from pykata.ttrpc import Code
 log = logging.getLogger("pykata.shim")
 _T = TypeVar("_T")
 
-# containerd's identifiers.Validate
-_ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
-MAX_ID = 76
 # The exit status of an exec whose start failed (as a shell reports a command it could not run).
 EXEC_FAILED_STATUS = 126
 IO_DRAIN_TIMEOUT = 2.0  # how long Delete lets output finish (runc's shim waits 2 s too)
 LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
 # Seconds between two GetOOMEvent calls, at least: the guest chooses when each returns.
 OOM_POLL_INTERVAL = 0.1
-
-
-def check_id(field: str, value: str) -> str:
-    """Raises InvalidArgument unless `value` is a containerd identifier."""
-    if not value or len(value) > MAX_ID or not _ID.match(value):
-        raise InvalidArgument(field, f"{value!r} is not a valid identifier")
-    return value
 
 
 def _ts(ts: Timestamp | None) -> Timestamp:
@@ -304,7 +294,7 @@ class TaskService:
     # -- Task RPCs ---------------------------------------------------------------------------------
 
     async def Create(self, req: shim_pb2.CreateTaskRequest, ctx: Any) -> shim_pb2.CreateTaskResponse:
-        cid = check_id("id", req.id)
+        cid = ids.check_id("id", req.id)
         current_container.set(cid)
         if self.shutting_down:
             raise FailedPrecondition("the shim is shutting down")
@@ -418,8 +408,8 @@ class TaskService:
         p.waiter = self._spawn(self._wait_process(sc, p), f"wait-{sc.id}-{p.exec_id}")
 
     async def Exec(self, req: shim_pb2.ExecProcessRequest, ctx: Any) -> Empty:
+        exec_id = ids.check_exec_id(req.exec_id, "exec_id")
         sc = self._container(req.id)
-        exec_id = check_id("exec_id", req.exec_id)
         if exec_id in sc.execs:
             raise AlreadyExists(f"exec {exec_id} in container {sc.id}: already exists")
         if sc.init.state == "stopped":

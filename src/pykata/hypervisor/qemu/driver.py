@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -15,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from pykata import ids
 from pykata.config.schema import Config, SharedFs
 from pykata.errors import HypervisorError
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
@@ -34,7 +34,6 @@ from pykata.hypervisor.readiness import console_readiness, log_tail
 log = logging.getLogger("pykata.hypervisor")
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
-_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # sun_path is 108 bytes including the NUL.
 _MAX_SOCKET_PATH = 107
 State = Literal["new", "prepared", "starting", "running", "stopping", "stopped"]
@@ -81,8 +80,9 @@ class QemuHypervisor(Hypervisor):
         restore: RestoreSource | None = None,
         memory_file: Path | None = None,
     ) -> None:
-        if not _VM_ID.match(vm_id):
-            raise HypervisorError(f"bad VM id {vm_id!r}: 1-64 of letters, digits, '_', '.', '-'")
+        if not ids.is_valid_id(vm_id):  # a VM is named by its sandbox: the same rule
+            raise HypervisorError(f"bad VM id {vm_id[:80]!r}: 1-{ids.MAX_ID_LENGTH} letters and digits, "
+                                  "joined by single '.', '_' or '-'")
         self.vm_id = vm_id
         self.config = config
         self._kernel = kernel

@@ -1,0 +1,54 @@
+"""Identifiers: one rule for the ids of containers, execs and sandboxes (a VM is named by its sandbox).
+
+The rule is containerd's grammar (`identifiers.Validate`: letters and digits in runs joined by single
+'.', '_' or '-'), so whatever containerd hands the shim is judged the same way by the shim, the
+sandbox, the VM driver and the agent, and an id that passes the first check passes every later one.
+The length limit is 64, not containerd's 76: a sandbox id names directories that hold unix sockets
+(/run/pykata/sandboxes/<id>/vm/virtiofsd.sock), and a socket path must fit sun_path (107 bytes);
+CRI's ids are 64 hex digits. An id of 65-76 characters is refused at the shim, naming the field,
+instead of failing later inside the driver.
+
+Stdlib only: the guest agent imports this module too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pykata.errors import InvalidArgument
+
+MAX_ID_LENGTH = 64
+_ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+
+
+def is_valid_id(value: object) -> bool:
+    """True when `value` is an id by the rule above (a str of 1..64 characters in containerd's grammar)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and _ID_RE.match(value) is not None
+
+
+def check_id(field: str, value: object) -> str:
+    """`value` when it is a valid container, exec or sandbox id; else raises InvalidArgument naming
+    `field` (the request field, annotation or argument it came from)."""
+    if not is_valid_id(value):
+        shown = repr(value[:80] if isinstance(value, str) else value)
+        raise InvalidArgument(field, f"{shown} is not a valid id (1-{MAX_ID_LENGTH} letters and digits, "
+                                     "joined by single '.', '_' or '-')")
+    assert isinstance(value, str)
+    return value
+
+
+def check_container_id(value: object, field: str = "container_id") -> str:
+    """A container id. Raises InvalidArgument naming `field`."""
+    return check_id(field, value)
+
+
+def check_sandbox_id(value: object, field: str = "sandbox_id") -> str:
+    """A sandbox id (it also names the sandbox's VM). Raises InvalidArgument naming `field`."""
+    return check_id(field, value)
+
+
+def check_exec_id(value: object, field: str = "exec_id", *, allow_empty: bool = False) -> str:
+    """An exec id; "" (a container's init process) only when `allow_empty`. Raises InvalidArgument."""
+    if allow_empty and value == "":
+        return ""
+    return check_id(field, value)
