@@ -24,8 +24,8 @@ from cri_api.v1 import api_pb2
 from pykata.agent import bundle
 from pykata.config import find_config_path, load_for_annotations, packaged_default_text, parse_toml
 from pykata.errors import ConfigError, InvalidArgument
+from pykata.resources import sizing
 from pykata.sandbox.ocispec import POD_SHM_SOURCE, for_guest
-from pykata.shim import sizing
 from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, admin_config, wait_gone
 
 H = "io.katacontainers.config.hypervisor."
@@ -312,3 +312,20 @@ def test_cri_files_shm_and_volumes(cri_containerd: CriContainerd, tmp_path: Path
         assert _sh(cri, c0, "cat /etc/app/app.conf") == "key = value\n"
         assert "Read-only file system" in _sh(cri, c0, "echo x >> /etc/app/app.conf", ok=False)
         assert (files / "app.conf").read_text() == "key = value\n"
+
+
+def test_one_policy_for_pykata_run_and_the_sdk() -> None:
+    """`pykata run --cpus/--memory` sizes a VM as a pod's limits do; the SDK's VM size is taken as it is;
+    both go through the same fit (caps, max memory naming the option, bigger VMs boot cold)."""
+    run = sizing.container_size(1.5, 512 * MIB, cpus_source="--cpus", memory_source="--memory")
+    assert (run.vcpus, run.memory_mib) == (2, 512 + sizing.VM_MEMORY_OVERHEAD_MIB)
+    assert sizing.container_size(None, 0, cpus_source="--cpus", memory_source="--memory") == sizing.PodSize(
+        None, None, "--cpus", "--memory")
+    assert (sizing.vm_size(2, 700, vcpus_source="cpus", memory_source="memory_mib").memory_mib) == 700
+    with pytest.raises(InvalidArgument) as info:
+        sizing.vm_size(2, 0, vcpus_source="cpus", memory_source="memory_mib")
+    assert info.value.field == "memory_mib"
+    config = parse_toml("[hypervisor.qemu]\ndefault_memory = 512\ndefault_maxmemory = 1024\n")
+    with pytest.raises(InvalidArgument) as info:
+        sizing.fit(config, sizing.container_size(None, 2048 * MIB, cpus_source="--cpus", memory_source="--memory"))
+    assert info.value.field == "--memory"

@@ -162,7 +162,7 @@ def crio(write: bool, dropin: Path) -> None:
             click.echo(f"# {dropin} (then restart CRI-O):")
             click.echo(text, nl=False)
             return
-        _write_atomic(dropin, text)
+        atomic_write(dropin, text, mode=KEEP_MODE)
         click.echo(f"wrote {dropin}; restart CRI-O to load it (systemctl restart crio)")
     except (InstallError, OSError) as e:
         click.echo(f"pykata: {e}", err=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -24,14 +23,13 @@ from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.errors import PykataError
 from pykata.hypervisor.console import BoundedLog
 from pykata.images import ImageStore
+from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
 from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
 from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.stdio import feed_stdin, pump_output
-
-VM_MEMORY_OVERHEAD_MIB = 256
 
 
 def _fail(message: str, code: int = 125) -> None:
@@ -160,8 +158,8 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     else:
         spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
                           user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
-    vcpus = math.ceil(cpus) if cpus else None
-    memory_mib = (mem >> 20) + VM_MEMORY_OVERHEAD_MIB if mem else None
+    config, vcpus, memory_mib = sizing.fit(config, sizing.container_size(cpus, mem, cpus_source="--cpus",
+                                                                          memory_source="--memory"))
     sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
     status = 255
     try:

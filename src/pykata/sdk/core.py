@@ -19,6 +19,7 @@ from typing import Any
 from pykata.config import Config, load_config
 from pykata.errors import AgentError, PykataError
 from pykata.images import ImageStore
+from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
 from pykata.sandbox.ocispec import SpecError, parse_user
 from pykata.sandbox.remote import AttachedSandbox
@@ -155,8 +156,9 @@ class AsyncSandbox:
         self._env = [*image.config.env, *self._extra_env]
         self._cwd = self._cwd_arg or image.config.working_dir or "/"
         spec = build_spec(self.idle_command, env=self._env, cwd=self._cwd)
-        self._sandbox = await Sandbox.create(config=config, vcpus=self.cpus, memory_mib=self.memory_mib,
-                                             name=self.name)
+        config, vcpus, memory_mib = sizing.fit(config, sizing.vm_size(
+            self.cpus, self.memory_mib, vcpus_source="cpus", memory_source="memory_mib"))
+        self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name)
         try:
             async with self._denials():
                 self._container = await self._sandbox.create_container(

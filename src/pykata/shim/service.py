@@ -47,10 +47,9 @@ from pykata.errors import (
 )
 from pykata.network import spec_netns
 from pykata.protocols import events_pb2, runc_options_pb2, shim_pb2, typeurl
-from pykata.resources import cgroups
+from pykata.resources import cgroups, sizing
 from pykata.resources.mounts import RootfsMount
 from pykata.sandbox import Sandbox, sandboxes_dir
-from pykata.shim import sizing
 from pykata.shim.errors import agent_errors
 from pykata.shim.events import EventPublisher
 from pykata.shim.logs import current_container
@@ -701,7 +700,7 @@ def _pod_config(annotations: dict[str, str]) -> Config:
 
 def _vm_size(spec: dict[str, Any], config: Config) -> tuple[Config, int | None, int | None]:
     """The configuration, vCPUs and MiB (None: the default) for the sandbox VM, from the pod's sandbox
-    annotations and the container's limits (pykata.shim.sizing: a VM larger than the configured one
+    annotations and the container's limits (pykata.resources.sizing: a VM larger than the configured one
     boots cold, without a template).
 
     Raises InvalidArgument naming the annotation or spec field with a bad value.

@@ -1,4 +1,13 @@
-"""How big the sandbox VM of a shim is: from the pod's sandbox annotations and the container's limits.
+"""How big a sandbox VM is: the one sizing policy of the shim, `pykata run` and the SDK.
+
+Three ways in, one way out (`fit`):
+- the shim: `pod_size(spec)`, from the pod's sandbox annotations and the container's limits (below);
+- `pykata run --cpus/--memory`: `container_size(...)`, the same rule for one container's limits;
+- the SDK's `cpus=` / `memory_mib=`: `vm_size(...)`, a VM size asked for as such.
+`fit(config, size)` caps the vCPUs, refuses more memory than the VM may have (naming the field that
+asked) and boots a VM larger than the configured one cold (see "VM templates" below).
+
+The shim's sizing in detail:
 
 containerd's CRI plugin (1.6.20 checked: pkg/cri/server/sandbox_run_linux.go) puts the pod's
 resources on the sandbox (pause) container's spec when kubelet sends them in
@@ -40,7 +49,7 @@ from typing import Any
 from pykata.config import Config
 from pykata.errors import InvalidArgument
 
-log = logging.getLogger("pykata.shim")
+log = logging.getLogger("pykata.resources")
 
 SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
 SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
@@ -137,6 +146,28 @@ def _from_limits(spec: Mapping[str, Any]) -> PodSize:
     return PodSize(vcpus, mem, quota_field, limit_field)
 
 
+def container_size(cpus: float | None, memory_bytes: int | None, *, cpus_source: str,
+                   memory_source: str) -> PodSize:
+    """What one container's limits ask for (`pykata run --cpus 1.5 --memory 512m`): ceil(cpus) vCPUs
+    and the memory limit plus VM_MEMORY_OVERHEAD_MIB, as for a pod; None or 0 is no limit. Raises
+    InvalidArgument naming the source of a negative value."""
+    if cpus is not None and not cpus >= 0:
+        raise InvalidArgument(cpus_source, f"{cpus} must not be negative")
+    if memory_bytes is not None and memory_bytes < 0:
+        raise InvalidArgument(memory_source, f"{memory_bytes} must not be negative")
+    return PodSize(math.ceil(cpus) if cpus else None, _memory_mib(memory_bytes or 0, memory_source),
+                   cpus_source, memory_source)
+
+
+def vm_size(vcpus: int | None, memory_mib: int | None, *, vcpus_source: str, memory_source: str) -> PodSize:
+    """A VM size asked for as such (the SDK's `cpus=`, `memory_mib=`): no overhead is added. Raises
+    InvalidArgument naming the source of a value that is not a positive integer."""
+    for value, source in ((vcpus, vcpus_source), (memory_mib, memory_source)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise InvalidArgument(source, f"{value!r} must be a positive integer")
+    return PodSize(vcpus, memory_mib, vcpus_source, memory_source)
+
+
 def pod_size(spec: Mapping[str, Any]) -> PodSize:
     """The size the first container's spec asks for (see the module docstring): the larger of the
     sandbox annotations and the spec's own limits, per resource.
@@ -172,8 +203,8 @@ def fit(config: Config, size: PodSize) -> tuple[Config, int | None, int | None]:
                     size.vcpus_source, vcpus, most)
         vcpus = most
     if memory is not None and memory > (limit := q.resolved_maxmemory()):
-        raise InvalidArgument(size.memory_source, f"asks for {memory - VM_MEMORY_OVERHEAD_MIB} MiB, "
-                                   f"more than the VM may have (hypervisor.qemu.default_maxmemory {limit} MiB)")
+        raise InvalidArgument(size.memory_source, f"needs a VM of {memory} MiB, more than a VM may have "
+                                                  f"(hypervisor.qemu.default_maxmemory {limit} MiB)")
     bigger = (vcpus or 0) > q.default_vcpus or (memory or 0) > q.default_memory
     if bigger and config.factory.enable_template:
         log.info("the VM (%s vCPUs, %s MiB) is larger than the template's (%d, %d MiB): it boots cold",
