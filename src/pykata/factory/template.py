@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from typing import Any
 from pykata.agentapi import Agent
 from pykata.config.schema import Config
 from pykata.errors import HypervisorError
+from pykata.fsutil import async_file_lock, file_lock
 from pykata.hypervisor.accel import resolve_accelerator
 from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.devices import NetDevice
@@ -241,21 +241,13 @@ async def find_template(config: Config, nics: int = 0) -> Template | None:
 async def _locked(root: Path, timeout: float) -> Any:
     """Hold an exclusive flock on <root>/.lock (other processes making templates wait)."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"factory: {root / LOCK} is held by another process for "
-                                          f"over {timeout:.0f}s") from None
-                await asyncio.sleep(LOCK_POLL)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(async_file_lock(root / LOCK, timeout=timeout, poll=LOCK_POLL))
+        except TimeoutError:
+            raise HypervisorError(f"factory: {root / LOCK} is held by another process for "
+                                  f"over {timeout:.0f}s") from None
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[str], None] | None = None,
@@ -371,12 +363,8 @@ def prune_templates(config: Config) -> list[str]:
     root = template_root(config)
     if not root.is_dir():
         return []
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(root / LOCK):
         return _prune(root, keep=None)
-    finally:
-        os.close(fd)
 
 
 def discard_template(template: Template, reason: str) -> None:
