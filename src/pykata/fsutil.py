@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-KEEP_MODE = -1
+KEEP_MODE = -1  # atomic_write(mode=KEEP_MODE): keep the replaced file's permission bits
 
 
 def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> None:
