@@ -427,3 +427,22 @@ def test_old_builds_are_pruned_newest_and_current_kept(tmp_path: Path) -> None:
     removed = prune_rootfs(tmp_path, keep=3, current="k4")
     assert sorted(removed) == ["k2", "k3"]
     assert [a.key for a in list_rootfs(tmp_path)] == ["k0", "k1", "k4"]
+
+
+def test_the_guest_gets_every_package_root_module_the_agent_imports() -> None:
+    """The agent runs from the guest's copy of pykata (guest_source_files), not the host's: a module
+    it imports that is missing there kills the guest's init at boot."""
+    import ast
+
+    from pykata.guestimage.assemble import guest_source_files
+
+    source = Path(__file__).resolve().parents[2] / "src" / "pykata"
+    shipped = set(guest_source_files(source))
+    for path in (source / "agent").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pykata":
+                for alias in node.names:
+                    assert f"{alias.name}.py" in shipped or f"{alias.name}/__init__.py" in shipped, (path, alias.name)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pykata."):
+                top = node.module.split(".")[1]
+                assert f"{top}.py" in shipped or f"{top}/__init__.py" in shipped, (path, node.module)
