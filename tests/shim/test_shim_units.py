@@ -32,7 +32,7 @@ from pykata.shim.flags import ShimStartError, parse_flags
 from pykata.shim.service import TaskService
 from pykata.shim.stats import metrics_any, to_v1, to_v2
 from pykata.shim.stdio import ProcessIO, Stdio
-from pykata.shim.task import exec_process
+from pykata.shim.tasks.model import exec_process
 from pykata.ttrpc import CallContext, Code, Server
 
 # -- bootstrap ------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ VM_GONE_STATUS = 128 + 9
 State = Literal["created", "running", "stopped"]
 
 
+def timestamp(ts: Timestamp | None) -> Timestamp:
+    """`ts`, or the zero Timestamp for a process that has not exited."""
+    return ts if ts is not None else Timestamp()
+
+
 def now_timestamp() -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(time.time_ns())

@@ -1,0 +1,135 @@
+"""Pause, Resume, Kill, ResizePty, CloseIO, Update and Stats: one layer down, through the Sandbox."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from google.protobuf.empty_pb2 import Empty
+
+from pykata.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PykataError,
+)
+from pykata.protocols import events_pb2, shim_pb2, typeurl
+from pykata.shim.errors import agent_errors
+from pykata.shim.stats import metrics_any
+from pykata.shim.tasks import pod
+from pykata.shim.tasks.model import ShimContainer
+from pykata.shim.tasks.state import TaskState
+from pykata.ttrpc import Code
+
+log = logging.getLogger("pykata.shim")
+
+
+async def pause(st: TaskState, req: shim_pb2.PauseRequest) -> Empty:
+    sc = st.container(req.id)
+    return await st.to_completion(_pause(st, sc), f"pause-{sc.id}")
+
+
+async def _pause(st: TaskState, sc: ShimContainer) -> Empty:
+    async with sc.lock:
+        if sc.init.state != "running" or sc.deleted:
+            raise FailedPrecondition(f"cannot pause a {sc.init.state} container")
+        if sc.paused:
+            raise FailedPrecondition("cannot pause a paused container")
+        sandbox = st.running_sandbox()
+        with agent_errors(f"pause {sc.id}"):
+            await sandbox.pause_container(sc.id)
+        sc.paused = True
+        st.publish(events_pb2.TaskPaused(container_id=sc.id))
+    return Empty()
+
+
+async def resume(st: TaskState, req: shim_pb2.ResumeRequest) -> Empty:
+    sc = st.container(req.id)
+    return await st.to_completion(_resume(st, sc), f"resume-{sc.id}")
+
+
+async def _resume(st: TaskState, sc: ShimContainer) -> Empty:
+    async with sc.lock:
+        if not sc.paused or sc.deleted:
+            raise FailedPrecondition(f"cannot resume a container that is not paused ({sc.init.state})")
+        sandbox = st.running_sandbox()
+        with agent_errors(f"resume {sc.id}"):
+            await sandbox.resume_container(sc.id)
+        sc.paused = False
+        st.publish(events_pb2.TaskResumed(container_id=sc.id))
+    return Empty()
+
+
+async def kill(st: TaskState, req: shim_pb2.KillRequest) -> Empty:
+    sc = st.container(req.id)
+    p = sc.process(req.exec_id)
+    if p.exec_id and p.state == "created":
+        raise FailedPrecondition(f"exec {p.exec_id}: process not created")
+    if p.state == "stopped" or st.vm_dead:
+        raise NotFound(f"{p.id}: process already finished")
+    if not 0 < req.signal < 65:
+        raise InvalidArgument("signal", f"{req.signal} is not a signal number")
+    sandbox = st.running_sandbox()
+    log.info("kill %s with signal %d (all=%s)", p.id, req.signal, req.all)
+    try:
+        with agent_errors(f"kill {p.id}"):
+            await sandbox.signal_process(sc.id, p.exec_id, req.signal, all_processes=req.all)
+    except PykataError as e:
+        if p.stopped or e.rpc_code in (Code.NOT_FOUND, Code.UNAVAILABLE):
+            raise NotFound(f"{p.id}: process already finished") from None
+        if req.signal == signal.SIGKILL and p is sc.init:
+            # SIGKILL must not depend on the guest's good will: an agent that does not carry it
+            # out (no answer, a refused answer) loses the VM, and so every process in it.
+            await pod.kill_vm(st, f"the agent did not kill {p.id}: {e}")
+            return Empty()
+        raise
+    return Empty()
+
+
+async def resize_pty(st: TaskState, req: shim_pb2.ResizePtyRequest) -> Empty:
+    sc = st.container(req.id)
+    p = sc.process(req.exec_id)
+    if not p.stdio.terminal:
+        return Empty()
+    if p.proc is None:  # an exec not started yet gets its size at start
+        p.console_size = (req.height, req.width)
+        return Empty()
+    if p.state == "stopped":
+        raise FailedPrecondition(f"cannot resize a stopped process {p.id}")
+    try:
+        with agent_errors(f"resize {p.id}"):
+            await p.proc.resize(req.height, req.width)
+    except PykataError:
+        if not p.stopped:  # it ended while we resized: nothing to resize any more
+            raise
+    return Empty()
+
+
+async def close_io(st: TaskState, req: shim_pb2.CloseIORequest) -> Empty:
+    sc = st.container(req.id)
+    p = sc.process(req.exec_id)
+    if req.stdin and p.io is not None:
+        await p.io.close_stdin()
+    return Empty()
+
+
+async def update(st: TaskState, req: shim_pb2.UpdateTaskRequest) -> Empty:
+    sc = st.container(req.id)
+    try:
+        resources = typeurl.unpack_json(req.resources, typeurl.OCI_LINUX_RESOURCES_URL)
+    except typeurl.TypeURLError as e:
+        raise InvalidArgument("resources", str(e)) from None
+    if not isinstance(resources, dict):
+        raise InvalidArgument("resources", "must be an OCI LinuxResources object")
+    sandbox = st.running_sandbox()
+    with agent_errors(f"update {sc.id}"):
+        await sandbox.update_container(sc.id, resources)
+    return Empty()
+
+
+async def stats(st: TaskState, req: shim_pb2.StatsRequest) -> shim_pb2.StatsResponse:
+    sc = st.container(req.id)
+    sandbox = st.running_sandbox()
+    with agent_errors(f"stats {sc.id}"):
+        stats = await sandbox.stats_container(sc.id)
+    return shim_pb2.StatsResponse(stats=metrics_any(stats))

@@ -1,0 +1,93 @@
+"""Create: the first container boots the sandbox; each container is created (not started) in it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from pykata import ids
+from pykata.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PykataError,
+    Unimplemented,
+)
+from pykata.protocols import events_pb2, shim_pb2
+from pykata.resources.mounts import RootfsMount
+from pykata.shim.errors import agent_errors
+from pykata.shim.logs import current_container
+from pykata.shim.stdio import ProcessIO, Stdio
+from pykata.shim.tasks import exits, pod
+from pykata.shim.tasks.model import ShimContainer, load_spec
+from pykata.shim.tasks.state import TaskState
+from pykata.timing import mark
+
+log = logging.getLogger("pykata.shim")
+
+
+async def create(st: TaskState, req: shim_pb2.CreateTaskRequest) -> shim_pb2.CreateTaskResponse:
+    cid = ids.check_id("id", req.id)
+    current_container.set(cid)
+    if st.shutting_down:
+        raise FailedPrecondition("the shim is shutting down")
+    if cid in st.containers or cid in st.creating:
+        raise AlreadyExists(f"container {cid}: already exists")
+    if req.checkpoint or req.parent_checkpoint:
+        raise Unimplemented("restoring from a checkpoint is not supported")
+    st.creating.add(cid)
+    mark("rpc.create")
+    try:
+        return await _create(st, req, cid)
+    finally:
+        st.creating.discard(cid)
+        mark("rpc.create.done")
+
+
+async def _create(st: TaskState, req: shim_pb2.CreateTaskRequest, cid: str) -> shim_pb2.CreateTaskResponse:
+    bundle = Path(req.bundle)
+    if not bundle.is_absolute():
+        raise InvalidArgument("bundle", f"{req.bundle!r} is not an absolute path")
+    spec = load_spec(bundle)
+    stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+    log.info("create: bundle %s, %d rootfs mounts, terminal=%s", bundle, len(req.rootfs), req.terminal)
+    try:
+        sandbox = await pod.ensure_sandbox(st, spec)
+        pio = await ProcessIO.open(stdio, container_id=cid, namespace=st.namespace)
+        try:
+            rootfs = [RootfsMount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+            if not rootfs:
+                root = (spec.get("root") or {}).get("path") or "rootfs"
+                rootfs = [RootfsMount("bind", str(bundle / root), ("rbind", "rw"))]
+            with agent_errors(f"create {cid}"):
+                container = await sandbox.create_container(cid, spec, rootfs, terminal=req.terminal)
+        except BaseException:
+            await pio.close()
+            raise
+    except BaseException:
+        await asyncio.shield(_stop_if_unused_after(st, cid))
+        raise
+    sc = ShimContainer(cid, bundle, spec, stdio, list(req.rootfs))
+    sc.sandbox_container = container
+    sc.init.proc, sc.init.io = container.init, pio
+    sc.init.pid, sc.init.guest_pid = st.host_pid(), container.init.pid
+    st.containers[cid] = sc
+    pio.attach(container.init)
+    sc.init.waiter = st.spawn(exits.wait_process(st, sc, sc.init), f"wait-{cid}")
+    for name, value in (("init.pid", sc.init.pid), ("shim.pid", os.getpid())):
+        with contextlib.suppress(OSError):
+            (bundle / name).write_text(str(value))
+    st.publish(events_pb2.TaskCreate(
+        container_id=cid, bundle=req.bundle, rootfs=req.rootfs, pid=sc.init.pid, checkpoint=req.checkpoint,
+        io=events_pb2.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)))
+    log.info("created, pid %d in the guest", sc.init.guest_pid)
+    return shim_pb2.CreateTaskResponse(pid=sc.init.pid)
+
+
+async def _stop_if_unused_after(st: TaskState, cid: str) -> None:
+    st.creating.discard(cid)
+    with contextlib.suppress(PykataError):
+        await pod.stop_if_unused(st)

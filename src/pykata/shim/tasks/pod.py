@@ -1,0 +1,216 @@
+"""The pod's sandbox as the shim owns it: booted by the first Create (in the pod's cgroup, sized by
+pykata.resources.sizing), watched (VM death, OOM events), stopped when the last container goes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from pykata.agentapi import AgentCallError
+from pykata.config import Config, load_for_annotations
+from pykata.errors import (
+    ConfigError,
+    InvalidArgument,
+    PykataError,
+)
+from pykata.network import spec_netns
+from pykata.protocols import events_pb2
+from pykata.resources import cgroups, sizing
+from pykata.sandbox import Sandbox, sandboxes_dir, state
+from pykata.sandbox.lookup import remove_sandbox_dir
+from pykata.shim.errors import agent_errors
+from pykata.shim.tasks import exits
+from pykata.shim.tasks.model import VM_GONE_STATUS
+from pykata.shim.tasks.state import TaskState
+from pykata.timing import mark
+from pykata.ttrpc import Code
+
+log = logging.getLogger("pykata.shim")
+LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
+# Seconds between two GetOOMEvent calls, at least: the guest chooses when each returns.
+OOM_POLL_INTERVAL = 0.1
+
+
+async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
+    async with st.sandbox_lock:
+        if st.sandbox is not None:
+            return st.running_sandbox()
+        annotations = spec.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise InvalidArgument("config.json annotations", "must be an object")
+        with agent_errors(f"sandbox {st.sandbox_id}"):
+            config = st.load_config({str(k): str(v) for k, v in annotations.items()})
+            await _remove_dead_leftover(config, st.sandbox_id)
+            config, vcpus, memory_mib = _vm_size(spec, config)
+            join_cgroup(st, config, spec)
+            log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
+                     memory_mib or "default")
+            try:
+                st.sandbox = await Sandbox.create(
+                    st.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
+                    hostname=str(spec.get("hostname") or ""), serve_proxy=True, netns=spec_netns(spec))
+            except BaseException:
+                leave_cgroup(st)
+                raise
+        st.sandbox_stopping = False
+        st.vm_dead = False
+        st.spawn(watch_vm(st, st.sandbox), "watch-vm")
+        st.spawn(watch_oom(st, st.sandbox), "watch-oom")
+        log.info("sandbox VM running (qemu pid %s)", st.sandbox.vm.pid if st.sandbox.vm else None)
+        return st.sandbox
+
+
+def join_cgroup(st: TaskState, config: Config, spec: dict[str, Any]) -> None:
+    """Move the shim, and so the QEMU and virtiofsd it starts, into the sandbox's host cgroup
+    (pykata.resources.cgroups): the pod's `linux.cgroupsPath` with runtime.sandbox_cgroup_only.
+
+    Raises InvalidArgument naming linux.cgroupsPath when the pod's path is refused."""
+    linux = spec.get("linux")
+    spec_path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+    try:
+        cg = cgroups.join(config.runtime, spec_path, st.sandbox_id)
+    except cgroups.CgroupError as e:
+        if e.field == cgroups.FIELD:
+            raise InvalidArgument(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+        if config.runtime.sandbox_cgroup_only:
+            raise  # the admin asked for the pod's accounting: no VM outside it
+        # the overhead cgroup is bookkeeping: a host whose cgroups pykata cannot write still runs pods
+        log.warning("sandbox processes stay in the shim's cgroup: %s", e)
+        return
+    st.cgroup = (cg, config)
+
+
+def leave_cgroup(st: TaskState) -> None:
+    """Once the VM is gone: the shim moves back out and the sandbox's cgroups are removed."""
+    if st.cgroup is not None:
+        cg, config = st.cgroup
+        st.cgroup = None
+        cgroups.leave(cg, config.runtime, st.sandbox_id)
+
+
+async def stop_sandbox(st: TaskState) -> None:
+    """Stop the VM (idempotent, shared by concurrent callers, bounded by the sandbox's own timeout).
+
+    With no container left, nothing in the guest needs an orderly end (every process has ended,
+    its files are written through to the host, the host mounts are undone): the agent is not
+    asked to tear the guest down first, which under TCG costs a third of a second.
+    """
+    sb = st.sandbox
+    if sb is None:
+        return
+    st.sandbox_stopping = True
+    mark("vm.stop")
+    if not st.containers:
+        with contextlib.suppress(PykataError):
+            await sb.disconnect_agent()
+    await sb.stop(remove=True)
+    mark("vm.stopped")
+
+
+async def stop_if_unused(st: TaskState) -> None:
+    """After a failed Create: a sandbox with no container is stopped, and the next Create boots anew."""
+    if st.sandbox is not None and not st.containers and not st.creating:
+        async with st.sandbox_lock:
+            if st.containers or st.creating:
+                return
+            sb, st.sandbox = st.sandbox, None
+            if sb is not None:
+                st.sandbox_stopping = True
+                await sb.stop(remove=True)
+            leave_cgroup(st)
+
+
+async def kill_vm(st: TaskState, why: str) -> None:
+    """Stop the sandbox's VM (its processes are then recorded as killed, as when the VM dies)."""
+    sb = st.sandbox
+    if sb is None or sb.vm is None or st.vm_dead:
+        return
+    log.error("%s; stopping the sandbox VM", why)
+    await sb.vm.stop()
+    await asyncio.shield(sb.vm.exited)
+
+
+async def watch_vm(st: TaskState, sb: Sandbox) -> None:
+    assert sb.vm is not None
+    with contextlib.suppress(Exception):
+        await asyncio.shield(sb.vm.exited)
+    if sb is not st.sandbox:
+        return
+    st.vm_dead = True
+    if not st.sandbox_stopping:
+        log.error("the sandbox VM exited unexpectedly; stopping every process with status %d",
+                  VM_GONE_STATUS)
+    for sc in list(st.containers.values()):
+        for p in sc.processes():
+            await exits.record_exit(st, sc, p, VM_GONE_STATUS)
+
+
+async def watch_oom(st: TaskState, sb: Sandbox) -> None:
+    failures = ignored = 0
+    while not st.sandbox_stopping and not st.vm_dead:
+        try:
+            oom_cid = await sb.next_oom_event()
+        except AgentCallError as e:
+            if e.code in (Code.UNAVAILABLE, Code.UNIMPLEMENTED, Code.CANCELLED):
+                return
+            failures += 1
+            log.warning("GetOOMEvent: %s", e)
+            await asyncio.sleep(min(5.0, float(failures)))
+            continue
+        except PykataError:
+            return
+        failures = 0
+        if oom_cid in st.containers:
+            log.warning("container %s: OOM kill", oom_cid)
+            st.publish(events_pb2.TaskOOM(container_id=oom_cid))
+        elif oom_cid:
+            # containerd would mark that container, of some other pod maybe, OOM-killed
+            ignored += 1
+            if ignored in (1, 10, 100) or ignored % 1000 == 0:  # the log is the host's too
+                log.warning("the agent reported an OOM kill in %r, not a container of this pod: "
+                            "ignored (%d so far)", oom_cid[:80], ignored)
+        # The guest decides when GetOOMEvent returns: one answering at once, every time, must not
+        # spin this loop (and the shim's CPU).
+        await asyncio.sleep(OOM_POLL_INTERVAL)
+
+
+def pod_config(annotations: dict[str, str]) -> Config:
+    """The pod's configuration (load_for_annotations).
+
+    Raises InvalidArgument naming the `io.katacontainers.*` annotation that is bad or not
+    allowed (the pod's mistake); ConfigError for the host's own configuration file.
+    """
+    try:
+        return load_for_annotations(annotations)
+    except ConfigError as e:
+        if not e.field.startswith("io.katacontainers."):
+            raise
+        raise InvalidArgument(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+
+
+def _vm_size(spec: dict[str, Any], config: Config) -> tuple[Config, int | None, int | None]:
+    """The configuration, vCPUs and MiB (None: the default) for the sandbox VM, from the pod's sandbox
+    annotations and the container's limits (pykata.resources.sizing: a VM larger than the configured one
+    boots cold, without a template).
+
+    Raises InvalidArgument naming the annotation or spec field with a bad value.
+    """
+    return sizing.fit(config, sizing.pod_size(spec))
+
+
+async def _remove_dead_leftover(config: Config, sandbox_id: str) -> None:
+    """Make room for the sandbox: a directory of the same id whose shim is still on its way out (the
+    same container id run again right away) is waited for, one whose shim died is removed; one whose
+    owner lives on is left alone (Sandbox.create then refuses the id)."""
+    directory = sandboxes_dir(config) / sandbox_id
+    deadline = time.monotonic() + LEFTOVER_WAIT
+    while directory.exists() and time.monotonic() < deadline:
+        record = state.load(directory)
+        if record is None or not record.owner_alive():
+            log.warning("removing sandbox %s left by a dead shim", sandbox_id)
+            remove_sandbox_dir(directory, record)
+            return
+        await asyncio.sleep(0.05)

@@ -1,0 +1,52 @@
+"""Shutdown and the end of the shim."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from google.protobuf.empty_pb2 import Empty
+
+from pykata.errors import (
+    PykataError,
+)
+from pykata.protocols import shim_pb2
+from pykata.shim.logs import current_container
+from pykata.shim.tasks import pod
+from pykata.shim.tasks.state import TaskState
+from pykata.timing import mark
+
+log = logging.getLogger("pykata.shim")
+
+
+async def shutdown(st: TaskState, req: shim_pb2.ShutdownRequest) -> Empty:
+    current_container.set(req.id)
+    mark("rpc.shutdown")
+    if req.now:
+        st.begin_exit()
+        return Empty()
+    if st.creating or any(sc.deleting is None for sc in st.containers.values()):
+        return Empty()  # the shim still serves containers
+    if st.containers:
+        # only containers being deleted are left (a Delete racing this Shutdown): end after them
+        st.exit_when_empty = True
+        return Empty()
+    st.begin_exit()
+    return Empty()
+
+
+async def close(st: TaskState) -> None:
+    """Stop the sandbox and every copy of stdio; called once the shim is to exit."""
+    st.shutting_down = True
+    for sc in list(st.containers.values()):
+        for p in sc.processes():
+            if p.io is not None:
+                with contextlib.suppress(PykataError, OSError):
+                    await p.io.close()
+    await pod.stop_sandbox(st)
+    pod.leave_cgroup(st)
+    for t in list(st.background):
+        t.cancel()
+    if st.background:
+        await asyncio.wait(list(st.background), timeout=2.0)

@@ -1,0 +1,99 @@
+"""What the shim's Task service holds, and the few things every RPC does with it.
+
+`TaskState` is the service's state (containers, the sandbox, what is being created or deleted, the
+background tasks) with its helpers; the RPCs live in the modules beside this one, as functions of a
+TaskState (Kata's shim: `create.go`, `start.go`, `delete.go` over one `service`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from pykata.config import Config
+from pykata.errors import FailedPrecondition, NotFound, PykataError
+from pykata.resources import cgroups
+from pykata.sandbox import Sandbox
+from pykata.shim.events import EventPublisher
+from pykata.shim.logs import current_container
+from pykata.shim.tasks.model import ShimContainer
+
+log = logging.getLogger("pykata.shim")
+_T = TypeVar("_T")
+
+
+class TaskState:
+    """The state of one shim's Task service (one sandbox, its containers and their processes)."""
+
+    def __init__(self, sandbox_id: str, namespace: str, events: EventPublisher, *,
+                 load_config: Callable[[dict[str, str]], Config],
+                 on_exit: Callable[[], None] | None = None) -> None:
+        self.sandbox_id = sandbox_id
+        self.namespace = namespace
+        self.events = events
+        self.load_config = load_config
+        self.on_exit = on_exit
+        self.containers: dict[str, ShimContainer] = {}
+        self.creating: set[str] = set()
+        self.sandbox: Sandbox | None = None
+        self.cgroup: tuple[cgroups.SandboxCgroup, Config] | None = None
+        self.sandbox_lock = asyncio.Lock()
+        self.sandbox_stopping = False
+        self.vm_dead = False
+        self.shutting_down = False
+        self.exit_when_empty = False
+        self.exit_requested = asyncio.Event()
+        self.background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if task.cancelled():
+            return
+        e = task.exception()  # retrieved here too: its RPC may have been cancelled and never see it
+        if e is not None and not isinstance(e, PykataError):
+            log.error("%s failed: %r", task.get_name(), e, exc_info=e)
+
+    async def to_completion(self, coro: Coroutine[Any, Any, _T], name: str) -> _T:
+        """Await `coro` in a task of its own that runs to its end even if this RPC is cancelled."""
+        return await asyncio.shield(self.spawn(coro, name))
+
+    def container(self, container_id: str) -> ShimContainer:
+        current_container.set(container_id)
+        sc = self.containers.get(container_id)
+        if sc is None or sc.deleted:
+            raise NotFound(f"container {container_id}: container not created")
+        return sc
+
+    def publish(self, event: Message) -> None:
+        self.events.publish(event)
+
+    def host_pid(self) -> int:
+        """The pid containerd is told for every process of the pod: the VMM's, as Kata does (pids in
+        the guest are the guest's choice, and mean nothing, or some other process, on the host)."""
+        vm = self.sandbox.vm if self.sandbox is not None else None
+        return (vm.pid if vm is not None else None) or 0
+
+    def running_sandbox(self) -> Sandbox:
+        if self.sandbox is None or self.vm_dead or self.sandbox_stopping:
+            raise FailedPrecondition(f"sandbox {self.sandbox_id} is not running")
+        return self.sandbox
+
+    def begin_exit(self) -> None:
+        if self.shutting_down:
+            return
+        log.info("shutdown: no containers left, the shim exits")
+        self.shutting_down = True
+        if self.on_exit is not None:
+            self.on_exit()
+        # after the reply to the RPC that ended the shim is written (the daemon also waits for it)
+        asyncio.get_running_loop().call_soon(self.exit_requested.set)
