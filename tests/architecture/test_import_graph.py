@@ -32,6 +32,7 @@ GUEST = "pykata.agent"  # runs inside the VM: its own rule (GUEST_MAY_IMPORT)
 
 SAME_TIER: dict[tuple[str, str], str] = {
     ("pykata", "pykata.errors"): "the root package re-exports PykataError",
+    ("pykata.ids", "pykata.errors"): "a bad id is an InvalidArgument naming its field",
     ("pykata.protocols", "pykata.ttrpc"): "protocols are ttrpc service specs over the generated messages",
     ("pykata.images", "pykata.config"): "image size caps are a configuration section ([image])",
     ("pykata.factory", "pykata.resources"): "(not used today) a factory may size VMs with the pod policy",
@@ -51,12 +52,13 @@ EXEMPT_EDGES: dict[tuple[str, str], str] = {
 }
 
 # What code in the guest may import: no host layer ever loads there (the guest image carries only
-# pykata/__init__.py, errors.py, agent/, protocols/, ttrpc/: guestimage.assemble.GUEST_*).
+# pykata/__init__.py, errors.py, ids.py, agent/, protocols/, ttrpc/: guestimage.assemble.GUEST_*).
 GUEST_MAY_IMPORT = {
     GUEST: "itself",
     "pykata.protocols": "the agent API messages",
     "pykata.ttrpc": "the RPC it serves",
     "pykata.errors": "the one error root, shared with the host",
+    "pykata.ids": "the one id rule, shared with the host (guestimage.assemble.GUEST_MODULES ships it)",
     "pykata": "__version__ (the root package eagerly imports pykata.errors only)",
 }
 GUEST_THIRD_PARTY = {"google": "protobuf, the one library in the guest image"}
