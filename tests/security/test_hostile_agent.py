@@ -29,10 +29,8 @@ from typing import Any
 import psutil
 import pytest
 
-from pykata.images import ImageStore
-from pykata.images.builtin import export_oci_archive
 from tests.security.hostile import RssSampler, build_hostile_initrd, hostile_config, marker, wait_until
-from tests.shim.harness import IMAGE, PYKATA_RUNTIME, SHIM, Containerd, missing_prerequisites
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, SHIM, Containerd, missing_prerequisites, running_with_busybox
 
 pytestmark = pytest.mark.vm
 
@@ -98,15 +96,8 @@ def ctd(hostile_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         pytest.fail(f"the hostile-agent tests need {missing}")
     c = HostileContainerd(tmp_path_factory.mktemp("hctd"))
     c.config_path = hostile_dir / "configuration.toml"
-    try:
-        c.start()
-        archive = export_oci_archive(ImageStore(tmp_path_factory.mktemp("cache")).resolve("busybox"),
-                                     c.dir / "busybox.tar", IMAGE)
-        c.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
+    with running_with_busybox(c, tmp_path_factory.mktemp("cache")):
         yield c
-    finally:
-        c.stop()
-        assert not c.shims(), "a shim outlived containerd's teardown"
 
 
 def _shim_of(ctd: Containerd, cid: str) -> psutil.Process | None:

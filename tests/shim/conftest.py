@@ -6,9 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pykata.images import ImageStore
-from pykata.images.builtin import export_oci_archive
-from tests.shim.harness import IMAGE, Containerd, missing_prerequisites
+from tests.shim.harness import Containerd, missing_prerequisites, running_with_busybox
 
 
 @pytest.fixture
@@ -24,13 +22,6 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     missing = missing_prerequisites()
     if missing:
         pytest.fail(f"the shim tests need {missing}")
-    ctd = Containerd(tmp_path_factory.mktemp("ctd"))
-    try:
-        ctd.start()
-        archive = export_oci_archive(ImageStore(tmp_path_factory.mktemp("cache")).resolve("busybox"),
-                                     ctd.dir / "busybox.tar", IMAGE)
-        ctd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
+    with running_with_busybox(Containerd(tmp_path_factory.mktemp("ctd")),
+                              tmp_path_factory.mktemp("cache")) as ctd:
         yield ctd
-    finally:
-        ctd.stop()
-        assert not ctd.shims(), "a shim outlived containerd's teardown"

@@ -17,10 +17,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
+
+from pykata.images import ImageStore
+from pykata.images.builtin import export_oci_archive
 
 VENV_BIN = Path(sys.executable).parent
 SHIM = VENV_BIN / "containerd-shim-pykata-v2"
@@ -185,3 +190,22 @@ class Containerd:
             mine = [line.split()[4] for line in f if line.split()[4].startswith(str(self.dir))]
         for mp in sorted(mine, key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
+
+
+C = TypeVar("C", bound=Containerd)
+
+
+@contextlib.contextmanager
+def running_with_busybox(ctd: C, cache_dir: Path) -> Iterator[C]:
+    """Start `ctd`, import the embedded busybox as IMAGE, and stop it on the way out.
+
+    Fails the test if a shim outlived containerd's teardown.
+    """
+    try:
+        ctd.start()
+        archive = export_oci_archive(ImageStore(cache_dir).resolve("busybox"), ctd.dir / "busybox.tar", IMAGE)
+        ctd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
+        yield ctd
+    finally:
+        ctd.stop()
+        assert not ctd.shims(), "a shim outlived containerd's teardown"

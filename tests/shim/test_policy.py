@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.images import ImageStore
-from pykata.images.builtin import export_oci_archive
-from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
 
@@ -55,15 +53,8 @@ def ctd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyContainerd]:
                       .replace("enable_policy_annotation = false", "enable_policy_annotation = true"))
     c = PolicyContainerd(d / "ctd")
     c.config_path = config
-    try:
-        c.start()
-        archive = export_oci_archive(ImageStore(tmp_path_factory.mktemp("cache")).resolve("busybox"),
-                                     c.dir / "busybox.tar", IMAGE)
-        c.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
+    with running_with_busybox(c, tmp_path_factory.mktemp("cache")):
         yield c
-    finally:
-        c.stop()
-        assert not c.shims(), "a shim outlived containerd's teardown"
 
 
 def run(ctd: Containerd, *args: str, cmd: tuple[str, ...] = ("sh", "-c", "echo allowed")) -> tuple[int, str, str]:
