@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.resources import mounts
+from pykata.resources import mountapi, mounts
 from pykata.resources.mounts import MountError, RootfsMount, SandboxMounts
 from pykata.sandbox import state
 from pykata.sandbox.sandbox import make_sandbox_dir
@@ -189,7 +189,7 @@ def test_unmount_goes_by_record_not_by_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize("new_api", [True, False], ids=["mount_setattr", "walk"])
 def test_read_only_volume_is_read_only_all_the_way_down(tmp_path: Path, new_api: bool,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mounts, "use_new_mount_api", new_api)
+    monkeypatch.setattr(mountapi, "use_new_mount_api", new_api)
 
     def body() -> None:
         host = tmp_path / "host"

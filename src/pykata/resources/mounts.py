@@ -35,216 +35,41 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pykata.errors import PykataError
+from pykata.resources import mountapi
+from pykata.resources.mountapi import (
+    AT_EMPTY_PATH,
+    AT_RECURSIVE,
+    HARDENED,
+    MNT_DETACH,
+    MOVE_MOUNT_F_EMPTY_PATH,
+    MOVE_MOUNT_T_EMPTY_PATH,
+    MS_BIND,
+    MS_MOVE,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_SHARED,
+    MS_SLAVE,
+    OPEN_TREE_CLONE,
+    PROPAGATION,
+    SYS_MOVE_MOUNT,
+    SYS_OPEN_TREE,
+    UMOUNT_NOFOLLOW,
+    MountError,
+    fd_path,
+    libc,
+    mount,
+    mount_id,
+    mountinfo,
+    open_beneath,
+    set_attributes,
+    syscall,
+)
 
 log = logging.getLogger("pykata.mounts")
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_MOVE = 0x2000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
-MNT_DETACH = 0x2
-UMOUNT_NOFOLLOW = 0x8
-
-# Flags a bind remount must repeat or lose (statvfs's ST_* equal the MS_* values for these).
-_KEPT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | 0x10 | 0x40 | 0x400 | 0x800 | 0x200000
-HARDENED = MS_NOSUID | MS_NODEV | MS_NOEXEC
-
-# x86_64 syscall numbers of the new mount API.
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
-_SYS_MOUNT_SETATTR = 442
-_OPEN_TREE_CLONE = 1
-_AT_EMPTY_PATH = 0x1000
-_AT_RECURSIVE = 0x8000
-_MOVE_MOUNT_F_EMPTY_PATH = 0x4
-_MOVE_MOUNT_T_EMPTY_PATH = 0x40
-# MOUNT_ATTR_* equal MS_* for these three; MOUNT_ATTR_NOEXEC is 0x8 as well.
-_MOUNT_ATTR = {MS_RDONLY: 0x1, MS_NOSUID: 0x2, MS_NODEV: 0x4, MS_NOEXEC: 0x8}
-
-_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-# Tests turn this off to exercise the path for kernels before 5.12.
-use_new_mount_api = True
-
-PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE, "slave": MS_SLAVE, "rslave": MS_SLAVE,
-               "shared": MS_SHARED, "rshared": MS_SHARED}
-
-
-class MountError(PykataError):
-    """A mount or unmount failed or was refused; `target` names the mount point."""
-
-    def __init__(self, target: str, message: str) -> None:
-        super().__init__(f"mount {target}: {message}")
-        self.target = target
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-def _syscall(nr: int, *args: object) -> int:
-    rc = int(_libc.syscall(ctypes.c_long(nr), *args))
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return rc
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None,
-           *, name: str | None = None) -> None:
-    rc = _libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
-                     ctypes.c_ulong(flags), data.encode() if data else None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise MountError(name or target, os.strerror(err))
-
-
-def _fd_path(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
-
-def mount_id(fd: int) -> int:
-    """The kernel's id of the mount `fd` is on (as in /proc/self/mountinfo's first field)."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    raise MountError(str(fd), "the kernel reports no mnt_id")
-
-
-# -- resolving targets without following symlinks -----------------------------------------------
-
-
-def _parts(rel: str) -> list[str]:
-    parts = [p for p in rel.split("/") if p]
-    for p in parts:
-        if p in (".", ".."):
-            raise MountError(rel, f"path component {p!r} is not allowed")
-    return parts
-
-
-def open_beneath(base: Path, rel: str, *, make: str | None = None, mode: int = 0o755) -> int:
-    """An O_PATH fd on `base`/`rel`, opened one component at a time without following symlinks.
-
-    `make`: "dir" or "file" creates what is missing (the last component as that kind). The caller
-    closes the fd. Raises MountError when a component is a symlink or not what it must be.
-    """
-    fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    parts = _parts(rel)
-    shown = base
-    try:
-        for i, name in enumerate(parts):
-            shown = shown / name
-            last = i == len(parts) - 1
-            want_file = last and make == "file"
-            try:
-                nxt = _open_component(fd, name, want_file, make is not None, mode)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise MountError(str(shown), "is a symlink or not a directory: refused") from None
-                raise MountError(str(shown), exc.strerror or str(exc)) from None
-            os.close(fd)
-            fd = nxt
-            st = os.fstat(fd)
-            if want_file and not stat.S_ISREG(st.st_mode):
-                raise MountError(str(shown), "is a symlink or not a regular file: refused")
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _open_component(dir_fd: int, name: str, want_file: bool, create: bool, mode: int) -> int:
-    flags = _PATH_FLAGS if want_file else _PATH_FLAGS | os.O_DIRECTORY
-    try:
-        return os.open(name, flags, dir_fd=dir_fd)
-    except FileNotFoundError:
-        if not create:
-            raise
-    if want_file:
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                             dir_fd=dir_fd))
-    else:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, mode, dir_fd=dir_fd)
-    return os.open(name, flags, dir_fd=dir_fd)
-
-
-# -- mount flags ---------------------------------------------------------------------------------
-
-
-def _mountinfo() -> list[tuple[int, int, str]]:
-    """(mount id, parent id, mount point) of every mount of this namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            out.append((int(fields[0]), int(fields[1]), _unescape(fields[4])))
-    return out
-
-
-def _unescape(path: str) -> str:
-    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def set_attributes(fd: int, flags: int, *, propagation: int = 0, name: str = "") -> None:
-    """Add mount `flags` (MS_RDONLY/NOSUID/NODEV/NOEXEC) to the mount at `fd` and every mount
-    below it, keeping the flags each already has, and set their propagation if given.
-
-    Raises MountError."""
-    if use_new_mount_api:
-        attr = _MountAttr(sum(v for k, v in _MOUNT_ATTR.items() if flags & k), 0, propagation, 0)
-        try:
-            _syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
-                     ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-            return
-        except OSError as exc:
-            if exc.errno != errno.ENOSYS:
-                raise MountError(name or _fd_path(fd), f"mount_setattr: {exc.strerror}") from None
-    _set_attributes_walk(fd, flags, propagation, name or _fd_path(fd))
-
-
-def _set_attributes_walk(fd: int, flags: int, propagation: int, name: str) -> None:
-    """mount_setattr(AT_RECURSIVE) for kernels before 5.12: remount the mount at `fd` and each
-    sub-mount, each reached by an fd opened without following symlinks and checked by mount id."""
-    infos = _mountinfo()
-    top = mount_id(fd)
-    points = {mid: mp for mid, _, mp in infos}
-    if top not in points:
-        raise MountError(name, "mount not found in mountinfo")
-    children: dict[int, list[int]] = {}
-    for mid, parent, _ in infos:
-        children.setdefault(parent, []).append(mid)
-    todo, seen = [top], []
-    while todo:
-        mid = todo.pop()
-        seen.append(mid)
-        todo += [c for c in children.get(mid, []) if c != mid]
-    root = points[top].rstrip("/")
-    for mid in seen:
-        rel = points[mid][len(root):].lstrip("/") if mid != top else ""
-        sub = open_beneath(Path(_fd_path(fd)), rel) if rel else os.dup(fd)
-        try:
-            if mount_id(sub) != mid:
-                raise MountError(f"{name}/{rel}", "a sub-mount moved while being remounted: refused")
-            if flags:
-                kept = os.fstatvfs(sub).f_flag & _KEPT_FLAGS
-                _mount(None, _fd_path(sub), None, MS_REMOUNT | MS_BIND | kept | flags, name=f"{name}/{rel}")
-            if propagation:
-                _mount(None, _fd_path(sub), None, propagation, name=f"{name}/{rel}")
-        finally:
-            os.close(sub)
 
 
 # -- mounting ------------------------------------------------------------------------------------
@@ -263,7 +88,7 @@ class MountRecord:
         if self.fd < 0:
             return
         try:
-            if _libc.umount2(_fd_path(self.fd).encode(), MNT_DETACH) != 0:
+            if libc.umount2(fd_path(self.fd).encode(), MNT_DETACH) != 0:
                 err = ctypes.get_errno()
                 # EINVAL: not (any more) the root of a mount: it was detached already
                 if err != errno.EINVAL:
@@ -303,7 +128,7 @@ def bind(source: Path, base: Path, rel: str, *, readonly: bool = False, propagat
         is_dir = stat.S_ISDIR(os.fstat(src).st_mode)
         target = open_beneath(base, rel, make="dir" if is_dir else "file")
         try:
-            if use_new_mount_api:
+            if mountapi.use_new_mount_api:
                 return _bind_detached(src, target, base / rel, flags, prop)
             return _bind_staged(src, target, base, rel, is_dir, flags, prop)
         finally:
@@ -319,14 +144,14 @@ def _bind_staged(src: int, target: int, base: Path, rel: str, is_dir: bool, flag
     stage_name = f".staging-{os.getpid()}-{secrets.token_hex(4)}"
     stage = open_beneath(base.parent, stage_name, make="dir" if is_dir else "file")
     try:
-        _mount(_fd_path(src), _fd_path(stage), None, MS_BIND | MS_REC, name=str(base / rel))
+        mount(fd_path(src), fd_path(stage), None, MS_BIND | MS_REC, name=str(base / rel))
         rec = _reopen_mounted(base.parent, stage_name, stage)
     finally:
         os.close(stage)
     rec.path = base / rel
     try:
         set_attributes(rec.fd, flags, propagation=prop, name=str(rec.path))
-        _mount(_fd_path(rec.fd), _fd_path(target), None, MS_MOVE, name=str(rec.path))
+        mount(fd_path(rec.fd), fd_path(target), None, MS_MOVE, name=str(rec.path))
         if prop == MS_PRIVATE:
             set_attributes(rec.fd, 0, propagation=MS_PRIVATE, name=str(rec.path))
     except BaseException:
@@ -342,14 +167,14 @@ def _bind_detached(src: int, target: int, path: Path, flags: int, prop: int) -> 
     # A detached copy gets its flags and propagation before it is attached, so it never is, even
     # for a moment, a writable peer of the source's mount (the host root's peer group on most hosts).
     try:
-        tree = _syscall(_SYS_OPEN_TREE, ctypes.c_int(src), b"",
-                        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | _AT_RECURSIVE))
+        tree = syscall(SYS_OPEN_TREE, ctypes.c_int(src), b"",
+                        ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE))
     except OSError as exc:
         raise MountError(str(path), f"open_tree: {exc.strerror}") from None
     try:
         set_attributes(tree, flags, propagation=prop, name=str(path))
-        _syscall(_SYS_MOVE_MOUNT, ctypes.c_int(tree), b"", ctypes.c_int(target), b"",
-                 ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH))
+        syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree), b"", ctypes.c_int(target), b"",
+                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
         if prop == MS_PRIVATE:
             # attached under a shared parent it became shared; private it is (its copies in the
             # shared view were made at the attach and stay until it is unmounted)
@@ -377,7 +202,7 @@ def mount_fs(fstype: str, data: str, base: Path, rel: str, flags: int = 0) -> Mo
     """Mount a file system of `fstype` on `base`/`rel` (made if missing), nosuid,nodev,noexec."""
     target = open_beneath(base, rel, make="dir")
     try:
-        _mount(fstype, _fd_path(target), fstype, flags | HARDENED, data, name=str(base / rel))
+        mount(fstype, fd_path(target), fstype, flags | HARDENED, data, name=str(base / rel))
         return _reopen_mounted(base, rel, target)
     finally:
         os.close(target)
@@ -498,7 +323,7 @@ class SandboxMounts:
         try:
             top = open_beneath(self.dir, "")
             try:
-                _mount(_fd_path(top), _fd_path(top), None, MS_BIND, name=str(self.dir))
+                mount(fd_path(top), fd_path(top), None, MS_BIND, name=str(self.dir))
                 sandbox = _reopen_mounted(self.dir.parent, self.dir.name, top)
             finally:
                 os.close(top)
@@ -509,7 +334,7 @@ class SandboxMounts:
             set_attributes(mounts.fd, 0, propagation=MS_SHARED, name=str(mounts.path))
             target = open_beneath(self.dir, SHARED, make="dir")
             try:
-                _mount(_fd_path(mounts.fd), _fd_path(target), None, MS_BIND, name=str(self.shared_dir))
+                mount(fd_path(mounts.fd), fd_path(target), None, MS_BIND, name=str(self.shared_dir))
                 shared = _reopen_mounted(self.dir, SHARED, target)
             finally:
                 os.close(target)
@@ -522,7 +347,7 @@ class SandboxMounts:
     def _self_bind(self, rel: str) -> MountRecord:
         target = open_beneath(self.dir, rel, make="dir")
         try:
-            _mount(_fd_path(target), _fd_path(target), None, MS_BIND, name=str(self.dir / rel))
+            mount(fd_path(target), fd_path(target), None, MS_BIND, name=str(self.dir / rel))
             rec = _reopen_mounted(self.dir, rel, target)
         finally:
             os.close(target)
@@ -597,7 +422,7 @@ def _unmount_records(recs: list[MountRecord]) -> None:
 def mounts_under(prefix: Path) -> list[Path]:
     """Mount points at or below `prefix`, deepest first (the order to unmount them)."""
     p = str(prefix).rstrip("/")
-    found = {Path(mp) for _, _, mp in _mountinfo() if mp == p or mp.startswith(p + "/")}
+    found = {Path(mp) for _, _, mp in mountinfo() if mp == p or mp.startswith(p + "/")}
     return sorted(found, key=lambda x: len(x.parts), reverse=True)
 
 
@@ -606,7 +431,7 @@ def unmount(target: Path) -> bool:
     nothing was mounted. Idempotent."""
     unmounted = False
     while True:
-        rc = _libc.umount2(str(target).encode(), MNT_DETACH | UMOUNT_NOFOLLOW)
+        rc = libc.umount2(str(target).encode(), MNT_DETACH | UMOUNT_NOFOLLOW)
         if rc == 0:
             unmounted = True
             continue
