@@ -43,7 +43,8 @@ from pykata.images.blobs import (
     read_small,
 )
 from pykata.images.errors import BlobError, ImageError, ImageLimitError
-from pykata.images.layers import apply_layer, checked_tarinfo, remove_tree
+from pykata.images.layers import apply_layer, remove_tree
+from pykata.images.tarheaders import checked_tarinfo
 
 MAX_JSON = 4 << 20  # manifests and configs are small; anything bigger is refused
 STALE_STAGING_SECONDS = 6 * 3600
