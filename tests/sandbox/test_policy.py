@@ -85,7 +85,7 @@ async def test_sdk_exec_rules(tmp_path: Path) -> None:
             await sb._sandbox.agent.copy_file("/run/pykata-agent/shared/x", b"x")
         # the policy cannot be lifted from the host side afterwards: SetPolicy is allowed here ("*"),
         # but a document is checked like the first one
-        with pytest.raises(AgentError, match="INVALID_ARGUMENT: policy: version"):
+        with pytest.raises(AgentError, match="INVALID_ARGUMENT: policy_json: policy: version"):
             await sb._sandbox.agent.set_policy('{"version": 9}')
     async with pykata.AsyncSandbox(image="busybox", config=with_policy(policy(exec__stdio=False))) as sb:
         with pytest.raises(PolicyDeniedError, match=r"policy: exec\.stdio: \w+ on exec process"):
