@@ -264,9 +264,14 @@ class Sandbox:
     @classmethod
     def connect(cls, sandbox: str, *, config: Config | None = None) -> Sandbox:
         """See AsyncSandbox.connect: `close()` disconnects, the owner keeps the sandbox."""
+        return cls._adopt(AsyncSandbox.connect(sandbox, config=config))
+
+    @classmethod
+    def _adopt(cls, make: Awaitable[AsyncSandbox]) -> Sandbox:
+        """Run `make` on the shared loop and wrap the sandbox it gives; the loop stays up until it closes."""
         token = SHARED.acquire()
         try:
-            inner = _run(AsyncSandbox.connect(sandbox, config=config))
+            inner = _run(make)
         except BaseException:
             SHARED.release(token)
             raise
@@ -324,15 +329,7 @@ class Pool:
     def acquire(self, timeout: float | None = None) -> Sandbox:
         """A started sandbox that is now yours (see AsyncPool.acquire); `with` it to close it."""
         self.start()
-        token = SHARED.acquire()
-        try:
-            inner = _run(self._async.acquire(timeout))
-        except BaseException:
-            SHARED.release(token)
-            raise
-        sb = Sandbox._wrap(inner, token)
-        SHARED.set_closer(token, sb.close)
-        return sb
+        return Sandbox._adopt(self._async.acquire(timeout))
 
     def close(self) -> None:
         if self._token is None:
