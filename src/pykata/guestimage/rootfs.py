@@ -47,8 +47,9 @@ RECIPE_VERSION = 1
 # mtime of every file when SOURCE_DATE_EPOCH is not set (2024-01-01T00:00:00Z).
 DEFAULT_EPOCH = 1704067200
 MANIFEST = "manifest.json"
-# Builds kept in the cache (the current one included); older ones are removed after a build.
-KEEP_BUILDS = 3
+# Builds kept in the cache (the current one included); older ones are removed after a build. Several
+# checkouts building different agents share the cache, so keep enough that they do not evict each other.
+KEEP_BUILDS = 16
 IMAGE_FSTYPE = "ext4"
 
 GUEST_PACKAGES = (
