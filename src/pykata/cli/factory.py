@@ -105,3 +105,54 @@ def destroy(as_json: bool) -> None:
         click.echo(json.dumps({"removed": keys}))
     else:
         click.echo(f"removed {len(keys)} template(s)" + (f": {', '.join(keys)}" if keys else ""))
+
+
+@factory.group()
+def pool() -> None:
+    """The warm pool: VMs restored ahead of time for the next pods (factory.pool_size)."""
+
+
+@pool.command()
+@click.option("--wait", "wait_s", type=float, default=0.0, help="Seconds to wait until the pool is full.")
+def fill(wait_s: float) -> None:
+    """Start waiting VMs until the pool holds factory.pool_size of them."""
+    from pykata.factory import pool as warm
+
+    config = _config()
+    if config.factory.pool_size <= 0:
+        raise click.ClickException("factory.pool_size is 0: the warm pool is off")
+    started = warm.fill(config, warm.entry_argv())
+    deadline = time.monotonic() + wait_s
+    ready = 0
+    while True:
+        ready = sum(1 for e in warm.list_entries(config) if e.alive and e.ready)
+        if ready >= config.factory.pool_size or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    click.echo(f"started {started}; {ready} of {config.factory.pool_size} ready")
+
+
+@pool.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def pool_status(as_json: bool) -> None:
+    """The waiting VMs: id, pid, ready or starting."""
+    from pykata.factory import pool as warm
+
+    config = _config()
+    rows = [{"id": e.id, "pid": e.pid, "ready": e.ready, "alive": e.alive,
+             "age_s": round(time.time() - e.created_at, 1)} for e in warm.list_entries(config)]
+    if as_json:
+        click.echo(json.dumps({"pool_size": config.factory.pool_size, "entries": rows}))
+        return
+    click.echo(f"pool_size: {config.factory.pool_size}")
+    for r in rows:
+        click.echo(f"{r['id']}  pid {r['pid']}  {'ready' if r['ready'] else 'starting'}"
+                   f"{'' if r['alive'] else ' (dead)'}  {r['age_s']}s")
+
+
+@pool.command(name="destroy")
+def destroy_pool() -> None:
+    """End every waiting VM (VMs already handed to pods are not affected)."""
+    from pykata.factory import pool as warm
+
+    click.echo(f"ended {len(warm.destroy(_config()))} waiting VM(s)")

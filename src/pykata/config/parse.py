@@ -191,6 +191,8 @@ def validate(config: Config) -> None:
     _range("runtime.rootfs_upper_size", runtime.rootfs_upper_size, 0, 1 << 20, " (MiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("factory.template_path", config.factory.template_path, allow_empty=False)
+    _range("factory.pool_size", config.factory.pool_size, 0, 64, "")
+    _range("factory.pool_min_free_mib", config.factory.pool_min_free_mib, 0, 1 << 24, " (MiB)")
     validate_image(config.image)
 
 

@@ -166,6 +166,11 @@ class FactoryConfig:
 
     enable_template: bool = True
     template_path: str = "/run/pykata/template"
+    # Warm pool (pykata.factory.pool): VMs restored from the template ahead of time, each held paused
+    # by a waiting shim process, handed whole to the next pod that fits. 0: off.
+    pool_size: int = 0
+    # The pool is not refilled while the host has less memory available than this, MiB.
+    pool_min_free_mib: int = 2048
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ async def start_vm(
     readiness: ReadinessProbe | None = None,
     guest_shutdown: Callable[[], Awaitable[None]] | None = None,
     vm_dir: Path | None = None,
+    die_with_owner: bool = False,
 ) -> Hypervisor:
     """A started VM for a sandbox, restored from a template or booted (the caller then awaits
     `wait_ready()`). `devices` (the pod's NICs, as plain device values) are cold-plugged. A restored VM
@@ -78,7 +79,8 @@ async def start_vm(
         config = templated_config(config)
         readiness = readiness or agent_readiness
     vm = QemuHypervisor(vm_id, config, shared_dir=shared_dir, readiness=readiness, guest_shutdown=guest_shutdown,
-                        vm_dir=vm_dir, restore=template.restore_source if template is not None else None)
+                        vm_dir=vm_dir, restore=template.restore_source if template is not None else None,
+                        die_with_owner=die_with_owner)
     try:
         for dev in devices:
             await vm.add_device(dev)

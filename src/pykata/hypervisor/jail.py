@@ -135,6 +135,18 @@ def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False) -> list[
     return prefix
 
 
+def lifeline_prefix() -> list[str]:
+    """The argv prefix that ties a program's life to its parent's, whatever the program does to its
+    own credentials (QEMU's -runas clears a parent-death signal set on QEMU itself).
+
+    The outer `unshare` (started with a parent-death SIGKILL: ChildProcess.spawn's die_with_parent)
+    makes a PID namespace whose init, the inner `unshare`, is killed when the outer one dies; the
+    kernel then kills everything in that namespace, the program included. The program is the init's
+    child, so its exit status still comes back through both. Raises HypervisorError without util-linux.
+    """
+    return [_tool(UNSHARE), "--pid", "--fork", "--kill-child=SIGKILL", "--", _tool(UNSHARE), "--fork", "--"]
+
+
 def _tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
     if found is None:

@@ -94,14 +94,15 @@ class ChildProcess:
     @classmethod
     async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
                     serves_guest_files: Literal[False, "filter", True] = False,
-                    log_fd: int | None = None) -> ChildProcess:
+                    log_fd: int | None = None, die_with_parent: bool = False) -> ChildProcess:
         """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path` (or written
         to `log_fd`, e.g. a socket drained into a bounded log, when given).
 
         The child gets its own session so a terminal's Ctrl-C reaches the runtime, which then stops it
         in order, instead of killing QEMU under a running guest. `serves_guest_files`: the child
         writes files for the guest (virtiofsd, QEMU's 9p) and starts under pykata.hypervisor.fileguard
-        ("filter": its seccomp filter only).
+        ("filter": its seccomp filter only). `die_with_parent`: the child gets SIGKILL when the
+        thread that spawned it ends (PR_SET_PDEATHSIG; see jail.lifeline_prefix).
 
         Raises:
             OSError: the binary cannot be executed, or the guard cannot be set up.
@@ -112,7 +113,8 @@ class ChildProcess:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                     pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
-                    preexec_fn=_GUARDS[serves_guest_files],
+                    preexec_fn=_with_pdeathsig(_GUARDS[serves_guest_files]) if die_with_parent
+                    else _GUARDS[serves_guest_files],
                 )
             except subprocess.SubprocessError as exc:  # what a failing preexec_fn becomes
                 raise OSError(errno.EPERM, f"{name}: file guard: {exc}") from None
@@ -160,6 +162,20 @@ class ChildProcess:
             # Unkillable (D state in the kernel): nothing more a user-space runtime can do.
             raise TimeoutError(f"{self.name} (pid {self.pid}) did not die after SIGKILL")
         return code
+
+
+def _with_pdeathsig(guard: Callable[[], None] | None) -> Callable[[], None]:
+    def preexec() -> None:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if guard is not None:
+            guard()
+    return preexec
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def describe_exit(code: int) -> str:

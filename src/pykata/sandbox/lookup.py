@@ -79,7 +79,11 @@ def _pykata_children(sandbox_dir: Path) -> list[psutil.Process]:
 
 
 def remove_sandbox_dir(directory: Path, record: state.SandboxRecord | None) -> None:
-    """Kill what the sandbox left running, undo its mounts and delete its directory."""
+    """Kill what the sandbox left running, undo its mounts and delete its directory (a sandbox taken
+    from the warm pool: the link and the pool directory it names)."""
+    link = directory if directory.is_symlink() else None
+    if link is not None:
+        directory = link.resolve()
     if record is not None:
         _kill_vmm(record.vmm_pid, record.id)
     for proc in _pykata_children(directory):
@@ -88,6 +92,9 @@ def remove_sandbox_dir(directory: Path, record: state.SandboxRecord | None) -> N
             proc.wait(5)
     mounts.unmount_all(directory)
     shutil.rmtree(directory, ignore_errors=True)
+    if link is not None:
+        with contextlib.suppress(OSError):
+            link.unlink()
 
 
 def cleanup_orphans(config: Config) -> list[str]:

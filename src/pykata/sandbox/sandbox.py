@@ -148,6 +148,7 @@ class Sandbox:
         self._proxy: Any = None
         self.netns: str | None = None
         self.network: PodNetwork | None = None
+        self._link: Path | None = None  # sandboxes/<id> of an adopted warm sandbox
 
     @property
     def agent(self) -> Agent:
@@ -194,6 +195,11 @@ class Sandbox:
         return sb
 
     async def _boot(self, hostname: str, boot_timeout: float, serve_proxy: bool) -> None:
+        await self._start_vm(boot_timeout)
+        await self._setup_guest(hostname, serve_proxy)
+
+    async def _start_vm(self, boot_timeout: float, die_with_owner: bool = False) -> None:
+        """The host side and the VM, up to its agent answering."""
         make_sandbox_dir(self.dir)
         state.save(self.dir, self.record)
         self.mounts.setup()
@@ -211,7 +217,8 @@ class Sandbox:
         mark("vm.start")
         self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
                                  vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
-                                 devices=nic_devices(self.network) if self.network is not None else ())
+                                 devices=nic_devices(self.network) if self.network is not None else (),
+                                 die_with_owner=die_with_owner)
         if self.network is not None:
             self.network.close_fds()  # QEMU holds the taps now: they end with it
         mark("vm.started")
@@ -220,6 +227,10 @@ class Sandbox:
         await self.vm.wait_ready(timeout=boot_timeout)
         mark("agent.ready")
         self._agent = agent_box["agent"]
+
+    async def _setup_guest(self, hostname: str, serve_proxy: bool) -> None:
+        """What makes a started VM this sandbox's: clock, reseed (clones), policy, CreateSandbox."""
+        assert self.vm is not None
         if self.vm.restore_source is not None:
             # a clone wakes up with the template's clock
             await sync_guest_clock(self.agent)
@@ -247,6 +258,62 @@ class Sandbox:
         self.record.status = "running"
         state.save(self.dir, self.record)
         mark("sandbox.ready")
+
+    # -- the warm pool (pykata.factory.pool) ----------------------------------------------------------
+
+    @classmethod
+    async def create_warm(cls, config: Config, directory: Path, *, boot_timeout: float | None = None) -> Sandbox:
+        """A VM restored from the template into `directory`, its agent connected, then paused: a
+        sandbox waiting in the warm pool, to be made some pod's by `adopt`. Nothing pod-specific
+        (reseed, clock, policy, CreateSandbox, hostname) has happened in the guest yet. Its QEMU
+        dies with this process (factory.pool: a waiting VM must not outlive its holder).
+
+        Raises SandboxError (templates are off), HypervisorError, AgentError; nothing is left behind.
+        """
+        if not config.factory.enable_template:
+            raise SandboxError(directory.name, "the warm pool needs factory.enable_template")
+        sb = cls(ids.check_sandbox_id(directory.name), config, directory)
+        sb.policy_json = load_policy(config.agent.pykata)
+        try:
+            await sb._start_vm(boot_timeout or config.qemu.boot_timeout, die_with_owner=True)
+            assert sb.vm is not None
+            if sb.vm.restore_source is None:
+                raise SandboxError(sb.id, "the pooled VM booted cold instead of from the template")
+            await sb.vm.pause()  # no CPU while it waits (an idle guest under TCG still ticks)
+        except BaseException:
+            await asyncio.shield(sb.stop(remove=True))
+            raise
+        return sb
+
+    async def adopt(self, sandbox_id: str, *, hostname: str = "", name: str = "", serve_proxy: bool = True) -> None:
+        """Make a warm sandbox (create_warm) the sandbox `sandbox_id`: sandboxes/<id> links to its
+        directory, the VM runs again, and the guest is set up as for any clone (clock, reseed, policy,
+        CreateSandbox) now, at hand-out. On failure the sandbox is stopped.
+
+        Raises InvalidArgument (bad id), SandboxError (the id is taken), AgentError, HypervisorError.
+        """
+        sid = ids.check_sandbox_id(sandbox_id)
+        link = sandboxes_dir(self.config) / sid
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            os.symlink(self.dir, link)
+        except FileExistsError:
+            raise SandboxError(sid, f"{link} already exists (a sandbox with this id exists)") from None
+        self._link = link
+        self.id = sid
+        self.record.id = sid
+        self.record.name = name
+        self.record.owner_pid = os.getpid()
+        self.record.created_at = time.time()
+        try:
+            assert self.vm is not None
+            await self.vm.resume()
+            mark("vm.started")
+            mark("agent.ready")
+            await self._setup_guest(hostname or name or sid[:12], serve_proxy)
+        except BaseException:
+            await asyncio.shield(self.stop(remove=True))
+            raise
 
     async def _reseed_clone(self) -> None:
         """Give a VM cloned from a template its own randomness and boot id (agent ReseedRandomDev),
@@ -442,6 +509,9 @@ class Sandbox:
                 return  # never delete below a mount that is still there (a volume's host data)
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
+            if self._link is not None:
+                with contextlib.suppress(OSError):
+                    self._link.unlink()
         else:
             self.record.status = "stopped"
             self.record.vmm_pid = None

@@ -31,7 +31,7 @@ from pykata.shim.flags import Flags, ShimStartError
 if TYPE_CHECKING:
     from pykata.config import Config
 
-SHIM_NAME = "containerd-shim-pykata-v2"
+SHIM_NAME = "containerd-shim-pykata-v2"  # also pykata.factory.pool.SHIM_EXECUTABLE
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CRIO_CONTAINER_TYPE = "io.kubernetes.cri-o.ContainerType"
@@ -130,6 +130,13 @@ def start(flags: Flags) -> str:
     except OSError as e:
         listener.close()
         raise ShimStartError(f"cannot listen on {path}: {e}") from None
+    if config.factory.pool_size > 0:
+        pid = _claim_pooled(config, flags, bundle, sandbox_id, path, listener)
+        if pid is not None:
+            listener.close()
+            _write_bundle_file(bundle, "shim.pid", str(pid))
+            _write_bundle_file(bundle, "address", address)
+            return address
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -139,6 +146,22 @@ def start(flags: Flags) -> str:
     _write_bundle_file(bundle, "shim.pid", str(pid))
     _write_bundle_file(bundle, "address", address)
     return address
+
+
+def _claim_pooled(config: Config, flags: Flags, bundle: Path, sandbox_id: str, path: Path,
+                  listener: socket.socket) -> int | None:
+    """Hand the pod to a waiting shim of the warm pool (pykata.factory.pool); its pid, or None when
+    none took it (the pool is then refilled in the background, and this pod's shim is forked)."""
+    from pykata.factory import pool
+
+    message = {"flags": {"namespace": flags.namespace, "address": flags.address,
+                         "publish_binary": flags.publish_binary, "id": flags.id, "bundle": flags.bundle,
+                         "debug": flags.debug},
+               "bundle": str(bundle), "sandbox_id": sandbox_id, "socket": str(path), "env": dict(os.environ)}
+    pid = pool.claim(config, message, listener.fileno())
+    if pid is None:
+        pool.fill(config, pool.entry_argv())
+    return pid
 
 
 def _become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.protocols import TASK_SERVICE
+from pykata.sandbox import Sandbox
 from pykata.shim.events import EventPublisher
 from pykata.shim.flags import Flags
 from pykata.shim.logs import setup_logging
@@ -68,10 +69,11 @@ def run(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, so
     """Serve until the shim is asked to end; returns the exit code."""
     setup_logging(log_fd, sandbox_id, debug=flags.debug)
     logging.getLogger("asyncio").handlers[:] = logging.getLogger("pykata").handlers
-    return asyncio.run(_serve(flags, listener, sandbox_id, socket_path))
+    return asyncio.run(serve(flags, listener, sandbox_id, socket_path))
 
 
-async def _serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_path: Path) -> int:
+async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_path: Path,
+                 warm: Sandbox | None = None) -> int:
     loop = asyncio.get_running_loop()
     events = EventPublisher(os.environ.get("TTRPC_ADDRESS"), flags.namespace)
     events.start()
@@ -81,7 +83,7 @@ async def _serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_
         with contextlib.suppress(OSError):
             socket_path.unlink()
 
-    service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket)
+    service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket, warm=warm)
     tracked = InflightRpcs(service, TASK_SERVICE.methods)
     server = Server()
     server.register(TASK_SERVICE, tracked)

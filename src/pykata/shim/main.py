@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.flush()
             if timed:
                 mark("start.done")
+        elif flags.action == "pool-entry":  # pykata.factory.pool starts these, not containerd
+            from pykata.shim.pooled import main as wait_in_pool
+
+            wait_in_pool(flags)
         elif flags.action == "delete":
             sys.stdout.buffer.write(delete(flags))
             sys.stdout.flush()

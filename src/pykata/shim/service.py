@@ -27,6 +27,7 @@ from google.protobuf.empty_pb2 import Empty
 from pykata.config import Config
 from pykata.errors import Unimplemented
 from pykata.protocols import shim_pb2
+from pykata.sandbox import Sandbox
 from pykata.shim.events import EventPublisher
 from pykata.shim.tasks import control, create, delete, execs, pod, query, shutdown, start
 from pykata.shim.tasks.state import TaskState
@@ -38,8 +39,9 @@ class TaskService(TaskState):
 
     def __init__(self, sandbox_id: str, namespace: str, events: EventPublisher, *,
                  config: Callable[[dict[str, str]], Config] | None = None,
-                 on_exit: Callable[[], None] | None = None) -> None:
+                 on_exit: Callable[[], None] | None = None, warm: Sandbox | None = None) -> None:
         super().__init__(sandbox_id, namespace, events, load_config=config or pod.pod_config, on_exit=on_exit)
+        self.warm = warm
 
     async def Create(self, req: shim_pb2.CreateTaskRequest, ctx: Any) -> shim_pb2.CreateTaskResponse:
         return await create.create(self, req)

@@ -22,7 +22,7 @@ from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, Re
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
 from pykata.hypervisor.errors import NotSupportedError, QmpError, RestoreError, VmExitedError
 from pykata.hypervisor.hostinfo import host_tsc_khz
-from pykata.hypervisor.jail import UidLease, jail_spec, make_chroot, namespace_prefix
+from pykata.hypervisor.jail import UidLease, jail_spec, lifeline_prefix, make_chroot, namespace_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
 from pykata.hypervisor.qemu import hotplug, migrate
 from pykata.hypervisor.qemu.assets import resolve_assets
@@ -60,7 +60,9 @@ class QemuHypervisor(Hypervisor):
     with the guest running where it was saved, its RAM the saved memory file mapped copy-on-write; its
     kernel, initrd and image are the saved VM's. Such a VM needs a `readiness` probe (the console line
     was printed before the save). `memory_file` puts guest RAM in that file, shared (what a template is
-    made of; save() then writes only the device state).
+    made of; save() then writes only the device state). `die_with_owner`: QEMU is killed when this
+    process dies, however it dies (jail.lifeline_prefix; `pid` is then the outer wrapper's): for VMs
+    no one else would clean up, such as a warm pool's.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class QemuHypervisor(Hypervisor):
         vm_dir: Path | None = None,
         restore: RestoreSource | None = None,
         memory_file: Path | None = None,
+        die_with_owner: bool = False,
     ) -> None:
         if not ids.is_valid_id(vm_id):  # a VM is named by its sandbox: the same rule
             raise HypervisorError(f"bad VM id {vm_id[:80]!r}: 1-{ids.MAX_ID_LENGTH} letters and digits, "
@@ -115,6 +118,7 @@ class QemuHypervisor(Hypervisor):
             raise HypervisorError(f"VM {vm_id}: a restored VM takes its memory and assets from the saved VM")
         self._restore = restore
         self._memory_file = memory_file
+        self._die_with_owner = die_with_owner
         self._awaiting_incoming = False
 
     # ---------------------------------------------------------------------------------------------
@@ -263,11 +267,14 @@ class QemuHypervisor(Hypervisor):
         argv = build_command_line(self.spec).argv()
         if self.spec.jail is not None:
             argv = namespace_prefix(self.spec.jail.mount_namespace) + argv
+        if self._die_with_owner:
+            argv = lifeline_prefix() + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
             assert self._sidecars.qemu_log is not None
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
-                                                  pass_fds=fds, log_fd=self._sidecars.qemu_log.guest_fd)
+                                                  pass_fds=fds, log_fd=self._sidecars.qemu_log.guest_fd,
+                                                  die_with_parent=self._die_with_owner)
         except OSError as exc:
             self._sidecars.spawned(ok=False)
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from pykata.agentapi import AgentCallError
@@ -32,6 +34,8 @@ log = logging.getLogger("pykata.shim")
 LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
 # Seconds between two GetOOMEvent calls, at least: the guest chooses when each returns.
 OOM_POLL_INTERVAL = 0.1
+# After a pod took a pooled VM, its replacement starts this much later: not while the pod is starting.
+REFILL_DELAY = 1.0
 
 
 async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
@@ -45,6 +49,13 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
             config = st.load_config({str(k): str(v) for k, v in annotations.items()})
             await _remove_dead_leftover(config, st.sandbox_id)
             config, vcpus, memory_mib = _vm_size(spec, config)
+            warm, st.warm = st.warm, None
+            if warm is not None:
+                if _fits_warm(warm, config, vcpus, memory_mib, spec):
+                    return await _adopt_warm(st, warm, config, spec)
+                log.info("the pooled VM does not fit this pod (its size, network or configuration "
+                         "differs): booting one")
+                await warm.stop(remove=True)
             join_cgroup(st, config, spec)
             log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
                      memory_mib or "default")
@@ -55,12 +66,71 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
             except BaseException:
                 leave_cgroup(st)
                 raise
-        st.sandbox_stopping = False
-        st.vm_dead = False
-        st.spawn(watch_vm(st, st.sandbox), "watch-vm")
-        st.spawn(watch_oom(st, st.sandbox), "watch-oom")
-        log.info("sandbox VM running (qemu pid %s)", st.sandbox.vm.pid if st.sandbox.vm else None)
-        return st.sandbox
+        return _watch(st, st.sandbox)
+
+
+def _watch(st: TaskState, sb: Sandbox) -> Sandbox:
+    st.sandbox_stopping = False
+    st.vm_dead = False
+    st.spawn(watch_vm(st, sb), "watch-vm")
+    st.spawn(watch_oom(st, sb), "watch-oom")
+    log.info("sandbox VM running (qemu pid %s)", sb.vm.pid if sb.vm else None)
+    return sb
+
+
+def _fits_warm(warm: Sandbox, config: Config, vcpus: int | None, memory_mib: int | None,
+               spec: dict[str, Any]) -> bool:
+    """Whether the pod can take the pooled VM: same configuration (annotations changed nothing), the
+    default size, and no network namespace to wire (a NIC is fixed when QEMU starts)."""
+    q = warm.config.qemu
+    return (config == warm.config and max(q.default_vcpus, vcpus or 0) == q.default_vcpus
+            and max(q.default_memory, memory_mib or 0) == q.default_memory
+            and (spec_netns(spec) is None or config.runtime.internetworking_model == "none"))
+
+
+async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[str, Any]) -> Sandbox:
+    """The pod takes the pooled VM this shim was claimed with: its processes join the pod's cgroup,
+    and the guest is set up for it (Sandbox.adopt). Refills the pool in the background."""
+    mark("vm.start")
+    join_cgroup(st, config, spec)
+    if st.cgroup is not None:
+        cg = st.cgroup[0]
+        try:
+            for pid in _descendants(os.getpid()):
+                cg.add_process(pid)
+        except cgroups.CgroupError as e:
+            log.warning("the pooled VM stays outside the pod's cgroup: %s", e)
+    log.info("taking the VM from the warm pool (%s)", warm.dir.name)
+    try:
+        await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True)
+    except BaseException:
+        leave_cgroup(st)
+        raise
+    st.sandbox = warm
+    asyncio.get_running_loop().call_later(REFILL_DELAY, refill_pool, config)
+    return _watch(st, warm)
+
+
+def refill_pool(config: Config) -> None:
+    """Start waiting shims until the pool is full again (factory.pool.fill; never raises)."""
+    from pykata.factory.pool import entry_argv, fill
+
+    fill(config, entry_argv())
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (QEMU behind its lifeline wrappers), parents first."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    kids = [int(k) for k in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+                    out.extend(kids)
+                    todo.extend(kids)
+    return out
 
 
 def join_cgroup(st: TaskState, config: Config, spec: dict[str, Any]) -> None:

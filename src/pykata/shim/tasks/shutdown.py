@@ -45,6 +45,9 @@ async def close(st: TaskState) -> None:
                 with contextlib.suppress(PykataError, OSError):
                     await p.io.close()
     await pod.stop_sandbox(st)
+    if st.warm is not None:  # claimed from the pool, but no Create ever took it
+        warm, st.warm = st.warm, None
+        await warm.stop(remove=True)
     pod.leave_cgroup(st)
     for t in list(st.background):
         t.cancel()

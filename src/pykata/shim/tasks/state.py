@@ -40,6 +40,9 @@ class TaskState:
         self.containers: dict[str, ShimContainer] = {}
         self.creating: set[str] = set()
         self.sandbox: Sandbox | None = None
+        # A VM from the warm pool this shim was claimed with (pykata.factory.pool), until the first
+        # Create takes it (or finds that the pod does not fit it and stops it)
+        self.warm: Sandbox | None = None
         self.cgroup: tuple[cgroups.SandboxCgroup, Config] | None = None
         self.sandbox_lock = asyncio.Lock()
         self.sandbox_stopping = False

@@ -1,0 +1,303 @@
+"""The warm pool (Kata's VM cache): VMs restored from the template ahead of time, each held paused by
+a waiting process, handed whole to the next pod that fits.
+
+Who holds a pooled VM: not one pool daemon serving VMs over a socket (Kata's `factory init` + VM cache
+server), but one waiting *shim* per VM (pykata.shim.pooled): a shim process that has done its imports,
+restored a VM from the template, connected to its agent and paused it. A pod start (`shim start`)
+claims a waiting one over its control socket and hands it containerd's parameters and the pod's
+listening socket; that process becomes the pod's shim. So QEMU stays the child of the process that
+serves the pod (its QMP channel, agent connection, console, exit and cleanup are never handed
+between processes), and a claim skips the shim's start-up, the restore and the wait for the agent.
+
+Layout under <runtime_dir>/pool/ (root only, 0711):
+    <eid>.json   the waiting process: {"pid", "fingerprint", "created_at"}; present while it waits
+    <eid>.sock   its control socket, accepting exactly one claim (then removed: never shared)
+    <eid>/       its sandbox directory (a claimed one stays here; sandboxes/<pod id> links to it)
+
+Nothing leaks when a waiting process dies, however it dies: its QEMU runs behind
+pykata.hypervisor.jail.lifeline_prefix (killed with its owner), its mounts live in the mount
+namespace it was started in (`fill` starts it with `unshare --mount`), and `prune` removes the files
+of dead ones (every `fill` and `claim` runs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pykata.config.schema import Config
+from pykata.fsutil import atomic_write, file_lock
+
+log = logging.getLogger("pykata.factory")
+
+MAX_CLAIM_BYTES = 1 << 20
+CLAIM_TIMEOUT = 2.0
+# A waiting VM with its shim, for the memory bound (measured: ~105 MiB PSS at idle).
+ENTRY_MIB = 150
+# A waiting process that has not written its control socket after this long is stuck: pruned.
+STARTING_LIMIT = 300.0
+SHIM_EXECUTABLE = "containerd-shim-pykata-v2"  # a fixed name (ARCHITECTURE.md)
+
+
+def entry_argv() -> list[str]:
+    """The command that starts one waiting shim: this installation's `containerd-shim-pykata-v2
+    pool-entry` (pykata.shim.pooled; the factory names it, it does not import it)."""
+    script = Path(sys.executable).parent / SHIM_EXECUTABLE
+    found = str(script) if script.exists() else shutil.which(SHIM_EXECUTABLE) or SHIM_EXECUTABLE
+    return [sys.executable, found, "pool-entry"]
+
+
+def pool_root(config: Config) -> Path:
+    return config.runtime.runtime_path / "pool"
+
+
+def fingerprint(config: Config) -> str:
+    """What a pooled VM was made for: the whole configuration (a pod whose annotations change any of
+    it, or whose host configuration changed since, does not take it)."""
+    import pykata
+
+    # the installation too: two checkouts sharing a runtime_dir never take each other's VMs
+    return hashlib.sha256(f"{pykata.__file__}\n{config!r}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One waiting VM (its process may be dead: `alive`)."""
+
+    id: str
+    root: Path
+    pid: int
+    fingerprint: str
+    created_at: float
+
+    @property
+    def meta(self) -> Path:
+        return self.root / f"{self.id}.json"
+
+    @property
+    def control(self) -> Path:
+        return self.root / f"{self.id}.sock"
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.root / self.id
+
+    @property
+    def ready(self) -> bool:
+        return self.control.exists()
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def new_entry(config: Config) -> PoolEntry:
+    """Register this process as a waiting VM being made (counted by `fill` from now on)."""
+    root = pool_root(config)
+    root.mkdir(parents=True, exist_ok=True, mode=0o711)
+    entry = PoolEntry(f"pool-{secrets.token_hex(6)}", root, os.getpid(), fingerprint(config), time.time())
+    atomic_write(entry.meta, json.dumps({"pid": entry.pid, "fingerprint": entry.fingerprint,
+                                         "created_at": entry.created_at}), make_parents=False)
+    return entry
+
+
+def withdraw(entry: PoolEntry) -> None:
+    """Take `entry` out of the pool (claimed or ending): no one finds or claims it any more."""
+    for path in (entry.control, entry.meta):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def list_entries(config: Config) -> list[PoolEntry]:
+    """The registered waiting VMs, live or not (never raises)."""
+    root = pool_root(config)
+    found = []
+    with contextlib.suppress(OSError):
+        for meta in sorted(root.glob("pool-*.json")):
+            try:
+                data = json.loads(meta.read_text()[:4096])
+                found.append(PoolEntry(meta.stem, root, int(data["pid"]), str(data["fingerprint"]),
+                                       float(data["created_at"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def prune(config: Config) -> list[str]:
+    """Remove what dead waiting processes left (their files; their VM and mounts died with them) and
+    kill ones stuck starting. Returns the removed entry ids. Never raises."""
+    removed = []
+    root = pool_root(config)
+    for entry in list_entries(config):
+        stuck = not entry.ready and time.time() - entry.created_at > STARTING_LIMIT
+        if entry.alive and not stuck:
+            continue
+        if stuck and entry.alive:
+            with contextlib.suppress(OSError):
+                os.kill(entry.pid, 9)
+        withdraw(entry)
+        shutil.rmtree(entry.sandbox_dir, ignore_errors=True)
+        removed.append(entry.id)
+    # directories of claimed VMs whose shim died and that `shim delete` did not reach
+    with contextlib.suppress(OSError):
+        for d in root.glob("pool-*"):
+            if d.is_dir() and not (root / f"{d.name}.json").exists() and not _owner_alive(d):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+    return removed
+
+
+def _owner_alive(directory: Path) -> bool:
+    try:
+        data = json.loads((directory / "state.json").read_text()[:1 << 20])
+        return _alive(int(data["owner_pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        # no record yet: being made right now, or a dead one's; the age decides
+        with contextlib.suppress(OSError):
+            return time.time() - directory.stat().st_mtime < STARTING_LIMIT
+        return False
+
+
+def mem_available_mib() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def fill(config: Config, argv: Sequence[str]) -> int:
+    """Start waiting processes (`argv`, in a mount namespace of their own, detached) until the pool
+    has `factory.pool_size` live ones, while the host keeps `pool_min_free_mib` available. Returns
+    how many it started. Never raises (a pool that cannot fill only means cold starts)."""
+    size = config.factory.pool_size
+    if size <= 0 or not config.factory.enable_template:
+        return 0
+    root = pool_root(config)
+    started = 0
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        with file_lock(root / ".lock"):
+            prune(config)
+            mine = fingerprint(config)
+            live = [e for e in list_entries(config) if e.alive]
+            for e in live:
+                if e.fingerprint != mine:  # made for another configuration: make room
+                    with contextlib.suppress(OSError):
+                        os.kill(e.pid, 15)
+            missing = size - sum(1 for e in live if e.fingerprint == mine)
+            env = {k: v for k, v in os.environ.items() if k != "PYKATA_TIMING_FILE"}
+            unshare = shutil.which("unshare") or "/usr/bin/unshare"
+            for _ in range(max(0, missing)):
+                if mem_available_mib() - ENTRY_MIB * (started + 1) < config.factory.pool_min_free_mib:
+                    log.info("factory pool: not refilled: host memory available is below "
+                             "factory.pool_min_free_mib (%d MiB)", config.factory.pool_min_free_mib)
+                    break
+                subprocess.Popen([unshare, "--mount", "--propagation", "slave", "--", *argv],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True, close_fds=True, cwd="/", env=env)
+                started += 1
+    except OSError as e:
+        log.warning("factory pool: cannot fill: %s", e)
+    return started
+
+
+def claim(config: Config, message: dict[str, Any], fd: int) -> int | None:
+    """Claim one waiting VM for a pod: send it `message` (JSON) and `fd` (the pod's listening socket).
+    Returns the process id that now serves the pod, or None when no waiting VM took it (none ready,
+    or each one refused). Never raises."""
+    if config.factory.pool_size <= 0:
+        return None
+    mine = fingerprint(config)
+    body = json.dumps({**message, "fingerprint": mine}).encode()
+    for entry in list_entries(config):
+        if entry.fingerprint != mine or not entry.ready or not entry.alive:
+            continue
+        with contextlib.suppress(OSError, ValueError), \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(CLAIM_TIMEOUT)
+            s.connect(str(entry.control))
+            socket.send_fds(s, [body], [fd])
+            s.shutdown(socket.SHUT_WR)
+            reply = json.loads(_read_all(s, 4096) or b"{}")
+            if isinstance(reply, dict) and reply.get("ok") is True and isinstance(reply.get("pid"), int):
+                return int(reply["pid"])
+            log.info("factory pool: %s refused the claim: %s", entry.id, str(reply.get("error"))[:200])
+    return None
+
+
+def _read_all(s: socket.socket, limit: int) -> bytes:
+    data = b""
+    while len(data) < limit:
+        chunk = s.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def serve_claim(sock: socket.socket) -> tuple[dict[str, Any], int]:
+    """Read one claim from an accepted control connection (blocking, bounded): its message and the
+    listening socket it carries. Raises ValueError for anything else (the caller closes)."""
+    sock.settimeout(CLAIM_TIMEOUT)
+    data, fds, _, _ = socket.recv_fds(sock, MAX_CLAIM_BYTES, 4)
+    try:
+        while len(data) < MAX_CLAIM_BYTES:
+            more = sock.recv(MAX_CLAIM_BYTES - len(data))
+            if not more:
+                break
+            data += more
+        message = json.loads(data)
+        if not isinstance(message, dict) or len(fds) != 1:
+            raise ValueError("a claim is one JSON object and one socket")
+    except BaseException:
+        for f in fds:
+            os.close(f)
+        raise
+    return message, fds[0]
+
+
+def answer(sock: socket.socket, **reply: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(json.dumps(reply).encode())
+
+
+def destroy(config: Config, timeout: float = 10.0) -> list[str]:
+    """End every waiting VM of this pool (SIGTERM: each stops its VM; SIGKILL after `timeout`) and
+    remove what is left. VMs already claimed by pods are theirs. Returns the entry ids. Never raises."""
+    entries = [e for e in list_entries(config) if e.alive]
+    for e in entries:
+        with contextlib.suppress(OSError):
+            os.kill(e.pid, 15)
+    deadline = time.monotonic() + timeout
+    while any(e.alive for e in entries) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for e in entries:
+        if e.alive:
+            with contextlib.suppress(OSError):
+                os.kill(e.pid, 9)
+    while any(e.alive for e in entries) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    prune(config)
+    return [e.id for e in entries]

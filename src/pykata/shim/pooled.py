@@ -1,0 +1,188 @@
+"""A waiting shim of the warm pool (pykata.factory.pool): `containerd-shim-pykata-v2 pool-entry`.
+
+It registers itself in the pool, restores a VM from the template (Sandbox.create_warm: agent
+connected, VM paused) and waits on its control socket for one claim. A claim (`shim start` of a new
+pod) carries containerd's flags, the bundle, the pod's sandbox id, the environment containerd gave
+the shim, and the pod's listening socket; this process then withdraws from the pool and becomes that
+pod's shim (pykata.shim.daemon), whose first Create takes the waiting VM if the pod fits it.
+
+It ends without a claim on SIGTERM (`pykata factory pool destroy`, or a pool filled for another
+configuration) or when its VM dies; if it is killed, its VM dies with it (lifeline) and its mounts
+with its mount namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from pykata.config import load_config
+from pykata.factory import pool
+from pykata.sandbox import Sandbox
+from pykata.shim.flags import Flags
+from pykata.timing import mark
+
+log = logging.getLogger("pykata.shim")
+
+_FLAG_FIELDS = ("namespace", "address", "publish_binary", "id", "bundle")
+
+
+def main(flags: Flags) -> None:
+    """Wait in the pool, then serve the pod that claims this process. Never returns."""
+    code = 1
+    with contextlib.suppress(OSError):  # already a session leader (started with start_new_session)
+        os.setsid()
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.chdir("/")
+        code = asyncio.run(_wait_then_serve(flags))
+    except BaseException:  # nowhere to report before a claim; after one, stderr is the pod's log
+        import traceback
+
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+class _Waiting:
+    def __init__(self, entry: pool.PoolEntry, sandbox: Sandbox) -> None:
+        self.entry = entry
+        self.sandbox = sandbox
+        assert sandbox.vm is not None and sandbox.vm.restore_source is not None
+        self._template_state = _file_id(sandbox.vm.restore_source.state)
+
+    def check(self, message: dict[str, Any]) -> str | None:
+        """Why this VM cannot take the claim, or None."""
+        if message.get("fingerprint") != self.entry.fingerprint:
+            return "made for another configuration"
+        vm = self.sandbox.vm
+        if vm is None or vm.exited.done():
+            return "its VM is gone"
+        if vm.restore_source is None or _file_id(vm.restore_source.state) != self._template_state:
+            return "its template was remade since"
+        for key in ("bundle", "sandbox_id", "socket"):
+            if not isinstance(message.get(key), str) or (key != "sandbox_id" and not message[key].startswith("/")):
+                return f"bad claim: {key}"
+        env, flags = message.get("env"), message.get("flags")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            return "bad claim: env"
+        if not isinstance(flags, dict) or not all(isinstance(flags.get(k, ""), str) for k in _FLAG_FIELDS):
+            return "bad claim: flags"
+        return None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+async def _wait_then_serve(flags: Flags) -> int:
+    config = load_config()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    entry = pool.new_entry(config)
+    sandbox: Sandbox | None = None
+    claimed = False
+    try:
+        sandbox = await Sandbox.create_warm(config, entry.sandbox_dir)
+        waiting = _Waiting(entry, sandbox)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(entry.control))
+        os.chmod(entry.control, 0o600)
+        listener.listen(8)
+        listener.setblocking(False)
+        assert sandbox.vm is not None
+        ended = asyncio.ensure_future(_first(stop.wait(), asyncio.shield(sandbox.vm.exited)))
+        got: tuple[dict[str, Any], int] | None = None
+        try:
+            while got is None:
+                accept = asyncio.ensure_future(loop.sock_accept(listener))
+                done, _ = await asyncio.wait({accept, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if accept not in done:
+                    accept.cancel()
+                    return 0
+                conn, _ = accept.result()
+                with conn:
+                    got = _take(conn, waiting, listener)
+        finally:
+            ended.cancel()
+            listener.close()
+        claimed = True
+        message, fd = got
+        return await _serve_claim(flags, message, fd, sandbox)
+    finally:
+        pool.withdraw(entry)
+        if not claimed and sandbox is not None:
+            await sandbox.stop(remove=True)
+        if not claimed:
+            shutil.rmtree(entry.sandbox_dir, ignore_errors=True)
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _take(conn: socket.socket, waiting: _Waiting, listener: socket.socket) -> tuple[dict[str, Any], int] | None:
+    """Read a claim; accept it (withdrawing from the pool first: one claim only) or refuse it."""
+    conn.setblocking(True)
+    try:
+        message, fd = pool.serve_claim(conn)
+    except (OSError, ValueError) as e:
+        pool.answer(conn, ok=False, error=f"unreadable claim: {e}")
+        return None
+    why = waiting.check(message)
+    if why is not None:
+        os.close(fd)
+        pool.answer(conn, ok=False, error=why)
+        return None
+    pool.withdraw(waiting.entry)
+    listener.close()  # a claim racing this one finds the socket gone, or is reset
+    pool.answer(conn, ok=True, pid=os.getpid())
+    return message, fd
+
+
+async def _serve_claim(flags: Flags, message: dict[str, Any], fd: int, sandbox: Sandbox) -> int:
+    from pykata.shim import daemon
+    from pykata.shim.logs import open_log_fifo, setup_logging
+
+    given = message["flags"]
+    flags = Flags(namespace=str(given.get("namespace", "")), address=str(given.get("address", "")),
+                  publish_binary=str(given.get("publish_binary", "")), id=str(given.get("id", "")),
+                  bundle=str(given.get("bundle", "")), debug=bool(given.get("debug")), action="start")
+    os.environ.clear()
+    os.environ.update(message["env"])
+    bundle = Path(message["bundle"])
+    log_fd = open_log_fifo(bundle)
+    if log_fd is not None:
+        os.dup2(log_fd, 2)
+    sandbox_id = str(message["sandbox_id"])
+    setup_logging(log_fd, sandbox_id, debug=flags.debug)
+    logging.getLogger("asyncio").handlers[:] = logging.getLogger("pykata").handlers
+    mark("daemon.claimed")
+    listener = socket.socket(fileno=fd)
+    log.info("claimed from the warm pool (%s)", sandbox.dir.name)
+    return await daemon.serve(flags, listener, sandbox_id, Path(message["socket"]), warm=sandbox)
