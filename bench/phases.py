@@ -117,11 +117,39 @@ def phases_of(marks: list[tuple[int, str]]) -> dict[str, float]:
     return out
 
 
+def pool_config(directory: Path) -> Path:
+    """A copy of the configuration in force with factory.pool_size = 1."""
+    from pykata.config.load import find_config_path, packaged_default_text
+
+    found = find_config_path()
+    text = found.read_text() if found is not None else packaged_default_text()
+    path = directory / "configuration.toml"
+    path.write_text(text.replace("\npool_size = 0\n", "\npool_size = 1\n"))
+    return path
+
+
+def wait_for_pool(timeout: float = 120.0) -> None:
+    from pykata.factory import pool
+
+    config = load_config()
+    deadline = time.monotonic() + timeout
+    pool.fill(config, pool.entry_argv())
+    while not any(e.ready and e.alive for e in pool.list_entries(config)):
+        if time.monotonic() > deadline:
+            raise SystemExit("the warm pool did not fill")
+        time.sleep(0.05)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--runs", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--pool", action="store_true",
+                    help="with a warm pool of 1 (factory.pool_size): each pykata run starts once a "
+                         "pooled VM is ready (the wait is not counted)")
     args = ap.parse_args()
+    if args.pool:
+        os.environ["PYKATA_CONFIG"] = str(pool_config(Path(tempfile.mkdtemp(prefix="phases-pool-"))))
 
     tmp = Path(tempfile.mkdtemp(prefix="phases-bench-"))
     timing = tmp / "timing"
@@ -139,6 +167,8 @@ def main() -> None:
         settle(timing)
         for _ in range(args.runs):
             runc.append(run_rm(ctd, RUNC_RUNTIME))
+            if args.pool:
+                wait_for_pool()
             timing.write_bytes(b"")
             run_rm(ctd, PYKATA_RUNTIME)
             settle(timing)
@@ -146,6 +176,10 @@ def main() -> None:
     finally:
         ctd.stop()
         os.environ.pop(ENV, None)
+        if args.pool:
+            from pykata.factory import pool
+
+            pool.destroy(load_config())
     labels = [label for label, _, _ in SEQUENTIAL + PARALLEL if any(label in r for r in runs)]
     med = {label: statistics.median([r[label] for r in runs if label in r]) for label in [*labels, "total"]}
     runc_med = statistics.median(runc)

@@ -201,11 +201,9 @@ def fill(config: Config, argv: Sequence[str]) -> int:
         with file_lock(root / ".lock"):
             prune(config)
             mine = fingerprint(config)
+            # entries made for another configuration or installation are not counted (nor ended:
+            # they may be another checkout's; `pykata factory pool destroy` ends every one)
             live = [e for e in list_entries(config) if e.alive]
-            for e in live:
-                if e.fingerprint != mine:  # made for another configuration: make room
-                    with contextlib.suppress(OSError):
-                        os.kill(e.pid, 15)
             missing = size - sum(1 for e in live if e.fingerprint == mine)
             env = {k: v for k, v in os.environ.items() if k != "PYKATA_TIMING_FILE"}
             unshare = shutil.which("unshare") or "/usr/bin/unshare"

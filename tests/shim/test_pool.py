@@ -1,0 +1,124 @@
+"""The warm pool (pykata.factory.pool) end to end: waiting shims with paused VMs, claimed by a real
+containerd's `shim start`, refilled, never shared, and leaving nothing behind when killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pykata.config import load_config
+from pykata.config.load import find_config_path, packaged_default_text
+from pykata.factory import pool
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
+
+
+def _pool_config(directory: Path) -> Path:
+    found = find_config_path()
+    text = found.read_text() if found is not None else packaged_default_text()
+    text = text.replace('\nruntime_dir = "/run/pykata"\n', f'\nruntime_dir = "{directory / "run"}"\n')
+    text = text.replace("\npool_size = 0\n", "\npool_size = 1\n")
+    path = directory / "configuration.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """A private containerd whose pykata shims use a configuration with factory.pool_size = 1 and a
+    runtime directory of their own."""
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail(f"the pool tests need {missing}")
+    directory = tmp_path_factory.mktemp("pool")
+    before = os.environ.get("PYKATA_CONFIG")
+    os.environ["PYKATA_CONFIG"] = str(_pool_config(directory))
+    config = load_config()
+    assert config.factory.pool_size == 1 and str(config.runtime.runtime_path).startswith(str(directory))
+    try:
+        with running_with_busybox(Containerd(directory / "ctd"), tmp_path_factory.mktemp("cache")) as ctd:
+            yield ctd
+    finally:
+        pool.destroy(config)
+        if before is None:
+            os.environ.pop("PYKATA_CONFIG", None)
+        else:
+            os.environ["PYKATA_CONFIG"] = before
+    assert not _processes_under(config.runtime.runtime_path / "pool"), "a pooled VM outlived the pool"
+
+
+def _ready_entry(timeout: float = 90.0, other_than: str = "") -> pool.PoolEntry:
+    config = load_config()
+    pool.fill(config, pool.entry_argv())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [e for e in pool.list_entries(config) if e.ready and e.alive and e.id != other_than]
+        if ready:
+            return ready[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no pooled VM ready after {timeout}s: {pool.list_entries(config)}")
+
+
+def _processes_under(directory: Path) -> list[psutil.Process]:
+    """Processes (the pooled QEMU, its lifeline wrappers, 9p helper) whose command line names `directory`."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if str(directory) in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Containerd) -> None:
+    first = _ready_entry()
+    p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-1", "sh", "-c",
+                   "echo hi; cat /proc/sys/kernel/random/boot_id")
+    out = p.stdout.decode().split()
+    assert out[0] == "hi"
+    log = pooled.log.read_text()
+    assert f"claimed from the warm pool ({first.id})" in log and "taking the VM from the warm pool" in log
+    assert first.id not in {e.id for e in pool.list_entries(load_config())}, "a claimed VM stayed in the pool"
+    # the pod shut down: the claimed VM went with it, nothing of it left
+    assert not first.sandbox_dir.exists()
+    # refilled in the background with a new VM, never the used one; the next pod gets its own boot id
+    second = _ready_entry(other_than=first.id)
+    assert second.id != first.id and second.pid != first.pid
+    p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-2", "cat",
+                   "/proc/sys/kernel/random/boot_id")
+    assert p.stdout.decode().split()[0] != out[1], "two pods from the pool share a boot id"
+    assert f"claimed from the warm pool ({second.id})" in pooled.log.read_text()
+
+
+def test_a_waiting_vm_refuses_bad_claims_and_stays_in_the_pool(pooled: Containerd) -> None:
+    entry = _ready_entry()
+    for body in (b"not json", json.dumps({"fingerprint": "another-config"}).encode()):
+        a, b = socket.socketpair()
+        with a, b, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(entry.control))
+            socket.send_fds(s, [body], [a.fileno()])
+            s.shutdown(socket.SHUT_WR)
+            reply = json.loads(s.recv(4096))
+        assert reply["ok"] is False and reply["error"]
+    assert entry.alive and entry.ready
+
+
+def test_a_killed_waiting_shim_leaves_no_vm_and_no_mount(pooled: Containerd) -> None:
+    entry = _ready_entry()
+    vm = [p for p in _processes_under(entry.sandbox_dir) if "qemu-system" in " ".join(p.cmdline())]
+    assert vm, "the waiting VM's QEMU is not running"
+    os.kill(entry.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _processes_under(entry.sandbox_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _processes_under(entry.sandbox_dir), "the pooled VM outlived its holder"
+    with open("/proc/self/mountinfo") as f:
+        assert str(entry.root) not in f.read(), "a pooled VM's mount is in the host's mount table"
+    assert entry.id in pool.prune(load_config())
+    assert not entry.sandbox_dir.exists() and not entry.meta.exists()
