@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Higher imports lower. The root package `pykata` sits with errors: eagerly it imports only
 # pykata.errors (PykataError) and gives __version__, which the agent and the image builder read.
 TIERS: dict[str, int] = {
-    "pykata.shim": 6, "pykata.cli": 6, "pykata.sdk": 6, "pykata.monitor": 6,
+    "pykata.shim": 6, "pykata.cli": 6, "pykata.sdk": 6, "pykata.monitor": 6, "pykata.deploy": 6,
     "pykata.sandbox": 5,
     "pykata.factory": 4, "pykata.resources": 4,
     "pykata.hypervisor": 3, "pykata.network": 3, "pykata.agentapi": 3,
@@ -38,6 +38,7 @@ SAME_TIER: dict[tuple[str, str], str] = {
     ("pykata.factory", "pykata.resources"): "(not used today) a factory may size VMs with the pod policy",
     ("pykata.cli", "pykata.sdk"): "(not used today) the CLI may drive the SDK",
     ("pykata.cli", "pykata.monitor"): "`pykata monitor` is the CLI face of the monitor daemon",
+    ("pykata.cli", "pykata.deploy"): "`pykata install node` is the CLI face of the node installer",
 }
 
 # Import edges (module -> module) left out of every check, each with its reason.

@@ -9,6 +9,7 @@ executable in a directory on containerd's PATH.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -165,5 +166,49 @@ def crio(write: bool, dropin: Path) -> None:
         atomic_write(dropin, text, mode=KEEP_MODE)
         click.echo(f"wrote {dropin}; restart CRI-O to load it (systemctl restart crio)")
     except (InstallError, OSError) as e:
+        click.echo(f"pykata: {e}", err=True)
+        sys.exit(1)
+
+
+@install.command()
+@click.option("--uninstall", is_flag=True, help="Take pykata off the node again (label, handler, link, payload).")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
+              help="Where the node's / is mounted (the DaemonSet mounts it at /host).")
+@click.option("--prefix", type=click.Path(path_type=Path), default=Path("/opt/pykata"), show_default=True,
+              help="Node path for the payload.")
+@click.option("--payload", "payload_dir", type=click.Path(path_type=Path), default=None,
+              help="The payload to install (default: the one this pykata runs from, or $PYKATA_PAYLOAD).")
+@click.option("--configuration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="pykata configuration to install (default: the packaged one); empty kernel/initrd keys "
+                   "are pointed at the payload's.")
+@click.option("--containerd-config", type=click.Path(path_type=Path), default=Path("/etc/containerd/config.toml"),
+              show_default=True, help="Node path of containerd's configuration.")
+@click.option("--bin-dir", type=click.Path(path_type=Path), default=Path("/usr/local/bin"), show_default=True,
+              help="Node directory on containerd's PATH for the shim link.")
+@click.option("--restart-command", default=None,
+              help="Command that restarts containerd (default: systemctl restart containerd, through "
+                   "nsenter into the node's namespaces when --root is not /).")
+@click.option("--no-restart", is_flag=True, help="Do not restart containerd.")
+@click.option("--no-label", is_flag=True, help="Do not label the node.")
+@click.option("--node-name", envvar="NODE_NAME", default=None,
+              help="The node to label (default: $NODE_NAME, from the downward API).")
+def node(uninstall: bool, root: Path, prefix: Path, payload_dir: Path | None, configuration: Path | None,
+         containerd_config: Path, bin_dir: Path, restart_command: str | None, no_restart: bool, no_label: bool,
+         node_name: str | None) -> None:
+    """Install pykata on this Kubernetes node (kata-deploy's job): payload, shim link, containerd's runtime
+    handler `pykata`, containerd restart, node label katacontainers.io/pykata-runtime=true."""
+    from pykata.deploy.node import Node, NodeInstallError, default_payload
+    from pykata.deploy.node import install as install_node
+    from pykata.deploy.node import uninstall as uninstall_node
+
+    try:
+        target = Node(root=root, prefix=prefix, containerd_config=containerd_config, bin_dir=bin_dir,
+                      restart_command=shlex.split(restart_command) if restart_command else None,
+                      restart=not no_restart, label=not no_label, node_name=node_name)
+        if uninstall:
+            uninstall_node(target, say=click.echo)
+        else:
+            install_node(target, payload_dir or default_payload(), configuration, say=click.echo)
+    except NodeInstallError as e:
         click.echo(f"pykata: {e}", err=True)
         sys.exit(1)

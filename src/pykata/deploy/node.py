@@ -1,0 +1,194 @@
+"""`pykata install node`: put pykata on a Kubernetes node, as kata-deploy does for Kata; `--uninstall`
+takes it all off again.
+
+The installer runs in a privileged DaemonSet pod that mounts the node's / at `root` (/host). Paths are
+node paths (what containerd on the node sees) and reach the node's files under `root`. Install, in
+order: the payload at the prefix (/opt/pykata), the shim link on containerd's PATH, pykata's runtime
+handler in containerd's configuration, a containerd restart (only when the configuration changed),
+and last the node label, so pods are scheduled only once the node can run them. Uninstall reverses it
+in the opposite order. Every step finds what an earlier, interrupted run left and carries on, and a
+second install with nothing new changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pykata.deploy import containerd_config, labels, payload
+from pykata.errors import PykataError
+
+SHIM_NAME = "containerd-shim-pykata-v2"
+RESTART_TIMEOUT = 120.0
+SYSTEMCTL_RESTART = ["systemctl", "restart", "containerd"]
+# from a pod with hostPID: systemctl in the node's own namespaces (the pod's mount namespace has no systemd)
+NSENTER = ["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]
+
+Say = Callable[[str], None]
+
+
+class NodeInstallError(PykataError):
+    """A step of installing or uninstalling failed; the message names the path, field or command."""
+
+
+@dataclass
+class Node:
+    """Where things go on the node. All paths but `root` are the node's own (absolute)."""
+
+    root: Path = Path("/")
+    prefix: Path = Path("/opt/pykata")
+    containerd_config: Path = Path("/etc/containerd/config.toml")
+    bin_dir: Path = Path("/usr/local/bin")
+    restart_command: list[str] | None = None  # None: systemctl restart containerd (through nsenter if root != /)
+    restart: bool = True
+    label: bool = True
+    node_name: str | None = field(default_factory=lambda: os.environ.get("NODE_NAME"))
+
+    def __post_init__(self) -> None:
+        for what, p in (("--prefix", self.prefix), ("--containerd-config", self.containerd_config),
+                        ("--bin-dir", self.bin_dir)):
+            if not p.is_absolute() or ".." in p.parts:
+                raise NodeInstallError(f"{what}: {p} must be an absolute node path without '..'")
+        if self.prefix == Path("/") or len(self.prefix.parts) < 2:
+            raise NodeInstallError(f"--prefix: {self.prefix} is not a directory pykata can own")
+        if not self.root.is_dir():
+            raise NodeInstallError(f"--root: {self.root} is not a directory (mount the node's / there)")
+
+    def host(self, node_path: Path) -> Path:
+        """Where the node's `node_path` is, seen from here."""
+        return self.root / node_path.relative_to("/")
+
+    def restart_argv(self) -> list[str]:
+        if self.restart_command is not None:
+            return self.restart_command
+        return SYSTEMCTL_RESTART if self.root == Path("/") else [*NSENTER, *SYSTEMCTL_RESTART]
+
+
+def default_payload() -> Path:
+    """The payload this installer runs from (its venv's parent), else $PYKATA_PAYLOAD. Raises NodeInstallError."""
+    if os.environ.get("PYKATA_PAYLOAD"):
+        return Path(os.environ["PYKATA_PAYLOAD"])
+    here = Path(sys.prefix).parent
+    if (here / payload.MANIFEST).exists():
+        return here
+    raise NodeInstallError("no payload: pass --payload DIR (scripts/build-deploy-image.sh builds one) or run the "
+                           "installer from a payload's venv")
+
+
+def _check_node(node: Node, src: payload.Payload) -> None:
+    python = node.host(Path(src.python))
+    if not python.exists():
+        raise NodeInstallError(f"the node has no {src.python} (looked at {python}): the payload's venv runs on the "
+                               "node's Debian 12 python3.11 (apt install python3.11)")
+    cfg = node.host(node.containerd_config)
+    if not cfg.parent.is_dir():
+        raise NodeInstallError(f"--containerd-config: {cfg.parent} does not exist (is containerd installed, and "
+                               "the node's / mounted at --root?)")
+
+
+def _link(node: Node) -> str:
+    link = node.host(node.bin_dir) / SHIM_NAME
+    target = node.prefix / payload.SHIM
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return f"{link} -> {target} (already)"
+        link.unlink()
+    elif link.exists():
+        raise NodeInstallError(f"{link} exists and is not a link: remove it or pass another --bin-dir")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return f"{link} -> {target}"
+
+
+def _unlink(node: Node) -> str:
+    link = node.host(node.bin_dir) / SHIM_NAME
+    if not link.is_symlink():
+        return f"{link}: no link; nothing to remove"
+    target = Path(os.readlink(link))
+    if target != node.prefix / payload.SHIM:
+        return f"{link} -> {target}: not pykata's payload at {node.prefix}; left as it is"
+    link.unlink()
+    return f"{link}: removed"
+
+
+def _pending(node: Node) -> Path:
+    """Exists while containerd has not been restarted since its configuration changed (a rerun restarts it)."""
+    cfg = node.host(node.containerd_config)
+    return cfg.with_name(cfg.name + ".pykata-restart-pending")
+
+
+def _restart(node: Node, say: Say) -> None:
+    if not node.restart:
+        _pending(node).unlink(missing_ok=True)
+        say("containerd not restarted (--no-restart): restart it to load the configuration")
+        return
+    argv = node.restart_argv()
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=RESTART_TIMEOUT, check=False,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NodeInstallError(f"--restart-command {shlex.join(argv)}: {e}") from None
+    if p.returncode != 0:
+        raise NodeInstallError(f"--restart-command {shlex.join(argv)} exited {p.returncode}: "
+                               f"{(p.stderr or p.stdout).strip()[-500:]}")
+    _pending(node).unlink(missing_ok=True)
+    say(f"containerd restarted ({shlex.join(argv)})")
+
+
+def install(node: Node, src_dir: Path, base_config: Path | None = None, say: Say = print) -> None:
+    """Install the payload at `src_dir` on `node`. Raises NodeInstallError."""
+    try:
+        src = payload.load(src_dir)
+        _check_node(node, src)
+        target = node.host(node.prefix)
+        copied = payload.copy(src, target)
+        say(f"payload {src.key} -> {target}" + ("" if copied else " (already there)"))
+        if base_config is not None:
+            try:
+                config_text = base_config.read_text()
+            except OSError as e:
+                raise NodeInstallError(f"--configuration: {base_config}: {e.strerror}") from None
+        else:
+            config_text = (target / payload.CONFIG_TEMPLATE).read_text()
+        changed = payload.write_node_files(target, node.prefix, config_text)
+        say(f"{target}: wrote {', '.join(changed)}" if changed else f"{target}: scripts and configuration up to date")
+        say(_link(node))
+        cfg, config_path = node.host(node.containerd_config), str(node.prefix / payload.CONFIG)
+        if containerd_config.plan_merge(cfg, config_path).text is not None:
+            _pending(node).touch()
+        plan = containerd_config.merge(cfg, config_path)
+        say(plan.message)
+        if _pending(node).exists():
+            _restart(node, say)
+        if node.label:
+            say(labels.set_label(node.node_name, True))
+    except (payload.PayloadError, containerd_config.ContainerdConfigError, labels.LabelError) as e:
+        raise NodeInstallError(str(e)) from None
+    except OSError as e:
+        raise NodeInstallError(f"{e.filename or ''}: {e.strerror or e}") from None
+
+
+def uninstall(node: Node, say: Say = print) -> None:
+    """Take pykata off `node`: label, runtime handler, link, payload. Raises NodeInstallError."""
+    try:
+        if node.label:
+            say(labels.set_label(node.node_name, False))
+        cfg = node.host(node.containerd_config)
+        if containerd_config.plan_remove(cfg)[0].text is not None:
+            _pending(node).touch()
+        plan = containerd_config.remove(cfg)
+        say(plan.message)
+        if _pending(node).exists():
+            _restart(node, say)
+        say(_unlink(node))
+        target = node.host(node.prefix)
+        say(f"{target}: removed" if payload.remove(target) else f"{target}: no payload; nothing to remove")
+    except (payload.PayloadError, containerd_config.ContainerdConfigError, labels.LabelError) as e:
+        raise NodeInstallError(str(e)) from None
+    except OSError as e:
+        raise NodeInstallError(f"{e.filename or ''}: {e.strerror or e}") from None
