@@ -102,7 +102,8 @@ def test_an_admin_edit_after_the_install_is_kept_on_removal(tmp_path: Path) -> N
     ("version = 4\n", "version = 4: pykata knows containerd configuration versions 1, 2 and 3"),
     ('version = "2"\n', "version = '2'"),
     ("version = 2\n[plugins\n", "not valid TOML"),
-    (V2 + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata]\n  runtime_type = "io.containerd.runc.v2"\n',
+    (V2 + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata]\n'
+          '  runtime_type = "io.containerd.runc.v2"\n',
      'plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata.runtime_type is \'io.containerd.runc.v2\''),
     (V2 + cc.BEGIN + "\n", "has no end marker"),
     # an inline table cannot take a table appended below it: refused rather than written

@@ -26,7 +26,7 @@ class FakeApiServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: FakeApiServer
 
-    def do_PATCH(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_PATCH(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.patches.append((self.path, self.headers["Content-Type"], body))
         name = self.path.rsplit("/", 1)[-1]
@@ -90,7 +90,7 @@ def test_no_api_server_is_a_clear_error(fake_api: FakeApiServer) -> None:
     fake_api.shutdown()
     fake_api.server_close()
     c.retries = 0
-    with pytest.raises(labels.LabelError, match="no answer from the API server at http://127.0.0.1"):
+    with pytest.raises(labels.LabelError, match=r"no answer from the API server at http://127\.0\.0\.1"):
         labels.set_label("node-1", True, c)
 
 
