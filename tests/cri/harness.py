@@ -114,18 +114,26 @@ class CriContainerd(Containerd):
         configuration files a test puts there with io.katacontainers.config_path."""
         return self.dir / "pod-configs"
 
+    def config_text(self) -> str:
+        """containerd's configuration (CRI_CONFIG), writing the pykata configuration it names."""
+        self.pod_configs.mkdir(mode=0o755, parents=True, exist_ok=True)
+        pykata_config = admin_config(self.dir / "pykata.toml", **{
+            "valid_config_paths": f'["{self.pod_configs}"]', **self.runtime_config})
+        return CRI_CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket, pause=PAUSE_IMAGE,
+                                 cni_bin=CNI_BIN_DIR, cni_conf=self.dir / "cni", pykata_config=pykata_config)
+
+    def config_file(self) -> Path:
+        """The file containerd starts with."""
+        config = self.dir / "config.toml"
+        config.write_text(self.config_text())
+        return config
+
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         cni_conf = self.dir / "cni"
         cni_conf.mkdir(exist_ok=True)
         (cni_conf / "10-pykata-test.conflist").write_text(CNI_CONF.format(data=self.dir / "cni-ipam"))
-        self.pod_configs.mkdir(mode=0o755, exist_ok=True)
-        pykata_config = admin_config(self.dir / "pykata.toml", **{
-            "valid_config_paths": f'["{self.pod_configs}"]', **self.runtime_config})
-        config = self.dir / "config.toml"
-        config.write_text(CRI_CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket,
-                                            pause=PAUSE_IMAGE, cni_bin=CNI_BIN_DIR, cni_conf=cni_conf,
-                                            pykata_config=pykata_config))
+        config = self.config_file()
         assert CONTAINERD is not None
         with open(self.log, "ab") as log:
             # containerd (and so its shims and the CNI plugins) in a network namespace of its own, and

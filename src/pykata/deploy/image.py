@@ -99,7 +99,7 @@ def image_config() -> dict[str, Any]:
     }
 
 
-def build(out: Path, ref: str = "pykata-deploy:latest", work: Path | None = None) -> dict[str, Any]:
+def build(out: Path, ref: str = "latest", work: Path | None = None) -> dict[str, Any]:
     """Build the payload and the image layout at `out`; returns the image's config. Raises PykataError."""
     from pykata.guestimage.kernel import find_kernel
     from pykata.guestimage.rootfs import find_rootfs
@@ -132,7 +132,7 @@ def _prune(layout: Path, manifest: ocilayout.Blob) -> None:
     for blob in (layout / "blobs/sha256").iterdir():
         if f"sha256:{blob.name}" not in keep:
             blob.unlink()
-    for memo in (layout / "cache").glob("*.json"):
+    for memo in ocilayout.memo_dir(layout).glob("*.json"):
         if json.loads(memo.read_text()).get("digest") not in keep:
             memo.unlink()
 
@@ -140,7 +140,7 @@ def _prune(layout: Path, manifest: ocilayout.Blob) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pykata.deploy.image", description=__doc__.split("\n")[0])
     ap.add_argument("output", type=Path, help="directory for the OCI layout")
-    ap.add_argument("--ref", default="pykata-deploy:latest", help="the image's ref name in index.json")
+    ap.add_argument("--ref", default="latest", help="the image's ref name (tag) in index.json")
     args = ap.parse_args(argv)
     try:
         build(args.output, args.ref)

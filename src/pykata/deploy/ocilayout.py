@@ -114,9 +114,14 @@ def _add_tree(tar: tarfile.TarFile, tree: Path, dest: str, epoch: int) -> None:
         dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
 
 
+def memo_dir(layout: Path) -> Path:
+    """Where the layers' cache records live: beside the layout, which holds only what the spec names."""
+    return layout.with_name(layout.name + ".layers")
+
+
 def write_layer(layout: Path, source: LayerSource, epoch: int) -> Blob:
     """The layer for `source`: from the cache when its key was written before. Raises OciLayoutError."""
-    memo = layout / "cache" / f"{source.key}.json"
+    memo = memo_dir(layout) / f"{source.key}.json"
     try:
         saved = json.loads(memo.read_text())
         blob = Blob(saved["digest"], saved["size"])
