@@ -42,7 +42,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     log "venv: creating .venv and installing pykata (editable) with pinned dependencies"
     [ -x .venv/bin/python ] || "$PY" -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e ".[test]"
+    .venv/bin/pip install -q -e ".[test,deploy]"
     echo "$want" > "$stamp"
 fi
 # The CRI client of tests/cri: its metadata asks for protobuf~=6.31, which conflicts with our pinned

@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
+from pykata.deploy.containerd_config import RUNTIME_TYPE, RUNTIMES_TABLE, snippet
 from pykata.errors import PykataError
 from pykata.fsutil import KEEP_MODE, atomic_write
 
-RUNTIME_TYPE = "io.containerd.pykata.v2"
 SHIM_BINARY = "containerd-shim-pykata-v2"
 DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
 DEFAULT_BIN_DIR = Path("/usr/local/bin")
@@ -28,15 +28,6 @@ DEFAULT_BIN_DIR = Path("/usr/local/bin")
 
 class InstallError(PykataError):
     """The containerd configuration or the shim link cannot be written; the message names the file."""
-
-
-def snippet(version: int, handler: str = "pykata") -> str:
-    """The runtime's TOML for a containerd configuration of `version` (2: containerd 1.5+, 1: older)."""
-    table = ('plugins."io.containerd.grpc.v1.cri".containerd' if version >= 2 else "plugins.cri.containerd")
-    return (f"[{table}.runtimes.{handler}]\n"
-            f'  runtime_type = "{RUNTIME_TYPE}"\n'
-            f'  pod_annotations = ["io.katacontainers.*"]\n'
-            f"  privileged_without_host_devices = true\n")
 
 
 def _read_config(path: Path) -> tuple[str, dict[str, Any]]:
@@ -52,22 +43,23 @@ def _read_config(path: Path) -> tuple[str, dict[str, Any]]:
         raise InstallError(f"{path}: not valid TOML ({e}); fix it first") from None
 
 
-def _configured(data: dict[str, Any]) -> bool:
-    plugins = data.get("plugins") or {}
-    cri = plugins.get("io.containerd.grpc.v1.cri") or plugins.get("cri") or {}
-    runtimes = (cri.get("containerd") or {}).get("runtimes") or {}
-    return any(isinstance(r, dict) and r.get("runtime_type") == RUNTIME_TYPE for r in runtimes.values())
+def _runtimes(data: dict[str, Any], version: int) -> dict[str, Any]:
+    node: Any = data
+    for part in RUNTIMES_TABLE[version]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
 
 
 def plan_config(path: Path) -> tuple[str | None, str]:
     """(new file text or None when nothing is to change, the snippet). Raises InstallError."""
     text, data = _read_config(path)
-    version = int(data.get("version", 2 if not text else 1))
+    version = data.get("version", 2 if not text else 1)
+    if version not in RUNTIMES_TABLE:
+        raise InstallError(f"{path}: version = {version!r}: pykata knows containerd configuration versions 1, 2 and 3")
     block = snippet(version)
-    if _configured(data):
+    runtimes = _runtimes(data, version)
+    if any(isinstance(r, dict) and r.get("runtime_type") == RUNTIME_TYPE for r in runtimes.values()):
         return None, block
-    runtimes = (((data.get("plugins") or {}).get("io.containerd.grpc.v1.cri" if version >= 2 else "cri") or {})
-                .get("containerd") or {}).get("runtimes") or {}
     if "pykata" in runtimes:
         raise InstallError(f"{path}: a runtime named pykata exists with another runtime_type; edit it by hand")
     new = text if text else "version = 2\n"
