@@ -11,6 +11,7 @@ from typing import Literal
 
 from pykata.config.schema import SharedFs
 from pykata.hypervisor.devices import Device
+from pykata.hypervisor.errors import NotSupportedError
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class AgentEndpoint:
 class RestoreSource:
     """A saved VM to start from instead of booting (a template, made by pykata.factory): guest RAM in
     `memory` (mapped privately, copy-on-write), device state in `state`, and the kernel, initrd and
-    image the saved guest booted, which the new VM must name the same way."""
+    image the saved guest booted, which the new VM must name the same way. `memory` None: `state` is a
+    snapshot's stream, which carries the RAM too (see Hypervisor.snapshot)."""
 
-    memory: Path
+    memory: Path | None
     state: Path
     kernel: Path
     initrd: Path | None = None
@@ -144,6 +146,17 @@ class Hypervisor(abc.ABC):
         Raises:
             HypervisorError: not supported yet (NotSupportedError) or failed.
         """
+
+    async def snapshot(self, fd: int) -> None:
+        """Pause the guest and write its whole state, RAM included, to the open file `fd`; the VM
+        stays paused (resume() runs it again). A VM started with RestoreSource(memory=None, state=<that
+        file>) continues from there.
+
+        Raises:
+            NotSupportedError: this hypervisor or VM cannot be snapshotted.
+            HypervisorError: the save failed.
+        """
+        raise NotSupportedError(f"{type(self).__name__} cannot snapshot a VM")
 
     @abc.abstractmethod
     async def restore(self, path: Path) -> None:

@@ -200,6 +200,8 @@ class VirtSerialPort:
     name: str = "agent.channel.0"
     id: str = "agent"
     serial_id: str = "serial0"
+    # With an id, QEMU reports the guest opening and closing the port (QMP VSERPORT_CHANGE).
+    device_id: str = "agent.port"
     # the listening socket pykata bound at `socket` and passed in (else QEMU makes it)
     fd: int | None = None
 
@@ -208,7 +210,7 @@ class VirtSerialPort:
         return [
             "-chardev", opts("socket", ("id", self.id), where, ("server", True), ("wait", False)),
             "-device", opts("virtserialport", ("bus", f"{self.serial_id}.0"), ("chardev", self.id),
-                            ("name", self.name)),
+                            ("name", self.name), ("id", self.device_id)),
         ]
 
 

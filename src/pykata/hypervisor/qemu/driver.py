@@ -41,6 +41,9 @@ State = Literal["new", "prepared", "starting", "running", "stopping", "stopped"]
 QMP_CONNECT_TIMEOUT = 10.0
 GRACEFUL_TIMEOUT = 2.0
 QUIT_TIMEOUT = 2.0
+# A restored snapshot's agent leaves the saved host's session within this (see restore()).
+PORT_CLOSE_TIMEOUT = 10.0
+AGENT_CHARDEV = "agent"  # cmdline.VirtSerialPort.id
 
 
 class QemuHypervisor(Hypervisor):
@@ -207,7 +210,11 @@ class QemuHypervisor(Hypervisor):
             extra_kernel_params=self._extra_params,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else None,
         )
-        if self._restore is not None:
+        if self._restore is not None and self._restore.memory is None:
+            # a snapshot: its stream carries the RAM, loaded into private memory named as it was saved
+            self.spec = dataclasses.replace(self.spec, private_memory=True, incoming=True)
+            self._awaiting_incoming = True
+        elif self._restore is not None:
             self.spec = dataclasses.replace(self.spec, memory_file=self._restore.memory,
                                             memory_file_shared=False, incoming=True)
             self._awaiting_incoming = True
@@ -470,9 +477,40 @@ class QemuHypervisor(Hypervisor):
         await migrate.save_state(self.qmp, path, label=f"VM {self.vm_id}", qemu_log=self.paths.qemu_log)
         self.timestamps["saved"] = time.monotonic()
 
+    async def snapshot(self, fd: int) -> None:
+        """Pause the guest and write its whole state, RAM included, to the open file `fd`; the VM
+        stays paused (resume() runs it again; the source may go on after a snapshot).
+
+        Only a VM whose RAM is a backend named "mem" can be (a template clone, or a restored
+        snapshot): a restore loads the stream into a RAM block of that name.
+
+        Raises:
+            NotSupportedError: the VM booted cold (its RAM is not such a backend), or uses virtio-fs.
+            HypervisorError: not running; QEMU refused (a mounted 9p share blocks migration) or the
+                migration failed or took too long.
+        """
+        self._require_running("snapshot")
+        assert self.spec is not None
+        if self.spec.memory_file is None and not self.spec.private_memory:
+            raise NotSupportedError(f"VM {self.vm_id}: only a VM started from a template or a snapshot can be "
+                                    "snapshotted (factory.enable_template = true)")
+        if self.spec.shared_dir is not None and self.spec.config.shared_fs == "virtio-fs":
+            raise NotSupportedError(f"VM {self.vm_id}: QEMU cannot migrate virtio-fs")
+        await migrate.save_snapshot(self.qmp, fd, label=f"VM {self.vm_id}", qemu_log=self.paths.qemu_log)
+        self.timestamps["snapshot"] = time.monotonic()
+
+    async def qemu_version(self) -> str:
+        """QEMU's version as major.minor.micro (QMP query-version). Raises HypervisorError."""
+        v = (await self.qmp.execute("query-version")).get("qemu", {})
+        return f"{v.get('major')}.{v.get('minor')}.{v.get('micro')}"
+
     async def restore(self, path: Path) -> None:
-        """Load state written by save() into this VM and run it. Only a VM started from a template
-        (QEMU waiting for an incoming migration) can be restored, once; start() does it.
+        """Load state written by save() (or a snapshot) into this VM and run it. Only a VM started from
+        a RestoreSource (QEMU waiting for an incoming migration) can be restored, once; start() does it.
+
+        A restored snapshot was saved with a host connected to the agent's port: QEMU tells the guest
+        that host is gone once it runs, and this returns when the guest closed the port, i.e. the
+        agent left the old host's session (a host connecting before that could be answered by it).
 
         Raises:
             NotSupportedError: this VM was not started to receive a state.
@@ -488,7 +526,28 @@ class QemuHypervisor(Hypervisor):
                                  qemu_log=self.paths.qemu_log)
         self.timestamps["restored"] = time.monotonic()
         await self.qmp.execute("cont")
+        if not ignore_shared and self.spec is not None and self.spec.agent_channel == "virtio-serial":
+            await self._wait_port_closed()
         self.timestamps["resumed"] = time.monotonic()
+
+    async def _wait_port_closed(self) -> None:
+        """Wait until the guest has its agent port closed (see restore()). QEMU's VSERPORT_CHANGE
+        event would say so, but QEMU throttles it to one a second; the chardev's `frontend-open`
+        (query-chardev) is the same state, unthrottled. The agent reopens the port within ~10 ms,
+        and closes it again while no host is connected, so a closed moment is seen within a few polls.
+
+        Raises:
+            HypervisorError: the port stayed open for PORT_CLOSE_TIMEOUT.
+        """
+        deadline = time.monotonic() + PORT_CLOSE_TIMEOUT
+        while True:
+            chardevs = await self.qmp.execute("query-chardev")
+            if not any(c.get("label") == AGENT_CHARDEV and c.get("frontend-open") for c in chardevs):
+                return
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"VM {self.vm_id}: the restored guest kept the agent port open for "
+                                      f"{PORT_CLOSE_TIMEOUT:.0f}s (its agent did not leave the saved session)")
+            await asyncio.sleep(0.002)
 
     # ---------------------------------------------------------------------------------------------
 

@@ -79,6 +79,9 @@ class LaunchSpec:
     # share=on while a template is made (guest RAM lands in the file); share=off for a clone, which
     # maps the template's file privately (copy-on-write), so clones never write into the template.
     memory_file_shared: bool = True
+    # RAM in a private anonymous backend named like a template's ("mem"): a restored snapshot, whose
+    # stream fills a RAM block of that name.
+    private_memory: bool = False
     incoming: bool = False
     # A connected socket QEMU inherits for the serial console (hypervisor.console drains it); None:
     # QEMU appends to paths.console_log itself, unbounded (only for short trial boots of our own guests).
@@ -157,7 +160,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
     bus = spec.bus
     args: list[c.Arg] = [c.Name(f"pykata-{spec.vm_id}")]
 
-    backend_id = "mem" if spec.memory_file is not None or spec.shares_memory else None
+    backend_id = "mem" if spec.memory_file is not None or spec.shares_memory or spec.private_memory else None
     if q.machine_type == "microvm":
         # Under TCG the guest has no kvmclock and calibrates its TSC against the PIT: without one
         # it hangs at "Unable to calibrate against PIT". Under KVM the legacy timers are dead weight.
@@ -177,8 +180,10 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
     if spec.memory_file is not None:
         args.append(c.MemoryBackend("mem", q.default_memory, kind="file", share=spec.memory_file_shared,
                                     mem_path=str(spec.memory_file)))
-    elif backend_id:
+    elif spec.shares_memory:
         args.append(c.MemoryBackend("mem", q.default_memory, kind="memfd", share=True))
+    elif spec.private_memory:
+        args.append(c.MemoryBackend("mem", q.default_memory, kind="ram", share=False))
 
     initrd = str(spec.initrd) if spec.initrd else None
     args += [c.Kernel(str(spec.kernel), initrd, kernel_params(spec)), c.Defaults()]

@@ -1,8 +1,11 @@
-"""Saving and loading a VM's device state over QMP (QEMU migration to and from a file).
+"""Saving and loading a VM's state over QMP (QEMU migration to and from a file).
 
-Only templates are saved: their RAM already lives in a shared memory file, so the stream is written
-with the `x-ignore-shared` capability and carries device state only (tens of milliseconds). A clone
-loads it into a QEMU started with `-incoming defer` whose RAM maps the same file privately.
+Templates: their RAM already lives in a shared memory file, so the stream is written with the
+`x-ignore-shared` capability and carries device state only (tens of milliseconds). A clone loads it
+into a QEMU started with `-incoming defer` whose RAM maps the same file privately.
+
+Snapshots (`save_snapshot`): the stream carries guest RAM too (zero pages as a flag each), written at
+full speed (QEMU throttles migrations to 128 MiB/s unless told otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from pykata.hypervisor.readiness import log_tail
 # Moving only device state (RAM stays in the template's file) takes milliseconds.
 MIGRATE_TIMEOUT = 30.0
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+_WITH_RAM = {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
+# bytes/s: no throttle (QEMU's bound is INT64_MAX / 1000)
+_UNTHROTTLED = {"max-bandwidth": 1 << 50, "downtime-limit": 2000}
 
 
 async def save_state(qmp: QmpChannel, path: Path, *, label: str, qemu_log: Path) -> None:
@@ -39,6 +45,22 @@ async def save_state(qmp: QmpChannel, path: Path, *, label: str, qemu_log: Path)
         os.close(fd)
     await qmp.execute("migrate", {"uri": "fd:migrate-save"})
     await wait_completed(qmp, "save", label=label, qemu_log=qemu_log)
+
+
+async def save_snapshot(qmp: QmpChannel, fd: int, *, label: str, qemu_log: Path) -> None:
+    """Pause the guest and write its whole state, RAM included, to the open file `fd` (passed to
+    QEMU, which a jail keeps from opening host paths); the VM stays paused (`cont` runs it again).
+
+    Raises:
+        HypervisorError: QEMU refused (e.g. a mounted 9p share blocks migration), the migration failed
+            or took longer than MIGRATE_TIMEOUT.
+    """
+    await qmp.execute("stop")
+    await qmp.execute("migrate-set-capabilities", _WITH_RAM)
+    await qmp.execute("migrate-set-parameters", _UNTHROTTLED)
+    await qmp.execute("getfd", {"fdname": "migrate-snapshot"}, fd=fd)
+    await qmp.execute("migrate", {"uri": "fd:migrate-snapshot"})
+    await wait_completed(qmp, "snapshot", label=label, qemu_log=qemu_log)
 
 
 async def load_state(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label: str, qemu_log: Path) -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
 WATCHED_EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "DEVICE_DELETED",
-                  "POWERDOWN", "MIGRATION", "ACPI_DEVICE_OST")
+                  "POWERDOWN", "MIGRATION", "ACPI_DEVICE_OST", "VSERPORT_CHANGE")
 
 
 @dataclass(frozen=True)
