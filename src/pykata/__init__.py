@@ -12,10 +12,10 @@ if TYPE_CHECKING:
 
 _SDK_NAMES = ("Sandbox", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "SandboxTimeoutError", "NotFoundError",
               "PolicyDeniedError", "SandboxGoneError", "SdkError", "Pool", "AsyncPool", "Pty", "AsyncPty",
-              "Proc", "AsyncProcess", "FileInfo", "SandboxInfo")
+              "Proc", "AsyncProcess", "FileInfo", "SandboxInfo", "SnapshotError")
 __all__ = ["AsyncPool", "AsyncProcess", "AsyncPty", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "FileInfo",
            "NotFoundError", "PolicyDeniedError", "Pool", "Proc", "Pty", "PykataError", "Sandbox", "SandboxGoneError",
-           "SandboxInfo", "SandboxTimeoutError", "SdkError", "__version__"]
+           "SandboxInfo", "SandboxTimeoutError", "SdkError", "SnapshotError", "__version__"]
 
 
 def __getattr__(name: str) -> object:

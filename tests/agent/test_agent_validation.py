@@ -182,3 +182,39 @@ async def test_io_sizes_are_bounded(agent: AgentHelper) -> None:
     assert len(resp.data) + len(rest) == 3 << 20
     await _expect(Code.INVALID_ARGUMENT, agent.stub.TtyWinResize(agent_pb2.TtyWinResizeRequest(
         container_id="sizes", rows=70000, columns=1)), "rows")
+
+
+async def test_copy_file_makes_directories_and_symlinks(agent: AgentHelper, tmp_path: Path) -> None:
+    """Kata's CopyFile file types: S_IFDIR makes a directory, S_IFLNK a symlink to `data` (a host copies
+    an image's tree into a guest that shares no file system); neither follows a symlink on the way."""
+    import stat
+
+    shared = agent.env.shared_dir
+    await agent.stub.CopyFile(agent_pb2.CopyFileRequest(path=f"{shared}/tree/bin", file_mode=stat.S_IFDIR | 0o750,
+                                                        uid=1000, gid=1000))
+    made = shared / "tree/bin"
+    assert made.is_dir() and stat.S_IMODE(made.stat().st_mode) == 0o750 and made.stat().st_uid == 1000
+    for _ in range(2):  # replacing a symlink is fine
+        await agent.stub.CopyFile(agent_pb2.CopyFileRequest(path=f"{shared}/tree/bin/sh", data=b"/bin/busybox",
+                                                            file_size=12, file_mode=stat.S_IFLNK | 0o777))
+    assert os.readlink(shared / "tree/bin/sh") == "/bin/busybox"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (shared / "tree/escape").symlink_to(outside)
+    try:
+        for path, data, mode, field in [
+            (f"{shared}/tree/escape/x", b"/t", stat.S_IFLNK | 0o777, "path"),     # through a symlink
+            (f"{shared}/tree/escape/d", b"", stat.S_IFDIR | 0o755, "path"),
+            (f"{shared}/tree/bin", b"/t", stat.S_IFLNK | 0o777, "path"),          # over a directory
+            (f"{shared}/tree/l2", b"", stat.S_IFLNK | 0o777, "data"),             # no target
+            (f"{shared}/tree/l3", b"a\0b", stat.S_IFLNK | 0o777, "data"),
+            (f"{shared}/tree/fifo", b"", stat.S_IFIFO | 0o644, "file_mode"),
+            (f"{shared}/tree/d2", b"", stat.S_IFDIR | 0o4755, "file_mode"),
+            ("/etc/pykata-dir", b"", stat.S_IFDIR | 0o755, "path"),
+        ]:
+            await _expect(Code.INVALID_ARGUMENT, agent.stub.CopyFile(agent_pb2.CopyFileRequest(
+                path=path, data=data, file_size=len(data), file_mode=mode)), field)
+        assert not os.listdir(outside)
+        assert not Path("/etc/pykata-dir").exists()
+    finally:
+        (shared / "tree/escape").unlink()

@@ -33,3 +33,17 @@ def test_boot_id_cannot_change_under_running_containers(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition):
         entropy.reseed(agent_pb2.ReseedRandomDevRequest(data=b"x" * 64, boot_id=BOOT_ID), containers_exist=True)
     assert entropy.container_mounts() == []
+
+
+def test_a_restored_snapshot_gets_a_new_boot_id_in_the_same_file(tmp_path: Path) -> None:
+    """A restored snapshot is a new boot: the second boot id rewrites the file that the guest and every
+    container have bound over their boot_id (same inode, so the binds see it), instead of being refused."""
+    entropy = Entropy(tmp_path)
+    entropy.boot_id_file.write_text(BOOT_ID + "\n")  # as _set_boot_id leaves it (the bind is the kernel's part)
+    entropy.boot_id_file.chmod(0o444)
+    entropy.boot_id = BOOT_ID
+    inode = entropy.boot_id_file.stat().st_ino
+    new = "1c9d3b62-9d2f-4f47-8b1f-4b4f3c7e0d21"
+    entropy._replace_boot_id(new)
+    assert entropy.boot_id_file.read_text() == new + "\n"
+    assert entropy.boot_id_file.stat().st_ino == inode and entropy.boot_id == new

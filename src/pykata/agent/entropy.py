@@ -50,21 +50,22 @@ class Entropy:
 
     def reseed(self, req: agent_pb2.ReseedRandomDevRequest, *,
                containers_exist: bool) -> agent_pb2.ReseedRandomDevResponse:
-        """Raises InvalidArgument naming the field, FailedPrecondition for a boot_id
-        after containers exist or a second one, INTERNAL when the kernel refuses."""
+        """Raises InvalidArgument naming the field, FailedPrecondition for a first boot_id after
+        containers exist, INTERNAL when the kernel refuses. A later boot_id replaces the first (a
+        restored snapshot)."""
         if not MIN_SEED <= len(req.data) <= MAX_SEED:
             raise InvalidArgument("data", f"{len(req.data)} bytes: give {MIN_SEED}..{MAX_SEED}")
         if req.boot_id:
             if not UUID_RE.match(req.boot_id):
                 raise InvalidArgument("boot_id", f"{req.boot_id[:64]!r} is not a lower-case UUID")
-            if self.boot_id is not None and req.boot_id != self.boot_id:
-                raise FailedPrecondition("boot_id: already set for this VM")
             if containers_exist and self.boot_id is None:
                 raise FailedPrecondition("boot_id: containers already run with the old one")
         feed_kernel(req.data)
         random.seed(req.data + os.urandom(32))
         if req.boot_id and self.boot_id is None:
             self._set_boot_id(req.boot_id)
+        elif req.boot_id and req.boot_id != self.boot_id:
+            self._replace_boot_id(req.boot_id)
         return agent_pb2.ReseedRandomDevResponse(rng_sample=random.getrandbits(64),
                                                  boot_id=self.boot_id or read_boot_id(self.kernel_boot_id))
 
@@ -76,6 +77,20 @@ class Entropy:
             bind_readonly(self.boot_id_file, self.kernel_boot_id)
         except OSError as exc:
             raise Internal(f"boot_id: cannot bind over {self.kernel_boot_id}: {exc}") from None
+        self.boot_id = boot_id
+
+    def _replace_boot_id(self, boot_id: str) -> None:
+        """A new boot id for a VM that has one (a restored snapshot is a new boot): the file every
+        container and the guest itself have bound over their boot_id is rewritten in place, so they
+        all see the new one."""
+        try:
+            fd = os.open(self.boot_id_file, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.write(fd, (boot_id + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise Internal(f"boot_id: cannot rewrite {self.boot_id_file}: {exc.strerror}") from None
         self.boot_id = boot_id
 
     def container_mounts(self) -> list[dict[str, Any]]:

@@ -129,12 +129,63 @@ def check_time(sec: int, usec: int) -> None:
         raise InvalidArgument("sec", f"{sec} is not a plausible time")
 
 
+def _copy_target(path: str, roots: Sequence[Path]) -> tuple[Path, list[str]]:
+    """(root, components below it) of an absolute `path` inside one of `roots`. Raises InvalidArgument."""
+    parts = check_relative("path", path) if path.startswith("/") else None
+    if parts is None:
+        raise InvalidArgument("path", f"{path!r} is not absolute")
+    norm = "/" + "/".join(parts)
+    for root in roots:
+        root_s = str(root).rstrip("/")
+        if is_within(norm, root_s) and norm != root_s:
+            return Path(root_s), [p for p in norm[len(root_s):].split("/") if p]
+    raise InvalidArgument("path", f"{path!r} is outside {', '.join(map(str, roots))}")
+
+
+def _copy_special(req: agent_pb2.CopyFileRequest, kind: int, roots: Sequence[Path]) -> None:
+    """A directory or a symlink for copy_file. Raises InvalidArgument."""
+    if req.file_mode & ~(stat.S_IFMT(req.file_mode) | 0o777) or req.dir_mode & ~0o777:
+        raise InvalidArgument("file_mode", "only permission bits (0o777) are allowed")
+    root, rel = _copy_target(req.path, roots)
+    if kind == stat.S_IFDIR:
+        fd = open_dir_below(root, rel, create_mode=stat.S_IMODE(req.file_mode), field="path")
+        try:
+            # an O_PATH descriptor: change the directory it names through its /proc link
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(req.file_mode))
+            os.chown(f"/proc/self/fd/{fd}", req.uid, req.gid)
+        finally:
+            os.close(fd)
+        return
+    target = req.data
+    if not target or len(target) > 4096 or b"\0" in target:
+        raise InvalidArgument("data", "a symlink target must be 1-4096 bytes without NUL")
+    dir_fd = open_dir_below(root, rel[:-1], create_mode=req.dir_mode or 0o755, field="path")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.stat(rel[-1], dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise InvalidArgument("path", f"{req.path!r} is a directory")
+            os.unlink(rel[-1], dir_fd=dir_fd)
+        os.symlink(os.fsdecode(target), rel[-1], dir_fd=dir_fd)
+        os.chown(rel[-1], req.uid, req.gid, dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        os.close(dir_fd)
+
+
 def copy_file(req: agent_pb2.CopyFileRequest, roots: Sequence[Path]) -> None:
     """Write one chunk of a file below one of `roots` (no '..', no symlink followed on the way).
 
     Chunks go to a hidden part file; the one that ends at file_size renames it into place, so a
-    reader never sees half a file. Raises InvalidArgument naming the bad field.
+    reader never sees half a file. As in Kata, `file_mode` with S_IFDIR makes a directory and with
+    S_IFLNK a symlink to `data` (what a host copies a whole tree with, when no file system is shared).
+    Raises InvalidArgument naming the bad field.
     """
+    kind = stat.S_IFMT(req.file_mode)
+    if kind in (stat.S_IFDIR, stat.S_IFLNK):
+        _copy_special(req, kind, roots)
+        return
+    if kind not in (0, stat.S_IFREG):
+        raise InvalidArgument("file_mode", f"file type {kind:o} is not a regular file, directory or symlink")
+    req.file_mode = stat.S_IMODE(req.file_mode)
     if req.file_size > MAX_COPY_FILE_SIZE:
         raise InvalidArgument("file_size", f"{req.file_size} is larger than {MAX_COPY_FILE_SIZE}")
     if len(req.data) > MAX_COPY_CHUNK:

@@ -45,6 +45,7 @@ from pykata.resources import mounts
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
 from pykata.sandbox import state
+from pykata.sandbox.copytree import copy_tree
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, GUEST_STORAGE_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
@@ -149,6 +150,7 @@ class Sandbox:
         self.netns: str | None = None
         self.network: PodNetwork | None = None
         self._link: Path | None = None  # sandboxes/<id> of an adopted warm sandbox
+        self.guest_share = True  # the guest mounts the shared directory (see create())
 
     @property
     def agent(self) -> Agent:
@@ -162,12 +164,15 @@ class Sandbox:
     async def create(
         cls, sandbox_id: str | None = None, *, config: Config | None = None, vcpus: int | None = None,
         memory_mib: int | None = None, hostname: str = "", name: str = "", serve_proxy: bool = True,
-        boot_timeout: float | None = None, netns: str | None = None,
+        boot_timeout: float | None = None, netns: str | None = None, guest_share: bool = True,
     ) -> Sandbox:
         """Boot a VM, connect to its agent and set the sandbox up.
 
         `netns`: a network namespace (path) whose interfaces the VM takes over (pykata.network): a
         CNI-made pod namespace. Without it the VM has no NIC.
+        `guest_share=False`: the guest never mounts the shared directory; container roots are copied
+        into the guest (its RAM) and volumes are refused. Such a sandbox can be snapshotted (QEMU
+        refuses to migrate a VM with a 9p share mounted; pykata.sandbox.snapshot).
 
         Raises InvalidArgument (bad sandbox id), SandboxError / HypervisorError / AgentError; nothing is
         left behind on failure.
@@ -187,6 +192,7 @@ class Sandbox:
         sb.policy_json = load_policy(config.agent.pykata)
         sb.record.name = name
         sb.netns = netns
+        sb.guest_share = guest_share
         try:
             await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
         except BaseException:
@@ -247,7 +253,7 @@ class Sandbox:
             storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
                                         options=["trans=virtio", "version=9p2000.L", "msize=512000"])
         mark("guest.prepared")
-        await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage])
+        await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage] if self.guest_share else [])
         mark("guest.sandbox")
         if self.network is not None and self.network.endpoints:
             for iface in self.network.interfaces():
@@ -354,12 +360,24 @@ class Sandbox:
         except FileExistsError:
             raise SandboxError(self.id, f"container {container_id} already exists") from None
         try:
-            in_guest = self.config.runtime.rootfs_upper == "guest"
-            self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id, lower_only=in_guest)
+            in_guest = self.config.runtime.rootfs_upper == "guest" or not self.guest_share
             guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
+            if self.guest_share:
+                self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
+                                       lower_only=in_guest)
+                root_mode = stat.S_IMODE(os.stat(self.mounts.mounts_dir / container_id / "rootfs").st_mode)
+            else:
+                if shares:
+                    raise SandboxError(self.id, f"container {container_id}: volumes need the shared directory, "
+                                                "and this sandbox has none (made for snapshots)")
+                if not isinstance(rootfs, Path):
+                    raise SandboxError(self.id, f"container {container_id}: without the shared directory the "
+                                                "root must be an image directory")
+                await copy_tree(self.agent, rootfs, f"{GUEST_SHARED_DIR}/{container_id}/rootfs")
+                root_mode = stat.S_IMODE(os.stat(rootfs).st_mode)
             storages = []
             if in_guest:
-                storages = self._guest_overlay(container_id)
+                storages = self._guest_overlay(container_id, root_mode)
                 guest_spec["root"]["path"] = storages[-1].mount_point
             if image:
                 # The image name the agent policy's containers.images matches (CRI sets it itself).
@@ -385,14 +403,13 @@ class Sandbox:
         state.save(self.dir, self.record)
         return c
 
-    def _guest_overlay(self, container_id: str) -> list[agent_pb2.Storage]:
+    def _guest_overlay(self, container_id: str, root_mode: int) -> list[agent_pb2.Storage]:
         """The storages that make a container's root in the guest: a tmpfs for its upper layer and an
-        overlay of it on the read-only layers the host shares (mounts/<cid>/rootfs); the last one's
-        mount point is the root."""
+        overlay of it on the read-only layers the host shares (mounts/<cid>/rootfs, or their copy in
+        the guest); the last one's mount point is the root. The overlay's root takes the upper
+        directory's mode, `root_mode`: the image root's, as under runc."""
         base = f"{GUEST_STORAGE_DIR}/{container_id}"
         lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
-        # the overlay's root takes the upper directory's mode: the image root's, as under runc
-        root_mode = stat.S_IMODE(os.stat(self.mounts.mounts_dir / container_id / "rootfs").st_mode)
         size = self.config.runtime.rootfs_upper_size
         return [
             agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",

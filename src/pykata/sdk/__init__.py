@@ -17,6 +17,7 @@ file operations run in that container. Leaving the `with` block destroys the VM 
 Errors: pykata.sdk.errors (all are pykata.PykataError).
 """
 
+from pykata.sandbox.snapshot import SnapshotError
 from pykata.sdk.blocking import Files, Pool, Proc, Pty, Sandbox, Stdin
 from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Metrics, SandboxInfo
 from pykata.sdk.errors import (
@@ -34,4 +35,4 @@ from pykata.sdk.process import AsyncProcess, AsyncStdin, ExecResult
 __all__ = ["IDLE_COMMAND", "AsyncFiles", "AsyncPool", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AsyncStdin",
            "ExecResult", "ExecTimeoutError", "FileInfo", "Files", "Metrics", "NotFoundError", "PolicyDeniedError",
            "Pool", "Proc", "Pty", "Sandbox", "SandboxGoneError", "SandboxInfo", "SandboxTimeoutError", "SdkError",
-           "Stdin"]
+           "SnapshotError", "Stdin"]

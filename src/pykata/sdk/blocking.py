@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal as _signal
 from collections.abc import Awaitable, Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from pykata.config import Config
@@ -165,10 +166,10 @@ class Sandbox:
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
                  env: Env | None = None, volumes: Sequence[str] = (), config: Config | None = None,
                  timeout: float | None = None, cwd: str | None = None, user: User | None = None,
-                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND) -> None:
+                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND, snapshots: bool = False) -> None:
         self._async = AsyncSandbox(image, cpus=cpus, memory_mib=memory_mib, env=env, volumes=volumes,
                                    config=config, timeout=timeout, cwd=cwd, user=user, name=name,
-                                   idle_command=idle_command)
+                                   idle_command=idle_command, snapshots=snapshots)
         self.files = Files(self._async.files)
         self._token: int | None = None
 
@@ -256,6 +257,16 @@ class Sandbox:
 
     def metrics(self) -> Metrics:
         return _run(self._async.metrics())
+
+    def snapshot(self, path: str | os.PathLike[str], *, close: bool = False) -> Path:
+        """See AsyncSandbox.snapshot."""
+        return _run(self._async.snapshot(path, close=close))
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], *, config: Config | None = None, timeout: float | None = None,
+                name: str = "") -> Sandbox:
+        """See AsyncSandbox.restore: a new sandbox from a snapshot, in this process."""
+        return cls._adopt(AsyncSandbox.restore(path, config=config, timeout=timeout, name=name))
 
     @staticmethod
     def list(config: Config | None = None) -> list[SandboxInfo]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pykata.sandbox.ocispec import SpecError, parse_user
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.state import load as load_state
+from pykata.sdk import snapshot as sdk_snapshot
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SandboxGoneError, SdkError
 from pykata.sdk.files import AsyncFiles
 from pykata.sdk.process import AsyncProcess, ExecResult
@@ -100,7 +102,7 @@ class AsyncSandbox:
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
                  env: Env | None = None, volumes: Sequence[str] = (), config: Config | None = None,
                  timeout: float | None = None, cwd: str | None = None, user: User | None = None,
-                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND) -> None:
+                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND, snapshots: bool = False) -> None:
         self.image_ref = image
         self.cpus = cpus
         self.memory_mib = memory_mib
@@ -108,6 +110,8 @@ class AsyncSandbox:
         self.config = config
         self.name = name
         self.idle_command = list(idle_command)
+        # A sandbox that can be snapshotted shares no host directory with its guest (sdk/snapshot.py).
+        self.snapshots = snapshots
         self.files = AsyncFiles(self)
         self._extra_env = _env_list(env)
         self._user = _user(user)
@@ -124,6 +128,7 @@ class AsyncSandbox:
         self._attached: AttachedSandbox | None = None
         self._found: lookup.Found | None = None
         self._id = ""
+        self._cid = ""  # the container's id: the sandbox's, or the saved one's after a restore
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # time.time() when the sandbox is destroyed
@@ -158,21 +163,47 @@ class AsyncSandbox:
         spec = build_spec(self.idle_command, env=self._env, cwd=self._cwd)
         config, vcpus, memory_mib = sizing.fit(config, sizing.vm_size(
             self.cpus, self.memory_mib, vcpus_source="cpus", memory_source="memory_mib"))
-        self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name)
+        if self.snapshots and vols:
+            raise SpecError("volumes", "a sandbox made for snapshots cannot have volumes (they are host "
+                                       "directories shared with the guest)")
+        self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name,
+                                             guest_share=not self.snapshots)
+        self._cid = self._sandbox.id
         try:
             async with self._denials():
                 self._container = await self._sandbox.create_container(
                     self._sandbox.id, spec, image.rootfs, volumes=vols, image=self.image_ref)
                 await self._container.start()
             await self._container.init.close_stdin()
-            (self._sandbox.dir / SDK_STATE).write_text(json.dumps(
-                {"env": self._env, "cwd": self._cwd, "user": list(self._user) if self._user else None}))
+            self._write_sdk_state()
         except BaseException:
             await self._destroy("start failed")
             raise
         if self._timeout is not None:
             await self.set_timeout(self._timeout)
         return self
+
+    def _write_sdk_state(self) -> None:
+        assert self._sandbox is not None
+        (self._sandbox.dir / SDK_STATE).write_text(json.dumps(
+            {"env": self._env, "cwd": self._cwd, "user": list(self._user) if self._user else None}))
+
+    async def snapshot(self, path: str | os.PathLike[str], *, close: bool = False) -> Path:
+        """Save the sandbox to the new directory `path` (its memory, processes and files; see
+        pykata.sdk.snapshot), pausing it meanwhile; then it runs on (or is closed with `close=True`).
+        Only a sandbox made with `snapshots=True` can be saved. Returns the snapshot's path.
+        Raises SnapshotError (naming what is wrong), SandboxGoneError, PolicyDeniedError (not the owner)."""
+        saved: Path = await sdk_snapshot.snapshot(self, Path(path), close=close)
+        return saved
+
+    @classmethod
+    async def restore(cls, path: str | os.PathLike[str], *, config: Config | None = None,
+                      timeout: float | None = None, name: str = "") -> AsyncSandbox:
+        """A new running sandbox from the snapshot at `path` (made by `snapshot`, in any process): a
+        new id and VM, its own randomness and boot id. Raises SnapshotError naming the manifest field
+        that does not match this host or is malformed; nothing is left behind on failure."""
+        sb: AsyncSandbox = await sdk_snapshot.restore(cls, Path(path), config=config, timeout=timeout, name=name)
+        return sb
 
     async def set_timeout(self, seconds: float | None) -> None:
         """Destroy the sandbox `seconds` from now (None: never). Raises SandboxGoneError."""
@@ -272,7 +303,7 @@ class AsyncSandbox:
         """CPU time, memory and processes of the sandbox's container. Raises SandboxGoneError, AgentError."""
         sb = self._own("metrics")
         async with self._guard():
-            s = await sb.stats_container(sb.id)
+            s = await sb.stats_container(self._cid or sb.id)
         return Metrics(cpu_seconds=s.cpu.usage_total_ns / 1e9, memory_bytes=s.memory.usage,
                        memory_peak_bytes=s.memory.max_usage, memory_limit_bytes=s.memory.limit,
                        pids=s.pids.current)
@@ -414,7 +445,10 @@ class AsyncSandbox:
         sb._cwd = saved.get("cwd", "/")
         sb._user = saved.get("user")
         sb._attached = await AttachedSandbox.attach(found)
-        sb._container = _AttachedContainer(sb._attached, found.record.id)
+        # the container's id is the sandbox's, except in a restored snapshot (the saved sandbox's)
+        cid = next(iter(found.record.containers), found.record.id)
+        sb._cid = cid
+        sb._container = _AttachedContainer(sb._attached, cid)
         return sb
 
     @staticmethod

@@ -1,0 +1,196 @@
+"""Sandbox snapshots: save a running sandbox, restore it in other processes, side by side; refuse a
+tampered, truncated or hostile snapshot directory with an error naming the field, leaving nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pykata
+from pykata.config import load_config
+from pykata.sandbox.snapshot import MANIFEST, STATE, SnapshotError
+
+pytestmark = [pytest.mark.vm]
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+ROOT = Path(__file__).resolve().parents[2]
+
+# what a restoring process reports (run with this checkout's interpreter)
+RESTORE_SCRIPT = r"""
+import json, sys, time
+import pykata
+with pykata.Sandbox.restore(sys.argv[1], timeout=120) as sb:
+    out = {"id": sb.id}
+    out["file"] = sb.files.read("/data/hello.txt")
+    out["cwd"] = sb.run("pwd; echo $GREETING").text
+    out["boot_id"] = sb.run(["cat", "/proc/sys/kernel/random/boot_id"]).text.strip()
+    out["urandom"] = sb.run("head -c 16 /dev/urandom | od -An -tx1").text.split()
+    n1 = int(sb.run("wc -l < /data/ticks").text)
+    time.sleep(1.5)
+    out["ticks_grew"] = int(sb.run("wc -l < /data/ticks").text) > n1
+    sb.files.write("/data/hello.txt", "changed by " + sb.id)
+    out["after_write"] = sb.files.read("/data/hello.txt")
+print(json.dumps(out))
+"""
+
+
+def _sandbox_dirs() -> set[str]:
+    d = Path(load_config().runtime.runtime_dir) / "sandboxes"
+    return set(os.listdir(d)) if d.is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """One snapshot of a prepared sandbox (a file, a background process, env and cwd), shared by the
+    tests of this module; the source sandbox is checked and closed here."""
+    path = tmp_path_factory.mktemp("snap") / "prepared"
+    with pykata.Sandbox(image="busybox", snapshots=True, env={"GREETING": "hi"}, cwd="/data") as sb:
+        sb.files.write("/data/hello.txt", "prepared")
+        sb.spawn("while :; do echo tick >> /data/ticks; sleep 0.2; done")
+        before = {"id": sb.id, "boot_id": sb.run(["cat", BOOT_ID]).text.strip()}
+        with pytest.raises(SnapshotError, match=r"path: .* exists already"):
+            sb.snapshot(path.parent)
+        assert sb.snapshot(path) == path
+        assert sb.run("cat hello.txt").text == "prepared"  # the source runs on after its snapshot
+        sb.files.write("/data/hello.txt", "changed in the source after the snapshot")
+    yield path, before
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_restores_in_other_processes_run_side_by_side_and_differ(saved: tuple[Path, dict[str, Any]]) -> None:
+    path, source = saved
+    # private: it holds guest memory
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for name in (MANIFEST, STATE):
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o600
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format"] == 1 and manifest["source_sandbox"] == source["id"]
+    assert {"kernel", "initrd"} <= set(manifest["assets"]) and manifest["qemu_version"].count(".") == 2
+
+    before = _sandbox_dirs()
+    procs = [subprocess.Popen([sys.executable, "-c", RESTORE_SCRIPT, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    a, b = results
+    for r in (a, b):
+        assert r["file"] == "prepared"                      # the guest's files as they were saved
+        assert r["cwd"] == "/data\nhi\n"                    # the SDK's cwd and env came along
+        assert r["ticks_grew"]                              # a background process runs on
+        assert r["after_write"] == "changed by " + r["id"]  # and each restore is its own
+        assert r["id"] != source["id"] and r["boot_id"] != source["boot_id"]
+    assert a["id"] != b["id"] and a["boot_id"] != b["boot_id"] and a["urandom"] != b["urandom"]
+    assert _sandbox_dirs() <= before  # both closed what they made
+
+
+def _restore_fails(path: Path, field: str) -> SnapshotError:
+    before = _sandbox_dirs()
+    with pytest.raises(SnapshotError) as info:
+        pykata.Sandbox.restore(path)
+    assert info.value.field == field, str(info.value)
+    assert _sandbox_dirs() == before
+    return info.value
+
+
+def _copy(saved: Path, tmp_path: Path, edit: Any = None) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(saved, dest)
+    if edit is not None:
+        m = json.loads((dest / MANIFEST).read_text())
+        edit(m)
+        (dest / MANIFEST).write_text(json.dumps(m))
+    return dest
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda m: m.update(format=2), "format"),
+    (lambda m: m.update(kind="something else"), "kind"),
+    (lambda m: m.update(pykata_version="0.0.1-other"), "pykata_version"),
+    (lambda m: m["machine"].update(cpu_model="Skylake-Client"), "machine.cpu_model"),
+    (lambda m: m["machine"].update(default_memory=1 << 30), "machine.default_memory"),
+    (lambda m: m["assets"]["initrd"].update(sha256="0" * 64), "assets.initrd"),
+    (lambda m: m["assets"].update(kernel=None), "assets.kernel"),
+    (lambda m: m.update(containers="not a list"), "containers"),
+    (lambda m: m["containers"][0].update(id="../../etc"), "containers[0].id"),
+    (lambda m: m["containers"][0].update(pid=-1), "containers[0].pid"),
+    (lambda m: m["state"].update(size=1), "state.size"),
+    (lambda m: m["devices"].append({"key": "x"}), "devices"),
+    (lambda m: m["extra"].pop("sdk"), "extra.sdk"),
+    (lambda m: m["extra"]["sdk"].update(container="other"), "extra.sdk.container"),
+])
+def test_a_tampered_manifest_is_refused_naming_the_field(saved: tuple[Path, dict[str, Any]], tmp_path: Path,
+                                                        edit: Any, field: str) -> None:
+    _restore_fails(_copy(saved[0], tmp_path, edit), field)
+
+
+def test_hostile_snapshot_directories_are_refused(saved: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    path = saved[0]
+    outside = tmp_path / "outside.json"
+    outside.write_text((path / MANIFEST).read_text())
+    # the directory, the manifest or the state as a symlink: never followed
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    assert "symlink" in str(_restore_fails(link, "path"))
+    bad = _copy(path, tmp_path)
+    (bad / MANIFEST).unlink()
+    (bad / MANIFEST).symlink_to(outside)
+    assert "symlink" in str(_restore_fails(bad, "manifest"))
+    shutil.rmtree(bad)
+    bad = _copy(path, tmp_path)
+    (bad / STATE).unlink()
+    (bad / STATE).symlink_to(path / STATE)
+    _restore_fails(bad, "state")
+    (bad / STATE).unlink()
+    os.mkfifo(bad / STATE)  # not a regular file (and opening it must not block)
+    _restore_fails(bad, "state")
+    shutil.rmtree(bad)
+    # a huge manifest, one that is not JSON, or of the wrong shape
+    bad = _copy(path, tmp_path)
+    (bad / MANIFEST).write_bytes(b" " * (2 << 20))
+    _restore_fails(bad, "manifest")
+    (bad / MANIFEST).write_bytes(b"{not json")
+    _restore_fails(bad, "manifest")
+    (bad / MANIFEST).write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    _restore_fails(bad, "manifest")
+    (bad / MANIFEST).write_text("[1, 2]")
+    _restore_fails(bad, "manifest")
+    shutil.rmtree(bad)
+    # a truncated state
+    bad = _copy(path, tmp_path)
+    with open(bad / STATE, "r+b") as f:
+        f.truncate((bad / STATE).stat().st_size // 2)
+    _restore_fails(bad, "state.size")
+    _restore_fails(tmp_path / "missing", "path")
+
+
+def test_a_corrupt_state_is_refused_after_loading_and_the_vm_is_gone(saved: tuple[Path, dict[str, Any]],
+                                                                     tmp_path: Path) -> None:
+    """Same size, other bytes: QEMU may load it, the hash does not match; the VM is stopped."""
+    bad = _copy(saved[0], tmp_path)
+    size = (bad / STATE).stat().st_size
+    with open(bad / STATE, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 4096)
+    _restore_fails(bad, "state.sha256")
+
+
+def test_only_a_sandbox_made_for_snapshots_can_be_saved(tmp_path: Path) -> None:
+    with pykata.Sandbox(image="busybox") as sb:
+        with pytest.raises(SnapshotError, match="snapshots=True"):
+            sb.snapshot(tmp_path / "s")
+        assert sb.run("echo ok").text == "ok\n"
+    assert not (tmp_path / "s").exists() and os.listdir(tmp_path) == []
+    with pytest.raises(pykata.PykataError, match="volumes"):
+        pykata.Sandbox(image="busybox", snapshots=True, volumes=[f"{tmp_path}:/v"]).start()
