@@ -44,6 +44,7 @@ from pykata.errors import PykataError
 from pykata.factory import sync_guest_clock, templated_config
 from pykata.factory.template import template_inputs
 from pykata.hypervisor.base import Hypervisor, RestoreSource
+from pykata.hypervisor.errors import RestoreError
 from pykata.hypervisor.qemu.driver import QemuHypervisor
 from pykata.sandbox import state
 from pykata.sandbox.process import Process
@@ -218,7 +219,7 @@ def _open_in(dir_fd: int, name: str, what: str) -> int:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
-        why = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        why = "is a symlink (not followed)" if exc.errno == errno.ELOOP else exc.strerror
         raise SnapshotError(what, f"{name}: {why}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -284,7 +285,8 @@ def open_snapshot(path: Path) -> Opened:
     try:
         dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        why = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        # O_DIRECTORY|O_NOFOLLOW on a symlink fails with ENOTDIR
+        why = "is a symlink (not followed)" if os.path.islink(path) else exc.strerror
         raise SnapshotError("path", f"{path}: {why}") from None
     try:
         mfd = _open_in(dir_fd, MANIFEST, "manifest")
@@ -380,9 +382,15 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         sb.record.name = name
         digest = asyncio.ensure_future(asyncio.to_thread(file_sha256, opened.state_fd))
         try:
-            await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout)
+            corrupt = SnapshotError("state.sha256", "the state file is not the one saved (corrupt or altered)")
+            try:
+                await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout)
+            except RestoreError as exc:
+                if await digest != m["state"]["sha256"]:
+                    raise corrupt from None
+                raise SnapshotError("state", f"QEMU could not load it: {exc}") from None
             if await digest != m["state"]["sha256"]:
-                raise SnapshotError("state.sha256", "the state file is not the one saved (corrupt or altered)")
+                raise corrupt
             agent = sb.agent
             for c in m["containers"]:
                 init = Process(agent, c["id"], "", c["pid"], c["terminal"])
