@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pykata.config import parse_toml
 from pykata.deploy import containerd_config, labels, payload
-from pykata.errors import PykataError
+from pykata.errors import ConfigError, PykataError
 
 SHIM_NAME = "containerd-shim-pykata-v2"
 RESTART_TIMEOUT = 120.0
@@ -80,11 +81,20 @@ def default_payload() -> Path:
                            "installer from a payload's venv")
 
 
-def _check_node(node: Node, src: payload.Payload) -> None:
+def _check_node(node: Node, src: payload.Payload, config_text: str, config_source: str) -> None:
+    """The node has what the payload runs on and the configuration names, before anything is changed."""
+    try:
+        config = parse_toml(payload.configure(config_text, node.prefix), config_source)
+    except ConfigError as e:
+        raise NodeInstallError(f"{config_source}: {e}") from None
     python = node.host(Path(src.python))
     if not python.exists():
         raise NodeInstallError(f"the node has no {src.python} (looked at {python}): the payload's venv runs on the "
                                "node's Debian 12 python3.11 (apt install python3.11)")
+    qemu = node.host(Path(config.qemu.path))
+    if not qemu.exists():
+        raise NodeInstallError(f"hypervisor.qemu.path: the node has no {config.qemu.path} (looked at {qemu}; "
+                               "apt install qemu-system-x86, or set it with --configuration)")
     cfg = node.host(node.containerd_config)
     if not cfg.parent.is_dir():
         raise NodeInstallError(f"--containerd-config: {cfg.parent} does not exist (is containerd installed, and "
@@ -144,17 +154,18 @@ def install(node: Node, src_dir: Path, base_config: Path | None = None, say: Say
     """Install the payload at `src_dir` on `node`. Raises NodeInstallError."""
     try:
         src = payload.load(src_dir)
-        _check_node(node, src)
-        target = node.host(node.prefix)
-        copied = payload.copy(src, target)
-        say(f"payload {src.key} -> {target}" + ("" if copied else " (already there)"))
         if base_config is not None:
             try:
                 config_text = base_config.read_text()
             except OSError as e:
                 raise NodeInstallError(f"--configuration: {base_config}: {e.strerror}") from None
         else:
-            config_text = (target / payload.CONFIG_TEMPLATE).read_text()
+            config_text = (src.root / payload.CONFIG_TEMPLATE).read_text()
+        _check_node(node, src, config_text, f"--configuration {base_config}" if base_config else "the packaged "
+                    "configuration")
+        target = node.host(node.prefix)
+        copied = payload.copy(src, target)
+        say(f"payload {src.key} -> {target}" + ("" if copied else " (already there)"))
         changed = payload.write_node_files(target, node.prefix, config_text)
         say(f"{target}: wrote {', '.join(changed)}" if changed else f"{target}: scripts and configuration up to date")
         say(_link(node))
