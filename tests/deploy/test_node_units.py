@@ -163,3 +163,23 @@ def test_uninstall_never_removes_a_directory_that_is_not_a_payload(root: Path) -
     with pytest.raises(NodeInstallError, match="not a pykata payload"):
         uninstall(_node(root), say=lambda _: None)
     assert (root / "opt/pykata/important").exists()
+
+
+def test_node_symlinks_resolve_inside_the_node_root(root: Path, small_payload: Path) -> None:
+    # a node whose containerd configuration is a link (k0s, some distributions) and whose /opt is a link
+    # with an absolute target: both must land under the node's root, not this machine's
+    (root / "var/lib/k0s").mkdir(parents=True)
+    cfg = root / "etc/containerd/config.toml"
+    cfg.rename(root / "var/lib/k0s/containerd.toml")
+    cfg.symlink_to("/var/lib/k0s/containerd.toml")
+    (root / "var/opt").mkdir()
+    (root / "opt").symlink_to("/var/opt")
+    install(_node(root), small_payload, say=lambda _: None)
+    assert cfg.is_symlink() and containerd_config.BEGIN in (root / "var/lib/k0s/containerd.toml").read_text()
+    assert payload.load(root / "var/opt/pykata").key == "k1"
+    uninstall(_node(root), say=lambda _: None)
+    assert cfg.is_symlink() and (root / "var/lib/k0s/containerd.toml").read_text() == ORIGINAL
+    assert not (root / "var/opt/pykata").exists()
+    (root / "loop").symlink_to("/loop")
+    with pytest.raises(NodeInstallError, match="too many levels of symbolic links"):
+        _node(root).host(Path("/loop/x"))

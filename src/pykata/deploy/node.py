@@ -61,13 +61,30 @@ class Node:
             raise NodeInstallError(f"--root: {self.root} is not a directory (mount the node's / there)")
 
     def host(self, node_path: Path) -> Path:
-        """Where the node's `node_path` is, seen from here."""
-        return self.root / node_path.relative_to("/")
+        """Where the node's `node_path` is, seen from here: its symlinks resolved as the node resolves them
+        (an absolute link target is the node's path, not ours). Raises NodeInstallError on a link loop."""
+        return self.root / node_realpath(self.root, node_path).relative_to("/")
 
     def restart_argv(self) -> list[str]:
         if self.restart_command is not None:
             return self.restart_command
         return SYSTEMCTL_RESTART if self.root == Path("/") else [*NSENTER, *SYSTEMCTL_RESTART]
+
+
+def node_realpath(root: Path, path: Path, _depth: int = 0) -> Path:
+    """`path` (a node path) with the symlinks under `root` resolved inside `root`, as a chroot would."""
+    if _depth > 40:
+        raise NodeInstallError(f"{path}: too many levels of symbolic links under {root}")
+    current = Path("/")
+    for part in path.relative_to("/").parts:
+        here = root / current.relative_to("/") / part
+        if here.is_symlink():
+            target = Path(os.readlink(here))
+            joined = Path(os.path.normpath(target if target.is_absolute() else current / target))
+            current = node_realpath(root, joined, _depth + 1)
+        else:
+            current = Path(os.path.normpath(current / part))
+    return current
 
 
 def default_payload() -> Path:
