@@ -26,7 +26,7 @@ TIERS: dict[str, int] = {
     "pykata.factory": 4, "pykata.resources": 4,
     "pykata.hypervisor": 3, "pykata.network": 3, "pykata.agentapi": 3,
     "pykata.ttrpc": 2, "pykata.protocols": 2, "pykata.config": 2, "pykata.images": 2, "pykata.guestimage": 2,
-    "pykata.errors": 1, "pykata.fsutil": 1, "pykata.ids": 1, "pykata.timing": 1, "pykata": 1,
+    "pykata.errors": 1, "pykata.fsutil": 1, "pykata.ids": 1, "pykata.timing": 1, "pykata.tracing": 1, "pykata": 1,
 }
 GUEST = "pykata.agent"  # runs inside the VM: its own rule (GUEST_MAY_IMPORT)
 

@@ -55,7 +55,8 @@ def monitor(private: tuple[Path, dict[str, str]]) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([PYKATA, "monitor", "--listen", f"127.0.0.1:{port}", "--timeout", "1"],
+    proc = subprocess.Popen([PYKATA, "monitor", "--listen", f"127.0.0.1:{port}", "--timeout", "1",
+                             "--interval", "1"],
                             env=private[1], stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/metrics"
     deadline = time.monotonic() + 60
@@ -139,6 +140,19 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
         cid = info["containers"][0]["id"]
         assert value(m, "pykata_guest_container_pids", first, container_id=cid) >= 1
         assert value(m, "pykata_guest_container_memory_usage_bytes", first, container_id=cid) > 0
+        # GetGuestMetrics: the guest's memory, load, CPU, network and disks, and the agent's process
+        assert 0 < value(m, "pykata_guest_memory_available_bytes", first) <= \
+            value(m, "pykata_guest_memory_total_bytes", first)
+        assert value(m, "pykata_guest_load1", first) >= 0 and value(m, "pykata_guest_threads", first) >= 1
+        assert value(m, "pykata_guest_cpu_seconds_total", first, mode="idle") > 0
+        assert value(m, "pykata_guest_network_receive_bytes_total", first, interface="lo") >= 0
+        assert value(m, "pykata_agent_threads", first) >= 1 and value(m, "pykata_agent_open_fds", first) >= 3
+        assert 0 < value(m, "pykata_agent_resident_memory_bytes", first) < info["memory_mib"] << 20
+        assert value(m, "pykata_agent_processes", first) >= 1
+        # the owner's (this process's) RPCs to its agent, counted by method
+        assert value(m, "pykata_shim_agent_rpc_total", first, method="CreateSandbox") == 1
+        assert value(m, "pykata_shim_agent_rpc_total", first, method="CreateContainer") >= 1
+        assert 0 <= value(m, "pykata_monitor_sample_age_seconds", first) < 30
         inspected = await asyncio.to_thread(pykata_json, env, "sandbox", "inspect", first[:10], "--json")
         assert isinstance(inspected, dict) and inspected["id"] == first and inspected["running"] is True
         assert inspected["runtime_dir"].startswith(str(conf.parent))
@@ -183,9 +197,16 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
         hung = psutil.Process(next(i["vmm_pid"] for i in listed if i["id"] == boxes[1].id))
         hung.suspend()
         try:
-            start = time.monotonic()
-            m = await asyncio.to_thread(scrape, monitor)
-            assert time.monotonic() - start < 5
+            # the next background collections (every second, 1 s per sandbox at most) see it down;
+            # every scrape meanwhile answers at once, from the last collection
+            deadline = time.monotonic() + 20
+            while True:
+                start = time.monotonic()
+                m = await asyncio.to_thread(scrape, monitor)
+                assert time.monotonic() - start < 5
+                if value(m, "pykata_agent_up", boxes[1].id) == 0 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
             assert value(m, "pykata_agent_up", boxes[1].id) == 0
             assert value(m, "pykata_agent_up", boxes[0].id) == 1
             assert value(m, "pykata_monitor_scrape_errors_total", boxes[1].id, stage="agent") >= 1

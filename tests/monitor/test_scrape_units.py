@@ -3,6 +3,7 @@ agent proxy): out-of-bounds answers drop the guest's figures and count an error;
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -16,24 +17,36 @@ import pytest
 
 from pykata.config import load_config
 from pykata.config.schema import Config
+from pykata.monitor.collector import Collector
 from pykata.monitor.scrape import Scraper
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.protocols.owner import OWNER_SERVICE, owner_pb2
 from pykata.sandbox import state
 from pykata.ttrpc import CallContext, Server
 
 
 class FakeHostileAgent:
-    """Answers GetGuestDetails and StatsContainer with what `answers` holds."""
+    """A fake of the agent (GetGuestMetrics, StatsContainer) and of the owner (Owner.Metrics) behind the
+    proxy socket, answering what its attributes hold."""
 
     def __init__(self) -> None:
-        self.details = agent_pb2.GuestDetailsResponse(online_cpus=1, mem_total_bytes=1 << 30)
+        self.metrics = agent_pb2.GuestMetrics(online_cpus=1, uptime_ns=5 * 10**9)
+        self.metrics.memory.total = 1 << 30
+        self.metrics.load.load1 = 0.5
+        self.metrics.agent.threads = 3
+        self.metrics.interfaces.add(name="eth0", rx_bytes=1000)
+        self.metrics.disks.add(name="vda", read_bytes=4096)
         self.stats = agent_pb2.StatsContainerResponse()
         self.stats.cgroup_stats.memory.usage = 1 << 20
         self.stats.cgroup_stats.pids.current = 2
+        self.owner = owner_pb2.OwnerMetrics(events_dropped=4)
+        self.owner.served.add(method="Create", calls=2, errors=1, seconds=0.5)
+        self.calls: list[str] = []
 
     def __getattr__(self, rpc: str) -> Any:
         async def answer(req: Any, ctx: CallContext) -> Any:
-            return {"GetGuestDetails": self.details, "StatsContainer": self.stats}[rpc]
+            self.calls.append(rpc)
+            return {"GetGuestMetrics": self.metrics, "StatsContainer": self.stats, "Metrics": self.owner}[rpc]
         return answer
 
 
@@ -50,6 +63,7 @@ async def fake_sandbox() -> AsyncIterator[tuple[Config, FakeHostileAgent, str]]:
     server = Server()
     server.register(AGENT_SERVICE, agent)
     server.register(HEALTH_SERVICE, agent)
+    server.register(OWNER_SERVICE, agent)
     await server.serve_unix(str(d / "sandboxes" / sid / "agent.sock"))
     try:
         yield config, agent, sid
@@ -64,21 +78,42 @@ def samples(families: dict[str, Any], name: str) -> list[tuple[dict[str, str], f
 
 async def test_honest_answers_are_reported(fake_sandbox: tuple[Config, FakeHostileAgent, str]) -> None:
     config, _, sid = fake_sandbox
-    f = await Scraper(config).scrape()
-    assert samples(f, "pykata_agent_up") == [({"sandbox_id": sid}, 1.0)]
-    assert samples(f, "pykata_guest_memory_total_bytes") == [({"sandbox_id": sid}, float(1 << 30))]
-    assert samples(f, "pykata_guest_container_pids") == [({"sandbox_id": sid, "container_id": "c1"}, 2.0)]
+    scraper = Scraper(config)
+    f = await scraper.scrape()
+    me = {"sandbox_id": sid}
+    assert samples(f, "pykata_agent_up") == [(me, 1.0)]
+    assert samples(f, "pykata_guest_memory_total_bytes") == [(me, float(1 << 30))]
+    assert samples(f, "pykata_guest_container_pids") == [({**me, "container_id": "c1"}, 2.0)]
+    assert samples(f, "pykata_guest_load1") == [(me, 0.5)]
+    assert samples(f, "pykata_guest_uptime_seconds") == [(me, 5.0)]
+    assert samples(f, "pykata_guest_network_receive_bytes") == [({**me, "interface": "eth0"}, 1000.0)]
+    assert samples(f, "pykata_guest_disk_read_bytes") == [({**me, "disk": "vda"}, 4096.0)]
+    assert samples(f, "pykata_agent_threads") == [(me, 3.0)]
+    assert samples(f, "pykata_shim_rpc") == [({**me, "method": "Create"}, 2.0)]
+    assert samples(f, "pykata_shim_rpc_errors") == [({**me, "method": "Create"}, 1.0)]
+    assert samples(f, "pykata_shim_events_dropped") == [(me, 4.0)]
     assert samples(f, "pykata_shim_threads")[0][1] >= 1  # the owner (this process) is read from /proc
+    await scraper.close()
 
 
-@pytest.mark.parametrize("lie", ["cpus", "memory", "pids", "usage"])
+@pytest.mark.parametrize("lie", ["cpus", "memory", "pids", "usage", "load", "interface", "interfaces",
+                                 "agent_rss"])
 async def test_an_out_of_bounds_answer_drops_the_guest_figures(
         fake_sandbox: tuple[Config, FakeHostileAgent, str], lie: str) -> None:
     config, agent, sid = fake_sandbox
     if lie == "cpus":
-        agent.details.online_cpus = 1 << 31
+        agent.metrics.online_cpus = 1 << 31
     elif lie == "memory":
-        agent.details.mem_total_bytes = (1 << 64) - 1
+        agent.metrics.memory.total = (1 << 64) - 1
+    elif lie == "load":
+        agent.metrics.load.load5 = float("nan")
+    elif lie == "interface":  # a label value full of junk
+        agent.metrics.interfaces.add(name='eth1"} 1\nfake_metric{a="')
+    elif lie == "interfaces":  # a cardinality bomb
+        for i in range(65):
+            agent.metrics.interfaces.add(name=f"if{i}")
+    elif lie == "agent_rss":
+        agent.metrics.agent.resident_bytes = 1 << 61
     elif lie == "pids":
         agent.stats.cgroup_stats.pids.current = 1 << 40
     else:
@@ -86,6 +121,38 @@ async def test_an_out_of_bounds_answer_drops_the_guest_figures(
     scraper = Scraper(config)
     f = await scraper.scrape()
     assert samples(f, "pykata_agent_up") == [({"sandbox_id": sid}, 0.0)]
-    assert not any(samples(f, name) for name in f if name.startswith("pykata_guest_"))
+    assert not any(samples(f, name) for name in f if name.startswith(("pykata_guest_", "pykata_agent_"))
+                   and name != "pykata_agent_up")
     assert samples(f, "pykata_monitor_scrape_errors") == [({"sandbox_id": sid, "stage": "agent"}, 1.0)]
     assert samples(f, "pykata_shim_threads")  # the host's own figures stay
+    assert samples(f, "pykata_shim_rpc")  # and the owner's
+    await scraper.close()
+
+
+async def test_a_scrape_serves_the_background_collection(fake_sandbox: tuple[Config, FakeHostileAgent, str]) -> None:
+    """The agent is asked by the collector's thread, not per scrape; a sandbox that goes away is left out
+    of the next scrape at once."""
+    config, agent, sid = fake_sandbox
+    calls = agent.calls
+    collector = Collector(Scraper(config), interval=3600)
+    collector.start()
+    try:
+        first = await asyncio.to_thread(collector.families)  # the first scrape waits for a collection
+        assert samples(first, "pykata_agent_up") == [({"sandbox_id": sid}, 1.0)]
+        asked = len(calls)
+        assert "GetGuestMetrics" in calls
+        for _ in range(3):
+            f = await asyncio.to_thread(collector.families)
+        assert len(calls) == asked  # served from the last collection
+        assert samples(f, "pykata_guest_load1") == [({"sandbox_id": sid}, 0.5)]
+        [(_, age)] = samples(f, "pykata_monitor_sample_age_seconds")
+        assert 0 <= age < 60
+        # the record says the sandbox stopped: gone from the next scrape, no collection needed
+        record = state.load(config.runtime.runtime_path / "sandboxes" / sid)
+        assert record is not None
+        record.status = "stopped"
+        state.save(config.runtime.runtime_path / "sandboxes" / sid, record)
+        f = await asyncio.to_thread(collector.families)
+        assert not samples(f, "pykata_agent_up") and samples(f, "pykata_monitor_sandboxes") == [({}, 0.0)]
+    finally:
+        await asyncio.to_thread(collector.close)

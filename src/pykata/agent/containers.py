@@ -110,6 +110,10 @@ class Containers:
     def ids(self) -> list[str]:
         return list(self._items)
 
+    def process_count(self) -> int:
+        """Processes of every container (init and execs) the agent still keeps."""
+        return sum(len(c.execs) + 1 for c in self._items.values())
+
     def get(self, cid: str, field: str = "container_id") -> Container:
         """Raises InvalidArgument for a malformed id, NotFound for an unknown one."""
         check_id(field, cid)

@@ -17,7 +17,8 @@ from typing import Any
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from pykata.agent import guest
+from pykata.agent import guest, metrics
+from pykata.agent.console import DebugConsole
 from pykata.agent.containers import Containers
 from pykata.agent.crun import Crun, find_crun
 from pykata.agent.entropy import Entropy
@@ -66,6 +67,7 @@ class AgentService:
         self._sandbox: Sandbox | None = None
         self._dirs_made = False
         self.entropy = Entropy(self.settings.state_dir)
+        self.console = DebugConsole(self.reaper, buffer_limit=self.settings.buffer_limit)
 
     def _make_dirs(self) -> None:
         """Raises Internal when the state directories cannot be made."""
@@ -97,6 +99,7 @@ class AgentService:
 
     async def close(self) -> None:
         """Stop background work (containers keep running; DestroySandbox removes them)."""
+        self.console.close()
         if self.oom is not None:
             await self.oom.close()
         self.reaper.close()
@@ -118,10 +121,13 @@ class AgentService:
     async def CreateSandbox(self, req: agent_pb2.CreateSandboxRequest, ctx: Any) -> Empty:
         self._make_dirs()
         await self.sandbox.create(req)
+        if req.debug_console:
+            self.console.enable()
         return Empty()
 
     async def DestroySandbox(self, req: agent_pb2.DestroySandboxRequest, ctx: Any) -> Empty:
         timeout = float(req.timeout_seconds or DESTROY_TIMEOUT)
+        self.console.close()
         errors = await self.containers.remove_all(timeout)
         errors += await self.sandbox.destroy()
         if errors:
@@ -157,6 +163,9 @@ class AgentService:
         return agent_pb2.ExecProcessResponse(pid=pid)
 
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: Any) -> Empty:
+        if not req.container_id:  # a debug console process
+            self.console.get(req.exec_id).signal(req.signal)
+            return Empty()
         await self.containers.signal(req.container_id, req.exec_id, req.signal, req.all)
         return Empty()
 
@@ -175,7 +184,8 @@ class AgentService:
                              ctx: Any) -> agent_pb2.StatsContainerResponse:
         c = self.containers.get(req.container_id)
         stats = await asyncio.to_thread(read_stats, c.cgroup)
-        return agent_pb2.StatsContainerResponse(cgroup_stats=stats)
+        # the containers share the guest's network namespace: its counters are theirs
+        return agent_pb2.StatsContainerResponse(cgroup_stats=stats, network_stats=metrics.network())
 
     async def PauseContainer(self, req: agent_pb2.PauseContainerRequest, ctx: Any) -> Empty:
         await self.containers.pause(req.container_id)
@@ -188,6 +198,8 @@ class AgentService:
     # -- stdio ---------------------------------------------------------------------------------
 
     def _process(self, container_id: str, exec_id: str) -> Process:
+        if not container_id:  # a debug console process
+            return self.console.get(exec_id)
         c = self.containers.get(container_id)
         return c.process(check_exec_id("exec_id", exec_id))
 
@@ -243,6 +255,21 @@ class AgentService:
         else:
             asyncio.ensure_future(work).add_done_callback(_log_failure)
         return Empty()
+
+    async def GetGuestMetrics(self, req: agent_pb2.GuestMetricsRequest, ctx: Any) -> agent_pb2.GuestMetrics:
+        processes = len(self.console.processes)
+        if self._containers is not None:
+            processes += self._containers.process_count()
+        return metrics.guest_metrics(processes)
+
+    async def StartDebugConsole(self, req: agent_pb2.DebugConsoleRequest,
+                                ctx: Any) -> agent_pb2.ExecProcessResponse:
+        try:
+            pid = await self.console.start(req)
+        except OSError as exc:
+            raise Internal(f"args: cannot start {req.args[0] if req.args else 'the shell'!r}: "
+                           f"{exc.strerror or exc}") from None
+        return agent_pb2.ExecProcessResponse(pid=pid)
 
     async def SetGuestDateTime(self, req: agent_pb2.SetGuestDateTimeRequest, ctx: Any) -> Empty:
         guest.set_time(req.sec, req.usec)

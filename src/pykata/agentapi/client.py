@@ -18,15 +18,20 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from pykata import tracing
 from pykata.agentapi import replies
 from pykata.agentapi.errors import AgentCallError, AgentReplyError
 from pykata.errors import AgentError
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
 from pykata.ttrpc import Client, Code, RpcError, connect_unix
+from pykata.ttrpc.stats import RpcStats
 
 DEFAULT_TIMEOUT = 30.0
 # A `timeout` argument meaning "the Agent's request_timeout".
 REQUEST_TIMEOUT: float = -1.0
+# Agent RPCs without a span of their own when tracing: the stdio pumps' reads (one per chunk of output)
+# and the OOM watch (one call for the sandbox's whole life).
+UNTRACED_RPCS = frozenset({"ReadStdout", "ReadStderr", "GetOOMEvent"})
 _M = TypeVar("_M", bound=Message)
 _R = TypeVar("_R")
 
@@ -41,6 +46,7 @@ class Agent:
         self._client = client
         self.sandbox_id = sandbox_id
         self.request_timeout = request_timeout
+        self.stats = RpcStats()  # per RPC: calls, errors, seconds (`pykata monitor`)
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -106,10 +112,23 @@ class Agent:
                     timeout: float | None = REQUEST_TIMEOUT, service: Any = AGENT_SERVICE) -> _M:
         if timeout == REQUEST_TIMEOUT:
             timeout = self.request_timeout
+        if tracing.enabled() and rpc not in UNTRACED_RPCS:
+            with tracing.span(f"agent.{rpc}", client=True, sandbox_id=self.sandbox_id):
+                return await self._timed(rpc, request, reply, timeout, service, tracing.carrier())
+        return await self._timed(rpc, request, reply, timeout, service, None)
+
+    async def _timed(self, rpc: str, request: Message, reply: type[_M], timeout: float | None, service: Any,
+                     metadata: dict[str, str] | None) -> _M:
+        start = time.perf_counter()
         try:
-            resp = await self._client.call(service, rpc, request, timeout=timeout)
+            resp = await self._client.call(service, rpc, request, timeout=timeout, metadata=metadata)
         except RpcError as e:
+            self.stats.record(rpc, time.perf_counter() - start, False)
             raise AgentCallError(self.sandbox_id, rpc, e.code, e.message) from None
+        except BaseException:
+            self.stats.record(rpc, time.perf_counter() - start, False)
+            raise
+        self.stats.record(rpc, time.perf_counter() - start, True)
         if not isinstance(resp, reply):  # the service spec decodes to its declared type
             raise AgentReplyError(self.sandbox_id, rpc, "(message)", f"{type(resp).__name__}, not {reply.__name__}")
         return resp
@@ -146,10 +165,13 @@ class Agent:
     async def create_sandbox(self, sandbox_id: str, *, hostname: str = "",
                              storages: Sequence[agent_pb2.Storage] = (), dns: Sequence[str] = (),
                              sandbox_pidns: bool = False,
-                             kernel_modules: Sequence[agent_pb2.KernelModule] = ()) -> None:
+                             kernel_modules: Sequence[agent_pb2.KernelModule] = (),
+                             debug_console: bool = False) -> None:
+        """`debug_console`: allow StartDebugConsole in this guest (the host's configuration decides)."""
         await self._call("CreateSandbox", agent_pb2.CreateSandboxRequest(
             sandbox_id=sandbox_id, hostname=hostname, storages=list(storages), dns=list(dns),
-            sandbox_pidns=sandbox_pidns, kernel_modules=list(kernel_modules)), Message)
+            sandbox_pidns=sandbox_pidns, kernel_modules=list(kernel_modules), debug_console=debug_console),
+            Message)
 
     async def destroy_sandbox(self, timeout_seconds: int = 0, *, timeout: float | None = REQUEST_TIMEOUT) -> None:
         await self._call("DestroySandbox", agent_pb2.DestroySandboxRequest(timeout_seconds=timeout_seconds),
@@ -200,9 +222,10 @@ class Agent:
         await self._call("UpdateContainer", agent_pb2.UpdateContainerRequest(
             container_id=container_id, linux_resources_json=json.dumps(linux_resources)), Message)
 
-    async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse:
+    async def stats_container(self, container_id: str, *,
+                              timeout: float | None = REQUEST_TIMEOUT) -> agent_pb2.StatsContainerResponse:
         resp = await self._call("StatsContainer", agent_pb2.StatsContainerRequest(container_id=container_id),
-                                agent_pb2.StatsContainerResponse)
+                                agent_pb2.StatsContainerResponse, timeout=timeout)
         return self._checked("StatsContainer", replies.stats_container, resp)
 
     async def pause_container(self, container_id: str) -> None:
@@ -252,6 +275,23 @@ class Agent:
         resp = await self._call("GetGuestDetails", agent_pb2.GuestDetailsRequest(mem_block_size=mem_block_size),
                                 agent_pb2.GuestDetailsResponse)
         return self._checked("GetGuestDetails", replies.get_guest_details, resp)
+
+    async def get_guest_metrics(self, *, timeout: float | None = REQUEST_TIMEOUT) -> agent_pb2.GuestMetrics:
+        """The guest's memory, load, CPU time, network and disk counters and the agent's own process
+        (protocol version 3; an older agent answers UNIMPLEMENTED)."""
+        resp = await self._call("GetGuestMetrics", agent_pb2.GuestMetricsRequest(), agent_pb2.GuestMetrics,
+                                timeout=timeout)
+        return self._checked("GetGuestMetrics", replies.guest_metrics, resp)
+
+    async def start_debug_console(self, exec_id: str, args: Sequence[str] = (), *, terminal: bool = False,
+                                  term: str = "", rows: int = 0, columns: int = 0) -> int:
+        """Start a process in the guest itself (the debug console); its pid. The agent refuses with
+        PERMISSION_DENIED unless CreateSandbox enabled the console. Its stdio goes through the stdio
+        RPCs with container_id "" (protocol version 3)."""
+        resp = await self._call("StartDebugConsole", agent_pb2.DebugConsoleRequest(
+            exec_id=exec_id, args=list(args), terminal=terminal, term=term, rows=rows, columns=columns),
+            agent_pb2.ExecProcessResponse)
+        return self._checked("StartDebugConsole", replies.exec_process, resp)
 
     async def online_cpu_mem(self, *, wait: bool = True, nb_cpus: int = 0, cpu_only: bool = False) -> None:
         await self._call("OnlineCPUMem", agent_pb2.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus,

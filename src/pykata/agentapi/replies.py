@@ -160,6 +160,32 @@ def routes(resp: agent_pb2.Routes) -> list[agent_pb2.Route]:
     return list(resp.routes)
 
 
+_GUEST_NAME = re.compile(r"^[A-Za-z0-9._@:-]{1,32}$")  # an interface or disk: a label value
+MAX_GUEST_DEVICES = 64
+MAX_LOAD = 1e6
+
+
+def _names(field: str, items: list[agent_pb2.NetworkStats] | list[agent_pb2.DiskStats]) -> None:
+    _count(field, items, MAX_GUEST_DEVICES)
+    seen = set()
+    for item in items:
+        if not _GUEST_NAME.match(item.name) or item.name in seen:
+            raise BadReply(f"{field}.name", f"{item.name[:40]!r}: not a device name, or twice")
+        seen.add(item.name)
+
+
+def guest_metrics(resp: agent_pb2.GuestMetrics) -> agent_pb2.GuestMetrics:
+    """Counts and names only (they become label values); the numbers are bounded by their user, who
+    knows the VM's size (pykata.monitor)."""
+    _names("interfaces", list(resp.interfaces))
+    _names("disks", list(resp.disks))
+    for name in ("load1", "load5", "load15"):
+        value = getattr(resp.load, name)
+        if not 0 <= value <= MAX_LOAD:  # also refuses NaN
+            raise BadReply(f"load.{name}", f"{value} is not a load average")
+    return resp
+
+
 _BOOT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 

@@ -10,6 +10,7 @@ import click
 
 from pykata.config import load_config
 from pykata.errors import PykataError
+from pykata.monitor.collector import DEFAULT_INTERVAL, Collector
 from pykata.monitor.scrape import DEFAULT_TIMEOUT, PSS_MAX_AGE, Scraper
 from pykata.monitor.server import DEFAULT_LISTEN, serve
 
@@ -20,13 +21,18 @@ from pykata.monitor.server import DEFAULT_LISTEN, serve
               help="Seconds one sandbox's agent has to answer a scrape.")
 @click.option("--pss-max-age", type=click.FloatRange(0, 3600), default=PSS_MAX_AGE, show_default=True,
               help="Seconds a VM's PSS is reused before it is read again (reading it walks the VM's page tables).")
-def monitor(listen: str, timeout: float, pss_max_age: float) -> None:
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=DEFAULT_INTERVAL, show_default=True,
+              help="Seconds between two collections of every sandbox (a scrape serves the last one, with its age; "
+                   "a sandbox that starts or stops makes the next scrape collect first).")
+def monitor(listen: str, timeout: float, pss_max_age: float, interval: float) -> None:
     """Serve Prometheus metrics of every running sandbox on http://LISTEN/metrics until SIGINT/SIGTERM."""
+    collector = Collector(Scraper(load_config(), timeout=timeout, pss_max_age=pss_max_age), interval=interval)
     try:
-        server, thread = serve(Scraper(load_config(), timeout=timeout, pss_max_age=pss_max_age), listen)
+        server, thread = serve(collector, listen)
     except (PykataError, OSError) as e:
         click.echo(f"pykata: monitor: {e}", err=True)
         sys.exit(1)
+    collector.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -35,3 +41,4 @@ def monitor(listen: str, timeout: float, pss_max_age: float) -> None:
     server.shutdown()
     server.server_close()
     thread.join(5)
+    collector.close()

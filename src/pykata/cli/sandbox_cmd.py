@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
 import sys
 
 import click
@@ -10,7 +13,10 @@ import click
 from pykata.config import load_config
 from pykata.errors import PykataError
 from pykata.sandbox import status
-from pykata.sandbox.lookup import find
+from pykata.sandbox.lookup import Found, find
+from pykata.sandbox.remote import AttachedSandbox
+
+TERM_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 
 
 def _size(n: int | None) -> str:
@@ -56,3 +62,49 @@ def inspect(as_json: bool, sandbox_id: str) -> None:
     info = status.describe(found.dir, found.record).to_json()
     info["running"] = found.running
     click.echo(json.dumps(info, indent=None if as_json else 1))
+
+
+async def _console(found: Found, command: tuple[str, ...], terminal: bool) -> int:
+    from pykata.cli.run import attach
+
+    # Of the admin's environment only $TERM goes to the guest (an admin's shell may hold secrets).
+    term = os.environ.get("TERM", "")
+    rows = columns = 0
+    if terminal and os.isatty(1):
+        columns, rows = os.get_terminal_size(1)
+    async with await AttachedSandbox.attach(found) as sb:
+        proc = await sb.debug_console(command, terminal=terminal, term=term if TERM_RE.match(term) else "",
+                                      rows=rows, columns=columns)
+        return await attach(proc, interactive=True)
+
+
+@sandbox.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-t", "--tty", "tty_", is_flag=True, default=None,
+              help="Give the command a terminal (the default without a command, when stdin is one).")
+@click.argument("sandbox_id")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def exec_(tty_: bool | None, sandbox_id: str, command: tuple[str, ...]) -> None:
+    """Debug console: a shell (or COMMAND) in the sandbox's guest itself, outside its containers, as the
+    guest's root. Only when the host's configuration sets agent.pykata.debug_console_enabled = true
+    (the sandbox must have been started with it). Exits with the command's status.
+
+    \b
+        pykata sandbox exec 3f2a            # interactive shell in the guest
+        pykata sandbox exec 3f2a -- cat /proc/1/cmdline
+    """
+    config = load_config()
+    if not config.agent.pykata.debug_console_enabled:
+        click.echo("pykata: sandbox exec: the debug console is disabled: set "
+                   "agent.pykata.debug_console_enabled = true in the host's configuration file "
+                   f"({config.source or 'built-in defaults'}) and start the sandbox again", err=True)
+        sys.exit(1)
+    terminal = tty_ if tty_ is not None else (not command and os.isatty(0))
+    try:
+        found = find(config, sandbox_id)
+        if not found.running:
+            raise PykataError(f"sandbox {sandbox_id} is not running")
+        status = asyncio.run(_console(found, command, terminal))
+    except PykataError as e:
+        click.echo(f"pykata: sandbox exec: {e}", err=True)
+        sys.exit(126)
+    sys.exit(status)

@@ -190,6 +190,12 @@ def validate(config: Config) -> None:
     _range("runtime.run_log_max_size", runtime.run_log_max_size, 1, MAX_LOG_SIZE_MIB, " (MiB)")
     _range("runtime.rootfs_upper_size", runtime.rootfs_upper_size, 0, 1 << 20, " (MiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
+    _absolute("runtime.tracing_file", runtime.tracing_file, allow_empty=True)
+    if runtime.tracing_endpoint and not runtime.tracing_endpoint.startswith(("http://", "https://")):
+        raise ConfigError("runtime.tracing_endpoint", "must be an http:// or https:// URL (OTLP over HTTP)")
+    if runtime.enable_tracing and bool(runtime.tracing_endpoint) == bool(runtime.tracing_file):
+        raise ConfigError("runtime.enable_tracing", "set exactly one of runtime.tracing_endpoint (OTLP over "
+                          "HTTP) and runtime.tracing_file (JSON lines)")
     _absolute("factory.template_path", config.factory.template_path, allow_empty=False)
     _range("factory.pool_size", config.factory.pool_size, 0, 64, "")
     _range("factory.pool_min_free_mib", config.factory.pool_min_free_mib, 0, 1 << 24, " (MiB)")

@@ -150,6 +150,11 @@ class RuntimeConfig:
     # The guest tmpfs of one container's upper layer (MiB of VM memory at most, used as written);
     # 0: the kernel's default, half the guest's memory.
     rootfs_upper_size: int = 0
+    # OpenTelemetry spans of the pod lifecycle (pykata.tracing), exported to an OTLP/HTTP collector
+    # (`tracing_endpoint`, e.g. http://127.0.0.1:4318/v1/traces) or appended to a JSON-lines file.
+    enable_tracing: bool = False
+    tracing_endpoint: str = ""
+    tracing_file: str = ""
 
     @property
     def runtime_path(self) -> Path:

@@ -8,10 +8,12 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector as RegistryCollector
+from prometheus_client.registry import CollectorRegistry
 
 from pykata.errors import ConfigError
-from pykata.monitor.scrape import Family, Scraper, scrape_sync
+from pykata.monitor.collector import Collector
+from pykata.monitor.scrape import Family
 
 DEFAULT_LISTEN = "127.0.0.1:8090"  # kata-monitor's port
 
@@ -30,17 +32,14 @@ def to_metrics(families: dict[str, Family]) -> Iterator[Metric]:
         yield metric
 
 
-class SandboxCollector(Collector):
-    """Scrapes on each collect(); one scrape at a time (concurrent HTTP requests wait their turn)."""
+class SandboxCollector(RegistryCollector):
+    """Serves the background collection's last result (pykata.monitor.collector)."""
 
-    def __init__(self, scraper: Scraper) -> None:
-        self.scraper = scraper
-        self._lock = threading.Lock()
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            families = scrape_sync(self.scraper)
-        yield from to_metrics(families)
+        yield from to_metrics(self.collector.families())
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -51,9 +50,9 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(scraper: Scraper, address: str) -> tuple[WSGIServer, threading.Thread]:
+def serve(collector: Collector, address: str) -> tuple[WSGIServer, threading.Thread]:
     """Serve /metrics on `address` (HOST:PORT) in a thread. Raises ConfigError, OSError."""
     host, port = parse_listen(address)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SandboxCollector(scraper))
+    registry.register(SandboxCollector(collector))
     return start_http_server(port, host, registry=registry)

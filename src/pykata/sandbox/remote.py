@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pykata.agentapi import Agent, generic
+from pykata.errors import AgentError
 from pykata.protocols.agent import agent_pb2
+from pykata.protocols.owner import OWNER_SERVICE, owner_pb2
 from pykata.sandbox.lookup import Found
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
+from pykata.ttrpc import RpcError
 
 
 def agent_rpcs() -> list[generic.RpcInfo]:
@@ -43,6 +46,16 @@ class AttachedSandbox:
         pid = await self._agent.exec_process(container_id, exec_id, process)
         return Process(self._agent, container_id, exec_id, pid, terminal)
 
+    async def debug_console(self, args: Sequence[str] = (), *, terminal: bool = False, term: str = "",
+                            rows: int = 0, columns: int = 0) -> Process:
+        """Start a process in the guest itself, outside the containers (`pykata sandbox exec`); no args:
+        the guest's shell. Raises AgentError (PERMISSION_DENIED when the sandbox's console is off)."""
+        self._exec_seq += 1
+        exec_id = new_exec_id(self._exec_seq)
+        pid = await self._agent.start_debug_console(exec_id, args, terminal=terminal, term=term, rows=rows,
+                                                    columns=columns)
+        return Process(self._agent, "", exec_id, pid, terminal)
+
     async def signal(self, container_id: str, signal: int) -> None:
         """Signal the container's init process. Raises AgentError."""
         await self._agent.signal_process(container_id, "", signal)
@@ -51,9 +64,26 @@ class AttachedSandbox:
         """The guest's kernel, agent, online CPUs and memory (checked by agentapi). Raises AgentError."""
         return await self._agent.get_guest_details()
 
-    async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse:
+    async def stats_container(self, container_id: str, *, timeout: float | None = 30.0
+                              ) -> agent_pb2.StatsContainerResponse:
         """A container's cgroup and the guest's network counters (checked by agentapi). Raises AgentError."""
-        return await self._agent.stats_container(container_id)
+        return await self._agent.stats_container(container_id, timeout=timeout)
+
+    async def guest_metrics(self, *, timeout: float | None = 30.0) -> agent_pb2.GuestMetrics:
+        """The guest's and its agent's figures (agent GetGuestMetrics, checked by agentapi). Raises AgentError."""
+        return await self._agent.get_guest_metrics(timeout=timeout)
+
+    async def owner_metrics(self, *, timeout: float | None = 5.0) -> owner_pb2.OwnerMetrics:
+        """What the sandbox's owner process (shim, CLI, SDK) counted: RPCs it served and made, events.
+        Raises AgentError when the owner does not answer."""
+        try:
+            resp = await self._agent.ttrpc.call(OWNER_SERVICE, "Metrics", owner_pb2.OwnerMetricsRequest(),
+                                                timeout=timeout)
+        except RpcError as e:
+            raise AgentError(f"sandbox {self._agent.sandbox_id}: owner metrics: {e}") from None
+        if not isinstance(resp, owner_pb2.OwnerMetrics):
+            raise AgentError(f"sandbox {self._agent.sandbox_id}: owner metrics: {type(resp).__name__}")
+        return resp
 
     async def call_json(self, rpc: str, body: str = "{}", *, timeout: float | None = 30.0) -> str:
         """Any agent RPC with a JSON body, its reply as JSON (`pykata agent-ctl`, admins only).

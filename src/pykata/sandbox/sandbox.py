@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pykata import ids
+from pykata import ids, tracing
 from pykata.agent.policy import IMAGE_ANNOTATION
 from pykata.agentapi import Agent
 from pykata.agentapi.replies import Reseeded
@@ -193,8 +193,12 @@ class Sandbox:
         sb.record.name = name
         sb.netns = netns
         sb.guest_share = guest_share
+        runtime = config.runtime
+        if runtime.enable_tracing:  # the shim has set it up already; `pykata run` and the SDK here
+            tracing.setup(service="pykata", endpoint=runtime.tracing_endpoint, file=runtime.tracing_file)
         try:
-            await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
+            with tracing.span("sandbox.create", sandbox_id=sid):
+                await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
         except BaseException:
             await asyncio.shield(sb.stop(remove=True))
             raise
@@ -208,7 +212,8 @@ class Sandbox:
         """The host side and the VM, up to its agent answering."""
         make_sandbox_dir(self.dir)
         state.save(self.dir, self.record)
-        self.mounts.setup()
+        with tracing.span("mounts.setup"):
+            self.mounts.setup()
         agent_box: dict[str, Agent] = {}
 
         async def probe(vm: Hypervisor) -> None:
@@ -218,19 +223,25 @@ class Sandbox:
                                                      request_timeout=self.config.agent.pykata.request_timeout)
 
         if self.netns is not None and self.config.runtime.internetworking_model != "none":
-            self.network = await attach_network(self.netns)
+            with tracing.span("network.attach"):
+                self.network = await attach_network(self.netns)
         # The factory decides between a template clone and a cold boot; it stops the VM if starting fails.
         mark("vm.start")
-        self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
-                                 vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
-                                 devices=nic_devices(self.network) if self.network is not None else (),
-                                 die_with_owner=die_with_owner)
+        with tracing.span("vm.start") as span:
+            self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
+                                     vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
+                                     devices=nic_devices(self.network) if self.network is not None else (),
+                                     die_with_owner=die_with_owner)
+            if span is not None:
+                span.set_attribute("boot", "cold" if self.vm.restore_source is None else "template")
+                span.set_attribute("vmm_pid", self.vm.pid or 0)
         if self.network is not None:
             self.network.close_fds()  # QEMU holds the taps now: they end with it
         mark("vm.started")
         self.record.vmm_pid = self.vm.pid
         state.save(self.dir, self.record)
-        await self.vm.wait_ready(timeout=boot_timeout)
+        with tracing.span("vm.wait_ready"):
+            await self.vm.wait_ready(timeout=boot_timeout)
         mark("agent.ready")
         self._agent = agent_box["agent"]
 
@@ -253,9 +264,13 @@ class Sandbox:
             storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
                                         options=["trans=virtio", "version=9p2000.L", "msize=512000"])
         mark("guest.prepared")
-        await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage] if self.guest_share else [])
+        # the debug console comes from the host's configuration file only: agent settings a pod may
+        # annotate are an allow-list (pykata.config.annotations.ANNOTATABLE_AGENT_KEYS) without it
+        await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage] if self.guest_share else [],
+                                        debug_console=self.config.agent.pykata.debug_console_enabled)
         mark("guest.sandbox")
         if self.network is not None and self.network.endpoints:
+            # (their agent RPCs are the spans of the guest's network setup)
             for iface in self.network.interfaces():
                 await self.agent.update_interface(iface)
             await self.agent.update_routes(self.network.guest_routes())
@@ -363,8 +378,9 @@ class Sandbox:
             in_guest = self.config.runtime.rootfs_upper == "guest" or not self.guest_share
             guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
             if self.guest_share:
-                self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
-                                       lower_only=in_guest)
+                with tracing.span("mounts.rootfs", container_id=container_id):
+                    self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
+                                           lower_only=in_guest)
                 root_mode = stat.S_IMODE(os.stat(self.mounts.mounts_dir / container_id / "rootfs").st_mode)
             else:
                 if shares:
@@ -501,8 +517,12 @@ class Sandbox:
         Idempotent: concurrent and repeated calls share one teardown and all return when it is done.
         """
         if self._stop_task is None:
-            self._stop_task = asyncio.ensure_future(self._teardown(remove))
+            self._stop_task = asyncio.ensure_future(self._traced_teardown(remove))
         await asyncio.shield(self._stop_task)
+
+    async def _traced_teardown(self, remove: bool) -> None:
+        with tracing.span("sandbox.stop", sandbox_id=self.id):
+            await self._teardown(remove)
 
     async def _teardown(self, remove: bool) -> None:
         if self._proxy is not None:

@@ -14,6 +14,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pykata import tracing
+from pykata.config import load_config
+from pykata.errors import PykataError
 from pykata.protocols import TASK_SERVICE
 from pykata.sandbox import Sandbox
 from pykata.shim.events import EventPublisher
@@ -22,6 +25,7 @@ from pykata.shim.logs import setup_logging
 from pykata.shim.service import TaskService
 from pykata.timing import mark
 from pykata.ttrpc import Server
+from pykata.ttrpc.stats import PROCESS, RpcStats
 
 log = logging.getLogger("pykata.shim")
 
@@ -33,8 +37,9 @@ class InflightRpcs:
     """The service's RPC methods, counted while they run (Wait RPCs excepted: they end with their
     process, and a shim exits only when none is left)."""
 
-    def __init__(self, handler: object, methods: Iterable[str]) -> None:
+    def __init__(self, handler: object, methods: Iterable[str], sandbox_id: str = "") -> None:
         self.count = 0
+        self.sandbox_id = sandbox_id
         self._idle = asyncio.Event()
         self._idle.set()
         for name in methods:
@@ -47,6 +52,10 @@ class InflightRpcs:
             self.count += 1
             self._idle.clear()
             try:
+                if tracing.enabled():  # one trace per task RPC: the sandbox's work, QMP and agent RPCs nest in it
+                    with tracing.span(f"shim.{fn.__name__}", sandbox_id=self.sandbox_id,
+                                      container_id=str(getattr(request, "id", ""))):
+                        return await fn(request, ctx)
                 return await fn(request, ctx)
             finally:
                 self.count -= 1
@@ -72,9 +81,21 @@ def run(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, so
     return asyncio.run(serve(flags, listener, sandbox_id, socket_path))
 
 
+def _start_tracing() -> None:
+    """Tracing per the host's configuration file (already parsed by `start`, which forked us)."""
+    try:
+        runtime = load_config().runtime
+    except PykataError as e:
+        log.warning("tracing: %s", e)  # the pod's Create reports the configuration's error
+        return
+    if runtime.enable_tracing:
+        tracing.setup(service="pykata-shim", endpoint=runtime.tracing_endpoint, file=runtime.tracing_file)
+
+
 async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_path: Path,
                  warm: Sandbox | None = None) -> int:
     loop = asyncio.get_running_loop()
+    _start_tracing()
     events = EventPublisher(os.environ.get("TTRPC_ADDRESS"), flags.namespace)
     events.start()
 
@@ -84,8 +105,12 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
             socket_path.unlink()
 
     service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket, warm=warm)
-    tracked = InflightRpcs(service, TASK_SERVICE.methods)
-    server = Server()
+    tracked = InflightRpcs(service, TASK_SERVICE.methods, sandbox_id)
+    # counted for `pykata monitor` (the sandbox's agent proxy serves pykata.ttrpc.stats.PROCESS)
+    PROCESS.served = RpcStats()
+    PROCESS.counters["events_sent"] = lambda: len(events.sent)
+    PROCESS.counters["events_dropped"] = lambda: events.dropped
+    server = Server(stats=PROCESS.served)
     server.register(TASK_SERVICE, tracked)
     await server.serve_socket(listener)
     mark("daemon.serving")
@@ -103,6 +128,7 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
     finally:
         await server.close()
         forget_socket()
+        tracing.shutdown()  # flushes: the daemon ends with os._exit, which skips atexit
     log.info("shim exits")
     mark("daemon.exit")
     return 0

@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from pykata.ttrpc.connection import DataReceived, Event, RequestReceived, Role
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
+from pykata.ttrpc.stats import RpcStats
 from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
 
 log = logging.getLogger("pykata.ttrpc.server")
@@ -206,7 +208,9 @@ class Server:
     connection (see the module docstring)."""
 
     def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE, max_inbound_bytes: int = MAX_INBOUND_BYTES,
-                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
+                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES, stats: RpcStats | None = None) -> None:
+        """`stats`: count each call's method, status and wall time there."""
+        self.stats = stats
         self.max_message_size = max_message_size
         self.max_inbound_bytes = max_inbound_bytes
         self.max_inflight_bytes = max_inflight_bytes
@@ -278,9 +282,24 @@ class Server:
         full = f"/{ev.service}/{ev.method}"
         timeout = ev.timeout_nano / 1e9 if ev.timeout_nano > 0 else None
         ctx = CallContext(ev.service, ev.method, ev.metadata, timeout, proto)
+        if self.stats is None:
+            await self._call(proto, ev, route, ctx, full)
+            return
+        start = time.perf_counter()
+        ok = False
+        try:
+            ok = await self._call(proto, ev, route, ctx, full)
+        finally:
+            self.stats.record(ev.method, time.perf_counter() - start, ok)
+
+    async def _call(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route, ctx: CallContext,
+                    full: str) -> bool:
+        """Run the handler and answer; True when it succeeded."""
+        timeout = ctx.timeout
         try:
             async with asyncio.timeout(timeout):
                 await self._run(proto, ev, route, ctx)
+            return True
         except TimeoutError:
             proto._reply_error(ev.stream_id, Code.DEADLINE_EXCEEDED, f"{full}: deadline exceeded")
         except asyncio.CancelledError:
@@ -294,6 +313,7 @@ class Server:
             if code == Code.UNKNOWN and not isinstance(e, PykataError):
                 log.exception("handler %s failed", full)
             proto._reply_error(ev.stream_id, code, message)
+        return False
 
     async def _run(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route, ctx: CallContext) -> None:
         sid = ev.stream_id

@@ -19,6 +19,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
+from pykata import tracing
 from pykata.hypervisor.errors import QmpError
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ class QmpChannel:
         """
         self._raise_if_closed(command)
         limit = self._default_timeout if timeout is None else timeout
+        if tracing.enabled():
+            with tracing.span(f"qmp.{command}", client=True):
+                return await self._race(self._locked(command, arguments, fd), limit, command)
         return await self._race(self._locked(command, arguments, fd), limit, command)
 
     async def _locked(self, command: str, arguments: Mapping[str, object] | None, fd: int | None) -> Any:

@@ -21,20 +21,22 @@ IP_FAMILY_V4: IPFamily
 IP_FAMILY_V6: IPFamily
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sandbox_pidns", "kernel_modules")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sandbox_pidns", "kernel_modules", "debug_console")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DNS_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_PIDNS_FIELD_NUMBER: _ClassVar[int]
     KERNEL_MODULES_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_CONSOLE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
     sandbox_pidns: bool
     kernel_modules: _containers.RepeatedCompositeFieldContainer[KernelModule]
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., kernel_modules: _Optional[_Iterable[_Union[KernelModule, _Mapping]]] = ...) -> None: ...
+    debug_console: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., kernel_modules: _Optional[_Iterable[_Union[KernelModule, _Mapping]]] = ..., debug_console: _Optional[bool] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ("timeout_seconds",)
@@ -664,3 +666,129 @@ class SetPolicyRequest(_message.Message):
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     policy_json: str
     def __init__(self, policy_json: _Optional[str] = ...) -> None: ...
+
+class GuestMetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuestMetrics(_message.Message):
+    __slots__ = ("memory", "load", "cpu", "interfaces", "disks", "agent", "uptime_ns", "online_cpus")
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    memory: GuestMemory
+    load: GuestLoad
+    cpu: GuestCpuTime
+    interfaces: _containers.RepeatedCompositeFieldContainer[NetworkStats]
+    disks: _containers.RepeatedCompositeFieldContainer[DiskStats]
+    agent: AgentProcessStats
+    uptime_ns: int
+    online_cpus: int
+    def __init__(self, memory: _Optional[_Union[GuestMemory, _Mapping]] = ..., load: _Optional[_Union[GuestLoad, _Mapping]] = ..., cpu: _Optional[_Union[GuestCpuTime, _Mapping]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkStats, _Mapping]]] = ..., disks: _Optional[_Iterable[_Union[DiskStats, _Mapping]]] = ..., agent: _Optional[_Union[AgentProcessStats, _Mapping]] = ..., uptime_ns: _Optional[int] = ..., online_cpus: _Optional[int] = ...) -> None: ...
+
+class GuestMemory(_message.Message):
+    __slots__ = ("total", "free", "available", "buffers", "cached", "shmem", "swap_total", "swap_free")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    SHMEM_FIELD_NUMBER: _ClassVar[int]
+    SWAP_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FREE_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    free: int
+    available: int
+    buffers: int
+    cached: int
+    shmem: int
+    swap_total: int
+    swap_free: int
+    def __init__(self, total: _Optional[int] = ..., free: _Optional[int] = ..., available: _Optional[int] = ..., buffers: _Optional[int] = ..., cached: _Optional[int] = ..., shmem: _Optional[int] = ..., swap_total: _Optional[int] = ..., swap_free: _Optional[int] = ...) -> None: ...
+
+class GuestLoad(_message.Message):
+    __slots__ = ("load1", "load5", "load15", "running", "threads")
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    load1: float
+    load5: float
+    load15: float
+    running: int
+    threads: int
+    def __init__(self, load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., running: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class GuestCpuTime(_message.Message):
+    __slots__ = ("user_ns", "nice_ns", "system_ns", "idle_ns", "iowait_ns", "irq_ns", "softirq_ns", "steal_ns")
+    USER_NS_FIELD_NUMBER: _ClassVar[int]
+    NICE_NS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_NS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_NS_FIELD_NUMBER: _ClassVar[int]
+    IOWAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    IRQ_NS_FIELD_NUMBER: _ClassVar[int]
+    SOFTIRQ_NS_FIELD_NUMBER: _ClassVar[int]
+    STEAL_NS_FIELD_NUMBER: _ClassVar[int]
+    user_ns: int
+    nice_ns: int
+    system_ns: int
+    idle_ns: int
+    iowait_ns: int
+    irq_ns: int
+    softirq_ns: int
+    steal_ns: int
+    def __init__(self, user_ns: _Optional[int] = ..., nice_ns: _Optional[int] = ..., system_ns: _Optional[int] = ..., idle_ns: _Optional[int] = ..., iowait_ns: _Optional[int] = ..., irq_ns: _Optional[int] = ..., softirq_ns: _Optional[int] = ..., steal_ns: _Optional[int] = ...) -> None: ...
+
+class DiskStats(_message.Message):
+    __slots__ = ("name", "reads", "read_bytes", "writes", "write_bytes", "io_time_ns")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    READS_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IO_TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reads: int
+    read_bytes: int
+    writes: int
+    write_bytes: int
+    io_time_ns: int
+    def __init__(self, name: _Optional[str] = ..., reads: _Optional[int] = ..., read_bytes: _Optional[int] = ..., writes: _Optional[int] = ..., write_bytes: _Optional[int] = ..., io_time_ns: _Optional[int] = ...) -> None: ...
+
+class AgentProcessStats(_message.Message):
+    __slots__ = ("cpu_user_ns", "cpu_system_ns", "resident_bytes", "threads", "open_fds", "processes")
+    CPU_USER_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_NS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    cpu_user_ns: int
+    cpu_system_ns: int
+    resident_bytes: int
+    threads: int
+    open_fds: int
+    processes: int
+    def __init__(self, cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., open_fds: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+
+class DebugConsoleRequest(_message.Message):
+    __slots__ = ("exec_id", "args", "terminal", "term", "rows", "columns")
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    terminal: bool
+    term: str
+    rows: int
+    columns: int
+    def __init__(self, exec_id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., terminal: _Optional[bool] = ..., term: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ...) -> None: ...
