@@ -12,6 +12,7 @@ from pykata.cli.agent_ctl import agent_ctl
 from pykata.cli.check import check
 from pykata.cli.collect import collect
 from pykata.cli.config_cmd import env
+from pykata.cli.cp import cp
 from pykata.cli.factory import factory
 from pykata.cli.image import image
 from pykata.cli.install import install
@@ -41,6 +42,7 @@ cli.add_command(sandbox)
 cli.add_command(monitor)
 cli.add_command(agent_ctl)
 cli.add_command(collect)
+cli.add_command(cp)
 for _command in RUN_COMMANDS:
     cli.add_command(_command)
 

@@ -98,6 +98,8 @@ def exec_(tty_: bool | None, sandbox_id: str, command: tuple[str, ...]) -> None:
                    "agent.pykata.debug_console_enabled = true in the host's configuration file "
                    f"({config.source or 'built-in defaults'}) and start the sandbox again", err=True)
         sys.exit(1)
+    if command[:1] == ("--",):
+        command = command[1:]
     terminal = tty_ if tty_ is not None else (not command and os.isatty(0))
     try:
         found = find(config, sandbox_id)
