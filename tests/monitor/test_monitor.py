@@ -214,6 +214,7 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
             hung.resume()
         # a sandbox whose VM dies drops out of the next scrape; the others stay
         hung.kill()
+        await asyncio.to_thread(psutil.wait_procs, [hung], 10)  # SIGKILL takes effect asynchronously
         m = await asyncio.to_thread(scrape, monitor)
         assert sandbox_ids(m) == ids - {boxes[1].id}
         assert m["pykata_monitor_sandboxes"] == [({}, 1.0)]

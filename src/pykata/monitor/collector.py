@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future
@@ -31,23 +30,28 @@ DEFAULT_INTERVAL = 5.0
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running, not a zombie (a killed VMM its owner has not reaped yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read(512).rpartition(b")")[2].split()[:1]
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in ([b"Z"], [b"X"], [])
 
 
-def live_sandboxes(config: Config) -> frozenset[str]:
-    """Ids of the sandboxes whose owner and VMM run (records and /proc only: ~0.1 ms per sandbox)."""
-    return frozenset(rec.id for _, rec in status.running(config) if not rec.vmm_pid or _pid_alive(rec.vmm_pid))
+Live = dict[str, tuple[object, ...]]
+
+
+def live_sandboxes(config: Config) -> Live:
+    """The sandboxes whose owner and VMM run, each with what its record says of it (status, VM, containers
+    and theirs), so that a change is seen (records and /proc only: ~0.1 ms per sandbox)."""
+    return {rec.id: (rec.status, rec.vmm_pid, tuple(sorted((c.id, c.status) for c in rec.containers.values())))
+            for _, rec in status.running(config) if not rec.vmm_pid or _pid_alive(rec.vmm_pid)}
 
 
 @dataclass
 class Collection:
-    live: frozenset[str]                 # the sandboxes that lived when it started
+    live: Live                           # the sandboxes that lived when it started
     samples: dict[str, Sample]
     errors: dict[tuple[str, str], int]
     at: float                            # time.monotonic() when it ended
@@ -103,8 +107,8 @@ class Collector:
             return None
 
     def families(self) -> dict[str, Family]:
-        """What a scrape serves: the last collection, collected again first when the set of live
-        sandboxes changed since (a bounded wait)."""
+        """What a scrape serves: the last collection, collected again first when the live sandboxes or
+        their records changed since (a bounded wait)."""
         start = time.perf_counter()
         live = live_sandboxes(self.scraper.config)
         with self._lock:
