@@ -163,7 +163,7 @@ class AgentService:
         return agent_pb2.ExecProcessResponse(pid=pid)
 
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: Any) -> Empty:
-        if not req.container_id:  # a debug console process
+        if not req.container_id and self.console.enabled:  # a debug console process
             self.console.get(req.exec_id).signal(req.signal)
             return Empty()
         await self.containers.signal(req.container_id, req.exec_id, req.signal, req.all)
@@ -198,7 +198,7 @@ class AgentService:
     # -- stdio ---------------------------------------------------------------------------------
 
     def _process(self, container_id: str, exec_id: str) -> Process:
-        if not container_id:  # a debug console process
+        if not container_id and self.console.enabled:  # a debug console process
             return self.console.get(exec_id)
         c = self.containers.get(container_id)
         return c.process(check_exec_id("exec_id", exec_id))
