@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 
 from pykata.agent import bundle, command, guest, stats
+from pykata.agent.crun import SealedBinary
 from pykata.agent.reaper import ExitStatus, Reaper
 from pykata.errors import InvalidArgument
 from pykata.ttrpc import Code
@@ -144,6 +148,37 @@ async def test_reaper_keeps_a_status_until_the_pid_is_watched() -> None:
             await command.run(reaper, ["/bin/sleep", "10"], timeout=0.2)
     finally:
         reaper.close()
+
+
+async def test_crun_runs_from_a_sealed_copy_that_nothing_can_write() -> None:
+    """crun skips its per-call self-copy (mount, lazy unmount, re-exec) only for a fully sealed
+    memfd: check the seals, that writes are refused, that it runs, and that the copy's
+    descriptor does not reach the program."""
+    crun = shutil.which("crun")
+    assert crun is not None, "scripts/install.sh installs crun"
+    sealed = SealedBinary(crun)
+    reaper = Reaper()
+    reaper.start(subreaper=False)
+    try:
+        seals = fcntl.fcntl(sealed.fd, fcntl.F_GET_SEALS)
+        assert seals == fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        with pytest.raises(PermissionError):
+            os.pwrite(sealed.fd, b"x", 0)
+        # what CVE-2019-5736 does through /proc/<crun>/exe: open for writing, then write
+        fd = os.open(sealed.path, os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as exc:
+                os.write(fd, b"#!/bin/sh\n")
+            assert exc.value.errno == errno.EPERM
+        finally:
+            os.close(fd)
+        result = await command.run(reaper, [crun, "--version"], timeout=30, executable=sealed.path)
+        assert result.ok and result.stdout.startswith(b"crun version"), result
+        listing = await command.run(reaper, ["/bin/ls", "-l", "/proc/self/fd/"], timeout=30)
+        assert b"memfd" not in listing.stdout, listing.stdout
+    finally:
+        reaper.close()
+        sealed.close()
 
 
 def test_virtio_disk_found_by_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

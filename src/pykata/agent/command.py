@@ -46,9 +46,11 @@ def _above_stdio(fd: int) -> int:
 
 
 def spawn(reaper: Reaper, argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None,
-          stderr: int | None = None, env: Mapping[str, str] | None = None, setsid: bool = True) -> Child:
-    """Start `argv` (argv[0] an absolute path) with the given descriptors as its stdio (/dev/null
-    for None). The caller keeps ownership of the descriptors. Raises OSError when it cannot start.
+          stderr: int | None = None, env: Mapping[str, str] | None = None, setsid: bool = True,
+          executable: str | None = None) -> Child:
+    """Start `argv` (argv[0] an absolute path, or `executable` when given) with the given
+    descriptors as its stdio (/dev/null for None). The caller keeps ownership of the descriptors.
+    Raises OSError when it cannot start.
     """
     opened: list[int] = []
     try:
@@ -64,7 +66,7 @@ def spawn(reaper: Reaper, argv: Sequence[str], *, stdin: int | None = None, stdo
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         generation = reaper.generation
         pid = os.posix_spawn(
-            argv[0], list(argv), dict(env if env is not None else DEFAULT_ENV), file_actions=actions,
+            executable or argv[0], list(argv), dict(env if env is not None else DEFAULT_ENV), file_actions=actions,
             setsid=setsid,
             # Python ignores SIGPIPE and SIGXFSZ; exec keeps "ignored", so restore the defaults
             # or every container process would inherit them.
@@ -111,7 +113,8 @@ class _Collector:
 
 
 async def run(reaper: Reaper, argv: Sequence[str], *, timeout: float, stdin: int | None = None,
-              env: Mapping[str, str] | None = None, capture_limit: int = CAPTURE_LIMIT) -> CommandResult:
+              env: Mapping[str, str] | None = None, capture_limit: int = CAPTURE_LIMIT,
+              executable: str | None = None) -> CommandResult:
     """Run `argv` to completion, capturing (bounded) stdout and stderr.
 
     Raises OSError when it cannot start and CommandTimeout (after SIGKILL) when it runs longer
@@ -120,7 +123,7 @@ async def run(reaper: Reaper, argv: Sequence[str], *, timeout: float, stdin: int
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        child = spawn(reaper, argv, stdin=stdin, stdout=out_w, stderr=err_w, env=env)
+        child = spawn(reaper, argv, stdin=stdin, stdout=out_w, stderr=err_w, env=env, executable=executable)
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
