@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""What each crun call costs inside the guest (TCG), with and without the agent's levers.
+
+    .venv/bin/python bench/crun_guest.py [-n 3]
+
+Boots the current guest image (the cached kernel and rootfs the sandboxes use) in a throwaway QEMU
+microvm with one extra cpio appended to its initrd: the guest's /init, unchanged except that its
+last line runs a probe (python3.11 in the guest, embedded below) instead of the agent, then powers
+off. The probe times, over N interleaved rounds, the crun calls of a container's life on a busybox
+bundle made from `build_spec` (what the agent runs):
+
+  disk      crun run from /usr/bin/crun: crun then copies itself on every call (bind mount,
+            read-only remount, lazy unmount, re-exec) against CVE-2019-5736
+  sealed    crun run from a sealed memfd copy made once (what the agent does): crun accepts it as
+            already cloned
+  +fdm      sealed, with the guest's cgroup2 remounted `favordynmods` (task migrations into a
+            cgroup then skip an RCU grace period)
+  rcu-exp   sealed, with /sys/kernel/rcu_expedited=1
+
+and a baseline: `busybox true` (a static binary), to show the floor of one process under TCG.
+The guest clock ticks at 4 ms (HZ=250, jiffies clocksource), so figures are medians of coarse
+samples. Run it beside other load and the figures move: compare the columns of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from pykata.guestimage.kernel import find_kernel  # noqa: E402
+from pykata.guestimage.rootfs import find_rootfs  # noqa: E402
+from pykata.sandbox import build_spec  # noqa: E402
+
+CACHE = Path("/var/cache/pykata")
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+PROBE = r'''
+import fcntl, json, os, statistics, subprocess, sys, time
+ROUNDS = int(sys.argv[1])
+os.chdir("/probe")
+fd = os.memfd_create("crun", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+with open("/usr/bin/crun", "rb") as f:
+    os.write(fd, f.read())
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+EXE = {"disk": "/usr/bin/crun", "sealed": f"/proc/self/fd/{fd}"}
+
+def run(exe, args, n=1):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with open("/tmp/err", "w+b") as err:
+            p = subprocess.run([EXE[exe], "--root=/run/crun", *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=err, pass_fds=(fd,), timeout=60)
+            out.append((time.perf_counter() - t) * 1e3)
+            if p.returncode:
+                err.seek(0)
+                print("PROBE-ERROR", exe, args, err.read()[:300], flush=True)
+    return out
+
+def setting(fdm, exp):
+    with open("/sys/kernel/rcu_expedited", "w") as f:
+        f.write("1" if exp else "0")
+    opts = "remount,nsdelegate" + (",favordynmods" if fdm else "")
+    subprocess.run(["mount", "-o", opts, "/sys/fs/cgroup"], check=False)
+
+COLUMNS = [("disk", "disk", 0, 0), ("sealed", "sealed", 0, 0), ("+fdm", "sealed", 1, 0), ("rcu-exp", "sealed", 0, 1)]
+rows = {}
+def add(row, col, xs):
+    rows.setdefault(row, {}).setdefault(col, []).extend(xs)
+for r in range(ROUNDS):
+    for col, exe, fdm, exp in COLUMNS:
+        setting(fdm, exp)
+        t = time.perf_counter()
+        subprocess.run(["/bin/busybox", "true"])
+        add("busybox true", col, [(time.perf_counter() - t) * 1e3])
+        add("crun --version", col, run(exe, ["--version"], 2))
+        add("crun create", col, run(exe, ["create", "--bundle=/probe/b", "c"]))
+        add("crun start", col, run(exe, ["start", "c"]))
+        add("crun exec --detach", col, run(exe, ["exec", "--detach", "--process=/probe/p.json", "c"], 3))
+        add("crun state", col, run(exe, ["state", "c"]))
+        add("crun delete --force", col, run(exe, ["delete", "--force", "c"]))
+cols = [c[0] for c in COLUMNS]
+medians = {row: {c: statistics.median(v[c]) for c in cols} for row, v in rows.items()}
+print("PROBE-JSON", json.dumps(medians), flush=True)
+'''
+
+
+def overlay(base_initrd: Path, work: Path, rounds: int) -> Path:
+    """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
+    init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
+                          capture_output=True, check=True).stdout.decode()
+    lines = [f"python3.11 -S /probe/run.py {rounds}; poweroff -f" if ln.startswith("exec /usr/bin/python3.11")
+             else ln for ln in init.splitlines()]
+    tree = work / "tree"
+    (tree / "probe/b/rootfs/bin").mkdir(parents=True)
+    (tree / "init").write_text("\n".join(lines) + "\n")
+    os.chmod(tree / "init", 0o755)
+    (tree / "probe/run.py").write_text(PROBE)
+    bb = tree / "probe/b/rootfs/bin"
+    shutil.copy2("/bin/busybox", bb / "busybox")
+    for applet in ("sh", "true", "sleep"):
+        os.symlink("busybox", bb / applet)
+    for d in ("proc", "sys", "dev", "tmp", "etc"):
+        (tree / "probe/b/rootfs" / d).mkdir()
+    spec = build_spec(["sleep", "1000000"], env=["PATH=/bin"])
+    spec["root"]["path"] = "/probe/b/rootfs"
+    spec["linux"]["cgroupsPath"] = "/probe/c"
+    (tree / "probe/b/config.json").write_text(json.dumps(spec))
+    proc = {"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
+            "capabilities": spec["process"]["capabilities"], "noNewPrivileges": True}
+    (tree / "probe/p.json").write_text(json.dumps(proc))
+    names = subprocess.run(["find", "."], cwd=tree, capture_output=True, check=True).stdout
+    extra = subprocess.run(["cpio", "-o", "--quiet", "-H", "newc", "-R", "0:0"], cwd=tree, input=names,
+                           capture_output=True, check=True).stdout
+    out = work / "initrd"
+    out.write_bytes(base_initrd.read_bytes() + extra)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=3, help="interleaved rounds")
+    args = ap.parse_args()
+    kernel, rootfs = find_kernel(CACHE), find_rootfs(CACHE)
+    if kernel is None or rootfs is None:
+        print("no guest kernel/rootfs in the cache: run `pykata image build`", file=sys.stderr)
+        return 1
+    mhz = next((float(ln.split(":")[1]) for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("cpu MHz")), 0.0)
+    with tempfile.TemporaryDirectory(prefix="crun-guest-") as d:
+        work = Path(d)
+        initrd = overlay(rootfs.initrd, work, args.n)
+        console = work / "console.log"
+        argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
+                "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
+                "-serial", f"file:{console}", "-kernel", str(kernel.vmlinux), "-initrd", str(initrd),
+                "-no-reboot", "-device", "virtio-serial-device", "-chardev", "null,id=agent",
+                "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+                "-append", f"console=ttyS0 panic=-1 quiet tsc_early_khz={int(mhz * 1000)}"]
+        subprocess.run(argv, check=True, timeout=900, stdin=subprocess.DEVNULL)
+        text = console.read_text(errors="replace")
+    for line in text.splitlines():
+        if line.startswith("PROBE-ERROR"):
+            print(line, file=sys.stderr)
+    found = [ln for ln in text.splitlines() if ln.startswith("PROBE-JSON ")]
+    if not found:
+        print(text[-3000:], file=sys.stderr)
+        return 1
+    table = json.loads(found[-1].split(" ", 1)[1])
+    cols = list(next(iter(table.values())))
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"crun in the guest (TCG), median ms over {args.n} rounds; host load average {load}")
+    print(f"{'':<22}" + "".join(f"{c:>10}" for c in cols))
+    for row, vals in table.items():
+        print(f"{row:<22}" + "".join(f"{vals[c]:>10.0f}" for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
