@@ -10,6 +10,10 @@
 - concurrency: --concurrent AsyncSandboxes started and used from one Python process (one event loop):
   wall time, and the number of threads the process had at most (the goal: not one per sandbox)
 - pool: `Pool.acquire()` to the first command's result, when the SDK has a Pool
+- snapshot: a --snapshot-mib MiB sandbox (snapshots=True) holding --state-mib MiB of fresh guest state
+  (random bytes in its writable layer): `snapshot(path)` until it runs again, and `Sandbox.restore(path)`
+  until its first command answered, each --snapshots times; the baseline is `cp` of the stream
+  (what writing the same bytes costs this disk)
 
 Figures are medians (p50). On a shared machine they move with the load: compare the ratios.
 """
@@ -39,7 +43,7 @@ from pykata.images import ImageStore  # noqa: E402
 from pykata.sandbox import build_spec  # noqa: E402
 
 GOALS = {"cold_start_s": 1.0, "run_true_p50_s": 0.100, "files_write_mib_s": 50, "files_read_mib_s": 50,
-         "pool_acquire_first_command_s": 0.050}
+         "pool_acquire_first_command_s": 0.050, "snapshot_s": 1.0, "restore_first_command_s": 1.0}
 
 
 def _slower(key: str, sdk: float, runc: float) -> float | None:
@@ -183,6 +187,37 @@ def measure_pool(n: int) -> dict[str, float] | None:
     return {"pool_acquire_first_command_s": p50(firsts)}
 
 
+def measure_snapshot(memory_mib: int, state_mib: int, n: int) -> dict[str, object]:
+    saves, restores, copies = [], [], []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as t:
+        with pykata.Sandbox(image="busybox", snapshots=True, memory_mib=memory_mib) as sb:
+            sb.run(f"head -c {state_mib << 20} /dev/urandom > /root/state.bin", timeout=600)
+            for i in range(n):
+                path = Path(t) / f"snap{i}"
+                start = time.perf_counter()
+                sb.snapshot(path)
+                saves.append(time.perf_counter() - start)
+        stream = (Path(t) / "snap0" / "state").stat().st_size
+        for i in range(n):
+            start = time.perf_counter()
+            subprocess.run(["cp", str(Path(t) / "snap0" / "state"), str(Path(t) / f"copy{i}")], check=True)
+            copies.append(time.perf_counter() - start)
+            os.unlink(Path(t) / f"copy{i}")
+        phases = []
+        for i in range(n):
+            start = time.perf_counter()
+            with pykata.Sandbox.restore(Path(t) / f"snap{i}") as r:
+                restored = time.perf_counter() - start
+                r.run("true")
+                restores.append(time.perf_counter() - start)
+                phases.append(round(restored, 3))
+                assert r.run("stat -c %s /root/state.bin").text.strip() == str(state_mib << 20)
+    return {"memory_mib": memory_mib, "state_mib": state_mib, "stream_mib": round(stream / (1 << 20), 1),
+            "snapshot_s": p50(saves), "restore_first_command_s": p50(restores), "restore_ready_s": p50(phases),
+            "cp_stream_s": p50(copies), "snapshot_vs_cp": round(p50(saves) / p50(copies), 1),
+            "all_snapshot_s": [round(x, 3) for x in saves], "all_restore_s": [round(x, 3) for x in restores]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=20, help="run('true') round trips")
@@ -190,8 +225,17 @@ def main() -> None:
     ap.add_argument("--file-mib", type=int, default=100)
     ap.add_argument("--concurrent", type=int, default=20)
     ap.add_argument("--pool-n", type=int, default=5)
+    ap.add_argument("--snapshot-mib", type=int, default=512, help="memory of the snapshotted sandbox")
+    ap.add_argument("--state-mib", type=int, default=100, help="guest state written before the snapshot")
+    ap.add_argument("--snapshots", type=int, default=3, help="snapshots and restores (0: skip)")
+    ap.add_argument("--only-snapshot", action="store_true", help="measure snapshot/restore only")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.only_snapshot:
+        snap = measure_snapshot(a.snapshot_mib, a.state_mib, a.snapshots)
+        print(json.dumps({"snapshot": snap, "goals": {k: GOALS[k] for k in ("snapshot_s", "restore_first_command_s")},
+                          "loadavg": os.getloadavg()}, indent=None if not a.json else 2))
+        return
     data = os.urandom(a.file_mib << 20)
     with tempfile.TemporaryDirectory() as t:
         runc = measure_runc(Path(t), a.n, a.starts, data)
@@ -204,6 +248,8 @@ def main() -> None:
     pool = measure_pool(a.pool_n)
     if pool is not None:
         res["pool"] = pool
+    if a.snapshots:
+        res["snapshot"] = measure_snapshot(a.snapshot_mib, a.state_mib, a.snapshots)
     if a.json:
         print(json.dumps(res, indent=2))
         return
@@ -214,6 +260,8 @@ def main() -> None:
         print(f"concurrent: {res['concurrent']}")
     if pool is not None:
         print(f"pool: {pool} (goal {GOALS['pool_acquire_first_command_s']}s)")
+    if "snapshot" in res:
+        print(f"snapshot: {res['snapshot']} (goals: snapshot_s and restore_first_command_s <= 1.0)")
     print(f"load average during the run: {res['loadavg']} (the machine is shared)")
 
 
