@@ -104,6 +104,39 @@ def file_sha256(fd: int) -> str:
     return _digests[key]
 
 
+class GrowingFileHash:
+    """sha256 of a file another process appends to (QEMU writing the stream), computed in a thread
+    while it grows, so hashing overlaps the save instead of following it: `finish()` once the writer
+    is done returns the digest and the size."""
+
+    def __init__(self, fd: int) -> None:
+        import threading
+
+        self._fd = fd
+        self._done = threading.Event()
+        self._hash = hashlib.sha256()
+        self._offset = 0
+        self._thread = threading.Thread(target=self._run, name="snapshot-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            finished = self._done.is_set()  # read before the last pass: nothing is written after it
+            chunk = os.pread(self._fd, HASH_CHUNK, self._offset)
+            if chunk:
+                self._hash.update(chunk)
+                self._offset += len(chunk)
+            elif finished:
+                return
+            else:
+                self._done.wait(0.002)
+
+    async def finish(self) -> tuple[str, int]:
+        self._done.set()
+        await asyncio.to_thread(self._thread.join)
+        return self._hash.hexdigest(), self._offset
+
+
 def path_sha256(path: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -176,13 +209,17 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     os.mkdir(tmp, 0o700)
     try:
         fd = os.open(tmp / STATE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        hasher = GrowingFileHash(fd)
         try:
             try:
                 await vm.snapshot(fd)
             finally:
+                digest, hashed = await hasher.finish()
                 if resume and vm.state == "running":
                     await sandbox.resume_vm()
-            manifest["state"] = {"size": os.fstat(fd).st_size, "sha256": await asyncio.to_thread(file_sha256, fd)}
+            if hashed != os.fstat(fd).st_size:
+                raise SnapshotError("state", f"{hashed} bytes hashed, {os.fstat(fd).st_size} written")
+            manifest["state"] = {"size": hashed, "sha256": digest}
         finally:
             os.close(fd)
         mfd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
