@@ -7,6 +7,7 @@ open files, statfs) prints one line per check; both runtimes must print the same
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -38,10 +39,31 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = tmp / "bundle"
     shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
     subprocess.run(["gcc", "-static", "-O1", "-o", str(bundle / "rootfs/bin/fsprobe"), str(PROBE)], check=True)
+    _image_files(bundle / "rootfs/imgfiles")
     spec = build_spec(["/bin/fsprobe"], env=["PATH=/bin"], cwd="/", user=(0, 0), hostname="fsdiff")
     spec["linux"]["resources"] = {}
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
+
+
+def _image_files(d: Path) -> None:
+    """Files in the image the probe stats (image-*): a file capability, setuid with owners, hard links,
+    a FIFO, a symlink, nanosecond times; pykata serves them from the image's disk."""
+    d.mkdir()
+    (d / "capfile").write_bytes(b"cap")
+    # cap_net_bind_service, permitted + effective (VFS_CAP_REVISION_2)
+    os.setxattr(d / "capfile", "security.capability", bytes.fromhex("0100000200040000000000000000000000000000"))
+    (d / "suid").write_bytes(b"x" * 5000)
+    os.chown(d / "suid", 1234, 5678)
+    os.chmod(d / "suid", 0o4711)
+    (d / "hl1").write_bytes(b"same")
+    os.link(d / "hl1", d / "hl2")
+    os.mkfifo(d / "fifo", 0o640)
+    (d / "link").symlink_to("/nowhere/at/all")
+    for i, name in enumerate(("capfile", "suid", "hl1", "fifo")):
+        os.utime(d / name, ns=(1_500_000_000_111_111_111 + i, 1_600_000_000_123_456_789 + i))
+    os.chmod(d, 0o751)
+    os.utime(d, ns=(1_500_000_000_000_000_001, 1_600_000_000_000_000_002))
 
 
 def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import time
@@ -46,6 +47,10 @@ MS_SHARED = 0x100000
 MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 MNT_DETACH = 0x2
+BLKFLSBUF = 0x1261
+# at most this much of a disk is read ahead at mount (bytes; it is page cache: reclaimable)
+MAX_PREFETCH = 256 << 20
+PREFETCH_CHUNK = 1 << 20
 
 # option -> (flags to set, flags to clear)
 FLAG_OPTIONS: dict[str, tuple[int, int]] = {
@@ -92,6 +97,30 @@ def umount(target: str) -> None:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def flush_block_cache(device: str) -> None:
+    """Drop the kernel's cached blocks of `device` (BLKFLSBUF): the host may have given the disk new
+    content since the guest last read it (an image slot refilled with another image). Raises OSError."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    finally:
+        os.close(fd)
+
+
+def prefetch_block(device: str, size: int) -> None:
+    """Start reading the first `size` bytes of a mounted `device` in the background: an image disk's
+    file system metadata (inode tables, directories) is near its start and read through this same
+    cache, and a few large reads cost far less than one small read per lookup (each a trip to the
+    VMM). After the mount: mounting sets the device's block size, which empties its cache."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        # the kernel caps one readahead request (a few MiB): ask chunk by chunk
+        for offset in range(0, size, PREFETCH_CHUNK):
+            os.posix_fadvise(fd, offset, min(PREFETCH_CHUNK, size - offset), os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def parse_options(field: str, options: Sequence[str]) -> tuple[int, int, list[str]]:
@@ -148,6 +177,7 @@ class Storages:
         driver = storage.driver
         root, parts = self._mount_point(f"{field}.mount_point", storage.mount_point)
         mode = 0o755
+        prefetch = 0
         for i, opt in enumerate(storage.driver_options):
             check_string(f"{field}.driver_options[{i}]", opt, max_len=256)
             if opt.startswith("mode="):
@@ -155,6 +185,11 @@ class Storages:
                     mode = int(opt[5:], 8) & 0o7777
                 except ValueError:
                     raise InvalidArgument(f"{field}.driver_options[{i}]", f"bad mode {opt!r}") from None
+            elif opt.startswith("prefetch="):
+                try:
+                    prefetch = min(max(int(opt[9:]), 0), MAX_PREFETCH)
+                except ValueError:
+                    raise InvalidArgument(f"{field}.driver_options[{i}]", f"bad prefetch {opt!r}") from None
         flags, propagation, data = parse_options(f"{field}.options", storage.options)
         fstype = storage.fstype
         source = storage.source
@@ -172,6 +207,7 @@ class Storages:
             source = str(check_within(f"{field}.source", source, [Path("/dev")]))
             if fstype not in BLOCK_FSTYPES:
                 raise InvalidArgument(f"{field}.fstype", f"{fstype!r} is not one of {sorted(BLOCK_FSTYPES)}")
+            flush_block_cache(source)
         elif driver == "tmpfs":
             fstype, source = "tmpfs", source or "tmpfs"
             self._tag(f"{field}.source", source)
@@ -202,6 +238,8 @@ class Storages:
                     mount("", where, "", MS_REMOUNT | MS_BIND | MS_RDONLY | keep, "")
                 if propagation:
                     mount("", where, "", propagation, "")
+                if prefetch and driver == "virtio-blk":
+                    prefetch_block(source, prefetch)
             except OSError:
                 umount(where)
                 raise

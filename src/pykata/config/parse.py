@@ -159,6 +159,8 @@ MAX_KERNEL_PARAMS = 1024  # x86's whole command line is 2048 bytes, pykata's own
 MAX_LIST = 64
 MAX_LOG_SIZE_MIB = 1024
 MAX_LOG_BACKUPS = 100
+# virtio-mmio slots of microvm are few (and each slot costs a little at boot and restore).
+MAX_ROOT_SLOTS = 16
 
 
 def validate(config: Config) -> None:
@@ -189,6 +191,9 @@ def validate(config: Config) -> None:
                               "that hold only configuration files)")
     _range("runtime.run_log_max_size", runtime.run_log_max_size, 1, MAX_LOG_SIZE_MIB, " (MiB)")
     _range("runtime.rootfs_upper_size", runtime.rootfs_upper_size, 0, 1 << 20, " (MiB)")
+    _range("runtime.rootfs_block_slots", runtime.rootfs_block_slots, 0, MAX_ROOT_SLOTS, "")
+    _range("runtime.rootfs_block_max_mib", runtime.rootfs_block_max_mib, 16, 1 << 20, " (MiB)")
+    _range("runtime.rootfs_block_cache_mib", runtime.rootfs_block_cache_mib, 16, 1 << 30, " (MiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("runtime.tracing_file", runtime.tracing_file, allow_empty=True)
     if runtime.tracing_endpoint and not runtime.tracing_endpoint.startswith(("http://", "https://")):

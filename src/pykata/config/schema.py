@@ -155,6 +155,22 @@ class RuntimeConfig:
     enable_tracing: bool = False
     tracing_endpoint: str = ""
     tracing_file: str = ""
+    # How the image's read-only layers reach the guest when rootfs_upper = "guest": as a read-only ext4
+    # disk built once per image and cached (pykata.resources.rootimage), in one of this many read-only
+    # virtio-blk slots every VM has (a template carries them; a clone is given the image at run time).
+    # 0: through the shared directory (9p / virtio-fs), as before. Containers beyond the free slots of
+    # their VM also use the shared directory.
+    rootfs_block_slots: int = 4
+    # The largest image (MiB) a slot takes: the size of every slot's disk (sparse: it costs nothing).
+    rootfs_block_max_mib: int = 4096
+    # The cache of built images under <cache_dir>/rootimages/: least recently used ones are removed
+    # once their allocated size passes this (MiB).
+    rootfs_block_cache_mib: int = 8192
+
+    @property
+    def root_slots(self) -> int:
+        """How many read-only image slots a VM gets (0 when images go through the shared directory)."""
+        return self.rootfs_block_slots if self.rootfs_upper == "guest" else 0
 
     @property
     def runtime_path(self) -> Path:

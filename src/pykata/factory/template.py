@@ -184,6 +184,10 @@ async def template_inputs(config: Config, nics: int = 0) -> tuple[dict[str, Any]
     if nics:
         # only when there are NICs, so templates without any keep their keys
         inputs["nics"] = nics
+    if config.runtime.root_slots:
+        # the image slots are devices: a clone must have the ones its template was saved with
+        inputs["root_slots"] = config.runtime.root_slots
+        inputs["root_slot_mib"] = config.runtime.rootfs_block_max_mib
     return inputs, kernel, initrd, image
 
 

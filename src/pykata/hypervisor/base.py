@@ -167,6 +167,28 @@ class Hypervisor(abc.ABC):
         """
 
     @property
+    def root_slots(self) -> int:
+        """How many read-only image slots the VM has (disks whose content is given at run time:
+        container images as ext4, pykata.resources.rootimage); 0 when it has none."""
+        return 0
+
+    async def fill_root_slot(self, slot: int, image: Path) -> None:
+        """Give image slot `slot` the content of `image` (a file exactly the slot's size), read-only.
+
+        Raises:
+            HypervisorError: no such slot, unreadable file, or the VMM refused (NotSupportedError here).
+        """
+        raise NotSupportedError(f"this hypervisor has no image slots (slot {slot}, {image})")
+
+    async def empty_root_slot(self, slot: int) -> None:
+        """Give image slot `slot` its empty content again. Idempotent.
+
+        Raises:
+            HypervisorError: no such slot or the VMM refused (NotSupportedError here).
+        """
+        raise NotSupportedError(f"this hypervisor has no image slots (slot {slot})")
+
+    @property
     @abc.abstractmethod
     def pid(self) -> int | None:
         """The VMM process id while it runs, else None."""

@@ -22,6 +22,11 @@ def check_device_id(device_id: str) -> None:
         raise HypervisorError(f"bad device id {device_id!r}: letters, digits, '_', '.', '-', at most 31")
 
 
+def root_slot_serial(slot: int) -> str:
+    """The virtio-blk serial by which the guest finds image slot `slot` (/sys/block/vdX/serial)."""
+    return f"pkroot{slot}"
+
+
 @dataclass(frozen=True)
 class BlockDevice:
     """A host file or block device as a virtio-blk disk."""

@@ -37,6 +37,7 @@ from pykata.config import Config, load_config
 from pykata.errors import PykataError, SandboxError
 from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
+from pykata.hypervisor.devices import root_slot_serial
 from pykata.network import PodNetwork
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
@@ -44,6 +45,8 @@ from pykata.protocols.agent import agent_pb2
 from pykata.resources import mounts
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
+from pykata.resources.rootimage import RootImage, RootImageCache, source_for
+from pykata.resources.rootslots import SlotTable
 from pykata.sandbox import state
 from pykata.sandbox.copytree import copy_tree
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, GUEST_STORAGE_DIR, Volume, add_volumes, for_guest
@@ -151,6 +154,10 @@ class Sandbox:
         self.network: PodNetwork | None = None
         self._link: Path | None = None  # sandboxes/<id> of an adopted warm sandbox
         self.guest_share = True  # the guest mounts the shared directory (see create())
+        # container images as read-only disks in the VM's slots (made once the VM exists)
+        self.root_images = RootImageCache(config.runtime, config.image)
+        self.root_slots = SlotTable(0)
+        self._slot_lock = asyncio.Lock()
 
     @property
     def agent(self) -> Agent:
@@ -239,6 +246,7 @@ class Sandbox:
             self.network.close_fds()  # QEMU holds the taps now: they end with it
         mark("vm.started")
         self.record.vmm_pid = self.vm.pid
+        self.root_slots = SlotTable(self.vm.root_slots)
         state.save(self.dir, self.record)
         with tracing.span("vm.wait_ready"):
             await self.vm.wait_ready(timeout=boot_timeout)
@@ -393,7 +401,10 @@ class Sandbox:
                 root_mode = stat.S_IMODE(os.stat(rootfs).st_mode)
             storages = []
             if in_guest:
-                storages = self._guest_overlay(container_id, root_mode)
+                # the image as a read-only disk when a slot takes it (not in a sandbox made for
+                # snapshots: a restored VM's slots come back empty)
+                disk = await self._root_disk(container_id, rootfs) if self.guest_share else None
+                storages = self._guest_overlay(container_id, root_mode, disk)
                 guest_spec["root"]["path"] = storages[-1].mount_point
             if image:
                 # The image name the agent policy's containers.images matches (CRI sets it itself).
@@ -419,15 +430,56 @@ class Sandbox:
         state.save(self.dir, self.record)
         return c
 
-    def _guest_overlay(self, container_id: str, root_mode: int) -> list[agent_pb2.Storage]:
-        """The storages that make a container's root in the guest: a tmpfs for its upper layer and an
-        overlay of it on the read-only layers the host shares (mounts/<cid>/rootfs, or their copy in
-        the guest); the last one's mount point is the root. The overlay's root takes the upper
-        directory's mode, `root_mode`: the image root's, as under runc."""
+    async def _root_disk(self, container_id: str, rootfs: Path | Sequence[RootfsMount]
+                         ) -> tuple[int, RootImage] | None:
+        """The image slot holding the container's image as a read-only disk (built and cached by
+        pykata.resources.rootimage, put in a slot of the VM if no slot holds it yet), or None: the
+        VM has no slot free (or none at all), or the root has no stable identity; its layers then
+        reach the guest through the shared directory. Raises RootImageError, HypervisorError."""
+        if self.vm is None or not self.vm.root_slots:
+            return None
+        source = source_for(rootfs, self.mounts.mounts_dir / container_id / "rootfs", self.config.runtime.cache_path)
+        if source is None:
+            log.info("sandbox %s: container %s: its root has no stable identity; shared directory", self.id,
+                     container_id)
+            return None
+        image = await asyncio.to_thread(self.root_images.ensure, source)
+        mark("rootfs.image")
+        async with self._slot_lock:
+            grant = self.root_slots.acquire(image.key, container_id)
+            if grant is None:
+                log.info("sandbox %s: container %s: all %d image slots are in use; shared directory",
+                         self.id, container_id, self.vm.root_slots)
+                return None
+            if grant.fill:
+                try:
+                    await self.vm.fill_root_slot(grant.slot, image.path)
+                except BaseException:
+                    self.root_slots.forget(grant.slot)
+                    raise
+                mark("rootfs.slot")
+        return grant.slot, image
+
+    def _guest_overlay(self, container_id: str, root_mode: int, disk: tuple[int, RootImage] | None
+                       ) -> list[agent_pb2.Storage]:
+        """The storages that make a container's root in the guest: the read-only layers (the image's
+        disk in slot `disk`, else what the host shares at mounts/<cid>/rootfs, or their copy in the
+        guest), a tmpfs for its upper layer and an overlay of the two; the last one's mount point is
+        the root. The overlay's root takes the upper directory's mode, `root_mode`: the image
+        root's, as under runc."""
         base = f"{GUEST_STORAGE_DIR}/{container_id}"
-        lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
+        lowers: list[agent_pb2.Storage] = []
+        if disk is not None:
+            slot, image = disk
+            lower = f"{base}/lower"
+            lowers.append(agent_pb2.Storage(driver="virtio-blk", source=f"serial:{root_slot_serial(slot)}",
+                                            fstype="ext4", mount_point=lower, options=["ro"],
+                                            driver_options=[f"prefetch={image.prefetch}"]))
+        else:
+            lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
         size = self.config.runtime.rootfs_upper_size
         return [
+            *lowers,
             agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
                               options=["mode=0700", *([f"size={size}m"] if size else [])]),
             agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/upper",
@@ -440,6 +492,7 @@ class Sandbox:
 
     def _release_container(self, container_id: str) -> None:
         self.containers.pop(container_id, None)
+        self.root_slots.release(container_id)
         try:
             self.mounts.release(container_id)
         except PykataError as e:

@@ -148,6 +148,35 @@ static void misc(void) {
            sf.f_bavail <= sf.f_bfree && sf.f_namelen >= 255, "figures");
 }
 
+/* Files of the image itself (the read-only layers: an ext4 disk in the guest), made by the test. */
+static void image_file(const char *path) {
+    struct stat st;
+    char name[64];
+    snprintf(name, sizeof name, "image-%s", strrchr(path, '/') + 1);
+    if (lstat(path, &st)) return report(name, 0, "lstat");
+    printf("%s: mode %o uid %u gid %u nlink %lu size %lld mtime %ld.%09ld\n", name, (unsigned)st.st_mode,
+           (unsigned)st.st_uid, (unsigned)st.st_gid, (unsigned long)st.st_nlink, (long long)st.st_size,
+           (long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+}
+
+static void image_files(void) {
+    image_file("/imgfiles");
+    image_file("/imgfiles/capfile");
+    image_file("/imgfiles/suid");
+    image_file("/imgfiles/hl1");
+    image_file("/imgfiles/fifo");
+    image_file("/imgfiles/link");
+    struct stat a, b;
+    report("image-hardlink", stat("/imgfiles/hl1", &a) == 0 && stat("/imgfiles/hl2", &b) == 0 &&
+           a.st_ino == b.st_ino && a.st_dev == b.st_dev, "hl1 and hl2 are not one file");
+    unsigned char cap[64];
+    ssize_t n = getxattr("/imgfiles/capfile", "security.capability", cap, sizeof cap);
+    if (n < 0) return report("image-capability", 0, "getxattr");
+    printf("image-capability: size %zd ", n);
+    for (ssize_t i = 0; i < n; i++) printf("%02x", cap[i]);
+    printf("\n");
+}
+
 int main(void) {
     setvbuf(stdout, 0, _IONBF, 0);
     if (chdir("/tmp")) return 2;
@@ -160,5 +189,6 @@ int main(void) {
     locks();
     truncation();
     misc();
+    image_files();
     return 0;
 }

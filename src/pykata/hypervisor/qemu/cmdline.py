@@ -382,6 +382,29 @@ class VirtioBlk:
 
 
 @dataclass(frozen=True)
+class RootSlot:
+    """A read-only virtio-blk disk whose content is given at run time (pykata.hypervisor.qemu.slots):
+    a raw node `node` over an empty `null-co` node of `size` bytes (reads as zeros) until the host
+    swaps in an image file; the guest finds it by its `serial`. The device and its capacity are fixed
+    at start, so a template carries the slot and every clone fills it with its own images."""
+
+    bus: Bus
+    node: str
+    serial: str
+    size: int
+
+    def argv(self) -> list[str]:
+        # the null node is a -blockdev of its own (owned by the monitor), so it outlives being
+        # swapped out and the slot can be emptied again
+        return ["-blockdev", opts("", ("driver", "null-co"), ("node-name", f"{self.node}-null"),
+                                  ("size", self.size), ("read-zeroes", True), ("read-only", True)),
+                "-blockdev", opts("", ("driver", "raw"), ("node-name", self.node), ("read-only", True),
+                                  ("file", f"{self.node}-null")),
+                "-device", opts(virtio_driver("virtio-blk", self.bus), ("id", f"{self.node}-dev"),
+                                ("drive", self.node), ("serial", self.serial))]
+
+
+@dataclass(frozen=True)
 class PcieRootPort:
     """An empty PCIe root port on q35, for hot-plugging one device later."""
 

@@ -29,6 +29,7 @@ from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.sidecars import Sidecars
+from pykata.hypervisor.qemu.slots import RootSlots
 from pykata.hypervisor.readiness import console_readiness, log_tail
 
 log = logging.getLogger("pykata.hypervisor")
@@ -106,6 +107,7 @@ class QemuHypervisor(Hypervisor):
         self.timestamps: dict[str, float] = {}
         self._devices: dict[str, Device] = {}
         self._hotplug = hotplug.Hotplugged(f"VM {vm_id}", config.qemu)
+        self._slots = RootSlots(f"VM {vm_id}", config.runtime.root_slots, config.runtime.rootfs_block_max_mib << 20)
         self._qemu: ChildProcess | None = None
         self._sidecars = Sidecars(config.qemu, self.paths)
         self._uid_lease: UidLease | None = None
@@ -209,6 +211,7 @@ class QemuHypervisor(Hypervisor):
             vsock_cid=3 + secrets.randbelow(0xFFFF_0000) if channel == "vsock" else None,
             extra_kernel_params=self._extra_params,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else None,
+            root_slots=self._slots.count, root_slot_size=self._slots.size,
         )
         if self._restore is not None and self._restore.memory is None:
             # a snapshot: its stream carries the RAM, loaded into private memory named as it was saved
@@ -453,6 +456,18 @@ class QemuHypervisor(Hypervisor):
         self._require_running("resize_vcpus")
         self._require_q35("CPU hotplug")
         return await self._hotplug.resize_vcpus(self.qmp, vcpus)
+
+    @property
+    def root_slots(self) -> int:
+        return self._slots.count
+
+    async def fill_root_slot(self, slot: int, image: Path) -> None:
+        self._require_running("fill_root_slot")
+        await self._slots.fill(self.qmp, slot, image)
+
+    async def empty_root_slot(self, slot: int) -> None:
+        self._require_running("empty_root_slot")
+        await self._slots.empty(self.qmp, slot)
 
     async def pause(self) -> None:
         self._require_running("pause")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from pykata.config.schema import QemuConfig
-from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
+from pykata.hypervisor.devices import BlockDevice, Device, NetDevice, root_slot_serial
 from pykata.hypervisor.jail import JailSpec
 from pykata.hypervisor.qemu import cmdline as c
 
@@ -96,6 +96,10 @@ class LaunchSpec:
     # the inherited socket `proxy_9p_fd`.
     jail: JailSpec | None = None
     proxy_9p_fd: int | None = None
+    # Read-only disks filled at run time with container images (hypervisor.qemu.slots), each of
+    # root_slot_size bytes: part of the device set, so a template and its clones have the same.
+    root_slots: int = 0
+    root_slot_size: int = 0
 
     @property
     def bus(self) -> c.Bus:
@@ -105,6 +109,11 @@ class LaunchSpec:
     def shares_memory(self) -> bool:
         """vhost-user daemons (virtiofsd) map guest RAM, so it must be a shared memfd."""
         return self.config.shared_fs == "virtio-fs" and self.shared_dir is not None
+
+
+def root_slot_node(slot: int) -> str:
+    """The block node name of image slot `slot` (its device is `<node>-dev`)."""
+    return f"rootslot{slot}"
 
 
 def kernel_params(spec: LaunchSpec) -> str:
@@ -211,6 +220,8 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
 
     if spec.image is not None:
         args.append(c.VirtioBlk(bus, "rootfs", str(spec.image), readonly=True))
+    args += [c.RootSlot(bus, root_slot_node(i), root_slot_serial(i), spec.root_slot_size)
+             for i in range(spec.root_slots)]
     for dev in spec.devices:
         args.append(device_arg(dev, bus))
     if q.machine_type == "q35":
