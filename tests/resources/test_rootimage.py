@@ -115,7 +115,7 @@ def test_image_bigger_than_a_slot_is_refused(tmp_path: Path) -> None:
     with open(root / "blob", "wb") as f:
         f.write(os.urandom(1 << 20) * 20)
     cache = _cache(tmp_path, max_mib=16)
-    with pytest.raises(RootImageError, match="image big: does not fit a disk of runtime.rootfs_block_max_mib = 16"):
+    with pytest.raises(RootImageError, match=r"image big: does not fit a disk of runtime\.rootfs_block_max_mib = 16"):
         cache.ensure(Source(root, None, "big"))
     assert not list(cache.dir.glob("*.ext4")) and not list(cache.dir.glob(".tmp-*"))
 

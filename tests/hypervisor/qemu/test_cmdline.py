@@ -59,8 +59,9 @@ CASES: dict[str, LaunchSpec] = {
     ),
     "microvm-template-clone-root-slots": LaunchSpec(
         vm_id="golden", config=_qemu(shared_fs="virtio-9p"), accel="tcg", kernel=KERNEL, initrd=INITRD,
-        paths=VM_DIR, shared_dir=Path("/run/pykata/shared/golden"), memory_file=Path("/run/pykata/template/0123/memory"),
-        memory_file_shared=False, incoming=True, root_slots=2, root_slot_size=4096 << 20,
+        paths=VM_DIR, shared_dir=Path("/run/pykata/shared/golden"),
+        memory_file=Path("/run/pykata/template/0123/memory"), memory_file_shared=False, incoming=True,
+        root_slots=2, root_slot_size=4096 << 20,
     ),
     "q35-root-slots": LaunchSpec(
         vm_id="golden", config=_qemu(machine_type="q35"), accel="kvm", kernel=KERNEL, initrd=INITRD, paths=VM_DIR,
