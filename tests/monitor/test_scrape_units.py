@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pykata.config import load_config
 from pykata.config.schema import Config
@@ -147,6 +148,16 @@ async def test_a_scrape_serves_the_background_collection(fake_sandbox: tuple[Con
         assert samples(f, "pykata_guest_load1") == [({"sandbox_id": sid}, 0.5)]
         [(_, age)] = samples(f, "pykata_monitor_sample_age_seconds")
         assert 0 <= age < 60
+        # the HTTP body: the collection's text (rendered once) and the per-scrape series, one exposition
+        text = (await asyncio.to_thread(collector.exposition)).decode()
+        parsed = [(fam.name, [(x.labels, x.value) for x in fam.samples])
+                  for fam in text_string_to_metric_families(text)]
+        names = [name for name, _ in parsed]
+        assert len(names) == len(set(names)) == len(f)  # every family once (the parser drops _total)
+        by_name = dict(parsed)
+        assert by_name["pykata_guest_load1"] == [({"sandbox_id": sid}, 0.5)]
+        assert by_name["pykata_monitor_scrape_seconds"][0][1] >= 0
+        assert len(calls) == asked
         # the record says the sandbox stopped: gone from the next scrape, no collection needed
         record = state.load(config.runtime.runtime_path / "sandboxes" / sid)
         assert record is not None

@@ -1,45 +1,51 @@
-"""`pykata monitor`: the scrape served as Prometheus text by prometheus_client's HTTP server."""
+"""`pykata monitor`: /metrics over HTTP (wsgiref's threading server, as prometheus_client's own).
+
+A scrape is served from the collector's last collection, whose text is rendered once per collection
+(pykata.monitor.collector), so what a scrape costs does not grow with the guests' answers. Always the
+text format 0.0.4 (what kata-monitor serves and every Prometheus reads), gzipped when the client asks.
+"""
 
 from __future__ import annotations
 
+import gzip
+import socket
 import threading
-from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector as RegistryCollector
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGIServer, gzip_accepted
 
 from pykata.errors import ConfigError
 from pykata.monitor.collector import Collector
-from pykata.monitor.scrape import Family
 
 DEFAULT_LISTEN = "127.0.0.1:8090"  # kata-monitor's port
 
 
-def to_metrics(families: dict[str, Family]) -> Iterator[Metric]:
-    for name, fam in families.items():
-        label_names = sorted({k for labels, _ in fam.samples for k, _ in labels})
-        metric: GaugeMetricFamily | CounterMetricFamily
-        if fam.kind == "counter":
-            metric = CounterMetricFamily(name, fam.help, labels=label_names)
-        else:
-            metric = GaugeMetricFamily(name, fam.help, labels=label_names)
-        for labels, value in fam.samples:
-            d = dict(labels)
-            metric.add_metric([d.get(k, "") for k in label_names], value)
-        yield metric
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
-class SandboxCollector(RegistryCollector):
-    """Serves the background collection's last result (pykata.monitor.collector)."""
+def metrics_app(collector: Collector) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
+    """The WSGI app: GET /metrics (or /) -> the exposition."""
 
-    def __init__(self, collector: Collector) -> None:
-        self.collector = collector
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] != "GET":
+            start_response("405 Method Not Allowed", [("Allow", "GET")])
+            return [b""]
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"try /metrics\n"]
+        body = collector.exposition()
+        headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body, 1)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
 
-    def collect(self) -> Iterator[Metric]:
-        yield from to_metrics(self.collector.families())
+    return app
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -53,6 +59,11 @@ def parse_listen(address: str) -> tuple[str, int]:
 def serve(collector: Collector, address: str) -> tuple[WSGIServer, threading.Thread]:
     """Serve /metrics on `address` (HOST:PORT) in a thread. Raises ConfigError, OSError."""
     host, port = parse_listen(address)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SandboxCollector(collector))
-    return start_http_server(port, host, registry=registry)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    httpd = make_server(host, port, metrics_app(collector), Server, handler_class=_Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, name="pykata-monitor-http", daemon=True)
+    thread.start()
+    return httpd, thread
