@@ -205,3 +205,25 @@ def test_only_a_sandbox_made_for_snapshots_can_be_saved(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists() and os.listdir(tmp_path) == []
     with pytest.raises(pykata.PykataError, match="volumes"):
         pykata.Sandbox(image="busybox", snapshots=True, volumes=[f"{tmp_path}:/v"]).start()
+
+
+async def test_async_restore_can_be_snapshotted_again(saved: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """AsyncSandbox has the same surface; a restored sandbox is itself a sandbox made for snapshots."""
+    first = await pykata.AsyncSandbox.restore(saved[0])
+    try:
+        assert (await first.run("cat hello.txt")).text == "prepared"
+        await first.files.write("/data/second.txt", "second generation")
+        await first.pause()
+        await first.snapshot(tmp_path / "again")  # a paused sandbox stays paused
+        assert first.paused
+        await first.resume()
+        assert (await first.run("echo alive")).text == "alive\n"
+    finally:
+        await first.close()
+    second = await pykata.AsyncSandbox.restore(tmp_path / "again")
+    try:
+        assert (await second.run("cat hello.txt second.txt")).text == "preparedsecond generation"
+        assert second.id != first.id
+        assert (await second.metrics()).pids >= 2  # the idle process and the ticking loop
+    finally:
+        await second.close()

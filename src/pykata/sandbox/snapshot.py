@@ -384,11 +384,20 @@ async def _check_host(config: Config, m: dict[str, Any]) -> dict[str, Path | Non
                                                   "this host's guest image differs")
         if here is not None:
             _want(saved, f"assets.{name}", dict)
-            digest = await asyncio.to_thread(path_sha256, here)
-            if saved.get("sha256") != digest:
-                raise SnapshotError(f"assets.{name}", f"this host's {here} is not the one the snapshot was "
-                                                      "made with (sha256 differs: the guest image was rebuilt)")
+            if not isinstance(saved.get("sha256"), str):
+                raise SnapshotError(f"assets.{name}.sha256", "expected a string")
     return assets
+
+
+def _verify_hashes(m: dict[str, Any], assets: dict[str, Path | None], state_fd: int) -> None:
+    """The hashes of this host's assets and of the state against the manifest's (run in a thread while
+    the VM starts: a mismatch stops it before anyone uses it). Raises SnapshotError naming the field."""
+    for name, here in assets.items():
+        if here is not None and m["assets"][name]["sha256"] != path_sha256(here):
+            raise SnapshotError(f"assets.{name}", f"this host's {here} is not the one the snapshot was "
+                                                  "made with (sha256 differs: the guest image was rebuilt)")
+    if file_sha256(state_fd) != m["state"]["sha256"]:
+        raise SnapshotError("state.sha256", "the state file is not the one saved (corrupt or altered)")
 
 
 async def restore(path: Path, *, config: Config | None = None, name: str = "",
@@ -417,17 +426,14 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         sb = Sandbox(sid, config, sandboxes_dir(config) / sid)
         sb.guest_share = False
         sb.record.name = name
-        digest = asyncio.ensure_future(asyncio.to_thread(file_sha256, opened.state_fd))
+        verified = asyncio.ensure_future(asyncio.to_thread(_verify_hashes, m, assets, opened.state_fd))
         try:
-            corrupt = SnapshotError("state.sha256", "the state file is not the one saved (corrupt or altered)")
             try:
                 await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout)
             except RestoreError as exc:
-                if await digest != m["state"]["sha256"]:
-                    raise corrupt from None
+                await verified  # a hash mismatch says more than QEMU's refusal
                 raise SnapshotError("state", f"QEMU could not load it: {exc}") from None
-            if await digest != m["state"]["sha256"]:
-                raise corrupt
+            await verified
             agent = sb.agent
             for c in m["containers"]:
                 init = Process(agent, c["id"], "", c["pid"], c["terminal"])
@@ -441,10 +447,10 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
             sb.record.status = "running"
             state.save(sb.dir, sb.record)
         except BaseException:
-            if not digest.done():
-                digest.cancel()
+            # the thread reads state_fd: it must be done before the descriptor is closed
+            await asyncio.wait([verified])
             with contextlib.suppress(BaseException):
-                await digest
+                verified.result()
             await asyncio.shield(sb.stop(remove=True))
             raise
         return sb
