@@ -87,6 +87,8 @@ def test_two_restores_in_other_processes_run_side_by_side_and_differ(saved: tupl
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["format"] == 1 and manifest["source_sandbox"] == source["id"]
     assert {"kernel", "initrd"} <= set(manifest["assets"]) and manifest["qemu_version"].count(".") == 2
+    # the image's root is a read-only disk in an image slot, named by its content key
+    assert [(d["kind"], d["containers"]) for d in manifest["devices"]] == [("root-slot", [source["id"]])]
 
     procs = [subprocess.Popen([sys.executable, "-c", RESTORE_SCRIPT, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) for _ in range(2)]
@@ -137,7 +139,10 @@ def _copy(saved: Path, tmp_path: Path, edit: Any = None) -> Path:
     (lambda m: m["containers"][0].update(id="../../etc"), "containers[0].id"),
     (lambda m: m["containers"][0].update(pid=-1), "containers[0].pid"),
     (lambda m: m["state"].update(size=1), "state.size"),
-    (lambda m: m["devices"].append({"key": "x"}), "devices"),
+    (lambda m: m["devices"].append({"key": "x"}), "devices[1].kind"),
+    (lambda m: m["devices"][0].update(key="../../../etc/passwd"), "devices[0].key"),
+    (lambda m: m["devices"][0].update(key="store-0000-f2-4096m"), "devices[0].key"),  # not in this host's cache
+    (lambda m: m["devices"][0].update(slot=63), "devices[0].slot"),
     (lambda m: m["extra"].pop("sdk"), "extra.sdk"),
     (lambda m: m["extra"]["sdk"].update(container="other"), "extra.sdk.container"),
 ])

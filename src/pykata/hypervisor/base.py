@@ -47,6 +47,8 @@ class RestoreSource:
     kernel: Path
     initrd: Path | None = None
     image: Path | None = None
+    # (slot, image file): what the saved VM's image slots held, filled again before the guest runs
+    root_slots: tuple[tuple[int, Path], ...] = ()
 
 
 # Returns once the guest is ready; wait_ready() cancels it on timeout or when the VM exits first.

@@ -49,6 +49,11 @@ class SlotTable:
         s.key, s.users, s.used = key, {user}, next(self._clock)
         return SlotGrant(i, fill=True)
 
+    def occupy(self, slot: int, key: str, users: set[str]) -> None:
+        """Record that slot `slot` holds image `key` used by `users` (a VM restored from a snapshot,
+        whose slots were filled as they were saved)."""
+        self._slots[slot] = _Slot(key, set(users), next(self._clock))
+
     def forget(self, slot: int) -> None:
         """The slot could not be filled: it holds nothing known."""
         self._slots[slot] = _Slot()

@@ -397,13 +397,15 @@ class Sandbox:
                 if not isinstance(rootfs, Path):
                     raise SandboxError(self.id, f"container {container_id}: without the shared directory the "
                                                 "root must be an image directory")
-                await copy_tree(self.agent, rootfs, f"{GUEST_SHARED_DIR}/{container_id}/rootfs")
                 root_mode = stat.S_IMODE(os.stat(rootfs).st_mode)
             storages = []
             if in_guest:
-                # the image as a read-only disk when a slot takes it (not in a sandbox made for
-                # snapshots: a restored VM's slots come back empty)
-                disk = await self._root_disk(container_id, rootfs) if self.guest_share else None
+                # the image as a read-only disk when a slot takes it (a snapshot records which image
+                # each slot holds, by its key, and a restore fills them again)
+                disk = await self._root_disk(container_id, rootfs)
+                if disk is None and not self.guest_share:
+                    assert isinstance(rootfs, Path)
+                    await copy_tree(self.agent, rootfs, f"{GUEST_SHARED_DIR}/{container_id}/rootfs")
                 storages = self._guest_overlay(container_id, root_mode, disk)
                 guest_spec["root"]["path"] = storages[-1].mount_point
             if image:

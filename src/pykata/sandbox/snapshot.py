@@ -27,6 +27,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -46,6 +47,9 @@ from pykata.factory.template import template_inputs
 from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.errors import RestoreError
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.resources.rootimage import SUFFIX as ROOT_IMAGE_SUFFIX
+from pykata.resources.rootimage import RootImageCache
+from pykata.resources.rootslots import SlotTable
 from pykata.sandbox import state
 from pykata.sandbox.process import Process
 from pykata.sandbox.proxy import serve_agent_proxy
@@ -61,7 +65,9 @@ STREAM_SLACK = 64 << 20
 HASH_CHUNK = 4 << 20
 # what must be equal between the saved machine and the one restoring it (template_inputs' keys)
 MACHINE_KEYS = ("machine_type", "default_memory", "default_vcpus", "maxvcpus", "memory_slots", "maxmemory",
-                "cpu_model", "accel", "kernel_params", "entropy_source", "shared_fs", "agent_channel")
+                "cpu_model", "accel", "kernel_params", "entropy_source", "shared_fs", "agent_channel",
+                "root_slots", "root_slot_mib")
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")  # pykata.resources.rootimage keys (no '.', no '/')
 
 
 class SnapshotError(PykataError):
@@ -160,6 +166,12 @@ def _assets_json(assets: dict[str, Path | None]) -> dict[str, Any]:
             for name, path in assets.items()}
 
 
+def _devices_json(sandbox: Any) -> list[dict[str, Any]]:
+    """The image slots that hold a disk, by the disk's content key (pykata.resources.rootimage)."""
+    return [{"kind": "root-slot", "slot": slot, "key": key, "containers": sorted(users)}
+            for slot, (key, users) in sorted(sandbox.root_slots.holding().items()) if key is not None]
+
+
 def _container_json(sandbox: Any, cid: str) -> dict[str, Any]:
     c = sandbox.containers[cid]
     rec = sandbox.record.containers.get(cid)
@@ -200,7 +212,7 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     manifest: dict[str, Any] = {
         "format": FORMAT, "kind": KIND, "pykata_version": str(pykata.__version__), "created_at": time.time(),
         "source_sandbox": sandbox.id, "qemu_version": await vm.qemu_version(), "machine": machine,
-        "devices": [],  # block devices by content key: none yet (see the module docstring)
+        "devices": _devices_json(sandbox),
         "assets": await asyncio.to_thread(_assets_json, assets),
         "containers": [_container_json(sandbox, cid) for cid in sandbox.containers],
         "extra": extra or {},
@@ -281,9 +293,21 @@ def _check_manifest(data: Any) -> dict[str, Any]:
         _want(m.get(key), key, str)
     for key in ("machine", "assets", "state", "extra"):
         _want(m.get(key), key, dict)
-    _want(m.get("devices"), "devices", list)
-    if m["devices"]:
-        raise SnapshotError("devices", "block devices are not supported by this pykata")
+    devices = _want(m.get("devices"), "devices", list)
+    if len(devices) > 64:
+        raise SnapshotError("devices", f"{len(devices)} devices")
+    for i, d in enumerate(devices):
+        f = f"devices[{i}]"
+        _want(d, f, dict)
+        if d.get("kind") != "root-slot":
+            raise SnapshotError(f"{f}.kind", f"{str(d.get('kind'))[:32]!r} is not a device this pykata restores")
+        if not 0 <= _want(d.get("slot"), f"{f}.slot", int) < 64:
+            raise SnapshotError(f"{f}.slot", "out of range")
+        if not KEY_RE.match(_want(d.get("key"), f"{f}.key", str)):
+            raise SnapshotError(f"{f}.key", "not an image disk key")
+        users = _want(d.get("containers"), f"{f}.containers", list)
+        if len(users) > MAX_CONTAINERS or not all(isinstance(u, str) for u in users):
+            raise SnapshotError(f"{f}.containers", "expected container ids")
     st = m["state"]
     _want(st.get("size"), "state.size", int)
     if not isinstance(st.get("sha256"), str) or len(st["sha256"]) != 64:
@@ -458,6 +482,23 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         opened.close()
 
 
+def _root_disks(config: Config, m: dict[str, Any]) -> tuple[tuple[int, Path], ...]:
+    """The image disks the saved VM's slots held, found by key in this host's disk cache (never a path
+    from the manifest). Raises SnapshotError naming the device."""
+    cache = RootImageCache(config.runtime, config.image)
+    out = []
+    for i, d in enumerate(m["devices"]):
+        if d["slot"] >= config.runtime.root_slots:
+            raise SnapshotError(f"devices[{i}].slot", f"slot {d['slot']}: this host's VMs have "
+                                                      f"{config.runtime.root_slots} (runtime.rootfs_block_slots)")
+        path = cache.dir / f"{d['key']}{ROOT_IMAGE_SUFFIX}"
+        if not path.is_file() or path.is_symlink():
+            raise SnapshotError(f"devices[{i}].key", f"the image disk {d['key']} is not in {cache.dir} (evicted, "
+                                                     "or made on another host: run the image once to rebuild it)")
+        out.append((d["slot"], path))
+    return tuple(out)
+
+
 async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dict[str, Any],
                  boot_timeout: float) -> None:
     from pykata.sandbox.sandbox import make_sandbox_dir
@@ -474,9 +515,10 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
 
     kernel = assets["kernel"]
     assert kernel is not None
+    disks = _root_disks(sb.config, m)
     # QEMU reopens the state through /proc/self/fd: the very file checked above, never a path again
     source = RestoreSource(memory=None, state=Path(f"/proc/{os.getpid()}/fd/{opened.state_fd}"), kernel=kernel,
-                           initrd=assets["initrd"], image=assets["image"])
+                           initrd=assets["initrd"], image=assets["image"], root_slots=disks)
     vm = QemuHypervisor(sb.id, sb.config, shared_dir=sb.shared_dir, readiness=probe, vm_dir=sb.dir / "vm",
                         guest_shutdown=sb._guest_shutdown, restore=source)
     sb.vm = vm
@@ -487,6 +529,9 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
         raise SnapshotError("qemu_version", f"the snapshot was made with QEMU {m['qemu_version'][:32]}, "
                                             f"this host runs {version}")
     sb.record.vmm_pid = vm.pid
+    sb.root_slots = SlotTable(vm.root_slots)
+    for d in m["devices"]:
+        sb.root_slots.occupy(d["slot"], d["key"], set(d["containers"]))
     state.save(sb.dir, sb.record)
     await vm.wait_ready(timeout=boot_timeout)
     sb._agent = box["agent"]

@@ -540,6 +540,10 @@ class QemuHypervisor(Hypervisor):
         await migrate.load_state(self.qmp, path, ignore_shared=ignore_shared, label=f"VM {self.vm_id}",
                                  qemu_log=self.paths.qemu_log)
         self.timestamps["restored"] = time.monotonic()
+        if self._restore is not None:
+            # the guest's page cache and mounts expect these disks: back before it runs
+            for slot, image in self._restore.root_slots:
+                await self._slots.fill(self.qmp, slot, image)
         await self.qmp.execute("cont")
         if not ignore_shared and self.spec is not None and self.spec.agent_channel == "virtio-serial":
             await self._wait_port_closed()
