@@ -65,7 +65,7 @@ def _tsc_param() -> str:
 
 
 @contextlib.contextmanager
-def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path) -> Iterator[tuple[Path, Path]]:
+def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path, cmdline: str = "") -> Iterator[tuple[Path, Path]]:
     sock, log = tmp / "agent.sock", tmp / "console.log"
     args = [
         QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
@@ -76,7 +76,8 @@ def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path) -> Iterator[tuple[P
         "-device", "virtserialport,chardev=agent,name=agent.channel.0",
         "-fsdev", f"local,id=share,path={share},security_model=none",
         "-device", "virtio-9p-device,fsdev=share,mount_tag=hostshare",
-        "-append", f"console=ttyS0 panic=-1 {_tsc_param()} {os.environ.get('PYKATA_TEST_GUEST_CMDLINE', '')}".strip(),
+        "-append", f"console=ttyS0 panic=-1 {_tsc_param()} {cmdline} {os.environ.get('PYKATA_TEST_GUEST_CMDLINE', '')}"
+        .strip(),
     ]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
     try:

@@ -280,6 +280,7 @@ def process_from_proto(proc: agent_pb2.Process, base: Mapping[str, Any], rootfs:
                                ("bounding", "effective", "inheritable", "permitted", "ambient")}
     elif "capabilities" in base:
         out["capabilities"] = copy.deepcopy(base["capabilities"])
+    _within_bounding(out.get("capabilities"), base.get("capabilities"))
     if proc.rlimits:
         out["rlimits"] = [{"type": r.type, "hard": r.hard, "soft": r.soft} for r in proc.rlimits]
     elif "rlimits" in base:
@@ -288,6 +289,23 @@ def process_from_proto(proc: agent_pb2.Process, base: Mapping[str, Any], rootfs:
     if proc.HasField("oom_score_adj"):
         out["oomScoreAdj"] = proc.oom_score_adj
     return check_process(out, "process")
+
+
+def _within_bounding(caps: object, base: object) -> None:
+    """An exec gets no capability the container's init may not have: crun exec would grant what
+    the process asks for (it starts from the agent's full set), so the agent refuses it first.
+
+    Raises InvalidArgument naming the set and the capability.
+    """
+    bounding = base.get("bounding") if isinstance(base, dict) else None
+    if not isinstance(caps, dict) or not isinstance(bounding, list):
+        return  # no bounding set in the container's spec: crun leaves every capability
+    allowed = set(bounding)
+    for kind in ("bounding", "effective", "inheritable", "permitted", "ambient"):
+        extra = [c for c in caps.get(kind) or [] if c not in allowed]
+        if extra:
+            raise InvalidArgument(f"process.capabilities.{kind}",
+                                  f"{extra[0]} is not in the container's bounding set")
 
 
 def lookup_user(rootfs: Path, name: str) -> tuple[int, int]:

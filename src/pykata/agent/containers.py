@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pykata.agent import bundle
-from pykata.agent.crun import Crun, CrunError, Stdio
+from pykata.agent import bundle, nsexec
+from pykata.agent.crun import CREATE_TIMEOUT, Crun, CrunError, Stdio
 from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
 from pykata.agent.settings import AgentSettings
@@ -245,6 +245,17 @@ class Containers:
                                                         "remove some")
             doc = bundle.process_from_proto(process, c.spec["process"], c.rootfs)
             proc = Process(cid, eid, tty=process.terminal, buffer_limit=self.settings.buffer_limit)
+            plan = nsexec.plan(c.spec, doc, init_pid=c.init.pid, cgroup_dir=c.cgroup.dir(""),
+                               cgroup_version=c.cgroup.version, crun_state=self.crun.root / cid) \
+                if self.settings.native_exec else None
+            if plan is not None:
+                try:
+                    pid = await self._launch_native(proc, cid, plan)
+                except BaseException:
+                    proc.close()
+                    raise
+                c.execs[eid] = proc
+                return pid
             spec_file = c.bundle / f"exec-{eid}.json"
             pid_file = c.bundle / f"exec-{eid}.pid"
             spec_file.write_text(json.dumps(doc))
@@ -259,6 +270,26 @@ class Containers:
                     spec_file.unlink()
             c.execs[eid] = proc
             return pid
+
+    async def _launch_native(self, proc: Process, cid: str, plan: nsexec.ExecPlan) -> int:
+        """Start an exec process with nsexec (what `crun exec --detach` would do, without crun)."""
+        stdin, stdout, stderr = proc.child_stdio()
+        try:
+            pid, exited = await nsexec.spawn(plan, self.reaper, stdin=stdin, stdout=stdout, stderr=stderr,
+                                             timeout=CREATE_TIMEOUT)
+        except ProcessLookupError:
+            raise FailedPrecondition(f"container {cid} is not running") from None
+        except nsexec.ExecFailed as exc:
+            raise nsexec.ExecFailed(f"exec in container {cid}: {exc}", exc.missing) from None
+        except TimeoutError:
+            raise DeadlineExceeded(f"exec in container {cid} did not start within {CREATE_TIMEOUT}s") from None
+        except OSError as exc:
+            raise Internal(f"exec in container {cid}: {exc}") from None
+        finally:
+            proc.close_child_stdio()
+        proc.started(pid, exited)
+        log.debug("exec %s: pid %d, started without crun", proc.name, pid)
+        return pid
 
     async def signal(self, cid: str, exec_id: str, signum: int, all_processes: bool) -> None:
         c = self.get(cid)

@@ -34,6 +34,8 @@ class AgentSettings:
     crun: str = "crun"
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
     cgroup_root: Path = Path("/sys/fs/cgroup")
+    # Exec processes with the agent's own setns path (nsexec) where it covers the spec, else crun.
+    native_exec: bool = True
 
     def __post_init__(self) -> None:
         if not all(CGROUP_NAME_RE.match(p) for p in self.cgroup_parent.split("/")):

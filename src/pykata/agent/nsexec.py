@@ -1,0 +1,372 @@
+"""The agent's own `crun exec --detach`: a process started in a running container without crun.
+
+Under TCG each crun call spends most of its time starting (a dynamically linked binary and ten
+shared libraries: ~40-70 ms in the guest before it does any work), and an exec is one such call.
+This module does what `crun exec` does for one process spec, from a child forked off the agent:
+
+  1. join the container's cgroup (v2: write "0" to its cgroup.procs, before the cgroup namespace)
+  2. setns(pidfd of the container's init, its namespaces): mount (which also makes the container's
+     root our root and cwd), pid (for children), ipc, uts, net, cgroup
+  3. rlimits; bounding set (drop every capability not listed); keep capabilities across the
+     user change; setgroups/setresgid/setresuid; umask; chdir(cwd) as that user
+  4. effective/permitted/inheritable (capset), ambient (clear, then raise each), no_new_privs,
+     then the container's seccomp filter: crun's own compiled program from its state directory
+     (what `crun exec` loads too)
+  5. posix_spawn the program (PATH searched in the process's environment, like crun) with the
+     stdio pipes as 0/1/2, a new session, every signal at its default and none blocked; every
+     other descriptor of the agent is close-on-exec before that, so none reaches the container
+  6. report its pid over a pipe and exit; the process re-parents to the agent (a subreaper)
+
+It covers what the guest sees from containerd and the SDK: cgroup v2, no user or time namespace,
+no terminal, no OOM score or scheduling fields, seccomp without flags or a listener. `plan()`
+answers None for anything else, and the agent runs crun instead (the same result, slower).
+
+The process never gets more than the spec asks for or crun would give: every set comes from the
+process spec alone and is applied in the kernel's order; nothing is inherited from the agent but
+what crun would inherit (the agent is root with every capability, as crun is); the bounding set is
+reduced before the user changes. tests/agent/test_nsexec_vm.py runs the same execs both ways in a
+guest and compares what the process sees, and tries the known escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import resource
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pykata.agent.reaper import ExitStatus, Reaper
+from pykata.errors import Code, PykataError
+
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+_CAP_NUMBER = {name: i for i, name in enumerate(CAPABILITIES)}
+
+NAMESPACE_FLAGS = {  # OCI namespace type -> CLONE_NEW*
+    "mount": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000, "ipc": 0x08000000,
+    "pid": 0x20000000, "network": 0x40000000,
+}
+_RLIMITS = {f"RLIMIT_{n}": i for i, n in enumerate((  # Linux's numbering (Python lacks some names)
+    "CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS", "LOCKS",
+    "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME"))}
+
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+MAX_SECCOMP_INSTRUCTIONS = 4096
+REPORT_LIMIT = 4096
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class ExecFailed(PykataError):
+    """The program could not be started; the message is what crun would say, and a missing
+    program answers NOT_FOUND as crun's message does."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.rpc_code = Code.NOT_FOUND if missing else Code.INTERNAL
+
+
+@dataclass(frozen=True)
+class ExecPlan:
+    """Everything the child applies, computed and checked before the fork."""
+
+    init_pid: int
+    ns_flags: int
+    cgroup_procs: Path
+    args: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    umask: int | None
+    bounding: int
+    effective: int
+    permitted: int
+    inheritable: int
+    ambient: tuple[int, ...]
+    no_new_privileges: bool
+    rlimits: tuple[tuple[int, int, int], ...]
+    seccomp: bytes | None
+
+
+def _mask(names: object) -> int | None:
+    if not isinstance(names, list):
+        return None
+    mask = 0
+    for name in names:
+        number = _CAP_NUMBER.get(name) if isinstance(name, str) else None
+        if number is None:
+            return None
+        mask |= 1 << number
+    return mask
+
+
+def plan(config: Mapping[str, Any], process: Mapping[str, Any], *, init_pid: int, cgroup_dir: Path | None,
+         cgroup_version: int, crun_state: Path) -> ExecPlan | None:
+    """The native plan for exec'ing `process` (an OCI process, checked by bundle.check_process) in
+    the container of `config` (its rewritten config.json), or None where crun must do it."""
+    linux = config.get("linux") or {}
+    if cgroup_version != 2 or cgroup_dir is None or init_pid <= 0 or process.get("terminal"):
+        return None
+    if any(k in process for k in ("oomScoreAdj", "scheduler", "ioPriority", "execCPUAffinity",
+                                  "apparmorProfile", "selinuxLabel", "consoleSize")):
+        return None
+    flags = 0
+    for ns in linux.get("namespaces") or []:
+        flag = NAMESPACE_FLAGS.get(str(ns.get("type"))) if isinstance(ns, dict) else None
+        if flag is None:
+            return None  # user, time or something unknown: crun knows how
+        flags |= flag
+    seccomp: bytes | None = None
+    if linux.get("seccomp"):
+        profile = linux["seccomp"]
+        if not isinstance(profile, dict) or profile.get("flags") or profile.get("listenerPath"):
+            return None
+        try:
+            seccomp = (crun_state / "seccomp.bpf").read_bytes()
+        except OSError:
+            return None
+        if not seccomp or len(seccomp) % 8 or len(seccomp) // 8 > MAX_SECCOMP_INSTRUCTIONS:
+            return None
+    caps = process.get("capabilities") or {}
+    masks = {k: _mask(caps.get(k, [])) for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
+    if any(m is None for m in masks.values()):
+        return None
+    rlimits = []
+    for r in process.get("rlimits") or []:
+        number = _RLIMITS.get(str(r.get("type"))) if isinstance(r, dict) else None
+        if number is None:
+            return None
+        rlimits.append((number, int(r.get("soft", 0)), int(r.get("hard", 0))))
+    user = process.get("user") or {}
+    ambient = masks["ambient"] or 0
+    return ExecPlan(
+        init_pid=init_pid, ns_flags=flags, cgroup_procs=cgroup_dir / "cgroup.procs",
+        args=tuple(process["args"]), env=tuple(process.get("env") or ()), cwd=process.get("cwd") or "/",
+        uid=int(user.get("uid", 0)), gid=int(user.get("gid", 0)),
+        groups=tuple(int(g) for g in user.get("additionalGids") or ()), umask=user.get("umask"),
+        bounding=masks["bounding"] or 0, effective=masks["effective"] or 0,
+        permitted=masks["permitted"] or 0, inheritable=masks["inheritable"] or 0,
+        ambient=tuple(i for i in range(len(CAPABILITIES)) if ambient >> i & 1),
+        no_new_privileges=bool(process.get("noNewPrivileges")), rlimits=tuple(rlimits), seccomp=seccomp)
+
+
+async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr: int,
+                timeout: float) -> tuple[int, asyncio.Future[ExitStatus]]:
+    """Start the process; returns its pid (in the agent's pid namespace) and its exit future.
+
+    Raises ProcessLookupError when the container's init is gone, ExecFailed when the program
+    cannot be started (the message says why, as crun says it), OSError, TimeoutError.
+    """
+    pidfd = os.pidfd_open(p.init_pid)
+    opened = [pidfd]
+    try:
+        cgroup_fd = os.open(p.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
+        opened.append(cgroup_fd)
+        report_r, report_w = os.pipe()
+        opened.append(report_w)
+        generation = reaper.generation
+        pid = os.fork()
+        if pid == 0:
+            _child(p, pidfd, cgroup_fd, (stdin, stdout, stderr), report_w)
+        child_exit = reaper.watch(pid, since=generation)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    try:
+        report = await _read_report(report_r, timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(child_exit)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(report_r)
+    if report.startswith(b"P") and report[1:].isdigit():
+        started = int(report[1:])
+        return started, reaper.watch(started, since=generation)
+    message = report[1:].decode(errors="replace") if report.startswith((b"E", b"M")) else \
+        f"exec failed (status {child_exit.result().code})"
+    raise ExecFailed(message, missing=report.startswith(b"M"))
+
+
+async def _read_report(fd: int, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, REPORT_LIMIT)
+        except BlockingIOError:
+            return
+        if chunk and len(data) < REPORT_LIMIT:
+            data.extend(chunk[:REPORT_LIMIT - len(data)])
+        elif not chunk and not done.done():
+            done.set_result(None)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await done
+    finally:
+        loop.remove_reader(fd)
+    return bytes(data)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _find_program(name: str, env: Sequence[str]) -> str | None:
+    if "/" in name:
+        return name
+    path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+    for d in path.split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int], report: int) -> NoReturn:
+    """In the forked child: never returns, never raises."""
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)  # the agent's loop must not hear this child's signals
+        # Nothing of the agent's may reach the container: all close on exec but the report pipe
+        # (which closes when this child exits) and the stdio, dup'ed onto 0-2 by posix_spawn.
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+        os.write(cgroup_fd, b"0")
+        _check(_libc.setns(pidfd, p.ns_flags), "setns")
+        for number, soft, hard in p.rlimits:
+            resource.setrlimit(number, (soft, hard))
+        for cap in range(len(CAPABILITIES)):
+            dropped = p.bounding >> cap & 1 or _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
+            if not dropped and ctypes.get_errno() != errno.EINVAL:  # EINVAL: the kernel lacks it
+                _check(-1, f"dropping {CAPABILITIES[cap]} from the bounding set")
+        if p.seccomp is not None and not p.no_new_privileges:
+            _load_seccomp(p.seccomp)  # needs CAP_SYS_ADMIN, which the user change may take away
+        _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
+        os.setgroups(list(p.groups))
+        os.setresgid(p.gid, p.gid, p.gid)
+        os.setresuid(p.uid, p.uid, p.uid)
+        if p.umask is not None:  # unset: inherit the agent's, as crun does
+            os.umask(p.umask)
+        try:
+            os.chdir(p.cwd)
+        except OSError as exc:
+            raise ExecFailed(f"chdir `{p.cwd}`: {exc.strerror}") from None
+        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        for i in range(2):
+            data[i].effective = (p.effective >> (32 * i)) & 0xFFFFFFFF
+            data[i].permitted = (p.permitted >> (32 * i)) & 0xFFFFFFFF
+            data[i].inheritable = (p.inheritable >> (32 * i)) & 0xFFFFFFFF
+        _check(_libc.capset(ctypes.byref(header), data), "capset")
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing ambient capabilities")
+        for cap in p.ambient:
+            _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"raising ambient {CAPABILITIES[cap]}")
+        if p.no_new_privileges:
+            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        env = list(p.env)
+        if not any(e.startswith("HOME=") for e in env):
+            env.append(f"HOME={_home(p.uid)}")  # as crun does
+        program = _find_program(p.args[0], env)
+        if program is None:
+            os.write(report, b"M" + f"executable file `{p.args[0]}` not found in $PATH: "
+                     "No such file or directory".encode()[:REPORT_LIMIT - 1])
+            os._exit(1)
+        if p.seccomp is not None and p.no_new_privileges:
+            _load_seccomp(p.seccomp)
+        default = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+        try:
+            pid = os.posix_spawn(program, list(p.args), dict(e.split("=", 1) for e in env if "=" in e),
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)],
+                                 setsid=True, setsigdef=default, setsigmask=())
+        except OSError as exc:
+            missing = exc.errno == errno.ENOENT
+            text = f"exec `{p.args[0]}`: {exc.strerror}".encode()
+            os.write(report, (b"M" if missing else b"E") + text[:REPORT_LIMIT - 1])
+            os._exit(1)
+        os.write(report, b"P%d" % pid)
+        status = 0
+    except ExecFailed as exc:
+        with contextlib.suppress(OSError):
+            os.write(report, b"E" + str(exc).encode(errors="replace")[:REPORT_LIMIT - 1])
+    except BaseException as exc:  # the child must end here, whatever happened
+        with contextlib.suppress(BaseException):
+            os.write(report, b"E" + str(exc).encode(errors="replace")[:REPORT_LIMIT - 1])
+    os._exit(status)
+
+
+def _home(uid: int) -> str:
+    """The user's home directory from the container's /etc/passwd (we are in its mount namespace),
+    else "/"."""
+    try:
+        fd = os.open("/etc/passwd", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            text = os.read(fd, 1 << 20).decode(errors="replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return "/"
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 6 and parts[2] == str(uid) and parts[5].startswith("/"):
+            return parts[5]
+    return "/"
+
+
+def _load_seccomp(program: bytes) -> None:
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
