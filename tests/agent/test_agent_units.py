@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from pykata.agent import bundle, command, guest, stats
+from pykata.agent import bundle, command, guest, nsexec, stats
 from pykata.agent.crun import SealedBinary
 from pykata.agent.reaper import ExitStatus, Reaper
 from pykata.errors import InvalidArgument
+from pykata.protocols.agent import agent_pb2
 from pykata.ttrpc import Code
 
 
@@ -196,3 +197,52 @@ def test_virtio_disk_found_by_serial(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(InvalidArgument) as ei:
         store._device_by_serial("storages[0].source", "missing")
     assert ei.value.field == "storages[0].source" and str(ei.value).startswith("storages[0].source")
+
+
+def test_nsexec_plan_covers_the_plain_case_and_leaves_the_rest_to_crun(tmp_path: Path) -> None:
+    """What the agent's own exec path takes on, and what it hands back to crun (None)."""
+    config: dict[str, Any] = {"linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount",
+                                                                                "network", "cgroup")]}}
+    proc: dict[str, Any] = {"args": ["true"], "env": ["PATH=/bin"], "cwd": "/",
+                            "user": {"uid": 1000, "gid": 1000, "additionalGids": [5]},
+                            "capabilities": {"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"],
+                                             "ambient": ["CAP_KILL"]},
+                            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 20}], "noNewPrivileges": True}
+    kw: dict[str, Any] = {"init_pid": 42, "cgroup_dir": tmp_path, "cgroup_version": 2, "crun_state": tmp_path}
+    p = nsexec.plan(config, proc, **kw)
+    assert p is not None
+    assert p.ns_flags == 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x20000000 | 0x40000000
+    assert (p.bounding, p.effective, p.permitted, p.ambient) == (1 << 5 | 1 << 0, 1 << 5, 0, (5,))
+    assert p.rlimits == ((7, 10, 20),) and p.groups == (5,) and p.seccomp is None
+    assert p.cgroup_procs == tmp_path / "cgroup.procs"
+    crun_only = [
+        ({**config, "linux": {"namespaces": [{"type": "user"}]}}, proc, kw),
+        (config, {**proc, "terminal": True}, kw),
+        (config, {**proc, "oomScoreAdj": 5}, kw),
+        (config, {**proc, "capabilities": {"bounding": ["CAP_NO_SUCH"]}}, kw),
+        (config, {**proc, "rlimits": [{"type": "RLIMIT_NO_SUCH", "soft": 1, "hard": 1}]}, kw),
+        (config, proc, {**kw, "cgroup_version": 1}),
+        # seccomp: crun's compiled program is needed; flags and listeners are crun's business
+        ({"linux": {**config["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}}, proc, kw),
+        ({"linux": {**config["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "flags": ["X"]}}}, proc, kw),
+    ]
+    for cfg, pr, args in crun_only:
+        assert nsexec.plan(cfg, pr, **args) is None, (cfg, pr, args)
+    (tmp_path / "seccomp.bpf").write_bytes(b"\x06\x00\x00\x00\x00\x00\xff\x7f")  # RET ALLOW
+    with_filter = nsexec.plan({"linux": {**config["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}},
+                              proc, **kw)
+    assert with_filter is not None and with_filter.seccomp == b"\x06\x00\x00\x00\x00\x00\xff\x7f"
+    (tmp_path / "seccomp.bpf").write_bytes(b"\x06\x00\x00")  # not whole instructions
+    assert nsexec.plan({"linux": {**config["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}},
+                       proc, **kw) is None
+
+
+def test_exec_capabilities_stay_within_the_containers_bounding_set(tmp_path: Path) -> None:
+    base = {"capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"]}}
+    ok = agent_pb2.Process(args=["true"], capabilities=agent_pb2.Capabilities(bounding=["CAP_KILL"]))
+    assert bundle.process_from_proto(ok, base, tmp_path)["capabilities"]["bounding"] == ["CAP_KILL"]
+    for kind in ("bounding", "effective", "inheritable", "permitted", "ambient"):
+        bad = agent_pb2.Process(args=["true"], capabilities=agent_pb2.Capabilities(**{kind: ["CAP_SYS_ADMIN"]}))
+        with pytest.raises(InvalidArgument) as ei:
+            bundle.process_from_proto(bad, base, tmp_path)
+        assert ei.value.field == f"process.capabilities.{kind}" and "CAP_SYS_ADMIN" in str(ei.value)
