@@ -8,13 +8,16 @@ bundle to which a tree of 2000 files in 110 directories is added under /usr/shar
   walk                    readdir + lstat of every entry below /usr: the image's read-only layers
 Each runtime runs the bundle --runs times (a fresh container each time); the median is reported:
   runc         `runc run` on the host (the baseline)
-  pykata       `pykata run` with runtime.rootfs_upper = "guest" (overlay in the guest, upper on tmpfs)
+  pykata       `pykata run` with runtime.rootfs_upper = "guest" (overlay in the guest, upper on tmpfs,
+               the image a read-only ext4 disk in an image slot: runtime.rootfs_block_slots)
+  pykata-9p    as pykata, the image through the shared directory instead (rootfs_block_slots = 0)
   pykata-host  `pykata run` with runtime.rootfs_upper = "host" (overlay on the host, through 9p/virtio-fs)
-  pykata-vfs   as pykata, but a cold-booted VM (factory.enable_template = false): virtio-fs, not 9p
+  pykata-vfs   as pykata, but a cold-booted VM (factory.enable_template = false)
+  pykata-vfs-shared  as pykata-vfs, the image through virtio-fs (rootfs_block_slots = 0)
 The pykata columns use the configuration in force ($PYKATA_CONFIG or the packaged one: templated VMs,
-so 9p); pykata-host and pykata-vfs change one key of the packaged configuration.
+so 9p); the others change keys of the packaged configuration. Runtimes take turns within each run.
 
-    .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs]
+    .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs] [--no-shared]
 """
 
 from __future__ import annotations
@@ -97,20 +100,31 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-host", action="store_true", help="skip rootfs_upper = \"host\" (slow)")
     ap.add_argument("--no-vfs", action="store_true", help="skip the cold-booted virtio-fs VM")
+    ap.add_argument("--no-shared", action="store_true", help="skip the image through the shared directory")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fsbench-") as d:
         tmp = Path(d)
         bundle = make_bundle(tmp, args.files)
         configs: dict[str, Path | None] = {"pykata": None}
-        if not args.no_host:
-            host = tmp / "host.toml"
-            text = packaged_default_text()
-            host.write_text(text.replace('rootfs_upper = "guest"', 'rootfs_upper = "host"'))
-            configs["pykata-host"] = host
-        if not args.no_vfs:
-            vfs = tmp / "vfs.toml"
-            vfs.write_text(packaged_default_text().replace("enable_template = true", "enable_template = false"))
-            configs["pykata-vfs"] = vfs
+        text = packaged_default_text()
+        shared = ("rootfs_block_slots = 4", "rootfs_block_slots = 0")
+        cold = ("enable_template = true", "enable_template = false")
+        variants = {
+            "pykata-9p": [shared] if not args.no_shared else None,
+            "pykata-host": [('rootfs_upper = "guest"', 'rootfs_upper = "host"')] if not args.no_host else None,
+            "pykata-vfs": [cold] if not args.no_vfs else None,
+            "pykata-vfs-shared": [cold, shared] if not (args.no_vfs or args.no_shared) else None,
+        }
+        for name, changes in variants.items():
+            if changes is None:
+                continue
+            changed = text
+            for old, new in changes:
+                if old not in changed:
+                    raise SystemExit(f"the packaged configuration has no {old!r}")
+                changed = changed.replace(old, new)
+            (tmp / f"{name}.toml").write_text(changed)
+            configs[name] = tmp / f"{name}.toml"
         results: dict[str, list[dict[str, float]]] = {"runc": [], **{k: [] for k in configs}}
         for _ in range(args.runs):
             results["runc"].append(run_runc(bundle))
@@ -126,6 +140,7 @@ def main() -> int:
             ratio = med[k][op] / base if base > 0 else float("inf")
             cells.append(f"{med[k][op]:>14.4f} ({ratio:>6.1f}x)")
         print(f"{op:<10}" + "".join(cells))
+    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
     return 0
 
 
