@@ -209,3 +209,25 @@ def test_run_detached_then_attach() -> None:
     assert b"no such container" in pykata("attach", name).stderr
     refused = pykata("run", "-d", "-i", "busybox", "true")
     assert refused.returncode != 0 and b"--interactive" in refused.stderr and b"Traceback" not in refused.stderr
+
+
+@pytest.mark.vm
+def test_hostile_bundle_fails_naming_the_image_and_leaves_nothing(tmp_path: Path) -> None:
+    # the image becomes a disk for the guest (pykata.resources.rootimage): a device node in it is
+    # refused, as the image store refuses one, with an error naming the image and the entry
+    bundle = tmp_path / "hostile"
+    (bundle / "rootfs/dev").mkdir(parents=True)
+    os.mknod(bundle / "rootfs/dev/sda", 0o60600, os.makedev(8, 0))
+    (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}, "root": {"path": "rootfs"}}))
+    sandboxes = Path("/run/pykata/sandboxes")
+    before = set(sandboxes.glob("*")) if sandboxes.exists() else set()
+    p = subprocess.Popen([PYKATA, "run", "--rm", str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert f"image {bundle}".encode() in err and b"'dev/sda' is a device node" in err, err
+    assert b"Traceback" not in err
+    new = (set(sandboxes.glob("*")) if sandboxes.exists() else set()) - before
+    owners = [json.loads((d / "state.json").read_text()).get("owner_pid") for d in new
+              if (d / "state.json").exists()]
+    assert p.pid not in owners
+    assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
