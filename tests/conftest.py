@@ -41,9 +41,21 @@ def _taps() -> set[str]:
     return {ln.split(":")[1].strip() for ln in out.splitlines() if ln.strip()}
 
 
+def _filter_rules() -> set[str]:
+    """The host filter rules an egress sandbox makes (pykata.network.egress): its chain and jumps."""
+    found = set()
+    for tool in ("iptables", "ip6tables"):
+        try:
+            out = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=False).stdout
+        except FileNotFoundError:
+            continue
+        found |= {f"{tool} {ln}" for ln in out.splitlines() if "PYKATA-" in ln or "pykata sandbox" in ln}
+    return found
+
+
 def snapshot_resources() -> dict[str, set[object]]:
     return {"processes": set(_processes()), "mounts": set(_mounts()), "netns": set(_netns()),
-            "taps": set(_taps())}
+            "taps": set(_taps()), "filter rules": set(_filter_rules())}
 
 
 _BEFORE: dict[str, set[object]] = {}

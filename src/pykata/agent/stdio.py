@@ -17,6 +17,7 @@ import socket
 import stat
 import struct
 import termios
+from collections import deque
 
 from pykata.errors import FailedPrecondition
 
@@ -46,7 +47,8 @@ class OutputStream:
         self._buf = bytearray()
         self._eof = False
         self._reading = False
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._waiters: dict[asyncio.Future[None], None] = {}
+        self._turns: deque[object] = deque()  # the reads waiting, in the order they were made
         self.total = 0  # bytes received from the process so far
         self.drained = False  # end of file was handed to a reader
         os.set_blocking(fd, False)
@@ -110,32 +112,42 @@ class OutputStream:
         self._waiters.clear()
 
     async def read(self, max_length: int) -> tuple[bytes, bool]:
-        """Up to `max_length` bytes as soon as any are there; (b"", True) once the stream ended."""
-        while not self._buf and not self._eof:
-            fut = self._loop.create_future()
-            self._waiters.add(fut)
-            try:
-                await fut
-            finally:
-                self._waiters.discard(fut)
-        if self._buf:
-            n = min(max_length, len(self._buf))
-            data = bytes(self._buf[:n])
-            del self._buf[:n]
-            self._resume()
-            return data, False
-        self.drained = True
-        return b"", True
+        """Up to `max_length` bytes as soon as any are there; (b"", True) once the stream ended.
+
+        Concurrent reads (a host reading ahead) are served strictly in the order they were made:
+        each waits for its turn, so the bytes go out in the order the host asked for them."""
+        turn = object()
+        self._turns.append(turn)
+        try:
+            while self._turns[0] is not turn or (not self._buf and not self._eof):
+                fut = self._loop.create_future()
+                self._waiters[fut] = None
+                try:
+                    await fut
+                finally:
+                    self._waiters.pop(fut, None)
+            if self._buf:
+                n = min(max_length, len(self._buf))
+                data = bytes(self._buf[:n])
+                del self._buf[:n]
+                self._resume()
+                return data, False
+            self.drained = True
+            return b"", True
+        finally:
+            self._turns.remove(turn)
+            if self._turns:
+                self._wake()  # the next reader's turn
 
     async def wait_eof(self) -> None:
         """Wait until the process side closed (the buffer may still hold data)."""
         while not self._eof:
             fut = self._loop.create_future()
-            self._waiters.add(fut)
+            self._waiters[fut] = None
             try:
                 await fut
             finally:
-                self._waiters.discard(fut)
+                self._waiters.pop(fut, None)
 
     def close(self) -> None:
         """Stop reading and drop the buffer; readers get end of file. Idempotent."""

@@ -28,9 +28,11 @@ log = logging.getLogger("pykata.factory")
 
 def template_nics(devices: Sequence[Device]) -> int | None:
     """How many NICs a template for a VM with `devices` (cold-plugged) has, or None when the devices
-    are not ones a template carries: only NICs, pykata.network's net0, net1, ... with its guest MACs."""
+    are not ones a template carries: only NICs on taps, pykata.network's net0, net1, ... with its guest
+    MACs. (A user-mode network NIC cannot restore a tap template's NIC: the saved virtio-net state
+    requires the tap's vnet headers.)"""
     for i, dev in enumerate(devices):
-        if not isinstance(dev, NetDevice) or dev.id != nic_id(i) or dev.mac != guest_mac(i):
+        if not isinstance(dev, NetDevice) or dev.user_net or dev.id != nic_id(i) or dev.mac != guest_mac(i):
             return None
     return len(devices)
 
@@ -63,10 +65,12 @@ async def start_vm(
     guest_shutdown: Callable[[], Awaitable[None]] | None = None,
     vm_dir: Path | None = None,
     die_with_owner: bool = False,
+    prepared: Callable[[Hypervisor], Awaitable[None]] | None = None,
 ) -> Hypervisor:
     """A started VM for a sandbox, restored from a template or booted (the caller then awaits
     `wait_ready()`). `devices` (the pod's NICs, as plain device values) are cold-plugged. A restored VM
-    without a `readiness` probe is ready when its agent answers a health check.
+    without a `readiness` probe is ready when its agent answers a health check. `prepared` runs after
+    the VM is prepared (its jail uid known) and before QEMU starts: host rules for its traffic.
 
     On any failure the VM is stopped; a template whose state QEMU cannot load is discarded (useless for
     every later VM too), so the next VM makes a fresh one.
@@ -85,6 +89,8 @@ async def start_vm(
         for dev in devices:
             await vm.add_device(dev)
         await vm.prepare()
+        if prepared is not None:
+            await prepared(vm)
         await vm.start()
     except BaseException as exc:
         if isinstance(exc, RestoreError) and template is not None:

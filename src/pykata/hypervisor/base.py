@@ -224,3 +224,19 @@ class Hypervisor(abc.ABC):
     def restore_source(self) -> RestoreSource | None:
         """The saved VM this one was started from, else None (it booted). A restored guest wakes up
         with the saved guest's wall clock, which its owner must set."""
+
+    @property
+    def jail_uid(self) -> int | None:
+        """The host uid the VMM runs as when it has one of its own (known from `prepare()` on), else
+        None. Host rules that must apply to this VM's traffic alone (an egress policy) match it."""
+        return None
+
+    async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int) -> None:
+        """Forward TCP `host_address:host_port` on the host to `guest_port` of the guest on NIC
+        `device_id` (a user-mode network NIC).
+
+        Raises:
+            NotSupportedError: this hypervisor or NIC cannot.
+            HypervisorError: the host port is taken, or the VMM refused.
+        """
+        raise NotSupportedError(f"forward_port is not supported by {type(self).__name__}")

@@ -41,19 +41,22 @@ class BlockDevice:
 
 @dataclass(frozen=True)
 class NetDevice:
-    """A virtio-net NIC on a host tap: an open tap `fd` (preferred: QEMU needs no rights) or its name."""
+    """A virtio-net NIC on a host tap: an open tap `fd` (preferred: QEMU needs no rights) or its name;
+    or, with `user_net`, on QEMU's user-mode network (libslirp in QEMU: the guest's connections
+    become QEMU's own sockets on the host, IPv4 only; filtering them by QEMU's uid is the caller's)."""
 
     id: str
     mac: str
     tap_fd: int | None = None
     tap_name: str | None = None
+    user_net: bool = False
 
     def __post_init__(self) -> None:
         check_device_id(self.id)
         if not _MAC.match(self.mac):
             raise HypervisorError(f"device {self.id}: bad MAC address {self.mac!r} (want aa:bb:cc:dd:ee:ff)")
-        if (self.tap_fd is None) == (self.tap_name is None):
-            raise HypervisorError(f"device {self.id}: give exactly one of tap_fd and tap_name")
+        if [self.tap_fd is not None, self.tap_name is not None, self.user_net].count(True) != 1:
+            raise HypervisorError(f"device {self.id}: give exactly one of tap_fd, tap_name and user_net")
 
 
 Device = BlockDevice | NetDevice

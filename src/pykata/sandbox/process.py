@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal as _signal
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from pykata.agentapi import Agent
 
 READ_CHUNK = 1 << 20  # the agent's cap per read
+READ_AHEAD = 2  # reads of one stream in flight
+WRITE_AHEAD = 3  # stdin chunks in flight
 Stream = Literal["stdout", "stderr"]
 
 
@@ -48,15 +51,54 @@ class Process:
         return await read(self.container_id, self.exec_id, max_length)
 
     async def chunks(self, stream: Stream = "stdout") -> AsyncIterator[bytes]:
-        while (data := await self.read(stream)) is not None:
-            yield data
+        """The stream's bytes as they come, with READ_AHEAD reads in flight: the agent answers
+        concurrent reads of a stream in the order they arrived, so while one answer crosses the channel
+        the next is being prepared (a round trip per read otherwise bounds throughput)."""
+        pending: deque[asyncio.Future[bytes | None]] = deque()
+        try:
+            while True:
+                while len(pending) < READ_AHEAD:
+                    pending.append(asyncio.ensure_future(self.read(stream)))
+                data = await pending.popleft()
+                if data is None:
+                    return
+                yield data
+        finally:
+            for fut in pending:
+                fut.cancel()
+            # the reads still in flight after the end of the stream only return end of file too
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def write_stdin(self, data: bytes) -> None:
-        """Write all of `data` to the process's stdin (the agent may take it in parts)."""
+        """Write all of `data` to the process's stdin, up to WRITE_AHEAD chunks in flight (the agent
+        takes them in the order sent). A chunk taken only in part means stdin closed or the process
+        went away: the rest is sent again, which fails with the agent's error."""
         view = memoryview(data)
-        while view:
-            taken = await self._agent.write_stdin(self.container_id, self.exec_id, bytes(view[:READ_CHUNK]))
-            view = view[taken:]
+        if len(view) <= READ_CHUNK:
+            while view:
+                taken = await self._agent.write_stdin(self.container_id, self.exec_id, bytes(view))
+                view = view[taken:]
+            return
+        pending: deque[tuple[asyncio.Future[int], int, int]] = deque()
+        try:
+            for start in range(0, len(view), READ_CHUNK):
+                chunk = bytes(view[start:start + READ_CHUNK])
+                pending.append((asyncio.ensure_future(
+                    self._agent.write_stdin(self.container_id, self.exec_id, chunk)), start, len(chunk)))
+                if len(pending) >= WRITE_AHEAD:
+                    await self._taken(*pending.popleft(), view)
+            while pending:
+                await self._taken(*pending.popleft(), view)
+        finally:
+            for fut, _, _ in pending:
+                fut.cancel()
+            await asyncio.gather(*(f for f, _, _ in pending), return_exceptions=True)
+
+    async def _taken(self, fut: asyncio.Future[int], start: int, length: int, view: memoryview) -> None:
+        taken = await fut
+        rest = view[start + taken:start + length]
+        while rest:  # stdin closed midway: this raises the agent's error
+            rest = rest[await self._agent.write_stdin(self.container_id, self.exec_id, bytes(rest)):]
 
     async def close_stdin(self) -> None:
         await self._agent.close_stdin(self.container_id, self.exec_id)

@@ -37,8 +37,8 @@ from pykata.config import Config, load_config
 from pykata.errors import PykataError, SandboxError
 from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
-from pykata.hypervisor.devices import root_slot_serial
-from pykata.network import PodNetwork
+from pykata.hypervisor.devices import Device, NetDevice, root_slot_serial
+from pykata.network import EgressPolicy, PodNetwork, egress, guest_mac, nic_id
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.protocols.agent import agent_pb2
@@ -158,6 +158,8 @@ class Sandbox:
         self.root_images = RootImageCache(config.runtime, config.image)
         self.root_slots = SlotTable(0)
         self._slot_lock = asyncio.Lock()
+        self.egress: EgressPolicy | None = None
+        self._egress_uid: int | None = None  # the VMM's uid the host filter rules were made for
 
     @property
     def agent(self) -> Agent:
@@ -172,11 +174,13 @@ class Sandbox:
         cls, sandbox_id: str | None = None, *, config: Config | None = None, vcpus: int | None = None,
         memory_mib: int | None = None, hostname: str = "", name: str = "", serve_proxy: bool = True,
         boot_timeout: float | None = None, netns: str | None = None, guest_share: bool = True,
+        egress: EgressPolicy | None = None,
     ) -> Sandbox:
         """Boot a VM, connect to its agent and set the sandbox up.
 
         `netns`: a network namespace (path) whose interfaces the VM takes over (pykata.network): a
-        CNI-made pod namespace. Without it the VM has no NIC.
+        CNI-made pod namespace. `egress`: one NIC on QEMU's user network whose traffic the host filters
+        by the VMM's uid (pykata.network.egress). Without either the VM has no NIC.
         `guest_share=False`: the guest never mounts the shared directory; container roots are copied
         into the guest (its RAM) and volumes are refused. Such a sandbox can be snapshotted (QEMU
         refuses to migrate a VM with a 9p share mounted; pykata.sandbox.snapshot).
@@ -203,6 +207,9 @@ class Sandbox:
         runtime = config.runtime
         if runtime.enable_tracing:  # the shim has set it up already; `pykata run` and the SDK here
             tracing.setup(service="pykata", endpoint=runtime.tracing_endpoint, file=runtime.tracing_file)
+        if egress is not None and netns is not None:
+            raise SandboxError(sid, "a sandbox has a pod network (netns) or an egress policy, not both")
+        sb.egress = egress
         try:
             with tracing.span("sandbox.create", sandbox_id=sid):
                 await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
@@ -234,11 +241,14 @@ class Sandbox:
                 self.network = await attach_network(self.netns)
         # The factory decides between a template clone and a cold boot; it stops the VM if starting fails.
         mark("vm.start")
+        devices: list[Device] = list(nic_devices(self.network)) if self.network is not None else []
+        if self.egress is not None:
+            devices.append(NetDevice(nic_id(0), guest_mac(0), user_net=True))
         with tracing.span("vm.start") as span:
             self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
                                      vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
-                                     devices=nic_devices(self.network) if self.network is not None else (),
-                                     die_with_owner=die_with_owner)
+                                     devices=devices, die_with_owner=die_with_owner,
+                                     prepared=self._filter_egress if self.egress is not None else None)
             if span is not None:
                 span.set_attribute("boot", "cold" if self.vm.restore_source is None else "template")
                 span.set_attribute("vmm_pid", self.vm.pid or 0)
@@ -282,6 +292,9 @@ class Sandbox:
             for iface in self.network.interfaces():
                 await self.agent.update_interface(iface)
             await self.agent.update_routes(self.network.guest_routes())
+        if self.egress is not None:
+            await self.agent.update_interface(egress.guest_interface(guest_mac(0)))
+            await self.agent.update_routes(egress.guest_routes())
         if serve_proxy:
             self._proxy = await serve_agent_proxy(self.agent, self.dir / AGENT_PROXY_SOCKET)
         self.record.status = "running"
@@ -343,6 +356,21 @@ class Sandbox:
         except BaseException:
             await asyncio.shield(self.stop(remove=True))
             raise
+    async def _filter_egress(self, vm: Hypervisor) -> None:
+        """The host's filter rules for the VM's traffic, made before QEMU runs. Raises EgressError."""
+        assert self.egress is not None
+        uid = vm.jail_uid
+        if uid is None:
+            raise egress.EgressError("network='egress' needs the VMM's own uid (hypervisor.qemu.jail_user = true)")
+        self._egress_uid = uid
+        await egress.install(self.egress, uid, self.id)
+
+    async def forward_port(self, guest_port: int, host_port: int, host_address: str = "127.0.0.1") -> None:
+        """Forward TCP host_address:host_port to `guest_port` in an egress sandbox.
+        Raises SandboxError (no egress NIC), HypervisorError (port taken)."""
+        if self.egress is None or self.vm is None:
+            raise SandboxError(self.id, "forwarding a port needs a sandbox made with an egress network")
+        await self.vm.forward_port(nic_id(0), host_address, host_port, guest_port)
 
     async def _reseed_clone(self) -> None:
         """Give a VM cloned from a template its own randomness and boot id (agent ReseedRandomDev),
@@ -592,6 +620,12 @@ class Sandbox:
             await self._agent.close()
         if self.network is not None:
             await detach_network(self.network)
+        if self._egress_uid is not None:  # after the VM ended: its uid never runs unfiltered
+            try:
+                await egress.remove(self._egress_uid, self.id)
+                self._egress_uid = None
+            except PykataError as e:
+                log.warning("sandbox %s: %s", self.id, e)
         try:
             self.mounts.teardown()
             mounts.unmount_all(self.dir)  # what a failed unmount above left, by the mount table

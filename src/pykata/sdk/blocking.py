@@ -17,7 +17,7 @@ from typing import IO, Any, TypeVar
 
 from pykata.config import Config
 from pykata.errors import PykataError
-from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, Metrics, SandboxInfo, User
+from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, Metrics, Network, SandboxInfo, User
 from pykata.sdk.files import MAX_DOWNLOAD, MAX_READ, AsyncFiles, FileInfo, Progress
 from pykata.sdk.loop import SHARED
 from pykata.sdk.pool import AsyncPool
@@ -164,12 +164,15 @@ class Sandbox:
     """The same as AsyncSandbox for code without an event loop. Use `with`, or `start()` / `close()`."""
 
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
-                 env: Env | None = None, volumes: Sequence[str] = (), config: Config | None = None,
-                 timeout: float | None = None, cwd: str | None = None, user: User | None = None,
-                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND, snapshots: bool = False) -> None:
-        self._async = AsyncSandbox(image, cpus=cpus, memory_mib=memory_mib, env=env, volumes=volumes,
-                                   config=config, timeout=timeout, cwd=cwd, user=user, name=name,
-                                   idle_command=idle_command, snapshots=snapshots)
+                 disk_mib: int | None = None, env: Env | None = None, volumes: Sequence[str] = (),
+                 config: Config | None = None, timeout: float | None = None, cwd: str | None = None,
+                 user: User | None = None, name: str = "", idle_command: Sequence[str] = IDLE_COMMAND,
+                 snapshots: bool = False, network: Network | None = None, allow: Sequence[str] | None = None,
+                 deny: Sequence[str] = (), dns: Sequence[str] = ()) -> None:
+        self._async = AsyncSandbox(image, cpus=cpus, memory_mib=memory_mib, disk_mib=disk_mib, env=env,
+                                   volumes=volumes, config=config, timeout=timeout, cwd=cwd, user=user, name=name,
+                                   idle_command=idle_command, snapshots=snapshots, network=network, allow=allow,
+                                   deny=deny, dns=dns)
         self.files = Files(self._async.files)
         self._token: int | None = None
 
@@ -267,6 +270,9 @@ class Sandbox:
                 name: str = "") -> Sandbox:
         """See AsyncSandbox.restore: a new sandbox from a snapshot, in this process."""
         return cls._adopt(AsyncSandbox.restore(path, config=config, timeout=timeout, name=name))
+    def expose(self, port: int, *, host_port: int = 0, host: str = "127.0.0.1") -> int:
+        """Forward a host port to `port` in the sandbox (see AsyncSandbox.expose); returns the host port."""
+        return _run(self._async.expose(port, host_port=host_port, host=host))
 
     @staticmethod
     def list(config: Config | None = None) -> list[SandboxInfo]:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pykata.config import Config, load_config
-from pykata.errors import AgentError, PykataError
+from pykata.errors import AgentError, HypervisorError, InvalidArgument, PykataError
 from pykata.images import ImageStore
+from pykata.network import EgressPolicy
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
 from pykata.sandbox.ocispec import SpecError, parse_user
@@ -37,6 +41,7 @@ MAX_OUTPUT = 256 << 20  # what run() collects at most (the guest decides how muc
 SDK_STATE = "sdk.json"  # what connect() needs to run commands as the creator did
 
 Command = str | Sequence[str]
+Network = Literal["none", "egress"]
 Env = Mapping[str, str] | Sequence[str]
 User = int | str | tuple[int, int]
 
@@ -50,6 +55,8 @@ class Metrics:
     memory_peak_bytes: int
     memory_limit_bytes: int  # 0: no limit but the VM's size
     pids: int
+    disk_used_bytes: int  # what the container wrote to its root (its writable layer, in guest memory)
+    disk_size_bytes: int  # the writable layer's size (`disk_mib`)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,28 @@ class SandboxInfo:
     image: str
     created_at: float
     owner_pid: int
+
+
+def _egress_policy(network: Network | None, allow: Sequence[str] | None, deny: Sequence[str],
+                   dns: Sequence[str]) -> EgressPolicy | None:
+    if network not in (None, "none", "egress"):
+        raise SpecError("network", f"{network!r}: use None (no NIC, the default) or \"egress\"")
+    if network != "egress":
+        for value, field in ((allow, "allow"), (deny, "deny"), (dns, "dns")):
+            if value:
+                raise SpecError(field, "needs network=\"egress\" (a sandbox has no network by default)")
+        return None
+    try:
+        return EgressPolicy.build(allow=allow, deny=deny, dns=dns)
+    except InvalidArgument as e:
+        raise SpecError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+
+
+def _free_port(host: str) -> int:
+    """A port nothing listens on now (QEMU binds it a moment later; a race is retried)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _argv(cmd: Command) -> list[str]:
@@ -100,18 +129,28 @@ class AsyncSandbox:
     """
 
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
-                 env: Env | None = None, volumes: Sequence[str] = (), config: Config | None = None,
-                 timeout: float | None = None, cwd: str | None = None, user: User | None = None,
-                 name: str = "", idle_command: Sequence[str] = IDLE_COMMAND, snapshots: bool = False) -> None:
+                 disk_mib: int | None = None, env: Env | None = None, volumes: Sequence[str] = (),
+                 config: Config | None = None, timeout: float | None = None, cwd: str | None = None,
+                 user: User | None = None, name: str = "", idle_command: Sequence[str] = IDLE_COMMAND,
+                 snapshots: bool = False, network: Network | None = None, allow: Sequence[str] | None = None,
+                 deny: Sequence[str] = (), dns: Sequence[str] = ()) -> None:
         self.image_ref = image
         self.cpus = cpus
         self.memory_mib = memory_mib
+        if disk_mib is not None and (not isinstance(disk_mib, int) or disk_mib <= 0):
+            raise SpecError("disk_mib", f"{disk_mib!r} must be a positive number of MiB")
+        self.disk_mib = disk_mib
+        self.egress = _egress_policy(network, allow, deny, dns)
+        self._exposed: dict[int, int] = {}  # guest port -> host port
         self.volumes = list(volumes)
         self.config = config
         self.name = name
         self.idle_command = list(idle_command)
         # A sandbox that can be snapshotted shares no host directory with its guest (sdk/snapshot.py).
         self.snapshots = snapshots
+        if snapshots and self.egress is not None:
+            raise SpecError("network", "a sandbox made for snapshots has no network yet (a restored VM would "
+                                       "need its NIC and host rules made again)")
         self.files = AsyncFiles(self)
         self._extra_env = _env_list(env)
         self._user = _user(user)
@@ -166,8 +205,16 @@ class AsyncSandbox:
         if self.snapshots and vols:
             raise SpecError("volumes", "a sandbox made for snapshots cannot have volumes (they are host "
                                        "directories shared with the guest)")
+        if self.disk_mib is not None:
+            # the writable layer is a tmpfs in guest memory: it can never hold more than the VM has
+            vm_mib = memory_mib or config.qemu.default_memory
+            if self.disk_mib > vm_mib:
+                raise SpecError("disk_mib", f"{self.disk_mib} MiB is more than the sandbox's memory ({vm_mib} MiB): "
+                                "the writable layer lives in guest memory; raise memory_mib")
+            config = dataclasses.replace(config, runtime=dataclasses.replace(
+                config.runtime, rootfs_upper_size=self.disk_mib))
         self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name,
-                                             guest_share=not self.snapshots)
+                                             guest_share=not self.snapshots, egress=self.egress)
         self._cid = self._sandbox.id
         try:
             async with self._denials():
@@ -175,6 +222,8 @@ class AsyncSandbox:
                     self._sandbox.id, spec, image.rootfs, volumes=vols, image=self.image_ref)
                 await self._container.start()
             await self._container.init.close_stdin()
+            if self.egress is not None and self.egress.dns:
+                await self.files.write("/etc/resolv.conf", "".join(f"nameserver {r}\n" for r in self.egress.dns))
             self._write_sdk_state()
         except BaseException:
             await self._destroy("start failed")
@@ -300,13 +349,51 @@ class AsyncSandbox:
         return record is None or not lookup.Found(self._found.dir, record).running
 
     async def metrics(self) -> Metrics:
-        """CPU time, memory and processes of the sandbox's container. Raises SandboxGoneError, AgentError."""
+        """CPU time, memory, processes and disk use of the sandbox's container. Raises SandboxGoneError,
+        AgentError, SdkError."""
         sb = self._own("metrics")
         async with self._guard():
             s = await sb.stats_container(self._cid or sb.id)
+        # statfs of the container's root in its own view (the overlay: its size and use are the tmpfs
+        # upper layer's); the answer is the guest's, so it is parsed strictly
+        r = await self.run(["stat", "-f", "-c", "%S %b %f", "/"], max_output=256)
+        try:
+            block, blocks, free = (int(x) for x in r.stdout.split())
+            if r.exit_code != 0 or min(block, blocks, free) < 0 or free > blocks:
+                raise ValueError
+        except ValueError:
+            raise SdkError(f"metrics: unexpected statfs answer {r.stdout[:80]!r}", sandbox_id=self.id) from None
         return Metrics(cpu_seconds=s.cpu.usage_total_ns / 1e9, memory_bytes=s.memory.usage,
                        memory_peak_bytes=s.memory.max_usage, memory_limit_bytes=s.memory.limit,
-                       pids=s.pids.current)
+                       pids=s.pids.current, disk_used_bytes=(blocks - free) * block, disk_size_bytes=blocks * block)
+
+    async def expose(self, port: int, *, host_port: int = 0, host: str = "127.0.0.1") -> int:
+        """Forward TCP `host:host_port` on the host to `port` in the sandbox (a sandbox made with
+        network="egress"); `host_port` 0 picks a free one. Returns the host port. The forward ends with
+        the sandbox. Raises SpecError (bad port, no egress network), PolicyDeniedError (not the owner),
+        SdkError (the host port is taken)."""
+        sb = self._own("expose")
+        self._check()
+        for value, field in ((port, "port"), (host_port, "host_port")):
+            if not isinstance(value, int) or not 0 <= value <= 65535 or (field == "port" and value == 0):
+                raise SpecError(field, f"{value!r} is not a TCP port")
+        try:
+            host_ip = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise SpecError("host", f"{host!r} is not an IPv4 address of this host") from None
+        if self.egress is None:
+            raise SpecError("network", "expose() needs a sandbox made with network='egress'")
+        for _ in range(3 if host_port == 0 else 1):
+            chosen = host_port or _free_port(host_ip)
+            try:
+                await sb.forward_port(port, chosen, host_ip)
+            except HypervisorError as e:
+                last = e
+                continue
+            self._exposed[port] = chosen
+            return chosen
+        raise SdkError(f"expose {port}: cannot listen on {host_ip}:{host_port or 'a free port'}: {last}",
+                       sandbox_id=self.id)
 
     @contextlib.asynccontextmanager
     async def _denials(self) -> AsyncIterator[None]:

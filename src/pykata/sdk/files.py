@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
+from pykata.errors import PykataError
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SdkError
 from pykata.sdk.process import AsyncProcess, ExecResult
 
@@ -43,6 +44,7 @@ CHUNK = 1 << 20
 MAX_READ = 256 << 20  # read()/read_bytes() default cap: the guest decides how much it sends
 MAX_DOWNLOAD = 4 << 30
 MAX_LIST = 100_000
+STDERR_WAIT = 30.0  # how long a write that failed midway waits for the command's own error
 
 _STAT_FORMAT = "%f %s %u %g %Y"
 _LIST_SCRIPT = f"""cd "$1" || exit 1
@@ -128,15 +130,22 @@ class AsyncFiles:
         proc = await self._sb.spawn(argv, stdin=True)
         done = 0
         try:
-            while True:
-                chunk = source[done:done + CHUNK] if isinstance(source, bytes) else source.read(CHUNK)
-                if not chunk:
-                    break
-                await proc.stdin.write(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-            await proc.stdin.close()
+            try:
+                while True:
+                    chunk = source[done:done + CHUNK] if isinstance(source, bytes) else source.read(CHUNK)
+                    if not chunk:
+                        break
+                    await proc.stdin.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+                await proc.stdin.close()
+            except PykataError:
+                # the command stopped reading (no space left, permission denied): its own error says why
+                r = await proc.result(STDERR_WAIT)
+                if r.exit_code != 0:
+                    raise _error("write", p, r, self._sb.id) from None
+                raise
             r = await proc.result()
         except BaseException:
             with contextlib.suppress(Exception):

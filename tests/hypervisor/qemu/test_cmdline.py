@@ -133,3 +133,9 @@ def test_kernel_params_order() -> None:
 def test_net_tap_needs_one_of_fd_or_name() -> None:
     with pytest.raises(ValueError):
         c.VirtioNetTap("pci", "n0", "02:00:00:00:00:01").argv()
+
+
+def test_net_user_renders_slirp_without_ipv6() -> None:
+    assert c.VirtioNetUser("mmio", "net0", "02:50:4b:00:00:01").argv() == [
+        "-netdev", "user,id=netdev-net0,net=10.0.2.0/24,host=10.0.2.2,ipv6=off",
+        "-device", "virtio-net-device,id=net0,netdev=netdev-net0,mac=02:50:4b:00:00:01"]

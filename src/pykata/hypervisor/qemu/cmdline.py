@@ -367,6 +367,23 @@ class VirtioNetTap:
 
 
 @dataclass(frozen=True)
+class VirtioNetUser:
+    """A virtio-net NIC on QEMU's user-mode network (libslirp): 10.0.2.0/24, the guest at .15,
+    the gateway at .2. IPv6 off; no DNS relay, TFTP or SMB (the jailed QEMU has no /etc to read)."""
+
+    bus: Bus
+    id: str
+    mac: str
+
+    def argv(self) -> list[str]:
+        netdev = f"netdev-{self.id}"
+        return ["-netdev", opts("user", ("id", netdev), ("net", "10.0.2.0/24"), ("host", "10.0.2.2"),
+                                ("ipv6", False)),
+                "-device", opts(virtio_driver("virtio-net", self.bus), ("id", self.id), ("netdev", netdev),
+                                ("mac", self.mac))]
+
+
+@dataclass(frozen=True)
 class VirtioBlk:
     bus: Bus
     id: str

@@ -436,6 +436,23 @@ class QemuHypervisor(Hypervisor):
         await self._hotplug.add_device(self.qmp, device, shared=self._shares_memory)
         self._devices[device.id] = device
 
+    @property
+    def jail_uid(self) -> int | None:
+        return self._uid_lease.uid if self._uid_lease is not None else None
+
+    async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int) -> None:
+        device = self._devices.get(device_id)
+        if not isinstance(device, NetDevice) or not device.user_net:
+            raise NotSupportedError(f"VM {self.vm_id}: {device_id!r} is not a user-mode network NIC")
+        if not (0 < host_port < 65536 and 0 < guest_port < 65536) or any(ch in host_address for ch in ",: "):
+            raise HypervisorError(f"VM {self.vm_id}: bad forward {host_address}:{host_port} -> {guest_port}")
+        self._require_running("forward_port")
+        # QMP has no command for it; HMP's hostfwd_add answers "" or an error text.
+        out = await self.qmp.execute("human-monitor-command", {
+            "command-line": f"hostfwd_add netdev-{device_id} tcp:{host_address}:{host_port}-:{guest_port}"})
+        if isinstance(out, str) and out.strip():
+            raise HypervisorError(f"VM {self.vm_id}: forwarding {host_address}:{host_port}: {out.strip()[:300]}")
+
     async def remove_device(self, device_id: str) -> None:
         device = self._devices.get(device_id)
         if device is None:

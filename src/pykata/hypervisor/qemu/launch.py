@@ -252,4 +252,6 @@ def device_arg(dev: Device, bus: c.Bus) -> c.Arg:
     if isinstance(dev, BlockDevice):
         return c.VirtioBlk(bus, dev.id, str(dev.path), readonly=dev.readonly)
     assert isinstance(dev, NetDevice)
+    if dev.user_net:
+        return c.VirtioNetUser(bus, dev.id, dev.mac)
     return c.VirtioNetTap(bus, dev.id, dev.mac, fd=dev.tap_fd, ifname=dev.tap_name)

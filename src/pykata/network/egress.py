@@ -1,0 +1,223 @@
+"""An SDK sandbox's outbound network policy, enforced on the host by the VMM's own uid.
+
+A sandbox with `network="egress"` gets one NIC on QEMU's user-mode network (libslirp inside the
+jailed QEMU): every connection the guest makes becomes a socket *QEMU* opens on the host, and QEMU
+runs as a uid of its own per VM (pykata.hypervisor.jail). So the policy is an iptables chain that
+the host's OUTPUT chain jumps to for that uid only (`-m owner --uid-owner`): what the guest does
+cannot change it, and it applies to TCP, UDP and ICMP alike. The chain, in order:
+
+1. packets of connections already accepted (and the answers of `expose`d ports) pass;
+2. the caller's `deny` entries, then the host's own addresses (any local address of the node,
+   loopback, link-local, multicast, the ranges in ALWAYS_DENIED) are rejected: deny wins over allow,
+   and the guest can reach neither the host's services nor another sandbox's exposed ports;
+3. the resolvers of `dns` on port 53, then the caller's `allow` entries (none given: everything
+   left) are accepted;
+4. everything else is rejected.
+
+IPv6 is off in the guest's network and every IPv6 packet of that uid is rejected. The chain is made
+before QEMU starts (so the guest never runs unfiltered) and removed after it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pykata.errors import InvalidArgument, PykataError
+from pykata.protocols.agent import agent_pb2
+
+# Never reachable from a sandbox, whatever `allow` says: this host and the networks pods and
+# services live on (containerd's and the common CNI defaults, Kubernetes' service range).
+ALWAYS_DENIED = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+                 "10.88.0.0/16", "10.244.0.0/16", "10.96.0.0/12", "10.85.0.0/16")
+CHAIN_PREFIX = "PYKATA-"  # what the leak check and operators look for
+MAX_RULES = 256
+_PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+_IPTABLES_TIMEOUT = 30.0
+
+
+class EgressError(PykataError):
+    """The host's filter rules for a sandbox could not be made or removed."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One `allow` or `deny` entry: a network, and optionally a port range (TCP and UDP)."""
+
+    network: ipaddress.IPv4Network
+    ports: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, text: str, field: str) -> Destination:
+        """"203.0.113.0/24", "192.0.2.7", "192.0.2.7:443", "0.0.0.0/0:8000-8100".
+
+        Raises InvalidArgument naming `field`.
+        """
+        if not isinstance(text, str) or not text or len(text) > 64:
+            raise InvalidArgument(field, f"{text!r} is not an address (CIDR[:port[-port]])")
+        addr, sep, ports = text.partition(":")
+        try:
+            network = ipaddress.IPv4Network(addr, strict=False)
+        except ValueError:
+            raise InvalidArgument(field, f"{text!r} is not an IPv4 address or CIDR "
+                                  "(IPv6 is off in a sandbox's network)") from None
+        if not sep:
+            return cls(network)
+        m = _PORTS.match(ports)
+        low, high = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+        if not m or not 0 < low <= high <= 65535:
+            raise InvalidArgument(field, f"{text!r}: bad port or port range (1-65535)")
+        return cls(network, (low, high))
+
+    def matches(self) -> list[str]:
+        """iptables match arguments: one line per protocol when ports are given."""
+        if self.ports is None:
+            return [f"-d {self.network}"]
+        low, high = self.ports
+        span = str(low) if low == high else f"{low}:{high}"
+        return [f"-d {self.network} -p {proto} -m {proto} --dport {span}" for proto in ("tcp", "udp")]
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """What a sandbox may reach. `allow=None`: everything that is not denied."""
+
+    allow: tuple[Destination, ...] | None = None
+    deny: tuple[Destination, ...] = ()
+    dns: tuple[ipaddress.IPv4Address, ...] = ()
+
+    @classmethod
+    def build(cls, *, allow: Iterable[str] | None = None, deny: Iterable[str] = (),
+              dns: Iterable[str] = ()) -> EgressPolicy:
+        """Check and parse the caller's lists. Raises InvalidArgument naming the bad field."""
+        allowed = None if allow is None else tuple(Destination.parse(a, "allow") for a in _items(allow, "allow"))
+        denied = tuple(Destination.parse(d, "deny") for d in _items(deny, "deny"))
+        resolvers = []
+        for r in _items(dns, "dns"):
+            try:
+                resolvers.append(ipaddress.IPv4Address(r))
+            except ValueError:
+                raise InvalidArgument("dns", f"{r!r} is not an IPv4 address") from None
+        if len(denied) + len(allowed or ()) + len(resolvers) > MAX_RULES:
+            raise InvalidArgument("allow/deny/dns", f"more than {MAX_RULES} entries")
+        return cls(allowed, denied, tuple(resolvers))
+
+
+def _items(values: Iterable[str] | str, field: str) -> list[str]:
+    if isinstance(values, str):
+        raise InvalidArgument(field, "give a list of addresses, not one string")
+    return list(values)
+
+
+def chain_name(sandbox_id: str) -> str:
+    """The sandbox's chain: a digest, since chain names are at most 28 characters."""
+    return CHAIN_PREFIX + hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
+
+
+def _jump(uid: int, sandbox_id: str, target: str) -> str:
+    return f'OUTPUT -m owner --uid-owner {uid} -m comment --comment "pykata sandbox {sandbox_id}" -j {target}'
+
+
+def _reject(match: str) -> list[str]:
+    """A TCP connection is refused with a reset (QEMU's connect fails at once and the guest gets a
+    reset too), anything else with ICMP port unreachable."""
+    m = f"{match} " if match else ""
+    if "-p tcp" in match:
+        return [f"{m}-j REJECT --reject-with tcp-reset"]
+    if "-p udp" in match:
+        return [f"{m}-j REJECT"]
+    return [f"{m}-p tcp -j REJECT --reject-with tcp-reset", f"{m}-j REJECT"]
+
+
+def render(policy: EgressPolicy, uid: int, sandbox_id: str) -> str:
+    """The iptables-restore text (IPv4 filter table) that installs the sandbox's chain and its jump."""
+    chain = chain_name(sandbox_id)
+    rules = ["-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
+    rules += [r for d in policy.deny for m in d.matches() for r in _reject(m)]
+    rules += _reject("-m addrtype --dst-type LOCAL")
+    rules += [r for net in ALWAYS_DENIED for r in _reject(f"-d {net}")]
+    rules += [f"-d {r}/32 -p {p} -m {p} --dport 53 -j ACCEPT" for r in policy.dns for p in ("udp", "tcp")]
+    if policy.allow is None:
+        rules.append("-j ACCEPT")
+    else:
+        rules += [f"{m} -j ACCEPT" for d in policy.allow for m in d.matches()]
+    rules += _reject("")
+    lines = ["*filter", f":{chain} - [0:0]", *(f"-A {chain} {r}" for r in rules), f"-I {_jump(uid, sandbox_id, chain)}",
+             "COMMIT", ""]
+    return "\n".join(lines)
+
+
+async def _restore(tool: str, text: str) -> None:
+    binary = shutil.which(tool)
+    if binary is None:
+        raise EgressError(f"{tool} is not installed (needed for a sandbox's egress policy)")
+    proc = await asyncio.create_subprocess_exec(binary, "--noflush", "--wait", stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(text.encode()), _IPTABLES_TIMEOUT)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise EgressError(f"{tool}: {err.decode(errors='replace').strip()[:500]}")
+
+
+async def install(policy: EgressPolicy, uid: int, sandbox_id: str) -> None:
+    """Make the sandbox's chains (IPv4 policy; every IPv6 packet rejected) for the VMM's `uid`.
+
+    Raises EgressError; nothing is left behind on failure.
+    """
+    if uid <= 0:
+        raise EgressError("the VMM runs as root (hypervisor.qemu.jail_user off): its traffic cannot be told "
+                          "apart from the host's, so a sandbox cannot have network='egress'")
+    await _restore("iptables-restore", render(policy, uid, sandbox_id))
+    try:
+        await _restore("ip6tables-restore", "\n".join(["*filter", f"-I {_jump(uid, sandbox_id, 'REJECT')}",
+                                                       "COMMIT", ""]))
+    except BaseException:
+        await asyncio.shield(remove(uid, sandbox_id))
+        raise
+
+
+async def remove(uid: int, sandbox_id: str) -> None:
+    """Remove what `install` made. Idempotent; raises EgressError if a rule that exists stays."""
+    chain = chain_name(sandbox_id)
+    errors = []
+    for tool, lines in (("iptables-restore", [f"-D {_jump(uid, sandbox_id, chain)}", f"-F {chain}", f"-X {chain}"]),
+                        ("ip6tables-restore", [f"-D {_jump(uid, sandbox_id, 'REJECT')}"])):
+        for line in lines:  # one at a time: a rule already gone must not keep the others
+            try:
+                await _restore(tool, "\n".join(["*filter", line, "COMMIT", ""]))
+            except EgressError as e:
+                if "does not exist" not in str(e) and "No chain" not in str(e) and "Bad rule" not in str(e):
+                    errors.append(str(e))
+    if errors:
+        raise EgressError(f"sandbox {sandbox_id}: removing its filter rules: {'; '.join(errors)}")
+
+
+def leftover_chains(listing: str) -> list[str]:
+    """The pykata chains in `iptables -S` output (for leak checks)."""
+    return sorted({line.split()[1] for line in listing.splitlines()
+                   if line.startswith("-N ") and line.split()[1].startswith(CHAIN_PREFIX)})
+
+
+GUEST_ADDRESS = "10.0.2.15"  # QEMU's user network: 10.0.2.0/24, the gateway (the host) at .2
+GUEST_GATEWAY = "10.0.2.2"
+GUEST_NIC = "eth0"
+
+
+def guest_interface(mac: str) -> agent_pb2.Interface:
+    """The guest NIC on QEMU's user network, as the agent configures it."""
+    return agent_pb2.Interface(name=GUEST_NIC, current_hw_addr=mac, hw_addr=mac, mtu=1500, addresses=[
+        agent_pb2.IPAddress(family=agent_pb2.IP_FAMILY_V4, address=GUEST_ADDRESS, prefix_length=24)])
+
+
+def guest_routes() -> list[agent_pb2.Route]:
+    return [agent_pb2.Route(dest="default", gateway=GUEST_GATEWAY, device=GUEST_NIC, family=agent_pb2.IP_FAMILY_V4)]

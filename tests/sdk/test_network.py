@@ -1,0 +1,175 @@
+"""A sandbox's network: none by default; network="egress" with allow/deny enforced on the host by the
+VMM's uid (pykata.network.egress); expose(). Every address is inside a network namespace this test
+makes (a veth pair with private addresses, servers in the namespace): nothing leaves the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+import pykata
+from pykata.network.egress import EgressPolicy, chain_name, leftover_chains, render
+from pykata.sandbox import SpecError
+
+# Answers "port <n>" on each port it listens on, then closes.
+_SERVER = """
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(b"port %d\\n" % port); c.close()
+for p in sys.argv[1:]:
+    threading.Thread(target=serve, args=(int(p),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+@dataclass
+class Subnet:
+    """A namespace at `near` (allowed) and `far` (a second address of it), reached from the host over
+    a veth whose host end is `host_end` (a local address of this host)."""
+
+    netns: str
+    host_end: str
+    near: str
+    far: str
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def test_net() -> Iterator[Subnet]:
+    tag = secrets.token_hex(3)
+    ns, veth, peer = f"pktest-{tag}", f"pkv{tag}", f"pkp{tag}"
+    octet = 16 + secrets.randbelow(200)
+    net = Subnet(ns, f"198.18.{octet}.1", f"198.18.{octet}.2", f"198.18.{octet}.3")
+    _ip("netns", "add", ns)
+    server = None
+    try:
+        _ip("link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns)
+        _ip("addr", "add", f"{net.host_end}/24", "dev", veth)
+        _ip("link", "set", veth, "up")
+        for addr in (net.near, net.far):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", peer)
+        _ip("-n", ns, "link", "set", peer, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER, "8080", "8081"],
+                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        yield net
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
+        _ip("netns", "del", ns)
+
+
+@pytest.fixture
+async def host_services() -> AsyncIterator[int]:
+    """A service on the host's 127.0.0.1 and on all its addresses: the port (the same on both)."""
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"host secret\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(answer, "0.0.0.0", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield port
+    server.close()
+    await server.wait_closed()
+
+
+async def _connect(sb: pykata.AsyncSandbox, addr: str, port: int) -> str:
+    """What the guest reads from addr:port ("" when the connection fails)."""
+    r = await sb.run(["timeout", "-s", "KILL", "15", "nc", "-w", "5", addr, str(port)], timeout=60)
+    return r.stdout.decode() if r.exit_code == 0 else ""
+
+
+def _chains() -> str:
+    return subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.vm
+async def test_egress_allow_deny_expose_and_attacks(test_net: Subnet, host_services: int) -> None:
+    n = test_net
+    async with (pykata.AsyncSandbox(network="egress", allow=[f"{n.near}/32", f"{n.host_end}/32"],
+                                    deny=[f"{n.near}:8081"]) as sb,
+                pykata.AsyncSandbox(network="egress") as other):
+        assert chain_name(sb.id) in _chains()
+        assert await _connect(sb, n.near, 8080) == "port 8080\n"  # allowed
+        assert await _connect(sb, n.near, 8081) == ""  # denied port: deny wins over allow
+        assert await _connect(sb, n.far, 8080) == ""  # not in allow
+        assert await _connect(other, n.far, 8080) == "port 8080\n"  # no allow list: anything not denied
+        # the host: its loopback through the user network's gateway, its own addresses even when allowed
+        for guest in (sb, other):
+            assert await _connect(guest, "10.0.2.2", host_services) == ""
+            assert await _connect(guest, n.host_end, host_services) == ""
+        # expose: the host reaches a guest port; another sandbox cannot (it is on the host's loopback)
+        listener = await sb.spawn(["sh", "-c", "echo from-guest | nc -l -p 8000"])
+        host_port = await sb.expose(8000)
+        deadline = time.monotonic() + 30
+        got = b""
+        while not got and time.monotonic() < deadline:
+            assert await _connect(other, "10.0.2.2", host_port) == ""
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", host_port)
+                got = await asyncio.wait_for(reader.read(100), 10)
+                writer.close()
+            except OSError:
+                await asyncio.sleep(0.5)
+        assert got == b"from-guest\n"
+        await listener.wait(30)
+        # the guest owns its side (root in the VM): changing its address or route changes nothing outside
+        await sb.run("ip addr add 10.0.2.99/24 dev eth0; ip route replace default via 10.0.2.2 src 10.0.2.99")
+        assert await _connect(sb, n.far, 8080) == ""
+        assert await _connect(sb, "10.0.2.2", host_services) == ""
+        ids = (sb.id, other.id)
+    assert not [c for c in leftover_chains(_chains()) if c in {chain_name(i) for i in ids}]
+    assert not [line for line in _chains().splitlines() if any(i in line for i in ids)]
+
+
+@pytest.mark.vm
+async def test_no_network_by_default() -> None:
+    async with pykata.AsyncSandbox() as sb:
+        r = await sb.run("ls /sys/class/net")
+        assert r.stdout.split() == [b"lo"]
+        with pytest.raises(SpecError, match="network"):
+            await sb.expose(80)
+
+
+def test_bad_policies_name_the_field() -> None:
+    with pytest.raises(SpecError, match=r"^allow: "):
+        pykata.AsyncSandbox(allow=["10.0.0.0/8"])  # without network="egress"
+    with pytest.raises(SpecError, match=r"^network: "):
+        pykata.AsyncSandbox(network="bridge")  # type: ignore[arg-type]
+    for field, kwargs in (("allow", {"allow": ["10.0.0.300"]}), ("deny", {"deny": ["10.0.0.0/8:0"]}),
+                          ("deny", {"deny": "10.0.0.0/8"}), ("dns", {"dns": ["resolver"]}),
+                          ("allow", {"allow": ["::1"]}), ("deny", {"deny": ["10.0.0.1:99999"]})):
+        with pytest.raises(SpecError, match=rf"^{field}: "):
+            pykata.AsyncSandbox(network="egress", **kwargs)  # type: ignore[arg-type]
+
+
+def test_rules_deny_before_allow_and_host_before_everything() -> None:
+    policy = EgressPolicy.build(allow=["0.0.0.0/0"], deny=["192.0.2.0/24:22-25"], dns=["192.0.2.53"])
+    lines = render(policy, 4242, "sb1").splitlines()
+    chain = chain_name("sb1")
+    body = [line for line in lines if line.startswith(f"-A {chain}")]
+    order = [next(i for i, line in enumerate(body) if marker in line)
+             for marker in ("ESTABLISHED", "192.0.2.0/24", "LOCAL", "127.0.0.0/8", "--dport 53",
+                            "-d 0.0.0.0/0 -j ACCEPT")]
+    assert order == sorted(order)
+    assert body[-2:] == [f"-A {chain} -p tcp -j REJECT --reject-with tcp-reset", f"-A {chain} -j REJECT"]
+    assert f'-I OUTPUT -m owner --uid-owner 4242 -m comment --comment "pykata sandbox sb1" -j {chain}' in lines
