@@ -13,9 +13,10 @@ its agent RPCs land in one trace. The agent gets the trace context in each reque
 operator's trace store is not worth a checked protocol; the host's client span of each agent RPC shows
 its time.
 
-Exporters: OTLP over HTTP/protobuf (`endpoint`, e.g. http://127.0.0.1:4318/v1/traces; batched in a
-thread) or JSON lines appended to a file (`file`, one span per line, written when the span ends; what
-the tests read). Several processes (one shim per pod) may share the file: each line is one O_APPEND write.
+Exporters: OTLP over HTTP/protobuf (`endpoint`, e.g. http://127.0.0.1:4318/v1/traces) or JSON lines
+appended to a file (`file`, one span per line; what the tests read), both written by a thread in batches
+(within a second for the file), flushed by shutdown() and at exit. Several processes (one shim per pod) may
+share the file: each batch is one O_APPEND write.
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ def setup(*, service: str, endpoint: str = "", file: str = "") -> None:
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": service}), shutdown_on_exit=True)
     if endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    else:
-        provider.add_span_processor(SimpleSpanProcessor(_json_lines_exporter(file)))
+    else:  # written by a thread too, within a second; shutdown() (the shim's exit, atexit) flushes
+        provider.add_span_processor(BatchSpanProcessor(_json_lines_exporter(file), schedule_delay_millis=1000))
     _providers.append(provider)
     _tracer = provider.get_tracer("pykata")
 
