@@ -89,3 +89,42 @@ async def test_agent_rpc_is_a_client_span_and_sends_its_context(tmp_path: Path) 
     assert f"0x{trace_id}" == call["context"]["trace_id"] and f"0x{span_id}" == call["context"]["span_id"]
     # the counts of the owner's agent RPCs (pykata monitor) saw both calls
     assert agent.stats.snapshot()[0][:3] == ("Check", 2, 0)
+
+
+def test_otlp_http_exporter_posts_the_spans(tmp_path: Path) -> None:
+    """`tracing_endpoint`: spans go to an OTLP/HTTP collector (a local HTTP server here), protobuf-encoded."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        tracing.setup(service="pykata-test", endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces")
+        with tracing.span("shim.Create"), tracing.span("vm.start", boot="template"):
+            pass
+    finally:
+        tracing.shutdown()  # flushes the batch
+        server.shutdown()
+        thread.join(5)
+    [(path, content_type, body)] = received
+    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    request = ExportTraceServiceRequest.FromString(body)
+    spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert sorted(s.name for s in spans) == ["shim.Create", "vm.start"]
+    assert len({s.trace_id for s in spans}) == 1
