@@ -222,13 +222,15 @@ async def test_async_restore_can_be_snapshotted_again(saved: tuple[Path, dict[st
         await first.snapshot(tmp_path / "again")  # a paused sandbox stays paused
         assert first.paused
         await first.resume()
-        assert (await first.run("echo alive")).text == "alive\n"
+        # restored while the sandbox it was saved from still runs
+        second = await pykata.AsyncSandbox.restore(tmp_path / "again")
+        try:
+            assert (await second.run("cat hello.txt second.txt")).text == "preparedsecond generation"
+            assert second.id != first.id
+            assert (await second.metrics()).pids >= 2  # the idle process and the ticking loop
+            await second.run("rm second.txt")
+        finally:
+            await second.close()
+        assert (await first.run("cat second.txt")).text == "second generation"
     finally:
         await first.close()
-    second = await pykata.AsyncSandbox.restore(tmp_path / "again")
-    try:
-        assert (await second.run("cat hello.txt second.txt")).text == "preparedsecond generation"
-        assert second.id != first.id
-        assert (await second.metrics()).pids >= 2  # the idle process and the ticking loop
-    finally:
-        await second.close()
