@@ -8,6 +8,7 @@ import fcntl
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,39 @@ def test_exec_capabilities_stay_within_the_containers_bounding_set(tmp_path: Pat
         with pytest.raises(InvalidArgument) as ei:
             bundle.process_from_proto(bad, base, tmp_path)
         assert ei.value.field == f"process.capabilities.{kind}" and "CAP_SYS_ADMIN" in str(ei.value)
+
+
+def test_warm_tree_looks_up_at_most_the_cap_and_stops_on_a_gone_root(tmp_path: Path) -> None:
+    from pykata.agent import storage
+
+    for i in range(5):
+        (tmp_path / f"d{i}").mkdir()
+        for j in range(5):
+            (tmp_path / f"d{i}" / f"f{j}").touch()
+    (tmp_path / "loop").symlink_to(".")  # not followed
+    seen: list[str] = []
+    real = os.scandir
+
+    def counting(path: Any) -> Any:
+        seen.append(str(path))
+        return real(path)
+
+    def warm(root: Path, cap: int) -> None:
+        # in a thread of its own, as the agent runs it (it lowers its own thread's priority)
+        t = threading.Thread(target=storage.warm_tree, args=(str(root), cap))
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(storage.os, "scandir", counting)
+    try:
+        warm(tmp_path, 1000)
+        assert len(seen) == 6  # the root and its 5 directories, never through the symlink
+        seen.clear()
+        warm(tmp_path, 3)
+        assert len(seen) == 1
+        warm(tmp_path / "gone", 1000)  # an unmounted storage: returns quietly
+    finally:
+        mp.undo()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0 or os.nice(0) != 0
