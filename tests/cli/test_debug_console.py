@@ -146,9 +146,12 @@ async def test_debug_console_interactive_shell_has_a_real_terminal(
     on, _ = sandboxes
     env = {**os.environ, "PYKATA_CONFIG": str(confs[0]), "TERM": "xterm"}
     code, out = await asyncio.to_thread(_pty_session, [PYKATA, "sandbox", "exec", on.id], env,
-                                        b"tty; echo $((6*7)); exit 3\r")
+                                        b"tty; echo $((6*7)); printf '\\033[21t\\033]52;c;?\\007vis''ible\\n'; "
+                                        b"exit 3\r")
     assert code == 3, out
     assert b"/dev/pts/" in out and b"42" in out
+    # the guest asked the admin's terminal for its title and clipboard: those never reach it
+    assert b"visible" in out and b"\x1b[21t" not in out and b"\x1b]52" not in out
 
 
 @pytest.mark.vm

@@ -63,11 +63,13 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
 
 
 async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = None,
-                 log_max_bytes: int = 10 << 20, log_backups: int = 2) -> int:
+                 log_max_bytes: int = 10 << 20, log_backups: int = 2,
+                 output_filter: Callable[[], Callable[[bytes], bytes]] | None = None) -> int:
     """Connect the local terminal/stdio to `proc`, forward signals and window size; return its status.
 
     With `log_dir`, the output is also kept in stdout.log and stderr.log there, each rotated at
-    `log_max_bytes` keeping `log_backups` older files (a container printing forever fills nothing)."""
+    `log_max_bytes` keeping `log_backups` older files (a container printing forever fills nothing).
+    `output_filter` makes one filter per output stream, applied before our stdout/stderr see it."""
     loop = asyncio.get_running_loop()
     logs: list[BoundedLog] = []
     if log_dir is not None:
@@ -76,6 +78,8 @@ async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = Non
                 for stream in ("stdout", "stderr")]
     out = _sink(sys.stdout.buffer, logs[0] if logs else None)
     err = _sink(sys.stderr.buffer, logs[1] if logs else None)
+    if output_filter is not None:
+        out, err = _filtered(out, output_filter()), _filtered(err, output_filter())
     pumps = [asyncio.ensure_future(pump_output(proc, "stdout", out))]
     if not proc.terminal:
         pumps.append(asyncio.ensure_future(pump_output(proc, "stderr", err)))
@@ -117,6 +121,14 @@ async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = Non
         for f in logs:
             f.close()
     return status
+
+
+def _filtered(sink: Callable[[bytes], None], keep: Callable[[bytes], bytes]) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        kept = keep(data)
+        if kept:
+            sink(kept)
+    return write
 
 
 def _sink(terminal: BinaryIO, log: BoundedLog | None) -> Callable[[bytes], None]:

@@ -66,6 +66,7 @@ def inspect(as_json: bool, sandbox_id: str) -> None:
 
 async def _console(found: Found, command: tuple[str, ...], terminal: bool) -> int:
     from pykata.cli.run import attach
+    from pykata.cli.termfilter import AnswerbackFilter
 
     # Of the admin's environment only $TERM goes to the guest (an admin's shell may hold secrets).
     term = os.environ.get("TERM", "")
@@ -75,7 +76,10 @@ async def _console(found: Found, command: tuple[str, ...], terminal: bool) -> in
     async with await AttachedSandbox.attach(found) as sb:
         proc = await sb.debug_console(command, terminal=terminal, term=term if TERM_RE.match(term) else "",
                                       rows=rows, columns=columns)
-        return await attach(proc, interactive=True)
+        # a guest must not make the admin's terminal answer (into the guest) or touch the clipboard
+        to_terminal = os.isatty(1) or os.isatty(2)
+        return await attach(proc, interactive=True,
+                            output_filter=(lambda: AnswerbackFilter().feed) if to_terminal else None)
 
 
 @sandbox.command("exec", context_settings={"allow_interspersed_args": False})
