@@ -133,6 +133,12 @@ def test_installer_image_installs_pykata_on_a_node_runs_a_pod_and_uninstalls(
     tar.stdout.close()
     assert tar.wait(60) == 0 and imported.returncode == 0, imported.stderr
 
+    # the image's Kubernetes client (only the label step loads it) imports with the image's own Python
+    probe = ctd.ctr("run", "--rm", f"{INSTALLER}:latest", "pykata-deploy-probe",
+                    f"{image.ARTIFACTS}/venv/bin/python", "-c",
+                    "import kubernetes.client, pykata.deploy.labels; print(kubernetes.__version__)")
+    assert probe.stdout.decode().strip() == image.KUBERNETES_PIN.split("==")[1]
+
     out = ctd.run_installer("pykata-deploy-install", "--prefix", prefix, "--configuration", "/host/pykata.toml",
                             "--restart-command", "touch /host/containerd-restarted")
     assert "not running in a Kubernetes pod" in out and "node not labeled" in out, out

@@ -101,11 +101,12 @@ def image_config() -> dict[str, Any]:
 
 def build(out: Path, ref: str = "latest", work: Path | None = None) -> dict[str, Any]:
     """Build the payload and the image layout at `out`; returns the image's config. Raises PykataError."""
+    from pykata.config import load_config
     from pykata.guestimage.kernel import find_kernel
     from pykata.guestimage.rootfs import find_rootfs
 
     work = work or out.parent / "work"
-    cache = Path("/var/cache/pykata")
+    cache = load_config().runtime.cache_path
     kernel, rootfs = find_kernel(cache), find_rootfs(cache)
     if kernel is None or rootfs is None:
         raise ImageBuildError("no guest kernel or root filesystem: run `pykata image build` first")
