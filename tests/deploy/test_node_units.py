@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,27 @@ def test_node_symlinks_resolve_inside_the_node_root(root: Path, small_payload: P
     (root / "loop").symlink_to("/loop")
     with pytest.raises(NodeInstallError, match="too many levels of symbolic links"):
         _node(root).host(Path("/loop/x"))
+
+
+def test_crio_gets_a_drop_in_and_loses_it_again(root: Path, small_payload: Path) -> None:
+    (root / "etc/crio/crio.conf.d").mkdir(parents=True)
+    dropin = root / "etc/crio/crio.conf.d/50-pykata.conf"
+    crio = {"container_runtime": "crio"}
+    install(_node(root, **crio), small_payload, say=lambda _: None)
+    table = tomllib.loads(dropin.read_text())["crio"]["runtime"]["runtimes"]["pykata"]
+    assert table["runtime_type"] == "vm" and table["runtime_path"] == "/opt/pykata/bin/containerd-shim-pykata-v2"
+    assert table["runtime_config_path"] == "/opt/pykata/etc/configuration.toml"
+    assert _restarts(root) == 1 and (root / "etc/containerd/config.toml").read_text() == ORIGINAL
+    install(_node(root, **crio), small_payload, say=lambda _: None)
+    assert _restarts(root) == 1
+    uninstall(_node(root, **crio), say=lambda _: None)
+    assert not dropin.exists() and _restarts(root) == 2 and not (root / "opt/pykata").exists()
+    assert sorted(p.name for p in dropin.parent.iterdir()) == []
+    dropin.write_text("[crio.runtime]\n")  # the admin's own file at that name: never overwritten or removed
+    with pytest.raises(NodeInstallError, match=r"50-pykata\.conf: exists and was not written by pykata"):
+        install(_node(root, **crio), small_payload, say=lambda _: None)
+    with pytest.raises(NodeInstallError, match=r"50-pykata\.conf: was not written by pykata"):
+        uninstall(_node(root, **crio), say=lambda _: None)
+    assert dropin.read_text() == "[crio.runtime]\n"
+    with pytest.raises(NodeInstallError, match="--container-runtime: 'docker' is not one of containerd, crio"):
+        _node(root, container_runtime="docker")

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from pykata.deploy.containerd_config import RUNTIME_TYPE, RUNTIMES_TABLE, snippet
+from pykata.deploy.crio_config import snippet as crio_snippet
 from pykata.errors import PykataError
 from pykata.fsutil import KEEP_MODE, atomic_write
 
@@ -133,16 +134,6 @@ def containerd(write: bool, config_path: Path, bin_dir: Path) -> None:
 DEFAULT_CRIO_DROPIN = Path("/etc/crio/crio.conf.d/50-pykata.conf")
 
 
-def crio_snippet(shim: Path, handler: str = "pykata") -> str:
-    """CRI-O's runtime table for pykata: a shim-v2 runtime is CRI-O's `runtime_type = "vm"` (as Kata's)."""
-    return (f"[crio.runtime.runtimes.{handler}]\n"
-            f'runtime_path = "{shim}"\n'
-            f'runtime_type = "vm"\n'
-            f'runtime_root = "/run/vc"\n'
-            f"privileged_without_host_devices = true\n"
-            f'allowed_annotations = ["io.katacontainers.*"]\n')
-
-
 @install.command()
 @click.option("--write", is_flag=True, help="Write the drop-in file (else only show it).")
 @click.option("--dropin", type=click.Path(path_type=Path, dir_okay=False), default=DEFAULT_CRIO_DROPIN,
@@ -177,24 +168,31 @@ def crio(write: bool, dropin: Path) -> None:
               show_default=True, help="Node path of containerd's configuration.")
 @click.option("--bin-dir", type=click.Path(path_type=Path), default=Path("/usr/local/bin"), show_default=True,
               help="Node directory on containerd's PATH for the shim link.")
+@click.option("--container-runtime", type=click.Choice(["containerd", "crio"]), default="containerd",
+              show_default=True, help="The node's CRI runtime: containerd's config gets the handler, or CRI-O "
+                                      "a drop-in file.")
+@click.option("--crio-dropin", type=click.Path(path_type=Path), default=DEFAULT_CRIO_DROPIN, show_default=True,
+              help="Node path of CRI-O's drop-in for pykata (--container-runtime crio).")
 @click.option("--restart-command", default=None,
-              help="Command that restarts containerd (default: systemctl restart containerd, through "
+              help="Command that restarts the runtime (default: systemctl restart containerd|crio, through "
                    "nsenter into the node's namespaces when --root is not /).")
 @click.option("--no-restart", is_flag=True, help="Do not restart containerd.")
 @click.option("--no-label", is_flag=True, help="Do not label the node.")
 @click.option("--node-name", envvar="NODE_NAME", default=None,
               help="The node to label (default: $NODE_NAME, from the downward API).")
 def node(uninstall: bool, root: Path, prefix: Path, payload_dir: Path | None, configuration: Path | None,
-         containerd_config: Path, bin_dir: Path, restart_command: str | None, no_restart: bool, no_label: bool,
-         node_name: str | None) -> None:
-    """Install pykata on this Kubernetes node (kata-deploy's job): payload, shim link, containerd's runtime
-    handler `pykata`, containerd restart, node label katacontainers.io/pykata-runtime=true."""
+         containerd_config: Path, bin_dir: Path, container_runtime: str, crio_dropin: Path,
+         restart_command: str | None, no_restart: bool, no_label: bool, node_name: str | None) -> None:
+    """Install pykata on this Kubernetes node (kata-deploy's job): payload, shim link, the runtime handler
+    `pykata` (containerd's config or a CRI-O drop-in), runtime restart, node label
+    katacontainers.io/pykata-runtime=true."""
     from pykata.deploy.node import Node, NodeInstallError, default_payload
     from pykata.deploy.node import install as install_node
     from pykata.deploy.node import uninstall as uninstall_node
 
     try:
         target = Node(root=root, prefix=prefix, containerd_config=containerd_config, bin_dir=bin_dir,
+                      container_runtime=container_runtime, crio_dropin=crio_dropin,
                       restart_command=shlex.split(restart_command) if restart_command else None,
                       restart=not no_restart, label=not no_label, node_name=node_name)
         if uninstall:

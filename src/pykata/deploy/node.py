@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata.config import parse_toml
-from pykata.deploy import containerd_config, labels, payload
+from pykata.deploy import containerd_config, crio_config, labels, payload
 from pykata.errors import ConfigError, PykataError
 
 SHIM_NAME = "containerd-shim-pykata-v2"
 RESTART_TIMEOUT = 120.0
-SYSTEMCTL_RESTART = ["systemctl", "restart", "containerd"]
+CONTAINER_RUNTIMES = ("containerd", "crio")
 # from a pod with hostPID: systemctl in the node's own namespaces (the pod's mount namespace has no systemd)
 NSENTER = ["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]
 
@@ -45,14 +45,19 @@ class Node:
     prefix: Path = Path("/opt/pykata")
     containerd_config: Path = Path("/etc/containerd/config.toml")
     bin_dir: Path = Path("/usr/local/bin")
-    restart_command: list[str] | None = None  # None: systemctl restart containerd (through nsenter if root != /)
+    container_runtime: str = "containerd"
+    crio_dropin: Path = Path("/etc/crio/crio.conf.d/50-pykata.conf")
+    restart_command: list[str] | None = None  # None: systemctl restart <runtime> (through nsenter if root != /)
     restart: bool = True
     label: bool = True
     node_name: str | None = field(default_factory=lambda: os.environ.get("NODE_NAME"))
 
     def __post_init__(self) -> None:
+        if self.container_runtime not in CONTAINER_RUNTIMES:
+            raise NodeInstallError(f"--container-runtime: {self.container_runtime!r} is not one of "
+                                   f"{', '.join(CONTAINER_RUNTIMES)}")
         for what, p in (("--prefix", self.prefix), ("--containerd-config", self.containerd_config),
-                        ("--bin-dir", self.bin_dir)):
+                        ("--bin-dir", self.bin_dir), ("--crio-dropin", self.crio_dropin)):
             if not p.is_absolute() or ".." in p.parts:
                 raise NodeInstallError(f"{what}: {p} must be an absolute node path without '..'")
         if self.prefix == Path("/") or len(self.prefix.parts) < 2:
@@ -65,10 +70,16 @@ class Node:
         (an absolute link target is the node's path, not ours). Raises NodeInstallError on a link loop."""
         return self.root / node_realpath(self.root, node_path).relative_to("/")
 
+    def runtime_config(self) -> Path:
+        """The file pykata changes for the container runtime (containerd's config or CRI-O's drop-in), seen
+        from here."""
+        return self.host(self.crio_dropin if self.container_runtime == "crio" else self.containerd_config)
+
     def restart_argv(self) -> list[str]:
         if self.restart_command is not None:
             return self.restart_command
-        return SYSTEMCTL_RESTART if self.root == Path("/") else [*NSENTER, *SYSTEMCTL_RESTART]
+        systemctl = ["systemctl", "restart", self.container_runtime]
+        return systemctl if self.root == Path("/") else [*NSENTER, *systemctl]
 
 
 def node_realpath(root: Path, path: Path, _depth: int = 0) -> Path:
@@ -112,9 +123,10 @@ def _check_node(node: Node, src: payload.Payload, config_text: str, config_sourc
     if not qemu.exists():
         raise NodeInstallError(f"hypervisor.qemu.path: the node has no {config.qemu.path} (looked at {qemu}; "
                                "apt install qemu-system-x86, or set it with --configuration)")
-    cfg = node.host(node.containerd_config)
+    cfg = node.runtime_config()
     if not cfg.parent.is_dir():
-        raise NodeInstallError(f"--containerd-config: {cfg.parent} does not exist (is containerd installed, and "
+        option = "--crio-dropin" if node.container_runtime == "crio" else "--containerd-config"
+        raise NodeInstallError(f"{option}: {cfg.parent} does not exist (is {node.container_runtime} installed, and "
                                "the node's / mounted at --root?)")
 
 
@@ -144,15 +156,15 @@ def _unlink(node: Node) -> str:
 
 
 def _pending(node: Node) -> Path:
-    """Exists while containerd has not been restarted since its configuration changed (a rerun restarts it)."""
-    cfg = node.host(node.containerd_config)
-    return cfg.with_name(cfg.name + ".pykata-restart-pending")
+    """Exists while the runtime has not been restarted since its configuration changed (a rerun restarts it)."""
+    cfg = node.runtime_config()
+    return cfg.with_name(f".{cfg.name}.pykata-restart-pending")
 
 
 def _restart(node: Node, say: Say) -> None:
     if not node.restart:
         _pending(node).unlink(missing_ok=True)
-        say("containerd not restarted (--no-restart): restart it to load the configuration")
+        say(f"{node.container_runtime} not restarted (--no-restart): restart it to load the configuration")
         return
     argv = node.restart_argv()
     try:
@@ -164,7 +176,7 @@ def _restart(node: Node, say: Say) -> None:
         raise NodeInstallError(f"--restart-command {shlex.join(argv)} exited {p.returncode}: "
                                f"{(p.stderr or p.stdout).strip()[-500:]}")
     _pending(node).unlink(missing_ok=True)
-    say(f"containerd restarted ({shlex.join(argv)})")
+    say(f"{node.container_runtime} restarted ({shlex.join(argv)})")
 
 
 def install(node: Node, src_dir: Path, base_config: Path | None = None, say: Say = print) -> None:
@@ -186,16 +198,22 @@ def install(node: Node, src_dir: Path, base_config: Path | None = None, say: Say
         changed = payload.write_node_files(target, node.prefix, config_text)
         say(f"{target}: wrote {', '.join(changed)}" if changed else f"{target}: scripts and configuration up to date")
         say(_link(node))
-        cfg, config_path = node.host(node.containerd_config), str(node.prefix / payload.CONFIG)
-        if containerd_config.plan_merge(cfg, config_path).text is not None:
-            _pending(node).touch()
-        plan = containerd_config.merge(cfg, config_path)
-        say(plan.message)
+        cfg, config_path = node.runtime_config(), node.prefix / payload.CONFIG
+        if node.container_runtime == "crio":
+            text = crio_config.snippet(node.prefix / payload.SHIM, config_path)
+            if crio_config.differs(cfg, text):
+                _pending(node).touch()
+            say(f"{cfg}: " + ("wrote the pykata runtime handler" if crio_config.write(cfg, text) else "already there"))
+        else:
+            if containerd_config.plan_merge(cfg, str(config_path)).text is not None:
+                _pending(node).touch()
+            say(containerd_config.merge(cfg, str(config_path)).message)
         if _pending(node).exists():
             _restart(node, say)
         if node.label:
             say(labels.set_label(node.node_name, True))
-    except (payload.PayloadError, containerd_config.ContainerdConfigError, labels.LabelError) as e:
+    except (payload.PayloadError, containerd_config.ContainerdConfigError, crio_config.CrioConfigError,
+            labels.LabelError) as e:
         raise NodeInstallError(str(e)) from None
     except OSError as e:
         raise NodeInstallError(f"{e.filename or ''}: {e.strerror or e}") from None
@@ -206,17 +224,22 @@ def uninstall(node: Node, say: Say = print) -> None:
     try:
         if node.label:
             say(labels.set_label(node.node_name, False))
-        cfg = node.host(node.containerd_config)
-        if containerd_config.plan_remove(cfg)[0].text is not None:
-            _pending(node).touch()
-        plan = containerd_config.remove(cfg)
-        say(plan.message)
+        cfg = node.runtime_config()
+        if node.container_runtime == "crio":
+            if cfg.exists():
+                _pending(node).touch()
+            say(f"{cfg}: " + ("removed" if crio_config.remove(cfg) else "not there; nothing to remove"))
+        else:
+            if containerd_config.plan_remove(cfg)[0].text is not None:
+                _pending(node).touch()
+            say(containerd_config.remove(cfg).message)
         if _pending(node).exists():
             _restart(node, say)
         say(_unlink(node))
         target = node.host(node.prefix)
         say(f"{target}: removed" if payload.remove(target) else f"{target}: no payload; nothing to remove")
-    except (payload.PayloadError, containerd_config.ContainerdConfigError, labels.LabelError) as e:
+    except (payload.PayloadError, containerd_config.ContainerdConfigError, crio_config.CrioConfigError,
+            labels.LabelError) as e:
         raise NodeInstallError(str(e)) from None
     except OSError as e:
         raise NodeInstallError(f"{e.filename or ''}: {e.strerror or e}") from None
