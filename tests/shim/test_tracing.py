@@ -4,6 +4,7 @@ agent RPCs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -14,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from pykata.config import load_config
+from pykata.monitor.scrape import SandboxProbe
+from pykata.sandbox.lookup import find
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
 
 
@@ -46,6 +50,15 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TracedCon
         yield c, spans
 
 
+async def owner_rows(sandbox_id: str) -> list[tuple[str, float, dict[str, str]]]:
+    found = find(load_config(), sandbox_id)
+    probe = SandboxProbe(found.dir, found.record)
+    try:
+        return await probe.owner(10)
+    finally:
+        await probe.close()
+
+
 def traces(spans_file: Path) -> dict[str, list[dict[str, Any]]]:
     by_trace: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for line in spans_file.read_text().splitlines():
@@ -62,6 +75,12 @@ def test_one_trace_per_task_rpc_with_sandbox_qmp_and_agent_spans(traced: tuple[T
         ctd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, IMAGE, cid, "sleep", "1000")
         p = ctd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "traced")
         assert p.stdout == b"traced\n"
+        # the shim counts what it serves and sends, for `pykata monitor` (on its agent proxy socket)
+        owner = {(name, labels.get("method", "")): value for name, value, labels in asyncio.run(owner_rows(cid))}
+        assert owner[("pykata_shim_rpc", "Create")] == 1 and owner[("pykata_shim_rpc_errors", "Create")] == 0
+        assert owner[("pykata_shim_rpc", "Exec")] == 1 and owner[("pykata_shim_rpc_duration_seconds", "Create")] > 0
+        assert owner[("pykata_shim_agent_rpc", "CreateContainer")] == 1
+        assert owner[("pykata_shim_events_sent", "")] >= 4 and owner[("pykata_shim_events_dropped", "")] == 0
         ctd.ctr("task", "kill", "-s", "KILL", cid)
         deadline = time.monotonic() + 30
         while ctd.tasks().get(cid) != "STOPPED" and time.monotonic() < deadline:

@@ -108,7 +108,7 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
     tracked = InflightRpcs(service, TASK_SERVICE.methods, sandbox_id)
     # counted for `pykata monitor` (the sandbox's agent proxy serves pykata.ttrpc.stats.PROCESS)
     PROCESS.served = RpcStats()
-    PROCESS.counters["events_sent"] = lambda: len(events.sent)
+    PROCESS.counters["events_sent"] = lambda: events.sent
     PROCESS.counters["events_dropped"] = lambda: events.dropped
     server = Server(stats=PROCESS.served)
     server.register(TASK_SERVICE, tracked)

@@ -90,7 +90,7 @@ class EventPublisher:
         self._last_guest_event: dict[tuple[str, str], float] = {}
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
-        self.sent: list[str] = []  # topics forwarded, in order (for tests and logs)
+        self.sent = 0  # events forwarded (a count: a list of them grew for the shim's whole life)
         self.dropped = 0
         self.dropped_guest_events = 0
 
@@ -150,7 +150,7 @@ class EventPublisher:
             while True:
                 try:
                     await self._forward(item.envelope)
-                    self.sent.append(item.envelope.topic)
+                    self.sent += 1
                     break
                 except (RpcError, OSError, TimeoutError) as e:
                     item.tries += 1
