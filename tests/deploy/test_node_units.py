@@ -208,3 +208,15 @@ def test_crio_gets_a_drop_in_and_loses_it_again(root: Path, small_payload: Path)
     assert dropin.read_text() == "[crio.runtime]\n"
     with pytest.raises(NodeInstallError, match="--container-runtime: 'docker' is not one of containerd, crio"):
         _node(root, container_runtime="docker")
+
+
+def test_uninstall_goes_on_when_the_label_cannot_be_removed(root: Path, small_payload: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    install(_node(root), small_payload, say=lambda _: None)
+    # in a pod whose service account has no token (the RBAC deleted first, say): the label step fails
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "1")
+    with pytest.raises(NodeInstallError, match="cannot unlabel node node-1: no usable service account"):
+        uninstall(Node(root=root, prefix=PREFIX, node_name="node-1",
+                       restart_command=["sh", "-c", f"echo restart >> {root}/restarts"]), say=lambda _: None)
+    assert (root / "etc/containerd/config.toml").read_text() == ORIGINAL and not (root / "opt/pykata").exists()

@@ -220,10 +220,17 @@ def install(node: Node, src_dir: Path, base_config: Path | None = None, say: Say
 
 
 def uninstall(node: Node, say: Say = print) -> None:
-    """Take pykata off `node`: label, runtime handler, link, payload. Raises NodeInstallError."""
+    """Take pykata off `node`: label, runtime handler, link, payload. Raises NodeInstallError.
+
+    A label that cannot be removed (the RBAC deleted first, the API unreachable) does not keep the node's
+    runtime configured: the other steps run, then the label's error is raised."""
+    label_error: labels.LabelError | None = None
     try:
         if node.label:
-            say(labels.set_label(node.node_name, False))
+            try:
+                say(labels.set_label(node.node_name, False))
+            except labels.LabelError as e:
+                label_error = e
         cfg = node.runtime_config()
         if node.container_runtime == "crio":
             if cfg.exists():
@@ -238,6 +245,8 @@ def uninstall(node: Node, say: Say = print) -> None:
         say(_unlink(node))
         target = node.host(node.prefix)
         say(f"{target}: removed" if payload.remove(target) else f"{target}: no payload; nothing to remove")
+        if label_error is not None:
+            raise label_error
     except (payload.PayloadError, containerd_config.ContainerdConfigError, crio_config.CrioConfigError,
             labels.LabelError) as e:
         raise NodeInstallError(str(e)) from None
