@@ -229,6 +229,12 @@ async def test_async_restore_can_be_snapshotted_again(saved: tuple[Path, dict[st
             assert second.id != first.id
             assert (await second.metrics()).pids >= 2  # the idle process and the ticking loop
             await second.run("rm second.txt")
+            # reached by id as any sandbox (its container keeps the saved sandbox's id)
+            other = await pykata.AsyncSandbox.connect(second.id)
+            try:
+                assert (await other.run("cat hello.txt")).text == "prepared"
+            finally:
+                await other.close()
         finally:
             await second.close()
         assert (await first.run("cat second.txt")).text == "second generation"
