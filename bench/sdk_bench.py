@@ -12,8 +12,8 @@
 - pool: `Pool.acquire()` to the first command's result, when the SDK has a Pool
 - snapshot: a --snapshot-mib MiB sandbox (snapshots=True) holding --state-mib MiB of fresh guest state
   (random bytes in its writable layer): `snapshot(path)` until it runs again, and `Sandbox.restore(path)`
-  until its first command answered, each --snapshots times; the baseline is `cp` of the stream
-  (what writing the same bytes costs this disk)
+  until its first command answered, each --snapshots times; baselines: `cp` of the stream (what writing
+  the same bytes costs this disk) and a fresh `Sandbox(snapshots=True)` to its first command
 
 Figures are medians (p50). On a shared machine they move with the load: compare the ratios.
 """
@@ -190,7 +190,10 @@ def measure_pool(n: int) -> dict[str, float] | None:
 def measure_snapshot(memory_mib: int, state_mib: int, n: int) -> dict[str, object]:
     saves, restores, copies = [], [], []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as t:
+        start = time.perf_counter()
         with pykata.Sandbox(image="busybox", snapshots=True, memory_mib=memory_mib) as sb:
+            sb.run("true")
+            fresh = time.perf_counter() - start
             sb.run(f"head -c {state_mib << 20} /dev/urandom > /root/state.bin", timeout=600)
             for i in range(n):
                 path = Path(t) / f"snap{i}"
@@ -215,6 +218,7 @@ def measure_snapshot(memory_mib: int, state_mib: int, n: int) -> dict[str, objec
     return {"memory_mib": memory_mib, "state_mib": state_mib, "stream_mib": round(stream / (1 << 20), 1),
             "snapshot_s": p50(saves), "restore_first_command_s": p50(restores), "restore_ready_s": p50(phases),
             "cp_stream_s": p50(copies), "snapshot_vs_cp": round(p50(saves) / p50(copies), 1),
+            "fresh_start_first_command_s": round(fresh, 3), "restore_vs_fresh_start": round(p50(restores) / fresh, 2),
             "all_snapshot_s": [round(x, 3) for x in saves], "all_restore_s": [round(x, 3) for x in restores]}
 
 

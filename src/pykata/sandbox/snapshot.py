@@ -535,5 +535,5 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
     state.save(sb.dir, sb.record)
     await vm.wait_ready(timeout=boot_timeout)
     sb._agent = box["agent"]
-    await sync_guest_clock(sb.agent)
-    await sb._reseed_clone()
+    # independent: the clock and the reseed go to the agent together
+    await asyncio.gather(sync_guest_clock(sb.agent), sb._reseed_clone())
