@@ -1,9 +1,6 @@
 """Sandbox snapshots: a running sandbox saved to a directory (guest memory, devices, the containers'
-writable layers, which live in guest RAM) and restored later, in any process, as a new sandbox.
-
-    <snapshot>/                 0700, made under a temporary name and renamed when complete
-      manifest.json             0600: what the snapshot needs (format FORMAT, checked on restore)
-      state                     0600: QEMU's migration stream, RAM included
+writable layers, which live in guest RAM) and restored later, in any process, as a new sandbox. The
+directory's layout, hashing and opening are pykata.sandbox.snapshotdir's.
 
 The manifest names everything the saved guest depends on: the pykata version, QEMU's version, the
 machine (type, memory, vCPUs, CPU model, accelerator, kernel parameters, devices), the kernel,
@@ -23,14 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
+import dataclasses
 import json
 import os
-import re
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pykata
-from pykata import ids
 from pykata.agentapi import Agent
 from pykata.config import Config, load_config
 from pykata.errors import PykataError
@@ -53,29 +46,23 @@ from pykata.resources.rootslots import SlotTable
 from pykata.sandbox import state
 from pykata.sandbox.process import Process
 from pykata.sandbox.proxy import serve_agent_proxy
+from pykata.sandbox.snapshotdir import (
+    FORMAT,
+    KIND,
+    MACHINE_KEYS,
+    MANIFEST,
+    STATE,
+    STREAM_SLACK,
+    GrowingFileHash,
+    Opened,
+    SnapshotError,
+    file_sha256,
+    open_snapshot,
+    path_sha256,
+    want,
+)
 
-FORMAT = 1
-KIND = "pykata-sandbox-snapshot"
-MANIFEST = "manifest.json"
-STATE = "state"
-MAX_MANIFEST = 1 << 20
-MAX_CONTAINERS = 64
-# the stream carries at most the guest's RAM, plus device state and page headers
-STREAM_SLACK = 64 << 20
-HASH_CHUNK = 4 << 20
-# what must be equal between the saved machine and the one restoring it (template_inputs' keys)
-MACHINE_KEYS = ("machine_type", "default_memory", "default_vcpus", "maxvcpus", "memory_slots", "maxmemory",
-                "cpu_model", "accel", "kernel_params", "entropy_source", "shared_fs", "agent_channel",
-                "root_slots", "root_slot_mib")
-KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")  # pykata.resources.rootimage keys (no '.', no '/')
-
-
-class SnapshotError(PykataError):
-    """A snapshot cannot be made or restored; `field` names the manifest field (or file) at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"snapshot: {field}: {message}" if field else f"snapshot: {message}")
-        self.field = field
+__all__ = ["FORMAT", "MANIFEST", "STATE", "Saved", "SnapshotError", "open_snapshot", "restore", "save"]
 
 
 @dataclass(frozen=True)
@@ -88,71 +75,6 @@ class Saved:
 
 
 # -- hashing -------------------------------------------------------------------------------------------
-
-_digests: dict[tuple[int, int, int, int], str] = {}
-
-
-def file_sha256(fd: int) -> str:
-    """sha256 of an open file, remembered per (device, inode, size, mtime) for this process."""
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _digests:
-        return _digests[key]
-    h = hashlib.sha256()
-    offset = 0
-    while True:
-        chunk = os.pread(fd, HASH_CHUNK, offset)
-        if not chunk:
-            break
-        h.update(chunk)
-        offset += len(chunk)
-    _digests[key] = h.hexdigest()
-    return _digests[key]
-
-
-class GrowingFileHash:
-    """sha256 of a file another process appends to (QEMU writing the stream), computed in a thread
-    while it grows, so hashing overlaps the save instead of following it: `finish()` once the writer
-    is done returns the digest and the size."""
-
-    def __init__(self, fd: int) -> None:
-        import threading
-
-        self._fd = fd
-        self._done = threading.Event()
-        self._hash = hashlib.sha256()
-        self._offset = 0
-        self._thread = threading.Thread(target=self._run, name="snapshot-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            finished = self._done.is_set()  # read before the last pass: nothing is written after it
-            chunk = os.pread(self._fd, HASH_CHUNK, self._offset)
-            if chunk:
-                self._hash.update(chunk)
-                self._offset += len(chunk)
-            elif finished:
-                return
-            else:
-                self._done.wait(0.002)
-
-    async def finish(self) -> tuple[str, int]:
-        self._done.set()
-        await asyncio.to_thread(self._thread.join)
-        return self._hash.hexdigest(), self._offset
-
-
-def path_sha256(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return file_sha256(fd)
-    finally:
-        os.close(fd)
-
-
-# -- the manifest ------------------------------------------------------------------------------------
-
 
 async def _machine(config: Config) -> tuple[dict[str, Any], dict[str, Path | None]]:
     """The machine a templated VM of `config` is, and its kernel/initrd/image (this host's)."""
@@ -249,134 +171,8 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     return Saved(path, manifest["state"]["size"], time.monotonic() - started)
 
 
-@dataclass
-class Opened:
-    """A snapshot directory opened for a restore: its checked manifest and the state's descriptor."""
-
-    path: Path
-    manifest: dict[str, Any]
-    state_fd: int
-
-    def close(self) -> None:
-        if self.state_fd >= 0:
-            os.close(self.state_fd)
-            self.state_fd = -1
-
-
-def _open_in(dir_fd: int, name: str, what: str) -> int:
-    """Open `name` in the snapshot directory: a regular file, never through a symlink."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        why = "is a symlink (not followed)" if exc.errno == errno.ELOOP else exc.strerror
-        raise SnapshotError(what, f"{name}: {why}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotError(what, f"{name} is not a regular file")
-    return fd
-
-
-def _want(data: Any, field: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(data, kind) or (isinstance(data, bool) and kind in (int, float)):
-        raise SnapshotError(field, f"expected {getattr(kind, '__name__', kind)}, got {type(data).__name__}")
-    return data
-
-
-def _check_manifest(data: Any) -> dict[str, Any]:
-    """Shape and bounds of a parsed manifest (values against this host come later)."""
-    m: dict[str, Any] = _want(data, "manifest", dict)
-    if m.get("kind") != KIND:
-        raise SnapshotError("kind", f"{str(m.get('kind'))[:64]!r} is not a pykata sandbox snapshot")
-    if m.get("format") != FORMAT:
-        raise SnapshotError("format", f"{str(m.get('format'))[:32]} (this pykata reads format {FORMAT})")
-    for key in ("pykata_version", "qemu_version", "source_sandbox"):
-        _want(m.get(key), key, str)
-    for key in ("machine", "assets", "state", "extra"):
-        _want(m.get(key), key, dict)
-    devices = _want(m.get("devices"), "devices", list)
-    if len(devices) > 64:
-        raise SnapshotError("devices", f"{len(devices)} devices")
-    for i, d in enumerate(devices):
-        f = f"devices[{i}]"
-        _want(d, f, dict)
-        if d.get("kind") != "root-slot":
-            raise SnapshotError(f"{f}.kind", f"{str(d.get('kind'))[:32]!r} is not a device this pykata restores")
-        if not 0 <= _want(d.get("slot"), f"{f}.slot", int) < 64:
-            raise SnapshotError(f"{f}.slot", "out of range")
-        if not KEY_RE.match(_want(d.get("key"), f"{f}.key", str)):
-            raise SnapshotError(f"{f}.key", "not an image disk key")
-        users = _want(d.get("containers"), f"{f}.containers", list)
-        if len(users) > MAX_CONTAINERS or not all(isinstance(u, str) for u in users):
-            raise SnapshotError(f"{f}.containers", "expected container ids")
-    st = m["state"]
-    _want(st.get("size"), "state.size", int)
-    if not isinstance(st.get("sha256"), str) or len(st["sha256"]) != 64:
-        raise SnapshotError("state.sha256", "expected 64 hex digits")
-    containers = _want(m.get("containers"), "containers", list)
-    if not 1 <= len(containers) <= MAX_CONTAINERS:
-        raise SnapshotError("containers", f"{len(containers)} containers (1-{MAX_CONTAINERS})")
-    for i, c in enumerate(containers):
-        f = f"containers[{i}]"
-        _want(c, f, dict)
-        try:
-            ids.check_container_id(_want(c.get("id"), f"{f}.id", str))
-        except PykataError as e:
-            raise SnapshotError(f"{f}.id", str(e)) from None
-        if not 0 < _want(c.get("pid"), f"{f}.pid", int) < 1 << 22:
-            raise SnapshotError(f"{f}.pid", "out of range")
-        if not 0 <= _want(c.get("exec_seq"), f"{f}.exec_seq", int) < 1 << 40:
-            raise SnapshotError(f"{f}.exec_seq", "out of range")
-        _want(c.get("terminal"), f"{f}.terminal", bool)
-        if len(_want(c.get("image"), f"{f}.image", str)) > 4096:
-            raise SnapshotError(f"{f}.image", "too long")
-        cmd = _want(c.get("command"), f"{f}.command", list)
-        if len(cmd) > 4096 or not all(isinstance(a, str) for a in cmd):
-            raise SnapshotError(f"{f}.command", "expected a list of strings")
-    return m
-
-
-def open_snapshot(path: Path) -> Opened:
-    """Open and check the snapshot at `path` (no VM yet).
-
-    Raises:
-        SnapshotError: not a snapshot directory, a symlink, an unreadable, oversized or malformed
-            manifest, a state of the wrong size; the error names the field.
-    """
-    path = Path(os.path.abspath(path))
-    try:
-        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        # O_DIRECTORY|O_NOFOLLOW on a symlink fails with ENOTDIR
-        why = "is a symlink (not followed)" if os.path.islink(path) else exc.strerror
-        raise SnapshotError("path", f"{path}: {why}") from None
-    try:
-        mfd = _open_in(dir_fd, MANIFEST, "manifest")
-        try:
-            if os.fstat(mfd).st_size > MAX_MANIFEST:
-                raise SnapshotError("manifest", f"larger than {MAX_MANIFEST} bytes")
-            raw = os.read(mfd, MAX_MANIFEST + 1)
-        finally:
-            os.close(mfd)
-        try:
-            manifest = _check_manifest(json.loads(raw))
-        except (ValueError, RecursionError) as exc:
-            raise SnapshotError("manifest", f"not valid JSON: {str(exc)[:200]}") from None
-        sfd = _open_in(dir_fd, STATE, "state")
-    finally:
-        os.close(dir_fd)
-    size = os.fstat(sfd).st_size
-    want = manifest["state"]["size"]
-    if size != want:
-        os.close(sfd)
-        raise SnapshotError("state.size", f"the state file has {size} bytes, the manifest says {want} "
-                                          "(truncated or not this snapshot's)")
-    return Opened(path, manifest, sfd)
-
-
 def _restore_config(config: Config, m: dict[str, Any]) -> Config:
     """`config` as the saved VM ran: templated, its memory and vCPUs the manifest's (bounded)."""
-    import dataclasses
-
     machine = m["machine"]
     memory, vcpus = machine.get("default_memory"), machine.get("default_vcpus")
     q = config.qemu
@@ -407,7 +203,7 @@ async def _check_host(config: Config, m: dict[str, Any]) -> dict[str, Path | Non
             raise SnapshotError(f"assets.{name}", f"the snapshot {'has none' if saved is None else 'has one'}, "
                                                   "this host's guest image differs")
         if here is not None:
-            _want(saved, f"assets.{name}", dict)
+            want(saved, f"assets.{name}", dict)
             if not isinstance(saved.get("sha256"), str):
                 raise SnapshotError(f"assets.{name}.sha256", "expected a string")
     return assets
