@@ -120,6 +120,9 @@ def build(out: Path, ref: str = "latest", work: Path | None = None) -> dict[str,
     ]
     manifest = ocilayout.write_image(out, layers, image_config(), ref, EPOCH)
     _prune(out, manifest)
+    for stale in [*work.glob("base-*"), *work.glob("installer-*")]:
+        if stale not in (base, installer):
+            shutil.rmtree(stale, ignore_errors=True)  # trees of earlier inputs
     _say(f"{out}: {ref} manifest {manifest.digest}")
     return ocilayout.verify(out)
 
