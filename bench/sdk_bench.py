@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The Python SDK's goals (issue 17), each next to runc doing the same thing in the same run.
 
-    .venv/bin/python bench/sdk_bench.py [-n 20] [--starts 3] [--file-mib 100] [--concurrent 20] [--json]
+    .venv/bin/python bench/sdk_bench.py [-n 20] [--starts 3] [--file-mib 100] [--concurrent 20]
+        [--concurrent-memory-mib M] [--only files|concurrent] [--json]
 
 - cold start: `Sandbox()` until its first command can run, vs `runc run -d` of the same bundle
 - run("true"): one command round trip in a running sandbox, vs `runc exec` in a running container
 - files: write then read --file-mib MiB with `files.write`/`files.read_bytes`, vs `runc exec cat` with
-  the data on stdin / stdout (the same path `docker cp` would take)
+  the data on stdin / stdout; also printed: `docker cp`'s way for runc (a tar stream unpacked into / packed
+  from the container's root by the host) and the SDK's channel alone (stdin into `cat > /dev/null`)
 - concurrency: --concurrent AsyncSandboxes started and used from one Python process (one event loop):
   wall time, and the number of threads the process had at most (the goal: not one per sandbox)
 - pool: `Pool.acquire()` to the first command's result, when the SDK has a Pool
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -108,10 +112,33 @@ def measure_runc(tmp: Path, n: int, starts: int, data: bytes) -> dict[str, float
         back = c.exec(["cat", "/tmp/f"])
         read = time.perf_counter() - t
         assert back == data
+        cp_write, cp_read = docker_cp(c, data)
     finally:
         c.delete()
     return {"cold_start_s": p50(start_s), "run_true_p50_s": p50(runs), "files_write_mib_s": round(mib / write, 1),
-            "files_read_mib_s": round(mib / read, 1)}
+            "files_read_mib_s": round(mib / read, 1), "cp_write_mib_s": round(mib / cp_write, 1),
+            "cp_read_mib_s": round(mib / cp_read, 1)}
+
+
+def docker_cp(c: RuncContainer, data: bytes) -> tuple[float, float]:
+    """What `docker cp` does for a runc container: a tar stream unpacked into (and packed from) the
+    container's root file system by the host, no exec. Seconds each way."""
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w") as tar:
+        info = tarfile.TarInfo("cp.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    t = time.perf_counter()
+    subprocess.run(["tar", "-x", "-C", str(c.bundle / "rootfs" / "tmp")], input=stream.getvalue(), check=True)
+    write = time.perf_counter() - t
+    t = time.perf_counter()
+    out = subprocess.run(["tar", "-c", "-C", str(c.bundle / "rootfs" / "tmp"), "cp.bin"], capture_output=True,
+                         check=True).stdout
+    read = time.perf_counter() - t
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        member = tar.extractfile("cp.bin")
+        assert member is not None and member.read() == data
+    return write, read
 
 
 def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
@@ -136,11 +163,18 @@ def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
         back = sb.files.read_bytes("/tmp/f", max_bytes=len(data))
         read = time.perf_counter() - t
         assert back == data
+        # the channel alone (the agent and virtio-serial, no file system): stdin into `cat > /dev/null`
+        proc = sb.spawn(["sh", "-c", "cat > /dev/null"], stdin=True)
+        t = time.perf_counter()
+        proc.stdin.write(data)
+        proc.stdin.close()
+        assert proc.wait() == 0
+        channel_write = time.perf_counter() - t
     return {"cold_start_s": p50(start_s), "run_true_p50_s": p50(runs), "files_write_mib_s": round(mib / write, 1),
-            "files_read_mib_s": round(mib / read, 1)}
+            "files_read_mib_s": round(mib / read, 1), "channel_write_mib_s": round(mib / channel_write, 1)}
 
 
-def measure_concurrent(count: int) -> dict[str, float]:
+def measure_concurrent(count: int, memory_mib: int | None = None) -> dict[str, float]:
     most_threads = threading.active_count()
     done = threading.Event()
 
@@ -150,7 +184,7 @@ def measure_concurrent(count: int) -> dict[str, float]:
             most_threads = max(most_threads, threading.active_count() - 1)  # not counting this watcher
 
     async def one() -> float:
-        async with pykata.AsyncSandbox(image="busybox") as sb:
+        async with pykata.AsyncSandbox(image="busybox", memory_mib=memory_mib) as sb:
             t = time.perf_counter()
             r = await sb.run("true")
             assert r.ok
@@ -228,6 +262,8 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=3, help="cold starts")
     ap.add_argument("--file-mib", type=int, default=100)
     ap.add_argument("--concurrent", type=int, default=20)
+    ap.add_argument("--concurrent-memory-mib", type=int, default=None, help="each concurrent sandbox's memory")
+    ap.add_argument("--only", choices=["files", "concurrent"], help="measure only this (and its baseline)")
     ap.add_argument("--pool-n", type=int, default=5)
     ap.add_argument("--snapshot-mib", type=int, default=512, help="memory of the snapshotted sandbox")
     ap.add_argument("--state-mib", type=int, default=100, help="guest state written before the snapshot")
@@ -240,15 +276,24 @@ def main() -> None:
         print(json.dumps({"snapshot": snap, "goals": {k: GOALS[k] for k in ("snapshot_s", "restore_first_command_s")},
                           "loadavg": os.getloadavg()}, indent=None if not a.json else 2))
         return
+    if a.only == "concurrent":
+        res_c = {"concurrent": measure_concurrent(a.concurrent, a.concurrent_memory_mib), "loadavg": os.getloadavg()}
+        print(json.dumps(res_c, indent=2))
+        return
+    if a.only == "files":
+        a.n, a.starts = 1, 1
     data = os.urandom(a.file_mib << 20)
     with tempfile.TemporaryDirectory() as t:
         runc = measure_runc(Path(t), a.n, a.starts, data)
     sdk = measure_sdk(a.n, a.starts, data)
     res: dict[str, object] = {"sdk": sdk, "runc": runc, "goals": GOALS,
-                              "times_slower_than_runc": {k: _slower(k, sdk[k], runc[k]) for k in sdk},
+                              "times_slower_than_runc": {k: _slower(k, sdk[k], runc[k]) for k in sdk if k in runc},
                               "loadavg": os.getloadavg()}
+    if a.only == "files":
+        print(json.dumps(res, indent=2))
+        return
     if a.concurrent:
-        res["concurrent"] = measure_concurrent(a.concurrent)
+        res["concurrent"] = measure_concurrent(a.concurrent, a.concurrent_memory_mib)
     pool = measure_pool(a.pool_n)
     if pool is not None:
         res["pool"] = pool
@@ -259,7 +304,10 @@ def main() -> None:
         return
     print(f"{'':24}{'sdk':>10}{'runc':>10}{'x slower':>10}{'goal':>10}")
     for k, v in sdk.items():
-        print(f"{k:24}{v:>10}{runc[k]:>10}{res['times_slower_than_runc'][k]:>10}{GOALS[k]:>10}")  # type: ignore[index]
+        if k in runc:
+            print(f"{k:24}{v:>10}{runc[k]:>10}{res['times_slower_than_runc'][k]:>10}{GOALS[k]:>10}")  # type: ignore[index]
+    print(f"channel alone (stdin into cat > /dev/null): {sdk['channel_write_mib_s']} MiB/s; runc docker-cp-like "
+          f"(tar into/from its root on the host): write {runc['cp_write_mib_s']}, read {runc['cp_read_mib_s']} MiB/s")
     if "concurrent" in res:
         print(f"concurrent: {res['concurrent']}")
     if pool is not None:

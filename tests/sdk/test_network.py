@@ -106,9 +106,11 @@ def _chains() -> str:
 async def test_egress_allow_deny_expose_and_attacks(test_net: Subnet, host_services: int) -> None:
     n = test_net
     async with (pykata.AsyncSandbox(network="egress", allow=[f"{n.near}/32", f"{n.host_end}/32"],
-                                    deny=[f"{n.near}:8081"]) as sb,
+                                    deny=[f"{n.near}:8081"], dns=[n.far]) as sb,
                 pykata.AsyncSandbox(network="egress") as other):
         assert chain_name(sb.id) in _chains()
+        assert await sb.files.read("/etc/resolv.conf") == f"nameserver {n.far}\n"
+        assert f"-A {chain_name(sb.id)} -d {n.far}/32 -p udp -m udp --dport 53 -j ACCEPT" in _chains()
         assert await _connect(sb, n.near, 8080) == "port 8080\n"  # allowed
         assert await _connect(sb, n.near, 8081) == ""  # denied port: deny wins over allow
         assert await _connect(sb, n.far, 8080) == ""  # not in allow
