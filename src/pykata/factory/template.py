@@ -98,8 +98,9 @@ class Template:
         return RestoreSource(memory=self.memory, state=self.state, kernel=self.kernel, initrd=self.initrd,
                              image=self.image)
 
-    def check_fits(self, config: Config, nics: int = 0) -> None:
-        """Check that a VM of `config` with `nics` NICs can be cloned from this template.
+    def check_fits(self, config: Config, nics: int = 0, *, user_net: bool = False) -> None:
+        """Check that a VM of `config` with `nics` NICs (on QEMU's user network with `user_net`) can be
+        cloned from this template.
 
         Raises:
             HypervisorError: memory, vCPUs, NICs, machine or CPU model differ, or an asset changed on disk.
@@ -107,7 +108,7 @@ class Template:
         q = templated_config(config, quiet=True).qemu
         want = {"machine_type": q.machine_type, "default_memory": q.default_memory,
                 "default_vcpus": q.default_vcpus, "cpu_model": q.cpu_model, "path": q.path,
-                "nics": nics or None}
+                "nics": nics or None, "nic_backend": "user" if user_net else None}
         for key, value in want.items():
             if self.inputs.get(key) != value:
                 raise HypervisorError(f"template {self.key}: hypervisor.qemu.{key} is {value!r}, the template "
@@ -160,8 +161,10 @@ def _file_id(path: Path) -> str | None:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-async def template_inputs(config: Config, nics: int = 0) -> tuple[dict[str, Any], Path, Path | None, Path | None]:
-    """What a template for `config` with `nics` NICs depends on, and the kernel/initrd/image it boots.
+async def template_inputs(config: Config, nics: int = 0, *,
+                          user_net: bool = False) -> tuple[dict[str, Any], Path, Path | None, Path | None]:
+    """What a template for `config` with `nics` NICs (on taps, or with `user_net` on QEMU's user network:
+    a tap's saved NIC cannot be restored onto it) depends on, and the kernel/initrd/image it boots.
 
     Raises:
         HypervisorError: no kernel/root filesystem, or the accelerator cannot be decided.
@@ -184,6 +187,8 @@ async def template_inputs(config: Config, nics: int = 0) -> tuple[dict[str, Any]
     if nics:
         # only when there are NICs, so templates without any keep their keys
         inputs["nics"] = nics
+        if user_net:
+            inputs["nic_backend"] = "user"
     if config.runtime.root_slots:
         # the image slots are devices: a clone must have the ones its template was saved with
         inputs["root_slots"] = config.runtime.root_slots
@@ -255,7 +260,7 @@ async def _locked(root: Path, timeout: float) -> Any:
 
 
 async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[str], None] | None = None,
-                          force: bool = False) -> Template:
+                          force: bool = False, user_net: bool = False) -> Template:
     """The template for `config` with `nics` NICs (pykata.network.nic_id/guest_mac): found in the
     cache, else made now (once, whoever asks at the same time; atomically: a template directory is
     complete or absent). `force` remakes it.
@@ -264,7 +269,7 @@ async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[
         HypervisorError: the template VM failed to boot or to save; nothing is left behind.
     """
     config = templated_config(config)
-    inputs, kernel, initrd, image = await template_inputs(config, nics)
+    inputs, kernel, initrd, image = await template_inputs(config, nics, user_net=user_net)
     key = key_of(inputs)
     root = template_root(config)
     final = root / key
@@ -283,7 +288,7 @@ async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[
         try:
             say(f"factory: making template {key} (boots a VM once, a few seconds)")
             started = time.monotonic()
-            await _make(config, tmp, key, nics)
+            await _make(config, tmp, key, nics, user_net=user_net)
             meta = {"format": FORMAT, "key": key, "inputs": inputs, "kernel": str(kernel),
                     "initrd": str(initrd) if initrd else None, "image": str(image) if image else None,
                     "created_at": time.time(), "build_seconds": time.monotonic() - started}
@@ -300,11 +305,13 @@ async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[
         return made
 
 
-async def _make(config: Config, directory: Path, key: str, nics: int = 0) -> None:
+async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, user_net: bool = False) -> None:
     """Boot the template VM with RAM in <directory>/memory, wait for its agent, save, kill it.
 
     Its NICs sit on throwaway taps in the host's namespace, down and unconnected (a clone gets the
-    same NICs on its own taps): they vanish with their fds when QEMU ends.
+    same NICs on its own taps): they vanish with their fds when QEMU ends. With `user_net` they are on
+    QEMU's user network instead (the guest configures no address before it is saved, so it sends
+    nothing; a clone gets its own user network and its host filter before it runs).
     """
     shared = directory / "shared"
     shared.mkdir()
@@ -313,6 +320,9 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0) -> Non
     taps: list[int] = []
     try:
         for i in range(nics):
+            if user_net:
+                await vm.add_device(NetDevice(nic_id(i), guest_mac(i), user_net=True))
+                continue
             taps.append(open_tap(f"pktpl{secrets.token_hex(4)}"))
             await vm.add_device(NetDevice(nic_id(i), guest_mac(i), tap_fd=taps[-1]))
         await vm.prepare()

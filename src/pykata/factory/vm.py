@@ -30,11 +30,17 @@ def template_nics(devices: Sequence[Device]) -> int | None:
     """How many NICs a template for a VM with `devices` (cold-plugged) has, or None when the devices
     are not ones a template carries: only NICs on taps, pykata.network's net0, net1, ... with its guest
     MACs. (A user-mode network NIC cannot restore a tap template's NIC: the saved virtio-net state
-    requires the tap's vnet headers.)"""
+    requires the tap's vnet headers; `user_net_nic` picks the template made for it.)"""
     for i, dev in enumerate(devices):
         if not isinstance(dev, NetDevice) or dev.user_net or dev.id != nic_id(i) or dev.mac != guest_mac(i):
             return None
     return len(devices)
+
+
+def user_net_nic(devices: Sequence[Device]) -> bool:
+    """Whether `devices` is the one user-mode network NIC (net0) of an egress sandbox."""
+    return (len(devices) == 1 and isinstance(dev := devices[0], NetDevice) and dev.user_net
+            and dev.id == nic_id(0) and dev.mac == guest_mac(0))
 
 
 async def choose_template(vm_id: str, config: Config, devices: Sequence[Device]) -> Template | None:
@@ -46,6 +52,10 @@ async def choose_template(vm_id: str, config: Config, devices: Sequence[Device])
     """
     if not config.factory.enable_template:
         return None
+    if user_net_nic(devices):
+        template = await ensure_template(config, nics=1, user_net=True)
+        template.check_fits(config, 1, user_net=True)
+        return template
     nics = template_nics(devices)
     if nics is None:
         log.info("VM %s: booting cold: its devices are not ones a template can carry", vm_id)
