@@ -14,7 +14,8 @@ This module does what `crun exec` does for one process spec, from a child forked
      (what `crun exec` loads too)
   5. posix_spawn the program (PATH searched in the process's environment, like crun) with the
      stdio pipes as 0/1/2, a new session, every signal at its default and none blocked; every
-     other descriptor of the agent is close-on-exec before that, so none reaches the container
+     other descriptor of the agent is made close-on-exec first (close_range), so none reaches
+     the container
   6. report its pid over a pipe and exit; the process re-parents to the agent (a subreaper)
 
 It covers what the guest sees from containerd and the SDK: cgroup v2, no user or time namespace,
@@ -65,6 +66,8 @@ _RLIMITS = {f"RLIMIT_{n}": i for i, n in enumerate((  # Linux's numbering (Pytho
     "CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS", "LOCKS",
     "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME"))}
 
+SYS_close_range = 436  # x86_64
+CLOSE_RANGE_CLOEXEC = 1 << 2
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -214,9 +217,12 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         for fd in opened:
             os.close(fd)
     try:
+        # One write of a few bytes is atomic: the first read has the whole report, and the child
+        # need not be waited for (the reaper collects it). No report: it died; its status says how.
         report = await _read_report(report_r, timeout)
-        async with asyncio.timeout(timeout):
-            await asyncio.shield(child_exit)
+        if not report:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(child_exit)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -227,11 +233,12 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         started = int(report[1:])
         return started, reaper.watch(started, since=generation)
     message = report[1:].decode(errors="replace") if report.startswith((b"E", b"M")) else \
-        f"exec failed (status {child_exit.result().code})"
+        (f"exec failed (status {child_exit.result().code})" if child_exit.done() else "exec failed")
     raise ExecFailed(message, missing=report.startswith(b"M"))
 
 
 async def _read_report(fd: int, timeout: float) -> bytes:
+    """The child's report (b"" when it exited without one)."""
     loop = asyncio.get_running_loop()
     data = bytearray()
     done: asyncio.Future[None] = loop.create_future()
@@ -241,10 +248,9 @@ async def _read_report(fd: int, timeout: float) -> bytes:
             chunk = os.read(fd, REPORT_LIMIT)
         except BlockingIOError:
             return
-        if chunk and len(data) < REPORT_LIMIT:
-            data.extend(chunk[:REPORT_LIMIT - len(data)])
-        elif not chunk and not done.done():
-            done.set_result(None)
+        data.extend(chunk)
+        if not done.done():
+            done.set_result(None)  # a whole report, or end of file
 
     os.set_blocking(fd, False)
     loop.add_reader(fd, readable)
@@ -280,11 +286,7 @@ def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int],
         signal.set_wakeup_fd(-1)  # the agent's loop must not hear this child's signals
         # Nothing of the agent's may reach the container: all close on exec but the report pipe
         # (which closes when this child exits) and the stdio, dup'ed onto 0-2 by posix_spawn.
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2:
-                with contextlib.suppress(OSError):
-                    os.set_inheritable(fd, False)
+        _check(_libc.syscall(SYS_close_range, 3, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC), "close_range")
         os.write(cgroup_fd, b"0")
         _check(_libc.setns(pidfd, p.ns_flags), "setns")
         for number, soft, hard in p.rlimits:
