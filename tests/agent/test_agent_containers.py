@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from pykata.protocols.agent import agent_pb2
 from pykata.ttrpc import Code, RpcError
-from tests.agent.conftest import AgentHelper, cgroup_dirs
+from tests.agent.conftest import CRUN, AgentHelper, cgroup_dirs
 
 
 async def test_echo_stdout_and_stderr(agent: AgentHelper) -> None:
@@ -197,3 +199,20 @@ async def test_wait_survives_a_client_that_went_away(agent: AgentHelper) -> None
     with pytest.raises(RpcError):
         await pending
     assert await agent.wait("waiter") == 3
+
+
+async def test_start_without_crun_leaves_crun_seeing_a_running_container(agent: AgentHelper) -> None:
+    """StartContainer releases the init through crun's exec fifo itself; crun's own view must agree
+    (state "running"), and a second start is refused as before."""
+    assert CRUN is not None
+    await agent.create("released", args=["sleep", "1000"])
+    init_pid = await agent.start("released")
+    await agent.close_stdin("released")
+    state = subprocess.run(agent.env.wrap([CRUN, f"--root={agent.env.state_dir / 'crun'}", "state", "released"]),
+                           capture_output=True, check=True)
+    doc = json.loads(state.stdout)
+    assert (doc["status"], doc["pid"]) == ("running", init_pid)
+    assert not (agent.env.state_dir / "crun/released/exec.fifo").exists()
+    with pytest.raises(RpcError) as ei:
+        await agent.start("released")
+    assert ei.value.code == Code.FAILED_PRECONDITION

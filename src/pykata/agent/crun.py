@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,35 @@ class Crun:
         await self._call("create", cid, [*args, cid], stdio=stdio, timeout=CREATE_TIMEOUT)
 
     async def start(self, cid: str) -> None:
-        await self._call("start", cid, ["start", cid])
+        if not self.release(cid):
+            await self._call("start", cid, ["start", cid])
+
+    def release(self, cid: str) -> bool:
+        """What `crun start` does for a container without poststart hooks (the agent drops every
+        hook from the spec): open the exec fifo the created init waits on, unlink it (crun then
+        reports the container as running) and write the byte that lets the init exec the
+        workload. Under TCG this saves starting crun (~130 ms in the guest).
+
+        False when no init waits on the fifo (gone, or already started): the caller then runs
+        `crun start` for crun's own answer.
+        """
+        fifo = self.root / cid / "exec.fifo"
+        try:
+            # Non-blocking: with no reader, open fails (ENXIO) instead of hanging the agent.
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return False
+            os.unlink(fifo)
+            os.write(fd, b"\0")
+        except OSError as exc:
+            log.warning("releasing %s through its exec fifo: %s", cid, exc)
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     async def exec(self, cid: str, process_file: Path, pid_file: Path, stdio: Stdio,
                    console_socket: str | None = None) -> None:
