@@ -223,11 +223,34 @@ class FakeProcess:
         self.stdin_closed.set()
 
 
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _read_fifo_to_eof(path: Path) -> bytes:
-    def read() -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-    return await asyncio.to_thread(read)
+    """Read a FIFO the shim already holds open for writing, on the loop: a reader blocked in a thread
+    would keep the interpreter from exiting when a failed test never closes the writer."""
+    loop = asyncio.get_running_loop()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(fd, _set_once, readable)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(fd)
+                continue
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+    finally:
+        os.close(fd)
 
 
 async def test_fifo_stdio(tmp_path: Path) -> None:
@@ -241,10 +264,12 @@ async def test_fifo_stdio(tmp_path: Path) -> None:
                asyncio.ensure_future(_read_fifo_to_eof(paths["err"]))]
     pio.attach(proc)  # type: ignore[arg-type]
 
-    def write_stdin() -> None:
-        with open(paths["in"], "wb") as f:
-            f.write(b"typed\n")
-    await asyncio.to_thread(write_stdin)
+    # O_NONBLOCK: ENXIO (a failure) rather than a thread blocked forever if the shim never opened stdin.
+    writer = os.open(paths["in"], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.write(writer, b"typed\n")
+    finally:
+        os.close(writer)
     async with asyncio.timeout(5):
         assert await readers[0] == b"hello world\n"
         assert await readers[1] == b"oops\n"
