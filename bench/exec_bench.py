@@ -6,18 +6,19 @@
   runc     `runc exec <id> true` in a running busybox container (the baseline; a fork+exec of runc)
   pykata   Container.exec(["true"]) in a running sandbox (busybox), then stdout/stderr read to EOF
            and the exit status: what `Sandbox.run("true")` and the shim's exec cost. Broken down into
-             exec     ExecProcess RPC until the agent returns the pid (crun exec in the guest)
+             exec     ExecProcess RPC until the agent returns the pid
              stdin    CloseStdin RPC
              output   ReadStdout + ReadStderr until EOF
              wait     WaitProcess until the exit status
 Every figure is wall time on the host; on a shared machine it moves with the load: compare ratios.
 
-Where the time went (TCG, Nov 2026): p50 ~530 ms, of which ExecProcess ~510 ms, the stream RPCs ~20 ms.
-An agent RPC round trip alone (Version) is ~12 ms, and PauseContainer/ResumeContainer, each one
-`crun pause|resume`, cost ~550 ms each: nearly all of an exec is the one `crun exec --detach` run in
-the guest (the agent spawns it with posix_spawn and learns of its exit by SIGCHLD, so neither is it).
-Cutting it means not running crun per exec (the agent entering the container's namespaces and cgroup
-itself, as Kata's agent does with its own libcontainer) or a crun that starts faster under TCG.
+Where the time went (TCG, Nov 2026, host load average 6-8): p50 ~870 ms when the agent ran
+`crun exec --detach` per exec, ~830 ms of it ExecProcess. In the guest (bench/crun_guest.py) each crun
+call first copied itself (bind mount, read-only remount, lazy unmount waiting for an RCU grace period,
+re-exec with ten shared libraries): `crun --version` 156-224 ms from disk, 40-74 ms from a sealed memfd.
+The agent now keeps a sealed copy (p50 ~126 ms, ExecProcess ~108) and starts exec processes itself
+(agent/nsexec.py: fork, cgroup, setns by pidfd, credentials, posix_spawn): p50 ~110 ms, ExecProcess
+~95 ms, of which the forked child's work until it reports the pid is most; the stream RPCs ~10 ms.
 """
 
 from __future__ import annotations
