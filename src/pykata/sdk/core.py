@@ -28,6 +28,7 @@ from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
 from pykata.sandbox.ocispec import SpecError, parse_user
 from pykata.sandbox.remote import AttachedSandbox
+from pykata.sandbox.snapshot import warm_up as snapshot_warm_up
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.state import load as load_state
 from pykata.sdk import snapshot as sdk_snapshot
@@ -167,6 +168,7 @@ class AsyncSandbox:
         self._attached: AttachedSandbox | None = None
         self._found: lookup.Found | None = None
         self._id = ""
+        self._warm: asyncio.Future[None] | None = None
         self._cid = ""  # the container's id: the sandbox's, or the saved one's after a restore
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -216,6 +218,9 @@ class AsyncSandbox:
         self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name,
                                              guest_share=not self.snapshots, egress=self.egress)
         self._cid = self._sandbox.id
+        if self.snapshots:
+            # the hashes a snapshot's manifest needs, computed while the container starts
+            self._warm = asyncio.ensure_future(snapshot_warm_up(self._sandbox.config))
         try:
             async with self._denials():
                 self._container = await self._sandbox.create_container(
@@ -304,6 +309,8 @@ class AsyncSandbox:
     async def _destroy(self, why: str) -> None:
         if self._gone is None:
             self._gone = why
+        if self._warm is not None and not self._warm.done():
+            self._warm.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
