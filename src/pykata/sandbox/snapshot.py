@@ -140,7 +140,7 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     if sandbox.guest_share:
         raise SnapshotError("", f"sandbox {sandbox.id} mounts the host's shared directory in the guest (9p), "
                                 "which QEMU cannot migrate: make it with guest_share=False (SDK: snapshots=True)")
-    if sandbox.network is not None:
+    if sandbox.network is not None or sandbox.egress is not None:
         raise SnapshotError("", f"sandbox {sandbox.id} has a network interface; snapshots of networked "
                                 "sandboxes are not supported")
     if vm.restore_source is None:
