@@ -28,6 +28,7 @@ from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
 from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
 from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
 from pykata.sandbox.remote import AttachedSandbox
+from pykata.sandbox.sandbox import prepare_root_image
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.stdio import feed_stdin, pump_output
 
@@ -172,6 +173,8 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
                           user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
     config, vcpus, memory_mib = sizing.fit(config, sizing.container_size(cpus, mem, cpus_source="--cpus",
                                                                           memory_source="--memory"))
+    # a bad image fails here, before a VM boots
+    await prepare_root_image(config, image.rootfs)
     sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
     status = 255
     try:

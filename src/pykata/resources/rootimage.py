@@ -201,8 +201,6 @@ class RootImageCache:
                 raise
             log.info("image %s: disk %s built in %.2fs (%d entries)", source.label, final.name,
                      time.monotonic() - started, scan.entries)
-        with contextlib.suppress(OSError):
-            os.unlink(self.dir / f".{key}.lock")
         self.evict(keep=final)
         return _with_usage(image)
 
@@ -353,6 +351,8 @@ class RootImageCache:
                 path.unlink()
                 total -= size
                 removed.append(path.name)
+                # its build lock goes with it (a builder holding it then makes the disk anew: harmless)
+                (self.dir / f".{path.name.removesuffix(SUFFIX)}.lock").unlink(missing_ok=True)
                 log.info("rootimages: evicted %s (cache over runtime.rootfs_block_cache_mib)", path.name)
         return removed
 

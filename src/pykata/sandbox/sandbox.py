@@ -75,6 +75,17 @@ def sandboxes_dir(config: Config) -> Path:
     return Path(config.runtime.runtime_dir) / "sandboxes"
 
 
+async def prepare_root_image(config: Config, rootfs: Path) -> None:
+    """Build the read-only disk of image directory `rootfs` now, if containers get their image as a
+    disk (`runtime.rootfs_block_slots`), so a bad image fails before any VM boots; the container's
+    creation then finds it cached. Raises RootImageError naming the image."""
+    if not config.runtime.root_slots:
+        return
+    source = source_for(rootfs, rootfs, config.runtime.cache_path)
+    if source is not None:
+        await asyncio.to_thread(RootImageCache(config.runtime, config.image).ensure, source)
+
+
 def make_sandbox_dir(directory: Path) -> None:
     """Make a sandbox's directory, 0700 (its containers' roots and volumes are below it), with the
     runtime and sandboxes directories above it 0711: traversable, not listable.
