@@ -119,6 +119,12 @@ def test_online_cpu_mem_on_a_fake_sysfs(tmp_path: Path) -> None:
     assert (cpus / "cpu2/online").read_text() == "1" and (cpus / "cpu3/online").read_text() == "0"
     assert guest.online_cpu_mem(0, cpu_only=False, sysfs=tmp_path) == (1, 1)
     assert (mem / "memory1/state").read_text() == "online"
+    # fewer: the highest go offline first, cpu0 (no online file) never
+    assert guest.online_cpu_mem(2, cpu_only=True, sysfs=tmp_path) == (-2, 0)
+    assert [(cpus / f"cpu{n}/online").read_text() for n in (1, 2, 3)] == ["1", "0", "0"]
+    assert guest.online_cpu_mem(1, cpu_only=True, sysfs=tmp_path) == (-1, 0)
+    assert guest.online_cpu_mem(1, cpu_only=True, sysfs=tmp_path) == (0, 0)  # idempotent
+    assert guest.online_cpu_mem(99, cpu_only=True, sysfs=tmp_path) == (3, 0)  # capped at what is present
 
 
 def test_exit_status_codes() -> None:

@@ -86,7 +86,13 @@ def test_a_bigger_vm_boots_cold_and_vcpus_are_capped() -> None:
     assert not bigger.factory.enable_template and config.factory.enable_template
     with pytest.raises(InvalidArgument) as info:
         sizing.fit(config, sizing.PodSize(None, 1 << 40, "", sizing.SANDBOX_MEMORY))
-    assert info.value.field == sizing.SANDBOX_MEMORY and "default_maxmemory" in str(info.value)
+    assert info.value.field == sizing.SANDBOX_MEMORY and "the host's memory" in str(info.value)
+    # up to the balloon's ceiling a microvm is sized after boot: a template of the default size carries it
+    elastic = parse_toml("[hypervisor.qemu]\ndefault_memory = 512\ndefault_maxmemory = 1024\ndefault_maxvcpus = 2\n")
+    same, vcpus, memory = sizing.fit(elastic, sizing.PodSize(2, 1000, "q", "m"))
+    assert same is elastic and (vcpus, memory) == (2, 1000)
+    bigger, _, _ = sizing.fit(elastic, sizing.PodSize(None, 1100, "q", "m"))
+    assert not bigger.factory.enable_template
 
 
 def _config_file(tmp: Path, enable: list[str]) -> Path:
@@ -325,7 +331,7 @@ def test_one_policy_for_pykata_run_and_the_sdk() -> None:
     with pytest.raises(InvalidArgument) as info:
         sizing.vm_size(2, 0, vcpus_source="cpus", memory_source="memory_mib")
     assert info.value.field == "memory_mib"
-    config = parse_toml("[hypervisor.qemu]\ndefault_memory = 512\ndefault_maxmemory = 1024\n")
+    config = parse_toml("[hypervisor.qemu]\nmachine_type = \"q35\"\ndefault_memory = 512\ndefault_maxmemory = 1024\n")
     with pytest.raises(InvalidArgument) as info:
         sizing.fit(config, sizing.container_size(None, 2048 * MIB, cpus_source="--cpus", memory_source="--memory"))
     assert info.value.field == "--memory"

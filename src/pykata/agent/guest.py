@@ -60,29 +60,41 @@ def _has_seccomp() -> bool:
 
 
 def online_cpu_mem(nb_cpus: int, cpu_only: bool, *, sysfs: Path = SYSFS) -> tuple[int, int]:
-    """Bring offline CPUs (up to `nb_cpus` online in total, 0 = all) and memory blocks online.
+    """Bring CPUs online or offline until `nb_cpus` are online (0 = all present; the highest numbers
+    go offline first, cpu0 never), and offline memory blocks online unless `cpu_only`.
 
-    Returns (CPUs onlined, memory blocks onlined). Raises Internal when the kernel
-    refuses every CPU it was asked for.
+    Returns (CPUs onlined, negative when CPUs were offlined; memory blocks onlined). Raises Internal
+    when the kernel refuses every CPU it was asked to change.
     """
     cpu_dir = sysfs / "devices/system/cpu"
     cpus = sorted((p for p in cpu_dir.glob("cpu[0-9]*") if re.fullmatch(r"cpu\d+", p.name)),
                   key=lambda p: int(p.name[3:]))
     online = [p for p in cpus if _is_online(p)]
-    want = len(cpus) if nb_cpus == 0 else nb_cpus
-    onlined_cpus, failures = 0, []
+    want = len(cpus) if nb_cpus == 0 else max(1, min(nb_cpus, len(cpus)))
+    changed, failures = 0, []
+    if len(online) > want:
+        for p in reversed(online):
+            if len(online) + changed <= want:
+                break
+            if not (p / "online").exists():
+                continue  # cpu0: cannot go offline
+            try:
+                (p / "online").write_text("0")
+                changed -= 1
+            except OSError as exc:
+                failures.append(f"{p.name}: {exc.strerror}")
     for p in cpus:
-        if len(online) + onlined_cpus >= want:
+        if len(online) + changed >= want:
             break
         if p in online:
             continue
         try:
             (p / "online").write_text("1")
-            onlined_cpus += 1
+            changed += 1
         except OSError as exc:
             failures.append(f"{p.name}: {exc.strerror}")
-    if failures and onlined_cpus == 0:
-        raise Internal(f"cannot online CPUs: {'; '.join(failures)}")
+    if failures and changed == 0:
+        raise Internal(f"cannot change CPUs: {'; '.join(failures)}")
     onlined_mem = 0
     if not cpu_only:
         for block in sorted((sysfs / "devices/system/memory").glob("memory[0-9]*")):
@@ -93,7 +105,7 @@ def online_cpu_mem(nb_cpus: int, cpu_only: bool, *, sysfs: Path = SYSFS) -> tupl
                     onlined_mem += 1
             except OSError as exc:
                 log.warning("cannot online %s: %s", block.name, exc.strerror)
-    return onlined_cpus, onlined_mem
+    return changed, onlined_mem
 
 
 def _is_online(cpu: Path) -> bool:

@@ -202,3 +202,29 @@ def node(uninstall: bool, root: Path, prefix: Path, payload_dir: Path | None, co
     except NodeInstallError as e:
         click.echo(f"pykata: {e}", err=True)
         sys.exit(1)
+
+
+@install.command()
+@click.option("--accelerator", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="The accelerator the node's VMs run with (auto: this host's, as pykata decides it).")
+@click.option("--handler", default="pykata", show_default=True, help="containerd's runtime handler name.")
+def runtimeclass(accelerator: str, handler: str) -> None:
+    """Print the Kubernetes RuntimeClass for pykata with overhead.podFixed from the configuration and
+    the measured per-pod overhead (pykata.resources.sizing.pod_fixed_overhead)."""
+    import asyncio
+
+    from pykata.config import load_config
+    from pykata.hypervisor.accel import resolve_accelerator
+    from pykata.hypervisor.qemu.assets import resolve_assets
+    from pykata.resources import sizing
+
+    try:
+        config = load_config()
+        if accelerator == "auto":
+            kernel, _, _ = resolve_assets(config, None, None, None)
+            accelerator = asyncio.run(resolve_accelerator(config.qemu, kernel, config.runtime.cache_path)).accel
+        memory_mib, cpu_milli = sizing.pod_fixed_overhead(config, tcg=accelerator == "tcg")
+    except PykataError as e:
+        click.echo(f"pykata: {e}", err=True)
+        sys.exit(1)
+    click.echo(sizing.runtimeclass_yaml(handler, memory_mib, cpu_milli, accelerator), nl=False)

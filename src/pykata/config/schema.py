@@ -40,9 +40,16 @@ class QemuConfig:
     # 0: the number of host CPUs.
     default_maxvcpus: int = 0
     default_memory: int = 2048
-    # 0: the host's memory. Only q35 can hot-add memory, up to this.
+    # The most memory a running VM may grow to. q35: hot-added DIMMs up to this (0: the host's
+    # memory). microvm with memory_balloon: the VM boots with max(default_memory, default_maxmemory)
+    # and a balloon holds back what it is not sized to (0: no room to grow, only to shrink).
     default_maxmemory: int = 0
     memory_slots: int = 10
+    # microvm: a virtio-balloon (deflate-on-oom off, so the guest's MemTotal follows it) sizes the VM
+    # below its boot memory; resize_memory moves it both ways while the VM runs.
+    memory_balloon: bool = True
+    # The guest reports pages it freed and QEMU drops them, so the host gets freed guest memory back.
+    free_page_reporting: bool = True
     shared_fs: SharedFs = "virtio-fs"
     virtio_fs_daemon: str = DEFAULT_VIRTIOFSD
     virtio_fs_extra_args: tuple[str, ...] = ()
@@ -79,6 +86,21 @@ class QemuConfig:
         if self.default_maxvcpus:
             return self.default_maxvcpus
         return max(os.cpu_count() or 1, self.default_vcpus)
+
+    def balloon_memory(self) -> int:
+        """MiB a microvm boots with when it has a balloon (its ceiling): max(default_memory,
+        default_maxmemory); 0 when it has none (q35, or memory_balloon off)."""
+        if self.machine_type != "microvm" or not self.memory_balloon:
+            return 0
+        return max(self.default_memory, self.default_maxmemory)
+
+    def largest_vm_memory(self) -> int:
+        """The most memory any VM may have (MiB): q35's resolved_maxmemory; on microvm the host's memory
+        (a VM larger than its balloon's ceiling boots at its size)."""
+        if self.machine_type == "q35":
+            return self.resolved_maxmemory()
+        host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+        return max(host_mib, self.default_memory, self.default_maxmemory)
 
     def resolved_maxmemory(self) -> int:
         """`default_maxmemory` in MiB, with 0 meaning the host's memory (never below default_memory)."""

@@ -108,7 +108,8 @@ class Template:
         q = templated_config(config, quiet=True).qemu
         want = {"machine_type": q.machine_type, "default_memory": q.default_memory,
                 "default_vcpus": q.default_vcpus, "cpu_model": q.cpu_model, "path": q.path,
-                "nics": nics or None, "nic_backend": "user" if user_net else None}
+                "nics": nics or None, "nic_backend": "user" if user_net else None,
+                "balloon": _balloon_inputs(config)}
         for key, value in want.items():
             if self.inputs.get(key) != value:
                 raise HypervisorError(f"template {self.key}: hypervisor.qemu.{key} is {value!r}, the template "
@@ -184,6 +185,9 @@ async def template_inputs(config: Config, nics: int = 0, *,
     }
     if q.machine_type == "q35":
         inputs["maxmemory"] = q.resolved_maxmemory()
+    if q.balloon_memory():
+        # the balloon is part of the saved device set, and the guest booted with its ceiling
+        inputs["balloon"] = _balloon_inputs(config)
     if nics:
         # only when there are NICs, so templates without any keep their keys
         inputs["nics"] = nics
@@ -194,6 +198,13 @@ async def template_inputs(config: Config, nics: int = 0, *,
         inputs["root_slots"] = config.runtime.root_slots
         inputs["root_slot_mib"] = config.runtime.rootfs_block_max_mib
     return inputs, kernel, initrd, image
+
+
+def _balloon_inputs(config: Config) -> dict[str, Any] | None:
+    q = config.qemu
+    if not q.balloon_memory():
+        return None
+    return {"ceiling": q.balloon_memory(), "free_page_reporting": q.free_page_reporting}
 
 
 def key_of(inputs: dict[str, Any]) -> str:

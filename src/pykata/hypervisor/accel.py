@@ -173,7 +173,8 @@ async def probe_kvm(config: QemuConfig, kernel: Path) -> AccelVerdict:
     try:
         initrd = write_busybox_initrd(workdir / "probe.cpio", PROBE_INIT, busybox)
         probe_cfg = dataclasses.replace(config, machine_type="microvm", default_vcpus=1, default_maxvcpus=1,
-                                        default_memory=128, kernel_params="", enable_debug=False)
+                                        default_memory=128, default_maxmemory=0, memory_balloon=False,
+                                        kernel_params="", enable_debug=False)
         paths = VmPaths(workdir)
         spec = LaunchSpec(vm_id="kvm-probe", config=probe_cfg, accel="kvm", kernel=kernel, initrd=initrd,
                           paths=paths)

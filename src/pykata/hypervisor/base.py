@@ -119,11 +119,33 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     async def resize_vcpus(self, vcpus: int) -> int:
-        """Set the number of online vCPUs; return the number now present.
+        """Set the number of vCPUs the VM is sized to; return it. On q35 vCPUs are hot-plugged; on
+        microvm all are present from the start and the guest onlines as many (the owner asks the
+        agent: OnlineCPUMem), so this only checks and records the size.
 
         Raises:
             HypervisorError: not possible for this machine, or beyond the maximum.
         """
+
+    @property
+    @abc.abstractmethod
+    def memory_mib(self) -> int:
+        """The memory the VM is sized to now (MiB)."""
+
+    @property
+    @abc.abstractmethod
+    def memory_ceiling_mib(self) -> int:
+        """The most memory resize_memory() can give this VM (MiB)."""
+
+    @property
+    @abc.abstractmethod
+    def vcpus(self) -> int:
+        """The vCPUs the VM is sized to now."""
+
+    @property
+    @abc.abstractmethod
+    def max_vcpus(self) -> int:
+        """The most vCPUs resize_vcpus() can give this VM."""
 
     @abc.abstractmethod
     async def pause(self) -> None:

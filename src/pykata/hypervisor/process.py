@@ -94,7 +94,8 @@ class ChildProcess:
     @classmethod
     async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
                     serves_guest_files: Literal[False, "filter", True] = False,
-                    log_fd: int | None = None, die_with_parent: bool = False) -> ChildProcess:
+                    log_fd: int | None = None, die_with_parent: bool = False,
+                    preexec: Callable[[], None] | None = None) -> ChildProcess:
         """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path` (or written
         to `log_fd`, e.g. a socket drained into a bounded log, when given).
 
@@ -103,18 +104,20 @@ class ChildProcess:
         writes files for the guest (virtiofsd, QEMU's 9p) and starts under pykata.hypervisor.fileguard
         ("filter": its seccomp filter only). `die_with_parent`: the child gets SIGKILL when the
         thread that spawned it ends (PR_SET_PDEATHSIG; see jail.lifeline_prefix).
+        `preexec` runs in the child before exec in place of the guard (a confinement of its own, e.g.
+        pykata.hypervisor.qemu.clonememory; not with serves_guest_files).
 
         Raises:
             OSError: the binary cannot be executed, or the guard cannot be set up.
         """
         _watch_children_with_pidfds()
+        guard = preexec if preexec is not None else _GUARDS[serves_guest_files]
         with open(log_path, "ab") if log_fd is None else contextlib.nullcontext(log_fd) as log:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                     pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
-                    preexec_fn=_with_pdeathsig(_GUARDS[serves_guest_files]) if die_with_parent
-                    else _GUARDS[serves_guest_files],
+                    preexec_fn=_with_pdeathsig(guard) if die_with_parent else guard,
                 )
             except subprocess.SubprocessError as exc:  # what a failing preexec_fn becomes
                 raise OSError(errno.EPERM, f"{name}: file guard: {exc}") from None

@@ -250,6 +250,65 @@ class SandboxCgroup:
                 self.created.remove(directory)
                 break
 
+    @property
+    def owned(self) -> bool:
+        """Whether pykata owns this cgroup's limits: the per-sandbox one under pykata_overhead. The
+        pod's own cgroup (runtime.sandbox_cgroup_only) is kubelet's, which sets its limits from the
+        pod's requests and the RuntimeClass overhead."""
+        return bool(self.path.parts) and self.path.parts[0] == OVERHEAD
+
+    def set_limits(self, memory_bytes: int | None = None, cpu_quota_us: int | None = None,
+                   cpu_period_us: int = 100_000) -> None:
+        """Cap what the sandbox's processes (QEMU and its guest, virtiofsd, the shim) may use on the
+        host: memory (bytes, v2 memory.max / v1 memory.limit_in_bytes) and CPU time per period (v2
+        cpu.max / v1 cpu.cfs_quota_us); None leaves one unchanged. Only for a cgroup pykata `owned`.
+
+        Lowering the memory limit below what the processes use makes the kernel reclaim first; what
+        it cannot reclaim fails the write (EBUSY), and the old limit stays.
+
+        Raises:
+            CgroupError: the cgroup is not pykata's, or the kernel refused a value.
+        """
+        if not self.owned:
+            raise CgroupError(f"cgroup {self.path}", "is the pod's (kubelet sets its limits), not pykata's")
+        for h in self.hierarchies:
+            d = self.directory(h)
+            writes: list[tuple[Path, str]] = []
+            if h.version == 2:
+                _enable_controllers(h.mountpoint, self.path, ("memory", "cpu"))
+                if memory_bytes is not None:
+                    writes.append((d / "memory.max", str(memory_bytes)))
+                if cpu_quota_us is not None:
+                    writes.append((d / "cpu.max", f"{cpu_quota_us} {cpu_period_us}"))
+            else:
+                if memory_bytes is not None and "memory" in h.options:
+                    writes.append((d / "memory.limit_in_bytes", str(memory_bytes)))
+                if cpu_quota_us is not None and "cpu" in h.options:
+                    writes += [(d / "cpu.cfs_period_us", str(cpu_period_us)),
+                               (d / "cpu.cfs_quota_us", str(cpu_quota_us))]
+            for path, value in writes:
+                try:
+                    path.write_text(value)
+                except OSError as e:
+                    raise CgroupError(f"cgroup {self.path}", f"cannot write {value} to {path}: {e.strerror}") from None
+
+    def usage(self) -> dict[str, int]:
+        """What the cgroup uses now, for tests and `pykata check`: memory_bytes, memory_peak_bytes,
+        memory_limit_bytes, cpu_quota_us (-1: none), from the first hierarchy that has each. Never raises."""
+        out: dict[str, int] = {}
+        files = {2: {"memory_bytes": "memory.current", "memory_peak_bytes": "memory.peak",
+                     "memory_limit_bytes": "memory.max", "cpu_quota_us": "cpu.max"},
+                 1: {"memory_bytes": "memory.usage_in_bytes", "memory_peak_bytes": "memory.max_usage_in_bytes",
+                     "memory_limit_bytes": "memory.limit_in_bytes", "cpu_quota_us": "cpu.cfs_quota_us"}}
+        for h in self.hierarchies:
+            for key, name in files[h.version].items():
+                if key in out:
+                    continue
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    text = (self.directory(h) / name).read_text().split()[0]
+                    out[key] = -1 if text == "max" else int(text)
+        return out
+
     def record(self) -> str:
         """JSON of what `remove` would remove, for `remove_recorded` after a crash."""
         return json.dumps([str(p) for p in self.created])
@@ -280,6 +339,21 @@ def _own_cgroups(found: list[Hierarchy]) -> dict[Path, Path]:
                 if (h.version == 2 and not names) or (h.version == 1 and names and names <= h.options):
                     where[h.mountpoint] = h.mountpoint / path.lstrip("/")
     return where
+
+
+def _enable_controllers(mountpoint: Path, path: PurePosixPath, names: tuple[str, ...]) -> None:
+    """cgroup v2: a cgroup has memory.max / cpu.max only when every level above enabled the controller
+    for its children. Best effort (a level with processes of its own cannot): the write of the limit
+    then fails and says so."""
+    level = mountpoint
+    for part in path.parts:
+        with contextlib.suppress(OSError):
+            available = (level / "cgroup.controllers").read_text().split()
+            enabled = (level / "cgroup.subtree_control").read_text().split()
+            missing = [n for n in names if n in available and n not in enabled]
+            if missing:
+                (level / "cgroup.subtree_control").write_text(" ".join(f"+{n}" for n in missing))
+        level = level / part
 
 
 def _init_cpuset(directory: Path) -> None:

@@ -25,16 +25,21 @@ agent and page cache (as `pykata run`), never less than the configuration's defa
 default_memory (Sandbox.create takes the maximum). CPU shares are a weight between cgroups, not an
 amount of CPU: they are checked but do not size the VM (Kata does the same).
 
-The size is fixed when the VM starts: containers that join the pod later do not grow it (the
-microvm machine has no CPU or memory hotplug); their own limits are still enforced inside the guest
-by crun's cgroups. This is the sandbox-annotation ("static") sizing Kata uses where it cannot hotplug.
+The VM follows the pod while it runs (pykata.shim.tasks.resize): `PodResources` counts each container's
+limits as it joins, changes (UpdateTask) and leaves; the VM is the larger of the annotations and the
+containers' sum, plus VM_MEMORY_OVERHEAD_MIB. A microvm is resized through its balloon (memory, up to its
+ceiling: max(default_memory, default_maxmemory)) and by onlining CPUs (up to default_maxvcpus); inside
+the guest each container's own limits are still enforced by crun's cgroups.
 
-VM templates: a template is one saved VM of the configured size, and QEMU can only restore a VM of
-the same size from it. A VM bigger than the configured default therefore boots cold (~3 s under TCG
-instead of a ~0.2 s clone) rather than making a template for every size a pod asks for: each such
-template costs a ~10 s boot to make and keeps ~140 MiB of saved guest RAM (factory.template_path,
-a tmpfs by default) for as long as it exists, and pod specs would decide how many there are.
-Kata's factory falls back to a direct boot when the template does not match, too.
+VM templates: a template is one saved VM of the configured size and ceiling; a clone of it is sized right
+after it wakes up (Sandbox.create's boot_size), so any VM up to the ceiling starts from the template. A VM
+above the ceiling (or, on q35, above the configured size) boots cold at its size: each template costs a
+~10 s boot to make and keeps its saved guest RAM (factory.template_path, a tmpfs by default) for as long
+as it exists, and pod specs would otherwise decide how many there are.
+
+The host overhead figures (HOST_*) are what bench/overhead_bench.py measured per pod; the shim caps the
+sandbox's own host cgroup with them (the VM's size plus the overhead), and `pykata install runtimeclass`
+prints them as a RuntimeClass's overhead.podFixed.
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ SANDBOX_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
 SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
 
 VM_MEMORY_OVERHEAD_MIB = 256
+# Per sandbox on the host, beyond the guest's memory and vCPUs (bench/overhead_bench.py measures them):
+# PSS of the shim, QEMU's own memory (not guest RAM) and the file server; CPU of them all at idle.
+HOST_MEMORY_OVERHEAD_MIB = 160
+HOST_CPU_OVERHEAD_MILLI = 250
+TCG_DEFAULT_TB_MIB = 1024
 DEFAULT_CPU_PERIOD = 100_000  # µs, the kernel's and kubelet's default
 # cgroup limits: cpu.cfs_period_us is 1 ms .. 1 s; cpu.shares 2 .. 262144 (0: unset)
 MIN_CPU_PERIOD, MAX_CPU_PERIOD = 1_000, 1_000_000
@@ -185,6 +195,81 @@ def pod_size(spec: Mapping[str, Any]) -> PodSize:
     return PodSize(vcpus or None, memory or None, vcpus_source, memory_source)
 
 
+def pod_limits(spec: Mapping[str, Any]) -> PodSize:
+    """What one container's spec asks for with its own `linux.resources` (no annotations): ceil(quota /
+    period) vCPUs, its memory limit plus VM_MEMORY_OVERHEAD_MIB. Raises InvalidArgument naming the field."""
+    return _from_limits(spec)
+
+
+def host_memory_overhead_mib(config: Config, *, tcg: bool) -> int:
+    """What a sandbox uses on the host beyond its guest's memory (MiB), for the host cgroup's limit:
+    HOST_MEMORY_OVERHEAD_MIB (measured), plus under TCG the translation cache QEMU may fill
+    (hypervisor.qemu.tcg_tb_size, QEMU's 1 GiB when 0)."""
+    extra = (config.qemu.tcg_tb_size or TCG_DEFAULT_TB_MIB) if tcg else 0
+    return HOST_MEMORY_OVERHEAD_MIB + extra
+
+
+def pod_fixed_overhead(config: Config, *, tcg: bool) -> tuple[int, int]:
+    """A RuntimeClass's overhead.podFixed for this configuration: (MiB, millicores). Memory: the guest's
+    own share of the VM (VM_MEMORY_OVERHEAD_MIB: kernel, agent, page cache) plus what the sandbox uses on
+    the host beyond its guest (host_memory_overhead_mib); CPU: the host processes' idle use."""
+    return VM_MEMORY_OVERHEAD_MIB + host_memory_overhead_mib(config, tcg=tcg), HOST_CPU_OVERHEAD_MILLI
+
+
+def runtimeclass_yaml(handler: str, memory_mib: int, cpu_milli: int, accelerator: str) -> str:
+    """The RuntimeClass manifest `pykata install runtimeclass` prints."""
+    return (f"# RuntimeClass `{handler}`: overhead.podFixed measured per pod (bench/overhead_bench.py) for\n"
+            f"# {accelerator}: the guest's own share of the VM ({VM_MEMORY_OVERHEAD_MIB} MiB), the shim, QEMU outside\n"
+            f"# guest RAM and the file server on the host"
+            + (", and TCG's translation cache (hypervisor.qemu.tcg_tb_size)" if accelerator == "tcg" else "")
+            + ".\n"
+            "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n"
+            f"  name: {handler}\nhandler: {handler}\noverhead:\n  podFixed:\n"
+            f'    memory: "{memory_mib}Mi"\n    cpu: "{cpu_milli}m"\n'
+            "scheduling:\n  nodeSelector:\n    katacontainers.io/pykata-runtime: \"true\"\n")
+
+
+def host_cpu_quota_us(vcpus: int, period_us: int = DEFAULT_CPU_PERIOD) -> int:
+    """The host cgroup's CPU time per period for a VM of `vcpus`: one period per vCPU plus the
+    measured idle use of the shim, QEMU's own threads and the file server (HOST_CPU_OVERHEAD_MILLI)."""
+    return (vcpus * 1000 + HOST_CPU_OVERHEAD_MILLI) * period_us // 1000
+
+
+def resources_size(resources: Mapping[str, Any], prefix: str = "linux.resources") -> PodSize:
+    """What an OCI `linux.resources` object (a container's, or an UpdateContainer's) asks for, as
+    `_from_limits` reads a spec's. Raises InvalidArgument naming the field."""
+    return _from_limits({"linux": {"resources": dict(resources)}})
+
+
+@dataclass
+class PodResources:
+    """What each container of a running pod asks for, and the VM size that makes (`target`).
+
+    The pod's sandbox annotations (kubelet's sum of the containers' limits) are a floor; each
+    container's own limits add up on top of one VM_MEMORY_OVERHEAD_MIB (so a container joining a pod
+    whose annotations did not count it grows the VM by its limits, and leaving shrinks it). A pod with
+    no limits at all gets the configured default size (None)."""
+
+    annotations: PodSize = dataclasses.field(default_factory=PodSize)
+    containers: dict[str, PodSize] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of_pod(cls, spec: Mapping[str, Any]) -> PodResources:
+        """The pod's annotations, from the spec of the container that boots the VM (no container counted
+        yet). Raises InvalidArgument naming the annotation."""
+        return cls(_from_annotations(_object("annotations", spec.get("annotations"))))
+
+    def target(self) -> PodSize:
+        """The pod's VM size now (None: the configured default)."""
+        raw = sum((c.memory_mib - VM_MEMORY_OVERHEAD_MIB) for c in self.containers.values() if c.memory_mib)
+        summed_memory = raw + VM_MEMORY_OVERHEAD_MIB if raw else 0
+        summed_vcpus = sum(c.vcpus or 0 for c in self.containers.values())
+        memory = max(self.annotations.memory_mib or 0, summed_memory)
+        vcpus = max(self.annotations.vcpus or 0, summed_vcpus)
+        return PodSize(vcpus or None, memory or None, "the pod's containers' linux.resources.cpu",
+                       "the pod's containers' linux.resources.memory.limit")
+
+
 def fit(config: Config, size: PodSize) -> tuple[Config, int | None, int | None]:
     """The configuration to boot the VM with, and its vCPUs and memory (None: the default).
 
@@ -202,10 +287,15 @@ def fit(config: Config, size: PodSize) -> tuple[Config, int | None, int | None]:
         log.warning("%s asks for %d vCPUs; the VM gets hypervisor.qemu.default_maxvcpus = %d",
                     size.vcpus_source, vcpus, most)
         vcpus = most
-    if memory is not None and memory > (limit := q.resolved_maxmemory()):
+    if memory is not None and memory > (limit := q.largest_vm_memory()):
+        what = "hypervisor.qemu.default_maxmemory" if q.machine_type == "q35" else "the host's memory"
         raise InvalidArgument(size.memory_source, f"needs a VM of {memory} MiB, more than a VM may have "
-                                                  f"(hypervisor.qemu.default_maxmemory {limit} MiB)")
-    bigger = (vcpus or 0) > q.default_vcpus or (memory or 0) > q.default_memory
+                                                  f"({what}, {limit} MiB)")
+    # A microvm is sized after boot (balloon up to its ceiling, CPUs onlined up to default_maxvcpus):
+    # a template of the configured size carries it. Only beyond those does the VM boot at its size.
+    ceiling = q.balloon_memory() or q.default_memory
+    most_vcpus = q.resolved_maxvcpus() if q.machine_type == "microvm" else q.default_vcpus
+    bigger = (vcpus or 0) > most_vcpus or (memory or 0) > ceiling
     if bigger and config.factory.enable_template:
         log.info("the VM (%s vCPUs, %s MiB) is larger than the template's (%d, %d MiB): it boots cold",
                  vcpus or q.default_vcpus, memory or q.default_memory, q.default_vcpus, q.default_memory)

@@ -101,6 +101,31 @@ def make_sandbox_dir(directory: Path) -> None:
     os.chmod(directory, mounts.SANDBOX_DIR_MODE)
 
 
+def boot_size(config: Config, vcpus: int | None,
+              memory_mib: int | None) -> tuple[Config, tuple[int | None, int | None]]:
+    """The configuration a VM of `vcpus` and `memory_mib` (None: the configured default) boots with,
+    and the (memory, vCPUs) to resize it to once it runs. A microvm boots as configured (a template can
+    carry it) and is then sized: its balloon to any memory up to its ceiling, its CPUs onlined up to
+    default_maxvcpus. Beyond the ceiling, or on q35, the VM boots at its size (at least the default)."""
+    q = config.qemu
+    boot_memory, boot_vcpus = q.default_memory, q.default_vcpus
+    memory_after = vcpus_after = None
+    if memory_mib:
+        if q.balloon_memory() and memory_mib <= q.balloon_memory():
+            memory_after = memory_mib if memory_mib != q.default_memory else None
+        else:
+            boot_memory = max(boot_memory, memory_mib)
+    if vcpus:
+        if q.machine_type == "microvm" and vcpus <= q.resolved_maxvcpus():
+            vcpus_after = vcpus if vcpus != q.default_vcpus else None
+        else:
+            boot_vcpus = max(boot_vcpus, vcpus)
+    if (boot_memory, boot_vcpus) != (q.default_memory, q.default_vcpus):
+        config = dataclasses.replace(config, hypervisor=dataclasses.replace(
+            config.hypervisor, qemu=dataclasses.replace(q, default_memory=boot_memory, default_vcpus=boot_vcpus)))
+    return config, (memory_after, vcpus_after)
+
+
 class Container:
     """A container in a sandbox. Its init process is `init`."""
 
@@ -164,6 +189,8 @@ class Sandbox:
         self.containers: dict[str, Container] = {}
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
+        self._resize_lock = asyncio.Lock()
+        self._boot_resize: tuple[int | None, int | None] = (None, None)
         self._proxy: Any = None
         self.netns: str | None = None
         self.network: PodNetwork | None = None
@@ -204,16 +231,14 @@ class Sandbox:
         left behind on failure.
         """
         config = config or load_config()
+        config, resize_to = boot_size(config, vcpus, memory_mib)
         q = config.qemu
-        if vcpus or memory_mib:
-            q = dataclasses.replace(q, default_vcpus=max(q.default_vcpus, vcpus or 0),
-                                    default_memory=max(q.default_memory, memory_mib or 0))
-            config = dataclasses.replace(config, hypervisor=dataclasses.replace(config.hypervisor, qemu=q))
         sid = ids.check_sandbox_id(sandbox_id or new_id())
         directory = sandboxes_dir(config) / sid
         if directory.exists():
             raise SandboxError(sid, f"{directory} already exists (a sandbox with this id exists)")
         sb = cls(sid, config, directory)
+        sb._boot_resize = resize_to
         # A bad policy fails here, naming its key, before any VM starts.
         sb.policy_json = load_policy(config.agent.pykata)
         sb.record.name = name
@@ -296,6 +321,12 @@ class Sandbox:
         else:
             storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
                                         options=["trans=virtio", "version=9p2000.L", "msize=512000"])
+        if self._boot_resize != (None, None):
+            # sized after boot (balloon, CPUs onlined): the VM itself is the configured one, so a
+            # template of that size can carry it
+            memory, vcpus = self._boot_resize
+            await self.resize(memory_mib=memory, vcpus=vcpus)
+            mark("vm.sized")
         mark("guest.prepared")
         # the debug console comes from the host's configuration file only: agent settings a pod may
         # annotate are an allow-list (pykata.config.annotations.ANNOTATABLE_AGENT_KEYS) without it
@@ -573,6 +604,35 @@ class Sandbox:
             # the guest's clock stood still while its vCPUs did
             now = time.time_ns() // 1000
             await self.agent.set_guest_date_time(now // 1_000_000, now % 1_000_000, timeout=5)
+
+    async def resize(self, *, memory_mib: int | None = None, vcpus: int | None = None) -> tuple[int, int]:
+        """Size the running VM to `memory_mib` and/or `vcpus` (None: unchanged); return (memory MiB,
+        vCPUs) now. Memory moves the VM's balloon (microvm) or plugs a DIMM (q35), and waits for the
+        guest; vCPUs are onlined or offlined by the agent (microvm) or hot-plugged (q35). Resizes of
+        one sandbox run one at a time, in call order; asking for the current size is a no-op.
+
+        The guest carries out both (it runs the balloon driver and onlines CPUs), so a guest that does
+        not follow fails its resize, bounded in time; what bounds its use of the host is the host
+        cgroup (the shim sets it, see pykata.resources.cgroups.SandboxCgroup.set_limits).
+
+        Raises:
+            SandboxError: no running VM.
+            HypervisorError: outside what the VM can have (naming the configuration key), the guest did
+                not follow in time, or the VM stopped meanwhile.
+            AgentError: the agent refused to change the online CPUs.
+        """
+        if self.vm is None or self._stop_task is not None:
+            raise SandboxError(self.id, "no running VM to resize")
+        async with self._resize_lock:
+            if self._stop_task is not None:  # stopped while this one waited for the one before
+                raise SandboxError(self.id, "no running VM to resize (it is being stopped)")
+            if memory_mib is not None and memory_mib != self.vm.memory_mib:
+                await self.vm.resize_memory(memory_mib)
+            if vcpus is not None:
+                await self.vm.resize_vcpus(vcpus)
+                if self.config.qemu.machine_type == "microvm":
+                    await self.agent.online_cpu_mem(nb_cpus=vcpus, cpu_only=True)
+            return self.vm.memory_mib, self.vm.vcpus
 
     # -- what the shim asks of a container (one layer down: the agent) -----------------------------
 

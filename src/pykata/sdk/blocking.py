@@ -258,6 +258,10 @@ class Sandbox:
     def resume(self) -> None:
         _run(self._async.resume())
 
+    def resize(self, *, memory_mib: int | None = None, cpus: int | None = None) -> tuple[int, int]:
+        """See AsyncSandbox.resize."""
+        return _run(self._async.resize(memory_mib=memory_mib, cpus=cpus))
+
     def metrics(self) -> Metrics:
         return _run(self._async.metrics())
 

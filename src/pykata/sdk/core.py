@@ -296,6 +296,18 @@ class AsyncSandbox:
         await sb.resume_vm()
         self._paused = False
 
+    async def resize(self, *, memory_mib: int | None = None, cpus: int | None = None) -> tuple[int, int]:
+        """Grow or shrink the running VM (None: unchanged); return its (memory MiB, vCPUs) now. Memory
+        is the VM's as `memory_mib=` at creation (up to hypervisor.qemu.default_maxmemory), `cpus` up to
+        default_maxvcpus; the guest's MemTotal and `nproc` follow. Raises SandboxGoneError, SdkError,
+        HypervisorError (outside what the VM can have, or the guest did not follow in time)."""
+        self._check()
+        sb = self._own("resize")
+        config, vcpus, memory = sizing.fit(sb.config, sizing.vm_size(
+            cpus, memory_mib, vcpus_source="cpus", memory_source="memory_mib"))
+        del config  # a running VM keeps its configuration; fit() only checks and caps
+        return await sb.resize(memory_mib=memory, vcpus=vcpus)
+
     @property
     def paused(self) -> bool:
         return self._paused

@@ -92,7 +92,8 @@ def test_microvm_uses_mmio_devices_and_q35_pci() -> None:
 
 def test_virtiofs_needs_shared_memfd_and_modern_mmio() -> None:
     argv = build_command_line(CASES["microvm-virtiofs-serial-tcg"]).argv()
-    assert "memory-backend-memfd,id=mem,size=512M,share=on" in argv
+    # a microvm with a balloon boots with its ceiling (default_maxmemory 8192 here)
+    assert "memory-backend-memfd,id=mem,size=8192M,share=on" in argv
     assert "virtio-mmio.force-legacy=false" in argv
     no_fs = build_command_line(CASES["microvm-minimal-image"]).argv()
     assert not any("memory-backend" in a for a in no_fs)
@@ -139,3 +140,21 @@ def test_net_user_renders_slirp_without_ipv6() -> None:
     assert c.VirtioNetUser("mmio", "net0", "02:50:4b:00:00:01").argv() == [
         "-netdev", "user,id=netdev-net0,net=10.0.2.0/24,host=10.0.2.2,ipv6=off",
         "-device", "virtio-net-device,id=net0,netdev=netdev-net0,mac=02:50:4b:00:00:01"]
+
+
+def test_microvm_balloon_boots_with_its_ceiling() -> None:
+    spec = CASES["microvm-virtiofs-serial-tcg"]
+    argv = build_command_line(spec).argv()
+    assert argv[argv.index("-m") + 1] == "8192M"
+    assert "virtio-balloon-device,id=balloon0,deflate-on-oom=off,free-page-reporting=on" in argv
+    # no room to grow: it boots with default_memory, the balloon can still shrink it
+    tight = dataclasses.replace(spec, config=_qemu(default_memory=512, default_maxmemory=0))
+    argv = build_command_line(tight).argv()
+    assert argv[argv.index("-m") + 1] == "512M"
+    assert any(a.startswith("virtio-balloon-device") for a in argv)
+    off = dataclasses.replace(spec, config=_qemu(default_memory=512, memory_balloon=False, free_page_reporting=False))
+    argv = build_command_line(off).argv()
+    assert argv[argv.index("-m") + 1] == "512M"
+    assert not any("balloon" in a for a in argv)
+    q35 = build_command_line(CASES["q35-hotplug-devices-kvm"]).argv()
+    assert not any("balloon" in a for a in q35)  # q35 grows with DIMMs

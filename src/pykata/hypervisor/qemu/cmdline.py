@@ -339,6 +339,24 @@ class VirtioRng:
 
 
 @dataclass(frozen=True)
+class VirtioBalloon:
+    """A virtio-balloon: the host sets the guest's memory below its boot size (the guest gives pages
+    back) and raises it again. `deflate_on_oom` off: the guest never takes ballooned pages back on its
+    own, and its MemTotal follows the balloon. `free_page_reporting`: the guest tells the host which
+    free pages it may drop (QEMU discards them), so freed guest memory leaves QEMU's RSS."""
+
+    bus: Bus
+    id: str = "balloon0"
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+
+    def argv(self) -> list[str]:
+        return ["-device", opts(virtio_driver("virtio-balloon", self.bus), ("id", self.id),
+                                ("deflate-on-oom", self.deflate_on_oom),
+                                ("free-page-reporting", self.free_page_reporting))]
+
+
+@dataclass(frozen=True)
 class VirtioNetTap:
     """A virtio-net NIC on a tap: an already-open `fd` (inherited by QEMU) or an interface name."""
 

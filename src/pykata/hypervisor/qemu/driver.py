@@ -26,6 +26,8 @@ from pykata.hypervisor.jail import UidLease, jail_spec, lifeline_prefix, make_ch
 from pykata.hypervisor.process import ChildProcess, describe_exit
 from pykata.hypervisor.qemu import hotplug, migrate
 from pykata.hypervisor.qemu.assets import resolve_assets
+from pykata.hypervisor.qemu.balloon import Balloon, inflate_timeout
+from pykata.hypervisor.qemu.clonememory import keep_template_intact
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.sidecars import Sidecars
@@ -108,6 +110,12 @@ class QemuHypervisor(Hypervisor):
         self._devices: dict[str, Device] = {}
         self._hotplug = hotplug.Hotplugged(f"VM {vm_id}", config.qemu)
         self._slots = RootSlots(f"VM {vm_id}", config.runtime.root_slots, config.runtime.rootfs_block_max_mib << 20)
+        self._vcpus = config.qemu.default_vcpus
+        ceiling = config.qemu.balloon_memory()
+        # a booted VM starts at its ceiling until its guest is ready (_inflate_to_size)
+        self._balloon = Balloon(f"VM {vm_id}", ceiling, ceiling if restore is None else config.qemu.default_memory) \
+            if ceiling else None
+        self._inflated = False
         self._qemu: ChildProcess | None = None
         self._sidecars = Sidecars(config.qemu, self.paths)
         self._uid_lease: UidLease | None = None
@@ -282,9 +290,11 @@ class QemuHypervisor(Hypervisor):
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
             assert self._sidecars.qemu_log is not None
+            # A clone's memory discards must not reach the template's file (see clonememory).
+            preexec = keep_template_intact if self._restore is not None else None
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
                                                   pass_fds=fds, log_fd=self._sidecars.qemu_log.guest_fd,
-                                                  die_with_parent=self._die_with_owner)
+                                                  die_with_parent=self._die_with_owner, preexec=preexec)
         except OSError as exc:
             self._sidecars.spawned(ok=False)
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
@@ -363,12 +373,26 @@ class QemuHypervisor(Hypervisor):
             if exc is not None:
                 raise HypervisorError(f"VM {self.vm_id}: readiness check failed: {exc}") from exc
             self.timestamps["ready"] = time.monotonic()
+            await self._inflate_to_size()
             return
         tail = log_tail(self.paths.console_log)
         if self.exited.done():
             raise VmExitedError(f"VM {self.vm_id}: QEMU {self.exited.result().reason} before the guest was "
                                 f"ready; console:\n{tail}\nqemu: {log_tail(self.paths.qemu_log, 800)}")
         raise HypervisorError(f"VM {self.vm_id}: guest not ready after {limit:.1f}s; console:\n{tail}")
+
+    async def _inflate_to_size(self) -> None:
+        """A booted VM runs with its balloon's ceiling until its guest is ready (inflating while it
+        boots would slow the boot down under TCG); then the balloon takes it to default_memory. A
+        restored VM's balloon is where its template left it (the same default_memory)."""
+        size = self.config.qemu.default_memory
+        if self._balloon is None or self._restore is not None or self._inflated or self._balloon.ceiling_mib <= size:
+            return
+        self._inflated = True
+        started = time.monotonic()
+        await self._balloon.resize(self.qmp, size, timeout=inflate_timeout(self._balloon.ceiling_mib - size))
+        self.timestamps["sized"] = time.monotonic()
+        log.debug("VM %s: balloon inflated to %d MiB in %.2fs", self.vm_id, size, time.monotonic() - started)
 
     async def stop(self) -> VmExit | None:
         if self._stop_task is None:
@@ -466,13 +490,45 @@ class QemuHypervisor(Hypervisor):
 
     async def resize_memory(self, memory_mib: int) -> int:
         self._require_running("resize_memory")
+        if self._balloon is not None:
+            return await self._balloon.resize(self.qmp, memory_mib)
         self._require_q35("memory hotplug")
         return await self._hotplug.resize_memory(self.qmp, memory_mib, shared=self._shares_memory)
 
+    @property
+    def memory_mib(self) -> int:
+        """The memory the VM is sized to now (MiB): its balloon's target, else what is plugged."""
+        if self._balloon is not None:
+            return self._balloon.size_mib
+        return self._hotplug.memory_mib
+
+    @property
+    def memory_ceiling_mib(self) -> int:
+        """The most memory resize_memory() can give this VM (MiB)."""
+        if self._balloon is not None:
+            return self._balloon.ceiling_mib
+        if self.config.qemu.machine_type == "q35":
+            return self.config.qemu.resolved_maxmemory()
+        return self.config.qemu.default_memory
+
     async def resize_vcpus(self, vcpus: int) -> int:
         self._require_running("resize_vcpus")
-        self._require_q35("CPU hotplug")
-        return await self._hotplug.resize_vcpus(self.qmp, vcpus)
+        if self.config.qemu.machine_type == "microvm":
+            if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= self.max_vcpus:
+                raise HypervisorError(f"VM {self.vm_id}: {vcpus!r} vCPUs is outside 1..{self.max_vcpus} "
+                                      "(hypervisor.qemu.default_maxvcpus)")
+            self._vcpus = vcpus
+            return vcpus
+        self._vcpus = await self._hotplug.resize_vcpus(self.qmp, vcpus)
+        return self._vcpus
+
+    @property
+    def vcpus(self) -> int:
+        return self._vcpus
+
+    @property
+    def max_vcpus(self) -> int:
+        return self.config.qemu.resolved_maxvcpus()
 
     @property
     def root_slots(self) -> int:

@@ -170,6 +170,10 @@ class Hotplugged:
         self._vcpus = config.default_vcpus
         self._cpu_ids: list[str] = []
 
+    @property
+    def memory_mib(self) -> int:
+        return self._memory_mib
+
     async def add_device(self, qmp: QmpChannel, device: Device, *, shared: bool) -> None:
         """Plug `device` into the first free root port. Raises HypervisorError (QmpError)."""
         port = free_port(set(self._ports.values()))

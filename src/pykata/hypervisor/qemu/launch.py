@@ -128,6 +128,10 @@ def kernel_params(spec: LaunchSpec) -> str:
         "pty.legacy_count=0",
         "nr_cpus=" + str(_maxvcpus(spec)),
     ]
+    if q.machine_type == "microvm" and _maxvcpus(spec) > q.default_vcpus:
+        # microvm has no CPU hotplug: every vCPU is there from the start, and the guest brings up
+        # only the VM's size; the agent onlines and offlines the others (OnlineCPUMem) as it is resized.
+        params.append(f"maxcpus={q.default_vcpus}")
     if q.machine_type == "microvm":
         # No PCI bus on microvm: skip probing one.
         params.append("pci=off")
@@ -145,10 +149,14 @@ def kernel_params(spec: LaunchSpec) -> str:
     return " ".join(params)
 
 
+def boot_memory(q: QemuConfig) -> int:
+    """The guest RAM QEMU is started with (MiB): the balloon's ceiling when the VM has one (the
+    balloon then holds back all but default_memory), else default_memory."""
+    return q.balloon_memory() or q.default_memory
+
+
 def _maxvcpus(spec: LaunchSpec) -> int:
-    q = spec.config
-    # microvm has no CPU hotplug: the boot vCPUs are all there will be.
-    return q.default_vcpus if q.machine_type == "microvm" else q.resolved_maxvcpus()
+    return spec.config.resolved_maxvcpus()
 
 
 def cpu_model(spec: LaunchSpec) -> str:
@@ -181,18 +189,23 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
     args += [c.Accel(spec.accel, q.tcg_tb_size or None), c.Cpu(cpu_model(spec))]
 
     maxcpus = _maxvcpus(spec)
-    args.append(c.Smp(q.default_vcpus, maxcpus if maxcpus != q.default_vcpus else None))
-    if q.machine_type == "q35" and q.memory_slots:
-        args.append(c.Memory(q.default_memory, q.memory_slots, q.resolved_maxmemory()))
+    if q.machine_type == "microvm":
+        # all present (no hotplug); the kernel's maxcpus= keeps the ones above the VM's size offline
+        args.append(c.Smp(maxcpus))
     else:
-        args.append(c.Memory(q.default_memory))
+        args.append(c.Smp(q.default_vcpus, maxcpus if maxcpus != q.default_vcpus else None))
+    ram = boot_memory(q)
+    if q.machine_type == "q35" and q.memory_slots:
+        args.append(c.Memory(ram, q.memory_slots, q.resolved_maxmemory()))
+    else:
+        args.append(c.Memory(ram))
     if spec.memory_file is not None:
-        args.append(c.MemoryBackend("mem", q.default_memory, kind="file", share=spec.memory_file_shared,
+        args.append(c.MemoryBackend("mem", ram, kind="file", share=spec.memory_file_shared,
                                     mem_path=str(spec.memory_file)))
     elif spec.shares_memory:
-        args.append(c.MemoryBackend("mem", q.default_memory, kind="memfd", share=True))
+        args.append(c.MemoryBackend("mem", ram, kind="memfd", share=True))
     elif spec.private_memory:
-        args.append(c.MemoryBackend("mem", q.default_memory, kind="ram", share=False))
+        args.append(c.MemoryBackend("mem", ram, kind="ram", share=False))
 
     initrd = str(spec.initrd) if spec.initrd else None
     args += [c.Kernel(str(spec.kernel), initrd, kernel_params(spec)), c.Defaults()]
@@ -218,6 +231,8 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
         elif q.shared_fs == "virtio-9p":
             args.append(c.Virtio9p(bus, str(spec.shared_dir), SHARED_FS_TAG))
 
+    if q.balloon_memory():
+        args.append(c.VirtioBalloon(bus, free_page_reporting=q.free_page_reporting))
     if spec.image is not None:
         args.append(c.VirtioBlk(bus, "rootfs", str(spec.image), readonly=True))
     args += [c.RootSlot(bus, root_slot_node(i), root_slot_serial(i), spec.root_slot_size)

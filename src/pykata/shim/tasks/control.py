@@ -16,7 +16,7 @@ from pykata.errors import (
 from pykata.protocols import events_pb2, shim_pb2, typeurl
 from pykata.shim.errors import agent_errors
 from pykata.shim.stats import metrics_any
-from pykata.shim.tasks import pod
+from pykata.shim.tasks import pod, resize
 from pykata.shim.tasks.model import ShimContainer
 from pykata.shim.tasks.state import TaskState
 from pykata.ttrpc import Code
@@ -123,7 +123,14 @@ async def update(st: TaskState, req: shim_pb2.UpdateTaskRequest) -> Empty:
         raise InvalidArgument("resources", "must be an OCI LinuxResources object")
     sandbox = st.running_sandbox()
     with agent_errors(f"update {sc.id}"):
+        # the VM grows before the container may use more, and shrinks after the container's cgroup
+        # gave the memory back (a balloon cannot take what the guest still uses)
+        grows = resize.grows(st, sc.id, resources)
+        if grows:
+            await resize.container_updated(st, sc.id, resources)
         await sandbox.update_container(sc.id, resources)
+        if not grows:
+            await resize.container_updated(st, sc.id, resources)
     return Empty()
 
 

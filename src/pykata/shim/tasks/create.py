@@ -21,7 +21,7 @@ from pykata.resources.mounts import RootfsMount
 from pykata.shim.errors import agent_errors
 from pykata.shim.logs import current_container
 from pykata.shim.stdio import ProcessIO, Stdio
-from pykata.shim.tasks import exits, pod
+from pykata.shim.tasks import exits, pod, resize
 from pykata.shim.tasks.model import ShimContainer, load_spec
 from pykata.shim.tasks.state import TaskState
 from pykata.timing import mark
@@ -56,6 +56,8 @@ async def _create(st: TaskState, req: shim_pb2.CreateTaskRequest, cid: str) -> s
     log.info("create: bundle %s, %d rootfs mounts, terminal=%s", bundle, len(req.rootfs), req.terminal)
     try:
         sandbox = await pod.ensure_sandbox(st, spec)
+        with agent_errors(f"resize for {cid}"):
+            await resize.container_joined(st, cid, spec)
         pio = await ProcessIO.open(stdio, container_id=cid, namespace=st.namespace)
         try:
             rootfs = [RootfsMount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
@@ -68,6 +70,7 @@ async def _create(st: TaskState, req: shim_pb2.CreateTaskRequest, cid: str) -> s
             await pio.close()
             raise
     except BaseException:
+        await asyncio.shield(resize.container_left(st, cid))
         await asyncio.shield(_stop_if_unused_after(st, cid))
         raise
     sc = ShimContainer(cid, bundle, spec, stdio, list(req.rootfs))

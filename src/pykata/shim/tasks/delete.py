@@ -11,7 +11,7 @@ from pykata.errors import (
 )
 from pykata.protocols import events_pb2, shim_pb2
 from pykata.shim.logs import current_container
-from pykata.shim.tasks import pod
+from pykata.shim.tasks import pod, resize
 from pykata.shim.tasks.model import VM_GONE_STATUS, ShimContainer, ShimProcess, timestamp
 from pykata.shim.tasks.state import TaskState
 from pykata.timing import mark
@@ -58,6 +58,8 @@ async def _delete_container(st: TaskState, sc: ShimContainer) -> shim_pb2.Delete
     stop_vm = sc.id == st.sandbox_id or all(c is sc for c in st.containers.values())
     if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
         await sc.sandbox_container.delete(in_guest=not stop_vm and not st.vm_dead)
+    if not stop_vm:
+        await resize.container_left(st, sc.id)  # the VM shrinks by what it asked for (never raises)
     for p in sc.processes():
         # a process never started (or the rest of a dead VM) ends here; Wait callers return
         p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)

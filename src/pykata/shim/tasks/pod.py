@@ -24,7 +24,7 @@ from pykata.resources import cgroups, sizing
 from pykata.sandbox import Sandbox, sandboxes_dir, state
 from pykata.sandbox.lookup import remove_sandbox_dir
 from pykata.shim.errors import agent_errors
-from pykata.shim.tasks import exits
+from pykata.shim.tasks import exits, resize
 from pykata.shim.tasks.model import VM_GONE_STATUS
 from pykata.shim.tasks.state import TaskState
 from pykata.timing import mark
@@ -49,6 +49,8 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
             config = st.load_config({str(k): str(v) for k, v in annotations.items()})
             await _remove_dead_leftover(config, st.sandbox_id)
             config, vcpus, memory_mib = _vm_size(spec, config)
+            # the pod's annotations; each container is counted as it joins (resize.container_joined)
+            st.resources = sizing.PodResources.of_pod(spec)
             warm, st.warm = st.warm, None
             if warm is not None:
                 if _fits_warm(warm, config, vcpus, memory_mib, spec):
@@ -57,6 +59,7 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
                          "differs): booting one")
                 await warm.stop(remove=True)
             join_cgroup(st, config, spec)
+            resize.boot_limits(st, config)
             log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
                      memory_mib or "default")
             try:

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from pykata.config import Config
 from pykata.errors import FailedPrecondition, NotFound, PykataError
-from pykata.resources import cgroups
+from pykata.resources import cgroups, sizing
 from pykata.sandbox import Sandbox
 from pykata.shim.events import EventPublisher
 from pykata.shim.logs import current_container
@@ -45,6 +45,9 @@ class TaskState:
         self.warm: Sandbox | None = None
         self.cgroup: tuple[cgroups.SandboxCgroup, Config] | None = None
         self.sandbox_lock = asyncio.Lock()
+        # what the pod's containers ask for (the VM follows it: pykata.shim.tasks.resize)
+        self.resources = sizing.PodResources()
+        self.resize_lock = asyncio.Lock()
         self.sandbox_stopping = False
         self.vm_dead = False
         self.shutting_down = False

@@ -1,0 +1,59 @@
+"""A pod cannot use more of the host than its size plus the overhead: a 256 MiB container that fills its
+memory is OOM-killed in the guest (exit 137), its VM keeps running, and the sandbox's host cgroup never
+went above the limit the shim set (the VM's size plus sizing's host overhead)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pykata.resources import sizing
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd
+
+pytestmark = [pytest.mark.vm]
+MIB = 1 << 20
+
+
+def _host_memory_cgroup(sandbox_id: str) -> Path:
+    for base in (Path("/sys/fs/cgroup/memory/pykata_overhead"), Path("/sys/fs/cgroup/pykata_overhead")):
+        if (base / sandbox_id).is_dir():
+            return base / sandbox_id
+    raise AssertionError(f"no host memory cgroup for {sandbox_id}")
+
+
+def _read(cg: Path, *names: str) -> int:
+    for name in names:
+        if (cg / name).exists():
+            return int((cg / name).read_text().split()[0])
+    raise AssertionError(f"none of {names} in {cg}")
+
+
+def test_a_container_filling_its_memory_is_oom_killed_in_the_guest(containerd: Containerd) -> None:
+    cid = f"oom-{uuid.uuid4().hex[:8]}"
+    try:
+        # the workload keeps all it reads: it grows until the guest's OOM killer ends it
+        containerd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, "--memory-limit", str(256 * MIB), IMAGE, cid,
+                       "sh", "-c", "sleep 2; tail /dev/zero")
+        cg = _host_memory_cgroup(cid)
+        limit = _read(cg, "memory.limit_in_bytes", "memory.max")
+        vm_mib = 256 + sizing.VM_MEMORY_OVERHEAD_MIB
+        tcg_cache = sizing.TCG_DEFAULT_TB_MIB  # this host runs TCG with QEMU's default cache
+        assert limit == (vm_mib + sizing.HOST_MEMORY_OVERHEAD_MIB + tcg_cache) * MIB, limit
+        deadline = time.monotonic() + 120
+        while containerd.tasks().get(cid) != "STOPPED" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        # `tail /dev/zero` never ends by itself: only the guest's OOM killer stops it
+        assert containerd.tasks().get(cid) == "STOPPED"
+        peak = _read(cg, "memory.max_usage_in_bytes", "memory.peak")
+        # ... and the host's cgroup was never at its limit: the VM stayed within its size
+        assert peak < limit, (peak, limit)
+        # and within the VM's size plus the measured overhead (the translation cache's allowance unused)
+        assert peak <= (vm_mib + sizing.HOST_MEMORY_OVERHEAD_MIB) * MIB, peak // MIB
+        if (cg / "memory.failcnt").exists():
+            assert _read(cg, "memory.failcnt") == 0
+        print(f"host peak {peak // MIB} MiB, limit {limit // MIB} MiB (VM {vm_mib} MiB)")
+    finally:
+        containerd.remove(cid)
