@@ -628,10 +628,16 @@ class Sandbox:
                 raise SandboxError(self.id, "no running VM to resize (it is being stopped)")
             if memory_mib is not None and memory_mib != self.vm.memory_mib:
                 await self.vm.resize_memory(memory_mib)
-            if vcpus is not None:
+            if vcpus is not None and vcpus != self.vm.vcpus:
+                before = self.vm.vcpus
                 await self.vm.resize_vcpus(vcpus)
                 if self.config.qemu.machine_type == "microvm":
-                    await self.agent.online_cpu_mem(nb_cpus=vcpus, cpu_only=True)
+                    try:
+                        await self.agent.online_cpu_mem(nb_cpus=vcpus, cpu_only=True)
+                    except BaseException:
+                        with contextlib.suppress(PykataError):  # the record follows the guest, not the wish
+                            await self.vm.resize_vcpus(before)
+                        raise
             return self.vm.memory_mib, self.vm.vcpus
 
     # -- what the shim asks of a container (one layer down: the agent) -----------------------------

@@ -491,7 +491,12 @@ class QemuHypervisor(Hypervisor):
     async def resize_memory(self, memory_mib: int) -> int:
         self._require_running("resize_memory")
         if self._balloon is not None:
-            return await self._balloon.resize(self.qmp, memory_mib)
+            try:
+                return await self._balloon.resize(self.qmp, memory_mib)
+            except HypervisorError as exc:
+                if self.state in ("stopping", "stopped"):  # QMP went down under it: say why
+                    raise VmExitedError(f"VM {self.vm_id}: stopped during a memory resize") from exc
+                raise
         self._require_q35("memory hotplug")
         return await self._hotplug.resize_memory(self.qmp, memory_mib, shared=self._shares_memory)
 
