@@ -129,6 +129,8 @@ class PykataAgentConfig:
     # the runtime longer than this.
     request_timeout: float = 30.0
     kernel_modules: tuple[str, ...] = ()
+    # Allow `pykata sandbox exec` (a shell in the guest): told to the agent in CreateSandbox. Not in
+    # pykata.config.annotations.ANNOTATABLE_AGENT_KEYS: a pod cannot turn it on.
     debug_console_enabled: bool = False
     # The agent policy (docs/policy.md): a TOML or JSON file, or the document itself in `policy`
     # (which wins). Empty: no policy, the agent serves every RPC.

@@ -28,7 +28,9 @@ class _Forward:
 
         async def forward(request: Any, ctx: CallContext) -> Any:
             try:
-                return await self._agent.ttrpc.call(self._service, method, request, timeout=ctx.timeout)
+                # the caller's metadata (its trace context) goes on with the call
+                return await self._agent.ttrpc.call(self._service, method, request, timeout=ctx.timeout,
+                                                    metadata=ctx.metadata)
             except RpcError as e:
                 raise error_for(e.code, e.message) from None  # the agent's status, passed on
         return forward
