@@ -106,14 +106,17 @@ def main() -> None:
                 text = urllib.request.urlopen(url, timeout=60).read().decode()
                 scrapes.append(time.perf_counter() - t)
                 series = sum(len(f.samples) for f in text_string_to_metric_families(text))
-            collects = []
+            collects, cpu = [], []
             for _ in range(max(3, args.repeat // 3)):
+                before = time.process_time()
                 c = collector._collect_now(60)
+                cpu.append(time.process_time() - before)  # the monitor's own CPU (not the guests')
                 assert c is not None
                 collects.append(c.seconds)
             old = [asyncio.run(collect_on_request(config)) for _ in range(max(3, args.repeat // 3))]
             print(f"sandboxes={n:<3} scrape={statistics.median(scrapes) * 1000:6.1f} ms  series={series:<5} "
-                  f"collect={statistics.median(collects) * 1000:6.1f} ms  "
+                  f"collect={statistics.median(collects) * 1000:6.1f} ms "
+                  f"(monitor cpu {statistics.median(cpu) * 1000:5.1f} ms)  "
                   f"collect_on_request={statistics.median(old) * 1000:6.1f} ms  load={loadavg()}", flush=True)
     finally:
         server.shutdown()
