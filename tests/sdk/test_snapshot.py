@@ -74,6 +74,11 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
         assert sb.snapshot(path) == path
         assert sb.run("cat hello.txt").text == "prepared"  # the source runs on after its snapshot
         sb.files.write("/data/hello.txt", "changed in the source after the snapshot")
+        # close=True: saved, then the sandbox is gone
+        assert sb.snapshot(path.parent / "closed", close=True).is_dir()
+        with pytest.raises(pykata.SandboxGoneError):
+            sb.run("true")
+    shutil.rmtree(path.parent / "closed")
     yield path, before
     shutil.rmtree(path, ignore_errors=True)
 

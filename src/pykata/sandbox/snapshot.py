@@ -272,9 +272,15 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         try:
             try:
                 await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout)
-            except RestoreError as exc:
-                await verified  # a hash mismatch says more than QEMU's refusal
-                raise SnapshotError("state", f"QEMU could not load it: {exc}") from None
+            except Exception as exc:
+                # a hash mismatch is the cause whatever the VM did with the wrong bytes
+                await asyncio.wait([verified])
+                mismatch = None if verified.cancelled() else verified.exception()
+                if isinstance(mismatch, SnapshotError):
+                    raise mismatch from None
+                if isinstance(exc, RestoreError):
+                    raise SnapshotError("state", f"QEMU could not load it: {exc}") from None
+                raise
             await verified
             agent = sb.agent
             for c in m["containers"]:
