@@ -128,7 +128,8 @@ class OutputStream:
                     self._waiters.pop(fut, None)
             if self._buf:
                 n = min(max_length, len(self._buf))
-                data = bytes(self._buf[:n])
+                with memoryview(self._buf) as view:  # one copy, not a slice and then a copy of it
+                    data = bytes(view[:n])
                 del self._buf[:n]
                 self._resume()
                 return data, False
