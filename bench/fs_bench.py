@@ -6,6 +6,7 @@ A static probe (bench/data/fsbench.c, built with gcc) runs as the container's pr
 bundle to which a tree of 2000 files in 110 directories is added under /usr/share/fsbench:
   create / stat / unlink  N files (default 2000) in /tmp: the container's writable layer
   walk                    readdir + lstat of every entry below /usr: the image's read-only layers
+  rewalk                  the same walk again (the guest's dentries and inodes now exist)
 Each runtime runs the bundle --runs times (a fresh container each time); the median is reported:
   runc         `runc run` on the host (the baseline)
   pykata       `pykata run` with runtime.rootfs_upper = "guest" (overlay in the guest, upper on tmpfs,
@@ -40,7 +41,7 @@ from pykata.sandbox import build_spec
 ROOT = Path(__file__).resolve().parents[1]
 PYKATA = str(ROOT / ".venv/bin/pykata")
 PROBE = ROOT / "bench/data/fsbench.c"
-OPS = ("create", "stat", "unlink", "walk")
+OPS = ("create", "stat", "unlink", "walk", "rewalk")
 
 
 def make_bundle(tmp: Path, files: int) -> Path:
