@@ -147,6 +147,18 @@ async def test_native_exec_matches_crun_exec_and_refuses_what_crun_would_refuse(
         echoed = await _both(guests, lambda a: _exec(a, "d", "cat", "/bin/busybox cat", stdin=b"x" * 100000))
         assert echoed["native"] == echoed["crun"] == (0, b"x" * 100000)
 
+        # a signal from the host reaches the exec'd process (its pid is the agent's to signal)
+        async def signalled(agent: Any) -> int:
+            proc = agent_pb2.Process(args=["/bin/busybox", "sleep", "1000"], env=["PATH=/bin"], cwd="/")
+            await agent.ExecProcess(agent_pb2.ExecProcessRequest(container_id="d", exec_id="sleeper", process=proc),
+                                    timeout=60)
+            await agent.SignalProcess(agent_pb2.SignalProcessRequest(container_id="d", exec_id="sleeper", signal=15))
+            waited = await agent.WaitProcess(agent_pb2.WaitProcessRequest(container_id="d", exec_id="sleeper"),
+                                             timeout=60)
+            return int(waited.exit_status)
+
+        assert await _both(guests, signalled) == {"native": 143, "crun": 143}
+
         # many at once
         many = await _both(guests, lambda a: asyncio.gather(*(_exec(a, "d", f"m{i}", f"echo {i}") for i in range(8))))
         assert many["native"] == many["crun"] == [(0, f"{i}\n".encode()) for i in range(8)]
