@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pykata.config import load_config
 from pykata.config.schema import Config
+from pykata.errors import Unimplemented
 from pykata.monitor.collector import Collector
 from pykata.monitor.scrape import Scraper
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
@@ -43,11 +44,16 @@ class FakeHostileAgent:
         self.owner = owner_pb2.OwnerMetrics(events_dropped=4)
         self.owner.served.add(method="Create", calls=2, errors=1, seconds=0.5)
         self.calls: list[str] = []
+        self.details = agent_pb2.GuestDetailsResponse(online_cpus=1, mem_total_bytes=1 << 30)
+        self.old = False  # an agent before GetGuestMetrics (protocol 2)
 
     def __getattr__(self, rpc: str) -> Any:
         async def answer(req: Any, ctx: CallContext) -> Any:
             self.calls.append(rpc)
-            return {"GetGuestMetrics": self.metrics, "StatsContainer": self.stats, "Metrics": self.owner}[rpc]
+            if self.old and rpc == "GetGuestMetrics":
+                raise Unimplemented("no such method")
+            return {"GetGuestDetails": self.details, "GetGuestMetrics": self.metrics, "StatsContainer": self.stats,
+                    "Metrics": self.owner}[rpc]
         return answer
 
 
@@ -167,3 +173,18 @@ async def test_a_scrape_serves_the_background_collection(fake_sandbox: tuple[Con
         assert not samples(f, "pykata_agent_up") and samples(f, "pykata_monitor_sandboxes") == [({}, 0.0)]
     finally:
         await asyncio.to_thread(collector.close)
+
+
+async def test_an_agent_before_guest_metrics_still_gives_what_it_can(
+        fake_sandbox: tuple[Config, FakeHostileAgent, str]) -> None:
+    config, agent, sid = fake_sandbox
+    agent.old = True
+    scraper = Scraper(config)
+    for _ in range(2):
+        f = await scraper.scrape()
+        assert samples(f, "pykata_agent_up") == [({"sandbox_id": sid}, 1.0)]
+        assert samples(f, "pykata_guest_memory_total_bytes") == [({"sandbox_id": sid}, float(1 << 30))]
+        assert samples(f, "pykata_guest_container_pids")  # StatsContainer is as old as the agent
+        assert not samples(f, "pykata_guest_load1") and not samples(f, "pykata_agent_threads")  # no zeros
+    assert agent.calls.count("GetGuestMetrics") == 1  # asked once, then remembered
+    await scraper.close()

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from pykata.agentapi.errors import AgentCallError
 from pykata.config import Config
-from pykata.errors import PykataError
+from pykata.errors import Code, PykataError
 from pykata.protocols.agent import agent_pb2
 from pykata.protocols.owner import owner_pb2
 from pykata.sandbox import state, status
@@ -250,6 +251,10 @@ def _pss(pid: int) -> int:
     return int(psutil.Process(pid).memory_full_info().pss)
 
 
+# What a guest image older than GetGuestMetrics (agent protocol 2) still tells, through GetGuestDetails.
+DETAILS_FAMILIES = ("pykata_guest_online_cpus", "pykata_guest_memory_total_bytes")
+
+
 class SandboxProbe:
     """One sandbox, collected again and again over one connection to its owner's agent proxy (reopened
     after a failure: a hung guest's requests are not left queued on it)."""
@@ -258,6 +263,19 @@ class SandboxProbe:
         self.directory = directory
         self.record = record
         self._sandbox: AttachedSandbox | None = None
+        self.old_agent = False  # it answered GetGuestMetrics UNIMPLEMENTED: ask GetGuestDetails instead
+
+    async def _metrics(self, sb: AttachedSandbox, timeout: float) -> agent_pb2.GuestMetrics:
+        if not self.old_agent:
+            try:
+                return await sb.guest_metrics(timeout=timeout)
+            except AgentCallError as e:
+                if e.code != Code.UNIMPLEMENTED:
+                    raise
+                self.old_agent = True
+        details = await sb.guest_details()
+        return agent_pb2.GuestMetrics(online_cpus=details.online_cpus,
+                                      memory=agent_pb2.GuestMemory(total=details.mem_total_bytes))
 
     async def _connection(self) -> AttachedSandbox:
         if self._sandbox is None:
@@ -273,10 +291,12 @@ class SandboxProbe:
             running = [c.id for c in self.record.containers.values() if c.status == "running"]
             running = running[:MAX_CONTAINERS_SCRAPED]
             # one connection multiplexes the calls: the guest answers them concurrently
-            metrics, *stats = await asyncio.gather(
-                sb.guest_metrics(timeout=timeout), *(sb.stats_container(c, timeout=timeout) for c in running))
-            assert isinstance(metrics, agent_pb2.GuestMetrics)
-            return _guest_rows(metrics, list(zip(running, stats, strict=True)), vcpus, memory)  # type: ignore[arg-type]
+            metrics, stats = await asyncio.gather(
+                self._metrics(sb, timeout), asyncio.gather(*(sb.stats_container(c, timeout=timeout) for c in running)))
+            rows = _guest_rows(metrics, list(zip(running, stats, strict=True)), vcpus, memory)
+            if self.old_agent:  # only what GetGuestDetails told: no zeros standing in for the rest
+                rows = [r for r in rows if r[0] in DETAILS_FAMILIES or r[0].startswith("pykata_guest_container_")]
+            return rows
         except BaseException:
             await self.close()
             raise
