@@ -429,6 +429,25 @@ def test_old_builds_are_pruned_newest_and_current_kept(tmp_path: Path) -> None:
     assert [a.key for a in list_rootfs(tmp_path)] == ["k0", "k1", "k4"]
 
 
+def test_recent_builds_outlive_the_count(tmp_path: Path) -> None:
+    """Checkouts sharing the cache each use their own build: one made minutes ago is kept beyond `keep`."""
+    import json
+    import time
+
+    from pykata.guestimage.rootfs import list_rootfs, prune_rootfs
+
+    now = time.time()
+    for key, age in (("new", 0), ("recent", 60), ("old", 7200)):
+        d = tmp_path / "rootfs" / key
+        d.mkdir(parents=True)
+        (d / "rootfs.cpio").write_bytes(b"x")
+        manifest = {"key": key, "initrd": {"file": "rootfs.cpio"}, "image": None, "preferred": "initrd"}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        os.utime(d / "manifest.json", (now - age, now - age))
+    assert prune_rootfs(tmp_path, keep=1, current="new", min_age=3600) == ["old"]
+    assert [a.key for a in list_rootfs(tmp_path)] == ["new", "recent"]
+
+
 def test_the_guest_gets_every_package_root_module_the_agent_imports() -> None:
     """The agent runs from the guest's copy of pykata (guest_source_files), not the host's: a module
     it imports that is missing there kills the guest's init at boot."""

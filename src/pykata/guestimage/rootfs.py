@@ -50,6 +50,8 @@ MANIFEST = "manifest.json"
 # Builds kept in the cache (the current one included); older ones are removed after a build. Several
 # checkouts building different agents share the cache, so keep enough that they do not evict each other.
 KEEP_BUILDS = 16
+# ...and never one younger than this: a checkout whose agent has not changed still uses its build.
+KEEP_BUILDS_YOUNGER_THAN = 12 * 3600.0
 IMAGE_FSTYPE = "ext4"
 
 GUEST_PACKAGES = (
@@ -261,20 +263,24 @@ def build_rootfs(cache_dir: Path, *, progress: Progress | None = None, force: bo
             shutil.rmtree(stale, ignore_errors=True)
         art = _build(cache_dir, inputs, key, say, source or source_dir())
         _write_current(cache_dir / "rootfs", key)
-        for old in prune_rootfs(cache_dir, keep=KEEP_BUILDS, current=key):
+        for old in prune_rootfs(cache_dir, keep=KEEP_BUILDS, current=key, min_age=KEEP_BUILDS_YOUNGER_THAN):
             say(f"removed old build {old}")
         return art
 
 
-def prune_rootfs(cache_dir: Path, *, keep: int, current: str) -> list[str]:
-    """Delete all but the `keep` newest builds (always keeping `current`); return the removed keys.
+def prune_rootfs(cache_dir: Path, *, keep: int, current: str, min_age: float = 0.0) -> list[str]:
+    """Delete all but the `keep` newest builds (always keeping `current` and any built less than
+    `min_age` seconds ago); return the removed keys.
 
     Every edit of the agent makes a new build of about 70 MB; a VM that already runs keeps its
     open files, so removing an old build does not disturb it.
     """
     removed = []
     others = [a for a in list_rootfs(cache_dir) if a.key != current]
+    now = time.time()
     for art in others[max(keep - 1, 0):]:
+        if now - (art.directory / MANIFEST).stat().st_mtime < min_age:
+            continue
         trash = art.directory.with_name(f".build-old-{art.key}")
         try:
             os.rename(art.directory, trash)
