@@ -324,6 +324,7 @@ async def test_q35_hotplug(make_vm, workdir: Path) -> None:  # type: ignore[no-u
                          memory_slots=2)
     vm = await boot(make_vm(initrd, config), timeout=90)
     before = int(await wait_console(vm, r"HOTPLUG cpus=1 memkb=(\d+)"))
+    disks_before = (await wait_console(vm, r"disks=([a-z\s]*)\.")).split()  # the image slots, if any
     assert await vm.resize_vcpus(2) == 2
     cpus = await vm.qmp.execute("query-hotpluggable-cpus")
     assert all("qom-path" in c for c in cpus)
@@ -338,11 +339,11 @@ async def test_q35_hotplug(make_vm, workdir: Path) -> None:  # type: ignore[no-u
     await vm.add_device(BlockDevice("disk1", disk, readonly=True))
     blocks = await vm.qmp.execute("query-block")
     assert any("disk1" in str(b.get("qdev", "")) for b in blocks), blocks
-    await wait_console(vm, r"disks=vda\.")
+    await wait_console(vm, rf"disks=((?:vd[a-z]+\s*){{{len(disks_before) + 1}}})\.")
     # Unplug waits for the guest to release the device (PCIe hotplug in the guest kernel).
     await vm.remove_device("disk1")
     assert not any("disk1" in str(b.get("qdev", "")) for b in await vm.qmp.execute("query-block"))
-    await wait_console(vm, r"disks=\.", after=vm.console_log.stat().st_size)
+    await wait_console(vm, "disks=" + r"\s+".join(disks_before) + r"\.", after=vm.console_log.stat().st_size)
     with pytest.raises(NotSupportedError):
         await vm.resize_memory(256)
     with pytest.raises(HypervisorError):
