@@ -245,3 +245,34 @@ async def test_async_restore_can_be_snapshotted_again(saved: tuple[Path, dict[st
         assert (await first.run("cat second.txt")).text == "second generation"
     finally:
         await first.close()
+
+
+INTERRUPT_DURING_RESTORE = r"""
+import asyncio, json, os, signal, sys, threading
+import pykata
+from pykata.sandbox import snapshot
+
+async def interrupted(agent):
+    # the VM runs and its agent answers; Ctrl-C arrives before the restore is done
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(120)
+
+snapshot.sync_guest_clock = interrupted
+try:
+    pykata.Sandbox.restore(sys.argv[1])
+    outcome = "restored"
+except KeyboardInterrupt:
+    outcome = "interrupted"
+print(json.dumps({"outcome": outcome, "threads": [t.name for t in threading.enumerate()]}))
+"""
+
+
+def test_ctrl_c_during_restore_leaves_nothing(saved: tuple[Path, dict[str, Any]]) -> None:
+    p = subprocess.Popen([sys.executable, "-c", INTERRUPT_DURING_RESTORE, str(saved[0])], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err.decode()[-3000:]
+    got = json.loads(out.decode().strip().splitlines()[-1])
+    assert got["outcome"] == "interrupted" and got["threads"] == ["MainThread"]
+    # its sandbox directory is gone, which the teardown removes only after the VM and the mounts
+    assert not _sandbox_dirs(p.pid)
