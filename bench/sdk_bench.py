@@ -157,12 +157,14 @@ def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
             sb.run("true")
             runs.append(time.perf_counter() - t)
         mib = len(data) / (1 << 20)
-        t = time.perf_counter()
+        qemu_pid = sb._async._sandbox.vm.pid  # type: ignore[union-attr]
+        c0, t = _cpu_seconds(qemu_pid), time.perf_counter()
         sb.files.write("/tmp/f", data)
         write = time.perf_counter() - t
-        t = time.perf_counter()
+        c1, t = _cpu_seconds(qemu_pid), time.perf_counter()
         back = sb.files.read_bytes("/tmp/f", max_bytes=len(data))
         read = time.perf_counter() - t
+        c2 = _cpu_seconds(qemu_pid)
         assert back == data
         # the channel alone (the agent and virtio-serial, no file system): stdin into `cat > /dev/null`
         proc = sb.spawn(["sh", "-c", "cat > /dev/null"], stdin=True)
@@ -172,7 +174,18 @@ def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
         assert proc.wait() == 0
         channel_write = time.perf_counter() - t
     return {"cold_start_s": p50(start_s), "run_true_p50_s": p50(runs), "files_write_mib_s": round(mib / write, 1),
-            "files_read_mib_s": round(mib / read, 1), "channel_write_mib_s": round(mib / channel_write, 1)}
+            "files_read_mib_s": round(mib / read, 1), "channel_write_mib_s": round(mib / channel_write, 1),
+            # what moving a MiB costs the VM (QEMU's CPU time): the figure the machine's load moves least
+            "files_write_qemu_cpu_ms_per_mib": round(1000 * (c1 - c0) / mib, 1),
+            "files_read_qemu_cpu_ms_per_mib": round(1000 * (c2 - c1) / mib, 1)}
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process `pid` so far (all its threads)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_concurrent(count: int, memory_mib: int | None = None) -> dict[str, float]:

@@ -37,8 +37,8 @@ def factory() -> None:
 @click.option("--force", is_flag=True, help="Remake the template even if a current one exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the template as JSON.")
 def init(force: bool, as_json: bool) -> None:
-    """Make the templates for the current configuration (without and with a NIC; boots a VM for each
-    that does not exist yet)."""
+    """Make the templates for the current configuration (without a NIC, with a NIC on a tap, with a NIC
+    on QEMU's user network for the SDK's egress sandboxes; boots a VM for each that does not exist yet)."""
     from pykata.factory import ensure_template
 
     config = _config()
@@ -51,11 +51,14 @@ def init(force: bool, as_json: bool) -> None:
     # (force removes every template, the second one included, so only the first call forces)
     made = [_run(ensure_template(config, nics=nics, progress=progress, force=force and not nics))
             for nics in (0, 1)]
+    # the SDK's network="egress" sandboxes (a tap template's NIC cannot be restored onto user networking)
+    made.append(_run(ensure_template(config, nics=1, user_net=True, progress=progress)))
     if as_json:
         click.echo(json.dumps([t.to_json() for t in made], indent=1))
     else:
         for t in made:
-            click.echo(f"template {t.key} at {t.dir} ({t.inputs.get('nics', 0)} NICs)")
+            user = " on user networking" if t.inputs.get("nic_backend") == "user" else ""
+            click.echo(f"template {t.key} at {t.dir} ({t.inputs.get('nics', 0)} NICs{user})")
     if not config.factory.enable_template:
         click.echo("note: factory.enable_template is false, so sandboxes do not use it yet", err=True)
 
