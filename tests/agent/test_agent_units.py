@@ -6,6 +6,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import resource
 import shutil
 import signal
 import threading
@@ -221,6 +222,9 @@ def test_nsexec_plan_covers_the_plain_case_and_leaves_the_rest_to_crun(tmp_path:
     assert p.ns_flags == 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x20000000 | 0x40000000
     assert (p.bounding, p.effective, p.permitted, p.ambient) == (1 << 5 | 1 << 0, 1 << 5, 0, (5,))
     assert p.rlimits == ((7, 10, 20),) and p.groups == (5,) and p.seccomp is None
+    unlimited = nsexec.plan(config, {**proc, "rlimits": [{"type": "RLIMIT_CORE", "soft": 0, "hard": (1 << 64) - 1}]},
+                            **kw)
+    assert unlimited is not None and unlimited.rlimits == ((4, 0, resource.RLIM_INFINITY),)
     assert p.cgroup_procs == tmp_path / "cgroup.procs"
     crun_only = [
         ({**config, "linux": {"namespaces": [{"type": "user"}]}}, proc, kw),
@@ -228,6 +232,8 @@ def test_nsexec_plan_covers_the_plain_case_and_leaves_the_rest_to_crun(tmp_path:
         (config, {**proc, "oomScoreAdj": 5}, kw),
         (config, {**proc, "capabilities": {"bounding": ["CAP_NO_SUCH"]}}, kw),
         (config, {**proc, "rlimits": [{"type": "RLIMIT_NO_SUCH", "soft": 1, "hard": 1}]}, kw),
+        (config, {**proc, "rlimits": [{"type": "RLIMIT_NOFILE", "soft": "many", "hard": 1}]}, kw),
+        (config, {**proc, "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1 << 63, "hard": 1 << 63}]}, kw),
         (config, proc, {**kw, "cgroup_version": 1}),
         # seccomp: crun's compiled program is needed; flags and listeners are crun's business
         ({"linux": {**config["linux"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}}, proc, kw),

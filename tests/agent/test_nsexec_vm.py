@@ -71,7 +71,8 @@ def _container_spec() -> dict[str, Any]:
     spec = _spec(["/bin/busybox", "sleep", "1000"], noNewPrivileges=False,
                  capabilities={k: CAPS for k in ("bounding", "effective", "permitted", "inheritable")},
                  rlimits=[{"type": "RLIMIT_NOFILE", "soft": 512, "hard": 1024},
-                          {"type": "RLIMIT_NPROC", "soft": 300, "hard": 400}])
+                          {"type": "RLIMIT_NPROC", "soft": 300, "hard": 400},
+                          {"type": "RLIMIT_CORE", "soft": 0, "hard": (1 << 64) - 1}])  # hard: unlimited
     spec["linux"]["seccomp"] = SECCOMP
     # busybox applets by name: links the test makes in the container's (read-only) root would need
     # a writable one, so /bin holds only busybox and the scripts call it by path

@@ -180,7 +180,10 @@ def plan(config: Mapping[str, Any], process: Mapping[str, Any], *, init_pid: int
         number = _RLIMITS.get(str(r.get("type"))) if isinstance(r, dict) else None
         if number is None:
             return None
-        rlimits.append((number, int(r.get("soft", 0)), int(r.get("hard", 0))))
+        values = [_rlimit_value(r.get("soft", 0)), _rlimit_value(r.get("hard", 0))]
+        if None in values:
+            return None  # crun says what is wrong with it (or sets what Python cannot express)
+        rlimits.append((number, values[0] or 0, values[1] or 0))
     user = process.get("user") or {}
     ambient = masks["ambient"] or 0
     return ExecPlan(
@@ -192,6 +195,15 @@ def plan(config: Mapping[str, Any], process: Mapping[str, Any], *, init_pid: int
         permitted=masks["permitted"] or 0, inheritable=masks["inheritable"] or 0,
         ambient=tuple(i for i in range(len(CAPABILITIES)) if ambient >> i & 1),
         no_new_privileges=bool(process.get("noNewPrivileges")), rlimits=tuple(rlimits), seccomp=seccomp)
+
+
+def _rlimit_value(value: object) -> int | None:
+    """An OCI rlimit value as resource.setrlimit takes it (RLIM_INFINITY, 2**64-1, is -1 there)."""
+    if not isinstance(value, int) or value < 0:
+        return None
+    if value == (1 << 64) - 1:
+        return resource.RLIM_INFINITY
+    return value if value < 1 << 63 else None
 
 
 async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr: int,
