@@ -197,13 +197,22 @@ def test_run_logs_are_capped_rotated_and_streamed(tmp_path: Path) -> None:
 @pytest.mark.vm
 def test_run_detached_then_attach() -> None:
     name = f"d-{uuid.uuid4().hex[:6]}"
-    started = pykata("run", "-d", "--name", name, "busybox", "sh", "-c", "echo one; sleep 2; echo two >&2; exit 3")
+    # The container waits for /tmp/go (not a sleep: under load `ps` may come seconds later).
+    script = "echo one; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo two >&2; exit 3"
+    started = pykata("run", "-d", "--name", name, "busybox", "sh", "-c", script)
     try:
         assert started.returncode == 0, started.stderr
         sid = started.stdout.decode().strip()
         assert len(sid) == 16 and name in pykata("ps").stdout.decode()  # returned while it runs
-        attached = pykata("attach", name)
-        assert (attached.returncode, attached.stdout, attached.stderr) == (3, b"one\n", b"two\n")
+        attach = subprocess.Popen([PYKATA, "attach", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            go = pykata("exec", name, "touch", "/tmp/go")
+            assert go.returncode == 0, go.stderr
+            out, err = attach.communicate(timeout=120)
+        finally:
+            attach.kill()
+            attach.wait()
+        assert (attach.returncode, out, err) == (3, b"one\n", b"two\n")
     finally:
         pykata("rm", "-f", name)
     assert b"no such container" in pykata("attach", name).stderr
