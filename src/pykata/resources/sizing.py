@@ -62,10 +62,13 @@ SANDBOX_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
 SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
 
 VM_MEMORY_OVERHEAD_MIB = 256
-# Per sandbox on the host, beyond the guest's memory and vCPUs (bench/overhead_bench.py measures them):
-# PSS of the shim, QEMU's own memory (not guest RAM) and the file server; CPU of them all at idle.
-HOST_MEMORY_OVERHEAD_MIB = 160
-HOST_CPU_OVERHEAD_MILLI = 250
+# Per sandbox on the host, beyond the guest's memory and vCPUs (bench/overhead_bench.py, 3 idle template
+# clones with a 256 MiB container each, TCG, load average 7.5): PSS of the shim 23 MiB, of QEMU outside
+# guest RAM 66 MiB (its heap and the translation cache filled so far), of the 9p helper 0.4 MiB: 90 MiB,
+# rounded up to 128 for QEMU's heap under use; CPU of them all at idle 15 millicores (the idle guest's
+# ticks included), rounded up to 100 for the shim's and QEMU's I/O work while the pod runs.
+HOST_MEMORY_OVERHEAD_MIB = 128
+HOST_CPU_OVERHEAD_MILLI = 100
 TCG_DEFAULT_TB_MIB = 1024
 DEFAULT_CPU_PERIOD = 100_000  # µs, the kernel's and kubelet's default
 # cgroup limits: cpu.cfs_period_us is 1 ms .. 1 s; cpu.shares 2 .. 262144 (0: unset)
