@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Resize latency: `ctr task update --memory-limit` on a running pykata pod (the VM's balloon follows,
-pykata.shim.tasks.resize) against the same command on a runc container (a cgroup write), in one run;
-and Sandbox.resize itself (SDK, no ctr) for memory grow, memory shrink and CPU changes.
+"""Resize latency: CRI UpdateContainerResources on a running pykata pod (the VM's balloon follows,
+pykata.shim.tasks.resize) against the same call on a runc pod (a cgroup write), in one run; and
+Sandbox.resize itself (SDK) for memory grow, memory shrink and CPU changes.
 
     .venv/bin/python bench/resize_bench.py [-n 20]
 
-Prints p50/p99 per kind and the ratio pykata/runc of the ctr medians, with the load average (other VMs on
+Prints p50/p99 per kind and the ratio pykata/runc of the CRI medians, with the load average (other VMs on
 this 2-core machine slow the guest's balloon driver: TCG).
 """
 
@@ -31,9 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 import pykata  # noqa: E402
 from pykata.config import load_config  # noqa: E402
-from pykata.images import ImageStore  # noqa: E402
-from pykata.images.builtin import export_oci_archive  # noqa: E402
-from tests.shim.harness import IMAGE, PYKATA_RUNTIME, RUNC_RUNTIME, Containerd  # noqa: E402
 
 MIB = 1 << 20
 CEILING = 2048
@@ -48,36 +45,44 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"n": len(values), "p50_ms": round(1000 * pct(values, 50), 1), "p99_ms": round(1000 * pct(values, 99), 1)}
 
 
-def ctr_updates(n: int) -> dict[str, Any]:
+def cri_updates(n: int) -> dict[str, Any]:
+    """UpdateContainerResources (what `crictl update` and kubelet's in-place resize send) on a running
+    container of a runc pod and of a pykata pod, interleaved. (Debian's ctr 1.6.20 has no `task update`.)"""
+    from cri_api.v1 import api_pb2
+
+    from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd
+
     tmp = Path(tempfile.mkdtemp(prefix="rsz-bench-"))
-    ctd = Containerd(tmp / "ctd")
-    cfg = tmp / "elastic.toml"
-    cfg.write_text(f"[hypervisor.qemu]\ndefault_memory = 512\ndefault_maxmemory = {CEILING}\n")
+    ctd = CriContainerd(tmp / "cri", runtime_config={"default_memory": "512", "default_maxmemory": str(CEILING)})
     out: dict[str, Any] = {}
     try:
         ctd.start()
-        image = ImageStore(Path(load_config().runtime.cache_dir)).resolve("busybox")
-        ctd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0],
-                str(export_oci_archive(image, tmp / "busybox.tar", IMAGE)))
-        tasks = {}
-        for runtime, opts in ((RUNC_RUNTIME, ()), (PYKATA_RUNTIME, ("--runtime-config-path", str(cfg)))):
-            cid = f"rsz-{uuid.uuid4().hex[:8]}"
-            ctd.ctr("run", "-d", "--runtime", runtime, *opts, "--memory-limit", str(256 * MIB), IMAGE, cid,
-                    "sleep", "1000000")
-            tasks[runtime] = cid
-        times: dict[str, list[float]] = {r: [] for r in tasks}
-        sizes = [1024, 256, 1536, 512, 768]
-        for i in range(n):  # interleaved: both see the same load
-            for runtime, cid in tasks.items():
-                started = time.perf_counter()
-                ctd.ctr("task", "update", "--memory-limit", str(sizes[i % len(sizes)] * MIB), cid)
-                times[runtime].append(time.perf_counter() - started)
-        for runtime, values in times.items():
-            out[runtime] = summary(values)
-        out["ratio_p50_pykata_to_runc"] = round(statistics.median(times[PYKATA_RUNTIME]) /
-                                               statistics.median(times[RUNC_RUNTIME]), 1)
-        for cid in tasks.values():
-            ctd.remove(cid)
+        ctd.import_images(tmp / "cache")
+        with Cri(ctd.socket) as cri:
+            containers = {}
+            for handler in ("runc", "pykata"):
+                pod_id, pod_config = cri.run_pod(f"rsz-{handler}-{uuid.uuid4().hex[:6]}", handler)
+                config = api_pb2.ContainerConfig(
+                    metadata=api_pb2.ContainerMetadata(name="app"), image=api_pb2.ImageSpec(image=BUSYBOX_IMAGE),
+                    command=["sleep", "3600"], linux=api_pb2.LinuxContainerConfig(
+                        resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=256 * MIB)))
+                cid = cri.rt.CreateContainer(api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config), timeout=cri.timeout).container_id
+                cri.start_container(cid)
+                containers[handler] = cid
+            times: dict[str, list[float]] = {h: [] for h in containers}
+            sizes = [1024, 256, 1536, 512, 768]
+            for i in range(n):  # interleaved: both see the same load
+                for handler, cid in containers.items():
+                    started = time.perf_counter()
+                    cri.rt.UpdateContainerResources(api_pb2.UpdateContainerResourcesRequest(
+                        container_id=cid, linux=api_pb2.LinuxContainerResources(
+                            memory_limit_in_bytes=sizes[i % len(sizes)] * MIB)), timeout=cri.timeout)
+                    times[handler].append(time.perf_counter() - started)
+            for handler, values in times.items():
+                out[handler] = summary(values)
+            out["ratio_p50_pykata_to_runc"] = round(statistics.median(times["pykata"]) /
+                                                   statistics.median(times["runc"]), 1)
     finally:
         ctd.stop()
     return out
@@ -105,7 +110,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     load = [round(x, 2) for x in psutil.getloadavg()]
-    result = {"loadavg_before": load, "ctr_task_update": ctr_updates(args.n),
+    result = {"loadavg_before": load, "cri_update_container_resources": cri_updates(args.n),
               "sandbox_resize": asyncio.run(sdk_resizes(args.n)),
               "loadavg_after": [round(x, 2) for x in psutil.getloadavg()]}
     print(json.dumps(result, indent=1))

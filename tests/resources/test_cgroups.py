@@ -116,3 +116,24 @@ def test_join_and_leave_move_this_process(cgroup2: Path, tmp_path: Path) -> None
         cgroups.leave(cg, runtime, sandbox_id)
     assert [ln for ln in _cgroups_of(os.getpid()) if ln.startswith("0::")] == before
     assert not (cgroup2 / "pykata_overhead" / sandbox_id).exists() and not record.exists()
+
+
+def test_limits_only_on_pykatas_own_cgroup() -> None:
+    """set_limits writes memory and CPU limits where this host has those controllers (v1 here, v2
+    elsewhere; a hybrid host's controller-less unified/ is skipped), reads back through usage(), and
+    refuses the pod's own cgroup (kubelet's)."""
+    sid = f"pykata-test-{uuid.uuid4().hex[:8]}"
+    cg = SandboxCgroup.create(HOST_ROOT, PurePosixPath(cgroups.OVERHEAD, sid))
+    try:
+        assert cg.owned
+        cg.set_limits(memory_bytes=640 << 20, cpu_quota_us=150_000)
+        got = cg.usage()
+        assert got["memory_limit_bytes"] == 640 << 20 and got["cpu_quota_us"] == 150_000, got
+        cg.set_limits(memory_bytes=512 << 20)  # one at a time: the other stays
+        assert cg.usage()["memory_limit_bytes"] == 512 << 20 and cg.usage()["cpu_quota_us"] == 150_000
+    finally:
+        cg.remove()
+    pod = SandboxCgroup(PurePosixPath("kubepods", "pod1"), [])
+    assert not pod.owned
+    with pytest.raises(cgroups.CgroupError, match="kubelet"):
+        pod.set_limits(memory_bytes=1 << 30)

@@ -276,9 +276,14 @@ class SandboxCgroup:
             writes: list[tuple[Path, str]] = []
             if h.version == 2:
                 _enable_controllers(h.mountpoint, self.path, ("memory", "cpu"))
-                if memory_bytes is not None:
+                try:
+                    here = set((d / "cgroup.controllers").read_text().split())
+                except OSError:
+                    here = set()
+                # a hybrid host's v2 hierarchy (unified/) has no controllers: its v1 ones take the limits
+                if memory_bytes is not None and "memory" in here:
                     writes.append((d / "memory.max", str(memory_bytes)))
-                if cpu_quota_us is not None:
+                if cpu_quota_us is not None and "cpu" in here:
                     writes.append((d / "cpu.max", f"{cpu_quota_us} {cpu_period_us}"))
             else:
                 if memory_bytes is not None and "memory" in h.options:
