@@ -14,17 +14,31 @@ with a local busybox image. Prints:
 With --tb-sizes, both are measured for each TCG translation cache size (MiB; 0 = QEMU's default),
 each pykata container run with a configuration file that sets hypervisor.qemu.tcg_tb_size
 (`ctr run --runtime-config-path`), all in the same run.
+
+Also, for runc and pykata alike:
+- for each N in --containers: the median time of one `ctr run -d` while the others start one by one,
+  and the PSS per container once all N run; QEMU's PSS is split by what it is (--breakdown): the TCG
+  translation cache, guest RAM dirtied since the clone (anonymous pages of the RAM mapping), guest RAM
+  still shared with the template file, and the rest of QEMU (heap, binary, libraries);
+- start rate (--rate 1,4): --rate-count containers started with 1 and with 4 `ctr run -d` at a time,
+  in containers per second;
+- --pool: pykata runs with a warm pool (factory.pool_size = --pool-size, in a configuration written
+  for the run); the timed `ctr run --rm` starts once a pooled VM is ready (the wait is not counted), and
+  the pool's waiting VMs are reported apart from the containers' memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +75,46 @@ def run_rm(ctd: Containerd, runtime: str, opts: tuple[str, ...] = ()) -> float:
     return elapsed
 
 
+def qemu_breakdown_kib(pid: int) -> dict[str, int]:
+    """QEMU's PSS by what it is: the TCG translation cache (its one large rwx anonymous mapping), guest
+    RAM written since the clone (anonymous pages of the RAM file's private mapping), guest RAM still
+    the template file's pages (shared with the other clones), and everything else."""
+    out = {"tcg_cache": 0, "guest_dirty": 0, "guest_template": 0, "qemu_rest": 0}
+    kind = "qemu_rest"
+    pss = anon = 0
+
+    def flush() -> None:
+        if kind == "guest":
+            out["guest_dirty"] += anon
+            out["guest_template"] += pss - anon
+        else:
+            out[kind] += pss
+
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            flush()
+            pss = anon = 0
+            name = parts[5] if len(parts) > 5 else ""
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
+                kind = "guest"
+            elif not name and "x" in parts[1] and hi - lo >= 8 << 20:
+                kind = "tcg_cache"
+            else:
+                kind = "qemu_rest"
+        elif parts and parts[0] == "Pss:":
+            pss = int(parts[1])
+        elif parts and parts[0] == "Anonymous:":
+            anon = int(parts[1])
+    flush()
+    return out
+
+
 def container_processes(ctd: Containerd, cid: str) -> dict[str, list[int]]:
     """The host processes that exist for one container: its shim and what it started (QEMU,
     virtiofsd: found by the sandbox directory or VM name in their command lines), or for runc the
@@ -70,7 +124,10 @@ def container_processes(ctd: Containerd, cid: str) -> dict[str, list[int]]:
     if shim is None:  # runc: the shim that names the container in its command line
         shim = next(p for p in ctd.shims() if cid in p.cmdline())
     out: dict[str, list[int]] = {"shim": [shim.pid], "qemu": [], "virtiofsd": [], "container": []}
-    marks = (f"{sandboxes_dir(load_config()) / cid}/", f"pykata-{cid},")
+    # a pod that took a pooled VM: sandboxes/<id> links to the pool's directory, the VM has its name
+    real = os.path.realpath(sandboxes_dir(load_config()) / cid)
+    marks = (f"{sandboxes_dir(load_config()) / cid}/", f"pykata-{cid},", f"{real}/",
+             f"pykata-{os.path.basename(real)},")
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if not any(m in cmd for m in marks):
@@ -84,22 +141,101 @@ def container_processes(ctd: Containerd, cid: str) -> dict[str, list[int]]:
     return out
 
 
-def memory(ctd: Containerd, runtime: str, count: int, opts: tuple[str, ...] = ()) -> dict[str, Any]:
+def start_detached(ctd: Containerd, runtime: str, cid: str, opts: tuple[str, ...] = ()) -> float:
+    start = time.perf_counter()
+    ctd.ctr("run", "-d", "--runtime", runtime, *opts, IMAGE, cid, "sleep", "1000000", timeout=300)
+    return time.perf_counter() - start
+
+
+def memory(ctd: Containerd, runtime: str, count: int, opts: tuple[str, ...] = (),
+           pool_wait: Any = None) -> dict[str, Any]:
     ids = [f"mem-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    started: list[str] = []
     try:
+        starts = []
         for cid in ids:
-            ctd.ctr("run", "-d", "--runtime", runtime, *opts, IMAGE, cid, "sleep", "1000000")
+            if pool_wait is not None:
+                pool_wait()
+            started.append(cid)
+            starts.append(start_detached(ctd, runtime, cid, opts))
         time.sleep(3)  # let the guests settle (page cache, agent start-up garbage)
         totals: dict[str, int] = {}
+        parts: dict[str, int] = {}
         for cid in ids:
             for kind, pids in container_processes(ctd, cid).items():
                 totals[kind] = totals.get(kind, 0) + sum(pss_kib(p) for p in pids)
+                if kind == "qemu":
+                    for p in pids:
+                        for k, v in qemu_breakdown_kib(p).items():
+                            parts[k] = parts.get(k, 0) + v
         per = {k: v / count / 1024 for k, v in totals.items() if v}
-        return {"runtime": runtime, "containers": count, "pss_mib_per_container": round(sum(per.values()), 1),
-                "breakdown_mib": {k: round(v, 1) for k, v in per.items()}}
+        out = {"runtime": runtime, "containers": count, "pss_mib_per_container": round(sum(per.values()), 1),
+               "start_median_s": round(statistics.median(starts), 3), "start_max_s": round(max(starts), 3),
+               "breakdown_mib": {k: round(v, 1) for k, v in per.items()},
+               "mem_available_mib": mem_available_mib(), "loadavg": os.getloadavg()}
+        if parts:
+            out["qemu_breakdown_mib"] = {k: round(v / count / 1024, 1) for k, v in parts.items()}
+        return out
     finally:
-        for cid in ids:
+        for cid in started:
             ctd.remove(cid)
+
+
+def mem_available_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int, opts: tuple[str, ...] = ()) -> float:
+    """Containers per second: `count` `ctr run -d`, `concurrency` at a time."""
+    ids = [f"rate-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as ex:
+            list(ex.map(lambda cid: start_detached(ctd, runtime, cid, opts), ids))
+        return count / (time.perf_counter() - start)
+    finally:
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(ctd.remove, ids))
+
+
+def pool_config(directory: Path, size: int) -> Path:
+    """A copy of the configuration in force with factory.pool_size = `size`."""
+    from pykata.config.load import find_config_path, packaged_default_text
+
+    found = find_config_path()
+    text = found.read_text() if found is not None else packaged_default_text()
+    path = directory / "pool.toml"
+    path.write_text(text.replace("\npool_size = 0\n", f"\npool_size = {size}\n"))
+    return path
+
+
+def wait_for_pool(timeout: float = 120.0) -> None:
+    """Until a pooled VM is ready (started now if the pool is short)."""
+    from pykata.factory import pool
+
+    config = load_config()
+    pool.fill(config, pool.entry_argv())
+    deadline = time.monotonic() + timeout
+    while not any(e.ready and e.alive for e in pool.list_entries(config)):
+        if time.monotonic() > deadline:
+            raise SystemExit("the warm pool did not fill")
+        time.sleep(0.05)
+
+
+def pool_pss_mib() -> float:
+    """PSS of the pool's waiting VMs and their shims, in total."""
+    from pykata.factory import pool
+
+    config = load_config()
+    total = 0
+    for e in pool.list_entries(config):
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(e.pid)
+            total += sum(pss_kib(p.pid) for p in [proc, *proc.children(recursive=True)])
+    return round(total / 1024, 1)
 
 
 def main() -> None:
@@ -107,14 +243,23 @@ def main() -> None:
     ap.add_argument("-n", "--runs", type=int, default=5)
     ap.add_argument("--containers", default="1,10", help="comma-separated container counts for memory")
     ap.add_argument("--tb-sizes", default="0", help="comma-separated tcg_tb_size values (MiB, 0 = default)")
+    ap.add_argument("--rate", default="", help="comma-separated concurrencies for the start rate, e.g. 1,4")
+    ap.add_argument("--rate-count", type=int, default=8, help="containers per start-rate measurement")
+    ap.add_argument("--pool", action="store_true", help="pykata with a warm pool (see above)")
+    ap.add_argument("--pool-size", type=int, default=1)
+    ap.add_argument("--skip-runc-memory", action="store_true", help="runc memory only at N=1")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     counts = [int(c) for c in args.containers.split(",") if c]
+    rates = [int(c) for c in args.rate.split(",") if c]
     tb_sizes = [int(t) for t in args.tb_sizes.split(",") if t]
 
     tmp = Path(tempfile.mkdtemp(prefix="ctr-bench-"))
+    if args.pool:
+        os.environ["PYKATA_CONFIG"] = str(pool_config(tmp, args.pool_size))
+    pool_wait = wait_for_pool if args.pool else None
     ctd = Containerd(tmp / "ctd")
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"loadavg_start": os.getloadavg(), "pool": args.pool_size if args.pool else 0}
     try:
         ctd.start()
         image = ImageStore(Path(load_config().runtime.cache_dir)).resolve("busybox")
@@ -135,6 +280,8 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.runs):
             for name, opts in variants.items():
+                if pool_wait is not None and runtime_of[name] == PYKATA_RUNTIME:
+                    pool_wait()
                 times[name].append(run_rm(ctd, runtime_of[name], opts))
         runc = statistics.median(times[RUNC_RUNTIME])
         result["run_rm_true"] = [
@@ -142,21 +289,51 @@ def main() -> None:
              "median_s": round(statistics.median(ts), 3), "ratio": round(statistics.median(ts) / runc, 1),
              "all_s": [round(t, 3) for t in ts]}
             for name, ts in times.items() if name != RUNC_RUNTIME]
-        result["memory"] = [memory(ctd, RUNC_RUNTIME, 1)] + [
-            {**memory(ctd, runtime_of[name], n, opts), "runtime": name}
-            for name, opts in variants.items() if name != RUNC_RUNTIME for n in counts]
+        result["memory"] = []
+        for n in counts:
+            if n == 1 or not args.skip_runc_memory:
+                result["memory"].append(memory(ctd, RUNC_RUNTIME, n))
+            for name, opts in variants.items():
+                if name != RUNC_RUNTIME:
+                    result["memory"].append({**memory(ctd, runtime_of[name], n, opts, pool_wait), "runtime": name})
+        if args.pool:
+            result["pool_waiting_pss_mib"] = pool_pss_mib()
+        result["start_rate"] = []
+        for c in rates:
+            for name, opts in variants.items():
+                result["start_rate"].append({"variant": name, "concurrency": c, "containers": args.rate_count,
+                                             "per_s": round(start_rate(ctd, runtime_of[name], args.rate_count, c,
+                                                                       opts), 2),
+                                             "loadavg": os.getloadavg()})
     finally:
         ctd.stop()
+        if args.pool:
+            from pykata.factory import pool
+
+            pool.destroy(load_config())
     if args.json:
         print(json.dumps(result, indent=2))
         return
     for r in result["run_rm_true"]:
         print(f"ctr run --rm busybox true (median of {r['runs']}): runc {r['runc_s']:.3f} s, "
               f"{r['variant']} {r['median_s']:.3f} s, ratio {r['ratio']}x  (runs: {r['all_s']})")
+    runc_start = {m["containers"]: m["start_median_s"] for m in result["memory"] if m["runtime"] == RUNC_RUNTIME}
     for m in result["memory"]:
         parts = ", ".join(f"{k} {v}" for k, v in m["breakdown_mib"].items())
-        print(f"memory, {m['runtime']}, {m['containers']} running: {m['pss_mib_per_container']} MiB PSS per "
-              f"container ({parts})")
+        q = m.get("qemu_breakdown_mib")
+        base = runc_start.get(m["containers"])
+        ratio = f" ({m['start_median_s'] / base:.1f}x runc)" if base and m["runtime"] != RUNC_RUNTIME else ""
+        print(f"N={m['containers']}, {m['runtime']}: `ctr run -d` median {m['start_median_s']} s{ratio}, "
+              f"max {m['start_max_s']} s; {m['pss_mib_per_container']} MiB PSS per container ({parts})"
+              + (f"; qemu: {', '.join(f'{k} {v}' for k, v in q.items())}" if q else "")
+              + f"; load {m['loadavg'][0]:.1f}")
+    if "pool_waiting_pss_mib" in result:
+        print(f"the pool's waiting VMs with their shims: {result['pool_waiting_pss_mib']} MiB PSS in total")
+    runc_rate = {r["concurrency"]: r["per_s"] for r in result["start_rate"] if r["variant"] == RUNC_RUNTIME}
+    for r in result["start_rate"]:
+        if r["variant"] != RUNC_RUNTIME:
+            print(f"start rate, {r['concurrency']} at a time, {r['containers']} containers: {r['variant']} "
+                  f"{r['per_s']}/s, runc {runc_rate[r['concurrency']]}/s; load {r['loadavg'][0]:.1f}")
 
 
 if __name__ == "__main__":
