@@ -127,6 +127,11 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
             st = os.stat(sock)
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), sock
         assert not [p for p in vm.paths.dir.rglob("*") if p.lstat().st_uid == c.uid]
+        # hypervisor.qemu.mem_merge = false: no guest RAM is offered to the host's KSM (the "mg" flag)
+        assert not q.mem_merge
+        flags = [line for line in Path(f"/proc/{vm.pid}/smaps").read_text().splitlines()
+                 if line.startswith("VmFlags:")]
+        assert flags and not [f for f in flags if " mg" in f], "QEMU marked memory mergeable"
 
         helper = inspect_process(pids["virtfs-proxy-helper"])
         assert helper.cap_effective & ~PROXY_HELPER_CAPS == 0 and not helper.cap_effective & CAP_SYS_ADMIN

@@ -70,6 +70,9 @@ class QemuConfig:
     # MiB of QEMU's TCG translation cache (`-accel tcg,tb-size=`); 0: QEMU's default (up to 1 GiB,
     # filled as the guest runs new code). Ignored under KVM. bench/ctr_bench.py --tb-size measures it.
     tcg_tb_size: int = 0
+    # Whether the host's KSM may merge this VM's memory with other processes' (`-machine mem-merge`).
+    # Off: merged pages let one VM learn what another holds (timing of copy-on-write faults).
+    mem_merge: bool = False
     # The VMM's jail (each layer on by default; turn one off only to debug): QEMU's seccomp filter
     # (-sandbox), an unprivileged uid/gid of its own per VM taken from
     # [jail_uid_base, jail_uid_base + jail_uid_count) with no capabilities left (-runas), an empty
@@ -294,4 +297,6 @@ NEVER_ANNOTATABLE_HYPERVISOR_KEYS = (
     "jail_uid_count",
     "jail_chroot",
     "jail_mount_namespace",
+    # host memory merging across VMs is a side channel between pods (configuration.toml)
+    "mem_merge",
 )

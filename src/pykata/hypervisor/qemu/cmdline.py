@@ -71,6 +71,8 @@ class Machine:
     acpi: bool | None = None
     # q35 only: no VGA, no default NIC happen through -nodefaults.
     nvdimm: bool | None = None
+    # Whether the host's KSM may merge guest RAM (QEMU's default: on).
+    mem_merge: bool | None = None
 
     def argv(self) -> list[str]:
         pairs: list[tuple[str, object]] = []
@@ -79,7 +81,7 @@ class Machine:
                       ("rtc", self.rtc), ("pit", self.pit), ("pic", self.pic), ("acpi", self.acpi)]
         else:
             pairs += [("nvdimm", self.nvdimm)]
-        pairs.append(("memory-backend", self.memory_backend))
+        pairs += [("memory-backend", self.memory_backend), ("mem-merge", self.mem_merge)]
         return ["-machine", opts(self.type, *pairs)]
 
 

@@ -183,9 +183,9 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
         # it hangs at "Unable to calibrate against PIT". Under KVM the legacy timers are dead weight.
         legacy = None if spec.accel == "tcg" else False
         args.append(c.Machine("microvm", memory_backend=backend_id, option_roms=False, isa_serial=True,
-                              rtc=True, pit=legacy, pic=legacy))
+                              rtc=True, pit=legacy, pic=legacy, mem_merge=q.mem_merge))
     else:
-        args.append(c.Machine("q35", memory_backend=backend_id))
+        args.append(c.Machine("q35", memory_backend=backend_id, mem_merge=q.mem_merge))
     args += [c.Accel(spec.accel, q.tcg_tb_size or None), c.Cpu(cpu_model(spec))]
 
     maxcpus = _maxvcpus(spec)
