@@ -167,6 +167,13 @@ def test_pool_hands_each_sandbox_out_once_and_refills() -> None:
     with pykata.Pool(size=1, image="busybox", timeout=300) as pool:
         pool.wait_ready(timeout=120)
         with pool.acquire(timeout=120) as first:
+            # the first command runs in the shell the pool prepared (AsyncSandbox.prepare_command):
+            # argv quoting, stdin after the command line, output and exit status as for any command
+            assert first._async._prepared is not None
+            r = first.run(["sh", "-c", 'printf "%s|" "$@"; cat; exit 3', "x", "a b", "it's $HOME"], stdin="in\n")
+            assert first._async._prepared is None
+            assert (r.exit_code, r.stdout) == (3, b"a b|it's $HOME|in\n")
+            assert first.run("echo 'two\nlines'").stdout == b"two\nlines\n"  # a normal exec
             first.files.write("/mine", "secret of user 1")
             assert first.deadline is not None  # the lifetime starts at acquire
             first_id = first.id

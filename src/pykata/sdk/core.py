@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import shlex
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -38,6 +39,9 @@ from pykata.sdk.process import AsyncProcess, ExecResult
 from pykata.ttrpc import Code
 
 IDLE_COMMAND = ("sleep", "2147483647")
+# What `prepare_command` starts: a shell that reads one line (busybox's `read` takes a pipe byte by
+# byte, so what follows the line stays the command's stdin) and runs it: `exec <the command>`.
+PREPARED_COMMAND = ("/bin/sh", "-c", 'IFS= read -r line && eval "$line"')
 MAX_OUTPUT = 256 << 20  # what run() collects at most (the guest decides how much it prints)
 SDK_STATE = "sdk.json"  # what connect() needs to run commands as the creator did
 
@@ -162,6 +166,7 @@ class AsyncSandbox:
         self._sandbox: Sandbox | None = None
         self._container: Any = None
         self._processes: list[AsyncProcess] = []
+        self._prepared: Process | None = None  # prepare_command's waiting shell
         self._gone: str | None = None  # why nothing can run any more
         self._paused = False
         self._owned = True  # False for a sandbox reached with connect(): close() only disconnects
@@ -453,9 +458,14 @@ class AsyncSandbox:
         argv = _argv(cmd)
         envs = [*self._env, *_env_list(env)]
         uid, gid = _user(user) or self._user or (0, 0)
-        async with self._guard():
-            raw: Process = await self._container.exec(argv, env=envs, cwd=cwd or self._cwd, uid=uid, gid=gid,
-                                                      terminal=terminal)
+        raw: Process | None = None
+        if self._prepared is not None and env is None and cwd in (None, self._cwd) and user is None \
+                and not terminal:
+            raw = await self._take_prepared(argv)
+        if raw is None:
+            async with self._guard():
+                raw = await self._container.exec(argv, env=envs, cwd=cwd or self._cwd, uid=uid, gid=gid,
+                                                 terminal=terminal)
         proc = AsyncProcess(raw, argv, self.id, self._guard)
         self._processes = [p for p in self._processes if p.running]
         self._processes.append(proc)
@@ -469,6 +479,37 @@ class AsyncSandbox:
                 await proc.kill()
             raise
         return proc
+
+    async def prepare_command(self) -> None:
+        """Start now, with the sandbox's default env, cwd and user, the process the next `run` or `spawn`
+        with those defaults (no `env`, `cwd`, `user`, terminal) becomes: a shell waiting in the guest
+        for the command line, which it then `exec`s. That command is spared the exec round trip (under
+        TCG most of it is `crun exec` in the guest). `Pool` does this before handing a sandbox out.
+        Idempotent. Raises SandboxGoneError, AgentError."""
+        if self._prepared is not None:
+            return
+        uid, gid = self._user or (0, 0)
+        async with self._guard():
+            self._prepared = await self._container.exec(list(PREPARED_COMMAND), env=self._env, cwd=self._cwd,
+                                                        uid=uid, gid=gid)
+
+    async def _take_prepared(self, argv: Sequence[str]) -> Process | None:
+        """The prepared shell, told to run `argv`; None when there is none or it cannot take it."""
+        line = "exec " + " ".join(shlex.quote(a) for a in argv)
+        raw, self._prepared = self._prepared, None
+        if raw is None or "\n" in line or "\0" in line:  # one line, no NUL: else a normal exec
+            if raw is not None:
+                with contextlib.suppress(PykataError):
+                    await raw.signal(9)
+            return None
+        try:
+            async with self._guard():
+                await raw.write_stdin(line.encode() + b"\n")
+        except SandboxGoneError:
+            raise
+        except PykataError:  # it ended on its own: fall back to exec
+            return None
+        return raw
 
     async def run(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None,
                   user: User | None = None, timeout: float | None = None, stdin: bytes | str | None = None,

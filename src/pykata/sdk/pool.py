@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,9 @@ log = logging.getLogger("pykata.sdk")
 
 MAX_SIZE = 64
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+# After an acquire, the replacement boots this much later while other sandboxes are still ready: its
+# start-up (on this event loop and the host's CPUs) would otherwise delay the acquirer's first commands.
+REFILL_DELAY = 0.5
 
 
 class AsyncPool:
@@ -52,6 +56,7 @@ class AsyncPool:
         self._filler: asyncio.Task[None] | None = None
         self._boots: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._taken_at = 0.0
         self.last_error: BaseException | None = None
 
     @property
@@ -93,6 +98,7 @@ class AsyncPool:
                     raise SandboxGoneError("the pool is closed")
                 with contextlib.suppress(asyncio.QueueEmpty):
                     sb = self._ready.get_nowait()
+                    self._taken_at = time.monotonic()
                     self._notify()
                     return sb
                 if self.last_error is not None and self._starting == 0:
@@ -131,6 +137,10 @@ class AsyncPool:
     async def _fill(self) -> None:
         pause = RETRY_FIRST
         while not self._closed:
+            wait = self._taken_at + REFILL_DELAY - time.monotonic()
+            if wait > 0 and self._ready.qsize() > 0:
+                await asyncio.sleep(wait)
+                continue
             while not self._closed and self._ready.qsize() + self._starting < self.size \
                     and self._starting < self.max_starting:
                 self._starting += 1
@@ -149,6 +159,8 @@ class AsyncPool:
         try:
             try:
                 await sb.start()
+                # the first command is spared the exec round trip (AsyncSandbox.prepare_command)
+                await sb.prepare_command()
                 if self.pause_idle:
                     await sb.pause()  # a waiting VM uses no CPU (under TCG an idle guest still ticks)
             except PykataError as e:
