@@ -243,6 +243,9 @@ def main() -> None:
     ap.add_argument("-n", "--runs", type=int, default=5)
     ap.add_argument("--containers", default="1,10", help="comma-separated container counts for memory")
     ap.add_argument("--tb-sizes", default="0", help="comma-separated tcg_tb_size values (MiB, 0 = default)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE",
+                    help="also measure pykata with [hypervisor.qemu] KEY = VALUE (a runtime config file), e.g. "
+                         "fpr-off=free_page_reporting=false")
     ap.add_argument("--rate", default="", help="comma-separated concurrencies for the start rate, e.g. 1,4")
     ap.add_argument("--rate-count", type=int, default=8, help="containers per start-rate measurement")
     ap.add_argument("--pool", action="store_true", help="pykata with a warm pool (see above)")
@@ -274,6 +277,11 @@ def main() -> None:
                 cfg = tmp / f"tb{tb}.toml"
                 cfg.write_text(f"[hypervisor.qemu]\ntcg_tb_size = {tb}\n")
                 variants[name] = ("--runtime-config-path", str(cfg))
+        for v in args.variant:
+            vname, key, value = v.split("=", 2)
+            cfg = tmp / f"{vname}.toml"
+            cfg.write_text(f"[hypervisor.qemu]\n{key} = {value}\n")
+            variants[f"{PYKATA_RUNTIME} {vname}"] = ("--runtime-config-path", str(cfg))
         runtime_of = {name: RUNC_RUNTIME if name == RUNC_RUNTIME else PYKATA_RUNTIME for name in variants}
         for name, opts in variants.items():
             run_rm(ctd, runtime_of[name], opts)  # warm-up: caches, and the VM template on a first pykata run
