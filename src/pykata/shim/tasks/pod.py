@@ -110,8 +110,17 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
         leave_cgroup(st)
         raise
     st.sandbox = warm
-    asyncio.get_running_loop().call_later(REFILL_DELAY, refill_pool, config)
+    st.spawn(_refill_later(config), "refill-pool")
     return _watch(st, warm)
+
+
+async def _refill_later(config: Config) -> None:
+    try:
+        await asyncio.sleep(REFILL_DELAY)
+    except asyncio.CancelledError:  # the shim is exiting first (a short pod): refill on the way out
+        refill_pool(config)
+        raise
+    await asyncio.to_thread(refill_pool, config)  # it may wait for the pool's lock: not on the loop
 
 
 def refill_pool(config: Config) -> None:
