@@ -59,6 +59,8 @@ def make_config(workdir: Path, **qemu: object) -> Config:
         [runtime]
         runtime_dir = "{workdir}/run"
         cache_dir = "{workdir}/cache"
+        # no image slots (disks for container images): these VMs run no containers, and tests count disks
+        rootfs_block_slots = 0
         """
     )
     q = dataclasses.replace(base.qemu, **qemu)  # type: ignore[arg-type]
