@@ -6,6 +6,7 @@ and `pykata install containerd`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -476,3 +477,16 @@ async def test_a_guest_oom_flood_never_costs_an_exit_event(flaky_sink: tuple[Fla
     ooms = [e for e in sink.envelopes if e.topic == "/tasks/oom"]
     assert 1 <= len(ooms) <= 64
     assert pub.dropped == pub.dropped_guest_events == 50_000 - len(ooms)
+
+
+def test_a_pod_that_joins_a_network_namespace_does_not_claim_a_pooled_vm(tmp_path: Path) -> None:
+    from pykata.shim.bootstrap import _joins_netns
+
+    spec = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert _joins_netns(tmp_path)
+    spec["linux"]["namespaces"] = [{"type": "network"}]  # a new, empty one (plain `ctr run`): fits
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert not _joins_netns(tmp_path)
+    (tmp_path / "config.json").write_text("[not a spec")
+    assert not _joins_netns(tmp_path)

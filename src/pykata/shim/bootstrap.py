@@ -52,6 +52,19 @@ def read_annotations(bundle: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
 
 
+def _joins_netns(bundle: Path) -> bool:
+    """Whether the pod joins a network namespace (CRI/CNI): its NICs must be in QEMU from the start, so a
+    pooled VM (made without any) cannot serve it. The rule of pykata.network.spec_netns, which this
+    short-lived process does not import (half a second of imports)."""
+    try:
+        spec = json.loads((bundle / "config.json").read_bytes()[: 16 << 20])
+        namespaces = spec["linux"]["namespaces"]
+        return any(isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str)
+                   and ns["path"].startswith("/") for ns in namespaces)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def sandbox_id_of(container_id: str, annotations: dict[str, str]) -> str:
     """The sandbox (shim) a container belongs to: its pod's for a CRI container, else its own id."""
     if annotations.get(CRI_CONTAINER_TYPE) == "container" and annotations.get(CRI_SANDBOX_ID):
@@ -130,7 +143,7 @@ def start(flags: Flags) -> str:
     except OSError as e:
         listener.close()
         raise ShimStartError(f"cannot listen on {path}: {e}") from None
-    if config.factory.pool_size > 0:
+    if config.factory.pool_size > 0 and not _joins_netns(bundle):
         pid = _claim_pooled(config, flags, bundle, sandbox_id, path, listener)
         if pid is not None:
             listener.close()
