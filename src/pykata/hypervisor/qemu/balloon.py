@@ -24,10 +24,12 @@ from pykata.hypervisor.qemu.qmp import QmpChannel
 MIB = 1 << 20
 # The smallest VM a resize may ask for: the guest kernel and agent need about this much.
 MIN_MEMORY_MIB = 128
-# How long a resize waits for the guest to reach the new size, at least, and per GiB moved (under TCG on
-# a loaded 2-core host the guest moves about 1 GiB/s; see bench/resize_bench.py).
+# How long a resize waits for the guest to reach the new size, at least, and per GiB moved. Under TCG
+# on this 2-core machine the guest moved 1-2 GiB/s at load average 9 but only ~50 MiB/s at 11 while
+# others' VMs ran (bench/resize_bench.py); a guest that does not follow is bounded by this, and by the
+# host cgroup whatever it does.
 RESIZE_TIMEOUT = 10.0
-TIMEOUT_PER_GIB = 10.0
+TIMEOUT_PER_GIB = 20.0
 POLL = 0.05
 # The guest's driver moves pages in batches; the size it reports is "there" within this much.
 SLACK_MIB = 1
