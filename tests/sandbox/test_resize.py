@@ -154,3 +154,16 @@ async def test_resizes_in_a_row_end_at_the_last() -> None:
         assert inner.vm is not None
         actual = await inner.vm._balloon.actual(inner.vm.qmp)  # type: ignore[attr-defined]
         assert abs(actual - 900) <= 1 and abs(await mem_total_mib(sb) - 900) <= 128
+
+
+def test_status_reads_a_microvms_size_from_its_command_line() -> None:
+    """A microvm has every vCPU from boot and brings up `maxcpus=` of them: `sandbox ls` and the monitor
+    report that as its vCPUs, and bound the guest's figures by all of them."""
+    from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
+    from pykata.sandbox.status import vm_max_vcpus, vm_shape
+
+    q = dataclasses.replace(load_config().qemu, default_vcpus=1, default_maxvcpus=4, default_memory=512,
+                            default_maxmemory=1024)
+    argv = build_command_line(LaunchSpec(vm_id="x", config=q, accel="tcg", kernel=Path("/k"),
+                                         paths=VmPaths(Path("/run/x")))).argv()
+    assert vm_shape(argv)[:2] == (1, 1024) and vm_max_vcpus(argv) == 4

@@ -159,6 +159,8 @@ def _host(sample: Sample, record: state.SandboxRecord) -> tuple[int | None, int 
         raise psutil.NoSuchProcess(record.vmm_pid)
     vmm = status.process_info(record.vmm_pid, io=True)
     vcpus, memory_mib, _ = status.vm_shape(argv)
+    # the guest may bring up every vCPU QEMU has (a resized microvm): the bound below is 4x that
+    most = status.vm_max_vcpus(argv)
     sample.add("pykata_hypervisor_cpu_seconds", vmm.cpu_seconds)
     sample.add("pykata_hypervisor_resident_memory_bytes", vmm.rss_bytes)
     sample.add("pykata_hypervisor_threads", vmm.threads)
@@ -168,7 +170,7 @@ def _host(sample: Sample, record: state.SandboxRecord) -> tuple[int | None, int 
     sample.add("pykata_hypervisor_vcpus", vcpus)
     memory = None if memory_mib is None else memory_mib << 20
     sample.add("pykata_hypervisor_memory_bytes", memory)
-    return vcpus, memory
+    return max(vcpus or 0, most or 0) or None, memory
 
 
 PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT

@@ -81,14 +81,33 @@ def _option(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def vm_max_vcpus(argv: list[str]) -> int | None:
+    """The vCPUs QEMU has (`-smp N[,maxcpus=M]`: M, else N): what the guest can ever bring online."""
+    smp = _option(argv, "-smp")
+    if not smp:
+        return None
+    with contextlib.suppress(ValueError):
+        parts = smp.split(",")
+        most = [int(p.removeprefix("maxcpus=")) for p in parts if p.startswith("maxcpus=")]
+        return most[0] if most else int(parts[0].removeprefix("cpus="))
+    return None
+
+
 def vm_shape(argv: list[str]) -> tuple[int | None, int | None, str]:
     """vCPUs, memory (MiB) and boot kind read from a QEMU command line (pykata renders `-smp N[,...]`,
-    `-m NM[,...]` and, for a template clone, `-incoming defer`)."""
+    `-m NM[,...]` and, for a template clone, `-incoming defer`). A microvm has all its vCPUs from boot
+    and its guest brings up `maxcpus=` of them (pykata.hypervisor.qemu.launch): that is its size at boot.
+    The memory is the boot memory (a balloon's ceiling)."""
     vcpus = memory = None
     smp = _option(argv, "-smp")
     if smp:
         with contextlib.suppress(ValueError):
             vcpus = int(smp.split(",")[0].removeprefix("cpus="))
+    append = _option(argv, "-append") or ""
+    for param in append.split():
+        if param.startswith("maxcpus="):
+            with contextlib.suppress(ValueError):
+                vcpus = int(param.removeprefix("maxcpus="))
     mem = _option(argv, "-m")
     if mem:
         with contextlib.suppress(ValueError):
