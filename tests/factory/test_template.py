@@ -223,3 +223,42 @@ async def test_template_invalidated_when_the_initrd_changes(
         template.check_fits(config)
     assert prune_templates(config) == [template.key]
     assert not template.dir.exists()
+
+
+def test_a_maker_killed_mid_way_leaves_no_template_vm(initrd_copy: Path) -> None:
+    """SIGKILL of the process making a template (a timeout, Ctrl-C twice) takes its QEMU with it."""
+    import signal
+    import subprocess
+    import sys
+
+    work = Path(tempfile.mkdtemp(prefix="pktk", dir="/tmp"))
+    script = ("import asyncio, sys; from pathlib import Path\n"
+              "from tests.factory.test_template import _config\n"
+              "from pykata.factory.template import ensure_template\n"
+              "asyncio.run(ensure_template(_config(Path(sys.argv[1]), Path(sys.argv[2]), shared_fs='virtio-9p')))\n")
+    maker = subprocess.Popen([sys.executable, "-c", script, str(work), str(initrd_copy)],
+                             cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        qemu: psutil.Process | None = None
+        deadline = time.monotonic() + 120
+        while qemu is None and time.monotonic() < deadline and maker.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                qemu = next((p for p in psutil.Process(maker.pid).children(recursive=True)
+                             if p.name().startswith("qemu-system")), None)
+            time.sleep(0.05)
+        assert qemu is not None, "the maker never started QEMU"
+        maker.send_signal(signal.SIGKILL)
+        maker.wait()
+        _gone, alive = psutil.wait_procs([qemu], timeout=15)
+        assert not alive, f"QEMU {qemu.pid} outlived the template's maker"
+        deadline = time.monotonic() + 15
+        while (left := [p.pid for p in psutil.process_iter(["cmdline"])
+                        if str(work) in " ".join(p.info["cmdline"] or ())]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"helpers of the killed maker still run: {left}"  # virtfs-proxy-helper
+    finally:
+        if maker.poll() is None:
+            maker.kill()
+            maker.wait()
+        shutil.rmtree(work, ignore_errors=True)

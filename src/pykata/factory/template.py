@@ -326,8 +326,10 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
     """
     shared = directory / "shared"
     shared.mkdir()
+    # die_with_owner: a maker killed mid-way (Ctrl-C twice, a timeout's SIGKILL) must not leave the
+    # template's QEMU running with no one to stop it (one ran orphaned for 33 minutes here).
     vm = QemuHypervisor(f"template-{key[:8]}-{secrets.token_hex(3)}", config, shared_dir=shared,
-                        readiness=agent_readiness, memory_file=directory / "memory")
+                        readiness=agent_readiness, memory_file=directory / "memory", die_with_owner=True)
     taps: list[int] = []
     try:
         for i in range(nics):
