@@ -73,11 +73,16 @@ class AsyncPool:
         return self
 
     async def wait_ready(self, count: int | None = None, timeout: float | None = None) -> None:
-        """Wait until `count` (default: size) sandboxes are ready. Raises SandboxTimeoutError."""
+        """Wait until `count` (default: size) sandboxes are ready. Raises SandboxTimeoutError, or the
+        last boot error when boots fail with none in flight (as `acquire` does: never waits forever)."""
         want = min(self.size, count or self.size)
+        await self.start()
 
         async def until() -> None:
             while self._ready.qsize() < want:
+                if self.last_error is not None and self._starting == 0:
+                    raise SdkError(f"pool: {self._ready.qsize()} of {want} sandboxes ready; starting one "
+                                   f"failed: {self.last_error}") from self.last_error
                 await self._wait_change()
 
         try:
