@@ -53,9 +53,18 @@ def _filter_rules() -> set[str]:
     return found
 
 
+def _host_cpus_online() -> set[str]:
+    """The host's online CPUs: an agent run on the host by a test must never take one offline
+    (OnlineCPUMem offlines CPUs down to the size asked: it once left this host with one CPU)."""
+    try:
+        return {Path("/sys/devices/system/cpu/online").read_text().strip()}
+    except OSError:
+        return set()
+
+
 def snapshot_resources() -> dict[str, set[object]]:
     return {"processes": set(_processes()), "mounts": set(_mounts()), "netns": set(_netns()),
-            "taps": set(_taps()), "filter rules": set(_filter_rules())}
+            "taps": set(_taps()), "filter rules": set(_filter_rules()), "host CPUs online": set(_host_cpus_online())}
 
 
 _BEFORE: dict[str, set[object]] = {}

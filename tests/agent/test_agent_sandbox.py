@@ -27,8 +27,13 @@ async def test_health_and_agent_service_are_served_together(agent: AgentHelper) 
 
 
 async def test_online_cpu_mem_with_everything_online_is_a_no_op(agent: AgentHelper) -> None:
+    # This agent runs on the host: ask only for what is online (nb_cpus below that would take the
+    # host's own CPUs offline; guest.online_cpu_mem's offlining is tested on a fake sysfs).
+    online = Path("/sys/devices/system/cpu/online").read_text()
     await agent.stub.OnlineCPUMem(agent_pb2.OnlineCPUMemRequest(wait=True))
-    await agent.stub.OnlineCPUMem(agent_pb2.OnlineCPUMemRequest(wait=True, nb_cpus=1, cpu_only=True))
+    await agent.stub.OnlineCPUMem(agent_pb2.OnlineCPUMemRequest(wait=True, nb_cpus=os.cpu_count() or 1,
+                                                                cpu_only=True))
+    assert Path("/sys/devices/system/cpu/online").read_text() == online
 
 
 async def test_set_time_checks_its_arguments(agent: AgentHelper) -> None:
