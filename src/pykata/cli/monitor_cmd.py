@@ -10,9 +10,7 @@ import click
 
 from pykata.config import load_config
 from pykata.errors import PykataError
-from pykata.monitor.collector import DEFAULT_INTERVAL, Collector
-from pykata.monitor.scrape import DEFAULT_TIMEOUT, PSS_MAX_AGE, Scraper
-from pykata.monitor.server import DEFAULT_LISTEN, serve
+from pykata.monitor.defaults import DEFAULT_INTERVAL, DEFAULT_LISTEN, DEFAULT_TIMEOUT, PSS_MAX_AGE
 
 
 @click.command("monitor")
@@ -26,6 +24,11 @@ from pykata.monitor.server import DEFAULT_LISTEN, serve
                    "a sandbox that starts or stops makes the next scrape collect first).")
 def monitor(listen: str, timeout: float, pss_max_age: float, interval: float) -> None:
     """Serve Prometheus metrics of every running sandbox on http://LISTEN/metrics until SIGINT/SIGTERM."""
+    # here, not at the top: every other pykata command would import prometheus_client for nothing
+    from pykata.monitor.collector import Collector
+    from pykata.monitor.scrape import Scraper
+    from pykata.monitor.server import serve
+
     collector = Collector(Scraper(load_config(), timeout=timeout, pss_max_age=pss_max_age), interval=interval)
     try:
         server, thread = serve(collector, listen)

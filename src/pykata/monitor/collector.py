@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.config import Config
+from pykata.monitor.defaults import DEFAULT_INTERVAL
 from pykata.monitor.exposition import render
 from pykata.monitor.scrape import FAMILIES, Family, Sample, Scraper
 from pykata.sandbox import state
@@ -30,7 +31,6 @@ from pykata.sandbox.sandbox import sandboxes_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL = 5.0
 # Families that change with every scrape: rendered per scrape, the rest once per collection.
 PER_SCRAPE = ("pykata_monitor_sample_age_seconds", "pykata_monitor_scrape_seconds")
 

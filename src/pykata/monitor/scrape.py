@@ -26,6 +26,7 @@ import psutil
 from pykata.agentapi.errors import AgentCallError
 from pykata.config import Config
 from pykata.errors import Code, PykataError
+from pykata.monitor.defaults import DEFAULT_TIMEOUT, PSS_MAX_AGE
 from pykata.protocols.agent import agent_pb2
 from pykata.protocols.owner import owner_pb2
 from pykata.sandbox import state, status
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 GUEST_VALUE_MAX = 1 << 60      # no honest counter of a VM gets near this (1 EiB, 36 years of ns)
 MAX_CONTAINERS_SCRAPED = 64    # from the host's record, not the guest; bounds one sandbox's RPCs
-DEFAULT_TIMEOUT = 2.0
-PSS_MAX_AGE = 30.0
 
 Labels = tuple[tuple[str, str], ...]
 

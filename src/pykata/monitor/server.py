@@ -19,8 +19,6 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGI
 from pykata.errors import ConfigError
 from pykata.monitor.collector import Collector
 
-DEFAULT_LISTEN = "127.0.0.1:8090"  # kata-monitor's port
-
 
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
