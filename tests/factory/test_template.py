@@ -77,8 +77,12 @@ def template(config: Config) -> Template:
     return asyncio.run(ensure_template(config))
 
 
-def _qemu_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("qemu-system")}
+def _qemu_pids(under: Path) -> set[int]:
+    """QEMU processes whose command line names a path under `under` (this test's own: other VMs
+    on a busy host come and go during the test)."""
+    return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if (p.info["name"] or "").startswith("qemu-system")
+            and any(str(under) in arg for arg in p.info["cmdline"] or ())}
 
 
 async def test_template_made_once_and_found(template: Template, config: Config) -> None:
@@ -185,7 +189,7 @@ async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
     assert cfg.qemu.shared_fs == "virtio-fs"
     shared = tdir / "shared-c"
     shared.mkdir()
-    before = _qemu_pids()
+    before = _qemu_pids(tdir)
     vm = vm_factory.track(await start_vm("clone-c", cfg, shared_dir=shared))
     assert isinstance(vm, QemuHypervisor)
     try:
@@ -194,7 +198,7 @@ async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
         assert f"mem-path={template.memory},share=off" in argv and "virtio-9p-device" in argv
         assert "vhost-user-fs" not in argv
         pid = vm.pid
-        assert pid is not None
+        assert pid is not None and pid in _qemu_pids(tdir)
         # No readiness probe given: a clone is ready when its agent answers (no console line).
         await vm.wait_ready(timeout=20)
         assert vm.timestamps["ready"] - vm.timestamps["start"] < 5
@@ -203,7 +207,7 @@ async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
     assert result is not None and result.requested
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not vm.paths.dir.exists()
-    assert _qemu_pids() <= before
+    assert _qemu_pids(tdir) <= before
     assert not list((tdir / "run" / "vm").iterdir())
     # The template outlives its clones.
     assert load_template(template.dir) == template
