@@ -10,12 +10,9 @@ import asyncio
 import dataclasses
 import hashlib
 import os
-import pty
-import select
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from pykata.config import load_config, load_config_file
 from pykata.config.annotations import apply_annotations
 from pykata.errors import ConfigError, InvalidArgument
 from pykata.shim.tasks.pod import pod_config
+from tests.cli.ptysession import pty_session
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 # the VM tests share two sandboxes (a module fixture), so they share its event loop
@@ -114,40 +112,14 @@ async def test_debug_console_runs_in_the_guest_not_a_container(
     assert p.returncode == 126 and b"no-such-program" in p.stderr and b"Traceback" not in p.stderr
 
 
-def _pty_session(argv: list[str], env: dict[str, str], typed: bytes, timeout: float = 120) -> tuple[int, bytes]:
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(argv[0], argv, env)
-    out = b""
-    sent = False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 1)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-            if not sent and b"#" in out:  # the guest shell's prompt
-                os.write(fd, typed)
-                sent = True
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), out
-
-
 @pytest.mark.vm
 @module_loop
 async def test_debug_console_interactive_shell_has_a_real_terminal(
         confs: tuple[Path, Path], sandboxes: tuple[pykata.AsyncSandbox, pykata.AsyncSandbox]) -> None:
     on, _ = sandboxes
     env = {**os.environ, "PYKATA_CONFIG": str(confs[0]), "TERM": "xterm"}
-    code, out = await asyncio.to_thread(_pty_session, [PYKATA, "sandbox", "exec", on.id], env,
-                                        b"tty; echo $((6*7)); printf '\\033[21t\\033]52;c;?\\007vis''ible\\n'; "
-                                        b"exit 3\r")
+    typed = b"tty; echo $((6*7)); printf '\\033[21t\\033]52;c;?\\007vis''ible\\n'; exit 3\r"
+    code, out = await asyncio.to_thread(pty_session, [PYKATA, "sandbox", "exec", on.id], env, typed=typed)
     assert code == 3, out
     assert b"/dev/pts/" in out and b"42" in out
     # the guest asked the admin's terminal for its title and clipboard: those never reach it

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.cli.ptysession import pty_session
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 
@@ -59,24 +58,8 @@ def test_missing_command_in_an_image_without_one(tmp_path: Path) -> None:
 
 @pytest.mark.vm
 def test_tty_gives_a_real_terminal() -> None:
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(PYKATA, [PYKATA, "run", "--rm", "-t", "busybox", "sh", "-c", "tty; stty size"])
-    out = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 1)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0, out
+    code, out = pty_session([PYKATA, "run", "--rm", "-t", "busybox", "sh", "-c", "tty; stty size"])
+    assert code == 0, out
     assert b"/dev/pts/" in out
 
 
