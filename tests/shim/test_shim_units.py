@@ -479,14 +479,17 @@ async def test_a_guest_oom_flood_never_costs_an_exit_event(flaky_sink: tuple[Fla
     assert pub.dropped == pub.dropped_guest_events == 50_000 - len(ooms)
 
 
-def test_a_pod_that_joins_a_network_namespace_does_not_claim_a_pooled_vm(tmp_path: Path) -> None:
-    from pykata.shim.bootstrap import _joins_netns
+def test_the_pool_kind_a_pod_needs_is_read_from_its_network_namespace(tmp_path: Path) -> None:
+    from pykata.shim.bootstrap import _netns_of
 
     spec = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]}}
     (tmp_path / "config.json").write_text(json.dumps(spec))
-    assert _joins_netns(tmp_path)
-    spec["linux"]["namespaces"] = [{"type": "network"}]  # a new, empty one (plain `ctr run`): fits
+    assert _netns_of(tmp_path) == "/var/run/netns/cni-1"  # a CRI pod: factory.pool_nics = 1 serves it
+    spec["linux"]["namespaces"] = [{"type": "network"}]  # a new, empty one (plain `ctr run`): pool_nics = 0
     (tmp_path / "config.json").write_text(json.dumps(spec))
-    assert not _joins_netns(tmp_path)
+    assert _netns_of(tmp_path) is None
+    spec["linux"]["namespaces"] = [{"type": "network", "path": "relative/ns"}]
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert _netns_of(tmp_path) is None
     (tmp_path / "config.json").write_text("[not a spec")
-    assert not _joins_netns(tmp_path)
+    assert _netns_of(tmp_path) is None

@@ -203,6 +203,7 @@ def validate(config: Config) -> None:
                           "HTTP) and runtime.tracing_file (JSON lines)")
     _absolute("factory.template_path", config.factory.template_path, allow_empty=False)
     _range("factory.pool_size", config.factory.pool_size, 0, 64, "")
+    _range("factory.pool_nics", config.factory.pool_nics, 0, 1, "")
     _range("factory.pool_min_free_mib", config.factory.pool_min_free_mib, 0, 1 << 24, " (MiB)")
     validate_image(config.image)
 

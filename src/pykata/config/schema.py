@@ -217,6 +217,10 @@ class FactoryConfig:
     # Warm pool (pykata.factory.pool): VMs restored from the template ahead of time, each held paused
     # by a waiting shim process, handed whole to the next pod that fits. 0: off.
     pool_size: int = 0
+    # NICs of each pooled VM: 0 serves pods without a network namespace (`ctr run`); 1 serves CRI pods
+    # (Kubernetes), whose one CNI interface is wired to the pooled VM's tap at hand-out
+    # (pykata.network.holding). Pods of the other kind start without the pool.
+    pool_nics: int = 0
     # The pool is not refilled while the host has less memory available than this, MiB.
     pool_min_free_mib: int = 2048
 

@@ -221,10 +221,11 @@ def fill(config: Config, argv: Sequence[str]) -> int:
     return started
 
 
-def claim(config: Config, message: dict[str, Any], fd: int) -> int | None:
-    """Claim one waiting VM for a pod: send it `message` (JSON) and `fd` (the pod's listening socket).
-    Returns the process id that now serves the pod, or None when no waiting VM took it (none ready,
-    or each one refused). Never raises."""
+def claim(config: Config, message: dict[str, Any], fds: Sequence[int]) -> int | None:
+    """Claim one waiting VM for a pod: send it `message` (JSON) and `fds` (the pod's listening socket,
+    then its network namespace when it has one: factory.pool_nics = 1). Returns the process id that
+    now serves the pod, or None when no waiting VM took it (none ready, or each one refused).
+    Never raises."""
     if config.factory.pool_size <= 0:
         return None
     mine = fingerprint(config)
@@ -236,7 +237,7 @@ def claim(config: Config, message: dict[str, Any], fd: int) -> int | None:
                 socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(CLAIM_TIMEOUT)
             s.connect(str(entry.control))
-            socket.send_fds(s, [body], [fd])
+            socket.send_fds(s, [body], list(fds))
             s.shutdown(socket.SHUT_WR)
             reply = json.loads(_read_all(s, 4096) or b"{}")
             if isinstance(reply, dict) and reply.get("ok") is True and isinstance(reply.get("pid"), int):
@@ -255,9 +256,10 @@ def _read_all(s: socket.socket, limit: int) -> bytes:
     return data
 
 
-def serve_claim(sock: socket.socket) -> tuple[dict[str, Any], int]:
+def serve_claim(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """Read one claim from an accepted control connection (blocking, bounded): its message and the
-    listening socket it carries. Raises ValueError for anything else (the caller closes)."""
+    fds it carries (the listening socket, then the pod's network namespace if it has one). Raises
+    ValueError for anything else (the caller closes)."""
     sock.settimeout(CLAIM_TIMEOUT)
     data, fds, _, _ = socket.recv_fds(sock, MAX_CLAIM_BYTES, 4)
     try:
@@ -267,13 +269,13 @@ def serve_claim(sock: socket.socket) -> tuple[dict[str, Any], int]:
                 break
             data += more
         message = json.loads(data)
-        if not isinstance(message, dict) or len(fds) != 1:
-            raise ValueError("a claim is one JSON object and one socket")
+        if not isinstance(message, dict) or len(fds) not in (1, 2):
+            raise ValueError("a claim is one JSON object, one socket and at most one network namespace")
     except BaseException:
         for f in fds:
             os.close(f)
         raise
-    return message, fds[0]
+    return message, list(fds)
 
 
 def answer(sock: socket.socket, **reply: Any) -> None:

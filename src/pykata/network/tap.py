@@ -113,6 +113,44 @@ def in_netns(netns: str, fn: Callable[[], _T]) -> _T:
     return value
 
 
+def new_netns() -> int:
+    """A new, empty network namespace (loopback only, down), returned as an fd (close-on-exec) that
+    holds it: the namespace ends when that fd and everything made in it (sockets, a tap's file) are
+    closed, so a killed holder leaves nothing behind (no bind mount, nothing in `ip netns`). Its path
+    for in_netns() and netlink_socket() is ns_path(fd).
+
+    Raises:
+        NetworkError: unshare(CLONE_NEWNET) is refused.
+    """
+    def make() -> int:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:  # this thread only; it ends right after
+            raise NetworkError(f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}")
+        return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = make()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    t = threading.Thread(target=run, name="new-netns")
+    t.start()
+    t.join()
+    if "error" in result:
+        error = result["error"]
+        raise error if isinstance(error, NetworkError) else NetworkError(f"cannot make a network namespace: {error}")
+    fd: int = result["value"]
+    return fd
+
+
+def ns_path(fd: int) -> str:
+    """A path naming the network namespace held by this process's `fd` (valid while the fd is open)."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
 def _open(name: str) -> int:
     try:
         fd = os.open(TUN, os.O_RDWR | os.O_CLOEXEC)

@@ -100,24 +100,59 @@ async def attach(netns: str) -> PodNetwork:
             await _read(ipr, net)
             for e in net.endpoints:
                 e.tap_fd = open_tap(e.tap_name, netns)
-                tap = (await ipr.link_lookup(ifname=e.tap_name))[0]
-                await ipr.link("set", index=tap, mtu=e.mtu, state="up")
-                for src, dst in ((e.link_index, tap), (tap, e.link_index)):
-                    await ipr.tc("add", "ingress", index=src, handle=INGRESS)
-                    await ipr.tc("add-filter", "u32", index=src, parent=INGRESS, protocol=ETH_P_ALL,
-                                 target=U32_CLASSID, keys=["0x0/0x0+0"],
-                                 action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
-                                          "ifindex": dst}])
+                await redirect(ipr, e)
     except BaseException as exc:
         await detach(net)
-        if isinstance(exc, NetworkError):
-            raise
-        if isinstance(exc, OSError | ValueError | IndexError | KeyError | TimeoutError):
-            raise NetworkError(f"network namespace {netns}: {exc}") from None
-        raise
-    described = [f"{e.name} {e.mac} {[f'{a}/{p}' for a, p in e.addresses]} -> {e.tap_name}" for e in net.endpoints]
-    log.info("pod network %s: %s", netns, ", ".join(described) or "no interfaces")
+        raise as_network_error(exc, netns) from None
+    log_network(net)
     return net
+
+
+async def read_network(netns: str) -> PodNetwork:
+    """The CNI interfaces, addresses and routes of the network namespace at `netns`, nothing changed.
+
+    Raises:
+        NetworkError: the namespace does not exist or cannot be read.
+    """
+    from pyroute2 import AsyncIPRoute
+
+    if not os.path.exists(netns):
+        raise NetworkError(f"network namespace {netns} does not exist")
+    net = PodNetwork(netns)
+    try:
+        async with AsyncIPRoute(fileno=netlink_socket(netns)) as ipr:
+            await _read(ipr, net)
+    except BaseException as exc:
+        raise as_network_error(exc, netns) from None
+    return net
+
+
+async def redirect(ipr: Any, e: Endpoint) -> None:
+    """Bring endpoint `e`'s tap (already in the pod's namespace, `ipr`'s) up at the interface's MTU and
+    redirect every frame both ways between the two with tc."""
+    tap = (await ipr.link_lookup(ifname=e.tap_name))[0]
+    await ipr.link("set", index=tap, mtu=e.mtu, state="up")
+    for src, dst in ((e.link_index, tap), (tap, e.link_index)):
+        await ipr.tc("add", "ingress", index=src, handle=INGRESS)
+        await ipr.tc("add-filter", "u32", index=src, parent=INGRESS, protocol=ETH_P_ALL,
+                     target=U32_CLASSID, keys=["0x0/0x0+0"],
+                     action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
+                              "ifindex": dst}])
+
+
+def as_network_error(exc: BaseException, netns: str) -> BaseException:
+    """What a failed netlink step raises: NetworkError naming the namespace (cancellation and the like
+    pass through as they are)."""
+    if isinstance(exc, NetworkError):
+        return exc
+    if isinstance(exc, OSError | ValueError | IndexError | KeyError | TimeoutError):
+        return NetworkError(f"network namespace {netns}: {exc}")
+    return exc
+
+
+def log_network(net: PodNetwork) -> None:
+    described = [f"{e.name} {e.mac} {[f'{a}/{p}' for a, p in e.addresses]} -> {e.tap_name}" for e in net.endpoints]
+    log.info("pod network %s: %s", net.netns, ", ".join(described) or "no interfaces")
 
 
 async def _read(ipr: Any, net: PodNetwork) -> None:

@@ -41,6 +41,7 @@ from pykata.hypervisor.devices import Device, NetDevice, root_slot_serial
 from pykata.network import EgressPolicy, PodNetwork, egress, guest_mac, nic_id
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
+from pykata.network.holding import HoldingNetwork, hand_over
 from pykata.protocols.agent import agent_pb2
 from pykata.resources import mounts
 from pykata.resources.mounts import RootfsMount
@@ -195,6 +196,7 @@ class Sandbox:
         self.netns: str | None = None
         self.network: PodNetwork | None = None
         self._link: Path | None = None  # sandboxes/<id> of an adopted warm sandbox
+        self._holding: HoldingNetwork | None = None  # a warm sandbox's NIC until its pod's network exists
         self.guest_share = True  # the guest mounts the shared directory (see create())
         # container images as read-only disks in the VM's slots (made once the VM exists)
         self.root_images = RootImageCache(config.runtime, config.image)
@@ -282,6 +284,8 @@ class Sandbox:
         # The factory decides between a template clone and a cold boot; it stops the VM if starting fails.
         mark("vm.start")
         devices: list[Device] = list(nic_devices(self.network)) if self.network is not None else []
+        if self._holding is not None and self._holding.tap_fd is not None:
+            devices.append(NetDevice(nic_id(0), guest_mac(0), tap_fd=self._holding.tap_fd))
         if self.egress is not None:
             devices.append(NetDevice(nic_id(0), guest_mac(0), user_net=True))
         with tracing.span("vm.start") as span:
@@ -294,6 +298,8 @@ class Sandbox:
                 span.set_attribute("vmm_pid", self.vm.pid or 0)
         if self.network is not None:
             self.network.close_fds()  # QEMU holds the taps now: they end with it
+        if self._holding is not None:
+            self._holding.close_tap_fd()
         mark("vm.started")
         self.record.vmm_pid = self.vm.pid
         self.root_slots = SlotTable(self.vm.root_slots)
@@ -350,19 +356,28 @@ class Sandbox:
     # -- the warm pool (pykata.factory.pool) ----------------------------------------------------------
 
     @classmethod
-    async def create_warm(cls, config: Config, directory: Path, *, boot_timeout: float | None = None) -> Sandbox:
+    async def create_warm(cls, config: Config, directory: Path, *, boot_timeout: float | None = None,
+                          nics: int = 0) -> Sandbox:
         """A VM restored from the template into `directory`, its agent connected, then paused: a
         sandbox waiting in the warm pool, to be made some pod's by `adopt`. Nothing pod-specific
         (reseed, clock, policy, CreateSandbox, hostname) has happened in the guest yet. Its QEMU
         dies with this process (factory.pool: a waiting VM must not outlive its holder).
 
-        Raises SandboxError (templates are off), HypervisorError, AgentError; nothing is left behind.
+        `nics=1`: the VM has one NIC, on a tap in a holding network namespace of its own
+        (pykata.network.holding), for a pod whose network namespace `adopt` is given.
+
+        Raises SandboxError (templates are off, `nics` not 0 or 1), NetworkError, HypervisorError,
+        AgentError; nothing is left behind.
         """
         if not config.factory.enable_template:
             raise SandboxError(directory.name, "the warm pool needs factory.enable_template")
+        if nics not in (0, 1):
+            raise SandboxError(directory.name, f"a pooled VM has 0 or 1 NICs, not {nics}")
         sb = cls(ids.check_sandbox_id(directory.name), config, directory)
         sb.policy_json = load_policy(config.agent.pykata)
         try:
+            if nics:
+                sb._holding = HoldingNetwork.make()
             await sb._start_vm(boot_timeout or config.qemu.boot_timeout, die_with_owner=True)
             assert sb.vm is not None
             if sb.vm.restore_source is None:
@@ -373,13 +388,40 @@ class Sandbox:
             raise
         return sb
 
-    async def adopt(self, sandbox_id: str, *, hostname: str = "", name: str = "", serve_proxy: bool = True) -> None:
+    @property
+    def warm_nics(self) -> int:
+        """NICs of a warm sandbox not handed out yet (create_warm's `nics`)."""
+        return 1 if self._holding is not None else 0
+
+    async def take_network(self, netns: str) -> None:
+        """Wire a warm sandbox's NIC (create_warm with nics=1) to the pod's one CNI interface in the
+        network namespace at `netns` (pykata.network.holding.hand_over); its VM may stay paused.
+
+        Raises:
+            PoolMismatch: the pod has no CNI interface or more than one; nothing was changed and the
+                sandbox can still be stopped or serve another pod.
+            NetworkError: wiring failed (what was done is undone; the VM's NIC is lost).
+            SandboxError: this sandbox has no NIC waiting.
+        """
+        if self._holding is None or self.network is not None:
+            raise SandboxError(self.id, "this sandbox has no pooled NIC waiting for a pod network")
+        with tracing.span("network.hand_over"):
+            self.network = await hand_over(self._holding, netns)
+        self.netns = netns
+        self._holding.close()
+        self._holding = None
+
+    async def adopt(self, sandbox_id: str, *, hostname: str = "", name: str = "", serve_proxy: bool = True,
+                    resize_to: tuple[int | None, int | None] = (None, None)) -> None:
         """Make a warm sandbox (create_warm) the sandbox `sandbox_id`: sandboxes/<id> links to its
         directory, the VM runs again, and the guest is set up as for any clone (clock, reseed, policy,
-        CreateSandbox) now, at hand-out. On failure the sandbox is stopped.
+        CreateSandbox, the pod network if take_network() wired one) now, at hand-out, and resized to
+        `resize_to` (memory MiB, vCPUs; None: as it is: boot_size()'s second value). On failure the
+        sandbox is stopped.
 
         Raises InvalidArgument (bad id), SandboxError (the id is taken), AgentError, HypervisorError.
         """
+        self._boot_resize = resize_to
         sid = ids.check_sandbox_id(sandbox_id)
         link = sandboxes_dir(self.config) / sid
         link.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -702,6 +744,8 @@ class Sandbox:
             await self._agent.close()
         if self.network is not None:
             await detach_network(self.network)
+        if self._holding is not None:  # after the VM ended (QEMU's tap file holds it too)
+            self._holding.close()
         if self._egress_uid is not None:  # after the VM ended: its uid never runs unfiltered
             try:
                 await egress.remove(self._egress_uid, self.id)

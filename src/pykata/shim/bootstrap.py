@@ -52,17 +52,19 @@ def read_annotations(bundle: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
 
 
-def _joins_netns(bundle: Path) -> bool:
-    """Whether the pod joins a network namespace (CRI/CNI): its NICs must be in QEMU from the start, so a
-    pooled VM (made without any) cannot serve it. The rule of pykata.network.spec_netns, which this
-    short-lived process does not import (half a second of imports)."""
+def _netns_of(bundle: Path) -> str | None:
+    """The network namespace the pod joins (CRI/CNI), or None: which kind of pooled VM can serve it
+    (factory.pool_nics). The rule of pykata.network.spec_netns, which this short-lived process does not
+    import (half a second of imports)."""
     try:
         spec = json.loads((bundle / "config.json").read_bytes()[: 16 << 20])
-        namespaces = spec["linux"]["namespaces"]
-        return any(isinstance(ns, dict) and ns.get("type") == "network" and isinstance(ns.get("path"), str)
-                   and ns["path"].startswith("/") for ns in namespaces)
+        for ns in spec["linux"]["namespaces"]:
+            if isinstance(ns, dict) and ns.get("type") == "network":
+                path = ns.get("path")
+                return path if isinstance(path, str) and path.startswith("/") else None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        pass
+    return None
 
 
 def sandbox_id_of(container_id: str, annotations: dict[str, str]) -> str:
@@ -143,8 +145,9 @@ def start(flags: Flags) -> str:
     except OSError as e:
         listener.close()
         raise ShimStartError(f"cannot listen on {path}: {e}") from None
-    if config.factory.pool_size > 0 and not _joins_netns(bundle):
-        pid = _claim_pooled(config, flags, bundle, sandbox_id, path, listener)
+    netns = _netns_of(bundle) if config.factory.pool_size > 0 else None
+    if config.factory.pool_size > 0 and (netns is not None) == (config.factory.pool_nics == 1):
+        pid = _claim_pooled(config, flags, bundle, sandbox_id, path, listener, netns)
         if pid is not None:
             listener.close()
             _write_bundle_file(bundle, "shim.pid", str(pid))
@@ -162,16 +165,30 @@ def start(flags: Flags) -> str:
 
 
 def _claim_pooled(config: Config, flags: Flags, bundle: Path, sandbox_id: str, path: Path,
-                  listener: socket.socket) -> int | None:
+                  listener: socket.socket, netns: str | None) -> int | None:
     """Hand the pod to a waiting shim of the warm pool (pykata.factory.pool); its pid, or None when
-    none took it (the pool is then refilled in the background, and this pod's shim is forked)."""
+    none took it (the pool is then refilled in the background, and this pod's shim is forked).
+
+    The pod's network namespace goes along as an fd, opened here in containerd's mount namespace:
+    the waiting shim lives in a mount namespace made before the pod's namespace was mounted."""
     from pykata.factory import pool
 
     message = {"flags": {"namespace": flags.namespace, "address": flags.address,
                          "publish_binary": flags.publish_binary, "id": flags.id, "bundle": flags.bundle,
                          "debug": flags.debug},
-               "bundle": str(bundle), "sandbox_id": sandbox_id, "socket": str(path), "env": dict(os.environ)}
-    pid = pool.claim(config, message, listener.fileno())
+               "bundle": str(bundle), "sandbox_id": sandbox_id, "socket": str(path), "env": dict(os.environ),
+               "netns": netns or ""}
+    fds = [listener.fileno()]
+    if netns is not None:
+        try:
+            fds.append(os.open(netns, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return None  # the pod's Create reports it, naming the namespace
+    try:
+        pid = pool.claim(config, message, fds)
+    finally:
+        for fd in fds[1:]:
+            os.close(fd)
     if pid is None:
         pool.fill(config, pool.entry_argv())
     return pid

@@ -93,7 +93,7 @@ def _start_tracing() -> None:
 
 
 async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_path: Path,
-                 warm: Sandbox | None = None) -> int:
+                 warm: Sandbox | None = None, warm_netns: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     _start_tracing()
     events = EventPublisher(os.environ.get("TTRPC_ADDRESS"), flags.namespace)
@@ -104,7 +104,8 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
         with contextlib.suppress(OSError):
             socket_path.unlink()
 
-    service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket, warm=warm)
+    service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket, warm=warm,
+                          warm_netns=warm_netns)
     tracked = InflightRpcs(service, TASK_SERVICE.methods, sandbox_id)
     # counted for `pykata monitor` (the sandbox's agent proxy serves pykata.ttrpc.stats.PROCESS)
     PROCESS.served = RpcStats()

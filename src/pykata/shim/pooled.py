@@ -26,6 +26,7 @@ from typing import Any
 
 from pykata.config import load_config
 from pykata.factory import pool
+from pykata.network.tap import ns_path
 from pykata.sandbox import Sandbox
 from pykata.shim.flags import Flags
 from pykata.timing import mark
@@ -65,7 +66,7 @@ class _Waiting:
         assert sandbox.vm is not None and sandbox.vm.restore_source is not None
         self._template_state = _file_id(sandbox.vm.restore_source.state)
 
-    def check(self, message: dict[str, Any]) -> str | None:
+    def check(self, message: dict[str, Any], fds: list[int]) -> str | None:
         """Why this VM cannot take the claim, or None."""
         if message.get("fingerprint") != self.entry.fingerprint:
             return "made for another configuration"
@@ -82,6 +83,13 @@ class _Waiting:
             return "bad claim: env"
         if not isinstance(flags, dict) or not all(isinstance(flags.get(k, ""), str) for k in _FLAG_FIELDS):
             return "bad claim: flags"
+        netns = message.get("netns", "")
+        if not isinstance(netns, str):
+            return "bad claim: netns"
+        # a VM with a NIC serves exactly the pods that bring a network namespace (its fd), and only those
+        if self.sandbox.warm_nics != (1 if netns else 0) or len(fds) != 1 + self.sandbox.warm_nics:
+            has = "has a" if netns else "has no"
+            return f"this VM has {self.sandbox.warm_nics} NICs; the pod {has} network namespace"
         return None
 
 
@@ -103,7 +111,7 @@ async def _wait_then_serve(flags: Flags) -> int:
     sandbox: Sandbox | None = None
     claimed = False
     try:
-        sandbox = await Sandbox.create_warm(config, entry.sandbox_dir)
+        sandbox = await Sandbox.create_warm(config, entry.sandbox_dir, nics=config.factory.pool_nics)
         waiting = _Waiting(entry, sandbox)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(entry.control))
@@ -112,7 +120,7 @@ async def _wait_then_serve(flags: Flags) -> int:
         listener.setblocking(False)
         assert sandbox.vm is not None
         ended = asyncio.ensure_future(_first(stop.wait(), asyncio.shield(sandbox.vm.exited)))
-        got: tuple[dict[str, Any], int] | None = None
+        got: tuple[dict[str, Any], list[int]] | None = None
         try:
             while got is None:
                 accept = asyncio.ensure_future(loop.sock_accept(listener))
@@ -127,8 +135,8 @@ async def _wait_then_serve(flags: Flags) -> int:
             ended.cancel()
             listener.close()
         claimed = True
-        message, fd = got
-        return await _serve_claim(flags, message, fd, sandbox)
+        message, fds = got
+        return await _serve_claim(flags, message, fds, sandbox)
     finally:
         pool.withdraw(entry)
         if not claimed and sandbox is not None:
@@ -146,26 +154,28 @@ async def _first(*aws: Any) -> None:
             t.cancel()
 
 
-def _take(conn: socket.socket, waiting: _Waiting, listener: socket.socket) -> tuple[dict[str, Any], int] | None:
+def _take(conn: socket.socket, waiting: _Waiting,
+          listener: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """Read a claim; accept it (withdrawing from the pool first: one claim only) or refuse it."""
     conn.setblocking(True)
     try:
-        message, fd = pool.serve_claim(conn)
+        message, fds = pool.serve_claim(conn)
     except (OSError, ValueError) as e:
         pool.answer(conn, ok=False, error=f"unreadable claim: {e}")
         return None
-    why = waiting.check(message)
+    why = waiting.check(message, fds)
     if why is not None:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         pool.answer(conn, ok=False, error=why)
         return None
     pool.withdraw(waiting.entry)
     listener.close()  # a claim racing this one finds the socket gone, or is reset
     pool.answer(conn, ok=True, pid=os.getpid())
-    return message, fd
+    return message, fds
 
 
-async def _serve_claim(flags: Flags, message: dict[str, Any], fd: int, sandbox: Sandbox) -> int:
+async def _serve_claim(flags: Flags, message: dict[str, Any], fds: list[int], sandbox: Sandbox) -> int:
     from pykata.shim import daemon
     from pykata.shim.logs import open_log_fifo, setup_logging
 
@@ -183,6 +193,9 @@ async def _serve_claim(flags: Flags, message: dict[str, Any], fd: int, sandbox: 
     setup_logging(log_fd, sandbox_id, debug=flags.debug)
     logging.getLogger("asyncio").handlers[:] = logging.getLogger("pykata").handlers
     mark("daemon.claimed")
-    listener = socket.socket(fileno=fd)
-    log.info("claimed from the warm pool (%s)", sandbox.dir.name)
-    return await daemon.serve(flags, listener, sandbox_id, Path(message["socket"]), warm=sandbox)
+    listener = socket.socket(fileno=fds[0])
+    # the pod's network namespace, held by its fd for the pod's life (closed when this process ends)
+    netns = ns_path(fds[1]) if len(fds) > 1 else None
+    log.info("claimed from the warm pool (%s)%s", sandbox.dir.name,
+             f" for network namespace {message['netns']}" if netns else "")
+    return await daemon.serve(flags, listener, sandbox_id, Path(message["socket"]), warm=sandbox, warm_netns=netns)

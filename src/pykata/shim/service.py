@@ -39,9 +39,11 @@ class TaskService(TaskState):
 
     def __init__(self, sandbox_id: str, namespace: str, events: EventPublisher, *,
                  config: Callable[[dict[str, str]], Config] | None = None,
-                 on_exit: Callable[[], None] | None = None, warm: Sandbox | None = None) -> None:
+                 on_exit: Callable[[], None] | None = None, warm: Sandbox | None = None,
+                 warm_netns: str | None = None) -> None:
         super().__init__(sandbox_id, namespace, events, load_config=config or pod.pod_config, on_exit=on_exit)
         self.warm = warm
+        self.warm_netns = warm_netns
 
     async def Create(self, req: shim_pb2.CreateTaskRequest, ctx: Any) -> shim_pb2.CreateTaskResponse:
         return await create.create(self, req)

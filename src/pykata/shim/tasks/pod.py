@@ -18,11 +18,12 @@ from pykata.errors import (
     InvalidArgument,
     PykataError,
 )
-from pykata.network import spec_netns
+from pykata.network import NetworkError, PoolMismatch, spec_netns
 from pykata.protocols import events_pb2
 from pykata.resources import cgroups, sizing
 from pykata.sandbox import Sandbox, sandboxes_dir, state
 from pykata.sandbox.lookup import remove_sandbox_dir
+from pykata.sandbox.sandbox import boot_size
 from pykata.shim.errors import agent_errors
 from pykata.shim.tasks import exits, resize
 from pykata.shim.tasks.model import VM_GONE_STATUS
@@ -53,11 +54,9 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
             st.resources = sizing.PodResources.of_pod(spec)
             warm, st.warm = st.warm, None
             if warm is not None:
-                if _fits_warm(warm, config, vcpus, memory_mib, spec):
-                    return await _adopt_warm(st, warm, config, spec)
-                log.info("the pooled VM does not fit this pod (its size, network or configuration "
-                         "differs): booting one")
-                await warm.stop(remove=True)
+                adopted = await _try_warm(st, warm, config, vcpus, memory_mib, spec)
+                if adopted is not None:
+                    return adopted
             join_cgroup(st, config, spec)
             resize.boot_limits(st, config)
             log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
@@ -65,7 +64,10 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
             try:
                 st.sandbox = await Sandbox.create(
                     st.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
-                    hostname=str(spec.get("hostname") or ""), serve_proxy=True, netns=spec_netns(spec))
+                    hostname=str(spec.get("hostname") or ""), serve_proxy=True,
+                    # a shim claimed from the pool has the pod's namespace as an fd (its mount namespace
+                    # may not have the pod's mount)
+                    netns=spec_netns(spec) and (st.warm_netns or spec_netns(spec)))
             except BaseException:
                 leave_cgroup(st)
                 raise
@@ -81,21 +83,55 @@ def _watch(st: TaskState, sb: Sandbox) -> Sandbox:
     return sb
 
 
-def _fits_warm(warm: Sandbox, config: Config, vcpus: int | None, memory_mib: int | None,
-               spec: dict[str, Any]) -> bool:
-    """Whether the pod can take the pooled VM: same configuration (annotations changed nothing), the
-    default size, and no network namespace to wire (a NIC is fixed when QEMU starts)."""
-    q = warm.config.qemu
-    return (config == warm.config and max(q.default_vcpus, vcpus or 0) == q.default_vcpus
-            and max(q.default_memory, memory_mib or 0) == q.default_memory
-            and (spec_netns(spec) is None or config.runtime.internetworking_model == "none"))
+def _why_not_warm(warm: Sandbox, config: Config, vcpus: int | None, memory_mib: int | None,
+                  spec: dict[str, Any], netns: str | None) -> tuple[str | None, tuple[int | None, int | None]]:
+    """Why the pod cannot take the pooled VM (None: it can), and the size to give it after hand-out.
+    It can when its configuration is the pool's (its annotations changed nothing), its size is one the
+    template's VM is resized to after restore anyway (boot_size: a fresh clone would be resized the
+    same way), and its network is the VM's kind: a network namespace for a VM with a NIC, none for one
+    without (factory.pool_nics)."""
+    if config != warm.config:
+        return "its configuration differs (annotations, or a size that boots cold)", (None, None)
+    booted, resize_to = boot_size(config, vcpus, memory_mib)
+    if booted != warm.config:
+        return "its size needs a VM booted at that size", (None, None)
+    wants_nic = spec_netns(spec) is not None and config.runtime.internetworking_model != "none"
+    if wants_nic != (warm.warm_nics == 1) or (wants_nic and netns is None):
+        return (f"the pod {'has a' if wants_nic else 'has no'} network namespace and the pooled VM "
+                f"{warm.warm_nics} NICs"), (None, None)
+    return None, resize_to
 
 
-async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[str, Any]) -> Sandbox:
+async def _try_warm(st: TaskState, warm: Sandbox, config: Config, vcpus: int | None, memory_mib: int | None,
+                    spec: dict[str, Any]) -> Sandbox | None:
+    """The pod takes the pooled VM this shim was claimed with, or None (the VM is stopped and the
+    reason logged) when the pod does not fit it: the caller boots one the normal way."""
+    netns = st.warm_netns
+    why, resize_to = _why_not_warm(warm, config, vcpus, memory_mib, spec, netns)
+    if why is None and warm.warm_nics:
+        assert netns is not None
+        try:
+            # before the VM runs again: the guest's NIC sees the pod's network from its first instruction on
+            await warm.take_network(netns)
+        except PoolMismatch as e:
+            why = str(e)
+        except NetworkError as e:
+            log.warning("the pooled VM's NIC could not be wired to the pod's network: %s", e)
+            why = "its NIC could not be wired"
+    if why is not None:
+        log.info("the pooled VM does not fit this pod (%s): booting one", why)
+        await warm.stop(remove=True)
+        return None
+    return await _adopt_warm(st, warm, config, spec, resize_to)
+
+
+async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[str, Any],
+                      resize_to: tuple[int | None, int | None]) -> Sandbox:
     """The pod takes the pooled VM this shim was claimed with: its processes join the pod's cgroup,
-    and the guest is set up for it (Sandbox.adopt). Refills the pool in the background."""
+    and the guest is set up for it and sized (Sandbox.adopt). Refills the pool in the background."""
     mark("vm.start")
     join_cgroup(st, config, spec)
+    resize.boot_limits(st, config)
     if st.cgroup is not None:
         cg = st.cgroup[0]
         try:
@@ -105,7 +141,8 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
             log.warning("the pooled VM stays outside the pod's cgroup: %s", e)
     log.info("taking the VM from the warm pool (%s)", warm.dir.name)
     try:
-        await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True)
+        await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True,
+                         resize_to=resize_to)
     except BaseException:
         leave_cgroup(st)
         raise

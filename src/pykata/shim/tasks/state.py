@@ -43,6 +43,9 @@ class TaskState:
         # A VM from the warm pool this shim was claimed with (pykata.factory.pool), until the first
         # Create takes it (or finds that the pod does not fit it and stops it)
         self.warm: Sandbox | None = None
+        # the pod's network namespace as the claim handed it over (an fd's path: the waiting shim's mount
+        # namespace may not have the pod's mount), for a warm VM with a NIC
+        self.warm_netns: str | None = None
         self.cgroup: tuple[cgroups.SandboxCgroup, Config] | None = None
         self.sandbox_lock = asyncio.Lock()
         # what the pod's containers ask for (the VM follows it: pykata.shim.tasks.resize)
