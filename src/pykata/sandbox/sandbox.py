@@ -412,15 +412,20 @@ class Sandbox:
         self._holding = None
 
     async def adopt(self, sandbox_id: str, *, hostname: str = "", name: str = "", serve_proxy: bool = True,
-                    resize_to: tuple[int | None, int | None] = (None, None)) -> None:
+                    resize_to: tuple[int | None, int | None] = (None, None), netns: str | None = None) -> None:
         """Make a warm sandbox (create_warm) the sandbox `sandbox_id`: sandboxes/<id> links to its
-        directory, the VM runs again, and the guest is set up as for any clone (clock, reseed, policy,
-        CreateSandbox, the pod network if take_network() wired one) now, at hand-out, and resized to
-        `resize_to` (memory MiB, vCPUs; None: as it is: boot_size()'s second value). On failure the
-        sandbox is stopped.
+        directory (first: from then on a dead owner's leftovers are found by its id), its NIC is wired
+        to the pod's network namespace `netns` (take_network; a VM made with a NIC needs one), the VM
+        runs again, and the guest is set up as for any clone (clock, reseed, policy, CreateSandbox, its
+        network) now, at hand-out, and resized to `resize_to` (memory MiB, vCPUs; None: unchanged:
+        boot_size()'s second value). On failure the sandbox is stopped.
 
-        Raises InvalidArgument (bad id), SandboxError (the id is taken), AgentError, HypervisorError.
+        Raises InvalidArgument (bad id), SandboxError (the id is taken, or `netns` does not match the
+        VM's NICs), PoolMismatch / NetworkError (see take_network), AgentError, HypervisorError.
         """
+        if (netns is not None) != (self._holding is not None):
+            raise SandboxError(self.id, f"a pooled VM with {self.warm_nics} NICs cannot take "
+                                        f"{'a' if netns else 'no'} pod network")
         self._boot_resize = resize_to
         sid = ids.check_sandbox_id(sandbox_id)
         link = sandboxes_dir(self.config) / sid
@@ -437,6 +442,9 @@ class Sandbox:
         self.record.created_at = time.time()
         try:
             assert self.vm is not None
+            if netns is not None:
+                # before the VM runs again: the guest's NIC sees the pod's network from its first instruction
+                await self.take_network(netns)
             await self.vm.resume()
             mark("vm.started")
             mark("agent.ready")

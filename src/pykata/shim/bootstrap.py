@@ -322,6 +322,11 @@ def _remove_leftovers(config: Config, sandbox_id: str, shim_pid: int | None) -> 
             return
         remove_sandbox_dir(directory, record)
     cgroups.remove_leftover(config.runtime, sandbox_id)
+    if config.factory.pool_size > 0:
+        # a shim claimed from the warm pool that died before its sandbox had an id: its pool directory
+        from pykata.factory import pool
+
+        pool.prune(config)
 
 
 def _varint(value: int) -> bytes:

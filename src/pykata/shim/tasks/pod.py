@@ -108,27 +108,24 @@ async def _try_warm(st: TaskState, warm: Sandbox, config: Config, vcpus: int | N
     reason logged) when the pod does not fit it: the caller boots one the normal way."""
     netns = st.warm_netns
     why, resize_to = _why_not_warm(warm, config, vcpus, memory_mib, spec, netns)
-    if why is None and warm.warm_nics:
-        assert netns is not None
+    if why is None:
         try:
-            # before the VM runs again: the guest's NIC sees the pod's network from its first instruction on
-            await warm.take_network(netns)
+            return await _adopt_warm(st, warm, config, spec, resize_to, netns if warm.warm_nics else None)
         except PoolMismatch as e:
             why = str(e)
         except NetworkError as e:
             log.warning("the pooled VM's NIC could not be wired to the pod's network: %s", e)
             why = "its NIC could not be wired"
-    if why is not None:
-        log.info("the pooled VM does not fit this pod (%s): booting one", why)
-        await warm.stop(remove=True)
-        return None
-    return await _adopt_warm(st, warm, config, spec, resize_to)
+    log.info("the pooled VM does not fit this pod (%s): booting one", why)
+    await warm.stop(remove=True)
+    return None
 
 
 async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[str, Any],
-                      resize_to: tuple[int | None, int | None]) -> Sandbox:
+                      resize_to: tuple[int | None, int | None], netns: str | None) -> Sandbox:
     """The pod takes the pooled VM this shim was claimed with: its processes join the pod's cgroup,
-    and the guest is set up for it and sized (Sandbox.adopt). Refills the pool in the background."""
+    and the guest is set up for it, on the pod's network, and sized (Sandbox.adopt). Refills the pool
+    in the background. On failure the VM is stopped."""
     mark("vm.start")
     join_cgroup(st, config, spec)
     resize.boot_limits(st, config)
@@ -142,7 +139,7 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
     log.info("taking the VM from the warm pool (%s)", warm.dir.name)
     try:
         await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True,
-                         resize_to=resize_to)
+                         resize_to=resize_to, netns=netns)
     except BaseException:
         leave_cgroup(st)
         raise
