@@ -123,3 +123,19 @@ def test_a_killed_waiting_shim_leaves_no_vm_and_no_mount(pooled: Containerd) -> 
         assert str(entry.root) not in f.read(), "a pooled VM's mount is in the host's mount table"
     assert entry.id in pool.prune(load_config())
     assert not entry.sandbox_dir.exists() and not entry.meta.exists()
+
+
+def test_a_pod_of_another_size_takes_a_pooled_vm_resized_at_hand_out(pooled: Containerd) -> None:
+    entry = _ready_entry()
+    limit_mib = 256
+    p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, "--memory-limit", str(limit_mib << 20), "--cpus", "2",
+                   IMAGE, "pooled-sized", "sh", "-c", "grep MemTotal /proc/meminfo; nproc")
+    mem_kib, nproc = p.stdout.decode().split()[1], p.stdout.decode().split()[-1]
+    assert f"claimed from the warm pool ({entry.id})" in pooled.log.read_text()
+    log = pooled.log.read_text().split(f"claimed from the warm pool ({entry.id})", 1)[1]
+    assert "taking the VM from the warm pool" in log and "does not fit this pod" not in log
+    # the VM follows the pod's size (its limit plus the VM's own overhead, 2 vCPUs), not the pool's default
+    from pykata.resources.sizing import VM_MEMORY_OVERHEAD_MIB
+
+    assert abs(int(mem_kib) // 1024 - (limit_mib + VM_MEMORY_OVERHEAD_MIB)) <= 128, mem_kib
+    assert nproc == "2"
