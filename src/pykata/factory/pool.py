@@ -14,10 +14,16 @@ Layout under <runtime_dir>/pool/ (root only, 0711):
     <eid>.sock   its control socket, accepting exactly one claim (then removed: never shared)
     <eid>/       its sandbox directory (a claimed one stays here; sandboxes/<pod id> links to it)
 
+With factory.pool_nics = 1 each waiting VM has one NIC, on a tap in a holding network namespace of its
+own (pykata.network.holding), and serves only pods that bring a network namespace (CRI): `shim start`
+sends that namespace's fd with the claim (the waiting process's mount namespace predates the pod's
+mount), and the pod's first Create moves the tap into it.
+
 Nothing leaks when a waiting process dies, however it dies: its QEMU runs behind
 pykata.hypervisor.jail.lifeline_prefix (killed with its owner), its mounts live in the mount
-namespace it was started in (`fill` starts it with `unshare --mount`), and `prune` removes the files
-of dead ones (every `fill` and `claim` runs it).
+namespace it was started in (`fill` starts it with `unshare --mount`), its holding network namespace
+is held only by its fds and QEMU's tap, and `prune` removes the files of dead ones (every `fill`, `claim`
+and the shim's `delete` after a dead shim run it).
 """
 
 from __future__ import annotations
