@@ -5,17 +5,28 @@ makes (a veth pair with private addresses, servers in the namespace): nothing le
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 
 import pykata
-from pykata.network.egress import EgressPolicy, chain_name, leftover_chains, render
+from pykata.network.egress import (
+    EgressPolicy,
+    InstalledRule,
+    chain_name,
+    installed_rules,
+    leftover_chains,
+    owner_tag,
+    render,
+)
 from pykata.sandbox import SpecError
 
 # Answers "port <n>" on each port it listens on, then closes.
@@ -174,4 +185,64 @@ def test_rules_deny_before_allow_and_host_before_everything() -> None:
                             "-d 0.0.0.0/0 -j ACCEPT")]
     assert order == sorted(order)
     assert body[-2:] == [f"-A {chain} -p tcp -j REJECT --reject-with tcp-reset", f"-A {chain} -j REJECT"]
-    assert f'-I OUTPUT -m owner --uid-owner 4242 -m comment --comment "pykata sandbox sb1" -j {chain}' in lines
+    comment = f"pykata sandbox sb1 owner {owner_tag()}"
+    jump = f'-I OUTPUT -m owner --uid-owner 4242 -m comment --comment "{comment}" -j {chain}'
+    assert jump in lines
+
+
+def test_installed_rules_name_their_owner() -> None:
+    listing = "\n".join([
+        "-P OUTPUT ACCEPT",
+        '-A OUTPUT -m owner --uid-owner 4242 -m comment --comment "pykata sandbox sb1 owner 77:123" -j PYKATA-x',
+        '-A OUTPUT -m owner --uid-owner 4243 -m comment --comment "pykata sandbox sb2" -j PYKATA-y',  # no owner: kept
+        '-A OUTPUT -m comment --comment "pykata sandbox sb3 owner 1:2; rm" -j ACCEPT',  # not ours: no uid
+    ])
+    assert installed_rules(listing) == [InstalledRule("sb1", 4242, "77:123")]
+    assert not InstalledRule("me", 1, owner_tag()).owner_gone()
+    assert InstalledRule("me", 1, f"{os.getpid()}:1").owner_gone()  # the pid now names another process
+
+
+# Starts an egress sandbox, says its id, and waits to be killed.
+_OWNER = """
+import sys, time, pykata
+sb = pykata.Sandbox(network="egress").start()
+print(sb.id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.vm
+async def test_rules_of_a_killed_owner_are_swept() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 240)  # type: ignore[union-attr]
+        sid = line.strip()
+        assert sid and chain_name(sid) in _chains()
+        owner.kill()  # SIGKILL: it cannot remove anything; its QEMU dies with it (the lifeline)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    while any(sid in " ".join(p.cmdline()) for p in psutil.process_iter() if _alive(p)):
+        assert time.monotonic() < deadline, "the killed owner's QEMU ran on"
+        await asyncio.sleep(0.2)
+    assert chain_name(sid) in _chains()  # what this sweeps: nobody else removes them
+    # the next egress sandbox sweeps them; a live owner's rules (this process's) stay through `pykata
+    # cleanup`, which removes the dead one's directory
+    async with pykata.AsyncSandbox(network="egress") as live:
+        for tool in ("iptables", "ip6tables"):
+            listing = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout
+            assert sid not in listing and chain_name(sid) not in listing
+            assert live.id in listing
+        out = subprocess.run([str(Path(sys.executable).parent / "pykata"), "cleanup"], capture_output=True,
+                             text=True, check=True).stdout
+        assert f"removed {sid}" in out and live.id not in out
+        assert chain_name(live.id) in _chains()
+        assert (await live.run("true")).ok
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -25,7 +25,7 @@ from pykata.hypervisor.console import BoundedLog
 from pykata.images import ImageStore
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
-from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir
+from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir, sweep_filter_rules
 from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
@@ -370,9 +370,11 @@ def stream_file(path: Path, out: BinaryIO, chunk: int = 64 << 10) -> None:
 
 @click.command()
 def cleanup() -> None:
-    """Remove sandboxes whose owner died (VMs, mounts, directories)."""
+    """Remove sandboxes whose owner died (VMs, mounts, directories, egress filter rules)."""
     for sid in cleanup_orphans(load_config()):
         click.echo(f"removed {sid}")
+    for sid in asyncio.run(sweep_filter_rules()):
+        click.echo(f"removed the filter rules of {sid}")
 
 
 COMMANDS = [run, exec_, ps, kill, rm, logs, cleanup, detach.attach_cmd]

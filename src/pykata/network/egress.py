@@ -16,17 +16,29 @@ cannot change it, and it applies to TCP, UDP and ICMP alike. The chain, in order
 
 IPv6 is off in the guest's network and every IPv6 packet of that uid is rejected. The chain is made
 before QEMU starts (so the guest never runs unfiltered) and removed after it ended.
+
+An owner killed with SIGKILL cannot remove its rules: its QEMU dies with it (the lifeline), the rules
+stay. So each jump's comment names its owner process (pid and start time: a reused pid is another
+process) and `sweep()` removes the rules whose owner is gone and whose VMM no longer runs; the next
+egress sandbox and `pykata cleanup` call it. A rule whose owner still lives is never touched, whatever
+runtime directory or configuration made it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
+import logging
+import os
 import re
+import shlex
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import psutil
 
 from pykata.errors import InvalidArgument, PykataError
 from pykata.protocols.agent import agent_pb2
@@ -39,6 +51,9 @@ CHAIN_PREFIX = "PYKATA-"  # what the leak check and operators look for
 MAX_RULES = 256
 _PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 _IPTABLES_TIMEOUT = 30.0
+_OWNER = re.compile(r"^pykata sandbox (\S+) owner (\d+):(\d+)$")
+
+log = logging.getLogger(__name__)
 
 
 class EgressError(PykataError):
@@ -119,8 +134,26 @@ def chain_name(sandbox_id: str) -> str:
     return CHAIN_PREFIX + hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
 
 
-def _jump(uid: int, sandbox_id: str, target: str) -> str:
-    return f'OUTPUT -m owner --uid-owner {uid} -m comment --comment "pykata sandbox {sandbox_id}" -j {target}'
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None when there is no such process
+    (a zombie counts as gone: it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """`<pid>:<start ticks>` of process `pid` (this one by default): names one process for good."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_ticks(pid) or 0}"
+
+
+def _jump(uid: int, sandbox_id: str, target: str, owner: str | None = None) -> str:
+    comment = f"pykata sandbox {sandbox_id} owner {owner or owner_tag()}"
+    return f'OUTPUT -m owner --uid-owner {uid} -m comment --comment "{comment}" -j {target}'
 
 
 def _reject(match: str) -> list[str]:
@@ -186,12 +219,14 @@ async def install(policy: EgressPolicy, uid: int, sandbox_id: str) -> None:
         raise
 
 
-async def remove(uid: int, sandbox_id: str) -> None:
-    """Remove what `install` made. Idempotent; raises EgressError if a rule that exists stays."""
+async def remove(uid: int, sandbox_id: str, owner: str | None = None) -> None:
+    """Remove what `install` made (in the process `owner` names: this one by default). Idempotent;
+    raises EgressError if a rule that exists stays."""
     chain = chain_name(sandbox_id)
     errors = []
-    for tool, lines in (("iptables-restore", [f"-D {_jump(uid, sandbox_id, chain)}", f"-F {chain}", f"-X {chain}"]),
-                        ("ip6tables-restore", [f"-D {_jump(uid, sandbox_id, 'REJECT')}"])):
+    for tool, lines in (("iptables-restore", [f"-D {_jump(uid, sandbox_id, chain, owner)}", f"-F {chain}",
+                                              f"-X {chain}"]),
+                        ("ip6tables-restore", [f"-D {_jump(uid, sandbox_id, 'REJECT', owner)}"])):
         for line in lines:  # one at a time: a rule already gone must not keep the others
             try:
                 await _restore(tool, "\n".join(["*filter", line, "COMMIT", ""]))
@@ -200,6 +235,80 @@ async def remove(uid: int, sandbox_id: str) -> None:
                     errors.append(str(e))
     if errors:
         raise EgressError(f"sandbox {sandbox_id}: removing its filter rules: {'; '.join(errors)}")
+
+
+@dataclass(frozen=True)
+class InstalledRule:
+    """A sandbox's jump found in the host's OUTPUT chain."""
+
+    sandbox_id: str
+    uid: int
+    owner: str  # pid:start ticks (owner_tag)
+
+    def owner_gone(self) -> bool:
+        pid, _, ticks = self.owner.partition(":")
+        return _start_ticks(int(pid)) != int(ticks)
+
+
+def installed_rules(listing: str) -> list[InstalledRule]:
+    """The sandbox jumps (with an owner in their comment) in `iptables -S` / `ip6tables -S` output."""
+    found = []
+    for line in listing.splitlines():
+        if not line.startswith("-A OUTPUT ") or "pykata sandbox" not in line:
+            continue
+        try:
+            args = shlex.split(line)
+            comment = _OWNER.match(args[args.index("--comment") + 1])
+            uid = int(args[args.index("--uid-owner") + 1])
+        except (ValueError, IndexError):
+            continue
+        if comment:
+            found.append(InstalledRule(comment.group(1), uid, f"{comment.group(2)}:{comment.group(3)}"))
+    return found
+
+
+def _vmm_running(uid: int, sandbox_id: str) -> bool:
+    """Whether a process of `uid` still runs for the sandbox (its QEMU, in the moment between its
+    owner's death and its own)."""
+    for proc in psutil.process_iter(["uids", "cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if proc.info["uids"].real == uid and sandbox_id in " ".join(proc.info["cmdline"] or ()):
+                return True
+    return False
+
+
+async def _listing(tool: str, *args: str) -> str:
+    binary = shutil.which(tool)
+    if binary is None:
+        return ""
+    proc = await asyncio.create_subprocess_exec(binary, "-w", "-S", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), _IPTABLES_TIMEOUT)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return out.decode(errors="replace") if proc.returncode == 0 else ""
+
+
+async def sweep() -> list[str]:
+    """Remove the filter rules of sandboxes whose owner process is gone (killed before it could) and
+    whose VMM no longer runs; also chains no jump leads to (a removal cut short). Returns the sandbox
+    ids whose rules were removed. Raises EgressError when a rule that should go stays."""
+    v4, v6 = await asyncio.gather(_listing("iptables"), _listing("ip6tables", "OUTPUT"))
+    stale = {r for r in installed_rules(v4) + installed_rules(v6) if r.owner_gone()}
+    stale = {r for r in stale if not await asyncio.to_thread(_vmm_running, r.uid, r.sandbox_id)}
+    for rule in sorted(stale, key=lambda r: r.sandbox_id):
+        log.info("removing the filter rules of sandbox %s (its owner %s is gone)", rule.sandbox_id, rule.owner)
+        await remove(rule.uid, rule.sandbox_id, rule.owner)
+    jumped = {line.rsplit(" -j ", 1)[-1] for line in v4.splitlines() if line.startswith("-A OUTPUT ")}
+    for chain in leftover_chains(v4):
+        if chain not in jumped and chain not in {chain_name(r.sandbox_id) for r in stale}:
+            with contextlib.suppress(EgressError):  # a concurrent removal may take it first
+                await _restore("iptables-restore", "\n".join(["*filter", f"-F {chain}", f"-X {chain}", "COMMIT", ""]))
+    return sorted({r.sandbox_id for r in stale})
 
 
 def leftover_chains(listing: str) -> list[str]:

@@ -13,6 +13,7 @@ import psutil
 
 from pykata.config import Config
 from pykata.errors import NotFound
+from pykata.network import egress
 from pykata.resources import mounts
 from pykata.sandbox import state
 from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
@@ -109,3 +110,9 @@ def cleanup_orphans(config: Config) -> list[str]:
         remove_sandbox_dir(d, rec)
         removed.append(rec.id if rec else d.name)
     return removed
+
+
+async def sweep_filter_rules() -> list[str]:
+    """Remove the egress filter rules of sandboxes whose owner was killed before it could
+    (pykata.network.egress.sweep). Returns their sandbox ids. Raises EgressError."""
+    return await egress.sweep()

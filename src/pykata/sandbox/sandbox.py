@@ -218,7 +218,7 @@ class Sandbox:
         cls, sandbox_id: str | None = None, *, config: Config | None = None, vcpus: int | None = None,
         memory_mib: int | None = None, hostname: str = "", name: str = "", serve_proxy: bool = True,
         boot_timeout: float | None = None, netns: str | None = None, guest_share: bool = True,
-        egress: EgressPolicy | None = None,
+        egress: EgressPolicy | None = None, die_with_owner: bool = False,
     ) -> Sandbox:
         """Boot a VM, connect to its agent and set the sandbox up.
 
@@ -228,6 +228,8 @@ class Sandbox:
         `guest_share=False`: the guest never mounts the shared directory; container roots are copied
         into the guest (its RAM) and volumes are refused. Such a sandbox can be snapshotted (QEMU
         refuses to migrate a VM with a 9p share mounted; pykata.sandbox.snapshot).
+        `die_with_owner`: QEMU is killed when this process ends, even by SIGKILL (the SDK's sandboxes:
+        nobody else can use or stop them).
 
         Raises InvalidArgument (bad sandbox id), SandboxError / HypervisorError / AgentError; nothing is
         left behind on failure.
@@ -254,14 +256,15 @@ class Sandbox:
         sb.egress = egress
         try:
             with tracing.span("sandbox.create", sandbox_id=sid):
-                await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy)
+                await sb._boot(hostname or name or sid[:12], boot_timeout or q.boot_timeout, serve_proxy,
+                               die_with_owner)
         except BaseException:
             await asyncio.shield(sb.stop(remove=True))
             raise
         return sb
 
-    async def _boot(self, hostname: str, boot_timeout: float, serve_proxy: bool) -> None:
-        await self._start_vm(boot_timeout)
+    async def _boot(self, hostname: str, boot_timeout: float, serve_proxy: bool, die_with_owner: bool) -> None:
+        await self._start_vm(boot_timeout, die_with_owner)
         await self._setup_guest(hostname, serve_proxy)
 
     async def _start_vm(self, boot_timeout: float, die_with_owner: bool = False) -> None:
@@ -459,6 +462,10 @@ class Sandbox:
         if uid is None:
             raise egress.EgressError("network='egress' needs the VMM's own uid (hypervisor.qemu.jail_user = true)")
         self._egress_uid = uid
+        try:  # rules an owner killed with SIGKILL left (pykata.network.egress.sweep)
+            await egress.sweep()
+        except PykataError as e:
+            log.warning("sandbox %s: sweeping stale filter rules: %s", self.id, e)
         await egress.install(self.egress, uid, self.id)
 
     async def forward_port(self, guest_port: int, host_port: int, host_address: str = "127.0.0.1") -> None:

@@ -244,10 +244,11 @@ def _verify_hashes(m: dict[str, Any], assets: dict[str, Path | None], state_fd: 
 
 async def restore(path: Path, *, config: Config | None = None, name: str = "",
                   serve_proxy: bool = True, boot_timeout: float | None = None,
-                  on_opened: Callable[[dict[str, Any]], None] | None = None) -> Any:
+                  on_opened: Callable[[dict[str, Any]], None] | None = None, die_with_owner: bool = False) -> Any:
     """Restore the snapshot at `path` as a new running sandbox (a pykata.sandbox.Sandbox with a new
     id, its own VM, reseeded: fresh randomness and boot_id, the host's clock). `on_opened` sees the
-    checked manifest before a VM starts (the SDK reads its `extra` there).
+    checked manifest before a VM starts (the SDK reads its `extra` there). `die_with_owner`: QEMU is
+    killed when this process ends (pykata.sandbox.Sandbox.create).
 
     Raises:
         SnapshotError: the snapshot is malformed or does not match this host (naming the field), or
@@ -271,7 +272,7 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         verified = asyncio.ensure_future(asyncio.to_thread(_verify_hashes, m, assets, opened.state_fd))
         try:
             try:
-                await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout)
+                await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout, die_with_owner)
             except Exception as exc:
                 # a hash mismatch is the cause whatever the VM did with the wrong bytes
                 await asyncio.wait([verified])
@@ -324,7 +325,7 @@ def _root_disks(config: Config, m: dict[str, Any]) -> tuple[tuple[int, Path], ..
 
 
 async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dict[str, Any],
-                 boot_timeout: float) -> None:
+                 boot_timeout: float, die_with_owner: bool) -> None:
     from pykata.sandbox.sandbox import make_sandbox_dir
 
     make_sandbox_dir(sb.dir)
@@ -344,7 +345,7 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
     source = RestoreSource(memory=None, state=Path(f"/proc/{os.getpid()}/fd/{opened.state_fd}"), kernel=kernel,
                            initrd=assets["initrd"], image=assets["image"], root_slots=disks)
     vm = QemuHypervisor(sb.id, sb.config, shared_dir=sb.shared_dir, readiness=probe, vm_dir=sb.dir / "vm",
-                        guest_shutdown=sb._guest_shutdown, restore=source)
+                        guest_shutdown=sb._guest_shutdown, restore=source, die_with_owner=die_with_owner)
     sb.vm = vm
     await vm.prepare()
     await vm.start()

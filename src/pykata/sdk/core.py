@@ -221,7 +221,8 @@ class AsyncSandbox:
             config = dataclasses.replace(config, runtime=dataclasses.replace(
                 config.runtime, rootfs_upper_size=self.disk_mib))
         self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name,
-                                             guest_share=not self.snapshots, egress=self.egress)
+                                             guest_share=not self.snapshots, egress=self.egress,
+                                             die_with_owner=True)
         self._cid = self._sandbox.id
         if self.snapshots:
             # the hashes a snapshot's manifest needs, computed while the container starts

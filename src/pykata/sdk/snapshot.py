@@ -75,7 +75,7 @@ async def restore(cls: Any, path: Path, *, config: Config | None, timeout: float
     def opened(manifest: dict[str, Any]) -> None:
         seen.update(_sdk_extra(manifest))
 
-    inner = await restore_sandbox(path, config=config, name=name, on_opened=opened)
+    inner = await restore_sandbox(path, config=config, name=name, on_opened=opened, die_with_owner=True)
     try:
         sb = cls(image=seen["image"], config=inner.config, name=name, snapshots=True)
         sb._sandbox = inner
