@@ -2,9 +2,10 @@
 """The Python SDK's goals (issue 17), each next to runc doing the same thing in the same run.
 
     .venv/bin/python bench/sdk_bench.py [-n 20] [--starts 3] [--file-mib 100] [--concurrent 20]
-        [--concurrent-memory-mib M] [--only files|concurrent] [--json]
+        [--concurrent-memory-mib M] [--only files|concurrent|pool|start] [--only-snapshot] [--json]
 
 - cold start: `Sandbox()` until its first command can run, vs `runc run -d` of the same bundle
+  (`--only start`: --starts of them interleaved with runc's, with their phases from pykata.timing marks)
 - run("true"): one command round trip in a running sandbox, vs `runc exec` in a running container
 - files: write then read --file-mib MiB with `files.write`/`files.read_bytes`, vs `runc exec cat` with
   the data on stdin / stdout; also printed: `docker cp`'s way for runc (a tar stream unpacked into / packed
@@ -180,6 +181,41 @@ def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
             "files_read_qemu_cpu_ms_per_mib": round(1000 * (c2 - c1) / mib, 1)}
 
 
+def measure_start(tmp: Path, n: int) -> dict[str, object]:
+    """Cold `Sandbox()` (no pool) until start() returned and until its first command answered, n times,
+    interleaved with `runc run -d`; the phases of each start from pykata.timing's marks (medians, in s
+    from the Sandbox() call)."""
+    from pykata.timing import ENV
+    marks_file = tmp / "marks"
+    os.environ[ENV] = str(marks_file)
+    started, firsts, runc, phases = [], [], [], {}
+    kinds = set()
+    try:
+        for _ in range(n):
+            c = RuncContainer(tmp)
+            try:
+                runc.append(c.start())
+            finally:
+                c.delete()
+            marks_file.write_text("")
+            t0 = time.monotonic_ns()
+            with pykata.Sandbox(image="busybox") as sb:
+                started.append((time.monotonic_ns() - t0) / 1e9)
+                sb.run("true")
+                firsts.append((time.monotonic_ns() - t0) / 1e9)
+                vm = sb._async._sandbox.vm  # type: ignore[union-attr]
+                kinds.add("template clone" if vm.restore_source is not None else "cold boot")
+            for line in marks_file.read_text().splitlines():
+                ns, _pid, name = line.split(" ", 2)
+                phases.setdefault(name, []).append((int(ns) - t0) / 1e9)
+    finally:
+        del os.environ[ENV]
+    return {"sandbox_start_s": p50(started), "cold_start_s": p50(firsts), "runc_start_s": p50(runc),
+            "times_slower_than_runc": round(p50(firsts) / p50(runc), 1), "vm": sorted(kinds),
+            "phases_s": {k: p50(v) for k, v in sorted(phases.items(), key=lambda kv: statistics.median(kv[1]))},
+            "all_cold_start_s": [round(x, 3) for x in firsts]}
+
+
 def _cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of process `pid` so far (all its threads)."""
     if pid is None:
@@ -284,7 +320,8 @@ def main() -> None:
     ap.add_argument("--file-mib", type=int, default=100)
     ap.add_argument("--concurrent", type=int, default=20)
     ap.add_argument("--concurrent-memory-mib", type=int, default=None, help="each concurrent sandbox's memory")
-    ap.add_argument("--only", choices=["files", "concurrent", "pool"], help="measure only this (and its baseline)")
+    ap.add_argument("--only", choices=["files", "concurrent", "pool", "start"],
+                    help="measure only this (and its baseline); start: --starts cold starts with their phases")
     ap.add_argument("--pool-n", type=int, default=5)
     ap.add_argument("--snapshot-mib", type=int, default=512, help="memory of the snapshotted sandbox")
     ap.add_argument("--state-mib", type=int, default=100, help="guest state written before the snapshot")
@@ -296,6 +333,12 @@ def main() -> None:
         snap = measure_snapshot(a.snapshot_mib, a.state_mib, a.snapshots)
         print(json.dumps({"snapshot": snap, "goals": {k: GOALS[k] for k in ("snapshot_s", "restore_first_command_s")},
                           "loadavg": os.getloadavg()}, indent=None if not a.json else 2))
+        return
+    if a.only == "start":
+        with tempfile.TemporaryDirectory() as t:
+            start = measure_start(Path(t), a.starts)
+        print(json.dumps({"start": start, "goal_s": GOALS["cold_start_s"], "loadavg": os.getloadavg()},
+                         indent=2 if a.json else None))
         return
     if a.only == "pool":
         pool = measure_pool(a.pool_n)

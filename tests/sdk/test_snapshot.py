@@ -18,6 +18,7 @@ import pytest
 import pykata
 from pykata.config import load_config
 from pykata.sandbox.snapshot import MANIFEST, STATE, SnapshotError
+from pykata.sandbox.snapshotdir import KnownDigests
 
 pytestmark = [pytest.mark.vm]
 
@@ -198,8 +199,15 @@ def test_hostile_snapshot_directories_are_refused(saved: tuple[Path, dict[str, A
 
 def test_a_corrupt_state_is_refused_after_loading_and_the_vm_is_gone(saved: tuple[Path, dict[str, Any]],
                                                                      tmp_path: Path) -> None:
-    """Same size, other bytes: QEMU may load it, the hash does not match; the VM is stopped."""
+    """Same size, other bytes: QEMU may load it, the hash does not match; the VM is stopped. Also when
+    this host remembered the digest of that very file (a verified restore): the bytes changed under
+    it, so its ctime did, and the state is hashed again."""
     bad = _copy(saved[0], tmp_path)
+    with pykata.Sandbox.restore(bad) as ok:  # verified, so its digest is remembered
+        assert ok.files.read("/data/hello.txt") == "prepared"
+    known = KnownDigests(load_config().runtime.runtime_path)
+    with open(bad / STATE, "rb") as f:
+        assert known.get(f.fileno()) == json.loads((bad / MANIFEST).read_text())["state"]["sha256"]
     size = (bad / STATE).stat().st_size
     with open(bad / STATE, "r+b") as f:
         f.seek(size // 2)

@@ -147,6 +147,29 @@ def lifeline_prefix() -> list[str]:
     return [_tool(UNSHARE), "--pid", "--fork", "--kill-child=SIGKILL", "--", _tool(UNSHARE), "--fork", "--"]
 
 
+def lifeline_target(wrapper_pid: int, binary: str) -> int | None:
+    """The pid of `binary` started under lifeline_prefix() by the process `wrapper_pid` (the outer
+    `unshare`): what reads the VMM's memory and CPU time must read it, not the wrapper's. None when it
+    is not (or no longer) running. Reads /proc/<pid>/task/*/children, a few files deep."""
+    pending = [wrapper_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            children = [int(c) for t in tasks for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            try:
+                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if argv0 == os.fsencode(binary):
+                return child
+            pending.append(child)
+    return None
+
+
 def _tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
     if found is None:

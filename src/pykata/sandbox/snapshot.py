@@ -54,11 +54,12 @@ from pykata.sandbox.snapshotdir import (
     STATE,
     STREAM_SLACK,
     GrowingFileHash,
+    KnownDigests,
     Opened,
     SnapshotError,
-    file_sha256,
     open_snapshot,
     path_sha256,
+    state_sha256,
     want,
 )
 
@@ -173,14 +174,20 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
                 digest, hashed = await hasher.finish()
                 if resume and vm.state == "running":
                     await sandbox.resume_vm()
-            if hashed != os.fstat(fd).st_size:
-                raise SnapshotError("state", f"{hashed} bytes hashed, {os.fstat(fd).st_size} written")
+            written = os.fstat(fd)
+            if hashed != written.st_size:
+                raise SnapshotError("state", f"{hashed} bytes hashed, {written.st_size} written")
             manifest["state"] = {"size": hashed, "sha256": digest}
+            mfd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600)
+            with os.fdopen(mfd, "w") as f:
+                json.dump(manifest, f, indent=1)
+            # still in the 0700 temporary directory: nobody else can have written the state
+            known = KnownDigests(sandbox.config.runtime.runtime_path)
+            await known.settle(fd)
+            known.put(fd, digest, written)
         finally:
             os.close(fd)
-        mfd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(mfd, "w") as f:
-            json.dump(manifest, f, indent=1)
         try:
             os.rename(tmp, path)
         except OSError as exc:
@@ -231,14 +238,14 @@ async def _check_host(config: Config, m: dict[str, Any]) -> dict[str, Path | Non
     return assets
 
 
-def _verify_hashes(m: dict[str, Any], assets: dict[str, Path | None], state_fd: int) -> None:
+def _verify_hashes(m: dict[str, Any], assets: dict[str, Path | None], state_fd: int, known: KnownDigests) -> None:
     """The hashes of this host's assets and of the state against the manifest's (run in a thread while
     the VM starts: a mismatch stops it before anyone uses it). Raises SnapshotError naming the field."""
     for name, here in assets.items():
         if here is not None and m["assets"][name]["sha256"] != path_sha256(here):
             raise SnapshotError(f"assets.{name}", f"this host's {here} is not the one the snapshot was "
                                                   "made with (sha256 differs: the guest image was rebuilt)")
-    if file_sha256(state_fd) != m["state"]["sha256"]:
+    if state_sha256(state_fd, known) != m["state"]["sha256"]:
         raise SnapshotError("state.sha256", "the state file is not the one saved (corrupt or altered)")
 
 
@@ -269,7 +276,8 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         sb = Sandbox(sid, config, sandboxes_dir(config) / sid)
         sb.guest_share = False
         sb.record.name = name
-        verified = asyncio.ensure_future(asyncio.to_thread(_verify_hashes, m, assets, opened.state_fd))
+        known = KnownDigests(config.runtime.runtime_path)
+        verified = asyncio.ensure_future(asyncio.to_thread(_verify_hashes, m, assets, opened.state_fd, known))
         try:
             try:
                 await _start(sb, opened, assets, m, boot_timeout or config.qemu.boot_timeout, die_with_owner)

@@ -36,6 +36,7 @@ from pykata.sdk import snapshot as sdk_snapshot
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SandboxGoneError, SdkError
 from pykata.sdk.files import AsyncFiles
 from pykata.sdk.process import AsyncProcess, ExecResult
+from pykata.timing import mark
 from pykata.ttrpc import Code
 
 IDLE_COMMAND = ("sleep", "2147483647")
@@ -203,6 +204,7 @@ class AsyncSandbox:
             raise SpecError("timeout", f"{self._timeout} must be positive")
         config = self.config or load_config()
         image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(self.image_ref)
+        mark("sdk.image")
         vols = [Volume.parse(v) for v in self.volumes]
         self._env = [*image.config.env, *self._extra_env]
         self._cwd = self._cwd_arg or image.config.working_dir or "/"
@@ -231,7 +233,9 @@ class AsyncSandbox:
             async with self._denials():
                 self._container = await self._sandbox.create_container(
                     self._sandbox.id, spec, image.rootfs, volumes=vols, image=self.image_ref)
+                mark("sdk.container.created")
                 await self._container.start()
+                mark("sdk.container.started")
             await self._container.init.close_stdin()
             if self.egress is not None and self.egress.dns:
                 await self.files.write("/etc/resolv.conf", "".join(f"nameserver {r}\n" for r in self.egress.dns))
@@ -241,6 +245,7 @@ class AsyncSandbox:
             raise
         if self._timeout is not None:
             await self.set_timeout(self._timeout)
+        mark("sdk.ready")
         return self
 
     def _write_sdk_state(self) -> None:

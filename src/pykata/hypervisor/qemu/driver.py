@@ -22,7 +22,14 @@ from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, Re
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
 from pykata.hypervisor.errors import NotSupportedError, QmpError, RestoreError, VmExitedError
 from pykata.hypervisor.hostinfo import host_tsc_khz
-from pykata.hypervisor.jail import UidLease, jail_spec, lifeline_prefix, make_chroot, namespace_prefix
+from pykata.hypervisor.jail import (
+    UidLease,
+    jail_spec,
+    lifeline_prefix,
+    lifeline_target,
+    make_chroot,
+    namespace_prefix,
+)
 from pykata.hypervisor.process import ChildProcess, describe_exit
 from pykata.hypervisor.qemu import hotplug, migrate
 from pykata.hypervisor.qemu.assets import resolve_assets
@@ -132,6 +139,7 @@ class QemuHypervisor(Hypervisor):
         self._restore = restore
         self._memory_file = memory_file
         self._die_with_owner = die_with_owner
+        self._vmm_pid: int | None = None  # QEMU's own pid under a lifeline (self._qemu is the wrapper)
         self._awaiting_incoming = False
 
     # ---------------------------------------------------------------------------------------------
@@ -140,7 +148,7 @@ class QemuHypervisor(Hypervisor):
     @property
     def pid(self) -> int | None:
         if self._qemu is not None and self._qemu.running:
-            return self._qemu.pid
+            return self._vmm_pid or self._qemu.pid
         return None
 
     @property
@@ -316,6 +324,8 @@ class QemuHypervisor(Hypervisor):
                 ) from None
             raise
         self.timestamps["qmp_connected"] = time.monotonic()
+        if self._die_with_owner:  # QEMU made its QMP socket: it runs, under the lifeline's unshares
+            self._vmm_pid = await asyncio.to_thread(lifeline_target, self._qemu.pid, q.path)
         self.state = "running"
         if self._restore is not None:
             try:
