@@ -155,6 +155,43 @@ async def test_egress_allow_deny_expose_and_attacks(test_net: Subnet, host_servi
 
 
 @pytest.mark.vm
+async def test_an_egress_snapshot_restores_its_policy_for_a_new_uid(test_net: Subnet, host_services: int,
+                                                                     tmp_path: Path) -> None:
+    n = test_net
+    async with pykata.AsyncSandbox(network="egress", snapshots=True, allow=[f"{n.near}/32"],
+                                   deny=[f"{n.near}:8081"]) as sb:
+        assert await _connect(sb, n.near, 8080) == "port 8080\n"
+        saved_uid = sb._own("test").vm.jail_uid  # type: ignore[union-attr]
+        await sb.snapshot(tmp_path / "snap")
+    restored = await pykata.AsyncSandbox.restore(tmp_path / "snap")
+    try:
+        uid = restored._own("test").vm.jail_uid  # type: ignore[union-attr]
+        assert uid != saved_uid
+        assert f"--uid-owner {uid} -m comment --comment \"pykata sandbox {restored.id} owner" in _chains()
+        # the same policy, made again before the restored QEMU ran: allowed, denied port, not allowed, the host
+        assert await _connect(restored, n.near, 8080) == "port 8080\n"
+        assert await _connect(restored, n.near, 8081) == ""
+        assert await _connect(restored, n.far, 8080) == ""
+        assert await _connect(restored, "10.0.2.2", host_services) == ""
+        listener = await restored.spawn(["sh", "-c", "echo restored | nc -l -p 8000"])
+        host_port = await restored.expose(8000)  # a forward of its own (none is saved)
+        got = b""
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", host_port)
+                got = await asyncio.wait_for(reader.read(100), 10)
+                writer.close()
+            except OSError:
+                await asyncio.sleep(0.5)
+        assert got == b"restored\n"
+        await listener.wait(30)
+    finally:
+        await restored.close()
+    assert restored.id not in _chains()
+
+
+@pytest.mark.vm
 async def test_no_network_by_default() -> None:
     async with pykata.AsyncSandbox() as sb:
         r = await sb.run("ls /sys/class/net")

@@ -89,6 +89,13 @@ class Destination:
             raise InvalidArgument(field, f"{text!r}: bad port or port range (1-65535)")
         return cls(network, (low, high))
 
+    def __str__(self) -> str:
+        """The text parse() reads back."""
+        if self.ports is None:
+            return str(self.network)
+        low, high = self.ports
+        return f"{self.network}:{low}" if low == high else f"{self.network}:{low}-{high}"
+
     def matches(self) -> list[str]:
         """iptables match arguments: one line per protocol when ports are given."""
         if self.ports is None:
@@ -121,6 +128,12 @@ class EgressPolicy:
         if len(denied) + len(allowed or ()) + len(resolvers) > MAX_RULES:
             raise InvalidArgument("allow/deny/dns", f"more than {MAX_RULES} entries")
         return cls(allowed, denied, tuple(resolvers))
+
+
+    def to_json(self) -> dict[str, list[str] | None]:
+        """The policy as build() takes it (a snapshot's manifest keeps it so)."""
+        return {"allow": None if self.allow is None else [str(d) for d in self.allow],
+                "deny": [str(d) for d in self.deny], "dns": [str(r) for r in self.dns]}
 
 
 def _items(values: Iterable[str] | str, field: str) -> list[str]:

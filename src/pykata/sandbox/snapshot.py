@@ -34,12 +34,14 @@ from typing import Any
 import pykata
 from pykata.agentapi import Agent
 from pykata.config import Config, load_config
-from pykata.errors import PykataError
+from pykata.errors import InvalidArgument, PykataError
 from pykata.factory import sync_guest_clock, templated_config
 from pykata.factory.template import template_inputs
 from pykata.hypervisor.base import Hypervisor, RestoreSource
+from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.errors import RestoreError
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.network import EgressPolicy, guest_mac, nic_id
 from pykata.resources.rootimage import SUFFIX as ROOT_IMAGE_SUFFIX
 from pykata.resources.rootimage import RootImageCache
 from pykata.resources.rootslots import SlotTable
@@ -141,9 +143,9 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     if sandbox.guest_share:
         raise SnapshotError("", f"sandbox {sandbox.id} mounts the host's shared directory in the guest (9p), "
                                 "which QEMU cannot migrate: make it with guest_share=False (SDK: snapshots=True)")
-    if sandbox.network is not None or sandbox.egress is not None:
-        raise SnapshotError("", f"sandbox {sandbox.id} has a network interface; snapshots of networked "
-                                "sandboxes are not supported")
+    if sandbox.network is not None:
+        raise SnapshotError("", f"sandbox {sandbox.id} is in a pod network; snapshots of pod-networked "
+                                "sandboxes are not supported (only of egress ones)")
     if vm.restore_source is None:
         raise SnapshotError("", f"sandbox {sandbox.id} booted cold; only VMs from a template (factory."
                                 "enable_template = true) or a snapshot can be saved")
@@ -161,6 +163,9 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
         "containers": [_container_json(sandbox, cid) for cid in sandbox.containers],
         "extra": extra or {},
     }
+    if sandbox.egress is not None:
+        # its NIC on QEMU's user network, and what the host let it reach (made again for the restore)
+        manifest["network"] = {"kind": "egress", "policy": sandbox.egress.to_json()}
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
     os.mkdir(tmp, 0o700)
     try:
@@ -275,6 +280,7 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         sid = new_id()
         sb = Sandbox(sid, config, sandboxes_dir(config) / sid)
         sb.guest_share = False
+        sb.egress = _egress(m)
         sb.record.name = name
         known = KnownDigests(config.runtime.runtime_path)
         verified = asyncio.ensure_future(asyncio.to_thread(_verify_hashes, m, assets, opened.state_fd, known))
@@ -313,6 +319,22 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         return sb
     finally:
         opened.close()
+
+
+def _egress(m: dict[str, Any]) -> EgressPolicy | None:
+    """The saved sandbox's egress policy, checked again (the manifest is the user's). Raises SnapshotError."""
+    network = m.get("network")
+    if network is None:
+        return None
+    want(network, "network", dict)
+    if network.get("kind") != "egress":
+        raise SnapshotError("network.kind", f"{str(network.get('kind'))[:32]!r} is not a network this pykata restores")
+    policy = want(network.get("policy"), "network.policy", dict)
+    try:
+        return EgressPolicy.build(allow=policy.get("allow"), deny=want(policy.get("deny"), "network.policy.deny", list),
+                                  dns=want(policy.get("dns"), "network.policy.dns", list))
+    except (InvalidArgument, TypeError) as e:
+        raise SnapshotError("network.policy", str(e)[:200]) from None
 
 
 def _root_disks(config: Config, m: dict[str, Any]) -> tuple[tuple[int, Path], ...]:
@@ -355,7 +377,14 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
     vm = QemuHypervisor(sb.id, sb.config, shared_dir=sb.shared_dir, readiness=probe, vm_dir=sb.dir / "vm",
                         guest_shutdown=sb._guest_shutdown, restore=source, die_with_owner=die_with_owner)
     sb.vm = vm
+    if sb.egress is not None:
+        # the NIC it was saved with, on a new user network: nothing of the saved host side comes back
+        # (QEMU's user network migrates no host sockets or forwards), and the host filter is made
+        # again for this QEMU's own uid before it runs
+        await vm.add_device(NetDevice(nic_id(0), guest_mac(0), user_net=True))
     await vm.prepare()
+    if sb.egress is not None:
+        await sb._filter_egress(vm)
     await vm.start()
     version = await vm.qemu_version()
     if version != m["qemu_version"]:

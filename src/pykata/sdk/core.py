@@ -154,9 +154,6 @@ class AsyncSandbox:
         self.idle_command = list(idle_command)
         # A sandbox that can be snapshotted shares no host directory with its guest (sdk/snapshot.py).
         self.snapshots = snapshots
-        if snapshots and self.egress is not None:
-            raise SpecError("network", "a sandbox made for snapshots has no network yet (a restored VM would "
-                                       "need its NIC and host rules made again)")
         self.files = AsyncFiles(self)
         self._extra_env = _env_list(env)
         self._user = _user(user)

@@ -79,6 +79,7 @@ async def restore(cls: Any, path: Path, *, config: Config | None, timeout: float
     try:
         sb = cls(image=seen["image"], config=inner.config, name=name, snapshots=True)
         sb._sandbox = inner
+        sb.egress = inner.egress  # the saved policy, on a new NIC backend and host filter (expose() anew)
         sb._env = seen["env"]
         sb._cwd = seen["cwd"]
         sb._user = seen["user"]
