@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The pod-churn loop of issue 6: Kubernetes pod life cycles through containerd's CRI plugin.
 
-    .venv/bin/python bench/churn.py N [--runtime pykata|runc|both] [--faults K] [--json]
+    .venv/bin/python bench/churn.py N [--runtime pykata|runc|both] [--faults K] [--pool P] [--json]
 
 A private containerd with its CRI plugin (tests/cri/harness.py), the pause and busybox images imported.
 Each iteration (tests/cri/pod_cycle.py): RunPodSandbox, two busybox `sleep` containers created and
@@ -11,17 +11,24 @@ Prints, per runtime measured in the same run: iterations, failures, hangs (a cal
 deadline), leaks (iterations that left something), tolerated racing-StopPodSandbox errors, and the
 median and mean seconds per iteration (of the iterations without a fault). `--faults K`: every K-th
 pykata iteration kills QEMU or the shim (alternately) with SIGKILL between the exec and the stops.
+`--pool P`: pykata is measured a second time ("pykata+pool") by a second private containerd whose pykata
+handler has a warm pool of P CRI VMs (factory.pool_size = P, pool_nics = 1, its own runtime_dir), filled
+and ready before its first iteration and refilled by the pods' shims as they take VMs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +51,92 @@ def _keep_log(ctd: CriContainerd, handler: str, i: int) -> None:
         print(f"{handler} #{i}: cannot keep containerd's log: {e}", file=sys.stderr)
 
 
-def churn(ctd: CriContainerd, handler: str, n: int, fault_every: int = 0) -> dict[str, Any]:
-    times: list[float] = []
-    stats: dict[str, Any] = {"runtime": handler, "iterations": n, "failures": 0, "hangs": 0, "leaks": 0,
-                             "stop_errors_tolerated": 0, "faults": 0}
-    with Cri(ctd.socket) as cri:
-        for i in range(n):
-            marker = fault_for(i, fault_every) if handler == "pykata" else None
-            fault = None if marker is None else (lambda pod_id, m=marker: kill_pod_process(pod_id, m))
-            stats["faults"] += marker is not None
-            try:
-                r = pod_cycle(ctd, cri, handler, fault=fault)
-            except grpc.RpcError as e:
-                stats["failures"] += 1
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    stats["hangs"] += 1
-                print(f"{handler} #{i}: {e.code().name}: {e.details()}", file=sys.stderr)
-                _keep_log(ctd, handler, i)
-                continue
-            except CycleError as e:
-                stats["failures"] += 1
-                print(f"{handler} #{i}: {e}", file=sys.stderr)
-                _keep_log(ctd, handler, i)
-                continue
-            if marker is None:
-                times.append(r.seconds)
-            stats["stop_errors_tolerated"] += len(r.stop_errors)
-            for err in r.stop_errors:
-                print(f"{handler} #{i}: a racing StopPodSandbox failed (tolerated, retried): {err}", file=sys.stderr)
-            if r.leftovers:
-                stats["leaks"] += 1
-                print(f"{handler} #{i}: pod {r.pod_id} left {r.leftovers}", file=sys.stderr)
-            print(f"{handler} #{i}: {r.seconds:.2f} s{f' (kill -9 {marker})' if marker else ''}", file=sys.stderr)
-    stats["median_s"] = round(statistics.median(times), 2) if times else None
-    stats["mean_s"] = round(statistics.mean(times), 2) if times else None
-    return stats
+class Churn:
+    """The loop for one runtime handler of one containerd, one iteration per step() (main() interleaves
+    the runtimes' iterations, so load that comes and goes on a shared host falls on each alike)."""
+
+    def __init__(self, ctd: CriContainerd, handler: str, n: int, fault_every: int = 0, label: str = "") -> None:
+        self.ctd, self.handler, self.fault_every = ctd, handler, fault_every
+        self.label = label or handler
+        self.times: list[float] = []
+        self.stats: dict[str, Any] = {"runtime": self.label, "iterations": n, "failures": 0, "hangs": 0,
+                                      "leaks": 0, "stop_errors_tolerated": 0, "faults": 0}
+        self.cri = Cri(ctd.socket).__enter__()
+
+    def step(self, i: int) -> None:
+        ctd, handler, stats, label = self.ctd, self.handler, self.stats, self.label
+        marker = fault_for(i, self.fault_every) if handler == "pykata" else None
+        fault = None if marker is None else (lambda pod_id, m=marker: kill_pod_process(pod_id, m, ctd))
+        stats["faults"] += marker is not None
+        try:
+            r = pod_cycle(ctd, self.cri, handler, fault=fault)
+        except grpc.RpcError as e:
+            stats["failures"] += 1
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                stats["hangs"] += 1
+            print(f"{label} #{i}: {e.code().name}: {e.details()}", file=sys.stderr)
+            _keep_log(ctd, label, i)
+            return
+        except CycleError as e:
+            stats["failures"] += 1
+            print(f"{label} #{i}: {e}", file=sys.stderr)
+            _keep_log(ctd, label, i)
+            return
+        if marker is None:
+            self.times.append(r.seconds)
+        stats["stop_errors_tolerated"] += len(r.stop_errors)
+        for err in r.stop_errors:
+            print(f"{label} #{i}: a racing StopPodSandbox failed (tolerated, retried): {err}", file=sys.stderr)
+        if r.leftovers:
+            stats["leaks"] += 1
+            print(f"{label} #{i}: pod {r.pod_id} left {r.leftovers}", file=sys.stderr)
+        print(f"{label} #{i}: {r.seconds:.2f} s{f' (kill -9 {marker})' if marker else ''}", file=sys.stderr)
+
+    def result(self) -> dict[str, Any]:
+        self.cri.__exit__()
+        times = self.times
+        self.stats["median_s"] = round(statistics.median(times), 2) if times else None
+        self.stats["mean_s"] = round(statistics.mean(times), 2) if times else None
+        return self.stats
+
+
+POOL_READY_TIMEOUT = 180.0
+
+
+@contextlib.contextmanager
+def pooled_containerd(tmp: Path, size: int) -> Iterator[CriContainerd]:
+    """A private CRI containerd whose pykata handler has a warm pool of `size` CRI VMs, filled and ready;
+    the pool is destroyed afterwards. PYKATA_CONFIG names its configuration while it runs (containerd
+    passes no runtime options to the shim's `delete`, which must find the pool's runtime directory)."""
+    from pykata.config import load_config
+    from pykata.factory import pool
+
+    ctd = CriContainerd(tmp / "ctd-pool", runtime_config={
+        "pool_size": str(size), "pool_nics": "1", "runtime_dir": f'"{tmp / "run"}"'})
+    before = os.environ.get("PYKATA_CONFIG")
+    ctd.dir.mkdir(parents=True)
+    ctd.config_text()
+    os.environ["PYKATA_CONFIG"] = str(ctd.dir / "pykata.toml")
+    config = load_config()
+    try:
+        ctd.start()
+        ctd.import_images(tmp / "cache")
+        pool.fill(config, pool.entry_argv())
+        deadline = time.monotonic() + POOL_READY_TIMEOUT
+        while sum(e.ready and e.alive for e in pool.list_entries(config)) < size:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the pool has not {size} ready VMs after {POOL_READY_TIMEOUT:.0f}s")
+            time.sleep(0.1)
+        yield ctd
+    finally:
+        try:
+            ctd.stop()
+        finally:
+            pool.destroy(config)
+            if before is None:
+                os.environ.pop("PYKATA_CONFIG", None)
+            else:
+                os.environ["PYKATA_CONFIG"] = before
 
 
 def main() -> int:
@@ -87,6 +145,8 @@ def main() -> int:
     ap.add_argument("--runtime", choices=["pykata", "runc", "both"], default="both")
     ap.add_argument("--faults", type=int, default=0, metavar="K",
                     help="every K-th pykata iteration kills QEMU or the shim (0: none)")
+    ap.add_argument("--pool", type=int, default=0, metavar="P",
+                    help="also measure pykata with a warm pool of P CRI VMs (0: not)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.n < 1:
@@ -95,28 +155,35 @@ def main() -> int:
         ap.error("--faults: must be 0 or more")
     handlers = ["runc", "pykata"] if args.runtime == "both" else [args.runtime]
     results = []
-    with tempfile.TemporaryDirectory(prefix="pykata-churn-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pykata-churn-") as tmp, contextlib.ExitStack() as stack:
         ctd = CriContainerd(Path(tmp) / "ctd")
+        stack.callback(ctd.stop)
         try:
             ctd.start()
             ctd.import_images(Path(tmp) / "cache")
-            for handler in handlers:
-                results.append(churn(ctd, handler, args.n, args.faults))
+            loops = [Churn(ctd, handler, args.n, args.faults) for handler in handlers]
+            if args.pool > 0 and "pykata" in handlers:
+                pooled = stack.enter_context(pooled_containerd(Path(tmp), args.pool))
+                loops.append(Churn(pooled, "pykata", args.n, args.faults, label="pykata+pool"))
+            for i in range(args.n):
+                for loop in loops:
+                    loop.step(i)
+            results = [loop.result() for loop in loops]
         except Exception:
             traceback.print_exc()
             return 1
-        finally:
-            ctd.stop()
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{'runtime':8} {'iter':>5} {'faults':>6} {'fail':>5} {'hangs':>5} {'leaks':>5} {'stop-err':>8} "
+        print(f"{'runtime':11} {'iter':>5} {'faults':>6} {'fail':>5} {'hangs':>5} {'leaks':>5} {'stop-err':>8} "
               f"{'median s':>9} {'mean s':>7}")
         for r in results:
-            print(f"{r['runtime']:8} {r['iterations']:>5} {r['faults']:>6} {r['failures']:>5} {r['hangs']:>5} "
+            print(f"{r['runtime']:11} {r['iterations']:>5} {r['faults']:>6} {r['failures']:>5} {r['hangs']:>5} "
                   f"{r['leaks']:>5} {r['stop_errors_tolerated']:>8} {r['median_s']!s:>9} {r['mean_s']!s:>7}")
-        if len(results) == 2 and results[0]["median_s"] and results[1]["median_s"]:
-            print(f"pykata/runc median time per iteration: {results[1]['median_s'] / results[0]['median_s']:.1f}x")
+        runc = next((r["median_s"] for r in results if r["runtime"] == "runc"), None)
+        for r in results:
+            if runc and r["runtime"] != "runc" and r["median_s"]:
+                print(f"{r['runtime']}/runc median time per iteration: {r['median_s'] / runc:.1f}x")
     return 0 if all(r["failures"] == 0 and r["leaks"] == 0 for r in results) else 1
 
 

@@ -107,6 +107,8 @@ class CriContainerd(Containerd):
     netns: str = field(default_factory=lambda: f"pykata-cri-{uuid.uuid4().hex[:8]}")
     # keys of [runtime] in the admin configuration the pykata runtime handler gets (options.ConfigPath)
     runtime_config: dict[str, str] = field(default_factory=dict)
+    # what else names a pod's parts (pod_parts): a pooled VM's entry id, its shim's pid; found while it runs
+    _parts: dict[str, tuple[set[str], set[int]]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def pod_configs(self) -> Path:
@@ -173,28 +175,54 @@ class CriContainerd(Containerd):
         finally:
             subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
 
+    @property
+    def pykata_runtime_dirs(self) -> list[str]:
+        """Where the pykata handler keeps its sandboxes: /run/pykata, or the runtime_dir it is configured with."""
+        dirs = ["/run/pykata", "/var/run/pykata"]
+        configured = self.runtime_config.get("runtime_dir", "").strip('"')
+        return [*dirs, configured] if configured else dirs
+
+    def pod_parts(self, pod_id: str) -> tuple[set[str], set[int]]:
+        """Other names of pod `pod_id`'s parts than its id, remembered from the first call while the pod
+        runs: the warm pool's entry id when the pod took a pooled VM (sandboxes/<id> links to
+        pool/<entry>; its QEMU's command line names the entry), and its shim's pid (a pooled shim's
+        command line names neither)."""
+        names, pids = self._parts.setdefault(pod_id, (set(), set()))
+        for base in self.pykata_runtime_dirs:
+            link = Path(base) / "sandboxes" / pod_id
+            if link.is_symlink():
+                names.add(Path(os.readlink(link)).name)
+        with contextlib.suppress(OSError, ValueError):
+            bundle = self.state / "io.containerd.runtime.v2.task" / self.namespace / pod_id
+            pids.add(int((bundle / "shim.pid").read_text()))
+        return names, pids
+
     def pod_leftovers(self, pod_id: str) -> list[str]:
         """What of pod `pod_id` is still there: shim, QEMU, virtiofsd processes, /run/pykata mounts
         and directories, CRI sandbox dirs. Empty when the pod is fully gone."""
         left: list[str] = []
+        aliases, shim_pids = self.pod_parts(pod_id)
+        names = {pod_id, *aliases}
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if pod_id in cmd and any(k in cmd for k in (SHIM.name, "qemu-system", "virtiofsd", "containerd-shim")):
+            if not any(k in cmd for k in (SHIM.name, "qemu-system", "virtiofsd", "containerd-shim", "virtfs-proxy")):
+                continue
+            if p.pid in shim_pids or any(n in cmd for n in names):
                 left.append(f"process {p.pid}: {cmd[:120]}")
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 mp = line.split()[4]
-                if pod_id in mp:
+                if any(n in mp for n in names):
                     left.append(f"mount {mp}")
         for cg, dirnames, _ in os.walk("/sys/fs/cgroup"):
             if cg.count("/") > 6:  # cgroups of pods sit a few levels down at most
                 dirnames.clear()
             left += [f"cgroup {cg}/{d}" for d in dirnames if pod_id in d]
-        for base in ("/run/pykata", "/var/run/pykata", str(self.state / "io.containerd.grpc.v1.cri" / "sandboxes"),
+        for base in (*self.pykata_runtime_dirs, str(self.state / "io.containerd.grpc.v1.cri" / "sandboxes"),
                      str(self.dir / "root" / "io.containerd.grpc.v1.cri" / "sandboxes")):
             with contextlib.suppress(OSError):
                 for dirpath, dirnames, _ in os.walk(base):
-                    left += [f"dir {dirpath}/{d}" for d in dirnames if pod_id in d]
+                    left += [f"dir {dirpath}/{d}" for d in dirnames if any(n in d for n in names)]
                     if dirpath.count("/") - base.count("/") >= 2:  # not down into the sandboxes' rootfs trees
                         dirnames.clear()
         return left

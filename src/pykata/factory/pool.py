@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,10 +193,12 @@ def mem_available_mib() -> int:
     return 0
 
 
-def fill(config: Config, argv: Sequence[str]) -> int:
+def fill(config: Config, argv: Sequence[str], started_one: Callable[[int], None] | None = None) -> int:
     """Start waiting processes (`argv`, in a mount namespace of their own, detached) until the pool
     has `factory.pool_size` live ones, while the host keeps `pool_min_free_mib` available. Returns
-    how many it started. Never raises (a pool that cannot fill only means cold starts)."""
+    how many it started; `started_one` is called with each one's pid right after it started (a pod's
+    shim moves it out of the pod's cgroup). Never raises (a pool that cannot fill only means cold
+    starts)."""
     size = config.factory.pool_size
     if size <= 0 or not config.factory.enable_template:
         return 0
@@ -218,10 +220,13 @@ def fill(config: Config, argv: Sequence[str]) -> int:
                     log.info("factory pool: not refilled: host memory available is below "
                              "factory.pool_min_free_mib (%d MiB)", config.factory.pool_min_free_mib)
                     break
-                subprocess.Popen([unshare, "--mount", "--propagation", "slave", "--", *argv],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True, close_fds=True, cwd="/", env=env)
+                child = subprocess.Popen([unshare, "--mount", "--propagation", "slave", "--", *argv],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                         cwd="/", env=env)
                 started += 1
+                if started_one is not None:
+                    started_one(child.pid)
     except OSError as e:
         log.warning("factory pool: cannot fill: %s", e)
     return started

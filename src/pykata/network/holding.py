@@ -67,6 +67,12 @@ class HoldingNetwork:
             self.ns_fd = None
 
 
+def preload() -> None:
+    """Import what hand_over() needs (pyroute2: 0.2-0.3 s under load), for a waiting process to do it
+    before its claim rather than during the pod's start."""
+    import pyroute2  # noqa: F401
+
+
 async def hand_over(holding: HoldingNetwork, netns: str) -> PodNetwork:
     """Move the pooled VM's tap from `holding` into the pod's network namespace at `netns` and wire it
     to the pod's one CNI interface (tcfilter's redirect). Returns the pod's network, its endpoint's tap

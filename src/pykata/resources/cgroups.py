@@ -215,6 +215,17 @@ class SandboxCgroup:
             if h.mountpoint in own:
                 self.origin.setdefault(h.mountpoint, own[h.mountpoint])
 
+    def release_process(self, pid: int) -> None:
+        """Move process `pid`, a child this process started that is not the sandbox's (a waiting VM
+        refilling the warm pool), to where this process came from, so it is neither charged to the
+        sandbox nor keeps its cgroup from being removed. Never raises: what cannot be moved is logged."""
+        for h in self.hierarchies:
+            back = self.origin.get(h.mountpoint, h.mountpoint)
+            try:
+                (back / "cgroup.procs").write_text(str(pid))
+            except OSError as e:
+                log.warning("cannot move process %d out of cgroup %s: %s", pid, self.path, e.strerror)
+
     def remove(self) -> None:
         """Move this process back where it was and remove the directories `create` made, deepest first.
         Idempotent; waits up to REMOVE_TIMEOUT for processes that are ending. Never raises: what cannot

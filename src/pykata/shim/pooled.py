@@ -26,6 +26,7 @@ from typing import Any
 
 from pykata.config import load_config
 from pykata.factory import pool
+from pykata.network import holding
 from pykata.network.tap import ns_path
 from pykata.sandbox import Sandbox
 from pykata.shim.flags import Flags
@@ -112,6 +113,8 @@ async def _wait_then_serve(flags: Flags) -> int:
     claimed = False
     try:
         sandbox = await Sandbox.create_warm(config, entry.sandbox_dir, nics=config.factory.pool_nics)
+        if sandbox.warm_nics:
+            holding.preload()  # not at hand-out: the pod's start would wait for it
         waiting = _Waiting(entry, sandbox)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(entry.control))

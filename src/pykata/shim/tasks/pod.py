@@ -144,24 +144,30 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
         leave_cgroup(st)
         raise
     st.sandbox = warm
-    st.spawn(_refill_later(config), "refill-pool")
+    st.spawn(_refill_later(st, config), "refill-pool")
     return _watch(st, warm)
 
 
-async def _refill_later(config: Config) -> None:
+async def _refill_later(st: TaskState, config: Config) -> None:
     try:
         await asyncio.sleep(REFILL_DELAY)
     except asyncio.CancelledError:  # the shim is exiting first (a short pod): refill on the way out
-        refill_pool(config)
+        refill_pool(config, st)
         raise
-    await asyncio.to_thread(refill_pool, config)  # it may wait for the pool's lock: not on the loop
+    await asyncio.to_thread(refill_pool, config, st)  # it may wait for the pool's lock: not on the loop
 
 
-def refill_pool(config: Config) -> None:
-    """Start waiting shims until the pool is full again (factory.pool.fill; never raises)."""
+def refill_pool(config: Config, st: TaskState | None = None) -> None:
+    """Start waiting shims until the pool is full again (factory.pool.fill; never raises). Started by
+    a pod's shim, each one leaves the pod's cgroup at once: a waiting VM is not the pod's, and would
+    keep its cgroup from being removed."""
     from pykata.factory.pool import entry_argv, fill
 
-    fill(config, entry_argv())
+    def not_the_pods(pid: int) -> None:
+        if st is not None and st.cgroup is not None:
+            st.cgroup[0].release_process(pid)
+
+    fill(config, entry_argv(), not_the_pods)
 
 
 def _descendants(pid: int) -> list[int]:
