@@ -18,12 +18,23 @@ Each runtime runs the bundle --runs times (a fresh container each time); the med
 The pykata columns use the configuration in force ($PYKATA_CONFIG or the packaged one: templated VMs,
 so 9p); the others change keys of the packaged configuration. Runtimes take turns within each run.
 
+Wall times on a shared host measure its load as much as the file systems (a busy host stretches a VM's
+phases 2-3x and runc's create from 0.07 s to 1.4 s). `--gap MS` adds the CPU time of each phase, which
+load barely changes: the probe pauses MS milliseconds around each phase; for runc it reports its own
+CPU time, for pykata the host samples the CPU time of the VM's vCPU threads (QEMU's `CPU n/...`
+threads of the `pykata run`, every 2 ms) and sums it over each phase, placed by the guest's own
+timestamps (the first phase starts after the first stretch of idle vCPU). The pauses would let the
+image prewarm (runtime.rootfs_prewarm) run between phases, so --gap turns it off: the figures are the
+cold costs. `--prewarm N` sets runtime.rootfs_prewarm for every pykata column (wall-time runs).
+
     .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs] [--no-shared]
+                                       [--gap 300] [--prewarm N]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import shutil
@@ -31,6 +42,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -42,9 +55,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PYKATA = str(ROOT / ".venv/bin/pykata")
 PROBE = ROOT / "bench/data/fsbench.c"
 OPS = ("create", "stat", "unlink", "walk", "rewalk")
+SAMPLE_INTERVAL = 0.002
 
 
-def make_bundle(tmp: Path, files: int) -> Path:
+class Phase:
+    """One phase as the probe printed it: wall seconds, the probe's CPU seconds, its start (the
+    clock of the machine it ran on: the guest's for pykata)."""
+
+    def __init__(self, wall: float, cpu: float, start: float) -> None:
+        self.wall, self.cpu, self.start = wall, cpu, start
+
+
+def make_bundle(tmp: Path, files: int, gap_ms: int) -> Path:
     rootfs = ImageStore(tmp / "cache").resolve("busybox").rootfs
     bundle = tmp / "bundle"
     shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
@@ -56,25 +78,117 @@ def make_bundle(tmp: Path, files: int) -> Path:
             d.mkdir(parents=True)
             for k in range(20):
                 (d / f"f{k}").write_text("x")
-    spec = build_spec(["/bin/fsbench", str(files), "/usr"], env=["PATH=/bin"], cwd="/", user=(0, 0),
-                      hostname="fsbench")
+    spec = build_spec(["/bin/fsbench", str(files), "/usr", str(gap_ms)], env=["PATH=/bin"], cwd="/",
+                      user=(0, 0), hostname="fsbench")
     spec["linux"]["resources"] = {}
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
 
 
-def parse(out: str) -> dict[str, float]:
-    figures = {}
+def parse(out: str) -> dict[str, Phase]:
+    phases = {}
     for line in out.splitlines():
-        name, _, value = line.partition(" ")
-        if name in OPS:
-            figures[name] = float(value)
-    if set(figures) != set(OPS):
+        name, *values = line.split()
+        if name in OPS and len(values) == 3:
+            phases[name] = Phase(*map(float, values))
+    if set(phases) != set(OPS):
         raise SystemExit(f"fsbench printed {out!r}")
-    return figures
+    return phases
 
 
-def run_runc(bundle: Path) -> dict[str, float]:
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def _vcpu_threads(root: int) -> list[Path]:
+    """schedstat files of the vCPU threads of the QEMU that process `root` started (any depth)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or not (proc / "comm").read_text().startswith("qemu-system"):
+                continue
+            if root not in _ancestors(int(proc.name)):
+                continue
+            return [t / "schedstat" for t in (proc / "task").iterdir() if (t / "comm").read_text().startswith("CPU ")]
+        except OSError:
+            continue
+    return []
+
+
+class VcpuSampler:
+    """Samples (monotonic time, CPU ns of the vCPU threads) of the VM that `pid` starts, until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self._times: list[float] = []
+        self._ns: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        files: list[Path] = []
+        while not files and not self._stop.wait(0.01):
+            files = _vcpu_threads(self.pid)
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            try:
+                ns = sum(int(f.read_text().split()[0]) for f in files)
+            except OSError:
+                return  # the VM is gone
+            self.samples.append((time.monotonic(), ns))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _cpu(self, start: float, end: float) -> float:
+        """vCPU seconds between the first sample at or after `start` and the last at or before `end`."""
+        i = bisect.bisect_left(self._times, start)
+        j = bisect.bisect_right(self._times, end) - 1
+        return (self._ns[j] - self._ns[i]) / 1e9 if j > i else 0.0
+
+    def phase_cpu(self, phases: dict[str, Phase], gap: float) -> dict[str, float] | None:
+        """vCPU seconds of each phase. The guest's timestamps give the phases' places relative to each
+        other; the first phase is put at the start of a burst of vCPU time after `gap` of near idle,
+        the one that makes the phases hold the most vCPU time. None: no such place."""
+        self._times = [t for t, _ in self.samples]
+        self._ns = [ns for _, ns in self.samples]
+        first = phases[OPS[0]].start
+        best: tuple[float, float] | None = None
+        for (t0, c0), (t1, c1) in zip(self.samples, self.samples[1:], strict=False):
+            if t1 <= t0 or (c1 - c0) / 1e9 / (t1 - t0) < 0.3:
+                continue  # not a busy sample
+            if self._cpu(t0 - 0.8 * gap, t0) > 0.1 * 0.8 * gap:
+                continue  # not after a pause
+            score = sum(self._cpu(t0 + p.start - first - SAMPLE_INTERVAL, t0 + p.start - first + p.wall + 0.005)
+                        for p in phases.values())
+            if best is None or score > best[0]:
+                best = (score, t0)
+        if best is None:
+            return None
+        anchor = best[1]
+        return {op: self._cpu(anchor + p.start - first - SAMPLE_INTERVAL, anchor + p.start - first + p.wall + 0.005)
+                for op, p in phases.items()}
+
+
+class Result:
+    def __init__(self, phases: dict[str, Phase], cpu: dict[str, float] | None, load: float) -> None:
+        self.phases, self.cpu, self.load = phases, cpu, load
+
+
+def _load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run_runc(bundle: Path) -> Result:
     cid = f"fsbench-{uuid.uuid4().hex[:8]}"
     shutil.rmtree(bundle / "rootfs/tmp/fsbench", ignore_errors=True)
     try:
@@ -84,15 +198,45 @@ def run_runc(bundle: Path) -> dict[str, float]:
         shutil.rmtree(bundle / "rootfs/tmp/fsbench", ignore_errors=True)
     if p.returncode:
         raise SystemExit(f"runc: {p.stderr}")
-    return parse(p.stdout)
+    phases = parse(p.stdout)
+    return Result(phases, {op: ph.cpu for op, ph in phases.items()}, _load())
 
 
-def run_pykata(bundle: Path, config: Path | None) -> dict[str, float]:
+def run_pykata(bundle: Path, config: Path | None, gap: float) -> Result:
     env = dict(os.environ, **({"PYKATA_CONFIG": str(config)} if config else {}))
-    p = subprocess.run([PYKATA, "run", "--rm", str(bundle)], capture_output=True, text=True, timeout=1200, env=env)
-    if p.returncode:
-        raise SystemExit(f"pykata: {p.stderr}")
-    return parse(p.stdout)
+    proc = subprocess.Popen([PYKATA, "run", "--rm", str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    sampler = VcpuSampler(proc.pid) if gap else None
+    try:
+        out, err = proc.communicate(timeout=1200)
+    finally:
+        if sampler:
+            sampler.stop()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode:
+        raise SystemExit(f"pykata: {err}")
+    phases = parse(out)
+    cpu = sampler.phase_cpu(phases, gap) if sampler else None
+    if sampler and cpu is None:
+        print(f"warning: could not place the phases in the VM's vCPU time ({len(sampler.samples)} samples)",
+              file=sys.stderr)
+    return Result(phases, cpu, _load())
+
+
+def table(title: str, med: dict[str, dict[str, float]]) -> None:
+    print(title)
+    print(f"{'operation':<10}" + "".join(f"{k:>24}" for k in med))
+    for op in OPS:
+        base = med["runc"][op]
+        cells = [f"{base:>24.4f}"]
+        for k in med:
+            if k == "runc":
+                continue
+            ratio = med[k][op] / base if base > 0 else float("inf")
+            cells.append(f"{med[k][op]:>14.4f} ({ratio:>6.1f}x)")
+        print(f"{op:<10}" + "".join(cells))
 
 
 def main() -> int:
@@ -102,12 +246,22 @@ def main() -> int:
     ap.add_argument("--no-host", action="store_true", help="skip rootfs_upper = \"host\" (slow)")
     ap.add_argument("--no-vfs", action="store_true", help="skip the cold-booted virtio-fs VM")
     ap.add_argument("--no-shared", action="store_true", help="skip the image through the shared directory")
+    ap.add_argument("--gap", type=int, default=0, metavar="MS",
+                    help="pause MS ms around each phase and report CPU time too (turns the prewarm off)")
+    ap.add_argument("--prewarm", type=int, default=None, metavar="N",
+                    help="runtime.rootfs_prewarm for every pykata column (default: the configuration's)")
     args = ap.parse_args()
+    prewarm = 0 if args.gap else args.prewarm
     with tempfile.TemporaryDirectory(prefix="fsbench-") as d:
         tmp = Path(d)
-        bundle = make_bundle(tmp, args.files)
+        bundle = make_bundle(tmp, args.files, args.gap)
         configs: dict[str, Path | None] = {"pykata": None}
         text = packaged_default_text()
+        if prewarm is not None:
+            text = set_prewarm(text, prewarm)
+            base = Path(os.environ["PYKATA_CONFIG"]).read_text() if os.environ.get("PYKATA_CONFIG") else text
+            (tmp / "pykata.toml").write_text(set_prewarm(base, prewarm))
+            configs["pykata"] = tmp / "pykata.toml"
         shared = ("rootfs_block_slots = 4", "rootfs_block_slots = 0")
         cold = ("enable_template = true", "enable_template = false")
         variants = {
@@ -126,23 +280,36 @@ def main() -> int:
                 changed = changed.replace(old, new)
             (tmp / f"{name}.toml").write_text(changed)
             configs[name] = tmp / f"{name}.toml"
-        results: dict[str, list[dict[str, float]]] = {"runc": [], **{k: [] for k in configs}}
+        results: dict[str, list[Result]] = {"runc": [], **{k: [] for k in configs}}
+        gap = args.gap / 1000
         for _ in range(args.runs):
             results["runc"].append(run_runc(bundle))
             for name, cfg in configs.items():
-                results[name].append(run_pykata(bundle, cfg))
-    med = {k: {op: statistics.median(r[op] for r in v) for op in OPS} for k, v in results.items()}
-    print(f"{args.files} files in /tmp, walk of /usr ({args.runs} runs, median seconds; ratio to runc)")
-    print(f"{'operation':<10}" + "".join(f"{k:>24}" for k in med))
-    for op in OPS:
-        base = med["runc"][op]
-        cells = [f"{med['runc'][op]:>24.4f}"]
-        for k in configs:
-            ratio = med[k][op] / base if base > 0 else float("inf")
-            cells.append(f"{med[k][op]:>14.4f} ({ratio:>6.1f}x)")
-        print(f"{op:<10}" + "".join(cells))
-    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
+                results[name].append(run_pykata(bundle, cfg, gap))
+    loads = [r.load for v in results.values() for r in v]
+    prewarm_note = f", runtime.rootfs_prewarm = {prewarm}" if prewarm is not None else ""
+    table(f"{args.files} files in /tmp, walk of /usr ({args.runs} runs, median wall seconds; ratio to runc"
+          f"{prewarm_note})", {k: {op: statistics.median(r.phases[op].wall for r in v) for op in OPS}
+                               for k, v in results.items()})
+    if args.gap:
+        cpu = {k: [r.cpu for r in v if r.cpu is not None] for k, v in results.items()}
+        if all(cpu.values()):
+            table(f"CPU seconds: runc's process, pykata's vCPUs (median of {min(map(len, cpu.values()))}+ runs; "
+                  "ratio to runc)",
+                  {k: {op: statistics.median(c[op] for c in v) for op in OPS} for k, v in cpu.items()})
+    print(f"load average (1 min) after each run: min {min(loads):.2f} max {max(loads):.2f}; at the end: "
+          f"{Path('/proc/loadavg').read_text().strip()}")
     return 0
+
+
+def set_prewarm(text: str, entries: int) -> str:
+    key = "rootfs_prewarm = "
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(key):
+            lines[i] = f"{key}{entries}"
+            return "\n".join(lines) + "\n"
+    raise SystemExit(f"the configuration has no {key.strip()} line")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 /* Metadata timings on a container's root filesystem, run inside the container by bench/fs_bench.py:
  * create, stat and unlink of N files in /tmp (the writable layer), and a walk (lstat of every entry)
- * of a directory tree of the image (the read-only layers). Prints "name seconds" lines. */
+ * of a directory tree of the image (the read-only layers). Prints "name seconds cpu-seconds start"
+ * lines: the phase's wall time, the process's CPU time in it, and CLOCK_MONOTONIC when it started.
+ * argv: N, tree, and gap (milliseconds, default 0): a pause before each phase and after the last, so
+ * that the host can tell the phases apart in the VM's vCPU time. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <fcntl.h>
@@ -11,10 +14,27 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now(void) {
+static double clock_s(clockid_t clock) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(clock, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static double now(void) { return clock_s(CLOCK_MONOTONIC); }
+
+static double t0, cpu0;
+static int gap_ms;
+
+static void begin(void) {
+    if (gap_ms) usleep(gap_ms * 1000);
+    t0 = now();
+    cpu0 = clock_s(CLOCK_PROCESS_CPUTIME_ID);
+}
+
+static void end(const char *name) {
+    double t = now();
+    printf("%s %.6f %.6f %.6f\n", name, t - t0, clock_s(CLOCK_PROCESS_CPUTIME_ID) - cpu0, t0);
+    fflush(stdout);
 }
 
 static long walk(const char *dir) {
@@ -38,36 +58,38 @@ static long walk(const char *dir) {
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 2000;
     const char *tree = argc > 2 ? argv[2] : "/usr";
+    gap_ms = argc > 3 ? atoi(argv[3]) : 0;
     char name[64];
     struct stat st;
     if (mkdir("/tmp/fsbench", 0755) || chdir("/tmp/fsbench")) return 2;
-    double t = now();
+    begin();
     for (int i = 0; i < n; i++) {
         snprintf(name, sizeof name, "f%05d", i);
         int fd = open(name, O_WRONLY | O_CREAT | O_EXCL, 0644);
         if (fd < 0 || write(fd, "x", 1) != 1) return 3;
         close(fd);
     }
-    printf("create %.6f\n", now() - t);
-    t = now();
+    end("create");
+    begin();
     for (int i = 0; i < n; i++) {
         snprintf(name, sizeof name, "f%05d", i);
         if (stat(name, &st)) return 4;
     }
-    printf("stat %.6f\n", now() - t);
-    t = now();
+    end("stat");
+    begin();
     for (int i = 0; i < n; i++) {
         snprintf(name, sizeof name, "f%05d", i);
         if (unlink(name)) return 5;
     }
-    printf("unlink %.6f\n", now() - t);
-    t = now();
+    end("unlink");
+    begin();
     long entries = walk(tree);
-    printf("walk %.6f\n", now() - t);
+    end("walk");
     /* the same walk again: what the file system costs once its dentries and inodes exist */
-    t = now();
+    begin();
     walk(tree);
-    printf("rewalk %.6f\n", now() - t);
+    end("rewalk");
+    if (gap_ms) usleep(gap_ms * 1000);
     fprintf(stderr, "walked %ld entries of %s\n", entries, tree);
     return 0;
 }

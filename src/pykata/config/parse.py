@@ -194,6 +194,8 @@ def validate(config: Config) -> None:
     _range("runtime.rootfs_block_slots", runtime.rootfs_block_slots, 0, MAX_ROOT_SLOTS, "")
     _range("runtime.rootfs_block_max_mib", runtime.rootfs_block_max_mib, 16, 1 << 20, " (MiB)")
     _range("runtime.rootfs_block_cache_mib", runtime.rootfs_block_cache_mib, 16, 1 << 30, " (MiB)")
+    # the agent caps a request at 200,000 entries (pykata.agent.storage.MAX_PREWARM)
+    _range("runtime.rootfs_prewarm", runtime.rootfs_prewarm, 0, 200_000, " (entries)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("runtime.tracing_file", runtime.tracing_file, allow_empty=True)
     if runtime.tracing_endpoint and not runtime.tracing_endpoint.startswith(("http://", "https://")):

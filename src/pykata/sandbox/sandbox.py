@@ -61,10 +61,6 @@ log = logging.getLogger("pykata.sandbox")
 SHARED_FS_TAG = "kataShared"
 AGENT_PROXY_SOCKET = "agent.sock"
 STOP_TIMEOUT = 20.0
-# A container root on an image disk: the agent looks up this many of its entries ahead, at idle
-# priority (pykata.agent.storage.warm_tree), so the container's first walk of its image is not the
-# one that builds every dentry and inode under emulation.
-PREWARM_ENTRIES = 50_000
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -611,6 +607,7 @@ class Sandbox:
         else:
             lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
         size = self.config.runtime.rootfs_upper_size
+        prewarm = self.config.runtime.rootfs_prewarm
         return [
             *lowers,
             agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
@@ -621,7 +618,7 @@ class Sandbox:
             agent_pb2.Storage(driver="overlay", source="overlay", fstype="overlay", mount_point=f"{base}/rootfs",
                               options=[f"lowerdir={lower}", f"upperdir={base}/scratch/upper",
                                        f"workdir={base}/scratch/work"],
-                              driver_options=[f"prewarm={PREWARM_ENTRIES}"] if disk is not None else []),
+                              driver_options=[f"prewarm={prewarm}"] if disk is not None and prewarm else []),
         ]
 
     def _release_container(self, container_id: str) -> None:
