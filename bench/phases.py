@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the wall time of one pod start and teardown goes, phase by phase, beside runc.
 
-    .venv/bin/python bench/phases.py [-n 5] [--json]
+    .venv/bin/python bench/phases.py [-n 5] [--pool] [--memory-limit MIB] [--cpus N] [--json]
 
 A private containerd (tests/shim/harness.py) runs `ctr run --rm <busybox> true` with runc and with
 pykata, alternately, N times each (after one warm-up each). containerd gets PYKATA_TIMING_FILE in its
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -72,11 +73,11 @@ PARALLEL = [
 ]
 
 
-def run_rm(ctd: Containerd, runtime: str) -> float:
+def run_rm(ctd: Containerd, runtime: str, limits: tuple[str, ...] = ()) -> float:
     cid = f"ph-{uuid.uuid4().hex[:8]}"
     mark("bench.begin")
     start = time.perf_counter()
-    p = ctd.ctr("run", "--rm", "--runtime", runtime, IMAGE, cid, "true", check=False)
+    p = ctd.ctr("run", "--rm", "--runtime", runtime, *limits, IMAGE, cid, "true", check=False)
     elapsed = time.perf_counter() - start
     mark("bench.end")
     if p.returncode != 0:
@@ -118,11 +119,14 @@ def phases_of(marks: list[tuple[int, str]]) -> dict[str, float]:
 
 
 def pool_config(directory: Path) -> Path:
-    """A copy of the configuration in force with factory.pool_size = 1."""
+    """A copy of the configuration in force with factory.pool_size = 1 and a runtime_dir of its own (so
+    the pool, and its `destroy` at the end, are this run's only; containerd and so its shims get
+    PYKATA_CONFIG)."""
     from pykata.config.load import find_config_path, packaged_default_text
 
     found = find_config_path()
     text = found.read_text() if found is not None else packaged_default_text()
+    text = re.sub(r"(?m)^runtime_dir\s*=.*$", f'runtime_dir = "{directory / "run"}"', text)
     path = directory / "configuration.toml"
     path.write_text(text.replace("\npool_size = 0\n", "\npool_size = 1\n"))
     return path
@@ -147,7 +151,13 @@ def main() -> None:
     ap.add_argument("--pool", action="store_true",
                     help="with a warm pool of 1 (factory.pool_size): each pykata run starts once a "
                          "pooled VM is ready (the wait is not counted)")
+    ap.add_argument("--memory-limit", type=int, default=0, metavar="MIB",
+                    help="the container's memory limit (ctr run --memory-limit): a pod of another size than "
+                         "the configured VM's, sized after the clone's restore (or the pooled VM's hand-out)")
+    ap.add_argument("--cpus", type=float, default=0, help="the container's CPU limit (ctr run --cpus)")
     args = ap.parse_args()
+    limits = ((("--memory-limit", str(args.memory_limit << 20)) if args.memory_limit else ())
+              + (("--cpus", str(args.cpus)) if args.cpus else ()))
     if args.pool:
         os.environ["PYKATA_CONFIG"] = str(pool_config(Path(tempfile.mkdtemp(prefix="phases-pool-"))))
 
@@ -162,15 +172,15 @@ def main() -> None:
         image = ImageStore(Path(load_config().runtime.cache_dir)).resolve("busybox")
         ctd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0],
                 str(export_oci_archive(image, tmp / "busybox.tar", IMAGE)))
-        run_rm(ctd, RUNC_RUNTIME)
-        run_rm(ctd, PYKATA_RUNTIME)  # warm-up: caches, and the VM template on a first run
+        run_rm(ctd, RUNC_RUNTIME, limits)
+        run_rm(ctd, PYKATA_RUNTIME, limits)  # warm-up: caches, and the VM template on a first run
         settle(timing)
         for _ in range(args.runs):
-            runc.append(run_rm(ctd, RUNC_RUNTIME))
+            runc.append(run_rm(ctd, RUNC_RUNTIME, limits))
             if args.pool:
                 wait_for_pool()
             timing.write_bytes(b"")
-            run_rm(ctd, PYKATA_RUNTIME)
+            run_rm(ctd, PYKATA_RUNTIME, limits)
             settle(timing)
             runs.append(phases_of(read_marks(timing)))
     finally:
@@ -190,7 +200,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"ctr run --rm busybox true, median of {args.runs}: runc {runc_med:.3f} s, "
+    print(f"ctr run --rm {' '.join(limits)}{' ' if limits else ''}busybox true{' (pool)' if args.pool else ''}, "
+          f"median of {args.runs}: runc {runc_med:.3f} s, "
           f"pykata {med['total']:.3f} s, ratio {result['ratio']}x")
     print(f"{'phase':<62} {'ms':>7} {'share':>6}")
     for label in labels:
