@@ -86,8 +86,8 @@ async def _machine(config: Config) -> tuple[dict[str, Any], dict[str, Path | Non
     return machine, {"kernel": kernel, "initrd": initrd, "image": image}
 
 
-def _assets_json(assets: dict[str, Path | None]) -> dict[str, Any]:
-    return {name: None if path is None else {"sha256": path_sha256(path), "size": path.stat().st_size}
+def _assets_json(assets: dict[str, Path | None], known: KnownDigests) -> dict[str, Any]:
+    return {name: None if path is None else {"sha256": path_sha256(path, known), "size": path.stat().st_size}
             for name, path in assets.items()}
 
 
@@ -109,7 +109,7 @@ async def warm_up(config: Config) -> None:
     not. Never raises."""
     with contextlib.suppress(PykataError, OSError):
         _, assets = await _machine(config)
-        await asyncio.to_thread(_assets_json, assets)
+        await asyncio.to_thread(_assets_json, assets, KnownDigests(config.runtime.runtime_path))
 
 
 def _devices_json(sandbox: Any) -> list[dict[str, Any]]:
@@ -159,7 +159,7 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
         "format": FORMAT, "kind": KIND, "pykata_version": str(pykata.__version__), "created_at": time.time(),
         "source_sandbox": sandbox.id, "qemu_version": await vm.qemu_version(), "machine": machine,
         "devices": _devices_json(sandbox),
-        "assets": await asyncio.to_thread(_assets_json, assets),
+        "assets": await asyncio.to_thread(_assets_json, assets, KnownDigests(sandbox.config.runtime.runtime_path)),
         "containers": [_container_json(sandbox, cid) for cid in sandbox.containers],
         "extra": extra or {},
     }
@@ -247,7 +247,7 @@ def _verify_hashes(m: dict[str, Any], assets: dict[str, Path | None], state_fd: 
     """The hashes of this host's assets and of the state against the manifest's (run in a thread while
     the VM starts: a mismatch stops it before anyone uses it). Raises SnapshotError naming the field."""
     for name, here in assets.items():
-        if here is not None and m["assets"][name]["sha256"] != path_sha256(here):
+        if here is not None and m["assets"][name]["sha256"] != path_sha256(here, known):
             raise SnapshotError(f"assets.{name}", f"this host's {here} is not the one the snapshot was "
                                                   "made with (sha256 differs: the guest image was rebuilt)")
     if state_sha256(state_fd, known) != m["state"]["sha256"]:

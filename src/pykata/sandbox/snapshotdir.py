@@ -160,8 +160,8 @@ class KnownDigests:
 
 
 def state_sha256(fd: int, known: KnownDigests) -> str:
-    """sha256 of a snapshot's state: remembered by `known` when this host hashed that very file since
-    it last changed, else computed (and remembered)."""
+    """sha256 of a snapshot's state (or of this host's kernel, initrd or image): remembered by `known`
+    when this host hashed that very file since it last changed, else computed (and remembered)."""
     digest = known.get(fd)
     if digest is not None:
         return digest
@@ -171,10 +171,11 @@ def state_sha256(fd: int, known: KnownDigests) -> str:
     return digest
 
 
-def path_sha256(path: Path) -> str:
+def path_sha256(path: Path, known: KnownDigests | None = None) -> str:
+    """sha256 of the file at `path` (through `known` when given: see state_sha256)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return file_sha256(fd)
+        return file_sha256(fd) if known is None else state_sha256(fd, known)
     finally:
         os.close(fd)
 
