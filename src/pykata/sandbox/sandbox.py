@@ -312,10 +312,9 @@ class Sandbox:
         """What makes a started VM this sandbox's: clock, reseed (clones), policy, CreateSandbox."""
         assert self.vm is not None
         if self.vm.restore_source is not None:
-            # a clone wakes up with the template's clock
-            await sync_guest_clock(self.agent)
-            mark("guest.clock")
-            await self._reseed_clone()
+            # a clone wakes up with the template's clock and randomness: independent, so sent together
+            # (the reseed's first thread in the guest is slow under TCG; the clock need not wait for it)
+            await asyncio.gather(self._sync_clock(), self._reseed_clone())
         if self.policy_json is not None:
             # Before CreateSandbox: nothing in the guest runs before the policy is in force.
             await self.agent.set_policy(self.policy_json)
@@ -470,6 +469,10 @@ class Sandbox:
         if self.egress is None or self.vm is None:
             raise SandboxError(self.id, "forwarding a port needs a sandbox made with an egress network")
         await self.vm.forward_port(nic_id(0), host_address, host_port, guest_port)
+
+    async def _sync_clock(self) -> None:
+        await sync_guest_clock(self.agent)
+        mark("guest.clock")
 
     async def _reseed_clone(self) -> None:
         """Give a VM cloned from a template its own randomness and boot id (agent ReseedRandomDev),
