@@ -132,7 +132,7 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     (JSON) is stored in the manifest for the caller (the SDK keeps its settings there).
 
     Raises:
-        SnapshotError: `path` exists or its parent does not; the sandbox cannot be snapshotted (it
+        SnapshotError: `path` exists or its parent cannot be made; the sandbox cannot be snapshotted (it
             shares host files with the guest, has a NIC, or booted cold); the save failed. Nothing is
             left at `path` on failure.
     """
@@ -152,6 +152,10 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     path = Path(os.path.abspath(path))
     if os.path.lexists(path):
         raise SnapshotError("path", f"{path} exists already")
+    try:
+        os.makedirs(path.parent, mode=0o700, exist_ok=True)  # missing parents are made (0700: yours)
+    except OSError as exc:
+        raise SnapshotError("path", f"cannot make {path.parent}: {exc.strerror}") from None
     if not path.parent.is_dir():
         raise SnapshotError("path", f"{path.parent} is not a directory")
     machine, assets = await _machine(sandbox.config)

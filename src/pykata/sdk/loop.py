@@ -98,7 +98,8 @@ class SharedLoop:
         if loop is None or thread is None or not thread.is_alive():
             if isinstance(aw, Coroutine):
                 aw.close()
-            raise LoopThreadGone("the sandbox is closed (no event loop is running for it)")
+            raise LoopThreadGone("the sandbox is not started or closed (no event loop runs for it): use "
+                                 "`with pykata.Sandbox(...) as sb:` or `sb = pykata.Sandbox(...).start()`")
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
         tasks: list[asyncio.Task[T]] = []
 
