@@ -288,6 +288,20 @@ class AgentService:
         self._make_dirs()
         return await asyncio.to_thread(self.entropy.reseed, req, containers_exist=len(self.containers) > 0)
 
+    async def WarmUp(self, req: agent_pb2.WarmUpRequest, ctx: Any) -> Empty:
+        """A throwaway container, created and deleted (pykata.agent.warmup). Refused once the
+        sandbox or a container exists: it is for a VM no pod has yet."""
+        from pykata.agent import warmup
+
+        if self.sandbox.created or len(self.containers) > 0:
+            raise FailedPrecondition("WarmUp: this VM already serves a pod")
+        self._make_dirs()
+        try:
+            await warmup.warm_up(self.containers.crun, self.settings, self.entropy.container_mounts())
+        except OSError as exc:
+            raise Internal(f"warm-up: {exc}") from None
+        return Empty()
+
     # -- networking (pykata.agent.network: rtnetlink through pyroute2) ---------------------------
 
     async def UpdateInterface(self, req: agent_pb2.UpdateInterfaceRequest, ctx: Any) -> agent_pb2.Interface:

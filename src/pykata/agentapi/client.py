@@ -317,6 +317,11 @@ class Agent:
                                 agent_pb2.ReseedRandomDevResponse)
         return self._checked("ReseedRandomDev", replies.reseed_random_dev, resp)
 
+    async def warm_up(self, *, timeout: float | None = REQUEST_TIMEOUT) -> None:
+        """Run a throwaway container in a VM no pod has yet (protocol version 4), so its first real
+        container starts on warm code; refused (FailedPrecondition) once the VM serves a pod."""
+        await self._call("WarmUp", agent_pb2.WarmUpRequest(), Message, timeout=timeout)
+
     async def set_policy(self, policy_json: str) -> None:
         """Set the agent policy (docs/policy.md); RPCs it does not allow are refused from then on."""
         await self._call("SetPolicy", agent_pb2.SetPolicyRequest(policy_json=policy_json), Message)

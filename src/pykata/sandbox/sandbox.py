@@ -57,6 +57,8 @@ from pykata.sandbox.proxy import serve_agent_proxy
 from pykata.timing import mark
 
 log = logging.getLogger("pykata.sandbox")
+# a throwaway container in a pooled VM (Agent.warm_up): a few crun calls, slow on a loaded TCG host
+WARM_UP_TIMEOUT = 60.0
 
 SHARED_FS_TAG = "kataShared"
 AGENT_PROXY_SOCKET = "agent.sock"
@@ -309,12 +311,13 @@ class Sandbox:
         self._agent = agent_box["agent"]
 
     async def _setup_guest(self, hostname: str, serve_proxy: bool) -> None:
-        """What makes a started VM this sandbox's: clock, reseed (clones), policy, CreateSandbox."""
+        """What makes a started VM this sandbox's: clock, reseed (clones; a pooled VM was reseeded
+        when it was made), policy, CreateSandbox."""
         assert self.vm is not None
         if self.vm.restore_source is not None:
             # a clone wakes up with the template's clock and randomness: independent, so sent together
             # (the reseed's first thread in the guest is slow under TCG; the clock need not wait for it)
-            await asyncio.gather(self._sync_clock(), self._reseed_clone())
+            await asyncio.gather(self._sync_clock(), *([self._reseed_clone()] if self.reseed is None else []))
         if self.policy_json is not None:
             # Before CreateSandbox: nothing in the guest runs before the policy is in force.
             await self.agent.set_policy(self.policy_json)
@@ -356,10 +359,11 @@ class Sandbox:
     @classmethod
     async def create_warm(cls, config: Config, directory: Path, *, boot_timeout: float | None = None,
                           nics: int = 0) -> Sandbox:
-        """A VM restored from the template into `directory`, its agent connected, then paused: a
-        sandbox waiting in the warm pool, to be made some pod's by `adopt`. Nothing pod-specific
-        (reseed, clock, policy, CreateSandbox, hostname) has happened in the guest yet. Its QEMU
-        dies with this process (factory.pool: a waiting VM must not outlive its holder).
+        """A VM restored from the template into `directory`, its agent connected, reseeded and
+        warmed up (a throwaway container, factory.pool_warm_up), then paused: a sandbox waiting in the
+        warm pool, to be made some pod's by `adopt`. Nothing pod-specific (clock, policy,
+        CreateSandbox, hostname) has happened in the guest yet. Its QEMU dies with this process
+        (factory.pool: a waiting VM must not outlive its holder).
 
         `nics=1`: the VM has one NIC, on a tap in a holding network namespace of its own
         (pykata.network.holding), for a pod whose network namespace `adopt` is given.
@@ -380,6 +384,14 @@ class Sandbox:
             assert sb.vm is not None
             if sb.vm.restore_source is None:
                 raise SandboxError(sb.id, "the pooled VM booted cold instead of from the template")
+            # Pod-independent guest work done now rather than at hand-out. The reseed: this VM is
+            # handed to one pod only, so randomness and a boot id of its own from now on are as
+            # good as at hand-out. The warm-up: a throwaway container, so the pod's first crun
+            # create runs on code QEMU has translated already (pykata.agent.warmup).
+            # A failed warm-up drops the VM: a guest that cannot make a container would fail its pod.
+            await sb._reseed_clone()
+            if config.factory.pool_warm_up:
+                await sb.agent.warm_up(timeout=WARM_UP_TIMEOUT)
             await sb.vm.pause()  # no CPU while it waits (an idle guest under TCG still ticks)
         except BaseException:
             await asyncio.shield(sb.stop(remove=True))
@@ -414,8 +426,8 @@ class Sandbox:
         """Make a warm sandbox (create_warm) the sandbox `sandbox_id`: sandboxes/<id> links to its
         directory (first: from then on a dead owner's leftovers are found by its id), its NIC is wired
         to the pod's network namespace `netns` (take_network; a VM made with a NIC needs one), the VM
-        runs again, and the guest is set up as for any clone (clock, reseed, policy, CreateSandbox, its
-        network) now, at hand-out, and resized to `resize_to` (memory MiB, vCPUs; None: unchanged:
+        runs again, and the guest is set up as for any clone (clock, policy, CreateSandbox, its
+        network; it was reseeded when pooled) now, at hand-out, and resized to `resize_to` (memory MiB, vCPUs; None: unchanged:
         boot_size()'s second value). On failure the sandbox is stopped.
 
         Raises InvalidArgument (bad id), SandboxError (the id is taken, or `netns` does not match the

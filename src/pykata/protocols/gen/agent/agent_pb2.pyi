@@ -661,6 +661,10 @@ class ReseedRandomDevResponse(_message.Message):
     boot_id: str
     def __init__(self, rng_sample: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
+class WarmUpRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SetPolicyRequest(_message.Message):
     __slots__ = ("policy_json",)
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
