@@ -50,7 +50,7 @@ AGENT_METHODS = {
     "StatsContainer", "UpdateContainer", "PauseContainer", "ResumeContainer", "GetOOMEvent",
     "GetGuestDetails", "OnlineCPUMem", "SetGuestDateTime", "CopyFile", "UpdateInterface",
     "UpdateRoutes", "ListInterfaces", "ListRoutes", "CreateSandbox", "DestroySandbox",
-    "ReseedRandomDev", "SetPolicy", "GetGuestMetrics", "StartDebugConsole",
+    "ReseedRandomDev", "SetPolicy", "GetGuestMetrics", "StartDebugConsole", "WarmUp",
 }
 
 

@@ -90,6 +90,8 @@ async def warm_up(crun: Crun, settings: AgentSettings, extra_mounts: list[dict[s
             undo.callback(umount, str(scratch))
             for layer in ("lower", "upper", "work"):
                 (scratch / layer).mkdir(mode=0o755)
+            # crun create checks that the process's executable exists; it is never run
+            (scratch / "lower/pykata-warmup").touch(mode=0o755)
             mount("overlay", str(root), "overlay", MS_NOSUID | MS_NODEV,
                   f"lowerdir={scratch}/lower,upperdir={scratch}/upper,workdir={scratch}/work")
             undo.callback(umount, str(root))

@@ -369,6 +369,13 @@ def build_kernel(
     except OSError as exc:
         raise KernelBuildError(f"cache_dir {cache_dir}: cannot create {kdir}: {exc.strerror}") from exc
     entry = kdir / key
+    # A cached kernel needs no lock (an entry appears whole, by rename): without this check every
+    # `image build` of a checkout whose kernel is cached waited for another checkout's kernel build
+    # (minutes) only to find its own in the cache.
+    if not force and (cached := _load_entry(entry)) is not None:
+        report(f"cached: {cached.version} ({key})")
+        _write_current(kdir, key)
+        return cached
     with _locked(kdir, report):
         if not force and (cached := _load_entry(entry)) is not None:
             report(f"cached: {cached.version} ({key})")
