@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the wall time of one pod start and teardown goes, phase by phase, beside runc.
 
-    .venv/bin/python bench/phases.py [-n 5] [--pool] [--memory-limit MIB] [--cpus N] [--json]
+    .venv/bin/python bench/phases.py [-n 5] [--pool [--no-warm-up]] [--memory-limit MIB] [--cpus N] [--json]
 
 A private containerd (tests/shim/harness.py) runs `ctr run --rm <busybox> true` with runc and with
 pykata, alternately, N times each (after one warm-up each). containerd gets PYKATA_TIMING_FILE in its
@@ -118,17 +118,20 @@ def phases_of(marks: list[tuple[int, str]]) -> dict[str, float]:
     return out
 
 
-def pool_config(directory: Path) -> Path:
-    """A copy of the configuration in force with factory.pool_size = 1 and a runtime_dir of its own (so
-    the pool, and its `destroy` at the end, are this run's only; containerd and so its shims get
-    PYKATA_CONFIG)."""
+def pool_config(directory: Path, warm_up: bool = True) -> Path:
+    """A copy of the configuration in force with factory.pool_size = 1 (pool_warm_up off unless
+    `warm_up`) and a runtime_dir of its own (so the pool, and its `destroy` at the end, are this
+    run's only; containerd and so its shims get PYKATA_CONFIG)."""
     from pykata.config.load import find_config_path, packaged_default_text
 
     found = find_config_path()
     text = found.read_text() if found is not None else packaged_default_text()
     text = re.sub(r"(?m)^runtime_dir\s*=.*$", f'runtime_dir = "{directory / "run"}"', text)
+    text = text.replace("\npool_size = 0\n", "\npool_size = 1\n")
+    if not warm_up:
+        text = text.replace("\npool_warm_up = true\n", "\npool_warm_up = false\n")
     path = directory / "configuration.toml"
-    path.write_text(text.replace("\npool_size = 0\n", "\npool_size = 1\n"))
+    path.write_text(text)
     return path
 
 
@@ -155,11 +158,14 @@ def main() -> None:
                     help="the container's memory limit (ctr run --memory-limit): a pod of another size than "
                          "the configured VM's, sized after the clone's restore (or the pooled VM's hand-out)")
     ap.add_argument("--cpus", type=float, default=0, help="the container's CPU limit (ctr run --cpus)")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="with --pool: pooled VMs skip the throwaway container (factory.pool_warm_up = false)")
     args = ap.parse_args()
     limits = ((("--memory-limit", str(args.memory_limit << 20)) if args.memory_limit else ())
               + (("--cpus", str(args.cpus)) if args.cpus else ()))
     if args.pool:
-        os.environ["PYKATA_CONFIG"] = str(pool_config(Path(tempfile.mkdtemp(prefix="phases-pool-"))))
+        os.environ["PYKATA_CONFIG"] = str(pool_config(Path(tempfile.mkdtemp(prefix="phases-pool-")),
+                                                      warm_up=not args.no_warm_up))
 
     tmp = Path(tempfile.mkdtemp(prefix="phases-bench-"))
     timing = tmp / "timing"
@@ -196,13 +202,15 @@ def main() -> None:
     result: dict[str, Any] = {"runs": args.runs, "runc_total_s": round(runc_med, 3),
                               "pykata_total_s": round(med["total"], 3),
                               "ratio": round(med["total"] / runc_med, 1),
+                              "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
                               "phases_s": {k: round(v, 4) for k, v in med.items() if k != "total"}}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"ctr run --rm {' '.join(limits)}{' ' if limits else ''}busybox true{' (pool)' if args.pool else ''}, "
+    mode = (" (pool" + (", no warm-up)" if args.no_warm_up else ")")) if args.pool else ""
+    print(f"ctr run --rm {' '.join(limits)}{' ' if limits else ''}busybox true{mode}, "
           f"median of {args.runs}: runc {runc_med:.3f} s, "
-          f"pykata {med['total']:.3f} s, ratio {result['ratio']}x")
+          f"pykata {med['total']:.3f} s, ratio {result['ratio']}x; load average {result['load']}")
     print(f"{'phase':<62} {'ms':>7} {'share':>6}")
     for label in labels:
         share = "" if label.startswith("||") else f"{100 * med[label] / med['total']:5.1f}%"

@@ -226,6 +226,9 @@ class FactoryConfig:
     pool_nics: int = 0
     # The pool is not refilled while the host has less memory available than this, MiB.
     pool_min_free_mib: int = 2048
+    # A pooled VM runs a throwaway container before it waits (agent WarmUp), so its pod's first
+    # container starts on code QEMU has already translated (TCG).
+    pool_warm_up: bool = True
 
 
 @dataclass(frozen=True)
