@@ -140,8 +140,10 @@ def wait_for_pool(timeout: float = 120.0) -> None:
 
     config = load_config()
     deadline = time.monotonic() + timeout
+    mine = pool.fingerprint(config)
     pool.fill(config, pool.entry_argv())
-    while not any(e.ready and e.alive for e in pool.list_entries(config)):
+    # one of this configuration's (a pool of another run's may still be ending)
+    while not any(e.ready and e.alive and e.fingerprint == mine for e in pool.list_entries(config)):
         if time.monotonic() > deadline:
             raise SystemExit("the warm pool did not fill")
         time.sleep(0.05)

@@ -5,7 +5,6 @@ Stdlib only.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -90,6 +89,8 @@ async def async_file_lock(path: Path, *, timeout: float, poll: float = 0.05) -> 
 
     Raises TimeoutError when another holder keeps it longer, OSError when it cannot be opened.
     """
+    import asyncio  # here: the shim's short-lived `start` and `delete` import this module, not asyncio
+
     fd = _open_lock(path)
     try:
         deadline = time.monotonic() + timeout
