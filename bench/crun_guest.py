@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What each crun call costs inside the guest (TCG), with and without the agent's levers.
 
-    .venv/bin/python bench/crun_guest.py [-n 3]
+    .venv/bin/python bench/crun_guest.py [-n 3] [--strace FILE]
 
 Boots the current guest image (the cached kernel and rootfs the sandboxes use) in a throwaway QEMU
 microvm with one extra cpio appended to its initrd: the guest's /init, unchanged except that its
@@ -91,10 +91,21 @@ for r in range(ROUNDS):
 cols = [c[0] for c in COLUMNS]
 medians = {row: {c: statistics.median(v[c]) for c in cols} for row, v in rows.items()}
 print("PROBE-JSON", json.dumps(medians), flush=True)
+if os.path.exists("/probe/strace/strace"):
+    # one more create and delete, warm (after the rounds above), under strace: where its time goes
+    setting(0, 0)
+    env = {**os.environ, "LD_LIBRARY_PATH": "/probe/strace"}
+    for name, args in (("create", ["create", "--bundle=/probe/b", "c"]), ("delete", ["delete", "--force", "c"])):
+        subprocess.run(["/probe/strace/strace", "-f", "-tt", "-T", "-o", f"/tmp/trace-{name}", EXE["sealed"],
+                        "--root=/run/crun", *args], env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        with open(f"/tmp/trace-{name}") as f:
+            for line in f:
+                print("PROBE-STRACE", name, line.rstrip(), flush=True)
 '''
 
 
-def overlay(base_initrd: Path, work: Path, rounds: int) -> Path:
+def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False) -> Path:
     """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
     init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
                           capture_output=True, check=True).stdout.decode()
@@ -118,6 +129,11 @@ def overlay(base_initrd: Path, work: Path, rounds: int) -> Path:
     proc = {"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
             "capabilities": spec["process"]["capabilities"], "noNewPrivileges": True}
     (tree / "probe/p.json").write_text(json.dumps(proc))
+    if strace:  # the host's strace and the libraries it needs beyond the guest's
+        (tree / "probe/strace").mkdir()
+        shutil.copy2("/usr/bin/strace", tree / "probe/strace/strace")
+        for lib in ("libunwind-ptrace.so.0", "libunwind-x86_64.so.8", "libunwind.so.8", "liblzma.so.5"):
+            shutil.copy2(Path("/lib/x86_64-linux-gnu") / lib, tree / "probe/strace" / lib)
     names = subprocess.run(["find", "."], cwd=tree, capture_output=True, check=True).stdout
     extra = subprocess.run(["cpio", "-o", "--quiet", "-H", "newc", "-R", "0:0"], cwd=tree, input=names,
                            capture_output=True, check=True).stdout
@@ -129,6 +145,8 @@ def overlay(base_initrd: Path, work: Path, rounds: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--strace", metavar="FILE", help="also run one warm crun create and delete under the "
+                    "host's strace (-f -tt -T) in the guest and write the traces to FILE")
     args = ap.parse_args()
     kernel, rootfs = find_kernel(CACHE), find_rootfs(CACHE)
     if kernel is None or rootfs is None:
@@ -138,7 +156,7 @@ def main() -> int:
                 if ln.startswith("cpu MHz")), 0.0)
     with tempfile.TemporaryDirectory(prefix="crun-guest-") as d:
         work = Path(d)
-        initrd = overlay(rootfs.initrd, work, args.n)
+        initrd = overlay(rootfs.initrd, work, args.n, strace=bool(args.strace))
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
@@ -151,6 +169,9 @@ def main() -> int:
     for line in text.splitlines():
         if line.startswith("PROBE-ERROR"):
             print(line, file=sys.stderr)
+    if args.strace:
+        Path(args.strace).write_text("".join(ln.split(" ", 1)[1] + "\n" for ln in text.splitlines()
+                                             if ln.startswith("PROBE-STRACE ")))
     found = [ln for ln in text.splitlines() if ln.startswith("PROBE-JSON ")]
     if not found:
         print(text[-3000:], file=sys.stderr)

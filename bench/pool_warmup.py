@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""What the warm pool's warm-up (factory.pool_warm_up, agent WarmUp) buys the first container of a
+pooled VM, measured through the Sandbox API (no containerd, no shim):
+
+    .venv/bin/python bench/pool_warmup.py [-n 3]
+
+Per round and per mode (warm-up on, off; interleaved), a VM is made as the pool makes one
+(Sandbox.create_warm: restored from the template, reseeded, warmed up or not, paused), handed out
+(adopt: resumed, clock, CreateSandbox), then two busybox containers are created one after the
+other; the figure is the wall time of each CreateContainer as the host sees it (storages, bundle,
+crun create in the guest). The second create shows the floor a fully warm VM reaches. Prints the
+medians and the load average (the machine is shared: compare the columns of one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from pykata.config import Config, load_config  # noqa: E402
+from pykata.images import ImageStore  # noqa: E402
+from pykata.sandbox import Sandbox, build_spec  # noqa: E402
+
+
+async def one(config: Config, runtime: Path, rootfs: Path, n: int) -> tuple[float, float, float]:
+    """(seconds to make the pooled VM, first CreateContainer, second CreateContainer)."""
+    directory = runtime / "pool" / f"pool-{n:012x}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    sb = await Sandbox.create_warm(config, directory)
+    made = time.perf_counter() - t0
+    try:
+        await sb.adopt(f"warmbench{n}", serve_proxy=False)
+        spec = build_spec(["true"], env=["PATH=/bin"])
+        times = []
+        for cid in ("c1", "c2"):
+            t = time.perf_counter()
+            await sb.create_container(cid, spec, rootfs)
+            times.append(time.perf_counter() - t)
+        return made, times[0], times[1]
+    finally:
+        await sb.stop(remove=True)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=3, help="rounds (each makes one VM per mode)")
+    args = ap.parse_args()
+    base = load_config()
+    runtime = Path(tempfile.mkdtemp(prefix="pkwb", dir="/tmp"))  # short: unix socket paths
+    rootfs = ImageStore(base.runtime.cache_path).resolve("busybox").rootfs
+    modes = {"warm-up": True, "no warm-up": False}
+    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    try:
+        for i in range(args.n):
+            for j, (mode, on) in enumerate(modes.items()):
+                config = dataclasses.replace(
+                    base, runtime=dataclasses.replace(base.runtime, runtime_dir=str(runtime)),
+                    factory=dataclasses.replace(base.factory, pool_warm_up=on))
+                results[mode].append(await one(config, runtime, rootfs, 2 * i + j))
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"pooled VM, median of {args.n} (ms); load average {load}")
+    print(f"{'':<12}{'make (pool)':>13}{'1st create':>12}{'2nd create':>12}")
+    for mode, rows in results.items():
+        med = [1000 * statistics.median(col) for col in zip(*rows, strict=True)]
+        print(f"{mode:<12}{med[0]:>13.0f}{med[1]:>12.0f}{med[2]:>12.0f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
