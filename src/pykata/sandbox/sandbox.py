@@ -427,8 +427,8 @@ class Sandbox:
         directory (first: from then on a dead owner's leftovers are found by its id), its NIC is wired
         to the pod's network namespace `netns` (take_network; a VM made with a NIC needs one), the VM
         runs again, and the guest is set up as for any clone (clock, policy, CreateSandbox, its
-        network; it was reseeded when pooled) now, at hand-out, and resized to `resize_to` (memory MiB, vCPUs; None: unchanged:
-        boot_size()'s second value). On failure the sandbox is stopped.
+        network; it was reseeded when pooled) now, at hand-out, and resized to `resize_to` (memory
+        MiB, vCPUs; None: unchanged: boot_size()'s second value). On failure the sandbox is stopped.
 
         Raises InvalidArgument (bad id), SandboxError (the id is taken, or `netns` does not match the
         VM's NICs), PoolMismatch / NetworkError (see take_network), AgentError, HypervisorError.
