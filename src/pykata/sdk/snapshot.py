@@ -19,6 +19,8 @@ from typing import Any
 
 from pykata.config import Config
 from pykata.errors import PykataError
+from pykata.ids import is_valid_id
+from pykata.sandbox import Process
 from pykata.sandbox.snapshot import SnapshotError, save
 from pykata.sandbox.snapshot import restore as restore_sandbox
 from pykata.sdk.errors import SandboxGoneError
@@ -36,8 +38,15 @@ async def snapshot(sb: Any, path: Path, *, close: bool) -> Path:
     if not sb.snapshots:
         raise SnapshotError("", "this sandbox shares host files with its VM; make it with "
                                 "Sandbox(..., snapshots=True) to snapshot it")
+    if not sb.paused:
+        # a shell waiting for the first command, saved with the guest: a restore's first command is
+        # written to it instead of exec'd, sparing `crun exec` in a guest whose TCG code cache is cold
+        with contextlib.suppress(PykataError):
+            await sb.prepare_command()
+    prepared = sb._prepared
     extra = {"sdk": {"image": sb.image_ref, "env": sb._env, "cwd": sb._cwd, "container": sb._cid,
-                     "user": list(sb._user) if sb._user else None}}
+                     "user": list(sb._user) if sb._user else None,
+                     "prepared": {"exec_id": prepared.exec_id, "pid": prepared.pid} if prepared else None}}
     try:
         saved = await save(inner, path, extra=extra, resume=not close and not sb.paused)
     finally:
@@ -64,8 +73,12 @@ def _sdk_extra(manifest: dict[str, Any]) -> dict[str, Any]:
     ids = [c["id"] for c in manifest["containers"]]
     if sdk.get("container") not in ids:
         raise SnapshotError("extra.sdk.container", "not one of the snapshot's containers")
+    prepared = sdk.get("prepared")
+    if prepared is not None and not (isinstance(prepared, dict) and is_valid_id(prepared.get("exec_id"))
+                                     and isinstance(prepared.get("pid"), int) and 0 < prepared["pid"] < 1 << 22):
+        raise SnapshotError("extra.sdk.prepared", "expected {exec_id, pid}")
     return {"env": env, "cwd": cwd, "user": tuple(user) if user else None, "image": image,
-            "container": sdk["container"]}
+            "container": sdk["container"], "prepared": prepared}
 
 
 async def restore(cls: Any, path: Path, *, config: Config | None, timeout: float | None, name: str) -> Any:
@@ -85,6 +98,9 @@ async def restore(cls: Any, path: Path, *, config: Config | None, timeout: float
         sb._user = seen["user"]
         sb._cid = seen["container"]
         sb._container = inner.containers[sb._cid]
+        if seen["prepared"] is not None:  # a waiting shell the guest was saved with (see snapshot())
+            sb._prepared = Process(inner.agent, sb._cid, seen["prepared"]["exec_id"], seen["prepared"]["pid"],
+                                   False)
         sb._write_sdk_state()
         if timeout is not None:
             await sb.set_timeout(timeout)
