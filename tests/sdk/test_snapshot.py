@@ -229,7 +229,9 @@ async def test_async_restore_can_be_snapshotted_again(saved: tuple[Path, dict[st
     """AsyncSandbox has the same surface; a restored sandbox is itself a sandbox made for snapshots."""
     first = await pykata.AsyncSandbox.restore(saved[0])
     try:
+        assert first._prepared is not None  # a shell saved waiting for the first command takes it
         assert (await first.run("cat hello.txt")).text == "prepared"
+        assert first._prepared is None
         await first.files.write("/data/second.txt", "second generation")
         await first.pause()
         await first.snapshot(tmp_path / "again")  # a paused sandbox stays paused
