@@ -25,10 +25,12 @@ CPU time, for pykata the host samples the CPU time of the VM's vCPU threads (QEM
 threads of the `pykata run`, every 2 ms) and sums it over each phase, placed by the guest's own
 timestamps (the first phase starts after the first stretch of idle vCPU). The pauses would let the
 image prewarm (runtime.rootfs_prewarm) run between phases, so --gap turns it off: the figures are the
-cold costs. `--prewarm N` sets runtime.rootfs_prewarm for every pykata column (wall-time runs).
+cold costs. `--prewarm N` sets runtime.rootfs_prewarm for every pykata column (wall-time runs);
+`--variant NAME=SECTION.KEY=VALUE` adds a column pykata-NAME with one key of the configuration in force
+changed (any number of them).
 
     .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs] [--no-shared]
-                                       [--gap 300] [--prewarm N]
+                                       [--gap 300] [--prewarm N] [--variant NAME=SECTION.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -250,6 +252,9 @@ def main() -> int:
                     help="pause MS ms around each phase and report CPU time too (turns the prewarm off)")
     ap.add_argument("--prewarm", type=int, default=None, metavar="N",
                     help="runtime.rootfs_prewarm for every pykata column (default: the configuration's)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE",
+                    help="also a column pykata-NAME: the configuration in force with one key set, e.g. "
+                         "nowarm=runtime.rootfs_prewarm=0 or noerms=hypervisor.qemu.cpu_model='\"max,-erms\"'")
     args = ap.parse_args()
     prewarm = 0 if args.gap else args.prewarm
     with tempfile.TemporaryDirectory(prefix="fsbench-") as d:
@@ -257,11 +262,19 @@ def main() -> int:
         bundle = make_bundle(tmp, args.files, args.gap)
         configs: dict[str, Path | None] = {"pykata": None}
         text = packaged_default_text()
+        in_force = Path(os.environ["PYKATA_CONFIG"]).read_text() if os.environ.get("PYKATA_CONFIG") else text
         if prewarm is not None:
-            text = set_prewarm(text, prewarm)
-            base = Path(os.environ["PYKATA_CONFIG"]).read_text() if os.environ.get("PYKATA_CONFIG") else text
-            (tmp / "pykata.toml").write_text(set_prewarm(base, prewarm))
+            text = set_key(text, "runtime.rootfs_prewarm", str(prewarm))
+            in_force = set_key(in_force, "runtime.rootfs_prewarm", str(prewarm))
+            (tmp / "pykata.toml").write_text(in_force)
             configs["pykata"] = tmp / "pykata.toml"
+        for variant in args.variant:
+            name, _, setting = variant.partition("=")
+            dotted, _, value = setting.partition("=")
+            if not name or not dotted or not value:
+                raise SystemExit(f"--variant {variant!r}: expected NAME=SECTION.KEY=VALUE")
+            (tmp / f"variant-{name}.toml").write_text(set_key(in_force, dotted, value))
+            configs[f"pykata-{name}"] = tmp / f"variant-{name}.toml"
         shared = ("rootfs_block_slots = 4", "rootfs_block_slots = 0")
         cold = ("enable_template = true", "enable_template = false")
         variants = {
@@ -302,14 +315,20 @@ def main() -> int:
     return 0
 
 
-def set_prewarm(text: str, entries: int) -> str:
-    key = "rootfs_prewarm = "
+def set_key(text: str, dotted: str, value: str) -> str:
+    """`text` (a configuration file) with `dotted` (section.key, e.g. runtime.rootfs_prewarm) set to
+    `value` (TOML), on the line that sets it."""
+    section, _, key = dotted.rpartition(".")
+    current = ""
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        if line.startswith(key):
-            lines[i] = f"{key}{entries}"
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped.strip("[]").strip()
+        elif current == section and stripped.split("=")[0].strip() == key and "=" in stripped:
+            lines[i] = f"{key} = {value}"
             return "\n".join(lines) + "\n"
-    raise SystemExit(f"the configuration has no {key.strip()} line")
+    raise SystemExit(f"the configuration has no {dotted} line")
 
 
 if __name__ == "__main__":
