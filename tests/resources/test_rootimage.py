@@ -57,6 +57,9 @@ def test_disk_keeps_owners_modes_links_xattrs_and_nanoseconds(tmp_path: Path) ->
     assert "Mode:  0750" in _debugfs(image.path, "stat /")
     assert "Type: FIFO" in _debugfs(image.path, "stat /fifo")
     assert "Fast link dest: \"/bin/busybox\"" in _debugfs(image.path, "stat /usr/bin/sh")
+    # read-only and unindexed: no journal, and no dir_index (small directories' readdir would hash)
+    features = _debugfs(image.path, "features")
+    assert "has_journal" not in features and "dir_index" not in features and "extent" in features
     assert not list(cache.dir.glob(".tmp-*"))
 
 
