@@ -115,6 +115,8 @@ BAD = [
     ("[factory]\nenable_template = 'no'", "factory.enable_template"),
     ("[netmon]\nenable = true", "netmon"),
     ("runtime = 'x'", "runtime"),
+    ("[runtime]\nrootfs_prewarm = -1", "runtime.rootfs_prewarm"),
+    ("[runtime]\nrootfs_prewarm = 200001", "runtime.rootfs_prewarm"),
 ]
 
 
