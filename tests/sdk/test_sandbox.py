@@ -204,6 +204,21 @@ def test_unknown_image_raises_before_any_vm() -> None:
         pass
 
 
+async def test_bad_arguments_name_their_field_before_any_vm() -> None:
+    """Each was found only by the guest once a VM had booted (or taken: a timeout of -1 ran the command)."""
+    for field, kwargs in (("name", {"name": "a/b"}), ("name", {"name": "x" * 64}), ("cwd", {"cwd": "work"})):
+        with pytest.raises(SpecError, match=rf"^{field}: "):
+            pykata.AsyncSandbox(**kwargs)  # type: ignore[arg-type]
+    sb = pykata.AsyncSandbox()  # not started: each is refused before anything would be sent
+    with pytest.raises(SpecError, match=r"^timeout: "):
+        await sb.run("true", timeout=-1)
+    with pytest.raises(SpecError, match=r"^stdin: "):
+        await sb.spawn("cat", stdin=5)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"^cwd: "):
+        await sb.spawn("true", cwd="relative")
+    assert pykata.AsyncSandbox(name="grader-1.local", cwd="/work").name == "grader-1.local"
+
+
 INTERRUPT_DURING_BOOT = r"""
 import json, os, signal, threading, asyncio
 import pykata

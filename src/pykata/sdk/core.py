@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import shlex
 import socket
 import time
@@ -91,6 +92,16 @@ def _egress_policy(network: Network | None, allow: Sequence[str] | None, deny: S
         raise SpecError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
 
 
+_HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")  # the agent's rule (agent/validation.py)
+
+
+def _check_cwd(cwd: str | None) -> str | None:
+    """`cwd` when it is None or an absolute path (checked here, before a VM boots). Raises SpecError."""
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd):
+        raise SpecError("cwd", f"{str(cwd)[:80]!r} is not an absolute path")
+    return cwd
+
+
 def _free_port(host: str) -> int:
     """A port nothing listens on now (QEMU binds it a moment later; a race is retried)."""
     with socket.socket() as s:
@@ -150,6 +161,9 @@ class AsyncSandbox:
         self._exposed: dict[int, int] = {}  # guest port -> host port
         self.volumes = list(volumes)
         self.config = config
+        if name and not _HOSTNAME.match(name):  # the guest's host name too (checked again by its agent)
+            raise SpecError("name", f"{name[:80]!r} is not a host name (letters, digits, '.', '-'; "
+                                    "at most 63, starting with a letter or digit)")
         self.name = name
         self.idle_command = list(idle_command)
         # A sandbox that can be snapshotted shares no host directory with its guest (sdk/snapshot.py).
@@ -157,7 +171,7 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self._extra_env = _env_list(env)
         self._user = _user(user)
-        self._cwd_arg = cwd
+        self._cwd_arg = _check_cwd(cwd)
         self._timeout = timeout
         self._env: list[str] = []
         self._cwd = "/"
@@ -460,6 +474,9 @@ class AsyncSandbox:
         Raises SpecError (bad argument, naming it), SandboxGoneError, AgentError."""
         argv = _argv(cmd)
         envs = [*self._env, *_env_list(env)]
+        _check_cwd(cwd)
+        if not isinstance(stdin, (bytes, str, bool)):
+            raise SpecError("stdin", f"expected bytes, str or a bool, not {type(stdin).__name__}")
         uid, gid = _user(user) or self._user or (0, 0)
         raw: Process | None = None
         if self._prepared is not None and env is None and cwd in (None, self._cwd) and user is None \
@@ -523,6 +540,8 @@ class AsyncSandbox:
         carries its output so far), SdkError when it prints more than `max_output` bytes (killed),
         SpecError, SandboxGoneError.
         """
+        if timeout is not None and not timeout > 0:
+            raise SpecError("timeout", f"{timeout} must be positive")
         proc = await self.spawn(cmd, env=env, cwd=cwd, user=user, stdin=b"" if stdin is None else stdin)
         try:
             return await proc.result(timeout, max_output=max_output)
