@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import re
 import shutil
 import statistics
 import sys
@@ -31,9 +32,12 @@ from pykata.config import Config, load_config  # noqa: E402
 from pykata.images import ImageStore  # noqa: E402
 from pykata.sandbox import Sandbox, build_spec  # noqa: E402
 
+AGENT_LINE = re.compile(r"created container (c\d) .* in (\d+) ms: \d+ storages (\d+), bundle (\d+), crun create (\d+)")
 
-async def one(config: Config, runtime: Path, rootfs: Path, n: int) -> tuple[float, float, float]:
-    """(seconds to make the pooled VM, first CreateContainer, second CreateContainer)."""
+
+async def one(config: Config, runtime: Path, rootfs: Path, n: int) -> tuple[list[float], dict[str, list[float]]]:
+    """([seconds to make the pooled VM, first CreateContainer, second CreateContainer], the agent's
+    split of each create from the guest's console: {"c1": [total, storages, bundle, crun] in ms})."""
     directory = runtime / "pool" / f"pool-{n:012x}"
     directory.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -47,7 +51,10 @@ async def one(config: Config, runtime: Path, rootfs: Path, n: int) -> tuple[floa
             t = time.perf_counter()
             await sb.create_container(cid, spec, rootfs)
             times.append(time.perf_counter() - t)
-        return made, times[0], times[1]
+        console = getattr(sb.vm, "console_log", None)
+        text = console.read_text(errors="replace") if isinstance(console, Path) and console.exists() else ""
+        split = {m[1]: [float(x) for x in m.groups()[1:]] for m in AGENT_LINE.finditer(text)}
+        return [made, times[0], times[1]], split
     finally:
         await sb.stop(remove=True)
 
@@ -60,14 +67,17 @@ async def main() -> None:
     runtime = Path(tempfile.mkdtemp(prefix="pkwb", dir="/tmp"))  # short: unix socket paths
     rootfs = ImageStore(base.runtime.cache_path).resolve("busybox").rootfs
     modes = {"warm-up": True, "no warm-up": False}
-    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    results: dict[str, list[list[float]]] = {m: [] for m in modes}
+    splits: dict[str, list[dict[str, list[float]]]] = {m: [] for m in modes}
     try:
         for i in range(args.n):
             for j, (mode, on) in enumerate(modes.items()):
                 config = dataclasses.replace(
                     base, runtime=dataclasses.replace(base.runtime, runtime_dir=str(runtime)),
                     factory=dataclasses.replace(base.factory, pool_warm_up=on))
-                results[mode].append(await one(config, runtime, rootfs, 2 * i + j))
+                times, split = await one(config, runtime, rootfs, 2 * i + j)
+                results[mode].append(times)
+                splits[mode].append(split)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -76,6 +86,13 @@ async def main() -> None:
     for mode, rows in results.items():
         med = [1000 * statistics.median(col) for col in zip(*rows, strict=True)]
         print(f"{mode:<12}{med[0]:>13.0f}{med[1]:>12.0f}{med[2]:>12.0f}")
+    print("in the guest (agent's console line), median ms: total = storages + bundle + crun create")
+    for mode, rounds in splits.items():
+        for cid in ("c1", "c2"):
+            rows = [r[cid] for r in rounds if cid in r]
+            if rows:
+                t, st, b, c = (statistics.median(col) for col in zip(*rows, strict=True))
+                print(f"  {mode:<12} {cid}: {t:5.0f} = {st:4.0f} + {b:3.0f} + {c:4.0f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,20 @@ class Containers:
         check_count("storages", req.storages)
         check_count("devices", req.devices)
         self._busy.add(cid)
+        began = time.monotonic()
         try:
             async with contextlib.AsyncExitStack() as undo:
                 mounts: list[Mounted] = []
                 undo.callback(self._unmount, mounts)
-                for i, storage in enumerate(req.storages):
-                    mounts.append(await asyncio.to_thread(self.storages.mount, storage, f"storages[{i}]"))
+                # in one thread hop for all of them (each hop is a few ms under TCG); if this RPC is
+                # cancelled meanwhile, the thread's mounts finish first so that the undo sees them all
+                mounting = asyncio.ensure_future(asyncio.to_thread(self._mount_all, req.storages, mounts))
+                try:
+                    await asyncio.shield(mounting)
+                except asyncio.CancelledError:
+                    await asyncio.wait({mounting})
+                    raise
+                mounted = time.monotonic()
                 config = bundle.rewrite_spec(
                     spec, roots=self.settings.source_roots, cgroups_path=self.settings.cgroups_path(cid),
                     terminal=req.terminal, pid_ns_path=pid_ns_path, extra_mounts=extra_mounts,
@@ -155,6 +164,7 @@ class Containers:
                 bundle_dir.mkdir(mode=0o700)
                 undo.callback(shutil.rmtree, bundle_dir, True)
                 (bundle_dir / "config.json").write_text(json.dumps(config))
+                written = time.monotonic()
                 init = Process(cid, "", tty=bool(config["process"].get("terminal")),
                                buffer_limit=self.settings.buffer_limit)
                 undo.callback(init.close)
@@ -170,7 +180,10 @@ class Containers:
         self.oom.watch(cid, container.cgroup)
         assert init._exit is not None
         init._exit.add_done_callback(lambda _f: self._init_exited(container))
-        log.info("created container %s (pid %d)", cid, pid)
+        # where the time went, for bench/pool_warmup.py and anyone reading the guest's console
+        log.info("created container %s (pid %d) in %.0f ms: %d storages %.0f, bundle %.0f, crun create %.0f",
+                 cid, pid, 1000 * (time.monotonic() - began), len(req.storages), 1000 * (mounted - began),
+                 1000 * (written - mounted), 1000 * (time.monotonic() - written))
         return container
 
     async def _launch(self, proc: Process, cid: str, pid_file: Path,
@@ -410,6 +423,12 @@ class Containers:
             if self.crun.exists(cid):
                 raise
             log.debug("crun delete %s: %s", cid, exc)
+
+    def _mount_all(self, storages: Sequence[agent_pb2.Storage], mounts: list[Mounted]) -> None:
+        """Mount `storages` in order, appending each to `mounts` as it is made (so a failure part-way
+        leaves in `mounts` what the caller must undo). Raises what Storages.mount raises."""
+        for i, storage in enumerate(storages):
+            mounts.append(self.storages.mount(storage, f"storages[{i}]"))
 
     def _unmount(self, mounts: list[Mounted]) -> None:
         for err in self.storages.unmount(mounts):

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import re
 import threading
@@ -80,7 +81,9 @@ DEVICE_WAIT = 10.0
 DRIVERS = ("virtio-fs", "9p", "virtio-blk", "local", "tmpfs", "bind", "overlay")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    # once: a container's storages are several mounts in a row, each slow to set up under TCG
     return ctypes.CDLL(None, use_errno=True)
 
 
