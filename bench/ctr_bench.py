@@ -8,7 +8,8 @@ with a local busybox image. Prints:
 - the median wall time of `ctr run --rm <busybox> true` with io.containerd.runc.v2 and with
   io.containerd.pykata.v2, and their ratio (one warm-up run each first, not counted);
 - host memory per running container (`sleep` in each): the PSS of its shim, QEMU and virtiofsd
-  (from /proc/<pid>/smaps_rollup), for 1 and for 10 containers running at once (PSS splits pages
+  (from /proc/<pid>/smaps_rollup), plus a share of the shims' fork server (runtime.shim_fork_server),
+  for 1 and for 10 containers running at once (PSS splits pages
   shared between VMs, such as a VM template's, among them), with runc's shim and container as a
   reference.
 With --tb-sizes, both are measured for each TCG translation cache size (MiB; 0 = QEMU's default),
@@ -168,6 +169,9 @@ def memory(ctd: Containerd, runtime: str, count: int, opts: tuple[str, ...] = ()
                     for p in pids:
                         for k, v in qemu_breakdown_kib(p).items():
                             parts[k] = parts.get(k, 0) + v
+        server = ctd.fork_server_pid()  # pykata.shim.forkserver: its pages are the shims' shared ones
+        if server is not None and runtime != RUNC_RUNTIME:
+            totals["fork_server"] = pss_kib(server)
         per = {k: v / count / 1024 for k, v in totals.items() if v}
         out = {"runtime": runtime, "containers": count, "pss_mib_per_container": round(sum(per.values()), 1),
                "start_median_s": round(statistics.median(starts), 3), "start_max_s": round(max(starts), 3),

@@ -24,8 +24,10 @@ from typing import TypeVar
 
 import psutil
 
+from pykata.config import load_config
 from pykata.images import ImageStore
 from pykata.images.builtin import export_oci_archive
+from pykata.shim import forkserver
 
 VENV_BIN = Path(sys.executable).parent
 SHIM = VENV_BIN / "containerd-shim-pykata-v2"
@@ -138,14 +140,24 @@ class Containerd:
         with contextlib.suppress(Exception):
             self.ctr("container", "rm", container_id, check=False, timeout=30)
 
-    def shims(self) -> list[psutil.Process]:
-        """Shim processes (runc's and ours) started by this containerd."""
+    def shims(self, *, fork_server: bool = False) -> list[psutil.Process]:
+        """Shim processes (runc's and ours) started by this containerd; with `fork_server`, pykata's fork
+        server for it too (pykata.shim.forkserver: it outlives the pods' shims by design)."""
         found = []
         for p in psutil.process_iter(["cmdline"]):
             cmd = p.info["cmdline"] or []
-            if cmd and "containerd-shim" in " ".join(cmd[:2]) and str(self.socket) in cmd:
+            if cmd and "containerd-shim" in " ".join(cmd[:2]) and str(self.socket) in cmd and (
+                    fork_server or forkserver.ACTION not in cmd):
                 found.append(p)
         return found
+
+    def fork_server_pid(self) -> int | None:
+        """The pid of pykata's fork server for this containerd, if one runs."""
+        for p in psutil.process_iter(["cmdline", "status"]):
+            cmd = p.info["cmdline"] or []
+            if forkserver.ACTION in cmd and str(self.socket) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return p.pid
+        return None
 
     def stop(self) -> None:
         """Remove everything, stop containerd, and make sure no shim, VM or mount of ours is left."""
@@ -165,8 +177,9 @@ class Containerd:
         self.force_cleanup()
 
     def force_cleanup(self) -> None:
+        forkserver.stop(load_config().runtime.runtime_dir, str(self.socket))
         ours: set[str] = set()  # sandbox ids of pykata shims, to run their dead-shim cleanup
-        for p in self.shims():
+        for p in self.shims(fork_server=True):
             with contextlib.suppress(psutil.Error):
                 cmd = p.cmdline()
                 if SHIM.name in " ".join(cmd[:2]) and "-id" in cmd[:-1]:

@@ -155,9 +155,17 @@ def start(flags: Flags) -> str:
             return address
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        _become_daemon(flags, listener, bundle, sandbox_id, path)  # never returns
+    pid = None
+    if config.runtime.shim_fork_server:
+        from pykata.shim.forkserver import fork_shim
+
+        pid = fork_shim(config.runtime.runtime_dir, flags, bundle, sandbox_id, path, listener)
+    if pid is None:
+        from pykata.shim.detach import become_daemon
+
+        pid = os.fork()
+        if pid == 0:
+            become_daemon(flags, listener, bundle, sandbox_id, path)  # never returns
     listener.close()
     _write_bundle_file(bundle, "shim.pid", str(pid))
     _write_bundle_file(bundle, "address", address)
@@ -192,38 +200,6 @@ def _claim_pooled(config: Config, flags: Flags, bundle: Path, sandbox_id: str, p
     if pid is None:
         pool.fill(config, pool.entry_argv())
     return pid
-
-
-def _become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, path: Path) -> None:
-    code = 1
-    try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        # containerd waits for end of file on start's output: the daemon must not keep it open
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        from pykata.shim.logs import open_log_fifo
-
-        log_fd = open_log_fifo(bundle)
-        os.dup2(log_fd if log_fd is not None else devnull, 2)
-        os.close(devnull)
-        os.chdir("/")
-        # Lazy: the daemon's imports (Task service, sandbox, hypervisor) cost the short-lived `start`
-        # and `delete` processes time they do not need; only the forked daemon pays it.
-        from pykata.shim.daemon import run
-        from pykata.timing import mark
-
-        mark("daemon.imported")
-        code = run(flags, listener, bundle, sandbox_id, path, log_fd)
-    except BaseException:  # the daemon's last word goes to the log FIFO (stderr)
-        import traceback
-
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(code)
 
 
 def _write_bundle_file(bundle: Path, name: str, value: str) -> None:

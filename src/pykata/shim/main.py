@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
             from pykata.shim.pooled import main as wait_in_pool
 
             wait_in_pool(flags)
+        elif flags.action == "fork-server":  # `start` launches it (pykata.shim.forkserver)
+            from pykata.shim.forkserver import serve
+
+            serve(flags)
         elif flags.action == "delete":
             sys.stdout.buffer.write(delete(flags))
             sys.stdout.flush()
