@@ -8,7 +8,11 @@ bundle to which a tree of 2000 files in 110 directories is added under /usr/shar
   walk                    readdir + lstat of every entry below /usr: the image's read-only layers
   rewalk                  the same walk again (the guest's dentries and inodes now exist)
 Each runtime runs the bundle --runs times (a fresh container each time); the median is reported:
-  runc         `runc run` on the host (the baseline)
+  runc         `runc run` on the host (the baseline), its root an overlay as containerd's overlayfs
+               snapshotter makes it for `ctr run`: the image's tree the lower layer, a fresh upper for
+               each container (so a first walk makes the overlay's dentries and inodes, on the host)
+  runc-dir     `runc run` on the bundle's rootfs directory itself (no overlay: what this bench
+               compared with before; its walk is a walk of dentries that exist since the tree was written)
   pykata       `pykata run` with runtime.rootfs_upper = "guest" (overlay in the guest, upper on tmpfs,
                the image a read-only ext4 disk in an image slot: runtime.rootfs_block_slots)
   pykata-9p    as pykata, the image through the shared directory instead (rootfs_block_slots = 0)
@@ -20,17 +24,17 @@ so 9p); the others change keys of the packaged configuration. Runtimes take turn
 
 Wall times on a shared host measure its load as much as the file systems (a busy host stretches a VM's
 phases 2-3x and runc's create from 0.07 s to 1.4 s). `--gap MS` adds the CPU time of each phase, which
-load barely changes: the probe pauses MS milliseconds around each phase; for runc it reports its own
-CPU time, for pykata the host samples the CPU time of the VM's vCPU threads (QEMU's `CPU n/...`
-threads of the `pykata run`, every 2 ms) and sums it over each phase, placed by the guest's own
-timestamps (the first phase starts after the first stretch of idle vCPU). The pauses would let the
-image prewarm (runtime.rootfs_prewarm) run between phases, so --gap turns it off: the figures are the
-cold costs. `--prewarm N` sets runtime.rootfs_prewarm for every pykata column (wall-time runs);
+load changes far less (at load 10 still up to ~2x): the probe pauses MS milliseconds around each
+phase; for runc it reports its own CPU time, for pykata the host samples the CPU time of the VM's vCPU
+threads (QEMU's `CPU n/...` threads of the `pykata run`, every 2 ms) and sums it over each phase,
+placed by the guest's own timestamps (the first phase starts after the first stretch of idle vCPU).
+The pauses would let the image prewarm (runtime.rootfs_prewarm) run between phases, so --gap turns it
+off: the figures are the cold costs. `--prewarm N` sets runtime.rootfs_prewarm for every pykata column;
 `--variant NAME=SECTION.KEY=VALUE` adds a column pykata-NAME with one key of the configuration in force
 changed (any number of them).
 
     .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs] [--no-shared]
-                                       [--gap 300] [--prewarm N] [--variant NAME=SECTION.KEY=VALUE ...]
+                                       [--no-runc-dir] [--gap 300] [--prewarm N] [--variant NAME=SECTION.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -190,14 +194,33 @@ def _load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run_runc(bundle: Path) -> Result:
+def run_runc(bundle: Path, overlay: bool) -> Result:
+    """runc on the bundle: with `overlay`, as containerd's overlayfs snapshotter gives a container its
+    root (the image's tree as the lower layer, a fresh upper per container; ctr run does this), else
+    on the bundle's rootfs directory itself."""
     cid = f"fsbench-{uuid.uuid4().hex[:8]}"
-    shutil.rmtree(bundle / "rootfs/tmp/fsbench", ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="runc-", dir=bundle.parent))
+    run_bundle = bundle
+    mounted = None
     try:
-        p = subprocess.run(["runc", "run", "--bundle", str(bundle), cid], capture_output=True, text=True, timeout=300)
+        if overlay:
+            for d in ("upper", "work", "rootfs"):
+                (work / d).mkdir()
+            spec = json.loads((bundle / "config.json").read_text())
+            spec["root"]["path"] = str(work / "rootfs")
+            (work / "config.json").write_text(json.dumps(spec))
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={bundle / 'rootfs'},"
+                            f"upperdir={work / 'upper'},workdir={work / 'work'}", str(work / "rootfs")], check=True)
+            mounted = work / "rootfs"
+            run_bundle = work
+        p = subprocess.run(["runc", "run", "--bundle", str(run_bundle), cid], capture_output=True, text=True,
+                           timeout=300)
     finally:
         subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+        if mounted:
+            subprocess.run(["umount", str(mounted)], check=True)
         shutil.rmtree(bundle / "rootfs/tmp/fsbench", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     if p.returncode:
         raise SystemExit(f"runc: {p.stderr}")
     phases = parse(p.stdout)
@@ -248,6 +271,7 @@ def main() -> int:
     ap.add_argument("--no-host", action="store_true", help="skip rootfs_upper = \"host\" (slow)")
     ap.add_argument("--no-vfs", action="store_true", help="skip the cold-booted virtio-fs VM")
     ap.add_argument("--no-shared", action="store_true", help="skip the image through the shared directory")
+    ap.add_argument("--no-runc-dir", action="store_true", help="skip runc on the bundle's directory itself")
     ap.add_argument("--gap", type=int, default=0, metavar="MS",
                     help="pause MS ms around each phase and report CPU time too (turns the prewarm off)")
     ap.add_argument("--prewarm", type=int, default=None, metavar="N",
@@ -293,10 +317,13 @@ def main() -> int:
                 changed = changed.replace(old, new)
             (tmp / f"{name}.toml").write_text(changed)
             configs[name] = tmp / f"{name}.toml"
-        results: dict[str, list[Result]] = {"runc": [], **{k: [] for k in configs}}
+        results: dict[str, list[Result]] = {"runc": [], **({} if args.no_runc_dir else {"runc-dir": []}),
+                                            **{k: [] for k in configs}}
         gap = args.gap / 1000
         for _ in range(args.runs):
-            results["runc"].append(run_runc(bundle))
+            results["runc"].append(run_runc(bundle, overlay=True))
+            if not args.no_runc_dir:
+                results["runc-dir"].append(run_runc(bundle, overlay=False))
             for name, cfg in configs.items():
                 results[name].append(run_pykata(bundle, cfg, gap))
     loads = [r.load for v in results.values() for r in v]
