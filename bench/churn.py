@@ -11,9 +11,10 @@ Prints, per runtime measured in the same run: iterations, failures, hangs (a cal
 deadline), leaks (iterations that left something), tolerated racing-StopPodSandbox errors, and the
 median and mean seconds per iteration (of the iterations without a fault). `--faults K`: every K-th
 pykata iteration kills QEMU or the shim (alternately) with SIGKILL between the exec and the stops.
-`--pool P`: pykata is measured a second time ("pykata+pool") by a second private containerd whose pykata
+`--pool P`: pykata is measured (again) as "pykata+pool" by a second private containerd whose pykata
 handler has a warm pool of P CRI VMs (factory.pool_size = P, pool_nics = 1, its own runtime_dir), filled
-and ready before its first iteration and refilled by the pods' shims as they take VMs.
+and ready before its first iteration and refilled by the pods' shims as they take VMs (`--runtime runc
+--pool P`: runc and the pooled pykata only).
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ def pooled_containerd(tmp: Path, size: int) -> Iterator[CriContainerd]:
     from pykata.config import load_config
     from pykata.factory import pool
 
+    # short: a pod that boots its own VM puts sockets under <runtime_dir>/sandboxes/<64-char id>/vm/
+    run = Path(tempfile.mkdtemp(prefix="k", dir="/run"))  # as short as /run/pykata, nearly
     ctd = CriContainerd(tmp / "ctd-pool", runtime_config={
-        "pool_size": str(size), "pool_nics": "1", "runtime_dir": f'"{tmp / "run"}"'})
+        "pool_size": str(size), "pool_nics": "1", "runtime_dir": f'"{run}"'})
     before = os.environ.get("PYKATA_CONFIG")
     ctd.dir.mkdir(parents=True)
     ctd.config_text()
@@ -133,6 +136,7 @@ def pooled_containerd(tmp: Path, size: int) -> Iterator[CriContainerd]:
             ctd.stop()
         finally:
             pool.destroy(config)
+            shutil.rmtree(run, ignore_errors=True)
             if before is None:
                 os.environ.pop("PYKATA_CONFIG", None)
             else:
@@ -162,7 +166,7 @@ def main() -> int:
             ctd.start()
             ctd.import_images(Path(tmp) / "cache")
             loops = [Churn(ctd, handler, args.n, args.faults) for handler in handlers]
-            if args.pool > 0 and "pykata" in handlers:
+            if args.pool > 0:
                 pooled = stack.enter_context(pooled_containerd(Path(tmp), args.pool))
                 loops.append(Churn(pooled, "pykata", args.n, args.faults, label="pykata+pool"))
             for i in range(args.n):

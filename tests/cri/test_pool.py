@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +20,11 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+from cri_api.v1 import api_pb2
 
 from pykata.config import load_config
 from pykata.factory import pool
-from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, missing_cri_prerequisites
+from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, missing_cri_prerequisites, wait_gone
 from tests.cri.test_network import BRIDGE_IP, exec_ok, sh
 from tests.shim.harness import VENV_BIN
 
@@ -38,8 +41,10 @@ def pooled_cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriContaine
     if missing:
         pytest.fail(f"the CRI pool tests need {missing}")
     directory = tmp_path_factory.mktemp("cripool")
+    # short: a pod that boots its own VM puts sockets under <runtime_dir>/sandboxes/<64-char id>/vm/
+    run = Path(tempfile.mkdtemp(prefix="k", dir="/run"))  # as short as /run/pykata, nearly
     ctd = CriContainerd(directory / "ctd", runtime_config={
-        "pool_size": str(POOL_SIZE), "pool_nics": "1", "runtime_dir": f'"{directory / "run"}"'})
+        "pool_size": str(POOL_SIZE), "pool_nics": "1", "runtime_dir": f'"{run}"'})
     before = os.environ.get("PYKATA_CONFIG")
     try:
         # before containerd starts: the shim's `delete` (containerd passes it no runtime options) finds
@@ -49,7 +54,7 @@ def pooled_cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriContaine
         os.environ["PYKATA_CONFIG"] = str(ctd.dir / "pykata.toml")
         ctd.start()
         config = load_config()
-        assert config.factory.pool_nics == 1 and str(config.runtime.runtime_path).startswith(str(directory))
+        assert config.factory.pool_nics == 1 and config.runtime.runtime_path == run
         ctd.import_images(tmp_path_factory.mktemp("cache"))
         yield ctd
     finally:
@@ -60,7 +65,8 @@ def pooled_cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriContaine
             os.environ.pop("PYKATA_CONFIG", None)
         else:
             os.environ["PYKATA_CONFIG"] = before
-    assert not _processes_under(directory / "run"), "a pooled VM outlived the pool"
+    assert not _processes_under(run), "a pooled VM outlived the pool"
+    shutil.rmtree(run)
 
 
 def _ready_entries(n: int, timeout: float = 120.0) -> list[pool.PoolEntry]:
@@ -212,6 +218,41 @@ def test_pooled_cri_pods_have_working_networking_and_never_share_a_vm(pooled_cri
         for link in holding[e.id]:
             assert _holders(link) == [], f"{e.id}'s holding namespace is still held"
     assert "_kata" not in sh("ip", "-o", "link") + sh("ip", "-n", pooled_cri.netns, "-o", "link")
+
+
+@pytest.mark.vm
+def test_a_pod_that_does_not_fit_the_pool_boots_its_own_vm_on_its_network(pooled_cri: CriContainerd) -> None:
+    """A claimed shim whose pod does not fit the pooled VM (here: the pod's annotations change the
+    configuration, which boots cold) stops that VM, says why, and boots one the normal way, on the pod's
+    namespace handed over as an fd."""
+    entry = _ready_entries(1)[0]
+    other = pooled_cri.pod_configs / "other.toml"
+    text = (pooled_cri.dir / "pykata.toml").read_text()
+    other.write_text(re.sub(r"(?m)^enable_annotations\s*=.*$", 'enable_annotations = ["kernel_params"]', text))
+    config = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name="pool-misfit", uid="uid-pool-misfit", namespace="pykata-test"),
+        hostname="pool-misfit", annotations={"io.katacontainers.config_path": str(other),
+                                             "io.katacontainers.config.hypervisor.kernel_params": "pykata.pooltest=1"},
+        linux=api_pb2.LinuxPodSandboxConfig())
+    with Cri(pooled_cri.socket) as cri:
+        pod_id = str(cri.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler="pykata"),
+                                          timeout=cri.timeout).pod_sandbox_id)
+        try:
+            cid = cri.create_container(pod_id, config, "c", BUSYBOX_IMAGE, ["sleep", "3600"])
+            cri.start_container(cid)
+            log = pooled_cri.log.read_text()
+            claimed = re.findall(rf"claimed from the warm pool \((pool-[0-9a-f]+)\)[^\n]*sandbox={pod_id}", log)
+            assert claimed, "the pod's shim was not claimed from the pool"
+            assert "the pooled VM does not fit this pod (its configuration differs" in log
+            assert "pykata.pooltest=1" in exec_ok(cri, cid, ["cat", "/proc/cmdline"])
+            assert "inet " + cri.pod_ip(pod_id) in exec_ok(cri, cid, ["ip", "-o", "-4", "addr", "show", "eth0"])
+            assert "1 packets received" in exec_ok(cri, cid, ["ping", "-c", "1", "-W", "5", BRIDGE_IP])
+        finally:
+            cri.stop_pod(pod_id)
+            cri.remove_pod(pod_id)
+    assert wait_gone(pooled_cri, pod_id) == []
+    gone = [pool.PoolEntry(i, entry.root, 0, "", 0.0) for i in claimed]
+    assert _gone(gone) == []
 
 
 @pytest.mark.vm

@@ -139,3 +139,18 @@ def test_a_pod_of_another_size_takes_a_pooled_vm_resized_at_hand_out(pooled: Con
 
     assert abs(int(mem_kib) // 1024 - (limit_mib + VM_MEMORY_OVERHEAD_MIB)) <= 128, mem_kib
     assert nproc == "2"
+
+
+def test_destroy_right_after_fill_ends_the_ones_still_starting(pooled: Containerd) -> None:
+    config = load_config()
+    pool.destroy(config)
+    assert pool.fill(config, pool.entry_argv()) == config.factory.pool_size
+    # registered by fill itself, before the process has even imported its code: destroy finds it
+    starting = [e for e in pool.list_entries(config) if e.alive]
+    assert len(starting) == config.factory.pool_size and not any(e.ready for e in starting)
+    assert sorted(pool.destroy(config)) == sorted(e.id for e in starting)
+    time.sleep(2)  # had one escaped, it would have registered again and started its VM by now
+    assert [e for e in pool.list_entries(config) if e.alive] == []
+    assert not _processes_under(config.runtime.runtime_path / "pool")
+    assert all(not psutil.pid_exists(e.pid) or psutil.Process(e.pid).status() == psutil.STATUS_ZOMBIE
+               for e in starting)

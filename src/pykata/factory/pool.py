@@ -56,6 +56,7 @@ ENTRY_MIB = 150
 # A waiting process that has not written its control socket after this long is stuck: pruned.
 STARTING_LIMIT = 300.0
 SHIM_EXECUTABLE = "containerd-shim-pykata-v2"  # a fixed name (ARCHITECTURE.md)
+ENTRY_ENV = "PYKATA_POOL_ENTRY"  # the entry `fill` registered for the waiting process it starts
 
 
 def entry_argv() -> list[str]:
@@ -119,10 +120,19 @@ def _alive(pid: int) -> bool:
 
 
 def new_entry(config: Config) -> PoolEntry:
-    """Register this process as a waiting VM being made (counted by `fill` from now on)."""
+    """Register this process as a waiting VM being made (counted by `fill` from now on): the entry `fill`
+    registered for it when it started it (ENTRY_ENV), else a new one."""
+    given = os.environ.pop(ENTRY_ENV, "")
+    for entry in list_entries(config):
+        if entry.id == given and entry.pid == os.getpid():
+            return entry
+    return _register(config, f"pool-{secrets.token_hex(6)}", os.getpid())
+
+
+def _register(config: Config, entry_id: str, pid: int) -> PoolEntry:
     root = pool_root(config)
     root.mkdir(parents=True, exist_ok=True, mode=0o711)
-    entry = PoolEntry(f"pool-{secrets.token_hex(6)}", root, os.getpid(), fingerprint(config), time.time())
+    entry = PoolEntry(entry_id, root, pid, fingerprint(config), time.time())
     atomic_write(entry.meta, json.dumps({"pid": entry.pid, "fingerprint": entry.fingerprint,
                                          "created_at": entry.created_at}), make_parents=False)
     return entry
@@ -220,10 +230,14 @@ def fill(config: Config, argv: Sequence[str], started_one: Callable[[int], None]
                     log.info("factory pool: not refilled: host memory available is below "
                              "factory.pool_min_free_mib (%d MiB)", config.factory.pool_min_free_mib)
                     break
+                entry_id = f"pool-{secrets.token_hex(6)}"
                 child = subprocess.Popen([unshare, "--mount", "--propagation", "slave", "--", *argv],
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                                         cwd="/", env=env)
+                                         cwd="/", env={**env, ENTRY_ENV: entry_id})
+                # registered now, under the lock, not once it has started up: the next `fill` counts it,
+                # and a `destroy` right after this finds it (unshare execs: the pid stays the shim's)
+                _register(config, entry_id, child.pid)
                 started += 1
                 if started_one is not None:
                     started_one(child.pid)
@@ -297,10 +311,13 @@ def answer(sock: socket.socket, **reply: Any) -> None:
 def destroy(config: Config, timeout: float = 10.0) -> list[str]:
     """End every waiting VM of this pool (SIGTERM: each stops its VM; SIGKILL after `timeout`) and
     remove what is left. VMs already claimed by pods are theirs. Returns the entry ids. Never raises."""
-    entries = [e for e in list_entries(config) if e.alive]
-    for e in entries:
-        with contextlib.suppress(OSError):
-            os.kill(e.pid, 15)
+    root = pool_root(config)
+    lock = file_lock(root / ".lock") if root.is_dir() else contextlib.nullcontext()
+    with lock:  # not while a `fill` is starting ones
+        entries = [e for e in list_entries(config) if e.alive]
+        for e in entries:
+            with contextlib.suppress(OSError):
+                os.kill(e.pid, 15)
     deadline = time.monotonic() + timeout
     while any(e.alive for e in entries) and time.monotonic() < deadline:
         time.sleep(0.05)
