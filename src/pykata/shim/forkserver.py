@@ -201,6 +201,10 @@ def _serve(runtime_dir: str, address: str) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another server is (being) started
+    try:  # an installation without it (not reinstalled since): no server, `start` forks the shims
+        import setproctitle  # noqa: F401  (each child names itself with it)
+    except ImportError:
+        return 1
     from pykata.shim import daemon  # noqa: F401  (the imports every shim shares)
 
     _freeze()
