@@ -66,19 +66,26 @@ def run(exe, args, n=1):
                 print("PROBE-ERROR", exe, args, err.read()[:300], flush=True)
     return out
 
-def setting(fdm, exp):
+def setting(fdm, exp, ldcache=0):
+    if ldcache:
+        subprocess.run(["cp", "/probe/ld.so.cache", "/etc/ld.so.cache"], check=True)
+    elif os.path.exists("/etc/ld.so.cache"):
+        os.unlink("/etc/ld.so.cache")
     with open("/sys/kernel/rcu_expedited", "w") as f:
         f.write("1" if exp else "0")
     opts = "remount,nsdelegate" + (",favordynmods" if fdm else "")
     subprocess.run(["mount", "-o", opts, "/sys/fs/cgroup"], check=False)
 
-COLUMNS = [("disk", "disk", 0, 0), ("sealed", "sealed", 0, 0), ("+fdm", "sealed", 1, 0), ("rcu-exp", "sealed", 0, 1)]
+COLUMNS = [("disk", "disk", 0, 0, 0), ("sealed", "sealed", 0, 0, 0), ("+fdm", "sealed", 1, 0, 0),
+           ("rcu-exp", "sealed", 0, 1, 0)]
+if os.path.exists("/probe/ld.so.cache"):
+    COLUMNS.append(("+ldcache", "sealed", 0, 0, 1))
 rows = {}
 def add(row, col, xs):
     rows.setdefault(row, {}).setdefault(col, []).extend(xs)
 for r in range(ROUNDS):
-    for col, exe, fdm, exp in COLUMNS:
-        setting(fdm, exp)
+    for col, exe, fdm, exp, ldcache in COLUMNS:
+        setting(fdm, exp, ldcache)
         t = time.perf_counter()
         subprocess.run(["/bin/busybox", "true"])
         add("busybox true", col, [(time.perf_counter() - t) * 1e3])
@@ -105,7 +112,7 @@ if os.path.exists("/probe/strace/strace"):
 '''
 
 
-def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False) -> Path:
+def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False, ld_cache: Path | None = None) -> Path:
     """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
     init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
                           capture_output=True, check=True).stdout.decode()
@@ -129,6 +136,8 @@ def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False) ->
     proc = {"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
             "capabilities": spec["process"]["capabilities"], "noNewPrivileges": True}
     (tree / "probe/p.json").write_text(json.dumps(proc))
+    if ld_cache is not None:
+        shutil.copy2(ld_cache, tree / "probe/ld.so.cache")
     if strace:  # the host's strace and the libraries it needs beyond the guest's
         (tree / "probe/strace").mkdir()
         shutil.copy2("/usr/bin/strace", tree / "probe/strace/strace")
@@ -147,6 +156,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--strace", metavar="FILE", help="also run one warm crun create and delete under the "
                     "host's strace (-f -tt -T) in the guest and write the traces to FILE")
+    ap.add_argument("--ld-cache", type=Path, metavar="FILE",
+                    help="an ld.so.cache for the guest's tree (`ldconfig -r TREE`): adds a column with it in /etc")
     args = ap.parse_args()
     kernel, rootfs = find_kernel(CACHE), find_rootfs(CACHE)
     if kernel is None or rootfs is None:
@@ -156,7 +167,7 @@ def main() -> int:
                 if ln.startswith("cpu MHz")), 0.0)
     with tempfile.TemporaryDirectory(prefix="crun-guest-") as d:
         work = Path(d)
-        initrd = overlay(rootfs.initrd, work, args.n, strace=bool(args.strace))
+        initrd = overlay(rootfs.initrd, work, args.n, strace=bool(args.strace), ld_cache=args.ld_cache)
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
