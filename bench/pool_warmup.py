@@ -71,7 +71,10 @@ async def main() -> None:
     splits: dict[str, list[dict[str, list[float]]]] = {m: [] for m in modes}
     try:
         for i in range(args.n):
-            for j, (mode, on) in enumerate(modes.items()):
+            # the order alternates between rounds: a round's two VMs are made close in time, and a
+            # load that changes during the run favours neither mode
+            order = list(modes.items()) if i % 2 == 0 else list(modes.items())[::-1]
+            for j, (mode, on) in enumerate(order):
                 config = dataclasses.replace(
                     base, runtime=dataclasses.replace(base.runtime, runtime_dir=str(runtime)),
                     factory=dataclasses.replace(base.factory, pool_warm_up=on))
@@ -86,6 +89,9 @@ async def main() -> None:
     for mode, rows in results.items():
         med = [1000 * statistics.median(col) for col in zip(*rows, strict=True)]
         print(f"{mode:<12}{med[0]:>13.0f}{med[1]:>12.0f}{med[2]:>12.0f}")
+    paired = [1000 * (a[1] - b[1]) for a, b in zip(results["warm-up"], results["no warm-up"], strict=True)]
+    print(f"1st create, warm-up minus no warm-up, per round (ms): {' '.join(f'{d:+.0f}' for d in paired)}; "
+          f"median {statistics.median(paired):+.0f}")
     print("in the guest (agent's console line), median ms: total = storages + bundle + crun create")
     for mode, rounds in splits.items():
         for cid in ("c1", "c2"):
