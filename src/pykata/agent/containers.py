@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pykata.agent import bundle, nsexec
+from pykata.agent import bundle, diskfile, nsexec
 from pykata.agent.crun import CREATE_TIMEOUT, Crun, CrunError, Stdio
 from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
@@ -33,6 +33,7 @@ from pykata.errors import (
     NotFound,
     PykataError,
     ResourceExhausted,
+    Unimplemented,
 )
 from pykata.protocols.agent import agent_pb2
 
@@ -283,6 +284,38 @@ class Containers:
                     spec_file.unlink()
             c.execs[eid] = proc
             return pid
+
+    async def disk_file(self, req: agent_pb2.DiskFileRequest, *, write: bool) -> agent_pb2.DiskFileResponse:
+        """WriteFileFromDisk (`write`) or ReadFileToDisk: a copy between the data disk and a file, done
+        by a child that is the container's process `req.process` (pykata.agent.diskfile). Raises
+        Unimplemented where nsexec cannot act as that process (crun would be needed), PykataError."""
+        c = self.get(req.container_id)
+        if not req.path or "\0" in req.path:
+            raise InvalidArgument("path", "must be a non-empty path without NUL")
+        if c.status != "running":
+            raise FailedPrecondition(f"container {c.id} is {c.status}, not running")
+        doc = bundle.process_from_proto(req.process, c.spec["process"], c.rootfs)
+        doc["args"] = ["true"]  # never run: the plan's checks want a program
+        plan = nsexec.plan(c.spec, doc, init_pid=c.init.pid, cgroup_dir=c.cgroup.dir(""),
+                           cgroup_version=c.cgroup.version, crun_state=self.crun.root / c.id) \
+            if self.settings.native_exec else None
+        if plan is None:
+            raise Unimplemented("this container's processes are started by crun; the host streams the file")
+        device = await asyncio.to_thread(diskfile.find_disk, req.disk)
+        try:
+            copied, size, mode, uid, gid = await diskfile.run(
+                plan, self.reaper, device, write=write, path=req.path, offset=req.offset, length=req.length,
+                create=req.create, mode=req.mode if req.HasField("mode") else None,
+                uid=req.uid if req.HasField("uid") else None, gid=req.gid if req.HasField("gid") else None)
+        except ProcessLookupError:
+            raise FailedPrecondition(f"container {c.id} is not running") from None
+        except TimeoutError:
+            raise DeadlineExceeded(f"copying {req.path!r} took too long") from None
+        except nsexec.ActionFailed as exc:
+            raise nsexec.ActionFailed(f"{req.path}: {exc}", exc.errno) from None
+        except OSError as exc:
+            raise Internal(f"data disk: {exc.strerror or exc}") from None
+        return agent_pb2.DiskFileResponse(length=copied, file_size=size, mode=mode, uid=uid, gid=gid)
 
     async def _launch_native(self, proc: Process, cid: str, plan: nsexec.ExecPlan) -> int:
         """Start an exec process with nsexec (what `crun exec --detach` would do, without crun)."""

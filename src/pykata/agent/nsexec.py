@@ -38,7 +38,7 @@ import errno
 import os
 import resource
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -249,6 +249,82 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
     raise ExecFailed(message, missing=report.startswith(b"M"))
 
 
+class ActionFailed(PykataError):
+    """An action run as a container's process (`act`) failed; `errno` is its OSError's, if any."""
+
+    def __init__(self, message: str, err: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.rpc_code = Code.NOT_FOUND if err == errno.ENOENT else \
+            Code.FAILED_PRECONDITION if err is not None else Code.INTERNAL
+
+
+async def act(p: ExecPlan, reaper: Reaper, action: Callable[[], bytes], *, timeout: float) -> bytes:
+    """Run `action` in a child that is the container's process of plan `p` (as `spawn` makes it, but
+    no program is started: `action` runs instead, with the agent's descriptors still open, and
+    answers at most REPORT_LIMIT - 1 bytes). The child is killed after `timeout` seconds.
+
+    Raises ProcessLookupError when the container's init is gone, ActionFailed (the action raised or
+    the child could not become the process), OSError, TimeoutError.
+    """
+    pidfd = os.pidfd_open(p.init_pid)
+    opened = [pidfd]
+    try:
+        cgroup_fd = os.open(p.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
+        opened.append(cgroup_fd)
+        report_r, report_w = os.pipe()
+        opened.append(report_w)
+        generation = reaper.generation
+        pid = os.fork()
+        if pid == 0:
+            _act_child(p, pidfd, cgroup_fd, action, report_w)
+        child_exit = reaper.watch(pid, since=generation)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    try:
+        report = await _read_report(report_r, timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(child_exit)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(report_r)
+    if report.startswith(b"D"):
+        return report[1:]
+    if report.startswith(b"O"):
+        number, _, text = report[1:].partition(b" ")
+        return _raise_action(text.decode(errors="replace"), int(number) if number.isdigit() else None)
+    return _raise_action(report[1:].decode(errors="replace") if report.startswith(b"E")
+                         else f"the copy ended without an answer (status {child_exit.result().code})")
+
+
+def _raise_action(message: str, err: int | None = None) -> NoReturn:
+    raise ActionFailed(message, err)
+
+
+def _act_child(p: ExecPlan, pidfd: int, cgroup_fd: int, action: Callable[[], bytes], report: int) -> NoReturn:
+    """In the forked child: never returns, never raises."""
+    status = 1
+    try:
+        _enter(p, pidfd, cgroup_fd)
+        if p.seccomp is not None and p.no_new_privileges:
+            _load_seccomp(p.seccomp)
+        answer = action()
+        os.write(report, b"D" + answer[:REPORT_LIMIT - 1])
+        status = 0
+    except OSError as exc:
+        with contextlib.suppress(BaseException):
+            text = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            os.write(report, (b"O%d " % (exc.errno or 0) + text.encode(errors="replace"))[:REPORT_LIMIT - 1])
+    except BaseException as exc:  # the child must end here, whatever happened
+        with contextlib.suppress(BaseException):
+            os.write(report, b"E" + str(exc).encode(errors="replace")[:REPORT_LIMIT - 1])
+    os._exit(status)
+
+
 async def _read_report(fd: int, timeout: float) -> bytes:
     """The child's report (b"" when it exited without one)."""
     loop = asyncio.get_running_loop()
@@ -291,46 +367,52 @@ def _find_program(name: str, env: Sequence[str]) -> str | None:
     return None
 
 
+def _enter(p: ExecPlan, pidfd: int, cgroup_fd: int) -> None:
+    """In the forked child: become the container's process of plan `p` (steps 1-4 but seccomp
+    with no_new_privs). Raises OSError, ExecFailed."""
+    signal.set_wakeup_fd(-1)  # the agent's loop must not hear this child's signals
+    # Nothing of the agent's may reach the container: all close on exec but the report pipe
+    # (which closes when this child exits) and the stdio, dup'ed onto 0-2 by posix_spawn.
+    _check(_libc.syscall(SYS_close_range, 3, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC), "close_range")
+    os.write(cgroup_fd, b"0")
+    _check(_libc.setns(pidfd, p.ns_flags), "setns")
+    for number, soft, hard in p.rlimits:
+        resource.setrlimit(number, (soft, hard))
+    for cap in range(len(CAPABILITIES)):
+        dropped = p.bounding >> cap & 1 or _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
+        if not dropped and ctypes.get_errno() != errno.EINVAL:  # EINVAL: the kernel lacks it
+            _check(-1, f"dropping {CAPABILITIES[cap]} from the bounding set")
+    if p.seccomp is not None and not p.no_new_privileges:
+        _load_seccomp(p.seccomp)  # needs CAP_SYS_ADMIN, which the user change may take away
+    _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
+    os.setgroups(list(p.groups))
+    os.setresgid(p.gid, p.gid, p.gid)
+    os.setresuid(p.uid, p.uid, p.uid)
+    if p.umask is not None:  # unset: inherit the agent's, as crun does
+        os.umask(p.umask)
+    try:
+        os.chdir(p.cwd)
+    except OSError as exc:
+        raise ExecFailed(f"chdir `{p.cwd}`: {exc.strerror}") from None
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        data[i].effective = (p.effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (p.permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (p.inheritable >> (32 * i)) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing ambient capabilities")
+    for cap in p.ambient:
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"raising ambient {CAPABILITIES[cap]}")
+    if p.no_new_privileges:
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
 def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int], report: int) -> NoReturn:
     """In the forked child: never returns, never raises."""
     status = 1
     try:
-        signal.set_wakeup_fd(-1)  # the agent's loop must not hear this child's signals
-        # Nothing of the agent's may reach the container: all close on exec but the report pipe
-        # (which closes when this child exits) and the stdio, dup'ed onto 0-2 by posix_spawn.
-        _check(_libc.syscall(SYS_close_range, 3, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC), "close_range")
-        os.write(cgroup_fd, b"0")
-        _check(_libc.setns(pidfd, p.ns_flags), "setns")
-        for number, soft, hard in p.rlimits:
-            resource.setrlimit(number, (soft, hard))
-        for cap in range(len(CAPABILITIES)):
-            dropped = p.bounding >> cap & 1 or _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
-            if not dropped and ctypes.get_errno() != errno.EINVAL:  # EINVAL: the kernel lacks it
-                _check(-1, f"dropping {CAPABILITIES[cap]} from the bounding set")
-        if p.seccomp is not None and not p.no_new_privileges:
-            _load_seccomp(p.seccomp)  # needs CAP_SYS_ADMIN, which the user change may take away
-        _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
-        os.setgroups(list(p.groups))
-        os.setresgid(p.gid, p.gid, p.gid)
-        os.setresuid(p.uid, p.uid, p.uid)
-        if p.umask is not None:  # unset: inherit the agent's, as crun does
-            os.umask(p.umask)
-        try:
-            os.chdir(p.cwd)
-        except OSError as exc:
-            raise ExecFailed(f"chdir `{p.cwd}`: {exc.strerror}") from None
-        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-        data = (_CapData * 2)()
-        for i in range(2):
-            data[i].effective = (p.effective >> (32 * i)) & 0xFFFFFFFF
-            data[i].permitted = (p.permitted >> (32 * i)) & 0xFFFFFFFF
-            data[i].inheritable = (p.inheritable >> (32 * i)) & 0xFFFFFFFF
-        _check(_libc.capset(ctypes.byref(header), data), "capset")
-        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing ambient capabilities")
-        for cap in p.ambient:
-            _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"raising ambient {CAPABILITIES[cap]}")
-        if p.no_new_privileges:
-            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        _enter(p, pidfd, cgroup_fd)
         env = list(p.env)
         if not any(e.startswith("HOME=") for e in env):
             env.append(f"HOME={_home(p.uid)}")  # as crun does

@@ -162,6 +162,16 @@ class AgentService:
         pid = await self.containers.exec(req.container_id, req.exec_id, req.process)
         return agent_pb2.ExecProcessResponse(pid=pid)
 
+    async def WriteFileFromDisk(self, req: agent_pb2.DiskFileRequest, ctx: Any) -> agent_pb2.DiskFileResponse:
+        if not req.HasField("process"):
+            raise InvalidArgument("process", "missing")
+        return await self.containers.disk_file(req, write=True)
+
+    async def ReadFileToDisk(self, req: agent_pb2.DiskFileRequest, ctx: Any) -> agent_pb2.DiskFileResponse:
+        if not req.HasField("process"):
+            raise InvalidArgument("process", "missing")
+        return await self.containers.disk_file(req, write=False)
+
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: Any) -> Empty:
         if not req.container_id and self.console.enabled:  # a debug console process
             self.console.get(req.exec_id).signal(req.signal)

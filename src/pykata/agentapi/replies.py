@@ -74,6 +74,29 @@ def exec_process(resp: agent_pb2.ExecProcessResponse) -> int:
     return _pid("pid", resp.pid)
 
 
+@dataclasses.dataclass(frozen=True)
+class DiskFile:
+    """What a data-disk copy answered: bytes copied, and the file as the copy found it."""
+
+    length: int
+    file_size: int
+    mode: int
+    uid: int
+    gid: int
+
+
+def disk_file(resp: agent_pb2.DiskFileResponse, length: int, exact: bool) -> DiskFile:
+    """The answer of a copy of `length` bytes (`exact`: all of them, else at most). A guest can claim
+    any size for its file: the caller bounds `file_size` by what it accepts."""
+    if resp.length > length or (exact and resp.length != length):
+        raise BadReply("length", f"{resp.length} bytes copied, asked {'' if exact else 'at most '}{length}")
+    if resp.mode > 0o7777:
+        raise BadReply("mode", f"{resp.mode:#o} is not a permission mode")
+    if resp.uid > 0xFFFFFFFE or resp.gid > 0xFFFFFFFE:
+        raise BadReply("uid", f"{resp.uid}:{resp.gid} is not an owner")
+    return DiskFile(int(resp.length), int(resp.file_size), int(resp.mode), int(resp.uid), int(resp.gid))
+
+
 def wait_process(resp: agent_pb2.WaitProcessResponse) -> int:
     if resp.exit_status > EXIT_STATUS_MAX:
         raise BadReply("exit_status", f"{resp.exit_status} is not an exit status (0..{EXIT_STATUS_MAX})")

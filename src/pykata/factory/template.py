@@ -197,6 +197,9 @@ async def template_inputs(config: Config, nics: int = 0, *,
         # the image slots are devices: a clone must have the ones its template was saved with
         inputs["root_slots"] = config.runtime.root_slots
         inputs["root_slot_mib"] = config.runtime.rootfs_block_max_mib
+    if config.runtime.data_disk_mib:
+        # a device too: templates made before it (or with another size) must not be restored
+        inputs["data_disk_mib"] = config.runtime.data_disk_mib
     return inputs, kernel, initrd, image
 
 

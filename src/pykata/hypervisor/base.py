@@ -213,6 +213,28 @@ class Hypervisor(abc.ABC):
         raise NotSupportedError(f"this hypervisor has no image slots (slot {slot})")
 
     @property
+    def data_disk_size(self) -> int:
+        """Bytes of the VM's data disk (a writable disk for bulk file transfers whose content the host
+        gives for one transfer at a time); 0 when it has none."""
+        return 0
+
+    async def attach_data_disk(self, fd: int) -> None:
+        """Put the file open read-write at `fd` (exactly `data_disk_size` bytes) behind the data disk.
+
+        Raises:
+            HypervisorError: no data disk, one attached already, or the VMM refused (NotSupportedError here).
+        """
+        raise NotSupportedError("this hypervisor has no data disk")
+
+    async def detach_data_disk(self) -> None:
+        """Give the data disk its empty content again; the VMM no longer holds the file. Idempotent.
+
+        Raises:
+            HypervisorError: the VMM refused.
+        """
+        return None
+
+    @property
     @abc.abstractmethod
     def pid(self) -> int | None:
         """The VMM process id while it runs, else None."""

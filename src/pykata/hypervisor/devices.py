@@ -22,6 +22,10 @@ def check_device_id(device_id: str) -> None:
         raise HypervisorError(f"bad device id {device_id!r}: letters, digits, '_', '.', '-', at most 31")
 
 
+# The virtio-blk serial by which the guest finds the data disk (bulk file transfers).
+DATA_DISK_SERIAL = "pkdata"
+
+
 def root_slot_serial(slot: int) -> str:
     """The virtio-blk serial by which the guest finds image slot `slot` (/sys/block/vdX/serial)."""
     return f"pkroot{slot}"

@@ -25,7 +25,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,9 @@ from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
 from pykata.resources.rootimage import RootImage, RootImageCache, source_for
 from pykata.resources.rootslots import SlotTable
-from pykata.sandbox import state
+from pykata.sandbox import datadisk, state
 from pykata.sandbox.copytree import copy_tree
+from pykata.sandbox.datadisk import DiskSession
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, GUEST_STORAGE_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id
@@ -200,6 +201,7 @@ class Sandbox:
         self.root_images = RootImageCache(config.runtime, config.image)
         self.root_slots = SlotTable(0)
         self._slot_lock = asyncio.Lock()
+        self._disk_lock = asyncio.Lock()  # one transfer at a time owns the data disk
         self.egress: EgressPolicy | None = None
         self._egress_uid: int | None = None  # the VMM's uid the host filter rules were made for
 
@@ -635,6 +637,21 @@ class Sandbox:
                                        f"workdir={base}/scratch/work"],
                               driver_options=[f"prewarm={prewarm}"] if disk is not None and prewarm else []),
         ]
+
+    @property
+    def has_data_disk(self) -> bool:
+        """Whether the VM has a data disk (bulk file transfers, pykata.sandbox.datadisk)."""
+        return self.vm is not None and self.vm.data_disk_size > 0
+
+    @contextlib.asynccontextmanager
+    async def data_disk(self, container_id: str, process: agent_pb2.Process) -> AsyncIterator[DiskSession]:
+        """The data disk for one transfer of files of container `container_id`, copied by its process
+        `process` (user, cwd); transfers of one sandbox take turns. Raises SandboxError (no VM or no
+        data disk), HypervisorError, OSError."""
+        if self.vm is None or not self.vm.data_disk_size:
+            raise SandboxError(self.id, "the VM has no data disk (runtime.data_disk_mib = 0)")
+        async with self._disk_lock, datadisk.session(self.vm, self.agent, self.dir, container_id, process) as s:
+            yield s
 
     def _release_container(self, container_id: str) -> None:
         self.containers.pop(container_id, None)

@@ -28,7 +28,9 @@ from pykata.images import ImageStore
 from pykata.network import EgressPolicy
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
+from pykata.sandbox.datadisk import DiskSession
 from pykata.sandbox.ocispec import SpecError, parse_user
+from pykata.sandbox.process import exec_spec
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.snapshot import warm_up as snapshot_warm_up
 from pykata.sandbox.state import list_sandboxes
@@ -499,6 +501,15 @@ class AsyncSandbox:
                 await proc.kill()
             raise
         return proc
+
+    def disk_session(self) -> contextlib.AbstractAsyncContextManager[DiskSession] | None:
+        """The data disk for one file transfer, copied as the sandbox's default user from its cwd; None
+        where there is none (a connected sandbox, a VM made without one, a paused sandbox)."""
+        sb = self._sandbox
+        if sb is None or not self._owned or self._paused or self._gone is not None or not sb.has_data_disk:
+            return None
+        uid, gid = self._user or (0, 0)
+        return sb.data_disk(self._cid, exec_spec([], env=self._env, cwd=self._cwd, uid=uid, gid=gid))
 
     async def prepare_command(self) -> None:
         """Start now, with the sandbox's default env, cwd and user, the process the next `run` or `spawn`

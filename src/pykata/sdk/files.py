@@ -15,11 +15,15 @@ import posixpath
 import stat as _stat
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
-from pykata.errors import PykataError
+from pykata.agentapi.errors import AgentCallError
+from pykata.agentapi.replies import DiskFile
+from pykata.errors import Code, PykataError
+from pykata.sandbox.datadisk import DiskSession
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SdkError
 from pykata.sdk.process import AsyncProcess, ExecResult
 
@@ -38,6 +42,8 @@ class CommandRunner(Protocol):
 
     async def spawn(self, cmd: Sequence[str], *, stdin: bool = False) -> AsyncProcess: ...
 
+    def disk_session(self) -> AbstractAsyncContextManager[DiskSession] | None: ...
+
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all; -1 when unknown)
 FileType = Literal["file", "dir", "symlink", "other"]
 CHUNK = 1 << 20
@@ -45,6 +51,10 @@ MAX_READ = 256 << 20  # read()/read_bytes() default cap: the guest decides how m
 MAX_DOWNLOAD = 4 << 30
 MAX_LIST = 100_000
 STDERR_WAIT = 30.0  # how long a write that failed midway waits for the command's own error
+# Files at least this big move through the data disk (pykata.sandbox.datadisk) when the sandbox has
+# one: its fixed cost (the disk's file swapped in and out, a copy process forked in the guest) is
+# about one command's round trip, and it then moves tens of MiB/s where stdio moves a few.
+DISK_MIN = 1 << 20
 
 _STAT_FORMAT = "%f %s %u %g %Y"
 _LIST_SCRIPT = f"""cd "$1" || exit 1
@@ -105,6 +115,12 @@ class AsyncFiles:
         """The whole file. Raises NotFoundError, PolicyDeniedError (permission), SdkError (a directory,
         more than `max_bytes`)."""
         p = self._path(path)
+        disk = self._sb.disk_session()
+        if disk is not None:
+            out = bytearray()
+            got = await self._from_disk(disk, p, max_bytes, lambda data, total: out.extend(data), None)
+            if got is not None:
+                return bytes(out)
         return (await self._run(["cat", "--", p], max_output=max_bytes, what="read", path=p)).stdout
 
     async def read(self, path: str | os.PathLike[str], *, encoding: str = "utf-8", max_bytes: int = MAX_READ) -> str:
@@ -122,11 +138,14 @@ class AsyncFiles:
         await self._write(p, source, total, mode, None, progress)
 
     async def _write(self, p: str, source: IO[bytes] | bytes, total: int, mode: int | None,
-                     owner: str | None, progress: Progress | None) -> None:
+                     owner: tuple[int, int] | None, progress: Progress | None) -> None:
         if mode is not None and not 0 <= mode <= 0o7777:
             raise PolicyDeniedError(f"mode: {mode:#o} is not a permission mode", sandbox_id=self._sb.id)
+        disk = self._sb.disk_session() if total < 0 or total >= DISK_MIN else None
+        if disk is not None and await self._to_disk(disk, p, source, total, mode, owner, progress):
+            return
         argv = ["sh", "-c", _WRITE_SCRIPT, "sh", posixpath.dirname(p) or "/", p,
-                "" if mode is None else f"{mode:o}", owner or ""]
+                "" if mode is None else f"{mode:o}", "" if owner is None else f"{owner[0]}:{owner[1]}"]
         proc = await self._sb.spawn(argv, stdin=True)
         done = 0
         try:
@@ -153,6 +172,82 @@ class AsyncFiles:
             raise
         if r.exit_code != 0:
             raise _error("write", p, r, self._sb.id)
+
+    async def _to_disk(self, disk: AbstractAsyncContextManager[DiskSession], p: str, source: IO[bytes] | bytes,
+                       total: int, mode: int | None, owner: tuple[int, int] | None,
+                       progress: Progress | None) -> bool:
+        """Write through the data disk, one piece per copy; False when the guest cannot (an older agent,
+        a container crun must run, the agent policy): the caller streams instead. Raises as write."""
+        done = 0
+        async with disk as s:
+            while True:
+                piece = source[done:done + s.size] if isinstance(source, bytes) else _read_piece(source, s.size)
+                last = len(piece) < s.size
+                try:
+                    await s.write_file(p, piece, offset=done, create=done == 0, mode=mode if last else None,
+                                       owner=owner if last else None)
+                except AgentCallError as e:
+                    if done == 0 and _no_disk_copy(e):
+                        return False
+                    raise self._disk_error("write", p, e) from None
+                done += len(piece)
+                if progress is not None and (piece or last):
+                    progress(done, total)
+                if last:
+                    return True
+
+    async def _from_disk(self, disk: AbstractAsyncContextManager[DiskSession], p: str, max_bytes: int,
+                         sink: Callable[[bytes, int], object], progress: Progress | None) -> DiskFile | None:
+        """Read through the data disk into `sink(data, total)`, one piece per copy; what the first copy
+        found (the file's size, mode, owner: the guest's word), or None when the guest cannot (see
+        _to_disk). The guest decides what it sends: more than `max_bytes` in all is refused."""
+        done = 0
+        first: DiskFile | None = None
+        async with disk as s:
+            while True:
+                try:
+                    info, data = await s.read_file(p, offset=done, length=s.size)
+                except AgentCallError as e:
+                    if done == 0 and _no_disk_copy(e):
+                        return None
+                    raise self._disk_error("read", p, e) from None
+                if first is None:
+                    first = info
+                    if info.file_size > max_bytes:
+                        raise SdkError(f"read {p}: {info.file_size} bytes, more than {max_bytes}",
+                                       sandbox_id=self._sb.id)
+                done += len(data)
+                if done > max_bytes:
+                    raise SdkError(f"read {p}: more than {max_bytes} bytes", sandbox_id=self._sb.id)
+                sink(data, first.file_size)
+                if progress is not None:
+                    progress(done, first.file_size)
+                if len(data) < s.size:
+                    return first
+
+    async def _download_disk(self, disk: AbstractAsyncContextManager[DiskSession], p: str, target: Path,
+                             progress: Progress | None, preserve_owner: bool, max_bytes: int) -> bool:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                info = await self._from_disk(disk, p, max_bytes, lambda data, total: out.write(data), progress)
+            if info is None:
+                os.unlink(tmp)
+                return False
+            os.chmod(tmp, info.mode & 0o777)
+            if preserve_owner:
+                os.chown(tmp, info.uid, info.gid)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def _disk_error(self, what: str, p: str, e: AgentCallError) -> SdkError:
+        if e.code == Code.NOT_FOUND:
+            return NotFoundError(f"{what} {p}: {e.message}", sandbox_id=self._sb.id)
+        return _error(what, p, ExecResult(1, b"", e.message.encode()), self._sb.id)
 
     async def list(self, path: str | os.PathLike[str] = ".") -> list[FileInfo]:
         """The entries of a directory (not recursive), sorted by name. Raises NotFoundError, SdkError."""
@@ -201,7 +296,7 @@ class AsyncFiles:
             st = os.fstat(f.fileno())
             if not _stat.S_ISREG(st.st_mode):
                 raise PolicyDeniedError(f"local: {local} is not a regular file", sandbox_id=self._sb.id)
-            owner = f"{st.st_uid}:{st.st_gid}" if preserve_owner else None
+            owner = (st.st_uid, st.st_gid) if preserve_owner else None
             await self._write(p, f, st.st_size, _stat.S_IMODE(st.st_mode), owner, progress)
 
     async def download(self, remote: str | os.PathLike[str], local: str | os.PathLike[str], *,
@@ -211,6 +306,9 @@ class AsyncFiles:
         the remote permission bits (and with `preserve_owner` its uid:gid). Raises NotFoundError,
         SdkError (more than `max_bytes`: the guest decides what it sends)."""
         p = self._path(remote, "remote")
+        disk = self._sb.disk_session()
+        if disk is not None and await self._download_disk(disk, p, Path(local), progress, preserve_owner, max_bytes):
+            return
         info = await self.stat(p)
         if info.type != "file":
             raise SdkError(f"download {p}: a {info.type}, not a file", sandbox_id=self._sb.id)
@@ -242,6 +340,25 @@ class AsyncFiles:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _read_piece(f: IO[bytes], size: int) -> bytes:
+    """Up to `size` bytes of `f` (fewer only at its end), read in CHUNK reads."""
+    parts: list[bytes] = []
+    left = size
+    while left:
+        chunk = f.read(min(CHUNK, left))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _no_disk_copy(e: AgentCallError) -> bool:
+    """The guest cannot copy through the data disk (an older agent, a container whose processes crun
+    starts, an agent policy without the RPC): stream instead."""
+    return e.code == Code.UNIMPLEMENTED or (e.code == Code.PERMISSION_DENIED and "allow_rpcs" in e.message)
 
 
 def _size_of(f: IO[bytes]) -> int:

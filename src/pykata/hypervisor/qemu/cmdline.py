@@ -442,6 +442,25 @@ class RootSlot:
 
 
 @dataclass(frozen=True)
+class DataDisk:
+    """The writable virtio-blk disk of bulk file transfers (pykata.hypervisor.qemu.datadisk): a raw
+    node `node` over a writable `null-co` node of `size` bytes (reads zeros, drops writes) until the
+    host swaps in a file of its own for one transfer. Fixed at start, like RootSlot."""
+
+    bus: Bus
+    node: str
+    serial: str
+    size: int
+
+    def argv(self) -> list[str]:
+        return ["-blockdev", opts("", ("driver", "null-co"), ("node-name", f"{self.node}-null"),
+                                  ("size", self.size), ("read-zeroes", True)),
+                "-blockdev", opts("", ("driver", "raw"), ("node-name", self.node), ("file", f"{self.node}-null")),
+                "-device", opts(virtio_driver("virtio-blk", self.bus), ("id", f"{self.node}-dev"),
+                                ("drive", self.node), ("serial", self.serial))]
+
+
+@dataclass(frozen=True)
 class PcieRootPort:
     """An empty PCIe root port on q35, for hot-plugging one device later."""
 

@@ -35,6 +35,7 @@ from pykata.hypervisor.qemu import hotplug, migrate
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.balloon import Balloon, inflate_timeout
 from pykata.hypervisor.qemu.clonememory import keep_template_intact
+from pykata.hypervisor.qemu.datadisk import DataDisk
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.sidecars import Sidecars
@@ -117,6 +118,7 @@ class QemuHypervisor(Hypervisor):
         self._devices: dict[str, Device] = {}
         self._hotplug = hotplug.Hotplugged(f"VM {vm_id}", config.qemu)
         self._slots = RootSlots(f"VM {vm_id}", config.runtime.root_slots, config.runtime.rootfs_block_max_mib << 20)
+        self._data_disk = DataDisk(f"VM {vm_id}", config.runtime.data_disk_mib << 20)
         self._vcpus = config.qemu.default_vcpus
         ceiling = config.qemu.balloon_memory()
         # a booted VM starts at its ceiling until its guest is ready (_inflate_to_size)
@@ -228,6 +230,7 @@ class QemuHypervisor(Hypervisor):
             extra_kernel_params=self._extra_params,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else None,
             root_slots=self._slots.count, root_slot_size=self._slots.size,
+            data_disk_size=self._data_disk.size,
         )
         if self._restore is not None and self._restore.memory is None:
             # a snapshot: its stream carries the RAM, loaded into private memory named as it was saved
@@ -556,6 +559,19 @@ class QemuHypervisor(Hypervisor):
     async def empty_root_slot(self, slot: int) -> None:
         self._require_running("empty_root_slot")
         await self._slots.empty(self.qmp, slot)
+
+    @property
+    def data_disk_size(self) -> int:
+        return self._data_disk.size
+
+    async def attach_data_disk(self, fd: int) -> None:
+        self._require_running("attach_data_disk")
+        await self._data_disk.attach(self.qmp, fd)
+
+    async def detach_data_disk(self) -> None:
+        if self._data_disk.attached:
+            self._require_running("detach_data_disk")
+            await self._data_disk.detach(self.qmp)
 
     async def pause(self) -> None:
         self._require_running("pause")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from pykata.config.schema import QemuConfig
-from pykata.hypervisor.devices import BlockDevice, Device, NetDevice, root_slot_serial
+from pykata.hypervisor.devices import DATA_DISK_SERIAL, BlockDevice, Device, NetDevice, root_slot_serial
 from pykata.hypervisor.jail import JailSpec
 from pykata.hypervisor.qemu import cmdline as c
 
@@ -100,6 +100,9 @@ class LaunchSpec:
     # root_slot_size bytes: part of the device set, so a template and its clones have the same.
     root_slots: int = 0
     root_slot_size: int = 0
+    # The writable disk of bulk file transfers (hypervisor.qemu.datadisk), of this many bytes; 0: none.
+    # Part of the device set too.
+    data_disk_size: int = 0
 
     @property
     def bus(self) -> c.Bus:
@@ -109,6 +112,9 @@ class LaunchSpec:
     def shares_memory(self) -> bool:
         """vhost-user daemons (virtiofsd) map guest RAM, so it must be a shared memfd."""
         return self.config.shared_fs == "virtio-fs" and self.shared_dir is not None
+
+
+DATA_DISK_NODE = "datadisk"
 
 
 def root_slot_node(slot: int) -> str:
@@ -237,6 +243,8 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
         args.append(c.VirtioBlk(bus, "rootfs", str(spec.image), readonly=True))
     args += [c.RootSlot(bus, root_slot_node(i), root_slot_serial(i), spec.root_slot_size)
              for i in range(spec.root_slots)]
+    if spec.data_disk_size:
+        args.append(c.DataDisk(bus, DATA_DISK_NODE, DATA_DISK_SERIAL, spec.data_disk_size))
     for dev in spec.devices:
         args.append(device_arg(dev, bus))
     if q.machine_type == "q35":

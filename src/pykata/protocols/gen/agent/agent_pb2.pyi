@@ -507,6 +507,44 @@ class OnlineCPUMemRequest(_message.Message):
     cpu_only: bool
     def __init__(self, wait: _Optional[bool] = ..., nb_cpus: _Optional[int] = ..., cpu_only: _Optional[bool] = ...) -> None: ...
 
+class DiskFileRequest(_message.Message):
+    __slots__ = ("container_id", "process", "path", "disk", "offset", "length", "create", "mode", "uid", "gid")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    process: Process
+    path: str
+    disk: str
+    offset: int
+    length: int
+    create: bool
+    mode: int
+    uid: int
+    gid: int
+    def __init__(self, container_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., path: _Optional[str] = ..., disk: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., create: _Optional[bool] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ...) -> None: ...
+
+class DiskFileResponse(_message.Message):
+    __slots__ = ("length", "file_size", "mode", "uid", "gid")
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    file_size: int
+    mode: int
+    uid: int
+    gid: int
+    def __init__(self, length: _Optional[int] = ..., file_size: _Optional[int] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ...) -> None: ...
+
 class SetGuestDateTimeRequest(_message.Message):
     __slots__ = ("sec", "usec")
     SEC_FIELD_NUMBER: _ClassVar[int]
