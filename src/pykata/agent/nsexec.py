@@ -259,10 +259,13 @@ class ActionFailed(PykataError):
             Code.FAILED_PRECONDITION if err is not None else Code.INTERNAL
 
 
-async def act(p: ExecPlan, reaper: Reaper, action: Callable[[], bytes], *, timeout: float) -> bytes:
+async def act(p: ExecPlan, reaper: Reaper, action: Callable[[], bytes], *, keep: Sequence[int] = (),
+              timeout: float) -> bytes:
     """Run `action` in a child that is the container's process of plan `p` (as `spawn` makes it, but
     no program is started: `action` runs instead, with the agent's descriptors still open, and
-    answers at most REPORT_LIMIT - 1 bytes). The child is killed after `timeout` seconds.
+    answers at most REPORT_LIMIT - 1 bytes). Of the agent's descriptors the child keeps only `keep`
+    (and none leaks anyway: the child is in no pid namespace of the container, so none of its
+    processes can reach it). The child is killed after `timeout` seconds.
 
     Raises ProcessLookupError when the container's init is gone, ActionFailed (the action raised or
     the child could not become the process), OSError, TimeoutError.
@@ -277,7 +280,7 @@ async def act(p: ExecPlan, reaper: Reaper, action: Callable[[], bytes], *, timeo
         generation = reaper.generation
         pid = os.fork()
         if pid == 0:
-            _act_child(p, pidfd, cgroup_fd, action, report_w)
+            _act_child(p, pidfd, cgroup_fd, action, report_w, keep)
         child_exit = reaper.watch(pid, since=generation)
     finally:
         for fd in opened:
@@ -305,11 +308,17 @@ def _raise_action(message: str, err: int | None = None) -> NoReturn:
     raise ActionFailed(message, err)
 
 
-def _act_child(p: ExecPlan, pidfd: int, cgroup_fd: int, action: Callable[[], bytes], report: int) -> NoReturn:
+def _act_child(p: ExecPlan, pidfd: int, cgroup_fd: int, action: Callable[[], bytes], report: int,
+               keep: Sequence[int]) -> NoReturn:
     """In the forked child: never returns, never raises."""
     status = 1
     try:
         _enter(p, pidfd, cgroup_fd)
+        low = 3
+        for fd in sorted({*keep, report}):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
         if p.seccomp is not None and p.no_new_privileges:
             _load_seccomp(p.seccomp)
         answer = action()

@@ -509,7 +509,7 @@ class AsyncSandbox:
         if sb is None or not self._owned or self._paused or self._gone is not None or not sb.has_data_disk:
             return None
         uid, gid = self._user or (0, 0)
-        return sb.data_disk(self._cid, exec_spec([], env=self._env, cwd=self._cwd, uid=uid, gid=gid))
+        return sb.data_disk(self._cid, exec_spec(["true"], env=self._env, cwd=self._cwd, uid=uid, gid=gid))
 
     async def prepare_command(self) -> None:
         """Start now, with the sandbox's default env, cwd and user, the process the next `run` or `spawn`
