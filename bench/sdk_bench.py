@@ -9,7 +9,9 @@
 - run("true"): one command round trip in a running sandbox, vs `runc exec` in a running container
 - files: write then read --file-mib MiB with `files.write`/`files.read_bytes`, vs `runc exec cat` with
   the data on stdin / stdout; also printed: `docker cp`'s way for runc (a tar stream unpacked into / packed
-  from the container's root by the host) and the SDK's channel alone (stdin into `cat > /dev/null`)
+  from the container's root by the host) and the SDK's channel alone (stdin into `cat > /dev/null`);
+  the SDK also `upload`s a host file and `download`s it back (files of 1 MiB or more move through the
+  VM's data disk, runtime.data_disk_mib; smaller ones through the channel)
 - concurrency: --concurrent AsyncSandboxes started and used from one Python process (one event loop):
   wall time, and the number of threads the process had at most (the goal: not one per sandbox)
 - pool: `Pool.acquire()` to the first command's result, when the SDK has a Pool
@@ -169,6 +171,17 @@ def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
         read = time.perf_counter() - t
         c2 = _cpu_seconds(qemu_pid)
         assert back == data
+        # upload / download: host file to guest file and back (the same data disk path, from and to disk)
+        with tempfile.TemporaryDirectory() as tmp:
+            local, copy = Path(tmp) / "up.bin", Path(tmp) / "down.bin"
+            local.write_bytes(data)
+            t = time.perf_counter()
+            sb.files.upload(local, "/tmp/up.bin")
+            upload = time.perf_counter() - t
+            t = time.perf_counter()
+            sb.files.download("/tmp/up.bin", copy)
+            download = time.perf_counter() - t
+            assert copy.read_bytes() == data
         # the channel alone (the agent and virtio-serial, no file system): stdin into `cat > /dev/null`
         proc = sb.spawn(["sh", "-c", "cat > /dev/null"], stdin=True)
         t = time.perf_counter()
@@ -178,6 +191,7 @@ def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
         channel_write = time.perf_counter() - t
     return {"cold_start_s": p50(start_s), "run_true_p50_s": p50(runs), "files_write_mib_s": round(mib / write, 1),
             "files_read_mib_s": round(mib / read, 1), "channel_write_mib_s": round(mib / channel_write, 1),
+            "upload_mib_s": round(mib / upload, 1), "download_mib_s": round(mib / download, 1),
             # what moving a MiB costs the VM (QEMU's CPU time): the figure the machine's load moves least
             "files_write_qemu_cpu_ms_per_mib": round(1000 * (c1 - c0) / mib, 1),
             "files_read_qemu_cpu_ms_per_mib": round(1000 * (c2 - c1) / mib, 1)}

@@ -187,6 +187,10 @@ def _oversize(method: str, req: Any, server: HostileServer) -> bytes:
         return resp.SerializeToString()
     if method == "GetOOMEvent":
         return agent_pb2.OOMEvent(container_id="c" * _BIG).SerializeToString()
+    if method in ("ReadFileToDisk", "WriteFileFromDisk"):
+        # more bytes than asked for, of a file bigger than any disk: nothing was copied at all
+        return agent_pb2.DiskFileResponse(length=getattr(req, "length", 0) + (1 << 30), file_size=1 << 62,
+                                          mode=0o7777, uid=0, gid=0).SerializeToString()
     if method == "GetGuestDetails":
         return agent_pb2.GuestDetailsResponse(kernel_release="k" * _BIG).SerializeToString()
     if method == "ListInterfaces":

@@ -276,3 +276,50 @@ async def test_sdk_survives_a_hostile_agent(hostile_dir: Path) -> None:
     FIGURES["SDK process RSS growth MiB"] = round((peak - before) / (1 << 20), 1)
     assert peak - before < 200 << 20
     assert not _leftovers(hostile_dir / "run", sandbox_id)
+
+
+def _held_deleted_files(pid: int, under: Path) -> list[str]:
+    """Files under `under` that process `pid` still holds open although they have no name any more."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(under)) and target.endswith("(deleted)"):
+            out.append(target)
+    return out
+
+
+async def test_sdk_files_refuse_a_hostile_data_disk_answer(hostile_dir: Path, tmp_path: Path) -> None:
+    """A guest that answers the data-disk copies with more bytes than asked, of a file bigger than any
+    disk: each transfer fails with an error naming the field, the host reads nothing it was not asked
+    for, the local target is never made, and the disk's host file is gone after each transfer."""
+    from pykata.config.load import load_config_file
+    from pykata.sdk import AsyncSandbox, SdkError
+
+    config = load_config_file(hostile_dir / "configuration.toml")
+    attacks = marker(ReadFileToDisk="outofrange", WriteFileFromDisk="outofrange")
+    sb = AsyncSandbox(config=config, idle_command=["sh", "-c", "exec sleep 2147483647", attacks])
+    await sb.start()
+    sandbox_id = sb.id
+    try:
+        vm = sb._sandbox.vm  # type: ignore[union-attr]
+        assert vm is not None and vm.data_disk_size > 0 and vm.pid is not None
+        assert (await sb.run("head -c 3000000 /dev/zero > /tmp/f")).exit_code == 0
+        target = tmp_path / "out.bin"
+        for what, call in [("download", sb.files.download("/tmp/f", target, max_bytes=8 << 20)),
+                           ("read", sb.files.read_bytes("/tmp/f")),
+                           ("write", sb.files.write("/tmp/g", b"x" * (2 << 20)))]:
+            started = time.monotonic()
+            with pytest.raises(SdkError, match="bad reply: length") as err:
+                await call
+            record("WriteFileFromDisk" if what == "write" else "ReadFileToDisk", "outofrange", f"SDK files.{what}",
+                   f"{type(err.value).__name__}: {err.value}", time.monotonic() - started)
+            assert not list(tmp_path.iterdir())
+            assert not _held_deleted_files(vm.pid, hostile_dir / "run")
+        # the sandbox still works through its other paths
+        assert (await sb.run("true")).exit_code == 0
+    finally:
+        await sb.close()
+    assert not _leftovers(hostile_dir / "run", sandbox_id)

@@ -308,12 +308,32 @@ def _raise_action(message: str, err: int | None = None) -> NoReturn:
     raise ActionFailed(message, err)
 
 
+def _drop_to_exec_capabilities(p: ExecPlan) -> None:
+    """Keep only the capabilities the process would still have after execve(2) of a program without
+    file capabilities: a non-root user keeps its ambient set alone (its effective set goes at exec),
+    root what its inheritable and bounding sets allow (with no_new_privs, no more than it had). An
+    action that runs without exec must never be more privileged than `cat` started by `spawn`."""
+    allowed = sum(1 << cap for cap in p.ambient)
+    if p.uid == 0:
+        allowed |= p.inheritable | p.bounding
+    if p.no_new_privileges:
+        allowed &= p.permitted
+    keep = p.effective & p.permitted & allowed
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        data[i].effective = data[i].permitted = (keep >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = 0
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
 def _act_child(p: ExecPlan, pidfd: int, cgroup_fd: int, action: Callable[[], bytes], report: int,
                keep: Sequence[int]) -> NoReturn:
     """In the forked child: never returns, never raises."""
     status = 1
     try:
         _enter(p, pidfd, cgroup_fd)
+        _drop_to_exec_capabilities(p)
         low = 3
         for fd in sorted({*keep, report}):
             os.closerange(low, fd)

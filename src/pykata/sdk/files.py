@@ -214,7 +214,7 @@ class AsyncFiles:
                 if first is None:
                     first = info
                     if info.file_size > max_bytes:
-                        raise SdkError(f"read {p}: {info.file_size} bytes, more than {max_bytes}",
+                        raise SdkError(f"read {p}: more than {max_bytes} bytes ({info.file_size}, the guest says)",
                                        sandbox_id=self._sb.id)
                 done += len(data)
                 if done > max_bytes:
