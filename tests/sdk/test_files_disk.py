@@ -82,7 +82,7 @@ async def test_files_move_through_the_data_disk_in_pieces(tmp_path: Path) -> Non
             with pytest.raises(pykata.PolicyDeniedError, match="Permission denied"):
                 await sb.files.read_bytes("/tmp/private/y")
         with pytest.raises(pykata.PolicyDeniedError, match="Read-only file system"):
-            await sb.files.write("/proc/sys/x", data)
+            await sb.files.write("/sys/x", data)  # sysfs, mounted read-only in the container
         with pytest.raises(pykata.NotFoundError):
             await sb.files.read_bytes("/tmp/none")
         with pytest.raises(pykata.SdkError, match="not a regular file"):

@@ -187,10 +187,6 @@ def _oversize(method: str, req: Any, server: HostileServer) -> bytes:
         return resp.SerializeToString()
     if method == "GetOOMEvent":
         return agent_pb2.OOMEvent(container_id="c" * _BIG).SerializeToString()
-    if method in ("ReadFileToDisk", "WriteFileFromDisk"):
-        # more bytes than asked for, of a file bigger than any disk: nothing was copied at all
-        return agent_pb2.DiskFileResponse(length=getattr(req, "length", 0) + (1 << 30), file_size=1 << 62,
-                                          mode=0o7777, uid=0, gid=0).SerializeToString()
     if method == "GetGuestDetails":
         return agent_pb2.GuestDetailsResponse(kernel_release="k" * _BIG).SerializeToString()
     if method == "ListInterfaces":
@@ -228,6 +224,10 @@ def _out_of_range(method: str, req: Any, server: HostileServer) -> bytes:
     if method == "GetOOMEvent":
         # an id of a container of some other pod on the host
         return agent_pb2.OOMEvent(container_id="another-pods-container").SerializeToString()
+    if method in ("ReadFileToDisk", "WriteFileFromDisk"):
+        # more bytes than asked for, of a file bigger than any disk: nothing was copied at all
+        return agent_pb2.DiskFileResponse(length=getattr(req, "length", 0) + (1 << 30), file_size=1 << 62,
+                                          mode=0o7777, uid=0, gid=0).SerializeToString()
     if method == "GetGuestDetails":
         return agent_pb2.GuestDetailsResponse(kernel_release="\0" * 5000).SerializeToString()
     return _pad(b"", 64)

@@ -20,7 +20,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -308,12 +308,14 @@ async def test_sdk_files_refuse_a_hostile_data_disk_answer(hostile_dir: Path, tm
         assert vm is not None and vm.data_disk_size > 0 and vm.pid is not None
         assert (await sb.run("head -c 3000000 /dev/zero > /tmp/f")).exit_code == 0
         target = tmp_path / "out.bin"
-        for what, call in [("download", sb.files.download("/tmp/f", target, max_bytes=8 << 20)),
-                           ("read", sb.files.read_bytes("/tmp/f")),
-                           ("write", sb.files.write("/tmp/g", b"x" * (2 << 20)))]:
+        calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("download", lambda: sb.files.download("/tmp/f", target, max_bytes=8 << 20)),
+            ("read", lambda: sb.files.read_bytes("/tmp/f")),
+            ("write", lambda: sb.files.write("/tmp/g", b"x" * (2 << 20)))]
+        for what, call in calls:
             started = time.monotonic()
             with pytest.raises(SdkError, match="bad reply: length") as err:
-                await call
+                await call()
             record("WriteFileFromDisk" if what == "write" else "ReadFileToDisk", "outofrange", f"SDK files.{what}",
                    f"{type(err.value).__name__}: {err.value}", time.monotonic() - started)
             assert not list(tmp_path.iterdir())
