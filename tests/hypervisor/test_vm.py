@@ -59,8 +59,10 @@ def make_config(workdir: Path, **qemu: object) -> Config:
         [runtime]
         runtime_dir = "{workdir}/run"
         cache_dir = "{workdir}/cache"
-        # no image slots (disks for container images): these VMs run no containers, and tests count disks
+        # no image slots (disks for container images) and no data disk: these VMs run no containers,
+        # and tests count disks
         rootfs_block_slots = 0
+        data_disk_mib = 0
         """
     )
     q = dataclasses.replace(base.qemu, **qemu)  # type: ignore[arg-type]

@@ -50,7 +50,8 @@ AGENT_METHODS = {
     "StatsContainer", "UpdateContainer", "PauseContainer", "ResumeContainer", "GetOOMEvent",
     "GetGuestDetails", "OnlineCPUMem", "SetGuestDateTime", "CopyFile", "UpdateInterface",
     "UpdateRoutes", "ListInterfaces", "ListRoutes", "CreateSandbox", "DestroySandbox",
-    "ReseedRandomDev", "SetPolicy", "GetGuestMetrics", "StartDebugConsole", "WarmUp",
+    "ReseedRandomDev", "SetPolicy", "GetGuestMetrics", "StartDebugConsole", "WarmUp", "WriteFileFromDisk",
+    "ReadFileToDisk",
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.agentapi.client import Agent
-from pykata.agentapi.replies import DiskFile
+from pykata.agentapi.replies import DiskFile as DiskFile  # re-exported: what a copy found
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.devices import DATA_DISK_SERIAL
 from pykata.protocols.agent import agent_pb2

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import IO, Literal, Protocol
 
 from pykata.agentapi.errors import AgentCallError
-from pykata.agentapi.replies import DiskFile
 from pykata.errors import Code, PykataError
-from pykata.sandbox.datadisk import DiskSession
+from pykata.sandbox.datadisk import DiskFile, DiskSession
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SdkError
 from pykata.sdk.process import AsyncProcess, ExecResult
 

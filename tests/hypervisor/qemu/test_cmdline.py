@@ -61,7 +61,7 @@ CASES: dict[str, LaunchSpec] = {
         vm_id="golden", config=_qemu(shared_fs="virtio-9p"), accel="tcg", kernel=KERNEL, initrd=INITRD,
         paths=VM_DIR, shared_dir=Path("/run/pykata/shared/golden"),
         memory_file=Path("/run/pykata/template/0123/memory"), memory_file_shared=False, incoming=True,
-        root_slots=2, root_slot_size=4096 << 20,
+        root_slots=2, root_slot_size=4096 << 20, data_disk_size=64 << 20,
     ),
     "q35-root-slots": LaunchSpec(
         vm_id="golden", config=_qemu(machine_type="q35"), accel="kvm", kernel=KERNEL, initrd=INITRD, paths=VM_DIR,
