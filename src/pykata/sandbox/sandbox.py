@@ -643,6 +643,12 @@ class Sandbox:
         """Whether the VM has a data disk (bulk file transfers, pykata.sandbox.datadisk)."""
         return self.vm is not None and self.vm.data_disk_size > 0
 
+    @property
+    def data_disk_lock(self) -> asyncio.Lock:
+        """Held by each transfer through the data disk; a snapshot holds it too, so that the VM is never
+        saved with a file of the host's behind the disk."""
+        return self._disk_lock
+
     @contextlib.asynccontextmanager
     async def data_disk(self, container_id: str, process: agent_pb2.Process) -> AsyncIterator[DiskSession]:
         """The data disk for one transfer of files of container `container_id`, copied by its process

@@ -48,7 +48,8 @@ async def snapshot(sb: Any, path: Path, *, close: bool) -> Path:
                      "user": list(sb._user) if sb._user else None,
                      "prepared": {"exec_id": prepared.exec_id, "pid": prepared.pid} if prepared else None}}
     try:
-        saved = await save(inner, path, extra=extra, resume=not close and not sb.paused)
+        async with inner.data_disk_lock:  # no file behind the data disk while the VM is saved
+            saved = await save(inner, path, extra=extra, resume=not close and not sb.paused)
     finally:
         if close:
             await sb.close()
