@@ -178,9 +178,11 @@ class AsyncFiles:
         """Write through the data disk, one piece per copy; False when the guest cannot (an older agent,
         a container crun must run, the agent policy): the caller streams instead. Raises as write."""
         done = 0
+        whole = memoryview(source) if isinstance(source, bytes) else None  # pieces without copies
         async with disk as s:
             while True:
-                piece = source[done:done + s.size] if isinstance(source, bytes) else _read_piece(source, s.size)
+                piece = whole[done:done + s.size] if whole is not None else \
+                    _read_piece(source, s.size) if not isinstance(source, bytes) else b""
                 last = len(piece) < s.size
                 try:
                     await s.write_file(p, piece, offset=done, create=done == 0, mode=mode if last else None,
