@@ -96,6 +96,10 @@ class AgentService:
         self.oom = OOMWatcher()
         self._containers = Containers(s, self.reaper, crun, storages, self.oom)
         self._sandbox = Sandbox(s, self.reaper, storages)
+        # The default executor's first worker thread, made now: a VM cloned from a template resumes
+        # this very process, so its first RPC that runs in a thread (ReseedRandomDev, a container's
+        # mounts) finds one waiting instead of making one, which is slow under TCG.
+        await asyncio.to_thread(int)
 
     async def close(self) -> None:
         """Stop background work (containers keep running; DestroySandbox removes them)."""
