@@ -10,7 +10,8 @@ taken at the same moment. "Twice as long" compares the median of the last 3 pyka
 of the first 3. The loop is bounded by --max (this machine has 2 cores shared by several engineers: say
 the cap when you report). Every container is removed at the end, whatever stopped the loop.
 Prints the stop reason, the number of pods running at that point, start times (first, last, runc), the
-PSS per pod (shim + QEMU, from /proc/<pid>/smaps_rollup), host memory available and the load average.
+PSS per pod (shim + QEMU + a share of the shims' fork server, from /proc/<pid>/smaps_rollup), host
+memory available and the load average.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main() -> None:
         pss = 0
         for cid in ids:
             pss += sum(pss_kib(p) for pids in container_processes(ctd, cid).values() for p in pids)
+        server = ctd.fork_server_pid()  # the shims' fork server (runtime.shim_fork_server): shared by all
+        if server is not None:
+            pss += pss_kib(server)
         result = {"stopped_because": reason, "pods_running": len(ids), "cap": a.max,
                   "first_start_s": rows[0]["start_s"] if rows else None,
                   "last_start_s": rows[-1]["start_s"] if rows else None,
