@@ -169,8 +169,10 @@ def memory(ctd: Containerd, runtime: str, count: int, opts: tuple[str, ...] = ()
                     for p in pids:
                         for k, v in qemu_breakdown_kib(p).items():
                             parts[k] = parts.get(k, 0) + v
-        server = ctd.fork_server_pid()  # pykata.shim.forkserver: its pages are the shims' shared ones
-        if server is not None and runtime != RUNC_RUNTIME:
+        # pykata.shim.forkserver: its pages are the shims' shared ones (counted when it forked them)
+        server = ctd.fork_server_pid()
+        if server is not None and any(psutil.Process(container_processes(ctd, cid)["shim"][0]).ppid() == server
+                                      for cid in ids):
             totals["fork_server"] = pss_kib(server)
         per = {k: v / count / 1024 for k, v in totals.items() if v}
         out = {"runtime": runtime, "containers": count, "pss_mib_per_container": round(sum(per.values()), 1),
@@ -248,8 +250,9 @@ def main() -> None:
     ap.add_argument("--containers", default="1,10", help="comma-separated container counts for memory")
     ap.add_argument("--tb-sizes", default="0", help="comma-separated tcg_tb_size values (MiB, 0 = default)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE",
-                    help="also measure pykata with [hypervisor.qemu] KEY = VALUE (a runtime config file), e.g. "
-                         "fpr-off=free_page_reporting=false")
+                    help="also measure pykata with [hypervisor.qemu] KEY = VALUE, or [SECTION] KEY with "
+                         "SECTION.KEY (a runtime config file), e.g. fpr-off=free_page_reporting=false, "
+                         "no-fork-server=runtime.shim_fork_server=false")
     ap.add_argument("--rate", default="", help="comma-separated concurrencies for the start rate, e.g. 1,4")
     ap.add_argument("--rate-count", type=int, default=8, help="containers per start-rate measurement")
     ap.add_argument("--pool", action="store_true", help="pykata with a warm pool (see above)")
@@ -284,7 +287,8 @@ def main() -> None:
         for v in args.variant:
             vname, key, value = v.split("=", 2)
             cfg = tmp / f"{vname}.toml"
-            cfg.write_text(f"[hypervisor.qemu]\n{key} = {value}\n")
+            section, _, name = key.rpartition(".") if "." in key else ("hypervisor.qemu", "", key)
+            cfg.write_text(f"[{section}]\n{name} = {value}\n")
             variants[f"{PYKATA_RUNTIME} {vname}"] = ("--runtime-config-path", str(cfg))
         runtime_of = {name: RUNC_RUNTIME if name == RUNC_RUNTIME else PYKATA_RUNTIME for name in variants}
         for name, opts in variants.items():
