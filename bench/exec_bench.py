@@ -3,28 +3,41 @@
 
     .venv/bin/python bench/exec_bench.py [-n 100]
 
-  runc     `runc exec <id> true` in a running busybox container (the baseline; a fork+exec of runc)
-  pykata   Container.exec(["true"]) in a running sandbox (busybox), then stdout/stderr read to EOF
-           and the exit status: what `Sandbox.run("true")` and the shim's exec cost. Broken down into
-             exec     ExecProcess RPC until the agent returns the pid
-             stdin    CloseStdin RPC
-             output   ReadStdout + ReadStderr until EOF
-             wait     WaitProcess until the exit status
-Every figure is wall time on the host; on a shared machine it moves with the load: compare ratios.
+  runc         `runc exec <id> true` in a running busybox container (the baseline; a fork+exec of runc)
+  pykata       Container.exec(["true"], stdin=b"", close_stdin=True) then Process.wait_with_output():
+               two agent round trips, what `Sandbox.run("true")` costs. Broken down into
+                 exec     ExecProcess (stdin handed over and closed in the same call) until the pid
+                 wait     WaitProcess until the exit status, the output coming with it
+  rpc/step     the same exec the way it was done before (and still is by the shim): ExecProcess,
+               CloseStdin, ReadStdout + ReadStderr until EOF, WaitProcess; interleaved with the above
+  rpc floor    Health.Check: one agent round trip doing nothing (virtio-serial, ttrpc, both loops)
+Each iteration runs the three pykata variants in turn, so they share the load. Every figure is wall time
+on the host; on a shared machine it moves with the load: compare ratios.
 
-Where the time went (TCG, Nov 2026, host load average 6-8): p50 ~870 ms when the agent ran
-`crun exec --detach` per exec, ~830 ms of it ExecProcess. In the guest (bench/crun_guest.py) each crun
-call first copied itself (bind mount, read-only remount, lazy unmount waiting for an RCU grace period,
-re-exec with ten shared libraries): `crun --version` 156-224 ms from disk, 40-74 ms from a sealed memfd.
-The agent now keeps a sealed copy (p50 ~126 ms, ExecProcess ~108) and starts exec processes itself
-(agent/nsexec.py: fork, cgroup, setns by pidfd, credentials, posix_spawn): p50 ~110 ms, ExecProcess
-~95 ms, of which the forked child's work until it reports the pid is most; the stream RPCs ~10 ms.
+Then, inside the same guest (a debug-console process running GUEST_PROBE with the agent's modules
+imported and its heap frozen as the agent's is, so what it forks is the agent's size), N execs of `true`
+in the same container through `nsexec.spawn(..., marks=[])`, the child forked by this agent-sized
+process ("fork") and by an exec spawner (agent/spawner.py, "spawner"), interleaved: CLOCK_MONOTONIC
+marks in the agent and in the child, printed per phase (median and mean of the time since the previous
+mark), beside two floors measured the same way (a bare fork; posix_spawn of busybox `true`):
+  fork      pidfd_open, cgroup.procs opened, report pipe        forked    os.fork() (or the spawner's answer)
+  child     until the child's first step ran
+  entered   nsexec._enter: close_range, cgroup, setns, rlimits, bounding set, ids, chdir, capabilities
+  program   PATH search, HOME                                   spawned   posix_spawn of the program
+  reported  the report read by the event loop                   exited    until the reaper saw it exit
+
+History (TCG, host load average 6-8): p50 ~870 ms when the agent ran `crun exec --detach` per exec,
+~830 ms of it ExecProcess: in the guest each crun call first copied itself (bench/crun_guest.py). The
+agent then kept a sealed copy (p50 ~126 ms) and started exec processes itself (agent/nsexec.py: fork,
+cgroup, setns by pidfd, credentials, posix_spawn): p50 ~110 ms at load 6, ExecProcess ~95 ms, the
+stream RPCs ~10-30 ms, which stdin and output carried by ExecProcess/WaitProcess now save.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -36,7 +49,7 @@ from pathlib import Path
 
 from pykata.config import load_config
 from pykata.images import ImageStore
-from pykata.sandbox import Sandbox, build_spec
+from pykata.sandbox import Process, Sandbox, build_spec
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -65,31 +78,144 @@ def runc_execs(n: int, tmp: Path) -> list[float]:
         subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
 
 
-async def pykata_execs(n: int) -> dict[str, list[float]]:
+GUEST_PROBE = r'''
+import asyncio, gc, json, os, statistics, sys, time
+from pathlib import Path
+sys.path.insert(0, "/usr/lib/pykata")
+import pykata.agent.service  # noqa: F401  (the agent's modules: what is forked is the agent's size)
+from pykata.agent import nsexec
+from pykata.agent.reaper import Reaper
+cid, init_pid, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+gc.freeze()  # as the agent's main does
+variants = {"fork": (nsexec, False)}  # the agent forks the child itself
+try:
+    from pykata.agent.spawner import Spawner
+    variants["spawner"] = (nsexec, True)  # the agent's exec spawner forks it (agent/spawner.py)
+except ImportError:
+    pass
+if len(sys.argv) > 4:  # another nsexec.py (--nsexec), forking in the agent
+    import types
+    mod = sys.modules["nsexec_given"] = types.ModuleType("nsexec_given")
+    exec(compile(sys.argv[4], "nsexec_given.py", "exec"), mod.__dict__)
+    variants["given"] = (mod, False)
+config = json.loads(Path(f"/run/pykata-agent/bundles/{cid}/config.json").read_text())
+cgroup = Path("/sys/fs/cgroup") / config["linux"]["cgroupsPath"].lstrip("/")
+process = {"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
+           "capabilities": config["process"].get("capabilities", {}), "noNewPrivileges": True}
+plans = {v: m.plan(config, process, init_pid=init_pid, cgroup_dir=cgroup, cgroup_version=2,
+                  crun_state=Path(f"/run/pykata-agent/crun/{cid}")) for v, (m, _) in variants.items()}
+async def main():
+    reaper = Reaper()
+    reaper.start()
+    spawner = None
+    if "spawner" in variants:
+        os.environ["PYTHONPATH"] = "/usr/lib/pykata"
+        spawner = Spawner(reaper)
+        spawner.start()
+    phases = {}
+    def add(name, ns, variant="fork"):
+        phases.setdefault(name, {}).setdefault(variant, []).append(ns / 1e6)
+    null = os.open("/dev/null", os.O_RDWR)
+    for i in range(rounds + 1):
+        gen, t = reaper.generation, time.monotonic_ns()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        t1 = time.monotonic_ns()
+        await reaper.watch(pid, since=gen)
+        t2 = time.monotonic_ns()
+        gen = reaper.generation
+        pid = os.posix_spawn("/bin/busybox", ["true"], {})
+        await reaper.watch(pid, since=gen)
+        t3 = time.monotonic_ns()
+        if i:
+            add("floor: fork (parent)", t1 - t)
+            add("floor: fork until reaped", t2 - t)
+            add("floor: posix_spawn true until reaped", t3 - t2)
+        for variant, (mod, spawned) in variants.items():
+            marks = []
+            pid, exited = await mod.spawn(plans[variant], reaper, stdin=null, stdout=null, stderr=null, timeout=30,
+                                          marks=marks, **({"spawner": spawner} if spawned else {}))
+            marks.append(("returned", time.monotonic_ns()))
+            await exited
+            marks.append(("exited", time.monotonic_ns()))
+            if i == 0:
+                continue
+            m = dict(marks)
+            # in the agent, then in the child (its own clock marks), then the agent again
+            order = ["start", "fork", "forked", "child", "entered", "program", "spawned", "reported", "returned",
+                     "exited"]
+            for a, b in zip(order, order[1:]):
+                add(b, m[b] - m[a], variant)
+            add("total until the pid is known", m["reported"] - m["start"], variant)
+    print(json.dumps({k: {v: [statistics.median(x), statistics.fmean(x)] for v, x in d.items()}
+                      for k, d in phases.items()}), flush=True)
+asyncio.run(main())
+'''
+
+
+async def guest_phases(sb: Sandbox, cid: str, init_pid: int, n: int,
+                       nsexec: Path | None) -> dict[str, dict[str, list[float]]]:
+    """GUEST_PROBE's table, run through the debug console of `sb`: the image's nsexec forking in the agent
+    and through the spawner, and `nsexec` (a file: another version to compare) when given; interleaved."""
+    given = [nsexec.read_text()] if nsexec is not None else []
+    pid = await sb.agent.start_debug_console("probe", ["/usr/bin/python3.11", "-S", "-c", GUEST_PROBE, cid,
+                                                        str(init_pid), str(n), *given])
+    proc = Process(sb.agent, "", "probe", pid, False)
+    await proc.close_stdin()
+    out, err = await asyncio.gather(_drain(proc, "stdout"), _drain(proc, "stderr"))
+    if await proc.wait() != 0:
+        raise SystemExit(f"guest probe failed: {err.decode(errors='replace')[-2000:]}")
+    table: dict[str, dict[str, list[float]]] = json.loads(out)
+    return table
+
+
+GuestTable = dict[str, dict[str, list[float]]]  # phase -> variant -> [median, mean]
+
+
+async def pykata_execs(n: int, guest_n: int, nsexec: Path | None) -> tuple[dict[str, list[float]], GuestTable]:
     rootfs = ImageStore(Path(load_config().runtime.cache_dir)).resolve("busybox").rootfs
-    sb = await Sandbox.create()
-    phases: dict[str, list[float]] = {"exec": [], "stdin": [], "output": [], "wait": [], "total": []}
+    config = load_config()
+    config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, pykata=dataclasses.replace(
+        config.agent.pykata, debug_console_enabled=guest_n > 0)))
+    sb = await Sandbox.create(config=config)
+    guest: dict[str, dict[str, list[float]]] = {}
+    phases: dict[str, list[float]] = {k: [] for k in (
+        "total", "exec", "wait", "step total", "step exec", "step stdin", "step output", "step wait", "floor")}
     try:
         c = await sb.create_container("c1", build_spec(["sleep", "1000000"], env=["PATH=/bin"]), rootfs)
         await c.start()
         for i in range(n + 1):
             t0 = time.perf_counter()
-            p = await c.exec(["true"], env=["PATH=/bin"])
+            p = await c.exec(["true"], env=["PATH=/bin"], stdin=b"", close_stdin=True)
             t1 = time.perf_counter()
-            await p.close_stdin()
+            exited = await p.wait_with_output()
             t2 = time.perf_counter()
+            assert (exited.status, exited.stdout, exited.stderr, exited.stdout_eof, exited.stderr_eof) == \
+                (0, b"", b"", True, True), exited
+            s0 = time.perf_counter()
+            p = await c.exec(["true"], env=["PATH=/bin"])
+            s1 = time.perf_counter()
+            await p.close_stdin()
+            s2 = time.perf_counter()
             out = await asyncio.gather(_drain(p, "stdout"), _drain(p, "stderr"))
-            t3 = time.perf_counter()
+            s3 = time.perf_counter()
             status = await p.wait()
-            t4 = time.perf_counter()
+            s4 = time.perf_counter()
             assert status == 0 and out == [b"", b""], (status, out)
+            f0 = time.perf_counter()
+            await sb.agent.check()
+            f1 = time.perf_counter()
             if i == 0:
-                continue  # the first exec warms caches (crun's pages, the agent's code paths)
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+                continue  # the first exec warms caches (the agent's code paths)
+            for k, v in zip(phases, (t2 - t0, t1 - t0, t2 - t1, s4 - s0, s1 - s0, s2 - s1, s3 - s2, s4 - s3, f1 - f0),
+                            strict=True):
                 phases[k].append(v)
+        if guest_n:
+            guest = await guest_phases(sb, c.id, c.init.pid, guest_n, nsexec)
     finally:
         await sb.stop()
-    return phases
+    return phases, guest
 
 
 async def _drain(p: object, stream: str) -> bytes:
@@ -102,18 +228,31 @@ async def _drain(p: object, stream: str) -> bytes:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=100)
+    ap.add_argument("--guest-n", type=int, default=40, help="execs of the in-guest phase breakdown (0: skip)")
+    ap.add_argument("--nsexec", type=Path, help="another nsexec.py to compare in the guest with the image's")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="execbench-") as d:
         runc = runc_execs(args.n, Path(d))
-    ours = asyncio.run(pykata_execs(args.n))
+    ours, guest = asyncio.run(pykata_execs(args.n, args.guest_n, args.nsexec))
     base50, base99 = pct(runc, 0.5), pct(runc, 0.99)
-    print(f"exec of `true` with captured output, {args.n} execs (ms)")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"exec of `true` with captured output, {args.n} execs (ms); host load average {load}")
     print(f"{'':<16}{'p50':>10}{'p99':>10}")
     print(f"{'runc exec':<16}{base50 * 1e3:>10.1f}{base99 * 1e3:>10.1f}")
-    t50, t99 = pct(ours["total"], 0.5), pct(ours["total"], 0.99)
-    print(f"{'pykata':<16}{t50 * 1e3:>10.1f}{t99 * 1e3:>10.1f}   ({t50 / base50:.1f}x / {t99 / base99:.1f}x runc)")
-    for k in ("exec", "stdin", "output", "wait"):
-        print(f"{'  ' + k:<16}{pct(ours[k], 0.5) * 1e3:>10.1f}{pct(ours[k], 0.99) * 1e3:>10.1f}")
+    for label, key in (("pykata", "total"), ("  exec", "exec"), ("  wait", "wait"), ("rpc/step", "step total"),
+                       ("  exec", "step exec"), ("  stdin", "step stdin"), ("  output", "step output"),
+                       ("  wait", "step wait"), ("rpc floor", "floor")):
+        t50, t99 = pct(ours[key], 0.5), pct(ours[key], 0.99)
+        ratio = f"   ({t50 / base50:.1f}x / {t99 / base99:.1f}x runc)" if key in ("total", "step total") else ""
+        print(f"{label:<16}{t50 * 1e3:>10.1f}{t99 * 1e3:>10.1f}{ratio}")
+    if guest:
+        variants = list(dict.fromkeys(v for cols in guest.values() for v in cols))
+        print(f"\nin the guest: nsexec of `true`, {args.guest_n} execs (ms, guest clock; median/mean); "
+              "fork: the child forked by the agent, spawner: by the agent's exec spawner, given: --nsexec's")
+        print(f"{'phase':<40}" + "".join(f"{v:>18}" for v in variants))
+        for row, cols in guest.items():
+            print(f"{row:<40}" + "".join(f"{cols[v][0]:>9.2f}{cols[v][1]:>9.2f}" if v in cols else f"{'':>18}"
+                                         for v in variants))
     return 0
 
 

@@ -2,7 +2,7 @@
 """The Python SDK's goals (issue 17), each next to runc doing the same thing in the same run.
 
     .venv/bin/python bench/sdk_bench.py [-n 20] [--starts 3] [--file-mib 100] [--concurrent 20]
-        [--concurrent-memory-mib M] [--only files|concurrent|pool|start] [--only-snapshot] [--json]
+        [--concurrent-memory-mib M] [--only files|concurrent|pool|start|run] [--only-snapshot] [--json]
 
 - cold start: `Sandbox()` until its first command can run, vs `runc run -d` of the same bundle
   (`--only start`: --starts of them interleaved with runc's, with their phases from pykata.timing marks)
@@ -145,6 +145,29 @@ def docker_cp(c: RuncContainer, data: bytes) -> tuple[float, float]:
         member = tar.extractfile("cp.bin")
         assert member is not None and member.read() == data
     return write, read
+
+
+def measure_run(tmp: Path, n: int) -> dict[str, object]:
+    """run("true") in a running sandbox and `runc exec true` in a running container, alternately."""
+    c = RuncContainer(tmp)
+    try:
+        c.start()
+        with pykata.Sandbox(image="busybox") as sb:
+            sb.run("true")
+            ours, runc = [], []
+            for _ in range(n):
+                t = time.perf_counter()
+                sb.run("true")
+                ours.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                c.exec(["true"])
+                runc.append(time.perf_counter() - t)
+    finally:
+        c.delete()
+    s, r = sorted(ours), sorted(runc)
+    return {"n": n, "run_true_p50_s": p50(ours), "run_true_p99_s": round(s[min(n - 1, round(0.99 * (n - 1)))], 4),
+            "runc_exec_p50_s": p50(runc), "runc_exec_p99_s": round(r[min(n - 1, round(0.99 * (n - 1)))], 4),
+            "times_slower_than_runc": round(p50(ours) / p50(runc), 1)}
 
 
 def measure_sdk(n: int, starts: int, data: bytes) -> dict[str, float]:
@@ -351,8 +374,9 @@ def main() -> None:
     ap.add_argument("--file-mib", type=int, default=100)
     ap.add_argument("--concurrent", type=int, default=20)
     ap.add_argument("--concurrent-memory-mib", type=int, default=None, help="each concurrent sandbox's memory")
-    ap.add_argument("--only", choices=["files", "concurrent", "pool", "start"],
-                    help="measure only this (and its baseline); start: --starts cold starts with their phases")
+    ap.add_argument("--only", choices=["files", "concurrent", "pool", "start", "run"],
+                    help="measure only this (and its baseline); start: --starts cold starts with their phases; "
+                         "run: -n run('true') round trips beside runc exec, interleaved")
     ap.add_argument("--pool-n", type=int, default=5)
     ap.add_argument("--snapshot-mib", type=int, default=512, help="memory of the snapshotted sandbox")
     ap.add_argument("--state-mib", type=int, default=100, help="guest state written before the snapshot")
@@ -370,6 +394,11 @@ def main() -> None:
             start = measure_start(Path(t), a.starts)
         print(json.dumps({"start": start, "goal_s": GOALS["cold_start_s"], "loadavg": os.getloadavg()},
                          indent=2 if a.json else None))
+        return
+    if a.only == "run":
+        with tempfile.TemporaryDirectory() as t:
+            print(json.dumps({"run": measure_run(Path(t), a.n), "goal_s": GOALS["run_true_p50_s"],
+                              "loadavg": os.getloadavg()}, indent=2 if a.json else None))
         return
     if a.only == "pool":
         pool = measure_pool(a.pool_n)

@@ -71,6 +71,12 @@ def test_each_rule_denies_naming_itself() -> None:
            "exec.commands")
     denied("ExecProcess", agent_pb2.ExecProcessRequest(), "exec.commands")
     denied("ReadStdout", agent_pb2.ReadStreamRequest(container_id="c1", exec_id="e1"), "exec.stdio")
+    # stdin carried by the exec, and output carried by the wait, are stdio too
+    denied("ExecProcess", agent_pb2.ExecProcessRequest(exec_id="e1", process=agent_pb2.Process(args=["ls"]),
+                                                       stdin=b"x"), "exec.stdio")
+    denied("ExecProcess", agent_pb2.ExecProcessRequest(exec_id="e1", process=agent_pb2.Process(args=["ls"]),
+                                                       close_stdin=True), "exec.stdio")
+    denied("WaitProcess", agent_pb2.WaitProcessRequest(container_id="c1", exec_id="e1", output_limit=1), "exec.stdio")
     for path in ("/run/pykata-agent/shared/okay", "/run/pykata-agent/shared/ok/../../x", "relative"):
         denied("CopyFile", agent_pb2.CopyFileRequest(path=path), "copy_file.paths")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from pykata.agent.stdio import OutputStream
+from pykata.agent.stdio import InputStream, OutputStream
 
 
 async def test_concurrent_reads_are_served_in_the_order_they_were_made() -> None:
@@ -40,3 +40,65 @@ async def test_concurrent_reads_are_served_in_the_order_they_were_made() -> None
         if w >= 0:
             os.close(w)
         stream.close()
+
+
+async def test_take_now_reads_the_pipe_without_waiting_and_says_when_the_stream_ended() -> None:
+    r, w = os.pipe()
+    stream = OutputStream(r)
+    try:
+        assert stream.take_now(16) == (b"", False)  # nothing yet: no wait
+        os.write(w, b"x" * 20)
+        assert stream.take_now(16) == (b"x" * 16, False)  # read straight from the pipe, bounded
+        os.close(w)
+        w = -1
+        assert stream.take_now(16) == (b"xxxx", True)  # the rest, and the end behind it
+        assert stream.drained
+    finally:
+        if w >= 0:
+            os.close(w)
+        stream.close()
+
+
+async def test_take_now_leaves_the_bytes_to_reads_made_before_it() -> None:
+    r, w = os.pipe()
+    stream = OutputStream(r)
+    try:
+        reader = asyncio.ensure_future(stream.read(16))
+        await asyncio.sleep(0)
+        os.write(w, b"first")
+        assert stream.take_now(16) == (b"", False)
+        assert await asyncio.wait_for(reader, 5) == (b"first", False)
+    finally:
+        os.close(w)
+        stream.close()
+
+
+async def test_wait_buffered_wakes_when_the_stream_holds_enough_or_its_buffer_is_full() -> None:
+    r, w = os.pipe()
+    stream = OutputStream(r, limit=8)
+    try:
+        waiter = asyncio.ensure_future(stream.wait_buffered(100))  # more than the buffer holds: full is enough
+        os.write(w, b"1234")
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        os.write(w, b"5678")
+        await asyncio.wait_for(waiter, 5)
+        assert stream.buffered == 8 and stream.paused
+    finally:
+        os.close(w)
+        stream.close()
+
+
+async def test_write_now_takes_what_the_pipe_holds_and_never_waits() -> None:
+    r, w = os.pipe()
+    stdin = InputStream(w)
+    try:
+        big = b"y" * (4 << 20)  # more than any pipe holds
+        taken = stdin.write_now(big)
+        assert 0 < taken < len(big)
+        assert stdin.write_now(b"more") == 0  # full: nothing taken, no wait
+        stdin.close()
+        assert stdin.write_now(b"more") == 0  # closed
+    finally:
+        os.close(r)
+        stdin.close()

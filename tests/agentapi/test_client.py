@@ -133,3 +133,44 @@ async def test_a_failed_call_keeps_its_code_and_names_the_rpc(fake: tuple[FakeHo
     assert not isinstance(info.value, AgentReplyError)
     assert (info.value.rpc, info.value.code) == ("PauseContainer", Code.NOT_FOUND)
     assert "no container c9" in str(info.value)
+
+
+async def test_exec_with_stdin_and_wait_with_output(fake: tuple[FakeHostileAgent, Agent]) -> None:
+    handler, agent = fake
+    handler.replies.update(
+        ExecProcess=agent_pb2.ExecProcessResponse(pid=42, stdin_written=3, stdin_closed=True),
+        WaitProcess=agent_pb2.WaitProcessResponse(exit_status=1, output=True, stdout=b"out", stdout_eof=True,
+                                                  stderr_eof=False))
+    started = await agent.exec_process_with_stdin("c1", "e1", agent_pb2.Process(args=["cat"]), b"abc",
+                                                  close_stdin=True)
+    assert (started.pid, started.stdin_written, started.stdin_closed) == (42, 3, True)
+    req = handler.requests["ExecProcess"]
+    assert (req.stdin, req.close_stdin) == (b"abc", True)
+    exited = await agent.wait_process_output("c1", "e1", 16)
+    assert (exited.status, exited.stdout, exited.stderr, exited.stdout_eof, exited.stderr_eof, exited.running) == \
+        (1, b"out", b"", True, False, False)
+    assert handler.requests["WaitProcess"].output_limit == 16
+    # an agent that knows nothing of these fields: the caller is told, and does the rest itself
+    handler.replies["WaitProcess"] = agent_pb2.WaitProcessResponse(exit_status=0)
+    assert (await agent.wait_process_output("c1", "e1", 16)).stdout is None
+
+
+@pytest.mark.parametrize(("rpc", "reply", "field"), [
+    ("ExecProcess", agent_pb2.ExecProcessResponse(pid=7, stdin_written=4), "stdin_written"),
+    ("ExecProcess", agent_pb2.ExecProcessResponse(pid=7, stdin_written=2, stdin_closed=True), "stdin_closed"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(output=True, stdout=b"x" * 17), "stdout"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(output=True, stderr=b"x" * 17), "stderr"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(stdout=b"x"), "output"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(output=True, running=True), "running"),
+    ("WaitProcess", agent_pb2.WaitProcessResponse(output=True, running=True, exit_status=3, stdout=b"x"), "running"),
+])
+async def test_out_of_contract_stdin_and_output_are_refused(fake: tuple[FakeHostileAgent, Agent], rpc: str,
+                                                            reply: Any, field: str) -> None:
+    handler, agent = fake
+    handler.replies[rpc] = reply
+    with pytest.raises(AgentReplyError) as info:
+        if rpc == "ExecProcess":
+            await agent.exec_process_with_stdin("c1", "e1", agent_pb2.Process(args=["cat"]), b"abc")
+        else:
+            await agent.wait_process_output("c1", "e1", 16)
+    assert (info.value.rpc, info.value.field) == (rpc, field)

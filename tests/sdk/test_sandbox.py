@@ -34,6 +34,13 @@ def test_commands_processes_pty_and_lifecycle_of_one_sandbox() -> None:
             sb.run("yes", max_output=65536)
         with pytest.raises(SpecError, match="env"):
             sb.run("true", env=["NOEQUALS"])
+        # run's output comes with the exit, bounded: more than the agent's buffers and the wait's limit
+        # (the wait answers early, before the exit), input larger than the exec carries, and a
+        # descendant that keeps stdout open after the command exited (the rest is read on)
+        assert len(sb.run(["head", "-c", str(3 << 20), "/dev/zero"]).stdout) == 3 << 20
+        assert sb.run(["wc", "-c"], stdin=b"z" * ((2 << 20) + 5)).stdout.strip() == str((2 << 20) + 5).encode()
+        r = sb.run("(sleep 1; echo late) & echo early")
+        assert (r.exit_code, r.stdout) == (0, b"early\nlate\n")
 
         # spawn: a background process; its output waits until someone reads it
         proc = sb.spawn("for i in 1 2 3; do echo $i; done; read x; echo got $x", stdin=True)

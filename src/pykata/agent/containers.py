@@ -20,6 +20,7 @@ from pykata.agent.crun import CREATE_TIMEOUT, Crun, CrunError, Stdio
 from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
 from pykata.agent.settings import AgentSettings
+from pykata.agent.spawner import Spawner
 from pykata.agent.stats import Cgroup, OOMWatcher
 from pykata.agent.stdio import console_listener, receive_console
 from pykata.agent.storage import Mounted, Storages
@@ -96,8 +97,9 @@ class Containers:
     """All containers of the agent, by id."""
 
     def __init__(self, settings: AgentSettings, reaper: Reaper, crun: Crun, storages: Storages,
-                 oom: OOMWatcher) -> None:
+                 oom: OOMWatcher, *, spawner: Spawner | None = None) -> None:
         self.settings = settings
+        self.spawner = spawner
         self.reaper = reaper
         self.crun = crun
         self.storages = storages
@@ -322,7 +324,7 @@ class Containers:
         stdin, stdout, stderr = proc.child_stdio()
         try:
             pid, exited = await nsexec.spawn(plan, self.reaper, stdin=stdin, stdout=stdout, stderr=stderr,
-                                             timeout=CREATE_TIMEOUT)
+                                             timeout=CREATE_TIMEOUT, spawner=self.spawner)
         except ProcessLookupError:
             raise FailedPrecondition(f"container {cid} is not running") from None
         except nsexec.ExecFailed as exc:

@@ -34,16 +34,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
+import gc
 import os
+import pickle
 import resource
 import signal
+import socket
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pykata.agent.reaper import ExitStatus, Reaper
+from pykata.agent.spawner import MAX_REQUEST, REQUEST_FDS, Spawner, SpawnerGone
 from pykata.errors import Code, PykataError
 
 CAPABILITIES = (
@@ -68,6 +75,7 @@ _RLIMITS = {f"RLIMIT_{n}": i for i, n in enumerate((  # Linux's numbering (Pytho
 
 SYS_close_range = 436  # x86_64
 CLOSE_RANGE_CLOEXEC = 1 << 2
+PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -96,6 +104,8 @@ class _SockFprog(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# every signal a spawned program starts with at its default action
+_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 class ExecFailed(PykataError):
@@ -206,25 +216,53 @@ def _rlimit_value(value: object) -> int | None:
     return value if value < 1 << 63 else None
 
 
-async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr: int,
-                timeout: float) -> tuple[int, asyncio.Future[ExitStatus]]:
+async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr: int, timeout: float,
+                marks: list[tuple[str, int]] | None = None,
+                spawner: Spawner | None = None) -> tuple[int, asyncio.Future[ExitStatus]]:
     """Start the process; returns its pid (in the agent's pid namespace) and its exit future.
+
+    The child is forked by `spawner` when it runs (agent/spawner.py: the agent then never forks),
+    else by this process.
+
+    `marks` (bench/nsexec_guest.py): a list that gets (phase, CLOCK_MONOTONIC ns) pairs, the
+    child's included: where the time of one exec goes.
 
     Raises ProcessLookupError when the container's init is gone, ExecFailed when the program
     cannot be started (the message says why, as crun says it), OSError, TimeoutError.
     """
+    if marks is not None:
+        marks.append(("start", time.monotonic_ns()))
     pidfd = os.pidfd_open(p.init_pid)
     opened = [pidfd]
+    report_r = -1
     try:
         cgroup_fd = os.open(p.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
         opened.append(cgroup_fd)
         report_r, report_w = os.pipe()
         opened.append(report_w)
         generation = reaper.generation
-        pid = os.fork()
-        if pid == 0:
-            _child(p, pidfd, cgroup_fd, (stdin, stdout, stderr), report_w)
-        child_exit = reaper.watch(pid, since=generation)
+        if marks is not None:
+            marks.append(("fork", time.monotonic_ns()))
+        child_exit: asyncio.Future[ExitStatus] | None = None
+        child_pidfd = -1
+        forked = None
+        if spawner is not None and spawner.running:
+            with contextlib.suppress(SpawnerGone):  # not delivered: nothing forked, so fork here
+                forked = await spawner.fork(dataclasses.asdict(p), (
+                    pidfd, cgroup_fd, stdin, stdout, stderr, report_w), marks is not None)
+        if forked is not None:
+            pid, child_pidfd = forked
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _child(p, pidfd, cgroup_fd, (stdin, stdout, stderr), report_w, marks is not None)
+            child_exit = reaper.watch(pid, since=generation)
+        if marks is not None:
+            marks.append(("forked", time.monotonic_ns()))
+    except BaseException:
+        if report_r >= 0:
+            os.close(report_r)
+        raise
     finally:
         for fd in opened:
             os.close(fd)
@@ -232,20 +270,32 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         # One write of a few bytes is atomic: the first read has the whole report, and the child
         # need not be waited for (the reaper collects it). No report: it died; its status says how.
         report = await _read_report(report_r, timeout)
-        if not report:
+        if not report and child_exit is not None:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(child_exit)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            if child_pidfd >= 0:  # the spawner's child: by pidfd, never a reused pid
+                signal.pidfd_send_signal(child_pidfd, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
         raise
     finally:
         os.close(report_r)
+        if child_pidfd >= 0:
+            os.close(child_pidfd)
+    if marks is not None:
+        marks.append(("reported", time.monotonic_ns()))
+        report, _, child_marks = report.partition(b" ")
+        for item in child_marks.split():
+            name, _, at = item.decode().partition("=")
+            marks.append((name, int(at)))
     if report.startswith(b"P") and report[1:].isdigit():
         started = int(report[1:])
         return started, reaper.watch(started, since=generation)
     message = report[1:].decode(errors="replace") if report.startswith((b"E", b"M")) else \
-        (f"exec failed (status {child_exit.result().code})" if child_exit.done() else "exec failed")
+        (f"exec failed (status {child_exit.result().code})" if child_exit is not None and child_exit.done()
+         else "exec failed")
     raise ExecFailed(message, missing=report.startswith(b"M"))
 
 
@@ -437,11 +487,18 @@ def _enter(p: ExecPlan, pidfd: int, cgroup_fd: int) -> None:
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int], report: int) -> NoReturn:
+def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int], report: int,
+           timing: bool = False) -> NoReturn:
     """In the forked child: never returns, never raises."""
+    gc.disable()  # a collection would write to every page of the agent's heap: a fault each
     status = 1
+    marks = bytearray()
     try:
+        if timing:
+            marks += b" child=%d" % time.monotonic_ns()
         _enter(p, pidfd, cgroup_fd)
+        if timing:
+            marks += b" entered=%d" % time.monotonic_ns()
         env = list(p.env)
         if not any(e.startswith("HOME=") for e in env):
             env.append(f"HOME={_home(p.uid)}")  # as crun does
@@ -452,17 +509,20 @@ def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int],
             os._exit(1)
         if p.seccomp is not None and p.no_new_privileges:
             _load_seccomp(p.seccomp)
-        default = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+        if timing:
+            marks += b" program=%d" % time.monotonic_ns()
         try:
             pid = os.posix_spawn(program, list(p.args), dict(e.split("=", 1) for e in env if "=" in e),
                                  file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)],
-                                 setsid=True, setsigdef=default, setsigmask=())
+                                 setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=())
         except OSError as exc:
             missing = exc.errno == errno.ENOENT
             text = f"exec `{p.args[0]}`: {exc.strerror}".encode()
             os.write(report, (b"M" if missing else b"E") + text[:REPORT_LIMIT - 1])
             os._exit(1)
-        os.write(report, b"P%d" % pid)
+        if timing:
+            marks += b" spawned=%d" % time.monotonic_ns()
+        os.write(report, b"P%d" % pid + marks)
         status = 0
     except ExecFailed as exc:
         with contextlib.suppress(OSError):
@@ -495,3 +555,65 @@ def _load_seccomp(program: bytes) -> None:
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+
+
+def serve_spawner(sock: socket.socket) -> None:
+    """The exec spawner's loop (agent/spawner.py): fork one exec child per request until the agent
+    closes the socket."""
+    while True:
+        _reap()
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS)
+        except InterruptedError:
+            continue
+        if not msg:
+            return  # the agent is gone
+        try:
+            if len(fds) != REQUEST_FDS:
+                raise ValueError(f"{len(fds)} descriptors, not {REQUEST_FDS}")
+            fields, timing = pickle.loads(msg)  # the agent's own request (see the module doc)
+            plan = ExecPlan(**fields)
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _child(plan, fds[0], fds[1], (fds[2], fds[3], fds[4]), fds[5], timing)
+            pidfd = os.pidfd_open(pid)
+            try:
+                socket.send_fds(sock, [b"P%d" % pid], [pidfd])
+            finally:
+                os.close(pidfd)
+        except Exception as exc:  # the request is refused; the spawner serves on
+            with contextlib.suppress(OSError):
+                sock.send(b"E" + str(exc).encode(errors="replace")[:4000])
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _reap() -> None:
+    """Collect exec children that ended (each ends right after its report)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+
+
+def spawner_main(argv: list[str]) -> int:
+    """`python -m pykata.agent.nsexec FD AGENT_PID`: the exec spawner (agent/spawner.py)."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(argv[2]):
+        return 1  # the agent died before PDEATHSIG was set
+    with socket.socket(fileno=int(argv[1])) as sock:
+        sock.setblocking(True)
+        serve_spawner(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(spawner_main(sys.argv))

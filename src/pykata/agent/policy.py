@@ -78,6 +78,10 @@ class Policy:
             args = list(req.process.args) if req.HasField("process") else []
             if not _prefix_allowed(args, self.exec_commands):
                 raise denied("exec.commands", f"{_show(args)} starts with no allowed command")
+            if (req.stdin or req.close_stdin) and not self.exec_stdio:
+                raise denied("exec.stdio", f"stdin on exec process {req.exec_id[:64]!r} is not allowed")
+        elif rpc == "WaitProcess" and req.exec_id and req.output_limit and not self.exec_stdio:
+            raise denied("exec.stdio", f"output on exec process {req.exec_id[:64]!r} is not allowed")
         elif rpc in EXEC_STDIO_RPCS and req.exec_id and not self.exec_stdio:
             raise denied("exec.stdio", f"{rpc} on exec process {req.exec_id[:64]!r} is not allowed")
         elif rpc == "CopyFile":

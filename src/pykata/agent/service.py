@@ -26,6 +26,7 @@ from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
 from pykata.agent.sandbox import Sandbox
 from pykata.agent.settings import AgentSettings
+from pykata.agent.spawner import Spawner
 from pykata.agent.stats import OOMWatcher, read_stats
 from pykata.agent.stdio import OutputStream
 from pykata.agent.storage import Storages
@@ -56,6 +57,23 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         log.warning("background onlining of CPUs/memory failed: %s", task.exception())
 
 
+async def _exit_or_output(proc: Process, limit: int) -> bool:
+    """Wait until the process exits (True) or one of its streams holds `limit` bytes (False): a
+    process printing more than the buffers hold would otherwise block, and never exit."""
+    exited = asyncio.ensure_future(proc.wait())
+    waits: list[asyncio.Future[Any]] = [exited]
+    waits += [asyncio.ensure_future(s.wait_buffered(limit)) for s in (proc.stdout, proc.stderr) if s is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if not exited.done() or exited.cancelled():
+        return False
+    exited.exception()  # retrieved: the caller's own wait() raises it (never started) again
+    return True
+
+
 class AgentService:
     """Handlers for `pykata.agent.v1.AgentService`."""
 
@@ -63,6 +81,7 @@ class AgentService:
         self.settings = settings or AgentSettings()
         self.reaper = Reaper()
         self.oom: OOMWatcher | None = None
+        self.spawner: Spawner | None = None
         self._containers: Containers | None = None
         self._sandbox: Sandbox | None = None
         self._dirs_made = False
@@ -94,7 +113,13 @@ class AgentService:
             binary = s.crun
         crun = Crun(self.reaper, binary, s.crun_root, s.log_dir)
         self.oom = OOMWatcher()
-        self._containers = Containers(s, self.reaper, crun, storages, self.oom)
+        if s.native_exec and s.exec_spawner:
+            self.spawner = Spawner(self.reaper)
+            try:
+                self.spawner.start()
+            except OSError as exc:
+                log.warning("no exec spawner (the agent forks exec children itself): %s", exc)
+        self._containers = Containers(s, self.reaper, crun, storages, self.oom, spawner=self.spawner)
         self._sandbox = Sandbox(s, self.reaper, storages)
         # The default executor's first worker thread, made now: a VM cloned from a template resumes
         # this very process, so its first RPC that runs in a thread (ReseedRandomDev, a container's
@@ -104,6 +129,8 @@ class AgentService:
     async def close(self) -> None:
         """Stop background work (containers keep running; DestroySandbox removes them)."""
         self.console.close()
+        if self.spawner is not None:
+            self.spawner.close()
         if self.oom is not None:
             await self.oom.close()
         self.reaper.close()
@@ -163,8 +190,19 @@ class AgentService:
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: Any) -> agent_pb2.ExecProcessResponse:
         if not req.HasField("process"):
             raise InvalidArgument("process", "missing")
+        if len(req.stdin) > MAX_IO_CHUNK:
+            raise InvalidArgument("stdin", f"{len(req.stdin)} bytes, at most {MAX_IO_CHUNK}")
         pid = await self.containers.exec(req.container_id, req.exec_id, req.process)
-        return agent_pb2.ExecProcessResponse(pid=pid)
+        resp = agent_pb2.ExecProcessResponse(pid=pid)
+        if req.stdin or req.close_stdin:
+            # the host's input for a short command, in this same round trip (no WriteStdin/CloseStdin)
+            stdin = self.containers.get(req.container_id).process(req.exec_id).stdin
+            if stdin is not None:
+                resp.stdin_written = stdin.write_now(req.stdin)
+                if req.close_stdin and resp.stdin_written == len(req.stdin):
+                    stdin.close()
+                    resp.stdin_closed = True
+        return resp
 
     async def WriteFileFromDisk(self, req: agent_pb2.DiskFileRequest, ctx: Any) -> agent_pb2.DiskFileResponse:
         if not req.HasField("process"):
@@ -185,10 +223,20 @@ class AgentService:
 
     async def WaitProcess(self, req: agent_pb2.WaitProcessRequest, ctx: Any) -> agent_pb2.WaitProcessResponse:
         proc = self._process(req.container_id, req.exec_id)
-        status = await proc.wait()
-        at = Timestamp()
-        at.FromNanoseconds(int(status.at * 1e9))
-        return agent_pb2.WaitProcessResponse(exit_status=status.code, exited_at=at)
+        limit = min(req.output_limit, MAX_IO_CHUNK)
+        if limit and proc.exit_status is None and not await _exit_or_output(proc, limit):
+            resp = agent_pb2.WaitProcessResponse(running=True)
+        else:
+            status = await proc.wait()
+            at = Timestamp()
+            at.FromNanoseconds(int(status.at * 1e9))
+            resp = agent_pb2.WaitProcessResponse(exit_status=status.code, exited_at=at)
+        if limit:
+            # what a short command printed, with its exit: no ReadStdout/ReadStderr round trips
+            resp.output = True
+            resp.stdout, resp.stdout_eof = proc.stdout.take_now(limit) if proc.stdout else (b"", True)
+            resp.stderr, resp.stderr_eof = proc.stderr.take_now(limit) if proc.stderr else (b"", True)
+        return resp
 
     async def UpdateContainer(self, req: agent_pb2.UpdateContainerRequest, ctx: Any) -> Empty:
         await self.containers.update(req.container_id, req.linux_resources_json)

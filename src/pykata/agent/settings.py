@@ -36,6 +36,11 @@ class AgentSettings:
     cgroup_root: Path = Path("/sys/fs/cgroup")
     # Exec processes with the agent's own setns path (nsexec) where it covers the spec, else crun.
     native_exec: bool = True
+    # ... and fork its children from a small helper process started with the agent (agent/spawner.py),
+    # not from the agent itself. Off: measured no faster under TCG (bench/exec_bench.py's in-guest
+    # table, Nov 2026: ~200 ms until the pid either way on a host at load 24; the spawner's own fork
+    # and the extra hand-off ate what the agent's fork cost).
+    exec_spawner: bool = False
 
     def __post_init__(self) -> None:
         if not all(CGROUP_NAME_RE.match(p) for p in self.cgroup_parent.split("/")):

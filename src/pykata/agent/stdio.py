@@ -75,14 +75,20 @@ class OutputStream:
             self._reading = False
 
     def _on_readable(self) -> None:
+        if self._pull():
+            self._wake()
+
+    def _pull(self) -> bool:
+        """One read of the pipe into the buffer (at most up to the limit); False when nothing came
+        (nothing there now, or the buffer is full). End of file finishes the stream (and wakes)."""
         room = self._limit - len(self._buf)
         if room <= 0:
             self._pause()
-            return
+            return False
         try:
             data = os.read(self._fd, min(room, _READ_CHUNK))
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             # EIO: the pty's last slave descriptor closed, which is a pty's end of file.
             if exc.errno not in (errno.EIO, errno.EBADF):
@@ -90,12 +96,30 @@ class OutputStream:
             data = b""
         if not data:
             self._finish()
-            return
+            return False
         self._buf += data
         self.total += len(data)
         if len(self._buf) >= self._limit:
             self._pause()
-        self._wake()
+        return True
+
+    def take_now(self, max_length: int) -> tuple[bytes, bool]:
+        """Without waiting: up to `max_length` bytes of what the process printed (the pipe is read
+        first: a process that has exited left all of its output there), and whether the stream ended
+        after them. (b"", False) while reads are waiting: they were asked first."""
+        if self._turns:
+            return b"", False
+        while not self._eof and self._fd >= 0 and len(self._buf) < max_length and self._pull():
+            pass
+        n = min(max_length, len(self._buf))
+        with memoryview(self._buf) as view:
+            data = bytes(view[:n])
+        del self._buf[:n]
+        if self._eof and not self._buf:
+            self.drained = True
+            return data, True
+        self._resume()
+        return data, False
 
     def _finish(self) -> None:
         self._pause()
@@ -139,6 +163,17 @@ class OutputStream:
             self._turns.remove(turn)
             if self._turns:
                 self._wake()  # the next reader's turn
+
+    async def wait_buffered(self, count: int) -> None:
+        """Wait until the buffer holds `count` bytes (or is full: the process may then be blocked
+        printing). Never returns for a stream that ends with less."""
+        while len(self._buf) < min(count, self._limit):
+            fut = self._loop.create_future()
+            self._waiters[fut] = None
+            try:
+                await fut
+            finally:
+                self._waiters.pop(fut, None)
 
     async def wait_eof(self) -> None:
         """Wait until the process side closed (the buffer may still hold data)."""
@@ -201,6 +236,16 @@ class InputStream:
                         raise FailedPrecondition("the process closed its stdin") from None
                     raise
             return done
+
+    def write_now(self, data: bytes) -> int:
+        """Write what the pipe takes now, without waiting; returns how many bytes it took (0 when
+        it is full, stdin is closed, another write is under way or the process went away)."""
+        if self._fd < 0 or self._lock.locked() or not data:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except OSError:  # full (EAGAIN), or the reader went away (EPIPE, EIO)
+            return 0
 
     async def _writable(self) -> None:
         await _ready(self._fd, write=True)

@@ -202,9 +202,17 @@ class Agent:
 
     async def exec_process(self, container_id: str, exec_id: str, process: agent_pb2.Process) -> int:
         """Start another process in a running container; returns its pid."""
+        return (await self.exec_process_with_stdin(container_id, exec_id, process)).pid
+
+    async def exec_process_with_stdin(self, container_id: str, exec_id: str, process: agent_pb2.Process,
+                                      stdin: bytes = b"", *, close_stdin: bool = False) -> replies.Started:
+        """Start another process and hand it `stdin` (at most 1 MiB), then close its stdin
+        (`close_stdin`), in one round trip; the reply says what the agent did (an older agent does
+        neither: the caller writes and closes as before)."""
         resp = await self._call("ExecProcess", agent_pb2.ExecProcessRequest(
-            container_id=container_id, exec_id=exec_id, process=process), agent_pb2.ExecProcessResponse)
-        return self._checked("ExecProcess", replies.exec_process, resp)
+            container_id=container_id, exec_id=exec_id, process=process, stdin=stdin, close_stdin=close_stdin),
+            agent_pb2.ExecProcessResponse)
+        return self._checked("ExecProcess", replies.exec_process, resp, len(stdin), close_stdin)
 
     async def write_file_from_disk(self, container_id: str, process: agent_pb2.Process, path: str, disk: str, *,
                                    offset: int, length: int, create: bool, mode: int | None = None,
@@ -239,6 +247,14 @@ class Agent:
         resp = await self._call("WaitProcess", agent_pb2.WaitProcessRequest(
             container_id=container_id, exec_id=exec_id), agent_pb2.WaitProcessResponse, timeout=None)
         return self._checked("WaitProcess", replies.wait_process, resp)
+
+    async def wait_process_output(self, container_id: str, exec_id: str, output_limit: int) -> replies.Exited:
+        """Wait until the process ends; its exit status with up to `output_limit` bytes of each output
+        stream not read yet (a short command's whole output, in the same round trip)."""
+        resp = await self._call("WaitProcess", agent_pb2.WaitProcessRequest(
+            container_id=container_id, exec_id=exec_id, output_limit=output_limit),
+            agent_pb2.WaitProcessResponse, timeout=None)
+        return self._checked("WaitProcess", replies.wait_process_output, resp, output_limit)
 
     async def update_container(self, container_id: str, linux_resources: Mapping[str, Any]) -> None:
         """Apply an OCI `linux.resources` object."""
@@ -314,7 +330,7 @@ class Agent:
         resp = await self._call("StartDebugConsole", agent_pb2.DebugConsoleRequest(
             exec_id=exec_id, args=list(args), terminal=terminal, term=term, rows=rows, columns=columns),
             agent_pb2.ExecProcessResponse)
-        return self._checked("StartDebugConsole", replies.exec_process, resp)
+        return self._checked("StartDebugConsole", replies.exec_process, resp).pid
 
     async def online_cpu_mem(self, *, wait: bool = True, nb_cpus: int = 0, cpu_only: bool = False) -> None:
         await self._call("OnlineCPUMem", agent_pb2.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus,

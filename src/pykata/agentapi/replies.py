@@ -70,8 +70,34 @@ def start_container(resp: agent_pb2.StartContainerResponse) -> int:
     return _pid("pid", resp.pid)
 
 
-def exec_process(resp: agent_pb2.ExecProcessResponse) -> int:
-    return _pid("pid", resp.pid)
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """An exec'd process: its pid, how much of the given stdin it took, whether stdin is closed."""
+
+    pid: int
+    stdin_written: int
+    stdin_closed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Exited:
+    """A process's exit status and, when asked for, the output that came with it (None: the agent
+    sent none; an *_eof of False: read on)."""
+
+    status: int
+    stdout: bytes | None = None
+    stderr: bytes | None = None
+    stdout_eof: bool = False
+    stderr_eof: bool = False
+    running: bool = False  # not exited yet: a stream held the output asked for (status is 0)
+
+
+def exec_process(resp: agent_pb2.ExecProcessResponse, stdin_sent: int = 0, close_asked: bool = False) -> Started:
+    if resp.stdin_written > stdin_sent:
+        raise BadReply("stdin_written", f"{resp.stdin_written} bytes taken of {stdin_sent} sent")
+    if resp.stdin_closed and not (close_asked and resp.stdin_written == stdin_sent):
+        raise BadReply("stdin_closed", "stdin closed although not asked, or not all of it written")
+    return Started(_pid("pid", resp.pid), int(resp.stdin_written), bool(resp.stdin_closed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +127,23 @@ def wait_process(resp: agent_pb2.WaitProcessResponse) -> int:
     if resp.exit_status > EXIT_STATUS_MAX:
         raise BadReply("exit_status", f"{resp.exit_status} is not an exit status (0..{EXIT_STATUS_MAX})")
     return int(resp.exit_status)
+
+
+def wait_process_output(resp: agent_pb2.WaitProcessResponse, output_limit: int) -> Exited:
+    """The exit status and the output the agent sent with it (at most `output_limit` bytes a stream)."""
+    status = wait_process(resp)
+    if not resp.output:
+        if resp.stdout or resp.stderr or resp.stdout_eof or resp.stderr_eof or resp.running:
+            raise BadReply("output", "output fields set without `output`")
+        return Exited(status)
+    if resp.running and (status or not (resp.stdout or resp.stderr)):
+        raise BadReply("running", "a running process with an exit status, or with no output to hand over")
+    limit = min(output_limit, READ_MAX)
+    for field, data in (("stdout", resp.stdout), ("stderr", resp.stderr)):
+        if len(data) > limit:
+            raise BadReply(field, f"{len(data)} bytes, at most {limit} were asked for")
+    return Exited(status, bytes(resp.stdout), bytes(resp.stderr), bool(resp.stdout_eof), bool(resp.stderr_eof),
+                  bool(resp.running))
 
 
 def read_stream(resp: agent_pb2.ReadStreamResponse, max_length: int) -> bytes | None:

@@ -14,4 +14,4 @@ HEALTH_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services
 
 # What the agent answers in Health.Version().protocol_version. Bump it whenever agent.proto gains an
 # RPC or a field a host may rely on, so a newer host can tell an older guest image apart.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6  # 5: DiskFile RPCs; 6: ExecProcess stdin/close_stdin, WaitProcess output_limit

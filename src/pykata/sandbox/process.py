@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import signal as _signal
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from pykata.agentapi.replies import Exited
 from pykata.protocols.agent import agent_pb2
 
 if TYPE_CHECKING:
@@ -30,6 +32,27 @@ def exec_spec(args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", u
     """The process to exec for a command line (what `pykata exec` and the SDK ask for)."""
     return agent_pb2.Process(args=list(args), env=list(env), cwd=cwd, terminal=terminal,
                              user=agent_pb2.User(uid=uid, gid=gid))
+
+
+async def start_exec(agent: Agent, container_id: str, exec_id: str, process: agent_pb2.Process,
+                     stdin: bytes = b"", close_stdin: bool = False) -> Process:
+    """Exec `process` and give it `stdin` (then close it with `close_stdin`): one round trip when the
+    agent takes all of it with the exec (a short input; an agent of this version), else the rest is
+    written and stdin closed with their own RPCs. Raises AgentError."""
+    head = stdin[:READ_CHUNK]
+    started = await agent.exec_process_with_stdin(container_id, exec_id, process, head,
+                                                  close_stdin=close_stdin and len(head) == len(stdin))
+    proc = Process(agent, container_id, exec_id, started.pid, process.terminal)
+    try:
+        if started.stdin_written < len(stdin):
+            await proc.write_stdin(stdin[started.stdin_written:])
+        if close_stdin and not started.stdin_closed:
+            await proc.close_stdin()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await proc.signal(_signal.SIGKILL)  # not left waiting for input it will never get
+        raise
+    return proc
 
 
 class Process:
@@ -120,3 +143,16 @@ class Process:
 
     async def _wait(self) -> int:
         return await self._agent.wait_process(self.container_id, self.exec_id)
+
+    async def wait_with_output(self, output_limit: int = READ_CHUNK) -> Exited:
+        """The exit status with what the process printed that nobody read yet, up to `output_limit`
+        bytes a stream, in one round trip; read on (`read`, `chunks`) for a stream whose *_eof is False.
+        A reply with `running` set came before the exit, because a stream held `output_limit` bytes:
+        take them and call again. Later `wait()` calls answer from the exit."""
+        if self._exit is not None:  # a WaitProcess is already out: no output with it
+            return Exited(await self.wait())
+        exited = await self._agent.wait_process_output(self.container_id, self.exec_id, output_limit)
+        if not exited.running and self._exit is None:
+            self._exit = asyncio.get_running_loop().create_future()
+            self._exit.set_result(exited.status)
+        return exited

@@ -16,7 +16,7 @@ from pykata.errors import AgentError
 from pykata.protocols.agent import agent_pb2
 from pykata.protocols.owner import OWNER_SERVICE, owner_pb2
 from pykata.sandbox.lookup import Found
-from pykata.sandbox.process import Process, exec_spec, new_exec_id
+from pykata.sandbox.process import Process, exec_spec, new_exec_id, start_exec
 from pykata.ttrpc import RpcError
 
 
@@ -38,13 +38,13 @@ class AttachedSandbox:
         return cls(await Agent.attach(found.proxy_socket, found.record.id))
 
     async def exec(self, container_id: str, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/",
-                   uid: int = 0, gid: int = 0, terminal: bool = False) -> Process:
-        """Start another process in the container. Raises AgentError."""
+                   uid: int = 0, gid: int = 0, terminal: bool = False, stdin: bytes = b"",
+                   close_stdin: bool = False) -> Process:
+        """Start another process in the container (`stdin` as Container.exec). Raises AgentError."""
         self._exec_seq += 1
         exec_id = new_exec_id(self._exec_seq)
         process = exec_spec(args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal)
-        pid = await self._agent.exec_process(container_id, exec_id, process)
-        return Process(self._agent, container_id, exec_id, pid, terminal)
+        return await start_exec(self._agent, container_id, exec_id, process, stdin, close_stdin)
 
     async def debug_console(self, args: Sequence[str] = (), *, terminal: bool = False, term: str = "",
                             rows: int = 0, columns: int = 0) -> Process:

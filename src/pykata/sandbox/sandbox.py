@@ -53,7 +53,7 @@ from pykata.sandbox.copytree import copy_tree
 from pykata.sandbox.datadisk import DiskSession
 from pykata.sandbox.ocispec import GUEST_SHARED_DIR, GUEST_STORAGE_DIR, Volume, add_volumes, for_guest
 from pykata.sandbox.policy import load_policy
-from pykata.sandbox.process import Process, exec_spec, new_exec_id
+from pykata.sandbox.process import Process, exec_spec, new_exec_id, start_exec
 from pykata.sandbox.proxy import serve_agent_proxy
 from pykata.timing import mark
 
@@ -141,13 +141,15 @@ class Container:
         self.sandbox._update_container(self.id, status="running")
 
     async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
-                   gid: int = 0, terminal: bool = False, exec_id: str | None = None) -> Process:
-        """Start another process in the container. Raises AgentError."""
+                   gid: int = 0, terminal: bool = False, exec_id: str | None = None, stdin: bytes = b"",
+                   close_stdin: bool = False) -> Process:
+        """Start another process in the container, with `stdin` written to it (and then closed with
+        `close_stdin`). Raises AgentError."""
         if exec_id is None:
             self._exec_seq += 1
             exec_id = new_exec_id(self._exec_seq)
-        return await self.exec_process(exec_id, exec_spec(args, env=env, cwd=cwd, uid=uid, gid=gid,
-                                                          terminal=terminal))
+        return await start_exec(self.sandbox.agent, self.id, exec_id, exec_spec(
+            args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal), stdin, close_stdin)
 
     async def exec_process(self, exec_id: str, process: agent_pb2.Process) -> Process:
         """Start `process` (a whole OCI process, as the shim gets it) as `exec_id`. Raises AgentError."""

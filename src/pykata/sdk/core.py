@@ -36,7 +36,7 @@ from pykata.sandbox.snapshot import warm_up as snapshot_warm_up
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.state import load as load_state
 from pykata.sdk import snapshot as sdk_snapshot
-from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SandboxGoneError, SdkError
+from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SandboxGoneError, SandboxTimeoutError, SdkError
 from pykata.sdk.files import AsyncFiles
 from pykata.sdk.process import AsyncProcess, ExecResult
 from pykata.timing import mark
@@ -47,6 +47,9 @@ IDLE_COMMAND = ("sleep", "2147483647")
 # byte, so what follows the line stays the command's stdin) and runs it: `exec <the command>`.
 PREPARED_COMMAND = ("/bin/sh", "-c", 'IFS= read -r line && eval "$line"')
 MAX_OUTPUT = 256 << 20  # what run() collects at most (the guest decides how much it prints)
+PREPARED_STDIN_WITH_LINE = 4096  # input sent with the prepared shell's command line (an empty pipe takes it)
+RUN_OUTPUT_LIMIT = 1 << 20  # output asked for with each wait of run() (the agent's cap per stream)
+KILLED_OUTPUT_GRACE = 5.0  # how long a timed-out run waits for the killed command's output
 SDK_STATE = "sdk.json"  # what connect() needs to run commands as the creator did
 
 Command = str | Sequence[str]
@@ -474,33 +477,48 @@ class AsyncSandbox:
         """Start `cmd` (a str runs with /bin/sh -c, a list as argv) in the background. `stdin`: False
         closes it at once, True keeps it open for `proc.stdin.write`, bytes/str are written then closed.
         Raises SpecError (bad argument, naming it), SandboxGoneError, AgentError."""
-        argv = _argv(cmd)
-        envs = [*self._env, *_env_list(env)]
-        _check_cwd(cwd)
         if not isinstance(stdin, (bytes, str, bool)):
             raise SpecError("stdin", f"expected bytes, str or a bool, not {type(stdin).__name__}")
+        data = None if stdin is True else b"" if stdin is False else stdin.encode() if isinstance(stdin, str) \
+            else bytes(stdin)
+        raw = await self._launch(_argv(cmd), env=env, cwd=cwd, user=user, stdin=data, terminal=terminal)
+        proc = AsyncProcess(raw, _argv(cmd), self.id, self._guard)
+        proc.stdin.closed = data is not None
+        self._processes = [p for p in self._processes if p.running]
+        self._processes.append(proc)
+        return proc
+
+    async def _launch(self, argv: list[str], *, env: Env | None, cwd: str | None, user: User | None,
+                      stdin: bytes | None, terminal: bool = False) -> Process:
+        """Start `argv`, write `stdin` and close it (None: keep it open): the prepared shell when it
+        fits, else an exec that carries the input (one round trip for a short one)."""
+        envs = [*self._env, *_env_list(env)]
+        _check_cwd(cwd)
         uid, gid = _user(user) or self._user or (0, 0)
         raw: Process | None = None
         if self._prepared is not None and env is None and cwd in (None, self._cwd) and user is None \
                 and not terminal:
-            raw = await self._take_prepared(argv)
-        if raw is None:
-            async with self._guard():
-                raw = await self._container.exec(argv, env=envs, cwd=cwd or self._cwd, uid=uid, gid=gid,
-                                                 terminal=terminal)
-        proc = AsyncProcess(raw, argv, self.id, self._guard)
-        self._processes = [p for p in self._processes if p.running]
-        self._processes.append(proc)
-        try:
-            if isinstance(stdin, (bytes, str)):
-                await proc.stdin.write(stdin)
-            if stdin is not True:
-                await proc.stdin.close()
-        except BaseException:
-            with contextlib.suppress(PykataError):
-                await proc.kill()
-            raise
-        return proc
+            # a short input goes with the command line (an empty pipe takes it whole: it cannot be
+            # half-written when the command then exits, and so be mistaken for a shell that ended)
+            head = stdin if stdin and len(stdin) <= PREPARED_STDIN_WITH_LINE else b""
+            raw = await self._take_prepared(argv, head)
+            if raw is not None:
+                try:
+                    async with self._guard():
+                        if stdin and not head:
+                            await raw.write_stdin(stdin)
+                        if stdin is not None:
+                            await raw.close_stdin()
+                except BaseException:
+                    with contextlib.suppress(PykataError):
+                        await raw.signal(9)
+                    raise
+                return raw
+        async with self._guard():
+            started: Process = await self._container.exec(
+                argv, env=envs, cwd=cwd or self._cwd, uid=uid, gid=gid, terminal=terminal, stdin=stdin or b"",
+                close_stdin=stdin is not None)
+        return started
 
     def disk_session(self) -> contextlib.AbstractAsyncContextManager[DiskSession] | None:
         """The data disk for one file transfer, copied as the sandbox's default user from its cwd; None
@@ -524,8 +542,9 @@ class AsyncSandbox:
             self._prepared = await self._container.exec(list(PREPARED_COMMAND), env=self._env, cwd=self._cwd,
                                                         uid=uid, gid=gid)
 
-    async def _take_prepared(self, argv: Sequence[str]) -> Process | None:
-        """The prepared shell, told to run `argv`; None when there is none or it cannot take it."""
+    async def _take_prepared(self, argv: Sequence[str], stdin: bytes = b"") -> Process | None:
+        """The prepared shell, told to run `argv` (with `stdin` after the line: the command's input);
+        None when there is none or it cannot take it."""
         line = "exec " + " ".join(shlex.quote(a) for a in argv)
         raw, self._prepared = self._prepared, None
         if raw is None or "\n" in line or "\0" in line:  # one line, no NUL: else a normal exec
@@ -535,7 +554,7 @@ class AsyncSandbox:
             return None
         try:
             async with self._guard():
-                await raw.write_stdin(line.encode() + b"\n")
+                await raw.write_stdin(line.encode() + b"\n" + stdin)
         except SandboxGoneError:
             raise
         except PykataError:  # it ended on its own: fall back to exec
@@ -553,13 +572,47 @@ class AsyncSandbox:
         """
         if timeout is not None and not timeout > 0:
             raise SpecError("timeout", f"{timeout} must be positive")
-        proc = await self.spawn(cmd, env=env, cwd=cwd, user=user, stdin=b"" if stdin is None else stdin)
+        if not isinstance(stdin, (bytes, str, type(None))):
+            raise SpecError("stdin", f"expected bytes, str or None, not {type(stdin).__name__}")
+        argv = _argv(cmd)
+        data = b"" if stdin is None else stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        raw = await self._launch(argv, env=env, cwd=cwd, user=user, stdin=data)
+        out = _Collected(argv, self.id, max_output)
+        collect = asyncio.ensure_future(self._collect(raw, out))
         try:
-            return await proc.result(timeout, max_output=max_output)
-        except asyncio.CancelledError:  # Ctrl-C in the blocking API: the command must not run on
+            code = await asyncio.wait_for(asyncio.shield(collect), timeout)
+        except TimeoutError:
             with contextlib.suppress(PykataError):
-                await proc.kill()
+                await raw.signal(9)
+            # the wait in flight answers once the command is gone, with what it printed: keep that
+            with contextlib.suppress(TimeoutError, PykataError):
+                await asyncio.wait_for(asyncio.shield(collect), KILLED_OUTPUT_GRACE)
+            await _cancelled(collect)
+            raise SandboxTimeoutError(f"{argv} did not finish within {timeout}s (killed)", sandbox_id=self.id,
+                                      stdout=b"".join(out.stdout), stderr=b"".join(out.stderr)) from None
+        except BaseException:  # Ctrl-C in the blocking API, too much output: the command must not run on
+            await _cancelled(collect)
+            with contextlib.suppress(PykataError):
+                await raw.signal(9)
             raise
+        return ExecResult(code, b"".join(out.stdout), b"".join(out.stderr))
+
+    async def _collect(self, raw: Process, out: _Collected) -> int:
+        """The exit status, with the output gathered into `out`: in the wait's own reply for a short
+        command, else (more output, or a descendant keeps a stream open) read on until both end."""
+        limit = min(out.max_output + 1, RUN_OUTPUT_LIMIT)
+        async with self._guard():
+            while True:
+                exited = await raw.wait_with_output(limit)
+                out.add("stdout", exited.stdout or b"")
+                out.add("stderr", exited.stderr or b"")
+                if not exited.running:
+                    break
+            for stream, eof in (("stdout", exited.stdout_eof), ("stderr", exited.stderr_eof)):
+                if not eof:
+                    async for chunk in raw.chunks(stream):  # type: ignore[arg-type]
+                        out.add(stream, chunk)
+        return exited.status
 
     async def exec(self, cmd: Command, *, stdin: bytes | None = None, env: Env | None = None,
                    cwd: str | None = None, timeout: float | None = None) -> ExecResult:
@@ -650,6 +703,33 @@ class AsyncSandbox:
         await self.close()
 
 
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+class _Collected:
+    """What a command printed so far, and the `max_output` check."""
+
+    def __init__(self, argv: list[str], sandbox_id: str, max_output: int) -> None:
+        self.argv = argv
+        self.sandbox_id = sandbox_id
+        self.max_output = max_output
+        self.total = 0
+        self.stdout: list[bytes] = []
+        self.stderr: list[bytes] = []
+
+    def add(self, stream: str, chunk: bytes) -> None:
+        """Raises SdkError past `max_output` bytes (the caller kills the command)."""
+        if not chunk:
+            return
+        self.total += len(chunk)
+        if self.total > self.max_output:
+            raise SdkError(f"{self.argv} printed more than {self.max_output} bytes (killed)",
+                           sandbox_id=self.sandbox_id)
+        (self.stdout if stream == "stdout" else self.stderr).append(chunk)
+
+
 class _AttachedContainer:
     """The container of a connected sandbox, with the `exec` of an owned one."""
 
@@ -658,8 +738,9 @@ class _AttachedContainer:
         self._id = container_id
 
     async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
-                   gid: int = 0, terminal: bool = False) -> Process:
-        return await self._attached.exec(self._id, args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal)
+                   gid: int = 0, terminal: bool = False, stdin: bytes = b"", close_stdin: bool = False) -> Process:
+        return await self._attached.exec(self._id, args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal,
+                                         stdin=stdin, close_stdin=close_stdin)
 
 
 def _load_sdk_state(path: Path) -> dict[str, Any]:

@@ -95,20 +95,28 @@ class RemoveContainerRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class ExecProcessRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id", "process")
+    __slots__ = ("container_id", "exec_id", "process", "stdin", "close_stdin")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     process: Process
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ...) -> None: ...
+    stdin: bytes
+    close_stdin: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ...) -> None: ...
 
 class ExecProcessResponse(_message.Message):
-    __slots__ = ("pid",)
+    __slots__ = ("pid", "stdin_written", "stdin_closed")
     PID_FIELD_NUMBER: _ClassVar[int]
+    STDIN_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    STDIN_CLOSED_FIELD_NUMBER: _ClassVar[int]
     pid: int
-    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+    stdin_written: int
+    stdin_closed: bool
+    def __init__(self, pid: _Optional[int] = ..., stdin_written: _Optional[int] = ..., stdin_closed: _Optional[bool] = ...) -> None: ...
 
 class SignalProcessRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "signal", "all")
@@ -123,20 +131,34 @@ class SignalProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
 
 class WaitProcessRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id")
+    __slots__ = ("container_id", "exec_id", "output_limit")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LIMIT_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+    output_limit: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., output_limit: _Optional[int] = ...) -> None: ...
 
 class WaitProcessResponse(_message.Message):
-    __slots__ = ("exit_status", "exited_at")
+    __slots__ = ("exit_status", "exited_at", "output", "stdout", "stderr", "stdout_eof", "stderr_eof", "running")
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     EXITED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_EOF_FIELD_NUMBER: _ClassVar[int]
+    STDERR_EOF_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
     exit_status: int
     exited_at: _timestamp_pb2.Timestamp
-    def __init__(self, exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    output: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_eof: bool
+    stderr_eof: bool
+    running: bool
+    def __init__(self, exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[bool] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., stdout_eof: _Optional[bool] = ..., stderr_eof: _Optional[bool] = ..., running: _Optional[bool] = ...) -> None: ...
 
 class UpdateContainerRequest(_message.Message):
     __slots__ = ("container_id", "linux_resources_json")
