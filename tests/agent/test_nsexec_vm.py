@@ -1,7 +1,8 @@
 """The agent's own exec path (agent/nsexec.py) against `crun exec`, in two real guests side by side.
 
-One guest runs the agent as shipped (exec without crun where nsexec covers the spec), the other with
-`pykata.exec=crun` (every exec through crun). The same container and the same execs go to both; what
+One guest runs the agent as shipped (exec without crun where nsexec covers the spec), one with
+`pykata.exec=crun` (every exec through crun), one with `pykata.exec=spawner` (nsexec's children forked by
+the exec spawner, agent/spawner.py, instead of the agent). The same container and the same execs go to both; what
 each exec'd process sees of itself must be identical: capabilities (all five sets), no_new_privs,
 seccomp, uids/gids/groups, cgroup, rlimits, cwd, umask, environment, and the namespaces of the
 container's init. Then the attacks: capabilities beyond the container's bounding set, a look for
@@ -43,8 +44,10 @@ NAMESPACES = ("for n in ipc mnt net pid uts cgroup; do [ \"$(/bin/busybox readli
 def vms(guest_assets: tuple[Path, Path], host_share: Path,  # noqa: F811
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Path]]]:
     with _vm(*guest_assets, tmp_path_factory.mktemp("native"), host_share) as native, \
-            _vm(*guest_assets, tmp_path_factory.mktemp("crun"), host_share, "pykata.exec=crun") as crun:
-        yield {"native": native, "crun": crun}
+            _vm(*guest_assets, tmp_path_factory.mktemp("crun"), host_share, "pykata.exec=crun") as crun, \
+            _vm(*guest_assets, tmp_path_factory.mktemp("spawner"), host_share, "pykata.exec=spawner") as spawner:
+        # spawner: the agent's own path with its children forked by the exec spawner (agent/spawner.py)
+        yield {"native": native, "crun": crun, "spawner": spawner}
 
 
 @pytest.fixture
@@ -114,7 +117,7 @@ async def test_native_exec_matches_crun_exec_and_refuses_what_crun_would_refuse(
 
         # the same process, as root and as another user with groups and fewer capabilities
         root = await _both(guests, lambda a: _exec(a, "d", "root", SELF))
-        assert root["native"] == root["crun"], root
+        assert root["native"] == root["crun"] == root["spawner"], root
         status, out = root["native"]
         text = out.decode()
         assert status == 0 and text.endswith("end\n"), text
@@ -129,7 +132,7 @@ async def test_native_exec_matches_crun_exec_and_refuses_what_crun_would_refuse(
                                            permitted=["CAP_KILL"], inheritable=["CAP_KILL"], ambient=["CAP_KILL"])
         other = await _both(guests, lambda a: _exec(
             a, "d", "user", SELF, user=user, cwd="/tmp", capabilities=caps, no_new_privileges=True))
-        assert other["native"] == other["crun"], other
+        assert other["native"] == other["crun"] == other["spawner"], other
         text = other["native"][1].decode()
         assert "Uid:\t1000\t1000\t1000\t1000" in text and "Groups:\t5 6" in text, text
         assert "NoNewPrivs:\t1" in text and "CapAmb:\t0000000000000020" in text, text
@@ -137,16 +140,16 @@ async def test_native_exec_matches_crun_exec_and_refuses_what_crun_would_refuse(
 
         # the namespaces are the init's
         ns = await _both(guests, lambda a: _exec(a, "d", "ns", NAMESPACES))
-        assert ns["native"] == ns["crun"] == (0, b"".join(f"same-{n}\n".encode()
+        assert ns["native"] == ns["crun"] == ns["spawner"] == (0, b"".join(f"same-{n}\n".encode()
                                                         for n in ("ipc", "mnt", "net", "pid", "uts", "cgroup"))), ns
 
         # exit codes, signals, stdin
         codes = await _both(guests, lambda a: _exec(a, "d", "exit", "exit 7"))
-        assert codes["native"] == codes["crun"] == (7, b"")
+        assert codes["native"] == codes["crun"] == codes["spawner"] == (7, b"")
         killed = await _both(guests, lambda a: _exec(a, "d", "sig", "kill -TERM $$; sleep 5"))
-        assert killed["native"] == killed["crun"] == (143, b"")
+        assert killed["native"] == killed["crun"] == killed["spawner"] == (143, b"")
         echoed = await _both(guests, lambda a: _exec(a, "d", "cat", "/bin/busybox cat", stdin=b"x" * 100000))
-        assert echoed["native"] == echoed["crun"] == (0, b"x" * 100000)
+        assert echoed["native"] == echoed["crun"] == echoed["spawner"] == (0, b"x" * 100000)
 
         # a signal from the host reaches the exec'd process (its pid is the agent's to signal)
         async def signalled(agent: Any) -> int:
@@ -158,11 +161,11 @@ async def test_native_exec_matches_crun_exec_and_refuses_what_crun_would_refuse(
                                              timeout=60)
             return int(waited.exit_status)
 
-        assert await _both(guests, signalled) == {"native": 143, "crun": 143}
+        assert await _both(guests, signalled) == {"native": 143, "crun": 143, "spawner": 143}
 
         # many at once
         many = await _both(guests, lambda a: asyncio.gather(*(_exec(a, "d", f"m{i}", f"echo {i}") for i in range(8))))
-        assert many["native"] == many["crun"] == [(0, f"{i}\n".encode()) for i in range(8)]
+        assert many["native"] == many["crun"] == many["spawner"] == [(0, f"{i}\n".encode()) for i in range(8)]
 
         # attacks and errors: each refused the same way by both
         for name, agent in guests.items():

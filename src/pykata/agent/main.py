@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cgroup-parent", default="pykata",
                         help="containers get cgroup /CGROUP_PARENT/<container id> (default %(default)s)")
     parser.add_argument("--crun", default="crun", help="crun executable (default: found in PATH)")
-    parser.add_argument("--exec-with", choices=("native", "crun"), default="native",
+    parser.add_argument("--exec-with", choices=("native", "crun", "spawner"), default="native",
                         help="start exec processes with the agent's own setns path where it covers the "
                              "process spec (native, the default) or always with `crun exec`")
     parser.add_argument("--debug", action="store_true", help="log at debug level")
@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = AgentSettings(state_dir=args.state_dir, shared_dir=args.shared_dir,
                                  cgroup_parent=args.cgroup_parent, crun=args.crun,
-                                 native_exec=args.exec_with == "native")
+                                 native_exec=args.exec_with in ("native", "spawner"),
+                                 exec_spawner=args.exec_with == "spawner")
     except ValueError as exc:
         log.error("--cgroup-parent: %s", exc)
         return 2
