@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What each crun call costs inside the guest (TCG), with and without the agent's levers.
 
-    .venv/bin/python bench/crun_guest.py [-n 3] [--strace FILE]
+    .venv/bin/python bench/crun_guest.py [-n 3] [--ld-cache FILE]
 
 Boots the current guest image (the cached kernel and rootfs the sandboxes use) in a throwaway QEMU
 microvm with one extra cpio appended to its initrd: the guest's /init, unchanged except that its
@@ -16,6 +16,9 @@ bundle made from `build_spec` (what the agent runs):
   +fdm      sealed, with the guest's cgroup2 remounted `favordynmods` (task migrations into a
             cgroup then skip an RCU grace period)
   rcu-exp   sealed, with /sys/kernel/rcu_expedited=1
+  +ldcache  sealed, with an ld.so.cache in the guest's /etc (only with --ld-cache FILE, made on the host
+            by `ldconfig -r` on the unpacked guest tree): the guest image has none, so every dynamic
+            program (crun and its ten libraries) searches the library directories
 
 and a baseline: `busybox true` (a static binary), to show the floor of one process under TCG.
 The guest clock ticks at 4 ms (HZ=250, jiffies clocksource), so figures are medians of coarse
@@ -98,21 +101,10 @@ for r in range(ROUNDS):
 cols = [c[0] for c in COLUMNS]
 medians = {row: {c: statistics.median(v[c]) for c in cols} for row, v in rows.items()}
 print("PROBE-JSON", json.dumps(medians), flush=True)
-if os.path.exists("/probe/strace/strace"):
-    # one more create and delete, warm (after the rounds above), under strace: where its time goes
-    setting(0, 0)
-    env = {**os.environ, "LD_LIBRARY_PATH": "/probe/strace"}
-    for name, args in (("create", ["create", "--bundle=/probe/b", "c"]), ("delete", ["delete", "--force", "c"])):
-        subprocess.run(["/probe/strace/strace", "-f", "-tt", "-T", "-o", f"/tmp/trace-{name}", EXE["sealed"],
-                        "--root=/run/crun", *args], env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-        with open(f"/tmp/trace-{name}") as f:
-            for line in f:
-                print("PROBE-STRACE", name, line.rstrip(), flush=True)
 '''
 
 
-def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False, ld_cache: Path | None = None) -> Path:
+def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = None) -> Path:
     """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
     init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
                           capture_output=True, check=True).stdout.decode()
@@ -138,11 +130,6 @@ def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False, ld
     (tree / "probe/p.json").write_text(json.dumps(proc))
     if ld_cache is not None:
         shutil.copy2(ld_cache, tree / "probe/ld.so.cache")
-    if strace:  # the host's strace and the libraries it needs beyond the guest's
-        (tree / "probe/strace").mkdir()
-        shutil.copy2("/usr/bin/strace", tree / "probe/strace/strace")
-        for lib in ("libunwind-ptrace.so.0", "libunwind-x86_64.so.8", "libunwind.so.8", "liblzma.so.5"):
-            shutil.copy2(Path("/lib/x86_64-linux-gnu") / lib, tree / "probe/strace" / lib)
     names = subprocess.run(["find", "."], cwd=tree, capture_output=True, check=True).stdout
     extra = subprocess.run(["cpio", "-o", "--quiet", "-H", "newc", "-R", "0:0"], cwd=tree, input=names,
                            capture_output=True, check=True).stdout
@@ -154,8 +141,6 @@ def overlay(base_initrd: Path, work: Path, rounds: int, strace: bool = False, ld
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=3, help="interleaved rounds")
-    ap.add_argument("--strace", metavar="FILE", help="also run one warm crun create and delete under the "
-                    "host's strace (-f -tt -T) in the guest and write the traces to FILE")
     ap.add_argument("--ld-cache", type=Path, metavar="FILE",
                     help="an ld.so.cache for the guest's tree (`ldconfig -r TREE`): adds a column with it in /etc")
     args = ap.parse_args()
@@ -167,7 +152,7 @@ def main() -> int:
                 if ln.startswith("cpu MHz")), 0.0)
     with tempfile.TemporaryDirectory(prefix="crun-guest-") as d:
         work = Path(d)
-        initrd = overlay(rootfs.initrd, work, args.n, strace=bool(args.strace), ld_cache=args.ld_cache)
+        initrd = overlay(rootfs.initrd, work, args.n, ld_cache=args.ld_cache)
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
@@ -180,9 +165,6 @@ def main() -> int:
     for line in text.splitlines():
         if line.startswith("PROBE-ERROR"):
             print(line, file=sys.stderr)
-    if args.strace:
-        Path(args.strace).write_text("".join(ln.split(" ", 1)[1] + "\n" for ln in text.splitlines()
-                                             if ln.startswith("PROBE-STRACE ")))
     found = [ln for ln in text.splitlines() if ln.startswith("PROBE-JSON ")]
     if not found:
         print(text[-3000:], file=sys.stderr)
