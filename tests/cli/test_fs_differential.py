@@ -1,8 +1,11 @@
 """Filesystem semantics on a container's root, runc vs pykata on the same bundle: a static probe
-(data/fsprobe.c: Unix socket bind, mkfifo/mknod, MAP_SHARED mmap incl. a sparse file past 4 GiB,
-utimensat with explicit nanoseconds by path/fd/nofollow/dir, user.* xattrs, OFD and POSIX locks at
-64-bit offsets, truncate of an open file, O_TMPFILE, fallocate, sparse files, rename/link/unlink of
-open files, statfs) prints one line per check; both runtimes must print the same lines."""
+(data/fsprobe.c: Unix socket bind, mkfifo/mknod, MAP_SHARED mmap incl. sparse files around 2 and past
+4 GiB, utimensat with explicit nanoseconds by path/fd/nofollow/dir, user.* xattrs set/replace/get/list/
+remove on a new file, a directory and an image file, OFD and POSIX locks at 64-bit offsets (also as another
+process sees them), truncate of an open file, O_TMPFILE + linkat, fallocate (punch hole, keep size),
+sparse files and SEEK_DATA/SEEK_HOLE, rename/link/unlink of open files, statfs, inotify events of the
+container's own changes, directory link counts) prints one line per check; both runtimes must print the
+same lines."""
 
 from __future__ import annotations
 
@@ -16,19 +19,35 @@ from pathlib import Path
 import pytest
 
 from pykata.images import ImageStore
-from pykata.sandbox import build_spec
+from pykata.sandbox import Volume, build_spec
+from pykata.sandbox.ocispec import add_volumes
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 PROBE = Path(__file__).with_name("data") / "fsprobe.c"
 pytestmark = [pytest.mark.vm]
 
-# Differences left, each with its cause, and the line pykata prints for it: when the cause goes (a
-# newer guest kernel), the line changes and this test asks for the entry to be removed.
-KNOWN_DIFFERENCES = {
-    # the writable layer is a guest tmpfs; tmpfs has user.* xattrs from Linux 6.6, the guest runs 6.1
+# Differences left, each with its cause, and the exact line pykata prints for it.
+# The guest kernel is 6.1: tmpfs (the writable layer's upper) has user.* xattrs from Linux 6.6 and
+# overlayfs has O_TMPFILE from 6.7. Moving to 6.12 fixes these rows (branch `kernel-6.12`), but 6.12
+# ignores QEMU's hot-pluggable (disabled) CPUs in the MADT when it sees no hypervisor, which is what a
+# TCG guest looks like, so CPU hotplug on q35 breaks under TCG; see the README's status.
+KERNEL_6_1 = {
     "xattr-user": "xattr-user: setxattr (Operation not supported)",
-    # overlayfs supports O_TMPFILE from Linux 6.6
+    "xattr-user-dir": "xattr-user-dir: setxattr (Operation not supported)",
+    "xattr-user-image": "xattr-user-image: setxattr (Operation not supported)",
+    "xattr-user-fd": "xattr-user-fd: f*xattr (Operation not supported)",
     "o-tmpfile": "o-tmpfile: open (Operation not supported)",
+    "o-tmpfile-linkat": "o-tmpfile-linkat: open (Operation not supported)",
+    "o-tmpfile-excl": "o-tmpfile-excl: open (Operation not supported)",
+}
+KNOWN_DIFFERENCES = {
+    **KERNEL_6_1,
+    # The container's root is an overlay (image below, writable layer above), and overlayfs reports 1 link
+    # for a directory that is in both layers (/tmp once the container wrote into it); runc here runs on a
+    # plain bundle directory and shows the real count, but runc under containerd, whose overlayfs
+    # snapshotter mounts the same kind of overlay, shows 1 too. Kept: it is what containerd users see, and
+    # `find` and friends take nlink=1 to mean "do not count subdirectories".
+    "dir-nlink-cwd": "dir-nlink-cwd: 1",
 }
 
 
@@ -64,31 +83,94 @@ def _image_files(d: Path) -> None:
         os.utime(d / name, ns=(1_500_000_000_111_111_111 + i, 1_600_000_000_123_456_789 + i))
     os.chmod(d, 0o751)
     os.utime(d, ns=(1_500_000_000_000_000_001, 1_600_000_000_000_000_002))
+    # a file of the image the probe sets user.* xattrs on (copied up), alone in its directory so the
+    # copy-up of that directory changes nothing the image-* checks print
+    (d.parent / "imgxattr").mkdir()
+    (d.parent / "imgxattr/file").write_bytes(b"image file")
 
 
-def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:
+def _run_both(bundle: Path, tmp_path: Path, written: Path) -> tuple[list[str], list[str]]:
+    """Run the bundle under runc, empty `written` (what runc's run left on the host), run it under pykata;
+    return both outputs' lines after checking that every check passed under runc."""
     cid = f"fsdiff-{uuid.uuid4().hex[:8]}"
     try:
         runc = subprocess.run(["runc", "run", "--bundle", str(bundle), cid], capture_output=True, timeout=120,
                               cwd=tmp_path, text=True)
     finally:
         subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
-    # runc wrote into the bundle's rootfs/tmp; pykata starts from the same, cleaned, image
-    for p in (bundle / "rootfs/tmp").iterdir():
+    for p in written.iterdir():
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     pyk = subprocess.run([PYKATA, "run", "--rm", str(bundle)], capture_output=True, timeout=180, cwd=tmp_path,
                          text=True)
     assert runc.returncode == 0, runc.stderr
     assert len(runc.stdout.splitlines()) >= 20, runc.stdout
-    assert all(": ok" in line or "time" in line or "size" in line or "lock-ofd" in line
-               for line in runc.stdout.splitlines()), runc.stdout
+    # a failed check prints "name: what (strerror)"; every check passes under runc
+    assert not [line for line in runc.stdout.splitlines() if "(" in line], runc.stdout
     assert pyk.returncode == runc.returncode, pyk.stderr
-    theirs = runc.stdout.splitlines()
-    ours = pyk.stdout.splitlines()
-    assert [line.partition(":")[0] for line in ours] == [line.partition(":")[0] for line in theirs], pyk.stdout
+    return runc.stdout.splitlines(), pyk.stdout.splitlines()
+
+
+def _same_but_known(theirs: list[str], ours: list[str], known: dict[str, str]) -> None:
+    assert [line.partition(":")[0] for line in ours] == [line.partition(":")[0] for line in theirs], ours
     for mine, want in zip(ours, theirs, strict=True):
         check = mine.partition(":")[0]
-        if check in KNOWN_DIFFERENCES:
-            assert mine in (KNOWN_DIFFERENCES[check], want), f"{check}: {mine!r}: update KNOWN_DIFFERENCES"
+        if check in known:
+            assert mine == known[check], f"{check}: {mine!r}: update the known differences"
         else:
             assert mine == want
+
+
+def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:
+    # runc wrote into the bundle's rootfs/tmp; pykata starts from the same, cleaned, image
+    theirs, ours = _run_both(bundle, tmp_path, bundle / "rootfs/tmp")
+    _same_but_known(theirs, ours, KNOWN_DIFFERENCES)
+
+
+# A read-write volume (a host directory: hostPath, `-v`) is shared with the guest by the host's file
+# server, 9p in the templated VMs `pykata run` starts from; these are its differences from runc's bind
+# mount, each with its cause, and the exact line pykata prints. FIFOs, Unix sockets, locks and the rest
+# behave as under runc.
+VOLUME_KNOWN_DIFFERENCES = {
+    # the 9p mount has no page cache (cache=none: the host may change the files), so no shared writable mmap
+    "mmap-shared": "mmap-shared: mmap (Invalid argument)",
+    "mmap-sparse-2g": "mmap-sparse-2g: mmap (Invalid argument)",
+    "mmap-sparse-4g": "mmap-sparse-4g: mmap (Invalid argument)",
+    # times set over 9p reach the host's file in whole seconds (nanoseconds lost on the way; where is not
+    # established: the guest's 9p client, QEMU's 9p server or its proxy helper)
+    "utime-path": "utime-path: atime 1000000001.000000000 mtime 2000000002.000000000",
+    "utime-fd": "utime-fd: atime 1000000001.000000000 mtime 2000000002.000000000",
+    "utime-nofollow": "utime-nofollow: atime 1000000001.000000000 mtime 3.000000000",
+    "utime-dir": "utime-dir: atime 1000000001.000000000 mtime 4.000000000",
+    # QEMU's 9p server takes an xattr written with an empty value as a removal
+    "xattr-user": "xattr-user: setxattr empty (No data available)",
+    "xattr-user-dir": "xattr-user-dir: setxattr empty (No data available)",
+    # the image's file is copied up to the writable layer, a tmpfs without user.* xattrs in Linux 6.1
+    "xattr-user-image": KERNEL_6_1["xattr-user-image"],
+    # the 9p client has no O_TMPFILE, fallocate or SEEK_DATA/SEEK_HOLE (the generic answer: all data)
+    "o-tmpfile": "o-tmpfile: open (Operation not supported)",
+    "o-tmpfile-linkat": "o-tmpfile-linkat: open (Operation not supported)",
+    "o-tmpfile-excl": "o-tmpfile-excl: open (Operation not supported)",
+    "fallocate": "fallocate: fallocate (Operation not supported)",
+    "fallocate-punch": "fallocate-punch: punch hole (Operation not supported)",
+    "fallocate-keep-size": "fallocate-keep-size: keep size (Operation not supported)",
+    "sparse-seek": "sparse-seek: data 0 hole 3221225473",
+    # without a cache every lookup makes a new inode, so the watch on the directory sees no change
+    "inotify": "inotify: no events (Resource temporarily unavailable)",
+}
+
+
+def test_volume_semantics_differences_are_known(bundle: Path, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    spec = build_spec(["/bin/fsprobe", "/vol"], env=["PATH=/bin"], cwd="/", user=(0, 0), hostname="fsdiff")
+    spec["linux"]["resources"] = {}
+    spec = add_volumes(spec, [Volume(volume, "/vol", readonly=False)])
+    # the same bundle (its image has a FIFO, which a copy would not take) with the volume's config
+    config = bundle / "config.json"
+    original = config.read_text()
+    config.write_text(json.dumps(spec))
+    try:
+        theirs, ours = _run_both(bundle, tmp_path, volume)
+    finally:
+        config.write_text(original)
+    _same_but_known(theirs, ours, VOLUME_KNOWN_DIFFERENCES)

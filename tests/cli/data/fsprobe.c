@@ -7,11 +7,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -24,7 +26,7 @@ static void unix_socket(void) {
     unlink("sock");
     int s = socket(AF_UNIX, SOCK_STREAM, 0), c = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un a = {.sun_family = AF_UNIX};
-    strcpy(a.sun_path, "/tmp/sock");
+    strcpy(a.sun_path, "sock");
     if (bind(s, (void *)&a, sizeof a)) return report("unix-bind", 0, "bind");
     if (listen(s, 1)) return report("unix-bind", 0, "listen");
     if (connect(c, (void *)&a, sizeof a)) return report("unix-bind", 0, "connect");
@@ -90,13 +92,43 @@ static void utimes_(void) {
     else print_times("utime-dir", &st);
 }
 
+/* user.* xattrs on `path`: set, replace, get, list, remove; prints what each step saw. */
+static void xattr_cycle(const char *name, const char *path) {
+    char buf[256] = {0};
+    if (setxattr(path, "user.test", "value", 5, XATTR_CREATE)) return report(name, 0, "setxattr");
+    if (setxattr(path, "user.test", "value", 5, XATTR_CREATE) == 0 || errno != EEXIST)
+        return report(name, 0, "XATTR_CREATE of an existing name did not fail with EEXIST");
+    if (setxattr(path, "user.other", "", 0, 0)) return report(name, 0, "setxattr empty");
+    if (setxattr(path, "user.test", "replaced", 8, XATTR_REPLACE)) return report(name, 0, "XATTR_REPLACE");
+    ssize_t n = getxattr(path, "user.test", buf, sizeof buf);
+    if (n != 8 || memcmp(buf, "replaced", 8)) return report(name, 0, "getxattr");
+    if (getxattr(path, "user.test", buf, 2) != -1 || errno != ERANGE) return report(name, 0, "no ERANGE");
+    n = listxattr(path, buf, sizeof buf);
+    int seen = 0;
+    for (char *s = buf; n > 0 && s < buf + n; s += strlen(s) + 1)
+        seen += !strcmp(s, "user.test") * 1 + !strcmp(s, "user.other") * 2;
+    if (seen != 3) return report(name, 0, "listxattr");
+    if (removexattr(path, "user.test") || removexattr(path, "user.other")) return report(name, 0, "removexattr");
+    if (getxattr(path, "user.test", buf, sizeof buf) != -1 || errno != ENODATA)
+        return report(name, 0, "getxattr after remove did not fail with ENODATA");
+    if (removexattr(path, "user.test") != -1 || errno != ENODATA) return report(name, 0, "second removexattr");
+    n = listxattr(path, buf, sizeof buf);
+    for (char *s = buf; n > 0 && s < buf + n; s += strlen(s) + 1)
+        if (!strncmp(s, "user.", 5)) return report(name, 0, "listxattr after remove");
+    report(name, 1, "");
+}
+
 static void xattrs(void) {
     close(open("xa", O_WRONLY | O_CREAT, 0644));
-    char buf[64] = {0};
-    if (setxattr("xa", "user.test", "value", 5, 0)) return report("xattr-user", 0, "setxattr");
-    if (getxattr("xa", "user.test", buf, sizeof buf) != 5) return report("xattr-user", 0, "getxattr");
-    ssize_t n = listxattr("xa", buf, sizeof buf);
-    report("xattr-user", n > 0 && strstr(buf, "user.test") != 0, "listxattr");
+    xattr_cycle("xattr-user", "xa");
+    mkdir("xadir", 0755);
+    xattr_cycle("xattr-user-dir", "xadir");
+    /* a file of the image: the first setxattr copies it up into the writable layer */
+    if (access("/imgxattr/file", F_OK) == 0) xattr_cycle("xattr-user-image", "/imgxattr/file");
+    int fd = open("xa", O_RDWR);
+    report("xattr-user-fd", fd >= 0 && fsetxattr(fd, "user.fd", "1", 1, 0) == 0 && fgetxattr(fd, "user.fd", 0, 0) == 1
+           && fremovexattr(fd, "user.fd") == 0, "f*xattr");
+    close(fd);
 }
 
 static void locks(void) {
@@ -109,6 +141,19 @@ static void locks(void) {
            (long long)q.l_start, (long long)q.l_len);
     struct flock p = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = (1LL << 40), .l_len = 0};
     report("lock-posix-64", fcntl(b, F_SETLK, &p) == 0, "F_SETLK");
+    pid_t child = fork();
+    if (child == 0) {
+        int c = open("locked", O_RDWR);
+        struct flock g = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = (1LL << 40) + 7, .l_len = 1};
+        if (fcntl(c, F_GETLK, &g)) _exit(2);
+        printf("lock-posix-64-other: type %s start %lld len %lld owner-is-parent %d\n",
+               g.l_type == F_WRLCK ? "wr" : "other", (long long)g.l_start, (long long)g.l_len, g.l_pid == getppid());
+        struct flock s = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = (1LL << 40) + 7, .l_len = 1};
+        _exit(fcntl(c, F_SETLK, &s) == -1 && (errno == EAGAIN || errno == EACCES) ? 0 : 3);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    report("lock-posix-64-conflict", WIFEXITED(status) && WEXITSTATUS(status) == 0, "child's F_SETLK");
     close(a); close(b);
 }
 
@@ -125,14 +170,39 @@ static void truncation(void) {
 static void misc(void) {
     int fd = open(".", O_TMPFILE | O_RDWR, 0600);
     report("o-tmpfile", fd >= 0, "open");
-    if (fd >= 0) close(fd);
-    fd = open("alloc", O_RDWR | O_CREAT | O_TRUNC, 0644);
     struct stat st;
+    if (fd >= 0) {
+        char path[64], buf[8] = {0};
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        unlink("tmpfile-linked");
+        int ok = write(fd, "anon", 4) == 4 && fstat(fd, &st) == 0 && st.st_nlink == 0;
+        ok = ok && linkat(AT_FDCWD, path, AT_FDCWD, "tmpfile-linked", AT_SYMLINK_FOLLOW) == 0;
+        int rd = open("tmpfile-linked", O_RDONLY);
+        ok = ok && rd >= 0 && read(rd, buf, 4) == 4 && !strcmp(buf, "anon") && fstat(fd, &st) == 0 && st.st_nlink == 1;
+        report("o-tmpfile-linkat", ok, "linkat");
+        close(rd);
+        close(fd);
+    } else report("o-tmpfile-linkat", 0, "open");
+    fd = open(".", O_TMPFILE | O_RDWR | O_EXCL, 0600);
+    if (fd >= 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        report("o-tmpfile-excl", linkat(AT_FDCWD, path, AT_FDCWD, "never", AT_SYMLINK_FOLLOW) == -1 && errno == ENOENT,
+               "linkat of an O_EXCL tmpfile");
+        close(fd);
+    } else report("o-tmpfile-excl", 0, "open");
+    fd = open("alloc", O_RDWR | O_CREAT | O_TRUNC, 0644);
     report("fallocate", fallocate(fd, 0, 0, 1 << 20) == 0 && fstat(fd, &st) == 0 && st.st_size == 1 << 20,
            "fallocate");
+    blkcnt_t before = st.st_blocks;
+    report("fallocate-punch", fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 512 << 10) == 0 &&
+           fstat(fd, &st) == 0 && st.st_size == 1 << 20 && st.st_blocks <= before - 1024, "punch hole");
+    report("fallocate-keep-size", fallocate(fd, FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20) == 0 && fstat(fd, &st) == 0
+           && st.st_size == 1 << 20, "keep size");
     close(fd);
     fd = open("sparse", O_RDWR | O_CREAT | O_TRUNC, 0644);
     report("sparse", pwrite(fd, "x", 1, 3LL << 30) == 1 && fstat(fd, &st) == 0 && st.st_blocks < 1024, "pwrite");
+    printf("sparse-seek: data %lld hole %lld\n", (long long)lseek(fd, 0, SEEK_DATA), (long long)lseek(fd, 0, SEEK_HOLE));
     close(fd);
     fd = open("open-unlinked", O_RDWR | O_CREAT | O_TRUNC, 0644);
     char buf[4] = {0};
@@ -144,8 +214,43 @@ static void misc(void) {
            fstat(fd, &st) == 0 && st.st_nlink == 2, "rename/link");
     close(fd);
     struct statfs sf;
-    report("statfs", statfs("/tmp", &sf) == 0 && sf.f_bsize > 0 && sf.f_blocks > 0 && sf.f_bfree <= sf.f_blocks &&
+    report("statfs", statfs(".", &sf) == 0 && sf.f_bsize > 0 && sf.f_blocks > 0 && sf.f_bfree <= sf.f_blocks &&
            sf.f_bavail <= sf.f_bfree && sf.f_namelen >= 255, "figures");
+}
+
+/* inotify on files this container changes: the events, in order, of a create/write/rename/delete. */
+static void inotify_(void) {
+    mkdir("watched", 0755);
+    int in = inotify_init1(IN_NONBLOCK);
+    if (in < 0 || inotify_add_watch(in, "watched", IN_ALL_EVENTS & ~(IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE)) < 0)
+        return report("inotify", 0, "inotify_add_watch");
+    int fd = open("watched/f", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || write(fd, "x", 1) != 1) return report("inotify", 0, "write");
+    close(fd);
+    if (chmod("watched/f", 0600) || rename("watched/f", "watched/g") || unlink("watched/g") || mkdir("watched/d", 0755))
+        return report("inotify", 0, "changes");
+    char buf[4096] __attribute__((aligned(8)));
+    ssize_t n = read(in, buf, sizeof buf);
+    if (n <= 0) return report("inotify", 0, "no events");
+    printf("inotify:");
+    for (char *p = buf; p < buf + n;) {
+        struct inotify_event *e = (void *)p;
+        printf(" %x:%s", e->mask, e->len ? e->name : "-");
+        p += sizeof *e + e->len;
+    }
+    printf("\n");
+    close(in);
+}
+
+/* Link counts of directories: one the container made (with two subdirectories) and the working
+ * directory (/tmp: the image has it and the container wrote into it). */
+static void dir_nlink(void) {
+    struct stat st;
+    mkdir("nl", 0755); mkdir("nl/a", 0755); mkdir("nl/b", 0755);
+    if (stat("nl", &st)) return report("dir-nlink-new", 0, "stat");
+    printf("dir-nlink-new: %lu\n", (unsigned long)st.st_nlink);
+    if (stat(".", &st)) return report("dir-nlink-cwd", 0, "stat");
+    printf("dir-nlink-cwd: %lu\n", (unsigned long)st.st_nlink);
 }
 
 /* Files of the image itself (the read-only layers: an ext4 disk in the guest), made by the test. */
@@ -177,18 +282,23 @@ static void image_files(void) {
     printf("\n");
 }
 
-int main(void) {
+/* Checks run in argv[1] (default /tmp, on the container's root); the image's files are checked only
+ * for the default. */
+int main(int argc, char **argv) {
     setvbuf(stdout, 0, _IONBF, 0);
-    if (chdir("/tmp")) return 2;
+    if (chdir(argc > 1 ? argv[1] : "/tmp")) return 2;
     unix_socket();
     fifo();
     mmap_shared("mmap-shared", 8192, 0);
+    mmap_shared("mmap-sparse-2g", (3LL << 30), (2LL << 30) - sysconf(_SC_PAGESIZE));
     mmap_shared("mmap-sparse-4g", (5LL << 30), (4LL << 30));
     utimes_();
     xattrs();
     locks();
     truncation();
     misc();
-    image_files();
+    inotify_();
+    dir_nlink();
+    if (argc == 1) image_files();
     return 0;
 }
