@@ -38,7 +38,11 @@ async def test_a_pooled_vm_is_reseeded_and_warmed_and_keeps_nothing_of_it(vm_fac
                                                                         debug_console_enabled=True)))
     directory = runtime / "pool" / "pool-0123456789ab"
     directory.parent.mkdir(parents=True)
-    sb = await Sandbox.create_warm(config, directory)
+    try:
+        sb = await Sandbox.create_warm(config, directory)
+    except BaseException:
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise
     try:
         assert sb.vm is not None
         vm_factory.track(sb.vm)
