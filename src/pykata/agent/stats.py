@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,29 +195,90 @@ def _stats_v1(cg: Cgroup) -> agent_pb2.CgroupStats:
 
 
 class OOMWatcher:
-    """Notices OOM kills in container cgroups by polling their oom_kill counters.
+    """Notices OOM kills in container cgroups.
 
-    Polling (every `interval` seconds, only while some container is watched) costs a couple of
-    small reads per container; `check(cid)` lets exit handling look at once, so a container whose
-    init the OOM killer took is reported before it is removed.
+    On cgroup v2 the kernel notifies a change of `memory.events` to pollers (POLLPRI), so the agent
+    sleeps until something happens: one epoll object holds every watched cgroup's file, and the event
+    loop waits on it. Under TCG each timer wakeup of an idle guest costs the host CPU, and the former
+    4 Hz poll was most of an idle pod's. Files that cannot be watched that way (v1's
+    memory.oom_control, which needs cgroup.event_control) are polled every `interval` seconds, only
+    while there are some. `check(cid)` lets exit handling look at once, so a container whose init the
+    OOM killer took is reported before it is removed.
     """
 
     def __init__(self, interval: float = 0.25, queue_size: int = 256) -> None:
         self.interval = interval
         self._watched: dict[str, tuple[Cgroup, int]] = {}
+        self._polled: set[str] = set()
+        self._notified: dict[int, str] = {}  # memory.events descriptor -> container id
+        self._fds: dict[str, int] = {}
+        self._epoll: select.epoll | None = None
         self._events: asyncio.Queue[str] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
     def watch(self, cid: str, cg: Cgroup) -> None:
+        self._forget(cid)
         self._watched[cid] = (cg, cg.oom_kills())
+        if self._notify(cid, cg):
+            return
+        self._polled.add(cid)
         self._wake.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
     def unwatch(self, cid: str) -> None:
         self.check(cid)
+        self._forget(cid)
+
+    def _forget(self, cid: str) -> None:
         self._watched.pop(cid, None)
+        self._polled.discard(cid)
+        fd = self._fds.pop(cid, None)
+        if fd is not None:
+            self._notified.pop(fd, None)
+            if self._epoll is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
+            os.close(fd)
+
+    def _notify(self, cid: str, cg: Cgroup) -> bool:
+        """Have the kernel wake the loop when `cid`'s memory.events changes; False when it cannot."""
+        d = cg.dir("memory")
+        if cg.version != 2 or d is None:
+            return False
+        try:
+            fd = os.open(d / "memory.events", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._on_notified)
+            # kernfs reports POLLPRI once the file changed after this descriptor last read it; a
+            # regular file (unit tests' fake cgroups) refuses epoll with EPERM.
+            os.read(fd, 4096)
+            self._epoll.register(fd, select.EPOLLPRI)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fds[cid] = fd
+        self._notified[fd] = cid
+        return True
+
+    def _on_notified(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            cid = self._notified.get(fd)
+            if cid is None:
+                continue
+            try:
+                # re-arm: the kernel reports POLLPRI until this descriptor reads the file again
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.read(fd, 4096)
+                self.check(cid)
+            except Exception:
+                log.exception("OOM check of %s failed", cid)
 
     def check(self, cid: str) -> None:
         entry = self._watched.get(cid)
@@ -236,10 +298,10 @@ class OOMWatcher:
 
     async def _poll(self) -> None:
         while True:
-            if not self._watched:
+            if not self._polled:
                 self._wake.clear()
                 await self._wake.wait()
-            for cid in list(self._watched):
+            for cid in list(self._polled):
                 try:
                     self.check(cid)
                 except Exception:
@@ -252,3 +314,10 @@ class OOMWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for cid in list(self._watched):
+            self._forget(cid)
+        if self._epoll is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
