@@ -12,7 +12,8 @@ each pod:
   (what the guest uses, counted against the VM's size, not the overhead);
 - CPU at idle: CPU seconds of all the pod's host processes over --idle seconds, as millicores (under
   TCG the idle guest's own ticks are in QEMU's share: they are the vCPUs' cost, reported apart as
-  `qemu_vcpu_threads`).
+  `qemu_vcpu`, beside `qemu_main` (QEMU's other threads), `shim` and `helpers`, each with its
+  wakeups per second: voluntary context switches, what an idle pod's timers and pollers cost).
 runc's shim PSS and CPU are the baseline; the ratio pykata/runc is printed. Report the load average
 printed beside the figures: other VMs on a 2-core machine change the CPU figure.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -104,6 +106,35 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def thread_counters(pods: dict[str, dict[str, list[psutil.Process]]]) -> dict[str, dict[str, list[float]]]:
+    """Per pod and part, [CPU seconds, voluntary context switches (wakeups)] of every thread. QEMU's
+    vCPU threads (named "CPU n/TCG" or "CPU n/KVM" with debug-threads=on) are apart from its other
+    threads (the main loop: timers, virtio, QMP), so the guest's own idle cost shows separately."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, dict[str, list[float]]] = {}
+    for cid, procs in pods.items():
+        parts: dict[str, list[float]] = {k: [0.0, 0.0] for k in ("shim", "qemu_vcpu", "qemu_main", "helpers")}
+        for kind, ps in procs.items():
+            for p in ps:
+                try:
+                    tids = os.listdir(f"/proc/{p.pid}/task")
+                except OSError:
+                    continue
+                for tid in tids:
+                    try:
+                        stat = Path(f"/proc/{p.pid}/task/{tid}/stat").read_text()
+                        status = Path(f"/proc/{p.pid}/task/{tid}/status").read_text()
+                    except OSError:
+                        continue
+                    name = stat[stat.index("(") + 1:stat.rindex(")")]
+                    fields = stat[stat.rindex(")") + 2:].split()
+                    part = kind if kind != "qemu" else ("qemu_vcpu" if name.startswith("CPU ") else "qemu_main")
+                    parts[part][0] += (int(fields[11]) + int(fields[12])) / hz
+                    parts[part][1] += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+        out[cid] = parts
+    return out
+
+
 def measure(ctd: Containerd, runtime: str, count: int, idle: float, memory_limit: int) -> dict[str, Any]:
     ids = [f"ovh-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     try:
@@ -125,15 +156,24 @@ def measure(ctd: Containerd, runtime: str, count: int, idle: float, memory_limit
             mem["qemu_own"].append(own / 1024)
             mem["guest_ram"].append(ram / 1024)
         before = {cid: cpu_seconds([p for ps in procs.values() for p in ps]) for cid, procs in pods.items()}
+        threads_before = thread_counters(pods)
         time.sleep(idle)
         after = {cid: cpu_seconds([p for ps in procs.values() for p in ps]) for cid, procs in pods.items()}
+        threads_after = thread_counters(pods)
         milli = [1000 * (after[c] - before[c]) / idle for c in ids]
         per = {k: round(statistics.median(v), 1) for k, v in mem.items()}
+        parts = threads_after[ids[0]].keys()
+        by_part = {k: round(statistics.median(1000 * (threads_after[c][k][0] - threads_before[c][k][0]) / idle
+                                              for c in ids), 1) for k in parts}
+        wakeups = {k: round(statistics.median((threads_after[c][k][1] - threads_before[c][k][1]) / idle
+                                              for c in ids), 1) for k in parts}
         return {"runtime": runtime, "pods": count, "memory_limit_mib": memory_limit,
                 "pss_mib_median": per,
                 "overhead_mib": round(per["shim"] + per["qemu_own"] + per["helpers"], 1),
                 "idle_millicores_median": round(statistics.median(milli), 1),
-                "idle_millicores_max": round(max(milli), 1)}
+                "idle_millicores_max": round(max(milli), 1),
+                "idle_millicores_by_part_median": by_part,
+                "idle_wakeups_per_s_by_part_median": wakeups}
     finally:
         for cid in ids:
             ctd.remove(cid)
@@ -171,6 +211,8 @@ def main() -> None:
             print(f"{r['runtime']:26} pods={r['pods']} PSS MiB (median) {r['pss_mib_median']} "
                   f"overhead {r['overhead_mib']} MiB; idle CPU {r['idle_millicores_median']}m "
                   f"(max {r['idle_millicores_max']}m)")
+            print(f"{'':26} idle millicores by part {r['idle_millicores_by_part_median']}; "
+                  f"wakeups/s {r['idle_wakeups_per_s_by_part_median']}")
         print(f"overhead pykata/runc: {result['ratio_overhead_pykata_to_runc']}x; configured {result['configured']}")
     finally:
         ctd.stop()
