@@ -106,14 +106,23 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def thread_counters(pods: dict[str, dict[str, list[psutil.Process]]]) -> dict[str, dict[str, list[float]]]:
-    """Per pod and part, [CPU seconds, voluntary context switches (wakeups)] of every thread. QEMU's
+PARTS = ("shim", "qemu_vcpu", "qemu_main", "helpers")
+ThreadCounters = dict[int, tuple[float, int]]  # thread id -> (CPU seconds, voluntary context switches)
+
+
+def _delta(before: ThreadCounters, after: ThreadCounters, i: int) -> float:
+    """Counter `i` (0: CPU seconds, 1: wakeups) summed over the threads alive at both samples."""
+    return sum(after[t][i] - before[t][i] for t in after.keys() & before.keys())
+
+
+def thread_counters(pods: dict[str, dict[str, list[psutil.Process]]]) -> dict[str, dict[str, ThreadCounters]]:
+    """Per pod and part, CPU seconds and voluntary context switches (wakeups) of every thread. QEMU's
     vCPU threads (named "CPU n/TCG" or "CPU n/KVM" with debug-threads=on) are apart from its other
     threads (the main loop: timers, virtio, QMP), so the guest's own idle cost shows separately."""
     hz = os.sysconf("SC_CLK_TCK")
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, dict[str, ThreadCounters]] = {}
     for cid, procs in pods.items():
-        parts: dict[str, list[float]] = {k: [0.0, 0.0] for k in ("shim", "qemu_vcpu", "qemu_main", "helpers")}
+        parts: dict[str, ThreadCounters] = {k: {} for k in PARTS}
         for kind, ps in procs.items():
             for p in ps:
                 try:
@@ -129,8 +138,8 @@ def thread_counters(pods: dict[str, dict[str, list[psutil.Process]]]) -> dict[st
                     name = stat[stat.index("(") + 1:stat.rindex(")")]
                     fields = stat[stat.rindex(")") + 2:].split()
                     part = kind if kind != "qemu" else ("qemu_vcpu" if name.startswith("CPU ") else "qemu_main")
-                    parts[part][0] += (int(fields[11]) + int(fields[12])) / hz
-                    parts[part][1] += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+                    parts[part][int(tid)] = ((int(fields[11]) + int(fields[12])) / hz,
+                                             int(status.split("voluntary_ctxt_switches:")[1].split()[0]))
         out[cid] = parts
     return out
 
@@ -162,11 +171,10 @@ def measure(ctd: Containerd, runtime: str, count: int, idle: float, memory_limit
         threads_after = thread_counters(pods)
         milli = [1000 * (after[c] - before[c]) / idle for c in ids]
         per = {k: round(statistics.median(v), 1) for k, v in mem.items()}
-        parts = threads_after[ids[0]].keys()
-        by_part = {k: round(statistics.median(1000 * (threads_after[c][k][0] - threads_before[c][k][0]) / idle
-                                              for c in ids), 1) for k in parts}
-        wakeups = {k: round(statistics.median((threads_after[c][k][1] - threads_before[c][k][1]) / idle
-                                              for c in ids), 1) for k in parts}
+        by_part = {k: round(statistics.median(1000 * _delta(threads_before[c][k], threads_after[c][k], 0) / idle
+                                              for c in ids), 1) for k in PARTS}
+        wakeups = {k: round(statistics.median(_delta(threads_before[c][k], threads_after[c][k], 1) / idle
+                                              for c in ids), 1) for k in PARTS}
         return {"runtime": runtime, "pods": count, "memory_limit_mib": memory_limit,
                 "pss_mib_median": per,
                 "overhead_mib": round(per["shim"] + per["qemu_own"] + per["helpers"], 1),
