@@ -54,6 +54,23 @@ def test_rewrite_spec_drops_host_only_parts(tmp_path: Path) -> None:
     assert spec["hooks"], "the input is not modified"
 
 
+def test_rewrite_spec_refuses_crun_annotations(tmp_path: Path) -> None:
+    """crun acts on run.oci.* annotations of config.json: run.oci.seccomp_bpf_data would replace the
+    spec's seccomp filter with any raw program, run.oci.seccomp.plugins would have crun (root in the
+    guest, outside the container) load shared libraries. A spec carrying one is refused."""
+    root = tmp_path / "shared/c1/rootfs"
+    root.mkdir(parents=True)
+    for key in ("run.oci.seccomp_bpf_data", "run.oci.seccomp.plugins", "run.oci.keep_original_groups"):
+        spec = {**_spec(root), "annotations": {"io.kubernetes.cri.image-name": "busybox", key: "AAAA"}}
+        with pytest.raises(InvalidArgument, match=rf"annotations\['{key}'\].*run\.oci"):
+            bundle.rewrite_spec(spec, roots=[tmp_path / "shared"], cgroups_path="/pykata/c1")
+    ok = {**_spec(root), "annotations": {"io.kubernetes.cri.image-name": "busybox"}}
+    assert bundle.rewrite_spec(ok, roots=[tmp_path / "shared"], cgroups_path="/pykata/c1")["annotations"] == \
+        {"io.kubernetes.cri.image-name": "busybox"}
+    with pytest.raises(InvalidArgument, match="annotations"):
+        bundle.rewrite_spec({**ok, "annotations": ["x"]}, roots=[tmp_path / "shared"], cgroups_path="/pykata/c1")
+
+
 def test_rewrite_spec_joins_the_sandbox_pid_namespace_and_adds_mounts(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     extra = [{"destination": "/etc/resolv.conf", "type": "bind", "source": "/x", "options": ["rbind"]},

@@ -10,7 +10,8 @@ What changes on the way (Kata does the same):
     but lose any `path` (host namespace paths mean nothing in the guest); the pid namespace may
     join the sandbox's instead.
   * hooks are dropped (they are host programs), so are AppArmor/SELinux labels (the guest kernel
-    has neither); seccomp stays.
+    has neither); seccomp stays. crun's own annotations (run.oci.*: a raw seccomp program in place
+    of the spec's, plugins to load) are refused.
   * linux.cgroupsPath becomes the agent's per-sandbox cgroup for the container.
   * a tmpfs mount whose source is POD_SHM_SOURCE (the host's stand-in for the pod's /dev/shm, see
     pykata.sandbox.ocispec.for_guest) becomes a bind of the VM's own /dev/shm, a tmpfs the guest
@@ -49,6 +50,8 @@ NAMESPACE_TYPES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "c
 _U32 = 2**32
 POD_SHM_SOURCE = "pykata-pod-shm"
 POD_SHM = Path("/dev/shm")
+# annotations crun itself acts on (crun(1) "Extensions to OCI"): refused, see rewrite_spec
+CRUN_ANNOTATIONS = "run.oci."
 
 
 def load_json_object(field: str, text: str, limit: int) -> dict[str, Any]:
@@ -216,6 +219,15 @@ def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, termin
     """The config.json for crun (a new dict). Raises InvalidArgument naming the field."""
     out = copy.deepcopy(spec)
     out.pop("hooks", None)
+    notes = out.get("annotations")
+    if notes is not None and not isinstance(notes, dict):
+        raise InvalidArgument("oci_spec_json.annotations", "must be an object")
+    for key in notes or {}:
+        if isinstance(key, str) and key.startswith(CRUN_ANNOTATIONS):
+            # crun reads these from config.json: a raw BPF program instead of the spec's seccomp
+            # (run.oci.seccomp_bpf_data), shared libraries to load (run.oci.seccomp.plugins), ...
+            raise InvalidArgument(f"oci_spec_json.annotations[{key[:80]!r}]",
+                                  "crun's own annotations (run.oci.*) are not accepted from the host")
     root = out["root"]
     real_root = check_within("oci_spec_json.root.path", root.get("path"), roots)
     if not real_root.is_dir():
