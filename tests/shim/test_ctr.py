@@ -203,3 +203,17 @@ def test_kill_all_and_rm_force_with_two_containers(containerd: Containerd) -> No
                     "a-after-kill-all": "STOPPED", "b-untouched": "RUNNING", "rm-f-running": (0, False),
                     "rm-stopped": 0, "left": []}
     assert pykata == runc
+
+
+def test_crun_annotations_in_a_spec_are_refused(containerd: Containerd) -> None:
+    """A container's author tries crun's own annotations through ctr: a raw seccomp program that allows
+    everything in place of the spec's filter, and a seccomp plugin library for crun (root in the guest)
+    to load. The container must not start, the error names the key, and nothing is left."""
+    allow_all = "BgAAAAAA/38="  # one BPF instruction: SECCOMP_RET_ALLOW
+    for key, value in (("run.oci.seccomp_bpf_data", allow_all), ("run.oci.seccomp.plugins", "/tmp/owned.so")):
+        p = containerd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, "--annotation", f"{key}={value}",
+                           IMAGE, _cid("oci"), "sh", "-c", "grep Seccomp: /proc/self/status", check=False)
+        assert p.returncode != 0, p.stdout
+        assert key.encode() in p.stderr, p.stderr
+        assert b"Traceback" not in p.stderr
+    assert not containerd.tasks()
