@@ -19,11 +19,20 @@ from pykata.errors import InvalidArgument
 
 MAX_ID_LENGTH = 64
 _ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+# A guest's host name (a sandbox's or container's name becomes it): the host checks it before anything
+# boots, the agent again.
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+HOSTNAME_RULE = "letters, digits, '.', '-'; at most 63, starting with a letter or digit"
 
 
 def is_valid_id(value: object) -> bool:
     """True when `value` is an id by the rule above (a str of 1..64 characters in containerd's grammar)."""
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and _ID_RE.match(value) is not None
+
+
+def is_hostname(value: object) -> bool:
+    """True when `value` may be a guest's host name (HOSTNAME_RE)."""
+    return isinstance(value, str) and HOSTNAME_RE.match(value) is not None
 
 
 def check_id(field: str, value: object) -> str:

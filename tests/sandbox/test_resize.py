@@ -15,9 +15,11 @@ import pytest
 
 import pykata
 from pykata.config import Config, load_config
-from pykata.errors import HypervisorError, PykataError
+from pykata.errors import HypervisorError, InvalidArgument, PykataError
 from pykata.factory import find_template
+from pykata.hypervisor.qemu.balloon import MIN_MEMORY_MIB
 from pykata.hypervisor.qemu.clonememory import keep_template_intact
+from pykata.resources import sizing
 
 pytestmark = [pytest.mark.vm]
 MIB = 1 << 20
@@ -154,6 +156,13 @@ async def test_resizes_in_a_row_end_at_the_last() -> None:
         assert inner.vm is not None
         actual = await inner.vm._balloon.actual(inner.vm.qmp)  # type: ignore[attr-defined]
         assert abs(actual - 900) <= 1 and abs(await mem_total_mib(sb) - 900) <= 128
+
+
+@pytest.mark.parametrize("memory_mib", [1, 127, 0, -5, True, 1.5])
+def test_a_vm_size_below_the_floor_or_not_a_number_names_its_field(memory_mib: object) -> None:
+    with pytest.raises(InvalidArgument, match=r"^memory_mib: "):
+        sizing.vm_size(None, memory_mib, vcpus_source="cpus", memory_source="memory_mib")  # type: ignore[arg-type]
+    assert sizing.vm_size(2, MIN_MEMORY_MIB, vcpus_source="cpus", memory_source="memory_mib").memory_mib == 128
 
 
 def test_status_reads_a_microvms_size_from_its_command_line() -> None:

@@ -18,12 +18,12 @@ from pykata.agent.reaper import Reaper
 from pykata.agent.settings import AgentSettings
 from pykata.agent.storage import Mounted, Storages
 from pykata.agent.validation import (
-    HOSTNAME_RE,
     check_count,
     check_id,
     check_string,
 )
 from pykata.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
+from pykata.ids import HOSTNAME_RE
 from pykata.protocols.agent import agent_pb2
 
 log = logging.getLogger("pykata.agent.sandbox")

@@ -22,7 +22,6 @@ from pykata.errors import InvalidArgument
 # A cgroup name below the agent's cgroup parent (letters, digits, '_', '.', '-').
 CGROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 
 MAX_SPEC_BYTES = 1 << 20          # oci_spec_json
 MAX_RESOURCES_BYTES = 64 << 10    # linux_resources_json

@@ -22,6 +22,7 @@ from pykata.config import Config, load_config
 from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.errors import PykataError
 from pykata.hypervisor.console import BoundedLog
+from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
@@ -157,6 +158,8 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     envs = parse_env(env)
     if cpus is not None and cpus <= 0:
         raise SpecError("--cpus", f"{cpus} must be positive")
+    if name and not is_hostname(name):  # it becomes the guest's host name
+        raise SpecError("--name", f"{name[:80]!r} is not a host name ({HOSTNAME_RULE})")
     if name:
         for _, rec in list_sandboxes(Path(config.runtime.runtime_dir) / "sandboxes"):
             if rec is not None and rec.name == name:

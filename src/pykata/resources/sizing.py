@@ -53,6 +53,7 @@ from typing import Any
 
 from pykata.config import Config
 from pykata.errors import InvalidArgument
+from pykata.hypervisor.qemu.balloon import MIN_MEMORY_MIB
 
 log = logging.getLogger("pykata.resources")
 
@@ -174,10 +175,13 @@ def container_size(cpus: float | None, memory_bytes: int | None, *, cpus_source:
 
 def vm_size(vcpus: int | None, memory_mib: int | None, *, vcpus_source: str, memory_source: str) -> PodSize:
     """A VM size asked for as such (the SDK's `cpus=`, `memory_mib=`): no overhead is added. Raises
-    InvalidArgument naming the source of a value that is not a positive integer."""
+    InvalidArgument naming the source of a value that is not a positive integer, or of memory below
+    what a VM may have (the balloon's floor)."""
     for value, source in ((vcpus, vcpus_source), (memory_mib, memory_source)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise InvalidArgument(source, f"{value!r} must be a positive integer")
+    if memory_mib is not None and memory_mib < MIN_MEMORY_MIB:
+        raise InvalidArgument(memory_source, f"{memory_mib} MiB is less than a VM may have ({MIN_MEMORY_MIB} MiB)")
     return PodSize(vcpus, memory_mib, vcpus_source, memory_source)
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import re
 import shlex
 import socket
 import time
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 from pykata.config import Config, load_config
 from pykata.errors import AgentError, HypervisorError, InvalidArgument, PykataError
+from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.network import EgressPolicy
 from pykata.resources import sizing
@@ -97,7 +97,6 @@ def _egress_policy(network: Network | None, allow: Sequence[str] | None, deny: S
         raise SpecError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
 
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")  # the agent's rule (agent/validation.py)
 
 
 def _check_cwd(cwd: str | None) -> str | None:
@@ -166,9 +165,8 @@ class AsyncSandbox:
         self._exposed: dict[int, int] = {}  # guest port -> host port
         self.volumes = list(volumes)
         self.config = config
-        if name and not _HOSTNAME.match(name):  # the guest's host name too (checked again by its agent)
-            raise SpecError("name", f"{name[:80]!r} is not a host name (letters, digits, '.', '-'; "
-                                    "at most 63, starting with a letter or digit)")
+        if name and not is_hostname(name):  # the guest's host name too (checked again by its agent)
+            raise SpecError("name", f"{name[:80]!r} is not a host name ({HOSTNAME_RULE})")
         self.name = name
         self.idle_command = list(idle_command)
         # A sandbox that can be snapshotted shares no host directory with its guest (sdk/snapshot.py).
