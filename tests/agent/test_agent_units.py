@@ -82,6 +82,26 @@ def test_rewrite_spec_joins_the_sandbox_pid_namespace_and_adds_mounts(tmp_path: 
     assert [m["destination"] for m in out["mounts"]] == ["/proc", "/etc/resolv.conf"]
 
 
+async def test_oom_watcher_polls_a_file_the_kernel_cannot_notify(tmp_path: Path) -> None:
+    """The OOM watcher waits for kernfs notification on a real cgroup2 (the guest's case, covered by
+    tests/agent/test_agent_vm.py); a memory.events it cannot watch that way (here a fake: a regular
+    file, which epoll refuses) is polled instead, and the kill is still reported, once."""
+    (tmp_path / "cgroup.controllers").write_text("memory\n")
+    (tmp_path / "c1").mkdir()
+    events = tmp_path / "c1/memory.events"
+    events.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    watcher = stats.OOMWatcher(interval=0.01)
+    try:
+        watcher.watch("c1", stats.Cgroup.at("c1", root=tmp_path))
+        events.write_text("low 0\nhigh 0\nmax 1\noom 1\noom_kill 1\n")
+        assert await asyncio.wait_for(watcher.next_event(), 5) == "c1"
+        await asyncio.sleep(0.05)
+        assert watcher._events.empty()  # one kill, one event
+        watcher.unwatch("c1")
+    finally:
+        await watcher.close()
+
+
 def test_load_spec_rejects_what_is_not_a_spec() -> None:
     for text, field in (("{}", "oci_spec_json.process"), ('{"process": {}, "root": 1}', "oci_spec_json.root"),
                         ("1" * (2 << 20), "oci_spec_json")):
