@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pykata.fsutil import atomic_write
+from pykata.shim.configrecord import RECORD_NAME, load_recorded, write_record
 from pykata.shim.flags import Flags, ShimStartError
 
 if TYPE_CHECKING:
@@ -126,6 +127,10 @@ def start(flags: Flags) -> str:
 
     config = load_config()
     bundle = Path.cwd()
+    try:
+        write_record(bundle, config)  # for `delete`, which containerd gives no runtime options
+    except OSError as e:
+        raise ShimStartError(f"cannot write {bundle / RECORD_NAME}: {e.strerror or e}") from None
     sandbox_id = sandbox_id_of(flags.id, read_annotations(bundle))
     path = socket_path(config.runtime.runtime_dir, flags.address, flags.namespace, sandbox_id)
     address = f"unix://{path}"
@@ -244,13 +249,11 @@ def delete(flags: Flags) -> bytes:
     """Clean up after the shim of `flags.id`; returns the serialized DeleteResponse to print."""
     if not flags.id:
         raise ShimStartError("delete needs -id")
-    from pykata.config import load_config
-
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
     sandbox_id = sandbox_id_of(flags.id, read_annotations(bundle))
     shim_pid = _read_int(bundle / "shim.pid")
     init_pid = _read_int(bundle / "init.pid") or 0
-    config = load_config()
+    config = load_recorded(bundle)  # the configuration the shim ran with, not the default
     try:
         sock = Path((bundle / "address").read_text().strip().removeprefix("unix://"))
     except OSError:

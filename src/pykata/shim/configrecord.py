@@ -1,0 +1,129 @@
+"""Which configuration a shim ran with, recorded in its bundle for the `delete` that cleans up after it.
+
+containerd hands the runtime options (and so `ConfigPath`) to `start` only; `delete`, which it runs
+after a shim died, gets none. Read the default configuration there and a node whose options name a
+configuration with another `runtime_dir` never has its dead shims' VMs, mounts, sandbox directories or
+cgroups removed. So `start` writes `<bundle>/pykata-config.json`: the configuration file it loaded
+("" for the packaged default), its SHA-256 and the effective runtime_dir, and `delete` loads the same.
+
+The bundle directory is containerd's (root's), but config.json in it is the pod's spec, so the record is
+believed only when it is a regular file (not a symlink) owned by this process's user, not writable by
+group or others, at most MAX_RECORD_BYTES, and well-formed; otherwise `delete` says why on stderr (the
+shim's log) and falls back to the default lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pykata.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from pykata.config import Config
+
+RECORD_NAME = "pykata-config.json"
+MAX_RECORD_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """The configuration a shim loaded: `path` ("" = the packaged default), its digest, its runtime_dir."""
+
+    path: str
+    sha256: str
+    runtime_dir: str
+
+
+def _digest(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read(1 << 20)).hexdigest()
+    except OSError:
+        return ""
+
+
+def write_record(bundle: Path, config: Config) -> None:
+    """Record in the bundle the configuration `start` loaded (pykata.config.find_config_path). Raises OSError."""
+    from pykata.config import find_config_path
+
+    found = find_config_path()
+    path = str(found.absolute()) if found is not None else ""
+    body = {"config": path, "sha256": _digest(path), "runtime_dir": config.runtime.runtime_dir}
+    atomic_write(bundle / RECORD_NAME, json.dumps(body), mode=0o600, make_parents=False)
+
+
+def read_record(bundle: Path) -> tuple[ConfigRecord | None, str]:
+    """The record of `bundle` and "", or None and why it is not believed."""
+    try:
+        fd = os.open(bundle / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, "no record (a shim of an older pykata, or `start` failed)"
+    except OSError as e:
+        return None, f"cannot open it: {e.strerror or e}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None, f"owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: not written by the shim"
+        data = os.read(fd, MAX_RECORD_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECORD_BYTES:
+        return None, f"larger than {MAX_RECORD_BYTES} bytes"
+    try:
+        body = json.loads(data)
+        path, digest, runtime_dir = body["config"], body["sha256"], body["runtime_dir"]
+    except (ValueError, TypeError, KeyError):
+        return None, "not the JSON the shim writes"
+    if not all(isinstance(v, str) for v in (path, digest, runtime_dir)):
+        return None, "not the JSON the shim writes"
+    if (path and not path.startswith("/")) or not runtime_dir.startswith("/"):
+        return None, "a path in it is not absolute"
+    return ConfigRecord(path, digest, runtime_dir), ""
+
+
+def _warn(bundle: Path, message: str) -> None:
+    print(f"containerd-shim-pykata-v2 delete: {bundle / RECORD_NAME}: {message}", file=sys.stderr)
+
+
+def load_recorded(bundle: Path) -> Config:
+    """The configuration the bundle's shim ran with, else (saying why on stderr) the default one.
+
+    Raises:
+        ConfigError: only from the default lookup, as `pykata.config.load_config`.
+    """
+    from pykata.config import load_config, load_config_file, packaged_default_text
+    from pykata.config.parse import parse_toml
+    from pykata.errors import ConfigError
+
+    record, why = read_record(bundle)
+    if record is None:
+        _warn(bundle, f"{why}; using the default configuration")
+        return load_config()
+    try:
+        if record.path:
+            config = load_config_file(record.path)
+        else:
+            config = parse_toml(packaged_default_text(), source="<packaged default>")
+    except ConfigError as e:
+        _warn(bundle, f"the shim's configuration no longer loads ({e}); using the default one, with the "
+                      f"shim's runtime_dir {record.runtime_dir}")
+        config = load_config()
+    else:
+        if record.path and _digest(record.path) != record.sha256:
+            _warn(bundle, f"{record.path} changed since the shim started; using it, with the shim's runtime_dir")
+    if config.runtime.runtime_dir != record.runtime_dir:
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
+                                                                         runtime_dir=record.runtime_dir))
+    return config

@@ -1,0 +1,151 @@
+"""`containerd-shim-pykata-v2 delete` cleans up with the configuration its shim ran with.
+
+containerd passes the runtime options (ConfigPath) to `start` only. A node whose options name a
+configuration with another runtime_dir used to keep its dead shims' VMs, mounts, sandbox directories and
+cgroups: `delete` looked for them under the default runtime_dir. `start` now records the configuration in
+the bundle (pykata.shim.configrecord) and `delete` believes the record only when the shim could have
+written it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pykata.config import load_config
+from pykata.config.load import find_config_path, packaged_default_text
+from pykata.shim.configrecord import MAX_RECORD_BYTES, RECORD_NAME, load_recorded, read_record
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
+
+
+def _config_with_runtime_dir(directory: Path, runtime_dir: Path) -> Path:
+    found = find_config_path()
+    text = found.read_text() if found is not None else packaged_default_text()
+    assert '\nruntime_dir = "/run/pykata"\n' in text
+    path = directory / "configuration.toml"
+    path.write_text(text.replace('\nruntime_dir = "/run/pykata"\n', f'\nruntime_dir = "{runtime_dir}"\n'))
+    return path
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Containerd, Path, Path]]:
+    """A private containerd, started with the default configuration in its environment; its pods name
+    another configuration (own runtime_dir) through the runtime options, as ConfigPath does."""
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail(f"the shim tests need {missing}")
+    directory = tmp_path_factory.mktemp("delcfg")
+    runtime_dir = directory / "run"
+    config = _config_with_runtime_dir(directory, runtime_dir)
+    assert load_config().runtime.runtime_dir != str(runtime_dir)  # what `delete` read before the record
+    with running_with_busybox(Containerd(directory / "ctd"), tmp_path_factory.mktemp("cache")) as ctd:
+        yield ctd, config, runtime_dir
+    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                 if str(runtime_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, leftovers
+
+
+def _vm_processes(sandbox_dir: Path, cid: str) -> list[psutil.Process]:
+    marks = (str(sandbox_dir) + "/", f"pykata-{cid},")
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any(m in " ".join(p.info["cmdline"] or []) for m in marks)
+            and any(k in " ".join(p.info["cmdline"] or []) for k in ("qemu-system", "virtiofsd"))]
+
+
+def _mounts(under: Path) -> list[str]:
+    return [ln for ln in Path("/proc/mounts").read_text().splitlines() if f" {under}/" in ln]
+
+
+def _wait_for(cond: object, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return bool(cond())  # type: ignore[operator]
+
+
+@pytest.mark.vm
+@pytest.mark.usefixtures("prerequisites")
+def test_dead_shim_of_a_config_path_pod_is_cleaned_up(node: tuple[Containerd, Path, Path]) -> None:
+    ctd, config, runtime_dir = node
+    cid = f"delcfg-{uuid.uuid4().hex[:8]}"
+    sandbox_dir = runtime_dir / "sandboxes" / cid
+    try:
+        ctd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, "--runtime-config-path", str(config), IMAGE, cid,
+                "sleep", "1000")
+        bundle = ctd.bundle(cid)
+        record = bundle / RECORD_NAME
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600 and record.stat().st_uid == os.geteuid()
+        assert json.loads(record.read_text())["config"] == str(config)
+        assert sandbox_dir.is_dir() and _vm_processes(sandbox_dir, cid)
+        cgroup_record = runtime_dir / "cgroups" / f"{cid}.json"
+        assert cgroup_record.exists()
+        cgroups = [Path(d) for d in json.loads(cgroup_record.read_text())]
+        assert cgroups and all(d.is_dir() for d in cgroups)
+        shim_pid = int((bundle / "shim.pid").read_text())
+        os.kill(shim_pid, signal.SIGKILL)
+        # containerd sees the shim's connection drop and runs `delete` (no runtime options) itself
+        assert _wait_for(lambda: not _vm_processes(sandbox_dir, cid)), "the VM outlived its shim"
+        assert _wait_for(lambda: not _mounts(sandbox_dir)), _mounts(sandbox_dir)
+        assert _wait_for(lambda: not sandbox_dir.exists()), sorted(os.listdir(sandbox_dir))
+        assert not cgroup_record.exists()
+        assert not [d for d in cgroups if d.exists()], cgroups
+        ctd.ctr("task", "rm", "-f", cid, check=False)
+        ctd.ctr("container", "rm", cid)
+        assert cid not in ctd.ctr("container", "ls", "-q").stdout.decode().split()
+        assert not _mounts(runtime_dir) and not _vm_processes(sandbox_dir, cid)
+    finally:
+        ctd.remove(cid)
+
+
+def _record(bundle: Path, body: object, mode: int = 0o600) -> Path:
+    path = bundle / RECORD_NAME
+    path.write_text(json.dumps(body))
+    path.chmod(mode)
+    return path
+
+
+GOOD = {"config": "", "sha256": "", "runtime_dir": "/run/pykata-elsewhere"}
+
+
+def test_record_believed_only_as_the_shim_writes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert read_record(tmp_path)[0] is None  # none at all
+    _record(tmp_path, GOOD)
+    record, why = read_record(tmp_path)
+    assert record is not None and record.runtime_dir == "/run/pykata-elsewhere" and why == ""
+    assert load_recorded(tmp_path).runtime.runtime_dir == "/run/pykata-elsewhere"
+
+    _record(tmp_path, GOOD, mode=0o622)  # writable by others: anyone could have put it there
+    assert "not written by the shim" in read_record(tmp_path)[1]
+    (tmp_path / RECORD_NAME).unlink()
+    (tmp_path / "elsewhere").mkdir()
+    target = _record(tmp_path / "elsewhere", GOOD)
+    (tmp_path / RECORD_NAME).symlink_to(target)  # a symlink to a file the pod chose
+    assert read_record(tmp_path)[0] is None
+    (tmp_path / RECORD_NAME).unlink()
+    for bad in ({**GOOD, "runtime_dir": "relative"}, {**GOOD, "config": 7}, ["x"],
+                {**GOOD, "pad": "x" * MAX_RECORD_BYTES}):
+        _record(tmp_path, bad)
+        assert read_record(tmp_path)[0] is None, bad
+    capsys.readouterr()
+    assert load_recorded(tmp_path).runtime.runtime_dir == load_config().runtime.runtime_dir  # the default
+    assert f"{RECORD_NAME}: larger than {MAX_RECORD_BYTES} bytes; using the default configuration" \
+        in capsys.readouterr().err
+
+
+def test_record_of_a_config_that_no_longer_loads_keeps_its_runtime_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gone = tmp_path / "gone.toml"
+    _record(tmp_path, {"config": str(gone), "sha256": "0" * 64, "runtime_dir": "/run/pykata-gone"})
+    assert load_recorded(tmp_path).runtime.runtime_dir == "/run/pykata-gone"
+    assert "no longer loads" in capsys.readouterr().err
