@@ -23,7 +23,14 @@ import pytest
 
 from pykata.config import load_config
 from pykata.config.load import find_config_path, packaged_default_text
-from pykata.shim.configrecord import MAX_RECORD_BYTES, RECORD_NAME, load_recorded, read_record
+from pykata.shim.configrecord import (
+    MAX_RECORD_BYTES,
+    RECORD_NAME,
+    ConfigRecord,
+    load_recorded,
+    may_have_leftovers,
+    read_record,
+)
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
 
 
@@ -115,7 +122,7 @@ def _record(bundle: Path, body: object, mode: int = 0o600) -> Path:
     return path
 
 
-GOOD = {"config": "", "sha256": "", "runtime_dir": "/run/pykata-elsewhere"}
+GOOD = {"config": "", "sha256": "", "runtime_dir": "/run/pykata-elsewhere", "pool": False}
 
 
 def test_record_believed_only_as_the_shim_writes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,7 +130,7 @@ def test_record_believed_only_as_the_shim_writes_it(tmp_path: Path, capsys: pyte
     _record(tmp_path, GOOD)
     record, why = read_record(tmp_path)
     assert record is not None and record.runtime_dir == "/run/pykata-elsewhere" and why == ""
-    assert load_recorded(tmp_path).runtime.runtime_dir == "/run/pykata-elsewhere"
+    assert load_recorded(tmp_path, *read_record(tmp_path)).runtime.runtime_dir == "/run/pykata-elsewhere"
 
     _record(tmp_path, GOOD, mode=0o622)  # writable by others: anyone could have put it there
     assert "not written by the shim" in read_record(tmp_path)[1]
@@ -133,12 +140,13 @@ def test_record_believed_only_as_the_shim_writes_it(tmp_path: Path, capsys: pyte
     (tmp_path / RECORD_NAME).symlink_to(target)  # a symlink to a file the pod chose
     assert read_record(tmp_path)[0] is None
     (tmp_path / RECORD_NAME).unlink()
-    for bad in ({**GOOD, "runtime_dir": "relative"}, {**GOOD, "config": 7}, ["x"],
+    for bad in ({**GOOD, "runtime_dir": "relative"}, {**GOOD, "config": 7}, {**GOOD, "pool": 1}, ["x"],
                 {**GOOD, "pad": "x" * MAX_RECORD_BYTES}):
         _record(tmp_path, bad)
         assert read_record(tmp_path)[0] is None, bad
     capsys.readouterr()
-    assert load_recorded(tmp_path).runtime.runtime_dir == load_config().runtime.runtime_dir  # the default
+    default = load_config().runtime.runtime_dir
+    assert load_recorded(tmp_path, *read_record(tmp_path)).runtime.runtime_dir == default
     assert f"{RECORD_NAME}: larger than {MAX_RECORD_BYTES} bytes; using the default configuration" \
         in capsys.readouterr().err
 
@@ -146,6 +154,20 @@ def test_record_believed_only_as_the_shim_writes_it(tmp_path: Path, capsys: pyte
 def test_record_of_a_config_that_no_longer_loads_keeps_its_runtime_dir(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gone = tmp_path / "gone.toml"
-    _record(tmp_path, {"config": str(gone), "sha256": "0" * 64, "runtime_dir": "/run/pykata-gone"})
-    assert load_recorded(tmp_path).runtime.runtime_dir == "/run/pykata-gone"
+    _record(tmp_path, {"config": str(gone), "sha256": "0" * 64, "runtime_dir": "/run/pykata-gone", "pool": False})
+    assert load_recorded(tmp_path, *read_record(tmp_path)).runtime.runtime_dir == "/run/pykata-gone"
     assert "no longer loads" in capsys.readouterr().err
+
+
+def test_delete_loads_the_configuration_only_when_something_may_be_left(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    record = ConfigRecord("", "", str(run), pool=False)
+    assert not may_have_leftovers(record, "sb")  # an orderly exit removed all of it
+    assert may_have_leftovers(ConfigRecord("", "", str(run), pool=True), "sb")  # pool entries to prune
+    (run / "cgroups").mkdir(parents=True)
+    (run / "cgroups" / "sb.json").write_text("[]")
+    assert may_have_leftovers(record, "sb")
+    (run / "cgroups" / "sb.json").unlink()
+    (run / "sandboxes").mkdir()
+    (run / "sandboxes" / "sb").symlink_to(tmp_path / "nowhere")  # lexists: the full cleanup judges it
+    assert may_have_leftovers(record, "sb")

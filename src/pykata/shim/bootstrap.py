@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pykata.fsutil import atomic_write
-from pykata.shim.configrecord import RECORD_NAME, load_recorded, write_record
+from pykata.shim.configrecord import RECORD_NAME, load_recorded, may_have_leftovers, read_record, write_record
 from pykata.shim.flags import Flags, ShimStartError
 
 if TYPE_CHECKING:
@@ -253,11 +253,20 @@ def delete(flags: Flags) -> bytes:
     sandbox_id = sandbox_id_of(flags.id, read_annotations(bundle))
     shim_pid = _read_int(bundle / "shim.pid")
     init_pid = _read_int(bundle / "init.pid") or 0
-    config = load_recorded(bundle)  # the configuration the shim ran with, not the default
+    # the configuration the shim ran with (containerd gives `delete` no runtime options), loaded only
+    # when there is something to remove: after an orderly exit there is not, and loading it is most
+    # of this command's own work
+    record, why = read_record(bundle)
+    config: Config | None = None
     try:
         sock = Path((bundle / "address").read_text().strip().removeprefix("unix://"))
     except OSError:
-        sock = socket_path(config.runtime.runtime_dir, flags.address, flags.namespace, sandbox_id)
+        if record is not None:
+            runtime_dir = record.runtime_dir
+        else:
+            config = load_recorded(bundle, record, why)
+            runtime_dir = config.runtime.runtime_dir
+        sock = socket_path(runtime_dir, flags.address, flags.namespace, sandbox_id)
     alive = _is_shim(shim_pid)
     if alive and sock.exists():
         _shutdown(sock, flags.id)  # a no-op while the shim still serves containers (a pod's)
@@ -266,7 +275,8 @@ def delete(flags: Flags) -> bytes:
         # returns once this command has, so a caller that sees the task gone sees the VM gone
         alive = not _wait_exit(shim_pid, EXIT_WAIT)
     if not alive:
-        _remove_leftovers(config, sandbox_id, shim_pid)
+        if record is None or may_have_leftovers(record, sandbox_id):
+            _remove_leftovers(config or load_recorded(bundle, record, why), sandbox_id, shim_pid)
         if sock.exists() and not _connectable(sock):
             sock.unlink(missing_ok=True)
     return _delete_response(init_pid)

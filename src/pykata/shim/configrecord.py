@@ -35,11 +35,13 @@ MAX_RECORD_BYTES = 8192
 
 @dataclass(frozen=True)
 class ConfigRecord:
-    """The configuration a shim loaded: `path` ("" = the packaged default), its digest, its runtime_dir."""
+    """The configuration a shim loaded: `path` ("" = the packaged default), its digest, its runtime_dir,
+    and whether it has a warm pool (whose entries `delete` may have to prune)."""
 
     path: str
     sha256: str
     runtime_dir: str
+    pool: bool
 
 
 def _digest(path: str) -> str:
@@ -58,7 +60,8 @@ def write_record(bundle: Path, config: Config) -> None:
 
     found = find_config_path()
     path = str(found.absolute()) if found is not None else ""
-    body = {"config": path, "sha256": _digest(path), "runtime_dir": config.runtime.runtime_dir}
+    body = {"config": path, "sha256": _digest(path), "runtime_dir": config.runtime.runtime_dir,
+            "pool": config.factory.pool_size > 0}
     atomic_write(bundle / RECORD_NAME, json.dumps(body), mode=0o600, make_parents=False)
 
 
@@ -83,22 +86,32 @@ def read_record(bundle: Path) -> tuple[ConfigRecord | None, str]:
         return None, f"larger than {MAX_RECORD_BYTES} bytes"
     try:
         body = json.loads(data)
-        path, digest, runtime_dir = body["config"], body["sha256"], body["runtime_dir"]
+        path, digest, runtime_dir, pool = body["config"], body["sha256"], body["runtime_dir"], body["pool"]
     except (ValueError, TypeError, KeyError):
         return None, "not the JSON the shim writes"
-    if not all(isinstance(v, str) for v in (path, digest, runtime_dir)):
+    if not all(isinstance(v, str) for v in (path, digest, runtime_dir)) or not isinstance(pool, bool):
         return None, "not the JSON the shim writes"
     if (path and not path.startswith("/")) or not runtime_dir.startswith("/"):
         return None, "a path in it is not absolute"
-    return ConfigRecord(path, digest, runtime_dir), ""
+    return ConfigRecord(path, digest, runtime_dir, pool), ""
+
+
+def may_have_leftovers(record: ConfigRecord, sandbox_id: str) -> bool:
+    """Whether a dead shim of this record may have left something for `delete` to remove: its sandbox
+    directory, its cgroups' record, or warm pool entries. False after an orderly exit, so `delete`
+    need not load the configuration at all."""
+    run = Path(record.runtime_dir)
+    return (record.pool or os.path.lexists(run / "sandboxes" / sandbox_id)
+            or os.path.lexists(run / "cgroups" / f"{sandbox_id}.json"))
 
 
 def _warn(bundle: Path, message: str) -> None:
     print(f"containerd-shim-pykata-v2 delete: {bundle / RECORD_NAME}: {message}", file=sys.stderr)
 
 
-def load_recorded(bundle: Path) -> Config:
-    """The configuration the bundle's shim ran with, else (saying why on stderr) the default one.
+def load_recorded(bundle: Path, record: ConfigRecord | None, why: str) -> Config:
+    """The configuration the bundle's shim ran with (`record`, from read_record), else (saying `why`
+    on stderr) the default one.
 
     Raises:
         ConfigError: only from the default lookup, as `pykata.config.load_config`.
@@ -107,7 +120,6 @@ def load_recorded(bundle: Path) -> Config:
     from pykata.config.parse import parse_toml
     from pykata.errors import ConfigError
 
-    record, why = read_record(bundle)
     if record is None:
         _warn(bundle, f"{why}; using the default configuration")
         return load_config()
