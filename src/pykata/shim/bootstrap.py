@@ -17,19 +17,20 @@ virtiofsd), mounts, sandbox directory, socket. It prints a DeleteResponse (statu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pykata.fsutil import atomic_write
 from pykata.shim.configrecord import RECORD_NAME, load_recorded, may_have_leftovers, read_record, write_record
 from pykata.shim.flags import Flags, ShimStartError
 
+# `delete` runs at every task teardown, and most of its time is imports: socket, hashlib (OpenSSL),
+# tempfile (fsutil) and typing are imported where they are used, not here
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
+
     from pykata.config import Config
 
 SHIM_NAME = "containerd-shim-pykata-v2"  # also pykata.factory.pool.SHIM_EXECUTABLE
@@ -78,6 +79,8 @@ def sandbox_id_of(container_id: str, annotations: dict[str, str]) -> str:
 
 
 def socket_path(runtime_dir: str, address: str, namespace: str, sandbox_id: str) -> Path:
+    import hashlib
+
     digest = hashlib.sha256(f"{address}/{namespace}/{sandbox_id}".encode()).hexdigest()
     base = Path(runtime_dir) / "s"
     path = base / digest
@@ -89,6 +92,8 @@ def socket_path(runtime_dir: str, address: str, namespace: str, sandbox_id: str)
 
 
 def _connectable(path: Path) -> bool:
+    import socket
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2.0)
         try:
@@ -117,6 +122,8 @@ def _runtime_options(data: bytes) -> str | None:
 
 def start(flags: Flags) -> str:
     """Spawn the long-lived shim (or find the sandbox's) and return its address. Raises ShimStartError."""
+    import socket
+
     if not flags.id or not flags.namespace:
         raise ShimStartError("start needs -id and -namespace")
     options = sys.stdin.buffer.read(MAX_OPTIONS_BYTES) if not sys.stdin.isatty() else b""
@@ -208,6 +215,8 @@ def _claim_pooled(config: Config, flags: Flags, bundle: Path, sandbox_id: str, p
 
 
 def _write_bundle_file(bundle: Path, name: str, value: str) -> None:
+    from pykata.fsutil import atomic_write
+
     atomic_write(bundle / name, value, make_parents=False)
 
 

@@ -14,18 +14,14 @@ shim's log) and falls back to the default lookup.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NamedTuple  # typing is imported already (pykata/__init__); dataclasses is not
 
-from pykata.fsutil import atomic_write
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pykata.config import Config
 
@@ -33,8 +29,7 @@ RECORD_NAME = "pykata-config.json"
 MAX_RECORD_BYTES = 8192
 
 
-@dataclass(frozen=True)
-class ConfigRecord:
+class ConfigRecord(NamedTuple):
     """The configuration a shim loaded: `path` ("" = the packaged default), its digest, its runtime_dir,
     and whether it has a warm pool (whose entries `delete` may have to prune)."""
 
@@ -45,6 +40,8 @@ class ConfigRecord:
 
 
 def _digest(path: str) -> str:
+    import hashlib
+
     if not path:
         return ""
     try:
@@ -57,6 +54,7 @@ def _digest(path: str) -> str:
 def write_record(bundle: Path, config: Config) -> None:
     """Record in the bundle the configuration `start` loaded (pykata.config.find_config_path). Raises OSError."""
     from pykata.config import find_config_path
+    from pykata.fsutil import atomic_write
 
     found = find_config_path()
     path = str(found.absolute()) if found is not None else ""
@@ -116,6 +114,8 @@ def load_recorded(bundle: Path, record: ConfigRecord | None, why: str) -> Config
     Raises:
         ConfigError: only from the default lookup, as `pykata.config.load_config`.
     """
+    import dataclasses
+
     from pykata.config import load_config, load_config_file, packaged_default_text
     from pykata.config.parse import parse_toml
     from pykata.errors import ConfigError

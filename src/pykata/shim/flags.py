@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pykata.errors import PykataError
 
 
@@ -11,18 +9,25 @@ class ShimStartError(PykataError):
     """`start` or `delete` cannot do its job; the message says why."""
 
 
-@dataclass
 class Flags:
-    """containerd's command line for a shim (Go flag syntax)."""
+    """containerd's command line for a shim (Go flag syntax). A plain class, not a dataclass: `delete`
+    runs at every task teardown and the dataclasses module (with inspect) is a tenth of its imports."""
 
-    namespace: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    id: str = ""
-    bundle: str = ""
-    debug: bool = False
-    version: bool = False
-    action: str = ""
+    __slots__ = ("action", "address", "bundle", "debug", "id", "namespace", "publish_binary", "version")
+
+    def __init__(self, *, namespace: str = "", address: str = "", publish_binary: str = "", id: str = "",
+                 bundle: str = "", debug: bool = False, version: bool = False, action: str = "") -> None:
+        self.namespace = namespace
+        self.address = address
+        self.publish_binary = publish_binary
+        self.id = id
+        self.bundle = bundle
+        self.debug = debug
+        self.version = version
+        self.action = action
+
+    def __repr__(self) -> str:
+        return "Flags(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 _VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
