@@ -12,6 +12,8 @@
 `delete` (containerd runs it after every shim disconnect, with a 5 s limit): asks a live shim to
 shut down if it has nothing left, and when the shim is dead removes what it left: the VM (QEMU,
 virtiofsd), mounts, sandbox directory, socket. It prints a DeleteResponse (status 137, as runc's).
+It gets no runtime options, so it works under the configuration `start` recorded in the bundle
+(pykata.shim.configrecord), and loads it only when the dead shim may have left something.
 """
 
 from __future__ import annotations
