@@ -21,12 +21,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pykata.config import load_config
+from pykata.config import CONFIG_PATH_ANNOTATION, load_config
 from pykata.config.load import find_config_path, packaged_default_text
 from pykata.shim.configrecord import (
     MAX_RECORD_BYTES,
+    POD_CONFIG_ANNOTATION,
     RECORD_NAME,
     ConfigRecord,
+    load_for_delete,
     load_recorded,
     may_have_leftovers,
     read_record,
@@ -171,3 +173,28 @@ def test_delete_loads_the_configuration_only_when_something_may_be_left(tmp_path
     (run / "sandboxes").mkdir()
     (run / "sandboxes" / "sb").symlink_to(tmp_path / "nowhere")  # lexists: the full cleanup judges it
     assert may_have_leftovers(record, "sb")
+
+
+def test_a_pods_own_allowed_configuration_is_used_as_the_shim_used_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert POD_CONFIG_ANNOTATION == CONFIG_PATH_ANNOTATION
+    allowed = tmp_path / "allowed"
+    allowed.mkdir(mode=0o755)
+    allowed.chmod(0o755)
+    node = _config_with_runtime_dir(tmp_path, tmp_path / "node-run")
+    text = node.read_text()
+    node.write_text(text.replace("\nvalid_config_paths = []\n", f'\nvalid_config_paths = ["{allowed}"]\n'))
+    pod = _config_with_runtime_dir(allowed, tmp_path / "pod-run")
+    pod.chmod(0o644)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    _record(bundle, {"config": str(node), "sha256": "", "runtime_dir": str(tmp_path / "node-run"), "pool": False})
+    record, why = read_record(bundle)
+    assert load_for_delete(bundle, record, why, {}).runtime.runtime_dir == str(tmp_path / "node-run")
+    chosen = load_for_delete(bundle, record, why, {POD_CONFIG_ANNOTATION: str(pod)})
+    assert chosen.runtime.runtime_dir == str(tmp_path / "pod-run")
+    capsys.readouterr()
+    # a file outside the allowed directories: the shim refused it, so the pod ran under the node's
+    refused = load_for_delete(bundle, record, why, {POD_CONFIG_ANNOTATION: str(node)})
+    assert refused.runtime.runtime_dir == str(tmp_path / "node-run")
+    assert "the pod's configuration is not used" in capsys.readouterr().err

@@ -24,7 +24,14 @@ import os
 import sys
 from pathlib import Path
 
-from pykata.shim.configrecord import RECORD_NAME, load_recorded, may_have_leftovers, read_record, write_record
+from pykata.shim.configrecord import (
+    POD_CONFIG_ANNOTATION,
+    RECORD_NAME,
+    load_for_delete,
+    may_have_leftovers,
+    read_record,
+    write_record,
+)
 from pykata.shim.flags import Flags, ShimStartError
 
 # `delete` runs at every task teardown, and most of its time is imports: socket, hashlib (OpenSSL),
@@ -261,22 +268,22 @@ def delete(flags: Flags) -> bytes:
     if not flags.id:
         raise ShimStartError("delete needs -id")
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
-    sandbox_id = sandbox_id_of(flags.id, read_annotations(bundle))
+    annotations = read_annotations(bundle)
+    sandbox_id = sandbox_id_of(flags.id, annotations)
     shim_pid = _read_int(bundle / "shim.pid")
     init_pid = _read_int(bundle / "init.pid") or 0
     # the configuration the shim ran with (containerd gives `delete` no runtime options), loaded only
     # when there is something to remove: after an orderly exit there is not, and loading it is most
     # of this command's own work
     record, why = read_record(bundle)
-    config: Config | None = None
     try:
         sock = Path((bundle / "address").read_text().strip().removeprefix("unix://"))
     except OSError:
         if record is not None:
             runtime_dir = record.runtime_dir
         else:
-            config = load_recorded(bundle, record, why)
-            runtime_dir = config.runtime.runtime_dir
+            # the socket is in the node's runtime_dir, whatever configuration the pod named
+            runtime_dir = load_for_delete(bundle, record, why, {}).runtime.runtime_dir
         sock = socket_path(runtime_dir, flags.address, flags.namespace, sandbox_id)
     alive = _is_shim(shim_pid)
     if alive and sock.exists():
@@ -286,8 +293,9 @@ def delete(flags: Flags) -> bytes:
         # returns once this command has, so a caller that sees the task gone sees the VM gone
         alive = not _wait_exit(shim_pid, EXIT_WAIT)
     if not alive:
-        if record is None or may_have_leftovers(record, sandbox_id):
-            _remove_leftovers(config or load_recorded(bundle, record, why), sandbox_id, shim_pid)
+        # a pod's own configuration (io.katacontainers.config_path) may put its sandbox elsewhere
+        if record is None or POD_CONFIG_ANNOTATION in annotations or may_have_leftovers(record, sandbox_id):
+            _remove_leftovers(load_for_delete(bundle, record, why, annotations), sandbox_id, shim_pid)
         if sock.exists() and not _connectable(sock):
             sock.unlink(missing_ok=True)
     return _delete_response(init_pid)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from pykata.config import Config
 
 RECORD_NAME = "pykata-config.json"
+# pykata.config.CONFIG_PATH_ANNOTATION, written out: importing pykata.config is what the fast path avoids
+POD_CONFIG_ANNOTATION = "io.katacontainers.config_path"
 MAX_RECORD_BYTES = 8192
 
 
@@ -139,3 +141,25 @@ def load_recorded(bundle: Path, record: ConfigRecord | None, why: str) -> Config
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
                                                                          runtime_dir=record.runtime_dir))
     return config
+
+
+def load_for_delete(bundle: Path, record: ConfigRecord | None, why: str, annotations: dict[str, str]) -> Config:
+    """The configuration the dead shim's sandbox ran with: the recorded one (load_recorded), or the file
+    the pod named with io.katacontainers.config_path when the recorded one's valid_config_paths allow it,
+    as the shim judged it (pykata.config.load_pod_config_file); a refused one is said on stderr.
+
+    Raises:
+        ConfigError: only from the default lookup, as `pykata.config.load_config`.
+    """
+    from pykata.config import load_pod_config_file
+    from pykata.errors import ConfigError
+
+    config = load_recorded(bundle, record, why)
+    path = annotations.get(POD_CONFIG_ANNOTATION)
+    if not path:
+        return config
+    try:
+        return load_pod_config_file(path, config.runtime.valid_config_paths)
+    except ConfigError as e:  # the shim refused it too, so the sandbox ran with the node's
+        _warn(bundle, f"the pod's configuration is not used ({e})")
+        return config
