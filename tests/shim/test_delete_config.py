@@ -198,3 +198,27 @@ def test_a_pods_own_allowed_configuration_is_used_as_the_shim_used_it(
     refused = load_for_delete(bundle, record, why, {POD_CONFIG_ANNOTATION: str(node)})
     assert refused.runtime.runtime_dir == str(tmp_path / "node-run")
     assert "the pod's configuration is not used" in capsys.readouterr().err
+
+
+def test_a_sandbox_id_annotation_that_leaves_the_runtime_dir_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pykata.errors import InvalidArgument
+    from pykata.shim.bootstrap import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, DELETED_STATUS, delete, sandbox_id_of
+    from pykata.shim.flags import Flags
+
+    evil = {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: "../../victim"}
+    with pytest.raises(InvalidArgument, match=CRI_SANDBOX_ID):
+        sandbox_id_of("c1", evil)  # `start` fails naming the annotation
+    run = tmp_path / "run"
+    (run / "sandboxes").mkdir(parents=True)
+    victim = tmp_path / "victim"  # run/sandboxes/../../victim
+    victim.mkdir()
+    (victim / "state.json").write_text("{}")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": evil}))
+    _record(bundle, {"config": "", "sha256": "", "runtime_dir": str(run), "pool": False})
+    reply = delete(Flags(id="c1", namespace="ns", address=str(tmp_path / "ctd.sock"), bundle=str(bundle)))
+    assert reply.startswith(b"\x10" + bytes([DELETED_STATUS]))  # the DeleteResponse all the same
+    assert (victim / "state.json").exists()
+    assert CRI_SANDBOX_ID in capsys.readouterr().err

@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from pykata.errors import InvalidArgument
+from pykata.ids import check_id
 from pykata.shim.configrecord import (
     POD_CONFIG_ANNOTATION,
     RECORD_NAME,
@@ -79,11 +81,14 @@ def _netns_of(bundle: Path) -> str | None:
 
 
 def sandbox_id_of(container_id: str, annotations: dict[str, str]) -> str:
-    """The sandbox (shim) a container belongs to: its pod's for a CRI container, else its own id."""
-    if annotations.get(CRI_CONTAINER_TYPE) == "container" and annotations.get(CRI_SANDBOX_ID):
-        return annotations[CRI_SANDBOX_ID]
-    if annotations.get(CRIO_CONTAINER_TYPE) == "container" and annotations.get(CRIO_SANDBOX_ID):
-        return annotations[CRIO_SANDBOX_ID]
+    """The sandbox (shim) a container belongs to: its pod's for a CRI container, else its own id.
+
+    Raises InvalidArgument naming the annotation when it is not an id: it comes from the pod spec, and
+    `delete` joins it into paths under the runtime directory (`../..` would leave it).
+    """
+    for kind, key in ((CRI_CONTAINER_TYPE, CRI_SANDBOX_ID), (CRIO_CONTAINER_TYPE, CRIO_SANDBOX_ID)):
+        if annotations.get(kind) == "container" and annotations.get(key):
+            return check_id(key, annotations[key])
     return container_id
 
 
@@ -269,9 +274,13 @@ def delete(flags: Flags) -> bytes:
         raise ShimStartError("delete needs -id")
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
     annotations = read_annotations(bundle)
-    sandbox_id = sandbox_id_of(flags.id, annotations)
     shim_pid = _read_int(bundle / "shim.pid")
     init_pid = _read_int(bundle / "init.pid") or 0
+    try:
+        sandbox_id = sandbox_id_of(flags.id, annotations)
+    except InvalidArgument as e:  # `start` refused it: no shim ever ran for it, so nothing to remove
+        print(f"{SHIM_NAME} delete: {e}", file=sys.stderr)
+        return _delete_response(init_pid)
     # the configuration the shim ran with (containerd gives `delete` no runtime options), loaded only
     # when there is something to remove: after an orderly exit there is not, and loading it is most
     # of this command's own work
