@@ -294,11 +294,11 @@ def measure_concurrent(count: int, memory_mib: int | None = None) -> dict[str, f
             "run_true_p50_s": p50(runs)}
 
 
-def measure_pool(n: int) -> dict[str, float] | None:
+def measure_pool(n: int, pause_idle: bool = True) -> dict[str, float] | None:
     pool_cls = getattr(pykata, "Pool", None)
     if pool_cls is None:
         return None
-    with pool_cls(size=2, image="busybox") as pool:
+    with pool_cls(size=2, image="busybox", pause_idle=pause_idle) as pool:
         pool.wait_ready()
         firsts = []
         for _ in range(n):
@@ -378,6 +378,8 @@ def main() -> None:
                     help="measure only this (and its baseline); start: --starts cold starts with their phases; "
                          "run: -n run('true') round trips beside runc exec, interleaved")
     ap.add_argument("--pool-n", type=int, default=5)
+    ap.add_argument("--pool-pause", choices=["on", "off"], default="on",
+                    help="Pool(pause_idle=): waiting sandboxes paused (on) or left running (off)")
     ap.add_argument("--snapshot-mib", type=int, default=512, help="memory of the snapshotted sandbox")
     ap.add_argument("--state-mib", type=int, default=100, help="guest state written before the snapshot")
     ap.add_argument("--snapshots", type=int, default=3, help="snapshots and restores (0: skip)")
@@ -401,7 +403,7 @@ def main() -> None:
                               "loadavg": os.getloadavg()}, indent=2 if a.json else None))
         return
     if a.only == "pool":
-        pool = measure_pool(a.pool_n)
+        pool = measure_pool(a.pool_n, a.pool_pause == "on")
         print(json.dumps({"pool": pool, "goal_s": GOALS["pool_acquire_first_command_s"],
                           "loadavg": os.getloadavg()}, indent=2 if a.json else None))
         return
@@ -423,7 +425,7 @@ def main() -> None:
         return
     if a.concurrent:
         res["concurrent"] = measure_concurrent(a.concurrent, a.concurrent_memory_mib)
-    pool = measure_pool(a.pool_n)
+    pool = measure_pool(a.pool_n, a.pool_pause == "on")
     if pool is not None:
         res["pool"] = pool
     if a.snapshots:

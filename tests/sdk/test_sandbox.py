@@ -194,6 +194,20 @@ def test_pool_hands_each_sandbox_out_once_and_refills() -> None:
         pool.acquire()
 
 
+def test_a_paused_pool_hands_out_a_running_sandbox_with_the_right_clock() -> None:
+    """pause_idle=True: the waiting VM is paused (its guest clock stands still); acquire resumes it
+    and resets the clock before the first command runs."""
+    with pykata.Pool(size=1, image="busybox", pause_idle=True) as pool:
+        pool.wait_ready(timeout=120)
+        waiting = pool._async._ready._queue[0]  # type: ignore[attr-defined]
+        assert waiting.paused
+        time.sleep(3)
+        with pool.acquire(timeout=120) as sb:
+            assert not sb.paused
+            guest = int(sb.run("date +%s").stdout)
+            assert abs(guest - time.time()) < 2
+
+
 def _mine() -> list[str]:
     """Sandboxes this test process owns."""
     out = []

@@ -324,7 +324,7 @@ class Sandbox:
 class Pool:
     """The blocking face of AsyncPool: `with Pool(size=4) as pool: with pool.acquire() as sb: ...`."""
 
-    def __init__(self, size: int = 2, image: str = "busybox", *, max_starting: int = 2, pause_idle: bool = True,
+    def __init__(self, size: int = 2, image: str = "busybox", *, max_starting: int = 2, pause_idle: bool = False,
                  **sandbox_options: Any) -> None:
         self._async = AsyncPool(size, image, max_starting=max_starting, pause_idle=pause_idle, **sandbox_options)
         self._token: int | None = None
