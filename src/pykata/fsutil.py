@@ -105,3 +105,12 @@ async def async_file_lock(path: Path, *, timeout: float, poll: float = 0.05) -> 
         yield
     finally:
         os.close(fd)
+
+
+def process_alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie (read from /proc/<pid>/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.config.schema import Config
-from pykata.fsutil import atomic_write, file_lock
+from pykata.fsutil import atomic_write, file_lock, process_alive
 
 log = logging.getLogger("pykata.factory")
 
@@ -108,15 +108,7 @@ class PoolEntry:
 
     @property
     def alive(self) -> bool:
-        return _alive(self.pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+        return process_alive(self.pid)
 
 
 def new_entry(config: Config) -> PoolEntry:
@@ -187,7 +179,7 @@ def prune(config: Config) -> list[str]:
 def _owner_alive(directory: Path) -> bool:
     try:
         data = json.loads((directory / "state.json").read_text()[:1 << 20])
-        return _alive(int(data["owner_pid"]))
+        return process_alive(int(data["owner_pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         # no record yet: being made right now, or a dead one's; the age decides
         with contextlib.suppress(OSError):

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pykata.fsutil import process_alive
 from pykata.shim.flags import Flags
 
 ACTION = "fork-server"
@@ -165,17 +166,9 @@ def stop(runtime_dir: str, address: str, timeout: float = 5.0) -> int | None:
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 # ----- the server side -----
