@@ -162,6 +162,8 @@ class Sandbox:
             self.pidns_holder = 0
         errors.extend(self.storages.unmount(self.mounts))
         self.mounts = []
+        # the pod's emptyDir volumes: they outlive containers, not the sandbox
+        errors.extend(self.storages.unmount_pod_volumes())
         if self.resolv_conf is not None:
             with contextlib.suppress(OSError):
                 self.resolv_conf.unlink()

@@ -104,7 +104,7 @@ class AgentService:
         ensure_std_fds()
         s = self.settings
         self.reaper.start()
-        storages = Storages(s.mount_roots, s.source_roots)
+        storages = Storages(s.mount_roots, s.source_roots, pod_volume_root=s.pod_volume_dir)
         try:
             binary = find_crun(s.crun)
         except FileNotFoundError as exc:

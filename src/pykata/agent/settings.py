@@ -19,12 +19,15 @@ class AgentSettings:
         <state>/bundles/ID  config.json, process files and pid files of container ID
         <state>/storage/    default place for storages the host asks the agent to mount
         <state>/sandbox/    files the agent writes for the sandbox (resolv.conf)
+        <state>/emptydir/   the pod's emptyDir volumes made in the guest (one tmpfs each, named by
+                            the volume; they live as long as the sandbox, not one container)
         <state>/sock/       console sockets for crun (short names: sun_path is 108 bytes)
         <state>/logs/       crun's one-off error logs
         <shared>            where the host's shared file system appears (default <state>/shared)
 
-    Container roots and bind-mount sources must lie in <shared>, <state>/storage or
-    <state>/sandbox; storages may be mounted only in <shared> or <state>/storage.
+    Container roots and bind-mount sources must lie in <shared>, <state>/storage, <state>/sandbox
+    or <state>/emptydir; storages may be mounted only in <shared>, <state>/storage or (the pod's
+    volumes) <state>/emptydir.
     """
 
     state_dir: Path = DEFAULT_STATE_DIR
@@ -67,6 +70,10 @@ class AgentSettings:
         return self.state_dir / "sandbox"
 
     @property
+    def pod_volume_dir(self) -> Path:
+        return self.state_dir / "emptydir"
+
+    @property
     def socket_dir(self) -> Path:
         return self.state_dir / "sock"
 
@@ -76,16 +83,16 @@ class AgentSettings:
 
     @property
     def source_roots(self) -> list[Path]:
-        return [self.shared, self.storage_dir, self.sandbox_dir]
+        return [self.shared, self.storage_dir, self.sandbox_dir, self.pod_volume_dir]
 
     @property
     def mount_roots(self) -> list[Path]:
-        return [self.shared, self.storage_dir]
+        return [self.shared, self.storage_dir, self.pod_volume_dir]
 
     def cgroups_path(self, container_id: str) -> str:
         return f"/{self.cgroup_parent}/{container_id}"
 
     def make_dirs(self) -> None:
         for d in (self.state_dir, self.crun_root, self.bundles, self.storage_dir, self.sandbox_dir,
-                  self.socket_dir, self.log_dir, self.shared):
+                  self.pod_volume_dir, self.socket_dir, self.log_dir, self.shared):
             d.mkdir(parents=True, exist_ok=True, mode=0o700 if d != self.shared else 0o755)

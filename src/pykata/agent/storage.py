@@ -4,6 +4,12 @@ Mount points must lie in the agent's mount roots (the shared directory and <stat
 are made and opened component by component without following symlinks, and the mount goes onto
 the opened directory (/proc/self/fd/N), so a symlink planted in a shared directory cannot redirect
 a mount elsewhere in the guest.
+
+A storage whose mount point is in the pod-volume root (<state>/emptydir/<name>: a pod's emptyDir
+volume made in the guest) belongs to the sandbox, not to the container that asked for it first: the
+first request mounts it, later ones (other containers of the pod naming the same volume) find it
+mounted, and it goes only with the sandbox (unmount_pod_volumes, from DestroySandbox), so a
+container that restarts finds what the pod wrote, as a kubelet emptyDir keeps it.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ DATA_OPTION_RE = re.compile(r"^[A-Za-z0-9_.-]+(=[A-Za-z0-9_.,:/=+-]*)?$")
 BLOCK_FSTYPES = frozenset({"ext4", "ext3", "ext2", "xfs", "btrfs", "vfat", "squashfs", "erofs"})
 DEVICE_WAIT = 10.0
 DRIVERS = ("virtio-fs", "9p", "virtio-blk", "local", "tmpfs", "bind", "overlay")
+# a Kubernetes volume name (a DNS-1123 label): the only names a pod volume may have in the guest
+POD_VOLUME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @functools.cache
@@ -182,10 +190,14 @@ class Storages:
     """Mounts storages inside the allowed roots and unmounts them again."""
 
     def __init__(self, mount_roots: Sequence[Path], source_roots: Sequence[Path],
-                 sys_block: Path = Path("/sys/block")) -> None:
+                 sys_block: Path = Path("/sys/block"), pod_volume_root: Path | None = None) -> None:
         self.mount_roots = list(mount_roots)
         self.source_roots = list(source_roots)
         self.sys_block = sys_block
+        self.pod_volume_root = pod_volume_root
+        # the pod's volumes mounted so far, by mount point (see the module's docstring)
+        self.pod_volumes: dict[str, Mounted] = {}
+        self._pod_volume_lock = threading.Lock()
 
     def _mount_point(self, field: str, path: str) -> tuple[Path, list[str]]:
         norm = check_abs_path(field, path)
@@ -205,8 +217,34 @@ class Storages:
             raise Internal(f"{field}: {exc.strerror or exc}") from None
 
     def _mount(self, storage: agent_pb2.Storage, field: str) -> Mounted:
-        driver = storage.driver
         root, parts = self._mount_point(f"{field}.mount_point", storage.mount_point)
+        if self.pod_volume_root is not None and root == self.pod_volume_root:
+            return self._pod_volume(storage, field, parts)
+        return self._mount_at(storage, field, root, parts)
+
+    def _pod_volume(self, storage: agent_pb2.Storage, field: str, parts: list[str]) -> Mounted:
+        """A pod volume: mounted by its first request, shared by the later ones, kept until
+        unmount_pod_volumes. The container's own list gets it as not mounted (it never unmounts it)."""
+        assert self.pod_volume_root is not None
+        if len(parts) != 1 or not POD_VOLUME_RE.match(parts[0]):
+            raise InvalidArgument(f"{field}.mount_point", f"{storage.mount_point!r} is not "
+                                  f"{self.pod_volume_root}/<volume name> (a DNS-1123 label)")
+        if storage.driver != "tmpfs":
+            raise InvalidArgument(f"{field}.driver", f"a pod volume is a tmpfs, not {storage.driver!r}")
+        where = str(self.pod_volume_root / parts[0])
+        with self._pod_volume_lock:
+            if where not in self.pod_volumes:
+                self.pod_volumes[where] = self._mount_at(storage, field, self.pod_volume_root, parts)
+        return Mounted(where, mounted=False)
+
+    def unmount_pod_volumes(self) -> list[str]:
+        """Unmount the pod's volumes (DestroySandbox); returns error messages."""
+        with self._pod_volume_lock:
+            volumes, self.pod_volumes = list(self.pod_volumes.values()), {}
+        return self.unmount(volumes)
+
+    def _mount_at(self, storage: agent_pb2.Storage, field: str, root: Path, parts: list[str]) -> Mounted:
+        driver = storage.driver
         mode = 0o755
         prefetch = prewarm = 0
         for i, opt in enumerate(storage.driver_options):

@@ -197,6 +197,8 @@ def validate(config: Config) -> None:
     # the agent caps a request at 200,000 entries (pykata.agent.storage.MAX_PREWARM)
     _range("runtime.rootfs_prewarm", runtime.rootfs_prewarm, 0, 200_000, " (entries)")
     _range("runtime.data_disk_mib", runtime.data_disk_mib, 0, 4096, " (MiB)")
+    _absolute("runtime.kubelet_root_dir", runtime.kubelet_root_dir, allow_empty=False)
+    _range("runtime.emptydir_size", runtime.emptydir_size, 0, 1 << 20, " (MiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("runtime.tracing_file", runtime.tracing_file, allow_empty=True)
     if runtime.tracing_endpoint and not runtime.tracing_endpoint.startswith(("http://", "https://")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,8 @@ def add_volumes(spec: dict[str, Any], volumes: list[Volume]) -> dict[str, Any]:
     return out
 
 
-def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], list[Volume]]:
+def for_guest(spec: dict[str, Any], container_id: str, in_guest: Mapping[int, str] | None = None
+              ) -> tuple[dict[str, Any], list[Volume]]:
     """The spec as the agent must see it, and the host paths to share for it.
 
     The root and every host bind mount move to their guest paths in the shared directory
@@ -178,7 +180,8 @@ def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], 
     tmpfs there in every container of the pod) becomes the pod's shm in the guest: the VM is the
     pod, and the shared file system would make it a network file system, where shared writable
     mmap (POSIX shared memory) does not work. An agent that does not know the marker mounts a tmpfs
-    of the container's own.
+    of the container's own. The mounts at the indices of `in_guest` (the pod's emptyDir volumes,
+    pykata.resources.emptydir) become binds of the guest paths it maps them to.
     """
     out = copy.deepcopy(spec)
     base = f"{GUEST_SHARED_DIR}/{container_id}"
@@ -190,6 +193,9 @@ def for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], 
     shares: list[Volume] = []
     mounts = out.get("mounts") or []
     for i, m in enumerate(mounts):
+        if in_guest and i in in_guest:
+            m["source"] = in_guest[i]
+            continue
         if not is_host_bind(m):
             continue
         opts = m.get("options") or []

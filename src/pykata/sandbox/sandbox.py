@@ -25,7 +25,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.network.holding import HoldingNetwork, hand_over
 from pykata.protocols.agent import agent_pb2
-from pykata.resources import mounts
+from pykata.resources import emptydir, mounts
+from pykata.resources.emptydir import EmptyDir
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
 from pykata.resources.rootimage import RootImage, RootImageCache, source_for
@@ -51,7 +52,14 @@ from pykata.resources.rootslots import SlotTable
 from pykata.sandbox import datadisk, state
 from pykata.sandbox.copytree import copy_tree
 from pykata.sandbox.datadisk import DiskSession
-from pykata.sandbox.ocispec import GUEST_SHARED_DIR, GUEST_STORAGE_DIR, Volume, add_volumes, for_guest
+from pykata.sandbox.ocispec import (
+    GUEST_SHARED_DIR,
+    GUEST_STORAGE_DIR,
+    Volume,
+    add_volumes,
+    for_guest,
+    is_host_bind,
+)
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id, start_exec
 from pykata.sandbox.proxy import serve_agent_proxy
@@ -189,6 +197,10 @@ class Sandbox:
         self.policy_json: str | None = None
         self.reseed: Reseeded | None = None
         self.containers: dict[str, Container] = {}
+        # The pod's uid (CRI), from its first container, and its emptyDir volumes by name as decided
+        # when first mounted: made in the guest, or (None) shared from the host (pykata.resources.emptydir).
+        self.pod_uid: str | None = None
+        self.pod_volumes: dict[str, EmptyDir | None] = {}
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
         self._resize_lock = asyncio.Lock()
@@ -530,7 +542,10 @@ class Sandbox:
             raise SandboxError(self.id, f"container {container_id} already exists") from None
         try:
             in_guest = self.config.runtime.rootfs_upper == "guest" or not self.guest_share
-            guest_spec, shares = for_guest(add_volumes(spec, list(volumes)), container_id)
+            full_spec = add_volumes(spec, list(volumes))
+            pod_volumes = self._pod_volumes(container_id, full_spec)
+            guest_spec, shares = for_guest(full_spec, container_id,
+                                           {i: vol.guest_path for i, vol in pod_volumes.items()})
             if self.guest_share:
                 with tracing.span("mounts.rootfs", container_id=container_id):
                     self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
@@ -554,6 +569,7 @@ class Sandbox:
                     await copy_tree(self.agent, rootfs, f"{GUEST_SHARED_DIR}/{container_id}/rootfs")
                 storages = self._guest_overlay(container_id, root_mode, disk)
                 guest_spec["root"]["path"] = storages[-1].mount_point
+            storages = [*self._pod_volume_storages(pod_volumes.values()), *storages]
             if image:
                 # The image name the agent policy's containers.images matches (CRI sets it itself).
                 notes = guest_spec.get("annotations")
@@ -577,6 +593,42 @@ class Sandbox:
             id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time())
         state.save(self.dir, self.record)
         return c
+
+    def _pod_volumes(self, container_id: str, spec: dict[str, Any]) -> dict[int, EmptyDir]:
+        """The spec's mounts that are the pod's emptyDir volumes made in the guest, by index
+        (pykata.resources.emptydir has the rule). Raises InvalidArgument naming the mount's source."""
+        uid = emptydir.pod_uid(spec)
+        if self.pod_uid is None and not self.containers:
+            self.pod_uid = uid  # the pod's first container (CRI: its sandbox container) names the pod
+        runtime = self.config.runtime
+        if runtime.disable_guest_empty_dir or uid is None or uid != self.pod_uid:
+            return {}
+        found: dict[int, EmptyDir] = {}
+        for i, m in enumerate(spec.get("mounts") or []):
+            if not isinstance(m, dict) or not is_host_bind(m):
+                continue
+            field = f"mounts[{i}].source"
+            source = str(m["source"])
+            name = emptydir.volume_name(source, field, runtime.kubelet_root_dir, uid)
+            if name is None:
+                continue
+            if name not in self.pod_volumes:
+                vol = emptydir.inspect(source, name, field)
+                if vol is None:
+                    log.warning("sandbox %s: container %s: emptyDir %s already holds files on the host: "
+                                "shared from the host, not made in the guest", self.id, container_id, name)
+                self.pod_volumes[name] = vol
+            known = self.pod_volumes[name]
+            if known is not None:
+                found[i] = known
+        return found
+
+    def _pod_volume_storages(self, volumes: Iterable[EmptyDir]) -> list[agent_pb2.Storage]:
+        """The guest tmpfs of each emptyDir (the agent mounts it for the first container that names
+        it and keeps it for the sandbox), at most runtime.emptydir_size MiB (0: half the VM's memory)."""
+        cap = self.config.runtime.emptydir_size or max((self.vm.memory_mib if self.vm else 0) // 2, 16)
+        return [agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=vol.guest_path,
+                                  options=vol.tmpfs_options(cap)) for vol in {v.name: v for v in volumes}.values()]
 
     async def _root_disk(self, container_id: str, rootfs: Path | Sequence[RootfsMount]
                          ) -> tuple[int, RootImage] | None:
