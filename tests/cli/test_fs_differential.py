@@ -5,7 +5,7 @@ remove on a new file, a directory and an image file, OFD and POSIX locks at 64-b
 process sees them), truncate of an open file, O_TMPFILE + linkat, fallocate (punch hole, keep size),
 sparse files and SEEK_DATA/SEEK_HOLE, rename/link/unlink of open files, statfs, inotify events of the
 container's own changes, directory link counts) prints one line per check; both runtimes must print the
-same lines."""
+same lines. Run on the container's root, on a read-write host volume, and in a CRI pod's emptyDir."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from pykata.images import ImageStore
+from pykata.resources.emptydir import EMPTY_DIR_PLUGIN, SANDBOX_UID_ANNOTATION
 from pykata.sandbox import Volume, build_spec
 from pykata.sandbox.ocispec import add_volumes
+from tests.cri.harness import admin_config
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 PROBE = Path(__file__).with_name("data") / "fsprobe.c"
@@ -89,7 +91,8 @@ def _image_files(d: Path) -> None:
     (d.parent / "imgxattr/file").write_bytes(b"image file")
 
 
-def _run_both(bundle: Path, tmp_path: Path, written: Path) -> tuple[list[str], list[str]]:
+def _run_both(bundle: Path, tmp_path: Path, written: Path, env: dict[str, str] | None = None
+              ) -> tuple[list[str], list[str]]:
     """Run the bundle under runc, empty `written` (what runc's run left on the host), run it under pykata;
     return both outputs' lines after checking that every check passed under runc."""
     cid = f"fsdiff-{uuid.uuid4().hex[:8]}"
@@ -101,7 +104,7 @@ def _run_both(bundle: Path, tmp_path: Path, written: Path) -> tuple[list[str], l
     for p in written.iterdir():
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     pyk = subprocess.run([PYKATA, "run", "--rm", str(bundle)], capture_output=True, timeout=180, cwd=tmp_path,
-                         text=True)
+                         text=True, env=env)
     assert runc.returncode == 0, runc.stderr
     assert len(runc.stdout.splitlines()) >= 20, runc.stdout
     # a failed check prints "name: what (strerror)"; every check passes under runc
@@ -174,3 +177,40 @@ def test_volume_semantics_differences_are_known(bundle: Path, tmp_path: Path) ->
     finally:
         config.write_text(original)
     _same_but_known(theirs, ours, VOLUME_KNOWN_DIFFERENCES)
+
+
+# A CRI pod's emptyDir is made in the guest (a tmpfs: pykata.resources.emptydir); under runc it is the
+# host directory kubelet made. What differs, each with its cause, and the exact line pykata prints:
+EMPTYDIR_KNOWN_DIFFERENCES = {
+    # tmpfs has user.* xattrs from Linux 6.6; the guest kernel is 6.1 (see KERNEL_6_1)
+    "xattr-user": KERNEL_6_1["xattr-user"],
+    "xattr-user-dir": KERNEL_6_1["xattr-user-dir"],
+    "xattr-user-fd": KERNEL_6_1["xattr-user-fd"],
+    "xattr-user-image": KERNEL_6_1["xattr-user-image"],
+}
+
+
+def test_emptydir_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:
+    """The probe in an emptyDir: runc on kubelet's host directory, pykata on the guest's tmpfs (the
+    bundle carries the pod uid annotation CRI gives every container; the admin configuration names the
+    kubelet root). The host directory stays empty under pykata."""
+    uid = f"uid-fsdiff-{uuid.uuid4().hex[:6]}"
+    kubelet = tmp_path / "kubelet"
+    volume = kubelet / "pods" / uid / "volumes" / EMPTY_DIR_PLUGIN / "scratch"
+    volume.mkdir(parents=True)
+    volume.chmod(0o777)
+    spec = build_spec(["/bin/fsprobe", "/vol"], env=["PATH=/bin"], cwd="/", user=(0, 0), hostname="fsdiff")
+    spec["linux"]["resources"] = {}
+    spec["annotations"] = {SANDBOX_UID_ANNOTATION: uid}
+    spec = add_volumes(spec, [Volume(volume, "/vol", readonly=False)])
+    env = {**os.environ, "PYKATA_CONFIG": str(admin_config(tmp_path / "pykata.toml",
+                                                            kubelet_root_dir=f'"{kubelet}"'))}
+    config = bundle / "config.json"
+    original = config.read_text()
+    config.write_text(json.dumps(spec))
+    try:
+        theirs, ours = _run_both(bundle, tmp_path, volume, env)
+    finally:
+        config.write_text(original)
+    assert list(volume.iterdir()) == []
+    _same_but_known(theirs, ours, EMPTYDIR_KNOWN_DIFFERENCES)
