@@ -19,6 +19,13 @@ Each runtime runs the bundle --runs times (a fresh container each time); the med
   pykata-host  `pykata run` with runtime.rootfs_upper = "host" (overlay on the host, through 9p/virtio-fs)
   pykata-vfs   as pykata, but a cold-booted VM (factory.enable_template = false)
   pykata-vfs-shared  as pykata-vfs, the image through virtio-fs (rootfs_block_slots = 0)
+With --emptydir, a second table: the same probe with /tmp an emptyDir volume of a CRI pod (the bundle
+carries the pod uid annotation; the volume is kubelet's directory <kubelet root>/pods/<uid>/volumes/
+kubernetes.io~empty-dir/scratch under a temp kubelet root), so create/stat/unlink run in the volume:
+  runc                 `runc run` on the overlay root, /tmp a bind of the host directory (what runc does)
+  pykata               the volume made in the guest (a tmpfs: pykata.resources.emptydir)
+  pykata-host-shared   runtime.disable_guest_empty_dir = true: the host directory over the shared
+                       file system (9p in templated VMs), as before
 The pykata columns use the configuration in force ($PYKATA_CONFIG or the packaged one: templated VMs,
 so 9p); the others change keys of the packaged configuration. Runtimes take turns within each run.
 
@@ -35,6 +42,7 @@ changed (any number of them).
 
     .venv/bin/python bench/fs_bench.py [--files 2000] [--runs 3] [--no-host] [--no-vfs] [--no-shared]
                                        [--no-runc-dir] [--gap 300] [--prewarm N] [--variant NAME=SECTION.KEY=VALUE ...]
+                                       [--emptydir | --only-emptydir]
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from pathlib import Path
 
 from pykata.config.load import packaged_default_text
 from pykata.images import ImageStore
+from pykata.resources.emptydir import EMPTY_DIR_PLUGIN, SANDBOX_UID_ANNOTATION
 from pykata.sandbox import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +285,9 @@ def main() -> int:
                     help="pause MS ms around each phase and report CPU time too (turns the prewarm off)")
     ap.add_argument("--prewarm", type=int, default=None, metavar="N",
                     help="runtime.rootfs_prewarm for every pykata column (default: the configuration's)")
+    ap.add_argument("--emptydir", action="store_true",
+                    help="also the emptyDir table: /tmp an emptyDir volume (runc, guest, host-shared)")
+    ap.add_argument("--only-emptydir", action="store_true", help="only the emptyDir table")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE",
                     help="also a column pykata-NAME: the configuration in force with one key set, e.g. "
                          "nowarm=runtime.rootfs_prewarm=0 or noerms=hypervisor.qemu.cpu_model='\"max,-erms\"'")
@@ -317,29 +329,95 @@ def main() -> int:
                 changed = changed.replace(old, new)
             (tmp / f"{name}.toml").write_text(changed)
             configs[name] = tmp / f"{name}.toml"
-        results: dict[str, list[Result]] = {"runc": [], **({} if args.no_runc_dir else {"runc-dir": []}),
-                                            **{k: [] for k in configs}}
+        results: dict[str, list[Result]] = {} if args.only_emptydir else {
+            "runc": [], **({} if args.no_runc_dir else {"runc-dir": []}), **{k: [] for k in configs}}
+        emptydir = EmptyDirRun(tmp, bundle, in_force) if args.emptydir or args.only_emptydir else None
+        ed_results: dict[str, list[Result]] = {k: [] for k in ("runc", "pykata", "pykata-host-shared")}
         gap = args.gap / 1000
         for _ in range(args.runs):
-            results["runc"].append(run_runc(bundle, overlay=True))
-            if not args.no_runc_dir:
-                results["runc-dir"].append(run_runc(bundle, overlay=False))
-            for name, cfg in configs.items():
-                results[name].append(run_pykata(bundle, cfg, gap))
-    loads = [r.load for v in results.values() for r in v]
+            if not args.only_emptydir:
+                results["runc"].append(run_runc(bundle, overlay=True))
+                if not args.no_runc_dir:
+                    results["runc-dir"].append(run_runc(bundle, overlay=False))
+                for name, cfg in configs.items():
+                    results[name].append(run_pykata(bundle, cfg, gap))
+            if emptydir is not None:
+                with emptydir:
+                    ed_results["runc"].append(emptydir.clean(run_runc(bundle, overlay=True)))
+                    ed_results["pykata"].append(emptydir.clean(run_pykata(bundle, emptydir.guest, gap)))
+                    ed_results["pykata-host-shared"].append(emptydir.clean(run_pykata(bundle, emptydir.shared, gap)))
     prewarm_note = f", runtime.rootfs_prewarm = {prewarm}" if prewarm is not None else ""
-    table(f"{args.files} files in /tmp, walk of /usr ({args.runs} runs, median wall seconds; ratio to runc"
-          f"{prewarm_note})", {k: {op: statistics.median(r.phases[op].wall for r in v) for op in OPS}
-                               for k, v in results.items()})
-    if args.gap:
+    if results:
+        report(f"{args.files} files in /tmp, walk of /usr ({args.runs} runs, median wall seconds; ratio to runc"
+               f"{prewarm_note})", results, args.gap)
+    if emptydir is not None:
+        report(f"{args.files} files in /tmp, an emptyDir volume; walk of /usr ({args.runs} runs, median wall "
+               f"seconds; ratio to runc on the host directory{prewarm_note})", ed_results, args.gap)
+    loads = [r.load for v in (*results.values(), *ed_results.values()) for r in v]
+    print(f"load average (1 min) after each run: min {min(loads):.2f} max {max(loads):.2f}; at the end: "
+          f"{Path('/proc/loadavg').read_text().strip()}")
+    return 0
+
+
+def report(title: str, results: dict[str, list[Result]], gap: int) -> None:
+    table(title, {k: {op: statistics.median(r.phases[op].wall for r in v) for op in OPS} for k, v in results.items()})
+    if gap:
         cpu = {k: [r.cpu for r in v if r.cpu is not None] for k, v in results.items()}
         if all(cpu.values()):
             table(f"CPU seconds: runc's process, pykata's vCPUs (median of {min(map(len, cpu.values()))}+ runs; "
                   "ratio to runc)",
                   {k: {op: statistics.median(c[op] for c in v) for op in OPS} for k, v in cpu.items()})
-    print(f"load average (1 min) after each run: min {min(loads):.2f} max {max(loads):.2f}; at the end: "
-          f"{Path('/proc/loadavg').read_text().strip()}")
-    return 0
+
+
+class EmptyDirRun:
+    """The bundle with /tmp an emptyDir volume while entered (its own config.json restored after), and
+    the configurations of the two pykata columns: the configuration in force naming the temp kubelet
+    root, and the same with the guest emptyDir off."""
+
+    UID = "0f6b2a4e-1c9d-4e1f-9a57-fsbench00001"
+
+    def __init__(self, tmp: Path, bundle: Path, in_force: str) -> None:
+        self.bundle = bundle
+        kubelet = tmp / "kubelet"
+        self.volume = kubelet / "pods" / self.UID / "volumes" / EMPTY_DIR_PLUGIN / "scratch"
+        self.volume.mkdir(parents=True)
+        self.volume.chmod(0o777)
+        text = set_or_add(in_force, "runtime.kubelet_root_dir", f'"{kubelet}"')
+        self.guest = tmp / "emptydir-guest.toml"
+        self.guest.write_text(set_or_add(text, "runtime.disable_guest_empty_dir", "false"))
+        self.shared = tmp / "emptydir-shared.toml"
+        self.shared.write_text(set_or_add(text, "runtime.disable_guest_empty_dir", "true"))
+        self.original = ""
+
+    def __enter__(self) -> EmptyDirRun:
+        config = self.bundle / "config.json"
+        self.original = config.read_text()
+        spec = json.loads(self.original)
+        spec["annotations"] = {**spec.get("annotations", {}), SANDBOX_UID_ANNOTATION: self.UID}
+        spec["mounts"] = [*spec.get("mounts", []), {"destination": "/tmp", "type": "bind", "source": str(self.volume),
+                                                      "options": ["rbind", "rw"]}]
+        config.write_text(json.dumps(spec))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (self.bundle / "config.json").write_text(self.original)
+
+    def clean(self, result: Result) -> Result:
+        """Empty the host directory (runc wrote there; the guest's run must leave it empty)."""
+        for p in self.volume.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return result
+
+
+def set_or_add(text: str, dotted: str, value: str) -> str:
+    """set_key, or the key added at the top of its section when the file has no line for it."""
+    section, _, key = dotted.rpartition(".")
+    try:
+        return set_key(text, dotted, value)
+    except SystemExit:
+        if f"[{section}]\n" not in text:
+            raise SystemExit(f"the configuration has no [{section}] section") from None
+        return text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n", 1)
 
 
 def set_key(text: str, dotted: str, value: str) -> str:
