@@ -122,6 +122,15 @@ def test_two_containers_share_the_pods_emptydirs_in_the_guest(
         seen = _while_waiting(cri, c1, c0, ["/tools/shareprobe", "inotify", "/cache/d", "30", "/mem/armed"],
                               "touch /cache/d/made-by-c0")
         assert seen == "made-by-c0"
+        # bounded: the Memory volume by its 32 MiB; what is written is the VM's memory (the guest's Shmem)
+        assert "No space left on device" in _sh(cri, c0, "dd if=/dev/zero of=/mem/big bs=1M count=40", ok=False)
+        _sh(cri, c0, "rm /mem/big")
+        shmem = "awk '/^Shmem:/ {print $2}' /proc/meminfo"
+        before = int(_sh(cri, c0, shmem))
+        _sh(cri, c0, "dd if=/dev/zero of=/cache/16m bs=1M count=16")
+        grown = int(_sh(cri, c0, shmem)) - before
+        assert grown >= 15 << 10, grown
+        _sh(cri, c0, "rm /cache/16m")
         # nothing of it on the host
         assert list(disk.iterdir()) == [] and list(mem.iterdir()) == []
         # the volume lives with the pod, not with a container: c0 and c1 removed, a new one finds it
