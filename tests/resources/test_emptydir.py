@@ -134,3 +134,14 @@ def test_agent_refuses_a_pod_volume_outside_its_directory(mount_point: str, driv
                     "storages[0]")
     assert info.value.field == field
     assert store.pod_volumes == {}
+
+
+def test_guest_tmpfs_bound_follows_the_configuration(tmp_path: Path) -> None:
+    """emptydir_size, else the writable layer's rootfs_upper_size (the SDK's disk_mib), else half the VM."""
+    vol = EmptyDir("cache", memory=False, mode=0o777, uid=0, gid=0, host_size_mib=0)
+    base = Config()
+    for emptydir_size, upper, want in ((50, 100, "size=50m"), (0, 100, "size=100m")):
+        config = dataclasses.replace(base, runtime=dataclasses.replace(
+            base.runtime, emptydir_size=emptydir_size, rootfs_upper_size=upper))
+        (st,) = Sandbox("sb", config, tmp_path)._pod_volume_storages([vol, vol])  # one storage per volume
+        assert (st.driver, st.mount_point, st.options[-1]) == ("tmpfs", vol.guest_path, want)

@@ -204,7 +204,8 @@ class RuntimeConfig:
     # through the agent's stdio channel (several times slower under TCG).
     data_disk_mib: int = 64
     # A CRI pod's emptyDir volumes (kubelet's <kubelet_root_dir>/pods/<uid>/volumes/kubernetes.io~empty-dir/
-    # <name>) are made in the guest, a tmpfs each of at most emptydir_size MiB (0: half the VM's memory),
+    # <name>) are made in the guest, a tmpfs each of at most emptydir_size MiB (0: rootfs_upper_size, the
+    # writable layer's bound, or if that is 0 too half the VM's memory),
     # shared by the pod's containers, gone with the pod (pykata.resources.emptydir). True: shared from the
     # host directory like a hostPath (9p / virtio-fs), as before. (Kata's disable_guest_empty_dir.)
     disable_guest_empty_dir: bool = False

@@ -21,8 +21,9 @@ CRI annotation io.kubernetes.cri.sandbox-uid; ctr and `pykata run` have none, so
     another directory depth) is an ordinary host bind, shared as before;
   * `medium: Memory`: the host directory is the root of a tmpfs mount; its size bounds the guest's.
 The guest tmpfs takes the host directory's mode, owner and group (kubelet's 0777, or fsGroup's setgid
-group), and is at most `runtime.emptydir_size` MiB (0: half the VM's memory when it is made) of the VM's
-memory, so a pod filling it fills only its own VM's share.
+group), and is at most `runtime.emptydir_size` MiB of the VM's memory (0: as a container's writable
+layer, `runtime.rootfs_upper_size`, or half the VM's memory when it is made), so a pod filling it fills
+only its own VM's share.
 """
 
 from __future__ import annotations

@@ -625,8 +625,11 @@ class Sandbox:
 
     def _pod_volume_storages(self, volumes: Iterable[EmptyDir]) -> list[agent_pb2.Storage]:
         """The guest tmpfs of each emptyDir (the agent mounts it for the first container that names
-        it and keeps it for the sandbox), at most runtime.emptydir_size MiB (0: half the VM's memory)."""
-        cap = self.config.runtime.emptydir_size or max((self.vm.memory_mib if self.vm else 0) // 2, 16)
+        it and keeps it for the sandbox), at most runtime.emptydir_size MiB; 0: the bound of a
+        container's writable layer (runtime.rootfs_upper_size), else half the VM's memory."""
+        runtime = self.config.runtime
+        cap = (runtime.emptydir_size or runtime.rootfs_upper_size
+               or max((self.vm.memory_mib if self.vm else 0) // 2, 16))
         return [agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=vol.guest_path,
                                   options=vol.tmpfs_options(cap)) for vol in {v.name: v for v in volumes}.values()]
 
