@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.empty_pb2 import Empty
 
-from pykata.agentapi import Agent, AgentCallError, AgentReplyError
+from pykata.agentapi import Agent, AgentCallError, AgentReplyError, AgentVersionError
 from pykata.errors import NotFound
-from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, agent_pb2
+from pykata.sandbox.process import start_exec
 from pykata.ttrpc import CallContext, Code, Server
 
 
@@ -40,20 +42,104 @@ class FakeHostileAgent:
         return answer
 
 
+def _version(protocol: int, agent_version: str = "0.1.0") -> agent_pb2.VersionCheckResponse:
+    return agent_pb2.VersionCheckResponse(agent_version=agent_version, protocol_version=protocol)
+
+
 @pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[tuple[FakeHostileAgent, Agent]]:
+async def fake_server(tmp_path: Path) -> AsyncIterator[tuple[FakeHostileAgent, Path]]:
+    """A fake agent serving (Check) and answering Version with this host's protocol unless told."""
     handler = FakeHostileAgent()
     handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=agent_pb2.HealthCheckResponse.SERVING)
+    handler.replies["Version"] = _version(PROTOCOL_VERSION)
     server = Server()
     server.register(AGENT_SERVICE, handler)
     server.register(HEALTH_SERVICE, handler)
     await server.serve_unix(str(tmp_path / "agent.sock"))
-    agent = await Agent.connect(tmp_path / "agent.sock", "sb1", timeout=5)
+    try:
+        yield handler, tmp_path / "agent.sock"
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def fake(fake_server: tuple[FakeHostileAgent, Path]) -> AsyncIterator[tuple[FakeHostileAgent, Agent]]:
+    handler, sock = fake_server
+    agent = await Agent.connect(sock, "sb1", timeout=5)
     try:
         yield handler, agent
     finally:
         await agent.close()
-        await server.close()
+
+
+@pytest.mark.parametrize("attach", [False, True])
+async def test_an_agent_older_than_the_host_needs_is_refused_naming_both_versions(
+        fake_server: tuple[FakeHostileAgent, Path], attach: bool) -> None:
+    # a guest image built from code before ReseedRandomDev/SetPolicy, or a guest that says it is one
+    handler, sock = fake_server
+    handler.replies["Version"] = _version(MIN_PROTOCOL_VERSION - 1, "0.0.1\nfake log line")
+    with pytest.raises(AgentVersionError) as info:
+        await (Agent.attach(sock, "sb1") if attach else Agent.connect(sock, "sb1", timeout=5))
+    message = str(info.value)
+    assert f"protocol {MIN_PROTOCOL_VERSION - 1} " in message and f"at least {MIN_PROTOCOL_VERSION}" in message
+    assert f"speaks {PROTOCOL_VERSION}" in message and "sandbox sb1" in message and "pykata image build" in message
+    assert "\n" not in message  # the guest's text is quoted, not spliced into logs
+
+
+@pytest.mark.parametrize("attach", [False, True])
+async def test_an_out_of_contract_version_answer_fails_the_connection(
+        fake_server: tuple[FakeHostileAgent, Path], attach: bool) -> None:
+    handler, sock = fake_server
+    handler.replies["Version"] = _version(0)  # proto3's "absent": no agent release answers it
+    with pytest.raises(AgentReplyError, match="protocol_version: 0 is not a protocol version"):
+        await (Agent.attach(sock, "sb1") if attach else Agent.connect(sock, "sb1", timeout=5))
+
+
+async def test_a_newer_agent_is_used_at_this_hosts_protocol(fake_server: tuple[FakeHostileAgent, Path]) -> None:
+    handler, sock = fake_server
+    handler.replies["Version"] = _version(PROTOCOL_VERSION + 40, "9.0")
+    agent = await Agent.connect(sock, "sb1", timeout=5)
+    try:
+        assert (agent.protocol_version, agent.agent_version) == (PROTOCOL_VERSION, "9.0")
+    finally:
+        await agent.close()
+
+
+async def test_rpcs_newer_than_an_older_agent_are_not_sent_and_their_fallbacks_hold(
+        fake_server: tuple[FakeHostileAgent, Path]) -> None:
+    """A fake agent at protocol 2: what came later answers UNIMPLEMENTED on the host (as such an agent
+    would), naming both versions, so the callers' fallbacks run; protocol 6's exec stdin is not sent but
+    written with WriteStdin as to any old agent."""
+    handler, sock = fake_server
+    handler.replies["Version"] = _version(2, "0.0.2")
+    agent = await Agent.connect(sock, "sb1", timeout=5)
+    try:
+        assert agent.protocol_version == 2 and agent.supports(2) and not agent.supports(3)
+        calls = {
+            "GetGuestMetrics": agent.get_guest_metrics,
+            "StartDebugConsole": lambda: agent.start_debug_console("dbg"),
+            "WarmUp": agent.warm_up,
+            "WriteFileFromDisk": lambda: agent.write_file_from_disk(
+                "c1", agent_pb2.Process(args=["true"]), "/f", "d", offset=0, length=1, create=True, timeout=5),
+            "ReadFileToDisk": lambda: agent.read_file_to_disk(
+                "c1", agent_pb2.Process(args=["true"]), "/f", "d", offset=0, length=1, timeout=5),
+        }
+        for rpc, call in calls.items():
+            with pytest.raises(AgentCallError) as info:
+                await call()
+            assert (info.value.rpc, info.value.code) == (rpc, Code.UNIMPLEMENTED)
+            assert "speaks protocol 2 (pykata '0.0.2')" in str(info.value) and "needs" in str(info.value)
+        assert not set(calls) & set(handler.requests)
+
+        handler.replies.update(ExecProcess=agent_pb2.ExecProcessResponse(pid=42),
+                               WriteStdin=agent_pb2.WriteStreamResponse(length=3), CloseStdin=Empty())
+        proc = await start_exec(agent, "c1", "e1", agent_pb2.Process(args=["cat"]), b"abc", close_stdin=True)
+        assert proc.pid == 42
+        sent = handler.requests["ExecProcess"]
+        assert (sent.stdin, sent.close_stdin) == (b"", False)
+        assert handler.requests["WriteStdin"].data == b"abc" and "CloseStdin" in handler.requests
+    finally:
+        await agent.close()
 
 
 def test_every_agent_rpc_has_a_method() -> None:
@@ -100,7 +186,11 @@ async def test_good_answers_come_back_typed(fake: tuple[FakeHostileAgent, Agent]
         cgroup_stats=agent_pb2.CgroupStats(cpu=agent_pb2.CpuStats(per_cpu_ns=[1] * 5000))),
      "cgroup_stats.cpu.per_cpu_ns"),
     ("ListRoutes", agent_pb2.Routes(routes=[agent_pb2.Route(dest="d" * 100)]), "routes.dest"),
-    ("Version", agent_pb2.VersionCheckResponse(agent_version="v" * 100), "agent_version"),
+    ("Version", agent_pb2.VersionCheckResponse(agent_version="v" * 100, protocol_version=PROTOCOL_VERSION),
+     "agent_version"),
+    ("Version", agent_pb2.VersionCheckResponse(agent_version="0.1.0"), "protocol_version"),  # 0: none
+    ("Version", agent_pb2.VersionCheckResponse(agent_version="0.1.0", protocol_version=1 << 20),
+     "protocol_version"),
 ])
 async def test_out_of_contract_answers_are_refused(fake: tuple[FakeHostileAgent, Agent], rpc: str, reply: Any,
                                                    field: str) -> None:

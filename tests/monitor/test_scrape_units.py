@@ -21,7 +21,7 @@ from pykata.config.schema import Config
 from pykata.errors import Unimplemented
 from pykata.monitor.collector import Collector
 from pykata.monitor.scrape import Scraper
-from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, PROTOCOL_VERSION, agent_pb2
 from pykata.protocols.owner import OWNER_SERVICE, owner_pb2
 from pykata.sandbox import state
 from pykata.ttrpc import CallContext, Server
@@ -45,13 +45,16 @@ class FakeHostileAgent:
         self.owner.served.add(method="Create", calls=2, errors=1, seconds=0.5)
         self.calls: list[str] = []
         self.details = agent_pb2.GuestDetailsResponse(online_cpus=1, mem_total_bytes=1 << 30)
-        self.old = False  # an agent before GetGuestMetrics (protocol 2)
+        self.old = False  # an agent before GetGuestMetrics: answers it UNIMPLEMENTED
+        self.protocol = PROTOCOL_VERSION  # what it says in Version
 
     def __getattr__(self, rpc: str) -> Any:
         async def answer(req: Any, ctx: CallContext) -> Any:
             self.calls.append(rpc)
             if self.old and rpc == "GetGuestMetrics":
                 raise Unimplemented("no such method")
+            if rpc == "Version":
+                return agent_pb2.VersionCheckResponse(agent_version="fake", protocol_version=self.protocol)
             return {"GetGuestDetails": self.details, "GetGuestMetrics": self.metrics, "StatsContainer": self.stats,
                     "Metrics": self.owner}[rpc]
         return answer
@@ -175,10 +178,11 @@ async def test_a_scrape_serves_the_background_collection(fake_sandbox: tuple[Con
         await asyncio.to_thread(collector.close)
 
 
+@pytest.mark.parametrize("says", [2, PROTOCOL_VERSION])  # its version, or a version it does not live up to
 async def test_an_agent_before_guest_metrics_still_gives_what_it_can(
-        fake_sandbox: tuple[Config, FakeHostileAgent, str]) -> None:
+        fake_sandbox: tuple[Config, FakeHostileAgent, str], says: int) -> None:
     config, agent, sid = fake_sandbox
-    agent.old = True
+    agent.old, agent.protocol = True, says
     scraper = Scraper(config)
     for _ in range(2):
         f = await scraper.scrape()
@@ -186,5 +190,6 @@ async def test_an_agent_before_guest_metrics_still_gives_what_it_can(
         assert samples(f, "pykata_guest_memory_total_bytes") == [({"sandbox_id": sid}, float(1 << 30))]
         assert samples(f, "pykata_guest_container_pids")  # StatsContainer is as old as the agent
         assert not samples(f, "pykata_guest_load1") and not samples(f, "pykata_agent_threads")  # no zeros
-    assert agent.calls.count("GetGuestMetrics") == 1  # asked once, then remembered
+    # an agent that says it is older is never asked; one that does not is asked once, then remembered
+    assert agent.calls.count("GetGuestMetrics") == (0 if says == 2 else 1)
     await scraper.close()

@@ -13,6 +13,7 @@ import pytest
 
 import pykata
 from pykata.config import load_config
+from pykata.protocols.agent import PROTOCOL_VERSION
 from pykata.sdk import AsyncSandbox
 
 pytestmark = [pytest.mark.vm]
@@ -107,5 +108,18 @@ async def test_files_move_through_the_data_disk_in_pieces(tmp_path: Path) -> Non
         await sb.files.write("/tmp/after", data)
         assert await sb.files.read_bytes("/tmp/after") == data
         assert not _held_deleted_files(vm.pid, run_dir)
+
+        # The host asked the real agent its protocol version when it first connected (this image's);
+        # as seen from a host talking to a guest image older than the DiskFile RPCs (protocol 4), the
+        # same transfers take the stdio path, and nothing is sent to the guest that it would not know
+        agent = sb._sandbox.agent  # type: ignore[union-attr]
+        assert (agent.protocol_version, agent.agent_version) == (PROTOCOL_VERSION, pykata.__version__)
+        agent.protocol_version = 4
+        calls = {m: n for m, n, _, _ in agent.stats.snapshot()}
+        await sb.files.write("/tmp/old", data)
+        assert await sb.files.read_bytes("/tmp/old") == data
+        after = {m: n for m, n, _, _ in agent.stats.snapshot()}
+        assert all(after.get(rpc) == calls.get(rpc) for rpc in ("WriteFileFromDisk", "ReadFileToDisk"))
+        assert after["ExecProcess"] != calls["ExecProcess"]  # cat and its writer
     finally:
         await sb.close()

@@ -11,7 +11,8 @@ requests for RPCs by name.
 """
 
 from pykata.agentapi.client import DEFAULT_TIMEOUT, Agent
-from pykata.agentapi.errors import AgentCallError, AgentReplyError
+from pykata.agentapi.errors import AgentCallError, AgentReplyError, AgentVersionError
 from pykata.agentapi.replies import AgentVersion, Reseeded
 
-__all__ = ["DEFAULT_TIMEOUT", "Agent", "AgentCallError", "AgentReplyError", "AgentVersion", "Reseeded"]
+__all__ = ["DEFAULT_TIMEOUT", "Agent", "AgentCallError", "AgentReplyError", "AgentVersion", "AgentVersionError",
+           "Reseeded"]

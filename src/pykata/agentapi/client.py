@@ -20,9 +20,9 @@ from google.protobuf.message import Message
 
 from pykata import tracing
 from pykata.agentapi import replies
-from pykata.agentapi.errors import AgentCallError, AgentReplyError
+from pykata.agentapi.errors import AgentCallError, AgentReplyError, AgentVersionError
 from pykata.errors import AgentError
-from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, agent_pb2
 from pykata.ttrpc import Client, Code, RpcError, connect_unix
 from pykata.ttrpc.stats import RpcStats
 
@@ -47,6 +47,10 @@ class Agent:
         self.sandbox_id = sandbox_id
         self.request_timeout = request_timeout
         self.stats = RpcStats()  # per RPC: calls, errors, seconds (`pykata monitor`)
+        # What the guest's agent speaks, capped at ours (the protocol only grows, so a newer agent
+        # serves what we know); set by connect() and attach() from its Version answer.
+        self.protocol_version = PROTOCOL_VERSION
+        self.agent_version = ""
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -57,7 +61,9 @@ class Agent:
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
         the check is repeated on it rather than reconnecting (which could cut a frame in half).
-        Raises AgentError when the agent does not answer within `timeout`.
+        Then the agent's protocol version is asked and checked (`negotiate`).
+        Raises AgentError when the agent does not answer within `timeout`, AgentVersionError when it
+        is too old for this host, AgentReplyError when its version answer is out of contract.
         """
         deadline = time.monotonic() + timeout
         client: Client | None = None
@@ -80,6 +86,7 @@ class Agent:
                         await asyncio.sleep(0.05)
                     continue
                 if serving:
+                    await agent.negotiate()
                     client = None  # ownership passes to the Agent
                     return agent
                 await asyncio.sleep(0.02)
@@ -90,11 +97,18 @@ class Agent:
 
     @classmethod
     async def attach(cls, socket: Path, sandbox_id: str) -> Agent:
-        """Connect to a running sandbox's agent proxy (no health wait). Raises AgentError."""
+        """Connect to a running sandbox's agent proxy (no health wait) and check its agent's protocol
+        version. Raises AgentError (AgentVersionError, AgentReplyError as connect)."""
         try:
-            return cls(await connect_unix(str(socket), timeout=5.0), sandbox_id)
+            agent = cls(await connect_unix(str(socket), timeout=5.0), sandbox_id)
         except (OSError, TimeoutError) as e:
             raise AgentError(f"sandbox {sandbox_id}: cannot reach its agent at {socket}: {e}") from None
+        try:
+            await agent.negotiate(timeout=5.0)
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
 
     @property
     def closed(self) -> bool:
@@ -155,10 +169,34 @@ class Agent:
         except AgentCallError:
             return False
 
-    async def version(self) -> replies.AgentVersion:
+    async def version(self, *, timeout: float | None = REQUEST_TIMEOUT) -> replies.AgentVersion:
         resp = await self._call("Version", agent_pb2.CheckRequest(), agent_pb2.VersionCheckResponse,
-                                service=HEALTH_SERVICE)
+                                timeout=timeout, service=HEALTH_SERVICE)
         return self._checked("Version", replies.version, resp)
+
+    async def negotiate(self, *, timeout: float | None = REQUEST_TIMEOUT) -> None:
+        """Ask the agent's protocol version (the first thing a host does with an agent) and keep it, at
+        most ours, in `protocol_version`. Raises AgentVersionError below MIN_PROTOCOL_VERSION,
+        AgentReplyError for an answer out of contract, AgentCallError."""
+        v = await self.version(timeout=timeout)
+        if v.protocol_version < MIN_PROTOCOL_VERSION:
+            raise AgentVersionError(self.sandbox_id, v.protocol_version, v.agent_version, MIN_PROTOCOL_VERSION,
+                                    PROTOCOL_VERSION)
+        self.protocol_version = min(v.protocol_version, PROTOCOL_VERSION)
+        self.agent_version = v.agent_version
+
+    def supports(self, protocol_version: int) -> bool:
+        """Whether the agent serves what `protocol_version` of the protocol brought."""
+        return self.protocol_version >= protocol_version
+
+    def _require(self, rpc: str, protocol_version: int) -> None:
+        """An RPC newer than the agent fails here with UNIMPLEMENTED, as the agent would answer (callers
+        with a fallback take it), naming both versions, without a round trip to the guest."""
+        if not self.supports(protocol_version):
+            raise AgentCallError(self.sandbox_id, rpc, Code.UNIMPLEMENTED,
+                                 f"the guest's agent speaks protocol {self.protocol_version} "
+                                 f"(pykata {self.agent_version!r}), {rpc} needs {protocol_version}: "
+                                 "rebuild the guest image (`pykata image build`)")
 
     # -- sandbox -----------------------------------------------------------------------------------
 
@@ -209,6 +247,8 @@ class Agent:
         """Start another process and hand it `stdin` (at most 1 MiB), then close its stdin
         (`close_stdin`), in one round trip; the reply says what the agent did (an older agent does
         neither: the caller writes and closes as before)."""
+        if not self.supports(6):  # it would drop them unread: not sent at all
+            stdin, close_stdin = b"", False
         resp = await self._call("ExecProcess", agent_pb2.ExecProcessRequest(
             container_id=container_id, exec_id=exec_id, process=process, stdin=stdin, close_stdin=close_stdin),
             agent_pb2.ExecProcessResponse)
@@ -218,7 +258,8 @@ class Agent:
                                    offset: int, length: int, create: bool, mode: int | None = None,
                                    owner: tuple[int, int] | None = None, timeout: float | None) -> replies.DiskFile:
         """The data disk's first `length` bytes into a container's file at `offset`, copied by the
-        container's process `process` (protocol version 5; an older agent answers UNIMPLEMENTED)."""
+        container's process `process` (protocol version 5; UNIMPLEMENTED for an older agent)."""
+        self._require("WriteFileFromDisk", 5)
         req = agent_pb2.DiskFileRequest(container_id=container_id, process=process, path=path, disk=disk,
                                         offset=offset, length=length, create=create)
         if mode is not None:
@@ -232,6 +273,7 @@ class Agent:
                                 offset: int, length: int, timeout: float | None) -> replies.DiskFile:
         """At most `length` bytes of a container's file from `offset` onto the data disk's start
         (protocol version 5)."""
+        self._require("ReadFileToDisk", 5)
         resp = await self._call("ReadFileToDisk", agent_pb2.DiskFileRequest(
             container_id=container_id, process=process, path=path, disk=disk, offset=offset, length=length),
             agent_pb2.DiskFileResponse, timeout=timeout)
@@ -317,7 +359,8 @@ class Agent:
 
     async def get_guest_metrics(self, *, timeout: float | None = REQUEST_TIMEOUT) -> agent_pb2.GuestMetrics:
         """The guest's memory, load, CPU time, network and disk counters and the agent's own process
-        (protocol version 3; an older agent answers UNIMPLEMENTED)."""
+        (protocol version 3; UNIMPLEMENTED for an older agent)."""
+        self._require("GetGuestMetrics", 3)
         resp = await self._call("GetGuestMetrics", agent_pb2.GuestMetricsRequest(), agent_pb2.GuestMetrics,
                                 timeout=timeout)
         return self._checked("GetGuestMetrics", replies.guest_metrics, resp)
@@ -327,6 +370,7 @@ class Agent:
         """Start a process in the guest itself (the debug console); its pid. The agent refuses with
         PERMISSION_DENIED unless CreateSandbox enabled the console. Its stdio goes through the stdio
         RPCs with container_id "" (protocol version 3)."""
+        self._require("StartDebugConsole", 3)
         resp = await self._call("StartDebugConsole", agent_pb2.DebugConsoleRequest(
             exec_id=exec_id, args=list(args), terminal=terminal, term=term, rows=rows, columns=columns),
             agent_pb2.ExecProcessResponse)
@@ -359,6 +403,7 @@ class Agent:
     async def warm_up(self, *, timeout: float | None = REQUEST_TIMEOUT) -> None:
         """Run a throwaway container in a VM no pod has yet (protocol version 4), so its first real
         container starts on warm code; refused (FailedPrecondition) once the VM serves a pod."""
+        self._require("WarmUp", 4)
         await self._call("WarmUp", agent_pb2.WarmUpRequest(), Message, timeout=timeout)
 
     async def set_policy(self, policy_json: str) -> None:

@@ -21,3 +21,15 @@ class AgentReplyError(AgentCallError):
     def __init__(self, sandbox_id: str, rpc: str, field: str, message: str) -> None:
         super().__init__(sandbox_id, rpc, Code.DATA_LOSS, f"bad reply: {field}: {message}")
         self.field = field
+
+
+class AgentVersionError(AgentError):
+    """The guest's agent speaks an older protocol than this host needs (a guest image built from older
+    pykata code, or an agent that says so): the sandbox cannot be used."""
+
+    def __init__(self, sandbox_id: str, agent_protocol: int, agent_version: str, needed: int, host: int) -> None:
+        super().__init__(
+            f"sandbox {sandbox_id}: the guest's agent speaks protocol {agent_protocol} (pykata {agent_version!r}); "
+            f"this host speaks {host} and needs at least {needed}: rebuild the guest image "
+            "(`pykata image build`) and the template (`pykata factory init`)")
+        self.sandbox_id, self.agent_protocol, self.needed = sandbox_id, agent_protocol, needed

@@ -21,6 +21,7 @@ EXIT_STATUS_MAX = 255        # an exit code, or 128 + signal number
 READ_MAX = 1 << 20           # the agent's own cap on one read (agent.validation.MAX_IO_CHUNK)
 MAX_TEXT = 4096              # a name, a version, a kernel release
 MAX_ITEMS = 4096             # entries of a repeated field (CPUs, io entries, interfaces, routes)
+MAX_PROTOCOL_VERSION = 1 << 16  # far above any release; a larger one is a lie, not a newer agent
 
 
 class BadReply(Exception):
@@ -266,4 +267,8 @@ def health(resp: agent_pb2.HealthCheckResponse) -> bool:
 
 
 def version(resp: agent_pb2.VersionCheckResponse) -> AgentVersion:
+    # every agent ever released answers 1 or more (0 is proto3's "absent")
+    if not 1 <= resp.protocol_version <= MAX_PROTOCOL_VERSION:
+        raise BadReply("protocol_version", f"{resp.protocol_version} is not a protocol version "
+                                           f"(1..{MAX_PROTOCOL_VERSION})")
     return AgentVersion(_text("agent_version", resp.agent_version, 64), int(resp.protocol_version))

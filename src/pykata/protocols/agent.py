@@ -5,7 +5,7 @@ from __future__ import annotations
 from pykata.protocols.gen.agent import agent_pb2
 from pykata.protocols.spec import ServiceSpec, spec_from_descriptor
 
-__all__ = ["AGENT_SERVICE", "HEALTH_SERVICE", "PROTOCOL_VERSION", "agent_pb2"]
+__all__ = ["AGENT_SERVICE", "HEALTH_SERVICE", "MIN_PROTOCOL_VERSION", "PROTOCOL_VERSION", "agent_pb2"]
 
 # "pykata.agent.v1.AgentService"
 AGENT_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
@@ -15,3 +15,8 @@ HEALTH_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services
 # What the agent answers in Health.Version().protocol_version. Bump it whenever agent.proto gains an
 # RPC or a field a host may rely on, so a newer host can tell an older guest image apart.
 PROTOCOL_VERSION = 6  # 5: DiskFile RPCs; 6: ExecProcess stdin/close_stdin, WaitProcess output_limit
+# The oldest agent a host works with: 2 brought ReseedRandomDev (clones must not share randomness) and
+# SetPolicy (a configured policy must be enforced), which have no fallback. What came later has one
+# (pykata.agentapi.Agent answers UNIMPLEMENTED itself for an RPC newer than the agent, and the callers
+# already fall back on that: GetGuestMetrics 3, WarmUp 4, DiskFile 5; 6's fields are left unsent).
+MIN_PROTOCOL_VERSION = 2

@@ -406,7 +406,7 @@ class Sandbox:
             # create runs on code QEMU has translated already (pykata.agent.warmup).
             # A failed warm-up drops the VM: a guest that cannot make a container would fail its pod.
             await sb._reseed_clone()
-            if config.factory.pool_warm_up:
+            if config.factory.pool_warm_up and sb.agent.supports(4):  # (an older image: not warmed)
                 await sb.agent.warm_up(timeout=WARM_UP_TIMEOUT)
             await sb.vm.pause()  # no CPU while it waits (an idle guest under TCG still ticks)
         except BaseException:

@@ -524,6 +524,8 @@ class AsyncSandbox:
         sb = self._sandbox
         if sb is None or not self._owned or self._paused or self._gone is not None or not sb.has_data_disk:
             return None
+        if not sb.agent.supports(5):  # an older guest image: no copies through the disk (streamed)
+            return None
         uid, gid = self._user or (0, 0)
         return sb.data_disk(self._cid, exec_spec(["true"], env=self._env, cwd=self._cwd, uid=uid, gid=gid))
 
