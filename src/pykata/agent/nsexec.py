@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pykata.agent.reaper import ExitStatus, Reaper
+from pykata.agent.reaper import ExitStatus, Reaper, exited_children
 from pykata.agent.spawner import MAX_REQUEST, REQUEST_FDS, Spawner, SpawnerGone
 from pykata.errors import Code, PykataError
 
@@ -593,15 +593,8 @@ def serve_spawner(sock: socket.socket) -> None:
 
 def _reap() -> None:
     """Collect exec children that ended (each ends right after its report)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        except InterruptedError:
-            continue
-        if pid == 0:
-            return
+    for _ in exited_children():
+        pass
 
 
 def spawner_main(argv: list[str]) -> int:

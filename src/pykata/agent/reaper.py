@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger("pykata.agent.reaper")
@@ -34,6 +34,21 @@ def set_child_subreaper(on: bool = True) -> bool:
         return True
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)) == 0
+
+
+def exited_children() -> Iterator[tuple[int, int]]:
+    """(pid, raw wait status) of each child that has ended, until none is left; never blocks. The one
+    waitpid loop: the agent's Reaper and the exec spawner (a process of its own) both reap with it."""
+    while True:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        yield pid, raw
 
 
 @dataclass(frozen=True)
@@ -111,15 +126,7 @@ class Reaper:
 
     def reap(self) -> None:
         """Collect every exited child (SIGCHLD coalesces: loop until there is none)."""
-        while True:
-            try:
-                pid, raw = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, raw in exited_children():
             self._generation += 1
             status = ExitStatus(pid, raw, time.time())
             watchers = self._watchers.pop(pid, None)

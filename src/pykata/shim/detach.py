@@ -7,15 +7,18 @@ import contextlib
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pykata.shim.flags import Flags
 
 
-def become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str, path: Path) -> None:
+def become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_id: str,
+                  path: Path) -> NoReturn:
     """In a child forked for the pod (by `start` or by the fork server): serve it. Never returns."""
-    code = 1
-    try:
+
+    def serve() -> int:
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         # containerd waits for end of file on start's output: the daemon must not keep it open
@@ -33,8 +36,19 @@ def become_daemon(flags: Flags, listener: socket.socket, bundle: Path, sandbox_i
         from pykata.timing import mark
 
         mark("daemon.imported")
-        code = run(flags, listener, bundle, sandbox_id, path, log_fd)
-    except BaseException:  # the daemon's last word goes to the log FIFO (stderr)
+        return run(flags, listener, bundle, sandbox_id, path, log_fd)
+
+    exit_with(serve)
+
+
+def exit_with(body: Callable[[], int]) -> NoReturn:
+    """End this process (a forked shim: it must never return into its parent's stack) with `body()`'s
+    exit code, 1 if it raised; whatever it raised is its last word, printed to stderr (the pod's log
+    FIFO once `body` set it up), and os._exit runs on every path."""
+    code = 1
+    try:
+        code = body()
+    except BaseException:
         import traceback
 
         with contextlib.suppress(Exception):

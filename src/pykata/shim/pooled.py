@@ -20,15 +20,15 @@ import os
 import shutil
 import signal
 import socket
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pykata.config import load_config
 from pykata.factory import pool
 from pykata.network import holding
 from pykata.network.tap import ns_path
 from pykata.sandbox import Sandbox
+from pykata.shim.detach import exit_with
 from pykata.shim.flags import Flags
 from pykata.timing import mark
 
@@ -37,27 +37,21 @@ log = logging.getLogger("pykata.shim")
 _FLAG_FIELDS = ("namespace", "address", "publish_binary", "id", "bundle")
 
 
-def main(flags: Flags) -> None:
+def main(flags: Flags) -> NoReturn:
     """Wait in the pool, then serve the pod that claims this process. Never returns."""
-    code = 1
     with contextlib.suppress(OSError):  # already a session leader (started with start_new_session)
         os.setsid()
-    try:
+
+    def wait_then_serve() -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
         os.chdir("/")
-        code = asyncio.run(_wait_then_serve(flags))
-    except BaseException:  # nowhere to report before a claim; after one, stderr is the pod's log
-        import traceback
+        return asyncio.run(_wait_then_serve(flags))
 
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(code)
+    # nowhere to report a failure before a claim; after one, stderr is the pod's log
+    exit_with(wait_then_serve)
 
 
 class _Waiting:
