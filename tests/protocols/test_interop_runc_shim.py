@@ -227,6 +227,14 @@ async def shutdown(client: Client, shim_id: str) -> None:
         await client.call(TASK_SERVICE, "Shutdown", shim_pb2.ShutdownRequest(id=shim_id), timeout=5.0)
 
 
+async def output_seen(path: Path, text: str, timeout: float = 60.0) -> None:
+    """Until `text` is in `path` (a container's output file); fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{text!r} never reached {path}"
+        await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 async def events(tmp_path: Path) -> AsyncIterator[tuple[EventSink, str]]:
     sink = EventSink()
@@ -312,6 +320,9 @@ async def test_container_lifecycle_through_real_runc_shim(
         connected = await task.Connect(shim_pb2.ConnectRequest(id=cid), timeout=5.0)
         assert (connected.shim_pid, connected.task_pid) == (runc_shim.pid, created.pid)
 
+        # Start returns once the process exists, not once its shell has run `echo` (nor the shim copied
+        # the line to the file): under load a kill sent now can come first and the output is empty
+        await output_seen(stdout, "hello-from-runc")
         await task.Kill(shim_pb2.KillRequest(id=cid, signal=signal.SIGKILL), timeout=5.0)
         waited = await task.Wait(shim_pb2.WaitRequest(id=cid), timeout=10.0)
         assert waited.exit_status == 128 + signal.SIGKILL
