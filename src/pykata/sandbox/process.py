@@ -144,6 +144,12 @@ class Process:
     async def _wait(self) -> int:
         return await self._agent.wait_process(self.container_id, self.exec_id)
 
+    @property
+    def output_with_wait(self) -> bool:
+        """Whether `wait_with_output` can carry output: an agent before protocol 6 sends none, so a
+        caller that waited before reading would wait forever on a process blocked writing its output."""
+        return self._agent.supports(6)
+
     async def wait_with_output(self, output_limit: int = READ_CHUNK) -> Exited:
         """The exit status with what the process printed that nobody read yet, up to `output_limit`
         bytes a stream, in one round trip; read on (`read`, `chunks`) for a stream whose *_eof is False.

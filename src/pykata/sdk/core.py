@@ -602,6 +602,19 @@ class AsyncSandbox:
         command, else (more output, or a descendant keeps a stream open) read on until both end."""
         limit = min(out.max_output + 1, RUN_OUTPUT_LIMIT)
         async with self._guard():
+            if not raw.output_with_wait:  # an older guest image: read both streams to their end, then wait
+                async def drain(stream: Literal["stdout", "stderr"]) -> None:
+                    async for chunk in raw.chunks(stream):
+                        out.add(stream, chunk)
+
+                readers = [asyncio.ensure_future(drain("stdout")), asyncio.ensure_future(drain("stderr"))]
+                try:
+                    await asyncio.gather(*readers)
+                finally:  # one failed (too much output) or we are cancelled: the other stops too
+                    for reader in readers:
+                        reader.cancel()
+                    await asyncio.gather(*readers, return_exceptions=True)
+                return await raw.wait()
             while True:
                 exited = await raw.wait_with_output(limit)
                 out.add("stdout", exited.stdout or b"")
