@@ -3,12 +3,10 @@
 The Python API: `pykata.Sandbox` (blocking) and `pykata.AsyncSandbox` (asyncio), see pykata.sdk.
 """
 
-from typing import TYPE_CHECKING
-
 from pykata.errors import PykataError
 
-if TYPE_CHECKING:
-    __version__: str
+# (no `typing` import here: it costs every shim `delete` and every agent start ~5-15 ms)
+__version__: str  # a module __getattr__ answers it
 
 _SDK_NAMES = ("Sandbox", "AsyncSandbox", "ExecResult", "ExecTimeoutError", "SandboxTimeoutError", "NotFoundError",
               "PolicyDeniedError", "SandboxGoneError", "SdkError", "Pool", "AsyncPool", "Pty", "AsyncPty",

@@ -19,7 +19,6 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import NamedTuple  # typing is imported already (pykata/__init__); dataclasses is not
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,14 +30,21 @@ POD_CONFIG_ANNOTATION = "io.katacontainers.config_path"
 MAX_RECORD_BYTES = 8192
 
 
-class ConfigRecord(NamedTuple):
-    """The configuration a shim loaded: `path` ("" = the packaged default), its digest, its runtime_dir,
-    and whether it has a warm pool (whose entries `delete` may have to prune)."""
+if TYPE_CHECKING:
+    from typing import NamedTuple
 
-    path: str
-    sha256: str
-    runtime_dir: str
-    pool: bool
+    class ConfigRecord(NamedTuple):
+        """The configuration a shim loaded: `path` ("" = the packaged default), its digest, its
+        runtime_dir, and whether it has a warm pool (whose entries `delete` may have to prune)."""
+
+        path: str
+        sha256: str
+        runtime_dir: str
+        pool: bool
+else:  # the same tuple without importing typing, which the `delete` fast path otherwise never does
+    from collections import namedtuple
+
+    ConfigRecord = namedtuple("ConfigRecord", ["path", "sha256", "runtime_dir", "pool"])
 
 
 def _digest(path: str) -> str:
