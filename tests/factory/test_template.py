@@ -29,8 +29,10 @@ from pykata.factory.template import (
     list_templates,
     load_template,
     prune_templates,
+    prune_unused_templates,
     sync_guest_clock,
     template_inputs,
+    templates_in_use,
 )
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu.driver import QemuHypervisor
@@ -202,6 +204,10 @@ async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
         # No readiness probe given: a clone is ready when its agent answers (no console line).
         await vm.wait_ready(timeout=20)
         assert vm.timestamps["ready"] - vm.timestamps["start"] < 5
+        # While it runs, its template is in use (QEMU maps its memory file) and pruning leaves it,
+        # however long unused
+        assert template.dir.name in templates_in_use(template.dir.parent)
+        assert template.key not in prune_unused_templates(cfg, unused_for=0)
     finally:
         result = await vm.stop()
     assert result is not None and result.requested

@@ -33,13 +33,20 @@ def factory() -> None:
     """VM templates: start sandbox VMs from a saved, booted guest ([factory] in the configuration)."""
 
 
+_UNUSED_FOR = click.option(
+    "--unused-for", type=click.FloatRange(min=0), default=3600.0, show_default=True, metavar="SECONDS",
+    help="Remove the other templates that no running VM uses and no VM was started from for this long.")
+
+
 @factory.command()
 @click.option("--force", is_flag=True, help="Remake the template even if a current one exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the template as JSON.")
-def init(force: bool, as_json: bool) -> None:
+@_UNUSED_FOR
+def init(force: bool, as_json: bool, unused_for: float) -> None:
     """Make the templates for the current configuration (without a NIC, with a NIC on a tap, with a NIC
-    on QEMU's user network for the SDK's egress sandboxes; boots a VM for each that does not exist yet)."""
-    from pykata.factory import ensure_template
+    on QEMU's user network for the SDK's egress sandboxes; boots a VM for each that does not exist yet),
+    and remove other templates left unused (--unused-for)."""
+    from pykata.factory import ensure_template, prune_unused_templates
 
     config = _config()
     started = time.monotonic()
@@ -53,6 +60,9 @@ def init(force: bool, as_json: bool) -> None:
             for nics in (0, 1)]
     # the SDK's network="egress" sandboxes (a tap template's NIC cannot be restored onto user networking)
     made.append(_run(ensure_template(config, nics=1, user_net=True, progress=progress)))
+    removed = prune_unused_templates(config, unused_for, keep={t.key for t in made})
+    if removed:
+        progress(f"removed {len(removed)} unused template(s): {', '.join(removed)}")
     if as_json:
         click.echo(json.dumps([t.to_json() for t in made], indent=1))
     else:
@@ -99,11 +109,15 @@ def status(as_json: bool) -> None:
 
 @factory.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the removed templates as JSON.")
-def destroy(as_json: bool) -> None:
-    """Remove every template (running VMs started from one are not affected)."""
-    from pykata.factory import destroy_templates
+@click.option("--stale", is_flag=True, help="Only the templates whose guest assets changed, and those no running VM "
+              "uses and no VM was started from for --unused-for seconds.")
+@_UNUSED_FOR
+def destroy(as_json: bool, stale: bool, unused_for: float) -> None:
+    """Remove every template (running VMs started from one are not affected), or with --stale the old ones."""
+    from pykata.factory import destroy_templates, prune_unused_templates
 
-    keys = _run(destroy_templates(_config()))
+    config = _config()
+    keys = prune_unused_templates(config, unused_for) if stale else _run(destroy_templates(config))
     if as_json:
         click.echo(json.dumps({"removed": keys}))
     else:

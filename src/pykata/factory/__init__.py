@@ -13,6 +13,7 @@ if TYPE_CHECKING:
         find_template,
         list_templates,
         prune_templates,
+        prune_unused_templates,
         sync_guest_clock,
         templated_config,
     )
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 # driver stack that templates need.
 _HOME = {name: "pykata.factory.template" for name in (
     "Template", "destroy_templates", "ensure_template", "find_template", "list_templates", "prune_templates",
-    "sync_guest_clock", "templated_config")} | {
+    "prune_unused_templates", "sync_guest_clock", "templated_config")} | {
     name: "pykata.factory.vm" for name in ("choose_template", "start_vm", "template_nics")}
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "find_template",
     "list_templates",
     "prune_templates",
+    "prune_unused_templates",
     "start_vm",
     "sync_guest_clock",
     "template_nics",

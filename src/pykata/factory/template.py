@@ -38,10 +38,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ TMP_PREFIX = ".tmp-"
 # CRNG reseed interval needs (see the module docstring), so clones reseed on first use.
 RESEED_MARGIN = 0.5
 LOCK_POLL = 0.05
+# `pykata factory init` (and `destroy --stale`) remove templates no VM has used for this long: each one
+# holds its guest's RAM in template_path (a tmpfs under /run: host memory), and a node whose
+# configuration or guest image changed keeps making new ones.
+UNUSED_SECONDS = 3600.0
 
 _switch_logged = False
 
@@ -290,11 +295,13 @@ async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[
     if not force:
         found = load_template(final)
         if found is not None and found.inputs == inputs:
+            mark_used(found)
             return found
     say = progress or (lambda _msg: None)
     async with _locked(root, timeout=2 * config.qemu.boot_timeout + 60):
         found = load_template(final)
         if found is not None and found.inputs == inputs and not force:
+            mark_used(found)
             return found  # made by another process while this one waited for the lock
         _prune(root, keep=key, everything=force)
         tmp = root / f"{TMP_PREFIX}{key}-{secrets.token_hex(3)}"
@@ -395,6 +402,65 @@ def prune_templates(config: Config) -> list[str]:
         return []
     with file_lock(root / LOCK):
         return _prune(root, keep=None)
+
+
+def mark_used(template: Template) -> None:
+    """Note that a VM is being started from `template` now (its directory's mtime: the files' own
+    times identify the template to pool entries, pykata.shim.pooled). Never raises."""
+    with contextlib.suppress(OSError):
+        os.utime(template.dir)
+
+
+def last_used(template: Template) -> float:
+    """When a VM was last started from `template` (or it was made), seconds since the epoch."""
+    try:
+        return max(template.created_at, template.dir.stat().st_mtime)
+    except OSError:
+        return template.created_at
+
+
+def templates_in_use(root: Path) -> set[str]:
+    """Names of the template directories under `root` that some process uses now. How VMs reference a
+    template's files: a clone's QEMU names `<dir>/memory` on its command line (mem-path=, share=off)
+    and maps it privately for its whole life (guest pages it has not written are read from the file);
+    while restoring, a `cat <dir>/state` child feeds migrate-incoming; a template being made writes
+    `memory` through a shared mapping. So: every process's command line and memory maps (a pool's
+    waiting VMs are clones too). Never raises."""
+    prefixes = {f"{root}/", f"{root.resolve()}/"}
+    pattern = re.compile("|".join(re.escape(p) for p in prefixes) + r"([^/\s,]+)/")
+    used: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            text += " " + (proc / "maps").read_text(errors="replace")
+        except OSError:  # gone, or a kernel thread
+            continue
+        used.update(m.group(1) for m in pattern.finditer(text))
+    return used
+
+
+def prune_unused_templates(config: Config, unused_for: float = UNUSED_SECONDS,
+                           keep: Collection[str] = ()) -> list[str]:
+    """Remove, besides what `prune_templates` removes, every template no process uses
+    (`templates_in_use`) from which no VM was started for `unused_for` seconds (`last_used`), but
+    those named in `keep`; return the removed keys. Running VMs are not affected; the next VM that
+    wants a removed template makes it again. Waits for a template being made (flock)."""
+    root = template_root(config)
+    if not root.is_dir():
+        return []
+    with file_lock(root / LOCK):
+        removed = _prune(root, keep=None)
+        in_use = templates_in_use(root)
+        now = time.time()
+        for t in list_templates(config):
+            if t.dir.name in keep or t.dir.name in in_use or now - last_used(t) < unused_for:
+                continue
+            log.info("factory: removing template %s, unused for %.0f s", t.key, now - last_used(t))
+            shutil.rmtree(t.dir, ignore_errors=True)
+            removed.append(t.dir.name)
+    return removed
 
 
 def discard_template(template: Template, reason: str) -> None:
