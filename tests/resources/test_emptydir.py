@@ -145,3 +145,23 @@ def test_guest_tmpfs_bound_follows_the_configuration(tmp_path: Path) -> None:
             base.runtime, emptydir_size=emptydir_size, rootfs_upper_size=upper))
         (st,) = Sandbox("sb", config, tmp_path)._pod_volume_storages([vol, vol])  # one storage per volume
         assert (st.driver, st.mount_point, st.options[-1]) == ("tmpfs", vol.guest_path, want)
+
+
+def test_a_subpath_keeps_the_volume_on_the_host_or_is_refused(tmp_path: Path) -> None:
+    """kubelet binds a subPath from <root>/pods/<uid>/volume-subpaths/<volume>/...: such a volume is
+    shared from the host for the whole pod when the subPath comes first; after the volume went into the
+    guest, a subPath of it would split its files, so it is refused naming the mount."""
+    parent = _parent(tmp_path)
+    for name in ("first", "later"):
+        (parent / name).mkdir(parents=True)
+    config = Config()
+    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, kubelet_root_dir=str(tmp_path)))
+    sb = Sandbox("sb", config, tmp_path / "sb")
+    sub = f"{tmp_path}/pods/{UID}/volume-subpaths"
+    assert sb._pod_volumes("pause", _spec(UID)) == {}
+    assert sb._pod_volumes("c1", _spec(UID, f"{sub}/first/c1/0", f"{parent}/first")) == {}
+    assert sb._pod_volumes("c2", _spec(UID, f"{parent}/first")) == {}
+    assert list(sb._pod_volumes("c3", _spec(UID, f"{parent}/later"))) == [0]
+    with pytest.raises(InvalidArgument) as info:
+        sb._pod_volumes("c4", _spec(UID, "/etc", f"{sub}/later/c4/0"))
+    assert info.value.field == "mounts[1].source" and "subPath" in str(info.value)

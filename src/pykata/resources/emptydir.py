@@ -19,7 +19,11 @@ CRI annotation io.kubernetes.cri.sandbox-uid; ctr and `pykata run` have none, so
     are seen and kept (never hidden behind an empty guest tmpfs); the same for every later container;
   * a path merely containing `kubernetes.io~empty-dir` anywhere else (another pod's uid, another root,
     another directory depth) is an ordinary host bind, shared as before;
-  * `medium: Memory`: the host directory is the root of a tmpfs mount; its size bounds the guest's.
+  * `medium: Memory`: the host directory is the root of a tmpfs mount; its size bounds the guest's;
+  * a subPath of the volume (kubelet's <kubelet root>/pods/U/volume-subpaths/<name>/...) is a host
+    directory: a volume that one of the pod's containers mounts by subPath is shared from the host
+    for all of them if that came first, and a subPath of a volume already in the guest is refused
+    naming the mount (its files would be split between host and guest).
 The guest tmpfs takes the host directory's mode, owner and group (kubelet's 0777, or fsGroup's setgid
 group), and is at most `runtime.emptydir_size` MiB of the VM's memory (0: as a container's writable
 layer, `runtime.rootfs_upper_size`, or half the VM's memory when it is made), so a pod filling it fills
@@ -111,6 +115,16 @@ def volume_name(source: str, field: str, kubelet_root: str, uid: str) -> str | N
         raise InvalidArgument(field, f"{source!r}: {name[:80]!r} is not an emptyDir volume name "
                                      "(a DNS-1123 label: lower-case letters, digits, '-', at most 63)")
     return name
+
+
+def subpath_volume(source: str, kubelet_root: str, uid: str) -> str | None:
+    """The volume whose subPath `source` is (kubelet binds <root>/pods/<uid>/volume-subpaths/<volume>/
+    <container>/<index> for a volumeMount with subPath), or None."""
+    parent = posixpath.join(kubelet_root.rstrip("/") or "/", "pods", uid, "volume-subpaths") + "/"
+    if not source.startswith(parent):
+        return None
+    name = source[len(parent):].split("/", 1)[0]
+    return name if VOLUME_NAME_RE.match(name) else None
 
 
 def inspect(source: str, name: str, field: str) -> EmptyDir | None:

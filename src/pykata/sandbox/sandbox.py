@@ -34,7 +34,7 @@ from pykata.agent.policy import IMAGE_ANNOTATION
 from pykata.agentapi import Agent
 from pykata.agentapi.replies import Reseeded
 from pykata.config import Config, load_config
-from pykata.errors import PykataError, SandboxError
+from pykata.errors import InvalidArgument, PykataError, SandboxError
 from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.devices import Device, NetDevice, root_slot_serial
@@ -603,12 +603,20 @@ class Sandbox:
         runtime = self.config.runtime
         if runtime.disable_guest_empty_dir or uid is None or uid != self.pod_uid:
             return {}
+        binds = [(i, f"mounts[{i}].source", str(m["source"])) for i, m in enumerate(spec.get("mounts") or [])
+                 if isinstance(m, dict) and is_host_bind(m)]
+        # subPath mounts first: such a volume stays on the host for the whole pod (kubelet made the
+        # subPath's directory there), unless it is in the guest already
+        for _, field, source in binds:
+            name = emptydir.subpath_volume(source, runtime.kubelet_root_dir, uid)
+            if name is not None:
+                if self.pod_volumes.get(name) is not None:
+                    raise InvalidArgument(field, f"a subPath of emptyDir {name!r}, which this pod has in the "
+                                                 "guest: not supported (runtime.disable_guest_empty_dir = true "
+                                                 "shares emptyDirs from the host)")
+                self.pod_volumes.setdefault(name, None)
         found: dict[int, EmptyDir] = {}
-        for i, m in enumerate(spec.get("mounts") or []):
-            if not isinstance(m, dict) or not is_host_bind(m):
-                continue
-            field = f"mounts[{i}].source"
-            source = str(m["source"])
+        for i, field, source in binds:
             name = emptydir.volume_name(source, field, runtime.kubelet_root_dir, uid)
             if name is None:
                 continue
