@@ -91,6 +91,36 @@ async def test_container_storages_are_mounted_and_unmounted(agent: AgentHelper, 
         shutil.rmtree(volume)
 
 
+async def test_pod_volume_lives_with_the_sandbox_not_a_container(agent: AgentHelper) -> None:
+    """An emptyDir in the guest (<state>/emptydir/<name>): mounted by the first container naming it,
+    found by the next (its options ignored), kept when the first is removed, unmounted by DestroySandbox."""
+    volume = f"{agent.env.state_dir}/emptydir/cache"
+
+    def storage(size: str) -> agent_pb2.Storage:
+        return agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=volume,
+                                 options=["mode=777", f"size={size}"])
+
+    mounts = [{"destination": "/cache", "type": "bind", "source": volume, "options": ["rbind"]}]
+    await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sbvol"), timeout=60)
+    try:
+        await agent.create("w", agent.spec(["sh", "-c", "echo kept > /cache/f"], mounts=mounts),
+                           storages=[storage("1m")])
+        await agent.start("w")
+        assert (await agent.collect("w"))[0] == 0
+        await agent.remove("w")
+        assert f" {volume} tmpfs " in Path(f"/proc/{agent.env.pid}/mounts").read_text()
+        await agent.create("r", agent.spec(["sh", "-c", "cat /cache/f; df -k /cache | tail -1"], mounts=mounts),
+                           storages=[storage("2m")])
+        await agent.start("r")
+        code, out, err = await agent.collect("r")
+        assert code == 0, err
+        assert out.startswith(b"kept\n") and out.split()[2] == b"1024"  # the first request's size
+        await agent.remove("r")
+    finally:
+        await agent.stub.DestroySandbox(agent_pb2.DestroySandboxRequest(timeout_seconds=20), timeout=60)
+    assert f" {volume} " not in Path(f"/proc/{agent.env.pid}/mounts").read_text()
+
+
 async def test_sandbox_hostname_dns_and_shared_pid_namespace(agent: AgentHelper) -> None:
     await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(
         sandbox_id="sb1", hostname="pykata-sb", dns=["nameserver 10.9.8.7", "search example.test"],
