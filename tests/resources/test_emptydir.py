@@ -5,6 +5,7 @@ The CRI tests (tests/cri/test_emptydir.py) run the same through real pods."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,22 @@ def test_a_subpath_keeps_the_volume_on_the_host_or_is_refused(tmp_path: Path) ->
     with pytest.raises(InvalidArgument) as info:
         sb._pod_volumes("c4", _spec(UID, "/etc", f"{sub}/later/c4/0"))
     assert info.value.field == "mounts[1].source" and "subPath" in str(info.value)
+
+
+def test_medium_is_read_from_the_host_mount(tmp_path: Path) -> None:
+    """A tmpfs on the volume's directory is `medium: Memory` (its size kept); a mount of another file
+    system (here ramfs, as hugetlbfs for `medium: HugePages`) is left on the host."""
+    parent = _parent(tmp_path)
+    for name in ("mem", "huge"):
+        (parent / name).mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0777", "tmpfs", str(parent / "mem")], check=True)
+    try:
+        subprocess.run(["mount", "-t", "ramfs", "ramfs", str(parent / "huge")], check=True)
+        try:
+            assert emptydir.inspect(str(parent / "mem"), "mem", "f") == EmptyDir(
+                "mem", memory=True, mode=0o777, uid=0, gid=0, host_size_mib=8)
+            assert emptydir.inspect(str(parent / "huge"), "huge", "f") is None
+        finally:
+            subprocess.run(["umount", str(parent / "huge")], check=True)
+    finally:
+        subprocess.run(["umount", str(parent / "mem")], check=True)

@@ -19,7 +19,8 @@ CRI annotation io.kubernetes.cri.sandbox-uid; ctr and `pykata run` have none, so
     are seen and kept (never hidden behind an empty guest tmpfs); the same for every later container;
   * a path merely containing `kubernetes.io~empty-dir` anywhere else (another pod's uid, another root,
     another directory depth) is an ordinary host bind, shared as before;
-  * `medium: Memory`: the host directory is the root of a tmpfs mount; its size bounds the guest's;
+  * `medium: Memory`: the host directory is the root of a tmpfs mount; its size bounds the guest's
+    (the root of any other mount, kubelet's hugetlbfs for `medium: HugePages`, stays on the host);
   * a subPath of the volume (kubelet's <kubelet root>/pods/U/volume-subpaths/<name>/...) is a host
     directory: a volume that one of the pod's containers mounts by subPath is shared from the host
     for all of them if that came first, and a subPath of a volume already in the guest is refused
@@ -128,9 +129,9 @@ def subpath_volume(source: str, kubelet_root: str, uid: str) -> str | None:
 
 
 def inspect(source: str, name: str, field: str) -> EmptyDir | None:
-    """The host directory of emptyDir `name`: None when it holds files (it is then shared from the
-    host, as a hostPath would be). Raises InvalidArgument naming `field` when it is not a directory
-    (a symlink, a file, missing)."""
+    """The host directory of emptyDir `name`: None when it holds files, or is a mount of another file
+    system than tmpfs (`medium: HugePages`): it is then shared from the host, as a hostPath would be.
+    Raises InvalidArgument naming `field` when it is not a directory (a symlink, a file, missing)."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -141,8 +142,10 @@ def inspect(source: str, name: str, field: str) -> EmptyDir | None:
         if os.listdir(fd):
             return None
         fs = _fstatfs(fd)
-        parent = os.stat(os.path.dirname(source))
-        memory = fs.f_type == TMPFS_MAGIC and st.st_dev != parent.st_dev
+        mounted = st.st_dev != os.stat(os.path.dirname(source)).st_dev
+        if mounted and fs.f_type != TMPFS_MAGIC:
+            return None  # another medium (kubelet's hugetlbfs for `medium: HugePages`): not a tmpfs's job
+        memory = mounted
         size = fs.f_blocks * fs.f_frsize >> 20 if memory else 0
         return EmptyDir(name, memory, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size)
     finally:
