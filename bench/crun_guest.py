@@ -15,7 +15,10 @@ bundle made from `build_spec` (what the agent runs):
             already cloned
   +fdm      sealed, with the guest's cgroup2 remounted `favordynmods` (task migrations into a
             cgroup then skip an RCU grace period)
-  rcu-exp   sealed, with /sys/kernel/rcu_expedited=1
+  rcu-exp   sealed, with /sys/kernel/rcu_expedited=1 (the sandboxes' kernel command line sets it)
+  norand    rcu-exp, crun started without address-space randomization (what the agent does,
+            agent.command.fixed_layout): QEMU 7.2's TCG finds translated code by virtual address,
+            so at fixed addresses a crun call reuses what the previous one translated
   +ldcache  sealed, with an ld.so.cache in the guest's /etc (only with --ld-cache FILE, made on the host
             by `ldconfig -r` on the unpacked guest tree): the guest image has none, so every dynamic
             program (crun and its ten libraries) searches the library directories
@@ -56,13 +59,21 @@ with open("/usr/bin/crun", "rb") as f:
 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
 EXE = {"disk": "/usr/bin/crun", "sealed": f"/proc/self/fd/{fd}"}
 
+import ctypes
+_libc = ctypes.CDLL(None, use_errno=True)
+NORAND = [False]
+
+def _norand():
+    _libc.personality(0x0040000)  # ADDR_NO_RANDOMIZE
+
 def run(exe, args, n=1):
     out = []
     for _ in range(n):
         t = time.perf_counter()
         with open("/tmp/err", "w+b") as err:
             p = subprocess.run([EXE[exe], "--root=/run/crun", *args], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=err, pass_fds=(fd,), timeout=60)
+                               stdout=subprocess.DEVNULL, stderr=err, pass_fds=(fd,), timeout=60,
+                               preexec_fn=_norand if NORAND[0] else None)
             out.append((time.perf_counter() - t) * 1e3)
             if p.returncode:
                 err.seek(0)
@@ -80,7 +91,7 @@ def setting(fdm, exp, ldcache=0):
     subprocess.run(["mount", "-o", opts, "/sys/fs/cgroup"], check=False)
 
 COLUMNS = [("disk", "disk", 0, 0, 0), ("sealed", "sealed", 0, 0, 0), ("+fdm", "sealed", 1, 0, 0),
-           ("rcu-exp", "sealed", 0, 1, 0)]
+           ("rcu-exp", "sealed", 0, 1, 0), ("norand", "sealed", 0, 1, 0)]
 if os.path.exists("/probe/ld.so.cache"):
     COLUMNS.append(("+ldcache", "sealed", 0, 0, 1))
 rows = {}
@@ -89,6 +100,7 @@ def add(row, col, xs):
 for r in range(ROUNDS):
     for col, exe, fdm, exp, ldcache in COLUMNS:
         setting(fdm, exp, ldcache)
+        NORAND[0] = col == "norand"
         t = time.perf_counter()
         subprocess.run(["/bin/busybox", "true"])
         add("busybox true", col, [(time.perf_counter() - t) * 1e3])

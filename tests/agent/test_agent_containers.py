@@ -82,6 +82,20 @@ async def test_exec_into_a_running_container(agent: AgentHelper) -> None:
     assert (await agent.collect("execs", "ps"))[1] == b"sleep\x001000\x00"
 
 
+async def test_container_processes_keep_address_space_randomization(agent: AgentHelper) -> None:
+    """crun runs at fixed addresses (agent.command.fixed_layout: QEMU's TCG reuses its translations),
+    but neither a container's init nor an exec may inherit that: the persona crun sets from the
+    spec's linux.personality (the agent always sets one) gives randomization back."""
+    code, out, _ = await agent.run("aslr", ["cat", "/proc/self/personality"])
+    assert (code, int(out, 16) & 0x0040000) == (0, 0), out
+    await agent.create("aslrexec", args=["sleep", "1000"])
+    await agent.start("aslrexec")
+    await agent.close_stdin("aslrexec")
+    await agent.exec("aslrexec", "p", ["cat", "/proc/self/personality"])
+    code, out, _ = await agent.collect("aslrexec", "p")
+    assert (code, int(out, 16) & 0x0040000) == (0, 0), out
+
+
 async def test_exec_into_a_stopped_container_fails(agent: AgentHelper) -> None:
     await agent.run("stopped", ["true"])
     with pytest.raises(RpcError) as ei:

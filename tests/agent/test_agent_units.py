@@ -71,6 +71,41 @@ def test_rewrite_spec_refuses_crun_annotations(tmp_path: Path) -> None:
         bundle.rewrite_spec({**ok, "annotations": ["x"]}, roots=[tmp_path / "shared"], cgroups_path="/pykata/c1")
 
 
+def test_rewrite_spec_always_gives_crun_a_persona_to_set(tmp_path: Path) -> None:
+    """crun runs without address-space randomization (command.fixed_layout) and its init inherits
+    that; the persona crun sets before the workload's exec gives it back. So every spec gets one,
+    and a spec's own must be one crun applies (LINUX or LINUX32), never an object without a domain."""
+    root = tmp_path / "shared/c1/rootfs"
+    root.mkdir(parents=True)
+    roots = [tmp_path / "shared"]
+    assert bundle.rewrite_spec(_spec(root), roots=roots, cgroups_path="/p/c")["linux"]["personality"] == \
+        {"domain": "LINUX"}
+    spec = _spec(root)
+    spec["linux"]["personality"] = {"domain": "LINUX32"}
+    assert bundle.rewrite_spec(spec, roots=roots, cgroups_path="/p/c")["linux"]["personality"] == {"domain": "LINUX32"}
+    for bad in ({}, {"domain": "SVR4"}, {"flags": ["ADDR_NO_RANDOMIZE"]}, "LINUX"):
+        spec["linux"]["personality"] = bad
+        with pytest.raises(InvalidArgument, match=r"linux\.personality"):
+            bundle.rewrite_spec(spec, roots=roots, cgroups_path="/p/c")
+
+
+async def test_fixed_layout_reaches_only_what_is_spawned_inside_it() -> None:
+    """command.run(fixed=True) starts its program without address-space randomization; the agent's
+    own persona (the calling thread's) is restored, and other spawns keep randomization."""
+    reaper = Reaper()
+    reaper.start(subreaper=False)
+    personality = "/proc/self/personality"
+    before = Path("/proc/thread-self/personality").read_text()
+    try:
+        fixed = await command.run(reaper, ["/bin/cat", personality], timeout=30, fixed=True)
+        plain = await command.run(reaper, ["/bin/cat", personality], timeout=30)
+        assert int(fixed.stdout, 16) & command.ADDR_NO_RANDOMIZE, fixed
+        assert not int(plain.stdout, 16) & command.ADDR_NO_RANDOMIZE, plain
+        assert Path("/proc/thread-self/personality").read_text() == before
+    finally:
+        reaper.close()
+
+
 def test_rewrite_spec_joins_the_sandbox_pid_namespace_and_adds_mounts(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     extra = [{"destination": "/etc/resolv.conf", "type": "bind", "source": "/x", "options": ["rbind"]},

@@ -13,6 +13,8 @@ What changes on the way (Kata does the same):
     has neither); seccomp stays. crun's own annotations (run.oci.*: a raw seccomp program in place
     of the spec's, plugins to load) are refused.
   * linux.cgroupsPath becomes the agent's per-sandbox cgroup for the container.
+  * linux.personality is always set (LINUX unless the spec chose LINUX32): crun runs at fixed
+    addresses (agent.command.fixed_layout) and this persona gives the workload its randomization back.
   * a tmpfs mount whose source is POD_SHM_SOURCE (the host's stand-in for the pod's /dev/shm, see
     pykata.sandbox.ocispec.for_guest) becomes a bind of the VM's own /dev/shm, a tmpfs the guest
     init mounts: every container of the pod (the VM) shares it, as they share it under runc.
@@ -248,6 +250,7 @@ def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, termin
     if not isinstance(linux, dict):
         raise InvalidArgument("oci_spec_json.linux", "must be an object")
     linux["namespaces"] = _namespaces(linux, pid_ns_path)
+    linux["personality"] = _personality(linux.get("personality"))
     linux["cgroupsPath"] = cgroups_path
     linux.pop("mountLabel", None)
     if not isinstance(linux.get("resources", {}), dict):
@@ -262,6 +265,18 @@ def rewrite_spec(spec: Spec, *, roots: Sequence[Path], cgroups_path: str, termin
         rules.extend({"allow": True, "type": d["type"], "major": d["major"], "minor": d["minor"],
                       "access": "rwm"} for d in devices)
     return out
+
+
+def _personality(given: Any) -> dict[str, Any]:
+    """linux.personality for crun: the spec's (LINUX or LINUX32), else LINUX. crun runs without
+    address-space randomization (agent.command.fixed_layout) and the container's init inherits
+    that; crun sets this persona before the workload's exec, which gives the workload its
+    randomization back, so every container must have one crun applies. Raises InvalidArgument."""
+    if given is None:
+        return {"domain": "LINUX"}
+    if not isinstance(given, dict) or given.get("domain") not in ("LINUX", "LINUX32"):
+        raise InvalidArgument("oci_spec_json.linux.personality", "domain must be LINUX or LINUX32")
+    return given
 
 
 # -- exec processes ----------------------------------------------------------------------------

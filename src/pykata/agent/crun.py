@@ -131,14 +131,19 @@ class Crun:
         """Run one crun command; returns its stdout. Raises CrunError."""
         log = self.log_dir / f"{action}-{next(self._seq)}.log"
         argv = self._argv(log, *args)
+        # crun at fixed addresses reuses what QEMU translated for the last call (command.fixed_layout),
+        # but not for exec: nothing there resets the persona before the process's own exec (create's
+        # does, through the linux.personality the agent sets)
+        fixed = action != "exec"
         try:
             if stdio is None:
-                result = await command.run(self.reaper, argv, timeout=timeout, executable=self.executable)
+                result = await command.run(self.reaper, argv, timeout=timeout, executable=self.executable,
+                                           fixed=fixed)
                 ok, stdout, stderr = result.ok, result.stdout, result.stderr
                 raw = result.status
             else:
                 child = command.spawn(self.reaper, argv, stdin=stdio.stdin, stdout=stdio.stdout,
-                                      stderr=stdio.stderr, executable=self.executable)
+                                      stderr=stdio.stderr, executable=self.executable, fixed=fixed)
                 raw = await _wait(child, timeout)
                 ok, stdout, stderr = os.WIFEXITED(raw.raw) and os.WEXITSTATUS(raw.raw) == 0, b"", b""
             if not ok:
