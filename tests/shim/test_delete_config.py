@@ -107,7 +107,8 @@ def test_dead_shim_of_a_config_path_pod_is_cleaned_up(node: tuple[Containerd, Pa
         assert _wait_for(lambda: not _vm_processes(sandbox_dir, cid)), "the VM outlived its shim"
         assert _wait_for(lambda: not _mounts(sandbox_dir)), _mounts(sandbox_dir)
         assert _wait_for(lambda: not sandbox_dir.exists()), sorted(os.listdir(sandbox_dir))
-        assert not cgroup_record.exists()
+        # `delete` removes the sandbox directory first, then the cgroups and their record
+        assert _wait_for(lambda: not cgroup_record.exists()), cgroup_record
         assert not [d for d in cgroups if d.exists()], cgroups
         ctd.ctr("task", "rm", "-f", cid, check=False)
         ctd.ctr("container", "rm", cid)
