@@ -56,6 +56,7 @@ from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.hypervisor.readiness import MAX_STRETCH
 from pykata.network.tap import guest_mac, nic_id, open_tap
 
 log = logging.getLogger("pykata.factory")
@@ -298,7 +299,7 @@ async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[
             mark_used(found)
             return found
     say = progress or (lambda _msg: None)
-    async with _locked(root, timeout=2 * config.qemu.boot_timeout + 60):
+    async with _locked(root, timeout=MAX_STRETCH * config.qemu.boot_timeout + 60):
         found = load_template(final)
         if found is not None and found.inputs == inputs and not force:
             mark_used(found)
@@ -478,7 +479,7 @@ async def destroy_templates(config: Config) -> list[str]:
     root = template_root(config)
     if not root.is_dir():
         return []
-    async with _locked(root, timeout=2 * config.qemu.boot_timeout + 60):
+    async with _locked(root, timeout=MAX_STRETCH * config.qemu.boot_timeout + 60):
         keys = [t.key for t in list_templates(config)]
         for entry in root.iterdir():
             if entry.is_dir():

@@ -38,6 +38,7 @@ from pykata.errors import InvalidArgument, PykataError, SandboxError
 from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.devices import Device, NetDevice, root_slot_serial
+from pykata.hypervisor.readiness import MAX_STRETCH
 from pykata.network import EgressPolicy, PodNetwork, egress, guest_mac, nic_id
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
@@ -292,7 +293,7 @@ class Sandbox:
         async def probe(vm: Hypervisor) -> None:
             endpoint = vm.agent_endpoint
             assert endpoint.socket is not None, "vsock agent channel is not supported by the sandbox yet"
-            agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout,
+            agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout * MAX_STRETCH,
                                                      request_timeout=self.config.agent.pykata.request_timeout)
 
         if self.netns is not None and self.config.runtime.internetworking_model != "none":

@@ -41,6 +41,7 @@ from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.errors import RestoreError
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.hypervisor.readiness import MAX_STRETCH
 from pykata.network import EgressPolicy, guest_mac, nic_id
 from pykata.resources.rootimage import SUFFIX as ROOT_IMAGE_SUFFIX
 from pykata.resources.rootimage import RootImageCache
@@ -369,7 +370,7 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
 
     async def probe(vm: Hypervisor) -> None:
         assert vm.agent_endpoint.socket is not None
-        box["agent"] = await Agent.connect(vm.agent_endpoint.socket, sb.id, timeout=boot_timeout,
+        box["agent"] = await Agent.connect(vm.agent_endpoint.socket, sb.id, timeout=boot_timeout * MAX_STRETCH,
                                            request_timeout=sb.config.agent.pykata.request_timeout)
 
     kernel = assets["kernel"]

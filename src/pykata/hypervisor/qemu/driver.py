@@ -40,7 +40,7 @@ from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_lin
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.sidecars import Sidecars
 from pykata.hypervisor.qemu.slots import RootSlots
-from pykata.hypervisor.readiness import console_readiness, log_tail
+from pykata.hypervisor.readiness import BootDeadline, Starvation, console_readiness, log_tail
 
 log = logging.getLogger("pykata.hypervisor")
 
@@ -50,6 +50,7 @@ _MAX_SOCKET_PATH = 107
 State = Literal["new", "prepared", "starting", "running", "stopping", "stopped"]
 
 QMP_CONNECT_TIMEOUT = 10.0
+DEADLINE_CHECK = 1.0  # seconds between looks at a booting VM's deadline (pykata.hypervisor.readiness)
 GRACEFUL_TIMEOUT = 2.0
 QUIT_TIMEOUT = 2.0
 # A restored snapshot's agent leaves the saved host's session within this (see restore()).
@@ -373,9 +374,13 @@ class QemuHypervisor(Hypervisor):
         chosen = probe or self._readiness or console_readiness(self.paths.console_log)
         ready: asyncio.Future[None] = asyncio.ensure_future(chosen(self))
         exited: asyncio.Future[Any] = self.exited
+        # boot_timeout counts the guest's time, not the time a loaded host gave QEMU no CPU
+        deadline = BootDeadline(limit, Starvation(self.pid))
+        done: set[asyncio.Future[Any]] = set()
         try:
-            done, _ = await asyncio.wait({ready, exited}, timeout=limit,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            while not done and (left := deadline.remaining()) > 0:
+                done, _ = await asyncio.wait({ready, exited}, timeout=min(left, DEADLINE_CHECK),
+                                             return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not ready.done():
                 ready.cancel()
@@ -392,7 +397,9 @@ class QemuHypervisor(Hypervisor):
         if self.exited.done():
             raise VmExitedError(f"VM {self.vm_id}: QEMU {self.exited.result().reason} before the guest was "
                                 f"ready; console:\n{tail}\nqemu: {log_tail(self.paths.qemu_log, 800)}")
-        raise HypervisorError(f"VM {self.vm_id}: guest not ready after {limit:.1f}s; console:\n{tail}")
+        starved = f" ({deadline.starved:.1f}s of it QEMU waited for a host CPU)" if deadline.starved >= 0.1 else ""
+        raise HypervisorError(f"VM {self.vm_id}: guest not ready after {deadline.elapsed():.1f}s{starved}; "
+                              f"boot_timeout {limit:.1f}s; console:\n{tail}")
 
     async def _inflate_to_size(self) -> None:
         """A booted VM runs with its balloon's ceiling until its guest is ready (inflating while it
