@@ -10,6 +10,7 @@ or the sandbox owner's proxy socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,7 +62,8 @@ class Agent:
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
         the check is repeated on it rather than reconnecting (which could cut a frame in half).
-        Then the agent's protocol version is asked and checked (`negotiate`).
+        Each check goes with a Version request (no round trip of its own); the protocol version of the
+        agent that answers is checked and kept, as `negotiate` does.
         Raises AgentError when the agent does not answer within `timeout`, AgentVersionError when it
         is too old for this host, AgentReplyError when its version answer is out of contract.
         """
@@ -79,14 +81,16 @@ class Agent:
                         continue
                 agent = cls(client, sandbox_id, request_timeout=request_timeout)
                 try:
-                    serving = await agent.check(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                    serving, version = await agent._probe(min(1.0, max(0.05, deadline - time.monotonic())))
+                except AgentReplyError:
+                    raise  # an answer out of contract: not a guest still booting
                 except AgentCallError as e:
                     last = e
                     if e.code != Code.DEADLINE_EXCEEDED:
                         await asyncio.sleep(0.05)
                     continue
                 if serving:
-                    await agent.negotiate()
+                    agent._take_version(version)
                     client = None  # ownership passes to the Agent
                     return agent
                 await asyncio.sleep(0.02)
@@ -178,12 +182,27 @@ class Agent:
         """Ask the agent's protocol version (the first thing a host does with an agent) and keep it, at
         most ours, in `protocol_version`. Raises AgentVersionError below MIN_PROTOCOL_VERSION,
         AgentReplyError for an answer out of contract, AgentCallError."""
-        v = await self.version(timeout=timeout)
+        self._take_version(await self.version(timeout=timeout))
+
+    def _take_version(self, v: replies.AgentVersion) -> None:
         if v.protocol_version < MIN_PROTOCOL_VERSION:
             raise AgentVersionError(self.sandbox_id, v.protocol_version, v.agent_version, MIN_PROTOCOL_VERSION,
                                     PROTOCOL_VERSION)
         self.protocol_version = min(v.protocol_version, PROTOCOL_VERSION)
         self.agent_version = v.agent_version
+
+    async def _probe(self, timeout: float) -> tuple[bool, replies.AgentVersion]:
+        """Check and Version sent together (connect's readiness probe): the version costs no round trip
+        of its own on a sandbox's start. Raises AgentCallError."""
+        check = asyncio.ensure_future(self.check(timeout=timeout))
+        try:
+            version = await self.version(timeout=timeout)
+        except BaseException:
+            check.cancel()
+            with contextlib.suppress(BaseException):
+                await check
+            raise
+        return await check, version
 
     def supports(self, protocol_version: int) -> bool:
         """Whether the agent serves what `protocol_version` of the protocol brought."""
