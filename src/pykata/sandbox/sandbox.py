@@ -848,18 +848,22 @@ class Sandbox:
             await self._teardown(remove)
 
     async def _teardown(self, remove: bool) -> None:
+        mark("sb.teardown")
         if self._proxy is not None:
             with contextlib.suppress(Exception):
                 await self._proxy.close()
+        mark("sb.proxy.closed")
         if self.vm is not None:
             try:
                 await asyncio.wait_for(self.vm.stop(), STOP_TIMEOUT)
             except Exception as e:  # the VM driver kills what is left; we still clean our part
                 log.warning("sandbox %s: VM stop: %s", self.id, e)
+        mark("sb.vm.stopped")
         if self._agent is not None:
             await self._agent.close()
         if self.network is not None:
             await detach_network(self.network)
+        mark("sb.network.detached")
         if self._holding is not None:  # after the VM ended (QEMU's tap file holds it too)
             self._holding.close()
         if self._egress_uid is not None:  # after the VM ended: its uid never runs unfiltered
@@ -875,6 +879,7 @@ class Sandbox:
             log.warning("sandbox %s: %s", self.id, e)
             if mounts.mounts_under(self.dir):
                 return  # never delete below a mount that is still there (a volume's host data)
+        mark("sb.mounts.undone")
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
             if self._link is not None:

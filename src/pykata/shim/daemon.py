@@ -47,10 +47,15 @@ class InflightRpcs:
             setattr(self, name, fn if name == "Wait" else self._counted(fn))
 
     def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        name = fn.__name__
+
         @functools.wraps(fn)
         async def call(request: Any, ctx: Any) -> Any:
             self.count += 1
             self._idle.clear()
+            # bench/pod_phases.py: every task RPC, named with its task (and exec) id
+            what = f"task.{name}@{getattr(request, 'id', '')}/{getattr(request, 'exec_id', '')}"
+            mark(what)
             try:
                 if tracing.enabled():  # one trace per task RPC: the sandbox's work, QMP and agent RPCs nest in it
                     with tracing.span(f"shim.{fn.__name__}", sandbox_id=self.sandbox_id,
@@ -58,6 +63,7 @@ class InflightRpcs:
                         return await fn(request, ctx)
                 return await fn(request, ctx)
             finally:
+                mark(f"{what}.done")
                 self.count -= 1
                 if self.count == 0:
                     # the server writes the reply right after the handler returns, in the same step
@@ -121,9 +127,12 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
              os.environ.get("TTRPC_ADDRESS") or "nowhere")
     try:
         await service.exit_requested.wait()
+        mark("daemon.exiting")
         forget_socket()
         await service.close()
+        mark("daemon.closed")
         await events.close(EVENTS_FLUSH_TIMEOUT)
+        mark("daemon.events.flushed")
         # the answer to the RPC that ended the shim (Shutdown, or a Delete) goes out before we hang up
         await tracked.wait_idle(REPLY_TIMEOUT)
     finally:

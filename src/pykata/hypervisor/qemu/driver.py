@@ -41,6 +41,7 @@ from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.sidecars import Sidecars
 from pykata.hypervisor.qemu.slots import RootSlots
 from pykata.hypervisor.readiness import BootDeadline, Starvation, console_readiness, log_tail
+from pykata.timing import mark
 
 log = logging.getLogger("pykata.hypervisor")
 
@@ -438,7 +439,9 @@ class QemuHypervisor(Hypervisor):
         finally:
             if self._qmp is not None:
                 await self._qmp.close(f"VM {self.vm_id} stopped")
+            mark("qemu.reaped")
             await self._sidecars.stop()
+            mark("qemu.sidecars.stopped")
             self._release_jail()
             if previous != "new":
                 shutil.rmtree(self.paths.dir, ignore_errors=True)
@@ -451,15 +454,19 @@ class QemuHypervisor(Hypervisor):
         The hook (e.g. the agent's DestroySandbox) lets the guest finish its work; it need not power the
         guest off: QEMU is quit right after it returns.
         """
+        mark("qemu.end")
         if qemu.running and self._guest_shutdown is not None:
             try:
                 await asyncio.wait_for(self._guest_shutdown(), GRACEFUL_TIMEOUT)
             except Exception as exc:
                 log.debug("VM %s: guest shutdown hook failed: %r", self.vm_id, exc)
         if qemu.running and self._qmp is not None and not self._qmp.closed:
+            mark("qemu.quit")
             with contextlib.suppress(QmpError):
                 await self._qmp.execute("quit", timeout=QUIT_TIMEOUT)
+            mark("qemu.quit.answered")
             await qemu.wait(QUIT_TIMEOUT)
+        mark("qemu.exited")
         if qemu.running:
             log.warning("VM %s: QEMU did not quit, killing it", self.vm_id)
         await qemu.kill()

@@ -53,13 +53,16 @@ async def _delete_container(st: TaskState, sc: ShimContainer) -> shim_pb2.Delete
     for p in sc.processes():
         if p.io is not None:
             await p.io.close()
+    mark("delete.io.closed")
     # the VM goes down after the sandbox's own (or the last) container: removing it in the guest
     # first would only cost time (its processes have all ended: Delete needs the init stopped)
     stop_vm = sc.id == st.sandbox_id or all(c is sc for c in st.containers.values())
     if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
         await sc.sandbox_container.delete(in_guest=not stop_vm and not st.vm_dead)
+    mark("delete.removed")
     if not stop_vm:
         await resize.container_left(st, sc.id)  # the VM shrinks by what it asked for (never raises)
+        mark("delete.resized")
     for p in sc.processes():
         # a process never started (or the rest of a dead VM) ends here; Wait callers return
         p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)
