@@ -6,6 +6,7 @@ and `pykata install containerd`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -83,6 +84,61 @@ def test_hand_made_delete_response_is_protobufs(pid: int, status: int, at_ns: in
     got = delete_response(pid, status, at_ns)
     assert got == want.SerializeToString()
     assert shim_pb2.DeleteResponse.FromString(got) == want
+
+
+class ShutdownRecorder:
+    """A fake shim Task service: records each Shutdown's id; every other method is refused."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def Shutdown(self, request: Any, ctx: CallContext) -> empty_pb2.Empty:
+        self.ids.append(request.id)
+        return empty_pb2.Empty()
+
+    def __getattr__(self, name: str) -> Any:
+        async def refuse(request: Any, ctx: CallContext) -> Any:
+            raise Unavailable(name)
+        return refuse
+
+
+async def test_hand_made_shutdown_is_the_ttrpc_clients_and_reaches_the_shim(tmp_path: Path) -> None:
+    # `delete` frames its Shutdown by hand (no asyncio, ttrpc client or generated messages to import)
+    from pykata.protocols import TASK_SERVICE
+    from pykata.shim import bootstrap
+    from pykata.ttrpc import connect_unix
+
+    path = tmp_path / "raw.sock"
+    got: list[bytes] = []
+
+    async def first_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header = await reader.readexactly(10)
+        got.append(header + await reader.readexactly(int.from_bytes(header[:4], "big")))
+        writer.close()
+
+    raw = await asyncio.start_unix_server(first_frame, str(path))
+    async with raw:
+        with contextlib.suppress(PykataError, OSError):
+            client = await connect_unix(str(path), timeout=1.0)
+            async with client:
+                await client.call(TASK_SERVICE, "Shutdown", shim_pb2.ShutdownRequest(id="c" * 64), timeout=2.0)
+    assert got == [bootstrap.shutdown_request("c" * 64, 2.0)]
+
+    shim = ShutdownRecorder()
+    server = Server()
+    server.register(TASK_SERVICE, shim)
+    await server.serve_unix(str(tmp_path / "shim.sock"))
+    try:
+        await asyncio.to_thread(bootstrap._shutdown, tmp_path / "shim.sock", "c1")
+        assert shim.ids == ["c1"]
+        # nobody listening, or a peer that hangs up at once: `delete` goes on, quietly
+        await asyncio.to_thread(bootstrap._shutdown, tmp_path / "nobody.sock", "c1")
+        hangup = await asyncio.start_unix_server(lambda r, w: w.close(), str(tmp_path / "hangup.sock"))
+        async with hangup:
+            async with asyncio.timeout(bootstrap.SHUTDOWN_TIMEOUT):
+                await asyncio.to_thread(bootstrap._shutdown, tmp_path / "hangup.sock", "c1")
+    finally:
+        await server.close()
 
 
 # -- metrics -------------------------------------------------------------------------------------
