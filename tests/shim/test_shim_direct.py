@@ -442,6 +442,13 @@ async def test_two_containers_of_a_pod_share_the_shim_and_vm(shim: DirectShim, s
             await _call(client, "Delete", shim_pb2.DeleteRequest(id=second.id))
             await _call(client, "Shutdown", shim_pb2.ShutdownRequest(id=second.id))
             assert shim.alive() and psutil.pid_exists(vm)  # the pod goes on
+            # the same id again at once (the guest may still be removing the first: Create waits)
+            await _call(client, "Create", second.create_request(tmp_path / "ovl3"), timeout=120)
+            await _call(client, "Start", shim_pb2.StartRequest(id=second.id))
+            assert (await _call(client, "State", shim_pb2.StateRequest(id=second.id))).status == task_types_pb2.RUNNING
+            await _call(client, "Kill", shim_pb2.KillRequest(id=second.id, signal=9))
+            await _call(client, "Wait", shim_pb2.WaitRequest(id=second.id))
+            await _call(client, "Delete", shim_pb2.DeleteRequest(id=second.id))
             assert (await _call(client, "State", shim_pb2.StateRequest(id=shim.id))).status == task_types_pb2.RUNNING
             await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
             await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
@@ -450,4 +457,4 @@ async def test_two_containers_of_a_pod_share_the_shim_and_vm(shim: DirectShim, s
         assert await shim.wait_gone()
     finally:
         await second.cleanup()
-    assert [t for t, _ in events.of(second.id)] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    assert [t for t, _ in events.of(second.id)] == 2 * ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]

@@ -52,6 +52,7 @@ async def _create(st: TaskState, req: shim_pb2.CreateTaskRequest, cid: str) -> s
     if not bundle.is_absolute():
         raise InvalidArgument("bundle", f"{req.bundle!r} is not an absolute path")
     spec = load_spec(bundle)
+    await st.wait_removed(cid)  # the same id deleted a moment ago: its guest part is still going
     stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
     log.info("create: bundle %s, %d rootfs mounts, terminal=%s", bundle, len(req.rootfs), req.terminal)
     try:

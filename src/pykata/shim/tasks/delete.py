@@ -10,6 +10,7 @@ from pykata.errors import (
     NotFound,
 )
 from pykata.protocols import events_pb2, shim_pb2
+from pykata.sandbox import Container
 from pykata.shim.logs import current_container
 from pykata.shim.tasks import pod, resize
 from pykata.shim.tasks.model import VM_GONE_STATUS, ShimContainer, ShimProcess, timestamp
@@ -57,12 +58,22 @@ async def _delete_container(st: TaskState, sc: ShimContainer) -> shim_pb2.Delete
     # the VM goes down after the sandbox's own (or the last) container: removing it in the guest
     # first would only cost time (its processes have all ended: Delete needs the init stopped)
     stop_vm = sc.id == st.sandbox_id or all(c is sc for c in st.containers.values())
-    if sc.sandbox_container is not None:  # idempotent; with the VM gone it only undoes host mounts
-        await sc.sandbox_container.delete(in_guest=not stop_vm and not st.vm_dead)
+    container = sc.sandbox_container
+    if container is not None and not stop_vm and not st.vm_dead and not resize.leaving_resizes(st, sc.id):
+        # The guest's part (crun delete, the container's bundle, mounts and cgroup: 0.15-0.25 s
+        # under TCG) runs after the answer: the process has ended, nothing of it is visible
+        # outside the guest, and nothing containerd does next needs it (in a pod's teardown its
+        # next steps are the shim's `delete` and the pod's next container, which overlap it; the
+        # VM's stop cancels what is left). A Create of the same id waits for it. A container whose
+        # leaving shrinks the VM is removed before the answer, as the shrink needs its memory back.
+        await resize.container_left(st, sc.id)  # only uncounts it: the pod's size stays
+        st.remove_later(sc.id, _remove_in_guest(container))
+    else:
+        if container is not None:  # idempotent; with the VM gone it only undoes host mounts
+            await container.delete(in_guest=not stop_vm and not st.vm_dead)
+        if not stop_vm:
+            await resize.container_left(st, sc.id)  # the VM shrinks by what it asked for (never raises)
     mark("delete.removed")
-    if not stop_vm:
-        await resize.container_left(st, sc.id)  # the VM shrinks by what it asked for (never raises)
-        mark("delete.resized")
     for p in sc.processes():
         # a process never started (or the rest of a dead VM) ends here; Wait callers return
         p.set_exited(VM_GONE_STATUS if p.state != "stopped" else p.exit_status)
@@ -80,6 +91,12 @@ async def _delete_container(st: TaskState, sc: ShimContainer) -> shim_pb2.Delete
         st.begin_exit()
     mark("rpc.delete.done")
     return shim_pb2.DeleteResponse(pid=init.pid, exit_status=init.exit_status, exited_at=timestamp(init.exited_at))
+
+
+async def _remove_in_guest(container: Container) -> None:
+    """A deleted container's guest part and host mounts (Container.delete: never raises)."""
+    await container.delete(in_guest=True)
+    mark("delete.guest.removed")
 
 
 async def _delete_exec(st: TaskState, sc: ShimContainer, p: ShimProcess) -> shim_pb2.DeleteResponse:

@@ -225,6 +225,7 @@ async def stop_sandbox(st: TaskState) -> None:
         return
     st.sandbox_stopping = True
     mark("vm.stop")
+    await st.cancel_removals()
     if not st.containers:
         with contextlib.suppress(PykataError):
             await sb.disconnect_agent()
@@ -241,6 +242,7 @@ async def stop_if_unused(st: TaskState) -> None:
             sb, st.sandbox = st.sandbox, None
             if sb is not None:
                 st.sandbox_stopping = True
+                await st.cancel_removals()
                 await sb.stop(remove=True)
             leave_cgroup(st)
 

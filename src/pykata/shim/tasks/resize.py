@@ -24,6 +24,17 @@ async def container_joined(st: TaskState, container_id: str, spec: dict[str, Any
     await resize_pod(st, strict=False)
 
 
+def leaving_resizes(st: TaskState, container_id: str) -> bool:
+    """Whether the pod's size changes when this container leaves (only one with limits of its own
+    above what the pod's annotations cover changes it)."""
+    if container_id not in st.resources.containers:
+        return False
+    others = {k: v for k, v in st.resources.containers.items() if k != container_id}
+    before = st.resources.target()
+    after = sizing.PodResources(st.resources.annotations, others).target()
+    return (before.vcpus, before.memory_mib) != (after.vcpus, after.memory_mib)
+
+
 async def container_left(st: TaskState, container_id: str) -> None:
     """Stop counting a container and shrink the VM. Never raises (logged): a VM that cannot shrink
     keeps running at its size."""

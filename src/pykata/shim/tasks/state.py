@@ -39,6 +39,8 @@ class TaskState:
         self.on_exit = on_exit
         self.containers: dict[str, ShimContainer] = {}
         self.creating: set[str] = set()
+        # deleted containers whose guest part is still being removed (pykata.shim.tasks.delete)
+        self.removing: dict[str, asyncio.Task[None]] = {}
         self.sandbox: Sandbox | None = None
         # A VM from the warm pool this shim was claimed with (pykata.factory.pool), until the first
         # Create takes it (or finds that the pod does not fit it and stops it)
@@ -71,6 +73,32 @@ class TaskState:
         e = task.exception()  # retrieved here too: its RPC may have been cancelled and never see it
         if e is not None and not isinstance(e, PykataError):
             log.error("%s failed: %r", task.get_name(), e, exc_info=e)
+
+    def remove_later(self, container_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a deleted container's removal from the guest in the background (wait_removed,
+        cancel_removals)."""
+        task = self.spawn(coro, f"remove-{container_id}")
+        self.removing[container_id] = task
+
+        def forget(t: asyncio.Task[Any]) -> None:
+            if self.removing.get(container_id) is t:
+                del self.removing[container_id]
+        task.add_done_callback(forget)
+
+    async def wait_removed(self, container_id: str) -> None:
+        """Until a deleted container of this id is gone from the guest (a Create reusing the id)."""
+        pending = self.removing.get(container_id)
+        if pending is not None:
+            await asyncio.wait([pending])  # its outcome is its own (logged); not cancelled with the caller
+
+    async def cancel_removals(self) -> None:
+        """The VM is about to stop: the guest parts of deleted containers still being removed go
+        with it (their host mounts go with the sandbox's teardown)."""
+        pending = list(self.removing.values())
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     async def to_completion(self, coro: Coroutine[Any, Any, _T], name: str) -> _T:
         """Await `coro` in a task of its own that runs to its end even if this RPC is cancelled."""
