@@ -449,6 +449,12 @@ async def test_two_containers_of_a_pod_share_the_shim_and_vm(shim: DirectShim, s
             await _call(client, "Kill", shim_pb2.KillRequest(id=second.id, signal=9))
             await _call(client, "Wait", shim_pb2.WaitRequest(id=second.id))
             await _call(client, "Delete", shim_pb2.DeleteRequest(id=second.id))
+            # its removal from the guest, and then its host mounts, follow the answer by a second
+            sandbox_dir = sandboxes_dir(load_config()) / shim.id
+            async with asyncio.timeout(30):
+                while any(f"{sandbox_dir}/" in ln and f"/{second.id}/" in ln
+                          for ln in Path("/proc/mounts").read_text().splitlines()):
+                    await asyncio.sleep(0.1)
             assert (await _call(client, "State", shim_pb2.StateRequest(id=shim.id))).status == task_types_pb2.RUNNING
             await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
             await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))

@@ -61,13 +61,13 @@ async def _delete_container(st: TaskState, sc: ShimContainer) -> shim_pb2.Delete
     container = sc.sandbox_container
     if container is not None and not stop_vm and not st.vm_dead and not resize.leaving_resizes(st, sc.id):
         # The guest's part (crun delete, the container's bundle, mounts and cgroup: 0.15-0.25 s
-        # under TCG) runs after the answer: the process has ended, nothing of it is visible
-        # outside the guest, and nothing containerd does next needs it (in a pod's teardown its
-        # next steps are the shim's `delete` and the pod's next container, which overlap it; the
-        # VM's stop cancels what is left). A Create of the same id waits for it. A container whose
-        # leaving shrinks the VM is removed before the answer, as the shrink needs its memory back.
+        # under TCG) comes after the answer (TaskState.remove_later): the process has ended,
+        # nothing of it is visible outside the guest, and nothing containerd does next needs it;
+        # in a pod's teardown the VM's stop comes first and it is never done. A Create of the same
+        # id waits for it. A container whose leaving shrinks the VM is removed before the answer,
+        # as the shrink needs its memory back.
         await resize.container_left(st, sc.id)  # only uncounts it: the pod's size stays
-        st.remove_later(sc.id, _remove_in_guest(container))
+        st.remove_later(sc.id, lambda: _remove_in_guest(container))
     else:
         if container is not None:  # idempotent; with the VM gone it only undoes host mounts
             await container.delete(in_guest=not stop_vm and not st.vm_dead)

@@ -8,6 +8,7 @@ TaskState (Kata's shim: `create.go`, `start.go`, `delete.go` over one `service`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -24,6 +25,10 @@ from pykata.shim.tasks.model import ShimContainer
 
 log = logging.getLogger("pykata.shim")
 _T = TypeVar("_T")
+# A deleted container of a running pod leaves the guest this long after its Delete was answered:
+# in a pod's teardown (kubelet stops every container, then the sandbox, within a second or so) the
+# VM's stop comes first and the guest is spared the work while it is asked to end the others.
+REMOVE_DELAY = 1.0
 
 
 class TaskState:
@@ -39,8 +44,9 @@ class TaskState:
         self.on_exit = on_exit
         self.containers: dict[str, ShimContainer] = {}
         self.creating: set[str] = set()
-        # deleted containers whose guest part is still being removed (pykata.shim.tasks.delete)
-        self.removing: dict[str, asyncio.Task[None]] = {}
+        # deleted containers whose guest part is still to be removed (pykata.shim.tasks.delete), with
+        # the event that ends the wait before it
+        self.removing: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self.sandbox: Sandbox | None = None
         # A VM from the warm pool this shim was claimed with (pykata.factory.pool), until the first
         # Create takes it (or finds that the pod does not fit it and stops it)
@@ -74,14 +80,21 @@ class TaskState:
         if e is not None and not isinstance(e, PykataError):
             log.error("%s failed: %r", task.get_name(), e, exc_info=e)
 
-    def remove_later(self, container_id: str, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a deleted container's removal from the guest in the background (wait_removed,
-        cancel_removals)."""
-        task = self.spawn(coro, f"remove-{container_id}")
-        self.removing[container_id] = task
+    def remove_later(self, container_id: str, remove: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a deleted container's removal from the guest in the background, REMOVE_DELAY from
+        now (at once for wait_removed; never when cancel_removals comes first)."""
+        hurry = asyncio.Event()
+
+        async def later() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), REMOVE_DELAY)
+            await remove()
+
+        task = self.spawn(later(), f"remove-{container_id}")
+        self.removing[container_id] = (task, hurry)
 
         def forget(t: asyncio.Task[Any]) -> None:
-            if self.removing.get(container_id) is t:
+            if self.removing.get(container_id, (None,))[0] is t:
                 del self.removing[container_id]
         task.add_done_callback(forget)
 
@@ -89,12 +102,14 @@ class TaskState:
         """Until a deleted container of this id is gone from the guest (a Create reusing the id)."""
         pending = self.removing.get(container_id)
         if pending is not None:
-            await asyncio.wait([pending])  # its outcome is its own (logged); not cancelled with the caller
+            task, hurry = pending
+            hurry.set()
+            await asyncio.wait([task])  # its outcome is its own (logged); not cancelled with the caller
 
     async def cancel_removals(self) -> None:
-        """The VM is about to stop: the guest parts of deleted containers still being removed go
-        with it (their host mounts go with the sandbox's teardown)."""
-        pending = list(self.removing.values())
+        """The VM is about to stop: the guest parts of deleted containers not removed yet go with
+        it (their host mounts go with the sandbox's teardown)."""
+        pending = [task for task, _ in self.removing.values()]
         for task in pending:
             task.cancel()
         if pending:
