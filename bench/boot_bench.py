@@ -22,6 +22,9 @@ Phases (host wall clock unless noted):
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
   qemu-cpu     CPU seconds QEMU used until ready (all threads): what `ready` would be on an idle host
                with a spare core, useful when the machine is busy
+  qemu-starved seconds QEMU's most starved thread was ready to run but waited for a host CPU, from
+               QEMU's start until ready (schedstat run_delay): the part of `ready` the host's load
+               took, which the boot deadline does not count (pykata.hypervisor.readiness.BootDeadline)
   restore      QEMU start until the saved state is loaded and the guest continues (clone only)
   stop         stop(): QMP quit, reap, clean up
 
@@ -48,6 +51,7 @@ from pykata.config import Config, parse_toml
 from pykata.factory import ensure_template, start_vm
 from pykata.hypervisor import Hypervisor, QemuHypervisor
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
+from pykata.hypervisor.readiness import Starvation
 
 TINY_INIT = """#!/bin/sh
 mount -t proc proc /proc
@@ -147,7 +151,9 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
         if guest == "image":
             # Needs the kernel's info messages: the image guest boots without "quiet".
             init_seen = asyncio.ensure_future(seen_at(vm.console_log, b"Run /init as init process"))
+        starvation = Starvation(vm.pid)  # (from just after QEMU's start: its first ms are not counted)
         await vm.wait_ready(60)
+        starved = starvation()
         ts = vm.timestamps
         t0 = ts["start"]
         out = {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0, "ready": ts["ready"] - t0}
@@ -161,6 +167,7 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
             # runs on a busy machine can still be compared.
             cpu = psutil.Process(vm.pid).cpu_times()
             out["qemu-cpu"] = cpu.user + cpu.system
+            out["qemu-starved"] = starved
         if guest == "tiny":
             marks = dict(_T.findall(vm.console_log.read_text(errors="replace")))
             if "init" in marks and "ready" in marks:
@@ -179,7 +186,7 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
 
 
 ORDER = ["template-make", "spawn", "qmp", "restore", "pre-kernel", "kernel", "init", "to-init", "userspace", "ready",
-         "qemu-cpu", "stop"]
+         "qemu-cpu", "qemu-starved", "stop"]
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
