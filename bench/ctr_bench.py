@@ -118,13 +118,13 @@ def qemu_breakdown_kib(pid: int) -> dict[str, int]:
 
 def container_processes(ctd: Containerd, cid: str) -> dict[str, list[int]]:
     """The host processes that exist for one container: its shim and what it started (QEMU,
-    virtiofsd: found by the sandbox directory or VM name in their command lines), or for runc the
-    shim and the container's processes (the shim's children)."""
+    virtiofsd, the 9p proxy helper: found by the sandbox directory or VM name in their command lines),
+    or for runc the shim and the container's processes (the shim's children)."""
     shim = psutil.Process(int((ctd.bundle(cid) / "shim.pid").read_text())) \
         if (ctd.bundle(cid) / "shim.pid").exists() else None
     if shim is None:  # runc: the shim that names the container in its command line
         shim = next(p for p in ctd.shims() if cid in p.cmdline())
-    out: dict[str, list[int]] = {"shim": [shim.pid], "qemu": [], "virtiofsd": [], "container": []}
+    out: dict[str, list[int]] = {"shim": [shim.pid], "qemu": [], "virtiofsd": [], "proxy9p": [], "container": []}
     # a pod that took a pooled VM: sandboxes/<id> links to the pool's directory, the VM has its name
     real = os.path.realpath(sandboxes_dir(load_config()) / cid)
     marks = (f"{sandboxes_dir(load_config()) / cid}/", f"pykata-{cid},", f"{real}/",
@@ -137,6 +137,8 @@ def container_processes(ctd: Containerd, cid: str) -> dict[str, list[int]]:
             out["qemu"].append(p.pid)
         elif "virtiofsd" in cmd:
             out["virtiofsd"].append(p.pid)
+        elif "virtfs-proxy-helper" in cmd:
+            out["proxy9p"].append(p.pid)
     if not out["qemu"]:
         out["container"] = [c.pid for c in shim.children(recursive=True)]
     return out

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Where an idle pod's host memory goes, part by part (issue 14's memory table).
+
+    .venv/bin/python bench/pod_memory.py [--containers 10] [--settle 5] [--variant NAME=KEY=VALUE]
+                                         [--hold SECONDS] [--json]
+
+A private containerd (tests/shim/harness.py) starts N pykata containers (`ctr run -d <busybox> sleep`),
+one after the other, and waits --settle seconds. Then, per container (averaged over the N), from
+/proc/<pid>/smaps of each process:
+- the shim: PSS, its private pages (written since the fork: refcounts, its own heap), pages still
+  shared with the fork server, and the server's PSS share;
+- QEMU by mapping: TCG translation cache, guest RAM dirtied since the clone, guest RAM still the
+  template's, the malloc heap, the thread arenas, thread and coroutine stacks, QEMU's binary and
+  libraries (private pages: relocations, data), other;
+- the guest as it sees itself (`ctr task exec ... cat /proc/meminfo` in one container): used, page
+  cache, slab, free.
+--variant NAME=KEY=VALUE runs the same for a configuration with [SECTION] KEY = VALUE (as ctr_bench's),
+interleaved with the default. --hold keeps the containers that long (inspect them by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+from bench.ctr_bench import container_processes, start_detached  # noqa: E402
+from pykata.config import load_config  # noqa: E402
+from pykata.images import ImageStore  # noqa: E402
+from pykata.images.builtin import export_oci_archive  # noqa: E402
+from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd  # noqa: E402
+
+FIELDS = ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty", "Shared_Clean", "Anonymous")
+
+
+def mappings(pid: int) -> list[dict[str, Any]]:
+    """Each mapping of `pid`: its name, permissions, size and the smaps fields above (KiB)."""
+    out: list[dict[str, Any]] = []
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append({"name": " ".join(parts[5:]), "perms": parts[1], "size": (hi - lo) // 1024})
+        elif parts and parts[0].rstrip(":") in FIELDS and out:
+            out[-1][parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def qemu_kind(m: dict[str, Any], prev: dict[str, Any] | None) -> str:
+    name = m["name"]
+    if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
+        return "guest"
+    if name == "[heap]":
+        return "heap"
+    if name.startswith("[stack"):
+        return "stacks"
+    if name.startswith("/"):
+        return "binary+libs"
+    if name:
+        return "other"
+    if "x" in m["perms"] and m["size"] >= 8 << 10:
+        return "tcg_cache"
+    # a thread's stack or a coroutine's: a rw mapping right after its guard page (---p)
+    if prev is not None and prev["perms"].startswith("---") and m["size"] <= 8 << 10 and not prev["name"]:
+        return "stacks"
+    # glibc's thread arenas: 64 MiB reservations, mostly PROT_NONE, the used head rw
+    if m["size"] < 64 << 10 and prev is not None and not prev["name"] and prev["perms"].startswith("---"):
+        return "arenas"
+    return "other_anon"
+
+
+def qemu_parts(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    prev = None
+    for m in mappings(pid):
+        kind = qemu_kind(m, prev)
+        if kind == "guest":
+            anon = m.get("Anonymous", 0)
+            out["guest_dirty"] = out.get("guest_dirty", 0) + anon
+            out["guest_template"] = out.get("guest_template", 0) + m.get("Pss", 0) - anon
+        else:
+            out[kind] = out.get(kind, 0) + m.get("Pss", 0)
+        prev = m
+    return out
+
+
+def shim_parts(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in mappings(pid):
+        private = m.get("Private_Dirty", 0) + m.get("Private_Clean", 0)
+        where = "binary+libs" if m["name"].startswith("/") else "anon"
+        out[f"private_{where}"] = out.get(f"private_{where}", 0) + private
+        out["shared_pss"] = out.get("shared_pss", 0) + m.get("Pss", 0) - private
+    return out
+
+
+def guest_meminfo(ctd: Containerd, cid: str) -> dict[str, int]:
+    p = ctd.ctr("task", "exec", "--exec-id", f"m{uuid.uuid4().hex[:6]}", cid, "cat", "/proc/meminfo",
+                check=False, timeout=60)
+    out = {}
+    for line in p.stdout.decode(errors="replace").splitlines():
+        k, _, v = line.partition(":")
+        if v.split():
+            out[k] = int(v.split()[0])
+    return out
+
+
+def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, hold: float) -> dict[str, Any]:
+    ids = [f"pm-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    started: list[str] = []
+    try:
+        for cid in ids:
+            started.append(cid)
+            start_detached(ctd, PYKATA_RUNTIME, cid, opts)
+        time.sleep(settle)
+        shim: dict[str, float] = {}
+        qemu: dict[str, float] = {}
+        other = 0
+        shim_pids = []
+        for cid in ids:
+            procs = container_processes(ctd, cid)
+            shim_pids += procs["shim"]
+            for p in procs["shim"]:
+                for k, v in shim_parts(p).items():
+                    shim[k] = shim.get(k, 0) + v
+            for p in procs["qemu"]:
+                for k, v in qemu_parts(p).items():
+                    qemu[k] = qemu.get(k, 0) + v
+            for p in procs["virtiofsd"] + procs["proxy9p"]:
+                other += sum(m.get("Pss", 0) for m in mappings(p))
+        server = ctd.fork_server_pid()
+        if server is not None and any(psutil.Process(p).ppid() == server for p in shim_pids):
+            shim["server_share"] = sum(m.get("Pss", 0) for m in mappings(server))
+        guest = guest_meminfo(ctd, ids[0])
+        if hold:
+            print(f"holding {ids} for {hold} s", file=sys.stderr, flush=True)
+            time.sleep(hold)
+
+        def per(d: dict[str, float]) -> dict[str, float]:
+            return {k: round(v / count / 1024, 1) for k, v in sorted(d.items())}
+
+        g = {k: round(guest.get(k, 0) / 1024, 1) for k in ("MemTotal", "MemFree", "Cached", "Shmem", "Slab",
+                                                           "AnonPages", "KernelStack", "PageTables")}
+        shim_total = sum(shim.values()) / count / 1024
+        qemu_total = sum(qemu.values()) / count / 1024
+        return {"containers": count, "loadavg": os.getloadavg(),
+                "pss_mib_per_container": round(shim_total + qemu_total + other / count / 1024, 1),
+                "shim_mib": round(shim_total, 1), "shim": per(shim),
+                "qemu_mib": round(qemu_total, 1), "qemu": per(qemu),
+                "helpers_mib": round(other / count / 1024, 1), "guest_meminfo_mib": g}
+    finally:
+        for cid in started:
+            ctd.remove(cid)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--containers", type=int, default=10)
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--hold", type=float, default=0.0)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="pod-memory-"))
+    ctd = Containerd(tmp / "ctd")
+    variants: dict[str, tuple[str, ...]] = {"default": ()}
+    for v in args.variant:
+        vname, key, value = v.split("=", 2)
+        cfg = tmp / f"{vname}.toml"
+        section, _, name = key.rpartition(".") if "." in key else ("hypervisor.qemu", "", key)
+        cfg.write_text(f"[{section}]\n{name} = {value}\n")
+        variants[vname] = ("--runtime-config-path", str(cfg))
+    results = []
+
+    def show(r: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(r), flush=True)
+            return
+        print(f"[{r['variant']}] N={r['containers']} load {r['loadavg'][0]:.1f}: "
+              f"{r['pss_mib_per_container']} MiB PSS per container (MiB each)")
+        print(f"  shim {r['shim_mib']}: " + ", ".join(f"{k} {v}" for k, v in r["shim"].items()))
+        print(f"  qemu {r['qemu_mib']}: " + ", ".join(f"{k} {v}" for k, v in r["qemu"].items()))
+        if r["helpers_mib"]:
+            print(f"  helpers (virtiofsd, 9p proxy) {r['helpers_mib']}")
+        print("  guest (one container's /proc/meminfo): "
+              + ", ".join(f"{k} {v}" for k, v in r["guest_meminfo_mib"].items()), flush=True)
+
+    try:
+        ctd.start()
+        image = ImageStore(Path(load_config().runtime.cache_dir)).resolve("busybox")
+        ctd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0],
+                str(export_oci_archive(image, tmp / "busybox.tar", IMAGE)))
+        for name, opts in variants.items():
+            ctd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, *opts, IMAGE, f"w-{uuid.uuid4().hex[:6]}", "true",
+                    timeout=300)  # warm-up: the template, the fork server
+            results.append({"variant": name, **measure(ctd, args.containers, opts, args.settle, args.hold)})
+            show(results[-1])
+    finally:
+        ctd.stop()
+
+
+if __name__ == "__main__":
+    main()
