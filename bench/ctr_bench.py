@@ -77,7 +77,7 @@ def run_rm(ctd: Containerd, runtime: str, opts: tuple[str, ...] = ()) -> float:
 
 
 def qemu_breakdown_kib(pid: int) -> dict[str, int]:
-    """QEMU's PSS by what it is: the TCG translation cache (its one large rwx anonymous mapping), guest
+    """QEMU's PSS by what it is: the TCG translation cache (its rwx anonymous mappings), guest
     RAM written since the clone (anonymous pages of the RAM file's private mapping), guest RAM still
     the template file's pages (shared with the other clones), and everything else."""
     out = {"tcg_cache": 0, "guest_dirty": 0, "guest_template": 0, "qemu_rest": 0}
@@ -101,10 +101,9 @@ def qemu_breakdown_kib(pid: int) -> dict[str, int]:
             flush()
             pss = anon = 0
             name = parts[5] if len(parts) > 5 else ""
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
             if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
                 kind = "guest"
-            elif not name and "x" in parts[1] and hi - lo >= 8 << 20:
+            elif not name and "x" in parts[1]:  # one rwx mapping per TCG region (guard pages between)
                 kind = "tcg_cache"
             else:
                 kind = "qemu_rest"

@@ -21,6 +21,7 @@ interleaved with the default. --hold keeps the containers that long (inspect the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -74,7 +75,7 @@ def qemu_kind(m: dict[str, Any], prev: dict[str, Any] | None) -> str:
         return "binary+libs"
     if name:
         return "other"
-    if "x" in m["perms"] and m["size"] >= 8 << 10:
+    if "x" in m["perms"]:  # TCG's code buffer: one rwx mapping per region (guard pages between)
         return "tcg_cache"
     # a thread's stack or a coroutine's: a rw mapping right after its guard page (---p)
     if prev is not None and prev["perms"].startswith("---") and m["size"] <= 8 << 10 and not prev["name"]:
@@ -133,12 +134,18 @@ def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, h
         qemu: dict[str, float] = {}
         other = 0
         shim_pids = []
+        cpu = {"shim": 0.0, "qemu": 0.0}
         for cid in ids:
             procs = container_processes(ctd, cid)
             shim_pids += procs["shim"]
             for p in procs["shim"]:
                 for k, v in shim_parts(p).items():
                     shim[k] = shim.get(k, 0) + v
+            for kind in cpu:
+                for p in procs[kind]:
+                    with contextlib.suppress(psutil.Error):
+                        t = psutil.Process(p).cpu_times()
+                        cpu[kind] += t.user + t.system
             for p in procs["qemu"]:
                 for k, v in qemu_parts(p).items():
                     qemu[k] = qemu.get(k, 0) + v
@@ -163,7 +170,8 @@ def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, h
                 "pss_mib_per_container": round(shim_total + qemu_total + other / count / 1024, 1),
                 "shim_mib": round(shim_total, 1), "shim": per(shim),
                 "qemu_mib": round(qemu_total, 1), "qemu": per(qemu),
-                "helpers_mib": round(other / count / 1024, 1), "guest_meminfo_mib": g}
+                "helpers_mib": round(other / count / 1024, 1),
+                "cpu_s_per_container": {k: round(v / count, 2) for k, v in cpu.items()}, "guest_meminfo_mib": g}
     finally:
         for cid in started:
             ctd.remove(cid)
@@ -193,7 +201,8 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             return
         print(f"[{r['variant']}] N={r['containers']} load {r['loadavg'][0]:.1f}: "
-              f"{r['pss_mib_per_container']} MiB PSS per container (MiB each)")
+              f"{r['pss_mib_per_container']} MiB PSS per container (MiB each); CPU seconds each so far: "
+              + ", ".join(f"{k} {v}" for k, v in r["cpu_s_per_container"].items()))
         print(f"  shim {r['shim_mib']}: " + ", ".join(f"{k} {v}" for k, v in r["shim"].items()))
         print(f"  qemu {r['qemu_mib']}: " + ", ".join(f"{k} {v}" for k, v in r["qemu"].items()))
         if r["helpers_mib"]:
