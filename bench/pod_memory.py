@@ -2,7 +2,7 @@
 """Where an idle pod's host memory goes, part by part (issue 14's memory table).
 
     .venv/bin/python bench/pod_memory.py [--containers 10] [--settle 5] [--variant NAME=KEY=VALUE]
-                                         [--hold SECONDS] [--json]
+                                         [--guest-pages] [--hold SECONDS] [--json]
 
 A private containerd (tests/shim/harness.py) starts N pykata containers (`ctr run -d <busybox> sleep`),
 one after the other, and waits --settle seconds. Then, per container (averaged over the N), from
@@ -11,9 +11,13 @@ one after the other, and waits --settle seconds. Then, per container (averaged o
   shared with the fork server, and the server's PSS share;
 - QEMU by mapping: TCG translation cache, guest RAM dirtied since the clone, guest RAM still the
   template's, the malloc heap, the thread arenas, thread and coroutine stacks, QEMU's binary and
-  libraries (private pages: relocations, data), other;
+  libraries (private pages: relocations, data), other; and the CPU seconds the shim and QEMU used
+  so far (start and settle: what a setting such as tcg_tb_size costs);
 - the guest as it sees itself (`ctr task exec ... cat /proc/meminfo` in one container): used, page
-  cache, slab, free.
+  cache, slab, free;
+- with --guest-pages, the guest RAM written since the clone, page by page against the template's
+  memory file (new, now zero, written back identical, a few words changed, rewritten), and how much
+  of it two clones wrote identically (what merging identical pages, KSM, could share).
 --variant NAME=KEY=VALUE runs the same for a configuration with [SECTION] KEY = VALUE (as ctr_bench's),
 interleaved with the default. --hold keeps the containers that long (inspect them by hand).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -43,6 +48,7 @@ from pykata.images import ImageStore  # noqa: E402
 from pykata.images.builtin import export_oci_archive  # noqa: E402
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd  # noqa: E402
 
+ZERO_PAGE = bytes(4096)
 FIELDS = ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty", "Shared_Clean", "Anonymous")
 
 
@@ -101,6 +107,47 @@ def qemu_parts(pid: int) -> dict[str, float]:
     return out
 
 
+def guest_dirty_pages(pid: int) -> dict[str, Any]:
+    """The guest RAM pages QEMU `pid` has written since the clone (private copies of the template's
+    memory file), each compared with the template's page: "new" (the template's was zero: memory the
+    template never used), "zero" (all zero now), "same" (written back identical), "words" (at most 16
+    8-byte words differ: counters, refcounts, list links), "rewritten" (more). Also a digest per page,
+    to compare clones (`hashes`: guest page number -> digest)."""
+    out: dict[str, Any] = {"new": 0, "zero": 0, "same": 0, "words": 0, "rewritten": 0, "hashes": {}}
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[5].endswith("/memory"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            path, offset = parts[5], int(parts[2], 16)
+            break
+    else:
+        return out
+    pages = (hi - lo) // 4096
+    with open(f"/proc/{pid}/pagemap", "rb") as pm, open(f"/proc/{pid}/mem", "rb") as mem, open(path, "rb") as tf:
+        pm.seek(lo // 4096 * 8)
+        flags = pm.read(pages * 8)
+        for i in range(pages):
+            v = int.from_bytes(flags[i * 8:i * 8 + 8], "little")
+            if not v >> 63 or (v >> 61) & 1:  # not present, or still the file's page
+                continue
+            mem.seek(lo + i * 4096)
+            now = mem.read(4096)
+            tf.seek(offset + i * 4096)
+            was = tf.read(4096).ljust(4096, b"\0")
+            if now == ZERO_PAGE:
+                kind = "zero"
+            elif was == ZERO_PAGE:
+                kind = "new"
+            elif now == was:
+                kind = "same"
+            else:
+                changed = sum(1 for j in range(0, 4096, 8) if now[j:j + 8] != was[j:j + 8])
+                kind = "words" if changed <= 16 else "rewritten"
+            out[kind] += 1
+            out["hashes"][i] = hashlib.blake2b(now, digest_size=12).digest()
+    return out
+
+
 def shim_parts(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for m in mappings(pid):
@@ -122,7 +169,8 @@ def guest_meminfo(ctd: Containerd, cid: str) -> dict[str, int]:
     return out
 
 
-def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, hold: float) -> dict[str, Any]:
+def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, hold: float,
+            guest_pages: bool = False) -> dict[str, Any]:
     ids = [f"pm-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     started: list[str] = []
     try:
@@ -155,6 +203,15 @@ def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, h
         if server is not None and any(psutil.Process(p).ppid() == server for p in shim_pids):
             shim["server_share"] = sum(m.get("Pss", 0) for m in mappings(server))
         guest = guest_meminfo(ctd, ids[0])
+        pages: dict[str, float] = {}
+        if guest_pages:
+            per_vm = [guest_dirty_pages(p) for cid in ids[:2] for p in container_processes(ctd, cid)["qemu"]]
+            for d in per_vm:
+                for k in ("new", "zero", "same", "words", "rewritten"):
+                    pages[k] = pages.get(k, 0) + d[k] * 4 / 1024 / len(per_vm)
+            if len(per_vm) == 2:  # written alike by two clones: what merging identical pages could share
+                a, b = per_vm[0]["hashes"], per_vm[1]["hashes"]
+                pages["alike_in_2_clones"] = sum(1 for pg, h in a.items() if b.get(pg) == h) * 4 / 1024
         if hold:
             print(f"holding {ids} for {hold} s", file=sys.stderr, flush=True)
             time.sleep(hold)
@@ -171,7 +228,8 @@ def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, h
                 "shim_mib": round(shim_total, 1), "shim": per(shim),
                 "qemu_mib": round(qemu_total, 1), "qemu": per(qemu),
                 "helpers_mib": round(other / count / 1024, 1),
-                "cpu_s_per_container": {k: round(v / count, 2) for k, v in cpu.items()}, "guest_meminfo_mib": g}
+                "cpu_s_per_container": {k: round(v / count, 2) for k, v in cpu.items()}, "guest_meminfo_mib": g,
+                "guest_dirty_mib": {k: round(v, 1) for k, v in pages.items()}}
     finally:
         for cid in started:
             ctd.remove(cid)
@@ -183,6 +241,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0)
     ap.add_argument("--hold", type=float, default=0.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE")
+    ap.add_argument("--guest-pages", action="store_true", help="classify the guest pages written since the clone")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pod-memory-"))
@@ -208,7 +267,11 @@ def main() -> None:
         if r["helpers_mib"]:
             print(f"  helpers (virtiofsd, 9p proxy) {r['helpers_mib']}")
         print("  guest (one container's /proc/meminfo): "
-              + ", ".join(f"{k} {v}" for k, v in r["guest_meminfo_mib"].items()), flush=True)
+              + ", ".join(f"{k} {v}" for k, v in r["guest_meminfo_mib"].items()))
+        if r["guest_dirty_mib"]:
+            print("  guest pages written since the clone (MiB per VM): "
+                  + ", ".join(f"{k} {v}" for k, v in r["guest_dirty_mib"].items()))
+        sys.stdout.flush()
 
     try:
         ctd.start()
@@ -218,7 +281,8 @@ def main() -> None:
         for name, opts in variants.items():
             ctd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, *opts, IMAGE, f"w-{uuid.uuid4().hex[:6]}", "true",
                     timeout=300)  # warm-up: the template, the fork server
-            results.append({"variant": name, **measure(ctd, args.containers, opts, args.settle, args.hold)})
+            results.append({"variant": name, **measure(ctd, args.containers, opts, args.settle, args.hold,
+                                                                 args.guest_pages)})
             show(results[-1])
     finally:
         ctd.stop()

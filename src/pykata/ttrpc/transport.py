@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 
 from pykata.ttrpc.connection import Connection, Event, Role
@@ -230,7 +231,11 @@ class FdReader(asyncio.ReadTransport):
         self._protocol = protocol
         self._closing = False
         self._reading = False
-        self._view = memoryview(bytearray(self.MAX_BATCH))
+        # Anonymous memory, so only the pages a read fills are ever backed: bytearray(MAX_BATCH)
+        # zero-filled all 4 MiB, and in a VM cloned from a template those were 4 MiB of fresh guest
+        # pages the host backs for each clone's agent (bench/pod_memory.py --guest-pages).
+        self._mem = mmap.mmap(-1, self.MAX_BATCH)
+        self._view = memoryview(self._mem)
 
     def start(self) -> None:
         self._protocol.connection_made(self)
@@ -257,6 +262,8 @@ class FdReader(asyncio.ReadTransport):
             return
         if size:
             self._protocol.data_received(view[:size])  # the protocol copies what it keeps
+            if size > self.READ_SIZE:  # a large batch: give back what a small one never uses
+                self._mem.madvise(mmap.MADV_DONTNEED, self.READ_SIZE, _page_up(size) - self.READ_SIZE)
         if eof and not self._closing:
             self.pause_reading()
             keep_open = self._protocol.eof_received()
@@ -289,6 +296,10 @@ class FdReader(asyncio.ReadTransport):
         self._closing = True
         os.close(self._fd)
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+def _page_up(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 async def attach_fd(fd: int, protocol: ConnectionProtocol) -> None:
