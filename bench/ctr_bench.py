@@ -22,7 +22,9 @@ Also, for runc and pykata alike:
   translation cache, guest RAM dirtied since the clone (anonymous pages of the RAM mapping), guest RAM
   still shared with the template file, and the rest of QEMU (heap, binary, libraries);
 - start rate (--rate 1,4): --rate-count containers started with 1 and with 4 `ctr run -d` at a time,
-  in containers per second;
+  in containers per second, and the CPU seconds each container's own processes used until all had
+  started (pykata: shim and QEMU, the guest included; runc: shim and container), which on a shared
+  host says more than the rate (2 cores at 0.33 CPU s per start would be 6 starts a second);
 - --pool: pykata runs with a warm pool (factory.pool_size = --pool-size, in a configuration written
   for the run); the timed `ctr run --rm` starts once a pooled VM is ready (the wait is not counted), and
   the pool's waiting VMs are reported apart from the containers' memory.
@@ -195,14 +197,31 @@ def mem_available_mib() -> int:
     return 0
 
 
-def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int, opts: tuple[str, ...] = ()) -> float:
-    """Containers per second: `count` `ctr run -d`, `concurrency` at a time."""
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of `pids` (and of their children they waited for)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
+               opts: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(containers per second, CPU seconds per container): `count` `ctr run -d`, `concurrency` at a
+    time. The CPU is what each container's own processes used from their start until all had
+    started (pykata: its shim and QEMU, the guest included; runc: its shim and the container's
+    processes), without the short-lived `shim start` and containerd's own work; read from the
+    processes themselves, so other load on the host does not count in it."""
     ids = [f"rate-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     try:
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(lambda cid: start_detached(ctd, runtime, cid, opts), ids))
-        return count / (time.perf_counter() - start)
+        rate = count / (time.perf_counter() - start)
+        cpu = sum(cpu_s([p for pids in container_processes(ctd, cid).values() for p in pids]) for cid in ids)
+        return rate, cpu / count
     finally:
         with ThreadPoolExecutor(4) as ex:
             list(ex.map(ctd.remove, ids))
@@ -318,9 +337,9 @@ def main() -> None:
         result["start_rate"] = []
         for c in rates:
             for name, opts in variants.items():
+                rate, cpu = start_rate(ctd, runtime_of[name], args.rate_count, c, opts)
                 result["start_rate"].append({"variant": name, "concurrency": c, "containers": args.rate_count,
-                                             "per_s": round(start_rate(ctd, runtime_of[name], args.rate_count, c,
-                                                                       opts), 2),
+                                             "per_s": round(rate, 2), "cpu_s_per_container": round(cpu, 3),
                                              "loadavg": os.getloadavg()})
     finally:
         ctd.stop()
@@ -346,11 +365,13 @@ def main() -> None:
               + f"; load {m['loadavg'][0]:.1f}")
     if "pool_waiting_pss_mib" in result:
         print(f"the pool's waiting VMs with their shims: {result['pool_waiting_pss_mib']} MiB PSS in total")
-    runc_rate = {r["concurrency"]: r["per_s"] for r in result["start_rate"] if r["variant"] == RUNC_RUNTIME}
+    runc_rate = {r["concurrency"]: r for r in result["start_rate"] if r["variant"] == RUNC_RUNTIME}
     for r in result["start_rate"]:
         if r["variant"] != RUNC_RUNTIME:
+            base = runc_rate[r["concurrency"]]
             print(f"start rate, {r['concurrency']} at a time, {r['containers']} containers: {r['variant']} "
-                  f"{r['per_s']}/s, runc {runc_rate[r['concurrency']]}/s; load {r['loadavg'][0]:.1f}")
+                  f"{r['per_s']}/s ({r['cpu_s_per_container']} CPU s per container), runc {base['per_s']}/s "
+                  f"({base['cpu_s_per_container']} CPU s); load {r['loadavg'][0]:.1f}")
 
 
 if __name__ == "__main__":
