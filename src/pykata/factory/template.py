@@ -70,7 +70,7 @@ TMP_PREFIX = ".tmp-"
 RESEED_MARGIN = 0.5
 LOCK_POLL = 0.05
 # `pykata factory init` (and `destroy --stale`) remove templates no VM has used for this long: each one
-# holds its guest's RAM in template_path (a tmpfs under /run: host memory), and a node whose
+# holds its guest's RAM in template_path (under /run, on most hosts a tmpfs: host memory), and a node whose
 # configuration or guest image changed keeps making new ones.
 UNUSED_SECONDS = 3600.0
 
