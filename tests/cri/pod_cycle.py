@@ -33,7 +33,9 @@ class CycleResult:
     remove_retries: int = 0  # RemovePodSandbox retried after a fault (STILL_RUNNING)
 
 
-CONTAINERD_STOP_RACES = ("failed to destroy network", "failed to kill sandbox container: ttrpc: closed")
+def containerd_stop_race(error: str) -> bool:
+    """Whether a racing duplicate StopPodSandbox failed with one of containerd 1.6's own races."""
+    return "failed to destroy network" in error or ("failed to kill" in error and "ttrpc: closed" in error)
 
 
 def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
@@ -77,10 +79,12 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
                         raise
                     result.stop_errors.append(f"{e.code().name}: {e.details()}")
         # containerd 1.6's own races may fail any of the racing duplicates (kubelet retries them):
-        # its CNI teardown, and a duplicate's Kill of the sandbox task sent on the client to the shim
-        # that the winner's task delete has just closed (its state is still READY until that delete
-        # returns); any other error is ours, and the retry below must succeed either way
-        other = [e for e in result.stop_errors if not any(m in e for m in CONTAINERD_STOP_RACES)]
+        # its CNI teardown, and a duplicate's Kill of a container's or the sandbox's task sent on
+        # containerd's client to the shim that the winner's task delete has just closed (shimTask.delete
+        # closes it, waits for the shim's `delete`, and only then removes the task; the container or
+        # sandbox still looks running until then); any other error is ours, and the retry below must
+        # succeed either way
+        other = [e for e in result.stop_errors if not containerd_stop_race(e)]
         if other:
             raise CycleError(f"racing StopPodSandbox failed: {other}")
         cri.stop_pod(pod_id)
