@@ -86,6 +86,42 @@ def test_hand_made_delete_response_is_protobufs(pid: int, status: int, at_ns: in
     assert shim_pb2.DeleteResponse.FromString(got) == want
 
 
+def test_hand_decoded_runtime_options_are_protobufs() -> None:
+    # `start` reads containerd's runtime options by hand (importing protobuf cost it ~0.1 s)
+    import random
+
+    from google.protobuf import any_pb2
+
+    from pykata.protocols import runc_options_pb2, runtimeoptions_pb2
+    from pykata.shim.bootstrap import _runtime_options
+
+    def packed(msg: Any) -> bytes:
+        wrapper = any_pb2.Any()
+        wrapper.Pack(msg)
+        return wrapper.SerializeToString()
+
+    path = "/etc/pykata/x.toml"
+    assert _runtime_options(packed(runtimeoptions_pb2.Options(config_path=path))) == path
+    assert _runtime_options(packed(runtimeoptions_pb2.Options(type_url="t", config_path="/é/ü.toml"))) == "/é/ü.toml"
+    assert _runtime_options(packed(runtimeoptions_pb2.Options())) is None
+    assert _runtime_options(packed(runc_options_pb2.Options(binary_name="/x"))) is None  # another runtime's
+    assert _runtime_options(b"") is None
+    good = packed(runtimeoptions_pb2.Options(config_path="/c.toml"))
+    rng = random.Random(7)
+    for n in range(2000):  # damaged or random bytes: None, or protobuf's own reading, never an exception
+        data = bytearray(good if n % 2 else rng.randbytes(rng.randrange(1, 40)))
+        if n % 2:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            data = data[:rng.randrange(1, len(data) + 1)]
+        try:
+            outer = any_pb2.Any.FromString(bytes(data))
+            want = (runtimeoptions_pb2.Options.FromString(outer.value).config_path or None
+                    if outer.type_url.rsplit("/", 1)[-1] == "runtimeoptions.v1.Options" else None)
+        except Exception:
+            want = None
+        assert _runtime_options(bytes(data)) in (want, None), bytes(data)
+
+
 class ShutdownRecorder:
     """A fake shim Task service: records each Shutdown's id; every other method is refused."""
 
