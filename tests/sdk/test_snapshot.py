@@ -3,6 +3,7 @@ tampered, truncated or hostile snapshot directory with an error naming the field
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 import pykata
 from pykata.config import load_config
+from pykata.sandbox import sandbox as sandbox_module
 from pykata.sandbox.snapshot import MANIFEST, STATE, SnapshotError
 from pykata.sandbox.snapshotdir import KnownDigests
 
@@ -44,21 +46,29 @@ print(json.dumps(out))
 """
 
 
-def _sandbox_dirs(owner: int | None = None) -> set[str]:
-    """The sandbox directories on this host (others' too: the machine is shared), or those of the
-    process `owner` only."""
+@contextlib.contextmanager
+def _ids_made() -> Iterator[list[str]]:
+    """The sandbox ids this process draws meanwhile (a spy on the real `new_id`, which names every
+    sandbox directory a restore makes): a leak check scoped to them never counts another engineer's
+    or another test's half-made sandbox on this shared host as ours."""
+    made: list[str] = []
+    real = sandbox_module.new_id
+
+    def spy() -> str:
+        made.append(real())
+        return made[-1]
+
+    sandbox_module.new_id = spy
+    try:
+        yield made
+    finally:
+        sandbox_module.new_id = real
+
+
+def _left_of(made: list[str]) -> set[str]:
+    """Which of the sandbox ids `made` still have a directory (or a dangling link) on the host."""
     d = Path(load_config().runtime.runtime_dir) / "sandboxes"
-    names = set(os.listdir(d)) if d.is_dir() else set()
-    if owner is None:
-        return names
-    mine = set()
-    for name in names:
-        try:
-            if json.loads((d / name / "state.json").read_text()).get("owner_pid") == owner:
-                mine.add(name)
-        except (OSError, ValueError):
-            mine.add(name)  # half made or half removed: count it
-    return mine
+    return {sid for sid in made if os.path.lexists(d / sid)}
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +121,14 @@ def test_two_restores_in_other_processes_run_side_by_side_and_differ(saved: tupl
         assert r["after_write"] == "changed by " + r["id"]  # and each restore is its own
         assert r["id"] != source["id"] and r["boot_id"] != source["boot_id"]
     assert a["id"] != b["id"] and a["boot_id"] != b["boot_id"] and a["urandom"] != b["urandom"]
-    assert not {a["id"], b["id"]} & _sandbox_dirs()  # both closed what they made
+    assert not _left_of([a["id"], b["id"]])  # both closed what they made
 
 
 def _restore_fails(path: Path, field: str) -> SnapshotError:
-    before = _sandbox_dirs(os.getpid())
-    with pytest.raises(SnapshotError) as info:
+    with _ids_made() as made, pytest.raises(SnapshotError) as info:
         pykata.Sandbox.restore(path)
     assert info.value.field == field, str(info.value)
-    assert _sandbox_dirs(os.getpid()) == before
+    assert not _left_of(made)
     return info.value
 
 
@@ -260,7 +269,14 @@ async def test_async_restore_can_be_snapshotted_again(saved: tuple[Path, dict[st
 INTERRUPT_DURING_RESTORE = r"""
 import asyncio, json, os, signal, sys, threading
 import pykata
-from pykata.sandbox import snapshot
+from pykata.sandbox import sandbox, snapshot
+
+made = []
+real_new_id = sandbox.new_id
+def spy():
+    made.append(real_new_id())
+    return made[-1]
+sandbox.new_id = spy
 
 async def interrupted(agent):
     # the VM runs and its agent answers; Ctrl-C arrives before the restore is done
@@ -273,7 +289,7 @@ try:
     outcome = "restored"
 except KeyboardInterrupt:
     outcome = "interrupted"
-print(json.dumps({"outcome": outcome, "threads": [t.name for t in threading.enumerate()]}))
+print(json.dumps({"outcome": outcome, "threads": [t.name for t in threading.enumerate()], "made": made}))
 """
 
 
@@ -285,4 +301,4 @@ def test_ctrl_c_during_restore_leaves_nothing(saved: tuple[Path, dict[str, Any]]
     got = json.loads(out.decode().strip().splitlines()[-1])
     assert got["outcome"] == "interrupted" and got["threads"] == ["MainThread"]
     # its sandbox directory is gone, which the teardown removes only after the VM and the mounts
-    assert not _sandbox_dirs(p.pid)
+    assert len(got["made"]) == 1 and not _left_of(got["made"])
