@@ -23,7 +23,9 @@ bundle made from `build_spec` (what the agent runs):
             by `ldconfig -r` on the unpacked guest tree): the guest image has none, so every dynamic
             program (crun and its ten libraries) searches the library directories
 
-and a baseline: `busybox true` (a static binary), to show the floor of one process under TCG.
+and a baseline: `busybox true` (a static binary), to show the floor of one process under TCG. With
+--seccomp FILE, one more row: `crun create` of the same bundle with that seccomp profile (crun compiles
+it with libseccomp on every create).
 The guest clock ticks at 4 ms (HZ=250, jiffies clocksource), so figures are medians of coarse
 samples. Run it beside other load and the figures move: compare the columns of one run.
 """
@@ -110,13 +112,17 @@ for r in range(ROUNDS):
         add("crun exec --detach", col, run(exe, ["exec", "--detach", "--process=/probe/p.json", "c"], 3))
         add("crun state", col, run(exe, ["state", "c"]))
         add("crun delete --force", col, run(exe, ["delete", "--force", "c"]))
+        if os.path.exists("/probe/bs/config.json"):
+            add("create, +seccomp", col, run(exe, ["create", "--bundle=/probe/bs", "s"]))
+            run(exe, ["delete", "--force", "s"])
 cols = [c[0] for c in COLUMNS]
 medians = {row: {c: statistics.median(v[c]) for c in cols} for row, v in rows.items()}
 print("PROBE-JSON", json.dumps(medians), flush=True)
 '''
 
 
-def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = None) -> Path:
+def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = None,
+            seccomp: Path | None = None) -> Path:
     """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
     init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
                           capture_output=True, check=True).stdout.decode()
@@ -137,6 +143,11 @@ def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = 
     spec["root"]["path"] = "/probe/b/rootfs"
     spec["linux"]["cgroupsPath"] = "/probe/c"
     (tree / "probe/b/config.json").write_text(json.dumps(spec))
+    if seccomp is not None:
+        (tree / "probe/bs").mkdir()
+        with_filter = {**spec, "linux": {**spec["linux"], "seccomp": json.loads(seccomp.read_text()),
+                                         "cgroupsPath": "/probe/s"}}
+        (tree / "probe/bs/config.json").write_text(json.dumps(with_filter))
     proc = {"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
             "capabilities": spec["process"]["capabilities"], "noNewPrivileges": True}
     (tree / "probe/p.json").write_text(json.dumps(proc))
@@ -155,6 +166,9 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--ld-cache", type=Path, metavar="FILE",
                     help="an ld.so.cache for the guest's tree (`ldconfig -r TREE`): adds a column with it in /etc")
+    ap.add_argument("--seccomp", type=Path, metavar="FILE",
+                    help="a linux.seccomp profile (JSON; containerd's default: the spec of `ctr container "
+                         "create --seccomp`): adds a row, crun create of the same bundle with that filter")
     args = ap.parse_args()
     kernel, rootfs = find_kernel(CACHE), find_rootfs(CACHE)
     if kernel is None or rootfs is None:
@@ -164,7 +178,7 @@ def main() -> int:
                 if ln.startswith("cpu MHz")), 0.0)
     with tempfile.TemporaryDirectory(prefix="crun-guest-") as d:
         work = Path(d)
-        initrd = overlay(rootfs.initrd, work, args.n, ld_cache=args.ld_cache)
+        initrd = overlay(rootfs.initrd, work, args.n, ld_cache=args.ld_cache, seccomp=args.seccomp)
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
