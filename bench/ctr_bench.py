@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -346,7 +347,8 @@ def main() -> None:
         if args.pool:
             from pykata.factory import pool
 
-            pool.destroy(load_config())
+            pool.destroy(load_config())  # PYKATA_CONFIG names a file in tmp
+        shutil.rmtree(tmp, ignore_errors=True)  # containerd's root, the image archive
     if args.json:
         print(json.dumps(result, indent=2))
         return

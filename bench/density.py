@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main() -> None:
         with ThreadPoolExecutor(4) as ex:
             list(ex.map(ctd.remove, ids))
         ctd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # containerd's root, the image archive
     if a.json:
         print(json.dumps(result, indent=2))
         return

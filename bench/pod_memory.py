@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -286,6 +287,7 @@ def main() -> None:
             show(results[-1])
     finally:
         ctd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # containerd's root, the image archive
 
 
 if __name__ == "__main__":
