@@ -10,6 +10,7 @@ removes by force whatever is left (shims, VMs, mounts), so a failing test leaves
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -196,9 +197,20 @@ class Containerd:
         runc_root = RUNC_ROOT / self.namespace
         if runc_root.is_dir():
             for c in os.listdir(runc_root):
-                subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", c], capture_output=True,
-                               check=False)
-            shutil.rmtree(runc_root, ignore_errors=True)
+                # The runc root is per namespace, not per containerd: every CRI test containerd on this
+                # host (other engineers', a CI run's) keeps its runc containers in k8s.io's. Only ours,
+                # whose bundle is in this containerd's state directory, are ours to kill (`delete -f`
+                # SIGKILLs: a node installer run by another containerd exited 137 with no stderr) and
+                # their state ours to remove (without it, their containerd cannot delete them).
+                st = subprocess.run(["runc", "--root", str(runc_root), "state", c], capture_output=True,
+                                    check=False)
+                with contextlib.suppress(ValueError):
+                    bundle = Path(json.loads(st.stdout or b"{}").get("bundle") or "/nonexistent")
+                    if bundle.is_relative_to(self.state):
+                        subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", c], capture_output=True,
+                                       check=False)
+            with contextlib.suppress(OSError):  # the namespace's, not ours: only once nobody's is left
+                runc_root.rmdir()
         with open("/proc/self/mountinfo") as f:
             mine = [line.split()[4] for line in f if line.split()[4].startswith(str(self.dir))]
         for mp in sorted(mine, key=len, reverse=True):
