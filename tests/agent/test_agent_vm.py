@@ -68,7 +68,13 @@ def _tsc_param() -> str:
 def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path, cmdline: str = "") -> Iterator[tuple[Path, Path]]:
     sock, log = tmp / "agent.sock", tmp / "console.log"
     args = [
-        QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
+        # acpi=off: with ACPI, microvm is a hardware-reduced platform and the guest kernel registers no
+        # PIT, so its local APIC timers are its only clock events; the boot CPU calibrates them against
+        # the TSC over 100 ms, and a vCPU thread the busy host stalls for that long makes the measured
+        # interval ~0 ("APIC frequency too slow, disabling apic timer"): no CPU then ever gets a tick
+        # (the second one's bring-up spun in calibrate_delay waiting for jiffies). Without ACPI the
+        # PIT stands in for them (broadcast) and the devices come from QEMU's kernel command line.
+        QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off", "-accel", "tcg,thread=multi",
         "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
         "-serial", f"file:{log}", "-kernel", str(vmlinux), "-initrd", str(initrd), "-no-reboot",
         "-device", "virtio-serial-device",
