@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -215,6 +216,7 @@ def main() -> int:
                 print(f"{label} #{i}: {secs:.2f} s", file=sys.stderr)
             loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
     os.environ.pop(ENV, None)
+    shutil.rmtree(tmp, ignore_errors=True)
     result = {"runs": args.runs, "load_1min": [min(loads), max(loads)],
               "total_s": {k: round(statistics.median(v), 3) for k, v in totals.items()},
               "windows": {k: summarize(v) for k, v in runs.items()}}
@@ -238,7 +240,7 @@ def main() -> int:
                 if 1000 * g["median_s"] < args.min_gap_ms:
                     continue
                 n = "" if g["n"] == args.runs else f" [{g['n']}/{args.runs}]"
-                print(f"  {k[:6]:>6} {g['gap'][:60] + n:<62}{1000 * g['median_s']:12.1f}")
+                print(f"  {k:<11} {g['gap'][:55] + n:<57}{1000 * g['median_s']:12.1f}")
     return 0
 
 
