@@ -11,7 +11,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils containerd runc crun busybox-static cpio zstd
     golang-github-containerd-containerd-dev iproute2 kmod procps psmisc
     golang-github-containerd-cgroups-dev protobuf-compiler libprotobuf-dev
-    linux-source-6.1 flex bison bc libelf-dev libssl-dev
+    linux-source-6.12 flex bison bc libelf-dev libssl-dev
     e2fsprogs
     containernetworking-plugins
 )

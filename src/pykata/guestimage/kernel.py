@@ -1,4 +1,4 @@
-"""The guest kernel: built from Debian's linux-source-6.1 with pykata's config fragment, cached.
+"""The guest kernel: built from Debian's linux-source-6.12 with pykata's config fragment, cached.
 
 Public API (stable; `pykata image build` and the hypervisor layer call it):
 
@@ -45,8 +45,8 @@ from pykata.fsutil import atomic_write, file_lock
 # Bump when the way the kernel is built changes (make targets, merge steps, flags): it is part of the key.
 RECIPE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("/var/cache/pykata")
-SOURCE_PACKAGE = "linux-source-6.1"
-SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+SOURCE_PACKAGE = "linux-source-6.12"
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 FRAGMENT_NAME = "kernel.config"
 # Compile steps (CC/AS lines) of one build with the fragment; only used to estimate a percentage.
 EXPECTED_COMPILE_STEPS = 1480
@@ -328,7 +328,7 @@ def _compile(
             progress(message)
 
     _run([*make, f"-j{jobs}", "vmlinux", "bzImage"], src, env, log, on_line)
-    # Written by the build from the Makefile version and CONFIG_LOCALVERSION, e.g. 6.1.192-pykata.
+    # Written by the build from the Makefile version and CONFIG_LOCALVERSION, e.g. 6.12.117-pykata.
     release = (src / "include/config/kernel.release").read_text().strip()
     out.mkdir()
     shutil.copy2(src / "vmlinux", out / "vmlinux")
