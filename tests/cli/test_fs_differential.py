@@ -29,21 +29,7 @@ PROBE = Path(__file__).with_name("data") / "fsprobe.c"
 pytestmark = [pytest.mark.vm]
 
 # Differences left, each with its cause, and the exact line pykata prints for it.
-# The guest kernel is 6.1: tmpfs (the writable layer's upper) has user.* xattrs from Linux 6.6 and
-# overlayfs has O_TMPFILE from 6.7. Moving to 6.12 fixes these rows (branch `kernel-6.12`), but 6.12
-# ignores QEMU's hot-pluggable (disabled) CPUs in the MADT when it sees no hypervisor, which is what a
-# TCG guest looks like, so CPU hotplug on q35 breaks under TCG; see the README's status.
-KERNEL_6_1 = {
-    "xattr-user": "xattr-user: setxattr (Operation not supported)",
-    "xattr-user-dir": "xattr-user-dir: setxattr (Operation not supported)",
-    "xattr-user-image": "xattr-user-image: setxattr (Operation not supported)",
-    "xattr-user-fd": "xattr-user-fd: f*xattr (Operation not supported)",
-    "o-tmpfile": "o-tmpfile: open (Operation not supported)",
-    "o-tmpfile-linkat": "o-tmpfile-linkat: open (Operation not supported)",
-    "o-tmpfile-excl": "o-tmpfile-excl: open (Operation not supported)",
-}
 KNOWN_DIFFERENCES = {
-    **KERNEL_6_1,
     # The container's root is an overlay (image below, writable layer above), and overlayfs reports 1 link
     # for a directory that is in both layers (/tmp once the container wrote into it); runc here runs on a
     # plain bundle directory and shows the real count, but runc under containerd, whose overlayfs
@@ -147,8 +133,6 @@ VOLUME_KNOWN_DIFFERENCES = {
     # QEMU's 9p server takes an xattr written with an empty value as a removal
     "xattr-user": "xattr-user: setxattr empty (No data available)",
     "xattr-user-dir": "xattr-user-dir: setxattr empty (No data available)",
-    # the image's file is copied up to the writable layer, a tmpfs without user.* xattrs in Linux 6.1
-    "xattr-user-image": KERNEL_6_1["xattr-user-image"],
     # the 9p client has no O_TMPFILE, fallocate or SEEK_DATA/SEEK_HOLE (the generic answer: all data)
     "o-tmpfile": "o-tmpfile: open (Operation not supported)",
     "o-tmpfile-linkat": "o-tmpfile-linkat: open (Operation not supported)",

@@ -64,7 +64,7 @@ def test_cache_key_changes_with_each_input(change: dict[str, object]) -> None:
 
 
 def test_cache_key_of_installed_source_follows_the_fragment() -> None:
-    assert kernel.SOURCE_TARBALL.exists(), "linux-source-6.1 is not installed (scripts/install.sh)"
+    assert kernel.SOURCE_TARBALL.exists(), f"{kernel.SOURCE_PACKAGE} is not installed (scripts/install.sh)"
     current = cache_key(kernel_inputs())
     assert cache_key(kernel_inputs()) == current
     assert cache_key(kernel_inputs(fragment=fragment_bytes())) == current
@@ -120,7 +120,9 @@ REQUIRED = (
     "MEMORY_HOTPLUG", "HOTPLUG_CPU", "ACPI_HOTPLUG_CPU", "ACPI_HOTPLUG_MEMORY", "INET", "IPV6", "UNIX",
     "PACKET", "NETFILTER", "NF_CONNTRACK", "NF_NAT", "IP_NF_IPTABLES", "NF_TABLES", "POSIX_MQUEUE", "FUTEX",
     "EPOLL", "SIGNALFD", "TIMERFD", "EVENTFD", "SHMEM", "AIO", "FILE_LOCKING", "MULTIUSER", "BINFMT_ELF",
-    "BINFMT_SCRIPT", "RANDOM_TRUST_CPU", "BLK_CGROUP_IOCOST", "CGROUP_HUGETLB", "HOTPLUG_PCI_PCIE",
+    "BINFMT_SCRIPT", "BLK_CGROUP_IOCOST", "CGROUP_HUGETLB", "HOTPLUG_PCI_PCIE",
+    # user.* xattrs on the writable layer (a tmpfs), file capabilities on image disks, memory hotplug online
+    "TMPFS_XATTR", "EXT4_FS_SECURITY", "MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO",
 )
 
 
@@ -138,7 +140,7 @@ def test_find_kernel_in_an_empty_cache_is_none(tmp_path: Path) -> None:
 
 
 def test_find_kernel_ignores_an_entry_without_manifest(tmp_path: Path) -> None:
-    assert kernel.SOURCE_TARBALL.exists(), "linux-source-6.1 is not installed (scripts/install.sh)"
+    assert kernel.SOURCE_TARBALL.exists(), f"{kernel.SOURCE_PACKAGE} is not installed (scripts/install.sh)"
     entry = tmp_path / "kernel" / cache_key(kernel_inputs())
     entry.mkdir(parents=True)
     (entry / "vmlinux").write_bytes(b"\x7fELF")
@@ -175,6 +177,9 @@ def fake_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, drop: str = 
     tree.mkdir(parents=True)
     (tree / "Makefile").write_text(FAKE_MAKEFILE.replace("$(FAKE_DROP)", drop or "true")
                                    .replace("$(FAKE_FAIL)", fail or "true"))
+    for name, text, _ in kernel.SOURCE_EDITS:  # what the recipe edits, once each
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(f"before\n{text}after\n")
     tarball = tmp_path / "linux-source-6.1.tar.xz"
     subprocess.run(["tar", "-cJf", str(tarball), "-C", str(tree.parent), tree.name], check=True, timeout=60)
     monkeypatch.setattr(kernel, "SOURCE_TARBALL", tarball)
@@ -202,6 +207,15 @@ def test_build_installs_an_entry_once_and_reuses_it(tmp_path: Path, monkeypatch:
     assert again == [f"cached: 6.1.0-fake ({cache_key(INPUTS)})"]
     rebuilt = kernel.build_kernel(cache, progress=again.append, force=True)
     assert rebuilt == built and again[-1].startswith("done:")
+
+
+def test_a_source_edit_that_no_longer_applies_fails_the_build_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = fake_source(tmp_path, monkeypatch)
+    monkeypatch.setattr(kernel, "SOURCE_EDITS", (("arch/x86/kernel/acpi/boot.c", "\tnot in the source;\n", ""),))
+    with pytest.raises(kernel.KernelBuildError, match=r"boot\.c has 0 copies of 'not in the source;'"):
+        kernel.build_kernel(cache, progress=lambda _: None)
+    assert find_kernel(cache) is None
 
 
 def test_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
