@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pykata.agent.entropy import Entropy
+from pykata.agent import entropy as entropy_module
+from pykata.agent.entropy import Entropy, reseed_crng
 from pykata.errors import FailedPrecondition, InvalidArgument
 from pykata.protocols.agent import agent_pb2
 
@@ -47,3 +48,20 @@ def test_a_restored_snapshot_gets_a_new_boot_id_in_the_same_file(tmp_path: Path)
     entropy._replace_boot_id(new)
     assert entropy.boot_id_file.read_text() == new + "\n"
     assert entropy.boot_id_file.stat().st_ino == inode and entropy.boot_id == new
+
+
+def test_reseed_crng_logs_a_refusal_and_does_not_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """It runs inside the channel's data callback, so a kernel refusal must not end the session. (The
+    real ioctl runs only in a VM: tests/factory/test_template.py shows two raw clones differ.) Fakes: a
+    regular file, which refuses the ioctl (ENOTTY), and a missing path."""
+    fake = tmp_path / "not-urandom"
+    fake.write_bytes(b"")
+    monkeypatch.setattr(entropy_module, "URANDOM", str(fake))
+    reseed_crng()
+    monkeypatch.setattr(entropy_module, "URANDOM", str(tmp_path / "missing"))
+    reseed_crng()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("reseeding the kernel RNG: ") and "ioctl" in messages[0].lower()
+    assert messages[1].startswith(f"reseeding the kernel RNG: {tmp_path / 'missing'}: ")
+    assert fake.read_bytes() == b""

@@ -163,6 +163,16 @@ async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
     async with contextlib.AsyncExitStack() as stack:
         clones = await asyncio.gather(*(stack.enter_async_context(_clone(vm_factory, config, f"clone-{n}", s))
                                         for n, s in zip("ab", shares, strict=True)))
+        # Randomness first, before the guests run anything else: every clone's kernel CRNG differs
+        # from its siblings' (and so from the template's) from its first read, with no reseed from
+        # the host (ReseedRandomDev is the sandbox's). Linux >= 6.2 reseeds only on a timer the clones
+        # inherit, so this holds only because the agent reseeds when a host session begins.
+        # (/proc/sys/kernel/random/boot_id, fixed at boot, is the template's in every clone.)
+        outs = await asyncio.gather(*(_run(agent, "rnd", ["/bin/sh", "-c", "cat /proc/sys/kernel/random/uuid "
+                                                          "/proc/sys/kernel/random/uuid; head -c 16 /dev/urandom"
+                                                          " | od -An -tx1"]) for _, agent in clones))
+        first, second = (out.split(b"\n") for out in outs)
+        assert len({*first[:2], *second[:2]}) == 4 and first[2] != second[2], outs
         for (vm, agent), name in zip(clones, "ab", strict=True):
             assert vm.restore_source == template.restore_source and "restored" in vm.timestamps
             assert await agent.health()
@@ -176,13 +186,6 @@ async def test_two_clones_at_once_each_with_own_files_clock_and_randomness(
             out = await _run(agent, "date", ["/bin/date", "+%s"])
             after = time.time()
             assert before - 2 <= int(out) <= after + 1, (before, out, after)
-        # Randomness: every clone reseeds its CRNG, so no two produce the same bytes.
-        # (/proc/sys/kernel/random/boot_id, fixed at boot, is the template's in every clone.)
-        outs = [await _run(agent, "rnd", ["/bin/sh", "-c", "cat /proc/sys/kernel/random/uuid "
-                                          "/proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1"])
-                for _, agent in clones]
-        first, second = (out.split(b"\n") for out in outs)
-        assert len({*first[:2], *second[:2]}) == 4 and first[2] != second[2], outs
 
 
 async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(

@@ -24,6 +24,7 @@ from pykata.ttrpc import (
     encode_frame,
 )
 from pykata.ttrpc._pb import ttrpc_pb2
+from pykata.ttrpc.server import CallContext
 from tests.ttrpc.conftest import EchoHandler
 from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo
 
@@ -239,6 +240,47 @@ async def test_fd_transport_resynchronises_after_garbage(tmp_path: Path) -> None
         b.close()
         await server.close()
         await asyncio.wait_for(serving, 5)
+
+
+async def test_on_first_data_runs_once_per_connection_before_its_first_request() -> None:
+    """The agent reseeds the guest's CRNG here: it must run before any request of a new session is
+    handled, once per connection (descriptor and socket servers alike)."""
+    events: list[str] = []
+
+    class Recording(EchoHandler):
+        async def Echo(self, req: Any, ctx: CallContext) -> Any:
+            events.append(f"echo {req.tag}")
+            return await super().Echo(req, ctx)
+
+    server = Server()
+    server.register(ECHO_SERVICE, Recording())
+    a, b = socket.socketpair()
+    serving = asyncio.ensure_future(server.serve_fd(a.fileno(), on_first_data=lambda: events.append("hook fd")))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = f"/tmp/pktt-{os.getpid()}.sock"
+    listener.bind(path)
+    listener.listen()
+    await server.serve_socket(listener, on_first_data=lambda: events.append("hook sock"))
+    client = await connect_fd(b.fileno())
+    try:
+        assert events == []  # connected, nothing sent yet
+        for tag in (1, 2):
+            assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=5)).tag == tag
+        assert events == ["hook fd", "echo 1", "echo 2"]
+        for tag in (3, 4):  # two connections, a hook each
+            other = await connect_unix(path)
+            try:
+                assert (await other.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=5)).tag == tag
+            finally:
+                await other.close()
+        assert events[3:] == ["hook sock", "echo 3", "hook sock", "echo 4"]
+    finally:
+        await client.close()
+        a.close()
+        b.close()
+        await server.close()
+        await asyncio.wait_for(serving, 5)
+        os.unlink(path)
 
 
 async def test_fd_transport_over_a_pipe_pair() -> None:

@@ -2,6 +2,10 @@
 
 A channel is named on the command line as a device path (`/dev/vport1p1`), `serial:<port name>`
 (looked up under /sys/class/virtio-ports) or `vsock:<port>`.
+
+Each host session's first bytes make the guest kernel reseed its CRNG before the first request is
+read (`on_session`, pykata.agent.entropy.reseed_crng): a VM restored from a template or a snapshot
+talks to its host only in a new session, so no two clones answer from their template's CRNG state.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +79,12 @@ def parse_channel(spec: str) -> Channel:
     raise ChannelError(f"--channel: expected a device path, serial:<name> or vsock:<port>, got {spec!r}")
 
 
-async def serve_serial(server: Server, device: str, ready: asyncio.Event) -> None:
+async def serve_serial(server: Server, device: str, ready: asyncio.Event,
+                       on_session: Callable[[], None] | None = None) -> None:
     """Serve ttrpc on a virtio-serial port for ever, reopening it after each host disconnect.
 
+    `on_session` runs with each session's first bytes (a session that saw no bytes when the VM
+    was saved still counts as new in a clone: its first bytes come from the clone's host).
     Raises ChannelError when the device cannot be opened.
     """
     delay = _REOPEN_DELAY
@@ -86,7 +94,7 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event) -> Non
         except OSError as exc:
             raise ChannelError(f"cannot open agent channel {device}: {exc.strerror}") from exc
         try:
-            serving = asyncio.ensure_future(server.serve_fd(fd, resync=True))
+            serving = asyncio.ensure_future(server.serve_fd(fd, resync=True, on_first_data=on_session))
             ready.set()
             started = asyncio.get_running_loop().time()
             await serving
@@ -98,8 +106,10 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event) -> Non
         await asyncio.sleep(delay)
 
 
-async def serve_vsock(server: Server, port: int, ready: asyncio.Event) -> None:
-    """Listen on vsock `port` (any CID) and serve connections until cancelled.
+async def serve_vsock(server: Server, port: int, ready: asyncio.Event,
+                      on_session: Callable[[], None] | None = None) -> None:
+    """Listen on vsock `port` (any CID) and serve connections until cancelled; `on_session` runs
+    with each connection's first bytes.
 
     Raises ChannelError when the socket cannot be bound.
     """
@@ -110,6 +120,6 @@ async def serve_vsock(server: Server, port: int, ready: asyncio.Event) -> None:
     except OSError as exc:
         raise ChannelError(f"cannot listen on vsock port {port}: {exc.strerror}") from exc
     sock.setblocking(False)
-    listener = await server.serve_socket(sock)
+    listener = await server.serve_socket(sock, on_first_data=on_session)
     ready.set()
     await listener.serve_forever()

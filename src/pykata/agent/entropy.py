@@ -1,8 +1,19 @@
-"""ReseedRandomDev: make a VM cloned from a template its own, random-wise.
+"""Make a VM cloned from a template (or restored from a snapshot) its own, random-wise.
 
-Every clone of one template resumes the same guest: the same kernel RNG state, the same boot_id, the
-same KASLR layout and the same Python `random` state in this agent. The host therefore sends each
-clone, before anything else runs in it, fresh randomness and a boot id of its own:
+First line, the guest's own: `reseed_crng()` runs with the first bytes of every host session on the
+agent channel, before the first request is read (pykata.agent.channel). A restored VM always starts
+a new session (a template is saved with no host connected, a snapshot's old session ends when it is
+restored), so the kernel's CRNG takes a new key from its input pool and the CPU's RDSEED/RDRAND (the
+host's getrandom under TCG, per QEMU process) before anything in the guest answers. Linux 6.1
+reseeded on the first read once the key was older than its reseed interval; from 6.2 it reseeds only
+on a timer (up to a minute apart), which a clone inherits from its template: without this, two clones
+read the same /dev/urandom bytes for seconds. QEMU's vmgenid device, the kernel's own signal for
+this, is not offered on microvm (its ACPI tables have no place for it).
+
+Second line, the host's (Kata's ReseedRandomDev): every clone of one template resumes the same guest:
+the same kernel RNG state, the same boot_id, the same KASLR layout and the same Python `random` state
+in this agent. The host therefore sends each sandbox's clone, before anything else runs in it, fresh
+randomness and a boot id of its own:
   * the bytes are written into the kernel's input pool, credited (RNDADDENTROPY) and the CRNG is
     forced to reseed (RNDRESEEDCRNG), so /dev/urandom and getrandom() diverge at once;
   * the agent's `random` module is reseeded from them and fresh kernel randomness;
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import os
 import random
 import re
@@ -28,7 +40,10 @@ from typing import Any
 from pykata.errors import FailedPrecondition, Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
 
+log = logging.getLogger("pykata.agent.entropy")
+
 KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+URANDOM = "/dev/urandom"
 MIN_SEED = 32
 MAX_SEED = 512
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -116,6 +131,24 @@ def feed_kernel(data: bytes) -> None:
         fcntl.ioctl(fd, RNDRESEEDCRNG)
     except OSError as exc:
         raise Internal(f"reseeding the kernel RNG: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def reseed_crng() -> None:
+    """Force the kernel's CRNG to reseed now from its own sources (RNDRESEEDCRNG on URANDOM).
+
+    Never raises (it runs inside the channel's data callback): a failure is logged. The kernel
+    refuses (ENODATA) only while its CRNG was never seeded, when every read extracts afresh anyway."""
+    try:
+        fd = os.open(URANDOM, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("reseeding the kernel RNG: %s: %s", URANDOM, exc.strerror)
+        return
+    try:
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError as exc:
+        log.warning("reseeding the kernel RNG: %s", exc.strerror)
     finally:
         os.close(fd)
 

@@ -18,11 +18,14 @@ a host connection.
 
 What a clone inherits and the host must fix:
   * the guest wall clock is the template's: set it through the agent (`sync_guest_clock`).
-  * the kernel's random state is the template's. The template is saved only once the guest has been
-    idle longer than the kernel's early-boot reseed interval (max(1 s, uptime/2)), so the first
-    random request in every clone reseeds the CRNG from RDRAND and virtio-rng, which differ per
-    clone. Processes that were already running in the template (the agent's Python) keep their
-    user-space PRNG state (Python's `random`, hash seed); the agent does not use them for secrets.
+  * the kernel's random state is the template's. The template is saved once its agent has left
+    the session of the host that made it, so a clone's host always starts a new session, and the
+    agent makes the kernel reseed its CRNG with that session's first bytes (RDSEED/RDRAND and the
+    input pool, which differ per clone), before it reads a request (pykata.agent.entropy). Linux
+    from 6.2 reseeds only on a timer, so nothing else would make two clones differ for seconds.
+    Sandboxes also reseed with the host's bytes (ReseedRandomDev). Processes that were already
+    running in the template (the agent's Python) keep their user-space PRNG state (Python's
+    `random`, hash seed); the agent does not use them for secrets.
 
 Templates use 9p for the shared directory (QEMU 7.2 cannot migrate vhost-user-fs) and a
 virtio-serial agent channel; the guest must not have mounted the 9p share when it is saved (QEMU
@@ -31,7 +34,6 @@ refuses to migrate a mounted 9p export), which holds because the agent mounts it
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -65,9 +67,6 @@ FORMAT = 1
 META = "template.json"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
-# After the agent is ready the template guest idles this much longer than the kernel's early-boot
-# CRNG reseed interval needs (see the module docstring), so clones reseed on first use.
-RESEED_MARGIN = 0.5
 LOCK_POLL = 0.05
 # `pykata factory init` (and `destroy --stale`) remove templates no VM has used for this long: each one
 # holds its guest's RAM in template_path (under /run, on most hosts a tmpfs: host memory), and a node whose
@@ -355,13 +354,10 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
             os.close(fd)
         taps.clear()
         await vm.wait_ready()
-        # The host side of the agent channel is closed again (agent_readiness disconnects), so the
-        # saved agent is waiting for the next host. Idle past the CRNG reseed interval: uptime U at
-        # save, agent ready at A (guest clock <= host clock since QEMU start); the kernel reseeds on
-        # the first request once U - A > max(1, U / 2).
-        ready = vm.timestamps["ready"] - vm.timestamps["start"]
-        until = vm.timestamps["start"] + max(2 * ready, ready + 1.0) + RESEED_MARGIN
-        await asyncio.sleep(max(0.0, until - time.monotonic()))
+        # agent_readiness disconnected again; once the guest has closed its port, its agent has left
+        # that session, so a clone's host is always a new session's first bytes: the agent reseeds
+        # the kernel's CRNG then (pykata.agent.entropy), before it answers anything.
+        await vm.wait_agent_port_closed()
         await vm.save(directory / "state")
     finally:
         for fd in taps:

@@ -82,10 +82,12 @@ class _Inbound:
 
 
 class _ServerProtocol(ConnectionProtocol):
-    def __init__(self, server: Server, *, resync: bool = False) -> None:
+    def __init__(self, server: Server, *, resync: bool = False,
+                 on_first_data: Callable[[], None] | None = None) -> None:
         super().__init__(Role.SERVER, max_message_size=server.max_message_size)
         self.server = server
         self.resync = resync
+        self._on_first_data = on_first_data
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.inbound: dict[int, _Inbound] = {}
         self.inflight_bytes: dict[int, int] = {}
@@ -94,6 +96,12 @@ class _ServerProtocol(ConnectionProtocol):
 
     def handle_protocol_error(self, error: RemoteProtocolError) -> bool:
         return self.resync
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self._on_first_data is not None:
+            hook, self._on_first_data = self._on_first_data, None
+            hook()
+        super().data_received(data)
 
     # While our answers cannot be written, stop reading new requests: the client then feels the
     # back-pressure instead of the server queueing handlers (and answers) without bound. Same while
@@ -243,22 +251,32 @@ class Server:
         self._listeners.append(srv)
         return srv
 
-    async def serve_socket(self, sock: socket.socket) -> asyncio.AbstractServer:
-        """Listen on an already bound and listening socket (e.g. vsock)."""
-        srv = await asyncio.get_running_loop().create_server(self._new_protocol, sock=sock)
+    async def serve_socket(self, sock: socket.socket, *,
+                           on_first_data: Callable[[], None] | None = None) -> asyncio.AbstractServer:
+        """Listen on an already bound and listening socket (e.g. vsock).
+
+        `on_first_data` is called with each connection's first bytes, before any of them is
+        parsed (see serve_fd)."""
+        srv = await asyncio.get_running_loop().create_server(
+            functools.partial(self._new_protocol, on_first_data=on_first_data), sock=sock)
         self._listeners.append(srv)
         return srv
 
-    def _new_protocol(self) -> _ServerProtocol:
-        p = _ServerProtocol(self)
+    def _new_protocol(self, on_first_data: Callable[[], None] | None = None) -> _ServerProtocol:
+        p = _ServerProtocol(self, on_first_data=on_first_data)
         self._connections.add(p)
         return p
 
-    async def serve_fd(self, fd: int, *, resync: bool = True) -> None:
+    async def serve_fd(self, fd: int, *, resync: bool = True,
+                       on_first_data: Callable[[], None] | None = None) -> None:
         """Serve one peer on a connected descriptor until end of stream (returns) or until the
         server is closed. With `resync`, garbage from the peer is skipped instead of ending the
-        connection (byte streams with no reconnect signal, such as a virtio-serial port)."""
-        proto = _ServerProtocol(self, resync=resync)
+        connection (byte streams with no reconnect signal, such as a virtio-serial port).
+
+        `on_first_data` is called once, synchronously, when the first bytes arrive and before any
+        of them is parsed, so it runs before the peer's first request is handled (the agent
+        reseeds the guest's CRNG there). It must not raise."""
+        proto = _ServerProtocol(self, resync=resync, on_first_data=on_first_data)
         self._connections.add(proto)
         await attach_fd(fd, proto)
         try:
