@@ -11,8 +11,11 @@ talks to its host only in a new session, so no two clones answer from their temp
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +29,13 @@ log = logging.getLogger("pykata.agent.channel")
 DEFAULT_PORT_NAME = "agent.channel.0"
 DEFAULT_VSOCK_PORT = 1024
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
-# A virtio-serial port reads as end-of-file while no host is connected; wait this long (growing to
-# the maximum) before opening it again, so an idle agent does not spin.
-_REOPEN_DELAY = 0.01
-_REOPEN_DELAY_MAX = 0.2
+# A virtio-serial port reads as end-of-file while no host is connected. The agent then keeps it open
+# with O_ASYNC: the guest kernel sends SIGIO when a host connects (virtio_console), so a clone's host
+# is served at once. This is only the fallback if no signal came: read the port again after it.
+_IDLE_RECHECK = 1.0
+# After a host's session the port stays closed this long, so that QEMU's query-chardev can see the guest
+# leave that session: restore() of a snapshot, and the factory before it saves a template, wait for it.
+_CLOSED_PAUSE = 0.01
 
 
 class ChannelError(PykataError):
@@ -81,29 +87,46 @@ def parse_channel(spec: str) -> Channel:
 
 async def serve_serial(server: Server, device: str, ready: asyncio.Event,
                        on_session: Callable[[], None] | None = None) -> None:
-    """Serve ttrpc on a virtio-serial port for ever, reopening it after each host disconnect.
+    """Serve ttrpc on a virtio-serial port for ever: one session per host, the port closed after each.
 
     `on_session` runs with each session's first bytes (a session that saw no bytes when the VM
     was saved still counts as new in a clone: its first bytes come from the clone's host).
     Raises ChannelError when the device cannot be opened.
     """
-    delay = _REOPEN_DELAY
-    while True:
-        try:
-            fd = os.open(device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ChannelError(f"cannot open agent channel {device}: {exc.strerror}") from exc
-        try:
-            serving = asyncio.ensure_future(server.serve_fd(fd, resync=True, on_first_data=on_session))
-            ready.set()
-            started = asyncio.get_running_loop().time()
-            await serving
-        finally:
-            os.close(fd)
-        # A session that lasted means a host was there: reopen at once for the next one.
-        lasted = asyncio.get_running_loop().time() - started > 1.0
-        delay = _REOPEN_DELAY if lasted else min(delay * 2, _REOPEN_DELAY_MAX)
-        await asyncio.sleep(delay)
+    loop = asyncio.get_running_loop()
+    host_changed = asyncio.Event()
+    loop.add_signal_handler(signal.SIGIO, host_changed.set)
+    try:
+        while True:
+            fd = _open_port(device)
+            try:
+                ready.set()
+                while True:
+                    host_changed.clear()  # before the read: a host connecting from here on is signalled
+                    if await server.serve_fd(fd, resync=True, on_first_data=on_session):
+                        break  # a host's session ended
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(host_changed.wait(), _IDLE_RECHECK)
+            finally:
+                os.close(fd)
+            await asyncio.sleep(_CLOSED_PAUSE)
+    finally:
+        loop.remove_signal_handler(signal.SIGIO)
+
+
+def _open_port(device: str) -> int:
+    """Open the port with SIGIO to this process on host (dis)connection. Raises ChannelError."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ChannelError(f"cannot open agent channel {device}: {exc.strerror}") from exc
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    except OSError as exc:
+        os.close(fd)
+        raise ChannelError(f"agent channel {device}: cannot ask for SIGIO: {exc.strerror}") from exc
+    return fd
 
 
 async def serve_vsock(server: Server, port: int, ready: asyncio.Event,

@@ -88,6 +88,8 @@ class _ServerProtocol(ConnectionProtocol):
         self.server = server
         self.resync = resync
         self._on_first_data = on_first_data
+        # whether the peer sent any bytes (serve_fd's answer)
+        self.received = False
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.inbound: dict[int, _Inbound] = {}
         self.inflight_bytes: dict[int, int] = {}
@@ -98,9 +100,10 @@ class _ServerProtocol(ConnectionProtocol):
         return self.resync
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self._on_first_data is not None:
-            hook, self._on_first_data = self._on_first_data, None
-            hook()
+        if not self.received:
+            self.received = True
+            if self._on_first_data is not None:
+                self._on_first_data()
         super().data_received(data)
 
     # While our answers cannot be written, stop reading new requests: the client then feels the
@@ -268,10 +271,11 @@ class Server:
         return p
 
     async def serve_fd(self, fd: int, *, resync: bool = True,
-                       on_first_data: Callable[[], None] | None = None) -> None:
-        """Serve one peer on a connected descriptor until end of stream (returns) or until the
-        server is closed. With `resync`, garbage from the peer is skipped instead of ending the
-        connection (byte streams with no reconnect signal, such as a virtio-serial port).
+                       on_first_data: Callable[[], None] | None = None) -> bool:
+        """Serve one peer on a connected descriptor until end of stream or until the server is
+        closed; return whether the peer sent anything. With `resync`, garbage from the peer is
+        skipped instead of ending the connection (byte streams with no reconnect signal, such as a
+        virtio-serial port). `fd` stays open (it is duplicated), and may be served again.
 
         `on_first_data` is called once, synchronously, when the first bytes arrive and before any
         of them is parsed, so it runs before the peer's first request is handled (the agent
@@ -283,6 +287,7 @@ class Server:
             await asyncio.shield(proto.closed)
         finally:
             proto.abort(None)
+        return proto.received
 
     async def close(self) -> None:
         """Stop listening and end every connection; in-flight handlers are cancelled. Idempotent."""
