@@ -164,14 +164,9 @@ def test_volume_semantics_differences_are_known(bundle: Path, tmp_path: Path) ->
 
 
 # A CRI pod's emptyDir is made in the guest (a tmpfs: pykata.resources.emptydir); under runc it is the
-# host directory kubelet made. What differs, each with its cause, and the exact line pykata prints:
-EMPTYDIR_KNOWN_DIFFERENCES = {
-    # tmpfs has user.* xattrs from Linux 6.6; the guest kernel is 6.1 (see KERNEL_6_1)
-    "xattr-user": KERNEL_6_1["xattr-user"],
-    "xattr-user-dir": KERNEL_6_1["xattr-user-dir"],
-    "xattr-user-fd": KERNEL_6_1["xattr-user-fd"],
-    "xattr-user-image": KERNEL_6_1["xattr-user-image"],
-}
+# host directory kubelet made. What differs, each with its cause, and the exact line pykata prints: nothing
+# (tmpfs has user.* xattrs from Linux 6.6, and the guest kernel is 6.12).
+EMPTYDIR_KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 def test_emptydir_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:
