@@ -29,13 +29,15 @@ log = logging.getLogger("pykata.agent.channel")
 DEFAULT_PORT_NAME = "agent.channel.0"
 DEFAULT_VSOCK_PORT = 1024
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
-# A virtio-serial port reads as end-of-file while no host is connected. The agent then keeps it open
-# with O_ASYNC: the guest kernel sends SIGIO when a host connects (virtio_console), so a clone's host
-# is served at once. This is only the fallback if no signal came: read the port again after it.
+# A virtio-serial port reads as end-of-file while no host is connected. Until a host has had a session,
+# the agent waits for one with the port open and O_ASYNC: the guest kernel sends SIGIO when a host
+# connects (virtio_console), so the host of a template clone (saved before any host connected) is
+# served at once (_IDLE_RECHECK is only a fallback). After a host's session it closes the port and opens
+# it again after 10 ms, then 20, 40, ... 200 ms while no host is there: QEMU's query-chardev shows these
+# closed moments, by which a host knows the guest left that session (restore() of a snapshot).
+_REOPEN_DELAY = 0.01
+_REOPEN_DELAY_MAX = 0.2
 _IDLE_RECHECK = 1.0
-# After a host's session the port stays closed this long, so that QEMU's query-chardev can see the guest
-# leave that session: restore() of a snapshot, and the factory before it saves a template, wait for it.
-_CLOSED_PAUSE = 0.01
 
 
 class ChannelError(PykataError):
@@ -87,7 +89,7 @@ def parse_channel(spec: str) -> Channel:
 
 async def serve_serial(server: Server, device: str, ready: asyncio.Event,
                        on_session: Callable[[], None] | None = None) -> None:
-    """Serve ttrpc on a virtio-serial port for ever: one session per host, the port closed after each.
+    """Serve ttrpc on a virtio-serial port for ever: one session per host (see _REOPEN_DELAY).
 
     `on_session` runs with each session's first bytes (a session that saw no bytes when the VM
     was saved still counts as new in a clone: its first bytes come from the clone's host).
@@ -96,6 +98,7 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
     loop = asyncio.get_running_loop()
     host_changed = asyncio.Event()
     loop.add_signal_handler(signal.SIGIO, host_changed.set)
+    delay: float | None = None  # the next closed pause; None until a host's session ended
     try:
         while True:
             fd = _open_port(device)
@@ -104,12 +107,15 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
                 while True:
                     host_changed.clear()  # before the read: a host connecting from here on is signalled
                     if await server.serve_fd(fd, resync=True, on_first_data=on_session):
-                        break  # a host's session ended
+                        delay = _REOPEN_DELAY  # a host's session ended
+                    if delay is not None:
+                        break
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(host_changed.wait(), _IDLE_RECHECK)
             finally:
                 os.close(fd)
-            await asyncio.sleep(_CLOSED_PAUSE)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _REOPEN_DELAY_MAX)
     finally:
         loop.remove_signal_handler(signal.SIGIO)
 

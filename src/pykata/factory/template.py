@@ -18,10 +18,10 @@ a host connection.
 
 What a clone inherits and the host must fix:
   * the guest wall clock is the template's: set it through the agent (`sync_guest_clock`).
-  * the kernel's random state is the template's. The template is saved once its agent has left
-    the session of the host that made it, so a clone's host always starts a new session, and the
-    agent makes the kernel reseed its CRNG with that session's first bytes (RDSEED/RDRAND and the
-    input pool, which differ per clone), before it reads a request (pykata.agent.entropy). Linux
+  * the kernel's random state is the template's. The template is saved ready by its console line,
+    before any host talked to its agent, so a clone's host starts the agent's first session, and
+    the agent makes the kernel reseed its CRNG with that session's first bytes (RDSEED/RDRAND and
+    the input pool, which differ per clone), before it reads a request (pykata.agent.entropy). Linux
     from 6.2 reseeds only on a timer, so nothing else would make two clones differ for seconds.
     Sandboxes also reseed with the host's bytes (ReseedRandomDev). Processes that were already
     running in the template (the agent's Python) keep their user-space PRNG state (Python's
@@ -339,7 +339,7 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
     # die_with_owner: a maker killed mid-way (Ctrl-C twice, a timeout's SIGKILL) must not leave the
     # template's QEMU running with no one to stop it (one ran orphaned for 33 minutes here).
     vm = QemuHypervisor(f"template-{key[:8]}-{secrets.token_hex(3)}", config, shared_dir=shared,
-                        readiness=agent_readiness, memory_file=directory / "memory", die_with_owner=True)
+                        memory_file=directory / "memory", die_with_owner=True)
     taps: list[int] = []
     try:
         for i in range(nics):
@@ -353,11 +353,11 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
         for fd in taps:
             os.close(fd)
         taps.clear()
+        # Ready by its console line, not by a host's session: the saved agent never had a host, so a
+        # clone's host is its first session, whose first bytes make it reseed the kernel's CRNG before
+        # it answers anything (pykata.agent.entropy), and it waits for that host by SIGIO, not by
+        # reopening its port (pykata.agent.channel).
         await vm.wait_ready()
-        # agent_readiness disconnected again; once the guest has closed its port, its agent has left
-        # that session, so a clone's host is always a new session's first bytes: the agent reseeds
-        # the kernel's CRNG then (pykata.agent.entropy), before it answers anything.
-        await vm.wait_agent_port_closed()
         await vm.save(directory / "state")
     finally:
         for fd in taps:

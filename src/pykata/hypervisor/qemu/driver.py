@@ -664,12 +664,11 @@ class QemuHypervisor(Hypervisor):
                 await self._slots.fill(self.qmp, slot, image)
         await self.qmp.execute("cont")
         if not ignore_shared and self.spec is not None and self.spec.agent_channel == "virtio-serial":
-            await self.wait_agent_port_closed()
+            await self._wait_port_closed()
         self.timestamps["resumed"] = time.monotonic()
 
-    async def wait_agent_port_closed(self) -> None:
-        """Wait until the guest has its agent port closed: its agent left the session of a host that
-        is gone (see restore(); a template waits for it before it is saved). QEMU's VSERPORT_CHANGE
+    async def _wait_port_closed(self) -> None:
+        """Wait until the guest has its agent port closed (see restore()). QEMU's VSERPORT_CHANGE
         event would say so, but QEMU throttles it to one a second; the chardev's `frontend-open`
         (query-chardev) is the same state, unthrottled. The agent reopens the port within ~10 ms,
         and closes it again while no host is connected, so a closed moment is seen within a few polls.
@@ -677,7 +676,6 @@ class QemuHypervisor(Hypervisor):
         Raises:
             HypervisorError: the port stayed open for PORT_CLOSE_TIMEOUT.
         """
-        self._require_running("wait_agent_port_closed")
         deadline = time.monotonic() + PORT_CLOSE_TIMEOUT
         while True:
             chardevs = await self.qmp.execute("query-chardev")
