@@ -2,13 +2,13 @@
 
 First line, the guest's own: `reseed_crng()` runs with the first bytes of every host session on the
 agent channel, before the first request is read (pykata.agent.channel). A restored VM always starts
-a new session (a template is saved with no host connected, a snapshot's old session ends when it is
-restored), so the kernel's CRNG takes a new key from its input pool and the CPU's RDSEED/RDRAND (the
+a new session (a template is saved before any host talked to its agent, a snapshot's old session ends
+when it is restored), so the kernel's CRNG takes a new key from its input pool and the CPU's RDSEED/RDRAND (the
 host's getrandom under TCG, per QEMU process) before anything in the guest answers. Linux 6.1
 reseeded on the first read once the key was older than its reseed interval; from 6.2 it reseeds only
 on a timer (up to a minute apart), which a clone inherits from its template: without this, two clones
 read the same /dev/urandom bytes for seconds. QEMU's vmgenid device, the kernel's own signal for
-this, is not offered on microvm (its ACPI tables have no place for it).
+this, is not described to a microvm guest (QEMU 7.2 builds its SSDT only for pc/q35).
 
 Second line, the host's (Kata's ReseedRandomDev): every clone of one template resumes the same guest:
 the same kernel RNG state, the same boot_id, the same KASLR layout and the same Python `random` state
