@@ -24,8 +24,9 @@ bundle made from `build_spec` (what the agent runs):
             program (crun and its ten libraries) searches the library directories
 
 and a baseline: `busybox true` (a static binary), to show the floor of one process under TCG. With
---seccomp FILE, one more row: `crun create` of the same bundle with that seccomp profile (crun compiles
-it with libseccomp on every create).
+--seccomp FILE, two more rows: `crun create` of the same bundle with that seccomp profile (crun compiles
+it with libseccomp), and with the program that create left in crun's state directory handed back through
+`run.oci.seccomp_bpf_data` (what the agent does for a later container with the same profile).
 The guest clock ticks at 4 ms (HZ=250, jiffies clocksource), so figures are medians of coarse
 samples. Run it beside other load and the figures move: compare the columns of one run.
 """
@@ -52,7 +53,7 @@ CACHE = Path("/var/cache/pykata")
 QEMU = "/usr/bin/qemu-system-x86_64"
 
 PROBE = r'''
-import fcntl, json, os, statistics, subprocess, sys, time
+import base64, fcntl, json, os, statistics, subprocess, sys, time
 ROUNDS = int(sys.argv[1])
 os.chdir("/probe")
 fd = os.memfd_create("crun", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -114,7 +115,19 @@ for r in range(ROUNDS):
         add("crun delete --force", col, run(exe, ["delete", "--force", "c"]))
         if os.path.exists("/probe/bs/config.json"):
             add("create, +seccomp", col, run(exe, ["create", "--bundle=/probe/bs", "s"]))
+            # what the agent does for the next container with that profile (agent/seccompcache.py):
+            # the program crun left in its state directory, handed back through crun's annotation
+            with open("/run/crun/s/seccomp.bpf", "rb") as f:
+                kept = base64.b64encode(f.read()).decode()
             run(exe, ["delete", "--force", "s"])
+            os.makedirs("/probe/bk", exist_ok=True)
+            with open("/probe/bs/config.json") as f:
+                cfg = json.load(f)
+            cfg["annotations"] = {"run.oci.seccomp_bpf_data": kept}
+            with open("/probe/bk/config.json", "w") as f:
+                json.dump(cfg, f)
+            add("create, +seccomp kept", col, run(exe, ["create", "--bundle=/probe/bk", "k"]))
+            run(exe, ["delete", "--force", "k"])
 cols = [c[0] for c in COLUMNS]
 medians = {row: {c: statistics.median(v[c]) for c in cols} for row, v in rows.items()}
 print("PROBE-JSON", json.dumps(medians), flush=True)

@@ -96,6 +96,38 @@ async def test_container_processes_keep_address_space_randomization(agent: Agent
     assert (code, int(out, 16) & 0x0040000) == (0, 0), out
 
 
+async def test_a_seccomp_profile_is_compiled_once_and_enforced_from_the_kept_program(agent: AgentHelper) -> None:
+    """crun compiles a container's seccomp profile; the agent keeps the program and hands it to the
+    next container with the same profile (run.oci.seccomp_bpf_data in the config.json it writes),
+    whose init and execs are filtered all the same. A profile from the host never carries it."""
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    denied = ["sh", "-c", "mkdir /tmp/d 2>/dev/null && echo made || echo refused"]
+    first = agent.spec(denied)
+    first["linux"]["seccomp"] = profile
+    assert await agent.run("sc1", spec=first) == (0, b"refused\n", b"")
+    config1 = json.loads((agent.env.state_dir / "bundles/sc1/config.json").read_text()) \
+        if (agent.env.state_dir / "bundles/sc1").exists() else {}
+    assert "run.oci.seccomp_bpf_data" not in (config1.get("annotations") or {})
+    second = agent.spec(["sleep", "1000"])
+    second["linux"]["seccomp"] = profile
+    await agent.create("sc2", second)
+    config2 = json.loads((agent.env.state_dir / "bundles/sc2/config.json").read_text())
+    assert config2["annotations"]["run.oci.seccomp_bpf_data"], "the kept program was not handed to crun"
+    assert config2["linux"]["seccomp"] == profile
+    await agent.start("sc2")
+    await agent.close_stdin("sc2")
+    await agent.exec("sc2", "mk", denied)
+    assert (await agent.collect("sc2", "mk"))[:2] == (0, b"refused\n")
+    # the same program's init: /proc/1/status of the container says it is filtered
+    await agent.exec("sc2", "st", ["sh", "-c", "grep Seccomp: /proc/1/status"])
+    assert b"2" in (await agent.collect("sc2", "st"))[1]
+    # another profile is compiled for itself
+    other = agent.spec(denied)
+    other["linux"]["seccomp"] = {**profile, "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_ERRNO"}]}
+    assert await agent.run("sc3", spec=other) == (0, b"made\n", b"")
+
+
 async def test_exec_into_a_stopped_container_fails(agent: AgentHelper) -> None:
     await agent.run("stopped", ["true"])
     with pytest.raises(RpcError) as ei:

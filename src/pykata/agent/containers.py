@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pykata.agent import bundle, diskfile, nsexec
+from pykata.agent import bundle, diskfile, nsexec, seccompcache
 from pykata.agent.crun import CREATE_TIMEOUT, Crun, CrunError, Stdio
 from pykata.agent.processes import Process
 from pykata.agent.reaper import Reaper
@@ -107,6 +107,7 @@ class Containers:
         self._items: dict[str, Container] = {}
         self._busy: set[str] = set()
         self._seq = itertools.count()
+        self.seccomp = seccompcache.SeccompCache()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -162,6 +163,8 @@ class Containers:
                     spec, roots=self.settings.source_roots, cgroups_path=self.settings.cgroups_path(cid),
                     terminal=req.terminal, pid_ns_path=pid_ns_path, extra_mounts=extra_mounts,
                     devices=bundle.device_entries(req.devices))
+                seccomp_key = seccompcache.profile_key(config)
+                compiled = self.seccomp.apply(seccomp_key, config)  # after rewrite_spec refused the host's run.oci.*
                 bundle_dir = self.settings.bundles / cid
                 shutil.rmtree(bundle_dir, ignore_errors=True)
                 bundle_dir.mkdir(mode=0o700)
@@ -174,6 +177,8 @@ class Containers:
                 undo.push_async_callback(self._crun_delete, cid)
                 pid = await self._launch(init, cid, bundle_dir / "init.pid", lambda stdio, sock: self.crun.create(
                     cid, bundle_dir, bundle_dir / "init.pid", stdio, sock))
+                if not compiled:
+                    self.seccomp.remember(seccomp_key, self.crun.root / cid)
                 container = Container(cid, bundle_dir, config, Cgroup.at(
                     self.settings.cgroups_path(cid), self.settings.cgroup_root), init, mounts)
                 undo.pop_all()
