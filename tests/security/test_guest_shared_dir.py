@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ async def test_compromised_guest_cannot_reach_the_host_through_the_shared_dir(
     # directory (a hostile agent needs no help to mount it).
     real_for_guest = sandbox_module.for_guest
 
-    def exposing(spec: dict[str, Any], cid: str) -> tuple[dict[str, Any], list[Volume]]:
-        out, shares = real_for_guest(spec, cid)
+    def exposing(spec: dict[str, Any], cid: str, in_guest: Mapping[int, str] | None = None
+                 ) -> tuple[dict[str, Any], list[Volume]]:
+        out, shares = real_for_guest(spec, cid, in_guest)
         if cid == ATTACKER:
             out["mounts"].append({"destination": "/guestshared", "type": "bind", "source": GUEST_SHARED_DIR,
                                   "options": ["rbind", "rw"]})
