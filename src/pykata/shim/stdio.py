@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pykata.errors import InvalidArgument, PykataError
 from pykata.sandbox.process import Process, Stream
+from pykata.timing import mark
 
 log = logging.getLogger("pykata.shim.stdio")
 
@@ -251,6 +252,7 @@ class ProcessIO:
                 while await proc.read(stream) is not None:
                     pass
         finally:
+            mark(f"io.{stream}.end")
             sink.release()
 
     async def _feed(self, proc: Process, fd: int) -> None:

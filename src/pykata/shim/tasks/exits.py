@@ -32,6 +32,7 @@ async def wait_process(st: TaskState, sc: ShimContainer, p: ShimProcess) -> None
     assert p.proc is not None
     try:
         status = await p.proc.wait()
+        mark("exit.waited")
     except AgentCallError as e:
         status = VM_GONE_STATUS if e.code == Code.UNAVAILABLE else 255
         log.warning("waiting for %s: %s (status %d)", p.id, e, status)

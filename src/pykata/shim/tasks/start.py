@@ -70,6 +70,7 @@ async def _start_exec(st: TaskState, sc: ShimContainer, p: ShimProcess) -> None:
     proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)
     with agent_errors(f"exec {p.exec_id} in {sc.id}"):
         p.proc = await sc.sandbox_container.exec_process(p.exec_id, proc)
+    mark("exec.started")
     p.pid, p.guest_pid, p.state = st.host_pid(), p.proc.pid, "running"
     if p.io is not None:
         p.io.attach(p.proc)
