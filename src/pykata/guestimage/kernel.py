@@ -9,7 +9,8 @@ Public API (stable; `pykata image build` and the hypervisor layer call it):
 - `KernelArtifact.vmlinux` is the uncompressed ELF kernel with the PVH note: give it to QEMU as
   `-kernel` (microvm or q35, TCG or KVM). `bzimage` is the same kernel in bzImage format.
 - Under TCG, boot it with `tsc_early_khz=<host TSC kHz>` (pykata.hypervisor.hostinfo.host_tsc_khz):
-  its PIT-based TSC calibration fails on a busy host and the boot then hangs.
+  its PIT-based TSC calibration fails on a busy host and the boot then hangs. Likewise give it
+  `lapic_timer_period=<APIC timer Hz / CONFIG_HZ>` (a parameter SOURCE_EDITS adds; launch.kernel_params).
 
 The cache entry `<cache_dir>/kernel/<key>/` holds `vmlinux`, `bzImage`, `config` (the full .config
 used), `build.log` and `manifest.json`; `<cache_dir>/kernel/current` names the latest key.
@@ -44,7 +45,7 @@ from pykata.fsutil import atomic_write, file_lock
 
 # Bump when the way the kernel is built changes (make targets, merge steps, flags, SOURCE_EDITS): it is
 # part of the key.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 DEFAULT_CACHE_DIR = Path("/var/cache/pykata")
 SOURCE_PACKAGE = "linux-source-6.12"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
@@ -57,8 +58,19 @@ EXPECTED_COMPILE_STEPS = 1577
 #   only when it detects a hypervisor, and a TCG guest shows no hypervisor signature Linux knows: it then
 #   allows 0 hotplug CPUs and ignores a hot-added vCPU ("Unable to map lapic to logical cpu number"). A
 #   pykata kernel only runs in VMs: such entries are usable, as 6.1 had them.
+# - `lapic_timer_period=` (APIC timer ticks per jiffy, as the kernel's calibration measures it): when set,
+#   calibrate_APIC_clock() takes it as the platform's and skips its 100 ms measurement. The measurement
+#   waits for TSC-timed jiffies and catches up after a stall, so a vCPU the host stops for >= ~100 ms
+#   right after it starts reads two APIC counts microseconds apart, "APIC frequency too slow", and a
+#   hardware-reduced ACPI microvm (no PIT) never gets a tick again. QEMU's TCG APIC counts at a fixed
+#   1 GHz, so pykata passes the exact value (hypervisor.qemu.launch.kernel_params).
 SOURCE_EDITS = (
     ("arch/x86/kernel/acpi/boot.c", "\treturn !hypervisor_is_type(X86_HYPER_NATIVE);\n", "\treturn true;\n"),
+    ("arch/x86/kernel/apic/apic.c", "unsigned int lapic_timer_period = 0;\n",
+     "unsigned int lapic_timer_period = 0;\n\n"
+     "static int __init pykata_lapic_timer_period(char *arg)\n"
+     "{\n\treturn kstrtouint(arg, 0, &lapic_timer_period);\n}\n"
+     "early_param(\"lapic_timer_period\", pykata_lapic_timer_period);\n"),
 )
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.

@@ -115,6 +115,10 @@ class LaunchSpec:
 
 
 DATA_DISK_NODE = "datadisk"
+# The APIC timer's input clock under TCG: QEMU's APIC_BUS_CYCLE_NS is 1.
+TCG_APIC_HZ = 1_000_000_000
+# CONFIG_HZ of pykata's guest kernel (guestimage/kernel.config leaves Kconfig's default, HZ_250).
+GUEST_KERNEL_HZ = 250
 
 
 def root_slot_node(slot: int) -> str:
@@ -145,6 +149,12 @@ def kernel_params(spec: LaunchSpec) -> str:
         # TCG guests read the host TSC; calibrating it against emulated timers fails on a busy host
         # (the guest then hangs), and the clocksource watchdog would wrongly call it unstable.
         params += [f"tsc_early_khz={spec.tsc_khz}", "tsc=reliable"]
+    if spec.accel == "tcg":
+        # The APIC timer's rate, so the guest does not measure it (a parameter of pykata's kernel, see
+        # guestimage.kernel.SOURCE_EDITS; another kernel passes it to init). The measurement reads
+        # "too slow" when the host stalls the vCPU at its start, and a microvm with ACPI then never
+        # gets a tick again. QEMU's TCG APIC counts at 1 GHz.
+        params.append(f"lapic_timer_period={TCG_APIC_HZ // GUEST_KERNEL_HZ}")
     if not q.enable_debug:
         params.append("quiet")
     if spec.image is not None:
