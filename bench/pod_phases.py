@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from churn import pooled_containerd  # noqa: E402
+from phases import read_marks  # noqa: E402
 
 from pykata.timing import ENV, mark  # noqa: E402
 from tests.cri.harness import Cri, CriContainerd  # noqa: E402
@@ -99,15 +100,6 @@ class MarkedCri(Cri):
 
     def remove_pod(self, pod_id: str) -> None:
         self._timed("RemovePodSandbox", super().remove_pod, pod_id)
-
-
-def read_marks(path: Path) -> Marks:
-    marks = []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0].isdigit():
-            marks.append((int(parts[0]), parts[2]))
-    return sorted(marks)
 
 
 def normalize(name: str, roles: dict[str, str]) -> str:

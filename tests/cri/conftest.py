@@ -7,20 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cri.harness import CriContainerd, missing_cri_prerequisites
+from tests.cri.harness import CriContainerd, running_cri_containerd
 
 
 @pytest.fixture(scope="module")
 def cri_containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriContainerd]:
-    # scripts/install.sh installs all of these: their absence is a broken setup, not a reason to skip
-    missing = missing_cri_prerequisites()
-    if missing:
-        pytest.fail(f"the CRI tests need {missing}")
-    ctd = CriContainerd(tmp_path_factory.mktemp("cri"))
-    try:
-        ctd.start()
-        ctd.import_images(tmp_path_factory.mktemp("cache"))
+    with running_cri_containerd(tmp_path_factory.mktemp("cri"), tmp_path_factory.mktemp("cache")) as ctd:
         yield ctd
-    finally:
-        ctd.stop()
-        assert not ctd.shims(), "a shim outlived containerd's teardown"

@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,25 @@ def missing_cri_prerequisites() -> str | None:
     if not (CNI_BIN_DIR / "loopback").exists():
         return f"{CNI_BIN_DIR}/loopback (Debian containernetworking-plugins)"
     return None
+
+
+@contextlib.contextmanager
+def running_cri_containerd(directory: Path, cache: Path, runtime_config: dict[str, str] | None = None
+                           ) -> Iterator[CriContainerd]:
+    """A started CriContainerd in `directory`, its images imported (from `cache`); stopped after, and
+    no shim may outlive it. Its prerequisites (scripts/install.sh installs them all) missing fails the
+    test: a broken setup, not a reason to skip."""
+    missing = missing_cri_prerequisites()
+    if missing:
+        raise AssertionError(f"the CRI tests need {missing}")
+    ctd = CriContainerd(directory, runtime_config=runtime_config or {})
+    try:
+        ctd.start()
+        ctd.import_images(cache)
+        yield ctd
+    finally:
+        ctd.stop()
+        assert not ctd.shims(), "a shim outlived containerd's teardown"
 
 
 @dataclass

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.cri.harness import Cri, CriContainerd, missing_cri_prerequisites
+from tests.cri.harness import Cri, CriContainerd, running_cri_containerd
 from tests.cri.test_pod_config import _container, _pod, _pod_config, _sh
 
 pytestmark = [pytest.mark.vm]
@@ -36,17 +36,9 @@ def kubelet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ctd(tmp_path_factory: pytest.TempPathFactory, kubelet_root: Path) -> Iterator[CriContainerd]:
-    missing = missing_cri_prerequisites()
-    if missing:
-        pytest.fail(f"the CRI tests need {missing}")
-    ctd = CriContainerd(tmp_path_factory.mktemp("cri"), runtime_config={"kubelet_root_dir": f'"{kubelet_root}"'})
-    try:
-        ctd.start()
-        ctd.import_images(tmp_path_factory.mktemp("cache"))
+    with running_cri_containerd(tmp_path_factory.mktemp("cri"), tmp_path_factory.mktemp("cache"),
+                                {"kubelet_root_dir": f'"{kubelet_root}"'}) as ctd:
         yield ctd
-    finally:
-        ctd.stop()
-        assert not ctd.shims(), "a shim outlived containerd's teardown"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.cri.harness import Cri, CriContainerd, missing_cri_prerequisites
+from tests.cri.harness import Cri, CriContainerd, running_cri_containerd
 
 H = "io.katacontainers.config.hypervisor."
 CONFIG_PATH = "io.katacontainers.config_path"
@@ -30,20 +30,11 @@ CONFIG_PATH = "io.katacontainers.config_path"
 
 @pytest.fixture(scope="module")
 def ctd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriContainerd]:
-    missing = missing_cri_prerequisites()
-    if missing:
-        pytest.fail(f"the CRI tests need {missing}")
     directory = tmp_path_factory.mktemp("cri-attacks")
-    ctd = CriContainerd(directory, runtime_config={
-        "valid_config_paths": f'["{directory / "pod-configs"}", "/etc"]',
-        "runtime_dir": f'"{directory / "run"}"', "sandbox_cgroup_only": "true"})
-    try:
-        ctd.start()
-        ctd.import_images(tmp_path_factory.mktemp("cache"))
+    with running_cri_containerd(directory, tmp_path_factory.mktemp("cache"), {
+            "valid_config_paths": f'["{directory / "pod-configs"}", "/etc"]',
+            "runtime_dir": f'"{directory / "run"}"', "sandbox_cgroup_only": "true"}) as ctd:
         yield ctd
-    finally:
-        ctd.stop()
-        assert not ctd.shims(), "a shim outlived containerd's teardown"
 
 
 @pytest.fixture(scope="module")
