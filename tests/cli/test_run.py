@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from pykata.config import load_config
+from pykata.sandbox import state
+from pykata.sandbox.lookup import find
+from pykata.sandbox.remote import AttachedSandbox
 from tests.cli.ptysession import pty_session
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
@@ -208,6 +214,38 @@ def test_run_detached_then_attach() -> None:
     assert b"no such container" in pykata("attach", name).stderr
     refused = pykata("run", "-d", "-i", "busybox", "true")
     assert refused.returncode != 0 and b"--interactive" in refused.stderr and b"Traceback" not in refused.stderr
+
+
+@pytest.mark.vm
+def test_an_exec_that_ends_its_container_still_gets_its_own_status() -> None:
+    """The exec's command makes the container's main process exit; the detached owner then stops the
+    sandbox at once. Its agent proxy still answers the clients already connected (for up to
+    PROXY_DRAIN_SECONDS), so an exec's wait sent after the owner saw the exit gets its status instead of
+    "connection closed by peer" (the CLI's wait can come that late on a loaded host)."""
+    name = f"e-{uuid.uuid4().hex[:6]}"
+    # the exec ends first (the main process's exit would kill it: one pid namespace), then the main
+    started = pykata("run", "-d", "--name", name, "busybox", "sh", "-c",
+                     "while [ ! -e /tmp/go ]; do sleep 0.05; done; sleep 0.2; exit 3")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert asyncio.run(_exec_waiting_for_the_exit(name)) == 5
+        go = pykata("ps", "-a")
+        assert any(name in line and "exited (3)" in line for line in go.stdout.decode().splitlines()), go.stdout
+    finally:
+        pykata("rm", "-f", name)
+
+
+async def _exec_waiting_for_the_exit(name: str) -> int:
+    found = find(load_config(), name)
+    async with await AttachedSandbox.attach(found) as sandbox:
+        proc = await sandbox.exec(found.record.id, ["sh", "-c", "touch /tmp/go; exit 5"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the owner has recorded the exit (and begun to stop)
+            record = state.load(found.dir)
+            if record is None or record.containers[found.record.id].status == "exited":
+                break
+            await asyncio.sleep(0.01)
+        return await proc.wait()
 
 
 @pytest.mark.vm

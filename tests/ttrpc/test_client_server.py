@@ -342,3 +342,48 @@ async def test_server_stream_ended_by_data_without_a_response(tmp_path: Path) ->
         await client.close()
         srv.close()
         await srv.wait_closed()
+
+
+async def test_close_with_grace_answers_open_connections_then_ends_them(echo_server: Any) -> None:
+    """A stopping sandbox's agent proxy: a client already connected, between two calls of one
+    operation (an exec's close-stdin, then its wait), still gets both answers; nobody new gets in;
+    close() ends as soon as the clients have gone, and at `grace` at the latest."""
+    path, _, server = echo_server
+    client = await connect_unix(path)
+    lingering = await connect_unix(path)
+    assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=1), timeout=5)).tag == 1
+    closing = asyncio.ensure_future(server.close(grace=5.0))
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    resp = await client.call(ECHO_SERVICE, "Echo", Echo(tag=2, delay_ms=50), timeout=5)
+    assert resp.tag == 2  # a call sent after close() began is answered
+    with pytest.raises(OSError):
+        await connect_unix(path)  # no new client
+    await client.close()
+    await lingering.close()
+    await asyncio.wait_for(closing, 2.0)  # returns once its clients left, long before the grace
+    # with no grace (the default) a connection is ended at once, its call in flight failing
+    server2 = Server()
+    server2.register(ECHO_SERVICE, EchoHandler())
+    path2 = path + "2"
+    await server2.serve_unix(path2)
+    late = await connect_unix(path2)
+    call = asyncio.ensure_future(late.call(ECHO_SERVICE, "Sleep", Echo(delay_ms=3000), timeout=10))
+    await asyncio.sleep(0.1)
+    await server2.close()
+    with pytest.raises((RpcError, ConnectionClosedError, ConnectionResetError)):
+        await asyncio.wait_for(call, 5.0)
+    await late.close()
+
+
+async def test_close_with_grace_gives_up_on_a_client_that_stays(echo_server: Any) -> None:
+    path, _, server = echo_server
+    stays = await connect_unix(path)
+    assert (await stays.call(ECHO_SERVICE, "Echo", Echo(tag=1), timeout=5)).tag == 1  # the server has it
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await server.close(grace=0.3)
+    assert 0.25 <= loop.time() - start < 3.0
+    with pytest.raises((RpcError, ConnectionClosedError, ConnectionResetError)):
+        await stays.call(ECHO_SERVICE, "Echo", Echo(tag=3), timeout=5)
+    await stays.close()

@@ -73,6 +73,8 @@ WARM_UP_TIMEOUT = 60.0
 SHARED_FS_TAG = "kataShared"
 AGENT_PROXY_SOCKET = "agent.sock"
 STOP_TIMEOUT = 20.0
+# how long a stopping sandbox still answers the calls of clients already connected to its agent proxy
+PROXY_DRAIN_SECONDS = 1.0
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -851,7 +853,8 @@ class Sandbox:
         mark("sb.teardown")
         if self._proxy is not None:
             with contextlib.suppress(Exception):
-                await self._proxy.close()
+                # an exec whose command ended the container still gets its status (the VM runs on)
+                await self._proxy.close(grace=PROXY_DRAIN_SECONDS)
         mark("sb.proxy.closed")
         if self.vm is not None:
             try:

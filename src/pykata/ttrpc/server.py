@@ -289,10 +289,17 @@ class Server:
             proto.abort(None)
         return proto.received
 
-    async def close(self) -> None:
-        """Stop listening and end every connection; in-flight handlers are cancelled. Idempotent."""
+    async def close(self, *, grace: float = 0.0) -> None:
+        """Stop listening and end every connection; in-flight handlers are cancelled. Idempotent.
+
+        With `grace` (seconds), connections already open may go on for up to that long (their
+        clients' calls in flight, and calls they still send, are answered) and end sooner when their
+        peers close them: a client between two calls of one operation gets its answer."""
         for srv in self._listeners:
             srv.close()
+        open_ = [p.closed for p in self._connections if not p.closed.done()]
+        if grace > 0 and open_:
+            await asyncio.wait(open_, timeout=grace)
         for p in list(self._connections):
             p.abort(None)
         for srv in self._listeners:
