@@ -79,21 +79,12 @@ def run_rm(ctd: Containerd, runtime: str, opts: tuple[str, ...] = ()) -> float:
     return elapsed
 
 
-def qemu_breakdown_kib(pid: int) -> dict[str, int]:
-    """QEMU's PSS by what it is: the TCG translation cache (its rwx anonymous mappings), guest
-    RAM written since the clone (anonymous pages of the RAM file's private mapping), guest RAM still
-    the template file's pages (shared with the other clones), and everything else."""
-    out = {"tcg_cache": 0, "guest_dirty": 0, "guest_template": 0, "qemu_rest": 0}
-    kind = "qemu_rest"
-    pss = anon = 0
+SMAPS_FIELDS = ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty", "Shared_Clean", "Anonymous")
 
-    def flush() -> None:
-        if kind == "guest":
-            out["guest_dirty"] += anon
-            out["guest_template"] += pss - anon
-        else:
-            out[kind] += pss
 
+def mappings(pid: int) -> list[dict[str, Any]]:
+    """Each mapping of `pid`: its name, permissions, size and the smaps fields above (KiB)."""
+    out: list[dict[str, Any]] = []
     try:
         lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
     except OSError:
@@ -101,20 +92,28 @@ def qemu_breakdown_kib(pid: int) -> dict[str, int]:
     for line in lines:
         parts = line.split()
         if parts and "-" in parts[0] and not parts[0].endswith(":"):
-            flush()
-            pss = anon = 0
-            name = parts[5] if len(parts) > 5 else ""
-            if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
-                kind = "guest"
-            elif not name and "x" in parts[1]:  # one rwx mapping per TCG region (guard pages between)
-                kind = "tcg_cache"
-            else:
-                kind = "qemu_rest"
-        elif parts and parts[0] == "Pss:":
-            pss = int(parts[1])
-        elif parts and parts[0] == "Anonymous:":
-            anon = int(parts[1])
-    flush()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append({"name": " ".join(parts[5:]), "perms": parts[1], "size": (hi - lo) // 1024})
+        elif parts and parts[0].rstrip(":") in SMAPS_FIELDS and out:
+            out[-1][parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def qemu_breakdown_kib(pid: int) -> dict[str, int]:
+    """QEMU's PSS by what it is: the TCG translation cache (its rwx anonymous mappings), guest
+    RAM written since the clone (anonymous pages of the RAM file's private mapping), guest RAM still
+    the template file's pages (shared with the other clones), and everything else."""
+    out = {"tcg_cache": 0, "guest_dirty": 0, "guest_template": 0, "qemu_rest": 0}
+    for m in mappings(pid):
+        name = m["name"].split(" ", 1)[0]
+        pss, anon = m.get("Pss", 0), m.get("Anonymous", 0)
+        if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
+            out["guest_dirty"] += anon
+            out["guest_template"] += pss - anon
+        elif not name and "x" in m["perms"]:  # one rwx mapping per TCG region (guard pages between)
+            out["tcg_cache"] += pss
+        else:
+            out["qemu_rest"] += pss
     return out
 
 

@@ -43,31 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from bench.ctr_bench import container_processes, start_detached  # noqa: E402
+from bench.ctr_bench import container_processes, mappings, start_detached  # noqa: E402
 from pykata.config import load_config  # noqa: E402
 from pykata.images import ImageStore  # noqa: E402
 from pykata.images.builtin import export_oci_archive  # noqa: E402
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd  # noqa: E402
 
 ZERO_PAGE = bytes(4096)
-FIELDS = ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty", "Shared_Clean", "Anonymous")
-
-
-def mappings(pid: int) -> list[dict[str, Any]]:
-    """Each mapping of `pid`: its name, permissions, size and the smaps fields above (KiB)."""
-    out: list[dict[str, Any]] = []
-    try:
-        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        parts = line.split()
-        if parts and "-" in parts[0] and not parts[0].endswith(":"):
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append({"name": " ".join(parts[5:]), "perms": parts[1], "size": (hi - lo) // 1024})
-        elif parts and parts[0].rstrip(":") in FIELDS and out:
-            out[-1][parts[0].rstrip(":")] = int(parts[1])
-    return out
 
 
 def qemu_kind(m: dict[str, Any], prev: dict[str, Any] | None) -> str:
