@@ -9,6 +9,10 @@ Two guests:
   clone  (--template) the image guest started from a VM template (pykata.factory) with a
          9p share like a sandbox's; ready when the agent answers a health check over the channel.
          The template is made once before the runs (its time is reported as template-make).
+  prestarted (--template --prestart) the clone, but from a QEMU started ahead and waiting for the
+         template's state (QemuHypervisor.launch: a pre-started VMM, as Firecracker's snapshot load
+         is timed from a running VMM); its phases count from the moment the state load begins, and
+         `waiting-pss`/`waiting-cpu` say what the waiting QEMU cost (PSS MiB, CPU s) until then.
 
 Phases (host wall clock unless noted):
   spawn        QEMU fork+exec returned
@@ -25,10 +29,11 @@ Phases (host wall clock unless noted):
   qemu-starved seconds QEMU's most starved thread was ready to run but waited for a host CPU, from
                QEMU's start until ready (schedstat run_delay): the part of `ready` the host's load
                took, which the boot deadline does not count (pykata.hypervisor.readiness.BootDeadline)
-  restore      QEMU start until the saved state is loaded and the guest continues (clone only)
+  restore      QEMU start until the saved state is loaded and the guest continues (clone only;
+               prestarted: from the start of the load)
   stop         stop(): QMP quit, reap, clean up
 
-    .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--template] [--json]
+    .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--template [--prestart]] [--json]
 """
 
 from __future__ import annotations
@@ -138,11 +143,19 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
     vm: Hypervisor | None = None
     init_seen: asyncio.Task[float] | None = None
     try:
-        if guest == "clone":
+        waiting: dict[str, float] = {}
+        if guest in ("clone", "prestarted"):
             # As a sandbox gets it: the factory picks the template; a share like a sandbox's.
             shared = Path(config.runtime.runtime_dir) / f"shared-{i}"
             shared.mkdir(parents=True)
-            vm = await start_vm(f"bench-{guest}-{i}", config, shared_dir=shared)
+            vm = await start_vm(f"bench-{guest}-{i}", config, shared_dir=shared, defer=guest == "prestarted")
+            if guest == "prestarted":
+                assert isinstance(vm, QemuHypervisor) and vm.pid is not None
+                await asyncio.sleep(PRESTART_SETTLE)  # QEMU waits, idle, as in a pool
+                qemu = psutil.Process(vm.pid)
+                cpu = qemu.cpu_times()
+                waiting = {"waiting-pss": qemu.memory_full_info().pss / 2**20, "waiting-cpu": cpu.user + cpu.system}
+                await vm.start()
         else:
             vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
             await vm.prepare()
@@ -155,8 +168,10 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
         await vm.wait_ready(60)
         starved = starvation()
         ts = vm.timestamps
-        t0 = ts["start"]
-        out = {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0, "ready": ts["ready"] - t0}
+        t0 = ts["load"] if guest == "prestarted" else ts["start"]
+        out = {"ready": ts["ready"] - t0, **waiting}
+        if guest != "prestarted":
+            out |= {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0}
         if "resumed" in ts:
             out["restore"] = ts["resumed"] - t0
         if init_seen is not None and init_seen.done():
@@ -185,8 +200,10 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
     return out
 
 
-ORDER = ["template-make", "spawn", "qmp", "restore", "pre-kernel", "kernel", "init", "to-init", "userspace", "ready",
-         "qemu-cpu", "qemu-starved", "stop"]
+ORDER = ["template-make", "waiting-pss", "waiting-cpu", "spawn", "qmp", "restore", "pre-kernel", "kernel", "init",
+         "to-init", "userspace", "ready", "qemu-cpu", "qemu-starved", "stop"]
+# How long a pre-started QEMU waits before its state is loaded (its set-up is then surely over).
+PRESTART_SETTLE = 0.3
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -206,7 +223,7 @@ async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | No
             initrd = write_busybox_initrd(workdir / "tiny.cpio", TINY_INIT)
         assert initrd is not None
         made: float | None = None
-        if guest == "clone":
+        if guest in ("clone", "prestarted"):
             config = make_clone_config(workdir, memory, kernel, initrd)
             started = time.monotonic()
             await ensure_template(config)
@@ -253,15 +270,19 @@ def main() -> None:
     ap.add_argument("--initrd", help="initrd for --guest image (default: the cached build)")
     ap.add_argument("--template", action="store_true",
                     help="also boot the image guest from a VM template (guest 'clone')")
+    ap.add_argument("--prestart", action="store_true",
+                    help="with --template: also clone into a QEMU started ahead (guest 'prestarted')")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     guests = ["tiny", "image"] if args.guest == "both" else [args.guest]
     if args.template:
         guests.append("clone")
-    kernel, image_initrd = find_assets(args.kernel, args.initrd, "image" in guests or "clone" in guests)
+        if args.prestart:
+            guests.append("prestarted")
+    kernel, image_initrd = find_assets(args.kernel, args.initrd, bool({"image", "clone"} & set(guests)))
     results = []
     for guest in guests:
-        if guest in ("image", "clone") and image_initrd is None:
+        if guest in ("image", "clone", "prestarted") and image_initrd is None:
             print("[boot_bench] no guest image (pykata image build): skipping --guest image", file=sys.stderr)
             continue
         results.append(asyncio.run(bench(guest, args.n, args.memory, kernel, image_initrd)))
@@ -271,7 +292,8 @@ def main() -> None:
     for r in results:
         print(f"{r['guest']}: {r['runs']} boots, {r['memory_mib']} MiB, accel {r['accel']}, initrd {r['initrd']}")
         for phase, s in r["phases"].items():
-            print(f"  {phase:<11} median {s['median']:.3f}s  (min {s['min']:.3f}, max {s['max']:.3f})")
+            unit = " MiB" if phase == "waiting-pss" else "s"
+            print(f"  {phase:<11} median {s['median']:.3f}{unit}  (min {s['min']:.3f}, max {s['max']:.3f})")
 
 
 if __name__ == "__main__":

@@ -222,6 +222,37 @@ async def test_clone_from_virtio_fs_config_uses_9p_and_stop_leaves_nothing(
     assert load_template(template.dir) == template
 
 
+async def test_prestarted_clone_waits_without_its_guest_then_runs_or_stops_cleanly(
+        template: Template, config: Config, tdir: Path, vm_factory: VmFactory) -> None:
+    before = _qemu_pids(tdir)
+    vms = []
+    for name in ("pre-a", "pre-b"):
+        shared = tdir / f"shared-{name}"
+        shared.mkdir()
+        vms.append(vm_factory.track(await start_vm(name, config, shared_dir=shared, defer=True)))
+    running, waiting = vms
+    assert isinstance(running, QemuHypervisor) and isinstance(waiting, QemuHypervisor)
+    try:
+        for vm in vms:
+            # QEMU is up and waits for the template's state: no guest runs, nothing is loaded yet.
+            assert isinstance(vm, QemuHypervisor) and vm.state == "launched" and vm.pid in _qemu_pids(tdir)
+            assert (await vm.qmp.execute("query-status"))["status"] == "inmigrate"
+            assert "restored" not in vm.timestamps
+            with pytest.raises(HypervisorError, match="wait_ready"):
+                await vm.wait_ready(timeout=1)
+        await running.start()
+        await running.wait_ready(timeout=30)
+        assert running.state == "running" and "restored" in running.timestamps
+        assert (await running.qmp.execute("query-status"))["status"] == "running"
+        pid = waiting.pid
+        assert (await waiting.stop()) is not None and waiting.state == "stopped"
+        assert pid not in _qemu_pids(tdir) and not waiting.paths.dir.exists()
+    finally:
+        for vm in vms:
+            await vm.stop()
+    assert _qemu_pids(tdir) <= before
+
+
 async def test_template_invalidated_when_the_initrd_changes(
         template: Template, config: Config, initrd_copy: Path) -> None:
     old_inputs, *_ = await template_inputs(config)

@@ -76,11 +76,17 @@ async def start_vm(
     vm_dir: Path | None = None,
     die_with_owner: bool = False,
     prepared: Callable[[Hypervisor], Awaitable[None]] | None = None,
+    defer: bool = False,
 ) -> Hypervisor:
     """A started VM for a sandbox, restored from a template or booted (the caller then awaits
     `wait_ready()`). `devices` (the pod's NICs, as plain device values) are cold-plugged. A restored VM
     without a `readiness` probe is ready when its agent answers a health check. `prepared` runs after
     the VM is prepared (its jail uid known) and before QEMU starts: host rules for its traffic.
+
+    `defer`: the VM is returned before its guest runs, and the caller's `start()` runs it: a clone's
+    QEMU is already started and waits for the template's state (QemuHypervisor.launch, a pre-started
+    VMM), so `start()` only loads the state; a VM that boots cold is only prepared. (A failing deferred
+    `start()` stops the VM, but only start_vm discards a template whose state QEMU cannot load.)
 
     On any failure the VM is stopped; a template whose state QEMU cannot load is discarded (useless for
     every later VM too), so the next VM makes a fresh one.
@@ -101,7 +107,10 @@ async def start_vm(
         await vm.prepare()
         if prepared is not None:
             await prepared(vm)
-        await vm.start()
+        if not defer:
+            await vm.start()
+        elif template is not None:
+            await vm.launch()
     except BaseException as exc:
         if isinstance(exc, RestoreError) and template is not None:
             discard_template(template, str(exc))

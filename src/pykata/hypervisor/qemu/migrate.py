@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from pykata.errors import HypervisorError
-from pykata.hypervisor.qemu.qmp import QmpChannel
+from pykata.hypervisor.errors import QmpError
+from pykata.hypervisor.qemu.qmp import QmpChannel, QmpListener
 from pykata.hypervisor.readiness import log_tail
 
 # Moving only device state (RAM stays in the template's file) takes milliseconds.
@@ -71,8 +72,11 @@ async def load_state(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label:
     Raises:
         HypervisorError: the file cannot be opened, or QEMU could not load the state in time.
     """
+    # QEMU announces the end of the load (the MIGRATION event): no polling, no round trip after it.
+    capabilities = [{"capability": "events", "state": True}]
     if ignore_shared:
-        await qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+        capabilities.append({"capability": "x-ignore-shared", "state": True})
+    await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -81,8 +85,38 @@ async def load_state(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label:
         await qmp.execute("getfd", {"fdname": "migrate-restore"}, fd=fd)
     finally:
         os.close(fd)
-    await qmp.execute("migrate-incoming", {"uri": "fd:migrate-restore"})
-    await wait_completed(qmp, "restore", label=label, qemu_log=qemu_log)
+    with qmp.listener("MIGRATION", where=lambda e: e.data.get("status") in _ENDED) as ended:
+        await qmp.execute("migrate-incoming", {"uri": "fd:migrate-restore"})
+        await _wait_ended(qmp, ended, "restore", label=label, qemu_log=qemu_log)
+
+
+_ENDED = ("completed", "failed", "cancelled")
+# A MIGRATION event missed (it should never be) costs at most this before query-migrate is asked.
+_EVENT_RECHECK = 0.5
+
+
+async def _wait_ended(qmp: QmpChannel, ended: QmpListener, what: str, *, label: str, qemu_log: Path) -> None:
+    """Wait for the MIGRATION event that ends a migration; raise HypervisorError unless it completed
+    (or after MIGRATE_TIMEOUT). query-migrate is asked only when no event came for a while."""
+    deadline = time.monotonic() + MIGRATE_TIMEOUT
+    while True:
+        try:
+            status = (await ended.get(min(_EVENT_RECHECK, max(0.0, deadline - time.monotonic())))).data.get("status")
+        except QmpError:
+            if qmp.closed:
+                raise
+            status = None
+        if status is None:
+            info = await qmp.execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            info = await qmp.execute("query-migrate")
+            desc = info.get("error-desc", "no reason given") if isinstance(info, dict) else "no reason given"
+            raise HypervisorError(f"{label}: {what} failed: {desc}; qemu: {log_tail(qemu_log, 800)}")
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"{label}: {what} not done after {MIGRATE_TIMEOUT:.0f}s (status {status})")
 
 
 async def wait_completed(qmp: QmpChannel, what: str, *, label: str, qemu_log: Path) -> None:
