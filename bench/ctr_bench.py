@@ -36,10 +36,12 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -207,32 +209,134 @@ def cpu_s(pids: list[int]) -> float:
     return total
 
 
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and every process below it, by pid."""
+    out: dict[int, float] = {}
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            out[p.pid] = cpu_s([p.pid])
+    return out
+
+
+def pool_cpu() -> dict[int, dict[int, float]]:
+    """The warm pool's waiting processes (by pid) and the CPU seconds of each one's process tree."""
+    from pykata.factory import pool
+
+    return {e.pid: tree_cpu(e.pid) for e in pool.list_entries(load_config()) if e.alive}
+
+
 def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
-               opts: tuple[str, ...] = ()) -> tuple[float, float]:
-    """(containers per second, CPU seconds per container): `count` `ctr run -d`, `concurrency` at a
-    time. The CPU is what each container's own processes used from their start until all had
+               opts: tuple[str, ...] = (), pooled: bool = False) -> dict[str, Any]:
+    """`count` `ctr run -d`, `concurrency` at a time: containers per second and the CPU seconds per
+    container. The CPU is what each container's own processes used from their start until all had
     started (pykata: its shim and QEMU, the guest included; runc: its shim and the container's
-    processes), without the short-lived `shim start` and containerd's own work; read from the
-    processes themselves, so other load on the host does not count in it."""
+    processes), split by process, read from the processes themselves, so other load on the host does
+    not count in it; beside it, containerd's (with its short-lived `shim start`/`delete` children) and
+    the `ctr` clients', measured as differences over the run. `pooled`: the pool's waiting VMs' CPU
+    before the claim (their fill, off the start path) is taken out of the containers' and reported
+    apart, with the CPU of the VMs the pool started during the run (its refill)."""
     ids = [f"rate-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    before = pool_cpu() if pooled else {}
+    # each waiting VM's CPU until it was claimed: the last sample while it was still in the pool (it
+    # waits paused, so this is its fill's cost), also for VMs the refill made ready during the run
+    last_seen: dict[int, dict[int, float]] = dict(before)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            last_seen.update(pool_cpu())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if pooled:
+        sampler.start()
+    ctd_proc = psutil.Process(ctd.proc.pid) if ctd.proc is not None else None
+    ctd_before = cpu_s([ctd_proc.pid]) if ctd_proc is not None else 0.0
+    kids_before = os.times()
     try:
+        at_own_start: dict[str, float] = {}
+
+        def start_one(cid: str) -> None:
+            start_detached(ctd, runtime, cid, opts)
+            # its shim's process tree (QEMU included) as its `ctr run -d` returned: what its own start
+            # cost, without the idle VM's CPU while the others start
+            shim = ctd.bundle(cid) / "shim.pid"
+            tree = tree_cpu(int(shim.read_text())) if shim.exists() else {}
+            at_own_start[cid] = sum(c - seen_before(q) for q, c in tree.items())
+
+        def seen_before(pid: int) -> float:
+            return next((t[pid] for t in list(last_seen.values()) if pid in t), 0.0)
+
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as ex:
-            list(ex.map(lambda cid: start_detached(ctd, runtime, cid, opts), ids))
-        rate = count / (time.perf_counter() - start)
-        cpu = sum(cpu_s([p for pids in container_processes(ctd, cid).values() for p in pids]) for cid in ids)
-        return rate, cpu / count
+            list(ex.map(start_one, ids))
+        elapsed = time.perf_counter() - start
+        kids_after = os.times()
+        done.set()
+        if pooled:
+            sampler.join()
+        seen_pid = {pid: c for tree in last_seen.values() for pid, c in tree.items()}
+        by_kind: dict[str, float] = {}
+        claimed: set[int] = set()
+        for cid in ids:
+            for kind, pids in container_processes(ctd, cid).items():
+                for p in pids:
+                    if p in last_seen:
+                        claimed.add(p)
+                    by_kind[kind] = by_kind.get(kind, 0.0) + cpu_s([p]) - seen_pid.get(p, 0.0)
+        out: dict[str, Any] = {
+            "per_s": round(count / elapsed, 2),
+            "cpu_s_per_container": round(sum(by_kind.values()) / count, 3),
+            "cpu_s_by_process": {k: round(v / count, 3) for k, v in by_kind.items() if v},
+            "cpu_s_at_own_start": round(statistics.median(at_own_start.values()), 3) if at_own_start else None,
+            "containerd_cpu_s": round((cpu_s([ctd_proc.pid]) - ctd_before) / count, 3) if ctd_proc else None,
+            "ctr_cpu_s": round((kids_after.children_user + kids_after.children_system
+                                - kids_before.children_user - kids_before.children_system) / count, 3)}
+        if pooled:
+            out["pooled_claims"] = len(claimed)
+            out["pooled_before_run"] = len(claimed & set(before))
+            out["fill_cpu_s_per_claimed"] = round(
+                sum(sum(last_seen[p].values()) for p in claimed) / max(1, len(claimed)), 3)
+            refill = {p: sum(t.values()) for p, t in last_seen.items() if p not in before}
+            out["refill_started"] = len(refill)
+            out["refill_cpu_s_during_run"] = round(sum(refill.values()), 3)
+        return out
     finally:
         with ThreadPoolExecutor(4) as ex:
             list(ex.map(ctd.remove, ids))
 
 
+def fill_pool(size: int, timeout: float = 600.0) -> dict[str, Any]:
+    """Fill the warm pool to `size` ready VMs and wait for them: the wall time and the CPU seconds each
+    waiting VM's processes used to get ready (restore, reseed, warm-up)."""
+    from pykata.factory import pool
+
+    config = load_config()
+    mine = pool.fingerprint(config)
+    start = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    while True:
+        pool.fill(config, pool.entry_argv())
+        ready = [e for e in pool.list_entries(config) if e.ready and e.alive and e.fingerprint == mine]
+        if len(ready) >= size:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the warm pool did not fill ({len(ready)} of {size} ready)")
+        time.sleep(0.2)
+    cpu = [sum(tree_cpu(e.pid).values()) for e in ready]
+    return {"size": size, "fill_s": round(time.perf_counter() - start, 1),
+            "cpu_s_per_vm": round(statistics.median(cpu), 3), "loadavg": os.getloadavg()}
+
+
 def pool_config(directory: Path, size: int) -> Path:
-    """A copy of the configuration in force with factory.pool_size = `size`."""
+    """A copy of the configuration in force with factory.pool_size = `size` and a runtime_dir of its
+    own (so the pool, and its `destroy` at the end, are this run's only: other checkouts' pools on the
+    host are left alone)."""
     from pykata.config.load import find_config_path, packaged_default_text
 
     found = find_config_path()
     text = found.read_text() if found is not None else packaged_default_text()
+    text = re.sub(r"(?m)^runtime_dir\s*=.*$", f'runtime_dir = "{directory / "run"}"', text)
     path = directory / "pool.toml"
     path.write_text(text.replace("\npool_size = 0\n", f"\npool_size = {size}\n"))
     return path
@@ -337,10 +441,13 @@ def main() -> None:
         result["start_rate"] = []
         for c in rates:
             for name, opts in variants.items():
-                rate, cpu = start_rate(ctd, runtime_of[name], args.rate_count, c, opts)
+                pooled = args.pool and runtime_of[name] == PYKATA_RUNTIME
+                filled = fill_pool(args.pool_size) if pooled else None
+                load = os.getloadavg()
+                r = start_rate(ctd, runtime_of[name], args.rate_count, c, opts, pooled)
                 result["start_rate"].append({"variant": name, "concurrency": c, "containers": args.rate_count,
-                                             "per_s": round(rate, 2), "cpu_s_per_container": round(cpu, 3),
-                                             "loadavg": os.getloadavg()})
+                                             **r, "pool_filled": filled, "loadavg": load,
+                                             "loadavg_end": os.getloadavg()})
     finally:
         ctd.stop()
         if args.pool:
@@ -370,9 +477,21 @@ def main() -> None:
     for r in result["start_rate"]:
         if r["variant"] != RUNC_RUNTIME:
             base = runc_rate[r["concurrency"]]
+            split = ", ".join(f"{k} {v}" for k, v in r["cpu_s_by_process"].items())
             print(f"start rate, {r['concurrency']} at a time, {r['containers']} containers: {r['variant']} "
-                  f"{r['per_s']}/s ({r['cpu_s_per_container']} CPU s per container), runc {base['per_s']}/s "
-                  f"({base['cpu_s_per_container']} CPU s); load {r['loadavg'][0]:.1f}")
+                  f"{r['per_s']}/s ({r['cpu_s_per_container']} CPU s per container: {split}; "
+                  f"median {r['cpu_s_at_own_start']} as its own start returned; containerd "
+                  f"{r['containerd_cpu_s']}, ctr {r['ctr_cpu_s']}), runc {base['per_s']}/s "
+                  f"({base['cpu_s_per_container']} CPU s; containerd {base['containerd_cpu_s']}, ctr "
+                  f"{base['ctr_cpu_s']}); load {r['loadavg'][0]:.1f} -> {r['loadavg_end'][0]:.1f}")
+            if r.get("pool_filled"):
+                f = r["pool_filled"]
+                print(f"  pool: filled to {f['size']} ready before the run in {f['fill_s']} s (load "
+                      f"{f['loadavg'][0]:.1f}), {f['cpu_s_per_vm']} CPU s per waiting VM; {r['pooled_claims']} "
+                      f"starts took a pooled VM ({r['pooled_before_run']} of them ready before the run; "
+                      f"{r['fill_cpu_s_per_claimed']} CPU s each before the claim, "
+                      f"not counted above); refill during the run: {r['refill_started']} VMs started, "
+                      f"{r['refill_cpu_s_during_run']} CPU s until the last start")
 
 
 if __name__ == "__main__":
