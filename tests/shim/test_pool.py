@@ -3,6 +3,7 @@ containerd's `shim start`, refilled, never shared, and leaving nothing behind wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,8 +77,21 @@ def _processes_under(directory: Path) -> list[psutil.Process]:
     return found
 
 
+def _idle_threads(pid: int) -> list[int]:
+    """Threads of `pid` and of every process below it that run under SCHED_IDLE."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error, OSError):
+                found += [t.id for t in p.threads() if os.sched_getscheduler(t.id) == os.SCHED_IDLE]
+    return found
+
+
 def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Containerd) -> None:
     first = _ready_entry()
+    # made at idle priority (factory.pool_fill_idle), ready at normal: the pod's VM must not run idle
+    assert _idle_threads(first.pid) == [], "a ready pooled VM still runs at idle priority"
     p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-1", "sh", "-c",
                    "echo hi; cat /proc/sys/kernel/random/boot_id")
     out = p.stdout.decode().split()
@@ -87,8 +101,19 @@ def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Con
     assert first.id not in {e.id for e in pool.list_entries(load_config())}, "a claimed VM stayed in the pool"
     # the pod shut down: the claimed VM went with it, nothing of it left
     assert not first.sandbox_dir.exists()
-    # refilled in the background with a new VM, never the used one; the next pod gets its own boot id
-    second = _ready_entry(other_than=first.id, fill=False)  # the pod's shim started it
+    # refilled in the background with a new VM, never the used one, made at idle priority; the next
+    # pod gets its own boot id
+    seen_idle = False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # the pod's shim started it
+        making = [e for e in pool.list_entries(load_config()) if e.alive and e.id != first.id]
+        if making and making[0].ready:
+            break
+        seen_idle = seen_idle or any(_idle_threads(e.pid) for e in making)
+        time.sleep(0.02)
+    second = _ready_entry(other_than=first.id, fill=False, timeout=1)
+    assert seen_idle, "the refill did not run at idle priority"
+    assert _idle_threads(second.pid) == [], "a ready pooled VM still runs at idle priority"
     assert second.id != first.id and second.pid != first.pid
     p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-2", "cat",
                    "/proc/sys/kernel/random/boot_id")

@@ -57,6 +57,9 @@ ENTRY_MIB = 150
 STARTING_LIMIT = 300.0
 SHIM_EXECUTABLE = "containerd-shim-pykata-v2"  # a fixed name (ARCHITECTURE.md)
 ENTRY_ENV = "PYKATA_POOL_ENTRY"  # the entry `fill` registered for the waiting process it starts
+# A waiting VM being made runs at idle priority (factory.pool_fill_idle) for at most this long, then
+# at normal priority: on a host busy all the time it still gets ready (within qemu.boot_timeout).
+IDLE_FILL_LIMIT = 10.0
 
 
 def entry_argv() -> list[str]:
@@ -185,6 +188,35 @@ def _owner_alive(directory: Path) -> bool:
         with contextlib.suppress(OSError):
             return time.time() - directory.stat().st_mtime < STARTING_LIMIT
         return False
+
+
+def fill_at_idle_priority() -> bool:
+    """Make this process (its calling thread: call it before any other thread exists) and everything
+    it starts from now on (QEMU and its threads inherit it) run under SCHED_IDLE: a waiting VM being
+    made takes only CPU time no one else wants, so refilling the pool never slows the pod starts that
+    emptied it (each costs ~1 CPU second: restore, reseed, warm-up). Returns False when the kernel
+    refused (never raises)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as e:
+        log.warning("factory pool: cannot fill at idle priority: %s", e)
+        return False
+    return True
+
+
+def normal_priority(pid: int) -> None:
+    """Every thread of `pid` and of every process below it back under SCHED_OTHER (the waiting VM is
+    ready, or has waited IDLE_FILL_LIMIT, or serves a pod). Never raises (threads come and go)."""
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    tid = int(task)
+                    if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                    todo.extend(int(k) for k in Path(f"/proc/{current}/task/{task}/children").read_text().split())
 
 
 def mem_available_mib() -> int:

@@ -107,11 +107,19 @@ async def _wait_then_serve(flags: Flags) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # made at idle priority (before any thread: QEMU and every thread inherit it), bounded in time:
+    # also what it may hold meanwhile (the template's lock, when it has to make the template) is
+    # held at most IDLE_FILL_LIMIT at idle priority
+    idle = config.factory.pool_fill_idle and pool.fill_at_idle_priority()
+    to_normal = loop.call_later(pool.IDLE_FILL_LIMIT, pool.normal_priority, os.getpid()) if idle else None
     entry = pool.new_entry(config)
     sandbox: Sandbox | None = None
     claimed = False
     try:
         sandbox = await Sandbox.create_warm(config, entry.sandbox_dir, nics=config.factory.pool_nics)
+        if to_normal is not None:  # ready: paused, it costs nothing at any priority; its pod's is normal
+            to_normal.cancel()
+            pool.normal_priority(os.getpid())
         if sandbox.warm_nics:
             holding.preload()  # not at hand-out: the pod's start would wait for it
         waiting = _Waiting(entry, sandbox)
