@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Where the CPU of a pooled VM's pod start goes, phase by phase, on the host and in the guest:
+
+    .venv/bin/python bench/claim_cpu.py [-n 3] [--idle 3] [--variant NAME=SECTION.KEY=VALUE ...]
+
+Through the Sandbox API (no containerd, no shim start), per round: a VM is made as the warm pool makes
+one (Sandbox.create_warm: restore, reseed, warm-up, paused), then handed out as a pod's shim does
+(adopt: resume, clock, policy, CreateSandbox), a busybox container running `sleep` is created and
+started, and the VM is left idle for --idle seconds. For each phase it prints the median CPU seconds
+of QEMU (its vCPU runs the guest: agent, crun, the workload; read from /proc/<pid>/stat, so other load
+on the host does not count) and of this process (the host side a pod's shim would run: Python, the
+ttrpc client, mounts), and the idle VM's CPU per second. With --variant, rounds alternate between the
+configuration in force and each variant (e.g. `single=hypervisor.qemu.tcg_thread=single`).
+2 cores at 6 starts a second leave ~0.33 CPU s per start for everything on its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import re
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from pykata.config import Config, load_config  # noqa: E402
+from pykata.images import ImageStore  # noqa: E402
+from pykata.sandbox import Sandbox, build_spec  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+PHASES = ("make (pool, off the start path)", "adopt: resume, clock, CreateSandbox", "create container",
+          "start container", "idle, per second", "(a 2nd container: create + start)")
+AGENT_LINE = re.compile(r"created container (c\d) .* in (\d+) ms: \d+ storages (\d+), bundle (\d+), crun create (\d+)")
+
+
+def proc_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of `pid` (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+agent_lines: dict[str, list[list[float]]] = {}
+memory: dict[int, float] = {}  # round -> QEMU's anonymous memory (MiB) once the first container started and idled
+
+
+def anon_mib(pid: int | None) -> float:
+    """QEMU's anonymous memory (its own: TCG's translation cache, guest RAM written since the clone,
+    heap), which unlike PSS does not depend on how many other VMs share the template's pages."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float) -> list[tuple[float, float]]:
+    """[(QEMU CPU s, this process's CPU s)] per phase of PHASES."""
+    directory = runtime / "pool" / f"pool-{n:012x}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    host0 = own_cpu()
+    sb = await Sandbox.create_warm(config, directory)
+    assert sb.vm is not None
+    qemu = sb.vm.pid
+    out = []
+    last = (proc_cpu(qemu), own_cpu())
+    out.append((last[0], last[1] - host0))
+
+    def step() -> None:
+        nonlocal last
+        now = (proc_cpu(qemu), own_cpu())
+        out.append((now[0] - last[0], now[1] - last[1]))
+        last = now
+
+    try:
+        await sb.adopt(f"claimcpu{n}", serve_proxy=True)
+        step()
+        container = await sb.create_container("c1", build_spec(["sleep", "1000"], env=["PATH=/bin"]), rootfs)
+        step()
+        await container.start()
+        step()
+        await asyncio.sleep(idle)
+        step()
+        out[-1] = (out[-1][0] / idle, out[-1][1] / idle)
+        memory.setdefault(n, anon_mib(qemu))
+        second = await sb.create_container("c2", build_spec(["sleep", "1000"], env=["PATH=/bin"]), rootfs)
+        await second.start()
+        step()
+        console = getattr(sb.vm, "console_log", None)
+        text = console.read_text(errors="replace") if isinstance(console, Path) and console.exists() else ""
+        for m in AGENT_LINE.finditer(text):
+            agent_lines.setdefault(m[1], []).append([float(x) for x in m.groups()[1:]])
+        return out
+    finally:
+        await sb.stop(remove=True)
+
+
+def with_setting(base: Config, setting: str) -> Config:
+    key, _, value = setting.partition("=")
+    *path, field = key.split(".")
+    sections: list[Any] = [base]
+    for name in path:
+        sections.append(getattr(sections[-1], name))
+    current = getattr(sections[-1], field)
+    typed: Any = value if isinstance(current, str) else type(current)(
+        value.lower() in ("1", "true", "on") if isinstance(current, bool) else value)
+    new: Any = dataclasses.replace(sections[-1], **{field: typed})
+    for parent, name in zip(reversed(sections[:-1]), reversed(path), strict=True):
+        new = dataclasses.replace(parent, **{name: new})
+    return new  # type: ignore[no-any-return]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=3, help="rounds (each makes one VM per variant)")
+    ap.add_argument("--idle", type=float, default=3.0, help="seconds the started VM is left idle")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE")
+    args = ap.parse_args()
+    base = load_config()
+    runtime = Path(tempfile.mkdtemp(prefix="pkcc", dir="/tmp"))  # short: unix socket paths
+    base = dataclasses.replace(base, runtime=dataclasses.replace(base.runtime, runtime_dir=str(runtime)))
+    variants = {"as configured": base}
+    for v in args.variant:
+        name, _, setting = v.partition("=")
+        variants[name] = with_setting(base, setting)
+    rootfs = ImageStore(base.runtime.cache_path).resolve("busybox").rootfs
+    results: dict[str, list[list[tuple[float, float]]]] = {v: [] for v in variants}
+    rounds_of: dict[str, list[int]] = {v: [] for v in variants}
+    loads = []
+    try:
+        for i in range(args.n):
+            order = list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]
+            for j, (name, config) in enumerate(order):
+                loads.append(os.getloadavg()[0])
+                rounds_of[name].append(len(variants) * i + j)
+                results[name].append(await one(config, runtime, rootfs, len(variants) * i + j, args.idle))
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    print(f"CPU seconds per phase of a pooled VM's pod start, median of {args.n}; load {min(loads):.1f}-"
+          f"{max(loads):.1f}")
+    for name, rounds in results.items():
+        print(f"{name}:")
+        print(f"  {'phase':<40}{'QEMU':>8}{'host':>8}")
+        start_path = [0.0, 0.0]
+        for k, phase in enumerate(PHASES):
+            q = statistics.median(r[k][0] for r in rounds)
+            h = statistics.median(r[k][1] for r in rounds)
+            if 0 < k < 4:
+                start_path[0] += q
+                start_path[1] += h
+            print(f"  {phase:<40}{q:8.3f}{h:8.3f}")
+        print(f"  {'start path (adopt + create + start)':<40}{start_path[0]:8.3f}{start_path[1]:8.3f}")
+        pss = [memory[k] for k in rounds_of[name] if k in memory]
+        if pss:
+            print(f"  QEMU anonymous memory once its container ran and idled: {statistics.median(pss):.0f} MiB")
+    print("the agent's account of each create (console), median ms: total = storages + bundle + crun create")
+    for cid, rows in sorted(agent_lines.items()):
+        t, st, b, c = (statistics.median(col) for col in zip(*rows, strict=True))
+        print(f"  {cid}: {t:5.0f} = {st:4.0f} + {b:3.0f} + {c:4.0f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
