@@ -28,7 +28,7 @@ import psutil
 from pykata.config import load_config
 from pykata.images import ImageStore
 from pykata.images.builtin import export_oci_archive
-from pykata.shim import forkserver
+from pykata.shim import forkclient
 
 VENV_BIN = Path(sys.executable).parent
 SHIM = VENV_BIN / "containerd-shim-pykata-v2"
@@ -148,7 +148,7 @@ class Containerd:
         for p in psutil.process_iter(["cmdline"]):
             cmd = p.info["cmdline"] or []
             if cmd and "containerd-shim" in " ".join(cmd[:2]) and str(self.socket) in cmd and (
-                    fork_server or forkserver.ACTION not in cmd):
+                    fork_server or forkclient.ACTION not in cmd):
                 found.append(p)
         return found
 
@@ -156,7 +156,7 @@ class Containerd:
         """The pid of pykata's fork server for this containerd, if one runs."""
         for p in psutil.process_iter(["cmdline", "status"]):
             cmd = p.info["cmdline"] or []
-            if forkserver.ACTION in cmd and str(self.socket) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if forkclient.ACTION in cmd and str(self.socket) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
                 return p.pid
         return None
 
@@ -178,7 +178,7 @@ class Containerd:
         self.force_cleanup()
 
     def force_cleanup(self) -> None:
-        forkserver.stop(load_config().runtime.runtime_dir, str(self.socket))
+        forkclient.stop(load_config().runtime.runtime_dir, str(self.socket))
         ours: set[str] = set()  # sandbox ids of pykata shims, to run their dead-shim cleanup
         for p in self.shims(fork_server=True):
             with contextlib.suppress(psutil.Error):

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from pykata.config import load_config
-from pykata.shim import forkserver
+from pykata.shim import forkclient, forkserver
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
@@ -61,14 +61,14 @@ def test_shims_are_forked_by_one_server_share_its_pages_and_outlive_it(container
         # ps shows containerd's command line for each (as for a shim `start` forked)
         for c, p in zip(ids, shims, strict=True):
             cmd = psutil.Process(p).cmdline()
-            assert cmd[cmd.index("-id") + 1] == c and cmd[-1] == "start" and forkserver.ACTION not in cmd
+            assert cmd[cmd.index("-id") + 1] == c and cmd[-1] == "start" and forkclient.ACTION not in cmd
         # the imported modules are the server's pages, shared copy-on-write: PSS well under RSS
         for p in shims:
             m = _smaps(p)
             assert m["Rss"] - m["Pss"] > 8 * 1024, m
 
         # refused requests: the server answers why and keeps serving
-        path = forkserver.server_path(load_config().runtime.runtime_dir, str(containerd.socket))
+        path = forkclient.server_path(load_config().runtime.runtime_dir, str(containerd.socket))
         assert "one JSON object and one socket" in str(_ask(path, b"{}", [])["error"])
         r, w = os.pipe()
         try:

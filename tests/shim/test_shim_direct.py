@@ -23,7 +23,7 @@ from pykata.config import load_config
 from pykata.images import ImageStore
 from pykata.protocols import EVENTS_SERVICE, TASK_SERVICE, events_pb2, shim_pb2, task_types_pb2, typeurl
 from pykata.sandbox import build_spec, sandboxes_dir
-from pykata.shim import forkserver
+from pykata.shim import forkclient
 from pykata.ttrpc import CallContext, Client, Code, ConnectionClosedError, RpcError, Server, connect_unix
 from tests.shim.harness import SHIM
 
@@ -137,7 +137,7 @@ class DirectShim:
             os.close(self._log_fd)
             self._log_fd = None
         # the shims' fork server for our (fake) containerd address: it would end ~1 s after its last shim
-        await asyncio.to_thread(forkserver.stop, load_config().runtime.runtime_dir, self.address)
+        await asyncio.to_thread(forkclient.stop, load_config().runtime.runtime_dir, self.address)
 
 
 def _leftovers(sandbox_id: str) -> list[str]:

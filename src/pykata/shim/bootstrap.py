@@ -185,19 +185,53 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
     raise IndexError("varint longer than 10 bytes")
 
 
-def start(flags: Flags) -> str:
-    """Spawn the long-lived shim (or find the sandbox's) and return its address. Raises ShimStartError."""
+class NewShim:
+    """What a child of the fork server needs to become the pod's new shim (start_in_fork_server)."""
+
+    __slots__ = ("bundle", "listener", "path", "sandbox_id")
+
+    def __init__(self, listener: socket.socket, bundle: Path, sandbox_id: str, path: Path) -> None:
+        self.listener = listener
+        self.bundle = bundle
+        self.sandbox_id = sandbox_id
+        self.path = path
+
+
+class NotHere(Exception):
+    """start_in_fork_server: this request is not for a child of the fork server (the configuration it
+    names has `runtime.shim_fork_server = false`); nothing was changed."""
+
+
+def start(flags: Flags, options: bytes | None = None) -> str:
+    """Spawn the long-lived shim (or find the sandbox's) and return its address. `options` are
+    containerd's runtime options (read from stdin when None). Raises ShimStartError."""
+    address, new = _start(flags, options, here=False)
+    assert new is None
+    return address
+
+
+def start_in_fork_server(flags: Flags, options: bytes) -> tuple[str, NewShim | None]:
+    """`start`, run in a child of the shims' fork server (pykata.shim.handoff): the shim's address, and
+    when the pod needs a new shim, what this process needs to become it (its pid is already in the
+    bundle). Raises ShimStartError, or NotHere before it changed anything."""
+    return _start(flags, options, here=True)
+
+
+def _start(flags: Flags, options: bytes | None, here: bool) -> tuple[str, NewShim | None]:
     import socket
 
     if not flags.id or not flags.namespace:
         raise ShimStartError("start needs -id and -namespace")
-    options = sys.stdin.buffer.read(MAX_OPTIONS_BYTES) if not sys.stdin.isatty() else b""
+    if options is None:
+        options = sys.stdin.buffer.read(MAX_OPTIONS_BYTES) if not sys.stdin.isatty() else b""
     config_path = _runtime_options(options)
     if config_path:
         os.environ["PYKATA_CONFIG"] = config_path
     from pykata.config import load_config
 
     config = load_config()
+    if here and not config.runtime.shim_fork_server:
+        raise NotHere("runtime.shim_fork_server = false")
     bundle = Path.cwd()
     try:
         write_record(bundle, config)  # for `delete`, which containerd gives no runtime options
@@ -209,7 +243,7 @@ def start(flags: Flags) -> str:
     if path.exists():
         if _connectable(path):
             _write_bundle_file(bundle, "address", address)
-            return address
+            return address, None
         path.unlink(missing_ok=True)  # a dead shim's socket
     if sandbox_id != flags.id:
         raise ShimStartError(f"container {flags.id}: its sandbox {sandbox_id} has no running shim")
@@ -229,12 +263,16 @@ def start(flags: Flags) -> str:
             listener.close()
             _write_bundle_file(bundle, "shim.pid", str(pid))
             _write_bundle_file(bundle, "address", address)
-            return address
+            return address, None
+    if here:  # this process becomes the shim
+        _write_bundle_file(bundle, "shim.pid", str(os.getpid()))
+        _write_bundle_file(bundle, "address", address)
+        return address, NewShim(listener, bundle, sandbox_id, path)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = None
     if config.runtime.shim_fork_server:
-        from pykata.shim.forkserver import fork_shim
+        from pykata.shim.forkclient import fork_shim
 
         pid = fork_shim(config.runtime.runtime_dir, flags, bundle, sandbox_id, path, listener)
     if pid is None:
@@ -246,7 +284,7 @@ def start(flags: Flags) -> str:
     listener.close()
     _write_bundle_file(bundle, "shim.pid", str(pid))
     _write_bundle_file(bundle, "address", address)
-    return address
+    return address, None
 
 
 def _claim_pooled(config: Config, flags: Flags, bundle: Path, sandbox_id: str, path: Path,

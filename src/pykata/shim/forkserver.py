@@ -25,153 +25,28 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
-import hashlib
 import json
 import os
 import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from pykata.fsutil import process_alive
-from pykata.shim.flags import Flags
+from pykata.errors import PykataError
+from pykata.shim import bootstrap, handoff
+from pykata.shim.detach import become_daemon
+from pykata.shim.flags import Flags, parse_flags
+from pykata.shim.forkclient import FLAG_FIELDS, MAX_REQUEST_BYTES, REQUEST_TIMEOUT, read_all, server_path
+from pykata.timing import mark
 
-ACTION = "fork-server"
-MAX_REQUEST_BYTES = 1 << 20
-REQUEST_TIMEOUT = 5.0
-# How long `start` waits for a server it launched to have done its imports (a loaded host: seconds).
-LAUNCH_WAIT = 20.0
 IDLE_EXIT = 30.0
-_FLAG_FIELDS = ("namespace", "address", "publish_binary", "id", "bundle")
 # Imported after the first fork (not on the first pod's path): used by some pods only (pyroute2:
 # networked pods, ~8 MiB of objects each) or late in a pod's start.
 _LATE_IMPORTS = ("pyroute2", "pykata.guestimage.kernel", "pykata.guestimage.rootfs")
-
-
-def server_path(runtime_dir: str, address: str) -> Path:
-    """The server's socket for this containerd and this installation (two checkouts or two containerds
-    sharing a runtime_dir never fork each other's shims)."""
-    import pykata
-
-    digest = hashlib.sha256(f"{sys.prefix}\n{pykata.__file__}\n{address}".encode()).hexdigest()[:24]
-    return Path(runtime_dir) / "s" / f"fork-{digest}"
-
-
-def server_argv(address: str) -> list[str]:
-    script = Path(sys.executable).parent / "containerd-shim-pykata-v2"
-    return [sys.executable, str(script), "-address", address, ACTION]
-
-
-# ----- the client side: `start` -----
-
-
-def fork_shim(runtime_dir: str, flags: Flags, bundle: Path, sandbox_id: str, socket_path: Path,
-              listener: socket.socket) -> int | None:
-    """Have the fork server fork this pod's shim (launching the server when there is none); the shim's
-    pid, or None when that did not work (the caller forks the shim itself). Never raises."""
-    path = server_path(runtime_dir, flags.address)
-    request = {"flags": {k: getattr(flags, k) for k in _FLAG_FIELDS} | {"debug": flags.debug},
-               "bundle": str(bundle), "sandbox_id": sandbox_id, "socket": str(socket_path),
-               "env": {k: v for k, v in os.environ.items()}, "argv": [sys.executable, *sys.argv]}
-    body = json.dumps(request).encode()
-    conn = _connect(path)
-    if conn is None:
-        launched = _launch(path, flags.address)
-        if launched is None:
-            return None
-        deadline = time.monotonic() + LAUNCH_WAIT
-        while conn is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-            # ours exited (another one holds the lock, or it failed): wait only while a server lives
-            if launched.poll() is not None and not _lock_held(path):
-                return None
-            conn = _connect(path)
-        if conn is None:
-            return None
-    with conn:
-        try:
-            socket.send_fds(conn, [body], [listener.fileno()])
-            conn.shutdown(socket.SHUT_WR)
-            reply = json.loads(_read_all(conn, 4096) or b"{}")
-        except (OSError, ValueError):
-            return None
-    if isinstance(reply, dict) and reply.get("ok") is True and isinstance(reply.get("pid"), int):
-        return int(reply["pid"])
-    return None
-
-
-def _connect(path: Path) -> socket.socket | None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(REQUEST_TIMEOUT)
-    try:
-        s.connect(str(path))
-        _pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if uid != os.geteuid():  # only a server of our own uid forks our shims
-            raise OSError(f"fork server {path} runs as uid {uid}")
-    except OSError:
-        s.close()
-        return None
-    return s
-
-
-def _launch(path: Path, address: str) -> subprocess.Popen[bytes] | None:
-    """Start a server (detached; it exits at once if another one holds the lock)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-        env = {k: v for k, v in os.environ.items() if k != "PYKATA_TIMING_FILE"}
-        return subprocess.Popen(server_argv(address), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, cwd="/", env=env)
-    except OSError:
-        return None
-
-
-def _lock_held(path: Path) -> bool:
-    """Whether a server holds <path>.lock (it is alive, importing or serving)."""
-    try:
-        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def _read_all(s: socket.socket, limit: int) -> bytes:
-    data = b""
-    while len(data) < limit:
-        chunk = s.recv(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def stop(runtime_dir: str, address: str, timeout: float = 5.0) -> int | None:
-    """End the server of this containerd (the pods' shims it forked live on); its pid, or None when
-    there was none. For tests and benchmarks that tear their containerd down. Never raises."""
-    conn = _connect(server_path(runtime_dir, address))
-    if conn is None:
-        return None
-    with conn:
-        pid: int = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return pid
-
-
-# ----- the server side -----
 
 
 def serve(flags: Flags) -> None:
@@ -209,6 +84,7 @@ def _serve(runtime_dir: str, address: str) -> int:
     listener.listen(64)
     os.rename(f"{path}.new", path)  # connectable only once listening
     ours = os.stat(path).st_ino
+    starts = _start_listener(address)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -225,20 +101,31 @@ def _serve(runtime_dir: str, address: str) -> int:
     containerd_socket = address.removeprefix("unix://")
     try:
         while not ending:
-            ready, _, _ = select.select([listener.fileno(), wake_r], [], [], 1.0)
+            waiting = [listener.fileno(), wake_r] + ([starts.fileno()] if starts is not None else [])
+            ready, _, _ = select.select(waiting, [], [], 1.0)
             with contextlib.suppress(OSError):
                 os.read(wake_r, 512)
             _reap(children)
-            if listener.fileno() in ready:
-                conn, _ = listener.accept()
+            for sock in (listener, starts):
+                if sock is None or sock.fileno() not in ready:
+                    continue
+                conn, _ = sock.accept()
                 with conn:
                     if _source_stamp() != sources:
-                        _answer(conn, ok=False, error="the installed code changed since this server started")
+                        why = "the installed code changed since this server started"
+                        if sock is listener:
+                            _answer(conn, ok=False, error=why)
+                        else:
+                            _answer_start(conn, b"decline", why)
                         return 0
-                    pid = _handle(conn, listener, (wake_r, wake_w, lock))
+                    listeners = [s for s in (listener, starts) if s is not None]
+                    if sock is listener:
+                        pid = _handle(conn, listeners, (wake_r, wake_w, lock))
+                    else:
+                        pid = _handle_start(conn, listeners, (wake_r, wake_w, lock))
                 if pid is not None:
                     children.add(pid)
-                if not late_done:
+            if children and not late_done:
                     late_done = True
                     _import_late()
                     sources = _source_stamp()
@@ -252,7 +139,23 @@ def _serve(runtime_dir: str, address: str) -> int:
             if os.stat(path).st_ino == ours:  # not a successor's
                 path.unlink()
         listener.close()
+        if starts is not None:
+            starts.close()
     return 0
+
+
+def _start_listener(address: str) -> socket.socket | None:
+    """The socket of whole `start` requests (pykata.shim.handoff), or None when another server of this
+    installation and containerd holds its name (its `start`s are then served there, or by this server's
+    other socket through the full `start`)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(handoff.socket_name(address))
+        s.listen(64)
+    except OSError:
+        s.close()
+        return None
+    return s
 
 
 def _freeze() -> None:
@@ -299,7 +202,7 @@ def _answer(conn: socket.socket, **reply: Any) -> None:
         conn.sendall(json.dumps(reply).encode())
 
 
-def _handle(conn: socket.socket, listener: socket.socket, server_fds: tuple[int, int, int]) -> int | None:
+def _handle(conn: socket.socket, listeners: list[socket.socket], server_fds: tuple[int, int, int]) -> int | None:
     """Read one request and fork its shim; the child's pid, or None (refused: the reply says why)."""
     conn.settimeout(REQUEST_TIMEOUT)
     try:
@@ -327,10 +230,86 @@ def _handle(conn: socket.socket, listener: socket.socket, server_fds: tuple[int,
         return None
     child = os.fork()
     if child == 0:
-        _become_shim(request, fds[0], [listener, conn], server_fds)  # never returns
+        _become_shim(request, fds[0], [*listeners, conn], server_fds)  # never returns
     os.close(fds[0])
     _answer(conn, ok=True, pid=child)
     return child
+
+
+def _answer_start(conn: socket.socket, kind: bytes, message: str) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(handoff.pack([kind, message.encode()]))
+
+
+def _handle_start(conn: socket.socket, sockets: list[socket.socket], server_fds: tuple[int, int, int]) -> int | None:
+    """Fork a child that runs one `start` (_run_start); its pid, or None (another user's request)."""
+    _pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != os.geteuid():
+        _answer_start(conn, b"decline", f"uid {uid} may not ask for shims")
+        return None
+    child = os.fork()
+    if child == 0:
+        _run_start(conn, sockets, server_fds)  # never returns
+    return child
+
+
+def _run_start(conn: socket.socket, sockets: list[socket.socket], server_fds: tuple[int, ...]) -> NoReturn:
+    """In a child of the server: read one `start` request (pykata.shim.handoff), run it, answer; when
+    the pod needs a new shim, become it. Never returns."""
+    code = 1
+    try:
+        _leave_server(sockets, server_fds)
+        conn.settimeout(REQUEST_TIMEOUT)
+        try:
+            data = read_all(conn, MAX_REQUEST_BYTES + handoff.MAX_OPTIONS_BYTES)
+            argv_b, env_b, cwd_b, options = handoff.unpack(data, 4)
+            argv = argv_b.decode().split("\0")
+            env = dict(item.split("=", 1) for item in env_b.decode().split("\0") if "=" in item)
+            os.chdir(cwd_b.decode())
+            flags = parse_flags(argv[2:])
+        except (OSError, ValueError, PykataError) as e:  # nothing done yet: the client runs the full `start`
+            _answer_start(conn, b"decline", f"unreadable request: {e}")
+            os._exit(1)
+        from setproctitle import setproctitle
+
+        # what ps shows: containerd's command line for this pod's shim, set before the environment is
+        # replaced (setproctitle finds the space it rewrites from the process's initial environment)
+        setproctitle(" ".join(argv))
+        os.environ.clear()
+        os.environ.update(env)
+        mark("start.forked")
+        try:
+            address, new = bootstrap.start_in_fork_server(flags, options)
+        except bootstrap.NotHere as e:
+            _answer_start(conn, b"decline", str(e))
+            os._exit(0)
+        except PykataError as e:
+            _answer_start(conn, b"error", str(e))
+            os._exit(1)
+        except Exception as e:  # the full `start` would fail the same way: report it, do not retry it
+            _answer_start(conn, b"error", f"start failed: {type(e).__name__}: {e}")
+            os._exit(1)
+        if new is None:  # the pod's shim runs already, or a pooled shim took the pod
+            _answer_start(conn, b"ok", address)
+            os._exit(0)
+        _answer_start(conn, b"ok", address)
+        conn.close()
+        flags.action = "start"
+        become_daemon(flags, new.listener, new.bundle, new.sandbox_id, new.path)
+    finally:
+        os._exit(code)
+
+
+def _leave_server(sockets: list[socket.socket], server_fds: tuple[int, ...]) -> None:
+    """In a forked child: drop the server's signal handling, sockets and descriptors."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    for s in sockets:
+        s.close()
+    for fd in server_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _check(request: Any, fds: list[int]) -> str | None:
@@ -343,7 +322,7 @@ def _check(request: Any, fds: list[int]) -> str | None:
     env, flags = request.get("env"), request.get("flags")
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         return "bad request: env"
-    if not isinstance(flags, dict) or not all(isinstance(flags.get(k, ""), str) for k in _FLAG_FIELDS):
+    if not isinstance(flags, dict) or not all(isinstance(flags.get(k, ""), str) for k in FLAG_FIELDS):
         return "bad request: flags"
     argv = request.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or len(argv) > 64:
@@ -355,14 +334,7 @@ def _become_shim(request: dict[str, Any], listen_fd: int, sockets: list[socket.s
                  server_fds: tuple[int, ...]) -> None:
     """In the forked child: drop the server's state and become the pod's shim. Never returns."""
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        for s in sockets:
-            s.close()
-        for fd in server_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _leave_server(sockets, server_fds)
         from setproctitle import setproctitle
 
         # what ps shows: containerd's command line for this pod's shim, not the server's
@@ -373,8 +345,6 @@ def _become_shim(request: dict[str, Any], listen_fd: int, sockets: list[socket.s
         flags = Flags(namespace=given.get("namespace", ""), address=given.get("address", ""),
                       publish_binary=given.get("publish_binary", ""), id=given.get("id", ""),
                       bundle=given.get("bundle", ""), debug=bool(given.get("debug")), action="start")
-        from pykata.shim.detach import become_daemon
-
         become_daemon(flags, socket.socket(fileno=listen_fd), Path(request["bundle"]), request["sandbox_id"],
                       Path(request["socket"]))
     finally:

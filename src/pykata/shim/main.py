@@ -6,10 +6,11 @@ import os
 import sys
 
 from pykata.errors import PykataError
-from pykata.shim.bootstrap import SHIM_NAME, delete, start
-from pykata.shim.flags import parse_flags
+from pykata.shim.flags import Flags, parse_flags
 from pykata.timing import ENV as TIMING_ENV
 from pykata.timing import mark, process_start_ns
+
+SHIM_NAME = "containerd-shim-pykata-v2"  # bootstrap.SHIM_NAME (bootstrap is not imported on `start`'s fast path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{SHIM_NAME} (pykata {__version__})")
             return
         if flags.action == "start":
-            address = start(flags)
+            address = _start(flags, args)
             sys.stdout.write(address)
             sys.stdout.flush()
             if timed:
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
 
             serve(flags)
         elif flags.action == "delete":
+            from pykata.shim.bootstrap import delete
+
             sys.stdout.buffer.write(delete(flags))
             sys.stdout.flush()
             if timed:
@@ -49,3 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     except PykataError as e:
         print(f"{SHIM_NAME}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _start(flags: Flags, args: list[str]) -> str:
+    """`start`: handed to the fork server when one runs (pykata.shim.handoff), else done here."""
+    from pykata.shim.handoff import NotServed, read_options, start_via_server
+
+    options = read_options()
+    if flags.id and flags.namespace:  # else the full `start` says what is missing
+        try:
+            return start_via_server(flags.address, [sys.executable, *sys.argv[:1], *args], options)
+        except NotServed:
+            pass
+    from pykata.shim.bootstrap import start
+
+    return start(flags, options)
