@@ -373,6 +373,7 @@ class QemuHypervisor(Hypervisor):
                 ) from None
             raise
         self.timestamps["qmp_connected"] = time.monotonic()
+        self._sidecars.check_running()
         if self._die_with_owner:  # QEMU made its QMP socket: it runs, under the lifeline's unshares
             self._vmm_pid = await asyncio.to_thread(lifeline_target, self._qemu.pid, q.path)
         self.state = "running"

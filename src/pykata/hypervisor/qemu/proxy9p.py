@@ -63,9 +63,13 @@ class Proxy9p:
         finally:
             ours.close()
             theirs.close()
-        code = await self.child.wait(0.01)
-        if code is not None:
-            raise HypervisorError(f"9p proxy helper {describe_exit(code)} at start: "
+
+    def check_running(self) -> None:
+        """Raise HypervisorError when the helper has exited (one that fails at start, e.g. on a bad
+        shared directory, does so within milliseconds: QEMU's start-up is longer, so its owner asks
+        once QEMU answers, instead of waiting for the helper before QEMU starts)."""
+        if self.child is not None and not self.child.running:
+            raise HypervisorError(f"9p proxy helper {describe_exit(self.child.returncode or 0)} at start: "
                                   f"{log_tail(self.log_path, 800)}")
 
     def close_qemu_end(self) -> None:

@@ -85,6 +85,11 @@ class Sidecars:
             sock.close()  # QEMU holds its own copies
         self.listeners.clear()
 
+    def check_running(self) -> None:
+        """Raise HypervisorError when a helper QEMU relies on has exited (see Proxy9p.check_running)."""
+        if self.proxy9p is not None:
+            self.proxy9p.check_running()
+
     def flush(self) -> None:
         """QEMU ended (or failed): get its last output into the logs."""
         for drain in (self.console, self.qemu_log):
