@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
+import termios
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -271,7 +273,7 @@ async def test_hang_up_mid_delete_still_ends_the_shim(shim: DirectShim, tmp_path
     req.stdout = str(f["unread-out"])
     await _call(client, "Create", req, timeout=120)
     await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
-    await asyncio.sleep(0.5)
+    await _pipe_full(f["unread-out"])  # a fixed sleep let a loaded host kill `head` before it wrote
     await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
     await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
     pending = asyncio.ensure_future(_outcome(_call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))))
@@ -304,6 +306,20 @@ async def test_delete_command_after_a_killed_shim(shim: DirectShim, tmp_path: Pa
     assert (resp.exit_status, resp.pid) == (137, created.pid) and resp.exited_at.seconds > 0
     assert not _leftovers(shim.id)
     assert not Path(shim.socket.removeprefix("unix://")).exists()
+
+
+async def _pipe_full(fifo: Path, *, timeout: float = 60) -> None:
+    """Wait until the FIFO holds a full pipe of output nobody reads (FIONREAD: nothing is consumed)."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                pending = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+                if int.from_bytes(pending, "little") >= 65536:
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def _fifos(tmp: Path, *names: str) -> dict[str, Path]:

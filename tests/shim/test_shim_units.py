@@ -406,9 +406,10 @@ async def test_binary_uri_runs_the_logger_as_containerd_does(tmp_path: Path) -> 
     logger = tmp_path / "logger.sh"
     logger.write_text("#!/bin/sh\n"
                       'echo "$CONTAINER_ID $CONTAINER_NAMESPACE $*" > "$2.env"\n'
+                      # the trap is set before the logger says ready: a TERM right after it must flush too
+                      "trap 'wait; exit 0' TERM  # flush what is in the pipes, as a real logger does\n"
                       'cat <&3 5>&- > "$2.out" & cat <&4 5>&- > "$2.err" &\n'
                       "exec 5>&-  # ready\n"
-                      "trap 'wait; exit 0' TERM  # flush what is in the pipes, as a real logger does\n"
                       "wait\n")
     logger.chmod(logger.stat().st_mode | stat.S_IXUSR)
     base = tmp_path / "captured"
