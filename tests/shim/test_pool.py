@@ -101,24 +101,39 @@ def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Con
     assert first.id not in {e.id for e in pool.list_entries(load_config())}, "a claimed VM stayed in the pool"
     # the pod shut down: the claimed VM went with it, nothing of it left
     assert not first.sandbox_dir.exists()
-    # refilled in the background with a new VM, never the used one, made at idle priority; the next
-    # pod gets its own boot id
-    seen_idle = False
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # the pod's shim started it
-        making = [e for e in pool.list_entries(load_config()) if e.alive and e.id != first.id]
-        if making and making[0].ready:
-            break
-        seen_idle = seen_idle or any(_idle_threads(e.pid) for e in making)
-        time.sleep(0.02)
-    second = _ready_entry(other_than=first.id, fill=False, timeout=1)
-    assert seen_idle, "the refill did not run at idle priority"
+    # refilled in the background with a new VM, never the used one; the next pod gets its own boot id
+    second = _ready_entry(other_than=first.id, fill=False)  # the pod's shim started it
     assert _idle_threads(second.pid) == [], "a ready pooled VM still runs at idle priority"
     assert second.id != first.id and second.pid != first.pid
     p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-2", "cat",
                    "/proc/sys/kernel/random/boot_id")
     assert p.stdout.decode().split()[0] != out[1], "two pods from the pool share a boot id"
     assert f"claimed from the warm pool ({second.id})" in pooled.log.read_text()
+    # the first refill launched the shims' fork server; from then on a pod's shim has it fork the
+    # waiting shims (no imports of their own), each in a mount namespace of its own (its mounts never
+    # in the host's table), made at idle priority and ready at normal priority like the others
+    third = _ready_entry(other_than=second.id, fill=False)
+    server = pooled.fork_server_pid()
+    assert server is not None and psutil.Process(third.pid).ppid() == server
+    assert os.readlink(f"/proc/{third.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert _idle_threads(third.pid) == []
+
+
+def test_a_pooled_vm_is_made_at_idle_priority(pooled: Containerd) -> None:
+    config = load_config()
+    pool.destroy(config)
+    assert pool.fill(config, pool.entry_argv()) == 1
+    seen_idle = False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        making = [e for e in pool.list_entries(config) if e.alive]
+        if making and making[0].ready:
+            break
+        seen_idle = seen_idle or any(_idle_threads(e.pid) for e in making)
+        time.sleep(0.02)
+    entry = _ready_entry(fill=False, timeout=1)
+    assert seen_idle, "the pooled VM was not made at idle priority"
+    assert _idle_threads(entry.pid) == [], "a ready pooled VM still runs at idle priority"
 
 
 def test_a_waiting_vm_refuses_bad_claims_and_stays_in_the_pool(pooled: Containerd) -> None:

@@ -112,6 +112,7 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
 
     service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket, warm=warm,
                           warm_netns=warm_netns)
+    service.containerd_address = flags.address
     tracked = InflightRpcs(service, TASK_SERVICE.methods, sandbox_id)
     # counted for `pykata monitor` (the sandbox's agent proxy serves pykata.ttrpc.stats.PROCESS)
     PROCESS.served = RpcStats()

@@ -13,6 +13,9 @@ containerd's flags, the bundle, the sandbox id, the socket path, the environment
 child becomes that pod's daemon exactly as a shim forked by `start` would (setsid, log FIFO, serve).
 When there is no server, `start` launches one (`containerd-shim-pykata-v2 -address A fork-server`,
 detached) and waits for it; whenever anything fails, `start` forks the shim itself, as before.
+A pod's shim that refills the warm pool asks the server for the waiting shims too
+(pykata.shim.forkclient.fork_pool_entry): each forked child enters a mount namespace of its own and
+waits in the pool (pykata.shim.pooled) without redoing the imports (~0.35 CPU s each).
 
 The server holds <socket>.lock while it lives (a second one exits at once), answers only its own
 uid, refuses to fork code older than the files on disk (it exits, and the next `start` launches a
@@ -27,6 +30,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -40,13 +44,23 @@ from pykata.errors import PykataError
 from pykata.shim import bootstrap, handoff
 from pykata.shim.detach import become_daemon
 from pykata.shim.flags import Flags, parse_flags
-from pykata.shim.forkclient import FLAG_FIELDS, MAX_REQUEST_BYTES, REQUEST_TIMEOUT, read_all, server_path
+from pykata.shim.forkclient import (
+    FLAG_FIELDS,
+    MAX_REQUEST_BYTES,
+    POOL_ENTRY,
+    REQUEST_TIMEOUT,
+    read_all,
+    server_path,
+)
 from pykata.timing import mark
 
 IDLE_EXIT = 30.0
 # Imported after the first fork (not on the first pod's path): used by some pods only (pyroute2:
 # networked pods, ~8 MiB of objects each) or late in a pod's start.
-_LATE_IMPORTS = ("pyroute2", "pykata.guestimage.kernel", "pykata.guestimage.rootfs")
+_LATE_IMPORTS = ("pyroute2", "pykata.guestimage.kernel", "pykata.guestimage.rootfs", "pykata.shim.pooled")
+# pykata.factory.pool.ENTRY_ID (not imported at module level: `start`'s server child is lean)
+_ENTRY_ID = re.compile(r"pool-[0-9a-f]{12}")
+CLONE_NEWNS = 0x00020000
 
 
 def serve(flags: Flags) -> None:
@@ -220,7 +234,8 @@ def _handle(conn: socket.socket, listeners: list[socket.socket], server_fds: tup
                 break
             data += more
         request = json.loads(data)
-        why = _check(request, fds)
+        pool_entry = isinstance(request, dict) and request.get("kind") == POOL_ENTRY
+        why = _check_pool_entry(request, fds) if pool_entry else _check(request, fds)
     except (OSError, ValueError) as e:
         why = f"unreadable request: {e}"
     if why is not None:
@@ -230,8 +245,11 @@ def _handle(conn: socket.socket, listeners: list[socket.socket], server_fds: tup
         return None
     child = os.fork()
     if child == 0:
+        if pool_entry:
+            _become_pool_entry(request, [*listeners, conn], server_fds)  # never returns
         _become_shim(request, fds[0], [*listeners, conn], server_fds)  # never returns
-    os.close(fds[0])
+    if not pool_entry:
+        os.close(fds[0])
     _answer(conn, ok=True, pid=child)
     return child
 
@@ -328,6 +346,47 @@ def _check(request: Any, fds: list[int]) -> str | None:
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or len(argv) > 64:
         return "bad request: argv"
     return None
+
+
+def _check_pool_entry(request: dict[str, Any], fds: list[int]) -> str | None:
+    """Why a request for a waiting shim of the pool cannot be served, or None."""
+    if fds:
+        return "a pool entry's request carries no socket"
+    if not isinstance(request.get("entry"), str) or not _ENTRY_ID.fullmatch(request["entry"]):
+        return "bad request: entry"
+    if not isinstance(request.get("address"), str):
+        return "bad request: address"
+    env = request.get("env")
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        return "bad request: env"
+    return None
+
+
+def _become_pool_entry(request: dict[str, Any], sockets: list[socket.socket], server_fds: tuple[int, ...]) -> None:
+    """In the forked child: drop the server's state, enter a mount namespace of its own (as `unshare
+    --mount --propagation slave` gives a fresh waiting shim: its mounts never reach the host's table;
+    it exits if it cannot) and wait in the pool as pykata.shim.pooled. Never returns."""
+    try:
+        _leave_server(sockets, server_fds)
+        from pykata.resources import mountapi
+
+        if mountapi.libc.unshare(CLONE_NEWNS) != 0:
+            os._exit(1)
+        mountapi.mount(None, "/", None, mountapi.MS_REC | mountapi.MS_SLAVE)
+        from setproctitle import setproctitle
+
+        from pykata.factory.pool import ENTRY_ENV, entry_argv
+
+        setproctitle(" ".join(entry_argv()))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ[ENTRY_ENV] = request["entry"]
+        os.chdir("/")
+        from pykata.shim.pooled import main as wait_in_pool
+
+        wait_in_pool(Flags(address=request["address"], action=POOL_ENTRY))
+    finally:
+        os._exit(1)
 
 
 def _become_shim(request: dict[str, Any], listen_fd: int, sockets: list[socket.socket],

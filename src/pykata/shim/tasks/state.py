@@ -40,6 +40,8 @@ class TaskState:
         self.sandbox_id = sandbox_id
         self.namespace = namespace
         self.events = events
+        # containerd's address (`-address`): which fork server forks this pod's refills of the pool
+        self.containerd_address = ""
         self.load_config = load_config
         self.on_exit = on_exit
         self.containers: dict[str, ShimContainer] = {}
