@@ -33,18 +33,35 @@ _INTERNAL_FIELDS = frozenset({"source"})
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
+# The same text parsed again gives the same object: a pod's shim loads its file at `start`, for tracing
+# and for the pod (1-3 ms each under TCG load, and garbage in the shim's heap), and the shims' fork
+# server hands its children a parse of the file they load too. A Config is frozen and holds only
+# immutable values (tests/config/test_parse_cache.py checks), so sharing one is safe; the file is
+# still read every time, so a changed file is parsed anew.
+_PARSED: dict[tuple[str, str | None], Config] = {}
+_PARSED_MAX = 8
+
+
 def parse_toml(text: str, source: str | None = None) -> Config:
-    """Parse configuration.toml text.
+    """Parse configuration.toml text (a text parsed before gives the same frozen object).
 
     Raises:
         ConfigError: the text is not TOML (field: the source), or a key is unknown or has a bad value
             (field: the dotted key).
     """
+    key = (text, source)
+    parsed = _PARSED.get(key)
+    if parsed is not None:
+        return parsed
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source or "<config>", f"not valid TOML: {exc}") from None
-    return parse_mapping(data, source)
+    parsed = parse_mapping(data, source)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.pop(next(iter(_PARSED)))
+    _PARSED[key] = parsed
+    return parsed
 
 
 def parse_mapping(data: Mapping[str, object], source: str | None = None) -> Config:
