@@ -2,7 +2,8 @@
 runs it, against a socket standing in for containerd (no VM: a shim boots one only on Create). The
 first `start` has no server (it launches one and forks as before); later ones are run by a child of the
 server, which becomes the pod's shim; what the server cannot or may not serve falls back to the full
-`start`; its errors are `start`'s; `delete` ends each shim."""
+`start`; its errors are `start`'s; `delete`, handed over the same way, ends a live shim and cleans
+up after a dead one."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import psutil
 import pytest
 
 from pykata.config.load import packaged_default_text
+from pykata.protocols import shim_pb2
 from pykata.shim import handoff
+from pykata.shim.bootstrap import DELETED_STATUS
 from tests.shim.harness import SHIM
 
 CRI = {"io.kubernetes.cri.container-type": "container"}
@@ -71,6 +74,9 @@ class Host:
     def forked_by_server(self, pid: int) -> bool:
         """Whether `pid` ran a `start` handed over by pykata.shim.handoff (its timing mark)."""
         return any(line.split()[1:] == [str(pid), "start.forked"] for line in self.marks.read_text().splitlines())
+
+    def deletes_by_server(self) -> int:
+        return sum(line.endswith(" delete.forked") for line in self.marks.read_text().splitlines())
 
 
 def _shim_pid(host: Host, cid: str) -> int:
@@ -151,7 +157,7 @@ def test_start_is_served_by_the_fork_server_and_falls_back_without_it(host: Host
         s.connect(handoff.socket_name(host.address))
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         s.shutdown(socket.SHUT_WR)
-        kind, why = handoff.unpack(s.recv(4096), 2)
+        kind, _, why = handoff.unpack(s.recv(4096), 3)
     assert kind == b"decline" and b"unreadable request" in why
     assert host.run("p3", "start").returncode == 0 and host.forked_by_server(_shim_pid(host, "p3"))
     assert host.server() == server
@@ -166,3 +172,28 @@ def test_start_is_served_by_the_fork_server_and_falls_back_without_it(host: Host
     for cid in ("p0", "p1", "p2", "p3", "p4"):
         with socket.socket(socket.AF_UNIX) as s:
             s.connect((host.root / cid / "address").read_text().removeprefix("unix://"))
+
+
+def test_delete_is_served_by_the_fork_server_for_live_and_dead_shims(host: Host) -> None:
+    for cid in ("d0", "d1", "d2"):
+        assert host.run(cid, "start").returncode == 0
+    assert host.server() is not None
+    # a live shim with nothing left: asked to shut down, gone when `delete` returns
+    live = _shim_pid(host, "d1")
+    out = host.run("d1", "delete")
+    assert out.returncode == 0, out.stderr
+    assert host.deletes_by_server() == 1 and _gone(live, timeout=1)
+    response = shim_pb2.DeleteResponse.FromString(out.stdout)
+    assert response.exit_status == DELETED_STATUS and response.exited_at.seconds > 0
+    # a shim killed: what it left (its socket) is removed, as containerd's dead-shim cleanup expects
+    dead = _shim_pid(host, "d2")
+    sock = Path((host.root / "d2" / "address").read_text().removeprefix("unix://"))
+    os.kill(dead, signal.SIGKILL)
+    assert _gone(dead) and sock.exists()
+    out = host.run("d2", "delete")
+    assert out.returncode == 0 and host.deletes_by_server() == 2, out.stderr
+    assert not sock.exists()
+    # what `delete` says on stderr comes back from the server's child
+    bad = host.run("d9", "delete", CRI | {"io.kubernetes.cri.sandbox-id": "../x"})
+    assert bad.returncode == 0 and host.deletes_by_server() == 3
+    assert b"io.kubernetes.cri.sandbox-id" in bad.stderr

@@ -11,8 +11,10 @@ off each pod start (the shim is ready the moment it is forked).
 containerd's flags, the bundle, the sandbox id, the socket path, the environment containerd gave
 `start`) with the pod's listening socket, and reads back the new shim's pid. The server forks; the
 child becomes that pod's daemon exactly as a shim forked by `start` would (setsid, log FIFO, serve).
-When there is no server, `start` launches one (`containerd-shim-pykata-v2 -address A fork-server`,
-detached) and waits for it; whenever anything fails, `start` forks the shim itself, as before.
+Usually `start` never gets that far: the console script hands the whole `start` (and `delete`) to
+the server over a second socket (pykata.shim.handoff), and a child of the server runs it and becomes
+the pod's shim. When there is no server, `start` launches one (`containerd-shim-pykata-v2 -address A
+fork-server`, detached) and waits for it; whenever anything fails, `start` forks the shim itself.
 A pod's shim that refills the warm pool asks the server for the waiting shims too
 (pykata.shim.forkclient.fork_pool_entry): each forked child enters a mount namespace of its own and
 waits in the pool (pykata.shim.pooled) without redoing the imports (~0.35 CPU s each).
@@ -130,13 +132,13 @@ def _serve(runtime_dir: str, address: str) -> int:
                         if sock is listener:
                             _answer(conn, ok=False, error=why)
                         else:
-                            _answer_start(conn, b"decline", why)
+                            _answer_handoff(conn, b"decline", why)
                         return 0
                     listeners = [s for s in (listener, starts) if s is not None]
                     if sock is listener:
                         pid = _handle(conn, listeners, (wake_r, wake_w, lock))
                     else:
-                        pid = _handle_start(conn, listeners, (wake_r, wake_w, lock))
+                        pid = _handle_handoff(conn, listeners, (wake_r, wake_w, lock))
                 if pid is not None:
                     children.add(pid)
             if children and not late_done:
@@ -159,9 +161,9 @@ def _serve(runtime_dir: str, address: str) -> int:
 
 
 def _start_listener(address: str) -> socket.socket | None:
-    """The socket of whole `start` requests (pykata.shim.handoff), or None when another server of this
-    installation and containerd holds its name (its `start`s are then served there, or by this server's
-    other socket through the full `start`)."""
+    """The socket of handed-over `start` and `delete` commands (pykata.shim.handoff), or None when
+    another server of this installation and containerd holds its name (they are then served there, or
+    run in full, a full `start` using this server's other socket)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(handoff.socket_name(address))
@@ -254,26 +256,28 @@ def _handle(conn: socket.socket, listeners: list[socket.socket], server_fds: tup
     return child
 
 
-def _answer_start(conn: socket.socket, kind: bytes, message: str) -> None:
+def _answer_handoff(conn: socket.socket, kind: bytes, message: str, out: bytes = b"") -> None:
+    """Answer a handed-over command: `kind` (ok, error, decline), its stdout, its stderr or error."""
     with contextlib.suppress(OSError):
-        conn.sendall(handoff.pack([kind, message.encode()]))
+        conn.sendall(handoff.pack([kind, out, message.encode()]))
 
 
-def _handle_start(conn: socket.socket, sockets: list[socket.socket], server_fds: tuple[int, int, int]) -> int | None:
-    """Fork a child that runs one `start` (_run_start); its pid, or None (another user's request)."""
+def _handle_handoff(conn: socket.socket, sockets: list[socket.socket], server_fds: tuple[int, int, int]) -> int | None:
+    """Fork a child that runs one handed-over `start` or `delete` (_run_handoff); its pid, or None (another
+    user's request)."""
     _pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     if uid != os.geteuid():
-        _answer_start(conn, b"decline", f"uid {uid} may not ask for shims")
+        _answer_handoff(conn, b"decline", f"uid {uid} may not ask for shims")
         return None
     child = os.fork()
     if child == 0:
-        _run_start(conn, sockets, server_fds)  # never returns
+        _run_handoff(conn, sockets, server_fds)  # never returns
     return child
 
 
-def _run_start(conn: socket.socket, sockets: list[socket.socket], server_fds: tuple[int, ...]) -> NoReturn:
-    """In a child of the server: read one `start` request (pykata.shim.handoff), run it, answer; when
-    the pod needs a new shim, become it. Never returns."""
+def _run_handoff(conn: socket.socket, sockets: list[socket.socket], server_fds: tuple[int, ...]) -> NoReturn:
+    """In a child of the server: read one request (pykata.shim.handoff), run its `start` or `delete`,
+    answer; when a `start`'s pod needs a new shim, become it. Never returns."""
     code = 1
     try:
         _leave_server(sockets, server_fds)
@@ -285,8 +289,10 @@ def _run_start(conn: socket.socket, sockets: list[socket.socket], server_fds: tu
             env = dict(item.split("=", 1) for item in env_b.decode().split("\0") if "=" in item)
             os.chdir(cwd_b.decode())
             flags = parse_flags(argv[2:])
+            if flags.action not in ("start", "delete"):
+                raise ValueError(f"action {flags.action!r}")
         except (OSError, ValueError, PykataError) as e:  # nothing done yet: the client runs the full `start`
-            _answer_start(conn, b"decline", f"unreadable request: {e}")
+            _answer_handoff(conn, b"decline", f"unreadable request: {e}")
             os._exit(1)
         from setproctitle import setproctitle
 
@@ -295,27 +301,47 @@ def _run_start(conn: socket.socket, sockets: list[socket.socket], server_fds: tu
         setproctitle(" ".join(argv))
         os.environ.clear()
         os.environ.update(env)
-        mark("start.forked")
+        mark(f"{flags.action}.forked")
+        if flags.action == "delete":
+            _run_delete(conn, flags)  # never returns
         try:
             address, new = bootstrap.start_in_fork_server(flags, options)
         except bootstrap.NotHere as e:
-            _answer_start(conn, b"decline", str(e))
+            _answer_handoff(conn, b"decline", str(e))
             os._exit(0)
         except PykataError as e:
-            _answer_start(conn, b"error", str(e))
+            _answer_handoff(conn, b"error", str(e))
             os._exit(1)
         except Exception as e:  # the full `start` would fail the same way: report it, do not retry it
-            _answer_start(conn, b"error", f"start failed: {type(e).__name__}: {e}")
+            _answer_handoff(conn, b"error", f"start failed: {type(e).__name__}: {e}")
             os._exit(1)
         if new is None:  # the pod's shim runs already, or a pooled shim took the pod
-            _answer_start(conn, b"ok", address)
+            _answer_handoff(conn, b"ok", "", address.encode())
             os._exit(0)
-        _answer_start(conn, b"ok", address)
+        _answer_handoff(conn, b"ok", "", address.encode())
         conn.close()
         flags.action = "start"
         become_daemon(flags, new.listener, new.bundle, new.sandbox_id, new.path)
     finally:
         os._exit(code)
+
+
+def _run_delete(conn: socket.socket, flags: Flags) -> NoReturn:
+    """`delete` in a child of the server: its DeleteResponse and what it said on stderr go back."""
+    import io
+
+    err = io.StringIO()
+    sys.stderr = err
+    try:
+        out = bootstrap.delete(flags)
+    except PykataError as e:
+        _answer_handoff(conn, b"error", str(e))
+        os._exit(1)
+    except Exception as e:  # as the full `delete` would: report it, do not retry it
+        _answer_handoff(conn, b"error", f"delete failed: {type(e).__name__}: {e}")
+        os._exit(1)
+    _answer_handoff(conn, b"ok", err.getvalue(), out)
+    os._exit(0)
 
 
 def _leave_server(sockets: list[socket.socket], server_fds: tuple[int, ...]) -> None:

@@ -1,5 +1,5 @@
-"""`start` handed to the shims' fork server: the common case of containerd's `shim start` without the
-imports and configuration parsing of a full `start` (pykata.shim.bootstrap).
+"""`start` and `delete` handed to the shims' fork server: the common case of containerd's `shim start`
+without the imports and configuration parsing of a full `start` (pykata.shim.bootstrap).
 
 containerd runs `containerd-shim-pykata-v2 start` once per container (three times for a 2-container
 pod) and waits for its answer. A full `start` imports the configuration code, parses the TOML file,
@@ -10,9 +10,12 @@ unix socket in the abstract namespace named after this installation and containe
 server forks a child that runs the whole `start` there (bootstrap.start_in_fork_server) and, when the
 pod needs a new shim, becomes that shim itself. This process prints what it answered.
 
+`delete` (once per task, after every shim exit) goes the same way: the server's child runs it and
+sends back what it printed.
+
 When there is no server (the first pod, or `runtime.shim_fork_server = false`), or it is another
-user's, or it answers that this request is not for it, `start_via_server` returns None and the caller
-runs the full `start`, which launches a server for the next pods.
+user's, or it answers that this request is not for it, `run_via_server` raises NotServed and the
+caller runs the command itself (the full `start` launches a server for the next pods).
 
 Stdlib only, and only what a bare interpreter has loaded already (no json, socket, hashlib): this
 module is the whole of the common `start`. The wire format is a few length-prefixed byte strings.
@@ -98,13 +101,15 @@ def read_options() -> bytes:
         return b""
 
 
-def start_via_server(address: str, argv: list[str], options: bytes) -> str:
-    """Have this installation's fork server run `start` for containerd `address`; the shim's address.
+def run_via_server(address: str, argv: list[str], options: bytes) -> tuple[bytes, str]:
+    """Have this installation's fork server run `start` or `delete` (the action ending `argv`) for
+    containerd `address`; what it prints on stdout (`start`: the shim's address; `delete`: the
+    DeleteResponse) and on stderr.
 
     Raises:
-        NotServed: no server, another user's, or it declined (the caller runs the full `start`).
-        ShimStartError: the server ran `start` and it failed (the message is `start`'s), or it took the
-            request and did not answer in time.
+        NotServed: no server, another user's, or it declined (the caller runs the command itself).
+        ShimStartError: the server ran the command and it failed (the message is the command's), or it
+            took the request and did not answer in time.
     """
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -133,18 +138,18 @@ def start_via_server(address: str, argv: list[str], options: bytes) -> str:
             if not reply:
                 from pykata.shim.flags import ShimStartError
 
-                raise ShimStartError(f"the shims' fork server did not answer `start`: {e}") from None
+                raise ShimStartError(f"the shims' fork server did not answer: {e}") from None
     finally:
         s.close()
     try:
-        kind, text = unpack(reply, 2)
-        message = text.decode()
+        kind, out, err = unpack(reply, 3)
+        message = err.decode()
     except (ValueError, UnicodeDecodeError):
-        # no answer at all: its child died before it answered (nothing listens for the pod: the full
-        # `start` removes a socket nobody answers and makes its own)
+        # no answer at all: its child died before it answered (for `start`, nothing listens for the
+        # pod: the full `start` removes a socket nobody answers and makes its own)
         raise NotServed("the fork server's child gave no answer") from None
     if kind == b"ok":
-        return message
+        return out, message
     if kind == b"error":
         from pykata.shim.flags import ShimStartError
 

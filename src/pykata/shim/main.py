@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
             serve(flags)
         elif flags.action == "delete":
-            from pykata.shim.bootstrap import delete
-
-            sys.stdout.buffer.write(delete(flags))
+            sys.stdout.buffer.write(_delete(flags, args))
             sys.stdout.flush()
             if timed:
                 mark("delete.done")
@@ -56,14 +54,32 @@ def main(argv: list[str] | None = None) -> None:
 
 def _start(flags: Flags, args: list[str]) -> str:
     """`start`: handed to the fork server when one runs (pykata.shim.handoff), else done here."""
-    from pykata.shim.handoff import NotServed, read_options, start_via_server
+    from pykata.shim.handoff import NotServed, read_options, run_via_server
 
     options = read_options()
     if flags.id and flags.namespace:  # else the full `start` says what is missing
         try:
-            return start_via_server(flags.address, [sys.executable, *sys.argv[:1], *args], options)
+            out, _ = run_via_server(flags.address, [sys.executable, *sys.argv[:1], *args], options)
+            return out.decode()
         except NotServed:
             pass
     from pykata.shim.bootstrap import start
 
     return start(flags, options)
+
+
+def _delete(flags: Flags, args: list[str]) -> bytes:
+    """`delete`: handed to the fork server when one runs, else done here; the DeleteResponse."""
+    from pykata.shim.handoff import NotServed, run_via_server
+
+    if flags.id:  # else `delete` says what is missing
+        try:
+            out, err = run_via_server(flags.address, [sys.executable, *sys.argv[:1], *args], b"")
+            if err:
+                sys.stderr.write(err)
+            return out
+        except NotServed:
+            pass
+    from pykata.shim.bootstrap import delete
+
+    return delete(flags)
