@@ -54,6 +54,23 @@ def _servers(address: str) -> list[int]:
     return out
 
 
+def _env(shim: Path, config: Path, runtime_dir: Path) -> dict[str, str]:
+    """The environment to run `shim` with: the host's configuration as that installation reads it (its
+    own packaged default if the host has none), with runtime_dir in the temp dir and no warm pool."""
+    script = ("from pykata.config.load import find_config_path, packaged_default_text\n"
+              "found = find_config_path()\n"
+              "print(found.read_text() if found is not None else packaged_default_text(), end='')")
+    text = subprocess.run([str(shim.parent / "python"), "-c", script], capture_output=True, text=True,
+                          check=True).stdout
+    text = text.replace('\nruntime_dir = "/run/pykata"\n', f'\nruntime_dir = "{runtime_dir}"\n')
+    text = text.replace("\npool_size = ", "\n# pool_size = ")  # no warm pool: every `start` makes a shim
+    config.write_text(text.replace("[factory]\n", "[factory]\npool_size = 0\n", 1))
+    env = {**os.environ, "PYKATA_CONFIG": str(config)}
+    env.pop("PYKATA_TIMING_FILE", None)
+    env.pop("TTRPC_ADDRESS", None)
+    return env
+
+
 def _child_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -114,19 +131,7 @@ def main() -> None:
         root = Path(tmp)
         runtime_dir = root / "run"
         runtime_dir.mkdir()
-        from pykata.config.load import find_config_path, packaged_default_text
-
-        found = find_config_path()
-        text = found.read_text() if found is not None else packaged_default_text()
-        config = root / "configuration.toml"
-        text = text.replace('\nruntime_dir = "/run/pykata"\n', f'\nruntime_dir = "{runtime_dir}"\n')
-        # no warm pool: every `start` makes a shim
-        text = text.replace("\npool_size = ", "\n# pool_size = ")
-        text = text.replace("[factory]\n", "[factory]\npool_size = 0\n", 1)
-        config.write_text(text)
-        env = {**os.environ, "PYKATA_CONFIG": str(config)}
-        env.pop("PYKATA_TIMING_FILE", None)
-        env.pop("TTRPC_ADDRESS", None)
+        envs = {name: _env(shim, root / f"{name}.toml", runtime_dir) for name, shim in shims.items()}
         address = str(root / "containerd.sock")  # the fork servers live while it exists
         listener = socket.socket(socket.AF_UNIX)
         listener.bind(address)
@@ -135,13 +140,13 @@ def main() -> None:
         python: list[float] = []
         try:
             for name, shim in shims.items():  # launches each installation's fork server
-                _one(shim, root, f"warm-{name}", address, env)
+                _one(shim, root, f"warm-{name}", address, envs[name])
             for i in range(args.n):
                 t = time.perf_counter()
                 subprocess.run([sys.executable, "-c", "pass"], check=True)
                 python.append(time.perf_counter() - t)
                 for name, shim in shims.items():
-                    results[name].append(_one(shim, root, f"{name}-{i}", address, env))
+                    results[name].append(_one(shim, root, f"{name}-{i}", address, envs[name]))
         finally:
             listener.close()
             for pid in _servers(address):
