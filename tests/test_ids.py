@@ -12,9 +12,10 @@ from pykata import ids
 from pykata.agent import validation
 from pykata.agentapi import replies
 from pykata.config import Config
+from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError, InvalidArgument
 from pykata.hypervisor.qemu.driver import QemuHypervisor
-from pykata.hypervisor.qemu.launch import VmPaths
+from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
 from pykata.protocols import shim_pb2
 from pykata.protocols.agent import agent_pb2
 from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
@@ -73,3 +74,16 @@ def test_the_longest_id_fits_its_unix_sockets() -> None:
     vm = VmPaths(sandbox / "vm")
     for sock in (vm.qmp_socket, vm.agent_socket, vm.virtiofsd_socket, sandbox / AGENT_PROXY_SOCKET):
         assert len(os.fsencode(sock)) <= 107, sock  # sun_path holds 108 bytes with the NUL
+
+
+def test_a_vm_is_told_by_its_exact_name_not_by_a_substring() -> None:
+    """A recorded VMM pid is this sandbox's QEMU only if its `-name` is exactly this id's: "abc" is a
+    prefix of "abc1", and a user's process may name the sandbox's files."""
+    spec = LaunchSpec(vm_id="abc", config=QemuConfig(), accel="tcg", kernel=Path("/k"),
+                      paths=VmPaths(Path("/run/pykata/sandboxes/abc/vm")))
+    argv = build_command_line(spec).argv()
+    assert ids.names_vm(argv, "abc")
+    assert ids.names_vm(["/usr/bin/unshare", "--fork", "--", *argv], "abc")  # its lifeline wrapper
+    assert not ids.names_vm(argv, "ab")
+    assert not ids.names_vm([a.replace("pykata-abc", "pykata-abc1") for a in argv], "abc")
+    assert not ids.names_vm(["tail", "/run/pykata/sandboxes/abc/vm/qemu.log", "pykata-abc"], "abc")

@@ -107,6 +107,18 @@ async def async_file_lock(path: Path, *, timeout: float, poll: float = 0.05) -> 
         os.close(fd)
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None when there is no such process (a
+    zombie counts as gone: it has ended). With the pid it names one process for good: pids are reused,
+    the pair never is."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def process_alive(pid: int) -> bool:
     """True while process `pid` exists and is not a zombie (read from /proc/<pid>/stat)."""
     try:

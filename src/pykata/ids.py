@@ -13,7 +13,9 @@ Stdlib only: the guest agent imports this module too.
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Sequence
 
 from pykata.errors import InvalidArgument
 
@@ -61,3 +63,16 @@ def check_exec_id(value: object, field: str = "exec_id", *, allow_empty: bool = 
     if allow_empty and value == "":
         return ""
     return check_id(field, value)
+
+
+def vm_process_name(vm_id: str) -> str:
+    """The name a VM's QEMU carries on its command line (`-name pykata-<id>,...`; a VM is named by its
+    sandbox): how a recorded VMM pid is told from a process that reused it."""
+    return f"pykata-{vm_id}"
+
+
+def names_vm(argv: Sequence[str], vm_id: str) -> bool:
+    """Whether command line `argv` is that of VM `vm_id`'s QEMU (or of its lifeline wrapper): an exact
+    `-name` argument, never a substring (the ids "abc" and "abc1", a user's process naming the path)."""
+    want = vm_process_name(vm_id)
+    return any(a == "-name" and v.split(",", 1)[0] == want for a, v in itertools.pairwise(argv))

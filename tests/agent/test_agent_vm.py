@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from pykata.agentapi import Agent
+from pykata.agentapi.errors import GuestTickError
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
 from pykata.ttrpc import Client, RpcError, connect_unix
 from tests.agent.conftest import make_busybox_rootfs
@@ -255,3 +258,52 @@ async def test_sandbox_with_a_9p_share_time_and_shared_pid_namespace(guest: Any,
         await guest.CreateContainer(agent_pb2.CreateContainerRequest(
             container_id="after", oci_spec_json=json.dumps(spec)), timeout=60)
     assert "root.path" in ei.value.message
+
+
+def _stall_apic_timer_calibration(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start QEMU and stop it for 300 ms, ten times, as the guest starts measuring its APIC timer (the
+    attack of a loaded host, as in tests/guestimage/test_kernel.py)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while b"Calibrating APIC timer" not in (log.read_bytes() if log.exists() else b""):
+        assert proc.poll() is None and time.monotonic() < deadline, "the guest never calibrated its APIC timer"
+        time.sleep(0.001)
+    for _ in range(10):
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.002)
+    return proc
+
+
+@pytest.mark.slow
+async def test_a_guest_left_without_a_timer_tick_is_refused_when_the_host_connects(
+        guest_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """A boot whose APIC timer measurement the host stalled ("APIC frequency too slow": pykata's own
+    launch gives the rate, lapic_timer_period=, but a kernel or launch without it measures) is left
+    with no tick at all on microvm with ACPI, yet its agent answers. The host's connect refuses it,
+    naming the cause, instead of handing it containers whose every sleep would hang."""
+    vmlinux, initrd = guest_assets
+    for attempt in range(2):  # the stall may miss the 100 ms measurement on a very busy host
+        sock, log = tmp_path / f"agent{attempt}.sock", tmp_path / f"console{attempt}.log"
+        argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
+                "-cpu", "max", "-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                "-serial", f"file:{log}", "-kernel", str(vmlinux), "-initrd", str(initrd), "-no-reboot",
+                "-device", "virtio-serial-device", "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
+                "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+                "-append", f"console=ttyS0 panic=-1 apic=verbose {_tsc_param()}"]
+        proc = _stall_apic_timer_calibration(argv, log)
+        try:
+            try:
+                agent = await Agent.connect(sock, "tickless", timeout=120)
+            except GuestTickError as e:
+                assert "too slow" in log.read_text(errors="replace")
+                assert "sandbox tickless: the guest has no timer tick" in str(e)
+                return
+            await agent.close()
+            # connected: only a guest that kept its tick may be
+            assert "too slow" not in log.read_text(errors="replace"), "a guest without a tick was accepted"
+        finally:
+            proc.kill()
+            proc.wait()
+    pytest.fail("the stalls never hit the guest's APIC timer measurement")

@@ -8,7 +8,8 @@ tests/agent, tests/sandbox and tests/shim.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from pykata.agentapi import Agent, AgentCallError, AgentReplyError, AgentVersionError
+from pykata.agentapi.errors import GuestTickError
 from pykata.errors import NotFound
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, agent_pb2
 from pykata.sandbox.process import start_exec
@@ -28,6 +30,7 @@ class FakeHostileAgent:
     def __init__(self) -> None:
         self.replies: dict[str, Any] = {}
         self.requests: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
 
     def __getattr__(self, rpc: str) -> Any:
         if rpc not in AGENT_SERVICE.methods and rpc not in HEALTH_SERVICE.methods:
@@ -35,7 +38,10 @@ class FakeHostileAgent:
 
         async def answer(req: Any, ctx: CallContext) -> Any:
             self.requests[rpc] = req
+            self.calls[rpc] = self.calls.get(rpc, 0) + 1
             reply = self.replies[rpc]
+            if callable(reply):  # an answer made at each call
+                reply = reply()
             if isinstance(reply, BaseException):
                 raise reply
             return reply
@@ -264,3 +270,59 @@ async def test_out_of_contract_stdin_and_output_are_refused(fake: tuple[FakeHost
         else:
             await agent.wait_process_output("c1", "e1", 16)
     assert (info.value.rpc, info.value.field) == (rpc, field)
+
+
+SERVING = agent_pb2.HealthCheckResponse.SERVING
+
+
+def _clocks(tick_clock_ns: Callable[[int], int]) -> Callable[[], agent_pb2.HealthCheckResponse]:
+    """Check answers with this host's monotonic clock as the guest's, and `tick_clock_ns(clock_ns)` as
+    its coarse clock (the clock of its last timer tick)."""
+    def answer() -> agent_pb2.HealthCheckResponse:
+        now = time.monotonic_ns()
+        return agent_pb2.HealthCheckResponse(status=SERVING, clock_ns=now, tick_clock_ns=tick_clock_ns(now))
+    return answer
+
+
+async def test_a_guest_without_a_timer_tick_is_refused_when_it_connects(
+        fake_server: tuple[FakeHostileAgent, Path]) -> None:
+    """The guest of a stalled APIC timer calibration ("APIC frequency too slow") answers RPCs, but its
+    coarse clock stands where its last tick left it while its monotonic clock goes on: its sleeps
+    would never end. The host refuses it, naming what is wrong, instead of handing it a workload."""
+    handler, sock = fake_server
+    handler.replies["Check"] = _clocks(lambda now: 340_000_000)
+    with pytest.raises(GuestTickError) as info:
+        await Agent.connect(sock, "sb1", timeout=5)
+    message = str(info.value)
+    assert "sandbox sb1: the guest has no timer tick" in message and "stood still at 0.34 s" in message
+    assert "\n" not in message and handler.calls["Check"] == 2
+
+
+async def test_a_starved_guest_whose_tick_catches_up_is_not_refused(
+        fake_server: tuple[FakeHostileAgent, Path]) -> None:
+    """A guest the busy host did not run for a while lags at first, then its next tick catches up."""
+    handler, sock = fake_server
+    first = time.monotonic_ns()
+    handler.replies["Check"] = _clocks(lambda now: first - 2_000_000_000 if handler.calls["Check"] == 1 else now)
+    agent = await Agent.connect(sock, "sb1", timeout=5)
+    await agent.close()
+    assert handler.calls["Check"] == 2
+
+
+async def test_a_healthy_guest_costs_one_check(fake_server: tuple[FakeHostileAgent, Path]) -> None:
+    handler, sock = fake_server
+    handler.replies["Check"] = _clocks(lambda now: now - 3_000_000)  # its last tick 3 ms ago
+    agent = await Agent.connect(sock, "sb1", timeout=5)
+    await agent.close()
+    handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=SERVING)  # an agent without the clocks
+    agent = await Agent.connect(sock, "sb1", timeout=5)
+    await agent.close()
+    assert handler.calls["Check"] == 2
+
+
+async def test_a_tick_clock_ahead_of_the_monotonic_one_is_out_of_contract(
+        fake_server: tuple[FakeHostileAgent, Path]) -> None:
+    handler, sock = fake_server
+    handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=SERVING, clock_ns=5, tick_clock_ns=1 << 62)
+    with pytest.raises(AgentReplyError, match="tick_clock_ns"):
+        await Agent.connect(sock, "sb1", timeout=5)

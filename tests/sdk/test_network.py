@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 import pykata
+from pykata.network import egress
 from pykata.network.egress import (
     EgressPolicy,
     InstalledRule,
@@ -237,6 +238,20 @@ def test_installed_rules_name_their_owner() -> None:
     assert installed_rules(listing) == [InstalledRule("sb1", 4242, "77:123")]
     assert not InstalledRule("me", 1, owner_tag()).owner_gone()
     assert InstalledRule("me", 1, f"{os.getpid()}:1").owner_gone()  # the pid now names another process
+
+
+def test_a_vmm_still_running_is_told_by_its_exact_name() -> None:
+    """The sweep keeps a dead owner's rules while its QEMU still runs: that QEMU, by its exact `-name`, not
+    any process of the uid whose command line contains the id ("sb1" is a prefix of "sb12")."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-name", "pykata-sb12,debug-threads=on"])
+    try:
+        time.sleep(0.2)  # exec'd: its command line is the one above
+        assert egress._vmm_running(os.getuid(), "sb12")
+        assert not egress._vmm_running(os.getuid(), "sb1")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # Starts an egress sandbox, says its id, and waits to be killed.

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from pykata import tracing
 from pykata.agentapi import replies
-from pykata.agentapi.errors import AgentCallError, AgentReplyError, AgentVersionError
+from pykata.agentapi.errors import AgentCallError, AgentReplyError, AgentVersionError, GuestTickError
 from pykata.errors import AgentError
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, agent_pb2
 from pykata.ttrpc import Client, Code, RpcError, connect_unix
@@ -30,6 +30,9 @@ from pykata.ttrpc.stats import RpcStats
 DEFAULT_TIMEOUT = 30.0
 # A `timeout` argument meaning "the Agent's request_timeout".
 REQUEST_TIMEOUT: float = -1.0
+# Seconds without an answer on the connection connect() keeps before it makes a new one (see there);
+# longer than a cold boot of a healthy guest on a busy host takes to answer.
+RECONNECT_SILENCE = 15.0
 # Agent RPCs without a span of their own when tracing: the stdio pumps' reads (one per chunk of output)
 # and the OOM watch (one call for the sandbox's whole life).
 UNTRACED_RPCS = frozenset({"ReadStdout", "ReadStderr", "GetOOMEvent"})
@@ -61,27 +64,37 @@ class Agent:
         """Connect and wait until the agent answers a health check.
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
-        the check is repeated on it rather than reconnecting (which could cut a frame in half).
+        the check is repeated on it rather than reconnecting (which could cut a frame in half), until
+        it has been silent for RECONNECT_SILENCE: then a new connection (a guest without a timer tick
+        never takes up a session that began before its agent opened its port: the agent's fallback
+        for that is a timer; a new connection is a host-connect event, which wakes it).
         Each check goes with a Version request (no round trip of its own); the protocol version of the
         agent that answers is checked and kept, as `negotiate` does.
+        The answer's clocks are checked for a dead timer tick in the guest (`_check_tick`).
         Raises AgentError when the agent does not answer within `timeout`, AgentVersionError when it
-        is too old for this host, AgentReplyError when its version answer is out of contract.
+        is too old for this host, AgentReplyError when its version answer is out of contract,
+        GuestTickError when its guest has no timer tick.
         """
         deadline = time.monotonic() + timeout
         client: Client | None = None
         last: BaseException | None = None
+        connected = 0.0
         try:
             while time.monotonic() < deadline:
+                if client is not None and time.monotonic() - connected > RECONNECT_SILENCE:
+                    await client.close()
+                    client = None
                 if client is None or client.closed:
                     try:
                         client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()))
+                        connected = time.monotonic()
                     except (OSError, TimeoutError) as e:
                         last = e
                         await asyncio.sleep(0.02)
                         continue
                 agent = cls(client, sandbox_id, request_timeout=request_timeout)
                 try:
-                    serving, version = await agent._probe(min(1.0, max(0.05, deadline - time.monotonic())))
+                    answer, version = await agent._probe(min(1.0, max(0.05, deadline - time.monotonic())))
                 except AgentReplyError:
                     raise  # an answer out of contract: not a guest still booting
                 except AgentCallError as e:
@@ -89,8 +102,9 @@ class Agent:
                     if e.code != Code.DEADLINE_EXCEEDED:
                         await asyncio.sleep(0.05)
                     continue
-                if serving:
+                if replies.health(answer):
                     agent._take_version(version)
+                    await agent._check_tick(answer)
                     client = None  # ownership passes to the Agent
                     return agent
                 await asyncio.sleep(0.02)
@@ -162,9 +176,28 @@ class Agent:
 
     async def check(self, *, timeout: float | None = 2.0) -> bool:
         """True when the agent answers that it serves. Raises AgentCallError."""
-        resp = await self._call("Check", agent_pb2.CheckRequest(), agent_pb2.HealthCheckResponse,
+        return replies.health(await self._check(timeout))
+
+    async def _check(self, timeout: float | None) -> agent_pb2.HealthCheckResponse:
+        return await self._call("Check", agent_pb2.CheckRequest(), agent_pb2.HealthCheckResponse,
                                 timeout=timeout, service=HEALTH_SERVICE)
-        return replies.health(resp)
+
+    async def _check_tick(self, answer: agent_pb2.HealthCheckResponse, rechecks: int = 3) -> None:
+        """Raise GuestTickError when the guest that gave Check `answer` has no timer tick: its coarse clock
+        stands still while its monotonic clock goes on (replies.GuestClocks). Costs nothing when the
+        answer's coarse clock is within TICK_LAG_NS (healthy guests: one tick); else the guest is asked
+        again after a while (a guest starved by the host catches up at its next tick), at most
+        `rechecks` times. Raises GuestTickError, AgentReplyError, AgentCallError."""
+        first = self._checked("Check", replies.guest_clocks, answer)
+        if first is None or first.lag_ns < replies.TICK_LAG_NS:
+            return
+        for _ in range(rechecks):
+            await asyncio.sleep(1.5 * replies.TICK_STALL_NS / 1e9)  # the guest's clocks follow the host's
+            now = self._checked("Check", replies.guest_clocks, await self._check(REQUEST_TIMEOUT))
+            if now is None or now.tick_clock_ns != first.tick_clock_ns:
+                return
+            if replies.tick_stalled(first, now):
+                raise GuestTickError(self.sandbox_id, now.tick_clock_ns, now.clock_ns - first.clock_ns)
 
     async def health(self, timeout: float = 2.0) -> bool:
         """Like check(), but False instead of an error."""
@@ -191,10 +224,10 @@ class Agent:
         self.protocol_version = min(v.protocol_version, PROTOCOL_VERSION)
         self.agent_version = v.agent_version
 
-    async def _probe(self, timeout: float) -> tuple[bool, replies.AgentVersion]:
+    async def _probe(self, timeout: float) -> tuple[agent_pb2.HealthCheckResponse, replies.AgentVersion]:
         """Check and Version sent together (connect's readiness probe): the version costs no round trip
         of its own on a sandbox's start. Raises AgentCallError."""
-        check = asyncio.ensure_future(self.check(timeout=timeout))
+        check = asyncio.ensure_future(self._check(timeout))
         try:
             version = await self.version(timeout=timeout)
         except BaseException:

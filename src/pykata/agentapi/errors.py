@@ -33,3 +33,16 @@ class AgentVersionError(AgentError):
             f"this host speaks {host} and needs at least {needed}: rebuild the guest image "
             "(`pykata image build`) and the template (`pykata factory init`)")
         self.sandbox_id, self.agent_protocol, self.needed = sandbox_id, agent_protocol, needed
+
+
+class GuestTickError(AgentError):
+    """The guest has no timer tick: its agent answers, but every sleep, timeout and timer in it would
+    wait forever. Seen when a boot's APIC timer calibration was stalled by the host ("APIC frequency too
+    slow"); a template made from such a boot would pass it on to every clone."""
+
+    def __init__(self, sandbox_id: str, tick_clock_ns: int, stalled_ns: int) -> None:
+        super().__init__(
+            f"sandbox {sandbox_id}: the guest has no timer tick (its tick clock stood still at "
+            f"{tick_clock_ns / 1e9:.2f} s while its monotonic clock went on by {stalled_ns / 1e9:.2f} s): "
+            "sleeps and timeouts in it would never end; see the guest's console log for its APIC timer")
+        self.sandbox_id = sandbox_id

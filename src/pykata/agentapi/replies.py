@@ -266,6 +266,45 @@ def health(resp: agent_pb2.HealthCheckResponse) -> bool:
     return bool(resp.status == agent_pb2.HealthCheckResponse.SERVING)
 
 
+@dataclasses.dataclass(frozen=True)
+class GuestClocks:
+    """The guest's CLOCK_MONOTONIC and CLOCK_MONOTONIC_COARSE in one Health.Check answer (ns). The
+    coarse clock is the monotonic one as of the guest's last timer tick: a guest whose tick is dead
+    (its APIC timer disabled at boot, "APIC frequency too slow") keeps the clocksource running and
+    answers RPCs, but its coarse clock stands still, and so do its sleeps and timeouts."""
+
+    clock_ns: int
+    tick_clock_ns: int
+
+    @property
+    def lag_ns(self) -> int:
+        """How far the coarse clock is behind: a few ms (one tick, 4 ms at HZ 250) in a healthy guest."""
+        return self.clock_ns - self.tick_clock_ns
+
+
+# A coarse clock further behind than this makes the host ask again (a guest starved by a busy host
+# may lag for a while, and then catches up at its next tick); one that has not moved at all while the
+# monotonic clock went on by TICK_STALL_NS (50 ticks at HZ 250) has no tick.
+TICK_LAG_NS = 200_000_000
+TICK_STALL_NS = 200_000_000
+
+
+def guest_clocks(resp: agent_pb2.HealthCheckResponse) -> GuestClocks | None:
+    """The clocks of a Check answer; None from an agent that sends none (older than the fields)."""
+    if resp.clock_ns == 0 and resp.tick_clock_ns == 0:
+        return None
+    # read after the monotonic clock, the coarse one is at most one tick ahead of it
+    if resp.tick_clock_ns > resp.clock_ns + 1_000_000_000:
+        raise BadReply("tick_clock_ns", f"{resp.tick_clock_ns} is ahead of clock_ns {resp.clock_ns}")
+    return GuestClocks(int(resp.clock_ns), int(resp.tick_clock_ns))
+
+
+def tick_stalled(first: GuestClocks, second: GuestClocks) -> bool:
+    """Whether the guest's tick is dead, by two answers: its coarse clock did not move at all while its
+    monotonic clock went on by TICK_STALL_NS or more."""
+    return second.tick_clock_ns == first.tick_clock_ns and second.clock_ns - first.clock_ns >= TICK_STALL_NS
+
+
 def version(resp: agent_pb2.VersionCheckResponse) -> AgentVersion:
     # every agent ever released answers 1 or more (0 is proto3's "absent")
     if not 1 <= resp.protocol_version <= MAX_PROTOCOL_VERSION:

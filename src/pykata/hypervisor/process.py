@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVarTuple, Unpack
 
-from pykata.hypervisor import fileguard
+from pykata.hypervisor import fileguard, owned
 
 _Ts = TypeVarTuple("_Ts")
 
@@ -106,6 +106,8 @@ class ChildProcess:
         thread that spawned it ends (PR_SET_PDEATHSIG; see jail.lifeline_prefix).
         `preexec` runs in the child before exec in place of the guard (a confinement of its own, e.g.
         pykata.hypervisor.qemu.clonememory; not with serves_guest_files).
+        The child is recorded (pid and start time) in `log_path`'s directory (pykata.hypervisor.owned),
+        so a cleanup after this process died ends exactly it.
 
         Raises:
             OSError: the binary cannot be executed, or the guard cannot be set up.
@@ -121,6 +123,8 @@ class ChildProcess:
                 )
             except subprocess.SubprocessError as exc:  # what a failing preexec_fn becomes
                 raise OSError(errno.EPERM, f"{name}: file guard: {exc}") from None
+        with contextlib.suppress(OSError):  # unrecorded, it is still ours to stop
+            owned.record(log_path.parent, proc.pid)
         return cls(proc, name)
 
     @property

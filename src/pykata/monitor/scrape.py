@@ -26,6 +26,7 @@ import psutil
 from pykata.agentapi.errors import AgentCallError
 from pykata.config import Config
 from pykata.errors import Code, PykataError
+from pykata.ids import names_vm
 from pykata.monitor.defaults import DEFAULT_TIMEOUT, PSS_MAX_AGE
 from pykata.protocols.agent import agent_pb2
 from pykata.protocols.owner import owner_pb2
@@ -154,7 +155,7 @@ def _host(sample: Sample, record: state.SandboxRecord) -> tuple[int | None, int 
     if not record.vmm_pid:
         return None, None
     argv = psutil.Process(record.vmm_pid).cmdline()
-    if record.id not in " ".join(argv):  # the pid was reused: not our VMM any more
+    if not names_vm(argv, record.id):  # the pid was reused: not our VMM any more
         raise psutil.NoSuchProcess(record.vmm_pid)
     vmm = status.process_info(record.vmm_pid, io=True)
     vcpus, memory_mib, _ = status.vm_shape(argv)

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import psutil
 
 from pykata.errors import InvalidArgument, PykataError
+from pykata.fsutil import start_ticks
+from pykata.ids import names_vm
 from pykata.protocols.agent import agent_pb2
 
 # Never reachable from a sandbox, whatever `allow` says: this host and the networks pods and
@@ -147,21 +149,10 @@ def chain_name(sandbox_id: str) -> str:
     return CHAIN_PREFIX + hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
 
 
-def _start_ticks(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot), or None when there is no such process
-    (a zombie counts as gone: it has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
 def owner_tag(pid: int | None = None) -> str:
     """`<pid>:<start ticks>` of process `pid` (this one by default): names one process for good."""
     pid = os.getpid() if pid is None else pid
-    return f"{pid}:{_start_ticks(pid) or 0}"
+    return f"{pid}:{start_ticks(pid) or 0}"
 
 
 def _jump(uid: int, sandbox_id: str, target: str, owner: str | None = None) -> str:
@@ -260,7 +251,7 @@ class InstalledRule:
 
     def owner_gone(self) -> bool:
         pid, _, ticks = self.owner.partition(":")
-        return _start_ticks(int(pid)) != int(ticks)
+        return start_ticks(int(pid)) != int(ticks)
 
 
 def installed_rules(listing: str) -> list[InstalledRule]:
@@ -285,7 +276,7 @@ def _vmm_running(uid: int, sandbox_id: str) -> bool:
     owner's death and its own)."""
     for proc in psutil.process_iter(["uids", "cmdline"]):
         with contextlib.suppress(psutil.Error, TypeError):
-            if proc.info["uids"].real == uid and sandbox_id in " ".join(proc.info["cmdline"] or ()):
+            if proc.info["uids"].real == uid and names_vm(proc.info["cmdline"] or (), sandbox_id):
                 return True
     return False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +12,12 @@ import psutil
 
 from pykata.config import Config
 from pykata.errors import NotFound
+from pykata.hypervisor import owned
+from pykata.ids import names_vm
 from pykata.network import egress
 from pykata.resources import mounts
 from pykata.sandbox import state
-from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
+from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, VM_DIR, sandboxes_dir
 
 
 class NotFoundError(NotFound):
@@ -63,20 +64,10 @@ def _kill_vmm(pid: int | None, sandbox_id: str) -> None:
         return
     with contextlib.suppress(psutil.Error):
         proc = psutil.Process(pid)
-        # only a QEMU that is really this sandbox's (pids get reused)
-        if sandbox_id in " ".join(proc.cmdline()):
+        # only a QEMU that is really this sandbox's (pids get reused): its exact -name, not a substring
+        if names_vm(proc.cmdline(), sandbox_id):
             proc.kill()
             proc.wait(5)
-
-
-def _pykata_children(sandbox_dir: Path) -> list[psutil.Process]:
-    """Processes (QEMU, virtiofsd) whose command line points into the sandbox directory."""
-    out = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if str(sandbox_dir) in " ".join(proc.info["cmdline"] or []):
-                out.append(proc)
-    return out
 
 
 def remove_sandbox_dir(directory: Path, record: state.SandboxRecord | None) -> None:
@@ -85,12 +76,11 @@ def remove_sandbox_dir(directory: Path, record: state.SandboxRecord | None) -> N
     link = directory if directory.is_symlink() else None
     if link is not None:
         directory = link.resolve()
+    # what the owner started (QEMU, virtiofsd, the 9p helper), by pid and start time, and what runs
+    # under those; never a process that merely names the directory (pykata.hypervisor.owned)
+    owned.kill_recorded(directory / VM_DIR)
     if record is not None:
         _kill_vmm(record.vmm_pid, record.id)
-    for proc in _pykata_children(directory):
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(5)
     mounts.unmount_all(directory)
     shutil.rmtree(directory, ignore_errors=True)
     if link is not None:

@@ -82,6 +82,9 @@ def new_id() -> str:
     return secrets.token_hex(8)
 
 
+VM_DIR = "vm"  # in a sandbox's directory: the VM's sockets, logs and process records
+
+
 def sandboxes_dir(config: Config) -> Path:
     return Path(config.runtime.runtime_dir) / "sandboxes"
 
@@ -310,7 +313,7 @@ class Sandbox:
             devices.append(NetDevice(nic_id(0), guest_mac(0), user_net=True))
         with tracing.span("vm.start") as span:
             self.vm = await start_vm(self.id, self.config, shared_dir=self.shared_dir, readiness=probe,
-                                     vm_dir=self.dir / "vm", guest_shutdown=self._guest_shutdown,
+                                     vm_dir=self.dir / VM_DIR, guest_shutdown=self._guest_shutdown,
                                      devices=devices, die_with_owner=die_with_owner,
                                      prepared=self._filter_egress if self.egress is not None else None)
             if span is not None:

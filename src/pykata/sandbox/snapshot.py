@@ -361,7 +361,7 @@ def _root_disks(config: Config, m: dict[str, Any]) -> tuple[tuple[int, Path], ..
 
 async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dict[str, Any],
                  boot_timeout: float, die_with_owner: bool) -> None:
-    from pykata.sandbox.sandbox import make_sandbox_dir
+    from pykata.sandbox.sandbox import VM_DIR, make_sandbox_dir
 
     make_sandbox_dir(sb.dir)
     state.save(sb.dir, sb.record)
@@ -379,7 +379,7 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
     # QEMU reopens the state through /proc/self/fd: the very file checked above, never a path again
     source = RestoreSource(memory=None, state=Path(f"/proc/{os.getpid()}/fd/{opened.state_fd}"), kernel=kernel,
                            initrd=assets["initrd"], image=assets["image"], root_slots=disks)
-    vm = QemuHypervisor(sb.id, sb.config, shared_dir=sb.shared_dir, readiness=probe, vm_dir=sb.dir / "vm",
+    vm = QemuHypervisor(sb.id, sb.config, shared_dir=sb.shared_dir, readiness=probe, vm_dir=sb.dir / VM_DIR,
                         guest_shutdown=sb._guest_shutdown, restore=source, die_with_owner=die_with_owner)
     sb.vm = vm
     if sb.egress is not None:

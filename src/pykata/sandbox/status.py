@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 
 from pykata.config import Config
+from pykata.ids import names_vm
 from pykata.sandbox import state
 from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
 
@@ -121,7 +122,7 @@ def _vmm_argv(record: state.SandboxRecord) -> list[str] | None:
         return None
     with contextlib.suppress(psutil.Error):
         argv = psutil.Process(record.vmm_pid).cmdline()
-        if record.id in " ".join(argv):
+        if names_vm(argv, record.id):
             return argv
     return None
 

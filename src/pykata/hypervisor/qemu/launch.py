@@ -10,6 +10,7 @@ from pykata.config.schema import QemuConfig
 from pykata.hypervisor.devices import DATA_DISK_SERIAL, BlockDevice, Device, NetDevice, root_slot_serial
 from pykata.hypervisor.jail import JailSpec
 from pykata.hypervisor.qemu import cmdline as c
+from pykata.ids import vm_process_name
 
 AgentChannelKind = Literal["vsock", "virtio-serial"]
 SHARED_FS_TAG = "kataShared"
@@ -191,7 +192,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
     q = spec.config
     p = spec.paths
     bus = spec.bus
-    args: list[c.Arg] = [c.Name(f"pykata-{spec.vm_id}")]
+    args: list[c.Arg] = [c.Name(vm_process_name(spec.vm_id))]
 
     backend_id = "mem" if spec.memory_file is not None or spec.shares_memory or spec.private_memory else None
     if q.machine_type == "microvm":

@@ -684,7 +684,7 @@ class CheckRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class HealthCheckResponse(_message.Message):
-    __slots__ = ("status",)
+    __slots__ = ("status", "clock_ns", "tick_clock_ns")
     class ServingStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[HealthCheckResponse.ServingStatus]
@@ -694,8 +694,12 @@ class HealthCheckResponse(_message.Message):
     SERVING: HealthCheckResponse.ServingStatus
     NOT_SERVING: HealthCheckResponse.ServingStatus
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_NS_FIELD_NUMBER: _ClassVar[int]
+    TICK_CLOCK_NS_FIELD_NUMBER: _ClassVar[int]
     status: HealthCheckResponse.ServingStatus
-    def __init__(self, status: _Optional[_Union[HealthCheckResponse.ServingStatus, str]] = ...) -> None: ...
+    clock_ns: int
+    tick_clock_ns: int
+    def __init__(self, status: _Optional[_Union[HealthCheckResponse.ServingStatus, str]] = ..., clock_ns: _Optional[int] = ..., tick_clock_ns: _Optional[int] = ...) -> None: ...
 
 class VersionCheckResponse(_message.Message):
     __slots__ = ("agent_version", "protocol_version")
