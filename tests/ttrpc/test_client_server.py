@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -223,23 +225,33 @@ async def test_truncated_frame_then_close(echo_server: Any, echo_client: Any) ->
     assert (await echo_client.call(ECHO_SERVICE, "Echo", Echo(tag=1))).tag == 1
 
 
-async def test_fd_transport_resynchronises_after_garbage(tmp_path: Path) -> None:
-    """A byte stream with no reconnect signal: stale bytes first, then a new peer's frames."""
-    server = Server()
-    server.register(ECHO_SERVICE, EchoHandler())
+@contextlib.asynccontextmanager
+async def served_socketpair(server: Server, **serve: Any) -> AsyncIterator[socket.socket]:
+    """`server.serve_fd(**serve)` on one end of a socket pair; yields the other end (the peer's). On
+    exit both ends are closed, then the server, and the serving task must end."""
     a, b = socket.socketpair()
-    serving = asyncio.ensure_future(server.serve_fd(a.fileno()))
-    b.sendall(b"\x00\x00\x10\x00stale-half-frame")
-    client = await connect_fd(b.fileno())
+    serving = asyncio.ensure_future(server.serve_fd(a.fileno(), **serve))
     try:
-        resp = await client.call(ECHO_SERVICE, "Echo", Echo(data=b"after", tag=5), timeout=5)
-        assert (resp.data, resp.tag) == (b"after", 5)
+        yield b
     finally:
-        await client.close()
         a.close()
         b.close()
         await server.close()
         await asyncio.wait_for(serving, 5)
+
+
+async def test_fd_transport_resynchronises_after_garbage(tmp_path: Path) -> None:
+    """A byte stream with no reconnect signal: stale bytes first, then a new peer's frames."""
+    server = Server()
+    server.register(ECHO_SERVICE, EchoHandler())
+    async with served_socketpair(server) as peer:
+        peer.sendall(b"\x00\x00\x10\x00stale-half-frame")
+        client = await connect_fd(peer.fileno())
+        try:
+            resp = await client.call(ECHO_SERVICE, "Echo", Echo(data=b"after", tag=5), timeout=5)
+            assert (resp.data, resp.tag) == (b"after", 5)
+        finally:
+            await client.close()
 
 
 async def test_on_first_data_runs_once_per_connection_before_its_first_request() -> None:
@@ -254,33 +266,30 @@ async def test_on_first_data_runs_once_per_connection_before_its_first_request()
 
     server = Server()
     server.register(ECHO_SERVICE, Recording())
-    a, b = socket.socketpair()
-    serving = asyncio.ensure_future(server.serve_fd(a.fileno(), on_first_data=lambda: events.append("hook fd")))
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = f"/tmp/pktt-{os.getpid()}.sock"
-    listener.bind(path)
-    listener.listen()
-    await server.serve_socket(listener, on_first_data=lambda: events.append("hook sock"))
-    client = await connect_fd(b.fileno())
-    try:
-        assert events == []  # connected, nothing sent yet
-        for tag in (1, 2):
-            assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=5)).tag == tag
-        assert events == ["hook fd", "echo 1", "echo 2"]
-        for tag in (3, 4):  # two connections, a hook each
-            other = await connect_unix(path)
+    async with served_socketpair(server, on_first_data=lambda: events.append("hook fd")) as peer:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        try:
+            listener.listen()
+            await server.serve_socket(listener, on_first_data=lambda: events.append("hook sock"))
+            client = await connect_fd(peer.fileno())
             try:
-                assert (await other.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=5)).tag == tag
+                assert events == []  # connected, nothing sent yet
+                for tag in (1, 2):
+                    assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=5)).tag == tag
+                assert events == ["hook fd", "echo 1", "echo 2"]
+                for tag in (3, 4):  # two connections, a hook each
+                    other = await connect_unix(path)
+                    try:
+                        assert (await other.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=5)).tag == tag
+                    finally:
+                        await other.close()
+                assert events[3:] == ["hook sock", "echo 3", "hook sock", "echo 4"]
             finally:
-                await other.close()
-        assert events[3:] == ["hook sock", "echo 3", "hook sock", "echo 4"]
-    finally:
-        await client.close()
-        a.close()
-        b.close()
-        await server.close()
-        await asyncio.wait_for(serving, 5)
-        os.unlink(path)
+                await client.close()
+        finally:
+            os.unlink(path)
 
 
 async def test_fd_transport_over_a_pipe_pair() -> None:
