@@ -38,6 +38,8 @@ def pykata(*args: str, input: bytes | None = None, timeout: float = 120) -> subp
     (["kill", "whatever", "NOTASIGNAL"], b"unknown signal"),
     (["exec", "no-such-container", "true"], b"no such container"),
     (["logs", "no-such-container"], b"no such container"),
+    (["run", "--rm", "-w", "relative", "busybox", "true"], b"--workdir"),  # was the agent's error, after a boot
+    (["exec", "-w", "relative", "no-such-container", "true"], b"--workdir"),
 ])
 def test_bad_input_is_one_clear_line_and_no_vm(args: list[str], needle: bytes) -> None:
     sandboxes = Path("/run/pykata/sandboxes")
@@ -52,6 +54,32 @@ def test_bad_input_is_one_clear_line_and_no_vm(args: list[str], needle: bytes) -
     owners = [json.loads((d / "state.json").read_text()).get("owner_pid") for d in new
               if (d / "state.json").exists()]
     assert p.pid not in owners
+
+
+@pytest.mark.parametrize("args", [
+    ["ps"], ["ps", "-a", "--json"], ["rm", "x"], ["kill", "x"], ["exec", "x", "true"], ["logs", "x"], ["attach", "x"],
+    ["cleanup"], ["sandbox", "ls"], ["sandbox", "inspect", "x"], ["run", "--rm", "busybox", "true"], ["env"],
+    ["image", "info"],
+])
+def test_a_bad_configuration_file_is_one_line_naming_the_key(tmp_path: Path, args: list[str]) -> None:
+    """ps, rm, kill, exec, cleanup and sandbox ls printed a traceback for it."""
+    config = tmp_path / "configuration.toml"
+    config.write_text("[runtime]\nruntime_dir = 5\n")
+    p = subprocess.run([PYKATA, *args], env={**os.environ, "PYKATA_CONFIG": str(config)}, capture_output=True,
+                       timeout=60)
+    err = p.stderr.decode(errors="replace").strip()
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and "runtime.runtime_dir: must be a string" in err, err
+
+
+def test_a_missing_qemu_binary_is_named_by_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "configuration.toml"
+    config.write_text('[hypervisor.qemu]\npath = "/nonexistent/qemu-system-x86_64"\n')
+    p = subprocess.run([PYKATA, "run", "--rm", "busybox", "true"], env={**os.environ, "PYKATA_CONFIG": str(config)},
+                       capture_output=True, timeout=120)
+    err = p.stderr.decode(errors="replace").strip()
+    assert p.returncode != 0 and len(err.splitlines()) == 1, err
+    assert "hypervisor.qemu.path" in err and "/nonexistent/qemu-system-x86_64" in err, err
 
 
 @pytest.mark.vm

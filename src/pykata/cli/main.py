@@ -19,6 +19,7 @@ from pykata.cli.install import install
 from pykata.cli.monitor_cmd import monitor
 from pykata.cli.run import COMMANDS as RUN_COMMANDS
 from pykata.cli.sandbox_cmd import sandbox
+from pykata.errors import PykataError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,4 +49,8 @@ for _command in RUN_COMMANDS:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except PykataError as e:  # what a command did not report itself (a bad configuration file, ...)
+        click.echo(f"pykata: {e}", err=True)
+        sys.exit(1)

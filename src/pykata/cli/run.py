@@ -27,7 +27,7 @@ from pykata.images import ImageStore
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
 from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir, sweep_filter_rules
-from pykata.sandbox.ocispec import bundle_spec_with, parse_env, parse_size, parse_user
+from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, parse_user
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
 from pykata.sandbox.state import list_sandboxes
@@ -216,6 +216,7 @@ def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: 
     if detach_ and interactive:
         raise click.BadParameter("a detached container has no stdin to keep open", param_hint="--interactive")
     try:
+        check_cwd(workdir, "--workdir")
         if detach_ and sandbox_id is None:
             detach.start_detached(load_config())
         status = asyncio.run(run_async(
@@ -245,9 +246,9 @@ async def _exec_async(found: Found, command: tuple[str, ...], interactive: bool,
 def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, user: str | None, container: str,
           command: tuple[str, ...]) -> None:
     """Run COMMAND in a running CONTAINER; exit with its status."""
-    config = load_config()
     try:
-        found = find(config, container)
+        check_cwd(workdir, "--workdir")
+        found = find(load_config(), container)
         if not found.running:
             _fail(f"container {container} is not running")
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env)), workdir,

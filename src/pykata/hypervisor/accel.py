@@ -134,8 +134,9 @@ async def resolve_accelerator(config: QemuConfig, kernel: Path, cache_dir: Path,
 async def _probe_cached(config: QemuConfig, kernel: Path, cache_dir: Path, use_cache: bool) -> AccelVerdict:
     try:
         key = verdict_key(Path(config.path), kernel)
-    except OSError as exc:
-        raise HypervisorError(f"cannot probe KVM: {exc}") from None
+    except OSError as exc:  # the binary named by the configuration (the kernel was checked before)
+        field = "hypervisor.qemu.kernel" if exc.filename == str(kernel) else "hypervisor.qemu.path"
+        raise HypervisorError(f"{field}: cannot read {exc.filename}: {exc.strerror}") from None
     if use_cache:
         if key in _memo:
             return _memo[key]

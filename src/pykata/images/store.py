@@ -345,6 +345,8 @@ class ImageStore:
     def _archive(self, ref: str, path: Path) -> Image:
         try:
             tar = tarfile.open(path, tarinfo=checked_tarinfo(self.limits))  # noqa: SIM115 - closed by the with below
+        except tarfile.ReadError:  # its message lists each compression tried, one line each
+            raise ImageError(ref, "not an image archive: not a tar file (plain, gzip, bzip2 or xz)") from None
         except _ARCHIVE_READ_ERRORS as e:
             raise ImageError(ref, f"not an image archive: {e}") from None
         with tar:

@@ -89,6 +89,14 @@ def parse_user(text: str) -> tuple[int, int]:
     return u, g
 
 
+def check_cwd(cwd: str | None, field: str = "cwd") -> str | None:
+    """`cwd` when it is None or an absolute path (checked on the host, before a VM boots). Raises
+    SpecError naming `field`."""
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd):
+        raise SpecError(field, f"{str(cwd)[:80]!r} is not an absolute path")
+    return cwd
+
+
 def parse_env(items: list[str]) -> list[str]:
     out = []
     for item in items:

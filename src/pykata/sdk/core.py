@@ -29,7 +29,7 @@ from pykata.network import EgressPolicy
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
 from pykata.sandbox.datadisk import DiskSession
-from pykata.sandbox.ocispec import SpecError, parse_user
+from pykata.sandbox.ocispec import SpecError, check_cwd, parse_user
 from pykata.sandbox.process import exec_spec
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.snapshot import warm_up as snapshot_warm_up
@@ -97,13 +97,6 @@ def _egress_policy(network: Network | None, allow: Sequence[str] | None, deny: S
         raise SpecError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
 
 
-
-
-def _check_cwd(cwd: str | None) -> str | None:
-    """`cwd` when it is None or an absolute path (checked here, before a VM boots). Raises SpecError."""
-    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd):
-        raise SpecError("cwd", f"{str(cwd)[:80]!r} is not an absolute path")
-    return cwd
 
 
 def _free_port(host: str) -> int:
@@ -174,7 +167,7 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self._extra_env = _env_list(env)
         self._user = _user(user)
-        self._cwd_arg = _check_cwd(cwd)
+        self._cwd_arg = check_cwd(cwd)
         self._timeout = timeout
         self._env: list[str] = []
         self._cwd = "/"
@@ -491,7 +484,7 @@ class AsyncSandbox:
         """Start `argv`, write `stdin` and close it (None: keep it open): the prepared shell when it
         fits, else an exec that carries the input (one round trip for a short one)."""
         envs = [*self._env, *_env_list(env)]
-        _check_cwd(cwd)
+        check_cwd(cwd)
         uid, gid = _user(user) or self._user or (0, 0)
         raw: Process | None = None
         if self._prepared is not None and env is None and cwd in (None, self._cwd) and user is None \
