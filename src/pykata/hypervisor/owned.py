@@ -40,16 +40,6 @@ def recorded(directory: Path) -> list[psutil.Process]:
     return found
 
 
-def is_recorded_or_below(directory: Path, pid: int) -> bool:
-    """Whether `pid` is a process recorded in `directory` or one of their descendants (QEMU under its
-    lifeline wrapper, the `cat` feeding a restore). Never raises."""
-    for proc in recorded(directory):
-        with contextlib.suppress(psutil.Error):
-            if proc.pid == pid or pid in {c.pid for c in proc.children(recursive=True)}:
-                return True
-    return False
-
-
 def kill_recorded(directory: Path, timeout: float = 5.0) -> list[int]:
     """SIGKILL every process recorded in `directory` that still runs, and everything below it; wait up
     to `timeout` seconds for them to end. Returns their pids. Never raises."""
