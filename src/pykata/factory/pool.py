@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.config.schema import Config
-from pykata.fsutil import atomic_write, file_lock, process_alive
+from pykata.fsutil import atomic_write, file_lock, process_alive, start_ticks
 
 log = logging.getLogger("pykata.factory")
 
@@ -99,6 +99,9 @@ class PoolEntry:
     pid: int
     fingerprint: str
     created_at: float
+    # the process's start time (fsutil.start_ticks): with the pid it names that process, never one
+    # that reused its pid after it died (prune and destroy signal it); 0 in entries written before
+    start: int = 0
 
     @property
     def meta(self) -> Path:
@@ -118,7 +121,7 @@ class PoolEntry:
 
     @property
     def alive(self) -> bool:
-        return process_alive(self.pid)
+        return process_alive(self.pid) and (not self.start or start_ticks(self.pid) == self.start)
 
 
 def new_entry(config: Config) -> PoolEntry:
@@ -135,9 +138,10 @@ def new_entry(config: Config) -> PoolEntry:
 def _register(config: Config, entry_id: str, pid: int) -> PoolEntry:
     root = pool_root(config)
     root.mkdir(parents=True, exist_ok=True, mode=0o711)
-    entry = PoolEntry(entry_id, root, pid, fingerprint(config), time.time())
+    entry = PoolEntry(entry_id, root, pid, fingerprint(config), time.time(), start_ticks(pid) or 0)
     atomic_write(entry.meta, json.dumps({"pid": entry.pid, "fingerprint": entry.fingerprint,
-                                         "created_at": entry.created_at}), make_parents=False)
+                                         "created_at": entry.created_at, "start": entry.start}),
+                 make_parents=False)
     return entry
 
 
@@ -157,7 +161,7 @@ def list_entries(config: Config) -> list[PoolEntry]:
             try:
                 data = json.loads(meta.read_text()[:4096])
                 found.append(PoolEntry(meta.stem, root, int(data["pid"]), str(data["fingerprint"]),
-                                       float(data["created_at"])))
+                                       float(data["created_at"]), int(data.get("start", 0))))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     return found
