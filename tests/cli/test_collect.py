@@ -77,3 +77,5 @@ def test_collect_to_an_unwritable_place_is_one_clear_line(private: Path) -> None
     p = subprocess.run([PYKATA, "collect", "--output", "/nonexistent-dir/x.tar.gz"], capture_output=True, env=env,
                        timeout=300)
     assert p.returncode == 1 and b"nonexistent-dir" in p.stderr and b"Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [
+        b"pykata: collect: --output: cannot write /nonexistent-dir/x.tar.gz: No such file or directory"]

@@ -200,10 +200,14 @@ def collect(output: Path | None, containerd_config: Path) -> None:
     output = output or Path(f"pykata-collect-{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")
     try:
         parts = build(load_config(), containerd_config)
+    except (PykataError, OSError) as e:
+        click.echo(f"pykata: collect: {e}", err=True)
+        sys.exit(1)
+    try:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # logs may be sensitive
         os.close(fd)
         write_tarball(parts, output)
-    except (PykataError, OSError) as e:
-        click.echo(f"pykata: collect: {e}", err=True)
+    except OSError as e:
+        click.echo(f"pykata: collect: --output: cannot write {output}: {e.strerror or e}", err=True)
         sys.exit(1)
     click.echo(str(output))
