@@ -77,7 +77,9 @@ async def test_cleanup_ends_only_what_the_dead_sandbox_started(tmp_path: Path) -
         assert neighbour_child.running, "a process of the sandbox whose id extends this one's was killed"
         assert neighbour_vmm.poll() is None, "the process that reused the recorded VMM pid was killed"
         assert user.poll() is None, "a process that merely names the sandbox's directory was killed"
-        assert await vmm.wait(5) == -9
+        # ended (cleanup's wait may reap it before asyncio's watcher does, which then reports 255: here
+        # the dead owner's processes are this test's children; in use, they are no process's of cleanup)
+        assert await vmm.wait(5) in (-9, 255)
         assert not _alive(below.pid, below_ticks), "the process under the recorded one was left running"
         assert not mine.exists() and other.is_dir()
     finally:
