@@ -127,6 +127,15 @@ class Containers:
             raise NotFound(f"no container {cid!r}")
         return c
 
+    def pid_ns_path(self, cid: str) -> str:
+        """The pid namespace of container `cid`'s init, for another container to join (the pod's
+        pause, CRI pid=POD). Raises InvalidArgument, NotFound, FailedPrecondition when its init ended."""
+        c = self.get(cid, "pid_ns_container")
+        if not c.init.running or c.status == "stopped":
+            raise FailedPrecondition(f"pid_ns_container: container {cid} has no live init to share the pid "
+                                     "namespace of")
+        return f"/proc/{c.init.pid}/ns/pid"
+
     # -- create / start ------------------------------------------------------------------------
 
     async def create(self, req: agent_pb2.CreateContainerRequest, *, pid_ns_path: str | None = None,

@@ -174,10 +174,14 @@ class AgentService:
                               ctx: Any) -> agent_pb2.CreateContainerResponse:
         self._make_dirs()
         pid_ns = None
+        if req.sandbox_pidns and req.pid_ns_container:
+            raise InvalidArgument("pid_ns_container", "not with sandbox_pidns: one pid namespace to join")
         if req.sandbox_pidns:
             pid_ns = self.sandbox.pid_ns_path()
             if pid_ns is None:
                 raise FailedPrecondition("sandbox_pidns: the sandbox has no shared pid namespace")
+        elif req.pid_ns_container:
+            pid_ns = self.containers.pid_ns_path(req.pid_ns_container)
         extra = self.sandbox.extra_mounts() + self.entropy.container_mounts()
         c = await self.containers.create(req, pid_ns_path=pid_ns, extra_mounts=extra)
         return agent_pb2.CreateContainerResponse(pid=c.init.pid)

@@ -272,11 +272,13 @@ class Agent:
     async def create_container(self, container_id: str, oci_spec_json: str, *, terminal: bool = False,
                                storages: Sequence[agent_pb2.Storage] = (),
                                devices: Sequence[agent_pb2.Device] = (), sandbox_pidns: bool = False,
-                               timeout: float | None = REQUEST_TIMEOUT) -> int:
-        """Create (not start) the container; returns its init's pid."""
+                               pid_ns_container: str = "", timeout: float | None = REQUEST_TIMEOUT) -> int:
+        """Create (not start) the container; returns its init's pid. With `pid_ns_container` it joins the
+        pid namespace of that container of the sandbox."""
         resp = await self._call("CreateContainer", agent_pb2.CreateContainerRequest(
             container_id=container_id, oci_spec_json=oci_spec_json, terminal=terminal, storages=list(storages),
-            devices=list(devices), sandbox_pidns=sandbox_pidns), agent_pb2.CreateContainerResponse, timeout=timeout)
+            devices=list(devices), sandbox_pidns=sandbox_pidns, pid_ns_container=pid_ns_container),
+            agent_pb2.CreateContainerResponse, timeout=timeout)
         return self._checked("CreateContainer", replies.create_container, resp)
 
     async def start_container(self, container_id: str) -> int:

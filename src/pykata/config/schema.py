@@ -211,6 +211,11 @@ class RuntimeConfig:
     disable_guest_empty_dir: bool = False
     kubelet_root_dir: str = "/var/lib/kubelet"
     emptydir_size: int = 0
+    # A CRI pod's sandbox (pause) container runs no process in the guest: the VM holds the pod's
+    # namespaces, and the shim answers for the sandbox task itself (pykata.shim.tasks.pause); a real
+    # pause is started in the guest only when something needs it (a container that shares the pod's
+    # pid namespace, an exec into the sandbox). True: every pod runs its pause in the guest, as before.
+    sandbox_pause_in_guest: bool = False
 
     @property
     def root_slots(self) -> int:

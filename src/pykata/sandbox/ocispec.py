@@ -184,7 +184,8 @@ def for_guest(spec: dict[str, Any], container_id: str, in_guest: Mapping[int, st
 
     The root and every host bind mount move to their guest paths in the shared directory
     (<shared>/<container>/rootfs, <shared>/<container>/volumes/<n>); host-only parts (hooks, host
-    namespace paths) are removed. A host bind on /dev/shm (containerd's CRI binds the pod's shm
+    namespace paths) are removed; an IPC or UTS namespace joined by path (the pod's) becomes the VM's
+    own (_joins_the_vms). A host bind on /dev/shm (containerd's CRI binds the pod's shm
     tmpfs there in every container of the pod) becomes the pod's shm in the guest: the VM is the
     pod, and the shared file system would make it a network file system, where shared writable
     mmap (POSIX shared memory) does not work. An agent that does not know the marker mounts a tmpfs
@@ -196,6 +197,9 @@ def for_guest(spec: dict[str, Any], container_id: str, in_guest: Mapping[int, st
     out.setdefault("root", {})["path"] = f"{base}/rootfs"
     out.pop("hooks", None)
     linux = out.setdefault("linux", {})
+    namespaces = linux.get("namespaces")
+    if isinstance(namespaces, list):
+        linux["namespaces"] = [ns for ns in namespaces if not _joins_the_vms(ns, out)]
     for ns in linux.get("namespaces") or []:
         ns.pop("path", None)
     shares: list[Volume] = []
@@ -216,6 +220,16 @@ def for_guest(spec: dict[str, Any], container_id: str, in_guest: Mapping[int, st
         shares.append(Volume(Path(m["source"]), m["destination"], "ro" in opts, propagation))
         m["source"] = f"{base}/volumes/{len(shares) - 1}"
     return out, shares
+
+
+def _joins_the_vms(ns: Any, spec: dict[str, Any]) -> bool:
+    """Whether a namespace entry joins the pod's IPC or UTS namespace (CRI gives it the path of the
+    pause's): in the guest the pod's is the VM's own, which the container gets by having no entry.
+    So the pod's containers share SysV IPC and POSIX message queues, and their host name, as under
+    runc. A UTS entry stays when the spec sets a host name (which needs a namespace of its own)."""
+    if not isinstance(ns, dict) or not ns.get("path"):
+        return False
+    return ns.get("type") == "ipc" or (ns.get("type") == "uts" and not spec.get("hostname"))
 
 
 def bundle_spec_with(spec: dict[str, Any], args: list[str], env: list[str], cwd: str | None,

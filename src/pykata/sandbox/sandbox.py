@@ -530,9 +530,10 @@ class Sandbox:
     async def create_container(
         self, container_id: str, spec: dict[str, Any], rootfs: Path | Sequence[RootfsMount], *,
         volumes: Sequence[Volume] = (), image: str = "", terminal: bool | None = None,
+        pid_ns_container: str = "",
     ) -> Container:
         """Mount the container's root and volumes into the shared directory and create the container
-        in the guest (not started).
+        in the guest (not started); with `pid_ns_container`, in the pid namespace of that container.
 
         `rootfs` is either a read-only directory (an image; a writable overlay goes on top) or the
         mounts that make the root, as containerd passes them (an overlay of snapshots, a bind).
@@ -588,7 +589,7 @@ class Sandbox:
             tty = bool(guest_spec["process"].get("terminal")) if terminal is None else terminal
             mark("rootfs.mounted")
             pid = await self.agent.create_container(container_id, json.dumps(guest_spec), terminal=tty,
-                                                    storages=storages)
+                                                    storages=storages, pid_ns_container=pid_ns_container)
             mark("guest.created")
         except BaseException:
             self._release_container(container_id)

@@ -16,7 +16,7 @@ from pykata.errors import (
 from pykata.protocols import events_pb2, shim_pb2, typeurl
 from pykata.shim.errors import agent_errors
 from pykata.shim.stats import metrics_any
-from pykata.shim.tasks import pod, resize
+from pykata.shim.tasks import pauseless, pod, resize
 from pykata.shim.tasks.model import ShimContainer
 from pykata.shim.tasks.state import TaskState
 from pykata.ttrpc import Code
@@ -36,8 +36,9 @@ async def _pause(st: TaskState, sc: ShimContainer) -> Empty:
         if sc.paused:
             raise FailedPrecondition("cannot pause a paused container")
         sandbox = st.running_sandbox()
-        with agent_errors(f"pause {sc.id}"):
-            await sandbox.pause_container(sc.id)
+        if not sc.guestless:  # a pause with no process: nothing to freeze
+            with agent_errors(f"pause {sc.id}"):
+                await sandbox.pause_container(sc.id)
         sc.paused = True
         st.publish(events_pb2.TaskPaused(container_id=sc.id))
     return Empty()
@@ -53,8 +54,9 @@ async def _resume(st: TaskState, sc: ShimContainer) -> Empty:
         if not sc.paused or sc.deleted:
             raise FailedPrecondition(f"cannot resume a container that is not paused ({sc.init.state})")
         sandbox = st.running_sandbox()
-        with agent_errors(f"resume {sc.id}"):
-            await sandbox.resume_container(sc.id)
+        if not sc.guestless:
+            with agent_errors(f"resume {sc.id}"):
+                await sandbox.resume_container(sc.id)
         sc.paused = False
         st.publish(events_pb2.TaskResumed(container_id=sc.id))
     return Empty()
@@ -70,6 +72,8 @@ async def kill(st: TaskState, req: shim_pb2.KillRequest) -> Empty:
     if not 0 < req.signal < 65:
         raise InvalidArgument("signal", f"{req.signal} is not a signal number")
     sandbox = st.running_sandbox()
+    if p is sc.init and sc.guestless and await pauseless.kill(st, sc, req.signal):
+        return Empty()
     log.info("kill %s with signal %d (all=%s)", p.id, req.signal, req.all)
     try:
         with agent_errors(f"kill {p.id}"):
@@ -128,7 +132,8 @@ async def update(st: TaskState, req: shim_pb2.UpdateTaskRequest) -> Empty:
         grows = resize.grows(st, sc.id, resources)
         if grows:
             await resize.container_updated(st, sc.id, resources)
-        await sandbox.update_container(sc.id, resources)
+        if not sc.guestless:  # a pause with no process has no cgroup in the guest to update
+            await sandbox.update_container(sc.id, resources)
         if not grows:
             await resize.container_updated(st, sc.id, resources)
     return Empty()
@@ -137,6 +142,8 @@ async def update(st: TaskState, req: shim_pb2.UpdateTaskRequest) -> Empty:
 async def stats(st: TaskState, req: shim_pb2.StatsRequest) -> shim_pb2.StatsResponse:
     sc = st.container(req.id)
     sandbox = st.running_sandbox()
+    if sc.guestless:
+        return shim_pb2.StatsResponse(stats=metrics_any(pauseless.empty_stats()))
     with agent_errors(f"stats {sc.id}"):
         stats = await sandbox.stats_container(sc.id)
     return shim_pb2.StatsResponse(stats=metrics_any(stats))

@@ -17,12 +17,11 @@ from pykata.errors import (
     Unimplemented,
 )
 from pykata.protocols import events_pb2, shim_pb2
-from pykata.resources.mounts import RootfsMount
 from pykata.shim.errors import agent_errors
 from pykata.shim.logs import current_container
 from pykata.shim.stdio import ProcessIO, Stdio
-from pykata.shim.tasks import exits, pod, resize
-from pykata.shim.tasks.model import ShimContainer, load_spec
+from pykata.shim.tasks import exits, pauseless, pod, resize
+from pykata.shim.tasks.model import ShimContainer, load_spec, rootfs_mounts
 from pykata.shim.tasks.state import TaskState
 from pykata.timing import mark
 
@@ -55,40 +54,51 @@ async def _create(st: TaskState, req: shim_pb2.CreateTaskRequest, cid: str) -> s
     await st.wait_removed(cid)  # the same id deleted a moment ago: its guest part is still going
     stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
     log.info("create: bundle %s, %d rootfs mounts, terminal=%s", bundle, len(req.rootfs), req.terminal)
+    sc = ShimContainer(cid, bundle, spec, stdio, list(req.rootfs))
     try:
         sandbox = await pod.ensure_sandbox(st, spec)
         with agent_errors(f"resize for {cid}"):
             await resize.container_joined(st, cid, spec)
-        pio = await ProcessIO.open(stdio, container_id=cid, namespace=st.namespace)
-        try:
-            rootfs = [RootfsMount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
-            if not rootfs:
-                root = (spec.get("root") or {}).get("path") or "rootfs"
-                rootfs = [RootfsMount("bind", str(bundle / root), ("rbind", "rw"))]
-            with agent_errors(f"create {cid}"):
-                container = await sandbox.create_container(cid, spec, rootfs, terminal=req.terminal)
-        except BaseException:
-            await pio.close()
-            raise
+        if pauseless.runs_without_guest(sandbox.config, spec, stdio):
+            sc.guestless = True  # the pod's pause: no process in the guest until one is needed
+        else:
+            await _create_in_guest(st, sc, req.terminal, await pauseless.pid_namespace_holder(st, spec))
     except BaseException:
         await asyncio.shield(resize.container_left(st, cid))
         await asyncio.shield(_stop_if_unused_after(st, cid))
         raise
-    sc = ShimContainer(cid, bundle, spec, stdio, list(req.rootfs))
-    sc.sandbox_container = container
-    sc.init.proc, sc.init.io = container.init, pio
-    sc.init.pid, sc.init.guest_pid = st.host_pid(), container.init.pid
+    sc.init.pid = st.host_pid()
     st.containers[cid] = sc
-    pio.attach(container.init)
-    sc.init.waiter = st.spawn(exits.wait_process(st, sc, sc.init), f"wait-{cid}")
+    if sc.init.proc is not None and sc.init.io is not None:
+        sc.init.io.attach(sc.init.proc)
+        sc.init.waiter = st.spawn(exits.wait_process(st, sc, sc.init), f"wait-{cid}")
     for name, value in (("init.pid", sc.init.pid), ("shim.pid", os.getpid())):
         with contextlib.suppress(OSError):
             (bundle / name).write_text(str(value))
     st.publish(events_pb2.TaskCreate(
         container_id=cid, bundle=req.bundle, rootfs=req.rootfs, pid=sc.init.pid, checkpoint=req.checkpoint,
         io=events_pb2.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)))
-    log.info("created, pid %d in the guest", sc.init.guest_pid)
+    if sc.guestless:
+        log.info("created the pod's sandbox container, with no process in the guest")
+    else:
+        log.info("created, pid %d in the guest", sc.init.guest_pid)
     return shim_pb2.CreateTaskResponse(pid=sc.init.pid)
+
+
+async def _create_in_guest(st: TaskState, sc: ShimContainer, terminal: bool, pid_ns_container: str) -> None:
+    """Create the container in the guest (its init waits for Start), with its stdio opened; in the pid
+    namespace of container `pid_ns_container` when not empty."""
+    assert st.sandbox is not None
+    pio = await ProcessIO.open(sc.init.stdio, container_id=sc.id, namespace=st.namespace)
+    try:
+        with agent_errors(f"create {sc.id}"):
+            container = await st.sandbox.create_container(sc.id, sc.spec, rootfs_mounts(sc.bundle, sc.spec, sc.rootfs),
+                                                          terminal=terminal, pid_ns_container=pid_ns_container)
+    except BaseException:
+        await pio.close()
+        raise
+    sc.sandbox_container = container
+    sc.init.proc, sc.init.io, sc.init.guest_pid = container.init, pio, container.init.pid
 
 
 async def _stop_if_unused_after(st: TaskState, cid: str) -> None:

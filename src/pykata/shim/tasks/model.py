@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pykata.errors import InvalidArgument, NotFound
 from pykata.protocols import mount_pb2, task_types_pb2
 from pykata.protocols.agent import agent_pb2
+from pykata.resources.mounts import RootfsMount
 from pykata.sandbox import Container, Process
 from pykata.shim.stdio import ProcessIO, Stdio
 
@@ -101,6 +102,10 @@ class ShimContainer:
         self.deleted = False
         self.deleting: asyncio.Task[Any] | None = None  # the one deletion; repeated Deletes wait for it
         self.lock = asyncio.Lock()
+        # A pod's sandbox container answered for by the shim, with no process in the guest until one
+        # is needed (pykata.shim.tasks.pause); guest_lock orders its making and a Kill.
+        self.guestless = False
+        self.guest_lock = asyncio.Lock()
 
     def process(self, exec_id: str) -> ShimProcess:
         """The init ("") or the named exec. Raises NotFound."""
@@ -121,6 +126,15 @@ class ShimContainer:
         if p.state == "stopped":
             return task_types_pb2.STOPPED
         return task_types_pb2.PAUSED if self.paused else task_types_pb2.RUNNING
+
+
+def rootfs_mounts(bundle: Path, spec: dict[str, Any], mounts: list[mount_pb2.Mount]) -> list[RootfsMount]:
+    """The mounts that make a container's root: containerd's, or else the bundle's root directory."""
+    rootfs = [RootfsMount(m.type, m.source, tuple(m.options)) for m in mounts]
+    if not rootfs:
+        root = (spec.get("root") or {}).get("path") or "rootfs"
+        rootfs = [RootfsMount("bind", str(bundle / root), ("rbind", "rw"))]
+    return rootfs
 
 
 def load_spec(bundle: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pykata.errors import (
 )
 from pykata.protocols import events_pb2, shim_pb2
 from pykata.shim.errors import agent_errors
-from pykata.shim.tasks import exits
+from pykata.shim.tasks import exits, pauseless
 from pykata.shim.tasks.model import ShimContainer, ShimProcess, exec_process
 from pykata.shim.tasks.state import TaskState
 from pykata.timing import mark
@@ -38,10 +38,11 @@ async def _start(st: TaskState, sc: ShimContainer, p: ShimProcess) -> shim_pb2.S
         if p.state != "created":
             raise FailedPrecondition(f"cannot start a {p.state} process")
         if p is sc.init:
-            assert sc.sandbox_container is not None
             st.running_sandbox()
-            with agent_errors(f"start {sc.id}"):
-                await sc.sandbox_container.start()
+            if not sc.guestless:  # a pod's pause without a process has nothing to start
+                assert sc.sandbox_container is not None
+                with agent_errors(f"start {sc.id}"):
+                    await sc.sandbox_container.start()
             p.state = "running"
             st.publish(events_pb2.TaskStart(container_id=sc.id, pid=p.pid))
         else:
@@ -66,8 +67,10 @@ async def _start_exec(st: TaskState, sc: ShimContainer, p: ShimProcess) -> None:
     if sc.paused:
         raise FailedPrecondition("cannot exec in a paused container")
     st.running_sandbox()
+    proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)  # checked first
+    if sc.guestless:  # an exec into the pod's sandbox container needs its pause
+        await pauseless.materialize(st, sc)
     assert sc.sandbox_container is not None
-    proc = exec_process(p.spec, terminal=p.stdio.terminal, console_size=p.console_size)
     with agent_errors(f"exec {p.exec_id} in {sc.id}"):
         p.proc = await sc.sandbox_container.exec_process(p.exec_id, proc)
     mark("exec.started")

@@ -53,20 +53,22 @@ class KernelModule(_message.Message):
     def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "oci_spec_json", "storages", "devices", "sandbox_pidns", "terminal")
+    __slots__ = ("container_id", "oci_spec_json", "storages", "devices", "sandbox_pidns", "terminal", "pid_ns_container")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_PIDNS_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    PID_NS_CONTAINER_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     oci_spec_json: str
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     sandbox_pidns: bool
     terminal: bool
-    def __init__(self, container_id: _Optional[str] = ..., oci_spec_json: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., terminal: _Optional[bool] = ...) -> None: ...
+    pid_ns_container: str
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec_json: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., terminal: _Optional[bool] = ..., pid_ns_container: _Optional[str] = ...) -> None: ...
 
 class CreateContainerResponse(_message.Message):
     __slots__ = ("pid",)
