@@ -170,3 +170,26 @@ async def test_a_new_connection_sees_the_same_containers(agent: AgentHelper) -> 
     agent.stub = agent.client.stub(AGENT_SERVICE)
     code, out, _ = await agent.collect("shared-view")
     assert (code, out) == (0, b"still here\n")
+
+
+async def test_container_joins_another_containers_pid_namespace(agent: AgentHelper) -> None:
+    """CRI pid=POD: a container created with pid_ns_container sees that container's init (the pod's
+    pause) as its pid 1, without the sandbox-wide namespace of CreateSandbox(sandbox_pidns)."""
+    await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sbpid"), timeout=60)
+    try:
+        await agent.create("pause", args=["sleep", "1001"])
+        await agent.start("pause")
+        await agent.close_stdin("pause")
+        spec = agent.spec(["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o comm | grep -c sleep"])
+        await agent.create("joined", spec, pid_ns_container="pause")
+        await agent.start("joined")
+        code, out, err = await agent.collect("joined")
+        assert code == 0, err
+        assert out == b"sleep 1001 \n1\n"
+        for kw, code_ in (({"pid_ns_container": "nosuch"}, Code.NOT_FOUND),
+                          ({"pid_ns_container": "pause", "sandbox_pidns": True}, Code.INVALID_ARGUMENT)):
+            with pytest.raises(RpcError) as ei:
+                await agent.create("refused", agent.spec(["true"]), **kw)
+            assert ei.value.code == code_ and "pid_ns_container" in ei.value.message
+    finally:
+        await agent.stub.DestroySandbox(agent_pb2.DestroySandboxRequest(timeout_seconds=20), timeout=60)

@@ -35,6 +35,8 @@ PAUSE_IMAGE = "pykata.local/pause:latest"
 BUSYBOX_IMAGE = "pykata.local/busybox:latest"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 CALL_TIMEOUT = 60.0  # every CRI call: a hang is a failure, never a wait
+# What kubelet sets for a pod without shareProcessNamespace (CRI's unset value, 0, means pid=POD)
+KUBELET_NAMESPACES = api_pb2.NamespaceOption(pid=api_pb2.CONTAINER)
 
 CRI_CONFIG = """version = 2
 root = "{root}"
@@ -268,7 +270,8 @@ class Cri:
     def run_pod(self, name: str, handler: str) -> tuple[str, Any]:
         config = api_pb2.PodSandboxConfig(
             metadata=api_pb2.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="pykata-test", attempt=0),
-            hostname=name[:63], linux=api_pb2.LinuxPodSandboxConfig())
+            hostname=name[:63], linux=api_pb2.LinuxPodSandboxConfig(
+                security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=KUBELET_NAMESPACES)))
         reply = self.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler),
                                       timeout=self.timeout)
         return reply.pod_sandbox_id, config
@@ -276,7 +279,9 @@ class Cri:
     def create_container(self, pod_id: str, pod_config: Any, name: str, image: str, command: list[str]) -> str:
         config = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name=name),
                                          image=api_pb2.ImageSpec(image=image), command=command,
-                                         linux=api_pb2.LinuxContainerConfig())
+                                         linux=api_pb2.LinuxContainerConfig(
+                                             security_context=api_pb2.LinuxContainerSecurityContext(
+                                                 namespace_options=KUBELET_NAMESPACES)))
         reply = self.rt.CreateContainer(api_pb2.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config), timeout=self.timeout)
         return str(reply.container_id)

@@ -130,7 +130,9 @@ class Containers:
     def pid_ns_path(self, cid: str) -> str:
         """The pid namespace of container `cid`'s init, for another container to join (the pod's
         pause, CRI pid=POD). Raises InvalidArgument, NotFound, FailedPrecondition when its init ended."""
-        c = self.get(cid, "pid_ns_container")
+        c = self._items.get(check_id("pid_ns_container", cid))
+        if c is None:
+            raise NotFound(f"pid_ns_container: no container {cid!r}")
         if not c.init.running or c.status == "stopped":
             raise FailedPrecondition(f"pid_ns_container: container {cid} has no live init to share the pid "
                                      "namespace of")

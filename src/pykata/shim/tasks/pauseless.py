@@ -37,7 +37,7 @@ SANDBOX_TYPE = "sandbox"  # the value of both container-type annotations for a p
 # What Kubernetes' pause does on a signal: exits 0 on SIGINT and SIGTERM (its handler), dies of
 # SIGKILL (128 + 9); every other signal is ignored (it is its pid namespace's init, without a handler).
 # CRI's StopPodSandbox only ever sends SIGKILL.
-EXIT_ON_SIGNAL = {signal.SIGKILL: 128 + signal.SIGKILL, signal.SIGTERM: 0, signal.SIGINT: 0}
+EXIT_ON_SIGNAL: dict[int, int] = {signal.SIGKILL: 128 + signal.SIGKILL, signal.SIGTERM: 0, signal.SIGINT: 0}
 
 
 def is_pod_sandbox(spec: dict[str, Any]) -> bool:
@@ -58,7 +58,7 @@ def runs_without_guest(config: Config, spec: dict[str, Any], stdio: Stdio) -> bo
 
 def exit_status(signum: int) -> int | None:
     """The exit status of a pause sent `signum`, or None when the pause would ignore it."""
-    return EXIT_ON_SIGNAL.get(signal.Signals(signum)) if signum in signal.valid_signals() else None
+    return EXIT_ON_SIGNAL.get(signum)
 
 
 def empty_stats() -> agent_pb2.CgroupStats:
