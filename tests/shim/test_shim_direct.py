@@ -480,3 +480,52 @@ async def test_two_containers_of_a_pod_share_the_shim_and_vm(shim: DirectShim, s
     finally:
         await second.cleanup()
     assert [t for t, _ in events.of(second.id)] == 2 * ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+
+
+async def test_pod_sandbox_task_without_a_pause_process(shim: DirectShim, sink: tuple[EventSink, str],
+                                                        tmp_path: Path) -> None:
+    """A CRI pod's sandbox container runs nothing in the guest (pykata.shim.tasks.pauseless) while the
+    shim answers for its task; an exec into it starts the real pause first; SIGKILL then ends it."""
+    events, _ = sink
+    shim.write_bundle(["sleep", "1000"])
+    spec = json.loads((shim.bundle / "config.json").read_text())
+    spec["annotations"] = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": shim.id}
+    (shim.bundle / "config.json").write_text(json.dumps(spec))
+    record = sandboxes_dir(load_config()) / shim.id / "state.json"
+    client = await shim.start()
+    async with client:
+        created = await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        vm = json.loads(record.read_text())["vmm_pid"]
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+        assert json.loads(record.read_text())["containers"] == {}  # nothing made in the guest
+        state = await _call(client, "State", shim_pb2.StateRequest(id=shim.id))
+        assert (state.status, state.pid, created.pid) == (task_types_pb2.RUNNING, vm, vm)
+        assert [p.pid for p in (await _call(client, "Pids", shim_pb2.PidsRequest(id=shim.id))).processes] == [vm]
+        stats = await _call(client, "Stats", shim_pb2.StatsRequest(id=shim.id))
+        assert stats.stats.type_url.endswith("io.containerd.cgroups.v2.Metrics")
+        await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=signal.SIGHUP))  # the pause ignores it
+        await _call(client, "Pause", shim_pb2.PauseRequest(id=shim.id))
+        await _call(client, "Resume", shim_pb2.ResumeRequest(id=shim.id))
+        assert (await _call(client, "State", shim_pb2.StateRequest(id=shim.id))).status == task_types_pb2.RUNNING
+
+        exec_spec = typeurl.pack_json(typeurl.OCI_PROCESS_URL, {"args": ["sh", "-c", "exit 3"], "cwd": "/"})
+        await _call(client, "Exec", shim_pb2.ExecProcessRequest(id=shim.id, exec_id="e1", spec=exec_spec))
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id, exec_id="e1"), timeout=120)
+        assert (await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id, exec_id="e1"))).exit_status == 3
+        assert set(json.loads(record.read_text())["containers"]) == {shim.id}  # the pause, made for the exec
+
+        waits = [asyncio.ensure_future(_call(client, "Wait", shim_pb2.WaitRequest(id=shim.id), timeout=None))
+                 for _ in range(2)]
+        kills = await asyncio.gather(*(_outcome(_call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9)))
+                                       for _ in range(3)))
+        assert set(kills) <= {"ok", "NOT_FOUND"} and "ok" in kills, kills
+        for w in waits:
+            assert (await asyncio.wait_for(w, 30)).exit_status == 137
+        await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id="e1"))
+        assert (await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))).exit_status == 137
+        await _outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+    assert await shim.wait_gone()
+    assert not _leftovers(shim.id)
+    topics = [t for t, _ in events.of(shim.id)]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/paused", "/tasks/resumed", "/tasks/exec-added",
+                      "/tasks/exec-started", "/tasks/exit", "/tasks/exit", "/tasks/delete"], topics

@@ -251,6 +251,10 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
         found = find(load_config(), container)
         if not found.running:
             _fail(f"container {container} is not running")
+        if found.record.containers and found.record.id not in found.record.containers:
+            # a CRI pod's sandbox: its pause runs no process in the guest (runtime.sandbox_pause_in_guest)
+            _fail(f"{container} is a pod whose sandbox container has no process to exec in; exec into one of "
+                  f"its containers (crictl exec, ctr task exec): {', '.join(sorted(found.record.containers))}", 126)
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env)), workdir,
                                          parse_user(user) if user else (0, 0)))
     except PykataError as e:
