@@ -34,6 +34,7 @@ from pykata.shim.configrecord import (
     read_record,
     write_record,
 )
+from pykata.shim.criannotations import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, CRIO_CONTAINER_TYPE, CRIO_SANDBOX_ID
 from pykata.shim.flags import Flags, ShimStartError
 
 # `delete` runs at every task teardown, and most of its time is imports: socket, hashlib (OpenSSL),
@@ -45,10 +46,6 @@ if TYPE_CHECKING:
     from pykata.config import Config
 
 SHIM_NAME = "containerd-shim-pykata-v2"  # also pykata.factory.pool.SHIM_EXECUTABLE
-CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
-CRIO_CONTAINER_TYPE = "io.kubernetes.cri-o.ContainerType"
-CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"
 MAX_OPTIONS_BYTES = 1 << 20
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"  # containerd's pkg/runtimeoptions/v1 (Kata's ConfigPath)
 MAX_SOCKET_PATH = 107

@@ -24,7 +24,7 @@ from typing import Any
 from pykata.config import Config
 from pykata.errors import FailedPrecondition
 from pykata.protocols.agent import agent_pb2
-from pykata.shim.bootstrap import CRI_CONTAINER_TYPE, CRIO_CONTAINER_TYPE
+from pykata.shim.criannotations import CRI_CONTAINER_TYPE, CRIO_CONTAINER_TYPE, SANDBOX_TYPE
 from pykata.shim.errors import agent_errors
 from pykata.shim.stdio import ProcessIO, Stdio
 from pykata.shim.tasks import exits
@@ -33,7 +33,6 @@ from pykata.shim.tasks.state import TaskState
 from pykata.timing import mark
 
 log = logging.getLogger("pykata.shim")
-SANDBOX_TYPE = "sandbox"  # the value of both container-type annotations for a pod's sandbox container
 # What Kubernetes' pause does on a signal: exits 0 on SIGINT and SIGTERM (its handler), dies of
 # SIGKILL (128 + 9); every other signal is ignored (it is its pid namespace's init, without a handler).
 # CRI's StopPodSandbox only ever sends SIGKILL.
