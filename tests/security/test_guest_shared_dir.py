@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.vm]
 ATTACKER = "attacker"
 # What the guest runs (as root, with the default capabilities, CAP_MKNOD and CAP_FSETID among them).
 ATTACK = f"""
+echo x > /vol/capped
+/vol/setxattr /vol/capped 2>&1 || echo "no setxattr: $?"
 for t in "ln -s /etc/cron.d /guestshared/{ATTACKER}/volumes/1" "ln -s /usr/local/bin /guestshared/next" \
          "mkdir /guestshared/next" "mv /guestshared/{ATTACKER}/volumes /guestshared/{ATTACKER}/v" \
          "rm -rf /guestshared/{ATTACKER}/volumes/0"; do
@@ -41,6 +43,28 @@ for d in /vol /guestshared/{ATTACKER}/rootfs/tmp; do
 done
 touch /guestshared/{ATTACKER}/rootfs/tmp/x 2>/dev/null && echo "ROOT WRITABLE" || echo "root read-only"
 echo done
+"""
+# The guest's root gives a host file a file capability (what a setuid bit would give: the host user
+# who runs it gains cap_net_bind_service) and a trusted.* xattr (host-root-only metadata), through
+# the volume. It prints "XATTR: <name>" for each the shared file system let through, and
+# "XATTR listed: <name>" for each the file then has (the volume's contents are gone after the rm -rf below).
+SETXATTR_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <sys/xattr.h>
+int main(int argc, char **argv) {
+    static const char cap[] = "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+                              "\x00\x00\x00\x00";
+    const char *names[] = {"security.capability", "trusted.pykata"};
+    for (int i = 0; i < 2; i++) {
+        if (setxattr(argv[1], names[i], cap, sizeof cap - 1, 0) == 0) printf("XATTR: %s\n", names[i]);
+        else printf("refused xattr: %s\n", names[i]);
+    }
+    char list[256];  /* what the host's file carries, read back through the file server */
+    ssize_t n = listxattr(argv[1], list, sizeof list);
+    for (ssize_t at = 0; at < n; at += (ssize_t)strlen(list + at) + 1) printf("XATTR listed: %s\n", list + at);
+    return argc == 2 ? 0 : 2;
+}
 """
 
 
@@ -59,6 +83,8 @@ async def test_compromised_guest_cannot_reach_the_host_through_the_shared_dir(
     image = ImageStore(Path(config.runtime.cache_path)).resolve("busybox")
     vol = Path(tempfile.mkdtemp(prefix="pykata-guestvol-"))
     os.chmod(vol, 0o755)  # so a host user can reach what the guest leaves there
+    (vol / "setxattr.c").write_text(SETXATTR_C)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(vol / "setxattr"), str(vol / "setxattr.c")], check=True)
     cron_before = is_mount_point("/etc/cron.d")
 
     # The guest owns its agent: here that agent hands the attacking container the whole shared
@@ -97,8 +123,8 @@ async def test_compromised_guest_cannot_reach_the_host_through_the_shared_dir(
         assert await p.wait() == 0
         assert out.rstrip().endswith("done"), out
         assert "PLANTED" not in out and "SUID" not in out and "DEVICE" not in out, out
-        assert out.count("refused") == 5, out
-        # runtime.rootfs_upper = "guest" (the default): the host shares the root read-only and the
+        assert out.count("refused") == 5 + 2 and "XATTR" not in out, out
+            # runtime.rootfs_upper = "guest" (the default): the host shares the root read-only and the
         # container writes to a guest tmpfs; "host": the guest writes the host's overlay
         in_guest = config.runtime.rootfs_upper == "guest"
         assert ("root read-only" if in_guest else "ROOT WRITABLE") in out, out

@@ -18,8 +18,9 @@ from typing import Any, BinaryIO
 import click
 
 from pykata.cli import detach
-from pykata.config import Config, load_config
+from pykata.config import Config, load_config, with_shared_fs
 from pykata.config.parse import MAX_LOG_BACKUPS
+from pykata.config.schema import SharedFs
 from pykata.errors import PykataError
 from pykata.hypervisor.console import BoundedLog
 from pykata.ids import HOSTNAME_RULE, is_hostname
@@ -150,7 +151,7 @@ async def _quiet(aw: Any) -> None:
 async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *, name: str, rm: bool,
                     interactive: bool, tty_: bool, env: list[str], workdir: str | None, user: str | None,
                     volumes: list[str], cpus: float | None, memory: str | None,
-                    sandbox_id: str | None = None) -> int:
+                    sandbox_id: str | None = None, shared_fs: SharedFs | None = None) -> int:
     # everything that can be wrong with the input is checked before a VM boots
     vols = [Volume.parse(v) for v in volumes]
     mem = parse_size(memory) if memory else None
@@ -174,6 +175,8 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     else:
         spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
                           user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
+    if shared_fs is not None:
+        config = with_shared_fs(config, shared_fs)
     config, vcpus, memory_mib = sizing.fit(config, sizing.container_size(cpus, mem, cpus_source="--cpus",
                                                                           memory_source="--memory"))
     # a bad image fails here, before a VM boots
@@ -206,11 +209,14 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
 @click.option("-v", "--volume", multiple=True, help="Bind mount HOST:GUEST[:ro].")
 @click.option("--cpus", type=float, default=None, help="CPU limit (also sizes the VM).")
 @click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512m (also sizes the VM).")
+@click.option("--shared-fs", type=click.Choice(["virtio-fs", "virtio-9p"]), default=None,
+              help="How -v volumes reach the VM: virtio-fs behaves as runc's bind mount but boots the VM "
+                   "cold (~2.5 s more under TCG); default: 9p in a template clone.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...],
         workdir: str | None, user: str | None, volume: tuple[str, ...], cpus: float | None, memory: str | None,
-        image: str, command: tuple[str, ...]) -> None:
+        shared_fs: SharedFs | None, image: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE, inside its own VM; exit with its status."""
     sandbox_id = detach.detached_id() if detach_ else None
     if detach_ and interactive:
@@ -221,7 +227,8 @@ def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: 
             detach.start_detached(load_config())
         status = asyncio.run(run_async(
             load_config(), image, command, name=name, rm=rm, interactive=interactive, tty_=tty_, env=list(env),
-            workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id))
+            workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id,
+            shared_fs=shared_fs))
     except PykataError as e:
         _fail(str(e))
     sys.exit(status)

@@ -9,6 +9,7 @@ from pykata.config.annotations import apply_annotations
 from pykata.config.load import (
     CONFIG_PATH_ANNOTATION,
     ENV_VAR,
+    SHARED_FS_ANNOTATION,
     SYSTEM_PATH,
     find_config_path,
     load_config,
@@ -16,6 +17,7 @@ from pykata.config.load import (
     load_for_annotations,
     load_pod_config_file,
     packaged_default_text,
+    with_shared_fs,
 )
 from pykata.config.parse import parse_mapping, parse_toml
 from pykata.config.schema import (
@@ -32,6 +34,7 @@ from pykata.config.schema import (
 __all__ = [
     "CONFIG_PATH_ANNOTATION",
     "ENV_VAR",
+    "SHARED_FS_ANNOTATION",
     "SYSTEM_PATH",
     "AgentSection",
     "Config",
@@ -50,4 +53,5 @@ __all__ = [
     "packaged_default_text",
     "parse_mapping",
     "parse_toml",
+    "with_shared_fs",
 ]

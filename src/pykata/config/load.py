@@ -19,12 +19,14 @@ from pathlib import Path
 
 from pykata.config.annotations import apply_annotations
 from pykata.config.parse import field_types, parse_toml
-from pykata.config.schema import Config
+from pykata.config.schema import Config, SharedFs
 from pykata.errors import ConfigError
 
 ENV_VAR = "PYKATA_CONFIG"
 SYSTEM_PATH = Path("/etc/pykata/configuration.toml")
 CONFIG_PATH_ANNOTATION = "io.katacontainers.config_path"
+# A pod's choice of how its files reach the guest (allowed by hypervisor.qemu.enable_annotations).
+SHARED_FS_ANNOTATION = "io.katacontainers.config.hypervisor.shared_fs"
 log = logging.getLogger(__name__)
 # A configuration file is small; a bigger one is a mistake (or an attack through the annotation).
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -189,6 +191,9 @@ def load_for_annotations(annotations: dict[str, str], environ: dict[str, str] | 
     picks (a memory size, a kernel parameter) would make, and keep, another template: ~10 s of boot
     for the first such pod and the template's saved guest RAM (~140 MiB, in factory.template_path,
     a tmpfs by default) for each value, which a pod spec must not be able to make the host pile up.
+    A pod that names its shared file system (`SHARED_FS_ANNOTATION`) gets it: "virtio-fs" (native
+    semantics for its host volumes) boots cold even where it is the configured default, which
+    templated VMs replace with 9p; "virtio-9p" keeps the template (`with_shared_fs`).
 
     Raises:
         ConfigError: as `load_config` (the admin's file); as `load_pod_config_file`, with the annotation
@@ -200,6 +205,26 @@ def load_for_annotations(annotations: dict[str, str], environ: dict[str, str] | 
     if path:
         base = load_pod_config_file(path, base.runtime.valid_config_paths)
     config = apply_annotations(base, annotations)
+    if SHARED_FS_ANNOTATION in annotations:
+        # the pod gets the file system it names (a template carries only 9p)
+        others = dataclasses.replace(config.qemu, shared_fs=base.qemu.shared_fs)
+        return with_shared_fs(config, config.qemu.shared_fs, others_changed=others != base.qemu)
     if config.qemu != base.qemu and config.factory.enable_template:
         config = dataclasses.replace(config, factory=dataclasses.replace(config.factory, enable_template=False))
     return config
+
+
+def with_shared_fs(config: Config, shared_fs: SharedFs, *, others_changed: bool = False) -> Config:
+    """`config` for a VM that must use `shared_fs` (a pod's annotation, `pykata run --shared-fs`).
+
+    Templated VMs always share files over 9p (QEMU 7.2 cannot migrate or hot-plug virtio-fs into a
+    microvm clone, and vhost-user needs guest RAM the daemon can map, which a clone's private copy of
+    the template's memory is not), so any other choice boots the VM cold. "virtio-9p" keeps the
+    template unless `others_changed` (other hypervisor keys of the pod differ from the host's).
+    """
+    qemu = dataclasses.replace(config.qemu, shared_fs=shared_fs)
+    factory = config.factory
+    if factory.enable_template and (shared_fs != "virtio-9p" or others_changed):
+        factory = dataclasses.replace(factory, enable_template=False)
+    return dataclasses.replace(config, factory=factory,
+                               hypervisor=dataclasses.replace(config.hypervisor, qemu=qemu))
