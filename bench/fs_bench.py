@@ -25,7 +25,10 @@ kubernetes.io~empty-dir/scratch under a temp kubelet root), so create/stat/unlin
   runc                 `runc run` on the overlay root, /tmp a bind of the host directory (what runc does)
   pykata               the volume made in the guest (a tmpfs: pykata.resources.emptydir)
   pykata-host-shared   runtime.disable_guest_empty_dir = true: the host directory over the shared
-                       file system (9p in templated VMs), as before
+                       file system (9p in templated VMs), as before: what a hostPath or `-v` volume gets
+  pykata-vfs-host-shared  as pykata-host-shared in a cold-booted VM (factory.enable_template = false):
+                       the host directory over virtio-fs (what `pykata run --shared-fs virtio-fs` or the
+                       shared_fs annotation give a volume); skipped with --no-vfs
 The pykata columns use the configuration in force ($PYKATA_CONFIG or the packaged one: templated VMs,
 so 9p); the others change keys of the packaged configuration. Runtimes take turns within each run.
 
@@ -332,7 +335,8 @@ def main() -> int:
         results: dict[str, list[Result]] = {} if args.only_emptydir else {
             "runc": [], **({} if args.no_runc_dir else {"runc-dir": []}), **{k: [] for k in configs}}
         emptydir = EmptyDirRun(tmp, bundle, in_force) if args.emptydir or args.only_emptydir else None
-        ed_results: dict[str, list[Result]] = {k: [] for k in ("runc", "pykata", "pykata-host-shared")}
+        ed_columns = ("runc", "pykata", "pykata-host-shared", *(() if args.no_vfs else ("pykata-vfs-host-shared",)))
+        ed_results: dict[str, list[Result]] = {k: [] for k in ed_columns}
         gap = args.gap / 1000
         for _ in range(args.runs):
             if not args.only_emptydir:
@@ -346,6 +350,9 @@ def main() -> int:
                     ed_results["runc"].append(emptydir.clean(run_runc(bundle, overlay=True)))
                     ed_results["pykata"].append(emptydir.clean(run_pykata(bundle, emptydir.guest, gap)))
                     ed_results["pykata-host-shared"].append(emptydir.clean(run_pykata(bundle, emptydir.shared, gap)))
+                    if not args.no_vfs:
+                        ed_results["pykata-vfs-host-shared"].append(
+                            emptydir.clean(run_pykata(bundle, emptydir.shared_vfs, gap)))
     prewarm_note = f", runtime.rootfs_prewarm = {prewarm}" if prewarm is not None else ""
     if results:
         report(f"{args.files} files in /tmp, walk of /usr ({args.runs} runs, median wall seconds; ratio to runc"
@@ -387,6 +394,8 @@ class EmptyDirRun:
         self.guest.write_text(set_or_add(text, "runtime.disable_guest_empty_dir", "false"))
         self.shared = tmp / "emptydir-shared.toml"
         self.shared.write_text(set_or_add(text, "runtime.disable_guest_empty_dir", "true"))
+        self.shared_vfs = tmp / "emptydir-shared-vfs.toml"
+        self.shared_vfs.write_text(set_or_add(self.shared.read_text(), "factory.enable_template", "false"))
         self.original = ""
 
     def __enter__(self) -> EmptyDirRun:

@@ -34,6 +34,7 @@ def pykata(*args: str, input: bytes | None = None, timeout: float = 120) -> subp
     (["run", "--rm", "-u", "root", "busybox", "true"], b"--user"),
     (["run", "--rm", "--cpus", "-1", "busybox", "true"], b"--cpus"),
     (["run", "--rm", "--name", "a/b", "busybox", "true"], b"--name"),
+    (["run", "--rm", "--shared-fs", "nfs", "busybox", "true"], b"--shared-fs"),
     (["kill", "no-such-container", "TERM"], b"no such container"),
     (["kill", "whatever", "NOTASIGNAL"], b"unknown signal"),
     (["exec", "no-such-container", "true"], b"no such container"),

@@ -100,6 +100,7 @@ BAD = [
     ("[hypervisor.qemu]\ncpu_model = 'host; rm -rf'", "hypervisor.qemu.cpu_model"),
     ("[hypervisor.qemu]\nenable_annotations = ['entropy_source']", "hypervisor.qemu.enable_annotations[0]"),
     ("[hypervisor.qemu]\nenable_debug = 'yes'", "hypervisor.qemu.enable_debug"),
+    ("[hypervisor.qemu]\nvirtio_9p_cache = 'loose'", "hypervisor.qemu.virtio_9p_cache"),
     ("[hypervisor.qemu]\nbogus_key = 1", "hypervisor.qemu.bogus_key"),
     ("[hypervisor]\nqemu = 1", "hypervisor.qemu"),
     ("[hypervisor.firecracker]\npath = '/x'", "hypervisor.firecracker"),

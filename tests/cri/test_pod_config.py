@@ -22,7 +22,13 @@ import pytest
 from cri_api.v1 import api_pb2
 
 from pykata.agent import bundle
-from pykata.config import find_config_path, load_for_annotations, packaged_default_text, parse_toml
+from pykata.config import (
+    SHARED_FS_ANNOTATION,
+    find_config_path,
+    load_for_annotations,
+    packaged_default_text,
+    parse_toml,
+)
 from pykata.errors import ConfigError, InvalidArgument
 from pykata.resources import sizing
 from pykata.sandbox.ocispec import POD_SHM_SOURCE, for_guest
@@ -124,6 +130,25 @@ def test_load_for_annotations_applies_overrides_and_skips_the_template(tmp_path:
     with pytest.raises(ConfigError) as info:
         load_for_annotations({"io.katacontainers.config_path": path, H + "default_vcpus": "2"}, environ)
     assert info.value.field == H + "default_vcpus"
+
+
+def test_a_pod_choosing_virtio_fs_boots_cold(tmp_path: Path) -> None:
+    """virtio-fs is the configured default, which templated VMs replace with 9p: a pod that names it
+    (allowed by the admin) gets a cold-booted VM with virtio-fs; naming 9p keeps the template; an
+    unknown value, or the annotation where the admin did not allow it, is refused naming it."""
+    name = SHARED_FS_ANNOTATION
+    allowed = {"PYKATA_CONFIG": str(_config_file(tmp_path, ["shared_fs"]))}
+    assert load_for_annotations({}, allowed).factory.enable_template
+    config = load_for_annotations({name: "virtio-fs"}, allowed)
+    assert config.qemu.shared_fs == "virtio-fs" and not config.factory.enable_template
+    config = load_for_annotations({name: "virtio-9p"}, allowed)
+    assert config.qemu.shared_fs == "virtio-9p" and config.factory.enable_template
+    for environ, value, why in ((allowed, "nfs", "must be one of"),
+                                ({"PYKATA_CONFIG": str(_config_file(tmp_path, []))}, "virtio-fs",
+                                 "enable_annotations")):
+        with pytest.raises(ConfigError) as info:
+            load_for_annotations({name: value}, environ)
+        assert info.value.field == name and why in str(info.value), info.value
 
 
 def test_pod_shm_becomes_the_vms_shm(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ SharedFs = Literal["virtio-fs", "virtio-9p", "none"]
 Accelerator = Literal["auto", "kvm", "tcg"]
 AgentChannel = Literal["auto", "vsock", "virtio-serial"]
 VirtioFsCache = Literal["auto", "always", "none"]
+Virtio9pCache = Literal["none", "mmap"]
 InternetworkingModel = Literal["tcfilter", "macvtap", "none"]
 RootfsUpper = Literal["guest", "host"]
 
@@ -55,6 +56,9 @@ class QemuConfig:
     virtio_fs_extra_args: tuple[str, ...] = ()
     virtio_fs_cache: VirtioFsCache = "auto"
     virtio_fs_queue_size: int = 1024
+    # The guest's 9p cache mode (templated VMs): "mmap" a page cache for mappings only, so a writable
+    # MAP_SHARED works; "none" no page cache (writable shared mappings fail). configuration.toml says more.
+    virtio_9p_cache: Virtio9pCache = "mmap"
     kernel_params: str = ""
     agent_channel: AgentChannel = "auto"
     entropy_source: str = "/dev/urandom"

@@ -34,6 +34,7 @@ from pykata.agent.policy import IMAGE_ANNOTATION
 from pykata.agentapi import Agent
 from pykata.agentapi.replies import Reseeded
 from pykata.config import Config, load_config
+from pykata.config.schema import Virtio9pCache
 from pykata.errors import InvalidArgument, PykataError, SandboxError
 from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
@@ -349,7 +350,8 @@ class Sandbox:
                                         mount_point=GUEST_SHARED_DIR)
         else:
             storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
-                                        options=["trans=virtio", "version=9p2000.L", "msize=512000"])
+                                        options=["trans=virtio", "version=9p2000.L", "msize=512000",
+                                                 *_nine_p_cache_options(self.config.qemu.virtio_9p_cache)])
         if self._boot_resize != (None, None):
             # sized after boot (balloon, CPUs onlined): the VM itself is the configured one, so a
             # template of that size can carry it
@@ -905,3 +907,14 @@ class Sandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _nine_p_cache_options(cache: Virtio9pCache) -> list[str]:
+    """The guest's 9p mount options for `hypervisor.qemu.virtio_9p_cache`.
+
+    "mmap" is the client's cache=mmap (a page cache with write-back, which writable MAP_SHARED needs)
+    plus `directio`: read() and write() still go to the host for every call (no page cache), as with
+    cache=none, so a file the host changes reads anew even on a descriptor the guest keeps open.
+    """
+    return ["cache=mmap", "directio"] if cache == "mmap" else ["cache=none"]
+
