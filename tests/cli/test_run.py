@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -183,6 +184,37 @@ def test_rm_force_of_a_running_container() -> None:
             runner.kill()
             runner.wait()
         pykata("cleanup")
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += [int(child), *_descendants(int(child))]
+    return found
+
+
+@pytest.mark.vm
+def test_run_whose_vm_dies_fails_without_a_traceback() -> None:
+    """QEMU killed under a running `pykata run`: the VM's death and the failed call, one line each, and
+    no traceback (the output pumps failed with the VM and asyncio printed 'Task exception was never
+    retrieved' with two tracebacks)."""
+    p = subprocess.Popen([PYKATA, "run", "--rm", "busybox", "sh", "-c", "echo up; sleep 600"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        qemu = [q for q in _descendants(p.pid) if Path(f"/proc/{q}/comm").read_text().startswith("qemu-system")]
+        assert len(qemu) == 1, qemu
+        os.kill(qemu[0], signal.SIGKILL)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    assert b"Traceback" not in err and b"never retrieved" not in err, err.decode(errors="replace")
+    assert b"QEMU killed by SIGKILL" in err and len(err.strip().splitlines()) <= 2, err
 
 
 @pytest.mark.vm

@@ -118,9 +118,12 @@ async def attach(proc: Process, *, interactive: bool, log_dir: Path | None = Non
     finally:
         for s in handled:
             loop.remove_signal_handler(s)
-        if feeder is not None:
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
+        # when the wait failed (the VM died), the pumps fail too: collected here, not printed by asyncio
+        # as "Task exception was never retrieved" tracebacks after pykata's own one-line error
+        tasks = [*pumps, *([feeder] if feeder is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for f in logs:
             f.close()
     return status
