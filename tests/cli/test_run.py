@@ -74,6 +74,19 @@ def test_a_bad_configuration_file_is_one_line_naming_the_key(tmp_path: Path, arg
     assert len(err.splitlines()) == 1 and "runtime.runtime_dir: must be a string" in err, err
 
 
+@pytest.mark.parametrize("config,field", [
+    ({"process": "x"}, "config.json.process"),  # were AttributeError/TypeError tracebacks
+    ({"process": {"args": ["true"]}, "linux": {"resources": 5}}, "config.json.linux.resources"),
+])
+def test_a_bundle_with_a_malformed_config_is_one_line_naming_the_part(tmp_path: Path, config: object,
+                                                                       field: str) -> None:
+    (tmp_path / "rootfs").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    p = pykata("run", "--rm", "-m", "64m", str(tmp_path))
+    err = p.stderr.decode(errors="replace").strip()
+    assert p.returncode == 125 and len(err.splitlines()) == 1 and f"{field}: must be" in err, err
+
+
 def test_a_missing_qemu_binary_is_named_by_its_key(tmp_path: Path) -> None:
     config = tmp_path / "configuration.toml"
     config.write_text('[hypervisor.qemu]\npath = "/nonexistent/qemu-system-x86_64"\n')

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.config.schema import ImageSection
+from pykata.errors import InvalidArgument
 from pykata.images.blobs import (
     Budget,
     Readable,
@@ -44,6 +45,7 @@ from pykata.images.blobs import (
 )
 from pykata.images.errors import BlobError, ImageError, ImageLimitError
 from pykata.images.layers import apply_layer, remove_tree
+from pykata.images.specshape import check_spec_shape
 from pykata.images.tarheaders import checked_tarinfo
 
 MAX_JSON = 4 << 20  # manifests and configs are small; anything bigger is refused
@@ -361,6 +363,10 @@ class ImageStore:
             spec = _parse_json(read_small(f, MAX_JSON, "config.json"), "config.json")
         if not isinstance(spec, dict):
             raise ImageError(ref, "config.json is not a JSON object")
+        try:
+            check_spec_shape(spec)
+        except InvalidArgument as e:
+            raise ImageError(ref, str(e)) from None
         root = (spec.get("root") or {}).get("path") or "rootfs"
         rootfs = (path / root).resolve()
         if not rootfs.is_dir():

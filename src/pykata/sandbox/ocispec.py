@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import PykataError
+from pykata.images.specshape import check_spec_shape
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
 GUEST_SHARED_DIR = "/run/pykata-agent/shared"
@@ -235,8 +236,9 @@ def _joins_the_vms(ns: Any, spec: dict[str, Any]) -> bool:
 def bundle_spec_with(spec: dict[str, Any], args: list[str], env: list[str], cwd: str | None,
                      user: tuple[int, int] | None, terminal: bool, memory_bytes: int | None,
                      cpus: float | None) -> dict[str, Any]:
-    """A bundle's own config.json with the run options that were given applied on top."""
-    out = copy.deepcopy(spec)
+    """A bundle's own config.json with the run options that were given applied on top. Raises
+    InvalidArgument for a malformed config.json (check_spec_shape), SpecError."""
+    out = copy.deepcopy(check_spec_shape(spec))
     proc = out.setdefault("process", {})
     if args:
         proc["args"] = args

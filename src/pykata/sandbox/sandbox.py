@@ -40,6 +40,7 @@ from pykata.factory import start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.devices import Device, NetDevice, root_slot_serial
 from pykata.hypervisor.readiness import MAX_STRETCH
+from pykata.images.specshape import check_spec_shape
 from pykata.network import EgressPolicy, PodNetwork, egress, guest_mac, nic_id
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
@@ -543,6 +544,7 @@ class Sandbox:
         mounts on failure.
         """
         ids.check_container_id(container_id)
+        check_spec_shape(spec)
         if container_id in self.containers:
             raise SandboxError(self.id, f"container {container_id} already exists")
         try:
