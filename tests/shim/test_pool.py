@@ -115,6 +115,8 @@ def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Con
     third = _ready_entry(other_than=second.id, fill=False)
     server = pooled.fork_server_pid()
     assert server is not None and psutil.Process(third.pid).ppid() == server
+    # launched by a pod's refill, it lives on outside that pod's cgroup (which could not be removed)
+    assert not any(pod in Path(f"/proc/{server}/cgroup").read_text() for pod in ("pooled-1", "pooled-2"))
     assert os.readlink(f"/proc/{third.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     assert _idle_threads(third.pid) == []
 

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pykata.fsutil import process_alive
@@ -78,16 +79,20 @@ def fork_shim(runtime_dir: str, flags: Flags, bundle: Path, sandbox_id: str, soc
     return None
 
 
-def fork_pool_entry(runtime_dir: str, address: str, entry_id: str) -> int | None:
+def fork_pool_entry(runtime_dir: str, address: str, entry_id: str,
+                    launched: Callable[[int], None] | None = None) -> int | None:
     """Have this containerd's fork server fork a waiting shim of the warm pool (pykata.shim.pooled)
     registered as `entry_id` (pykata.factory.pool.fill's `fork`), in a mount namespace of its own; its
     pid, or None (the caller starts a fresh process instead). A forked one skips the imports a fresh
     waiting shim does (~0.35 CPU s of the ~1 s a pooled VM costs to make). When no server runs, one
-    is launched for the next ones and this one is None. Never raises."""
+    is launched for the next ones and this one is None; `launched` is called with its pid (a pod's shim
+    moves it out of the pod's cgroup: the server outlives the pod). Never raises."""
     path = server_path(runtime_dir, address)
     conn = _connect(path)
     if conn is None:
-        _launch(path, address)
+        server = _launch(path, address)
+        if server is not None and launched is not None:
+            launched(server.pid)
         return None
     env = {k: v for k, v in os.environ.items() if k != "PYKATA_TIMING_FILE"}
     body = json.dumps({"kind": POOL_ENTRY, "entry": entry_id, "address": address, "env": env}).encode()

@@ -177,7 +177,8 @@ def refill_pool(config: Config, st: TaskState | None = None) -> None:
         if no_server:
             return None
         assert st is not None
-        pid = fork_pool_entry(config.runtime.runtime_dir, st.containerd_address, entry_id)
+        # a server launched now lives on after the pod: out of its cgroup, or the cgroup stays behind
+        pid = fork_pool_entry(config.runtime.runtime_dir, st.containerd_address, entry_id, not_the_pods)
         no_server = pid is None
         return pid
 
