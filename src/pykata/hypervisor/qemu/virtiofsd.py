@@ -26,9 +26,9 @@ def virtiofsd_argv(binary: str, fd: int, shared_dir: Path, cache: str, extra: Se
         binary, f"--fd={fd}", "-f",
         "-o", f"source={shared_dir}", "-o", f"cache={cache}",
         "-o", "modcaps=" + ":".join(f"-{c}" for c in DROPPED_CAPS),
-        # extended attributes as a bind mount has them (user.*, ACLs); off by default in this
-        # virtiofsd. It keeps no CAP_SYS_ADMIN, so trusted.* and security.* other than capability
-        # are refused by the host kernel, and security.capability by the dropped CAP_SETFCAP.
+        # user.* extended attributes as a bind mount has them; off by default in this virtiofsd
+        # (POSIX ACLs stay off: no posix_acl). It keeps no CAP_SYS_ADMIN, so the host kernel refuses
+        # trusted.* and security.* other than capability, and the dropped CAP_SETFCAP refuses that.
         "-o", "xattr",
         *extra,
     ]
