@@ -2,6 +2,7 @@
 """Where the CPU of a pooled VM's pod start goes, phase by phase, on the host and in the guest:
 
     .venv/bin/python bench/claim_cpu.py [-n 3] [--idle 3] [--variant NAME=SECTION.KEY=VALUE ...]
+                                        [--throwaway IMAGE]
 
 Through the Sandbox API (no containerd, no shim start), per round: a VM is made as the warm pool makes
 one (Sandbox.create_warm: restore, reseed, warm-up, paused), then handed out as a pod's shim does
@@ -10,7 +11,11 @@ started, and the VM is left idle for --idle seconds. For each phase it prints th
 of QEMU (its vCPU runs the guest: agent, crun, the workload; read from /proc/<pid>/stat, so other load
 on the host does not count) and of this process (the host side a pod's shim would run: Python, the
 ttrpc client, mounts), and the idle VM's CPU per second. With --variant, rounds alternate between the
-configuration in force and each variant (e.g. `single=hypervisor.qemu.tcg_thread=single`).
+configuration in force and each variant (e.g. `tb64=hypervisor.qemu.tcg_tb_size=64`). With
+--throwaway IMAGE, a variant "throwaway" creates and deletes one container of IMAGE (another image
+than the measured busybox: `pause`) through the real path right after the hand-out and before the
+measured create, and charges it to the adopt phase: what a warm-up that took the pod's own create path
+(image slot, ext4, overlay, crun) would save the pod's first create, against the agent's WarmUp today.
 2 cores at 6 starts a second leave ~0.33 CPU s per start for everything on its path.
 """
 
@@ -58,7 +63,7 @@ def own_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-agent_lines: dict[str, list[list[float]]] = {}
+agent_lines: dict[int, dict[str, list[float]]] = {}  # round -> container id -> the agent's split
 memory: dict[int, float] = {}  # round -> QEMU's anonymous memory (MiB) once the first container started and idled
 
 
@@ -74,7 +79,8 @@ def anon_mib(pid: int | None) -> float:
     return 0.0
 
 
-async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float) -> list[tuple[float, float]]:
+async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float,
+              throwaway: Path | None = None) -> list[tuple[float, float]]:
     """[(QEMU CPU s, this process's CPU s)] per phase of PHASES."""
     directory = runtime / "pool" / f"pool-{n:012x}"
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,9 @@ async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float) 
 
     try:
         await sb.adopt(f"claimcpu{n}", serve_proxy=True)
+        if throwaway is not None:
+            other = await sb.create_container("c0", build_spec(["true"], env=["PATH=/bin"]), throwaway)
+            await other.delete()
         step()
         container = await sb.create_container("c1", build_spec(["sleep", "1000"], env=["PATH=/bin"]), rootfs)
         step()
@@ -109,7 +118,7 @@ async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float) 
         console = getattr(sb.vm, "console_log", None)
         text = console.read_text(errors="replace") if isinstance(console, Path) and console.exists() else ""
         for m in AGENT_LINE.finditer(text):
-            agent_lines.setdefault(m[1], []).append([float(x) for x in m.groups()[1:]])
+            agent_lines.setdefault(n, {})[m[1]] = [float(x) for x in m.groups()[1:]]
         return out
     finally:
         await sb.stop(remove=True)
@@ -135,6 +144,7 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=3, help="rounds (each makes one VM per variant)")
     ap.add_argument("--idle", type=float, default=3.0, help="seconds the started VM is left idle")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE")
+    ap.add_argument("--throwaway", metavar="IMAGE", help="also a variant with a throwaway container of IMAGE")
     args = ap.parse_args()
     base = load_config()
     runtime = Path(tempfile.mkdtemp(prefix="pkcc", dir="/tmp"))  # short: unix socket paths
@@ -144,6 +154,9 @@ async def main() -> None:
         name, _, setting = v.partition("=")
         variants[name] = with_setting(base, setting)
     rootfs = ImageStore(base.runtime.cache_path).resolve("busybox").rootfs
+    throwaway = ImageStore(base.runtime.cache_path).resolve(args.throwaway).rootfs if args.throwaway else None
+    if throwaway is not None:
+        variants["throwaway"] = base
     results: dict[str, list[list[tuple[float, float]]]] = {v: [] for v in variants}
     rounds_of: dict[str, list[int]] = {v: [] for v in variants}
     loads = []
@@ -153,7 +166,8 @@ async def main() -> None:
             for j, (name, config) in enumerate(order):
                 loads.append(os.getloadavg()[0])
                 rounds_of[name].append(len(variants) * i + j)
-                results[name].append(await one(config, runtime, rootfs, len(variants) * i + j, args.idle))
+                results[name].append(await one(config, runtime, rootfs, len(variants) * i + j, args.idle,
+                                               throwaway if name == "throwaway" else None))
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     print(f"CPU seconds per phase of a pooled VM's pod start, median of {args.n}; load {min(loads):.1f}-"
@@ -174,9 +188,12 @@ async def main() -> None:
         if pss:
             print(f"  QEMU anonymous memory once its container ran and idled: {statistics.median(pss):.0f} MiB")
     print("the agent's account of each create (console), median ms: total = storages + bundle + crun create")
-    for cid, rows in sorted(agent_lines.items()):
-        t, st, b, c = (statistics.median(col) for col in zip(*rows, strict=True))
-        print(f"  {cid}: {t:5.0f} = {st:4.0f} + {b:3.0f} + {c:4.0f}")
+    for name in results:
+        for cid in ("c0", "c1", "c2"):
+            rows = [agent_lines[k][cid] for k in rounds_of[name] if cid in agent_lines.get(k, {})]
+            if rows:
+                t, st, b, c = (statistics.median(col) for col in zip(*rows, strict=True))
+                print(f"  {name}, {cid}: {t:5.0f} = {st:4.0f} + {b:3.0f} + {c:4.0f}")
 
 
 if __name__ == "__main__":
