@@ -59,7 +59,10 @@ from pykata.timing import mark
 IDLE_EXIT = 30.0
 # Imported after the first fork (not on the first pod's path): used by some pods only (pyroute2:
 # networked pods, ~8 MiB of objects each) or late in a pod's start.
-_LATE_IMPORTS = ("pyroute2", "pykata.guestimage.kernel", "pykata.guestimage.rootfs", "pykata.shim.pooled")
+# concurrent.futures.thread and email.parser: what every pod's shim still imported after its fork
+# (asyncio.to_thread's executor; importlib.metadata reading a package's metadata).
+_LATE_IMPORTS = ("pyroute2", "pykata.guestimage.kernel", "pykata.guestimage.rootfs", "pykata.shim.pooled",
+                 "concurrent.futures.thread", "email.parser")
 # pykata.factory.pool.ENTRY_ID (not imported at module level: `start`'s server child is lean)
 _ENTRY_ID = re.compile(r"pool-[0-9a-f]{12}")
 CLONE_NEWNS = 0x00020000
@@ -92,7 +95,8 @@ def _serve(runtime_dir: str, address: str) -> int:
     from pykata.shim import daemon  # noqa: F401  (the imports every shim shares)
 
     _freeze()
-    sources = _source_stamp()
+    files = _module_files()
+    sources = _source_stamp(files)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"{path}.new")
@@ -127,7 +131,7 @@ def _serve(runtime_dir: str, address: str) -> int:
                     continue
                 conn, _ = sock.accept()
                 with conn:
-                    if _source_stamp() != sources:
+                    if _source_stamp(files) != sources:
                         why = "the installed code changed since this server started"
                         if sock is listener:
                             _answer(conn, ok=False, error=why)
@@ -142,9 +146,10 @@ def _serve(runtime_dir: str, address: str) -> int:
                 if pid is not None:
                     children.add(pid)
             if children and not late_done:
-                    late_done = True
-                    _import_late()
-                    sources = _source_stamp()
+                late_done = True
+                _import_late()
+                files = _module_files()
+                sources = _source_stamp(files)
             if children:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > IDLE_EXIT or (
@@ -188,17 +193,28 @@ def _import_late() -> None:
     _freeze()
 
 
-def _source_stamp() -> tuple[tuple[str, int], ...]:
-    """The files of the pykata modules this process has imported, with their modification times."""
+def _module_files() -> tuple[bytes, ...]:
+    """The files of the pykata modules this process has imported, as copies: _source_stamp runs at every
+    request, and going through sys.modules (or the modules' own path strings) there would write the
+    reference counts of ~600 module objects each time, so each shim forked before would keep private
+    copies of those pages instead of sharing them with this process."""
     out = []
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
-        if name.startswith("pykata") and file:
-            try:
-                out.append((file, os.stat(file).st_mtime_ns))
-            except OSError:
-                out.append((file, 0))
+        if name.startswith("pykata") and isinstance(file, str):
+            out.append(os.fsencode(file))
     return tuple(sorted(out))
+
+
+def _source_stamp(files: tuple[bytes, ...]) -> tuple[int, ...]:
+    """The modification times of `files` (0 for one that is gone)."""
+    out = []
+    for file in files:
+        try:
+            out.append(os.stat(file).st_mtime_ns)
+        except OSError:
+            out.append(0)
+    return tuple(out)
 
 
 def _reap(children: set[int]) -> None:
