@@ -162,8 +162,10 @@ async def test_monitor_and_sandbox_ls_with_0_1_3_sandboxes(private: tuple[Path, 
                                           '{"memBlockSize": true}')
         assert isinstance(details, dict) and details["onlineCpus"] == info["vcpus"]
         assert details["kernelRelease"] and details["agentDetails"]["version"]
-        assert await asyncio.to_thread(pykata_json, env, "agent-ctl", first, "Health.Check") == {
-            "status": "SERVING"}
+        check = await asyncio.to_thread(pykata_json, env, "agent-ctl", first, "Health.Check")
+        # with the guest's two clocks (the coarse one is its last timer tick: within ~1 tick of the other)
+        assert check["status"] == "SERVING" and set(check) == {"status", "clockNs", "tickClockNs"}, check
+        assert 0 <= int(check["clockNs"]) - int(check["tickClockNs"]) < 200_000_000, check
         for args, needle in ((("NoSuchRpc",), b"no agent RPC"), (("GetGuestDetails", '{"bogus": 1}'), b"bogus"),
                              (("GetGuestDetails", "not json"), b"GetGuestDetails request")):
             p = await asyncio.to_thread(subprocess.run, [PYKATA, "agent-ctl", first, *args], capture_output=True,
