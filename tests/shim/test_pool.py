@@ -136,6 +136,13 @@ def test_a_pooled_vm_is_made_at_idle_priority(pooled: Containerd) -> None:
     entry = _ready_entry(fill=False, timeout=1)
     assert seen_idle, "the pooled VM was not made at idle priority"
     assert _idle_threads(entry.pid) == [], "a ready pooled VM still runs at idle priority"
+    # its warm-up container took CreateContainer's own path (the image in a slot) and is gone: not in
+    # the sandbox's record, no host mounts left for it
+    warm_up = "pykata-pool-warm-up"
+    consoles = [p for p in entry.sandbox_dir.rglob("*console*") if p.is_file()]
+    assert any(f"created container {warm_up}".encode() in p.read_bytes() for p in consoles), consoles
+    assert json.loads((entry.sandbox_dir / "state.json").read_text()).get("containers") in ({}, [], None)
+    assert not any(warm_up in str(p) for p in entry.sandbox_dir.rglob("*"))
 
 
 def test_a_waiting_vm_refuses_bad_claims_and_stays_in_the_pool(pooled: Containerd) -> None:
