@@ -251,6 +251,31 @@ async def test_exec_with_stdin_and_wait_with_output(fake: tuple[FakeHostileAgent
     assert (await agent.wait_process_output("c1", "e1", 16)).stdout is None
 
 
+async def test_wait_with_output_bounded_in_time(fake: tuple[FakeHostileAgent, Agent],
+                                                fake_server: tuple[FakeHostileAgent, Path]) -> None:  # one handler
+    """within_ms goes out as output_wait_ms; a process still running when it passed may come back
+    with no output (only then); an agent before protocol 7 is not asked at all."""
+    handler, agent = fake
+    handler.replies["WaitProcess"] = agent_pb2.WaitProcessResponse(output=True, running=True)
+    exited = await agent.wait_process_output("c1", "e1", 16, within_ms=250)
+    assert (exited.running, exited.stdout, exited.stderr) == (True, b"", b"")
+    assert (handler.requests["WaitProcess"].output_limit, handler.requests["WaitProcess"].output_wait_ms) == (16, 250)
+    with pytest.raises(AgentReplyError) as info:  # not bounded: running without output is out of contract
+        await agent.wait_process_output("c1", "e1", 16)
+    assert info.value.field == "running"
+    _, sock = fake_server
+    handler.requests.pop("WaitProcess")
+    handler.replies["Version"] = _version(6, "0.0.6")
+    agent6 = await Agent.connect(sock, "sb1", timeout=5)
+    try:
+        with pytest.raises(AgentCallError) as called:
+            await agent6.wait_process_output("c1", "e1", 16, within_ms=250)
+        assert called.value.code == Code.UNIMPLEMENTED and "needs 7" in str(called.value)
+        assert "WaitProcess" not in handler.requests
+    finally:
+        await agent6.close()
+
+
 @pytest.mark.parametrize(("rpc", "reply", "field"), [
     ("ExecProcess", agent_pb2.ExecProcessResponse(pid=7, stdin_written=4), "stdin_written"),
     ("ExecProcess", agent_pb2.ExecProcessResponse(pid=7, stdin_written=2, stdin_closed=True), "stdin_closed"),

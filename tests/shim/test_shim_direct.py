@@ -337,6 +337,18 @@ async def _read_to_eof(path: Path) -> bytes:
     return await asyncio.to_thread(read)
 
 
+async def _read_lines(path: Path, first_line: asyncio.Future[bytes]) -> bytes:
+    """Everything until the end; `first_line` gets the first line as soon as it is there."""
+    loop = asyncio.get_running_loop()
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            line = f.readline()
+            loop.call_soon_threadsafe(first_line.set_result, line)
+            return line + f.read()
+    return await asyncio.to_thread(read)
+
+
 async def test_exec_tty_resize_close_io_update_stats_pids(shim: DirectShim, sink: tuple[EventSink, str],
                                                           tmp_path: Path) -> None:
     events, _ = sink
@@ -380,6 +392,32 @@ async def test_exec_tty_resize_close_io_update_stats_pids(shim: DirectShim, sink
         assert await asyncio.wait_for(out, 20) == b"through stdin\n"
         await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id="c1"))
 
+        # an exec without stdin: a short one's exit comes with its output (one WaitProcess), a long
+        # one still streams (its first line is there while it runs), a big one's output is whole
+        for exec_id, script, want_status in (("s1", "echo out; echo err >&2; exit 3", 3),
+                                             ("s2", "echo first; sleep 3; echo second", 0),
+                                             ("s3", "head -c 2500000 /dev/zero; echo end >&2", 0)):
+            f = _fifos(tmp_path, f"{exec_id}-out", f"{exec_id}-err")
+            err = asyncio.ensure_future(_read_to_eof(f[f"{exec_id}-err"]))
+            first_line = asyncio.get_running_loop().create_future()
+            out = asyncio.ensure_future(_read_lines(f[f"{exec_id}-out"], first_line))
+            spec = typeurl.pack_json(typeurl.OCI_PROCESS_URL, {"args": ["sh", "-c", script], "cwd": "/"})
+            await _call(client, "Exec", shim_pb2.ExecProcessRequest(
+                id=shim.id, exec_id=exec_id, spec=spec, stdout=str(f[f"{exec_id}-out"]),
+                stderr=str(f[f"{exec_id}-err"])))
+            await _call(client, "Start", shim_pb2.StartRequest(id=shim.id, exec_id=exec_id))
+            if exec_id == "s2":  # the first line comes while it sleeps, not at its exit
+                assert await asyncio.wait_for(first_line, 20) == b"first\n"
+                state = await _call(client, "State", shim_pb2.StateRequest(id=shim.id, exec_id="s2"))
+                assert state.status == task_types_pb2.RUNNING
+            assert (await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id, exec_id=exec_id))).exit_status \
+                == want_status
+            got_out, got_err = await asyncio.wait_for(asyncio.gather(out, err), 20)
+            assert (len(got_out), got_out[:16], got_err) == {
+                "s1": (4, b"out\n", b"err\n"), "s2": (13, b"first\nsecond\n", b""),
+                "s3": (2500000, bytes(16), b"end\n")}[exec_id]
+            await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id=exec_id))
+
         limit = 96 << 20
         await _call(client, "Update", shim_pb2.UpdateTaskRequest(id=shim.id, resources=typeurl.pack_json(
             typeurl.OCI_LINUX_RESOURCES_URL, {"memory": {"limit": limit}})))
@@ -407,6 +445,7 @@ async def test_exec_tty_resize_close_io_update_stats_pids(shim: DirectShim, sink
     assert topics == ["/tasks/create", "/tasks/start",
                       "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
                       "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      *["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"] * 3,
                       "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], topics
 
 

@@ -60,14 +60,18 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         log.warning("background onlining of CPUs/memory failed: %s", task.exception())
 
 
-async def _exit_or_output(proc: Process, limit: int) -> bool:
+MAX_OUTPUT_WAIT_MS = 10_000  # WaitProcess output_wait_ms cap: a reply never waits longer on its account
+
+
+async def _exit_or_output(proc: Process, limit: int, within: float | None = None) -> bool:
     """Wait until the process exits (True) or one of its streams holds `limit` bytes (False): a
-    process printing more than the buffers hold would otherwise block, and never exit."""
+    process printing more than the buffers hold would otherwise block, and never exit. With
+    `within` (seconds), False as well once that has passed."""
     exited = asyncio.ensure_future(proc.wait())
     waits: list[asyncio.Future[Any]] = [exited]
     waits += [asyncio.ensure_future(s.wait_buffered(limit)) for s in (proc.stdout, proc.stderr) if s is not None]
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waits:
             w.cancel()
@@ -231,7 +235,8 @@ class AgentService:
     async def WaitProcess(self, req: agent_pb2.WaitProcessRequest, ctx: Any) -> agent_pb2.WaitProcessResponse:
         proc = self._process(req.container_id, req.exec_id)
         limit = min(req.output_limit, MAX_IO_CHUNK)
-        if limit and proc.exit_status is None and not await _exit_or_output(proc, limit):
+        within = min(req.output_wait_ms, MAX_OUTPUT_WAIT_MS) / 1000 if req.output_wait_ms else None
+        if limit and proc.exit_status is None and not await _exit_or_output(proc, limit, within):
             resp = agent_pb2.WaitProcessResponse(running=True)
         else:
             status = await proc.wait()

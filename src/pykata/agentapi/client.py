@@ -344,13 +344,17 @@ class Agent:
             container_id=container_id, exec_id=exec_id), agent_pb2.WaitProcessResponse, timeout=None)
         return self._checked("WaitProcess", replies.wait_process, resp)
 
-    async def wait_process_output(self, container_id: str, exec_id: str, output_limit: int) -> replies.Exited:
+    async def wait_process_output(self, container_id: str, exec_id: str, output_limit: int, *,
+                                  within_ms: int = 0) -> replies.Exited:
         """Wait until the process ends; its exit status with up to `output_limit` bytes of each output
-        stream not read yet (a short command's whole output, in the same round trip)."""
+        stream not read yet (a short command's whole output, in the same round trip). `within_ms` > 0
+        (protocol 7, UNIMPLEMENTED before): answer `running` after that long at the latest."""
+        if within_ms:
+            self._require("WaitProcess output_wait_ms", 7)
         resp = await self._call("WaitProcess", agent_pb2.WaitProcessRequest(
-            container_id=container_id, exec_id=exec_id, output_limit=output_limit),
+            container_id=container_id, exec_id=exec_id, output_limit=output_limit, output_wait_ms=within_ms),
             agent_pb2.WaitProcessResponse, timeout=None)
-        return self._checked("WaitProcess", replies.wait_process_output, resp, output_limit)
+        return self._checked("WaitProcess", replies.wait_process_output, resp, output_limit, within_ms > 0)
 
     async def update_container(self, container_id: str, linux_resources: Mapping[str, Any]) -> None:
         """Apply an OCI `linux.resources` object."""

@@ -130,14 +130,15 @@ def wait_process(resp: agent_pb2.WaitProcessResponse) -> int:
     return int(resp.exit_status)
 
 
-def wait_process_output(resp: agent_pb2.WaitProcessResponse, output_limit: int) -> Exited:
-    """The exit status and the output the agent sent with it (at most `output_limit` bytes a stream)."""
+def wait_process_output(resp: agent_pb2.WaitProcessResponse, output_limit: int, bounded: bool = False) -> Exited:
+    """The exit status and the output the agent sent with it (at most `output_limit` bytes a stream).
+    `bounded`: the wait was limited in time, so a running process may come with no output."""
     status = wait_process(resp)
     if not resp.output:
         if resp.stdout or resp.stderr or resp.stdout_eof or resp.stderr_eof or resp.running:
             raise BadReply("output", "output fields set without `output`")
         return Exited(status)
-    if resp.running and (status or not (resp.stdout or resp.stderr)):
+    if resp.running and (status or not (bounded or resp.stdout or resp.stderr)):
         raise BadReply("running", "a running process with an exit status, or with no output to hand over")
     limit = min(output_limit, READ_MAX)
     for field, data in (("stdout", resp.stdout), ("stderr", resp.stderr)):

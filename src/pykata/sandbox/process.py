@@ -150,14 +150,21 @@ class Process:
         caller that waited before reading would wait forever on a process blocked writing its output."""
         return self._agent.supports(6)
 
-    async def wait_with_output(self, output_limit: int = READ_CHUNK) -> Exited:
+    @property
+    def output_within(self) -> bool:
+        """Whether `wait_with_output` can be bounded in time (`within_ms`): protocol 7."""
+        return self._agent.supports(7)
+
+    async def wait_with_output(self, output_limit: int = READ_CHUNK, *, within_ms: int = 0) -> Exited:
         """The exit status with what the process printed that nobody read yet, up to `output_limit`
         bytes a stream, in one round trip; read on (`read`, `chunks`) for a stream whose *_eof is False.
         A reply with `running` set came before the exit, because a stream held `output_limit` bytes:
-        take them and call again. Later `wait()` calls answer from the exit."""
+        take them and call again; `within_ms` (see `output_within`) sets it as well after that long. Later
+        `wait()` calls answer from the exit."""
         if self._exit is not None:  # a WaitProcess is already out: no output with it
             return Exited(await self.wait())
-        exited = await self._agent.wait_process_output(self.container_id, self.exec_id, output_limit)
+        exited = await self._agent.wait_process_output(self.container_id, self.exec_id, output_limit,
+                                                       within_ms=within_ms)
         if not exited.running and self._exit is None:
             self._exit = asyncio.get_running_loop().create_future()
             self._exit.set_result(exited.status)

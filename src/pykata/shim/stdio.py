@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ from pykata.timing import mark
 log = logging.getLogger("pykata.shim.stdio")
 
 READ_CHUNK = 64 * 1024
+# How long an exec's first WaitProcess may hold its output back: a short exec (a probe, CRI ExecSync)
+# ends within it and needs no ReadStdout/ReadStderr round trips; a long one streams after it.
+EXIT_WITH_OUTPUT_MS = 500
 LOGGER_READY_TIMEOUT = 10.0
 LOGGER_TERM_TIMEOUT = 12.0  # containerd's binaryIOProcTermTimeout
 
@@ -130,6 +133,7 @@ class ProcessIO:
         self._feeder: asyncio.Task[None] | None = None
         self._stdin_closing = asyncio.Event()
         self._proc: Process | None = None
+        self._first_wait: asyncio.Future[None] | None = None
         self._closed = False
 
     @classmethod
@@ -229,6 +233,12 @@ class ProcessIO:
             return
         self._proc = proc
         assert self._out is not None and self._err is not None
+        if self._stdin_fd is None and not proc.terminal and proc.exec_id and proc.output_within:
+            self._first_wait = asyncio.get_running_loop().create_future()
+            self._pumps.append(asyncio.ensure_future(
+                self._exit_with_output(proc, self._out, self._err, self._first_wait)))
+            self._out = self._err = None
+            return
         self._pumps.append(asyncio.ensure_future(self._pump(proc, "stdout", self._out)))
         if proc.terminal:
             self._err.release()
@@ -239,6 +249,46 @@ class ProcessIO:
         if self._stdin_fd is not None:
             self._feeder = asyncio.ensure_future(self._feed(proc, self._stdin_fd))
             self._stdin_fd = None
+
+    async def waiting_allowed(self) -> None:
+        """Returns once the process's exit may be waited for with a plain WaitProcess: after the
+        first WaitProcess that carries output was answered (a plain one sent before it would take
+        the exit and leave the output unread)."""
+        if self._first_wait is not None:
+            await asyncio.shield(self._first_wait)
+
+    async def _exit_with_output(self, proc: Process, out: Writer, err: Writer, first: asyncio.Future[None]) -> None:
+        """An exec without stdin or terminal: its exit and what it printed in one WaitProcess when it
+        ends within EXIT_WITH_OUTPUT_MS (else the output so far), then the streams not at their end
+        are pumped as usual."""
+        sinks: dict[Stream, Writer] = {"stdout": out, "stderr": err}
+        pumps: list[Awaitable[None]] = []
+        try:
+            exited = None
+            try:
+                exited = await proc.wait_with_output(within_ms=EXIT_WITH_OUTPUT_MS)
+            except PykataError as e:  # refused by the policy, or the VM is gone: the pumps see it too
+                log.debug("exit with output of %s/%s: %s", proc.container_id, proc.exec_id, e)
+            finally:
+                first.set_result(None)
+            got: list[tuple[Stream, bytes | None, bool]] = [
+                ("stdout", exited.stdout, exited.stdout_eof), ("stderr", exited.stderr, exited.stderr_eof),
+            ] if exited else []
+            for stream, data, eof in got:
+                if data:
+                    try:
+                        await sinks[stream].write(data)
+                    except OSError as e:  # the pump, if any, drains the rest
+                        log.warning("%s of %s/%s: %s", stream, proc.container_id, proc.exec_id, e)
+                if eof:
+                    mark(f"io.{stream}.end")
+                    sinks.pop(stream).release()
+            pumps = [self._pump(proc, stream, sinks.pop(stream)) for stream in list(sinks)]
+        finally:
+            for sink in sinks.values():  # cancelled (close()) before a pump owned it
+                sink.release()
+        if pumps:
+            await asyncio.gather(*pumps)
 
     async def _pump(self, proc: Process, stream: Stream, sink: Writer) -> None:
         try:

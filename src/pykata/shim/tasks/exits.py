@@ -31,6 +31,8 @@ async def record_exit(st: TaskState, sc: ShimContainer, p: ShimProcess, status: 
 async def wait_process(st: TaskState, sc: ShimContainer, p: ShimProcess) -> None:
     assert p.proc is not None
     try:
+        if p.io is not None:
+            await p.io.waiting_allowed()
         status = await p.proc.wait()
         mark("exit.waited")
     except AgentCallError as e:

@@ -133,14 +133,16 @@ class SignalProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
 
 class WaitProcessRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id", "output_limit")
+    __slots__ = ("container_id", "exec_id", "output_limit", "output_wait_ms")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     output_limit: int
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., output_limit: _Optional[int] = ...) -> None: ...
+    output_wait_ms: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., output_limit: _Optional[int] = ..., output_wait_ms: _Optional[int] = ...) -> None: ...
 
 class WaitProcessResponse(_message.Message):
     __slots__ = ("exit_status", "exited_at", "output", "stdout", "stderr", "stdout_eof", "stderr_eof", "running")
