@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,11 +164,29 @@ def test_record_of_a_config_that_no_longer_loads_keeps_its_runtime_dir(
     assert "no longer loads" in capsys.readouterr().err
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_delete_loads_the_configuration_only_when_something_may_be_left(tmp_path: Path) -> None:
     run = tmp_path / "run"
     record = ConfigRecord("", "", str(run), pool=False)
     assert not may_have_leftovers(record, "sb")  # an orderly exit removed all of it
-    assert may_have_leftovers(ConfigRecord("", "", str(run), pool=True), "sb")  # pool entries to prune
+    pooled = ConfigRecord("", "", str(run), pool=True)
+    assert not may_have_leftovers(pooled, "sb")  # no pool directory
+    (run / "pool" / "pool-a").mkdir(parents=True)  # a waiting entry: refills prune those
+    (run / "pool" / "pool-a.json").write_text("{}")
+    (run / "pool" / "pool-b").mkdir()  # a claimed VM whose owner lives
+    (run / "pool" / "pool-b" / "state.json").write_text(json.dumps({"owner_pid": os.getpid()}))
+    assert not may_have_leftovers(pooled, "sb")
+    (run / "pool" / "pool-c").mkdir()  # a claimed VM whose shim died before it had a sandbox id
+    (run / "pool" / "pool-c" / "state.json").write_text(json.dumps({"owner_pid": _dead_pid()}))
+    assert may_have_leftovers(pooled, "sb")
+    (run / "pool" / "pool-c" / "state.json").write_text("{")  # unreadable: the full cleanup judges it
+    assert may_have_leftovers(pooled, "sb")
+    shutil.rmtree(run / "pool" / "pool-c")
     (run / "cgroups").mkdir(parents=True)
     (run / "cgroups" / "sb.json").write_text("[]")
     assert may_have_leftovers(record, "sb")
