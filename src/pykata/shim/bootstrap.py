@@ -428,15 +428,30 @@ def delete(flags: Flags) -> bytes:
 
 
 def _wait_exit(pid: int | None, timeout: float) -> bool:
-    """Whether the shim `pid` is gone within `timeout` seconds."""
+    """Whether the shim `pid` is gone within `timeout` seconds. Woken by the shim's exit (a pidfd
+    becomes readable then), not by polling: containerd waits for this command at every task's teardown."""
+    import select
     import time
 
     deadline = time.monotonic() + timeout
-    while _is_shim(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    try:
+        pidfd = os.pidfd_open(pid) if pid else -1
+    except OSError:  # gone already (ESRCH), or a kernel without pidfds: poll
+        pidfd = -1
+    try:
+        while _is_shim(pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd >= 0:
+                if select.select([pidfd], [], [], left)[0]:
+                    return True  # that very process ended (a pidfd is never another process's)
+            else:
+                time.sleep(min(left, 0.02))
+        return True
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def _remove_leftovers(config: Config, sandbox_id: str, shim_pid: int | None) -> None:
