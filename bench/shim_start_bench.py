@@ -45,6 +45,13 @@ def _cpu(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _servers(address: str) -> list[int]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
@@ -105,7 +112,7 @@ def _one(shim: Path, root: Path, name: str, address: str, env: dict[str, str]) -
     subprocess.run([*argv, "delete"], cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, check=True)
     deleted = time.perf_counter() - t
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    while _alive(pid):
         if time.monotonic() > deadline:
             raise SystemExit(f"shim {pid} did not exit after delete")
         time.sleep(0.02)
