@@ -2,7 +2,7 @@
 """Where an idle pod's host memory goes, part by part (issue 14's memory table).
 
     .venv/bin/python bench/pod_memory.py [--containers 10] [--settle 5] [--variant NAME=KEY=VALUE]
-                                         [--guest-pages] [--hold SECONDS] [--json]
+                                         [--guest-pages] [--shim-pages] [--hold SECONDS] [--json]
 
 A private containerd (tests/shim/harness.py) starts N pykata containers (`ctr run -d <busybox> sleep`),
 one after the other, and waits --settle seconds. Then, per container (averaged over the N), from
@@ -18,6 +18,9 @@ one after the other, and waits --settle seconds. Then, per container (averaged o
 - with --guest-pages, the guest RAM written since the clone, page by page against the template's
   memory file (new, now zero, written back identical, a few words changed, rewritten), and how much
   of it two clones wrote identically (what merging identical pages, KSM, could share).
+With --shim-pages, each shim the fork server forked against the server, page by page at the same
+addresses: still shared, a private copy that differs in at most 16 8-byte words (reference counts and
+the interpreter's warm-up counters written as code runs), a copy that differs more, its own pages.
 --variant NAME=KEY=VALUE runs the same for a configuration with [SECTION] KEY = VALUE (as ctr_bench's),
 interleaved with the default. --hold keeps the containers that long (inspect them by hand).
 """
@@ -30,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -141,6 +145,56 @@ def shim_parts(pid: int) -> dict[str, float]:
     return out
 
 
+def _rw_anon(pid: int) -> list[tuple[int, int]]:
+    out = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        name = parts[5] if len(parts) > 5 else ""
+        if parts[1].startswith("rw") and name in ("", "[heap]"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def _frames(pid: int, lo: int, hi: int) -> list[int]:
+    """The physical frame of each page of [lo, hi) in `pid` (0: not present)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        pm.seek(lo // 4096 * 8)
+        data = pm.read((hi - lo) // 4096 * 8)
+    return [v & ((1 << 55) - 1) if v >> 63 else 0 for (v,) in struct.iter_unpack("<Q", data)]
+
+
+def shim_pages(shim: int, server: int) -> dict[str, int]:
+    """A shim's writable anonymous pages against its fork server's at the same addresses: "shared" (the
+    same physical page), "copy_words" (a private copy differing from the server's page in at most 16
+    8-byte words: reference counts, warm-up counters), "copy" (differing more), "own" (the server has no
+    page there: the shim's own allocations). Page counts."""
+    out = {"shared": 0, "copy_words": 0, "copy": 0, "own": 0}
+    server_ranges = _rw_anon(server)
+    with open(f"/proc/{shim}/mem", "rb") as sm, open(f"/proc/{server}/mem", "rb") as vm:
+        for lo, hi in _rw_anon(shim):
+            theirs = {}
+            for slo, shi in server_ranges:
+                a, b = max(lo, slo), min(hi, shi)
+                if a < b:
+                    theirs.update(zip(range(a, b, 4096), _frames(server, a, b), strict=True))
+            for i, frame in enumerate(_frames(shim, lo, hi)):
+                addr = lo + i * 4096
+                if not frame:
+                    continue
+                other = theirs.get(addr, 0)
+                if not other:
+                    out["own"] += 1
+                elif other == frame:
+                    out["shared"] += 1
+                else:
+                    sm.seek(addr)
+                    vm.seek(addr)
+                    mine, was = struct.iter_unpack("<Q", sm.read(4096)), struct.iter_unpack("<Q", vm.read(4096))
+                    out["copy_words" if sum(x != y for x, y in zip(mine, was, strict=True)) <= 16 else "copy"] += 1
+    return out
+
+
 def guest_meminfo(ctd: Containerd, cid: str) -> dict[str, int]:
     p = ctd.ctr("task", "exec", "--exec-id", f"m{uuid.uuid4().hex[:6]}", cid, "cat", "/proc/meminfo",
                 check=False, timeout=60)
@@ -153,7 +207,7 @@ def guest_meminfo(ctd: Containerd, cid: str) -> dict[str, int]:
 
 
 def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, hold: float,
-            guest_pages: bool = False) -> dict[str, Any]:
+            guest_pages: bool = False, shim_split: bool = False) -> dict[str, Any]:
     ids = [f"pm-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     started: list[str] = []
     try:
@@ -183,8 +237,14 @@ def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, h
             for p in procs["virtiofsd"] + procs["proxy9p"]:
                 other += sum(m.get("Pss", 0) for m in mappings(p))
         server = ctd.fork_server_pid()
-        if server is not None and any(psutil.Process(p).ppid() == server for p in shim_pids):
+        forked = [p for p in shim_pids if server is not None and psutil.Process(p).ppid() == server]
+        if server is not None and forked:
             shim["server_share"] = sum(m.get("Pss", 0) for m in mappings(server))
+        shim_vs_server: dict[str, float] = {}
+        if shim_split and server is not None:
+            for p in forked:
+                for k, v in shim_pages(p, server).items():
+                    shim_vs_server[k] = shim_vs_server.get(k, 0) + v * 4 / 1024 / len(forked)
         guest = guest_meminfo(ctd, ids[0])
         pages: dict[str, float] = {}
         if guest_pages:
@@ -212,7 +272,8 @@ def measure(ctd: Containerd, count: int, opts: tuple[str, ...], settle: float, h
                 "qemu_mib": round(qemu_total, 1), "qemu": per(qemu),
                 "helpers_mib": round(other / count / 1024, 1),
                 "cpu_s_per_container": {k: round(v / count, 2) for k, v in cpu.items()}, "guest_meminfo_mib": g,
-                "guest_dirty_mib": {k: round(v, 1) for k, v in pages.items()}}
+                "guest_dirty_mib": {k: round(v, 1) for k, v in pages.items()},
+                "shim_vs_server_mib": {k: round(v, 1) for k, v in shim_vs_server.items()}}
     finally:
         for cid in started:
             ctd.remove(cid)
@@ -225,6 +286,8 @@ def main() -> None:
     ap.add_argument("--hold", type=float, default=0.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE")
     ap.add_argument("--guest-pages", action="store_true", help="classify the guest pages written since the clone")
+    ap.add_argument("--shim-pages", action="store_true",
+                    help="compare each forked shim's pages with the fork server's, page by page")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pod-memory-"))
@@ -251,6 +314,9 @@ def main() -> None:
             print(f"  helpers (virtiofsd, 9p proxy) {r['helpers_mib']}")
         print("  guest (one container's /proc/meminfo): "
               + ", ".join(f"{k} {v}" for k, v in r["guest_meminfo_mib"].items()))
+        if r["shim_vs_server_mib"]:
+            print("  shim pages against the fork server's (MiB per shim): "
+                  + ", ".join(f"{k} {v}" for k, v in r["shim_vs_server_mib"].items()))
         if r["guest_dirty_mib"]:
             print("  guest pages written since the clone (MiB per VM): "
                   + ", ".join(f"{k} {v}" for k, v in r["guest_dirty_mib"].items()))
@@ -265,7 +331,7 @@ def main() -> None:
             ctd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, *opts, IMAGE, f"w-{uuid.uuid4().hex[:6]}", "true",
                     timeout=300)  # warm-up: the template, the fork server
             results.append({"variant": name, **measure(ctd, args.containers, opts, args.settle, args.hold,
-                                                                 args.guest_pages)})
+                                                                 args.guest_pages, args.shim_pages)})
             show(results[-1])
     finally:
         ctd.stop()
