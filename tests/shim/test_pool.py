@@ -145,6 +145,18 @@ def test_a_pooled_vm_is_made_at_idle_priority(pooled: Containerd) -> None:
     assert not any(warm_up in str(p) for p in entry.sandbox_dir.rglob("*"))
 
 
+def test_a_start_that_finds_no_vm_ready_has_the_fork_server_fork_the_refill(pooled: Containerd) -> None:
+    config = load_config()
+    pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-warm", "true")  # the server runs
+    pool.destroy(config)
+    pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-none", "true")
+    assert "refused the claim" not in pooled.log.read_text().split("pooled-none")[-1]
+    entry = _ready_entry(fill=False)
+    server = pooled.fork_server_pid()
+    assert server is not None and psutil.Process(entry.pid).ppid() == server
+    assert os.readlink(f"/proc/{entry.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+
+
 def test_a_waiting_vm_refuses_bad_claims_and_stays_in_the_pool(pooled: Containerd) -> None:
     entry = _ready_entry()
     for body in (b"not json", json.dumps({"fingerprint": "another-config"}).encode()):

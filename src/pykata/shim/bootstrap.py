@@ -310,7 +310,14 @@ def _claim_pooled(config: Config, flags: Flags, bundle: Path, sandbox_id: str, p
         for fd in fds[1:]:
             os.close(fd)
     if pid is None:
-        pool.fill(config, pool.entry_argv())
+        # forked by the shims' fork server when it runs (no imports of their own, idle priority from
+        # their first instruction: factory.pool_fill_idle), else fresh processes
+        from pykata.shim.forkclient import fork_pool_entry
+
+        def forked(entry_id: str) -> int | None:
+            return fork_pool_entry(config.runtime.runtime_dir, flags.address, entry_id)
+
+        pool.fill(config, pool.entry_argv(), fork=forked if config.runtime.shim_fork_server else None)
     return pid
 
 
