@@ -178,6 +178,7 @@ def test_delete_loads_the_configuration_only_when_something_may_be_left(tmp_path
     assert not may_have_leftovers(pooled, "sb")  # no pool directory
     (run / "pool" / "pool-a").mkdir(parents=True)  # a waiting entry: refills prune those
     (run / "pool" / "pool-a.json").write_text("{}")
+    (run / "pool" / "pool-a.sock").write_text("")  # its socket
     (run / "pool" / "pool-b").mkdir()  # a claimed VM whose owner lives
     (run / "pool" / "pool-b" / "state.json").write_text(json.dumps({"owner_pid": os.getpid()}))
     assert not may_have_leftovers(pooled, "sb")

@@ -36,6 +36,7 @@ from pykata.shim.configrecord import (
 )
 from pykata.shim.criannotations import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, CRIO_CONTAINER_TYPE, CRIO_SANDBOX_ID
 from pykata.shim.flags import Flags, ShimStartError
+from pykata.timing import mark
 
 # `delete` runs at every task teardown, and most of its time is imports: socket, hashlib (OpenSSL),
 # tempfile (fsutil) and typing are imported where they are used, not here
@@ -425,10 +426,12 @@ def delete(flags: Flags) -> bytes:
         # the shim is on its way out (it removes its socket first): containerd's task delete
         # returns once this command has, so a caller that sees the task gone sees the VM gone
         alive = not _wait_exit(shim_pid, EXIT_WAIT)
+        mark("delete.shim.gone")
     if not alive:
         # a pod's own configuration (io.katacontainers.config_path) may put its sandbox elsewhere
         if record is None or POD_CONFIG_ANNOTATION in annotations or may_have_leftovers(record, sandbox_id):
             _remove_leftovers(load_for_delete(bundle, record, why, annotations), sandbox_id, shim_pid)
+            mark("delete.leftovers.removed")
         if sock.exists() and not _connectable(sock):
             sock.unlink(missing_ok=True)
     return _delete_response(init_pid)

@@ -124,7 +124,8 @@ def _claimed_pool_dir_left(pool: Path) -> bool:
     except OSError:
         return True
     for name in names:
-        if not name.startswith("pool-") or name.endswith(".json") or f"{name}.json" in names:
+        # a waiting entry is pool-<id>/ with pool-<id>.json and its socket pool-<id>.sock
+        if not name.startswith("pool-") or "." in name or f"{name}.json" in names:
             continue
         try:
             with open(pool / name / "state.json", "rb") as f:
