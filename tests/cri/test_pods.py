@@ -14,5 +14,7 @@ def test_two_container_pod_with_racing_stops(cri_containerd: CriContainerd, hand
     with Cri(cri_containerd.socket) as cri:
         result = pod_cycle(cri_containerd, cri, handler)
         assert not result.leftovers, f"pod {result.pod_id} left {result.leftovers}"
-        assert len(result.stop_errors) <= 1
+        # pod_cycle already refused any error that is not one of containerd 1.6's own stop races; both
+        # duplicates may hit one (seen 3 in ~33 runs once the shim's delete got faster), the winner may not
+        assert len(result.stop_errors) <= 2, result.stop_errors
         assert cri.list_pods() == []
