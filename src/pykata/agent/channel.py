@@ -6,6 +6,10 @@ A channel is named on the command line as a device path (`/dev/vport1p1`), `seri
 Each host session's first bytes make the guest kernel reseed its CRNG before the first request is
 read (`on_session`, pykata.agent.entropy.reseed_crng): a VM restored from a template or a snapshot
 talks to its host only in a new session, so no two clones answer from their template's CRNG state.
+
+On the virtio-serial port a host session begins with the host's hello (pykata.ttrpc.session): a host
+that connects before the agent saw the last one leave (no end of file in between) still gets only
+answers of its own calls.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
                 ready.set()
                 while True:
                     host_changed.clear()  # before the read: a host connecting from here on is signalled
-                    if await server.serve_fd(fd, resync=True, on_first_data=on_session):
+                    if await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session):
                         delay = _REOPEN_DELAY  # a host's session ended
                     if delay is not None:
                         break

@@ -23,8 +23,15 @@ from pykata import tracing
 from pykata.agentapi import replies
 from pykata.agentapi.errors import AgentCallError, AgentReplyError, AgentVersionError, GuestTickError
 from pykata.errors import AgentError
-from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, agent_pb2
-from pykata.ttrpc import Client, Code, RpcError, connect_unix
+from pykata.protocols.agent import (
+    AGENT_SERVICE,
+    HEALTH_SERVICE,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    SESSION_PROTOCOL_VERSION,
+    agent_pb2,
+)
+from pykata.ttrpc import Client, Code, RpcError, SessionRefused, connect_unix
 from pykata.ttrpc.stats import RpcStats
 
 DEFAULT_TIMEOUT = 30.0
@@ -86,7 +93,8 @@ class Agent:
                     client = None
                 if client is None or client.closed:
                     try:
-                        client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()))
+                        client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()),
+                                                    session=True)
                         connected = time.monotonic()
                     except (OSError, TimeoutError) as e:
                         last = e
@@ -99,6 +107,12 @@ class Agent:
                     raise  # an answer out of contract: not a guest still booting
                 except AgentCallError as e:
                     last = e
+                    why = client.close_reason
+                    if isinstance(why, SessionRefused):
+                        if why.old_agent:
+                            raise AgentVersionError(sandbox_id, SESSION_PROTOCOL_VERSION - 1, "older",
+                                                    SESSION_PROTOCOL_VERSION, PROTOCOL_VERSION) from None
+                        last = why
                     if e.code != Code.DEADLINE_EXCEEDED:
                         await asyncio.sleep(0.05)
                     continue

@@ -14,10 +14,13 @@ HEALTH_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services
 
 # What the agent answers in Health.Version().protocol_version. Bump it whenever agent.proto gains an
 # RPC or a field a host may rely on, so a newer host can tell an older guest image apart.
-PROTOCOL_VERSION = 7  # 5: DiskFile RPCs; 6: ExecProcess stdin/close_stdin, WaitProcess output_limit;
-# 7: WaitProcess output_wait_ms
+PROTOCOL_VERSION = 8  # 5: DiskFile RPCs; 6: ExecProcess stdin/close_stdin, WaitProcess output_limit;
+# 7: WaitProcess output_wait_ms; 8: a session hello on virtio-serial (pykata.ttrpc.session; an agent
+# without it is refused there at the hello, before any RPC)
 # The oldest agent a host works with: 2 brought ReseedRandomDev (clones must not share randomness) and
 # SetPolicy (a configured policy must be enforced), which have no fallback. What came later has one
 # (pykata.agentapi.Agent answers UNIMPLEMENTED itself for an RPC newer than the agent, and the callers
 # already fall back on that: GetGuestMetrics 3, WarmUp 4, DiskFile 5; 6's fields are left unsent).
 MIN_PROTOCOL_VERSION = 2
+# The first agent protocol that echoes a session hello (Agent.connect needs it on virtio-serial).
+SESSION_PROTOCOL_VERSION = 8

@@ -12,6 +12,7 @@ from pykata.ttrpc.errors import (
     LocalProtocolError,
     RemoteProtocolError,
     RpcError,
+    SessionRefused,
     TtrpcError,
     UnknownMethodError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RpcError",
     "Server",
     "ServiceSpec",
+    "SessionRefused",
     "Stub",
     "TtrpcError",
     "UnknownMethodError",

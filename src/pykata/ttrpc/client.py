@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
@@ -27,13 +28,15 @@ from typing import Any
 
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.connection import DataReceived, Event, ResponseReceived, Role
-from pykata.ttrpc.errors import ConnectionClosedError, LocalProtocolError, RpcError
+from pykata.ttrpc.errors import ConnectionClosedError, LocalProtocolError, RpcError, SessionRefused
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
+from pykata.ttrpc.session import EchoHunter, Hunt, hello_frame, new_nonce
 from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
 
 Metadata = Mapping[str, str | Iterable[str]]
 
+log = logging.getLogger("pykata.ttrpc.client")
 _END = object()
 # Unread server messages of one streaming call before the call is failed.
 MAX_STREAM_BUFFER = 16 << 20
@@ -59,10 +62,47 @@ class _Pending:
 
 class _ClientProtocol(ConnectionProtocol):
     def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_stream_buffer: int = MAX_STREAM_BUFFER) -> None:
+                 max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False) -> None:
         super().__init__(Role.CLIENT, max_message_size=max_message_size)
         self.max_stream_buffer = max_stream_buffer
         self.pending: dict[int, _Pending] = {}
+        # a session hello first (pykata.ttrpc.session); nothing is read as ttrpc before its echo
+        self._nonce = new_nonce() if session else b""
+        self._hunter = EchoHunter(self._nonce) if session else None
+        self._hello_sent = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._hunter is not None and not self._hello_sent:
+            self._hello_sent = True
+            self.write(hello_frame(self._nonce))
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self._hunter is None:
+            super().data_received(data)
+            return
+        state, rest = self._hunter.feed(data)
+        if state is Hunt.WAITING:
+            return
+        if state is Hunt.OLD_AGENT:
+            self.abort(SessionRefused("the agent predates session hellos (agent protocol < 8): rebuild the "
+                                      "guest image (`pykata image build`) and the template (`pykata factory init`)",
+                                      old_agent=True))
+            return
+        if state is Hunt.TOO_MUCH:
+            self.abort(SessionRefused(f"no echo of the session hello after {self._hunter.dropped} bytes "
+                                      "of an earlier session"))
+            return
+        if self._hunter.dropped:
+            log.info("ttrpc: dropped %d bytes of an earlier session before the echo", self._hunter.dropped)
+        self._hunter = None
+        if rest:
+            super().data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        if self._hunter is not None:
+            self._finish(SessionRefused("the connection ended before the session hello was echoed"))
+        return super().eof_received()
 
     def handle_event(self, event: Event) -> None:
         p = self.pending.get(event.stream_id)
@@ -125,6 +165,11 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._p.is_closing()
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the connection ended (None while open or when the peer closed it)."""
+        return self._p.close_reason
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._p.closed)
@@ -352,20 +397,28 @@ class Stub:
 
 async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeout: float | None = None,
                        max_message_size: int = MAX_MESSAGE_SIZE, max_stream_buffer: int = MAX_STREAM_BUFFER,
-                       ) -> Client:
+                       session: bool = False) -> Client:
     """Connect to a ttrpc server on a unix socket. Raises OSError (e.g. FileNotFoundError,
-    ConnectionRefusedError) or TimeoutError."""
+    ConnectionRefusedError) or TimeoutError.
+
+    `session`: the peer is an agent behind a virtio-serial port (QEMU's chardev socket), which has no
+    connection boundary of its own: open a session with a hello and take answers only after its echo
+    (pykata.ttrpc.session). Calls fail with ConnectionClosedError whose message says why when the
+    agent predates sessions or never echoes."""
     loop = asyncio.get_running_loop()
     path = path.removeprefix("unix://")
     async with asyncio.timeout(timeout):
         _, proto = await loop.create_unix_connection(
-            lambda: _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer), path)
+            lambda: _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer,
+                                    session=session), path)
     return Client(proto, default_timeout=default_timeout)
 
 
 async def connect_fd(fd: int, *, default_timeout: float | None = None, max_message_size: int = MAX_MESSAGE_SIZE,
-                     max_stream_buffer: int = MAX_STREAM_BUFFER) -> Client:
-    """A client over an already connected descriptor (socket or character device); it is dup'ed."""
-    proto = _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer)
+                     max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False) -> Client:
+    """A client over an already connected descriptor (socket or character device); it is dup'ed.
+    `session` as for connect_unix."""
+    proto = _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer,
+                            session=session)
     await attach_fd(fd, proto)
     return Client(proto, default_timeout=default_timeout)

@@ -23,6 +23,15 @@ class RemoteProtocolError(TtrpcError):
     """The peer sent bytes that are not valid ttrpc; the connection cannot continue."""
 
 
+class SessionRefused(TtrpcError):
+    """A host session on a virtio-serial port could not begin (pykata.ttrpc.session): the agent is too
+    old to echo the hello (`old_agent`), or sent too much of an earlier session without echoing it."""
+
+    def __init__(self, message: str, *, old_agent: bool = False) -> None:
+        super().__init__(message)
+        self.old_agent = old_agent
+
+
 class UnknownMethodError(TtrpcError):
     """A method name that the service does not have."""
 

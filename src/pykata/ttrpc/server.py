@@ -34,12 +34,13 @@ from typing import Any
 
 from pykata.errors import PykataError
 from pykata.ttrpc.codes import Code
-from pykata.ttrpc.connection import DataReceived, Event, RequestReceived, Role
+from pykata.ttrpc.connection import Connection, DataReceived, Event, RequestReceived, Role
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
+from pykata.ttrpc.session import HelloScanner, echo_frame
 from pykata.ttrpc.stats import RpcStats
-from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
+from pykata.ttrpc.transport import ConnectionProtocol, FdWriter, attach_fd
 
 log = logging.getLogger("pykata.ttrpc.server")
 
@@ -60,6 +61,8 @@ class CallContext:
     # seconds the client allows, or None
     timeout: float | None
     peer: ConnectionProtocol = field(repr=False)
+    # the host session the call came in (pykata.ttrpc.session): its answer is written only in that one
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,14 @@ class _Inbound:
 
 
 class _ServerProtocol(ConnectionProtocol):
-    def __init__(self, server: Server, *, resync: bool = False,
+    def __init__(self, server: Server, *, resync: bool = False, sessions: bool = False,
                  on_first_data: Callable[[], None] | None = None) -> None:
         super().__init__(Role.SERVER, max_message_size=server.max_message_size)
         self.server = server
         self.resync = resync
+        # host sessions on one byte stream (pykata.ttrpc.session): a hello starts a new one
+        self._hellos = HelloScanner() if sessions else None
+        self.session = 0
         self._on_first_data = on_first_data
         # whether the peer sent any bytes (serve_fd's answer)
         self.received = False
@@ -104,7 +110,35 @@ class _ServerProtocol(ConnectionProtocol):
             self.received = True
             if self._on_first_data is not None:
                 self._on_first_data()
-        super().data_received(data)
+        if self._hellos is None:
+            super().data_received(data)
+            return
+        for piece in self._hellos.feed(data):
+            if self.closed.done():
+                return
+            if isinstance(piece, tuple):
+                self._new_session(piece[0])
+            else:
+                super().data_received(piece)
+
+    def _new_session(self, nonce: bytes) -> None:
+        """A host's hello: whatever the earlier session asked is abandoned, its answers are never
+        written (the calls are cancelled, and any late write is dropped by its `session`), the
+        protocol state starts fresh, and the echo goes out before any answer of the new session."""
+        self.session += 1
+        old_tasks, old_inbound = self.tasks, self.inbound
+        self.tasks, self.inbound, self.inflight_bytes = {}, {}, {}
+        self._full_streams = set()
+        for t in old_tasks.values():
+            t.cancel()
+        for box in old_inbound.values():
+            box.queue.put_nowait(None)
+        self.conn = Connection(Role.SERVER, max_message_size=self.server.max_message_size)
+        if isinstance(self._writer, FdWriter):
+            self._writer.discard_pending()  # unsent bytes of old answers (maybe half a frame)
+        with contextlib.suppress(ConnectionResetError):
+            self.write(echo_frame(nonce))
+        self._update_reading()
 
     # While our answers cannot be written, stop reading new requests: the client then feels the
     # back-pressure instead of the server queueing handlers (and answers) without bound. Same while
@@ -171,7 +205,7 @@ class _ServerProtocol(ConnectionProtocol):
             self.inbound[sid] = _Inbound()
         task = asyncio.get_running_loop().create_task(self.server._dispatch(self, ev, route))
         self.tasks[sid] = task
-        task.add_done_callback(functools.partial(self._done, sid))
+        task.add_done_callback(functools.partial(self._done, self.session, sid))
 
     def consumed(self, sid: int, n: int) -> None:
         """A handler took `n` bytes off stream `sid`'s inbound queue."""
@@ -182,7 +216,9 @@ class _ServerProtocol(ConnectionProtocol):
                 self._full_streams.discard(sid)
                 self._update_reading()
 
-    def _done(self, sid: int, _task: object = None) -> None:
+    def _done(self, session: int, sid: int, _task: object = None) -> None:
+        if session != self.session:
+            return  # the call of an earlier host session: its state went with that session
         self.tasks.pop(sid, None)
         self.inbound.pop(sid, None)
         self.inflight_bytes.pop(sid, None)
@@ -190,7 +226,9 @@ class _ServerProtocol(ConnectionProtocol):
             self._full_streams.discard(sid)
             self._update_reading()
 
-    def _reply_error(self, sid: int, code: Code, message: str) -> None:
+    def _reply_error(self, sid: int, code: Code, message: str, session: int | None = None) -> None:
+        if session is not None and session != self.session:
+            return
         with contextlib.suppress(ConnectionResetError):
             self.write(self.conn.send_response(sid, code=code, message=message))
 
@@ -270,7 +308,7 @@ class Server:
         self._connections.add(p)
         return p
 
-    async def serve_fd(self, fd: int, *, resync: bool = True,
+    async def serve_fd(self, fd: int, *, resync: bool = True, sessions: bool = False,
                        on_first_data: Callable[[], None] | None = None) -> bool:
         """Serve one peer on a connected descriptor until end of stream or until the server is
         closed; return whether the peer sent anything. With `resync`, garbage from the peer is
@@ -279,8 +317,12 @@ class Server:
 
         `on_first_data` is called once, synchronously, when the first bytes arrive and before any
         of them is parsed, so it runs before the peer's first request is handled (the agent
-        reseeds the guest's CRNG there). It must not raise."""
-        proto = _ServerProtocol(self, resync=resync, on_first_data=on_first_data)
+        reseeds the guest's CRNG there). It must not raise.
+
+        With `sessions`, a host's session hello (pykata.ttrpc.session) anywhere in the stream ends
+        the calls of the session before it and is echoed (a byte stream whose peers come and go
+        without the reader seeing an end: a virtio-serial port)."""
+        proto = _ServerProtocol(self, resync=resync, sessions=sessions, on_first_data=on_first_data)
         self._connections.add(proto)
         await attach_fd(fd, proto)
         try:
@@ -311,7 +353,7 @@ class Server:
     async def _dispatch(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route) -> None:
         full = f"/{ev.service}/{ev.method}"
         timeout = ev.timeout_nano / 1e9 if ev.timeout_nano > 0 else None
-        ctx = CallContext(ev.service, ev.method, ev.metadata, timeout, proto)
+        ctx = CallContext(ev.service, ev.method, ev.metadata, timeout, proto, proto.session)
         if self.stats is None:
             await self._call(proto, ev, route, ctx, full)
             return
@@ -331,18 +373,18 @@ class Server:
                 await self._run(proto, ev, route, ctx)
             return True
         except TimeoutError:
-            proto._reply_error(ev.stream_id, Code.DEADLINE_EXCEEDED, f"{full}: deadline exceeded")
+            proto._reply_error(ev.stream_id, Code.DEADLINE_EXCEEDED, f"{full}: deadline exceeded", ctx.session)
         except asyncio.CancelledError:
             raise
         except _BadPayload as e:
-            proto._reply_error(ev.stream_id, Code.INVALID_ARGUMENT, f"{full}: {e}")
+            proto._reply_error(ev.stream_id, Code.INVALID_ARGUMENT, f"{full}: {e}", ctx.session)
         except LocalProtocolError as e:
-            proto._reply_error(ev.stream_id, Code.RESOURCE_EXHAUSTED, f"{full}: {e}")
+            proto._reply_error(ev.stream_id, Code.RESOURCE_EXHAUSTED, f"{full}: {e}", ctx.session)
         except Exception as e:
             code, message = _status_of(e)
             if code == Code.UNKNOWN and not isinstance(e, PykataError):
                 log.exception("handler %s failed", full)
-            proto._reply_error(ev.stream_id, code, message)
+            proto._reply_error(ev.stream_id, code, message, ctx.session)
         return False
 
     async def _run(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route, ctx: CallContext) -> None:
@@ -356,11 +398,15 @@ class Server:
             if not inspect.isasyncgen(result):
                 raise TypeError(f"{ctx.method} must be an async generator (server streaming)")
             async for msg in result:
+                if ctx.session != proto.session:
+                    return
                 proto.write(proto.conn.send_data(sid, _encode(msg)))
                 await proto.drain()
             payload = b""
         else:
             payload = _encode(await result) if inspect.isawaitable(result) else _encode(result)
+        if ctx.session != proto.session:
+            return  # a newer host session began: this answer is nobody's
         with contextlib.suppress(ConnectionResetError):
             # no drain here: reading pauses while writing is paused, which bounds the answers queued
             proto.write(proto.conn.send_response(sid, payload))

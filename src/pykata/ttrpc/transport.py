@@ -192,6 +192,17 @@ class FdWriter(asyncio.WriteTransport):
         self.close()
         self._protocol.connection_lost(exc)
 
+    def discard_pending(self) -> None:
+        """Drop what is not written yet (a new host session on a virtio-serial port: the old one's
+        answers, maybe half a frame, are nobody's; its host drops anything before its echo)."""
+        self._buf.clear()
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if self._paused:
+            self._paused = False
+            self._protocol.resume_writing()
+
     def is_closing(self) -> bool:
         return self._closing
 

@@ -1,0 +1,208 @@
+"""Host sessions on a byte stream with no connection boundary (pykata.ttrpc.session).
+
+`FakeSerialPort` stands in for QEMU's chardev socket in front of a virtio-serial port whose guest
+reader never saw the last host leave: bytes written by the guest while no host is attached wait (as
+a guest's writes block while the port's host is away) and go to whichever host attaches next; a host
+leaving never ends the guest's stream. The server is the real ttrpc Server, as the agent serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from pykata.ttrpc import ConnectionClosedError, RpcError, Server, connect_fd
+from pykata.ttrpc.session import (
+    HELLO_SIZE,
+    EchoHunter,
+    HelloScanner,
+    Hunt,
+    echo_frame,
+    hello_frame,
+    new_nonce,
+)
+from tests.ttrpc.conftest import EchoHandler
+from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo
+
+
+class FakeSerialPort:
+    """A fake of QEMU's agent chardev + virtio-serial port (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.guest, self._guest = socket.socketpair()
+        self._guest.setblocking(False)
+        self._relays: list[asyncio.Task[None]] = []
+
+    async def attach(self) -> socket.socket:
+        """A new host connection; the last host's relays stop."""
+        await self._stop()
+        host, mine = socket.socketpair()
+        mine.setblocking(False)
+        loop = asyncio.get_running_loop()
+        down = loop.create_task(self._copy(self._guest, mine))
+
+        async def up() -> None:
+            await self._copy(mine, self._guest)
+            down.cancel()  # the host left: the guest's bytes wait for the next host
+            mine.close()
+        self._relays = [down, loop.create_task(up())]
+        return host
+
+    @staticmethod
+    async def _copy(src: socket.socket, dst: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            while data := await loop.sock_recv(src, 1 << 16):
+                await loop.sock_sendall(dst, data)
+
+    async def _stop(self) -> None:
+        for t in self._relays:
+            t.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self._stop()
+        self._guest.close()
+        self.guest.close()
+
+
+@contextlib.asynccontextmanager
+async def served_port(handler: Any, *, sessions: bool = True) -> AsyncIterator[FakeSerialPort]:
+    server = Server()
+    server.register(ECHO_SERVICE, handler)
+    port = FakeSerialPort()
+    serving = asyncio.ensure_future(server.serve_fd(port.guest.fileno(), resync=True, sessions=sessions))
+    try:
+        yield port
+    finally:
+        await server.close()
+        await asyncio.wait_for(serving, 5)
+        await port.close()
+
+
+async def _leave_with_calls_in_flight(port: FakeSerialPort, method: str) -> None:
+    """Host A: four calls the server is still working on (streams 1, 3, 5, 7), then A goes away."""
+    host = await port.attach()
+    a = await connect_fd(host.fileno())
+    delay = 300 if method == "Echo" else 3000  # Sleep: still running when the next host says hello
+    calls = [asyncio.ensure_future(a.call(ECHO_SERVICE, method, Echo(tag=i, delay_ms=delay), timeout=5))
+             for i in (1, 2, 3, 4)]
+    await asyncio.sleep(0.05)  # written: they reach the server before anything of the next host
+    await a.close()
+    host.close()
+    for r in await asyncio.gather(*calls, return_exceptions=True):
+        assert isinstance(r, ConnectionClosedError)
+
+
+async def test_without_a_hello_a_new_host_takes_the_old_sessions_answers() -> None:
+    """The defect (seen as "server sent a RESPONSE frame on stream 7, which we never opened"): a host
+    that reconnects without a hello meets answers of the calls the host before it left in flight."""
+    handler = EchoHandler()
+    async with served_port(handler) as port:
+        await _leave_with_calls_in_flight(port, "Echo")
+        host = await port.attach()
+        b = await connect_fd(host.fileno())  # no hello: the old behaviour
+        try:
+            try:
+                got = await b.call(ECHO_SERVICE, "Echo", Echo(tag=100), timeout=3)
+            except RpcError as e:
+                got = e
+            # B's call on stream 1 was answered with A's stream-1 answer (or failed): never its own
+            assert not (isinstance(got, Echo) and got.tag == 100), got
+            await asyncio.sleep(0.5)  # A's later answers (streams 3, 5, 7) break B's connection
+            assert b.closed
+        finally:
+            await b.close()
+            host.close()
+
+
+async def test_a_new_session_gets_only_its_own_answers_after_one_left_calls_in_flight() -> None:
+    handler = EchoHandler()
+    async with served_port(handler) as port:
+        await _leave_with_calls_in_flight(port, "Sleep")
+        host = await port.attach()
+        b = await connect_fd(host.fileno(), session=True)
+        try:
+            got = await b.call(ECHO_SERVICE, "Echo", Echo(tag=100), timeout=3)
+            assert got.tag == 100
+            assert handler.cancelled == 4  # the hello ended A's calls: their answers never come
+            assert not b.closed
+            many = await asyncio.gather(*(b.call(ECHO_SERVICE, "Echo", Echo(tag=t), timeout=3)
+                                          for t in range(200, 210)))
+            assert [m.tag for m in many] == list(range(200, 210))
+        finally:
+            await b.close()
+            host.close()
+
+
+async def test_a_hello_after_half_a_frame_of_the_last_host_starts_the_session() -> None:
+    """A host killed mid-write leaves half a frame in the port; the next host's hello is found in it."""
+    handler = EchoHandler()
+    async with served_port(handler) as port:
+        host = await port.attach()
+        host.sendall(b"\x00\x00\x10\x00\x00\x00\x00\x01\x01\x00half a request")
+        host.close()
+        host = await port.attach()
+        b = await connect_fd(host.fileno(), session=True)
+        try:
+            assert (await b.call(ECHO_SERVICE, "Echo", Echo(tag=7), timeout=3)).tag == 7
+        finally:
+            await b.close()
+            host.close()
+
+
+async def test_an_agent_without_sessions_is_refused_clearly() -> None:
+    handler = EchoHandler()
+    async with served_port(handler, sessions=False) as port:  # an agent older than protocol 8
+        host = await port.attach()
+        b = await connect_fd(host.fileno(), session=True)
+        try:
+            with pytest.raises(ConnectionClosedError, match="predates session hellos"):
+                await b.call(ECHO_SERVICE, "Echo", Echo(tag=1), timeout=3)
+        finally:
+            await b.close()
+            host.close()
+
+
+async def test_a_guest_that_never_echoes_fails_the_connection_after_a_bound() -> None:
+    """A hostile guest streaming garbage instead of the echo: the host keeps at most a bounded tail."""
+    nonce = new_nonce()
+    hunter = EchoHunter(nonce, max_stale=1 << 20)
+    state = Hunt.WAITING
+    for _ in range(40):
+        state, _rest = hunter.feed(b"\x00" * 65536)
+        if state is not Hunt.WAITING:
+            break
+    assert state is Hunt.TOO_MUCH and hunter.dropped > 1 << 20
+    assert len(hunter._buf) < 200
+
+
+def test_the_echo_of_another_session_is_not_ours() -> None:
+    mine, theirs = new_nonce(), new_nonce()
+    hunter = EchoHunter(mine)
+    assert hunter.feed(echo_frame(theirs)) == (Hunt.WAITING, b"")
+    assert hunter.feed(echo_frame(mine)[:30]) == (Hunt.WAITING, b"")
+    assert hunter.feed(echo_frame(mine)[30:] + b"next") == (Hunt.FOUND, b"next")
+
+
+@pytest.mark.parametrize("split", [0, 1, 10, 40, HELLO_SIZE - 1, HELLO_SIZE, HELLO_SIZE + 5])
+def test_the_agent_finds_a_hello_split_across_reads(split: int) -> None:
+    nonce = new_nonce()
+    data = b"old session bytes" + hello_frame(nonce) + b"new"
+    cut = len(b"old session bytes") + split
+    scanner = HelloScanner()
+    pieces = scanner.feed(data[:cut]) + scanner.feed(data[cut:])
+    hellos = [p for p in pieces if isinstance(p, tuple)]
+    assert hellos == [(nonce,)]
+    after = pieces[pieces.index(hellos[0]) + 1:]
+    assert b"".join(p for p in after if isinstance(p, bytes)) == b"new"
+
+
+def test_a_marker_without_a_hex_nonce_is_not_a_hello() -> None:
+    forged = hello_frame(bytes(16))[:-32] + b"z" * 32
+    assert [p for p in HelloScanner().feed(forged + b"x" * 100) if isinstance(p, tuple)] == []
