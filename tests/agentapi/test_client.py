@@ -58,12 +58,30 @@ async def fake_server(tmp_path: Path) -> AsyncIterator[tuple[FakeHostileAgent, P
     handler = FakeHostileAgent()
     handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=agent_pb2.HealthCheckResponse.SERVING)
     handler.replies["Version"] = _version(PROTOCOL_VERSION)
-    server = Server()
+    server = Server(sessions=True)  # as the agent's (protocol 8: it echoes a host's session hello)
     server.register(AGENT_SERVICE, handler)
     server.register(HEALTH_SERVICE, handler)
     await server.serve_unix(str(tmp_path / "agent.sock"))
     try:
         yield handler, tmp_path / "agent.sock"
+    finally:
+        await server.close()
+
+
+async def test_connect_refuses_an_agent_that_predates_session_hellos(tmp_path: Path) -> None:
+    """A fake agent of protocol 7 (its server knows no hello): refused at once, naming the fix."""
+    handler = FakeHostileAgent()
+    handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=agent_pb2.HealthCheckResponse.SERVING)
+    handler.replies["Version"] = _version(7)
+    server = Server()
+    server.register(AGENT_SERVICE, handler)
+    server.register(HEALTH_SERVICE, handler)
+    await server.serve_unix(str(tmp_path / "agent.sock"))
+    try:
+        start = time.monotonic()
+        with pytest.raises(AgentVersionError, match="pykata image build"):
+            await Agent.connect(tmp_path / "agent.sock", "sb1", timeout=20)
+        assert time.monotonic() - start < 5
     finally:
         await server.close()
 

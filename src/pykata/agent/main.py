@@ -27,7 +27,8 @@ READY_LINE = "PYKATA_AGENT_READY"
 
 def build_server(agent: AgentService | None = None) -> Server:
     """A ttrpc server with every service the agent offers (AgentService when `agent` is given)."""
-    server = Server()
+    # a host's session hello is understood on every transport (agent protocol 8, pykata.ttrpc.session)
+    server = Server(sessions=True)
     server.register(HEALTH_SERVICE, HealthService())
     if agent is not None:
         # Every AgentService RPC passes the agent policy first (pykata.agent.policy).

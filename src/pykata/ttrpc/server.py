@@ -257,9 +257,12 @@ class Server:
     connection (see the module docstring)."""
 
     def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE, max_inbound_bytes: int = MAX_INBOUND_BYTES,
-                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES, stats: RpcStats | None = None) -> None:
-        """`stats`: count each call's method, status and wall time there."""
+                 max_inflight_bytes: int = MAX_INFLIGHT_BYTES, stats: RpcStats | None = None,
+                 sessions: bool = False) -> None:
+        """`stats`: count each call's method, status and wall time there. `sessions`: every connection
+        understands a host's session hello (pykata.ttrpc.session; the agent's server)."""
         self.stats = stats
+        self.sessions = sessions
         self.max_message_size = max_message_size
         self.max_inbound_bytes = max_inbound_bytes
         self.max_inflight_bytes = max_inflight_bytes
@@ -304,11 +307,11 @@ class Server:
         return srv
 
     def _new_protocol(self, on_first_data: Callable[[], None] | None = None) -> _ServerProtocol:
-        p = _ServerProtocol(self, on_first_data=on_first_data)
+        p = _ServerProtocol(self, sessions=self.sessions, on_first_data=on_first_data)
         self._connections.add(p)
         return p
 
-    async def serve_fd(self, fd: int, *, resync: bool = True, sessions: bool = False,
+    async def serve_fd(self, fd: int, *, resync: bool = True, sessions: bool | None = None,
                        on_first_data: Callable[[], None] | None = None) -> bool:
         """Serve one peer on a connected descriptor until end of stream or until the server is
         closed; return whether the peer sent anything. With `resync`, garbage from the peer is
@@ -319,10 +322,11 @@ class Server:
         of them is parsed, so it runs before the peer's first request is handled (the agent
         reseeds the guest's CRNG there). It must not raise.
 
-        With `sessions`, a host's session hello (pykata.ttrpc.session) anywhere in the stream ends
-        the calls of the session before it and is echoed (a byte stream whose peers come and go
-        without the reader seeing an end: a virtio-serial port)."""
-        proto = _ServerProtocol(self, resync=resync, sessions=sessions, on_first_data=on_first_data)
+        With `sessions` (default: the server's), a host's session hello (pykata.ttrpc.session)
+        anywhere in the stream ends the calls of the session before it and is echoed (a byte stream
+        whose peers come and go without the reader seeing an end: a virtio-serial port)."""
+        proto = _ServerProtocol(self, resync=resync, sessions=self.sessions if sessions is None else sessions,
+                                on_first_data=on_first_data)
         self._connections.add(proto)
         await attach_fd(fd, proto)
         try:
