@@ -22,7 +22,7 @@ import pytest
 
 from pykata.agentapi import Agent
 from pykata.agentapi.errors import GuestTickError
-from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, agent_pb2
+from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, PROTOCOL_VERSION, agent_pb2
 from pykata.ttrpc import Client, RpcError, connect_unix
 from tests.agent.conftest import make_busybox_rootfs
 
@@ -307,3 +307,30 @@ async def test_a_guest_left_without_a_timer_tick_is_refused_when_the_host_connec
             proc.kill()
             proc.wait()
     pytest.fail("the stalls never hit the guest's APIC timer measurement")
+
+
+
+async def test_a_host_session_after_one_left_calls_in_flight_gets_only_its_own_answers(
+        vm: tuple[Path, Path]) -> None:
+    """The failure seen under load ("server sent a RESPONSE frame on stream 7, which we never opened",
+    then UNAVAILABLE): host A queues many calls and leaves without their answers; host B connects at
+    once, so the agent, still answering A, never sees the port without a host. Without a session
+    hello B took A's answers (here: a Check answer decoded as B's Version, protocol 2161053031, or the
+    error above); with Agent.connect's hello B's calls get their own answers."""
+    sock, _log = vm
+    await (await _connect(sock)).close()
+    await asyncio.sleep(0.05)
+    a = await connect_unix(str(sock))
+    calls = [asyncio.ensure_future(a.stub(HEALTH_SERVICE).Check(agent_pb2.CheckRequest(), timeout=60))
+             for _ in range(400)]
+    await asyncio.sleep(0.01)
+    await a.close()
+    await asyncio.gather(*calls, return_exceptions=True)
+    b = await Agent.connect(sock, "sessions", timeout=90)  # its probe's answer is checked (replies.py)
+    try:
+        assert b.protocol_version == PROTOCOL_VERSION
+        assert all(await asyncio.gather(*(b.check(timeout=30) for _ in range(20))))
+        assert not b.closed
+    finally:
+        await b.close()
+        await asyncio.sleep(0.05)
