@@ -75,6 +75,9 @@ class Agent:
         it has been silent for RECONNECT_SILENCE: then a new connection (a guest without a timer tick
         never takes up a session that began before its agent opened its port: the agent's fallback
         for that is a timer; a new connection is a host-connect event, which wakes it).
+        Each connection opens a host session with a hello (pykata.ttrpc.session): answers to the probes
+        of a connection given up on may still be on their way, and the agent may never have seen that
+        connection end; the hello makes the agent drop them and this side read only after its echo.
         Each check goes with a Version request (no round trip of its own); the protocol version of the
         agent that answers is checked and kept, as `negotiate` does.
         The answer's clocks are checked for a dead timer tick in the guest (`_check_tick`).
