@@ -72,11 +72,13 @@ class FakeSerialPort:
 
 
 @contextlib.asynccontextmanager
-async def served_port(handler: Any, *, sessions: bool = True) -> AsyncIterator[FakeSerialPort]:
+async def served_port(handler: Any, *, sessions: bool = True,
+                      on_first_data: Any = None) -> AsyncIterator[FakeSerialPort]:
     server = Server()
     server.register(ECHO_SERVICE, handler)
     port = FakeSerialPort()
-    serving = asyncio.ensure_future(server.serve_fd(port.guest.fileno(), resync=True, sessions=sessions))
+    serving = asyncio.ensure_future(server.serve_fd(port.guest.fileno(), resync=True, sessions=sessions,
+                                                    on_first_data=on_first_data))
     try:
         yield port
     finally:
@@ -154,6 +156,28 @@ async def test_a_hello_after_half_a_frame_of_the_last_host_starts_the_session() 
         finally:
             await b.close()
             host.close()
+
+
+async def test_each_host_session_runs_the_first_data_hook_once_before_its_calls() -> None:
+    """The agent reseeds the guest's CRNG with each host session's first bytes: a session that begins
+    with a hello after another's bytes (no end of stream between them) counts as new."""
+    events: list[str] = []
+
+    class Recording(EchoHandler):
+        async def Echo(self, req: Any, ctx: Any) -> Any:
+            events.append(f"echo {req.tag}")
+            return await super().Echo(req, ctx)
+
+    async with served_port(Recording(), on_first_data=lambda: events.append("hook")) as port:
+        for tag in (1, 2):
+            host = await port.attach()
+            client = await connect_fd(host.fileno(), session=True)
+            try:
+                assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=tag), timeout=3)).tag == tag
+            finally:
+                await client.close()
+                host.close()
+    assert events == ["hook", "echo 1", "hook", "echo 2"]
 
 
 async def test_an_agent_without_sessions_is_refused_clearly() -> None:

@@ -93,6 +93,8 @@ class _ServerProtocol(ConnectionProtocol):
         # host sessions on one byte stream (pykata.ttrpc.session): a hello starts a new one
         self._hellos = HelloScanner() if sessions else None
         self.session = 0
+        # bytes of a session before the next hello came (that hello runs `on_first_data` again)
+        self._earlier_bytes = False
         self._on_first_data = on_first_data
         # whether the peer sent any bytes (serve_fd's answer)
         self.received = False
@@ -117,8 +119,12 @@ class _ServerProtocol(ConnectionProtocol):
             if self.closed.done():
                 return
             if isinstance(piece, tuple):
+                if self._earlier_bytes and self._on_first_data is not None:
+                    self._on_first_data()  # a new host session with no end of stream before it
+                self._earlier_bytes = False
                 self._new_session(piece[0])
             else:
+                self._earlier_bytes = True
                 super().data_received(piece)
 
     def _new_session(self, nonce: bytes) -> None:
@@ -320,7 +326,8 @@ class Server:
 
         `on_first_data` is called once, synchronously, when the first bytes arrive and before any
         of them is parsed, so it runs before the peer's first request is handled (the agent
-        reseeds the guest's CRNG there). It must not raise.
+        reseeds the guest's CRNG there). It must not raise. With `sessions` it runs again at a hello
+        that follows bytes of an earlier session (a new host session without an end of stream).
 
         With `sessions` (default: the server's), a host's session hello (pykata.ttrpc.session)
         anywhere in the stream ends the calls of the session before it and is echoed (a byte stream
