@@ -67,8 +67,8 @@ def _pad(payload: bytes, size: int = _BIG) -> bytes:
 class HostileServer(Server):
     """The agent's ttrpc server, with attacks in place of some answers."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)  # the real agent's options (sessions=True: agent protocol 8)
         self.by_container: dict[str, dict[str, str]] = {}
         self.by_exec: dict[tuple[str, str], dict[str, str]] = {}
         self.learnt = asyncio.Event()

@@ -23,6 +23,7 @@ from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.config.schema import SharedFs
 from pykata.errors import PykataError
 from pykata.hypervisor.console import BoundedLog
+from pykata.hypervisor.errors import VmExitedError
 from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.resources import sizing
@@ -187,17 +188,40 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
     status = 255
     try:
-        container = await sandbox.create_container(sandbox.id, spec, image.rootfs, volumes=vols, image=image_ref)
-        await container.start()
-        if sandbox_id is not None:
-            detach.silence_terminal()  # the background half of `run -d`: its output goes to the logs
-        status = await attach(container.init, interactive=interactive, log_dir=sandbox.dir / "logs",
-                              log_max_bytes=config.runtime.run_log_max_size << 20,
-                              log_backups=config.runtime.run_log_backups)
+        try:
+            container = await sandbox.create_container(sandbox.id, spec, image.rootfs, volumes=vols,
+                                                       image=image_ref)
+            await container.start()
+            if sandbox_id is not None:
+                detach.silence_terminal()  # the background half of `run -d`: its output goes to the logs
+            status = await attach(container.init, interactive=interactive, log_dir=sandbox.dir / "logs",
+                                  log_max_bytes=config.runtime.run_log_max_size << 20,
+                                  log_backups=config.runtime.run_log_backups)
+        except PykataError as e:
+            reason = await _vm_death(sandbox)
+            if reason is None:
+                raise
+            raise VmExitedError(f"{e} (the VM is gone: QEMU {reason})") from e
         sandbox._update_container(sandbox.id, status="exited", exit_code=status, finished_at=time.time())
     finally:
         await sandbox.stop(remove=rm)
     return status
+
+
+VM_DEATH_WAIT = 2.0
+
+
+async def _vm_death(sandbox: Sandbox) -> str | None:
+    """Why the sandbox's VM ended, when it ended unasked (or does within VM_DEATH_WAIT seconds): an agent
+    call usually fails with the connection before pykata has seen QEMU's exit, and the user needs the cause."""
+    vm = sandbox.vm
+    if vm is None:
+        return None
+    try:
+        gone = await asyncio.wait_for(asyncio.shield(vm.exited), VM_DEATH_WAIT)
+    except TimeoutError:
+        return None
+    return None if gone.requested else gone.reason
 
 
 @click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
