@@ -67,16 +67,7 @@ def fork_shim(runtime_dir: str, flags: Flags, bundle: Path, sandbox_id: str, soc
             conn = _connect(path)
         if conn is None:
             return None
-    with conn:
-        try:
-            socket.send_fds(conn, [body], [listener.fileno()])
-            conn.shutdown(socket.SHUT_WR)
-            reply = json.loads(read_all(conn, 4096) or b"{}")
-        except (OSError, ValueError):
-            return None
-    if isinstance(reply, dict) and reply.get("ok") is True and isinstance(reply.get("pid"), int):
-        return int(reply["pid"])
-    return None
+    return _ask_for_pid(conn, body, [listener.fileno()])
 
 
 def fork_pool_entry(runtime_dir: str, address: str, entry_id: str,
@@ -96,9 +87,18 @@ def fork_pool_entry(runtime_dir: str, address: str, entry_id: str,
         return None
     env = {k: v for k, v in os.environ.items() if k != "PYKATA_TIMING_FILE"}
     body = json.dumps({"kind": POOL_ENTRY, "entry": entry_id, "address": address, "env": env}).encode()
+    return _ask_for_pid(conn, body, [])
+
+
+def _ask_for_pid(conn: socket.socket, body: bytes, fds: list[int]) -> int | None:
+    """Send the fork server one request (and `fds`), then read its answer: the forked child's pid, or
+    None when it refused or the exchange failed. Closes `conn`."""
     with conn:
         try:
-            conn.sendall(body)
+            if fds:
+                socket.send_fds(conn, [body], fds)
+            else:
+                conn.sendall(body)
             conn.shutdown(socket.SHUT_WR)
             reply = json.loads(read_all(conn, 4096) or b"{}")
         except (OSError, ValueError):
