@@ -217,10 +217,13 @@ class Containerd:
             subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
         # ctr's containers get the cgroup /<namespace>/<id>; runc removes the container's, not the
         # namespace's, so every test namespace left one empty cgroup per controller (hundreds a day).
-        # rmdir removes only an empty one: another containerd's in a shared namespace stays.
-        for cg in [*Path("/sys/fs/cgroup").glob(f"*/{self.namespace}"), Path("/sys/fs/cgroup", self.namespace)]:
-            with contextlib.suppress(OSError):
-                cg.rmdir()
+        # rmdir removes only an empty one, deepest first (a container's that runc left, then the
+        # namespace's): another containerd's with processes in a shared namespace stays.
+        for top in [*Path("/sys/fs/cgroup").glob(f"*/{self.namespace}"), Path("/sys/fs/cgroup", self.namespace)]:
+            for cg in sorted((d for d in [top, *top.rglob("*")] if d.is_dir()), key=lambda d: len(d.parts),
+                             reverse=True):
+                with contextlib.suppress(OSError):
+                    cg.rmdir()
 
 
 C = TypeVar("C", bound=Containerd)
