@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -126,3 +127,14 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def read_all(s: socket.socket, limit: int) -> bytes:
+    """What a stream socket sends until its end or `limit` bytes, whichever comes first."""
+    data = b""
+    while len(data) < limit:
+        chunk = s.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

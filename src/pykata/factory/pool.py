@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.config.schema import Config
-from pykata.fsutil import atomic_write, file_lock, process_alive, start_ticks
+from pykata.fsutil import atomic_write, file_lock, process_alive, read_all, start_ticks
 
 log = logging.getLogger("pykata.factory")
 
@@ -305,21 +305,11 @@ def claim(config: Config, message: dict[str, Any], fds: Sequence[int]) -> int | 
             s.connect(str(entry.control))
             socket.send_fds(s, [body], list(fds))
             s.shutdown(socket.SHUT_WR)
-            reply = json.loads(_read_all(s, 4096) or b"{}")
+            reply = json.loads(read_all(s, 4096) or b"{}")
             if isinstance(reply, dict) and reply.get("ok") is True and isinstance(reply.get("pid"), int):
                 return int(reply["pid"])
             log.info("factory pool: %s refused the claim: %s", entry.id, str(reply.get("error"))[:200])
     return None
-
-
-def _read_all(s: socket.socket, limit: int) -> bytes:
-    data = b""
-    while len(data) < limit:
-        chunk = s.recv(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def serve_claim(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pykata.fsutil import process_alive
+from pykata.fsutil import process_alive, read_all
 from pykata.shim.flags import Flags
 
 ACTION = "fork-server"
@@ -146,16 +146,6 @@ def _lock_held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def read_all(s: socket.socket, limit: int) -> bytes:
-    data = b""
-    while len(data) < limit:
-        chunk = s.recv(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def stop(runtime_dir: str, address: str, timeout: float = 5.0) -> int | None:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pykata.errors import PykataError
+from pykata.fsutil import read_all
 from pykata.shim import bootstrap, handoff
 from pykata.shim.detach import become_daemon
 from pykata.shim.flags import Flags, parse_flags
@@ -51,7 +52,6 @@ from pykata.shim.forkclient import (
     MAX_REQUEST_BYTES,
     POOL_ENTRY,
     REQUEST_TIMEOUT,
-    read_all,
     server_path,
 )
 from pykata.timing import mark
