@@ -51,7 +51,7 @@ AGENT_METHODS = {
     "GetGuestDetails", "OnlineCPUMem", "SetGuestDateTime", "CopyFile", "UpdateInterface",
     "UpdateRoutes", "ListInterfaces", "ListRoutes", "CreateSandbox", "DestroySandbox",
     "ReseedRandomDev", "SetPolicy", "GetGuestMetrics", "StartDebugConsole", "WarmUp", "WriteFileFromDisk",
-    "ReadFileToDisk",
+    "ReadFileToDisk", "SyncVolume",
 }
 
 

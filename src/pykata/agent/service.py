@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 # network is imported with the agent, not at the first UpdateInterface: a VM cloned from a template
 # resumes this process, so no clone pays for the import (~90 ms under TCG in a fresh guest, on a
 # CRI pod's start path)
-from pykata.agent import guest, metrics, network
+from pykata.agent import guest, metrics, network, volumesync
 from pykata.agent.console import DebugConsole
 from pykata.agent.containers import Containers
 from pykata.agent.crun import Crun, find_crun
@@ -32,7 +32,7 @@ from pykata.agent.settings import AgentSettings
 from pykata.agent.spawner import Spawner
 from pykata.agent.stats import OOMWatcher, read_stats
 from pykata.agent.stdio import OutputStream
-from pykata.agent.storage import Storages
+from pykata.agent.storage import POD_VOLUME_RE, Storages
 from pykata.agent.validation import MAX_IO_CHUNK, check_exec_id
 from pykata.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from pykata.protocols.agent import agent_pb2
@@ -91,6 +91,8 @@ class AgentService:
         self.spawner: Spawner | None = None
         self._containers: Containers | None = None
         self._sandbox: Sandbox | None = None
+        self._storages: Storages | None = None
+        self._volume_locks: dict[str, asyncio.Lock] = {}
         self._dirs_made = False
         self.entropy = Entropy(self.settings.state_dir)
         self.console = DebugConsole(self.reaper, buffer_limit=self.settings.buffer_limit)
@@ -111,7 +113,7 @@ class AgentService:
         ensure_std_fds()
         s = self.settings
         self.reaper.start()
-        storages = Storages(s.mount_roots, s.source_roots, pod_volume_root=s.pod_volume_dir)
+        storages = self._storages = Storages(s.mount_roots, s.source_roots, pod_volume_root=s.pod_volume_dir)
         try:
             binary = find_crun(s.crun)
         except FileNotFoundError as exc:
@@ -355,6 +357,31 @@ class AgentService:
             await asyncio.to_thread(guest.copy_file, req, [self.settings.shared])
         except OSError as exc:
             raise Internal(f"path: {req.path!r}: {exc.strerror or exc}") from None
+        return Empty()
+
+    async def SyncVolume(self, req: agent_pb2.SyncVolumeRequest, ctx: Any) -> Empty:
+        """A pod volume copied in by the host (pykata.agent.volumesync): its tmpfs is mounted by the
+        first call (a pod volume: it stays until DestroySandbox), and each call makes its tree the one
+        given. Calls for one volume take turns."""
+        self._make_dirs()
+        if self._storages is None:
+            raise Unavailable("the agent is starting")
+        if not POD_VOLUME_RE.match(req.name):
+            raise InvalidArgument("name", f"{req.name[:80]!r} is not a volume name (a DNS-1123 label)")
+        tree = volumesync.check_entries(req.entries)
+        size = min(max(req.size, 1 << 20), volumesync.MAX_TMPFS)
+        top = tree[""]
+        where = self.settings.pod_volume_dir / req.name
+        storage = agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=str(where),
+                                    options=["nosuid", "nodev", f"size={size >> 10}k", f"mode={top.mode & 0o777:o}",
+                                             f"uid={top.uid}", f"gid={top.gid}"])
+        lock = self._volume_locks.setdefault(req.name, asyncio.Lock())
+        async with lock:
+            await asyncio.to_thread(self._storages.mount, storage, "volume")
+            try:
+                await asyncio.to_thread(volumesync.apply, where, tree)
+            except OSError as exc:
+                raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}") from None
         return Empty()
 
     async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest,

@@ -467,6 +467,14 @@ class Agent:
             file_size=offset + len(data) if file_size is None else file_size,
             file_mode=file_mode, dir_mode=dir_mode, uid=uid, gid=gid), Message)
 
+    async def sync_volume(self, name: str, size: int, entries: Sequence[agent_pb2.VolumeEntry], *,
+                          timeout: float | None = REQUEST_TIMEOUT) -> None:
+        """Make the guest's copy of pod volume `name` (a tmpfs of `size` bytes, made by the first call)
+        the tree `entries` (protocol version 9; UNIMPLEMENTED for an older agent)."""
+        self._require("SyncVolume", 9)
+        await self._call("SyncVolume", agent_pb2.SyncVolumeRequest(name=name, size=size, entries=entries),
+                         Message, timeout=timeout)
+
     # -- templates and policy (protocol version 2) ---------------------------------------------------
 
     async def reseed_random_dev(self, data: bytes, boot_id: str = "") -> replies.Reseeded:

@@ -216,6 +216,9 @@ def validate(config: Config) -> None:
     _range("runtime.data_disk_mib", runtime.data_disk_mib, 0, 4096, " (MiB)")
     _absolute("runtime.kubelet_root_dir", runtime.kubelet_root_dir, allow_empty=False)
     _range("runtime.emptydir_size", runtime.emptydir_size, 0, 1 << 20, " (MiB)")
+    _range("runtime.watchable_max_files", runtime.watchable_max_files, 0, 1024, " (files)")
+    # the whole tree goes to the agent in one message (pykata.agent.volumesync.MAX_BYTES: 3 MiB)
+    _range("runtime.watchable_max_kib", runtime.watchable_max_kib, 1, 3072, " (KiB)")
     _range("runtime.run_log_backups", runtime.run_log_backups, 0, MAX_LOG_BACKUPS, "")
     _absolute("runtime.tracing_file", runtime.tracing_file, allow_empty=True)
     if runtime.tracing_endpoint and not runtime.tracing_endpoint.startswith(("http://", "https://")):

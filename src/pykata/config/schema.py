@@ -215,6 +215,14 @@ class RuntimeConfig:
     disable_guest_empty_dir: bool = False
     kubelet_root_dir: str = "/var/lib/kubelet"
     emptydir_size: int = 0
+    # A CRI pod's configmap, secret, downwardAPI and projected volumes (kubelet's <kubelet_root_dir>/pods/
+    # <uid>/volumes/kubernetes.io~{configmap,secret,downward-api,projected}/<name>, mounted read-only)
+    # are copied into a guest tmpfs when first mounted and kept in step with kubelet's updates (the shim
+    # polls the host directory each second; pykata.resources.watchable), when the volume has at most
+    # watchable_max_files regular files and watchable_max_kib KiB; a bigger one is shared from the host.
+    # 0 files: every such volume is shared from the host (9p / virtio-fs), as before.
+    watchable_max_files: int = 64
+    watchable_max_kib: int = 1024
     # A CRI pod's sandbox (pause) container runs no process in the guest: the VM holds the pod's
     # namespaces, and the shim answers for the sandbox task itself (pykata.shim.tasks.pause); a real
     # pause is started in the guest only when something needs it (a container that shares the pod's

@@ -14,9 +14,9 @@ HEALTH_SERVICE: ServiceSpec = spec_from_descriptor(agent_pb2.DESCRIPTOR.services
 
 # What the agent answers in Health.Version().protocol_version. Bump it whenever agent.proto gains an
 # RPC or a field a host may rely on, so a newer host can tell an older guest image apart.
-PROTOCOL_VERSION = 8  # 5: DiskFile RPCs; 6: ExecProcess stdin/close_stdin, WaitProcess output_limit;
+PROTOCOL_VERSION = 9  # 5: DiskFile RPCs; 6: ExecProcess stdin/close_stdin, WaitProcess output_limit;
 # 7: WaitProcess output_wait_ms; 8: a session hello on virtio-serial (pykata.ttrpc.session; an agent
-# without it is refused there at the hello, before any RPC)
+# without it is refused there at the hello, before any RPC); 9: SyncVolume (a volume copied into the guest)
 # The oldest agent a host works with: 2 brought ReseedRandomDev (clones must not share randomness) and
 # SetPolicy (a configured policy must be enforced), which have no fallback. What came later has one
 # (pykata.agentapi.Agent answers UNIMPLEMENTED itself for an RPC newer than the agent, and the callers

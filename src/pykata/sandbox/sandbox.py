@@ -32,6 +32,7 @@ from typing import Any
 from pykata import ids, tracing
 from pykata.agent.policy import IMAGE_ANNOTATION
 from pykata.agentapi import Agent
+from pykata.agentapi.errors import AgentCallError
 from pykata.agentapi.replies import Reseeded
 from pykata.config import Config, load_config
 from pykata.config.schema import Virtio9pCache
@@ -46,7 +47,7 @@ from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.network.holding import HoldingNetwork, hand_over
 from pykata.protocols.agent import agent_pb2
-from pykata.resources import emptydir, mounts
+from pykata.resources import emptydir, mounts, watchable
 from pykata.resources.emptydir import EmptyDir
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
@@ -212,6 +213,10 @@ class Sandbox:
         # when first mounted: made in the guest, or (None) shared from the host (pykata.resources.emptydir).
         self.pod_uid: str | None = None
         self.pod_volumes: dict[str, EmptyDir | None] = {}
+        # its kubelet-updated volumes (configmap, secret, ...) by name: copied into the guest and kept in
+        # step by _poll_watched, or (None) shared from the host (pykata.resources.watchable)
+        self.watched: dict[str, watchable.WatchedVolume | None] = {}
+        self._watch_task: asyncio.Task[None] | None = None
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
         self._resize_lock = asyncio.Lock()
@@ -585,8 +590,9 @@ class Sandbox:
             in_guest = self.config.runtime.rootfs_upper == "guest" or not self.guest_share
             full_spec = add_volumes(spec, list(volumes))
             pod_volumes = self._pod_volumes(container_id, full_spec)
+            copied = await self._watched_volumes(container_id, full_spec)
             guest_spec, shares = for_guest(full_spec, container_id,
-                                           {i: vol.guest_path for i, vol in pod_volumes.items()})
+                                           {**{i: vol.guest_path for i, vol in pod_volumes.items()}, **copied})
             if self.guest_share:
                 with tracing.span("mounts.rootfs", container_id=container_id):
                     self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
@@ -671,6 +677,76 @@ class Sandbox:
             if known is not None:
                 found[i] = known
         return found
+
+    async def _watched_volumes(self, container_id: str, spec: dict[str, Any]) -> dict[int, str]:
+        """The spec's read-only binds of the pod's configmap/secret/downwardAPI/projected volumes that
+        are copied into the guest, by index, as their guest paths: the first container that mounts
+        one copies it (SyncVolume) and starts the shim's watch of the host directories; a volume that
+        cannot be copied is shared from the host for the whole pod (pykata.resources.watchable).
+        Raises AgentError when the agent is gone."""
+        runtime = self.config.runtime
+        uid = emptydir.pod_uid(spec)
+        if not runtime.watchable_max_files or uid is None or uid != self.pod_uid:
+            return {}
+        found: dict[int, str] = {}
+        for i, m in enumerate(spec.get("mounts") or []):
+            if not isinstance(m, dict) or not is_host_bind(m) or "ro" not in (m.get("options") or []):
+                continue
+            name = watchable.volume_name(str(m["source"]), runtime.kubelet_root_dir, uid)
+            if name is None:
+                continue
+            if name not in self.watched:
+                self.watched[name] = await self._copy_volume(container_id, name, str(m["source"]))
+            if self.watched[name] is not None:
+                found[i] = f"{emptydir.GUEST_POD_VOLUME_DIR}/{name}"
+        if found and self._watch_task is None:
+            self._watch_task = asyncio.ensure_future(self._poll_watched())
+        return found
+
+    async def _copy_volume(self, container_id: str, name: str, source: str) -> watchable.WatchedVolume | None:
+        """Copy volume `name` into the guest; None (shared from the host) when it is unsuitable or the
+        agent refuses (an older guest image, a policy). Raises AgentError when the agent is gone."""
+        runtime = self.config.runtime
+        vol = watchable.WatchedVolume(name, source, runtime.watchable_max_files, runtime.watchable_max_kib << 10)
+        try:
+            snap = None
+            for _ in range(5):  # kubelet may be writing it right now
+                snap = await asyncio.to_thread(watchable.snapshot, vol)
+                if snap is not None:
+                    break
+                await asyncio.sleep(0.05)
+            if snap is None:
+                raise watchable.Unsuitable(f"{source}: kept changing while read")
+            await self.agent.sync_volume(name, vol.tmpfs_size, snap[0])
+        except (watchable.Unsuitable, AgentCallError) as e:
+            log.warning("sandbox %s: container %s: volume %s is shared from the host, not copied into the "
+                        "guest: %s", self.id, container_id, name, e)
+            return None
+        vol.signature = snap[1]
+        mark("volume.copied")
+        return vol
+
+    async def _poll_watched(self) -> None:
+        """Keep the guest's copies in step with the host directories (kubelet's updates): each
+        POLL_SECONDS, an lstat of every entry; a changed tree is sent whole once it held still while
+        read. A failure (the directory gone with the pod, a tree grown past the bounds, the agent
+        busy) is logged once and retried: the guest keeps its last copy."""
+        while True:
+            await asyncio.sleep(watchable.POLL_SECONDS)
+            for vol in [v for v in self.watched.values() if v is not None]:
+                try:
+                    if watchable.signature(vol) == vol.signature:
+                        continue
+                    snap = await asyncio.to_thread(watchable.snapshot, vol)
+                    if snap is None:
+                        continue
+                    await self.agent.sync_volume(vol.name, vol.tmpfs_size, snap[0])
+                    vol.signature, vol.warned = snap[1], ""
+                    mark("volume.synced")
+                except (PykataError, OSError) as e:
+                    if str(e) != vol.warned:
+                        log.warning("sandbox %s: volume %s: the guest keeps its last copy: %s", self.id, vol.name, e)
+                        vol.warned = str(e)
 
     def _pod_volume_storages(self, volumes: Iterable[EmptyDir]) -> list[agent_pb2.Storage]:
         """The guest tmpfs of each emptyDir (the agent mounts it for the first container that names
@@ -889,6 +965,10 @@ class Sandbox:
 
     async def _teardown(self, remove: bool) -> None:
         mark("sb.teardown")
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self._proxy is not None:
             with contextlib.suppress(Exception):
                 # an exec whose command ended the container still gets its status (the VM runs on)

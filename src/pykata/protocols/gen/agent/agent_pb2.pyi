@@ -571,6 +571,32 @@ class DiskFileResponse(_message.Message):
     gid: int
     def __init__(self, length: _Optional[int] = ..., file_size: _Optional[int] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ...) -> None: ...
 
+class VolumeEntry(_message.Message):
+    __slots__ = ("path", "mode", "uid", "gid", "data", "mtime_ns")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    data: bytes
+    mtime_ns: int
+    def __init__(self, path: _Optional[str] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., data: _Optional[bytes] = ..., mtime_ns: _Optional[int] = ...) -> None: ...
+
+class SyncVolumeRequest(_message.Message):
+    __slots__ = ("name", "size", "entries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    entries: _containers.RepeatedCompositeFieldContainer[VolumeEntry]
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[VolumeEntry, _Mapping]]] = ...) -> None: ...
+
 class SetGuestDateTimeRequest(_message.Message):
     __slots__ = ("sec", "usec")
     SEC_FIELD_NUMBER: _ClassVar[int]

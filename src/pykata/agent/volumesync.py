@@ -1,0 +1,210 @@
+"""A pod volume the host copies into the guest and keeps in step (SyncVolume): kubelet's configmap,
+secret, downwardAPI and projected volumes, as Kata's "watchable" mounts.
+
+kubelet writes such a volume atomically (its AtomicWriter): the files of a version go into a new hidden
+directory `..<timestamp>`, the symlink `..data` is swapped to it by a rename, the user-visible names are
+symlinks through `..data` (`key -> ..data/key`), and the old version's directory goes last. The host
+sends the whole tree at each change; `apply` makes the guest's copy that tree in the same order: new
+directories, then regular files (each written aside and renamed into place), then symlinks (`..`-names
+first, each made aside and renamed over the old one), then what is gone, deepest first. So a reader
+sees the old set or the new one, never a mix, as under runc.
+
+The tree is the agent's own (a tmpfs in <state>/emptydir that containers get read-only): every
+operation goes through directory descriptors opened without following symlinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from pykata.agent.validation import MAX_PATH, open_dir_below
+from pykata.errors import InvalidArgument
+from pykata.protocols.agent import agent_pb2
+
+MAX_ENTRIES = 4096
+MAX_BYTES = 3 << 20  # below ttrpc's 4 MiB message bound
+MAX_TMPFS = 16 << 20  # a volume's tmpfs in guest memory (room for two versions during an update)
+KINDS = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK)
+PART_PREFIX = ".pykata-sync."
+
+
+def check_entries(entries: Sequence[agent_pb2.VolumeEntry]) -> dict[str, agent_pb2.VolumeEntry]:
+    """The entries by path, checked: at most MAX_ENTRIES and MAX_BYTES, paths relative without '.',
+    '..', empty components or NUL, each one's parent a directory of the set, the root ("") a directory,
+    only permission bits, symlink targets 1-4096 bytes. Raises InvalidArgument naming the entry."""
+    if len(entries) > MAX_ENTRIES:
+        raise InvalidArgument("entries", f"{len(entries)} entries, at most {MAX_ENTRIES}")
+    total = 0
+    tree: dict[str, agent_pb2.VolumeEntry] = {}
+    for i, e in enumerate(entries):
+        field = f"entries[{i}]"
+        if len(e.path) > MAX_PATH or "\0" in e.path:
+            raise InvalidArgument(f"{field}.path", "longer than 4096 characters or contains NUL")
+        if e.path and any(p in ("", ".", "..") or p.startswith(PART_PREFIX) for p in e.path.split("/")):
+            raise InvalidArgument(f"{field}.path", f"{e.path[:256]!r} is not a plain relative path")
+        kind = stat.S_IFMT(e.mode)
+        if kind not in KINDS or e.mode & ~(kind | 0o777):
+            raise InvalidArgument(f"{field}.mode", f"{e.mode:o}: a directory, regular file or symlink with "
+                                                   "permission bits only")
+        if kind == stat.S_IFLNK and (not e.data or len(e.data) > MAX_PATH or b"\0" in e.data):
+            raise InvalidArgument(f"{field}.data", "a symlink target must be 1-4096 bytes without NUL")
+        if kind == stat.S_IFDIR and e.data:
+            raise InvalidArgument(f"{field}.data", "a directory has no data")
+        total += len(e.data)
+        if total > MAX_BYTES:
+            raise InvalidArgument("entries", f"more than {MAX_BYTES} bytes")
+        if e.path in tree:
+            raise InvalidArgument(f"{field}.path", f"{e.path[:256]!r} is given twice")
+        tree[e.path] = e
+    root = tree.get("")
+    if root is None or stat.S_IFMT(root.mode) != stat.S_IFDIR:
+        raise InvalidArgument("entries", "the root (path \"\") must be given, as a directory")
+    for path in tree:
+        if path:
+            parent = path.rpartition("/")[0]
+            if parent not in tree or stat.S_IFMT(tree[parent].mode) != stat.S_IFDIR:
+                raise InvalidArgument("entries", f"{path[:256]!r} has no parent directory in the set")
+    return tree
+
+
+def _scan(root: Path) -> dict[str, os.stat_result]:
+    """The guest copy as it is: path -> lstat, never following a symlink."""
+    found: dict[str, os.stat_result] = {}
+
+    def walk(rel: str, fd: int) -> None:
+        with os.scandir(fd) as it:
+            for entry in it:
+                path = f"{rel}/{entry.name}" if rel else entry.name
+                st = entry.stat(follow_symlinks=False)
+                found[path] = st
+                if stat.S_ISDIR(st.st_mode):
+                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        walk(path, sub)
+                    finally:
+                        os.close(sub)
+
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        walk("", fd)
+    finally:
+        os.close(fd)
+    return found
+
+
+def _same_file(dir_fd: int, name: str, st: os.stat_result, e: agent_pb2.VolumeEntry) -> bool:
+    if not stat.S_ISREG(st.st_mode) or st.st_size != len(e.data) or stat.S_IMODE(st.st_mode) != e.mode & 0o777:
+        return False
+    if (st.st_uid, st.st_gid) != (e.uid, e.gid):
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(len(e.data) + 1) == e.data
+    finally:
+        os.close(fd)
+
+
+def _clear(dir_fd: int, name: str, st: os.stat_result | None) -> None:
+    """Remove what is at `name` when it is a directory that a file or symlink replaces."""
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+
+
+def apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
+    """Make the tree at `root` (an existing directory) `tree` (check_entries' result), in kubelet's
+    order; returns how many entries were written or removed. Raises OSError."""
+    current = _scan(root)
+    changes = 0
+    fds: dict[str, int] = {}
+
+    def parent_fd(path: str) -> tuple[int, str]:
+        parent, _, name = path.rpartition("/")
+        if parent not in fds:
+            fds[parent] = open_dir_below(root, [p for p in parent.split("/") if p], field="path")
+        return fds[parent], name
+
+    try:
+        top = tree[""]
+        rfd, _ = parent_fd("x")
+        os.chmod(f"/proc/self/fd/{rfd}", top.mode & 0o777)
+        os.chown(f"/proc/self/fd/{rfd}", top.uid, top.gid)
+        items = sorted(((p, e) for p, e in tree.items() if p), key=lambda pe: pe[0].count("/"))
+        # 1. directories, parents first
+        for path, e in items:
+            if stat.S_IFMT(e.mode) != stat.S_IFDIR:
+                continue
+            fd, name = parent_fd(path)
+            st = current.get(path)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=fd)
+                st = None
+            if st is None:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                changes += 1
+            if st is None or stat.S_IMODE(st.st_mode) != e.mode & 0o777 or (st.st_uid, st.st_gid) != (e.uid, e.gid):
+                os.chmod(name, e.mode & 0o777, dir_fd=fd, follow_symlinks=False)
+                os.chown(name, e.uid, e.gid, dir_fd=fd, follow_symlinks=False)
+        # 2. regular files, each written aside and renamed into place
+        for path, e in items:
+            if stat.S_IFMT(e.mode) != stat.S_IFREG:
+                continue
+            fd, name = parent_fd(path)
+            st = current.get(path)
+            if st is not None and _same_file(fd, name, st, e):
+                continue
+            part = PART_PREFIX + name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part, dir_fd=fd)
+            out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+            try:
+                view = memoryview(e.data)
+                while view:
+                    view = view[os.write(out, view):]
+                os.fchmod(out, e.mode & 0o777)
+                os.fchown(out, e.uid, e.gid)
+                if e.mtime_ns > 0:
+                    os.utime(out, ns=(e.mtime_ns, e.mtime_ns))
+            finally:
+                os.close(out)
+            _clear(fd, name, st)
+            os.rename(part, name, src_dir_fd=fd, dst_dir_fd=fd)
+            changes += 1
+        # 3. symlinks: kubelet's `..data` (and any `..` name) before the names that point through it
+        links = [(p, e) for p, e in items if stat.S_IFMT(e.mode) == stat.S_IFLNK]
+        links.sort(key=lambda pe: (not pe[0].rpartition("/")[2].startswith(".."), pe[0].count("/")))
+        for path, e in links:
+            fd, name = parent_fd(path)
+            st = current.get(path)
+            target = os.fsdecode(e.data)
+            if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=fd) == target:
+                continue
+            part = PART_PREFIX + name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part, dir_fd=fd)
+            os.symlink(target, part, dir_fd=fd)
+            os.chown(part, e.uid, e.gid, dir_fd=fd, follow_symlinks=False)
+            _clear(fd, name, st)
+            os.rename(part, name, src_dir_fd=fd, dst_dir_fd=fd)
+            changes += 1
+        # 4. what is gone, deepest first
+        for path in sorted((p for p in current if p not in tree), key=lambda p: -p.count("/")):
+            parent = path.rpartition("/")[0]
+            if parent and (parent not in tree or stat.S_IFMT(tree[parent].mode) != stat.S_IFDIR):
+                continue  # removed with its directory
+            fd, name = parent_fd(path)
+            if stat.S_ISDIR(current[path].st_mode):
+                shutil.rmtree(name, dir_fd=fd)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+            changes += 1
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return changes

@@ -1,0 +1,192 @@
+"""A pod's kubelet-updated volumes copied into the guest (Kata's "watchable" mounts): configmap, secret,
+downwardAPI and projected volumes.
+
+Under runc a container reads such a volume from kubelet's directory, and kubelet updates it in place
+(its AtomicWriter: a new `..<timestamp>` directory, then the `..data` symlink swapped to it). Shared
+over 9p / virtio-fs every read is a round trip to the host; instead pykata copies the volume's tree
+into a tmpfs of the guest's own when the pod's first container that mounts it is created, and keeps
+the copy in step: the shim looks at the host directory every POLL_SECONDS (an lstat of each entry)
+and, when anything changed, sends the whole tree again (agent SyncVolume), which the agent applies in
+kubelet's order (pykata.agent.volumesync), so a reader in the guest never sees half an update.
+
+The rule (`volume_name`), for a read-only bind mount of a container of a CRI pod with uid U:
+its source is exactly <kubelet root>/pods/U/volumes/kubernetes.io~{configmap,secret,downward-api,
+projected}/<name>, <name> a DNS-1123 label. Anything else (a subPath, a writable mount, a deeper or
+crafted path, ctr and `pykata run`, which have no pod uid) is shared from the host as before.
+
+The host reads the tree without following anything (`scan`): directories are opened with O_NOFOLLOW
+below the volume's own descriptor, a symlink is copied as a symlink (its target is text the guest
+resolves in its own copy, as a container resolves it under runc), and a volume that holds a special
+file (FIFO, socket, device), a hard-linked file (it may be a file from elsewhere), another file
+system mounted inside it, or more than `max_files` regular files or `max_bytes` bytes is not copied:
+it stays shared from the host (Unsuitable). The guest only ever receives copies: it never writes
+where the host reads.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from dataclasses import dataclass, field
+
+from pykata.errors import PykataError
+from pykata.protocols.agent import agent_pb2
+from pykata.resources.emptydir import VOLUME_NAME_RE
+
+WATCHABLE_PLUGINS = ("kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~downward-api",
+                     "kubernetes.io~projected")
+POLL_SECONDS = 1.0
+# directories and symlinks of a kubelet volume: one `..data`, one `..<timestamp>` directory, one
+# symlink per key (and directories of keys with a '/')
+MAX_OTHER_ENTRIES_PER_FILE = 3
+MAX_LINK = 4096
+# the guest tmpfs holds two versions during an update (the old and the new `..<timestamp>`)
+TMPFS_SLACK = 1 << 20
+
+
+class Unsuitable(PykataError):
+    """The volume's tree cannot be copied into the guest (it stays shared from the host)."""
+
+
+@dataclass
+class WatchedVolume:
+    """One volume copied into the guest: its host directory and what was last sent."""
+
+    name: str
+    source: str
+    max_files: int
+    max_bytes: int
+    signature: tuple[object, ...] = ()
+    warned: str = field(default="")
+
+    @property
+    def tmpfs_size(self) -> int:
+        return 2 * self.max_bytes + TMPFS_SLACK
+
+
+def volume_name(source: str, kubelet_root: str, uid: str) -> str | None:
+    """The volume name when `source` is exactly one of pod `uid`'s configmap, secret, downwardAPI or
+    projected volume directories, else None."""
+    base = posixpath.join(kubelet_root.rstrip("/") or "/", "pods", uid, "volumes")
+    if not source.startswith(base + "/"):
+        return None
+    parts = source[len(base) + 1:].split("/")
+    if len(parts) != 2 or parts[0] not in WATCHABLE_PLUGINS or not VOLUME_NAME_RE.match(parts[1]):
+        return None
+    return parts[1]
+
+
+def _open_dir(name: str, dir_fd: int | None, where: str) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise Unsuitable(f"{where}: {exc.strerror}") from None
+
+
+def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
+         ) -> tuple[list[agent_pb2.VolumeEntry], tuple[object, ...]]:
+    """The tree at `source` as entries for SyncVolume (contents read when `read`) and its signature
+    (type, mode, owner, size, mtime, inode and link target of each entry: what changes when kubelet
+    writes). Raises Unsuitable (see the module's docstring), naming the entry."""
+    max_entries = max_files * (1 + MAX_OTHER_ENTRIES_PER_FILE) + 8
+    entries: list[agent_pb2.VolumeEntry] = []
+    sig: list[object] = []
+    files = total = 0
+    root_fd = _open_dir(source, None, source)
+    try:
+        root_st = os.fstat(root_fd)
+
+        def add(path: str, st: os.stat_result, data: bytes, link: str) -> None:
+            entries.append(agent_pb2.VolumeEntry(
+                path=path, mode=stat.S_IFMT(st.st_mode) | stat.S_IMODE(st.st_mode) & 0o777, uid=st.st_uid,
+                gid=st.st_gid, data=data, mtime_ns=st.st_mtime_ns))
+            sig.append((path, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ino, link))
+
+        def walk(rel: str, fd: int) -> None:
+            nonlocal files, total
+            with os.scandir(fd) as it:
+                names = []
+                for entry in it:
+                    names.append(entry.name)
+                    if len(entries) + len(names) > max_entries:
+                        raise Unsuitable(f"{source}: more than {max_entries} entries")
+            for name in sorted(names):
+                path = f"{rel}/{name}" if rel else name
+                where = f"{source}/{path}"
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise Unsuitable(f"{where}: removed while read") from None
+                if st.st_dev != root_st.st_dev:
+                    raise Unsuitable(f"{where}: another file system mounted in the volume")
+                if stat.S_ISDIR(st.st_mode):
+                    add(path, st, b"", "")
+                    sub = _open_dir(name, fd, where)
+                    try:
+                        if os.fstat(sub).st_ino != st.st_ino:
+                            raise Unsuitable(f"{where}: replaced while read")
+                        walk(path, sub)
+                    finally:
+                        os.close(sub)
+                elif stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(name, dir_fd=fd)
+                    if not target or len(os.fsencode(target)) > MAX_LINK:
+                        raise Unsuitable(f"{where}: a symlink target longer than {MAX_LINK} bytes")
+                    add(path, st, os.fsencode(target), target)
+                elif stat.S_ISREG(st.st_mode):
+                    files += 1
+                    total += st.st_size
+                    if files > max_files:
+                        raise Unsuitable(f"{source}: more than {max_files} files")
+                    if total > max_bytes:
+                        raise Unsuitable(f"{source}: more than {max_bytes} bytes")
+                    if st.st_nlink != 1:
+                        raise Unsuitable(f"{where}: a file with {st.st_nlink} links (it may be a file from "
+                                         "outside the volume)")
+                    add(path, st, _read(name, fd, st, where) if read else b"", "")
+                else:
+                    raise Unsuitable(f"{where}: a special file (FIFO, socket or device)")
+
+        add("", root_st, b"", "")
+        walk("", root_fd)
+    finally:
+        os.close(root_fd)
+    return entries, tuple(sig)
+
+
+def _read(name: str, dir_fd: int, st: os.stat_result, where: str) -> bytes:
+    """A regular file's content, read through a descriptor that must be the inode lstat saw (no
+    symlink followed, no FIFO opened: O_NONBLOCK)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise Unsuitable(f"{where}: {exc.strerror}") from None
+    try:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino or now.st_dev != st.st_dev:
+            raise Unsuitable(f"{where}: replaced while read")
+        buf = bytearray()
+        while len(buf) <= st.st_size:
+            chunk = os.read(fd, st.st_size + 1 - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+        if len(buf) != st.st_size:
+            raise Unsuitable(f"{where}: changed size while read")
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def snapshot(vol: WatchedVolume) -> tuple[list[agent_pb2.VolumeEntry], tuple[object, ...]] | None:
+    """The volume's tree and signature when it held still while read (its signature the same just
+    after), else None (kubelet is writing it: the next poll takes it). Raises Unsuitable."""
+    entries, sig = scan(vol.source, vol.max_files, vol.max_bytes)
+    _, again = scan(vol.source, vol.max_files, vol.max_bytes, read=False)
+    return (entries, sig) if sig == again else None
+
+
+def signature(vol: WatchedVolume) -> tuple[object, ...]:
+    """The volume's signature only (lstat of each entry, nothing read). Raises Unsuitable."""
+    return scan(vol.source, vol.max_files, vol.max_bytes, read=False)[1]

@@ -1,0 +1,117 @@
+"""The agent's side of copied volumes (pykata.agent.volumesync), on a temp directory of the host (plain
+file operations only: no mount): the checks of what the host sends, and updates applied in kubelet's
+order, so that a reader never sees a mix of two versions."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from pykata.agent import volumesync
+from pykata.errors import InvalidArgument
+from pykata.protocols.agent import agent_pb2
+from pykata.resources import watchable
+from tests.kubeletvolume import write_volume
+
+D, F, L = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+
+
+def _e(path: str, kind: int, data: bytes = b"", perm: int = 0o644) -> agent_pb2.VolumeEntry:
+    return agent_pb2.VolumeEntry(path=path, mode=kind | perm, uid=os.getuid(), gid=os.getgid(), data=data)
+
+
+@pytest.mark.parametrize(("entries", "field"), [
+    ([_e("a", F, b"x")], "root"),
+    ([_e("", D), _e("../x", F)], "entries[1].path"),
+    ([_e("", D), _e("a/./b", F)], "entries[1].path"),
+    ([_e("", D), _e("/abs", F)], "entries[1].path"),
+    ([_e("", D), _e("a/b", F)], "no parent"),
+    ([_e("", D), _e("f", F), _e("f/x", F)], "no parent"),
+    ([_e("", D), _e("x", F, perm=0o4755)], "entries[1].mode"),
+    ([_e("", D), agent_pb2.VolumeEntry(path="dev", mode=stat.S_IFCHR | 0o600)], "entries[1].mode"),
+    ([_e("", D), _e("l", L, b"")], "entries[1].data"),
+    ([_e("", D), _e("l", L, b"a\0b")], "entries[1].data"),
+    ([_e("", D), _e("x", F), _e("x", F)], "twice"),
+    ([_e("", D), _e(".pykata-sync.x", F)], "entries[1].path"),
+    ([_e("", D), _e("big", F, b"x" * (volumesync.MAX_BYTES + 1))], "bytes"),
+])
+def test_bad_trees_are_refused_naming_the_entry(entries: list[agent_pb2.VolumeEntry], field: str) -> None:
+    with pytest.raises(InvalidArgument, match=field.replace("[", r"\[").replace("]", r"\]")):
+        volumesync.check_entries(entries)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            data = os.fsencode(os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else b""
+            out[str(p.relative_to(root))] = (st.st_mode, data)
+    return out
+
+
+def test_updates_follow_the_host_and_readers_never_see_a_mix(tmp_path: Path) -> None:
+    host, guest = tmp_path / "host", tmp_path / "guest"
+    guest.mkdir()
+    versions = [{"a": b"a%d" % i, "b": b"b%d" % i, **({"extra": b"e"} if i % 3 == 0 else {})} for i in range(30)]
+    write_volume(host, versions[0])
+    volumesync.apply(guest, volumesync.check_entries(watchable.scan(str(host), 64, 1 << 20)[0]))
+    assert _tree(guest) == _tree(host)
+    assert (guest / "a").read_bytes() == b"a0"
+    mixes: list[tuple[bytes, bytes]] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            # kubelet's promise: what `..data` names, taken once, is one whole version
+            try:
+                fd = os.open(guest / "..data", os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                mixes.append((b"no ..data", b""))
+                continue
+            try:
+                version = Path(f"/proc/self/fd/{fd}")
+                a, b = (version / "a").read_bytes(), (version / "b").read_bytes()
+            except FileNotFoundError:
+                continue  # the old version went after it was taken (so under kubelet too)
+            finally:
+                os.close(fd)
+            if a[1:] != b[1:]:
+                mixes.append((a, b))
+            # and a key read by its own name is always there
+            if not (guest / "a").exists():
+                mixes.append((b"a missing", b""))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for files in versions[1:]:
+            write_volume(host, files)
+            volumesync.apply(guest, volumesync.check_entries(watchable.scan(str(host), 64, 1 << 20)[0]))
+            assert _tree(guest) == _tree(host)
+    finally:
+        done.set()
+        reader.join()
+    assert mixes == []
+    # nothing left over: exactly one version directory, no part files
+    assert len([p for p in guest.iterdir() if p.name.startswith("..20")]) == 1
+    assert not [p for p in guest.rglob("*") if p.name.startswith(volumesync.PART_PREFIX)]
+
+
+def test_type_changes_and_unchanged_files(tmp_path: Path) -> None:
+    root = tmp_path / "g"
+    root.mkdir()
+    volumesync.apply(root, volumesync.check_entries([_e("", D, perm=0o755), _e("d", D, perm=0o755),
+                                                     _e("d/f", F, b"1"), _e("x", F, b"x")]))
+    ino = (root / "x").stat().st_ino
+    assert volumesync.apply(root, volumesync.check_entries([_e("", D, perm=0o755), _e("d", F, b"now a file"),
+                                                            _e("x", F, b"x")])) == 1
+    assert (root / "d").read_bytes() == b"now a file" and (root / "x").stat().st_ino == ino
+    volumesync.apply(root, volumesync.check_entries([_e("", D, perm=0o750), _e("d", L, b"/etc")]))
+    assert os.readlink(root / "d") == "/etc" and not (root / "x").exists()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o750

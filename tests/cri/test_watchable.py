@@ -1,0 +1,96 @@
+"""A CRI pod's configmap/secret volumes are copied into the guest and follow kubelet's updates
+(pykata.resources.watchable, pykata.agent.volumesync); volumes that cannot be copied safely stay
+shared from the host.
+
+kubelet is played by the test (tests/kubeletvolume.py writes as its AtomicWriter does) under a temp
+directory that the admin configuration names as runtime.kubelet_root_dir."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cri_api.v1 import api_pb2
+
+from tests.cri.harness import Cri, CriContainerd, running_cri_containerd
+from tests.cri.test_pod_config import _container, _pod, _pod_config, _sh
+from tests.kubeletvolume import write_volume
+
+pytestmark = [pytest.mark.vm]
+
+
+@pytest.fixture(scope="module")
+def kubelet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kubelet")
+
+
+@pytest.fixture(scope="module")
+def ctd(tmp_path_factory: pytest.TempPathFactory, kubelet_root: Path) -> Iterator[CriContainerd]:
+    with running_cri_containerd(tmp_path_factory.mktemp("cri"), tmp_path_factory.mktemp("cache"),
+                                {"kubelet_root_dir": f'"{kubelet_root}"'}) as ctd:
+        yield ctd
+
+
+def _volume(kubelet_root: Path, uid: str, plugin: str, name: str, files: dict[str, bytes]) -> Path:
+    d = kubelet_root / "pods" / uid / "volumes" / plugin / name
+    write_volume(d, files)
+    d.chmod(0o755)
+    return d
+
+
+def _wait_for(cri: Cri, cid: str, script: str, want: str, timeout: float = 30) -> float:
+    """Seconds until `script` prints `want` in the container."""
+    start = time.monotonic()
+    while True:
+        got = _sh(cri, cid, script)
+        if got == want:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout, f"{script!r} still prints {got!r}, not {want!r}"
+        time.sleep(0.2)
+
+
+def test_configmap_and_secret_are_copied_and_follow_updates(ctd: CriContainerd, kubelet_root: Path,
+                                                             tmp_path: Path) -> None:
+    name = f"wv-{uuid.uuid4().hex[:6]}"
+    uid = f"uid-{name}"
+    config = _pod_config(name)
+    host_secret = tmp_path / "host-secret"
+    host_secret.write_text("host only\n")
+    cfg = _volume(kubelet_root, uid, "kubernetes.io~configmap", "cfg", {"a": b"one\n", "b": b"two\n"})
+    sec = _volume(kubelet_root, uid, "kubernetes.io~secret", "sec", {"token": b"s3cret\n"})
+    # the attack: entries pointing at host files; the host copies the link, never its target
+    os.symlink(str(host_secret), sec / "evil")
+    os.symlink("/", sec / "root")
+    # a volume that cannot be copied (a FIFO in it, which kubelet never makes): shared from the host
+    odd = _volume(kubelet_root, uid, "kubernetes.io~configmap", "odd", {"k": b"v\n"})
+    os.mkfifo(odd / "pipe")
+    mounts = [api_pb2.Mount(container_path=p, host_path=str(h), readonly=True)
+              for p, h in (("/cfg", cfg), ("/sec", sec), ("/odd", odd))]
+    with Cri(ctd.socket) as cri, _pod(ctd, cri, "pykata", config) as pod_id:
+        c0 = _container(cri, pod_id, config, "c0", mounts=mounts)
+        c1 = _container(cri, pod_id, config, "c1", mounts=mounts[:1])
+        # copied: a guest tmpfs, kubelet's layout, contents and modes
+        # (9p reports the host file system's type)
+        assert _sh(cri, c0, "stat -f -c %T /cfg /sec /odd").split()[:2] == ["tmpfs", "tmpfs"]
+        assert _sh(cri, c0, "stat -f -c %T /odd") != "tmpfs\n"
+        assert _sh(cri, c0, "cat /cfg/a /cfg/b /sec/token /odd/k") == "one\ntwo\ns3cret\nv\n"
+        assert _sh(cri, c0, "readlink /cfg/a; stat -L -c %a /cfg/a") == "..data/a\n644\n"
+        assert _sh(cri, c0, "readlink /sec/evil; cat /sec/evil 2>&1 || true; ls /sec/root/ | head -1") \
+            .startswith(f"{host_secret}\ncat: can't open")
+        # read-only, as under runc
+        assert "Read-only file system" in _sh(cri, c0, "touch /cfg/x", ok=False)
+        # kubelet updates: a changed key, a new one, a removed one; both containers see it
+        write_volume(cfg, {"a": b"one v2\n", "c": b"three\n"})
+        took = _wait_for(cri, c1, "cat /cfg/a /cfg/c 2>&1; ls /cfg", "one v2\nthree\na\nc\n")
+        assert _sh(cri, c0, "cat /cfg/a /cfg/c; ls -a /cfg | grep -c '^\\.\\.20'") == "one v2\nthree\n1\n"
+        print(f"update seen in the guest after {took:.2f} s")
+        write_volume(sec, {"token": b"rotated\n"})
+        _wait_for(cri, c0, "cat /sec/token", "rotated\n")
+    # the host directories are as kubelet left them: the guest never wrote there
+    assert (cfg / "a").read_bytes() == b"one v2\n"
+    assert sorted(p.name for p in cfg.iterdir() if not p.name.startswith("..")) == ["a", "c"]
+    assert host_secret.read_text() == "host only\n"
