@@ -238,6 +238,22 @@ async def test_bad_arguments_name_their_field_before_any_vm() -> None:
     with pytest.raises(SpecError, match=r"^cwd: "):
         await sb.spawn("true", cwd="relative")
     assert pykata.AsyncSandbox(name="grader-1.local", cwd="/work").name == "grader-1.local"
+    with pytest.raises(SpecError, match=r"^shared_fs: 'nfs' is not one of virtio-fs, virtio-9p"):
+        pykata.AsyncSandbox(shared_fs="nfs")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"^shared_fs: a sandbox made for snapshots"):
+        pykata.AsyncSandbox(shared_fs="virtio-fs", snapshots=True)
+
+
+def test_volumes_over_virtio_fs_have_nanosecond_times_and_reach_the_host(tmp_path: Path) -> None:
+    """shared_fs="virtio-fs": a cold-booted VM whose volume is served by virtiofsd (9p, the templated
+    default, keeps only whole seconds of a time the container sets)."""
+    (tmp_path / "in").write_text("from host\n")
+    os.utime(tmp_path / "in", ns=(1577934245_123456789, 1577934245_123456789))
+    with pykata.Sandbox(image="busybox", volumes=[f"{tmp_path}:/v"], shared_fs="virtio-fs") as sb:
+        assert sb.run("grep ' /v ' /proc/mounts").stdout.split()[2] == b"virtiofs"
+        r = sb.run("cat /v/in; touch -r /v/in /v/t")  # utimensat with the reference's nanoseconds
+        assert (r.exit_code, r.stdout) == (0, b"from host\n"), r
+    assert (tmp_path / "t").stat().st_mtime_ns % 10**9 == 123456789
 
 
 INTERRUPT_DURING_BOOT = r"""

@@ -17,7 +17,18 @@ from typing import IO, Any, TypeVar
 
 from pykata.config import Config
 from pykata.errors import PykataError
-from pykata.sdk.core import IDLE_COMMAND, AsyncPty, AsyncSandbox, Command, Env, Metrics, Network, SandboxInfo, User
+from pykata.sdk.core import (
+    IDLE_COMMAND,
+    AsyncPty,
+    AsyncSandbox,
+    Command,
+    Env,
+    Metrics,
+    Network,
+    SandboxInfo,
+    SharedFsChoice,
+    User,
+)
 from pykata.sdk.files import MAX_DOWNLOAD, MAX_READ, AsyncFiles, FileInfo, Progress
 from pykata.sdk.loop import SHARED
 from pykata.sdk.pool import AsyncPool
@@ -168,11 +179,11 @@ class Sandbox:
                  config: Config | None = None, timeout: float | None = None, cwd: str | None = None,
                  user: User | None = None, name: str = "", idle_command: Sequence[str] = IDLE_COMMAND,
                  snapshots: bool = False, network: Network | None = None, allow: Sequence[str] | None = None,
-                 deny: Sequence[str] = (), dns: Sequence[str] = ()) -> None:
+                 deny: Sequence[str] = (), dns: Sequence[str] = (), shared_fs: SharedFsChoice | None = None) -> None:
         self._async = AsyncSandbox(image, cpus=cpus, memory_mib=memory_mib, disk_mib=disk_mib, env=env,
                                    volumes=volumes, config=config, timeout=timeout, cwd=cwd, user=user, name=name,
                                    idle_command=idle_command, snapshots=snapshots, network=network, allow=allow,
-                                   deny=deny, dns=dns)
+                                   deny=deny, dns=dns, shared_fs=shared_fs)
         self.files = Files(self._async.files)
         self._token: int | None = None
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pykata.config import Config, load_config
+from pykata.config import Config, load_config, with_shared_fs
 from pykata.errors import AgentError, HypervisorError, InvalidArgument, PykataError
 from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
@@ -54,6 +54,10 @@ SDK_STATE = "sdk.json"  # what connect() needs to run commands as the creator di
 
 Command = str | Sequence[str]
 Network = Literal["none", "egress"]
+# how the sandbox's volumes reach its guest: "virtio-fs" boots the VM cold, with runc's semantics for
+# the volumes but O_TMPFILE; "virtio-9p" (what a templated VM has) clones the template
+SharedFsChoice = Literal["virtio-fs", "virtio-9p"]
+SHARED_FS_CHOICES: tuple[SharedFsChoice, ...] = ("virtio-fs", "virtio-9p")
 Env = Mapping[str, str] | Sequence[str]
 User = int | str | tuple[int, int]
 
@@ -147,8 +151,13 @@ class AsyncSandbox:
                  config: Config | None = None, timeout: float | None = None, cwd: str | None = None,
                  user: User | None = None, name: str = "", idle_command: Sequence[str] = IDLE_COMMAND,
                  snapshots: bool = False, network: Network | None = None, allow: Sequence[str] | None = None,
-                 deny: Sequence[str] = (), dns: Sequence[str] = ()) -> None:
+                 deny: Sequence[str] = (), dns: Sequence[str] = (), shared_fs: SharedFsChoice | None = None) -> None:
         self.image_ref = image
+        if shared_fs is not None and shared_fs not in SHARED_FS_CHOICES:
+            raise SpecError("shared_fs", f"{shared_fs!r} is not one of {', '.join(SHARED_FS_CHOICES)}")
+        if shared_fs is not None and snapshots:
+            raise SpecError("shared_fs", "a sandbox made for snapshots shares no directory with its guest")
+        self.shared_fs = shared_fs
         self.cpus = cpus
         self.memory_mib = memory_mib
         if disk_mib is not None and (not isinstance(disk_mib, int) or disk_mib <= 0):
@@ -210,6 +219,9 @@ class AsyncSandbox:
         if self._timeout is not None and self._timeout <= 0:
             raise SpecError("timeout", f"{self._timeout} must be positive")
         config = self.config or load_config()
+        if self.shared_fs is not None:
+            # virtio-fs boots the VM cold (a template carries only 9p): see README, Host volumes
+            config = with_shared_fs(config, self.shared_fs)
         image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(self.image_ref)
         mark("sdk.image")
         vols = [Volume.parse(v) for v in self.volumes]
