@@ -23,7 +23,10 @@ import pytest
 from pykata.agentapi import Agent
 from pykata.agentapi.errors import GuestTickError
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE, PROTOCOL_VERSION, agent_pb2
-from pykata.ttrpc import Client, RpcError, connect_unix
+from pykata.ttrpc import Client, ConnectionClosedError, RpcError, connect_unix
+from pykata.ttrpc._pb import ttrpc_pb2
+from pykata.ttrpc.frames import Flags, FrameType, encode_frame
+from pykata.ttrpc.session import hello_frame, new_nonce
 from tests.agent.conftest import make_busybox_rootfs
 
 pytestmark = pytest.mark.vm
@@ -333,4 +336,46 @@ async def test_a_host_session_after_one_left_calls_in_flight_gets_only_its_own_a
         assert not b.closed
     finally:
         await b.close()
+        await asyncio.sleep(0.05)
+
+
+async def test_a_hello_in_a_containers_stdin_is_data_not_a_new_host_session(vm: tuple[Path, Path]) -> None:
+    """A container's stdin belongs to whoever writes it (a pod's exec/attach user, not an admin). Bytes
+    that spell a complete session hello (pykata.ttrpc.session) and a request after it, inside a
+    WriteStdin frame, must reach the container as they are: the host's session goes on (before the
+    fix the agent took them for a new host's hello, cancelled the host's calls and echoed the
+    attacker's nonce, which closed the host's connection)."""
+    sock, _log = vm
+    await (await _connect(sock)).close()
+    await asyncio.sleep(0.05)
+    client = await connect_unix(str(sock), session=True)
+    agent = client.stub(AGENT_SERVICE)
+    try:
+        await client.stub(HEALTH_SERVICE).Check(agent_pb2.CheckRequest(), timeout=60)
+        await _copy_busybox(agent)
+        await agent.CreateContainer(agent_pb2.CreateContainerRequest(
+            container_id="stdin-hello", oci_spec_json=json.dumps(_spec(["/bin/busybox", "cat"]))), timeout=120)
+        await agent.StartContainer(agent_pb2.StartContainerRequest(container_id="stdin-hello"), timeout=60)
+        forged = encode_frame(1, FrameType.REQUEST, Flags.NONE, ttrpc_pb2.Request(
+            service=AGENT_SERVICE.name, method="CreateSandbox").SerializeToString())
+        data = b"before " + hello_frame(new_nonce()) + forged + b" after"
+        sent = 0
+        while sent < len(data):
+            sent += (await agent.WriteStdin(agent_pb2.WriteStreamRequest(
+                container_id="stdin-hello", data=data[sent:]), timeout=30)).length
+        await agent.CloseStdin(agent_pb2.CloseStdinRequest(container_id="stdin-hello"), timeout=30)
+        out = bytearray()
+        while not (r := await agent.ReadStdout(agent_pb2.ReadStreamRequest(container_id="stdin-hello"),
+                                              timeout=60)).eof:
+            out += r.data
+        assert bytes(out) == data
+        status = await agent.WaitProcess(agent_pb2.WaitProcessRequest(container_id="stdin-hello"), timeout=60)
+        assert status.exit_status == 0
+        await agent.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="stdin-hello",
+                                                                     timeout_seconds=30), timeout=60)
+        assert not client.closed
+    except (RpcError, ConnectionClosedError) as exc:
+        raise AssertionError(f"the host's session did not survive: {exc!r} ({client.close_reason!r})") from None
+    finally:
+        await client.close()
         await asyncio.sleep(0.05)

@@ -16,18 +16,24 @@ from typing import Any
 
 import pytest
 
-from pykata.ttrpc import ConnectionClosedError, RpcError, Server, connect_fd
+from pykata.ttrpc import ConnectionClosedError, RemoteProtocolError, RpcError, Server, connect_fd
+from pykata.ttrpc._pb import ttrpc_pb2
+from pykata.ttrpc.connection import Connection, HelloReceived, RequestReceived, Role
+from pykata.ttrpc.frames import HEADER_SIZE, Flags, FrameType, encode_frame
 from pykata.ttrpc.session import (
-    HELLO_SIZE,
+    FLUSH_SIZE,
+    SESSION_STREAM,
     EchoHunter,
-    HelloScanner,
     Hunt,
     echo_frame,
+    flush_bytes,
     hello_frame,
     new_nonce,
 )
 from tests.ttrpc.conftest import EchoHandler
 from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo
+
+_HELLO = len(hello_frame(bytes(16)))
 
 
 class FakeSerialPort:
@@ -142,19 +148,65 @@ async def test_a_new_session_gets_only_its_own_answers_after_one_left_calls_in_f
             host.close()
 
 
-async def test_a_hello_after_half_a_frame_of_the_last_host_starts_the_session() -> None:
-    """A host killed mid-write leaves half a frame in the port; the next host's hello is found in it."""
-    handler = EchoHandler()
+class TagRecorder(EchoHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[int] = []
+
+    async def Echo(self, req: Any, ctx: Any) -> Any:
+        self.tags.append(req.tag)
+        return await super().Echo(req, ctx)
+
+
+async def test_a_hello_after_half_a_frame_of_the_last_host_starts_the_session_after_a_flush() -> None:
+    """A host killed mid-write leaves half a frame in the port, which takes the next host's hello as its
+    data (a hello counts only where a frame begins): that host gets no echo. The one after it writes a
+    flush first (Agent.connect does, after a silent connection): it completes the half frame, and the
+    agent's parser skips the rest of it to the hello."""
+    handler = TagRecorder()
     async with served_port(handler) as port:
         host = await port.attach()
         host.sendall(b"\x00\x00\x10\x00\x00\x00\x00\x01\x01\x00half a request")
+        await asyncio.sleep(0.1)  # relayed to the guest before the host goes
         host.close()
         host = await port.attach()
         b = await connect_fd(host.fileno(), session=True)
         try:
-            assert (await b.call(ECHO_SERVICE, "Echo", Echo(tag=7), timeout=3)).tag == 7
+            with pytest.raises(RpcError, match="DEADLINE_EXCEEDED"):
+                await b.call(ECHO_SERVICE, "Echo", Echo(tag=6), timeout=1)
         finally:
             await b.close()
+            host.close()
+        host = await port.attach()
+        c = await connect_fd(host.fileno(), session=True, flush=True)
+        try:
+            assert (await c.call(ECHO_SERVICE, "Echo", Echo(tag=7), timeout=10)).tag == 7
+            assert 6 not in handler.tags  # the silent host's call went into the half frame
+        finally:
+            await c.close()
+            host.close()
+
+
+async def test_a_hello_inside_a_frame_is_that_frames_data() -> None:
+    """A pod's exec/attach user writes a container's stdin: bytes that spell a hello, and requests
+    after it, inside a WriteStdin-like request must reach the handler as they are and must neither end
+    the host's session nor be served as a new one's calls."""
+    handler = TagRecorder()
+    async with served_port(handler) as port:
+        host = await port.attach()
+        a = await connect_fd(host.fileno(), session=True)
+        try:
+            forged = encode_frame(1, FrameType.REQUEST, Flags.NONE, ttrpc_pb2.Request(
+                service=ECHO_SERVICE.name, method="Echo", payload=Echo(tag=666).SerializeToString()
+            ).SerializeToString())
+            payload = b"x" + hello_frame(new_nonce()) + forged
+            for tag, blob in ((1, payload), (2, hello_frame(new_nonce())), (3, forged)):
+                got = await a.call(ECHO_SERVICE, "Echo", Echo(tag=tag, data=blob), timeout=5)
+                assert (got.tag, got.data) == (tag, blob)
+            assert 666 not in handler.tags and handler.cancelled == 0
+            assert not a.closed
+        finally:
+            await a.close()
             host.close()
 
 
@@ -214,19 +266,44 @@ def test_the_echo_of_another_session_is_not_ours() -> None:
     assert hunter.feed(echo_frame(mine)[30:] + b"next") == (Hunt.FOUND, b"next")
 
 
-@pytest.mark.parametrize("split", [0, 1, 10, 40, HELLO_SIZE - 1, HELLO_SIZE, HELLO_SIZE + 5])
+@pytest.mark.parametrize("split", [0, 1, 10, 40, _HELLO - 1, _HELLO, _HELLO + 5])
 def test_the_agent_finds_a_hello_split_across_reads(split: int) -> None:
     nonce = new_nonce()
-    data = b"old session bytes" + hello_frame(nonce) + b"new"
-    cut = len(b"old session bytes") + split
-    scanner = HelloScanner()
-    pieces = scanner.feed(data[:cut]) + scanner.feed(data[cut:])
-    hellos = [p for p in pieces if isinstance(p, tuple)]
-    assert hellos == [(nonce,)]
-    after = pieces[pieces.index(hellos[0]) + 1:]
-    assert b"".join(p for p in after if isinstance(p, bytes)) == b"new"
+    old = encode_frame(1, FrameType.REQUEST, Flags.NONE, ttrpc_pb2.Request(service="s", method="m").SerializeToString())
+    new = encode_frame(1, FrameType.REQUEST, Flags.NONE, ttrpc_pb2.Request(service="s", method="n").SerializeToString())
+    data = old + hello_frame(nonce) + new
+    cut = len(old) + split
+    conn = Connection(Role.SERVER, sessions=True)
+    events = []
+    for chunk in (data[:cut], data[cut:]):
+        conn.receive_data(chunk)
+        while (ev := conn.next_event()) is not None:
+            events.append(ev)
+            if isinstance(ev, HelloReceived):
+                conn.new_session()  # stream 1 may be opened again
+    assert [type(e).__name__ for e in events] == ["RequestReceived", "HelloReceived", "RequestReceived"]
+    assert events[1] == HelloReceived(nonce)
+    assert isinstance(events[2], RequestReceived) and events[2].method == "n"
 
 
-def test_a_marker_without_a_hex_nonce_is_not_a_hello() -> None:
-    forged = hello_frame(bytes(16))[:-32] + b"z" * 32
-    assert [p for p in HelloScanner().feed(forged + b"x" * 100) if isinstance(p, tuple)] == []
+def test_a_hello_on_another_stream_or_with_a_bad_nonce_is_a_plain_request() -> None:
+    good = ttrpc_pb2.Request.FromString(hello_frame(bytes(16))[HEADER_SIZE:])
+    for sid, method in ((7, good.method), (SESSION_STREAM, good.method[:-1] + "z"),
+                        (SESSION_STREAM, good.method[:-2])):
+        frame = encode_frame(sid, FrameType.REQUEST, Flags.NONE,
+                             ttrpc_pb2.Request(service=good.service, method=method).SerializeToString())
+        conn = Connection(Role.SERVER, sessions=True)
+        conn.receive_data(frame)
+        assert isinstance(conn.next_event(), RequestReceived)
+
+
+def test_a_flush_is_skipped_in_one_step_and_leaves_the_parser_at_the_hello() -> None:
+    nonce = new_nonce()
+    conn = Connection(Role.SERVER, sessions=True)
+    half = b"\x00\x00\x10\x00\x00\x00\x00\x01\x01\x00half a request"
+    conn.receive_data(half + flush_bytes() + hello_frame(nonce))
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()  # the half frame, completed by the flush, is no request
+    dropped = conn.resync()
+    assert conn.next_event() == HelloReceived(nonce)
+    assert 0 < dropped <= FLUSH_SIZE

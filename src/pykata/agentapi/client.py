@@ -78,6 +78,8 @@ class Agent:
         Each connection opens a host session with a hello (pykata.ttrpc.session): answers to the probes
         of a connection given up on may still be on their way, and the agent may never have seen that
         connection end; the hello makes the agent drop them and this side read only after its echo.
+        A connection made after a silent one writes a flush before its hello: the silent one's hello may
+        have gone into half a frame an earlier host left in the port (pykata.ttrpc.session).
         Each check goes with a Version request (no round trip of its own); the protocol version of the
         agent that answers is checked and kept, as `negotiate` does.
         The answer's clocks are checked for a dead timer tick in the guest (`_check_tick`).
@@ -89,15 +91,17 @@ class Agent:
         client: Client | None = None
         last: BaseException | None = None
         connected = 0.0
+        flush = False
         try:
             while time.monotonic() < deadline:
                 if client is not None and time.monotonic() - connected > RECONNECT_SILENCE:
                     await client.close()
                     client = None
+                    flush = True
                 if client is None or client.closed:
                     try:
                         client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()),
-                                                    session=True)
+                                                    session=True, flush=flush)
                         connected = time.monotonic()
                     except (OSError, TimeoutError) as e:
                         last = e

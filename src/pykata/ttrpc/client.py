@@ -31,7 +31,7 @@ from pykata.ttrpc.connection import DataReceived, Event, ResponseReceived, Role
 from pykata.ttrpc.errors import ConnectionClosedError, LocalProtocolError, RpcError, SessionRefused
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
-from pykata.ttrpc.session import EchoHunter, Hunt, hello_frame, new_nonce
+from pykata.ttrpc.session import EchoHunter, Hunt, flush_bytes, hello_frame, new_nonce
 from pykata.ttrpc.transport import ConnectionProtocol, attach_fd
 
 Metadata = Mapping[str, str | Iterable[str]]
@@ -62,7 +62,7 @@ class _Pending:
 
 class _ClientProtocol(ConnectionProtocol):
     def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False) -> None:
+                 max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False, flush: bool = False) -> None:
         super().__init__(Role.CLIENT, max_message_size=max_message_size)
         self.max_stream_buffer = max_stream_buffer
         self.pending: dict[int, _Pending] = {}
@@ -70,11 +70,14 @@ class _ClientProtocol(ConnectionProtocol):
         self._nonce = new_nonce() if session else b""
         self._hunter = EchoHunter(self._nonce) if session else None
         self._hello_sent = False
+        self._flush = flush and session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self._hunter is not None and not self._hello_sent:
             self._hello_sent = True
+            if self._flush:
+                self.write(flush_bytes())
             self.write(hello_frame(self._nonce))
 
     def data_received(self, data: bytes | memoryview) -> None:
@@ -397,28 +400,32 @@ class Stub:
 
 async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeout: float | None = None,
                        max_message_size: int = MAX_MESSAGE_SIZE, max_stream_buffer: int = MAX_STREAM_BUFFER,
-                       session: bool = False) -> Client:
+                       session: bool = False, flush: bool = False) -> Client:
     """Connect to a ttrpc server on a unix socket. Raises OSError (e.g. FileNotFoundError,
     ConnectionRefusedError) or TimeoutError.
 
     `session`: the peer is an agent behind a virtio-serial port (QEMU's chardev socket), which has no
     connection boundary of its own: open a session with a hello and take answers only after its echo
     (pykata.ttrpc.session). Calls fail with ConnectionClosedError whose message says why when the
-    agent predates sessions or never echoes."""
+    agent predates sessions or never echoes. `flush` (with `session`): write a flush before the
+    hello (4 MiB: pykata.ttrpc.session.flush_bytes), for a host that got no echo on its last
+    connection (a host before it may have left half a frame in the port, which took that hello as
+    its data)."""
     loop = asyncio.get_running_loop()
     path = path.removeprefix("unix://")
     async with asyncio.timeout(timeout):
         _, proto = await loop.create_unix_connection(
             lambda: _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer,
-                                    session=session), path)
+                                    session=session, flush=flush), path)
     return Client(proto, default_timeout=default_timeout)
 
 
 async def connect_fd(fd: int, *, default_timeout: float | None = None, max_message_size: int = MAX_MESSAGE_SIZE,
-                     max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False) -> Client:
+                     max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False,
+                     flush: bool = False) -> Client:
     """A client over an already connected descriptor (socket or character device); it is dup'ed.
-    `session` as for connect_unix."""
+    `session` and `flush` as for connect_unix."""
     proto = _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer,
-                            session=session)
+                            session=session, flush=flush)
     await attach_fd(fd, proto)
     return Client(proto, default_timeout=default_timeout)

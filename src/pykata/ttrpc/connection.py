@@ -26,6 +26,7 @@ from pykata.ttrpc._pb import ttrpc_pb2
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameType, encode_frame
+from pykata.ttrpc.session import parse_hello
 
 MAX_STREAM_ID = (1 << 32) - 1
 
@@ -65,7 +66,15 @@ class DataReceived:
     end_stream: bool
 
 
-Event = RequestReceived | ResponseReceived | DataReceived
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    """A host's session hello (pykata.ttrpc.session), at a frame boundary: the owner starts a new
+    session (`new_session`) and echoes `nonce`."""
+
+    nonce: bytes
+
+
+Event = RequestReceived | ResponseReceived | DataReceived | HelloReceived
 
 
 @dataclass(slots=True)
@@ -80,10 +89,12 @@ class _StreamState:
 class Connection:
     """One ttrpc connection's protocol state for the client or the server role."""
 
-    def __init__(self, role: Role, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+    def __init__(self, role: Role, *, max_message_size: int = MAX_MESSAGE_SIZE, sessions: bool = False) -> None:
         """`max_message_size` caps every frame both ways (at most ttrpc's 4 MiB): a bigger frame from
-        the peer is a RemoteProtocolError, a bigger message of ours a LocalProtocolError."""
+        the peer is a RemoteProtocolError, a bigger message of ours a LocalProtocolError.
+        `sessions` (server role): a frame that is a host's session hello is a HelloReceived event."""
         self.role = role
+        self.sessions = sessions and role is Role.SERVER
         self.max_message_size = max_message_size
         self._decoder = FrameDecoder(max_message_size)
         self._next_stream_id = 1
@@ -125,6 +136,8 @@ class Connection:
                             f"connection closed in the middle of a frame ({self._decoder.buffered} bytes)"
                         )
                     return None
+                if self.sessions and (nonce := parse_hello(frame)) is not None:
+                    return HelloReceived(nonce)
                 event = self._handle(frame)
             except RemoteProtocolError as e:
                 self._error = e
@@ -144,6 +157,13 @@ class Connection:
         self._streams.clear()
         self._error = None
         self._eof = False
+        self._highest_request_id = 0
+
+    def new_session(self) -> None:
+        """Forget every stream and error, keep the bytes not decoded yet: they come after a hello and
+        are the new session's."""
+        self._streams.clear()
+        self._error = None
         self._highest_request_id = 0
 
     def _handle(self, frame: Frame) -> Event | None:

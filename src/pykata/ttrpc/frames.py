@@ -110,17 +110,21 @@ class FrameDecoder:
         return Frame(stream_id, FrameType(type_), Flags(flags), data)
 
     def resync(self) -> int:
-        """Drop bytes up to the next position that could start a valid header; return how many."""
+        """Drop bytes up to the next position that could start a valid header; return how many.
+        Nothing is dropped when the next bytes already could (the frame before was whole and only its
+        content was refused). A header's length is at most 4 MiB, so its first byte is 0: the search
+        jumps from one 0 byte to the next (a host's flush, pykata.ttrpc.session, has none)."""
         dropped = 0
-        while True:
-            self._pos += 1
-            dropped += 1
-            if len(self._buf) - self._pos < HEADER_SIZE:
-                # keep the tail: it may be the start of the next header
-                return dropped
-            length, stream_id, type_, _ = HEADER.unpack_from(self._buf, self._pos)
+        buf = self._buf
+        while len(buf) - self._pos >= HEADER_SIZE:
+            length, stream_id, type_, _ = HEADER.unpack_from(buf, self._pos)
             if _header_problem(length, stream_id, type_, self.max_size) is None:
-                return dropped
+                break
+            nxt = buf.find(0, self._pos + 1)
+            nxt = len(buf) if nxt < 0 else nxt
+            dropped += nxt - self._pos
+            self._pos = nxt
+        return dropped
 
     def clear(self) -> None:
         self._buf.clear()

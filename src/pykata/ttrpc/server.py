@@ -34,11 +34,11 @@ from typing import Any
 
 from pykata.errors import PykataError
 from pykata.ttrpc.codes import Code
-from pykata.ttrpc.connection import Connection, DataReceived, Event, RequestReceived, Role
+from pykata.ttrpc.connection import DataReceived, Event, HelloReceived, RequestReceived, Role
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
-from pykata.ttrpc.session import HelloScanner, echo_frame
+from pykata.ttrpc.session import echo_frame
 from pykata.ttrpc.stats import RpcStats
 from pykata.ttrpc.transport import ConnectionProtocol, FdWriter, attach_fd
 
@@ -90,11 +90,13 @@ class _ServerProtocol(ConnectionProtocol):
         super().__init__(Role.SERVER, max_message_size=server.max_message_size)
         self.server = server
         self.resync = resync
-        # host sessions on one byte stream (pykata.ttrpc.session): a hello starts a new one
-        self._hellos = HelloScanner() if sessions else None
+        # host sessions on one byte stream (pykata.ttrpc.session): a hello frame starts a new one
+        self.sessions = sessions
+        self.conn.sessions = sessions
         self.session = 0
-        # bytes of a session before the next hello came (that hello runs `on_first_data` again)
-        self._earlier_bytes = False
+        # whether `on_first_data` ran for bytes no hello has followed yet (the hello that comes next
+        # opens the session it ran for; any later hello opens another and runs it again)
+        self._hook_fresh = False
         self._on_first_data = on_first_data
         # whether the peer sent any bytes (serve_fd's answer)
         self.received = False
@@ -112,25 +114,16 @@ class _ServerProtocol(ConnectionProtocol):
             self.received = True
             if self._on_first_data is not None:
                 self._on_first_data()
-        if self._hellos is None:
-            super().data_received(data)
-            return
-        for piece in self._hellos.feed(data):
-            if self.closed.done():
-                return
-            if isinstance(piece, tuple):
-                if self._earlier_bytes and self._on_first_data is not None:
-                    self._on_first_data()  # a new host session with no end of stream before it
-                self._earlier_bytes = False
-                self._new_session(piece[0])
-            else:
-                self._earlier_bytes = True
-                super().data_received(piece)
+                self._hook_fresh = True
+        super().data_received(data)
 
     def _new_session(self, nonce: bytes) -> None:
         """A host's hello: whatever the earlier session asked is abandoned, its answers are never
         written (the calls are cancelled, and any late write is dropped by its `session`), the
         protocol state starts fresh, and the echo goes out before any answer of the new session."""
+        if not self._hook_fresh and self._on_first_data is not None:
+            self._on_first_data()  # a new host session with no end of stream before it
+        self._hook_fresh = False
         self.session += 1
         old_tasks, old_inbound = self.tasks, self.inbound
         self.tasks, self.inbound, self.inflight_bytes = {}, {}, {}
@@ -139,7 +132,7 @@ class _ServerProtocol(ConnectionProtocol):
             t.cancel()
         for box in old_inbound.values():
             box.queue.put_nowait(None)
-        self.conn = Connection(Role.SERVER, max_message_size=self.server.max_message_size)
+        self.conn.new_session()
         if isinstance(self._writer, FdWriter):
             self._writer.discard_pending()  # unsent bytes of old answers (maybe half a frame)
         with contextlib.suppress(ConnectionResetError):
@@ -171,6 +164,10 @@ class _ServerProtocol(ConnectionProtocol):
             t.resume_reading()
 
     def handle_event(self, event: Event) -> None:
+        if isinstance(event, HelloReceived):
+            self._new_session(event.nonce)
+            return
+        self._hook_fresh = False
         if isinstance(event, RequestReceived):
             self._request(event)
         elif isinstance(event, DataReceived):
@@ -329,9 +326,9 @@ class Server:
         reseeds the guest's CRNG there). It must not raise. With `sessions` it runs again at a hello
         that follows bytes of an earlier session (a new host session without an end of stream).
 
-        With `sessions` (default: the server's), a host's session hello (pykata.ttrpc.session)
-        anywhere in the stream ends the calls of the session before it and is echoed (a byte stream
-        whose peers come and go without the reader seeing an end: a virtio-serial port)."""
+        With `sessions` (default: the server's), a host's session hello (pykata.ttrpc.session) where
+        a frame begins ends the calls of the session before it and is echoed (a byte stream whose
+        peers come and go without the reader seeing an end: a virtio-serial port)."""
         proto = _ServerProtocol(self, resync=resync, sessions=self.sessions if sessions is None else sessions,
                                 on_first_data=on_first_data)
         self._connections.add(proto)

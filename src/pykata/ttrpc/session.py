@@ -13,9 +13,16 @@ So each host session starts with a hello the agent echoes:
 - the host writes `hello_frame(nonce)` (16 random bytes) as its first bytes, then its requests, and
   reads nothing as ttrpc until it has seen `echo_frame(nonce)`: whatever comes before it belongs to
   an earlier session and is dropped (bounded: `EchoHunter.max_stale`);
-- the agent finds the hello anywhere in its input (`find_hello`, even after half a frame of the old
-  session), cancels the old session's calls, drops their answers and what it had not written yet,
-  starts a fresh protocol state and writes the echo before any answer of the new session.
+- the agent takes a hello only where a frame begins (its Connection decodes it as a frame:
+  `parse_hello`), cancels the old session's calls, drops their answers and what it had not written
+  yet, starts a fresh protocol state and writes the echo before any answer of the new session.
+  The same bytes inside a frame are that frame's data: a container's stdin is written by a pod's
+  exec/attach user, who must not be able to end the host's session or speak in a new one (agent
+  protocol 8 at first searched the whole input, payloads included, for a hello);
+- a host cut off in the middle of a frame leaves half of it in the port, and that frame would take
+  the next host's hello as its data: a host that got no echo reconnects with a flush before its
+  hello (`flush_bytes`, Agent.connect), which completes any such frame and leaves the agent's parser
+  at the hello.
 
 The hello is a ttrpc REQUEST on stream 0xFFFFFFFF for a method named after the nonce, so an agent
 that predates sessions (agent protocol < 8) answers it UNIMPLEMENTED with the nonce in its message:
@@ -27,8 +34,10 @@ from __future__ import annotations
 import enum
 import os
 
+from google.protobuf.message import DecodeError
+
 from pykata.ttrpc._pb import ttrpc_pb2
-from pykata.ttrpc.frames import Flags, FrameType, encode_frame
+from pykata.ttrpc.frames import HEADER_SIZE, MAX_MESSAGE_SIZE, Flags, Frame, FrameType, encode_frame
 
 SESSION_SERVICE = "pykata.session.v1.Session"
 SESSION_STREAM = 0xFFFFFFFF
@@ -56,62 +65,35 @@ def echo_frame(nonce: bytes) -> bytes:
     return encode_frame(SESSION_STREAM, FrameType.RESPONSE, Flags.NONE, resp.SerializeToString())
 
 
-_HELLO_SIZE = len(hello_frame(bytes(NONCE_SIZE)))
-# Every hello starts with these bytes (its length, stream id, type, and its request up to the nonce).
-HELLO_MARKER = hello_frame(bytes(NONCE_SIZE))[:_HELLO_SIZE - 2 * NONCE_SIZE]
-HELLO_SIZE = _HELLO_SIZE
-_HEX = frozenset(b"0123456789abcdef")
+def parse_hello(frame: Frame) -> bytes | None:
+    """The nonce of a hello frame, or None when `frame` is anything else. The agent's Connection
+    asks this of each whole frame it decodes, so a hello counts only where a frame begins: the same
+    bytes inside a frame (a container's stdin in a WriteStdin request) are that frame's data."""
+    if frame.stream_id != SESSION_STREAM or frame.type is not FrameType.REQUEST or len(frame.data) > 256:
+        return None
+    req = ttrpc_pb2.Request()
+    try:
+        req.ParseFromString(frame.data)
+    except DecodeError:
+        return None
+    digits = req.method.removeprefix(_METHOD_PREFIX)
+    if (req.service != SESSION_SERVICE or digits == req.method or len(digits) != 2 * NONCE_SIZE
+            or not set(digits) <= _HEX):
+        return None
+    return bytes.fromhex(digits)
 
 
-def find_hello(buf: bytes | bytearray, start: int = 0) -> tuple[int, bytes] | None:
-    """The first complete hello in `buf` at or after `start`: (its offset, its nonce), or None.
-    A marker followed by anything but lower-case hex is not a hello (skipped)."""
-    pos = start
-    while (i := buf.find(HELLO_MARKER, pos)) >= 0:
-        end = i + HELLO_SIZE
-        if end > len(buf):
-            return None
-        digits = bytes(buf[i + len(HELLO_MARKER):end])
-        if all(c in _HEX for c in digits):
-            return i, bytes.fromhex(digits.decode())
-        pos = i + 1
-    return None
+_HEX = frozenset("0123456789abcdef")
+# A flush: bytes no frame header can begin with (a header's length is at most 4 MiB, so its first
+# byte is 0), enough to complete the longest frame a host before us may have cut in half. The agent's
+# parser takes the rest of such a frame from it, then skips what is left (FrameDecoder.resync jumps
+# to the next 0 byte) and finds the hello right after it.
+FLUSH_BYTE = 0xFF
+FLUSH_SIZE = HEADER_SIZE + MAX_MESSAGE_SIZE
 
 
-class HelloScanner:
-    """The agent's side: splits its input into (bytes of the current session, hello nonce) pieces,
-    finding a hello that spans two reads too."""
-
-    def __init__(self) -> None:
-        self._tail = b""  # the last HELLO_SIZE-1 bytes seen (already handed on as data)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | tuple[bytes]]:
-        """Pieces in order: `bytes` are session data; `(nonce,)` is a hello (a new session)."""
-        chunk = bytes(data)
-        out: list[bytes | tuple[bytes]] = []
-        pos = 0  # bytes of chunk handed on
-        if self._tail:
-            # a hello that began in the last read: only the joint is searched (no copy of the chunk)
-            joint = self._tail + chunk[:HELLO_SIZE - 1]
-            found = find_hello(joint)
-            if found is not None and found[0] < len(self._tail):
-                i, nonce = found
-                out.append((nonce,))
-                pos = i + HELLO_SIZE - len(self._tail)
-        while (found := find_hello(chunk, pos)) is not None:
-            i, nonce = found
-            if i > pos:
-                out.append(chunk[pos:i])
-            out.append((nonce,))
-            pos = i + HELLO_SIZE
-        if pos < len(chunk):
-            out.append(chunk[pos:] if pos else chunk)
-        keep = HELLO_SIZE - 1
-        if len(chunk) - pos >= keep:
-            self._tail = chunk[len(chunk) - keep:]
-        else:
-            self._tail = (self._tail + chunk)[-keep:] if pos == 0 else chunk[pos:]
-        return out
+def flush_bytes() -> bytes:
+    return bytes([FLUSH_BYTE]) * FLUSH_SIZE
 
 
 class Hunt(enum.Enum):
