@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from pykata.ttrpc.codes import Code
-from pykata.ttrpc.connection import DataReceived, Event, ResponseReceived, Role
+from pykata.ttrpc.connection import DataReceived, Event, HelloReceived, ResponseReceived, Role
 from pykata.ttrpc.errors import ConnectionClosedError, LocalProtocolError, RpcError, SessionRefused
 from pykata.ttrpc.frames import MAX_MESSAGE_SIZE
 from pykata.ttrpc.service import ServiceLike
@@ -108,6 +108,8 @@ class _ClientProtocol(ConnectionProtocol):
         return super().eof_received()
 
     def handle_event(self, event: Event) -> None:
+        if isinstance(event, HelloReceived):
+            return  # only a server's Connection decodes hellos
         p = self.pending.get(event.stream_id)
         if p is None:
             return
