@@ -129,6 +129,26 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before their children, read from
+    /proc/<pid>/task/*/children (each thread's children). Processes that end meanwhile are skipped;
+    never raises."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError, ValueError):
+                kids = [int(k) for k in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+                out.extend(kids)
+                todo.extend(kids)
+    return out
+
+
 def read_all(s: socket.socket, limit: int) -> bytes:
     """What a stream socket sends until its end or `limit` bytes, whichever comes first."""
     data = b""

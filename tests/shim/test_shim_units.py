@@ -586,3 +586,40 @@ def test_the_pool_kind_a_pod_needs_is_read_from_its_network_namespace(tmp_path: 
     assert _netns_of(tmp_path) is None
     (tmp_path / "config.json").write_text("[not a spec")
     assert _netns_of(tmp_path) is None
+
+
+def test_only_a_process_that_runs_the_shim_is_taken_for_one() -> None:
+    """`delete` asks whether the bundle's shim.pid is still a shim; a reused pid whose process merely
+    names the shim (an editor, grep, a shell comment) is not one (it once matched by substring)."""
+    import subprocess
+    import sys
+
+    from pykata.shim.bootstrap import _is_shim, is_shim_cmdline
+
+    venv_shim = b"/opt/v/bin/containerd-shim-pykata-v2"
+    assert is_shim_cmdline(b"/opt/v/bin/python3.11\0" + venv_shim + b"\0-id\0x\0start\0")
+    assert is_shim_cmdline(b"/opt/v/bin/python3.11 " + venv_shim + b" pool-entry" + b"\0" * 40)  # setproctitle
+    assert is_shim_cmdline(venv_shim + b"\0delete\0")
+    for other in (b"grep\0containerd-shim-pykata-v2\0/var/log/x\0",
+                  b"/bin/sh\0-c\0sleep 30 # containerd-shim-pykata-v2\0",
+                  b"python3\0-c\0pass\0containerd-shim-pykata-v2\0",
+                  b"vim containerd-shim-pykata-v2.log",
+                  b"/opt/v/bin/python3.11\0/opt/v/bin/containerd-shim-pykata-v2-old\0",
+                  b""):
+        assert not is_shim_cmdline(other), other
+    namers = [subprocess.Popen(["/bin/sh", "-c", "sleep 30 # containerd-shim-pykata-v2"]),
+              subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "containerd-shim-pykata-v2"])]
+    runner = subprocess.Popen(["/bin/bash", "-c", f"exec -a {venv_shim.decode()} sleep 30"])
+    try:
+        for p in namers:
+            assert not _is_shim(p.pid)
+        deadline = 50
+        while not _is_shim(runner.pid) and deadline:  # until bash has exec'd
+            deadline -= 1
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert _is_shim(runner.pid)
+    finally:
+        for p in (*namers, runner):
+            p.kill()
+            p.wait()
+    assert not _is_shim(runner.pid)

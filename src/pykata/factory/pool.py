@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.config.schema import Config
-from pykata.fsutil import atomic_write, file_lock, process_alive, read_all, start_ticks
+from pykata.fsutil import atomic_write, descendants, file_lock, process_alive, read_all, start_ticks
 
 log = logging.getLogger("pykata.factory")
 
@@ -219,16 +219,13 @@ def fill_at_idle_priority() -> bool:
 def normal_priority(pid: int) -> None:
     """Every thread of `pid` and of every process below it back under SCHED_OTHER (the waiting VM is
     ready, or has waited IDLE_FILL_LIMIT, or serves a pod). Never raises (threads come and go)."""
-    todo = [pid]
-    while todo:
-        current = todo.pop()
+    for proc in (pid, *descendants(pid)):
         with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
+            for task in os.listdir(f"/proc/{proc}/task"):
                 with contextlib.suppress(OSError, ValueError):
                     tid = int(task)
                     if os.sched_getscheduler(tid) == os.SCHED_IDLE:
                         os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-                    todo.extend(int(k) for k in Path(f"/proc/{current}/task/{task}/children").read_text().split())
 
 
 def mem_available_mib() -> int:

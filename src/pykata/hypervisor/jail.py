@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError
+from pykata.fsutil import descendants
 
 UNSHARE = "unshare"
 SETPRIV = "setpriv"
@@ -151,22 +152,13 @@ def lifeline_target(wrapper_pid: int, binary: str) -> int | None:
     """The pid of `binary` started under lifeline_prefix() by the process `wrapper_pid` (the outer
     `unshare`): what reads the VMM's memory and CPU time must read it, not the wrapper's. None when it
     is not (or no longer) running. Reads /proc/<pid>/task/*/children, a few files deep."""
-    pending = [wrapper_pid]
-    while pending:
-        pid = pending.pop()
+    for child in descendants(wrapper_pid):  # parents first: the wrappers, then the program
         try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-            children = [int(c) for t in tasks for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
-        except (OSError, ValueError):
+            argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
             continue
-        for child in children:
-            try:
-                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0", 1)[0]
-            except OSError:
-                continue
-            if argv0 == os.fsencode(binary):
-                return child
-            pending.append(child)
+        if argv0 == os.fsencode(binary):
+            return child
     return None
 
 

@@ -336,14 +336,35 @@ def _read_int(path: Path) -> int | None:
 
 
 def _is_shim(pid: int | None) -> bool:
+    """Whether `pid` (the bundle's shim.pid) is still a live shim: a root process whose command line
+    runs this shim (is_shim_cmdline), not a zombie. A pid reused by any other process is not, even
+    one whose arguments name the shim (`grep containerd-shim-pykata-v2`)."""
     if not pid:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         st = Path(f"/proc/{pid}/stat").read_text()
+        uid = os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return False
-    return SHIM_NAME.encode() in cmdline and st.rsplit(")", 1)[-1].split()[0] != "Z"
+    return uid == os.getuid() and is_shim_cmdline(cmdline) and st.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def is_shim_cmdline(cmdline: bytes) -> bool:
+    """Whether a /proc/<pid>/cmdline runs the shim: its program is the shim (argv[0]), or a Python
+    interpreter whose script is (argv[1]). A shim forked by the fork server named itself with
+    setproctitle (one string, arguments joined by spaces, NUL padding): split at spaces then."""
+    argv = [a for a in cmdline.split(b"\0") if a]
+    if len(argv) == 1:
+        argv = argv[0].split()
+    name = SHIM_NAME.encode()
+
+    def base(arg: bytes) -> bytes:
+        return arg.rsplit(b"/", 1)[-1]
+
+    if argv and base(argv[0]) == name:
+        return True
+    return len(argv) > 1 and base(argv[0]).startswith(b"python") and base(argv[1]) == name
 
 
 def _shutdown(path: Path, container_id: str) -> None:

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from pykata.agentapi import AgentCallError
@@ -18,6 +17,7 @@ from pykata.errors import (
     InvalidArgument,
     PykataError,
 )
+from pykata.fsutil import descendants
 from pykata.network import NetworkError, PoolMismatch, spec_netns
 from pykata.protocols import events_pb2
 from pykata.resources import cgroups, sizing
@@ -132,7 +132,7 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
     if st.cgroup is not None:
         cg = st.cgroup[0]
         try:
-            for pid in _descendants(os.getpid()):
+            for pid in descendants(os.getpid()):
                 cg.add_process(pid)
         except cgroups.CgroupError as e:
             log.warning("the pooled VM stays outside the pod's cgroup: %s", e)
@@ -183,21 +183,6 @@ def refill_pool(config: Config, st: TaskState | None = None) -> None:
         return pid
 
     fill(config, entry_argv(), not_the_pods, forked)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (QEMU behind its lifeline wrappers), parents first."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{parent}/task"):
-                with contextlib.suppress(OSError, ValueError):
-                    kids = [int(k) for k in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
-                    out.extend(kids)
-                    todo.extend(kids)
-    return out
 
 
 def join_cgroup(st: TaskState, config: Config, spec: dict[str, Any]) -> None:
