@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pykata.config import load_config
+from pykata.fsutil import descendants
 from pykata.sandbox import state
 from pykata.sandbox.lookup import find
 from pykata.sandbox.remote import AttachedSandbox
@@ -199,15 +199,6 @@ def test_rm_force_of_a_running_container() -> None:
         pykata("cleanup")
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                found += [int(child), *_descendants(int(child))]
-    return found
-
-
 @pytest.mark.vm
 def test_run_whose_vm_dies_fails_without_a_traceback() -> None:
     """QEMU killed under a running `pykata run`: the VM's death and the failed call, one line each, and
@@ -217,7 +208,7 @@ def test_run_whose_vm_dies_fails_without_a_traceback() -> None:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert p.stdout is not None and p.stdout.readline() == b"up\n"
-        qemu = [q for q in _descendants(p.pid) if Path(f"/proc/{q}/comm").read_text().startswith("qemu-system")]
+        qemu = [q for q in descendants(p.pid) if Path(f"/proc/{q}/comm").read_text().startswith("qemu-system")]
         assert len(qemu) == 1, qemu
         os.kill(qemu[0], signal.SIGKILL)
         _, err = p.communicate(timeout=120)
