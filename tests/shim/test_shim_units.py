@@ -623,3 +623,32 @@ def test_only_a_process_that_runs_the_shim_is_taken_for_one() -> None:
             p.kill()
             p.wait()
     assert not _is_shim(runner.pid)
+
+
+def test_install_containerd_names_a_bad_config_path(tmp_path: Path) -> None:
+    """`pykata install containerd --config`: a path in a directory that does not exist (a typo) was
+    planned as a new file (and --write made the directories), unreadable or unwritable ones gave
+    Python's errno text without the option; each now names --config and the path, no traceback."""
+    import subprocess
+    import sys
+
+    pykata = [str(Path(sys.executable).parent / "pykata"), "install", "containerd"]
+    missing_dir = tmp_path / "no-such-dir" / "config.toml"
+    with pytest.raises(InstallError, match=rf"--config {missing_dir}: {missing_dir.parent} does not exist"):
+        plan_config(missing_dir)
+    not_text = tmp_path / "binary.toml"
+    not_text.write_bytes(b"\xff\xfe\x00")
+    cases = {missing_dir: "does not exist", tmp_path: "cannot read it: Is a directory",
+             not_text: "not a text file", tmp_path / "f" / "config.toml": "cannot read it: Not a directory"}
+    (tmp_path / "f").write_text("a file, not a directory")
+    for path, why in cases.items():
+        p = subprocess.run([*pykata, "--write", "--config", str(path), "--bin-dir", str(tmp_path / "bin")],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and p.stderr.startswith(f"pykata: --config {path}: "), p.stderr
+        assert why in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not missing_dir.parent.exists() and not (tmp_path / "bin").exists()
+    # /proc takes no new files: the plan is a new file there, the write fails
+    p = subprocess.run([*pykata, "--write", "--config", "/proc/pykata-test.toml", "--bin-dir", str(tmp_path / "bin")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("pykata: --config /proc/pykata-test.toml: cannot write it: "), \
+        p.stderr

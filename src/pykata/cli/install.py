@@ -32,16 +32,23 @@ class InstallError(PykataError):
 
 
 def _read_config(path: Path) -> tuple[str, dict[str, Any]]:
+    """The file's text and table; ("", {}) when it does not exist yet in a directory that does (a
+    containerd that runs on its defaults). Raises InstallError naming --config and the path."""
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise InstallError(f"--config {path}: {path.parent} does not exist (a mistyped path? is containerd "
+                               "installed?); a new configuration file is made only in an existing directory") from None
         return "", {}
     except OSError as e:
-        raise InstallError(f"{path}: {e.strerror}") from None
+        raise InstallError(f"--config {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InstallError(f"--config {path}: not a text file") from None
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise InstallError(f"{path}: not valid TOML ({e}); fix it first") from None
+        raise InstallError(f"--config {path}: not valid TOML ({e}); fix it first") from None
 
 
 def _runtimes(data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -56,13 +63,14 @@ def plan_config(path: Path) -> tuple[str | None, str]:
     text, data = _read_config(path)
     version = data.get("version", 2 if not text else 1)
     if version not in RUNTIMES_TABLE:
-        raise InstallError(f"{path}: version = {version!r}: pykata knows containerd configuration versions 1, 2 and 3")
+        raise InstallError(f"--config {path}: version = {version!r}: pykata knows containerd configuration "
+                           "versions 1, 2 and 3")
     block = snippet(version)
     runtimes = _runtimes(data, version)
     if any(isinstance(r, dict) and r.get("runtime_type") == RUNTIME_TYPE for r in runtimes.values()):
         return None, block
     if "pykata" in runtimes:
-        raise InstallError(f"{path}: a runtime named pykata exists with another runtime_type; edit it by hand")
+        raise InstallError(f"--config {path}: a runtime named pykata exists with another runtime_type; edit it by hand")
     new = text if text else "version = 2\n"
     if not new.endswith("\n"):
         new += "\n"
@@ -70,7 +78,7 @@ def plan_config(path: Path) -> tuple[str | None, str]:
     try:
         tomllib.loads(new)
     except tomllib.TOMLDecodeError as e:  # appending must never leave containerd an unreadable file
-        raise InstallError(f"{path}: adding the runtime would make it invalid ({e})") from None
+        raise InstallError(f"--config {path}: adding the runtime would make it invalid ({e})") from None
     return new, block
 
 
@@ -84,16 +92,20 @@ def shim_executable() -> Path:
 
 
 def link_shim(bin_dir: Path, target: Path) -> str:
-    """Make bin_dir/containerd-shim-pykata-v2 point at `target`; says what it did. Raises InstallError."""
+    """Make bin_dir/containerd-shim-pykata-v2 point at `target`; says what it did. Raises InstallError
+    naming --bin-dir."""
     link = bin_dir / SHIM_BINARY
-    if link.is_symlink():
-        if Path(os.readlink(link)) == target:
-            return f"{link} -> {target} (already)"
-        link.unlink()
-    elif link.exists():
-        raise InstallError(f"{link} exists and is not a link; remove it or pass --bin-dir")
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target)
+    try:
+        if link.is_symlink():
+            if Path(os.readlink(link)) == target:
+                return f"{link} -> {target} (already)"
+            link.unlink()
+        elif link.exists():
+            raise InstallError(f"--bin-dir {bin_dir}: {link} exists and is not a link; remove it or pass --bin-dir")
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    except OSError as e:
+        raise InstallError(f"--bin-dir {bin_dir}: cannot link {link}: {e.strerror}") from None
     return f"{link} -> {target}"
 
 
@@ -120,7 +132,10 @@ def containerd(write: bool, config_path: Path, bin_dir: Path) -> None:
             click.echo("# run again with --write to apply, then restart containerd")
             return
         if new_text is not None:
-            atomic_write(config_path, new_text, mode=KEEP_MODE)
+            try:
+                atomic_write(config_path, new_text, mode=KEEP_MODE, make_parents=False)
+            except OSError as e:
+                raise InstallError(f"--config {config_path}: cannot write it: {e.strerror}") from None
             click.echo(f"added the pykata runtime to {config_path}")
         else:
             click.echo(f"{config_path} already registers {RUNTIME_TYPE}")
@@ -146,7 +161,10 @@ def crio(write: bool, dropin: Path) -> None:
             click.echo(f"# {dropin} (then restart CRI-O):")
             click.echo(text, nl=False)
             return
-        atomic_write(dropin, text, mode=KEEP_MODE)
+        try:
+            atomic_write(dropin, text, mode=KEEP_MODE, make_parents=False)
+        except OSError as e:
+            raise InstallError(f"--dropin {dropin}: cannot write it: {e.strerror}") from None
         click.echo(f"wrote {dropin}; restart CRI-O to load it (systemctl restart crio)")
     except (InstallError, OSError) as e:
         click.echo(f"pykata: {e}", err=True)
