@@ -23,6 +23,16 @@ Phases (host wall clock unless noted):
   to-init      QEMU start until the kernel prints "Run /init" (host clock; image only, which therefore
                boots without "quiet")
   userspace    from "Run /init" until the agent is ready (image only: init script + Python agent)
+  image only, from the guest's boot marks (kernel parameter pykata.boot_marks=1, see guestimage/init),
+  each as QEMU CPU seconds (cpu-*: what the phase costs whatever the host's load) and host wall
+  seconds (wall-*):
+    *-unpack   QEMU start until the kernel starts unpacking the initramfs
+    *-initrd   unpacking it (until "Freeing initrd memory")
+    *-kernel   the rest of the kernel, until "Run /init"
+    *-init     the init script, from "Run /init" until it execs Python
+    *-python   Python's own start, until the agent's first line runs
+    *-imports  importing the agent
+    *-agent    the agent's start until it serves (PYKATA_AGENT_READY)
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
   qemu-cpu     CPU seconds QEMU used until ready (all threads): what `ready` would be on an idle host
                with a spare core, useful when the machine is busy
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -75,6 +86,10 @@ until echo PYKATA_CHANNEL_READY > $port; do sleep 0.01; done 2>/dev/null
 while true; do sleep 1000; done
 """
 _T = re.compile(r"PYKATA_T (\w+) ([\d.]+)")
+# Console lines that end each phase of the image guest's boot, in order (see guestimage/init).
+BOOT_MARKS = (("unpack", b"Unpacking initramfs"), ("initrd", b"Freeing initrd memory"), ("kernel", b"Run /init"),
+              ("init", b"PYKATA_BOOT exec "), ("python", b"PYKATA_BOOT py "), ("imports", b"PYKATA_BOOT imported "),
+              ("agent", b"PYKATA_AGENT_READY"))
 
 
 def make_config(workdir: Path, memory: int, verbose_kernel: bool = False) -> Config:
@@ -138,10 +153,40 @@ async def seen_at(console: Path, marker: bytes) -> float:
         await asyncio.sleep(0.002)
 
 
+def qemu_cpu(pid: int) -> float:
+    """CPU seconds all of QEMU's threads have run (schedstat: nanoseconds, unlike cpu_times' ticks)."""
+    total = 0
+    for tid in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that just ended
+            total += int((tid / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+async def boot_marks(vm: QemuHypervisor, t0: float, out: dict[str, float]) -> None:
+    """Fill `out` with cpu-<phase> and wall-<phase> as each BOOT_MARKS line appears on the console."""
+    assert vm.pid is not None
+    at = 0
+    last_cpu = last_wall = 0.0
+    while at < len(BOOT_MARKS):
+        try:
+            log = vm.console_log.read_bytes()
+        except FileNotFoundError:
+            log = b""
+        while at < len(BOOT_MARKS) and BOOT_MARKS[at][1] in log:
+            cpu, wall = qemu_cpu(vm.pid), time.monotonic() - t0
+            name = BOOT_MARKS[at][0]
+            out[f"cpu-{name}"], out[f"wall-{name}"] = cpu - last_cpu, wall - last_wall
+            last_cpu, last_wall = cpu, wall
+            at += 1
+        await asyncio.sleep(0.002)
+
+
 async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path) -> dict[str, float]:
     readiness = channel_first_byte if guest == "tiny" else None
     vm: Hypervisor | None = None
     init_seen: asyncio.Task[float] | None = None
+    marking: asyncio.Future[None] | None = None
+    marks: dict[str, float] = {}
     try:
         waiting: dict[str, float] = {}
         if guest in ("clone", "prestarted"):
@@ -157,9 +202,13 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
                 waiting = {"waiting-pss": qemu.memory_full_info().pss / 2**20, "waiting-cpu": cpu.user + cpu.system}
                 await vm.start()
         else:
-            vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness)
+            params = ("pykata.boot_marks=1",) if guest == "image" else ()
+            vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness,
+                                extra_kernel_params=params)
             await vm.prepare()
             await vm.start()
+            if guest == "image":
+                marking = asyncio.ensure_future(boot_marks(vm, vm.timestamps["start"], marks))
         assert isinstance(vm, QemuHypervisor)
         if guest == "image":
             # Needs the kernel's info messages: the image guest boots without "quiet".
@@ -167,9 +216,11 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
         starvation = Starvation(vm.pid)  # (from just after QEMU's start: its first ms are not counted)
         await vm.wait_ready(60)
         starved = starvation()
+        if marking is not None:  # the READY line may be read a poll after wait_ready saw it
+            await asyncio.wait({marking}, timeout=1)
         ts = vm.timestamps
         t0 = ts["load"] if guest == "prestarted" else ts["start"]
-        out = {"ready": ts["ready"] - t0, **waiting}
+        out = {"ready": ts["ready"] - t0, **waiting, **marks}
         if guest != "prestarted":
             out |= {"spawn": ts["qemu_spawned"] - t0, "qmp": ts["qmp_connected"] - t0}
         if "resumed" in ts:
@@ -193,6 +244,8 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
     finally:
         if init_seen is not None:
             init_seen.cancel()
+        if marking is not None:
+            marking.cancel()
         stop_at = time.monotonic()
         if vm is not None:
             await vm.stop()
@@ -201,7 +254,9 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
 
 
 ORDER = ["template-make", "waiting-pss", "waiting-cpu", "spawn", "qmp", "restore", "pre-kernel", "kernel", "init",
-         "to-init", "userspace", "ready", "qemu-cpu", "qemu-starved", "stop"]
+         "to-init", "userspace",
+         *(f"{kind}-{name}" for kind in ("wall", "cpu") for name, _ in BOOT_MARKS),
+         "ready", "qemu-cpu", "qemu-starved", "stop"]
 # How long a pre-started QEMU waits before its state is loaded (its set-up is then surely over).
 PRESTART_SETTLE = 0.3
 

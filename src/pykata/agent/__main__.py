@@ -1,5 +1,5 @@
-"""`python -m pykata.agent`: the guest init runs the agent this way."""
+"""`python -m pykata.agent` (the guest's init runs `pykata.agent.boot.boot()` directly)."""
 
-from pykata.agent.main import main
+from pykata.agent.boot import boot
 
-raise SystemExit(main())
+boot()
