@@ -95,3 +95,23 @@ def test_agent_imports_only_what_the_guest_has() -> None:
     found = set(proc.stdout.split())
     assert "pykata" in found
     assert found <= {"pykata", "google"}, found
+
+
+def test_agent_start_up_defers_protobufs_python_runtime_and_messages_still_work() -> None:
+    """pykata.agent.boot: protobuf's pure-Python message runtime (and text_format, decoder, ...
+    which it imports) is not loaded by importing the agent, yet messages encode, decode and print,
+    and the module loads when something touches it."""
+    code = (
+        "import sys; from pykata.agent.boot import defer_imports; defer_imports(); "
+        "import pykata.agent.main; from pykata.protocols.agent import agent_pb2; "
+        "loaded = [m for m in ('google.protobuf.text_format', 'google.protobuf.internal.decoder') "
+        "if m in sys.modules]; "
+        "req = agent_pb2.CheckRequest(service='x'); "
+        "assert agent_pb2.CheckRequest.FromString(req.SerializeToString()).service == 'x'; "
+        "assert 'x' in str(req); "
+        "from google.protobuf.internal import python_message; python_message._AttachFieldHelpers; "
+        "print('loaded:', *loaded, 'text_format' in sys.modules['google.protobuf.text_format'].__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["loaded:", "True"], proc.stdout
