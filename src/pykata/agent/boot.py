@@ -19,8 +19,6 @@ import sys
 
 # Imported by google.protobuf.descriptor_pool; used there only by the pure-Python implementation.
 DEFERRED_MODULES = ("google.protobuf.internal.python_message",)
-# Set by the init script (kernel parameter pykata.boot_marks=1): print boot phase marks.
-BOOT_MARKS_ENV = "PYKATA_BOOT_MARKS"
 
 
 def defer_imports(names: tuple[str, ...] = DEFERRED_MODULES) -> None:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pykata.agent.boot import BOOT_MARKS_ENV
 from pykata.agent.channel import DEFAULT_PORT_NAME, ChannelError, parse_channel, serve_serial, serve_vsock
 from pykata.agent.entropy import reseed_crng
 from pykata.agent.health import HealthService
@@ -26,6 +25,8 @@ log = logging.getLogger("pykata.agent")
 
 # Written to the console once the agent serves: boot benchmarks and the VM tests look for it.
 READY_LINE = "PYKATA_AGENT_READY"
+# Set by the init script (kernel parameter pykata.boot_marks=1): print boot phase marks.
+BOOT_MARKS_ENV = "PYKATA_BOOT_MARKS"
 
 
 def build_server(agent: AgentService | None = None) -> Server:
