@@ -46,6 +46,8 @@ class FakeHostileAgent:
         self.calls: list[str] = []
         self.details = agent_pb2.GuestDetailsResponse(online_cpus=1, mem_total_bytes=1 << 30)
         self.old = False  # an agent before GetGuestMetrics: answers it UNIMPLEMENTED
+        self.tick = True  # whether its coarse clock moves (a guest with a timer tick)
+        self._frozen_tick = time.monotonic_ns()
         self.protocol = PROTOCOL_VERSION  # what it says in Version
 
     def __getattr__(self, rpc: str) -> Any:
@@ -53,6 +55,10 @@ class FakeHostileAgent:
             self.calls.append(rpc)
             if self.old and rpc == "GetGuestMetrics":
                 raise Unimplemented("no such method")
+            if rpc == "Check":
+                now = time.monotonic_ns()
+                return agent_pb2.HealthCheckResponse(status=agent_pb2.HealthCheckResponse.SERVING, clock_ns=now,
+                                                     tick_clock_ns=now if self.tick else self._frozen_tick)
             if rpc == "Version":
                 return agent_pb2.VersionCheckResponse(agent_version="fake", protocol_version=self.protocol)
             return {"GetGuestDetails": self.details, "GetGuestMetrics": self.metrics, "StatsContainer": self.stats,
@@ -103,6 +109,28 @@ async def test_honest_answers_are_reported(fake_sandbox: tuple[Config, FakeHosti
     assert samples(f, "pykata_shim_rpc_errors") == [({**me, "method": "Create"}, 1.0)]
     assert samples(f, "pykata_shim_events_dropped") == [(me, 4.0)]
     assert samples(f, "pykata_shim_threads")[0][1] >= 1  # the owner (this process) is read from /proc
+    await scraper.close()
+
+
+async def test_a_guest_whose_tick_died_is_reported_by_the_next_collection(
+        fake_sandbox: tuple[Config, FakeHostileAgent, str]) -> None:
+    """The collections' Check answers compare the guest's two clocks (Agent.connect's dead-tick check, kept
+    up for the sandbox's life at one small call per collection): no figure after the first collection,
+    0 while the coarse clock moves, 1 once it stood still for a whole interval."""
+    config, agent, sid = fake_sandbox
+    scraper = Scraper(config)
+    me = {"sandbox_id": sid}
+    assert samples(await scraper.scrape(), "pykata_guest_tick_stalled") == []
+    await asyncio.sleep(0.25)
+    assert samples(await scraper.scrape(), "pykata_guest_tick_stalled") == [(me, 0.0)]
+    agent.tick = False
+    agent._frozen_tick = time.monotonic_ns()
+    await scraper.scrape()
+    await asyncio.sleep(0.25)  # replies.TICK_STALL_NS
+    f = await scraper.scrape()
+    assert samples(f, "pykata_guest_tick_stalled") == [(me, 1.0)]
+    assert samples(f, "pykata_agent_up") == [(me, 1.0)]  # it answers: only its tick is dead
+    assert agent.calls.count("Check") == 4
     await scraper.close()
 
 

@@ -220,6 +220,12 @@ class Agent:
             if replies.tick_stalled(first, now):
                 raise GuestTickError(self.sandbox_id, now.tick_clock_ns, now.clock_ns - first.clock_ns)
 
+    async def clocks(self, *, timeout: float | None = REQUEST_TIMEOUT) -> replies.GuestClocks | None:
+        """The guest's monotonic and coarse clocks, by a Check (None from an agent that sends none); two
+        of them a while apart tell a dead timer tick (replies.tick_stalled). Raises AgentCallError,
+        AgentReplyError."""
+        return self._checked("Check", replies.guest_clocks, await self._check(timeout))
+
     async def health(self, timeout: float = 2.0) -> bool:
         """Like check(), but False instead of an error."""
         try:

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from pykata.agentapi.errors import AgentCallError
+from pykata.agentapi.replies import GuestClocks, tick_stalled
 from pykata.config import Config
 from pykata.errors import Code, PykataError
 from pykata.ids import names_vm
@@ -75,6 +76,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "pykata_shim_events_dropped": ("counter", "Task events the shim dropped (guest-caused over their rate, "
                                    "or undeliverable)."),
     "pykata_agent_up": ("gauge", "1 when the agent answered the last collection in time and in contract, else 0."),
+    "pykata_guest_tick_stalled": ("gauge", "1 when the guest's timer tick is dead: its coarse clock stood still "
+                                  "between the last two collections while its monotonic clock went on (its "
+                                  "sleeps and timeouts never end), else 0."),
     "pykata_agent_cpu_seconds": ("counter", "CPU time of the agent's process in the guest, by mode."),
     "pykata_agent_resident_memory_bytes": ("gauge", "RSS of the agent's process in the guest."),
     "pykata_agent_threads": ("gauge", "Threads of the agent's process in the guest."),
@@ -266,6 +270,9 @@ class SandboxProbe:
         self.record = record
         self._sandbox: AttachedSandbox | None = None
         self.old_agent = False  # it answered GetGuestMetrics UNIMPLEMENTED: ask GetGuestDetails instead
+        # the guest's clocks at the last collection: the next one's tell a dead timer tick at no cost of
+        # its own (Agent.connect checks the tick once, when the host connects; this keeps checking it)
+        self._clocks: GuestClocks | None = None
 
     async def _metrics(self, sb: AttachedSandbox, timeout: float) -> agent_pb2.GuestMetrics:
         if not self.old_agent:
@@ -293,15 +300,29 @@ class SandboxProbe:
             running = [c.id for c in self.record.containers.values() if c.status == "running"]
             running = running[:MAX_CONTAINERS_SCRAPED]
             # one connection multiplexes the calls: the guest answers them concurrently
-            metrics, stats = await asyncio.gather(
-                self._metrics(sb, timeout), asyncio.gather(*(sb.stats_container(c, timeout=timeout) for c in running)))
+            metrics, stats, clocks = await asyncio.gather(
+                self._metrics(sb, timeout), asyncio.gather(*(sb.stats_container(c, timeout=timeout) for c in running)),
+                sb.guest_clocks(timeout=timeout))
             rows = _guest_rows(metrics, list(zip(running, stats, strict=True)), vcpus, memory)
+            rows += self._tick_rows(clocks)
             if self.old_agent:  # only what GetGuestDetails told: no zeros standing in for the rest
                 rows = [r for r in rows if r[0] in DETAILS_FAMILIES or r[0].startswith("pykata_guest_container_")]
             return rows
         except BaseException:
             await self.close()
             raise
+
+    def _tick_rows(self, clocks: GuestClocks | None) -> list[tuple[str, float, dict[str, str]]]:
+        """pykata_guest_tick_stalled from this collection's clocks and the last one's (none before a
+        second collection, or from an agent that sends no clocks)."""
+        previous, self._clocks = self._clocks, clocks
+        if previous is None or clocks is None or clocks.clock_ns < previous.clock_ns:  # a restored snapshot
+            return []
+        stalled = tick_stalled(previous, clocks)
+        if stalled:
+            log.warning("sandbox %s: the guest has no timer tick (its coarse clock stood at %d ns for %.1f s)",
+                        self.record.id, clocks.tick_clock_ns, (clocks.clock_ns - previous.clock_ns) / 1e9)
+        return [("pykata_guest_tick_stalled", float(stalled), {})]
 
     async def owner(self, timeout: float) -> list[tuple[str, float, dict[str, str]]]:
         """The owner's rows. Raises PykataError, TimeoutError, OSError."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pykata.agentapi import Agent, generic
+from pykata.agentapi.replies import GuestClocks
 from pykata.errors import AgentError
 from pykata.protocols.agent import agent_pb2
 from pykata.protocols.owner import OWNER_SERVICE, owner_pb2
@@ -72,6 +73,10 @@ class AttachedSandbox:
     async def guest_metrics(self, *, timeout: float | None = 30.0) -> agent_pb2.GuestMetrics:
         """The guest's and its agent's figures (agent GetGuestMetrics, checked by agentapi). Raises AgentError."""
         return await self._agent.get_guest_metrics(timeout=timeout)
+
+    async def guest_clocks(self, *, timeout: float | None = 30.0) -> GuestClocks | None:
+        """The guest's monotonic and coarse clocks (agentapi Agent.clocks). Raises AgentError."""
+        return await self._agent.clocks(timeout=timeout)
 
     async def owner_metrics(self, *, timeout: float | None = 5.0) -> owner_pb2.OwnerMetrics:
         """What the sandbox's owner process (shim, CLI, SDK) counted: RPCs it served and made, events.
