@@ -58,6 +58,8 @@ from pykata.config import load_config  # noqa: E402
 from pykata.images import ImageStore  # noqa: E402
 from pykata.images.builtin import export_oci_archive  # noqa: E402
 from pykata.sandbox import sandboxes_dir  # noqa: E402
+from pykata.timing import ENV as TIMING_ENV  # noqa: E402
+from pykata.timing import mark  # noqa: E402
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, RUNC_RUNTIME, Containerd  # noqa: E402
 
 
@@ -226,8 +228,78 @@ def pool_cpu() -> dict[int, dict[int, float]]:
     return {e.pid: tree_cpu(e.pid) for e in pool.list_entries(load_config()) if e.alive}
 
 
+# --timeline: (column, mark, whose mark) per container, in the order of one pooled start; whose: the
+# bench ("bench"), `shim start` as containerd ran it ("start"), its child of the fork server that ran
+# it ("forked"), or the pod's shim ("shim"); a mark ending in "@" is followed by the container id
+TIMELINE = [
+    ("ctr", "bench.begin@", "bench"), ("exec", "start.exec", "start"), ("fork", "start.forked", "forked"),
+    ("claim", "start.claim", "forked"), ("accept", "pool.accepted", "shim"), ("answer", "pool.answered", "shim"),
+    ("claimd", "start.claimed", "forked"), ("nopool", "start.unclaimed", "forked"), ("answr", "start.done", "start"),
+    ("Create", "task.Create@", "shim"), ("adopt", "vm.start", "shim"), ("resume", "vm.started", "shim"),
+    ("clock", "guest.clock", "shim"), ("prep", "guest.prepared", "shim"), ("gsbx", "guest.sandbox", "shim"),
+    ("rootfs", "rootfs.mounted", "shim"), ("crun", "guest.created", "shim"), ("C.done", "task.Create@.done", "shim"),
+    ("Start", "task.Start@", "shim"), ("S.done", "task.Start@.done", "shim"), ("ctr.end", "bench.end@", "bench"),
+]
+
+
+def timeline(path: Path, shim_pids: dict[str, int], t0_ns: int) -> list[str]:
+    """One line per container (in the order they began): when each TIMELINE mark happened, in ms
+    after the run began (`-` when it did not)."""
+    by_pid: dict[int, list[tuple[int, str]]] = {}
+    owner: dict[int, tuple[str, str]] = {}  # pid -> (container, "start" | "forked")
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        ns, pid, name = int(parts[0]), int(parts[1]), parts[2]
+        by_pid.setdefault(pid, []).append((ns, name))
+        if name.startswith("start.id@"):
+            owner[pid] = (name.split("@", 1)[1], "start")
+    for pid, marks in by_pid.items():
+        if pid in owner and any(n == "start.forked" for _, n in marks):
+            owner[pid] = (owner[pid][0], "forked")
+    rows = []
+    bench = by_pid.get(os.getpid(), [])
+    for cid in sorted(shim_pids, key=lambda c: next((ns for ns, n in bench if n == f"bench.begin@{c}"), 0)):
+        whose = {"bench": bench, "shim": by_pid.get(shim_pids[cid], [])}
+        for pid, (c, kind) in owner.items():
+            if c == cid:
+                whose[kind] = by_pid[pid]
+        cells = []
+        for _, name, who in TIMELINE:
+            want = name.replace("@", f"@{cid}" + ("/" if name.startswith("task.") else ""), 1) \
+                if "@" in name else name
+            at = next((ns for ns, n in whose.get(who, []) if n == want), None)
+            cells.append(f"{(at - t0_ns) / 1e6:7.0f}" if at is not None else f"{'-':>7}")
+        rows.append(f"{cid[-8:]:>8} " + "".join(cells))
+    return [f"{'ms':>8} " + "".join(f"{c:>7}" for c, _, _ in TIMELINE), *rows]
+
+
+def host_busy(samples: list[tuple[float, float, float]], step: float = 0.5) -> str:
+    """The host's CPU use (in cores) per `step` seconds, from /proc/stat samples (t, busy, total)."""
+    out = []
+    cores = os.cpu_count() or 1
+    i = 0
+    while i < len(samples) - 1:
+        j = i + 1
+        while j < len(samples) - 1 and samples[j][0] - samples[i][0] < step:
+            j += 1
+        _, busy, total = samples[i]
+        _, busy2, total2 = samples[j]
+        out.append(f"{cores * (busy2 - busy) / max(1e-9, total2 - total):.1f}")
+        i = j
+    return " ".join(out)
+
+
+def proc_stat() -> tuple[float, float]:
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
-               opts: tuple[str, ...] = (), pooled: bool = False) -> dict[str, Any]:
+               opts: tuple[str, ...] = (), pooled: bool = False,
+               timing: Path | None = None) -> dict[str, Any]:
     """`count` `ctr run -d`, `concurrency` at a time: containers per second and the CPU seconds per
     container. The CPU is what each container's own processes used from their start until all had
     started (pykata: its shim and QEMU, the guest included; runc: its shim and the container's
@@ -235,7 +307,9 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
     not count in it; beside it, containerd's (with its short-lived `shim start`/`delete` children) and
     the `ctr` clients', measured as differences over the run. `pooled`: the pool's waiting VMs' CPU
     before the claim (their fill, off the start path) is taken out of the containers' and reported
-    apart, with the CPU of the VMs the pool started during the run (its refill)."""
+    apart, with the CPU of the VMs the pool started during the run (its refill). `timing`: the
+    PYKATA_TIMING_FILE containerd got; the result then has a timeline of each container's start (when
+    each phase began), the host's CPU use and the pool's ready VMs every half second."""
     ids = [f"rate-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     before = pool_cpu() if pooled else {}
     # each waiting VM's CPU until it was claimed: the last sample while it was still in the pool (it
@@ -243,12 +317,25 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
     last_seen: dict[int, dict[int, float]] = dict(before)
     done = threading.Event()
 
+    busy: list[tuple[float, float, float]] = []
+    ready_seen: list[tuple[float, int, int]] = []
+
     def sample() -> None:
         while not done.wait(0.05):
-            last_seen.update(pool_cpu())
+            if pooled:
+                last_seen.update(pool_cpu())
+            if timing is not None:
+                busy.append((time.monotonic(), *proc_stat()))
+                if pooled:
+                    from pykata.factory import pool
+
+                    entries = [e for e in pool.list_entries(load_config()) if e.alive]
+                    ready_seen.append((time.monotonic(), sum(e.ready for e in entries), len(entries)))
 
     sampler = threading.Thread(target=sample, daemon=True)
-    if pooled:
+    if pooled or timing is not None:
+        if timing is not None:
+            timing.write_bytes(b"")
         sampler.start()
     ctd_proc = psutil.Process(ctd.proc.pid) if ctd.proc is not None else None
     ctd_before = cpu_s([ctd_proc.pid]) if ctd_proc is not None else 0.0
@@ -258,25 +345,31 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
     kids_before = os.times()
     try:
         at_own_start: dict[str, float] = {}
+        shim_pids: dict[str, int] = {}
 
         def start_one(cid: str) -> None:
+            mark(f"bench.begin@{cid}")
             start_detached(ctd, runtime, cid, opts)
+            mark(f"bench.end@{cid}")
             # its shim's process tree (QEMU included) as its `ctr run -d` returned: what its own start
             # cost, without the idle VM's CPU while the others start
             shim = ctd.bundle(cid) / "shim.pid"
-            tree = tree_cpu(int(shim.read_text())) if shim.exists() else {}
+            if shim.exists():
+                shim_pids[cid] = int(shim.read_text())
+            tree = tree_cpu(shim_pids[cid]) if cid in shim_pids else {}
             at_own_start[cid] = sum(c - seen_before(q) for q, c in tree.items())
 
         def seen_before(pid: int) -> float:
             return next((t[pid] for t in list(last_seen.values()) if pid in t), 0.0)
 
         start = time.perf_counter()
+        t0_ns = time.monotonic_ns()
         with ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(start_one, ids))
         elapsed = time.perf_counter() - start
         kids_after = os.times()
         done.set()
-        if pooled:
+        if pooled or timing is not None:
             sampler.join()
         seen_pid = {pid: c for tree in last_seen.values() for pid, c in tree.items()}
         by_kind: dict[str, float] = {}
@@ -296,6 +389,13 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
             "fork_server_cpu_s": round((cpu_s([server]) - server_before) / count, 3) if server is not None else 0.0,
             "ctr_cpu_s": round((kids_after.children_user + kids_after.children_system
                                 - kids_before.children_user - kids_before.children_system) / count, 3)}
+        if timing is not None:
+            out["timeline"] = timeline(timing, shim_pids, t0_ns)
+            out["host_cores_busy_per_half_s"] = host_busy(busy)
+            if ready_seen:
+                t0 = ready_seen[0][0]
+                out["pool_ready_of_alive"] = " ".join(
+                    f"{r}/{a}" for t, r, a in ready_seen if int((t - t0) / 0.05) % 10 == 0)
         if pooled:
             out["pooled_claims"] = len(claimed)
             out["pooled_before_run"] = len(claimed & set(before))
@@ -386,6 +486,9 @@ def main() -> None:
     ap.add_argument("--pool", action="store_true", help="pykata with a warm pool (see above)")
     ap.add_argument("--pool-size", type=int, default=1)
     ap.add_argument("--skip-runc-memory", action="store_true", help="runc memory only at N=1")
+    ap.add_argument("--timeline", action="store_true",
+                    help="with --rate: when each phase of each container's start began (PYKATA_TIMING_FILE "
+                         "marks), the host's CPU use and the pool's ready VMs every half second")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     counts = [int(c) for c in args.containers.split(",") if c]
@@ -396,6 +499,9 @@ def main() -> None:
     if args.pool:
         os.environ["PYKATA_CONFIG"] = str(pool_config(tmp, args.pool_size))
     pool_wait = wait_for_pool if args.pool else None
+    timing = tmp / "timing" if args.timeline else None
+    if timing is not None:
+        os.environ[TIMING_ENV] = str(timing)  # containerd and every shim it runs inherit it
     ctd = Containerd(tmp / "ctd")
     result: dict[str, Any] = {"loadavg_start": os.getloadavg(), "pool": args.pool_size if args.pool else 0}
     try:
@@ -448,7 +554,8 @@ def main() -> None:
                 pooled = args.pool and runtime_of[name] == PYKATA_RUNTIME
                 filled = fill_pool(args.pool_size) if pooled else None
                 load = os.getloadavg()
-                r = start_rate(ctd, runtime_of[name], args.rate_count, c, opts, pooled)
+                r = start_rate(ctd, runtime_of[name], args.rate_count, c, opts, pooled,
+                               timing if runtime_of[name] == PYKATA_RUNTIME else None)
                 result["start_rate"].append({"variant": name, "concurrency": c, "containers": args.rate_count,
                                              **r, "pool_filled": filled, "loadavg": load,
                                              "loadavg_end": os.getloadavg()})
@@ -497,6 +604,13 @@ def main() -> None:
                       f"{r['fill_cpu_s_per_claimed']} CPU s each before the claim, "
                       f"not counted above); refill during the run: {r['refill_started']} VMs started, "
                       f"{r['refill_cpu_s_during_run']} CPU s until the last start")
+            if r.get("timeline"):
+                print("  timeline (ms after the run began):")
+                for line in r["timeline"]:
+                    print(f"    {line}")
+                print(f"  host CPU in use (cores, per 0.5 s): {r['host_cores_busy_per_half_s']}")
+                if r.get("pool_ready_of_alive"):
+                    print(f"  pool ready/alive (per 0.5 s): {r['pool_ready_of_alive']}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ STARTING_LIMIT = 300.0
 SHIM_EXECUTABLE = "containerd-shim-pykata-v2"  # a fixed name (ARCHITECTURE.md)
 ENTRY_ENV = "PYKATA_POOL_ENTRY"  # the entry `fill` registered for the waiting process it starts
 ENTRY_ID = re.compile(r"pool-[0-9a-f]{12}")
+# A waiting VM starts being made only once no pod that claimed one is still starting (a burst of starts
+# is over) and none claimed one for REFILL_QUIET seconds: even at idle priority, VMs made during a
+# burst of 10 pooled starts halved its rate (bench/ctr_bench.py --rate 4 --pool --pool-size 10, load
+# 12-17: 0.73 and 0.69/s refilled 1 s after each claim, 1.57 and 1.04/s refilled after the run).
+REFILL_QUIET = 0.5
+# A claimed pod counts as starting until its first container started, its shim ended, or this long.
+START_LIMIT = 10.0
+# ... but a waiting VM waits at most this long (a host where pods start without pause still refills).
+REFILL_MAX_DEFER = 30.0
 # A waiting VM being made runs at idle priority (factory.pool_fill_idle) for at most this long, then
 # at normal priority: on a host busy all the time it still gets ready (within qemu.boot_timeout).
 IDLE_FILL_LIMIT = 10.0
@@ -143,6 +152,58 @@ def _register(config: Config, entry_id: str, pid: int) -> PoolEntry:
                                          "created_at": entry.created_at, "start": entry.start}),
                  make_parents=False)
     return entry
+
+
+def starting_marker(entry: PoolEntry) -> Path:
+    """<pool>/starting/<entry id>: present while the pod that claimed `entry` starts (`begin_start`)."""
+    return entry.root / "starting" / entry.id
+
+
+def begin_start(entry: PoolEntry) -> Path:
+    """Record that a pod claimed `entry` and is starting (its process, `entry.pid`, serves it), for
+    `quiet_wait`; the caller removes the returned marker once the pod's first container started. Never
+    raises."""
+    marker = starting_marker(entry)
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(marker, str(entry.pid), make_parents=False)
+    return marker
+
+
+def end_start(marker: Path) -> None:
+    with contextlib.suppress(OSError):
+        marker.unlink()
+
+
+def starting(config: Config) -> tuple[int, float]:
+    """How many claimed pods are still starting (markers of live processes younger than START_LIMIT),
+    and the seconds since the latest claim (infinite when none). Removes the markers of ended ones.
+    Never raises."""
+    count, latest = 0, 0.0
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for marker in (pool_root(config) / "starting").iterdir():
+            try:
+                at = marker.stat().st_mtime
+                pid = int(marker.read_text()[:16])
+            except (OSError, ValueError):
+                continue
+            latest = max(latest, at)
+            if now - at < START_LIMIT and process_alive(pid):
+                count += 1
+            elif now - at > 2 * START_LIMIT or not process_alive(pid):
+                end_start(marker)
+    return count, (now - latest if latest else float("inf"))
+
+
+def quiet_wait(config: Config, started_at: float) -> float:
+    """How much longer a waiting VM's process started at `started_at` (time.time()) waits before it
+    makes its VM: while a pod that claimed one is still starting (`begin_start`), and for REFILL_QUIET
+    seconds after the latest claim; never past REFILL_MAX_DEFER after it started. 0: now."""
+    left = started_at + REFILL_MAX_DEFER - time.time()
+    busy, since = starting(config)
+    wait = max(0.2 if busy else 0.0, REFILL_QUIET - since)
+    return max(0.0, min(wait, left))
 
 
 def withdraw(entry: PoolEntry) -> None:

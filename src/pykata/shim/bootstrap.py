@@ -256,7 +256,9 @@ def _start(flags: Flags, options: bytes | None, here: bool) -> tuple[str, NewShi
         raise ShimStartError(f"cannot listen on {path}: {e}") from None
     netns = _netns_of(bundle) if config.factory.pool_size > 0 else None
     if config.factory.pool_size > 0 and (netns is not None) == (config.factory.pool_nics == 1):
+        mark("start.claim")
         pid = _claim_pooled(config, flags, bundle, sandbox_id, path, listener, netns)
+        mark("start.claimed" if pid is not None else "start.unclaimed")
         if pid is not None:
             listener.close()
             _write_bundle_file(bundle, "shim.pid", str(pid))

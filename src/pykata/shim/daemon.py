@@ -99,7 +99,8 @@ def _start_tracing() -> None:
 
 
 async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_path: Path,
-                 warm: Sandbox | None = None, warm_netns: str | None = None) -> int:
+                 warm: Sandbox | None = None, warm_netns: str | None = None,
+                 on_first_start: Callable[[], None] | None = None) -> int:
     loop = asyncio.get_running_loop()
     _start_tracing()
     events = EventPublisher(os.environ.get("TTRPC_ADDRESS"), flags.namespace)
@@ -112,6 +113,7 @@ async def serve(flags: Flags, listener: socket.socket, sandbox_id: str, socket_p
 
     service = TaskService(sandbox_id, flags.namespace, events, on_exit=forget_socket, warm=warm,
                           warm_netns=warm_netns)
+    service.on_first_start = on_first_start
     service.containerd_address = flags.address
     tracked = InflightRpcs(service, TASK_SERVICE.methods, sandbox_id)
     # counted for `pykata monitor` (the sandbox's agent proxy serves pykata.ttrpc.stats.PROCESS)

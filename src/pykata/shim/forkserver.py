@@ -318,6 +318,7 @@ def _run_handoff(conn: socket.socket, sockets: list[socket.socket], server_fds: 
         os.environ.clear()
         os.environ.update(env)
         mark(f"{flags.action}.forked")
+        mark(f"{flags.action}.id@{flags.id}")
         if flags.action == "delete":
             _run_delete(conn, flags)  # never returns
         try:

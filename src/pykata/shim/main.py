@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         if timed:  # bench/phases.py
             mark(f"{flags.action}.exec", process_start_ns())
             mark(f"{flags.action}.main")
+            mark(f"{flags.action}.id@{flags.id}")  # bench/ctr_bench.py --timeline: this process's container
         if flags.version:
             from pykata import __version__
 

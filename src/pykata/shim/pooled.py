@@ -20,10 +20,11 @@ import os
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pykata.config import load_config
+from pykata.config import Config, load_config
 from pykata.factory import pool
 from pykata.network import holding
 from pykata.network.tap import ns_path
@@ -111,11 +112,15 @@ async def _wait_then_serve(flags: Flags) -> int:
     # also what it may hold meanwhile (the template's lock, when it has to make the template) is
     # held at most IDLE_FILL_LIMIT at idle priority
     idle = config.factory.pool_fill_idle and pool.fill_at_idle_priority()
-    to_normal = loop.call_later(pool.IDLE_FILL_LIMIT, pool.normal_priority, os.getpid()) if idle else None
     entry = pool.new_entry(config)
     sandbox: Sandbox | None = None
     claimed = False
+    to_normal: asyncio.TimerHandle | None = None
     try:
+        if not await _until_quiet(config, stop):
+            return 0
+        if idle:
+            to_normal = loop.call_later(pool.IDLE_FILL_LIMIT, pool.normal_priority, os.getpid())
         sandbox = await Sandbox.create_warm(config, entry.sandbox_dir, nics=config.factory.pool_nics)
         if to_normal is not None:  # ready: paused, it costs nothing at any priority; its pod's is normal
             to_normal.cancel()
@@ -139,6 +144,7 @@ async def _wait_then_serve(flags: Flags) -> int:
                     accept.cancel()
                     return 0
                 conn, _ = accept.result()
+                accepted_ns = time.monotonic_ns()
                 with conn:
                     got = _take(conn, waiting, listener)
         finally:
@@ -146,13 +152,27 @@ async def _wait_then_serve(flags: Flags) -> int:
             listener.close()
         claimed = True
         message, fds = got
-        return await _serve_claim(flags, message, fds, sandbox)
+        # marked once the claim's environment (PYKATA_TIMING_FILE, bench/ctr_bench.py --timeline) is ours
+        answered = (accepted_ns, time.monotonic_ns())
+        return await _serve_claim(flags, message, fds, sandbox, answered, pool.starting_marker(entry))
     finally:
         pool.withdraw(entry)
         if not claimed and sandbox is not None:
             await sandbox.stop(remove=True)
         if not claimed:
             shutil.rmtree(entry.sandbox_dir, ignore_errors=True)
+
+
+async def _until_quiet(config: Config, stop: asyncio.Event) -> bool:
+    """Wait until pods have stopped claiming waiting VMs for a moment (pool.quiet_wait: a burst of
+    starts is over) before the VM is made; False when told to stop meanwhile. The entry is registered
+    while it waits, so the burst's other claims do not start more of them."""
+    started_at = time.time()
+    while (wait := pool.quiet_wait(config, started_at)) > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+            return False
+    return True
 
 
 async def _first(*aws: Any) -> None:
@@ -180,12 +200,14 @@ def _take(conn: socket.socket, waiting: _Waiting,
         pool.answer(conn, ok=False, error=why)
         return None
     pool.withdraw(waiting.entry)
+    pool.begin_start(waiting.entry)  # before the answer: a refill of this claim's `start` sees it
     listener.close()  # a claim racing this one finds the socket gone, or is reset
     pool.answer(conn, ok=True, pid=os.getpid())
     return message, fds
 
 
-async def _serve_claim(flags: Flags, message: dict[str, Any], fds: list[int], sandbox: Sandbox) -> int:
+async def _serve_claim(flags: Flags, message: dict[str, Any], fds: list[int], sandbox: Sandbox,
+                       answered: tuple[int, int], starting: Path) -> int:
     given = message["flags"]
     flags = Flags(namespace=str(given.get("namespace", "")), address=str(given.get("address", "")),
                   publish_binary=str(given.get("publish_binary", "")), id=str(given.get("id", "")),
@@ -199,10 +221,14 @@ async def _serve_claim(flags: Flags, message: dict[str, Any], fds: list[int], sa
     sandbox_id = str(message["sandbox_id"])
     setup_logging(log_fd, sandbox_id, debug=flags.debug)
     logging.getLogger("asyncio").handlers[:] = logging.getLogger("pykata").handlers
+    mark("pool.accepted", answered[0])
+    mark("pool.answered", answered[1])
     mark("daemon.claimed")
     listener = socket.socket(fileno=fds[0])
     # the pod's network namespace, held by its fd for the pod's life (closed when this process ends)
     netns = ns_path(fds[1]) if len(fds) > 1 else None
     log.info("claimed from the warm pool (%s)%s", sandbox.dir.name,
              f" for network namespace {message['netns']}" if netns else "")
-    return await daemon.serve(flags, listener, sandbox_id, Path(message["socket"]), warm=sandbox, warm_netns=netns)
+    # the pod counts as starting (no refill of the pool begins) until its first container runs
+    return await daemon.serve(flags, listener, sandbox_id, Path(message["socket"]), warm=sandbox, warm_netns=netns,
+                              on_first_start=lambda: pool.end_start(starting))

@@ -45,6 +45,9 @@ async def _start(st: TaskState, sc: ShimContainer, p: ShimProcess) -> shim_pb2.S
                     await sc.sandbox_container.start()
             p.state = "running"
             st.publish(events_pb2.TaskStart(container_id=sc.id, pid=p.pid))
+            if st.on_first_start is not None:
+                done, st.on_first_start = st.on_first_start, None
+                done()
         else:
             try:
                 await _start_exec(st, sc, p)

@@ -56,6 +56,9 @@ class TaskState:
         # the pod's network namespace as the claim handed it over (an fd's path: the waiting shim's mount
         # namespace may not have the pod's mount), for a warm VM with a NIC
         self.warm_netns: str | None = None
+        # called once, when the pod's first container has started (a pooled shim: its claim's start is
+        # over, pykata.factory.pool.begin_start)
+        self.on_first_start: Callable[[], None] | None = None
         self.cgroup: tuple[cgroups.SandboxCgroup, Config] | None = None
         self.sandbox_lock = asyncio.Lock()
         # what the pod's containers ask for (the VM follows it: pykata.shim.tasks.resize)
