@@ -99,6 +99,8 @@ def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Con
     log = pooled.log.read_text()
     assert f"claimed from the warm pool ({first.id})" in log and "taking the VM from the warm pool" in log
     assert first.id not in {e.id for e in pool.list_entries(load_config())}, "a claimed VM stayed in the pool"
+    # its pod counted as starting (refills waited) only until its container started
+    assert not pool.starting_marker(first).exists(), "the claimed pod still counts as starting"
     # the pod shut down: the claimed VM went with it, nothing of it left
     assert not first.sandbox_dir.exists()
     # refilled in the background with a new VM, never the used one; the next pod gets its own boot id

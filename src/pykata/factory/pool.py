@@ -70,7 +70,7 @@ ENTRY_ID = re.compile(r"pool-[0-9a-f]{12}")
 # 12-17: 0.73 and 0.69/s refilled 1 s after each claim, 1.57 and 1.04/s refilled after the run).
 REFILL_QUIET = 0.5
 # A claimed pod counts as starting until its first container started, its shim ended, or this long.
-START_LIMIT = 10.0
+START_LIMIT = 20.0
 # ... but a waiting VM waits at most this long (a host where pods start without pause still refills).
 REFILL_MAX_DEFER = 30.0
 # A waiting VM being made runs at idle priority (factory.pool_fill_idle) for at most this long, then
@@ -177,29 +177,34 @@ def end_start(marker: Path) -> None:
 
 def starting(config: Config) -> tuple[int, float]:
     """How many claimed pods are still starting (markers of live processes younger than START_LIMIT),
-    and the seconds since the latest claim (infinite when none). Removes the markers of ended ones.
-    Never raises."""
-    count, latest = 0, 0.0
+    and the seconds since the latest claim or end of a start (the markers' directory changed; infinite
+    when there never was one). Removes the markers of ended ones. Never raises."""
+    directory = pool_root(config) / "starting"
+    count = 0
     now = time.time()
     with contextlib.suppress(OSError):
-        for marker in (pool_root(config) / "starting").iterdir():
+        for marker in directory.iterdir():
             try:
                 at = marker.stat().st_mtime
                 pid = int(marker.read_text()[:16])
             except (OSError, ValueError):
                 continue
-            latest = max(latest, at)
             if now - at < START_LIMIT and process_alive(pid):
                 count += 1
-            elif now - at > 2 * START_LIMIT or not process_alive(pid):
+            elif not process_alive(pid) or now - at > 2 * START_LIMIT:
                 end_start(marker)
-    return count, (now - latest if latest else float("inf"))
+    try:
+        since = max(0.0, now - directory.stat().st_mtime)
+    except OSError:
+        since = float("inf")
+    return count, since
 
 
 def quiet_wait(config: Config, started_at: float) -> float:
     """How much longer a waiting VM's process started at `started_at` (time.time()) waits before it
     makes its VM: while a pod that claimed one is still starting (`begin_start`), and for REFILL_QUIET
-    seconds after the latest claim; never past REFILL_MAX_DEFER after it started. 0: now."""
+    seconds after the latest claim or end of a start (between the waves of a burst); never past
+    REFILL_MAX_DEFER after it started. 0: now."""
     left = started_at + REFILL_MAX_DEFER - time.time()
     busy, since = starting(config)
     wait = max(0.2 if busy else 0.0, REFILL_QUIET - since)
@@ -354,7 +359,11 @@ def claim(config: Config, message: dict[str, Any], fds: Sequence[int]) -> int | 
         return None
     mine = fingerprint(config)
     body = json.dumps({**message, "fingerprint": mine}).encode()
-    for entry in list_entries(config):
+    entries = list_entries(config)
+    # concurrent claims (a burst of pod starts) begin at different entries, not all at the first one
+    # (which takes one and resets the others, who then try the next)
+    first = os.getpid() % max(1, len(entries))
+    for entry in entries[first:] + entries[:first]:
         if entry.fingerprint != mine or not entry.ready or not entry.alive:
             continue
         with contextlib.suppress(OSError, ValueError), \
