@@ -23,14 +23,14 @@ Phases (host wall clock unless noted):
   to-init      QEMU start until the kernel prints "Run /init" (host clock; image only, which therefore
                boots without "quiet")
   userspace    from "Run /init" until the agent is ready (image only: init script + Python agent)
-  image only, from the guest's boot marks (kernel parameter pykata.boot_marks=1, see guestimage/init),
+  image only, from the guest's boot marks (kernel parameter PYKATA_BOOT_MARKS=1, see agent/pid1.py),
   each as QEMU CPU seconds (cpu-*: what the phase costs whatever the host's load) and host wall
   seconds (wall-*):
     *-unpack   QEMU start until the kernel starts unpacking the initramfs
     *-initrd   unpacking it (until "Freeing initrd memory")
     *-kernel   the rest of the kernel, until "Run /init"
-    *-init     the init script, from "Run /init" until it execs Python
-    *-python   Python's own start, until the agent's first line runs
+    *-python   Python's own start, from "Run /init" until /init's first line runs
+    *-init     setting the VM up (mounts, cgroups, lo, the agent's port: agent/pid1.py)
     *-imports  importing the agent
     *-agent    the agent's start until it serves (PYKATA_AGENT_READY)
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
@@ -88,7 +88,7 @@ while true; do sleep 1000; done
 _T = re.compile(r"PYKATA_T (\w+) ([\d.]+)")
 # Console lines that end each phase of the image guest's boot, in order (see guestimage/init).
 BOOT_MARKS = (("unpack", b"Unpacking initramfs"), ("initrd", b"Freeing initrd memory"), ("kernel", b"Run /init"),
-              ("init", b"PYKATA_BOOT exec "), ("python", b"PYKATA_BOOT py "), ("imports", b"PYKATA_BOOT imported "),
+              ("python", b"PYKATA_BOOT py "), ("init", b"PYKATA_BOOT setup "), ("imports", b"PYKATA_BOOT imported "),
               ("agent", b"PYKATA_AGENT_READY"))
 
 
@@ -202,7 +202,7 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
                 waiting = {"waiting-pss": qemu.memory_full_info().pss / 2**20, "waiting-cpu": cpu.user + cpu.system}
                 await vm.start()
         else:
-            params = ("pykata.boot_marks=1",) if guest == "image" else ()
+            params = ("PYKATA_BOOT_MARKS=1",) if guest == "image" else ()
             vm = QemuHypervisor(f"bench-{guest}-{i}", config, kernel=kernel, initrd=initrd, readiness=readiness,
                                 extra_kernel_params=params)
             await vm.prepare()

@@ -1,5 +1,5 @@
-"""How the guest starts the agent: the init script runs `boot()` (`python3.11 -S -c ...`), and so
-does `python -m pykata.agent`.
+"""How the agent starts: the guest's /init (pykata.agent.pid1) and `python -m pykata.agent` (`boot()`)
+both turn the garbage collector off and defer imports first.
 
 Under TCG the agent's start-up (~260 modules imported) is the largest part of a cold boot, so what
 start-up does not need is kept out of it:

@@ -25,7 +25,7 @@ log = logging.getLogger("pykata.agent")
 
 # Written to the console once the agent serves: boot benchmarks and the VM tests look for it.
 READY_LINE = "PYKATA_AGENT_READY"
-# Set by the init script (kernel parameter pykata.boot_marks=1): print boot phase marks.
+# Set by the kernel command line (PYKATA_BOOT_MARKS=1, see pykata.agent.pid1): print boot phase marks.
 BOOT_MARKS_ENV = "PYKATA_BOOT_MARKS"
 
 

@@ -15,10 +15,7 @@ container that restarts finds what the pod wrote, as a kubelet emptyDir keeps it
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
-import functools
 import os
 import re
 import threading
@@ -27,6 +24,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pykata.agent.sysmount import (
+    MS_BIND,
+    MS_DIRSYNC,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_RELATIME,
+    MS_REMOUNT,
+    MS_SHARED,
+    MS_SLAVE,
+    MS_STRICTATIME,
+    MS_SYNCHRONOUS,
+    mount,
+    umount,
+)
 from pykata.agent.validation import (
     check_abs_path,
     check_count,
@@ -38,23 +55,6 @@ from pykata.agent.validation import (
 from pykata.errors import Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_SYNCHRONOUS = 0x10
-MS_REMOUNT = 0x20
-MS_DIRSYNC = 0x80
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-MS_SLAVE = 0x80000
-MS_SHARED = 0x100000
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
-MNT_DETACH = 0x2
 BLKFLSBUF = 0x1261
 # at most this much of a disk is read ahead at mount (bytes; it is page cache: reclaimable)
 MAX_PREFETCH = 256 << 20
@@ -87,30 +87,6 @@ DEVICE_WAIT = 10.0
 DRIVERS = ("virtio-fs", "9p", "virtio-blk", "local", "tmpfs", "bind", "overlay")
 # a Kubernetes volume name (a DNS-1123 label): the only names a pod volume may have in the guest
 POD_VOLUME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    # once: a container's storages are several mounts in a row, each slow to set up under TCG
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    """mount(2). Raises OSError."""
-    libc = _libc()
-    if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                  ctypes.c_ulong(flags), data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target} ({fstype or 'bind'}): {os.strerror(err)}")
-
-
-def umount(target: str) -> None:
-    """Lazy unmount; a target that is not mounted is fine."""
-    libc = _libc()
-    if libc.umount2(target.encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def flush_block_cache(device: str) -> None:

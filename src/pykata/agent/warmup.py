@@ -27,7 +27,7 @@ from typing import Any
 from pykata.agent import bundle
 from pykata.agent.crun import Crun, CrunError, Stdio
 from pykata.agent.settings import AgentSettings
-from pykata.agent.storage import MS_NODEV, MS_NOSUID, mount, umount
+from pykata.agent.sysmount import MS_NODEV, MS_NOSUID, mount, umount
 
 log = logging.getLogger("pykata.agent.warmup")
 
