@@ -269,7 +269,7 @@ def main() -> NoReturn:
     _tune_malloc()
     try:
         options, channel = _setup()
-    except Exception as exc:  # noqa: BLE001 - PID 1 must not end with a traceback: the kernel would panic
+    except Exception as exc:  # PID 1 must not end with a traceback: the kernel would panic
         die(f"setting the VM up: {exc!r}")
     from pykata.agent.main import main as agent_main
 
