@@ -13,6 +13,8 @@ Layout under <runtime_dir>/pool/ (root only, 0711):
     <eid>.json   the waiting process: {"pid", "fingerprint", "created_at"}; present while it waits
     <eid>.sock   its control socket, accepting exactly one claim (then removed: never shared)
     <eid>/       its sandbox directory (a claimed one stays here; sandboxes/<pod id> links to it)
+    starting/<eid>  a claimed one whose pod has not started its first container yet (its pid): no
+                 waiting VM is made while one is there (quiet_wait: not during a burst of starts)
 
 With factory.pool_nics = 1 each waiting VM has one NIC, on a tap in a holding network namespace of its
 own (pykata.network.holding), and serves only pods that bring a network namespace (CRI): `shim start`
@@ -248,6 +250,7 @@ def prune(config: Config) -> list[str]:
         withdraw(entry)
         shutil.rmtree(entry.sandbox_dir, ignore_errors=True)
         removed.append(entry.id)
+    starting(config)  # removes the markers of starts whose process ended
     # directories of claimed VMs whose shim died and that `shim delete` did not reach
     with contextlib.suppress(OSError):
         for d in root.glob("pool-*"):
