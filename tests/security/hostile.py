@@ -23,7 +23,7 @@ from tests.guest_assets import guest_initrd_path
 
 HERE = Path(__file__).parent
 INIT_SOURCE = Path(__file__).parents[2] / "src" / "pykata" / "guestimage" / "init"
-AGENT_EXEC = "-m pykata.agent "
+AGENT_EXEC = "\nmain()\n"  # the last line of /init: pykata.agent.pid1.main runs pykata.agent.main
 
 
 def marker(**attacks: str) -> str:
@@ -37,7 +37,7 @@ def build_hostile_initrd(out: Path) -> Path:
     init = INIT_SOURCE.read_text()
     if AGENT_EXEC not in init:
         raise AssertionError(f"{INIT_SOURCE} no longer runs the agent with {AGENT_EXEC!r}")
-    init = init.replace(AGENT_EXEC, "-m hostile_agent ")
+    init = init.replace(AGENT_EXEC, '\nmain("hostile_agent")\n')
     f = stat.S_IFREG | 0o755
     overlay = io.BytesIO()
     write_archive([CpioEntry("init", f, init.encode()),

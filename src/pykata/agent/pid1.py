@@ -27,6 +27,7 @@ Runs only inside a VM: it mounts over /, /proc, /sys and /dev, and powers the ma
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import subprocess
 import sys
@@ -258,8 +259,9 @@ def _setup() -> tuple[dict[str, str], str]:
     return options, channel
 
 
-def main() -> NoReturn:
-    """Set the VM up and run the agent; never returns (the agent's end powers the VM off)."""
+def main(agent: str = "pykata.agent.main") -> NoReturn:
+    """Set the VM up and run the agent, the `main()` of module `agent` (tests/security's harness
+    names its hostile agent in its own /init); never returns (the agent's end powers the VM off)."""
     os.environ.update({
         "PATH": PATH, "HOME": "/root", "TERM": "linux",
         # what the agent's children (crun, diagnostics) got from the shell init before
@@ -271,8 +273,6 @@ def main() -> NoReturn:
         options, channel = _setup()
     except Exception as exc:  # PID 1 must not end with a traceback: the kernel would panic
         die(f"setting the VM up: {exc!r}")
-    from pykata.agent.main import main as agent_main
-
     sys.argv = ["pykata-agent", *agent_argv(options, channel)]
-    status = agent_main()
+    status = importlib.import_module(agent).main()
     die(f"the agent ended (status {status})")
