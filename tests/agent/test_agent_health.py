@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import pykata
-from pykata.agent.channel import Channel, ChannelError, find_serial_port, parse_channel
+from pykata.agent.channel import Channel, ChannelError, parse_channel
 from pykata.agent.main import READY_LINE, run
+from pykata.agent.ports import find_serial_port
 from pykata.protocols.agent import HEALTH_SERVICE, PROTOCOL_VERSION, agent_pb2
 from pykata.ttrpc import connect_fd
 

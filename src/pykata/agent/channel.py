@@ -23,16 +23,14 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from pykata.agent.ports import DEFAULT_PORT_NAME, find_serial_port
 from pykata.errors import PykataError
 from pykata.ttrpc import Server
 
 log = logging.getLogger("pykata.agent.channel")
 
-DEFAULT_PORT_NAME = "agent.channel.0"
 DEFAULT_VSOCK_PORT = 1024
-VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 # A virtio-serial port reads as end-of-file while no host is connected. Until a host has had a session,
 # the agent waits for one with the port open and O_ASYNC: the guest kernel sends SIGIO when a host
 # connects (virtio_console), so the host of a template clone (saved before any host connected) is
@@ -55,19 +53,6 @@ class Channel:
     kind: str
     device: str = ""
     port: int = 0
-
-
-def find_serial_port(name: str = DEFAULT_PORT_NAME, sysfs: Path = VIRTIO_PORTS) -> str | None:
-    """The /dev path of the virtio-serial port called `name`, or None."""
-    if not sysfs.is_dir():
-        return None
-    for entry in sorted(sysfs.iterdir()):
-        try:
-            if (entry / "name").read_text().strip() == name:
-                return f"/dev/{entry.name}"
-        except OSError:
-            continue
-    return None
 
 
 def parse_channel(spec: str) -> Channel:

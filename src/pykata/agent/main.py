@@ -12,10 +12,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pykata.agent.channel import DEFAULT_PORT_NAME, ChannelError, parse_channel, serve_serial, serve_vsock
+from pykata.agent.channel import ChannelError, parse_channel, serve_serial, serve_vsock
 from pykata.agent.entropy import reseed_crng
 from pykata.agent.health import HealthService
 from pykata.agent.policy import PolicyGate
+from pykata.agent.ports import DEFAULT_PORT_NAME
 from pykata.agent.service import AgentService
 from pykata.agent.settings import DEFAULT_STATE_DIR, AgentSettings
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE

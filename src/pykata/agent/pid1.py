@@ -34,6 +34,7 @@ import sys
 import time
 from typing import NoReturn
 
+from pykata.agent.ports import DEFAULT_PORT_NAME, find_serial_port
 from pykata.agent.sysmount import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, mount, umount
 
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -212,8 +213,6 @@ def _diagnostics() -> None:
 
 
 def _agent_channel(options: dict[str, str]) -> str:
-    from pykata.agent.channel import DEFAULT_PORT_NAME, find_serial_port
-
     channel = options.get("channel", "serial")
     if channel == "vsock" or channel.startswith("vsock:"):
         port = options.get("vsock_port", "1024") if channel == "vsock" else channel.removeprefix("vsock:")
