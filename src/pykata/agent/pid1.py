@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
-import subprocess
 import sys
 import time
 from typing import NoReturn
@@ -179,6 +178,8 @@ def _link_lo_up() -> None:
 
 
 def _diagnostics() -> None:
+    import subprocess
+
     def read(path: str) -> str:
         try:
             with open(path) as f:
