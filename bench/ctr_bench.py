@@ -237,6 +237,7 @@ TIMELINE = [
     ("claimd", "start.claimed", "forked"), ("nopool", "start.unclaimed", "forked"), ("answr", "start.done", "start"),
     ("Create", "task.Create@", "shim"), ("adopt", "vm.start", "shim"), ("resume", "vm.started", "shim"),
     ("clock", "guest.clock", "shim"), ("prep", "guest.prepared", "shim"), ("gsbx", "guest.sandbox", "shim"),
+    ("cgroup", "vm.cgroup", "shim"),
     ("rootfs", "rootfs.mounted", "shim"), ("crun", "guest.created", "shim"), ("C.done", "task.Create@.done", "shim"),
     ("Start", "task.Start@", "shim"), ("S.done", "task.Start@.done", "shim"), ("ctr.end", "bench.end@", "bench"),
 ]

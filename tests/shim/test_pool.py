@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -190,9 +191,20 @@ def test_a_killed_waiting_shim_leaves_no_vm_and_no_mount(pooled: Containerd) -> 
 
 def test_a_pod_of_another_size_takes_a_pooled_vm_resized_at_hand_out(pooled: Containerd) -> None:
     entry = _ready_entry()
+    qemu = [q for q in _processes_under(entry.sandbox_dir) if q.name().startswith("qemu-system")]
+    assert len(qemu) == 1
     limit_mib = 256
-    p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, "--memory-limit", str(limit_mib << 20), "--cpus", "2",
-                   IMAGE, "pooled-sized", "sh", "-c", "grep MemTotal /proc/meminfo; nproc")
+    with ThreadPoolExecutor(1) as ex:
+        run = ex.submit(pooled.ctr, "run", "--rm", "--runtime", PYKATA_RUNTIME, "--memory-limit", str(limit_mib << 20),
+                        "--cpus", "2", IMAGE, "pooled-sized", "sh", "-c", "grep MemTotal /proc/meminfo; nproc; sleep 3")
+        # the pooled VM's QEMU joins the pod's cgroup (moved beside the hand-out) while the pod runs
+        joined = False
+        while not joined and not run.done():
+            with contextlib.suppress(OSError):
+                joined = "pooled-sized" in Path(f"/proc/{qemu[0].pid}/cgroup").read_text()
+            time.sleep(0.05)
+        p = run.result()
+    assert joined, "the pooled VM's QEMU never joined the pod's cgroup"
     mem_kib, nproc = p.stdout.decode().split()[1], p.stdout.decode().split()[-1]
     assert f"claimed from the warm pool ({entry.id})" in pooled.log.read_text()
     log = pooled.log.read_text().split(f"claimed from the warm pool ({entry.id})", 1)[1]

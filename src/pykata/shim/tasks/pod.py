@@ -129,23 +129,39 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
     mark("vm.start")
     join_cgroup(st, config, spec)
     resize.boot_limits(st, config)
-    if st.cgroup is not None:
-        cg = st.cgroup[0]
-        try:
-            for pid in descendants(os.getpid()):
-                cg.add_process(pid)
-        except cgroups.CgroupError as e:
-            log.warning("the pooled VM stays outside the pod's cgroup: %s", e)
+    # The VM's processes follow the shim into the pod's cgroup beside the hand-out, not before it: under
+    # cgroup v1 each of the ~50 moves (every process in every hierarchy) may wait for an RCU grace
+    # period, 10-30 ms in all on the pooled start's path. The guest runs nothing of the pod until the
+    # pod's first container is created, after both.
+    moving = asyncio.ensure_future(asyncio.to_thread(_vm_into_cgroup, st))
     log.info("taking the VM from the warm pool (%s)", warm.dir.name)
     try:
         await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True,
                          resize_to=resize_to, netns=netns)
     except BaseException:
+        with contextlib.suppress(BaseException):  # the moves end before the cgroup is removed
+            await asyncio.shield(moving)
         leave_cgroup(st)
         raise
+    await moving
+    mark("vm.cgroup")
     st.sandbox = warm
     st.spawn(_refill_later(st, config), "refill-pool")
     return _watch(st, warm)
+
+
+def _vm_into_cgroup(st: TaskState) -> None:
+    """Move every process below the shim (the pooled VM's QEMU, its lifeline wrappers and helpers)
+    into the sandbox's cgroup, which the shim joined. Never raises: a VM that cannot be moved stays
+    outside (logged)."""
+    if st.cgroup is None:
+        return
+    cg = st.cgroup[0]
+    try:
+        for pid in descendants(os.getpid()):
+            cg.add_process(pid)
+    except cgroups.CgroupError as e:
+        log.warning("the pooled VM stays outside the pod's cgroup: %s", e)
 
 
 async def _refill_later(st: TaskState, config: Config) -> None:
