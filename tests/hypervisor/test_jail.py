@@ -14,6 +14,7 @@ import pytest
 import pykata
 from pykata.config import Config, load_config, parse_toml
 from pykata.errors import ConfigError, HypervisorError
+from pykata.hypervisor import ksm
 from pykata.hypervisor.errors import QmpError
 from pykata.hypervisor.jail import JailSpec, UidLease, inspect_process
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
@@ -132,6 +133,7 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         flags = [line for line in Path(f"/proc/{vm.pid}/smaps").read_text().splitlines()
                  if line.startswith("VmFlags:")]
         assert flags and not [f for f in flags if " mg" in f], "QEMU marked memory mergeable"
+        assert not ksm.merges(vm.pid)  # nor the rest of QEMU's memory (PR_SET_MEMORY_MERGE)
 
         helper = inspect_process(pids["virtfs-proxy-helper"])
         assert helper.cap_effective & ~PROXY_HELPER_CAPS == 0 and not helper.cap_effective & CAP_SYS_ADMIN

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from pykata.config import load_config
+from pykata.hypervisor import ksm
 from pykata.shim import forkclient, forkserver
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd
 
@@ -66,6 +67,8 @@ def test_shims_are_forked_by_one_server_share_its_pages_and_outlive_it(container
         for p in shims:
             m = _smaps(p)
             assert m["Rss"] - m["Pss"] > 8 * 1024, m
+        # runtime.shim_mem_merge = false (the default): nothing offered to the host's KSM
+        assert not [p for p in [server, *shims] if ksm.merges(p)]
 
         # refused requests: the server answers why and keeps serving
         path = forkclient.server_path(load_config().runtime.runtime_dir, str(containerd.socket))

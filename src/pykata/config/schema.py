@@ -74,7 +74,8 @@ class QemuConfig:
     # MiB of QEMU's TCG translation cache (`-accel tcg,tb-size=`); 0: QEMU's default (up to 1 GiB,
     # filled as the guest runs new code). Ignored under KVM. bench/ctr_bench.py --tb-size measures it.
     tcg_tb_size: int = 0
-    # Whether the host's KSM may merge this VM's memory with other processes' (`-machine mem-merge`).
+    # Whether the host's KSM may merge this VM's memory with other processes': guest RAM (`-machine
+    # mem-merge`) and QEMU's own (PR_SET_MEMORY_MERGE, pykata.hypervisor.ksm).
     # Off: merged pages let one VM learn what another holds (timing of copy-on-write faults).
     mem_merge: bool = False
     # The VMM's jail (each layer on by default; turn one off only to debug): QEMU's seccomp filter
@@ -169,6 +170,10 @@ class RuntimeConfig:
     # Pods' shims are forked by one long-lived process per containerd that did their imports once
     # (pykata.shim.forkserver): they share those pages (~18 MiB) copy-on-write. False: each `start` forks.
     shim_fork_server: bool = True
+    # The fork server and the shims it forks offer all their pages to the host's KSM (prctl
+    # PR_SET_MEMORY_MERGE), which, when the admin runs it, merges the shims' alike private copies of the
+    # server's pages (pykata.hypervisor.ksm). configuration.toml says what it saves and risks.
+    shim_mem_merge: bool = False
     cache_dir: str = "/var/cache/pykata"
     enable_debug: bool = False
     # Directories from which a pod may pick its configuration file with io.katacontainers.config_path;

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVarTuple, Unpack
 
-from pykata.hypervisor import fileguard, owned
+from pykata.hypervisor import fileguard, ksm, owned
 
 _Ts = TypeVarTuple("_Ts")
 
@@ -95,7 +95,7 @@ class ChildProcess:
     async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
                     serves_guest_files: Literal[False, "filter", True] = False,
                     log_fd: int | None = None, die_with_parent: bool = False,
-                    preexec: Callable[[], None] | None = None) -> ChildProcess:
+                    preexec: Callable[[], None] | None = None, merge_memory: bool = False) -> ChildProcess:
         """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path` (or written
         to `log_fd`, e.g. a socket drained into a bounded log, when given).
 
@@ -106,6 +106,8 @@ class ChildProcess:
         thread that spawned it ends (PR_SET_PDEATHSIG; see jail.lifeline_prefix).
         `preexec` runs in the child before exec in place of the guard (a confinement of its own, e.g.
         pykata.hypervisor.qemu.clonememory; not with serves_guest_files).
+        `merge_memory`: the child offers all its memory to the host's KSM (pykata.hypervisor.ksm); without
+        it a child of a process that offers its own (a shim with runtime.shim_mem_merge) does not.
         The child is recorded (pid and start time) in `log_path`'s directory (pykata.hypervisor.owned),
         so a cleanup after this process died ends exactly it.
 
@@ -113,7 +115,7 @@ class ChildProcess:
             OSError: the binary cannot be executed, or the guard cannot be set up.
         """
         _watch_children_with_pidfds()
-        guard = preexec if preexec is not None else _GUARDS[serves_guest_files]
+        guard = _chain(ksm.child_step(merge_memory), preexec if preexec is not None else _GUARDS[serves_guest_files])
         with open(log_path, "ab") if log_fd is None else contextlib.nullcontext(log_fd) as log:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -169,6 +171,16 @@ class ChildProcess:
             # Unkillable (D state in the kernel): nothing more a user-space runtime can do.
             raise TimeoutError(f"{self.name} (pid {self.pid}) did not die after SIGKILL")
         return code
+
+
+def _chain(first: Callable[[], None] | None, then: Callable[[], None] | None) -> Callable[[], None] | None:
+    if first is None or then is None:
+        return first or then
+
+    def both() -> None:
+        first()
+        then()
+    return both
 
 
 def _with_pdeathsig(guard: Callable[[], None] | None) -> Callable[[], None]:

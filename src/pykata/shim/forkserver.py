@@ -74,7 +74,10 @@ def serve(flags: Flags) -> None:
     try:
         from pykata.config import load_config
 
-        code = _serve(load_config().runtime.runtime_dir, flags.address)
+        runtime = load_config().runtime
+        if runtime.shim_mem_merge:
+            _offer_to_ksm()
+        code = _serve(runtime.runtime_dir, flags.address)
     except BaseException:  # nobody reads this process's output: `start` falls back to forking itself
         code = 1
     os._exit(code)
@@ -163,6 +166,16 @@ def _serve(runtime_dir: str, address: str) -> int:
         if starts is not None:
             starts.close()
     return 0
+
+
+def _offer_to_ksm() -> None:
+    """runtime.shim_mem_merge: this server and every shim it forks offer their pages to the host's KSM.
+    The shims' private copies of this server's pages differ from it (reference counts, the
+    interpreter's warm-up counters) but mostly not from each other, so ksmd keeps one of each."""
+    from pykata.hypervisor import ksm
+
+    with contextlib.suppress(OSError):  # a kernel before 6.4: the shims run unmerged, as with false
+        ksm.merge_this_process()
 
 
 def _start_listener(address: str) -> socket.socket | None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pykata import ids
 from pykata.config.schema import Config, SharedFs
 from pykata.errors import HypervisorError
+from pykata.hypervisor import ksm
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
 from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, RestoreSource, VmExit
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
@@ -351,7 +352,8 @@ class QemuHypervisor(Hypervisor):
             preexec = keep_template_intact if self._restore is not None else None
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
                                                   pass_fds=fds, log_fd=self._sidecars.qemu_log.guest_fd,
-                                                  die_with_parent=self._die_with_owner, preexec=preexec)
+                                                  die_with_parent=self._die_with_owner, preexec=preexec,
+                                                  merge_memory=q.mem_merge)
         except OSError as exc:
             self._sidecars.spawned(ok=False)
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
@@ -360,6 +362,9 @@ class QemuHypervisor(Hypervisor):
             raise
         self._sidecars.spawned(ok=True)
         self.timestamps["qemu_spawned"] = time.monotonic()
+        if q.mem_merge and not ksm.merges(self._qemu.pid):
+            log.warning("VM %s: mem_merge: this kernel cannot offer all of QEMU's memory to KSM "
+                        "(PR_SET_MEMORY_MERGE kept across exec needs Linux 6.7): only guest RAM", self.vm_id)
         self._qmp = QmpChannel(self.paths.qmp_socket, name=f"qmp-{self.vm_id}", on_event=self._handle_event)
         self._watcher = asyncio.create_task(self._watch(self._qemu, self._qmp), name=f"vm-watch-{self.vm_id}")
         try:
