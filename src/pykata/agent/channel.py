@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -36,7 +38,8 @@ DEFAULT_VSOCK_PORT = 1024
 # connects (virtio_console), so the host of a template clone (saved before any host connected) is
 # served at once (_IDLE_RECHECK is only a fallback). After a host's session it closes the port and opens
 # it again after 10 ms, then 20, 40, ... 200 ms while no host is there: QEMU's query-chardev shows these
-# closed moments, by which a host knows the guest left that session (restore() of a snapshot).
+# closed moments, by which a host knows the guest left that session (restore() of a snapshot). It never
+# closes the port on a host that connected meanwhile (_host_waiting): that would discard its first bytes.
 _REOPEN_DELAY = 0.01
 _REOPEN_DELAY_MAX = 0.2
 _IDLE_RECHECK = 1.0
@@ -93,12 +96,18 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
             fd = _open_port(device)
             try:
                 ready.set()
+                first = b""
                 while True:
                     host_changed.clear()  # before the read: a host connecting from here on is signalled
-                    if await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session):
+                    if await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session,
+                                             first=first, peer_present=functools.partial(_host_connected, fd)):
                         delay = _REOPEN_DELAY  # a host's session ended
                     if delay is not None:
-                        break
+                        waiting = _host_waiting(fd)
+                        if waiting is None:
+                            break
+                        first = waiting  # closing now would discard a new host's first bytes: serve it
+                        continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(host_changed.wait(), _IDLE_RECHECK)
             finally:
@@ -107,6 +116,30 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
             delay = min(delay * 2, _REOPEN_DELAY_MAX)
     finally:
         loop.remove_signal_handler(signal.SIGIO)
+
+
+def _host_waiting(fd: int) -> bytes | None:
+    """None when no host is on the port (it reads as end of file); else the bytes a host that connected
+    since the last end of file already sent (b"" for none yet). Closing the port discards what is queued
+    in it: a host that connected between the end of file and the close lost its session hello, and got
+    no answer it could take until it reconnected (Agent.connect: 15 s; 4-6 of 60 quick reconnects on a
+    busy host). Its bytes may come before the guest knows it connected (the kernel learns that from a
+    control message handled later), so they are read, not polled for."""
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""  # a host is connected, nothing sent yet
+    except OSError:
+        return None
+    return data or None
+
+
+def _host_connected(fd: int) -> bool:
+    """Whether the guest's kernel has a host on the port now (it reports POLLHUP while none is)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return not any(flags & select.POLLHUP for _, flags in p.poll(0))
 
 
 def _open_port(device: str) -> int:
