@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pykata.agent.channel import ChannelError, parse_channel, serve_serial, serve_vsock
-from pykata.agent.entropy import reseed_crng
+from pykata.agent.entropy import crng_reseeder
 from pykata.agent.health import HealthService
 from pykata.agent.policy import PolicyGate
 from pykata.agent.ports import DEFAULT_PORT_NAME
@@ -81,10 +81,11 @@ async def _serve(channel_spec: str, server: Server, listen: str | None) -> None:
     channel = parse_channel(channel_spec)
     ready = asyncio.Event()
     # In the VM only (never with --listen on a host): a new host session reseeds the kernel's CRNG.
+    reseed = crng_reseeder()
     if channel.kind == "vsock":
-        serving = asyncio.ensure_future(serve_vsock(server, channel.port, ready, on_session=reseed_crng))
+        serving = asyncio.ensure_future(serve_vsock(server, channel.port, ready, on_session=reseed))
     else:
-        serving = asyncio.ensure_future(serve_serial(server, channel.device, ready, on_session=reseed_crng))
+        serving = asyncio.ensure_future(serve_serial(server, channel.device, ready, on_session=reseed))
     waiter = asyncio.ensure_future(ready.wait())
     await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if ready.is_set():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket as socketlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from pykata.protocols.agent import (
     SESSION_PROTOCOL_VERSION,
     agent_pb2,
 )
-from pykata.ttrpc import Client, Code, RpcError, SessionRefused, connect_unix
+from pykata.ttrpc import Client, Code, RpcError, SessionRefused, connect_fd, connect_unix
 from pykata.ttrpc.stats import RpcStats
 
 DEFAULT_TIMEOUT = 30.0
@@ -67,7 +68,8 @@ class Agent:
 
     @classmethod
     async def connect(cls, socket: Path, sandbox_id: str, *, timeout: float = 30.0,
-                      request_timeout: float = DEFAULT_TIMEOUT) -> Agent:
+                      request_timeout: float = DEFAULT_TIMEOUT,
+                      connection: socketlib.socket | None = None) -> Agent:
         """Connect and wait until the agent answers a health check.
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
@@ -78,13 +80,13 @@ class Agent:
         Each connection opens a host session with a hello (pykata.ttrpc.session): answers to the probes
         of a connection given up on may still be on their way, and the agent may never have seen that
         connection end; the hello makes the agent drop them and this side read only after its echo.
-        A probe that times out before the echo came sends a new hello on the same connection (the
-        last one may have been discarded by the guest closing its port as it came). A connection made
-        after a silent one writes a flush before its hello: the silent one's hello may
+        A connection made after a silent one writes a flush before its hello: the silent one's hello may
         have gone into half a frame an earlier host left in the port (pykata.ttrpc.session).
         Each check goes with a Version request (no round trip of its own); the protocol version of the
         agent that answers is checked and kept, as `negotiate` does.
         The answer's clocks are checked for a dead timer tick in the guest (`_check_tick`).
+        `connection`: a socket already connected to `socket` (Hypervisor.take_agent_connection), used
+        first and closed here (the session runs on a duplicate of it).
         Raises AgentError when the agent does not answer within `timeout`, AgentVersionError when it
         is too old for this host, AgentReplyError when its version answer is out of contract,
         GuestTickError when its guest has no timer tick.
@@ -102,8 +104,13 @@ class Agent:
                     flush = True
                 if client is None or client.closed:
                     try:
-                        client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()),
-                                                    session=True, flush=flush)
+                        if connection is not None:
+                            early, connection = connection, None
+                            with early:
+                                client = await connect_fd(early.fileno(), session=True, flush=flush)
+                        else:
+                            client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()),
+                                                        session=True, flush=flush)
                         connected = time.monotonic()
                     except (OSError, TimeoutError) as e:
                         last = e
@@ -124,10 +131,6 @@ class Agent:
                         last = why
                     if e.code != Code.DEADLINE_EXCEEDED:
                         await asyncio.sleep(0.05)
-                    else:
-                        # no echo within a probe's time: the hello may have been lost (a guest that
-                        # closed its port just as it came); another one costs ~80 bytes
-                        client.hello_again()
                     continue
                 if replies.health(answer):
                     agent._take_version(version)
@@ -136,6 +139,8 @@ class Agent:
                     return agent
                 await asyncio.sleep(0.02)
         finally:
+            if connection is not None:
+                connection.close()
             if client is not None:
                 await client.close()
         raise AgentError(f"sandbox {sandbox_id}: agent did not answer within {timeout:.0f}s ({last})")

@@ -34,6 +34,7 @@ refuses to migrate a mounted 9p export), which holds because the agent mounts it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -43,6 +44,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -58,7 +60,7 @@ from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.driver import QemuHypervisor
-from pykata.hypervisor.readiness import MAX_STRETCH
+from pykata.hypervisor.readiness import MAX_STRETCH, wait_quiet
 from pykata.network.tap import guest_mac, nic_id, open_tap
 
 log = logging.getLogger("pykata.factory")
@@ -72,6 +74,9 @@ LOCK_POLL = 0.05
 # holds its guest's RAM in template_path (under /run, on most hosts a tmpfs: host memory), and a node whose
 # configuration or guest image changed keeps making new ones.
 UNUSED_SECONDS = 3600.0
+# How long a template VM may take to idle before it is saved (it took 0.5-1.5 s after its agent's
+# console line here under TCG; a busy host's waits count as busy).
+TEMPLATE_SETTLE_LIMIT = 10.0
 
 _switch_logged = False
 
@@ -353,17 +358,48 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
         for fd in taps:
             os.close(fd)
         taps.clear()
-        # Ready by its console line, not by a host's session: the saved agent never had a host, so a
-        # clone's host is its first session, whose first bytes make it reseed the kernel's CRNG before
-        # it answers anything (pykata.agent.entropy), and it waits for that host by SIGIO, not by
-        # reopening its port (pykata.agent.channel).
+        # Ready by its console line, not by a host's session: the saved agent never had a host's bytes,
+        # so a clone's host is its first session, whose first bytes make it reseed the kernel's CRNG
+        # before it answers anything (pykata.agent.entropy).
         await vm.wait_ready()
-        await vm.save(directory / "state")
+        # Saved with a host connected that sent nothing, once the guest idles: its agent waits in that
+        # session for a first byte, and the kernel's work after boot is done, so a clone whose host is
+        # connected before the load (QemuHypervisor.take_agent_connection) runs only what answers it.
+        host = await _connect_host(vm)
+        try:
+            assert vm.pid is not None
+            settled = await wait_quiet(vm.pid, limit=TEMPLATE_SETTLE_LIMIT)
+            if settled is None:
+                log.info("factory: template %s: the guest did not idle within %.0fs; saved anyway", key[:12],
+                         TEMPLATE_SETTLE_LIMIT)
+            else:
+                log.info("factory: template %s: the guest idled %.2fs after its agent's line", key[:12], settled)
+            await vm.save(directory / "state")
+        finally:
+            if host is not None:
+                host.close()
     finally:
         for fd in taps:
             os.close(fd)
         await vm.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+async def _connect_host(vm: QemuHypervisor) -> socket.socket | None:
+    """A host connection to the agent's port that sends nothing (see _make); None when the port is
+    not a unix socket or refuses (the template then works as one saved without a host)."""
+    path = vm.agent_endpoint.socket
+    if path is None:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, str(path))
+    except OSError as exc:
+        sock.close()
+        log.info("factory: template VM %s: no host connection to its agent (%s)", vm.vm_id, exc)
+        return None
+    return sock
 
 
 def _prune(root: Path, keep: str | None, everything: bool = False) -> list[str]:
@@ -489,7 +525,7 @@ async def agent_readiness(vm: Hypervisor) -> None:
     endpoint = vm.agent_endpoint
     if endpoint.socket is None:
         raise HypervisorError("template VMs need a virtio-serial agent channel")
-    client = await Agent.connect(endpoint.socket, "template", timeout=3600)
+    client = await Agent.connect(endpoint.socket, "template", timeout=3600, connection=vm.take_agent_connection())
     await client.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,13 @@ class Hypervisor(abc.ABC):
         Raises:
             HypervisorError: the VM exited first or `timeout` passed; the message has the console tail.
         """
+
+    def take_agent_connection(self) -> socket.socket | None:
+        """A connection to the agent's port that the VM opened itself (a template clone's, made before
+        its state was loaded), handed over once to the readiness probe; None when there is none. The
+        probe takes it before its first await, or wait_ready() closes it then (the port takes one host
+        at a time: a probe that connects anew waits for it to close)."""
+        return None
 
     @abc.abstractmethod
     async def stop(self) -> VmExit | None:

@@ -86,6 +86,41 @@ def run_queue_waits(pid: int) -> dict[int, float]:
     return waits
 
 
+def cpu_seconds(pid: int) -> float:
+    """Seconds all threads of process `pid` have run (schedstat, nanoseconds); 0.0 when the kernel does
+    not say or the process is gone. Never raises."""
+    total = 0
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for thread in threads:
+        try:
+            total += int((thread / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+async def wait_quiet(pid: int, *, window: float = 0.2, busy: float = 0.004, windows: int = 2,
+                     limit: float = 10.0) -> float | None:
+    """Wait until process `pid` (a VMM) ran less than `busy` seconds in each of `windows` windows of
+    `window` seconds in a row: its guest idles. (A guest that wants to run but is starved by a loaded
+    host still gets its share of a CPU, far above `busy`.) Returns the seconds it took, None when it
+    did not get quiet within `limit`. Never raises."""
+    started = time.monotonic()
+    last = cpu_seconds(pid)
+    quiet = 0
+    while time.monotonic() - started < limit:
+        await asyncio.sleep(window)
+        now = cpu_seconds(pid)
+        quiet = quiet + 1 if now - last < busy else 0
+        if quiet >= windows:
+            return time.monotonic() - started
+        last = now
+    return None
+
+
 class Starvation:
     """How long the most starved thread of process `pid` (QEMU: a vCPU or its main loop) has waited for
     a host CPU since this object was made: the time a loaded host took from its boot."""

@@ -309,7 +309,8 @@ class Sandbox:
             endpoint = vm.agent_endpoint
             assert endpoint.socket is not None, "vsock agent channel is not supported by the sandbox yet"
             agent_box["agent"] = await Agent.connect(endpoint.socket, self.id, timeout=boot_timeout * MAX_STRETCH,
-                                                     request_timeout=self.config.agent.pykata.request_timeout)
+                                                     request_timeout=self.config.agent.pykata.request_timeout,
+                                                     connection=vm.take_agent_connection())
 
         if self.netns is not None and self.config.runtime.internetworking_model != "none":
             with tracing.span("network.attach"):
