@@ -28,7 +28,9 @@ kubernetes.io~empty-dir/scratch under a temp kubelet root), so create/stat/unlin
                        file system (9p in templated VMs), as before: what a hostPath or `-v` volume gets
   pykata-vfs-host-shared  as pykata-host-shared in a cold-booted VM (factory.enable_template = false):
                        the host directory over virtio-fs (what `pykata run --shared-fs virtio-fs` or the
-                       shared_fs annotation give a volume); skipped with --no-vfs
+                       shared_fs annotation give a volume); skipped with --no-vfs; with
+                       `--vfs-cache auto,always,none` once per hypervisor.qemu.virtio_fs_cache mode
+                       (pykata-vfs-host-shared-MODE; coherence per mode: bench/vfs_cache_bench.py)
 The pykata columns use the configuration in force ($PYKATA_CONFIG or the packaged one: templated VMs,
 so 9p); the others change keys of the packaged configuration. Runtimes take turns within each run.
 
@@ -294,6 +296,9 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE",
                     help="also a column pykata-NAME: the configuration in force with one key set, e.g. "
                          "nowarm=runtime.rootfs_prewarm=0 or noerms=hypervisor.qemu.cpu_model='\"max,-erms\"'")
+    ap.add_argument("--vfs-cache", default="", metavar="MODES",
+                    help="the emptyDir table's virtio-fs column once per hypervisor.qemu.virtio_fs_cache mode, "
+                         "e.g. auto,always,none (columns pykata-vfs-host-shared-MODE)")
     args = ap.parse_args()
     prewarm = 0 if args.gap else args.prewarm
     with tempfile.TemporaryDirectory(prefix="fsbench-") as d:
@@ -334,8 +339,10 @@ def main() -> int:
             configs[name] = tmp / f"{name}.toml"
         results: dict[str, list[Result]] = {} if args.only_emptydir else {
             "runc": [], **({} if args.no_runc_dir else {"runc-dir": []}), **{k: [] for k in configs}}
-        emptydir = EmptyDirRun(tmp, bundle, in_force) if args.emptydir or args.only_emptydir else None
-        ed_columns = ("runc", "pykata", "pykata-host-shared", *(() if args.no_vfs else ("pykata-vfs-host-shared",)))
+        vfs_modes = [m for m in args.vfs_cache.split(",") if m]
+        emptydir = EmptyDirRun(tmp, bundle, in_force, vfs_modes) if args.emptydir or args.only_emptydir else None
+        ed_vfs = () if args.no_vfs else tuple(emptydir.shared_vfs) if emptydir else ()
+        ed_columns = ("runc", "pykata", "pykata-host-shared", *ed_vfs)
         ed_results: dict[str, list[Result]] = {k: [] for k in ed_columns}
         gap = args.gap / 1000
         for _ in range(args.runs):
@@ -350,9 +357,8 @@ def main() -> int:
                     ed_results["runc"].append(emptydir.clean(run_runc(bundle, overlay=True)))
                     ed_results["pykata"].append(emptydir.clean(run_pykata(bundle, emptydir.guest, gap)))
                     ed_results["pykata-host-shared"].append(emptydir.clean(run_pykata(bundle, emptydir.shared, gap)))
-                    if not args.no_vfs:
-                        ed_results["pykata-vfs-host-shared"].append(
-                            emptydir.clean(run_pykata(bundle, emptydir.shared_vfs, gap)))
+                    for column in ed_vfs:
+                        ed_results[column].append(emptydir.clean(run_pykata(bundle, emptydir.shared_vfs[column], gap)))
     prewarm_note = f", runtime.rootfs_prewarm = {prewarm}" if prewarm is not None else ""
     if results:
         report(f"{args.files} files in /tmp, walk of /usr ({args.runs} runs, median wall seconds; ratio to runc"
@@ -383,7 +389,7 @@ class EmptyDirRun:
 
     UID = "0f6b2a4e-1c9d-4e1f-9a57-fsbench00001"
 
-    def __init__(self, tmp: Path, bundle: Path, in_force: str) -> None:
+    def __init__(self, tmp: Path, bundle: Path, in_force: str, vfs_modes: list[str]) -> None:
         self.bundle = bundle
         kubelet = tmp / "kubelet"
         self.volume = kubelet / "pods" / self.UID / "volumes" / EMPTY_DIR_PLUGIN / "scratch"
@@ -394,8 +400,13 @@ class EmptyDirRun:
         self.guest.write_text(set_or_add(text, "runtime.disable_guest_empty_dir", "false"))
         self.shared = tmp / "emptydir-shared.toml"
         self.shared.write_text(set_or_add(text, "runtime.disable_guest_empty_dir", "true"))
-        self.shared_vfs = tmp / "emptydir-shared-vfs.toml"
-        self.shared_vfs.write_text(set_or_add(self.shared.read_text(), "factory.enable_template", "false"))
+        vfs = set_or_add(self.shared.read_text(), "factory.enable_template", "false")
+        self.shared_vfs: dict[str, Path] = {}  # column -> configuration
+        for mode in vfs_modes or [""]:
+            column = f"pykata-vfs-host-shared{'-' + mode if mode else ''}"
+            self.shared_vfs[column] = tmp / f"emptydir-{column}.toml"
+            self.shared_vfs[column].write_text(
+                set_key(vfs, "hypervisor.qemu.virtio_fs_cache", f'"{mode}"') if mode else vfs)
         self.original = ""
 
     def __enter__(self) -> EmptyDirRun:

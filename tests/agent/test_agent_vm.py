@@ -379,3 +379,22 @@ async def test_a_hello_in_a_containers_stdin_is_data_not_a_new_host_session(vm: 
     finally:
         await client.close()
         await asyncio.sleep(0.05)
+
+
+async def test_hosts_that_connect_one_after_another_each_get_a_session_at_once(vm: tuple[Path, Path]) -> None:
+    """A host connecting just as the agent closes and reopens its port after the last host left (or just
+    as it reads that host's end) lost its hello: the guest discarded it with the port's queued bytes, or
+    read it before it knew a host was there and took the end of file that followed for the session's
+    end. Agent.connect then waited 15 s of silence (seen as "a 15 s agent-channel stall"; 4-6 of 60
+    such reconnects here). The agent now confirms an end of file (FdReader peer_present), reads what is
+    queued before it closes the port, and Agent.connect sends another hello when a probe times out."""
+    sock, _log = vm
+    await (await _connect(sock)).close()
+    slow = []
+    for i in range(40):
+        started = time.monotonic()
+        agent = await asyncio.wait_for(Agent.connect(sock, f"quick-{i}", timeout=30), 10)
+        slow += [time.monotonic() - started] if time.monotonic() - started > 3 else []
+        await agent.close()
+        await asyncio.sleep(0.05)
+    assert not slow, slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -37,7 +38,8 @@ DEFAULT_VSOCK_PORT = 1024
 # connects (virtio_console), so the host of a template clone (saved before any host connected) is
 # served at once (_IDLE_RECHECK is only a fallback). After a host's session it closes the port and opens
 # it again after 10 ms, then 20, 40, ... 200 ms while no host is there: QEMU's query-chardev shows these
-# closed moments, by which a host knows the guest left that session (restore() of a snapshot).
+# closed moments, by which a host knows the guest left that session (restore() of a snapshot). It never
+# closes the port on a host that connected meanwhile (_host_waiting): that would discard its first bytes.
 _REOPEN_DELAY = 0.01
 _REOPEN_DELAY_MAX = 0.2
 _IDLE_RECHECK = 1.0
@@ -94,18 +96,25 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
             fd = _open_port(device)
             try:
                 ready.set()
+                first = b""
                 while True:
                     # No SIGIO while serving: the port signals every chunk of a host's data too, and
                     # a signal per request costs the guest its delivery and a wakeup of the loop.
                     _set_async(fd, False)
                     try:
-                        served = await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session)
+                        served = await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session,
+                                                       first=first,
+                                                       peer_present=functools.partial(_host_connected, fd))
                     finally:
                         _set_async(fd, True)
                     if served:
                         delay = _REOPEN_DELAY  # a host's session ended
                     if delay is not None:
-                        break
+                        waiting = _host_waiting(fd)
+                        if waiting is None:
+                            break
+                        first = waiting  # closing now would discard a new host's first bytes: serve it
+                        continue
                     host_changed.clear()  # a host connecting from here on is signalled
                     if _host_connected(fd):
                         continue  # it came between the end of file and SIGIO's return
@@ -119,17 +128,34 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
         loop.remove_signal_handler(signal.SIGIO)
 
 
+def _host_waiting(fd: int) -> bytes | None:
+    """None when no host is on the port (it reads as end of file); else the bytes a host that connected
+    since the last end of file already sent (b"" for none yet). Closing the port discards what is queued
+    in it: a host that connected between the end of file and the close lost its session hello, and got
+    no answer it could take until it reconnected (Agent.connect: 15 s; 4-6 of 60 quick reconnects on a
+    busy host). Its bytes may come before the guest knows it connected (the kernel learns that from a
+    control message handled later), so they are read, not polled for."""
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""  # a host is connected, nothing sent yet
+    except OSError:
+        return None
+    return data or None
+
+
+def _host_connected(fd: int) -> bool:
+    """Whether the guest's kernel has a host on the port now (it reports POLLHUP while none is)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return not any(flags & select.POLLHUP for _, flags in p.poll(0))
+
+
 def _set_async(fd: int, on: bool) -> None:
     """SIGIO on host (dis)connection and on data for the port (O_ASYNC), or none."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC if on else flags & ~os.O_ASYNC)
-
-
-def _host_connected(fd: int) -> bool:
-    """Whether a host is connected to the port now: virtio_console polls as hung up while none is."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return not any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def _open_port(device: str) -> int:

@@ -80,7 +80,9 @@ class Agent:
         Each connection opens a host session with a hello (pykata.ttrpc.session): answers to the probes
         of a connection given up on may still be on their way, and the agent may never have seen that
         connection end; the hello makes the agent drop them and this side read only after its echo.
-        A connection made after a silent one writes a flush before its hello: the silent one's hello may
+        A probe that times out before the echo came sends a new hello on the same connection (the
+        last one may have been discarded by the guest closing its port as it came). A connection made
+        after a silent one writes a flush before its hello: the silent one's hello may
         have gone into half a frame an earlier host left in the port (pykata.ttrpc.session).
         Each check goes with a Version request (no round trip of its own); the protocol version of the
         agent that answers is checked and kept, as `negotiate` does.
@@ -131,6 +133,10 @@ class Agent:
                         last = why
                     if e.code != Code.DEADLINE_EXCEEDED:
                         await asyncio.sleep(0.05)
+                    else:
+                        # no echo within a probe's time: the hello may have been lost (a guest that
+                        # closed its port just as it came); another one costs ~80 bytes
+                        client.hello_again()
                     continue
                 if replies.health(answer):
                     agent._take_version(version)

@@ -80,6 +80,17 @@ class _ClientProtocol(ConnectionProtocol):
                 self.write(flush_bytes())
             self.write(hello_frame(self._nonce))
 
+    def hello_again(self) -> bool:
+        """Send a new hello (a new nonce) while the echo of the last one has not come: that hello was
+        lost (a guest that closed its port as it came discards what was queued in it). False when the
+        session is open already or the connection is closed."""
+        if self._hunter is None or self.is_closing():
+            return False
+        self._nonce = new_nonce()
+        self._hunter = EchoHunter(self._nonce)
+        self.write(hello_frame(self._nonce))
+        return True
+
     def data_received(self, data: bytes | memoryview) -> None:
         if self._hunter is None:
             super().data_received(data)
@@ -178,6 +189,10 @@ class Client:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._p.closed)
+
+    def hello_again(self) -> bool:
+        """A session connection whose echo has not come: send a new hello (see _ClientProtocol)."""
+        return self._p.hello_again()
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with ConnectionClosedError. Idempotent.

@@ -315,7 +315,8 @@ class Server:
         return p
 
     async def serve_fd(self, fd: int, *, resync: bool = True, sessions: bool | None = None,
-                       on_first_data: Callable[[], None] | None = None) -> bool:
+                       on_first_data: Callable[[], None] | None = None, first: bytes = b"",
+                       peer_present: Callable[[], bool] | None = None) -> bool:
         """Serve one peer on a connected descriptor until end of stream or until the server is
         closed; return whether the peer sent anything. With `resync`, garbage from the peer is
         skipped instead of ending the connection (byte streams with no reconnect signal, such as a

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import mmap
 import os
+from collections.abc import Callable
 
 from pykata.ttrpc.connection import Connection, Event, Role
 from pykata.ttrpc.errors import RemoteProtocolError
@@ -235,13 +236,21 @@ class FdReader(asyncio.ReadTransport):
     READ_SIZE = 256 << 10
     MAX_BATCH = 4 << 20  # then yield to the loop, so writers and timers get their turn
 
-    def __init__(self, fd: int, protocol: ConnectionProtocol) -> None:
+    # With peer_present, an end of file is believed once the peer was absent for this long (guest time:
+    # a guest handles the control message saying a host connected within a few ms of its first bytes).
+    EOF_GRACE = 0.05
+    EOF_RECHECK = 0.002
+
+    def __init__(self, fd: int, protocol: ConnectionProtocol,
+                 peer_present: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self._loop = asyncio.get_running_loop()
         self._fd = fd
         self._protocol = protocol
         self._closing = False
         self._reading = False
+        self._peer_present = peer_present
+        self._eof_since: float | None = None
         # Anonymous memory, so only the pages a read fills are ever backed: bytearray(MAX_BATCH)
         # zero-filled all 4 MiB, and in a VM cloned from a template those were 4 MiB of fresh guest
         # pages the host backs for each clone's agent (bench/pod_memory.py --guest-pages). Private
@@ -282,9 +291,33 @@ class FdReader(asyncio.ReadTransport):
                 self._mem.madvise(mmap.MADV_DONTNEED, self.READ_SIZE, _page_up(size) - self.READ_SIZE)
         if eof and not self._closing:
             self.pause_reading()
-            keep_open = self._protocol.eof_received()
-            if not keep_open:
-                self.close()
+            if self._peer_present is not None:
+                self._eof_since = self._loop.time()
+                self._loop.call_later(self.EOF_RECHECK, self._confirm_eof)
+                return
+            self._end()
+
+    def _confirm_eof(self) -> None:
+        """An end of file read from a port whose peer comes and goes (a virtio-serial port) may be stale:
+        a guest learns that a host connected from a control message that can come after that host's
+        first bytes, so it reads them and then an end of file. Believed only once `peer_present` has said
+        no for EOF_GRACE; a peer that is there means: read on."""
+        if self._closing or self._eof_since is None:
+            return
+        assert self._peer_present is not None
+        if self._peer_present():
+            self._eof_since = None
+            self.resume_reading()
+        elif self._loop.time() - self._eof_since < self.EOF_GRACE:
+            self._loop.call_later(self.EOF_RECHECK, self._confirm_eof)
+        else:
+            self._eof_since = None
+            self._end()
+
+    def _end(self) -> None:
+        keep_open = self._protocol.eof_received()
+        if not keep_open:
+            self.close()
 
     def _fail(self, exc: Exception) -> None:
         self.close(exc)
@@ -298,7 +331,7 @@ class FdReader(asyncio.ReadTransport):
             self._reading = False
 
     def resume_reading(self) -> None:
-        if not self._reading and not self._closing:
+        if not self._reading and not self._closing and self._eof_since is None:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
 
@@ -318,10 +351,11 @@ def _page_up(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
-async def attach_fd(fd: int, protocol: ConnectionProtocol) -> None:
+async def attach_fd(fd: int, protocol: ConnectionProtocol, *, peer_present: Callable[[], bool] | None = None) -> None:
     """Attach `protocol` to an open read/write file descriptor (socket, character device or pipe).
 
-    The descriptor is duplicated; the caller keeps ownership of `fd`.
+    The descriptor is duplicated; the caller keeps ownership of `fd`. `peer_present` (a character
+    device): asked before an end of file is believed (FdReader._confirm_eof).
     Raises OSError if the descriptor cannot be used.
     """
     import socket
@@ -340,7 +374,7 @@ async def attach_fd(fd: int, protocol: ConnectionProtocol) -> None:
     writer = FdWriter(wfd, protocol)
     protocol._writer = writer
     try:
-        FdReader(rfd, protocol).start()
+        FdReader(rfd, protocol, peer_present).start()
     except BaseException:
         writer.close()
         os.close(rfd)
