@@ -25,6 +25,10 @@ Also, for runc and pykata alike:
   in containers per second, and the CPU seconds each container's own processes used until all had
   started (pykata: shim and QEMU, the guest included; runc: shim and container), which on a shared
   host says more than the rate (2 cores at 0.33 CPU s per start would be 6 starts a second);
+- --timeline (with --rate): for each container of each pykata rate run, when each phase of its start
+  began (ms after the run began; PYKATA_TIMING_FILE marks of `shim start`, its fork-server child, the
+  pool claim, the pod's shim: Create, hand-out, guest set-up, crun create, Start), the host's CPU in
+  use and the pool's ready/alive VMs every half second: what overlaps and what waits;
 - --pool: pykata runs with a warm pool (factory.pool_size = --pool-size, in a configuration written
   for the run); the timed `ctr run --rm` starts once a pooled VM is ready (the wait is not counted), and
   the pool's waiting VMs are reported apart from the containers' memory.
