@@ -21,7 +21,8 @@ Also, for runc and pykata alike:
   and the PSS per container once all N run; QEMU's PSS is split by what it is (--breakdown): the TCG
   translation cache, guest RAM dirtied since the clone (anonymous pages of the RAM mapping), guest RAM
   still shared with the template file, and the rest of QEMU (heap, binary, libraries);
-- start rate (--rate 1,4): --rate-count containers started with 1 and with 4 `ctr run -d` at a time,
+- start rate (--rate 1,4, --rate-rounds N timed runs each, runc and pykata alternating, the median
+  printed too): --rate-count containers started with 1 and with 4 `ctr run -d` at a time,
   in containers per second, and the CPU seconds each container's own processes used until all had
   started (pykata: shim and QEMU, the guest included; runc: shim and container), which on a shared
   host says more than the rate (2 cores at 0.33 CPU s per start would be 6 starts a second);
@@ -488,6 +489,8 @@ def main() -> None:
                          "no-fork-server=runtime.shim_fork_server=false")
     ap.add_argument("--rate", default="", help="comma-separated concurrencies for the start rate, e.g. 1,4")
     ap.add_argument("--rate-count", type=int, default=8, help="containers per start-rate measurement")
+    ap.add_argument("--rate-rounds", type=int, default=1,
+                    help="timed runs per concurrency (runc and pykata alternate; the pool refilled before each)")
     ap.add_argument("--pool", action="store_true", help="pykata with a warm pool (see above)")
     ap.add_argument("--pool-size", type=int, default=1)
     ap.add_argument("--skip-runc-memory", action="store_true", help="runc memory only at N=1")
@@ -554,7 +557,7 @@ def main() -> None:
         if args.pool:
             result["pool_waiting_pss_mib"] = pool_pss_mib()
         result["start_rate"] = []
-        for c in rates:
+        for c in [c for c in rates for _ in range(args.rate_rounds)]:
             for name, opts in variants.items():
                 pooled = args.pool and runtime_of[name] == PYKATA_RUNTIME
                 filled = fill_pool(args.pool_size) if pooled else None
@@ -589,10 +592,11 @@ def main() -> None:
               + f"; load {m['loadavg'][0]:.1f}")
     if "pool_waiting_pss_mib" in result:
         print(f"the pool's waiting VMs with their shims: {result['pool_waiting_pss_mib']} MiB PSS in total")
-    runc_rate = {r["concurrency"]: r for r in result["start_rate"] if r["variant"] == RUNC_RUNTIME}
+    base: dict[str, Any] = {}
     for r in result["start_rate"]:
-        if r["variant"] != RUNC_RUNTIME:
-            base = runc_rate[r["concurrency"]]
+        if r["variant"] == RUNC_RUNTIME:
+            base = r  # the runc run of the same round, just before
+        else:
             split = ", ".join(f"{k} {v}" for k, v in r["cpu_s_by_process"].items())
             print(f"start rate, {r['concurrency']} at a time, {r['containers']} containers: {r['variant']} "
                   f"{r['per_s']}/s ({r['cpu_s_per_container']} CPU s per container: {split}; "
@@ -616,6 +620,12 @@ def main() -> None:
                 print(f"  host CPU in use (cores, per 0.5 s): {r['host_cores_busy_per_half_s']}")
                 if r.get("pool_ready_of_alive"):
                     print(f"  pool ready/alive (per 0.5 s): {r['pool_ready_of_alive']}")
+    if args.rate_rounds > 1:
+        for c in rates:
+            for name in variants:
+                got = [r["per_s"] for r in result["start_rate"] if r["variant"] == name and r["concurrency"] == c]
+                print(f"start rate, {c} at a time, median of {len(got)} rounds: {name} {statistics.median(got):.2f}/s "
+                      f"(rounds: {got})")
 
 
 if __name__ == "__main__":
