@@ -325,7 +325,7 @@ class QemuHypervisor(Hypervisor):
     async def _load_saved_state(self) -> None:
         self.timestamps["load"] = time.monotonic()
         self.state = "running"  # restore() runs on a running QEMU
-        self._connect_agent_early()
+        await self._early_connection_accepted()
         try:
             assert self._restore is not None
             await self.restore(self._restore.state)
@@ -384,6 +384,7 @@ class QemuHypervisor(Hypervisor):
         self._sidecars.check_running()
         if self._die_with_owner:  # QEMU made its QMP socket: it runs, under the lifeline's unshares
             self._vmm_pid = await asyncio.to_thread(lifeline_target, self._qemu.pid, q.path)
+        self._connect_agent_early()
         self.state = "running"
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
@@ -728,6 +729,9 @@ class QemuHypervisor(Hypervisor):
         ~30% of the guest code a clone's first answer ran, all of it translated afresh by TCG). The
         first bytes still begin a new session (its hello, the CRNG reseed). A template saved without
         a host, or a probe that connects anew, works as before: QEMU then tells the guest of the change.
+        It is made as soon as QEMU runs (a pre-started QEMU's wait is off the clock), and the load waits
+        until QEMU has accepted it (_early_connection_accepted): accepted during or after the load, it is
+        a host connecting, which QEMU signals to the guest.
         """
         restore = self._restore
         if restore is None or restore.memory is None or self.spec is None or self.spec.agent_channel != "virtio-serial":
@@ -742,6 +746,21 @@ class QemuHypervisor(Hypervisor):
             log.debug("VM %s: no early agent connection (%s): the probe connects after the load", self.vm_id, exc)
             return
         self._agent_connection = sock
+
+    async def _early_connection_accepted(self, timeout: float = 1.0) -> None:
+        """Wait until QEMU has accepted the early agent connection: its socket chardev is then no longer
+        "disconnected:" (query-chardev). Bounded; past `timeout` the load goes on (QEMU then tells the
+        guest that a host connected, as for a template saved without one)."""
+        if self._agent_connection is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chardevs = await self.qmp.execute("query-chardev")
+            if any(c.get("label") == AGENT_CHARDEV and not str(c.get("filename", "")).startswith("disconnected:")
+                   for c in chardevs):
+                return
+            await asyncio.sleep(0.001)
+        log.debug("VM %s: QEMU did not accept the early agent connection within %.1fs", self.vm_id, timeout)
 
     def take_agent_connection(self) -> socket.socket | None:
         if self._agent_connection is not None and self.state == "running":
