@@ -162,7 +162,7 @@ def crio(write: bool, dropin: Path) -> None:
             click.echo(text, nl=False)
             return
         try:
-            atomic_write(dropin, text, mode=KEEP_MODE, make_parents=False)
+            atomic_write(dropin, text, mode=KEEP_MODE)  # crio.conf.d may not exist yet
         except OSError as e:
             raise InstallError(f"--dropin {dropin}: cannot write it: {e.strerror}") from None
         click.echo(f"wrote {dropin}; restart CRI-O to load it (systemctl restart crio)")
