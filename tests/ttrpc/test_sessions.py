@@ -30,6 +30,7 @@ from pykata.ttrpc.session import (
     hello_frame,
     new_nonce,
 )
+from pykata.ttrpc.transport import ConnectionProtocol, FdReader
 from tests.ttrpc.conftest import EchoHandler
 from tests.ttrpc.echo_pb import ECHO_SERVICE, Echo
 
@@ -307,3 +308,51 @@ def test_a_flush_is_skipped_in_one_step_and_leaves_the_parser_at_the_hello() -> 
     dropped = conn.resync()
     assert conn.next_event() == HelloReceived(nonce)
     assert 0 < dropped <= FLUSH_SIZE
+
+
+class _Recorder(ConnectionProtocol):
+    """What a reader delivers: bytes, and whether it believed an end of file."""
+
+    def __init__(self) -> None:
+        super().__init__(Role.SERVER)
+        self.got = bytearray()
+        self.eof = False
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        self.got += data
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return False
+
+
+async def test_an_end_of_file_is_believed_only_while_the_peer_stays_away(tmp_path: Any) -> None:
+    """A guest reads a new host's first bytes before its kernel knows the host connected, then an end of
+    file (the agent took it for the session's end and the echo went with the connection: the 15 s stall).
+    A FIFO stands in for the port: its writer leaves (end of file) and another comes. While
+    `peer_present` says so the reader reads on; once it says no for EOF_GRACE, the end is believed."""
+    import os
+
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    present = True
+    proto = _Recorder()
+    reader = FdReader(os.dup(rfd), proto, peer_present=lambda: present)
+    reader.start()
+    try:
+        first = os.open(fifo, os.O_WRONLY)
+        os.write(first, b"hello ")
+        os.close(first)  # an end of file, but a host is there (its control message came late)
+        await asyncio.sleep(0.1)
+        second = os.open(fifo, os.O_WRONLY)
+        os.write(second, b"and the rest")
+        await asyncio.sleep(0.1)
+        assert (bytes(proto.got), proto.eof) == (b"hello and the rest", False)
+        present = False
+        os.close(second)
+        await asyncio.sleep(FdReader.EOF_GRACE + 0.2)
+        assert proto.eof
+    finally:
+        reader.close()
+        os.close(rfd)
