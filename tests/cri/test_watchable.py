@@ -31,7 +31,7 @@ def kubelet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ctd(tmp_path_factory: pytest.TempPathFactory, kubelet_root: Path) -> Iterator[CriContainerd]:
     with running_cri_containerd(tmp_path_factory.mktemp("cri"), tmp_path_factory.mktemp("cache"),
-                                {"kubelet_root_dir": f'"{kubelet_root}"'}) as ctd:
+                                {"kubelet_root_dir": f'"{kubelet_root}"', "watchable_max_files": "4"}) as ctd:
         yield ctd
 
 
@@ -68,15 +68,18 @@ def test_configmap_and_secret_are_copied_and_follow_updates(ctd: CriContainerd, 
     # a volume that cannot be copied (a FIFO in it, which kubelet never makes): shared from the host
     odd = _volume(kubelet_root, uid, "kubernetes.io~configmap", "odd", {"k": b"v\n"})
     os.mkfifo(odd / "pipe")
+    # more files than runtime.watchable_max_files (4 here): shared from the host too
+    big = _volume(kubelet_root, uid, "kubernetes.io~configmap", "big", {f"k{i}": b"v\n" for i in range(5)})
     mounts = [api_pb2.Mount(container_path=p, host_path=str(h), readonly=True)
-              for p, h in (("/cfg", cfg), ("/sec", sec), ("/odd", odd))]
+              for p, h in (("/cfg", cfg), ("/sec", sec), ("/odd", odd), ("/big", big))]
     with Cri(ctd.socket) as cri, _pod(ctd, cri, "pykata", config) as pod_id:
         c0 = _container(cri, pod_id, config, "c0", mounts=mounts)
         c1 = _container(cri, pod_id, config, "c1", mounts=mounts[:1])
         # copied: a guest tmpfs, kubelet's layout, contents and modes
         # (9p reports the host file system's type)
         assert _sh(cri, c0, "stat -f -c %T /cfg /sec /odd").split()[:2] == ["tmpfs", "tmpfs"]
-        assert _sh(cri, c0, "stat -f -c %T /odd") != "tmpfs\n"
+        assert _sh(cri, c0, "stat -f -c %T /odd /big").split() != ["tmpfs", "tmpfs"]
+        assert _sh(cri, c0, "cat /big/k4") == "v\n"
         assert _sh(cri, c0, "cat /cfg/a /cfg/b /sec/token /odd/k") == "one\ntwo\ns3cret\nv\n"
         assert _sh(cri, c0, "readlink /cfg/a; stat -L -c %a /cfg/a") == "..data/a\n644\n"
         assert _sh(cri, c0, "readlink /sec/evil; cat /sec/evil 2>&1 || true; ls /sec/root/ | head -1") \
@@ -90,6 +93,10 @@ def test_configmap_and_secret_are_copied_and_follow_updates(ctd: CriContainerd, 
         print(f"update seen in the guest after {took:.2f} s")
         write_volume(sec, {"token": b"rotated\n"})
         _wait_for(cri, c0, "cat /sec/token", "rotated\n")
+        # an update past the bounds is not applied: the guest keeps its last copy (the shim logs it once)
+        write_volume(sec, {f"t{i}": b"x\n" for i in range(5)})
+        time.sleep(3)
+        assert _sh(cri, c0, "cat /sec/token; ls /sec") == "rotated\ntoken\n"
     # the host directories are as kubelet left them: the guest never wrote there
     assert (cfg / "a").read_bytes() == b"one v2\n"
     assert sorted(p.name for p in cfg.iterdir() if not p.name.startswith("..")) == ["a", "c"]
