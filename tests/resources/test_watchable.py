@@ -130,3 +130,23 @@ def test_bounds(tmp_path: Path) -> None:
         os.symlink("x", many / f"l{i}")
     with pytest.raises(watchable.Unsuitable, match="entries"):
         watchable.scan(str(many), 2, 1 << 20)
+
+
+def test_root_watch_wakes_on_kubelets_update_and_drains(tmp_path: Path) -> None:
+    import select
+
+    vol = tmp_path / "cfg"
+    write_volume(vol, {"a": b"1"})
+    watch = watchable.RootWatch()
+    try:
+        watch.add(str(vol))
+        assert select.select([watch.fd], [], [], 0)[0] == []
+        write_volume(vol, {"a": b"2"})
+        assert select.select([watch.fd], [], [], 1)[0] == [watch.fd]
+        watch.drain()
+        assert select.select([watch.fd], [], [], 0)[0] == []
+        os.symlink("/", tmp_path / "link")
+        with pytest.raises(OSError, match="inotify_add_watch"):
+            watch.add(str(tmp_path / "link"))  # a symlink is not followed
+    finally:
+        watch.close()

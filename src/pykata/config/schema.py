@@ -223,7 +223,7 @@ class RuntimeConfig:
     # A CRI pod's configmap, secret, downwardAPI and projected volumes (kubelet's <kubelet_root_dir>/pods/
     # <uid>/volumes/kubernetes.io~{configmap,secret,downward-api,projected}/<name>, mounted read-only)
     # are copied into a guest tmpfs when first mounted and kept in step with kubelet's updates (the shim
-    # polls the host directory each second; pykata.resources.watchable), when the volume has at most
+    # watches the host directory with inotify; pykata.resources.watchable), when the volume has at most
     # watchable_max_files regular files and watchable_max_kib KiB; a bigger one is shared from the host.
     # 0 files: every such volume is shared from the host (9p / virtio-fs), as before.
     watchable_max_files: int = 64

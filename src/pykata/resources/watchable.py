@@ -5,8 +5,9 @@ Under runc a container reads such a volume from kubelet's directory, and kubelet
 (its AtomicWriter: a new `..<timestamp>` directory, then the `..data` symlink swapped to it). Shared
 over 9p / virtio-fs every read is a round trip to the host; instead pykata copies the volume's tree
 into a tmpfs of the guest's own when the pod's first container that mounts it is created, and keeps
-the copy in step: the shim looks at the host directory every POLL_SECONDS (an lstat of each entry)
-and, when anything changed, sends the whole tree again (agent SyncVolume), which the agent applies in
+the copy in step: the shim looks at the host directory (an lstat of each entry) after inotify events on
+its root (RootWatch; kubelet's every update renames `..data` there) and every FULL_POLL_SECONDS, and
+when anything changed sends the whole tree again (agent SyncVolume), which the agent applies in
 kubelet's order (pykata.agent.volumesync), so a reader in the guest never sees half an update.
 
 The rule (`volume_name`), for a read-only bind mount of a container of a CRI pod with uid U:
@@ -25,6 +26,9 @@ where the host reads.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 import posixpath
 import stat
@@ -36,7 +40,12 @@ from pykata.resources.emptydir import VOLUME_NAME_RE
 
 WATCHABLE_PLUGINS = ("kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~downward-api",
                      "kubernetes.io~projected")
-POLL_SECONDS = 1.0
+POLL_SECONDS = 1.0  # without inotify
+# with inotify on the volumes' root directories (kubelet's every update creates, renames and removes
+# entries there): a look after each burst of events, once QUIET_SECONDS passed without one, and a
+# whole look every FULL_POLL_SECONDS (a change below the root made by something else than kubelet)
+QUIET_SECONDS = 0.05
+FULL_POLL_SECONDS = 10.0
 # directories and symlinks of a kubelet volume: one `..data`, one `..<timestamp>` directory, one
 # symlink per key (and directories of keys with a '/')
 MAX_OTHER_ENTRIES_PER_FILE = 3
@@ -59,6 +68,7 @@ class WatchedVolume:
     max_bytes: int
     signature: tuple[object, ...] = ()
     warned: str = field(default="")
+    notified: bool = False  # its root directory is watched by inotify (RootWatch)
 
     @property
     def tmpfs_size(self) -> int:
@@ -190,3 +200,45 @@ def snapshot(vol: WatchedVolume) -> tuple[list[agent_pb2.VolumeEntry], tuple[obj
 def signature(vol: WatchedVolume) -> tuple[object, ...]:
     """The volume's signature only (lstat of each entry, nothing read). Raises Unsuitable."""
     return scan(vol.source, vol.max_files, vol.max_bytes, read=False)[1]
+
+
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x2, 0x4, 0x8, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+IN_ONLYDIR, IN_DONT_FOLLOW = 0x01000000, 0x02000000
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+              | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW)
+
+
+class RootWatch:
+    """An inotify descriptor watching volumes' root directories: readable when something changed there
+    (the events themselves are not parsed: any of them means "look again"). Raises OSError."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+
+    def add(self, path: str) -> None:
+        """Watch directory `path` (not followed if it is a symlink). Raises OSError."""
+        if self._libc.inotify_add_watch(self.fd, os.fsencode(path), WATCH_MASK) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+
+    def drain(self) -> None:
+        """Read (and drop) what is queued."""
+        while True:
+            try:
+                if not os.read(self.fd, 65536):
+                    return
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return
+                raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -217,6 +217,8 @@ class Sandbox:
         # step by _poll_watched, or (None) shared from the host (pykata.resources.watchable)
         self.watched: dict[str, watchable.WatchedVolume | None] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self._root_watch: watchable.RootWatch | None = None
+        self._volume_changed = asyncio.Event()
         self.record = state.SandboxRecord(id=sandbox_id, owner_pid=os.getpid(), created_at=time.time())
         self._stop_task: asyncio.Task[None] | None = None
         self._resize_lock = asyncio.Lock()
@@ -697,12 +699,35 @@ class Sandbox:
             if name is None:
                 continue
             if name not in self.watched:
-                self.watched[name] = await self._copy_volume(container_id, name, str(m["source"]))
+                self.watched[name] = vol = await self._copy_volume(container_id, name, str(m["source"]))
+                if vol is not None:
+                    self._watch_root(vol)
             if self.watched[name] is not None:
                 found[i] = f"{emptydir.GUEST_POD_VOLUME_DIR}/{name}"
         if found and self._watch_task is None:
             self._watch_task = asyncio.ensure_future(self._poll_watched())
         return found
+
+    def _watch_root(self, vol: watchable.WatchedVolume) -> None:
+        """inotify on the volume's root directory (made with the first volume), so that the watch
+        looks as soon as kubelet wrote; without it (no inotify, no watches left) it polls each second."""
+        try:
+            if self._root_watch is None:
+                self._root_watch = watchable.RootWatch()
+                asyncio.get_running_loop().add_reader(self._root_watch.fd, self._on_volume_event)
+            self._root_watch.add(vol.source)
+            vol.notified = True
+        except OSError as e:
+            log.warning("sandbox %s: volume %s: no inotify (polled each second): %s", self.id, vol.name, e)
+
+    def _on_volume_event(self) -> None:
+        # drained here: the reader is level-triggered, and the watch waits for a quiet moment
+        assert self._root_watch is not None
+        try:
+            self._root_watch.drain()
+        except OSError as e:
+            log.warning("sandbox %s: reading the volumes' inotify events: %s", self.id, e)
+        self._volume_changed.set()
 
     async def _copy_volume(self, container_id: str, name: str, source: str) -> watchable.WatchedVolume | None:
         """Copy volume `name` into the guest; None (shared from the host) when it is unsuitable or the
@@ -728,13 +753,20 @@ class Sandbox:
         return vol
 
     async def _poll_watched(self) -> None:
-        """Keep the guest's copies in step with the host directories (kubelet's updates): each
-        POLL_SECONDS, an lstat of every entry; a changed tree is sent whole once it held still while
-        read. A failure (the directory gone with the pod, a tree grown past the bounds, the agent
+        """Keep the guest's copies in step with the host directories (kubelet's updates): after each
+        burst of inotify events on their root directories (and every FULL_POLL_SECONDS; every
+        POLL_SECONDS without inotify), an lstat of every entry; a changed tree is sent whole once it
+        held still while read. A failure (the directory gone with the pod, a tree grown past the bounds, the agent
         busy) is logged once and retried: the guest keeps its last copy."""
         while True:
-            await asyncio.sleep(watchable.POLL_SECONDS)
-            for vol in [v for v in self.watched.values() if v is not None]:
+            volumes = [v for v in self.watched.values() if v is not None]
+            wait = watchable.FULL_POLL_SECONDS if all(v.notified for v in volumes) else watchable.POLL_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._volume_changed.wait(), wait)
+            while self._volume_changed.is_set():  # a burst of kubelet's writes: look once it is over
+                self._volume_changed.clear()
+                await asyncio.sleep(watchable.QUIET_SECONDS)
+            for vol in volumes:
                 try:
                     if watchable.signature(vol) == vol.signature:
                         continue
@@ -970,6 +1002,9 @@ class Sandbox:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
+        if self._root_watch is not None:
+            asyncio.get_running_loop().remove_reader(self._root_watch.fd)
+            self._root_watch.close()
         if self._proxy is not None:
             with contextlib.suppress(Exception):
                 # an exec whose command ended the container still gets its status (the VM runs on)
