@@ -117,8 +117,9 @@ def qemu_breakdown_kib(pid: int) -> dict[str, int]:
         name = m["name"].split(" ", 1)[0]
         pss, anon = m.get("Pss", 0), m.get("Anonymous", 0)
         if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
-            out["guest_dirty"] += anon
-            out["guest_template"] += pss - anon
+            # Pages KSM merged are anonymous yet shared: count the mapping's PSS once (never negative)
+            out["guest_dirty"] += min(anon, pss)
+            out["guest_template"] += pss - min(anon, pss)
         elif not name and "x" in m["perms"]:  # one rwx mapping per TCG region (guard pages between)
             out["tcg_cache"] += pss
         else:

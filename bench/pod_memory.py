@@ -85,7 +85,8 @@ def qemu_parts(pid: int) -> dict[str, float]:
     for m in mappings(pid):
         kind = qemu_kind(m, prev)
         if kind == "guest":
-            anon = m.get("Anonymous", 0)
+            # Pages KSM merged are anonymous yet shared: count the mapping's PSS once (never negative)
+            anon = min(m.get("Anonymous", 0), m.get("Pss", 0))
             out["guest_dirty"] = out.get("guest_dirty", 0) + anon
             out["guest_template"] = out.get("guest_template", 0) + m.get("Pss", 0) - anon
         else:
