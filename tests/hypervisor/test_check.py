@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.guest_assets import guest_kernel_path
 
 NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
-         "vmm-jail", "file-guard", "guest-kernel", "guest-image", "containerd"]
+         "vmm-jail", "file-guard", "guest-kernel", "guest-image", "memory-merging", "containerd"]
 
 
 def test_cpu_flags() -> None:
@@ -139,3 +140,22 @@ def test_jail_check_names_the_layers_turned_off() -> None:
     assert "off: seccomp, no-new-privs, chroot" in result.detail
     assert result.facts is not None and result.facts["layers"]["chroot"] is False
     assert check.vmm_jail(Config()).status == "pass"
+
+
+def test_memory_merging_says_what_the_opt_ins_get_on_this_host() -> None:
+    shims = parse_toml("[runtime]\nshim_mem_merge = true\n")
+    vms = parse_toml("[hypervisor.qemu]\nmem_merge = true\n")
+    off = check.memory_merging(Config(), ksm_running=True, process_merge=True)
+    assert off.status == "pass" and off.detail.startswith("off")
+    idle = check.memory_merging(shims, ksm_running=False, process_merge=True)
+    assert idle.status == "warn" and "ksmd does not run" in idle.detail and "/sys/kernel/mm/ksm/run" in idle.hint
+    old_kernel = check.memory_merging(shims, ksm_running=True, process_merge=False)
+    assert old_kernel.status == "warn" and "6.7" in old_kernel.detail
+    assert check.memory_merging(shims, ksm_running=True, process_merge=True).status == "pass"
+    risky = check.memory_merging(vms, ksm_running=True, process_merge=True)
+    assert risky.status == "warn" and "side channel" in risky.detail
+    assert risky.facts == {"ksmd_running": True, "whole_process": True, "asked": ["hypervisor.qemu.mem_merge"]}
+    # this host, as `pykata check` sees it (a marked child tells): Linux 6.7 keeps the mark across exec
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    facts = check.memory_merging(shims, ksm_running=True).facts
+    assert facts is not None and facts["whole_process"] is (release >= (6, 7))

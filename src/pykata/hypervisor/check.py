@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pykata.config import Config, load_config
 from pykata.errors import PykataError
-from pykata.hypervisor import accel
+from pykata.hypervisor import accel, ksm
 from pykata.hypervisor.qemu.assets import resolve_kernel, resolve_rootfs
 from pykata.hypervisor.qemu.driver import VHOST_VSOCK
 
@@ -239,6 +239,31 @@ def file_guard() -> CheckResult:
                        "for the guest", "", facts)
 
 
+def memory_merging(config: Config, *, ksm_running: bool | None = None,
+                   process_merge: bool | None = None) -> CheckResult:
+    """The KSM opt-ins (runtime.shim_mem_merge, hypervisor.qemu.mem_merge) against the host: whether ksmd
+    runs (the admin's switch) and the kernel can mark whole processes (pykata.hypervisor.ksm)."""
+    running = ksm.running() if ksm_running is None else ksm_running
+    whole = ksm.merges_supported() if process_merge is None else process_merge
+    asked = [name for name, on in (("runtime.shim_mem_merge", config.runtime.shim_mem_merge),
+                                   ("hypervisor.qemu.mem_merge", config.qemu.mem_merge)) if on]
+    facts = {"ksmd_running": running, "whole_process": whole, "asked": asked}
+    if not asked:
+        return CheckResult("memory-merging", "pass", "off: pykata offers no memory to KSM", facts=facts)
+    if not running:
+        return CheckResult("memory-merging", "warn", f"{', '.join(asked)} on, but ksmd does not run: nothing is merged",
+                           "echo 1 > /sys/kernel/mm/ksm/run (and set its pages_to_scan)", facts)
+    if not whole:
+        return CheckResult("memory-merging", "warn", "this kernel cannot mark whole processes "
+                           "(PR_SET_MEMORY_MERGE across exec: Linux 6.7): shims unmerged, QEMU's guest RAM only",
+                           "a newer kernel", facts)
+    if config.qemu.mem_merge:
+        return CheckResult("memory-merging", "warn", "guest RAM and QEMU's memory are merged across VMs: a side "
+                           "channel between pods", "hypervisor.qemu.mem_merge = false unless the pods trust each other",
+                           facts)
+    return CheckResult("memory-merging", "pass", "the shims' memory is merged by ksmd", facts=facts)
+
+
 def containerd() -> CheckResult:
     found = shutil.which("containerd")
     if found:
@@ -269,6 +294,7 @@ async def run_checks(config_loader: Callable[[], Config] = load_config, *,
     results.append(vmm_jail(config))
     results.append(file_guard())
     results += [kernel, rootfs]
+    results.append(memory_merging(config))
     results.append(containerd())
     return results
 

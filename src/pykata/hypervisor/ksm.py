@@ -68,6 +68,19 @@ def merges(pid: int) -> bool:
         return False
 
 
+def merges_supported() -> bool:
+    """Whether this kernel can mark a whole process and keep the mark across exec: a marked child
+    tells (Linux 6.7; 6.4-6.6 lose it at exec)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["cat", "/proc/self/ksm_stat"], preexec_fn=_merge_child, capture_output=True,
+                             timeout=5, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return b"ksm_merge_any: yes" in out
+
+
 def running() -> bool:
     """Whether the host's ksmd merges pages now (/sys/kernel/mm/ksm/run is 1)."""
     try:
