@@ -19,7 +19,8 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+
+from pykata.record import Record
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_GETLINK = 16, 18
@@ -46,37 +47,50 @@ RECV_SIZE = 1 << 16
 MAX_DUMP_MESSAGES = 100_000
 
 
-@dataclass(frozen=True)
-class Link:
-    index: int
-    name: str
-    mac: str
-    mtu: int
-    flags: int
+class Link(Record):
+    __slots__ = ("flags", "index", "mac", "mtu", "name")
+    __match_args__ = ("index", "name", "mac", "mtu", "flags")
+
+    def __init__(self, index: int, name: str, mac: str, mtu: int, flags: int) -> None:
+        self.index = index
+        self.name = name
+        self.mac = mac
+        self.mtu = mtu
+        self.flags = flags
 
 
-@dataclass(frozen=True)
-class Address:
-    index: int
-    family: int
-    address: str
-    prefixlen: int
-    scope: int
+class Address(Record):
+    __slots__ = ("address", "family", "index", "prefixlen", "scope")
+    __match_args__ = ("index", "family", "address", "prefixlen", "scope")
+
+    def __init__(self, index: int, family: int, address: str, prefixlen: int, scope: int) -> None:
+        self.index = index
+        self.family = family
+        self.address = address
+        self.prefixlen = prefixlen
+        self.scope = scope
 
 
-@dataclass(frozen=True)
-class Route:
-    family: int
-    dst: str | None
-    dst_len: int
-    gateway: str | None
-    oif: int | None
-    prefsrc: str | None
-    priority: int | None
-    table: int
-    protocol: int
-    scope: int
-    type: int
+class Route(Record):
+    __slots__ = ("dst", "dst_len", "family", "gateway", "oif", "prefsrc", "priority", "protocol", "scope",
+                 "table", "type")
+    __match_args__ = ("family", "dst", "dst_len", "gateway", "oif", "prefsrc", "priority", "table", "protocol",
+                      "scope", "type")
+
+    def __init__(self, family: int, dst: str | None, dst_len: int, gateway: str | None, oif: int | None,
+                 prefsrc: str | None, priority: int | None, table: int, protocol: int, scope: int,
+                 type: int) -> None:
+        self.family = family
+        self.dst = dst
+        self.dst_len = dst_len
+        self.gateway = gateway
+        self.oif = oif
+        self.prefsrc = prefsrc
+        self.priority = priority
+        self.table = table
+        self.protocol = protocol
+        self.scope = scope
+        self.type = type
 
 
 def _attr(kind: int, data: bytes) -> bytes:

@@ -148,7 +148,7 @@ def install_agent_packages(root: Path, source: Path, version: str) -> None:
     (dest / "__init__.py").chmod(0o644)
 
 
-GUEST_MODULES = ("__init__.py", "errors.py", "ids.py")  # what the agent imports from the package root
+GUEST_MODULES = ("__init__.py", "errors.py", "ids.py", "record.py")  # what the agent imports from the package root
 GUEST_PACKAGES = ("ttrpc", "protocols", "agent")
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from pykata.record import Record
 from pykata.ttrpc._pb import ttrpc_pb2
 from pykata.ttrpc.codes import Code
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
@@ -36,54 +36,72 @@ class Role(enum.Enum):
     SERVER = "server"
 
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    stream_id: int
-    service: str
-    method: str
-    payload: bytes
-    timeout_nano: int
-    metadata: dict[str, list[str]]
-    # True when the client will send Data frames after the request (client streaming)
-    remote_open: bool
-    # False for a plain unary request (no flags)
-    streaming: bool
+class RequestReceived(Record):
+    __slots__ = ("metadata", "method", "payload", "remote_open", "service", "stream_id", "streaming",
+                 "timeout_nano")
+    __match_args__ = ("stream_id", "service", "method", "payload", "timeout_nano", "metadata", "remote_open",
+                      "streaming")
+
+    def __init__(self, stream_id: int, service: str, method: str, payload: bytes, timeout_nano: int,
+                 metadata: dict[str, list[str]], remote_open: bool, streaming: bool) -> None:
+        self.stream_id = stream_id
+        self.service = service
+        self.method = method
+        self.payload = payload
+        self.timeout_nano = timeout_nano
+        self.metadata = metadata
+        # True when the client will send Data frames after the request (client streaming)
+        self.remote_open = remote_open
+        # False for a plain unary request (no flags)
+        self.streaming = streaming
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
-    stream_id: int
-    code: Code
-    message: str
-    details: tuple[object, ...]
-    payload: bytes
+class ResponseReceived(Record):
+    __slots__ = ("code", "details", "message", "payload", "stream_id")
+    __match_args__ = ("stream_id", "code", "message", "details", "payload")
+
+    def __init__(self, stream_id: int, code: Code, message: str, details: tuple[object, ...],
+                 payload: bytes) -> None:
+        self.stream_id = stream_id
+        self.code = code
+        self.message = message
+        self.details = details
+        self.payload = payload
 
 
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    stream_id: int
-    payload: bytes
-    end_stream: bool
+class DataReceived(Record):
+    __slots__ = ("end_stream", "payload", "stream_id")
+    __match_args__ = ("stream_id", "payload", "end_stream")
+
+    def __init__(self, stream_id: int, payload: bytes, end_stream: bool) -> None:
+        self.stream_id = stream_id
+        self.payload = payload
+        self.end_stream = end_stream
 
 
-@dataclass(frozen=True, slots=True)
-class HelloReceived:
+class HelloReceived(Record):
     """A host's session hello (pykata.ttrpc.session), at a frame boundary: the owner starts a new
     session (`new_session`) and echoes `nonce`."""
 
-    nonce: bytes
+    __slots__ = ("nonce",)
+    __match_args__ = ("nonce",)
+
+    def __init__(self, nonce: bytes) -> None:
+        self.nonce = nonce
 
 
 Event = RequestReceived | ResponseReceived | DataReceived | HelloReceived
 
 
-@dataclass(slots=True)
 class _StreamState:
-    local_closed: bool = False
-    remote_closed: bool = False
-    # client side: the server may send Data frames (a streaming method); False for a unary call
-    expects_data: bool = True
-    extra: dict[str, object] = field(default_factory=dict)
+    __slots__ = ("expects_data", "extra", "local_closed", "remote_closed")
+
+    def __init__(self, local_closed: bool = False, remote_closed: bool = False, expects_data: bool = True) -> None:
+        self.local_closed = local_closed
+        self.remote_closed = remote_closed
+        # client side: the server may send Data frames (a streaming method); False for a unary call
+        self.expects_data = expects_data
+        self.extra: dict[str, object] = {}
 
 
 class Connection:
