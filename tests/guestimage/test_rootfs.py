@@ -465,3 +465,29 @@ def test_the_guest_gets_every_package_root_module_the_agent_imports() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pykata."):
                 top = node.module.split(".")[1]
                 assert f"{top}.py" in shipped or f"{top}/__init__.py" in shipped, (path, node.module)
+
+
+def test_every_pykata_module_the_shipped_code_imports_is_shipped() -> None:
+    """guest_source_files leaves host-only protocol modules out (GUEST_HOST_ONLY): no module the
+    guest's own copy imports, at any depth, may be one of them."""
+    import ast
+
+    from pykata.guestimage.assemble import guest_source_files
+
+    source = Path(__file__).resolve().parents[2] / "src" / "pykata"
+    shipped = set(guest_source_files(source))
+    assert "protocols/gen/agent/agent_pb2.py" in shipped and "protocols/containerd.py" not in shipped
+    for rel in shipped:
+        tree = ast.parse((source / rel).read_text())
+        typing_only = {id(n) for top in ast.walk(tree) if isinstance(top, ast.If)
+                       and ast.unparse(top.test).endswith("TYPE_CHECKING") for n in ast.walk(top)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.startswith("pykata."):
+                    mod = name.split(".", 1)[1].replace(".", "/")
+                    assert f"{mod}.py" in shipped or f"{mod}/__init__.py" in shipped, (rel, name)

@@ -315,6 +315,7 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
         agent_lib.mkdir(parents=True, exist_ok=True)
         for name, _sha in inputs.wheel_hashes:
             wheels.unpack(cache_dir / "wheels" / name, agent_lib)
+        assemble.drop_unused_wheel_parts(agent_lib)
         for stub in agent_lib.rglob("*.pyi"):
             stub.unlink()
         assemble.install_agent_packages(root, source, inputs.version)
