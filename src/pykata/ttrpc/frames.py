@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 
+from pykata.record import Record
 from pykata.ttrpc.errors import LocalProtocolError, RemoteProtocolError
 
 HEADER = struct.Struct(">IIBB")
@@ -28,12 +28,15 @@ class Flags(enum.IntFlag):
     NO_DATA = 0x4  # data frame carries no payload (only closes)
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    stream_id: int
-    type: FrameType
-    flags: Flags
-    data: bytes
+class Frame(Record):
+    __slots__ = ("data", "flags", "stream_id", "type")
+    __match_args__ = ("stream_id", "type", "flags", "data")
+
+    def __init__(self, stream_id: int, type: FrameType, flags: Flags, data: bytes) -> None:
+        self.stream_id = stream_id
+        self.type = type
+        self.flags = flags
+        self.data = data
 
 
 def encode_frame(stream_id: int, type_: FrameType, flags: Flags, data: bytes,

@@ -29,7 +29,6 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pykata.errors import PykataError
@@ -51,27 +50,37 @@ MAX_INFLIGHT_BYTES = 64 << 20
 MAX_INBOUND_BYTES = 8 << 20
 
 
-@dataclass
 class CallContext:
     """What a handler knows about its call."""
 
-    service: str
-    method: str
-    metadata: dict[str, list[str]]
-    # seconds the client allows, or None
-    timeout: float | None
-    peer: ConnectionProtocol = field(repr=False)
-    # the host session the call came in (pykata.ttrpc.session): its answer is written only in that one
-    session: int = 0
+    __slots__ = ("metadata", "method", "peer", "service", "session", "timeout")
+
+    def __init__(self, service: str, method: str, metadata: dict[str, list[str]], timeout: float | None,
+                 peer: ConnectionProtocol, session: int = 0) -> None:
+        self.service = service
+        self.method = method
+        self.metadata = metadata
+        # seconds the client allows, or None
+        self.timeout = timeout
+        self.peer = peer
+        # the host session the call came in (pykata.ttrpc.session): its answer is written only in that one
+        self.session = session
+
+    def __repr__(self) -> str:
+        return (f"CallContext(service={self.service!r}, method={self.method!r}, metadata={self.metadata!r}, "
+                f"timeout={self.timeout!r}, session={self.session!r})")
 
 
-@dataclass(frozen=True)
 class _Route:
-    request_type: Any
-    response_type: Any
-    client_streaming: bool
-    server_streaming: bool
-    fn: Callable[..., Any]
+    __slots__ = ("client_streaming", "fn", "request_type", "response_type", "server_streaming")
+
+    def __init__(self, request_type: Any, response_type: Any, client_streaming: bool, server_streaming: bool,
+                 fn: Callable[..., Any]) -> None:
+        self.request_type = request_type
+        self.response_type = response_type
+        self.client_streaming = client_streaming
+        self.server_streaming = server_streaming
+        self.fn = fn
 
 
 class _Inbound:

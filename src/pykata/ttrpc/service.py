@@ -15,6 +15,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from pykata.record import Record
 from pykata.ttrpc.errors import UnknownMethodError
 
 
@@ -38,15 +39,19 @@ class ServiceLike(Protocol):
     def methods(self) -> Mapping[str, Any]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class MethodSpec:
+class MethodSpec(Record):
     """One RPC: its short name ("Create"), message classes and streaming flags."""
 
-    name: str
-    request_type: type[Message]
-    response_type: type[Message]
-    client_streaming: bool = False
-    server_streaming: bool = False
+    __slots__ = ("client_streaming", "name", "request_type", "response_type", "server_streaming")
+    __match_args__ = ("name", "request_type", "response_type", "client_streaming", "server_streaming")
+
+    def __init__(self, name: str, request_type: type[Message], response_type: type[Message],
+                 client_streaming: bool = False, server_streaming: bool = False) -> None:
+        self.name = name
+        self.request_type = request_type
+        self.response_type = response_type
+        self.client_streaming = client_streaming
+        self.server_streaming = server_streaming
 
 
 @dataclass(frozen=True)
