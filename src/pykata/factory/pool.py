@@ -70,7 +70,10 @@ ENTRY_ID = re.compile(r"pool-[0-9a-f]{12}")
 # is over) and none claimed one for REFILL_QUIET seconds: even at idle priority, VMs made during a
 # burst of 10 pooled starts halved its rate (bench/ctr_bench.py --rate 4 --pool --pool-size 10, load
 # 12-17: 0.73 and 0.69/s refilled 1 s after each claim, 1.57 and 1.04/s refilled after the run).
-REFILL_QUIET = 0.5
+# The quiet spans the gap between one start's end and the next one's claim in a burst of starts one
+# at a time (the next `ctr run`, containerd, `shim start`: 0.1-0.4 s, more on a loaded host; with
+# 0.5 s, one gap past it at load 8-12 let all ten refills begin during such a burst).
+REFILL_QUIET = 2.0
 # A claimed pod counts as starting until its first container started, its shim ended, or this long.
 START_LIMIT = 20.0
 # ... but a waiting VM waits at most this long (a host where pods start without pause still refills).
