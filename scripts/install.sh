@@ -14,6 +14,7 @@ APT_PACKAGES=(
     linux-source-6.12 flex bison bc libelf-dev libssl-dev
     e2fsprogs
     containernetworking-plugins
+    debootstrap curl
 )
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
@@ -54,4 +55,7 @@ fi
 # sandboxes start from (made once per kernel/image/QEMU; see [factory] in the configuration).
 .venv/bin/pykata image build
 .venv/bin/pykata factory init
+# A Debian bookworm rootfs with python3 and CPython's regression tests (built once, cached by its package
+# list), for tests/cli/test_real_software.py and bench/real_software.py.
+bash scripts/debian-rootfs.sh >/dev/null
 log "ready: $ROOT/.venv/bin/pykata"

@@ -840,6 +840,11 @@ class Sandbox:
             lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
         size = self.config.runtime.rootfs_upper_size
         prewarm = self.config.runtime.rootfs_prewarm
+        # xino=on: the layers are on different file systems (image disk or share below, tmpfs above), and
+        # without it overlayfs gives a directory a made-up st_ino that readdir's d_ino does not match
+        # (CPython's test_os.TestScandir.test_attributes saw it); with it both are the real inode number
+        # with the layer in its high bits, and they match as under runc (an inode too big for that gets the
+        # old mapping back, with a warning in the guest kernel log).
         return [
             *lowers,
             agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
@@ -849,7 +854,7 @@ class Sandbox:
             agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/work", driver_options=["mode=700"]),
             agent_pb2.Storage(driver="overlay", source="overlay", fstype="overlay", mount_point=f"{base}/rootfs",
                               options=[f"lowerdir={lower}", f"upperdir={base}/scratch/upper",
-                                       f"workdir={base}/scratch/work"],
+                                       f"workdir={base}/scratch/work", "xino=on"],
                               driver_options=[f"prewarm={prewarm}"] if disk is not None and prewarm else []),
         ]
 

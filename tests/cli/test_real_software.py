@@ -1,0 +1,128 @@
+"""Real software, runc vs pykata: a Debian bookworm root filesystem (scripts/debian-rootfs.sh, cached under
+/var/cache/pykata/debian) runs a selection of CPython 3.11's own regression-test modules, those that
+exercise file-system and process semantics, once under `pykata run` and once under `runc run` on the same
+bundle; every test's outcome (data/pytests.py prints one line per test) must be the same under both, but
+for the few known differences below, each with its cause. If the rootfs cannot be built, the test fails
+with the reason (never skipped)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pykata.sandbox import build_spec
+
+REPO = Path(__file__).resolve().parents[2]
+PYKATA = str(REPO / ".venv/bin/pykata")
+DRIVER = Path(__file__).with_name("data") / "pytests.py"
+pytestmark = [pytest.mark.vm]
+
+# Chosen by what they exercise (files, directories, times, locks, mmap, FIFOs, ptys, Unix sockets on the
+# root filesystem) and by runtime: about 1.5 minutes under TCG, 7 s under runc. test_socket's network
+# tests are left out: runc's bare bundle has no loopback up, the guest has.
+MODULES = (
+    "test_fcntl", "test_mmap", "test_tempfile", "test_shutil", "test_posix", "test_stat", "test_fileio",
+    "test_os", "test_pty", "test_socket.TestUnixDomain", "test_socket.UnixStreamBase",
+)
+
+# Real differences not fixable now: test id -> (runc's outcome, pykata's outcome, why).
+KNOWN_DIFFERENCES = {
+    "test.test_fcntl.TestFcntl.test_fcntl_64_bit": (
+        "ok", "error",
+        "fcntl(F_NOTIFY) is EINVAL: the guest kernel is built without CONFIG_DNOTIFY (dnotify, the old "
+        "directory-change API; inotify is there). Fixed by adding it to guestimage/kernel.config, which "
+        "costs a kernel rebuild."),
+    "test.test_shutil.TestMisc.test_disk_usage": (
+        "ok", "fail",
+        "statvfs of the container's root reports its writable layer, the guest tmpfs holding only what the "
+        "container wrote (here: directories, 0 blocks used), not the image's disk; runc on a bundle "
+        "reports the host file system the bundle is on."),
+}
+
+RESULT = re.compile(r"RESULT (ok|fail|error|skip|xfail|xpass) (\S+)$")
+MODULE = re.compile(r"^MODULE (\S+) ([0-9.]+)$")
+
+
+def debian_rootfs() -> Path:
+    """The cached Debian rootfs, built now if missing; pytest.fail with the builder's reason otherwise."""
+    p = subprocess.run(["bash", str(REPO / "scripts/debian-rootfs.sh")], capture_output=True, text=True,
+                       timeout=1800)
+    if p.returncode != 0:
+        pytest.fail(f"cannot build the Debian rootfs (scripts/debian-rootfs.sh):\n{p.stderr[-3000:]}")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+def make_bundle(rootfs: Path, bundle: Path, modules: tuple[str, ...] = MODULES) -> Path:
+    """A bundle with a copy of `rootfs` (each runtime may write into it) that runs `modules`."""
+    subprocess.run(["cp", "-a", str(rootfs), str(bundle / "rootfs")], check=True)
+    shutil.copyfile(DRIVER, bundle / "rootfs/pytests.py")
+    spec = build_spec(["python3", "/pytests.py", *modules],
+                      env=["PATH=/usr/bin:/bin", "HOME=/root", "PYTHONDONTWRITEBYTECODE=1"],
+                      cwd="/tmp", user=(0, 0), hostname="realsw")
+    spec["linux"]["resources"] = {}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def run_pykata(bundle: Path) -> subprocess.CompletedProcess[str]:
+    # first: pykata's writes stay in the guest, so runc then starts from the same untouched rootfs
+    return subprocess.run([PYKATA, "run", "--rm", str(bundle)], capture_output=True, text=True, timeout=900,
+                          cwd=bundle.parent, stdin=subprocess.DEVNULL)
+
+
+def run_runc(bundle: Path) -> subprocess.CompletedProcess[str]:
+    cid = f"realsw-{uuid.uuid4().hex[:8]}"
+    try:
+        return subprocess.run(["runc", "run", "--bundle", str(bundle), cid], capture_output=True, text=True,
+                              timeout=600, cwd=bundle.parent, stdin=subprocess.DEVNULL)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+
+
+def outcomes(stdout: str) -> dict[str, str]:
+    """test id -> outcome; a test with a failing subtest counts as failed."""
+    found: dict[str, str] = {}
+    for line in stdout.splitlines():
+        m = RESULT.search(line)
+        if m:
+            outcome, test = m.groups()
+            test = test.split(" ", 1)[0]
+            if found.get(test) not in ("fail", "error"):
+                found[test] = outcome
+    return found
+
+
+def module_times(stdout: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in map(MODULE.match, stdout.splitlines()) if m}
+
+
+def _failure_text(stderr: str, test: str) -> str:
+    """The traceback data/pytests.py printed for `test`, shortened."""
+    i = stderr.find(f" {test}\n")
+    return stderr[i:i + 600] if i >= 0 else ""
+
+
+def test_cpython_regression_tests_same_as_runc(tmp_path: Path) -> None:
+    bundle = make_bundle(debian_rootfs(), tmp_path)
+    pyk = run_pykata(bundle)
+    runc = run_runc(bundle)
+    assert runc.returncode == 0, runc.stderr[-3000:]
+    assert pyk.returncode == 0, pyk.stderr[-3000:]
+    # every module ran to its end under both (a crash or a hang shows here, not as missing tests)
+    assert list(module_times(runc.stdout)) == list(MODULES), runc.stdout[-2000:]
+    assert list(module_times(pyk.stdout)) == list(MODULES), pyk.stdout[-2000:]
+    theirs, ours = outcomes(runc.stdout), outcomes(pyk.stdout)
+    assert sum(o == "ok" for o in theirs.values()) > 500, theirs
+    differ = sorted(t for t in theirs.keys() | ours.keys() if theirs.get(t) != ours.get(t))
+    unexplained = [t for t in differ if KNOWN_DIFFERENCES.get(t, ("", "", ""))[:2] != (theirs.get(t), ours.get(t))]
+    gone = [t for t in KNOWN_DIFFERENCES if t not in differ]
+    report = "\n".join(f"{t}: runc {theirs.get(t)}, pykata {ours.get(t)}\n{_failure_text(pyk.stderr, t)}"
+                       for t in unexplained)
+    assert not unexplained, f"outcomes differ from runc's:\n{report}"
+    assert not gone, f"known differences no longer differ (remove them from KNOWN_DIFFERENCES): {gone}"
