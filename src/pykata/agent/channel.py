@@ -24,10 +24,10 @@ import select
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pykata.agent.ports import DEFAULT_PORT_NAME, find_serial_port
 from pykata.errors import PykataError
+from pykata.record import Record
 from pykata.ttrpc import Server
 
 log = logging.getLogger("pykata.agent.channel")
@@ -49,13 +49,16 @@ class ChannelError(PykataError):
     """The channel argument is malformed or the device/socket cannot be opened."""
 
 
-@dataclass(frozen=True)
-class Channel:
+class Channel(Record):
     """Where the agent serves: `kind` is "serial" (a device path) or "vsock" (a port)."""
 
-    kind: str
-    device: str = ""
-    port: int = 0
+    __slots__ = ("device", "kind", "port")
+    __match_args__ = ("kind", "device", "port")
+
+    def __init__(self, kind: str, device: str = "", port: int = 0) -> None:
+        self.kind = kind
+        self.device = device
+        self.port = port
 
 
 def parse_channel(spec: str) -> Channel:

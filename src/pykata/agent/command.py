@@ -10,11 +10,11 @@ import functools
 import os
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import cast
 
 from pykata.agent.reaper import ExitStatus, Reaper
 from pykata.errors import Code, PykataError
+from pykata.record import Record
 
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 CAPTURE_LIMIT = 64 << 10
@@ -28,17 +28,23 @@ class CommandTimeout(PykataError, TimeoutError):
     rpc_code = Code.DEADLINE_EXCEEDED
 
 
-@dataclass(frozen=True)
-class Child:
-    pid: int
-    exited: asyncio.Future[ExitStatus]
+class Child(Record):
+    __slots__ = ("exited", "pid")
+    __match_args__ = ("pid", "exited")
+
+    def __init__(self, pid: int, exited: asyncio.Future[ExitStatus]) -> None:
+        self.pid = pid
+        self.exited = exited
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    status: ExitStatus
-    stdout: bytes
-    stderr: bytes
+class CommandResult(Record):
+    __slots__ = ("status", "stderr", "stdout")
+    __match_args__ = ("status", "stdout", "stderr")
+
+    def __init__(self, status: ExitStatus, stdout: bytes, stderr: bytes) -> None:
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
 
     @property
     def ok(self) -> bool:

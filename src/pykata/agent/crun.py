@@ -25,13 +25,13 @@ import os
 import shutil
 import signal
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pykata.agent import command
 from pykata.agent.reaper import ExitStatus, Reaper
 from pykata.errors import Code, PykataError
+from pykata.record import Record
 
 log = logging.getLogger("pykata.agent.crun")
 
@@ -50,11 +50,14 @@ class CrunError(PykataError):
         self.rpc_code = rpc_code
 
 
-@dataclass(frozen=True)
-class Stdio:
-    stdin: int | None = None
-    stdout: int | None = None
-    stderr: int | None = None
+class Stdio(Record):
+    __slots__ = ("stderr", "stdin", "stdout")
+    __match_args__ = ("stdin", "stdout", "stderr")
+
+    def __init__(self, stdin: int | None = None, stdout: int | None = None, stderr: int | None = None) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 def find_crun(name: str = "crun") -> str:

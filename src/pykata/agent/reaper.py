@@ -21,7 +21,8 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+
+from pykata.record import Record
 
 log = logging.getLogger("pykata.agent.reaper")
 
@@ -51,13 +52,16 @@ def exited_children() -> Iterator[tuple[int, int]]:
         yield pid, raw
 
 
-@dataclass(frozen=True)
-class ExitStatus:
+class ExitStatus(Record):
     """A reaped process: the raw wait status and when it was reaped (epoch seconds)."""
 
-    pid: int
-    raw: int
-    at: float
+    __slots__ = ("at", "pid", "raw")
+    __match_args__ = ("pid", "raw", "at")
+
+    def __init__(self, pid: int, raw: int, at: float) -> None:
+        self.pid = pid
+        self.raw = raw
+        self.at = at
 
     @property
     def code(self) -> int:
