@@ -453,6 +453,21 @@ def pool_config(directory: Path, size: int) -> Path:
     return path
 
 
+def set_key(text: str, section: str, name: str, value: str) -> str:
+    """`text` (a configuration file) with `name = value` in its [section] instead of the line there.
+    Raises SystemExit when the section has no such line."""
+    lines = text.splitlines()
+    current = ""
+    for i, line in enumerate(lines):
+        header = re.match(r"^\[([^\]]+)\]\s*$", line)
+        if header:
+            current = header.group(1).strip()
+        elif current == section and re.match(rf"^{re.escape(name)}\s*=", line):
+            lines[i] = f"{name} = {value}"
+            return "\n".join(lines) + "\n"
+    raise SystemExit(f"--variant: no {name} in [{section}] of the configuration to change")
+
+
 def wait_for_pool(timeout: float = 120.0) -> None:
     """Until a pooled VM is ready (started now if the pool is short)."""
     from pykata.factory import pool
@@ -531,7 +546,11 @@ def main() -> None:
             vname, key, value = v.split("=", 2)
             cfg = tmp / f"{vname}.toml"
             section, _, name = key.rpartition(".") if "." in key else ("hypervisor.qemu", "", key)
-            cfg.write_text(f"[{section}]\n{name} = {value}\n")
+            if args.pool:
+                # --runtime-config-path replaces the whole configuration: the variant's must keep the pool
+                cfg.write_text(set_key(Path(os.environ["PYKATA_CONFIG"]).read_text(), section, name, value))
+            else:
+                cfg.write_text(f"[{section}]\n{name} = {value}\n")
             variants[f"{PYKATA_RUNTIME} {vname}"] = ("--runtime-config-path", str(cfg))
         runtime_of = {name: RUNC_RUNTIME if name == RUNC_RUNTIME else PYKATA_RUNTIME for name in variants}
         for name, opts in variants.items():
