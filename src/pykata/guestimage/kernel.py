@@ -45,7 +45,7 @@ from pykata.fsutil import atomic_write, file_lock
 
 # Bump when the way the kernel is built changes (make targets, merge steps, flags, SOURCE_EDITS): it is
 # part of the key.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 DEFAULT_CACHE_DIR = Path("/var/cache/pykata")
 SOURCE_PACKAGE = "linux-source-6.12"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
@@ -64,6 +64,9 @@ EXPECTED_COMPILE_STEPS = 1577
 #   right after it starts reads two APIC counts microseconds apart, "APIC frequency too slow", and a
 #   hardware-reduced ACPI microvm (no PIT) never gets a tick again. QEMU's TCG APIC counts at a fixed
 #   1 GHz, so pykata passes the exact value (hypervisor.qemu.launch.kernel_params).
+# - 9P2000.L carries nanosecond times, but 6.12's 9p client leaves the superblock's time granularity at
+#   alloc_super's one second, so utimensat() and every timestamp the guest sets on a 9p volume lost its
+#   nanoseconds before they were sent (a file's mtime set to x.123456789 read back as x.0).
 SOURCE_EDITS = (
     ("arch/x86/kernel/acpi/boot.c", "\treturn !hypervisor_is_type(X86_HYPER_NATIVE);\n", "\treturn true;\n"),
     ("arch/x86/kernel/apic/apic.c", "unsigned int lapic_timer_period = 0;\n",
@@ -71,6 +74,8 @@ SOURCE_EDITS = (
      "static int __init pykata_lapic_timer_period(char *arg)\n"
      "{\n\treturn kstrtouint(arg, 0, &lapic_timer_period);\n}\n"
      "early_param(\"lapic_timer_period\", pykata_lapic_timer_period);\n"),
+    ("fs/9p/vfs_super.c", "\t\tsb->s_op = &v9fs_super_ops_dotl;\n",
+     "\t\tsb->s_op = &v9fs_super_ops_dotl;\n\t\tsb->s_time_gran = 1;\n"),
 )
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.
