@@ -120,15 +120,13 @@ def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) ->
 # mount, each with its cause, and the exact line pykata prints. FIFOs, Unix sockets, locks, writable
 # MAP_SHARED (hypervisor.qemu.virtio_9p_cache = "mmap") and the rest behave as under runc.
 VOLUME_KNOWN_DIFFERENCES = {
-    # times set over 9p reach the host's file in whole seconds. The guest's 9p client truncates them:
-    # fs/9p (6.12) never sets its superblock's s_time_gran, so it keeps alloc_super's 1 s, and the VFS
-    # (setattr_prepare -> timestamp_truncate) drops the nanoseconds before v9fs sends Tsetattr. Behind
-    # it, QEMU 7.2's 9p-proxy.c (v9fs_request, T_UTIME) marshals mtime's tv_nsec in atime's place, so a
-    # fixed client would still get atime's nanoseconds wrong through virtfs-proxy-helper (jailed QEMU).
-    "utime-path": "utime-path: atime 1000000001.000000000 mtime 2000000002.000000000",
-    "utime-fd": "utime-fd: atime 1000000001.000000000 mtime 2000000002.000000000",
-    "utime-nofollow": "utime-nofollow: atime 1000000001.000000000 mtime 3.000000000",
-    "utime-dir": "utime-dir: atime 1000000001.000000000 mtime 4.000000000",
+    # atime's nanoseconds set over 9p are mtime's: QEMU 7.2's 9p-proxy.c (v9fs_request, T_UTIME) marshals
+    # mtime's tv_nsec in atime's place on its way to virtfs-proxy-helper (the jailed QEMU's 9p backend).
+    # mtime is exact (the guest kernel's 9p client keeps nanoseconds: guestimage/kernel.py SOURCE_EDITS).
+    "utime-path": "utime-path: atime 1000000001.987654321 mtime 2000000002.987654321",
+    "utime-fd": "utime-fd: atime 1000000001.999999999 mtime 2000000002.999999999",
+    "utime-nofollow": "utime-nofollow: atime 1000000001.999999999 mtime 3.999999999",
+    "utime-dir": "utime-dir: atime 1000000001.999999999 mtime 4.999999999",
     # QEMU's 9p server takes an xattr written with an empty value as a removal
     "xattr-user": "xattr-user: setxattr empty (No data available)",
     "xattr-user-dir": "xattr-user-dir: setxattr empty (No data available)",

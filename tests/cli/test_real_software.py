@@ -33,11 +33,6 @@ MODULES = (
 
 # Real differences not fixable now: test id -> (runc's outcome, pykata's outcome, why).
 KNOWN_DIFFERENCES = {
-    "test.test_fcntl.TestFcntl.test_fcntl_64_bit": (
-        "ok", "error",
-        "fcntl(F_NOTIFY) is EINVAL: the guest kernel is built without CONFIG_DNOTIFY (dnotify, the old "
-        "directory-change API; inotify is there). Fixed by adding it to guestimage/kernel.config, which "
-        "costs a kernel rebuild."),
     "test.test_shutil.TestMisc.test_disk_usage": (
         "ok", "fail",
         "statvfs of the container's root reports its writable layer, the guest tmpfs holding only what the "
