@@ -200,9 +200,10 @@ class Containers:
         assert init._exit is not None
         init._exit.add_done_callback(lambda _f: self._init_exited(container))
         # where the time went, for bench/pool_warmup.py and anyone reading the guest's console
-        log.info("created container %s (pid %d) in %.0f ms: %d storages %.0f, bundle %.0f, crun create %.0f",
+        log.info("created container %s (pid %d) in %.0f ms: %d storages %.0f, bundle %.0f, crun create %.0f%s",
                  cid, pid, 1000 * (time.monotonic() - began), len(req.storages), 1000 * (mounted - began),
-                 1000 * (written - mounted), 1000 * (time.monotonic() - written))
+                 1000 * (written - mounted), 1000 * (time.monotonic() - written),
+                 "" if seccomp_key is None else f" (seccomp {'kept' if compiled else 'compiled'} {seccomp_key[:12]})")
         return container
 
     async def _launch(self, proc: Process, cid: str, pid_file: Path,

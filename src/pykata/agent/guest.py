@@ -37,7 +37,7 @@ def details(want_block_size: bool, *, sysfs: Path = SYSFS, cgroup_root: Path = s
         agent_details=agent_pb2.AgentDetails(
             version=version or str(pykata.__version__), init_daemon=os.getpid() == 1,
             storage_drivers=list(DRIVERS), device_types=list(DEVICE_TYPES),
-            supports_seccomp=_has_seccomp(), cgroup_version=stats.cgroup_version(cgroup_root)),
+            supports_seccomp=has_seccomp(), cgroup_version=stats.cgroup_version(cgroup_root)),
     )
     if want_block_size:
         with contextlib.suppress(OSError, ValueError):
@@ -53,7 +53,8 @@ def _mem_total() -> int:
     return 0
 
 
-def _has_seccomp() -> bool:
+def has_seccomp() -> bool:
+    """Whether the guest kernel has seccomp filters."""
     with contextlib.suppress(OSError):
         return "Seccomp:" in Path("/proc/self/status").read_text()
     return False

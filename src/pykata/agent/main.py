@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from pykata.agent.channel import ChannelError, parse_channel, serve_serial, serve_vsock
@@ -58,12 +58,14 @@ async def run(channel_spec: str, settings: AgentSettings | None = None, listen: 
     gc.freeze()
     gc.enable()  # off during start-up (pykata.agent.boot)
     try:
-        await _serve(channel_spec, server, listen)
+        await _serve(channel_spec, server, listen, after_ready=agent.precompile_seccomp)
     finally:
         await agent.close()
 
 
-async def _serve(channel_spec: str, server: Server, listen: str | None) -> None:
+async def _serve(channel_spec: str, server: Server, listen: str | None, *,
+                 after_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve on the channel (or `listen`); in the VM only, start `after_ready` once the ready line is out."""
     if listen is not None:
         if not listen.startswith("unix:") or len(listen) == len("unix:"):
             raise ChannelError(f"--listen: expected unix:PATH, got {listen!r}")
@@ -92,9 +94,14 @@ async def _serve(channel_spec: str, server: Server, listen: str | None) -> None:
         where = f"vsock port {channel.port}" if channel.kind == "vsock" else channel.device
         log.info("serving on %s", where)
         print(READY_LINE, flush=True)
+    # Beside serving, not before the ready line: a cold boot's host is not kept waiting for it, and a
+    # template's maker saves the guest only once it idles, so the template holds what it did.
+    background = asyncio.ensure_future(after_ready()) if after_ready is not None and ready.is_set() else None
     try:
         await serving
     finally:
+        if background is not None:
+            background.cancel()
         waiter.cancel()
         await server.close()
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD
          "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
 
 
-def default_spec(root: Path, cgroups_path: str) -> dict[str, Any]:
+def default_spec(root: Path, cgroups_path: str, container_id: str = CONTAINER_ID) -> dict[str, Any]:
     """containerd's default Linux spec (oci.WithDefaultSpec, what `ctr run` sends) for `root`."""
     def tmpfs(dest: str, *opts: str) -> dict[str, Any]:
         return {"destination": dest, "type": "tmpfs", "source": "tmpfs", "options": list(opts)}
@@ -49,7 +50,7 @@ def default_spec(root: Path, cgroups_path: str) -> dict[str, Any]:
                     "user": {"uid": 0, "gid": 0}, "noNewPrivileges": True,
                     "capabilities": {k: list(_CAPS) for k in ("bounding", "effective", "permitted")},
                     "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]},
-        "hostname": CONTAINER_ID,
+        "hostname": container_id.strip("_"),
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
             tmpfs("/dev", "nosuid", "strictatime", "mode=755", "size=65536k"),
@@ -73,11 +74,15 @@ def default_spec(root: Path, cgroups_path: str) -> dict[str, Any]:
     }
 
 
-async def warm_up(crun: Crun, settings: AgentSettings, extra_mounts: list[dict[str, Any]]) -> None:
-    """Create and delete one throwaway container. Raises CrunError or OSError; leaves nothing behind
-    either way (its mounts, bundle, crun state and cgroup are removed)."""
-    base = settings.storage_dir / CONTAINER_ID
-    bundle_dir = settings.bundles / CONTAINER_ID
+async def warm_up(crun: Crun, settings: AgentSettings, extra_mounts: list[dict[str, Any]], *,
+                  container_id: str = CONTAINER_ID, seccomp: dict[str, Any] | None = None,
+                  created: Callable[[dict[str, Any], Path], None] | None = None, nice: int = 0) -> None:
+    """Create and delete one throwaway container `container_id`, with `seccomp` as its linux.seccomp
+    when given; `created(config, crun_state_dir)` runs between the create and the delete; `nice`: the
+    niceness of its `crun create`. Raises CrunError or OSError; leaves nothing behind either way (its
+    mounts, bundle, crun state and cgroup are removed)."""
+    base = settings.storage_dir / container_id
+    bundle_dir = settings.bundles / container_id
     scratch, root = base / "scratch", base / "root"
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -95,19 +100,24 @@ async def warm_up(crun: Crun, settings: AgentSettings, extra_mounts: list[dict[s
             mount("overlay", str(root), "overlay", MS_NOSUID | MS_NODEV,
                   f"lowerdir={scratch}/lower,upperdir={scratch}/upper,workdir={scratch}/work")
             undo.callback(umount, str(root))
-            spec = default_spec(root, settings.cgroups_path(CONTAINER_ID))
+            spec = default_spec(root, settings.cgroups_path(container_id), container_id)
+            if seccomp is not None:
+                spec["linux"]["seccomp"] = seccomp
             config = bundle.rewrite_spec(spec, roots=[base], cgroups_path=spec["linux"]["cgroupsPath"],
                                          extra_mounts=extra_mounts)
             (bundle_dir / "config.json").write_text(json.dumps(config))
-            undo.push_async_callback(_delete, crun)
-            await crun.create(CONTAINER_ID, bundle_dir, bundle_dir / "init.pid", Stdio(devnull, devnull, devnull))
+            undo.push_async_callback(_delete, crun, container_id)
+            await crun.create(container_id, bundle_dir, bundle_dir / "init.pid", Stdio(devnull, devnull, devnull),
+                              nice=nice)
+            if created is not None:
+                created(config, crun.root / container_id)
     finally:
         os.close(devnull)
 
 
-async def _delete(crun: Crun) -> None:
+async def _delete(crun: Crun, container_id: str) -> None:
     # after a failed create there may be nothing to delete; the create's error is the one to report
     try:
-        await crun.delete(CONTAINER_ID)
+        await crun.delete(container_id)
     except CrunError as exc:
         log.warning("warm-up: %s", exc)
