@@ -11,8 +11,11 @@ from there).
 
 Only the agent sets that annotation, in the config.json it writes, after bundle.rewrite_spec refused
 every run.oci.* annotation from the host; the program comes from crun's state directory, which no
-container can see, read right after crun wrote it. Nothing is shared with another VM. Profiles that
-crun does more with than compile (a listener for notifications, SCMP_ACT_NOTIFY) are not cached.
+container can see, read right after crun wrote it. Nothing is shared with another VM at run time. The
+one program a VM may start with is containerd's RuntimeDefault, which its template's agent compiled
+from a profile built into the agent before any host session (AgentService.precompile_seccomp): the
+host's admin makes templates before any pod exists, so no pod's input is in it. Profiles that crun
+does more with than compile (a listener for notifications, SCMP_ACT_NOTIFY) are not cached.
 """
 
 from __future__ import annotations
