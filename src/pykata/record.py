@@ -5,7 +5,8 @@ A dataclass compiles its generated methods (__init__, __repr__, __eq__, ...) wit
 is imported: ~0.3 ms per class on the host and about 8x that in a TCG guest, where the agent's
 imports are the largest part of a cold boot. A Record subclass writes its own __init__, lists its
 fields in __slots__ and, in order, in __match_args__; equality, hashing and repr come from here,
-field by field, as a dataclass's would.
+field by field, as a dataclass's would. `FrozenRecord` is the frozen=True kind: its __init__ sets
+fields with `_init` and any later assignment raises AttributeError.
 """
 
 from __future__ import annotations
@@ -33,3 +34,22 @@ class Record:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
         return f"{self.__class__.__qualname__}({fields})"
+
+    def _asdict(self) -> dict[str, Any]:
+        """The fields by name, in order (dataclasses.asdict, without its deep copy)."""
+        return {name: getattr(self, name) for name in self.__match_args__}
+
+
+class FrozenRecord(Record):
+    """A Record whose fields cannot be set or deleted once __init__ has set them (with `_init`)."""
+
+    __slots__ = ()
+
+    def _init(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of frozen {self.__class__.__qualname__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of frozen {self.__class__.__qualname__}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import gc
 import os
@@ -45,13 +44,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pykata.agent.reaper import ExitStatus, Reaper, exited_children
 from pykata.agent.spawner import MAX_REQUEST, REQUEST_FDS, Spawner, SpawnerGone
 from pykata.errors import Code, PykataError
+from pykata.record import FrozenRecord
 
 CAPABILITIES = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
@@ -118,10 +117,16 @@ class ExecFailed(PykataError):
         self.rpc_code = Code.NOT_FOUND if missing else Code.INTERNAL
 
 
-@dataclass(frozen=True)
-class ExecPlan:
-    """Everything the child applies, computed and checked before the fork."""
+class ExecPlan(FrozenRecord):
+    """Everything the child applies, computed and checked before the fork (the spawner gets its
+    `_asdict()` and rebuilds it with `ExecPlan(**fields)`)."""
 
+    __slots__ = ("ambient", "args", "bounding", "cgroup_procs", "cwd", "effective", "env", "gid", "groups",
+                 "inheritable", "init_pid", "no_new_privileges", "ns_flags", "permitted", "rlimits", "seccomp",
+                 "uid", "umask")
+    __match_args__ = ("init_pid", "ns_flags", "cgroup_procs", "args", "env", "cwd", "uid", "gid", "groups", "umask",
+                      "bounding", "effective", "permitted", "inheritable", "ambient", "no_new_privileges",
+                      "rlimits", "seccomp")
     init_pid: int
     ns_flags: int
     cgroup_procs: Path
@@ -140,6 +145,29 @@ class ExecPlan:
     no_new_privileges: bool
     rlimits: tuple[tuple[int, int, int], ...]
     seccomp: bytes | None
+
+    def __init__(self, init_pid: int, ns_flags: int, cgroup_procs: Path, args: tuple[str, ...],
+                 env: tuple[str, ...], cwd: str, uid: int, gid: int, groups: tuple[int, ...], umask: int | None,
+                 bounding: int, effective: int, permitted: int, inheritable: int, ambient: tuple[int, ...],
+                 no_new_privileges: bool, rlimits: tuple[tuple[int, int, int], ...], seccomp: bytes | None) -> None:
+        self._init("init_pid", init_pid)
+        self._init("ns_flags", ns_flags)
+        self._init("cgroup_procs", cgroup_procs)
+        self._init("args", args)
+        self._init("env", env)
+        self._init("cwd", cwd)
+        self._init("uid", uid)
+        self._init("gid", gid)
+        self._init("groups", groups)
+        self._init("umask", umask)
+        self._init("bounding", bounding)
+        self._init("effective", effective)
+        self._init("permitted", permitted)
+        self._init("inheritable", inheritable)
+        self._init("ambient", ambient)
+        self._init("no_new_privileges", no_new_privileges)
+        self._init("rlimits", rlimits)
+        self._init("seccomp", seccomp)
 
 
 def _mask(names: object) -> int | None:
@@ -248,7 +276,7 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         forked = None
         if spawner is not None and spawner.running:
             with contextlib.suppress(SpawnerGone):  # not delivered: nothing forked, so fork here
-                forked = await spawner.fork(dataclasses.asdict(p), (
+                forked = await spawner.fork(p._asdict(), (
                     pidfd, cgroup_fd, stdin, stdout, stderr, report_w), marks is not None)
         if forked is not None:
             pid, child_pidfd = forked

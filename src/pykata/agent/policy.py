@@ -28,11 +28,11 @@ import fnmatch
 import json
 import posixpath
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from pykata.errors import InvalidArgument, PermissionDenied
 from pykata.protocols.agent import agent_pb2
+from pykata.record import FrozenRecord
 
 VERSION = 1
 MAX_POLICY_BYTES = 64 << 10
@@ -54,17 +54,38 @@ class PolicyError(ValueError):
         self.field = field
 
 
-@dataclass(frozen=True)
-class Policy:
-    allow_rpcs: frozenset[str] = frozenset()
-    images: tuple[str, ...] = ()
-    container_commands: tuple[tuple[str, ...], ...] = ()
-    readonly_rootfs: bool = False
-    mounts: tuple[str, ...] = ()
-    exec_commands: tuple[tuple[str, ...], ...] = ()
-    exec_stdio: bool = False
-    copy_file_paths: tuple[str, ...] = ()
-    source: dict[str, Any] = field(default_factory=dict, compare=False)
+class Policy(FrozenRecord):
+    __slots__ = ("allow_rpcs", "container_commands", "copy_file_paths", "exec_commands", "exec_stdio", "images",
+                 "mounts", "readonly_rootfs", "source")
+    __match_args__ = ("allow_rpcs", "images", "container_commands", "readonly_rootfs", "mounts", "exec_commands",
+                      "exec_stdio", "copy_file_paths", "source")
+    allow_rpcs: frozenset[str]
+    images: tuple[str, ...]
+    container_commands: tuple[tuple[str, ...], ...]
+    readonly_rootfs: bool
+    mounts: tuple[str, ...]
+    exec_commands: tuple[tuple[str, ...], ...]
+    exec_stdio: bool
+    copy_file_paths: tuple[str, ...]
+    source: dict[str, Any]
+
+    def __init__(self, allow_rpcs: frozenset[str] = frozenset(), images: tuple[str, ...] = (),
+                 container_commands: tuple[tuple[str, ...], ...] = (), readonly_rootfs: bool = False,
+                 mounts: tuple[str, ...] = (), exec_commands: tuple[tuple[str, ...], ...] = (),
+                 exec_stdio: bool = False, copy_file_paths: tuple[str, ...] = (),
+                 source: dict[str, Any] | None = None) -> None:
+        self._init("allow_rpcs", allow_rpcs)
+        self._init("images", images)
+        self._init("container_commands", container_commands)
+        self._init("readonly_rootfs", readonly_rootfs)
+        self._init("mounts", mounts)
+        self._init("exec_commands", exec_commands)
+        self._init("exec_stdio", exec_stdio)
+        self._init("copy_file_paths", copy_file_paths)
+        self._init("source", {} if source is None else source)
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__[:-1])  # `source` is not compared
 
     # -- checks ------------------------------------------------------------------------------------
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.agent.stdio import DEFAULT_BUFFER_LIMIT
 from pykata.agent.validation import CGROUP_NAME_RE
+from pykata.record import FrozenRecord
 
 DEFAULT_STATE_DIR = Path("/run/pykata-agent")
 
 
-@dataclass(frozen=True)
-class AgentSettings:
+class AgentSettings(FrozenRecord):
     """Layout of the agent's state directory:
 
         <state>/crun/       crun --root
@@ -30,24 +29,41 @@ class AgentSettings:
     volumes) <state>/emptydir.
     """
 
-    state_dir: Path = DEFAULT_STATE_DIR
-    shared_dir: Path | None = None
-    # Containers go to cgroup /<cgroup_parent>/<container id> (one agent serves one sandbox).
-    cgroup_parent: str = "pykata"
-    crun: str = "crun"
-    buffer_limit: int = DEFAULT_BUFFER_LIMIT
-    cgroup_root: Path = Path("/sys/fs/cgroup")
-    # Exec processes with the agent's own setns path (nsexec) where it covers the spec, else crun.
-    native_exec: bool = True
-    # ... and fork its children from a small helper process started with the agent (agent/spawner.py),
-    # not from the agent itself. Off: measured no faster under TCG (bench/exec_bench.py's in-guest
-    # table, Nov 2026: ~200 ms until the pid either way on a host at load 24; the spawner's own fork
-    # and the extra hand-off ate what the agent's fork cost).
-    exec_spawner: bool = False
+    __slots__ = ("buffer_limit", "cgroup_parent", "cgroup_root", "crun", "exec_spawner", "native_exec", "shared_dir",
+                 "state_dir")
+    __match_args__ = ("state_dir", "shared_dir", "cgroup_parent", "crun", "buffer_limit", "cgroup_root", "native_exec",
+                      "exec_spawner")
+    state_dir: Path
+    shared_dir: Path | None
+    cgroup_parent: str
+    crun: str
+    buffer_limit: int
+    cgroup_root: Path
+    native_exec: bool
+    exec_spawner: bool
 
-    def __post_init__(self) -> None:
-        if not all(CGROUP_NAME_RE.match(p) for p in self.cgroup_parent.split("/")):
-            raise ValueError(f"cgroup parent {self.cgroup_parent!r}: use names separated by '/'")
+    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR, shared_dir: Path | None = None,
+                 # Containers go to cgroup /<cgroup_parent>/<container id> (one agent serves one sandbox).
+                 cgroup_parent: str = "pykata", crun: str = "crun", buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+                 cgroup_root: Path = Path("/sys/fs/cgroup"),
+                 # Exec processes with the agent's own setns path (nsexec) where it covers the spec, else crun.
+                 native_exec: bool = True,
+                 # ... and fork its children from a small helper process started with the agent
+                 # (agent/spawner.py), not from the agent itself. Off: measured no faster under TCG
+                 # (bench/exec_bench.py's in-guest table, Nov 2026: ~200 ms until the pid either way on a
+                 # host at load 24; the spawner's own fork and the extra hand-off ate what the agent's fork
+                 # cost).
+                 exec_spawner: bool = False) -> None:
+        if not all(CGROUP_NAME_RE.match(p) for p in cgroup_parent.split("/")):
+            raise ValueError(f"cgroup parent {cgroup_parent!r}: use names separated by '/'")
+        self._init("state_dir", state_dir)
+        self._init("shared_dir", shared_dir)
+        self._init("cgroup_parent", cgroup_parent)
+        self._init("crun", crun)
+        self._init("buffer_limit", buffer_limit)
+        self._init("cgroup_root", cgroup_root)
+        self._init("native_exec", native_exec)
+        self._init("exec_spawner", exec_spawner)
 
     @property
     def shared(self) -> Path:

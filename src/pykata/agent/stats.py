@@ -11,10 +11,10 @@ import contextlib
 import logging
 import os
 import select
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata.protocols.agent import agent_pb2
+from pykata.record import FrozenRecord
 
 log = logging.getLogger("pykata.agent.stats")
 
@@ -28,12 +28,17 @@ def cgroup_version(root: Path = CGROUP_ROOT) -> int:
     return 2 if (root / "cgroup.controllers").exists() else 1
 
 
-@dataclass(frozen=True)
-class Cgroup:
+class Cgroup(FrozenRecord):
     """A container's cgroup: one directory (v2) or one per controller (v1)."""
 
+    __slots__ = ("dirs", "version")
+    __match_args__ = ("version", "dirs")
     version: int
-    dirs: dict[str, Path] = field(default_factory=dict)
+    dirs: dict[str, Path]
+
+    def __init__(self, version: int, dirs: dict[str, Path] | None = None) -> None:
+        self._init("version", version)
+        self._init("dirs", {} if dirs is None else dirs)
 
     @classmethod
     def at(cls, cgroups_path: str, root: Path = CGROUP_ROOT, version: int | None = None) -> Cgroup:

@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.agent.sysmount import (
@@ -54,6 +53,7 @@ from pykata.agent.validation import (
 )
 from pykata.errors import Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
+from pykata.record import Record
 
 BLKFLSBUF = 0x1261
 # at most this much of a disk is read ahead at mount (bytes; it is page cache: reclaimable)
@@ -154,12 +154,15 @@ def parse_options(field: str, options: Sequence[str]) -> tuple[int, int, list[st
     return flags, propagation, data
 
 
-@dataclass
-class Mounted:
+class Mounted(Record):
     """A storage the agent set up; `mounted` is False for plain directories ("local")."""
 
-    mount_point: str
-    mounted: bool
+    __slots__ = ("mount_point", "mounted")
+    __match_args__ = ("mount_point", "mounted")
+
+    def __init__(self, mount_point: str, mounted: bool) -> None:
+        self.mount_point = mount_point
+        self.mounted = mounted
 
 
 class Storages:

@@ -7,7 +7,6 @@ the generated modules); the client and server accept any object with the same at
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -15,7 +14,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from pykata.record import Record
+from pykata.record import FrozenRecord, Record
 from pykata.ttrpc.errors import UnknownMethodError
 
 
@@ -54,16 +53,18 @@ class MethodSpec(Record):
         self.server_streaming = server_streaming
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
+class ServiceSpec(FrozenRecord):
     """A service's full wire name and its methods by short name (read-only)."""
 
+    __slots__ = ("methods", "name")
+    __match_args__ = ("name", "methods")
     name: str
-    methods: Mapping[str, MethodSpec] = field(default_factory=dict)
+    methods: Mapping[str, MethodSpec]
 
-    def __post_init__(self) -> None:
+    def __init__(self, name: str, methods: Mapping[str, MethodSpec] | None = None) -> None:
+        self._init("name", name)
         # Frozen means frozen: callers must not be able to add methods to a shared spec.
-        object.__setattr__(self, "methods", MappingProxyType(dict(self.methods)))
+        self._init("methods", MappingProxyType(dict(methods or {})))
 
     def __hash__(self) -> int:
         return hash(self.name)

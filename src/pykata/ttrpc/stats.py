@@ -12,7 +12,8 @@ server's stats and its event counters there); the agent proxy serves it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from pykata.record import Record
 
 MAX_METHODS = 256  # methods are names from a service spec; the cap only guards against misuse
 
@@ -36,12 +37,15 @@ class RpcStats:
         return [(m, int(e[0]), int(e[1]), e[2]) for m, e in sorted(self._by_method.items())]
 
 
-@dataclass
-class ProcessStats:
+class ProcessStats(Record):
     """What this process reports about itself: the RPCs it served, and named counters."""
 
-    served: RpcStats | None = None
-    counters: dict[str, Callable[[], int]] = field(default_factory=dict)
+    __slots__ = ("counters", "served")
+    __match_args__ = ("served", "counters")
+
+    def __init__(self, served: RpcStats | None = None, counters: dict[str, Callable[[], int]] | None = None) -> None:
+        self.served = served
+        self.counters: dict[str, Callable[[], int]] = {} if counters is None else counters
 
 
 PROCESS = ProcessStats()
