@@ -98,6 +98,20 @@ def test_agent_imports_only_what_the_guest_has() -> None:
     assert found <= {"pykata", "google"}, found
 
 
+def test_agent_start_up_leaves_out_modules_only_rare_paths_need() -> None:
+    """Importing the agent as the guest does and reading the init's arguments loads neither dataclasses (pykata.record
+    instead), argparse (only for other command lines) nor pickle (only the exec spawner)."""
+    code = (
+        "import sys; from pykata.agent.boot import defer_imports; defer_imports(); import pykata.agent.main as m; "
+        "args = m.parse_args(['--channel', 'vsock:1024', '--debug', '--exec-with', 'crun']); "
+        "print(args.channel, args.debug, args.exec_with, "
+        "*[n for n in ('dataclasses', 'argparse', 'gettext', 'pickle') if n in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["vsock:1024", "True", "crun"], proc.stdout
+
+
 def test_agent_start_up_defers_protobufs_python_runtime_and_messages_still_work() -> None:
     """pykata.agent.boot: protobuf's pure-Python message runtime (and text_format, decoder, ...
     which it imports) is not loaded by importing the agent, yet messages encode, decode and print,

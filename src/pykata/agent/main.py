@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
@@ -20,6 +19,7 @@ from pykata.agent.ports import DEFAULT_PORT_NAME
 from pykata.agent.service import AgentService
 from pykata.agent.settings import DEFAULT_STATE_DIR, AgentSettings
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
+from pykata.record import Record
 from pykata.ttrpc import Server
 
 log = logging.getLogger("pykata.agent")
@@ -106,7 +106,39 @@ async def _serve(channel_spec: str, server: Server, listen: str | None, *,
         await server.close()
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+EXEC_WITH = ("native", "crun", "spawner")
+
+
+class AgentArgs(Record):
+    """The agent's command line, parsed."""
+
+    __slots__ = ("cgroup_parent", "channel", "crun", "debug", "exec_with", "listen", "shared_dir", "state_dir")
+    __match_args__ = ("channel", "listen", "state_dir", "shared_dir", "cgroup_parent", "crun", "exec_with", "debug")
+
+    def __init__(self, channel: str = f"serial:{DEFAULT_PORT_NAME}", listen: str | None = None,
+                 state_dir: Path = DEFAULT_STATE_DIR, shared_dir: Path | None = None, cgroup_parent: str = "pykata",
+                 crun: str = "crun", exec_with: str = "native", debug: bool = False) -> None:
+        self.channel = channel
+        self.listen = listen
+        self.state_dir = state_dir
+        self.shared_dir = shared_dir
+        self.cgroup_parent = cgroup_parent
+        self.crun = crun
+        self.exec_with = exec_with
+        self.debug = debug
+
+
+def parse_args(argv: Sequence[str] | None) -> AgentArgs:
+    """Parse the agent's arguments (sys.argv[1:] when `argv` is None); exits as argparse does on
+    bad ones or --help."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The guest's init passes only `--channel C [--debug] [--exec-with E]` (pykata.agent.pid1.agent_argv):
+    # read that directly, since importing argparse (and gettext) is ~5% of the agent's imports under TCG.
+    fast = _parse_init_args(args)
+    if fast is not None:
+        return fast
+    import argparse
+
     parser = argparse.ArgumentParser(prog="pykata-agent", description="pykata guest agent")
     parser.add_argument("--channel", default=f"serial:{DEFAULT_PORT_NAME}",
                         help="device path, serial:<virtio port name> or vsock:<port>")
@@ -119,11 +151,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cgroup-parent", default="pykata",
                         help="containers get cgroup /CGROUP_PARENT/<container id> (default %(default)s)")
     parser.add_argument("--crun", default="crun", help="crun executable (default: found in PATH)")
-    parser.add_argument("--exec-with", choices=("native", "crun", "spawner"), default="native",
+    parser.add_argument("--exec-with", choices=EXEC_WITH, default="native",
                         help="start exec processes with the agent's own setns path where it covers the "
                              "process spec (native, the default) or always with `crun exec`")
     parser.add_argument("--debug", action="store_true", help="log at debug level")
-    return parser.parse_args(argv)
+    return AgentArgs(**vars(parser.parse_args(args)))
+
+
+def _parse_init_args(args: list[str]) -> AgentArgs | None:
+    """`--channel C [--debug] [--exec-with E]` in any order, each at most once; None for anything
+    else (argparse then parses it, or says what is wrong)."""
+    parsed = AgentArgs()
+    seen: set[str] = set()
+    i = 0
+    while i < len(args):
+        opt = args[i]
+        if opt in seen:
+            return None
+        seen.add(opt)
+        if opt == "--debug":
+            parsed.debug = True
+            i += 1
+            continue
+        value = args[i + 1] if i + 1 < len(args) else ""
+        if opt == "--channel" and value and not value.startswith("-"):
+            parsed.channel = value
+        elif opt == "--exec-with" and value in EXEC_WITH:
+            parsed.exec_with = value
+        else:
+            return None
+        i += 2
+    return parsed if "--channel" in seen else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

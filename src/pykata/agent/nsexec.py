@@ -37,7 +37,6 @@ import ctypes
 import errno
 import gc
 import os
-import pickle
 import resource
 import signal
 import socket
@@ -588,6 +587,8 @@ def _load_seccomp(program: bytes) -> None:
 def serve_spawner(sock: socket.socket) -> None:
     """The exec spawner's loop (agent/spawner.py): fork one exec child per request until the agent
     closes the socket."""
+    import pickle  # here: the agent imports this module too, and only the spawner needs pickle
+
     while True:
         _reap()
         try:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import pickle
 import socket
 import sys
 from collections.abc import Sequence
@@ -83,6 +82,8 @@ class Spawner:
     async def fork(self, fields: dict[str, Any], fds: Sequence[int], timing: bool) -> tuple[int, int]:
         """Fork an exec child running nsexec._child with `fds` (REQUEST_FDS of them); its pid and a
         pidfd of it (the caller closes it). Raises OSError when the spawner cannot."""
+        import pickle  # here: the spawner is off by default, and the agent's start-up need not load it
+
         loop = asyncio.get_running_loop()
         async with self._lock:
             if self._sock is None:
