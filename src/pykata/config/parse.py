@@ -213,6 +213,7 @@ def validate(config: Config) -> None:
     _range("runtime.rootfs_block_cache_mib", runtime.rootfs_block_cache_mib, 16, 1 << 30, " (MiB)")
     # the agent caps a request at 200,000 entries (pykata.agent.storage.MAX_PREWARM)
     _range("runtime.rootfs_prewarm", runtime.rootfs_prewarm, 0, 200_000, " (entries)")
+    _range("runtime.rootfs_prewarm_min_inodes", runtime.rootfs_prewarm_min_inodes, 0, 10_000_000, " (inodes)")
     _range("runtime.data_disk_mib", runtime.data_disk_mib, 0, 4096, " (MiB)")
     _absolute("runtime.kubelet_root_dir", runtime.kubelet_root_dir, allow_empty=False)
     _range("runtime.emptydir_size", runtime.emptydir_size, 0, 1 << 20, " (MiB)")

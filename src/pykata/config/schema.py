@@ -208,6 +208,8 @@ class RuntimeConfig:
     # Entries of an image disk the guest looks up ahead, at idle priority, once a container's root is
     # mounted (its dentries and inodes then exist when the container first walks them); 0: none.
     rootfs_prewarm: int = 50_000
+    # Only images whose disk uses at least this many inodes are prewarmed; 0: every image.
+    rootfs_prewarm_min_inodes: int = 1000
     # The data disk: a writable virtio-blk device every VM has, through which the SDK's files API moves
     # files (write/read/upload/download) in pieces of at most this many MiB; 0: no disk, files go
     # through the agent's stdio channel (several times slower under TCG).

@@ -79,6 +79,8 @@ class RootImage:
     root_mode: int
     # bytes from the start of the disk that the file system uses (what the guest reads ahead at mount)
     used_bytes: int = 0
+    # inodes its file system uses (files, directories, links; hard links of one file count once)
+    used_inodes: int = 0
 
     @property
     def prefetch(self) -> int:
@@ -374,15 +376,17 @@ def _time_lines(target: str, st: os.stat_result) -> list[str]:
 
 
 def _with_usage(image: RootImage) -> RootImage:
-    """`image` with the bytes its file system uses, from its superblock (0 if unreadable)."""
+    """`image` with the bytes and inodes its file system uses, from its superblock (0 if unreadable)."""
     try:
         with open(image.path, "rb") as f:
             f.seek(1024)
             sb = f.read(32)
         blocks, free = int.from_bytes(sb[4:8], "little"), int.from_bytes(sb[12:16], "little")
+        inodes, free_inodes = int.from_bytes(sb[0:4], "little"), int.from_bytes(sb[16:20], "little")
         block = 1024 << int.from_bytes(sb[24:28], "little")
     except OSError:
         return image
     if len(sb) != 32 or free > blocks or block > 65536:
         return image
-    return dataclasses.replace(image, used_bytes=(blocks - free) * block)
+    return dataclasses.replace(image, used_bytes=(blocks - free) * block,
+                               used_inodes=max(inodes - free_inodes, 0))

@@ -840,6 +840,10 @@ class Sandbox:
             lower = f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
         size = self.config.runtime.rootfs_upper_size
         prewarm = self.config.runtime.rootfs_prewarm
+        if disk is not None and disk[1].used_inodes < self.config.runtime.rootfs_prewarm_min_inodes:
+            # a small image's whole first walk costs about what its prewarm costs the host while
+            # other VMs start (busybox: ~300 inodes, ~0.05 QEMU CPU s); the prewarm pays for big trees
+            prewarm = 0
         # xino=on: the layers are on different file systems (image disk or share below, tmpfs above), and
         # without it overlayfs gives a directory a made-up st_ino that readdir's d_ino does not match
         # (CPython's test_os.TestScandir.test_attributes saw it); with it both are the real inode number
