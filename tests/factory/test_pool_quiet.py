@@ -4,6 +4,7 @@ have started (their markers), and not in the gap between two waves of a burst of
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import time
@@ -24,10 +25,20 @@ def _entry(config: Config, pid: int, name: str = "pool-00000000000a") -> pool.Po
     return pool.PoolEntry(name, root, pid, pool.fingerprint(config), time.time())
 
 
+def _ready_entry(config: Config) -> pool.PoolEntry:
+    """A fake ready waiting VM: this process registered, with a (plain file) control socket."""
+    entry = _entry(config, os.getpid(), "pool-0000000000ff")
+    entry.meta.write_text(json.dumps({"pid": entry.pid, "fingerprint": entry.fingerprint,
+                                      "created_at": entry.created_at}))
+    entry.control.write_text("")
+    return entry
+
+
 def test_a_refill_waits_while_a_claimed_pod_starts_and_just_after(tmp_path: Path) -> None:
     config = _config(tmp_path)
     assert pool.starting(config) == (0, float("inf"))
     assert pool.quiet_wait(config, time.time()) == 0  # never a claim: at once
+    ready = _ready_entry(config)  # the burst still has a pooled VM to take
 
     marker = pool.begin_start(_entry(config, os.getpid()))
     assert marker.exists() and pool.starting(config)[0] == 1
@@ -43,6 +54,19 @@ def test_a_refill_waits_while_a_claimed_pod_starts_and_just_after(tmp_path: Path
     os.utime(marker.parent, (time.time() - 10, time.time() - 10))
     assert pool.quiet_wait(config, time.time()) == 0
     pool.end_start(marker)  # again: a no-op
+    pool.withdraw(ready)
+
+
+def test_a_refill_does_not_wait_once_the_pool_holds_no_ready_vm(tmp_path: Path) -> None:
+    # pods starting one after another (a churn of pod cycles) never leave REFILL_QUIET of quiet: with
+    # nothing left to claim, the refill starts at once instead of after REFILL_MAX_DEFER
+    config = _config(tmp_path)
+    marker = pool.begin_start(_entry(config, os.getpid()))
+    ready = _ready_entry(config)
+    assert pool.quiet_wait(config, time.time()) > 0
+    pool.withdraw(ready)  # claimed: the pool is empty
+    assert pool.quiet_wait(config, time.time()) == 0
+    pool.end_start(marker)
 
 
 def test_markers_of_ended_or_stuck_starts_do_not_hold_the_refill(tmp_path: Path) -> None:
