@@ -59,14 +59,18 @@ def test_a_refill_waits_while_a_claimed_pod_starts_and_just_after(tmp_path: Path
 
 def test_a_refill_does_not_wait_once_the_pool_holds_no_ready_vm(tmp_path: Path) -> None:
     # pods starting one after another (a churn of pod cycles) never leave REFILL_QUIET of quiet: with
-    # nothing left to claim, the refill starts at once instead of after REFILL_MAX_DEFER
+    # nothing left to claim, the refill waits only for the starts in flight, not REFILL_MAX_DEFER
     config = _config(tmp_path)
     marker = pool.begin_start(_entry(config, os.getpid()))
     ready = _ready_entry(config)
-    assert pool.quiet_wait(config, time.time()) > 0
     pool.withdraw(ready)  # claimed: the pool is empty
-    assert pool.quiet_wait(config, time.time()) == 0
+    assert pool.quiet_wait(config, time.time()) > 0, "a start in flight still holds it"
     pool.end_start(marker)
+    assert pool.starting(config)[1] < pool.REFILL_QUIET
+    assert pool.quiet_wait(config, time.time()) == 0
+    ready = _ready_entry(config)
+    assert pool.quiet_wait(config, time.time()) > 0, "a ready VM left: the burst may go on"
+    pool.withdraw(ready)
 
 
 def test_markers_of_ended_or_stuck_starts_do_not_hold_the_refill(tmp_path: Path) -> None:

@@ -209,14 +209,18 @@ def quiet_wait(config: Config, started_at: float) -> float:
     """How much longer a waiting VM's process started at `started_at` (time.time()) waits before it
     makes its VM: while a pod that claimed one is still starting (`begin_start`), and for REFILL_QUIET
     seconds after the latest claim or end of a start (between the waves of a burst); never past
-    REFILL_MAX_DEFER after it started, and not at all once the pool holds no ready VM (pods that start
-    one after another, e.g. a churn of pod cycles 1-2 s apart, never leave REFILL_QUIET of quiet: they
-    would drain the pool and find it empty for REFILL_MAX_DEFER). 0: now."""
+    REFILL_MAX_DEFER after it started. The REFILL_QUIET part applies only while the pool still holds a
+    ready VM: pods that start one after another (a churn of pod cycles 1-2 s apart) never leave
+    REFILL_QUIET of quiet, so they would drain the pool and find it empty for REFILL_MAX_DEFER; once it
+    is empty a refill waits only for the starts in flight. 0: now."""
     left = started_at + REFILL_MAX_DEFER - time.time()
     busy, since = starting(config)
-    wait = max(0.2 if busy else 0.0, REFILL_QUIET - since)
-    if wait > 0 and not any(entry.ready and entry.alive for entry in list_entries(config)):
-        return 0.0
+    if busy:
+        wait = 0.2
+    elif since < REFILL_QUIET and any(entry.ready and entry.alive for entry in list_entries(config)):
+        wait = REFILL_QUIET - since
+    else:
+        wait = 0.0
     return max(0.0, min(wait, left))
 
 
