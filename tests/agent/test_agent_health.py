@@ -98,26 +98,32 @@ def test_agent_imports_only_what_the_guest_has() -> None:
     assert found <= {"pykata", "google"}, found
 
 
+def _run_as_guest_starts(code: str) -> str:
+    """Run `code` in a fresh interpreter after the agent's start-up deferrals (as the guest's init runs
+    it, with `sys` imported); return its stdout, failing with its stderr."""
+    prelude = "import sys; from pykata.agent.boot import defer_imports; defer_imports(); "
+    proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_agent_start_up_leaves_out_modules_only_rare_paths_need() -> None:
     """Importing the agent as the guest does and reading the init's arguments loads neither dataclasses (pykata.record
     instead), argparse (only for other command lines) nor pickle (only the exec spawner)."""
-    code = (
-        "import sys; from pykata.agent.boot import defer_imports; defer_imports(); import pykata.agent.main as m; "
+    out = _run_as_guest_starts(
+        "import pykata.agent.main as m; "
         "args = m.parse_args(['--channel', 'vsock:1024', '--debug', '--exec-with', 'crun']); "
         "print(args.channel, args.debug, args.exec_with, "
         "*[n for n in ('dataclasses', 'argparse', 'gettext', 'pickle') if n in sys.modules])"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["vsock:1024", "True", "crun"], proc.stdout
+    assert out.split() == ["vsock:1024", "True", "crun"], out
 
 
 def test_agent_start_up_defers_protobufs_python_runtime_and_messages_still_work() -> None:
     """pykata.agent.boot: protobuf's pure-Python message runtime (and text_format, decoder, ...
     which it imports) is not loaded by importing the agent, yet messages encode, decode and print,
     and the module loads when something touches it."""
-    code = (
-        "import sys; from pykata.agent.boot import defer_imports; defer_imports(); "
+    out = _run_as_guest_starts(
         "import pykata.agent.main; from pykata.protocols.agent import agent_pb2; "
         "loaded = [m for m in ('google.protobuf.text_format', 'google.protobuf.internal.decoder') "
         "if m in sys.modules]; "
@@ -127,6 +133,4 @@ def test_agent_start_up_defers_protobufs_python_runtime_and_messages_still_work(
         "from google.protobuf.internal import python_message; python_message._AttachFieldHelpers; "
         "print('loaded:', *loaded, 'text_format' in sys.modules['google.protobuf.text_format'].__name__)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["loaded:", "True"], proc.stdout
+    assert out.split() == ["loaded:", "True"], out
