@@ -7,7 +7,11 @@ import os
 import socket
 import stat
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +118,150 @@ def test_special_files_hard_links_and_mounts_keep_it_on_the_host(tmp_path: Path)
             watchable.scan(str(mounted), 64, 1 << 20)
     finally:
         subprocess.run(["umount", str(mounted / "m")], check=True)
+
+
+def test_bind_mounts_of_the_same_file_system_keep_it_on_the_host(tmp_path: Path) -> None:
+    """The attack: a host directory, or a host file over a key, bound into the volume from the same
+    file system (st_dev is the volume's, the file has one link): the host would copy host files into
+    the guest. Every directory and file opened must be on the volume root's own mount."""
+    host = tmp_path / "hostdir"
+    host.mkdir()
+    (host / "secret").write_text("host only\n")
+    vol = tmp_path / "cfg"
+    write_volume(vol, {"k": b"v"})
+    version = os.readlink(vol / "..data")
+    cases = [(vol / "m", host, "mkdir"), (vol / version / "k", host / "secret", "file")]
+    for target, source, kind in cases:
+        if kind == "mkdir":
+            target.mkdir()
+        subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+        try:
+            assert os.stat(target).st_dev == os.stat(vol).st_dev  # what the st_dev check cannot see
+            with pytest.raises(watchable.Unsuitable, match=f"{target.name}: a mount inside the volume"):
+                watchable.scan(str(vol), 64, 1 << 20)
+            with pytest.raises(watchable.Unsuitable, match="a mount inside"):
+                watchable.snapshot(_vol(vol))
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+        if kind == "mkdir":
+            target.rmdir()
+    assert {e.path for e in watchable.scan(str(vol), 64, 1 << 20)[0]} == {"", "..data", "k", version, f"{version}/k"}
+
+
+def test_deep_trees_and_long_paths_are_bounded(tmp_path: Path) -> None:
+    """A projected volume's item path may be `a/a/a/...` (kubelet allows 4096 bytes): the scan holds a
+    descriptor and a stack frame per level, and with a large watchable_max_files the entry bound alone
+    let ~2000 levels through (RecursionError in the shim). Deeper than MAX_DEPTH, or a path longer than
+    the agent takes, stays shared from the host."""
+    deep = tmp_path / "deep"
+    write_volume(deep, {"/".join(["a"] * (watchable.MAX_DEPTH - 2)) + "/k": b"v"})
+    assert watchable.scan(str(deep), 1024, 1 << 20)  # kubelet's layout at MAX_DEPTH levels: copied
+    write_volume(deep, {"/".join(["a"] * watchable.MAX_DEPTH) + "/k": b"v"})
+    with pytest.raises(watchable.Unsuitable, match=f"deeper than {watchable.MAX_DEPTH} directories"):
+        watchable.scan(str(deep), 1024, 1 << 20)
+    long = tmp_path / "long"
+    write_volume(long, {"k": b"v"})
+    fd = os.open(long, os.O_RDONLY)
+    for _ in range(17):  # 17 x 251 bytes: made through descriptors (a path over PATH_MAX)
+        os.mkdir("n" * 250, dir_fd=fd)
+        fd, old_fd = os.open("n" * 250, os.O_RDONLY, dir_fd=fd), fd
+        os.close(old_fd)
+    os.close(fd)
+    with pytest.raises(watchable.Unsuitable, match=f"longer than {watchable.MAX_PATH} bytes"):
+        watchable.scan(str(long), 1024, 1 << 20)
+
+
+def _swap_after_lstat(monkeypatch: pytest.MonkeyPatch, name: str, swap: Callable[[int], None]) -> list[str]:
+    """Run `swap(dir_fd)` right after the scan's lstat of `name`: the window between the lstat and the
+    open, where a real race would put it. Returns the names that were swapped (at most one)."""
+    real_stat = os.stat
+    done: list[str] = []
+
+    def stat_then_swap(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)
+        if path == name and not done and kwargs.get("dir_fd") is not None:
+            done.append(name)
+            swap(kwargs["dir_fd"])
+        return st
+
+    monkeypatch.setattr(watchable.os, "stat", stat_then_swap)
+    return done
+
+
+@pytest.mark.parametrize("what", ["dir->symlink", "dir->other dir", "file->symlink", "file->hard link",
+                                  "file->fifo", "file grows", "symlink removed", "file removed"])
+def test_entries_swapped_between_lstat_and_open_are_a_change_never_a_host_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """TOCTOU: each kind of entry swapped for something that reaches outside the volume (or simply
+    changed, as kubelet's own writes do) between the scan's lstat and its open. The scan must raise
+    Changing (the next look takes the tree), never read a host file, never raise anything else."""
+    host = tmp_path / "hostdir"
+    host.mkdir()
+    secret = host / "secret"
+    secret.write_text("host only\n")
+    vol = tmp_path / "cfg"
+    write_volume(vol, {"k": b"value", "sub/k2": b"value 2"})
+    version = os.readlink(vol / "..data")
+    target, swap = {
+        "dir->symlink": (version, lambda fd: (os.rename(version, "..old", src_dir_fd=fd, dst_dir_fd=fd),
+                                             os.symlink(str(host), version, dir_fd=fd))),
+        "dir->other dir": (version, lambda fd: (os.rename(version, "..old", src_dir_fd=fd, dst_dir_fd=fd),
+                                               os.rename(host, vol / version))),
+        "file->symlink": ("k", lambda fd: (os.unlink("k", dir_fd=fd), os.symlink(str(secret), "k", dir_fd=fd))),
+        "file->hard link": ("k", lambda fd: (os.link(secret, vol / version / "k.new"),
+                                             os.rename("k.new", "k", src_dir_fd=fd, dst_dir_fd=fd),
+                                             os.unlink(secret))),
+        "file->fifo": ("k", lambda fd: (os.unlink("k", dir_fd=fd), os.mkfifo("k", dir_fd=fd))),
+        "file grows": ("k", lambda fd: (vol / version / "k").write_bytes(b"value and more")),
+        "symlink removed": ("..data", lambda fd: os.unlink("..data", dir_fd=fd)),
+        "file removed": ("k", lambda fd: os.unlink("k", dir_fd=fd)),
+    }[what]
+    swapped = _swap_after_lstat(monkeypatch, target, swap)
+    with pytest.raises(watchable.Changing, match="while read"):
+        watchable.scan(str(vol), 64, 1 << 20)
+    assert swapped == [target]
+    monkeypatch.undo()
+    # the next look sees the tree as it now is; a symlink put in is copied as a symlink, never followed
+    if what == "file->fifo":
+        with pytest.raises(watchable.Unsuitable, match="special file"):
+            watchable.scan(str(vol), 64, 1 << 20)
+    else:
+        entries, _ = watchable.scan(str(vol), 64, 1 << 20)
+        if what.endswith("symlink"):
+            assert not any(b"host only" in e.data for e in entries)
+
+
+def test_a_snapshot_during_kubelets_updates_is_whole_or_none(tmp_path: Path) -> None:
+    """kubelet rewriting the volume (new `..<timestamp>`, `..data` swapped, the old one removed) while
+    the shim looks: each snapshot is one whole version or None (looked at again), never an error."""
+    vol = tmp_path / "cfg"
+    write_volume(vol, {"a": b"0", "b": b"0"})
+    stop = threading.Event()
+
+    def kubelet() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            write_volume(vol, {"a": str(i).encode(), "b": str(i).encode()})
+
+    writer = threading.Thread(target=kubelet)
+    writer.start()
+    whole = none = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            snap = watchable.snapshot(_vol(vol))
+            if snap is None:
+                none += 1
+                continue
+            tree = {e.path: e for e in snap[0]}
+            data = tree["..data"].data.decode()
+            assert tree[f"{data}/a"].data == tree[f"{data}/b"].data
+            whole += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert whole + none > 10, (whole, none)
 
 
 def test_bounds(tmp_path: Path) -> None:

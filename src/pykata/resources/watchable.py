@@ -18,10 +18,13 @@ crafted path, ctr and `pykata run`, which have no pod uid) is shared from the ho
 The host reads the tree without following anything (`scan`): directories are opened with O_NOFOLLOW
 below the volume's own descriptor, a symlink is copied as a symlink (its target is text the guest
 resolves in its own copy, as a container resolves it under runc), and a volume that holds a special
-file (FIFO, socket, device), a hard-linked file (it may be a file from elsewhere), another file
-system mounted inside it, or more than `max_files` regular files or `max_bytes` bytes is not copied:
-it stays shared from the host (Unsuitable). The guest only ever receives copies: it never writes
-where the host reads.
+file (FIFO, socket, device), a hard-linked file (it may be a file from elsewhere), a mount inside it
+(another file system, or a bind mount of a host directory or file from the same one: every directory
+and file opened must be on the volume root's own mount), more than `max_files` regular files or
+`max_bytes` bytes, directories deeper than MAX_DEPTH or a path longer than MAX_PATH is not copied: it
+stays shared from the host (Unsuitable). A tree that changes while it is read (kubelet writing it, an
+entry swapped mid-scan) is not copied either, but only for now (Changing: the next look takes it).
+The guest only ever receives copies: it never writes where the host reads.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from pykata.errors import PykataError
 from pykata.protocols.agent import agent_pb2
 from pykata.resources.emptydir import VOLUME_NAME_RE
+from pykata.resources.mountapi import mount_id
 
 WATCHABLE_PLUGINS = ("kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~downward-api",
                      "kubernetes.io~projected")
@@ -50,12 +54,21 @@ FULL_POLL_SECONDS = 10.0
 # symlink per key (and directories of keys with a '/')
 MAX_OTHER_ENTRIES_PER_FILE = 3
 MAX_LINK = 4096
+# kubelet's volumes are 2-3 levels deep (a projected item path adds its own); the scan holds a
+# descriptor and a stack frame per level, and the agent takes paths of at most MAX_PATH bytes
+MAX_DEPTH = 32
+MAX_PATH = 4096
 # the guest tmpfs holds two versions during an update (the old and the new `..<timestamp>`)
 TMPFS_SLACK = 1 << 20
 
 
 class Unsuitable(PykataError):
     """The volume's tree cannot be copied into the guest (it stays shared from the host)."""
+
+
+class Changing(Unsuitable):
+    """The volume's tree changed while it was read (an entry removed, replaced or resized between its
+    lstat and its open): not copied this time, looked at again later."""
 
 
 @dataclass
@@ -90,15 +103,31 @@ def volume_name(source: str, kubelet_root: str, uid: str) -> str | None:
 def _open_dir(name: str, dir_fd: int | None, where: str) -> int:
     try:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise Changing(f"{where}: removed while read") from None
     except OSError as exc:
+        if dir_fd is not None and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Changing(f"{where}: replaced while read") from None  # lstat saw a directory
         raise Unsuitable(f"{where}: {exc.strerror}") from None
+
+
+def _same_mount(fd: int, root_mnt: int, where: str) -> None:
+    """`fd` must be on the volume root's mount: a bind mount of the same file system has the root's
+    st_dev, so only the mount id tells it (a host directory or file bound into the volume)."""
+    try:
+        mnt = mount_id(fd)
+    except (OSError, PykataError) as exc:
+        raise Unsuitable(f"{where}: cannot tell its mount: {exc}") from None
+    if mnt != root_mnt:
+        raise Unsuitable(f"{where}: a mount inside the volume (another file system or a bind mount)")
 
 
 def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
          ) -> tuple[list[agent_pb2.VolumeEntry], tuple[object, ...]]:
     """The tree at `source` as entries for SyncVolume (contents read when `read`) and its signature
     (type, mode, owner, size, mtime, inode and link target of each entry: what changes when kubelet
-    writes). Raises Unsuitable (see the module's docstring), naming the entry."""
+    writes). Raises Unsuitable (see the module's docstring), naming the entry; Changing when the
+    tree changed while read."""
     max_entries = max_files * (1 + MAX_OTHER_ENTRIES_PER_FILE) + 8
     entries: list[agent_pb2.VolumeEntry] = []
     sig: list[object] = []
@@ -106,6 +135,10 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
     root_fd = _open_dir(source, None, source)
     try:
         root_st = os.fstat(root_fd)
+        try:
+            root_mnt = mount_id(root_fd)
+        except (OSError, PykataError) as exc:
+            raise Unsuitable(f"{source}: cannot tell its mount: {exc}") from None
 
         def add(path: str, st: os.stat_result, data: bytes, link: str) -> None:
             entries.append(agent_pb2.VolumeEntry(
@@ -113,8 +146,10 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
                 gid=st.st_gid, data=data, mtime_ns=st.st_mtime_ns))
             sig.append((path, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ino, link))
 
-        def walk(rel: str, fd: int) -> None:
+        def walk(rel: str, fd: int, depth: int) -> None:
             nonlocal files, total
+            if depth > MAX_DEPTH:
+                raise Unsuitable(f"{source}/{rel}: deeper than {MAX_DEPTH} directories")
             with os.scandir(fd) as it:
                 names = []
                 for entry in it:
@@ -124,23 +159,30 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
             for name in sorted(names):
                 path = f"{rel}/{name}" if rel else name
                 where = f"{source}/{path}"
+                if len(os.fsencode(path)) > MAX_PATH:
+                    raise Unsuitable(f"{where[:256]}...: a path longer than {MAX_PATH} bytes")
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
-                    raise Unsuitable(f"{where}: removed while read") from None
+                    raise Changing(f"{where}: removed while read") from None
                 if st.st_dev != root_st.st_dev:
                     raise Unsuitable(f"{where}: another file system mounted in the volume")
                 if stat.S_ISDIR(st.st_mode):
                     add(path, st, b"", "")
                     sub = _open_dir(name, fd, where)
                     try:
-                        if os.fstat(sub).st_ino != st.st_ino:
-                            raise Unsuitable(f"{where}: replaced while read")
-                        walk(path, sub)
+                        now = os.fstat(sub)
+                        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                            raise Changing(f"{where}: replaced while read")
+                        _same_mount(sub, root_mnt, where)
+                        walk(path, sub, depth + 1)
                     finally:
                         os.close(sub)
                 elif stat.S_ISLNK(st.st_mode):
-                    target = os.readlink(name, dir_fd=fd)
+                    try:
+                        target = os.readlink(name, dir_fd=fd)
+                    except OSError as exc:  # ENOENT: gone; EINVAL: no longer a symlink
+                        raise Changing(f"{where}: replaced while read ({exc.strerror})") from None
                     if not target or len(os.fsencode(target)) > MAX_LINK:
                         raise Unsuitable(f"{where}: a symlink target longer than {MAX_LINK} bytes")
                     add(path, st, os.fsencode(target), target)
@@ -154,28 +196,34 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
                     if st.st_nlink != 1:
                         raise Unsuitable(f"{where}: a file with {st.st_nlink} links (it may be a file from "
                                          "outside the volume)")
-                    add(path, st, _read(name, fd, st, where) if read else b"", "")
+                    add(path, st, _read(name, fd, st, where, root_mnt) if read else b"", "")
                 else:
                     raise Unsuitable(f"{where}: a special file (FIFO, socket or device)")
 
         add("", root_st, b"", "")
-        walk("", root_fd)
+        walk("", root_fd, 1)
     finally:
         os.close(root_fd)
     return entries, tuple(sig)
 
 
-def _read(name: str, dir_fd: int, st: os.stat_result, where: str) -> bytes:
+def _read(name: str, dir_fd: int, st: os.stat_result, where: str, root_mnt: int) -> bytes:
     """A regular file's content, read through a descriptor that must be the inode lstat saw (no
-    symlink followed, no FIFO opened: O_NONBLOCK)."""
+    symlink followed, no FIFO opened: O_NONBLOCK) on the volume's own mount (a file bound over a
+    key has the inode of the host file, and lstat would have seen it: the mount id tells it)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise Changing(f"{where}: removed while read") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Changing(f"{where}: replaced while read") from None
         raise Unsuitable(f"{where}: {exc.strerror}") from None
     try:
         now = os.fstat(fd)
         if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino or now.st_dev != st.st_dev:
-            raise Unsuitable(f"{where}: replaced while read")
+            raise Changing(f"{where}: replaced while read")
+        _same_mount(fd, root_mnt, where)
         buf = bytearray()
         while len(buf) <= st.st_size:
             chunk = os.read(fd, st.st_size + 1 - len(buf))
@@ -183,7 +231,7 @@ def _read(name: str, dir_fd: int, st: os.stat_result, where: str) -> bytes:
                 break
             buf += chunk
         if len(buf) != st.st_size:
-            raise Unsuitable(f"{where}: changed size while read")
+            raise Changing(f"{where}: changed size while read")
         return bytes(buf)
     finally:
         os.close(fd)
@@ -192,8 +240,11 @@ def _read(name: str, dir_fd: int, st: os.stat_result, where: str) -> bytes:
 def snapshot(vol: WatchedVolume) -> tuple[list[agent_pb2.VolumeEntry], tuple[object, ...]] | None:
     """The volume's tree and signature when it held still while read (its signature the same just
     after), else None (kubelet is writing it: the next poll takes it). Raises Unsuitable."""
-    entries, sig = scan(vol.source, vol.max_files, vol.max_bytes)
-    _, again = scan(vol.source, vol.max_files, vol.max_bytes, read=False)
+    try:
+        entries, sig = scan(vol.source, vol.max_files, vol.max_bytes)
+        _, again = scan(vol.source, vol.max_files, vol.max_bytes, read=False)
+    except Changing:
+        return None
     return (entries, sig) if sig == again else None
 
 

@@ -758,24 +758,31 @@ class Sandbox:
         POLL_SECONDS without inotify), an lstat of every entry; a changed tree is sent whole once it
         held still while read. A failure (the directory gone with the pod, a tree grown past the bounds, the agent
         busy) is logged once and retried: the guest keeps its last copy."""
+        soon = False  # a tree caught changing: look again after POLL_SECONDS, not FULL_POLL_SECONDS
         while True:
             volumes = [v for v in self.watched.values() if v is not None]
-            wait = watchable.FULL_POLL_SECONDS if all(v.notified for v in volumes) else watchable.POLL_SECONDS
+            notified = all(v.notified for v in volumes) and not soon
+            wait = watchable.FULL_POLL_SECONDS if notified else watchable.POLL_SECONDS
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._volume_changed.wait(), wait)
             while self._volume_changed.is_set():  # a burst of kubelet's writes: look once it is over
                 self._volume_changed.clear()
                 await asyncio.sleep(watchable.QUIET_SECONDS)
+            soon = False
             for vol in volumes:
                 try:
-                    if watchable.signature(vol) == vol.signature:
+                    # off the loop, as the snapshot: a scan may meet a slow file system
+                    if await asyncio.to_thread(watchable.signature, vol) == vol.signature:
                         continue
                     snap = await asyncio.to_thread(watchable.snapshot, vol)
                     if snap is None:
+                        soon = True
                         continue
                     await self.agent.sync_volume(vol.name, vol.tmpfs_size, snap[0])
                     vol.signature, vol.warned = snap[1], ""
                     mark("volume.synced")
+                except watchable.Changing:
+                    soon = True
                 except (PykataError, OSError) as e:
                     if str(e) != vol.warned:
                         log.warning("sandbox %s: volume %s: the guest keeps its last copy: %s", self.id, vol.name, e)
