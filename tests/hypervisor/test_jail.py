@@ -4,9 +4,14 @@ QMP caller) would try next fails."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
+import mmap
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from pykata.errors import ConfigError, HypervisorError
 from pykata.hypervisor import ksm
 from pykata.hypervisor.errors import QmpError
 from pykata.hypervisor.jail import JailSpec, UidLease, inspect_process
+from pykata.hypervisor.qemu import ramreadonly
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
 
 # Capabilities virtfs-proxy-helper keeps to serve files, and nothing else: chown, dac_override,
@@ -77,6 +83,20 @@ def test_bad_jail_keys_are_named(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_toml("[hypervisor.qemu]\n" + text + "\n")
     assert key in str(info.value)
+
+
+def _take_fd(pid: int, fd: int) -> int:
+    """A copy of process `pid`'s descriptor `fd` (pidfd_getfd, Linux 5.6): what that process can do
+    with it, this one can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return int(got)
+    finally:
+        os.close(pidfd)
 
 
 def _processes_of(vm_dir: Path, shared_dir: Path) -> dict[str, int]:
@@ -141,6 +161,29 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert helper.no_new_privs and helper.own_mount_namespace
         assert helper.root == str(sandbox.shared_dir)
 
+        # A compromised QEMU's descriptors: the template's memory file, which every clone of the
+        # template maps (other pods' running guests included), is held read-only: a write through it,
+        # or a shared writable mapping of it, fails (the descriptor is taken from QEMU with pidfd_getfd).
+        memory = vm.restore_source.memory
+        assert memory is not None
+        held = [int(n) for n in os.listdir(f"/proc/{vm.pid}/fd")
+                if os.readlink(f"/proc/{vm.pid}/fd/{n}") == str(memory)]
+        assert held, "the clone's QEMU does not map the template's memory file"
+        assert ramreadonly.writable_descriptors(vm.pid, memory) == []
+        before = memory.stat()
+        for n in held:
+            fd = _take_fd(vm.pid, n)
+            try:
+                with pytest.raises(OSError) as write:
+                    os.pwrite(fd, b"\xcc" * 4096, 0)
+                assert write.value.errno == errno.EBADF
+                with pytest.raises(OSError) as shared:
+                    mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                assert shared.value.errno == errno.EACCES
+            finally:
+                os.close(fd)
+        assert memory.stat().st_mtime_ns == before.st_mtime_ns
+
         # What a compromised QEMU would do next, asked over QMP: open a host file, run a program.
         with pytest.raises(QmpError, match=r"No such file|Could not open"):
             await vm.qmp.execute("blockdev-add", {"driver": "file", "node-name": "steal",
@@ -170,3 +213,28 @@ async def test_cold_vm_virtiofsd_is_confined_too() -> None:
         # reduced capability set (it must stay root to serve files of every owner).
         assert fsd.seccomp_mode == 2 and fsd.no_new_privs and fsd.own_mount_namespace
         assert not fsd.cap_effective & CAP_SYS_ADMIN
+
+
+def test_ram_preload_opens_only_the_template_memory_read_only(tmp_path: Path) -> None:
+    """The clone's preload library (pykata.hypervisor.qemu.ramreadonly): open() of exactly the named
+    file asked read-write opens it read-only, through every entry point QEMU 7.2 uses; other files
+    and creating opens are untouched. A real process (python) runs with it."""
+    lib = ramreadonly.library(tmp_path / "cache")
+    assert lib is not None and lib.is_file()
+    memory, other = tmp_path / "memory", tmp_path / "other"
+    memory.write_bytes(b"template")
+    other.write_bytes(b"other")
+    probe = (
+        "import ctypes, fcntl, os, sys\n"
+        "libc = ctypes.CDLL(None)\n"
+        "def mode(fd): return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE if fd >= 0 else -1\n"
+        "m, o = sys.argv[1].encode(), sys.argv[2].encode()\n"
+        "print(mode(os.open(m, os.O_RDWR)), mode(libc.open64(m, os.O_RDWR)), mode(libc.__open64_2(m, os.O_RDWR)),"
+        " mode(libc.open(m, os.O_RDWR)), mode(os.open(o, os.O_RDWR)), mode(libc.__open_2(o, os.O_RDWR)))\n"
+    )
+    env = {**os.environ, **ramreadonly.environment(lib, memory)}
+    out = subprocess.run([sys.executable, "-c", probe, str(memory), str(other)], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == [str(os.O_RDONLY)] * 4 + [str(os.O_RDWR)] * 2
+    # a second call finds the built library (keyed by its source) instead of building again
+    assert ramreadonly.library(tmp_path / "cache") == lib

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVarTuple, Unpack
 
@@ -95,7 +95,8 @@ class ChildProcess:
     async def spawn(cls, argv: Sequence[str], *, name: str, log_path: Path, pass_fds: Sequence[int] = (),
                     serves_guest_files: Literal[False, "filter", True] = False,
                     log_fd: int | None = None, die_with_parent: bool = False,
-                    preexec: Callable[[], None] | None = None, merge_memory: bool = False) -> ChildProcess:
+                    preexec: Callable[[], None] | None = None, merge_memory: bool = False,
+                    env: Mapping[str, str] | None = None) -> ChildProcess:
         """Start `argv` with stdin from /dev/null and stdout+stderr appended to `log_path` (or written
         to `log_fd`, e.g. a socket drained into a bounded log, when given).
 
@@ -108,6 +109,7 @@ class ChildProcess:
         pykata.hypervisor.qemu.clonememory; not with serves_guest_files).
         `merge_memory`: the child offers all its memory to the host's KSM (pykata.hypervisor.ksm); without
         it a child of a process that offers its own (a shim with runtime.shim_mem_merge) does not.
+        `env`: variables set in the child's environment on top of this process's.
         The child is recorded (pid and start time) in `log_path`'s directory (pykata.hypervisor.owned),
         so a cleanup after this process died ends exactly it.
 
@@ -121,6 +123,7 @@ class ChildProcess:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                     pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
+                    env=None if env is None else {**os.environ, **env},
                     preexec_fn=_with_pdeathsig(guard) if die_with_parent else guard,
                 )
             except subprocess.SubprocessError as exc:  # what a failing preexec_fn becomes

@@ -33,7 +33,7 @@ from pykata.hypervisor.jail import (
     namespace_prefix,
 )
 from pykata.hypervisor.process import ChildProcess, describe_exit
-from pykata.hypervisor.qemu import hotplug, migrate
+from pykata.hypervisor.qemu import hotplug, migrate, ramreadonly
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.balloon import Balloon, inflate_timeout
 from pykata.hypervisor.qemu.clonememory import keep_template_intact
@@ -351,12 +351,18 @@ class QemuHypervisor(Hypervisor):
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))
         try:
             assert self._sidecars.qemu_log is not None
-            # A clone's memory discards must not reach the template's file (see clonememory).
+            # A clone's memory discards must not reach the template's file (see clonememory), nor
+            # anything else it writes (see ramreadonly).
             preexec = keep_template_intact if self._restore is not None else None
+            template_memory = self._template_memory()
+            ram_lib = None if template_memory is None else \
+                await asyncio.to_thread(ramreadonly.library, self.config.runtime.cache_path)
+            env = None if ram_lib is None or template_memory is None else \
+                ramreadonly.environment(ram_lib, template_memory)
             self._qemu = await ChildProcess.spawn(argv, name="qemu", log_path=self.paths.qemu_log,
                                                   pass_fds=fds, log_fd=self._sidecars.qemu_log.guest_fd,
                                                   die_with_parent=self._die_with_owner, preexec=preexec,
-                                                  merge_memory=q.mem_merge)
+                                                  merge_memory=q.mem_merge, env=env)
         except OSError as exc:
             self._sidecars.spawned(ok=False)
             raise HypervisorError(f"VM {self.vm_id}: cannot run {q.path}: {exc.strerror}") from None
@@ -384,8 +390,17 @@ class QemuHypervisor(Hypervisor):
         self._sidecars.check_running()
         if self._die_with_owner:  # QEMU made its QMP socket: it runs, under the lifeline's unshares
             self._vmm_pid = await asyncio.to_thread(lifeline_target, self._qemu.pid, q.path)
+        if env is not None and template_memory is not None:
+            ramreadonly.check_read_only(self._vmm_pid or self._qemu.pid, template_memory)
         self._connect_agent_early()
         self.state = "running"
+
+    def _template_memory(self) -> Path | None:
+        """The template's memory file a clone maps privately (None: not a clone)."""
+        spec = self.spec
+        if self._restore is None or spec is None or spec.memory_file is None or spec.memory_file_shared:
+            return None
+        return spec.memory_file
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
         code = await qemu.exit_code()
