@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import mmap
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -99,6 +100,26 @@ def _take_fd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
+def _assert_no_network_from(pid: int) -> None:
+    """A TCP listener on the host's loopback, and the metadata address clouds serve node credentials
+    on, tried from process `pid`'s network namespace (nsenter): both unreachable."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        probe = ("import socket, sys\n"
+                 "for addr in (('127.0.0.1', int(sys.argv[1])), ('169.254.169.254', 80)):\n"
+                 "    try:\n"
+                 "        socket.create_connection(addr, timeout=2).close()\n"
+                 "        print('reached', addr)\n"
+                 "    except OSError as e:\n"
+                 "        print('refused', e.errno)\n")
+        out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", probe, str(port)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
+    assert [line.split()[0] for line in out if line] == ["refused", "refused"], out
+    # the same probe from the host's namespace does reach the listener: the probe itself works
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        socket.create_connection(server.getsockname(), timeout=2).close()
+
+
 def _processes_of(vm_dir: Path, shared_dir: Path) -> dict[str, int]:
     """The pids of the QEMU and the file server of one VM, found by their command lines."""
     found: dict[str, int] = {}
@@ -143,6 +164,10 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert c.own_mount_namespace
         assert c.root == str(vm.paths.chroot) and os.listdir(vm.paths.chroot) == []
         assert all(c.layers().values()), c.layers()
+        # no network: from QEMU's network namespace neither a service on the host's loopback nor a
+        # cloud's metadata address is reachable (the guest's own NIC, a tap, is an fd QEMU holds)
+        assert c.own_network_namespace
+        _assert_no_network_from(vm.pid)
         # QEMU made no file on the host: its sockets were bound by pykata (0600) and passed in
         for sock in (vm.paths.qmp_socket, vm.paths.agent_socket):
             st = os.stat(sock)
@@ -160,6 +185,7 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert helper.cap_bounding == 0  # it can never get any other capability back
         assert helper.no_new_privs and helper.own_mount_namespace
         assert helper.root == str(sandbox.shared_dir)
+        assert helper.own_network_namespace
 
         # A compromised QEMU's descriptors: the template's memory file, which every clone of the
         # template maps (other pods' running guests included), is held read-only: a write through it,
@@ -212,6 +238,8 @@ async def test_cold_vm_virtiofsd_is_confined_too() -> None:
         # virtiofsd's own sandbox: seccomp, its namespaces with pivot_root into the shared dir, and a
         # reduced capability set (it must stay root to serve files of every owner).
         assert fsd.seccomp_mode == 2 and fsd.no_new_privs and fsd.own_mount_namespace
+        assert inspect_process(pids["qemu"]).own_network_namespace and fsd.own_network_namespace
+        _assert_no_network_from(pids["qemu"])
         assert not fsd.cap_effective & CAP_SYS_ADMIN
 
 

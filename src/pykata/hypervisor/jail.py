@@ -121,16 +121,24 @@ def jail_spec(q: QemuConfig, *, uid: int | None, chroot: Path | None) -> JailSpe
                     mount_namespace=q.jail_mount_namespace)
 
 
-def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False) -> list[str]:
-    """The argv prefix that starts a program in a private (slave) mount namespace and/or with
-    NO_NEW_PRIVS. `unshare` execs the program: its pid is the program's.
+def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False, *,
+                     network_namespace: bool = False) -> list[str]:
+    """The argv prefix that starts a program in a private (slave) mount namespace, an empty network
+    namespace (only a loopback that is down: no socket reaches the host's network, its localhost
+    services or a cloud's metadata address) and/or with NO_NEW_PRIVS. `unshare` execs the program:
+    its pid is the program's.
 
     Raises:
         HypervisorError: util-linux's unshare/setpriv is not installed.
     """
     prefix: list[str] = []
-    if mount_namespace:
-        prefix += [_tool(UNSHARE), "--mount", "--propagation", "slave", "--"]
+    if mount_namespace or network_namespace:
+        prefix += [_tool(UNSHARE)]
+        if mount_namespace:
+            prefix += ["--mount", "--propagation", "slave"]
+        if network_namespace:
+            prefix += ["--net"]
+        prefix += ["--"]
     if no_new_privs:
         prefix += [_tool(SETPRIV), "--no-new-privs", "--"]
     return prefix
@@ -184,6 +192,7 @@ class ProcessConfinement:
     seccomp_mode: int
     own_mount_namespace: bool
     root: str
+    own_network_namespace: bool = False
 
     @property
     def seccomp(self) -> bool:
@@ -205,6 +214,7 @@ def inspect_process(pid: int) -> ProcessConfinement:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         mnt = os.readlink(f"/proc/{pid}/ns/mnt")
+        net = os.readlink(f"/proc/{pid}/ns/net")
         root = os.readlink(f"/proc/{pid}/root")
     except OSError as exc:
         raise HypervisorError(f"jail: cannot inspect pid {pid}: {exc.strerror}") from None
@@ -218,7 +228,7 @@ def inspect_process(pid: int) -> ProcessConfinement:
         cap_effective=int(fields["CapEff"], 16), cap_permitted=int(fields["CapPrm"], 16),
         cap_bounding=int(fields["CapBnd"], 16), no_new_privs=fields.get("NoNewPrivs") == "1",
         seccomp_mode=int(fields.get("Seccomp", "0")), own_mount_namespace=mnt != os.readlink("/proc/self/ns/mnt"),
-        root=root)
+        root=root, own_network_namespace=net != os.readlink("/proc/self/ns/net"))
 
 
 def configured_layers(q: QemuConfig) -> dict[str, bool]:

@@ -345,7 +345,12 @@ class QemuHypervisor(Hypervisor):
         self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()))
         argv = build_command_line(self.spec).argv()
         if self.spec.jail is not None:
-            argv = namespace_prefix(self.spec.jail.mount_namespace) + argv
+            # an empty network namespace unless QEMU itself must reach a network (user-mode NICs, a
+            # tap it opens by name): a guest escaped into QEMU then has no socket to the host's
+            # network, its localhost services or a cloud's metadata address (taps come as fds)
+            own_net = not any(isinstance(d, NetDevice) and (d.user_net or d.tap_fd is None)
+                              for d in self._devices.values())
+            argv = namespace_prefix(self.spec.jail.mount_namespace, network_namespace=own_net) + argv
         if self._die_with_owner:
             argv = lifeline_prefix() + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))

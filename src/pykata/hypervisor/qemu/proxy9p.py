@@ -51,7 +51,8 @@ class Proxy9p:
                                   "or set hypervisor.qemu.jail_user = false)")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = namespace_prefix(self.mount_namespace, no_new_privs=True)
+            # root with file capabilities: no network either (it serves an inherited socket)
+            argv = namespace_prefix(self.mount_namespace, no_new_privs=True, network_namespace=True)
             argv += proxy_helper_argv(self.binary, theirs.fileno(), self.shared_dir)
             try:
                 # the guest's writes are the helper's: no setuid files, no device nodes
