@@ -54,3 +54,51 @@ def test_full_guard_drops_the_capabilities_from_the_bounding_set() -> None:
     for cap in fileguard.DROPPED_CAPS:
         assert not bounding & (1 << cap)
     assert bounding & (1 << 21)  # CAP_SYS_ADMIN (say) stays: only the three are dropped
+
+
+REACH_PROBE = """
+import ctypes, errno, fcntl, os, socket, sys
+victim = int(sys.argv[1])
+out = []
+def attempt(name, call):
+    try:
+        call()
+        out.append(name + "=ok")
+    except OSError as e:
+        out.append(name + "=" + errno.errorcode[e.errno])
+libc = ctypes.CDLL(None, use_errno=True)
+def ptrace():
+    if libc.ptrace(16, victim, 0, 0) != 0:  # PTRACE_ATTACH
+        raise OSError(ctypes.get_errno(), "ptrace")
+s = socket.socket()
+attempt("kill", lambda: os.kill(victim, 0))
+attempt("kill-init", lambda: os.kill(1, 0))
+attempt("pidfd_open", lambda: os.close(os.pidfd_open(victim)))
+attempt("ptrace", ptrace)
+attempt("F_SETOWN", lambda: fcntl.fcntl(s.fileno(), fcntl.F_SETOWN, victim))
+attempt("F_GETFL", lambda: fcntl.fcntl(s.fileno(), fcntl.F_GETFL))
+attempt("write", lambda: os.write(2, b""))
+print(" ".join(out))
+"""
+
+
+def test_proxy_helper_filter_keeps_it_from_other_processes() -> None:
+    """The attack: virtfs-proxy-helper runs as uid 0 in the host's PID namespace, and a process may
+    signal or trace every process of its uid: taken over through a jailed QEMU's requests, it could
+    kill containerd or kubelet. Under filter_child (what the helper starts with) a real process, as
+    root, can neither signal, pidfd_open, ptrace nor become a descriptor's SIGIO owner of another
+    process; its other calls work."""
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        out = subprocess.run([sys.executable, "-c", REACH_PROBE, str(victim.pid)], preexec_fn=fileguard.filter_child,
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        assert out == ["kill=EPERM", "kill-init=EPERM", "pidfd_open=EPERM", "ptrace=EPERM", "F_SETOWN=EPERM",
+                       "F_GETFL=ok", "write=ok"], out
+        # without the filter the same probe reaches it: the test itself is sound
+        free = subprocess.run([sys.executable, "-c", REACH_PROBE, str(victim.pid)], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.split()
+        assert "kill=ok" in free and "pidfd_open=ok" in free
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()

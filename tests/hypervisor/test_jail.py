@@ -186,6 +186,10 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert helper.no_new_privs and helper.own_mount_namespace
         assert helper.root == str(sandbox.shared_dir)
         assert helper.own_network_namespace
+        # and its second filter: no signal, trace or pidfd to any other process (fileguard.no_reach_program)
+        filters = next(line for line in Path(f"/proc/{pids['virtfs-proxy-helper']}/status").read_text().splitlines()
+                       if line.startswith("Seccomp_filters:"))
+        assert int(filters.split()[1]) >= 2, filters
 
         # A compromised QEMU's descriptors: the template's memory file, which every clone of the
         # template maps (other pods' running guests included), is held read-only: a write through it,

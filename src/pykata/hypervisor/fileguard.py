@@ -15,6 +15,14 @@ CAP_MKNOD and CAP_FSETID: it gets the filter only, so a write by the guest does 
 bit of a file that already had it.
 A file owner may set S_ISUID on its own file without any capability, hence the filter. The filter
 stacks with the server's own (virtiofsd's, QEMU's -sandbox) and is inherited across execve.
+
+virtfs-proxy-helper also runs as uid 0 in the host's PID namespace (its file capabilities need it),
+and a process may signal every process of its own uid without any capability: if a jailed QEMU's
+requests took the helper over, it could kill containerd, kubelet or any root process, or ptrace a
+sibling helper. So it also starts under a second filter (`no_reach_program`) that refuses, with
+EPERM, every syscall that acts on another process: kill, tkill, tgkill, rt_(tg)sigqueueinfo, ptrace,
+process_vm_readv/writev, kcmp, the pidfd calls, and fcntl/ioctl that set a descriptor's owner (SIGIO
+is sent to that owner with the same uid check). The helper uses none of them.
 """
 
 from __future__ import annotations
@@ -112,6 +120,43 @@ def filter_program() -> bytes:
 
 _PROGRAM = filter_program()
 
+# syscalls that act on another process (x86_64 numbers)
+_REACH_SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 129: "rt_sigqueueinfo", 297: "rt_tgsigqueueinfo",
+                   101: "ptrace", 310: "process_vm_readv", 311: "process_vm_writev", 312: "kcmp",
+                   424: "pidfd_send_signal", 434: "pidfd_open", 438: "pidfd_getfd"}
+_FCNTL, _IOCTL = 72, 16
+_OWNER_CMDS = {_FCNTL: (8, 15), _IOCTL: (0x8901, 0x8902)}  # F_SETOWN(_EX); FIOSETOWN, SIOCSPGRP
+
+
+def no_reach_program() -> bytes:
+    """The BPF program that refuses (EPERM) the syscalls of _REACH_SYSCALLS, and fcntl/ioctl setting
+    a descriptor's owner; a foreign architecture's calls (the helper is x86_64) are refused whole."""
+    # (code, jump-if-true, jump-if-false, k); a jump is 0 (next), "EPERM", "ALLOW" or ("skip", n)
+    prog: list[tuple[int, object, object, int]] = [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, "EPERM", AUDIT_ARCH_X86_64),
+                                                   (_LD_W_ABS, 0, 0, 0)]
+    prog += [(_JEQ_K, "EPERM", 0, nr) for nr in _REACH_SYSCALLS]
+    for nr, cmds in _OWNER_CMDS.items():
+        # not this syscall: past the block (its argument load, its commands and its ALLOW)
+        prog.append((_JEQ_K, 0, ("skip", 1 + len(cmds) + 1), nr))
+        prog.append((_LD_W_ABS, 0, 0, 16 + 8 * 1))
+        prog += [(_JEQ_K, "EPERM", 0, cmd) for cmd in cmds]
+        prog.append((_RET_K, 0, 0, _RET_ALLOW))
+    labels = {"ALLOW": len(prog), "EPERM": len(prog) + 1}
+    prog += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, _RET_ERRNO | errno.EPERM)]
+
+    def off(pc: int, target: object) -> int:
+        if target == 0:
+            return 0
+        if isinstance(target, tuple):
+            return int(target[1])
+        return labels[str(target)] - pc - 1
+
+    return b"".join(struct.pack("=HBBI", code, off(pc, jt), off(pc, jf), k)
+                    for pc, (code, jt, jf, k) in enumerate(prog))
+
+
+_NO_REACH = no_reach_program()
+
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
@@ -127,8 +172,11 @@ def guard_child() -> None:
 
 def filter_child() -> None:
     """The filter only, for a server that sets its own capabilities and fails without the ones it
-    asks for (virtfs-proxy-helper asks for CAP_MKNOD and CAP_FSETID)."""
-    _install_filter(ctypes.CDLL(None, use_errno=True))
+    asks for (virtfs-proxy-helper asks for CAP_MKNOD and CAP_FSETID), with the filter that keeps it
+    from acting on other processes (no_reach_program)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    _install_filter(libc)
+    _install_filter(libc, _NO_REACH)
 
 
 def _drop_caps(libc: ctypes.CDLL) -> None:
@@ -138,9 +186,9 @@ def _drop_caps(libc: ctypes.CDLL) -> None:
             raise OSError(err, f"PR_CAPBSET_DROP {cap}: {os.strerror(err)}")
 
 
-def _install_filter(libc: ctypes.CDLL) -> None:
-    buf = ctypes.create_string_buffer(_PROGRAM, len(_PROGRAM))
-    prog = _SockFprog(len(_PROGRAM) // 8, ctypes.cast(buf, ctypes.c_void_p))
+def _install_filter(libc: ctypes.CDLL, program: bytes = _PROGRAM) -> None:
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     if libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp filter: {os.strerror(err)}")
