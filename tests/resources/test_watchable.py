@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -298,3 +299,37 @@ def test_root_watch_wakes_on_kubelets_update_and_drains(tmp_path: Path) -> None:
             watch.add(str(tmp_path / "link"))  # a symlink is not followed
     finally:
         watch.close()
+
+
+def test_the_shims_take_only_their_share_of_the_hosts_inotify_instances(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack: nearly every pod has a projected volume (its service account token), and root's
+    inotify instances (fs.inotify.max_user_instances, 128 on Debian) are shared with kubelet and
+    containerd: one instance per pod's shim would take them all on a busy node. The shims take at most
+    1/INOTIFY_SHARE of them (slots held by flock, released with the holder); the others poll."""
+    monkeypatch.setattr(watchable, "_max_user_instances", lambda: 2 * watchable.INOTIFY_SHARE)
+    slots = tmp_path / "inotify"
+    first, second = watchable.RootWatch(slots), watchable.RootWatch(slots)
+    try:
+        with pytest.raises(OSError, match=r"inotify instances .* are in use"):
+            watchable.RootWatch(slots)
+        first.close()
+        third = watchable.RootWatch(slots)  # a slot freed by its holder is taken again
+        third.close()
+        # a holder that dies without closing frees its slot too (the kernel drops its flock)
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from pykata.resources import watchable;"
+            "watchable._max_user_instances = lambda: 2 * watchable.INOTIFY_SHARE;"
+            "w = watchable.RootWatch(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"), str(slots)],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            with pytest.raises(OSError, match="in use"):
+                watchable.RootWatch(slots)
+        finally:
+            holder.kill()
+            holder.wait()
+        watchable.RootWatch(slots).close()
+    finally:
+        first.close()
+        second.close()

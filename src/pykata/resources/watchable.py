@@ -32,10 +32,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import posixpath
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pykata.errors import PykataError
 from pykata.protocols.agent import agent_pb2
@@ -260,15 +262,50 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW)
 
 
+# inotify instances are counted per user (fs.inotify.max_user_instances, 128 on Debian) and root's are
+# shared with kubelet, containerd and systemd; nearly every pod has a projected volume (its service
+# account token), so one instance per pod's shim would take them all on a node of ~128 pods and break
+# their watches. pykata's shims take at most this share of the limit; the other pods poll each second.
+INOTIFY_SHARE = 4
+
+
+def _max_user_instances() -> int:
+    try:
+        return int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    except (OSError, ValueError):
+        return 128
+
+
+def _take_slot(slots_dir: Path) -> int:
+    """A descriptor holding one of pykata's inotify slots (an flock on `slots_dir`/<n>, released when
+    this process ends). Raises OSError when all of them are held."""
+    limit = max(1, _max_user_instances() // INOTIFY_SHARE)
+    slots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for i in range(limit):
+        fd = os.open(slots_dir / str(i), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return fd
+    raise OSError(errno.EMFILE, f"pykata's {limit} inotify instances (1/{INOTIFY_SHARE} of "
+                                "fs.inotify.max_user_instances, shared with kubelet and containerd) are in use")
+
+
 class RootWatch:
     """An inotify descriptor watching volumes' root directories: readable when something changed there
-    (the events themselves are not parsed: any of them means "look again"). Raises OSError."""
+    (the events themselves are not parsed: any of them means "look again"). With `slots_dir`, it
+    first takes one of the host's INOTIFY_SHARE slots there (_take_slot). Raises OSError."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots_dir: Path | None = None) -> None:
+        self._slot = _take_slot(slots_dir) if slots_dir is not None else -1
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
+            if self._slot >= 0:
+                os.close(self._slot)
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         self.fd: int = fd
 
@@ -293,3 +330,6 @@ class RootWatch:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._slot >= 0:
+            os.close(self._slot)
+            self._slot = -1

@@ -713,7 +713,7 @@ class Sandbox:
         looks as soon as kubelet wrote; without it (no inotify, no watches left) it polls each second."""
         try:
             if self._root_watch is None:
-                self._root_watch = watchable.RootWatch()
+                self._root_watch = watchable.RootWatch(self.config.runtime.runtime_path / "inotify")
                 asyncio.get_running_loop().add_reader(self._root_watch.fd, self._on_volume_event)
             self._root_watch.add(vol.source)
             vol.notified = True
