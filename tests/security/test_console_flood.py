@@ -36,3 +36,40 @@ async def test_console_log_stays_under_its_cap_while_the_guest_prints_forever(ma
     await vm.stop()
     assert time.monotonic() - started < STOP_BOUND
     assert not vm.paths.dir.exists()
+
+
+FAKE_FILE_SERVER = "#!/bin/sh\nwhile :; do echo 'fv_queue_worker: elem 0: bad descriptor chain' >&2; done\n"
+
+
+@pytest.mark.parametrize("server", ["virtiofsd", "virtfs-proxy-helper"])
+async def test_file_server_output_stays_under_its_cap(tmp_path: Path, server: str) -> None:
+    """virtiofsd and virtfs-proxy-helper print to the host too (an error line per malformed request
+    a hostile guest kernel, or a compromised QEMU, can send): their output goes through a drained
+    socket into a bounded log, as QEMU's. A FAKE server that prints forever stands in for one made
+    to (the real ones need a hostile guest kernel to print); pykata starts and stops it as the real one."""
+    from pykata.hypervisor.qemu.proxy9p import HELPER_LOG_MAX_BYTES, Proxy9p
+    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+
+    fake = tmp_path / f"fake-{server}-printing-forever"
+    fake.write_text(FAKE_FILE_SERVER)
+    fake.chmod(0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    log = tmp_path / f"{server}.log"
+    helper: Virtiofsd | Proxy9p
+    if server == "virtiofsd":
+        helper = Virtiofsd(str(fake), tmp_path / "vfs.sock", shared, log)
+    else:
+        helper = Proxy9p(shared, log, binary=str(fake), mount_namespace=False)
+    await helper.start()
+    try:
+        peak = 0
+        for _ in range(12):
+            await asyncio.sleep(0.25)
+            peak = max(peak, sum(p.stat().st_size for p in (log, log.with_name(log.name + ".1")) if p.exists()))
+        assert helper.child is not None and helper.child.running
+        assert helper._log is not None and helper._log.log.written > 2 * HELPER_LOG_MAX_BYTES
+        assert 0 < peak <= HELPER_LOG_MAX_BYTES
+    finally:
+        await helper.stop()
+    assert helper.child is not None and not helper.child.running

@@ -13,11 +13,14 @@ import socket
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.jail import namespace_prefix
 from pykata.hypervisor.process import ChildProcess, close_fd, describe_exit
 from pykata.hypervisor.readiness import log_tail
 
 PROXY_HELPER = "/usr/lib/qemu/virtfs-proxy-helper"
+# its output kept on the host (proxy9p.log + .1)
+HELPER_LOG_MAX_BYTES = 256 << 10
 
 
 def proxy_helper_argv(binary: str, fd: int, shared_dir: Path) -> list[str]:
@@ -37,6 +40,7 @@ class Proxy9p:
         self.mount_namespace = mount_namespace
         self.qemu_fd: int | None = None
         self.child: ChildProcess | None = None
+        self._log: ConsoleDrain | None = None
 
     async def start(self) -> None:
         """Make the socket pair and start the helper.
@@ -54,12 +58,18 @@ class Proxy9p:
             # root with file capabilities: no network either (it serves an inherited socket)
             argv = namespace_prefix(self.mount_namespace, no_new_privs=True, network_namespace=True)
             argv += proxy_helper_argv(self.binary, theirs.fileno(), self.shared_dir)
+            # its output through a socket drained into a bounded log (as QEMU's and virtiofsd's)
+            self._log = ConsoleDrain(self.log_path, max_bytes=HELPER_LOG_MAX_BYTES)
             try:
                 # the guest's writes are the helper's: no setuid files, no device nodes
                 self.child = await ChildProcess.spawn(argv, name="virtfs-proxy-helper", log_path=self.log_path,
-                                                      pass_fds=(theirs.fileno(),), serves_guest_files="filter")
+                                                      log_fd=self._log.guest_fd, pass_fds=(theirs.fileno(),),
+                                                      serves_guest_files="filter")
             except OSError as exc:
+                self._log.close()
                 raise HypervisorError(f"9p proxy: cannot run {self.binary}: {exc.strerror}") from None
+            self._log.release_guest_end()
+            self._log.start()
             self.qemu_fd = ours.detach()
         finally:
             ours.close()
@@ -70,6 +80,8 @@ class Proxy9p:
         shared directory, does so within milliseconds: QEMU's start-up is longer, so its owner asks
         once QEMU answers, instead of waiting for the helper before QEMU starts)."""
         if self.child is not None and not self.child.running:
+            if self._log is not None:
+                self._log.flush()
             raise HypervisorError(f"9p proxy helper {describe_exit(self.child.returncode or 0)} at start: "
                                   f"{log_tail(self.log_path, 800)}")
 
@@ -83,3 +95,5 @@ class Proxy9p:
         self.close_qemu_end()
         if self.child is not None:
             await self.child.terminate(1.0)
+        if self._log is not None:
+            self._log.close()

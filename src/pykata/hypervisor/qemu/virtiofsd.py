@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.process import ChildProcess, describe_exit
 
 # Capabilities virtiofsd gives up (it keeps chown, dac_override, fowner, fsetid, setgid, setuid, mknod
 # and setfcap by default): pykata.hypervisor.fileguard takes them out of its bounding set, and
 # virtiofsd fails to start if it then still asks for them.
 DROPPED_CAPS = ("mknod", "fsetid", "setfcap")
+# its output kept on the host (virtiofsd.log + .1)
+HELPER_LOG_MAX_BYTES = 256 << 10
 
 
 def virtiofsd_argv(binary: str, fd: int, shared_dir: Path, cache: str, extra: Sequence[str] = ()) -> list[str]:
@@ -46,6 +49,7 @@ class Virtiofsd:
         self.cache = cache
         self.extra_args = tuple(extra_args)
         self.child: ChildProcess | None = None
+        self._log: ConsoleDrain | None = None
 
     async def start(self) -> None:
         """Bind the socket and start the daemon.
@@ -63,22 +67,32 @@ class Virtiofsd:
             sock.listen(1)
             fd = sock.fileno()
             argv = virtiofsd_argv(self.binary, fd, self.shared_dir, self.cache, self.extra_args)
+            # a hostile guest kernel can make virtiofsd print (an error line per malformed request):
+            # its output goes through a socket drained into a bounded log, as QEMU's does
+            self._log = ConsoleDrain(self.log_path, max_bytes=HELPER_LOG_MAX_BYTES)
             try:
                 self.child = await ChildProcess.spawn(argv, name="virtiofsd", log_path=self.log_path,
-                                                      pass_fds=(fd,), serves_guest_files=True)
+                                                      log_fd=self._log.guest_fd, pass_fds=(fd,),
+                                                      serves_guest_files=True)
             except OSError as exc:
+                self._log.close()
                 raise HypervisorError(f"virtiofsd: cannot run {self.binary}: {exc.strerror}") from None
+            self._log.release_guest_end()
+            self._log.start()
         finally:
             # The daemon holds its own copy of the listening socket now.
             sock.close()
         code = await self.child.wait(0.02)
         if code is not None:
+            self._log.flush()
             raise HypervisorError(f"virtiofsd {describe_exit(code)} at start: {self.log_tail()}")
 
     async def stop(self) -> None:
         """Stop the daemon (SIGTERM, then SIGKILL after 1 s) and remove its socket. Idempotent."""
         if self.child is not None:
             await self.child.terminate(1.0)
+        if self._log is not None:
+            self._log.close()
         self.socket_path.unlink(missing_ok=True)
 
     def log_tail(self, limit: int = 2000) -> str:
