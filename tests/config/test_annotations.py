@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pykata.config import Config, apply_annotations, parse_toml
+from pykata.config.schema import ANNOTATABLE_HYPERVISOR_KEYS, NEVER_ANNOTATABLE_HYPERVISOR_KEYS, RuntimeConfig
 from pykata.errors import ConfigError
 
 H = "io.katacontainers.config.hypervisor."
@@ -97,3 +100,27 @@ def test_oversized_value_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         apply_annotations(_config(["kernel_params"]), {H + "kernel_params": "x" * 5000})
     assert info.value.field == H + "kernel_params"
+
+
+@pytest.mark.parametrize("key", NEVER_ANNOTATABLE_HYPERVISOR_KEYS)
+def test_every_confinement_and_host_key_is_refused_even_when_listed(key: str) -> None:
+    """Each key that chooses a host binary, file or argument, or loosens QEMU's confinement (the
+    jail_* layers, mem_merge: KSM across pods is a side channel), refused both in the admin's
+    allow-list and from a pod that is not allowed it."""
+    with pytest.raises(ConfigError, match="never"):
+        _config([key])
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(_config(["default_memory"]), {H + key: "false" if key.startswith(("jail", "mem")) else "x"})
+    assert info.value.field == H + key and "never" in str(info.value)
+
+
+@pytest.mark.parametrize("key", [f.name for f in dataclasses.fields(RuntimeConfig)])
+def test_no_runtime_key_is_settable_by_a_pod(key: str) -> None:
+    """The [runtime] knobs (shim_mem_merge, rootfs_prewarm, watchable bounds, the cgroup and
+    kubelet paths, ...) are the admin's: a pod's `io.katacontainers.config.runtime.<key>` fails
+    naming it, whatever the allow-list holds."""
+    name = f"io.katacontainers.config.runtime.{key}"
+    config = _config(list(ANNOTATABLE_HYPERVISOR_KEYS))
+    with pytest.raises(ConfigError) as info:
+        apply_annotations(config, {name: "1"})
+    assert info.value.field == name
