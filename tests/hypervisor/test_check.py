@@ -19,7 +19,7 @@ from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.guest_assets import guest_kernel_path
 
 NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
-         "vmm-jail", "file-guard", "guest-kernel", "guest-image", "memory-merging", "containerd"]
+         "vmm-jail", "file-guard", "template-memory", "guest-kernel", "guest-image", "memory-merging", "containerd"]
 
 
 def test_cpu_flags() -> None:

@@ -239,6 +239,22 @@ def file_guard() -> CheckResult:
                        "for the guest", "", facts)
 
 
+def template_memory(config: Config) -> CheckResult:
+    """Whether a template clone's QEMU holds the template's memory file read-only
+    (pykata.hypervisor.qemu.ramreadonly: a preload library built once with the host's C compiler)."""
+    from pykata.hypervisor.qemu import ramreadonly
+
+    if not config.factory.enable_template:
+        return CheckResult("template-memory", "pass", "no template clones (factory.enable_template = false)")
+    lib = ramreadonly.library(config.runtime.cache_path)
+    if lib is None:
+        return CheckResult("template-memory", "warn", "a template clone's QEMU holds the template's memory file "
+                           "writable: a guest escaped into QEMU could change other pods' guests",
+                           "install a C compiler (apt-get install build-essential) for pykata's preload library")
+    return CheckResult("template-memory", "pass", "template clones hold the template's memory read-only", "",
+                       {"library": str(lib)})
+
+
 def memory_merging(config: Config, *, ksm_running: bool | None = None,
                    process_merge: bool | None = None) -> CheckResult:
     """The KSM opt-ins (runtime.shim_mem_merge, hypervisor.qemu.mem_merge) against the host: whether ksmd
@@ -293,6 +309,7 @@ async def run_checks(config_loader: Callable[[], Config] = load_config, *,
     results.append(cgroups_v2(config))
     results.append(vmm_jail(config))
     results.append(file_guard())
+    results.append(template_memory(config))
     results += [kernel, rootfs]
     results.append(memory_merging(config))
     results.append(containerd())
