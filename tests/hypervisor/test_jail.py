@@ -101,20 +101,29 @@ def _take_fd(pid: int, fd: int) -> int:
 
 
 def _assert_no_network_from(pid: int) -> None:
-    """A TCP listener on the host's loopback, and the metadata address clouds serve node credentials
-    on, tried from process `pid`'s network namespace (nsenter): both unreachable."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    """A TCP listener on the host's loopback, the metadata address clouds serve node credentials on,
+    and an abstract unix socket of the host's namespace (the shims' fork server listens on one, and
+    lets any uid-0 peer in: virtfs-proxy-helper is uid 0), tried from process `pid`'s network
+    namespace (nsenter): all unreachable."""
+    abstract = f"\0pykata-jail-test-{os.getpid()}"
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(abstract)
+        unix.listen(1)
         port = server.getsockname()[1]
         probe = ("import socket, sys\n"
-                 "for addr in (('127.0.0.1', int(sys.argv[1])), ('169.254.169.254', 80)):\n"
+                 "for addr in (('127.0.0.1', int(sys.argv[1])), ('169.254.169.254', 80), sys.argv[2]):\n"
                  "    try:\n"
-                 "        socket.create_connection(addr, timeout=2).close()\n"
+                 "        if isinstance(addr, str):\n"
+                 "            s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect('\\0' + addr)\n"
+                 "        else:\n"
+                 "            s = socket.create_connection(addr, timeout=2)\n"
+                 "        s.close()\n"
                  "        print('reached', addr)\n"
                  "    except OSError as e:\n"
                  "        print('refused', e.errno)\n")
-        out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", probe, str(port)],
-                             capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
-    assert [line.split()[0] for line in out if line] == ["refused", "refused"], out
+        out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", probe, str(port),
+                              abstract[1:]], capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
+    assert [line.split()[0] for line in out if line] == ["refused"] * 3, out
     # the same probe from the host's namespace does reach the listener: the probe itself works
     with socket.create_server(("127.0.0.1", 0)) as server:
         socket.create_connection(server.getsockname(), timeout=2).close()
@@ -186,6 +195,7 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert helper.no_new_privs and helper.own_mount_namespace
         assert helper.root == str(sandbox.shared_dir)
         assert helper.own_network_namespace
+        _assert_no_network_from(pids["virtfs-proxy-helper"])
         # and its second filter: no signal, trace or pidfd to any other process (fileguard.no_reach_program)
         filters = next(line for line in Path(f"/proc/{pids['virtfs-proxy-helper']}/status").read_text().splitlines()
                        if line.startswith("Seccomp_filters:"))
