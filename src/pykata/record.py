@@ -6,7 +6,9 @@ is imported: ~0.3 ms per class on the host and about 8x that in a TCG guest, whe
 imports are the largest part of a cold boot. A Record subclass writes its own __init__, lists its
 fields in __slots__ and, in order, in __match_args__; equality, hashing and repr come from here,
 field by field, as a dataclass's would. `FrozenRecord` is the frozen=True kind: its __init__ sets
-fields with `_init` and any later assignment raises AttributeError.
+fields with `_init`, and a later assignment or deletion raises dataclasses.FrozenInstanceError, as the
+frozen dataclasses these replaced did (an AttributeError subclass, so `except AttributeError` catches it
+too). dataclasses is imported only on that error path, never on the agent's start-up path.
 """
 
 from __future__ import annotations
@@ -49,7 +51,14 @@ class FrozenRecord(Record):
         object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} of frozen {self.__class__.__qualname__}")
+        raise _frozen(f"cannot assign to field {name!r} of frozen {self.__class__.__qualname__}")
 
     def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r} of frozen {self.__class__.__qualname__}")
+        raise _frozen(f"cannot delete field {name!r} of frozen {self.__class__.__qualname__}")
+
+
+def _frozen(message: str) -> AttributeError:
+    """dataclasses.FrozenInstanceError(message): a bug's path only, so its import costs nothing at start-up."""
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError(message)

@@ -71,14 +71,34 @@ def pooled_cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriContaine
 
 def _ready_entries(n: int, timeout: float = 120.0) -> list[pool.PoolEntry]:
     config = load_config()
-    pool.fill(config, pool.entry_argv())
+    started = pool.fill(config, pool.entry_argv())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready = [e for e in pool.list_entries(config) if e.ready and e.alive]
         if len(ready) >= n:
             return ready
         time.sleep(0.1)
-    raise AssertionError(f"fewer than {n} pooled VMs ready after {timeout}s: {pool.list_entries(config)}")
+    raise AssertionError(f"fewer than {n} pooled VMs ready after {timeout}s: {_pool_report(config, started)}")
+
+
+def _pool_report(config: Any, started: int) -> str:
+    """What the pool holds and why it may hold nothing: a waiting VM reports nowhere before a claim (its
+    stdio is /dev/null), so a setup failure used to print only `[]`."""
+    entries = pool.list_entries(config)
+    lines = [f"fill() started {started} of pool_size {config.factory.pool_size} "
+             f"(enable_template {config.factory.enable_template}; MemAvailable {pool.mem_available_mib()} MiB, "
+             f"pool_min_free_mib {config.factory.pool_min_free_mib}: below it fill starts none)"]
+    if not entries:
+        lines.append(f"no entry registered in {pool.pool_root(config)}")
+    for e in entries:
+        files = sorted(p.name for p in e.sandbox_dir.rglob("*"))[:20] if e.sandbox_dir.is_dir() else []
+        lines.append(f"{e.id}: pid {e.pid} alive {e.alive} ready {e.ready} "
+                     f"fingerprint {'ours' if e.fingerprint == pool.fingerprint(config) else 'another'}; "
+                     f"age {time.time() - e.created_at:.0f}s; files {files}")
+        console = next(iter(e.sandbox_dir.rglob("console.log")), None) if e.sandbox_dir.is_dir() else None
+        if console is not None:
+            lines.append(f"  console tail: {console.read_text(errors='replace')[-600:]!r}")
+    return "\n".join(lines)
 
 
 def _processes_under(directory: Path) -> list[psutil.Process]:
