@@ -86,6 +86,19 @@ def test_sources_hash_follows_guest_code(tmp_path: Path) -> None:
 # -- unit: pieces ---------------------------------------------------------------------------------
 
 
+def test_trim_drops_modules_that_cannot_import_in_the_guest(tmp_path: Path) -> None:
+    """ssl without _ssl (not shipped) only costs asyncio's three failed tries of it at every agent start."""
+    stdlib = tmp_path / assemble.STDLIB
+    (stdlib / "lib-dynload").mkdir(parents=True)
+    for name in ("ssl.py", "os.py", "asyncio/sslproto.py", "lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so",
+                 "lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"):
+        (stdlib / name).parent.mkdir(parents=True, exist_ok=True)
+        (stdlib / name).write_text("")
+    assemble.trim(tmp_path)
+    left = sorted(str(p.relative_to(stdlib)) for p in stdlib.rglob("*") if p.is_file())
+    assert left == ["asyncio/sslproto.py", "lib-dynload/_json.cpython-311-x86_64-linux-gnu.so", "os.py"]
+
+
 def test_parse_apt_show() -> None:
     text = (
         "Package: crun\nVersion: 1.8.1-1+deb12u1\nArchitecture: amd64\nSize: 289288\n"
@@ -252,7 +265,7 @@ def test_full_rootfs_is_reproducible_and_complete(deb_cache: Path, tmp_path: Pat
         assert needed in names, needed
     for dropped in ("usr/share/doc", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
                     "usr/lib/python3.11/os.py", "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/ensurepip",
-                    "usr/lib/x86_64-linux-gnu/gconv"):
+                    "usr/lib/x86_64-linux-gnu/gconv", "usr/lib/python3.11/ssl.pyc"):
         assert dropped not in names, dropped
 
 

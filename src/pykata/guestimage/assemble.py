@@ -43,6 +43,10 @@ STDLIB_DROP = (
     "aifc.py", "sunau.py", "wave.py", "chunk.py", "audioop.py", "xdrlib.py", "nturl2path.py",
     "crypt.py", "asynchat.py", "asyncore.py", "_bootsubprocess.py", "_distutils_system_mod.py",
     "EXTERNALLY-MANAGED", "LICENSE.txt",
+    # _ssl and libssl are not shipped, so ssl can never import; yet asyncio's base_events,
+    # selector_events and sslproto each try it (a failed import is retried): with ssl.pyc there, each
+    # try unmarshalled its 72 KiB and ran its first imports before _ssl failed (~1.4 ms on the host)
+    "ssl.py",
 )
 # Codecs that need the CJK extension modules, which are not shipped.
 CJK_CODECS = (
