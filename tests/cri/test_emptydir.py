@@ -21,7 +21,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.cri.harness import Cri, CriContainerd, running_cri_containerd
+from tests.cri.harness import Cri, CriContainerd
 from tests.cri.test_pod_config import _container, _pod, _pod_config, _sh
 
 pytestmark = [pytest.mark.vm]
@@ -30,15 +30,8 @@ EMPTY_DIR = "kubernetes.io~empty-dir"
 
 
 @pytest.fixture(scope="module")
-def kubelet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kubelet")
-
-
-@pytest.fixture(scope="module")
-def ctd(tmp_path_factory: pytest.TempPathFactory, kubelet_root: Path) -> Iterator[CriContainerd]:
-    with running_cri_containerd(tmp_path_factory.mktemp("cri"), tmp_path_factory.mktemp("cache"),
-                                {"kubelet_root_dir": f'"{kubelet_root}"'}) as ctd:
-        yield ctd
+def ctd(kubelet_containerd: CriContainerd) -> CriContainerd:
+    return kubelet_containerd
 
 
 @pytest.fixture(scope="module")

@@ -10,29 +10,24 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.cri.harness import Cri, CriContainerd, running_cri_containerd
+from tests.cri.harness import Cri, CriContainerd
 from tests.cri.test_pod_config import _container, _pod, _pod_config, _sh
 from tests.kubeletvolume import write_volume
 
 pytestmark = [pytest.mark.vm]
 
 
-@pytest.fixture(scope="module")
-def kubelet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kubelet")
+KUBELET_RUNTIME_CONFIG = {"watchable_max_files": "4"}  # for tests/cri/conftest.py's kubelet_containerd
 
 
 @pytest.fixture(scope="module")
-def ctd(tmp_path_factory: pytest.TempPathFactory, kubelet_root: Path) -> Iterator[CriContainerd]:
-    with running_cri_containerd(tmp_path_factory.mktemp("cri"), tmp_path_factory.mktemp("cache"),
-                                {"kubelet_root_dir": f'"{kubelet_root}"', "watchable_max_files": "4"}) as ctd:
-        yield ctd
+def ctd(kubelet_containerd: CriContainerd) -> CriContainerd:
+    return kubelet_containerd
 
 
 def _volume(kubelet_root: Path, uid: str, plugin: str, name: str, files: dict[str, bytes]) -> Path:
