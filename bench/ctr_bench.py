@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -417,17 +418,35 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
             list(ex.map(ctd.remove, ids))
 
 
-def fill_pool(size: int, timeout: float = 600.0) -> dict[str, Any]:
-    """Fill the warm pool to `size` ready VMs and wait for them: the wall time and the CPU seconds each
-    waiting VM's processes used to get ready (restore, reseed, warm-up)."""
+@contextlib.contextmanager
+def config_in_force(path: str | None) -> Any:
+    """PYKATA_CONFIG = `path` meanwhile (None: unchanged), as a pod's shim has it when containerd passes it
+    `--runtime-config-path`: the pool's VMs serve only pods of the configuration they were made for
+    (factory.pool fingerprint), and `pool.fill` starts them with this process's environment."""
+    before = os.environ.get("PYKATA_CONFIG")
+    if path is not None:
+        os.environ["PYKATA_CONFIG"] = path
+    try:
+        yield load_config()
+    finally:
+        if before is not None:
+            os.environ["PYKATA_CONFIG"] = before
+        else:
+            os.environ.pop("PYKATA_CONFIG", None)
+
+
+def fill_pool(size: int, config_path: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """Fill the warm pool to `size` ready VMs of the configuration at `config_path` (None: the one in
+    force) and wait for them: the wall time and the CPU seconds each waiting VM's processes used to get
+    ready (restore, reseed, warm-up)."""
     from pykata.factory import pool
 
-    config = load_config()
-    mine = pool.fingerprint(config)
     start = time.perf_counter()
     deadline = time.monotonic() + timeout
     while True:
-        pool.fill(config, pool.entry_argv())
+        with config_in_force(config_path) as config:
+            mine = pool.fingerprint(config)
+            pool.fill(config, pool.entry_argv())
         ready = [e for e in pool.list_entries(config) if e.ready and e.alive and e.fingerprint == mine]
         if len(ready) >= size:
             break
@@ -468,14 +487,16 @@ def set_key(text: str, section: str, name: str, value: str) -> str:
     raise SystemExit(f"--variant: no {name} in [{section}] of the configuration to change")
 
 
-def wait_for_pool(timeout: float = 120.0) -> None:
-    """Until a pooled VM is ready (started now if the pool is short)."""
+def wait_for_pool(config_path: str | None = None, timeout: float = 120.0) -> None:
+    """Until a pooled VM of the configuration at `config_path` (None: the one in force) is ready
+    (started now if the pool is short of them)."""
     from pykata.factory import pool
 
-    config = load_config()
-    pool.fill(config, pool.entry_argv())
+    with config_in_force(config_path) as config:
+        mine = pool.fingerprint(config)
+        pool.fill(config, pool.entry_argv())
     deadline = time.monotonic() + timeout
-    while not any(e.ready and e.alive for e in pool.list_entries(config)):
+    while not any(e.ready and e.alive and e.fingerprint == mine for e in pool.list_entries(config)):
         if time.monotonic() > deadline:
             raise SystemExit("the warm pool did not fill")
         time.sleep(0.05)
@@ -540,7 +561,11 @@ def main() -> None:
                 variants[name] = ()
             else:
                 cfg = tmp / f"tb{tb}.toml"
-                cfg.write_text(f"[hypervisor.qemu]\ntcg_tb_size = {tb}\n")
+                if args.pool:  # as for --variant below: the whole configuration, its pool kept
+                    cfg.write_text(set_key(Path(os.environ["PYKATA_CONFIG"]).read_text(), "hypervisor.qemu",
+                                           "tcg_tb_size", str(tb)))
+                else:
+                    cfg.write_text(f"[hypervisor.qemu]\ntcg_tb_size = {tb}\n")
                 variants[name] = ("--runtime-config-path", str(cfg))
         for v in args.variant:
             vname, key, value = v.split("=", 2)
@@ -553,13 +578,17 @@ def main() -> None:
                 cfg.write_text(f"[{section}]\n{name} = {value}\n")
             variants[f"{PYKATA_RUNTIME} {vname}"] = ("--runtime-config-path", str(cfg))
         runtime_of = {name: RUNC_RUNTIME if name == RUNC_RUNTIME else PYKATA_RUNTIME for name in variants}
+        # each pykata variant waits for a pooled VM of its own configuration (a shim claims with the one
+        # containerd passes it; before, a --tb-sizes variant had no pool at all and a --variant one
+        # waited for any ready VM, often the base configuration's, which its pod refused)
+        config_of = {name: (opts[1] if opts else None) for name, opts in variants.items()}
         for name, opts in variants.items():
             run_rm(ctd, runtime_of[name], opts)  # warm-up: caches, and the VM template on a first pykata run
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.runs):
             for name, opts in variants.items():
                 if pool_wait is not None and runtime_of[name] == PYKATA_RUNTIME:
-                    pool_wait()
+                    pool_wait(config_of[name])
                 times[name].append(run_rm(ctd, runtime_of[name], opts))
         runc = statistics.median(times[RUNC_RUNTIME])
         result["run_rm_true"] = [
@@ -573,14 +602,15 @@ def main() -> None:
                 result["memory"].append(memory(ctd, RUNC_RUNTIME, n))
             for name, opts in variants.items():
                 if name != RUNC_RUNTIME:
-                    result["memory"].append({**memory(ctd, runtime_of[name], n, opts, pool_wait), "runtime": name})
+                    wait = functools.partial(pool_wait, config_of[name]) if pool_wait is not None else None
+                    result["memory"].append({**memory(ctd, runtime_of[name], n, opts, wait), "runtime": name})
         if args.pool:
             result["pool_waiting_pss_mib"] = pool_pss_mib()
         result["start_rate"] = []
         for c in [c for c in rates for _ in range(args.rate_rounds)]:
             for name, opts in variants.items():
                 pooled = args.pool and runtime_of[name] == PYKATA_RUNTIME
-                filled = fill_pool(args.pool_size) if pooled else None
+                filled = fill_pool(args.pool_size, config_of[name]) if pooled else None
                 load = os.getloadavg()
                 r = start_rate(ctd, runtime_of[name], args.rate_count, c, opts, pooled,
                                timing if runtime_of[name] == PYKATA_RUNTIME else None)
