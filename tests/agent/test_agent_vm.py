@@ -80,6 +80,11 @@ def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path, cmdline: str = "") 
         # interval ~0 ("APIC frequency too slow, disabling apic timer"): no CPU then ever gets a tick
         # (the second one's bring-up spun in calibrate_delay waiting for jiffies). Without ACPI the
         # PIT stands in for them (broadcast) and the devices come from QEMU's kernel command line.
+        # no_timer_check, as pykata's launch passes it (hypervisor/qemu/launch.py kernel_params): without
+        # ACPI the kernel checks that the PIT ticks through the IO-APIC (check_timer: 5 ticks within a
+        # TSC-timed delay), and QEMU's main loop, which raises the PIT's interrupts, starved by a busy
+        # host for that delay fails it: "Kernel panic - not syncing: IO-APIC + timer doesn't work!"
+        # (seen under two busy loops; tests/agent/repro_timer_check.py reproduces it every time).
         QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off", "-accel", "tcg,thread=multi",
         "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
         "-serial", f"file:{log}", "-kernel", str(vmlinux), "-initrd", str(initrd), "-no-reboot",
@@ -88,7 +93,8 @@ def _vm(vmlinux: Path, initrd: Path, tmp: Path, share: Path, cmdline: str = "") 
         "-device", "virtserialport,chardev=agent,name=agent.channel.0",
         "-fsdev", f"local,id=share,path={share},security_model=none",
         "-device", "virtio-9p-device,fsdev=share,mount_tag=hostshare",
-        "-append", f"console=ttyS0 panic=-1 {_tsc_param()} {cmdline} {os.environ.get('PYKATA_TEST_GUEST_CMDLINE', '')}"
+        "-append", f"console=ttyS0 panic=-1 no_timer_check {_tsc_param()} {cmdline} "
+                   f"{os.environ.get('PYKATA_TEST_GUEST_CMDLINE', '')}"
         .strip(),
     ]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
