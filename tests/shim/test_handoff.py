@@ -11,7 +11,9 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +199,50 @@ def test_delete_is_served_by_the_fork_server_for_live_and_dead_shims(host: Host)
     bad = host.run("d9", "delete", CRI | {"io.kubernetes.cri.sandbox-id": "../x"})
     assert bad.returncode == 0 and host.deletes_by_server() == 3
     assert b"io.kubernetes.cri.sandbox-id" in bad.stderr
+
+
+HANDOFF_PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+try:
+    s.connect(sys.argv[1])
+    print("reached")
+except OSError as e:
+    print("refused", e.errno)
+"""
+
+
+def test_only_root_in_the_hosts_mount_namespace_reaches_the_handoff_socket(host: Host) -> None:
+    """The attack (CVE-2020-15257's, against containerd's shims): the handoff socket was in the abstract
+    namespace, which every process of the host's network namespace reaches, with uid 0 as the only
+    check: a root process of a runc container with hostNetwork (uid 0 on the host without a user
+    namespace) had the fork server run a `start` with the environment it chose (PYKATA_CONFIG naming
+    its own file, whose QEMU "binary" the pod's shim then runs as root), or bound the name first and
+    took every pod's `start`. Now the socket is a file in root's 0700 HANDOFF_DIR: a process in another
+    mount namespace (a container's, without the host's /run) or of another uid cannot connect, and
+    nothing of the fork server is in the abstract namespace."""
+    assert host.run("a0", "start").returncode == 0
+    assert host.run("a1", "start").returncode == 0 and host.forked_by_server(_shim_pid(host, "a1"))
+    path = handoff.socket_name(host.address).decode()
+    assert path.startswith(handoff.HANDOFF_DIR + "/")
+    st = os.stat(handoff.HANDOFF_DIR)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+    digest = path.rsplit("/", 1)[1]  # the name the abstract socket had (others' installations may have theirs)
+    assert not [line for line in Path("/proc/net/unix").read_text().splitlines() if line.endswith(digest)
+                and "@" in line]
+    # root in the host's mount namespace reaches it (the probe works)
+    same = subprocess.run([sys.executable, "-c", HANDOFF_PROBE, path], capture_output=True, text=True, timeout=30)
+    assert same.stdout.split() == ["reached"], same
+    # root in a container's mount namespace (its own /run, as runc gives it) does not
+    other_ns = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs /run && exec {sys.executable} -c '{HANDOFF_PROBE}' {path}"],
+        capture_output=True, text=True, timeout=30)
+    assert other_ns.stdout.split()[0] == "refused", other_ns
+    # nor does another uid in the host's mount namespace (the directory is root's, 0700)
+    other_uid = subprocess.run([sys.executable, "-c", HANDOFF_PROBE, path], capture_output=True, text=True,
+                               timeout=30, user=65534, group=65534)
+    assert other_uid.stdout.split()[0] == "refused", other_uid
+    # and the server still serves root's `start`
+    assert host.run("a2", "start").returncode == 0 and host.forked_by_server(_shim_pid(host, "a2"))

@@ -28,6 +28,7 @@ is gone. Its children are their own sessions: killing the server leaves the pods
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import json
@@ -36,6 +37,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -164,7 +166,7 @@ def _serve(runtime_dir: str, address: str) -> int:
                 path.unlink()
         listener.close()
         if starts is not None:
-            starts.close()
+            _stop_listener(starts, address)
     return 0
 
 
@@ -178,18 +180,52 @@ def _offer_to_ksm() -> None:
         ksm.merge_this_process()
 
 
+_handoff_lock = -1  # the flock on the handoff socket's name this server holds (closed in its children)
+
+
 def _start_listener(address: str) -> socket.socket | None:
     """The socket of handed-over `start` and `delete` commands (pykata.shim.handoff), or None when
     another server of this installation and containerd holds its name (they are then served there, or
-    run in full, a full `start` using this server's other socket)."""
+    run in full, a full `start` using this server's other socket). The name is a file in root's
+    handoff.HANDOFF_DIR (0700), held by an flock beside it: a socket file a dead server left is
+    replaced."""
+    global _handoff_lock
+    path = os.fsdecode(handoff.socket_name(address))
+    lock = -1
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.bind(handoff.socket_name(address))
+        os.makedirs(handoff.HANDOFF_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(handoff.HANDOFF_DIR)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise OSError(errno.EPERM, f"{handoff.HANDOFF_DIR} is not a directory only this user can open")
+        lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(lock).st_ino != os.stat(f"{path}.lock").st_ino:  # removed by a server that just ended
+            raise OSError(errno.EAGAIN, "the lock was replaced")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        s.bind(path)
         s.listen(64)
     except OSError:
         s.close()
+        if lock >= 0:
+            os.close(lock)
         return None
+    _handoff_lock = lock
     return s
+
+
+def _stop_listener(starts: socket.socket, address: str) -> None:
+    """Close the handoff socket and remove its name and lock file (still ours: we hold the lock)."""
+    global _handoff_lock
+    path = os.fsdecode(handoff.socket_name(address))
+    for name in (path, f"{path}.lock"):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    starts.close()
+    if _handoff_lock >= 0:
+        os.close(_handoff_lock)
+        _handoff_lock = -1
 
 
 def _freeze() -> None:
@@ -381,9 +417,10 @@ def _leave_server(sockets: list[socket.socket], server_fds: tuple[int, ...]) -> 
         signal.signal(sig, signal.SIG_DFL)
     for s in sockets:
         s.close()
-    for fd in server_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    for fd in (*server_fds, _handoff_lock):
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _check(request: Any, fds: list[int]) -> str | None:

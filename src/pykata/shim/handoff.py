@@ -6,7 +6,7 @@ pod) and waits for its answer. A full `start` imports the configuration code, pa
 and only then asks the fork server (pykata.shim.forkserver) to fork the pod's shim. The fork server
 has all of that imported already, so this module only forwards the request: the process's command
 line, environment, working directory (the bundle) and runtime options (stdin) go to the server over a
-unix socket in the abstract namespace named after this installation and containerd's address; the
+unix socket in HANDOFF_DIR (root's, 0700) named after this installation and containerd's address; the
 server forks a child that runs the whole `start` there (bootstrap.start_in_fork_server) and, when the
 pod needs a new shim, becomes that shim itself. This process prints what it answered.
 
@@ -42,10 +42,19 @@ class NotServed(Exception):
     """The server did not take the request (the caller runs the full `start`); the message says why."""
 
 
+# Not the abstract namespace: an abstract socket has no permissions, and every process of the host's
+# network namespace reaches it. A root process of a runc container with hostNetwork is uid 0 there
+# too (no user namespace): it passed the uid check, and its handed-over `start` ran with the
+# environment it chose (PYKATA_CONFIG naming its own file: its own QEMU "binary" run as root), or it
+# bound the name first and took every pod's `start` (CVE-2020-15257, containerd's shims). A file in a
+# directory only root on the host can open is out of every container's reach.
+HANDOFF_DIR = "/run/pykata-handoff"
+
+
 def socket_name(address: str) -> bytes:
-    """The abstract unix socket name of the fork server's `start` requests for containerd `address` and
-    this installation (its interpreter prefix and package directory): it depends on no configuration,
-    so finding it costs no parsing; two installations or two containerds never meet."""
+    """The path of the fork server's socket of `start` requests for containerd `address` and this
+    installation (its interpreter prefix and package directory), in HANDOFF_DIR: it depends on no
+    configuration, so finding it costs no parsing; two installations or two containerds never meet."""
     try:
         # what hashlib falls back to without OpenSSL: no OpenSSL start-up (~3 ms idle) here
         from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
@@ -53,7 +62,7 @@ def socket_name(address: str) -> bytes:
         from hashlib import sha256
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = str(sha256(f"{sys.prefix}\n{package}\n{address}".encode()).hexdigest())[:32]
-    return b"\0pykata-shim-start-" + digest.encode()
+    return f"{HANDOFF_DIR}/{digest}".encode()
 
 
 def pack(fields: list[bytes]) -> bytes:
