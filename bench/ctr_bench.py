@@ -228,6 +228,38 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def thread_stats(pid: int) -> dict[str, list[float]]:
+    """Per thread name of `pid` (QEMU: `CPU 0/TCG`, its main loop `qemu-system-x86`, `IO ...`, `call_rcu`,
+    `worker`): [CPU seconds, minor faults, voluntary + involuntary context switches], summed over the
+    threads of that name."""
+    out: dict[str, list[float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (task / "stat").read_text()
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                fields = stat.rsplit(")", 1)[1].split()
+                switches = sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
+                               if "ctxt_switches:" in line)
+                got = out.setdefault(name, [0.0, 0.0, 0.0])
+                got[0] += (int(fields[11]) + int(fields[12])) / tick
+                got[1] += int(fields[7])
+                got[2] += switches
+    return out
+
+
+def pool_qemus() -> dict[int, dict[str, list[float]]]:
+    """The pool's waiting QEMUs (by pid) and their thread_stats."""
+    out = {}
+    for tree in pool_cpu().values():
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                if "qemu-system" in Path(f"/proc/{pid}/cmdline").read_text():
+                    out[pid] = thread_stats(pid)
+    return out
+
+
 def pool_cpu() -> dict[int, dict[int, float]]:
     """The warm pool's waiting processes (by pid) and the CPU seconds of each one's process tree."""
     from pykata.factory import pool
@@ -320,6 +352,7 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
     each phase began), the host's CPU use and the pool's ready VMs every half second."""
     ids = [f"rate-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     before = pool_cpu() if pooled else {}
+    qemus_before = pool_qemus() if pooled else {}
     # each waiting VM's CPU until it was claimed: the last sample while it was still in the pool (it
     # waits paused, so this is its fill's cost), also for VMs the refill made ready during the run
     last_seen: dict[int, dict[int, float]] = dict(before)
@@ -412,6 +445,19 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
             refill = {p: sum(t.values()) for p, t in last_seen.items() if p not in before}
             out["refill_started"] = len(refill)
             out["refill_cpu_s_during_run"] = round(sum(refill.values()), 3)
+            # the claimed QEMUs' threads from before the run (they waited paused) to the last start
+            threads: dict[str, list[float]] = {}
+            claimed_qemus = [p for p in qemus_before if any(p in last_seen.get(c, {}) for c in claimed)]
+            for q in claimed_qemus:
+                now = thread_stats(q)
+                for name, (cpu, flt, sw) in now.items():
+                    was = qemus_before[q].get(name, [0.0, 0.0, 0.0])
+                    got = threads.setdefault(name, [0.0, 0.0, 0.0])
+                    for i, v in enumerate((cpu, flt, sw)):
+                        got[i] += v - was[i]
+            n = max(1, len(claimed_qemus))
+            out["qemu_threads_per_claim"] = {k: [round(v[0] / n, 3), round(v[1] / n), round(v[2] / n)]
+                                             for k, v in sorted(threads.items())}
         return out
     finally:
         with ThreadPoolExecutor(4) as ex:
@@ -663,6 +709,9 @@ def main() -> None:
                       f"{r['fill_cpu_s_per_claimed']} CPU s each before the claim, "
                       f"not counted above); refill during the run: {r['refill_started']} VMs started, "
                       f"{r['refill_cpu_s_during_run']} CPU s until the last start")
+            if r.get("qemu_threads_per_claim"):
+                print("  claimed QEMU per start, by thread [CPU s, minor faults, context switches]: "
+                      + ", ".join(f"{k} {v}" for k, v in r["qemu_threads_per_claim"].items()))
             if r.get("timeline"):
                 print("  timeline (ms after the run began):")
                 for line in r["timeline"]:

@@ -35,7 +35,8 @@ from pykata.shim.configrecord import (
     write_record,
 )
 from pykata.shim.criannotations import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, CRIO_CONTAINER_TYPE, CRIO_SANDBOX_ID
-from pykata.shim.flags import Flags, ShimStartError
+from pykata.shim.flags import Flags
+from pykata.shim.starterror import ShimStartError
 from pykata.timing import mark
 
 # `delete` runs at every task teardown, and most of its time is imports: socket, hashlib (OpenSSL),

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pykata.errors import PykataError
-
-
-class ShimStartError(PykataError):
-    """`start` or `delete` cannot do its job; the message says why."""
+# no pykata.errors here: `start` handed to the fork server parses its flags and needs nothing else of
+# pykata (pykata.shim.starterror holds the error, imported only when a flag is bad)
 
 
 class Flags:
@@ -56,11 +53,15 @@ def parse_flags(argv: list[str]) -> Flags:
             if not eq:
                 i += 1
                 if i >= len(argv):
+                    from pykata.shim.starterror import ShimStartError
+
                     raise ShimStartError(f"flag -{name} needs a value")
                 value = argv[i]
             if name != "socket":
                 setattr(f, name.replace("-", "_"), value)
         else:
+            from pykata.shim.starterror import ShimStartError
+
             raise ShimStartError(f"unknown flag {arg!r}")
         i += 1
     return f

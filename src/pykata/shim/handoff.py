@@ -145,7 +145,7 @@ def run_via_server(address: str, argv: list[str], options: bytes) -> tuple[bytes
                 reply += chunk
         except OSError as e:
             if not reply:
-                from pykata.shim.flags import ShimStartError
+                from pykata.shim.starterror import ShimStartError
 
                 raise ShimStartError(f"the shims' fork server did not answer: {e}") from None
     finally:
@@ -160,7 +160,7 @@ def run_via_server(address: str, argv: list[str], options: bytes) -> tuple[bytes
     if kind == b"ok":
         return out, message
     if kind == b"error":
-        from pykata.shim.flags import ShimStartError
+        from pykata.shim.starterror import ShimStartError
 
         raise ShimStartError(message)
     raise NotServed(message)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-from pykata.errors import PykataError
 from pykata.shim.flags import Flags, parse_flags
 from pykata.timing import ENV as TIMING_ENV
 from pykata.timing import mark, process_start_ns
@@ -47,8 +46,15 @@ def main(argv: list[str] | None = None) -> None:
             if timed:
                 mark("delete.done")
         else:
-            raise PykataError(f"unknown action {flags.action!r}: containerd runs this with start or delete")
-    except PykataError as e:
+            from pykata.shim.starterror import ShimStartError
+
+            raise ShimStartError(f"unknown action {flags.action!r}: containerd runs this with start or delete")
+    except Exception as e:
+        # pykata.errors only now: `start` and `delete` handed to the fork server never import it (enum)
+        from pykata.errors import PykataError
+
+        if not isinstance(e, PykataError):
+            raise
         print(f"{SHIM_NAME}: {e}", file=sys.stderr)
         sys.exit(1)
 
