@@ -333,3 +333,17 @@ def test_the_shims_take_only_their_share_of_the_hosts_inotify_instances(tmp_path
     finally:
         first.close()
         second.close()
+
+
+def test_a_tree_that_would_not_fit_one_agent_message_stays_shared(tmp_path: Path) -> None:
+    """With watchable_max_kib at its 3072 KiB, files within the bound plus long symlink targets (4 KiB
+    each, which kubelet's projected items allow) exceed what the agent takes in one SyncVolume (3 MiB
+    of contents and targets, 4 MiB frames): the scan says so (the volume stays shared) instead of a
+    send that fails the container's creation."""
+    vol = tmp_path / "cfg"
+    write_volume(vol, {"a": b"x" * ((3 << 20) // 2), "b": b"y" * ((3 << 20) // 2 - 4096)})
+    assert watchable.scan(str(vol), 1024, 3 << 20)  # within every bound
+    for i in range(64):
+        os.symlink("t" * 4000, vol / f"l{i}")
+    with pytest.raises(watchable.Unsuitable, match="more than one agent message"):
+        watchable.scan(str(vol), 1024, 3 << 20)

@@ -60,6 +60,10 @@ MAX_LINK = 4096
 # descriptor and a stack frame per level, and the agent takes paths of at most MAX_PATH bytes
 MAX_DEPTH = 32
 MAX_PATH = 4096
+# what one SyncVolume may carry: the agent takes at most 3 MiB of file contents and link targets
+# (agent.volumesync.MAX_BYTES), and the whole message must fit ttrpc's 4 MiB frame with its paths
+MAX_SEND_DATA = 3 << 20
+MAX_SEND_BYTES = (4 << 20) - (64 << 10)
 # the guest tmpfs holds two versions during an update (the old and the new `..<timestamp>`)
 TMPFS_SLACK = 1 << 20
 
@@ -133,7 +137,7 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
     max_entries = max_files * (1 + MAX_OTHER_ENTRIES_PER_FILE) + 8
     entries: list[agent_pb2.VolumeEntry] = []
     sig: list[object] = []
-    files = total = 0
+    files = total = sent_data = sent = 0
     root_fd = _open_dir(source, None, source)
     try:
         root_st = os.fstat(root_fd)
@@ -143,6 +147,12 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
             raise Unsuitable(f"{source}: cannot tell its mount: {exc}") from None
 
         def add(path: str, st: os.stat_result, data: bytes, link: str) -> None:
+            nonlocal sent_data, sent
+            sent_data += len(data) if read else len(os.fsencode(link))
+            sent += len(os.fsencode(path)) + len(data) + 32
+            if sent_data > MAX_SEND_DATA or sent > MAX_SEND_BYTES:
+                raise Unsuitable(f"{source}: more than one agent message (file contents and link targets "
+                                 f"over {MAX_SEND_DATA} bytes, or the entries over {MAX_SEND_BYTES})")
             entries.append(agent_pb2.VolumeEntry(
                 path=path, mode=stat.S_IFMT(st.st_mode) | stat.S_IMODE(st.st_mode) & 0o777, uid=st.st_uid,
                 gid=st.st_gid, data=data, mtime_ns=st.st_mtime_ns))
