@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
 
@@ -17,7 +19,7 @@ from pykata.protocols import events_pb2, shim_pb2, typeurl
 from pykata.shim.errors import agent_errors
 from pykata.shim.stats import metrics_any
 from pykata.shim.tasks import pauseless, pod, resize
-from pykata.shim.tasks.model import ShimContainer
+from pykata.shim.tasks.model import ShimContainer, ShimProcess
 from pykata.shim.tasks.state import TaskState
 from pykata.ttrpc import Code
 
@@ -87,7 +89,21 @@ async def kill(st: TaskState, req: shim_pb2.KillRequest) -> Empty:
             await pod.kill_vm(st, f"the agent did not kill {p.id}: {e}")
             return Empty()
         raise
+    if req.signal == signal.SIGKILL and p is sc.init and not p.stopped and not sc.paused:
+        # nor on its word: an agent that acknowledges the kill and never reports the exit would keep
+        # the container, and so the pod and its VM, from ever being removed (containerd waits for the
+        # exit of a killed task without a deadline)
+        st.spawn(_exit_or_kill_vm(st, p, sandbox.config.agent.pykata.request_timeout), f"kill-deadline-{p.id}")
     return Empty()
+
+
+async def _exit_or_kill_vm(st: TaskState, p: ShimProcess, deadline: float) -> None:
+    """Stop the VM when `p` has not exited `deadline` seconds (the agent's request timeout: the bound
+    on every guest answer) after the agent acknowledged its SIGKILL."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(p.exited.wait(), deadline)
+    if not p.stopped and not st.vm_dead:
+        await pod.kill_vm(st, f"{p.id} did not exit within {deadline:g} s of a SIGKILL the agent acknowledged")
 
 
 async def resize_pty(st: TaskState, req: shim_pb2.ResizePtyRequest) -> Empty:
