@@ -279,6 +279,54 @@ def test_virtio_disk_found_by_serial(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert ei.value.field == "storages[0].source" and str(ei.value).startswith("storages[0].source")
 
 
+def test_image_disk_cache_dropped_only_when_no_mount_of_it_is_alive(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fakes of the mount system calls and the block ioctls (this runs on the host): the first mount of
+    an image disk drops the guest's cache of it and reads it ahead; a second container's mount of the
+    same disk, while the first's is alive, does neither (the host refills a slot only once no
+    container uses it); once every mount of it is gone (an unmount that failed counts as gone, as
+    before), the next mount drops the cache again."""
+    from pykata.agent import storage
+
+    calls: list[str] = []
+    monkeypatch.setattr(storage, "mount", lambda src, target, fstype, flags, data: calls.append(f"mount {fstype}"))
+    failing: set[str] = set()
+
+    def fake_umount(target: str) -> None:
+        calls.append("umount")
+        if target in failing:
+            raise OSError(errno.EBUSY, "busy")
+
+    monkeypatch.setattr(storage, "umount", fake_umount)
+    monkeypatch.setattr(storage, "flush_block_cache", lambda dev: calls.append(f"flush {dev}"))
+    monkeypatch.setattr(storage, "prefetch_block", lambda dev, size: calls.append(f"prefetch {dev} {size}"))
+    store = storage.Storages([tmp_path], [tmp_path])
+
+    def disk(name: str) -> agent_pb2.Storage:
+        return agent_pb2.Storage(driver="virtio-blk", source="/dev/null", fstype="ext4", options=["ro"],
+                                 mount_point=str(tmp_path / name), driver_options=["prefetch=4096"])
+
+    first = store.mount(disk("c1"), "storages[0]")
+    assert first.device == "/dev/null"
+    assert calls == ["flush /dev/null", "mount ext4", "prefetch /dev/null 4096"]
+    calls.clear()
+    second = store.mount(disk("c2"), "storages[0]")
+    assert calls == ["mount ext4"]
+    calls.clear()
+    assert store.unmount([first]) == []
+    third = store.mount(disk("c3"), "storages[0]")  # c2's mount is still alive
+    assert calls == ["umount", "mount ext4"]
+    calls.clear()
+    failing.add(second.mount_point)
+    assert len(store.unmount([second])) == 1
+    fourth = store.mount(disk("c4"), "storages[0]")
+    assert calls == ["umount", "mount ext4"]  # c3's is alive
+    calls.clear()
+    assert store.unmount([third, fourth]) == []
+    store.mount(disk("c5"), "storages[0]")
+    assert calls == ["umount", "umount", "flush /dev/null", "mount ext4", "prefetch /dev/null 4096"]
+
+
 def test_nsexec_plan_covers_the_plain_case_and_leaves_the_rest_to_crun(tmp_path: Path) -> None:
     """What the agent's own exec path takes on, and what it hands back to crun (None)."""
     config: dict[str, Any] = {"linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount",

@@ -173,7 +173,7 @@ class Containers:
                 config = bundle.rewrite_spec(
                     spec, roots=self.settings.source_roots, cgroups_path=self.settings.cgroups_path(cid),
                     terminal=req.terminal, pid_ns_path=pid_ns_path, extra_mounts=extra_mounts,
-                    devices=bundle.device_entries(req.devices))
+                    devices=bundle.device_entries(req.devices), owned=True)
                 seccomp_key = seccompcache.profile_key(config)
                 compiled = self.seccomp.apply(seccomp_key, config)  # after rewrite_spec refused the host's run.oci.*
                 bundle_dir = self.settings.bundles / cid

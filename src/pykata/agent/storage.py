@@ -155,14 +155,16 @@ def parse_options(field: str, options: Sequence[str]) -> tuple[int, int, list[st
 
 
 class Mounted(Record):
-    """A storage the agent set up; `mounted` is False for plain directories ("local")."""
+    """A storage the agent set up; `mounted` is False for plain directories ("local"); `device` is the
+    block device of a virtio-blk storage ("" otherwise)."""
 
-    __slots__ = ("mount_point", "mounted")
-    __match_args__ = ("mount_point", "mounted")
+    __slots__ = ("device", "mount_point", "mounted")
+    __match_args__ = ("mount_point", "mounted", "device")
 
-    def __init__(self, mount_point: str, mounted: bool) -> None:
+    def __init__(self, mount_point: str, mounted: bool, device: str = "") -> None:
         self.mount_point = mount_point
         self.mounted = mounted
+        self.device = device
 
 
 class Storages:
@@ -177,6 +179,9 @@ class Storages:
         # the pod's volumes mounted so far, by mount point (see the module's docstring)
         self.pod_volumes: dict[str, Mounted] = {}
         self._pod_volume_lock = threading.Lock()
+        # block devices mounted now, with how many of this agent's mounts use each
+        self._block_users: dict[str, int] = {}
+        self._block_lock = threading.Lock()
 
     def _mount_point(self, field: str, path: str) -> tuple[Path, list[str]]:
         norm = check_abs_path(field, path)
@@ -260,7 +265,16 @@ class Storages:
             source = str(check_within(f"{field}.source", source, [Path("/dev")]))
             if fstype not in BLOCK_FSTYPES:
                 raise InvalidArgument(f"{field}.fstype", f"{fstype!r} is not one of {sorted(BLOCK_FSTYPES)}")
-            flush_block_cache(source)
+            with self._block_lock:
+                in_use = self._block_users.get(source, 0) > 0
+            if in_use:
+                # Another container's mount of this disk is alive, so the host has not given the slot
+                # new content since (it refills a slot only once no container uses it), and the cache
+                # holds what that mount read: dropping it (and reading it ahead again) would only
+                # make both containers read the disk again.
+                prefetch = 0
+            else:
+                flush_block_cache(source)
         elif driver == "tmpfs":
             fstype, source = "tmpfs", source or "tmpfs"
             self._tag(f"{field}.source", source)
@@ -301,6 +315,10 @@ class Storages:
                 raise
         finally:
             os.close(fd)
+        if driver == "virtio-blk":
+            with self._block_lock:
+                self._block_users[source] = self._block_users.get(source, 0) + 1
+            return Mounted(where, mounted=True, device=source)
         return Mounted(where, mounted=True)
 
     def _device_by_serial(self, field: str, serial: str) -> str:
@@ -336,6 +354,15 @@ class Storages:
                     umount(m.mount_point)
                 except OSError as exc:
                     errors.append(str(exc))
+                if m.device:
+                    # even when the unmount failed: the host may then refill the slot, and the next
+                    # mount must drop the cache as before
+                    with self._block_lock:
+                        left = self._block_users.get(m.device, 0) - 1
+                        if left > 0:
+                            self._block_users[m.device] = left
+                        else:
+                            self._block_users.pop(m.device, None)
                 with contextlib.suppress(OSError):
                     os.rmdir(m.mount_point)
         return errors

@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""Where the guest's time and CPU go in one container's life, step by step, inside one VM (TCG):
+
+    .venv/bin/python bench/create_guest.py [-n 8] [--src NAME=DIR ...] [--keep] [--strace] [--initrd FILE]
+
+Boots the guest image (the cached kernel and initrd, or --initrd) cold in a throwaway QEMU microvm
+with the busybox image as a read-only disk in the slot the sandboxes use, and an /init that runs a
+probe (its own module, appended as a second cpio) instead of the agent. The probe runs the agent's own
+`AgentService` in a worker process per variant, as a pooled VM does: WarmUp, ReseedRandomDev,
+CreateSandbox, then per round the RPCs a `ctr run --rm busybox true` makes, with the storages and
+the spec the host sends (containerd's default spec; the image disk, a tmpfs, an overlay):
+CreateContainer, StartContainer, WaitProcess (the init's exit), RemoveContainer (with --keep, of the
+previous round's container, so that each create finds another container of the image alive, as a
+pod's second container of one image does). Rounds alternate
+between the variants (one VM, one kernel, one crun: only the agent's Python code differs), so A/B
+of agent changes needs no image build: `--src base=/tmp/base/src` against the worktree's `src`.
+
+Per step it prints the median wall ms and the guest's CPU ms (non-idle jiffies of /proc/stat: the
+clock ticks at 4 ms, so medians of coarse samples), round 0 (the first container of the VM: QEMU
+translates code the warm-up did not run) apart from the median of the later rounds. With --strace,
+one more round per variant runs crun under the host's strace (copied in with its libraries) and
+prints crun's syscall counts (create, delete). Run it beside other load and the absolute figures
+move: compare the variants of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from pykata.config import load_config  # noqa: E402
+from pykata.guestimage.cpio import CpioEntry, write_archive  # noqa: E402
+from pykata.guestimage.kernel import find_kernel  # noqa: E402
+from pykata.guestimage.rootfs import find_rootfs  # noqa: E402
+from pykata.hypervisor.devices import root_slot_serial  # noqa: E402
+from pykata.images import ImageStore  # noqa: E402
+from pykata.resources.rootimage import RootImageCache, source_for  # noqa: E402
+
+CACHE = Path("/var/cache/pykata")
+AGENT_LINE = re.compile(r"created container (\S+) .* in (\d+) ms: \d+ storages (\d+), bundle (\d+), crun create (\d+)")
+QEMU = "/usr/bin/qemu-system-x86_64"
+INIT_SOURCE = ROOT / "src" / "pykata" / "guestimage" / "init"
+AGENT_EXEC = "\nmain()\n"
+
+PROBE = r'''
+"""create_guest probe: PID 1 of the VM (after pykata.agent.pid1's set-up)."""
+import json, os, subprocess, sys, time
+
+def main():
+    conf = json.load(open("/probe/conf.json"))
+    workers = {}
+    for name in conf["variants"]:
+        env = dict(os.environ, PYTHONPATH=(f"/probe/src-{name}:" if name != "image" else "") + "/usr/lib/pykata")
+        workers[name] = subprocess.Popen(
+            [sys.executable, "-S", "-B", "/usr/lib/pykata/create_guest_probe.py", "worker", name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1, preexec_fn=fixed)
+        line = workers[name].stdout.readline()
+        print("PROBE-READY", name, line.strip(), flush=True)
+    rounds = conf["rounds"] + (1 if conf["strace"] else 0)
+    for r in range(rounds):
+        order = list(workers) if r % 2 == 0 else list(workers)[::-1]
+        for name in order:
+            w = workers[name]
+            w.stdin.write(json.dumps({"round": r, "strace": conf["strace"] and r == rounds - 1}) + "\n")
+            line = w.stdout.readline()
+            print("PROBE-ROUND", name, line.strip(), flush=True)
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    print("PROBE-DONE", flush=True)
+    from pykata.agent.pid1 import power_off
+    power_off()
+
+
+def fixed():
+    # every worker at the same addresses: QEMU finds translated code by virtual address, so the
+    # workers share the translations of the interpreter and crun instead of each paying its own
+    import ctypes
+    ctypes.CDLL(None).personality(0x0040000)  # ADDR_NO_RANDOMIZE
+
+
+def cpu_ticks():
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    vals = [int(x) for x in parts[1:]]
+    return sum(vals) - vals[3] - vals[4]  # all but idle and iowait
+
+
+def worker(name):
+    if name != "image":  # ahead of this script's own directory (/usr/lib/pykata), which Python put first
+        sys.path.insert(0, f"/probe/src-{name}")
+    import asyncio, logging
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="pykata-agent: %(levelname)s %(name)s: %(message)s")
+    asyncio.run(work(name))
+
+
+async def work(name):
+    import asyncio
+    from pykata.agent import bundle, warmup
+    from pykata.agent.service import AgentService
+    from pykata.agent.settings import AgentSettings
+    from pykata.protocols.agent import agent_pb2
+    conf = json.load(open("/probe/conf.json"))
+    state = f"/run/pa-{name}"
+    svc = AgentService(AgentSettings(state_dir=__import__("pathlib").Path(state), cgroup_parent=f"pykata-{name}"))
+    await svc.start()
+    hz = os.sysconf("SC_CLK_TCK")
+    await svc.WarmUp(agent_pb2.WarmUpRequest(), None)
+    await svc.ReseedRandomDev(agent_pb2.ReseedRandomDevRequest(data=os.urandom(64),
+                              boot_id="12345678-1234-1234-1234-1234567890ab"), None)
+    await svc.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"sb{name}", hostname="probe"), None)
+    print(json.dumps({"ready": True}), flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        r = cmd["round"]
+        cid = f"c{r}"
+        base = f"/run/pykata-agent/storage/{cid}".replace("/run/pykata-agent", state)
+        spec = warmup.default_spec(__import__("pathlib").Path(f"{base}/rootfs"), "", cid)
+        spec["process"]["args"] = ["true"]
+        spec["process"]["env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        for m in spec["mounts"]:
+            if m["destination"] == "/dev/shm":
+                m["source"] = "pykata-pod-shm"
+        del spec["linux"]["cgroupsPath"]
+        storages = [
+            agent_pb2.Storage(driver="virtio-blk", source="serial:" + conf["serial"], fstype="ext4",
+                              mount_point=f"{base}/lower", options=["ro"],
+                              driver_options=[f"prefetch={conf['prefetch']}"]),
+            agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
+                              options=["mode=0700"]),
+            agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/upper", driver_options=["mode=755"]),
+            agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/work", driver_options=["mode=700"]),
+            agent_pb2.Storage(driver="overlay", source="overlay", fstype="overlay", mount_point=f"{base}/rootfs",
+                              options=[f"lowerdir={base}/lower", f"upperdir={base}/scratch/upper",
+                                       f"workdir={base}/scratch/work", "xino=on"]),
+        ]
+        out = {}
+        t0, c0 = time.perf_counter(), cpu_ticks()
+        def step(label):
+            nonlocal t0, c0
+            t, c = time.perf_counter(), cpu_ticks()
+            out[label] = [round((t - t0) * 1000, 1), round((c - c0) * 1000 / hz, 1)]
+            t0, c0 = t, c
+        await svc.CreateContainer(agent_pb2.CreateContainerRequest(
+            container_id=cid, oci_spec_json=json.dumps(spec), storages=storages), None)
+        step("CreateContainer")
+        if cmd.get("strace"):
+            # crun run of the same config (the root is still mounted), traced with its children
+            cfg = json.load(open(f"{state}/bundles/{cid}/config.json"))
+            cfg["linux"]["cgroupsPath"] = f"/pykata-{name}/traced"
+            os.makedirs("/tmp/traced", exist_ok=True)
+            json.dump(cfg, open("/tmp/traced/config.json", "w"))
+            subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--library-path", "/probe/strace", "/probe/strace/strace",
+                            "-f", "-c", "-o", f"/tmp/strace-{name}-run", "/usr/bin/crun", "--root=/run/traced",
+                            "run", "--bundle=/tmp/traced", "traced"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, check=False)
+            subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--library-path", "/probe/strace", "/probe/strace/strace",
+                            "-f", "-c", "-o", f"/tmp/strace-{name}-delete", "/usr/bin/crun", "--root=/run/traced",
+                            "delete", "--force", "traced"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, check=False)
+            t0, c0 = time.perf_counter(), cpu_ticks()
+        await svc.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), None)
+        step("StartContainer")
+        resp = await svc.WaitProcess(agent_pb2.WaitProcessRequest(container_id=cid), None)
+        step("WaitProcess (init's exit)")
+        # with --keep, the previous round's container (its storages still mounted) goes only now
+        gone = f"c{r - 1}" if conf["keep"] else cid
+        if not conf["keep"] or r > 0:
+            await svc.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id=gone), None)
+        step("RemoveContainer")
+        out["exit_status"] = resp.exit_status
+        with open("/proc/self/mountinfo") as f:
+            out["agent_mounts"] = sum(1 for _ in f)
+        if cmd.get("strace"):
+            for action in ("run", "delete"):
+                p = f"/tmp/strace-{name}-{action}"
+                if os.path.exists(p):
+                    out[f"strace {action}"] = open(p).read()
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "worker":
+        worker(sys.argv[2])
+    else:
+        main()
+'''
+
+
+def strace_files() -> list[tuple[str, bytes]]:
+    """The host's strace and the libraries it needs, for the guest's /probe/strace."""
+    exe = shutil.which("strace")
+    if exe is None:
+        raise SystemExit("--strace: no strace on the host")
+    out = [("strace", Path(exe).read_bytes())]
+    ldd = subprocess.run(["ldd", exe], capture_output=True, text=True, check=True).stdout
+    for line in ldd.splitlines():
+        parts = line.split("=>")
+        if len(parts) == 2 and parts[1].strip().startswith("/"):
+            lib = parts[1].split()[0]
+            if "libc.so" not in lib:
+                out.append((Path(lib).name, Path(lib).read_bytes()))
+    return out
+
+
+def package_files(src: Path) -> list[tuple[str, bytes]]:
+    """The pykata package of a source tree (its .py files), relative to the package's parent."""
+    out = []
+    for p in sorted((src / "pykata").rglob("*.py")):
+        out.append((str(p.relative_to(src)), p.read_bytes()))
+    return out
+
+
+def build_initrd(base: Path, out: Path, conf: dict[str, object], srcs: dict[str, Path], strace: bool) -> Path:
+    init = INIT_SOURCE.read_text()
+    if AGENT_EXEC not in init:
+        raise SystemExit(f"{INIT_SOURCE} no longer runs the agent with {AGENT_EXEC!r}")
+    init = init.replace(AGENT_EXEC, '\nmain("create_guest_probe")\n')
+    reg, dirmode = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
+    entries = [CpioEntry("init", stat.S_IFREG | 0o755, init.encode()),
+               CpioEntry("usr/lib/pykata/create_guest_probe.py", reg, PROBE.encode()),
+               CpioEntry("probe", dirmode, b""),
+               CpioEntry("probe/conf.json", reg, json.dumps(conf).encode())]
+    made = {"probe"}
+
+    def add(path: str, data: bytes, mode: int = reg) -> None:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                made.add(d)
+                entries.append(CpioEntry(d, dirmode, b""))
+        entries.append(CpioEntry(path, mode, data))
+
+    for name, src in srcs.items():
+        for rel, data in package_files(src):
+            add(f"probe/src-{name}/{rel}", data)
+    if strace:
+        for name, data in strace_files():
+            add(f"probe/strace/{name}", data, stat.S_IFREG | 0o755)
+    overlay = io.BytesIO()
+    write_archive(entries, overlay, mtime=0)
+    data = base.read_bytes()
+    out.write_bytes(data + b"\0" * (-len(data) % 4) + overlay.getvalue())
+    return out
+
+
+def busybox_disk() -> tuple[Path, int]:
+    config = load_config()
+    rootfs = ImageStore(config.runtime.cache_path).resolve("busybox").rootfs
+    source = source_for(rootfs, rootfs, config.runtime.cache_path)
+    assert source is not None
+    image = RootImageCache(config.runtime, config.image).ensure(source)
+    return image.path, image.prefetch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=8, help="rounds per variant")
+    ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR",
+                    help="a variant: the agent of source tree DIR (its pykata package); none: the image's agent")
+    ap.add_argument("--strace", action="store_true", help="one more round with crun under strace -f -c")
+    ap.add_argument("--keep", action="store_true",
+                    help="each container is removed after the next one was made (its storages mounted meanwhile)")
+    ap.add_argument("--initrd", type=Path, help="the guest initrd (default: the cached build)")
+    ap.add_argument("--json", type=Path, help="also write the raw rounds here")
+    args = ap.parse_args()
+    kernel, rootfs = find_kernel(CACHE), find_rootfs(CACHE)
+    initrd = args.initrd or (rootfs.initrd if rootfs else None)
+    if kernel is None or initrd is None:
+        print("no guest kernel/rootfs in the cache: run `pykata image build`", file=sys.stderr)
+        return 1
+    srcs = {}
+    for v in args.src:
+        name, _, d = v.partition("=")
+        srcs[name] = Path(d).resolve()
+    variants = list(srcs) or ["image"]
+    disk, prefetch = busybox_disk()
+    conf = {"variants": variants, "rounds": args.n, "keep": args.keep, "strace": args.strace,
+            "serial": root_slot_serial(0), "prefetch": prefetch}
+    mhz = next((float(ln.split(":")[1]) for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("cpu MHz")), 0.0)
+    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    with tempfile.TemporaryDirectory(prefix="create-guest-") as d:
+        work = Path(d)
+        probe_initrd = build_initrd(Path(initrd), work / "initrd", conf, srcs, args.strace)
+        console = work / "console.log"
+        argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
+                "-cpu", "max", "-m", "1024", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                "-serial", f"file:{console}", "-kernel", str(kernel.vmlinux), "-initrd", str(probe_initrd),
+                "-no-reboot", "-device", "virtio-serial-device", "-chardev", "null,id=agent",
+                "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+                "-drive", f"file={disk},if=none,id=img0,format=raw,readonly=on",
+                "-device", f"virtio-blk-device,drive=img0,serial={root_slot_serial(0)}",
+                "-global", "virtio-mmio.force-legacy=false",
+                "-append", f"console=ttyS0 panic=-1 quiet rcu_expedited=1 tsc_early_khz={int(mhz * 1000)}"]
+        subprocess.run(argv, check=True, timeout=1800, stdin=subprocess.DEVNULL)
+        text = console.read_text(errors="replace")
+    if os.environ.get("CREATE_GUEST_CONSOLE"):
+        Path(os.environ["CREATE_GUEST_CONSOLE"]).write_text(text)
+    rounds: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
+    for line in text.splitlines():
+        if line.startswith("PROBE-ROUND "):
+            _, name, doc = line.split(" ", 2)
+            try:
+                rounds[name].append(json.loads(doc))
+            except ValueError:
+                print(f"{name}: a round failed (console: CREATE_GUEST_CONSOLE=FILE keeps it)", file=sys.stderr)
+    if not all(rounds.values()) or "PROBE-DONE" not in text:
+        print(text[-4000:], file=sys.stderr)
+        return 1
+    # the agent's own split of each CreateContainer (its log line comes before the round's line)
+    splits: dict[str, list[list[float]]] = {}
+    pending: list[float] | None = None
+    for line in text.splitlines():
+        if line.startswith("PROBE-ROUND ") and pending is not None:
+            splits.setdefault(line.split()[1], []).append(pending)
+            pending = None
+        m = AGENT_LINE.search(line)
+        if m and not m[1].startswith("pykata"):
+            pending = [float(x) for x in m.groups()[1:]]
+    if args.json:
+        args.json.write_text(json.dumps(rounds))
+    load1 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    steps = [k for k, v in rounds[variants[0]][0].items() if isinstance(v, list)]
+    print(f"guest steps of one container (TCG, 1 vCPU), wall ms / guest CPU ms: round 0 | median of rounds "
+          f"1..{args.n - 1}; load {load0} -> {load1}")
+    for name in variants:
+        rs = [r for r in rounds[name] if not any(k.startswith("strace") for k in r)]
+        print(f"{name}:")
+        tot0 = [0.0, 0.0]
+        totm = [0.0, 0.0]
+        for s in steps:
+            first = rs[0][s]
+            later = sorted(r[s] for r in rs[1:]) if len(rs) > 1 else [first]
+            wall = sorted(x[0] for x in later)[len(later) // 2]
+            cpu = sorted(x[1] for x in later)[len(later) // 2]
+            tot0 = [tot0[0] + first[0], tot0[1] + first[1]]
+            totm = [totm[0] + wall, totm[1] + cpu]
+            print(f"  {s:<28}{first[0]:8.0f}{first[1]:6.0f} |{wall:8.0f}{cpu:6.0f}")
+        print(f"  {'total':<28}{tot0[0]:8.0f}{tot0[1]:6.0f} |{totm[0]:8.0f}{totm[1]:6.0f}")
+        sp = splits.get(name, [])
+        if len(sp) > 1:
+            med = [sorted(col)[len(col) // 2] for col in zip(*sp[1:], strict=True)]
+            print(f"  the agent's split of CreateContainer (ms, total = storages + bundle + crun create): round 0 "
+                  f"{' '.join(f'{x:.0f}' for x in sp[0])} | median {' '.join(f'{x:.0f}' for x in med)}")
+        print(f"  agent's mounts after a round: {rs[-1].get('agent_mounts')}; exit status {rs[-1].get('exit_status')}")
+        for r in rounds[name]:
+            for k, v in r.items():
+                if k.startswith("strace"):
+                    print(f"  --- {k}\n{v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
