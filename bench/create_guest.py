@@ -98,6 +98,45 @@ def cpu_ticks():
     return sum(vals) - vals[3] - vals[4]  # all but idle and iowait
 
 
+def request(conf, state, cid):
+    """The spec and storages of `ctr run --rm busybox true` as the host sends them to the guest."""
+    from pathlib import Path
+    from pykata.agent import warmup
+    from pykata.protocols.agent import agent_pb2
+    base = f"{state}/storage/{cid}"
+    spec = warmup.default_spec(Path(f"{base}/rootfs"), "", cid)
+    spec["process"]["args"] = ["true"]
+    spec["process"]["env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    for m in spec["mounts"]:
+        if m["destination"] == "/dev/shm":
+            m["source"] = "pykata-pod-shm"
+    del spec["linux"]["cgroupsPath"]
+    storages = [
+        agent_pb2.Storage(driver="virtio-blk", source="serial:" + conf["serial"], fstype="ext4",
+                          mount_point=f"{base}/lower", options=["ro"],
+                          driver_options=[f"prefetch={conf['prefetch']}"]),
+        agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
+                          options=["mode=0700"]),
+        agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/upper", driver_options=["mode=755"]),
+        agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/work", driver_options=["mode=700"]),
+        agent_pb2.Storage(driver="overlay", source="overlay", fstype="overlay", mount_point=f"{base}/rootfs",
+                          options=[f"lowerdir={base}/lower", f"upperdir={base}/scratch/upper",
+                                   f"workdir={base}/scratch/work", "xino=on"]),
+    ]
+    return spec, storages
+
+
+async def round_trip(svc, conf, state, cid, full):
+    from pykata.protocols.agent import agent_pb2
+    spec, storages = request(conf, state, cid)
+    await svc.CreateContainer(agent_pb2.CreateContainerRequest(
+        container_id=cid, oci_spec_json=json.dumps(spec), storages=storages), None)
+    if full:
+        await svc.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), None)
+        await svc.WaitProcess(agent_pb2.WaitProcessRequest(container_id=cid), None)
+    await svc.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id=cid), None)
+
+
 def worker(name):
     if name != "image":  # ahead of this script's own directory (/usr/lib/pykata), which Python put first
         sys.path.insert(0, f"/probe/src-{name}")
@@ -109,7 +148,7 @@ def worker(name):
 
 async def work(name):
     import asyncio
-    from pykata.agent import bundle, warmup
+    from pykata.agent import warmup  # noqa: F401  (imported before the rounds, as the agent has it)
     from pykata.agent.service import AgentService
     from pykata.agent.settings import AgentSettings
     from pykata.protocols.agent import agent_pb2
@@ -122,6 +161,10 @@ async def work(name):
     await svc.ReseedRandomDev(agent_pb2.ReseedRandomDevRequest(data=os.urandom(64),
                               boot_id="12345678-1234-1234-1234-1234567890ab"), None)
     await svc.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"sb{name}", hostname="probe"), None)
+    if conf["warm"] != "none":
+        # the throwaway container a pooled VM's maker creates (and with "full" also starts, waits for
+        # and) removes through CreateContainer's own path before the pod comes
+        await round_trip(svc, conf, state, "warm", full=conf["warm"] == "full")
     print(json.dumps({"ready": True}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -133,26 +176,7 @@ async def work(name):
         cmd = json.loads(line)
         r = cmd["round"]
         cid = f"c{r}"
-        base = f"/run/pykata-agent/storage/{cid}".replace("/run/pykata-agent", state)
-        spec = warmup.default_spec(__import__("pathlib").Path(f"{base}/rootfs"), "", cid)
-        spec["process"]["args"] = ["true"]
-        spec["process"]["env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
-        for m in spec["mounts"]:
-            if m["destination"] == "/dev/shm":
-                m["source"] = "pykata-pod-shm"
-        del spec["linux"]["cgroupsPath"]
-        storages = [
-            agent_pb2.Storage(driver="virtio-blk", source="serial:" + conf["serial"], fstype="ext4",
-                              mount_point=f"{base}/lower", options=["ro"],
-                              driver_options=[f"prefetch={conf['prefetch']}"]),
-            agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=f"{base}/scratch",
-                              options=["mode=0700"]),
-            agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/upper", driver_options=["mode=755"]),
-            agent_pb2.Storage(driver="local", mount_point=f"{base}/scratch/work", driver_options=["mode=700"]),
-            agent_pb2.Storage(driver="overlay", source="overlay", fstype="overlay", mount_point=f"{base}/rootfs",
-                              options=[f"lowerdir={base}/lower", f"upperdir={base}/scratch/upper",
-                                       f"workdir={base}/scratch/work", "xino=on"]),
-        ]
+        spec, storages = request(conf, state, cid)
         out = {}
         t0, c0 = time.perf_counter(), cpu_ticks()
         def step(label):
@@ -160,8 +184,21 @@ async def work(name):
             t, c = time.perf_counter(), cpu_ticks()
             out[label] = [round((t - t0) * 1000, 1), round((c - c0) * 1000 / hz, 1)]
             t0, c0 = t, c
-        await svc.CreateContainer(agent_pb2.CreateContainerRequest(
+        create = svc.CreateContainer(agent_pb2.CreateContainerRequest(
             container_id=cid, oci_spec_json=json.dumps(spec), storages=storages), None)
+        if conf["profile"] and r == conf["rounds"] - 1:
+            sys.path.append("/probe/lsprof")  # the guest's Python has no _lsprof: the host's (3.11 ABI)
+            import cProfile, io, pstats
+            prof = cProfile.Profile()
+            prof.enable()
+            await create
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            for ln in text.getvalue().splitlines():
+                print("PROBE-PROFILE", ln, file=sys.stderr, flush=True)
+        else:
+            await create
         step("CreateContainer")
         if cmd.get("strace"):
             # crun run of the same config (the root is still mounted), traced with its children
@@ -254,6 +291,9 @@ def build_initrd(base: Path, out: Path, conf: dict[str, object], srcs: dict[str,
     for name, src in srcs.items():
         for rel, data in package_files(src):
             add(f"probe/src-{name}/{rel}", data)
+    if conf.get("profile"):
+        import _lsprof  # the host's: the guest image leaves it out
+        add(f"probe/lsprof/{Path(_lsprof.__file__).name}", Path(_lsprof.__file__).read_bytes(), stat.S_IFREG | 0o755)
     if strace:
         for name, data in strace_files():
             add(f"probe/strace/{name}", data, stat.S_IFREG | 0o755)
@@ -281,6 +321,11 @@ def main() -> int:
     ap.add_argument("--strace", action="store_true", help="one more round with crun under strace -f -c")
     ap.add_argument("--keep", action="store_true",
                     help="each container is removed after the next one was made (its storages mounted meanwhile)")
+    ap.add_argument("--warm", choices=("none", "create", "full"), default="create",
+                    help="before the rounds, a throwaway container of the image: created and removed (what the "
+                         "pool's maker does), also started and waited for (full), or none")
+    ap.add_argument("--profile", action="store_true",
+                    help="the last round's CreateContainer under cProfile (the agent's Python, by own time)")
     ap.add_argument("--initrd", type=Path, help="the guest initrd (default: the cached build)")
     ap.add_argument("--json", type=Path, help="also write the raw rounds here")
     args = ap.parse_args()
@@ -295,7 +340,8 @@ def main() -> int:
         srcs[name] = Path(d).resolve()
     variants = list(srcs) or ["image"]
     disk, prefetch = busybox_disk()
-    conf = {"variants": variants, "rounds": args.n, "keep": args.keep, "strace": args.strace,
+    conf = {"variants": variants, "rounds": args.n, "keep": args.keep, "strace": args.strace, "warm": args.warm,
+            "profile": args.profile,
             "serial": root_slot_serial(0), "prefetch": prefetch}
     mhz = next((float(ln.split(":")[1]) for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("cpu MHz")), 0.0)
@@ -368,6 +414,10 @@ def main() -> int:
             for k, v in r.items():
                 if k.startswith("strace"):
                     print(f"  --- {k}\n{v}")
+    profile = [ln.split("PROBE-PROFILE", 1)[1] for ln in text.splitlines() if "PROBE-PROFILE" in ln]
+    if profile:
+        print("the last round's CreateContainer under cProfile:")
+        print("\n".join(profile))
     return 0
 
 

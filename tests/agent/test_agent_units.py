@@ -273,6 +273,12 @@ def test_virtio_disk_found_by_serial(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "null/serial").write_text("rootfs-c1\n")
     store = storage.Storages([tmp_path], [tmp_path], sys_block=tmp_path)
     assert store._device_by_serial("storages[0].source", "rootfs-c1") == "/dev/null"
+    # a later lookup checks the disk it learned, and scans again when that disk has another serial now
+    (tmp_path / "null/serial").write_text("moved\n")
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero/serial").write_text("rootfs-c1\n")
+    assert store._device_by_serial("storages[0].source", "rootfs-c1") == "/dev/zero"
+    assert store._device_by_serial("storages[0].source", "moved") == "/dev/null"
     monkeypatch.setattr(storage, "DEVICE_WAIT", 0.1)
     with pytest.raises(InvalidArgument) as ei:
         store._device_by_serial("storages[0].source", "missing")

@@ -179,6 +179,8 @@ class Storages:
         # the pod's volumes mounted so far, by mount point (see the module's docstring)
         self.pod_volumes: dict[str, Mounted] = {}
         self._pod_volume_lock = threading.Lock()
+        # disk serial -> its name under /sys/block, as last seen (see _device_by_serial)
+        self._serials: dict[str, str] = {}
         # block devices mounted now, with how many of this agent's mounts use each
         self._block_users: dict[str, int] = {}
         self._block_lock = threading.Lock()
@@ -323,15 +325,39 @@ class Storages:
 
     def _device_by_serial(self, field: str, serial: str) -> str:
         """/dev/vdX of the virtio disk whose serial (QEMU `serial=`) is `serial`; waits a little,
-        since a hot-plugged disk appears asynchronously."""
+        since a hot-plugged disk appears asynchronously.
+
+        A scan of /sys/block learns every disk's serial, and a later lookup first checks the disk it
+        learned by one read of that disk's serial (the image slots are fixed devices, so the pooled VM's
+        warm-up lookup serves the pod's): a scan read every disk's serial through pathlib's glob, 2-4
+        ms of every container's start under TCG with a single disk."""
         self._tag(field, serial)
         for _ in range(int(DEVICE_WAIT / 0.05)):
-            for entry in sorted(self.sys_block.glob("*/serial")):
-                with contextlib.suppress(OSError):
-                    if entry.read_text().strip() == serial and Path(f"/dev/{entry.parent.name}").exists():
-                        return f"/dev/{entry.parent.name}"
+            known = self._serials.get(serial)
+            if known is not None and self._read_serial(known) == serial and os.path.exists(f"/dev/{known}"):
+                return f"/dev/{known}"
+            try:
+                names = sorted(os.listdir(self.sys_block))
+            except OSError:
+                names = []
+            seen: dict[str, str] = {}
+            for name in names:
+                found = self._read_serial(name)
+                if found is not None:
+                    seen.setdefault(found, name)  # two disks with one serial: the first name, as before
+            self._serials.update(seen)
+            if serial in seen and os.path.exists(f"/dev/{seen[serial]}"):
+                return f"/dev/{seen[serial]}"
             time.sleep(0.05)
         raise InvalidArgument(field, f"no virtio disk with serial {serial!r} appeared within {DEVICE_WAIT}s")
+
+    def _read_serial(self, name: str) -> str | None:
+        """The serial of disk `name` (/sys/block/NAME/serial), None when it has none or is gone."""
+        try:
+            with open(os.path.join(self.sys_block, name, "serial"), encoding="utf-8", errors="replace") as f:
+                return f.read(256).strip()
+        except OSError:
+            return None
 
     def _tag(self, field: str, tag: str) -> None:
         if not TAG_RE.match(tag):
