@@ -93,13 +93,15 @@ async def kill(st: TaskState, req: shim_pb2.KillRequest) -> Empty:
         # nor on its word: an agent that acknowledges the kill and never reports the exit would keep
         # the container, and so the pod and its VM, from ever being removed (containerd waits for the
         # exit of a killed task without a deadline)
-        st.spawn(_exit_or_kill_vm(st, p, sandbox.config.agent.pykata.request_timeout), f"kill-deadline-{p.id}")
+        # (twice the request timeout: a container restarted alone must not cost its pod the VM because a
+        # loaded host made its exit slow)
+        st.spawn(_exit_or_kill_vm(st, p, 2 * sandbox.config.agent.pykata.request_timeout), f"kill-deadline-{p.id}")
     return Empty()
 
 
 async def _exit_or_kill_vm(st: TaskState, p: ShimProcess, deadline: float) -> None:
-    """Stop the VM when `p` has not exited `deadline` seconds (the agent's request timeout: the bound
-    on every guest answer) after the agent acknowledged its SIGKILL."""
+    """Stop the VM when `p` has not exited `deadline` seconds (twice the agent's request timeout, the
+    bound on every guest answer) after the agent acknowledged its SIGKILL."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(p.exited.wait(), deadline)
     if not p.stopped and not st.vm_dead:
