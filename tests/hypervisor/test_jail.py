@@ -279,4 +279,9 @@ def test_ram_preload_opens_only_the_template_memory_read_only(tmp_path: Path) ->
                          capture_output=True, text=True).stdout.split()
     assert out == [str(os.O_RDONLY)] * 4 + [str(os.O_RDWR)] * 2
     # a second call finds the built library (keyed by its source) instead of building again
-    assert ramreadonly.library(tmp_path / "cache") == lib
+    built = lib.stat().st_ino
+    assert ramreadonly.library(tmp_path / "cache") == lib and lib.stat().st_ino == built
+    # one that others could have changed (it is loaded into a QEMU that starts as root) is built again
+    lib.chmod(0o777)
+    assert ramreadonly.library(tmp_path / "cache") == lib and lib.stat().st_ino != built
+    assert stat.S_IMODE(lib.stat().st_mode) == 0o755

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -42,7 +43,7 @@ def library(cache_dir: Path) -> Path | None:
     global _warned
     source = _source()
     out = cache_dir / "ramro" / f"{hashlib.sha256(source).hexdigest()[:20]}.so"
-    if out.is_file():
+    if _trusted(out):
         return out
     cc = shutil.which("cc") or shutil.which("gcc")
     try:
@@ -50,7 +51,7 @@ def library(cache_dir: Path) -> Path | None:
             raise OSError("no C compiler (cc) on PATH")
         out.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with file_lock(out.parent / ".lock"):
-            if out.is_file():
+            if _trusted(out):
                 return out
             src = out.parent / f".{out.stem}.{os.getpid()}.c"
             tmp = out.parent / f".{out.stem}.{os.getpid()}.so"
@@ -73,6 +74,19 @@ def library(cache_dir: Path) -> Path | None:
                         "library: %s): a guest escaped into QEMU could change other pods' memory", detail)
             _warned = True
         return None
+
+
+def _trusted(lib: Path) -> bool:
+    """Whether `lib` is a regular file of this user that no one else may change (it is loaded into a
+    QEMU that starts as root), in such a directory; a file that is not is built again."""
+    try:
+        for path, kind in ((lib.parent, stat.S_ISDIR), (lib, stat.S_ISREG)):
+            st = os.lstat(path)
+            if not kind(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def environment(lib: Path, memory_file: Path) -> dict[str, str]:
