@@ -241,8 +241,8 @@ def tree_cpu(pid: int) -> dict[int, float]:
 
 def thread_stats(pid: int) -> dict[str, list[float]]:
     """Per thread name of `pid` (QEMU: `CPU 0/TCG`, its main loop `qemu-system-x86`, `IO ...`, `call_rcu`,
-    `worker`): [CPU seconds, minor faults, voluntary + involuntary context switches], summed over the
-    threads of that name."""
+    `worker`): [CPU seconds, of them in the kernel, minor faults, voluntary + involuntary context
+    switches], summed over the threads of that name."""
     out: dict[str, list[float]] = {}
     tick = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
@@ -253,10 +253,11 @@ def thread_stats(pid: int) -> dict[str, list[float]]:
                 fields = stat.rsplit(")", 1)[1].split()
                 switches = sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
                                if "ctxt_switches:" in line)
-                got = out.setdefault(name, [0.0, 0.0, 0.0])
+                got = out.setdefault(name, [0.0, 0.0, 0.0, 0.0])
                 got[0] += (int(fields[11]) + int(fields[12])) / tick
-                got[1] += int(fields[7])
-                got[2] += switches
+                got[1] += int(fields[12]) / tick
+                got[2] += int(fields[7])
+                got[3] += switches
     return out
 
 
@@ -464,16 +465,17 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
             claimed_qemus = [p for p in qemus_before if any(p in last_seen.get(c, {}) for c in claimed)]
             for q in claimed_qemus:
                 now = thread_stats(q)
-                for name, (cpu, flt, sw) in now.items():
-                    was = qemus_before[q].get(name, [0.0, 0.0, 0.0])
-                    got = threads.setdefault(name, [0.0, 0.0, 0.0])
-                    for i, v in enumerate((cpu, flt, sw)):
+                for name, values in now.items():
+                    was = qemus_before[q].get(name, [0.0] * len(values))
+                    got = threads.setdefault(name, [0.0] * len(values))
+                    for i, v in enumerate(values):
                         got[i] += v - was[i]
             n = max(1, len(claimed_qemus))
             out["qemu_process_cpu_s_per_claim"] = round(sum(
                 tree_cpu(q).get(q, 0.0) - seen_pid.get(q, 0.0) for q in claimed_qemus) / n, 3)
             out["qemu_claimed_counted"] = len(claimed_qemus)
-            out["qemu_threads_per_claim"] = {k: [round(v[0] / n, 3), round(v[1] / n), round(v[2] / n)]
+            out["qemu_threads_per_claim"] = {k: [round(v[0] / n, 3), round(v[1] / n, 3), round(v[2] / n),
+                                                 round(v[3] / n)]
                                              for k, v in sorted(threads.items())}
         return out
     finally:
@@ -729,7 +731,8 @@ def main() -> None:
                       f"{r['refill_cpu_s_during_run']} CPU s until the last start")
             if r.get("qemu_threads_per_claim"):
                 print(f"  claimed QEMU per start ({r['qemu_claimed_counted']} QEMUs, process "
-                      f"{r['qemu_process_cpu_s_per_claim']} CPU s), by thread [CPU s, minor faults, context switches]: "
+                      f"{r['qemu_process_cpu_s_per_claim']} CPU s), by thread "
+                      "[CPU s, of it kernel, minor faults, context switches]: "
                       + ", ".join(f"{k} {v}" for k, v in r["qemu_threads_per_claim"].items()))
             if r.get("timeline"):
                 print("  timeline (ms after the run began):")
