@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -74,9 +75,41 @@ def config(tdir: Path, initrd_copy: Path) -> Config:
     return _config(tdir, initrd_copy, shared_fs="virtio-9p")
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _factory_log() -> Iterator[list[str]]:
+    handler = _Lines()
+    logger = logging.getLogger("pykata.factory")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
-def template(config: Config) -> Template:
-    return asyncio.run(ensure_template(config))
+def template_log() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def template(config: Config, template_log: list[str]) -> Template:
+    with _factory_log() as lines:
+        try:
+            return asyncio.run(ensure_template(config))
+        finally:
+            template_log += lines
 
 
 def _qemu_pids(under: Path) -> set[int]:
@@ -87,7 +120,9 @@ def _qemu_pids(under: Path) -> set[int]:
             and any(str(under) in arg for arg in p.info["cmdline"] or ())}
 
 
-async def test_template_made_once_and_found(template: Template, config: Config) -> None:
+async def test_template_made_once_and_found(template: Template, config: Config, template_log: list[str]) -> None:
+    # saved once its agent had done its start-up work and the guest idled (factory.template._settle)
+    assert [line for line in template_log if "the guest idled" in line], template_log
     assert template.memory.is_file() and template.state.is_file()
     # Device state only: RAM stays in the memory file.
     assert template.state.stat().st_size < 4 << 20
@@ -306,3 +341,24 @@ def test_a_maker_killed_mid_way_leaves_no_template_vm(initrd_copy: Path) -> None
             maker.kill()
             maker.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def test_a_template_saved_before_its_guest_settled_says_why(tdir: Path, initrd_copy: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving "anyway" used to log only that the guest did not idle within 10 s. With no time to settle,
+    the maker now says what was not done (the agent's start-up work: containerd's seccomp profile, which
+    each clone then finishes itself) and where QEMU's CPU went."""
+    from pykata.factory import template as template_module
+
+    monkeypatch.setattr(template_module, "TEMPLATE_SETTLE_LIMIT", 0.05)
+    cfg = _config(tdir, initrd_copy, shared_fs="virtio-9p")
+    cfg = dataclasses.replace(cfg, factory=FactoryConfig(enable_template=True, template_path=str(tdir / "tpl-hasty")))
+    with _factory_log() as lines:
+        made = await ensure_template(cfg)
+    try:
+        said = [line for line in lines if "saved" in line and "although" in line]
+        assert said, lines
+        assert "its agent had not finished its start-up work (containerd's seccomp profile" in said[0]
+        assert "QEMU ran" in said[0] and "main loop" in said[0]
+    finally:
+        shutil.rmtree(made.dir.parent, ignore_errors=True)

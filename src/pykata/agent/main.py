@@ -26,6 +26,9 @@ log = logging.getLogger("pykata.agent")
 
 # Written to the console once the agent serves: boot benchmarks and the VM tests look for it.
 READY_LINE = "PYKATA_AGENT_READY"
+# Printed once the work the agent starts after its ready line (precompile_seccomp) is done: a template's
+# maker saves the guest after it (pykata.factory.template), so the template holds that work's result.
+SETTLED_LINE = "PYKATA_AGENT_SETTLED"
 # Set by the kernel command line (PYKATA_BOOT_MARKS=1, see pykata.agent.pid1): print boot phase marks.
 BOOT_MARKS_ENV = "PYKATA_BOOT_MARKS"
 
@@ -96,7 +99,8 @@ async def _serve(channel_spec: str, server: Server, listen: str | None, *,
         print(READY_LINE, flush=True)
     # Beside serving, not before the ready line: a cold boot's host is not kept waiting for it, and a
     # template's maker saves the guest only once it idles, so the template holds what it did.
-    background = asyncio.ensure_future(after_ready()) if after_ready is not None and ready.is_set() else None
+    background = asyncio.ensure_future(_then_settled(after_ready)) if after_ready is not None and ready.is_set() \
+        else None
     try:
         await serving
     finally:
@@ -104,6 +108,11 @@ async def _serve(channel_spec: str, server: Server, listen: str | None, *,
             background.cancel()
         waiter.cancel()
         await server.close()
+
+
+async def _then_settled(after_ready: Callable[[], Awaitable[None]]) -> None:
+    await after_ready()  # never raises (AgentService.precompile_seccomp); cancelled: no line
+    print(SETTLED_LINE, flush=True)
 
 
 EXEC_WITH = ("native", "crun", "spawner")

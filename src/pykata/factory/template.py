@@ -60,7 +60,15 @@ from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.driver import QemuHypervisor
-from pykata.hypervisor.readiness import MAX_STRETCH, wait_quiet
+from pykata.hypervisor.readiness import (
+    MAX_STRETCH,
+    SETTLED_MARKER,
+    BootDeadline,
+    Starvation,
+    busy_breakdown,
+    wait_for_console_line,
+    wait_quiet,
+)
 from pykata.network.tap import guest_mac, nic_id, open_tap
 
 log = logging.getLogger("pykata.factory")
@@ -368,12 +376,14 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
         host = await _connect_host(vm)
         try:
             assert vm.pid is not None
-            settled = await wait_quiet(vm.pid, limit=TEMPLATE_SETTLE_LIMIT)
-            if settled is None:
-                log.info("factory: template %s: the guest did not idle within %.0fs; saved anyway", key[:12],
-                         TEMPLATE_SETTLE_LIMIT)
+            began = time.monotonic()
+            why = await _settle(vm, vm.pid)
+            if why is not None:
+                log.warning("factory: template %s: saved %.1fs after its agent's line although %s", key[:12],
+                            time.monotonic() - began, why)
             else:
-                log.info("factory: template %s: the guest idled %.2fs after its agent's line", key[:12], settled)
+                log.info("factory: template %s: the guest idled %.2fs after its agent's line", key[:12],
+                         time.monotonic() - began)
             await vm.save(directory / "state")
         finally:
             if host is not None:
@@ -383,6 +393,33 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
             os.close(fd)
         await vm.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+async def _settle(vm: QemuHypervisor, pid: int) -> str | None:
+    """Wait until the template's guest has done its start-up work and idles: None, or why it is to be
+    saved anyway (for the log). Bounded by TEMPLATE_SETTLE_LIMIT, not counting the time QEMU waited for
+    a host CPU (BootDeadline), and by MAX_STRETCH times that in all.
+
+    Two things, in order: the agent's SETTLED_MARKER, printed once the work it starts after its ready
+    line is done (compiling containerd's default seccomp profile in a throwaway container, at nice 19:
+    under TCG ~1-3 CPU-s, the larger part of what kept a template's guest busy); then QEMU quiet
+    (wait_quiet). A template saved before the marker still runs that work in every clone, from where it
+    was, beside the pod's first requests; one saved busy otherwise makes each clone redo the rest."""
+    deadline = BootDeadline(TEMPLATE_SETTLE_LIMIT, Starvation(pid))
+    agent_done = asyncio.ensure_future(wait_for_console_line(vm.console_log, SETTLED_MARKER))
+    try:
+        while not agent_done.done() and deadline.remaining() > 0:
+            await asyncio.wait({agent_done}, timeout=min(0.25, max(0.01, deadline.remaining())))
+    finally:
+        agent_done.cancel()
+    if not agent_done.done() or agent_done.cancelled():
+        return (f"its agent had not finished its start-up work (containerd's seccomp profile, compiled ahead "
+                f"at nice 19) after {deadline.elapsed():.1f}s, {deadline.starved:.1f}s of them waiting for a "
+                f"host CPU; {await busy_breakdown(pid)}: each clone finishes that work itself")
+    if await wait_quiet(pid, limit=max(1.0, deadline.remaining())) is not None:
+        return None
+    return (f"the guest did not idle ({await busy_breakdown(pid)}; {deadline.starved:.1f}s waiting for a host "
+            f"CPU): each clone goes on with what it was doing")
 
 
 async def _connect_host(vm: QemuHypervisor) -> socket.socket | None:

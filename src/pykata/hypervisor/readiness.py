@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from pykata.hypervisor.base import Hypervisor, ReadinessProbe
 
 READY_MARKER = b"PYKATA_AGENT_READY"
+# The agent's line once the work it starts after READY_MARKER is done (pykata.agent.main SETTLED_LINE).
+SETTLED_MARKER = b"PYKATA_AGENT_SETTLED"
 # A boot's deadline stretches by the time its VMM waited for a host CPU, up to this many boot_timeouts.
 MAX_STRETCH = 10.0
 
@@ -89,17 +91,7 @@ def run_queue_waits(pid: int) -> dict[int, float]:
 def cpu_seconds(pid: int) -> float:
     """Seconds all threads of process `pid` have run (schedstat, nanoseconds); 0.0 when the kernel does
     not say or the process is gone. Never raises."""
-    total = 0
-    try:
-        threads = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return 0.0
-    for thread in threads:
-        try:
-            total += int((thread / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / 1e9
+    return sum(thread_cpu_seconds(pid).values())
 
 
 async def wait_quiet(pid: int, *, window: float = 0.2, busy: float = 0.004, windows: int = 2,
@@ -119,6 +111,34 @@ async def wait_quiet(pid: int, *, window: float = 0.2, busy: float = 0.004, wind
             return time.monotonic() - started
         last = now
     return None
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """Seconds each thread of process `pid` has run (schedstat), by thread id; {} when unknown. Never raises."""
+    found: dict[int, float] = {}
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for thread in threads:
+        try:
+            found[int(thread.name)] = int((thread / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+async def busy_breakdown(pid: int, window: float = 1.0) -> str:
+    """Where a VMM's CPU went over the next `window` seconds, as text for a log line: its main loop
+    (thread id = pid: devices, timers, I/O) apart from its other threads (under TCG mostly the vCPUs, which
+    run the guest's code). Never raises."""
+    before = thread_cpu_seconds(pid)
+    await asyncio.sleep(window)
+    after = thread_cpu_seconds(pid)
+    ran = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    main = ran.pop(pid, 0.0)
+    return (f"QEMU ran {1000 * (main + sum(ran.values())) / window:.0f} ms per s: main loop "
+            f"{1000 * main / window:.0f}, other threads (vCPUs) {1000 * sum(ran.values()) / window:.0f}")
 
 
 class Starvation:
