@@ -412,8 +412,9 @@ class AgentService:
         """Compile containerd's RuntimeDefault seccomp profile (pykata.agent.seccompdefault) into the
         containers' SeccompCache, through a throwaway container (pykata.agent.warmup) whose program crun
         leaves in its state directory. Run by the agent itself right after its ready line, in the VM
-        only, at nice 19: in a VM template that is before any host session, so the template is saved
-        with the program (its maker waits for the guest to idle) and every clone's first CRI container
+        only, at nice 19, unless a host spoke by then (a cold boot, whose pod's requests it would slow:
+        pykata.agent.main._then_settled): in a VM template that is before any host session, so the
+        template is saved with the program (its maker waits for the guest to idle) and every clone's first CRI container
         loads it instead of compiling it. The program comes from the agent's own crun, compiled from a
         profile built into the agent, before any pod exists: nothing a pod sends reaches it, and no
         program ever comes from another VM (a clone starts with its template's, made by the host's
@@ -425,6 +426,7 @@ class AgentService:
             return
         cache = self.containers.seccomp
         began = time.monotonic()
+        log.info("seccomp: compiling containerd's default profile ahead")
         try:
             self._make_dirs()
             await warmup.warm_up(self.containers.crun, self.settings, self.entropy.container_mounts(),
