@@ -347,3 +347,32 @@ def test_a_tree_that_would_not_fit_one_agent_message_stays_shared(tmp_path: Path
         os.symlink("t" * 4000, vol / f"l{i}")
     with pytest.raises(watchable.Unsuitable, match="more than one agent message"):
         watchable.scan(str(vol), 1024, 3 << 20)
+
+
+def test_pykata_check_says_how_many_inotify_slots_are_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod past pykata's share of inotify instances polls its configmap/secret volumes each second; the
+    shim's log said so per volume, and nothing else did. `pykata check` now counts the slots held and
+    warns, with the sysctl to raise, once all are."""
+    from pykata.cli.check import _inotify
+    from pykata.config import load_config
+
+    monkeypatch.setattr(watchable, "_max_user_instances", lambda: 2 * watchable.INOTIFY_SHARE)
+    config = load_config()
+    monkeypatch.setattr(type(config.runtime), "runtime_path", property(lambda _self: tmp_path))
+    slots = tmp_path / "inotify"
+    assert watchable.slots_in_use(slots) == (0, 2)
+    first = watchable.RootWatch(slots)
+    try:
+        assert watchable.slots_in_use(slots) == (1, 2)
+        result = _inotify(lambda: config)
+        assert result.status == "pass" and result.facts == {"in_use": 1, "limit": 2, "slots_dir": str(slots)}
+        second = watchable.RootWatch(slots)
+        try:
+            result = _inotify(lambda: config)
+            assert result.status == "warn" and "2 of pykata's 2 inotify instances in use" in result.detail
+            assert "polled each second" in result.detail and "max_user_instances" in result.hint
+        finally:
+            second.close()
+    finally:
+        first.close()
+    assert watchable.slots_in_use(slots) == (0, 2)  # probing took none of them

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pykata.config import load_config, load_config_file
 from pykata.config.schema import Config
+
+if TYPE_CHECKING:
+    from pykata.hypervisor.check import CheckResult
 
 _MARK = {"pass": ("PASS", "green"), "warn": ("WARN", "yellow"), "fail": ("FAIL", "red")}
 
@@ -27,6 +32,7 @@ def check(as_json: bool, config_path: Path | None, no_cache: bool) -> None:
         return load_config_file(config_path.absolute()) if config_path else load_config()
 
     results = run_checks_sync(loader, use_cache=not no_cache)
+    results.append(_inotify(loader))
     ok = can_run(results)
     if as_json:
         click.echo(json.dumps({"ok": ok, "checks": [r.to_json() for r in results]}, indent=2))
@@ -43,3 +49,26 @@ def check(as_json: bool, config_path: Path | None, no_cache: bool) -> None:
         else:
             click.echo("pykata cannot run on this host: fix the FAIL lines above.")
     raise SystemExit(0 if ok else 1)
+
+
+def _inotify(loader: Callable[[], Config]) -> CheckResult:
+    """pykata's share of the host's inotify instances (resources.watchable): one per pod shim that
+    watches configmap/secret volumes; a pod past them polls its volumes each second instead."""
+    from pykata.errors import PykataError
+    from pykata.hypervisor.check import CheckResult
+    from pykata.resources import watchable
+
+    try:
+        slots = loader().runtime.runtime_path / "inotify"
+    except PykataError:
+        slots = Path("/run/pykata/inotify")
+    held, limit = watchable.slots_in_use(slots)
+    detail = (f"{held} of pykata's {limit} inotify instances in use (1/{watchable.INOTIFY_SHARE} of "
+              f"fs.inotify.max_user_instances = {watchable.max_user_instances()}, shared with kubelet and containerd)")
+    facts = {"in_use": held, "limit": limit, "slots_dir": str(slots)}
+    if held < limit:
+        return CheckResult("inotify", "pass", detail, facts=facts)
+    return CheckResult("inotify", "warn", detail + ": more pods' configmap/secret volumes are polled each second "
+                       "(updates seen up to 1 s later, an lstat of each entry every second)",
+                       "raise fs.inotify.max_user_instances, e.g. sysctl -w fs.inotify.max_user_instances=1024",
+                       facts=facts)

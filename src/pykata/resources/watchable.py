@@ -303,6 +303,32 @@ def _take_slot(slots_dir: Path) -> int:
                                 "fs.inotify.max_user_instances, shared with kubelet and containerd) are in use")
 
 
+def max_user_instances() -> int:
+    """fs.inotify.max_user_instances (128 when unreadable)."""
+    return _max_user_instances()
+
+
+def slots_in_use(slots_dir: Path) -> tuple[int, int]:
+    """(how many of pykata's inotify slots under `slots_dir` live shims hold, how many there are). A slot
+    is probed with a non-blocking flock, released at once. Never raises (an unreadable directory counts
+    as no slot in use)."""
+    limit = max(1, _max_user_instances() // INOTIFY_SHARE)
+    held = 0
+    for i in range(limit):
+        try:
+            fd = os.open(slots_dir / str(i), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # never taken yet
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            held += 1
+        finally:
+            os.close(fd)
+    return held, limit
+
+
 class RootWatch:
     """An inotify descriptor watching volumes' root directories: readable when something changed there
     (the events themselves are not parsed: any of them means "look again"). With `slots_dir`, it
