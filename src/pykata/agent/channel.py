@@ -33,15 +33,14 @@ from pykata.ttrpc import Server
 log = logging.getLogger("pykata.agent.channel")
 
 DEFAULT_VSOCK_PORT = 1024
-# A virtio-serial port reads as end-of-file while no host is connected. Until a host has had a session,
-# the agent waits for one with the port open and O_ASYNC: the guest kernel sends SIGIO when a host
-# connects (virtio_console), so the host of a template clone (saved before any host connected) is
-# served at once (_IDLE_RECHECK is only a fallback). After a host's session it closes the port and opens
-# it again after 10 ms, then 20, 40, ... 200 ms while no host is there: QEMU's query-chardev shows these
-# closed moments, by which a host knows the guest left that session (restore() of a snapshot). It never
-# closes the port on a host that connected meanwhile (_host_waiting): that would discard its first bytes.
-_REOPEN_DELAY = 0.01
-_REOPEN_DELAY_MAX = 0.2
+# A virtio-serial port reads as end-of-file while no host is connected. The agent keeps the port open
+# for its whole life and waits for a host with O_ASYNC: the guest kernel sends SIGIO when a host connects
+# (virtio_console), so the next host is served at once (_IDLE_RECHECK is only a fallback). It never
+# closes the port: closing it discards what the guest holds of the port's input (virtio_console's
+# release), and a host that connected and wrote just before the close lost those bytes for good: 17 of
+# 150 plain quick reconnects (load 22) got no answer when the agent closed and reopened its port after
+# each host's session (10..200 ms closed moments, once how restore() of a snapshot knew the guest left
+# the saved host's session; the host's session hello does that now: pykata.ttrpc.session).
 _IDLE_RECHECK = 1.0
 
 
@@ -84,7 +83,8 @@ def parse_channel(spec: str) -> Channel:
 
 async def serve_serial(server: Server, device: str, ready: asyncio.Event,
                        on_session: Callable[[], None] | None = None) -> None:
-    """Serve ttrpc on a virtio-serial port for ever: one session per host (see _REOPEN_DELAY).
+    """Serve ttrpc on a virtio-serial port for ever: one session per host, the port open throughout
+    (see _IDLE_RECHECK: no host is waited for by SIGIO).
 
     `on_session` runs with each session's first bytes (a session that saw no bytes when the VM
     was saved still counts as new in a clone: its first bytes come from the clone's host).
@@ -93,59 +93,26 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
     loop = asyncio.get_running_loop()
     host_changed = asyncio.Event()
     loop.add_signal_handler(signal.SIGIO, host_changed.set)
-    delay: float | None = None  # the next closed pause; None until a host's session ended
+    fd = _open_port(device)
     try:
+        ready.set()
         while True:
-            fd = _open_port(device)
+            # No SIGIO while serving: the port signals every chunk of a host's data too, and a signal
+            # per request costs the guest its delivery and a wakeup of the loop.
+            _set_async(fd, False)
             try:
-                ready.set()
-                first = b""
-                while True:
-                    # No SIGIO while serving: the port signals every chunk of a host's data too, and
-                    # a signal per request costs the guest its delivery and a wakeup of the loop.
-                    _set_async(fd, False)
-                    try:
-                        served = await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session,
-                                                       first=first,
-                                                       peer_present=functools.partial(_host_connected, fd))
-                    finally:
-                        _set_async(fd, True)
-                    if served:
-                        delay = _REOPEN_DELAY  # a host's session ended
-                    if delay is not None:
-                        waiting = _host_waiting(fd)
-                        if waiting is None:
-                            break
-                        first = waiting  # closing now would discard a new host's first bytes: serve it
-                        continue
-                    host_changed.clear()  # a host connecting from here on is signalled
-                    if _host_connected(fd):
-                        continue  # it came between the end of file and SIGIO's return
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(host_changed.wait(), _IDLE_RECHECK)
+                await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session,
+                                      peer_present=functools.partial(_host_connected, fd))
             finally:
-                os.close(fd)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _REOPEN_DELAY_MAX)
+                _set_async(fd, True)
+            host_changed.clear()  # a host connecting from here on is signalled
+            if _host_connected(fd):
+                continue  # it came between the end of file and SIGIO's return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(host_changed.wait(), _IDLE_RECHECK)
     finally:
+        os.close(fd)
         loop.remove_signal_handler(signal.SIGIO)
-
-
-def _host_waiting(fd: int) -> bytes | None:
-    """None when no host is on the port (it reads as end of file); else the bytes a host that connected
-    since the last end of file already sent (b"" for none yet). Closing the port discards what is queued
-    in it: a host that connected between the end of file and the close lost its session hello, and got
-    no answer it could take until it reconnected (Agent.connect: 15 s; 4-6 of 60 quick reconnects on a
-    busy host). Its bytes may come before the guest knows it connected (the kernel learns that from a
-    control message handled later), so they are read, not polled for."""
-    os.set_blocking(fd, False)
-    try:
-        data = os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return b""  # a host is connected, nothing sent yet
-    except OSError:
-        return None
-    return data or None
 
 
 def _host_connected(fd: int) -> bool:

@@ -58,7 +58,6 @@ DEADLINE_CHECK = 1.0  # seconds between looks at a booting VM's deadline (pykata
 GRACEFUL_TIMEOUT = 2.0
 QUIT_TIMEOUT = 2.0
 # A restored snapshot's agent leaves the saved host's session within this (see restore()).
-PORT_CLOSE_TIMEOUT = 10.0
 AGENT_CHARDEV = "agent"  # cmdline.VirtSerialPort.id
 
 
@@ -712,9 +711,10 @@ class QemuHypervisor(Hypervisor):
         """Load state written by save() (or a snapshot) into this VM and run it. Only a VM started from
         a RestoreSource (QEMU waiting for an incoming migration) can be restored, once; start() does it.
 
-        A restored snapshot was saved with a host connected to the agent's port: QEMU tells the guest
-        that host is gone once it runs, and this returns when the guest closed the port, i.e. the
-        agent left the old host's session (a host connecting before that could be answered by it).
+        A restored snapshot was saved with a host connected to the agent's port, its agent in that host's
+        session: QEMU tells the guest that host is gone once it runs. The next host opens its own session
+        with a hello (Agent.connect, pykata.ttrpc.session), which makes the agent drop whatever the old
+        session left, whether or not it saw the old host leave first.
 
         Raises:
             NotSupportedError: this VM was not started to receive a state.
@@ -734,8 +734,6 @@ class QemuHypervisor(Hypervisor):
             for slot, image in self._restore.root_slots:
                 await self._slots.fill(self.qmp, slot, image)
         await self.qmp.execute("cont")
-        if not ignore_shared and self.spec is not None and self.spec.agent_channel == "virtio-serial":
-            await self._wait_port_closed()
         self.timestamps["resumed"] = time.monotonic()
 
     def _connect_agent_early(self) -> None:
@@ -792,25 +790,6 @@ class QemuHypervisor(Hypervisor):
         if self._agent_connection is not None:
             self._agent_connection.close()
             self._agent_connection = None
-
-    async def _wait_port_closed(self) -> None:
-        """Wait until the guest has its agent port closed (see restore()). QEMU's VSERPORT_CHANGE
-        event would say so, but QEMU throttles it to one a second; the chardev's `frontend-open`
-        (query-chardev) is the same state, unthrottled. The agent reopens the port within ~10 ms,
-        and closes it again while no host is connected, so a closed moment is seen within a few polls.
-
-        Raises:
-            HypervisorError: the port stayed open for PORT_CLOSE_TIMEOUT.
-        """
-        deadline = time.monotonic() + PORT_CLOSE_TIMEOUT
-        while True:
-            chardevs = await self.qmp.execute("query-chardev")
-            if not any(c.get("label") == AGENT_CHARDEV and c.get("frontend-open") for c in chardevs):
-                return
-            if time.monotonic() > deadline:
-                raise HypervisorError(f"VM {self.vm_id}: the restored guest kept the agent port open for "
-                                      f"{PORT_CLOSE_TIMEOUT:.0f}s (its agent did not leave the saved session)")
-            await asyncio.sleep(0.002)
 
     # ---------------------------------------------------------------------------------------------
 
