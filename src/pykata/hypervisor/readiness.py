@@ -71,21 +71,28 @@ def log_tail(path: Path, limit: int = 3000) -> str:
     return text or "(empty)"
 
 
+def _schedstat(pid: int, column: int) -> dict[int, float]:
+    """Column `column` of each thread's /proc/<pid>/task/<tid>/schedstat, in seconds, by thread id:
+    0 the time it ran, 1 the time it waited for a CPU. {} when the kernel does not say or the process
+    is gone. Never raises."""
+    found: dict[int, float] = {}
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for thread in threads:
+        try:
+            found[int(thread.name)] = int((thread / "schedstat").read_text().split()[column]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def run_queue_waits(pid: int) -> dict[int, float]:
     """Seconds each thread of process `pid` has been ready to run but waited for a CPU (the kernel's
     schedstat run_delay), by thread id; {} when the kernel does not say (no CONFIG_SCHED_INFO) or the
     process is gone. Never raises."""
-    waits: dict[int, float] = {}
-    try:
-        threads = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return waits
-    for thread in threads:
-        try:
-            waits[int(thread.name)] = int((thread / "schedstat").read_text().split()[1]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue
-    return waits
+    return _schedstat(pid, 1)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -115,17 +122,7 @@ async def wait_quiet(pid: int, *, window: float = 0.2, busy: float = 0.004, wind
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """Seconds each thread of process `pid` has run (schedstat), by thread id; {} when unknown. Never raises."""
-    found: dict[int, float] = {}
-    try:
-        threads = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found
-    for thread in threads:
-        try:
-            found[int(thread.name)] = int((thread / "schedstat").read_text().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    return _schedstat(pid, 0)
 
 
 async def busy_breakdown(pid: int, window: float = 1.0) -> str:
