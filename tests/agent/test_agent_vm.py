@@ -488,23 +488,3 @@ async def test_a_cold_boot_whose_host_spoke_first_skips_the_precompile(vm: tuple
     assert "start-up work skipped: a host spoke first" in console, console[-3000:]
     assert "compiling containerd's default profile ahead" not in console
 
-
-async def test_plain_clients_that_reconnect_quickly_each_get_their_answer(vm: tuple[Path, Path]) -> None:
-    """A client of the port without a session hello (a plain ttrpc client) that connects 0-30 ms after the
-    last one left lost its request in 17 of 150 tries (load 22): the agent closed and reopened its port
-    after each host, and closing it discards what QEMU already put in the guest (virtio_console's
-    release); 2 of 150 more when the host did not run the guest for the end of file's grace. The agent
-    now keeps its port open and counts that grace in looks, not only in time: 0 of 150."""
-    sock, _log = vm
-    await (await _connect(sock)).close()
-    lost = []
-    for i in range(60):
-        await asyncio.sleep(0.03 * (i % 7) / 6)
-        client = await connect_unix(str(sock))
-        try:
-            await client.stub(HEALTH_SERVICE).Check(agent_pb2.CheckRequest(), timeout=5)
-        except RpcError as e:
-            lost.append((i, e.code))
-        finally:
-            await client.close()
-    assert not lost, lost
