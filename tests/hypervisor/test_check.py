@@ -19,7 +19,8 @@ from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.guest_assets import guest_kernel_path
 
 NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
-         "vmm-jail", "file-guard", "template-memory", "guest-kernel", "guest-image", "memory-merging", "containerd"]
+         "vmm-jail", "file-guard", "template-memory", "guest-kernel", "guest-image", "memory-merging", "containerd",
+         "inotify"]  # the last one added by the CLI (cli/check.py: resources is above the hypervisor)
 
 
 def test_cpu_flags() -> None:
