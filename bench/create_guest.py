@@ -1,26 +1,34 @@
 #!/usr/bin/env python3
 """Where the guest's time and CPU go in one container's life, step by step, inside one VM (TCG):
 
-    .venv/bin/python bench/create_guest.py [-n 8] [--src NAME=DIR ...] [--keep] [--strace] [--initrd FILE]
+    .venv/bin/python bench/create_guest.py [-n 8] [--src NAME=DIR ...] [--keep] [--sleeper SECONDS]
+        [--warm none|create|full] [--profile] [--strace] [--initrd FILE]
 
 Boots the guest image (the cached kernel and initrd, or --initrd) cold in a throwaway QEMU microvm
-with the busybox image as a read-only disk in the slot the sandboxes use, and an /init that runs a
-probe (its own module, appended as a second cpio) instead of the agent. The probe runs the agent's own
-`AgentService` in a worker process per variant, as a pooled VM does: WarmUp, ReseedRandomDev,
-CreateSandbox, then per round the RPCs a `ctr run --rm busybox true` makes, with the storages and
-the spec the host sends (containerd's default spec; the image disk, a tmpfs, an overlay):
-CreateContainer, StartContainer, WaitProcess (the init's exit), RemoveContainer (with --keep, of the
-previous round's container, so that each create finds another container of the image alive, as a
-pod's second container of one image does). Rounds alternate
-between the variants (one VM, one kernel, one crun: only the agent's Python code differs), so A/B
-of agent changes needs no image build: `--src base=/tmp/base/src` against the worktree's `src`.
+(one vCPU) with the busybox image as a read-only disk in the slot the sandboxes use, and an /init that
+runs a probe (its own module, appended as a second cpio) instead of the agent. The probe runs the
+agent's own `AgentService` in a worker process per variant, as a pooled VM has it: WarmUp,
+ReseedRandomDev, a throwaway container of the image created and removed (--warm create, what the
+pool's maker does; `full` also starts it and waits for its exit; `none`), CreateSandbox; then per round
+the RPCs of `ctr run --rm busybox true` with the storages and the spec the host sends (containerd's
+default spec; the image disk, a tmpfs, an overlay): CreateContainer, StartContainer, WaitProcess (the
+init's exit), RemoveContainer (with --keep, of the previous round's container, so that each create
+finds another container of the image alive; --sleeper keeps one container running `sleep` through the
+rounds, made SECONDS before them: a pod's second container).
+
+Rounds alternate between the variants (`--src NAME=DIR`: the pykata package of source tree DIR; none:
+the image's own agent) in one VM, one kernel, one crun, the workers at the same addresses (QEMU's
+translations are shared): only the agent's Python differs, so an A/B of agent changes needs no image
+build (`--src base=/tmp/base/src --src new=src`). Round 0 is a VM's first container of that path;
+the first variant's round 0 also translates for the others, so compare round 0 across separate runs.
 
 Per step it prints the median wall ms and the guest's CPU ms (non-idle jiffies of /proc/stat: the
-clock ticks at 4 ms, so medians of coarse samples), round 0 (the first container of the VM: QEMU
-translates code the warm-up did not run) apart from the median of the later rounds. With --strace,
-one more round per variant runs crun under the host's strace (copied in with its libraries) and
-prints crun's syscall counts (create, delete). Run it beside other load and the absolute figures
-move: compare the variants of one run.
+clock ticks at 4 ms, so medians of coarse samples), round 0 apart from the median of the later rounds,
+and the agent's own split of each CreateContainer (storages, bundle, crun create). --profile runs the
+last round's CreateContainer under cProfile (the host's _lsprof: the guest image has none); --strace
+adds a `crun run` of the same config under the host's strace -f -c (copied in with its libraries). Run
+beside other load the absolute figures move (30% between runs at load 15): compare the variants of
+one run.
 """
 
 from __future__ import annotations
@@ -165,6 +173,14 @@ async def work(name):
         # the throwaway container a pooled VM's maker creates (and with "full" also starts, waits for
         # and) removes through CreateContainer's own path before the pod comes
         await round_trip(svc, conf, state, "warm", full=conf["warm"] == "full")
+    if conf["sleeper"]:
+        # a container that keeps running through the rounds (a pod's first container, as its pause)
+        spec, storages = request(conf, state, "sleeper")
+        spec["process"]["args"] = ["sleep", "100000"]
+        await svc.CreateContainer(agent_pb2.CreateContainerRequest(
+            container_id="sleeper", oci_spec_json=json.dumps(spec), storages=storages), None)
+        await svc.StartContainer(agent_pb2.StartContainerRequest(container_id="sleeper"), None)
+        await asyncio.sleep(conf["sleeper"])
     print(json.dumps({"ready": True}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -324,6 +340,9 @@ def main() -> int:
     ap.add_argument("--warm", choices=("none", "create", "full"), default="create",
                     help="before the rounds, a throwaway container of the image: created and removed (what the "
                          "pool's maker does), also started and waited for (full), or none")
+    ap.add_argument("--sleeper", type=float, default=0, metavar="SECONDS",
+                    help="a container running `sleep` through the rounds (made this long before them), so that "
+                         "each measured container is a pod's second")
     ap.add_argument("--profile", action="store_true",
                     help="the last round's CreateContainer under cProfile (the agent's Python, by own time)")
     ap.add_argument("--initrd", type=Path, help="the guest initrd (default: the cached build)")
@@ -341,6 +360,7 @@ def main() -> int:
     variants = list(srcs) or ["image"]
     disk, prefetch = busybox_disk()
     conf = {"variants": variants, "rounds": args.n, "keep": args.keep, "strace": args.strace, "warm": args.warm,
+            "sleeper": args.sleeper,
             "profile": args.profile,
             "serial": root_slot_serial(0), "prefetch": prefetch}
     mhz = next((float(ln.split(":")[1]) for ln in Path("/proc/cpuinfo").read_text().splitlines()
