@@ -7,9 +7,10 @@
 Boots the guest image (the cached kernel and initrd, or --initrd) cold in a throwaway QEMU microvm
 (one vCPU) with the busybox image as a read-only disk in the slot the sandboxes use, and an /init that
 runs a probe (its own module, appended as a second cpio) instead of the agent. The probe runs the
-agent's own `AgentService` in a worker process per variant, as a pooled VM has it: WarmUp,
-ReseedRandomDev, a throwaway container of the image created and removed (--warm create, what the
-pool's maker does; `full` also starts it and waits for its exit; `none`), CreateSandbox; then per round
+agent's own `AgentService` in a worker process per variant, much as a pooled VM has it: WarmUp,
+ReseedRandomDev, CreateSandbox, a throwaway container of the image created and removed (--warm create,
+what the pool's maker does, there before CreateSandbox; `full` also starts it and waits for its exit;
+`none`); then per round
 the RPCs of `ctr run --rm busybox true` with the storages and the spec the host sends (containerd's
 default spec; the image disk, a tmpfs, an overlay): CreateContainer, StartContainer, WaitProcess (the
 init's exit), RemoveContainer (with --keep, of the previous round's container, so that each create
