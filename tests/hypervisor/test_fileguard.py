@@ -78,6 +78,15 @@ attempt("ptrace", ptrace)
 attempt("F_SETOWN", lambda: fcntl.fcntl(s.fileno(), fcntl.F_SETOWN, victim))
 attempt("F_GETFL", lambda: fcntl.fcntl(s.fileno(), fcntl.F_GETFL))
 attempt("write", lambda: os.write(2, b""))
+import resource
+attempt("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, victim, 19))
+# PRIO_USER reaches every process of a uid: a uid with none, so that the unfiltered run changes nothing
+attempt("setpriority-user", lambda: os.setpriority(os.PRIO_USER, 3999999, 19))
+attempt("sched_setaffinity", lambda: os.sched_setaffinity(victim, {0}))
+attempt("sched_setscheduler", lambda: os.sched_setscheduler(victim, os.SCHED_IDLE, os.sched_param(0)))
+attempt("prlimit", lambda: resource.prlimit(victim, resource.RLIMIT_NOFILE, (1, 1)))
+attempt("own-affinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+attempt("own-prlimit", lambda: resource.prlimit(0, resource.RLIMIT_NOFILE))
 print(" ".join(out))
 """
 
@@ -88,16 +97,20 @@ def test_proxy_helper_filter_keeps_it_from_other_processes() -> None:
     kill containerd or kubelet. Under filter_child (what the helper starts with) a real process, as
     root, can neither signal, pidfd_open, ptrace nor become a descriptor's SIGIO owner of another
     process; its other calls work."""
+    # every call of the probe aims at `victim` (a sleep of this test's) or at nothing (signal 0, a uid
+    # with no process): run unfiltered, as the control below does, it must change nothing else
     victim = subprocess.Popen(["sleep", "60"])
     try:
         out = subprocess.run([sys.executable, "-c", REACH_PROBE, str(victim.pid)], preexec_fn=fileguard.filter_child,
                              capture_output=True, text=True, timeout=30, check=True).stdout.split()
         assert out == ["kill=EPERM", "kill-init=EPERM", "pidfd_open=EPERM", "ptrace=EPERM", "F_SETOWN=EPERM",
-                       "F_GETFL=ok", "write=ok"], out
+                       "F_GETFL=ok", "write=ok", "setpriority=EPERM", "setpriority-user=EPERM",
+                       "sched_setaffinity=EPERM", "sched_setscheduler=EPERM", "prlimit=EPERM",
+                       "own-affinity=ok", "own-prlimit=ok"], out
         # without the filter the same probe reaches it: the test itself is sound
         free = subprocess.run([sys.executable, "-c", REACH_PROBE, str(victim.pid)], capture_output=True,
                               text=True, timeout=30, check=True).stdout.split()
-        assert "kill=ok" in free and "pidfd_open=ok" in free
+        assert "kill=ok" in free and "pidfd_open=ok" in free and "prlimit=ok" in free
         assert victim.poll() is None
     finally:
         victim.kill()

@@ -21,8 +21,10 @@ and a process may signal every process of its own uid without any capability: if
 requests took the helper over, it could kill containerd, kubelet or any root process, or ptrace a
 sibling helper. So it also starts under a second filter (`no_reach_program`) that refuses, with
 EPERM, every syscall that acts on another process: kill, tkill, tgkill, rt_(tg)sigqueueinfo, ptrace,
-process_vm_readv/writev, kcmp, the pidfd calls, and fcntl/ioctl that set a descriptor's owner (SIGIO
-is sent to that owner with the same uid check). The helper uses none of them.
+process_vm_readv/writev, kcmp, the pidfd calls, fcntl/ioctl that set a descriptor's owner (SIGIO
+is sent to that owner with the same uid check), setpriority, ioprio_set, migrate_pages, move_pages,
+process_madvise, and the sched_set* calls and prlimit64 on any process but itself. The helper uses
+none of them.
 """
 
 from __future__ import annotations
@@ -126,6 +128,13 @@ _REACH_SYSCALLS = {62: "kill", 200: "tkill", 234: "tgkill", 129: "rt_sigqueueinf
                    424: "pidfd_send_signal", 434: "pidfd_open", 438: "pidfd_getfd"}
 _FCNTL, _IOCTL = 72, 16
 _OWNER_CMDS = {_FCNTL: (8, 15), _IOCTL: (0x8901, 0x8902)}  # F_SETOWN(_EX); FIOSETOWN, SIOCSPGRP
+# a process may also renice, reschedule, repin or change the limits of any process of its uid: these
+# only on itself (argument 0, the pid, is 0), setpriority and ioprio_set (whose PRIO_USER/IOPRIO_WHO_USER
+# reach every process of the uid) not at all, nor moving another's memory
+_REACH_SYSCALLS.update({141: "setpriority", 251: "ioprio_set", 256: "migrate_pages", 279: "move_pages",
+                        440: "process_madvise"})
+_SELF_ONLY = {142: "sched_setparam", 144: "sched_setscheduler", 203: "sched_setaffinity",
+              314: "sched_setattr", 302: "prlimit64"}
 
 
 def no_reach_program() -> bytes:
@@ -135,6 +144,10 @@ def no_reach_program() -> bytes:
     prog: list[tuple[int, object, object, int]] = [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, "EPERM", AUDIT_ARCH_X86_64),
                                                    (_LD_W_ABS, 0, 0, 0)]
     prog += [(_JEQ_K, "EPERM", 0, nr) for nr in _REACH_SYSCALLS]
+    for nr in _SELF_ONLY:
+        # not this syscall: past the block; else the pid (argument 0, both words) must be 0
+        prog += [(_JEQ_K, 0, ("skip", 5), nr), (_LD_W_ABS, 0, 0, 16), (_JEQ_K, 0, "EPERM", 0),
+                 (_LD_W_ABS, 0, 0, 20), (_JEQ_K, "ALLOW", "EPERM", 0), (_LD_W_ABS, 0, 0, 0)]
     for nr, cmds in _OWNER_CMDS.items():
         # not this syscall: past the block (its argument load, its commands and its ALLOW)
         prog.append((_JEQ_K, 0, ("skip", 1 + len(cmds) + 1), nr))
