@@ -532,13 +532,18 @@ class QemuHypervisor(Hypervisor):
                 log.debug("VM %s: guest shutdown hook failed: %r", self.vm_id, exc)
         if qemu.running and self._qmp is not None and not self._qmp.closed:
             mark("qemu.quit")
-            with contextlib.suppress(QmpError):
+            try:
                 await self._qmp.execute("quit", timeout=QUIT_TIMEOUT)
-            mark("qemu.quit.answered")
-            await qemu.wait(QUIT_TIMEOUT)
+            except QmpError as exc:
+                # e.g. "not connected": a VM stopped while it still restores (the SDK's Pool closed early)
+                # cannot be asked; it is killed at once instead of after a wait and a warning
+                log.debug("VM %s: QMP quit failed (%s), killing QEMU", self.vm_id, exc)
+            else:
+                mark("qemu.quit.answered")
+                await qemu.wait(QUIT_TIMEOUT)
+                if qemu.running:
+                    log.warning("VM %s: QEMU did not quit, killing it", self.vm_id)
         mark("qemu.exited")
-        if qemu.running:
-            log.warning("VM %s: QEMU did not quit, killing it", self.vm_id)
         await qemu.kill()
 
     # ---------------------------------------------------------------------------------------------
