@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from pykata.agentapi.errors import AgentCallError
+from pykata.cli.run import failure_status
 from pykata.config import load_config
+from pykata.errors import PykataError
 from pykata.fsutil import descendants
 from pykata.sandbox import state
 from pykata.sandbox.lookup import find
 from pykata.sandbox.remote import AttachedSandbox
+from pykata.ttrpc import Code
 from tests.cli.ptysession import pty_session
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
@@ -56,6 +60,19 @@ def test_bad_input_is_one_clear_line_and_no_vm(args: list[str], needle: bytes) -
     owners = [json.loads((d / "state.json").read_text()).get("owner_pid") for d in new
               if (d / "state.json").exists()]
     assert p.pid not in owners
+
+
+def test_a_command_the_agent_cannot_find_exits_127() -> None:
+    """docker run/exec exit 127 for a command not found (a shell's status); run's other failures stay 125,
+    exec's 126."""
+    not_found = AgentCallError("s1", "CreateContainer", Code.NOT_FOUND,
+                               "crun create s1: executable file `nope` not found in $PATH: No such file or directory")
+    assert failure_status(not_found, 125) == 127
+    assert failure_status(AgentCallError("s1", "ExecProcess", Code.NOT_FOUND, not_found.message), 126) == 127
+    denied = AgentCallError("s1", "CreateContainer", Code.INTERNAL, "open executable: Permission denied")
+    assert failure_status(denied, 125) == 125
+    assert failure_status(AgentCallError("s1", "CreateContainer", Code.NOT_FOUND, "no such image disk"), 125) == 125
+    assert failure_status(PykataError("unknown image"), 125) == 125
 
 
 @pytest.mark.parametrize("args", [
@@ -161,6 +178,9 @@ def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
         cid = mine[0]["id"]
         ex = pykata("exec", name, "sh", "-c", "echo from-exec; exit 4")
         assert (ex.returncode, ex.stdout) == (4, b"from-exec\n")
+        missing = pykata("exec", name, "no-such-command")  # as docker and a shell say it: 127
+        assert missing.returncode == 127 and b"no-such-command" in missing.stderr, missing.stderr
+        assert b"Traceback" not in missing.stderr
         piped = pykata("exec", "-i", cid[:8], "cat", input=b"piped stdin\n")
         assert piped.stdout == b"piped stdin\n"
         assert pykata("kill", name, "KILL").returncode == 0

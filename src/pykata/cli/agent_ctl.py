@@ -28,7 +28,7 @@ async def _call(sandbox: str, rpc: str, body: str, timeout: float) -> str:
         return await sb.call_json(rpc, body, timeout=timeout)
 
 
-@click.command("agent-ctl")
+@click.command("agent-ctl", short_help="Call an agent RPC of a running sandbox (for debugging).")
 @click.option("--list", "list_", is_flag=True, help="List the agent's RPCs and their request fields.")
 @click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,

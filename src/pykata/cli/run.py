@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import click
 
+from pykata.agentapi.errors import AgentCallError
 from pykata.cli import detach
 from pykata.config import Config, load_config, with_shared_fs
 from pykata.config.parse import MAX_LOG_BACKUPS
@@ -34,11 +35,24 @@ from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
 from pykata.sandbox.state import list_sandboxes
 from pykata.sandbox.stdio import feed_stdin, pump_output
+from pykata.ttrpc import Code
 
 
 def _fail(message: str, code: int = 125) -> None:
     click.echo(f"pykata: {message}", err=True)
     sys.exit(code)
+
+
+COMMAND_NOT_FOUND = 127  # docker's status for a command it could not find (126: found, not invocable)
+
+
+def failure_status(e: PykataError, default: int) -> int:
+    """The exit status of `run`/`exec` failing with `e`: 127 when the agent found no executable for the
+    command (as docker and a shell say it), else `default` (125 for run, 126 for exec)."""
+    if (isinstance(e, AgentCallError) and e.rpc in ("CreateContainer", "StartContainer", "ExecProcess")
+            and e.code == Code.NOT_FOUND and "not found in $PATH" in e.message):
+        return COMMAND_NOT_FOUND
+    return default
 
 
 def parse_signal(text: str) -> int:
@@ -257,7 +271,7 @@ def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: 
             workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id,
             shared_fs=shared_fs))
     except PykataError as e:
-        _fail(str(e))
+        _fail(str(e), failure_status(e, 125))
     sys.exit(status)
 
 
@@ -292,7 +306,7 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env)), workdir,
                                          parse_user(user) if user else (0, 0)))
     except PykataError as e:
-        _fail(str(e), 126)
+        _fail(str(e), failure_status(e, 126))
     sys.exit(status)
 
 
