@@ -141,3 +141,41 @@ def info(as_json: bool, cache_dir: Path | None) -> None:
         click.echo()
     else:
         _print_human(data)
+
+
+@image.command("save")
+@click.argument("image_ref", metavar="IMAGE")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The OCI archive to write (replaced whole when complete).")
+@click.option("--name", default="docker.io/library/busybox:latest", show_default=True,
+              help="The reference the archive names (its index's org.opencontainers.image.ref.name).")
+def save(image_ref: str, output: Path, name: str) -> None:
+    """Write a container IMAGE (the embedded `busybox`, or any image `pykata run` takes) as a one-layer OCI
+    archive for `ctr images import`, so containerd can run it without a registry."""
+    import os
+    import tempfile
+
+    from pykata.config.load import load_config
+    from pykata.images import ImageStore
+    from pykata.images.builtin import export_oci_archive
+
+    if not name or any(c.isspace() for c in name):
+        raise click.BadParameter(f"{name!r} is not an image reference", param_hint="--name")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"directory {parent} does not exist", param_hint="--output")
+    try:
+        config = load_config()
+        image = ImageStore(config.runtime.cache_path, config.image).resolve(image_ref)
+    except PykataError as exc:
+        raise click.ClickException(str(exc)) from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=parent)
+    os.close(fd)
+    try:
+        export_oci_archive(image, Path(tmp), name)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    click.echo(f"{output}: {name} (import: ctr images import --base-name {name.rsplit(':', 1)[0]} {output})")
