@@ -44,6 +44,8 @@ def pykata(*args: str, input: bytes | None = None, timeout: float = 120) -> subp
     (["kill", "whatever", "NOTASIGNAL"], b"unknown signal"),
     (["exec", "no-such-container", "true"], b"no such container"),
     (["logs", "no-such-container"], b"no such container"),
+    (["sandbox", "inspect", "no-such-sandbox"], b"no such sandbox"),
+    (["agent-ctl", "no-such-sandbox", "Health.Check"], b"no such sandbox"),
     (["run", "--rm", "-w", "relative", "busybox", "true"], b"--workdir"),  # was the agent's error, after a boot
     (["exec", "-w", "relative", "no-such-container", "true"], b"--workdir"),
 ])

@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
 
 
 async def _call(sandbox: str, rpc: str, body: str, timeout: float) -> str:
-    found = find(load_config(), sandbox)
+    found = find(load_config(), sandbox, "sandbox")
     if not found.running:
         raise PykataError(f"sandbox {found.record.id[:12]} is not running")
     async with await AttachedSandbox.attach(found) as sb:

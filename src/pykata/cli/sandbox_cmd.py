@@ -55,7 +55,7 @@ def ls(as_json: bool) -> None:
 def inspect(as_json: bool, sandbox_id: str) -> None:
     """Everything known of one sandbox (id, id prefix or name)."""
     try:
-        found = find(load_config(), sandbox_id)
+        found = find(load_config(), sandbox_id, "sandbox")
     except PykataError as e:
         click.echo(f"pykata: {e}", err=True)
         sys.exit(1)
@@ -106,7 +106,7 @@ def exec_(tty_: bool | None, sandbox_id: str, command: tuple[str, ...]) -> None:
         command = command[1:]
     terminal = tty_ if tty_ is not None else (not command and os.isatty(0))
     try:
-        found = find(config, sandbox_id)
+        found = find(config, sandbox_id, "sandbox")
         if not found.running:
             raise PykataError(f"sandbox {sandbox_id} is not running")
         status = asyncio.run(_console(found, command, terminal))

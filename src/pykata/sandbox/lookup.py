@@ -42,10 +42,11 @@ class Found:
         return self.dir / AGENT_PROXY_SOCKET
 
 
-def find(config: Config, ref: str) -> Found:
-    """The sandbox whose id, id prefix or name is `ref`. Raises NotFoundError (also when ambiguous)."""
+def find(config: Config, ref: str, what: str = "container") -> Found:
+    """The sandbox whose id, id prefix or name is `ref`. Raises NotFoundError (also when ambiguous), saying
+    "no such `what`" (a `pykata run` container is its sandbox: the commands name what they take)."""
     if not ref:
-        raise NotFoundError(ref)
+        raise NotFoundError(ref, f"no such {what}")
     matches = []
     for d, rec in state.list_sandboxes(sandboxes_dir(config)):
         if rec is None:
@@ -56,7 +57,7 @@ def find(config: Config, ref: str) -> Found:
             matches.append(Found(d, rec))
     if len(matches) == 1:
         return matches[0]
-    raise NotFoundError(ref, "ambiguous id" if matches else "no such container")
+    raise NotFoundError(ref, "ambiguous id" if matches else f"no such {what}")
 
 
 def _kill_vmm(pid: int | None, sandbox_id: str) -> None:
