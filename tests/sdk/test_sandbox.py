@@ -237,6 +237,13 @@ async def test_bad_arguments_name_their_field_before_any_vm() -> None:
         await sb.spawn("cat", stdin=5)  # type: ignore[arg-type]
     with pytest.raises(SpecError, match=r"^cwd: "):
         await sb.spawn("true", cwd="relative")
+    # the SDK's own parameter names, not the CLI's --user/--volume, nor a TypeError
+    with pytest.raises(SpecError, match=r"^user: "):
+        await sb.run("true", user="nobody")
+    with pytest.raises(SpecError, match=r"^cmd: int is not a command"):
+        await sb.run(123)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"^volumes\[1\]: 'bad' is not HOST:GUEST"):
+        await pykata.AsyncSandbox(volumes=["/tmp:/t", "bad"]).start()
     assert pykata.AsyncSandbox(name="grader-1.local", cwd="/work").name == "grader-1.local"
     with pytest.raises(SpecError, match=r"^shared_fs: 'nfs' is not one of virtio-fs, virtio-9p"):
         pykata.AsyncSandbox(shared_fs="nfs")  # type: ignore[arg-type]

@@ -45,19 +45,19 @@ class Volume:
     propagation: str = "rprivate"  # of the host-side bind: (r)private, (r)slave or (r)shared
 
     @classmethod
-    def parse(cls, text: str) -> Volume:
-        """HOST:GUEST[:ro|rw]. Raises SpecError naming --volume."""
+    def parse(cls, text: str, field: str = "--volume") -> Volume:
+        """HOST:GUEST[:ro|rw]. Raises SpecError naming `field` (the CLI's option, or the SDK's volumes[i])."""
         parts = text.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-            raise SpecError("--volume", f"{text!r} is not HOST:GUEST[:ro]")
+            raise SpecError(field, f"{text!r} is not HOST:GUEST[:ro]")
         mode = parts[2] if len(parts) == 3 else "rw"
         if mode not in ("ro", "rw"):
-            raise SpecError("--volume", f"{text!r}: mode must be ro or rw, not {mode!r}")
+            raise SpecError(field, f"{text!r}: mode must be ro or rw, not {mode!r}")
         host = Path(parts[0]).absolute()
         if not host.exists():
-            raise SpecError("--volume", f"host path {host} does not exist")
+            raise SpecError(field, f"host path {host} does not exist")
         if not parts[1].startswith("/"):
-            raise SpecError("--volume", f"container path {parts[1]!r} must be absolute")
+            raise SpecError(field, f"container path {parts[1]!r} must be absolute")
         return cls(host, parts[1], mode == "ro")
 
 
@@ -77,16 +77,16 @@ def parse_size(text: str, field: str = "--memory") -> int:
     return value
 
 
-def parse_user(text: str) -> tuple[int, int]:
-    """UID[:GID] -> (uid, gid). Raises SpecError naming --user."""
+def parse_user(text: str, field: str = "--user") -> tuple[int, int]:
+    """UID[:GID] -> (uid, gid). Raises SpecError naming `field`."""
     uid, _, gid = text.partition(":")
     try:
         u = int(uid)
         g = int(gid) if gid else u
     except ValueError:
-        raise SpecError("--user", f"{text!r} is not UID[:GID] (numbers)") from None
+        raise SpecError(field, f"{text!r} is not UID[:GID] (numbers)") from None
     if not (0 <= u < 2**32 and 0 <= g < 2**32):
-        raise SpecError("--user", f"{text!r} is out of range")
+        raise SpecError(field, f"{text!r} is out of range")
     return u, g
 
 

@@ -115,6 +115,10 @@ def _argv(cmd: Command) -> list[str]:
         if not cmd.strip():
             raise SpecError("cmd", "empty command")
         return ["/bin/sh", "-c", cmd]
+    # run(123) was "TypeError: 'int' object is not iterable"; bytes would have run its numbers
+    if not isinstance(cmd, Sequence) or isinstance(cmd, (bytes, bytearray)):
+        raise SpecError("cmd", f"{type(cmd).__name__} is not a command: give a str (run by /bin/sh -c) or a "
+                               "list of arguments")
     argv = [str(a) for a in cmd]
     if not argv:
         raise SpecError("cmd", "empty command")
@@ -135,8 +139,8 @@ def _user(user: User | None) -> tuple[int, int] | None:
     if user is None:
         return None
     if isinstance(user, tuple):
-        return parse_user(f"{user[0]}:{user[1]}")
-    return parse_user(str(user))
+        return parse_user(f"{user[0]}:{user[1]}", "user")
+    return parse_user(str(user), "user")
 
 
 class AsyncSandbox:
@@ -224,7 +228,7 @@ class AsyncSandbox:
             config = with_shared_fs(config, self.shared_fs)
         image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(self.image_ref)
         mark("sdk.image")
-        vols = [Volume.parse(v) for v in self.volumes]
+        vols = [Volume.parse(v, f"volumes[{i}]") for i, v in enumerate(self.volumes)]
         self._env = [*image.config.env, *self._extra_env]
         self._cwd = self._cwd_arg or image.config.working_dir or "/"
         spec = build_spec(self.idle_command, env=self._env, cwd=self._cwd)
