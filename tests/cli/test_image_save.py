@@ -8,6 +8,9 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
+from pykata.cli.image import _print_human
 from pykata.config import load_config
 from pykata.images import ImageStore
 from tests.shim.harness import Containerd, missing_prerequisites
@@ -45,3 +48,14 @@ def test_save_names_the_bad_argument(tmp_path: Path) -> None:
         p = subprocess.run([PYKATA, "image", "save", *args], capture_output=True, timeout=120)
         assert p.returncode != 0 and needle in p.stderr and b"Traceback" not in p.stderr, p.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_image_info_shortens_a_long_list_of_other_builds(capsys: pytest.CaptureFixture[str]) -> None:
+    """A busy cache keeps every build of the last 12 hours: `image info` printed 100+ keys on one line."""
+    others = [f"{i:020x}" for i in range(106)]
+    _print_human({"cache_dir": "/c", "kernel": None, "rootfs": None, "other_kernels": others[:2],
+                  "other_rootfs": others})
+    out = capsys.readouterr().out
+    assert f"other kernels in the cache: {others[0]}, {others[1]}\n" in out
+    assert f"other rootfs in the cache: 106: {', '.join(others[:5])}, ... (--json lists all)" in out
+    assert others[5] not in out

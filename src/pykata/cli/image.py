@@ -60,6 +60,9 @@ def _rootfs_info(art: Any) -> dict[str, Any] | None:
     }
 
 
+SHOWN_OTHERS = 5
+
+
 def _print_human(data: dict[str, Any]) -> None:
     kernel, rootfs = data["kernel"], data["rootfs"]
     click.echo(f"cache:   {data['cache_dir']}")
@@ -76,8 +79,12 @@ def _print_human(data: dict[str, Any]) -> None:
     else:
         click.echo("rootfs:  not built (pykata image build)")
     for name in ("other_kernels", "other_rootfs"):
-        if data.get(name):
-            click.echo(f"{name.replace('_', ' ')} in the cache: {', '.join(data[name])}")
+        others = data.get(name) or []
+        if len(others) > SHOWN_OTHERS:  # a busy cache keeps every build of the last 12 hours: 100+ keys
+            click.echo(f"{name.replace('_', ' ')} in the cache: {len(others)}: "
+                       f"{', '.join(others[:SHOWN_OTHERS])}, ... (--json lists all)")
+        elif others:
+            click.echo(f"{name.replace('_', ' ')} in the cache: {', '.join(others)}")
 
 
 @click.group("image")
