@@ -222,6 +222,21 @@ def test_rm_force_of_a_running_container() -> None:
 
 
 @pytest.mark.vm
+def test_run_says_when_it_makes_the_template_first(tmp_path: Path) -> None:
+    """The first run after a guest image or size change waits 10-30 s for the template: it says so (it was
+    silent), once; the next run finds the template and says nothing."""
+    config = tmp_path / "configuration.toml"
+    config.write_text(f'[factory]\ntemplate_path = "{tmp_path / "templates"}"\n')
+    env = {**os.environ, "PYKATA_CONFIG": str(config)}
+    for expected in (True, False):
+        p = subprocess.run([PYKATA, "run", "--rm", "busybox", "echo", "ran"], env=env, capture_output=True,
+                           timeout=180)
+        assert (p.returncode, p.stdout) == (0, b"ran\n"), p.stderr
+        assert (b"pykata: factory: making template" in p.stderr) is expected, p.stderr
+        assert b"Traceback" not in p.stderr
+
+
+@pytest.mark.vm
 def test_run_whose_vm_dies_fails_without_a_traceback() -> None:
     """QEMU killed under a running `pykata run`: the VM's death and the failed call, one line each, and
     no traceback (the output pumps failed with the VM and asyncio printed 'Task exception was never

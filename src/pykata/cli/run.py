@@ -23,6 +23,7 @@ from pykata.config import Config, load_config, with_shared_fs
 from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.config.schema import SharedFs
 from pykata.errors import PykataError
+from pykata.factory.template import TEMPLATE_PROGRESS
 from pykata.hypervisor.console import BoundedLog
 from pykata.hypervisor.errors import VmExitedError
 from pykata.ids import HOSTNAME_RULE, is_hostname
@@ -199,6 +200,7 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
                                                                           memory_source="--memory"))
     # a bad image fails here, before a VM boots
     await prepare_root_image(config, image.rootfs)
+    TEMPLATE_PROGRESS.set(lambda message: click.echo(f"pykata: {message}", err=True))  # a wait of 10-30 s
     sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
     status = 255
     try:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -291,6 +292,13 @@ async def _locked(root: Path, timeout: float) -> Any:
         yield
 
 
+# Who hears that a template is being made when the caller passed no `progress`: `pykata run` sets it for its
+# own task, as the first run after a guest image or size change waits 10-30 s for that, silent otherwise
+# (asyncio tasks inherit it; a shim or the SDK set nothing and stay quiet).
+TEMPLATE_PROGRESS: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "template_progress", default=None)
+
+
 async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[str], None] | None = None,
                           force: bool = False, user_net: bool = False) -> Template:
     """The template for `config` with `nics` NICs (pykata.network.nic_id/guest_mac): found in the
@@ -310,7 +318,7 @@ async def ensure_template(config: Config, *, nics: int = 0, progress: Callable[[
         if found is not None and found.inputs == inputs:
             mark_used(found)
             return found
-    say = progress or (lambda _msg: None)
+    say = progress or TEMPLATE_PROGRESS.get() or (lambda _msg: None)
     async with _locked(root, timeout=MAX_STRETCH * config.qemu.boot_timeout + 60):
         found = load_template(final)
         if found is not None and found.inputs == inputs and not force:
