@@ -193,6 +193,13 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail() -> None:
         assert helper.cap_effective & ~PROXY_HELPER_CAPS == 0 and not helper.cap_effective & CAP_SYS_ADMIN
         assert helper.cap_bounding == 0  # it can never get any other capability back
         assert helper.no_new_privs and helper.own_mount_namespace
+        # a PID namespace of its own, where it is pid 2 under the namespace's init (its host pid is
+        # unchanged for the host's view: tests/hypervisor/qemu/test_proxy9p.py performs the attack)
+        helper_pid = pids["virtfs-proxy-helper"]
+        assert os.readlink(f"/proc/{helper_pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        nspid = next(line for line in Path(f"/proc/{helper_pid}/status").read_text().splitlines()
+                     if line.startswith("NSpid:"))
+        assert nspid.split()[1:] == [str(helper_pid), "2"], nspid
         assert helper.root == str(sandbox.shared_dir)
         assert helper.own_network_namespace
         _assert_no_network_from(pids["virtfs-proxy-helper"])

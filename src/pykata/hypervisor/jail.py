@@ -12,7 +12,9 @@ The tap, the template's saved state and the 9p proxy socket are opened by pykata
 
 virtiofsd confines itself (seccomp, mount/pid/net namespaces with pivot_root into the shared dir, a
 reduced capability set); virtfs-proxy-helper (9p for a jailed QEMU) chroots into the shared dir and
-keeps only its file capabilities; pykata adds a mount namespace and NO_NEW_PRIVS to both.
+keeps only its file capabilities (an empty bounding set); pykata adds a mount namespace and NO_NEW_PRIVS
+to both, and to the helper (uid 0) an empty network namespace, a PID namespace of its own and a seccomp
+filter against reaching other processes (pykata.hypervisor.fileguard).
 """
 
 from __future__ import annotations
@@ -122,23 +124,32 @@ def jail_spec(q: QemuConfig, *, uid: int | None, chroot: Path | None) -> JailSpe
 
 
 def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False, *,
-                     network_namespace: bool = False) -> list[str]:
+                     network_namespace: bool = False, pid_namespace: bool = False) -> list[str]:
     """The argv prefix that starts a program in a private (slave) mount namespace, an empty network
     namespace (only a loopback that is down: no socket reaches the host's network, its localhost
-    services or a cloud's metadata address) and/or with NO_NEW_PRIVS. `unshare` execs the program:
-    its pid is the program's.
+    services or a cloud's metadata address), a PID namespace of its own and/or with NO_NEW_PRIVS.
+
+    Without `pid_namespace`, `unshare` execs the program: its pid is the program's. With it, the
+    program is the child of the namespace's init (as under lifeline_prefix(), so a program that
+    changes its credentials, which clears a parent-death signal, still dies with the namespace):
+    the spawned pid is the outer `unshare`, and SIGKILL to it ends the init and with it, by the
+    kernel, everything in the namespace. SIGTERM does not pass (unshare blocks it while it waits).
 
     Raises:
         HypervisorError: util-linux's unshare/setpriv is not installed.
     """
     prefix: list[str] = []
-    if mount_namespace or network_namespace:
+    if mount_namespace or network_namespace or pid_namespace:
         prefix += [_tool(UNSHARE)]
+        if pid_namespace:
+            prefix += ["--pid", "--fork", "--kill-child=SIGKILL"]
         if mount_namespace:
             prefix += ["--mount", "--propagation", "slave"]
         if network_namespace:
             prefix += ["--net"]
         prefix += ["--"]
+        if pid_namespace:
+            prefix += [_tool(UNSHARE), "--fork", "--"]
     if no_new_privs:
         prefix += [_tool(SETPRIV), "--no-new-privs", "--"]
     return prefix

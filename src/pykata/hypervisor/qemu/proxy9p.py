@@ -3,16 +3,23 @@
 A QEMU that runs as an unprivileged uid cannot open the pod's files (owned by root and the images'
 users) through its own 9p server. QEMU 7.2's `-fsdev proxy` hands every file operation over a socket
 to this helper, which runs as root with only its file capabilities, chrooted into the shared
-directory, in a mount namespace of its own: the same split as QEMU + virtiofsd for virtio-fs.
+directory, in mount, network and PID namespaces of its own: the same split as QEMU + virtiofsd for
+virtio-fs.
 pykata makes the socket pair: QEMU inherits one end, the helper the other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import select
 import socket
+import time
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.fsutil import descendants
 from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.jail import namespace_prefix
 from pykata.hypervisor.process import ChildProcess, close_fd, describe_exit
@@ -21,6 +28,8 @@ from pykata.hypervisor.readiness import log_tail
 PROXY_HELPER = "/usr/lib/qemu/virtfs-proxy-helper"
 # its output kept on the host (proxy9p.log + .1)
 HELPER_LOG_MAX_BYTES = 256 << 10
+# how long stop() lets a helper whose QEMU has quit end by itself before it is killed
+STOP_GRACE = 0.5
 
 
 def proxy_helper_argv(binary: str, fd: int, shared_dir: Path) -> list[str]:
@@ -55,8 +64,11 @@ class Proxy9p:
                                   "or set hypervisor.qemu.jail_user = false)")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # root with file capabilities: no network either (it serves an inherited socket)
-            argv = namespace_prefix(self.mount_namespace, no_new_privs=True, network_namespace=True)
+            # root with file capabilities: no network either (it serves an inherited socket), and a
+            # PID namespace of its own: a helper taken over through QEMU's requests sees no host
+            # process to signal, renice, trace or probe (on top of fileguard's filter)
+            argv = namespace_prefix(self.mount_namespace, no_new_privs=True, network_namespace=True,
+                                    pid_namespace=True)
             argv += proxy_helper_argv(self.binary, theirs.fileno(), self.shared_dir)
             # its output through a socket drained into a bounded log (as QEMU's and virtiofsd's)
             self._log = ConsoleDrain(self.log_path, max_bytes=HELPER_LOG_MAX_BYTES)
@@ -91,9 +103,41 @@ class Proxy9p:
         self.qemu_fd = None
 
     async def stop(self) -> None:
-        """Stop the helper (it also ends when QEMU closes its end). Idempotent."""
+        """Stop the helper (it also ends when QEMU closes its end). Idempotent.
+
+        The child is the PID namespace's outer `unshare`, which blocks SIGTERM: once QEMU is gone the
+        helper ends by itself at once; otherwise SIGKILL (it keeps no state: every request's syscalls
+        are done when it answers) ends the namespace and the helper with it."""
         self.close_qemu_end()
-        if self.child is not None:
-            await self.child.terminate(1.0)
+        if self.child is not None and await self.child.wait(STOP_GRACE) is None:
+            # the namespace's init and the helper are not our children: held by pidfds taken
+            # before the kill, so stop() returns once they are gone, not only their wrapper
+            inside = _pidfds(descendants(self.child.pid))
+            try:
+                await self.child.kill()
+                await _until_exited(inside, STOP_GRACE * 4)
+            finally:
+                for fd in inside:
+                    close_fd(fd)
         if self._log is not None:
             self._log.close()
+
+
+def _pidfds(pids: list[int]) -> list[int]:
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+async def _until_exited(pidfds: list[int], timeout: float) -> None:
+    """Wait until every process of `pidfds` has exited (a pidfd polls readable then), at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        if len(poller.poll(0)) == len(pidfds):
+            return
+        await asyncio.sleep(0.01)
