@@ -412,7 +412,8 @@ async def _settle(vm: QemuHypervisor, pid: int) -> str | None:
     line is done (compiling containerd's default seccomp profile in a throwaway container, at nice 19:
     under TCG ~1-3 CPU-s, the larger part of what kept a template's guest busy); then QEMU quiet
     (wait_quiet). A template saved before the marker still runs that work in every clone, from where it
-    was, beside the pod's first requests; one saved busy otherwise makes each clone redo the rest."""
+    was, beside the pod's first requests (or, saved before the work began, each clone skips it: its
+    host speaks first, pykata.agent.main); one saved busy otherwise makes each clone redo the rest."""
     deadline = BootDeadline(TEMPLATE_SETTLE_LIMIT, Starvation(pid))
     agent_done = asyncio.ensure_future(wait_for_console_line(vm.console_log, SETTLED_MARKER))
     try:
@@ -423,7 +424,8 @@ async def _settle(vm: QemuHypervisor, pid: int) -> str | None:
     if not agent_done.done() or agent_done.cancelled():
         return (f"its agent had not finished its start-up work (containerd's seccomp profile, compiled ahead "
                 f"at nice 19) after {deadline.elapsed():.1f}s, {deadline.starved:.1f}s of them waiting for a "
-                f"host CPU; {await busy_breakdown(pid)}: each clone finishes that work itself")
+                f"host CPU; {await busy_breakdown(pid)}: each clone finishes that work itself, or skips it "
+                f"when its host speaks first and then compiles the profile for its first container that asks")
     if await wait_quiet(pid, limit=max(1.0, deadline.remaining())) is not None:
         return None
     return (f"the guest did not idle ({await busy_breakdown(pid)}; {deadline.starved:.1f}s waiting for a host "
