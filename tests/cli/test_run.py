@@ -18,8 +18,9 @@ from pykata.cli.run import failure_status
 from pykata.config import load_config
 from pykata.errors import PykataError
 from pykata.fsutil import descendants
-from pykata.sandbox import state
+from pykata.sandbox import SpecError, state
 from pykata.sandbox.lookup import find
+from pykata.sandbox.ocispec import parse_env
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.ttrpc import Code
 from tests.cli.ptysession import pty_session
@@ -62,6 +63,15 @@ def test_bad_input_is_one_clear_line_and_no_vm(args: list[str], needle: bytes) -
     owners = [json.loads((d / "state.json").read_text()).get("owner_pid") for d in new
               if (d / "state.json").exists()]
     assert p.pid not in owners
+
+
+def test_env_without_a_value_takes_the_callers_as_docker_does() -> None:
+    """`-e KEY` was KEY= (empty) in the container; docker passes the caller's value, and nothing when unset."""
+    host = {"FOO": "host value", "EMPTY": ""}
+    assert parse_env(["FOO", "EMPTY", "UNSET", "A=1", "B="], host) == ["FOO=host value", "EMPTY=", "A=1", "B="]
+    assert parse_env(["FOO"]) == ["FOO="]  # no caller's environment given (a library call): as before
+    with pytest.raises(SpecError, match=r"^--env: "):
+        parse_env(["=x"], host)
 
 
 def test_a_command_the_agent_cannot_find_exits_127() -> None:

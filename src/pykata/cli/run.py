@@ -175,7 +175,7 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     vols = [Volume.parse(v) for v in volumes]
     mem = parse_size(memory) if memory else None
     uid_gid = parse_user(user) if user else (0, 0)
-    envs = parse_env(env)
+    envs = parse_env(env, os.environ)
     if cpus is not None and cpus <= 0:
         raise SpecError("--cpus", f"{cpus} must be positive")
     if name and not is_hostname(name):  # it becomes the guest's host name
@@ -246,7 +246,8 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and feed it to the container.")
 @click.option("-t", "--tty", "tty_", is_flag=True, help="Give the process a terminal.")
 @click.option("--name", default="", help="A name to refer to the container by.")
-@click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE).")
+@click.option("-e", "--env", multiple=True,
+              help="Set an environment variable: KEY=VALUE, or KEY for this shell's value (left out when unset).")
 @click.option("-w", "--workdir", default=None, help="Working directory inside the container.")
 @click.option("-u", "--user", default=None, help="UID[:GID] to run as.")
 @click.option("-v", "--volume", multiple=True, help="Bind mount HOST:GUEST[:ro].")
@@ -288,7 +289,7 @@ async def _exec_async(found: Found, command: tuple[str, ...], interactive: bool,
 @click.command(name="exec", context_settings={"allow_interspersed_args": False})
 @click.option("-i", "--interactive", is_flag=True)
 @click.option("-t", "--tty", "tty_", is_flag=True)
-@click.option("-e", "--env", multiple=True)
+@click.option("-e", "--env", multiple=True, help="KEY=VALUE, or KEY for this shell's value (as run -e).")
 @click.option("-w", "--workdir", default="/")
 @click.option("-u", "--user", default=None)
 @click.argument("container")
@@ -305,7 +306,7 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
             # a CRI pod's sandbox: its pause runs no process in the guest (runtime.sandbox_pause_in_guest)
             _fail(f"{container} is a pod whose sandbox container has no process to exec in; exec into one of "
                   f"its containers (crictl exec, ctr task exec): {', '.join(sorted(found.record.containers))}", 126)
-        status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env)), workdir,
+        status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env), os.environ), workdir,
                                          parse_user(user) if user else (0, 0)))
     except PykataError as e:
         _fail(str(e), failure_status(e, 126))

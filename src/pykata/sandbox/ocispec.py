@@ -98,13 +98,21 @@ def check_cwd(cwd: str | None, field: str = "cwd") -> str | None:
     return cwd
 
 
-def parse_env(items: list[str]) -> list[str]:
+def parse_env(items: list[str], host_env: Mapping[str, str] | None = None) -> list[str]:
+    """KEY=VALUE items as the container gets them. A bare KEY takes its value from `host_env` (docker's
+    `-e KEY`: the CLI passes its own environment) and is left out when `host_env` has none; without
+    `host_env` it is KEY=. Raises SpecError naming --env."""
     out = []
     for item in items:
         key = item.partition("=")[0]
         if not key or "\0" in item:
             raise SpecError("--env", f"{item!r} is not KEY=VALUE")
-        out.append(item if "=" in item else f"{item}=")
+        if "=" in item:
+            out.append(item)
+        elif host_env is None:
+            out.append(f"{item}=")
+        elif key in host_env and "\0" not in host_env[key]:
+            out.append(f"{key}={host_env[key]}")
     return out
 
 
