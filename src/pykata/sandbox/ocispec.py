@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pykata.errors import PykataError
+from pykata.errors import InvalidArgument, PykataError
 from pykata.images.specshape import check_spec_shape
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
@@ -21,6 +22,8 @@ GUEST_STORAGE_DIR = "/run/pykata-agent/storage"
 # VM's own /dev/shm tmpfs there (pykata.agent.bundle.POD_SHM_SOURCE names the same).
 POD_SHM_SOURCE = "pykata-pod-shm"
 POD_SHM_OPTIONS = ("nosuid", "nodev", "noexec", "mode=1777", "size=65536k")
+# the shims' fork server's socket directory (pykata.shim.handoff.HANDOFF_DIR; the shim is above us)
+HANDOFF_DIR = "/run/pykata-handoff"
 
 DEFAULT_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
@@ -176,6 +179,43 @@ def is_host_bind(mount: dict[str, Any]) -> bool:
     opts = mount.get("options") or []
     return (mount.get("type") == "bind" or "bind" in opts or "rbind" in opts) and str(
         mount.get("source", "")).startswith("/")
+
+
+def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], skip: Iterable[int] = ()) -> None:
+    """Refuse a host bind mount (a hostPath, a --volume) that would hand the guest pykata's own files.
+
+    A source that is one of `protected` (the runtime dir with every pod's state, sockets and shared
+    directories, the cache, the template's memory file that every clone maps, the fork server's socket
+    directory, the configuration) or lies below one is refused; so is a writable source above one
+    (a read-only "/" of a node agent stays allowed). The source is resolved (a symlink to one of them
+    counts as it); the mounts at `skip` (moved into the guest: emptyDir, watched volumes) are not shared.
+
+    Raises:
+        InvalidArgument: naming `mounts[i].source`.
+    """
+    skipped = set(skip)
+    roots = [Path(os.path.realpath(p)) for p in protected]
+    for i, m in enumerate(spec.get("mounts") or []):
+        if i in skipped or not isinstance(m, dict) or not is_host_bind(m):
+            continue
+        if posixpath.normpath(str(m.get("destination", ""))) == "/dev/shm":
+            continue  # the pod's shm: becomes the VM's own (for_guest)
+        source = Path(os.path.realpath(str(m["source"])))
+        writable = "ro" not in (m.get("options") or [])
+        for root in roots:
+            if source == root or root in source.parents:
+                raise InvalidArgument(f"mounts[{i}].source", f"{m['source']} is pykata's own {root}: a host "
+                                                            "path shared with a VM may not reach it")
+            if writable and source in root.parents:
+                raise InvalidArgument(f"mounts[{i}].source", f"{m['source']} holds pykata's own {root}: share "
+                                                            "it read-only, or a path beside it")
+
+
+def protected_host_dirs(runtime: Path, cache: Path, template: Path, config_dir: Path) -> list[Path]:
+    """What check_host_bind_sources keeps from VMs on this host (see its docstring)."""
+    import pykata
+
+    return [runtime, cache, template, Path(HANDOFF_DIR), config_dir, Path(pykata.__file__).parent]
 
 
 def add_volumes(spec: dict[str, Any], volumes: list[Volume]) -> dict[str, Any]:

@@ -61,8 +61,10 @@ from pykata.sandbox.ocispec import (
     GUEST_STORAGE_DIR,
     Volume,
     add_volumes,
+    check_host_bind_sources,
     for_guest,
     is_host_bind,
+    protected_host_dirs,
 )
 from pykata.sandbox.policy import load_policy
 from pykata.sandbox.process import Process, exec_spec, new_exec_id, start_exec
@@ -594,6 +596,7 @@ class Sandbox:
             full_spec = add_volumes(spec, list(volumes))
             pod_volumes = self._pod_volumes(container_id, full_spec)
             copied = await self._watched_volumes(container_id, full_spec)
+            check_host_bind_sources(full_spec, self._protected_dirs(), skip={*pod_volumes, *copied})
             guest_spec, shares = for_guest(full_spec, container_id,
                                            {**{i: vol.guest_path for i, vol in pod_volumes.items()}, **copied})
             if self.guest_share:
@@ -643,6 +646,12 @@ class Sandbox:
             id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time())
         state.save(self.dir, self.record)
         return c
+
+    def _protected_dirs(self) -> list[Path]:
+        from pykata.config.load import SYSTEM_PATH
+
+        return protected_host_dirs(self.config.runtime.runtime_path, self.config.runtime.cache_path,
+                                   Path(self.config.factory.template_path), SYSTEM_PATH.parent)
 
     def _pod_volumes(self, container_id: str, spec: dict[str, Any]) -> dict[int, EmptyDir]:
         """The spec's mounts that are the pod's emptyDir volumes made in the guest, by index

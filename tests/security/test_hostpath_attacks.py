@@ -1,0 +1,88 @@
+"""A pod's hostPath (a CRI bind mount; the SDK's and the CLI's volumes are the same host binds) aimed at
+pykata's own files: the runtime directory (every pod's state, sockets and shared directories, where the
+host side trusts what it reads), the cache, the template's memory file that every clone maps, the fork
+server's socket directory, the configuration and the installed package. Shared with the guest, which
+may be hostile, a writable one would let it change what other pods boot from or what the host runs.
+Each is refused before anything is mounted, naming mounts[i].source; a symlink to one counts as it; a
+writable parent of one is refused, a read-only one (a node agent's "/") is not; the pod goes on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import pykata
+from pykata.errors import InvalidArgument
+from pykata.images import ImageStore
+from pykata.sandbox import Sandbox, build_spec
+from pykata.sandbox.ocispec import HANDOFF_DIR, Volume, check_host_bind_sources, protected_host_dirs
+from pykata.shim import handoff
+
+
+def _bind(source: str, readonly: bool = False) -> dict[str, object]:
+    return {"destination": "/mnt/x", "type": "bind", "source": source,
+            "options": ["rbind", "ro" if readonly else "rw"]}
+
+
+def test_the_rule_on_specs(tmp_path: Path) -> None:
+    runtime, cache = tmp_path / "run" / "pykata", tmp_path / "cache"
+    runtime.mkdir(parents=True)
+    cache.mkdir()
+    protected = protected_host_dirs(runtime, cache, runtime / "template", Path("/etc/pykata"))
+    link = tmp_path / "innocent"
+    link.symlink_to(runtime / "sandboxes")
+    refused = [
+        (str(runtime), False, "is pykata's own"), (f"{runtime}/sandboxes/other/shared", True, "is pykata's own"),
+        (f"{runtime}/template/memory", True, "is pykata's own"), (f"{cache}/", False, "is pykata's own"),
+        (f"{runtime}/../pykata/s", False, "is pykata's own"), (str(link), True, "is pykata's own"),
+        (HANDOFF_DIR, True, "is pykata's own"), ("/etc/pykata/configuration.toml", True, "is pykata's own"),
+        (str(Path(pykata.__file__).parent / "config"), True, "is pykata's own"),
+        (str(tmp_path / "run"), False, "holds pykata's own"), ("/", False, "holds pykata's own"),
+    ]
+    for source, readonly, why in refused:
+        spec = {"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}, _bind(source, readonly)]}
+        with pytest.raises(InvalidArgument, match=f"^mounts\\[1\\]\\.source: .*{why}"):
+            check_host_bind_sources(spec, protected)
+    (tmp_path / "data").mkdir()
+    allowed = [_bind(str(tmp_path / "run"), readonly=True), _bind("/", readonly=True), _bind(str(tmp_path / "data")),
+               _bind("/run/containerd/io.containerd.grpc.v1.cri/sandboxes/x/shm"), _bind(f"{runtime}-other")]
+    check_host_bind_sources({"mounts": allowed}, protected)
+    # moved into the guest (emptyDir, watched volumes) or the pod's /dev/shm: not shared from the host
+    check_host_bind_sources({"mounts": [_bind(str(runtime))]}, protected, skip={0})
+    check_host_bind_sources({"mounts": [{**_bind(str(runtime)), "destination": "/dev/shm"}]}, protected)
+    assert HANDOFF_DIR == handoff.HANDOFF_DIR
+
+
+@pytest.mark.vm
+async def test_hostpaths_at_pykatas_own_files_are_refused_in_a_real_sandbox(tmp_path: Path) -> None:
+    config = pykata.config.load_config()
+    image = ImageStore(Path(config.runtime.cache_dir)).resolve("busybox")
+    sandbox = await Sandbox.create(config=config)
+    env = list(image.config.env)
+    try:
+        runtime = config.runtime.runtime_path
+        attacks = [Volume(runtime, "/h", False), Volume(runtime / "sandboxes" / sandbox.id, "/h", True),
+                   Volume(Path(config.factory.template_path), "/h", False), Volume(config.runtime.cache_path, "/h", True),
+                   Volume(Path(HANDOFF_DIR), "/h", False), Volume(Path("/run"), "/h", False)]
+        for i, vol in enumerate(attacks):
+            cid = f"hostpath-{i}"
+            with pytest.raises(InvalidArgument, match=r"^mounts\[\d+\]\.source: .*pykata's own"):
+                await sandbox.create_container(cid, build_spec(["true"], env=env), image.rootfs, volumes=(vol,))
+            assert cid not in sandbox.containers
+            assert not (sandbox.shared_dir / cid).exists() and not (sandbox.mounts.mounts_dir / cid).exists()
+        # the pod goes on: a container with an ordinary volume works
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "f").write_text("ok")
+        c = await sandbox.create_container("fine", build_spec(["cat", "/d/f"], env=env), image.rootfs,
+                                           volumes=(Volume(data, "/d", True),))
+        await c.start()
+        out = b""
+        async for chunk in c.init.chunks():
+            out += chunk
+        assert (await c.wait(), out) == (0, b"ok")
+    finally:
+        await sandbox.stop(remove=True)
+    assert os.path.isdir(config.runtime.runtime_path)  # untouched
