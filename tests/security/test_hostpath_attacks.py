@@ -64,7 +64,8 @@ async def test_hostpaths_at_pykatas_own_files_are_refused_in_a_real_sandbox(tmp_
     try:
         runtime = config.runtime.runtime_path
         attacks = [Volume(runtime, "/h", False), Volume(runtime / "sandboxes" / sandbox.id, "/h", True),
-                   Volume(Path(config.factory.template_path), "/h", False), Volume(config.runtime.cache_path, "/h", True),
+                   Volume(Path(config.factory.template_path), "/h", False),
+                   Volume(config.runtime.cache_path, "/h", True),
                    Volume(Path(HANDOFF_DIR), "/h", False), Volume(Path("/run"), "/h", False)]
         for i, vol in enumerate(attacks):
             cid = f"hostpath-{i}"
