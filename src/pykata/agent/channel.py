@@ -42,6 +42,11 @@ DEFAULT_VSOCK_PORT = 1024
 # each host's session (10..200 ms closed moments, once how restore() of a snapshot knew the guest left
 # the saved host's session; the host's session hello does that now: pykata.ttrpc.session).
 _IDLE_RECHECK = 1.0
+# Printed on the console when a host's session ended (the agent believed its end of file): restore() of
+# a snapshot, saved with its owner's session open, waits for it before its host connects, so the
+# agent's parser starts afresh (a frame the saving host had half written is dropped, not completed
+# by the new host's hello).
+HOST_LEFT_LINE = "PYKATA_AGENT_HOST_LEFT"
 
 
 class ChannelError(PykataError):
@@ -101,10 +106,12 @@ async def serve_serial(server: Server, device: str, ready: asyncio.Event,
             # per request costs the guest its delivery and a wakeup of the loop.
             _set_async(fd, False)
             try:
-                await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session,
-                                      peer_present=functools.partial(_host_connected, fd))
+                served = await server.serve_fd(fd, resync=True, sessions=True, on_first_data=on_session,
+                                               peer_present=functools.partial(_host_connected, fd))
             finally:
                 _set_async(fd, True)
+            if served:
+                print(HOST_LEFT_LINE, flush=True)
             host_changed.clear()  # a host connecting from here on is signalled
             if _host_connected(fd):
                 continue  # it came between the end of file and SIGIO's return

@@ -69,7 +69,7 @@ class Agent:
     @classmethod
     async def connect(cls, socket: Path, sandbox_id: str, *, timeout: float = 30.0,
                       request_timeout: float = DEFAULT_TIMEOUT,
-                      connection: socketlib.socket | None = None) -> Agent:
+                      connection: socketlib.socket | None = None, flush: bool = False) -> Agent:
         """Connect and wait until the agent answers a health check.
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
@@ -88,7 +88,8 @@ class Agent:
         agent that answers is checked and kept, as `negotiate` does.
         The answer's clocks are checked for a dead timer tick in the guest (`_check_tick`).
         `connection`: a socket already connected to `socket` (Hypervisor.take_agent_connection), used
-        first and closed here (the session runs on a duplicate of it).
+        first and closed here (the session runs on a duplicate of it). `flush`: the first connection
+        writes a flush too (a restored snapshot's agent may hold half a frame of the host that saved it).
         Raises AgentError when the agent does not answer within `timeout`, AgentVersionError when it
         is too old for this host, AgentReplyError when its version answer is out of contract,
         GuestTickError when its guest has no timer tick.
@@ -97,7 +98,6 @@ class Agent:
         client: Client | None = None
         last: BaseException | None = None
         connected = 0.0
-        flush = False
         try:
             while time.monotonic() < deadline:
                 if client is not None and time.monotonic() - connected > RECONNECT_SILENCE:

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 READY_MARKER = b"PYKATA_AGENT_READY"
 # The agent's line once the work it starts after READY_MARKER is done (pykata.agent.main SETTLED_LINE).
 SETTLED_MARKER = b"PYKATA_AGENT_SETTLED"
+# The agent's line once a host's session ended (pykata.agent.channel HOST_LEFT_LINE).
+HOST_LEFT_MARKER = b"PYKATA_AGENT_HOST_LEFT"
 # A boot's deadline stretches by the time its VMM waited for a host CPU, up to this many boot_timeouts.
 MAX_STRETCH = 10.0
 

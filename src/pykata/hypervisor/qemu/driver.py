@@ -42,10 +42,19 @@ from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_lin
 from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
 from pykata.hypervisor.qemu.sidecars import Sidecars
 from pykata.hypervisor.qemu.slots import RootSlots
-from pykata.hypervisor.readiness import BootDeadline, Starvation, console_readiness, log_tail
+from pykata.hypervisor.readiness import (
+    HOST_LEFT_MARKER,
+    BootDeadline,
+    Starvation,
+    console_readiness,
+    log_tail,
+    wait_for_console_line,
+)
 from pykata.timing import mark
 
 log = logging.getLogger("pykata.hypervisor")
+# How long restore() waits for a restored agent's HOST_LEFT_MARKER (see _wait_host_left).
+HOST_LEFT_TIMEOUT = 10.0
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
 # sun_path is 108 bytes including the NUL.
@@ -717,9 +726,9 @@ class QemuHypervisor(Hypervisor):
         a RestoreSource (QEMU waiting for an incoming migration) can be restored, once; start() does it.
 
         A restored snapshot was saved with a host connected to the agent's port, its agent in that host's
-        session: QEMU tells the guest that host is gone once it runs. The next host opens its own session
-        with a hello (Agent.connect, pykata.ttrpc.session), which makes the agent drop whatever the old
-        session left, whether or not it saw the old host leave first.
+        session: QEMU tells the guest that host is gone once it runs, and this returns when the agent
+        said it left that session (_wait_host_left), so the next host's bytes meet a fresh parser; that
+        host's session hello (Agent.connect) makes the agent drop whatever the old session left.
 
         Raises:
             NotSupportedError: this VM was not started to receive a state.
@@ -739,6 +748,8 @@ class QemuHypervisor(Hypervisor):
             for slot, image in self._restore.root_slots:
                 await self._slots.fill(self.qmp, slot, image)
         await self.qmp.execute("cont")
+        if not ignore_shared and self.spec is not None and self.spec.agent_channel == "virtio-serial":
+            await self._wait_host_left()
         self.timestamps["resumed"] = time.monotonic()
 
     def _connect_agent_early(self) -> None:
@@ -795,6 +806,18 @@ class QemuHypervisor(Hypervisor):
         if self._agent_connection is not None:
             self._agent_connection.close()
             self._agent_connection = None
+
+    async def _wait_host_left(self) -> None:
+        """Wait until the restored guest's agent left the saved host's session (its HOST_LEFT_MARKER line:
+        QEMU tells the guest that host is gone once it runs), so the next host's bytes meet a fresh
+        parser, not half a frame the saving host left. Bounded: past HOST_LEFT_TIMEOUT (the line lost to
+        the console's limits, an agent without it) the restore goes on with a warning; the next host's
+        session hello still keeps the old session's answers from it."""
+        try:
+            await asyncio.wait_for(wait_for_console_line(self.paths.console_log, HOST_LEFT_MARKER), HOST_LEFT_TIMEOUT)
+        except TimeoutError:
+            log.warning("VM %s: the restored guest's agent did not say within %.0fs that it left the saved "
+                        "session", self.vm_id, HOST_LEFT_TIMEOUT)
 
     # ---------------------------------------------------------------------------------------------
 
