@@ -244,6 +244,8 @@ async def test_bad_arguments_name_their_field_before_any_vm() -> None:
         await sb.run(123)  # type: ignore[arg-type]
     with pytest.raises(SpecError, match=r"^volumes\[1\]: 'bad' is not HOST:GUEST"):
         await pykata.AsyncSandbox(volumes=["/tmp:/t", "bad"]).start()
+    with pytest.raises(pykata.NotFoundError, match=r"^no such sandbox: no-such-sandbox"):
+        await pykata.AsyncSandbox.connect("no-such-sandbox")
     assert pykata.AsyncSandbox(name="grader-1.local", cwd="/work").name == "grader-1.local"
     with pytest.raises(SpecError, match=r"^shared_fs: 'nfs' is not one of virtio-fs, virtio-9p"):
         pykata.AsyncSandbox(shared_fs="nfs")  # type: ignore[arg-type]

@@ -685,7 +685,7 @@ class AsyncSandbox:
         owner's. Raises NotFoundError, SandboxGoneError (its owner or VM ended), AgentError."""
         config = config or load_config()
         try:
-            found = lookup.find(config, sandbox)
+            found = lookup.find(config, sandbox, "sandbox")
         except lookup.NotFoundError as e:
             raise NotFoundError(str(e)) from None
         if not found.running:
