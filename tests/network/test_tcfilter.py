@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -132,3 +133,69 @@ async def test_no_fork_no_stray_signal_no_fd_leak(cni_like_netns: str) -> None:
     # fds opened by the test and still open; one closed meanwhile (an earlier test's transport being
     # collected) is not a leak of this one
     assert {fd: target for fd, target in _open_fds().items() if fds_before.get(fd) != target} == {}
+
+
+def _frame(src_mac: str, ethertype: int, payload: bytes) -> bytes:
+    return b"\xff" * 6 + bytes.fromhex(src_mac.replace(":", "")) + ethertype.to_bytes(2, "big") + payload
+
+
+def _ipv4(src: str, marker: bytes) -> bytes:
+    header = bytes([0x45, 0, 0, 20 + len(marker), 0, 0, 0, 0, 64, 17, 0, 0]) + socket.inet_aton(src)
+    return header + socket.inet_aton("10.253.0.1") + marker
+
+
+def _arp(sender_ip: str, sender_mac: str, marker: bytes) -> bytes:
+    mac = bytes.fromhex(sender_mac.replace(":", ""))
+    return (bytes([0, 1, 8, 0, 6, 4, 0, 2]) + mac + socket.inet_aton(sender_ip) + b"\xff" * 6
+            + socket.inet_aton("10.253.0.1") + marker)
+
+
+async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -> None:
+    """The attack: the guest (owned by the workload, so even a pod without NET_RAW) writes frames into
+    its NIC, that is, into the tap QEMU holds, with another pod's MAC, another pod's IPv4 address, an
+    ARP reply claiming another pod's address, or an 802.1Q tag. On a shared bridge they would steal
+    that pod's traffic. Written into the tap fd exactly as QEMU writes the guest's frames (a
+    virtio-net header, then the frame) and watched on the host end of the pod's veth: only the honest
+    ones come out."""
+    ns = os.path.basename(cni_like_netns)
+    peer = int(sh(f"ip netns exec {ns} ip -o link show eth0").split("@if", 1)[1].split(":", 1)[0])
+    net = await attach(cni_like_netns)
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        sh(f"ip link set {socket.if_indextoname(peer)} up")
+        sniffer.bind((socket.if_indextoname(peer), 0))
+        sniffer.settimeout(0.3)
+        e = net.endpoints[0]
+        assert e.tap_fd is not None
+        own, other = e.mac, "0a:58:0a:fe:00:42"
+        frames = {
+            b"honest-ipv4": _frame(own, 0x0800, _ipv4("10.253.0.9", b"honest-ipv4")),
+            b"honest-arp": _frame(own, 0x0806, _arp("10.253.0.9", own, b"honest-arp")),
+            b"honest-ipv6": _frame(own, 0x86DD, bytes([0x60]) + bytes(39) + b"honest-ipv6"),
+            b"spoof-mac": _frame(other, 0x0800, _ipv4("10.253.0.9", b"spoof-mac")),
+            b"spoof-ipv4": _frame(own, 0x0800, _ipv4("10.253.0.42", b"spoof-ipv4")),
+            b"spoof-arp": _frame(own, 0x0806, _arp("10.253.0.42", own, b"spoof-arp")),
+            b"spoof-vlan": _frame(own, 0x8100, b"\x00\x07\x08\x00" + _ipv4("10.253.0.42", b"spoof-vlan")),
+            b"spoof-0.0.0.0": _frame(own, 0x0800, _ipv4("0.0.0.0", b"spoof-0.0.0.0")),
+        }
+
+        def send_all() -> set[bytes]:
+            assert e.tap_fd is not None
+            for frame in frames.values():
+                os.write(e.tap_fd, bytes(10) + frame)  # struct virtio_net_hdr, all zero: no offloads
+            seen = set()
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    data = sniffer.recv(65536)
+                    seen |= {m for m in frames if data.endswith(m)}
+            return seen
+
+        assert send_all() == {b"honest-ipv4", b"honest-arp", b"honest-ipv6"}
+        assert "pykata-antispoof" in sh(f"ip netns exec {ns} tc filter show dev tap0_kata ingress")
+        # without the check every frame goes out: the probe is sound
+        sh(f"ip netns exec {ns} tc filter del dev tap0_kata ingress prio 1")
+        assert send_all() == set(frames)
+    finally:
+        sniffer.close()
+        await detach(net)
+    assert "filter" not in sh(f"ip netns exec {ns} tc filter show dev eth0 ingress")

@@ -23,12 +23,15 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from pykata.network import antispoof
 from pykata.network.tap import MAX_NICS, NetworkError, guest_mac, netlink_socket, open_tap
 from pykata.protocols.agent import agent_pb2
 
 log = logging.getLogger("pykata.network")
 
 ETH_P_ALL = 0x0003
+# the redirect's priority: after the guest's frames are checked (pykata.network.antispoof, priority 1)
+REDIRECT_PRIO = 10
 INGRESS = "ffff:"
 MAIN_TABLE = 254
 RTPROT_KERNEL = 2
@@ -129,12 +132,23 @@ async def read_network(netns: str) -> PodNetwork:
 
 async def redirect(ipr: Any, e: Endpoint) -> None:
     """Bring endpoint `e`'s tap (already in the pod's namespace, `ipr`'s) up at the interface's MTU and
-    redirect every frame both ways between the two with tc."""
+    redirect every frame both ways between the two with tc; what the guest sends is first checked
+    (pykata.network.antispoof).
+
+    Raises:
+        NetworkError: the kernel refuses the check's program."""
     tap = (await ipr.link_lookup(ifname=e.tap_name))[0]
     await ipr.link("set", index=tap, mtu=e.mtu, state="up")
     for src, dst in ((e.link_index, tap), (tap, e.link_index)):
         await ipr.tc("add", "ingress", index=src, handle=INGRESS)
-        await ipr.tc("add-filter", "u32", index=src, parent=INGRESS, protocol=ETH_P_ALL,
+        if src == tap:
+            prog = antispoof.load(e.mac, [a for a, _ in e.addresses if ipaddress.ip_address(a).version == 4])
+            try:
+                await ipr.tc("add-filter", "bpf", index=tap, parent=INGRESS, protocol=ETH_P_ALL, prio=1,
+                             fd=prog, name="pykata-antispoof", direct_action=True)
+            finally:
+                os.close(prog)
+        await ipr.tc("add-filter", "u32", index=src, parent=INGRESS, protocol=ETH_P_ALL, prio=REDIRECT_PRIO,
                      target=U32_CLASSID, keys=["0x0/0x0+0"],
                      action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
                               "ifindex": dst}])
