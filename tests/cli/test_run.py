@@ -190,6 +190,8 @@ def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
         cid = mine[0]["id"]
         ex = pykata("exec", name, "sh", "-c", "echo from-exec; exit 4")
         assert (ex.returncode, ex.stdout) == (4, b"from-exec\n")
+        # localhost resolves in the embedded busybox, as in a docker container
+        assert pykata("exec", name, "ping", "-c", "1", "-W", "5", "localhost").returncode == 0
         missing = pykata("exec", name, "no-such-command")  # as docker and a shell say it: 127
         assert missing.returncode == 127 and b"no-such-command" in missing.stderr, missing.stderr
         assert b"Traceback" not in missing.stderr

@@ -19,10 +19,13 @@ from pykata.images.errors import ImageError
 from pykata.images.store import Image, ImageConfig, register_builtin
 
 BUSYBOX = Path("/bin/busybox")
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: etc/hosts
 
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
+# localhost resolves as in a docker container (whose runtime writes /etc/hosts): `pykata run` and ctr give
+# the container none of their own, so `wget http://localhost/` in the README's httpd example failed
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 def _busybox_key() -> str:
@@ -48,6 +51,7 @@ def build_busybox_rootfs(rootfs: Path) -> None:
     (rootfs / "etc/passwd").write_text(PASSWD)
     (rootfs / "etc/group").write_text(GROUP)
     (rootfs / "etc/hostname").write_text("pykata\n")
+    (rootfs / "etc/hosts").write_text(HOSTS)
 
 
 def _builtin(name: str, config: ImageConfig) -> Callable[[Path], Image]:
