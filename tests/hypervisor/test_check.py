@@ -132,6 +132,15 @@ def test_cli_bad_config_fails(tmp_path: Path) -> None:
     assert not data["ok"]
     assert data["checks"][0]["status"] == "fail"
     assert "hypervisor.qemu.default_memory" in data["checks"][0]["detail"]
+    # the hint says "fix the configuration file named above": the line names it (from --config or
+    # PYKATA_CONFIG), once
+    assert data["checks"][0]["detail"].startswith(f"{bad}: hypervisor.qemu.default_memory")
+    result = CliRunner().invoke(cli, ["check", "--json"], env={"PYKATA_CONFIG": str(bad)})
+    assert json.loads(result.output)["checks"][0]["detail"].startswith(f"{bad}: hypervisor.qemu.default_memory")
+    missing = tmp_path / "missing.toml"
+    result = CliRunner().invoke(cli, ["check", "--json", "--config", str(missing)])
+    detail = json.loads(result.output)["checks"][0]["detail"]
+    assert detail == f"{missing}: cannot read {missing}: No such file or directory"  # named already: not again
 
 
 def test_jail_check_names_the_layers_turned_off() -> None:

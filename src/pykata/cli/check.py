@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 from pykata.config import load_config, load_config_file
+from pykata.config.load import find_config_path
 from pykata.config.schema import Config
+from pykata.errors import ConfigError, PykataError
 
 if TYPE_CHECKING:
     from pykata.hypervisor.check import CheckResult
@@ -29,7 +31,14 @@ def check(as_json: bool, config_path: Path | None, no_cache: bool) -> None:
     from pykata.hypervisor.check import can_run, run_checks_sync
 
     def loader() -> Config:
-        return load_config_file(config_path.absolute()) if config_path else load_config()
+        # a bad file is named in the "config" line (its hint says "the file named above")
+        path = config_path.absolute() if config_path else find_config_path()
+        try:
+            return load_config_file(config_path.absolute()) if config_path else load_config()
+        except ConfigError as exc:
+            if path is None or str(path) in str(exc):
+                raise
+            raise PykataError(f"{path}: {exc}") from None
 
     results = run_checks_sync(loader, use_cache=not no_cache)
     results.append(_inotify(loader))
