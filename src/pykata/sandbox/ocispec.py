@@ -251,6 +251,12 @@ def for_guest(spec: dict[str, Any], container_id: str, in_guest: Mapping[int, st
         linux["namespaces"] = [ns for ns in namespaces if not _joins_the_vms(ns, out)]
     for ns in linux.get("namespaces") or []:
         ns.pop("path", None)
+    if out.get("hostname") and isinstance(linux.get("namespaces"), list) and not any(
+            isinstance(ns, dict) and ns.get("type") == "uts" for ns in linux["namespaces"]):
+        # the node's UTS namespace (hostNetwork: containerd sets the node's name and no UTS entry) is, in
+        # the guest, a UTS namespace of the container's own with that name: crun refuses a host name
+        # without one, and the VM's own is not the node's
+        linux["namespaces"].append({"type": "uts"})
     shares: list[Volume] = []
     mounts = out.get("mounts") or []
     for i, m in enumerate(mounts):
