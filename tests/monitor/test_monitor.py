@@ -39,6 +39,13 @@ def test_a_guest_value_out_of_bounds_is_refused() -> None:
 def test_bad_listen_address_is_one_clear_line() -> None:
     p = subprocess.run([PYKATA, "monitor", "--listen", "nonsense"], capture_output=True, timeout=60)
     assert p.returncode == 1 and b"--listen" in p.stderr and b"Traceback" not in p.stderr
+    # a port in use names the option and the address too (was "[Errno 98] Address already in use")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        p = subprocess.run([PYKATA, "monitor", "--listen", address], capture_output=True, timeout=60)
+    assert p.returncode == 1 and p.stderr == f"pykata: monitor: --listen {address}: Address already in use\n".encode()
 
 
 @pytest.fixture(scope="module")

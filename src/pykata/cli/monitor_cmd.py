@@ -32,8 +32,11 @@ def monitor(listen: str, timeout: float, pss_max_age: float, interval: float) ->
     collector = Collector(Scraper(load_config(), timeout=timeout, pss_max_age=pss_max_age), interval=interval)
     try:
         server, thread = serve(collector, listen)
-    except (PykataError, OSError) as e:
+    except PykataError as e:
         click.echo(f"pykata: monitor: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:  # a port in use, an address not this host's: name the option and value
+        click.echo(f"pykata: monitor: --listen {listen}: {e.strerror or e}", err=True)
         sys.exit(1)
     collector.start()
     stop = threading.Event()
