@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where the wall time of one pod start and teardown goes, phase by phase, beside runc.
 
-    .venv/bin/python bench/phases.py [-n 5] [--pool [--no-warm-up]] [--memory-limit MIB] [--cpus N] [--json]
+    .venv/bin/python bench/phases.py [-n 5] [--pool [--no-warm-up]] [--memory-limit MIB] [--cpus N] [--volume]
+        [--json]
 
 A private containerd (tests/shim/harness.py) runs `ctr run --rm <busybox> true` with runc and with
 pykata, alternately, N times each (after one warm-up each). containerd gets PYKATA_TIMING_FILE in its
@@ -12,7 +13,9 @@ Prints the median of each phase over the N runs, its share of the median total, 
 total from the same run (the machine is shared and loaded: compare ratios, not absolute figures).
 
 Sequential phases add up to the total; phases marked `||` overlap others (they run in another process
-or in the background) and are shown for what they cost, not added.
+or in the background) and are shown for what they cost, not added. The last line counts the runs whose
+container needed the guest's mount of the shared directory (its root not on an image disk): the
+others never mount it (agent protocol 10; an older agent mounts it in CreateSandbox).
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ def phases_of(marks: list[tuple[int, str]]) -> dict[str, float]:
         if a in first and b in first:
             out[label] = (first[b] - first[a]) / 1e9
     out["total"] = (first["bench.end"] - first["bench.begin"]) / 1e9
+    # 1 when the container's CreateContainer carried the guest's mount of the shared directory
+    out["share"] = float("guest.share" in first)
     return out
 
 
@@ -160,6 +165,9 @@ def main() -> None:
                     help="the container's memory limit (ctr run --memory-limit): a pod of another size than "
                          "the configured VM's, sized after the clone's restore (or the pooled VM's hand-out)")
     ap.add_argument("--cpus", type=float, default=0, help="the container's CPU limit (ctr run --cpus)")
+    ap.add_argument("--volume", action="store_true",
+                    help="the container gets a read-only host volume (ctr run --mount of a temp directory), "
+                         "so the guest mounts the shared directory")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="with --pool: pooled VMs skip the throwaway container (factory.pool_warm_up = false)")
     args = ap.parse_args()
@@ -170,6 +178,9 @@ def main() -> None:
                                                       warm_up=not args.no_warm_up))
 
     tmp = Path(tempfile.mkdtemp(prefix="phases-bench-"))
+    if args.volume:
+        (tmp / "vol").mkdir()
+        limits += ("--mount", f"type=bind,src={tmp / 'vol'},dst=/vol,options=rbind:ro")
     timing = tmp / "timing"
     os.environ[ENV] = str(timing)  # containerd and every shim it runs inherit it
     ctd = Containerd(tmp / "ctd")
@@ -205,7 +216,8 @@ def main() -> None:
                               "pykata_total_s": round(med["total"], 3),
                               "ratio": round(med["total"] / runc_med, 1),
                               "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-                              "phases_s": {k: round(v, 4) for k, v in med.items() if k != "total"}}
+                              "phases_s": {k: round(v, 4) for k, v in med.items() if k != "total"},
+                              "share_mounted_by_container": int(sum(r["share"] for r in runs))}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -219,6 +231,8 @@ def main() -> None:
         print(f"{label:<62} {1000 * med[label]:7.1f} {share:>6}")
     seq = sum(med[label] for label, _, _ in SEQUENTIAL if label in med)
     print(f"{'(sum of sequential phases)':<62} {1000 * seq:7.1f}")
+    print(f"runs whose container asked the guest to mount the shared directory: "
+          f"{result['share_mounted_by_container']} of {args.runs}")
 
 
 if __name__ == "__main__":

@@ -421,3 +421,47 @@ def test_warm_tree_looks_up_at_most_the_cap_and_stops_on_a_gone_root(tmp_path: P
     finally:
         mp.undo()
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0 or os.nice(0) != 0
+
+
+def test_shared_directory_is_mounted_once_for_the_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fakes of the mount system calls (this runs on the host; 9p needs a guest): two containers' requests
+    for the shared directory at once make one mount, and the one that did not make it returns only once
+    it is made; a container's removal leaves it; the same mount point from another source or with other
+    options is refused naming the field; DestroySandbox's unmount_pod_volumes unmounts it once."""
+    from pykata.agent import storage
+
+    share = tmp_path / "shared"
+    share.mkdir()
+    calls: list[str] = []
+
+    def slow_mount(src: str, target: str, fstype: str, flags: int, data: str) -> None:
+        calls.append(f"mount {fstype} {data}")
+        threading.Event().wait(0.2)
+        calls.append("mounted")
+
+    monkeypatch.setattr(storage, "mount", slow_mount)
+    monkeypatch.setattr(storage, "umount", lambda target: calls.append(f"umount {target}"))
+    store = storage.Storages([share, tmp_path / "storage"], [share], share_root=share)
+    nine_p = agent_pb2.Storage(driver="9p", source="pykata-shared", fstype="9p", mount_point=str(share),
+                               options=["trans=virtio", "version=9p2000.L", "msize=512000"])
+    got: list[storage.Mounted] = []
+
+    def create() -> None:
+        got.append(store.mount(nine_p, "storages[0]"))
+        calls.append("returned")
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["mount 9p trans=virtio,version=9p2000.L,msize=512000", "mounted", "returned", "returned"]
+    assert [(m.mount_point, m.mounted) for m in got] == [(str(share), False)] * 2
+    assert store.unmount(got) == [] and calls[-1] == "returned"  # a container's removal leaves it
+    other = agent_pb2.Storage(driver="9p", source="pykata-shared", fstype="9p", mount_point=str(share),
+                              options=["trans=virtio", "version=9p2000.L", "msize=8192"])
+    with pytest.raises(InvalidArgument) as ei:
+        store.mount(other, "storages[1]")
+    assert ei.value.field == "storages[1]"
+    assert store.unmount_pod_volumes() == [] and calls[-1] == f"umount {share}"
+    assert store.unmount_pod_volumes() == [] and calls[-1] == f"umount {share}"  # once

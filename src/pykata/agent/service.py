@@ -118,7 +118,8 @@ class AgentService:
         ensure_std_fds()
         s = self.settings
         self.reaper.start()
-        storages = self._storages = Storages(s.mount_roots, s.source_roots, pod_volume_root=s.pod_volume_dir)
+        storages = self._storages = Storages(s.mount_roots, s.source_roots, pod_volume_root=s.pod_volume_dir,
+                                             share_root=s.shared)
         try:
             binary = find_crun(s.crun)
         except FileNotFoundError as exc:

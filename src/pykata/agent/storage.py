@@ -10,6 +10,11 @@ volume made in the guest) belongs to the sandbox, not to the container that aske
 first request mounts it, later ones (other containers of the pod naming the same volume) find it
 mounted, and it goes only with the sandbox (unmount_pod_volumes, from DestroySandbox), so a
 container that restarts finds what the pod wrote, as a kubelet emptyDir keeps it.
+
+The host's shared directory (a 9p or virtio-fs storage whose mount point is the share root itself)
+is the sandbox's too: CreateSandbox mounted it, or (agent protocol 10) the first CreateContainer
+that needs it does; requests that come meanwhile wait for that mount and then find it made, and it
+goes only with the sandbox (unmount_pod_volumes). Pods that never use it never pay for its mount.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ DEVICE_WAIT = 10.0
 DRIVERS = ("virtio-fs", "9p", "virtio-blk", "local", "tmpfs", "bind", "overlay")
 # a Kubernetes volume name (a DNS-1123 label): the only names a pod volume may have in the guest
 POD_VOLUME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# the drivers of the host's shared directory (see the module's docstring)
+SHARE_DRIVERS = ("9p", "virtio-fs")
 
 
 def flush_block_cache(device: str) -> None:
@@ -171,11 +178,16 @@ class Storages:
     """Mounts storages inside the allowed roots and unmounts them again."""
 
     def __init__(self, mount_roots: Sequence[Path], source_roots: Sequence[Path],
-                 sys_block: Path = Path("/sys/block"), pod_volume_root: Path | None = None) -> None:
+                 sys_block: Path = Path("/sys/block"), pod_volume_root: Path | None = None,
+                 share_root: Path | None = None) -> None:
         self.mount_roots = list(mount_roots)
         self.source_roots = list(source_roots)
         self.sys_block = sys_block
         self.pod_volume_root = pod_volume_root
+        self.share_root = share_root
+        # the host's shared directory once mounted: the request that mounted it (serialized) and its mount
+        self.share: tuple[bytes, Mounted] | None = None
+        self._share_lock = threading.Lock()
         # the pod's volumes mounted so far, by mount point (see the module's docstring)
         self.pod_volumes: dict[str, Mounted] = {}
         self._pod_volume_lock = threading.Lock()
@@ -206,7 +218,23 @@ class Storages:
         root, parts = self._mount_point(f"{field}.mount_point", storage.mount_point)
         if self.pod_volume_root is not None and root == self.pod_volume_root:
             return self._pod_volume(storage, field, parts)
+        if root == self.share_root and not parts and storage.driver in SHARE_DRIVERS:
+            return self._share(storage, field, root)
         return self._mount_at(storage, field, root, parts)
+
+    def _share(self, storage: agent_pb2.Storage, field: str, root: Path) -> Mounted:
+        """The host's shared directory: mounted by its first request, found mounted by the later ones
+        (which wait while it is being mounted), kept until unmount_pod_volumes. The asker's own list
+        gets it as not mounted (it never unmounts it). Raises InvalidArgument when it is mounted
+        already from a different request (another tag or other options)."""
+        key = storage.SerializeToString(deterministic=True)
+        with self._share_lock:
+            if self.share is None:
+                self.share = (key, self._mount_at(storage, field, root, []))
+            elif self.share[0] != key:
+                raise InvalidArgument(field, f"the shared directory {root} is mounted already, "
+                                             "from another source or with other options")
+        return Mounted(str(root), mounted=False)
 
     def _pod_volume(self, storage: agent_pb2.Storage, field: str, parts: list[str]) -> Mounted:
         """A pod volume: mounted by its first request, shared by the later ones, kept until
@@ -224,10 +252,15 @@ class Storages:
         return Mounted(where, mounted=False)
 
     def unmount_pod_volumes(self) -> list[str]:
-        """Unmount the pod's volumes (DestroySandbox); returns error messages."""
+        """Unmount the pod's volumes and the shared directory (DestroySandbox); returns error messages."""
         with self._pod_volume_lock:
             volumes, self.pod_volumes = list(self.pod_volumes.values()), {}
-        return self.unmount(volumes)
+        errors = self.unmount(volumes)
+        with self._share_lock:
+            share, self.share = self.share, None
+        if share is not None:
+            errors += self.unmount([share[1]])
+        return errors
 
     def _mount_at(self, storage: agent_pb2.Storage, field: str, root: Path, parts: list[str]) -> Mounted:
         driver = storage.driver

@@ -46,7 +46,7 @@ from pykata.network import EgressPolicy, PodNetwork, egress, guest_mac, nic_id
 from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.network.holding import HoldingNetwork, hand_over
-from pykata.protocols.agent import agent_pb2
+from pykata.protocols.agent import LAZY_SHARE_PROTOCOL_VERSION, agent_pb2
 from pykata.resources import emptydir, mounts, watchable
 from pykata.resources.emptydir import EmptyDir
 from pykata.resources.mounts import RootfsMount
@@ -358,14 +358,10 @@ class Sandbox:
         if self.policy_json is not None:
             # Before CreateSandbox: nothing in the guest runs before the policy is in force.
             await self.agent.set_policy(self.policy_json)
-        # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated)
-        if self.vm.shared_fs == "virtio-fs":
-            storage = agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
-                                        mount_point=GUEST_SHARED_DIR)
-        else:
-            storage = agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
-                                        options=["trans=virtio", "version=9p2000.L", "msize=512000",
-                                                 *_nine_p_cache_options(self.config.qemu.virtio_9p_cache)])
+        # The shared directory: mounted now only for an agent that cannot take it later (protocol < 10);
+        # otherwise by the first container that needs it (_share_storages), so a pod whose roots come on
+        # image disks and whose volumes live in the guest never pays for the mount.
+        storages = [self._share_storage()] if self.guest_share and not self._share_on_demand() else []
         if self._boot_resize != (None, None):
             # sized after boot (balloon, CPUs onlined): the VM itself is the configured one, so a
             # template of that size can carry it
@@ -375,7 +371,7 @@ class Sandbox:
         mark("guest.prepared")
         # the debug console comes from the host's configuration file only: agent settings a pod may
         # annotate are an allow-list (pykata.config.annotations.ANNOTATABLE_AGENT_KEYS) without it
-        await self.agent.create_sandbox(self.id, hostname=hostname, storages=[storage] if self.guest_share else [],
+        await self.agent.create_sandbox(self.id, hostname=hostname, storages=storages,
                                         debug_console=self.config.agent.pykata.debug_console_enabled)
         mark("guest.sandbox")
         if self.network is not None and self.network.endpoints:
@@ -391,6 +387,32 @@ class Sandbox:
         self.record.status = "running"
         state.save(self.dir, self.record)
         mark("sandbox.ready")
+
+    def _share_storage(self) -> agent_pb2.Storage:
+        """The guest's mount of the shared directory (one request per sandbox: the agent refuses the
+        same mount point with other options once it is mounted)."""
+        assert self.vm is not None
+        # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated)
+        if self.vm.shared_fs == "virtio-fs":
+            return agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
+                                     mount_point=GUEST_SHARED_DIR)
+        return agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
+                                 options=["trans=virtio", "version=9p2000.L", "msize=512000",
+                                          *_nine_p_cache_options(self.config.qemu.virtio_9p_cache)])
+
+    def _share_on_demand(self) -> bool:
+        """Whether the guest mounts the shared directory with the first container that needs it
+        (its agent keeps that mount for the sandbox) rather than in CreateSandbox."""
+        return self.agent.supports(LAZY_SHARE_PROTOCOL_VERSION)
+
+    def _share_storages(self, needed: bool) -> list[agent_pb2.Storage]:
+        """What a container's CreateContainer carries first when it `needed` the shared directory: its
+        mount, every time (the agent mounts it for the first and makes the others, concurrent ones
+        included, wait for that mount and find it made), unless CreateSandbox mounted it."""
+        if not (needed and self.guest_share and self._share_on_demand()):
+            return []
+        mark("guest.share")  # (bench/phases.py counts the runs whose container asked for it)
+        return [self._share_storage()]
 
     # -- the warm pool (pykata.factory.pool) ----------------------------------------------------------
 
@@ -447,8 +469,8 @@ class Sandbox:
         --throwaway pause: its QEMU CPU 0.20-0.215 -> 0.125-0.135 s). Nothing of it stays but the
         image in its slot (read-only, a builtin image; a pod of that image reuses it, another image
         takes a free slot or replaces it). Only with image slots: without, the root would come over
-        the shared directory, which the guest mounts at CreateSandbox. Raises what create_container
-        raises."""
+        the shared directory, which belongs to the pod (the guest mounts it with the pod's first
+        container that needs it). Raises what create_container raises."""
         assert self.vm is not None
         if not self.vm.root_slots:
             return False
@@ -613,16 +635,21 @@ class Sandbox:
                                                 "root must be an image directory")
                 root_mode = stat.S_IMODE(os.stat(rootfs).st_mode)
             storages = []
+            root_on_share = not in_guest
             if in_guest:
                 # the image as a read-only disk when a slot takes it (a snapshot records which image
                 # each slot holds, by its key, and a restore fills them again)
                 disk = await self._root_disk(container_id, rootfs)
+                root_on_share = disk is None
                 if disk is None and not self.guest_share:
                     assert isinstance(rootfs, Path)
                     await copy_tree(self.agent, rootfs, f"{GUEST_SHARED_DIR}/{container_id}/rootfs")
                 storages = self._guest_overlay(container_id, root_mode, disk)
                 guest_spec["root"]["path"] = storages[-1].mount_point
-            storages = [*self._pod_volume_storages(pod_volumes.values()), *storages]
+            # the shared directory: for a root not on an image disk, and for host volumes
+            storages = [*self._share_storages(root_on_share or bool(shares)),
+                        *self._pod_volume_storages(pod_volumes.values()),
+                        *storages]
             if image:
                 # The image name the agent policy's containers.images matches (CRI sets it itself).
                 notes = guest_spec.get("annotations")
