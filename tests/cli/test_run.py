@@ -313,16 +313,20 @@ def test_run_detached_then_attach() -> None:
         sid = started.stdout.decode().strip()
         assert len(sid) == 16 and name in pykata("ps").stdout.decode()  # returned while it runs
         attach = subprocess.Popen([PYKATA, "attach", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        logs = subprocess.Popen([PYKATA, "logs", "-f", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             ran = pykata("exec", name, "sh", "-c", "echo ran; exit 4")  # an exec into the detached container
             assert (ran.returncode, ran.stdout) == (4, b"ran\n"), ran.stderr
             go = pykata("kill", name, "USR1")
             assert go.returncode == 0, go.stderr
             out, err = attach.communicate(timeout=120)
+            followed = logs.communicate(timeout=120)
         finally:
-            attach.kill()
-            attach.wait()
+            for p in (attach, logs):
+                p.kill()
+                p.wait()
         assert (attach.returncode, out, err) == (3, b"one\n", b"two\n")
+        assert (logs.returncode, *followed) == (0, b"one\n", b"two\n")  # logs -f: to the exit, status 0
     finally:
         pykata("rm", "-f", name)
     assert b"no such container" in pykata("attach", name).stderr

@@ -399,8 +399,9 @@ def _wait_owner(found: Found, timeout: float) -> None:
 
 
 @click.command()
+@click.option("-f", "--follow", is_flag=True, help="Go on printing what it prints until it exits (docker logs -f).")
 @click.argument("container")
-def logs(container: str) -> None:
+def logs(follow: bool, container: str) -> None:
     """Print a container's output (stdout to stdout, stderr to stderr), oldest kept first."""
     try:
         config = load_config()
@@ -410,8 +411,11 @@ def logs(container: str) -> None:
     for stream, out in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
         log = found.dir / "logs" / f"{stream}.log"
         older = [log.with_name(f"{log.name}.{n}") for n in range(MAX_LOG_BACKUPS, 0, -1)]
-        for path in [*older, log]:
+        for path in (older if follow else [*older, log]):  # following prints the current file from its start
             stream_file(path, out)
+    if follow:
+        with contextlib.suppress(KeyboardInterrupt):
+            detach.follow(found.dir, found.record.id)  # attach's loop; logs exits 0 as docker's does
 
 
 def stream_file(path: Path, out: BinaryIO, chunk: int = 64 << 10) -> None:
