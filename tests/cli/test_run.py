@@ -215,6 +215,28 @@ def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
 
 
 @pytest.mark.vm
+def test_stop_terms_then_kills_a_pid_1_that_ignores_sigterm() -> None:
+    """docker stop: SIGTERM, SIGKILL after -t seconds; a shell as PID 1 without a trap ignores SIGTERM (as httpd
+    in the README's example does, whose Ctrl-C did nothing); the container stays, exited 137, for rm."""
+    name = f"s-{uuid.uuid4().hex[:6]}"
+    started = pykata("run", "-d", "--name", name, "busybox", "sh", "-c", "echo up; while :; do sleep 0.1; done")
+    try:
+        assert started.returncode == 0, started.stderr
+        begun = time.monotonic()
+        stopped = pykata("stop", "-t", "1", name)
+        assert stopped.returncode == 0 and stopped.stdout.decode().strip() == started.stdout.decode().strip()
+        assert time.monotonic() - begun >= 1  # SIGTERM was waited for, in vain
+        mine = [r for r in json.loads(pykata("ps", "-a", "--json").stdout) if r["name"] == name]
+        assert mine and (mine[0]["status"], mine[0]["exit_code"]) == ("exited", 137)
+        assert pykata("stop", name).returncode == 0  # stopping a stopped container is a no-op
+        assert pykata("rm", name).returncode == 0
+        missing = pykata("stop", name)
+        assert missing.returncode == 1 and b"no such container" in missing.stderr
+    finally:
+        pykata("rm", "-f", name)
+
+
+@pytest.mark.vm
 def test_rm_force_of_a_running_container() -> None:
     name = f"t-{uuid.uuid4().hex[:6]}"
     runner = subprocess.Popen([PYKATA, "run", "--name", name, "busybox", "sh", "-c", "echo up; sleep 1000"],

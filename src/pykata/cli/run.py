@@ -362,6 +362,36 @@ def kill(container: str, sig: str) -> None:
     click.echo(found.record.id)
 
 
+@click.command()
+@click.option("-t", "--time", "grace", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.argument("containers", nargs=-1, required=True)
+def stop(grace: float, containers: tuple[str, ...]) -> None:
+    """Stop running CONTAINERs as docker stop does: SIGTERM, then SIGKILL after --time seconds (a PID 1 without
+    a handler, such as httpd, ignores SIGTERM); the container stays, exited, for logs and rm."""
+    config = load_config()
+    failed = False
+    for ref in containers:
+        try:
+            found = find(config, ref)
+            if found.running:
+                asyncio.run(_signal(found, signal.SIGTERM))
+                deadline = time.monotonic() + grace
+                while found.running and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    found = find(config, found.record.id)
+                if found.running:
+                    asyncio.run(_signal(found, signal.SIGKILL))
+                    while found.running and time.monotonic() < deadline + 30:
+                        time.sleep(0.1)
+                        found = find(config, found.record.id)
+            click.echo(found.record.id)
+        except PykataError as e:  # gone meanwhile counts as stopped only when it was found running
+            click.echo(f"pykata: {e}", err=True)
+            failed = True
+    sys.exit(1 if failed else 0)
+
+
 async def _signal(found: Found, signum: int) -> None:
     async with await AttachedSandbox.attach(found) as sandbox:
         await sandbox.signal(found.record.id, signum)
@@ -440,4 +470,4 @@ def cleanup() -> None:
         click.echo(f"removed the filter rules of {sid}")
 
 
-COMMANDS = [run, exec_, ps, kill, rm, logs, cleanup, detach.attach_cmd]
+COMMANDS = [run, exec_, ps, kill, stop, rm, logs, cleanup, detach.attach_cmd]
