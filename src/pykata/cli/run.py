@@ -30,7 +30,14 @@ from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
-from pykata.sandbox.lookup import Found, cleanup_orphans, find, remove_sandbox_dir, sweep_filter_rules
+from pykata.sandbox.lookup import (
+    Found,
+    NotFoundError,
+    cleanup_orphans,
+    find,
+    remove_sandbox_dir,
+    sweep_filter_rules,
+)
 from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, parse_user
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
@@ -377,19 +384,26 @@ def stop(grace: float, containers: tuple[str, ...]) -> None:
             if found.running:
                 asyncio.run(_signal(found, signal.SIGTERM))
                 deadline = time.monotonic() + grace
-                while found.running and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    found = find(config, found.record.id)
-                if found.running:
+                if not _wait_stopped(config, found.record.id, deadline):
                     asyncio.run(_signal(found, signal.SIGKILL))
-                    while found.running and time.monotonic() < deadline + 30:
-                        time.sleep(0.1)
-                        found = find(config, found.record.id)
+                    _wait_stopped(config, found.record.id, deadline + 30)
             click.echo(found.record.id)
-        except PykataError as e:  # gone meanwhile counts as stopped only when it was found running
+        except PykataError as e:
             click.echo(f"pykata: {e}", err=True)
             failed = True
     sys.exit(1 if failed else 0)
+
+
+def _wait_stopped(config: Config, sandbox_id: str, deadline: float) -> bool:
+    """Whether the container stopped (or went: a `run --rm` one is removed as it exits) by `deadline`."""
+    while time.monotonic() < deadline:
+        try:
+            if not find(config, sandbox_id).running:
+                return True
+        except NotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 async def _signal(found: Found, signum: int) -> None:
