@@ -4,8 +4,8 @@
     .venv/bin/python bench/crun_guest.py [-n 3] [--ld-cache FILE]
 
 Boots the current guest image (the cached kernel and rootfs the sandboxes use) in a throwaway QEMU
-microvm with one extra cpio appended to its initrd: the guest's /init, unchanged except that its
-last line runs a probe (python3.11 in the guest, embedded below) instead of the agent, then powers
+microvm with one extra cpio appended to its initrd: the guest's /init, unchanged except that after
+pykata.agent.pid1's set-up it runs a probe module (embedded below) instead of the agent, then powers
 off. The probe times, over N interleaved rounds, the crun calls of a container's life on a busybox
 bundle made from `build_spec` (what the agent runs):
 
@@ -54,7 +54,7 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 
 PROBE = r'''
 import base64, fcntl, json, os, statistics, subprocess, sys, time
-ROUNDS = int(sys.argv[1])
+ROUNDS = int(open("/probe/rounds").read())
 os.chdir("/probe")
 fd = os.memfd_create("crun", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 with open("/usr/bin/crun", "rb") as f:
@@ -131,7 +131,14 @@ for r in range(ROUNDS):
 cols = [c[0] for c in COLUMNS]
 medians = {row: {c: statistics.median(v[c]) for c in cols} for row, v in rows.items()}
 print("PROBE-JSON", json.dumps(medians), flush=True)
+
+
+def main():  # called by pykata.agent.pid1.main in place of the agent's
+    from pykata.agent.pid1 import power_off
+    power_off()
 '''
+INIT_SOURCE = ROOT / "src" / "pykata" / "guestimage" / "init"
+AGENT_EXEC = "\nmain()\n"
 
 
 def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = None,
@@ -139,13 +146,15 @@ def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = 
     """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
     init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
                           capture_output=True, check=True).stdout.decode()
-    lines = [f"python3.11 -S /probe/run.py {rounds}; poweroff -f" if ln.startswith("exec /usr/bin/python3.11")
-             else ln for ln in init.splitlines()]
+    if AGENT_EXEC not in init:
+        raise SystemExit(f"the image's /init no longer runs the agent with {AGENT_EXEC!r}")
     tree = work / "tree"
     (tree / "probe/b/rootfs/bin").mkdir(parents=True)
-    (tree / "init").write_text("\n".join(lines) + "\n")
+    (tree / "init").write_text(init.replace(AGENT_EXEC, '\nmain("crun_guest_probe")\n'))
     os.chmod(tree / "init", 0o755)
-    (tree / "probe/run.py").write_text(PROBE)
+    (tree / "usr/lib/pykata").mkdir(parents=True)
+    (tree / "usr/lib/pykata/crun_guest_probe.py").write_text(PROBE)
+    (tree / "probe/rounds").write_text(str(rounds))
     bb = tree / "probe/b/rootfs/bin"
     shutil.copy2("/bin/busybox", bb / "busybox")
     for applet in ("sh", "true", "sleep"):
@@ -170,7 +179,8 @@ def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = 
     extra = subprocess.run(["cpio", "-o", "--quiet", "-H", "newc", "-R", "0:0"], cwd=tree, input=names,
                            capture_output=True, check=True).stdout
     out = work / "initrd"
-    out.write_bytes(base_initrd.read_bytes() + extra)
+    data = base_initrd.read_bytes()
+    out.write_bytes(data + b"\0" * (-len(data) % 4) + extra)
     return out
 
 

@@ -291,6 +291,72 @@ def guest(deb_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RootfsAr
     return build_rootfs(_seeded(deb_cache, tmp_path_factory.mktemp("guest-cache")))
 
 
+def _newc_files(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, content) of each member of a newc archive (a symlink's content is its target)."""
+    out, pos = {}, 0
+    while True:
+        f = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name = data[pos + 110: pos + 110 + namesize - 1].decode()
+        pos += 110 + namesize
+        pos += -pos % 4
+        if name == cpio.TRAILER:
+            return out
+        out[name] = (f[1], data[pos:pos + filesize])
+        pos += filesize + (-filesize % 4)
+
+
+def _resolve(files: dict[str, tuple[int, bytes]], path: str) -> str | None:
+    """`path` (absolute, as the guest sees it) with its symlinks followed inside the archive."""
+    for _ in range(40):
+        rel = os.path.normpath(path).lstrip("/")
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):  # a symlink anywhere along the path
+            head = "/".join(parts[:i])
+            mode, content = files.get(head, (0, b""))
+            if stat.S_ISLNK(mode):
+                target = content.decode()
+                base = "/" if target.startswith("/") else "/" + os.path.dirname(head)
+                path = os.path.join(base, target, *parts[i:])
+                break
+        else:
+            return rel if rel in files else None
+    return None
+
+
+def test_the_image_has_a_loader_cache_for_crun_and_python(guest: RootfsArtifact, tmp_path: Path) -> None:
+    # Without /etc/ld.so.cache every dynamic program searches hwcaps subdirectories and each library
+    # directory for each of its libraries (assemble.write_ld_cache). The loader must find every library
+    # crun and Python link, directly or through another library, in the cache, at a path in the image.
+    files = _newc_files(guest.initrd.read_bytes())
+    assert "etc/ld.so.cache" in files, "the image has no /etc/ld.so.cache"
+    assert "var/cache/ldconfig/aux-cache" not in files
+    (tmp_path / "ld.so.cache").write_bytes(files["etc/ld.so.cache"][1])
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    printed = subprocess.run([ldconfig, "-p", "-C", str(tmp_path / "ld.so.cache")], capture_output=True,
+                             text=True, check=True).stdout
+    cached = {}
+    for line in printed.splitlines()[1:]:
+        if "=>" in line and "x86-64" in line:
+            soname, target = line.split(" (", 1)[0].strip(), line.split("=>", 1)[1].strip()
+            cached[soname] = target
+    queue, seen = ["/usr/bin/crun", "/usr/bin/python3.11"], set()
+    while queue:
+        path = queue.pop()
+        real = _resolve(files, path)
+        assert real is not None, f"{path} is not in the image"
+        if real in seen:
+            continue
+        seen.add(real)
+        needed, _interp = elf.dynamic_info(files[real][1])
+        for soname in needed:
+            assert soname in cached, f"{soname} ({path} needs it) is not in the image's ld.so.cache"
+            queue.append(cached[soname])
+    sonames = {n for p in seen for n in elf.dynamic_info(files[p][1])[0]}
+    assert {"libc.so.6", "libseccomp.so.2", "libcap.so.2", "libyajl.so.2", "libsystemd.so.0",
+            "libm.so.6", "libz.so.1", "libexpat.so.1"} <= sonames
+
+
 def tcg_kernel_params() -> str:
     """Under TCG the guest's TSC runs at the host's rate, but calibrating it against the emulated
     PIT fails now and then on a busy host, and then the guest kernel hangs before init: tell it."""

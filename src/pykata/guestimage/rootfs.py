@@ -322,6 +322,8 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
         assemble.install_base(root, (source / "guestimage" / "init").read_bytes())
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
+        if (why := assemble.write_ld_cache(root)) is not None:
+            say(f"no /etc/ld.so.cache (every dynamic program then searches the library directories): {why}")
         if (root / "usr/bin" / assemble.PY).is_file():
             say("compiling Python bytecode")
             assemble.compile_python(root, sourceless=[assemble.STDLIB, *_wheel_tops(agent_lib)],
