@@ -6,8 +6,9 @@
 Boots the current guest image (the cached kernel and rootfs the sandboxes use) in a throwaway QEMU
 microvm with one extra cpio appended to its initrd: the guest's /init, unchanged except that after
 pykata.agent.pid1's set-up it runs a probe module (embedded below) instead of the agent, then powers
-off. The probe times, over N interleaved rounds, the crun calls of a container's life on a busybox
-bundle made from `build_spec` (what the agent runs):
+off. The probe times, over N interleaved rounds, the crun calls of a container's life (and
+`crun --version` 20 times in a row, per call: finer than the guest's 4 ms clock) on a busybox bundle
+made from `build_spec` (what the agent runs):
 
   disk      crun run from /usr/bin/crun: crun then copies itself on every call (bind mount,
             read-only remount, lazy unmount, re-exec) against CVE-2019-5736
@@ -19,9 +20,12 @@ bundle made from `build_spec` (what the agent runs):
   norand    rcu-exp, crun started without address-space randomization (what the agent does,
             agent.command.fixed_layout): QEMU 7.2's TCG finds translated code by virtual address,
             so at fixed addresses a crun call reuses what the previous one translated
-  +ldcache  sealed, with an ld.so.cache in the guest's /etc (only with --ld-cache FILE, made on the host
-            by `ldconfig -r` on the unpacked guest tree): the guest image has none, so every dynamic
-            program (crun and its ten libraries) searches the library directories
+  +ldcache  sealed, with the ld.so.cache of --ld-cache FILE in the guest's /etc, and without any (only
+            with --ld-cache; images built before the builder wrote one had none, so every dynamic
+            program, crun and its ten libraries, searched the library directories); norand+ldc is
+            norand with it. `ldconfig -X -r TREE` on the unpacked guest tree makes one; to measure
+            an image that has one, pass that image's own /etc/ld.so.cache: the columns without
+            --ld-cache remove it
 
 and a baseline: `busybox true` (a static binary), to show the floor of one process under TCG. With
 --seccomp FILE, two more rows: `crun create` of the same bundle with that seccomp profile (crun compiles
@@ -97,17 +101,24 @@ COLUMNS = [("disk", "disk", 0, 0, 0), ("sealed", "sealed", 0, 0, 0), ("+fdm", "s
            ("rcu-exp", "sealed", 0, 1, 0), ("norand", "sealed", 0, 1, 0)]
 if os.path.exists("/probe/ld.so.cache"):
     COLUMNS.append(("+ldcache", "sealed", 0, 0, 1))
+    COLUMNS.append(("norand+ldc", "sealed", 0, 1, 1))
+if os.path.exists("/probe/columns"):
+    ONLY = open("/probe/columns").read().split(",")
+    COLUMNS = [c for c in COLUMNS if c[0] in ONLY]
 rows = {}
 def add(row, col, xs):
     rows.setdefault(row, {}).setdefault(col, []).extend(xs)
 for r in range(ROUNDS):
     for col, exe, fdm, exp, ldcache in COLUMNS:
         setting(fdm, exp, ldcache)
-        NORAND[0] = col == "norand"
+        NORAND[0] = col.startswith("norand")
         t = time.perf_counter()
         subprocess.run(["/bin/busybox", "true"])
         add("busybox true", col, [(time.perf_counter() - t) * 1e3])
         add("crun --version", col, run(exe, ["--version"], 2))
+        t = time.perf_counter()
+        run(exe, ["--version"], 20)
+        add("crun --version, x20/20", col, [(time.perf_counter() - t) * 1e3 / 20])
         add("crun create", col, run(exe, ["create", "--bundle=/probe/b", "c"]))
         add("crun start", col, run(exe, ["start", "c"]))
         add("crun exec --detach", col, run(exe, ["exec", "--detach", "--process=/probe/p.json", "c"], 3))
@@ -142,7 +153,7 @@ AGENT_EXEC = "\nmain()\n"
 
 
 def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = None,
-            seccomp: Path | None = None) -> Path:
+            seccomp: Path | None = None, columns: list[str] | None = None) -> Path:
     """The guest's initrd with a cpio appended that replaces /init's agent line by the probe."""
     init = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"], input=base_initrd.read_bytes(),
                           capture_output=True, check=True).stdout.decode()
@@ -155,6 +166,8 @@ def overlay(base_initrd: Path, work: Path, rounds: int, ld_cache: Path | None = 
     (tree / "usr/lib/pykata").mkdir(parents=True)
     (tree / "usr/lib/pykata/crun_guest_probe.py").write_text(PROBE)
     (tree / "probe/rounds").write_text(str(rounds))
+    if columns:
+        (tree / "probe/columns").write_text(",".join(columns))
     bb = tree / "probe/b/rootfs/bin"
     shutil.copy2("/bin/busybox", bb / "busybox")
     for applet in ("sh", "true", "sleep"):
@@ -192,6 +205,7 @@ def main() -> int:
     ap.add_argument("--seccomp", type=Path, metavar="FILE",
                     help="a linux.seccomp profile (JSON; containerd's default: the spec of `ctr container "
                          "create --seccomp`): adds a row, crun create of the same bundle with that filter")
+    ap.add_argument("--columns", help="only these columns, comma-separated (e.g. norand,norand+ldc)")
     args = ap.parse_args()
     kernel, rootfs = find_kernel(CACHE), find_rootfs(CACHE)
     if kernel is None or rootfs is None:
@@ -201,7 +215,8 @@ def main() -> int:
                 if ln.startswith("cpu MHz")), 0.0)
     with tempfile.TemporaryDirectory(prefix="crun-guest-") as d:
         work = Path(d)
-        initrd = overlay(rootfs.initrd, work, args.n, ld_cache=args.ld_cache, seccomp=args.seccomp)
+        initrd = overlay(rootfs.initrd, work, args.n, ld_cache=args.ld_cache, seccomp=args.seccomp,
+                         columns=args.columns.split(",") if args.columns else None)
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
