@@ -237,9 +237,9 @@ def main() -> int:
     cols = list(next(iter(table.values())))
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(f"crun in the guest (TCG), median ms over {args.n} rounds; host load average {load}")
-    print(f"{'':<22}" + "".join(f"{c:>10}" for c in cols))
+    print(f"{'':<22}" + "".join(f"{c:>11}" for c in cols))
     for row, vals in table.items():
-        print(f"{row:<22}" + "".join(f"{vals[c]:>10.0f}" for c in cols))
+        print(f"{row:<22}" + "".join(f"{vals[c]:>11.0f}" for c in cols))
     return 0
 
 
