@@ -228,6 +228,9 @@ def test_stop_terms_then_kills_a_pid_1_that_ignores_sigterm() -> None:
         assert time.monotonic() - begun >= 1  # SIGTERM was waited for, in vain
         mine = [r for r in json.loads(pykata("ps", "-a", "--json").stdout) if r["name"] == name]
         assert mine and (mine[0]["status"], mine[0]["exit_code"]) == ("exited", 137)
+        sid = started.stdout.decode().strip()
+        assert sid[:12] not in pykata("ps", "-q").stdout.decode().split()  # ps -q: ids only, running ones
+        assert sid[:12] in pykata("ps", "-a", "-q").stdout.decode().split()
         assert pykata("stop", name).returncode == 0  # stopping a stopped container is a no-op
         assert pykata("rm", name).returncode == 0
         missing = pykata("stop", name)

@@ -339,11 +339,16 @@ def _rows(config: Config, all_: bool) -> list[dict[str, Any]]:
 @click.command()
 @click.option("-a", "--all", "all_", is_flag=True, help="Show exited containers too.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ps(all_: bool, as_json: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only the ids (as docker ps -q: pykata rm -f $(pykata ps -aq)).")
+def ps(all_: bool, as_json: bool, quiet: bool) -> None:
     """List containers."""
     rows = _rows(load_config(), all_)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    if quiet:
+        for r in rows:
+            click.echo(r["id"][:12])
         return
     click.echo(f"{'CONTAINER ID':<14}{'IMAGE':<16}{'COMMAND':<24}{'STATUS':<14}NAME")
     for r in rows:
