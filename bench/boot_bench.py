@@ -33,6 +33,8 @@ Phases (host wall clock unless noted):
     *-init     setting the VM up (mounts, cgroups, lo, the agent's port: agent/pid1.py)
     *-imports  importing the agent
     *-agent    the agent's start until it serves (PYKATA_AGENT_READY)
+    *-to-py    (--quiet, which boots with the kernel's "quiet" as pykata does, so the kernel prints no
+               marks) QEMU start until /init's first line: the kernel phases and Python's start
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
   qemu-cpu     CPU seconds QEMU used until ready (all threads): what `ready` would be on an idle host
                with a spare core, useful when the machine is busy
@@ -46,6 +48,7 @@ Phases (host wall clock unless noted):
   stop         stop(): QMP quit, reap, clean up
 
     .venv/bin/python bench/boot_bench.py [-n 5] [--guest tiny|image|both] [--template [--prestart]] [--json]
+        [--quiet] [--kernel VMLINUX] [--initrd CPIO] [--kernel-params ...] [--cpu-model ...] [--console-dir DIR]
 """
 
 from __future__ import annotations
@@ -92,13 +95,19 @@ _T = re.compile(r"PYKATA_T (\w+) ([\d.]+)")
 BOOT_MARKS = (("unpack", b"Unpacking initramfs"), ("initrd", b"Freeing initrd memory"), ("kernel", b"Run /init"),
               ("python", b"PYKATA_BOOT py "), ("init", b"PYKATA_BOOT setup "), ("imports", b"PYKATA_BOOT imported "),
               ("agent", b"PYKATA_AGENT_READY"))
+# --quiet boots as pykata does (kernel "quiet"): the kernel prints none of its marks, so the first phase
+# runs from QEMU's start until /init's first line.
+QUIET_MARKS = (("to-py", b"PYKATA_BOOT py "), *BOOT_MARKS[4:])
 
 
-def make_config(workdir: Path, memory: int, verbose_kernel: bool = False) -> Config:
+def make_config(workdir: Path, memory: int, verbose_kernel: bool = False, kernel_params: str = "",
+                cpu_model: str = "") -> Config:
     return parse_toml(
         f"""
         [hypervisor.qemu]
         default_memory = {memory}
+        kernel_params = {json.dumps(kernel_params)}
+        cpu_model = {json.dumps(cpu_model)}
         shared_fs = "none"
         enable_debug = {"true" if verbose_kernel else "false"}
         [runtime]
@@ -108,13 +117,16 @@ def make_config(workdir: Path, memory: int, verbose_kernel: bool = False) -> Con
     )
 
 
-def make_clone_config(workdir: Path, memory: int, kernel: Path, initrd: Path) -> Config:
+def make_clone_config(workdir: Path, memory: int, kernel: Path, initrd: Path, kernel_params: str = "",
+                      cpu_model: str = "") -> Config:
     return parse_toml(
         f"""
         [hypervisor.qemu]
         kernel = "{kernel}"
         initrd = "{initrd}"
         default_memory = {memory}
+        kernel_params = {json.dumps(kernel_params)}
+        cpu_model = {json.dumps(cpu_model)}
         shared_fs = "virtio-9p"
         [runtime]
         runtime_dir = "{workdir}/run"
@@ -164,26 +176,28 @@ def qemu_cpu(pid: int) -> float:
     return total / 1e9
 
 
-async def boot_marks(vm: QemuHypervisor, t0: float, out: dict[str, float]) -> None:
-    """Fill `out` with cpu-<phase> and wall-<phase> as each BOOT_MARKS line appears on the console."""
+async def boot_marks(vm: QemuHypervisor, t0: float, out: dict[str, float],
+                     marks: tuple[tuple[str, bytes], ...] = BOOT_MARKS) -> None:
+    """Fill `out` with cpu-<phase> and wall-<phase> as each of `marks` appears on the console."""
     assert vm.pid is not None
     at = 0
     last_cpu = last_wall = 0.0
-    while at < len(BOOT_MARKS):
+    while at < len(marks):
         try:
             log = vm.console_log.read_bytes()
         except FileNotFoundError:
             log = b""
-        while at < len(BOOT_MARKS) and BOOT_MARKS[at][1] in log:
+        while at < len(marks) and marks[at][1] in log:
             cpu, wall = qemu_cpu(vm.pid), time.monotonic() - t0
-            name = BOOT_MARKS[at][0]
+            name = marks[at][0]
             out[f"cpu-{name}"], out[f"wall-{name}"] = cpu - last_cpu, wall - last_wall
             last_cpu, last_wall = cpu, wall
             at += 1
         await asyncio.sleep(0.002)
 
 
-async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path) -> dict[str, float]:
+async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Path,
+                   console_dir: Path | None = None, quiet: bool = False) -> dict[str, float]:
     readiness = channel_first_byte if guest == "tiny" else None
     vm: Hypervisor | None = None
     init_seen: asyncio.Task[float] | None = None
@@ -209,9 +223,10 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
             await vm.prepare()
             await vm.start()
             if guest == "image":
-                marking = asyncio.ensure_future(boot_marks(vm, vm.timestamps["start"], marks))
+                marking = asyncio.ensure_future(boot_marks(vm, vm.timestamps["start"], marks,
+                                                           QUIET_MARKS if quiet else BOOT_MARKS))
         assert isinstance(vm, QemuHypervisor)
-        if guest == "image":
+        if guest == "image" and not quiet:
             # Needs the kernel's info messages: the image guest boots without "quiet".
             init_seen = asyncio.ensure_future(seen_at(vm.console_log, b"Run /init as init process"))
         starvation = Starvation(vm.pid)  # (from just after QEMU's start: its first ms are not counted)
@@ -248,6 +263,9 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
         if marking is not None:
             marking.cancel()
         stop_at = time.monotonic()
+        if vm is not None and console_dir is not None:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(vm.console_log, console_dir / f"{guest}-{i}.log")
         if vm is not None:
             await vm.stop()
     out["stop"] = time.monotonic() - stop_at
@@ -257,7 +275,7 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
 ORDER = ["template-make", "waiting-pss", "waiting-cpu", "spawn", "qmp", "restore", "answer", "pre-kernel", "kernel",
          "init",
          "to-init", "userspace",
-         *(f"{kind}-{name}" for kind in ("wall", "cpu") for name, _ in BOOT_MARKS),
+         *(f"{kind}-{name}" for kind in ("wall", "cpu") for name, _ in (QUIET_MARKS[:1] + BOOT_MARKS)),
          "ready", "qemu-cpu", "qemu-starved", "stop"]
 # How long a pre-started QEMU waits before its state is loaded (its set-up is then surely over).
 PRESTART_SETTLE = 0.3
@@ -272,16 +290,19 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | None) -> dict[str, Any]:
+async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | None,
+                console_dir: Path | None = None, kernel_params: str = "", cpu_model: str = "",
+                quiet: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pkbench"))
     try:
-        config = make_config(workdir, memory, verbose_kernel=guest == "image")
+        config = make_config(workdir, memory, verbose_kernel=guest == "image" and not quiet,
+                             kernel_params=kernel_params, cpu_model=cpu_model)
         if guest == "tiny":
             initrd = write_busybox_initrd(workdir / "tiny.cpio", TINY_INIT)
         assert initrd is not None
         made: float | None = None
         if guest in ("clone", "prestarted"):
-            config = make_clone_config(workdir, memory, kernel, initrd)
+            config = make_clone_config(workdir, memory, kernel, initrd, kernel_params, cpu_model)
             started = time.monotonic()
             await ensure_template(config)
             made = time.monotonic() - started
@@ -291,7 +312,7 @@ async def bench(guest: str, n: int, memory: int, kernel: Path, initrd: Path | No
         await warm.stop()
         runs = []
         for i in range(n):
-            runs.append(await one_boot(i, guest, config, kernel, initrd))
+            runs.append(await one_boot(i, guest, config, kernel, initrd, console_dir, quiet))
             print(f"[boot_bench] {guest} run {i + 1}/{n}: ready {runs[-1]['ready']:.3f}s", file=sys.stderr)
         phases = summarize(runs)
         if made is not None:
@@ -331,7 +352,17 @@ def main() -> None:
     ap.add_argument("--prestart", action="store_true",
                     help="with --template: also clone into a QEMU started ahead (guest 'prestarted')")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--kernel-params", default="",
+                    help="appended to the guest kernel's command line (hypervisor.qemu.kernel_params)")
+    ap.add_argument("--quiet", action="store_true",
+                    help="boot the image guest with the kernel's 'quiet', as pykata does: no kernel phases "
+                         "(cpu-to-py is QEMU's start until /init's first line)")
+    ap.add_argument("--cpu-model", default="", help="QEMU -cpu (hypervisor.qemu.cpu_model; default: pykata's)")
+    ap.add_argument("--console-dir", type=Path,
+                    help="copy each boot's serial console log here (<guest>-<run>.log), e.g. to read initcall_debug")
     args = ap.parse_args()
+    if args.console_dir is not None:
+        args.console_dir.mkdir(parents=True, exist_ok=True)
     guests = {"both": ["tiny", "image"], "none": []}.get(args.guest, [args.guest])
     if args.template:
         guests.append("clone")
@@ -343,7 +374,8 @@ def main() -> None:
         if guest in ("image", "clone", "prestarted") and image_initrd is None:
             print("[boot_bench] no guest image (pykata image build): skipping --guest image", file=sys.stderr)
             continue
-        results.append(asyncio.run(bench(guest, args.n, args.memory, kernel, image_initrd)))
+        results.append(asyncio.run(bench(guest, args.n, args.memory, kernel, image_initrd, args.console_dir,
+                                         args.kernel_params, args.cpu_model, args.quiet)))
     if args.json:
         print(json.dumps(results, indent=2))
         return
