@@ -60,10 +60,24 @@ def test_cache_key_is_stable_for_equal_inputs() -> None:
         {"tarball_size": 138008001},
         {"tarball_mtime_ns": 1_700_000_000_000_000_001},
         {"recipe": kernel.RECIPE_VERSION + 1},
+        {"source_edits_sha256": "1" * 64},
     ],
 )
 def test_cache_key_changes_with_each_input(change: dict[str, object]) -> None:
     assert cache_key(dataclasses.replace(INPUTS, **change)) != cache_key(INPUTS)  # type: ignore[arg-type]
+
+
+def test_source_edits_are_in_the_key_by_their_content(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two branches that each add an edit without bumping RECIPE_VERSION (or bump it to the same number)
+    # must not share a cache entry.
+    before, edits = kernel.kernel_inputs(), kernel.SOURCE_EDITS
+    assert before.source_edits_sha256 == kernel.source_edits_digest(edits)
+    monkeypatch.setattr(kernel, "SOURCE_EDITS", (*kernel.SOURCE_EDITS, ("a.c", "x;\n", "y;\n")))
+    after = kernel.kernel_inputs()
+    assert after.source_edits_sha256 != before.source_edits_sha256
+    assert cache_key(after) != cache_key(before)
+    # the order is not part of it: branches merged either way share the kernel
+    assert kernel.source_edits_digest(edits[::-1]) == before.source_edits_sha256
 
 
 def test_cache_key_of_installed_source_follows_the_fragment() -> None:
@@ -182,9 +196,12 @@ def fake_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, drop: str = 
     tree.mkdir(parents=True)
     (tree / "Makefile").write_text(FAKE_MAKEFILE.replace("$(FAKE_DROP)", drop or "true")
                                    .replace("$(FAKE_FAIL)", fail or "true"))
-    for name, text, _ in kernel.SOURCE_EDITS:  # what the recipe edits, once each
+    texts: dict[str, str] = {}
+    for name, text, _ in kernel.SOURCE_EDITS:  # what the recipe edits, once each (a file may have several)
+        texts[name] = texts.get(name, "before\n") + f"{text}after\n"
+    for name, body in texts.items():
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_text(f"before\n{text}after\n")
+        (tree / name).write_text(body)
     tarball = tmp_path / "linux-source-6.1.tar.xz"
     subprocess.run(["tar", "-cJf", str(tarball), "-C", str(tree.parent), tree.name], check=True, timeout=60)
     monkeypatch.setattr(kernel, "SOURCE_TARBALL", tarball)
