@@ -48,6 +48,8 @@ STDLIB_DROP = (
     # selector_events and sslproto each try it (a failed import is retried): with ssl.pyc there, each
     # try unmarshalled its 72 KiB and ran its first imports before _ssl failed (~1.4 ms on the host)
     "ssl.py",
+    # likewise lzma and bz2 (no _lzma, _bz2): shutil and tarfile try them
+    "lzma.py", "bz2.py",
 )
 # Codecs that need the CJK extension modules, which are not shipped.
 CJK_CODECS = (
