@@ -18,7 +18,7 @@ from pykata.hypervisor import check
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.guest_assets import guest_kernel_path
 
-NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "cgroups-v2",
+NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "host-cgroups",
          "vmm-jail", "file-guard", "template-memory", "guest-kernel", "guest-image", "memory-merging", "containerd",
          "inotify"]  # the last one added by the CLI (cli/check.py: resources is above the hypervisor)
 
@@ -57,18 +57,21 @@ def test_virtiofsd_needed_only_for_virtio_fs() -> None:
 
 def test_cgroups_check_reads_the_hierarchy(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
-    assert check.cgroups_v2(Config(), tmp_path).status == "pass"
+    assert check.host_cgroups(Config(), tmp_path).status == "pass"
     v1 = tmp_path / "v1"
     (v1 / "unified").mkdir(parents=True)
     (v1 / "unified" / "cgroup.controllers").write_text("")
-    result = check.cgroups_v2(Config(), v1)
+    result = check.host_cgroups(Config(), v1)
     assert result.status == "warn" and "hybrid" in result.detail  # only an empty v2: nothing to charge
     strict = parse_toml("[runtime]\nsandbox_cgroup_only = true\n")
-    assert check.cgroups_v2(strict, v1).status == "fail"
+    assert check.host_cgroups(strict, v1).status == "fail"
     (v1 / "memory").mkdir()
     (v1 / "memory" / "cgroup.procs").write_text("")
-    result = check.cgroups_v2(strict, v1)  # v1 controllers (this host): charged there
+    result = check.host_cgroups(strict, v1)  # v1 controllers (this host): charged there
     assert result.status == "pass" and "memory" in result.detail and "pod's cgroup" in result.detail
+    # a v1 host passes, so the item must not claim v2: its name says what it checks, its detail which
+    assert result.name == "host-cgroups" and result.detail.startswith("cgroup v1")
+    assert check.host_cgroups(Config(), tmp_path).detail.startswith("unified hierarchy")
 
 
 def test_missing_guest_assets_fail(tmp_path: Path) -> None:

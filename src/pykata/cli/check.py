@@ -27,7 +27,7 @@ _MARK = {"pass": ("PASS", "green"), "warn": ("WARN", "yellow"), "fail": ("FAIL",
 @click.option("--no-cache", is_flag=True, help="Trial-boot under KVM again instead of using the cached verdict.")
 def check(as_json: bool, config_path: Path | None, no_cache: bool) -> None:
     """Check that this host can run pykata VMs: CPU, KVM (a real trial boot), QEMU, virtiofsd,
-    vsock, tun, cgroups v2, the guest kernel and image, containerd."""
+    vsock, tun, the host's cgroups (v2 or v1), the guest kernel and image, containerd."""
     from pykata.hypervisor.check import can_run, run_checks_sync
 
     def loader() -> Config:

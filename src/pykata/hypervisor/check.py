@@ -111,24 +111,25 @@ def net_tun(config: Config) -> CheckResult:
                        "mkdir -p /dev/net && mknod /dev/net/tun c 10 200 (or modprobe tun)")
 
 
-def cgroups_v2(config: Config, root: Path | None = None) -> CheckResult:
+def host_cgroups(config: Config, root: Path | None = None) -> CheckResult:
     """The host's cgroups, which the sandboxes' processes (shim, QEMU, virtiofsd) are charged to
-    (pykata.resources.cgroups): cgroup v2, or v1 controllers (a hybrid host). Containers get cgroup v2
+    (pykata.resources.cgroups): cgroup v2, or v1 controllers (a v1 or hybrid host; either passes, so
+    the item is "host-cgroups", not "cgroups-v2", and its detail says which). Containers get cgroup v2
     inside the guest whatever the host has."""
     root = Path(config.runtime.cgroup_root) if root is None else root
     where = "the pod's cgroup" if config.runtime.sandbox_cgroup_only else "pykata_overhead/<sandbox>"
     controllers = root / "cgroup.controllers"
     if controllers.exists():
         names = controllers.read_text().split()
-        return CheckResult("cgroups-v2", "pass", f"unified hierarchy at {root}; controllers: {' '.join(names)}; "
+        return CheckResult("host-cgroups", "pass", f"unified hierarchy at {root}; controllers: {' '.join(names)}; "
                                                  f"sandboxes are charged to {where}")
     v1 = sorted(d.name for d in root.iterdir() if (d / "cgroup.procs").exists()) if root.is_dir() else []
     hybrid = " (hybrid: v2 only at unified/)" if (root / "unified" / "cgroup.controllers").exists() else ""
     if [name for name in v1 if name != "unified"]:
-        return CheckResult("cgroups-v2", "pass", f"cgroup v1 at {root}{hybrid}: {' '.join(v1)}; sandboxes are "
+        return CheckResult("host-cgroups", "pass", f"cgroup v1 at {root}{hybrid}: {' '.join(v1)}; sandboxes are "
                                                  f"charged to {where} in each")
     status: Status = "fail" if config.runtime.sandbox_cgroup_only else "warn"
-    return CheckResult("cgroups-v2", status,
+    return CheckResult("host-cgroups", status,
                        f"no cgroup hierarchy at {root}{hybrid}: sandboxes are not charged to any host cgroup "
                        "(containers still get cgroup v2 inside the guest)",
                        "mount cgroup2 at runtime.cgroup_root, or boot with systemd.unified_cgroup_hierarchy=1")
@@ -306,7 +307,7 @@ async def run_checks(config_loader: Callable[[], Config] = load_config, *,
     results.append(virtiofsd(config))
     results.append(vhost_vsock())
     results.append(net_tun(config))
-    results.append(cgroups_v2(config))
+    results.append(host_cgroups(config))
     results.append(vmm_jail(config))
     results.append(file_guard())
     results.append(template_memory(config))
