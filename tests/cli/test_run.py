@@ -232,9 +232,14 @@ def test_stop_terms_then_kills_a_pid_1_that_ignores_sigterm() -> None:
         assert sid[:12] not in pykata("ps", "-q").stdout.decode().split()  # ps -q: ids only, running ones
         assert sid[:12] in pykata("ps", "-a", "-q").stdout.decode().split()
         assert pykata("stop", name).returncode == 0  # stopping a stopped container is a no-op
+        # exec's failures exit 126 (run's 125), a stopped container's as the others (it was 125)
+        stale = pykata("exec", name, "true")
+        assert (stale.returncode, b"is not running" in stale.stderr) == (126, True), stale.stderr
         assert pykata("rm", name).returncode == 0
         missing = pykata("stop", name)
         assert missing.returncode == 1 and b"no such container" in missing.stderr
+        gone = pykata("exec", name, "true")
+        assert (gone.returncode, b"no such container" in gone.stderr) == (126, True), gone.stderr
     finally:
         pykata("rm", "-f", name)
 

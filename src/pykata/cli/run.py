@@ -307,8 +307,8 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
     try:
         check_cwd(workdir, "--workdir")
         found = find(load_config(), container)
-        if not found.running:
-            _fail(f"container {container} is not running")
+        if not found.running:  # exec's own failures are 126 (failure_status), this one too
+            _fail(f"container {container} is not running", 126)
         if found.record.containers and found.record.id not in found.record.containers:
             # a CRI pod's sandbox: its pause runs no process in the guest (runtime.sandbox_pause_in_guest)
             _fail(f"{container} is a pod whose sandbox container has no process to exec in; exec into one of "
