@@ -108,20 +108,30 @@ def status(as_json: bool) -> None:
 
 
 @factory.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the removed templates as JSON.")
+@click.argument("keys", nargs=-1, metavar="[KEY]...")
+@click.option("--all", "all_", is_flag=True, help="Remove every template.")
 @click.option("--stale", is_flag=True, help="Only the templates whose guest assets changed, and those no running VM "
               "uses and no VM was started from for --unused-for seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the removed templates as JSON.")
 @_UNUSED_FOR
-def destroy(as_json: bool, stale: bool, unused_for: float) -> None:
-    """Remove every template (running VMs started from one are not affected), or with --stale the old ones."""
+def destroy(keys: tuple[str, ...], all_: bool, stale: bool, as_json: bool, unused_for: float) -> None:
+    """Remove the templates KEY... (as `pykata factory status` lists them), every one with --all, or the
+    old ones with --stale. Running VMs started from one are not affected."""
     from pykata.factory import destroy_templates, prune_unused_templates
 
+    # no target removes nothing: a bare `destroy` (or `destroy --json`) once removed every template
+    if (bool(keys) + all_ + stale) != 1:
+        raise click.UsageError("name what to remove: KEY... (pykata factory status lists them), --all or --stale "
+                               "(one of them)")
     config = _config()
-    keys = prune_unused_templates(config, unused_for) if stale else _run(destroy_templates(config))
-    if as_json:
-        click.echo(json.dumps({"removed": keys}))
+    if stale:
+        removed = prune_unused_templates(config, unused_for)
     else:
-        click.echo(f"removed {len(keys)} template(s)" + (f": {', '.join(keys)}" if keys else ""))
+        removed = _run(destroy_templates(config, None if all_ else keys))
+    if as_json:
+        click.echo(json.dumps({"removed": removed}))
+    else:
+        click.echo(f"removed {len(removed)} template(s)" + (f": {', '.join(removed)}" if removed else ""))
 
 
 @factory.group()

@@ -54,7 +54,7 @@ from typing import Any
 
 from pykata.agentapi import Agent
 from pykata.config.schema import Config
-from pykata.errors import HypervisorError
+from pykata.errors import HypervisorError, NotFound
 from pykata.fsutil import async_file_lock, file_lock
 from pykata.hypervisor.accel import resolve_accelerator
 from pykata.hypervisor.base import Hypervisor, RestoreSource
@@ -136,7 +136,7 @@ class Template:
         for name, path in (("kernel", self.kernel), ("initrd", self.initrd), ("image", self.image)):
             if path is not None and _file_id(path) != self.inputs.get(name):
                 raise HypervisorError(f"template {self.key}: the {name} {path} changed since the template "
-                                      "was made (run `pykata factory destroy`)")
+                                      f"was made (run `pykata factory destroy {self.key}`)")
 
     def to_json(self) -> dict[str, Any]:
         size = self.memory.stat().st_blocks * 512 if self.memory.exists() else 0
@@ -549,21 +549,32 @@ def discard_template(template: Template, reason: str) -> None:
     shutil.rmtree(template.dir, ignore_errors=True)
 
 
-async def destroy_templates(config: Config) -> list[str]:
-    """Remove every template under factory.template_path; return their keys.
+async def destroy_templates(config: Config, keys: Collection[str] | None = None) -> list[str]:
+    """Remove the templates named in `keys` (every one under factory.template_path, and what is left of
+    unfinished ones, when None); return their keys. Nothing is removed when a key names no template.
 
     Raises:
+        NotFound: a key names no template (`list_templates`).
         HypervisorError: another process holds the lock (making a template) for too long.
     """
     root = template_root(config)
     if not root.is_dir():
+        if keys:
+            raise NotFound(f"no template {sorted(keys)[0]} (pykata factory status lists them)")
         return []
     async with _locked(root, timeout=MAX_STRETCH * config.qemu.boot_timeout + 60):
-        keys = [t.key for t in list_templates(config)]
-        for entry in root.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-    return keys
+        templates = {t.dir.name: t for t in list_templates(config)}
+        if keys is None:
+            for entry in root.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+            return [t.key for t in templates.values()]
+        unknown = sorted(k for k in keys if k not in templates)
+        if unknown:
+            raise NotFound(f"no template {', '.join(unknown)} (pykata factory status lists them)")
+        for key in keys:
+            shutil.rmtree(templates[key].dir, ignore_errors=True)
+        return [templates[k].key for k in keys]
 
 
 async def agent_readiness(vm: Hypervisor) -> None:
