@@ -115,3 +115,59 @@ def test_type_changes_and_unchanged_files(tmp_path: Path) -> None:
     volumesync.apply(root, volumesync.check_entries([_e("", D, perm=0o750), _e("d", L, b"/etc")]))
     assert os.readlink(root / "d") == "/etc" and not (root / "x").exists()
     assert stat.S_IMODE(root.stat().st_mode) == 0o750
+
+
+class FakeStorages:
+    """A fake of the agent's Storages: the volume's tmpfs is a plain directory."""
+
+    def mount(self, storage: agent_pb2.Storage, owner: str) -> None:
+        Path(storage.mount_point).mkdir(parents=True, exist_ok=True)
+
+
+def test_a_sync_cancelled_mid_apply_finishes_before_the_next_one_applies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SyncVolume handler cancelled while its worker thread writes (the host's session gone) must
+    not let the next call's tree be applied beside that thread, or before it: the newer tree wins."""
+    import asyncio
+
+    from pykata.agent.service import AgentService
+    from pykata.agent.settings import AgentSettings
+
+    svc = AgentService(AgentSettings(state_dir=tmp_path / "state", shared_dir=tmp_path / "shared"))
+    svc._storages = FakeStorages()  # type: ignore[assignment]
+    requests = []
+    for version in (1, 2):
+        host = tmp_path / f"host{version}"
+        write_volume(host, {"key": b"v%d" % version})
+        entries = watchable.scan(str(host), 64, 1 << 20)[0]
+        requests.append(agent_pb2.SyncVolumeRequest(name="cfg", size=1 << 20, entries=entries))
+    events: list[str] = []
+    first_started, release = threading.Event(), threading.Event()
+    real_apply = volumesync.apply
+
+    def slow_first_apply(where: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> None:
+        n = sum(e.startswith("start") for e in events) + 1
+        events.append(f"start{n}")
+        if n == 1:
+            first_started.set()
+            release.wait(10)
+        real_apply(where, tree)
+        events.append(f"end{n}")
+
+    monkeypatch.setattr(volumesync, "apply", slow_first_apply)
+
+    async def main() -> None:
+        first = asyncio.create_task(svc.SyncVolume(requests[0], None))
+        assert await asyncio.to_thread(first_started.wait, 10)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(svc.SyncVolume(requests[1], None))
+        await asyncio.sleep(0.3)
+        assert events == ["start1"]  # the second waits for the first call's thread
+        release.set()
+        await asyncio.wait_for(second, 10)
+
+    asyncio.run(main())
+    assert events == ["start1", "end1", "start2", "end2"]
+    assert (svc.settings.pod_volume_dir / "cfg" / "key").read_bytes() == b"v2"

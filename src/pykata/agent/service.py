@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -97,7 +98,11 @@ class AgentService:
         self._containers: Containers | None = None
         self._sandbox: Sandbox | None = None
         self._storages: Storages | None = None
+        # Per volume: the asyncio lock orders the calls; the thread lock is held by the worker thread
+        # that mounts and applies, so a call cancelled mid-apply (its host session gone) cannot let a
+        # later call's tree be applied beside, or before, the tree its thread is still writing.
         self._volume_locks: dict[str, asyncio.Lock] = {}
+        self._volume_thread_locks: dict[str, threading.Lock] = {}
         self._dirs_made = False
         self.entropy = Entropy(self.settings.state_dir)
         self.console = DebugConsole(self.reaper, buffer_limit=self.settings.buffer_limit)
@@ -382,12 +387,19 @@ class AgentService:
                                     options=["nosuid", "nodev", f"size={size >> 10}k", f"mode={top.mode & 0o777:o}",
                                              f"uid={top.uid}", f"gid={top.gid}"])
         lock = self._volume_locks.setdefault(req.name, asyncio.Lock())
+        thread_lock = self._volume_thread_locks.setdefault(req.name, threading.Lock())
+        storages = self._storages
+
+        def sync() -> None:
+            with thread_lock:
+                storages.mount(storage, "volume")
+                try:
+                    volumesync.apply(where, tree)
+                except OSError as exc:
+                    raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}") from None
+
         async with lock:
-            await asyncio.to_thread(self._storages.mount, storage, "volume")
-            try:
-                await asyncio.to_thread(volumesync.apply, where, tree)
-            except OSError as exc:
-                raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}") from None
+            await asyncio.to_thread(sync)
         return Empty()
 
     async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest,
