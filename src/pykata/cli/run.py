@@ -13,7 +13,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import click
 
@@ -381,18 +381,27 @@ def kill(container: str, sig: str) -> None:
 def stop(grace: float, containers: tuple[str, ...]) -> None:
     """Stop running CONTAINERs as docker stop does: SIGTERM, then SIGKILL after --time seconds (a PID 1 without
     a handler, such as httpd, ignores SIGTERM); the container stays, exited, for logs and rm."""
+    def stop_one(config: Config, ref: str) -> str:
+        found = find(config, ref)
+        if found.running:
+            asyncio.run(_signal(found, signal.SIGTERM))
+            deadline = time.monotonic() + grace
+            if not _wait_stopped(config, found.record.id, deadline):
+                asyncio.run(_signal(found, signal.SIGKILL))
+                _wait_stopped(config, found.record.id, deadline + 30)
+        return found.record.id
+
+    _each_container(containers, stop_one)
+
+
+def _each_container(containers: tuple[str, ...], act: Callable[[Config, str], str]) -> NoReturn:
+    """Run `act` on each container reference, printing what it returns (the container's id) or the
+    error; exit 1 if any failed, as docker's stop and rm do."""
     config = load_config()
     failed = False
     for ref in containers:
         try:
-            found = find(config, ref)
-            if found.running:
-                asyncio.run(_signal(found, signal.SIGTERM))
-                deadline = time.monotonic() + grace
-                if not _wait_stopped(config, found.record.id, deadline):
-                    asyncio.run(_signal(found, signal.SIGKILL))
-                    _wait_stopped(config, found.record.id, deadline + 30)
-            click.echo(found.record.id)
+            click.echo(act(config, ref))
         except PykataError as e:
             click.echo(f"pykata: {e}", err=True)
             failed = True
@@ -421,23 +430,18 @@ async def _signal(found: Found, signum: int) -> None:
 @click.argument("containers", nargs=-1, required=True)
 def rm(force: bool, containers: tuple[str, ...]) -> None:
     """Remove containers (and their VMs and state)."""
-    config = load_config()
-    failed = False
-    for ref in containers:
-        try:
-            found = find(config, ref)
-            if found.running:
-                if not force:
-                    raise PykataError(f"container {ref} is running: stop it first or use rm -f")
-                with contextlib.suppress(PykataError):
-                    asyncio.run(_signal(found, signal.SIGKILL))
-                _wait_owner(found, 10.0)
-            remove_sandbox_dir(found.dir, found.record)
-            click.echo(found.record.id)
-        except PykataError as e:
-            click.echo(f"pykata: {e}", err=True)
-            failed = True
-    sys.exit(1 if failed else 0)
+    def remove_one(config: Config, ref: str) -> str:
+        found = find(config, ref)
+        if found.running:
+            if not force:
+                raise PykataError(f"container {ref} is running: stop it first or use rm -f")
+            with contextlib.suppress(PykataError):
+                asyncio.run(_signal(found, signal.SIGKILL))
+            _wait_owner(found, 10.0)
+        remove_sandbox_dir(found.dir, found.record)
+        return found.record.id
+
+    _each_container(containers, remove_one)
 
 
 def _wait_owner(found: Found, timeout: float) -> None:
