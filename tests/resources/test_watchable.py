@@ -376,3 +376,24 @@ def test_pykata_check_says_how_many_inotify_slots_are_held(tmp_path: Path, monke
     finally:
         first.close()
     assert watchable.slots_in_use(slots) == (0, 2)  # probing took none of them
+
+
+def test_a_file_whose_last_name_goes_as_it_is_looked_at_is_a_change(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """lstat can see a file with no links while kubelet removes the old `..<timestamp>` directory (its
+    name still resolved, its unlink done): a change to look at again, not a volume kept on the host."""
+    vol = tmp_path / "cfg"
+    write_volume(vol, {"a": b"0"})
+    real_stat = os.stat
+
+    def stat_mid_unlink(name: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        st = real_stat(name, *args, **kwargs)
+        if name == "a" and stat.S_ISREG(st.st_mode):
+            fields = list(st)
+            fields[stat.ST_NLINK] = 0
+            return os.stat_result(fields)
+        return st
+
+    monkeypatch.setattr(watchable.os, "stat", stat_mid_unlink)
+    with pytest.raises(watchable.Changing, match="removed while read"):
+        watchable.scan(str(vol), 64, 1 << 20)

@@ -205,6 +205,8 @@ def scan(source: str, max_files: int, max_bytes: int, *, read: bool = True
                         raise Unsuitable(f"{source}: more than {max_files} files")
                     if total > max_bytes:
                         raise Unsuitable(f"{source}: more than {max_bytes} bytes")
+                    if st.st_nlink == 0:  # its last name was being removed as lstat read it (kubelet's swap)
+                        raise Changing(f"{where}: removed while read")
                     if st.st_nlink != 1:
                         raise Unsuitable(f"{where}: a file with {st.st_nlink} links (it may be a file from "
                                          "outside the volume)")
