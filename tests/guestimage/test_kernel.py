@@ -221,7 +221,7 @@ def test_build_installs_an_entry_once_and_reuses_it(tmp_path: Path, monkeypatch:
     assert messages[0].startswith("extracting") and messages[-1].startswith("done: 6.1.0-fake")
     assert any(m.startswith("linking vmlinux") for m in messages)
     assert find_kernel(cache) == built
-    assert sorted(p.name for p in (cache / "kernel").iterdir()) == sorted([".lock", cache_key(INPUTS), "current"])
+    assert sorted(p.name for p in (cache / "kernel").iterdir()) == [".lock", cache_key(INPUTS), "current"]
 
     (tmp_path / "fake-src").rename(tmp_path / "gone")  # a rebuild would now fail
     again: list[str] = []

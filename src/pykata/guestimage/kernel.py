@@ -78,128 +78,6 @@ EXPECTED_COMPILE_STEPS = 1577
 #   freed without poison, the same cost moved to whoever got the pages next (Python's start, +0.25 s).
 #   They stay allocated, non-executable and never written: 840 KiB of guest RAM for ~0.2 s of CPU per
 #   cold boot (a template's clones share it unwritten).
-# - 9p without a metadata cache (pykata's cache=mmap and cache=none mounts) made a new inode on every
-#   lookup and drops every unused dentry, so an inotify mark (which holds only the inode) never saw the
-#   container's own changes to the file or directory it watches: the next lookup of that name was another
-#   inode. The edit makes such a lookup reuse the inode the guest still holds for the same server file
-#   (_NINE_P_REUSE_TEST: same qid.path, type and generation), refreshing its attributes from the server's
-#   answer (a host change is seen as before); unused inodes still go at once (v9fs_drop_inode), so only a
-#   referenced inode (mark, open file, cwd, mount) is ever found. Not reused (a new inode, as before): an
-#   inode at nlink 0 (6.12's cacheless unlink leaves nlink alone: the generation tells a host's reuse of
-#   the number apart), a regular file with
-#   pages in its page cache (mmap: a reuse must never bring back data the host may have changed since;
-#   QEMU's qid.version is mtime's seconds ^ size), and one whose qid.version changed while it has open
-#   fids (they belong to what was opened). Hard links then share one inode, as on the host.
-#   The generation is compared on its 32 bits (an inode's i_generation): QEMU 7.2's virtfs-proxy-helper
-#   answers FS_IOC_GETVERSION, which ext4 fills with 4 bytes, from an uninitialised 8-byte variable, so
-#   st_gen's upper half is the helper's stack (a first build that compared all 64 never reused an inode).
-# - O_TMPFILE|O_EXCL on 9p (9P2000.L has no such message): a hidden name created open and removed at
-#   once (_NINE_P_TMPFILE); the open fid keeps the file. O_TMPFILE without O_EXCL stays EOPNOTSUPP: Tlink
-#   links by path, so a removed file can never be given a name, and linkat() would fail where a program
-#   expects it to work (with EOPNOTSUPP it takes its fallback, as it does today).
-_NINE_P_REUSE_TEST = (
-    "/* Always get a new inode */\nstatic int v9fs_test_new_inode_dotl(struct inode *inode, void *data)\n"
-    "{\n\treturn 0;\n}\n",
-    "/* Always get a new inode */\nstatic int v9fs_test_new_inode_dotl(struct inode *inode, void *data)\n"
-    "{\n\treturn 0;\n}\n\n"
-    "/* pykata: a cacheless lookup reuses the inode the guest holds for this server file (kernel.py) */\n"
-    "static int v9fs_test_reuse_inode_dotl(struct inode *inode, void *data)\n"
-    "{\n"
-    "\tstruct v9fs_inode *v9inode = V9FS_I(inode);\n"
-    "\tstruct p9_stat_dotl *st = (struct p9_stat_dotl *)data;\n\n"
-    "\tif (inode_wrong_type(inode, st->st_mode) || !inode->i_nlink)\n"
-    "\t\treturn 0;\n"
-    "\tif (inode->i_generation != (u32)st->st_gen || v9inode->qid.type != st->qid.type ||\n"
-    "\t    v9inode->qid.path != st->qid.path)\n"
-    "\t\treturn 0;\n"
-    "\tif (S_ISREG(inode->i_mode) && (READ_ONCE(inode->i_mapping->nrpages) ||\n"
-    "\t    (READ_ONCE(inode->i_private) && v9inode->qid.version != st->qid.version)))\n"
-    "\t\treturn 0;\n"
-    "\treturn 1;\n"
-    "}\n",
-)
-_NINE_P_REUSE_IGET = (
-    "\tif (new)\n\t\ttest = v9fs_test_new_inode_dotl;\n\telse\n\t\ttest = v9fs_test_inode_dotl;\n\n"
-    "\tinode = iget5_locked(sb, QID2INO(qid), test, v9fs_set_inode_dotl, st);\n"
-    "\tif (!inode)\n\t\treturn ERR_PTR(-ENOMEM);\n"
-    "\tif (!(inode->i_state & I_NEW))\n\t\treturn inode;\n",
-    "\tif (new == 2)\n\t\ttest = v9fs_test_reuse_inode_dotl;\n"
-    "\telse if (new)\n\t\ttest = v9fs_test_new_inode_dotl;\n\telse\n\t\ttest = v9fs_test_inode_dotl;\n\n"
-    "\tinode = iget5_locked(sb, QID2INO(qid), test, v9fs_set_inode_dotl, st);\n"
-    "\tif (!inode)\n\t\treturn ERR_PTR(-ENOMEM);\n"
-    "\tif (!(inode->i_state & I_NEW)) {\n"
-    "\t\tif (new == 2) {\n"
-    "\t\t\t/* the server's attributes now: the host may have changed them */\n"
-    "\t\t\tv9fs_stat2inode_dotl(st, inode, 0);\n"
-    "\t\t\tV9FS_I(inode)->qid.version = st->qid.version;\n"
-    "\t\t}\n"
-    "\t\treturn inode;\n"
-    "\t}\n",
-)
-_NINE_P_REUSE_LOOKUP = (
-    "\telse\n\t\tinode = v9fs_get_new_inode_from_fid(v9ses, fid, dir->i_sb);\n",
-    "\telse if (v9fs_proto_dotl(v9ses))\n"
-    "\t\tinode = v9fs_inode_from_fid_dotl(v9ses, fid, dir->i_sb, 2);\n"
-    "\telse\n\t\tinode = v9fs_get_new_inode_from_fid(v9ses, fid, dir->i_sb);\n",
-)
-_NINE_P_TMPFILE = (
-    "const struct inode_operations v9fs_dir_inode_operations_dotl = {\n",
-    "/* pykata: O_TMPFILE|O_EXCL as a hidden name created open and removed at once (kernel.py) */\n"
-    "static int\n"
-    "v9fs_vfs_tmpfile_dotl(struct mnt_idmap *idmap, struct inode *dir,\n"
-    "\t\t      struct file *file, umode_t omode)\n"
-    "{\n"
-    "\tstruct v9fs_session_info *v9ses = v9fs_inode2v9ses(dir);\n"
-    "\tstruct dentry *dentry = file->f_path.dentry;\n"
-    "\tstruct p9_fid *dfid, *ofid;\n"
-    "\tstruct inode *inode;\n"
-    "\tstruct p9_qid qid;\n"
-    "\tchar name[40];\n"
-    "\tint p9_omode, err;\n\n"
-    "\tif (!(file->f_flags & O_EXCL))\n"
-    "\t\treturn -EOPNOTSUPP;\n"
-    "\tdfid = v9fs_parent_fid(dentry);\n"
-    "\tif (IS_ERR(dfid))\n"
-    "\t\treturn PTR_ERR(dfid);\n"
-    "\tofid = clone_fid(dfid);\n"
-    "\tif (IS_ERR(ofid)) {\n"
-    "\t\tp9_fid_put(dfid);\n"
-    "\t\treturn PTR_ERR(ofid);\n"
-    "\t}\n"
-    "\tp9_omode = v9fs_open_to_dotl_flags(file->f_flags & ~(O_TMPFILE | O_CREAT)) | P9_DOTL_CREATE | P9_DOTL_EXCL;\n"
-    "\tif ((v9ses->cache & CACHE_WRITEBACK) && (p9_omode & P9_OWRITE))\n"
-    "\t\tp9_omode = (p9_omode & ~(P9_OWRITE | P9_DOTL_APPEND)) | P9_ORDWR;\n"
-    "\tsnprintf(name, sizeof(name), \".pykata-tmpfile-%016llx\", get_random_u64());\n"
-    "\terr = p9_client_create_dotl(ofid, name, p9_omode, omode, v9fs_get_fsgid_for_create(dir), &qid);\n"
-    "\tif (err < 0)\n"
-    "\t\tgoto out;\n"
-    "\t/* only the open fid holds the file from here */\n"
-    "\terr = p9_client_unlinkat(dfid, name, 0);\n"
-    "\tv9fs_invalidate_inode_attr(dir);\n"
-    "\tif (err < 0)\n"
-    "\t\tgoto out;\n"
-    "\tinode = v9fs_get_new_inode_from_fid(v9ses, ofid, dir->i_sb);\n"
-    "\tif (IS_ERR(inode)) {\n"
-    "\t\terr = PTR_ERR(inode);\n"
-    "\t\tgoto out;\n"
-    "\t}\n"
-    "\t/* d_tmpfile drops the one link a new file has */\n"
-    "\tset_nlink(inode, 1);\n"
-    "\td_tmpfile(file, inode);\n"
-    "\terr = finish_open(file, file->f_path.dentry, generic_file_open);\n"
-    "\tif (err)\n"
-    "\t\tgoto out;\n"
-    "\tfile->private_data = ofid;\n"
-    "\tv9fs_fid_add_modes(ofid, v9ses->flags, v9ses->cache, file->f_flags);\n"
-    "\tv9fs_open_fid_add(inode, &ofid);\n"
-    "out:\n"
-    "\tp9_fid_put(dfid);\n"
-    "\tp9_fid_put(ofid);\n"
-    "\treturn err;\n"
-    "}\n\n"
-    "const struct inode_operations v9fs_dir_inode_operations_dotl = {\n"
-    "\t.tmpfile = v9fs_vfs_tmpfile_dotl,\n",
-)
 SOURCE_EDITS = (
     ("arch/x86/kernel/acpi/boot.c", "\treturn !hypervisor_is_type(X86_HYPER_NATIVE);\n", "\treturn true;\n"),
     ("arch/x86/kernel/apic/apic.c", "unsigned int lapic_timer_period = 0;\n",
@@ -215,10 +93,6 @@ SOURCE_EDITS = (
      "\t/* pykata: the init sections stay allocated, never written again (guestimage/kernel.py) */\n"
      "\tset_memory_nx((unsigned long)__init_begin, (__init_end - __init_begin) >> PAGE_SHIFT);\n"
      "\tset_memory_rw((unsigned long)__init_begin, (__init_end - __init_begin) >> PAGE_SHIFT);\n"),
-    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_REUSE_TEST),
-    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_REUSE_IGET),
-    ("fs/9p/vfs_inode.c", *_NINE_P_REUSE_LOOKUP),
-    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_TMPFILE),
 )
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.
