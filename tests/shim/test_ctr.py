@@ -205,6 +205,18 @@ def test_kill_all_and_rm_force_with_two_containers(containerd: Containerd) -> No
     assert pykata == runc
 
 
+def test_an_apparmor_profile_the_guest_cannot_apply_is_refused(containerd: Containerd) -> None:
+    """A container's author asks for an AppArmor profile of their own (ctr --apparmor-profile). The
+    guest kernel has no AppArmor: running the container unconfined would silently drop what was asked
+    for. The container must not start, the error names process.apparmorProfile, nothing is left."""
+    p = containerd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, "--apparmor-profile", "localhost-strict",
+                       IMAGE, _cid("aa"), "true", check=False)
+    assert p.returncode != 0, p.stdout
+    assert b"process.apparmorProfile" in p.stderr and b"localhost-strict" in p.stderr, p.stderr
+    assert b"Traceback" not in p.stderr
+    assert not containerd.tasks()
+
+
 def test_crun_annotations_in_a_spec_are_refused(containerd: Containerd) -> None:
     """A container's author tries crun's own annotations through ctr: a raw seccomp program that allows
     everything in place of the spec's filter, and a seccomp plugin library for crun (root in the guest)

@@ -245,7 +245,10 @@ def test_exec_spec_to_agent_process() -> None:
 
 
 @pytest.mark.parametrize(("spec", "field"), [({"args": []}, "spec.args"), ({"args": ["a"], "env": "x"}, "spec.env"),
-                                             ({"args": ["a"], "user": {"uid": "x"}}, "spec"), ("nope", "spec")])
+                                             ({"args": ["a"], "user": {"uid": "x"}}, "spec"), ("nope", "spec"),
+                                             ({"args": ["a"], "selinuxLabel": "system_u:system_r:spc_t:s0"},
+                                              "spec.selinuxLabel"),
+                                             ({"args": ["a"], "apparmorProfile": "strict"}, "spec.apparmorProfile")])
 def test_bad_exec_specs_name_the_field(spec: Any, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         exec_process(spec, terminal=False, console_size=None)

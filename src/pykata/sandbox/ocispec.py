@@ -211,6 +211,37 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
                                                             "it read-only, or a path beside it")
 
 
+# AppArmor profiles that ask nothing of the guest: none, and the one containerd's CRI gives every
+# container on an AppArmor host unasked (Kubernetes' runtime/default), which protects the host from a
+# runc container: here the VM is that boundary, as in Kata (which drops it likewise).
+UNASKED_APPARMOR_PROFILES = frozenset({"", "unconfined", "cri-containerd.apparmor.d"})
+
+
+def check_security_labels(process: Any, linux: Any = None, field: str = "process") -> None:
+    """Refuse an SELinux label or an AppArmor profile the guest cannot apply: its kernel has neither
+    LSM, so running the container would silently drop a confinement the user asked for (Kata's agent
+    refuses an SELinux label the same way). `process` is an OCI process object, `linux` the spec's
+    linux object (its mountLabel); `field` names the process object in the error.
+
+    Raises:
+        InvalidArgument: naming `{field}.selinuxLabel`, `{field}.apparmorProfile` or `linux.mountLabel`.
+    """
+    if isinstance(process, dict):
+        label = process.get("selinuxLabel")
+        if label:
+            raise InvalidArgument(f"{field}.selinuxLabel", f"{str(label)[:200]!r}: SELinux is not enabled in the "
+                                                           "guest kernel, so the label cannot be applied")
+        profile = process.get("apparmorProfile")
+        if profile and profile not in UNASKED_APPARMOR_PROFILES:
+            raise InvalidArgument(f"{field}.apparmorProfile",
+                                  f"{str(profile)[:200]!r}: AppArmor is not enabled in the guest kernel, so the "
+                                  "profile cannot be applied (only 'unconfined' or containerd's default "
+                                  "'cri-containerd.apparmor.d', which the VM stands in for)")
+    if isinstance(linux, dict) and linux.get("mountLabel"):
+        raise InvalidArgument("linux.mountLabel", f"{str(linux['mountLabel'])[:200]!r}: SELinux is not enabled in "
+                                                  "the guest kernel, so the label cannot be applied")
+
+
 def protected_host_dirs(runtime: Path, cache: Path, template: Path, config_dir: Path) -> list[Path]:
     """What check_host_bind_sources keeps from VMs on this host (see its docstring)."""
     import pykata

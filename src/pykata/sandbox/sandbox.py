@@ -62,6 +62,7 @@ from pykata.sandbox.ocispec import (
     Volume,
     add_volumes,
     check_host_bind_sources,
+    check_security_labels,
     for_guest,
     is_host_bind,
     protected_host_dirs,
@@ -607,6 +608,7 @@ class Sandbox:
         """
         ids.check_container_id(container_id)
         check_spec_shape(spec)
+        check_security_labels(spec.get("process"), spec.get("linux"))
         if container_id in self.containers:
             raise SandboxError(self.id, f"container {container_id} already exists")
         try:

@@ -20,6 +20,7 @@ from pykata.protocols import mount_pb2, task_types_pb2
 from pykata.protocols.agent import agent_pb2
 from pykata.resources.mounts import RootfsMount
 from pykata.sandbox import Container, Process
+from pykata.sandbox.ocispec import check_security_labels
 from pykata.shim.stdio import ProcessIO, Stdio
 
 MAX_SPEC_BYTES = 16 << 20
@@ -172,6 +173,7 @@ def exec_process(spec: Any, *, terminal: bool, console_size: tuple[int, int] | N
     user = spec.get("user") or {}
     if not isinstance(user, dict):
         raise InvalidArgument("spec.user", "must be an object")
+    check_security_labels(spec, field="spec")
     try:
         proc = agent_pb2.Process(
             args=args, env=env, cwd=str(spec.get("cwd") or "/"), terminal=terminal,
