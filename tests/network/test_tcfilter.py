@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pykata.network import NetworkError, attach, detach, guest_mac, open_tap
+from pykata.network.antispoof import link_local
 from pykata.protocols.agent import agent_pb2
 from pykata.resources.network import nic_devices
 
@@ -171,7 +172,7 @@ async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -
         frames = {
             b"honest-ipv4": _frame(own, 0x0800, _ipv4("10.253.0.9", b"honest-ipv4")),
             b"honest-arp": _frame(own, 0x0806, _arp("10.253.0.9", own, b"honest-arp")),
-            b"honest-ipv6": _frame(own, 0x86DD, bytes([0x60]) + bytes(39) + b"honest-ipv6"),
+            b"honest-ipv6": _frame(own, 0x86DD, _ipv6(link_local(own), "ff02::1", 17, b"honest-ipv6")),
             b"spoof-mac": _frame(other, 0x0800, _ipv4("10.253.0.9", b"spoof-mac")),
             b"spoof-ipv4": _frame(own, 0x0800, _ipv4("10.253.0.42", b"spoof-ipv4")),
             b"spoof-arp": _frame(own, 0x0806, _arp("10.253.0.42", own, b"spoof-arp")),
@@ -199,3 +200,120 @@ async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -
         sniffer.close()
         await detach(net)
     assert "filter" not in sh(f"ip netns exec {ns} tc filter show dev eth0 ingress")
+
+
+@pytest.fixture
+def dual_stack_netns(cni_like_netns: str) -> str:
+    """cni_like_netns with an IPv6 address and default route too, as the bridge plugin with a
+    host-local IPv6 range leaves it (nodad: nobody else is on the link to answer)."""
+    ns = os.path.basename(cni_like_netns)
+    sh(f"ip netns exec {ns} sh -c 'ip -6 addr add fd00:253::9/64 dev eth0 nodad && "
+       f"ip -6 route add default via fd00:253::1 dev eth0'")
+    return cni_like_netns
+
+
+def _ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
+    return (bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([next_header, 255])
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + payload)
+
+
+def _nd(kind: int, target: str, *options: bytes) -> bytes:
+    """A Neighbor Solicitation (135) or Advertisement (136) of `target` with `options` (no checksum:
+    the filter does not read it, and nothing beyond the sniffer does)."""
+    flags = b"\x60\x00\x00\x00" if kind == 136 else bytes(4)  # solicited, override
+    return bytes([kind, 0, 0, 0]) + flags + socket.inet_pton(socket.AF_INET6, target) + b"".join(options)
+
+
+def _lladdr(kind: int, mac: str) -> bytes:
+    return bytes([kind, 1]) + bytes.fromhex(mac.replace(":", ""))
+
+
+async def test_a_hostile_guest_cannot_spoof_ipv6_or_neighbor_discovery(dual_stack_netns: str) -> None:
+    """The IPv6 attacks of a guest that owns its kernel, on a dual-stack pod network, written into the
+    tap as QEMU writes the guest's frames (see the IPv4 test above): another pod's or the gateway's
+    source address, another pod's link-local address, Neighbor Advertisements claiming another pod's
+    address or the gateway's, or giving another MAC for our own; a DAD probe or answer for another
+    pod's address (which takes it away from that pod); Router Advertisements and Redirects (making
+    this pod every pod's router), also hidden behind extension headers. Only the honest frames a Linux
+    guest sends come out on the host end of the pod's veth: its own global and link-local sources,
+    address resolution, its DAD probe (from ::, with a nonce), MLD reports, a router solicitation,
+    fragments."""
+    ns = os.path.basename(dual_stack_netns)
+    peer = int(sh(f"ip netns exec {ns} ip -o link show eth0").split("@if", 1)[1].split(":", 1)[0])
+    net = await attach(dual_stack_netns)
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        sh(f"ip link set {socket.if_indextoname(peer)} up")
+        sniffer.bind((socket.if_indextoname(peer), 0))
+        sniffer.settimeout(0.3)
+        e = net.endpoints[0]
+        assert e.tap_fd is not None
+        assert ("fd00:253::9", 64) in e.addresses
+        own_mac, other_mac = e.mac, "0a:58:0a:fe:00:42"
+        own, own_ll = "fd00:253::9", link_local(own_mac)
+        other, other_ll, gateway = "fd00:253::42", link_local(other_mac), "fd00:253::1"
+        allnodes, gw_solicited = "ff02::1", "ff02::1:ff00:1"
+        udp = b"\x30\x39\x30\x39\x00\x10\x00\x00"
+        echo = bytes([128, 0, 0, 0, 0, 1, 0, 1])
+        mld = bytes([58, 0, 5, 2, 0, 0, 1, 0]) + bytes([143, 0, 0, 0, 0, 0, 0, 1]) + bytes(20)  # HBH + MLDv2
+        ra = bytes([134, 0, 0, 0, 64, 0, 0x07, 0x08]) + bytes(8)
+        nonce = bytes([14, 1, 1, 2, 3, 4, 5, 6])
+
+        def v6(src: str, dst: str, nh: int, payload: bytes, marker: bytes) -> bytes:
+            return _frame(own_mac, 0x86DD, _ipv6(src, dst, nh, payload + marker))
+
+        honest = {
+            b"h-global-udp": v6(own, gateway, 17, udp, b"h-global-udp"),
+            b"h-linklocal-echo": v6(own_ll, allnodes, 58, echo, b"h-linklocal-echo"),
+            b"h-resolve": v6(own, gw_solicited, 58, _nd(135, gateway, _lladdr(1, own_mac)), b""),
+            b"h-advert": v6(own, gateway, 58, _nd(136, own, _lladdr(2, own_mac)), b""),
+            b"h-advert-ll": v6(own_ll, gateway, 58, _nd(136, own_ll, _lladdr(2, own_mac)), b""),
+            b"h-dad": v6("::", "ff02::1:ff00:9", 58, _nd(135, own, nonce), b""),
+            b"h-mld": v6("::", "ff02::16", 0, mld, b"h-mld"),
+            b"h-router-solicit": v6(own_ll, "ff02::2", 58, bytes([133, 0, 0, 0, 0, 0, 0, 0]), b"h-router-solicit"),
+            b"h-fragment-udp": v6(own, gateway, 44, bytes([17, 0, 0, 1, 0, 0, 0, 7]) + udp, b"h-fragment-udp"),
+            b"h-fragment-echo": v6(own, gateway, 44, bytes([58, 0, 0, 1, 0, 0, 0, 8]) + echo, b"h-fragment-echo"),
+            b"h-fragment-later": v6(own, gateway, 44, bytes([58, 0, 0, 0xB9, 0, 0, 0, 9]) + ra, b"h-fragment-later"),
+        }
+        spoofed = {
+            b"s-other-source": v6(other, gateway, 17, udp, b"s-other-source"),
+            b"s-gateway-source": v6(gateway, other, 17, udp, b"s-gateway-source"),
+            b"s-other-linklocal": v6(other_ll, allnodes, 58, echo, b"s-other-linklocal"),
+            b"s-unspecified-udp": v6("::", gateway, 17, udp, b"s-unspecified-udp"),
+            b"s-advert-other": v6(own, allnodes, 58, _nd(136, other, _lladdr(2, own_mac)), b"s-advert-other"),
+            b"s-advert-gateway": v6(own, allnodes, 58, _nd(136, gateway, _lladdr(2, own_mac)), b"s-advert-gateway"),
+            b"s-advert-other-mac": v6(own, allnodes, 58, _nd(136, own, _lladdr(2, other_mac)), b"s-advert-other-mac"),
+            b"s-solicit-other-mac": v6(own, gw_solicited, 58, _nd(135, gateway, _lladdr(1, other_mac)),
+                                       b"s-solicit-other-mac"),
+            b"s-advert-two-options": v6(own, allnodes, 58, _nd(136, own, _lladdr(2, own_mac), _lladdr(2, other_mac)),
+                                        b"s-advert-two-options"),
+            b"s-dad-other": v6("::", "ff02::1:ff00:42", 58, _nd(135, other, nonce), b"s-dad-other"),
+            b"s-dad-answer": v6("::", allnodes, 58, _nd(136, other), b"s-dad-answer"),
+            b"s-router-advert": v6(own_ll, allnodes, 58, ra, b"s-router-advert"),
+            b"s-redirect": v6(own_ll, other, 58, bytes([137, 0, 0, 0, 0, 0, 0, 0]) + bytes(32), b"s-redirect"),
+            b"s-ra-behind-hbh": v6(own_ll, allnodes, 0, bytes([58, 0, 5, 2, 0, 0, 1, 0]) + ra, b"s-ra-behind-hbh"),
+            b"s-ra-behind-dstopts": v6(own_ll, allnodes, 60, bytes([58, 0, 1, 4, 0, 0, 0, 0]) + ra,
+                                       b"s-ra-behind-dstopts"),
+            b"s-ra-fragment": v6(own_ll, allnodes, 44, bytes([58, 0, 0, 1, 0, 0, 0, 5]) + ra, b"s-ra-fragment"),
+        }
+        # markers: NDP frames end in their options, so they are told apart by their whole frame
+        frames = {**honest, **spoofed}
+
+        def send_all() -> set[bytes]:
+            assert e.tap_fd is not None
+            for frame in frames.values():
+                os.write(e.tap_fd, bytes(10) + frame)  # struct virtio_net_hdr, all zero: no offloads
+            seen = set()
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    data = sniffer.recv(65536)
+                    seen |= {name for name, frame in frames.items() if data == frame}
+            return seen
+
+        assert send_all() == set(honest), "spoofed frames passed, or honest ones were dropped"
+        # without the check every frame goes out: the probe is sound
+        sh(f"ip netns exec {ns} tc filter del dev tap0_kata ingress prio 1")
+        assert send_all() == set(frames)
+    finally:
+        sniffer.close()
+        await detach(net)

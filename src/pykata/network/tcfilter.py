@@ -142,7 +142,8 @@ async def redirect(ipr: Any, e: Endpoint) -> None:
     for src, dst in ((e.link_index, tap), (tap, e.link_index)):
         await ipr.tc("add", "ingress", index=src, handle=INGRESS)
         if src == tap:
-            prog = antispoof.load(e.mac, [a for a, _ in e.addresses if ipaddress.ip_address(a).version == 4])
+            prog = antispoof.load(e.mac, [a for a, _ in e.addresses if ipaddress.ip_address(a).version == 4],
+                                  [a for a, _ in e.addresses if ipaddress.ip_address(a).version == 6])
             try:
                 await ipr.tc("add-filter", "bpf", index=tap, parent=INGRESS, protocol=ETH_P_ALL, prio=1,
                              fd=prog, name="pykata-antispoof", direct_action=True)
