@@ -74,6 +74,13 @@ CNI_CONF = """{{"cniVersion": "0.4.0", "name": "pykata-test", "plugins": [
   {{"type": "bridge", "bridge": "pkcri0", "isGateway": true, "ipMasq": false,
     "ipam": {{"type": "host-local", "dataDir": "{data}", "ranges": [[{{"subnet": "10.254.0.0/24"}}]]}}}}]}}
 """
+# Both families: an IPv6 range too, default routes of both (tests/security/test_ipv6_spoofing.py)
+CNI_CONF_DUAL_STACK = """{{"cniVersion": "0.4.0", "name": "pykata-test", "plugins": [
+  {{"type": "bridge", "bridge": "pkcri0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "dataDir": "{data}",
+             "ranges": [[{{"subnet": "10.254.0.0/24"}}], [{{"subnet": "fd00:254::/64"}}]],
+             "routes": [{{"dst": "0.0.0.0/0"}}, {{"dst": "::/0"}}]}}}}]}}
+"""
 
 
 def admin_config(path: Path, **runtime: str) -> Path:
@@ -90,6 +97,23 @@ def admin_config(path: Path, **runtime: str) -> Path:
     return path
 
 
+def set_keys(path: Path, lines: str) -> None:
+    """Set `table.key = value` lines (e.g. `agent.pykata.debug_console_enabled = true`) in the
+    configuration file at `path`, whose table must hold the key already (the packaged default's do)."""
+    text = path.read_text()
+    for line in filter(None, (x.strip() for x in lines.splitlines())):
+        dotted, _, value = line.partition("=")
+        table, _, key = dotted.strip().rpartition(".")
+        start = text.index(f"[{table}]\n")
+        end = text.find("\n[", start + 1)
+        end = len(text) if end < 0 else end
+        section, n = re.subn(rf"(?m)^#?\s*{key}\s*=.*$", f"{key} = {value.strip()}", text[start:end], count=1)
+        assert n == 1, f"{key} is not in [{table}] of {path}"
+        text = text[:start] + section + text[end:]
+    assert parse_toml(text), text
+    path.write_text(text)
+
+
 def missing_cri_prerequisites() -> str | None:
     """What scripts/install.sh should have provided for the CRI tests and did not (None when all is there)."""
     from tests.shim.harness import missing_prerequisites
@@ -103,15 +127,16 @@ def missing_cri_prerequisites() -> str | None:
 
 
 @contextlib.contextmanager
-def running_cri_containerd(directory: Path, cache: Path, runtime_config: dict[str, str] | None = None
-                           ) -> Iterator[CriContainerd]:
+def running_cri_containerd(directory: Path, cache: Path, runtime_config: dict[str, str] | None = None,
+                           *, cni_conf: str = CNI_CONF, extra_config: str = "") -> Iterator[CriContainerd]:
     """A started CriContainerd in `directory`, its images imported (from `cache`); stopped after, and
     no shim may outlive it. Its prerequisites (scripts/install.sh installs them all) missing fails the
     test: a broken setup, not a reason to skip."""
     missing = missing_cri_prerequisites()
     if missing:
         raise AssertionError(f"the CRI tests need {missing}")
-    ctd = CriContainerd(directory, runtime_config=runtime_config or {})
+    ctd = CriContainerd(directory, runtime_config=runtime_config or {}, cni_conf=cni_conf,
+                        extra_config=extra_config)
     try:
         ctd.start()
         ctd.import_images(cache)
@@ -129,6 +154,9 @@ class CriContainerd(Containerd):
     netns: str = field(default_factory=lambda: f"pykata-cri-{uuid.uuid4().hex[:8]}")
     # keys of [runtime] in the admin configuration the pykata runtime handler gets (options.ConfigPath)
     runtime_config: dict[str, str] = field(default_factory=dict)
+    cni_conf: str = CNI_CONF  # the CNI network list (format field: data, host-local's directory)
+    # "table.key = value" lines for other tables of that configuration (their key must be in the file)
+    extra_config: str = ""
     # what else names a pod's parts (pod_parts): a pooled VM's entry id, its shim's pid; found while it runs
     _parts: dict[str, tuple[set[str], set[int]]] = field(default_factory=dict, init=False, repr=False)
 
@@ -143,6 +171,8 @@ class CriContainerd(Containerd):
         self.pod_configs.mkdir(mode=0o755, parents=True, exist_ok=True)
         pykata_config = admin_config(self.dir / "pykata.toml", **{
             "valid_config_paths": f'["{self.pod_configs}"]', **self.runtime_config})
+        if self.extra_config:
+            set_keys(pykata_config, self.extra_config)
         return CRI_CONFIG.format(root=self.dir / "root", state=self.state, sock=self.socket, pause=PAUSE_IMAGE,
                                  cni_bin=CNI_BIN_DIR, cni_conf=self.dir / "cni", pykata_config=pykata_config)
 
@@ -156,7 +186,7 @@ class CriContainerd(Containerd):
         self.dir.mkdir(parents=True, exist_ok=True)
         cni_conf = self.dir / "cni"
         cni_conf.mkdir(exist_ok=True)
-        (cni_conf / "10-pykata-test.conflist").write_text(CNI_CONF.format(data=self.dir / "cni-ipam"))
+        (cni_conf / "10-pykata-test.conflist").write_text(self.cni_conf.format(data=self.dir / "cni-ipam"))
         config = self.config_file()
         assert CONTAINERD is not None
         with open(self.log, "ab") as log:
