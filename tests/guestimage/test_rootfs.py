@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,41 @@ def test_elf_needed_of_a_real_binary() -> None:
     assert interp == "/lib64/ld-linux-x86-64.so.2"
     static_needed, static_interp = elf.dynamic_info(Path("/bin/busybox").read_bytes())
     assert (static_needed, static_interp) == ([], None)
+
+
+def test_an_unused_needed_library_is_dropped_and_the_module_still_loads(tmp_path: Path) -> None:
+    """protobuf's C extension names libstdc++ but uses none of its symbols: drop_unused_needed removes
+    that DT_NEEDED entry (and only that), and the edited module imports and works without libstdc++
+    being loaded. A program that calls into libstdc++ (apt) keeps it."""
+    import google
+
+    src = Path(next(iter(google.__path__)))
+    root = tmp_path / "root"
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    shutil.copy("/usr/lib/x86_64-linux-gnu/libstdc++.so.6", lib / "libstdc++.so.6")
+    shutil.copytree(src, root / "usr/lib/pykata/google", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "usr/bin").mkdir()
+    shutil.copy("/usr/bin/apt", root / "usr/bin/apt")
+    module = root / "usr/lib/pykata/google/_upb/_message.abi3.so"
+    before, _ = elf.dynamic_info(module.read_bytes())
+    assert "libstdc++.so.6" in before
+    assert assemble.drop_unused_needed(root) == ["/usr/lib/pykata/google/_upb/_message.abi3.so: libstdc++.so.6"]
+    after, _ = elf.dynamic_info(module.read_bytes())
+    assert after == [n for n in before if n != "libstdc++.so.6"]
+    assert "libstdc++.so.6" in elf.dynamic_info((root / "usr/bin/apt").read_bytes())[0]
+    assert assemble.drop_unused_needed(root) == []  # nothing left to drop
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from google.protobuf.internal import api_implementation as a; "
+            "from google.protobuf import descriptor_pb2; "
+            "m = descriptor_pb2.FileDescriptorProto(name='x'); "
+            "assert descriptor_pb2.FileDescriptorProto.FromString(m.SerializeToString()).name == 'x'; "
+            "print(a.Type(), 'libstdc++' in open('/proc/self/maps').read())")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(root / "usr/lib/pykata")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["upb", "False"], out
+    with pytest.raises(elf.ElfError, match="no DT_NEEDED entry for libstdc"):
+        elf.remove_needed(module.read_bytes(), "libstdc++.so.6")
 
 
 def test_missing_shared_library_is_reported(tmp_path: Path) -> None:
@@ -269,6 +305,44 @@ def test_full_rootfs_is_reproducible_and_complete(deb_cache: Path, tmp_path: Pat
                     # no _ssl, _lzma, _bz2 in the image: these could only fail to import (assemble.STDLIB_DROP)
                     "usr/lib/python3.11/ssl.pyc", "usr/lib/python3.11/lzma.pyc", "usr/lib/python3.11/bz2.pyc"):
         assert dropped not in names, dropped
+
+
+def test_every_module_the_guest_code_imports_is_in_the_image(guest: RootfsArtifact, tmp_path: Path) -> None:
+    """The image leaves out most of the standard library (assemble.STDLIB_DROP): in a chroot of the
+    unpacked initrd, the image's own Python imports every module an import statement of pykata's guest
+    sources names (at the top or inside a function, as the agent's start-up does with its deferrals),
+    and the agent's late modules (pykata.agent.main.LATE_MODULES)."""
+    import ast
+    import json
+
+    from pykata.agent.main import LATE_MODULES
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with guest.initrd.open("rb") as f:
+        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], stdin=f, cwd=tree, check=True)
+    names = set(LATE_MODULES)
+    for py in (tree / "usr/lib/pykata/pykata").rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_bytes())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+    # __main__ runs the agent; the host-only protocols are imported only by the host (pykata.protocols'
+    # lazy attributes)
+    names -= {"__future__", "pykata.agent.__main__", "pykata.protocols.containerd"}
+    code = ("import sys, importlib, json; sys.path.insert(0, '/usr/lib/pykata'); "
+            "from pykata.agent.boot import defer_imports; defer_imports(); missing = []\n"
+            "for n in json.loads(sys.argv[1]):\n"
+            "    try:\n        importlib.import_module(n)\n"
+            "    except ImportError as e:\n        missing.append(f'{n}: {e}')\n"
+            "print(json.dumps(missing))")
+    chroot = ["chroot"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "chroot"]
+    proc = subprocess.run([*chroot, str(tree), "/usr/bin/python3.11", "-I", "-S", "-c", code,
+                           json.dumps(sorted(names))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == [], proc.stdout
+    assert len(names) > 80
 
 
 # -- VM: boot the image and talk to the agent -----------------------------------------------------

@@ -59,7 +59,8 @@ GUEST_PACKAGES = (
     # Debian's Python: interpreter, core and full standard library, and what they link.
     "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
     "libc6", "libgcc-s1", "zlib1g", "libexpat1", "libffi8", "liblzma5",
-    # protobuf's C implementation (the guest wheel) is C++
+    # protobuf's C extension names libstdc++ but uses none of it (assemble.drop_unused_needed drops the
+    # entry, prune_libraries then the library); kept in the recipe for a wheel that really is C++
     "libstdc++6",
     # crun and its libraries (libsystemd0 pulls in the compression and crypto ones).
     "crun", "libcap2", "libseccomp2", "libyajl2", "libsystemd0", "libzstd1", "liblz4-1",
@@ -320,6 +321,8 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
             stub.unlink()
         assemble.install_agent_packages(root, source, inputs.version)
         assemble.install_base(root, (source / "guestimage" / "init").read_bytes())
+        for entry in assemble.drop_unused_needed(root):
+            say(f"unused DT_NEEDED dropped: {entry}")
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (why := assemble.write_ld_cache(root)) is not None:

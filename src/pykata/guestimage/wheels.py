@@ -3,7 +3,8 @@
 The pins are read from pykata's own metadata (`Requires-Dist`, i.e. pyproject.toml's dependencies),
 so host and guest can never disagree about the protobuf runtime. Wheels are cached under
 `<cache_dir>/wheels`; a CPython 3.11 x86_64 build is preferred (the guest runs Debian's python3.11 and
-glibc, with libstdc++ for protobuf's C extension), else the universal one.
+glibc; protobuf's C extension names libstdc++ without using it, see assemble.drop_unused_needed), else the
+universal one.
 """
 
 from __future__ import annotations
