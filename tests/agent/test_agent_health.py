@@ -134,3 +134,49 @@ def test_agent_start_up_defers_protobufs_python_runtime_and_messages_still_work(
         "print('loaded:', *loaded, 'text_format' in sys.modules['google.protobuf.text_format'].__name__)"
     )
     assert out.split() == ["loaded:", "True"], out
+
+
+def test_agent_start_up_leaves_the_pod_handlers_for_after_the_ready_line() -> None:
+    """Importing the agent as the guest does loads none of LateAgent's modules (the AgentService and
+    its container, storage and network handlers): the VM's agent imports them after its ready line."""
+    out = _run_as_guest_starts(
+        "import pykata.agent.main as m; print(*[n for n in m.LATE_MODULES if n in sys.modules])"
+    )
+    assert out.split() == [], out
+
+
+class _FakeAgentService:
+    """A fake AgentService: answers GetGuestDetails with a constant and records its close."""
+
+    closed = False
+
+    async def GetGuestDetails(self, req: agent_pb2.GuestDetailsRequest, ctx: object) -> agent_pb2.GuestDetailsResponse:
+        return agent_pb2.GuestDetailsResponse(kernel_release="fake")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_call_before_the_late_agent_loaded_waits_for_it() -> None:
+    """LateAgent: a call of an AgentService RPC made while the load runs waits for it and is then
+    answered by the loaded service; a name that is no RPC is an AttributeError; close() closes it."""
+    from pykata.agent.main import LateAgent
+
+    release = asyncio.Event()
+    fake = _FakeAgentService()
+
+    async def slow_load() -> _FakeAgentService:
+        await release.wait()
+        return fake
+
+    late = LateAgent()
+    late._load = slow_load  # type: ignore[method-assign,assignment]
+    call = asyncio.ensure_future(late.GetGuestDetails(agent_pb2.GuestDetailsRequest(), None))
+    await asyncio.sleep(0.05)
+    assert not call.done()
+    release.set()
+    assert (await asyncio.wait_for(call, 5)).kernel_release == "fake"
+    with pytest.raises(AttributeError):
+        late.NoSuchRpc  # noqa: B018
+    await late.close()
+    assert fake.closed

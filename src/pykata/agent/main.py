@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pykata.agent.channel import ChannelError, parse_channel, serve_serial, serve_vsock
 from pykata.agent.entropy import crng_reseeder
 from pykata.agent.health import HealthService
 from pykata.agent.policy import PolicyGate
 from pykata.agent.ports import DEFAULT_PORT_NAME
-from pykata.agent.service import AgentService
 from pykata.agent.settings import DEFAULT_STATE_DIR, AgentSettings
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.record import Record
 from pykata.ttrpc import Server
+
+if TYPE_CHECKING:
+    from pykata.agent.service import AgentService
 
 log = logging.getLogger("pykata.agent")
 
@@ -34,9 +38,76 @@ SETTLED_LINE = "PYKATA_AGENT_SETTLED"
 AFTER_READY_DELAY = 0.3
 # Set by the kernel command line (PYKATA_BOOT_MARKS=1, see pykata.agent.pid1): print boot phase marks.
 BOOT_MARKS_ENV = "PYKATA_BOOT_MARKS"
+# What AgentService imports beyond what serving Health needs, heaviest subtrees first, imported one
+# module at a time after the ready line (LateAgent) so a host's first calls are answered in between.
+# Only an order: `pykata.agent.service` (last) imports whatever this list misses.
+LATE_MODULES = ("shutil", "hashlib", "pykata.agent.storage", "pykata.agent.guest", "pykata.agent.nsexec",
+                "pykata.agent.diskfile", "pykata.agent.processes", "pykata.agent.console", "pykata.agent.crun",
+                "pykata.agent.containers", "pykata.agent.volumesync", "pykata.agent.network",
+                "pykata.agent.service")
 
 
-def build_server(agent: AgentService | None = None) -> Server:
+class LateAgent:
+    """The AgentService, imported and started after the agent's ready line instead of before it.
+
+    Serving Health and the session needs asyncio, protobuf and ttrpc; the container, storage and
+    network handlers (~33 modules) only a pod's calls need. In a VM they load right after the ready
+    line, one module at a time (`load`, a background task of `_serve`), so a cold boot's host sees the
+    agent ready that much sooner and its first calls are answered between the imports; a call of this
+    service before the load is done waits for it. A VM template is saved only after the agent settles
+    (SETTLED_LINE, printed after the load), so every clone starts with them imported.
+    """
+
+    def __init__(self, settings: AgentSettings | None = None) -> None:
+        self.settings = settings
+        self._loading: asyncio.Task[AgentService] | None = None
+
+    def load(self) -> asyncio.Task[AgentService]:
+        """The task that imports and starts the AgentService (made by the first caller)."""
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._load())
+        return self._loading
+
+    async def _load(self) -> AgentService:
+        for name in LATE_MODULES:
+            importlib.import_module(name)
+            await asyncio.sleep(0)  # a host's call waiting in the channel goes first
+        from pykata.agent.service import AgentService
+
+        agent = AgentService(self.settings)
+        await agent.start()
+        # What start-up made lives as long as the agent: out of the collector's sight, a collection
+        # neither walks it (milliseconds under TCG) nor, in a child forked to exec (nsexec), writes to
+        # every page of it (a copy-on-write fault each).
+        gc.freeze()
+        gc.enable()  # off during start-up (pykata.agent.boot)
+        return agent
+
+    async def precompile_seccomp(self) -> None:
+        await (await self.load()).precompile_seccomp()
+
+    async def close(self) -> None:
+        if self._loading is None:
+            return
+        if not self._loading.done():
+            self._loading.cancel()
+            return
+        if not self._loading.cancelled() and self._loading.exception() is None:
+            await self._loading.result().close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in AGENT_SERVICE.methods:
+            raise AttributeError(name)
+
+        async def call(req: Any, ctx: Any) -> Any:
+            agent = await asyncio.shield(self.load())
+            return await getattr(agent, name)(req, ctx)
+
+        call.__name__ = name
+        return call
+
+
+def build_server(agent: AgentService | LateAgent | None = None) -> Server:
     """A ttrpc server with every service the agent offers (AgentService when `agent` is given)."""
     # a host's session hello is understood on every transport (agent protocol 8, pykata.ttrpc.session)
     server = Server(sessions=True)
@@ -55,23 +126,21 @@ async def run(channel_spec: str, settings: AgentSettings | None = None, listen: 
     """
     if listen is None:
         parse_channel(channel_spec)  # a bad channel fails before anything starts
-    agent = AgentService(settings)
-    await agent.start()
+    agent = LateAgent(settings)
+    if listen is not None:
+        await agent.load()  # on a host (tests): everything before serving
     server = build_server(agent)
-    # What start-up made lives as long as the agent: out of the collector's sight, a collection
-    # neither walks it (milliseconds under TCG) nor, in a child forked to exec (nsexec), writes to
-    # every page of it (a copy-on-write fault each).
-    gc.freeze()
-    gc.enable()  # off during start-up (pykata.agent.boot)
     try:
-        await _serve(channel_spec, server, listen, after_ready=agent.precompile_seccomp)
+        await _serve(channel_spec, server, listen, load=agent.load, after_ready=agent.precompile_seccomp)
     finally:
         await agent.close()
 
 
 async def _serve(channel_spec: str, server: Server, listen: str | None, *,
+                 load: Callable[[], Awaitable[object]] | None = None,
                  after_ready: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve on the channel (or `listen`); in the VM only, start `after_ready` once the ready line is out."""
+    """Serve on the channel (or `listen`); in the VM only, once the ready line is out, await `load`
+    (its failure ends serving, raised here) and then start `after_ready`."""
     if listen is not None:
         if not listen.startswith("unix:") or len(listen) == len("unix:"):
             raise ChannelError(f"--listen: expected unix:PATH, got {listen!r}")
@@ -109,9 +178,14 @@ async def _serve(channel_spec: str, server: Server, listen: str | None, *,
         print(READY_LINE, flush=True)
     # Beside serving, not before the ready line: a cold boot's host is not kept waiting for it, and a
     # template's maker saves the guest only once it idles, so the template holds what it did.
-    background = asyncio.ensure_future(_then_settled(after_ready, lambda: bool(host_came))) \
-        if after_ready is not None and ready.is_set() else None
+    background = asyncio.ensure_future(_then_settled(load, after_ready, lambda: bool(host_came))) \
+        if (load is not None or after_ready is not None) and ready.is_set() else None
     try:
+        if background is not None:
+            await asyncio.wait({serving, background}, return_when=asyncio.FIRST_COMPLETED)
+            if background.done() and not background.cancelled() and background.exception() is not None:
+                serving.cancel()
+                background.result()  # raises: the agent cannot serve its pod
         await serving
     finally:
         if background is not None:
@@ -120,19 +194,24 @@ async def _serve(channel_spec: str, server: Server, listen: str | None, *,
         await server.close()
 
 
-async def _then_settled(after_ready: Callable[[], Awaitable[None]], host_came: Callable[[], bool]) -> None:
-    """Run `after_ready` unless a host has spoken by AFTER_READY_DELAY, then print SETTLED_LINE.
+async def _then_settled(load: Callable[[], Awaitable[object]] | None,
+                        after_ready: Callable[[], Awaitable[None]] | None, host_came: Callable[[], bool]) -> None:
+    """Await `load` (LateAgent's imports: raises what it raises), then run `after_ready` unless a host has
+    spoken by AFTER_READY_DELAY, then print SETTLED_LINE.
 
     That work (AgentService.precompile_seccomp) is for a VM template: saved before any host spoke, every
     clone has its result. In a cold-booted VM its host is there at once with the pod's requests, and the
     work only competes with them: the guest's nice 19 does not reach the host, where its vCPU still
     takes a host CPU under TCG (a pod's first container took 2.4 s beside it against 0.4 s after, at
     load 14; it did not even finish before that container)."""
-    await asyncio.sleep(AFTER_READY_DELAY)
-    if host_came():
-        log.info("start-up work skipped: a host spoke first (a cold boot; its pod would wait for it)")
-    else:
-        await after_ready()  # never raises; cancelled: no line
+    if load is not None:
+        await load()
+    if after_ready is not None:
+        await asyncio.sleep(AFTER_READY_DELAY)
+        if host_came():
+            log.info("start-up work skipped: a host spoke first (a cold boot; its pod would wait for it)")
+        else:
+            await after_ready()  # never raises; cancelled: no line
     print(SETTLED_LINE, flush=True)
 
 
