@@ -83,20 +83,20 @@ def test_pure_v2_overhead_cgroup(tmp_path_factory: pytest.TempPathFactory) -> No
     subprocess.run(["mount", "-t", "cgroup2", "none", str(mnt)], check=True)
     ctd = None
     try:
-        overhead_existed = (mnt / "pykata_overhead").exists()
+        parent = f"pykata-test-kubepods-{uuid.uuid4().hex[:8]}"
         ctd = _containerd(tmp_path_factory.mktemp("cri-cg2"), tmp_path_factory.mktemp("cache"),
                           cgroup_root=f'"{mnt}"')
         with Cri(ctd.socket) as cri:
-            pod_id = _run_pod(cri, "/ignored/without/sandbox_cgroup_only")
+            # beside the pod's cgroup (<parent>/pod1), in the pods' tree
+            pod_id = _run_pod(cri, f"/{parent}/pod1")
             try:
+                procs = mnt / parent / "pykata_overhead" / pod_id / "cgroup.procs"
                 for p in _pod_processes(ctd):
-                    assert str(p.pid) in (mnt / "pykata_overhead" / pod_id / "cgroup.procs").read_text().split()
-                assert not (mnt / "ignored").exists()
+                    assert str(p.pid) in procs.read_text().split()
+                assert not (mnt / parent / "pod1").exists()
             finally:
                 _end_pod(ctd, cri, pod_id)
-        assert not (mnt / "pykata_overhead" / pod_id).exists()
-        assert overhead_existed or not (mnt / "pykata_overhead").exists() or \
-            any(p.is_dir() for p in (mnt / "pykata_overhead").iterdir())  # another pod's, still in use
+        assert not (mnt / parent).exists()  # every level it made, and only those, removed
     finally:
         if ctd is not None:
             ctd.stop()

@@ -82,7 +82,17 @@ def test_existing_levels_are_kept(cgroup2: Path) -> None:
 def test_paths() -> None:
     assert cgroup_path("/kubepods/burstable/pod1/abc", "abc", pod_only=True) == \
         PurePosixPath("kubepods/burstable/pod1/abc")
-    assert cgroup_path("/kubepods/pod1/abc", "abc", pod_only=False) == PurePosixPath("pykata_overhead/abc")
+    # without sandbox_cgroup_only: beside the pod's cgroup, in the pods' tree (node allocatable)
+    assert cgroup_path("/kubepods/pod1/abc", "abc", pod_only=False) == PurePosixPath("kubepods/pykata_overhead/abc")
+    assert cgroup_path("/kubepods/burstable/pod1/abc", "abc", pod_only=False) == \
+        PurePosixPath("kubepods/burstable/pykata_overhead/abc")
+    assert cgroup_path("kubepods-burstable-pod1.slice:cri-containerd:abc", "abc", pod_only=False) == \
+        PurePosixPath("kubepods.slice/kubepods-burstable.slice/pykata_overhead/abc")
+    assert cgroup_path("/default/abc", "abc", pod_only=False) == PurePosixPath("pykata_overhead/abc")  # ctr's
+    assert cgroup_path(None, "abc", pod_only=False) == PurePosixPath("pykata_overhead/abc")
+    with pytest.raises(cgroups.CgroupError, match="leave the cgroup tree"):
+        cgroup_path("/kubepods/../../x/abc", "abc", pod_only=False)
+    assert SandboxCgroup(PurePosixPath("kubepods/burstable/pykata_overhead/abc"), []).owned
     assert cgroup_path("", "abc", pod_only=True) == PurePosixPath("pykata_overhead/abc")
     assert cgroup_path("kubepods-burstable-pod1.slice:cri-containerd:abc", "abc", pod_only=True) == \
         PurePosixPath("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/"
@@ -107,15 +117,17 @@ def test_join_and_leave_move_this_process(cgroup2: Path, tmp_path: Path) -> None
     runtime = RuntimeConfig(cgroup_root=str(cgroup2), runtime_dir=str(tmp_path / "run"))
     before = [ln for ln in _cgroups_of(os.getpid()) if ln.startswith("0::")]
     sandbox_id = f"sb-{uuid.uuid4().hex[:8]}"
-    cg = cgroups.join(runtime, "/ignored/without/sandbox_cgroup_only", sandbox_id)
+    # without sandbox_cgroup_only: beside the pod's cgroup (pods/pod1), not in it
+    cg = cgroups.join(runtime, f"/pods/pod1/{sandbox_id}", sandbox_id)
     record = tmp_path / "run" / "cgroups" / f"{sandbox_id}.json"
     try:
-        assert f"0::/pykata_overhead/{sandbox_id}" in _cgroups_of(os.getpid())
+        assert f"0::/pods/pykata_overhead/{sandbox_id}" in _cgroups_of(os.getpid())
+        assert not (cgroup2 / "pods" / "pod1").exists()
         assert record.stat().st_mode & 0o777 == 0o600
     finally:
         cgroups.leave(cg, runtime, sandbox_id)
     assert [ln for ln in _cgroups_of(os.getpid()) if ln.startswith("0::")] == before
-    assert not (cgroup2 / "pykata_overhead" / sandbox_id).exists() and not record.exists()
+    assert not (cgroup2 / "pods").exists() and not record.exists()  # all it made, and only that
 
 
 def test_limits_only_on_pykatas_own_cgroup() -> None:

@@ -2,7 +2,8 @@
 
 With `runtime.sandbox_cgroup_only` they live in the pod's cgroup, the sandbox spec's
 `linux.cgroupsPath`, so kubelet's accounting and eviction see the VM's whole cost (Kata's
-SandboxCgroupOnly); otherwise in `pykata_overhead/<sandbox id>`. The shim moves itself in before it
+SandboxCgroupOnly); otherwise in `pykata_overhead/<sandbox id>` beside the pod's cgroup (cgroup_path).
+The shim moves itself in before it
 starts QEMU and virtiofsd, which inherit it.
 
     cg = SandboxCgroup.create(Path("/sys/fs/cgroup"), cgroup_path(spec_path, "sb1", pod_only=True))
@@ -94,14 +95,33 @@ def hierarchies(root: Path, mountinfo: str | None = None) -> list[Hierarchy]:
 def cgroup_path(spec_path: object, sandbox_id: str, *, pod_only: bool) -> PurePosixPath:
     """The cgroup (relative to each hierarchy's root) for sandbox `sandbox_id`: the spec's
     `linux.cgroupsPath` when `pod_only` (runtime.sandbox_cgroup_only) and the spec has one, else
-    pykata_overhead/<sandbox id>.
+    pykata_overhead/<sandbox id> beside the pod's cgroup (the sandbox's cgroupsPath is
+    <pod cgroup>/<sandbox id>: kubepods/burstable/pod<uid>/<id> gives
+    kubepods/burstable/pykata_overhead/<id>), or at the root when the spec has no path that deep.
+
+    Beside the pod's cgroup, the VM is charged to the pods' tree (kubepods: node allocatable), so a pod
+    that grows its VM up to hypervisor.qemu.default_maxmemory cannot take the memory the node keeps for
+    the system; the pod's own cgroup, whose limit kubelet sets without the VM's overhead unless the
+    RuntimeClass declares it, stays out of it (that is sandbox_cgroup_only's choice).
 
     Raises:
         CgroupError: field `linux.cgroupsPath`: not a string, too long or deep, `.`/`..`, control
             characters, or a malformed systemd path.
     """
-    if not pod_only or spec_path in (None, ""):
+    if spec_path in (None, ""):
         return PurePosixPath(OVERHEAD, _component(sandbox_id, "sandbox id"))
+    if not pod_only:
+        parts = spec_parts(spec_path)[:-2]
+        return PurePosixPath(*parts, OVERHEAD, _component(sandbox_id, "sandbox id"))
+    return PurePosixPath(*spec_parts(spec_path))
+
+
+def spec_parts(spec_path: object) -> list[str]:
+    """The directories of a spec's `linux.cgroupsPath` (a systemd one expanded), checked.
+
+    Raises:
+        CgroupError: as cgroup_path.
+    """
     if not isinstance(spec_path, str):
         raise CgroupError(FIELD, f"must be a string, got {type(spec_path).__name__}")
     if len(spec_path) > MAX_PATH:
@@ -112,7 +132,7 @@ def cgroup_path(spec_path: object, sandbox_id: str, *, pod_only: bool) -> PurePo
         raise CgroupError(FIELD, f"{spec_path!r} names the root cgroup")
     if len(parts) > MAX_DEPTH:
         raise CgroupError(FIELD, f"must be at most {MAX_DEPTH} levels deep")
-    return PurePosixPath(*(_component(p, FIELD) for p in parts))
+    return [_component(p, FIELD) for p in parts]
 
 
 def _component(name: str, field: str) -> str:
@@ -266,7 +286,7 @@ class SandboxCgroup:
         """Whether pykata owns this cgroup's limits: the per-sandbox one under pykata_overhead. The
         pod's own cgroup (runtime.sandbox_cgroup_only) is kubelet's, which sets its limits from the
         pod's requests and the RuntimeClass overhead."""
-        return bool(self.path.parts) and self.path.parts[0] == OVERHEAD
+        return len(self.path.parts) >= 2 and self.path.parts[-2] == OVERHEAD
 
     def set_limits(self, memory_bytes: int | None = None, cpu_quota_us: int | None = None,
                    cpu_period_us: int = 100_000) -> None:
