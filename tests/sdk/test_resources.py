@@ -15,6 +15,8 @@ async def test_disk_size_bounds_writes_and_metrics_report_use() -> None:
     async with pykata.AsyncSandbox(disk_mib=24) as sb:
         before = await sb.metrics()
         assert before.disk_size_bytes == 24 << 20
+        # no limit on the container's cgroup ("max"): None, as docker and cgroup v2 say it, not 0
+        assert before.memory_limit_bytes is None
         await sb.run("head -c 8388608 /dev/zero > /data; sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done'")
         after = await sb.metrics()
         assert after.disk_used_bytes - before.disk_used_bytes >= 8 << 20

@@ -69,7 +69,9 @@ class Metrics:
     cpu_seconds: float
     memory_bytes: int
     memory_peak_bytes: int
-    memory_limit_bytes: int  # 0: no limit but the VM's size
+    # None: no limit on the container's cgroup (memory.max "max", as docker's stats and cgroup v2 say it);
+    # the VM's own memory still bounds it
+    memory_limit_bytes: int | None
     pids: int
     disk_used_bytes: int  # what the container wrote to its root (its writable layer, in guest memory)
     disk_size_bytes: int  # the writable layer's size (`disk_mib`)
@@ -417,7 +419,7 @@ class AsyncSandbox:
         except ValueError:
             raise SdkError(f"metrics: unexpected statfs answer {r.stdout[:80]!r}", sandbox_id=self.id) from None
         return Metrics(cpu_seconds=s.cpu.usage_total_ns / 1e9, memory_bytes=s.memory.usage,
-                       memory_peak_bytes=s.memory.max_usage, memory_limit_bytes=s.memory.limit,
+                       memory_peak_bytes=s.memory.max_usage, memory_limit_bytes=s.memory.limit or None,
                        pids=s.pids.current, disk_used_bytes=(blocks - free) * block, disk_size_bytes=blocks * block)
 
     async def expose(self, port: int, *, host_port: int = 0, host: str = "127.0.0.1") -> int:
