@@ -371,7 +371,7 @@ def kill(container: str, sig: str) -> None:
         asyncio.run(_signal(found, signum))
     except PykataError as e:
         _fail(str(e), 1)
-    click.echo(found.record.id)
+    click.echo(container)  # what the user typed, as docker kill prints it
 
 
 @click.command()
@@ -389,14 +389,15 @@ def stop(grace: float, containers: tuple[str, ...]) -> None:
             if not _wait_stopped(config, found.record.id, deadline):
                 asyncio.run(_signal(found, signal.SIGKILL))
                 _wait_stopped(config, found.record.id, deadline + 30)
-        return found.record.id
+        return ref
 
     _each_container(containers, stop_one)
 
 
 def _each_container(containers: tuple[str, ...], act: Callable[[Config, str], str]) -> NoReturn:
-    """Run `act` on each container reference, printing what it returns (the container's id) or the
-    error; exit 1 if any failed, as docker's stop and rm do."""
+    """Run `act` on each container reference, printing what it returns (the reference as the user gave
+    it: a name or an id prefix, as docker prints it) or the error; exit 1 if any failed, as docker's stop
+    and rm do."""
     config = load_config()
     failed = False
     for ref in containers:
@@ -439,7 +440,7 @@ def rm(force: bool, containers: tuple[str, ...]) -> None:
                 asyncio.run(_signal(found, signal.SIGKILL))
             _wait_owner(found, 10.0)
         remove_sandbox_dir(found.dir, found.record)
-        return found.record.id
+        return ref
 
     _each_container(containers, remove_one)
 
