@@ -62,6 +62,7 @@ def test_cache_key_is_stable_for_the_same_inputs() -> None:
     {"version": "0.2.0"},
     {"epoch": 1},
     {"recipe_version": 999},
+    {"ld_cache_tool": "ldconfig sha256:" + "9" * 64},  # another host's ldconfig writes another ld.so.cache
     {"recipe": Recipe(initrd_compression="gzip")},
     {"recipe": Recipe(packages=("busybox-static",))},
 ])
@@ -82,6 +83,28 @@ def test_sources_hash_follows_guest_code(tmp_path: Path) -> None:
     # Host-only code does not go into the guest and does not change the key.
     (copy / "cli" / "image.py").write_text("# changed\n")
     assert sources_hash(copy) == after
+
+
+def test_the_hash_follows_the_ldconfig_that_writes_the_loader_cache(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """/etc/ld.so.cache is written by the host's ldconfig and records its glibc's version string: that
+    ldconfig is an input of the image (it was not: two hosts made different images under one key)."""
+    fake = tmp_path / "bin" / "ldconfig"  # a fake ldconfig, never run: only its bytes are hashed
+    fake.parent.mkdir()
+    fake.write_bytes(b"ldconfig (GLIBC 2.36) 2.36")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # as root: no unshare needed
+    before = assemble.ld_cache_tool()
+    assert before == "ldconfig sha256:" + hashlib.sha256(b"ldconfig (GLIBC 2.36) 2.36").hexdigest()
+    fake.write_bytes(b"ldconfig (GLIBC 2.41.9) 2.41")
+    after = assemble.ld_cache_tool()
+    assert after != before
+    assert rootfs_key(_inputs(ld_cache_tool=after)) != rootfs_key(_inputs(ld_cache_tool=before))
+    fake.unlink()
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setattr(assemble, "LDCONFIG_PATHS", ())
+    assert assemble.ld_cache_tool() == "none: no ldconfig on the host"
 
 
 # -- unit: pieces ---------------------------------------------------------------------------------
@@ -601,6 +624,63 @@ def test_recent_builds_outlive_the_count(tmp_path: Path) -> None:
         os.utime(d / "manifest.json", (now - age, now - age))
     assert prune_rootfs(tmp_path, keep=1, current="new", min_age=3600) == ["old"]
     assert [a.key for a in list_rootfs(tmp_path)] == ["new", "recent"]
+
+
+def _fake_builds(cache: Path, builds: list[tuple[str, float, int]]) -> None:
+    """Fake cache entries (never a real build): (key, age in seconds, bytes of its initrd)."""
+    import json
+
+    now = time.time()
+    for key, age, size in builds:
+        d = cache / "rootfs" / key
+        d.mkdir(parents=True)
+        (d / "rootfs.cpio").write_bytes(b"x" * size)
+        manifest = {"key": key, "initrd": {"file": "rootfs.cpio"}, "image": None, "preferred": "initrd"}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        os.utime(d / "manifest.json", (now - age, now - age))
+
+
+def test_young_builds_are_bounded_by_count_and_size_sparing_current_and_in_use(tmp_path: Path) -> None:
+    """The 12-hour rule alone kept 108 builds (6.5 GB) on a shared machine: past max_builds or max_bytes the
+    oldest go however young, but never the current build nor one in use."""
+    from pykata.guestimage.rootfs import list_rootfs, prune_rootfs
+
+    mib = 1 << 20
+    _fake_builds(tmp_path, [(f"k{i}", 60 * i, mib) for i in range(8)])  # k0 newest .. k7 oldest, all young
+    assert prune_rootfs(tmp_path, keep=2, current="k7", min_age=3600) == []  # the age rule alone: all kept
+    removed = prune_rootfs(tmp_path, keep=2, current="k7", min_age=3600, max_builds=5, in_use={"k6"})
+    assert removed == ["k5", "k4", "k3"]  # oldest first; k7 (current) and k6 (in use) spared
+    assert [a.key for a in list_rootfs(tmp_path)] == ["k0", "k1", "k2", "k6", "k7"]
+    # by size: 5 builds of >= 1 MiB each, at most 3.5 MiB: the two oldest not spared go
+    removed = prune_rootfs(tmp_path, keep=2, current="k7", min_age=3600, max_bytes=int(3.5 * mib), in_use={"k6"})
+    assert removed == ["k2", "k1"]
+    assert [a.key for a in list_rootfs(tmp_path)] == ["k0", "k6", "k7"]
+    # spared builds alone over the bounds: they stay
+    assert prune_rootfs(tmp_path, keep=1, current="k7", max_builds=1, in_use={"k6", "k0"}) == []
+
+
+def test_builds_in_use_are_those_a_process_holds_or_a_template_names(tmp_path: Path) -> None:
+    from pykata.guestimage.rootfs import builds_in_use
+
+    _fake_builds(tmp_path, [("held", 0, 10), ("named", 0, 10), ("free", 0, 10)])
+    with open(tmp_path / "rootfs" / "held" / "rootfs.cpio", "rb"):
+        used = builds_in_use(tmp_path, [tmp_path / "rootfs" / "named" / "rootfs.cpio"])
+    assert used == {"held", "named"}
+
+
+def test_image_prune_removes_old_builds_beyond_keep_whatever_their_age(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pykata.cli.main import cli
+
+    _fake_builds(tmp_path, [("a", 0, 10), ("b", 10, 10), ("c", 20, 10), ("d", 30, 10)])
+    (tmp_path / "rootfs" / "current").write_text("d\n")
+    result = CliRunner().invoke(cli, ["image", "prune", "--keep", "2", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "removed rootfs build c" in result.output and "removed rootfs build b" in result.output
+    assert sorted(p.name for p in (tmp_path / "rootfs").iterdir() if p.is_dir()) == ["a", "d"]
+    bad = CliRunner().invoke(cli, ["image", "prune", "--max-size", "lots", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "--max-size" in bad.output and "Traceback" not in bad.output
 
 
 def test_the_guest_gets_every_package_root_module_the_agent_imports() -> None:

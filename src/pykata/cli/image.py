@@ -110,7 +110,7 @@ def build(force: bool, as_json: bool, cache_dir: Path | None, jobs: int | None) 
     cache = _cache_dir(cache_dir)
     try:
         kernel = build_kernel(cache, jobs=jobs, progress=_Progress("kernel"), force=force)
-        rootfs = build_rootfs(cache, progress=_Progress("rootfs"), force=force)
+        rootfs = build_rootfs(cache, progress=_Progress("rootfs"), force=force, referenced=_template_files())
     except PykataError as exc:
         raise click.ClickException(str(exc)) from None
     data = {"cache_dir": str(cache), "kernel": _kernel_info(kernel), "rootfs": _rootfs_info(rootfs)}
@@ -119,6 +119,56 @@ def build(force: bool, as_json: bool, cache_dir: Path | None, jobs: int | None) 
         click.echo()
     else:
         _print_human(data)
+
+
+def _template_files() -> list[Path]:
+    """The kernel/initrd/image files the configured templates were made from: a prune spares their builds
+    (a clone boots with its template's files). None when the configuration cannot be read."""
+    from pykata.config.load import load_config
+    from pykata.factory.template import list_templates
+
+    try:
+        templates = list_templates(load_config())
+    except PykataError:
+        return []
+    return [p for t in templates for p in (t.initrd, t.image) if p is not None]
+
+
+@image.command("prune")
+@click.option("--keep", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Root filesystem builds to keep, newest first (the current one counts).")
+@click.option("--max-size", default="3g", show_default=True,
+              help="Keep at most this much in all (e.g. 2g, 500m); the oldest go first.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Cache directory (default: runtime.cache_dir of configuration.toml).")
+@click.option("--json", "as_json", is_flag=True, help="Print the removed builds as JSON.")
+def prune(keep: int, max_size: str, cache_dir: Path | None, as_json: bool) -> None:
+    """Remove old guest root filesystem builds from the cache (each agent change makes one of ~70 MB), whatever
+    their age, beyond --keep and --max-size. Never the current build nor one in use (a running VM's, a
+    template's). `pykata image build` prunes too, sparing builds younger than 12 hours up to 32 builds / 3 GiB."""
+    from pykata.guestimage.rootfs import builds_in_use, list_rootfs, prune_rootfs
+    from pykata.sandbox.ocispec import parse_size
+
+    try:
+        limit = parse_size(max_size, "--max-size")
+    except PykataError as exc:
+        raise click.UsageError(str(exc)) from None
+    cache = _cache_dir(cache_dir)
+    try:
+        current = (cache / "rootfs" / "current").read_text().strip()
+    except OSError:
+        current = ""
+    before = {a.key for a in list_rootfs(cache)}
+    removed = prune_rootfs(cache, keep=keep, current=current, max_bytes=limit,
+                           in_use=builds_in_use(cache, _template_files()))
+    if as_json:
+        json.dump({"cache_dir": str(cache), "removed": removed, "kept": sorted(before - set(removed))},
+                  sys.stdout, indent=2)
+        click.echo()
+        return
+    for key in removed:
+        click.echo(f"removed rootfs build {key}")
+    click.echo(f"{len(removed)} removed, {len(before) - len(removed)} kept in {cache / 'rootfs'}")
 
 
 @image.command("info")

@@ -11,6 +11,7 @@ mtime and sane permissions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import stat
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pykata.errors import PykataError
 from pykata.guestimage import elf
@@ -366,6 +368,45 @@ LDCONFIG_AUX_CACHE = "var/cache/ldconfig"
 LDCONFIG_PATHS = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
 
 
+def _ldconfig_argv() -> tuple[list[str] | None, str]:
+    """The command that writes a tree's loader cache (its root last, left out), or None and why not."""
+    ldconfig = shutil.which("ldconfig") or next((p for p in LDCONFIG_PATHS if os.access(p, os.X_OK)), None)
+    if ldconfig is None:
+        return None, "no ldconfig on the host"
+    argv = [ldconfig, "-X", "-r"]
+    if os.geteuid() != 0:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            return None, "ldconfig -r needs root or unshare (util-linux) for a user namespace"
+        argv = [unshare, "--user", "--map-root-user", *argv]
+    return argv, ""
+
+
+def ld_cache_tool() -> str:
+    """What decides /etc/ld.so.cache's bytes beside the tree (write_ld_cache), for the image's hash: the
+    host's ldconfig, by the sha256 of its executable (the cache records that ldconfig's version string,
+    "ldconfig (Debian GLIBC 2.36-9+deb12u13) 2.36", and its format follows that glibc), or why no cache
+    is written (the image then has none). Another host's ldconfig thus makes another build, not an image
+    whose hash hides a different file. Raises nothing."""
+    argv, why = _ldconfig_argv()
+    if argv is None:
+        return f"none: {why}"
+    ldconfig = argv[-3]
+    try:
+        real = os.path.realpath(ldconfig)
+        st = os.stat(real)
+        seen = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if _LDCONFIG_DIGEST.get("file") != seen:  # every VM start resolves the image's key: hash once
+            _LDCONFIG_DIGEST.clear()
+            _LDCONFIG_DIGEST.update(file=seen, digest=hashlib.sha256(Path(real).read_bytes()).hexdigest())
+    except OSError as exc:
+        return f"none: cannot read {ldconfig}: {exc.strerror}"
+    return f"ldconfig sha256:{_LDCONFIG_DIGEST['digest']}"
+
+
+_LDCONFIG_DIGEST: dict[str, Any] = {}
+
+
 def write_ld_cache(root: Path) -> str | None:
     """Write the dynamic loader's cache, /etc/ld.so.cache, for the staged tree; None when written,
     else why not (the image still works, only slower).
@@ -375,18 +416,14 @@ def write_ld_cache(root: Path) -> str | None:
     files instead of 10, and each failed open costs under TCG. The host's `ldconfig -r ROOT -X`
     (same format since glibc 2.32; -X: leave the tree's links alone) chroots into the tree, so an
     unprivileged builder runs it as root of a user namespace (`unshare -r`). Its output depends only on
-    the tree (sorted entries, no timestamps); the auxiliary cache it may leave (inode numbers, mtimes)
+    the tree (sorted entries, no timestamps) and on that ldconfig (its version string is in the file:
+    ld_cache_tool, part of the image's hash); the auxiliary cache it may leave (inode numbers, mtimes)
     is removed.
     """
-    ldconfig = shutil.which("ldconfig") or next((p for p in LDCONFIG_PATHS if os.access(p, os.X_OK)), None)
-    if ldconfig is None:
-        return "no ldconfig on the host"
-    argv = [ldconfig, "-X", "-r", str(root)]
-    if os.geteuid() != 0:
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            return "ldconfig -r needs root or unshare (util-linux) for a user namespace"
-        argv = [unshare, "--user", "--map-root-user", *argv]
+    argv, why = _ldconfig_argv()
+    if argv is None:
+        return why
+    argv = [*argv, str(root)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin",
                               "LC_ALL": "C"}, timeout=120, check=False)

@@ -23,13 +23,14 @@ initrd has them in RAM. As the agent grows the initrd gains, so it is the defaul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,10 @@ MANIFEST = "manifest.json"
 KEEP_BUILDS = 16
 # ...and never one younger than this: a checkout whose agent has not changed still uses its build.
 KEEP_BUILDS_YOUNGER_THAN = 12 * 3600.0
+# ...up to these bounds, past which the oldest go however young (never the current build or one in use:
+# builds_in_use). The age rule alone let a machine shared by several checkouts keep 108 builds, 6.5 GB.
+MAX_BUILDS = 32
+MAX_BUILDS_BYTES = 3 << 30
 IMAGE_FSTYPE = "ext4"
 
 GUEST_PACKAGES = (
@@ -100,6 +105,9 @@ class RootfsInputs:
     version: str  # pykata's version, shown in the guest by importlib.metadata
     epoch: int
     recipe_version: int = RECIPE_VERSION
+    # the host's ldconfig that writes /etc/ld.so.cache (assemble.ld_cache_tool): the file records its
+    # glibc's version string, so another ldconfig is another image
+    ld_cache_tool: str = ""
 
     def key(self) -> str:
         return rootfs_key(self)
@@ -113,6 +121,7 @@ class RootfsInputs:
             "sources": self.sources,
             "version": self.version,
             "epoch": self.epoch,
+            "ld_cache_tool": self.ld_cache_tool,
         }
 
 
@@ -197,6 +206,7 @@ def resolve_inputs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE, *, download
     return RootfsInputs(
         recipe=recipe, packages=packages, wheel_hashes=tuple((w.path.name, w.sha256) for w in got),
         sources=sources_hash(source), version=str(pykata.__version__), epoch=source_epoch(),
+        ld_cache_tool=assemble.ld_cache_tool(),
     )
 
 
@@ -245,8 +255,10 @@ def find_rootfs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE) -> RootfsArtif
 
 
 def build_rootfs(cache_dir: Path, *, progress: Progress | None = None, force: bool = False,
-                 recipe: Recipe = DEFAULT_RECIPE, source: Path | None = None) -> RootfsArtifact:
-    """Build (or find in the cache) the root filesystem for the current inputs.
+                 recipe: Recipe = DEFAULT_RECIPE, source: Path | None = None,
+                 referenced: Iterable[Path] = ()) -> RootfsArtifact:
+    """Build (or find in the cache) the root filesystem for the current inputs; after a build, prune
+    old ones (prune_rootfs), sparing those in use and those `referenced` paths lie in (templates).
 
     Raises RootfsError, debs.PackageError, wheels.WheelError, assemble.AssembleError or
     fsimage.ImageError, each naming the step and the thing that failed.
@@ -264,24 +276,42 @@ def build_rootfs(cache_dir: Path, *, progress: Progress | None = None, force: bo
             shutil.rmtree(stale, ignore_errors=True)
         art = _build(cache_dir, inputs, key, say, source or source_dir())
         _write_current(cache_dir / "rootfs", key)
-        for old in prune_rootfs(cache_dir, keep=KEEP_BUILDS, current=key, min_age=KEEP_BUILDS_YOUNGER_THAN):
+        for old in prune_rootfs(cache_dir, keep=KEEP_BUILDS, current=key, min_age=KEEP_BUILDS_YOUNGER_THAN,
+                                max_builds=MAX_BUILDS, max_bytes=MAX_BUILDS_BYTES,
+                                in_use=builds_in_use(cache_dir, referenced)):
             say(f"removed old build {old}")
         return art
 
 
-def prune_rootfs(cache_dir: Path, *, keep: int, current: str, min_age: float = 0.0) -> list[str]:
-    """Delete all but the `keep` newest builds (always keeping `current` and any built less than
-    `min_age` seconds ago); return the removed keys.
+def prune_rootfs(cache_dir: Path, *, keep: int, current: str, min_age: float = 0.0,
+                 max_builds: int | None = None, max_bytes: int | None = None,
+                 in_use: Collection[str] = ()) -> list[str]:
+    """Delete all but the `keep` newest builds, keeping any built less than `min_age` seconds ago, then,
+    past `max_builds` builds or `max_bytes` bytes in all, the oldest of those too; never `current` nor a
+    key in `in_use`. Returns the removed keys, oldest last.
 
     Every edit of the agent makes a new build of about 70 MB; a VM that already runs keeps its
     open files, so removing an old build does not disturb it.
     """
-    removed = []
-    others = [a for a in list_rootfs(cache_dir) if a.key != current]
+    arts = list_rootfs(cache_dir)  # newest first
+    spared = {current, *in_use}
+    others = [a for a in arts if a.key not in spared]
     now = time.time()
-    for art in others[max(keep - 1, 0):]:
-        if now - (art.directory / MANIFEST).stat().st_mtime < min_age:
-            continue
+    doomed: list[RootfsArtifact] = []
+    kept: list[RootfsArtifact] = []
+    for i, art in enumerate(others):
+        old = now - _built_at(art) >= min_age
+        (doomed if i >= max(keep - 1, 0) and old else kept).append(art)
+    sizes = {a.key: _tree_bytes(a.directory) for a in arts}
+    count = len(arts) - len(doomed)
+    total = sum(sizes.values()) - sum(sizes[a.key] for a in doomed)
+    while kept and ((max_builds is not None and count > max_builds) or (max_bytes is not None and total > max_bytes)):
+        art = kept.pop()  # the oldest left
+        doomed.append(art)
+        count -= 1
+        total -= sizes[art.key]
+    removed = []
+    for art in doomed:
         trash = art.directory.with_name(f".build-old-{art.key}")
         try:
             os.rename(art.directory, trash)
@@ -290,6 +320,53 @@ def prune_rootfs(cache_dir: Path, *, keep: int, current: str, min_age: float = 0
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(art.key)
     return removed
+
+
+def builds_in_use(cache_dir: Path, referenced: Iterable[Path] = ()) -> set[str]:
+    """Keys of the cache's builds a process holds open or names on its command line (a QEMU booting its
+    initrd or image), or that `referenced` paths (templates' initrd/image) lie in. Reads /proc; a process
+    it may not look at is skipped. Never raises."""
+    base = (cache_dir / "rootfs").resolve()
+    prefix = f"{base}/"
+    used: set[str] = set()
+
+    def note(path: str) -> None:
+        if path.startswith(prefix):
+            used.add(path[len(prefix):].split("/", 1)[0])
+
+    for path in referenced:
+        with contextlib.suppress(OSError):
+            note(str(Path(path).resolve()))
+    try:
+        pids = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        pids = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                for part in arg.decode(errors="replace").split(","):  # -drive file=...,readonly=on
+                    note(part.partition("=")[2] if part.startswith(("file=", "path=")) else part)
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    note(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return used
+
+
+def _built_at(art: RootfsArtifact) -> float:
+    try:
+        return (art.directory / MANIFEST).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _tree_bytes(directory: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
 
 
 def _write_current(base: Path, key: str) -> None:
