@@ -6,6 +6,8 @@ usual empty mount points. `pause`: the same, for pod sandboxes (its command slee
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from pykata.images.errors import ImageError
 from pykata.images.store import Image, ImageConfig, register_builtin
@@ -77,47 +80,70 @@ register_builtin("busybox", _builtin("busybox", ImageConfig(cmd=("sh",))))
 register_builtin("pause", _builtin("pause", ImageConfig(cmd=("sleep", "2147483647"))))
 
 
-def export_oci_archive(image: Image, out: Path, name: str = "busybox:latest") -> Path:
-    """Write `image` as a single-layer OCI archive (importable with `ctr images import`)."""
-    import hashlib
-    import io
+class _HashingWriter:
+    """A file that hashes (sha256) and counts what is written through it, for tarfile's `fileobj`."""
 
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def export_oci_archive(image: Image, out: Path, name: str = "busybox:latest") -> Path:
+    """Write `image` as a single-layer OCI archive (importable with `ctr images import`).
+
+    The layer is written once to an unnamed temporary file beside `out` while its digest is computed,
+    then copied into the archive a block at a time: memory stays bounded whatever the image's size (it
+    held the whole layer twice). Raises OSError."""
     def blob(data: bytes) -> tuple[str, bytes]:
         return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
-    layer_buf = io.BytesIO()
-    with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.PAX_FORMAT) as lt:
-        for path in sorted(image.rootfs.rglob("*")):
-            info = lt.gettarinfo(str(path), arcname=str(path.relative_to(image.rootfs)))
-            info.mtime, info.uname, info.gname = 0, "", ""
-            if info.isreg():
-                with open(path, "rb") as f:
-                    lt.addfile(info, f)
-            else:
-                lt.addfile(info)
-    layer_digest, layer = blob(layer_buf.getvalue())
-    c = image.config
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Env": list(c.env), "Cmd": list(c.cmd), "Entrypoint": list(c.entrypoint) or None,
-                         "WorkingDir": c.working_dir},
-              "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
-    config_digest, config_bytes = blob(json.dumps(config, sort_keys=True).encode())
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": config_digest, "size": len(config_bytes)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": layer_digest, "size": len(layer)}]}
-    manifest_digest, manifest_bytes = blob(json.dumps(manifest, sort_keys=True).encode())
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-         "size": len(manifest_bytes), "annotations": {"org.opencontainers.image.ref.name": name}}]}
-    with tarfile.open(out, "w") as t:
-        def add(arcname: str, data: bytes) -> None:
-            info = tarfile.TarInfo(arcname)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-        add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        add("index.json", json.dumps(index).encode())
-        for digest, data in ((layer_digest, layer), (config_digest, config_bytes), (manifest_digest, manifest_bytes)):
-            add(f"blobs/sha256/{digest.split(':')[1]}", data)
+    with tempfile.TemporaryFile(dir=out.parent) as layer_file:
+        hashing = _HashingWriter(layer_file)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as lt:  # type: ignore[call-overload]
+            for path in sorted(image.rootfs.rglob("*")):
+                info = lt.gettarinfo(str(path), arcname=str(path.relative_to(image.rootfs)))
+                info.mtime, info.uname, info.gname = 0, "", ""
+                if info.isreg():
+                    with open(path, "rb") as f:
+                        lt.addfile(info, f)
+                else:
+                    lt.addfile(info)
+        layer_digest, layer_size = "sha256:" + hashing.sha.hexdigest(), hashing.size
+        c = image.config
+        config = {"architecture": "amd64", "os": "linux",
+                  "config": {"Env": list(c.env), "Cmd": list(c.cmd), "Entrypoint": list(c.entrypoint) or None,
+                             "WorkingDir": c.working_dir},
+                  "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
+        config_digest, config_bytes = blob(json.dumps(config, sort_keys=True).encode())
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                               "digest": config_digest, "size": len(config_bytes)},
+                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                "digest": layer_digest, "size": layer_size}]}
+        manifest_digest, manifest_bytes = blob(json.dumps(manifest, sort_keys=True).encode())
+        index = {"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+             "size": len(manifest_bytes), "annotations": {"org.opencontainers.image.ref.name": name}}]}
+        with tarfile.open(out, "w") as t:
+            def add(arcname: str, data: bytes) -> None:
+                info = tarfile.TarInfo(arcname)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+            add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            add("index.json", json.dumps(index).encode())
+            layer_info = tarfile.TarInfo(f"blobs/sha256/{layer_digest.split(':')[1]}")
+            layer_info.size = layer_size
+            layer_file.seek(0)
+            t.addfile(layer_info, layer_file)  # copied in blocks
+            for digest, data in ((config_digest, config_bytes), (manifest_digest, manifest_bytes)):
+                add(f"blobs/sha256/{digest.split(':')[1]}", data)
     return out
