@@ -117,6 +117,48 @@ def test_type_changes_and_unchanged_files(tmp_path: Path) -> None:
     assert stat.S_IMODE(root.stat().st_mode) == 0o750
 
 
+_OVER_THE_BOUND = r"""
+import os, resource, signal, sys
+from pathlib import Path
+from pykata.agent import volumesync
+from pykata.protocols.agent import agent_pb2
+D, F = 0o040000, 0o100000
+def tree(*entries):
+    return volumesync.check_entries([agent_pb2.VolumeEntry(path=p, mode=k | 0o644 | (0o111 if k == D else 0),
+                                     uid=os.getuid(), gid=os.getgid(), data=d) for p, k, d in entries])
+root = Path(sys.argv[1])
+v1 = tree(("", D, b""), ("a", F, b"a1"), ("b", F, b"b1"), ("d", D, b""), ("d/x", F, b"x1"))
+v2 = tree(("", D, b""), ("a", F, b"a2"), ("b", F, b"B" * (2 << 20)), ("c", F, b"new"), ("d", D, b""))
+volumesync.apply(root, v1)
+# the room of this process's files: 1 MiB (as a full tmpfs would refuse the write), an update over it
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    volumesync.apply(root, v2, v1)
+except OSError as exc:
+    print("refused:", exc.strerror)
+"""
+
+
+def test_an_update_over_the_bound_is_all_or_nothing(tmp_path: Path) -> None:
+    """kubelet's AtomicWriter makes an update whole or not at all. An update that could not be written
+    whole (a file over the room it has: here a 2 MiB key under a 1 MiB RLIMIT_FSIZE, in a child process)
+    was left half applied (`a` new, `b` old, the part file left), and stayed so when the next update was
+    too big to copy. Now the last tree applied is put back exactly."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "vol"
+    root.mkdir()
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    child = subprocess.run([sys.executable, "-c", _OVER_THE_BOUND, str(root)], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": src})
+    assert child.returncode == 0, child.stderr
+    assert "refused: File too large" in child.stdout
+    got = {k: v[1] for k, v in _tree(root).items()}
+    assert got == {"a": b"a1", "b": b"b1", "d": b"", "d/x": b"x1"}, got  # v1 exactly: no half, no leftovers
+
+
 class FakeStorages:
     """A fake of the agent's Storages: the volume's tmpfs is a plain directory."""
 
@@ -145,13 +187,14 @@ def test_a_sync_cancelled_mid_apply_finishes_before_the_next_one_applies(
     first_started, release = threading.Event(), threading.Event()
     real_apply = volumesync.apply
 
-    def slow_first_apply(where: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> None:
+    def slow_first_apply(where: Path, tree: dict[str, agent_pb2.VolumeEntry],
+                         previous: dict[str, agent_pb2.VolumeEntry] | None = None) -> None:
         n = sum(e.startswith("start") for e in events) + 1
         events.append(f"start{n}")
         if n == 1:
             first_started.set()
             release.wait(10)
-        real_apply(where, tree)
+        real_apply(where, tree, previous)
         events.append(f"end{n}")
 
     monkeypatch.setattr(volumesync, "apply", slow_first_apply)

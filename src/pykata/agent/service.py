@@ -103,6 +103,9 @@ class AgentService:
         # later call's tree be applied beside, or before, the tree its thread is still writing.
         self._volume_locks: dict[str, asyncio.Lock] = {}
         self._volume_thread_locks: dict[str, threading.Lock] = {}
+        # the tree last applied to each copied volume (at most volumesync.MAX_BYTES of data each): what a
+        # failed update is rolled back to
+        self._volume_trees: dict[str, dict[str, agent_pb2.VolumeEntry]] = {}
         self._dirs_made = False
         self.entropy = Entropy(self.settings.state_dir)
         self.console = DebugConsole(self.reaper, buffer_limit=self.settings.buffer_limit)
@@ -394,9 +397,12 @@ class AgentService:
             with thread_lock:
                 storages.mount(storage, "volume")
                 try:
-                    volumesync.apply(where, tree)
+                    # all or nothing: a failed update leaves the last tree applied (volumesync.apply)
+                    volumesync.apply(where, tree, self._volume_trees.get(req.name))
                 except OSError as exc:
-                    raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}") from None
+                    raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}; the last update "
+                                   "applied is kept") from None
+                self._volume_trees[req.name] = tree
 
         async with lock:
             await asyncio.to_thread(sync)

@@ -116,9 +116,53 @@ def _clear(dir_fd: int, name: str, st: os.stat_result | None) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
 
 
-def apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
+def apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry],
+          previous: dict[str, agent_pb2.VolumeEntry] | None = None) -> int:
     """Make the tree at `root` (an existing directory) `tree` (check_entries' result), in kubelet's
-    order; returns how many entries were written or removed. Raises OSError."""
+    order; returns how many entries were written or removed. All or nothing, as kubelet's AtomicWriter:
+    when a step fails (a file over the tmpfs's room, any error), the tree is put back as `previous` (the
+    last tree applied; None: empty) before the error is raised, so neither half of this update nor its
+    leftovers stay (they used to, until an update that could be applied came: never, when the next one
+    was too big to copy). Raises OSError or InvalidArgument (the step's; a failed rollback's is chained to
+    it)."""
+    try:
+        return _apply(root, tree)
+    except (OSError, InvalidArgument) as exc:
+        before = previous if previous is not None else {"": tree[""]}
+        try:
+            _remove_extra(root, before)  # first: what this update wrote takes the room the old tree needs
+            _apply(root, before)
+        except OSError as again:
+            raise exc from again
+        raise
+
+
+def _remove_extra(root: Path, keep: dict[str, agent_pb2.VolumeEntry]) -> None:
+    """Remove what is at `root` and not in `keep` (or of another type there), deepest first."""
+    current = _scan(root)
+    fds: dict[str, int] = {}
+    try:
+        for path in sorted(current, key=lambda p: -p.count("/")):
+            e = keep.get(path)
+            if e is not None and stat.S_IFMT(e.mode) == stat.S_IFMT(current[path].st_mode):
+                continue
+            parent, _, name = path.rpartition("/")
+            if parent not in fds:
+                try:
+                    fds[parent] = open_dir_below(root, [p for p in parent.split("/") if p], field="path")
+                except (OSError, InvalidArgument):
+                    continue  # removed with a directory above it
+            if stat.S_ISDIR(current[path].st_mode):
+                shutil.rmtree(name, dir_fd=fds[parent])
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fds[parent])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
     current = _scan(root)
     changes = 0
     fds: dict[str, int] = {}
