@@ -224,12 +224,24 @@ def test_a_corrupt_state_is_refused_after_loading_and_the_vm_is_gone(saved: tupl
     _restore_fails(bad, "state.sha256")
 
 
-def test_only_a_sandbox_made_for_snapshots_can_be_saved(tmp_path: Path) -> None:
-    with pykata.Sandbox(image="busybox") as sb:
+def test_a_sandbox_whose_guest_never_mounted_the_share_can_be_saved(tmp_path: Path) -> None:
+    """Since the lazy share (agent protocol 10) a sandbox whose root is on an image disk and that has no
+    host volume never mounts the host's shared directory: it is saved without snapshots=True (it was
+    refused as "shares host files"). One with a host volume mounts it, and is refused naming
+    snapshots=True, nothing left behind."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    with pykata.Sandbox(image="busybox", volumes=[f"{vol}:/v"]) as sb:
         with pytest.raises(SnapshotError, match="snapshots=True"):
             sb.snapshot(tmp_path / "s")
         assert sb.run("echo ok").text == "ok\n"
-    assert not (tmp_path / "s").exists() and os.listdir(tmp_path) == []
+    assert not (tmp_path / "s").exists() and os.listdir(tmp_path) == ["vol"]
+    with pykata.Sandbox(image="busybox") as sb:
+        sb.run("echo kept > /tmp/mark")
+        sb.snapshot(tmp_path / "plain")
+        assert sb.run("cat /tmp/mark").text == "kept\n"  # runs on after the save
+    with pykata.Sandbox.restore(tmp_path / "plain") as again:
+        assert again.run("cat /tmp/mark").text == "kept\n"
     with pytest.raises(pykata.PykataError, match="volumes"):
         pykata.Sandbox(image="busybox", snapshots=True, volumes=[f"{tmp_path}:/v"]).start()
 

@@ -232,6 +232,10 @@ class Sandbox:
         self._link: Path | None = None  # sandboxes/<id> of an adopted warm sandbox
         self._holding: HoldingNetwork | None = None  # a warm sandbox's NIC until its pod's network exists
         self.guest_share = True  # the guest mounts the shared directory (see create())
+        # ...and was asked to (by CreateSandbox, or a container's CreateContainer since the lazy share): a
+        # sandbox whose roots came on image disks and whose volumes live in the guest never is, and
+        # can be snapshotted (pykata.sandbox.snapshot: QEMU refuses to migrate a mounted 9p share)
+        self.share_mounted = False
         # container images as read-only disks in the VM's slots (made once the VM exists)
         self.root_images = RootImageCache(config.runtime, config.image)
         self.root_slots = SlotTable(0)
@@ -363,6 +367,7 @@ class Sandbox:
         # otherwise by the first container that needs it (_share_storages), so a pod whose roots come on
         # image disks and whose volumes live in the guest never pays for the mount.
         storages = [self._share_storage()] if self.guest_share and not self._share_on_demand() else []
+        self.share_mounted = bool(storages)
         if self._boot_resize != (None, None):
             # sized after boot (balloon, CPUs onlined): the VM itself is the configured one, so a
             # template of that size can carry it
@@ -412,6 +417,7 @@ class Sandbox:
         included, wait for that mount and find it made), unless CreateSandbox mounted it."""
         if not (needed and self.guest_share and self._share_on_demand()):
             return []
+        self.share_mounted = True  # before the request: a snapshot taken meanwhile must not miss it
         mark("guest.share")  # (bench/phases.py counts the runs whose container asked for it)
         return [self._share_storage()]
 

@@ -12,7 +12,9 @@ restoring one never makes the host open a file the manifest names: the assets ar
 (compared by hash), the state is opened inside the snapshot directory without following a symlink,
 and QEMU (jailed) only gets a descriptor of it.
 
-Only a sandbox made with `guest_share=False` can be saved: QEMU 7.2 refuses to migrate a VM with the
+Only a sandbox whose guest never mounted the host's shared directory can be saved (one made with
+`guest_share=False`, or one whose roots came on image disks and that has no host volume: the guest
+mounts the share with the first container that needs it): QEMU 7.2 refuses to migrate a VM with the
 9p share mounted, and virtio-fs cannot be migrated at all.
 """
 
@@ -141,9 +143,10 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
     vm = sandbox.vm
     if not isinstance(vm, QemuHypervisor) or vm.state != "running":
         raise SnapshotError("", f"sandbox {sandbox.id} has no running VM")
-    if sandbox.guest_share:
-        raise SnapshotError("", f"sandbox {sandbox.id} mounts the host's shared directory in the guest (9p), "
-                                "which QEMU cannot migrate: make it with guest_share=False (SDK: snapshots=True)")
+    if sandbox.guest_share and sandbox.share_mounted:
+        raise SnapshotError("", f"sandbox {sandbox.id} mounts the host's shared directory in the guest (9p: a "
+                                "host volume, or a root not on an image disk), which QEMU cannot migrate: make "
+                                "it with guest_share=False (SDK: snapshots=True)")
     if sandbox.network is not None:
         raise SnapshotError("", f"sandbox {sandbox.id} is in a pod network; snapshots of pod-networked "
                                 "sandboxes are not supported (only of egress ones)")

@@ -281,7 +281,8 @@ class AsyncSandbox:
     async def snapshot(self, path: str | os.PathLike[str], *, close: bool = False) -> Path:
         """Save the sandbox to the new directory `path` (its memory, processes and files; see
         pykata.sdk.snapshot), pausing it meanwhile; then it runs on (or is closed with `close=True`).
-        Only a sandbox made with `snapshots=True` can be saved. Returns the snapshot's path.
+        A sandbox made with `snapshots=True` can always be saved; another only while its guest never
+        mounted the host's share (no volumes, its root on an image disk). Returns the snapshot's path.
         Raises SnapshotError (naming what is wrong), SandboxGoneError, PolicyDeniedError (not the owner)."""
         saved: Path = await sdk_snapshot.snapshot(self, Path(path), close=close)
         return saved

@@ -35,9 +35,9 @@ async def snapshot(sb: Any, path: Path, *, close: bool) -> Path:
     if sb._gone is not None:
         raise SandboxGoneError(sb._gone, sandbox_id=sb.id)
     inner = sb._own("snapshot")
-    if not sb.snapshots:
-        raise SnapshotError("", "this sandbox shares host files with its VM; make it with "
-                                "Sandbox(..., snapshots=True) to snapshot it")
+    if not sb.snapshots and inner.share_mounted:  # since the lazy share, a sandbox without volumes has none
+        raise SnapshotError("", "this sandbox shares host files with its VM (a volume, or its root); make it "
+                                "with Sandbox(..., snapshots=True) to snapshot it")
     if not sb.paused:
         # a shell waiting for the first command, saved with the guest: a restore's first command is
         # written to it instead of exec'd, sparing `crun exec` in a guest whose TCG code cache is cold
