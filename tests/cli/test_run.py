@@ -37,7 +37,9 @@ def pykata(*args: str, input: bytes | None = None, timeout: float = 120) -> subp
     (["run", "--rm", "-v", "/nonexistent-dir:/x", "busybox", "true"], b"--volume"),
     (["run", "--rm", "-v", "justone", "busybox", "true"], b"--volume"),
     (["run", "--rm", "-m", "lots", "busybox", "true"], b"--memory"),
-    (["run", "--rm", "-u", "root", "busybox", "true"], b"--user"),
+    (["run", "--rm", "-u", "no-such-user", "busybox", "true"], b"--user: no user 'no-such-user'"),
+    (["run", "--rm", "-u", "0:no-such-group", "busybox", "true"], b"--user: no group 'no-such-group'"),
+    (["run", "--rm", "--entrypoint", "", "busybox"], b"--entrypoint"),
     (["run", "--rm", "--cpus", "-1", "busybox", "true"], b"--cpus"),
     (["run", "--rm", "--name", "a/b", "busybox", "true"], b"--name"),
     (["run", "--rm", "--shared-fs", "nfs", "busybox", "true"], b"--shared-fs"),
@@ -214,6 +216,16 @@ def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
             pykata("rm", "-f", name)
             runner.wait(60)
         pykata("rm", "-f", name)
+
+
+@pytest.mark.vm
+def test_user_names_and_entrypoint_as_docker_takes_them() -> None:
+    """-u takes names from the image's /etc/passwd and /etc/group (it took only numbers); --entrypoint
+    replaces the image's ENTRYPOINT and drops its CMD (busybox's is `sh`)."""
+    p = pykata("run", "--rm", "-u", "nobody", "--entrypoint", "id", "busybox")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert out.startswith("uid=65534(nobody) gid=65534(nogroup)"), out
 
 
 @pytest.mark.vm

@@ -30,6 +30,7 @@ from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
+from pykata.sandbox.imageuser import resolve_user
 from pykata.sandbox.lookup import (
     Found,
     NotFoundError,
@@ -177,11 +178,11 @@ async def _quiet(aw: Any) -> None:
 async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *, name: str, rm: bool,
                     interactive: bool, tty_: bool, env: list[str], workdir: str | None, user: str | None,
                     volumes: list[str], cpus: float | None, memory: str | None,
-                    sandbox_id: str | None = None, shared_fs: SharedFs | None = None) -> int:
+                    sandbox_id: str | None = None, shared_fs: SharedFs | None = None,
+                    entrypoint: str | None = None) -> int:
     # everything that can be wrong with the input is checked before a VM boots
     vols = [Volume.parse(v) for v in volumes]
     mem = parse_size(memory) if memory else None
-    uid_gid = parse_user(user) if user else (0, 0)
     envs = parse_env(env, os.environ)
     if cpus is not None and cpus <= 0:
         raise SpecError("--cpus", f"{cpus} must be positive")
@@ -192,11 +193,13 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
             if rec is not None and rec.name == name:
                 raise SpecError("--name", f"the name {name!r} is in use by {rec.id[:12]}")
     image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(image_ref)
-    args = list(command) if command else [*image.config.entrypoint, *image.config.cmd]
-    if command and image.config.entrypoint:
-        args = [*image.config.entrypoint, *command]
+    # -u, else the image's USER (docker's order), names looked up in the image's /etc/passwd and group
+    user_text, user_field = (user, "--user") if user else (image.config.user, "the image's config.User")
+    uid_gid = resolve_user(image.rootfs, user_text, user_field) if user_text else (0, 0)
+    args = process_args(image.config.entrypoint, image.config.cmd, command, entrypoint)
     if image.bundle_spec is not None:
-        spec = bundle_spec_with(image.bundle_spec, list(command), envs, workdir, uid_gid if user else None, tty_,
+        given = args if entrypoint is not None else list(command)
+        spec = bundle_spec_with(image.bundle_spec, given, envs, workdir, uid_gid if user else None, tty_,
                                 mem, cpus)
     else:
         spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
@@ -231,6 +234,22 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     return status
 
 
+def process_args(image_entrypoint: tuple[str, ...], image_cmd: tuple[str, ...], command: tuple[str, ...],
+                 entrypoint: str | None) -> list[str]:
+    """The container's argv as docker makes it: ENTRYPOINT + (COMMAND or CMD); `--entrypoint E` replaces the
+    image's ENTRYPOINT and drops its CMD ("" leaves no entrypoint: COMMAND alone). Raises SpecError when
+    nothing is left to run."""
+    if entrypoint is not None:
+        if "\0" in entrypoint:
+            raise SpecError("--entrypoint", "contains NUL")
+        args = [*([entrypoint] if entrypoint else []), *command]
+    else:
+        args = [*image_entrypoint, *(command or image_cmd)]
+    if not args and entrypoint is not None:
+        raise SpecError("--entrypoint", "is empty and no COMMAND was given: nothing to run")
+    return args
+
+
 VM_DEATH_WAIT = 2.0
 
 
@@ -256,7 +275,11 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
 @click.option("-e", "--env", multiple=True,
               help="Set an environment variable: KEY=VALUE, or KEY for this shell's value (left out when unset).")
 @click.option("-w", "--workdir", default=None, help="Working directory inside the container.")
-@click.option("-u", "--user", default=None, help="UID[:GID] to run as.")
+@click.option("-u", "--user", default=None,
+              help="USER[:GROUP] to run as: numbers, or names from the image's /etc/passwd and /etc/group "
+                   "(default: the image's USER, else root).")
+@click.option("--entrypoint", default=None,
+              help="Run this instead of the image's ENTRYPOINT (its CMD is dropped, as docker does; \"\": none).")
 @click.option("-v", "--volume", multiple=True, help="Bind mount HOST:GUEST[:ro].")
 @click.option("--cpus", type=float, default=None, help="CPU limit (also sizes the VM).")
 @click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512m (also sizes the VM).")
@@ -266,8 +289,9 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...],
-        workdir: str | None, user: str | None, volume: tuple[str, ...], cpus: float | None, memory: str | None,
-        shared_fs: SharedFs | None, image: str, command: tuple[str, ...]) -> None:
+        workdir: str | None, user: str | None, entrypoint: str | None, volume: tuple[str, ...],
+        cpus: float | None, memory: str | None, shared_fs: SharedFs | None, image: str,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE, inside its own VM; exit with its status."""
     sandbox_id = detach.detached_id() if detach_ else None
     if detach_ and interactive:
@@ -279,7 +303,7 @@ def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: 
         status = asyncio.run(run_async(
             load_config(), image, command, name=name, rm=rm, interactive=interactive, tty_=tty_, env=list(env),
             workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id,
-            shared_fs=shared_fs))
+            shared_fs=shared_fs, entrypoint=entrypoint))
     except PykataError as e:
         _fail(str(e), failure_status(e, 125))
     sys.exit(status)
@@ -298,7 +322,7 @@ async def _exec_async(found: Found, command: tuple[str, ...], interactive: bool,
 @click.option("-t", "--tty", "tty_", is_flag=True)
 @click.option("-e", "--env", multiple=True, help="KEY=VALUE, or KEY for this shell's value (as run -e).")
 @click.option("-w", "--workdir", default="/")
-@click.option("-u", "--user", default=None)
+@click.option("-u", "--user", default=None, help="USER[:GROUP]: numbers, or names from the container's image.")
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, user: str | None, container: str,
@@ -314,10 +338,26 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
             _fail(f"{container} is a pod whose sandbox container has no process to exec in; exec into one of "
                   f"its containers (crictl exec, ctr task exec): {', '.join(sorted(found.record.containers))}", 126)
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env), os.environ), workdir,
-                                         parse_user(user) if user else (0, 0)))
+                                         _exec_user(found, user) if user else (0, 0)))
     except PykataError as e:
         _fail(str(e), failure_status(e, 126))
     sys.exit(status)
+
+
+def _exec_user(found: Found, user: str) -> tuple[int, int]:
+    """exec's -u: UID[:GID] as given, or names looked up in the container's image (resolve_user). Raises
+    SpecError naming --user."""
+    try:
+        return parse_user(user)
+    except SpecError:
+        pass
+    record = found.record.containers.get(found.record.id)
+    if record is None or not record.image:
+        raise SpecError("--user", f"{user[:80]!r}: names are looked up in the container's image, and this "
+                                  "container has none pykata knows; give UID[:GID]")
+    config = load_config()
+    image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(record.image)
+    return resolve_user(image.rootfs, user)
 
 
 def _rows(config: Config, all_: bool) -> list[dict[str, Any]]:
