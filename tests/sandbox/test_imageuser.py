@@ -55,7 +55,7 @@ def test_the_images_files_are_read_without_following_symlinks(rootfs: Path, tmp_
     still work without it."""
     (rootfs / "etc/passwd").unlink()
     os.symlink("/etc/passwd", rootfs / "etc/passwd")
-    with pytest.raises(SpecError, match="cannot be read .*a symlink"):
+    with pytest.raises(SpecError, match=r"cannot be read .*a symlink"):
         resolve_user(rootfs, "root")
     assert resolve_user(rootfs, "4242") == (4242, 4242)
     (rootfs / "etc/passwd").unlink()
