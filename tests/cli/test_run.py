@@ -229,6 +229,31 @@ def test_user_names_and_entrypoint_as_docker_takes_them() -> None:
 
 
 @pytest.mark.vm
+def test_init_reaps_orphans_and_forwards_sigterm() -> None:
+    """--init (docker's): tini from the guest image is PID 1. An orphan is reaped (without it, PID 1 `sleep`
+    leaves it a zombie: the control), and SIGTERM reaches the command, which as PID 1 ignored it."""
+    script = "(sleep 0.1 &); exec sleep 60"  # the subshell's child is orphaned, reparented to PID 1
+    names = {init: f"i-{uuid.uuid4().hex[:6]}" for init in (True, False)}
+    try:
+        for init, name in names.items():
+            started = pykata("run", "-d", *(["--init"] if init else []), "--name", name, "busybox", "sh", "-c", script)
+            assert started.returncode == 0, started.stderr
+        time.sleep(1)
+        seen = {init: pykata("exec", name, "sh", "-c", "cat /proc/1/comm; ps -o stat,comm").stdout.decode()
+                for init, name in names.items()}
+        assert seen[True].startswith("docker-init\n") and " Z " not in seen[True].replace("\n", " \n "), seen[True]
+        assert seen[False].startswith("sleep\n") and "Z" in seen[False], seen[False]  # the control: a zombie
+        begun = time.monotonic()
+        stopped = pykata("stop", "-t", "30", names[True])
+        assert stopped.returncode == 0 and time.monotonic() - begun < 20, stopped.stderr  # not the grace period
+        mine = [r for r in json.loads(pykata("ps", "-a", "--json").stdout) if r["name"] == names[True]]
+        assert mine and mine[0]["exit_code"] == 143, mine  # `sleep` died of the forwarded SIGTERM
+    finally:
+        for name in names.values():
+            pykata("rm", "-f", name)
+
+
+@pytest.mark.vm
 def test_stop_terms_then_kills_a_pid_1_that_ignores_sigterm() -> None:
     """docker stop: SIGTERM, SIGKILL after -t seconds; a shell as PID 1 without a trap ignores SIGTERM (as httpd
     in the README's example does, whose Ctrl-C did nothing); the container stays, exited 137, for rm."""

@@ -52,6 +52,11 @@ NAMESPACE_TYPES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "c
 _U32 = 2**32
 POD_SHM_SOURCE = "pykata-pod-shm"
 POD_SHM = Path("/dev/shm")
+# A mount of this type is the guest image's tini (Debian's static build) bound read-only at its
+# destination: the container's PID 1 for `pykata run --init` (docker's --init), reaping orphans and
+# forwarding signals. Nothing of the host or of another container is reachable through it.
+INIT_MOUNT_TYPE = "pykata-init"
+GUEST_INIT = Path("/usr/bin/tini-static")
 # annotations crun itself acts on (crun(1) "Extensions to OCI"): refused, see rewrite_spec
 CRUN_ANNOTATIONS = "run.oci."
 
@@ -160,6 +165,12 @@ def check_mounts(mounts: object, roots: Sequence[Path], pod_shm: Path = POD_SHM)
             keep = [o for o in m["options"] if o in ("ro", "rw", "nosuid", "nodev", "noexec")]
             m = {"destination": m["destination"], "type": "bind", "source": str(pod_shm),
                  "options": ["rbind", *keep]}
+        elif mtype == INIT_MOUNT_TYPE:
+            if not GUEST_INIT.is_file():
+                raise InvalidArgument(f"{field}.type", f"{INIT_MOUNT_TYPE}: this guest image has no {GUEST_INIT} "
+                                                       "(an image built before --init: pykata image build)")
+            m = {"destination": m["destination"], "type": "bind", "source": str(GUEST_INIT),
+                 "options": ["bind", "ro", "nosuid", "nodev"]}
         elif mtype not in KERNEL_MOUNT_TYPES:
             raise InvalidArgument(f"{field}.type",
                                   f"{mtype!r} is not allowed (bind mounts and {sorted(KERNEL_MOUNT_TYPES)})")

@@ -39,7 +39,7 @@ from pykata.sandbox.lookup import (
     remove_sandbox_dir,
     sweep_filter_rules,
 )
-from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, parse_user
+from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, parse_user, with_init
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
 from pykata.sandbox.state import list_sandboxes
@@ -179,7 +179,7 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
                     interactive: bool, tty_: bool, env: list[str], workdir: str | None, user: str | None,
                     volumes: list[str], cpus: float | None, memory: str | None,
                     sandbox_id: str | None = None, shared_fs: SharedFs | None = None,
-                    entrypoint: str | None = None) -> int:
+                    entrypoint: str | None = None, init: bool = False) -> int:
     # everything that can be wrong with the input is checked before a VM boots
     vols = [Volume.parse(v) for v in volumes]
     mem = parse_size(memory) if memory else None
@@ -204,6 +204,8 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     else:
         spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
                           user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
+    if init:
+        spec = with_init(spec)
     if shared_fs is not None:
         config = with_shared_fs(config, shared_fs)
     config, vcpus, memory_mib = sizing.fit(config, sizing.container_size(cpus, mem, cpus_source="--cpus",
@@ -280,6 +282,9 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
                    "(default: the image's USER, else root).")
 @click.option("--entrypoint", default=None,
               help="Run this instead of the image's ENTRYPOINT (its CMD is dropped, as docker does; \"\": none).")
+@click.option("--init", is_flag=True,
+              help="Run a tiny init (tini, from the guest image) as PID 1 that starts COMMAND, forwards signals "
+                   "to it and reaps orphaned processes, as docker run --init.")
 @click.option("-v", "--volume", multiple=True, help="Bind mount HOST:GUEST[:ro].")
 @click.option("--cpus", type=float, default=None, help="CPU limit (also sizes the VM).")
 @click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512m (also sizes the VM).")
@@ -289,7 +294,7 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...],
-        workdir: str | None, user: str | None, entrypoint: str | None, volume: tuple[str, ...],
+        workdir: str | None, user: str | None, entrypoint: str | None, init: bool, volume: tuple[str, ...],
         cpus: float | None, memory: str | None, shared_fs: SharedFs | None, image: str,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE, inside its own VM; exit with its status."""
@@ -303,7 +308,7 @@ def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: 
         status = asyncio.run(run_async(
             load_config(), image, command, name=name, rm=rm, interactive=interactive, tty_=tty_, env=list(env),
             workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id,
-            shared_fs=shared_fs, entrypoint=entrypoint))
+            shared_fs=shared_fs, entrypoint=entrypoint, init=init))
     except PykataError as e:
         _fail(str(e), failure_status(e, 125))
     sys.exit(status)

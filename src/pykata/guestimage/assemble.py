@@ -33,6 +33,7 @@ LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", 
 DROP_TREES = (
     "usr/share", "usr/include", "usr/lib/x86_64-linux-gnu/gconv", "etc/ld.so.conf.d", "etc/python3.11",
     f"{STDLIB}/sitecustomize.py", "usr/lib/python3",
+    "usr/bin/tini",  # tini's dynamic build: containers get tini-static (`pykata run --init`), which needs no libc
 )
 # Standard library parts the agent never imports: tests, GUIs, packaging and developer tooling,
 # modules whose C extension or shared library the image leaves out.

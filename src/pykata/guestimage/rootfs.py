@@ -70,6 +70,8 @@ GUEST_PACKAGES = (
     # crun and its libraries (libsystemd0 pulls in the compression and crypto ones).
     "crun", "libcap2", "libseccomp2", "libyajl2", "libsystemd0", "libzstd1", "liblz4-1",
     "libgcrypt20", "libgpg-error0",
+    # tini-static: `pykata run --init`'s PID 1 (docker's --init), bound read-only into the container
+    "tini",
 )
 GUEST_WHEELS = ("protobuf", "googleapis-common-protos")
 _BUILDER_MODULES = ("assemble.py", "cpio.py", "debs.py", "elf.py", "fsimage.py", "rootfs.py", "wheels.py",

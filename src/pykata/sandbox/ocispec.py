@@ -21,6 +21,21 @@ GUEST_STORAGE_DIR = "/run/pykata-agent/storage"
 # The source of the mount that stands for the pod's /dev/shm in a guest spec: the agent binds the
 # VM's own /dev/shm tmpfs there (pykata.agent.bundle.POD_SHM_SOURCE names the same).
 POD_SHM_SOURCE = "pykata-pod-shm"
+# `pykata run --init`: a mount the agent makes a read-only bind of the guest image's tini
+# (pykata.agent.bundle.INIT_MOUNT_TYPE), run as the container's PID 1 from INIT_PATH
+INIT_MOUNT_TYPE = "pykata-init"
+INIT_PATH = "/sbin/docker-init"
+
+
+def with_init(spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` with a tiny init as PID 1 (docker's --init: tini, reaping orphaned children and forwarding
+    signals to the process it starts): its process runs under INIT_PATH."""
+    out = copy.deepcopy(spec)
+    out.setdefault("mounts", []).append({"destination": INIT_PATH, "type": INIT_MOUNT_TYPE,
+                                         "source": INIT_MOUNT_TYPE, "options": ["ro"]})
+    proc = out.setdefault("process", {})
+    proc["args"] = [INIT_PATH, "--", *(proc.get("args") or [])]
+    return out
 POD_SHM_OPTIONS = ("nosuid", "nodev", "noexec", "mode=1777", "size=65536k")
 # the shims' fork server's socket directory (pykata.shim.handoff.HANDOFF_DIR; the shim is above us)
 HANDOFF_DIR = "/run/pykata-handoff"
