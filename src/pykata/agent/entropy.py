@@ -27,7 +27,6 @@ trusted workloads only.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import os
@@ -38,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pykata.agent import sysmount
 from pykata.errors import FailedPrecondition, Internal, InvalidArgument
 from pykata.protocols.agent import agent_pb2
 
@@ -63,6 +63,7 @@ class Entropy:
         self.boot_id_file = state_dir / "boot_id"
         self.kernel_boot_id = kernel_boot_id
         self.boot_id: str | None = None
+        sysmount.resolve()
 
     def reseed(self, req: agent_pb2.ReseedRandomDevRequest, *,
                containers_exist: bool) -> agent_pb2.ReseedRandomDevResponse:
@@ -183,8 +184,5 @@ def read_boot_id(path: Path = KERNEL_BOOT_ID) -> str:
 
 def bind_readonly(source: Path, target: Path) -> None:
     """Bind `source` over `target`, then make the bind read-only. Raises OSError."""
-    libc = ctypes.CDLL(None, use_errno=True)
     for src, flags in ((str(source), MS_BIND), ("none", MS_BIND | MS_REMOUNT | MS_RDONLY)):
-        if libc.mount(src.encode(), str(target).encode(), None, flags, None) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        sysmount.mount(src, str(target), "", flags, "")

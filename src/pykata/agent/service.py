@@ -411,7 +411,9 @@ class AgentService:
     async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest,
                               ctx: Any) -> agent_pb2.ReseedRandomDevResponse:
         self._make_dirs()
-        return await asyncio.to_thread(self.entropy.reseed, req, containers_exist=len(self.containers) > 0)
+        # In the loop's thread: a few syscalls, and a template clone's first handoff to a worker thread
+        # (its wakeups, the GIL's handover, the loop's self-pipe) is guest code TCG translates afresh.
+        return self.entropy.reseed(req, containers_exist=len(self.containers) > 0)
 
     async def WarmUp(self, req: agent_pb2.WarmUpRequest, ctx: Any) -> Empty:
         """A throwaway container, created and deleted (pykata.agent.warmup). Refused once the

@@ -33,6 +33,14 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def resolve() -> None:
+    """Resolve libc and its mount functions now (the agent's start): a VM cloned from a template
+    resumes this process, so its first mounts (ReseedRandomDev's boot id bind, a container's storages)
+    only call them instead of loading them, which is slow under TCG's cold translation cache."""
+    libc = _libc()
+    _ = libc.mount, libc.umount2
+
+
 def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     """mount(2). Raises OSError."""
     libc = _libc()

@@ -334,6 +334,7 @@ class QemuHypervisor(Hypervisor):
         self.timestamps["load"] = time.monotonic()
         self.state = "running"  # restore() runs on a running QEMU
         await self._early_connection_accepted()
+        self.timestamps["accepted"] = time.monotonic()
         try:
             assert self._restore is not None
             await self.restore(self._restore.state)
