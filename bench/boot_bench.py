@@ -329,6 +329,10 @@ def find_assets(kernel: str | None, image_initrd: str | None, want_image: bool) 
     k = Path(kernel) if kernel else getattr(find_kernel(), "vmlinux", None)
     if k is None:
         sys.exit("boot_bench: no guest kernel; run `pykata image build` or pass --kernel")
+    if kernel is None:  # as pykata gives QEMU the cached kernel (pykata.hypervisor.qemu.assets)
+        from pykata.hypervisor.qemu.assets import without_symbols
+
+        k = without_symbols(k)
     initrd: Path | None = Path(image_initrd) if image_initrd else None
     if want_image and initrd is None:
         from pykata.config import load_config

@@ -75,6 +75,7 @@ async def one(i: int, config: Any, prestart: bool, probe_only: bool) -> dict[str
         if prestart:
             await asyncio.sleep(0.3)
             cpu0, tb0 = cpu_seconds(vm.pid), await tb_count(vm)
+            out["cpu-launch"] = cpu0  # QEMU's start until it waits for the state (0.3 s idle included)
             await vm.start()
         else:
             cpu0, tb0 = 0.0, 0.0
@@ -126,7 +127,7 @@ def variant_env(spec: str) -> tuple[str, dict[str, str]]:
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
-    kernel, initrd = find_assets(None, args.initrd, True)
+    kernel, initrd = find_assets(args.kernel, args.initrd, True)
     assert initrd is not None
     workdir = Path(tempfile.mkdtemp(prefix="pkclone"))
     variants = [variant_env(v) for v in args.variant] or [("default", {})]
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--probe-only", action="store_true", help="no RPCs after the probe")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=ENV=VALUE[,ENV=VALUE]: environment for the clone's QEMU start (interleaved)")
+    ap.add_argument("--kernel", help="vmlinux (default: the cached build, as pykata gives it to QEMU)")
     ap.add_argument("--initrd", help="the guest image's rootfs.cpio (default: the cached build of this tree)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
