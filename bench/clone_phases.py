@@ -37,15 +37,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from boot_bench import find_assets, make_clone_config
 
-from boot_bench import find_assets, make_clone_config  # noqa: E402
-
-from pykata.agentapi.client import Agent  # noqa: E402
-from pykata.factory import ensure_template, start_vm  # noqa: E402
-from pykata.factory.template import sync_guest_clock  # noqa: E402
-from pykata.hypervisor import QemuHypervisor  # noqa: E402
-from pykata.hypervisor.readiness import cpu_seconds  # noqa: E402
+from pykata.agentapi.client import Agent
+from pykata.factory import ensure_template, start_vm
+from pykata.factory.template import sync_guest_clock
+from pykata.hypervisor import QemuHypervisor
+from pykata.hypervisor.readiness import cpu_seconds
 
 
 async def tb_count(vm: QemuHypervisor) -> float:
