@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pykata import ids
 from pykata.config.schema import Config, SharedFs
 from pykata.errors import HypervisorError
-from pykata.hypervisor import ksm
+from pykata.hypervisor import ksm, scope
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
 from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, RestoreSource, VmExit
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
@@ -368,6 +368,9 @@ class QemuHypervisor(Hypervisor):
             # A clone's memory discards must not reach the template's file (see clonememory), nor
             # anything else it writes (see ramreadonly).
             preexec = keep_template_intact if self._restore is not None else None
+            if self.spec.jail is not None and scope.supported():
+                # abstract unix sockets and signals of the host stay out of QEMU's reach (scope)
+                preexec = scope.confine if preexec is None else _both(scope.confine, preexec)
             template_memory = self._template_memory()
             ram_lib = None if template_memory is None else \
                 await asyncio.to_thread(ramreadonly.library, self.config.runtime.cache_path)
@@ -833,3 +836,11 @@ class QemuHypervisor(Hypervisor):
     def _require_q35(self, what: str) -> None:
         if self.config.qemu.machine_type != "q35":
             raise NotSupportedError(f"VM {self.vm_id}: {what} needs machine_type = \"q35\" (microvm has no hotplug)")
+
+
+def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    """One preexec step that runs `first`, then `then`."""
+    def step() -> None:
+        first()
+        then()
+    return step
