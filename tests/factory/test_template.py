@@ -273,6 +273,9 @@ async def test_prestarted_clone_waits_without_its_guest_then_runs_or_stops_clean
             assert isinstance(vm, QemuHypervisor) and vm.state == "launched" and vm.pid in _qemu_pids(tdir)
             assert (await vm.qmp.execute("query-status"))["status"] == "inmigrate"
             assert "restored" not in vm.timestamps
+            # what the load needs is done while it waits (start() only loads and continues)
+            caps = {c["capability"]: c["state"] for c in await vm.qmp.execute("query-migrate-capabilities")}
+            assert caps["x-ignore-shared"] and caps["events"]
             with pytest.raises(HypervisorError, match="wait_ready"):
                 await vm.wait_ready(timeout=1)
         await running.start()

@@ -156,6 +156,8 @@ class QemuHypervisor(Hypervisor):
         self._die_with_owner = die_with_owner
         self._vmm_pid: int | None = None  # QEMU's own pid under a lifeline (self._qemu is the wrapper)
         self._awaiting_incoming = False
+        self._load_prepared: Path | None = None  # the state file QEMU was handed (_prepare_load)
+        self._early_accepted = False  # _early_connection_accepted() has waited
         self._agent_connection: socket.socket | None = None  # see take_agent_connection()
 
     # ---------------------------------------------------------------------------------------------
@@ -294,6 +296,10 @@ class QemuHypervisor(Hypervisor):
         a third of a template clone's time to a ready agent under TCG). What it costs while it waits:
         QEMU's own memory (no guest page is touched before the state is loaded) and no CPU.
 
+        While it waits it also does what the load needs and no guest sees: the early agent connection
+        accepted, the migration's capabilities set and the state file handed to QEMU, so start() is
+        only the load and `cont`.
+
         Raises:
             NotSupportedError: the VM has no restore source.
             HypervisorError: not prepared, or QEMU could not be started.
@@ -302,7 +308,26 @@ class QemuHypervisor(Hypervisor):
             raise NotSupportedError(f"VM {self.vm_id}: launch() needs a VM started from a template")
         if self.state != "prepared":
             raise HypervisorError(f"VM {self.vm_id}: launch() in state {self.state}")
-        await self._run_start(self._spawn_vmm(), "launched")
+        await self._run_start(self._launch(), "launched")
+
+    async def _launch(self) -> None:
+        await self._spawn_vmm()
+        await self._early_connection_accepted()
+        assert self._restore is not None
+        try:
+            await self._prepare_load(self._restore.state)
+        except HypervisorError as exc:  # as _load_saved_state: the saved VM itself may be unusable
+            raise RestoreError(f"VM {self.vm_id}: restore failed: {exc}") from exc
+
+    async def _prepare_load(self, path: Path) -> None:
+        """migrate.prepare_load for `path` (once; restore() of that path then only runs the load)."""
+        # The stream was written with x-ignore-shared when RAM is in a file; it must be read the same way.
+        await migrate.prepare_load(self.qmp, path, ignore_shared=self._ignore_shared, label=f"VM {self.vm_id}")
+        self._load_prepared = path
+
+    @property
+    def _ignore_shared(self) -> bool:
+        return self.spec is not None and self.spec.memory_file is not None
 
     async def start(self) -> None:
         if self.state == "launched":
@@ -742,10 +767,10 @@ class QemuHypervisor(Hypervisor):
         if not self._awaiting_incoming:
             raise NotSupportedError(f"VM {self.vm_id}: restore() needs a VM started from a template")
         self._awaiting_incoming = False
-        # The stream was written with x-ignore-shared when RAM is in a file; it must be read the same way.
-        ignore_shared = self.spec is not None and self.spec.memory_file is not None
-        await migrate.load_state(self.qmp, path, ignore_shared=ignore_shared, label=f"VM {self.vm_id}",
-                                 qemu_log=self.paths.qemu_log)
+        ignore_shared = self._ignore_shared
+        if self._load_prepared != path:
+            await self._prepare_load(path)
+        await migrate.run_load(self.qmp, label=f"VM {self.vm_id}", qemu_log=self.paths.qemu_log)
         self.timestamps["restored"] = time.monotonic()
         if self._restore is not None:
             # the guest's page cache and mounts expect these disks: back before it runs
@@ -789,8 +814,9 @@ class QemuHypervisor(Hypervisor):
         """Wait until QEMU has accepted the early agent connection: its socket chardev is then no longer
         "disconnected:" (query-chardev). Bounded; past `timeout` the load goes on (QEMU then tells the
         guest that a host connected, as for a template saved without one)."""
-        if self._agent_connection is None:
+        if self._agent_connection is None or self._early_accepted:
             return
+        self._early_accepted = True  # (asked once: a pre-started QEMU's launch() asks, start() need not)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             chardevs = await self.qmp.execute("query-chardev")

@@ -64,13 +64,14 @@ async def save_snapshot(qmp: QmpChannel, fd: int, *, label: str, qemu_log: Path)
     await wait_completed(qmp, "snapshot", label=label, qemu_log=qemu_log)
 
 
-async def load_state(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label: str, qemu_log: Path) -> None:
-    """Load state written by save_state() into a QEMU waiting for an incoming migration (not resumed).
-
-    `ignore_shared` must match how the stream was written (x-ignore-shared changes its layout).
+async def prepare_load(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label: str) -> None:
+    """Before a load into a QEMU waiting for an incoming migration: the capabilities set and the state
+    file written by save_state() handed to QEMU (a pre-started QEMU does it while it waits, off a
+    clone's clock); run_load() then loads it. `ignore_shared` must match how the stream was written
+    (x-ignore-shared changes its layout).
 
     Raises:
-        HypervisorError: the file cannot be opened, or QEMU could not load the state in time.
+        HypervisorError: the file cannot be opened, or QEMU refused.
     """
     # QEMU announces the end of the load (the MIGRATION event): no polling, no round trip after it.
     capabilities = [{"capability": "events", "state": True}]
@@ -85,6 +86,10 @@ async def load_state(qmp: QmpChannel, path: Path, *, ignore_shared: bool, label:
         await qmp.execute("getfd", {"fdname": "migrate-restore"}, fd=fd)
     finally:
         os.close(fd)
+
+
+async def run_load(qmp: QmpChannel, *, label: str, qemu_log: Path) -> None:
+    """Load the state prepare_load() handed to QEMU (not resumed). Raises HypervisorError."""
     with qmp.listener("MIGRATION", where=lambda e: e.data.get("status") in _ENDED) as ended:
         await qmp.execute("migrate-incoming", {"uri": "fd:migrate-restore"})
         await _wait_ended(qmp, ended, "restore", label=label, qemu_log=qemu_log)
