@@ -346,25 +346,52 @@ def test_a_maker_killed_mid_way_leaves_no_template_vm(initrd_copy: Path) -> None
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def test_a_template_saved_before_its_guest_settled_says_why(tdir: Path, initrd_copy: Path,
+async def test_a_template_saved_before_its_guest_settled_says_why(tdir: Path, initrd_copy: Path, vm_factory: VmFactory,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Saving "anyway" used to log only that the guest did not idle within 10 s. With no time to settle,
-    the maker now says what was not done (the agent's start-up work: containerd's seccomp profile) and
-    where QEMU's CPU went. (What a clone of such a template then does is not checked here: on main the
-    clone neither finishes nor skips that work within 120 s, printing only PYKATA_AGENT_HOST_LEFT; the
-    clone works, and its first container compiles its own profile as before the precompile existed:
-    an open defect, see README "VM templates".)"""
+    the maker says what was not done (the agent's start-up work: containerd's seccomp profile) and where
+    QEMU's CPU went, and its word holds for the clones: each finishes that work itself (or skips it when
+    its host spoke first) and prints PYKATA_AGENT_SETTLED.
+
+    It did not hold on an idle host: the maker decided "not finished", then measured QEMU's CPU for a
+    second before saving, in which the agent finished and printed its line; the template held the work
+    done, so its clones had nothing left to do and never printed the line (3 of 3 CI runs). That second
+    is stretched to 6 s here, the idle host's timing on a loaded one; the maker now saves at its decision
+    and says after the save what the saved guest had printed."""
     from pykata.factory import template as template_module
+    from pykata.hypervisor import readiness
 
     monkeypatch.setattr(template_module, "TEMPLATE_SETTLE_LIMIT", 0.05)
+    monkeypatch.setattr(template_module, "busy_breakdown",
+                        lambda pid, window=1.0: readiness.busy_breakdown(pid, 6.0))
     cfg = _config(tdir, initrd_copy, shared_fs="virtio-9p")
     cfg = dataclasses.replace(cfg, factory=FactoryConfig(enable_template=True, template_path=str(tdir / "tpl-hasty")))
     with _factory_log() as lines:
         made = await ensure_template(cfg)
     try:
-        said = [line for line in lines if "saved" in line and "although" in line]
+        said = [line for line in lines if "saved" in line and ("although" in line or "settled as it was" in line)]
         assert said, lines
-        assert "its agent had not finished its start-up work (containerd's seccomp profile" in said[0]
-        assert "QEMU ran" in said[0] and "main loop" in said[0]
+        unfinished = "although" in said[0]
+        if unfinished:
+            assert "its agent had not finished its start-up work (containerd's seccomp profile" in said[0]
+            assert "QEMU ran" in said[0] and "main loop" in said[0]
+        shared = tdir / "shared-hasty"
+        shared.mkdir()
+        vm = vm_factory.track(await start_vm("hasty", cfg, shared_dir=shared))
+        try:
+            await vm.wait_ready(timeout=60)
+            deadline = time.monotonic() + (60 if unfinished else 3)
+            while b"PYKATA_AGENT_SETTLED" not in vm.console_log.read_bytes() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            console = vm.console_log.read_text(errors="replace")
+            # the maker's word, kept: "not finished" means the clone ends the work; "settled" that it has none
+            assert ("PYKATA_AGENT_SETTLED" in console) == unfinished, (said[0], console[-2000:])
+            if unfinished:
+                did = "compiled ahead in" in console
+                assert did or "start-up work skipped: a host spoke first" in console, console[-2000:]
+            print(f"the hasty template's clone: {said[0][:60]}...; "
+                  f"{'compiled the profile itself' if 'compiled ahead in' in console else 'skipped it or had none'}")
+        finally:
+            await vm.stop()
     finally:
         shutil.rmtree(made.dir.parent, ignore_errors=True)

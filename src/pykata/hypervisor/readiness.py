@@ -133,7 +133,14 @@ async def busy_breakdown(pid: int, window: float = 1.0) -> str:
     run the guest's code). Never raises."""
     before = thread_cpu_seconds(pid)
     await asyncio.sleep(window)
+    return breakdown_since(pid, before, window)
+
+
+def breakdown_since(pid: int, before: dict[int, float], window: float) -> str:
+    """busy_breakdown's text for the `window` seconds since `before` (thread_cpu_seconds(pid) then), with
+    no wait. Never raises."""
     after = thread_cpu_seconds(pid)
+    window = max(window, 1e-3)
     ran = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     main = ran.pop(pid, 0.0)
     return (f"QEMU ran {1000 * (main + sum(ran.values())) / window:.0f} ms per s: main loop "
