@@ -197,6 +197,8 @@ def test_ps_exec_kill_logs_rm_of_a_running_container() -> None:
         missing = pykata("exec", name, "no-such-command")  # as docker and a shell say it: 127
         assert missing.returncode == 127 and b"no-such-command" in missing.stderr, missing.stderr
         assert b"Traceback" not in missing.stderr
+        named = pykata("exec", "-u", "nobody:root", name, "id")  # names from the container's image
+        assert named.stdout.startswith(b"uid=65534(nobody) gid=0(root)"), named.stderr
         piped = pykata("exec", "-i", cid[:8], "cat", input=b"piped stdin\n")
         assert piped.stdout == b"piped stdin\n"
         killed = pykata("kill", name, "KILL")  # prints what was typed, as docker does (it printed the full id)
