@@ -16,7 +16,8 @@ Phases (ms, host clock):
   answer       guest running -> the agent's first answer (hello echo + Check + Version)
   next-rpcs    ReseedRandomDev + SetGuestDateTime after ready (a sandbox's next two calls)
   ready        the start of the clock -> ready
-  pages-ready  pages of the template's memory the clone wrote until ready (copy-on-write faults)
+  pages-ready  pages of the template's memory the clone wrote until ready (copy-on-write faults;
+               pages-launch: before the load)
 
     .venv/bin/python bench/clone_phases.py [-n 5] [--prestart] [--variant NAME=ENV=VALUE ...] [--json]
 """
@@ -59,7 +60,8 @@ async def tb_count(vm: QemuHypervisor) -> float:
 
 def template_pages_written(pid: int) -> float:
     """Pages of the template's memory file (mapped privately) the clone has written so far: each one a
-    copy-on-write fault in QEMU (smaps Private_Dirty of that mapping)."""
+    copy-on-write fault in QEMU (smaps Anonymous of that mapping: the file is on tmpfs, whose pages
+    count as dirty even when only read)."""
     kib = 0
     inside = False
     with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps") as f:
@@ -67,7 +69,7 @@ def template_pages_written(pid: int) -> float:
             first = line.split(maxsplit=6)
             if "-" in first[0] and len(first) >= 5 and first[0][0] in "0123456789abcdef" and ":" not in first[0]:
                 inside = len(first) >= 6 and first[-1].rstrip().endswith("/memory")
-            elif inside and line.startswith("Private_Dirty:"):
+            elif inside and line.startswith("Anonymous:"):
                 kib += int(line.split()[1])
     return kib / 4
 
@@ -90,6 +92,7 @@ async def one(i: int, config: Any, prestart: bool, probe_only: bool) -> dict[str
             await asyncio.sleep(0.3)
             cpu0, tb0 = cpu_seconds(vm.pid), await tb_count(vm)
             out["cpu-launch"] = cpu0  # QEMU's start until it waits for the state (0.3 s idle included)
+            out["pages-launch"] = template_pages_written(vm.pid)
             await vm.start()
         else:
             cpu0, tb0 = 0.0, 0.0
