@@ -65,3 +65,27 @@ def test_reseed_crng_logs_a_refusal_and_does_not_raise(tmp_path: Path, monkeypat
     assert messages[0].startswith("reseeding the kernel RNG: ") and "ioctl" in messages[0].lower()
     assert messages[1].startswith(f"reseeding the kernel RNG: {tmp_path / 'missing'}: ")
     assert fake.read_bytes() == b""
+
+
+def test_a_boot_id_bound_ahead_is_rewritten_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template's agent binds its boot id file over the kernel's ahead (prepare_boot_id, with the
+    kernel's own id in it); a clone's ReseedRandomDev then only rewrites that file, so the bind (the
+    guest's and, from then on, every container's) shows the new id. Fakes: the binds are recorded, not
+    made, and the kernel's RNG is not fed (both would change this host)."""
+    kernel_boot_id = tmp_path / "kernel_boot_id"
+    kernel_boot_id.write_text(BOOT_ID + "\n")
+    binds: list[tuple[Path, Path]] = []
+    monkeypatch.setattr(entropy_module, "bind_readonly", lambda source, target: binds.append((source, target)))
+    monkeypatch.setattr(entropy_module, "feed_kernel", lambda data: None)
+    entropy = Entropy(tmp_path / "state", kernel_boot_id=kernel_boot_id)
+    entropy.prepare_boot_id()
+    entropy.prepare_boot_id()  # once
+    assert binds == [(entropy.boot_id_file, kernel_boot_id)]
+    assert entropy.boot_id_file.read_text() == BOOT_ID + "\n" and entropy.boot_id is None
+    assert entropy.container_mounts() == []  # containers get it only once the host gave an id
+    inode = entropy.boot_id_file.stat().st_ino
+    new = "1c9d3b62-9d2f-4f47-8b1f-4b4f3c7e0d21"
+    reply = entropy.reseed(agent_pb2.ReseedRandomDevRequest(data=b"x" * 64, boot_id=new), containers_exist=False)
+    assert reply.boot_id == new == entropy.boot_id and len(binds) == 1
+    assert entropy.boot_id_file.read_text() == new + "\n" and entropy.boot_id_file.stat().st_ino == inode
+    assert [m["source"] for m in entropy.container_mounts()] == [str(entropy.boot_id_file)]

@@ -440,10 +440,19 @@ class AgentService:
         profile built into the agent, before any pod exists: nothing a pod sends reaches it, and no
         program ever comes from another VM (a clone starts with its template's, made by the host's
         admin before any pod). Skipped once a sandbox or a container exists; never raises (a failure is
-        logged: containers then compile their profile as before)."""
+        logged: containers then compile their profile as before). It binds the boot id file ahead too
+        (Entropy.prepare_boot_id)."""
         from pykata.agent import seccompcache, seccompdefault, warmup
 
-        if self.sandbox.created or len(self.containers) > 0 or not guest.has_seccomp():
+        if self.sandbox.created or len(self.containers) > 0:
+            return
+        try:
+            self._make_dirs()
+        except PykataError as exc:
+            log.warning("start-up work skipped: %s", exc)
+            return
+        self.entropy.prepare_boot_id()  # also a template's, for its clones' ReseedRandomDev
+        if not guest.has_seccomp():
             return
         cache = self.containers.seccomp
         began = time.monotonic()
