@@ -4,9 +4,10 @@
     .venv/bin/python bench/boot_ab.py -n 6 base=/tmp/base.cpio new=/tmp/new.cpio \
         "new-norng=/tmp/new.cpio:initcall_blacklist=virtio_rng_init" "newk=/tmp/new.cpio,/tmp/vmlinux"
 
-Each variant is LABEL=INITRD[,VMLINUX][:KERNEL PARAMETERS]. Every round boots each variant once with
-`bench/boot_bench.py -n 1 --guest image --initrd INITRD [--kernel VMLINUX] [--kernel-params ...]` (the
-parameters are appended to the command line pykata builds), in an order reversed every other round, so a
+Each variant is LABEL=INITRD[,VMLINUX][:KERNEL PARAMETERS][@CPU MODEL]. Every round boots each variant once
+with `bench/boot_bench.py -n 1 --guest image --initrd INITRD [--kernel VMLINUX] [--kernel-params ...]
+[--cpu-model ...]` (the parameters are appended to the command line pykata builds; the CPU model replaces
+QEMU's -cpu, e.g. "new-noerms=/tmp/new.cpio@max,-erms,-fsrm"), in an order reversed every other round, so a
 load that changes during the run reaches every variant alike. Prints each boot's QEMU CPU to ready and
 its phases (boot_bench's cpu-* rows, from the guest's boot marks), then per variant the medians, how many
 rounds it was lowest in QEMU CPU, and the host load range. On this shared 2-core host QEMU CPU seconds
@@ -38,18 +39,20 @@ class Variant(NamedTuple):
     initrd: Path
     kernel: Path | None
     params: str
+    cpu_model: str = ""
 
 
 def parse_variant(text: str) -> Variant:
     label, eq, rest = text.partition("=")
+    rest, _, cpu_model = rest.partition("@")
     files, _, params = rest.partition(":")
     initrd, _, kernel = files.partition(",")
     if not eq or not label or not initrd:
-        sys.exit(f"boot_ab: variant {text!r}: expected LABEL=INITRD[,VMLINUX][:KERNEL PARAMETERS]")
+        sys.exit(f"boot_ab: variant {text!r}: expected LABEL=INITRD[,VMLINUX][:KERNEL PARAMETERS][@CPU MODEL]")
     for what, path in (("initrd", initrd), ("kernel", kernel)):
         if path and not Path(path).is_file():
             sys.exit(f"boot_ab: variant {label}: no such {what} {path}")
-    return Variant(label, Path(initrd), Path(kernel) if kernel else None, params)
+    return Variant(label, Path(initrd), Path(kernel) if kernel else None, params, cpu_model)
 
 
 def one_boot(v: Variant, quiet: bool = False) -> dict[str, float] | None:
@@ -59,6 +62,8 @@ def one_boot(v: Variant, quiet: bool = False) -> dict[str, float] | None:
         cmd += ["--kernel", str(v.kernel)]
     if v.params:
         cmd += [f"--kernel-params={v.params}"]
+    if v.cpu_model:
+        cmd += [f"--cpu-model={v.cpu_model}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     try:
         phases = json.loads(proc.stdout)[0]["phases"]
@@ -72,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=4, help="rounds (default 4)")
     ap.add_argument("--quiet", action="store_true", help="boot_bench --quiet: the kernel's 'quiet', as pykata boots")
-    ap.add_argument("variants", nargs="+", help="LABEL=INITRD[,VMLINUX][:KERNEL PARAMETERS]")
+    ap.add_argument("variants", nargs="+", help="LABEL=INITRD[,VMLINUX][:KERNEL PARAMETERS][@CPU MODEL]")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     rows: dict[str, list[dict[str, float]]] = {v.label: [] for v in variants}
