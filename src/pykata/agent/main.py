@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pykata.agent.boot import LATE_STDLIB, load_deferred
 from pykata.agent.channel import ChannelError, parse_channel, serve_serial, serve_vsock
 from pykata.agent.entropy import crng_reseeder
 from pykata.agent.health import HealthService
@@ -38,10 +39,14 @@ SETTLED_LINE = "PYKATA_AGENT_SETTLED"
 AFTER_READY_DELAY = 0.3
 # Set by the kernel command line (PYKATA_BOOT_MARKS=1, see pykata.agent.pid1): print boot phase marks.
 BOOT_MARKS_ENV = "PYKATA_BOOT_MARKS"
+# How long after the ready line the agent waits before LateAgent's load unless an AgentService call comes
+# first: a cold boot's host connects and checks the agent's health right after the line, and is answered
+# before the imports begin (each runs in the loop's thread: a call waits for the module being imported).
+LATE_START = 0.05
 # What AgentService imports beyond what serving Health needs, heaviest subtrees first, imported one
 # module at a time after the ready line (LateAgent) so a host's first calls are answered in between.
 # Only an order: `pykata.agent.service` (last) imports whatever this list misses.
-LATE_MODULES = ("shutil", "hashlib", "pykata.agent.storage", "pykata.agent.guest", "pykata.agent.nsexec",
+LATE_MODULES = ("json", "shutil", "hashlib", "pykata.agent.storage", "pykata.agent.guest", "pykata.agent.nsexec",
                 "pykata.agent.diskfile", "pykata.agent.processes", "pykata.agent.console", "pykata.agent.crun",
                 "pykata.agent.containers", "pykata.agent.volumesync", "pykata.agent.network",
                 "pykata.agent.service")
@@ -69,6 +74,9 @@ class LateAgent:
         return self._loading
 
     async def _load(self) -> AgentService:
+        for name in LATE_STDLIB:
+            load_deferred(name)
+            await asyncio.sleep(0)
         for name in LATE_MODULES:
             importlib.import_module(name)
             await asyncio.sleep(0)  # a host's call waiting in the channel goes first
@@ -205,6 +213,7 @@ async def _then_settled(load: Callable[[], Awaitable[object]] | None,
     takes a host CPU under TCG (a pod's first container took 2.4 s beside it against 0.4 s after, at
     load 14; it did not even finish before that container)."""
     if load is not None:
+        await asyncio.sleep(LATE_START)
         await load()
     if after_ready is not None:
         await asyncio.sleep(AFTER_READY_DELAY)

@@ -25,7 +25,6 @@ Stdlib only: this module runs in the guest, and the host imports it to check a d
 from __future__ import annotations
 
 import fnmatch
-import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -111,6 +110,8 @@ class Policy(FrozenRecord):
                 raise denied("copy_file.paths", f"{req.path[:256]!r} is outside the allowed paths")
 
     def check_container(self, req: agent_pb2.CreateContainerRequest) -> None:
+        import json  # (in the guest, loaded after the ready line: pykata.agent.main.LATE_MODULES)
+
         try:
             spec = json.loads(req.oci_spec_json)
         except ValueError:
@@ -167,6 +168,8 @@ def parse_policy(text: str | bytes) -> Policy:
     Raises:
         PolicyError: naming the offending key (unknown keys, wrong types, bad RPC names, too large).
     """
+    import json  # (as in Policy.check_container)
+
     if len(text) > MAX_POLICY_BYTES:
         raise PolicyError("(document)", f"{len(text)} bytes, at most {MAX_POLICY_BYTES}")
     try:

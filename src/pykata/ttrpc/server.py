@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pykata.errors import PykataError
@@ -413,7 +413,7 @@ class Server:
             arg = _decode(route.request_type, ev.payload)
         result = route.fn(arg, ctx)
         if route.server_streaming:
-            if not inspect.isasyncgen(result):
+            if not isinstance(result, types.AsyncGeneratorType):
                 raise TypeError(f"{ctx.method} must be an async generator (server streaming)")
             async for msg in result:
                 if ctx.session != proto.session:
@@ -422,7 +422,7 @@ class Server:
                 await proto.drain()
             payload = b""
         else:
-            payload = _encode(await result) if inspect.isawaitable(result) else _encode(result)
+            payload = _encode(await result) if isinstance(result, Awaitable) else _encode(result)
         if ctx.session != proto.session:
             return  # a newer host session began: this answer is nobody's
         with contextlib.suppress(ConnectionResetError):
