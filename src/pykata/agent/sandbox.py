@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pykata.agent import command
+from pykata.agent import command, sysmount
 from pykata.agent.reaper import Reaper
 from pykata.agent.settings import AgentSettings
 from pykata.agent.storage import Mounted, Storages
@@ -53,7 +53,7 @@ print(pid, flush=True)
 
 
 def set_hostname(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = sysmount.libc()  # loaded at the agent's start (sysmount.resolve), not in each clone
     raw = name.encode()
     if libc.sethostname(raw, len(raw)) != 0:
         err = ctypes.get_errno()

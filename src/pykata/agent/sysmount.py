@@ -33,12 +33,17 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def libc() -> ctypes.CDLL:
+    """This process's libc (errno kept for ctypes.get_errno), loaded once."""
+    return _libc()
+
+
 def resolve() -> None:
-    """Resolve libc and its mount functions now (the agent's start): a VM cloned from a template
-    resumes this process, so its first mounts (ReseedRandomDev's boot id bind, a container's storages)
-    only call them instead of loading them, which is slow under TCG's cold translation cache."""
-    libc = _libc()
-    _ = libc.mount, libc.umount2
+    """Resolve libc and the functions the agent calls through it now (the agent's start): a VM cloned
+    from a template resumes this process, so its first calls (a container's storages, CreateSandbox's
+    host name) only call them instead of loading them, which is slow under TCG's cold translation cache."""
+    lib = _libc()
+    _ = lib.mount, lib.umount2, lib.sethostname
 
 
 def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
