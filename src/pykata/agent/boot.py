@@ -9,10 +9,12 @@ start-up does not need is kept out of it:
 - Modules that protobuf imports unconditionally but that its C (upb) implementation, which the guest
   uses, never calls are loaded on first use instead (importlib.util.LazyLoader): the pure-Python
   message runtime pulls in text_format, decoder, encoder and containers (~10% of the imports).
-- Standard library modules that asyncio, logging and traceback import at the top but use only to
-  format tracebacks and debug output (inspect, with ast and dis; tokenize; textwrap: ~7% of the
-  imports under TCG) are deferred the same way, and the agent loads them right after its ready line
-  (pykata.agent.main.LateAgent), so a VM template, saved once the agent has settled, holds them.
+- Standard library modules that linecache and traceback import at the top but use only to format
+  tracebacks (tokenize, textwrap: ~3% of the imports under TCG) are deferred the same way, and the
+  agent loads them right after its ready line (pykata.agent.main.LateAgent), so a VM template, saved
+  once the agent has settled, holds them. (inspect, with ast and dis, would be another ~4%, but
+  asyncio's add_signal_handler calls inspect.iscoroutinefunction, and the serial channel adds one
+  before the ready line.)
   Python 3.11's `import x` reads `x.__spec__` of a module already in sys.modules, which would load a
   plain LazyLoader module at once; these modules answer `__spec__` without loading.
 """
@@ -26,9 +28,9 @@ from typing import Any
 
 # Imported by google.protobuf.descriptor_pool; used there only by the pure-Python implementation.
 DEFERRED_MODULES = ("google.protobuf.internal.python_message",)
-# Imported at the top by asyncio (inspect), linecache (tokenize) and traceback (textwrap), used only when
-# a traceback or a debug repr is formatted; loaded after the ready line (load_deferred).
-LATE_STDLIB = ("inspect", "tokenize", "textwrap")
+# Imported at the top by linecache (tokenize) and traceback (textwrap), used only when a traceback is
+# formatted; loaded after the ready line (load_deferred).
+LATE_STDLIB = ("tokenize", "textwrap")
 
 
 _LazyModule: Any = importlib.util._LazyModule  # type: ignore[attr-defined]  # (LazyLoader's module class)
