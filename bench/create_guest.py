@@ -70,11 +70,19 @@ import json, os, subprocess, sys, time
 def main():
     conf = json.load(open("/probe/conf.json"))
     workers = {}
+    mark_fd = -1
+    if conf.get("host_cpu"):
+        for d in os.listdir("/sys/class/virtio-ports"):
+            if open(f"/sys/class/virtio-ports/{d}/name").read().strip() == "agent.channel.0":
+                mark_fd = os.open(f"/dev/{d}", os.O_RDWR)
+                os.set_inheritable(mark_fd, True)
     for name in conf["variants"]:
-        env = dict(os.environ, PYTHONPATH=(f"/probe/src-{name}:" if name != "image" else "") + "/usr/lib/pykata")
+        env = dict(os.environ, PYTHONPATH=(f"/probe/src-{name}:" if name != "image" else "") + "/usr/lib/pykata",
+                   PROBE_MARK_FD=str(mark_fd))
         workers[name] = subprocess.Popen(
             [sys.executable, "-S", "-B", "/usr/lib/pykata/create_guest_probe.py", "worker", name],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1, preexec_fn=fixed)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1, preexec_fn=fixed,
+            close_fds=False)
         line = workers[name].stdout.readline()
         print("PROBE-READY", name, line.strip(), flush=True)
     rounds = conf["rounds"] + (1 if conf["strace"] else 0)
@@ -195,9 +203,17 @@ async def work(name):
         cid = f"c{r}"
         spec, storages = request(conf, state, cid)
         out = {}
+        mark_fd = int(os.environ.get("PROBE_MARK_FD", "-1"))
+        def host_mark():
+            # the host reads its vCPU thread's CPU time and answers; the vCPU idles meanwhile
+            if mark_fd >= 0:
+                os.write(mark_fd, b"m")
+                os.read(mark_fd, 1)
+        host_mark()
         t0, c0 = time.perf_counter(), cpu_ticks()
         def step(label):
             nonlocal t0, c0
+            host_mark()
             t, c = time.perf_counter(), cpu_ticks()
             out[label] = [round((t - t0) * 1000, 1), round((c - c0) * 1000 / hz, 1)]
             t0, c0 = t, c
@@ -330,6 +346,100 @@ def busybox_disk() -> tuple[Path, int]:
     return image.path, image.prefetch
 
 
+def answer_marks(qemu: subprocess.Popen[bytes], sock_path: Path, marks: list[int]) -> None:
+    """Serve the probe's step marks: for each byte it sends, record the vCPU thread's CPU ns, answer."""
+    import socket
+    import time
+
+    for _ in range(400):
+        if sock_path.exists():
+            break
+        time.sleep(0.05)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(sock_path))
+    vcpu = None
+    while qemu.poll() is None:
+        got = sock.recv(1)
+        if not got:
+            break
+        if vcpu is None:
+            for t in os.listdir(f"/proc/{qemu.pid}/task"):
+                with open(f"/proc/{qemu.pid}/task/{t}/comm") as f:
+                    if f.read().startswith("CPU 0/"):
+                        vcpu = f"/proc/{qemu.pid}/task/{t}/schedstat"
+        assert vcpu is not None, os.listdir(f"/proc/{qemu.pid}/task")
+        with open(vcpu) as f:
+            marks.append(int(f.read().split()[0]))
+        sock.sendall(b"k")
+    sock.close()
+
+
+def sample_ip(qemu: subprocess.Popen[bytes], sock_path: Path, console: Path, hz: float,
+              samples: list[tuple[int, int]]) -> None:
+    """Append (RIP, CR3) of the vCPU every 1/hz s from the second PROBE-ROUND line on to PROBE-DONE."""
+    import socket
+    import time
+
+    for _ in range(200):
+        if sock_path.exists():
+            break
+        time.sleep(0.05)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(sock_path))
+    f = sock.makefile("rwb")
+
+    def call(cmd: dict[str, object]) -> dict[str, object]:
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        while True:
+            reply = json.loads(f.readline())
+            if "return" in reply or "error" in reply:
+                return reply
+
+    f.readline()
+    call({"execute": "qmp_capabilities"})
+    rip = re.compile(r"RIP=([0-9a-f]+)")
+    cr3 = re.compile(r"CR3=([0-9a-f]+)")
+    while qemu.poll() is None:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if "PROBE-DONE" in text:
+            break
+        if text.count("PROBE-ROUND ") >= 1:
+            out = str(call({"execute": "human-monitor-command",
+                            "arguments": {"command-line": "info registers"}}).get("return", ""))
+            m, c = rip.search(out), cr3.search(out)
+            if m and c:
+                samples.append((int(m[1], 16), int(c[1], 16)))
+        time.sleep(1 / hz)
+    sock.close()
+
+
+def print_samples(samples: list[tuple[int, int]], vmlinux: Path) -> None:
+    import bisect
+    import collections
+
+    syms: list[tuple[int, str]] = []
+    out = subprocess.run(["nm", "-n", str(vmlinux)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTwW":
+            syms.append((int(parts[0], 16), parts[2]))
+    addrs = [a for a, _ in syms]
+    kern: collections.Counter[str] = collections.Counter()
+    user: collections.Counter[str] = collections.Counter()
+    for ip, _ in samples:
+        if ip >= 0xffff800000000000:
+            i = bisect.bisect_right(addrs, ip) - 1
+            kern[syms[i][1] if i >= 0 else "?"] += 1
+        else:
+            user["0x555555554000.. (main binary)" if ip < 0x7f0000000000 else "0x7f.. (libraries)"] += 1
+    n = len(samples)
+    print(f"vCPU instruction pointer, {n} samples: kernel {sum(kern.values())} ({100 * sum(kern.values()) / n:.0f}%), "
+          f"user {sum(user.values())} ({100 * sum(user.values()) / n:.0f}%): {dict(user)}")
+    for name, k in kern.most_common(45):
+        print(f"  {k:5d} {100 * k / n:5.1f}%  {name}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=8, help="rounds per variant")
@@ -346,6 +456,14 @@ def main() -> int:
                          "each measured container is a pod's second")
     ap.add_argument("--profile", action="store_true",
                     help="the last round's CreateContainer under cProfile (the agent's Python, by own time)")
+    ap.add_argument("--sample", type=float, default=0, metavar="HZ",
+                    help="sample the vCPU's instruction pointer (QMP `info registers`) this often during the "
+                         "rounds after round 0 and print where the guest kernel spends it, by function, and "
+                         "the user-space share")
+    ap.add_argument("--host-cpu", action="store_true",
+                    help="also measure each step's guest CPU as the host's vCPU thread used it (schedstat, ns; "
+                         "the guest waits for the host at each step's edges): unlike the guest's own ticks, "
+                         "not inflated when the host deschedules the vCPU under load")
     ap.add_argument("--initrd", type=Path, help="the guest initrd (default: the cached build)")
     ap.add_argument("--json", type=Path, help="also write the raw rounds here")
     args = ap.parse_args()
@@ -362,7 +480,7 @@ def main() -> int:
     disk, prefetch = busybox_disk()
     conf = {"variants": variants, "rounds": args.n, "keep": args.keep, "strace": args.strace, "warm": args.warm,
             "sleeper": args.sleeper,
-            "profile": args.profile,
+            "profile": args.profile, "host_cpu": args.host_cpu,
             "serial": root_slot_serial(0), "prefetch": prefetch}
     mhz = next((float(ln.split(":")[1]) for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("cpu MHz")), 0.0)
@@ -380,16 +498,45 @@ def main() -> int:
                 "-device", f"virtio-blk-device,drive=img0,serial={root_slot_serial(0)}",
                 "-global", "virtio-mmio.force-legacy=false",
                 "-append", f"console=ttyS0 panic=-1 quiet rcu_expedited=1 tsc_early_khz={int(mhz * 1000)}"]
-        subprocess.run(argv, check=True, timeout=1800, stdin=subprocess.DEVNULL)
+        samples: list[tuple[int, int]] = []
+        if args.sample:
+            argv += ["-qmp", f"unix:{work / 'qmp.sock'},server=on,wait=off"]
+        marks: list[int] = []
+        if args.host_cpu:
+            argv[argv.index("null,id=agent")] = f"socket,id=agent,path={work / 'mark.sock'},server=on,wait=off"
+            argv += ["-name", "probe,debug-threads=on"]  # the vCPU thread is then named "CPU 0/TCG"
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        marker = None
+        if args.host_cpu:
+            import threading
+
+            marker = threading.Thread(target=answer_marks, args=(qemu, work / "mark.sock", marks), daemon=True)
+            marker.start()
+        try:
+            if args.sample:
+                sample_ip(qemu, work / "qmp.sock", console, args.sample, samples)
+            if qemu.wait(timeout=1800) != 0:
+                raise subprocess.CalledProcessError(qemu.returncode, argv)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
         text = console.read_text(errors="replace")
     if os.environ.get("CREATE_GUEST_CONSOLE"):
         Path(os.environ["CREATE_GUEST_CONSOLE"]).write_text(text)
     rounds: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
+    seen = 0
     for line in text.splitlines():
         if line.startswith("PROBE-ROUND "):
             _, name, doc = line.split(" ", 2)
             try:
-                rounds[name].append(json.loads(doc))
+                got = json.loads(doc)
+                edges = marks[5 * seen:5 * seen + 5]
+                seen += 1
+                if len(edges) == 5:
+                    labels = [k for k, v in got.items() if isinstance(v, list)]
+                    got["vcpu_ms"] = {k: (b - a) / 1e6 for k, a, b in zip(labels, edges, edges[1:], strict=False)}
+                rounds[name].append(got)
             except ValueError:
                 print(f"{name}: a round failed (console: CREATE_GUEST_CONSOLE=FILE keeps it)", file=sys.stderr)
     if not all(rounds.values()) or "PROBE-DONE" not in text:
@@ -431,10 +578,21 @@ def main() -> int:
             print(f"  the agent's split of CreateContainer (ms, total = storages + bundle + crun create): round 0 "
                   f"{' '.join(f'{x:.0f}' for x in sp[0])} | median {' '.join(f'{x:.0f}' for x in med)}")
         print(f"  agent's mounts after a round: {rs[-1].get('agent_mounts')}; exit status {rs[-1].get('exit_status')}")
+        host = [r["vcpu_ms"] for r in rs[1:] if isinstance(r.get("vcpu_ms"), dict)]
+        if host:
+            parts = []
+            for s in steps:
+                vals = sorted(h[s] for h in host if s in h)
+                parts.append(f"{s.split()[0]} {vals[len(vals) // 2]:.1f} (p25 {vals[len(vals) // 4]:.1f})")
+            tot = sorted(sum(h.values()) for h in host)
+            print(f"  host's vCPU thread, CPU ms, median of rounds 1..: {', '.join(parts)}; total {tot[len(tot) // 2]:.1f}"
+                  f" (round 0: {sum(rs[0]['vcpu_ms'].values()) if isinstance(rs[0].get('vcpu_ms'), dict) else '?'})")
         for r in rounds[name]:
             for k, v in r.items():
                 if k.startswith("strace"):
                     print(f"  --- {k}\n{v}")
+    if samples:
+        print_samples(samples, kernel.vmlinux)
     profile = [ln.split("PROBE-PROFILE", 1)[1] for ln in text.splitlines() if "PROBE-PROFILE" in ln]
     if profile:
         print("the last round's CreateContainer under cProfile:")
