@@ -44,6 +44,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,18 +220,22 @@ async def work(name):
             t0, c0 = t, c
         create = svc.CreateContainer(agent_pb2.CreateContainerRequest(
             container_id=cid, oci_spec_json=json.dumps(spec), storages=storages), None)
-        if conf["profile"] and r == conf["rounds"] - 1:
+        if conf["profile"] and r >= 1:
             sys.path.append("/probe/lsprof")  # the guest's Python has no _lsprof: the host's (3.11 ABI)
             import cProfile, io, pstats
-            prof = cProfile.Profile()
+            global PROF
+            if "PROF" not in globals():
+                PROF = cProfile.Profile()
+            prof = PROF
             prof.enable()
             await create
             prof.disable()
+        if conf["profile"] and r == conf["rounds"] - 1:
             text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
             for ln in text.getvalue().splitlines():
                 print("PROBE-PROFILE", ln, file=sys.stderr, flush=True)
-        else:
+        if not conf["profile"] or r < 1:
             await create
         step("CreateContainer")
         if cmd.get("strace"):
@@ -375,8 +380,9 @@ def answer_marks(qemu: subprocess.Popen[bytes], sock_path: Path, marks: list[int
 
 
 def sample_ip(qemu: subprocess.Popen[bytes], sock_path: Path, console: Path, hz: float,
-              samples: list[tuple[int, int]]) -> None:
-    """Append (RIP, CR3) of the vCPU every 1/hz s from the second PROBE-ROUND line on to PROBE-DONE."""
+              samples: list[tuple[int, int]], gate: Callable[[], bool] | None = None) -> None:
+    """Append (RIP, CR3) of the vCPU every 1/hz s from the second PROBE-ROUND line on to PROBE-DONE
+    (with `gate`, only while it says so: with --host-cpu, during CreateContainer)."""
     import socket
     import time
 
@@ -404,7 +410,7 @@ def sample_ip(qemu: subprocess.Popen[bytes], sock_path: Path, console: Path, hz:
         text = console.read_text(errors="replace") if console.exists() else ""
         if "PROBE-DONE" in text:
             break
-        if text.count("PROBE-ROUND ") >= 1:
+        if text.count("PROBE-ROUND ") >= 1 and (gate is None or gate()):
             out = str(call({"execute": "human-monitor-command",
                             "arguments": {"command-line": "info registers"}}).get("return", ""))
             m, c = rip.search(out), cr3.search(out)
@@ -431,11 +437,18 @@ def print_samples(samples: list[tuple[int, int]], vmlinux: Path) -> None:
         if ip >= 0xffff800000000000:
             i = bisect.bisect_right(addrs, ip) - 1
             kern[syms[i][1] if i >= 0 else "?"] += 1
+        elif ip < 0x2000000:
+            user["python (non-PIE)"] += 1
+        elif 0x555555554000 <= ip < 0x555555700000:
+            user["crun (PIE, no ASLR)"] += 1
+            user[f"  crun +{(ip - 0x555555554000) >> 12:#x}000"] += 1
         else:
-            user["0x555555554000.. (main binary)" if ip < 0x7f0000000000 else "0x7f.. (libraries)"] += 1
+            user["libraries, ld.so, other"] += 1
     n = len(samples)
     print(f"vCPU instruction pointer, {n} samples: kernel {sum(kern.values())} ({100 * sum(kern.values()) / n:.0f}%), "
-          f"user {sum(user.values())} ({100 * sum(user.values()) / n:.0f}%): {dict(user)}")
+          f"user {n - sum(kern.values())} ({100 * (n - sum(kern.values())) / n:.0f}%)")
+    for name, k in user.most_common(30):
+        print(f"  {k:5d} {100 * k / n:5.1f}%  user: {name}")
     for name, k in kern.most_common(45):
         print(f"  {k:5d} {100 * k / n:5.1f}%  {name}")
 
@@ -514,7 +527,8 @@ def main() -> int:
             marker.start()
         try:
             if args.sample:
-                sample_ip(qemu, work / "qmp.sock", console, args.sample, samples)
+                sample_ip(qemu, work / "qmp.sock", console, args.sample, samples,
+                          (lambda: len(marks) % 5 == 1) if args.host_cpu else None)
             if qemu.wait(timeout=1800) != 0:
                 raise subprocess.CalledProcessError(qemu.returncode, argv)
         finally:
@@ -585,8 +599,10 @@ def main() -> int:
                 vals = sorted(h[s] for h in host if s in h)
                 parts.append(f"{s.split()[0]} {vals[len(vals) // 2]:.1f} (p25 {vals[len(vals) // 4]:.1f})")
             tot = sorted(sum(h.values()) for h in host)
-            print(f"  host's vCPU thread, CPU ms, median of rounds 1..: {', '.join(parts)}; total {tot[len(tot) // 2]:.1f}"
-                  f" (round 0: {sum(rs[0]['vcpu_ms'].values()) if isinstance(rs[0].get('vcpu_ms'), dict) else '?'})")
+            first = rs[0].get("vcpu_ms")
+            zero = f"{sum(first.values()):.1f}" if isinstance(first, dict) else "?"
+            print(f"  host's vCPU thread, CPU ms, median of rounds 1..: {', '.join(parts)}; "
+                  f"total {tot[len(tot) // 2]:.1f} (round 0: {zero})")
         for r in rounds[name]:
             for k, v in r.items():
                 if k.startswith("strace"):
