@@ -11,7 +11,7 @@ import pytest
 
 from pykata.config.schema import ImageSection, RuntimeConfig
 from pykata.resources.mounts import RootfsMount
-from pykata.resources.rootimage import RootImageCache, RootImageError, Source, source_for
+from pykata.resources.rootimage import RootImageCache, RootImageError, Source, source_for, top_layer
 from pykata.resources.rootslots import SlotGrant, SlotTable
 
 
@@ -94,6 +94,42 @@ def test_containerd_snapshots_keyed_by_their_directories(tmp_path: Path) -> None
     (upper / "f").write_text("x")
     assert source_for(mounts, mounted, tmp_path) is None
     assert source_for([RootfsMount("tmpfs", "none")], mounted, tmp_path) is None
+
+
+def test_a_built_disk_is_found_without_the_tree_and_the_root_mode_from_the_top_layer(tmp_path: Path) -> None:
+    """What lets the host skip mounting a containerd root whose disk is built (sandbox._root_disk,
+    cached_only): the cache lookup reads nothing of the tree, and the root's mode comes from the layer
+    that gives the read-only root its attributes, as the host's mount (lower_only) would show it."""
+    lower1, lower2, upper = tmp_path / "1/fs", tmp_path / "2/fs", tmp_path / "3/fs"
+    for d in (lower1, lower2, upper):
+        d.mkdir(parents=True)
+    os.chmod(lower2, 0o711)
+    os.chmod(upper, 0o750)
+    (lower1 / "f").write_text("x")
+    options = (f"lowerdir={lower2}:{lower1}", f"workdir={tmp_path}/w")
+    assert top_layer([RootfsMount("overlay", "overlay", (*options, f"upperdir={upper}"))]) == upper
+    assert top_layer([RootfsMount("overlay", "overlay", options)]) == lower2
+    assert top_layer([RootfsMount("bind", str(lower1), ("rbind", "ro"))]) == lower1
+    assert top_layer(lower1) == lower1
+    assert top_layer([RootfsMount("tmpfs", "none")]) is None
+    assert top_layer([RootfsMount("bind", str(lower1)), RootfsMount("bind", str(lower2))]) is None
+
+    cache = _cache(tmp_path)
+    mounts = [RootfsMount("overlay", "overlay", (*options, f"upperdir={upper}"))]
+    src = source_for(mounts, tmp_path / "mounted", tmp_path)
+    assert src is not None
+    assert cache.cached(src, 0o40750) is None  # not built yet: the host mounts the root to build it
+    # built from the merged tree (a copy of it stands in for the host's mount here)
+    merged = tmp_path / "mounted"
+    merged.mkdir()
+    os.chmod(merged, 0o750)
+    (merged / "f").write_text("x")
+    built = cache.ensure(src)
+    found = cache.cached(src, os.stat(upper).st_mode)
+    assert found is not None and found.key == built.key and found.path == built.path
+    assert found.root_mode == built.root_mode == 0o750 and found.used_bytes == built.used_bytes > 0
+    # a tree named by its content is never found without reading it
+    assert cache.cached(Source(merged, None, "dir"), 0o755) is None
 
 
 @pytest.mark.parametrize(("make", "limits", "message"), [

@@ -134,3 +134,26 @@ def _comparable(text: str) -> list[str]:
             fields = [fields[0], *fields[2:4], *fields[5:]]
         lines.append(" ".join(fields))
     return lines
+
+
+def test_a_root_whose_disk_is_built_is_not_mounted_on_the_host(containerd: Containerd, tmp_path: Path) -> None:
+    """The host mounts a containerd root (mounts/<cid>/rootfs) only to build its image disk: a later
+    container of the image gets the disk without a host mount, and its root (the mode of /, the
+    merged layers) is as runc shows it."""
+    base = ImageStore(tmp_path / "cache").resolve("busybox").rootfs
+    containerd.ctr("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(_archive(base, tmp_path / "l.tar")))
+    probe = "stat -c '%a %u:%g' / /l /l/data; cat /l/opq/new /l/data/keep"
+    seen = []
+    cids = [f"built-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    try:
+        runc = containerd.ctr("run", "--rm", "--runtime", RUNC_RUNTIME, IMAGE, cids[0], "sh", "-c", probe)
+        first = containerd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, cids[1], "sh", "-c", probe)
+        containerd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, IMAGE, cids[2], "sh", "-c", f"{probe}; sleep 600")
+        mounts = Path("/proc/self/mountinfo").read_text()
+        assert f"/mounts/{cids[2]}/" not in mounts, [ln for ln in mounts.splitlines() if cids[2] in ln]
+        again = containerd.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, cids[0], "sh", "-c", probe)
+        seen = [x.stdout.decode(errors="replace") for x in (runc, first, again)]
+    finally:
+        for cid in cids:
+            containerd.remove(cid)
+    assert seen[0] == seen[1] == seen[2] and "new\nkept" in seen[0], seen

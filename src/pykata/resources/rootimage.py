@@ -142,6 +142,32 @@ def source_for(rootfs: Path | Sequence[RootfsMount], mounted: Path, cache_dir: P
     return Source(mounted, f"snap-{digest}", f"containerd snapshots {layers[0]}{' ...' if len(layers) > 1 else ''}")
 
 
+def top_layer(rootfs: Path | Sequence[RootfsMount]) -> Path | None:
+    """The directory whose root gives the read-only root tree its attributes, as
+    `pykata.resources.mounts.add_rootfs(lower_only=True)` would mount it: an image directory itself,
+    a bind's source, an overlay's upper directory, else its first lower one (overlayfs takes a
+    directory's attributes from the top-most layer that has it). None for anything else."""
+    if isinstance(rootfs, Path):
+        return rootfs
+    if len(rootfs) != 1:
+        return None
+    m = rootfs[0]
+    if m.type == "bind":
+        return Path(m.source)
+    if m.type != "overlay":
+        return None
+    layers: list[str] = []
+    upper = ""
+    for opt in m.options:
+        key, _, value = opt.partition("=")
+        if key == "lowerdir":
+            layers += value.split(":")
+        elif key == "upperdir":
+            upper = value
+    top = upper or (layers[0] if layers else "")
+    return Path(top) if top else None
+
+
 @dataclass
 class _Scan:
     entries: int = 0
@@ -205,6 +231,18 @@ class RootImageCache:
                      time.monotonic() - started, scan.entries)
         self.evict(keep=final)
         return _with_usage(image)
+
+    def cached(self, source: Source, root_mode: int) -> RootImage | None:
+        """The disk of `source` if it is built already (its use recorded), else None; reads nothing
+        of the tree, so `source.tree` need not be mounted. `root_mode`: the mode of the tree's root
+        (see top_layer). A source without a key (a tree named by its content) is never found here."""
+        if source.key is None:
+            return None
+        key = f"{source.key}-f{FORMAT}-{self.size >> 20}m"
+        final = self.dir / f"{key}{SUFFIX}"
+        if not self._touch(final):
+            return None
+        return _with_usage(RootImage(key, final, stat.S_IMODE(root_mode)))
 
     def _touch(self, path: Path) -> bool:
         try:

@@ -51,7 +51,7 @@ from pykata.resources import emptydir, mounts, watchable
 from pykata.resources.emptydir import EmptyDir
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
-from pykata.resources.rootimage import RootImage, RootImageCache, source_for
+from pykata.resources.rootimage import RootImage, RootImageCache, source_for, top_layer
 from pykata.resources.rootslots import SlotTable
 from pykata.sandbox import datadisk, state
 from pykata.sandbox.copytree import copy_tree
@@ -629,11 +629,19 @@ class Sandbox:
             check_host_bind_sources(full_spec, self._protected_dirs(), skip={*pod_volumes, *copied})
             guest_spec, shares = for_guest(full_spec, container_id,
                                            {**{i: vol.guest_path for i, vol in pod_volumes.items()}, **copied})
+            disk = None
             if self.guest_share:
-                with tracing.span("mounts.rootfs", container_id=container_id):
-                    self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
-                                           lower_only=in_guest)
-                root_mode = stat.S_IMODE(os.stat(self.mounts.mounts_dir / container_id / "rootfs").st_mode)
+                if in_guest:
+                    # an image disk built before needs nothing of the host's mount of the root: the
+                    # host mounts it only to build a disk or to share the root with the guest
+                    disk = await self._root_disk(container_id, rootfs, cached_only=True)
+                if disk is not None:
+                    root_mode = disk[1].root_mode
+                else:
+                    with tracing.span("mounts.rootfs", container_id=container_id):
+                        self.mounts.add_rootfs(container_id, rootfs, self.dir / "overlay" / container_id,
+                                               lower_only=in_guest)
+                    root_mode = stat.S_IMODE(os.stat(self.mounts.mounts_dir / container_id / "rootfs").st_mode)
             else:
                 if shares:
                     raise SandboxError(self.id, f"container {container_id}: volumes need the shared directory, "
@@ -647,7 +655,8 @@ class Sandbox:
             if in_guest:
                 # the image as a read-only disk when a slot takes it (a snapshot records which image
                 # each slot holds, by its key, and a restore fills them again)
-                disk = await self._root_disk(container_id, rootfs)
+                if disk is None:
+                    disk = await self._root_disk(container_id, rootfs)
                 root_on_share = disk is None
                 if disk is None and not self.guest_share:
                     assert isinstance(rootfs, Path)
@@ -842,26 +851,39 @@ class Sandbox:
         return [agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=vol.guest_path,
                                   options=vol.tmpfs_options(cap)) for vol in {v.name: v for v in volumes}.values()]
 
-    async def _root_disk(self, container_id: str, rootfs: Path | Sequence[RootfsMount]
-                         ) -> tuple[int, RootImage] | None:
+    async def _root_disk(self, container_id: str, rootfs: Path | Sequence[RootfsMount], *,
+                         cached_only: bool = False) -> tuple[int, RootImage] | None:
         """The image slot holding the container's image as a read-only disk (built and cached by
         pykata.resources.rootimage, put in a slot of the VM if no slot holds it yet), or None: the
         VM has no slot free (or none at all), or the root has no stable identity; its layers then
-        reach the guest through the shared directory. Raises RootImageError, HypervisorError."""
+        reach the guest through the shared directory. `cached_only`: None also when the disk is not
+        built yet (building it reads the root as the host mounted it). Raises RootImageError,
+        HypervisorError."""
         if self.vm is None or not self.vm.root_slots:
             return None
         source = source_for(rootfs, self.mounts.mounts_dir / container_id / "rootfs", self.config.runtime.cache_path)
         if source is None:
-            log.info("sandbox %s: container %s: its root has no stable identity; shared directory", self.id,
-                     container_id)
+            if not cached_only:
+                log.info("sandbox %s: container %s: its root has no stable identity; shared directory", self.id,
+                         container_id)
             return None
-        image = await asyncio.to_thread(self.root_images.ensure, source)
+        if cached_only:
+            top = top_layer(rootfs)
+            try:
+                image = self.root_images.cached(source, os.stat(top).st_mode) if top is not None else None
+            except OSError:
+                image = None
+            if image is None:
+                return None
+        else:
+            image = await asyncio.to_thread(self.root_images.ensure, source)
         mark("rootfs.image")
         async with self._slot_lock:
             grant = self.root_slots.acquire(image.key, container_id)
             if grant is None:
-                log.info("sandbox %s: container %s: all %d image slots are in use; shared directory",
-                         self.id, container_id, self.vm.root_slots)
+                if not cached_only:
+                    log.info("sandbox %s: container %s: all %d image slots are in use; shared directory",
+                             self.id, container_id, self.vm.root_slots)
                 return None
             if grant.fill:
                 try:
