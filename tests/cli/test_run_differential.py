@@ -43,6 +43,8 @@ CASES = [
     Case("exit137", ["sh", "-c", "kill -9 $$"]),
     Case("sigterm", ["sh", "-c", "kill -TERM $$"]),
     Case("env", ["sh", "-c", "echo $FOO-$BAR"], env=("FOO=foo", "BAR=bar baz")),
+    # nothing of the runtime's own environment (the agent runs crun with LD_LIBRARY_PATH) reaches it
+    Case("whole-env", ["sh", "-c", "env | sort; tr '\\0' '\\n' < /proc/1/environ | sort"], env=("FOO=foo",)),
     Case("cwd", ["pwd"], cwd="/tmp"),
     Case("user", ["id"], user=(1000, 1000)),
     Case("hostname", ["hostname"]),

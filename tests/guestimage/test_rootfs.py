@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.guestimage import assemble, cpio, debs, elf, fsimage, wheels
+from pykata.guestimage import assemble, cpio, crunlib, debs, elf, fsimage, wheels
 from pykata.guestimage.rootfs import (
     DEFAULT_RECIPE,
     Recipe,
@@ -63,6 +63,7 @@ def test_cache_key_is_stable_for_the_same_inputs() -> None:
     {"epoch": 1},
     {"recipe_version": 999},
     {"ld_cache_tool": "ldconfig sha256:" + "9" * 64},  # another host's ldconfig writes another ld.so.cache
+    {"crun_lib_tool": "cc sha256:" + "8" * 64},  # another compiler builds another libsystemd stand-in
     {"recipe": Recipe(initrd_compression="gzip")},
     {"recipe": Recipe(packages=("busybox-static",))},
 ])
@@ -454,6 +455,51 @@ def test_the_image_has_a_loader_cache_for_crun_and_python(guest: RootfsArtifact,
     sonames = {n for p in seen for n in elf.dynamic_info(files[p][1])[0]}
     assert {"libc.so.6", "libseccomp.so.2", "libcap.so.2", "libyajl.so.2", "libsystemd.so.0",
             "libm.so.6", "libz.so.1", "libexpat.so.1"} <= sonames
+
+
+def test_crun_gets_a_libsystemd_stand_in_without_systemds_libraries(tmp_path: Path) -> None:
+    """crunlib builds a libsystemd with every symbol (and version) the host's crun imports from it and
+    no library of its own: crun starts with it (its --version works), and loads 6 libraries fewer."""
+    if shutil.which("cc") is None or shutil.which("crun") is None:
+        pytest.fail("scripts/install.sh installs cc (build-essential) and crun")
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    shutil.copy(shutil.which("crun") or "", root / "usr/bin/crun")
+    assert crunlib.install(root) is None
+    lib = root / crunlib.LIB_DIR / crunlib.SONAME
+    defined, _undefined = elf.dynamic_symbols(lib.read_bytes())
+    _, crun_undefined = elf.dynamic_symbols((root / "usr/bin/crun").read_bytes())
+    assert {s for s in crun_undefined if s.startswith("sd_")} <= defined
+    assert elf.dynamic_info(lib.read_bytes())[0] == []  # needs nothing, not even libc
+    env = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": str(lib.parent)}
+    out = subprocess.run([str(root / "usr/bin/crun"), "--version"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("crun version"), out
+    ldd = subprocess.run(["ldd", str(root / "usr/bin/crun")], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert str(lib) in ldd and "libgcrypt" not in ldd and "libzstd" not in ldd, ldd
+    again = tmp_path / "again"
+    (again / "usr/bin").mkdir(parents=True)
+    shutil.copy(root / "usr/bin/crun", again / "usr/bin/crun")
+    assert crunlib.install(again) is None
+    assert (again / crunlib.LIB_DIR / crunlib.SONAME).read_bytes() == lib.read_bytes()  # reproducible
+    # a binary whose libsystemd imports it does not cover gets none (crun then loads the real library)
+    other = tmp_path / "other"
+    (other / "usr/bin").mkdir(parents=True)
+    shutil.copy("/bin/true", other / "usr/bin/crun")
+    assert "does not have" in (crunlib.install(other) or "")
+    assert not (other / crunlib.LIB_DIR).exists()
+
+
+def test_the_image_has_crun_s_libsystemd_stand_in(guest: RootfsArtifact) -> None:
+    files = _newc_files(guest.initrd.read_bytes())
+    stub = f"{crunlib.LIB_DIR}/{crunlib.SONAME}"
+    assert stub in files, "the image has no libsystemd stand-in for crun (cc missing at build time?)"
+    defined, _ = elf.dynamic_symbols(files[stub][1])
+    crun = _resolve(files, "/usr/bin/crun")
+    assert crun is not None
+    _, wanted = elf.dynamic_symbols(files[crun][1])
+    assert {s for s in wanted if s.startswith("sd_")} <= defined
 
 
 def tcg_kernel_params() -> str:

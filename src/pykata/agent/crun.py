@@ -11,6 +11,11 @@ read-only, lazy unmount and re-exec, whose unmount waits for an RCU grace period
 dance was most of every crun call (guest, Nov 2026: `crun --version` 156-224 ms from disk, 40-74
 ms from the sealed copy). crun accepts a binary whose seals forbid writing as already cloned, so
 the protection is the same and is paid once per agent instead of once per call.
+
+When the image has crun's libsystemd stand-in (pykata.guestimage.crunlib: crun without systemd's
+libraries, which it uses only for the systemd cgroup manager, journald and NOTIFY_SOCKET, none of
+which the agent uses), crun runs with LD_LIBRARY_PATH naming its directory. Only crun gets it: a
+container's processes get the environment of their spec.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ log = logging.getLogger("pykata.agent.crun")
 CREATE_TIMEOUT = 60.0   # crun create sets up mounts and cgroups; slow under TCG
 DEFAULT_TIMEOUT = 30.0
 _MAX_ERROR = 2048
+# pykata.guestimage.crunlib.LIB_DIR in the guest
+CRUN_LIB_DIR = "/usr/lib/pykata-crun"
 
 
 class CrunError(PykataError):
@@ -121,6 +128,9 @@ class Crun:
             log.warning("cannot make a sealed copy of %s (each call will copy it): %s", binary, exc)
         self.root = root
         self.log_dir = log_dir
+        self.env = dict(command.DEFAULT_ENV)
+        if os.path.exists(os.path.join(CRUN_LIB_DIR, "libsystemd.so.0")):
+            self.env["LD_LIBRARY_PATH"] = CRUN_LIB_DIR
         self._seq = itertools.count()
         # pivot_root(2) fails (EINVAL) when the guest's / is the initramfs: crun must then move
         # the container root over / and chroot instead.
@@ -141,12 +151,12 @@ class Crun:
         try:
             if stdio is None:
                 result = await command.run(self.reaper, argv, timeout=timeout, executable=self.executable,
-                                           fixed=fixed)
+                                           fixed=fixed, env=self.env)
                 ok, stdout, stderr = result.ok, result.stdout, result.stderr
                 raw = result.status
             else:
                 child = command.spawn(self.reaper, argv, stdin=stdio.stdin, stdout=stdio.stdout,
-                                      stderr=stdio.stderr, executable=self.executable, fixed=fixed)
+                                      stderr=stdio.stderr, executable=self.executable, fixed=fixed, env=self.env)
                 if nice:  # work no request waits for: what is left of a CPU once requests had theirs
                     with contextlib.suppress(OSError):
                         os.setpriority(os.PRIO_PROCESS, child.pid, nice)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import pykata
 from pykata.errors import PykataError
 from pykata.fsutil import atomic_write, file_lock
-from pykata.guestimage import assemble, debs, fsimage, wheels
+from pykata.guestimage import assemble, crunlib, debs, fsimage, wheels
 
 Progress = Callable[[str], None]
 BootForm = Literal["initrd", "image"]
@@ -74,8 +74,8 @@ GUEST_PACKAGES = (
     "tini",
 )
 GUEST_WHEELS = ("protobuf", "googleapis-common-protos")
-_BUILDER_MODULES = ("assemble.py", "cpio.py", "debs.py", "elf.py", "fsimage.py", "rootfs.py", "wheels.py",
-                    "init")
+_BUILDER_MODULES = ("assemble.py", "cpio.py", "crunlib.py", "debs.py", "elf.py", "fsimage.py", "rootfs.py",
+                    "wheels.py", "init")
 
 
 class RootfsError(PykataError):
@@ -110,6 +110,8 @@ class RootfsInputs:
     # the host's ldconfig that writes /etc/ld.so.cache (assemble.ld_cache_tool): the file records its
     # glibc's version string, so another ldconfig is another image
     ld_cache_tool: str = ""
+    # the host's C compiler that builds crun's libsystemd stand-in (crunlib.tool)
+    crun_lib_tool: str = ""
 
     def key(self) -> str:
         return rootfs_key(self)
@@ -124,6 +126,7 @@ class RootfsInputs:
             "version": self.version,
             "epoch": self.epoch,
             "ld_cache_tool": self.ld_cache_tool,
+            "crun_lib_tool": self.crun_lib_tool,
         }
 
 
@@ -208,7 +211,7 @@ def resolve_inputs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE, *, download
     return RootfsInputs(
         recipe=recipe, packages=packages, wheel_hashes=tuple((w.path.name, w.sha256) for w in got),
         sources=sources_hash(source), version=str(pykata.__version__), epoch=source_epoch(),
-        ld_cache_tool=assemble.ld_cache_tool(),
+        ld_cache_tool=assemble.ld_cache_tool(), crun_lib_tool=crunlib.tool(),
     )
 
 
@@ -404,6 +407,8 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
             say(f"unused DT_NEEDED dropped: {entry}")
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
+        if (why := crunlib.install(root)) is not None:
+            say(f"crun loads the real libsystemd (no stand-in): {why}")
         if (why := assemble.write_ld_cache(root)) is not None:
             say(f"no /etc/ld.so.cache (every dynamic program then searches the library directories): {why}")
         if (root / "usr/bin" / assemble.PY).is_file():
