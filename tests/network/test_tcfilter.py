@@ -176,6 +176,7 @@ async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -
             b"spoof-mac": _frame(other, 0x0800, _ipv4("10.253.0.9", b"spoof-mac")),
             b"spoof-ipv4": _frame(own, 0x0800, _ipv4("10.253.0.42", b"spoof-ipv4")),
             b"spoof-arp": _frame(own, 0x0806, _arp("10.253.0.42", own, b"spoof-arp")),
+            b"spoof-arp-mac": _frame(own, 0x0806, _arp("10.253.0.9", other, b"spoof-arp-mac")),
             b"spoof-vlan": _frame(own, 0x8100, b"\x00\x07\x08\x00" + _ipv4("10.253.0.42", b"spoof-vlan")),
             b"spoof-0.0.0.0": _frame(own, 0x0800, _ipv4("0.0.0.0", b"spoof-0.0.0.0")),
         }

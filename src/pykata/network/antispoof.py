@@ -5,7 +5,8 @@ pod's traffic; under runc a pod without CAP_NET_RAW cannot send one, but the gue
 the workload. The program, attached before the redirect (tcfilter.redirect) in direct-action mode,
 drops (TC_ACT_SHOT): a source MAC that is not the interface's (the guest NIC takes it); an EtherType
 other than IPv4, ARP and IPv6 (802.1Q tags included); IPv4 from an address CNI did not give the pod;
-ARP whose sender address is not one of those. Everything else goes on to the redirect (TC_ACT_UNSPEC).
+ARP whose sender address is not one of those, or whose sender hardware address is not the pod's MAC.
+Everything else goes on to the redirect (TC_ACT_UNSPEC).
 
 IPv6 (Neighbor Discovery is IPv6's ARP, and Router Advertisements make a pod another pod's router): the
 source must be one of the pod's IPv6 addresses or the link-local address the guest makes from the MAC
@@ -162,6 +163,10 @@ def program(mac: str, ipv4: Sequence[str], ipv6: Sequence[str] = ()) -> bytes:
     op(_LD_ABS_W, 14 + 12)  # IPv4 source address
     op(_JA, 0, "address")
     label("arp")
+    op(_LD_ABS_W, 14 + 8)  # ARP sender hardware address: the pod's MAC (else peers send its traffic elsewhere)
+    op(_JMP32_JNE_K, _imm32(int.from_bytes(raw[:4], "big")), "drop")
+    op(_LD_ABS_H, 14 + 12)
+    op(_JMP32_JNE_K, int.from_bytes(raw[4:], "big"), "drop")
     op(_LD_ABS_W, 14 + 14)  # ARP sender protocol address
     label("address")
     for addr in addresses:
