@@ -181,13 +181,15 @@ async def kvm_boot(config: Config, kernel: Path | None, *, use_cache: bool = Tru
 def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
     """Which confinement layers QEMU runs under (pykata.hypervisor.jail): a QEMU started jailed (no
     guest) is inspected in /proc, so the layers reported are those in force (`probe_qemu`)."""
+    from pykata.hypervisor import scope
     from pykata.hypervisor.jail import configured_layers, namespace_prefix
     from pykata.hypervisor.qemu.jailprobe import probe
     from pykata.hypervisor.qemu.proxy9p import PROXY_HELPER
 
     q = config.qemu
     layers = configured_layers(q)
-    facts: dict[str, Any] = {"layers": layers}
+    # not a switchable layer: in force wherever the kernel has it (Linux 6.12+)
+    facts: dict[str, Any] = {"layers": layers, "landlock_scope": scope.supported()}
     if q.jail_user:
         facts["uid_range"] = [q.jail_uid_base, q.jail_uid_base + q.jail_uid_count - 1]
     try:
@@ -218,6 +220,8 @@ def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
     on = [name for name, active in layers.items() if active]
     off = [name for name, active in layers.items() if not active]
     detail = "QEMU confined by " + (", ".join(on) if on else "nothing")
+    detail += ("; Landlock scope: no abstract unix socket or signal out of it" if facts["landlock_scope"]
+               else f"; no Landlock scope (kernel ABI {scope.abi()}, needs {scope.SCOPE_ABI})")
     if off:
         return CheckResult("vmm-jail", "warn", f"{detail}; off: {', '.join(off)}",
                            "set the hypervisor.qemu.jail_* keys back to true (off only to debug)", facts)
