@@ -477,6 +477,7 @@ def main() -> int:
                     help="also measure each step's guest CPU as the host's vCPU thread used it (schedstat, ns; "
                          "the guest waits for the host at each step's edges): unlike the guest's own ticks, "
                          "not inflated when the host deschedules the vCPU under load")
+    ap.add_argument("--cpu", default="max", help="QEMU's -cpu (default %(default)s), e.g. max,-erms,-fsrm")
     ap.add_argument("--initrd", type=Path, help="the guest initrd (default: the cached build)")
     ap.add_argument("--json", type=Path, help="also write the raw rounds here")
     args = ap.parse_args()
@@ -503,7 +504,7 @@ def main() -> int:
         probe_initrd = build_initrd(Path(initrd), work / "initrd", conf, srcs, args.strace)
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
-                "-cpu", "max", "-m", "1024", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                "-cpu", args.cpu, "-m", "1024", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
                 "-serial", f"file:{console}", "-kernel", str(kernel.vmlinux), "-initrd", str(probe_initrd),
                 "-no-reboot", "-device", "virtio-serial-device", "-chardev", "null,id=agent",
                 "-device", "virtserialport,chardev=agent,name=agent.channel.0",
