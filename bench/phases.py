@@ -73,6 +73,8 @@ PARALLEL = [
     ("|| `delete` subcommand: work", "delete.main", "delete.done"),
     ("|| ctr returns -> `delete` subcommand done", "bench.end", "delete.done"),
     ("|| ctr returns -> shim exit", "bench.end", "daemon.exit"),
+    ("|| Create: host side until the image disk is known", "guest.sandbox", "rootfs.image"),
+    ("|| Create: the image put in a slot (QMP; pooled VMs hold the warm-up's)", "rootfs.image", "rootfs.slot"),
 ]
 
 
