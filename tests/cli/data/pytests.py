@@ -1,6 +1,8 @@
 """Runs CPython regression-test modules (named as arguments) inside the container and prints one line per
 test: `RESULT <outcome> <test id>`, outcome one of ok, fail, error, skip, xfail, xpass; then
-`MODULE <name> <seconds>` per module. Run by tests/cli/test_real_software.py under runc and under pykata."""
+`MODULE <name> <seconds>` per module. Run by tests/cli/test_real_software.py under runc and under pykata.
+A name `module:Part1,Part2` runs only the module's tests whose id has a component starting with a part
+(test_io:CIOTest,CMiscIOTest), after the module's own load_tests (test_io's classes need it)."""
 
 import sys
 import time
@@ -45,8 +47,19 @@ class Lines(unittest.TestResult):
             sys.__stderr__.write(f"== SUBTEST {subtest.id()}\n{self._exc_info_to_string(err, subtest)}\n")
 
 
+def tests_of(suite, parts):
+    for t in suite:
+        if isinstance(t, unittest.TestSuite):
+            yield from tests_of(t, parts)
+        elif any(c.startswith(p) for c in t.id().split(".") for p in parts):
+            yield t
+
+
 for name in sys.argv[1:]:
     start = time.monotonic()
-    suite = unittest.defaultTestLoader.loadTestsFromName(f"test.{name}")
+    module, _, only = name.partition(":")
+    suite = unittest.defaultTestLoader.loadTestsFromName(f"test.{module}")
+    if only:
+        suite = unittest.TestSuite(tests_of(suite, only.split(",")))
     suite.run(Lines())
     sys.__stdout__.write(f"MODULE {name} {time.monotonic() - start:.2f}\n")
