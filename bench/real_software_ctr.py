@@ -89,6 +89,18 @@ for mode in ("wal", "delete"):
     db.close()
 print("MODULE sqlite_probe", f"{time.monotonic() - t0:.2f}")
 """
+# What a program sees of each place's size (the issue's "statfs figures that make sense"): not counted as
+# tests, printed as is.
+STATFS_PROBE = r"""
+import os, subprocess
+for path in ("/", "/usr/lib/python3.11", os.getcwd()):
+    s = os.statvfs(path)
+    print(f"STATFS {path} bsize={s.f_bsize} blocks={s.f_blocks} bfree={s.f_bfree} bavail={s.f_bavail} "
+          f"files={s.f_files} ffree={s.f_ffree} total={s.f_blocks * s.f_frsize >> 20}MiB "
+          f"used={(s.f_blocks - s.f_bfree) * s.f_frsize >> 20}MiB avail={s.f_bavail * s.f_frsize >> 20}MiB")
+print(subprocess.run(["df", "-k", "/", os.getcwd()], capture_output=True, text=True).stdout, end="")
+print("MODULE statfs_probe 0")
+"""
 ENV = ("HOME=/root", "PYTHONDONTWRITEBYTECODE=1", "LANG=C.UTF-8")
 
 
@@ -113,7 +125,8 @@ def build_archive(rootfs: Path, work: Path) -> Path:
     layer.rename(blobs / h.hexdigest())
     driver = work / "driver.tar"
     with tarfile.open(driver, "w") as t:
-        for name, data in (("pytests.py", DRIVER.read_bytes()), ("sqlite_probe.py", SQLITE_PROBE.encode())):
+        for name, data in (("pytests.py", DRIVER.read_bytes()), ("sqlite_probe.py", SQLITE_PROBE.encode()),
+                           ("statfs_probe.py", STATFS_PROBE.encode())):
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             t.addfile(info, io.BytesIO(data))
@@ -157,7 +170,8 @@ def run_one(ctd: Containerd, runtime: str, where: str, module: str, kubelet: Pat
         args += ["--mount", f"type=bind,src={vol},dst=/scratch,options=rbind:rw"]
         cwd = "/scratch"
     args += ["--cwd", cwd, "--env", f"TMPDIR={cwd}", *(x for e in ENV for x in ("--env", e)), IMAGE, cid]
-    args += ["python3", "/sqlite_probe.py"] if module == "sqlite_probe" else ["python3", "/pytests.py", module]
+    probe = f"/{module}.py" if module in ("sqlite_probe", "statfs_probe") else None
+    args += ["python3", probe] if probe else ["python3", "/pytests.py", module]
     start = time.monotonic()
     try:
         p: subprocess.CompletedProcess[bytes] | None = ctd.ctr(*args, check=False, timeout=timeout)
@@ -216,6 +230,8 @@ def main() -> None:
                         line += (f" | {runtime} rc={p.returncode} ok={counts['ok']} fail={counts['fail']}"
                                  f" err={counts['error']} skip={counts['skip']} in={inside:.1f}s wall={wall:.1f}s"
                                  f" load={load}")
+                        if module == "statfs_probe":
+                            line += "\n" + "".join(f"    {runtime}: {x}\n" for x in stdout.splitlines()[:-1])
                     if len(seen) == 2:
                         a, b = seen.values()
                         diff = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
