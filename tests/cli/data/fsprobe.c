@@ -216,6 +216,10 @@ static void misc(void) {
     struct statfs sf;
     report("statfs", statfs(".", &sf) == 0 && sf.f_bsize > 0 && sf.f_blocks > 0 && sf.f_bfree <= sf.f_blocks &&
            sf.f_bavail <= sf.f_bfree && sf.f_namelen >= 255, "figures");
+    /* the root holds the image's files: df / shows them used (CPython's test_shutil.test_disk_usage) */
+    struct statfs rf;
+    report("statfs-root-used", statfs("/", &rf) == 0 && rf.f_blocks > rf.f_bfree && rf.f_bfree >= rf.f_bavail &&
+           rf.f_files > rf.f_ffree, "nothing used");
 }
 
 /* inotify on files this container changes: the events, in order, of a create/write/rename/delete. */
