@@ -61,6 +61,7 @@ from pykata.hypervisor.base import Hypervisor, RestoreSource
 from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.qemu.assets import resolve_assets
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.hypervisor.qemu.launch import default_cpu_model
 from pykata.hypervisor.readiness import (
     MAX_STRETCH,
     SETTLED_MARKER,
@@ -203,6 +204,8 @@ async def template_inputs(config: Config, nics: int = 0, *,
         "maxvcpus": q.resolved_maxvcpus(), "memory_slots": q.memory_slots, "cpu_model": q.cpu_model,
         "accel": verdict.accel, "kernel_params": q.kernel_params, "enable_debug": q.enable_debug,
         "entropy_source": q.entropy_source, "shared_fs": q.shared_fs, "agent_channel": q.agent_channel,
+        # what -cpu the VM got: pykata's default may change between versions
+        "cpu": q.cpu_model or default_cpu_model(verdict.accel),
     }
     if q.machine_type == "q35":
         inputs["maxmemory"] = q.resolved_maxmemory()

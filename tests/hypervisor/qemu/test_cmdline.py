@@ -104,7 +104,7 @@ def test_accel_and_cpu() -> None:
     tcg = build_command_line(CASES["microvm-virtiofs-serial-tcg"]).argv()
     kvm = build_command_line(CASES["microvm-9p-vsock-kvm"]).argv()
     assert tcg[tcg.index("-accel") + 1] == "tcg,thread=multi"
-    assert tcg[tcg.index("-cpu") + 1] == "max"
+    assert tcg[tcg.index("-cpu") + 1] == "max,-erms,-fsrm"
     assert kvm[kvm.index("-accel") + 1] == "kvm"
     assert kvm[kvm.index("-cpu") + 1] == "host"
     small = dataclasses.replace(CASES["microvm-virtiofs-serial-tcg"], config=_qemu(tcg_tb_size=32))
