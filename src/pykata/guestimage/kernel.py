@@ -85,6 +85,242 @@ EXPECTED_COMPILE_STEPS = 1577
 #   lower file system's used blocks and inodes once (by the layer's fsid: one per distinct superblock,
 #   0 for the upper's own) as used and in the total; free and available stay the upper's, what the
 #   container can still write.
+# - 9p without a metadata cache (pykata's cache=mmap and cache=none mounts) made a new inode on every
+#   lookup and drops every unused dentry, so an inotify mark (which holds only the inode) never saw the
+#   container's own changes to the file or directory it watches: the next lookup of that name was another
+#   inode. The edit makes such a lookup reuse the inode the guest still holds for the same server file
+#   (_NINE_P_REUSE_TEST: same qid.path, type and generation), refreshing its attributes from the server's
+#   answer (a host change is seen as before); unused inodes still go at once (v9fs_drop_inode), so only a
+#   referenced inode (mark, open file, cwd, mount) is ever found. Not reused (a new inode, as before): an
+#   inode at nlink 0, a regular file with pages in its page cache (mmap: a reuse must never bring back
+#   data the host may have changed since; QEMU's qid.version is mtime's seconds ^ size), one whose
+#   qid.version changed while it has open fids (they belong to what was opened), and a directory that
+#   already has a dentry (_NINE_P_REUSE_LOOKUP). Hard links then share one inode, as on the host.
+#   Directories: the VFS gives a directory one dentry, so d_splice_alias() of a directory inode that has
+#   one elsewhere moves that dentry to the new name. One server directory reached by two names at once
+#   (two containers binding one host directory are two bind mounts in the share; a directory and its
+#   parent bound apart) then lost its first name while crun bound it, and a container saw it empty (the
+#   first version of this edit, reverted; tests/sandbox/test_host_dir_many_names.py fails 10 of 10 with
+#   it). So a held directory is reused only when it has no dentry (a watch on a directory whose dentry
+#   the cacheless mount dropped: the inotify case), and the check and d_splice_alias() run under one lock
+#   that every such lookup takes, so two lookups can never both find it free; else it gets a new inode,
+#   as before. Directories are only ever given a dentry by a lookup (mkdir makes a new inode), so the
+#   lock covers every way one can appear. Files are not locked: a second dentry of a file is a hard link.
+#   The generation is compared on its 32 bits (an inode's i_generation): QEMU 7.2's virtfs-proxy-helper
+#   answers FS_IOC_GETVERSION, which ext4 fills with 4 bytes, from an uninitialised 8-byte variable, so
+#   st_gen's upper half is the helper's stack (a first build that compared all 64 never reused an inode).
+# - Cacheless unlink of a file (_NINE_P_UNLINK_NLINK): 6.12 leaves i_nlink alone without a metadata cache
+#   ("the inode is going away immediately"), which a reused inode held by an inotify mark is not, so the
+#   watch never got IN_DELETE_SELF/IN_IGNORED when the last name went. The edit drops one link of a
+#   non-directory, by set_nlink from the value read (a concurrent getattr may have set it to the server's
+#   0 already: no warning, no underflow).
+# - Setting one of atime/mtime alone over 9p (_NINE_P_SETATTR_TIMES): QEMU 7.2's v9fs_setattr leaves the
+#   omitted time's seconds uninitialised, and 9p-proxy.c marshals atime as (atime's seconds, mtime's
+#   nanoseconds), so `touch -m -d`, rsync and utimensat(UTIME_OMIT, t) set atime to garbage (seen:
+#   263237273.555555555) and setting atime alone set nothing. The client now fetches the omitted time
+#   from the server and sends both: the omitted time's seconds stay; atime's nanoseconds still become
+#   mtime's (the proxy's bug, no guest workaround: every message that sets a time carries mtime's).
+# - O_TMPFILE|O_EXCL on 9p (9P2000.L has no such message): a hidden name created open and removed at
+#   once (_NINE_P_TMPFILE); the open fid keeps the file. O_TMPFILE without O_EXCL stays EOPNOTSUPP: Tlink
+#   links by path, so a removed file can never be given a name, and linkat() would fail where a program
+#   expects it to work (with EOPNOTSUPP it takes its fallback, as it does today).
+_NINE_P_REUSE_TEST = (
+    "/* Always get a new inode */\nstatic int v9fs_test_new_inode_dotl(struct inode *inode, void *data)\n"
+    "{\n\treturn 0;\n}\n",
+    "/* Always get a new inode */\nstatic int v9fs_test_new_inode_dotl(struct inode *inode, void *data)\n"
+    "{\n\treturn 0;\n}\n\n"
+    "/* pykata: a cacheless lookup reuses the inode the guest holds for this server file (kernel.py) */\n"
+    "static int v9fs_test_reuse_inode_dotl(struct inode *inode, void *data)\n"
+    "{\n"
+    "\tstruct v9fs_inode *v9inode = V9FS_I(inode);\n"
+    "\tstruct p9_stat_dotl *st = (struct p9_stat_dotl *)data;\n\n"
+    "\tif (inode_wrong_type(inode, st->st_mode) || !inode->i_nlink)\n"
+    "\t\treturn 0;\n"
+    "\tif (inode->i_generation != (u32)st->st_gen || v9inode->qid.type != st->qid.type ||\n"
+    "\t    v9inode->qid.path != st->qid.path)\n"
+    "\t\treturn 0;\n"
+    "\tif (S_ISREG(inode->i_mode) && (READ_ONCE(inode->i_mapping->nrpages) ||\n"
+    "\t    (READ_ONCE(inode->i_private) && v9inode->qid.version != st->qid.version)))\n"
+    "\t\treturn 0;\n"
+    "\treturn 1;\n"
+    "}\n",
+)
+_NINE_P_REUSE_IGET = (
+    "\tif (new)\n\t\ttest = v9fs_test_new_inode_dotl;\n\telse\n\t\ttest = v9fs_test_inode_dotl;\n\n"
+    "\tinode = iget5_locked(sb, QID2INO(qid), test, v9fs_set_inode_dotl, st);\n"
+    "\tif (!inode)\n\t\treturn ERR_PTR(-ENOMEM);\n"
+    "\tif (!(inode->i_state & I_NEW))\n\t\treturn inode;\n",
+    "\tif (new == 2)\n\t\ttest = v9fs_test_reuse_inode_dotl;\n"
+    "\telse if (new)\n\t\ttest = v9fs_test_new_inode_dotl;\n\telse\n\t\ttest = v9fs_test_inode_dotl;\n\n"
+    "\tinode = iget5_locked(sb, QID2INO(qid), test, v9fs_set_inode_dotl, st);\n"
+    "\tif (!inode)\n\t\treturn ERR_PTR(-ENOMEM);\n"
+    "\tif (!(inode->i_state & I_NEW)) {\n"
+    "\t\tif (new == 2) {\n"
+    "\t\t\t/* the server's attributes now: the host may have changed them */\n"
+    "\t\t\tv9fs_stat2inode_dotl(st, inode, 0);\n"
+    "\t\t\tV9FS_I(inode)->qid.version = st->qid.version;\n"
+    "\t\t}\n"
+    "\t\treturn inode;\n"
+    "\t}\n",
+)
+_NINE_P_REUSE_LOOKUP = (
+    "\telse if (v9ses->cache & (CACHE_META|CACHE_LOOSE))\n"
+    "\t\tinode = v9fs_get_inode_from_fid(v9ses, fid, dir->i_sb);\n"
+    "\telse\n\t\tinode = v9fs_get_new_inode_from_fid(v9ses, fid, dir->i_sb);\n",
+    "\telse if (v9ses->cache & (CACHE_META|CACHE_LOOSE))\n"
+    "\t\tinode = v9fs_get_inode_from_fid(v9ses, fid, dir->i_sb);\n"
+    "\telse if (v9fs_proto_dotl(v9ses))\n"
+    "\t\tinode = NULL;\t/* pykata: v9fs_lookup_reuse_dotl() below */\n"
+    "\telse\n\t\tinode = v9fs_get_new_inode_from_fid(v9ses, fid, dir->i_sb);\n",
+)
+_NINE_P_REUSE_SPLICE = (
+    "\tres = d_splice_alias(inode, dentry);\n\tif (!IS_ERR(fid)) {\n",
+    "\tif (!IS_ERR(fid) && !(v9ses->cache & (CACHE_META|CACHE_LOOSE)) && v9fs_proto_dotl(v9ses))\n"
+    "\t\tres = v9fs_lookup_reuse_dotl(fid, dentry);\n"
+    "\telse\n"
+    "\t\tres = d_splice_alias(inode, dentry);\n\tif (!IS_ERR(fid)) {\n",
+)
+_NINE_P_REUSE_DECL = (
+    "extern struct inode *v9fs_inode_from_fid_dotl(struct v9fs_session_info *v9ses,\n"
+    "\t\t\t\t\t      struct p9_fid *fid,\n"
+    "\t\t\t\t\t      struct super_block *sb, int new);\n",
+    "extern struct inode *v9fs_inode_from_fid_dotl(struct v9fs_session_info *v9ses,\n"
+    "\t\t\t\t\t      struct p9_fid *fid,\n"
+    "\t\t\t\t\t      struct super_block *sb, int new);\n"
+    "struct dentry *v9fs_lookup_reuse_dotl(struct p9_fid *fid, struct dentry *dentry);\n",
+)
+_NINE_P_REUSE_DIR = (
+    "struct dotl_openflag_map {\n",
+    "/*\n"
+    " * pykata: a cacheless lookup, with the inode the guest holds for this server file reused (kernel.py).\n"
+    " * A directory only when it has no dentry: d_splice_alias() would move that one to this name. The\n"
+    " * check and the splice are one step for every such lookup (only lookups give a directory a dentry).\n"
+    " */\n"
+    "static DEFINE_MUTEX(v9fs_reuse_dir_lock);\n\n"
+    "struct dentry *v9fs_lookup_reuse_dotl(struct p9_fid *fid, struct dentry *dentry)\n"
+    "{\n"
+    "\tstruct super_block *sb = dentry->d_sb;\n"
+    "\tstruct p9_stat_dotl *st;\n"
+    "\tstruct inode *inode;\n"
+    "\tstruct dentry *res;\n"
+    "\tbool dir, aliased;\n\n"
+    "\tst = p9_client_getattr_dotl(fid, P9_STATS_BASIC | P9_STATS_GEN);\n"
+    "\tif (IS_ERR(st))\n"
+    "\t\treturn ERR_CAST(st);\n"
+    "\tdir = S_ISDIR(st->st_mode);\n"
+    "\tif (dir)\n"
+    "\t\tmutex_lock(&v9fs_reuse_dir_lock);\n"
+    "\tinode = v9fs_qid_iget_dotl(sb, &st->qid, fid, st, 2);\n"
+    "\tif (dir && !IS_ERR(inode)) {\n"
+    "\t\tspin_lock(&inode->i_lock);\n"
+    "\t\taliased = !hlist_empty(&inode->i_dentry);\n"
+    "\t\tspin_unlock(&inode->i_lock);\n"
+    "\t\tif (aliased) {\n"
+    "\t\t\tiput(inode);\n"
+    "\t\t\tinode = v9fs_qid_iget_dotl(sb, &st->qid, fid, st, 1);\n"
+    "\t\t}\n"
+    "\t}\n"
+    "\tres = d_splice_alias(inode, dentry);\n"
+    "\tif (dir)\n"
+    "\t\tmutex_unlock(&v9fs_reuse_dir_lock);\n"
+    "\tkfree(st);\n"
+    "\treturn res;\n"
+    "}\n\n"
+    "struct dotl_openflag_map {\n",
+)
+_NINE_P_UNLINK_NLINK = (
+    "\tif (!(v9ses->cache & (CACHE_META | CACHE_LOOSE)))\n\t\treturn;\n",
+    "\tif (!(v9ses->cache & (CACHE_META | CACHE_LOOSE))) {\n"
+    "\t\t/* pykata: a reused inode may be held (an inotify mark): its last link goes (kernel.py) */\n"
+    "\t\tif (!S_ISDIR(inode->i_mode)) {\n"
+    "\t\t\tunsigned int nlink = READ_ONCE(inode->i_nlink);\n\n"
+    "\t\t\tif (nlink)\n"
+    "\t\t\t\tset_nlink(inode, nlink - 1);\n"
+    "\t\t}\n"
+    "\t\treturn;\n"
+    "\t}\n",
+)
+_NINE_P_SETATTR_TIMES = (
+    "\t/* Write all dirty data */\n\tif (S_ISREG(inode->i_mode)) {\n"
+    "\t\tretval = filemap_fdatawrite(inode->i_mapping);\n",
+    "\t/* pykata: one time alone: send the other as the server has it (QEMU 7.2; kernel.py) */\n"
+    "\tif ((iattr->ia_valid & (ATTR_MTIME_SET | ATTR_ATIME)) == ATTR_MTIME_SET ||\n"
+    "\t    (iattr->ia_valid & (ATTR_ATIME_SET | ATTR_MTIME)) == ATTR_ATIME_SET) {\n"
+    "\t\tstruct p9_stat_dotl *st = p9_client_getattr_dotl(fid, P9_STATS_ATIME | P9_STATS_MTIME);\n\n"
+    "\t\tif (!IS_ERR(st)) {\n"
+    "\t\t\tif (!(iattr->ia_valid & ATTR_ATIME)) {\n"
+    "\t\t\t\tp9attr.atime_sec = st->st_atime_sec;\n"
+    "\t\t\t\tp9attr.atime_nsec = st->st_atime_nsec;\n"
+    "\t\t\t\tp9attr.valid |= P9_ATTR_ATIME | P9_ATTR_ATIME_SET;\n"
+    "\t\t\t} else {\n"
+    "\t\t\t\tp9attr.mtime_sec = st->st_mtime_sec;\n"
+    "\t\t\t\tp9attr.mtime_nsec = st->st_mtime_nsec;\n"
+    "\t\t\t\tp9attr.valid |= P9_ATTR_MTIME | P9_ATTR_MTIME_SET;\n"
+    "\t\t\t}\n"
+    "\t\t\tkfree(st);\n"
+    "\t\t}\n"
+    "\t}\n\n"
+    "\t/* Write all dirty data */\n\tif (S_ISREG(inode->i_mode)) {\n"
+    "\t\tretval = filemap_fdatawrite(inode->i_mapping);\n",
+)
+_NINE_P_TMPFILE = (
+    "const struct inode_operations v9fs_dir_inode_operations_dotl = {\n",
+    "/* pykata: O_TMPFILE|O_EXCL as a hidden name created open and removed at once (kernel.py) */\n"
+    "static int\n"
+    "v9fs_vfs_tmpfile_dotl(struct mnt_idmap *idmap, struct inode *dir,\n"
+    "\t\t      struct file *file, umode_t omode)\n"
+    "{\n"
+    "\tstruct v9fs_session_info *v9ses = v9fs_inode2v9ses(dir);\n"
+    "\tstruct dentry *dentry = file->f_path.dentry;\n"
+    "\tstruct p9_fid *dfid, *ofid;\n"
+    "\tstruct inode *inode;\n"
+    "\tstruct p9_qid qid;\n"
+    "\tchar name[40];\n"
+    "\tint p9_omode, err;\n\n"
+    "\tif (!(file->f_flags & O_EXCL))\n"
+    "\t\treturn -EOPNOTSUPP;\n"
+    "\tdfid = v9fs_parent_fid(dentry);\n"
+    "\tif (IS_ERR(dfid))\n"
+    "\t\treturn PTR_ERR(dfid);\n"
+    "\tofid = clone_fid(dfid);\n"
+    "\tif (IS_ERR(ofid)) {\n"
+    "\t\tp9_fid_put(dfid);\n"
+    "\t\treturn PTR_ERR(ofid);\n"
+    "\t}\n"
+    "\tp9_omode = v9fs_open_to_dotl_flags(file->f_flags & ~(O_TMPFILE | O_CREAT)) | P9_DOTL_CREATE | P9_DOTL_EXCL;\n"
+    "\tif ((v9ses->cache & CACHE_WRITEBACK) && (p9_omode & P9_OWRITE))\n"
+    "\t\tp9_omode = (p9_omode & ~(P9_OWRITE | P9_DOTL_APPEND)) | P9_ORDWR;\n"
+    "\tsnprintf(name, sizeof(name), \".pykata-tmpfile-%016llx\", get_random_u64());\n"
+    "\terr = p9_client_create_dotl(ofid, name, p9_omode, omode, v9fs_get_fsgid_for_create(dir), &qid);\n"
+    "\tif (err < 0)\n"
+    "\t\tgoto out;\n"
+    "\t/* only the open fid holds the file from here */\n"
+    "\terr = p9_client_unlinkat(dfid, name, 0);\n"
+    "\tv9fs_invalidate_inode_attr(dir);\n"
+    "\tif (err < 0)\n"
+    "\t\tgoto out;\n"
+    "\tinode = v9fs_get_new_inode_from_fid(v9ses, ofid, dir->i_sb);\n"
+    "\tif (IS_ERR(inode)) {\n"
+    "\t\terr = PTR_ERR(inode);\n"
+    "\t\tgoto out;\n"
+    "\t}\n"
+    "\t/* d_tmpfile drops the one link a new file has */\n"
+    "\tset_nlink(inode, 1);\n"
+    "\td_tmpfile(file, inode);\n"
+    "\terr = finish_open(file, file->f_path.dentry, generic_file_open);\n"
+    "\tif (err)\n"
+    "\t\tgoto out;\n"
+    "\tfile->private_data = ofid;\n"
+    "\tv9fs_fid_add_modes(ofid, v9ses->flags, v9ses->cache, file->f_flags);\n"
+    "\tv9fs_open_fid_add(inode, &ofid);\n"
+    "out:\n"
+    "\tp9_fid_put(dfid);\n"
+    "\tp9_fid_put(ofid);\n"
+    "\treturn err;\n"
+    "}\n\n"
+    "const struct inode_operations v9fs_dir_inode_operations_dotl = {\n"
+    "\t.tmpfile = v9fs_vfs_tmpfile_dotl,\n",
+)
 SOURCE_EDITS = (
     ("arch/x86/kernel/acpi/boot.c", "\treturn !hypervisor_is_type(X86_HYPER_NATIVE);\n", "\treturn true;\n"),
     ("arch/x86/kernel/apic/apic.c", "unsigned int lapic_timer_period = 0;\n",
@@ -118,6 +354,15 @@ SOURCE_EDITS = (
     ("fs/overlayfs/super.c", "\t\t\tbuf->f_fsid = uuid_to_fsid(sb->s_uuid.b);\n\t}\n",
      "\t\t\tbuf->f_fsid = uuid_to_fsid(sb->s_uuid.b);\n"
      "\t\tif (ovl_upper_mnt(ofs))\n\t\t\tovl_statfs_add_lower(ofs, buf);\n\t}\n"),
+    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_REUSE_TEST),
+    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_REUSE_IGET),
+    ("fs/9p/vfs_inode.c", *_NINE_P_REUSE_LOOKUP),
+    ("fs/9p/vfs_inode.c", *_NINE_P_REUSE_SPLICE),
+    ("fs/9p/v9fs.h", *_NINE_P_REUSE_DECL),
+    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_REUSE_DIR),
+    ("fs/9p/vfs_inode.c", *_NINE_P_UNLINK_NLINK),
+    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_SETATTR_TIMES),
+    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_TMPFILE),
 )
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.

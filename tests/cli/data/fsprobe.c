@@ -86,6 +86,24 @@ static void utimes_(void) {
     if (utimensat(AT_FDCWD, "link", ts, AT_SYMLINK_NOFOLLOW) || lstat("link", &st))
         report("utime-nofollow", 0, "utimensat");
     else print_times("utime-nofollow", &st);
+    /* one time alone (touch -m/-a, rsync): the other stays; seconds and nanoseconds are two rows */
+    struct timespec only[2] = {{0, UTIME_OMIT}, {5, 555555555}};
+    struct stat was;
+    if (stat("timed", &was) || utimensat(AT_FDCWD, "timed", only, 0) || stat("timed", &st)) {
+        report("utime-mtime-only", 0, "utimensat");
+    } else {
+        printf("utime-mtime-only: atime seconds %s, mtime %ld.%09ld\n",
+               st.st_atim.tv_sec == was.st_atim.tv_sec ? "kept" : "changed", (long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+        printf("utime-mtime-only-ns: atime nanoseconds %s\n", st.st_atim.tv_nsec == was.st_atim.tv_nsec ? "kept" : "changed");
+    }
+    struct timespec aonly[2] = {{7, 777777777}, {0, UTIME_OMIT}};
+    if (stat("timed", &was) || utimensat(AT_FDCWD, "timed", aonly, 0) || stat("timed", &st)) {
+        report("utime-atime-only", 0, "utimensat");
+    } else {
+        printf("utime-atime-only: mtime %s, atime seconds %ld\n", st.st_mtim.tv_sec == was.st_mtim.tv_sec &&
+               st.st_mtim.tv_nsec == was.st_mtim.tv_nsec ? "kept" : "changed", (long)st.st_atim.tv_sec);
+        printf("utime-atime-only-ns: atime nanoseconds %09ld\n", st.st_atim.tv_nsec);
+    }
     mkdir("tdir", 0755);
     ts[1].tv_sec = 4;
     if (utimensat(AT_FDCWD, "tdir", ts, 0) || stat("tdir", &st)) report("utime-dir", 0, "utimensat");
@@ -246,6 +264,33 @@ static void inotify_(void) {
     close(in);
 }
 
+/* inotify on a file itself, which has a second name (a hard link): a write through the other name, a
+ * chmod, a rename, then the removal of both names (IN_DELETE_SELF once the last one goes). */
+static void inotify_file(void) {
+    unlink("wf"); unlink("wf-link");
+    close(open("wf", O_WRONLY | O_CREAT | O_TRUNC, 0644));
+    if (link("wf", "wf-link")) return report("inotify-file", 0, "link");
+    int in = inotify_init1(IN_NONBLOCK);
+    if (in < 0 || inotify_add_watch(in, "wf", IN_ALL_EVENTS & ~(IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE)) < 0)
+        return report("inotify-file", 0, "inotify_add_watch");
+    int fd = open("wf-link", O_WRONLY | O_APPEND);
+    if (fd < 0 || write(fd, "x", 1) != 1) return report("inotify-file", 0, "write");
+    close(fd);
+    if (chmod("wf", 0600) || rename("wf", "wf2") || unlink("wf2") || unlink("wf-link"))
+        return report("inotify-file", 0, "changes");
+    char buf[4096] __attribute__((aligned(8)));
+    ssize_t n = read(in, buf, sizeof buf);
+    if (n <= 0) return report("inotify-file", 0, "no events");
+    printf("inotify-file:");
+    for (char *p = buf; p < buf + n;) {
+        struct inotify_event *e = (void *)p;
+        printf(" %x", e->mask);
+        p += sizeof *e + e->len;
+    }
+    printf("\n");
+    close(in);
+}
+
 /* Link counts of directories: one the container made (with two subdirectories) and the working
  * directory (/tmp: the image has it and the container wrote into it). */
 static void dir_nlink(void) {
@@ -302,6 +347,7 @@ int main(int argc, char **argv) {
     truncation();
     misc();
     inotify_();
+    inotify_file();
     dir_nlink();
     if (argc == 1) image_files();
     return 0;
