@@ -147,6 +147,7 @@ def _copy(saved: Path, tmp_path: Path, edit: Any = None) -> Path:
     (lambda m: m.update(kind="something else"), "kind"),
     (lambda m: m.update(pykata_version="0.0.1-other"), "pykata_version"),
     (lambda m: m["machine"].update(cpu_model="Skylake-Client"), "machine.cpu_model"),
+    (lambda m: m["machine"].update(cpu="max"), "machine.cpu"),  # saved under another default -cpu
     (lambda m: m["machine"].update(default_memory=1 << 30), "machine.default_memory"),
     (lambda m: m["assets"]["initrd"].update(sha256="0" * 64), "assets.initrd"),
     (lambda m: m["assets"].update(kernel=None), "assets.kernel"),

@@ -40,7 +40,7 @@ STREAM_SLACK = 64 << 20
 HASH_CHUNK = 4 << 20
 # what must be equal between the saved machine and the one restoring it (template_inputs' keys)
 MACHINE_KEYS = ("machine_type", "default_memory", "default_vcpus", "maxvcpus", "memory_slots", "maxmemory",
-                "cpu_model", "accel", "kernel_params", "entropy_source", "shared_fs", "agent_channel",
+                "cpu_model", "cpu", "accel", "kernel_params", "entropy_source", "shared_fs", "agent_channel",
                 "root_slots", "root_slot_mib", "data_disk_mib", "balloon")
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")  # pykata.resources.rootimage keys (no '.', no '/')
 
