@@ -1,4 +1,4 @@
-"""How the agent starts: the guest's /init (pykata.agent.pid1) and `python -m pykata.agent` (`boot()`)
+"""How the agent starts: the guest's /init (pykata.agent.pid1) and `python -m pykata.agent` (__main__)
 both turn the garbage collector off and defer imports first.
 
 Under TCG the agent's start-up (~260 modules imported) is the largest part of a cold boot, so what
@@ -21,7 +21,6 @@ start-up does not need is kept out of it:
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import sys
 from typing import Any
@@ -77,11 +76,3 @@ def load_deferred(name: str) -> None:
     if type(module) is _SpecSafeLazyModule:  # (isinstance would read __class__, which loads it)
         module.__doc__  # noqa: B018 (any attribute but __spec__ loads it)
 
-
-def boot() -> None:
-    """Start the agent (argv from sys.argv) and exit with its status."""
-    gc.disable()  # main.run turns it on once start-up's objects are frozen
-    defer_imports()
-    from pykata.agent.main import main
-
-    raise SystemExit(main())
