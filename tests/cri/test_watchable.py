@@ -38,13 +38,17 @@ def _volume(kubelet_root: Path, uid: str, plugin: str, name: str, files: dict[st
 
 
 def _wait_for(cri: Cri, cid: str, script: str, want: str, timeout: float = 30) -> float:
-    """Seconds until `script` prints `want` in the container."""
+    """Seconds until `script` prints `want` (and exits 0) in the container. A probe that races an
+    update may fail while waiting, as under runc: busybox `ls` stats every entry, the old `..<timestamp>`
+    among them, which kubelet's writer (and the guest's copy of it) removes once `..data` is swapped."""
     start = time.monotonic()
     while True:
-        got = _sh(cri, cid, script)
-        if got == want:
+        reply = cri.exec_sync(cid, ["sh", "-c", script])
+        got = reply.stdout.decode()
+        if reply.exit_code == 0 and got == want:
             return time.monotonic() - start
-        assert time.monotonic() - start < timeout, f"{script!r} still prints {got!r}, not {want!r}"
+        assert time.monotonic() - start < timeout, \
+            f"{script!r} still prints {got!r} (exit {reply.exit_code}: {reply.stderr!r}), not {want!r}"
         time.sleep(0.2)
 
 

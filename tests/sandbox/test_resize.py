@@ -99,8 +99,11 @@ async def test_memory_and_cpus_follow_resizes_in_a_template_clone() -> None:
         await asyncio.sleep(3)  # free page reporting batches what is left every 2 s
         assert rss_mib(vm.pid) < filled - 200, (before, filled, rss_mib(vm.pid))
 
-        # the clone gave pages back, the template's memory file kept every block
-        assert template.memory.stat().st_blocks == blocks_before
+        # the clone gave pages back without punching them out of the template's memory file: it kept
+        # every block. It may gain some: a clone's (this one's or an idle pooled VM's) read fault on a
+        # hole of the tmpfs file allocates a zero page there; QEMU holds the file read-only
+        # (`pykata check template-memory`), so no clone writes it
+        assert template.memory.stat().st_blocks >= blocks_before
 
         # outside what the VM can have: refused, nothing changed
         with pytest.raises(HypervisorError, match="default_maxmemory"):

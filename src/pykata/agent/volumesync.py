@@ -130,8 +130,15 @@ def apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry],
     except (OSError, InvalidArgument) as exc:
         before = previous if previous is not None else {"": tree[""]}
         try:
-            _remove_extra(root, before)  # first: what this update wrote takes the room the old tree needs
-            _apply(root, before)
+            try:
+                # in kubelet's order, so the volume always shows a whole tree: the old `..<timestamp>`
+                # back and `..data` pointing at it before this update's leftovers go
+                _apply(root, before)
+            except OSError:
+                # what this update wrote takes the room the old tree needs: remove it first
+                _remove_extra(root, before)
+                _apply(root, before)
+            _remove_extra(root, before)
         except OSError as again:
             raise exc from again
         raise
