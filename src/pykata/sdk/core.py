@@ -169,6 +169,7 @@ class AsyncSandbox:
         if disk_mib is not None and (not isinstance(disk_mib, int) or disk_mib <= 0):
             raise SpecError("disk_mib", f"{disk_mib!r} must be a positive number of MiB")
         self.disk_mib = disk_mib
+        self._disk_bytes: int | None = None  # the writable layer's size, once this object made the sandbox
         self.egress = _egress_policy(network, allow, deny, dns)
         self._exposed: dict[int, int] = {}  # guest port -> host port
         self.volumes = list(volumes)
@@ -239,14 +240,15 @@ class AsyncSandbox:
         if self.snapshots and vols:
             raise SpecError("volumes", "a sandbox made for snapshots cannot have volumes (they are host "
                                        "directories shared with the guest)")
-        if self.disk_mib is not None:
-            # the writable layer is a tmpfs in guest memory: it can never hold more than the VM has
-            vm_mib = memory_mib or config.qemu.default_memory
-            if self.disk_mib > vm_mib:
-                raise SpecError("disk_mib", f"{self.disk_mib} MiB is more than the sandbox's memory ({vm_mib} MiB): "
-                                "the writable layer lives in guest memory; raise memory_mib")
-            config = dataclasses.replace(config, runtime=dataclasses.replace(
-                config.runtime, rootfs_upper_size=self.disk_mib))
+        # the writable layer is a tmpfs in guest memory: it can never hold more than the VM has. Its size
+        # is always given (half the VM's memory by default, as tmpfs's own default), so metrics() knows it
+        vm_mib = memory_mib or config.qemu.default_memory
+        if self.disk_mib is not None and self.disk_mib > vm_mib:
+            raise SpecError("disk_mib", f"{self.disk_mib} MiB is more than the sandbox's memory ({vm_mib} MiB): "
+                            "the writable layer lives in guest memory; raise memory_mib")
+        self._disk_bytes = (self.disk_mib or config.runtime.rootfs_upper_size or max(vm_mib // 2, 1)) << 20
+        config = dataclasses.replace(config, runtime=dataclasses.replace(
+            config.runtime, rootfs_upper_size=self._disk_bytes >> 20))
         self._sandbox = await Sandbox.create(config=config, vcpus=vcpus, memory_mib=memory_mib, name=self.name,
                                              guest_share=not self.snapshots, egress=self.egress,
                                              die_with_owner=True)
@@ -410,18 +412,22 @@ class AsyncSandbox:
         sb = self._own("metrics")
         async with self._guard():
             s = await sb.stats_container(self._cid or sb.id)
-        # statfs of the container's root in its own view (the overlay: its size and use are the tmpfs
-        # upper layer's); the answer is the guest's, so it is parsed strictly
+        # statfs of the container's root in its own view (the overlay): its free blocks are the tmpfs upper
+        # layer's, whose size this sandbox set; its total also counts the image's used blocks (as `df /`
+        # shows them, guestimage/kernel.py), which are not the container's writes. The answer is the
+        # guest's, so it is parsed strictly
         r = await self.run(["stat", "-f", "-c", "%S %b %f", "/"], max_output=256)
         try:
             block, blocks, free = (int(x) for x in r.stdout.split())
-            if r.exit_code != 0 or min(block, blocks, free) < 0 or free > blocks:
+            if r.exit_code != 0 or block <= 0 or min(blocks, free) < 0 or free > blocks:
                 raise ValueError
         except ValueError:
             raise SdkError(f"metrics: unexpected statfs answer {r.stdout[:80]!r}", sandbox_id=self.id) from None
+        # (a sandbox this object only connected to: the overlay's own total)
+        size = self._disk_bytes if self._disk_bytes is not None else blocks * block
         return Metrics(cpu_seconds=s.cpu.usage_total_ns / 1e9, memory_bytes=s.memory.usage,
                        memory_peak_bytes=s.memory.max_usage, memory_limit_bytes=s.memory.limit or None,
-                       pids=s.pids.current, disk_used_bytes=(blocks - free) * block, disk_size_bytes=blocks * block)
+                       pids=s.pids.current, disk_used_bytes=max(size - free * block, 0), disk_size_bytes=size)
 
     async def expose(self, port: int, *, host_port: int = 0, host: str = "127.0.0.1") -> int:
         """Forward TCP `host:host_port` on the host to `port` in the sandbox (a sandbox made with
