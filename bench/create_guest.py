@@ -330,8 +330,14 @@ def build_initrd(base: Path, out: Path, conf: dict[str, object], srcs: dict[str,
         for rel, data in package_files(src):
             add(f"probe/src-{name}/{rel}", data)
     if conf.get("profile"):
-        import _lsprof  # the host's: the guest image leaves it out
+        import _lsprof  # the host's: the guest image leaves it out, and cProfile, profile and pstats
+        import cProfile
+        import profile
+        import pstats
         add(f"probe/lsprof/{Path(_lsprof.__file__).name}", Path(_lsprof.__file__).read_bytes(), stat.S_IFREG | 0o755)
+        for module in (cProfile, profile, pstats):
+            add(f"probe/lsprof/{Path(str(module.__file__)).name}", Path(str(module.__file__)).read_bytes(),
+                stat.S_IFREG | 0o644)
     if strace:
         for name, data in strace_files():
             add(f"probe/strace/{name}", data, stat.S_IFREG | 0o755)
