@@ -253,19 +253,13 @@ def mount_all(rootfs_mounts: Sequence[RootfsMount], base: Path, rel: str) -> lis
     return done
 
 
-def lower_all(rootfs_mounts: Sequence[RootfsMount], base: Path, rel: str) -> list[MountRecord]:
-    """Mount the read-only part of containerd-style root mounts on `base`/`rel`: an overlay's
-    upper directory and lower directories as one read-only overlay (or a read-only bind of the
-    only one), a bind read-only. The guest stacks its own writable layer on it. Raises MountError."""
-    if len(rootfs_mounts) != 1:
-        return _readonly(mount_all(rootfs_mounts, base, rel), base / rel)
-    m = rootfs_mounts[0]
-    if m.type != "overlay":
-        return _readonly(mount_all(rootfs_mounts, base, rel), base / rel)
+def overlay_layers(options: Sequence[str]) -> tuple[list[str], list[str]]:
+    """An overlay mount's layer directories, top-most first (its upper directory, then its lower ones),
+    and its other data options (not workdir, flags or ignored options)."""
     layers: list[str] = []
     upper = ""
     data = []
-    for opt in m.options:
+    for opt in options:
         key, _, value = opt.partition("=")
         if key == "lowerdir":
             layers += value.split(":")
@@ -275,7 +269,19 @@ def lower_all(rootfs_mounts: Sequence[RootfsMount], base: Path, rel: str) -> lis
             continue
         else:
             data.append(opt)
-    layers = [upper, *layers] if upper else layers
+    return ([upper, *layers] if upper else layers), data
+
+
+def lower_all(rootfs_mounts: Sequence[RootfsMount], base: Path, rel: str) -> list[MountRecord]:
+    """Mount the read-only part of containerd-style root mounts on `base`/`rel`: an overlay's
+    upper directory and lower directories as one read-only overlay (or a read-only bind of the
+    only one), a bind read-only. The guest stacks its own writable layer on it. Raises MountError."""
+    if len(rootfs_mounts) != 1:
+        return _readonly(mount_all(rootfs_mounts, base, rel), base / rel)
+    m = rootfs_mounts[0]
+    if m.type != "overlay":
+        return _readonly(mount_all(rootfs_mounts, base, rel), base / rel)
+    layers, data = overlay_layers(m.options)
     if not layers:
         raise MountError(str(base / rel), "overlay root mount without lowerdir")
     if len(layers) == 1:

@@ -41,7 +41,7 @@ from pathlib import Path
 from pykata.config.schema import ImageSection, RuntimeConfig
 from pykata.errors import PykataError
 from pykata.fsutil import file_lock
-from pykata.resources.mounts import RootfsMount
+from pykata.resources.mounts import RootfsMount, overlay_layers
 
 log = logging.getLogger("pykata.rootimage")
 
@@ -156,16 +156,8 @@ def top_layer(rootfs: Path | Sequence[RootfsMount]) -> Path | None:
         return Path(m.source)
     if m.type != "overlay":
         return None
-    layers: list[str] = []
-    upper = ""
-    for opt in m.options:
-        key, _, value = opt.partition("=")
-        if key == "lowerdir":
-            layers += value.split(":")
-        elif key == "upperdir":
-            upper = value
-    top = upper or (layers[0] if layers else "")
-    return Path(top) if top else None
+    layers, _ = overlay_layers(m.options)
+    return Path(layers[0]) if layers and layers[0] else None
 
 
 @dataclass
