@@ -31,6 +31,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 6, 7, 15
 IFF_UP = 0x1
 RTN_UNICAST = 1
@@ -212,7 +213,11 @@ class Rtnl:
 
     def address(self, op: str, index: int, address: str, prefixlen: int) -> None:
         family, raw = _ip_bytes(address)
-        body = _IFADDRMSG.pack(family, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
+        # An IPv6 address comes from the pod's network namespace, where CNI set it on the same link, as it does
+        # for runc. Duplicate address detection again in the guest would leave it tentative (unreachable,
+        # no neighbor answers) for the pod's first second or two.
+        flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
+        body = _IFADDRMSG.pack(family, prefixlen, flags, 0, index) + _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
         if op == "add":
             self._request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, body)
         else:
