@@ -20,7 +20,7 @@ import pytest
 import pykata
 from pykata.config import Config, load_config, parse_toml
 from pykata.errors import ConfigError, HypervisorError
-from pykata.hypervisor import ksm
+from pykata.hypervisor import helperroot, ksm
 from pykata.hypervisor.errors import QmpError
 from pykata.hypervisor.jail import JailSpec, UidLease, inspect_process
 from pykata.hypervisor.qemu import ramreadonly
@@ -211,6 +211,38 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail(tmp_path: Path) -> N
         filters = next(line for line in Path(f"/proc/{pids['virtfs-proxy-helper']}/status").read_text().splitlines()
                        if line.startswith("Seccomp_filters:"))
         assert int(filters.split()[1]) >= 2, filters
+
+        # A compromised QEMU's descriptors: the helper hands QEMU one for each directory the guest
+        # opens (here the volume, held open by a guest process). `..` from it ends at the helper's
+        # own root (/usr and the share, pykata.hypervisor.helperroot), never at the host's `/`
+        # (tests/security/test_proxy9p_escape.py: the same walk as a jailed uid, through the protocol).
+        holder = await sb.spawn("exec 3</v; echo held; exec sleep 60")
+        async for _, chunk in holder:
+            if b"held" in chunk:
+                break
+        dirs: list[int] = []
+        for n in os.listdir(f"/proc/{vm.pid}/fd"):
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(f"/proc/{vm.pid}/fd/{n}").st_mode):
+                    dirs.append(int(n))
+        assert dirs, "QEMU holds no descriptor of the guest's open directory"
+        host_root = os.stat("/")
+        for n in dirs:
+            fd = _take_fd(vm.pid, n)
+            try:
+                top = os.open("../" * 16, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                try:
+                    assert (os.fstat(top).st_dev, os.fstat(top).st_ino) != (host_root.st_dev, host_root.st_ino)
+                    names = set(os.listdir(top))
+                    assert "usr" in names and not names - {*helperroot.SYSTEM_DIRS, "etc",
+                                                           sandbox.shared_dir.parts[1]}, names
+                    assert os.listdir(os.path.join(f"/proc/self/fd/{top}", "etc")) == ["ld.so.cache"]
+                    assert os.statvfs(top).f_flag & os.ST_RDONLY
+                finally:
+                    os.close(top)
+            finally:
+                os.close(fd)
+        await holder.kill()
 
         # A compromised QEMU's descriptors: the template's memory file, which every clone of the
         # template maps (other pods' running guests included), is held read-only: a write through it,

@@ -93,7 +93,8 @@ async def test_a_taken_over_helper_sees_no_host_process_and_stops_exactly(tmp_pa
     victim = subprocess.Popen(["sleep", "60"])
     try:
         probe = tmp_path / "taken-over-helper"
-        probe.write_text(TAKEN_OVER_HELPER.format(python=sys.executable, victim=victim.pid))
+        # the system's interpreter: the helper's root (pykata.hypervisor.helperroot) holds /usr, not the venv
+        probe.write_text(TAKEN_OVER_HELPER.format(python=os.path.realpath(sys.executable), victim=victim.pid))
         probe.chmod(0o755)
         proxy = Proxy9p(shared, tmp_path / "proxy.log", binary=str(probe))
         await proxy.start()

@@ -4,7 +4,8 @@ A QEMU that runs as an unprivileged uid cannot open the pod's files (owned by ro
 users) through its own 9p server. QEMU 7.2's `-fsdev proxy` hands every file operation over a socket
 to this helper, which runs as root with only its file capabilities, chrooted into the shared
 directory, in mount, network and PID namespaces of its own: the same split as QEMU + virtiofsd for
-virtio-fs.
+virtio-fs. Its mount namespace's root holds only /usr and the share (pykata.hypervisor.helperroot): the
+helper hands QEMU a descriptor of every directory the guest opens, and `..` from it must not lead out.
 pykata makes the socket pair: QEMU inherits one end, the helper the other.
 """
 
@@ -16,10 +17,12 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pykata.errors import HypervisorError
 from pykata.fsutil import descendants
+from pykata.hypervisor import fileguard, helperroot
 from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.jail import namespace_prefix
 from pykata.hypervisor.process import ChildProcess, close_fd, describe_exit
@@ -46,6 +49,8 @@ class Proxy9p:
         self.binary = binary
         self.shared_dir = shared_dir
         self.log_path = log_path
+        # where the helper's root (a tmpfs of its mount namespace only) is mounted: an empty directory
+        self.root_dir = log_path.parent / "proxy9p-root"
         self.mount_namespace = mount_namespace
         self.qemu_fd: int | None = None
         self.child: ChildProcess | None = None
@@ -66,9 +71,16 @@ class Proxy9p:
         try:
             # root with file capabilities: no network either (it serves an inherited socket), and a
             # PID namespace of its own: a helper taken over through QEMU's requests sees no host
-            # process to signal, renice, trace or probe (on top of fileguard's filter)
-            argv = namespace_prefix(self.mount_namespace, no_new_privs=True, network_namespace=True,
-                                    pid_namespace=True)
+            # process to signal, renice, trace or probe (on top of fileguard's filter). Its mount
+            # namespace is made by helperroot's step, not by unshare.
+            argv = namespace_prefix(False, no_new_privs=True, network_namespace=True, pid_namespace=True)
+            enter_root = None
+            if self.mount_namespace:
+                try:
+                    self.root_dir.mkdir(mode=0o700, exist_ok=True)
+                except OSError as exc:
+                    raise HypervisorError(f"9p proxy: cannot create {self.root_dir}: {exc.strerror}") from None
+                enter_root = helperroot.enter_step(self.root_dir, self.shared_dir, self.binary)
             argv += proxy_helper_argv(self.binary, theirs.fileno(), self.shared_dir)
             # its output through a socket drained into a bounded log (as QEMU's and virtiofsd's)
             self._log = ConsoleDrain(self.log_path, max_bytes=HELPER_LOG_MAX_BYTES)
@@ -76,7 +88,7 @@ class Proxy9p:
                 # the guest's writes are the helper's: no setuid files, no device nodes
                 self.child = await ChildProcess.spawn(argv, name="virtfs-proxy-helper", log_path=self.log_path,
                                                       log_fd=self._log.guest_fd, pass_fds=(theirs.fileno(),),
-                                                      serves_guest_files="filter")
+                                                      preexec=_then_filter(enter_root))
             except OSError as exc:
                 self._log.close()
                 raise HypervisorError(f"9p proxy: cannot run {self.binary}: {exc.strerror}") from None
@@ -121,6 +133,16 @@ class Proxy9p:
                     close_fd(fd)
         if self._log is not None:
             self._log.close()
+
+
+def _then_filter(first: Callable[[], None] | None) -> Callable[[], None]:
+    """`first` (the helper's own root), then fileguard's filter for a server that sets its own
+    capabilities (ChildProcess.spawn's serves_guest_files="filter")."""
+    def step() -> None:
+        if first is not None:
+            first()
+        fileguard.filter_child()
+    return step
 
 
 def _pidfds(pids: list[int]) -> list[int]:
