@@ -103,7 +103,7 @@ def mappings(pid: int) -> list[dict[str, Any]]:
         parts = line.split()
         if parts and "-" in parts[0] and not parts[0].endswith(":"):
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append({"name": " ".join(parts[5:]), "perms": parts[1], "size": (hi - lo) // 1024})
+            out.append({"name": " ".join(parts[5:]), "perms": parts[1], "size": (hi - lo) // 1024, "start": lo})
         elif parts and parts[0].rstrip(":") in SMAPS_FIELDS and out:
             out[-1][parts[0].rstrip(":")] = int(parts[1])
     return out

@@ -9,9 +9,10 @@ one after the other, and waits --settle seconds. Then, per container (averaged o
 /proc/<pid>/smaps of each process:
 - the shim: PSS, its private pages (written since the fork: refcounts, its own heap), pages still
   shared with the fork server, and the server's PSS share;
-- QEMU by mapping: TCG translation cache, guest RAM dirtied since the clone, guest RAM still the
-  template's, the malloc heap, the thread arenas, thread and coroutine stacks, QEMU's binary and
-  libraries (private pages: relocations, data), other; and the CPU seconds the shim and QEMU used
+- QEMU by mapping (qemu_kind): TCG translation cache, guest RAM dirtied since the clone, guest RAM
+  still the template's, the malloc heap, the thread arenas, large malloc blocks mmap'd alone, QEMU's
+  own RAM blocks (ROMs), thread and coroutine stacks, QEMU's binary and libraries (private pages:
+  relocations, data), other; and the CPU seconds the shim and QEMU used
   so far (start and settle: what a setting such as tcg_tb_size costs);
 - the guest as it sees itself (`ctr task exec ... cat /proc/meminfo` in one container): used, page
   cache, slab, free;
@@ -56,34 +57,43 @@ from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd  # noqa: E402
 ZERO_PAGE = bytes(4096)
 
 
-def qemu_kind(m: dict[str, Any], prev: dict[str, Any] | None) -> str:
+def qemu_kind(m: dict[str, Any], prev: dict[str, Any] | None, nxt: dict[str, Any] | None) -> str:
+    """What one mapping of QEMU is (QEMU 7.2 on glibc: the layout is recognised by sizes and alignment,
+    since QEMU's heap objects carry no names)."""
     name = m["name"]
     if name.endswith("/memory") or "memory-backend" in name or name.startswith("/memfd:"):
         return "guest"
     if name == "[heap]":
-        return "heap"
+        return "heap"  # the main thread's malloc heap: devices, memory regions, TCG's TB hash, ...
     if name.startswith("[stack"):
-        return "stacks"
+        return "thread_stacks"
     if name.startswith("/"):
-        return "binary+libs"
+        return "binary+libs"  # only their private pages count: relocations, .data/.bss
     if name:
         return "other"
     if "x" in m["perms"]:  # TCG's code buffer: one rwx mapping per region (guard pages between)
         return "tcg_cache"
-    # a thread's stack or a coroutine's: a rw mapping right after its guard page (---p)
-    if prev is not None and prev["perms"].startswith("---") and m["size"] <= 8 << 10 and not prev["name"]:
-        return "stacks"
-    # glibc's thread arenas: 64 MiB reservations, mostly PROT_NONE, the used head rw
-    if m["size"] < 64 << 10 and prev is not None and not prev["name"] and prev["perms"].startswith("---"):
+    guarded_below = prev is not None and not prev["name"] and prev["perms"].startswith("---") \
+        and prev["start"] + prev["size"] * 1024 == m["start"]
+    reserved_above = nxt is not None and not nxt["name"] and nxt["perms"].startswith("---") \
+        and m["start"] + m["size"] * 1024 == nxt["start"]
+    # glibc's thread arenas: 64 MiB-aligned reservations, mostly PROT_NONE, the used head rw
+    if m["start"] % (64 << 20) == 0 and reserved_above and m["size"] + nxt["size"] == 64 << 10:
         return "arenas"
-    return "other_anon"
+    if guarded_below and m["size"] == 8 << 10:
+        return "thread_stacks"  # 8 MiB (glibc's default) above a guard page
+    if guarded_below and m["size"] == 1 << 10:
+        return "coroutine_stacks"  # QEMU's 1 MiB coroutine stacks (the 9p server, block I/O)
+    if m["start"] % (2 << 20) == 0 and reserved_above and nxt["size"] == 4:
+        return "ram_blocks"  # QEMU's own RAM blocks (ROMs, ACPI tables): 2 MiB-aligned, a guard page above
+    return "malloc_mmap"  # large malloc blocks mmap'd alone: TCG's softmmu TLBs, big buffers
 
 
 def qemu_parts(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    prev = None
-    for m in mappings(pid):
-        kind = qemu_kind(m, prev)
+    maps = mappings(pid)
+    for i, m in enumerate(maps):
+        kind = qemu_kind(m, maps[i - 1] if i else None, maps[i + 1] if i + 1 < len(maps) else None)
         if kind == "guest":
             # Pages KSM merged are anonymous yet shared: count the mapping's PSS once (never negative)
             anon = min(m.get("Anonymous", 0), m.get("Pss", 0))
@@ -91,7 +101,6 @@ def qemu_parts(pid: int) -> dict[str, float]:
             out["guest_template"] = out.get("guest_template", 0) + m.get("Pss", 0) - anon
         else:
             out[kind] = out.get(kind, 0) + m.get("Pss", 0)
-        prev = m
     return out
 
 

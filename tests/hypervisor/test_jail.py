@@ -328,3 +328,39 @@ def test_ram_preload_opens_only_the_template_memory_read_only(tmp_path: Path) ->
     lib.chmod(0o777)
     assert ramreadonly.library(tmp_path / "cache") == lib and lib.stat().st_ino != built
     assert stat.S_IMODE(lib.stat().st_mode) == 0o755
+
+
+def test_ram_preload_keeps_small_blocks_off_huge_pages(tmp_path: Path) -> None:
+    """The clone's preload library: QEMU's madvise(MADV_HUGEPAGE) of a region of at most 2 MiB (a ROM,
+    such as the ACPI tables' 2 MiB block) becomes MADV_NOHUGEPAGE, so one write does not cost a whole
+    huge page; a larger region (guest RAM, TCG's code buffer) keeps MADV_HUGEPAGE. A real process
+    (python) runs with it; the kernel's record of the advice (smaps VmFlags: hg / nh) is checked."""
+    lib = ramreadonly.library(tmp_path / "cache")
+    assert lib is not None
+    probe = (
+        "import ctypes, mmap\n"
+        "def flags(m):\n"
+        "    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))\n"
+        "    hit = False\n"
+        "    for line in open('/proc/self/smaps'):\n"
+        "        head = line.split()[0]\n"
+        "        if '-' in head and ':' not in head:\n"
+        "            lo, hi = (int(x, 16) for x in head.split('-'))\n"
+        "            hit = lo <= addr < hi\n"
+        "        elif hit and head == 'VmFlags:':\n"
+        "            return set(line.split()[1:])\n"
+        "out = []\n"
+        "for size in (2 << 20, 4 << 20):\n"
+        "    m = mmap.mmap(-1, size)\n"
+        "    m.madvise(mmap.MADV_HUGEPAGE)\n"
+        "    f = flags(m)\n"
+        "    out.append('hg' if 'hg' in f else 'nh' if 'nh' in f else '-')\n"
+        "print(*out)\n"
+    )
+    env = {**os.environ, **ramreadonly.environment(lib, tmp_path / "memory")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert out == ["nh", "hg"]
+    # without the library, the small region keeps the advice it was given (the probe is sound)
+    plain = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout.split()
+    assert plain == ["hg", "hg"]

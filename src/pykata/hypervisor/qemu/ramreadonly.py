@@ -10,6 +10,10 @@ read access, so a clone's QEMU runs with a small preload library (ramreadonly.c,
 host's C compiler into <cache_dir>/ramro/) whose open() opens exactly that path read-only; QEMU 8.2's
 `readonly=on,rom=off` would do it without one. The driver checks QEMU's descriptor once it runs
 (`check_read_only`); a host without a C compiler runs clones as before, with a warning.
+
+The same library keeps QEMU's small RAM blocks (ROMs, firmware tables: at most 2 MiB) off transparent
+huge pages: QEMU 7.2 asks for huge pages on every RAM block, and the ACPI tables' block (2 MiB of address
+space, a few KiB written by the state load) cost each clone a whole 2 MiB huge page (ramreadonly.c).
 """
 
 from __future__ import annotations
