@@ -40,6 +40,10 @@ def _run_pod(cri: Cri, cgroup_parent: str) -> str:
     config = api_pb2.PodSandboxConfig(
         metadata=api_pb2.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="pykata-test"),
         hostname=name, linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=cgroup_parent))
+    return _run_pod_config(cri, config)
+
+
+def _run_pod_config(cri: Cri, config: api_pb2.PodSandboxConfig) -> str:
     reply = cri.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler="pykata"),
                                  timeout=cri.timeout)
     return str(reply.pod_sandbox_id)
@@ -105,27 +109,42 @@ def test_pure_v2_overhead_cgroup(tmp_path_factory: pytest.TempPathFactory) -> No
 
 @pytest.mark.vm
 def test_unwritable_cgroup_root(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """No cgroup hierarchy at runtime.cgroup_root: the overhead cgroup is bookkeeping, so the pod runs
-    (in the shim's cgroup); with sandbox_cgroup_only the pod fails naming the setting, and no VM starts."""
-    not_cgroups = tmp_path_factory.mktemp("not-cgroups")
-    ctd = _containerd(tmp_path_factory.mktemp("cri-nocg"), tmp_path_factory.mktemp("cache"),
-                      cgroup_root=f'"{not_cgroups}"')
+    """A sandbox cgroup that cannot be made fails the pod, as Kata's: the cgroup root is a real cgroup2
+    hierarchy through a read-only bind mount (mkdir: EROFS), and the error names the cgroup's path and
+    the cause; no VM starts and nothing is left. With runtime.allow_uncharged_sandbox = true (an admin's
+    file, through io.katacontainers.config_path) the pod runs, uncharged, in the shim's cgroup."""
+    mnt = tmp_path_factory.mktemp("cgroup2")
+    read_only = tmp_path_factory.mktemp("cgroup2-ro")
+    subprocess.run(["mount", "-t", "cgroup2", "none", str(mnt)], check=True)
+    ctd = None
     try:
-        strict = admin_config(ctd.pod_configs / "strict.toml", cgroup_root=f'"{not_cgroups}"',
-                              sandbox_cgroup_only="true")
+        subprocess.run(["mount", "--bind", str(mnt), str(read_only)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only)], check=True)
+        parent = f"pykata-test-kubepods-{uuid.uuid4().hex[:8]}"
+        ctd = _containerd(tmp_path_factory.mktemp("cri-nocg"), tmp_path_factory.mktemp("cache"),
+                          cgroup_root=f'"{read_only}"')
+        uncharged = admin_config(ctd.pod_configs / "uncharged.toml", cgroup_root=f'"{read_only}"',
+                                 allow_uncharged_sandbox="true")
         with Cri(ctd.socket) as cri:
-            pod_id = _run_pod(cri, "")
-            _end_pod(ctd, cri, pod_id)
             name = f"cg-{uuid.uuid4().hex[:8]}"
             config = api_pb2.PodSandboxConfig(
                 metadata=api_pb2.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="pykata-test"),
-                hostname=name, annotations={"io.katacontainers.config_path": str(strict)})
+                hostname=name, linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=f"/{parent}/pod1"))
             with pytest.raises(grpc.RpcError) as info:
                 cri.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler="pykata"),
                                      timeout=cri.timeout)
-            assert "runtime.cgroup_root: " in str(info.value.details()), info.value.details()
+            details = str(info.value.details())
+            assert f"{parent}/pykata_overhead/" in details and f"{read_only}/{parent}" in details, details
+            assert "Read-only file system" in details, details
             assert not [p for p in cri.list_pods() if p.metadata.name == name]
-        assert not list(not_cgroups.iterdir())
+            assert not ctd.shims()
+            config.annotations["io.katacontainers.config_path"] = str(uncharged)
+            pod_id = _run_pod_config(cri, config)
+            _end_pod(ctd, cri, pod_id)
+        assert not list(mnt.glob(f"{parent}*"))
     finally:
-        ctd.stop()
-        assert not ctd.shims()
+        if ctd is not None:
+            ctd.stop()
+            assert not ctd.shims()
+        subprocess.run(["umount", str(read_only)], check=False)
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -149,3 +149,47 @@ def test_limits_only_on_pykatas_own_cgroup() -> None:
     assert not pod.owned
     with pytest.raises(cgroups.CgroupError, match="kubelet"):
         pod.set_limits(memory_bytes=1 << 30)
+
+
+@pytest.fixture
+def read_only_cgroup2(cgroup2: Path, tmp_path: Path) -> Iterator[Path]:
+    """A real cgroup2 hierarchy seen through a read-only bind mount: no cgroup can be made below it
+    (mkdir fails with EROFS), as on a host whose cgroupfs pykata may not write."""
+    ro = tmp_path / "cgroup2-ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(cgroup2), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_a_cgroup_that_cannot_be_made_fails_the_sandbox(read_only_cgroup2: Path, tmp_path: Path) -> None:
+    """The shim's join_cgroup fails (naming the cgroup's path and the cause) when the sandbox's cgroup
+    cannot be made, as Kata: a VM outside it is charged to no limit of the pod. Nothing is left made,
+    this process stays where it was. runtime.allow_uncharged_sandbox = true runs it uncharged instead."""
+    from types import SimpleNamespace
+
+    from pykata.config import Config, RuntimeConfig
+    from pykata.shim.tasks.pod import join_cgroup
+
+    sandbox_id = f"sb-{uuid.uuid4().hex[:8]}"
+    spec = {"linux": {"cgroupsPath": f"/pykata-test-pods/pod1/{sandbox_id}"}}
+    before = _cgroups_of(os.getpid())
+    for allow in (False, True):
+        runtime = RuntimeConfig(cgroup_root=str(read_only_cgroup2), runtime_dir=str(tmp_path / "run"),
+                                allow_uncharged_sandbox=allow)
+        st = SimpleNamespace(sandbox_id=sandbox_id, cgroup=None)
+        if allow:
+            join_cgroup(st, Config(runtime=runtime), spec)  # type: ignore[arg-type]
+        else:
+            with pytest.raises(cgroups.CgroupError) as err:
+                join_cgroup(st, Config(runtime=runtime), spec)  # type: ignore[arg-type]
+            message = str(err.value)
+            assert f"pykata-test-pods/pykata_overhead/{sandbox_id}" in message, message
+            assert f"{read_only_cgroup2}/pykata-test-pods" in message and "Read-only file system" in message, message
+        assert st.cgroup is None
+        assert _cgroups_of(os.getpid()) == before
+        assert not (read_only_cgroup2 / "pykata-test-pods").exists()
+        assert not list((tmp_path / "run" / "cgroups").glob("*"))

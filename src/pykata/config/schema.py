@@ -164,6 +164,9 @@ class RuntimeConfig:
     # True: QEMU, virtiofsd and the shim run in the pod's cgroup (the sandbox spec's linux.cgroupsPath);
     # False: in a per-sandbox cgroup under pykata_overhead/ (pykata.resources.cgroups).
     sandbox_cgroup_only: bool = False
+    # False (Kata's behaviour): a pod whose host cgroup cannot be made fails. True: it runs anyway, in
+    # the shim's own cgroup, with a warning: its VM is then charged to no pod's limit.
+    allow_uncharged_sandbox: bool = False
     # Where the host's cgroup hierarchies are mounted (cgroup v2, or v1 controllers as subdirectories).
     cgroup_root: str = "/sys/fs/cgroup"
     runtime_dir: str = "/run/pykata"

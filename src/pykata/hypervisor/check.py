@@ -128,10 +128,14 @@ def host_cgroups(config: Config, root: Path | None = None) -> CheckResult:
     if [name for name in v1 if name != "unified"]:
         return CheckResult("host-cgroups", "pass", f"cgroup v1 at {root}{hybrid}: {' '.join(v1)}; sandboxes are "
                                                  f"charged to {where} in each")
-    status: Status = "fail" if config.runtime.sandbox_cgroup_only else "warn"
-    return CheckResult("host-cgroups", status,
-                       f"no cgroup hierarchy at {root}{hybrid}: sandboxes are not charged to any host cgroup "
-                       "(containers still get cgroup v2 inside the guest)",
+    if config.runtime.allow_uncharged_sandbox:
+        return CheckResult("host-cgroups", "warn",
+                           f"no cgroup hierarchy at {root}{hybrid}: pods run uncharged to any host cgroup "
+                           "(runtime.allow_uncharged_sandbox)",
+                           "mount cgroup2 at runtime.cgroup_root, or boot with systemd.unified_cgroup_hierarchy=1")
+    return CheckResult("host-cgroups", "fail",
+                       f"no cgroup hierarchy at {root}{hybrid}: pods fail, since their VMs could not be charged "
+                       "to a host cgroup (runtime.allow_uncharged_sandbox = true runs them uncharged)",
                        "mount cgroup2 at runtime.cgroup_root, or boot with systemd.unified_cgroup_hierarchy=1")
 
 

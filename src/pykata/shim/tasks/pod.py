@@ -116,6 +116,12 @@ async def _try_warm(st: TaskState, warm: Sandbox, config: Config, vcpus: int | N
         except NetworkError as e:
             log.warning("the pooled VM's NIC could not be wired to the pod's network: %s", e)
             why = "its NIC could not be wired"
+        except cgroups.CgroupError:
+            # the pod fails (join_cgroup, _vm_into_cgroup): its pooled VM is not left running, and
+            # the cgroup, if made, is removed once the VM's processes are gone
+            await warm.stop(remove=True)
+            leave_cgroup(st)
+            raise
     log.info("the pooled VM does not fit this pod (%s): booting one", why)
     await warm.stop(remove=True)
     return None
@@ -133,7 +139,7 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
     # cgroup v1 each of the ~50 moves (every process in every hierarchy) may wait for an RCU grace
     # period, 10-30 ms in all on the pooled start's path. The guest runs nothing of the pod until the
     # pod's first container is created, after both.
-    moving = asyncio.ensure_future(asyncio.to_thread(_vm_into_cgroup, st))
+    moving = asyncio.ensure_future(asyncio.to_thread(_vm_into_cgroup, st, config))
     log.info("taking the VM from the warm pool (%s)", warm.dir.name)
     try:
         await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True,
@@ -143,17 +149,19 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
             await asyncio.shield(moving)
         leave_cgroup(st)
         raise
-    await moving
+    await moving  # a CgroupError: _try_warm stops the VM, then leaves the cgroup
     mark("vm.cgroup")
     st.sandbox = warm
     st.spawn(_refill_later(st, config), "refill-pool")
     return _watch(st, warm)
 
 
-def _vm_into_cgroup(st: TaskState) -> None:
+def _vm_into_cgroup(st: TaskState, config: Config) -> None:
     """Move every process below the shim (the pooled VM's QEMU, its lifeline wrappers and helpers)
-    into the sandbox's cgroup, which the shim joined. Never raises: a VM that cannot be moved stays
-    outside (logged)."""
+    into the sandbox's cgroup, which the shim joined.
+
+    Raises CgroupError when one cannot be moved, unless runtime.allow_uncharged_sandbox (then it stays
+    outside, logged), as join_cgroup."""
     if st.cgroup is None:
         return
     cg = st.cgroup[0]
@@ -161,7 +169,9 @@ def _vm_into_cgroup(st: TaskState) -> None:
         for pid in descendants(os.getpid()):
             cg.add_process(pid)
     except cgroups.CgroupError as e:
-        log.warning("the pooled VM stays outside the pod's cgroup: %s", e)
+        if not config.runtime.allow_uncharged_sandbox:
+            raise
+        log.warning("runtime.allow_uncharged_sandbox: the pooled VM stays outside the pod's cgroup: %s", e)
 
 
 async def _refill_later(st: TaskState, config: Config) -> None:
@@ -205,7 +215,11 @@ def join_cgroup(st: TaskState, config: Config, spec: dict[str, Any]) -> None:
     """Move the shim, and so the QEMU and virtiofsd it starts, into the sandbox's host cgroup
     (pykata.resources.cgroups): the pod's `linux.cgroupsPath` with runtime.sandbox_cgroup_only.
 
-    Raises InvalidArgument naming linux.cgroupsPath when the pod's path is refused."""
+    Raises InvalidArgument naming linux.cgroupsPath when the pod's path is refused, and CgroupError
+    (the cgroup's path and the cause) when it cannot be made or joined, unless
+    runtime.allow_uncharged_sandbox: a VM outside the pod's cgroups is charged to no limit kubelet
+    set, so a guest that ignores its balloon could use its boot memory beyond them (Kata fails such a
+    pod too). Nothing is left made either way (cgroups.join)."""
     linux = spec.get("linux")
     spec_path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
     try:
@@ -213,10 +227,10 @@ def join_cgroup(st: TaskState, config: Config, spec: dict[str, Any]) -> None:
     except cgroups.CgroupError as e:
         if e.field == cgroups.FIELD:
             raise InvalidArgument(e.field, str(e).removeprefix(f"{e.field}: ")) from None
-        if config.runtime.sandbox_cgroup_only:
-            raise  # the admin asked for the pod's accounting: no VM outside it
-        # the overhead cgroup is bookkeeping: a host whose cgroups pykata cannot write still runs pods
-        log.warning("sandbox processes stay in the shim's cgroup: %s", e)
+        if not config.runtime.allow_uncharged_sandbox:
+            raise
+        log.warning("runtime.allow_uncharged_sandbox: the sandbox's processes stay in the shim's cgroup, "
+                    "charged to no limit of the pod: %s", e)
         return
     st.cgroup = (cg, config)
 
