@@ -14,7 +14,7 @@ over the 4 MiB limit, then garbage), oversize (a valid answer stuffed to ~4 MiB)
 exit statuses, lengths, versions, ids no honest agent sends), wrongid (the answer on a stream id the
 host never opened), flood (64 KiB data frames on a unary call; for GetOOMEvent an OOM event for every
 call, at once), ignore (an honest-looking empty answer, the request not carried out: a SignalProcess
-acknowledged, nothing killed).
+acknowledged, nothing killed), trickle (WriteStdin: one byte acknowledged per answer, none written).
 
 Only the standard library, protobuf and pykata may be imported here (that is what the guest has).
 """
@@ -35,7 +35,7 @@ from pykata.ttrpc.server import Server
 log = logging.getLogger("pykata.agent.hostile")
 
 MARKER = "pykata-hostile="
-ATTACKS = ("hang", "malformed", "bigframe", "oversize", "outofrange", "wrongid", "flood", "ignore")
+ATTACKS = ("hang", "malformed", "bigframe", "oversize", "outofrange", "wrongid", "flood", "ignore", "trickle")
 _BIG = (4 << 20) - (16 << 10)  # just under ttrpc's 4 MiB frame limit
 
 
@@ -152,6 +152,9 @@ class HostileServer(Server):
             await asyncio.Event().wait()
         elif kind == "ignore":
             proto.write(conn.send_response(sid, b""))
+        elif kind == "trickle":
+            length = min(1, len(getattr(req, "data", b"")))
+            proto.write(conn.send_response(sid, agent_pb2.WriteStreamResponse(length=length).SerializeToString()))
         elif kind == "malformed":
             proto.write(conn.send_response(sid, b"\xff\xff\xff\xff\x0f" * 8))
         elif kind == "bigframe":

@@ -263,7 +263,7 @@ async def test_sdk_survives_a_hostile_agent(hostile_dir: Path) -> None:
     cells = [("ExecProcess", "outofrange"), ("ExecProcess", "malformed"), ("ExecProcess", "hang"),
              ("WaitProcess", "outofrange"), ("WaitProcess", "oversize"),
              ("ReadStdout", "outofrange"), ("ReadStdout", "oversize"), ("ReadStderr", "malformed"),
-             ("WriteStdin", "outofrange"), ("WriteStdin", "malformed")]
+             ("WriteStdin", "outofrange"), ("WriteStdin", "malformed"), ("WriteStdin", "trickle")]
     sb = AsyncSandbox(config=config)
     await sb.start()
     sandbox_id = sb.id
@@ -272,9 +272,12 @@ async def test_sdk_survives_a_hostile_agent(hostile_dir: Path) -> None:
         assert honest.exit_code == 0 and honest.stdout == b"hi\n"
         for rpc, attack in cells:
             started = time.monotonic()
+            # trickle: more than the exec itself carries (1 MiB), so WriteStdin carries the rest;
+            # acknowledged a byte per answer, it was sent again whole per byte (~20 GiB here): now cut off
+            stdin = b"input\n" * (350_000 if attack == "trickle" else 1000)
             try:
                 r = await sb.exec(["sh", "-c", "echo out; cat >/dev/null", marker(**{rpc: attack})],
-                                  stdin=b"input\n" * 1000, timeout=2 * REQUEST_TIMEOUT + 10)
+                                  stdin=stdin, timeout=2 * REQUEST_TIMEOUT + 10)
                 outcome = f"ok: exit {r.exit_code}, {len(r.stdout)} bytes of stdout"
                 assert 0 <= r.exit_code <= 255
             except Exception as e:  # the outcome is the point
@@ -283,6 +286,8 @@ async def test_sdk_survives_a_hostile_agent(hostile_dir: Path) -> None:
             secs = time.monotonic() - started
             record(rpc, attack, "SDK exec", outcome, secs)
             assert secs < 2 * REQUEST_TIMEOUT + 15
+            if attack == "trickle":
+                assert "WriteStdin" in outcome and "piecemeal" in outcome and secs < REQUEST_TIMEOUT, (outcome, secs)
             peak = max(peak, _own_rss())
             # the sandbox still works for the next caller
             assert (await sb.exec(["true"], timeout=30)).exit_code == 0

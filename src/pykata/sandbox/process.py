@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from pykata.agentapi.errors import AgentReplyError
 from pykata.agentapi.replies import Exited
 from pykata.protocols.agent import agent_pb2
 
@@ -95,12 +96,16 @@ class Process:
     async def write_stdin(self, data: bytes) -> None:
         """Write all of `data` to the process's stdin, up to WRITE_AHEAD chunks in flight (the agent
         takes them in the order sent). A chunk taken only in part means stdin closed or the process
-        went away: the rest is sent again, which fails with the agent's error."""
+        went away: the rest is sent again, once, which fails with the agent's error.
+
+        Raises AgentError; AgentReplyError (field `length`) when the agent takes part of that rest
+        again (see _resend)."""
         view = memoryview(data)
         if len(view) <= READ_CHUNK:
-            while view:
+            if view:
                 taken = await self._agent.write_stdin(self.container_id, self.exec_id, bytes(view))
-                view = view[taken:]
+                if taken < len(view):
+                    await self._resend(view[taken:])
             return
         pending: deque[tuple[asyncio.Future[int], int, int]] = deque()
         try:
@@ -119,9 +124,22 @@ class Process:
 
     async def _taken(self, fut: asyncio.Future[int], start: int, length: int, view: memoryview) -> None:
         taken = await fut
-        rest = view[start + taken:start + length]
-        while rest:  # stdin closed midway: this raises the agent's error
-            rest = rest[await self._agent.write_stdin(self.container_id, self.exec_id, bytes(rest)):]
+        if taken < length:  # stdin closed midway: the resend raises the agent's error
+            await self._resend(view[start + taken:start + length])
+
+    async def _resend(self, rest: memoryview) -> None:
+        """Send again the `rest` of a chunk the agent took only in part. An honest agent takes part of a
+        chunk only when stdin closed or the process ended midway, so this fails with its error. One that
+        takes part of the rest again is acknowledging piecemeal: resent until taken, a byte per answer
+        would cost a whole chunk's copy and transfer per byte (up to 1 MiB each), so it is cut off: at
+        most twice the input crosses the channel.
+
+        Raises AgentError; AgentReplyError (field `length`) for a second partial take."""
+        taken = await self._agent.write_stdin(self.container_id, self.exec_id, bytes(rest))
+        if taken < len(rest):
+            raise AgentReplyError(self._agent.sandbox_id, "WriteStdin", "length",
+                                  f"{taken} of {len(rest)} bytes taken of a resend after a partial write: "
+                                  "stdin acknowledged piecemeal, cut off")
 
     async def close_stdin(self) -> None:
         await self._agent.close_stdin(self.container_id, self.exec_id)

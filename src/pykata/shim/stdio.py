@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from pykata.agentapi import AgentReplyError
 from pykata.errors import InvalidArgument, PykataError
 from pykata.sandbox.process import Process, Stream
 from pykata.timing import mark
@@ -327,7 +328,9 @@ class ProcessIO:
                 await proc.write_stdin(data)
             await proc.close_stdin()
         except PykataError as e:
-            log.debug("stdin of %s/%s: %s", proc.container_id, proc.exec_id, e)
+            # a reply out of contract (e.g. stdin acknowledged piecemeal, cut off) is the guest's doing
+            (log.warning if isinstance(e, AgentReplyError) else log.debug)(
+                "stdin of %s/%s: %s", proc.container_id, proc.exec_id, e)
             # What cannot be delivered ends the stream: the process sees the end of its stdin
             # instead of waiting for input that will never come (e.g. an agent's WriteStdin answer
             # was refused).
