@@ -227,7 +227,44 @@ def test_user_names_and_entrypoint_as_docker_takes_them() -> None:
     p = pykata("run", "--rm", "-u", "nobody", "--entrypoint", "id", "busybox")
     assert p.returncode == 0, p.stderr
     out = p.stdout.decode()
-    assert out.startswith("uid=65534(nobody) gid=65534(nogroup)"), out
+    assert out == "uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)\n", out
+
+
+@pytest.mark.vm
+def test_user_groups_as_docker_gives_them(tmp_path: Path) -> None:
+    """-u of run and exec resolve as docker's (runc's user.GetExecUser, moby's getUser; the table of
+    rules is tests/sandbox/test_imageuser.py): a named user gets the groups of /etc/group that list it,
+    after its primary group; a number not in /etc/passwd gets group 0 (pykata gave it its own number);
+    USER:GROUP takes that group alone. Through an OCI bundle (bundle_spec_with) for run, then exec."""
+    from pykata.images import ImageStore
+    from pykata.sandbox import build_spec
+
+    busybox = ImageStore(tmp_path / "cache").resolve("busybox").rootfs
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    subprocess.run(["cp", "-a", str(busybox), str(bundle / "rootfs")], check=True)
+    (bundle / "rootfs/etc/group").write_text("root:x:0:\nwheel:x:10:root,nobody\nstaff:x:50:nobody\n"
+                                             "nogroup:x:65534:\n")
+    spec = build_spec(["id"], env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+    (bundle / "config.json").write_text(json.dumps({**spec, "root": {"path": "rootfs"}}))
+    # (the kernel keeps supplementary groups sorted: id lists them by number)
+    want = {"nobody": "uid=65534(nobody) gid=65534(nogroup) groups=10(wheel),50(staff),65534(nogroup)",
+            "65534": "uid=65534(nobody) gid=65534(nogroup) groups=10(wheel),50(staff),65534(nogroup)",
+            "4242": "uid=4242 gid=0(root) groups=0(root)",
+            "nobody:staff": "uid=65534(nobody) gid=50(staff) groups=50(staff)",
+            "4242:4343": "uid=4242 gid=4343 groups=4343",
+            "0": "uid=0(root) gid=0(root) groups=0(root),10(wheel)"}
+    p = pykata("run", "--rm", "-u", "nobody", str(bundle))
+    assert (p.returncode, p.stdout.decode()) == (0, want["nobody"] + "\n"), p.stderr
+    name = f"g-{uuid.uuid4().hex[:6]}"
+    try:
+        p = pykata("run", "-d", "--name", name, str(bundle), "sleep", "600")
+        assert p.returncode == 0, p.stderr
+        for user, line in want.items():
+            p = pykata("exec", "-u", user, name, "id")
+            assert (p.returncode, p.stdout.decode()) == (0, line + "\n"), (user, p.stderr)
+    finally:
+        pykata("rm", "-f", name)
 
 
 @pytest.mark.vm

@@ -30,7 +30,7 @@ from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
-from pykata.sandbox.imageuser import resolve_user
+from pykata.sandbox.imageuser import ExecUser, resolve_user
 from pykata.sandbox.lookup import (
     Found,
     NotFoundError,
@@ -39,7 +39,7 @@ from pykata.sandbox.lookup import (
     remove_sandbox_dir,
     sweep_filter_rules,
 )
-from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, parse_user, with_init
+from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, with_init
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
 from pykata.sandbox.state import list_sandboxes
@@ -195,15 +195,16 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(image_ref)
     # -u, else the image's USER (docker's order), names looked up in the image's /etc/passwd and group
     user_text, user_field = (user, "--user") if user else (image.config.user, "the image's config.User")
-    uid_gid = resolve_user(image.rootfs, user_text, user_field) if user_text else (0, 0)
+    who = resolve_user(image.rootfs, user_text, user_field) if user_text else _root_user(image.rootfs)
     args = process_args(image.config.entrypoint, image.config.cmd, command, entrypoint)
     if image.bundle_spec is not None:
         given = args if entrypoint is not None else list(command)
-        spec = bundle_spec_with(image.bundle_spec, given, envs, workdir, uid_gid if user else None, tty_,
-                                mem, cpus)
+        spec = bundle_spec_with(image.bundle_spec, given, envs, workdir, (who.uid, who.gid) if user else None,
+                                tty_, mem, cpus, groups=who.groups)
     else:
         spec = build_spec(args, env=[*image.config.env, *envs], cwd=workdir or image.config.working_dir,
-                          user=uid_gid, terminal=tty_, hostname=name or "pykata", memory_bytes=mem, cpus=cpus)
+                          user=(who.uid, who.gid), groups=who.groups, terminal=tty_, hostname=name or "pykata",
+                          memory_bytes=mem, cpus=cpus)
     if init:
         spec = with_init(spec)
     if shared_fs is not None:
@@ -315,10 +316,10 @@ def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: 
 
 
 async def _exec_async(found: Found, command: tuple[str, ...], interactive: bool, tty_: bool,
-                      env: list[str], workdir: str, user: tuple[int, int]) -> int:
+                      env: list[str], workdir: str, user: ExecUser) -> int:
     async with await AttachedSandbox.attach(found) as sandbox:
-        proc = await sandbox.exec(found.record.id, list(command), env=env, cwd=workdir, uid=user[0], gid=user[1],
-                                  terminal=tty_)
+        proc = await sandbox.exec(found.record.id, list(command), env=env, cwd=workdir, uid=user.uid, gid=user.gid,
+                                  groups=user.groups, terminal=tty_)
         return await attach(proc, interactive=interactive)
 
 
@@ -343,25 +344,33 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
             _fail(f"{container} is a pod whose sandbox container has no process to exec in; exec into one of "
                   f"its containers (crictl exec, ctr task exec): {', '.join(sorted(found.record.containers))}", 126)
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env), os.environ), workdir,
-                                         _exec_user(found, user) if user else (0, 0)))
+                                         _exec_user(found, user) if user else ExecUser(0, 0)))
     except PykataError as e:
         _fail(str(e), failure_status(e, 126))
     sys.exit(status)
 
 
-def _exec_user(found: Found, user: str) -> tuple[int, int]:
-    """exec's -u: UID[:GID] as given, or names looked up in the container's image (resolve_user). Raises
-    SpecError naming --user."""
+def _root_user(rootfs: Path) -> ExecUser:
+    """Neither -u nor a USER: root, with the groups the image's /etc/group gives it, as docker's (user "")."""
     try:
-        return parse_user(user)
-    except SpecError:
-        pass
+        return resolve_user(rootfs, "0")
+    except SpecError:  # an /etc/passwd or /etc/group docker would read as empty
+        return ExecUser(0, 0, (0,))
+
+
+def _exec_user(found: Found, user: str) -> ExecUser:
+    """exec's -u, as docker exec's: looked up in the container's image as run's -u (resolve_user: names,
+    and numbers too, which get their primary and supplementary groups when the image lists them). A
+    container whose image pykata does not know takes numbers only (group 0 unless given). Raises
+    SpecError naming --user."""
     record = found.record.containers.get(found.record.id)
     if record is None or not record.image:
-        raise SpecError("--user", f"{user[:80]!r}: names are looked up in the container's image, and this "
-                                  "container has none pykata knows; give UID[:GID]")
+        return resolve_user(None, user)
     config = load_config()
-    image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(record.image)
+    try:
+        image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(record.image)
+    except PykataError:  # removed from the store since: numbers still work
+        return resolve_user(None, user)
     return resolve_user(image.rootfs, user)
 
 

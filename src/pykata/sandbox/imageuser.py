@@ -11,47 +11,86 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from pykata.sandbox.ocispec import SpecError
 
 MAX_FILE = 1 << 20
 MAX_ID = 2**32 - 1
+MAX_GROUPS = 256  # supplementary groups of one user (what the agent takes in additionalGids)
 
 
-def resolve_user(rootfs: Path, text: str, field: str = "--user") -> tuple[int, int]:
-    """USER[:GROUP] -> (uid, gid), each a number or a name looked up in the image at `rootfs`. A user
-    given alone gets its primary group from /etc/passwd (a number not listed there keeps itself as the
-    group, as `-u UID` did before names). Raises SpecError naming `field` and what was not found."""
+class ExecUser(NamedTuple):
+    """Who a process runs as: `uid`, `gid` and the supplementary `groups` (OCI additionalGids; docker puts
+    the primary group first, see resolve_user)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def resolve_user(rootfs: Path | None, text: str, field: str = "--user") -> ExecUser:
+    """USER[:GROUP] -> ExecUser, each a number or a name looked up in the image at `rootfs` (None: an image
+    pykata does not know, so numbers only), with docker's rules (runc's libcontainer user.GetExecUser,
+    which `docker run -u` and `docker exec -u` use):
+      - a user found in /etc/passwd (by name, or by number) gets its uid and primary group from there;
+        a number not listed there runs as itself with group 0;
+      - GROUP (a name from /etc/group, or a number, listed or not) replaces the primary group, and then
+        no supplementary group is added;
+      - without GROUP, a user found in /etc/passwd gets as supplementary groups every group of
+        /etc/group that lists its name among its members (in the file's order);
+      - the supplementary groups start with the primary group (docker since CVE-2022-36109, so that a
+        file's group permissions cannot be bypassed by dropping a group).
+    Raises SpecError naming `field` and what was not found."""
     user, sep, group = text.partition(":")
     if not user or (sep and not group) or "\0" in text:
         raise SpecError(field, f"{text[:80]!r} is not USER[:GROUP] (names or numbers)")
     uid = _number(user)
-    gid: int | None = None
-    if uid is None or not sep:
-        try:
-            passwd = _table(rootfs, "passwd", field)
-        except SpecError:
-            if uid is None:
-                raise
-            passwd = []  # a number needs no table: an image without /etc/passwd runs `-u 1000` as before
-        row = next((r for r in passwd if len(r) >= 4 and (r[0] == user if uid is None else _number(r[2]) == uid)),
-                   None)
-        if row is None and uid is None:
-            raise SpecError(field, f"no user {user[:80]!r} in the image's /etc/passwd")
-        if row is not None:
-            uid, primary = _number(row[2]), _number(row[3])
-            if uid is None or primary is None:
-                raise SpecError(field, f"the image's /etc/passwd entry of {user[:80]!r} has no numeric uid/gid")
-            gid = primary
+    gid = 0
+    try:
+        passwd = _table(rootfs, "passwd", field)
+    except SpecError:
+        if uid is None:
+            raise
+        passwd = []  # a number needs no table: an image without /etc/passwd runs `-u 1000` as docker does
+    row = next((r for r in passwd if len(r) >= 4 and (r[0] == user if uid is None else _number(r[2]) == uid)), None)
+    if row is None and uid is None:
+        raise SpecError(field, f"no user {user[:80]!r} in the image's /etc/passwd")
+    matched = ""
+    if row is not None:
+        uid, primary = _number(row[2]), _number(row[3])
+        if uid is None or primary is None:
+            raise SpecError(field, f"the image's /etc/passwd entry of {user[:80]!r} has no numeric uid/gid")
+        gid, matched = primary, row[0]
     assert uid is not None
     if sep:
-        gid = _number(group)
-        if gid is None:
-            row = next((r for r in _table(rootfs, "group", field) if len(r) >= 3 and r[0] == group), None)
-            if row is None or _number(row[2]) is None:
-                raise SpecError(field, f"no group {group[:80]!r} in the image's /etc/group")
-            gid = _number(row[2])
-    return uid, uid if gid is None else gid
+        number = _number(group)
+        try:
+            groups = _table(rootfs, "group", field)
+        except SpecError:
+            if number is None:
+                raise
+            groups = []
+        found = next((r for r in groups if len(r) >= 3 and (r[0] == group if number is None
+                                                             else _number(r[2]) == number)), None)
+        if found is None and number is None:
+            raise SpecError(field, f"no group {group[:80]!r} in the image's /etc/group")
+        listed = number if found is None else _number(found[2])
+        if listed is None:
+            raise SpecError(field, f"the image's /etc/group entry of {group[:80]!r} has no numeric gid")
+        return ExecUser(uid, listed, (listed,))
+    if not matched:
+        return ExecUser(uid, gid, (gid,))
+    try:
+        groups = _table(rootfs, "group", field)
+    except SpecError:
+        groups = []  # docker: no /etc/group, no supplementary groups
+    extra = tuple(n for r in groups if len(r) >= 4 and matched in r[3].split(",")
+                  and (n := _number(r[2])) is not None)
+    if len(extra) >= MAX_GROUPS:
+        raise SpecError(field, f"the image's /etc/group lists {matched[:80]!r} in {len(extra)} groups, "
+                               f"at most {MAX_GROUPS - 1}")
+    return ExecUser(uid, gid, (gid, *extra))
 
 
 def _number(text: str) -> int | None:
@@ -61,10 +100,13 @@ def _number(text: str) -> int | None:
     return value if value <= MAX_ID else None
 
 
-def _table(rootfs: Path, name: str, field: str) -> list[list[str]]:
-    """The image's /etc/`name` as rows of fields. Raises SpecError when it is missing, a symlink, not a
-    regular file or over MAX_FILE."""
+def _table(rootfs: Path | None, name: str, field: str) -> list[list[str]]:
+    """The image's /etc/`name` as rows of fields. Raises SpecError when it is missing (or the image is
+    not known: `rootfs` None), a symlink, not a regular file or over MAX_FILE."""
     where = f"the image's /etc/{name}"
+    if rootfs is None:
+        raise SpecError(field, f"{where} is not known to pykata (the container has no image it knows) to "
+                               "look names up; give numbers")
     try:
         root = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:

@@ -108,6 +108,14 @@ def parse_user(text: str, field: str = "--user") -> tuple[int, int]:
     return u, g
 
 
+def _user(user: tuple[int, int], groups: Sequence[int]) -> dict[str, Any]:
+    """An OCI process.user: additionalGids only when there are some (runc's spec omits an empty list)."""
+    out: dict[str, Any] = {"uid": user[0], "gid": user[1]}
+    if groups:
+        out["additionalGids"] = [int(g) for g in groups]
+    return out
+
+
 def check_cwd(cwd: str | None, field: str = "cwd") -> str | None:
     """`cwd` when it is None or an absolute path (checked on the host, before a VM boots). Raises
     SpecError naming `field`."""
@@ -137,9 +145,10 @@ def parse_env(items: list[str], host_env: Mapping[str, str] | None = None) -> li
 def build_spec(
     args: list[str], *, env: list[str], cwd: str = "/", user: tuple[int, int] = (0, 0), terminal: bool = False,
     hostname: str = "pykata", readonly_rootfs: bool = False, memory_bytes: int | None = None,
-    cpus: float | None = None,
+    cpus: float | None = None, groups: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """A runtime-spec 1.0 config for a container with its own namespaces (as runc's `spec`)."""
+    """A runtime-spec 1.0 config for a container with its own namespaces (as runc's `spec`); `groups`
+    are the user's supplementary groups (additionalGids)."""
     if not args:
         raise SpecError("COMMAND", "no command given and the image has no default command")
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
@@ -154,7 +163,7 @@ def build_spec(
         "ociVersion": "1.0.2",
         "process": {
             "terminal": terminal,
-            "user": {"uid": user[0], "gid": user[1]},
+            "user": _user(user, groups),
             "args": list(args),
             "env": env,
             "cwd": cwd,
@@ -335,7 +344,7 @@ def _joins_the_vms(ns: Any, spec: dict[str, Any]) -> bool:
 
 def bundle_spec_with(spec: dict[str, Any], args: list[str], env: list[str], cwd: str | None,
                      user: tuple[int, int] | None, terminal: bool, memory_bytes: int | None,
-                     cpus: float | None) -> dict[str, Any]:
+                     cpus: float | None, groups: Sequence[int] = ()) -> dict[str, Any]:
     """A bundle's own config.json with the run options that were given applied on top. Raises
     InvalidArgument for a malformed config.json (check_spec_shape), SpecError."""
     out = copy.deepcopy(check_spec_shape(spec))
@@ -347,7 +356,7 @@ def bundle_spec_with(spec: dict[str, Any], args: list[str], env: list[str], cwd:
     if cwd:
         proc["cwd"] = cwd
     if user is not None:
-        proc["user"] = {"uid": user[0], "gid": user[1]}
+        proc["user"] = _user(user, groups)
     if terminal:
         proc["terminal"] = True
     res = out.setdefault("linux", {}).setdefault("resources", {})

@@ -29,10 +29,11 @@ def new_exec_id(seq: int) -> str:
 
 
 def exec_spec(args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0, gid: int = 0,
-              terminal: bool = False) -> agent_pb2.Process:
-    """The process to exec for a command line (what `pykata exec` and the SDK ask for)."""
+              terminal: bool = False, groups: Sequence[int] = ()) -> agent_pb2.Process:
+    """The process to exec for a command line (what `pykata exec` and the SDK ask for); `groups`: the
+    user's supplementary groups."""
     return agent_pb2.Process(args=list(args), env=list(env), cwd=cwd, terminal=terminal,
-                             user=agent_pb2.User(uid=uid, gid=gid))
+                             user=agent_pb2.User(uid=uid, gid=gid, additional_gids=list(groups)))
 
 
 async def start_exec(agent: Agent, container_id: str, exec_id: str, process: agent_pb2.Process,

@@ -40,11 +40,12 @@ class AttachedSandbox:
 
     async def exec(self, container_id: str, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/",
                    uid: int = 0, gid: int = 0, terminal: bool = False, stdin: bytes = b"",
-                   close_stdin: bool = False) -> Process:
-        """Start another process in the container (`stdin` as Container.exec). Raises AgentError."""
+                   close_stdin: bool = False, groups: Sequence[int] = ()) -> Process:
+        """Start another process in the container (`stdin` as Container.exec; `groups`: supplementary
+        groups). Raises AgentError."""
         self._exec_seq += 1
         exec_id = new_exec_id(self._exec_seq)
-        process = exec_spec(args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal)
+        process = exec_spec(args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal, groups=groups)
         return await start_exec(self._agent, container_id, exec_id, process, stdin, close_stdin)
 
     async def debug_console(self, args: Sequence[str] = (), *, terminal: bool = False, term: str = "",
