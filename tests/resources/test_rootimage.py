@@ -189,3 +189,25 @@ def test_slot_table_shares_reuses_and_runs_out() -> None:
     t.forget(1)
     assert t.holding()[1] == (None, frozenset())
     assert SlotTable(0).acquire("a", "c1") is None
+
+
+def test_slot_table_prefill_is_tentative_until_a_container_of_that_image_takes_it() -> None:
+    t = SlotTable(3)
+    assert t.acquire("warm", "w") == SlotGrant(0, fill=True)
+    t.release("w")
+    assert t.prefill("warm") is None  # held already
+    assert t.prefill("recent") == 1
+    assert t.prefill("again") == 2 and t.tentative() == [1, 2]
+    t.forget(2)
+    assert t.holding()[1] == (None, frozenset())  # a snapshot never records a tentative image
+    # another image never takes the tentative slot (a failed fill would leave its image unrecorded)
+    assert t.acquire("other", "c1") == SlotGrant(2, fill=True)
+    assert t.acquire("other2", "c2") == SlotGrant(0, fill=True)  # the idle warm image replaced
+    assert t.acquire("other3", "c3") is None  # not the tentative slot
+    assert t.tentative() == [1]
+    t.forget(1)  # the caller emptied it
+    assert t.tentative() == []
+    t2 = SlotTable(2)
+    assert t2.prefill("recent") == 0
+    assert t2.acquire("recent", "c1") == SlotGrant(0, fill=False)
+    assert t2.tentative() == [] and t2.holding()[0] == ("recent", frozenset({"c1"}))

@@ -271,6 +271,9 @@ class FactoryConfig:
     # A pooled VM runs a throwaway container before it waits (agent WarmUp), so its pod's first
     # container starts on code QEMU has already translated (TCG).
     pool_warm_up: bool = True
+    # A pooled VM puts the image disk of the latest pooled pod's first container in a free image slot
+    # before it waits (tentatively: emptied before any container of another image runs).
+    pool_prefill_image: bool = True
     # A VM being made for the pool (restore, reseed, warm-up) runs at idle priority (SCHED_IDLE) for up
     # to pykata.factory.pool.IDLE_FILL_LIMIT seconds, so refilling never slows the pod starts.
     pool_fill_idle: bool = True

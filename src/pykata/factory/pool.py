@@ -15,6 +15,9 @@ Layout under <runtime_dir>/pool/ (root only, 0711):
     <eid>/       its sandbox directory (a claimed one stays here; sandboxes/<pod id> links to it)
     starting/<eid>  a claimed one whose pod has not started its first container yet (its pid): no
                  waiting VM is made while one is there (quiet_wait: not during a burst of starts)
+    recent-image the image disk key (pykata.resources.rootimage) of the latest pooled pod's first
+                 container: a waiting VM being made puts that disk in a free image slot ahead of time
+                 (factory.pool_prefill_image), so a pod of the same image fills no slot at hand-out
 
 With factory.pool_nics = 1 each waiting VM has one NIC, on a tap in a holding network namespace of its
 own (pykata.network.holding), and serves only pods that bring a network namespace (CRI): `shim start`
@@ -157,6 +160,32 @@ def _register(config: Config, entry_id: str, pid: int) -> PoolEntry:
                                          "created_at": entry.created_at, "start": entry.start}),
                  make_parents=False)
     return entry
+
+
+RECENT_IMAGE = "recent-image"
+IMAGE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def remember_image(config: Config, key: str) -> None:
+    """Record `key` (an image disk's key) as the image pooled pods asked for last, for the waiting VMs
+    made from now on (recent_image). Writes only when it changed. Never raises."""
+    if config.factory.pool_size <= 0 or not config.factory.pool_prefill_image or not IMAGE_KEY.fullmatch(key):
+        return
+    path = pool_root(config) / RECENT_IMAGE
+    with contextlib.suppress(OSError):
+        if path.read_text()[:256] == key:
+            return
+    with contextlib.suppress(OSError):
+        atomic_write(path, key, make_parents=False)
+
+
+def recent_image(config: Config) -> str | None:
+    """The image disk key remember_image recorded last, or None (none, or not a key). Never raises."""
+    try:
+        key = (pool_root(config) / RECENT_IMAGE).read_text()[:256]
+    except OSError:
+        return None
+    return key if IMAGE_KEY.fullmatch(key) else None
 
 
 def starting_marker(entry: PoolEntry) -> Path:

@@ -236,6 +236,14 @@ class RootImageCache:
             return None
         return _with_usage(RootImage(key, final, stat.S_IMODE(root_mode)))
 
+    def built(self, key: str) -> Path | None:
+        """The disk of the image whose key (RootImage.key) is `key` if it is built, else None (a key
+        that is not a plain file name is never found)."""
+        if not key or "/" in key or key.startswith(".") or "\0" in key:
+            return None
+        final = self.dir / f"{key}{SUFFIX}"
+        return final if self._touch(final) else None
+
     def _touch(self, path: Path) -> bool:
         try:
             os.utime(path)  # the mtime is the last use: eviction goes by it

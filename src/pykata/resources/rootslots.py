@@ -3,6 +3,11 @@
 Containers of the same image share a slot. A slot stays filled after its last container is removed
 (a restarted container finds its image there); it is given another image only when no free slot is
 left, least recently used first. Pure bookkeeping: the caller fills the slot it is told to.
+
+A slot may be filled *tentatively* before the VM serves anyone (a pooled VM pre-filled with the image
+pods asked for last, pykata.factory.pool.recent_image): until a container of that image acquires it,
+it is given to no other image, and `tentative` names what is still tentative so that the caller
+empties it before any container runs (a pod never sees an image none of its containers uses).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ class _Slot:
     key: str | None = None
     users: set[str] = field(default_factory=set)
     used: int = 0
+    tentative: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,33 @@ class SlotTable:
             if s.key == key:
                 s.users.add(user)
                 s.used = next(self._clock)
+                s.tentative = False
                 return SlotGrant(i, fill=False)
-        idle = [(s.key is not None, s.used, i) for i, s in enumerate(self._slots) if not s.users]
+        # not a tentative slot: if filling failed, it would hold the tentative image unrecorded
+        idle = [(s.key is not None, s.used, i) for i, s in enumerate(self._slots) if not s.users and not s.tentative]
         if not idle:
             return None
         _, _, i = min(idle)  # an empty slot first, else the least recently used idle one
         s = self._slots[i]
         s.key, s.users, s.used = key, {user}, next(self._clock)
         return SlotGrant(i, fill=True)
+
+    def prefill(self, key: str) -> int | None:
+        """The slot to fill tentatively with image `key` (an empty one; the caller fills it, then
+        nothing needs doing: the slot is recorded as holding `key` tentatively), or None: `key` is
+        held already or no slot is empty."""
+        if any(s.key == key for s in self._slots):
+            return None
+        for i, s in enumerate(self._slots):
+            if s.key is None and not s.users:
+                self._slots[i] = _Slot(key, set(), 0, tentative=True)
+                return i
+        return None
+
+    def tentative(self) -> list[int]:
+        """The slots still holding a tentative image no container acquired: the caller empties each
+        (before any container runs in the VM), then `forget`s it."""
+        return [i for i, s in enumerate(self._slots) if s.tentative]
 
     def occupy(self, slot: int, key: str, users: set[str]) -> None:
         """Record that slot `slot` holds image `key` used by `users` (a VM restored from a snapshot,
@@ -64,5 +89,6 @@ class SlotTable:
             s.users.discard(user)
 
     def holding(self) -> dict[int, tuple[str | None, frozenset[str]]]:
-        """Slot -> (image key, users), for inspection."""
-        return {i: (s.key, frozenset(s.users)) for i, s in enumerate(self._slots)}
+        """Slot -> (image key, users), for inspection and snapshots; a tentative image shows as none
+        (it is emptied before any container runs, and a restore never fills it again)."""
+        return {i: (None if s.tentative else s.key, frozenset(s.users)) for i, s in enumerate(self._slots)}

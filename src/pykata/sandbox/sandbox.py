@@ -37,7 +37,7 @@ from pykata.agentapi.replies import Reseeded
 from pykata.config import Config, load_config
 from pykata.config.schema import Virtio9pCache
 from pykata.errors import InvalidArgument, PykataError, SandboxError
-from pykata.factory import start_vm, sync_guest_clock
+from pykata.factory import pool, start_vm, sync_guest_clock
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.devices import Device, NetDevice, root_slot_serial
 from pykata.hypervisor.readiness import MAX_STRETCH
@@ -462,6 +462,8 @@ class Sandbox:
             warm = config.factory.pool_warm_up and sb.agent.supports(4)
             if warm and not await sb._warm_up_image_path():
                 await sb.agent.warm_up(timeout=WARM_UP_TIMEOUT)
+            if config.factory.pool_prefill_image:
+                await sb._prefill_recent_image()
             await sb.vm.pause()  # no CPU while it waits (an idle guest under TCG still ticks)
         except BaseException:
             await asyncio.shield(sb.stop(remove=True))
@@ -491,6 +493,38 @@ class Sandbox:
         self.record.containers.pop(WARM_UP_CONTAINER, None)
         state.save(self.dir, self.record)
         return True
+
+    async def _prefill_recent_image(self) -> None:
+        """In a pooled VM: put the disk of the image pooled pods asked for last (pool.recent_image) in
+        a free image slot, tentatively (rootslots): a pod whose first container has that image then
+        fills no slot at hand-out (QMP round trips on the start path: bench/phases.py --pool); for a
+        pod of another image, the slot is emptied before its first container is created. Nothing
+        happens when there is no such disk or no free slot. Raises HypervisorError."""
+        assert self.vm is not None
+        key = pool.recent_image(self.config)
+        disk = self.root_images.built(key) if key is not None and self.vm.root_slots else None
+        if key is None or disk is None:
+            return
+        async with self._slot_lock:
+            slot = self.root_slots.prefill(key)
+            if slot is None:
+                return
+            try:
+                await self.vm.fill_root_slot(slot, disk)
+            except BaseException:
+                self.root_slots.forget(slot)
+                await self.vm.empty_root_slot(slot)
+                raise
+
+    async def _empty_tentative_slots(self) -> None:
+        """Empty the image slots still holding a pre-filled image no container of this pod acquired
+        (_prefill_recent_image), before a container runs. Raises HypervisorError (the slot stays
+        recorded as tentative: the next create tries again)."""
+        assert self.vm is not None
+        async with self._slot_lock:
+            for slot in self.root_slots.tentative():
+                await self.vm.empty_root_slot(slot)
+                self.root_slots.forget(slot)
 
     @property
     def warm_nics(self) -> int:
@@ -663,6 +697,10 @@ class Sandbox:
                     await copy_tree(self.agent, rootfs, f"{GUEST_SHARED_DIR}/{container_id}/rootfs")
                 storages = self._guest_overlay(container_id, root_mode, disk)
                 guest_spec["root"]["path"] = storages[-1].mount_point
+                if disk is not None and not self.containers and container_id != WARM_UP_CONTAINER:
+                    pool.remember_image(self.config, disk[1].key)  # for the pool's next VMs
+            if self.root_slots.tentative():
+                await self._empty_tentative_slots()
             # the shared directory: for a root not on an image disk, and for host volumes
             storages = [*self._share_storages(root_on_share or bool(shares)),
                         *self._pod_volume_storages(pod_volumes.values()),
