@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where the wall time of one pod start and teardown goes, phase by phase, beside runc.
 
-    .venv/bin/python bench/phases.py [-n 5] [--pool [--no-warm-up]] [--memory-limit MIB] [--cpus N] [--volume]
-        [--json]
+    .venv/bin/python bench/phases.py [-n 5] [--pool [--no-warm-up] [--no-prefill]] [--memory-limit MIB]
+        [--cpus N] [--volume] [--json]
 
 A private containerd (tests/shim/harness.py) runs `ctr run --rm <busybox> true` with runc and with
 pykata, alternately, N times each (after one warm-up each). containerd gets PYKATA_TIMING_FILE in its
@@ -125,10 +125,10 @@ def phases_of(marks: list[tuple[int, str]]) -> dict[str, float]:
     return out
 
 
-def pool_config(directory: Path, warm_up: bool = True) -> Path:
+def pool_config(directory: Path, warm_up: bool = True, prefill: bool = True) -> Path:
     """A copy of the configuration in force with factory.pool_size = 1 (pool_warm_up off unless
-    `warm_up`) and a runtime_dir of its own (so the pool, and its `destroy` at the end, are this
-    run's only; containerd and so its shims get PYKATA_CONFIG)."""
+    `warm_up`, pool_prefill_image off unless `prefill`) and a runtime_dir of its own (so the pool,
+    and its `destroy` at the end, are this run's only; containerd and so its shims get PYKATA_CONFIG)."""
     from pykata.config.load import find_config_path, packaged_default_text
 
     found = find_config_path()
@@ -137,6 +137,8 @@ def pool_config(directory: Path, warm_up: bool = True) -> Path:
     text = text.replace("\npool_size = 0\n", "\npool_size = 1\n")
     if not warm_up:
         text = text.replace("\npool_warm_up = true\n", "\npool_warm_up = false\n")
+    if not prefill:
+        text = text.replace("\npool_prefill_image = true\n", "\npool_prefill_image = false\n")
     path = directory / "configuration.toml"
     path.write_text(text)
     return path
@@ -172,12 +174,16 @@ def main() -> None:
                          "so the guest mounts the shared directory")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="with --pool: pooled VMs skip the throwaway container (factory.pool_warm_up = false)")
+    ap.add_argument("--no-prefill", action="store_true",
+                    help="with --pool: pooled VMs leave their free image slots empty "
+                         "(factory.pool_prefill_image = false)")
     args = ap.parse_args()
     limits = ((("--memory-limit", str(args.memory_limit << 20)) if args.memory_limit else ())
               + (("--cpus", str(args.cpus)) if args.cpus else ()))
     if args.pool:
         os.environ["PYKATA_CONFIG"] = str(pool_config(Path(tempfile.mkdtemp(prefix="phases-pool-")),
-                                                      warm_up=not args.no_warm_up))
+                                                      warm_up=not args.no_warm_up,
+                                                      prefill=not args.no_prefill))
 
     tmp = Path(tempfile.mkdtemp(prefix="phases-bench-"))
     if args.volume:
@@ -223,7 +229,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    mode = (" (pool" + (", no warm-up)" if args.no_warm_up else ")")) if args.pool else ""
+    mode = (" (pool" + (", no warm-up" if args.no_warm_up else "") + (", no prefill" if args.no_prefill else "")
+            + ")") if args.pool else ""
     print(f"ctr run --rm {' '.join(limits)}{' ' if limits else ''}busybox true{mode}, "
           f"median of {args.runs}: runc {runc_med:.3f} s, "
           f"pykata {med['total']:.3f} s, ratio {result['ratio']}x; load average {result['load']}")
