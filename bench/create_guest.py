@@ -55,6 +55,7 @@ from pykata.guestimage.cpio import CpioEntry, write_archive  # noqa: E402
 from pykata.guestimage.kernel import find_kernel  # noqa: E402
 from pykata.guestimage.rootfs import find_rootfs  # noqa: E402
 from pykata.hypervisor.devices import root_slot_serial  # noqa: E402
+from pykata.hypervisor.qemu.assets import without_symbols  # noqa: E402
 from pykata.images import ImageStore  # noqa: E402
 from pykata.resources.rootimage import RootImageCache, source_for  # noqa: E402
 
@@ -511,7 +512,8 @@ def main() -> int:
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", args.cpu, "-m", "1024", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-                "-serial", f"file:{console}", "-kernel", str(kernel.vmlinux), "-initrd", str(probe_initrd),
+                "-serial", f"file:{console}", "-kernel", str(without_symbols(kernel.vmlinux)),  # --sample: nm vmlinux
+                "-initrd", str(probe_initrd),
                 "-no-reboot", "-device", "virtio-serial-device", "-chardev", "null,id=agent",
                 "-device", "virtserialport,chardev=agent,name=agent.channel.0",
                 "-drive", f"file={disk},if=none,id=img0,format=raw,readonly=on",

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pykata.guestimage.kernel import find_kernel  # noqa: E402
 from pykata.guestimage.rootfs import find_rootfs  # noqa: E402
+from pykata.hypervisor.qemu.assets import without_symbols  # noqa: E402
 from pykata.sandbox import build_spec  # noqa: E402
 
 CACHE = Path("/var/cache/pykata")
@@ -223,7 +224,7 @@ def main() -> int:
         console = work / "console.log"
         argv = [QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg,thread=multi",
                 "-cpu", "max", "-m", "512", "-smp", "2", "-nodefaults", "-no-user-config", "-nographic",
-                "-serial", f"file:{console}", "-kernel", str(kernel.vmlinux), "-initrd", str(initrd),
+                "-serial", f"file:{console}", "-kernel", str(without_symbols(kernel.vmlinux)), "-initrd", str(initrd),
                 "-no-reboot", "-device", "virtio-serial-device", "-chardev", "null,id=agent",
                 "-device", "virtserialport,chardev=agent,name=agent.channel.0",
                 "-append", f"console=ttyS0 panic=-1 quiet tsc_early_khz={int(mhz * 1000)}"]

@@ -9,16 +9,21 @@ import pytest
 
 from pykata.guestimage.kernel import DEFAULT_CACHE_DIR, build_kernel, find_kernel
 from pykata.guestimage.rootfs import find_rootfs
+from pykata.hypervisor.qemu.assets import without_symbols
 
 
 def guest_kernel_path() -> Path:
-    """The guest kernel pykata builds (cached); built here if the cache is empty (takes minutes).
-
-    $PYKATA_TEST_KERNEL overrides it.
+    """The guest kernel as QEMU is given it: pykata's cached build without its symbol table (QEMU would
+    sort its 48,000 symbols at each start; assets.without_symbols). $PYKATA_TEST_KERNEL overrides it.
     """
     override = os.environ.get("PYKATA_TEST_KERNEL")
     if override:
         return Path(override)
+    return without_symbols(guest_kernel_with_symbols())
+
+
+def guest_kernel_with_symbols() -> Path:
+    """The guest kernel pykata builds (cached), whole; built here if the cache is empty (takes minutes)."""
     found = find_kernel()
     if found is not None:
         return found.vmlinux

@@ -44,6 +44,7 @@ def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     seconds) so it always carries the agent as it is now."""
     from pykata.guestimage.kernel import find_kernel
     from pykata.guestimage.rootfs import build_rootfs
+    from pykata.hypervisor.qemu.assets import without_symbols
 
     found = find_kernel(DEFAULT_CACHE)
     if found is not None:
@@ -60,7 +61,7 @@ def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             shutil.copytree(DEFAULT_CACHE / sub, cache / sub)
     rootfs = build_rootfs(cache)
     assert rootfs.initrd is not None
-    return vmlinux, rootfs.initrd
+    return without_symbols(vmlinux), rootfs.initrd
 
 
 def _tsc_param() -> str:

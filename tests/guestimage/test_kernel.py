@@ -31,6 +31,7 @@ from pykata.guestimage.kernel import (
     parse_config,
 )
 from pykata.hypervisor.hostinfo import host_tsc_khz
+from pykata.hypervisor.qemu.assets import without_symbols
 from pykata.hypervisor.qemu.launch import GUEST_KERNEL_HZ, TCG_APIC_HZ
 
 INPUTS = KernelInputs(
@@ -347,7 +348,7 @@ def microvm_argv(vmlinux: Path, initrd: Path, append: str = "", memory: str = ""
     return [
         "qemu-system-x86_64", "-M", machine, "-accel", "tcg,thread=multi", "-cpu", "max",
         "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-        "-kernel", str(vmlinux), "-initrd", str(initrd), "-no-reboot",
+        "-kernel", str(without_symbols(vmlinux)), "-initrd", str(initrd), "-no-reboot",
         "-append", f"console=ttyS0 panic=-1 quiet {tsc_param()} {LAPIC_PARAM} {append}".strip(),
     ]
 

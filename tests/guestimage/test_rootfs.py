@@ -375,11 +375,12 @@ def test_every_module_the_guest_code_imports_is_in_the_image(guest: RootfsArtifa
 @pytest.fixture(scope="session")
 def kernel() -> Path:
     from pykata.guestimage.kernel import find_kernel
+    from pykata.hypervisor.qemu.assets import without_symbols
 
     art = find_kernel(DEFAULT_CACHE)
     if art is None:
         pytest.fail("no guest kernel in /var/cache/pykata (scripts/install.sh runs `pykata image build`)")
-    return art.vmlinux
+    return without_symbols(art.vmlinux)
 
 
 @pytest.fixture(scope="session")

@@ -104,13 +104,16 @@ def build(out: Path, ref: str = "latest", work: Path | None = None) -> dict[str,
     from pykata.config import load_config
     from pykata.guestimage.kernel import find_kernel
     from pykata.guestimage.rootfs import find_rootfs
+    from pykata.hypervisor.qemu.assets import without_symbols
 
     work = work or out.parent / "work"
     cache = load_config().runtime.cache_path
     kernel, rootfs = find_kernel(cache), find_rootfs(cache)
     if kernel is None or rootfs is None:
         raise ImageBuildError("no guest kernel or root filesystem: run `pykata image build` first")
-    pl = payload.build(work / "payload", Path(kernel.vmlinux), rootfs.initrd, progress=_say)
+    # The kernel without its symbol table, as QEMU is given the cached one: QEMU would sort its 48,000
+    # symbols at every start on the node. Only the symbols go (same segments and PVH note).
+    pl = payload.build(work / "payload", without_symbols(Path(kernel.vmlinux)), rootfs.initrd, progress=_say)
     base, base_key = build_base(work, work / "debs")
     installer, installer_key = build_installer(work)
     layers = [

@@ -5,7 +5,7 @@ Layout (kata-deploy's /opt/kata, for pykata):
     payload.json                     format, pykata version, content key, the interpreter the venv needs
     venv/                            a venv with pykata and its runtime dependencies (no pip, no editable
                                      install); its `python` links to the node's Debian python3.11
-    share/pykata/vmlinux             the guest kernel (`pykata image build`)
+    share/pykata/vmlinux             the guest kernel (`pykata image build`), without its symbol table
     share/pykata/rootfs.cpio         the guest root filesystem (initrd)
     etc/configuration.toml.in        the packaged default configuration
 

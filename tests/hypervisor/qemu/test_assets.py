@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
+from pykata.config import load_config
 from pykata.hypervisor.qemu import assets
-from tests.guest_assets import guest_kernel_path
+from tests.guest_assets import guest_kernel_with_symbols
 
 SHT_SYMTAB = 2
 
@@ -35,7 +38,7 @@ def elf_layout(path: Path) -> tuple[bytes, list[int]]:
 def kernel_copy(tmp_path: Path) -> Path:
     """A copy of the guest kernel in a directory of the test's own (the shared cache is not written)."""
     copy = tmp_path / "vmlinux"
-    shutil.copy2(guest_kernel_path(), copy)
+    shutil.copy2(guest_kernel_with_symbols(), copy)
     return copy
 
 
@@ -57,3 +60,38 @@ def test_without_objcopy_qemu_gets_the_kernel_itself(kernel_copy: Path, monkeypa
     monkeypatch.setattr(assets.shutil, "which", lambda name: None)  # a fake: a host without binutils
     assert assets.without_symbols(kernel_copy) == kernel_copy
     assert sorted(p.name for p in kernel_copy.parent.iterdir()) == ["vmlinux"]
+
+
+def test_a_configured_kernel_is_given_without_symbols_and_its_file_is_never_written(kernel_copy: Path,
+                                                                                   tmp_path: Path) -> None:
+    if shutil.which("objcopy") is None:
+        pytest.skip("no objcopy on this host (binutils): QEMU gets the kernel with its symbols")
+    cache = tmp_path / "cache" / assets.CONFIGURED_NOSYMS_DIR
+    base = load_config()
+    qemu = dataclasses.replace(base.qemu, kernel=str(kernel_copy))
+    config = dataclasses.replace(base, hypervisor=dataclasses.replace(base.hypervisor, qemu=qemu),
+                                 runtime=dataclasses.replace(base.runtime, cache_dir=str(tmp_path / "cache")))
+    first = assets.resolve_kernel(config)
+    assert first.parent == cache and first.name.endswith(assets.NOSYMS_SUFFIX)
+    assert SHT_SYMTAB not in elf_layout(first)[1] and elf_layout(first)[0] == elf_layout(kernel_copy)[0]
+    assert sorted(p.name for p in kernel_copy.parent.iterdir()) == ["cache", "vmlinux"]  # nothing beside it
+    assert assets.resolve_kernel(config) == first  # made once
+    # The admin replaces the kernel in place with an older file: a new copy, and the stale one goes.
+    shutil.copy2(kernel_copy, tmp_path / "new")
+    os.utime(tmp_path / "new", ns=(1, 1))
+    os.replace(tmp_path / "new", kernel_copy)
+    second = assets.resolve_kernel(config)
+    assert second != first and second.parent == cache and list(cache.iterdir()) == [second]
+    # A kernel that has no symbol table (the node payload's, the stripped copy, a bzImage) is used as is.
+    assert assets.configured_without_symbols(second, cache) == second
+    bzimage = tmp_path / "bzImage"
+    bzimage.write_bytes(b"MZ" + b"\0" * 1000)
+    assert assets.configured_without_symbols(bzimage, cache) == bzimage
+    assert list(cache.iterdir()) == [second]
+
+
+def test_a_configured_kernel_with_symbols_and_no_writable_cache_is_given_as_is(kernel_copy: Path,
+                                                                              tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert assets.configured_without_symbols(kernel_copy, blocker / "sub") == kernel_copy

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from pykata.errors import HypervisorError
 log = logging.getLogger("pykata.hypervisor")
 # Beside the cached kernel: the same ELF without its symbol table (see without_symbols).
 NOSYMS_SUFFIX = ".nosyms"
+# Under runtime.cache_path: the copies without symbols of configured kernels (hypervisor.qemu.kernel).
+CONFIGURED_NOSYMS_DIR = "kernel-nosyms"
+SHT_SYMTAB = 2
 
 
 def resolve_assets(config: Config, kernel: Path | None, initrd: Path | None,
@@ -41,9 +46,10 @@ def resolve_kernel(config: Config) -> Path:
     """
     q = config.qemu
     if q.kernel:
-        if not Path(q.kernel).is_file():
+        configured = Path(q.kernel)
+        if not configured.is_file():
             raise HypervisorError(f"hypervisor.qemu.kernel: {q.kernel} does not exist")
-        return Path(q.kernel)
+        return configured_without_symbols(configured, config.runtime.cache_path / CONFIGURED_NOSYMS_DIR)
     # Lazy: the builder modules cost tens of milliseconds to import, which every shim start would pay;
     # they are needed only when no kernel is configured.
     from pykata.guestimage.kernel import find_kernel
@@ -69,6 +75,63 @@ def without_symbols(vmlinux: Path) -> Path:
             return stripped
     except OSError:
         pass
+    return _strip(vmlinux, stripped)
+
+
+def configured_without_symbols(kernel: Path, cache_dir: Path) -> Path:
+    """A configured kernel as QEMU is given it: itself when it has no symbol table (a bzImage, or a
+    kernel already stripped, as the node payload's), else a copy without it in `cache_dir`.
+
+    The admin's file is never written beside: its directory may be read-only (/opt/pykata/share). The
+    copy is named by the kernel's path and its identity (device, inode, size, mtime), so a kernel
+    replaced in place, even by an older file, gets a new copy; the copies of its earlier versions go.
+    Never raises: when no copy can be made, `kernel` itself.
+    """
+    try:
+        st = kernel.stat()
+    except OSError:
+        return kernel
+    by_path = hashlib.sha256(os.fsencode(kernel.absolute())).hexdigest()[:16]
+    version = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    stripped = cache_dir / f"{by_path}-{version}{NOSYMS_SUFFIX}"
+    if stripped.is_file():
+        return stripped
+    if not has_symbol_table(kernel):
+        return kernel
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.info("kernel %s: no copy without symbols (%s): QEMU loads them at each start", kernel, exc)
+        return kernel
+    made = _strip(kernel, stripped)
+    if made == stripped:
+        for old in cache_dir.glob(f"{by_path}-*{NOSYMS_SUFFIX}"):
+            if old != stripped:
+                old.unlink(missing_ok=True)
+    return made
+
+
+def has_symbol_table(path: Path) -> bool:
+    """Whether `path` is a 64-bit little-endian ELF file with a symbol table section. Never raises."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return False
+            (shoff,) = struct.unpack_from("<Q", header, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", header, 0x3A)
+            if shentsize < 8 or not 0 < shnum <= 65535:
+                return False
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+    except OSError:
+        return False
+    return any(struct.unpack_from("<I", table, i * shentsize + 4)[0] == SHT_SYMTAB
+               for i in range(len(table) // shentsize))
+
+
+def _strip(vmlinux: Path, stripped: Path) -> Path:
+    """`stripped`, made from `vmlinux` with `objcopy --strip-all`; `vmlinux` when that fails."""
     objcopy = shutil.which("objcopy")
     if objcopy is None:
         return vmlinux
