@@ -419,6 +419,31 @@ async def test_hosts_that_connect_one_after_another_each_get_a_session_at_once(v
     assert not slow, slow
 
 
+async def test_bare_clients_that_connect_one_after_another_each_get_their_first_answer(
+        vm: tuple[Path, Path]) -> None:
+    """The same window through the bare path: `connect_unix(session=True)` and one Check, no probes and no
+    second hello (a tool or test that is not Agent.connect). A host that connects as the last one leaves
+    sends its hello before the guest's kernel knows it is there; the agent read it and then the stale
+    end of file, believed it at once and dropped the new session with the old one's connection, so the
+    echo never came and the first call waited for ever (CI once lost a Check for 60 s). The agent now
+    believes an end of file only after the port stayed without a host for a moment (FdReader's
+    peer_present, which the serve loop had been given but never passed on)."""
+    sock, _log = vm
+    await (await _connect(sock)).close()
+    lost = []
+    for i in range(40):
+        started = time.monotonic()
+        client = await connect_unix(str(sock), session=True)
+        try:
+            await client.stub(HEALTH_SERVICE).Check(agent_pb2.CheckRequest(), timeout=10)
+        except (RpcError, ConnectionClosedError) as exc:
+            lost.append((i, round(time.monotonic() - started, 2), repr(exc)))
+        finally:
+            await client.close()
+        await asyncio.sleep(0.05 if i % 2 else 0.0)  # at once, and as the CI's test did
+    assert not lost, lost
+
+
 async def _settled(log: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while b"PYKATA_AGENT_SETTLED" not in log.read_bytes():

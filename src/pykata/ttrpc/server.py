@@ -324,7 +324,7 @@ class Server:
         return p
 
     async def serve_fd(self, fd: int, *, resync: bool = True, sessions: bool | None = None,
-                       on_first_data: Callable[[], None] | None = None, first: bytes = b"",
+                       on_first_data: Callable[[], None] | None = None,
                        peer_present: Callable[[], bool] | None = None) -> bool:
         """Serve one peer on a connected descriptor until end of stream or until the server is
         closed; return whether the peer sent anything. With `resync`, garbage from the peer is
@@ -338,11 +338,16 @@ class Server:
 
         With `sessions` (default: the server's), a host's session hello (pykata.ttrpc.session) where
         a frame begins ends the calls of the session before it and is echoed (a byte stream whose
-        peers come and go without the reader seeing an end: a virtio-serial port)."""
+        peers come and go without the reader seeing an end: a virtio-serial port).
+
+        `peer_present` (a character device whose peer comes and goes): asked before an end of file is
+        believed (FdReader._confirm_eof). Without it a guest that read a new host's first bytes before
+        its kernel knew that host had connected took the stale end of file after them for the end of
+        the session, and the new host's hello went with it: its echo never came."""
         proto = _ServerProtocol(self, resync=resync, sessions=self.sessions if sessions is None else sessions,
                                 on_first_data=on_first_data)
         self._connections.add(proto)
-        await attach_fd(fd, proto)
+        await attach_fd(fd, proto, peer_present=peer_present)
         try:
             await asyncio.shield(proto.closed)
         finally:
