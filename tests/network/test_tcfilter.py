@@ -7,11 +7,11 @@ import os
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from pykata.network import NetworkError, attach, detach, guest_mac, open_tap
+from pykata.network import Endpoint, NetworkError, attach, detach, guest_mac, open_tap
 from pykata.network.antispoof import link_local
 from pykata.protocols.agent import agent_pb2
 from pykata.resources.network import nic_devices
@@ -151,6 +151,39 @@ def _arp(sender_ip: str, sender_mac: str, marker: bytes) -> bytes:
             + socket.inet_aton("10.253.0.1") + marker)
 
 
+@contextlib.asynccontextmanager
+async def _tap_and_sniffer(netns: str) -> AsyncIterator[tuple[str, Endpoint, socket.socket]]:
+    """(the netns's name, its pod network's endpoint, a raw socket on the host end of its veth): the tap
+    QEMU would hold, and where a frame the guest writes into it leaves the pod (reads time out in 0.3 s)."""
+    ns = os.path.basename(netns)
+    peer = int(sh(f"ip netns exec {ns} ip -o link show eth0").split("@if", 1)[1].split(":", 1)[0])
+    net = await attach(netns)
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        sh(f"ip link set {socket.if_indextoname(peer)} up")
+        sniffer.bind((socket.if_indextoname(peer), 0))
+        sniffer.settimeout(0.3)
+        assert net.endpoints[0].tap_fd is not None
+        yield ns, net.endpoints[0], sniffer
+    finally:
+        sniffer.close()
+        await detach(net)
+
+
+def _send_all(e: Endpoint, sniffer: socket.socket, frames: dict[bytes, bytes],
+              names: Callable[[bytes], set[bytes]]) -> set[bytes]:
+    """Write `frames` into the tap as QEMU writes the guest's, then the names (`names` of each frame
+    seen) of those that came out."""
+    assert e.tap_fd is not None
+    for frame in frames.values():
+        os.write(e.tap_fd, bytes(10) + frame)  # struct virtio_net_hdr, all zero: no offloads
+    seen: set[bytes] = set()
+    with contextlib.suppress(TimeoutError):
+        while True:
+            seen |= names(sniffer.recv(65536))
+    return seen
+
+
 async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -> None:
     """The attack: the guest (owned by the workload, so even a pod without NET_RAW) writes frames into
     its NIC, that is, into the tap QEMU holds, with another pod's MAC, another pod's IPv4 address, an
@@ -158,16 +191,7 @@ async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -
     that pod's traffic. Written into the tap fd exactly as QEMU writes the guest's frames (a
     virtio-net header, then the frame) and watched on the host end of the pod's veth: only the honest
     ones come out."""
-    ns = os.path.basename(cni_like_netns)
-    peer = int(sh(f"ip netns exec {ns} ip -o link show eth0").split("@if", 1)[1].split(":", 1)[0])
-    net = await attach(cni_like_netns)
-    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    try:
-        sh(f"ip link set {socket.if_indextoname(peer)} up")
-        sniffer.bind((socket.if_indextoname(peer), 0))
-        sniffer.settimeout(0.3)
-        e = net.endpoints[0]
-        assert e.tap_fd is not None
+    async with _tap_and_sniffer(cni_like_netns) as (ns, e, sniffer):
         own, other = e.mac, "0a:58:0a:fe:00:42"
         frames = {
             b"honest-ipv4": _frame(own, 0x0800, _ipv4("10.253.0.9", b"honest-ipv4")),
@@ -181,25 +205,15 @@ async def test_a_hostile_guest_cannot_send_as_another_pod(cni_like_netns: str) -
             b"spoof-0.0.0.0": _frame(own, 0x0800, _ipv4("0.0.0.0", b"spoof-0.0.0.0")),
         }
 
+
         def send_all() -> set[bytes]:
-            assert e.tap_fd is not None
-            for frame in frames.values():
-                os.write(e.tap_fd, bytes(10) + frame)  # struct virtio_net_hdr, all zero: no offloads
-            seen = set()
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    data = sniffer.recv(65536)
-                    seen |= {m for m in frames if data.endswith(m)}
-            return seen
+            return _send_all(e, sniffer, frames, lambda data: {m for m in frames if data.endswith(m)})
 
         assert send_all() == {b"honest-ipv4", b"honest-arp", b"honest-ipv6"}
         assert "pykata-antispoof" in sh(f"ip netns exec {ns} tc filter show dev tap0_kata ingress")
         # without the check every frame goes out: the probe is sound
         sh(f"ip netns exec {ns} tc filter del dev tap0_kata ingress prio 1")
         assert send_all() == set(frames)
-    finally:
-        sniffer.close()
-        await detach(net)
     assert "filter" not in sh(f"ip netns exec {ns} tc filter show dev eth0 ingress")
 
 
@@ -239,16 +253,7 @@ async def test_a_hostile_guest_cannot_spoof_ipv6_or_neighbor_discovery(dual_stac
     guest sends come out on the host end of the pod's veth: its own global and link-local sources,
     address resolution, its DAD probe (from ::, with a nonce), MLD reports, a router solicitation,
     fragments."""
-    ns = os.path.basename(dual_stack_netns)
-    peer = int(sh(f"ip netns exec {ns} ip -o link show eth0").split("@if", 1)[1].split(":", 1)[0])
-    net = await attach(dual_stack_netns)
-    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    try:
-        sh(f"ip link set {socket.if_indextoname(peer)} up")
-        sniffer.bind((socket.if_indextoname(peer), 0))
-        sniffer.settimeout(0.3)
-        e = net.endpoints[0]
-        assert e.tap_fd is not None
+    async with _tap_and_sniffer(dual_stack_netns) as (ns, e, sniffer):
         assert ("fd00:253::9", 64) in e.addresses
         own_mac, other_mac = e.mac, "0a:58:0a:fe:00:42"
         own, own_ll = "fd00:253::9", link_local(own_mac)
@@ -301,20 +306,9 @@ async def test_a_hostile_guest_cannot_spoof_ipv6_or_neighbor_discovery(dual_stac
         frames = {**honest, **spoofed}
 
         def send_all() -> set[bytes]:
-            assert e.tap_fd is not None
-            for frame in frames.values():
-                os.write(e.tap_fd, bytes(10) + frame)  # struct virtio_net_hdr, all zero: no offloads
-            seen = set()
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    data = sniffer.recv(65536)
-                    seen |= {name for name, frame in frames.items() if data == frame}
-            return seen
+            return _send_all(e, sniffer, frames, lambda data: {n for n, frame in frames.items() if data == frame})
 
         assert send_all() == set(honest), "spoofed frames passed, or honest ones were dropped"
         # without the check every frame goes out: the probe is sound
         sh(f"ip netns exec {ns} tc filter del dev tap0_kata ingress prio 1")
         assert send_all() == set(frames)
-    finally:
-        sniffer.close()
-        await detach(net)
