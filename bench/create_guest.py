@@ -40,10 +40,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -358,17 +360,20 @@ def busybox_disk() -> tuple[Path, int]:
     return image.path, image.prefetch
 
 
-def answer_marks(qemu: subprocess.Popen[bytes], sock_path: Path, marks: list[int]) -> None:
-    """Serve the probe's step marks: for each byte it sends, record the vCPU thread's CPU ns, answer."""
-    import socket
-    import time
-
-    for _ in range(400):
+def connect_when_bound(sock_path: Path, wait: float) -> socket.socket:
+    """A connection to QEMU's unix socket `sock_path` once QEMU made it (looked for up to `wait` s)."""
+    for _ in range(int(wait / 0.05)):
         if sock_path.exists():
             break
         time.sleep(0.05)
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(str(sock_path))
+    return sock
+
+
+def answer_marks(qemu: subprocess.Popen[bytes], sock_path: Path, marks: list[int]) -> None:
+    """Serve the probe's step marks: for each byte it sends, record the vCPU thread's CPU ns, answer."""
+    sock = connect_when_bound(sock_path, 20)
     vcpu = None
     while qemu.poll() is None:
         got = sock.recv(1)
@@ -390,15 +395,7 @@ def sample_ip(qemu: subprocess.Popen[bytes], sock_path: Path, console: Path, hz:
               samples: list[tuple[int, int]], gate: Callable[[], bool] | None = None) -> None:
     """Append (RIP, CR3) of the vCPU every 1/hz s from the second PROBE-ROUND line on to PROBE-DONE
     (with `gate`, only while it says so: with --host-cpu, during CreateContainer)."""
-    import socket
-    import time
-
-    for _ in range(200):
-        if sock_path.exists():
-            break
-        time.sleep(0.05)
-    sock = socket.socket(socket.AF_UNIX)
-    sock.connect(str(sock_path))
+    sock = connect_when_bound(sock_path, 10)
     f = sock.makefile("rwb")
 
     def call(cmd: dict[str, object]) -> dict[str, object]:

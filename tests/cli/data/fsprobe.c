@@ -240,28 +240,47 @@ static void misc(void) {
            rf.f_files > rf.f_ffree, "nothing used");
 }
 
+/* An inotify instance watching `path` for every event but reads and opens; -1 when it cannot. */
+static int watch_changes(const char *path) {
+    int in = inotify_init1(IN_NONBLOCK);
+    if (in >= 0 && inotify_add_watch(in, path, IN_ALL_EVENTS & ~(IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE)) < 0) {
+        close(in);
+        return -1;
+    }
+    return in;
+}
+
+/* The row `name`: each event queued on `in`, in order, as its mask (with ":name" when `names`);
+ * "no events" when there is none. Closes `in`. */
+static void print_events(int in, const char *name, int names) {
+    char buf[4096] __attribute__((aligned(8)));
+    ssize_t n = read(in, buf, sizeof buf);
+    if (n <= 0) {
+        close(in);
+        return report(name, 0, "no events");
+    }
+    printf("%s:", name);
+    for (char *p = buf; p < buf + n;) {
+        struct inotify_event *e = (void *)p;
+        if (names) printf(" %x:%s", e->mask, e->len ? e->name : "-");
+        else printf(" %x", e->mask);
+        p += sizeof *e + e->len;
+    }
+    printf("\n");
+    close(in);
+}
+
 /* inotify on files this container changes: the events, in order, of a create/write/rename/delete. */
 static void inotify_(void) {
     mkdir("watched", 0755);
-    int in = inotify_init1(IN_NONBLOCK);
-    if (in < 0 || inotify_add_watch(in, "watched", IN_ALL_EVENTS & ~(IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE)) < 0)
-        return report("inotify", 0, "inotify_add_watch");
+    int in = watch_changes("watched");
+    if (in < 0) return report("inotify", 0, "inotify_add_watch");
     int fd = open("watched/f", O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0 || write(fd, "x", 1) != 1) return report("inotify", 0, "write");
     close(fd);
     if (chmod("watched/f", 0600) || rename("watched/f", "watched/g") || unlink("watched/g") || mkdir("watched/d", 0755))
         return report("inotify", 0, "changes");
-    char buf[4096] __attribute__((aligned(8)));
-    ssize_t n = read(in, buf, sizeof buf);
-    if (n <= 0) return report("inotify", 0, "no events");
-    printf("inotify:");
-    for (char *p = buf; p < buf + n;) {
-        struct inotify_event *e = (void *)p;
-        printf(" %x:%s", e->mask, e->len ? e->name : "-");
-        p += sizeof *e + e->len;
-    }
-    printf("\n");
-    close(in);
+    print_events(in, "inotify", 1);
 }
 
 /* inotify on a file itself, which has a second name (a hard link): a write through the other name, a
@@ -270,25 +289,14 @@ static void inotify_file(void) {
     unlink("wf"); unlink("wf-link");
     close(open("wf", O_WRONLY | O_CREAT | O_TRUNC, 0644));
     if (link("wf", "wf-link")) return report("inotify-file", 0, "link");
-    int in = inotify_init1(IN_NONBLOCK);
-    if (in < 0 || inotify_add_watch(in, "wf", IN_ALL_EVENTS & ~(IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE)) < 0)
-        return report("inotify-file", 0, "inotify_add_watch");
+    int in = watch_changes("wf");
+    if (in < 0) return report("inotify-file", 0, "inotify_add_watch");
     int fd = open("wf-link", O_WRONLY | O_APPEND);
     if (fd < 0 || write(fd, "x", 1) != 1) return report("inotify-file", 0, "write");
     close(fd);
     if (chmod("wf", 0600) || rename("wf", "wf2") || unlink("wf2") || unlink("wf-link"))
         return report("inotify-file", 0, "changes");
-    char buf[4096] __attribute__((aligned(8)));
-    ssize_t n = read(in, buf, sizeof buf);
-    if (n <= 0) return report("inotify-file", 0, "no events");
-    printf("inotify-file:");
-    for (char *p = buf; p < buf + n;) {
-        struct inotify_event *e = (void *)p;
-        printf(" %x", e->mask);
-        p += sizeof *e + e->len;
-    }
-    printf("\n");
-    close(in);
+    print_events(in, "inotify-file", 0);
 }
 
 /* Link counts of directories: one the container made (with two subdirectories) and the working
