@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from bench.ctr_bench import pss_kib  # noqa: E402
 from pykata.config import load_config  # noqa: E402
 from pykata.images import ImageStore  # noqa: E402
 from pykata.images.builtin import export_oci_archive  # noqa: E402
@@ -68,16 +69,6 @@ def smaps_split(pid: int, guest_ram_bytes: int) -> tuple[int, int]:
             else:
                 other += kib
     return ram, other
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def pod_processes(ctd: Containerd, cid: str) -> dict[str, list[psutil.Process]]:

@@ -9,6 +9,7 @@ test that made it instead of the session's leak check at the very end.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,20 @@ import psutil
 from pykata.config import Config
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+
+
+def held_deleted_files(pid: int, under: Path) -> list[str]:
+    """Files under `under` that process `pid` (a VM's QEMU) still holds open although they have no name
+    any more."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(under)) and target.endswith("(deleted)"):
+            out.append(target)
+    return out
 
 
 class VmFactory:

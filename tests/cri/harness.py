@@ -198,14 +198,7 @@ class CriContainerd(Containerd):
             argv = ["nsenter", f"--net=/var/run/netns/{self.netns}", CONTAINERD, "--config", str(config)]
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
                                          env=self.env(), start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.socket.exists() and self.ctr("version", check=False, timeout=5).returncode == 0:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise RuntimeError("containerd did not come up within 20 s")
+        self.wait_up()
 
     def import_images(self, cache: Path) -> None:
         store = ImageStore(cache)

@@ -36,10 +36,8 @@ from typing import Any
 
 import psutil
 import pytest
-from google.protobuf import empty_pb2
 
 from pykata.protocols import (
-    EVENTS_SERVICE,
     TASK_SERVICE,
     cgroups_v1_pb2,
     cgroups_v2_pb2,
@@ -49,7 +47,8 @@ from pykata.protocols import (
     ttrpc_events_pb2,
     typeurl,
 )
-from pykata.ttrpc import CallContext, Client, Code, ConnectionClosedError, RpcError, Server, connect_unix
+from pykata.ttrpc import Client, Code, ConnectionClosedError, RpcError, connect_unix
+from tests.shim import eventsink
 
 SHIM = shutil.which("containerd-shim-runc-v2")
 BUSYBOX = Path("/bin/busybox")
@@ -65,17 +64,8 @@ def _prerequisites() -> None:
         pytest.fail("needs root, containerd-shim-runc-v2, runc and busybox-static (scripts/install.sh)")
 
 
-class EventSink:
+class EventSink(eventsink.EventSink):
     """containerd's side of the shim's event channel: records each forwarded envelope."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-        self.arrived = asyncio.Event()
-
-    async def Forward(self, request: Any, ctx: CallContext) -> empty_pb2.Empty:
-        self.envelopes.append(request.envelope)
-        self.arrived.set()
-        return empty_pb2.Empty()
 
     def topics(self) -> list[str]:
         return [e.topic for e in self.envelopes]
@@ -237,15 +227,9 @@ async def output_seen(path: Path, text: str, timeout: float = 60.0) -> None:
 
 @pytest.fixture
 async def events(tmp_path: Path) -> AsyncIterator[tuple[EventSink, str]]:
-    sink = EventSink()
-    server = Server()
-    server.register(EVENTS_SERVICE, sink)
     path = str(tmp_path / "containerd.sock.ttrpc")
-    await server.serve_unix(path)
-    try:
+    async with eventsink.serve_events(EventSink(), path) as sink:
         yield sink, path
-    finally:
-        await server.close()
 
 
 @pytest.fixture

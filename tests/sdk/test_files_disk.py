@@ -15,21 +15,9 @@ import pykata
 from pykata.config import load_config
 from pykata.protocols.agent import PROTOCOL_VERSION
 from pykata.sdk import AsyncSandbox
+from tests.vmfactory import held_deleted_files
 
 pytestmark = [pytest.mark.vm]
-
-
-def _held_deleted_files(pid: int, under: Path) -> list[str]:
-    """Files under `under` that process `pid` still holds open although they have no name any more."""
-    out = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith(str(under)) and target.endswith("(deleted)"):
-            out.append(target)
-    return out
 
 
 async def test_files_move_through_the_data_disk_in_pieces(tmp_path: Path) -> None:
@@ -103,11 +91,11 @@ async def test_files_move_through_the_data_disk_in_pieces(tmp_path: Path) -> Non
         task = asyncio.ensure_future(sb.files.write("/tmp/cancelled", data, progress=cancel_after_first))
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert not _held_deleted_files(vm.pid, run_dir)
+        assert not held_deleted_files(vm.pid, run_dir)
         assert not vm._data_disk.attached  # type: ignore[attr-defined]
         await sb.files.write("/tmp/after", data)
         assert await sb.files.read_bytes("/tmp/after") == data
-        assert not _held_deleted_files(vm.pid, run_dir)
+        assert not held_deleted_files(vm.pid, run_dir)
 
         # The host asked the real agent its protocol version when it first connected (this image's);
         # as seen from a host talking to a guest image older than the DiskFile RPCs (protocol 4), the

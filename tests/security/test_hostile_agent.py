@@ -31,6 +31,7 @@ import pytest
 
 from tests.security.hostile import RssSampler, build_hostile_initrd, hostile_config, marker, wait_until
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, SHIM, Containerd, missing_prerequisites, running_with_busybox
+from tests.vmfactory import held_deleted_files
 
 pytestmark = pytest.mark.vm
 
@@ -300,19 +301,6 @@ async def test_sdk_survives_a_hostile_agent(hostile_dir: Path) -> None:
     assert not _leftovers(hostile_dir / "run", sandbox_id)
 
 
-def _held_deleted_files(pid: int, under: Path) -> list[str]:
-    """Files under `under` that process `pid` still holds open although they have no name any more."""
-    out = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith(str(under)) and target.endswith("(deleted)"):
-            out.append(target)
-    return out
-
-
 async def test_sdk_files_refuse_a_hostile_data_disk_answer(hostile_dir: Path, tmp_path: Path) -> None:
     """A guest that answers the data-disk copies with more bytes than asked, of a file bigger than any
     disk: each transfer fails with an error naming the field, the host reads nothing it was not asked
@@ -341,7 +329,7 @@ async def test_sdk_files_refuse_a_hostile_data_disk_answer(hostile_dir: Path, tm
             record("WriteFileFromDisk" if what == "write" else "ReadFileToDisk", "outofrange", f"SDK files.{what}",
                    f"{type(err.value).__name__}: {err.value}", time.monotonic() - started)
             assert not list(tmp_path.iterdir())
-            assert not _held_deleted_files(vm.pid, hostile_dir / "run")
+            assert not held_deleted_files(vm.pid, hostile_dir / "run")
         # the sandbox still works through its other paths
         assert (await sb.run("true")).exit_code == 0
     finally:

@@ -100,6 +100,12 @@ class Containerd:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([CONTAINERD, "--config", str(config)], stdout=log, stderr=log,
                                          env=self.env(), start_new_session=True)
+        self.wait_up()
+
+    def wait_up(self) -> None:
+        """Wait until the daemon just started answers `ctr version`. Raises RuntimeError when it exited
+        or did not come up within 20 s."""
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.socket.exists() and self.ctr("version", check=False, timeout=5).returncode == 0:

@@ -19,30 +19,21 @@ from typing import Any
 
 import psutil
 import pytest
-from google.protobuf import empty_pb2
 
 from pykata.config import load_config
 from pykata.images import ImageStore
-from pykata.protocols import EVENTS_SERVICE, TASK_SERVICE, events_pb2, shim_pb2, task_types_pb2, typeurl
+from pykata.protocols import TASK_SERVICE, events_pb2, shim_pb2, task_types_pb2, typeurl
 from pykata.sandbox import build_spec, sandboxes_dir
 from pykata.shim import forkclient
-from pykata.ttrpc import CallContext, Client, Code, ConnectionClosedError, RpcError, Server, connect_unix
+from pykata.ttrpc import Client, Code, ConnectionClosedError, RpcError, connect_unix
+from tests.shim import eventsink
 from tests.shim.harness import SHIM
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
 
 
-class EventSink:
+class EventSink(eventsink.EventSink):
     """containerd's side of Events.Forward: records every envelope."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-        self.arrived = asyncio.Event()
-
-    async def Forward(self, request: Any, ctx: CallContext) -> empty_pb2.Empty:
-        self.envelopes.append(request.envelope)
-        self.arrived.set()
-        return empty_pb2.Empty()
 
     def of(self, cid: str) -> list[tuple[str, Any]]:
         out = []
@@ -158,15 +149,9 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def sink(tmp_path: Path) -> AsyncIterator[tuple[EventSink, str]]:
-    s = EventSink()
-    server = Server()
-    server.register(EVENTS_SERVICE, s)
     path = str(tmp_path / "containerd.sock.ttrpc")
-    await server.serve_unix(path)
-    try:
+    async with eventsink.serve_events(EventSink(), path) as s:
         yield s, path
-    finally:
-        await server.close()
 
 
 @pytest.fixture
