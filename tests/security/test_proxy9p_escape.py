@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import os
 import socket
 import struct
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from pykata.hypervisor.qemu.proxy9p import Proxy9p
 
-T_OPEN = 2  # QEMU 7.2's hw/9pfs/9p-proxy.h
+T_OPEN, T_LSETXATTR = 2, 19  # QEMU 7.2's hw/9pfs/9p-proxy.h
 V9FS_FD_VALID = 0x7FFFFFFF
 JAIL_UID = 64999  # a uid no file here belongs to, as a jailed QEMU's
 
@@ -43,6 +44,19 @@ def _open(sock: socket.socket, path: str, flags: int) -> int:
         fds.frombytes(data[:4])
     assert struct.unpack("<i", msg)[0] == V9FS_FD_VALID and len(fds) == 1, (msg, list(fds))
     return fds[0]
+
+
+def _string(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("<H", len(data)) + data
+
+
+def _setxattr(sock: socket.socket, path: str, name: str, value: bytes) -> int:
+    """T_LSETXATTR as QEMU sends it; returns the helper's status (0 or -errno)."""
+    payload = _string(path) + _string(name) + _string(value) + struct.pack("<ii", len(value), 0)
+    sock.sendall(struct.pack("<ii", T_LSETXATTR, len(payload)) + payload)
+    _, _, status = struct.unpack("<iii", sock.recv(12, socket.MSG_WAITALL))
+    return int(status)
 
 
 def _as_jailed_qemu(dir_fd: int, relative: str, empty: Path) -> str:
@@ -84,6 +98,10 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
         d.mkdir()
     (mounts / "inside").write_text("the share")
     (mounts / "later").mkdir()
+    (mounts / "vol").mkdir()
+    hostpath = tmp_path / "hostpath"  # a read-write volume's host directory
+    hostpath.mkdir()
+    (hostpath / "data").write_text("volume file")
     secret = tmp_path / "host-secret"  # world-readable, beside the share: the jail uid may read it
     secret.write_text("host file")
     os.chmod(tmp_path, 0o755)
@@ -95,6 +113,8 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
         _mount("--bind", "-o", "ro", mounts, shared)
         done.append(shared)
         _mount("--make-slave", shared)
+        _mount("--bind", hostpath, mounts / "vol")
+        done.append(mounts / "vol")
         proxy = Proxy9p(shared, tmp_path / "proxy.log")
         await proxy.start()
         assert proxy.qemu_fd is not None
@@ -105,7 +125,7 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
             root = _open(sock, "/", os.O_RDONLY | os.O_DIRECTORY)
             held.append(root)
             # control: the descriptor is the share's, and a jailed process reads through it
-            assert sorted(os.listdir(root)) == ["inside", "later"]
+            assert sorted(os.listdir(root)) == ["inside", "later", "vol"]
             assert _as_jailed_qemu(root, "inside", empty) == "read:the share"
             # the attack: `..` from it, as far as it goes
             assert _as_jailed_qemu(root, "../host-secret", empty) == "error:No such file or directory"
@@ -124,6 +144,16 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
             top = os.open("../" * 12, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
             held.append(top)
             assert os.statvfs(top).f_flag & os.ST_RDONLY  # nothing to leave there, even for root
+            # xattrs a guest may not set on a host file through the helper (root, but without
+            # CAP_SYS_ADMIN and CAP_SETFCAP): file capabilities (a capability-raising binary for host
+            # users), trusted.* and other security.* names; user.* is the control
+            caps = struct.pack("<IIIII", 0x02000000 | 1, 0xFFFFFFFF, 0, 0xFFFFFFFF, 0)  # VFS_CAP v2, effective
+            assert _setxattr(sock, "/vol/data", "user.probe", b"v") == 0
+            assert os.getxattr(hostpath / "data", "user.probe") == b"v"
+            for name, value in (("security.capability", caps), ("trusted.overlay.opaque", b"y"),
+                                ("security.evm", b"x")):
+                assert _setxattr(sock, "/vol/data", name, value) == -errno.EPERM, name
+                assert name not in os.listxattr(hostpath / "data"), name
             # the host's mounts made after the helper started still reach it (a container's root)
             _mount("-t", "tmpfs", "later", mounts / "later")
             done.append(mounts / "later")
