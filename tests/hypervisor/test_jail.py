@@ -148,6 +148,40 @@ def _processes_of(vm_dir: Path, shared_dir: Path) -> dict[str, int]:
     return found
 
 
+# What a process taken over by its guest makes in the IPC namespace it is in: a SysV shared memory
+# segment and a POSIX message queue, both open to everyone; prints whether each was made.
+IPC_PROBE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+shm = libc.shmget(int(sys.argv[1]), 4096, 0o1000 | 0o666)  # IPC_CREAT
+mq = libc.mq_open(sys.argv[2].encode(), os.O_CREAT | os.O_RDWR, 0o666, None)
+print(shm >= 0, mq >= 0)
+"""
+
+
+def _assert_no_host_ipc_from(pid: int, uid: int) -> None:
+    """A process in `pid`'s IPC namespace, as `uid`, makes a SysV segment and a POSIX message queue
+    (nsenter). Neither is the host's: a QEMU or file server taken over by its guest could otherwise
+    fill the host's IPC ids (kernel.shmmni, msgmni) with objects that outlive it, or open other host
+    software's. The same objects, looked for from the host's namespace, are absent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x5E000000 | (os.getpid() & 0xFFFFFF)
+    name = f"/pykata-jail-test-{os.getpid()}"
+    try:
+        out = subprocess.run(["nsenter", f"--ipc=/proc/{pid}/ns/ipc", "setpriv", f"--reuid={uid}", f"--regid={uid}",
+                              "--clear-groups", os.path.realpath(sys.executable), "-c", IPC_PROBE, str(key), name],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        assert out == ["True", "True"], out  # made, in the namespace the process was in
+        host_keys = [line.split()[0] for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+        assert str(key) not in host_keys, "the segment is the host's"
+        assert libc.mq_open(name.encode(), os.O_RDONLY) < 0, "the message queue is the host's"
+    finally:  # what a failing run left on the host
+        shmid = libc.shmget(key, 0, 0)
+        if shmid >= 0:
+            libc.shmctl(shmid, 0, None)  # IPC_RMID
+        libc.mq_unlink(name.encode())
+
+
 @pytest.mark.vm
 async def test_templated_vm_runs_in_every_layer_of_the_jail(tmp_path: Path) -> None:
     config = load_config()
@@ -181,6 +215,8 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail(tmp_path: Path) -> N
         # cloud's metadata address is reachable (the guest's own NIC, a tap, is an fd QEMU holds)
         assert c.own_network_namespace
         _assert_no_network_from(vm.pid)
+        _assert_no_host_ipc_from(vm.pid, c.uid)
+        assert os.readlink(f"/proc/{vm.pid}/ns/ipc") != os.readlink("/proc/self/ns/ipc")
         # QEMU made no file on the host: its sockets were bound by pykata (0600) and passed in
         for sock in (vm.paths.qmp_socket, vm.paths.agent_socket):
             st = os.stat(sock)
@@ -207,6 +243,7 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail(tmp_path: Path) -> N
         assert helper.root == str(sandbox.shared_dir)
         assert helper.own_network_namespace
         _assert_no_network_from(pids["virtfs-proxy-helper"])
+        _assert_no_host_ipc_from(pids["virtfs-proxy-helper"], 0)
         # and its second filter: no signal, trace or pidfd to any other process (fileguard.no_reach_program)
         filters = next(line for line in Path(f"/proc/{pids['virtfs-proxy-helper']}/status").read_text().splitlines()
                        if line.startswith("Seccomp_filters:"))
@@ -298,6 +335,7 @@ async def test_cold_vm_virtiofsd_is_confined_too() -> None:
         assert inspect_process(pids["qemu"]).own_network_namespace and fsd.own_network_namespace
         _assert_no_network_from(pids["qemu"])
         assert not fsd.cap_effective & CAP_SYS_ADMIN
+        _assert_no_host_ipc_from(pids["virtiofsd"], 0)  # uid 0: it could remove root's SysV objects
 
 
 def test_ram_preload_opens_only_the_template_memory_read_only(tmp_path: Path) -> None:

@@ -124,10 +124,14 @@ def jail_spec(q: QemuConfig, *, uid: int | None, chroot: Path | None) -> JailSpe
 
 
 def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False, *,
-                     network_namespace: bool = False, pid_namespace: bool = False) -> list[str]:
+                     network_namespace: bool = False, pid_namespace: bool = False,
+                     ipc_namespace: bool = False) -> list[str]:
     """The argv prefix that starts a program in a private (slave) mount namespace, an empty network
     namespace (only a loopback that is down: no socket reaches the host's network, its localhost
-    services or a cloud's metadata address), a PID namespace of its own and/or with NO_NEW_PRIVS.
+    services or a cloud's metadata address), a PID namespace of its own, an IPC namespace of its own
+    (the host's SysV shared memory, semaphores and message queues and its POSIX message queues are out
+    of reach, and what the program makes there ends with it instead of outliving it on the host)
+    and/or with NO_NEW_PRIVS.
 
     Without `pid_namespace`, `unshare` execs the program: its pid is the program's. With it, the
     program is the child of the namespace's init (as under lifeline_prefix(), so a program that
@@ -139,7 +143,7 @@ def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False, *,
         HypervisorError: util-linux's unshare/setpriv is not installed.
     """
     prefix: list[str] = []
-    if mount_namespace or network_namespace or pid_namespace:
+    if mount_namespace or network_namespace or pid_namespace or ipc_namespace:
         prefix += [_tool(UNSHARE)]
         if pid_namespace:
             prefix += ["--pid", "--fork", "--kill-child=SIGKILL"]
@@ -147,6 +151,8 @@ def namespace_prefix(mount_namespace: bool, no_new_privs: bool = False, *,
             prefix += ["--mount", "--propagation", "slave"]
         if network_namespace:
             prefix += ["--net"]
+        if ipc_namespace:
+            prefix += ["--ipc"]
         prefix += ["--"]
         if pid_namespace:
             prefix += [_tool(UNSHARE), "--fork", "--"]

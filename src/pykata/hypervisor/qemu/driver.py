@@ -384,7 +384,10 @@ class QemuHypervisor(Hypervisor):
             # network, its localhost services or a cloud's metadata address (taps come as fds)
             own_net = not any(isinstance(d, NetDevice) and (d.user_net or d.tap_fd is None)
                               for d in self._devices.values())
-            argv = namespace_prefix(self.spec.jail.mount_namespace, network_namespace=own_net) + argv
+            # and an IPC namespace of its own: the host's SysV IPC and POSIX message queues are
+            # out of its reach, and nothing it could make there outlives it
+            argv = namespace_prefix(self.spec.jail.mount_namespace, network_namespace=own_net,
+                                    ipc_namespace=True) + argv
         if self._die_with_owner:
             argv = lifeline_prefix() + argv
         log.debug("VM %s: %s", self.vm_id, " ".join(argv))

@@ -73,7 +73,8 @@ class Proxy9p:
             # PID namespace of its own: a helper taken over through QEMU's requests sees no host
             # process to signal, renice, trace or probe (on top of fileguard's filter). Its mount
             # namespace is made by helperroot's step, not by unshare.
-            argv = namespace_prefix(False, no_new_privs=True, network_namespace=True, pid_namespace=True)
+            argv = namespace_prefix(False, no_new_privs=True, network_namespace=True, pid_namespace=True,
+                                    ipc_namespace=True)
             enter_root = None
             if self.mount_namespace:
                 try:

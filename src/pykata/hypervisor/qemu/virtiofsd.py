@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pykata.errors import HypervisorError
 from pykata.hypervisor.console import ConsoleDrain
+from pykata.hypervisor.jail import namespace_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
 
 # Capabilities virtiofsd gives up (it keeps chown, dac_override, fowner, fsetid, setgid, setuid, mknod
@@ -66,7 +67,10 @@ class Virtiofsd:
             os.chmod(self.socket_path, 0o600)
             sock.listen(1)
             fd = sock.fileno()
-            argv = virtiofsd_argv(self.binary, fd, self.shared_dir, self.cache, self.extra_args)
+            # its own sandbox has mount, PID and network namespaces; an IPC one of its own too (uid 0
+            # may remove the host's root-owned SysV IPC objects)
+            argv = namespace_prefix(False, ipc_namespace=True) + \
+                virtiofsd_argv(self.binary, fd, self.shared_dir, self.cache, self.extra_args)
             # a hostile guest kernel can make virtiofsd print (an error line per malformed request):
             # its output goes through a socket drained into a bounded log, as QEMU's does
             self._log = ConsoleDrain(self.log_path, max_bytes=HELPER_LOG_MAX_BYTES)
