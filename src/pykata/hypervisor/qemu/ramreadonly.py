@@ -47,28 +47,8 @@ def library(cache_dir: Path) -> Path | None:
     global _warned
     source = _source()
     out = cache_dir / "ramro" / f"{hashlib.sha256(source).hexdigest()[:20]}.so"
-    if _trusted(out):
-        return out
-    cc = shutil.which("cc") or shutil.which("gcc")
     try:
-        if cc is None:
-            raise OSError("no C compiler (cc) on PATH")
-        out.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        with file_lock(out.parent / ".lock"):
-            if _trusted(out):
-                return out
-            src = out.parent / f".{out.stem}.{os.getpid()}.c"
-            tmp = out.parent / f".{out.stem}.{os.getpid()}.so"
-            src.write_bytes(source)
-            try:
-                subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(tmp), str(src), "-ldl"],
-                               check=True, capture_output=True, timeout=120)
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, out)
-            finally:
-                for p in (src, tmp):
-                    p.unlink(missing_ok=True)
-        return out
+        return build(source, out)
     except (OSError, subprocess.SubprocessError) as exc:
         if not _warned:
             detail: object = exc
@@ -78,6 +58,37 @@ def library(cache_dir: Path) -> Path | None:
                         "library: %s): a guest escaped into QEMU could change other pods' memory", detail)
             _warned = True
         return None
+
+
+def build(source: bytes, out: Path, link_flags: tuple[str, ...] = ()) -> Path:
+    """The shared library `out` built from C `source` with the host's C compiler, unless a trusted one
+    is there already (it is loaded into a QEMU that starts as root).
+
+    Raises:
+        OSError: no C compiler, or the file cannot be written.
+        subprocess.SubprocessError: the compiler failed.
+    """
+    if _trusted(out):
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc) on PATH")
+    out.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with file_lock(out.parent / ".lock"):
+        if _trusted(out):
+            return out
+        src = out.parent / f".{out.stem}.{os.getpid()}.c"
+        tmp = out.parent / f".{out.stem}.{os.getpid()}.so"
+        src.write_bytes(source)
+        try:
+            subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", *link_flags, "-o", str(tmp), str(src), "-ldl"],
+                           check=True, capture_output=True, timeout=120)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, out)
+        finally:
+            for p in (src, tmp):
+                p.unlink(missing_ok=True)
+    return out
 
 
 def _trusted(lib: Path) -> bool:
