@@ -345,6 +345,34 @@ def test_cri_files_shm_and_volumes(cri_containerd: CriContainerd, tmp_path: Path
         assert (files / "app.conf").read_text() == "key = value\n"
 
 
+@pytest.mark.vm
+def test_containerds_etc_files_are_copied_into_the_guest(cri_containerd: CriContainerd) -> None:
+    """containerd binds the pod's /etc/hosts, /etc/hostname and /etc/resolv.conf into every container.
+    They are copied into the guest (pykata.resources.crifiles), so a pod without host volumes needs no
+    shared directory for them (a guest that mounted it cannot be snapshotted): no host mount is made
+    for them, and the containers see one writable copy, as under runc they share the one host file."""
+    name = f"etcfiles-{uuid.uuid4().hex[:6]}"
+    config = _pod_config(name)
+    with Cri(cri_containerd.socket) as cri, _pod(cri_containerd, cri, "pykata", config) as pod_id:
+        c0 = _container(cri, pod_id, config, "c0")
+        c1 = _container(cri, pod_id, config, "c1")
+        sandbox = cri_containerd.dir / "root" / "io.containerd.grpc.v1.cri" / "sandboxes" / pod_id
+        hosts = (sandbox / "hosts").read_text()
+        for cid in (c0, c1):
+            assert _sh(cri, cid, "cat /etc/hosts") == hosts
+            assert _sh(cri, cid, "cat /etc/hostname") == (sandbox / "hostname").read_text()
+            assert _sh(cri, cid, "cat /etc/resolv.conf") == (sandbox / "resolv.conf").read_text()
+            # a guest tmpfs, not the host's file over 9p
+            assert _sh(cri, cid, "stat -f -c %T /etc/hosts /etc/hostname /etc/resolv.conf").split() == ["tmpfs"] * 3
+            host_mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                           if f"/mounts/{cid}/volumes/" in line]
+            assert host_mounts == [], host_mounts
+        # one copy for the pod: a write in one container is seen in the other (the host's file stays)
+        _sh(cri, c0, "echo '10.9.9.9 added-by-c0' >> /etc/hosts")
+        assert _sh(cri, c1, "tail -1 /etc/hosts") == "10.9.9.9 added-by-c0\n"
+        assert (sandbox / "hosts").read_text() == hosts
+
+
 def test_one_policy_for_pykata_run_and_the_sdk() -> None:
     """`pykata run --cpus/--memory` sizes a VM as a pod's limits do; the SDK's VM size is taken as it is;
     both go through the same fit (caps, max memory naming the option, bigger VMs boot cold)."""

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 import secrets
 import shutil
 import stat
@@ -47,7 +48,7 @@ from pykata.network import attach as attach_network
 from pykata.network import detach as detach_network
 from pykata.network.holding import HoldingNetwork, hand_over
 from pykata.protocols.agent import LAZY_SHARE_PROTOCOL_VERSION, agent_pb2
-from pykata.resources import emptydir, mounts, watchable
+from pykata.resources import crifiles, emptydir, mounts, watchable
 from pykata.resources.emptydir import EmptyDir
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
@@ -219,6 +220,9 @@ class Sandbox:
         # its kubelet-updated volumes (configmap, secret, ...) by name: copied into the guest and kept in
         # step by _poll_watched, or (None) shared from the host (pykata.resources.watchable)
         self.watched: dict[str, watchable.WatchedVolume | None] = {}
+        # the names of containerd's CRI files (/etc/hosts, ...) copied into the guest, once the pod's
+        # first container that binds them came (an empty set: shared from the host; pykata.resources.crifiles)
+        self.cri_files: set[str] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._root_watch: watchable.RootWatch | None = None
         self._volume_changed = asyncio.Event()
@@ -659,7 +663,8 @@ class Sandbox:
             in_guest = self.config.runtime.rootfs_upper == "guest" or not self.guest_share
             full_spec = add_volumes(spec, list(volumes))
             pod_volumes = self._pod_volumes(container_id, full_spec)
-            copied = await self._watched_volumes(container_id, full_spec)
+            copied = {**await self._watched_volumes(container_id, full_spec),
+                      **await self._cri_files(container_id, full_spec)}
             check_host_bind_sources(full_spec, self._protected_dirs(), skip={*pod_volumes, *copied})
             guest_spec, shares = for_guest(full_spec, container_id,
                                            {**{i: vol.guest_path for i, vol in pod_volumes.items()}, **copied})
@@ -798,6 +803,34 @@ class Sandbox:
         if found and self._watch_task is None:
             self._watch_task = asyncio.ensure_future(self._poll_watched())
         return found
+
+    async def _cri_files(self, container_id: str, spec: dict[str, Any]) -> dict[int, str]:
+        """The spec's binds of containerd's CRI files of this pod (/etc/hosts, /etc/hostname,
+        /etc/resolv.conf), by index, as their guest paths: the first container that binds them copies
+        them all into a pod volume of the guest (SyncVolume), so a pod needs the shared directory only
+        for what really is the host's (pykata.resources.crifiles). Files that cannot be copied (an agent
+        or policy without SyncVolume, a file too large) are shared from the host for the whole pod.
+        Raises AgentError when the agent is gone."""
+        found: dict[int, str] = {}
+        sandbox_dir = ""
+        for i, m in enumerate(spec.get("mounts") or []):
+            name = crifiles.cri_file(m, self.id)
+            if name is not None:
+                found[i], sandbox_dir = name, posixpath.dirname(str(m["source"]))
+        if not found:
+            return {}
+        volume = crifiles.volume_name(self.id)
+        if self.cri_files is None:
+            try:
+                tree = await asyncio.to_thread(crifiles.entries, sandbox_dir)
+                await self.agent.sync_volume(volume, crifiles.TMPFS_BYTES, tree)
+                self.cri_files = {e.path for e in tree if e.path}
+            except (crifiles.Unsuitable, AgentCallError) as e:
+                log.warning("sandbox %s: container %s: containerd's /etc files are shared from the host, not "
+                            "copied into the guest: %s", self.id, container_id, e)
+                self.cri_files = set()
+        return {i: f"{emptydir.GUEST_POD_VOLUME_DIR}/{volume}/{name}" for i, name in found.items()
+                if name in self.cri_files}
 
     def _watch_root(self, vol: watchable.WatchedVolume) -> None:
         """inotify on the volume's root directory (made with the first volume), so that the watch
