@@ -10,8 +10,9 @@ one (Sandbox.create_warm: restore, reseed, warm-up, paused), then handed out as 
 started, and the VM is left idle for --idle seconds. For each phase it prints the median CPU seconds
 of QEMU (its vCPU runs the guest: agent, crun, the workload; read from /proc/<pid>/stat, so other load
 on the host does not count) and of this process (the host side a pod's shim would run: Python, the
-ttrpc client, mounts), and the idle VM's CPU per second. With --variant, rounds alternate between the
-configuration in force and each variant (e.g. `tb64=hypervisor.qemu.tcg_tb_size=64`). With
+ttrpc client, mounts), and the idle VM's CPU per second, and how big TCG's translation cache is after
+each phase (resident MiB: what the guest code run so far cost in host code). With --variant, rounds
+alternate between the configuration in force and each variant (e.g. `tb64=hypervisor.qemu.tcg_tb_size=64`). With
 --throwaway IMAGE, a variant "throwaway" creates and deletes one container of IMAGE (another image
 than the measured busybox: `pause`) through the real path right after the hand-out and before the
 measured create, and charges it to the adopt phase: what a warm-up that took the pod's own create path
@@ -67,6 +68,25 @@ agent_lines: dict[int, dict[str, list[float]]] = {}  # round -> container id -> 
 memory: dict[int, float] = {}  # round -> QEMU's anonymous memory (MiB) once the first container started and idled
 
 
+tcg: dict[int, list[float]] = {}  # round -> TCG's translation cache (MiB resident) after each phase
+
+
+def tcg_mib(pid: int | None) -> float:
+    """The resident size of QEMU's TCG translation cache (its anonymous rwx mappings): the host code
+    translated so far, which every QEMU makes again for the guest code it runs."""
+    total, rwx = 0, False
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split(maxsplit=6)
+            if "-" in head[0] and not head[0].endswith(":"):
+                rwx = head[1].startswith("rwx") and len(head) < 6
+            elif rwx and head[0] == "Rss:":
+                total += int(head[1])
+    except OSError:
+        pass
+    return total / 1024
+
+
 def anon_mib(pid: int | None) -> float:
     """QEMU's anonymous memory (its own: TCG's translation cache, guest RAM written since the clone,
     heap), which unlike PSS does not depend on how many other VMs share the template's pages."""
@@ -91,11 +111,13 @@ async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float,
     out = []
     last = (proc_cpu(qemu), own_cpu())
     out.append((last[0], last[1] - host0))
+    tcg[n] = [tcg_mib(qemu)]
 
     def step() -> None:
         nonlocal last
         now = (proc_cpu(qemu), own_cpu())
         out.append((now[0] - last[0], now[1] - last[1]))
+        tcg[n].append(tcg_mib(qemu))
         last = now
 
     try:
@@ -174,7 +196,7 @@ async def main() -> None:
           f"{max(loads):.1f}")
     for name, rounds in results.items():
         print(f"{name}:")
-        print(f"  {'phase':<40}{'QEMU':>8}{'host':>8}")
+        print(f"  {'phase':<40}{'QEMU':>8}{'host':>8}{'TCG MiB after':>15}")
         start_path = [0.0, 0.0]
         for k, phase in enumerate(PHASES):
             q = statistics.median(r[k][0] for r in rounds)
@@ -182,7 +204,8 @@ async def main() -> None:
             if 0 < k < 4:
                 start_path[0] += q
                 start_path[1] += h
-            print(f"  {phase:<40}{q:8.3f}{h:8.3f}")
+            t = [tcg[r][k] for r in rounds_of[name] if r in tcg and len(tcg[r]) > k]
+            print(f"  {phase:<40}{q:8.3f}{h:8.3f}{statistics.median(t) if t else 0:15.1f}")
         print(f"  {'start path (adopt + create + start)':<40}{start_path[0]:8.3f}{start_path[1]:8.3f}")
         pss = [memory[k] for k in rounds_of[name] if k in memory]
         if pss:
