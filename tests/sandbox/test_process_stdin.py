@@ -76,3 +76,48 @@ def test_whole_takes_send_each_byte_once() -> None:
     proc = Process(agent, "c1", "e1", 7, False)  # type: ignore[arg-type]
     asyncio.run(proc.write_stdin(b"y" * (2 * READ_CHUNK + 3)))
     assert agent.sent == 2 * READ_CHUNK + 3 and agent.calls == 3
+
+
+class FakeFloodAgent:
+    """A fake agent whose every stream has output at once: each read is answered, after a yield, with
+    as much as it asked for; records what each read asked."""
+
+    sandbox_id = "sb-fake"
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    async def read_stdout(self, container_id: str, exec_id: str, max_length: int) -> bytes:
+        self.asked.append(max_length)
+        await asyncio.sleep(0)
+        return b"z" * max_length
+
+    read_stderr = read_stdout
+
+
+def test_a_pods_output_reads_share_one_budget() -> None:
+    """Fairness between one pod's streams: each output read to one agent asks for an equal share of
+    POD_READ_BUDGET among the reads in flight (at least MIN_READ), so whatever the number of flooding
+    streams, the answers queued on the agent's channel ahead of a new stream's (or of an exec's start)
+    stay about that budget, where each read asked READ_CHUNK (12 streams: 12 MiB); one or two streams
+    still read READ_CHUNK at a time."""
+    from pykata.sandbox.process import MIN_READ, POD_READ_BUDGET
+
+    async def flood(streams: int) -> FakeFloodAgent:
+        agent = FakeFloodAgent()
+        procs = [Process(agent, "c1", f"e{i}", 7, False) for i in range(streams)]  # type: ignore[arg-type]
+
+        async def pump(p: Process) -> None:  # as the shim's: the next read once the last one answered
+            for _ in range(4):
+                await p.read("stdout")
+
+        await asyncio.gather(*(pump(p) for p in procs))
+        return agent
+
+    for streams in (1, 2):
+        assert set(asyncio.run(flood(streams)).asked) == {READ_CHUNK}
+    for streams in (6, 12, 40):
+        asked = asyncio.run(flood(streams)).asked
+        steady = asked[streams:-streams]  # after every stream's first read, before the last ones end
+        assert steady and set(steady) == {max(MIN_READ, POD_READ_BUDGET // streams)}, (streams, steady[:3])
+        assert sum(steady[:streams]) <= max(POD_READ_BUDGET, streams * MIN_READ)

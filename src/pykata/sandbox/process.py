@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import signal as _signal
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -19,6 +20,14 @@ if TYPE_CHECKING:
 
 READ_CHUNK = 1 << 20  # the agent's cap per read
 READ_AHEAD = 2  # reads of one stream in flight
+# What all the output reads in flight to one agent may ask for together: each read asks for an equal
+# share (at least MIN_READ). The agent answers a read with all it has up to what was asked, and its
+# answers leave on one channel in order; with 1 MiB per read, a pod's 12 flooding streams queued
+# ~12 MiB ahead of any other answer (a new exec's output, its start) and made the agent move all of it
+# between two turns of its loop. One or two streams still read 1 MiB at a time.
+POD_READ_BUDGET = 2 * READ_CHUNK
+MIN_READ = 64 << 10
+_reads_in_flight: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 WRITE_AHEAD = 3  # stdin chunks in flight
 Stream = Literal["stdout", "stderr"]
 
@@ -73,7 +82,13 @@ class Process:
         if stream == "stderr" and self.terminal:
             return None  # a terminal merges stderr into stdout
         read = self._agent.read_stdout if stream == "stdout" else self._agent.read_stderr
-        return await read(self.container_id, self.exec_id, max_length)
+        active = _reads_in_flight.get(self._agent, 0) + 1
+        _reads_in_flight[self._agent] = active
+        try:
+            share = min(max_length, max(MIN_READ, POD_READ_BUDGET // active))
+            return await read(self.container_id, self.exec_id, share)
+        finally:
+            _reads_in_flight[self._agent] -= 1
 
     async def chunks(self, stream: Stream = "stdout") -> AsyncIterator[bytes]:
         """The stream's bytes as they come, with READ_AHEAD reads in flight: the agent answers
