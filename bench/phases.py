@@ -73,6 +73,8 @@ PARALLEL = [
     ("|| `delete` subcommand: work", "delete.main", "delete.done"),
     ("|| ctr returns -> `delete` subcommand done", "bench.end", "delete.done"),
     ("|| ctr returns -> shim exit", "bench.end", "daemon.exit"),
+    ("|| Create: pooled VM: the pod's host cgroup joined, its limits set", "vm.start", "vm.joined"),
+    ("|| Create: pooled VM: hand-out after the cgroup (resume)", "vm.joined", "vm.started"),
     ("|| Create: host side until the image disk is known", "guest.sandbox", "rootfs.image"),
     ("|| Create: the image put in a slot (QMP; pooled VMs hold the warm-up's)", "rootfs.image", "rootfs.slot"),
 ]

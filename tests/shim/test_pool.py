@@ -229,3 +229,18 @@ def test_destroy_right_after_fill_ends_the_ones_still_starting(pooled: Container
     assert not _processes_under(config.runtime.runtime_path / "pool")
     assert all(not psutil.pid_exists(e.pid) or psutil.Process(e.pid).status() == psutil.STATUS_ZOMBIE
                for e in starting)
+
+
+def test_a_pod_whose_cgroup_is_refused_fails_and_its_pooled_vm_is_gone(pooled: Containerd) -> None:
+    # the pod's cgroup is made beside the hand-out (pod._adopt_warm): a refused linux.cgroupsPath still
+    # fails the pod, naming the field, and the VM it took is stopped
+    entry = _ready_entry()
+    p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, "--cgroup", "/pykata-test/../../escape", IMAGE,
+                   "pooled-badcg", "true", check=False)
+    assert p.returncode != 0 and b"linux.cgroupsPath" in p.stderr, p.stderr
+    assert f"claimed from the warm pool ({entry.id})" in pooled.log.read_text()
+    deadline = time.monotonic() + 10
+    while _processes_under(entry.sandbox_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _processes_under(entry.sandbox_dir), "the refused pod's pooled VM is still running"
+    assert not os.path.exists("/sys/fs/cgroup/memory/escape") and not os.path.exists("/sys/fs/cgroup/escape")

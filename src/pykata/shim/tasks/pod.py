@@ -116,9 +116,10 @@ async def _try_warm(st: TaskState, warm: Sandbox, config: Config, vcpus: int | N
         except NetworkError as e:
             log.warning("the pooled VM's NIC could not be wired to the pod's network: %s", e)
             why = "its NIC could not be wired"
-        except cgroups.CgroupError:
-            # the pod fails (join_cgroup, _vm_into_cgroup): its pooled VM is not left running, and
-            # the cgroup, if made, is removed once the VM's processes are gone
+        except (cgroups.CgroupError, InvalidArgument):
+            # the pod fails (join_cgroup: its cgroup, or a refused linux.cgroupsPath; _vm_into_cgroup):
+            # its pooled VM is not left running, and the cgroup, if made, is removed once the VM's
+            # processes are gone
             await warm.stop(remove=True)
             leave_cgroup(st)
             raise
@@ -133,13 +134,20 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
     and the guest is set up for it, on the pod's network, and sized (Sandbox.adopt). Refills the pool
     in the background. On failure the VM is stopped."""
     mark("vm.start")
-    join_cgroup(st, config, spec)
-    resize.boot_limits(st, config)
-    # The VM's processes follow the shim into the pod's cgroup beside the hand-out, not before it: under
-    # cgroup v1 each of the ~50 moves (every process in every hierarchy) may wait for an RCU grace
-    # period, 10-30 ms in all on the pooled start's path. The guest runs nothing of the pod until the
-    # pod's first container is created, after both.
-    moving = asyncio.ensure_future(asyncio.to_thread(_vm_into_cgroup, st, config))
+
+    def into_cgroup() -> None:
+        join_cgroup(st, config, spec)
+        resize.boot_limits(st, config)
+        mark("vm.joined")
+        _vm_into_cgroup(st, config)
+
+    # The pod's cgroup is made, the shim joins it, its limits are set and the VM's processes follow,
+    # all beside the hand-out, not before it: under cgroup v1 each of the ~50 moves (every process in
+    # every hierarchy) may wait for an RCU grace period, 10-30 ms in all on the pooled start's path,
+    # and making the cgroup in each hierarchy, joining it and its limits another ~25 ms (bench/phases.py
+    # --pool, load 7.5). The guest runs nothing of the pod until the pod's first container is created,
+    # after all of it.
+    moving = asyncio.ensure_future(asyncio.to_thread(into_cgroup))
     log.info("taking the VM from the warm pool (%s)", warm.dir.name)
     try:
         await warm.adopt(st.sandbox_id, hostname=str(spec.get("hostname") or ""), serve_proxy=True,
@@ -149,7 +157,7 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
             await asyncio.shield(moving)
         leave_cgroup(st)
         raise
-    await moving  # a CgroupError: _try_warm stops the VM, then leaves the cgroup
+    await moving  # a CgroupError or InvalidArgument: _try_warm stops the VM, then leaves the cgroup
     mark("vm.cgroup")
     st.sandbox = warm
     st.spawn(_refill_later(st, config), "refill-pool")
