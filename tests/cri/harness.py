@@ -354,3 +354,21 @@ def wait_gone(ctd: CriContainerd, pod_id: str, within: float = 20) -> list[str]:
         time.sleep(0.2)
         left = ctd.pod_leftovers(pod_id)
     return left
+
+
+@contextlib.contextmanager
+def one_container_pod(cri: Cri, name: str, handler: str, command: list[str],
+                      ctd: CriContainerd | None = None) -> Iterator[tuple[str, str]]:
+    """A pod with one busybox container running `command`; yields (pod id, container id); afterwards
+    the pod is stopped and removed, and with `ctd` nothing of it may be left (wait_gone)."""
+    pod_id, config = cri.run_pod(name, handler)
+    try:
+        cid = cri.create_container(pod_id, config, "c", BUSYBOX_IMAGE, command)
+        cri.start_container(cid)
+        yield pod_id, cid
+    finally:
+        cri.stop_pod(pod_id)
+        cri.remove_pod(pod_id)
+    if ctd is not None:
+        left = wait_gone(ctd, pod_id)
+        assert not left, f"pod {pod_id} left {left}"

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, wait_gone
+from tests.cri.harness import Cri, CriContainerd, one_container_pod
 
 BRIDGE_IP = "10.254.0.1"  # the bridge plugin's gateway address, in containerd's network namespace
 ECHO_PORT = 7777
@@ -22,20 +21,10 @@ def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
 
 
-@contextlib.contextmanager
-def pod(cri: Cri, ctd: CriContainerd, name: str, handler: str, command: list[str]) -> Iterator[tuple[str, str]]:
-    """A pod with one busybox container running `command`; yields (pod id, container id); afterwards
-    the pod is stopped and removed and nothing of it may be left."""
-    pod_id, config = cri.run_pod(name, handler)
-    try:
-        cid = cri.create_container(pod_id, config, "c", BUSYBOX_IMAGE, command)
-        cri.start_container(cid)
-        yield pod_id, cid
-    finally:
-        cri.stop_pod(pod_id)
-        cri.remove_pod(pod_id)
-    left = wait_gone(ctd, pod_id)
-    assert not left, f"pod {pod_id} left {left}"
+def pod(cri: Cri, ctd: CriContainerd, name: str, handler: str,
+        command: list[str]) -> contextlib.AbstractContextManager[tuple[str, str]]:
+    """A pod with one busybox container running `command`; nothing of it may be left afterwards."""
+    return one_container_pod(cri, name, handler, command, ctd)
 
 
 def exec_ok(cri: Cri, cid: str, cmd: list[str]) -> str:

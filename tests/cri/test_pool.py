@@ -24,7 +24,7 @@ from cri_api.v1 import api_pb2
 
 from pykata.config import load_config
 from pykata.factory import pool
-from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, missing_cri_prerequisites, wait_gone
+from tests.cri.harness import BUSYBOX_IMAGE, Cri, CriContainerd, missing_cri_prerequisites, one_container_pod, wait_gone
 from tests.cri.test_network import BRIDGE_IP, exec_ok, sh
 from tests.shim.harness import VENV_BIN
 
@@ -150,16 +150,8 @@ def _cni_netns() -> set[str]:
     return {p.name for p in Path("/var/run/netns").glob("cni-*")}
 
 
-@contextlib.contextmanager
-def _pod(cri: Cri, name: str, command: list[str]) -> Iterator[tuple[str, str]]:
-    pod_id, config = cri.run_pod(name, "pykata")
-    try:
-        cid = cri.create_container(pod_id, config, "c", BUSYBOX_IMAGE, command)
-        cri.start_container(cid)
-        yield pod_id, cid
-    finally:
-        cri.stop_pod(pod_id)
-        cri.remove_pod(pod_id)
+def _pod(cri: Cri, name: str, command: list[str]) -> contextlib.AbstractContextManager[tuple[str, str]]:
+    return one_container_pod(cri, name, "pykata", command)  # its leftovers: _gone, by pool entry
 
 
 def _gone(entries: list[pool.PoolEntry], within: float = 20.0) -> list[str]:

@@ -13,7 +13,7 @@ import os
 import signal as _signal
 from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Generic, Protocol, Self, TypeVar
 
 from pykata.config import Config
 from pykata.errors import PykataError
@@ -171,7 +171,56 @@ class Files:
                                   max_bytes=max_bytes))
 
 
-class Sandbox:
+class _Startable(Protocol):
+    async def start(self) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+_A = TypeVar("_A", bound=_Startable)
+
+
+class _OnSharedLoop(Generic[_A]):
+    """The blocking face of an async object with start() and close(): it keeps the shared loop (a token of
+    SHARED) from start() to close()."""
+
+    _async: _A
+    _token: int | None
+
+    def start(self) -> Self:
+        """Start it (a Sandbox: boot the VM). Raises PykataError; KeyboardInterrupt cancels the start and
+        cleans up first."""
+        if self._token is None:
+            self._token = SHARED.acquire(closer=self.close)
+            try:
+                _run(self._async.start())
+            except BaseException:
+                self._release()
+                raise
+        return self
+
+    def close(self) -> None:
+        """Destroy it and everything it used (a Sandbox: the VM; a Pool: its sandboxes). Idempotent."""
+        if self._token is None:
+            return
+        try:
+            _run(self._async.close())
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            SHARED.release(token)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sandbox(_OnSharedLoop[AsyncSandbox]):
     """The same as AsyncSandbox for code without an event loop. Use `with`, or `start()` / `close()`."""
 
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
@@ -208,18 +257,6 @@ class Sandbox:
     @property
     def deadline(self) -> float | None:
         return self._async.deadline
-
-    def start(self) -> Sandbox:
-        """Boot the VM. Raises PykataError; KeyboardInterrupt cancels the boot and cleans up first."""
-        if self._token is not None:
-            return self
-        self._token = SHARED.acquire(closer=self.close)
-        try:
-            _run(self._async.start())
-        except BaseException:
-            self._release()
-            raise
-        return self
 
     def run(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None, user: User | None = None,
             timeout: float | None = None, stdin: bytes | str | None = None,
@@ -311,28 +348,9 @@ class Sandbox:
         SHARED.set_closer(token, sb.close)
         return sb
 
-    def close(self) -> None:
-        """Destroy the VM and everything it used. Idempotent."""
-        if self._token is None:
-            return
-        try:
-            _run(self._async.close())
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            SHARED.release(token)
-
-    def __enter__(self) -> Sandbox:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
-class Pool:
+class Pool(_OnSharedLoop[AsyncPool]):
     """The blocking face of AsyncPool: `with Pool(size=4) as pool: with pool.acquire() as sb: ...`."""
 
     def __init__(self, size: int = 2, image: str = "busybox", *, max_starting: int = 2, pause_idle: bool = False,
@@ -344,16 +362,6 @@ class Pool:
     def ready(self) -> int:
         return self._async.ready
 
-    def start(self) -> Pool:
-        if self._token is None:
-            self._token = SHARED.acquire(closer=self.close)
-            try:
-                _run(self._async.start())
-            except BaseException:
-                self._release()
-                raise
-        return self
-
     def wait_ready(self, count: int | None = None, timeout: float | None = None) -> None:
         self.start()
         _run(self._async.wait_ready(count, timeout))
@@ -363,21 +371,3 @@ class Pool:
         self.start()
         return Sandbox._adopt(self._async.acquire(timeout))
 
-    def close(self) -> None:
-        if self._token is None:
-            return
-        try:
-            _run(self._async.close())
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            SHARED.release(token)
-
-    def __enter__(self) -> Pool:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
