@@ -12,12 +12,14 @@ CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; the time module has no name for it
 
 
 class HealthService:
-    """Handlers for `pykata.agent.v1.Health`."""
+    """Handlers for `pykata.agent.v1.Health`: plain functions, so the server answers them in the loop turn
+    that read them, with no task or timer (pykata.ttrpc.server): a template's clone answers its host's
+    first Check with less guest code, all of it translated afresh under TCG."""
 
     def __init__(self, version: str | None = None) -> None:
         self.version = version or pykata.__version__
 
-    async def Check(self, request: agent_pb2.CheckRequest, ctx: Any) -> agent_pb2.HealthCheckResponse:
+    def Check(self, request: agent_pb2.CheckRequest, ctx: Any) -> agent_pb2.HealthCheckResponse:
         # Both clocks, so the host can tell a guest without a timer tick (pykata.agentapi.replies.tick_check):
         # the monotonic clock reads the clocksource and goes on, the coarse one moves only at a tick.
         # Read in this order, a tick between the two reads makes the coarse one newer, never older.
@@ -26,6 +28,6 @@ class HealthService:
         return agent_pb2.HealthCheckResponse(status=agent_pb2.HealthCheckResponse.SERVING, clock_ns=clock,
                                              tick_clock_ns=tick_clock)
 
-    async def Version(self, request: agent_pb2.CheckRequest, ctx: Any) -> agent_pb2.VersionCheckResponse:
+    def Version(self, request: agent_pb2.CheckRequest, ctx: Any) -> agent_pb2.VersionCheckResponse:
         return agent_pb2.VersionCheckResponse(agent_version=self.version,
                                               protocol_version=PROTOCOL_VERSION)
