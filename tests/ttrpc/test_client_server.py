@@ -396,3 +396,60 @@ async def test_close_with_grace_gives_up_on_a_client_that_stays(echo_server: Any
     with pytest.raises((RpcError, ConnectionClosedError, ConnectionResetError)):
         await stays.call(ECHO_SERVICE, "Echo", Echo(tag=3), timeout=5)
     await stays.close()
+
+
+class _PlainHandler(EchoHandler):
+    """Unary methods as plain functions (answered in the loop turn that read them, server.py), streaming
+    ones inherited; Fill hands back an awaitable, which a plain function must not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def Echo(self, req: Any, ctx: CallContext) -> Any:  # type: ignore[override]
+        self.calls += 1
+        return Echo(data=req.data, tag=int((ctx.timeout or 0) * 1000))
+
+    def Fail(self, req: Any, ctx: CallContext) -> Any:  # type: ignore[override]
+        from pykata.errors import NotFound
+
+        raise NotFound(f"no {req.data.decode()}")
+
+    def Fill(self, req: Any, ctx: CallContext) -> Any:  # type: ignore[override]
+        return asyncio.sleep(0)
+
+
+async def test_plain_function_handlers_are_answered_at_once(tmp_path: Path) -> None:
+    from pykata.ttrpc.stats import RpcStats
+
+    handler = _PlainHandler()
+    server = Server(stats=RpcStats())
+    server.register(ECHO_SERVICE, handler)
+    path = str(tmp_path / "plain.sock")
+    await server.serve_unix(path)
+    client = await connect_unix(path)
+    try:
+        answers = await asyncio.gather(*(client.call(ECHO_SERVICE, "Echo", Echo(data=bytes([i]), tag=i), timeout=2)
+                                         for i in range(50)))
+        assert [a.data for a in answers] == [bytes([i]) for i in range(50)]
+        assert {a.tag for a in answers} == {2000}  # the handler saw the caller's deadline
+        assert handler.calls == 50
+        # errors map as an async handler's do; the connection goes on
+        with pytest.raises(RpcError) as ei:
+            await client.call(ECHO_SERVICE, "Fail", Echo(data=b"thing"))
+        assert (ei.value.code, ei.value.message) == (Code.NOT_FOUND, "no thing")
+        with pytest.raises(RpcError) as ei:
+            await client.call_raw("pykata.test.EchoService", "Echo", b"\xff\xff\xff")
+        assert ei.value.code == Code.INVALID_ARGUMENT
+        with pytest.raises(RpcError) as ei:
+            await client.call(ECHO_SERVICE, "Fill", Echo(tag=1))
+        assert ei.value.code == Code.UNKNOWN and "plain function" in ei.value.message
+        # streaming methods (async) are still served by tasks
+        assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=1))).data == b""
+        got = [m.tag async for m in client.stream(ECHO_SERVICE, "Count", Echo(tag=3))]
+        assert got == [0, 1, 2]
+        assert server.stats is not None
+        assert [(m, n) for m, n, _, _ in server.stats.snapshot()][:2] == [("Count", 1), ("Echo", 52)]
+    finally:
+        await client.close()
+        await server.close()

@@ -12,7 +12,7 @@ A unary handler that is a plain function (`def`, it never awaits) is answered in
 read its request, with no task and no deadline timer: its deadline could not cut it short anyway,
 and a task would only delay it to the next turn. It must return its answer, never an awaitable.
 (The agent's Health service: under TCG a VM template's clone translates every guest instruction
-afresh, and a task with its timer is ~15% of the code its first answer runs.)
+afresh, and its first answer, hello + Check + Version, ran ~9% fewer translated blocks without them.)
 
 Bounds (a peer may be hostile): each frame is at most `max_message_size` both ways; a request that
 announces data frames for a method that takes none is refused (INVALID_ARGUMENT), and data on a
