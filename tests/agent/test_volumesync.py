@@ -154,7 +154,7 @@ def test_an_update_over_the_bound_is_all_or_nothing(tmp_path: Path) -> None:
     child = subprocess.run([sys.executable, "-c", _OVER_THE_BOUND, str(root)], capture_output=True, text=True,
                            timeout=60, env={**os.environ, "PYTHONPATH": src})
     assert child.returncode == 0, child.stderr
-    assert "refused: File too large" in child.stdout
+    assert "refused: File too large (file 'b')" in child.stdout  # the step and path: all the host's log shows
     got = {k: v[1] for k, v in _tree(root).items()}
     assert got == {"a": b"a1", "b": b"b1", "d": b"", "d/x": b"x1"}, got  # v1 exactly: no half, no leftovers
 

@@ -170,6 +170,16 @@ def _remove_extra(root: Path, keep: dict[str, agent_pb2.VolumeEntry]) -> None:
 
 
 def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
+    """_apply_steps; an OSError says which step on which path failed (a failed update is rolled back,
+    and the host logs only this message: it is all there is to tell why)."""
+    doing = ["reading the copy"]
+    try:
+        return _apply_steps(root, tree, doing)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc} ({doing[0]})") from exc
+
+
+def _apply_steps(root: Path, tree: dict[str, agent_pb2.VolumeEntry], doing: list[str]) -> int:
     current = _scan(root)
     changes = 0
     fds: dict[str, int] = {}
@@ -181,6 +191,7 @@ def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
         return fds[parent], name
 
     try:
+        doing[0] = "the root's mode and owner"
         top = tree[""]
         rfd, _ = parent_fd("x")
         os.chmod(f"/proc/self/fd/{rfd}", top.mode & 0o777)
@@ -190,6 +201,7 @@ def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
         for path, e in items:
             if stat.S_IFMT(e.mode) != stat.S_IFDIR:
                 continue
+            doing[0] = f"directory {path[:256]!r}"
             fd, name = parent_fd(path)
             st = current.get(path)
             if st is not None and not stat.S_ISDIR(st.st_mode):
@@ -205,6 +217,7 @@ def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
         for path, e in items:
             if stat.S_IFMT(e.mode) != stat.S_IFREG:
                 continue
+            doing[0] = f"file {path[:256]!r}"
             fd, name = parent_fd(path)
             st = current.get(path)
             if st is not None and _same_file(fd, name, st, e):
@@ -230,6 +243,7 @@ def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
         links = [(p, e) for p, e in items if stat.S_IFMT(e.mode) == stat.S_IFLNK]
         links.sort(key=lambda pe: (not pe[0].rpartition("/")[2].startswith(".."), pe[0].count("/")))
         for path, e in links:
+            doing[0] = f"symlink {path[:256]!r}"
             fd, name = parent_fd(path)
             st = current.get(path)
             target = os.fsdecode(e.data)
@@ -248,6 +262,7 @@ def _apply(root: Path, tree: dict[str, agent_pb2.VolumeEntry]) -> int:
             parent = path.rpartition("/")[0]
             if parent and (parent not in tree or stat.S_IFMT(tree[parent].mode) != stat.S_IFDIR):
                 continue  # removed with its directory
+            doing[0] = f"removing {path[:256]!r}"
             fd, name = parent_fd(path)
             if stat.S_ISDIR(current[path].st_mode):
                 shutil.rmtree(name, dir_fd=fd)
