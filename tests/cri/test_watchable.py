@@ -37,18 +37,23 @@ def _volume(kubelet_root: Path, uid: str, plugin: str, name: str, files: dict[st
     return d
 
 
-def _wait_for(cri: Cri, cid: str, script: str, want: str, timeout: float = 30) -> float:
+def _wait_for(cri: Cri, cid: str, script: str, want: str, timeout: float = 30, log: Path | None = None) -> float:
     """Seconds until `script` prints `want` (and exits 0) in the container. A probe that races an
     update may fail while waiting, as under runc: busybox `ls` stats every entry, the old `..<timestamp>`
-    among them, which kubelet's writer (and the guest's copy of it) removes once `..data` is swapped."""
+    among them, which kubelet's writer (and the guest's copy of it) removes once `..data` is swapped.
+    When it never does, the shim's warnings about the volumes in containerd's `log` go with the failure
+    (a failed SyncVolume says there which step on which path failed)."""
     start = time.monotonic()
     while True:
         reply = cri.exec_sync(cid, ["sh", "-c", script])
         got = reply.stdout.decode()
         if reply.exit_code == 0 and got == want:
             return time.monotonic() - start
-        assert time.monotonic() - start < timeout, \
-            f"{script!r} still prints {got!r} (exit {reply.exit_code}: {reply.stderr!r}), not {want!r}"
+        if time.monotonic() - start >= timeout:
+            shim = [line for line in (log.read_text(errors="replace") if log else "").splitlines()
+                    if "volume" in line and "level=warning" in line]
+            raise AssertionError(f"{script!r} still prints {got!r} (exit {reply.exit_code}: {reply.stderr!r}), "
+                                 f"not {want!r}; the shim's warnings: {shim[-5:]}")
         time.sleep(0.2)
 
 
@@ -91,12 +96,13 @@ def test_configmap_and_secret_are_copied_and_follow_updates(ctd: CriContainerd, 
         # yet removed), so the wait is for the last one, which the other container must then show at once
         final = "cat /cfg/a /cfg/c 2>&1; ls /cfg; ls -a /cfg | grep -c '^\\.\\.20'"
         write_volume(cfg, {"a": b"one v2\n", "c": b"three\n"})
-        took = _wait_for(cri, c1, final, "one v2\nthree\na\nc\n1\n")
+        took = _wait_for(cri, c1, final, "one v2\nthree\na\nc\n1\n", log=ctd.log)
         assert _sh(cri, c0, final) == "one v2\nthree\na\nc\n1\n"
         print(f"update seen in the guest after {took:.2f} s")
         # (to the end: the test's links evil and root go; the next update is not applied, see below)
         write_volume(sec, {"token": b"rotated\n"})
-        _wait_for(cri, c0, "cat /sec/token; ls /sec; ls -a /sec | grep -c '^\\.\\.20'", "rotated\ntoken\n1\n")
+        _wait_for(cri, c0, "cat /sec/token; ls /sec; ls -a /sec | grep -c '^\\.\\.20'", "rotated\ntoken\n1\n",
+                  log=ctd.log)
         # an update past the bounds is not applied: the guest keeps its last copy (the shim logs it once)
         write_volume(sec, {f"t{i}": b"x\n" for i in range(5)})
         time.sleep(3)
