@@ -9,6 +9,10 @@ uid reached the host's `/` (world-readable files, /tmp and /dev/shm, unix socket
 mount namespace is rooted in a read-only tmpfs holding /usr and the share
 (pykata.hypervisor.helperroot), so `..` ends there.
 
+The same requests also try what a guest may not do to a host file through the helper (root with
+file capabilities): set file capabilities, trusted.* or other security.* xattrs, hard-link a file of
+another mount into a volume (all refused; user.* xattrs and links within a volume are the controls).
+
 The takeover is stood in for by speaking the helper's protocol on QEMU's end of its socket, exactly as
 QEMU's `-fsdev proxy` does; the walk out is done by a child that is jailed as QEMU is (an empty chroot,
 a uid of its own). The same walk from the descriptors a real jailed QEMU holds for a guest's open
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from pykata.hypervisor.qemu.proxy9p import Proxy9p
 
-T_OPEN, T_LSETXATTR = 2, 19  # QEMU 7.2's hw/9pfs/9p-proxy.h
+T_OPEN, T_LINK, T_LSETXATTR = 2, 7, 19  # QEMU 7.2's hw/9pfs/9p-proxy.h
 V9FS_FD_VALID = 0x7FFFFFFF
 JAIL_UID = 64999  # a uid no file here belongs to, as a jailed QEMU's
 
@@ -55,6 +59,14 @@ def _setxattr(sock: socket.socket, path: str, name: str, value: bytes) -> int:
     """T_LSETXATTR as QEMU sends it; returns the helper's status (0 or -errno)."""
     payload = _string(path) + _string(name) + _string(value) + struct.pack("<ii", len(value), 0)
     sock.sendall(struct.pack("<ii", T_LSETXATTR, len(payload)) + payload)
+    _, _, status = struct.unpack("<iii", sock.recv(12, socket.MSG_WAITALL))
+    return int(status)
+
+
+def _link(sock: socket.socket, old: str, new: str) -> int:
+    """T_LINK (a hard link, made by the helper as root); returns the helper's status."""
+    payload = _string(old) + _string(new)
+    sock.sendall(struct.pack("<ii", T_LINK, len(payload)) + payload)
     _, _, status = struct.unpack("<iii", sock.recv(12, socket.MSG_WAITALL))
     return int(status)
 
@@ -102,6 +114,9 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
     hostpath = tmp_path / "hostpath"  # a read-write volume's host directory
     hostpath.mkdir()
     (hostpath / "data").write_text("volume file")
+    (mounts / "vol2").mkdir()
+    hostpath2 = tmp_path / "hostpath2"  # a second volume, on the same host file system
+    hostpath2.mkdir()
     secret = tmp_path / "host-secret"  # world-readable, beside the share: the jail uid may read it
     secret.write_text("host file")
     os.chmod(tmp_path, 0o755)
@@ -115,6 +130,8 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
         _mount("--make-slave", shared)
         _mount("--bind", hostpath, mounts / "vol")
         done.append(mounts / "vol")
+        _mount("--bind", hostpath2, mounts / "vol2")
+        done.append(mounts / "vol2")
         proxy = Proxy9p(shared, tmp_path / "proxy.log")
         await proxy.start()
         assert proxy.qemu_fd is not None
@@ -125,7 +142,7 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
             root = _open(sock, "/", os.O_RDONLY | os.O_DIRECTORY)
             held.append(root)
             # control: the descriptor is the share's, and a jailed process reads through it
-            assert sorted(os.listdir(root)) == ["inside", "later", "vol"]
+            assert sorted(os.listdir(root)) == ["inside", "later", "vol", "vol2"]
             assert _as_jailed_qemu(root, "inside", empty) == "read:the share"
             # the attack: `..` from it, as far as it goes
             assert _as_jailed_qemu(root, "../host-secret", empty) == "error:No such file or directory"
@@ -154,6 +171,13 @@ async def test_no_descriptor_from_the_9p_helper_leads_out_of_the_share(tmp_path:
                                 ("security.evm", b"x")):
                 assert _setxattr(sock, "/vol/data", name, value) == -errno.EPERM, name
                 assert name not in os.listxattr(hostpath / "data"), name
+            # hard links: within a volume (control), but never of a file from elsewhere into a volume,
+            # even another volume of the same host file system (one bind mount each: EXDEV)
+            assert _link(sock, "/vol/data", "/vol/data-link") == 0
+            assert (hostpath / "data-link").stat().st_ino == (hostpath / "data").stat().st_ino
+            assert _link(sock, "/vol/data", "/vol2/stolen") == -errno.EXDEV
+            assert _link(sock, "/inside", "/vol/stolen") == -errno.EXDEV
+            assert sorted(os.listdir(hostpath2)) == [] and "stolen" not in os.listdir(hostpath)
             # the host's mounts made after the helper started still reach it (a container's root)
             _mount("-t", "tmpfs", "later", mounts / "later")
             done.append(mounts / "later")
