@@ -35,7 +35,8 @@ def probe(q: QemuConfig, runtime_dir: Path, timeout: float = 10.0) -> ProcessCon
     with tempfile.TemporaryDirectory(prefix="pykata-jail-probe-") as tmp:
         chroot = make_chroot(Path(tmp) / "root") if q.jail_chroot else None
         spec = jail_spec(q, uid=lease.uid if lease else None, chroot=chroot)
-        argv = namespace_prefix(spec.mount_namespace) + CommandLine(q.path, tuple(jail_args(spec))).argv()
+        argv = namespace_prefix(spec.mount_namespace, ipc_namespace=True)  # as the driver starts it
+        argv += CommandLine(q.path, tuple(jail_args(spec))).argv()
         argv += ["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-S"]
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
