@@ -61,6 +61,8 @@ def test_commands_processes_pty_and_lifecycle_of_one_sandbox() -> None:
         assert sleeper.pid not in [p.pid for p in sb.processes()]
         items = list(sb.stream(["sh", "-c", "echo a; echo b >&2"]))
         assert ("stdout", b"a\n") in items and ("stderr", b"b\n") in items and items[-1] == ("exit", b"0")
+        both = sb.spawn(["sh", "-c", "echo o; echo e >&2"])
+        assert sorted(both.output()) == [("stderr", b"e\n"), ("stdout", b"o\n")] and both.wait() == 0
 
         # pty: a real terminal, resizable
         term = sb.pty("sh", cols=100, rows=30)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal as _signal
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Generic, Protocol, Self, TypeVar
 
@@ -39,6 +39,21 @@ T = TypeVar("T")
 
 def _run(aw: Awaitable[T]) -> T:
     return SHARED.run(aw)
+
+
+def _iterate(agen: AsyncGenerator[T, None], close: Callable[[], bool] = lambda: True) -> Iterator[T]:
+    """An async generator on the shared loop as a plain iterator; leaving it early closes the generator
+    (when `close()` says the loop is still there to run that)."""
+    try:
+        while True:
+            try:
+                yield _run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        if close():
+            with contextlib.suppress(PykataError):
+                _run(agen.aclose())
 
 
 class Stdin:
@@ -88,16 +103,7 @@ class Proc:
 
     def output(self) -> Iterator[tuple[StreamName, bytes]]:
         """As AsyncProcess.output: leaving early keeps what was not read."""
-        agen = self._inner.output()
-        try:
-            while True:
-                try:
-                    yield _run(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            with contextlib.suppress(PykataError):
-                _run(agen.aclose())
+        return _iterate(self._inner.output())
 
     def __iter__(self) -> Iterator[tuple[StreamName, bytes]]:
         return self.output()
@@ -285,17 +291,7 @@ class Sandbox(_OnSharedLoop[AsyncSandbox]):
 
     def stream(self, cmd: Command, *, env: Env | None = None, cwd: str | None = None) -> Iterator[tuple[str, bytes]]:
         """See AsyncSandbox.stream. Leaving the loop early (or dropping the iterator) kills the command."""
-        agen = self._async.stream(cmd, env=env, cwd=cwd)
-        try:
-            while True:
-                try:
-                    yield _run(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            if self._token is not None:
-                with contextlib.suppress(PykataError):
-                    _run(agen.aclose())
+        return _iterate(self._async.stream(cmd, env=env, cwd=cwd), lambda: self._token is not None)
 
     def set_timeout(self, seconds: float | None) -> None:
         _run(self._async.set_timeout(seconds))
