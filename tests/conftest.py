@@ -11,7 +11,8 @@ import pytest
 
 from tests.vmfactory import VmFactory
 
-LEAK_PATTERNS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper", "containerd-shim-pykata", "pykata-agent")
+LEAK_PATTERNS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper", "bin/passt", "containerd-shim-pykata",
+                 "pykata-agent")
 RUNTIME_DIRS = ("/run/pykata", "/var/run/pykata")
 
 

@@ -67,7 +67,7 @@ def init(force: bool, as_json: bool, unused_for: float) -> None:
         click.echo(json.dumps([t.to_json() for t in made], indent=1))
     else:
         for t in made:
-            user = " on user networking" if t.inputs.get("nic_backend") == "user" else ""
+            user = " on user networking" if t.inputs.get("nic_backend") in ("user", "stream") else ""
             click.echo(f"template {t.key} at {t.dir} ({t.inputs.get('nics', 0)} NICs{user})")
     if not config.factory.enable_template:
         click.echo("note: factory.enable_template is false, so sandboxes do not use it yet", err=True)

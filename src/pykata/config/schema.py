@@ -19,6 +19,7 @@ VirtioFsCache = Literal["auto", "always", "none"]
 Virtio9pCache = Literal["none", "mmap"]
 InternetworkingModel = Literal["tcfilter", "macvtap", "none"]
 RootfsUpper = Literal["guest", "host"]
+UserNetwork = Literal["slirp", "passt"]
 
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
 DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -88,6 +89,10 @@ class QemuConfig:
     jail_uid_count: int = 65536
     jail_chroot: bool = True
     jail_mount_namespace: bool = True
+    # The user-mode network stack of an egress NIC (the SDK's network="egress"): "slirp", libslirp
+    # inside QEMU, which then keeps the host's network namespace; "passt", passt in a process of its
+    # own and QEMU in an empty network namespace (no port forwards: configuration.toml says why).
+    user_network: UserNetwork = "slirp"
 
     def resolved_maxvcpus(self) -> int:
         """`default_maxvcpus`, with 0 meaning the number of host CPUs (never below default_vcpus)."""
@@ -355,6 +360,7 @@ NEVER_ANNOTATABLE_HYPERVISOR_KEYS = (
     "jail_uid_count",
     "jail_chroot",
     "jail_mount_namespace",
+    "user_network",
     # host memory merging across VMs is a side channel between pods (configuration.toml)
     "mem_merge",
 )

@@ -75,6 +75,10 @@ from pykata.hypervisor.readiness import (
 )
 from pykata.network.tap import guest_mac, nic_id, open_tap
 
+# The backend of a user-mode network NIC in a template's key, by hypervisor.qemu.user_network: libslirp
+# ("user", the key templates had before) or a stream to passt.
+USER_NET_BACKENDS = {"slirp": "user", "passt": "stream"}
+
 log = logging.getLogger("pykata.factory")
 
 FORMAT = 1
@@ -121,7 +125,7 @@ class Template:
                              image=self.image)
 
     def check_fits(self, config: Config, nics: int = 0, *, user_net: bool = False) -> None:
-        """Check that a VM of `config` with `nics` NICs (on QEMU's user network with `user_net`) can be
+        """Check that a VM of `config` with `nics` NICs (on the user-mode network with `user_net`) can be
         cloned from this template.
 
         Raises:
@@ -130,7 +134,7 @@ class Template:
         q = templated_config(config, quiet=True).qemu
         want = {"machine_type": q.machine_type, "default_memory": q.default_memory,
                 "default_vcpus": q.default_vcpus, "cpu_model": q.cpu_model, "path": q.path,
-                "nics": nics or None, "nic_backend": "user" if user_net else None,
+                "nics": nics or None, "nic_backend": USER_NET_BACKENDS[q.user_network] if user_net else None,
                 "balloon": _balloon_inputs(config)}
         for key, value in want.items():
             if self.inputs.get(key) != value:
@@ -216,7 +220,7 @@ async def template_inputs(config: Config, nics: int = 0, *,
         # only when there are NICs, so templates without any keep their keys
         inputs["nics"] = nics
         if user_net:
-            inputs["nic_backend"] = "user"
+            inputs["nic_backend"] = USER_NET_BACKENDS[q.user_network]
     if config.runtime.root_slots:
         # the image slots are devices: a clone must have the ones its template was saved with
         inputs["root_slots"] = config.runtime.root_slots
@@ -357,8 +361,9 @@ async def _make(config: Config, directory: Path, key: str, nics: int = 0, *, use
 
     Its NICs sit on throwaway taps in the host's namespace, down and unconnected (a clone gets the
     same NICs on its own taps): they vanish with their fds when QEMU ends. With `user_net` they are on
-    QEMU's user network instead (the guest configures no address before it is saved, so it sends
-    nothing; a clone gets its own user network and its host filter before it runs).
+    QEMU's user network, or with user_network = "passt" on a stream whose connection pykata only holds
+    (no network stack runs for the template); the guest configures no address before it is saved, so
+    it sends nothing; a clone gets its own user network and its host filter before it runs.
     """
     shared = directory / "shared"
     shared.mkdir()

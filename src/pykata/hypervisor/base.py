@@ -280,7 +280,14 @@ class Hypervisor(abc.ABC):
     @property
     def jail_uid(self) -> int | None:
         """The host uid the VMM runs as when it has one of its own (known from `prepare()` on), else
-        None. Host rules that must apply to this VM's traffic alone (an egress policy) match it."""
+        None."""
+        return None
+
+    @property
+    def user_net_uid(self) -> int | None:
+        """The host uid of the process that opens the host sockets of the VM's user-mode network NIC
+        (known from `prepare()` on; None without one, or without a uid of its own). Host rules that
+        must apply to this VM's traffic alone (an egress policy) match it."""
         return None
 
     async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int) -> None:

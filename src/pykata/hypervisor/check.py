@@ -232,6 +232,28 @@ def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
     return CheckResult("vmm-jail", "pass", detail, "", facts)
 
 
+def user_network(config: Config) -> CheckResult:
+    """Where the egress NICs' user-mode network runs (hypervisor.qemu.user_network): libslirp inside
+    QEMU, which then keeps the host's network namespace, or passt beside a QEMU without network."""
+    import shutil
+
+    from pykata.hypervisor.qemu.passt import PASST
+
+    q = config.qemu
+    binary = shutil.which(PASST)
+    facts: dict[str, Any] = {"user_network": q.user_network, "passt": binary}
+    if q.user_network == "slirp":
+        return CheckResult("user-network", "pass", "egress NICs on libslirp inside QEMU: an egress sandbox's QEMU "
+                           "keeps the host's network namespace (iptables by its uid and the Landlock scope limit "
+                           "it; hypervisor.qemu.user_network = \"passt\" moves it out, without port forwards)",
+                           "", facts)
+    if binary is None:
+        return CheckResult("user-network", "fail", "hypervisor.qemu.user_network is \"passt\" and passt is "
+                           "not installed", "apt-get install passt=0.0~git20230309.7c7625d-1", facts)
+    return CheckResult("user-network", "pass", f"egress NICs on {binary} (own uid, confined); their QEMU has an "
+                       "empty network namespace", "", facts)
+
+
 def file_guard() -> CheckResult:
     """Whether the processes that write the guest's files can start under pykata.hypervisor.fileguard
     (a probe process is started under it)."""
@@ -317,6 +339,7 @@ async def run_checks(config_loader: Callable[[], Config] = load_config, *,
     results.append(net_tun(config))
     results.append(host_cgroups(config))
     results.append(vmm_jail(config))
+    results.append(user_network(config))
     results.append(file_guard())
     results.append(template_memory(config))
     results += [kernel, rootfs]

@@ -1,14 +1,17 @@
 """An SDK sandbox's outbound network policy, enforced on the host by the VMM's own uid.
 
-A sandbox with `network="egress"` gets one NIC on QEMU's user-mode network (libslirp inside the
-jailed QEMU): every connection the guest makes becomes a socket *QEMU* opens on the host, and QEMU
-runs as a uid of its own per VM (pykata.hypervisor.jail). So the policy is an iptables chain that
-the host's OUTPUT chain jumps to for that uid only (`-m owner --uid-owner`): what the guest does
+A sandbox with `network="egress"` gets one NIC on a user-mode network: libslirp inside the jailed
+QEMU (hypervisor.qemu.user_network = "slirp"), or passt beside a QEMU that has an empty network
+namespace ("passt", pykata.hypervisor.qemu.passt). Every connection the guest makes becomes a
+socket that QEMU, or passt, opens on the host, and each runs as a uid of its own per VM
+(pykata.hypervisor.jail; Hypervisor.user_net_uid). So the policy is an iptables chain that the
+host's OUTPUT chain jumps to for that uid only (`-m owner --uid-owner`): what the guest does
 cannot change it, and it applies to TCP, UDP and ICMP alike. The chain, in order:
 
 1. packets of connections already accepted (and the answers of `expose`d ports) pass;
 2. the caller's `deny` entries, then the host's own addresses (any local address of the node,
-   loopback, link-local, multicast, the ranges in ALWAYS_DENIED) are rejected: deny wins over allow,
+   loopback, which the guest's gateway 10.0.2.2 stands for, link-local, multicast, the rest of the
+   guest's own network 10.0.2.0/24, the ranges in ALWAYS_DENIED) are rejected: deny wins over allow,
    and the guest can reach neither the host's services nor another sandbox's exposed ports;
 3. the resolvers of `dns` on port 53, then the caller's `allow` entries (none given: everything
    left) are accepted;
@@ -17,9 +20,9 @@ cannot change it, and it applies to TCP, UDP and ICMP alike. The chain, in order
 IPv6 is off in the guest's network and every IPv6 packet of that uid is rejected. The chain is made
 before QEMU starts (so the guest never runs unfiltered) and removed after it ended.
 
-An owner killed with SIGKILL cannot remove its rules: its QEMU dies with it (the lifeline), the rules
-stay. So each jump's comment names its owner process (pid and start time: a reused pid is another
-process) and `sweep()` removes the rules whose owner is gone and whose VMM no longer runs; the next
+An owner killed with SIGKILL cannot remove its rules: its QEMU (and passt) die with it (lifelines),
+the rules stay. So each jump's comment names its owner process (pid and start time: a reused pid is another
+process) and `sweep()` removes the rules whose owner is gone and whose VMM (or passt) no longer runs; the next
 egress sandbox and `pykata cleanup` call it. A rule whose owner still lives is never touched, whatever
 runtime directory or configuration made it.
 """
@@ -30,13 +33,15 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import re
 import shlex
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import psutil
 
@@ -47,8 +52,10 @@ from pykata.protocols.agent import agent_pb2
 
 # Never reachable from a sandbox, whatever `allow` says: this host and the networks pods and
 # services live on (containerd's and the common CNI defaults, Kubernetes' service range).
+# 10.0.2.0/24 is the guest's own network: its gateway stands for the host's loopback (libslirp and
+# passt map it there) and nothing else of it is outside.
 ALWAYS_DENIED = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-                 "10.88.0.0/16", "10.244.0.0/16", "10.96.0.0/12", "10.85.0.0/16")
+                 "10.88.0.0/16", "10.244.0.0/16", "10.96.0.0/12", "10.85.0.0/16", "10.0.2.0/24")
 CHAIN_PREFIX = "PYKATA-"  # what the leak check and operators look for
 MAX_RULES = 256
 _PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
@@ -272,13 +279,20 @@ def installed_rules(listing: str) -> list[InstalledRule]:
 
 
 def _vmm_running(uid: int, sandbox_id: str) -> bool:
-    """Whether a process of `uid` still runs for the sandbox (its QEMU, in the moment between its
-    owner's death and its own)."""
+    """Whether a process of `uid` still runs for the sandbox (its QEMU, or its passt, in the moment
+    between its owner's death and its own)."""
     for proc in psutil.process_iter(["uids", "cmdline"]):
         with contextlib.suppress(psutil.Error, TypeError):
-            if proc.info["uids"].real == uid and names_vm(proc.info["cmdline"] or (), sandbox_id):
+            argv = proc.info["cmdline"] or ()
+            if proc.info["uids"].real == uid and (names_vm(argv, sandbox_id) or _names_passt(argv, sandbox_id)):
                 return True
     return False
+
+
+def _names_passt(argv: Sequence[str], sandbox_id: str) -> bool:
+    """A passt of the sandbox: its one file argument, the log in the sandbox's VM directory, has the
+    sandbox's id as a directory name (an exact path component: "sb1" never matches "sb12")."""
+    return any(a == "--log-file" and sandbox_id in PurePath(v).parts[:-1] for a, v in itertools.pairwise(argv))
 
 
 async def _listing(tool: str, *args: str) -> str:
@@ -321,13 +335,13 @@ def leftover_chains(listing: str) -> list[str]:
                    if line.startswith("-N ") and line.split()[1].startswith(CHAIN_PREFIX)})
 
 
-GUEST_ADDRESS = "10.0.2.15"  # QEMU's user network: 10.0.2.0/24, the gateway (the host) at .2
+GUEST_ADDRESS = "10.0.2.15"  # the user network (as QEMU's was): 10.0.2.0/24, the gateway at .2
 GUEST_GATEWAY = "10.0.2.2"
 GUEST_NIC = "eth0"
 
 
 def guest_interface(mac: str) -> agent_pb2.Interface:
-    """The guest NIC on QEMU's user network, as the agent configures it."""
+    """The guest NIC on the user network, as the agent configures it."""
     return agent_pb2.Interface(name=GUEST_NIC, current_hw_addr=mac, hw_addr=mac, mtu=1500, addresses=[
         agent_pb2.IPAddress(family=agent_pb2.IP_FAMILY_V4, address=GUEST_ADDRESS, prefix_length=24)])
 

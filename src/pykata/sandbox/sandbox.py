@@ -266,8 +266,10 @@ class Sandbox:
         """Boot a VM, connect to its agent and set the sandbox up.
 
         `netns`: a network namespace (path) whose interfaces the VM takes over (pykata.network): a
-        CNI-made pod namespace. `egress`: one NIC on QEMU's user network whose traffic the host filters
-        by the VMM's uid (pykata.network.egress). Without either the VM has no NIC.
+        CNI-made pod namespace. `egress`: one NIC on a user-mode network (libslirp in QEMU, or passt
+        beside a QEMU without any network: hypervisor.qemu.user_network) whose traffic the host filters
+        by the uid of the process that opens its sockets (pykata.network.egress). Without either the VM
+        has no NIC.
         `guest_share=False`: the guest never mounts the shared directory; container roots are copied
         into the guest (its RAM) and volumes are refused. Such a sandbox can be snapshotted (QEMU
         refuses to migrate a VM with a 9p share mounted; pykata.sandbox.snapshot).
@@ -597,9 +599,10 @@ class Sandbox:
     async def _filter_egress(self, vm: Hypervisor) -> None:
         """The host's filter rules for the VM's traffic, made before QEMU runs. Raises EgressError."""
         assert self.egress is not None
-        uid = vm.jail_uid
+        uid = vm.user_net_uid
         if uid is None:
-            raise egress.EgressError("network='egress' needs the VMM's own uid (hypervisor.qemu.jail_user = true)")
+            raise egress.EgressError("network='egress' needs the VMM (and passt) to run as uids of their own "
+                                     "(hypervisor.qemu.jail_user = true)")
         self._egress_uid = uid
         try:  # rules an owner killed with SIGKILL left (pykata.network.egress.sweep)
             await egress.sweep()

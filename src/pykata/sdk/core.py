@@ -445,6 +445,9 @@ class AsyncSandbox:
             raise SpecError("host", f"{host!r} is not an IPv4 address of this host") from None
         if self.egress is None:
             raise SpecError("network", "expose() needs a sandbox made with network='egress'")
+        if sb.config.qemu.user_network == "passt":
+            raise SpecError("network", "expose() is not available with hypervisor.qemu.user_network = \"passt\" "
+                                       "(Debian 12's passt forwards no port into the guest; configuration.toml)")
         for _ in range(3 if host_port == 0 else 1):
             chosen = host_port or _free_port(host_ip)
             try:

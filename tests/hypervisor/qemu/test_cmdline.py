@@ -142,6 +142,12 @@ def test_net_user_renders_slirp_without_ipv6() -> None:
         "-device", "virtio-net-device,id=net0,netdev=netdev-net0,mac=02:50:4b:00:00:01"]
 
 
+def test_net_user_on_passt_is_a_stream_served_on_an_inherited_listening_socket() -> None:
+    assert c.VirtioNetStream("mmio", "net0", "02:50:4b:00:00:01", 7).argv() == [
+        "-netdev", "stream,id=netdev-net0,server=on,addr.type=fd,addr.str=7",
+        "-device", "virtio-net-device,id=net0,netdev=netdev-net0,mac=02:50:4b:00:00:01"]
+
+
 def test_microvm_balloon_boots_with_its_ceiling() -> None:
     spec = CASES["microvm-virtiofs-serial-tcg"]
     argv = build_command_line(spec).argv()

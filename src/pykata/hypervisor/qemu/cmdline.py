@@ -404,6 +404,25 @@ class VirtioNetUser:
 
 
 @dataclass(frozen=True)
+class VirtioNetStream:
+    """A virtio-net NIC whose frames go over a stream socket (`fd`: a listening unix socket QEMU
+    inherits; the next connection is taken when one ends) to a user-mode network stack outside QEMU
+    (pykata.hypervisor.qemu.passt)."""
+
+    bus: Bus
+    id: str
+    mac: str
+    fd: int
+
+    def argv(self) -> list[str]:
+        netdev = f"netdev-{self.id}"
+        return ["-netdev", opts("stream", ("id", netdev), ("server", True), ("addr.type", "fd"),
+                                ("addr.str", self.fd)),
+                "-device", opts(virtio_driver("virtio-net", self.bus), ("id", self.id), ("netdev", netdev),
+                                ("mac", self.mac))]
+
+
+@dataclass(frozen=True)
 class VirtioBlk:
     bus: Bus
     id: str

@@ -141,6 +141,7 @@ class QemuHypervisor(Hypervisor):
         self._qemu: ChildProcess | None = None
         self._sidecars = Sidecars(config.qemu, self.paths)
         self._uid_lease: UidLease | None = None
+        self._net_uid_lease: UidLease | None = None  # passt's (hypervisor.qemu.user_network = "passt")
         self._qmp: QmpChannel | None = None
         self._exited: asyncio.Future[VmExit] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -278,6 +279,11 @@ class QemuHypervisor(Hypervisor):
         q = self.config.qemu
         if q.jail_user:
             self._uid_lease = UidLease.acquire(q, self.config.runtime.runtime_path)
+            # passt gets a uid of its own: QEMU cannot signal or trace it, and the host's rules for the
+            # guest's traffic match it alone. A template being made gets no stack (Sidecars).
+            making_template = self._memory_file is not None and self._restore is None
+            if q.user_network == "passt" and not making_template and self._user_net_nic() is not None:
+                self._net_uid_lease = UidLease.acquire(q, self.config.runtime.runtime_path)
         chroot = make_chroot(self.paths.chroot) if q.jail_chroot else None
         self.spec = dataclasses.replace(self.spec, jail=jail_spec(
             q, uid=self._uid_lease.uid if self._uid_lease else None, chroot=chroot))
@@ -286,6 +292,9 @@ class QemuHypervisor(Hypervisor):
         if self._uid_lease is not None:
             self._uid_lease.release()
             self._uid_lease = None
+        if self._net_uid_lease is not None:
+            self._net_uid_lease.release()
+            self._net_uid_lease = None
 
     async def launch(self) -> None:
         """Start QEMU only, waiting for the saved state (a pre-started VMM); start() then loads the state
@@ -375,14 +384,17 @@ class QemuHypervisor(Hypervisor):
         await self._sidecars.start_virtiofsd(self.spec)
         self.timestamps["virtiofsd"] = time.monotonic()
         fds = [d.tap_fd for d in self._devices.values() if isinstance(d, NetDevice) and d.tap_fd is not None]
-        self.spec = await self._sidecars.start_fd_helpers(self.spec, fds)
         self.spec = dataclasses.replace(self.spec, devices=tuple(self._devices.values()))
+        self.spec = await self._sidecars.start_fd_helpers(self.spec, fds, user_net_uid=self.user_net_uid,
+                                                          die_with_owner=self._die_with_owner)
         argv = build_command_line(self.spec).argv()
         if self.spec.jail is not None:
-            # an empty network namespace unless QEMU itself must reach a network (user-mode NICs, a
-            # tap it opens by name): a guest escaped into QEMU then has no socket to the host's
-            # network, its localhost services or a cloud's metadata address (taps come as fds)
-            own_net = not any(isinstance(d, NetDevice) and (d.user_net or d.tap_fd is None)
+            # an empty network namespace unless QEMU itself must reach a network (a user-mode NIC on
+            # libslirp, a tap it opens by name): a guest escaped into QEMU then has no socket to the
+            # host's network, its localhost services or a cloud's metadata address (taps come as
+            # fds; with user_network = "passt" a user-mode NIC is a stream to passt, outside QEMU)
+            own_net = not any(isinstance(d, NetDevice) and (d.tap_fd is None if not d.user_net
+                                                            else q.user_network == "slirp")
                               for d in self._devices.values())
             # and an IPC namespace of its own: the host's SysV IPC and POSIX message queues are
             # out of its reach, and nothing it could make there outlives it
@@ -605,10 +617,24 @@ class QemuHypervisor(Hypervisor):
     def jail_uid(self) -> int | None:
         return self._uid_lease.uid if self._uid_lease is not None else None
 
+    @property
+    def user_net_uid(self) -> int | None:
+        if self.config.qemu.user_network == "slirp":  # QEMU opens the guest's sockets itself
+            return self.jail_uid if self._user_net_nic() is not None else None
+        return self._net_uid_lease.uid if self._net_uid_lease is not None else None
+
+    def _user_net_nic(self) -> NetDevice | None:
+        return next((d for d in self._devices.values() if isinstance(d, NetDevice) and d.user_net), None)
+
     async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int) -> None:
         device = self._devices.get(device_id)
         if not isinstance(device, NetDevice) or not device.user_net:
             raise NotSupportedError(f"VM {self.vm_id}: {device_id!r} is not a user-mode network NIC")
+        if self.config.qemu.user_network == "passt":
+            # Debian 12's passt (0.0~git20230309) takes no answer of the guest to a forwarded connection
+            # (measured: its SYN-ACK is ignored), and cannot add a forward while it runs
+            raise NotSupportedError(f"VM {self.vm_id}: port forwards are not supported with "
+                                    "hypervisor.qemu.user_network = \"passt\" (configuration.toml)")
         if not (0 < host_port < 65536 and 0 < guest_port < 65536) or any(ch in host_address for ch in ",: "):
             raise HypervisorError(f"VM {self.vm_id}: bad forward {host_address}:{host_port} -> {guest_port}")
         self._require_running("forward_port")

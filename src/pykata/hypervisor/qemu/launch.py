@@ -97,6 +97,9 @@ class LaunchSpec:
     # the inherited socket `proxy_9p_fd`.
     jail: JailSpec | None = None
     proxy_9p_fd: int | None = None
+    # The listening socket of the user-mode network NIC's stream to passt (hypervisor.qemu.passt),
+    # inherited; None: the NIC is on libslirp inside QEMU (user_network = "slirp").
+    user_net_fd: int | None = None
     # Read-only disks filled at run time with container images (hypervisor.qemu.slots), each of
     # root_slot_size bytes: part of the device set, so a template and its clones have the same.
     root_slots: int = 0
@@ -267,7 +270,7 @@ def build_command_line(spec: LaunchSpec) -> c.CommandLine:
     if spec.data_disk_size:
         args.append(c.DataDisk(bus, DATA_DISK_NODE, DATA_DISK_SERIAL, spec.data_disk_size))
     for dev in spec.devices:
-        args.append(device_arg(dev, bus))
+        args.append(device_arg(dev, bus, spec.user_net_fd))
     if q.machine_type == "q35":
         # Devices on the root complex cannot be hot-plugged; these empty ports can take them.
         args += [c.PcieRootPort(f"rp{i}", chassis=i + 1) for i in range(HOTPLUG_PORTS)]
@@ -291,11 +294,14 @@ def jail_args(jail: JailSpec) -> list[c.Arg]:
     return args
 
 
-def device_arg(dev: Device, bus: c.Bus) -> c.Arg:
-    """The command-line form of a cold-plugged device."""
+def device_arg(dev: Device, bus: c.Bus, user_net_fd: int | None = None) -> c.Arg:
+    """The command-line form of a cold-plugged device (a user-mode network NIC on the stream socket
+    `user_net_fd`, else on libslirp)."""
     if isinstance(dev, BlockDevice):
         return c.VirtioBlk(bus, dev.id, str(dev.path), readonly=dev.readonly)
     assert isinstance(dev, NetDevice)
     if dev.user_net:
-        return c.VirtioNetUser(bus, dev.id, dev.mac)
+        if user_net_fd is None:
+            return c.VirtioNetUser(bus, dev.id, dev.mac)
+        return c.VirtioNetStream(bus, dev.id, dev.mac, user_net_fd)
     return c.VirtioNetTap(bus, dev.id, dev.mac, fd=dev.tap_fd, ifname=dev.tap_name)

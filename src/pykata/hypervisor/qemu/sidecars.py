@@ -1,7 +1,7 @@
 """What runs beside one QEMU and is owned with it: virtiofsd (virtio-fs), virtfs-proxy-helper (9p for a
-jailed QEMU), and the log drains (the guest console, and QEMU's own output, through sockets into
-bounded logs: the guest can make QEMU print too, e.g. an error line per bad virtio-serial control
-message)."""
+jailed QEMU), passt (the user-mode network of an egress NIC), and the log drains (the guest console,
+and QEMU's own output, through sockets into bounded logs: the guest can make QEMU print too, e.g. an
+error line per bad virtio-serial control message)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError
 from pykata.hypervisor.console import ConsoleDrain
+from pykata.hypervisor.devices import NetDevice
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths
+from pykata.hypervisor.qemu.passt import Passt
 from pykata.hypervisor.qemu.proxy9p import Proxy9p
 from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 
@@ -30,6 +32,7 @@ class Sidecars:
         self._paths = paths
         self.virtiofsd: Virtiofsd | None = None
         self.proxy9p: Proxy9p | None = None
+        self.passt: Passt | None = None
         self.console: ConsoleDrain | None = None
         self.qemu_log: ConsoleDrain | None = None
         self.listeners: list[socket.socket] = []
@@ -42,10 +45,20 @@ class Sidecars:
                                        extra_args=self._q.virtio_fs_extra_args)
             await self.virtiofsd.start()
 
-    async def start_fd_helpers(self, spec: LaunchSpec, fds: list[int]) -> LaunchSpec:
-        """The 9p proxy (jailed 9p) and the console drain; returns `spec` with their fds, which are
-        appended to `fds` (QEMU inherits them). Raises HypervisorError."""
+    async def start_fd_helpers(self, spec: LaunchSpec, fds: list[int], *, user_net_uid: int | None = None,
+                               die_with_owner: bool = False) -> LaunchSpec:
+        """The 9p proxy (jailed 9p), passt for a user-mode network NIC with user_network = "passt" (as
+        `user_net_uid`; None: no stack, the NIC's socket is only held: a template being made) and the
+        console drain; returns
+        `spec` with their fds, which are appended to `fds` (QEMU inherits them). Raises HypervisorError."""
         jail = spec.jail
+        if self._q.user_network == "passt" and any(isinstance(d, NetDevice) and d.user_net for d in spec.devices):
+            self.passt = Passt(self._paths.dir / "net0.sock", user_net_uid, die_with_owner=die_with_owner)
+            self.passt.open()
+            await self.passt.start()  # its connection waits in the backlog until QEMU takes it
+            assert self.passt.listener_fd is not None
+            fds.append(self.passt.listener_fd)
+            spec = dataclasses.replace(spec, user_net_fd=self.passt.listener_fd)
         if spec.shared_dir is not None and self._q.shared_fs == "virtio-9p" and jail is not None \
                 and jail.unprivileged:
             self.proxy9p = Proxy9p(spec.shared_dir, self._paths.proxy9p_log, mount_namespace=jail.mount_namespace)
@@ -78,6 +91,8 @@ class Sidecars:
                     drain.start()
         if self.proxy9p is not None:
             self.proxy9p.close_qemu_end()
+        if self.passt is not None:
+            self.passt.close_listener()
         self._close_listeners()
 
     def _close_listeners(self) -> None:
@@ -89,6 +104,8 @@ class Sidecars:
         """Raise HypervisorError when a helper QEMU relies on has exited (see Proxy9p.check_running)."""
         if self.proxy9p is not None:
             self.proxy9p.check_running()
+        if self.passt is not None:
+            self.passt.check_running()
 
     def flush(self) -> None:
         """QEMU ended (or failed): get its last output into the logs."""
@@ -105,6 +122,8 @@ class Sidecars:
                 drain.close()
         if self.proxy9p is not None:
             await self.proxy9p.stop()
+        if self.passt is not None:
+            await self.passt.stop()
 
 
 def listen_unix(path: Path) -> socket.socket:
