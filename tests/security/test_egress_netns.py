@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,10 +35,9 @@ import pytest
 import pykata
 from pykata.config import Config, load_config
 from pykata.hypervisor.errors import QmpError
+from pykata.network import egress
 from pykata.network.egress import chain_name
 from tests.sdk.test_network import Subnet, host_services, test_net  # noqa: F401 (fixtures)
-
-pytestmark = pytest.mark.vm
 
 
 def _config(stack: str) -> Config:
@@ -89,6 +89,7 @@ async def passt_sandbox(test_net: Subnet) -> AsyncIterator[pykata.AsyncSandbox]:
         yield sb
 
 
+@pytest.mark.vm
 async def test_neither_the_guest_nor_its_qemu_reaches_the_host(
         passt_sandbox: pykata.AsyncSandbox, test_net: Subnet, host_services: int) -> None:  # noqa: F811
     n, sb, port = test_net, passt_sandbox, host_services
@@ -131,6 +132,7 @@ async def test_neither_the_guest_nor_its_qemu_reaches_the_host(
     assert await _connect(sb, n.near, 8080) == "port 8080\n"  # the sandbox works on
 
 
+@pytest.mark.vm
 async def test_control_a_slirp_qemu_reaches_what_its_guest_may(test_net: Subnet) -> None:  # noqa: F811
     """The QMP probe above is sound: the same chardev-add from a QEMU on libslirp (in the host's
     namespace, filtered as its guest is) connects to the allowed address."""
@@ -141,6 +143,7 @@ async def test_control_a_slirp_qemu_reaches_what_its_guest_may(test_net: Subnet)
         await vm.qmp.execute("chardev-add", _tcp_probe(n.near, 8080))
 
 
+@pytest.mark.vm
 async def test_a_crash_of_passt_or_qemu_leaves_nothing(test_net: Subnet) -> None:  # noqa: F811
     n = test_net
     async with pykata.AsyncSandbox(network="egress", config=_config("passt")) as sb:
@@ -167,3 +170,18 @@ async def test_a_crash_of_passt_or_qemu_leaves_nothing(test_net: Subnet) -> None
     assert not [p for p in psutil.process_iter(["cmdline"]) if any(i in " ".join(p.info["cmdline"] or ())
                                                                    for i in ids)]
 
+
+
+def test_the_sweep_tells_a_running_passt_by_its_sandbox_directory() -> None:
+    """A dead owner's rules stay while its passt runs: that passt, named by its log in the sandbox's
+    directory (an exact path component: "sb1" is a prefix of "sb12")."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--log-file",
+                             "/run/pykata/sandboxes/sb12/vm/net0.log"])
+    try:
+        time.sleep(0.2)  # exec'd: its command line is the one above
+        assert egress._vmm_running(os.getuid(), "sb12")
+        assert not egress._vmm_running(os.getuid(), "sb1")
+        assert not egress._vmm_running(os.getuid(), "net0.log")
+    finally:
+        proc.kill()
+        proc.wait()
