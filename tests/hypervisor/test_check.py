@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,8 +20,26 @@ from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.guest_assets import guest_kernel_path
 
 NAMES = ["config", "cpu-virtualization", "qemu", "kvm", "virtiofsd", "vhost-vsock", "tun", "host-cgroups",
-         "vmm-jail", "file-guard", "template-memory", "guest-kernel", "guest-image", "memory-merging", "containerd",
+         "vmm-jail", "user-network", "file-guard", "template-memory", "guest-kernel", "guest-image",
+         "memory-merging", "containerd",
          "inotify"]  # the last one added by the CLI (cli/check.py: resources is above the hypervisor)
+
+
+def test_user_network_says_where_the_egress_stack_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pykata.config import load_config
+
+    def config(stack: str) -> Config:
+        c = load_config()
+        q = dataclasses.replace(c.qemu, user_network=stack)
+        return dataclasses.replace(c, hypervisor=dataclasses.replace(c.hypervisor, qemu=q))
+
+    slirp = check.user_network(config("slirp"))
+    assert slirp.status == "pass" and "keeps the host's network namespace" in slirp.detail
+    passt = check.user_network(config("passt"))
+    assert passt.status == "pass" and passt.facts["passt"] and "empty network namespace" in passt.detail
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    missing = check.user_network(config("passt"))
+    assert missing.status == "fail" and "not installed" in missing.detail and "passt=" in missing.hint
 
 
 def test_cpu_flags() -> None:
