@@ -16,6 +16,8 @@ import pytest
 import pykata
 from pykata.errors import InvalidArgument
 from pykata.images import ImageStore
+from pykata.resources import mounts
+from pykata.resources.mountapi import MountError
 from pykata.sandbox import Sandbox, build_spec
 from pykata.sandbox.ocispec import HANDOFF_DIR, Volume, check_host_bind_sources, protected_host_dirs
 from pykata.shim import handoff
@@ -84,6 +86,36 @@ async def test_hostpaths_at_pykatas_own_files_are_refused_in_a_real_sandbox(tmp_
         async for chunk in c.init.chunks():
             out += chunk
         assert (await c.wait(), out) == (0, b"ok")
+
+        # The race: the guest owns a read-write volume (a host directory) and the pod mounts a path in
+        # it as another hostPath. The path passes the rule as a directory; the guest swaps it for a
+        # symlink to pykata's runtime directory after the check and before the host binds it (here
+        # at the first await between them, by a real exec in the guest over the shared file system;
+        # the window holds a whole image-disk build). The host must bind what it checked or nothing.
+        share = tmp_path / "share"
+        (share / "x").mkdir(parents=True)
+        racer = await sandbox.create_container("racer", build_spec(["sleep", "600"], env=env), image.rootfs,
+                                               volumes=(Volume(share, "/s", False),))
+        await racer.start()
+        real_root_disk = sandbox._root_disk
+
+        async def guest_swaps_then_root_disk(*args: object, **kwargs: object) -> object:
+            p = await racer.exec(["sh", "-c", f"mv /s/x /s/x.real && ln -s {runtime} /s/x"], env=env)
+            assert await p.wait() == 0
+            return await real_root_disk(*args, **kwargs)  # type: ignore[arg-type]
+
+        sandbox._root_disk = guest_swaps_then_root_disk  # type: ignore[method-assign]
+        try:
+            with pytest.raises(MountError, match="symbolic link"):
+                await sandbox.create_container("victim", build_spec(["true"], env=env), image.rootfs,
+                                               volumes=(Volume(share / "x", "/h", False),))
+        finally:
+            sandbox._root_disk = real_root_disk  # type: ignore[method-assign]
+            if "victim" in sandbox.containers:  # the attack worked: undo it before the assertions fail
+                await sandbox.containers["victim"].delete()
+        assert (share / "x").is_symlink() and os.readlink(share / "x") == str(runtime)  # the swap did happen
+        assert "victim" not in sandbox.containers and not (sandbox.mounts.mounts_dir / "victim").exists()
+        assert mounts.mounts_under(sandbox.mounts.mounts_dir / "victim") == []
     finally:
         await sandbox.stop(remove=True)
     assert os.path.isdir(config.runtime.runtime_path)  # untouched

@@ -111,17 +111,21 @@ def _reopen_mounted(base: Path, rel: str, covered_fd: int) -> MountRecord:
     return _record(base / rel, root)
 
 
-def bind(source: Path, base: Path, rel: str, *, readonly: bool = False, propagation: str = "rprivate") -> MountRecord:
+def bind(source: Path, base: Path, rel: str, *, readonly: bool = False, propagation: str = "rprivate",
+         no_symlinks: bool = False) -> MountRecord:
     """Bind `source` (recursively) on `base`/`rel`, made if missing as a file or directory like the
     source; nosuid,nodev,noexec, read-only all the way down if asked, `propagation` as in a spec.
+    `no_symlinks`: `source` is a resolved path that was checked (a volume's host path, see
+    ocispec.check_host_bind_sources), so no component of it may be a symlink now.
 
-    Raises MountError (missing source, symlinked target, unknown propagation)."""
+    Raises MountError (missing source, a symlink in a `no_symlinks` source, symlinked target, unknown
+    propagation)."""
     if propagation not in PROPAGATION:
         raise MountError(str(base / rel), f"unsupported propagation {propagation!r}")
     prop = PROPAGATION[propagation]
     flags = HARDENED | (MS_RDONLY if readonly else 0)
     try:
-        src = os.open(source, os.O_PATH | os.O_CLOEXEC)
+        src = open_without_symlinks(source) if no_symlinks else os.open(source, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
         raise MountError(str(base / rel), f"source {source}: {exc.strerror}") from None
     try:
@@ -135,6 +139,25 @@ def bind(source: Path, base: Path, rel: str, *, readonly: bool = False, propagat
             os.close(target)
     finally:
         os.close(src)
+
+
+def open_without_symlinks(path: Path) -> int:
+    """An O_PATH descriptor of the absolute `path`, opened one component at a time without following
+    any symlink. Raises OSError: ELOOP (with a message saying so) when a component is a symlink."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in path.parts[1:]:
+            if part in (".", ".."):
+                raise OSError(errno.EINVAL, f"{path} is not a resolved path")
+            nxt = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise OSError(errno.ELOOP, f"{part} in it is now a symbolic link (it was not when checked)")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _bind_staged(src: int, target: int, base: Path, rel: str, is_dir: bool, flags: int, prop: int) -> MountRecord:
@@ -378,7 +401,8 @@ class SandboxMounts:
     def add_volume(self, cid: str, index: int, source: Path, *, readonly: bool,
                    propagation: str = "rprivate") -> None:
         """Bind a host path on mounts/<cid>/volumes/<index>. Raises MountError."""
-        rec = bind(source, self.mounts_dir, f"{cid}/volumes/{index}", readonly=readonly, propagation=propagation)
+        rec = bind(source, self.mounts_dir, f"{cid}/volumes/{index}", readonly=readonly, propagation=propagation,
+                   no_symlinks=True)
         self.containers.setdefault(cid, []).append(rec)
 
     def release(self, cid: str) -> None:

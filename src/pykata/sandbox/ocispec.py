@@ -212,7 +212,11 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
     directories, the cache, the template's memory file that every clone maps, the fork server's socket
     directory, the configuration) or lies below one is refused; so is a writable source above one
     (a read-only "/" of a node agent stays allowed). The source is resolved (a symlink to one of them
-    counts as it); the mounts at `skip` (moved into the guest: emptyDir, watched volumes) are not shared.
+    counts as it) and the spec's source is replaced by that resolved path, which the host then binds
+    without following any symlink (pykata.resources.mounts.bind, no_symlinks): a guest that owns a
+    host directory on the way (another read-write volume) and swaps a component for a symlink between
+    this check and the mount makes the mount fail instead of binding what the symlink names. The
+    mounts at `skip` (moved into the guest: emptyDir, watched volumes) are not shared.
 
     Raises:
         InvalidArgument: naming `mounts[i].source`.
@@ -225,6 +229,7 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
         if posixpath.normpath(str(m.get("destination", ""))) == "/dev/shm":
             continue  # the pod's shm: becomes the VM's own (for_guest)
         source = Path(os.path.realpath(str(m["source"])))
+        m["source"] = str(source)  # pinned: what is mounted is what is checked here
         writable = "ro" not in (m.get("options") or [])
         for root in roots:
             if source == root or root in source.parents:
