@@ -172,8 +172,10 @@ async def save(sandbox: Any, path: Path, *, extra: dict[str, Any] | None = None,
         "extra": extra or {},
     }
     if sandbox.egress is not None:
-        # its NIC on QEMU's user network, and what the host let it reach (made again for the restore)
-        manifest["network"] = {"kind": "egress", "policy": sandbox.egress.to_json()}
+        # its NIC on the user network, and what the host let it reach (made again for the restore); the
+        # stack, since libslirp's state is in QEMU's stream
+        manifest["network"] = {"kind": "egress", "policy": sandbox.egress.to_json(),
+                               "user_network": sandbox.config.qemu.user_network}
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
     os.mkdir(tmp, 0o700)
     try:
@@ -288,7 +290,7 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         sid = new_id()
         sb = Sandbox(sid, config, sandboxes_dir(config) / sid)
         sb.guest_share = False
-        sb.egress = _egress(m)
+        sb.egress = _egress(m, config.qemu.user_network)
         sb.record.name = name
         known = KnownDigests(config.runtime.runtime_path)
         verified = asyncio.ensure_future(asyncio.to_thread(_verify_hashes, m, assets, opened.state_fd, known))
@@ -329,14 +331,20 @@ async def restore(path: Path, *, config: Config | None = None, name: str = "",
         opened.close()
 
 
-def _egress(m: dict[str, Any]) -> EgressPolicy | None:
-    """The saved sandbox's egress policy, checked again (the manifest is the user's). Raises SnapshotError."""
+def _egress(m: dict[str, Any], user_network: str) -> EgressPolicy | None:
+    """The saved sandbox's egress policy, checked again (the manifest is the user's), on this host's
+    user-mode network stack (`user_network`). Raises SnapshotError."""
     network = m.get("network")
     if network is None:
         return None
     want(network, "network", dict)
     if network.get("kind") != "egress":
         raise SnapshotError("network.kind", f"{str(network.get('kind'))[:32]!r} is not a network this pykata restores")
+    saved = network.get("user_network", "slirp")  # manifests from before the key: libslirp
+    if saved != user_network:
+        # QEMU saves libslirp's connections in its stream, and a QEMU without it cannot load them
+        raise SnapshotError("network.user_network", f"the snapshot's NIC is on {str(saved)[:16]!r}, this host's "
+                                                    f"hypervisor.qemu.user_network is {user_network!r}")
     policy = want(network.get("policy"), "network.policy", dict)
     try:
         return EgressPolicy.build(allow=policy.get("allow"), deny=want(policy.get("deny"), "network.policy.deny", list),
