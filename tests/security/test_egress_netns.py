@@ -210,3 +210,53 @@ async def test_a_passt_snapshot_restores_on_passt_only(test_net: Subnet, tmp_pat
         assert await _connect(restored, n.far, 8080) == ""  # the saved policy: not in allow
     finally:
         await restored.close()
+
+
+# Starts an egress sandbox on passt, says its id and passt's uid, and waits to be killed.
+_OWNER = """
+import sys, time, pykata
+sb = pykata.Sandbox(network="egress").start()
+print(sb.id, sb._async._own("t").vm.user_net_uid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.vm
+async def test_passt_dies_with_a_killed_owner_and_its_rules_are_swept(tmp_path: Path) -> None:
+    conf = tmp_path / "pykata.toml"
+    conf.write_text(f'{load_config_text()}\n')
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYKATA_CONFIG": str(conf)})
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 240)  # type: ignore[union-attr]
+        sid, uid = line.split()
+        assert _passt(int(uid)).pid and chain_name(sid) in _rules()
+        owner.kill()  # SIGKILL: it cannot stop anything; QEMU and passt die with it (lifelines)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    while [p for p in psutil.process_iter(["uids", "cmdline"])
+           if p.info["uids"].real == int(uid) or sid in " ".join(p.info["cmdline"] or ())]:
+        assert time.monotonic() < deadline, "the killed owner's passt or QEMU ran on"
+        await asyncio.sleep(0.2)
+    assert chain_name(sid) in _rules()  # nobody else removes them: the sweep does
+    await egress.sweep()
+    assert sid not in _rules() and chain_name(sid) not in _rules()
+    out = subprocess.run([str(Path(sys.executable).parent / "pykata"), "cleanup"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYKATA_CONFIG": str(conf)}).stdout
+    assert f"removed {sid}" in out
+
+
+def _rules() -> str:
+    return subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True, check=True).stdout
+
+
+def load_config_text() -> str:
+    """The configuration in force with user_network = "passt" (the packaged default's text, edited)."""
+    from pykata.config.load import find_config_path, packaged_default_text
+
+    path = find_config_path()
+    text = path.read_text() if path is not None else packaged_default_text()
+    assert 'user_network = "slirp"' in text
+    return text.replace('user_network = "slirp"', 'user_network = "passt"')
