@@ -153,6 +153,9 @@ class _FakeAgentService:
     async def GetGuestDetails(self, req: agent_pb2.GuestDetailsRequest, ctx: object) -> agent_pb2.GuestDetailsResponse:
         return agent_pb2.GuestDetailsResponse(kernel_release="fake")
 
+    def SetGuestDateTime(self, req: agent_pb2.SetGuestDateTimeRequest, ctx: object) -> str:
+        return f"set {req.sec}"
+
     async def close(self) -> None:
         self.closed = True
 
@@ -180,6 +183,37 @@ async def test_a_call_before_the_late_agent_loaded_waits_for_it() -> None:
         late.NoSuchRpc  # noqa: B018
     await late.close()
     assert fake.closed
+
+
+async def test_immediate_rpcs_are_plain_functions_once_loaded() -> None:
+    """LateAgent's IMMEDIATE_RPCS (plain-function handlers, which the server answers with no task) hand
+    back an awaitable until the service is loaded, the answer itself after; PolicyGate keeps them plain
+    and checks them as they are called."""
+    from pykata.agent.main import IMMEDIATE_RPCS, LateAgent
+    from pykata.agent.policy import PolicyGate
+    from pykata.errors import PermissionDenied
+
+    assert "SetGuestDateTime" in IMMEDIATE_RPCS
+    release = asyncio.Event()
+
+    async def slow_load() -> _FakeAgentService:
+        await release.wait()
+        return _FakeAgentService()
+
+    late = LateAgent()
+    late._load = slow_load  # type: ignore[method-assign,assignment]
+    gate = PolicyGate(late)
+    set_time = gate.SetGuestDateTime
+    assert not asyncio.iscoroutinefunction(set_time) and asyncio.iscoroutinefunction(gate.GetGuestDetails)
+    pending = set_time(agent_pb2.SetGuestDateTimeRequest(sec=1), None)
+    assert asyncio.iscoroutine(pending)
+    release.set()
+    assert await asyncio.wait_for(pending, 5) == "set 1"
+    assert set_time(agent_pb2.SetGuestDateTimeRequest(sec=2), None) == "set 2"  # loaded: the answer itself
+    gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["CreateSandbox"]}'), None)
+    with pytest.raises(PermissionDenied):
+        set_time(agent_pb2.SetGuestDateTimeRequest(sec=3), None)
+    await late.close()
 
 
 def test_start_up_defers_tracebacks_helpers_until_used_or_loaded() -> None:

@@ -144,15 +144,15 @@ async def test_gate_checks_before_the_service_and_policy_is_set_once() -> None:
     gate = PolicyGate(service)
     req = agent_pb2.ExecProcessRequest(process=agent_pb2.Process(args=["id"]))
     assert await gate.ExecProcess(req, None) == "ran"  # no policy: everything runs
-    await gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["CreateSandbox"]}'),
-                         None)
+    gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["CreateSandbox"]}'),
+                    None)
     with pytest.raises(PermissionDenied, match="policy: allow_rpcs: ExecProcess is not allowed"):
         await gate.ExecProcess(req, None)
     assert service.calls == ["ExecProcess"]
     # The policy did not allow SetPolicy: it cannot be replaced or lifted.
     with pytest.raises(PermissionDenied, match="policy: allow_rpcs: SetPolicy"):
-        await gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["*"]}'), None)
+        gate.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "allow_rpcs": ["*"]}'), None)
     fresh = PolicyGate(service)
     with pytest.raises(InvalidArgument) as info:
-        await fresh.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "x": 1}'), None)
+        fresh.SetPolicy(agent_pb2.SetPolicyRequest(policy_json='{"version": 1, "x": 1}'), None)
     assert info.value.field == "policy_json" and "policy: x: unknown key" in str(info.value)

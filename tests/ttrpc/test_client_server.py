@@ -400,7 +400,7 @@ async def test_close_with_grace_gives_up_on_a_client_that_stays(echo_server: Any
 
 class _PlainHandler(EchoHandler):
     """Unary methods as plain functions (answered in the loop turn that read them, server.py), streaming
-    ones inherited; Fill hands back an awaitable, which a plain function must not."""
+    ones inherited; Fill and Sleep hand back an awaitable (a wrapper whose target must load first)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -416,7 +416,10 @@ class _PlainHandler(EchoHandler):
         raise NotFound(f"no {req.data.decode()}")
 
     def Fill(self, req: Any, ctx: CallContext) -> Any:  # type: ignore[override]
-        return asyncio.sleep(0)
+        return asyncio.sleep(0.01, Echo(tag=req.tag + 1))
+
+    def Sleep(self, req: Any, ctx: CallContext) -> Any:  # type: ignore[override]
+        return asyncio.sleep(req.delay_ms / 1000)
 
 
 async def test_plain_function_handlers_are_answered_at_once(tmp_path: Path) -> None:
@@ -441,15 +444,18 @@ async def test_plain_function_handlers_are_answered_at_once(tmp_path: Path) -> N
         with pytest.raises(RpcError) as ei:
             await client.call_raw("pykata.test.EchoService", "Echo", b"\xff\xff\xff")
         assert ei.value.code == Code.INVALID_ARGUMENT
+        # an awaitable handed back is awaited, under the call's deadline
+        assert (await client.call(ECHO_SERVICE, "Fill", Echo(tag=1), timeout=5)).tag == 2
         with pytest.raises(RpcError) as ei:
-            await client.call(ECHO_SERVICE, "Fill", Echo(tag=1))
-        assert ei.value.code == Code.UNKNOWN and "plain function" in ei.value.message
+            await client.call(ECHO_SERVICE, "Sleep", Echo(delay_ms=5000), timeout=0.2)
+        assert ei.value.code == Code.DEADLINE_EXCEEDED
         # streaming methods (async) are still served by tasks
         assert (await client.call(ECHO_SERVICE, "Echo", Echo(tag=1))).data == b""
         got = [m.tag async for m in client.stream(ECHO_SERVICE, "Count", Echo(tag=3))]
         assert got == [0, 1, 2]
         assert server.stats is not None
         assert [(m, n) for m, n, _, _ in server.stats.snapshot()][:2] == [("Count", 1), ("Echo", 52)]
+        assert dict((m, n) for m, n, _, _ in server.stats.snapshot())["Fill"] == 1
     finally:
         await client.close()
         await server.close()

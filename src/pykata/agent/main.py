@@ -52,6 +52,13 @@ LATE_MODULES = ("json", "shutil", "hashlib", "pykata.agent.storage", "pykata.age
                 "pykata.agent.service")
 
 
+# AgentService RPCs whose handlers are plain functions (they never await): once the service is loaded the
+# server answers them in the loop turn that read them, with no task or timer (pykata.ttrpc.server). A
+# sandbox on a template's clone sends these two first, and under TCG every guest instruction a clone
+# runs is translated afresh: its first task and timer were ~1,000 translated blocks of ReseedRandomDev.
+IMMEDIATE_RPCS = frozenset({"ReseedRandomDev", "SetGuestDateTime"})
+
+
 class LateAgent:
     """The AgentService, imported and started after the agent's ready line instead of before it.
 
@@ -106,6 +113,20 @@ class LateAgent:
     def __getattr__(self, name: str) -> Any:
         if name not in AGENT_SERVICE.methods:
             raise AttributeError(name)
+        if name in IMMEDIATE_RPCS:
+            def now(req: Any, ctx: Any) -> Any:
+                loading = self._loading
+                if loading is not None and loading.done() and not loading.cancelled() \
+                        and loading.exception() is None:
+                    return getattr(loading.result(), name)(req, ctx)
+                return later(req, ctx)  # an awaitable: the server awaits it in a task
+
+            async def later(req: Any, ctx: Any) -> Any:
+                agent = await asyncio.shield(self.load())
+                return getattr(agent, name)(req, ctx)
+
+            now.__name__ = name
+            return now
 
         async def call(req: Any, ctx: Any) -> Any:
             agent = await asyncio.shield(self.load())

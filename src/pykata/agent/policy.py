@@ -24,6 +24,7 @@ Stdlib only: this module runs in the guest, and the host imports it to check a d
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -260,7 +261,7 @@ class PolicyGate:
         self._service = service
         self.policy: Policy | None = None
 
-    async def SetPolicy(self, req: agent_pb2.SetPolicyRequest, ctx: Any) -> Any:
+    def SetPolicy(self, req: agent_pb2.SetPolicyRequest, ctx: Any) -> Any:
         from google.protobuf.empty_pb2 import Empty
 
         if self.policy is not None:
@@ -275,6 +276,16 @@ class PolicyGate:
         handler = getattr(self._service, name)
         if name not in RPC_NAMES:
             return handler
+
+        if not asyncio.iscoroutinefunction(handler):
+            # a plain function (or one that hands back an awaitable): the server answers it in the loop
+            # turn that read it (pykata.ttrpc.server), checked as it is called, in the order calls came
+            def gated_now(req: Any, ctx: Any) -> Any:
+                if self.policy is not None:
+                    self.policy.check(name, req)
+                return handler(req, ctx)
+
+            return gated_now
 
         async def gated(req: Any, ctx: Any) -> Any:
             if self.policy is not None:

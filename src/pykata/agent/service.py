@@ -361,7 +361,8 @@ class AgentService:
                            f"{exc.strerror or exc}") from None
         return agent_pb2.ExecProcessResponse(pid=pid)
 
-    async def SetGuestDateTime(self, req: agent_pb2.SetGuestDateTimeRequest, ctx: Any) -> Empty:
+    def SetGuestDateTime(self, req: agent_pb2.SetGuestDateTimeRequest, ctx: Any) -> Empty:
+        # a plain function (pykata.agent.main.IMMEDIATE_RPCS)
         guest.set_time(req.sec, req.usec)
         return Empty()
 
@@ -408,8 +409,8 @@ class AgentService:
             await asyncio.to_thread(sync)
         return Empty()
 
-    async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest,
-                              ctx: Any) -> agent_pb2.ReseedRandomDevResponse:
+    def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest, ctx: Any) -> agent_pb2.ReseedRandomDevResponse:
+        # a plain function (pykata.agent.main.IMMEDIATE_RPCS)
         self._make_dirs()
         # In the loop's thread: a few syscalls, and a template clone's first handoff to a worker thread
         # (its wakeups, the GIL's handover, the loop's self-pipe) is guest code TCG translates afresh.

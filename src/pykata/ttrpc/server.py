@@ -10,7 +10,9 @@ Handlers are objects with one async method per RPC, named as in the .proto:
 
 A unary handler that is a plain function (`def`, it never awaits) is answered in the loop turn that
 read its request, with no task and no deadline timer: its deadline could not cut it short anyway,
-and a task would only delay it to the next turn. It must return its answer, never an awaitable.
+and a task would only delay it to the next turn. A plain function may instead hand back an awaitable
+(a wrapper whose target must load first): that is awaited in a task under the call's deadline, as an
+`async def` handler's call is.
 (The agent's Health service: under TCG a VM template's clone translates every guest instruction
 afresh, and its first answer, hello + Check + Version, ran ~9% fewer translated blocks without them.)
 
@@ -36,7 +38,7 @@ import os
 import socket
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from pykata.errors import PykataError
@@ -224,12 +226,15 @@ class _ServerProtocol(ConnectionProtocol):
                               f"{full}: requests in flight already hold {held} bytes")
             return
         if route.inline:
-            self.server._answer_now(self, ev, route, full)
-            return
-        self.inflight_bytes[sid] = len(ev.payload)
-        if ev.remote_open:
-            self.inbound[sid] = _Inbound()
-        task = asyncio.get_running_loop().create_task(self.server._dispatch(self, ev, route))
+            later = self.server._answer_now(self, ev, route, full)
+            if later is None:
+                return
+            task = asyncio.get_running_loop().create_task(later)
+        else:
+            self.inflight_bytes[sid] = len(ev.payload)
+            if ev.remote_open:
+                self.inbound[sid] = _Inbound()
+            task = asyncio.get_running_loop().create_task(self.server._dispatch(self, ev, route))
         self.tasks[sid] = task
         task.add_done_callback(functools.partial(self._done, self.session, sid))
 
@@ -415,8 +420,11 @@ class Server:
             proto._reply_error(ev.stream_id, *_failure(e, full), ctx.session)
         return False
 
-    def _answer_now(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route, full: str) -> None:
-        """Run a unary plain-function handler and write its answer, in this loop turn (module docstring)."""
+    def _answer_now(self, proto: _ServerProtocol, ev: RequestReceived, route: _Route,
+                    full: str) -> Coroutine[Any, Any, None] | None:
+        """Run a unary plain-function handler and write its answer, in this loop turn (module docstring).
+        A handler that handed back an awaitable instead (a wrapper whose target is not ready yet): the
+        coroutine that awaits it under the call's deadline and answers, for the caller to run as a task."""
         ctx = CallContext(ev.service, ev.method, ev.metadata, ev.timeout_nano / 1e9 if ev.timeout_nano > 0 else None,
                           proto, proto.session)
         start = time.perf_counter() if self.stats is not None else 0.0
@@ -424,9 +432,7 @@ class Server:
         try:
             result = route.fn(_decode(route.request_type, ev.payload), ctx)
             if getattr(result, "__await__", None) is not None:  # (not isinstance: an ABC check costs more)
-                if inspect.iscoroutine(result):
-                    result.close()  # never awaited: no "never awaited" warning
-                raise TypeError(f"{ctx.method} is a plain function: it must return its answer, not an awaitable")
+                return self._answer_later(proto, ev, ctx, full, result, start)
             payload = _encode(result)
             ok = True
         except Exception as e:
@@ -434,6 +440,27 @@ class Server:
         else:
             with contextlib.suppress(ConnectionResetError):
                 proto.write(proto.conn.send_response(ev.stream_id, payload))
+        if self.stats is not None:
+            self.stats.record(ev.method, time.perf_counter() - start, ok)
+        return None
+
+    async def _answer_later(self, proto: _ServerProtocol, ev: RequestReceived, ctx: CallContext, full: str,
+                            pending: Awaitable[Any], start: float) -> None:
+        """_answer_now's answer that a handler gave as an awaitable: awaited under the call's deadline."""
+        ok = False
+        try:
+            async with asyncio.timeout(ctx.timeout):
+                result = await pending
+            payload = _encode(result)
+            ok = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            proto._reply_error(ev.stream_id, *_failure(e, full), ctx.session)
+        else:
+            if ctx.session == proto.session:  # else a newer host session began: this answer is nobody's
+                with contextlib.suppress(ConnectionResetError):
+                    proto.write(proto.conn.send_response(ev.stream_id, payload))
         finally:
             if self.stats is not None:
                 self.stats.record(ev.method, time.perf_counter() - start, ok)
