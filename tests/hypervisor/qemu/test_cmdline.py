@@ -142,6 +142,16 @@ def test_net_user_renders_slirp_without_ipv6() -> None:
         "-device", "virtio-net-device,id=net0,netdev=netdev-net0,mac=02:50:4b:00:00:01"]
 
 
+def test_passt_serves_libslirps_guest_network_ipv4_only_without_forwards_or_dhcp() -> None:
+    from pykata.hypervisor.qemu.passt import passt_argv
+
+    assert passt_argv("/usr/bin/passt", 9, 1500000007) == [
+        "/usr/bin/passt", "--foreground", "--quiet", "--runas", "1500000007:1500000007", "--fd", "9",
+        "--ipv4-only", "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2",
+        "--dns", "none", "--search", "none", "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
+        "--tcp-ports", "none", "--udp-ports", "none"]
+
+
 def test_net_user_on_passt_is_a_stream_served_on_an_inherited_listening_socket() -> None:
     assert c.VirtioNetStream("mmio", "net0", "02:50:4b:00:00:01", 7).argv() == [
         "-netdev", "stream,id=netdev-net0,server=on,addr.type=fd,addr.str=7",

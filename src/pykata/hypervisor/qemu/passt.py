@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import shutil
 import socket
-from collections.abc import Sequence
 from pathlib import Path
 
 from pykata.errors import HypervisorError
@@ -59,12 +57,6 @@ def passt_argv(binary: str, fd: int, uid: int) -> list[str]:
             "--gateway", GUEST_GATEWAY, "--dns", "none", "--search", "none",
             "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
             "--tcp-ports", "none", "--udp-ports", "none"]
-
-
-def names_passt(argv: Sequence[str], log_path: str) -> bool:
-    """Whether `argv` is that of the passt (or of its lifeline) logging to `log_path`: the one file its
-    command line names, as an exact argument."""
-    return any(a == "--log-file" and v == log_path for a, v in itertools.pairwise(argv))
 
 
 class Passt:
