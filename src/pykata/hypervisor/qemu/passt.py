@@ -15,8 +15,9 @@ the backlog when one ends.)
 
 passt runs as a uid of its own (--runas, leased like QEMU's): the host's filter rules of the sandbox
 match that uid (pykata.network.egress). It confines itself (user, mount, IPC, UTS namespaces,
-seccomp, no capabilities). It ends when QEMU closes the socket (--fd implies --one-off); under a
-lifeline when its owner must take it along.
+seccomp, no capabilities), and pykata adds QEMU's Landlock scope (no abstract unix socket or signal
+out of it: it keeps the host's network namespace). It ends when QEMU closes the socket (--fd implies
+--one-off); under a lifeline when its owner must take it along.
 
 The guest's network is libslirp's: 10.0.2.0/24, the guest at .15, the gateway at .2, IPv4 only, no
 DHCP (the agent configures the address), no DNS address served or forwarded. As under libslirp the
@@ -37,6 +38,7 @@ import socket
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.hypervisor import scope
 from pykata.hypervisor.jail import lifeline_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
 from pykata.hypervisor.readiness import log_tail
@@ -129,8 +131,11 @@ class Passt:
                     "--log-file", str(self.log_path), "--log-size", str(LOG_MAX_BYTES)]
             argv = (lifeline_prefix() if self.die_with_owner else []) + argv
             try:
+                # in the host's network namespace, as QEMU on libslirp: the host's abstract unix sockets
+                # and signals stay out of reach of a passt the guest took over (pykata.hypervisor.scope)
                 child = await ChildProcess.spawn(argv, name="passt", log_path=self.log_path.with_suffix(".out"),
-                                                 pass_fds=(conn.fileno(),), die_with_parent=self.die_with_owner)
+                                                 pass_fds=(conn.fileno(),), die_with_parent=self.die_with_owner,
+                                                 preexec=scope.confine if scope.supported() else None)
             except OSError as exc:
                 raise HypervisorError(f"user network: cannot run {binary}: {exc.strerror}") from None
         finally:
