@@ -48,6 +48,18 @@ def _config(stack: str) -> Config:
     return dataclasses.replace(config, hypervisor=dataclasses.replace(config.hypervisor, qemu=qemu))
 
 
+# Answers every A query with 192.0.2.44 (anything else with no record), on UDP port 53 of argv[1].
+_RESOLVER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53)); print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(2048)
+    q = d[12:12 + d[12:].index(b"\\0") + 5]
+    ans = b"\\xc0\\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 44]) if q[-4:-2] == b"\\0\\1" else b""
+    s.sendto(d[:2] + b"\\x81\\x80" + struct.pack(">HHHH", 1, 1 if ans else 0, 0, 0) + q + ans, a)
+"""
+
+
 async def _connect(sb: pykata.AsyncSandbox, addr: str, port: int) -> str:
     """What the guest reads from addr:port ("" when the connection fails). nc's stdin is a FIFO it
     holds open itself, so the guest never shuts its side down first: Debian 12's passt loses the
@@ -86,7 +98,7 @@ def _passt(uid: int) -> psutil.Process:
 @pytest.fixture
 async def passt_sandbox(test_net: Subnet) -> AsyncIterator[pykata.AsyncSandbox]:  # noqa: F811
     n = test_net
-    async with pykata.AsyncSandbox(network="egress", allow=[f"{n.near}/32", f"{n.host_end}/32"],
+    async with pykata.AsyncSandbox(network="egress", allow=[f"{n.near}/32", f"{n.host_end}/32"], dns=[n.far],
                                    config=_config("passt")) as sb:
         yield sb
 
@@ -110,8 +122,18 @@ async def test_neither_the_guest_nor_its_qemu_reaches_the_host(
     assert f"--uid-owner {vm.user_net_uid} " in rules and chain_name(sb.id) in rules
     assert f"--uid-owner {vm.jail_uid} " not in rules
 
-    # the guest: an allowed address outside the host answers (control), the host's services do not
+    # the guest: an allowed address outside the host answers (control), so does the `dns` resolver over
+    # UDP (its resolv.conf names it), the host's services do not
     assert await _connect(sb, n.near, 8080) == "port 8080\n"
+    resolver = subprocess.Popen(["ip", "netns", "exec", n.netns, sys.executable, "-c", _RESOLVER, n.far],
+                                stdout=subprocess.PIPE)
+    try:
+        assert resolver.stdout is not None and resolver.stdout.readline() == b"ready\n"
+        r = await sb.run(["nslookup", "example.org"], timeout=60)
+        assert r.exit_code == 0 and b"192.0.2.44" in r.stdout, r.stdout + r.stderr
+    finally:
+        resolver.kill()
+        resolver.wait()
     own = _default_route_address()
     for addr in ("127.0.0.1", n.host_end, own):
         assert await asyncio.to_thread(_answers, addr, port)  # control: the host reaches its service
