@@ -37,6 +37,7 @@ Phases (host wall clock unless noted):
                marks) QEMU start until /init's first line: the kernel phases and Python's start
   ready        QEMU start until the host sees the guest ready on the channel (the figure that counts)
   qemu-cpu     CPU seconds QEMU used until ready (all threads): what `ready` would be on an idle host
+  tcg-mib      TCG's translation cache resident at ready (MiB): host code made for the guest code run so far
                with a spare core, useful when the machine is busy
   qemu-starved seconds QEMU's most starved thread was ready to run but waited for a host CPU, from
                QEMU's start until ready (schedstat run_delay): the part of `ready` the host's load
@@ -249,6 +250,7 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
             # CPU seconds QEMU used until ready: close to the wall time an idle host would see, so
             # runs on a busy machine can still be compared.
             out["qemu-cpu"] = cpu_seconds(vm.pid)  # schedstat: ns, where cpu_times() counts 10 ms ticks
+            out["tcg-mib"] = tcg_resident_mib(vm.pid)
             out["qemu-starved"] = starved
         if guest == "tiny":
             marks = dict(_T.findall(vm.console_log.read_text(errors="replace")))
@@ -272,11 +274,25 @@ async def one_boot(i: int, guest: str, config: Config, kernel: Path, initrd: Pat
     return out
 
 
+def tcg_resident_mib(pid: int) -> float:
+    """The resident size of QEMU's TCG translation cache (its anonymous rwx mappings, MiB): the host
+    code translated for the guest code run so far (0 under KVM)."""
+    total, rwx = 0, False
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                rwx = head[1].startswith("rwx") and len(head) < 6
+            elif rwx and head[0] == "Rss:":
+                total += int(head[1])
+    return total / 1024
+
+
 ORDER = ["template-make", "waiting-pss", "waiting-cpu", "spawn", "qmp", "restore", "answer", "pre-kernel", "kernel",
          "init",
          "to-init", "userspace",
          *(f"{kind}-{name}" for kind in ("wall", "cpu") for name, _ in (QUIET_MARKS[:1] + BOOT_MARKS)),
-         "ready", "qemu-cpu", "qemu-starved", "stop"]
+         "ready", "qemu-cpu", "qemu-starved", "tcg-mib", "stop"]
 # How long a pre-started QEMU waits before its state is loaded (its set-up is then surely over).
 PRESTART_SETTLE = 0.3
 
@@ -386,7 +402,7 @@ def main() -> None:
     for r in results:
         print(f"{r['guest']}: {r['runs']} boots, {r['memory_mib']} MiB, accel {r['accel']}, initrd {r['initrd']}")
         for phase, s in r["phases"].items():
-            unit = " MiB" if phase == "waiting-pss" else "s"
+            unit = " MiB" if phase in ("waiting-pss", "tcg-mib") else "s"
             print(f"  {phase:<11} median {s['median']:.3f}{unit}  (min {s['min']:.3f}, max {s['max']:.3f})")
 
 
