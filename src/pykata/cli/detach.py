@@ -29,6 +29,7 @@ from pykata.sandbox.sandbox import new_id
 
 DETACHED_ENV = "PYKATA_DETACHED_ID"  # set for the background `run`: the sandbox id to use
 READY_TIMEOUT = 600.0
+PUBLISHED = b"pykata: published "  # how the background run reports a host port -p chose
 _POLL = 0.05
 
 
@@ -65,6 +66,10 @@ def start_detached(config: Config) -> None:
             container = record.containers.get(sid) if record is not None else None
             if container is not None and container.status in ("running", "exited"):
                 click.echo(sid)
+                errors.seek(0)  # the host ports `-p` chose are shown, as a foreground run shows them
+                for line in errors.read(64 << 10).splitlines():
+                    if line.startswith(PUBLISHED):
+                        sys.stderr.buffer.write(line + b"\n")
                 sys.exit(0)
             code = child.poll()
             if code is not None:

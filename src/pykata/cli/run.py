@@ -19,15 +19,19 @@ import click
 
 from pykata.agentapi.errors import AgentCallError
 from pykata.cli import detach
+from pykata.cli.publish import Publish
+from pykata.cli.publish import free_port as publish_free_port
+from pykata.cli.publish import parse_all as publish_parse_all
 from pykata.config import Config, load_config, with_shared_fs
 from pykata.config.parse import MAX_LOG_BACKUPS
 from pykata.config.schema import SharedFs
-from pykata.errors import PykataError
+from pykata.errors import HypervisorError, PykataError
 from pykata.factory.template import TEMPLATE_PROGRESS
 from pykata.hypervisor.console import BoundedLog
 from pykata.hypervisor.errors import VmExitedError
 from pykata.ids import HOSTNAME_RULE, is_hostname
 from pykata.images import ImageStore
+from pykata.network import EgressPolicy
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
 from pykata.sandbox.imageuser import ExecUser, resolve_user
@@ -179,9 +183,11 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
                     interactive: bool, tty_: bool, env: list[str], workdir: str | None, user: str | None,
                     volumes: list[str], cpus: float | None, memory: str | None,
                     sandbox_id: str | None = None, shared_fs: SharedFs | None = None,
-                    entrypoint: str | None = None, init: bool = False) -> int:
+                    entrypoint: str | None = None, init: bool = False, network: str = "none",
+                    publish: list[str] | None = None) -> int:
     # everything that can be wrong with the input is checked before a VM boots
     vols = [Volume.parse(v) for v in volumes]
+    egress_policy, published = _network(config, network, publish or [])
     mem = parse_size(memory) if memory else None
     envs = parse_env(env, os.environ)
     if cpus is not None and cpus <= 0:
@@ -214,9 +220,11 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     # a bad image fails here, before a VM boots
     await prepare_root_image(config, image.rootfs)
     TEMPLATE_PROGRESS.set(lambda message: click.echo(f"pykata: {message}", err=True))  # a wait of 10-30 s
-    sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name)
+    sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name,
+                                   egress=egress_policy)
     status = 255
     try:
+        await _publish(sandbox, published)
         try:
             container = await sandbox.create_container(sandbox.id, spec, image.rootfs, volumes=vols,
                                                        image=image_ref)
@@ -235,6 +243,38 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     finally:
         await sandbox.stop(remove=rm)
     return status
+
+
+def _network(config: Config, network: str, publish: list[str]) -> tuple[EgressPolicy | None, list[Publish]]:
+    """--network and -p, checked before a VM boots. Raises SpecError naming the flag."""
+    if network not in ("none", "egress"):
+        raise SpecError("--network", f"{network[:80]!r}: use none (no network, the default) or egress (outbound "
+                                     "IPv4 through the host's filter, see README)")
+    published = publish_parse_all(publish)
+    if published and network != "egress":
+        raise SpecError("--publish", "needs --network egress (a container has no network by default)")
+    if published and config.qemu.user_network == "passt":
+        raise SpecError("--publish", "is not available with hypervisor.qemu.user_network = \"passt\" "
+                                     "(configuration.toml): its forwards do not work yet (README)")
+    return (EgressPolicy.build() if network == "egress" else None), published
+
+
+async def _publish(sandbox: Sandbox, published: list[Publish]) -> None:
+    """Make each -p forward on the VM's user-mode network; a port left to choose is printed once made.
+    Raises SpecError naming --publish when a host port cannot be bound."""
+    for p in published:
+        for _ in range(3 if p.host_port == 0 else 1):
+            port = p.host_port or publish_free_port(p.host_ip, p.protocol)
+            try:
+                await sandbox.forward_port(p.container_port, port, p.host_ip, p.protocol)
+            except HypervisorError as e:
+                last: HypervisorError = e
+                continue
+            if p.host_port == 0:
+                click.echo(f"pykata: published {p.host_ip}:{port} -> {p.container_port}/{p.protocol}", err=True)
+            break
+        else:
+            raise SpecError("--publish", f"{p}: cannot bind the host port: {last}")
 
 
 def process_args(image_entrypoint: tuple[str, ...], image_cmd: tuple[str, ...], command: tuple[str, ...],
@@ -289,6 +329,12 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
 @click.option("-v", "--volume", multiple=True, help="Bind mount HOST:GUEST[:ro].")
 @click.option("--cpus", type=float, default=None, help="CPU limit (also sizes the VM).")
 @click.option("--memory", "-m", default=None, help="Memory limit, e.g. 512m (also sizes the VM).")
+@click.option("--network", default="none", show_default=True,
+              help="none: no network; egress: outbound IPv4 through the host's filter (as the SDK's "
+                   "network=\"egress\"), needed by -p.")
+@click.option("-p", "--publish", multiple=True,
+              help="[IP:][HOSTPORT:]CONTAINERPORT[/tcp|/udp]: forward the host's IP:HOSTPORT (IP 127.0.0.1 "
+                   "unless given; HOSTPORT free unless given, printed) to the container's port (--network egress).")
 @click.option("--shared-fs", type=click.Choice(["virtio-fs", "virtio-9p"]), default=None,
               help="How -v volumes reach the VM: virtio-fs behaves as runc's bind mount but boots the VM "
                    "cold (~2.5 s more under TCG); default: 9p in a template clone.")
@@ -296,20 +342,21 @@ async def _vm_death(sandbox: Sandbox) -> str | None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(rm: bool, detach_: bool, interactive: bool, tty_: bool, name: str, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, init: bool, volume: tuple[str, ...],
-        cpus: float | None, memory: str | None, shared_fs: SharedFs | None, image: str,
-        command: tuple[str, ...]) -> None:
+        cpus: float | None, memory: str | None, network: str, publish: tuple[str, ...],
+        shared_fs: SharedFs | None, image: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE, inside its own VM; exit with its status."""
     sandbox_id = detach.detached_id() if detach_ else None
     if detach_ and interactive:
         raise click.BadParameter("a detached container has no stdin to keep open", param_hint="--interactive")
     try:
         check_cwd(workdir, "--workdir")
+        _network(load_config(), network, list(publish))  # a bad flag fails here, not in the background
         if detach_ and sandbox_id is None:
             detach.start_detached(load_config())
         status = asyncio.run(run_async(
             load_config(), image, command, name=name, rm=rm, interactive=interactive, tty_=tty_, env=list(env),
             workdir=workdir, user=user, volumes=list(volume), cpus=cpus, memory=memory, sandbox_id=sandbox_id,
-            shared_fs=shared_fs, entrypoint=entrypoint, init=init))
+            shared_fs=shared_fs, entrypoint=entrypoint, init=init, network=network, publish=list(publish)))
     except PykataError as e:
         _fail(str(e), failure_status(e, 125))
     sys.exit(status)

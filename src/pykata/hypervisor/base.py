@@ -290,9 +290,10 @@ class Hypervisor(abc.ABC):
         must apply to this VM's traffic alone (an egress policy) match it."""
         return None
 
-    async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int) -> None:
-        """Forward TCP `host_address:host_port` on the host to `guest_port` of the guest on NIC
-        `device_id` (a user-mode network NIC).
+    async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int,
+                           protocol: str = "tcp") -> None:
+        """Forward `protocol` ("tcp" or "udp") `host_address:host_port` on the host to `guest_port` of the
+        guest on NIC `device_id` (a user-mode network NIC).
 
         Raises:
             NotSupportedError: this hypervisor or NIC cannot.

@@ -610,12 +610,13 @@ class Sandbox:
             log.warning("sandbox %s: sweeping stale filter rules: %s", self.id, e)
         await egress.install(self.egress, uid, self.id)
 
-    async def forward_port(self, guest_port: int, host_port: int, host_address: str = "127.0.0.1") -> None:
-        """Forward TCP host_address:host_port to `guest_port` in an egress sandbox.
-        Raises SandboxError (no egress NIC), HypervisorError (port taken)."""
+    async def forward_port(self, guest_port: int, host_port: int, host_address: str = "127.0.0.1",
+                           protocol: str = "tcp") -> None:
+        """Forward `protocol` ("tcp" or "udp") host_address:host_port to `guest_port` in an egress sandbox.
+        Raises SandboxError (no egress NIC), HypervisorError (port taken), NotSupportedError (passt)."""
         if self.egress is None or self.vm is None:
             raise SandboxError(self.id, "forwarding a port needs a sandbox made with an egress network")
-        await self.vm.forward_port(nic_id(0), host_address, host_port, guest_port)
+        await self.vm.forward_port(nic_id(0), host_address, host_port, guest_port, protocol)
 
     async def _sync_clock(self) -> None:
         await sync_guest_clock(self.agent)

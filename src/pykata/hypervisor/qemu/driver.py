@@ -626,7 +626,8 @@ class QemuHypervisor(Hypervisor):
     def _user_net_nic(self) -> NetDevice | None:
         return next((d for d in self._devices.values() if isinstance(d, NetDevice) and d.user_net), None)
 
-    async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int) -> None:
+    async def forward_port(self, device_id: str, host_address: str, host_port: int, guest_port: int,
+                           protocol: str = "tcp") -> None:
         device = self._devices.get(device_id)
         if not isinstance(device, NetDevice) or not device.user_net:
             raise NotSupportedError(f"VM {self.vm_id}: {device_id!r} is not a user-mode network NIC")
@@ -635,12 +636,13 @@ class QemuHypervisor(Hypervisor):
             # (measured: its SYN-ACK is ignored), and cannot add a forward while it runs
             raise NotSupportedError(f"VM {self.vm_id}: port forwards are not supported with "
                                     "hypervisor.qemu.user_network = \"passt\" (configuration.toml)")
-        if not (0 < host_port < 65536 and 0 < guest_port < 65536) or any(ch in host_address for ch in ",: "):
-            raise HypervisorError(f"VM {self.vm_id}: bad forward {host_address}:{host_port} -> {guest_port}")
+        if not (0 < host_port < 65536 and 0 < guest_port < 65536) or any(ch in host_address for ch in ",: ") \
+                or protocol not in ("tcp", "udp"):
+            raise HypervisorError(f"VM {self.vm_id}: bad forward {protocol} {host_address}:{host_port} -> {guest_port}")
         self._require_running("forward_port")
         # QMP has no command for it; HMP's hostfwd_add answers "" or an error text.
         out = await self.qmp.execute("human-monitor-command", {
-            "command-line": f"hostfwd_add netdev-{device_id} tcp:{host_address}:{host_port}-:{guest_port}"})
+            "command-line": f"hostfwd_add netdev-{device_id} {protocol}:{host_address}:{host_port}-:{guest_port}"})
         if isinstance(out, str) and out.strip():
             raise HypervisorError(f"VM {self.vm_id}: forwarding {host_address}:{host_port}: {out.strip()[:300]}")
 
