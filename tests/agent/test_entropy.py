@@ -76,7 +76,7 @@ def test_a_boot_id_bound_ahead_is_rewritten_in_place(tmp_path: Path, monkeypatch
     kernel_boot_id.write_text(BOOT_ID + "\n")
     binds: list[tuple[Path, Path]] = []
     monkeypatch.setattr(entropy_module, "bind_readonly", lambda source, target: binds.append((source, target)))
-    monkeypatch.setattr(entropy_module, "feed_kernel", lambda data: None)
+    monkeypatch.setattr(entropy_module, "feed_kernel", lambda data, fd=None: None)
     entropy = Entropy(tmp_path / "state", kernel_boot_id=kernel_boot_id)
     entropy.prepare_boot_id()
     entropy.prepare_boot_id()  # once
@@ -89,3 +89,9 @@ def test_a_boot_id_bound_ahead_is_rewritten_in_place(tmp_path: Path, monkeypatch
     assert reply.boot_id == new == entropy.boot_id and len(binds) == 1
     assert entropy.boot_id_file.read_text() == new + "\n" and entropy.boot_id_file.stat().st_ino == inode
     assert [m["source"] for m in entropy.container_mounts()] == [str(entropy.boot_id_file)]
+    # a restored snapshot's new id, through the descriptor kept since prepare_boot_id
+    newer = "2d0e4c73-0e3f-4a58-9c2f-5c5f4d8f1e32"
+    entropy._replace_boot_id(newer)
+    assert entropy.boot_id_file.read_text() == newer + "\n" and entropy.boot_id_file.stat().st_ino == inode
+    entropy.close()
+    entropy.close()

@@ -157,6 +157,7 @@ class AgentService:
         if self.oom is not None:
             await self.oom.close()
         self.reaper.close()
+        self.entropy.close()
 
     @property
     def containers(self) -> Containers:
