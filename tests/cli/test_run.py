@@ -235,7 +235,8 @@ def test_user_groups_as_docker_gives_them(tmp_path: Path) -> None:
     """-u of run and exec resolve as docker's (runc's user.GetExecUser, moby's getUser; the table of
     rules is tests/sandbox/test_imageuser.py): a named user gets the groups of /etc/group that list it,
     after its primary group; a number not in /etc/passwd gets group 0 (pykata gave it its own number);
-    USER:GROUP takes that group alone. Through an OCI bundle (bundle_spec_with) for run, then exec."""
+    USER:GROUP takes that group alone; exec without -u runs as the container's user. Through an OCI
+    bundle (bundle_spec_with) for run, then exec."""
     from pykata.images import ImageStore
     from pykata.sandbox import build_spec
 
@@ -258,8 +259,10 @@ def test_user_groups_as_docker_gives_them(tmp_path: Path) -> None:
     assert (p.returncode, p.stdout.decode()) == (0, want["nobody"] + "\n"), p.stderr
     name = f"g-{uuid.uuid4().hex[:6]}"
     try:
-        p = pykata("run", "-d", "--name", name, str(bundle), "sleep", "600")
+        p = pykata("run", "-d", "--name", name, "-u", "4242:staff", str(bundle), "sleep", "600")
         assert p.returncode == 0, p.stderr
+        p = pykata("exec", name, "id")  # without -u: the container's user, as docker exec
+        assert (p.returncode, p.stdout.decode()) == (0, "uid=4242 gid=50(staff) groups=50(staff)\n"), p.stderr
         for user, line in want.items():
             p = pykata("exec", "-u", user, name, "id")
             assert (p.returncode, p.stdout.decode()) == (0, line + "\n"), (user, p.stderr)

@@ -391,7 +391,7 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
             _fail(f"{container} is a pod whose sandbox container has no process to exec in; exec into one of "
                   f"its containers (crictl exec, ctr task exec): {', '.join(sorted(found.record.containers))}", 126)
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env), os.environ), workdir,
-                                         _exec_user(found, user) if user else ExecUser(0, 0)))
+                                         _exec_user(found, user) if user else _container_user(found)))
     except PykataError as e:
         _fail(str(e), failure_status(e, 126))
     sys.exit(status)
@@ -403,6 +403,14 @@ def _root_user(rootfs: Path) -> ExecUser:
         return resolve_user(rootfs, "0")
     except SpecError:  # an /etc/passwd or /etc/group docker would read as empty
         return ExecUser(0, 0, (0,))
+
+
+def _container_user(found: Found) -> ExecUser:
+    """exec without -u: the user the container's init runs as (run -u, else the image's USER, with its
+    groups), as docker exec; root for a container whose record does not say (made by an older pykata)."""
+    record = found.record.containers.get(found.record.id)
+    ids = record.user if record is not None else []
+    return ExecUser(ids[0], ids[1], tuple(ids[2:])) if len(ids) >= 2 else ExecUser(0, 0)
 
 
 def _exec_user(found: Found, user: str) -> ExecUser:

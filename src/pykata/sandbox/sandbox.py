@@ -734,7 +734,8 @@ class Sandbox:
         c = Container(self, container_id, Process(self.agent, container_id, "", pid, tty))
         self.containers[container_id] = c
         self.record.containers[container_id] = state.ContainerRecord(
-            id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time())
+            id=container_id, image=image, command=list(spec["process"]["args"]), created_at=time.time(),
+            user=_process_user(spec["process"]))
         state.save(self.dir, self.record)
         return c
 
@@ -1212,6 +1213,16 @@ class Sandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _process_user(process: dict[str, Any]) -> list[int]:
+    """[uid, gid, additionalGids...] of an OCI process (what ContainerRecord.user keeps); [] when the
+    spec has none a number can be read from."""
+    user = process.get("user")
+    if not isinstance(user, dict):
+        return []
+    ids = [user.get("uid", 0), user.get("gid", 0), *(user.get("additionalGids") or [])]
+    return [int(i) for i in ids] if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) else []
 
 
 def _nine_p_cache_options(cache: Virtio9pCache) -> list[str]:

@@ -24,6 +24,9 @@ class ContainerRecord:
     exit_code: int | None = None
     created_at: float = 0.0
     finished_at: float | None = None
+    # who its init runs as: [uid, gid, supplementary groups...] (empty: not recorded, root); `pykata exec`
+    # without -u runs as that user, as docker exec does
+    user: list[int] = field(default_factory=list)
 
 
 @dataclass
