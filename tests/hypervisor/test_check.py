@@ -136,7 +136,7 @@ def test_cli_json_and_exit_code(runnable_config: tuple[Path, Path]) -> None:
     assert by_name["vmm-jail"]["status"] == "pass"
     assert by_name["vmm-jail"]["facts"]["layers"] == {
         "seccomp": True, "unprivileged-uid": True, "no-capabilities": True, "no-new-privs": True,
-        "chroot": True, "mount-namespace": True}
+        "chroot": True, "mount-namespace": True, "no-io-uring": True}
     assert by_name["vmm-jail"]["facts"]["landlock_scope"] is True  # the CI hosts' kernel has it (6.12+)
 
 

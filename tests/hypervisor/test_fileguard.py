@@ -3,6 +3,8 @@ process: what it refuses and what it leaves alone."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -115,3 +117,92 @@ def test_proxy_helper_filter_keeps_it_from_other_processes() -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+# What a QEMU taken over by its guest would run: io_uring (a large kernel surface, and requests seccomp
+# never sees), fchmod with S_ISUID/S_ISGID on a descriptor it holds of a file the guest chowned to the
+# jail uid, and the same calls through i386's `int $0x80`, which a filter checking only x86_64's
+# numbers would let by.
+VMM_PROBE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void show(const char *name, long r) {
+    const char *e = errno == ENOSYS ? "ENOSYS" : errno == EPERM ? "EPERM" : errno == EBADF ? "EBADF" : "other";
+    printf("%s=%s\n", name, r >= 0 ? "ok" : e);
+}
+static long int80(long nr, long a, long b) {
+    long r;
+    __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(a), "c"(b) : "memory");
+    if (r < 0 && r > -4096) { errno = (int)-r; return -1; }
+    return r;
+}
+int main(int argc, char **argv) {
+    int fd = atoi(argv[1]);
+    gid_t uid = (gid_t)atoi(argv[3]);  /* QEMU's -runas: after exec, under the filter */
+    if (setgroups(0, NULL) || setresgid(uid, uid, uid) || setresuid(uid, uid, uid)) return 3;
+    char params[120] = {0};
+    static char params32[120];
+    show("io_uring_setup", syscall(425, 4, params));
+    show("io_uring_enter", syscall(426, -1, 0, 0, 0, NULL, 0));
+    show("fchmod-0755", fchmod(fd, 0755));
+    show("fchmod-4755", fchmod(fd, 04755));
+    show("fchmodat-2755", fchmodat(AT_FDCWD, argv[2], 02755, 0));
+    show("i386-io_uring_setup", int80(425, 4, (long)params32));
+    show("i386-fchmod-4755", int80(94, fd, 04755));
+    return 0;
+}
+"""
+JAIL_UID = 3999998
+
+
+@pytest.fixture(scope="module")
+def vmm_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("vmmprobe")
+    (d / "probe.c").write_text(VMM_PROBE)
+    subprocess.run(["cc", "-O1", "-o", str(d / "probe"), str(d / "probe.c")], check=True, timeout=60)
+    return d / "probe"
+
+
+def _run_as_jailed_qemu(probe: Path, victim: Path, guard: Callable[[], None] | None) -> dict[str, str]:
+    """The probe started as the driver starts QEMU (the preexec step `guard`, as root), dropping to a
+    jail uid itself (as QEMU's -runas), holding a descriptor of `victim` (the proxy helper hands QEMU
+    those)."""
+    fd = os.open(victim, os.O_RDONLY)
+    try:
+        out = subprocess.run([str(probe), str(fd), f"/proc/self/fd/{fd}", str(JAIL_UID)], preexec_fn=guard,
+                             pass_fds=(fd,),
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    finally:
+        os.close(fd)
+    return dict(line.split("=") for line in out.split())
+
+
+def test_jailed_qemu_gets_no_io_uring_and_no_setuid_modes(tmp_path: Path, vmm_probe: Path) -> None:
+    """The attack: a taken-over QEMU sets up io_uring, and sets the setuid bit on a file of the guest's
+    share that the guest chowned to QEMU's jail uid (a setuid-jail-uid program left on the host).
+    Under the driver's filter (fileguard.vmm_child) every such call fails; without it they work."""
+    from pykata.hypervisor.qemu import driver
+
+    assert driver.fileguard.vmm_child is fileguard.vmm_child  # what the driver installs for a jailed QEMU
+    victim = tmp_path / "guest-file"
+    victim.write_bytes(b"#!/bin/sh\n")
+    os.chown(victim, JAIL_UID, JAIL_UID)
+    victim.chmod(0o644)
+    jailed = _run_as_jailed_qemu(vmm_probe, victim, fileguard.vmm_child)
+    assert jailed == {"io_uring_setup": "ENOSYS", "io_uring_enter": "ENOSYS", "fchmod-0755": "ok",
+                      "fchmod-4755": "EPERM", "fchmodat-2755": "EPERM", "i386-io_uring_setup": "ENOSYS",
+                      "i386-fchmod-4755": "ENOSYS"}, jailed
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    # the control: the same process without the filter does all of it (the probe is sound)
+    free = _run_as_jailed_qemu(vmm_probe, victim, None)
+    assert free["io_uring_setup"] == "ok" and free["io_uring_enter"] == "EBADF", free
+    assert free["fchmod-4755"] == "ok" and free["i386-fchmod-4755"] == "ok", free
+    assert victim.stat().st_mode & stat.S_ISUID
+    victim.unlink()

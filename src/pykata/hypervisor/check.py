@@ -214,7 +214,8 @@ def vmm_jail(config: Config, *, probe_qemu: bool = True) -> CheckResult:
                                "set the hypervisor.qemu.jail_* key named above to false to find the layer", facts)
         active = {"seccomp": found["seccomp"], "unprivileged-uid": found["unprivileged"],
                   "no-capabilities": found["no-capabilities"], "no-new-privs": found["no-new-privs"],
-                  "chroot": found["chroot"], "mount-namespace": found["mount-namespace"]}
+                  "chroot": found["chroot"], "mount-namespace": found["mount-namespace"],
+                  "no-io-uring": found["no-io-uring"]}
         facts["active"] = active
         missing = [name for name, wanted in layers.items() if wanted and not active[name]]
         if missing:

@@ -9,7 +9,17 @@ image unpacked on the host). So the server is started with:
   * a seccomp filter that fails with EPERM every chmod/creat/open/mknod/mkdir whose mode carries
     S_ISUID or S_ISGID (S_ISUID only for mkdir: setgid directories are harmless and common) and every
     mknod of a character or block device, and openat2 with ENOSYS (its mode is behind a pointer the
-    filter cannot read).
+    filter cannot read);
+  * the same filter fails io_uring_setup/enter/register with ENOSYS: io_uring is a large kernel attack
+    surface (Docker's default profile denies it), and its requests (openat, ...) are not seen by
+    seccomp at all. QEMU 7.2 (Debian links liburing) then watches its descriptors with epoll, as it
+    does on a kernel without io_uring. Calls of another ABI fail with ENOSYS too, i386's (`int $0x80`,
+    another audit arch) and x32's (the syscall number's bit 30): they would carry every refused call
+    past the number checks (the servers are x86_64 programs).
+QEMU itself starts under the filter when its jail's seccomp layer is on (`vmm_child`, before its own
+-sandbox filter): a QEMU taken over by its guest holds descriptors of the guest's files (9p through
+virtfs-proxy-helper hands them to it) and, as the jail uid, may chmod one the guest chowned to that
+uid; the filter keeps it from setting S_ISUID/S_ISGID there (the helper does the guest's chmods).
 virtfs-proxy-helper (9p for a jailed QEMU) sets its own capabilities and refuses to start without
 CAP_MKNOD and CAP_FSETID: it gets the filter only, so a write by the guest does not clear the setuid
 bit of a file that already had it.
@@ -62,6 +72,9 @@ _MODE_ARGS: dict[int, tuple[int, int]] = {
     452: (2, S_ISUID | S_ISGID),   # fchmodat2(dirfd, path, mode, flags)
 }
 _OPENAT2 = 437
+# io_uring_setup, io_uring_enter, io_uring_register
+IO_URING_SYSCALLS = (425, 426, 427)
+X32_SYSCALL_BIT = 0x40000000
 
 # classic BPF
 _LD_W_ABS = 0x20
@@ -90,13 +103,15 @@ def _blocks() -> list[list[_Insn]]:
         else:
             block.append((_JSET_K, "EPERM", "ALLOW", bits))
         blocks.append(block)
-    blocks.append([(_JEQ_K, "ENOSYS", "ALLOW", _OPENAT2)])
+    enosys = (_OPENAT2, *IO_URING_SYSCALLS)
+    blocks.append([(_JEQ_K, "ENOSYS", 0, nr) for nr in enosys[:-1]] + [(_JEQ_K, "ENOSYS", "ALLOW", enosys[-1])])
     return blocks
 
 
 def filter_program() -> bytes:
     """The BPF program (struct sock_filter[]) described in the module docstring."""
-    head: list[_Insn] = [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, "ALLOW", AUDIT_ARCH_X86_64), (_LD_W_ABS, 0, 0, 0)]
+    head: list[_Insn] = [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, "ENOSYS", AUDIT_ARCH_X86_64), (_LD_W_ABS, 0, 0, 0),
+                         (_JSET_K, "ENOSYS", 0, X32_SYSCALL_BIT)]
     blocks = _blocks()
     insns = head + [i for b in blocks for i in b]
     labels = {"ALLOW": len(insns), "EPERM": len(insns) + 1, "ENOSYS": len(insns) + 2}
@@ -181,6 +196,12 @@ def guard_child() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     _drop_caps(libc)
     _install_filter(libc)
+
+
+def vmm_child() -> None:
+    """For the VMM's preexec (QEMU, started as root, which then drops to its jail uid): the filter
+    only. Raises OSError (the child then fails to start)."""
+    _install_filter(ctypes.CDLL(None, use_errno=True))
 
 
 def filter_child() -> None:

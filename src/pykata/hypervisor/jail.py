@@ -1,7 +1,8 @@
 """The VMM's jail: what confines QEMU (and the file servers next to it) on the host.
 
 Layers, each switched by a `hypervisor.qemu.jail_*` key and on by default:
-  * seccomp: QEMU's own filter (`-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny`);
+  * seccomp: QEMU's own filter (`-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny`), under
+    pykata's (pykata.hypervisor.fileguard, set before exec): no io_uring, no setuid/setgid modes;
   * user: a uid/gid of its own per VM, taken from a configured range and held (flock) while the VM
     runs, so two VMs never share one; QEMU opens its files as root and then drops to it (`-runas`),
     which leaves it no capabilities (and libseccomp's filter sets PR_SET_NO_NEW_PRIVS);
@@ -210,6 +211,8 @@ class ProcessConfinement:
     own_mount_namespace: bool
     root: str
     own_network_namespace: bool = False
+    # descriptors of io_uring instances it holds (QEMU makes them at start unless refused)
+    io_urings: int = 0
 
     @property
     def seccomp(self) -> bool:
@@ -219,7 +222,7 @@ class ProcessConfinement:
         return {"seccomp": self.seccomp, "unprivileged": self.uid != 0 and self.gid != 0,
                 "no-capabilities": self.cap_effective == 0 and self.cap_permitted == 0,
                 "no-new-privs": self.no_new_privs, "mount-namespace": self.own_mount_namespace,
-                "chroot": self.root != "/"}
+                "chroot": self.root != "/", "no-io-uring": self.io_urings == 0}
 
 
 def inspect_process(pid: int) -> ProcessConfinement:
@@ -245,10 +248,20 @@ def inspect_process(pid: int) -> ProcessConfinement:
         cap_effective=int(fields["CapEff"], 16), cap_permitted=int(fields["CapPrm"], 16),
         cap_bounding=int(fields["CapBnd"], 16), no_new_privs=fields.get("NoNewPrivs") == "1",
         seccomp_mode=int(fields.get("Seccomp", "0")), own_mount_namespace=mnt != os.readlink("/proc/self/ns/mnt"),
-        root=root, own_network_namespace=net != os.readlink("/proc/self/ns/net"))
+        root=root, own_network_namespace=net != os.readlink("/proc/self/ns/net"), io_urings=_io_urings(pid))
+
+
+def _io_urings(pid: int) -> int:
+    count = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[io_uring]"
+    return count
 
 
 def configured_layers(q: QemuConfig) -> dict[str, bool]:
     """The jail layers `q` asks for (what `pykata check` reports)."""
     return {"seccomp": q.jail_seccomp, "unprivileged-uid": q.jail_user, "no-capabilities": q.jail_user,
-            "no-new-privs": q.jail_seccomp, "chroot": q.jail_chroot, "mount-namespace": q.jail_mount_namespace}
+            "no-new-privs": q.jail_seccomp, "chroot": q.jail_chroot, "mount-namespace": q.jail_mount_namespace,
+            "no-io-uring": q.jail_seccomp}

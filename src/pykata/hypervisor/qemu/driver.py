@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pykata import ids
 from pykata.config.schema import Config, SharedFs
 from pykata.errors import HypervisorError
-from pykata.hypervisor import ksm, scope
+from pykata.hypervisor import fileguard, ksm, scope
 from pykata.hypervisor.accel import AccelVerdict, resolve_accelerator
 from pykata.hypervisor.base import AgentEndpoint, Hypervisor, ReadinessProbe, RestoreSource, VmExit
 from pykata.hypervisor.devices import BlockDevice, Device, NetDevice
@@ -408,6 +408,9 @@ class QemuHypervisor(Hypervisor):
             # A clone's memory discards must not reach the template's file (see clonememory), nor
             # anything else it writes (see ramreadonly).
             preexec = keep_template_intact if self._restore is not None else None
+            if self.spec.jail is not None and self.spec.jail.seccomp:
+                # no io_uring, no setuid/setgid modes (fileguard); stacked under QEMU's own -sandbox
+                preexec = fileguard.vmm_child if preexec is None else _both(preexec, fileguard.vmm_child)
             if self.spec.jail is not None and scope.supported():
                 # abstract unix sockets and signals of the host stay out of QEMU's reach (scope)
                 preexec = scope.confine if preexec is None else _both(scope.confine, preexec)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError
+from pykata.hypervisor import fileguard
 from pykata.hypervisor.jail import (
     ProcessConfinement,
     UidLease,
@@ -40,7 +41,8 @@ def probe(q: QemuConfig, runtime_dir: Path, timeout: float = 10.0) -> ProcessCon
         argv += ["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-S"]
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+                                    stderr=subprocess.PIPE, start_new_session=True,
+                                    preexec_fn=fileguard.vmm_child if spec.seccomp else None)
         except OSError as exc:
             if lease:
                 lease.release()
