@@ -93,9 +93,11 @@ class Layout:
 
 def oci_image(path: Path, layers: list[bytes], *, diff_ids: list[str] | None = None,
               cmd: tuple[str, ...] = ("sh",), layer_sizes: list[int] | None = None,
-              overrides: dict[str, bytes] | None = None) -> tuple[Path, dict[str, object]]:
+              overrides: dict[str, bytes] | None = None,
+              config: dict[str, object] | None = None) -> tuple[Path, dict[str, object]]:
     """Write an OCI layout of `layers` (their bytes as stored: gzip or plain); returns it and the
-    manifest's descriptor. diff_ids default to the right ones (of the gunzipped layers)."""
+    manifest's descriptor. diff_ids default to the right ones (of the gunzipped layers); `config`
+    replaces the image config's "config" (how its process runs: {"Cmd": cmd} by default)."""
     lay = Layout(path)
     if diff_ids is None:
         diff_ids = [digest(gzip.decompress(x) if x[:2] == b"\x1f\x8b" else x) for x in layers]
@@ -103,7 +105,7 @@ def oci_image(path: Path, layers: list[bytes], *, diff_ids: list[str] | None = N
     if layer_sizes is not None:
         for d, size in zip(descs, layer_sizes, strict=True):
             d["size"] = size
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": list(cmd)},
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": config or {"Cmd": list(cmd)},
                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",

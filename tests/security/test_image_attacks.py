@@ -431,3 +431,25 @@ def test_truncated_archive(scene: Scene, compress: Callable[[bytes], bytes], kee
 def test_oci_archive_attacks_fail_the_same_way(scene: Scene) -> None:
     layout = scene.image([layer([symlink("etc", str(scene.host)), file("etc/passwd")])])
     scene.refused(archive_of(layout, scene.images / "evil.tar"), LayerError, THROUGH_SYMLINK)
+
+
+# ---- the image's process ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("config", "match"), [
+    ({"Cmd": ["sh"], "WorkingDir": "app"}, r"config\.WorkingDir 'app' is not an absolute path"),
+    ({"Cmd": ["sh"], "Env": [f"V{i}=" + "x" * 100_000 for i in range(8)]}, r"Entrypoint, Cmd and Env hold \d+ bytes"),
+    ({"Cmd": ["y" * 140_000]}, r"config\.Cmd\[0\] is over 131072 bytes"),
+    ({"Cmd": ["sh"], "Env": [f"V{i}=" for i in range(5000)]}, r"config\.Env has 5000 entries, over 4096"),
+    ({"Entrypoint": ["x"] * 5000}, r"config\.Entrypoint has 5000 entries"),
+    ({"Cmd": ["sh"], "Env": ["PATH=/bin", "=x"]}, r"config\.Env\[1\] '=x' is not KEY=value"),
+])
+def test_image_process_the_guest_would_refuse_fails_naming_the_field(scene: Scene, config: dict[str, object],
+                                                                     match: str) -> None:
+    """An image whose config makes a process the agent refuses (a relative cwd, arguments or
+    environment over its limits) failed only in the guest, after a VM booted, naming the agent's
+    oci_spec_json; now reading the image fails, naming the image config's field."""
+    scene.refused(scene.image([layer([file("a")])], config=config), ImageError, match)
+
+
+def test_image_working_dir_is_cleaned_as_docker_does(scene: Scene) -> None:
+    img = scene.store().resolve(str(scene.image([layer([file("a")])], config={"WorkingDir": "/../../etc/./x/.."})))
+    assert img.config.working_dir == "/etc"

@@ -49,6 +49,12 @@ from pykata.images.specshape import check_spec_shape
 from pykata.images.tarheaders import checked_tarinfo
 
 MAX_JSON = 4 << 20  # manifests and configs are small; anything bigger is refused
+# An image's Entrypoint, Cmd and Env become the container's process, which the guest agent takes with
+# at most 4096 args and env entries of at most 128 KiB each, in a spec of at most 1 MiB: an image
+# over these fails when its image is read, naming the field, not in the guest after a VM booted.
+MAX_PROCESS_ITEMS = 4096
+MAX_PROCESS_STRING = 128 << 10
+MAX_PROCESS_BYTES = 512 << 10
 STALE_STAGING_SECONDS = 6 * 3600
 # An archive's own symlinks (`docker save` links identical layers) are followed this many times at most.
 MAX_ARCHIVE_LINKS = 8
@@ -74,13 +80,24 @@ class ImageConfig:
         c = cfg.get("config") or cfg.get("Config") or {}
         if not isinstance(c, dict):
             raise ImageError("", "the image config's 'config' is not a JSON object")
-        return cls(
-            entrypoint=_strings(c.get("Entrypoint"), "config.Entrypoint"),
-            cmd=_strings(c.get("Cmd"), "config.Cmd"),
-            env=_strings(c.get("Env"), "config.Env") or cls.env,
-            working_dir=_string(c.get("WorkingDir"), "config.WorkingDir") or "/",
-            user=_string(c.get("User"), "config.User"),
-        )
+        entrypoint = _strings(c.get("Entrypoint"), "config.Entrypoint")
+        cmd = _strings(c.get("Cmd"), "config.Cmd")
+        env = _strings(c.get("Env"), "config.Env")
+        for i, item in enumerate(env):
+            if not item.partition("=")[0] or "=" not in item:
+                raise ImageError("", f"the image config's config.Env[{i}] {item[:80]!r} is not KEY=value")
+        total = sum(len(v.encode()) for v in (*entrypoint, *cmd, *env))
+        if total > MAX_PROCESS_BYTES:
+            raise ImageError("", f"the image config's config.Entrypoint, Cmd and Env hold {total} bytes, "
+                                 f"over {MAX_PROCESS_BYTES} (the guest refuses such a process)")
+        working_dir = _string(c.get("WorkingDir"), "config.WorkingDir") or "/"
+        if not working_dir.startswith("/"):
+            # docker refuses a relative working directory too
+            raise ImageError("", f"the image config's config.WorkingDir {working_dir[:80]!r} is not an absolute path")
+        return cls(entrypoint=entrypoint, cmd=cmd, env=env or cls.env,
+                   # docker's filepath.Clean: "/../etc" is /etc (the guest refuses '..' in a cwd)
+                   working_dir=posixpath.normpath(working_dir),
+                   user=_string(c.get("User"), "config.User"))
 
 
 def _strings(value: Any, key: str) -> tuple[str, ...]:
@@ -88,6 +105,11 @@ def _strings(value: Any, key: str) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
         raise ImageError("", f"the image config's {key} is not a list of strings")
+    if len(value) > MAX_PROCESS_ITEMS:
+        raise ImageError("", f"the image config's {key} has {len(value)} entries, over {MAX_PROCESS_ITEMS}")
+    for i, v in enumerate(value):
+        if len(v.encode()) > MAX_PROCESS_STRING:
+            raise ImageError("", f"the image config's {key}[{i}] is over {MAX_PROCESS_STRING} bytes")
     return tuple(value)
 
 
