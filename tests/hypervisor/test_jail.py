@@ -203,6 +203,12 @@ async def test_templated_vm_runs_in_every_layer_of_the_jail(tmp_path: Path) -> N
         assert pids["qemu"] == vm.pid
         c = inspect_process(vm.pid)
         assert c.seccomp_mode == 2
+        # three filters: the clone's (clonememory), pykata's (fileguard: no io_uring, no setuid modes;
+        # tests/hypervisor/test_fileguard.py performs those calls) and QEMU's own -sandbox
+        filters = next(line for line in Path(f"/proc/{vm.pid}/status").read_text().splitlines()
+                       if line.startswith("Seccomp_filters:"))
+        assert int(filters.split()[1]) >= 3, filters
+        assert c.io_urings == 0  # QEMU's two rings at start were refused (it holds none either way)
         assert c.uid != 0 and c.gid != 0
         assert q.jail_uid_base <= c.uid < q.jail_uid_base + q.jail_uid_count
         assert c.groups in ((), (c.gid,))
