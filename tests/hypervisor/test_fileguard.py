@@ -206,3 +206,8 @@ def test_jailed_qemu_gets_no_io_uring_and_no_setuid_modes(tmp_path: Path, vmm_pr
     assert free["fchmod-4755"] == "ok" and free["i386-fchmod-4755"] == "ok", free
     assert victim.stat().st_mode & stat.S_ISUID
     victim.unlink()
+
+
+def test_check_probe_sees_io_uring_refused_under_the_vmm_filter_only() -> None:
+    assert fileguard.io_uring_refused()  # what `pykata check` reports as the no-io-uring layer
+    assert not fileguard.io_uring_refused(None)  # the control: this kernel has io_uring

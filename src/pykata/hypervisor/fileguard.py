@@ -43,6 +43,9 @@ import ctypes
 import errno
 import os
 import struct
+import subprocess
+import sys
+from collections.abc import Callable
 
 CAP_FSETID = 4
 CAP_MKNOD = 27
@@ -202,6 +205,21 @@ def vmm_child() -> None:
     """For the VMM's preexec (QEMU, started as root, which then drops to its jail uid): the filter
     only. Raises OSError (the child then fails to start)."""
     _install_filter(ctypes.CDLL(None, use_errno=True))
+
+
+_IO_URING_PROBE = ("import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                   "libc.syscall.restype = ctypes.c_long\nr = libc.syscall(425, 1, ctypes.create_string_buffer(120))\n"
+                   "sys.exit(0 if r < 0 and ctypes.get_errno() == 38 else 1)\n")
+
+
+def io_uring_refused(preexec: Callable[[], None] | None = vmm_child) -> bool:
+    """Whether a process started under `preexec` (QEMU's step by default) gets ENOSYS from
+    io_uring_setup on this kernel: a probe process tries it (`pykata check`)."""
+    try:
+        return subprocess.run([sys.executable, "-S", "-c", _IO_URING_PROBE], preexec_fn=preexec,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def filter_child() -> None:
