@@ -11,6 +11,7 @@ import asyncio
 import logging
 import mmap
 import os
+import select
 from collections.abc import Callable
 
 from pykata.ttrpc.connection import Connection, Event, Role
@@ -262,6 +263,11 @@ class FdReader(asyncio.ReadTransport):
         self._mem = mmap.mmap(-1, self.MAX_BATCH, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem[0] = 0
         self._view = memoryview(self._mem)
+        # Asked after a short read whether more is queued: a read that finds nothing raises
+        # BlockingIOError, and making, raising and catching it is C code a template clone's TCG
+        # translates afresh for its first answer (and CPU on every wakeup of the loop).
+        self._more = select.poll()
+        self._more.register(fd, select.POLLIN)
 
     def start(self) -> None:
         self._protocol.connection_made(self)
@@ -279,6 +285,8 @@ class FdReader(asyncio.ReadTransport):
                     eof = True
                     break
                 size += n
+                if n < self.READ_SIZE and not self._more.poll(0):
+                    break  # drained (an end of file or an error shows in poll too: read on then)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
