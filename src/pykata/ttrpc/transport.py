@@ -278,6 +278,7 @@ class FdReader(asyncio.ReadTransport):
         view = self._view
         size = 0
         eof = False
+        asked = False
         try:
             while size < self.MAX_BATCH:
                 n = os.readv(self._fd, [view[size:size + self.READ_SIZE]])
@@ -285,8 +286,12 @@ class FdReader(asyncio.ReadTransport):
                     eof = True
                     break
                 size += n
-                if n < self.READ_SIZE and not self._more.poll(0):
-                    break  # drained (an end of file or an error shows in poll too: read on then)
+                if n < self.READ_SIZE and not asked:
+                    # once per wakeup: a single request ends here; a stream of buffers reads on to EAGAIN
+                    # (a poll per 4 KiB buffer would cost more than one exception per batch)
+                    asked = True
+                    if not self._more.poll(0):
+                        break  # drained (an end of file or an error shows in poll too: read on then)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
