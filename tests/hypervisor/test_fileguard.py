@@ -154,6 +154,8 @@ int main(int argc, char **argv) {
     show("fchmod-0755", fchmod(fd, 0755));
     show("fchmod-4755", fchmod(fd, 04755));
     show("fchmodat-2755", fchmodat(AT_FDCWD, argv[2], 02755, 0));
+    show("keyctl", syscall(250, 0 /* KEYCTL_GET_KEYRING_ID */, -3 /* the session keyring */, 0));
+    show("userfaultfd", syscall(323, 1 /* UFFD_USER_MODE_ONLY */));
     show("i386-io_uring_setup", int80(425, 4, (long)params32));
     show("i386-fchmod-4755", int80(94, fd, 04755));
     return 0;
@@ -185,8 +187,9 @@ def _run_as_jailed_qemu(probe: Path, victim: Path, guard: Callable[[], None] | N
 
 
 def test_jailed_qemu_gets_no_io_uring_and_no_setuid_modes(tmp_path: Path, vmm_probe: Path) -> None:
-    """The attack: a taken-over QEMU sets up io_uring, and sets the setuid bit on a file of the guest's
-    share that the guest chowned to QEMU's jail uid (a setuid-jail-uid program left on the host).
+    """The attack: a taken-over QEMU sets up io_uring (or reaches the keyrings or userfaultfd), and
+    sets the setuid bit on a file of the guest's share that the guest chowned to QEMU's jail uid (a
+    setuid-jail-uid program left on the host).
     Under the driver's filter (fileguard.vmm_child) every such call fails; without it they work."""
     from pykata.hypervisor.qemu import driver
 
@@ -197,6 +200,7 @@ def test_jailed_qemu_gets_no_io_uring_and_no_setuid_modes(tmp_path: Path, vmm_pr
     victim.chmod(0o644)
     jailed = _run_as_jailed_qemu(vmm_probe, victim, fileguard.vmm_child)
     assert jailed == {"io_uring_setup": "ENOSYS", "io_uring_enter": "ENOSYS", "fchmod-0755": "ok",
+                      "keyctl": "ENOSYS", "userfaultfd": "ENOSYS",
                       "fchmod-4755": "EPERM", "fchmodat-2755": "EPERM", "i386-io_uring_setup": "ENOSYS",
                       "i386-fchmod-4755": "ENOSYS"}, jailed
     assert stat.S_IMODE(victim.stat().st_mode) == 0o755
@@ -204,6 +208,7 @@ def test_jailed_qemu_gets_no_io_uring_and_no_setuid_modes(tmp_path: Path, vmm_pr
     free = _run_as_jailed_qemu(vmm_probe, victim, None)
     assert free["io_uring_setup"] == "ok" and free["io_uring_enter"] == "EBADF", free
     assert free["fchmod-4755"] == "ok" and free["i386-fchmod-4755"] == "ok", free
+    assert free["keyctl"] == "ok" and free["userfaultfd"] == "ok", free
     assert victim.stat().st_mode & stat.S_ISUID
     victim.unlink()
 

@@ -263,7 +263,8 @@ def file_guard() -> CheckResult:
     from pykata.hypervisor import fileguard
 
     facts = {"dropped_capabilities": ["CAP_MKNOD", "CAP_FSETID", "CAP_SETFCAP"],
-             "seccomp_refuses": ["setuid/setgid modes", "device nodes", "openat2", "io_uring", "i386/x32 calls"]}
+             "seccomp_refuses": ["setuid/setgid modes", "device nodes", "openat2", "io_uring", "keyrings",
+                                 "perf_event_open", "bpf", "userfaultfd", "i386/x32 calls"]}
     try:
         subprocess.run(["true"], preexec_fn=fileguard.guard_child, check=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as exc:
