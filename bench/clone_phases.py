@@ -19,7 +19,8 @@ Phases (ms, host clock):
   pages-ready  pages of the template's memory the clone wrote until ready (copy-on-write faults;
                pages-launch: before the load)
 
-    .venv/bin/python bench/clone_phases.py [-n 5] [--prestart] [--variant NAME=ENV=VALUE ...] [--json]
+    .venv/bin/python bench/clone_phases.py [-n 5] [--prestart] [--variant NAME=ENV=VALUE ...]
+        [--image NAME=ROOTFS.CPIO ...] [--json]
 """
 
 from __future__ import annotations
@@ -145,21 +146,33 @@ def variant_env(spec: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
+def _variant_name(image: str, env_name: str) -> str:
+    if not image:
+        return env_name
+    return image if env_name == "default" else f"{image}/{env_name}"
+
+
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     kernel, initrd = find_assets(args.kernel, args.initrd, True)
     assert initrd is not None
     workdir = Path(tempfile.mkdtemp(prefix="pkclone"))
     variants = [variant_env(v) for v in args.variant] or [("default", {})]
     try:
-        config = make_clone_config(workdir, 512, kernel, initrd, args.kernel_params)
-        await ensure_template(config)
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+        # --image NAME=CPIO: one template per guest image, its clones interleaved with the others'
+        images = [tuple(v.split("=", 1)) for v in args.image] or [("", str(initrd))]
+        configs: dict[str, Any] = {}
+        for j, (image, cpio) in enumerate(images):
+            (workdir / str(j)).mkdir()
+            configs[image] = make_clone_config(workdir / str(j), 512, kernel, Path(cpio), args.kernel_params)
+            await ensure_template(configs[image])
+        names = [(_variant_name(image, name), image, env) for image, _ in images for name, env in variants]
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in names}
         for i in range(args.n):
-            for name, env in variants:
+            for name, image, env in (names if i % 2 == 0 else names[::-1]):
                 saved = {k: os.environ.get(k) for k in env}
                 os.environ.update(env)
                 try:
-                    r = await one(i, config, args.prestart, args.probe_only)
+                    r = await one(i, configs[image], args.prestart, args.probe_only)
                 finally:
                     for k, v in saved.items():
                         if v is None:
@@ -188,6 +201,8 @@ def main() -> None:
                     help="NAME=ENV=VALUE[,ENV=VALUE]: environment for the clone's QEMU start (interleaved)")
     ap.add_argument("--kernel", help="vmlinux (default: the cached build, as pykata gives it to QEMU)")
     ap.add_argument("--initrd", help="the guest image's rootfs.cpio (default: the cached build of this tree)")
+    ap.add_argument("--image", action="append", default=[],
+                    help="NAME=ROOTFS.CPIO: A/B guest images, a template each, their clones interleaved (repeat)")
     ap.add_argument("--kernel-params", default="", help="appended to the guest kernel's command line")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
