@@ -828,7 +828,9 @@ class Sandbox:
         if self.cri_files is None:
             try:
                 tree = await asyncio.to_thread(crifiles.entries, sandbox_dir)
+                mark("cri_files.read")
                 await self.agent.sync_volume(volume, crifiles.TMPFS_BYTES, tree)
+                mark("cri_files.copied")
                 self.cri_files = {e.path for e in tree if e.path}
             except (crifiles.Unsuitable, AgentCallError) as e:
                 log.warning("sandbox %s: container %s: containerd's /etc files are shared from the host, not "
