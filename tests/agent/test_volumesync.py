@@ -162,6 +162,9 @@ def test_an_update_over_the_bound_is_all_or_nothing(tmp_path: Path) -> None:
 class FakeStorages:
     """A fake of the agent's Storages: the volume's tmpfs is a plain directory."""
 
+    def has_pod_volume(self, where: str) -> bool:
+        return Path(where).exists()
+
     def mount(self, storage: agent_pb2.Storage, owner: str) -> None:
         Path(storage.mount_point).mkdir(parents=True, exist_ok=True)
 
@@ -180,7 +183,8 @@ def test_a_sync_cancelled_mid_apply_finishes_before_the_next_one_applies(
     requests = []
     for version in (1, 2):
         host = tmp_path / f"host{version}"
-        write_volume(host, {"key": b"v%d" % version})
+        # over volumesync.INLINE_BYTES: applied in a worker thread
+        write_volume(host, {"key": b"v%d" % version, "big": b"x" * (volumesync.INLINE_BYTES + 1)})
         entries = watchable.scan(str(host), 64, 1 << 20)[0]
         requests.append(agent_pb2.SyncVolumeRequest(name="cfg", size=1 << 20, entries=entries))
     events: list[str] = []
@@ -188,24 +192,24 @@ def test_a_sync_cancelled_mid_apply_finishes_before_the_next_one_applies(
     real_apply = volumesync.apply
 
     def slow_first_apply(where: Path, tree: dict[str, agent_pb2.VolumeEntry],
-                         previous: dict[str, agent_pb2.VolumeEntry] | None = None) -> None:
+                         previous: dict[str, agent_pb2.VolumeEntry] | None = None, *, fresh: bool = False) -> None:
         n = sum(e.startswith("start") for e in events) + 1
         events.append(f"start{n}")
         if n == 1:
             first_started.set()
             release.wait(10)
-        real_apply(where, tree, previous)
+        real_apply(where, tree, previous, fresh=fresh)
         events.append(f"end{n}")
 
     monkeypatch.setattr(volumesync, "apply", slow_first_apply)
 
     async def main() -> None:
-        first = asyncio.create_task(svc.SyncVolume(requests[0], None))
+        first = asyncio.ensure_future(svc.SyncVolume(requests[0], None))  # type: ignore[arg-type]
         assert await asyncio.to_thread(first_started.wait, 10)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        second = asyncio.create_task(svc.SyncVolume(requests[1], None))
+        second = asyncio.ensure_future(svc.SyncVolume(requests[1], None))  # type: ignore[arg-type]
         await asyncio.sleep(0.3)
         assert events == ["start1"]  # the second waits for the first call's thread
         release.set()
@@ -214,3 +218,83 @@ def test_a_sync_cancelled_mid_apply_finishes_before_the_next_one_applies(
     asyncio.run(main())
     assert events == ["start1", "end1", "start2", "end2"]
     assert (svc.settings.pod_volume_dir / "cfg" / "key").read_bytes() == b"v2"
+
+
+def test_a_first_copy_into_a_fresh_volume_is_made_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume's first tree goes into the tmpfs its call just mounted, which nobody sees yet: each entry
+    is made at its name (no scan, no aside copy, no rename); a failure still leaves nothing."""
+    root = tmp_path / "vol"
+    root.mkdir()
+    renames: list[str] = []
+    real_rename = os.rename
+
+    def counting_rename(src: str, dst: str, **kw: int) -> None:
+        renames.append(src)
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "rename", counting_rename)
+    cri = volumesync.check_entries([_e("", D, perm=0o755), _e("hostname", F, b"pod\n"),
+                                    _e("hosts", F, b"127.0.0.1 localhost\n"), _e("d", D, perm=0o755),
+                                    _e("d/..data", L, b"x"), _e("d/k", L, b"..data/k")])
+    assert volumesync.apply(root, cri, fresh=True) == 5
+    assert renames == []
+    got = _tree(root)
+    assert {k: v[1] for k, v in got.items()} == {"hostname": b"pod\n", "hosts": b"127.0.0.1 localhost\n", "d": b"",
+                                                  "d/..data": b"x", "d/k": b"..data/k"}
+    assert stat.S_IMODE(got["hosts"][0]) == 0o644
+    # an update is still made aside and renamed into place
+    volumesync.apply(root, volumesync.check_entries([_e("", D, perm=0o755), _e("hostname", F, b"other\n")]), cri)
+    assert renames and (root / "hostname").read_bytes() == b"other\n" and not (root / "hosts").exists()
+    # a fresh copy that fails half way leaves the volume empty
+    again = tmp_path / "again"
+    again.mkdir()
+    monkeypatch.setattr(os, "symlink", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match=r"symlink 'd/\.\.data'"):
+        volumesync.apply(again, cri, fresh=True)
+    assert list(again.iterdir()) == []
+
+
+def test_a_small_tree_is_applied_in_the_call_and_never_overtakes_a_large_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SyncVolume applies a small tree (a CRI pod's /etc files) in the loop turn that read the call: it
+    answers at once, no worker thread. A large tree goes to a worker thread, and a small call of the
+    same volume that comes meanwhile waits behind it (the host's newer tree wins)."""
+    import asyncio
+
+    from google.protobuf.empty_pb2 import Empty
+
+    from pykata.agent.service import AgentService
+    from pykata.agent.settings import AgentSettings
+
+    svc = AgentService(AgentSettings(state_dir=tmp_path / "state", shared_dir=tmp_path / "shared"))
+    svc._storages = FakeStorages()  # type: ignore[assignment]
+
+    def request(name: str, **files: bytes) -> agent_pb2.SyncVolumeRequest:
+        return agent_pb2.SyncVolumeRequest(name=name, size=1 << 20, entries=[
+            _e("", D, perm=0o755), *(_e(k, F, v) for k, v in files.items())])
+
+    in_loop_thread: list[bool] = []  # per apply, in order
+    loop_thread = threading.get_ident()
+    real = volumesync.apply
+
+    def noting(*a: object, **kw: object) -> int:
+        in_loop_thread.append(threading.get_ident() == loop_thread)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(volumesync, "apply", noting)
+
+    async def main() -> None:
+        answer = svc.SyncVolume(request("cri-files", hosts=b"127.0.0.1 localhost\n"), None)
+        assert isinstance(answer, Empty) and in_loop_thread == [True]  # answered in this very call and thread
+        big = svc.SyncVolume(request("cfg", key=b"x" * (volumesync.INLINE_BYTES + 1)), None)
+        assert not isinstance(big, Empty)
+        small = svc.SyncVolume(request("cfg", key=b"small"), None)
+        assert not isinstance(small, Empty)  # behind the large one
+        await asyncio.wait_for(asyncio.gather(big, small), 10)  # type: ignore[arg-type]
+        assert in_loop_thread == [True, False, False]
+
+    asyncio.run(main())
+    vols = svc.settings.pod_volume_dir
+    assert (vols / "cri-files" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    assert (vols / "cfg" / "key").read_bytes() == b"small"
+    assert svc._volume_calls == {"cfg": 0}

@@ -56,7 +56,8 @@ LATE_MODULES = ("json", "shutil", "hashlib", "pykata.agent.storage", "pykata.age
 # server answers them in the loop turn that read them, with no task or timer (pykata.ttrpc.server). A
 # sandbox on a template's clone sends these two first, and under TCG every guest instruction a clone
 # runs is translated afresh: its first task and timer were ~1,000 translated blocks of ReseedRandomDev.
-IMMEDIATE_RPCS = frozenset({"ReseedRandomDev", "SetGuestDateTime"})
+# SyncVolume applies a small tree in the loop turn too (else it hands back an awaitable).
+IMMEDIATE_RPCS = frozenset({"ReseedRandomDev", "SetGuestDateTime", "SyncVolume"})
 
 
 class LateAgent:
@@ -123,7 +124,10 @@ class LateAgent:
 
             async def later(req: Any, ctx: Any) -> Any:
                 agent = await asyncio.shield(self.load())
-                return getattr(agent, name)(req, ctx)
+                result = getattr(agent, name)(req, ctx)
+                if getattr(result, "__await__", None) is not None:  # the handler's own awaitable
+                    result = await result
+                return result
 
             now.__name__ = name
             return now

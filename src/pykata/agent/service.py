@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from google.protobuf.empty_pb2 import Empty
@@ -98,10 +99,13 @@ class AgentService:
         self._containers: Containers | None = None
         self._sandbox: Sandbox | None = None
         self._storages: Storages | None = None
-        # Per volume: the asyncio lock orders the calls; the thread lock is held by the worker thread
-        # that mounts and applies, so a call cancelled mid-apply (its host session gone) cannot let a
-        # later call's tree be applied beside, or before, the tree its thread is still writing.
+        # Per volume: the asyncio lock orders the calls applied in worker threads, and their count (those
+        # waiting included) keeps a small tree's call from overtaking them in the loop's thread; the
+        # thread lock is held by whichever thread mounts and applies, so a call cancelled mid-apply (its
+        # host session gone) cannot let a later call's tree be applied beside, or before, the tree its
+        # thread is still writing.
         self._volume_locks: dict[str, asyncio.Lock] = {}
+        self._volume_calls: dict[str, int] = {}
         self._volume_thread_locks: dict[str, threading.Lock] = {}
         # the tree last applied to each copied volume (at most volumesync.MAX_BYTES of data each): what a
         # failed update is rolled back to
@@ -375,10 +379,15 @@ class AgentService:
             raise Internal(f"path: {req.path!r}: {exc.strerror or exc}") from None
         return Empty()
 
-    async def SyncVolume(self, req: agent_pb2.SyncVolumeRequest, ctx: Any) -> Empty:
+    def SyncVolume(self, req: agent_pb2.SyncVolumeRequest, ctx: Any) -> Empty | Awaitable[Empty]:
         """A pod volume copied in by the host (pykata.agent.volumesync): its tmpfs is mounted by the
         first call (a pod volume: it stays until DestroySandbox), and each call makes its tree the one
-        given. Calls for one volume take turns."""
+        given. Calls for one volume take turns.
+
+        A plain function (pykata.agent.main.IMMEDIATE_RPCS): a small tree (volumesync.small: a CRI
+        pod's /etc files, a small configmap) is applied here, in the loop turn that read the call, when
+        no earlier call of the volume is still at work; else this hands back the awaitable that applies
+        it in a worker thread after them."""
         self._make_dirs()
         if self._storages is None:
             raise Unavailable("the agent is starting")
@@ -391,23 +400,46 @@ class AgentService:
         storage = agent_pb2.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=str(where),
                                     options=["nosuid", "nodev", f"size={size >> 10}k", f"mode={top.mode & 0o777:o}",
                                              f"uid={top.uid}", f"gid={top.gid}"])
-        lock = self._volume_locks.setdefault(req.name, asyncio.Lock())
         thread_lock = self._volume_thread_locks.setdefault(req.name, threading.Lock())
         storages = self._storages
 
         def sync() -> None:
-            with thread_lock:
-                storages.mount(storage, "volume")
-                try:
-                    # all or nothing: a failed update leaves the last tree applied (volumesync.apply)
-                    volumesync.apply(where, tree, self._volume_trees.get(req.name))
-                except OSError as exc:
-                    raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}; the last update "
-                                   "applied is kept") from None
-                self._volume_trees[req.name] = tree
+            # with thread_lock held
+            previous = self._volume_trees.get(req.name)
+            # the volume's first tree, into the tmpfs mounted just now: made in place
+            fresh = previous is None and not storages.has_pod_volume(str(where))
+            storages.mount(storage, "volume")
+            try:
+                # all or nothing: a failed update leaves the last tree applied (volumesync.apply)
+                volumesync.apply(where, tree, previous, fresh=fresh)
+            except OSError as exc:
+                raise Internal(f"entries: volume {req.name}: {exc.strerror or exc}; the last update "
+                               "applied is kept") from None
+            self._volume_trees[req.name] = tree
 
-        async with lock:
-            await asyncio.to_thread(sync)
+        # a call waiting for its turn (or at work) keeps later ones behind it, in the order they came
+        if not self._volume_calls.get(req.name) and volumesync.small(tree) and thread_lock.acquire(blocking=False):
+            try:
+                sync()
+            finally:
+                thread_lock.release()
+            return Empty()
+        # counted from now until the task is done, however it ends (even cancelled before it began)
+        self._volume_calls[req.name] = self._volume_calls.get(req.name, 0) + 1
+        task = asyncio.ensure_future(self._sync_volume_later(req.name, thread_lock, sync))
+        task.add_done_callback(lambda _: self._volume_calls.__setitem__(req.name, self._volume_calls[req.name] - 1))
+        return task
+
+    async def _sync_volume_later(self, name: str, thread_lock: threading.Lock, sync: Callable[[], None]) -> Empty:
+        """SyncVolume's apply in a worker thread, after the volume's earlier calls. The thread holds
+        `thread_lock`, so a call cancelled mid-apply (its host session gone) cannot let a later call's
+        tree be applied beside, or before, the tree its thread is still writing."""
+        def locked() -> None:
+            with thread_lock:
+                sync()
+
+        async with self._volume_locks.setdefault(name, asyncio.Lock()):
+            await asyncio.to_thread(locked)
         return Empty()
 
     def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest, ctx: Any) -> agent_pb2.ReseedRandomDevResponse:

@@ -251,6 +251,11 @@ class Storages:
                 self.pod_volumes[where] = self._mount_at(storage, field, self.pod_volume_root, parts)
         return Mounted(where, mounted=False)
 
+    def has_pod_volume(self, where: str) -> bool:
+        """Whether the pod volume at `where` is mounted."""
+        with self._pod_volume_lock:
+            return where in self.pod_volumes
+
     def unmount_pod_volumes(self) -> list[str]:
         """Unmount the pod's volumes and the shared directory (DestroySandbox); returns error messages."""
         with self._pod_volume_lock:

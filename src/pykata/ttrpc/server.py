@@ -229,6 +229,7 @@ class _ServerProtocol(ConnectionProtocol):
             later = self.server._answer_now(self, ev, route, full)
             if later is None:
                 return
+            self.inflight_bytes[sid] = len(ev.payload)  # held by the awaitable the handler handed back
             task = asyncio.get_running_loop().create_task(later)
         else:
             self.inflight_bytes[sid] = len(ev.payload)
