@@ -1,5 +1,6 @@
 """Pruning old templates (`pykata factory init`, `pykata factory destroy --stale`): a template no process
 uses and no VM started from for a while is removed; one a running VM maps is never, however old.
+`pykata factory prune` removes, whatever their age, the templates no configuration given starts VMs from.
 
 Unit tests on template directories made by hand (a template's files, no VM), with `FakeClone`, a
 process that maps a template's memory file the way a clone's QEMU does; tests/factory/test_template.py
@@ -25,6 +26,7 @@ from pykata.config import Config, load_config
 from pykata.factory.template import (
     FORMAT,
     _file_id,
+    configured_template_keys,
     last_used,
     list_templates,
     load_template,
@@ -119,3 +121,53 @@ def test_old_unused_templates_go_and_used_recent_or_kept_ones_stay(setup: tuple[
 def test_a_template_path_that_does_not_exist_prunes_nothing(setup: tuple[Config, Path, Path]) -> None:
     config, root, _ = setup
     assert prune_unused_templates(config, 0) == [] and not root.exists()
+
+
+def test_factory_prune_removes_what_no_configuration_uses_but_never_a_used_or_configured_one(
+        setup: tuple[Config, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Templates an A/B checkout left (another guest image's), made minutes ago: `destroy --stale` keeps
+    them for --unused-for, and with --unused-for 0 it would take the configuration's own too. `prune`
+    takes exactly them: never the current configuration's, a --config file's, or one a VM maps."""
+    import asyncio
+
+    config, root, kernel = setup
+    other_file = tmp_path / "other.toml"  # a runtime class with its own configuration: another VM size
+    other_file.write_text(f'[factory]\ntemplate_path = "{root}"\n[hypervisor.qemu]\n'
+                          f'default_memory = {config.qemu.default_memory // 2}\n')
+    ours = asyncio.run(configured_template_keys(config))
+    from pykata.config.load import load_config_file
+
+    theirs = asyncio.run(configured_template_keys(load_config_file(other_file)))
+    assert len(ours) == 3 and len(theirs) == 3 and not ours & theirs
+    for name in (*ours, *theirs, "8dda7e0e80e3f9840093", "f7ce81d2f9d598183e9e", "mapped"):
+        _make(root, name, kernel, 0)
+    monkeypatch.setattr(factory_cli, "_config", lambda: config)
+    clone = FakeClone(root / "mapped" / "memory")
+    try:
+        stale = CliRunner().invoke(factory_cli.factory, ["destroy", "--stale", "--json"])
+        assert stale.exit_code == 0 and json.loads(stale.output)["removed"] == []  # all were used minutes ago
+        (root / ".tmp-aaaa-123456").mkdir()  # an unfinished make's leftovers (no make holds the lock)
+        dry = CliRunner().invoke(factory_cli.factory, ["prune", "--dry-run", "--config", str(other_file), "--json"])
+        assert dry.exit_code == 0, dry.output
+        gone = [".tmp-aaaa-123456", "8dda7e0e80e3f9840093", "f7ce81d2f9d598183e9e"]
+        assert json.loads(dry.output)["removed"] == gone and (root / gone[0]).is_dir()
+        status = CliRunner().invoke(factory_cli.factory, ["status", "--json"])
+        assert status.exit_code == 0, status.output
+        listed = {t["key"]: t for t in json.loads(status.output)["templates"]}
+        assert {k for k, t in listed.items() if t["configured"]} == ours
+        assert {k for k, t in listed.items() if t["in_use"]} == {"mapped"}
+        done = CliRunner().invoke(factory_cli.factory, ["prune", "--config", str(other_file), "--json"])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.output)["removed"] == gone
+        assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([*ours, *theirs, "mapped"])
+        # without the other configuration, its templates go too; the mapped one stays while mapped
+        alone = CliRunner().invoke(factory_cli.factory, ["prune"])
+        assert alone.exit_code == 0, alone.output
+        assert "removed 3 template(s)" in alone.output
+        assert {t.key for t in list_templates(config)} == {*ours, "mapped"}
+    finally:
+        clone.end()
+    assert CliRunner().invoke(factory_cli.factory, ["prune", "--json"]).exit_code == 0
+    assert {t.key for t in list_templates(config)} == ours
+    bad = CliRunner().invoke(factory_cli.factory, ["prune", "--config", str(tmp_path / "missing.toml")])
+    assert bad.exit_code != 0 and "--config" in bad.output and "Traceback" not in bad.output

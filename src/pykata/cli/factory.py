@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -76,21 +77,27 @@ def init(force: bool, as_json: bool, unused_for: float) -> None:
 @factory.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(as_json: bool) -> None:
-    """Show whether templating is on and which templates exist (the current one is marked)."""
-    from pykata.factory import find_template, list_templates
+    """Show whether templating is on and which templates exist: those the current configuration starts
+    VMs from are marked `*`, those a running VM uses `in use` (`pykata factory prune` removes the rest)."""
+    from pykata.factory import configured_template_keys, find_template, list_templates, templates_in_use
+    from pykata.factory.template import template_root
 
     config = _config()
     current, problem = None, None
+    configured: set[str] = set()
     try:
         current = _run(find_template(config))
+        configured = _run(configured_template_keys(config))
     except click.ClickException as exc:
         problem = exc.message
     templates = list_templates(config)
+    in_use = templates_in_use(template_root(config))
     if as_json:
         click.echo(json.dumps({
             "enable_template": config.factory.enable_template, "template_path": config.factory.template_path,
-            "current": current.key if current else None, "problem": problem,
-            "templates": [t.to_json() for t in templates]}, indent=1))
+            "current": current.key if current else None, "configured": sorted(configured), "problem": problem,
+            "templates": [{**t.to_json(), "configured": t.key in configured, "in_use": t.dir.name in in_use}
+                          for t in templates]}, indent=1))
         return
     click.echo(f"enable_template: {str(config.factory.enable_template).lower()}")
     click.echo(f"template_path:   {config.factory.template_path}")
@@ -100,11 +107,12 @@ def status(as_json: bool) -> None:
         click.echo(f"current:         {current.key if current else 'not made (pykata factory init)'}")
     for t in templates:
         info = t.to_json()
-        mark = "*" if current is not None and t.key == current.key else " "
-        click.echo(f"{mark} {t.key}  {info['memory_mib']} MiB x {info['vcpus']} vCPU, "
+        mark = "*" if t.key in configured else " "
+        click.echo(f"{mark} {t.key}  {info['memory_mib']} MiB x {info['vcpus']} vCPU, {info['nics']} NICs, "
                    f"{info['memory_on_disk_bytes'] / 2**20:.0f} MiB of RAM saved, state "
                    f"{info['state_bytes'] / 1024:.0f} KiB, made in {t.build_seconds:.1f}s, "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.created_at))}")
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.created_at))}"
+                   + (", in use" if t.dir.name in in_use else ""))
 
 
 @factory.command()
@@ -132,6 +140,42 @@ def destroy(keys: tuple[str, ...], all_: bool, stale: bool, as_json: bool, unuse
         click.echo(json.dumps({"removed": removed}))
     else:
         click.echo(f"removed {len(removed)} template(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+@factory.command()
+@click.option("--config", "configs", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              metavar="PATH", help="Keep this configuration file's templates too (a runtime class with a "
+              "configuration of its own); repeatable.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the removed and kept templates as JSON.")
+def prune(configs: tuple[Path, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove every template that neither the current configuration nor a --config file starts VMs from
+    (an older guest image's, another VM size's), however recently used; never one a running VM or a
+    waiting pool VM uses. `pykata factory status` marks which are whose."""
+    from pykata.config.load import load_config_file
+    from pykata.factory import configured_template_keys, list_templates, prune_other_templates
+
+    config = _config()
+    keep = set(_run(configured_template_keys(config)))
+    for path in configs:
+        try:
+            other = load_config_file(path.absolute(), field="--config")
+        except PykataError as exc:
+            raise click.ClickException(str(exc)) from None
+        if Path(other.factory.template_path) != Path(config.factory.template_path):
+            raise click.UsageError(f"--config {path}: its factory.template_path {other.factory.template_path} "
+                                   f"is not this configuration's ({config.factory.template_path})")
+        keep |= _run(configured_template_keys(other))
+    before = {t.dir.name for t in list_templates(config)}
+    removed = prune_other_templates(config, keep, dry_run=dry_run)
+    kept = sorted(before - set(removed))
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed, "kept": kept}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for name in removed:
+        click.echo(f"{verb} template {name}")
+    click.echo(f"{verb} {len(removed)} template(s), kept {len(kept)}" + (f": {', '.join(kept)}" if kept else ""))
 
 
 @factory.group()

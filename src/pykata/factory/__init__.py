@@ -8,22 +8,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pykata.factory.template import (
         Template,
+        configured_template_keys,
         destroy_templates,
         ensure_template,
         find_template,
         list_templates,
+        prune_other_templates,
         prune_templates,
         prune_unused_templates,
         sync_guest_clock,
         templated_config,
+        templates_in_use,
     )
     from pykata.factory.vm import choose_template, start_vm, template_nics
 
 # Loaded on first use (PEP 562): `shim start` reaches pykata.factory.pool without importing the
 # driver stack that templates need.
 _HOME = {name: "pykata.factory.template" for name in (
-    "Template", "destroy_templates", "ensure_template", "find_template", "list_templates", "prune_templates",
-    "prune_unused_templates", "sync_guest_clock", "templated_config")} | {
+    "Template", "configured_template_keys", "destroy_templates", "ensure_template", "find_template",
+    "list_templates", "prune_other_templates", "prune_templates", "prune_unused_templates", "sync_guest_clock",
+    "templated_config", "templates_in_use")} | {
     name: "pykata.factory.vm" for name in ("choose_template", "start_vm", "template_nics")}
 
 
@@ -38,14 +42,17 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Template",
     "choose_template",
+    "configured_template_keys",
     "destroy_templates",
     "ensure_template",
     "find_template",
     "list_templates",
+    "prune_other_templates",
     "prune_templates",
     "prune_unused_templates",
     "start_vm",
     "sync_guest_clock",
     "template_nics",
     "templated_config",
+    "templates_in_use",
 ]

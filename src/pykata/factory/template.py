@@ -572,6 +572,43 @@ def prune_unused_templates(config: Config, unused_for: float = UNUSED_SECONDS,
     return removed
 
 
+async def configured_template_keys(config: Config) -> set[str]:
+    """The keys of the templates VMs of `config` start from, made or not: without a NIC, with a NIC on a
+    tap, with a NIC on the user-mode network (what `pykata factory init` makes).
+
+    Raises:
+        HypervisorError: the guest assets cannot be resolved.
+    """
+    config = templated_config(config, quiet=True)
+    keys = set()
+    for nics, user_net in ((0, False), (1, False), (1, True)):
+        inputs, *_ = await template_inputs(config, nics, user_net=user_net)
+        keys.add(key_of(inputs))
+    return keys
+
+
+def prune_other_templates(config: Config, keep: Collection[str], *, dry_run: bool = False) -> list[str]:
+    """Remove every template under factory.template_path but those named in `keep` (the configurations'
+    own: configured_template_keys) and those a process uses now (templates_in_use: a running clone, a
+    pool's waiting VM), whatever their age, and what unfinished makes left; return the removed names
+    (`dry_run`: what would be removed, removing nothing). Waits for a template being made (flock), so a
+    template is never removed half made. Running VMs are not affected."""
+    root = template_root(config)
+    if not root.is_dir():
+        return []
+    removed = []
+    with file_lock(root / LOCK):
+        in_use = templates_in_use(root)
+        for entry in sorted(root.iterdir()):
+            if not entry.is_dir() or entry.name in keep or entry.name in in_use:
+                continue
+            if not dry_run:
+                log.info("factory: removing template %s: no configuration given uses it", entry.name)
+                shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
 def discard_template(template: Template, reason: str) -> None:
     """Remove a template that proved unusable (the next VM makes a new one). Never raises."""
     log.warning("factory: discarding template %s: %s", template.key, reason)
