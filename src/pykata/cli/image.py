@@ -121,17 +121,46 @@ def build(force: bool, as_json: bool, cache_dir: Path | None, jobs: int | None) 
         _print_human(data)
 
 
-def _template_files() -> list[Path]:
-    """The kernel/initrd/image files the configured templates were made from: a prune spares their builds
-    (a clone boots with its template's files). None when the configuration cannot be read."""
+def _config() -> Any:
+    """The configuration, None when it cannot be read."""
     from pykata.config.load import load_config
-    from pykata.factory.template import list_templates
 
     try:
-        templates = list_templates(load_config())
+        return load_config()
     except PykataError:
+        return None
+
+
+def _template_files(kernels: bool = False) -> list[Path]:
+    """The initrd/image files (`kernels`: the kernel files) the configured templates were made from: a
+    prune spares them (a clone boots with its template's files). None when the configuration cannot be
+    read."""
+    from pykata.factory.template import list_templates
+
+    config = _config()
+    if config is None:
         return []
-    return [p for t in templates for p in (t.initrd, t.image) if p is not None]
+    templates = list_templates(config)
+    return [p for t in templates for p in ((t.kernel,) if kernels else (t.initrd, t.image)) if p is not None]
+
+
+def _prune_kernel_copies(cache: Path) -> list[Path]:
+    """Remove the copies without symbols in <cache>/kernel-nosyms of configured kernels
+    (hypervisor.qemu.kernel) but the current kernel's, those templates were made from and those a
+    process uses (pykata.hypervisor.qemu.assets.prune_configured_copies). Nothing when the configuration
+    cannot be read."""
+    from pykata.hypervisor.qemu.assets import CONFIGURED_NOSYMS_DIR, configured_copy_path, prune_configured_copies
+
+    config = _config()
+    if config is None:
+        return []
+    copies = cache / CONFIGURED_NOSYMS_DIR
+    keep = _template_files(kernels=True)
+    if config.qemu.kernel:
+        current = configured_copy_path(Path(config.qemu.kernel), copies)
+        if current is not None:
+            keep.append(current)
+    return prune_configured_copies(copies, keep)
 
 
 @image.command("prune")
@@ -145,7 +174,9 @@ def _template_files() -> list[Path]:
 def prune(keep: int, max_size: str, cache_dir: Path | None, as_json: bool) -> None:
     """Remove old guest root filesystem builds from the cache (each agent change makes one of ~70 MB), whatever
     their age, beyond --keep and --max-size. Never the current build nor one in use (a running VM's, a
-    template's). `pykata image build` prunes too, sparing builds younger than 12 hours up to 32 builds / 3 GiB."""
+    template's). `pykata image build` prunes too, sparing builds younger than 12 hours up to 32 builds / 3 GiB.
+    Also removes the copies without symbols of configured kernels (<cache>/kernel-nosyms) but the current
+    kernel's and those a template or a running VM uses."""
     from pykata.guestimage.rootfs import builds_in_use, list_rootfs, prune_rootfs
     from pykata.sandbox.ocispec import parse_size
 
@@ -161,13 +192,16 @@ def prune(keep: int, max_size: str, cache_dir: Path | None, as_json: bool) -> No
     before = {a.key for a in list_rootfs(cache)}
     removed = prune_rootfs(cache, keep=keep, current=current, max_bytes=limit,
                            in_use=builds_in_use(cache, _template_files()))
+    copies = _prune_kernel_copies(cache)
     if as_json:
-        json.dump({"cache_dir": str(cache), "removed": removed, "kept": sorted(before - set(removed))},
-                  sys.stdout, indent=2)
+        json.dump({"cache_dir": str(cache), "removed": removed, "kept": sorted(before - set(removed)),
+                   "removed_kernel_copies": [str(p) for p in copies]}, sys.stdout, indent=2)
         click.echo()
         return
     for key in removed:
         click.echo(f"removed rootfs build {key}")
+    for path in copies:
+        click.echo(f"removed kernel copy {path}")
     click.echo(f"{len(removed)} removed, {len(before) - len(removed)} kept in {cache / 'rootfs'}")
 
 

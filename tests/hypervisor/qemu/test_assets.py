@@ -95,3 +95,66 @@ def test_a_configured_kernel_with_symbols_and_no_writable_cache_is_given_as_is(k
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert assets.configured_without_symbols(kernel_copy, blocker / "sub") == kernel_copy
+
+
+def test_image_prune_removes_the_copies_no_configured_kernel_template_or_vm_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pykata image prune` on a FAKE cache (files named as copies, not kernels): the copies of kernels
+    configured before (another path) go; the current kernel's copy, a template's and one a running QEMU
+    names stay, and so does a copy being made (its hidden temporary name)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from pykata.cli import image as image_cli
+    from pykata.factory.template import FORMAT, _file_id
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"configured kernel")
+    cache = tmp_path / "cache"
+    copies = cache / assets.CONFIGURED_NOSYMS_DIR
+    copies.mkdir(parents=True)
+    current = assets.configured_copy_path(kernel, copies)
+    assert current is not None
+    names = {"current": current.name, "old": "1111111111111111-2222222222222222.nosyms",
+             "template": "3333333333333333-4444444444444444.nosyms", "vm": "5555555555555555-6666666666666666.nosyms",
+             "making": ".7777777777777777-8888888888888888.nosyms.123-abcd", "other": "README"}
+    for name in names.values():
+        (copies / name).write_bytes(b"copy")
+    tpl = tmp_path / "tpl" / "t1"
+    tpl.mkdir(parents=True)
+    (tpl / "memory").write_bytes(b"\0" * 4096)
+    (tpl / "state").write_bytes(b"state")
+    (tpl / "template.json").write_text(json.dumps({
+        "format": FORMAT, "key": "t1", "inputs": {"kernel": _file_id(copies / names["template"])},
+        "kernel": str(copies / names["template"]), "initrd": None, "image": None, "created_at": time.time(),
+        "build_seconds": 1.0}))
+    base = load_config()
+    config = dataclasses.replace(
+        base, hypervisor=dataclasses.replace(base.hypervisor, qemu=dataclasses.replace(base.qemu, kernel=str(kernel))),
+        factory=dataclasses.replace(base.factory, template_path=str(tmp_path / "tpl")))
+    monkeypatch.setattr(image_cli, "_config", lambda: config)
+    # FAKE: a process naming a copy as QEMU's -kernel does
+    vm = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "-kernel", str(copies / names["vm"])],
+                          stdin=subprocess.PIPE)
+    try:
+        result = CliRunner().invoke(image_cli.image, ["prune", "--cache-dir", str(cache), "--json"])
+    finally:
+        assert vm.stdin is not None
+        vm.stdin.close()
+        vm.wait()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["removed_kernel_copies"] == [str(copies / names["old"])]
+    assert sorted(p.name for p in copies.iterdir()) == sorted(v for k, v in names.items() if k != "old")
+    # the VM gone and another kernel configured: the earlier kernel's copy goes too, the template's stays
+    other = tmp_path / "vmlinux-2"
+    other.write_bytes(b"another kernel")
+    config = dataclasses.replace(config, hypervisor=dataclasses.replace(
+        config.hypervisor, qemu=dataclasses.replace(config.qemu, kernel=str(other))))
+    result = CliRunner().invoke(image_cli.image, ["prune", "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert f"removed kernel copy {copies / names['current']}" in result.output
+    assert sorted(p.name for p in copies.iterdir()) == sorted([names["template"], names["making"], names["other"]])

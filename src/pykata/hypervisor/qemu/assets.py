@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -9,6 +10,7 @@ import secrets
 import shutil
 import struct
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
 
 from pykata.config.schema import Config
@@ -87,15 +89,12 @@ def configured_without_symbols(kernel: Path, cache_dir: Path) -> Path:
     replaced in place, even by an older file, gets a new copy; the copies of its earlier versions go.
     Never raises: when no copy can be made, `kernel` itself.
     """
-    try:
-        st = kernel.stat()
-    except OSError:
+    stripped = configured_copy_path(kernel, cache_dir)
+    if stripped is None:
         return kernel
-    by_path = hashlib.sha256(os.fsencode(kernel.absolute())).hexdigest()[:16]
-    version = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    stripped = cache_dir / f"{by_path}-{version}{NOSYMS_SUFFIX}"
     if stripped.is_file():
         return stripped
+    by_path = stripped.name.partition("-")[0]
     if not has_symbol_table(kernel):
         return kernel
     try:
@@ -109,6 +108,70 @@ def configured_without_symbols(kernel: Path, cache_dir: Path) -> Path:
             if old != stripped:
                 old.unlink(missing_ok=True)
     return made
+
+
+def configured_copy_path(kernel: Path, cache_dir: Path) -> Path | None:
+    """Where configured_without_symbols keeps `kernel`'s copy in `cache_dir`, made or not: named by a
+    hash of its path and one of its identity (device, inode, size, mtime). None when it cannot be
+    stat'ed. Never raises."""
+    try:
+        st = kernel.stat()
+    except OSError:
+        return None
+    by_path = hashlib.sha256(os.fsencode(kernel.absolute())).hexdigest()[:16]
+    version = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / f"{by_path}-{version}{NOSYMS_SUFFIX}"
+
+
+def prune_configured_copies(cache_dir: Path, keep: Collection[Path], dry_run: bool = False) -> list[Path]:
+    """Remove the copies without symbols in `cache_dir` (<cache_dir>/kernel-nosyms) but those in `keep`
+    (the configured kernel's current copy, the kernels templates were made from) and those a process
+    names on its command line or holds open (a QEMU's -kernel); return them (`dry_run`: what would go).
+    A copy being made (a hidden temporary name) is never touched. Never raises."""
+    try:
+        copies = sorted(p for p in cache_dir.iterdir() if p.name.endswith(NOSYMS_SUFFIX)
+                        and not p.name.startswith(".") and p.is_file())
+    except OSError:
+        return []
+    spared = {str(p) for p in keep} | {os.path.realpath(p) for p in keep}
+    candidates = [p for p in copies if str(p) not in spared and os.path.realpath(p) not in spared]
+    used = _named_by_processes({str(p) for p in candidates} | {os.path.realpath(p) for p in candidates})
+    removed = []
+    for p in candidates:
+        if str(p) in used or os.path.realpath(p) in used:
+            continue
+        if not dry_run:
+            try:
+                p.unlink()
+            except OSError as exc:
+                log.info("kernel copy %s: not removed: %s", p, exc)
+                continue
+        removed.append(p)
+    return removed
+
+
+def _named_by_processes(paths: set[str]) -> set[str]:
+    """Those of `paths` some process names on its command line (as an argument or a `file=`-style
+    value) or holds open. Reads /proc; a process it may not look at is skipped. Never raises."""
+    found: set[str] = set()
+    try:
+        pids = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                for part in os.fsdecode(arg).split(","):
+                    value = part.partition("=")[2] if "=" in part else part
+                    if value in paths:
+                        found.add(value)
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target in paths:
+                        found.add(target)
+    return found
 
 
 def has_symbol_table(path: Path) -> bool:
