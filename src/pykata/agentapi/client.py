@@ -80,8 +80,12 @@ class Agent:
         Each connection opens a host session with a hello (pykata.ttrpc.session): answers to the probes
         of a connection given up on may still be on their way, and the agent may never have seen that
         connection end; the hello makes the agent drop them and this side read only after its echo.
-        A probe that times out before the echo came sends a new hello on the same connection (the
-        last one may have been discarded by the guest closing its port as it came). A connection made
+        A probe that times out before the echo came sends a new hello on the same connection, a
+        fallback: today's agent loses no hello (it never closes its port, and believes an end of file
+        only once the port has had no host for a moment: FdReader's peer_present, which its serve loop
+        passes on since 8516746), but one from before that took the stale end of file that can follow
+        a new host's first bytes for the end of that host's session and dropped its hello with it
+        (a snapshot saved with an older guest still runs such an agent). A connection made
         after a silent one writes a flush before its hello: the silent one's hello may
         have gone into half a frame an earlier host left in the port (pykata.ttrpc.session).
         Each check goes with a Version request (no round trip of its own); the protocol version of the
