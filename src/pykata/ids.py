@@ -27,6 +27,42 @@ HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 HOSTNAME_RULE = "letters, digits, '.', '-'; at most 63, starting with a letter or digit"
 
 
+# A user or group id a container process may run as: runc's range (it refuses larger ones, "uids and gids
+# must be in range 0-2147483647"). 4294967295 above all must never reach setresuid/setresgid: it is
+# (uid_t)-1, "leave unchanged", so a process asked to run as it stays root. The host checks every id
+# where it arrives (spec process.user, -u, the SDK's user, additionalGids), the agent again.
+MAX_USER_ID = 2**31 - 1
+USER_ID_RULE = f"an integer in [0, {MAX_USER_ID}] (runc's range; 4294967295 is -1: setresuid would keep root)"
+
+
+def is_user_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USER_ID
+
+
+def check_user_id(field: str, value: object) -> int:
+    """`value` when it is a uid/gid a process may run as (USER_ID_RULE). Raises InvalidArgument naming
+    `field`."""
+    if not is_user_id(value):
+        raise InvalidArgument(field, f"{str(value)[:40]} is not {USER_ID_RULE}")
+    assert isinstance(value, int)
+    return value
+
+
+def check_process_user(user: object, field: str) -> None:
+    """Check the ids of an OCI process.user object (uid, gid, additionalGids). Raises InvalidArgument
+    naming the bad one (`field`.uid, `field`.additionalGids[2])."""
+    if not isinstance(user, dict):
+        raise InvalidArgument(field, "must be an object")
+    for key in ("uid", "gid"):
+        if key in user:
+            check_user_id(f"{field}.{key}", user[key])
+    gids = user.get("additionalGids") or []
+    if not isinstance(gids, list):
+        raise InvalidArgument(f"{field}.additionalGids", "must be a list")
+    for i, g in enumerate(gids):
+        check_user_id(f"{field}.additionalGids[{i}]", g)
+
+
 def is_valid_id(value: object) -> bool:
     """True when `value` is an id by the rule above (a str of 1..64 characters in containerd's grammar)."""
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and _ID_RE.match(value) is not None

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from pykata.agent import bundle
+from pykata.errors import InvalidArgument
 from pykata.protocols.agent import agent_pb2
 from pykata.ttrpc import Code, RpcError
 from tests.agent.conftest import AgentHelper
@@ -79,6 +81,11 @@ def _bad_specs(agent: AgentHelper, outside: Path) -> list[tuple[str, Any]]:
         ("process.env[0]", spec(process__env=["=value"])),
         ("process.cwd", spec(process__cwd="tmp")),
         ("process.user.uid", spec(process__user={"uid": -1, "gid": 0})),
+        # (uid_t)-1: setresuid(-1, -1, -1) is a no-op, the process would stay root; refused as runc does
+        ("process.user.uid", spec(process__user={"uid": 4294967295, "gid": 0})),
+        ("process.user.gid", spec(process__user={"uid": 0, "gid": 4294967295})),
+        ("process.user.additionalGids[1]", spec(process__user={"uid": 0, "gid": 0, "additionalGids": [0, 2**32 - 1]})),
+        ("process.user.uid", spec(process__user={"uid": 2**31, "gid": 0})),
         ("oci_spec_json", "x" * ((1 << 20) + 1)),
         ("oci_spec_json", "[]"),
         ("oci_spec_json", "{not json"),
@@ -218,3 +225,16 @@ async def test_copy_file_makes_directories_and_symlinks(agent: AgentHelper, tmp_
         assert not Path("/etc/pykata-dir").exists()
     finally:
         (shared / "tree/escape").unlink()
+
+
+@pytest.mark.parametrize(("user", "field"), [
+    (agent_pb2.User(uid=4294967295, gid=0), "process.user.uid"),
+    (agent_pb2.User(uid=1000, gid=4294967295), "process.user.gid"),
+    (agent_pb2.User(uid=1000, gid=1000, additional_gids=[1000, 4294967295]), "process.user.additionalGids[1]"),
+])
+def test_an_exec_as_uid_minus_one_is_refused(tmp_path: Path, user: agent_pb2.User, field: str) -> None:
+    """An exec's user (ExecProcess, the data disk's copies) checked as a container's: 4294967295 is
+    (uid_t)-1, which setresuid ignores, so the process would stay root in the guest."""
+    with pytest.raises(InvalidArgument) as info:
+        bundle.process_from_proto(agent_pb2.Process(args=["true"], user=user), {}, tmp_path)
+    assert info.value.field == field

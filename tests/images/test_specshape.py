@@ -26,6 +26,14 @@ BAD = [
     ({"linux": {"resources": 5}}, "config.json.linux.resources: must be an object"),
     ({"annotations": {"a": 1}}, "config.json.annotations: must be an object of strings"),
     ([], "config.json: must be a JSON object"),
+    # 4294967295 is (uid_t)-1: setresuid(-1, -1, -1) changes nothing and the process would stay root
+    ({"process": {"user": {"uid": 4294967295, "gid": 0}}}, "config.json.process.user.uid: 4294967295 is not an "
+     "integer in [0, 2147483647] (runc's range; 4294967295 is -1: setresuid would keep root)"),
+    ({"process": {"user": {"uid": 0, "gid": -1}}}, "config.json.process.user.gid: -1 is not an integer in "
+     "[0, 2147483647] (runc's range; 4294967295 is -1: setresuid would keep root)"),
+    ({"process": {"user": {"uid": 0, "additionalGids": [0, 4294967295]}}}, "config.json.process.user."
+     "additionalGids[1]: 4294967295 is not an integer in [0, 2147483647] (runc's range; 4294967295 is -1: "
+     "setresuid would keep root)"),
 ]
 
 

@@ -105,3 +105,14 @@ def test_entrypoint_and_command_make_the_argv_as_docker_does() -> None:
     assert process_args(("/ep",), ("cmd",), ("sh", "-c", "x"), "") == ["sh", "-c", "x"]  # "": no entrypoint
     with pytest.raises(SpecError, match=r"^--entrypoint: .*nothing to run"):
         process_args(("/ep",), ("cmd",), (), "")
+
+
+@pytest.mark.parametrize("text", ["4294967295", "4294967295:0", "0:4294967295", "2147483648", "-1", "huge"])
+def test_an_id_setresuid_would_ignore_is_refused(rootfs: Path, text: str) -> None:
+    """4294967295 is (uid_t)-1: setresuid(-1, -1, -1) changes nothing, so the process would stay root.
+    Refused, as everything over runc's 2147483647, naming the field, whether given or from the image."""
+    with pytest.raises(SpecError, match=r"^--user: "):
+        resolve_user(rootfs, text)
+    (rootfs / "etc/passwd").write_text("nobody4:x:4294967295:4294967295::/:/bin/sh\n")
+    with pytest.raises(SpecError, match=r"^the image's config.User: 'nobody4' gives uid 4294967295, which is not"):
+        resolve_user(rootfs, "nobody4", "the image's config.User")

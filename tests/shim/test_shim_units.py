@@ -245,7 +245,12 @@ def test_exec_spec_to_agent_process() -> None:
 
 
 @pytest.mark.parametrize(("spec", "field"), [({"args": []}, "spec.args"), ({"args": ["a"], "env": "x"}, "spec.env"),
-                                             ({"args": ["a"], "user": {"uid": "x"}}, "spec"), ("nope", "spec"),
+                                             ({"args": ["a"], "user": {"uid": "x"}}, "spec.user.uid"), ("nope", "spec"),
+                                             # (uid_t)-1: setresuid would leave the process root
+                                             ({"args": ["a"], "user": {"uid": 4294967295}}, "spec.user.uid"),
+                                             ({"args": ["a"], "user": {"uid": 5, "gid": 2**31}}, "spec.user.gid"),
+                                             ({"args": ["a"], "user": {"additionalGids": [1, 4294967295]}},
+                                              "spec.user.additionalGids[1]"),
                                              ({"args": ["a"], "selinuxLabel": "system_u:system_r:spc_t:s0"},
                                               "spec.selinuxLabel"),
                                              ({"args": ["a"], "apparmorProfile": "strict"}, "spec.apparmorProfile")])

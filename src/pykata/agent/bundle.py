@@ -42,6 +42,7 @@ from pykata.agent.validation import (
     open_dir_below,
 )
 from pykata.errors import InvalidArgument
+from pykata.ids import check_user_id
 from pykata.protocols.agent import agent_pb2
 
 Spec = dict[str, Any]
@@ -100,13 +101,14 @@ def check_process(proc: dict[str, Any], field: str) -> dict[str, Any]:
     user = proc.get("user", {})
     if not isinstance(user, dict):
         raise InvalidArgument(f"{field}.user", "must be an object")
-    user["uid"] = _uint(f"{field}.user.uid", user.get("uid", 0))
-    user["gid"] = _uint(f"{field}.user.gid", user.get("gid", 0))
+    # the last line: 4294967295 ((uid_t)-1) would make setresuid a no-op and leave the process root
+    user["uid"] = check_user_id(f"{field}.user.uid", user.get("uid", 0))
+    user["gid"] = check_user_id(f"{field}.user.gid", user.get("gid", 0))
     gids = user.get("additionalGids") or []
     if not isinstance(gids, list):
         raise InvalidArgument(f"{field}.user.additionalGids", "must be a list")
     check_count(f"{field}.user.additionalGids", gids, 256)
-    user["additionalGids"] = [_uint(f"{field}.user.additionalGids[{i}]", g) for i, g in enumerate(gids)]
+    user["additionalGids"] = [check_user_id(f"{field}.user.additionalGids[{i}]", g) for i, g in enumerate(gids)]
     if not user["additionalGids"]:
         del user["additionalGids"]
     if "umask" in user and user["umask"] is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pykata.errors import InvalidArgument
+from pykata.ids import check_process_user
 
 # The parts of an OCI spec the host itself reads (a bundle's config.json, containerd's): each must have
 # the type the runtime spec gives it before anything is taken from it. The agent checks the whole spec
@@ -34,6 +35,9 @@ def check_spec_shape(spec: object, where: str = "config.json") -> dict[str, Any]
     _check_shape(spec, _SPEC_SHAPE, where)
     for i, mount in enumerate(spec.get("mounts") or []):
         _check_shape(mount, _MOUNT_SHAPE, f"{where}.mounts[{i}]")
+    user = (spec.get("process") or {}).get("user")
+    if user is not None:  # a uid of 4294967295 would leave the container's process root (ids.MAX_USER_ID)
+        check_process_user(user, f"{where}.process.user")
     return spec
 
 

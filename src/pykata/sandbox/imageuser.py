@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 from typing import NamedTuple
 
+from pykata.ids import USER_ID_RULE, is_user_id
 from pykata.sandbox.ocispec import SpecError
 
 MAX_FILE = 1 << 20
@@ -30,6 +31,16 @@ class ExecUser(NamedTuple):
 
 
 def resolve_user(rootfs: Path | None, text: str, field: str = "--user") -> ExecUser:
+    """resolve_user_ids, each id then checked (ids.USER_ID_RULE: 4294967295 is (uid_t)-1, a no-op for
+    setresuid, so the process would stay root). Raises SpecError naming `field`."""
+    who = resolve_user_ids(rootfs, text, field)
+    for kind, value in (("uid", who.uid), ("gid", who.gid), *(("supplementary group", g) for g in who.groups)):
+        if not is_user_id(value):
+            raise SpecError(field, f"{text[:80]!r} gives {kind} {value}, which is not {USER_ID_RULE}")
+    return who
+
+
+def resolve_user_ids(rootfs: Path | None, text: str, field: str = "--user") -> ExecUser:
     """USER[:GROUP] -> ExecUser, each a number or a name looked up in the image at `rootfs` (None: an image
     pykata does not know, so numbers only), with docker's rules (runc's libcontainer user.GetExecUser,
     which `docker run -u` and `docker exec -u` use):

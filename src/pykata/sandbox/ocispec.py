@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import InvalidArgument, PykataError
+from pykata.ids import USER_ID_RULE, is_user_id
 from pykata.images.specshape import check_spec_shape
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
@@ -103,8 +104,8 @@ def parse_user(text: str, field: str = "--user") -> tuple[int, int]:
         g = int(gid) if gid else u
     except ValueError:
         raise SpecError(field, f"{text!r} is not UID[:GID] (numbers)") from None
-    if not (0 <= u < 2**32 and 0 <= g < 2**32):
-        raise SpecError(field, f"{text!r} is out of range")
+    if not (is_user_id(u) and is_user_id(g)):
+        raise SpecError(field, f"{text!r} is out of range: each must be {USER_ID_RULE}")
     return u, g
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pykata.errors import InvalidArgument, NotFound
+from pykata.ids import check_process_user
 from pykata.protocols import mount_pb2, task_types_pb2
 from pykata.protocols.agent import agent_pb2
 from pykata.resources.mounts import RootfsMount
@@ -171,8 +172,7 @@ def exec_process(spec: Any, *, terminal: bool, console_size: tuple[int, int] | N
     if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
         raise InvalidArgument("spec.env", "must be a list of strings")
     user = spec.get("user") or {}
-    if not isinstance(user, dict):
-        raise InvalidArgument("spec.user", "must be an object")
+    check_process_user(user, "spec.user")  # an object of ids in runc's range (never (uid_t)-1)
     check_security_labels(spec, field="spec")
     try:
         proc = agent_pb2.Process(
