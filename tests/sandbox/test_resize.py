@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,6 +66,41 @@ def test_punch_hole_filter_fakes_success_without_touching_the_file(tmp_path: Pat
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert f.read_bytes()[:65536] == b"T" * 65536 and f.stat().st_size == 131072
+
+
+# A QEMU taken over by its guest punching a hole into the template's memory file through i386's
+# `int $0x80` (fallocate is 324 there, not 285): the filter checked x86_64's numbers only and let it by.
+# i386 fallocate takes 6 arguments (offset and length as two 32-bit halves each), the sixth in ebp.
+I386_PUNCH_PROBE = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    long fd = open(argv[1], O_RDWR), len = 65536, zero = 0, r;
+    if (fd < 0) return 3;
+    __asm__ volatile("push %%rbp\n\tmov %[hi], %%rbp\n\tint $0x80\n\tpop %%rbp"
+                     : "=a"(r) : "a"(324L), "b"(fd), "c"(3L /* KEEP_SIZE|PUNCH_HOLE */), "d"(zero), "S"(zero),
+                       "D"(len), [hi] "r"(zero) : "memory");
+    printf("%ld\n", r);
+    return 0;
+}
+"""
+
+
+def test_punch_hole_filter_refuses_i386_calls(tmp_path: Path) -> None:
+    """The same hole punched with an i386 call: ENOSYS under the clone's filter, the data stays;
+    without the filter (the control: the probe is sound) the hole is punched."""
+    probe = tmp_path / "probe"
+    (tmp_path / "probe.c").write_text(I386_PUNCH_PROBE)
+    subprocess.run(["cc", "-O1", "-mno-red-zone", "-o", str(probe), str(tmp_path / "probe.c")], check=True,
+                   timeout=60)
+    f = tmp_path / "memory"
+    for guard, want, data in ((keep_template_intact, -errno.ENOSYS, b"T"), (None, 0, b"\0")):
+        f.write_bytes(b"T" * 65536)
+        out = subprocess.run([str(probe), str(f)], preexec_fn=guard, capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+        assert int(out) == want, (guard, out)
+        assert f.read_bytes() == data * 65536, guard
 
 
 async def test_memory_and_cpus_follow_resizes_in_a_template_clone() -> None:

@@ -102,6 +102,18 @@ _MKNOD = (133, 259)
 _Insn = tuple[int, str | int, str | int, int]
 
 
+NATIVE_ONLY_LEN = 4
+
+
+def native_only_head(to_refusal: int) -> list[tuple[int, int, int, int]]:
+    """The first NATIVE_ONLY_LEN instructions of a filter for an x86_64 program: a call of another
+    architecture (i386's `int $0x80`, whose numbers differ: a check of x86_64 numbers alone lets it
+    by) or of the x32 ABI jumps to the instruction `to_refusal` past the head (its refusal); a native
+    call goes on with its syscall number loaded. Shared by every filter pykata installs on a VMM."""
+    return [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, to_refusal + 2, AUDIT_ARCH_X86_64), (_LD_W_ABS, 0, 0, 0),
+            (_JSET_K, to_refusal, 0, X32_SYSCALL_BIT)]
+
+
 def _blocks() -> list[list[_Insn]]:
     blocks: list[list[_Insn]] = []
     for nr, (arg, bits) in _MODE_ARGS.items():
@@ -119,9 +131,9 @@ def _blocks() -> list[list[_Insn]]:
 
 def filter_program() -> bytes:
     """The BPF program (struct sock_filter[]) described in the module docstring."""
-    head: list[_Insn] = [(_LD_W_ABS, 0, 0, 4), (_JEQ_K, 0, "ENOSYS", AUDIT_ARCH_X86_64), (_LD_W_ABS, 0, 0, 0),
-                         (_JSET_K, "ENOSYS", 0, X32_SYSCALL_BIT)]
     blocks = _blocks()
+    # ENOSYS is the third return after the blocks
+    head: list[_Insn] = list(native_only_head(sum(map(len, blocks)) + 2))
     insns = head + [i for b in blocks for i in b]
     labels = {"ALLOW": len(insns), "EPERM": len(insns) + 1, "ENOSYS": len(insns) + 2}
     starts, at = [], len(head)

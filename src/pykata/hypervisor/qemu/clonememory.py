@@ -15,17 +15,24 @@ The filter fakes success for every fallocate(PUNCH_HOLE) of that QEMU, so a clon
 never rely on punching holes for correctness: pykata's block devices keep QEMU's default discard=ignore
 (guest discards and unmapping write-zeroes are never turned into PUNCH_HOLE). Other fallocate modes
 are untouched.
+
+A call of another architecture (i386's `int $0x80`, where fallocate is number 324) or of the x32 ABI
+fails with ENOSYS (the head the filters of fileguard use): checking x86_64's numbers alone would let an
+i386 fallocate(PUNCH_HOLE) through to the template's file when QEMU runs without fileguard's filter
+(hypervisor.qemu.jail_seccomp off).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
+from pykata.hypervisor.fileguard import NATIVE_ONLY_LEN, native_only_head
+
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
-AUDIT_ARCH_X86_64 = 0xC000003E
 NR_FALLOCATE = 285
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -34,22 +41,24 @@ _JEQ_K = 0x15
 _JSET_K = 0x45
 _RET_K = 0x06
 _RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
 # SECCOMP_RET_ERRNO with errno 0: the call is skipped and returns 0.
-_RET_SKIPPED = 0x00050000
+_RET_SKIPPED = _RET_ERRNO
 
 
 def filter_program() -> bytes:
-    """The BPF program: fallocate whose mode (argument 1) has FALLOC_FL_PUNCH_HOLE returns 0 unrun."""
+    """The BPF program: fallocate whose mode (argument 1) has FALLOC_FL_PUNCH_HOLE returns 0 unrun; a
+    call of another architecture fails with ENOSYS."""
     insns = [
-        (_LD_W_ABS, 0, 0, 4),                          # 0: arch
-        (_JEQ_K, 0, 4, AUDIT_ARCH_X86_64),             # 1: else ALLOW (6)
-        (_LD_W_ABS, 0, 0, 0),                          # 2: syscall number
-        (_JEQ_K, 0, 2, NR_FALLOCATE),                  # 3: else ALLOW (6)
-        (_LD_W_ABS, 0, 0, 16 + 8 * 1),                 # 4: low word of argument 1 (mode)
-        (_JSET_K, 1, 0, FALLOC_FL_PUNCH_HOLE),         # 5: PUNCH_HOLE -> SKIPPED (7)
-        (_RET_K, 0, 0, _RET_ALLOW),                    # 6
-        (_RET_K, 0, 0, _RET_SKIPPED),                  # 7
+        *native_only_head(5),                          # 0-3: another arch or x32 -> ENOSYS (9)
+        (_JEQ_K, 0, 2, NR_FALLOCATE),                  # 4: else ALLOW (7)
+        (_LD_W_ABS, 0, 0, 16 + 8 * 1),                 # 5: low word of argument 1 (mode)
+        (_JSET_K, 1, 0, FALLOC_FL_PUNCH_HOLE),         # 6: PUNCH_HOLE -> SKIPPED (8)
+        (_RET_K, 0, 0, _RET_ALLOW),                    # 7
+        (_RET_K, 0, 0, _RET_SKIPPED),                  # 8
+        (_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS),     # 9
     ]
+    assert len(insns) == NATIVE_ONLY_LEN + 6
     return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
 
 
