@@ -222,6 +222,32 @@ def _mine() -> list[str]:
     return out
 
 
+def test_the_images_user_unless_one_is_given_as_docker(tmp_path: Path) -> None:
+    """A sandbox runs as its image's USER (names from the image's /etc/passwd and /etc/group, the
+    resolver of `pykata run`), its container's init too, as docker and containerd would; it ran as
+    root. `user=` overrides it as docker's -u (a name or numbers), for the sandbox or one command."""
+    import tarfile
+
+    from pykata.images import ImageStore
+    from tests.security.imagekit import oci_image
+
+    busybox = ImageStore(tmp_path / "cache").resolve("busybox").rootfs
+    with tarfile.open(tmp_path / "layer.tar", "w") as t:
+        t.add(busybox, arcname=".")
+    layout, _ = oci_image(tmp_path / "image", [(tmp_path / "layer.tar").read_bytes()], config={
+        "Cmd": ["sh"], "User": "nobody", "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
+    init_uid = "awk '/^Uid/ {print $2}' /proc/1/status"
+    with pykata.Sandbox(image=str(layout)) as sb:
+        assert sb.run("id").stdout == b"uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)\n"
+        assert sb.run(init_uid).stdout == b"65534\n"
+        assert sb.run("id", user="root").stdout == b"uid=0(root) gid=0(root) groups=0(root)\n"
+        assert sb.run("id", user=(4242, 7)).stdout == b"uid=4242 gid=7 groups=7\n"
+        sb.files.write("/tmp/made", "x")  # files are written as the sandbox's user too
+        assert (sb.files.stat("/tmp/made").uid, sb.files.stat("/tmp/made").gid) == (65534, 65534)
+    with pykata.Sandbox(image=str(layout), user="root") as sb:
+        assert sb.run(f"id -u; {init_uid}").stdout == b"0\n0\n"
+
+
 def test_unknown_image_raises_before_any_vm() -> None:
     with pytest.raises(pykata.PykataError, match="unknown image"), pykata.Sandbox(image="nope"):
         pass
@@ -229,7 +255,10 @@ def test_unknown_image_raises_before_any_vm() -> None:
 
 async def test_bad_arguments_name_their_field_before_any_vm() -> None:
     """Each was found only by the guest once a VM had booted (or taken: a timeout of -1 ran the command)."""
-    for field, kwargs in (("name", {"name": "a/b"}), ("name", {"name": "x" * 64}), ("cwd", {"cwd": "work"})):
+    # a user id setresuid ignores ((uid_t)-1: the process would stay root) or any out of runc's range
+    for field, kwargs in (("name", {"name": "a/b"}), ("name", {"name": "x" * 64}), ("cwd", {"cwd": "work"}),
+                          ("user", {"user": 4294967295}), ("user", {"user": (0, 4294967295)}),
+                          ("user", {"user": "4294967295:0"}), ("user", {"user": "0:"})):
         with pytest.raises(SpecError, match=rf"^{field}: "):
             pykata.AsyncSandbox(**kwargs)  # type: ignore[arg-type]
     sb = pykata.AsyncSandbox()  # not started: each is refused before anything would be sent
@@ -241,7 +270,9 @@ async def test_bad_arguments_name_their_field_before_any_vm() -> None:
         await sb.spawn("true", cwd="relative")
     # the SDK's own parameter names, not the CLI's --user/--volume, nor a TypeError
     with pytest.raises(SpecError, match=r"^user: "):
-        await sb.run("true", user="nobody")
+        await sb.run("true", user="nobody:")
+    with pytest.raises(SpecError, match=r"^user: 4294967295 is not an integer in \[0, 2147483647\]"):
+        await sb.run("true", user=4294967295)
     with pytest.raises(SpecError, match=r"^cmd: int is not a command"):
         await sb.run(123)  # type: ignore[arg-type]
     with pytest.raises(SpecError, match=r"^volumes\[1\]: 'bad' is not HOST:GUEST"):

@@ -34,7 +34,7 @@ from pykata.images import ImageStore
 from pykata.network import EgressPolicy
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, SpecError, Volume, build_spec
-from pykata.sandbox.imageuser import ExecUser, resolve_user
+from pykata.sandbox.imageuser import ExecUser, container_user, resolve_user
 from pykata.sandbox.lookup import (
     Found,
     NotFoundError,
@@ -200,8 +200,7 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
                 raise SpecError("--name", f"the name {name!r} is in use by {rec.id[:12]}")
     image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(image_ref)
     # -u, else the image's USER (docker's order), names looked up in the image's /etc/passwd and group
-    user_text, user_field = (user, "--user") if user else (image.config.user, "the image's config.User")
-    who = resolve_user(image.rootfs, user_text, user_field) if user_text else _root_user(image.rootfs)
+    who = container_user(image.rootfs, user, image.config.user)
     args = process_args(image.config.entrypoint, image.config.cmd, command, entrypoint)
     if image.bundle_spec is not None:
         given = args if entrypoint is not None else list(command)
@@ -395,14 +394,6 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
     except PykataError as e:
         _fail(str(e), failure_status(e, 126))
     sys.exit(status)
-
-
-def _root_user(rootfs: Path) -> ExecUser:
-    """Neither -u nor a USER: root, with the groups the image's /etc/group gives it, as docker's (user "")."""
-    try:
-        return resolve_user(rootfs, "0")
-    except SpecError:  # an /etc/passwd or /etc/group docker would read as empty
-        return ExecUser(0, 0, (0,))
 
 
 def _container_user(found: Found) -> ExecUser:

@@ -29,6 +29,45 @@ class ExecUser(NamedTuple):
     gid: int
     groups: tuple[int, ...] = ()
 
+    def to_list(self) -> list[int]:
+        """[uid, gid, groups...], as a record keeps it (ContainerRecord.user, the SDK's saved state)."""
+        return [self.uid, self.gid, *self.groups]
+
+    @classmethod
+    def from_list(cls, value: object) -> ExecUser | None:
+        """The user of a to_list() read back (a file: untrusted in shape); None when it is not one."""
+        if not (isinstance(value, (list, tuple)) and 2 <= len(value) <= 2 + MAX_GROUPS
+                and all(is_user_id(v) for v in value)):
+            return None
+        return cls(value[0], value[1], tuple(value[2:]))
+
+
+def container_user(rootfs: Path | None, given: str | None, image_user: str, field: str = "--user") -> ExecUser:
+    """Who a container's process runs as, in docker's order (moby's getUser): the user `given` (-u, the
+    SDK's user), else the image's USER, else root with the groups the image's /etc/group gives root;
+    names looked up in the image at `rootfs` (resolve_user). `pykata run` and the SDK both decide it
+    here. Raises SpecError naming `field` (for `given`) or the image's config.User."""
+    if given:
+        return resolve_user(rootfs, given, field)
+    if image_user:
+        return resolve_user(rootfs, image_user, "the image's config.User")
+    try:
+        return resolve_user(rootfs, "0")
+    except SpecError:  # an /etc/passwd or /etc/group docker would read as empty
+        return ExecUser(0, 0, (0,))
+
+
+def check_user_text(text: str, field: str = "--user") -> str:
+    """`text` when it can be a USER[:GROUP] (names, or numbers in ids.USER_ID_RULE's range), checked
+    before any image is known. Raises SpecError naming `field`."""
+    user, sep, group = text.partition(":")
+    if not user or (sep and not group) or "\0" in text:
+        raise SpecError(field, f"{text[:80]!r} is not USER[:GROUP] (names or numbers)")
+    for part in (user, group):
+        if part.isascii() and part.isdigit() and not is_user_id(int(part)):
+            raise SpecError(field, f"{text[:80]!r}: {part[:20]} is not {USER_ID_RULE}")
+    return text
+
 
 def resolve_user(rootfs: Path | None, text: str, field: str = "--user") -> ExecUser:
     """resolve_user_ids, each id then checked (ids.USER_ID_RULE: 4294967295 is (uid_t)-1, a no-op for

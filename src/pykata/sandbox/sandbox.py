@@ -166,14 +166,14 @@ class Container:
 
     async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
                    gid: int = 0, terminal: bool = False, exec_id: str | None = None, stdin: bytes = b"",
-                   close_stdin: bool = False) -> Process:
+                   close_stdin: bool = False, groups: Sequence[int] = ()) -> Process:
         """Start another process in the container, with `stdin` written to it (and then closed with
-        `close_stdin`). Raises AgentError."""
+        `close_stdin`; `groups`: the user's supplementary groups). Raises AgentError."""
         if exec_id is None:
             self._exec_seq += 1
             exec_id = new_exec_id(self._exec_seq)
         return await start_exec(self.sandbox.agent, self.id, exec_id, exec_spec(
-            args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal), stdin, close_stdin)
+            args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal, groups=groups), stdin, close_stdin)
 
     async def exec_process(self, exec_id: str, process: agent_pb2.Process) -> Process:
         """Start `process` (a whole OCI process, as the shim gets it) as `exec_id`. Raises AgentError."""

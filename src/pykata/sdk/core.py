@@ -23,13 +23,14 @@ from typing import Any, Literal
 
 from pykata.config import Config, load_config, with_shared_fs
 from pykata.errors import AgentError, HypervisorError, InvalidArgument, PykataError
-from pykata.ids import HOSTNAME_RULE, is_hostname
+from pykata.ids import HOSTNAME_RULE, USER_ID_RULE, is_hostname, is_user_id
 from pykata.images import ImageStore
 from pykata.network import EgressPolicy
 from pykata.resources import sizing
 from pykata.sandbox import Process, Sandbox, Volume, build_spec, lookup
 from pykata.sandbox.datadisk import DiskSession
-from pykata.sandbox.ocispec import SpecError, check_cwd, parse_user
+from pykata.sandbox.imageuser import ExecUser, check_user_text, container_user, resolve_user
+from pykata.sandbox.ocispec import SpecError, check_cwd
 from pykata.sandbox.process import exec_spec
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.snapshot import warm_up as snapshot_warm_up
@@ -137,12 +138,21 @@ def _env_list(env: Env | None) -> list[str]:
     return items
 
 
-def _user(user: User | None) -> tuple[int, int] | None:
+def _user_text(user: User | None) -> str | None:
+    """The SDK's `user` as docker's -u text (USER[:GROUP]: names or numbers), checked as far as it can
+    be before the image is known. Raises SpecError naming `user`."""
     if user is None:
         return None
-    if isinstance(user, tuple):
-        return parse_user(f"{user[0]}:{user[1]}", "user")
-    return parse_user(str(user), "user")
+    parts = user if isinstance(user, tuple) else (user,)
+    if isinstance(user, tuple) and len(user) != 2:
+        raise SpecError("user", f"{user!r}: give (uid, gid)")
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (int, str)):
+            raise SpecError("user", f"{type(part).__name__} is not a user: give a uid, a name, \"USER:GROUP\" "
+                                    "or (uid, gid)")
+        if isinstance(part, int) and not is_user_id(part):
+            raise SpecError("user", f"{part} is not {USER_ID_RULE}")
+    return check_user_text(":".join(str(p) for p in parts), "user")
 
 
 class AsyncSandbox:
@@ -182,7 +192,11 @@ class AsyncSandbox:
         self.snapshots = snapshots
         self.files = AsyncFiles(self)
         self._extra_env = _env_list(env)
-        self._user = _user(user)
+        self._user_arg = _user_text(user)
+        # who commands run as: the `user` given, else the image's USER, else root (resolved at start, in
+        # the image, as `pykata run -u` and docker's -u are)
+        self._user: ExecUser | None = None
+        self._rootfs: Path | None = None  # the image's root (names of a command's `user` are looked up there)
         self._cwd_arg = check_cwd(cwd)
         self._timeout = timeout
         self._env: list[str] = []
@@ -234,7 +248,10 @@ class AsyncSandbox:
         vols = [Volume.parse(v, f"volumes[{i}]") for i, v in enumerate(self.volumes)]
         self._env = [*image.config.env, *self._extra_env]
         self._cwd = self._cwd_arg or image.config.working_dir or "/"
-        spec = build_spec(self.idle_command, env=self._env, cwd=self._cwd)
+        self._rootfs = image.rootfs
+        self._user = container_user(image.rootfs, self._user_arg, image.config.user, "user")
+        spec = build_spec(self.idle_command, env=self._env, cwd=self._cwd, user=(self._user.uid, self._user.gid),
+                          groups=self._user.groups)
         config, vcpus, memory_mib = sizing.fit(config, sizing.vm_size(
             self.cpus, self.memory_mib, vcpus_source="cpus", memory_source="memory_mib"))
         if self.snapshots and vols:
@@ -265,7 +282,12 @@ class AsyncSandbox:
                 mark("sdk.container.started")
             await self._container.init.close_stdin()
             if self.egress is not None and self.egress.dns:
-                await self.files.write("/etc/resolv.conf", "".join(f"nameserver {r}\n" for r in self.egress.dns))
+                # written as root whatever the image's USER (docker writes a container's resolv.conf itself)
+                who, self._user = self._user, ExecUser(0, 0, (0,))
+                try:
+                    await self.files.write("/etc/resolv.conf", "".join(f"nameserver {r}\n" for r in self.egress.dns))
+                finally:
+                    self._user = who
             self._write_sdk_state()
         except BaseException:
             await self._destroy("start failed")
@@ -278,7 +300,7 @@ class AsyncSandbox:
     def _write_sdk_state(self) -> None:
         assert self._sandbox is not None
         (self._sandbox.dir / SDK_STATE).write_text(json.dumps(
-            {"env": self._env, "cwd": self._cwd, "user": list(self._user) if self._user else None}))
+            {"env": self._env, "cwd": self._cwd, "user": self._user.to_list() if self._user else None}))
 
     async def snapshot(self, path: str | os.PathLike[str], *, close: bool = False) -> Path:
         """Save the sandbox to the new directory `path` (its memory, processes and files; see
@@ -513,7 +535,7 @@ class AsyncSandbox:
         fits, else an exec that carries the input (one round trip for a short one)."""
         envs = [*self._env, *_env_list(env)]
         check_cwd(cwd)
-        uid, gid = _user(user) or self._user or (0, 0)
+        who = self._resolve_user(user)
         raw: Process | None = None
         if self._prepared is not None and env is None and cwd in (None, self._cwd) and user is None \
                 and not terminal:
@@ -535,9 +557,18 @@ class AsyncSandbox:
                 return raw
         async with self._guard():
             started: Process = await self._container.exec(
-                argv, env=envs, cwd=cwd or self._cwd, uid=uid, gid=gid, terminal=terminal, stdin=stdin or b"",
-                close_stdin=stdin is not None)
+                argv, env=envs, cwd=cwd or self._cwd, uid=who.uid, gid=who.gid, groups=who.groups,
+                terminal=terminal, stdin=stdin or b"", close_stdin=stdin is not None)
         return started
+
+    def _resolve_user(self, user: User | None) -> ExecUser:
+        """A command's `user` (looked up in the image as docker exec's -u; a connected sandbox whose
+        image this host no longer has takes numbers only), else the sandbox's. Raises SpecError naming
+        `user`."""
+        text = _user_text(user)
+        if text is None:
+            return self._user or ExecUser(0, 0)
+        return resolve_user(self._rootfs, text, "user")
 
     def disk_session(self) -> contextlib.AbstractAsyncContextManager[DiskSession] | None:
         """The data disk for one file transfer, copied as the sandbox's default user from its cwd; None
@@ -547,8 +578,9 @@ class AsyncSandbox:
             return None
         if not sb.agent.supports(5):  # an older guest image: no copies through the disk (streamed)
             return None
-        uid, gid = self._user or (0, 0)
-        return sb.data_disk(self._cid, exec_spec(["true"], env=self._env, cwd=self._cwd, uid=uid, gid=gid))
+        who = self._user or ExecUser(0, 0)
+        return sb.data_disk(self._cid, exec_spec(["true"], env=self._env, cwd=self._cwd, uid=who.uid, gid=who.gid,
+                                                 groups=who.groups))
 
     async def prepare_command(self) -> None:
         """Start now, with the sandbox's default env, cwd and user, the process the next `run` or `spawn`
@@ -558,10 +590,10 @@ class AsyncSandbox:
         Idempotent. Raises SandboxGoneError, AgentError."""
         if self._prepared is not None:
             return
-        uid, gid = self._user or (0, 0)
+        who = self._user or ExecUser(0, 0)
         async with self._guard():
             self._prepared = await self._container.exec(list(PREPARED_COMMAND), env=self._env, cwd=self._cwd,
-                                                        uid=uid, gid=gid)
+                                                        uid=who.uid, gid=who.gid, groups=who.groups)
 
     async def _take_prepared(self, argv: Sequence[str], stdin: bytes = b"") -> Process | None:
         """The prepared shell, told to run `argv` (with `stdin` after the line: the command's input);
@@ -711,6 +743,9 @@ class AsyncSandbox:
         sb._env = saved.get("env", [])
         sb._cwd = saved.get("cwd", "/")
         sb._user = saved.get("user")
+        if sb.image_ref:  # names of a command's `user` are looked up in the image, if this host still has it
+            with contextlib.suppress(PykataError):
+                sb._rootfs = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(sb.image_ref).rootfs
         sb._attached = await AttachedSandbox.attach(found)
         # the container's id is the sandbox's, except in a restored snapshot (the saved sandbox's)
         cid = next(iter(found.record.containers), found.record.id)
@@ -772,9 +807,10 @@ class _AttachedContainer:
         self._id = container_id
 
     async def exec(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", uid: int = 0,
-                   gid: int = 0, terminal: bool = False, stdin: bytes = b"", close_stdin: bool = False) -> Process:
+                   gid: int = 0, terminal: bool = False, stdin: bytes = b"", close_stdin: bool = False,
+                   groups: Sequence[int] = ()) -> Process:
         return await self._attached.exec(self._id, args, env=env, cwd=cwd, uid=uid, gid=gid, terminal=terminal,
-                                         stdin=stdin, close_stdin=close_stdin)
+                                         stdin=stdin, close_stdin=close_stdin, groups=groups)
 
 
 def _load_sdk_state(path: Path) -> dict[str, Any]:
@@ -791,8 +827,8 @@ def _load_sdk_state(path: Path) -> dict[str, Any]:
             out["env"] = env
         if isinstance(cwd, str) and cwd.startswith("/"):
             out["cwd"] = cwd
-        if isinstance(user, list) and len(user) == 2 and all(isinstance(u, int) for u in user):
-            out["user"] = (user[0], user[1])
+        if (who := ExecUser.from_list(user)) is not None:
+            out["user"] = who
     return out
 
 

@@ -20,7 +20,9 @@ from typing import Any
 from pykata.config import Config
 from pykata.errors import PykataError
 from pykata.ids import is_valid_id
+from pykata.images import ImageStore
 from pykata.sandbox import Process
+from pykata.sandbox.imageuser import ExecUser
 from pykata.sandbox.snapshot import SnapshotError, save
 from pykata.sandbox.snapshot import restore as restore_sandbox
 from pykata.sdk.errors import SandboxGoneError
@@ -45,7 +47,7 @@ async def snapshot(sb: Any, path: Path, *, close: bool) -> Path:
             await sb.prepare_command()
     prepared = sb._prepared
     extra = {"sdk": {"image": sb.image_ref, "env": sb._env, "cwd": sb._cwd, "container": sb._cid,
-                     "user": list(sb._user) if sb._user else None,
+                     "user": sb._user.to_list() if sb._user else None,
                      "prepared": {"exec_id": prepared.exec_id, "pid": prepared.pid} if prepared else None}}
     try:
         async with inner.data_disk_lock:  # no file behind the data disk while the VM is saved
@@ -66,9 +68,8 @@ def _sdk_extra(manifest: dict[str, Any]) -> dict[str, Any]:
         raise SnapshotError("extra.sdk.env", "expected a list of KEY=VALUE strings")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise SnapshotError("extra.sdk.cwd", "expected an absolute path")
-    if user is not None and not (isinstance(user, list) and len(user) == 2
-                                 and all(isinstance(u, int) and 0 <= u < 1 << 32 for u in user)):
-        raise SnapshotError("extra.sdk.user", "expected [uid, gid]")
+    if user is not None and ExecUser.from_list(user) is None:
+        raise SnapshotError("extra.sdk.user", "expected [uid, gid, supplementary groups...] (ids in runc's range)")
     if not isinstance(image, str):
         raise SnapshotError("extra.sdk.image", "expected a string")
     ids = [c["id"] for c in manifest["containers"]]
@@ -78,7 +79,7 @@ def _sdk_extra(manifest: dict[str, Any]) -> dict[str, Any]:
     if prepared is not None and not (isinstance(prepared, dict) and is_valid_id(prepared.get("exec_id"))
                                      and isinstance(prepared.get("pid"), int) and 0 < prepared["pid"] < 1 << 22):
         raise SnapshotError("extra.sdk.prepared", "expected {exec_id, pid}")
-    return {"env": env, "cwd": cwd, "user": tuple(user) if user else None, "image": image,
+    return {"env": env, "cwd": cwd, "user": ExecUser.from_list(user) if user else None, "image": image,
             "container": sdk["container"], "prepared": prepared}
 
 
@@ -97,6 +98,9 @@ async def restore(cls: Any, path: Path, *, config: Config | None, timeout: float
         sb._env = seen["env"]
         sb._cwd = seen["cwd"]
         sb._user = seen["user"]
+        with contextlib.suppress(PykataError):  # names of a command's `user` are looked up in the image
+            store = ImageStore(Path(inner.config.runtime.cache_dir), inner.config.image)
+            sb._rootfs = store.resolve(sb.image_ref).rootfs
         sb._cid = seen["container"]
         sb._container = inner.containers[sb._cid]
         if seen["prepared"] is not None:  # a waiting shell the guest was saved with (see snapshot())
