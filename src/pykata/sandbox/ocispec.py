@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import InvalidArgument, PykataError
-from pykata.ids import USER_ID_RULE, is_user_id
 from pykata.images.specshape import check_spec_shape
 
 # Guest path where the sandbox's shared directory is mounted (the host's <sandbox>/shared).
@@ -94,19 +93,6 @@ def parse_size(text: str, field: str = "--memory") -> int:
     if value < 4 << 20:
         raise SpecError(field, f"{text!r} is below the 4 MiB minimum")
     return value
-
-
-def parse_user(text: str, field: str = "--user") -> tuple[int, int]:
-    """UID[:GID] -> (uid, gid). Raises SpecError naming `field`."""
-    uid, _, gid = text.partition(":")
-    try:
-        u = int(uid)
-        g = int(gid) if gid else u
-    except ValueError:
-        raise SpecError(field, f"{text!r} is not UID[:GID] (numbers)") from None
-    if not (is_user_id(u) and is_user_id(g)):
-        raise SpecError(field, f"{text!r} is out of range: each must be {USER_ID_RULE}")
-    return u, g
 
 
 def _user(user: tuple[int, int], groups: Sequence[int]) -> dict[str, Any]:
