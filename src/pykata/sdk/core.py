@@ -159,7 +159,9 @@ class AsyncSandbox:
     """One VM sandbox for asyncio code. Use `async with`, or `await start()` / `await close()`.
 
     `timeout`: seconds after start when the sandbox is destroyed (None: until closed); `set_timeout`
-    moves the deadline. `env`, `cwd`, `user` are the defaults of every command.
+    moves the deadline. `env`, `cwd`, `user` are the defaults of every command; without `user`, commands
+    (and the container's init) run as the image's USER, as docker's (a name, "USER:GROUP", a uid or
+    (uid, gid), looked up in the image as docker's -u).
     """
 
     def __init__(self, image: str = "busybox", *, cpus: int | None = None, memory_mib: int | None = None,
