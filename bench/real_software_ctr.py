@@ -17,6 +17,21 @@ tracebacks) for a look at the causes.
 
 A module `name:Part1,Part2` runs only the tests whose id has a component starting with a part
 (tests/cli/data/pytests.py).
+
+--suite apps runs real programs instead, on a rootfs with their Debian packages too (APP_PACKAGES; cached
+like the first): bench/data/real_software/*.sh, each a series of checks printed as RESULT lines
+  sqlite_cli  the sqlite3 CLI: WAL (its -shm MAP_SHARED, locks) with two writer processes and a reader,
+              integrity_check, checkpoint, .backup, .dump round trip, VACUUM; a rollback journal the same
+  postgres    PostgreSQL 15: initdb -k, start (Unix socket in /var/run/postgresql), pgbench -i and a short
+              run with fsync on, stop, pg_checksums, restart, pg_amcheck, crash (immediate stop), recovery
+  git_tar     git init/commit/renames, local and --no-local clone, gc, fsck, repack, verify-pack,
+              worktree; tar --xattrs and cp -a of a tree with hard links, user.* xattrs, a sparse file, a
+              FIFO; cp --sparse=always and du (INFO lines: du figures)
+  sqlite_probe  the python3 sqlite3 module: WAL with two processes (also in the default suite)
+The run ends with a table: software, place, each runtime's checks (ok/failed), and pykata's wall time over
+runc's.
+
+    .venv/bin/python bench/real_software_ctr.py --suite apps [--where root,emptydir,hostpath] --out DIR
 """
 
 from __future__ import annotations
@@ -42,6 +57,9 @@ from tests.cri.harness import admin_config
 from tests.shim.harness import PYKATA_RUNTIME, RUNC_RUNTIME, Containerd
 
 IMAGE = "pykata.local/debian-pytests:latest"
+SUITE_DIR = Path(__file__).resolve().parent / "data/real_software"
+APP_PACKAGES = "sqlite3,postgresql-15,postgresql-contrib,git,attr,procps"
+APPS = ("sqlite_cli", "postgres", "git_tar", "sqlite_probe")
 RUNTIMES = {"runc": RUNC_RUNTIME, "pykata": PYKATA_RUNTIME}
 # The issue's modules: file-system and process semantics, and statistics as a CPU-only control. test_io and
 # test_socket are cut to their file and AF_UNIX parts (the image has no network; runc's has lo down).
@@ -126,7 +144,8 @@ def build_archive(rootfs: Path, work: Path) -> Path:
     driver = work / "driver.tar"
     with tarfile.open(driver, "w") as t:
         for name, data in (("pytests.py", DRIVER.read_bytes()), ("sqlite_probe.py", SQLITE_PROBE.encode()),
-                           ("statfs_probe.py", STATFS_PROBE.encode())):
+                           ("statfs_probe.py", STATFS_PROBE.encode()),
+                           *((f"suites/{f.name}", f.read_bytes()) for f in sorted(SUITE_DIR.glob("*.sh")))):
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             t.addfile(info, io.BytesIO(data))
@@ -170,8 +189,12 @@ def run_one(ctd: Containerd, runtime: str, where: str, module: str, kubelet: Pat
         args += ["--mount", f"type=bind,src={vol},dst=/scratch,options=rbind:rw"]
         cwd = "/scratch"
     args += ["--cwd", cwd, "--env", f"TMPDIR={cwd}", *(x for e in ENV for x in ("--env", e)), IMAGE, cid]
-    probe = f"/{module}.py" if module in ("sqlite_probe", "statfs_probe") else None
-    args += ["python3", probe] if probe else ["python3", "/pytests.py", module]
+    if module in ("sqlite_probe", "statfs_probe"):
+        args += ["python3", f"/{module}.py"]
+    elif (SUITE_DIR / f"{module}.sh").exists():
+        args += ["bash", f"/suites/{module}.sh"]
+    else:
+        args += ["python3", "/pytests.py", module]
     start = time.monotonic()
     try:
         p: subprocess.CompletedProcess[bytes] | None = ctd.ctr(*args, check=False, timeout=timeout)
@@ -185,17 +208,21 @@ def run_one(ctd: Containerd, runtime: str, where: str, module: str, kubelet: Pat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--where", default="root,emptydir,hostpath")
-    ap.add_argument("--modules", default=";".join((*MODULES, "sqlite_probe")),
-                    help="';'-separated (a module's parts are ','-separated)")
+    ap.add_argument("--suite", choices=("cpython", "apps"), default="cpython",
+                    help="CPython's regression tests (default), or real programs (sqlite3, PostgreSQL, git, tar)")
+    ap.add_argument("--modules", default=None,
+                    help="';'-separated (a module's parts are ','-separated); default: the suite's")
     ap.add_argument("--runtimes", default="runc,pykata")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    modules = args.modules.split(";")
+    default = (*MODULES, "sqlite_probe") if args.suite == "cpython" else APPS
+    modules = args.modules.split(";") if args.modules else list(default)
     out = args.out
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    rootfs = debian_rootfs()
+    rootfs = debian_rootfs(APP_PACKAGES if args.suite == "apps" else "")
+    table: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rsw-ctr-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         kubelet = work / "kubelet"
@@ -212,10 +239,12 @@ def main() -> None:
             for module in modules:
                 for where in args.where.split(","):
                     seen: dict[str, dict[str, str]] = {}
+                    walls: dict[str, float] = {}
                     line = f"{module[:40]:40} {where:9}"
                     for runtime in args.runtimes.split(","):
                         p, wall = run_one(ctd, runtime, where, module, kubelet, hostdir, args.timeout)
                         load = Path("/proc/loadavg").read_text().split()[0]
+                        walls[runtime] = wall
                         if p is None:
                             line += f" | {runtime} TIMEOUT {wall:.0f}s"
                             continue
@@ -232,6 +261,7 @@ def main() -> None:
                                  f" load={load}")
                         if module == "statfs_probe":
                             line += "\n" + "".join(f"    {runtime}: {x}\n" for x in stdout.splitlines()[:-1])
+                        line += "".join(f"\n    {runtime}: {x}" for x in stdout.splitlines() if x.startswith("INFO"))
                     if len(seen) == 2:
                         a, b = seen.values()
                         diff = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
@@ -239,8 +269,28 @@ def main() -> None:
                         for t in diff:
                             line += f"\n    {t}: " + " / ".join(f"{r} {s.get(t)}" for r, s in seen.items())
                     print(line, flush=True)
+                    table.append(_table_row(module, where, seen, walls, load))
         finally:
             ctd.stop()
+    print("\n| software | place | " + " | ".join(args.runtimes.split(",")) + " | wall ratio | load |")
+    print("|---|---|" + "---|" * len(args.runtimes.split(",")) + "---|---|")
+    print("\n".join(table))
+
+
+def _table_row(module: str, where: str, seen: dict[str, dict[str, str]], walls: dict[str, float],
+               load: str) -> str:
+    cells = []
+    for runtime, wall in walls.items():
+        res = seen.get(runtime)
+        if res is None:
+            cells.append(f"timeout ({wall:.0f} s)")
+            continue
+        failed = sorted(t for t, o in res.items() if o in ("fail", "error"))
+        ok = sum(o == "ok" for o in res.values())
+        cells.append(f"{ok} ok" + (f", {len(failed)} failed: {' '.join(failed)[:200]}" if failed else "")
+                     + f" ({wall:.1f} s)")
+    ratio = f"{walls['pykata'] / walls['runc']:.1f}x" if {"runc", "pykata"} <= walls.keys() else "-"
+    return f"| {module.partition(':')[0]} | {where} | " + " | ".join(cells) + f" | {ratio} | {load} |"
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 # real-software differential test (tests/cli/test_real_software.py) and bench/real_software.py, and prints
 # its path. Cached under /var/cache/pykata/debian/<key>/rootfs, keyed by suite, variant, package list and
 # mirror; a second run with nothing changed prints the path at once. Needs root and Debian's mirror.
-#   usage: bash scripts/debian-rootfs.sh        (progress on stderr, the rootfs path on stdout)
+#   usage: bash scripts/debian-rootfs.sh [EXTRA,PACKAGES]   (progress on stderr, the rootfs path on stdout)
+# EXTRA,PACKAGES (comma-separated Debian package names) are installed too, in a rootfs cached under its own
+# key (bench/real_software_ctr.py --suite: sqlite3, postgresql-15, git, ...).
 set -euo pipefail
 
 SUITE=bookworm
 VARIANT=minbase
-PACKAGES=python3,libpython3.11-testsuite
+PACKAGES=python3,libpython3.11-testsuite${1:+,$1}
+case $PACKAGES in *[!a-z0-9.+,-]*) echo "debian-rootfs: bad package list: $PACKAGES" >&2; exit 2;; esac
 MIRROR=${PYKATA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${PYKATA_CACHE:-/var/cache/pykata}/debian
 

@@ -41,10 +41,11 @@ RESULT = re.compile(r"RESULT (ok|fail|error|skip|xfail|xpass) (\S+)$")
 MODULE = re.compile(r"^MODULE (\S+) ([0-9.]+)$")
 
 
-def debian_rootfs() -> Path:
-    """The cached Debian rootfs, built now if missing; pytest.fail with the builder's reason otherwise."""
-    p = subprocess.run(["bash", str(REPO / "scripts/debian-rootfs.sh")], capture_output=True, text=True,
-                       timeout=1800)
+def debian_rootfs(extra: str = "") -> Path:
+    """The cached Debian rootfs (with the comma-separated `extra` packages too), built now if missing;
+    pytest.fail with the builder's reason otherwise."""
+    p = subprocess.run(["bash", str(REPO / "scripts/debian-rootfs.sh"), *([extra] if extra else [])],
+                       capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         pytest.fail(f"cannot build the Debian rootfs (scripts/debian-rootfs.sh):\n{p.stderr[-3000:]}")
     return Path(p.stdout.strip().splitlines()[-1])

@@ -218,6 +218,15 @@ static void misc(void) {
     report("fallocate-keep-size", fallocate(fd, FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20) == 0 && fstat(fd, &st) == 0
            && st.st_size == 1 << 20, "keep size");
     close(fd);
+    /* posix_fallocate (PostgreSQL 16's relation extension, rsync --preallocate, SQLite's chunk size): where
+       fallocate() says EOPNOTSUPP, glibc writes a zero byte per block the range has no data in */
+    fd = open("palloc", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char pbuf[4] = {0};
+    errno = posix_fallocate(fd, 0, 1 << 20);
+    report("posix-fallocate", errno == 0 && pwrite(fd, "abc", 3, 0) == 3 &&
+           (errno = posix_fallocate(fd, 0, 2 << 20)) == 0 && fstat(fd, &st) == 0 && st.st_size == 2 << 20 &&
+           pread(fd, pbuf, 3, 0) == 3 && strcmp(pbuf, "abc") == 0, "posix_fallocate");
+    close(fd);
     fd = open("sparse", O_RDWR | O_CREAT | O_TRUNC, 0644);
     report("sparse", pwrite(fd, "x", 1, 3LL << 30) == 1 && fstat(fd, &st) == 0 && st.st_blocks < 1024, "pwrite");
     printf("sparse-seek: data %lld hole %lld\n", (long long)lseek(fd, 0, SEEK_DATA), (long long)lseek(fd, 0, SEEK_HOLE));
