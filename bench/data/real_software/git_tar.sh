@@ -24,7 +24,7 @@ check git.gc git -C repo gc -q --prune=now
 check git.packed sh -c "test -z \"\$(find repo/.git/objects -type f -path '*/objects/??/*')\""
 check git.fsck_packed git -C repo fsck --full --strict
 check git.repack git -C repo repack -adfq
-check git.verify_pack sh -c "git -C repo verify-pack repo/.git/objects/pack/*.idx"
+check git.verify_pack sh -c "cd repo && git verify-pack .git/objects/pack/*.idx"
 check git.log_after_repack test "$(git -C repo log --format=%H | wc -l)" = 2
 check git.status_clean test -z "$(git -C clone1 status --porcelain)"
 check git.worktree git -C repo worktree add -q ../wt1 HEAD~1

@@ -13,24 +13,24 @@ echo "fsync = on" >> "$PGDATA/postgresql.conf"
 start() { as_pg $BIN/pg_ctl -D "$PGDATA" -l "$PGDATA/log" -w -t 300 -o "-k /var/run/postgresql -c listen_addresses=''" start; }
 check postgres.start start
 check postgres.unix_socket test -S /var/run/postgresql/.s.PGSQL.5432
-check postgres.fsync_on test "$(as_pg psql -Atc 'show fsync')" = on
-check postgres.checksums_on test "$(as_pg psql -Atc 'show data_checksums')" = on
+check postgres.fsync_on test "$(as_pg $BIN/psql -Atc 'show fsync')" = on
+check postgres.checksums_on test "$(as_pg $BIN/psql -Atc 'show data_checksums')" = on
 check postgres.pgbench_init as_pg $BIN/pgbench -i -s 1 postgres
 check postgres.pgbench_run sh -c "runuser -u postgres -- env PGHOST=/var/run/postgresql $BIN/pgbench -c 2 -j 2 -t 100 postgres \
     | tee /dev/stderr | grep -q 'number of transactions actually processed: 200/200'"
-sum() { as_pg psql -Atc 'select count(*), sum(abalance), (select sum(delta) from pgbench_history) from pgbench_accounts'; }
+sum() { as_pg $BIN/psql -Atc 'select count(*), sum(abalance), (select sum(delta) from pgbench_history) from pgbench_accounts'; }
 before=$(sum)
 info "postgres sums after pgbench: $before"
 check postgres.stop as_pg $BIN/pg_ctl -D "$PGDATA" -w -t 300 -m fast stop
 check postgres.pg_checksums as_pg $BIN/pg_checksums --check -D "$PGDATA"
 check postgres.restart start
 check postgres.data_after_restart test "$(sum)" = "$before"
-check postgres.amcheck sh -c "runuser -u postgres -- env PGHOST=/var/run/postgresql psql -qc 'create extension amcheck' \
+check postgres.amcheck sh -c "runuser -u postgres -- env PGHOST=/var/run/postgresql $BIN/psql -qc 'create extension amcheck' \
     && runuser -u postgres -- env PGHOST=/var/run/postgresql $BIN/pg_amcheck --heapallindexed --rootdescend postgres"
-as_pg psql -qc 'insert into pgbench_history (tid, bid, aid, delta, mtime) values (1, 1, 1, 7, now())'
+as_pg $BIN/psql -qc 'insert into pgbench_history (tid, bid, aid, delta, mtime) values (1, 1, 1, 7, now())'
 check postgres.crash_stop as_pg $BIN/pg_ctl -D "$PGDATA" -w -t 300 -m immediate stop
 check postgres.recovery_start start
-check postgres.committed_after_crash test "$(as_pg psql -Atc 'select count(*) from pgbench_history where delta = 7 and tid = 1')" -ge 1
+check postgres.committed_after_crash test "$(as_pg $BIN/psql -Atc 'select count(*) from pgbench_history where delta = 7 and tid = 1')" -ge 1
 check postgres.final_stop as_pg $BIN/pg_ctl -D "$PGDATA" -w -t 300 -m fast stop
 check postgres.pg_checksums_after_crash as_pg $BIN/pg_checksums --check -D "$PGDATA"
 finish postgres

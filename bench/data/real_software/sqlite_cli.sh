@@ -29,7 +29,8 @@ for mode in wal delete; do
     check sqlite_cli.$mode.count test "$(sqlite3 "$db" 'select count(*), count(distinct who) from t')" = "$((2 * N))|2"
     check sqlite_cli.$mode.integrity test "$(sqlite3 "$db" 'pragma integrity_check')" = ok
     if [ $mode = wal ]; then
-        check sqlite_cli.wal.shm_exists_while_open sh -c "sqlite3 '$db' 'select 1; .shell test -s $db-shm'"
+        check sqlite_cli.wal.shm_while_open sh -c "printf 'select count(*) > 0 from t;\\n.shell test -s $db-shm && echo SHM\\n' \
+            | sqlite3 '$db' | grep -q SHM"
         check sqlite_cli.wal.checkpoint sh -c "sqlite3 '$db' 'pragma wal_checkpoint(truncate)' | grep -q '^0|0|0$'"
     fi
     check sqlite_cli.$mode.backup sh -c "sqlite3 '$db' '.backup $db.bak' && \
