@@ -240,6 +240,7 @@ def main() -> None:
                 for where in args.where.split(","):
                     seen: dict[str, dict[str, str]] = {}
                     walls: dict[str, float] = {}
+                    notes: list[str] = []
                     line = f"{module[:40]:40} {where:9}"
                     for runtime in args.runtimes.split(","):
                         p, wall = run_one(ctd, runtime, where, module, kubelet, hostdir, args.timeout)
@@ -261,14 +262,14 @@ def main() -> None:
                                  f" load={load}")
                         if module == "statfs_probe":
                             line += "\n" + "".join(f"    {runtime}: {x}\n" for x in stdout.splitlines()[:-1])
-                        line += "".join(f"\n    {runtime}: {x}" for x in stdout.splitlines() if x.startswith("INFO"))
+                        notes += [f"    {runtime}: {x}" for x in stdout.splitlines() if x.startswith("INFO")]
                     if len(seen) == 2:
                         a, b = seen.values()
                         diff = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
                         line += f" | differ={len(diff)}"
                         for t in diff:
                             line += f"\n    {t}: " + " / ".join(f"{r} {s.get(t)}" for r, s in seen.items())
-                    print(line, flush=True)
+                    print("\n".join((line, *notes)), flush=True)
                     table.append(_table_row(module, where, seen, walls, load))
         finally:
             ctd.stop()

@@ -11,6 +11,10 @@ rm -rf "$PGDATA"; mkdir "$PGDATA"; chown postgres:postgres "$PGDATA"
 check postgres.initdb as_pg $BIN/initdb -k -A trust -U postgres -D "$PGDATA"
 echo "fsync = on" >> "$PGDATA/postgresql.conf"
 start() { as_pg $BIN/pg_ctl -D "$PGDATA" -l "$PGDATA/log" -w -t 300 -o "-k /var/run/postgresql -c listen_addresses=''" start; }
+# pg_test_fsync: every wal_sync_method works here ("n/a*" means O_DIRECT was refused)
+check postgres.pg_test_fsync sh -c "$BIN/pg_test_fsync -s 1 -f '$PWD/fsync.test' > '$PWD/fsync.out' \
+    && ! grep -q 'n/a\*' '$PWD/fsync.out'"
+grep -E '^ +(open_datasync|fdatasync|fsync|open_sync) ' "$PWD/fsync.out" | head -4 | while read -r l; do info "pg_test_fsync $l"; done
 check postgres.start start
 check postgres.unix_socket test -S /var/run/postgresql/.s.PGSQL.5432
 check postgres.fsync_on test "$(as_pg $BIN/psql -Atc 'show fsync')" = on
