@@ -230,6 +230,10 @@ static void misc(void) {
     fd = open("sparse", O_RDWR | O_CREAT | O_TRUNC, 0644);
     report("sparse", pwrite(fd, "x", 1, 3LL << 30) == 1 && fstat(fd, &st) == 0 && st.st_blocks < 1024, "pwrite");
     printf("sparse-seek: data %lld hole %lld\n", (long long)lseek(fd, 0, SEEK_DATA), (long long)lseek(fd, 0, SEEK_HOLE));
+    /* st_blksize, the preferred I/O size: cp and tar write a hole only for a zero run that fills whole
+       blocks of it, and stdio sizes its buffers by it */
+    if (fstat(fd, &st) == 0 && st.st_blksize == sysconf(_SC_PAGESIZE)) printf("st-blksize: page\n");
+    else printf("st-blksize: %ld\n", (long)st.st_blksize);
     close(fd);
     fd = open("open-unlinked", O_RDWR | O_CREAT | O_TRUNC, 0644);
     char buf[4] = {0};
