@@ -149,6 +149,32 @@ static void xattrs(void) {
     close(fd);
 }
 
+/* POSIX ACLs as setfacl writes them (tar --acls, cp -a, rsync -A): an access ACL with a named user, and a
+   directory's default ACL, which a file made in it inherits (with the mode the mask allows) */
+static void acl_entry(char *at, unsigned short tag, unsigned short perm, unsigned id) {
+    memcpy(at, &tag, 2); memcpy(at + 2, &perm, 2); memcpy(at + 4, &id, 4);
+}
+
+static void acls(void) {
+    char acl[4 + 5 * 8], buf[64];
+    unsigned version = 2, perms[5] = {6, 4, 4, 4, 4};
+    unsigned short tags[5] = {1, 2, 4, 0x10, 0x20};
+    memcpy(acl, &version, 4);
+    for (int i = 0; i < 5; i++) acl_entry(acl + 4 + 8 * i, tags[i], perms[i], tags[i] == 2 ? 1000 : 0xFFFFFFFFu);
+    close(open("acl", O_WRONLY | O_CREAT, 0644));
+    if (setxattr("acl", "system.posix_acl_access", acl, sizeof acl, 0)) report("acl-access", 0, "setxattr");
+    else report("acl-access", getxattr("acl", "system.posix_acl_access", buf, sizeof buf) == sizeof acl &&
+                memcmp(buf, acl, sizeof acl) == 0, "getxattr");
+    mkdir("acldir", 0755);
+    acl_entry(acl + 4 + 8 * 4, 0x20, 0, 0xFFFFFFFFu);
+    if (setxattr("acldir", "system.posix_acl_default", acl, sizeof acl, 0)) return report("acl-default", 0, "setxattr");
+    int fd = open("acldir/new", O_WRONLY | O_CREAT, 0666);
+    struct stat st;
+    report("acl-default", fd >= 0 && fstat(fd, &st) == 0 && (st.st_mode & 0777) == 0640 &&
+           getxattr("acldir/new", "system.posix_acl_access", buf, sizeof buf) == sizeof acl, "inherited");
+    close(fd);
+}
+
 static void locks(void) {
     int a = open("locked", O_RDWR | O_CREAT, 0644), b = open("locked", O_RDWR);
     struct flock l = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 1LL << 33, .l_len = 10};
@@ -364,6 +390,7 @@ int main(int argc, char **argv) {
     mmap_shared("mmap-sparse-4g", (5LL << 30), (4LL << 30));
     utimes_();
     xattrs();
+    acls();
     locks();
     truncation();
     misc();
