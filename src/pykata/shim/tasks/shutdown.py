@@ -48,8 +48,11 @@ async def close(st: TaskState) -> None:
     if st.warm is not None:  # claimed from the pool, but no Create ever took it
         warm, st.warm = st.warm, None
         await warm.stop(remove=True)
-    pod.leave_cgroup(st)
+    # The background tasks end before the pod's cgroup is removed: a pool refill (cancelled, it refills on
+    # the way out) starts processes in the shim's cgroup and moves them out of the pod's only while the
+    # shim still knows that cgroup; one left inside kept the directory from being removed.
     for t in list(st.background):
         t.cancel()
     if st.background:
         await asyncio.wait(list(st.background), timeout=2.0)
+    pod.leave_cgroup(st)
