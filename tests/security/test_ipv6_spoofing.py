@@ -116,6 +116,18 @@ def in_guest(ctd: CriContainerd, pod_id: str, *argv: str) -> str:
     return p.stdout.decode()
 
 
+def settled(ctd: CriContainerd, pod_id: str) -> None:
+    """Wait until none of the guest's IPv6 addresses is tentative: the pod's global address comes without
+    duplicate address detection, its link-local one does it in the guest, and its local route appears
+    when that ends (a route snapshot taken before would differ with no attack)."""
+    deadline = time.monotonic() + 15
+    while True:
+        lines = in_guest(ctd, pod_id, "cat", "/proc/net/if_inet6").splitlines()
+        if not [line for line in lines if int(line.split()[4], 16) & 0x40] or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def routes_of(ctd: CriContainerd, pod_id: str) -> set[tuple[str, ...]]:
     """The guest's IPv6 routes: (destination, prefix length, next hop, device); not the use counts."""
     lines = in_guest(ctd, pod_id, "cat", "/proc/net/ipv6_route").splitlines()
@@ -177,6 +189,7 @@ def test_a_guest_cannot_spoof_ipv6_sources_neighbor_discovery_or_router_adverts(
                 reply = cri.exec_sync(cid, ["ping", "-6", "-c", "1", "-W", "10", dst], timeout=60)
                 assert reply.exit_code == 0, (dst, reply.stdout, reply.stderr)
             victim_mac = in_guest(ctd, victim, "cat", "/sys/class/net/eth0/address").strip()
+            settled(ctd, victim)
             routes_before = routes_of(ctd, victim)
             args = {"own": own, "victim": victim_ip, "victim_mac": victim_mac, "gateway": GATEWAY6,
                     "evil_prefix": EVIL_PREFIX}
