@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import os
 import re
@@ -32,13 +33,15 @@ import shutil
 import statistics
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from pykata.config import Config, load_config  # noqa: E402
+from pykata.config import Config, find_config_path, load_config, packaged_default_text, parse_mapping  # noqa: E402
+from pykata.errors import ConfigError, PykataError  # noqa: E402
 from pykata.images import ImageStore  # noqa: E402
 from pykata.sandbox import Sandbox, build_spec  # noqa: E402
 
@@ -146,19 +149,65 @@ async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float,
         await sb.stop(remove=True)
 
 
-def with_setting(base: Config, setting: str) -> Config:
-    key, _, value = setting.partition("=")
-    *path, field = key.split(".")
-    sections: list[Any] = [base]
-    for name in path:
-        sections.append(getattr(sections[-1], name))
-    current = getattr(sections[-1], field)
-    typed: Any = value if isinstance(current, str) else type(current)(
-        value.lower() in ("1", "true", "on") if isinstance(current, bool) else value)
-    new: Any = dataclasses.replace(sections[-1], **{field: typed})
-    for parent, name in zip(reversed(sections[:-1]), reversed(path), strict=True):
-        new = dataclasses.replace(parent, **{name: new})
-    return new  # type: ignore[no-any-return]
+def configuration_in_force() -> tuple[dict[str, Any], str]:
+    """The TOML data of the configuration load_config reads, and its name for errors."""
+    path = find_config_path()
+    if path is None:
+        return tomllib.loads(packaged_default_text()), "<packaged default>"
+    return tomllib.loads(path.read_text()), str(path)
+
+
+def with_setting(data: dict[str, Any], source: str, setting: str) -> Config:
+    """The configuration `data` with one key set, `SECTION.KEY=VALUE` (VALUE in TOML; a bare word is a
+    string), parsed and checked as configuration.toml itself is.
+
+    Raises:
+        ConfigError: `setting` is not SECTION.KEY=VALUE (field --variant), or the key is unknown or its
+            value bad (field: the dotted key).
+    """
+    key, eq, text = setting.partition("=")
+    parts = key.split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        raise ConfigError("--variant", f"{setting[:200]!r} is not SECTION.KEY=VALUE")
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+        value = parsed["v"] if list(parsed) == ["v"] else text
+    except tomllib.TOMLDecodeError:
+        value = text
+    tree = copy.deepcopy(data)
+    table = tree
+    for i, part in enumerate(parts[:-1]):
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(".".join(parts[:i + 1]), "is a key, not a section")
+    table[parts[-1]] = value
+    return parse_mapping(tree, source)
+
+
+def prepare(args: argparse.Namespace) -> tuple[dict[str, Config], Path, Path | None]:
+    """The configurations to compare (before their runtime directory is set) and the images' root
+    file systems, all checked before anything is made.
+
+    Raises:
+        PykataError: a bad --variant (ConfigError naming the key), configuration or image.
+    """
+    base = load_config()
+    variants = {"as configured": base}
+    data, source = configuration_in_force() if args.variant else ({}, "")
+    for v in args.variant:
+        name, _, setting = v.partition("=")
+        if not name or name in variants or (name == "throwaway" and args.throwaway):
+            raise ConfigError("--variant", f"{v[:200]!r}: NAME must be given and differ from the others")
+        try:
+            variants[name] = with_setting(data, source, setting)
+        except ConfigError as exc:
+            raise ConfigError(f"--variant {v[:200]!r}", str(exc)) from None
+    store = ImageStore(base.runtime.cache_path)
+    rootfs = store.resolve("busybox").rootfs
+    throwaway = store.resolve(args.throwaway).rootfs if args.throwaway else None
+    if throwaway is not None:
+        variants["throwaway"] = base
+    return variants, rootfs, throwaway
 
 
 async def main() -> None:
@@ -168,30 +217,32 @@ async def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE")
     ap.add_argument("--throwaway", metavar="IMAGE", help="also a variant with a throwaway container of IMAGE")
     args = ap.parse_args()
-    base = load_config()
+    try:
+        prepared, rootfs, throwaway = prepare(args)
+    except PykataError as exc:
+        ap.error(str(exc))
+    # made once everything was checked (a bad --variant leaves nothing behind), removed on every path
     runtime = Path(tempfile.mkdtemp(prefix="pkcc", dir="/tmp"))  # short: unix socket paths
-    base = dataclasses.replace(base, runtime=dataclasses.replace(base.runtime, runtime_dir=str(runtime)))
-    variants = {"as configured": base}
-    for v in args.variant:
-        name, _, setting = v.partition("=")
-        variants[name] = with_setting(base, setting)
-    rootfs = ImageStore(base.runtime.cache_path).resolve("busybox").rootfs
-    throwaway = ImageStore(base.runtime.cache_path).resolve(args.throwaway).rootfs if args.throwaway else None
-    if throwaway is not None:
-        variants["throwaway"] = base
+    try:
+        await measure(args, prepared, runtime, rootfs, throwaway)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def measure(args: argparse.Namespace, prepared: dict[str, Config], runtime: Path, rootfs: Path,
+                  throwaway: Path | None) -> None:
+    variants = {name: dataclasses.replace(c, runtime=dataclasses.replace(c.runtime, runtime_dir=str(runtime)))
+                for name, c in prepared.items()}
     results: dict[str, list[list[tuple[float, float]]]] = {v: [] for v in variants}
     rounds_of: dict[str, list[int]] = {v: [] for v in variants}
     loads = []
-    try:
-        for i in range(args.n):
-            order = list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]
-            for j, (name, config) in enumerate(order):
-                loads.append(os.getloadavg()[0])
-                rounds_of[name].append(len(variants) * i + j)
-                results[name].append(await one(config, runtime, rootfs, len(variants) * i + j, args.idle,
-                                               throwaway if name == "throwaway" else None))
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
+    for i in range(args.n):
+        order = list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]
+        for j, (name, config) in enumerate(order):
+            loads.append(os.getloadavg()[0])
+            rounds_of[name].append(len(variants) * i + j)
+            results[name].append(await one(config, runtime, rootfs, len(variants) * i + j, args.idle,
+                                           throwaway if name == "throwaway" else None))
     print(f"CPU seconds per phase of a pooled VM's pod start, median of {args.n}; load {min(loads):.1f}-"
           f"{max(loads):.1f}")
     for name, rounds in results.items():
