@@ -126,8 +126,8 @@ def test_a_template_path_that_does_not_exist_prunes_nothing(setup: tuple[Config,
 def test_factory_prune_removes_what_no_configuration_uses_but_never_a_used_or_configured_one(
         setup: tuple[Config, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Templates an A/B checkout left (another guest image's), made minutes ago: `destroy --stale` keeps
-    them for --unused-for, and with --unused-for 0 it would take the configuration's own too. `prune`
-    takes exactly them: never the current configuration's, a --config file's, or one a VM maps."""
+    them for --unused-for. `prune` takes exactly them: never the current configuration's, a --config
+    file's, or one a VM maps."""
     import asyncio
 
     config, root, kernel = setup
@@ -171,3 +171,28 @@ def test_factory_prune_removes_what_no_configuration_uses_but_never_a_used_or_co
     assert {t.key for t in list_templates(config)} == ours
     bad = CliRunner().invoke(factory_cli.factory, ["prune", "--config", str(tmp_path / "missing.toml")])
     assert bad.exit_code != 0 and "--config" in bad.output and "Traceback" not in bad.output
+
+
+def test_destroy_stale_never_removes_the_configurations_own_templates(
+        setup: tuple[Config, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`destroy --stale --unused-for 0` removes the other templates no VM uses, whatever their age, but
+    never the three the current configuration starts VMs from (it took them too: init then had to make
+    them again, the next pod waited for it), nor one a VM maps."""
+    import asyncio
+
+    config, root, kernel = setup
+    ours = asyncio.run(configured_template_keys(config))
+    for name in (*ours, "8dda7e0e80e3f9840093", "mapped"):
+        _make(root, name, kernel, 2 * HOUR)
+    monkeypatch.setattr(factory_cli, "_config", lambda: config)
+    clone = FakeClone(root / "mapped" / "memory")
+    try:
+        result = CliRunner().invoke(factory_cli.factory, ["destroy", "--stale", "--unused-for", "0", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["removed"] == ["8dda7e0e80e3f9840093"]
+        assert {t.key for t in list_templates(config)} == {*ours, "mapped"}
+    finally:
+        clone.end()
+    result = CliRunner().invoke(factory_cli.factory, ["destroy", "--stale", "--unused-for", "0"])
+    assert result.exit_code == 0 and "removed 1 template(s): mapped" in result.output, result.output
+    assert {t.key for t in list_templates(config)} == ours

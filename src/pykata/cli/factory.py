@@ -118,14 +118,16 @@ def status(as_json: bool) -> None:
 @factory.command()
 @click.argument("keys", nargs=-1, metavar="[KEY]...")
 @click.option("--all", "all_", is_flag=True, help="Remove every template.")
-@click.option("--stale", is_flag=True, help="Only the templates whose guest assets changed, and those no running VM "
-              "uses and no VM was started from for --unused-for seconds.")
+@click.option("--stale", is_flag=True, help="Only the templates whose guest assets changed, and the other templates "
+              "(never the current configuration's) that no running VM uses and no VM was started from for "
+              "--unused-for seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the removed templates as JSON.")
 @_UNUSED_FOR
 def destroy(keys: tuple[str, ...], all_: bool, stale: bool, as_json: bool, unused_for: float) -> None:
     """Remove the templates KEY... (as `pykata factory status` lists them), every one with --all, or the
-    old ones with --stale. Running VMs started from one are not affected."""
-    from pykata.factory import destroy_templates, prune_unused_templates
+    old ones with --stale (never those the current configuration starts VMs from: `pykata factory
+    prune` removes every other, whatever its age). Running VMs started from one are not affected."""
+    from pykata.factory import configured_template_keys, destroy_templates, prune_unused_templates
 
     # no target removes nothing: a bare `destroy` (or `destroy --json`) once removed every template
     if (bool(keys) + all_ + stale) != 1:
@@ -133,7 +135,9 @@ def destroy(keys: tuple[str, ...], all_: bool, stale: bool, as_json: bool, unuse
                                "(one of them)")
     config = _config()
     if stale:
-        removed = prune_unused_templates(config, unused_for)
+        # the configuration's own templates are current, however long no VM started from them: what
+        # init would make again at once (it keeps them too)
+        removed = prune_unused_templates(config, unused_for, keep=_run(configured_template_keys(config)))
     else:
         removed = _run(destroy_templates(config, None if all_ else keys))
     if as_json:
