@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp.message import Message
 
 from pykata import tracing
 from pykata.hypervisor.errors import QmpError
@@ -37,6 +38,22 @@ class QmpEvent:
 
 
 EventCallback = Callable[[QmpEvent], None]
+
+
+class _Client(QMPClient):
+    """qemu.qmp's client without its event buffers. Its default listener queues every event QEMU sends
+    for a reader of `events` (there is none here), and each listener keeps a history of every event it
+    accepted, both for the connection's life; a guest decides how many events QEMU sends (one
+    BLOCK_IO_ERROR per write to a read-only disk, which QEMU does not throttle: thousands a second),
+    so the process that owns the VM grew by ~1 KiB per event (tests/security/test_qmp_event_flood.py).
+    Here each event goes to `deliver` as it is read, and nothing keeps it."""
+
+    def __init__(self, name: str, deliver: Callable[[Message], None]) -> None:
+        super().__init__(name)
+        self._deliver = deliver
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        self._deliver(msg)
 
 
 class QmpListener:
@@ -73,12 +90,11 @@ class QmpChannel:
     def __init__(self, socket_path: Path, *, name: str, on_event: EventCallback | None = None,
                  default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self._path = socket_path
-        self._client = QMPClient(name)
+        self._client = _Client(name, self._dispatch)
         self._lock = asyncio.Lock()
         self._on_event = on_event
         self._default_timeout = default_timeout
         self._closed: asyncio.Future[QmpError] = asyncio.get_running_loop().create_future()
-        self._event_task: asyncio.Task[None] | None = None
         self._connected = False
         self._listeners: list[QmpListener] = []
 
@@ -117,9 +133,6 @@ class QmpChannel:
             # The socket appears a few milliseconds after QEMU starts.
             await asyncio.sleep(0.01)
         self._connected = True
-        listener = EventListener(WATCHED_EVENTS)
-        self._client.register_listener(listener)
-        self._event_task = asyncio.create_task(self._pump_events(listener), name=f"qmp-events-{self._path}")
 
     @contextlib.contextmanager
     def listener(self, *names: str, where: Callable[[QmpEvent], bool] | None = None) -> Iterator[QmpListener]:
@@ -201,28 +214,29 @@ class QmpChannel:
     async def close(self, reason: str = "channel closed") -> None:
         """Abort pending calls and disconnect (bounded). Idempotent."""
         self.abort(reason)
-        if self._event_task is not None:
-            self._event_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._event_task
-            self._event_task = None
         with contextlib.suppress(Exception):
             # disconnect() waits for the reader/writer tasks; with QEMU gone that is immediate.
             await asyncio.wait_for(self._client.disconnect(), 2.0)
 
-    async def _pump_events(self, listener: EventListener) -> None:
-        async for event in listener:
-            name = str(event.get("event", ""))
-            data = event.get("data") or {}
-            ts = event.get("timestamp")
+    def _dispatch(self, event: Message) -> None:
+        """One event as QEMU sent it (in the client's reader task: must not block or raise): those of
+        WATCHED_EVENTS go to the listeners and `on_event`, the others are dropped."""
+        name = event.get("event")
+        if name not in WATCHED_EVENTS:
+            return
+        data = event.get("data")
+        ts = event.get("timestamp")
+        try:
             stamp = 0.0
             if isinstance(ts, dict):
                 stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-            qmp_event = QmpEvent(name, data if isinstance(data, dict) else {}, stamp)
-            for subscriber in list(self._listeners):
-                subscriber._offer(qmp_event)
-            if self._on_event is not None:
-                try:
-                    self._on_event(qmp_event)
-                except Exception:
-                    log.exception("QMP event callback failed for %s", name)
+        except (TypeError, ValueError):
+            stamp = 0.0
+        qmp_event = QmpEvent(str(name), data if isinstance(data, dict) else {}, stamp)
+        for subscriber in list(self._listeners):
+            subscriber._offer(qmp_event)
+        if self._on_event is not None:
+            try:
+                self._on_event(qmp_event)
+            except Exception:
+                log.exception("QMP event callback failed for %s", name)
