@@ -218,6 +218,30 @@ def cpu_s(pids: list[int]) -> float:
     return total
 
 
+def own_and_reaped(pid: int | None) -> tuple[float, float]:
+    """CPU seconds of `pid` itself and of the children it reaped (containerd: its `shim start` and
+    `delete` processes; the fork server: its children that ran a `start`)."""
+    if pid is None:
+        return 0.0, 0.0
+    with contextlib.suppress(psutil.Error):
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system, t.children_user + t.children_system
+    return 0.0, 0.0
+
+
+def kernel_threads_cpu() -> float:
+    """CPU seconds of the host's kernel threads (kthreadd's children: kworkers of cgroup moves, RCU,
+    ksoftirqd), all of them: work done for every process, the starts' included."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for pid in Path("/proc/2/task/2/children").read_text().split():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def tree_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of `pid` and every process below it, by pid (as cpu_s: with their reaped children).
     From /proc/<pid>/stat and the kernel's lists of each thread's children, not psutil's children(),
@@ -407,6 +431,10 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
     # pykata's fork server runs `start` in children it reaps (pykata.shim.handoff): counted apart
     server = ctd.fork_server_pid()
     server_before = cpu_s([server]) if server is not None else 0.0
+    ctd_split_before = own_and_reaped(ctd_proc.pid if ctd_proc is not None else None)
+    server_split_before = own_and_reaped(server)
+    kthreads_before = kernel_threads_cpu()
+    host_before = proc_stat()[0]
     kids_before = os.times()
     try:
         at_own_start: dict[str, float] = {}
@@ -433,6 +461,10 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
             list(ex.map(start_one, ids))
         elapsed = time.perf_counter() - start
         kids_after = os.times()
+        host_after = proc_stat()[0]
+        kthreads_after = kernel_threads_cpu()
+        ctd_split_after = own_and_reaped(ctd_proc.pid if ctd_proc is not None else None)
+        server_split_after = own_and_reaped(server)
         done.set()
         if pooled or timing is not None:
             sampler.join()
@@ -456,7 +488,17 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
                                 - kids_before.children_user - kids_before.children_system) / count, 3),
             # this process (its sampler of the pool and of /proc): CPU the host spends beside the starts
             "bench_cpu_s": round((kids_after.user + kids_after.system - kids_before.user - kids_before.system)
-                                 / count, 3)}
+                                 / count, 3),
+            # containerd itself and the `shim start`/`delete` processes it reaped; the fork server itself
+            # and its children that ran a `start` (a claim) and exited; the host's kernel threads; the
+            # whole host's busy CPU (/proc/stat: other work on the host included) over the run
+            "containerd_own_cpu_s": round((ctd_split_after[0] - ctd_split_before[0]) / count, 3),
+            "shim_start_cpu_s": round((ctd_split_after[1] - ctd_split_before[1]) / count, 3),
+            "fork_server_own_cpu_s": round((server_split_after[0] - server_split_before[0]) / count, 3),
+            "fork_server_children_cpu_s": round((server_split_after[1] - server_split_before[1]) / count, 3),
+            "kernel_threads_cpu_s": round((kthreads_after - kthreads_before) / count, 3),
+            "host_busy_cpu_s": round((host_after - host_before) / os.sysconf("SC_CLK_TCK") / count, 3),
+            "elapsed_s": round(elapsed, 3)}
         if timing is not None:
             out["timeline"] = timeline(timing, shim_pids, t0_ns)
             out["host_cores_busy_per_half_s"] = host_busy(busy)
@@ -733,6 +775,12 @@ def main() -> None:
                   f"runc {base['per_s']}/s "
                   f"({base['cpu_s_per_container']} CPU s; containerd {base['containerd_cpu_s']}, ctr "
                   f"{base['ctr_cpu_s']}); load {r['loadavg'][0]:.1f} -> {r['loadavg_end'][0]:.1f}")
+            if "host_busy_cpu_s" in r:
+                print(f"  CPU s per container: containerd itself {r['containerd_own_cpu_s']}, its `shim start`/"
+                      f"`delete` processes {r['shim_start_cpu_s']}, fork server itself "
+                      f"{r['fork_server_own_cpu_s']} and its exited children {r['fork_server_children_cpu_s']}, "
+                      f"kernel threads {r['kernel_threads_cpu_s']}; the whole host {r['host_busy_cpu_s']} "
+                      f"({r['elapsed_s']} s)")
             if r.get("pool_filled"):
                 f = r["pool_filled"]
                 print(f"  pool: filled to {f['size']} ready before the run in {f['fill_s']} s (load "
