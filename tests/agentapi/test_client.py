@@ -369,3 +369,15 @@ async def test_a_tick_clock_ahead_of_the_monotonic_one_is_out_of_contract(
     handler.replies["Check"] = agent_pb2.HealthCheckResponse(status=SERVING, clock_ns=5, tick_clock_ns=1 << 62)
     with pytest.raises(AgentReplyError, match="tick_clock_ns"):
         await Agent.connect(sock, "sb1", timeout=5)
+
+
+def test_guest_text_bounds_and_escapes_the_agent_error_message() -> None:
+    from pykata.agentapi.errors import MAX_GUEST_TEXT, AgentCallError, guest_text
+
+    assert guest_text("crun: exec: no such file") == "crun: exec: no such file"
+    assert guest_text("a\nb\rc\x1b[2J\u202ed") == "a\\nb\\rc\\x1b[2J\\u202ed"
+    long = guest_text("x" * (MAX_GUEST_TEXT + 10))
+    assert long == "x" * MAX_GUEST_TEXT + "... (10 more characters)"
+    assert len(guest_text("\n" * (4 << 20))) <= MAX_GUEST_TEXT + 40
+    e = AgentCallError("sb", "ExecProcess", Code.INTERNAL, "bad\nline")
+    assert e.message == "bad\\nline" and "\n" not in str(e)

@@ -14,7 +14,8 @@ over the 4 MiB limit, then garbage), oversize (a valid answer stuffed to ~4 MiB)
 exit statuses, lengths, versions, ids no honest agent sends), wrongid (the answer on a stream id the
 host never opened), flood (64 KiB data frames on a unary call; for GetOOMEvent an OOM event for every
 call, at once), ignore (an honest-looking empty answer, the request not carried out: a SignalProcess
-acknowledged, nothing killed), trickle (WriteStdin: one byte acknowledged per answer, none written).
+acknowledged, nothing killed), trickle (WriteStdin: one byte acknowledged per answer, none written),
+errtext (an error status whose message is ~4 MiB of text with forged log lines and terminal escapes).
 
 Only the standard library, protobuf and pykata may be imported here (that is what the guest has).
 """
@@ -29,14 +30,21 @@ from typing import Any
 
 from pykata.agent import main as agent_main
 from pykata.protocols.agent import AGENT_SERVICE, agent_pb2
+from pykata.ttrpc import Code
 from pykata.ttrpc.frames import HEADER, Flags, FrameType, encode_frame
 from pykata.ttrpc.server import Server
 
 log = logging.getLogger("pykata.agent.hostile")
 
 MARKER = "pykata-hostile="
-ATTACKS = ("hang", "malformed", "bigframe", "oversize", "outofrange", "wrongid", "flood", "ignore", "trickle")
+ATTACKS = ("hang", "malformed", "bigframe", "oversize", "outofrange", "wrongid", "flood", "ignore", "trickle",
+           "errtext")
 _BIG = (4 << 20) - (16 << 10)  # just under ttrpc's 4 MiB frame limit
+# what a guest would like the host to print: a forged line of the shim's log, a terminal escape that
+# clears the screen of whoever reads it, then enough text to fill a frame
+FORGED = ('\ntime="2026-12-01T00:00:00Z" level=info msg="PYKATA-FORGED-LINE" runtime=pykata\r'
+          '\x1b[2J\x1b[HPYKATA-FORGED-SCREEN\u202e')
+_ERRTEXT = FORGED + "E" * (_BIG - len(FORGED))
 
 
 def parse_attacks(args: Any) -> dict[str, str]:
@@ -152,6 +160,8 @@ class HostileServer(Server):
             await asyncio.Event().wait()
         elif kind == "ignore":
             proto.write(conn.send_response(sid, b""))
+        elif kind == "errtext":
+            proto.write(conn.send_response(sid, code=Code.INTERNAL, message=_ERRTEXT))
         elif kind == "trickle":
             length = min(1, len(getattr(req, "data", b"")))
             proto.write(conn.send_response(sid, agent_pb2.WriteStreamResponse(length=length).SerializeToString()))

@@ -335,3 +335,45 @@ async def test_sdk_files_refuse_a_hostile_data_disk_answer(hostile_dir: Path, tm
     finally:
         await sb.close()
     assert not _leftovers(hostile_dir / "run", sandbox_id)
+
+
+# -- the agent's error text --------------------------------------------------------------------------
+
+ERROR_TEXT_BOUND = 8 << 10  # what one host error may quote of the guest's words, with the host's own
+
+
+def _quotes_the_guest_safely(text: str) -> None:
+    from tests.security.hostile_agent import FORGED
+
+    assert len(text) < ERROR_TEXT_BOUND, f"{len(text)} characters of error text"
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text, repr(text[:300])
+    assert "\nPYKATA" not in text and '\ntime="2026-12-01' not in text, repr(text[:300])
+    assert FORGED not in text
+
+
+async def test_sdk_bounds_and_escapes_the_agent_error_text(hostile_dir: Path) -> None:
+    """An agent that fails a call with ~4 MiB of error text carrying a forged log line, a carriage
+    return and terminal escapes: the host's error quotes at most a few KiB of it, escaped (it quoted
+    it whole, raw, into every error and log line that named the failure)."""
+    from pykata.config.load import load_config_file
+    from pykata.sdk import AsyncSandbox
+
+    config = load_config_file(hostile_dir / "configuration.toml")
+    sb = AsyncSandbox(config=config)
+    await sb.start()
+    sandbox_id = sb.id
+    try:
+        for rpc in ("ExecProcess", "WaitProcess"):
+            started = time.monotonic()
+            with pytest.raises(Exception) as err:
+                await sb.exec(["sh", "-c", "true", marker(**{rpc: "errtext"})], timeout=REQUEST_TIMEOUT + 10)
+            text = str(err.value)
+            record(rpc, "errtext", "SDK exec", f"{type(err.value).__name__}: {len(text)} characters",
+                   time.monotonic() - started)
+            assert "Error" in type(err.value).__name__ and rpc in text
+            _quotes_the_guest_safely(text)
+        assert (await sb.exec(["true"], timeout=30)).exit_code == 0
+    finally:
+        await sb.close()
+    assert not _leftovers(hostile_dir / "run", sandbox_id)
+

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.agentapi import Agent
+from pykata.agentapi.errors import guest_text
 from pykata.errors import error_for
 from pykata.protocols.agent import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.protocols.owner import OWNER_SERVICE, owner_pb2
@@ -32,7 +33,7 @@ class _Forward:
                 return await self._agent.ttrpc.call(self._service, method, request, timeout=ctx.timeout,
                                                     metadata=ctx.metadata)
             except RpcError as e:
-                raise error_for(e.code, e.message) from None  # the agent's status, passed on
+                raise error_for(e.code, guest_text(e.message)) from None  # the agent's status, passed on
         return forward
 
 
