@@ -29,7 +29,7 @@ from pykata.errors import HypervisorError, PykataError
 from pykata.factory.template import TEMPLATE_PROGRESS
 from pykata.hypervisor.console import BoundedLog
 from pykata.hypervisor.errors import VmExitedError
-from pykata.ids import HOSTNAME_RULE, is_hostname
+from pykata.ids import HOSTNAME_RULE, USER_ID_RULE, is_hostname
 from pykata.images import ImageStore
 from pykata.network import EgressPolicy
 from pykata.resources import sizing
@@ -46,7 +46,7 @@ from pykata.sandbox.lookup import (
 from pykata.sandbox.ocispec import bundle_spec_with, check_cwd, parse_env, parse_size, with_init
 from pykata.sandbox.remote import AttachedSandbox
 from pykata.sandbox.sandbox import prepare_root_image
-from pykata.sandbox.state import list_sandboxes
+from pykata.sandbox.state import STATE_FILE, list_sandboxes
 from pykata.sandbox.stdio import feed_stdin, pump_output
 from pykata.ttrpc import Code
 
@@ -398,10 +398,21 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
 
 def _container_user(found: Found) -> ExecUser:
     """exec without -u: the user the container's init runs as (run -u, else the image's USER, with its
-    groups), as docker exec; root for a container whose record does not say (made by an older pykata)."""
+    groups), as docker exec: its record's [uid, gid, groups...] read as the SDK reads a saved user
+    (ExecUser.from_list). A container whose record does not say (made by an older pykata) runs it as
+    root with the groups its image gives root, as container_user decides for the SDK and run without
+    a USER. Raises SpecError naming the record's field when it holds no such list (ids outside runc's
+    range, too many groups): rather than a guess, which could be root."""
     record = found.record.containers.get(found.record.id)
     ids = record.user if record is not None else []
-    return ExecUser(ids[0], ids[1], tuple(ids[2:])) if len(ids) >= 2 else ExecUser(0, 0)
+    if not ids:
+        return container_user(_image_root(found), None, "")
+    who = ExecUser.from_list(ids)
+    if who is None:
+        raise SpecError(f"containers.{found.record.id}.user",
+                        f"{found.dir / STATE_FILE} holds {str(ids)[:80]}, not [uid, gid, groups...] with each id "
+                        f"{USER_ID_RULE}; give -u")
+    return who
 
 
 def _exec_user(found: Found, user: str) -> ExecUser:
@@ -409,15 +420,20 @@ def _exec_user(found: Found, user: str) -> ExecUser:
     and numbers too, which get their primary and supplementary groups when the image lists them). A
     container whose image pykata does not know takes numbers only (group 0 unless given). Raises
     SpecError naming --user."""
+    return resolve_user(_image_root(found), user)
+
+
+def _image_root(found: Found) -> Path | None:
+    """The root file system of the container's image, None when pykata does not know it (a bundle, or
+    an image removed from the store since)."""
     record = found.record.containers.get(found.record.id)
     if record is None or not record.image:
-        return resolve_user(None, user)
+        return None
     config = load_config()
     try:
-        image = ImageStore(Path(config.runtime.cache_dir), config.image).resolve(record.image)
+        return ImageStore(Path(config.runtime.cache_dir), config.image).resolve(record.image).rootfs
     except PykataError:  # removed from the store since: numbers still work
-        return resolve_user(None, user)
-    return resolve_user(image.rootfs, user)
+        return None
 
 
 def _rows(config: Config, all_: bool) -> list[dict[str, Any]]:
