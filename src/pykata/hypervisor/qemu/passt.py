@@ -52,9 +52,14 @@ LOG_MAX_BYTES = 64 << 10
 STOP_GRACE = 1.0
 
 
-def passt_argv(binary: str, fd: int, uid: int) -> list[str]:
-    """passt's command line for the guest network above, on the connected socket `fd`."""
-    return [binary, "--foreground", "--quiet", "--runas", f"{uid}:{uid}", "--fd", str(fd),
+def passt_argv(binary: str, fd: int, uid: int, *, verbose: bool = False) -> list[str]:
+    """passt's command line for the guest network above, on the connected socket `fd`. `verbose`
+    (hypervisor.qemu.enable_debug): its informational messages too, its default level, instead of
+    --quiet. Never --debug (nor --trace, which implies it): Debian 12's passt (0.0~git20230309) dies
+    of SIGSEGV at the guest's first TCP connection with it, in its own debug message of the
+    connection's flags (strlen of a bad string pointer under vfprintf, "TCP: index %li: %s"); plain
+    passt does, without pykata's Landlock scope or lifeline (tests/hypervisor/qemu/test_passt.py)."""
+    return [binary, "--foreground", *([] if verbose else ["--quiet"]), "--runas", f"{uid}:{uid}", "--fd", str(fd),
             "--ipv4-only", "--address", GUEST_ADDRESS, "--netmask", GUEST_NETWORK.rsplit("/", 1)[1],
             "--gateway", GUEST_GATEWAY, "--dns", "none", "--search", "none",
             "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
@@ -64,15 +69,17 @@ def passt_argv(binary: str, fd: int, uid: int) -> list[str]:
 class Passt:
     """The user network behind one NIC. `listener_fd` (QEMU's listening socket) after open(); the
     stack runs after start(), as `uid`. With `uid` None (a template being made: nothing may leave it)
-    no passt runs: the socket is connected and held, so the NIC is saved with its link up."""
+    no passt runs: the socket is connected and held, so the NIC is saved with its link up. `verbose`:
+    passt_argv's."""
 
     def __init__(self, socket_path: Path, uid: int | None, *, binary: str = PASST,
-                 die_with_owner: bool = False) -> None:
+                 die_with_owner: bool = False, verbose: bool = False) -> None:
         self.socket_path = socket_path
         self.log_path = socket_path.with_suffix(".log")
         self.uid = uid
         self.binary = binary
         self.die_with_owner = die_with_owner
+        self.verbose = verbose
         self.child: ChildProcess | None = None
         self._listener: socket.socket | None = None
         self._held: socket.socket | None = None
@@ -127,7 +134,7 @@ class Passt:
         conn = self._connect()
         try:
             # its own log, bounded by passt (what it prints before that goes to <name>.out)
-            argv = [*passt_argv(binary, conn.fileno(), self.uid),
+            argv = [*passt_argv(binary, conn.fileno(), self.uid, verbose=self.verbose),
                     "--log-file", str(self.log_path), "--log-size", str(LOG_MAX_BYTES)]
             argv = (lifeline_prefix() if self.die_with_owner else []) + argv
             try:

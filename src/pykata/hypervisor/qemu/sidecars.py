@@ -53,7 +53,8 @@ class Sidecars:
         `spec` with their fds, which are appended to `fds` (QEMU inherits them). Raises HypervisorError."""
         jail = spec.jail
         if self._q.user_network == "passt" and any(isinstance(d, NetDevice) and d.user_net for d in spec.devices):
-            self.passt = Passt(self._paths.dir / "net0.sock", user_net_uid, die_with_owner=die_with_owner)
+            self.passt = Passt(self._paths.dir / "net0.sock", user_net_uid, die_with_owner=die_with_owner,
+                               verbose=self._q.enable_debug)
             self.passt.open()
             await self.passt.start()  # its connection waits in the backlog until QEMU takes it
             assert self.passt.listener_fd is not None
