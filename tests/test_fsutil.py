@@ -1,11 +1,14 @@
-"""fsutil: an atomic write leaves the old file or the new one (never a part, never a temp file), and a
-file lock is exclusive across processes."""
+"""fsutil: an atomic write leaves the old file or the new one (never a part, never a temp file), a
+file lock is exclusive across processes, and a unix socket pykata hands to QEMU or a daemon listens at
+mode 0600."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import os
+import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -75,3 +78,44 @@ def test_file_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
 async def _try_async(lock: Path, timeout: float) -> None:
     async with fsutil.async_file_lock(lock, timeout=timeout, poll=0.02):
         pass
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_listen_unix_makes_a_0600_listening_socket_replacing_a_stale_one(tmp_path: Path) -> None:
+    """The one helper of QEMU's QMP and agent sockets, passt's QEMU end and virtiofsd's socket."""
+    path = tmp_path / "vm.sock"
+    path.write_text("a stale file")  # a crashed VM's socket, here a file
+    before = _open_fds()
+    sock = fsutil.listen_unix(path, backlog=2)
+    try:
+        st = path.lstat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+            accepted, _ = sock.accept()
+            accepted.close()
+    finally:
+        sock.close()
+    assert _open_fds() == before
+    with pytest.raises(OSError):  # a directory that does not exist: the error, and nothing left open
+        fsutil.listen_unix(tmp_path / "missing" / "vm.sock", backlog=1)
+    assert _open_fds() == before
+
+
+async def test_virtiofsd_that_cannot_listen_fails_naming_its_socket(tmp_path: Path) -> None:
+    """virtiofsd's start raised a bare OSError when its socket could not be bound; now a HypervisorError
+    naming it, as passt's and QEMU's sockets (no daemon is started: the binary is never run)."""
+    from pykata.errors import HypervisorError
+    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    socket_path = tmp_path / "missing" / "vfs.sock"
+    helper = Virtiofsd("/usr/lib/qemu/virtiofsd", socket_path, shared, tmp_path / "vfs.log")
+    with pytest.raises(HypervisorError, match=f"^virtiofsd: cannot listen on {socket_path}: No such file"):
+        await helper.start()
+    assert helper.child is None
+    await helper.stop()  # idempotent after a failed start

@@ -158,3 +158,19 @@ def read_all(s: socket.socket, limit: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def listen_unix(path: Path, *, backlog: int) -> socket.socket:
+    """A listening unix stream socket bound at `path` (a stale file there replaced), mode 0600: only
+    root connects, and pykata hands the socket to the one process meant to accept on it (QEMU, passt's
+    QEMU end, virtiofsd), so that process makes no file on the host. Raises OSError (nothing left open)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.fsutil import listen_unix
 from pykata.hypervisor import scope
 from pykata.hypervisor.jail import lifeline_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
@@ -91,16 +91,10 @@ class Passt:
 
     def open(self) -> None:
         """Bind QEMU's listening socket (0600). Raises HypervisorError."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.socket_path.unlink(missing_ok=True)
-            sock.bind(str(self.socket_path))
-            os.chmod(self.socket_path, 0o600)
-            sock.listen(2)
+            self._listener = listen_unix(self.socket_path, backlog=2)
         except OSError as exc:
-            sock.close()
             raise HypervisorError(f"user network: cannot listen on {self.socket_path}: {exc.strerror}") from None
-        self._listener = sock
 
     def close_listener(self) -> None:
         """pykata's copy of QEMU's listening socket (QEMU inherited it; the path stays for start())."""

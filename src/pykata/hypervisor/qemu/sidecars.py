@@ -6,10 +6,10 @@ error line per bad virtio-serial control message)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 from pathlib import Path
 
+from pykata import fsutil
 from pykata.config.schema import QemuConfig
 from pykata.errors import HypervisorError
 from pykata.hypervisor.console import ConsoleDrain
@@ -128,18 +128,13 @@ class Sidecars:
 
 
 def listen_unix(path: Path) -> socket.socket:
-    """A listening unix socket at `path` (a stale one replaced), mode 0600, to pass to QEMU.
+    """A listening unix socket at `path` (fsutil.listen_unix: a stale one replaced, mode 0600), to pass
+    to QEMU.
 
     Raises:
         HypervisorError: it cannot be made.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        path.unlink(missing_ok=True)
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(8)
+        return fsutil.listen_unix(path, backlog=8)
     except OSError as exc:
-        sock.close()
         raise HypervisorError(f"cannot listen on {path}: {exc.strerror}") from None
-    return sock

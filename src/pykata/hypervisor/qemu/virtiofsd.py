@@ -6,12 +6,11 @@ the daemon runs (no polling for a socket file), and the socket's path and mode a
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 from pykata.errors import HypervisorError
+from pykata.fsutil import listen_unix
 from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.jail import namespace_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
@@ -60,12 +59,11 @@ class Virtiofsd:
         """
         if not self.shared_dir.is_dir():
             raise HypervisorError(f"virtiofsd: shared directory {self.shared_dir} does not exist")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.socket_path.unlink(missing_ok=True)
-            sock.bind(str(self.socket_path))
-            os.chmod(self.socket_path, 0o600)
-            sock.listen(1)
+            sock = listen_unix(self.socket_path, backlog=1)
+        except OSError as exc:
+            raise HypervisorError(f"virtiofsd: cannot listen on {self.socket_path}: {exc.strerror}") from None
+        try:
             fd = sock.fileno()
             # its own sandbox has mount, PID and network namespaces; an IPC one of its own too (uid 0
             # may remove the host's root-owned SysV IPC objects)
