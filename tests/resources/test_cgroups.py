@@ -193,3 +193,47 @@ def test_a_cgroup_that_cannot_be_made_fails_the_sandbox(read_only_cgroup2: Path,
         assert _cgroups_of(os.getpid()) == before
         assert not (read_only_cgroup2 / "pykata-test-pods").exists()
         assert not list((tmp_path / "run" / "cgroups").glob("*"))
+
+
+def test_a_cap_the_kernel_refuses_fails_the_sandbox(caplog: pytest.LogCaptureFixture) -> None:
+    """The shim's boot_limits fails, naming the cgroup and the cause, when the kernel refuses the cap on
+    the sandbox's own cgroup (pykata_overhead/<id>); it only logged a warning and the VM booted uncapped.
+    As join_cgroup: runtime.allow_uncharged_sandbox = true goes on with a warning instead, and a cap that
+    only narrows (after the VM shrank) is logged either way, the wider one staying. The refusal is the
+    kernel's: under a cgroup v1 cpu parent with a quota of half a CPU, a child's larger quota is EINVAL."""
+    from types import SimpleNamespace
+
+    from pykata.config import Config, RuntimeConfig
+    from pykata.shim.tasks import resize
+
+    cpu = HOST_ROOT / "cpu"
+    assert (cpu / "cpu.cfs_quota_us").exists(), "needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu (this host's)"
+    top = f"pykata-test-{uuid.uuid4().hex[:8]}"
+    sid = f"sb-{uuid.uuid4().hex[:8]}"
+    (cpu / top).mkdir()
+    try:
+        (cpu / top / "cpu.cfs_quota_us").write_text("50000")
+        cg = SandboxCgroup.create(HOST_ROOT, PurePosixPath(top, cgroups.OVERHEAD, sid))
+        try:
+            assert cg.owned
+            for allow in (False, True):
+                config = Config(runtime=RuntimeConfig(allow_uncharged_sandbox=allow))
+                st = SimpleNamespace(cgroup=(cg, config), sandbox=None)
+                caplog.clear()
+                if allow:
+                    resize.boot_limits(st, config)  # type: ignore[arg-type]
+                    assert "allow_uncharged_sandbox" in caplog.text and "Invalid argument" in caplog.text
+                else:
+                    with pytest.raises(cgroups.CgroupError) as err:
+                        resize.boot_limits(st, config)  # type: ignore[arg-type]
+                    message = str(err.value)
+                    assert f"{top}/{cgroups.OVERHEAD}/{sid}" in message and "cpu.cfs_quota_us" in message, message
+                    assert "Invalid argument" in message, message
+                caplog.clear()
+                resize._host_limits(st, 256, 1, narrowing=True)  # type: ignore[arg-type]
+                assert "not narrowed" in caplog.text, caplog.text
+        finally:
+            cg.remove()
+    finally:
+        (cpu / top).rmdir()
+    assert not any((h.mountpoint / top).exists() for h in cgroups.hierarchies(HOST_ROOT))

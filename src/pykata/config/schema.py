@@ -169,8 +169,9 @@ class RuntimeConfig:
     # True: QEMU, virtiofsd and the shim run in the pod's cgroup (the sandbox spec's linux.cgroupsPath);
     # False: in a per-sandbox cgroup under pykata_overhead/ (pykata.resources.cgroups).
     sandbox_cgroup_only: bool = False
-    # False (Kata's behaviour): a pod whose host cgroup cannot be made fails. True: it runs anyway, in
-    # the shim's own cgroup, with a warning: its VM is then charged to no pod's limit.
+    # False (Kata's behaviour): a pod whose host cgroup cannot be made, or capped at the VM's size (the
+    # pykata_overhead one), fails. True: it runs anyway, in the shim's own cgroup or an uncapped one,
+    # with a warning: its VM is then charged to no limit of its size.
     allow_uncharged_sandbox: bool = False
     # Where the host's cgroup hierarchies are mounted (cgroup v2, or v1 controllers as subdirectories).
     cgroup_root: str = "/sys/fs/cgroup"

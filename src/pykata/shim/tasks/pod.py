@@ -58,10 +58,10 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
                 if adopted is not None:
                     return adopted
             join_cgroup(st, config, spec)
-            resize.boot_limits(st, config)
-            log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
-                     memory_mib or "default")
             try:
+                resize.boot_limits(st, config)
+                log.info("booting the sandbox VM (vcpus=%s memory=%s MiB)", vcpus or "default",
+                         memory_mib or "default")
                 st.sandbox = await Sandbox.create(
                     st.sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib,
                     hostname=str(spec.get("hostname") or ""), serve_proxy=True,

@@ -101,24 +101,33 @@ async def resize_pod(st: TaskState, *, strict: bool) -> tuple[int, int]:
         memory = max(memory, vm.memory_mib)  # DIMMs are not unplugged
     async with st.resize_lock:
         grow = memory > vm.memory_mib or vcpus > vm.vcpus
-        if grow:
+        if grow:  # the VM does not grow past a cap that could not be raised
             _host_limits(st, max(memory, vm.memory_mib), max(vcpus, vm.vcpus))
         size = await sb.resize(memory_mib=memory, vcpus=vcpus)
-        _host_limits(st, *size)
+        # never above the cap set before: one that cannot be narrowed keeps that wider one (logged)
+        _host_limits(st, *size, narrowing=True)
         return size
 
 
 def boot_limits(st: TaskState, config: Config) -> None:
     """Before the VM boots: cap the sandbox's own cgroup at the most the VM may ever be (its boot memory:
     the balloon's ceiling; default_maxvcpus), so not even a guest that ignores its balloon from the
-    first instruction gets more; resize_pod then narrows it to the pod's size."""
+    first instruction gets more; resize_pod then narrows it to the pod's size.
+
+    Raises CgroupError (the cgroup and the cause) when the cap cannot be set, unless
+    runtime.allow_uncharged_sandbox (then logged): a VM in a cgroup without its cap is charged to no
+    limit of its size, as one left outside its cgroup, which join_cgroup refuses the same way."""
     q = config.qemu
     _host_limits(st, q.balloon_memory() or q.default_memory, q.resolved_maxvcpus(), config=config)
 
 
-def _host_limits(st: TaskState, memory_mib: int, vcpus: int, *, config: Config | None = None) -> None:
+def _host_limits(st: TaskState, memory_mib: int, vcpus: int, *, config: Config | None = None,
+                 narrowing: bool = False) -> None:
     """Cap the sandbox's own host cgroup at the VM's size plus the host overhead (never the pod's
-    cgroup: kubelet sets that one from the pod's requests and the RuntimeClass overhead)."""
+    cgroup: kubelet sets that one from the pod's requests and the RuntimeClass overhead).
+
+    Raises CgroupError when the kernel refuses the cap, unless runtime.allow_uncharged_sandbox or
+    `narrowing` (a cap at most the one in force: that one stays, a bound still): logged then."""
     if st.cgroup is None:
         return
     cg, cg_config = st.cgroup
@@ -132,4 +141,10 @@ def _host_limits(st: TaskState, memory_mib: int, vcpus: int, *, config: Config |
     try:
         cg.set_limits(memory_bytes=limit_mib * sizing.MIB, cpu_quota_us=quota, cpu_period_us=sizing.DEFAULT_CPU_PERIOD)
     except cgroups.CgroupError as e:
-        log.warning("host cgroup limits not changed: %s", e)
+        if narrowing:
+            log.warning("host cgroup limits not narrowed to the VM's size, the wider ones stay: %s", e)
+        elif (config or cg_config).runtime.allow_uncharged_sandbox:
+            log.warning("runtime.allow_uncharged_sandbox: the sandbox's host cgroup is not capped at the VM's "
+                        "size: %s", e)
+        else:
+            raise
