@@ -17,24 +17,20 @@ import asyncio
 import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
 
-import pykata
-from pykata.config import Config, load_config
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pykata  # noqa: E402
+from pykata.config import Config, load_config  # noqa: E402
+from tests.netns import served_subnet  # noqa: E402
 
 STACKS = ("slirp", "passt")
-SERVER = """
-import socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 8080)); s.listen(16)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept(); c.sendall(b"ok\\n"); c.close()
-"""
 
 
 def _config(stack: str) -> Config:
@@ -58,10 +54,6 @@ def _pss_mib(sandbox_id: str) -> tuple[float, int]:
     return total / 1024, count
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 async def one(stack: str, settle: float, server: str) -> tuple[float, float, int, float]:
     began = time.monotonic()
     sb = pykata.AsyncSandbox(network="egress", allow=[f"{server}/32"], config=_config(stack))
@@ -73,7 +65,7 @@ async def one(stack: str, settle: float, server: str) -> tuple[float, float, int
         t = time.monotonic()
         r = await sb.run(["sh", "-c", f"mkfifo /tmp/i; nc -w 5 {server} 8080 <>/tmp/i"], timeout=60)
         connect = time.monotonic() - t
-        if r.stdout != b"ok\n":
+        if r.stdout != b"port 8080\n":
             raise SystemExit(f"{stack}: the guest's connection failed: {r.stdout!r} {r.stderr!r}")
     finally:
         await sb.close()
@@ -85,32 +77,16 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=5, help="starts per stack (interleaved)")
     ap.add_argument("--settle", type=float, default=2.0)
     args = ap.parse_args()
-    tag = f"{os.getpid() % 100000}"
-    ns, veth, peer = f"egb-{tag}", f"egbv{tag}", f"egbp{tag}"
-    _ip("netns", "add", ns)
-    server = None
-    try:
-        _ip("link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns)
-        _ip("addr", "add", "198.19.77.1/24", "dev", veth)
-        _ip("link", "set", veth, "up")
-        _ip("-n", ns, "addr", "add", "198.19.77.2/24", "dev", peer)
-        _ip("-n", ns, "link", "set", peer, "up")
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER], stdout=subprocess.PIPE)
-        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+    # a namespace with a server, reached over a veth (the egress tests' own: tests/netns.py)
+    with served_subnet("egb", "198.19.77", (8080,)) as net:
         for stack in STACKS:  # warm: templates made, caches filled
-            await one(stack, 0, "198.19.77.2")
+            await one(stack, 0, net.near)
         rows: dict[str, list[tuple[float, float, int, float]]] = {s: [] for s in STACKS}
         loads = []
         for i in range(args.n):
             for stack in (STACKS if i % 2 == 0 else STACKS[::-1]):
                 loads.append(os.getloadavg()[0])
-                rows[stack].append(await one(stack, args.settle, "198.19.77.2"))
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
-        _ip("netns", "del", ns)
+                rows[stack].append(await one(stack, args.settle, net.near))
     print(f"n={args.n} per stack, interleaved; load (1 min) {min(loads):.1f}-{max(loads):.1f}")
     print(f"{'stack':6} {'start s (median)':>17} {'PSS MiB (median)':>17} {'processes':>9} {'connect s':>10}")
     med = {}

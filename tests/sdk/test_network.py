@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -29,63 +28,13 @@ from pykata.network.egress import (
     render,
 )
 from pykata.sandbox import SpecError
-
-# Answers "port <n>" on each port it listens on, then closes.
-_SERVER = """
-import socket, sys, threading
-def serve(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(16)
-    while True:
-        c, _ = s.accept(); c.sendall(b"port %d\\n" % port); c.close()
-for p in sys.argv[1:]:
-    threading.Thread(target=serve, args=(int(p),), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-
-@dataclass
-class Subnet:
-    """A namespace at `near` (allowed) and `far` (a second address of it), reached from the host over
-    a veth whose host end is `host_end` (a local address of this host)."""
-
-    netns: str
-    host_end: str
-    near: str
-    far: str
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+from tests.netns import Subnet, served_subnet
 
 
 @pytest.fixture
 def test_net() -> Iterator[Subnet]:
-    tag = secrets.token_hex(3)
-    ns, veth, peer = f"pktest-{tag}", f"pkv{tag}", f"pkp{tag}"
-    octet = 16 + secrets.randbelow(200)
-    net = Subnet(ns, f"198.18.{octet}.1", f"198.18.{octet}.2", f"198.18.{octet}.3")
-    _ip("netns", "add", ns)
-    server = None
-    try:
-        _ip("link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns)
-        _ip("addr", "add", f"{net.host_end}/24", "dev", veth)
-        _ip("link", "set", veth, "up")
-        for addr in (net.near, net.far):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", peer)
-        _ip("-n", ns, "link", "set", peer, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER, "8080", "8081"],
-                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+    with served_subnet("pktest", f"198.18.{16 + secrets.randbelow(200)}", (8080, 8081)) as net:
         yield net
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
-        _ip("netns", "del", ns)
 
 
 @pytest.fixture
