@@ -83,34 +83,24 @@ def in_netns(netns: str, fn: Callable[[], _T]) -> _T:
     changes only the calling thread, which ends right after) and return its result.
 
     Raises:
-        NetworkError: the namespace cannot be entered; whatever `fn` raises.
+        NetworkError: the namespace cannot be entered; whatever `fn` raises (an OSError as a
+            NetworkError naming the namespace).
     """
-    result: dict[str, Any] = {}
-
-    def run() -> None:
+    def entered() -> _T:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ns = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            ns = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(ns, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise NetworkError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
-            finally:
-                os.close(ns)
-            result["value"] = fn()
-        except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
+            if libc.setns(ns, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetworkError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
+        finally:
+            os.close(ns)
+        return fn()
 
-    t = threading.Thread(target=run, name="in-netns")
-    t.start()
-    t.join()
-    error = result.get("error")
-    if isinstance(error, OSError):
+    try:
+        return _in_own_thread(entered, "in-netns")
+    except OSError as error:
         raise NetworkError(f"network namespace {netns}: {error.strerror or error}") from None
-    if error is not None:
-        raise error
-    value: _T = result["value"]
-    return value
 
 
 def new_netns() -> int:
@@ -128,22 +118,32 @@ def new_netns() -> int:
             raise NetworkError(f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}")
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
+    try:
+        return _in_own_thread(make, "new-netns")
+    except NetworkError:
+        raise
+    except Exception as error:
+        raise NetworkError(f"cannot make a network namespace: {error}") from None
+
+
+def _in_own_thread(fn: Callable[[], _T], name: str) -> _T:
+    """`fn()` run in a thread of its own, which ends with it (what it did to its thread, such as
+    entering a namespace, ends too); its result, or what it raised, raised here."""
     result: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            result["value"] = make()
+            result["value"] = fn()
         except BaseException as exc:  # handed to the caller's thread
             result["error"] = exc
 
-    t = threading.Thread(target=run, name="new-netns")
+    t = threading.Thread(target=run, name=name)
     t.start()
     t.join()
     if "error" in result:
-        error = result["error"]
-        raise error if isinstance(error, NetworkError) else NetworkError(f"cannot make a network namespace: {error}")
-    fd: int = result["value"]
-    return fd
+        raise result["error"]
+    value: _T = result["value"]
+    return value
 
 
 def ns_path(fd: int) -> str:
