@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import shutil
 import stat
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pykata.guestimage import assemble, cpio, crunlib, debs, elf, fsimage, wheels
+from pykata.agent.boot import parse_bundle_index
+from pykata.guestimage import assemble, cpio, crunlib, debs, elf, fsimage, pycbundle, wheels
 from pykata.guestimage.rootfs import (
     DEFAULT_RECIPE,
     Recipe,
@@ -501,6 +503,51 @@ def test_the_image_has_crun_s_libsystemd_stand_in(guest: RootfsArtifact) -> None
     assert crun is not None
     _, wanted = elf.dynamic_symbols(files[crun][1])
     assert {s for s in wanted if s.startswith("sd_")} <= defined
+    # the library directories' name is the stand-in too (crunlib.replace_real): the real library and
+    # what only it needs are not in the image
+    assert _resolve(files, f"/usr/lib/x86_64-linux-gnu/{crunlib.SONAME}") == stub
+    for gone in ("libgcrypt.so.20", "libgpg-error.so.0", "liblzma.so.5", "libzstd.so.1", "liblz4.so.1"):
+        assert _resolve(files, f"/usr/lib/x86_64-linux-gnu/{gone}") is None, gone
+        assert _resolve(files, f"/lib/x86_64-linux-gnu/{gone}") is None, gone
+
+
+def test_the_agent_starts_from_the_boot_bundle(guest: RootfsArtifact, tmp_path: Path) -> None:
+    """The image's boot bundle (pycbundle) holds the modules the agent imports until its ready line and
+    in LateAgent's load, each the bytecode of its pyc file in the image: in a chroot of the initrd the
+    image's Python imports them as /init does, every one from the bundle, and nothing else of the image's
+    library directories but extension modules."""
+    import json
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with guest.initrd.open("rb") as f:
+        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], stdin=f, cwd=tree, check=True)
+    data = (tree / pycbundle.BUNDLE).read_bytes()
+    size = int.from_bytes(data[12:16], "little")
+    index = parse_bundle_index(data[16:16 + size])
+    for name, (origin, _pkg, offset, length) in index.items():
+        pyc = importlib.util.cache_from_source(origin) if origin.endswith(".py") else origin
+        assert (tree / pyc.lstrip("/")).read_bytes()[16:] == data[offset:offset + length], name
+    code = ("import sys, json, importlib; sys.path.insert(0, '/usr/lib/pykata')\n"
+            "from pykata.agent.boot import defer_imports, use_bundle, LATE_STDLIB, load_deferred\n"
+            "before = set(sys.modules); finder = use_bundle(); defer_imports()\n"
+            "import pykata.agent.pid1, pykata.agent.rtnl, pykata.agent.main\n"
+            "for n in LATE_STDLIB:\n    load_deferred(n)\n"
+            "for n in pykata.agent.main.LATE_MODULES:\n    importlib.import_module(n)\n"
+            "new = {n: getattr(m.__spec__.loader, '__name__', type(m.__spec__.loader).__name__)\n"
+            "       for n, m in sys.modules.items() if n not in before}\n"
+            "print(json.dumps([finder is not None, new]))")
+    chroot = ["chroot"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "chroot"]
+    proc = subprocess.run([*chroot, str(tree), "/usr/bin/python3.11", "-I", "-S", "-B", "-c", code],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    used, loaded = json.loads(proc.stdout)
+    assert used
+    others = {n: kind for n, kind in loaded.items() if kind not in ("_BundledSource", "_BundledSourceless")
+              and kind not in ("ExtensionFileLoader", "BuiltinImporter", "FrozenImporter", "NamespaceLoader")}
+    assert others == {}, others
+    assert {n for n, kind in loaded.items() if kind.startswith("_Bundled")} >= {
+        "asyncio", "pykata.agent.main", "google.protobuf.descriptor_pool", "pykata.agent.service"}
 
 
 def tcg_kernel_params() -> str:

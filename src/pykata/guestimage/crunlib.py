@@ -15,7 +15,11 @@ environment from the spec.
 
 It is built with the host's C compiler at image build time (its identity is in the image's hash),
 and only when it covers every libsystemd symbol the image's crun imports; otherwise the image has
-none and crun loads the real library, as before.
+none and crun loads the real library, as before. When it is built, the library directories' name
+`libsystemd.so.0` points at it too (`replace_real`: crun is the only program of the image that links
+libsystemd), so the real library and the five it alone needs (~3.4 MB, unpacked at every cold boot
+from the initramfs) leave the image, and a crun run without LD_LIBRARY_PATH (the boot diagnostics,
+a debug console) loads the stand-in as well.
 """
 
 from __future__ import annotations
@@ -122,3 +126,20 @@ def install(root: Path) -> str | None:
             return f"cc failed: {done.stderr.strip()[:300]}"
     os.chmod(out / SONAME, 0o644)
     return None
+
+
+def replace_real(root: Path) -> list[str]:
+    """Point the library directories' `libsystemd.so.0` at the stand-in installed in `root`/LIB_DIR (a
+    relative symlink), so the real library is no longer linked by anything (assemble.prune_libraries
+    then drops it and what only it needs); return the names replaced. Call only after `install`
+    succeeded."""
+    stub = root / LIB_DIR / SONAME
+    replaced = []
+    for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"):
+        name = root / d / SONAME
+        if not (name.is_symlink() or name.exists()):
+            continue
+        name.unlink()
+        name.symlink_to(os.path.relpath(stub, name.parent))
+        replaced.append(f"/{d}/{SONAME}")
+    return replaced

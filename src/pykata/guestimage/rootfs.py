@@ -38,7 +38,7 @@ from typing import Any, Literal
 import pykata
 from pykata.errors import PykataError
 from pykata.fsutil import atomic_write, file_lock
-from pykata.guestimage import assemble, crunlib, debs, fsimage, wheels
+from pykata.guestimage import assemble, crunlib, debs, fsimage, pycbundle, wheels
 
 Progress = Callable[[str], None]
 BootForm = Literal["initrd", "image"]
@@ -75,7 +75,7 @@ GUEST_PACKAGES = (
 )
 GUEST_WHEELS = ("protobuf", "googleapis-common-protos")
 _BUILDER_MODULES = ("assemble.py", "cpio.py", "crunlib.py", "debs.py", "elf.py", "fsimage.py", "rootfs.py",
-                    "wheels.py", "init")
+                    "wheels.py", "init", "pycbundle.py")
 
 
 class RootfsError(PykataError):
@@ -405,16 +405,21 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
         assemble.install_base(root, (source / "guestimage" / "init").read_bytes())
         for entry in assemble.drop_unused_needed(root):
             say(f"unused DT_NEEDED dropped: {entry}")
-        removed = assemble.prune_libraries(root)
-        say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (why := crunlib.install(root)) is not None:
             say(f"crun loads the real libsystemd (no stand-in): {why}")
+        else:
+            crunlib.replace_real(root)
+        removed = assemble.prune_libraries(root)
+        say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (why := assemble.write_ld_cache(root)) is not None:
             say(f"no /etc/ld.so.cache (every dynamic program then searches the library directories): {why}")
         if (root / "usr/bin" / assemble.PY).is_file():
             say("compiling Python bytecode")
             assemble.compile_python(root, sourceless=[assemble.STDLIB, *_wheel_tops(agent_lib)],
                                     with_source=[f"{assemble.AGENT_LIB}/pykata"])
+            count = pycbundle.write_bundle(root, root / "usr/bin" / assemble.PY,
+                                           [assemble.AGENT_LIB, assemble.STDLIB, f"{assemble.STDLIB}/lib-dynload"])
+            say(f"boot bundle: {count} modules' bytecode in /{pycbundle.BUNDLE}")
         assemble.normalize(root, inputs.epoch)
         tree_bytes, tree_entries = assemble.tree_size(root)
         out = work / "out"
