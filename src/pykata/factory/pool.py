@@ -429,11 +429,7 @@ def serve_claim(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     sock.settimeout(CLAIM_TIMEOUT)
     data, fds, _, _ = socket.recv_fds(sock, MAX_CLAIM_BYTES, 4)
     try:
-        while len(data) < MAX_CLAIM_BYTES:
-            more = sock.recv(MAX_CLAIM_BYTES - len(data))
-            if not more:
-                break
-            data += more
+        data += read_all(sock, MAX_CLAIM_BYTES - len(data))
         message = json.loads(data)
         if not isinstance(message, dict) or len(fds) not in (1, 2):
             raise ValueError("a claim is one JSON object, one socket and at most one network namespace")

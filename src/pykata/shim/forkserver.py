@@ -295,11 +295,7 @@ def _handle(conn: socket.socket, listeners: list[socket.socket], server_fds: tup
         _answer(conn, ok=False, error=str(e))
         return None
     try:
-        while len(data) < MAX_REQUEST_BYTES:
-            more = conn.recv(MAX_REQUEST_BYTES - len(data))
-            if not more:
-                break
-            data += more
+        data += read_all(conn, MAX_REQUEST_BYTES - len(data))
         request = json.loads(data)
         pool_entry = isinstance(request, dict) and request.get("kind") == POOL_ENTRY
         why = _check_pool_entry(request, fds) if pool_entry else _check(request, fds)
