@@ -423,9 +423,11 @@ def start_rate(ctd: Containerd, runtime: str, count: int, concurrency: int,
         while not done.wait(0.1):  # its reads cost CPU the starts need: not more often
             if pooled:
                 # a VM that gets ready is read at once (claimed, its CPU from then on is the start's); the
-                # refill's VMs being made only every UNREADY_EVERY-th time and once after the run: each
-                # tree (shim, lifeline wrappers, QEMU) is 0.8-0.9 ms of reads, ten of them ten times a
-                # second ~9% of a core, taken from the starts measured
+                # refill's VMs being made only every UNREADY_EVERY-th time and once after the run. A tree
+                # with its QEMU (shim, lifeline wrappers, QEMU) is 0.8-0.9 ms of reads; a waiting shim
+                # that defers its VM until the burst is over (pool.quiet_wait) has no QEMU yet, ~0.1 ms,
+                # so in a burst served whole by the pool this saves little (the bench's own CPU per
+                # start was 0.061-0.068 after, 0.044-0.068 before, load 21-30)
                 last_seen.update(pool_cpu(settled, unready=rounds % UNREADY_EVERY == 0))
                 rounds += 1
             if timing is not None:
