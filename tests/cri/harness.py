@@ -290,10 +290,10 @@ class Cri:
         if self.channel is not None:
             self.channel.close()
 
-    def run_pod(self, name: str, handler: str) -> tuple[str, Any]:
+    def run_pod(self, name: str, handler: str, annotations: dict[str, str] | None = None) -> tuple[str, Any]:
         config = api_pb2.PodSandboxConfig(
             metadata=api_pb2.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="pykata-test", attempt=0),
-            hostname=name[:63], linux=api_pb2.LinuxPodSandboxConfig(
+            hostname=name[:63], annotations=annotations or {}, linux=api_pb2.LinuxPodSandboxConfig(
                 security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=KUBELET_NAMESPACES)))
         reply = self.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler),
                                       timeout=self.timeout)

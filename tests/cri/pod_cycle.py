@@ -17,6 +17,14 @@ from tests.shim.harness import SHIM
 
 # What a fault in the loop kills with SIGKILL (matched on the first words of a pod's process's command line)
 FAULT_MARKERS = ("qemu-system", SHIM.name)
+# ... and of a pod on virtio-fs (its own virtiofsd: VIRTIO_FS_ANNOTATIONS)
+VIRTIO_FS_FAULT_MARKERS = (*FAULT_MARKERS, "virtiofsd")
+# A pod that boots cold with virtio-fs (the admin must list shared_fs in hypervisor.qemu.enable_annotations)
+VIRTIO_FS_ANNOTATIONS = {"io.katacontainers.config.hypervisor.shared_fs": "virtio-fs"}
+# How the cycle ends a pod: "stops" (3 concurrent StopPodSandbox, 1 more, RemovePodSandbox: the seed
+# churn), "remove-race" (2 StopPodSandbox concurrent with a RemovePodSandbox, as kubelet's pod workers and
+# its garbage collector may send them; then StopPodSandbox and RemovePodSandbox until the pod is gone)
+STOP_MODES = ("stops", "remove-race")
 
 
 class CycleError(AssertionError):
@@ -39,17 +47,19 @@ def containerd_stop_race(error: str) -> bool:
 
 
 def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
-              fault: Callable[[str], None] | None = None) -> CycleResult:
+              fault: Callable[[str], None] | None = None, *, annotations: dict[str, str] | None = None,
+              stop_mode: str = "stops") -> CycleResult:
     """RunPodSandbox, two busybox containers created and started, ExecSync `echo foo`, ContainerStatus,
     then 3 concurrent StopPodSandbox, 1 more, RemovePodSandbox; check the pod is gone and left nothing.
 
     Raises CycleError when an answer is wrong, grpc.RpcError when a call fails (a DEADLINE_EXCEEDED one
     is a hang). containerd's CNI teardown error on racing StopPodSandbox calls is tolerated (the issue allows
     it) when the StopPodSandbox after them succeeds. `fault`, when given, is called with the pod id between
-    the exec and the stops (to kill a process of the pod, say).
+    the exec and the stops (to kill a process of the pod, say; or to restart containerd). `annotations`
+    are the pod's; `stop_mode` one of STOP_MODES.
     """
     start = time.monotonic()
-    pod_id, pod_config = cri.run_pod(f"churn-{handler}-{uuid.uuid4().hex[:6]}", handler)
+    pod_id, pod_config = cri.run_pod(f"churn-{handler}-{uuid.uuid4().hex[:6]}", handler, annotations)
     result = CycleResult(pod_id, 0.0)
     try:
         ids = [cri.create_container(pod_id, pod_config, f"c{i}", BUSYBOX_IMAGE, ["sleep", "3600"])
@@ -69,26 +79,10 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
             raise CycleError(f"no shim process or directory of the running pod {pod_id} found")
         if fault is not None:
             fault(pod_id)
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(cri.stop_pod, pod_id) for _ in range(3)]
-            for f in futures:
-                try:
-                    f.result()
-                except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise
-                    result.stop_errors.append(f"{e.code().name}: {e.details()}")
-        # containerd 1.6's own races may fail any of the racing duplicates (kubelet retries them):
-        # its CNI teardown, and a duplicate's Kill of a container's or the sandbox's task sent on
-        # containerd's client to the shim that the winner's task delete has just closed (shimTask.delete
-        # closes it, waits for the shim's `delete`, and only then removes the task; the container or
-        # sandbox still looks running until then); any other error is ours, and the retry below must
-        # succeed either way
-        other = [e for e in result.stop_errors if not containerd_stop_race(e)]
-        if other:
-            raise CycleError(f"racing StopPodSandbox failed: {other}")
-        cri.stop_pod(pod_id)
-        _remove(cri, pod_id, result, retry=fault is not None)
+        if stop_mode == "remove-race":
+            _stop_remove_race(cri, pod_id, result)
+        else:
+            _stops_then_remove(cri, pod_id, result, retry=fault is not None)
     except grpc.RpcError as e:
         result.hang = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         raise
@@ -101,6 +95,59 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
         result.leftovers.append(f"netns {netns}")
     result.seconds = time.monotonic() - start
     return result
+
+
+def _stops_then_remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
+    """3 concurrent StopPodSandbox, 1 more, RemovePodSandbox (the seed churn's end of a pod)."""
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(cri.stop_pod, pod_id) for _ in range(3)]
+        for f in futures:
+            try:
+                f.result()
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                result.stop_errors.append(f"{e.code().name}: {e.details()}")
+    # containerd 1.6's own races may fail any of the racing duplicates (kubelet retries them):
+    # its CNI teardown, and a duplicate's Kill of a container's or the sandbox's task sent on
+    # containerd's client to the shim that the winner's task delete has just closed (shimTask.delete
+    # closes it, waits for the shim's `delete`, and only then removes the task; the container or
+    # sandbox still looks running until then); any other error is ours, and the retry below must
+    # succeed either way
+    other = [e for e in result.stop_errors if not containerd_stop_race(e)]
+    if other:
+        raise CycleError(f"racing StopPodSandbox failed: {other}")
+    cri.stop_pod(pod_id)
+    _remove(cri, pod_id, result, retry=retry)
+
+
+def _stop_remove_race(cri: Cri, pod_id: str, result: CycleResult) -> None:
+    """2 StopPodSandbox concurrent with a RemovePodSandbox (containerd's RemovePodSandbox stops a ready
+    pod itself), then StopPodSandbox and RemovePodSandbox again until the pod is gone, as kubelet retries.
+    Any error of the racing calls but a hang is tolerated (recorded in stop_errors); the retries must end
+    it within REMOVE_RETRY_FOR."""
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(cri.stop_pod, pod_id), pool.submit(cri.remove_pod, pod_id),
+                   pool.submit(cri.stop_pod, pod_id)]
+        for f in futures:
+            try:
+                f.result()
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                result.stop_errors.append(f"{e.code().name}: {e.details()}")
+    deadline = time.monotonic() + REMOVE_RETRY_FOR
+    while any(p.id == pod_id for p in cri.list_pods()):
+        try:
+            cri.stop_pod(pod_id)
+            cri.remove_pod(pod_id)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() > deadline:
+                raise
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            result.remove_retries += 1
+            time.sleep(0.2)
 
 
 # After a fault, containerd 1.6's CRI plugin may still be handling the killed tasks' exits when
@@ -141,9 +188,9 @@ def kill_pod_process(pod_id: str, marker: str, ctd: CriContainerd | None = None)
     victims[0].wait(10)
 
 
-def fault_for(iteration: int, every: int) -> str | None:
-    """The loop's fault schedule: every `every`-th iteration kills QEMU or the shim, alternately
-    (None: no fault; `every` 0 turns faults off)."""
+def fault_for(iteration: int, every: int, markers: tuple[str, ...] = FAULT_MARKERS) -> str | None:
+    """The loop's fault schedule: every `every`-th iteration kills one of `markers` (QEMU, the shim,
+    and virtiofsd for a virtio-fs pod), in turn (None: no fault; `every` 0 turns faults off)."""
     if every <= 0 or iteration % every != every - 1:
         return None
-    return FAULT_MARKERS[(iteration // every) % len(FAULT_MARKERS)]
+    return markers[(iteration // every) % len(markers)]
