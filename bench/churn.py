@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -53,6 +54,8 @@ from tests.cri.pod_cycle import (  # noqa: E402
     fault_for,
     kill_pod_process,
     pod_cycle,
+    pod_name,
+    reap_pod,
 )
 
 # the admin lets pods choose their shared file system (--shared-fs)
@@ -102,20 +105,27 @@ class Churn:
 
         stats["faults"] += marker is not None
         stats["restarts"] += restart
+        name = pod_name(handler)
+        start = time.monotonic()
         try:
             r = pod_cycle(ctd, self.cri, handler, fault=fault if what else None, stop_mode=self.stop_mode,
-                          annotations=VIRTIO_FS_ANNOTATIONS if self.virtio_fs else None)
-        except grpc.RpcError as e:
+                          annotations=VIRTIO_FS_ANNOTATIONS if self.virtio_fs else None, name=name)
+        except (grpc.RpcError, CycleError) as e:
             stats["failures"] += 1
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                stats["hangs"] += 1
-            print(f"{label} #{i}: {e.code().name}: {e.details()}", file=sys.stderr)
+            if isinstance(e, grpc.RpcError):
+                stats["hangs"] += e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                why = f"{e.code().name}: {e.details()}"
+            else:
+                why = str(e)
+            took = time.monotonic() - start
+            self.slow.append(f"#{i} {name} failed after {took:.1f} s{f' ({what})' if what else ''}: {why}")
+            print(f"{label} #{i}: {name} after {took:.1f} s: {why}", file=sys.stderr)
             _keep_log(ctd, label, i)
-            return
-        except CycleError as e:
-            stats["failures"] += 1
-            print(f"{label} #{i}: {e}", file=sys.stderr)
-            _keep_log(ctd, label, i)
+            # ended as kubelet would, then checked as any other pod: a failure must not leak either
+            left = reap_pod(ctd, self.cri, name)
+            if left:
+                stats["leaks"] += 1
+                print(f"{label} #{i}: failed pod {name} left {left}", file=sys.stderr)
             return
         if not what:
             self.times.append(r.seconds)
@@ -182,7 +192,15 @@ def pooled_containerd(tmp: Path, size: int) -> Iterator[CriContainerd]:
                 os.environ["PYKATA_CONFIG"] = before
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
+    # SIGTERM (and SIGINT, which a background job starts with ignored) ends the run with its cleanup:
+    # its private containerd's pods removed, no shim or VM left behind
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("n", type=int, help="iterations per runtime")
     ap.add_argument("--runtime", choices=["pykata", "runc", "both"], default="both")

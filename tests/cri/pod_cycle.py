@@ -48,7 +48,7 @@ def containerd_stop_race(error: str) -> bool:
 
 def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
               fault: Callable[[str], None] | None = None, *, annotations: dict[str, str] | None = None,
-              stop_mode: str = "stops") -> CycleResult:
+              stop_mode: str = "stops", name: str = "") -> CycleResult:
     """RunPodSandbox, two busybox containers created and started, ExecSync `echo foo`, ContainerStatus,
     then 3 concurrent StopPodSandbox, 1 more, RemovePodSandbox; check the pod is gone and left nothing.
 
@@ -56,10 +56,10 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
     is a hang). containerd's CNI teardown error on racing StopPodSandbox calls is tolerated (the issue allows
     it) when the StopPodSandbox after them succeeds. `fault`, when given, is called with the pod id between
     the exec and the stops (to kill a process of the pod, say; or to restart containerd). `annotations`
-    are the pod's; `stop_mode` one of STOP_MODES.
+    are the pod's; `stop_mode` one of STOP_MODES; `name` the pod's (default: a new churn-<handler>-<hex>).
     """
     start = time.monotonic()
-    pod_id, pod_config = cri.run_pod(f"churn-{handler}-{uuid.uuid4().hex[:6]}", handler, annotations)
+    pod_id, pod_config = cri.run_pod(name or pod_name(handler), handler, annotations)
     result = CycleResult(pod_id, 0.0)
     try:
         ids = [cri.create_container(pod_id, pod_config, f"c{i}", BUSYBOX_IMAGE, ["sleep", "3600"])
@@ -95,6 +95,40 @@ def pod_cycle(ctd: CriContainerd, cri: Cri, handler: str,
         result.leftovers.append(f"netns {netns}")
     result.seconds = time.monotonic() - start
     return result
+
+
+def pod_name(handler: str) -> str:
+    """A new pod name for the cycle (reap_pod finds the pod by it after a failure)."""
+    return f"churn-{handler}-{uuid.uuid4().hex[:6]}"
+
+
+REAP_FOR = 180.0  # seconds reap_pod keeps trying (kubelet's runtime-request-timeout is 2 min a call)
+
+
+def reap_pod(ctd: CriContainerd, cri: Cri, name: str) -> list[str]:
+    """After a failed cycle, end pod `name` as kubelet would (StopPodSandbox and RemovePodSandbox until
+    it is unlisted; a pod whose RunPodSandbox timed out may appear later) and return what it left, or
+    why it could not be removed."""
+    deadline = time.monotonic() + REAP_FOR
+    left: list[str] = []
+    ids: set[str] = set()
+    while time.monotonic() < deadline:
+        try:
+            pods = [p.id for p in cri.list_pods() if p.metadata.name == name]
+            ids.update(pods)
+            if not pods:
+                break
+            for pod_id in pods:
+                cri.stop_pod(pod_id)
+                cri.remove_pod(pod_id)
+        except grpc.RpcError as e:
+            left = [f"not removed: {e.code().name}: {e.details()}"]
+            time.sleep(1.0)
+    else:
+        return left or [f"pod {name} still listed after {REAP_FOR:.0f} s"]
+    for pod_id in sorted(ids):
+        left += wait_gone(ctd, pod_id)
+    return left
 
 
 def _stops_then_remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
