@@ -56,6 +56,7 @@ from tests.cri.pod_cycle import (  # noqa: E402
     pod_cycle,
     pod_name,
     reap_pod,
+    wait_cri_ready,
 )
 
 # the admin lets pods choose their shared file system (--shared-fs)
@@ -102,6 +103,7 @@ class Churn:
                 kill_pod_process(pod_id, marker, ctd)
             if restart:
                 ctd.restart()
+                wait_cri_ready(self.cri)
 
         stats["faults"] += marker is not None
         stats["restarts"] += restart

@@ -110,9 +110,9 @@ def reap_pod(ctd: CriContainerd, cri: Cri, name: str) -> list[str]:
     it is unlisted; a pod whose RunPodSandbox timed out may appear later) and return what it left, or
     why it could not be removed."""
     deadline = time.monotonic() + REAP_FOR
-    left: list[str] = []
     ids: set[str] = set()
-    while time.monotonic() < deadline:
+    error = ""
+    while True:
         try:
             pods = [p.id for p in cri.list_pods() if p.metadata.name == name]
             ids.update(pods)
@@ -122,13 +122,28 @@ def reap_pod(ctd: CriContainerd, cri: Cri, name: str) -> list[str]:
                 cri.stop_pod(pod_id)
                 cri.remove_pod(pod_id)
         except grpc.RpcError as e:
-            left = [f"not removed: {e.code().name}: {e.details()}"]
+            error = f"{e.code().name}: {e.details()}"
+            if time.monotonic() > deadline:
+                return [f"pod {name} not removed within {REAP_FOR:.0f} s: {error}"]
             time.sleep(1.0)
-    else:
-        return left or [f"pod {name} still listed after {REAP_FOR:.0f} s"]
+    left: list[str] = []
     for pod_id in sorted(ids):
         left += wait_gone(ctd, pod_id)
     return left
+
+
+def wait_cri_ready(cri: Cri, within: float = 60.0) -> None:
+    """Until containerd's CRI plugin answers (a restarted containerd serves `ctr version` first, and
+    answers CRI calls with "server is not initialized yet" until it has recovered its pods)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            cri.list_pods()
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _stops_then_remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
