@@ -123,9 +123,9 @@ def reap_pod(ctd: CriContainerd, cri: Cri, name: str) -> list[str]:
                 cri.remove_pod(pod_id)
         except grpc.RpcError as e:
             error = f"{e.code().name}: {e.details()}"
-            if time.monotonic() > deadline:
-                return [f"pod {name} not removed within {REAP_FOR:.0f} s: {error}"]
             time.sleep(1.0)
+        if time.monotonic() > deadline:
+            return [f"pod {name} not removed within {REAP_FOR:.0f} s{f': {error}' if error else ''}"]
     left: list[str] = []
     for pod_id in sorted(ids):
         left += wait_gone(ctd, pod_id)
