@@ -56,6 +56,7 @@ from tests.cri.pod_cycle import (  # noqa: E402
     pod_cycle,
     pod_name,
     reap_pod,
+    stray_shims,
     wait_cri_ready,
 )
 
@@ -88,10 +89,14 @@ class Churn:
         self.slow: list[str] = []
         self.stats: dict[str, Any] = {"runtime": self.label, "iterations": n, "failures": 0, "hangs": 0,
                                       "leaks": 0, "stop_errors_tolerated": 0, "faults": 0, "restarts": 0,
-                                      "slow": 0}
+                                      "slow": 0, "done": 0}
         self.cri = Cri(ctd.socket).__enter__()
 
     def step(self, i: int) -> None:
+        self._step(i)
+        self.stats["done"] = i + 1
+
+    def _step(self, i: int) -> None:
         ctd, handler, stats, label = self.ctd, self.handler, self.stats, self.label
         markers = VIRTIO_FS_FAULT_MARKERS if self.virtio_fs else FAULT_MARKERS
         marker = fault_for(i, self.fault_every, markers) if handler == "pykata" else None
@@ -124,7 +129,7 @@ class Churn:
             print(f"{label} #{i}: {name} after {took:.1f} s: {why}", file=sys.stderr)
             _keep_log(ctd, label, i)
             # ended as kubelet would, then checked as any other pod: a failure must not leak either
-            left = reap_pod(ctd, self.cri, name)
+            left = reap_pod(ctd, self.cri, name) + stray_shims(ctd, self.cri)
             if left:
                 stats["leaks"] += 1
                 print(f"{label} #{i}: failed pod {name} left {left}", file=sys.stderr)
@@ -137,6 +142,7 @@ class Churn:
         stats["stop_errors_tolerated"] += len(r.stop_errors)
         for err in r.stop_errors:
             print(f"{label} #{i}: a racing StopPodSandbox failed (tolerated, retried): {err}", file=sys.stderr)
+        r.leftovers += stray_shims(ctd, self.cri)
         if r.leftovers:
             stats["leaks"] += 1
             print(f"{label} #{i}: pod {r.pod_id} left {r.leftovers}", file=sys.stderr)
@@ -239,9 +245,12 @@ def main() -> int:
             if args.pool > 0:
                 pooled = stack.enter_context(pooled_containerd(Path(tmp), args.pool))
                 loops.append(Churn(pooled, "pykata", args.n, args.faults, label="pykata+pool", **opts))
-            for i in range(args.n):
-                for loop in loops:
-                    loop.step(i)
+            try:
+                for i in range(args.n):
+                    for loop in loops:
+                        loop.step(i)
+            except KeyboardInterrupt as e:  # the iterations done so far are reported (the last one not)
+                print(f"interrupted ({e}): reporting the iterations done", file=sys.stderr)
             results = [loop.result() for loop in loops]
         except Exception:
             traceback.print_exc()
@@ -255,7 +264,7 @@ def main() -> int:
         print(f"{'runtime':11} {'iter':>5} {'faults':>6} {'fail':>5} {'hangs':>5} {'leaks':>5} {'stop-err':>8} "
               f"{'slow':>5} {'median s':>9} {'mean s':>7}")
         for r in results:
-            print(f"{r['runtime']:11} {r['iterations']:>5} {r['faults']:>6} {r['failures']:>5} {r['hangs']:>5} "
+            print(f"{r['runtime']:11} {r['done']:>5} {r['faults']:>6} {r['failures']:>5} {r['hangs']:>5} "
                   f"{r['leaks']:>5} {r['stop_errors_tolerated']:>8} {r['slow']:>5} {r['median_s']!s:>9} "
                   f"{r['mean_s']!s:>7}")
         print(f"load average (1, 5, 15 min) at the start: {' '.join(f'{x:.1f}' for x in load_at_start)}, "

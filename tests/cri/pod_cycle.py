@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -130,6 +131,24 @@ def reap_pod(ctd: CriContainerd, cri: Cri, name: str) -> list[str]:
     for pod_id in sorted(ids):
         left += wait_gone(ctd, pod_id)
     return left
+
+
+def stray_shims(ctd: CriContainerd, cri: Cri, within: float = 20.0) -> list[str]:
+    """Shims started by `ctd` for a pod it no longer lists, once they stop shrinking (a shim exits
+    shortly after its pod's removal): what a pod whose id the loop never learnt (its RunPodSandbox
+    failed) left. A claimed pooled shim's command line names neither, so only booting shims are seen."""
+    deadline = time.monotonic() + within
+    while True:
+        listed = {p.id for p in cri.list_pods()}
+        stray = []
+        for p in ctd.shims():
+            with contextlib.suppress(psutil.Error):
+                cmd = p.cmdline()
+                if "-id" in cmd[:-1] and cmd[cmd.index("-id") + 1] not in listed:
+                    stray.append(f"shim {p.pid} of {cmd[cmd.index('-id') + 1][:12]}")
+        if not stray or time.monotonic() > deadline:
+            return stray
+        time.sleep(0.2)
 
 
 def wait_cri_ready(cri: Cri, within: float = 60.0) -> None:

@@ -273,6 +273,38 @@ async def test_hang_up_mid_delete_still_ends_the_shim(shim: DirectShim, tmp_path
     assert not _leftovers(shim.id)
 
 
+
+def _qemu_of(sandbox_id: str) -> bool:
+    return any(f"pykata-{sandbox_id}," in " ".join(p.info["cmdline"] or [])
+               for p in psutil.process_iter(["cmdline"]))
+
+
+async def test_create_given_up_mid_boot_still_ends_the_shim(shim: DirectShim, tmp_path: Path) -> None:
+    """containerd gives up on a Create that outlasts its caller's deadline (a CRI RunPodSandbox under
+    load): it hangs up, which cancels the Create while the VM boots, and runs `delete`, whose one
+    Shutdown comes while the half-booted VM is still being torn down. The shim must end once that is
+    done: it stayed, with nothing to serve, and nobody ever said Shutdown again (churn with virtio-fs
+    pods at load 20 left one idle shim per such pod)."""
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    create = asyncio.ensure_future(_outcome(_call(client, "Create", shim.create_request(tmp_path / "ovl"),
+                                                  timeout=120)))
+    async with asyncio.timeout(60):
+        while not _qemu_of(shim.id):  # the VM is booting
+            assert not create.done(), await create
+            await asyncio.sleep(0.01)
+    await client.close()
+    assert await create == "closed"
+    # what `delete` sends (containerd runs it right after the hang-up), while the Create's teardown of
+    # the VM is not over; `delete` sends no other (the fixture's cleanup runs it again, as containerd
+    # would only for a dead shim)
+    again = await connect_unix(shim.socket)
+    async with again:
+        assert await _outcome(_call(again, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id))) in {"ok", "closed"}
+    assert await shim.wait_gone(60)
+    assert not _leftovers(shim.id)
+
+
 async def test_delete_command_after_a_killed_shim(shim: DirectShim, tmp_path: Path) -> None:
     shim.write_bundle(["sleep", "1000"])
     client = await shim.start()

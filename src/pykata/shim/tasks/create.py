@@ -40,10 +40,17 @@ async def create(st: TaskState, req: shim_pb2.CreateTaskRequest) -> shim_pb2.Cre
     st.creating.add(cid)
     mark("rpc.create")
     try:
-        return await _create(st, req, cid)
+        resp = await _create(st, req, cid)
+    except BaseException:
+        st.creating.discard(cid)
+        if st.exit_when_empty and not st.containers and not st.creating:
+            st.begin_exit()  # a Shutdown came meanwhile (shutdown.shutdown): nothing is left to serve
+        raise
     finally:
         st.creating.discard(cid)
         mark("rpc.create.done")
+    st.exit_when_empty = False  # a Shutdown that came meanwhile was for a shim with no task
+    return resp
 
 
 async def _create(st: TaskState, req: shim_pb2.CreateTaskRequest, cid: str) -> shim_pb2.CreateTaskResponse:

@@ -26,10 +26,14 @@ async def shutdown(st: TaskState, req: shim_pb2.ShutdownRequest) -> Empty:
     if req.now:
         st.begin_exit()
         return Empty()
-    if st.creating or any(sc.deleting is None for sc in st.containers.values()):
+    if any(sc.deleting is None for sc in st.containers.values()):
         return Empty()  # the shim still serves containers
-    if st.containers:
-        # only containers being deleted are left (a Delete racing this Shutdown): end after them
+    if st.containers or st.creating:
+        # Only containers being deleted (a Delete racing this Shutdown) or created are left: end after
+        # them. containerd says Shutdown to a shim with a Create in flight when it gave up on that
+        # Create (a CRI deadline: it hangs up, which cancels the Create, and runs `delete`, which says
+        # Shutdown once); the Create's teardown of a half-booted VM outlasts that, and the shim stayed
+        # forever with nothing to serve. A Create that succeeds keeps the shim (create clears this).
         st.exit_when_empty = True
         return Empty()
     st.begin_exit()
