@@ -121,8 +121,9 @@ def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) ->
 # mount, each with its cause, and the exact line pykata prints. FIFOs, Unix sockets, locks, writable
 # MAP_SHARED (hypervisor.qemu.virtio_9p_cache = "mmap"), inotify of the container's own changes on a
 # directory and on a file, its IN_DELETE_SELF included (the guest's 9p client reuses the inode it holds
-# and drops a link on unlink: guestimage/kernel.py SOURCE_EDITS), O_TMPFILE with O_EXCL and the rest behave
-# as under runc.
+# and drops a link on unlink: guestimage/kernel.py SOURCE_EDITS), POSIX ACLs (access and a directory's
+# default, inherited: the mount's `posixacl`), O_TMPFILE with O_EXCL (its mode from the umask or the
+# default ACL) and the rest behave as under runc.
 VOLUME_KNOWN_DIFFERENCES = {
     # atime's nanoseconds set over 9p are mtime's: QEMU 7.2's 9p-proxy.c (v9fs_request, T_UTIME) marshals
     # mtime's tv_nsec in atime's place on its way to virtfs-proxy-helper (the jailed QEMU's 9p backend).
@@ -160,12 +161,6 @@ VOLUME_KNOWN_DIFFERENCES = {
     # data in 200 MiB: 496 KiB allocated, runc 4 KiB; bench/real_software_ctr.py --suite apps, git_tar).
     # The data is the same; 4 KiB would cost 124 times the round trips for every sequential read.
     "st-blksize": "st-blksize: 507904",
-    # POSIX ACLs (setfacl, tar --acls, cp -a of a file with an ACL): the guest's VFS refuses system.posix_acl_*
-    # unless the 9p mount has `posixacl` (SB_POSIXACL; set_posix_acl in fs/posix_acl.c). With it (and the
-    # default access=user) the 9p client passes them to the host, which keeps and inherits them (both rows
-    # matched runc), but the guest kernel's O_TMPFILE|O_EXCL edit then fails with EIO: not done yet.
-    "acl-access": "acl-access: setxattr (Operation not supported)",
-    "acl-default": "acl-default: setxattr (Operation not supported)",
 }
 
 
@@ -199,6 +194,8 @@ VIRTIO_FS_VOLUME_KNOWN_DIFFERENCES = {
     "o-tmpfile": "o-tmpfile: open (Operation not supported)",
     "o-tmpfile-linkat": "o-tmpfile-linkat: open (Operation not supported)",
     "o-tmpfile-excl": "o-tmpfile-excl: open (Operation not supported)",
+    "o-tmpfile-excl-mode": "o-tmpfile-excl-mode: open (Operation not supported)",
+    "o-tmpfile-excl-acl": "o-tmpfile-excl-acl: open (Operation not supported)",
 }
 
 

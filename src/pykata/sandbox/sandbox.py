@@ -404,12 +404,14 @@ class Sandbox:
         """The guest's mount of the shared directory (one request per sandbox: the agent refuses the
         same mount point with other options once it is mounted)."""
         assert self.vm is not None
-        # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated)
+        # a templated VM uses 9p whatever the configuration says (virtio-fs cannot be migrated);
+        # posixacl: POSIX ACLs as under runc (setfacl, tar --acls, cp -a; a directory's default ACL
+        # inherited), which the guest's VFS refuses on a mount without it
         if self.vm.shared_fs == "virtio-fs":
             return agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG, fstype="virtiofs",
                                      mount_point=GUEST_SHARED_DIR)
         return agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p", mount_point=GUEST_SHARED_DIR,
-                                 options=["trans=virtio", "version=9p2000.L", "msize=512000",
+                                 options=["trans=virtio", "version=9p2000.L", "msize=512000", "posixacl",
                                           *_nine_p_cache_options(self.config.qemu.virtio_9p_cache)])
 
     def _share_on_demand(self) -> bool:

@@ -235,6 +235,19 @@ static void misc(void) {
                "linkat of an O_EXCL tmpfile");
         close(fd);
     } else report("o-tmpfile-excl", 0, "open");
+    /* its mode: the umask applied, or in a directory with a default ACL (acls() made acldir) the ACL
+       inherited and the mode its mask allows */
+    fd = open(".", O_TMPFILE | O_RDWR | O_EXCL, 0666);
+    if (fd >= 0 && fstat(fd, &st) == 0) printf("o-tmpfile-excl-mode: %o\n", (unsigned)(st.st_mode & 07777));
+    else report("o-tmpfile-excl-mode", 0, "open");
+    if (fd >= 0) close(fd);
+    fd = open("acldir", O_TMPFILE | O_RDWR | O_EXCL, 0666);
+    if (fd >= 0 && fstat(fd, &st) == 0) {
+        char acl[64];
+        printf("o-tmpfile-excl-acl: mode %o acl %zd\n", (unsigned)(st.st_mode & 07777),
+               fgetxattr(fd, "system.posix_acl_access", acl, sizeof acl));
+    } else report("o-tmpfile-excl-acl", 0, "open");
+    if (fd >= 0) close(fd);
     fd = open("alloc", O_RDWR | O_CREAT | O_TRUNC, 0644);
     report("fallocate", fallocate(fd, 0, 0, 1 << 20) == 0 && fstat(fd, &st) == 0 && st.st_size == 1 << 20,
            "fallocate");
