@@ -3,10 +3,10 @@
 4 GiB, utimensat with explicit nanoseconds by path/fd/nofollow/dir and of mtime or atime alone, user.* xattrs
 set/replace/get/list/remove on a new file, a directory and an image file, OFD and POSIX locks at 64-bit
 offsets (also as another process sees them), truncate of an open file, O_TMPFILE + linkat, fallocate (punch
-hole, keep size), sparse files and SEEK_DATA/SEEK_HOLE, rename/link/unlink of open files, statfs, inotify
-events of the container's own changes on a directory and on a file with a second name, directory link
-counts) prints one line per check; both runtimes must print the same lines. Run on the container's root,
-on a read-write host volume, and in a CRI pod's emptyDir."""
+hole, keep size, zero range, collapse), sparse files and SEEK_DATA/SEEK_HOLE, rename/link/unlink of open
+files, statfs, inotify events of the container's own changes on a directory and on a file with a second
+name, directory link counts) prints one line per check; both runtimes must print the same lines. Run on
+the container's root, on a read-write host volume, and in a CRI pod's emptyDir."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 PROBE = Path(__file__).with_name("data") / "fsprobe.c"
 pytestmark = [pytest.mark.vm]
 
+# fallocate modes tmpfs does not have (Linux 6.12's shmem_fallocate: EOPNOTSUPP), where ext4 does
+TMPFS_FALLOCATE = {
+    "fallocate-zero-range": "fallocate-zero-range: zero range (Operation not supported)",
+    "fallocate-zero-range-keep": "fallocate-zero-range-keep: zero range (Operation not supported)",
+    "fallocate-collapse": "fallocate-collapse: collapse range (Operation not supported)",
+}
+
 # Differences left, each with its cause, and the exact line pykata prints for it.
 KNOWN_DIFFERENCES = {
     # The container's root is an overlay (image below, writable layer above), and overlayfs reports 1 link
@@ -37,6 +44,9 @@ KNOWN_DIFFERENCES = {
     # snapshotter mounts the same kind of overlay, shows 1 too. Kept: it is what containerd users see, and
     # `find` and friends take nlink=1 to mean "do not count subdirectories".
     "dir-nlink-cwd": "dir-nlink-cwd: 1",
+    # The container's writable layer is a guest tmpfs (runc's: the host's ext4 here), and tmpfs has no
+    # FALLOC_FL_ZERO_RANGE or FALLOC_FL_COLLAPSE_RANGE (mm/shmem.c takes punch hole and keep size only).
+    **TMPFS_FALLOCATE,
 }
 
 
@@ -147,12 +157,13 @@ VOLUME_KNOWN_DIFFERENCES = {
     # (guestimage/kernel.py SOURCE_EDITS) and matches runc.
     "o-tmpfile": "o-tmpfile: open (Operation not supported)",
     "o-tmpfile-linkat": "o-tmpfile-linkat: open (Operation not supported)",
-    # 9P2000.L has no fallocate and no SEEK_DATA/SEEK_HOLE message, and QEMU's 9p server no extension for
-    # them: the client refuses fallocate and answers SEEK_DATA/SEEK_HOLE generically (all data). Writing
-    # zeros is no emulation: it cannot punch, keep the size, or leave existing data untouched atomically.
-    "fallocate": "fallocate: fallocate (Operation not supported)",
-    "fallocate-punch": "fallocate-punch: punch hole (Operation not supported)",
-    "fallocate-keep-size": "fallocate-keep-size: keep size (Operation not supported)",
+    # 9P2000.L has no fallocate message: the guest's 9p client stands in for it (guestimage/kernel.py
+    # SOURCE_EDITS, _NINE_P_FALLOCATE) with zeros written over the range (punch hole, zero range) or past
+    # the end (allocation), so reads, sizes and allocated blocks are as under runc, but a punched hole keeps
+    # its blocks on the host, and modes that move data (collapse, insert) stay EOPNOTSUPP. Nor is there a
+    # SEEK_DATA/SEEK_HOLE message: the client answers them generically (all data).
+    "fallocate-punch-blocks": "fallocate-punch-blocks: kept",
+    "fallocate-collapse": "fallocate-collapse: collapse range (Operation not supported)",
     "sparse-seek": "sparse-seek: data 0 hole 3221225473",
     # QEMU's 9p server gives st_blksize as its I/O unit (the largest multiple of the host file's st_blksize
     # that fits msize: stat_to_iounit), and the guest's 9p client passes it on. Programs size their buffers
@@ -196,6 +207,9 @@ VIRTIO_FS_VOLUME_KNOWN_DIFFERENCES = {
     "o-tmpfile-excl": "o-tmpfile-excl: open (Operation not supported)",
     "o-tmpfile-excl-mode": "o-tmpfile-excl-mode: open (Operation not supported)",
     "o-tmpfile-excl-acl": "o-tmpfile-excl-acl: open (Operation not supported)",
+    # the guest's FUSE client sends punch hole, zero range and keep size (fuse_file_fallocate) and refuses
+    # the rest itself
+    "fallocate-collapse": "fallocate-collapse: collapse range (Operation not supported)",
 }
 
 
@@ -205,9 +219,9 @@ def test_volume_semantics_over_virtio_fs(bundle: Path, tmp_path: Path) -> None:
 
 
 # A CRI pod's emptyDir is made in the guest (a tmpfs: pykata.resources.emptydir); under runc it is the
-# host directory kubelet made. What differs, each with its cause, and the exact line pykata prints: nothing
-# (tmpfs has user.* xattrs from Linux 6.6, and the guest kernel is 6.12).
-EMPTYDIR_KNOWN_DIFFERENCES: dict[str, str] = {}
+# host directory kubelet made. What differs, each with its cause, and the exact line pykata prints: only
+# the fallocate modes tmpfs lacks (tmpfs has user.* xattrs from Linux 6.6, and the guest kernel is 6.12).
+EMPTYDIR_KNOWN_DIFFERENCES: dict[str, str] = {**TMPFS_FALLOCATE}
 
 
 def test_emptydir_semantics_same_as_runc(bundle: Path, tmp_path: Path) -> None:

@@ -127,6 +127,18 @@ EXPECTED_COMPILE_STEPS = 1577
 #   posixacl the VFS leaves the umask to the file system, so the edit applies it, or the directory's
 #   default ACL (v9fs_acl_mode, as create does), and reads and sets the new file's ACLs before the
 #   unlink: QEMU answers xattr requests by path, so a new inode read after it failed with EIO.
+# - fallocate on 9p (_NINE_P_FALLOCATE; 9P2000.L has no such message, and 6.12's client had no
+#   .fallocate: EOPNOTSUPP). What a program sees is kept: the range of PUNCH_HOLE|KEEP_SIZE and
+#   ZERO_RANGE reads zeros (written over it through the file's fid, so they are on the host when the call
+#   returns, as a write(); a mapping's dirty pages of the range are written first and its cached pages
+#   dropped after); mode 0 and ZERO_RANGE without KEEP_SIZE grow the file, mode 0 by zeros written past
+#   the server's end of file only, so the blocks exist on the host (st_blocks, du, and a later write
+#   cannot fail for room) and a hole below the end stays one; KEEP_SIZE alone does nothing (a write past
+#   the end would grow the file). Differences left: a punched hole keeps its blocks, KEEP_SIZE allocates
+#   nothing, a large allocation costs its writes (one round trip per I/O unit), and COLLAPSE_RANGE,
+#   INSERT_RANGE and UNSHARE stay EOPNOTSUPP (they move data). The inode lock keeps the guest's own
+#   writers of the file out meanwhile; the host's own writers are not (a write the host makes past the
+#   end during a mode-0 call may be overwritten by zeros).
 _NINE_P_REUSE_TEST = (
     "/* Always get a new inode */\nstatic int v9fs_test_new_inode_dotl(struct inode *inode, void *data)\n"
     "{\n\treturn 0;\n}\n",
@@ -342,6 +354,100 @@ _NINE_P_TMPFILE = (
     "const struct inode_operations v9fs_dir_inode_operations_dotl = {\n"
     "\t.tmpfile = v9fs_vfs_tmpfile_dotl,\n",
 )
+_NINE_P_FALLOCATE_INCLUDE = (
+    "#include <linux/uio.h>\n",
+    "#include <linux/uio.h>\n#include <linux/falloc.h>\n#include <linux/sched/signal.h>\n#include <linux/sizes.h>\n",
+)
+_NINE_P_FALLOCATE = (
+    "const struct file_operations v9fs_file_operations_dotl = {\n",
+    "/*\n"
+    " * pykata: fallocate over 9P2000.L, which has no such message (guestimage/kernel.py). Zeros written\n"
+    " * through the file's fid where the file's data must become zeros or new blocks must exist: what a\n"
+    " * program reads, the size and the space the host allocates are as a local fallocate leaves them.\n"
+    " */\n"
+    "static int v9fs_fallocate_zeros(struct file *file, loff_t start, loff_t end)\n"
+    "{\n"
+    "\tstruct p9_fid *fid = file->private_data;\n"
+    "\tsize_t chunk = min_t(loff_t, end - start, fid->iounit ? fid->iounit : SZ_256K);\n"
+    "\tstruct iov_iter from;\n"
+    "\tstruct kvec kv;\n"
+    "\tvoid *zeros;\n"
+    "\tint err = 0;\n\n"
+    "\tzeros = kvzalloc(chunk, GFP_KERNEL);\n"
+    "\tif (!zeros)\n"
+    "\t\treturn -ENOMEM;\n"
+    "\twhile (start < end && !err) {\n"
+    "\t\tsize_t n = min_t(loff_t, end - start, chunk);\n"
+    "\t\tint written;\n\n"
+    "\t\tkv.iov_base = zeros;\n"
+    "\t\tkv.iov_len = n;\n"
+    "\t\tiov_iter_kvec(&from, ITER_SOURCE, &kv, 1, n);\n"
+    "\t\twritten = p9_client_write(fid, start, &from, &err);\n"
+    "\t\tif (!err && written <= 0)\n"
+    "\t\t\terr = -EIO;\n"
+    "\t\tif (!err)\n"
+    "\t\t\tstart += written;\n"
+    "\t\tif (!err && start < end && fatal_signal_pending(current))\n"
+    "\t\t\terr = -EINTR;\n"
+    "\t}\n"
+    "\tkvfree(zeros);\n"
+    "\treturn err;\n"
+    "}\n\n"
+    "static long v9fs_file_fallocate_dotl(struct file *file, int mode, loff_t offset, loff_t len)\n"
+    "{\n"
+    "\tstruct inode *inode = file_inode(file);\n"
+    "\tstruct p9_fid *fid = file->private_data;\n"
+    "\tloff_t end = offset + len, size, zstart, zend;\n"
+    "\tstruct p9_stat_dotl *st;\n"
+    "\tlong err = 0;\n\n"
+    "\t/* collapse, insert, unshare, no-hide-stale: nothing to stand in for them (EOPNOTSUPP) */\n"
+    "\tif (mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))\n"
+    "\t\treturn -EOPNOTSUPP;\n"
+    "\tif (!fid)\n"
+    "\t\treturn -EBADF;\n"
+    "\tinode_lock(inode);\n"
+    "\t/* the size the server has now: the host may have changed the file */\n"
+    "\tst = p9_client_getattr_dotl(fid, P9_STATS_SIZE);\n"
+    "\tif (IS_ERR(st)) {\n"
+    "\t\terr = PTR_ERR(st);\n"
+    "\t\tgoto out;\n"
+    "\t}\n"
+    "\tsize = st->st_size;\n"
+    "\tkfree(st);\n"
+    "\tif (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {\n"
+    "\t\t/* the range reads zeros; past the end only when the size grows */\n"
+    "\t\tzstart = offset;\n"
+    "\t\tzend = (mode & FALLOC_FL_KEEP_SIZE) ? min(end, size) : end;\n"
+    "\t} else if (!(mode & FALLOC_FL_KEEP_SIZE)) {\n"
+    "\t\t/* blocks past the end, allocated on the host; a hole below it stays one */\n"
+    "\t\tzstart = max(offset, size);\n"
+    "\t\tzend = end;\n"
+    "\t} else {\n"
+    "\t\t/* KEEP_SIZE alone: a write past the end would grow the file; nothing visible to do */\n"
+    "\t\tgoto out;\n"
+    "\t}\n"
+    "\tif (zstart >= zend)\n"
+    "\t\tgoto out;\n"
+    "\t/* a mapping's dirty pages go first, then the cached pages of the range, which now read zeros */\n"
+    "\terr = filemap_write_and_wait_range(inode->i_mapping, zstart, zend - 1);\n"
+    "\tif (!err)\n"
+    "\t\terr = v9fs_fallocate_zeros(file, zstart, zend);\n"
+    "\ttruncate_pagecache_range(inode, zstart, zend - 1);\n"
+    "\tif (zend > size) {\n"
+    "\t\t/* the inode's size as the server now has it (a write may have stopped short) */\n"
+    "\t\tst = p9_client_getattr_dotl(fid, P9_STATS_BASIC);\n"
+    "\t\tif (!IS_ERR(st)) {\n"
+    "\t\t\tv9fs_stat2inode_dotl(st, inode, 0);\n"
+    "\t\t\tkfree(st);\n"
+    "\t\t}\n"
+    "\t}\n"
+    "out:\n"
+    "\tinode_unlock(inode);\n"
+    "\treturn err;\n"
+    "}\n\n"
+    "const struct file_operations v9fs_file_operations_dotl = {\n"
+    "\t.fallocate = v9fs_file_fallocate_dotl,\n",
+)
 SOURCE_EDITS = (
     ("arch/x86/kernel/acpi/boot.c", "\treturn !hypervisor_is_type(X86_HYPER_NATIVE);\n", "\treturn true;\n"),
     ("arch/x86/kernel/apic/apic.c", "unsigned int lapic_timer_period = 0;\n",
@@ -384,6 +490,8 @@ SOURCE_EDITS = (
     ("fs/9p/vfs_inode.c", *_NINE_P_UNLINK_NLINK),
     ("fs/9p/vfs_inode_dotl.c", *_NINE_P_SETATTR_TIMES),
     ("fs/9p/vfs_inode_dotl.c", *_NINE_P_TMPFILE),
+    ("fs/9p/vfs_file.c", *_NINE_P_FALLOCATE_INCLUDE),
+    ("fs/9p/vfs_file.c", *_NINE_P_FALLOCATE),
 )
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.
