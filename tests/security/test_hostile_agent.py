@@ -39,6 +39,9 @@ pytestmark = pytest.mark.vm
 REQUEST_TIMEOUT = 20.0
 # Every ctr step must end within this, whatever the agent does (boot and teardown included).
 STEP_BOUND = 60.0
+# `ctr run` of a pod whose create is not attacked: a cold boot of the whole guest, which took over 60 s
+# at load 30 on the 2-core host.
+CREATE_UNDER_LOAD = 300.0
 # What the shim may hold, at most, while its agent floods it.
 SHIM_RSS_BOUND = 200 << 20
 
@@ -138,15 +141,18 @@ def _outcome(rc: int, text: str) -> str:
 
 
 @contextmanager
-def hostile_pod(ctd: Containerd, run_dir: Path, attack: str, **container_attacks: str) -> Iterator[str]:
+def hostile_pod(ctd: Containerd, run_dir: Path, attack: str, create_bound: float = STEP_BOUND,
+                **container_attacks: str) -> Iterator[str]:
     """A detached container in its own VM whose agent applies `container_attacks`; removed at the end
-    (timed and recorded), and then nothing of it may be left."""
+    (timed and recorded), and then nothing of it may be left. `create_bound`: how long its `ctr run`
+    may take (a cold boot of the whole guest; a test whose attacks leave the create alone may allow
+    a loaded host more)."""
     cid = f"h{attack[:6]}-{uuid.uuid4().hex[:6]}"
     args = ["sh", "-c", "sleep 100000"]
     if container_attacks:
         args.append(marker(**container_attacks))
     started = time.monotonic()
-    p = ctd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, IMAGE, cid, *args, check=False, timeout=STEP_BOUND)
+    p = ctd.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, IMAGE, cid, *args, check=False, timeout=create_bound)
     created = time.monotonic() - started
     try:
         yield cid if p.returncode == 0 else ""
@@ -243,6 +249,24 @@ def test_a_bad_start_reply_fails_the_create_and_leaves_nothing(ctd: HostileConta
     attack, rpc = "outofrange", "StartContainer"
     with hostile_pod(ctd, hostile_dir / "run", attack, **{rpc: attack}) as cid:
         assert not cid, "the pod started although its agent's answer was out of contract"
+
+
+@pytest.mark.timeout(CREATE_UNDER_LOAD + 300)
+def test_a_guest_that_never_answers_stats_delays_them_by_seconds_only(ctd: HostileContainerd,
+                                                                      hostile_dir: Path) -> None:
+    """containerd answers a metrics request for many tasks (CRI's ListContainerStats, kubelet's summary
+    of the node, which metrics-server reads within 10 s) once every shim answered: a guest that never
+    answers StatsContainer held every pod's figures back by the agent's whole request timeout. The
+    shim's Stats now fails after STATS_TIMEOUT."""
+    from pykata.shim.tasks.control import STATS_TIMEOUT
+
+    with hostile_pod(ctd, hostile_dir / "run", "hang", CREATE_UNDER_LOAD, StatsContainer="hang") as cid:
+        assert cid, "the pod did not start"
+        rc, text, secs = _step(ctd, "task", "metrics", cid)
+        record("StatsContainer", "hang", "ctr task metrics", _outcome(rc, text), secs)
+        assert rc != 0, text
+        assert secs < STATS_TIMEOUT + 8 < REQUEST_TIMEOUT, f"Stats took {secs:.1f} s"
+        assert _alive(ctd)
 
 
 # -- the SDK ---------------------------------------------------------------------------------------
@@ -376,4 +400,5 @@ async def test_sdk_bounds_and_escapes_the_agent_error_text(hostile_dir: Path) ->
     finally:
         await sb.close()
     assert not _leftovers(hostile_dir / "run", sandbox_id)
+
 

@@ -1128,9 +1128,12 @@ class Sandbox:
         """Apply an OCI `linux.resources` object to the container. Raises AgentError."""
         await self.agent.update_container(container_id, linux_resources)
 
-    async def stats_container(self, container_id: str) -> agent_pb2.CgroupStats:
-        """The container's cgroup statistics, read in the guest (bounded). Raises AgentError."""
-        return (await self.agent.stats_container(container_id)).cgroup_stats
+    async def stats_container(self, container_id: str, *, timeout: float | None = None) -> agent_pb2.CgroupStats:
+        """The container's cgroup statistics, read in the guest (bounded), within `timeout` seconds (None:
+        the agent's request timeout). Raises AgentError."""
+        if timeout is None:
+            return (await self.agent.stats_container(container_id)).cgroup_stats
+        return (await self.agent.stats_container(container_id, timeout=timeout)).cgroup_stats
 
     async def next_oom_event(self) -> str:
         """Wait for the next OOM kill in the guest; the id of its container ("" for none).

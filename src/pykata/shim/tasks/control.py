@@ -24,6 +24,12 @@ from pykata.shim.tasks.state import TaskState
 from pykata.ttrpc import Code
 
 log = logging.getLogger("pykata.shim")
+# How long Stats waits for the guest. containerd answers a metrics request for many tasks (CRI's
+# ListContainerStats: kubelet's summary of the whole node, which its eviction manager and metrics-server
+# read, the latter within 10 s) once every shim answered, so one guest that never answers delayed every
+# pod's figures by the agent's whole request timeout (30 s) at each request. An honest guest answers in
+# tens of milliseconds, a few seconds on a saturated TCG host; a late one gets no figures this time.
+STATS_TIMEOUT = 5.0
 
 
 async def pause(st: TaskState, req: shim_pb2.PauseRequest) -> Empty:
@@ -163,5 +169,6 @@ async def stats(st: TaskState, req: shim_pb2.StatsRequest) -> shim_pb2.StatsResp
     if sc.guestless:
         return shim_pb2.StatsResponse(stats=metrics_any(pauseless.empty_stats()))
     with agent_errors(f"stats {sc.id}"):
-        stats = await sandbox.stats_container(sc.id)
+        limit = min(STATS_TIMEOUT, sandbox.config.agent.pykata.request_timeout)
+        stats = await sandbox.stats_container(sc.id, timeout=limit)
     return shim_pb2.StatsResponse(stats=metrics_any(stats))
