@@ -376,7 +376,7 @@ def _quotes_the_guest_safely(text: str) -> None:
 
 
 async def test_sdk_bounds_and_escapes_the_agent_error_text(hostile_dir: Path) -> None:
-    """An agent that fails a call with ~4 MiB of error text carrying a forged log line, a carriage
+    """An agent that fails a call with 512 KiB of error text carrying a forged log line, a carriage
     return and terminal escapes: the host's error quotes at most a few KiB of it, escaped (it quoted
     it whole, raw, into every error and log line that named the failure)."""
     from pykata.config.load import load_config_file
@@ -402,3 +402,20 @@ async def test_sdk_bounds_and_escapes_the_agent_error_text(hostile_dir: Path) ->
     assert not _leftovers(hostile_dir / "run", sandbox_id)
 
 
+
+@pytest.mark.timeout(CREATE_UNDER_LOAD + 300)
+def test_shim_bounds_and_escapes_the_agent_error_text(ctd: HostileContainerd, hostile_dir: Path) -> None:
+    """The same error text through containerd: what `ctr` gets back (the shim's error, which containerd
+    logs and CRI passes on to kubelet's events and pod status) is bounded and escaped."""
+    with hostile_pod(ctd, hostile_dir / "run", "errtext", CREATE_UNDER_LOAD, PauseContainer="errtext") as cid:
+        assert cid, "the pod did not start"
+        rc, text, secs = _step(ctd, "task", "pause", cid)
+        record("PauseContainer", "errtext", "ctr task pause", f"rc {rc}, {len(text)} characters", secs)
+        assert rc != 0 and "pause" in text and "more characters" in text, text[:300]
+        _quotes_the_guest_safely(text)
+        rc, text, secs = _step(ctd, "task", "exec", "--exec-id", f"x{uuid.uuid4().hex[:6]}", cid,
+                               "sh", "-c", "true", marker(ExecProcess="errtext"))
+        record("ExecProcess", "errtext", "ctr task exec", f"rc {rc}, {len(text)} characters", secs)
+        assert rc != 0
+        _quotes_the_guest_safely(text)
+        assert _alive(ctd)
