@@ -44,7 +44,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.cri.harness import Cri, CriContainerd  # noqa: E402
+from tests.cri.harness import CALL_TIMEOUT, Cri, CriContainerd  # noqa: E402
 from tests.cri.pod_cycle import (  # noqa: E402
     FAULT_MARKERS,
     STOP_MODES,
@@ -80,7 +80,8 @@ class Churn:
     the runtimes' iterations, so load that comes and goes on a shared host falls on each alike)."""
 
     def __init__(self, ctd: CriContainerd, handler: str, n: int, fault_every: int = 0, label: str = "", *,
-                 shared_fs: str = "", stop_mode: str = "stops", restart_every: int = 0) -> None:
+                 shared_fs: str = "", stop_mode: str = "stops", restart_every: int = 0,
+                 call_timeout: float = CALL_TIMEOUT) -> None:
         self.ctd, self.handler, self.fault_every = ctd, handler, fault_every
         self.label = label or handler
         self.virtio_fs = shared_fs == "virtio-fs" and handler == "pykata"
@@ -90,7 +91,7 @@ class Churn:
         self.stats: dict[str, Any] = {"runtime": self.label, "iterations": n, "failures": 0, "hangs": 0,
                                       "leaks": 0, "stop_errors_tolerated": 0, "faults": 0, "restarts": 0,
                                       "slow": 0, "done": 0}
-        self.cri = Cri(ctd.socket).__enter__()
+        self.cri = Cri(ctd.socket, timeout=call_timeout).__enter__()
 
     def step(self, i: int) -> None:
         self._step(i)
@@ -222,16 +223,21 @@ def main() -> int:
                     help="how a pod ends: the seed's 3+1 StopPodSandbox, or stops racing RemovePodSandbox")
     ap.add_argument("--restart-containerd", type=int, default=0, metavar="K",
                     help="every K-th iteration restarts containerd between the exec and the stops (0: never)")
+    ap.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT, metavar="S",
+                    help=f"seconds each CRI call may take before it counts as a hang (default {CALL_TIMEOUT:g}; "
+                         "kubelet's runtime-request-timeout is 120)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.n < 1:
         ap.error("n: must be at least 1")
     if args.faults < 0:
         ap.error("--faults: must be 0 or more")
+    if args.call_timeout <= 0:
+        ap.error("--call-timeout: must be more than 0")
     if args.restart_containerd < 0:
         ap.error("--restart-containerd: must be 0 or more")
     opts: dict[str, Any] = {"shared_fs": args.shared_fs, "stop_mode": args.stop_mode,
-                            "restart_every": args.restart_containerd}
+                            "restart_every": args.restart_containerd, "call_timeout": args.call_timeout}
     handlers = ["runc", "pykata"] if args.runtime == "both" else [args.runtime]
     load_at_start = os.getloadavg()
     results = []
