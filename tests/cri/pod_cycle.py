@@ -242,14 +242,17 @@ def _remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
 
 
 def kill_pod_process(pod_id: str, marker: str, ctd: CriContainerd | None = None) -> None:
-    """SIGKILL the one process of pod `pod_id` whose command starts with `marker` (QEMU, the shim) and
-    wait for it to be gone (a pod on a pooled VM: found through `ctd`'s pod_parts). Raises CycleError
-    when there is not exactly one."""
+    """SIGKILL the one process of pod `pod_id` whose command starts with `marker` (QEMU, the shim,
+    virtiofsd: the first of its two) and wait for it to be gone (a pod on a pooled VM: found through
+    `ctd`'s pod_parts). Raises CycleError when there is not exactly one."""
     names, pids = ctd.pod_parts(pod_id) if ctd is not None else (set(), set())
     names = {pod_id, *names}
     victims = [p for p in psutil.process_iter(["cmdline"])
                if marker in " ".join((p.info["cmdline"] or [])[:2])
                and (p.pid in pids or any(n in " ".join(p.info["cmdline"] or []) for n in names))]
+    # one that forks itself (virtiofsd's sandboxed child) is killed through its first process
+    pids_found = {p.pid for p in victims}
+    victims = [p for p in victims if p.ppid() not in pids_found]
     if len(victims) != 1:
         raise CycleError(f"expected one {marker} process of pod {pod_id}, found {len(victims)}")
     victims[0].kill()
