@@ -18,8 +18,8 @@ tracebacks) for a look at the causes.
 A module `name:Part1,Part2` runs only the tests whose id has a component starting with a part
 (tests/cli/data/pytests.py).
 
---suite apps runs real programs instead, on a rootfs with their Debian packages too (APP_PACKAGES; cached
-like the first): bench/data/real_software/*.sh, each a series of checks printed as RESULT lines
+--suite apps runs real programs instead, on a rootfs with their Debian packages too (scripts/debian-rootfs.sh
+apps; cached like the first): bench/data/real_software/*.sh, each a series of checks printed as RESULT lines
   sqlite_cli  the sqlite3 CLI: WAL (its -shm MAP_SHARED, locks) with two writer processes and a reader,
               integrity_check, checkpoint, .backup, .dump round trip, VACUUM; a rollback journal the same
   postgres    PostgreSQL 15: initdb -k, start (Unix socket in /var/run/postgresql), pgbench -i and a short
@@ -27,9 +27,20 @@ like the first): bench/data/real_software/*.sh, each a series of checks printed 
   git_tar     git init/commit/renames, local and --no-local clone, gc, fsck, repack, verify-pack,
               worktree; tar --xattrs and cp -a of a tree with hard links, user.* xattrs, a sparse file, a
               FIFO; cp --sparse=always and du (INFO lines: du figures)
+  servers     a server and its client in one container: redis (Unix sockets in /run and in the place, TCP
+              on 127.0.0.1, RDB, BGSAVE, AOF rewrite, restart, redis-benchmark), nginx (sendfile of the
+              place's files to curl over Unix sockets and TCP, ranges, autoindex, reload), memcached (nc)
+  tree_ops    coreutils, findutils, tar, cpio and rsync on a tree with odd names, permissions and special
+              files; copies compared with their source, errors and exit codes as another user too
   sqlite_probe  the python3 sqlite3 module: WAL with two processes (also in the default suite)
-The run ends with a table: software, place, each runtime's checks (ok/failed), and pykata's wall time over
-runc's.
+Besides their checks, suites print what commands said (lib.sh `same`: exit code, stdout and stderr), and
+the driver shows every output that differs between the runtimes as a diff.
+The run ends with a table: software, place, each runtime's checks (ok/failed), outputs compared (and
+those that differ), and pykata's wall time over runc's.
+
+--suite cpython-more runs MORE_MODULES, the regression tests the default suite does not (mailbox, dbm,
+compileall, gzip, threading, selectors, socketserver, httpservers, logging, asyncio's Unix events, the
+whole test_socket, ...), on the first rootfs.
 
     .venv/bin/python bench/real_software_ctr.py --suite apps [--where root,emptydir,hostpath] --out DIR
 """
@@ -37,6 +48,7 @@ runc's.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import io
 import json
@@ -52,14 +64,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pykata.resources.emptydir import EMPTY_DIR_PLUGIN, SANDBOX_UID_ANNOTATION
-from tests.cli.test_real_software import DRIVER, debian_rootfs, module_times, outcomes
+from tests.cli.test_real_software import DRIVER, debian_rootfs, module_times, outcomes, outputs
 from tests.cri.harness import admin_config
 from tests.shim.harness import PYKATA_RUNTIME, RUNC_RUNTIME, Containerd
 
 IMAGE = "pykata.local/debian-pytests:latest"
 SUITE_DIR = Path(__file__).resolve().parent / "data/real_software"
-APP_PACKAGES = "sqlite3,postgresql-15,postgresql-contrib,git,attr,procps"
-APPS = ("sqlite_cli", "postgres", "git_tar", "sqlite_probe")
+APPS = ("sqlite_cli", "postgres", "git_tar", "servers", "tree_ops", "sqlite_probe")
 RUNTIMES = {"runc": RUNC_RUNTIME, "pykata": PYKATA_RUNTIME}
 # The issue's modules: file-system and process semantics, and statistics as a CPU-only control. test_io and
 # test_socket are cut to their file and AF_UNIX parts (the image has no network; runc's has lo down).
@@ -71,6 +82,15 @@ MODULES = (
     "test_io:CIOTest,CBufferedReaderTest,CBufferedWriterTest,CBufferedRandomTest,CTextIOWrapperTest,CMiscIOTest",
     "test_zipfile", "test_tarfile", "test_subprocess", "test_signal", "test_pty", "test_select", "test_time",
     "test_resource", "test_file_eintr", "test_statistics",
+)
+# --suite cpython-more: the modules the default suite does not run that touch files, sockets on loopback,
+# processes and threads (test_socket whole: its TCP/UDP tests too, over the container's loopback).
+MORE_MODULES = (
+    "test_genericpath", "test_posixpath", "test_filecmp", "test_fileinput", "test_mailbox", "test_dbm_dumb",
+    "test_shelve", "test_compileall", "test_py_compile", "test_zipimport", "test_gzip", "test_bz2", "test_lzma",
+    "test_unicode_file", "test_unicode_file_functions", "test_threading", "test_threadsignals", "test_wait4",
+    "test_fork1", "test_selectors", "test_poll", "test_epoll", "test_socketserver", "test_httpservers",
+    "test_logging", "test_asyncio.test_unix_events", "test_socket", "test_uuid",
 )
 # Debian's libpython3.11-testsuite has no test_sqlite3; this exercises what a database does on the
 # place: a WAL database (mmap'd -shm, locks) written by two processes at once, then a rollback-journal one.
@@ -208,20 +228,21 @@ def run_one(ctd: Containerd, runtime: str, where: str, module: str, kubelet: Pat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--where", default="root,emptydir,hostpath")
-    ap.add_argument("--suite", choices=("cpython", "apps"), default="cpython",
-                    help="CPython's regression tests (default), or real programs (sqlite3, PostgreSQL, git, tar)")
+    ap.add_argument("--suite", choices=("cpython", "cpython-more", "apps"), default="cpython",
+                    help="CPython's regression tests (default), more of them (MORE_MODULES), or real programs "
+                         "(sqlite3, PostgreSQL, git, tar, redis, nginx, memcached, coreutils, rsync)")
     ap.add_argument("--modules", default=None,
                     help="';'-separated (a module's parts are ','-separated); default: the suite's")
     ap.add_argument("--runtimes", default="runc,pykata")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    default = (*MODULES, "sqlite_probe") if args.suite == "cpython" else APPS
+    default = {"cpython": (*MODULES, "sqlite_probe"), "cpython-more": MORE_MODULES, "apps": APPS}[args.suite]
     modules = args.modules.split(";") if args.modules else list(default)
     out = args.out
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    rootfs = debian_rootfs(APP_PACKAGES if args.suite == "apps" else "")
+    rootfs = debian_rootfs("apps" if args.suite == "apps" else "")
     table: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rsw-ctr-", dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -239,6 +260,7 @@ def main() -> None:
             for module in modules:
                 for where in args.where.split(","):
                     seen: dict[str, dict[str, str]] = {}
+                    said: dict[str, dict[str, list[str]]] = {}
                     walls: dict[str, float] = {}
                     notes: list[str] = []
                     line = f"{module[:40]:40} {where:9}"
@@ -255,6 +277,7 @@ def main() -> None:
                             (out / f"{tag}.out").write_text(stdout)
                             (out / f"{tag}.err").write_text(stderr)
                         res = seen[runtime] = outcomes(stdout)
+                        said[runtime] = outputs(stdout)
                         counts = {o: sum(v == o for v in res.values()) for o in ("ok", "fail", "error", "skip")}
                         inside = module_times(stdout).get(module, float("nan"))
                         line += (f" | {runtime} rc={p.returncode} ok={counts['ok']} fail={counts['fail']}"
@@ -269,6 +292,18 @@ def main() -> None:
                         line += f" | differ={len(diff)}"
                         for t in diff:
                             line += f"\n    {t}: " + " / ".join(f"{r} {s.get(t)}" for r, s in seen.items())
+                    if len(said) == 2 and any(said.values()):
+                        (ra, a_out), (rb, b_out) = said.items()
+                        odiff = sorted(n for n in a_out.keys() | b_out.keys() if a_out.get(n) != b_out.get(n))
+                        line += f"\n    outputs compared={len(a_out.keys() | b_out.keys())} differ={len(odiff)}"
+                        for n in odiff:
+                            line += f"\n    output {n}:\n" + "".join(
+                                f"      {x}\n" for x in list(difflib.unified_diff(
+                                    a_out.get(n, ["(not printed)"]), b_out.get(n, ["(not printed)"]), ra, rb,
+                                    lineterm="", n=1))[2:40])
+                        seen.setdefault(ra, {}).update({f"output:{n}": "same" for n in a_out})
+                        seen.setdefault(rb, {}).update(
+                            {f"output:{n}": "same" if b_out.get(n) == a_out.get(n) else "differs" for n in b_out})
                     print("\n".join((line, *notes)), flush=True)
                     table.append(_table_row(module, where, seen, walls, load))
         finally:
@@ -288,7 +323,11 @@ def _table_row(module: str, where: str, seen: dict[str, dict[str, str]], walls: 
             continue
         failed = sorted(t for t, o in res.items() if o in ("fail", "error"))
         ok = sum(o == "ok" for o in res.values())
+        said = [t for t in res if t.startswith("output:")]
+        differs = sorted(t.partition(":")[2] for t in said if res[t] == "differs")
         cells.append(f"{ok} ok" + (f", {len(failed)} failed: {' '.join(failed)[:200]}" if failed else "")
+                     + (f", {len(said)} outputs" if said else "")
+                     + (f" ({len(differs)} differ: {' '.join(differs)[:300]})" if differs else "")
                      + f" ({wall:.1f} s)")
     ratio = f"{walls['pykata'] / walls['runc']:.1f}x" if {"runc", "pykata"} <= walls.keys() else "-"
     return f"| {module.partition(':')[0]} | {where} | " + " | ".join(cells) + f" | {ratio} | {load} |"

@@ -3,14 +3,20 @@
 # real-software differential test (tests/cli/test_real_software.py) and bench/real_software.py, and prints
 # its path. Cached under /var/cache/pykata/debian/<key>/rootfs, keyed by suite, variant, package list and
 # mirror; a second run with nothing changed prints the path at once. Needs root and Debian's mirror.
-#   usage: bash scripts/debian-rootfs.sh [EXTRA,PACKAGES]   (progress on stderr, the rootfs path on stdout)
+#   usage: bash scripts/debian-rootfs.sh [EXTRA,PACKAGES | apps]   (progress on stderr, the rootfs path on stdout)
 # EXTRA,PACKAGES (comma-separated Debian package names) are installed too, in a rootfs cached under its own
-# key (bench/real_software_ctr.py --suite: sqlite3, postgresql-15, git, ...).
+# key. `apps` names the set of the real programs (bench/real_software_ctr.py --suite apps and
+# tests/cli/test_real_software.py's servers and tree test): sqlite3, PostgreSQL, git, redis, nginx,
+# memcached, curl, rsync, cpio, ...; debootstrap installs them without starting their services (it
+# replaces start-stop-daemon while it installs).
 set -euo pipefail
 
 SUITE=bookworm
 VARIANT=minbase
-PACKAGES=python3,libpython3.11-testsuite${1:+,$1}
+APPS=sqlite3,postgresql-15,postgresql-contrib,git,attr,procps,redis-server,redis-tools,nginx-light,curl,memcached,rsync,netcat-openbsd,cpio,xz-utils
+EXTRA=${1:-}
+[ "$EXTRA" = apps ] && EXTRA=$APPS
+PACKAGES=python3,libpython3.11-testsuite${EXTRA:+,$EXTRA}
 case $PACKAGES in *[!a-z0-9.+,-]*) echo "debian-rootfs: bad package list: $PACKAGES" >&2; exit 2;; esac
 MIRROR=${PYKATA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${PYKATA_CACHE:-/var/cache/pykata}/debian

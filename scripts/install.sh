@@ -64,6 +64,8 @@ fi
 .venv/bin/pykata image build
 .venv/bin/pykata factory init
 # A Debian bookworm rootfs with python3 and CPython's regression tests (built once, cached by its package
-# list), for tests/cli/test_real_software.py and bench/real_software.py.
+# list), for tests/cli/test_real_software.py and bench/real_software.py; the same with the real programs
+# (redis, nginx, memcached, rsync, PostgreSQL, ...) for its servers and tree test and bench's apps suite.
 bash scripts/debian-rootfs.sh >/dev/null
+bash scripts/debian-rootfs.sh apps >/dev/null
 log "ready: $ROOT/.venv/bin/pykata"
