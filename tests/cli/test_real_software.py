@@ -174,9 +174,13 @@ def test_servers_and_tree_operations_same_as_runc(tmp_path: Path) -> None:
     odd names, modes and special files, under pykata and under runc: the same checks pass, and every
     output (exit code, stdout, stderr) is the same but the known differences."""
     rootfs = debian_rootfs("apps")
-    pyk = subprocess.run([PYKATA, "run", "--rm", str(_programs_bundle(tmp_path / "pykata", rootfs,
-                                                                      tmp_path / "pykata-vol"))],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    name = f"realsw-{uuid.uuid4().hex[:8]}"
+    bundle = _programs_bundle(tmp_path / "pykata", rootfs, tmp_path / "pykata-vol")
+    try:
+        pyk = subprocess.run([PYKATA, "run", "--rm", "--name", name, str(bundle)], capture_output=True, text=True,
+                             timeout=800, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    finally:  # a timeout kills `pykata run`, which leaves its VM: remove it by name (a no-op after --rm)
+        subprocess.run([PYKATA, "rm", "-f", name], capture_output=True, timeout=120)
     # runc's root: an overlay of the same tree, as containerd's snapshotter gives it
     bundle = _programs_bundle(tmp_path / "runc", tmp_path / "runc/rootfs", tmp_path / "runc-vol")
     for d in ("rootfs", "upper", "work"):
@@ -200,7 +204,7 @@ def test_servers_and_tree_operations_same_as_runc(tmp_path: Path) -> None:
     assert all(o == "ok" for o in theirs.values()), runc.stderr[-3000:]
     assert ours == theirs, pyk.stderr[-3000:]
     said_theirs, said_ours = outputs(runc.stdout), outputs(pyk.stdout)
-    assert len(said_theirs) > 100, runc.stdout[-2000:]
+    assert len(said_theirs) > 50, runc.stdout[-2000:]
     assert said_ours.keys() == said_theirs.keys()
     differ = {n: (said_theirs[n], said_ours[n]) for n in said_theirs if said_ours[n] != said_theirs[n]}
     unexplained = {n: d for n, d in differ.items() if KNOWN_OUTPUT_DIFFERENCES.get(n) != d[1]}
