@@ -244,3 +244,75 @@ def test_a_sandbox_id_annotation_that_leaves_the_runtime_dir_is_refused(
     assert reply.startswith(b"\x10" + bytes([DELETED_STATUS]))  # the DeleteResponse all the same
     assert (victim / "state.json").exists()
     assert CRI_SANDBOX_ID in capsys.readouterr().err
+
+
+def _ends_within(pid: int, seconds: float) -> bool:
+    """Whether `pid` is gone or a zombie within `seconds` (the kill's psutil wait may reap this test's
+    child itself, so Popen.wait would see no status)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_delete_kills_a_dead_shims_vm_before_loading_the_configuration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """containerd kills `delete` after 5 s; on a loaded host the configuration's load and the cleanup's
+    imports could take all of them, and the dead shim's QEMU and virtiofsd then ran on (bench/churn.py,
+    virtio-fs pods whose shim was SIGKILLed at load 15). The VM's recorded processes die first."""
+    from pykata.hypervisor import owned
+    from pykata.shim import bootstrap
+    from pykata.shim.flags import Flags
+
+    run = tmp_path / "run"
+    vm = run / "sandboxes" / "sb1" / "vm"
+    vm.mkdir(parents=True)
+    dead_owner = {"id": "sb1", "owner_pid": _dead_pid(), "created_at": 0.0}
+    (run / "sandboxes" / "sb1" / "state.json").write_text(json.dumps(dead_owner))
+    stand_in = subprocess.Popen(["sleep", "60"])  # stands in for the VM's QEMU
+    try:
+        owned.record(vm, stand_in.pid)
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+        _record(bundle, {"config": "", "sha256": "", "runtime_dir": str(run), "pool": False})
+        (bundle / "shim.pid").write_text(str(_dead_pid()))
+        at_load: list[bool] = []
+
+        def fake_slow_load(*args: object) -> None:  # a fake: the load that containerd's 5 s ran out in
+            at_load.append(_ends_within(stand_in.pid, 10))
+            raise TimeoutError("fake: containerd killed delete here")
+
+        monkeypatch.setattr(bootstrap, "load_for_delete", fake_slow_load)
+        with pytest.raises(TimeoutError, match="fake"):
+            bootstrap.delete(Flags(id="sb1", namespace="ns", address=str(tmp_path / "ctd.sock"), bundle=str(bundle)))
+        assert at_load == [True]  # ended before the load began
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_delete_leaves_a_live_owners_vm_of_the_same_id(tmp_path: Path) -> None:
+    """The same sandbox id in another namespace, its owner alive: the early kill leaves its VM alone."""
+    from pykata.hypervisor import owned
+    from pykata.shim.bootstrap import _kill_vm_first
+
+    directory = tmp_path / "run" / "sandboxes" / "sb1"
+    (directory / "vm").mkdir(parents=True)
+    (directory / "state.json").write_text(json.dumps({"id": "sb1", "owner_pid": os.getpid(), "created_at": 0.0}))
+    stand_in = subprocess.Popen(["sleep", "60"])
+    try:
+        owned.record(directory / "vm", stand_in.pid)
+        _kill_vm_first(directory, _dead_pid())
+        assert not _ends_within(stand_in.pid, 0.5)
+        _kill_vm_first(directory, os.getpid())  # the owner itself died: its VM goes
+        assert _ends_within(stand_in.pid, 10)
+    finally:
+        stand_in.kill()
+        stand_in.wait()

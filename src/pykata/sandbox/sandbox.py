@@ -92,7 +92,7 @@ def new_id() -> str:
     return secrets.token_hex(8)
 
 
-VM_DIR = "vm"  # in a sandbox's directory: the VM's sockets, logs and process records
+VM_DIR = state.VM_DIR
 
 
 def sandboxes_dir(config: Config) -> Path:

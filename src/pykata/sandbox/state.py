@@ -13,6 +13,7 @@ import psutil
 from pykata.fsutil import atomic_write
 
 STATE_FILE = "state.json"
+VM_DIR = "vm"  # in a sandbox's directory: the VM's sockets, logs and process records
 
 
 @dataclass

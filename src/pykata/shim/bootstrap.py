@@ -452,6 +452,8 @@ def delete(flags: Flags) -> bytes:
         alive = not _wait_exit(shim_pid, EXIT_WAIT)
         mark("delete.shim.gone")
     if not alive:
+        if record is not None:
+            _kill_vm_first(Path(record.runtime_dir) / "sandboxes" / sandbox_id, shim_pid)
         # a pod's own configuration (io.katacontainers.config_path) may put its sandbox elsewhere
         if record is None or POD_CONFIG_ANNOTATION in annotations or may_have_leftovers(record, sandbox_id):
             _remove_leftovers(load_for_delete(bundle, record, why, annotations), sandbox_id, shim_pid)
@@ -459,6 +461,27 @@ def delete(flags: Flags) -> bytes:
         if sock.exists() and not _connectable(sock):
             sock.unlink(missing_ok=True)
     return _delete_response(init_pid)
+
+
+def _kill_vm_first(directory: Path, shim_pid: int | None) -> None:
+    """SIGKILL what the dead shim's VM runs (QEMU, virtiofsd, the 9p helper: the processes recorded in
+    the sandbox's VM directory) before any slow step. containerd kills `delete` after 5 s and runs it
+    once per task; on a loaded host the configuration's load and the cleanup's imports could use those
+    5 s, and the VM then ran on with nothing left to end it (seen in bench/churn.py with virtio-fs pods
+    whose shim was killed at load 15). Never waits, never raises; the full cleanup follows."""
+    from pykata.hypervisor import owned
+    from pykata.sandbox import state
+
+    try:
+        if not directory.is_dir():
+            return
+        sandbox = state.load(directory)
+    except (OSError, ValueError):
+        return
+    # the same id may be another namespace's sandbox, with a live owner: only the dead shim's own
+    if sandbox is not None and sandbox.owner_pid != shim_pid and sandbox.owner_alive():
+        return
+    owned.kill_recorded(directory / state.VM_DIR, timeout=0)
 
 
 def _wait_exit(pid: int | None, timeout: float) -> bool:
