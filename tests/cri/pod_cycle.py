@@ -165,10 +165,11 @@ def wait_cri_ready(cri: Cri, within: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def _stops_then_remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
-    """3 concurrent StopPodSandbox, 1 more, RemovePodSandbox (the seed churn's end of a pod)."""
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(cri.stop_pod, pod_id) for _ in range(3)]
+def _race(calls: list[Callable[[], object]], result: CycleResult) -> None:
+    """Make the CRI calls at once, as kubelet's duplicates come; a hang (DEADLINE_EXCEEDED) raises, any
+    other error is recorded in result.stop_errors for the caller to judge."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
         for f in futures:
             try:
                 f.result()
@@ -176,6 +177,11 @@ def _stops_then_remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) 
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 result.stop_errors.append(f"{e.code().name}: {e.details()}")
+
+
+def _stops_then_remove(cri: Cri, pod_id: str, result: CycleResult, retry: bool) -> None:
+    """3 concurrent StopPodSandbox, 1 more, RemovePodSandbox (the seed churn's end of a pod)."""
+    _race([lambda: cri.stop_pod(pod_id)] * 3, result)
     # containerd 1.6's own races may fail any of the racing duplicates (kubelet retries them):
     # its CNI teardown, and a duplicate's Kill of a container's or the sandbox's task sent on
     # containerd's client to the shim that the winner's task delete has just closed (shimTask.delete
@@ -194,16 +200,7 @@ def _stop_remove_race(cri: Cri, pod_id: str, result: CycleResult) -> None:
     pod itself), then StopPodSandbox and RemovePodSandbox again until the pod is gone, as kubelet retries.
     Any error of the racing calls but a hang is tolerated (recorded in stop_errors); the retries must end
     it within REMOVE_RETRY_FOR."""
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(cri.stop_pod, pod_id), pool.submit(cri.remove_pod, pod_id),
-                   pool.submit(cri.stop_pod, pod_id)]
-        for f in futures:
-            try:
-                f.result()
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                result.stop_errors.append(f"{e.code().name}: {e.details()}")
+    _race([lambda: cri.stop_pod(pod_id), lambda: cri.remove_pod(pod_id), lambda: cri.stop_pod(pod_id)], result)
     deadline = time.monotonic() + REMOVE_RETRY_FOR
     while any(p.id == pod_id for p in cri.list_pods()):
         try:
