@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,14 @@ import psutil
 import pytest
 
 from tests.vmfactory import VmFactory
+
+# A run started with SIGINT ignored (a background job of a shell without job control, nohup) would
+# give Python no KeyboardInterrupt handler, here or in the Python children the Ctrl-C tests start (an
+# ignored signal stays ignored across exec): those tests then waited for an interrupt that never
+# came. Restore Python's own handler, so SIGINT acts as a terminal's Ctrl-C does; the children start
+# with the default disposition again (a caught signal is reset at exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 LEAK_PATTERNS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper", "bin/passt", "containerd-shim-pykata",
                  "pykata-agent")
