@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
-from pykata.agentapi.errors import AgentCallError
+from pykata.agentapi.errors import AgentCallError, guest_text
 from pykata.errors import Code, PykataError
 from pykata.sandbox.datadisk import DiskFile, DiskSession
 from pykata.sdk.errors import NotFoundError, PolicyDeniedError, SdkError
@@ -54,6 +54,7 @@ STDERR_WAIT = 30.0  # how long a write that failed midway waits for the command'
 # one: its fixed cost (the disk's file swapped in and out, a copy process forked in the guest) is
 # about one command's round trip, and it then moves tens of MiB/s where stdio moves a few.
 DISK_MIN = 1 << 20
+_NO_ID = (1 << 32) - 1  # (uid_t)-1: chown's "leave it", never an owner
 
 _STAT_FORMAT = "%f %s %u %g %Y"
 _LIST_SCRIPT = f"""cd "$1" || exit 1
@@ -259,8 +260,15 @@ class AsyncFiles:
             raise SdkError(f"list {p}: more than {MAX_LIST} entries", sandbox_id=self._sb.id)
         out = []
         for rec in records[:-1]:
-            header, _, name = rec.partition(b"\n")
-            out.append(_parse_stat(header, posixpath.join(p, name.decode(errors="surrogateescape")), self._sb.id))
+            header, _, raw = rec.partition(b"\n")
+            name = raw.decode(errors="surrogateescape")
+            # the guest writes the names: one that is not a single component ("../x", "a/b", "/etc",
+            # ".") would make an entry's path name something outside the directory listed, which a
+            # caller joins to a host directory to mirror it
+            if name in ("", ".", "..") or "/" in name:
+                raise SdkError(f"list {p}: bad entry name from the guest: {guest_text(name, 200)!r} "
+                               "(not a single path component)", sandbox_id=self._sb.id)
+            out.append(_parse_stat(header, posixpath.join(p, name), self._sb.id))
         return sorted(out, key=lambda f: f.path)
 
     async def stat(self, path: str | os.PathLike[str]) -> FileInfo:
@@ -373,11 +381,17 @@ def _size_of(f: IO[bytes]) -> int:
 def _parse_stat(header: bytes, path: str, sandbox_id: str) -> FileInfo:
     try:
         raw, size, uid, gid, mtime = header.split()
-        mode = int(raw, 16)
-        return FileInfo(path=path, type=_kind(mode), size=int(size), mode=_stat.S_IMODE(mode), uid=int(uid),
-                        gid=int(gid), mtime=int(mtime))
+        info = FileInfo(path=path, type=_kind(int(raw, 16)), size=int(size), mode=_stat.S_IMODE(int(raw, 16)),
+                        uid=int(uid), gid=int(gid), mtime=int(mtime))
+        # the guest's word: ids a host chown takes (preserve_owner; never -1, "unchanged"), a size
+        # and a time a host file can have
+        if not (0 <= info.uid < _NO_ID and 0 <= info.gid < _NO_ID and 0 <= info.size < 1 << 63
+                and -(1 << 63) <= info.mtime < 1 << 63):
+            raise ValueError("out of range")
+        return info
     except ValueError:
-        raise SdkError(f"stat {path}: unexpected answer {header[:80]!r}", sandbox_id=sandbox_id) from None
+        raise SdkError(f"stat {guest_text(path, 300)}: unexpected answer {header[:80]!r}",
+                       sandbox_id=sandbox_id) from None
 
 
 def _kind(mode: int) -> FileType:
@@ -392,7 +406,7 @@ def _kind(mode: int) -> FileType:
 
 def _error(what: str, path: str, r: ExecResult, sandbox_id: str) -> SdkError:
     why = r.stderr.decode(errors="replace").strip().splitlines()
-    message = f"{what} {path}: {why[-1][:300] if why else f'exit status {r.exit_code}'}"
+    message = f"{what} {path}: {guest_text(why[-1], 300) if why else f'exit status {r.exit_code}'}"
     text = message.lower()
     if "no such file" in text:
         return NotFoundError(message, sandbox_id=sandbox_id)
