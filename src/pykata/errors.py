@@ -126,6 +126,39 @@ def error_for(code: Code, message: str) -> PykataError:
     return err
 
 
+# -- quoting what the guest wrote ----------------------------------------------------------------------
+
+# What the host quotes of text the guest wrote (an agent's error status, its console): the guest chooses
+# it, up to a whole 4 MiB frame, and it goes into the errors containerd logs and hands on (CRI: kubelet's
+# events and pod status), the shim's log and the SDK's exceptions. The agent's own messages (crun's
+# errors, a policy rule) stay far below it.
+MAX_GUEST_TEXT = 2048
+
+
+def _escaped(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def guest_text(message: str, limit: int = MAX_GUEST_TEXT) -> str:
+    """`message`, written by the guest, as the host may quote it: at most `limit` characters (the rest
+    counted), every character that is not printable escaped (a newline or carriage return cannot
+    forge a log line, an escape sequence cannot drive the reader's terminal, a bidi control cannot
+    reorder what follows)."""
+    head = _escaped(message[:limit])[:limit]
+    cut = len(message) - limit
+    return f"{head}... ({cut} more characters)" if cut > 0 else head
+
+
+def guest_tail(text: str, limit: int = MAX_GUEST_TEXT) -> str:
+    """The end of `text` (a log the guest writes, e.g. its console), as guest_text quotes the start: at
+    most `limit` characters of its end, escaped, "..." before them when some were left out. Line ends
+    ("\\r\\n" or "\\n") are shown as "\\n", so the lines stay apart without starting lines of their own."""
+    tail = _escaped(text[-limit:].replace("\r\n", "\n"))
+    return "..." + tail[-limit:] if len(tail) > limit or len(text) > limit else tail
+
+
 # -- errors of a layer ---------------------------------------------------------------------------------
 
 class ConfigError(PykataError):

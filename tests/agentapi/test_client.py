@@ -381,3 +381,19 @@ def test_guest_text_bounds_and_escapes_the_agent_error_message() -> None:
     assert len(guest_text("\n" * (4 << 20))) <= MAX_GUEST_TEXT + 40
     e = AgentCallError("sb", "ExecProcess", Code.INTERNAL, "bad\nline")
     assert e.message == "bad\\nline" and "\n" not in str(e)
+
+
+def test_guest_tail_keeps_the_end_bounded_and_escaped(tmp_path: Path) -> None:
+    """What log_tail quotes of the guest's console in a boot's error (guest not ready, QEMU exited)."""
+    from pykata.errors import guest_tail
+    from pykata.hypervisor.readiness import log_tail
+
+    assert guest_tail("line 1\r\nline 2") == "line 1\\nline 2"
+    assert guest_tail("ok\rforged\x1b[2J\u202e") == "ok\\rforged\\x1b[2J\\u202e"
+    assert guest_tail("a" * 100 + "END", 10) == "...aaaaaaaEND"
+    assert len(guest_tail("\x1b" * 5000, 3000)) <= 3003  # escaping does not lift the bound
+    log = tmp_path / "console.log"
+    log.write_bytes(b"\x1b[2J" * 2000 + b"\r\ntime=\"x\" level=info msg=forged\r\nlast line\r\n")
+    text = log_tail(log)
+    assert len(text) <= 3003 and text.endswith("forged\\nlast line")
+    assert "\x1b" not in text and "\r" not in text and "\n" not in text

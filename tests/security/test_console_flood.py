@@ -73,3 +73,47 @@ async def test_file_server_output_stays_under_its_cap(tmp_path: Path, server: st
     finally:
         await helper.stop()
     assert helper.child is not None and not helper.child.running
+
+
+# A guest's console ahead of a failed boot: a forged line of the shim's log (its own line, after a
+# carriage return), terminal escapes (clear the screen, set the window title), a bidi override, and
+# then enough of them that the host's 3000 bytes of tail hold nothing else.
+FORGED_CONSOLE = (
+    "#!/bin/sh\n"
+    "printf 'booting\\r\\ntime=\"2026-12-01T00:00:00Z\" level=info msg=\"PYKATA-FORGED-LINE\"\\r"
+    "\\033[2J\\033[HPYKATA-FORGED-SCREEN\\342\\200\\256\\n'\n"
+    "i=0; while [ $i -lt 400 ]; do printf '\\033]0;PWNED\\007\\033[2J\\r\\n'; i=$((i+1)); done\n"
+    "printf '\\033[31mstill booting\\r\\n'\n"
+    "%s\n"
+)
+
+
+def _quotes_the_console_safely(text: str) -> None:
+    assert len(text) < 4000, f"{len(text)} characters"  # 3000 of the console, the host's own words
+    for raw in ("\x1b", "\r", "\x07", "\u202e"):
+        assert raw not in text, repr(text[:300])
+    assert "\ntime=" not in text and "\nPYKATA" not in text, repr(text[:300])
+    assert "still booting" in text  # the tail is still there to read, escaped
+
+
+@pytest.mark.parametrize("end", ["hang", "poweroff"])
+async def test_guest_not_ready_error_bounds_and_escapes_the_console(make_vm, workdir: Path, end: str) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """The errors of a boot that failed quote the guest's console (guest not ready; QEMU exited before
+    the guest was ready): they went raw into what containerd logs and hands kubelet, and the shim's and
+    SDK's logs. Now escaped and bounded, as the agent's error text."""
+    from pykata.errors import HypervisorError
+
+    tail = "while true; do sleep 1000; done" if end == "hang" else "poweroff -f"
+    initrd = write_busybox_initrd(workdir / f"forge-{end}.cpio", FORGED_CONSOLE % tail)
+    vm = make_vm(initrd)
+    await vm.prepare()
+    await vm.start()
+    if end == "hang":
+        from pykata.hypervisor.readiness import wait_for_console_line
+
+        await asyncio.wait_for(wait_for_console_line(vm.console_log, b"still booting"), 60)
+    with pytest.raises(HypervisorError) as info:
+        await vm.wait_ready(0.5 if end == "hang" else 60)
+    text = str(info.value)
+    assert ("not ready after" if end == "hang" else "before the guest was ready") in text, text[:300]
+    _quotes_the_console_safely(text)

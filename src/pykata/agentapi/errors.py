@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
+# guest_text and MAX_GUEST_TEXT live in pykata.errors (the hypervisor quotes the guest's console too)
+from pykata.errors import MAX_GUEST_TEXT as MAX_GUEST_TEXT
 from pykata.errors import AgentError
+from pykata.errors import guest_text as guest_text
 from pykata.ttrpc import Code
-
-# What the host quotes of an error message the agent wrote (its ttrpc status): the guest chooses it, up
-# to a whole 4 MiB frame, and it goes into the errors containerd logs and hands on (CRI: kubelet's
-# events and pod status), the shim's log and the SDK's exceptions. The agent's own messages (crun's
-# errors, a policy rule) stay far below it.
-MAX_GUEST_TEXT = 2048
-
-
-def guest_text(message: str, limit: int = MAX_GUEST_TEXT) -> str:
-    """`message`, written by the guest, as the host may quote it: at most `limit` characters (the rest
-    counted), every character that is not printable escaped (a newline or carriage return cannot
-    forge a log line, an escape sequence cannot drive the reader's terminal, a bidi control cannot
-    reorder what follows)."""
-    head = message[:limit]
-    if not head.isprintable():
-        head = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in head)[:limit]
-    cut = len(message) - limit
-    return f"{head}... ({cut} more characters)" if cut > 0 else head
 
 
 class AgentCallError(AgentError):

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pykata.errors import guest_tail
+
 if TYPE_CHECKING:
     from pykata.hypervisor.base import Hypervisor, ReadinessProbe
 
@@ -60,17 +62,20 @@ def console_readiness(console_log: Path, marker: bytes = READY_MARKER) -> Readin
 
 
 def log_tail(path: Path, limit: int = 3000) -> str:
-    """The end of a log file as text, for error messages (never raises)."""
+    """The end of a log file as text, for error messages: at most `limit` characters, escaped
+    (pykata.errors.guest_tail: line ends shown as "\\n"). The guest writes its console log (and may
+    prompt QEMU's messages): quoted raw, its control characters, escape sequences and forged log lines
+    went into the errors containerd logs and hands to kubelet, and the shim's and SDK's logs. Never raises."""
     try:
         with path.open("rb") as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - limit))
-            data = f.read()
+            data = f.read(limit)
     except OSError:
         return "(no log)"
-    text = data.decode(errors="replace").replace("\r", "").strip()
-    return text or "(empty)"
+    text = data.decode(errors="replace").strip()
+    return guest_tail(text, limit) if text else "(empty)"
 
 
 def _schedstat(pid: int, column: int) -> dict[int, float]:
