@@ -18,7 +18,7 @@ from pykata.errors import (
 from pykata.protocols import events_pb2, shim_pb2, typeurl
 from pykata.shim.errors import agent_errors
 from pykata.shim.stats import metrics_any
-from pykata.shim.tasks import pauseless, pod, resize
+from pykata.shim.tasks import exits, pauseless, pod, resize
 from pykata.shim.tasks.model import ShimContainer, ShimProcess
 from pykata.shim.tasks.state import TaskState
 from pykata.ttrpc import Code
@@ -30,6 +30,8 @@ log = logging.getLogger("pykata.shim")
 # pod's figures by the agent's whole request timeout (30 s) at each request. An honest guest answers in
 # tens of milliseconds, a few seconds on a saturated TCG host; a late one gets no figures this time.
 STATS_TIMEOUT = 5.0
+# An exec's exit status when the shim ends it after a SIGKILL the guest did not carry out (128 + SIGKILL).
+KILLED_STATUS = 128 + signal.SIGKILL
 
 
 async def pause(st: TaskState, req: shim_pb2.PauseRequest) -> Empty:
@@ -94,6 +96,9 @@ async def kill(st: TaskState, req: shim_pb2.KillRequest) -> Empty:
             # out (no answer, a refused answer) loses the VM, and so every process in it.
             await pod.kill_vm(st, f"the agent did not kill {p.id}: {e}")
             return Empty()
+        if req.signal == signal.SIGKILL and not sc.paused:  # an exec: ended on the host's side, below
+            st.spawn(_exit_or_end_exec(st, sc, p, sandbox.config.agent.pykata.request_timeout),
+                     f"kill-deadline-{p.id}")
         raise
     if req.signal == signal.SIGKILL and p is sc.init and not p.stopped and not sc.paused:
         # nor on its word: an agent that acknowledges the kill and never reports the exit would keep
@@ -102,6 +107,10 @@ async def kill(st: TaskState, req: shim_pb2.KillRequest) -> Empty:
         # (twice the request timeout: a container restarted alone must not cost its pod the VM because a
         # loaded host made its exit slow)
         st.spawn(_exit_or_kill_vm(st, p, 2 * sandbox.config.agent.pykata.request_timeout), f"kill-deadline-{p.id}")
+    elif req.signal == signal.SIGKILL and p is not sc.init and not p.stopped and not sc.paused:
+        # an exec's likewise: containerd's ExecSync (a probe's timeout, `ctr task exec`) waits for the
+        # exit and the end of the exec's output of a process it killed, without a deadline of its own
+        st.spawn(_exit_or_end_exec(st, sc, p, sandbox.config.agent.pykata.request_timeout), f"kill-deadline-{p.id}")
     return Empty()
 
 
@@ -112,6 +121,26 @@ async def _exit_or_kill_vm(st: TaskState, p: ShimProcess, deadline: float) -> No
         await asyncio.wait_for(p.exited.wait(), deadline)
     if not p.stopped and not st.vm_dead:
         await pod.kill_vm(st, f"{p.id} did not exit within {deadline:g} s of a SIGKILL the agent acknowledged")
+
+
+async def _exit_or_end_exec(st: TaskState, sc: ShimContainer, p: ShimProcess, grace: float) -> None:
+    """End exec `p` on the host's side when it has not exited `grace` seconds (the agent's request
+    timeout) after the agent acknowledged its SIGKILL: its exit is recorded as a SIGKILL's (137, what
+    the kill would have given), TaskExit published, its wait and output copies stopped and containerd's
+    ends of its stdio closed, so ExecSync and `ctr task exec` return. What the guest does with the
+    process afterwards is the guest's own business: it runs inside the VM's bounds, as everything
+    there. The container and the VM are left alone (an exec is not worth the pod)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(p.exited.wait(), grace)
+    if p.stopped or st.vm_dead:
+        return
+    log.warning("exec %s in %s did not exit within %g s of a SIGKILL the agent acknowledged: ended as "
+                "killed (status %d), its IO closed", p.exec_id, sc.id, grace, KILLED_STATUS)
+    await exits.record_exit(st, sc, p, KILLED_STATUS)
+    if p.waiter is not None:  # its WaitProcess would wait for the guest as long as the pod lives
+        p.waiter.cancel()
+    if p.io is not None:
+        await p.io.close()
 
 
 async def resize_pty(st: TaskState, req: shim_pb2.ResizePtyRequest) -> Empty:
