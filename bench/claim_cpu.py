@@ -72,6 +72,31 @@ memory: dict[int, float] = {}  # round -> QEMU's anonymous memory (MiB) once the
 
 
 tcg: dict[int, list[float]] = {}  # round -> TCG's translation cache (MiB resident) after each phase
+# round -> per phase: the guest's own account (GetGuestMetrics) and QEMU's threads, with --guest
+guest: dict[int, list[dict[str, float]]] = {}
+GUEST_COLUMNS = ("g_user", "g_sys", "g_irq", "g_idle", "agent_usr", "agent_sys", "vcpu", "qemu_main", "qemu_other")
+
+
+async def guest_snapshot(sb: Sandbox, qemu: int | None) -> dict[str, float]:
+    """CPU seconds so far: the guest's user, system, (soft)irq and idle time (its /proc/stat: guest
+    time runs with the wall clock, so a vCPU the host does not run still counts), the agent's own
+    process (user and system: its Python, and the kernel's work it asked for: mounts, forks), and
+    QEMU's vCPU thread(s), main loop and other threads (from /proc, host CPU). The GetGuestMetrics
+    call itself is charged to the phase after it."""
+    m = await sb.agent.get_guest_metrics(timeout=30)
+    out = {"g_user": (m.cpu.user_ns + m.cpu.nice_ns) / 1e9, "g_sys": m.cpu.system_ns / 1e9,
+           "g_irq": (m.cpu.irq_ns + m.cpu.softirq_ns) / 1e9, "g_idle": m.cpu.idle_ns / 1e9,
+           "agent_usr": m.agent.cpu_user_ns / 1e9, "agent_sys": m.agent.cpu_system_ns / 1e9,
+           "vcpu": 0.0, "qemu_main": 0.0, "qemu_other": 0.0}
+    for task in Path(f"/proc/{qemu}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        key = "vcpu" if comm.startswith("CPU ") else "qemu_main" if comm.startswith("qemu-system") else "qemu_other"
+        out[key] += (int(f[11]) + int(f[12])) / TICK
+    return out
 
 
 def tcg_mib(pid: int | None) -> float:
@@ -103,7 +128,7 @@ def anon_mib(pid: int | None) -> float:
 
 
 async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float,
-              throwaway: Path | None = None) -> list[tuple[float, float]]:
+              throwaway: Path | None = None, with_guest: bool = False) -> list[tuple[float, float]]:
     """[(QEMU CPU s, this process's CPU s)] per phase of PHASES."""
     directory = runtime / "pool" / f"pool-{n:012x}"
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -115,31 +140,35 @@ async def one(config: Config, runtime: Path, rootfs: Path, n: int, idle: float,
     last = (proc_cpu(qemu), own_cpu())
     out.append((last[0], last[1] - host0))
     tcg[n] = [tcg_mib(qemu)]
+    if with_guest:
+        guest[n] = [{}]  # the paused VM answers no RPC: its split starts after the hand-out
 
-    def step() -> None:
+    async def step() -> None:
         nonlocal last
         now = (proc_cpu(qemu), own_cpu())
         out.append((now[0] - last[0], now[1] - last[1]))
         tcg[n].append(tcg_mib(qemu))
-        last = now
+        if with_guest:
+            guest[n].append(await guest_snapshot(sb, qemu))
+        last = (proc_cpu(qemu), own_cpu())
 
     try:
         await sb.adopt(f"claimcpu{n}", serve_proxy=True)
         if throwaway is not None:
             other = await sb.create_container("c0", build_spec(["true"], env=["PATH=/bin"]), throwaway)
             await other.delete()
-        step()
+        await step()
         container = await sb.create_container("c1", build_spec(["sleep", "1000"], env=["PATH=/bin"]), rootfs)
-        step()
+        await step()
         await container.start()
-        step()
+        await step()
         await asyncio.sleep(idle)
-        step()
+        await step()
         out[-1] = (out[-1][0] / idle, out[-1][1] / idle)
         memory.setdefault(n, anon_mib(qemu))
         second = await sb.create_container("c2", build_spec(["sleep", "1000"], env=["PATH=/bin"]), rootfs)
         await second.start()
-        step()
+        await step()
         console = getattr(sb.vm, "console_log", None)
         text = console.read_text(errors="replace") if isinstance(console, Path) and console.exists() else ""
         for m in AGENT_LINE.finditer(text):
@@ -216,7 +245,12 @@ async def main() -> None:
     ap.add_argument("--idle", type=float, default=3.0, help="seconds the started VM is left idle")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE")
     ap.add_argument("--throwaway", metavar="IMAGE", help="also a variant with a throwaway container of IMAGE")
+    ap.add_argument("--guest", action="store_true",
+                    help="also split each phase from the hand-out on by the guest's account (user, system, irq,"
+                         " idle, the agent's process) and QEMU's threads (vCPU, main loop, others)")
     args = ap.parse_args()
+    global idle_s
+    idle_s = args.idle
     try:
         prepared, rootfs, throwaway = prepare(args)
     except PykataError as exc:
@@ -234,6 +268,7 @@ async def measure(args: argparse.Namespace, prepared: dict[str, Config], runtime
     variants = {name: dataclasses.replace(c, runtime=dataclasses.replace(c.runtime, runtime_dir=str(runtime)))
                 for name, c in prepared.items()}
     results: dict[str, list[list[tuple[float, float]]]] = {v: [] for v in variants}
+    with_guest = bool(args.guest)
     rounds_of: dict[str, list[int]] = {v: [] for v in variants}
     loads = []
     for i in range(args.n):
@@ -242,7 +277,7 @@ async def measure(args: argparse.Namespace, prepared: dict[str, Config], runtime
             loads.append(os.getloadavg()[0])
             rounds_of[name].append(len(variants) * i + j)
             results[name].append(await one(config, runtime, rootfs, len(variants) * i + j, args.idle,
-                                           throwaway if name == "throwaway" else None))
+                                           throwaway if name == "throwaway" else None, with_guest))
     print(f"CPU seconds per phase of a pooled VM's pod start, median of {args.n}; load {min(loads):.1f}-"
           f"{max(loads):.1f}")
     for name, rounds in results.items():
@@ -261,6 +296,8 @@ async def measure(args: argparse.Namespace, prepared: dict[str, Config], runtime
         pss = [memory[k] for k in rounds_of[name] if k in memory]
         if pss:
             print(f"  QEMU anonymous memory once its container ran and idled: {statistics.median(pss):.0f} MiB")
+    if with_guest:
+        print_guest(results, rounds_of)
     print("the agent's account of each create (console), median ms: total = storages + bundle + crun create")
     for name in results:
         for cid in ("c0", "c1", "c2"):
@@ -269,6 +306,25 @@ async def measure(args: argparse.Namespace, prepared: dict[str, Config], runtime
                 t, st, b, c = (statistics.median(col) for col in zip(*rows, strict=True))
                 print(f"  {name}, {cid}: {t:5.0f} = {st:4.0f} + {b:3.0f} + {c:4.0f}")
 
+
+def print_guest(results: dict[str, Any], rounds_of: dict[str, list[int]]) -> None:
+    print("each phase by the guest's account and QEMU's threads, CPU s, median (idle: per second;"
+          " each phase includes one GetGuestMetrics call)")
+    for name in results:
+        print(f"{name}:")
+        print(f"  {'phase':<40}" + "".join(f"{c:>11}" for c in GUEST_COLUMNS))
+        for k, phase in enumerate(PHASES[2:], start=2):
+            rows = []
+            for r in rounds_of[name]:
+                g = guest.get(r, [])
+                if len(g) > k and g[k - 1]:
+                    per = idle_s if k == 4 else 1.0
+                    rows.append([(g[k][c] - g[k - 1][c]) / per for c in GUEST_COLUMNS])
+            if rows:
+                print(f"  {phase:<40}" + "".join(f"{statistics.median(col):11.3f}" for col in zip(*rows, strict=True)))
+
+
+idle_s = 3.0
 
 if __name__ == "__main__":
     asyncio.run(main())
