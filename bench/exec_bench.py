@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Exec latency: `true` with captured output in a running container, p50/p99 over N, pykata beside runc.
 
-    .venv/bin/python bench/exec_bench.py [-n 100]
+    .venv/bin/python bench/exec_bench.py [-n 100] [--ctr] [--guest-n 40]
 
   runc         `runc exec <id> true` in a running busybox container (the baseline; a fork+exec of runc)
   pykata       Container.exec(["true"], stdin=b"", close_stdin=True) then Process.wait_with_output():
@@ -14,13 +14,17 @@
 Each iteration runs the three pykata variants in turn, so they share the load. Every figure is wall time
 on the host; on a shared machine it moves with the load: compare ratios.
 
+With --ctr, first through a private containerd: `ctr task exec` of `true` in a running busybox container
+under runc and under pykata, alternating (containerd's exec path, the shim, its streams and the agent).
+
 Then, inside the same guest (a debug-console process running GUEST_PROBE with the agent's modules
 imported and its heap frozen as the agent's is, so what it forks is the agent's size), N execs of `true`
 in the same container through `nsexec.spawn(..., marks=[])`, the child forked by this agent-sized
-process ("fork") and by an exec spawner (agent/spawner.py, "spawner"), interleaved: CLOCK_MONOTONIC
+process ("fork"), by the image's exec starter (guestimage/execstart.c, posix_spawn'ed: what the agent
+does by default, "execstart") and by an exec spawner (agent/spawner.py, "spawner"), interleaved: CLOCK_MONOTONIC
 marks in the agent and in the child, printed per phase (median and mean of the time since the previous
 mark), beside two floors measured the same way (a bare fork; posix_spawn of busybox `true`):
-  fork      pidfd_open, cgroup.procs opened, report pipe        forked    os.fork() (or the spawner's answer)
+  fork      pidfd_open, cgroup.procs opened, report pipe        forked    os.fork() (posix_spawn, the spawner's answer)
   child     until the child's first step ran
   entered   nsexec._enter: close_range, cgroup, setns, rlimits, bounding set, ids, chdir, capabilities
   program   PATH search, HOME                                   spawned   posix_spawn of the program
@@ -31,6 +35,11 @@ History (TCG, host load average 6-8): p50 ~870 ms when the agent ran `crun exec 
 agent then kept a sealed copy (p50 ~126 ms) and started exec processes itself (agent/nsexec.py: fork,
 cgroup, setns by pidfd, credentials, posix_spawn): p50 ~110 ms at load 6, ExecProcess ~95 ms, the
 stream RPCs ~10-30 ms, which stdin and output carried by ExecProcess/WaitProcess now save.
+2026-12-01 (this 2-core machine, load 5-15): in ExecProcess the agent's fork took 26-33 ms and the forked
+child's Python steps ~110 ms until the program was spawned (marks in the agent at each step, 60 execs); the
+image's exec starter (guestimage/execstart.c, posix_spawn'ed) replaced both: ExecProcess p50 197/259 ->
+112/106 ms, the whole exec p50 231/318 -> 154/160 ms, p99 1383/1317 -> 786/489 ms (two interleaved A/B
+rounds against pykata.exec=fork, load 13-21).
 """
 
 from __future__ import annotations
@@ -55,6 +64,34 @@ from pykata.sandbox import Process, Sandbox, build_spec
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def ctr_execs(n: int, tmp: Path) -> dict[str, list[float]]:
+    """`ctr task exec --exec-id ID <task> true` (its output captured by ctr) in a running busybox container
+    of each runtime, through a private containerd (tests/shim/harness.py), runc and pykata alternating."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.shim.harness import IMAGE, PYKATA_RUNTIME, RUNC_RUNTIME, Containerd, running_with_busybox
+
+    ctd = Containerd(tmp / "ctd")
+    out: dict[str, list[float]] = {"runc": [], "pykata": []}
+    with running_with_busybox(ctd, Path(load_config().runtime.cache_dir)):
+        tasks: dict[str, str] = {}
+        try:
+            for name, runtime in (("runc", RUNC_RUNTIME), ("pykata", PYKATA_RUNTIME)):
+                tasks[name] = f"execbench-{name}-{uuid.uuid4().hex[:6]}"
+                ctd.ctr("run", "-d", "--runtime", runtime, IMAGE, tasks[name], "sleep", "1000000", timeout=300)
+            for i in range(n + 1):
+                for name, task in tasks.items():
+                    t = time.perf_counter()
+                    p = ctd.ctr("task", "exec", "--exec-id", f"e{i}", task, "true")
+                    elapsed = time.perf_counter() - t
+                    assert p.stdout == b"", p.stdout
+                    if i:  # the first exec of each warms caches
+                        out[name].append(elapsed)
+        finally:
+            for task in tasks.values():
+                ctd.remove(task)
+    return out
 
 
 def runc_execs(n: int, tmp: Path) -> list[float]:
@@ -90,17 +127,19 @@ from pykata.agent import nsexec
 from pykata.agent.reaper import Reaper
 cid, init_pid, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 gc.freeze()  # as the agent's main does
-variants = {"fork": (nsexec, False)}  # the agent forks the child itself
+variants = {"fork": (nsexec, "fork")}  # the agent forks the child itself
+if getattr(nsexec, "execstart_available", lambda: False)():
+    variants["execstart"] = (nsexec, "execstart")  # the image's exec starter, posix_spawn'ed
 try:
     from pykata.agent.spawner import Spawner
-    variants["spawner"] = (nsexec, True)  # the agent's exec spawner forks it (agent/spawner.py)
+    variants["spawner"] = (nsexec, "spawner")  # the agent's exec spawner forks it (agent/spawner.py)
 except ImportError:
     pass
 if len(sys.argv) > 4:  # another nsexec.py (--nsexec), forking in the agent
     import types
     mod = sys.modules["nsexec_given"] = types.ModuleType("nsexec_given")
     exec(compile(sys.argv[4], "nsexec_given.py", "exec"), mod.__dict__)
-    variants["given"] = (mod, False)
+    variants["given"] = (mod, "fork")
 config = json.loads(Path(f"/run/pykata-agent/bundles/{cid}/config.json").read_text())
 cgroup = Path("/sys/fs/cgroup") / config["linux"]["cgroupsPath"].lstrip("/")
 process = {"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
@@ -135,10 +174,11 @@ async def main():
             add("floor: fork (parent)", t1 - t)
             add("floor: fork until reaped", t2 - t)
             add("floor: posix_spawn true until reaped", t3 - t2)
-        for variant, (mod, spawned) in variants.items():
+        for variant, (mod, kind) in variants.items():
             marks = []
+            how = {"spawner": {"spawner": spawner}, "execstart": {"execstart": True}}.get(kind, {})
             pid, exited = await mod.spawn(plans[variant], reaper, stdin=null, stdout=null, stderr=null, timeout=30,
-                                          marks=marks, **({"spawner": spawner} if spawned else {}))
+                                          marks=marks, **how)
             marks.append(("returned", time.monotonic_ns()))
             await exited
             marks.append(("exited", time.monotonic_ns()))
@@ -233,7 +273,12 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=100)
     ap.add_argument("--guest-n", type=int, default=40, help="execs of the in-guest phase breakdown (0: skip)")
     ap.add_argument("--nsexec", type=Path, help="another nsexec.py to compare in the guest with the image's")
+    ap.add_argument("--ctr", action="store_true", help="also `ctr task exec` through containerd, runc beside pykata")
     args = ap.parse_args()
+    ctr: dict[str, list[float]] = {}
+    if args.ctr:
+        with tempfile.TemporaryDirectory(prefix="execbench-ctr-") as d:
+            ctr = ctr_execs(args.n, Path(d))
     with tempfile.TemporaryDirectory(prefix="execbench-") as d:
         runc = runc_execs(args.n, Path(d))
     ours, guest = asyncio.run(pykata_execs(args.n, args.guest_n, args.nsexec))
@@ -248,10 +293,17 @@ def main() -> int:
         t50, t99 = pct(ours[key], 0.5), pct(ours[key], 0.99)
         ratio = f"   ({t50 / base50:.1f}x / {t99 / base99:.1f}x runc)" if key in ("total", "step total") else ""
         print(f"{label:<16}{t50 * 1e3:>10.1f}{t99 * 1e3:>10.1f}{ratio}")
+    if ctr:
+        r50, r99 = pct(ctr["runc"], 0.5), pct(ctr["runc"], 0.99)
+        print(f"\nthrough containerd: `ctr task exec ID true`, {args.n} each, alternating (ms)")
+        print(f"{'runc':<16}{r50 * 1e3:>10.1f}{r99 * 1e3:>10.1f}")
+        k50, k99 = pct(ctr["pykata"], 0.5), pct(ctr["pykata"], 0.99)
+        print(f"{'pykata':<16}{k50 * 1e3:>10.1f}{k99 * 1e3:>10.1f}   ({k50 / r50:.1f}x / {k99 / r99:.1f}x runc)")
     if guest:
         variants = list(dict.fromkeys(v for cols in guest.values() for v in cols))
         print(f"\nin the guest: nsexec of `true`, {args.guest_n} execs (ms, guest clock; median/mean); "
-              "fork: the child forked by the agent, spawner: by the agent's exec spawner, given: --nsexec's")
+              "fork: the child forked by the agent, execstart: the image's exec starter (posix_spawn), "
+              "spawner: by the agent's exec spawner, given: --nsexec's")
         print(f"{'phase':<40}" + "".join(f"{v:>18}" for v in variants))
         for row, cols in guest.items():
             print(f"{row:<40}" + "".join(f"{cols[v][0]:>9.2f}{cols[v][1]:>9.2f}" if v in cols else f"{'':>18}"

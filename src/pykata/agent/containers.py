@@ -100,6 +100,8 @@ class Containers:
                  oom: OOMWatcher, *, spawner: Spawner | None = None) -> None:
         self.settings = settings
         self.spawner = spawner
+        # the image's exec starter, where it has one (else the agent forks the exec child)
+        self.execstart = settings.native_exec and settings.exec_start and nsexec.execstart_available()
         self.reaper = reaper
         self.crun = crun
         self.storages = storages
@@ -341,7 +343,8 @@ class Containers:
         stdin, stdout, stderr = proc.child_stdio()
         try:
             pid, exited = await nsexec.spawn(plan, self.reaper, stdin=stdin, stdout=stdout, stderr=stderr,
-                                             timeout=CREATE_TIMEOUT, spawner=self.spawner)
+                                             timeout=CREATE_TIMEOUT, spawner=self.spawner,
+                                             execstart=self.execstart)
         except ProcessLookupError:
             raise FailedPrecondition(f"container {cid} is not running") from None
         except nsexec.ExecFailed as exc:

@@ -249,7 +249,7 @@ async def _then_settled(load: Callable[[], Awaitable[object]] | None,
     print(SETTLED_LINE, flush=True)
 
 
-EXEC_WITH = ("native", "crun", "spawner")
+EXEC_WITH = ("native", "crun", "spawner", "fork")
 
 
 class AgentArgs(Record):
@@ -337,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = AgentSettings(state_dir=args.state_dir, shared_dir=args.shared_dir,
                                  cgroup_parent=args.cgroup_parent, crun=args.crun,
-                                 native_exec=args.exec_with in ("native", "spawner"),
-                                 exec_spawner=args.exec_with == "spawner")
+                                 native_exec=args.exec_with in ("native", "spawner", "fork"),
+                                 exec_spawner=args.exec_with == "spawner",
+                                 exec_start=args.exec_with == "native")
     except ValueError as exc:
         log.error("--cgroup-parent: %s", exc)
         return 2

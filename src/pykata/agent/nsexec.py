@@ -40,6 +40,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,12 @@ SECCOMP_MODE_FILTER = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MAX_SECCOMP_INSTRUCTIONS = 4096
 REPORT_LIMIT = 4096
+# The static program that does what `_child` does (guestimage/execstart.c), started with posix_spawn:
+# nothing of the agent is forked (see `spawn`). Absent (an image built without a C compiler): `_child`.
+EXECSTART = Path("/usr/libexec/pykata/execstart")
+EXECSTART_MAGIC = 0x31584B50  # "PKX1"
+# the plan goes through a pipe written before the start: at most what an empty pipe takes at once
+EXECSTART_PLAN_LIMIT = 65536
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -243,13 +250,75 @@ def _rlimit_value(value: object) -> int | None:
     return value if value < 1 << 63 else None
 
 
+def encode_plan(p: ExecPlan, timing: bool) -> bytes | None:
+    """Plan `p` as guestimage/execstart.c reads it (little-endian fields, strings as length, bytes, NUL),
+    or None where that program cannot carry it (a NUL in a string, too large): `_child` then runs.
+
+    The environment is the one `_child` hands posix_spawn (entries without "=" left out, a repeated
+    name's last value at its first place), and the PATH searched is the first one, as `_child` does."""
+    env = dict(e.split("=", 1) for e in p.env if "=" in e)
+    search = next((e[5:] for e in p.env if e.startswith("PATH=")), DEFAULT_PATH)
+    texts = [*p.args, *(f"{k}={v}" for k, v in env.items()), p.cwd, search]
+    if any("\0" in t for t in texts) or not p.args:
+        return None
+    out = bytearray(struct.pack("<IIiIIiQQQQQI", EXECSTART_MAGIC, int(timing), p.ns_flags, p.uid, p.gid,
+                                -1 if p.umask is None else p.umask, p.bounding, p.effective, p.permitted,
+                                p.inheritable, sum(1 << cap for cap in p.ambient), int(p.no_new_privileges)))
+    out += struct.pack(f"<I{len(p.groups)}I", len(p.groups), *p.groups)
+    out += struct.pack("<I", len(p.rlimits))
+    for number, soft, hard in p.rlimits:
+        out += struct.pack("<IQQ", number, soft & (1 << 64) - 1, hard & (1 << 64) - 1)
+    seccomp = p.seccomp or b""
+    out += struct.pack("<I", len(seccomp)) + seccomp
+
+    def strings(items: Sequence[str]) -> bytes:
+        return struct.pack("<I", len(items)) + b"".join(_string(s) for s in items)
+
+    out += strings(p.args) + strings([f"{k}={v}" for k, v in env.items()]) + _string(p.cwd) + _string(search)
+    return bytes(out) if len(out) <= EXECSTART_PLAN_LIMIT else None
+
+
+def _string(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogateescape")
+    return struct.pack("<I", len(data)) + data + b"\0"
+
+
+def _start_execstart(blob: bytes, fds: Sequence[int]) -> int:
+    """posix_spawn EXECSTART with `fds` (stdin, stdout, stderr, pidfd, cgroup.procs, report) as 0-5 and
+    the plan `blob` on 6; returns its pid. Raises OSError."""
+    plan_r, plan_w = os.pipe()
+    try:
+        os.set_blocking(plan_w, False)
+        if os.write(plan_w, blob) != len(blob):
+            raise OSError(errno.EAGAIN, "exec plan: short write")
+        os.close(plan_w)
+        plan_w = -1
+        sources = [*fds, plan_r]
+        high = max(sources) + 1  # out of 0-6's way first, so no dup2 overwrites a source still to come
+        actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, fd, high + i) for i, fd in enumerate(sources)]
+        actions += [(os.POSIX_SPAWN_DUP2, high + i, i) for i in range(len(sources))]
+        actions += [(os.POSIX_SPAWN_CLOSE, high + i) for i in range(len(sources))]
+        return os.posix_spawn(EXECSTART, ["pykata-execstart"], {}, file_actions=actions,
+                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    finally:
+        os.close(plan_r)
+        if plan_w >= 0:
+            os.close(plan_w)
+
+
+def execstart_available() -> bool:
+    return os.access(EXECSTART, os.X_OK)
+
+
 async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr: int, timeout: float,
-                marks: list[tuple[str, int]] | None = None,
-                spawner: Spawner | None = None) -> tuple[int, asyncio.Future[ExitStatus]]:
+                marks: list[tuple[str, int]] | None = None, spawner: Spawner | None = None,
+                execstart: bool = False) -> tuple[int, asyncio.Future[ExitStatus]]:
     """Start the process; returns its pid (in the agent's pid namespace) and its exit future.
 
-    The child is forked by `spawner` when it runs (agent/spawner.py: the agent then never forks),
-    else by this process.
+    With `execstart` (and a plan it can carry), EXECSTART does the child's work, started with
+    posix_spawn: under TCG forking the agent and running the child's steps in Python were most of an
+    exec's time (bench/exec_bench.py). Else the child is forked by `spawner` when it runs
+    (agent/spawner.py: the agent then never forks), else by this process.
 
     `marks` (bench/nsexec_guest.py): a list that gets (phase, CLOCK_MONOTONIC ns) pairs, the
     child's included: where the time of one exec goes.
@@ -273,13 +342,17 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         child_exit: asyncio.Future[ExitStatus] | None = None
         child_pidfd = -1
         forked = None
-        if spawner is not None and spawner.running:
+        blob = encode_plan(p, marks is not None) if execstart else None
+        if blob is not None:
+            pid = _start_execstart(blob, (stdin, stdout, stderr, pidfd, cgroup_fd, report_w))
+            child_exit = reaper.watch(pid, since=generation)
+        elif spawner is not None and spawner.running:
             with contextlib.suppress(SpawnerGone):  # not delivered: nothing forked, so fork here
                 forked = await spawner.fork(p._asdict(), (
                     pidfd, cgroup_fd, stdin, stdout, stderr, report_w), marks is not None)
         if forked is not None:
             pid, child_pidfd = forked
-        else:
+        elif blob is None:
             pid = os.fork()
             if pid == 0:
                 _child(p, pidfd, cgroup_fd, (stdin, stdout, stderr), report_w, marks is not None)

@@ -17,6 +17,8 @@ Kernel command line options (read from /proc/cmdline):
   pykata.exec=crun           start exec processes with `crun exec` only (default: the agent's
                              own setns path where it covers the process spec)
   pykata.exec=spawner        the agent's own path, its children forked by the exec spawner
+  pykata.exec=fork           the agent's own path, its children forked by the agent (the default
+                             starts them with the image's exec starter, /usr/libexec/pykata/execstart)
 And PYKATA_BOOT_MARKS=1 (no dot: the kernel hands it to init as an environment variable) prints
 "PYKATA_BOOT <phase> <uptime>" lines as the boot goes on: py (Python runs /init), setup (the VM is
 set up, the agent's import begins), imported (pykata.agent.main); bench/boot_bench.py times them.
@@ -86,7 +88,7 @@ def agent_argv(options: dict[str, str], channel: str) -> list[str]:
     argv = ["--channel", channel]
     if options.get("debug") == "1":
         argv.append("--debug")
-    if options.get("exec") in ("crun", "spawner"):
+    if options.get("exec") in ("crun", "spawner", "fork"):
         argv += ["--exec-with", options["exec"]]
     return argv
 

@@ -29,10 +29,10 @@ class AgentSettings(FrozenRecord):
     volumes) <state>/emptydir.
     """
 
-    __slots__ = ("buffer_limit", "cgroup_parent", "cgroup_root", "crun", "exec_spawner", "native_exec", "shared_dir",
-                 "state_dir")
+    __slots__ = ("buffer_limit", "cgroup_parent", "cgroup_root", "crun", "exec_spawner", "exec_start", "native_exec",
+                 "shared_dir", "state_dir")
     __match_args__ = ("state_dir", "shared_dir", "cgroup_parent", "crun", "buffer_limit", "cgroup_root", "native_exec",
-                      "exec_spawner")
+                      "exec_spawner", "exec_start")
     state_dir: Path
     shared_dir: Path | None
     cgroup_parent: str
@@ -41,6 +41,7 @@ class AgentSettings(FrozenRecord):
     cgroup_root: Path
     native_exec: bool
     exec_spawner: bool
+    exec_start: bool
 
     def __init__(self, state_dir: Path = DEFAULT_STATE_DIR, shared_dir: Path | None = None,
                  # Containers go to cgroup /<cgroup_parent>/<container id> (one agent serves one sandbox).
@@ -53,7 +54,10 @@ class AgentSettings(FrozenRecord):
                  # (bench/exec_bench.py's in-guest table, Nov 2026: ~200 ms until the pid either way on a
                  # host at load 24; the spawner's own fork and the extra hand-off ate what the agent's fork
                  # cost).
-                 exec_spawner: bool = False) -> None:
+                 exec_spawner: bool = False,
+                 # ... and start them with the image's exec starter (nsexec.EXECSTART, posix_spawn: the agent
+                 # is not forked) where it has one and the plan fits; the fork otherwise.
+                 exec_start: bool = True) -> None:
         if not all(CGROUP_NAME_RE.match(p) for p in cgroup_parent.split("/")):
             raise ValueError(f"cgroup parent {cgroup_parent!r}: use names separated by '/'")
         self._init("state_dir", state_dir)
@@ -64,6 +68,7 @@ class AgentSettings(FrozenRecord):
         self._init("cgroup_root", cgroup_root)
         self._init("native_exec", native_exec)
         self._init("exec_spawner", exec_spawner)
+        self._init("exec_start", exec_start)
 
     @property
     def shared(self) -> Path:

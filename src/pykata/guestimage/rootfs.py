@@ -38,7 +38,7 @@ from typing import Any, Literal
 import pykata
 from pykata.errors import PykataError
 from pykata.fsutil import atomic_write, file_lock
-from pykata.guestimage import assemble, crunlib, debs, fsimage, pycbundle, wheels
+from pykata.guestimage import assemble, crunlib, debs, execstart, fsimage, pycbundle, wheels
 
 Progress = Callable[[str], None]
 BootForm = Literal["initrd", "image"]
@@ -74,8 +74,8 @@ GUEST_PACKAGES = (
     "tini",
 )
 GUEST_WHEELS = ("protobuf", "googleapis-common-protos")
-_BUILDER_MODULES = ("assemble.py", "cpio.py", "crunlib.py", "debs.py", "elf.py", "fsimage.py", "rootfs.py",
-                    "wheels.py", "init", "pycbundle.py")
+_BUILDER_MODULES = ("assemble.py", "cpio.py", "crunlib.py", "debs.py", "elf.py", "execstart.py", "execstart.c",
+                    "fsimage.py", "rootfs.py", "wheels.py", "init", "pycbundle.py")
 
 
 class RootfsError(PykataError):
@@ -409,6 +409,8 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
             say(f"crun loads the real libsystemd (no stand-in): {why}")
         else:
             crunlib.replace_real(root)
+        if (why := execstart.install(root)) is not None:
+            say(f"no exec starter (the agent forks its exec children): {why}")
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (why := assemble.write_ld_cache(root)) is not None:
