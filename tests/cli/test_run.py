@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pykata.agentapi.errors import AgentCallError
@@ -18,6 +19,7 @@ from pykata.cli.run import failure_status
 from pykata.config import load_config
 from pykata.errors import PykataError
 from pykata.fsutil import descendants
+from pykata.resources.mounts import mounts_under
 from pykata.sandbox import SpecError, state
 from pykata.sandbox.lookup import find
 from pykata.sandbox.ocispec import parse_env
@@ -497,3 +499,42 @@ def test_hostile_bundle_fails_naming_the_image_and_leaves_nothing(tmp_path: Path
               if (d / "state.json").exists()]
     assert p.pid not in owners
     assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.vm
+def test_a_sigkilled_run_leaves_no_vm_mount_or_directory() -> None:
+    """`pykata run` SIGKILLed (a subprocess timeout's kill): its VM, the 9p helper, the mounts and the
+    directory stayed until `pykata cleanup`. The VM now dies with it (PID-namespace lifeline) and its
+    reaper (pykata.sandbox.reaper) removes the rest."""
+    name = f"k-{uuid.uuid4().hex[:6]}"
+    runner = subprocess.Popen([PYKATA, "run", "--rm", "--name", name, "busybox", "sh", "-c", "echo up; sleep 1000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert runner.stdout is not None and runner.stdout.readline() == b"up\n"
+        found = find(load_config(), name)
+        sid, directory = found.record.id, found.dir
+        assert mounts_under(directory)
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 60
+        while True:
+            left = ([str(directory)] if directory.exists() else []) + [str(m) for m in mounts_under(directory)] + \
+                [" ".join(p.cmdline()) for p in psutil.process_iter() if _names(p, sid)]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert left == []
+        assert sid not in pykata("cleanup").stdout.decode()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
+def _names(p: psutil.Process, sandbox_id: str) -> bool:
+    """Whether `p` is one of the sandbox's processes (its reaper, which ends by itself, aside)."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return sandbox_id in cmd and "pykata.sandbox.reaper" not in cmd

@@ -116,6 +116,29 @@ def test_shim_killed_leaves_nothing(containerd: Containerd) -> None:
     _assert_nothing_left(containerd, cid, shim_pid)
 
 
+def test_shim_killed_while_no_delete_runs_leaves_nothing(containerd: Containerd) -> None:
+    """A dead shim's `delete` may never finish: containerd kills it after 5 s, and at load ~15 churn saw
+    all three of a pod's killed so (076f692), QEMU, virtiofsd, mounts and cgroups staying. Here containerd
+    is frozen before the shim is SIGKILLed, so no `delete` runs at all: the VM dies with its shim (a
+    PID-namespace lifeline, as a pooled VM's) and the shim's reaper (pykata.sandbox.reaper) removes the
+    mounts, the directory and the cgroups. Before, all of them stayed."""
+    cid, shim_pid = _start(containerd, "nodelete")
+    assert containerd.proc is not None
+    assert _vm_processes(cid) and _mounts(cid) and _cgroups(cid)
+    containerd.proc.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(shim_pid, signal.SIGKILL)
+        assert _wait_for(lambda: not _vm_processes(cid), 30), "the VM outlived its shim"
+        assert _wait_for(lambda: not _mounts(cid), 30), _mounts(cid)
+        assert _wait_for(lambda: not _sandbox_dir(cid).exists(), 30)
+        assert _wait_for(lambda: not _cgroups(cid), 30), _cgroups(cid)
+    finally:
+        containerd.proc.send_signal(signal.SIGCONT)
+    assert _wait_for(lambda: cid not in containerd.tasks(), 60)
+    containerd.remove(cid)
+    _assert_nothing_left(containerd, cid, shim_pid)
+
+
 def test_duplicate_and_racing_kill_and_delete(containerd: Containerd) -> None:
     cid, shim_pid = _start(containerd, "race")
     calls = [("task", "kill", "-s", "KILL", cid)] * 4 + [("task", "kill", "-a", "-s", "KILL", cid)] * 2 + \

@@ -219,8 +219,10 @@ async def run_async(config: Config, image_ref: str, command: tuple[str, ...], *,
     # a bad image fails here, before a VM boots
     await prepare_root_image(config, image.rootfs)
     TEMPLATE_PROGRESS.set(lambda message: click.echo(f"pykata: {message}", err=True))  # a wait of 10-30 s
+    # the VM dies with this process however it dies (a timeout's SIGKILL included) and its reaper removes
+    # the mounts and directory then: nobody else serves or stops it
     sandbox = await Sandbox.create(sandbox_id, config=config, vcpus=vcpus, memory_mib=memory_mib, name=name,
-                                   egress=egress_policy)
+                                   egress=egress_policy, die_with_owner=True)
     status = 255
     try:
         await _publish(sandbox, published)

@@ -406,6 +406,12 @@ def _record_path(runtime: RuntimeConfig, sandbox_id: str) -> Path:
     return runtime.runtime_path / "cgroups" / f"{_component(sandbox_id, 'sandbox id')}.json"
 
 
+def record_path(runtime: RuntimeConfig, sandbox_id: str) -> Path:
+    """Where a shim records the cgroups it made for `sandbox_id` (`remove_leftover` reads it; so does
+    the sandbox's reaper, pykata.sandbox.reaper). Raises CgroupError for an id that is no path component."""
+    return _record_path(runtime, sandbox_id)
+
+
 def join(runtime: RuntimeConfig, spec_path: object, sandbox_id: str) -> SandboxCgroup:
     """Make the sandbox's cgroup (`cgroup_path`) and move this process (the shim) into it, so that the
     QEMU and virtiofsd it starts next are charged there too.

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from pykata.config import Config
 from pykata.errors import NotFound
-from pykata.hypervisor import owned
-from pykata.ids import names_vm
 from pykata.network import egress
-from pykata.resources import mounts
-from pykata.sandbox import state
-from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, VM_DIR, sandboxes_dir
+from pykata.sandbox import reaper, state
+from pykata.sandbox.sandbox import AGENT_PROXY_SOCKET, sandboxes_dir
 
 
 class NotFoundError(NotFound):
@@ -60,33 +53,11 @@ def find(config: Config, ref: str, what: str = "container") -> Found:
     raise NotFoundError(ref, "ambiguous id" if matches else f"no such {what}")
 
 
-def _kill_vmm(pid: int | None, sandbox_id: str) -> None:
-    if not pid:
-        return
-    with contextlib.suppress(psutil.Error):
-        proc = psutil.Process(pid)
-        # only a QEMU that is really this sandbox's (pids get reused): its exact -name, not a substring
-        if names_vm(proc.cmdline(), sandbox_id):
-            proc.kill()
-            proc.wait(5)
-
-
 def remove_sandbox_dir(directory: Path, record: state.SandboxRecord | None) -> None:
     """Kill what the sandbox left running, undo its mounts and delete its directory (a sandbox taken
-    from the warm pool: the link and the pool directory it names)."""
-    link = directory if directory.is_symlink() else None
-    if link is not None:
-        directory = link.resolve()
-    # what the owner started (QEMU, virtiofsd, the 9p helper), by pid and start time, and what runs
-    # under those; never a process that merely names the directory (pykata.hypervisor.owned)
-    owned.kill_recorded(directory / VM_DIR)
-    if record is not None:
-        _kill_vmm(record.vmm_pid, record.id)
-    mounts.unmount_all(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    if link is not None:
-        with contextlib.suppress(OSError):
-            link.unlink()
+    from the warm pool: the link and the pool directory it names). Raises MountError (pykata.sandbox.reaper,
+    which does the same when the owner dies)."""
+    reaper.remove_sandbox_dir(directory, record)
 
 
 def cleanup_orphans(config: Config) -> list[str]:

@@ -49,12 +49,13 @@ from pykata.network import detach as detach_network
 from pykata.network.holding import HoldingNetwork, hand_over
 from pykata.protocols.agent import LAZY_SHARE_PROTOCOL_VERSION, agent_pb2
 from pykata.resources import crifiles, emptydir, mounts, watchable
+from pykata.resources.cgroups import record_path as cgroup_record_path
 from pykata.resources.emptydir import EmptyDir
 from pykata.resources.mounts import RootfsMount
 from pykata.resources.network import nic_devices
 from pykata.resources.rootimage import RootImage, RootImageCache, source_for, top_layer
 from pykata.resources.rootslots import SlotTable
-from pykata.sandbox import datadisk, state
+from pykata.sandbox import datadisk, reaper, state
 from pykata.sandbox.copytree import copy_tree
 from pykata.sandbox.datadisk import DiskSession
 from pykata.sandbox.ocispec import (
@@ -247,6 +248,8 @@ class Sandbox:
         self._disk_lock = asyncio.Lock()  # one transfer at a time owns the data disk
         self.egress: EgressPolicy | None = None
         self._egress_uid: int | None = None  # the VMM's uid the host filter rules were made for
+        # cleans up after this process if it dies with the sandbox up (pykata.sandbox.reaper)
+        self._reaper: reaper.Reaper | None = None
 
     @property
     def agent(self) -> Agent:
@@ -273,8 +276,10 @@ class Sandbox:
         `guest_share=False`: the guest never mounts the shared directory; container roots are copied
         into the guest (its RAM) and volumes are refused. Such a sandbox can be snapshotted (QEMU
         refuses to migrate a VM with a 9p share mounted; pykata.sandbox.snapshot).
-        `die_with_owner`: QEMU is killed when this process ends, even by SIGKILL (the SDK's sandboxes:
-        nobody else can use or stop them).
+        `die_with_owner`: QEMU is killed when this process ends, even by SIGKILL (a PID-namespace
+        lifeline), and a reaper removes what the sandbox leaves on the host then (its mounts, directory
+        and a shim's cgroups: pykata.sandbox.reaper). For sandboxes nobody else can use or stop: the
+        SDK's, `pykata run`'s, a shim's pod.
 
         Raises InvalidArgument (bad sandbox id), SandboxError / HypervisorError / AgentError; nothing is
         left behind on failure.
@@ -312,10 +317,15 @@ class Sandbox:
         await self._start_vm(boot_timeout, die_with_owner)
         await self._setup_guest(hostname, serve_proxy)
 
-    async def _start_vm(self, boot_timeout: float, die_with_owner: bool = False) -> None:
-        """The host side and the VM, up to its agent answering."""
+    async def _start_vm(self, boot_timeout: float, die_with_owner: bool = False, reap: bool | None = None) -> None:
+        """The host side and the VM, up to its agent answering. `reap` (default: `die_with_owner`): a reaper
+        removes the sandbox's mounts and directory if this process dies with the sandbox up."""
         make_sandbox_dir(self.dir)
         state.save(self.dir, self.record)
+        if die_with_owner if reap is None else reap:
+            # before the first mount: from here on a death leaves something to remove. In a thread: the
+            # fork and setsid's exit took 19-37 ms at load 16
+            await asyncio.to_thread(self.start_reaper)
         with tracing.span("mounts.setup"):
             self.mounts.setup()
         agent_box: dict[str, Agent] = {}
@@ -357,6 +367,17 @@ class Sandbox:
             await self.vm.wait_ready(timeout=boot_timeout)
         mark("agent.ready")
         self._agent = agent_box["agent"]
+
+    def start_reaper(self) -> None:
+        """Start the process that removes this sandbox's mounts, directory and (a shim's) cgroups if
+        this process dies with it up (pykata.sandbox.reaper); Sandbox.stop releases it. Never raises:
+        without one, `pykata cleanup` removes what is left."""
+        runtime = self.config.runtime
+        try:
+            self._reaper = reaper.start(self.dir, cgroup_record=cgroup_record_path(runtime, self.id),
+                                        cgroup_root=Path(runtime.cgroup_root))
+        except (OSError, PykataError) as e:
+            log.warning("sandbox %s: %s (if this process dies, `pykata cleanup` removes what is left)", self.id, e)
 
     async def _setup_guest(self, hostname: str, serve_proxy: bool) -> None:
         """What makes a started VM this sandbox's: clock, reseed (clones; a pooled VM was reseeded
@@ -455,7 +476,9 @@ class Sandbox:
         try:
             if nics:
                 sb._holding = HoldingNetwork.make()
-            await sb._start_vm(boot_timeout or config.qemu.boot_timeout, die_with_owner=True)
+            # no reaper: the waiting process's mounts live in its own mount namespace (which a reaper
+            # would keep alive), and pool.prune removes a dead one's directory
+            await sb._start_vm(boot_timeout or config.qemu.boot_timeout, die_with_owner=True, reap=False)
             assert sb.vm is not None
             if sb.vm.restore_source is None:
                 raise SandboxError(sb.id, "the pooled VM booted cold instead of from the template")
@@ -1159,7 +1182,40 @@ class Sandbox:
 
     async def _traced_teardown(self, remove: bool) -> None:
         with tracing.span("sandbox.stop", sandbox_id=self.id):
-            await self._teardown(remove)
+            try:
+                await self._teardown(remove)
+            except BaseException:
+                # cut short: the task cancelled (asyncio.run cancels every task when a second Ctrl-C
+                # ends it), a KeyboardInterrupt raised in it, or its coroutine closed with the loop.
+                # What must not outlive this process is finished here, without awaiting.
+                self.teardown_now(remove)
+                raise
+
+    def teardown_now(self, remove: bool = True) -> None:
+        """Synchronously end what the sandbox runs on the host (the processes it recorded: QEMU,
+        virtiofsd, the 9p helper), undo its mounts and remove its directory (with `remove`; else keep
+        the state as stopped): what a teardown cut short by cancellation or KeyboardInterrupt left.
+        Network and filter rules are not touched (`pykata cleanup` sweeps the rules). Never raises."""
+        try:
+            if remove:
+                reaper.remove_sandbox_dir(self._link or self.dir, self.record)
+            else:
+                reaper.end_processes(self.dir, self.record)
+                mounts.unmount_all(self.dir)
+                self.record.status = "stopped"
+                self.record.vmm_pid = None
+                for sub in ("shared", "mounts", "overlay", "vm"):
+                    shutil.rmtree(self.dir / sub, ignore_errors=True)
+                state.save(self.dir, self.record)
+        except (OSError, PykataError) as e:
+            log.warning("sandbox %s: cleanup after an interrupted stop: %s", self.id, e)
+            return
+        self._release_reaper()
+
+    def _release_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.release()
+            self._reaper = None
 
     async def _teardown(self, remove: bool) -> None:
         mark("sb.teardown")
@@ -1214,6 +1270,7 @@ class Sandbox:
                 shutil.rmtree(self.dir / sub, ignore_errors=True)
             with contextlib.suppress(OSError):
                 state.save(self.dir, self.record)
+        self._release_reaper()  # done: nothing is left for it (a return above keeps it for our exit)
 
     async def __aenter__(self) -> Sandbox:
         return self

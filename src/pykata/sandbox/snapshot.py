@@ -376,6 +376,8 @@ async def _start(sb: Any, opened: Opened, assets: dict[str, Path | None], m: dic
 
     make_sandbox_dir(sb.dir)
     state.save(sb.dir, sb.record)
+    if die_with_owner:
+        await asyncio.to_thread(sb.start_reaper)
     sb.mounts.setup()
     box: dict[str, Agent] = {}
 

@@ -376,12 +376,31 @@ class AsyncSandbox:
         return self._paused
 
     async def close(self) -> None:
-        """Destroy the VM and everything it used (a connected sandbox is only disconnected). Idempotent."""
+        """Destroy the VM and everything it used (a connected sandbox is only disconnected). Idempotent.
+
+        A close that is cancelled (Ctrl-C under asyncio.run cancels the main task) waits for the
+        destruction before it re-raises; one whose loop is torn down mid-way (a second Ctrl-C) finishes
+        synchronously (Sandbox.teardown_now): the VM's directory and mounts never outlive the call."""
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._destroy("was closed"))
-        await asyncio.shield(self._closing)
+        try:
+            await asyncio.shield(self._closing)
+        except asyncio.CancelledError:
+            if not self._closing.done():
+                await asyncio.wait([self._closing])  # cancelled again: _destroy's own fallback
+            raise
 
     async def _destroy(self, why: str) -> None:
+        try:
+            await self._destroy_all(why)
+        except BaseException:
+            # cut short (this task cancelled as its loop ends, a KeyboardInterrupt raised in it, its
+            # coroutine closed): the owned VM's host side goes now, without awaiting
+            if self._sandbox is not None and self._owned:
+                self._sandbox.teardown_now()
+            raise
+
+    async def _destroy_all(self, why: str) -> None:
         if self._gone is None:
             self._gone = why
         if self._warm is not None and not self._warm.done():

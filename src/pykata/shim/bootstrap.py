@@ -517,10 +517,9 @@ def _remove_leftovers(config: Config, sandbox_id: str, shim_pid: int | None) -> 
 
     directory = Path(config.runtime.runtime_dir) / "sandboxes" / sandbox_id
     if directory.exists():
-        # only here: after an orderly exit the shim removed the directory itself, and lookup's
-        # imports (the whole sandbox stack) would cost every `delete` a tenth of a second
+        # only here: after an orderly exit the shim removed the directory itself
         from pykata.sandbox import state
-        from pykata.sandbox.lookup import remove_sandbox_dir
+        from pykata.sandbox.reaper import remove_sandbox_dir
 
         record = state.load(directory)
         # only the dead shim's own sandbox: the same id may be another namespace's, with a live owner

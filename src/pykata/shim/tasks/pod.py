@@ -67,7 +67,11 @@ async def ensure_sandbox(st: TaskState, spec: dict[str, Any]) -> Sandbox:
                     hostname=str(spec.get("hostname") or ""), serve_proxy=True,
                     # a shim claimed from the pool has the pod's namespace as an fd (its mount namespace
                     # may not have the pod's mount)
-                    netns=spec_netns(spec) and (st.warm_netns or spec_netns(spec)))
+                    netns=spec_netns(spec) and (st.warm_netns or spec_netns(spec)),
+                    # as a pooled VM: QEMU, virtiofsd and the 9p helper die with this shim however it
+                    # dies, and a reaper removes the mounts, directory and cgroups it leaves then,
+                    # whether or not containerd's `delete` gets to run within its 5 s
+                    die_with_owner=True)
             except BaseException:
                 leave_cgroup(st)
                 raise
