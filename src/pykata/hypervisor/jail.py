@@ -167,11 +167,21 @@ def lifeline_prefix() -> list[str]:
     own credentials (QEMU's -runas clears a parent-death signal set on QEMU itself).
 
     The outer `unshare` (started with a parent-death SIGKILL: ChildProcess.spawn's die_with_parent)
-    makes a PID namespace whose init, the inner `unshare`, is killed when the outer one dies; the
-    kernel then kills everything in that namespace, the program included. The program is the init's
-    child, so its exit status still comes back through both. Raises HypervisorError without util-linux.
+    makes a PID namespace whose init, a shell, is killed when the outer one dies; the kernel then kills
+    everything in that namespace, the program included. The program is the shell's child, so its exit
+    status comes back through both, a death by signal N as 128 + N (`lifeline_exit`). The init was an
+    `unshare --fork`, which passes a signal on by raising it on itself, and a namespace's init cannot
+    kill itself: it exited 1 ("child exit failed"), so a QEMU killed by SIGKILL read as "exited with
+    code 1". Raises HypervisorError without util-linux.
     """
-    return [_tool(UNSHARE), "--pid", "--fork", "--kill-child=SIGKILL", "--", _tool(UNSHARE), "--fork", "--"]
+    return [_tool(UNSHARE), "--pid", "--fork", "--kill-child=SIGKILL", "--", _tool("sh"), "-c", '"$@"; exit $?',
+            "lifeline"]
+
+
+def lifeline_exit(code: int) -> int:
+    """A lifeline_prefix() wrapper's exit status as the program's: 128 + N (a shell's way of saying
+    killed by signal N) is -N, as subprocess says it."""
+    return -(code - 128) if 128 < code <= 128 + 64 else code
 
 
 def lifeline_target(wrapper_pid: int, binary: str) -> int | None:

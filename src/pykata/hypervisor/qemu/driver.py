@@ -27,6 +27,7 @@ from pykata.hypervisor.hostinfo import host_tsc_khz
 from pykata.hypervisor.jail import (
     UidLease,
     jail_spec,
+    lifeline_exit,
     lifeline_prefix,
     lifeline_target,
     make_chroot,
@@ -439,6 +440,7 @@ class QemuHypervisor(Hypervisor):
         except QmpError:
             code = await self._qemu.wait(0.5)
             if code is not None:
+                code = lifeline_exit(code) if self._die_with_owner else code
                 self._sidecars.flush()
                 raise HypervisorError(
                     f"VM {self.vm_id}: QEMU {describe_exit(code)} at start: {log_tail(self.paths.qemu_log, 1500)}"
@@ -462,6 +464,8 @@ class QemuHypervisor(Hypervisor):
 
     async def _watch(self, qemu: ChildProcess, qmp: QmpChannel) -> None:
         code = await qemu.exit_code()
+        if self._die_with_owner:  # QEMU's own status through its lifeline's shell
+            code = lifeline_exit(code)
         self._sidecars.flush()  # QEMU's last words are in the log before anyone learns of the exit
         reason = self._exit_reason(code)
         if not self._stop_requested:
