@@ -56,12 +56,15 @@ def start(directory: Path, *, cgroup_record: Path | None = None, cgroup_root: Pa
 
     Raises OSError when it cannot be started (util-linux's setsid missing, no memory for a process)."""
     setsid = shutil.which("setsid") or shutil.which("setsid", path="/usr/bin:/bin")
-    if setsid is None:
-        raise OSError("util-linux's setsid not found")
+    nice = shutil.which("nice") or shutil.which("nice", path="/usr/bin:/bin")
+    if setsid is None or nice is None:
+        raise OSError("util-linux's setsid or coreutils' nice not found")
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
-        argv = [setsid, "--fork", sys.executable, "-m", "pykata.sandbox.reaper", str(read_fd), str(os.getpid()),
-                str(directory)]
+        # idle priority while it starts and waits: its interpreter's start-up (~0.1 CPU s) must not take
+        # CPU from the VM booting beside it; it takes the normal priority back once the owner died
+        argv = [setsid, "--fork", nice, "-n", "19", sys.executable, "-m", "pykata.sandbox.reaper", str(read_fd),
+                str(os.getpid()), str(directory)]
         if cgroup_record is not None and cgroup_root is not None:
             argv += [str(cgroup_record), str(cgroup_root)]
         # setsid forks the reaper and exits at once: it is waited for here, the reaper by nobody
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     os.close(read_fd)
     if RELEASED in got:
         return 0
+    with contextlib.suppress(OSError):  # the cleanup runs at the owner's priority (root may raise it)
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
     try:
         reap(directory, owner_pid, cgroup_record, cgroup_root)
     except Exception:  # what is left is `pykata cleanup`'s (or the shim's `delete`'s) to remove
