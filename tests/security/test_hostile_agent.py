@@ -215,11 +215,13 @@ def test_bad_replies_are_refused_and_the_pod_is_still_removed(ctd: HostileContai
     assert rss.peak < SHIM_RSS_BOUND
 
 
+@pytest.mark.timeout(CREATE_UNDER_LOAD + 300)
 def test_never_ending_replies_end_at_their_timeouts(ctd: HostileContainerd, hostile_dir: Path) -> None:
     """An agent that never answers: calls with a deadline fail after it; the pod is still removed
     within the bounded teardown although RemoveContainer and DestroySandbox never answer either."""
-    with hostile_pod(ctd, hostile_dir / "run", "hang", RemoveContainer="hang", DestroySandbox="hang",
-                     SignalProcess="hang") as cid:
+    # (the create is not attacked: it may take a loaded host's cold boot)
+    with hostile_pod(ctd, hostile_dir / "run", "hang", CREATE_UNDER_LOAD, RemoveContainer="hang",
+                     DestroySandbox="hang", SignalProcess="hang") as cid:
         assert cid
         # (one never-answered call per pod is enough to show the request timeout: ExecProcess goes
         # through the SDK below; every RPC with an end shares the same bound)
@@ -231,12 +233,13 @@ def test_never_ending_replies_end_at_their_timeouts(ctd: HostileContainerd, host
         assert _alive(ctd)
 
 
+@pytest.mark.timeout(CREATE_UNDER_LOAD + 300)
 def test_a_kill_the_agent_acknowledges_and_never_carries_out_stops_the_vm(ctd: HostileContainerd,
                                                                          hostile_dir: Path) -> None:
     """The agent answers SignalProcess(SIGKILL) with success and kills nothing: containerd waits for a
     killed task's exit without a deadline, so the pod (its VM) could never be removed. The shim stops
     the VM once the container has not exited within twice the agent's request timeout of the kill."""
-    with hostile_pod(ctd, hostile_dir / "run", "ignore", SignalProcess="ignore") as cid:
+    with hostile_pod(ctd, hostile_dir / "run", "ignore", CREATE_UNDER_LOAD, SignalProcess="ignore") as cid:
         assert cid
         rc, text, secs = _step(ctd, "task", "kill", "-s", "KILL", cid)
         assert rc == 0, text
