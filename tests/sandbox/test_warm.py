@@ -62,12 +62,12 @@ async def test_a_pooled_vm_is_reseeded_and_warmed_and_keeps_nothing_of_it(vm_fac
         pid = await sb.agent.start_debug_console("dbg-1", ["sh", "-c",
                                                            "grep -c warm /proc/mounts; "
                                                            "ls /run/pykata-agent/crun /run/pykata-agent/bundles; "
-                                                           "find /run/pykata-agent/storage -mindepth 2; "
+                                                           "find /run/pykata-agent/storage -mindepth 1; "
                                                            "ls -d /sys/fs/cgroup/pykata/* 2>&1; true"])
         listing = await _output(Process(sb.agent, "", "dbg-1", pid, False))
         # both throwaways: the agent's WarmUp's (pykata-warmup) and, with image slots, the one that took
         # CreateContainer's path (sandbox.WARM_UP_CONTAINER, pykata-pool-warm-up), which the former
-        # check's name missed; the agent keeps a removed container's storage/<id> directory, empty
+        # check's name missed; nor their storage/<id> directories (the agent removes them with the container)
         assert listing.splitlines()[0] == "0" and "warm" not in listing, listing
         # the pod's container sees the boot id given at pooling time
         image = ImageStore(config.runtime.cache_path).resolve("busybox").rootfs

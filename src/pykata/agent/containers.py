@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -162,6 +163,7 @@ class Containers:
         try:
             async with contextlib.AsyncExitStack() as undo:
                 mounts: list[Mounted] = []
+                undo.callback(self._remove_storage_dir, cid)
                 undo.callback(self._unmount, mounts)
                 # in one thread hop for all of them (each hop is a few ms under TCG); if this RPC is
                 # cancelled meanwhile, the thread's mounts finish first so that the undo sees them all
@@ -455,6 +457,7 @@ class Containers:
                     c.cgroup.remove()
             shutil.rmtree(c.bundle, ignore_errors=True)
             self._unmount(c.mounts)
+            self._remove_storage_dir(cid)
             del self._items[cid]
             c.status = "deleted"
             log.info("removed container %s", cid)
@@ -488,3 +491,34 @@ class Containers:
     def _unmount(self, mounts: list[Mounted]) -> None:
         for err in self.storages.unmount(mounts):
             log.warning("%s", err)
+
+    def _remove_storage_dir(self, cid: str) -> None:
+        """Remove <state>/storage/<cid> and the empty directories below it once its storages are
+        unmounted: Storages.unmount removes only the mount points, not the parents it made for them
+        (nor the mount point of a storage whose mount failed), and a long-lived pod that runs many
+        containers kept one empty directory per removed container. Only empty directories go, the
+        walk stops at mount points (one that failed to unmount keeps its contents and parents) and
+        follows no symlink."""
+        base = self.settings.storage_dir / cid
+        try:
+            dev = os.lstat(base).st_dev
+        except OSError:
+            return
+        found: list[str] = []
+        for parent, dirs, _files in os.walk(base, followlinks=False):
+            dirs[:] = [d for d in dirs if self._same_mount(os.path.join(parent, d), dev)]
+            found.extend(os.path.join(parent, d) for d in dirs)
+        for d in reversed(found):  # children before their parents
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        with contextlib.suppress(OSError):
+            os.rmdir(base)
+
+    @staticmethod
+    def _same_mount(path: str, dev: int) -> bool:
+        """Whether `path` is a directory (not a symlink) on device `dev` and no mount point."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_dev == dev and not os.path.ismount(path)
