@@ -423,6 +423,49 @@ async def test_hosts_that_connect_one_after_another_each_get_a_session_at_once(v
     assert not slow, slow
 
 
+async def test_garbage_a_dead_host_left_on_the_channel_costs_two_silences_not_the_boot(
+        vm: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host killed mid-write left a header that announces a 4 MiB frame, a few bytes of it and garbage:
+    the agent's parser waits for the rest, so the next host's hello is that frame's data. Agent.connect
+    gets no echo, reconnects with a small flush (not enough here), then with a full one, and the agent,
+    skipping the garbage, takes the hello after it: a session within two silences (RECONNECT_SILENCE,
+    2 s here), and the agent's console has one warning per run of garbage, not one per read."""
+    from pykata.agentapi import client as agentclient
+
+    sock, log = vm
+    await (await _connect(sock)).close()
+    await asyncio.sleep(0.1)
+    monkeypatch.setattr(agentclient, "RECONNECT_SILENCE", 2.0)
+    warned = log.read_text(errors="replace").count("frame length")
+    with contextlib.closing(await _unix(sock)) as dead:
+        dead.sendall((4 * MiB).to_bytes(4, "big") + b"\x00\x00\x00\x01\x01\x00" + os.urandom(3000))
+        await asyncio.sleep(1)  # read by the guest before the host goes
+    started = time.monotonic()
+    agent = await asyncio.wait_for(Agent.connect(sock, "garbage", timeout=90), 120)
+    try:
+        took = time.monotonic() - started
+        assert await agent.check(timeout=30)
+    finally:
+        await agent.close()
+        await asyncio.sleep(0.05)
+    assert took < 60, took
+    assert log.read_text(errors="replace").count("frame length") - warned <= 2
+
+
+async def _unix(path: Path) -> Any:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    deadline = time.monotonic() + 10
+    while True:  # QEMU's chardev takes the next host once the last one's end is handled
+        try:
+            s.connect(str(path))
+            return s
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+
 async def test_bare_clients_that_connect_one_after_another_each_get_their_first_answer(
         vm: tuple[Path, Path]) -> None:
     """The same window through the bare path: `connect_unix(session=True)` and one Check, no probes and no

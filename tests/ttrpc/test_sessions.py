@@ -179,7 +179,7 @@ async def test_a_hello_after_half_a_frame_of_the_last_host_starts_the_session_af
             await b.close()
             host.close()
         host = await port.attach()
-        c = await connect_fd(host.fileno(), session=True, flush=True)
+        c = await connect_fd(host.fileno(), session=True, flush=FLUSH_SIZE)
         try:
             assert (await c.call(ECHO_SERVICE, "Echo", Echo(tag=7), timeout=10)).tag == 7
             assert 6 not in handler.tags  # the silent host's call went into the half frame

@@ -33,6 +33,7 @@ from pykata.protocols.agent import (
     agent_pb2,
 )
 from pykata.ttrpc import Client, Code, RpcError, SessionRefused, connect_fd, connect_unix
+from pykata.ttrpc.session import FLUSH_SIZE, SMALL_FLUSH_SIZE
 from pykata.ttrpc.stats import RpcStats
 
 DEFAULT_TIMEOUT = 30.0
@@ -46,6 +47,83 @@ RECONNECT_SILENCE = 15.0
 UNTRACED_RPCS = frozenset({"ReadStdout", "ReadStderr", "GetOOMEvent"})
 _M = TypeVar("_M", bound=Message)
 _R = TypeVar("_R")
+
+
+class _ChannelWatch:
+    """What Agent.connect knows of the guest's end of its connections: whether the guest has read every
+    byte written (QEMU reads from its chardev socket only what the guest's port has room for, and
+    nothing while the agent has not opened it), for how long it has been silent since, and how big a
+    flush the next connection writes before its hello (pykata.ttrpc.session).
+
+    The silence that makes a new connection is counted from when the guest last read any of what we
+    wrote, not from the connect: a guest still reading a flush is not silent, and a new connection would throw away
+    the rest of it (QEMU drops what it did not read of a closed connection) and write another one. Under
+    load a 4 MiB flush took the guest longer than RECONNECT_SILENCE to read, so each connection was
+    given up before its hello came and the guest read flushes until the boot's deadline (300 s; its
+    console full of `frame length 4294967295` warnings: flush bytes read as a header).
+    The flush completes a half frame a host before us left in the port: our own connections' frames
+    (hellos and probes) are small, so a reconnect writes a small flush; a full one (4 MiB) only when the
+    caller says another host may have written (`flush`), or once a small one was not enough (a second
+    silent connection)."""
+
+    def __init__(self, flush: int) -> None:
+        self.flush = flush
+        self._client: Client | None = None
+        self._written_flush = 0
+        self._quiet_since: float | None = None
+        self._unread: int | None = None  # what the guest had not read at the last look
+        self.connections = 0
+        self.read_by_guest = 0  # connections whose every byte the guest read
+        self._counted = False
+        self.full_flush_read = False
+
+    def connected(self, client: Client) -> None:
+        self._client = client
+        self._written_flush = self.flush
+        self._quiet_since = None
+        self._unread = None
+        self.connections += 1
+        self._counted = False
+
+    def look(self) -> None:
+        """Note whether the guest has read all we wrote on the current connection (asked after a
+        probe's wait, before anything more is written)."""
+        if self._client is None:
+            return
+        unread = self._client.unread_by_peer()
+        if self._unread is None or unread < self._unread:
+            self._quiet_since = time.monotonic()  # the guest read some: not silent
+        elif self._quiet_since is None:
+            self._quiet_since = time.monotonic()
+        self._unread = unread
+        if unread:
+            return
+        if not self._counted:
+            self._counted = True
+            self.read_by_guest += 1
+        if self._written_flush >= FLUSH_SIZE:
+            self.full_flush_read = True
+
+    def silent_for(self) -> float:
+        """Seconds since the guest last read any of this connection's bytes without answering, as of the
+        last look (taken when a probe's wait ended, before the next writes). A guest that reads nothing
+        (an agent that has not opened its port: a tickless guest's agent waits for a host-connect event)
+        is as silent as one that read everything and did not answer; one still reading is not."""
+        return 0.0 if self._quiet_since is None else time.monotonic() - self._quiet_since
+
+    def reconnecting(self) -> None:
+        self._client = None
+        small = self.full_flush_read or (self.connections == 1 and self._written_flush == 0)
+        self.flush = SMALL_FLUSH_SIZE if small else FLUSH_SIZE
+
+    def describe(self) -> str:
+        if not self.connections:
+            return "its channel's socket never took a connection"
+        if not self.read_by_guest:
+            return (f"the guest never read its agent port ({self.connections} connection(s); a guest whose "
+                    "agent has not opened the port reads nothing)")
+        return (f"the guest read all of {self.read_by_guest} of {self.connections} connection(s) and never "
+                "answered the session hello")
 
 
 class Agent:
@@ -74,7 +152,8 @@ class Agent:
 
         The request stays queued in the channel while the guest boots, so one connection is kept and
         the check is repeated on it rather than reconnecting (which could cut a frame in half), until
-        it has been silent for RECONNECT_SILENCE: then a new connection (a guest without a timer tick
+        it has been silent for RECONNECT_SILENCE since the guest last read any of this connection
+        (_ChannelWatch): then a new connection (a guest without a timer tick
         never takes up a session that began before its agent opened its port: the agent's fallback
         for that is a timer; a new connection is a host-connect event, which wakes it).
         Each connection opens a host session with a hello (pykata.ttrpc.session): answers to the probes
@@ -87,37 +166,40 @@ class Agent:
         a new host's first bytes for the end of that host's session and dropped its hello with it
         (a snapshot saved with an older guest still runs such an agent). A connection made
         after a silent one writes a flush before its hello: the silent one's hello may
-        have gone into half a frame an earlier host left in the port (pykata.ttrpc.session).
+        have gone into half a frame an earlier host left in the port (pykata.ttrpc.session); a small
+        one first, as big as our own frames (_ChannelWatch).
         Each check goes with a Version request (no round trip of its own); the protocol version of the
         agent that answers is checked and kept, as `negotiate` does.
         The answer's clocks are checked for a dead timer tick in the guest (`_check_tick`).
         `connection`: a socket already connected to `socket` (Hypervisor.take_agent_connection), used
         first and closed here (the session runs on a duplicate of it). `flush`: the first connection
         writes a flush too (a restored snapshot's agent may hold half a frame of the host that saved it).
-        Raises AgentError when the agent does not answer within `timeout`, AgentVersionError when it
+        Raises AgentError when the agent does not answer within `timeout` (saying whether the guest read
+        what we wrote: an agent that never opened its port, or one that read and never answered),
+        AgentVersionError when it
         is too old for this host, AgentReplyError when its version answer is out of contract,
         GuestTickError when its guest has no timer tick.
         """
         deadline = time.monotonic() + timeout
         client: Client | None = None
         last: BaseException | None = None
-        connected = 0.0
+        channel = _ChannelWatch(FLUSH_SIZE if flush else 0)
         try:
             while time.monotonic() < deadline:
-                if client is not None and time.monotonic() - connected > RECONNECT_SILENCE:
+                if client is not None and (client.closed or channel.silent_for() > RECONNECT_SILENCE):
                     await client.close()
                     client = None
-                    flush = True
-                if client is None or client.closed:
+                    channel.reconnecting()
+                if client is None:
                     try:
                         if connection is not None:
                             early, connection = connection, None
                             with early:
-                                client = await connect_fd(early.fileno(), session=True, flush=flush)
+                                client = await connect_fd(early.fileno(), session=True, flush=channel.flush)
                         else:
                             client = await connect_unix(str(socket), timeout=max(0.1, deadline - time.monotonic()),
-                                                        session=True, flush=flush)
-                        connected = time.monotonic()
+                                                        session=True, flush=channel.flush)
+                        channel.connected(client)
                     except (OSError, TimeoutError) as e:
                         last = e
                         await asyncio.sleep(0.02)
@@ -128,6 +210,7 @@ class Agent:
                 except AgentReplyError:
                     raise  # an answer out of contract: not a guest still booting
                 except AgentCallError as e:
+                    channel.look()  # before anything more is written on this connection
                     last = e
                     why = client.close_reason
                     if isinstance(why, SessionRefused):
@@ -142,6 +225,7 @@ class Agent:
                         # closed its port just as it came); another one costs ~80 bytes
                         client.hello_again()
                     continue
+                channel.look()
                 if replies.health(answer):
                     agent._take_version(version)
                     await agent._check_tick(answer)
@@ -152,8 +236,10 @@ class Agent:
             if connection is not None:
                 connection.close()
             if client is not None:
+                channel.look()
                 await client.close()
-        raise AgentError(f"sandbox {sandbox_id}: agent did not answer within {timeout:.0f}s ({last})")
+        raise AgentError(f"sandbox {sandbox_id}: agent did not answer within {timeout:.0f}s: {channel.describe()} "
+                         f"({last})")
 
     @classmethod
     async def attach(cls, socket: Path, sandbox_id: str) -> Agent:

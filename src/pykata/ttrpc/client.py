@@ -18,10 +18,13 @@ streaming call whose unread messages pass `max_stream_buffer` bytes fails with R
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import logging
 import math
+import termios
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -62,7 +65,7 @@ class _Pending:
 
 class _ClientProtocol(ConnectionProtocol):
     def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False, flush: bool = False) -> None:
+                 max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False, flush: int = 0) -> None:
         super().__init__(Role.CLIENT, max_message_size=max_message_size)
         self.max_stream_buffer = max_stream_buffer
         self.pending: dict[int, _Pending] = {}
@@ -70,14 +73,14 @@ class _ClientProtocol(ConnectionProtocol):
         self._nonce = new_nonce() if session else b""
         self._hunter = EchoHunter(self._nonce) if session else None
         self._hello_sent = False
-        self._flush = flush and session
+        self._flush = flush if session else 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self._hunter is not None and not self._hello_sent:
             self._hello_sent = True
             if self._flush:
-                self.write(flush_bytes())
+                self.write(flush_bytes(self._flush))
             self.write(hello_frame(self._nonce))
 
     def hello_again(self) -> bool:
@@ -193,6 +196,24 @@ class Client:
     def hello_again(self) -> bool:
         """A session connection whose echo has not come: send a new hello (see _ClientProtocol)."""
         return self._p.hello_again()
+
+    def unread_by_peer(self) -> int:
+        """Bytes written on this connection that the peer has not read yet (0 once it read them all):
+        what the transport still holds plus the socket's send queue (SIOCOUTQ; on a unix socket the
+        memory its queued buffers take, so only 0 is exact). Behind QEMU's chardev socket, QEMU reads
+        only what the guest has room for in its port, so 0 means the guest has taken every byte.
+        A closed connection or a descriptor that is not a socket counts its transport's buffer only."""
+        transport = self._p._writer
+        if transport is None or transport.is_closing():
+            return 0
+        queued = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            buf = array.array("i", [0])
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+                queued += buf[0]
+        return queued
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with ConnectionClosedError. Idempotent.
@@ -417,17 +438,17 @@ class Stub:
 
 async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeout: float | None = None,
                        max_message_size: int = MAX_MESSAGE_SIZE, max_stream_buffer: int = MAX_STREAM_BUFFER,
-                       session: bool = False, flush: bool = False) -> Client:
+                       session: bool = False, flush: int = 0) -> Client:
     """Connect to a ttrpc server on a unix socket. Raises OSError (e.g. FileNotFoundError,
     ConnectionRefusedError) or TimeoutError.
 
     `session`: the peer is an agent behind a virtio-serial port (QEMU's chardev socket), which has no
     connection boundary of its own: open a session with a hello and take answers only after its echo
     (pykata.ttrpc.session). Calls fail with ConnectionClosedError whose message says why when the
-    agent predates sessions or never echoes. `flush` (with `session`): write a flush before the
-    hello (4 MiB: pykata.ttrpc.session.flush_bytes), for a host that got no echo on its last
-    connection (a host before it may have left half a frame in the port, which took that hello as
-    its data)."""
+    agent predates sessions or never echoes. `flush` (with `session`): write that many flush bytes
+    before the hello (pykata.ttrpc.session.flush_bytes: FLUSH_SIZE completes any frame), for a host
+    that got no echo on its last connection (a host before it may have left half a frame in the port,
+    which took that hello as its data)."""
     loop = asyncio.get_running_loop()
     path = path.removeprefix("unix://")
     async with asyncio.timeout(timeout):
@@ -439,7 +460,7 @@ async def connect_unix(path: str, *, timeout: float | None = 5.0, default_timeou
 
 async def connect_fd(fd: int, *, default_timeout: float | None = None, max_message_size: int = MAX_MESSAGE_SIZE,
                      max_stream_buffer: int = MAX_STREAM_BUFFER, session: bool = False,
-                     flush: bool = False) -> Client:
+                     flush: int = 0) -> Client:
     """A client over an already connected descriptor (socket or character device); it is dup'ed.
     `session` and `flush` as for connect_unix."""
     proto = _ClientProtocol(max_message_size=max_message_size, max_stream_buffer=max_stream_buffer,

@@ -34,6 +34,9 @@ class ConnectionProtocol(asyncio.Protocol):
         # set when the transport has really let go of the socket (connection_lost), after `closed`
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason: BaseException | None = None
+        # bytes and refused headers since the protocol error that began the garbage being skipped now
+        # (None while the stream is in step): one warning when it begins, one when a frame comes again
+        self._skipping: list[int] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -86,15 +89,29 @@ class ConnectionProtocol(asyncio.Protocol):
                 event = self.conn.next_event()
             except RemoteProtocolError as e:
                 if self.handle_protocol_error(e):
-                    dropped = self.conn.resync()
-                    log.warning("ttrpc: %s; dropped %d bytes to resynchronise", e, dropped)
+                    self._resync(e)
                     continue
                 log.warning("ttrpc: protocol error from peer, closing the connection: %s", e)
                 self.abort(e)
                 return
             if event is None:
                 return
+            if self._skipping is not None:
+                log.warning("ttrpc: in step again after skipping %d bytes (%d refused headers)", *self._skipping)
+                self._skipping = None
             self.handle_event(event)
+
+    def _resync(self, error: RemoteProtocolError) -> None:
+        """Skip to the next plausible frame. Logged once per run of garbage, not once per read: a host's
+        flush (pykata.ttrpc.session, 4 MiB of 0xFF) arrives in as many reads as the host's VMM makes
+        of it, each failing at its first header (`frame length 4294967295`), and under load a warning
+        per read filled the guest's serial console (each byte an emulated UART write)."""
+        dropped = self.conn.resync()
+        if self._skipping is None:
+            log.warning("ttrpc: %s; skipping to the next frame", error)
+            self._skipping = [0, 0]
+        self._skipping[0] += dropped
+        self._skipping[1] += 1
 
     def write(self, data: bytes) -> None:
         """Queue bytes; frames are written whole, so concurrent callers never interleave."""
