@@ -117,3 +117,59 @@ async def test_guest_not_ready_error_bounds_and_escapes_the_console(make_vm, wor
     text = str(info.value)
     assert ("not ready after" if end == "hang" else "before the guest was ready") in text, text[:300]
     _quotes_the_console_safely(text)
+
+
+# A file server's last words ahead of its exit: a forged line of the shim's log, terminal escapes, a
+# bidi override, then 400 more escape lines (what a guest that named a shared file so, or a hostile
+# guest kernel's malformed requests, gets it to print), then one honest line.
+FAKE_FAILING_FILE_SERVER = (
+    "#!/bin/sh\n"
+    "printf 'fv_queue_worker: bad\\r\\ntime=\"2026-12-01T00:00:00Z\" level=info msg=\"PYKATA-FORGED-LINE\"\\r"
+    "\\033[2J\\033[HPYKATA-FORGED-SCREEN\\342\\200\\256\\n' >&2\n"
+    "i=0; while [ $i -lt 400 ]; do printf '\\033]0;PWNED\\007\\033[2J\\r\\n' >&2; i=$((i+1)); done\n"
+    "printf 'still booting\\n' >&2\n"
+    "exit 1\n"
+)
+
+
+@pytest.mark.parametrize("server", ["virtiofsd", "virtfs-proxy-helper"])
+async def test_a_failed_file_servers_output_is_quoted_bounded_and_escaped(tmp_path: Path, server: str) -> None:
+    """A virtiofsd or virtfs-proxy-helper that exits at start: its error quotes the end of its log,
+    which went raw into the error (virtiofsd: 2000 bytes as they were) that containerd logs and hands to
+    kubelet. A FAKE server that prints forged log lines and escapes and exits 1 stands in for one a
+    hostile guest made print them; pykata starts it and checks it as the real one."""
+    from pykata.errors import HypervisorError
+    from pykata.hypervisor.qemu.proxy9p import Proxy9p
+    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+
+    fake = tmp_path / f"fake-{server}-printing-escapes"
+    fake.write_text(FAKE_FAILING_FILE_SERVER)
+    fake.chmod(0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    log = tmp_path / f"{server}.log"
+    helper: Virtiofsd | Proxy9p
+    if server == "virtiofsd":
+        helper = Virtiofsd(str(fake), tmp_path / "vfs.sock", shared, log)
+    else:
+        helper = Proxy9p(shared, log, binary=str(fake), mount_namespace=False)
+    try:
+        # virtiofsd's start waits 20 ms for an early exit; under load the script may take longer, and
+        # then its owner's check once QEMU answers (check_running) is what reports it
+        try:
+            await helper.start()
+        except HypervisorError as exc:
+            error: HypervisorError | None = exc
+        else:
+            assert helper.child is not None
+            assert await helper.child.wait(60) == 1
+            with pytest.raises(HypervisorError) as info:
+                helper.check_running()
+            error = info.value
+        assert error is not None
+        text = str(error)
+        assert "exited with code 1 at start" in text, text[:300]
+        _quotes_the_console_safely(text)
+    finally:
+        await helper.stop()
+    assert helper.child is not None and not helper.child.running

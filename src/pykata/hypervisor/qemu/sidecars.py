@@ -103,6 +103,8 @@ class Sidecars:
 
     def check_running(self) -> None:
         """Raise HypervisorError when a helper QEMU relies on has exited (see Proxy9p.check_running)."""
+        if self.virtiofsd is not None:
+            self.virtiofsd.check_running()
         if self.proxy9p is not None:
             self.proxy9p.check_running()
         if self.passt is not None:

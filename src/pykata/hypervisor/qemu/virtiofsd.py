@@ -14,6 +14,7 @@ from pykata.fsutil import listen_unix
 from pykata.hypervisor.console import ConsoleDrain
 from pykata.hypervisor.jail import namespace_prefix
 from pykata.hypervisor.process import ChildProcess, describe_exit
+from pykata.hypervisor.readiness import log_tail
 
 # Capabilities virtiofsd gives up (it keeps chown, dac_override, fowner, fsetid, setgid, setuid, mknod
 # and setfcap by default): pykata.hypervisor.fileguard takes them out of its bounding set, and
@@ -21,6 +22,8 @@ from pykata.hypervisor.process import ChildProcess, describe_exit
 DROPPED_CAPS = ("mknod", "fsetid", "setfcap")
 # its output kept on the host (virtiofsd.log + .1)
 HELPER_LOG_MAX_BYTES = 256 << 10
+# what a failed start's error quotes of that log
+LOG_TAIL_CHARS = 2000
 
 
 def virtiofsd_argv(binary: str, fd: int, shared_dir: Path, cache: str, extra: Sequence[str] = ()) -> list[str]:
@@ -84,10 +87,20 @@ class Virtiofsd:
         finally:
             # The daemon holds its own copy of the listening socket now.
             sock.close()
-        code = await self.child.wait(0.02)
-        if code is not None:
-            self._log.flush()
-            raise HypervisorError(f"virtiofsd {describe_exit(code)} at start: {self.log_tail()}")
+        await self.child.wait(0.02)
+        self.check_running()
+
+    def check_running(self) -> None:
+        """Raise HypervisorError when the daemon has exited (one that fails on its options does so
+        within milliseconds; its owner asks again once QEMU answers, as for the 9p helper). The log's
+        tail is quoted as the guest console's (readiness.log_tail: bounded, escaped): the daemon prints
+        what a hostile guest kernel or a compromised QEMU makes it print, and its errors name host paths
+        whose names the guest chose (files of the shared directory)."""
+        if self.child is not None and not self.child.running:
+            if self._log is not None:
+                self._log.flush()
+            raise HypervisorError(f"virtiofsd {describe_exit(self.child.returncode or 0)} at start: "
+                                  f"{log_tail(self.log_path, LOG_TAIL_CHARS)}")
 
     async def stop(self) -> None:
         """Stop the daemon (SIGTERM, then SIGKILL after 1 s) and remove its socket. Idempotent."""
@@ -96,10 +109,3 @@ class Virtiofsd:
         if self._log is not None:
             self._log.close()
         self.socket_path.unlink(missing_ok=True)
-
-    def log_tail(self, limit: int = 2000) -> str:
-        try:
-            data = self.log_path.read_bytes()[-limit:]
-        except OSError:
-            return "(no log)"
-        return data.decode(errors="replace").strip() or "(empty log)"
