@@ -40,7 +40,7 @@ from pykata.hypervisor.qemu.balloon import Balloon, inflate_timeout
 from pykata.hypervisor.qemu.clonememory import keep_template_intact
 from pykata.hypervisor.qemu.datadisk import DataDisk
 from pykata.hypervisor.qemu.launch import LaunchSpec, VmPaths, build_command_line
-from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent
+from pykata.hypervisor.qemu.qmp import EventCallback, QmpChannel, QmpEvent, qemu_text
 from pykata.hypervisor.qemu.sidecars import Sidecars
 from pykata.hypervisor.qemu.slots import RootSlots
 from pykata.hypervisor.readiness import (
@@ -478,7 +478,7 @@ class QemuHypervisor(Hypervisor):
         if self._panicked:
             return f"{describe_exit(code)} after a guest panic"
         if self._shutdown_event is not None:
-            why = self._shutdown_event.data.get("reason", "unknown")
+            why = qemu_text(self._shutdown_event.data.get("reason", "unknown"))
             return f"{describe_exit(code)} (shutdown: {why})"
         return describe_exit(code)
 

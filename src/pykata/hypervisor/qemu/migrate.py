@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pykata.errors import HypervisorError
 from pykata.hypervisor.errors import QmpError
-from pykata.hypervisor.qemu.qmp import QmpChannel, QmpListener
+from pykata.hypervisor.qemu.qmp import QmpChannel, QmpListener, qemu_text
 from pykata.hypervisor.readiness import log_tail
 
 # Moving only device state (RAM stays in the template's file) takes milliseconds.
@@ -118,10 +118,10 @@ async def _wait_ended(qmp: QmpChannel, ended: QmpListener, what: str, *, label: 
             return
         if status in ("failed", "cancelled"):
             info = await qmp.execute("query-migrate")
-            desc = info.get("error-desc", "no reason given") if isinstance(info, dict) else "no reason given"
+            desc = qemu_text(info.get("error-desc", "no reason given")) if isinstance(info, dict) else "no reason given"
             raise HypervisorError(f"{label}: {what} failed: {desc}; qemu: {log_tail(qemu_log, 800)}")
         if time.monotonic() > deadline:
-            raise HypervisorError(f"{label}: {what} not done after {MIGRATE_TIMEOUT:.0f}s (status {status})")
+            raise HypervisorError(f"{label}: {what} not done after {MIGRATE_TIMEOUT:.0f}s (status {qemu_text(status)})")
 
 
 async def wait_completed(qmp: QmpChannel, what: str, *, label: str, qemu_log: Path) -> None:
@@ -138,9 +138,9 @@ async def wait_completed(qmp: QmpChannel, what: str, *, label: str, qemu_log: Pa
         if status == "completed":
             return
         if status in ("failed", "cancelled"):
-            desc = info.get("error-desc", "no reason given")
+            desc = qemu_text(info.get("error-desc", "no reason given"))
             raise HypervisorError(f"{label}: {what} failed: {desc}; qemu: {log_tail(qemu_log, 800)}")
         if time.monotonic() > deadline:
-            raise HypervisorError(f"{label}: {what} not done after {MIGRATE_TIMEOUT:.0f}s (status {status})")
+            raise HypervisorError(f"{label}: {what} not done after {MIGRATE_TIMEOUT:.0f}s (status {qemu_text(status)})")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.02)

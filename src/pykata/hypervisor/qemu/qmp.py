@@ -21,11 +21,21 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.message import Message
 
 from pykata import tracing
+from pykata.errors import guest_text
 from pykata.hypervisor.errors import QmpError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+# What an error quotes of QEMU's own words (an error reply's desc, a migration's error-desc, a
+# SHUTDOWN's reason): QEMU runs the guest, so a guest that escapes into it writes them, up to qemu.qmp's
+# 64 KiB line; they go into the errors containerd logs and hands to kubelet. QEMU's real ones are a line.
+MAX_QEMU_TEXT = 500
+
+
+def qemu_text(value: object) -> str:
+    """`value`, written by QEMU, as an error may quote it: bounded and escaped (pykata.errors.guest_text)."""
+    return guest_text(value if isinstance(value, str) else repr(value), MAX_QEMU_TEXT)
 WATCHED_EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET", "DEVICE_DELETED",
                   "POWERDOWN", "MIGRATION", "ACPI_DEVICE_OST", "VSERPORT_CHANGE")
 
@@ -180,9 +190,9 @@ class QmpChannel:
                     self._client.send_fd_scm(fd)
                 return await self._client.execute(command, arguments)
             except ExecuteError as exc:
-                raise QmpError(command, exc.error.error.desc, exc.error.error.class_) from None
+                raise QmpError(command, qemu_text(exc.error.error.desc), qemu_text(exc.error.error.class_)) from None
             except (QMPError, OSError, EOFError) as exc:
-                raise QmpError(command, f"connection failed: {exc!r}") from None
+                raise QmpError(command, f"connection failed: {qemu_text(repr(exc))}") from None
 
     async def _race(self, coro: Any, timeout: float, command: str) -> Any:
         """Await `coro`, but give up at `timeout` or as soon as the channel closes."""
