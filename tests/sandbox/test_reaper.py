@@ -31,8 +31,13 @@ d = Path(sys.argv[1])
 d.mkdir()
 state.save(d, state.SandboxRecord(id=d.name, owner_pid=os.getpid(), created_at=time.time(), status="running"))
 r = reaper.start(d)
-kids = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
-        and (p.info["cmdline"] or [])[1:3] == ["-m", "pykata.sandbox.reaper"] and str(d) in p.info["cmdline"]]
+# setsid has forked the reaper when start returns, but it may not have exec'd python yet: look a while
+deadline = time.monotonic() + 30
+kids = []
+while not kids and time.monotonic() < deadline:
+    kids = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+            and (p.info["cmdline"] or [])[1:3] == ["-m", "pykata.sandbox.reaper"] and str(d) in p.info["cmdline"]]
+    time.sleep(0.02)
 if sys.argv[2] == "release":
     r.release()
 print(json.dumps({"reaper": kids[0].pid if kids else None}), flush=True)
@@ -51,7 +56,10 @@ def _start_owner(directory: Path, mode: str) -> tuple[subprocess.Popen[bytes], i
     owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(directory), mode], stdout=subprocess.PIPE)
     assert owner.stdout is not None
     reaper_pid = json.loads(owner.stdout.readline())["reaper"]
-    assert reaper_pid is not None
+    if reaper_pid is None:  # the owner (and the reaper it started) must not outlive the test
+        owner.kill()
+        owner.wait()
+    assert reaper_pid is not None, "the owner found no reaper of its sandbox"
     return owner, reaper_pid
 
 
