@@ -19,6 +19,7 @@ import pytest
 from pykata.config import load_config
 from pykata.config.load import find_config_path, packaged_default_text
 from pykata.factory import pool
+from pykata.sandbox import sandboxes_dir
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
 
 
@@ -102,8 +103,10 @@ def test_a_pod_takes_a_pooled_vm_and_the_pool_refills_with_a_new_one(pooled: Con
     assert first.id not in {e.id for e in pool.list_entries(load_config())}, "a claimed VM stayed in the pool"
     # its pod counted as starting (refills waited) only until its container started
     assert not pool.starting_marker(first).exists(), "the claimed pod still counts as starting"
-    # the pod shut down: the claimed VM went with it, nothing of it left
+    # the pod shut down: the claimed VM went with it, nothing of it left, and its reaper (started at
+    # hand-out) was released and ended
     assert not first.sandbox_dir.exists()
+    assert _until(lambda: not _reapers("pooled-1"), 30), "the adopted VM's reaper outlived its pod"
     # refilled in the background with a new VM, never the used one; the next pod gets its own boot id
     second = _ready_entry(other_than=first.id, fill=False)  # the pod's shim started it
     assert _idle_threads(second.pid) == [], "a ready pooled VM still runs at idle priority"
@@ -244,3 +247,81 @@ def test_a_pod_whose_cgroup_is_refused_fails_and_its_pooled_vm_is_gone(pooled: C
         time.sleep(0.05)
     assert not _processes_under(entry.sandbox_dir), "the refused pod's pooled VM is still running"
     assert not os.path.exists("/sys/fs/cgroup/memory/escape") and not os.path.exists("/sys/fs/cgroup/escape")
+
+
+def _pod_cgroups(cid: str) -> list[Path]:
+    """The pod's host cgroups (pykata.resources.cgroups: pykata_overhead/<id> in each hierarchy)."""
+    root = Path("/sys/fs/cgroup")
+    return [d for d in [root / "pykata_overhead" / cid, *root.glob(f"*/pykata_overhead/{cid}")] if d.exists()]
+
+
+def _in_mount_namespace(ns: str) -> list[int]:
+    """Processes whose mount namespace is `ns` (a readlink of /proc/<pid>/ns/mnt)."""
+    found = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/mnt") == ns:
+                found.append(pid)
+    return found
+
+
+def _reapers(cid: str) -> list[psutil.Process]:
+    """The sandbox reapers (pykata.sandbox.reaper) watching the pod `cid`."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "pykata.sandbox.reaper" in cmd and any(a.endswith(f"/sandboxes/{cid}") for a in cmd):
+            found.append(p)
+    return found
+
+
+def _until(cond: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_shim_that_took_a_pooled_vm_leaves_nothing_without_delete(pooled: Containerd) -> None:
+    """A pod's shim that adopted a pooled VM, SIGKILLed while containerd is frozen (so no `delete` of the
+    dead shim runs): its VM, its mount namespace (the pod's mounts), the pool directory, the
+    sandboxes/<id> link and the pod's cgroups all go, as for a cold-booted VM's shim
+    (tests/shim/test_faults.py::test_shim_killed_while_no_delete_runs_leaves_nothing)."""
+    entry = _ready_entry()
+    cid = "pooled-killed"
+    pooled.ctr("run", "-d", "--runtime", PYKATA_RUNTIME, IMAGE, cid, "sleep", "1000")
+    try:
+        shim_pid = int((pooled.bundle(cid) / "shim.pid").read_text())
+        assert shim_pid == entry.pid, "the pod did not take the pooled VM"
+        assert f"claimed from the warm pool ({entry.id})" in pooled.log.read_text()
+        link = sandboxes_dir(load_config()) / cid
+        assert link.resolve() == entry.sandbox_dir
+        assert [q for q in _processes_under(entry.sandbox_dir) if q.name().startswith("qemu-system")]
+        assert _pod_cgroups(cid), "the pod has no cgroup to leave behind"
+        reapers = _reapers(cid)
+        assert len(reapers) == 1, "the adopted VM has no reaper"
+        # outside the pod's cgroup: it must not be charged to it nor keep it busy
+        assert cid not in Path(f"/proc/{reapers[0].pid}/cgroup").read_text()
+        # the pod's mounts (its container's root) live in the waiting shim's own mount namespace
+        mnt_ns = os.readlink(f"/proc/{shim_pid}/ns/mnt")
+        assert mnt_ns != os.readlink("/proc/self/ns/mnt")
+        assert str(entry.sandbox_dir) in Path(f"/proc/{shim_pid}/mountinfo").read_text()
+        assert pooled.proc is not None
+        pooled.proc.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(shim_pid, signal.SIGKILL)
+            assert _until(lambda: not _processes_under(entry.sandbox_dir), 30), "the pooled VM outlived its shim"
+            assert _until(lambda: not _in_mount_namespace(mnt_ns), 30), "the pod's mounts outlived its shim"
+            assert _until(lambda: not entry.sandbox_dir.exists() and not link.is_symlink(), 30), \
+                "the adopted VM's directory outlived its shim"
+            assert _until(lambda: not _pod_cgroups(cid), 30), _pod_cgroups(cid)
+            assert _until(lambda: not _reapers(cid), 30), "the reaper did not end after its work"
+        finally:
+            pooled.proc.send_signal(signal.SIGCONT)
+        assert _until(lambda: cid not in pooled.tasks(), 60)
+    finally:
+        pooled.remove(cid)
+    with open("/proc/self/mountinfo") as f:
+        assert str(entry.root) not in f.read()

@@ -33,7 +33,9 @@ Nothing leaks when a waiting process dies, however it dies: its QEMU runs behind
 pykata.hypervisor.jail.lifeline_prefix (killed with its owner), its mounts live in the mount
 namespace it was started in (`fill` starts it with `unshare --mount`), its holding network namespace
 is held only by its fds and QEMU's tap, and `prune` removes the files of dead ones (every `fill`, `claim`
-and the shim's `delete` after a dead shim run it).
+and the shim's `delete` after a dead shim run it). A claimed one whose pod's shim dies has the reaper
+that shim started at hand-out (pykata.sandbox.reaper; pykata.shim.tasks.pod): it removes the directory,
+the pod's sandboxes/<id> link and cgroups.
 """
 
 from __future__ import annotations

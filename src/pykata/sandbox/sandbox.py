@@ -368,16 +368,26 @@ class Sandbox:
         mark("agent.ready")
         self._agent = agent_box["agent"]
 
-    def start_reaper(self) -> None:
+    def start_reaper(self, adopted_as: str | None = None) -> None:
         """Start the process that removes this sandbox's mounts, directory and (a shim's) cgroups if
         this process dies with it up (pykata.sandbox.reaper); Sandbox.stop releases it. Never raises:
-        without one, `pykata cleanup` removes what is left."""
+        without one, `pykata cleanup` removes what is left.
+
+        `adopted_as`: a pooled sandbox (create_warm) that `adopt` makes the sandbox of that id, maybe
+        beside this call (a thread): its reaper watches sandboxes/<id>, the link adopt makes (and the
+        pool directory it names), and that id's cgroups. Called in a thread while a stop runs or after
+        it, the reaper is released at once (the stop leaves nothing for it)."""
         runtime = self.config.runtime
+        sid = self.id if adopted_as is None else adopted_as
         try:
-            self._reaper = reaper.start(self.dir, cgroup_record=cgroup_record_path(runtime, self.id),
+            directory = self.dir if adopted_as is None else sandboxes_dir(self.config) / ids.check_sandbox_id(sid)
+            self._reaper = reaper.start(directory, cgroup_record=cgroup_record_path(runtime, sid),
                                         cgroup_root=Path(runtime.cgroup_root))
         except (OSError, PykataError) as e:
-            log.warning("sandbox %s: %s (if this process dies, `pykata cleanup` removes what is left)", self.id, e)
+            log.warning("sandbox %s: %s (if this process dies, `pykata cleanup` removes what is left)", sid, e)
+            return
+        if self._stop_task is not None:  # set before this thread set _reaper: the stop may not see it
+            self._release_reaper()
 
     async def _setup_guest(self, hostname: str, serve_proxy: bool) -> None:
         """What makes a started VM this sandbox's: clock, reseed (clones; a pooled VM was reseeded
@@ -1213,9 +1223,10 @@ class Sandbox:
         self._release_reaper()
 
     def _release_reaper(self) -> None:
-        if self._reaper is not None:
-            self._reaper.release()
-            self._reaper = None
+        # the loop and a start_reaper thread may both get here: each releases what it took (idempotent)
+        taken, self._reaper = self._reaper, None
+        if taken is not None:
+            taken.release()
 
     async def _teardown(self, remove: bool) -> None:
         mark("sb.teardown")

@@ -8,7 +8,8 @@ pod's shim (pykata.shim.daemon), whose first Create takes the waiting VM if the 
 
 It ends without a claim on SIGTERM (`pykata factory pool destroy`, or a pool filled for another
 configuration) or when its VM dies; if it is killed, its VM dies with it (lifeline) and its mounts
-with its mount namespace.
+with its mount namespace. Once a pod took the VM, a reaper removes the rest if it is killed
+(Sandbox.start_reaper, started at hand-out).
 """
 
 from __future__ import annotations

@@ -140,6 +140,12 @@ async def _adopt_warm(st: TaskState, warm: Sandbox, config: Config, spec: dict[s
     mark("vm.start")
 
     def into_cgroup() -> None:
+        # The reaper first, while the shim is outside the pod's cgroup (a cold boot's reaper leaves it;
+        # here it is never in it, nor below the shim when its descendants follow the shim): if this
+        # shim dies with the pod up, it removes the pool directory, the sandboxes/<id> link and the
+        # pod's cgroups, as a cold-booted VM's reaper does (the VM's processes die by its lifeline,
+        # the mounts with this process's mount namespace once the reaper, in it, has undone them).
+        warm.start_reaper(adopted_as=st.sandbox_id)
         join_cgroup(st, config, spec)
         resize.boot_limits(st, config)
         mark("vm.joined")
