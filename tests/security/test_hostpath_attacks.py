@@ -18,7 +18,7 @@ from pykata.errors import InvalidArgument
 from pykata.images import ImageStore
 from pykata.resources import mounts
 from pykata.resources.mountapi import MountError
-from pykata.sandbox import Sandbox, build_spec
+from pykata.sandbox import Sandbox, build_spec, ocispec
 from pykata.sandbox.ocispec import HANDOFF_DIR, Volume, check_host_bind_sources, protected_host_dirs
 from pykata.shim import handoff
 
@@ -55,6 +55,32 @@ def test_the_rule_on_specs(tmp_path: Path) -> None:
     check_host_bind_sources({"mounts": [_bind(str(runtime))]}, protected, skip={0})
     check_host_bind_sources({"mounts": [{**_bind(str(runtime)), "destination": "/dev/shm"}]}, protected)
     assert HANDOFF_DIR == handoff.HANDOFF_DIR
+
+
+def test_writable_sources_at_the_host_kernels_interfaces_are_refused(tmp_path: Path) -> None:
+    """/proc, /sys, cgroups and the like hold the host's knobs (sysctls, other processes'
+    oom_score_adj, cgroup limits): a writable one shared with a VM lets the guest set them."""
+    mountinfo = ("22 1 0:5 / /proc rw - proc proc rw\n"
+                 "23 1 0:6 / /sys rw,nosuid - sysfs sysfs rw\n"
+                 "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+                 "32 31 0:29 / /sys/fs/cgroup/memory rw shared:9 - cgroup cgroup rw,memory\n"
+                 "40 1 0:40 / /srv/with\\040space/q rw - mqueue mqueue rw\n"
+                 "41 1 8:1 / /srv rw - ext4 /dev/sda1 rw\n")
+    kernel = ocispec.kernel_interface_mounts(mountinfo)
+    assert kernel == [Path("/proc"), Path("/sys"), Path("/sys/fs/cgroup/memory"), Path("/srv/with space/q")]
+    assert Path("/proc") in ocispec.kernel_interface_mounts()  # this host's
+    link = tmp_path / "innocent"
+    link.symlink_to("/proc/sys")
+    for source in ("/proc", "/proc/sys/kernel", str(link), "/sys", "/sys/fs/cgroup", "/sys/fs/cgroup/memory/x",
+                   "/srv/with space", "/srv/with space/q"):
+        with pytest.raises(InvalidArgument, match=r"^mounts\[0\]\.source: .*an interface of the host's kernel"):
+            check_host_bind_sources({"mounts": [_bind(source)]}, [], kernel_mounts=kernel)
+        check_host_bind_sources({"mounts": [_bind(source, readonly=True)]}, [], kernel_mounts=kernel)
+    check_host_bind_sources({"mounts": [_bind("/srv/other"), _bind(str(tmp_path))]}, [], kernel_mounts=kernel)
+    # a pod spec's text is quoted escaped
+    with pytest.raises(InvalidArgument) as info:
+        check_host_bind_sources({"mounts": [_bind("/proc/\x1b[2J\n")]}, [], kernel_mounts=kernel)
+    assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.vm
@@ -119,3 +145,51 @@ async def test_hostpaths_at_pykatas_own_files_are_refused_in_a_real_sandbox(tmp_
     finally:
         await sandbox.stop(remove=True)
     assert os.path.isdir(config.runtime.runtime_path)  # untouched
+
+
+@pytest.mark.vm
+async def test_a_guest_cannot_set_host_knobs_through_a_proc_or_sys_hostpath(tmp_path: Path) -> None:
+    """A pod's writable hostPath of /proc let its guest write the host's /proc through virtiofsd (root):
+    it set the oom_score_adj of a host process (and could set any sysctl: kernel.core_pattern runs a
+    program as the host's root). Writable /proc, /sys and cgroup sources are refused before anything is
+    mounted; a read-only /proc still shares (the host's processes are visible) and stays read-only."""
+    import subprocess
+
+    config = pykata.config.load_config()
+    image = ImageStore(Path(config.runtime.cache_dir)).resolve("busybox")
+    env = list(image.config.env)
+    victim = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    adj = Path(f"/proc/{victim.pid}/oom_score_adj")
+    before = adj.read_text()
+    link = tmp_path / "innocent"
+    link.symlink_to("/proc")
+    sandbox = await Sandbox.create(config=config)
+    try:
+        attacks = [Path("/proc"), link, Path("/proc/sys"), Path(f"/proc/{victim.pid}"), Path("/sys"),
+                   Path("/sys/fs/cgroup")]
+        for i, host in enumerate(attacks):
+            cid = f"knob-{i}"
+            with pytest.raises(InvalidArgument, match=r"^mounts\[\d+\]\.source: .*an interface of the host's kernel"):
+                await sandbox.create_container(
+                    cid, build_spec(["sh", "-c", f"echo 777 > /h/{victim.pid}/oom_score_adj"], env=env),
+                    image.rootfs, volumes=(Volume(host, "/h", False),))
+            assert cid not in sandbox.containers
+            assert not (sandbox.shared_dir / cid).exists() and not (sandbox.mounts.mounts_dir / cid).exists()
+        # read-only: the guest sees the host's /proc (the victim's command line), and cannot write it
+        c = await sandbox.create_container(
+            "reader", build_spec(["sh", "-c", f"tr '\\0' ' ' < /h/{victim.pid}/cmdline; echo; "
+                                  f"echo 777 > /h/{victim.pid}/oom_score_adj && echo WROTE"], env=env),
+            image.rootfs, volumes=(Volume(Path("/proc"), "/h", True),))
+        await c.start()
+        out = b""
+        async for chunk in c.init.chunks():
+            out += chunk
+        assert await c.wait() != 0
+        assert b"sleep 600" in out and b"WROTE" not in out, out
+        await c.delete()
+    finally:
+        after = adj.read_text()
+        await sandbox.stop(remove=True)
+        victim.kill()
+        victim.wait()
+    assert after == before, f"the guest set a host process's oom_score_adj: {before!r} -> {after!r}"

@@ -192,7 +192,37 @@ def is_host_bind(mount: dict[str, Any]) -> bool:
         mount.get("source", "")).startswith("/")
 
 
-def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], skip: Iterable[int] = ()) -> None:
+# Mounts of the host kernel's own interfaces: a file there is a knob of the host (a sysctl such as
+# kernel.core_pattern, another process's oom_score_adj, a cgroup's limits), not data. Shared writable
+# with a VM, the guest's writes reach them through virtiofsd or the 9p helper, which run as root.
+KERNEL_FS_TYPES = frozenset({
+    "proc", "sysfs", "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs", "configfs", "bpf", "efivarfs",
+    "pstore", "fusectl", "binfmt_misc", "selinuxfs", "nsfs", "mqueue", "rpc_pipefs", "nfsd", "autofs",
+})
+
+
+def kernel_interface_mounts(mountinfo: str | None = None) -> list[Path]:
+    """Mount points (of `mountinfo`'s text, default this process's) of the KERNEL_FS_TYPES."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.read()
+        except OSError:
+            return [Path("/proc"), Path("/sys")]
+    out = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if len(fields) > sep + 1 and fields[sep + 1] in KERNEL_FS_TYPES:
+            point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            out.append(Path(point.replace("\\134", "\\")))
+    return out
+
+
+def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], skip: Iterable[int] = (),
+                            kernel_mounts: Sequence[Path] | None = None) -> None:
     """Refuse a host bind mount (a hostPath, a --volume) that would hand the guest pykata's own files.
 
     A source that is one of `protected` (the runtime dir with every pod's state, sockets and shared
@@ -205,11 +235,17 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
     this check and the mount makes the mount fail instead of binding what the symlink names. The
     mounts at `skip` (moved into the guest: emptyDir, watched volumes) are not shared.
 
+    A writable source on or above a mount of the host kernel's interfaces (`kernel_mounts`, default
+    kernel_interface_mounts(): /proc, /sys, cgroups, ...) is refused too: the guest would set the host's
+    sysctls and other processes' settings through it. A read-only one stays allowed (the bind is
+    read-only all the way down), as for "/".
+
     Raises:
         InvalidArgument: naming `mounts[i].source`.
     """
     skipped = set(skip)
     roots = [Path(os.path.realpath(p)) for p in protected]
+    kernel: Sequence[Path] | None = kernel_mounts
     for i, m in enumerate(spec.get("mounts") or []):
         if i in skipped or not isinstance(m, dict) or not is_host_bind(m):
             continue
@@ -218,13 +254,21 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
         source = Path(os.path.realpath(str(m["source"])))
         m["source"] = str(source)  # pinned: what is mounted is what is checked here
         writable = "ro" not in (m.get("options") or [])
+        shown = repr(str(source)[:200])  # a pod spec's text
         for root in roots:
             if source == root or root in source.parents:
-                raise InvalidArgument(f"mounts[{i}].source", f"{m['source']} is pykata's own {root}: a host "
+                raise InvalidArgument(f"mounts[{i}].source", f"{shown} is pykata's own {root}: a host "
                                                             "path shared with a VM may not reach it")
             if writable and source in root.parents:
-                raise InvalidArgument(f"mounts[{i}].source", f"{m['source']} holds pykata's own {root}: share "
+                raise InvalidArgument(f"mounts[{i}].source", f"{shown} holds pykata's own {root}: share "
                                                             "it read-only, or a path beside it")
+        if writable:
+            if kernel is None:
+                kernel = kernel_interface_mounts()
+            for point in kernel:
+                if source == point or point in source.parents or source in point.parents:
+                    raise InvalidArgument(f"mounts[{i}].source", f"{shown} is or holds {point}, an interface of "
+                                                                "the host's kernel: share it read-only")
 
 
 # AppArmor profiles that ask nothing of the guest: none, and the one containerd's CRI gives every
