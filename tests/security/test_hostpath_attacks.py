@@ -158,7 +158,8 @@ async def test_a_guest_cannot_set_host_knobs_through_a_proc_or_sys_hostpath(tmp_
     config = pykata.config.load_config()
     image = ImageStore(Path(config.runtime.cache_dir)).resolve("busybox")
     env = list(image.config.env)
-    victim = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    victim = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                              env={**os.environ, "PYKATA_HOST_SECRET": "hunter2-on-the-host"})
     adj = Path(f"/proc/{victim.pid}/oom_score_adj")
     before = adj.read_text()
     link = tmp_path / "innocent"
@@ -175,9 +176,12 @@ async def test_a_guest_cannot_set_host_knobs_through_a_proc_or_sys_hostpath(tmp_
                     image.rootfs, volumes=(Volume(host, "/h", False),))
             assert cid not in sandbox.containers
             assert not (sandbox.shared_dir / cid).exists() and not (sandbox.mounts.mounts_dir / cid).exists()
-        # read-only: the guest sees the host's /proc (the victim's command line), and cannot write it
+        # read-only: the guest sees the host's /proc (the victim's command line), and can neither write
+        # it nor read a host process's environment (the file server lacks the capabilities ptrace's
+        # access check asks of a reader of a process with more than its own)
         c = await sandbox.create_container(
             "reader", build_spec(["sh", "-c", f"tr '\\0' ' ' < /h/{victim.pid}/cmdline; echo; "
+                                  f"tr '\\0' ' ' < /h/{victim.pid}/environ; "
                                   f"echo 777 > /h/{victim.pid}/oom_score_adj && echo WROTE"], env=env),
             image.rootfs, volumes=(Volume(Path("/proc"), "/h", True),))
         await c.start()
@@ -185,7 +189,7 @@ async def test_a_guest_cannot_set_host_knobs_through_a_proc_or_sys_hostpath(tmp_
         async for chunk in c.init.chunks():
             out += chunk
         assert await c.wait() != 0
-        assert b"sleep 600" in out and b"WROTE" not in out, out
+        assert b"sleep 600" in out and b"WROTE" not in out and b"hunter2" not in out, out
         await c.delete()
     finally:
         after = adj.read_text()
