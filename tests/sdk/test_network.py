@@ -212,14 +212,48 @@ print(sb.id, flush=True)
 time.sleep(600)
 """
 
+# Installs the filter rules of sandbox argv[1] for uid argv[2] (no VM) and exits: a dead owner's rules.
+_DEAD_OWNER_RULES = """
+import asyncio, sys
+from pykata.network import egress
+asyncio.run(egress.install(egress.EgressPolicy.build(), int(sys.argv[2]), sys.argv[1]))
+"""
+
+
+def _listings() -> str:
+    return "".join(subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout
+                   for tool in ("iptables", "ip6tables"))
+
+
+async def test_a_sweep_for_one_sandbox_removes_only_its_dead_owners_rules() -> None:
+    """egress.sweep(sandbox_id), a reaper's: that sandbox's rules whose owner is gone go; another dead
+    owner's stay (the next egress sandbox's full sweep, or `pykata cleanup`, removes them)."""
+    mine, other = f"dead-a-{secrets.token_hex(4)}", f"dead-b-{secrets.token_hex(4)}"
+    try:
+        for sid, uid in ((mine, "3999871"), (other, "3999872")):
+            subprocess.run([sys.executable, "-c", _DEAD_OWNER_RULES, sid, uid], check=True, timeout=60)
+        assert _listings().count(f"pykata sandbox {mine} owner") == 2  # the IPv4 and IPv6 jumps
+        assert await egress.sweep(mine) == [mine]
+        listing = _listings()
+        assert mine not in listing and chain_name(mine) not in listing
+        assert listing.count(f"pykata sandbox {other} owner") == 2 and chain_name(other) in listing
+    finally:
+        await egress.sweep(mine)
+        await egress.sweep(other)
+    assert other not in _listings()
+
 
 @pytest.mark.vm
-async def test_rules_of_a_killed_owner_are_swept() -> None:
+async def test_rules_of_a_killed_owner_are_removed_by_its_reaper() -> None:
+    """An egress sandbox's owner SIGKILLed: its reaper (pykata.sandbox.reaper) removes the host filter
+    rules (the IPv4 chain and jump, the IPv6 jump) with its directory, without `pykata cleanup` or another
+    egress sandbox's sweep; a live owner's rules stay through `pykata cleanup`."""
     owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True)
     try:
         line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 240)  # type: ignore[union-attr]
         sid = line.strip()
         assert sid and chain_name(sid) in _chains()
+        assert _listings().count(f"pykata sandbox {sid} owner") == 2  # the IPv4 and IPv6 jumps
         owner.kill()  # SIGKILL: it cannot remove anything; its QEMU dies with it (the lifeline)
     finally:
         owner.kill()
@@ -228,18 +262,14 @@ async def test_rules_of_a_killed_owner_are_swept() -> None:
     while any(sid in " ".join(p.cmdline()) for p in psutil.process_iter() if _alive(p)):
         assert time.monotonic() < deadline, "the killed owner's QEMU ran on"
         await asyncio.sleep(0.2)
-    assert chain_name(sid) in _chains()  # what this sweeps: nobody else removes them
-    # its reaper removed its directory (pykata.sandbox.reaper); the next egress sandbox sweeps its rules,
-    # and a live owner's rules (this process's) stay through `pykata cleanup`
+    # its reaper removes its directory and its rules
     sandbox_dir = Path(load_config().runtime.runtime_dir) / "sandboxes" / sid
-    while sandbox_dir.exists():
-        assert time.monotonic() < deadline + 30, "the killed owner's sandbox directory stayed"
+    while sandbox_dir.exists() or sid in _listings() or chain_name(sid) in _listings():
+        assert time.monotonic() < deadline + 30, ("the killed owner's sandbox directory or filter rules stayed",
+                                                  sandbox_dir.exists(), sid in _listings())
         await asyncio.sleep(0.2)
     async with pykata.AsyncSandbox(network="egress") as live:
-        for tool in ("iptables", "ip6tables"):
-            listing = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout
-            assert sid not in listing and chain_name(sid) not in listing
-            assert live.id in listing
+        assert live.id in _listings()
         out = subprocess.run([str(Path(sys.executable).parent / "pykata"), "cleanup"], capture_output=True,
                              text=True, check=True).stdout
         assert sid not in out and live.id not in out

@@ -22,8 +22,9 @@ before QEMU starts (so the guest never runs unfiltered) and removed after it end
 
 An owner killed with SIGKILL cannot remove its rules: its QEMU (and passt) die with it (lifelines),
 the rules stay. So each jump's comment names its owner process (pid and start time: a reused pid is another
-process) and `sweep()` removes the rules whose owner is gone and whose VMM (or passt) no longer runs; the next
-egress sandbox and `pykata cleanup` call it. A rule whose owner still lives is never touched, whatever
+process) and `sweep()` removes the rules whose owner is gone and whose VMM (or passt) no longer runs; the
+sandbox's reaper (pykata.sandbox.reaper) calls it for its sandbox once the owner died, and the next egress
+sandbox and `pykata cleanup` for all (a reaper killed too). A rule whose owner still lives is never touched, whatever
 runtime directory or configuration made it.
 """
 
@@ -311,18 +312,22 @@ async def _listing(tool: str, *args: str) -> str:
     return out.decode(errors="replace") if proc.returncode == 0 else ""
 
 
-async def sweep() -> list[str]:
+async def sweep(sandbox_id: str | None = None) -> list[str]:
     """Remove the filter rules of sandboxes whose owner process is gone (killed before it could) and
-    whose VMM no longer runs; also chains no jump leads to (a removal cut short). Returns the sandbox
-    ids whose rules were removed. Raises EgressError when a rule that should go stays."""
+    whose VMM no longer runs; also chains no jump leads to (a removal cut short). `sandbox_id`: only
+    that sandbox's (its reaper's sweep, pykata.sandbox.reaper). Returns the sandbox ids whose rules were
+    removed. Raises EgressError when a rule that should go stays."""
     v4, v6 = await asyncio.gather(_listing("iptables"), _listing("ip6tables", "OUTPUT"))
-    stale = {r for r in installed_rules(v4) + installed_rules(v6) if r.owner_gone()}
+    stale = {r for r in installed_rules(v4) + installed_rules(v6)
+             if (sandbox_id is None or r.sandbox_id == sandbox_id) and r.owner_gone()}
     stale = {r for r in stale if not await asyncio.to_thread(_vmm_running, r.uid, r.sandbox_id)}
     for rule in sorted(stale, key=lambda r: r.sandbox_id):
         log.info("removing the filter rules of sandbox %s (its owner %s is gone)", rule.sandbox_id, rule.owner)
         await remove(rule.uid, rule.sandbox_id, rule.owner)
     jumped = {line.rsplit(" -j ", 1)[-1] for line in v4.splitlines() if line.startswith("-A OUTPUT ")}
     for chain in leftover_chains(v4):
+        if sandbox_id is not None and chain != chain_name(sandbox_id):
+            continue
         if chain not in jumped and chain not in {chain_name(r.sandbox_id) for r in stale}:
             with contextlib.suppress(EgressError):  # a concurrent removal may take it first
                 await _restore("iptables-restore", "\n".join(["*filter", f"-F {chain}", f"-X {chain}", "COMMIT", ""]))

@@ -11,7 +11,8 @@ other children never get it). The reaper blocks reading that pipe:
   descriptors however it died: the owner died with the sandbox up. The reaper then does what `pykata
   cleanup` does for that one sandbox (`remove_sandbox_dir`): it ends the processes the sandbox recorded
   (QEMU, virtiofsd, the 9p helper; their PID-namespace lifelines have usually ended them already), undoes
-  its mounts, removes its directory; then the host cgroups a shim recorded for it.
+  its mounts, removes its directory and its egress network's host filter rules; then the host cgroups
+  a shim recorded for it.
 
 It runs in a session of its own (a Ctrl-C at the owner's terminal does not reach it), outside the VM's
 PID namespace and not as the owner's child (`setsid --fork`: nobody has to wait for it). Until the owner
@@ -139,8 +140,11 @@ def reap(directory: Path, owner_pid: int, cgroup_record: Path | None, cgroup_roo
             # being made by someone else (the same id again) or removed (`delete`): not ours to touch
             return False
         if record.status != "stopped":
-            remove_sandbox_dir(directory, record)
-            removed = True
+            try:
+                remove_sandbox_dir(directory, record)
+                removed = True
+            finally:  # its processes were ended first: no VMM of the sandbox runs unfiltered now
+                remove_filter_rules(record.id)
     if cgroup_record is not None and cgroup_root is not None:
         from pykata.resources import cgroups
 
@@ -148,6 +152,19 @@ def reap(directory: Path, owner_pid: int, cgroup_record: Path | None, cgroup_roo
             cgroups.remove_recorded(cgroup_record.read_text()[:65536], cgroup_root)
             cgroup_record.unlink()
     return removed
+
+
+def remove_filter_rules(sandbox_id: str) -> None:
+    """Remove the host filter rules of the sandbox `sandbox_id`'s egress network (pykata.network.egress)
+    whose owner is gone and whose VMM no longer runs: rules of the same id a live owner made again stay.
+    Nothing when the sandbox had none (two `iptables -S`). Never raises (`pykata cleanup` and the next
+    egress sandbox sweep what is left)."""
+    import asyncio
+
+    from pykata.network import egress
+
+    with contextlib.suppress(Exception):
+        asyncio.run(egress.sweep(sandbox_id))
 
 
 def leave_cgroups(cgroup_record: Path) -> None:
