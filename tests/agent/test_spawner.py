@@ -25,12 +25,12 @@ async def test_a_bad_request_is_refused_and_a_dead_spawner_is_noticed() -> None:
         try:
             # too few descriptors: refused with a message, the spawner serves on
             with pytest.raises(OSError, match="descriptors"):
-                await asyncio.wait_for(spawner.fork({}, [r, w], False), 20)
+                await asyncio.wait_for(spawner.fork({}, [r, w]), 20)
             # the right count but not a plan: refused too
             fds = [os.dup(r) for _ in range(REQUEST_FDS)]
             try:
                 with pytest.raises(OSError, match="spawner"):
-                    await asyncio.wait_for(spawner.fork({"bogus": 1}, fds, False), 20)
+                    await asyncio.wait_for(spawner.fork({"bogus": 1}, fds), 20)
             finally:
                 for fd in fds:
                     os.close(fd)

@@ -42,7 +42,6 @@ import signal
 import socket
 import struct
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -89,7 +88,7 @@ REPORT_LIMIT = 4096
 # The static program that does what `_child` does (guestimage/execstart.c), started with posix_spawn:
 # nothing of the agent is forked (see `spawn`). Absent (an image built without a C compiler): `_child`.
 EXECSTART = Path("/usr/libexec/pykata/execstart")
-EXECSTART_MAGIC = 0x31584B50  # "PKX1"
+EXECSTART_MAGIC = 0x32584B50  # "PKX2" (PKX1 carried a timing flag)
 # the plan goes through a pipe written before the start: at most what an empty pipe takes at once
 EXECSTART_PLAN_LIMIT = 65536
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -250,7 +249,7 @@ def _rlimit_value(value: object) -> int | None:
     return value if value < 1 << 63 else None
 
 
-def encode_plan(p: ExecPlan, timing: bool) -> bytes | None:
+def encode_plan(p: ExecPlan) -> bytes | None:
     """Plan `p` as guestimage/execstart.c reads it (little-endian fields, strings as length, bytes, NUL),
     or None where that program cannot carry it (a NUL in a string, too large): `_child` then runs.
 
@@ -261,7 +260,7 @@ def encode_plan(p: ExecPlan, timing: bool) -> bytes | None:
     texts = [*p.args, *(f"{k}={v}" for k, v in env.items()), p.cwd, search]
     if any("\0" in t for t in texts) or not p.args:
         return None
-    out = bytearray(struct.pack("<IIiIIiQQQQQI", EXECSTART_MAGIC, int(timing), p.ns_flags, p.uid, p.gid,
+    out = bytearray(struct.pack("<IiIIiQQQQQI", EXECSTART_MAGIC, p.ns_flags, p.uid, p.gid,
                                 -1 if p.umask is None else p.umask, p.bounding, p.effective, p.permitted,
                                 p.inheritable, sum(1 << cap for cap in p.ambient), int(p.no_new_privileges)))
     out += struct.pack(f"<I{len(p.groups)}I", len(p.groups), *p.groups)
@@ -311,8 +310,7 @@ def execstart_available() -> bool:
 
 
 async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr: int, timeout: float,
-                marks: list[tuple[str, int]] | None = None, spawner: Spawner | None = None,
-                execstart: bool = False) -> tuple[int, asyncio.Future[ExitStatus]]:
+                spawner: Spawner | None = None, execstart: bool = False) -> tuple[int, asyncio.Future[ExitStatus]]:
     """Start the process; returns its pid (in the agent's pid namespace) and its exit future.
 
     With `execstart` (and a plan it can carry), EXECSTART does the child's work, started with
@@ -320,14 +318,9 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
     exec's time (bench/exec_bench.py). Else the child is forked by `spawner` when it runs
     (agent/spawner.py: the agent then never forks), else by this process.
 
-    `marks` (bench/nsexec_guest.py): a list that gets (phase, CLOCK_MONOTONIC ns) pairs, the
-    child's included: where the time of one exec goes.
-
     Raises ProcessLookupError when the container's init is gone, ExecFailed when the program
     cannot be started (the message says why, as crun says it), OSError, TimeoutError.
     """
-    if marks is not None:
-        marks.append(("start", time.monotonic_ns()))
     pidfd = os.pidfd_open(p.init_pid)
     opened = [pidfd]
     report_r = -1
@@ -337,28 +330,24 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         report_r, report_w = os.pipe()
         opened.append(report_w)
         generation = reaper.generation
-        if marks is not None:
-            marks.append(("fork", time.monotonic_ns()))
         child_exit: asyncio.Future[ExitStatus] | None = None
         child_pidfd = -1
         forked = None
-        blob = encode_plan(p, marks is not None) if execstart else None
+        blob = encode_plan(p) if execstart else None
         if blob is not None:
             pid = _start_execstart(blob, (stdin, stdout, stderr, pidfd, cgroup_fd, report_w))
             child_exit = reaper.watch(pid, since=generation)
         elif spawner is not None and spawner.running:
             with contextlib.suppress(SpawnerGone):  # not delivered: nothing forked, so fork here
                 forked = await spawner.fork(p._asdict(), (
-                    pidfd, cgroup_fd, stdin, stdout, stderr, report_w), marks is not None)
+                    pidfd, cgroup_fd, stdin, stdout, stderr, report_w))
         if forked is not None:
             pid, child_pidfd = forked
         elif blob is None:
             pid = os.fork()
             if pid == 0:
-                _child(p, pidfd, cgroup_fd, (stdin, stdout, stderr), report_w, marks is not None)
+                _child(p, pidfd, cgroup_fd, (stdin, stdout, stderr), report_w)
             child_exit = reaper.watch(pid, since=generation)
-        if marks is not None:
-            marks.append(("forked", time.monotonic_ns()))
     except BaseException:
         if report_r >= 0:
             os.close(report_r)
@@ -384,19 +373,26 @@ async def spawn(p: ExecPlan, reaper: Reaper, *, stdin: int, stdout: int, stderr:
         os.close(report_r)
         if child_pidfd >= 0:
             os.close(child_pidfd)
-    if marks is not None:
-        marks.append(("reported", time.monotonic_ns()))
-        report, _, child_marks = report.partition(b" ")
-        for item in child_marks.split():
-            name, _, at = item.decode().partition("=")
-            marks.append((name, int(at)))
-    if report.startswith(b"P") and report[1:].isdigit():
-        started = int(report[1:])
-        return started, reaper.watch(started, since=generation)
-    message = report[1:].decode(errors="replace") if report.startswith((b"E", b"M")) else \
-        (f"exec failed (status {child_exit.result().code})" if child_exit is not None and child_exit.done()
-         else "exec failed")
-    raise ExecFailed(message, missing=report.startswith(b"M"))
+    status = child_exit.result().code if child_exit is not None and child_exit.done() else None
+    started = started_pid(report, status)
+    return started, reaper.watch(started, since=generation)
+
+
+def started_pid(report: bytes, status: int | None = None) -> int:
+    """The pid of a child's report "P<pid>", the only success; else the ExecFailed it says: "M<message>"
+    (the program is missing), "E<message>", or nothing (the child died first: `status` is its exit
+    status, if known). Anything else is refused, never parsed further: the report is a pipe's first read.
+
+    Raises ExecFailed."""
+    kind, text = report[:1], report[1:]
+    if kind == b"P" and text.isascii() and text.isdigit() and len(text) <= 10 and 0 < int(text) < 1 << 22:
+        return int(text)  # PID_MAX_LIMIT is 2**22
+    if kind in (b"E", b"M") and text:
+        raise ExecFailed(text.decode(errors="replace"), missing=kind == b"M")
+    if not report:
+        raise ExecFailed("exec failed: the starter ended without a report"
+                         + (f" (exit status {status})" if status is not None else ""))
+    raise ExecFailed(f"exec failed: the starter's report is not one: {report[:40]!r}")
 
 
 class ActionFailed(PykataError):
@@ -587,18 +583,12 @@ def _enter(p: ExecPlan, pidfd: int, cgroup_fd: int) -> None:
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int], report: int,
-           timing: bool = False) -> NoReturn:
+def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int], report: int) -> NoReturn:
     """In the forked child: never returns, never raises."""
     gc.disable()  # a collection would write to every page of the agent's heap: a fault each
     status = 1
-    marks = bytearray()
     try:
-        if timing:
-            marks += b" child=%d" % time.monotonic_ns()
         _enter(p, pidfd, cgroup_fd)
-        if timing:
-            marks += b" entered=%d" % time.monotonic_ns()
         env = list(p.env)
         if not any(e.startswith("HOME=") for e in env):
             env.append(f"HOME={_home(p.uid)}")  # as crun does
@@ -609,8 +599,6 @@ def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int],
             os._exit(1)
         if p.seccomp is not None and p.no_new_privileges:
             _load_seccomp(p.seccomp)
-        if timing:
-            marks += b" program=%d" % time.monotonic_ns()
         try:
             pid = os.posix_spawn(program, list(p.args), dict(e.split("=", 1) for e in env if "=" in e),
                                  file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)],
@@ -620,9 +608,7 @@ def _child(p: ExecPlan, pidfd: int, cgroup_fd: int, stdio: tuple[int, int, int],
             text = f"exec `{p.args[0]}`: {exc.strerror}".encode()
             os.write(report, (b"M" if missing else b"E") + text[:REPORT_LIMIT - 1])
             os._exit(1)
-        if timing:
-            marks += b" spawned=%d" % time.monotonic_ns()
-        os.write(report, b"P%d" % pid + marks)
+        os.write(report, b"P%d" % pid)
         status = 0
     except ExecFailed as exc:
         with contextlib.suppress(OSError):
@@ -673,12 +659,12 @@ def serve_spawner(sock: socket.socket) -> None:
         try:
             if len(fds) != REQUEST_FDS:
                 raise ValueError(f"{len(fds)} descriptors, not {REQUEST_FDS}")
-            fields, timing = pickle.loads(msg)  # the agent's own request (see the module doc)
+            fields = pickle.loads(msg)  # the agent's own request (see the module doc)
             plan = ExecPlan(**fields)
             pid = os.fork()
             if pid == 0:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _child(plan, fds[0], fds[1], (fds[2], fds[3], fds[4]), fds[5], timing)
+                _child(plan, fds[0], fds[1], (fds[2], fds[3], fds[4]), fds[5])
             pidfd = os.pidfd_open(pid)
             try:
                 socket.send_fds(sock, [b"P%d" % pid], [pidfd])

@@ -79,7 +79,7 @@ class Spawner:
         ours.setblocking(False)
         self._sock = ours
 
-    async def fork(self, fields: dict[str, Any], fds: Sequence[int], timing: bool) -> tuple[int, int]:
+    async def fork(self, fields: dict[str, Any], fds: Sequence[int]) -> tuple[int, int]:
         """Fork an exec child running nsexec._child with `fds` (REQUEST_FDS of them); its pid and a
         pidfd of it (the caller closes it). Raises OSError when the spawner cannot."""
         import pickle  # here: the spawner is off by default, and the agent's start-up need not load it
@@ -89,7 +89,7 @@ class Spawner:
             if self._sock is None:
                 raise SpawnerGone(errno.ESRCH, "no spawner")
             sock = self._sock
-            payload = pickle.dumps((fields, timing))
+            payload = pickle.dumps(fields)
             while True:
                 try:
                     socket.send_fds(sock, [payload], list(fds))

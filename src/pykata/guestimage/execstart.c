@@ -9,8 +9,8 @@
  *   0-2  the process's stdio          3  pidfd of the container's init   4  its cgroup.procs (O_WRONLY)
  *   5    the report pipe              6  the plan (read to its end)
  *
- * and answers on 5 as the Python child does: "P<pid>" (then " name=<CLOCK_MONOTONIC ns>" marks when the
- * plan asks for them), "M<message>" (the program is missing) or "E<message>", then exits.
+ * and answers on 5 as the Python child does, in one write: "P<pid>", "M<message>" (the program is missing)
+ * or "E<message>", then exits (nsexec.started_pid reads it).
  * Every other descriptor is made close-on-exec first. Nothing here trusts the container: the plan comes
  * from the agent, and what is read in the container's mount namespace (/etc/passwd) is bounded.
  */
@@ -29,7 +29,6 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
@@ -41,18 +40,6 @@
 #define MAX_SECCOMP_INSTRUCTIONS 4096
 
 static char report[REPORT_LIMIT];
-static char marks[256];
-static size_t marks_len;
-static int timing;
-
-static void mark(const char *name) {
-    struct timespec ts;
-    if (!timing || marks_len > sizeof(marks) - 48)
-        return;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    marks_len += (size_t)snprintf(marks + marks_len, sizeof(marks) - marks_len, " %s=%lld", name,
-                                  (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
-}
 
 static void answer(char kind, const char *text) {
     size_t n = strlen(text);
@@ -240,10 +227,8 @@ int main(void) {
     if (syscall(SYS_close_range, 3, ~0U, 4 /* CLOSE_RANGE_CLOEXEC */) != 0)
         os_fail("close_range");
     read_plan();
-    if (u32() != 0x31584b50) /* "PKX1" */
+    if (u32() != 0x32584b50) /* "PKX2" */
         fail('E', "exec plan: bad magic");
-    timing = (int)u32();
-    mark("child");
     ns_flags = (int32_t)u32();
     uid = u32();
     gid = u32();
@@ -344,7 +329,6 @@ int main(void) {
         }
     if (no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         os_fail("no_new_privs");
-    mark("entered");
 
     /* 5: HOME as crun sets it, the program on PATH, then spawn it */
     nenv = 0;
@@ -377,7 +361,6 @@ int main(void) {
         if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) != 0)
             os_fail("seccomp");
     }
-    mark("program");
     sigfillset(&all);
     sigdelset(&all, SIGKILL);
     sigdelset(&all, SIGSTOP);
@@ -390,10 +373,9 @@ int main(void) {
     rc = posix_spawn(&pid, program, &actions, &attr, args, env);
     if (rc != 0)
         fail(rc == ENOENT ? 'M' : 'E', "exec `%s`: %s", args[0], strerror(rc));
-    mark("spawned");
     {
-        char text[64 + sizeof(marks)];
-        int n = snprintf(text, sizeof(text), "P%d%s", (int)pid, marks);
+        char text[32];
+        int n = snprintf(text, sizeof(text), "P%d", (int)pid);
         (void)!write(5, text, (size_t)n);
     }
     return 0;
