@@ -89,6 +89,16 @@ def test_a_command_the_agent_cannot_find_exits_127() -> None:
     assert failure_status(denied, 125) == 125
     assert failure_status(AgentCallError("s1", "CreateContainer", Code.NOT_FOUND, "no such image disk"), 125) == 125
     assert failure_status(PykataError("unknown image"), 125) == 125
+    # an exec that did not start: what `docker exec` makes of the message (tests/dockerstatus.py)
+    for message, command, status in (
+            ("exec in container c: executable file `nope` not found in $PATH: No such file or directory", "nope", 127),
+            ("exec in container c: exec `/bin/nope`: No such file or directory", "/bin/nope", 127),
+            ("exec in container c: exec `/etc`: Permission denied", "/etc", 126),
+            ("exec in container c: chdir `/nowhere`: No such file or directory", "true", 126),
+            ("exec in container c: chdir `/etc/passwd`: Not a directory", "true", 127),
+            ("container c is paused", "true", 126)):
+        assert failure_status(AgentCallError("s1", "ExecProcess", Code.INTERNAL, message), 126, command) == status
+    assert failure_status(PykataError("no such container x"), 126, "true") == 126
 
 
 @pytest.mark.parametrize("args", [

@@ -16,6 +16,7 @@ import pytest
 from pykata.images import ImageStore
 from pykata.sandbox import Volume, build_spec
 from pykata.sandbox.ocispec import add_volumes
+from tests.dockerstatus import docker_exec_status
 
 PYKATA = str(Path(__file__).resolve().parents[2] / ".venv/bin/pykata")
 pytestmark = [pytest.mark.vm]
@@ -96,3 +97,50 @@ def test_same_as_runc(case: Case, rootfs: Path, tmp_path: Path) -> None:
     if case.volume_ro:
         assert runc[0] != 0 and b"Read-only file system" in runc[2]
         assert (volume / "file").read_text() == "original\n"
+
+
+# (name, runc exec / pykata exec options, argv, what the message names)
+EXEC_FAILURES = [
+    ("not-on-path", [], ["no-such-cmd"], "no-such-cmd"),
+    ("missing-path", [], ["/bin/nope"], "/bin/nope"),
+    ("not-executable", [], ["/etc/passwd"], "/etc/passwd"),
+    ("directory", [], ["/etc"], "/etc"),
+    ("missing-cwd", ["--cwd", "/nonexistent"], ["true"], "/nonexistent"),
+    ("cwd-is-a-file", ["--cwd", "/etc/passwd"], ["true"], "/etc/passwd"),
+]
+
+
+def test_a_failed_exec_exits_as_docker_exec_does_under_runc(rootfs: Path, tmp_path: Path) -> None:
+    """`pykata exec` of a command that cannot start exits with the status `docker exec` gives under runc
+    (moby's reading of runc's message, tests/dockerstatus.py: 127 not found, 126 not invocable, 127 for a
+    cwd that is a file), with one `pykata:` line naming the program or cwd; never a Python error."""
+    bundle = _bundle(tmp_path, rootfs, Case("sleep", ["sleep", "100000"]), tmp_path)
+    cid, name = f"diff-{uuid.uuid4().hex[:8]}", f"execfail-{uuid.uuid4().hex[:6]}"
+    runc: dict[str, str] = {}
+    try:
+        subprocess.run(["runc", "run", "-d", "--bundle", str(bundle), cid], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        for case, opts, argv, _names in EXEC_FAILURES:
+            p = subprocess.run(["runc", "exec", *opts, cid, *argv], capture_output=True, timeout=60)
+            assert p.returncode != 0, case
+            runc[case] = p.stderr.decode(errors="replace")
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True, timeout=60)
+    try:
+        started = subprocess.run([PYKATA, "run", "-d", "--name", name, "busybox", "sleep", "100000"],
+                                 capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert started.returncode == 0, started.stderr
+        for case, opts, argv, names in EXEC_FAILURES:
+            pyk_opts = ["-w", opts[1]] if opts else []
+            p = subprocess.run([PYKATA, "exec", *pyk_opts, name, *argv], capture_output=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+            err = p.stderr.decode(errors="replace")
+            assert p.returncode == docker_exec_status(runc[case], argv[0]), (case, runc[case], err)
+            assert (p.stdout, len(err.splitlines())) == (b"", 1), (case, err)
+            assert err.startswith("pykata: ") and names in err, (case, err)
+            assert "Traceback" not in err and "invalid literal" not in err, err
+        after = subprocess.run([PYKATA, "exec", name, "echo", "still-here"], capture_output=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+        assert (after.returncode, after.stdout) == (0, b"still-here\n"), after.stderr
+    finally:
+        subprocess.run([PYKATA, "rm", "-f", name], capture_output=True, timeout=120)

@@ -59,10 +59,27 @@ def _fail(message: str, code: int = 125) -> None:
 COMMAND_NOT_FOUND = 127  # docker's status for a command it could not find (126: found, not invocable)
 
 
-def failure_status(e: PykataError, default: int) -> int:
+def failure_status(e: PykataError, default: int, command: str | None = None) -> int:
     """The exit status of `run`/`exec` failing with `e`: 127 when the agent found no executable for the
-    command (as docker and a shell say it), else `default` (125 for run, 126 for exec)."""
-    if (isinstance(e, AgentCallError) and e.rpc in ("CreateContainer", "StartContainer", "ExecProcess")
+    command (as docker and a shell say it), else `default` (125 for run, 126 for exec).
+
+    An exec (`command`: its program) the agent could not start gets what `docker exec` gives under runc,
+    whose daemon reads the runtime's message (moby's translateContainerdStartErr, case-insensitive): 127 when
+    it names the program and says "executable file not found" or "no such file or directory", 126 for
+    "permission denied", 127 for "not a directory" (a cwd or a path through a file: moby's hint about
+    mounts), else 126."""
+    if not isinstance(e, AgentCallError):
+        return default
+    if command is not None and e.rpc == "ExecProcess":
+        said = e.message.lower()
+        if command.lower() in said and ("executable file not found" in said or "no such file or directory" in said):
+            return COMMAND_NOT_FOUND
+        if "permission denied" in said:
+            return 126
+        if "not a directory" in said:
+            return COMMAND_NOT_FOUND
+        return default
+    if (e.rpc in ("CreateContainer", "StartContainer", "ExecProcess")
             and e.code == Code.NOT_FOUND and "not found in $PATH" in e.message):
         return COMMAND_NOT_FOUND
     return default
@@ -394,7 +411,7 @@ def exec_(interactive: bool, tty_: bool, env: tuple[str, ...], workdir: str, use
         status = asyncio.run(_exec_async(found, command, interactive, tty_, parse_env(list(env), os.environ), workdir,
                                          _exec_user(found, user) if user else _container_user(found)))
     except PykataError as e:
-        _fail(str(e), failure_status(e, 126))
+        _fail(str(e), failure_status(e, 126, command[0]))
     sys.exit(status)
 
 
