@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pykata.agent.boot import parse_bundle_index
-from pykata.guestimage import assemble, cpio, crunlib, debs, elf, fsimage, pycbundle, wheels
+from pykata.guestimage import assemble, cpio, crunlib, debs, elf, execstart, fsimage, pycbundle, wheels
 from pykata.guestimage.rootfs import (
     DEFAULT_RECIPE,
     Recipe,
@@ -66,6 +66,7 @@ def test_cache_key_is_stable_for_the_same_inputs() -> None:
     {"recipe_version": 999},
     {"ld_cache_tool": "ldconfig sha256:" + "9" * 64},  # another host's ldconfig writes another ld.so.cache
     {"crun_lib_tool": "cc sha256:" + "8" * 64},  # another compiler builds another libsystemd stand-in
+    {"exec_start_tool": "cc sha256:1; libc.a sha256:" + "7" * 64},  # another static libc, another exec starter
     {"recipe": Recipe(initrd_compression="gzip")},
     {"recipe": Recipe(packages=("busybox-static",))},
 ])
@@ -492,6 +493,34 @@ def test_crun_gets_a_libsystemd_stand_in_without_systemds_libraries(tmp_path: Pa
     shutil.copy("/bin/true", other / "usr/bin/crun")
     assert "does not have" in (crunlib.install(other) or "")
     assert not (other / crunlib.LIB_DIR).exists()
+
+
+def test_the_exec_starter_s_key_follows_its_static_libc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The starter links libc.a statically: a changed libc6-dev must change the image's key (it did not: only the
+    compiler driver's bytes and the source were in it). A host without a static libc or a compiler builds an
+    image without the starter, and says why."""
+    libc = tmp_path / "libc.a"  # a fake libc.a, never linked: only its bytes are hashed
+    libc.write_bytes(b"!<arch>\nglibc 2.36-9")
+    monkeypatch.setattr(execstart, "static_libc", lambda cc: libc)
+    before = execstart.tool()
+    assert "libc.a sha256:" + hashlib.sha256(libc.read_bytes()).hexdigest() in before
+    libc.write_bytes(b"!<arch>\nglibc 2.36-9+deb12u9")  # libc6-dev upgraded
+    after = execstart.tool()
+    assert after != before
+    assert rootfs_key(_inputs(exec_start_tool=after)) != rootfs_key(_inputs(exec_start_tool=before))
+    monkeypatch.setattr(execstart, "static_libc", lambda cc: None)
+    assert "none: no static C library" in execstart.tool()
+    assert "install libc6-dev" in (execstart.install(tmp_path / "root") or "")
+    assert not (tmp_path / "root" / execstart.PATH).exists()
+    monkeypatch.setattr(crunlib, "compiler", lambda: None)
+    assert execstart.tool() == "none: no cc on the host"
+    assert "install build-essential" in (execstart.install(tmp_path / "root") or "")
+
+
+def test_the_image_has_the_exec_starter(guest: RootfsArtifact) -> None:
+    files = _newc_files(guest.initrd.read_bytes())
+    assert execstart.PATH in files, "the image has no exec starter (no cc or libc.a at build time?)"
+    assert guest.manifest.get("exec_starter") == {"built": True, "why": ""}
 
 
 def test_the_image_has_crun_s_libsystemd_stand_in(guest: RootfsArtifact) -> None:

@@ -195,3 +195,27 @@ def test_memory_merging_says_what_the_opt_ins_get_on_this_host() -> None:
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     facts = check.memory_merging(shims, ksm_running=True).facts
     assert facts is not None and facts["whole_process"] is (release >= (6, 7))
+
+
+def test_an_image_built_without_the_exec_starter_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback (the agent forks its exec children) works but is slower: `pykata check` says so, with the
+    build's reason, instead of nothing."""
+    from pykata.guestimage import rootfs
+
+    config = parse_toml(f"[runtime]\ncache_dir = '{tmp_path}'\n")
+    initrd = tmp_path / "rootfs.cpio"
+    initrd.write_bytes(b"")
+
+    def built(why: str | None) -> None:
+        manifest = {} if why is None else {"exec_starter": {"built": not why, "why": why}}
+        art = rootfs.RootfsArtifact("k", tmp_path, initrd, None, "initrd", manifest)
+        monkeypatch.setattr(rootfs, "find_rootfs", lambda cache_dir, recipe=rootfs.DEFAULT_RECIPE: art)
+
+    built("no static C library (libc.a) for /usr/bin/gcc-12: install libc6-dev")
+    _kernel, result, _path = check.guest_assets(config)
+    assert result.status == "warn" and "no exec starter" in result.detail and "libc6-dev" in result.detail
+    assert "build-essential" in result.hint
+    for recorded in ("", None):  # built, or an image from before the manifest recorded it
+        built(recorded)
+        _kernel, result, _path = check.guest_assets(config)
+        assert (result.status, result.detail) == ("pass", str(initrd))

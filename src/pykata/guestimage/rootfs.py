@@ -112,6 +112,8 @@ class RootfsInputs:
     ld_cache_tool: str = ""
     # the host's C compiler that builds crun's libsystemd stand-in (crunlib.tool)
     crun_lib_tool: str = ""
+    # the compiler and the static libc (libc6-dev's libc.a) of the agent's exec starter (execstart.tool)
+    exec_start_tool: str = ""
 
     def key(self) -> str:
         return rootfs_key(self)
@@ -127,6 +129,7 @@ class RootfsInputs:
             "epoch": self.epoch,
             "ld_cache_tool": self.ld_cache_tool,
             "crun_lib_tool": self.crun_lib_tool,
+            "exec_start_tool": self.exec_start_tool,
         }
 
 
@@ -211,7 +214,7 @@ def resolve_inputs(cache_dir: Path, recipe: Recipe = DEFAULT_RECIPE, *, download
     return RootfsInputs(
         recipe=recipe, packages=packages, wheel_hashes=tuple((w.path.name, w.sha256) for w in got),
         sources=sources_hash(source), version=str(pykata.__version__), epoch=source_epoch(),
-        ld_cache_tool=assemble.ld_cache_tool(), crun_lib_tool=crunlib.tool(),
+        ld_cache_tool=assemble.ld_cache_tool(), crun_lib_tool=crunlib.tool(), exec_start_tool=execstart.tool(),
     )
 
 
@@ -409,8 +412,10 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
             say(f"crun loads the real libsystemd (no stand-in): {why}")
         else:
             crunlib.replace_real(root)
-        if (why := execstart.install(root)) is not None:
-            say(f"no exec starter (the agent forks its exec children): {why}")
+        if (no_starter := execstart.install(root)) is not None:
+            say(f"WARNING: no exec starter in the image, {execstart.WHY_NONE}: {no_starter}")
+        else:
+            say(f"exec starter built: /{execstart.PATH}")
         removed = assemble.prune_libraries(root)
         say(f"trimmed: {links} busybox applets, {len(removed)} unused libraries dropped")
         if (why := assemble.write_ld_cache(root)) is not None:
@@ -436,6 +441,8 @@ def _build(cache_dir: Path, inputs: RootfsInputs, key: str, say: Progress, sourc
             "initrd": {"file": initrd_name, "size": initrd_size, "compression": recipe.initrd_compression},
             "image": None,
             "tree": {"bytes": tree_bytes, "entries": tree_entries},
+            # read by `pykata check` (hypervisor.check.guest_assets)
+            "exec_starter": {"built": no_starter is None, "why": no_starter or ""},
         }
         if recipe.ext4_image:
             if os.geteuid() != 0:

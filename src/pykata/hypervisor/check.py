@@ -150,9 +150,27 @@ def guest_assets(config: Config) -> tuple[CheckResult, CheckResult, Path | None]
     try:
         initrd, image = resolve_rootfs(config)
         rootfs = CheckResult("guest-image", "pass", str(initrd or image))
+        if (why := _no_exec_starter(config)) is not None:
+            rootfs = CheckResult("guest-image", "warn", f"{initrd or image}: no exec starter in the image, the agent "
+                                 f"forks its exec children (slower execs): {why}",
+                                 "install build-essential (a C compiler and libc6-dev), then `pykata image build`")
     except PykataError as exc:
         rootfs = CheckResult("guest-image", "fail", str(exc), "pykata image build")
     return kernel, rootfs, kernel_path
+
+
+def _no_exec_starter(config: Config) -> str | None:
+    """Why the built image (`pykata image build`'s) has no exec starter (guestimage/execstart.py), as its
+    build recorded it; None when it has one, or for an image the configuration names (not ours to read)."""
+    if config.qemu.initrd or config.qemu.image:
+        return None
+    from pykata.guestimage.rootfs import find_rootfs  # lazy, as resolve_rootfs does
+
+    found = find_rootfs(config.runtime.cache_path)
+    recorded = found.manifest.get("exec_starter") if found is not None else None
+    if isinstance(recorded, dict) and recorded.get("built") is False:
+        return str(recorded.get("why") or "the build did not say why")[:300]
+    return None
 
 
 async def kvm_boot(config: Config, kernel: Path | None, *, use_cache: bool = True) -> CheckResult:
