@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -325,3 +327,49 @@ def test_a_killed_shim_that_took_a_pooled_vm_leaves_nothing_without_delete(poole
         pooled.remove(cid)
     with open("/proc/self/mountinfo") as f:
         assert str(entry.root) not in f.read()
+
+
+def _cli_fill(*args: str) -> str:
+    p = subprocess.run([str(Path(sys.executable).parent / "pykata"), "factory", "pool", "fill", "--wait", "180", *args],
+                       capture_output=True, text=True, timeout=300, check=False, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_the_cli_fills_the_pool_through_a_running_fork_server_and_never_launches_one(pooled: Containerd) -> None:
+    """`pykata factory pool fill --address <containerd>` has that containerd's shims' fork server fork the
+    waiting shims (as a pod's refill does: they share its imported code); with no server running for the
+    address, or `--address ""`, it starts fresh ones, and launches no server (one launched from the
+    command would live in its session and cgroup)."""
+    config = load_config()
+    if pooled.fork_server_pid() is None:
+        # a pod's `start` launches it; with no VM ready it boots cold (no refill after its start: the
+        # one `start` began is registered when `ctr run` returns, and destroy ends it)
+        pool.destroy(config)
+        pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-server", "true")
+    assert _until(lambda: pooled.fork_server_pid() is not None, 60), "no fork server was launched"
+    server = pooled.fork_server_pid()
+    assert server is not None
+    pool.destroy(config)
+    out = _cli_fill("--address", str(pooled.socket))
+    assert f"started 1 (1 forked by the shims' fork server of {pooled.socket})" in out and "1 of 1 ready" in out, out
+    [entry] = [e for e in pool.list_entries(config) if e.alive]
+    assert entry.ready and psutil.Process(entry.pid).ppid() == server
+    assert os.readlink(f"/proc/{entry.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert _idle_threads(entry.pid) == []
+    # a forked one serves a pod as any other
+    p = pooled.ctr("run", "--rm", "--runtime", PYKATA_RUNTIME, IMAGE, "pooled-cli", "echo", "forked")
+    assert p.stdout.decode().split() == ["forked"]
+    assert f"claimed from the warm pool ({entry.id})" in pooled.log.read_text()
+    # its shim has exited, and so registered its refill (on its way out at the latest): destroy ends it
+    assert _until(lambda: not entry.alive, 30)
+    for address, why in (("", 'no --address'), ("/nonexistent/containerd.sock",
+                                                 "no shims' fork server runs for containerd at /nonexistent")):
+        pool.destroy(config)
+        out = _cli_fill("--address", address)
+        assert f"started 1 (fresh processes: {why}" in out and "1 of 1 ready" in out, out
+        [entry] = [e for e in pool.list_entries(config) if e.alive]
+        assert psutil.Process(entry.pid).ppid() != server
+    nowhere = "/nonexistent/containerd.sock"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if nowhere in (p.info["cmdline"] or [])]
+    pool.destroy(config)

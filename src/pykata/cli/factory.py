@@ -187,16 +187,36 @@ def pool() -> None:
     """The warm pool: VMs restored ahead of time for the next pods (factory.pool_size)."""
 
 
+CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"  # containerd's default
+
+
 @pool.command()
 @click.option("--wait", "wait_s", type=float, default=0.0, help="Seconds to wait until the pool is full.")
-def fill(wait_s: float) -> None:
+@click.option("--address", default=CONTAINERD_ADDRESS, show_default=True, metavar="SOCKET",
+              help="containerd's socket: its shims' fork server (runtime.shim_fork_server), if one runs, "
+              "forks the waiting shims, as a pod's refill does. \"\": fresh processes.")
+def fill(wait_s: float, address: str) -> None:
     """Start waiting VMs until the pool holds factory.pool_size of them."""
     from pykata.factory import pool as warm
+    from pykata.shim.forkclient import pool_fork
 
     config = _config()
     if config.factory.pool_size <= 0:
         raise click.ClickException("factory.pool_size is 0: the warm pool is off")
-    started = warm.fill(config, warm.entry_argv())
+    forked: list[int] = []
+    fork = None
+    if address and config.runtime.shim_fork_server:
+        # Only a server that runs already, launched by a pod's shim where containerd runs it: one
+        # launched from here would live in this command's session and cgroup, and fork pods' shims too.
+        by_server = pool_fork(config.runtime.runtime_dir, address, launch=False)
+
+        def fork(entry_id: str) -> int | None:
+            pid = by_server(entry_id)
+            if pid is not None:
+                forked.append(pid)
+            return pid
+
+    started = warm.fill(config, warm.entry_argv(), fork=fork)
     deadline = time.monotonic() + wait_s
     ready = 0
     while True:
@@ -204,7 +224,15 @@ def fill(wait_s: float) -> None:
         if ready >= config.factory.pool_size or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
-    click.echo(f"started {started}; {ready} of {config.factory.pool_size} ready")
+    how = ""
+    if started and forked:
+        fresh = started - len(forked)
+        how = f" ({len(forked)} forked by the shims' fork server of {address}" + (f", {fresh} fresh)" if fresh else ")")
+    elif started:
+        why = ("runtime.shim_fork_server is off" if not config.runtime.shim_fork_server else
+               "no --address" if not address else f"no shims' fork server runs for containerd at {address}")
+        how = f" (fresh processes: {why})"
+    click.echo(f"started {started}{how}; {ready} of {config.factory.pool_size} ready")
 
 
 @pool.command(name="status")

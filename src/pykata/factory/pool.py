@@ -27,7 +27,9 @@ mount), and the pod's first Create moves the tap into it.
 A pod's shim refills the pool through `fill`'s `fork`: the shims' fork server (pykata.shim.forkserver)
 forks the waiting shims from its imported state (~0.35 CPU s less each than a fresh process), each
 in a mount namespace of its own as `unshare --mount` gives a fresh one; without a server (it is
-launched for the next refill), `fill` starts fresh processes.
+launched for the next refill), `fill` starts fresh processes. `pykata factory pool fill` forks them
+through a server that runs already for its --address (pykata.shim.forkclient.pool_fork), and never
+launches one (it would live in the command's session).
 
 Nothing leaks when a waiting process dies, however it dies: its QEMU runs behind
 pykata.hypervisor.jail.lifeline_prefix (killed with its owner), its mounts live in the mount

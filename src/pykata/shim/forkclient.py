@@ -71,23 +71,42 @@ def fork_shim(runtime_dir: str, flags: Flags, bundle: Path, sandbox_id: str, soc
 
 
 def fork_pool_entry(runtime_dir: str, address: str, entry_id: str,
-                    launched: Callable[[int], None] | None = None) -> int | None:
+                    launched: Callable[[int], None] | None = None, *, launch: bool = True) -> int | None:
     """Have this containerd's fork server fork a waiting shim of the warm pool (pykata.shim.pooled)
     registered as `entry_id` (pykata.factory.pool.fill's `fork`), in a mount namespace of its own; its
     pid, or None (the caller starts a fresh process instead). A forked one skips the imports a fresh
     waiting shim does (~0.35 CPU s of the ~1 s a pooled VM costs to make). When no server runs, one
-    is launched for the next ones and this one is None; `launched` is called with its pid (a pod's shim
-    moves it out of the pod's cgroup: the server outlives the pod). Never raises."""
+    is launched for the next ones (unless `launch` is False) and this one is None; `launched` is called
+    with its pid (a pod's shim moves it out of the pod's cgroup: the server outlives the pod). Never
+    raises."""
     path = server_path(runtime_dir, address)
     conn = _connect(path)
     if conn is None:
-        server = _launch(path, address)
+        server = _launch(path, address) if launch else None
         if server is not None and launched is not None:
             launched(server.pid)
         return None
     env = {k: v for k, v in os.environ.items() if k != "PYKATA_TIMING_FILE"}
     body = json.dumps({"kind": POOL_ENTRY, "entry": entry_id, "address": address, "env": env}).encode()
     return _ask_for_pid(conn, body, [])
+
+
+def pool_fork(runtime_dir: str, address: str, launched: Callable[[int], None] | None = None, *,
+              launch: bool = True) -> Callable[[str], int | None]:
+    """pykata.factory.pool.fill's `fork` through the fork server of the containerd at `address`
+    (fork_pool_entry): once a request found no server (or it refused), the rest of that fill starts
+    fresh processes."""
+    no_server = False
+
+    def forked(entry_id: str) -> int | None:
+        nonlocal no_server
+        if no_server:
+            return None
+        pid = fork_pool_entry(runtime_dir, address, entry_id, launched, launch=launch)
+        no_server = pid is None
+        return pid
+
+    return forked
 
 
 def _ask_for_pid(conn: socket.socket, body: bytes, fds: list[int]) -> int | None:

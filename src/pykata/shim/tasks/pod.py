@@ -206,26 +206,18 @@ def refill_pool(config: Config, st: TaskState | None = None) -> None:
     a pod's shim, each one leaves the pod's cgroup at once: a waiting VM is not the pod's, and would
     keep its cgroup from being removed."""
     from pykata.factory.pool import entry_argv, fill
-    from pykata.shim.forkclient import fork_pool_entry
+    from pykata.shim.forkclient import pool_fork
 
     def not_the_pods(pid: int) -> None:
         if st is not None and st.cgroup is not None:
             st.cgroup[0].release_process(pid)
 
-    no_server = st is None or not st.containerd_address or not config.runtime.shim_fork_server
-
-    def forked(entry_id: str) -> int | None:
-        # from the shims' fork server: its children have done their imports. None runs (it was
-        # launched now for the next refills): the rest of this refill starts fresh processes.
-        nonlocal no_server
-        if no_server:
-            return None
-        assert st is not None
-        # a server launched now lives on after the pod: out of its cgroup, or the cgroup stays behind
-        pid = fork_pool_entry(config.runtime.runtime_dir, st.containerd_address, entry_id, not_the_pods)
-        no_server = pid is None
-        return pid
-
+    # from the shims' fork server: its children have done their imports. None runs (it is launched
+    # now for the next refills): the rest of this refill starts fresh processes. A server launched
+    # now lives on after the pod: out of its cgroup (not_the_pods), or the cgroup stays behind.
+    forked = None
+    if st is not None and st.containerd_address and config.runtime.shim_fork_server:
+        forked = pool_fork(config.runtime.runtime_dir, st.containerd_address, not_the_pods)
     fill(config, entry_argv(), not_the_pods, forked)
 
 
