@@ -586,19 +586,9 @@ def server_fork(config: Any, address: str | None) -> Any:
     launched now serves the next fill and this fill's are fresh, as for a pod's."""
     if address is None or not config.runtime.shim_fork_server:
         return None
-    from pykata.shim.forkclient import fork_pool_entry
+    from pykata.shim.forkclient import pool_fork
 
-    no_server = False
-
-    def forked(entry_id: str) -> int | None:
-        nonlocal no_server
-        if no_server:
-            return None
-        pid = fork_pool_entry(config.runtime.runtime_dir, address, entry_id)
-        no_server = pid is None
-        return pid
-
-    return forked
+    return pool_fork(config.runtime.runtime_dir, address)
 
 
 def fill_pool(size: int, config_path: str | None = None, timeout: float = 600.0,
