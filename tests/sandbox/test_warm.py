@@ -152,3 +152,41 @@ async def test_a_pooled_vm_holds_the_recent_image_and_a_pod_of_another_never_see
             await sb.stop(remove=True)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def test_an_adopt_refused_for_a_taken_id_stops_the_pooled_vm_and_leaves_the_owner_of_the_id_alone(
+        vm_factory: VmFactory) -> None:
+    """Sandbox.adopt stops the pooled sandbox on every failure, as it says: one refused because the id's
+    sandboxes/<id> exists (a live owner's) or is no sandbox id too, not only those after the link was
+    made. Its directory goes; the id's owner keeps its directory and record."""
+    import os
+    import time
+
+    from pykata.errors import InvalidArgument, SandboxError
+    from pykata.sandbox import sandboxes_dir, state
+
+    base = load_config()
+    runtime = Path(tempfile.mkdtemp(prefix="pkwarm", dir="/tmp"))
+    config = dataclasses.replace(base, runtime=dataclasses.replace(base.runtime, runtime_dir=str(runtime)))
+    (runtime / "pool").mkdir(parents=True)
+    taken = sandboxes_dir(config) / "takenpod"
+    taken.mkdir(parents=True)
+    record = state.SandboxRecord(id="takenpod", owner_pid=os.getpid(), created_at=time.time(), status="running")
+    state.save(taken, record)
+    try:
+        for i, (sid, error) in enumerate((("takenpod", SandboxError), ("../escape", InvalidArgument))):
+            directory = runtime / "pool" / f"pool-0123456789a{i}"
+            sb = await Sandbox.create_warm(config, directory)
+            assert sb.vm is not None
+            vm_factory.track(sb.vm)
+            try:
+                with pytest.raises(error):
+                    await sb.adopt(sid, serve_proxy=False)
+                assert sb.vm.exited.done(), f"adopt({sid!r}) failed and left the pooled VM running"
+                assert not directory.exists()
+            finally:
+                await sb.stop(remove=True)
+        assert state.load(taken) == record
+        assert not (runtime / "escape").exists()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)

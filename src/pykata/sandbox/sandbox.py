@@ -602,24 +602,24 @@ class Sandbox:
         Raises InvalidArgument (bad id), SandboxError (the id is taken, or `netns` does not match the
         VM's NICs), PoolMismatch / NetworkError (see take_network), AgentError, HypervisorError.
         """
-        if (netns is not None) != (self._holding is not None):
-            raise SandboxError(self.id, f"a pooled VM with {self.warm_nics} NICs cannot take "
-                                        f"{'a' if netns else 'no'} pod network")
-        self._boot_resize = resize_to
-        sid = ids.check_sandbox_id(sandbox_id)
-        link = sandboxes_dir(self.config) / sid
-        link.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
         try:
-            os.symlink(self.dir, link)
-        except FileExistsError:
-            raise SandboxError(sid, f"{link} already exists (a sandbox with this id exists)") from None
-        self._link = link
-        self.id = sid
-        self.record.id = sid
-        self.record.name = name
-        self.record.owner_pid = os.getpid()
-        self.record.created_at = time.time()
-        try:
+            if (netns is not None) != (self._holding is not None):
+                raise SandboxError(self.id, f"a pooled VM with {self.warm_nics} NICs cannot take "
+                                            f"{'a' if netns else 'no'} pod network")
+            self._boot_resize = resize_to
+            sid = ids.check_sandbox_id(sandbox_id)
+            link = sandboxes_dir(self.config) / sid
+            link.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+            try:
+                os.symlink(self.dir, link)
+            except FileExistsError:
+                raise SandboxError(sid, f"{link} already exists (a sandbox with this id exists)") from None
+            self._link = link
+            self.id = sid
+            self.record.id = sid
+            self.record.name = name
+            self.record.owner_pid = os.getpid()
+            self.record.created_at = time.time()
             assert self.vm is not None
             if netns is not None:
                 # before the VM runs again: the guest's NIC sees the pod's network from its first instruction
