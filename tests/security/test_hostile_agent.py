@@ -213,6 +213,13 @@ def test_bad_replies_are_refused_and_the_pod_is_still_removed(ctd: HostileContai
         assert rc != 0
     FIGURES[f"shim peak RSS MiB ({attack} pod)"] = round(rss.peak / (1 << 20), 1)
     assert rss.peak < SHIM_RSS_BOUND
+    if oom == "flood":
+        # an OOM kill of the pod's own container at every GetOOMEvent, 10 a second for the pod's life: the
+        # host's log gets the 1st, 10th, 100th and every 1000th (it got a line each)
+        lines = sum(f"container {cid}: OOM kill" in line
+                    for line in ctd.log.read_text(errors="replace").splitlines())
+        FIGURES[f"shim log lines of OOM kills ({attack} pod)"] = lines
+        assert 1 <= lines <= 6, lines
 
 
 @pytest.mark.timeout(CREATE_UNDER_LOAD + 300)

@@ -35,6 +35,11 @@ log = logging.getLogger("pykata.shim")
 LEFTOVER_WAIT = 10.0  # a previous shim of the same id gets this long to finish exiting
 # Seconds between two GetOOMEvent calls, at least: the guest chooses when each returns.
 OOM_POLL_INTERVAL = 0.1
+
+
+def _log_count(n: int) -> bool:
+    """Whether the `n`th of a repeated guest report goes into the host's log (1, 10, 100, every 1000th)."""
+    return n in (1, 10, 100) or n % 1000 == 0
 # After a pod took a pooled VM, its replacement starts this much later: not while the pod is starting.
 REFILL_DELAY = 1.0
 
@@ -313,7 +318,8 @@ async def watch_vm(st: TaskState, sb: Sandbox) -> None:
 
 
 async def watch_oom(st: TaskState, sb: Sandbox) -> None:
-    failures = ignored = 0
+    failures = errors = ignored = 0
+    kills: dict[str, int] = {}  # OOM kills reported, per container of the pod
     while not st.sandbox_stopping and not st.vm_dead:
         try:
             oom_cid = await sb.next_oom_event()
@@ -321,19 +327,28 @@ async def watch_oom(st: TaskState, sb: Sandbox) -> None:
             if e.code in (Code.UNAVAILABLE, Code.UNIMPLEMENTED, Code.CANCELLED):
                 return
             failures += 1
-            log.warning("GetOOMEvent: %s", e)
+            errors += 1  # not reset by an answer in between: the guest chooses both
+            if _log_count(errors):
+                log.warning("GetOOMEvent: %s (%d errors so far)", e, errors)
             await asyncio.sleep(min(5.0, float(failures)))
             continue
         except PykataError:
             return
         failures = 0
         if oom_cid in st.containers:
-            log.warning("container %s: OOM kill", oom_cid)
+            # a guest may report kills of a real container of the pod at every call, 10 a second for
+            # the pod's life: the events are rate-limited by the publisher (pykata.shim.events), the log
+            # lines here (the log is the host's too)
+            n = kills[oom_cid] = kills.get(oom_cid, 0) + 1
+            if _log_count(n):
+                log.warning("container %s: OOM kill (%d so far)", oom_cid, n)
             st.publish(events_pb2.TaskOOM(container_id=oom_cid))
+            for gone in [c for c in kills if c not in st.containers]:
+                del kills[gone]
         elif oom_cid:
             # containerd would mark that container, of some other pod maybe, OOM-killed
             ignored += 1
-            if ignored in (1, 10, 100) or ignored % 1000 == 0:  # the log is the host's too
+            if _log_count(ignored):
                 log.warning("the agent reported an OOM kill in %r, not a container of this pod: "
                             "ignored (%d so far)", oom_cid[:80], ignored)
         # The guest decides when GetOOMEvent returns: one answering at once, every time, must not
