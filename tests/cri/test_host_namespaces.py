@@ -1,7 +1,8 @@
 """A pod spec that asks for the node's namespaces (hostNetwork, hostPID, hostIPC) or privileged, and
 hostPath volumes aimed at pykata's own runtime directory, through containerd's CRI with the pykata
 handler. The pod runs, but in the VM's namespaces: no host interface, no host process, no host disk;
-pykata's runtime directory is refused as a hostPath naming the mount, and the pod goes on. (Before,
+pykata's runtime directory and a writable /proc or /sys are refused as hostPaths naming the mount,
+and the pod goes on. (Before,
 a hostNetwork pod's first container failed: crun refused the node's host name without a UTS
 namespace, which the guest now gives it.)"""
 
@@ -38,7 +39,11 @@ def test_host_namespaces_privileged_and_hostpaths_at_pykata(cri_containerd: CriC
                                       timeout=cri.timeout).pod_sandbox_id
         try:
             runtime = next(d for d in ctd.pykata_runtime_dirs if os.path.isdir(os.path.join(d, "sandboxes")))
-            for i, host_path in enumerate([runtime, os.path.join(runtime, "sandboxes"), "/run/pykata-handoff"]):
+            # pykata's own files, and the host kernel's knobs (a writable /proc let the guest set sysctls)
+            own, kernel = "pykata's own", "an interface of the host's kernel"
+            for i, (host_path, why) in enumerate([(runtime, own), (os.path.join(runtime, "sandboxes"), own),
+                                                  ("/run/pykata-handoff", own), ("/proc", kernel),
+                                                  ("/proc/sys/kernel", kernel), ("/sys/fs/cgroup", kernel)]):
                 mount = api_pb2.Mount(container_path="/h", host_path=host_path)
                 evil = cri.rt.CreateContainer(api_pb2.CreateContainerRequest(
                     pod_sandbox_id=pod_id, config=_container(f"evil{i}", ["sleep", "60"], [mount]),
@@ -46,7 +51,7 @@ def test_host_namespaces_privileged_and_hostpaths_at_pykata(cri_containerd: CriC
                 with pytest.raises(grpc.RpcError) as refused:  # the task (the shim's create) starts here
                     cri.start_container(evil)
                 assert "mounts[" in str(refused.value.details()), refused.value.details()
-                assert "pykata's own" in str(refused.value.details()), refused.value.details()
+                assert why in str(refused.value.details()), refused.value.details()
                 cri.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=evil), timeout=cri.timeout)
             cid = cri.rt.CreateContainer(api_pb2.CreateContainerRequest(
                 pod_sandbox_id=pod_id, config=_container("c", ["sleep", "600"]), sandbox_config=config),
