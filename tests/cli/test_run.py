@@ -79,14 +79,18 @@ def test_env_without_a_value_takes_the_callers_as_docker_does() -> None:
 
 
 def test_a_command_the_agent_cannot_find_exits_127() -> None:
-    """docker run/exec exit 127 for a command not found (a shell's status); run's other failures stay 125,
-    exec's 126."""
+    """docker run/exec exit 127 for a command not found (a shell's status), 126 for one that cannot be invoked;
+    run's other failures stay 125, exec's 126."""
     not_found = AgentCallError("s1", "CreateContainer", Code.NOT_FOUND,
                                "crun create s1: executable file `nope` not found in $PATH: No such file or directory")
     assert failure_status(not_found, 125) == 127
     assert failure_status(AgentCallError("s1", "ExecProcess", Code.NOT_FOUND, not_found.message), 126) == 127
     denied = AgentCallError("s1", "CreateContainer", Code.INTERNAL, "open executable: Permission denied")
-    assert failure_status(denied, 125) == 125
+    assert failure_status(denied, 125) == 126  # docker run under runc: 126 ("permission denied")
+    directory = AgentCallError("s1", "CreateContainer", Code.INTERNAL, "open executable: Operation not permitted")
+    assert failure_status(directory, 125) == 126  # crun's words for a directory, runc's "permission denied"
+    assert failure_status(AgentCallError("s1", "CreateContainer", Code.INTERNAL, "chdir `/etc/passwd`: Not a "
+                                         "directory"), 125) == 125
     assert failure_status(AgentCallError("s1", "CreateContainer", Code.NOT_FOUND, "no such image disk"), 125) == 125
     assert failure_status(PykataError("unknown image"), 125) == 125
     # an exec that did not start: what `docker exec` makes of the message (tests/dockerstatus.py)

@@ -144,3 +144,31 @@ def test_a_failed_exec_exits_as_docker_exec_does_under_runc(rootfs: Path, tmp_pa
         assert (after.returncode, after.stdout) == (0, b"still-here\n"), after.stderr
     finally:
         subprocess.run([PYKATA, "rm", "-f", name], capture_output=True, timeout=120)
+
+
+def docker_run_status(message: str) -> int:
+    """What `docker run` exits with when its container's command does not start (docker's CLI,
+    runStartContainerErr, on the runtime's message)."""
+    if "executable file not found" in message or "no such file or directory" in message:
+        return 127
+    if "permission denied" in message or "is a directory" in message:
+        return 126
+    return 125
+
+
+@pytest.mark.parametrize("argv", [["/etc"], ["/etc/passwd"], ["/bin/nope"], ["no-such-cmd"]])
+def test_a_command_that_cannot_start_exits_as_docker_run_does_under_runc(argv: list[str], rootfs: Path,
+                                                                         tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path, rootfs, Case("fail", argv), tmp_path)
+    cid = f"diff-{uuid.uuid4().hex[:8]}"
+    try:
+        runc = subprocess.run(["runc", "run", "--bundle", str(bundle), cid], capture_output=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True, timeout=60)
+    assert runc.returncode != 0
+    pyk = subprocess.run([PYKATA, "run", "--rm", "busybox", *argv], capture_output=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    err = pyk.stderr.decode(errors="replace")
+    assert pyk.returncode == docker_run_status(runc.stderr.decode(errors="replace")), (runc.stderr, err)
+    assert err.startswith("pykata: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err

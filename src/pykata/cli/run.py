@@ -67,7 +67,12 @@ def failure_status(e: PykataError, default: int, command: str | None = None) -> 
     whose daemon reads the runtime's message (moby's translateContainerdStartErr, case-insensitive): 127 when
     it names the program and says "executable file not found" or "no such file or directory", 126 for
     "permission denied", 127 for "not a directory" (a cwd or a path through a file: moby's hint about
-    mounts), else 126."""
+    mounts), else 126.
+
+    A run whose command the agent (crun create) could not start gets what `docker run` gives under runc (its
+    CLI's runStartContainerErr): 127 for a command not found, 126 for one found that cannot be invoked
+    ("permission denied"; crun says "open executable: Operation not permitted" for a directory, where runc
+    says "permission denied"), else `default`."""
     if not isinstance(e, AgentCallError):
         return default
     if command is not None and e.rpc == "ExecProcess":
@@ -82,6 +87,9 @@ def failure_status(e: PykataError, default: int, command: str | None = None) -> 
     if (e.rpc in ("CreateContainer", "StartContainer", "ExecProcess")
             and e.code == Code.NOT_FOUND and "not found in $PATH" in e.message):
         return COMMAND_NOT_FOUND
+    if e.rpc in ("CreateContainer", "StartContainer") and (
+            "open executable: " in e.message or "permission denied" in e.message.lower()):
+        return 126
     return default
 
 
