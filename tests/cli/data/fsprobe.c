@@ -2,12 +2,14 @@
  * One line per check, "name: ok" or "name: <what differed>": the differential test compares the
  * output under runc and under pykata. Built static by tests/cli/test_fs_differential.py. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -16,6 +18,7 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 static void report(const char *name, int ok, const char *what) {
@@ -35,6 +38,9 @@ static void unix_socket(void) {
     char buf[8] = {0};
     if (p < 0 || write(c, "ping", 4) != 4 || read(p, buf, 4) != 4) return report("unix-bind", 0, "transfer");
     report("unix-bind", strcmp(buf, "ping") == 0, "data differs");
+    struct stat st;
+    report("unix-stat", stat("sock", &st) == 0 && S_ISSOCK(st.st_mode), "stat of the bound path");
+    close(p); close(c); close(s);
 }
 
 static void fifo(void) {
@@ -419,6 +425,201 @@ static void image_files(void) {
     printf("\n");
 }
 
+/* flock(2) (flock(1), pid files, pip, apt's and many daemons' lock files): another open file description
+ * and another process are refused, unlock frees it, and it is independent of POSIX locks on the file */
+static void flocks(void) {
+    int a = open("flocked", O_RDWR | O_CREAT, 0644), b = open("flocked", O_RDWR);
+    if (a < 0 || b < 0 || flock(a, LOCK_EX | LOCK_NB)) return report("flock", 0, "LOCK_EX");
+    report("flock", 1, "");
+    errno = 0;
+    report("flock-conflict", flock(b, LOCK_EX | LOCK_NB) == -1 && errno == EWOULDBLOCK, "second LOCK_EX not refused");
+    pid_t child = fork();
+    if (child == 0) {
+        int c = open("flocked", O_RDWR);
+        int shared = flock(c, LOCK_SH | LOCK_NB) == -1 && errno == EWOULDBLOCK;
+        /* a POSIX lock on the same file is another kind of lock: granted beside the flock */
+        struct flock w = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        int posix = fcntl(c, F_SETLK, &w) == 0;
+        _exit((shared ? 0 : 1) | (posix ? 0 : 2));
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    printf("flock-other-process: refused %s, posix lock beside it %s\n",
+           WIFEXITED(status) && !(WEXITSTATUS(status) & 1) ? "yes" : "no",
+           WIFEXITED(status) && !(WEXITSTATUS(status) & 2) ? "granted" : "refused");
+    report("flock-unlock", flock(a, LOCK_UN) == 0 && flock(b, LOCK_EX | LOCK_NB) == 0, "LOCK_EX after LOCK_UN");
+    /* the lock belongs to the open file description: closing another descriptor of the file keeps it */
+    int d = open("flocked", O_RDWR);
+    close(d);
+    errno = 0;
+    report("flock-kept-on-other-close", flock(a, LOCK_SH | LOCK_NB) == -1 && errno == EWOULDBLOCK, "lost");
+    close(a); close(b);
+}
+
+/* A file unlinked while open (tmpfile(3), databases' temporary files): still written, sized, truncated,
+ * chmod'ed, timed and given xattrs through its descriptor; and a file renamed over while open */
+static void unlinked_open(void) {
+    int fd = open("gone", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    struct stat st;
+    if (fd < 0 || unlink("gone")) return report("unlinked-fstat", 0, "open/unlink");
+    report("unlinked-fstat", write(fd, "abcdef", 6) == 6 && fstat(fd, &st) == 0 && st.st_size == 6 &&
+           st.st_nlink == 0, "write/fstat");
+    report("unlinked-ftruncate", ftruncate(fd, 2) == 0 && fstat(fd, &st) == 0 && st.st_size == 2, "ftruncate");
+    report("unlinked-fchmod", fchmod(fd, 0600) == 0 && fstat(fd, &st) == 0 && (st.st_mode & 0777) == 0600, "fchmod");
+    struct timespec ts[2] = {{10, 1}, {20, 2}};
+    report("unlinked-futimens", futimens(fd, ts) == 0 && fstat(fd, &st) == 0 && st.st_mtim.tv_sec == 20, "futimens");
+    report("unlinked-fsetxattr", fsetxattr(fd, "user.x", "1", 1, 0) == 0, "fsetxattr");
+    close(fd);
+    fd = open("target", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    int n = open("replacement", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char buf[4] = {0}, got[4] = {0};
+    if (fd < 0 || n < 0 || write(fd, "old", 3) != 3 || write(n, "new", 3) != 3) return report("rename-over-open", 0, "");
+    close(n);
+    int r = open("target", O_RDONLY);
+    struct stat was;
+    if (fstat(fd, &was) || rename("replacement", "target")) return report("rename-over-open", 0, "rename");
+    report("rename-over-open", pread(fd, buf, 3, 0) == 3 && !strcmp(buf, "old") && pread(r, got, 3, 0) == 3 &&
+           !strcmp(got, "old"), "read through the old descriptors");
+    /* the old descriptor is still the old file: its inode, and no name left */
+    if (fstat(fd, &st)) report("rename-over-open-fstat", 0, "fstat");
+    else printf("rename-over-open-fstat: same inode %s nlink %lu\n", st.st_ino == was.st_ino ? "yes" : "no",
+                (unsigned long)st.st_nlink);
+    close(r);
+    /* what is done through the old descriptor is done to the old file, never to the one that took its name */
+    int t = ftruncate(fd, 1), m = fchmod(fd, 0600);
+    printf("rename-over-open-setattr: ftruncate %s fchmod %s\n", t ? "failed" : "done", m ? "failed" : "done");
+    r = open("target", O_RDONLY);
+    memset(got, 0, sizeof got);
+    if (r < 0 || fstat(r, &st) || read(r, got, 3) < 0) report("rename-over-open-new", 0, "new name");
+    else printf("rename-over-open-new: reads %s mode %o\n", got, (unsigned)(st.st_mode & 0777));
+    close(r); close(fd);
+}
+
+/* renameat2 flags (mv -n and coreutils 9's mv, systemd, atomic swaps) */
+static void renames(void) {
+    unlink("ra"); unlink("rb"); unlink("rc");
+    close(open("ra", O_CREAT | O_WRONLY, 0644));
+    close(open("rb", O_CREAT | O_WRONLY, 0600));
+    errno = 0;
+    report("rename-noreplace-exists", renameat2(AT_FDCWD, "ra", AT_FDCWD, "rb", RENAME_NOREPLACE) == -1 &&
+           errno == EEXIST, "renameat2");
+    report("rename-noreplace", renameat2(AT_FDCWD, "ra", AT_FDCWD, "rc", RENAME_NOREPLACE) == 0, "renameat2");
+    struct stat st;
+    report("rename-exchange", renameat2(AT_FDCWD, "rc", AT_FDCWD, "rb", RENAME_EXCHANGE) == 0 &&
+           stat("rb", &st) == 0 && (st.st_mode & 0777) == 0644, "renameat2");
+}
+
+/* Owners and modes root sets (tar, dpkg, cp -a), and what a non-root process (uid 1000) may do */
+static void owners(void) {
+    struct stat st;
+    unlink("owned");
+    close(open("owned", O_CREAT | O_WRONLY, 0644));
+    report("chown", chown("owned", 1234, 5678) == 0 && stat("owned", &st) == 0 && st.st_uid == 1234 &&
+           st.st_gid == 5678, "chown");
+    /* root changes the mode of a file another user owns (tar -p after its chown, chown -R then chmod) */
+    report("chmod-other-owner", chmod("owned", 0640) == 0 && stat("owned", &st) == 0 && (st.st_mode & 07777) == 0640,
+           "chmod");
+    report("chmod-setuid", chmod("owned", 06755) == 0 && stat("owned", &st) == 0 && (st.st_mode & 07777) == 06755,
+           "chmod");
+    unlink("private");
+    close(open("private", O_CREAT | O_WRONLY, 0600));
+    mkdir("open-dir", 0777);
+    chmod("open-dir", 0777);
+    pid_t child = fork();
+    if (child == 0) {
+        if (setgid(1000) || setuid(1000)) _exit(9);
+        if (open("private", O_RDONLY) >= 0 || errno != EACCES) _exit(3);
+        int fd = open("open-dir/mine", O_CREAT | O_WRONLY, 0644);
+        if (fd < 0 || fstat(fd, &st) || st.st_uid != 1000 || st.st_gid != 1000) _exit(4);
+        if (fchown(fd, 0, 0) == 0 || errno != EPERM) _exit(5);
+        if (unlink("owned") == 0 || errno != EACCES) _exit(6);
+        _exit(0);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    printf("non-root: exit %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+}
+
+/* Two processes with their own MAP_SHARED mappings of one file (SQLite's WAL index, -shm) */
+static void mmap_two(void) {
+    int fd = open("mm2", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ftruncate(fd, 4096)) return report("mmap-two-processes", 0, "create");
+    char *m = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) return report("mmap-two-processes", 0, "mmap");
+    memcpy(m, "parent", 6);
+    pid_t child = fork();
+    if (child == 0) {
+        int d = open("mm2", O_RDWR);
+        char *n = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
+        if (n == MAP_FAILED || memcmp(n, "parent", 6)) _exit(3);
+        memcpy(n + 100, "child", 5);
+        _exit(0);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    report("mmap-two-processes", WIFEXITED(status) && WEXITSTATUS(status) == 0 && memcmp(m + 100, "child", 5) == 0,
+           "the other process's mapping");
+    munmap(m, 4096);
+    close(fd);
+}
+
+/* What databases and package managers do besides: fsync of a directory, O_DIRECT, copy_file_range,
+ * an xattr of 3000 bytes (ext4 takes at most a block), UTIME_NOW, and removing entries while reading the directory (shutil.rmtree, rm -r) */
+static void misc2(void) {
+    int d = open(".", O_RDONLY | O_DIRECTORY);
+    report("fsync-dir", d >= 0 && fsync(d) == 0, "fsync");
+    close(d);
+    int fd = open("direct", O_RDWR | O_CREAT | O_TRUNC | O_DIRECT, 0644);
+    void *buf = 0;
+    if (fd < 0 || posix_memalign(&buf, 4096, 4096)) report("o-direct", 0, "open");
+    else {
+        memset(buf, 'd', 4096);
+        report("o-direct", pwrite(fd, buf, 4096, 0) == 4096 && pread(fd, buf, 4096, 0) == 4096 &&
+               ((char *)buf)[4095] == 'd', "io");
+    }
+    if (fd >= 0) close(fd);
+    free(buf);
+    int src = open("cfr-src", O_RDWR | O_CREAT | O_TRUNC, 0644), dst = open("cfr-dst", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char big[65536], back[65536];
+    for (size_t i = 0; i < sizeof big; i++) big[i] = (char)(i * 7);
+    loff_t in = 0, out = 0;
+    report("copy-file-range", src >= 0 && dst >= 0 && write(src, big, sizeof big) == sizeof big &&
+           copy_file_range(src, &in, dst, &out, sizeof big, 0) == sizeof big && pread(dst, back, sizeof back, 0) ==
+           sizeof back && memcmp(big, back, sizeof big) == 0, "copy_file_range");
+    close(src); close(dst);
+    close(open("xbig", O_CREAT | O_WRONLY, 0644));
+    memset(big, 'v', 3000);
+    report("xattr-large", setxattr("xbig", "user.big", big, 3000, 0) == 0 &&
+           getxattr("xbig", "user.big", 0, 0) == 3000 && getxattr("xbig", "user.big", back, sizeof back) == 3000 &&
+           memcmp(big, back, 3000) == 0, "3000 bytes");
+    struct timespec now[2] = {{0, UTIME_NOW}, {0, UTIME_NOW}};
+    struct stat st;
+    time_t t = time(0);
+    report("utime-now", utimensat(AT_FDCWD, "xbig", now, 0) == 0 && stat("xbig", &st) == 0 &&
+           st.st_mtim.tv_sec >= t - 5 && st.st_mtim.tv_sec <= t + 5 && st.st_atim.tv_sec >= t - 5 &&
+           st.st_atim.tv_sec <= t + 5, "times not the clock's");
+    mkdir("many", 0755);
+    char name[64];
+    for (int i = 0; i < 600; i++) {
+        snprintf(name, sizeof name, "many/file-with-a-longer-name-%04d", i);
+        close(open(name, O_CREAT | O_WRONLY, 0644));
+    }
+    DIR *dir = opendir("many");
+    int seen = 0;
+    for (struct dirent *e; dir && (e = readdir(dir));) {
+        if (e->d_name[0] == '.') continue;
+        seen++;
+        unlinkat(dirfd(dir), e->d_name, 0);
+    }
+    if (dir) closedir(dir);
+    int left = 0;
+    dir = opendir("many");
+    for (struct dirent *e; dir && (e = readdir(dir));) left += e->d_name[0] != '.';
+    if (dir) closedir(dir);
+    printf("readdir-unlink: seen %d left %d\n", seen, left);
+    report("rmdir-emptied", rmdir("many") == 0, "rmdir");
+}
+
 /* Checks run in argv[1] (default /tmp, on the container's root); the image's files are checked only
  * for the default. */
 int main(int argc, char **argv) {
@@ -438,6 +639,12 @@ int main(int argc, char **argv) {
     inotify_();
     inotify_file();
     dir_nlink();
+    flocks();
+    unlinked_open();
+    renames();
+    owners();
+    mmap_two();
+    misc2();
     if (argc == 1) image_files();
     return 0;
 }
