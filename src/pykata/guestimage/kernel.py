@@ -139,6 +139,26 @@ EXPECTED_COMPILE_STEPS = 1577
 #   INSERT_RANGE and UNSHARE stay EOPNOTSUPP (they move data). The inode lock keeps the guest's own
 #   writers of the file out meanwhile; the host's own writers are not (a write the host makes past the
 #   end during a mode-0 call may be overwritten by zeros).
+# - A file with no name left but still open (unlinked, or renamed over: `mv new f` while `f` is open) on
+#   9p (_NINE_P_NAMELESS_*): QEMU 7.2's server sets attributes and xattrs by the path its fid was walked
+#   to, so after a rename over the file the old descriptor's ftruncate, fchmod, futimens and fsetxattr
+#   changed the file that took its name (tests/cli/data/fsprobe.c rename-over-open-setattr: the new
+#   file truncated to 1 byte and made 0600), and its fstat showed that file's attributes. The edits give
+#   the replaced file's dentry up its walked fids after the rename, as unlink does (so fstat goes through
+#   the open fid, which QEMU answers from the open file), and refuse setattr and xattrs of a non-directory
+#   at nlink 0 with ENOENT, which is what the server answers for an unlinked file already (runc's local
+#   file systems do them; no 9P2000.L message can reach a file by its open fid).
+# - flock(2) on 9p (_NINE_P_FLOCK): 6.12's client turned a flock into a POSIX lock (owned by the open
+#   file), so a flock and a POSIX lock on one file conflicted, where on Linux they are independent
+#   (`flock(1)` around a program that takes fcntl locks on the same file waited forever). The TLOCK it
+#   then sent takes no lock on the host (QEMU 7.2's v9fs_lock answers success), so the edit keeps a flock
+#   a flock, in the guest only, as before.
+# - renameat2(RENAME_NOREPLACE) on 9p (_NINE_P_RENAME_NOREPLACE): 6.12's client refused every flag with
+#   EINVAL (coreutils 9's `mv`, systemd and gnulib then fall back to a stat and a rename). The VFS checks
+#   that the target is absent before it calls the file system (EEXIST), so the edit lets the flag
+#   through: the same check the fallback makes, under the directory locks, against a lookup just made.
+#   A file the host creates under that name between the two is replaced, as with the fallback.
+#   RENAME_EXCHANGE stays EINVAL (9P2000.L cannot swap two names in one step).
 _NINE_P_REUSE_TEST = (
     "/* Always get a new inode */\nstatic int v9fs_test_new_inode_dotl(struct inode *inode, void *data)\n"
     "{\n\treturn 0;\n}\n",
@@ -448,6 +468,69 @@ _NINE_P_FALLOCATE = (
     "const struct file_operations v9fs_file_operations_dotl = {\n"
     "\t.fallocate = v9fs_file_fallocate_dotl,\n",
 )
+_NINE_P_NAMELESS_RENAME = (
+    "\t\tif (new_inode) {\n"
+    "\t\t\tif (S_ISDIR(new_inode->i_mode))\n"
+    "\t\t\t\tclear_nlink(new_inode);\n"
+    "\t\t\telse\n"
+    "\t\t\t\tv9fs_dec_count(new_inode);\n"
+    "\t\t}\n",
+    "\t\tif (new_inode) {\n"
+    "\t\t\tif (S_ISDIR(new_inode->i_mode))\n"
+    "\t\t\t\tclear_nlink(new_inode);\n"
+    "\t\t\telse\n"
+    "\t\t\t\tv9fs_dec_count(new_inode);\n"
+    "\t\t\t/* pykata: the replaced file's walked fids name the new one now; its open fids stay (kernel.py) */\n"
+    "\t\t\tnew_dentry->d_op->d_release(new_dentry);\n"
+    "\t\t}\n",
+)
+_NINE_P_NAMELESS_SETATTR = (
+    "\tretval = setattr_prepare(&nop_mnt_idmap, dentry, iattr);\n"
+    "\tif (retval)\n"
+    "\t\treturn retval;\n\n"
+    "\tv9ses = v9fs_dentry2v9ses(dentry);\n",
+    "\tretval = setattr_prepare(&nop_mnt_idmap, dentry, iattr);\n"
+    "\tif (retval)\n"
+    "\t\treturn retval;\n"
+    "\t/* pykata: no name left: the server would set the attributes by the name it had (kernel.py) */\n"
+    "\tif (!S_ISDIR(inode->i_mode) && !inode->i_nlink)\n"
+    "\t\treturn -ENOENT;\n\n"
+    "\tv9ses = v9fs_dentry2v9ses(dentry);\n",
+)
+_NINE_P_NAMELESS_XATTR_GET = (
+    "\t\t name, buffer_size);\n"
+    "\tfid = v9fs_fid_lookup(dentry);\n",
+    "\t\t name, buffer_size);\n"
+    "\t/* pykata: no name left: the server would answer for the name it had (kernel.py) */\n"
+    "\tif (d_really_is_positive(dentry) && !S_ISDIR(d_inode(dentry)->i_mode) && !d_inode(dentry)->i_nlink)\n"
+    "\t\treturn -ENOENT;\n"
+    "\tfid = v9fs_fid_lookup(dentry);\n",
+)
+_NINE_P_NAMELESS_XATTR_SET = (
+    "\tstruct p9_fid *fid;\n\n"
+    "\tfid  = v9fs_fid_lookup(dentry);\n",
+    "\tstruct p9_fid *fid;\n\n"
+    "\t/* pykata: no name left: the server would set it on the name it had (kernel.py) */\n"
+    "\tif (d_really_is_positive(dentry) && !S_ISDIR(d_inode(dentry)->i_mode) && !d_inode(dentry)->i_nlink)\n"
+    "\t\treturn -ENOENT;\n"
+    "\tfid  = v9fs_fid_lookup(dentry);\n",
+)
+_NINE_P_FLOCK = (
+    "\t/* Convert flock to posix lock */\n"
+    "\tfl->c.flc_flags |= FL_POSIX;\n"
+    "\tfl->c.flc_flags ^= FL_FLOCK;\n\n"
+    "\tif (IS_SETLK(cmd) | IS_SETLKW(cmd))\n"
+    "\t\tret = v9fs_file_do_lock(filp, cmd, fl);\n",
+    "\t/* pykata: a flock stays a flock, in the guest: the server takes no host lock (kernel.py) */\n"
+    "\tif (IS_SETLK(cmd) | IS_SETLKW(cmd))\n"
+    "\t\tret = locks_lock_file_wait(filp, fl);\n",
+)
+_NINE_P_RENAME_NOREPLACE = (
+    "\tif (flags)\n\t\treturn -EINVAL;\n\n\tp9_debug(P9_DEBUG_VFS, \"\\n\");\n\told_inode = d_inode(old_dentry);\n",
+    "\t/* pykata: the VFS checked that the target is absent (kernel.py) */\n"
+    "\tif (flags & ~RENAME_NOREPLACE)\n\t\treturn -EINVAL;\n\n\tp9_debug(P9_DEBUG_VFS, \"\\n\");\n"
+    "\told_inode = d_inode(old_dentry);\n",
+)
 SOURCE_EDITS = (
     ("arch/x86/kernel/acpi/boot.c", "\treturn !hypervisor_is_type(X86_HYPER_NATIVE);\n", "\treturn true;\n"),
     ("arch/x86/kernel/apic/apic.c", "unsigned int lapic_timer_period = 0;\n",
@@ -492,6 +575,12 @@ SOURCE_EDITS = (
     ("fs/9p/vfs_inode_dotl.c", *_NINE_P_TMPFILE),
     ("fs/9p/vfs_file.c", *_NINE_P_FALLOCATE_INCLUDE),
     ("fs/9p/vfs_file.c", *_NINE_P_FALLOCATE),
+    ("fs/9p/vfs_inode.c", *_NINE_P_NAMELESS_RENAME),
+    ("fs/9p/vfs_inode_dotl.c", *_NINE_P_NAMELESS_SETATTR),
+    ("fs/9p/xattr.c", *_NINE_P_NAMELESS_XATTR_GET),
+    ("fs/9p/xattr.c", *_NINE_P_NAMELESS_XATTR_SET),
+    ("fs/9p/vfs_file.c", *_NINE_P_FLOCK),
+    ("fs/9p/vfs_inode.c", *_NINE_P_RENAME_NOREPLACE),
 )
 _BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
 # Source tree plus objects: 1.6 GB measured.
