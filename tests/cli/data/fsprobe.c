@@ -620,6 +620,29 @@ static void misc2(void) {
     report("rmdir-emptied", rmdir("many") == 0, "rmdir");
 }
 
+/* Programs and libraries kept on the path (a venv or a build on a volume): a script executed, a file
+ * mapped executable as the dynamic loader maps a library */
+static void exec_here(void) {
+    unlink("script");
+    int fd = open("script", O_WRONLY | O_CREAT | O_TRUNC, 0755);
+    if (fd < 0 || write(fd, "#!/bin/sh\nexit 7\n", 17) != 17) return report("exec-script", 0, "write");
+    close(fd);
+    pid_t child = fork();
+    if (child == 0) {
+        char *argv[] = {"./script", 0};
+        execv("./script", argv);
+        _exit(errno == EACCES ? 126 : 127);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    printf("exec-script: exit %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    fd = open("script", O_RDONLY);
+    void *m = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0);
+    report("mmap-exec", m != MAP_FAILED && memcmp(m, "#!/bin/sh", 9) == 0, "mmap PROT_EXEC");
+    if (m != MAP_FAILED) munmap(m, 4096);
+    if (fd >= 0) close(fd);
+}
+
 /* Checks run in argv[1] (default /tmp, on the container's root); the image's files are checked only
  * for the default. */
 int main(int argc, char **argv) {
@@ -645,6 +668,7 @@ int main(int argc, char **argv) {
     owners();
     mmap_two();
     misc2();
+    exec_here();
     if (argc == 1) image_files();
     return 0;
 }
