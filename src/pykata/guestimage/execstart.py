@@ -2,8 +2,8 @@
 
 A static program (it runs after setns into the container's mount namespace, where the image's libraries
 are not): ~0.7 MB in the image. Its bytes come from its source (a builder input, in the image's sources
-hash), the compiler and the C library it links statically (libc.a, Debian's libc6-dev): `tool()` puts both
-in the image's key, so another compiler or libc is another image.
+hash), the compiler (crunlib.tool, in the image's key) and the C library it links statically (libc.a,
+Debian's libc6-dev), which `tool()` puts in the key: another compiler or libc is another image.
 
 Without a compiler or a static libc, or when the build fails, the image has no starter and the agent forks
 its exec children itself (nsexec._child: the same process, ~2x the time of ExecProcess under TCG). That
@@ -13,7 +13,6 @@ fallback is kept on purpose, but never silently: the build says so, the image's 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import tempfile
@@ -26,12 +25,31 @@ PATH = "usr/libexec/pykata/execstart"
 SOURCE = Path(__file__).with_name("execstart.c")
 WHY_NONE = "the agent forks its exec children (slower execs)"
 
-# libc.a's sha256 by (path, size, mtime, inode): `tool()` runs on every image lookup, a VM start among them
-_digests: dict[tuple[str, int, int, int], str] = {}
+# `tool()` runs on every image lookup, a cold VM start among them: cc's libc.a is remembered by cc's (path,
+# size, mtime, inode), and libc.a is known by its size and mtime (dpkg gives a package's files its archive's
+# times), not its 5 MB's sha256 (6.5 ms a process): a lookup costs two stats, a process's first one
+# `cc -print-file-name` (~3 ms)
+_libcs: dict[tuple[str, int, int, int], Path | None] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def static_libc(cc: str) -> Path | None:
     """The libc.a `cc -static` links (libc6-dev's), or None when it has none."""
+    try:
+        key = _stat_key(Path(cc))
+    except OSError:
+        return None
+    if key not in _libcs:
+        _libcs[key] = _find_static_libc(cc)
+    found = _libcs[key]
+    return found if found is not None and found.is_file() else None
+
+
+def _find_static_libc(cc: str) -> Path | None:
     try:
         done = subprocess.run([cc, "-print-file-name=libc.a"], capture_output=True, text=True, timeout=30,
                               check=False)
@@ -41,31 +59,21 @@ def static_libc(cc: str) -> Path | None:
     return found.resolve() if done.returncode == 0 and found.is_absolute() and found.is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _digests:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        _digests[key] = h.hexdigest()
-    return _digests[key]
-
-
 def tool() -> str:
-    """What decides the starter's bytes beside its source, for the image's hash: the compiler (crunlib.tool)
-    and the static C library it links, by sha256, or why there is none."""
+    """What decides the starter's bytes beside its source and the compiler (both in the image's hash already:
+    the builder's sources, crunlib.tool), for the image's hash: the static C library it links (its path, size
+    and mtime), or why there is none."""
     cc = crunlib.compiler()
     if cc is None:
         return "none: no cc on the host"
     libc = static_libc(cc)
     if libc is None:
-        return f"{crunlib.tool()}; none: no static C library (libc.a) for {cc}"
+        return f"none: no static C library (libc.a) for {cc}"
     try:
-        return f"{crunlib.tool()}; libc.a sha256:{_sha256(libc)}"
+        st = libc.stat()
+        return f"libc.a {libc} size {st.st_size} mtime {st.st_mtime_ns}"
     except OSError as exc:
-        return f"{crunlib.tool()}; none: cannot read {libc}: {exc.strerror}"
+        return f"none: cannot read {libc}: {exc.strerror}"
 
 
 def install(root: Path) -> str | None:
