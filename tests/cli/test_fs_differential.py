@@ -131,12 +131,13 @@ def test_root_filesystem_semantics_same_as_runc(bundle: Path, tmp_path: Path) ->
 
 
 # A container whose image layers come through the shared directory instead of an image disk (beyond the
-# VM's rootfs_block_slots: a pod's fifth container under the default configuration, a containerd
-# snapshot that already holds files, or rootfs_block_slots = 0): its root's lower layer is the host's
-# directory over 9p, and the guest kernel is built without CONFIG_9P_FS_SECURITY (kernel.config), so a
-# security.* xattr of the image cannot be read there: a file capability (setcap'd ping, or a server that
-# binds port 80 as a non-root user) is lost (EOPNOTSUPP; the file runs without it). Enabling it would also
-# send the guest's security.* writes to the host's file server. Everything else is as on an image disk.
+# VM's rootfs_block_slots: a pod's fifth image under the default configuration, since containers of one
+# image share a slot; a containerd snapshot that already holds files; rootfs_block_slots = 0): its root's
+# lower layer is the host's directory over 9p, and the guest kernel is built without
+# CONFIG_9P_FS_SECURITY (kernel.config), so a security.* xattr of the image cannot be read there: a file
+# capability (setcap'd ping, or a server that binds port 80 as a non-root user) is lost (EOPNOTSUPP; the
+# file runs without it). Enabling it would also send the guest's security.* writes to the host's file
+# server. Everything else is as on an image disk.
 SHARED_ROOT_KNOWN_DIFFERENCES = {
     **KNOWN_DIFFERENCES,
     "image-capability": "image-capability: getxattr (Operation not supported)",
