@@ -205,6 +205,9 @@ static void locks(void) {
     int status = -1;
     waitpid(child, &status, 0);
     report("lock-posix-64-conflict", WIFEXITED(status) && WEXITSTATUS(status) == 0, "child's F_SETLK");
+    /* a blocking lock on a free range (lockf(F_LOCK), Python's fcntl.lockf): granted at once */
+    struct flock w = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 100};
+    report("lock-posix-wait", fcntl(a, F_SETLKW, &w) == 0, "F_SETLKW");
     close(a); close(b);
 }
 
@@ -643,6 +646,25 @@ static void exec_here(void) {
     if (fd >= 0) close(fd);
 }
 
+/* Locks another holder outside the container took (the test holds a POSIX lock on host-posix and a flock
+ * on host-flock in a host volume: the host, another pod, a database's other user): rows only where the
+ * files exist */
+static void host_locks(void) {
+    int fd = open("host-posix", O_RDWR);
+    if (fd >= 0) {
+        struct flock l = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        int r = fcntl(fd, F_SETLK, &l);
+        printf("host-lock-posix: %s\n", r == 0 ? "granted" : errno == EAGAIN || errno == EACCES ? "refused" : strerror(errno));
+        close(fd);
+    }
+    fd = open("host-flock", O_RDWR);
+    if (fd >= 0) {
+        int r = flock(fd, LOCK_EX | LOCK_NB);
+        printf("host-lock-flock: %s\n", r == 0 ? "granted" : errno == EWOULDBLOCK ? "refused" : strerror(errno));
+        close(fd);
+    }
+}
+
 /* Checks run in argv[1] (default /tmp, on the container's root); the image's files are checked only
  * for the default. */
 int main(int argc, char **argv) {
@@ -669,6 +691,7 @@ int main(int argc, char **argv) {
     mmap_two();
     misc2();
     exec_here();
+    host_locks();
     if (argc == 1) image_files();
     return 0;
 }
