@@ -4,7 +4,8 @@ host side trusts what it reads), the cache, the template's memory file that ever
 server's socket directory, the configuration and the installed package. Shared with the guest, which
 may be hostile, a writable one would let it change what other pods boot from or what the host runs.
 Each is refused before anything is mounted, naming mounts[i].source; a symlink to one counts as it; a
-writable parent of one is refused, a read-only one (a node agent's "/") is not; the pod goes on."""
+writable parent of one is refused, a read-only one is not (but "/" holds the host's /proc: refused,
+see test_writable_sources_at_the_host_kernels_interfaces_are_refused); the pod goes on."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_the_rule_on_specs(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgument, match=f"^mounts\\[1\\]\\.source: .*{why}"):
             check_host_bind_sources(spec, protected)
     (tmp_path / "data").mkdir()
-    allowed = [_bind(str(tmp_path / "run"), readonly=True), _bind("/", readonly=True), _bind(str(tmp_path / "data")),
+    allowed = [_bind(str(tmp_path / "run"), readonly=True), _bind(str(tmp_path / "data")),
                _bind("/run/containerd/io.containerd.grpc.v1.cri/sandboxes/x/shm"), _bind(f"{runtime}-other")]
     check_host_bind_sources({"mounts": allowed}, protected)
     # moved into the guest (emptyDir, watched volumes) or the pod's /dev/shm: not shared from the host
@@ -59,7 +60,8 @@ def test_the_rule_on_specs(tmp_path: Path) -> None:
 
 def test_writable_sources_at_the_host_kernels_interfaces_are_refused(tmp_path: Path) -> None:
     """/proc, /sys, cgroups and the like hold the host's knobs (sysctls, other processes'
-    oom_score_adj, cgroup limits): a writable one shared with a VM lets the guest set them."""
+    oom_score_adj, cgroup limits): a writable one shared with a VM lets the guest set them. Through a
+    read-only proc the guest reads host processes' memory: refused too, "/" included."""
     mountinfo = ("22 1 0:5 / /proc rw - proc proc rw\n"
                  "23 1 0:6 / /sys rw,nosuid - sysfs sysfs rw\n"
                  "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
@@ -67,15 +69,22 @@ def test_writable_sources_at_the_host_kernels_interfaces_are_refused(tmp_path: P
                  "40 1 0:40 / /srv/with\\040space/q rw - mqueue mqueue rw\n"
                  "41 1 8:1 / /srv rw - ext4 /dev/sda1 rw\n")
     kernel = ocispec.kernel_interface_mounts(mountinfo)
-    assert kernel == [Path("/proc"), Path("/sys"), Path("/sys/fs/cgroup/memory"), Path("/srv/with space/q")]
-    assert Path("/proc") in ocispec.kernel_interface_mounts()  # this host's
+    assert kernel == [ocispec.KernelMount(Path("/proc"), "proc"), ocispec.KernelMount(Path("/sys"), "sysfs"),
+                      ocispec.KernelMount(Path("/sys/fs/cgroup/memory"), "cgroup"),
+                      ocispec.KernelMount(Path("/srv/with space/q"), "mqueue")]
+    assert ocispec.KernelMount(Path("/proc"), "proc") in ocispec.kernel_interface_mounts()  # this host's
     link = tmp_path / "innocent"
     link.symlink_to("/proc/sys")
     for source in ("/proc", "/proc/sys/kernel", str(link), "/sys", "/sys/fs/cgroup", "/sys/fs/cgroup/memory/x",
-                   "/srv/with space", "/srv/with space/q"):
+                   "/srv/with space", "/srv/with space/q", "/"):
         with pytest.raises(InvalidArgument, match=r"^mounts\[0\]\.source: .*an interface of the host's kernel"):
             check_host_bind_sources({"mounts": [_bind(source)]}, [], kernel_mounts=kernel)
-        check_host_bind_sources({"mounts": [_bind(source, readonly=True)]}, [], kernel_mounts=kernel)
+        if source in ("/proc", "/proc/sys/kernel", str(link), "/"):
+            # read-only too: through proc the file server reads host processes' memory
+            with pytest.raises(InvalidArgument, match=r"^mounts\[0\]\.source: .*the host's proc.*memory"):
+                check_host_bind_sources({"mounts": [_bind(source, readonly=True)]}, [], kernel_mounts=kernel)
+        else:
+            check_host_bind_sources({"mounts": [_bind(source, readonly=True)]}, [], kernel_mounts=kernel)
     check_host_bind_sources({"mounts": [_bind("/srv/other"), _bind(str(tmp_path))]}, [], kernel_mounts=kernel)
     # a pod spec's text is quoted escaped
     with pytest.raises(InvalidArgument) as info:
@@ -148,48 +157,53 @@ async def test_hostpaths_at_pykatas_own_files_are_refused_in_a_real_sandbox(tmp_
 
 
 @pytest.mark.vm
-async def test_a_guest_cannot_set_host_knobs_through_a_proc_or_sys_hostpath(tmp_path: Path) -> None:
-    """A pod's writable hostPath of /proc let its guest write the host's /proc through virtiofsd (root):
-    it set the oom_score_adj of a host process (and could set any sysctl: kernel.core_pattern runs a
-    program as the host's root). Writable /proc, /sys and cgroup sources are refused before anything is
-    mounted; a read-only /proc still shares (the host's processes are visible) and stays read-only."""
+async def test_a_guest_cannot_set_host_knobs_or_read_host_memory_through_proc_or_sys(tmp_path: Path) -> None:
+    """A pod's writable hostPath of /proc let its guest write the host's /proc through its file server
+    (root): it set the oom_score_adj of a host process (and could set any sysctl: kernel.core_pattern
+    runs a program as the host's root). A read-only one let it read the environment, maps and memory
+    (/proc/<pid>/mem) of host root processes with no more capabilities than the file server: other
+    pods' file servers (virtiofsd maps its VM's RAM). Writable /proc, /sys and cgroup sources and any
+    /proc (read-only "/" included) are refused before anything is mounted; a read-only /sys still
+    shares and stays read-only. The victim is a host `sleep` without capabilities holding a secret."""
     import subprocess
 
     config = pykata.config.load_config()
     image = ImageStore(Path(config.runtime.cache_dir)).resolve("busybox")
     env = list(image.config.env)
-    victim = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                              env={**os.environ, "PYKATA_HOST_SECRET": "hunter2-on-the-host"})
+    victim = subprocess.Popen(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "sleep", "600"],
+                              stdin=subprocess.DEVNULL, env={**os.environ, "PYKATA_HOST_SECRET": "hunter2-on-the-host"})
     adj = Path(f"/proc/{victim.pid}/oom_score_adj")
     before = adj.read_text()
     link = tmp_path / "innocent"
     link.symlink_to("/proc")
+    v = victim.pid
+    attack = (f"echo 777 > /h/{v}/oom_score_adj; tr '\\0' ' ' < /h/{v}/environ; "
+              f"a=$(grep -m1 stack /h/{v}/maps | cut -d- -f1); dd if=/h/{v}/mem bs=4096 skip=$((0x$a / 4096)) count=1")
     sandbox = await Sandbox.create(config=config)
     try:
-        attacks = [Path("/proc"), link, Path("/proc/sys"), Path(f"/proc/{victim.pid}"), Path("/sys"),
-                   Path("/sys/fs/cgroup")]
-        for i, host in enumerate(attacks):
+        attacks = [(Path("/proc"), False), (link, False), (Path("/proc/sys"), False), (Path(f"/proc/{v}"), False),
+                   (Path("/sys"), False), (Path("/sys/fs/cgroup"), False), (Path("/proc"), True), (link, True),
+                   (Path(f"/proc/{v}"), True), (Path("/"), True)]
+        for i, (host, readonly) in enumerate(attacks):
             cid = f"knob-{i}"
             with pytest.raises(InvalidArgument, match=r"^mounts\[\d+\]\.source: .*an interface of the host's kernel"):
-                await sandbox.create_container(
-                    cid, build_spec(["sh", "-c", f"echo 777 > /h/{victim.pid}/oom_score_adj"], env=env),
-                    image.rootfs, volumes=(Volume(host, "/h", False),))
+                await sandbox.create_container(cid, build_spec(["sh", "-c", attack.replace("/h/", "/h/proc/")
+                                                                if host == Path("/") else attack], env=env),
+                                               image.rootfs, volumes=(Volume(host, "/h", readonly),))
             assert cid not in sandbox.containers
             assert not (sandbox.shared_dir / cid).exists() and not (sandbox.mounts.mounts_dir / cid).exists()
-        # read-only: the guest sees the host's /proc (the victim's command line), and can neither write
-        # it nor read a host process's environment (the file server lacks the capabilities ptrace's
-        # access check asks of a reader of a process with more than its own)
+        # a read-only /sys: the guest sees the host's and cannot write it (reading a sysfs file through the
+        # pooled VM's 9p never returns: not asked here)
         c = await sandbox.create_container(
-            "reader", build_spec(["sh", "-c", f"tr '\\0' ' ' < /h/{victim.pid}/cmdline; echo; "
-                                  f"tr '\\0' ' ' < /h/{victim.pid}/environ; "
-                                  f"echo 777 > /h/{victim.pid}/oom_score_adj && echo WROTE"], env=env),
-            image.rootfs, volumes=(Volume(Path("/proc"), "/h", True),))
+            "reader", build_spec(["sh", "-c", "ls /h/kernel/mm/transparent_hugepage >/dev/null && echo LISTED; "
+                                  "echo never > /h/kernel/mm/transparent_hugepage/enabled && echo WROTE"], env=env),
+            image.rootfs, volumes=(Volume(Path("/sys"), "/h", True),))
         await c.start()
         out = b""
         async for chunk in c.init.chunks():
             out += chunk
         assert await c.wait() != 0
-        assert b"sleep 600" in out and b"WROTE" not in out and b"hunter2" not in out, out
+        assert b"LISTED" in out and b"WROTE" not in out, out
         await c.delete()
     finally:
         after = adj.read_text()

@@ -201,14 +201,27 @@ KERNEL_FS_TYPES = frozenset({
 })
 
 
-def kernel_interface_mounts(mountinfo: str | None = None) -> list[Path]:
-    """Mount points (of `mountinfo`'s text, default this process's) of the KERNEL_FS_TYPES."""
+# Of those, the ones no share may reach even read-only: through a proc file system the file server
+# (root, with a few capabilities) reads the environment, maps and memory (/proc/<pid>/mem) of every
+# host process of its uid with no more capabilities than its own: other pods' file servers (virtiofsd
+# maps its VM's whole RAM), daemons that dropped theirs.
+READ_REFUSED_FS_TYPES = frozenset({"proc"})
+
+
+@dataclass(frozen=True)
+class KernelMount:
+    point: Path
+    fstype: str
+
+
+def kernel_interface_mounts(mountinfo: str | None = None) -> list[KernelMount]:
+    """Mounts (of `mountinfo`'s text, default this process's) of the KERNEL_FS_TYPES."""
     if mountinfo is None:
         try:
             with open("/proc/self/mountinfo") as f:
                 mountinfo = f.read()
         except OSError:
-            return [Path("/proc"), Path("/sys")]
+            return [KernelMount(Path("/proc"), "proc"), KernelMount(Path("/sys"), "sysfs")]
     out = []
     for line in mountinfo.splitlines():
         fields = line.split()
@@ -217,12 +230,12 @@ def kernel_interface_mounts(mountinfo: str | None = None) -> list[Path]:
         sep = fields.index("-", 6)
         if len(fields) > sep + 1 and fields[sep + 1] in KERNEL_FS_TYPES:
             point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            out.append(Path(point.replace("\\134", "\\")))
+            out.append(KernelMount(Path(point.replace("\\134", "\\")), fields[sep + 1]))
     return out
 
 
 def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], skip: Iterable[int] = (),
-                            kernel_mounts: Sequence[Path] | None = None) -> None:
+                            kernel_mounts: Sequence[KernelMount] | None = None) -> None:
     """Refuse a host bind mount (a hostPath, a --volume) that would hand the guest pykata's own files.
 
     A source that is one of `protected` (the runtime dir with every pod's state, sockets and shared
@@ -235,17 +248,18 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
     this check and the mount makes the mount fail instead of binding what the symlink names. The
     mounts at `skip` (moved into the guest: emptyDir, watched volumes) are not shared.
 
-    A writable source on or above a mount of the host kernel's interfaces (`kernel_mounts`, default
-    kernel_interface_mounts(): /proc, /sys, cgroups, ...) is refused too: the guest would set the host's
-    sysctls and other processes' settings through it. A read-only one stays allowed (the bind is
-    read-only all the way down), as for "/".
+    A writable source on, below or above a mount of the host kernel's interfaces (`kernel_mounts`,
+    default kernel_interface_mounts(): /proc, /sys, cgroups, ...) is refused too: the guest would set
+    the host's sysctls and other processes' settings through it. For a proc file system a read-only one
+    is refused as well, "/" included (READ_REFUSED_FS_TYPES: the guest would read host processes'
+    memory); other read-only ones stay allowed (the bind is read-only all the way down).
 
     Raises:
         InvalidArgument: naming `mounts[i].source`.
     """
     skipped = set(skip)
     roots = [Path(os.path.realpath(p)) for p in protected]
-    kernel: Sequence[Path] | None = kernel_mounts
+    kernel: Sequence[KernelMount] | None = kernel_mounts
     for i, m in enumerate(spec.get("mounts") or []):
         if i in skipped or not isinstance(m, dict) or not is_host_bind(m):
             continue
@@ -262,13 +276,19 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
             if writable and source in root.parents:
                 raise InvalidArgument(f"mounts[{i}].source", f"{shown} holds pykata's own {root}: share "
                                                             "it read-only, or a path beside it")
-        if writable:
-            if kernel is None:
-                kernel = kernel_interface_mounts()
-            for point in kernel:
-                if source == point or point in source.parents or source in point.parents:
-                    raise InvalidArgument(f"mounts[{i}].source", f"{shown} is or holds {point}, an interface of "
-                                                                "the host's kernel: share it read-only")
+        if kernel is None:
+            kernel = kernel_interface_mounts()
+        for km in kernel:
+            point = km.point
+            if not (source == point or point in source.parents or source in point.parents):
+                continue
+            if km.fstype in READ_REFUSED_FS_TYPES:
+                raise InvalidArgument(f"mounts[{i}].source", f"{shown} is or holds {point}, the host's {km.fstype}, "
+                                                            "an interface of the host's kernel: through it the "
+                                                            "guest would read host processes' memory")
+            if writable:
+                raise InvalidArgument(f"mounts[{i}].source", f"{shown} is or holds {point}, an interface of "
+                                                            "the host's kernel: share it read-only")
 
 
 # AppArmor profiles that ask nothing of the guest: none, and the one containerd's CRI gives every
