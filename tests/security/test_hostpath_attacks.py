@@ -67,25 +67,29 @@ def test_writable_sources_at_the_host_kernels_interfaces_are_refused(tmp_path: P
                  "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
                  "32 31 0:29 / /sys/fs/cgroup/memory rw shared:9 - cgroup cgroup rw,memory\n"
                  "40 1 0:40 / /srv/with\\040space/q rw - mqueue mqueue rw\n"
-                 "41 1 8:1 / /srv rw - ext4 /dev/sda1 rw\n")
+                 "41 1 8:1 / /srv rw - ext4 /dev/sda1 rw\n"
+                 "42 23 0:7 / /sys/kernel/debug rw - debugfs debugfs rw\n")
     kernel = ocispec.kernel_interface_mounts(mountinfo)
     assert kernel == [ocispec.KernelMount(Path("/proc"), "proc"), ocispec.KernelMount(Path("/sys"), "sysfs"),
                       ocispec.KernelMount(Path("/sys/fs/cgroup/memory"), "cgroup"),
-                      ocispec.KernelMount(Path("/srv/with space/q"), "mqueue")]
+                      ocispec.KernelMount(Path("/srv/with space/q"), "mqueue"),
+                      ocispec.KernelMount(Path("/sys/kernel/debug"), "debugfs")]
     assert ocispec.KernelMount(Path("/proc"), "proc") in ocispec.kernel_interface_mounts()  # this host's
     link = tmp_path / "innocent"
     link.symlink_to("/proc/sys")
-    for source in ("/proc", "/proc/sys/kernel", str(link), "/sys", "/sys/fs/cgroup", "/sys/fs/cgroup/memory/x",
-                   "/srv/with space", "/srv/with space/q", "/"):
+    for source in ("/proc", "/proc/sys/kernel", str(link), "/sys", "/sys/kernel", "/sys/kernel/debug/x",
+                   "/sys/fs/cgroup", "/sys/fs/cgroup/memory/x", "/srv/with space", "/srv/with space/q", "/"):
         with pytest.raises(InvalidArgument, match=r"^mounts\[0\]\.source: .*an interface of the host's kernel"):
             check_host_bind_sources({"mounts": [_bind(source)]}, [], kernel_mounts=kernel)
-        if source in ("/proc", "/proc/sys/kernel", str(link), "/"):
-            # read-only too: through proc the file server reads host processes' memory
-            with pytest.raises(InvalidArgument, match=r"^mounts\[0\]\.source: .*the host's proc.*memory"):
+        if source in ("/proc", "/proc/sys/kernel", str(link), "/", "/sys", "/sys/kernel", "/sys/kernel/debug/x"):
+            # read-only too: through proc the file server reads host processes' memory, through debugfs
+            # what only the host's root may read
+            with pytest.raises(InvalidArgument, match=r"^mounts\[0\]\.source: .*the host's (proc|debugfs).*memory"):
                 check_host_bind_sources({"mounts": [_bind(source, readonly=True)]}, [], kernel_mounts=kernel)
         else:
             check_host_bind_sources({"mounts": [_bind(source, readonly=True)]}, [], kernel_mounts=kernel)
-    check_host_bind_sources({"mounts": [_bind("/srv/other"), _bind(str(tmp_path))]}, [], kernel_mounts=kernel)
+    check_host_bind_sources({"mounts": [_bind("/srv/other"), _bind(str(tmp_path)), _bind("/sys/kernel/mm", True)]},
+                            [], kernel_mounts=kernel)
     # a pod spec's text is quoted escaped
     with pytest.raises(InvalidArgument) as info:
         check_host_bind_sources({"mounts": [_bind("/proc/\x1b[2J\n")]}, [], kernel_mounts=kernel)
@@ -163,8 +167,8 @@ async def test_a_guest_cannot_set_host_knobs_or_read_host_memory_through_proc_or
     runs a program as the host's root). A read-only one let it read the environment, maps and memory
     (/proc/<pid>/mem) of host root processes with no more capabilities than the file server: other
     pods' file servers (virtiofsd maps its VM's RAM). Writable /proc, /sys and cgroup sources and any
-    /proc (read-only "/" included) are refused before anything is mounted; a read-only /sys still
-    shares and stays read-only. The victim is a host `sleep` without capabilities holding a secret."""
+    /proc (read-only "/" included) are refused before anything is mounted; a read-only sysfs directory
+    still shares and stays read-only. The victim is a host `sleep` without capabilities holding a secret."""
     import subprocess
 
     config = pykata.config.load_config()
@@ -192,12 +196,13 @@ async def test_a_guest_cannot_set_host_knobs_or_read_host_memory_through_proc_or
                                                image.rootfs, volumes=(Volume(host, "/h", readonly),))
             assert cid not in sandbox.containers
             assert not (sandbox.shared_dir / cid).exists() and not (sandbox.mounts.mounts_dir / cid).exists()
-        # a read-only /sys: the guest sees the host's and cannot write it (reading a sysfs file through the
-        # pooled VM's 9p never returns: not asked here)
+        # a read-only sysfs directory: the guest sees the host's and cannot write it (reading a sysfs file
+        # through the pooled VM's 9p never returns: not asked here). Not /sys: on most hosts it holds
+        # debugfs and tracefs, refused read-only too.
         c = await sandbox.create_container(
-            "reader", build_spec(["sh", "-c", "ls /h/kernel/mm/transparent_hugepage >/dev/null && echo LISTED; "
-                                  "echo never > /h/kernel/mm/transparent_hugepage/enabled && echo WROTE"], env=env),
-            image.rootfs, volumes=(Volume(Path("/sys"), "/h", True),))
+            "reader", build_spec(["sh", "-c", "ls /h/transparent_hugepage >/dev/null && echo LISTED; "
+                                  "echo never > /h/transparent_hugepage/enabled && echo WROTE"], env=env),
+            image.rootfs, volumes=(Volume(Path("/sys/kernel/mm"), "/h", True),))
         await c.start()
         out = b""
         async for chunk in c.init.chunks():

@@ -204,8 +204,10 @@ KERNEL_FS_TYPES = frozenset({
 # Of those, the ones no share may reach even read-only: through a proc file system the file server
 # (root, with a few capabilities) reads the environment, maps and memory (/proc/<pid>/mem) of every
 # host process of its uid with no more capabilities than its own: other pods' file servers (virtiofsd
-# maps its VM's whole RAM), daemons that dropped theirs.
-READ_REFUSED_FS_TYPES = frozenset({"proc"})
+# maps its VM's whole RAM), daemons that dropped theirs. debugfs, tracefs and securityfs hold what
+# only root may read of the host kernel (its page tables and addresses, trace buffers of every
+# process, the IMA log), which the file server reads as root.
+READ_REFUSED_FS_TYPES = frozenset({"proc", "debugfs", "tracefs", "securityfs"})
 
 
 @dataclass(frozen=True)
@@ -250,9 +252,10 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
 
     A writable source on, below or above a mount of the host kernel's interfaces (`kernel_mounts`,
     default kernel_interface_mounts(): /proc, /sys, cgroups, ...) is refused too: the guest would set
-    the host's sysctls and other processes' settings through it. For a proc file system a read-only one
-    is refused as well, "/" included (READ_REFUSED_FS_TYPES: the guest would read host processes'
-    memory); other read-only ones stay allowed (the bind is read-only all the way down).
+    the host's sysctls and other processes' settings through it. For proc, debugfs, tracefs and
+    securityfs a read-only one is refused as well, "/" included (READ_REFUSED_FS_TYPES: the guest would
+    read host processes' memory, or what only the host's root may read); other read-only ones stay
+    allowed (the bind is read-only all the way down).
 
     Raises:
         InvalidArgument: naming `mounts[i].source`.
@@ -285,7 +288,8 @@ def check_host_bind_sources(spec: dict[str, Any], protected: Sequence[Path], ski
             if km.fstype in READ_REFUSED_FS_TYPES:
                 raise InvalidArgument(f"mounts[{i}].source", f"{shown} is or holds {point}, the host's {km.fstype}, "
                                                             "an interface of the host's kernel: through it the "
-                                                            "guest would read host processes' memory")
+                                                            "guest would read host processes' memory or what "
+                                                            "only the host's root may read")
             if writable:
                 raise InvalidArgument(f"mounts[{i}].source", f"{shown} is or holds {point}, an interface of "
                                                             "the host's kernel: share it read-only")
