@@ -19,6 +19,7 @@ import pytest
 from pykata.hypervisor import owned
 from pykata.resources.mounts import mounts_under, unmount_all
 from pykata.sandbox import state
+from tests.shim.test_handoff import _gone
 
 # Makes the sandbox directory given as argv[1] as Sandbox._start_vm does (its record, a reaper), says
 # its reaper's pid, then waits to be killed (or, with argv[2] == "release", releases it and waits).
@@ -63,20 +64,6 @@ def _start_owner(directory: Path, mode: str) -> tuple[subprocess.Popen[bytes], i
     return owner, reaper_pid
 
 
-def _gone(pid: int, timeout: float = 30.0) -> bool:
-    """Whether process `pid` ended within `timeout` (a zombie has: its new parent, init, reaps it when
-    it gets to it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _mount_tmpfs(target: Path) -> None:
     target.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nosuid,nodev", "tmpfs", str(target)], check=True)
@@ -94,7 +81,7 @@ def test_an_owner_killed_with_sigkill_leaves_no_process_mount_or_directory(sandb
         assert os.getsid(reaper_pid) == reaper_pid  # its own session: a terminal's Ctrl-C misses it
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-        assert _gone(reaper_pid), "the reaper did not finish"
+        assert _gone(reaper_pid, 30), "the reaper did not finish"
         assert vm_helper.wait(10) == -signal.SIGKILL
         assert mounts_under(sandbox_dir) == [] and not sandbox_dir.exists()
     finally:
@@ -108,7 +95,7 @@ def test_a_released_reaper_exits_and_touches_nothing(sandbox_dir: Path) -> None:
     owner, reaper_pid = _start_owner(sandbox_dir, "release")
     try:
         _mount_tmpfs(sandbox_dir / "mounts")
-        assert _gone(reaper_pid), "a released reaper did not exit"
+        assert _gone(reaper_pid, 30), "a released reaper did not exit"
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         time.sleep(0.5)
@@ -128,7 +115,7 @@ def test_a_directory_a_live_owner_made_again_is_left(sandbox_dir: Path) -> None:
         _mount_tmpfs(sandbox_dir / "mounts")
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-        assert _gone(reaper_pid)
+        assert _gone(reaper_pid, 30)
         assert sandbox_dir.is_dir() and mounts_under(sandbox_dir) == [sandbox_dir / "mounts"]
     finally:
         if owner.poll() is None:

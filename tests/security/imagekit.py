@@ -94,10 +94,11 @@ class Layout:
 def oci_image(path: Path, layers: list[bytes], *, diff_ids: list[str] | None = None,
               cmd: tuple[str, ...] = ("sh",), layer_sizes: list[int] | None = None,
               overrides: dict[str, bytes] | None = None,
-              config: dict[str, object] | None = None) -> tuple[Path, dict[str, object]]:
+              config: dict[str, object] | None = None, ref_name: str | None = None) -> tuple[Path, dict[str, object]]:
     """Write an OCI layout of `layers` (their bytes as stored: gzip or plain); returns it and the
     manifest's descriptor. diff_ids default to the right ones (of the gunzipped layers); `config`
-    replaces the image config's "config" (how its process runs: {"Cmd": cmd} by default)."""
+    replaces the image config's "config" (how its process runs: {"Cmd": cmd} by default); `ref_name`:
+    the index names the image so (what `ctr images import` takes the name from)."""
     lay = Layout(path)
     if diff_ids is None:
         diff_ids = [digest(gzip.decompress(x) if x[:2] == b"\x1f\x8b" else x) for x in layers]
@@ -112,6 +113,8 @@ def oci_image(path: Path, layers: list[bytes], *, diff_ids: list[str] | None = N
                                       **lay.add(config)},
                            "layers": descs}).encode()
     desc = lay.add(manifest)
+    if ref_name is not None:
+        desc["annotations"] = {"org.opencontainers.image.ref.name": ref_name}
     return lay.write(desc, overrides), desc
 
 

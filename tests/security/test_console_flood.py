@@ -6,11 +6,16 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pykata.hypervisor.busybox_initrd import write_busybox_initrd
 from tests.hypervisor.test_vm import READY, STOP_BOUND, boot, kernel, make_config, make_vm, workdir  # noqa: F401
+
+if TYPE_CHECKING:
+    from pykata.hypervisor.qemu.proxy9p import Proxy9p
+    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 
 pytestmark = pytest.mark.vm
 
@@ -47,20 +52,9 @@ async def test_file_server_output_stays_under_its_cap(tmp_path: Path, server: st
     a hostile guest kernel, or a compromised QEMU, can send): their output goes through a drained
     socket into a bounded log, as QEMU's. A FAKE server that prints forever stands in for one made
     to (the real ones need a hostile guest kernel to print); pykata starts and stops it as the real one."""
-    from pykata.hypervisor.qemu.proxy9p import HELPER_LOG_MAX_BYTES, Proxy9p
-    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+    from pykata.hypervisor.qemu.proxy9p import HELPER_LOG_MAX_BYTES
 
-    fake = tmp_path / f"fake-{server}-printing-forever"
-    fake.write_text(FAKE_FILE_SERVER)
-    fake.chmod(0o755)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    log = tmp_path / f"{server}.log"
-    helper: Virtiofsd | Proxy9p
-    if server == "virtiofsd":
-        helper = Virtiofsd(str(fake), tmp_path / "vfs.sock", shared, log)
-    else:
-        helper = Proxy9p(shared, log, binary=str(fake), mount_namespace=False)
+    helper, log = _fake_file_server(tmp_path, server, "printing-forever", FAKE_FILE_SERVER)
     await helper.start()
     try:
         peak = 0
@@ -139,20 +133,8 @@ async def test_a_failed_file_servers_output_is_quoted_bounded_and_escaped(tmp_pa
     kubelet. A FAKE server that prints forged log lines and escapes and exits 1 stands in for one a
     hostile guest made print them; pykata starts it and checks it as the real one."""
     from pykata.errors import HypervisorError
-    from pykata.hypervisor.qemu.proxy9p import Proxy9p
-    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
 
-    fake = tmp_path / f"fake-{server}-printing-escapes"
-    fake.write_text(FAKE_FAILING_FILE_SERVER)
-    fake.chmod(0o755)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    log = tmp_path / f"{server}.log"
-    helper: Virtiofsd | Proxy9p
-    if server == "virtiofsd":
-        helper = Virtiofsd(str(fake), tmp_path / "vfs.sock", shared, log)
-    else:
-        helper = Proxy9p(shared, log, binary=str(fake), mount_namespace=False)
+    helper, _log = _fake_file_server(tmp_path, server, "printing-escapes", FAKE_FAILING_FILE_SERVER)
     try:
         # virtiofsd's start waits 20 ms for an early exit; under load the script may take longer, and
         # then its owner's check once QEMU answers (check_running) is what reports it
@@ -173,3 +155,20 @@ async def test_a_failed_file_servers_output_is_quoted_bounded_and_escaped(tmp_pa
     finally:
         await helper.stop()
     assert helper.child is not None and not helper.child.running
+
+
+def _fake_file_server(tmp_path: Path, server: str, what: str, script: str) -> tuple[Virtiofsd | Proxy9p, Path]:
+    """A FAKE `server` (virtiofsd or virtfs-proxy-helper) running `script`, set up as pykata sets up
+    the real one on a fresh shared directory, and its log's path."""
+    from pykata.hypervisor.qemu.proxy9p import Proxy9p
+    from pykata.hypervisor.qemu.virtiofsd import Virtiofsd
+
+    fake = tmp_path / f"fake-{server}-{what}"
+    fake.write_text(script)
+    fake.chmod(0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    log = tmp_path / f"{server}.log"
+    if server == "virtiofsd":
+        return Virtiofsd(str(fake), tmp_path / "vfs.sock", shared, log), log
+    return Proxy9p(shared, log, binary=str(fake), mount_namespace=False), log

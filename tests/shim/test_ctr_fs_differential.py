@@ -7,9 +7,7 @@ cause, which the `pykata run` battery names."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -28,6 +26,7 @@ from tests.cli.test_fs_differential import (
     image_files,
     same_but_known,
 )
+from tests.security.imagekit import archive_of, oci_image
 from tests.shim.harness import PYKATA_RUNTIME, RUNC_RUNTIME, Containerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("prerequisites")]
@@ -62,30 +61,9 @@ def _layer(root: Path) -> bytes:
 
 
 def _archive(layer: bytes, out: Path) -> Path:
-    def blob(data: bytes) -> tuple[str, bytes]:
-        return "sha256:" + hashlib.sha256(data).hexdigest(), data
-
-    lay = blob(layer)
-    config = blob(json.dumps({"architecture": "amd64", "os": "linux",
-                              "config": {"Cmd": ["/bin/fsprobe"], "Env": ["PATH=/bin"]},
-                              "rootfs": {"type": "layers", "diff_ids": [lay[0]]}}).encode())
-    manifest = blob(json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config[0],
-                   "size": len(config[1])},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": lay[0],
-                    "size": len(lay[1])}]}).encode())
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest[0], "size": len(manifest[1]),
-         "annotations": {"org.opencontainers.image.ref.name": IMAGE}}]}
-    with tarfile.open(out, "w") as t:
-        files = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", json.dumps(index).encode()),
-                 *((f"blobs/sha256/{dg.split(':')[1]}", b) for dg, b in (lay, config, manifest))]
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return out
+    layout, _ = oci_image(out.with_suffix(".layout"), [layer], ref_name=IMAGE,
+                          config={"Cmd": ["/bin/fsprobe"], "Env": ["PATH=/bin"]})
+    return archive_of(layout, out)
 
 
 @pytest.fixture(scope="module")

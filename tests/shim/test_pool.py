@@ -23,6 +23,7 @@ from pykata.config.load import find_config_path, packaged_default_text
 from pykata.factory import pool
 from pykata.sandbox import sandboxes_dir
 from tests.shim.harness import IMAGE, PYKATA_RUNTIME, Containerd, missing_prerequisites, running_with_busybox
+from tests.shim.test_faults import _wait_for as _until
 
 
 def _pool_config(directory: Path) -> Path:
@@ -275,15 +276,6 @@ def _reapers(cid: str) -> list[psutil.Process]:
         if "pykata.sandbox.reaper" in cmd and any(a.endswith(f"/sandboxes/{cid}") for a in cmd):
             found.append(p)
     return found
-
-
-def _until(cond: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_killed_shim_that_took_a_pooled_vm_leaves_nothing_without_delete(pooled: Containerd) -> None:
