@@ -466,6 +466,60 @@ async def test_exec_tty_resize_close_io_update_stats_pids(shim: DirectShim, sink
                       "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], topics
 
 
+async def _read_late(path: Path) -> bytes:
+    """Open a FIFO's read end without waiting for a writer (there may be none left) and read to its end."""
+    def read() -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with open(fd, "rb") as f:
+            return f.read()
+    return await asyncio.to_thread(read)
+
+
+async def test_exec_output_waits_for_a_reader_that_opens_late(shim: DirectShim, tmp_path: Path) -> None:
+    """containerd's client (containerd/cio) opens its end of an exec's output FIFOs in a goroutine and
+    cancels that open right after the exec's Delete: a goroutine starved under CPU load opened them
+    after the shim had written the output and closed the FIFO, and a FIFO's bytes go with its last
+    descriptor: `ctr task exec ... echo` exited 0 and printed nothing (seen in test_ctr.py's
+    test_kill_all_and_rm_force_with_two_containers at load 3.5). Here the reader opens its ends only
+    after the exec exited and its Delete was sent, for output pumped (an exec with stdin, as ctr
+    gives) and output with the exit (no stdin), small and just under a pipe's 64 KiB, printed just
+    before the exit: every byte arrives. An exec whose output nobody reads is still deleted."""
+    shim.write_bundle(["sleep", "1000"])
+    client = await shim.start()
+    async with client:
+        await _call(client, "Create", shim.create_request(tmp_path / "ovl"), timeout=120)
+        await _call(client, "Start", shim_pb2.StartRequest(id=shim.id))
+        cases = [(stdin, script, want) for stdin in (True, False) for script, want in (
+            ("echo out; echo err >&2", (b"out\n", b"err\n")),
+            ("head -c 60000 /dev/zero; echo end; echo tail >&2", (bytes(60000) + b"end\n", b"tail\n")))]
+        for n, (with_stdin, script, want) in enumerate([*cases, (True, "echo unread", None)]):
+            exec_id = f"late{n}"
+            f = _fifos(tmp_path, f"{exec_id}-in", f"{exec_id}-out", f"{exec_id}-err")
+            spec = typeurl.pack_json(typeurl.OCI_PROCESS_URL, {"args": ["sh", "-c", script], "cwd": "/"})
+            await _call(client, "Exec", shim_pb2.ExecProcessRequest(
+                id=shim.id, exec_id=exec_id, spec=spec, stdin=str(f[f"{exec_id}-in"]) if with_stdin else "",
+                stdout=str(f[f"{exec_id}-out"]), stderr=str(f[f"{exec_id}-err"])))
+            await _call(client, "Start", shim_pb2.StartRequest(id=shim.id, exec_id=exec_id))
+            if with_stdin:  # ctr's stdin (empty here) ends with CloseIO
+                await _call(client, "CloseIO", shim_pb2.CloseIORequest(id=shim.id, exec_id=exec_id, stdin=True))
+            assert (await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id, exec_id=exec_id))).exit_status == 0
+            delete = asyncio.ensure_future(_call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id, exec_id=exec_id)))
+            if want is None:  # nobody ever reads: the FIFO is closed all the same, Delete answers
+                assert (await delete).exit_status == 0
+                continue
+            await asyncio.sleep(0.2)  # the reader comes late, as the starved goroutine did
+            got = await asyncio.wait_for(asyncio.gather(_read_late(f[f"{exec_id}-out"]),
+                                                        _read_late(f[f"{exec_id}-err"])), 30)
+            assert (with_stdin, script, tuple(got)) == (with_stdin, script, want)
+            assert (await delete).exit_status == 0
+        await _call(client, "Kill", shim_pb2.KillRequest(id=shim.id, signal=9))
+        await _call(client, "Wait", shim_pb2.WaitRequest(id=shim.id))
+        await _call(client, "Delete", shim_pb2.DeleteRequest(id=shim.id))
+        await _outcome(_call(client, "Shutdown", shim_pb2.ShutdownRequest(id=shim.id)))
+    assert await shim.wait_gone()
+
+
 async def test_oom_kill_is_published(shim: DirectShim, sink: tuple[EventSink, str], tmp_path: Path) -> None:
     events, _ = sink
     shim.write_bundle(["sh", "-c", "dd if=/dev/zero of=/dev/null bs=128M count=1"])

@@ -5,6 +5,10 @@ side opens them so that no open ever blocks the event loop:
 - an output FIFO is opened O_RDWR: on Linux that never waits for a reader, and holding both ends
   means a reader that comes and goes does not turn our writes into EPIPE (runc's shim keeps a read
   end open for the same reason). containerd sees end of stream when we close, the only writer.
+  An exec's output FIFO is closed only once its reader took what is in it (FIFO_DRAIN_TIMEOUT at
+  most): a FIFO's bytes are gone when its last descriptor closes, and containerd's client opens its
+  end in a goroutine that it cancels right after the exec's Delete (containerd/cio, fifo.OpenFifo),
+  so under CPU load `ctr task exec` printed nothing for an exec whose output we had already written.
 - the stdin FIFO is opened O_RDONLY|O_NONBLOCK and read when epoll says so; a FIFO reports hang-up
   only after a writer came and went, so a read of 0 bytes after readiness is the real end of input.
 `file://PATH` appends stdout and stderr to PATH. `binary://PATH?k=v` starts PATH as containerd's
@@ -22,6 +26,8 @@ import logging
 import os
 import signal
 import stat
+import sys
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,10 @@ READ_CHUNK = 64 * 1024
 EXIT_WITH_OUTPUT_MS = 500
 LOGGER_READY_TIMEOUT = 10.0
 LOGGER_TERM_TIMEOUT = 12.0  # containerd's binaryIOProcTermTimeout
+# How long an exec's output FIFO stays open after the end of the output while its reader has not taken
+# all of it (a Delete closes it after its own IO_DRAIN_TIMEOUT in any case).
+FIFO_DRAIN_TIMEOUT = 5.0
+_DRAIN_POLL_MAX = 0.05
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,12 @@ class Stdio:
 class Writer:
     """An output descriptor written without blocking the loop; shared by streams until each closed it."""
 
-    def __init__(self, fd: int, *, users: int = 1, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, fd: int, *, users: int = 1, on_close: Callable[[], None] | None = None,
+                 fifo: bool = False) -> None:
         self.fd = fd
         self.users = users
         self._on_close = on_close
+        self.fifo = fifo  # a FIFO we hold O_RDWR (see `drained`)
         os.set_blocking(fd, False)
 
     async def write(self, data: bytes) -> None:
@@ -78,6 +90,28 @@ class Writer:
                 finally:
                     loop.remove_writer(self.fd)
 
+    def unread(self) -> int:
+        """Bytes written to a FIFO that its reader has not taken yet (0 for anything else)."""
+        if not self.fifo or self.users <= 0:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+        except OSError:
+            return 0
+
+    async def drained(self, timeout: float) -> None:
+        """For the last user of a FIFO: wait (at most `timeout` seconds) until the reader took all
+        that is in it. We hold the FIFO O_RDWR, so what we wrote outlives a reader that has not opened
+        its end yet only while we keep it open."""
+        if self.users != 1:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.001
+        while self.unread() > 0 and loop.time() < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _DRAIN_POLL_MAX)
+
     def release(self) -> None:
         """One user is done; the last one closes the descriptor. Idempotent past zero."""
         self.users -= 1
@@ -93,6 +127,7 @@ class _Discard(Writer):
         self.fd = -1
         self.users = users
         self._on_close = None
+        self.fifo = False
 
     async def write(self, data: bytes) -> None:
         return None
@@ -109,13 +144,13 @@ def _scheme(uri: str) -> tuple[str, str, str]:
     return parts.scheme, parts.path, parts.query
 
 
-def _open_output(path: str, field: str) -> int:
+def _open_output(path: str, field: str) -> Writer:
     """Open a FIFO (O_RDWR: never blocks) or append to a file. Raises InvalidArgument."""
     try:
         st = os.stat(path)
         if stat.S_ISFIFO(st.st_mode):
-            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            return Writer(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC), fifo=True)
+        return Writer(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
     except OSError as e:
         raise InvalidArgument(field, f"cannot open {path}: {e.strerror}") from None
 
@@ -157,7 +192,7 @@ class ProcessIO:
         if not s.stdout:
             self._out = _Discard()
         elif scheme == "fifo":
-            self._out = Writer(_open_output(path, "stdout"))
+            self._out = _open_output(path, "stdout")
         elif scheme == "file":
             if not path.startswith("/"):
                 raise InvalidArgument("stdout", f"file URI {s.stdout!r} needs an absolute path")
@@ -182,7 +217,7 @@ class ProcessIO:
                 escheme, epath, _ = _scheme(s.stderr)
                 if escheme != "fifo":
                     raise InvalidArgument("stderr", f"{s.stderr!r}: only a FIFO or the stdout URI")
-                self._err = Writer(_open_output(epath, "stderr"))
+                self._err = _open_output(epath, "stderr")
         if s.stdin:
             try:
                 self._stdin_fd = os.open(s.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -263,6 +298,7 @@ class ProcessIO:
         ends within EXIT_WITH_OUTPUT_MS (else the output so far), then the streams not at their end
         are pumped as usual."""
         sinks: dict[Stream, Writer] = {"stdout": out, "stderr": err}
+        ended: list[Writer] = []  # at their end: released once their reader took the rest (_finish)
         pumps: list[Awaitable[None]] = []
         try:
             exited = None
@@ -283,20 +319,25 @@ class ProcessIO:
                         log.warning("%s of %s/%s: %s", stream, proc.container_id, proc.exec_id, e)
                 if eof:
                     mark(f"io.{stream}.end")
-                    sinks.pop(stream).release()
-            pumps = [self._pump(proc, stream, sinks.pop(stream)) for stream in list(sinks)]
+                    ended.append(sinks.pop(stream))
+            pumps = [*(self._pump(proc, stream, sinks.pop(stream)) for stream in list(sinks)),
+                     *(_finish(sink) for sink in ended)]
+            ended = []
         finally:
-            for sink in sinks.values():  # cancelled (close()) before a pump owned it
+            for sink in [*sinks.values(), *ended]:  # cancelled (close()) before a pump owned it
                 sink.release()
         if pumps:
             await asyncio.gather(*pumps)
 
     async def _pump(self, proc: Process, stream: Stream, sink: Writer) -> None:
+        ended = False  # not cancelled (close()): an exec's FIFO then waits for its reader
         try:
             while (data := await proc.read(stream)) is not None:
                 await sink.write(data)
+            ended = True
         except PykataError as e:  # the process or the VM is gone: the stream is over
             log.debug("%s of %s/%s ended: %s", stream, proc.container_id, proc.exec_id, e)
+            ended = True
         except OSError as e:  # containerd's end is gone for good; keep draining so the process never blocks
             log.warning("%s of %s/%s: %s; discarding the rest", stream, proc.container_id, proc.exec_id, e)
             with contextlib.suppress(PykataError):
@@ -304,7 +345,10 @@ class ProcessIO:
                     pass
         finally:
             mark(f"io.{stream}.end")
-            sink.release()
+            if ended and proc.exec_id:
+                await _finish(sink)
+            else:
+                sink.release()
 
     async def _feed(self, proc: Process, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -374,6 +418,15 @@ class ProcessIO:
             self._stdin_fd = None
         if self._logger is not None:
             await self._logger.stop(LOGGER_TERM_TIMEOUT)
+
+
+async def _finish(sink: Writer) -> None:
+    """Release an exec's output once containerd's reader took what is still in the FIFO (see the
+    module's docstring), FIFO_DRAIN_TIMEOUT at most; at once when cancelled."""
+    try:
+        await sink.drained(FIFO_DRAIN_TIMEOUT)
+    finally:
+        sink.release()
 
 
 def _read_nonblocking(fd: int) -> bytes | None:
