@@ -40,6 +40,8 @@ SAME_TIER: dict[tuple[str, str], str] = {
     ("pykata.cli", "pykata.sdk"): "(not used today) the CLI may drive the SDK",
     ("pykata.cli", "pykata.monitor"): "`pykata monitor` is the CLI face of the monitor daemon",
     ("pykata.cli", "pykata.deploy"): "`pykata install node` is the CLI face of the node installer",
+    ("pykata.cli", "pykata.shim"): ("`pykata factory pool fill` has the shims' fork server (shim.forkclient) "
+                                    "fork its waiting shims, as a pod's shim refills the pool"),
 }
 
 # Import edges (module -> module) left out of every check, each with its reason.
