@@ -65,7 +65,9 @@ class _PidfdWatcher(asyncio.AbstractChildWatcher):
         pass
 
 
-def _watch_children_with_pidfds() -> None:
+def watch_children_with_pidfds() -> None:
+    """Python 3.11's asyncio waits for each child in a thread of its own: wait through pidfds on the
+    loop instead (no thread per child). Call before asyncio.create_subprocess_exec."""
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
         return
     with warnings.catch_warnings():
@@ -116,7 +118,7 @@ class ChildProcess:
         Raises:
             OSError: the binary cannot be executed, or the guard cannot be set up.
         """
-        _watch_children_with_pidfds()
+        watch_children_with_pidfds()
         guard = _chain(ksm.child_step(merge_memory), preexec if preexec is not None else _GUARDS[serves_guest_files])
         with open(log_path, "ab") if log_fd is None else contextlib.nullcontext(log_fd) as log:
             try:

@@ -21,6 +21,7 @@ dies it is one blocked read in a bare interpreter; the cleanup's imports load on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -56,18 +57,8 @@ def start(directory: Path, *, cgroup_record: Path | None = None, cgroup_root: Pa
     shim records the host cgroups it made for the sandbox (pykata.resources.cgroups), under `cgroup_root`.
 
     Raises OSError when it cannot be started (util-linux's setsid missing, no memory for a process)."""
-    setsid = shutil.which("setsid") or shutil.which("setsid", path="/usr/bin:/bin")
-    nice = shutil.which("nice") or shutil.which("nice", path="/usr/bin:/bin")
-    if setsid is None or nice is None:
-        raise OSError("util-linux's setsid or coreutils' nice not found")
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    read_fd, write_fd, argv = _prepare(directory, cgroup_record, cgroup_root)
     try:
-        # idle priority while it starts and waits: its interpreter's start-up (~0.1 CPU s) must not take
-        # CPU from the VM booting beside it; it takes the normal priority back once the owner died
-        argv = [setsid, "--fork", nice, "-n", "19", sys.executable, "-m", "pykata.sandbox.reaper", str(read_fd),
-                str(os.getpid()), str(directory)]
-        if cgroup_record is not None and cgroup_root is not None:
-            argv += [str(cgroup_record), str(cgroup_root)]
         # setsid forks the reaper and exits at once: it is waited for here, the reaper by nobody
         subprocess.run(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, close_fds=True, cwd="/", check=True, timeout=30)
@@ -77,6 +68,52 @@ def start(directory: Path, *, cgroup_record: Path | None = None, cgroup_root: Pa
     finally:
         os.close(read_fd)
     return Reaper(write_fd, directory)
+
+
+async def start_async(directory: Path, *, cgroup_record: Path | None = None,
+                      cgroup_root: Path | None = None) -> Reaper:
+    """`start` on the running loop: setsid is waited for as the loop's other children are (pidfds), not
+    in a thread, so sandboxes started at once from one process take no thread each (the default
+    executor grew by one per concurrent start)."""
+    # imported here, not at the top: the reaper process itself never needs it
+    from pykata.hypervisor.process import watch_children_with_pidfds
+
+    read_fd, write_fd, argv = _prepare(directory, cgroup_record, cgroup_root)
+    watch_children_with_pidfds()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
+        try:
+            code = await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise OSError("setsid did not exit within 30 s") from None
+        if code != 0:
+            raise OSError(f"setsid exited with code {code}")
+    except OSError as e:
+        os.close(write_fd)
+        raise OSError(f"cannot start the sandbox's reaper: {e}") from None
+    finally:
+        os.close(read_fd)
+    return Reaper(write_fd, directory)
+
+
+def _prepare(directory: Path, cgroup_record: Path | None, cgroup_root: Path | None) -> tuple[int, int, list[str]]:
+    """The pipe whose closing tells the reaper its owner died, and the reaper's command line."""
+    setsid = shutil.which("setsid") or shutil.which("setsid", path="/usr/bin:/bin")
+    nice = shutil.which("nice") or shutil.which("nice", path="/usr/bin:/bin")
+    if setsid is None or nice is None:
+        raise OSError("util-linux's setsid or coreutils' nice not found")
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    # idle priority while it starts and waits: its interpreter's start-up (~0.1 CPU s) must not take
+    # CPU from the VM booting beside it; it takes the normal priority back once the owner died
+    argv = [setsid, "--fork", nice, "-n", "19", sys.executable, "-m", "pykata.sandbox.reaper", str(read_fd),
+            str(os.getpid()), str(directory)]
+    if cgroup_record is not None and cgroup_root is not None:
+        argv += [str(cgroup_record), str(cgroup_root)]
+    return read_fd, write_fd, argv
 
 
 def remove_sandbox_dir(directory: Path, record: object) -> None:

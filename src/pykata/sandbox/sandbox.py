@@ -323,9 +323,9 @@ class Sandbox:
         make_sandbox_dir(self.dir)
         state.save(self.dir, self.record)
         if die_with_owner if reap is None else reap:
-            # before the first mount: from here on a death leaves something to remove. In a thread: the
-            # fork and setsid's exit took 19-37 ms at load 16
-            await asyncio.to_thread(self.start_reaper)
+            # before the first mount: from here on a death leaves something to remove. Not blocking the
+            # loop (the fork and setsid's exit took 19-37 ms at load 16), and in no thread
+            await self._start_reaper_on_loop()
         with tracing.span("mounts.setup"):
             self.mounts.setup()
         agent_box: dict[str, Agent] = {}
@@ -388,6 +388,23 @@ class Sandbox:
             return
         if self._stop_task is not None:  # set before this thread set _reaper: the stop may not see it
             self._release_reaper()
+
+    async def _start_reaper_on_loop(self) -> None:
+        """start_reaper for this sandbox's own directory, on the loop (reaper.start_async). Shielded as
+        start_reaper's thread was: a cancel here (a Create given up) does not lose a started reaper; one
+        that comes after a stop began is released at once."""
+        async def start() -> None:
+            try:
+                self._reaper = await reaper.start_async(
+                    self.dir, cgroup_record=cgroup_record_path(self.config.runtime, self.id),
+                    cgroup_root=Path(self.config.runtime.cgroup_root))
+            except OSError as e:
+                log.warning("sandbox %s: %s (if this process dies, `pykata cleanup` removes what is left)",
+                            self.id, e)
+                return
+            if self._stop_task is not None:
+                self._release_reaper()
+        await asyncio.shield(start())
 
     async def _setup_guest(self, hostname: str, serve_proxy: bool) -> None:
         """What makes a started VM this sandbox's: clock, reseed (clones; a pooled VM was reseeded
