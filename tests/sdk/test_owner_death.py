@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from pykata.resources.mounts import mounts_under
+from tests.sdk.test_sandbox import VM_ALIVE
 
 pytestmark = [pytest.mark.vm]
 
@@ -47,13 +48,7 @@ try:
 except KeyboardInterrupt:
     outcome = "interrupted"
 
-def vm_alive(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"qemu" in f.read()
-    except OSError:
-        return False
-
+""" + VM_ALIVE + r"""
 # checked before this process exits (its reaper cleans up only after that): the close went to the end
 mounts = sum(f" {seen['dir']}" in line for line in open("/proc/self/mountinfo"))
 print(json.dumps({"outcome": outcome, "dir_exists": os.path.exists(seen["dir"]), "mounts": mounts,

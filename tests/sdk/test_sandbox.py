@@ -298,6 +298,16 @@ def test_volumes_over_virtio_fs_have_nanosecond_times_and_reach_the_host(tmp_pat
     assert (tmp_path / "t").stat().st_mtime_ns % 10**9 == 123456789
 
 
+# A child script's check that the VMM of pid `pid` still runs (its command line names QEMU).
+VM_ALIVE = r"""
+def vm_alive(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"qemu" in f.read()
+    except OSError:
+        return False
+"""
+
 INTERRUPT_DURING_BOOT = r"""
 import json, os, signal, threading, asyncio
 import pykata
@@ -319,14 +329,7 @@ try:
         outcome = "booted"
 except KeyboardInterrupt:
     outcome = "interrupted"
-
-def vm_alive(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"qemu" in f.read()
-    except OSError:
-        return False
-
+""" + VM_ALIVE + r"""
 # checked here, before this process exits: the cleanup happened before KeyboardInterrupt reached us
 print(json.dumps({"outcome": outcome, "threads": [t.name for t in threading.enumerate()],
                   "vm_alive": vm_alive(seen["vmm_pid"]), "dir_exists": os.path.exists(seen["dir"]), **seen}))
